@@ -1,0 +1,41 @@
+"""dynseg.plugins: the native kernel library (C++17, CUDA later) and where to find it.
+
+The library is built by the package build (CMake through scikit-build-core) and installed next to
+this file; its C ABI is `include/dynseg_crf.h`. `library_path()` is the one place that knows where
+it lies, for ctypes (dynseg.sdk._native) and, later, for TensorRT's plugin registry.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+LIBRARY_NAME = {"win32": "dynseg_crf.dll", "darwin": "libdynseg_crf.dylib"}.get(sys.platform, "libdynseg_crf.so")
+
+
+def search_paths() -> list[Path]:
+    """Where the native library is looked for, in order: $DYNSEG_LIBRARY, then each folder of this
+    package (an editable install keeps the built library in site-packages, apart from the sources)."""
+    paths = []
+    if os.environ.get("DYNSEG_LIBRARY"):
+        paths.append(Path(os.environ["DYNSEG_LIBRARY"]))
+    folders = [Path(__file__).parent] + [Path(p) for p in sys.path if p]
+    for folder in folders:
+        candidate = folder / LIBRARY_NAME if folder == Path(__file__).parent else folder / "dynseg" / "plugins" / LIBRARY_NAME
+        if candidate not in paths:
+            paths.append(candidate)
+    return paths
+
+
+def library_path() -> Path:
+    """The path of the native CRF library; FileNotFoundError lists every place searched."""
+    paths = search_paths()
+    for path in paths:
+        if path.is_file():
+            return path
+    searched = "\n  ".join(str(p) for p in paths)
+    raise FileNotFoundError(
+        f"dynseg's native library {LIBRARY_NAME} was not found. Reinstall dynseg (pip install .) so that "
+        f"CMake builds it, or point DYNSEG_LIBRARY at it. Searched:\n  {searched}"
+    )

@@ -1,0 +1,144 @@
+/*
+ * dynseg_crf.h: the C ABI of dynseg's dense mean-field CRF kernel library.
+ *
+ * One header for every caller: Python (ctypes over numpy buffers, dynseg/sdk/_native.py), the torch
+ * custom op (dynseg/trainer/crf/native.py) and the TensorRT plugin. Everything crosses the boundary as
+ * plain C types; every function returns a dynseg_status and never aborts the process. On failure,
+ * dynseg_last_error() returns a message (per thread) that names the offending field and value.
+ *
+ * The model (docs/crf.md has the maths):
+ *
+ *   Q^0 = softmax(U)                                        U: unary logits, (L, H, W)
+ *   for t = 1..T:
+ *       m   = sum_k W_k . Knorm_k(Q^{t-1})                  W_k: scalar or (L, L) kernel weight
+ *       L^t = U - mu . m                                    mu: compatibility, (L, L)
+ *       Q^t = softmax(L^t)
+ *   output L^T (logits)
+ *
+ * Knorm_k is kernel k's Gaussian filter (permutohedral lattice over the features
+ * (x/theta_xy, y/theta_xy[, c_1/theta_color, ..., c_C/theta_color]), x = column) normalised "after"
+ * (K(Q) / K(1)) or "symmetric" (K(1)^-1/2 K(K(1)^-1/2 Q)). The label count L is a run-time value.
+ *
+ * Layouts: every per-pixel array is planar and row-major, (channels, H, W), float32, contiguous.
+ * Determinism: results are bitwise identical run to run and for any thread count.
+ * Threads: the calls are reentrant; each call uses up to `threads` OpenMP threads (0 = all cores).
+ */
+#ifndef DYNSEG_CRF_H
+#define DYNSEG_CRF_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define DYNSEG_API __declspec(dllexport)
+#else
+#define DYNSEG_API __attribute__((visibility("default")))
+#endif
+
+#define DYNSEG_ABI_VERSION 1
+
+typedef enum dynseg_status {
+    DYNSEG_OK = 0,
+    DYNSEG_ERROR_INVALID_ARGUMENT = 1, /* a field is out of range; see dynseg_last_error() */
+    DYNSEG_ERROR_WORKSPACE_TOO_SMALL = 2,
+    DYNSEG_ERROR_KEY_RANGE = 3, /* lattice coordinates span more than 64 bits of packed key */
+    DYNSEG_ERROR_INTERNAL = 4
+} dynseg_status;
+
+typedef enum dynseg_normalization {
+    DYNSEG_NORMALIZE_AFTER = 0,    /* K(Q) / K(1): CRF-as-RNN, the paper's network */
+    DYNSEG_NORMALIZE_SYMMETRIC = 1 /* K(1)^-1/2 K(K(1)^-1/2 Q): densecrf's default */
+} dynseg_normalization;
+
+typedef enum dynseg_weight_kind {
+    DYNSEG_WEIGHT_SCALAR = 0, /* one value shared by all labels (label-agnostic) */
+    DYNSEG_WEIGHT_MATRIX = 1  /* (L, L) row-major: m_a = sum_b W[a][b] Knorm(Q)_b */
+} dynseg_weight_kind;
+
+typedef enum dynseg_compat_kind {
+    DYNSEG_COMPAT_POTTS = 0,    /* mu = -I: a positive kernel weight rewards agreeing labels */
+    DYNSEG_COMPAT_DIAGONAL = 1, /* mu = diag(compat), L values */
+    DYNSEG_COMPAT_FULL = 2      /* mu = compat, (L, L) row-major */
+} dynseg_compat_kind;
+
+/* One Gaussian kernel. theta_color == 0 makes a spatial kernel (features x, y only). */
+typedef struct dynseg_kernel {
+    float theta_xy;            /* > 0, pixels */
+    float theta_color;         /* 0 (spatial) or > 0, in the image's units */
+    int32_t weight_kind;       /* dynseg_weight_kind */
+    const float* weight;       /* 1 or L*L values */
+} dynseg_kernel;
+
+typedef struct dynseg_crf_problem {
+    int64_t labels;                /* L >= 1 */
+    int64_t height, width;         /* H, W >= 1 */
+    int64_t image_channels;        /* C >= 0 colour channels of `image` */
+    const float* image;            /* (C, H, W); may be NULL when no kernel has theta_color > 0 */
+    int32_t num_kernels;           /* 0..DYNSEG_MAX_KERNELS */
+    const dynseg_kernel* kernels;  /* num_kernels entries */
+    int32_t compat_kind;           /* dynseg_compat_kind */
+    const float* compat;           /* NULL for Potts, else L or L*L values */
+    int32_t normalization;         /* dynseg_normalization */
+    int32_t iterations;            /* T >= 0 */
+    int32_t output;                /* dynseg_output: what dynseg_crf_forward writes */
+    int32_t threads;               /* 0 = all cores, else at most this many */
+} dynseg_crf_problem;
+
+#define DYNSEG_MAX_KERNELS 8
+#define DYNSEG_MAX_COLOR_CHANNELS 13 /* feature dimension d = 2 + C <= 15 */
+
+typedef enum dynseg_output {
+    DYNSEG_OUTPUT_LOGITS = 0,       /* L^T, what the network and the backward pass use */
+    DYNSEG_OUTPUT_PROBABILITIES = 1 /* Q^T = softmax(L^T), what pydensecrf's inference returns */
+} dynseg_output;
+
+typedef enum dynseg_pass {
+    DYNSEG_PASS_FORWARD = 0,
+    DYNSEG_PASS_BACKWARD = 1
+} dynseg_pass;
+
+DYNSEG_API const char* dynseg_version(void);
+DYNSEG_API int32_t dynseg_abi_version(void);
+/* The message of this thread's last failed call ("" if none). Valid until the next call. */
+DYNSEG_API const char* dynseg_last_error(void);
+/* Number of threads a call with threads = 0 uses. */
+DYNSEG_API int32_t dynseg_max_threads(void);
+
+/* Bytes of workspace `pass` needs for `problem` in the worst case (every lattice at its largest,
+ * (d+1)·H·W vertices). The memory is touched only as far as the actual lattices reach, so on the
+ * CPU a lazily committed allocation costs what is used. Align the workspace to 64 bytes. */
+DYNSEG_API dynseg_status dynseg_crf_workspace_size(const dynseg_crf_problem* problem, int32_t pass,
+                                                   size_t* bytes);
+
+/* Mean-field inference: writes L^T or Q^T (problem->output), (L, H, W), to out. */
+DYNSEG_API dynseg_status dynseg_crf_forward(const dynseg_crf_problem* problem, const float* unary,
+                                            float* out, void* workspace, size_t workspace_bytes);
+
+/* Gradients of a loss through dynseg_crf_forward with output = logits, given
+ * grad_logits = dLoss/dL^T, (L, H, W).
+ * Recomputes the forward pass. grad_unary: (L, H, W). grad_weights[k]: NULL (not wanted) or as many
+ * values as kernels[k].weight. grad_compat: NULL or as many values as compat (ignored for Potts).
+ * Outputs are overwritten, not accumulated. */
+DYNSEG_API dynseg_status dynseg_crf_backward(const dynseg_crf_problem* problem, const float* unary,
+                                             const float* grad_logits, float* grad_unary,
+                                             float* const* grad_weights, float* grad_compat,
+                                             void* workspace, size_t workspace_bytes);
+
+/* The raw (unnormalised) Gaussian filter of problem->kernels[kernel] applied to values (channels, H, W):
+ * out = K(values), or its transpose K^T(values) (blur axes in reverse order) when transpose != 0.
+ * Uses the kernel's theta_xy / theta_color and the problem's image, size and threads; channels must be
+ * in 1..labels. Workspace: dynseg_crf_workspace_size(problem, DYNSEG_PASS_FORWARD). */
+DYNSEG_API dynseg_status dynseg_lattice_filter(const dynseg_crf_problem* problem, int32_t kernel,
+                                               int64_t channels, const float* values, float* out,
+                                               int32_t transpose, void* workspace,
+                                               size_t workspace_bytes);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* DYNSEG_CRF_H */

@@ -1,0 +1,215 @@
+// c_api.cpp: the library's boundary. Validates every field once, turns exceptions into status
+// codes, keeps the last error message per thread, and never lets anything abort the caller.
+#include <cmath>
+#include <cstdarg>
+#include <cstdio>
+#include <exception>
+#include <limits>
+#include <new>
+#include <string>
+
+#include "dynseg_crf.h"
+#include "meanfield.h"
+#include "parallel.h"
+
+#ifndef DYNSEG_VERSION
+#define DYNSEG_VERSION "0.0.0"
+#endif
+
+namespace {
+
+thread_local std::string last_error;
+
+dynseg_status fail(dynseg_status status, const char* format, ...) {
+    char buffer[512];
+    va_list args;
+    va_start(args, format);
+    std::vsnprintf(buffer, sizeof(buffer), format, args);
+    va_end(args);
+    last_error = buffer;
+    return status;
+}
+
+bool all_finite(const float* values, int64_t count) {
+    for (int64_t i = 0; i < count; ++i)
+        if (!std::isfinite(values[i])) return false;
+    return true;
+}
+
+constexpr int64_t kMaxEntries = std::numeric_limits<int32_t>::max();
+
+dynseg_status validate(const dynseg_crf_problem* p) {
+    if (!p) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "problem is NULL");
+    if (p->labels < 1) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "labels must be >= 1, got %lld", (long long)p->labels);
+    if (p->height < 1 || p->width < 1)
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "height and width must be >= 1, got %lldx%lld",
+                    (long long)p->height, (long long)p->width);
+    if (p->image_channels < 0 || p->image_channels > DYNSEG_MAX_COLOR_CHANNELS)
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "image_channels must be in 0..%d, got %lld",
+                    DYNSEG_MAX_COLOR_CHANNELS, (long long)p->image_channels);
+    if (p->num_kernels < 0 || p->num_kernels > DYNSEG_MAX_KERNELS)
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "num_kernels must be in 0..%d, got %d", DYNSEG_MAX_KERNELS,
+                    p->num_kernels);
+    if (p->num_kernels > 0 && !p->kernels) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "kernels is NULL");
+    const int64_t pixels = p->height * p->width;
+    if (p->height > kMaxEntries || p->width > kMaxEntries || pixels > kMaxEntries / 16)
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "image of %lldx%lld pixels is too large (at most %lld pixels)",
+                    (long long)p->height, (long long)p->width, (long long)(kMaxEntries / 16));
+    if (p->labels > std::numeric_limits<int64_t>::max() / 8 / pixels / (int64_t(p->iterations) + 8))
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "labels x pixels x iterations overflows: %lld x %lld x %d",
+                    (long long)p->labels, (long long)pixels, p->iterations);
+    const int64_t L = p->labels;
+    for (int k = 0; k < p->num_kernels; ++k) {
+        const dynseg_kernel& kernel = p->kernels[k];
+        if (!(std::isfinite(kernel.theta_xy) && kernel.theta_xy > 0.0f))
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "kernels[%d].theta_xy must be finite and > 0, got %g", k,
+                        kernel.theta_xy);
+        if (!(std::isfinite(kernel.theta_color) && kernel.theta_color >= 0.0f))
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT,
+                        "kernels[%d].theta_color must be finite and > 0 (or 0 for a spatial kernel), got %g", k,
+                        kernel.theta_color);
+        if (kernel.theta_color > 0.0f && (p->image_channels < 1 || !p->image))
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT,
+                        "kernels[%d] is bilateral (theta_color = %g) but the problem has no image", k,
+                        kernel.theta_color);
+        if (kernel.weight_kind != DYNSEG_WEIGHT_SCALAR && kernel.weight_kind != DYNSEG_WEIGHT_MATRIX)
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "kernels[%d].weight_kind must be 0 (scalar) or 1 (matrix), got %d",
+                        k, kernel.weight_kind);
+        if (!kernel.weight) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "kernels[%d].weight is NULL", k);
+        if (!all_finite(kernel.weight, kernel.weight_kind == DYNSEG_WEIGHT_MATRIX ? L * L : 1))
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "kernels[%d].weight holds a non-finite value", k);
+    }
+    if (p->compat_kind < DYNSEG_COMPAT_POTTS || p->compat_kind > DYNSEG_COMPAT_FULL)
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "compat_kind must be 0 (Potts), 1 (diagonal) or 2 (full), got %d",
+                    p->compat_kind);
+    if (p->compat_kind != DYNSEG_COMPAT_POTTS) {
+        if (!p->compat) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "compat is NULL for a non-Potts compatibility");
+        if (!all_finite(p->compat, p->compat_kind == DYNSEG_COMPAT_FULL ? L * L : L))
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "compat holds a non-finite value");
+    }
+    if (p->normalization != DYNSEG_NORMALIZE_AFTER && p->normalization != DYNSEG_NORMALIZE_SYMMETRIC)
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "normalization must be 0 (after) or 1 (symmetric), got %d",
+                    p->normalization);
+    if (p->iterations < 0) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "iterations must be >= 0, got %d", p->iterations);
+    if (p->output != DYNSEG_OUTPUT_LOGITS && p->output != DYNSEG_OUTPUT_PROBABILITIES)
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "output must be 0 (logits) or 1 (probabilities), got %d", p->output);
+    if (p->threads < 0) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "threads must be >= 0, got %d", p->threads);
+    if (p->image && p->image_channels > 0 && !all_finite(p->image, p->image_channels * pixels))
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "image holds a non-finite value");
+    return DYNSEG_OK;
+}
+
+dynseg_status check_workspace(const dynseg::Workspace& ws, size_t bytes) {
+    if (!ws.fits())
+        return fail(DYNSEG_ERROR_WORKSPACE_TOO_SMALL, "workspace of %zu bytes is too small: %zu needed (see "
+                    "dynseg_crf_workspace_size)", bytes, ws.used());
+    return DYNSEG_OK;
+}
+
+// Runs body, turning any escaping exception into a status: nothing crosses the C boundary.
+template <typename Body>
+dynseg_status guarded(const Body& body) {
+    try {
+        return body();
+    } catch (const std::bad_alloc&) {
+        return fail(DYNSEG_ERROR_INTERNAL, "out of memory");
+    } catch (const std::exception& e) {
+        return fail(DYNSEG_ERROR_INTERNAL, "internal error: %s", e.what());
+    } catch (...) {
+        return fail(DYNSEG_ERROR_INTERNAL, "internal error");
+    }
+}
+
+dynseg_status lattice_failure(const char* message) { return fail(DYNSEG_ERROR_KEY_RANGE, "%s", message); }
+
+}  // namespace
+
+extern "C" {
+
+const char* dynseg_version(void) { return DYNSEG_VERSION; }
+int32_t dynseg_abi_version(void) { return DYNSEG_ABI_VERSION; }
+const char* dynseg_last_error(void) { return last_error.c_str(); }
+int32_t dynseg_max_threads(void) { return dynseg::hardware_threads(); }
+
+dynseg_status dynseg_crf_workspace_size(const dynseg_crf_problem* problem, int32_t pass, size_t* bytes) {
+    return guarded([&] {
+        if (dynseg_status s = validate(problem)) return s;
+        if (pass != DYNSEG_PASS_FORWARD && pass != DYNSEG_PASS_BACKWARD)
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "pass must be 0 (forward) or 1 (backward), got %d", pass);
+        if (!bytes) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "bytes is NULL");
+        dynseg::Workspace counter;
+        dynseg::MeanField plan(*problem, pass, counter);
+        *bytes = counter.used();
+        return DYNSEG_OK;
+    });
+}
+
+dynseg_status dynseg_crf_forward(const dynseg_crf_problem* problem, const float* unary, float* out,
+                                 void* workspace, size_t workspace_bytes) {
+    return guarded([&] {
+        if (dynseg_status s = validate(problem)) return s;
+        if (!unary || !out || !workspace)
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "unary, out and workspace must not be NULL");
+        if (!all_finite(unary, problem->labels * problem->height * problem->width))
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "unary holds a non-finite value");
+        dynseg::Workspace ws(workspace, workspace_bytes);
+        ws.align_base();
+        dynseg::MeanField crf(*problem, DYNSEG_PASS_FORWARD, ws);
+        if (dynseg_status s = check_workspace(ws, workspace_bytes)) return s;
+        char error[512];
+        if (!crf.prepare(error, sizeof(error))) return lattice_failure(error);
+        crf.forward(unary, out);
+        return DYNSEG_OK;
+    });
+}
+
+dynseg_status dynseg_crf_backward(const dynseg_crf_problem* problem, const float* unary, const float* grad_logits,
+                                  float* grad_unary, float* const* grad_weights, float* grad_compat,
+                                  void* workspace, size_t workspace_bytes) {
+    return guarded([&] {
+        if (dynseg_status s = validate(problem)) return s;
+        if (problem->output != DYNSEG_OUTPUT_LOGITS)
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "backward needs output = DYNSEG_OUTPUT_LOGITS, got %d",
+                        problem->output);
+        if (!unary || !grad_logits || !grad_unary || !workspace)
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "unary, grad_logits, grad_unary and workspace must not be NULL");
+        const int64_t size = problem->labels * problem->height * problem->width;
+        if (!all_finite(unary, size)) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "unary holds a non-finite value");
+        if (!all_finite(grad_logits, size))
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "grad_logits holds a non-finite value");
+        dynseg::Workspace ws(workspace, workspace_bytes);
+        ws.align_base();
+        dynseg::MeanField crf(*problem, DYNSEG_PASS_BACKWARD, ws);
+        if (dynseg_status s = check_workspace(ws, workspace_bytes)) return s;
+        char error[512];
+        if (!crf.prepare(error, sizeof(error))) return lattice_failure(error);
+        crf.backward(unary, grad_logits, grad_unary, grad_weights, grad_compat);
+        return DYNSEG_OK;
+    });
+}
+
+dynseg_status dynseg_lattice_filter(const dynseg_crf_problem* problem, int32_t kernel, int64_t channels,
+                                    const float* values, float* out, int32_t transpose, void* workspace,
+                                    size_t workspace_bytes) {
+    return guarded([&] {
+        if (dynseg_status s = validate(problem)) return s;
+        if (kernel < 0 || kernel >= problem->num_kernels)
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "kernel must be in 0..%d, got %d", problem->num_kernels - 1,
+                        kernel);
+        if (channels < 1 || channels > problem->labels)
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "channels must be in 1..labels (%lld), got %lld",
+                        (long long)problem->labels, (long long)channels);
+        if (!values || !out || !workspace)
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "values, out and workspace must not be NULL");
+        dynseg::Workspace ws(workspace, workspace_bytes);
+        ws.align_base();
+        dynseg::MeanField crf(*problem, DYNSEG_PASS_FORWARD, ws);
+        if (dynseg_status s = check_workspace(ws, workspace_bytes)) return s;
+        char error[512];
+        if (!crf.filter(kernel, channels, values, out, transpose != 0, error, sizeof(error)))
+            return lattice_failure(error);
+        return DYNSEG_OK;
+    });
+}
+
+}  // extern "C"

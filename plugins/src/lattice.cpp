@@ -1,0 +1,453 @@
+// lattice.cpp: building the permutohedral lattice and filtering values through it.
+//
+// The float operations of the embedding follow densecrf's order exactly (scale, elevate, round half
+// to even, rank, barycentric weights), because the lattice is not permutation- or rounding-invariant:
+// a different vertex for one pixel moves its filtered value at the 1e-3 level.
+#include "lattice.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "parallel.h"
+#include "simd.h"
+
+namespace dynseg {
+namespace {
+
+constexpr int64_t kPixelGrain = 2048;
+constexpr int64_t kVertexGrain = 2048;
+constexpr uint64_t kEmptySlot = std::numeric_limits<uint64_t>::max();
+
+// The embedding of one pixel: for each remainder r = 0..d, the d integer coordinates of vertex r of
+// the enclosing simplex and its barycentric weight.
+struct Embedding {
+    int d;
+    float scale[kMaxFeatureDim];
+    float inv_dp1;
+    float dp1;
+    int canonical[kMaxFeatureDim + 1][kMaxFeatureDim + 1];
+
+    explicit Embedding(int dim) : d(dim) {
+        // densecrf rounds inv_std_dev to float before the double-precision scale computation
+        const float inv_std_dev = static_cast<float>(std::sqrt(2.0 / 3.0) * (d + 1));
+        for (int i = 0; i < d; ++i)
+            scale[i] = static_cast<float>(1.0 / std::sqrt(static_cast<double>((i + 2) * (i + 1))) *
+                                          static_cast<double>(inv_std_dev));
+        inv_dp1 = 1.0f / static_cast<float>(d + 1);
+        dp1 = static_cast<float>(d + 1);
+        for (int r = 0; r <= d; ++r)
+            for (int j = 0; j <= d; ++j) canonical[r][j] = j <= d - r ? r : r - (d + 1);
+    }
+
+    // Writes the pixel's d+1 barycentric weights, and the remainder-0 vertex (rem0) and ranks from
+    // which every enclosing vertex follows: vertex r has coordinates rem0[i] + canonical[r][rank[i]].
+    void operator()(const float* f, float* weights, int32_t* rem0_out, int8_t* rank_out) const {
+        float elevated[kMaxFeatureDim + 1], rem0[kMaxFeatureDim + 1];
+        int rank[kMaxFeatureDim + 1];
+        float sm = 0.0f;
+        for (int j = d; j > 0; --j) {
+            const float cf = f[j - 1] * scale[j - 1];
+            elevated[j] = sm - static_cast<float>(j) * cf;
+            sm += cf;
+        }
+        elevated[0] = sm;
+
+        float sum = 0.0f;
+        for (int i = 0; i <= d; ++i) {
+            const float v = std::nearbyint(inv_dp1 * elevated[i]);  // ties to even, as SSE rounds
+            rem0[i] = v * dp1;
+            sum += v;
+            rank[i] = 0;
+        }
+        for (int i = 0; i < d; ++i) {
+            const float di = elevated[i] - rem0[i];
+            for (int j = i + 1; j <= d; ++j) {
+                const int less = di < elevated[j] - rem0[j];  // strict: ties rank the later index higher
+                rank[i] += less;
+                rank[j] += 1 - less;
+            }
+        }
+        const int shift = static_cast<int>(sum);
+        for (int i = 0; i <= d; ++i) {
+            rank[i] += shift;
+            if (rank[i] < 0) {
+                rank[i] += d + 1;
+                rem0[i] += dp1;
+            } else if (rank[i] >= d + 1) {
+                rank[i] -= d + 1;
+                rem0[i] -= dp1;
+            }
+        }
+
+        float bary[kMaxFeatureDim + 2] = {0.0f};
+        for (int i = 0; i <= d; ++i) {
+            const float v = (elevated[i] - rem0[i]) * inv_dp1;
+            const int p = d - rank[i];
+            bary[p] += v;
+            bary[p + 1] -= v;
+        }
+        bary[0] += 1.0f + bary[d + 1];
+
+        for (int i = 0; i <= d; ++i) {
+            weights[i] = bary[i];
+            rem0_out[i] = static_cast<int32_t>(rem0[i]);
+            rank_out[i] = static_cast<int8_t>(rank[i]);
+        }
+    }
+};
+
+void pixel_features(const FeatureSpec& spec, int64_t pixel, float* f) {
+    const int64_t x = pixel % spec.width, y = pixel / spec.width;
+    f[0] = static_cast<float>(x) / spec.theta_xy;
+    f[1] = static_cast<float>(y) / spec.theta_xy;
+    for (int64_t c = 0; c < spec.channels; ++c)
+        f[2 + c] = spec.image[c * spec.pixels() + pixel] / spec.theta_color;
+}
+
+// Packs d coordinates into one integer: coordinate i takes bits[i] bits above its minimum.
+struct KeyPacking {
+    int d = 0;
+    int32_t low[kMaxFeatureDim];
+    int32_t high[kMaxFeatureDim];
+    int shift[kMaxFeatureDim];
+
+    uint64_t pack(const int32_t* c) const {
+        uint64_t key = 0;
+        for (int i = 0; i < d; ++i) key |= static_cast<uint64_t>(c[i] - low[i]) << shift[i];
+        return key;
+    }
+    // false if some coordinate is outside the packed range: no vertex can have that key
+    bool pack_checked(const int32_t* c, uint64_t* key) const {
+        for (int i = 0; i < d; ++i)
+            if (c[i] < low[i] || c[i] > high[i]) return false;
+        *key = pack(c);
+        return true;
+    }
+    void unpack(uint64_t key, int32_t* c) const {
+        for (int i = 0; i < d; ++i) {
+            const int next = i + 1 < d ? shift[i + 1] : 64;
+            const uint64_t mask = next - shift[i] >= 64 ? ~0ull : ((1ull << (next - shift[i])) - 1);
+            c[i] = static_cast<int32_t>((key >> shift[i]) & mask) + low[i];
+        }
+    }
+};
+
+inline uint64_t mix(uint64_t k) {  // a 64-bit finaliser: spreads neighbouring keys over the table
+    k ^= k >> 33;
+    k *= 0xff51afd7ed558ccdull;
+    k ^= k >> 33;
+    k *= 0xc4ceb9fe1a85ec53ull;
+    k ^= k >> 33;
+    return k;
+}
+
+int64_t table_capacity_for(int64_t max_entries) {
+    int64_t c = 1024;
+    while (c < 2 * max_entries) c *= 2;
+    return c;
+}
+
+struct HashTable {
+    uint64_t* keys;
+    int32_t* ids;
+    int64_t mask;
+
+    int32_t find(uint64_t key) const {
+        for (int64_t s = static_cast<int64_t>(mix(key)) & mask;; s = (s + 1) & mask) {
+            if (keys[s] == key) return ids[s];
+            if (keys[s] == kEmptySlot) return -1;
+        }
+    }
+    // inserts with id `next` if absent; returns the key's id
+    int32_t insert(uint64_t key, int32_t next) {
+        for (int64_t s = static_cast<int64_t>(mix(key)) & mask;; s = (s + 1) & mask) {
+            if (keys[s] == key) return ids[s];
+            if (keys[s] == kEmptySlot) {
+                keys[s] = key;
+                ids[s] = next;
+                return next;
+            }
+        }
+    }
+    void clear(int64_t capacity) {
+        mask = capacity - 1;
+        std::fill(keys, keys + capacity, kEmptySlot);
+    }
+};
+
+}  // namespace
+
+void LatticeScratch::plan(Workspace& ws, int64_t max_entries) {
+    rem0 = ws.take<int32_t>(max_entries);
+    rank = ws.take<int8_t>(max_entries);
+    entry_key = ws.take<uint64_t>(max_entries);
+    max_table = table_capacity_for(max_entries);
+    table_key = ws.take<uint64_t>(max_table);
+    table_id = ws.take<int32_t>(max_table);
+    values = ws.take<float>((max_entries + 1) * kLabelTile);
+    values_next = ws.take<float>((max_entries + 1) * kLabelTile);
+    cursor = ws.take<int32_t>(max_entries);
+}
+
+void Lattice::plan(Workspace& ws, const FeatureSpec& spec) {
+    d_ = spec.dim();
+    pixels_ = spec.pixels();
+    const int64_t entries = pixels_ * (d_ + 1);
+    entry_vertex_ = ws.take<int32_t>(entries);
+    entry_weight_ = ws.take<float>(entries);
+    csr_begin_ = ws.take<int32_t>(entries + 1);
+    csr_pixel_ = ws.take<int32_t>(entries);
+    csr_weight_ = ws.take<float>(entries);
+    neighbours_ = ws.take<int32_t>(entries * (d_ + 1) * 2);
+    vertex_key_ = ws.take<uint64_t>(entries);
+}
+
+bool Lattice::build(const FeatureSpec& spec, LatticeScratch& scratch, int threads, char* error,
+                    int error_len) {
+    const int d = d_;
+    const int64_t n = pixels_;
+    const Embedding embed(d);
+    alpha_ = 1.0f / (1.0f + std::pow(2.0f, static_cast<float>(-d)));
+
+    // 1. Embed every pixel: weights, remainder-0 vertex and ranks; and the range of every vertex
+    //    coordinate (vertex r's coordinate i is rem0[i] + canonical[r][rank[i]], which spans
+    //    rem0[i] - rank[i] .. rem0[i] + d - rank[i] over r), to choose the packing's bit widths.
+    const int64_t chunks = (n + kPixelGrain - 1) / kPixelGrain;
+    std::vector<int32_t> chunk_low(chunks * d, std::numeric_limits<int32_t>::max());
+    std::vector<int32_t> chunk_high(chunks * d, std::numeric_limits<int32_t>::min());
+    parallel_for(n, kPixelGrain, threads, [&](int64_t begin, int64_t end) {
+        float f[kMaxFeatureDim];
+        int32_t* lo = &chunk_low[(begin / kPixelGrain) * d];
+        int32_t* hi = &chunk_high[(begin / kPixelGrain) * d];
+        for (int64_t p = begin; p < end; ++p) {
+            pixel_features(spec, p, f);
+            int32_t* rem0 = scratch.rem0 + p * (d + 1);
+            int8_t* rank = scratch.rank + p * (d + 1);
+            embed(f, entry_weight_ + p * (d + 1), rem0, rank);
+            for (int i = 0; i < d; ++i) {
+                lo[i] = std::min(lo[i], rem0[i] - rank[i]);
+                hi[i] = std::max(hi[i], rem0[i] + d - rank[i]);
+            }
+        }
+    });
+    KeyPacking packing;
+    packing.d = d;
+    int bits = 0;
+    for (int i = 0; i < d; ++i) {
+        packing.low[i] = std::numeric_limits<int32_t>::max();
+        packing.high[i] = std::numeric_limits<int32_t>::min();
+        for (int64_t c = 0; c < chunks; ++c) {
+            packing.low[i] = std::min(packing.low[i], chunk_low[c * d + i]);
+            packing.high[i] = std::max(packing.high[i], chunk_high[c * d + i]);
+        }
+        const uint64_t span = static_cast<uint64_t>(static_cast<int64_t>(packing.high[i]) - packing.low[i]);
+        int width = 1;
+        while (width < 63 && (span >> width) != 0) ++width;
+        packing.shift[i] = bits;
+        bits += width;
+    }
+    if (bits > 63) {  // 63 keeps the all-ones empty-slot marker out of reach of any key
+        std::snprintf(error, error_len,
+                      "lattice keys need %d bits but only 63 fit a 64-bit key: the features span too "
+                      "wide a range (theta_xy = %g, theta_color = %g for a %lldx%lld image)",
+                      bits, spec.theta_xy, spec.theta_color, static_cast<long long>(spec.height),
+                      static_cast<long long>(spec.width));
+        return false;
+    }
+
+    // 2. The packed key of every (pixel, remainder) entry. canonical[r][j] = r - (d+1)·[j > d-r], so
+    //    going from vertex r-1 to r adds 1 to every coordinate and takes d+1 from the one whose rank
+    //    is d+1-r: a constant update of the packed key instead of repacking d coordinates.
+    uint64_t ones = 0;
+    for (int i = 0; i < d; ++i) ones += 1ull << packing.shift[i];
+    parallel_for(n, kPixelGrain, threads, [&](int64_t begin, int64_t end) {
+        int32_t c[kMaxFeatureDim];
+        uint64_t drop[kMaxFeatureDim + 2];  // drop[rank]: what crossing that coordinate subtracts
+        for (int64_t p = begin; p < end; ++p) {
+            const int32_t* rem0 = scratch.rem0 + p * (d + 1);
+            const int8_t* rank = scratch.rank + p * (d + 1);
+            for (int i = 0; i < d; ++i) c[i] = rem0[i];
+            drop[rank[d]] = 0;  // the implied (d+1)-th coordinate is not in the key
+            for (int i = 0; i < d; ++i) drop[rank[i]] = static_cast<uint64_t>(d + 1) << packing.shift[i];
+            uint64_t key = packing.pack(c);
+            uint64_t* out = scratch.entry_key + p * (d + 1);
+            out[0] = key;
+            for (int r = 1; r <= d; ++r) {
+                key += ones - drop[d + 1 - r];
+                out[r] = key;
+            }
+        }
+    });
+
+    // 3. Unique keys with a hash table that starts small (the lattice is usually far below its
+    //    worst case, and a small table stays in cache) and doubles when half full. Vertex ids are
+    //    handed out in first-seen order.
+    const int64_t entries = n * (d + 1);
+    HashTable table{scratch.table_key, scratch.table_id, 0};
+    int64_t capacity = std::min<int64_t>(scratch.max_table, table_capacity_for(n / 8 + 1));
+    table.clear(capacity);
+    int32_t count = 0;
+    for (int64_t e = 0; e < entries; ++e) {
+        const uint64_t key = scratch.entry_key[e];
+        const int32_t id = table.insert(key, count);
+        if (id == count) {
+            vertex_key_[count++] = key;
+            if (2 * static_cast<int64_t>(count) > capacity) {
+                capacity *= 2;
+                table.clear(capacity);
+                for (int32_t v = 0; v < count; ++v) table.insert(vertex_key_[v], v);
+            }
+        }
+        entry_vertex_[e] = id;
+    }
+    vertices_ = count;
+
+    // 4. The splat matrix's transpose as CSR: for each vertex, its entries in pixel order.
+    std::fill(csr_begin_, csr_begin_ + vertices_ + 1, 0);
+    for (int64_t e = 0; e < entries; ++e) ++csr_begin_[entry_vertex_[e] + 1];
+    for (int64_t v = 0; v < vertices_; ++v) csr_begin_[v + 1] += csr_begin_[v];
+    std::copy(csr_begin_, csr_begin_ + vertices_, scratch.cursor);
+    for (int64_t e = 0; e < entries; ++e) {
+        const int32_t slot = scratch.cursor[entry_vertex_[e]]++;
+        csr_pixel_[slot] = static_cast<int32_t>(e / (d + 1));
+        csr_weight_[slot] = entry_weight_[e];
+    }
+
+    // 5. Blur neighbours along each lattice axis j: key -1 on every coordinate but j, which moves by
+    //    +d (and the mirror image). For j = d the moved coordinate is the implied (d+1)-th one.
+    const int32_t missing = static_cast<int32_t>(vertices_);
+    parallel_for(vertices_, kVertexGrain, threads, [&](int64_t begin, int64_t end) {
+        int32_t key[kMaxFeatureDim], n1[kMaxFeatureDim], n2[kMaxFeatureDim];
+        for (int64_t v = begin; v < end; ++v) {
+            packing.unpack(vertex_key_[v], key);
+            for (int j = 0; j <= d; ++j) {
+                for (int k = 0; k < d; ++k) {
+                    n1[k] = key[k] - 1;
+                    n2[k] = key[k] + 1;
+                }
+                if (j < d) {
+                    n1[j] = key[j] + d;
+                    n2[j] = key[j] - d;
+                }
+                uint64_t k1, k2;
+                int32_t id1 = packing.pack_checked(n1, &k1) ? table.find(k1) : -1;
+                int32_t id2 = packing.pack_checked(n2, &k2) ? table.find(k2) : -1;
+                int32_t* out = neighbours_ + (static_cast<int64_t>(j) * vertices_ + v) * 2;
+                out[0] = id1 < 0 ? missing : id1;
+                out[1] = id2 < 0 ? missing : id2;
+            }
+        }
+    });
+    threads_ = threads;
+    return true;
+}
+
+// One tile of V vectors (8·V channels) starting at column c0.
+template <int V>
+void Lattice::filter_tile(const float* in, int64_t stride, int64_t c0, const float* pre, bool transpose,
+                          const FilterOutput& output, LatticeScratch& scratch) const {
+    constexpr int kWidth = 8 * V;
+    const int d = d_;
+    const int64_t m = vertices_;
+    float* values = scratch.values;
+    float* next = scratch.values_next;
+
+    // splat: every vertex sums weight × value over its entries in pixel order. On several threads
+    // each vertex gathers its entries through the CSR; on one thread the pixels scatter into the
+    // vertices in pixel order, which reads the input sequentially and adds in the same order, so
+    // both give the same bits.
+    if (threads_ > 1) {
+        parallel_for(m, kVertexGrain, threads_, [&](int64_t begin, int64_t end) {
+            for (int64_t v = begin; v < end; ++v) {
+                vec8 acc[V] = {};
+                for (int32_t s = csr_begin_[v]; s < csr_begin_[v + 1]; ++s) {
+                    const int64_t p = csr_pixel_[s];
+                    const vec8 w = splat8(csr_weight_[s]);
+                    const float* x = in + p * stride + c0;
+                    const vec8 f = splat8(pre ? pre[p] : 1.0f);
+                    for (int k = 0; k < V; ++k) acc[k] += w * (pre ? load8(x + 8 * k) * f : load8(x + 8 * k));
+                }
+                for (int k = 0; k < V; ++k) store8(values + v * kWidth + 8 * k, acc[k]);
+            }
+        });
+    } else {
+        std::memset(values, 0, m * kWidth * sizeof(float));
+        for (int64_t p = 0; p < pixels_; ++p) {
+            vec8 x[V];
+            for (int k = 0; k < V; ++k) x[k] = load8(in + p * stride + c0 + 8 * k);
+            if (pre)
+                for (int k = 0; k < V; ++k) x[k] = x[k] * splat8(pre[p]);
+            for (int r = 0; r <= d; ++r) {
+                const vec8 w = splat8(entry_weight_[p * (d + 1) + r]);
+                float* o = values + static_cast<int64_t>(entry_vertex_[p * (d + 1) + r]) * kWidth;
+                for (int k = 0; k < V; ++k) store8(o + 8 * k, load8(o + 8 * k) + w * x[k]);
+            }
+        }
+    }
+    std::memset(values + m * kWidth, 0, kWidth * sizeof(float));
+    std::memset(next + m * kWidth, 0, kWidth * sizeof(float));
+
+    // blur: one pass per lattice axis, double-buffered; missing neighbours read the zero row
+    for (int step = 0; step <= d; ++step) {
+        const int j = transpose ? d - step : step;
+        const int32_t* nb = neighbours_ + static_cast<int64_t>(j) * m * 2;
+        parallel_for(m, kVertexGrain, threads_, [&](int64_t begin, int64_t end) {
+            const vec8 half = splat8(0.5f);
+            for (int64_t v = begin; v < end; ++v) {
+                const float* self = values + v * kWidth;
+                const float* a = values + static_cast<int64_t>(nb[2 * v]) * kWidth;
+                const float* b = values + static_cast<int64_t>(nb[2 * v + 1]) * kWidth;
+                for (int k = 0; k < V; ++k)
+                    store8(next + v * kWidth + 8 * k,
+                           load8(self + 8 * k) + half * (load8(a + 8 * k) + load8(b + 8 * k)));
+            }
+        });
+        std::swap(values, next);
+    }
+
+    // slice: each pixel reads its d+1 vertices (weights pre-scaled by alpha, as densecrf), then
+    // the output step
+    parallel_for(pixels_, kPixelGrain, threads_, [&](int64_t begin, int64_t end) {
+        for (int64_t p = begin; p < end; ++p) {
+            vec8 acc[V] = {};
+            for (int r = 0; r <= d; ++r) {
+                const vec8 w = splat8(entry_weight_[p * (d + 1) + r] * alpha_);
+                const float* x = values + static_cast<int64_t>(entry_vertex_[p * (d + 1) + r]) * kWidth;
+                for (int k = 0; k < V; ++k) acc[k] += w * load8(x + 8 * k);
+            }
+            if (output.scale) {
+                const vec8 f = splat8(output.scale[p]);
+                for (int k = 0; k < V; ++k) acc[k] = acc[k] * f;
+            }
+            float* o = output.out + p * stride + c0;
+            const vec8 w = splat8(output.weight);
+            for (int k = 0; k < V; ++k) {
+                switch (output.mode) {
+                    case FilterOutput::kStore: store8(o + 8 * k, acc[k]); break;
+                    case FilterOutput::kAccumulate: store8(o + 8 * k, load8(o + 8 * k) + w * acc[k]); break;
+                    case FilterOutput::kFromBase:
+                        store8(o + 8 * k, load8(output.base + p * stride + c0 + 8 * k) + w * acc[k]);
+                        break;
+                }
+            }
+        }
+    });
+}
+
+void Lattice::filter(const float* in, int64_t stride, const float* pre, bool transpose,
+                     const FilterOutput& output, LatticeScratch& scratch) const {
+    for (int64_t c0 = 0; c0 < stride; c0 += kLabelTile) {
+        switch (std::min<int64_t>(kLabelTile, stride - c0) / 8) {
+            case 1: filter_tile<1>(in, stride, c0, pre, transpose, output, scratch); break;
+            case 2: filter_tile<2>(in, stride, c0, pre, transpose, output, scratch); break;
+            case 3: filter_tile<3>(in, stride, c0, pre, transpose, output, scratch); break;
+            default: filter_tile<4>(in, stride, c0, pre, transpose, output, scratch); break;
+        }
+    }
+}
+
+}  // namespace dynseg

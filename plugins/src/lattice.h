@@ -1,0 +1,101 @@
+// lattice.h: the permutohedral lattice (Adams, Baek & Davis 2010) as densecrf builds it.
+//
+// A lattice is built once per image and kernel from the pixels' features and then filters any number
+// of value channels: splat (a gather over the CSR of the splat matrix), blur along the d+1 lattice
+// axes, slice. Vertex ids are whatever the hash table hands out; results do not depend on them,
+// because every sum runs in pixel order, so filtering is bitwise deterministic for any thread count.
+#pragma once
+
+#include <cstdint>
+
+#include "workspace.h"
+
+namespace dynseg {
+
+constexpr int kMaxFeatureDim = 15;
+constexpr int kLabelTile = 32;  // value channels filtered per pass: bounds the lattice value buffers
+
+// Rows of pixel-major arrays are padded to whole vectors of 8 floats; the padding stays zero.
+inline int64_t padded_channels(int64_t channels) { return (channels + 7) / 8 * 8; }
+
+// What defines a kernel's features for pixel (x, y): (x/theta_xy, y/theta_xy, c_1/theta_color, ...).
+struct FeatureSpec {
+    int64_t height = 0, width = 0;
+    float theta_xy = 1.0f;
+    float theta_color = 0.0f;      // 0: spatial kernel
+    int64_t channels = 0;          // colour channels used (0 for a spatial kernel)
+    const float* image = nullptr;  // (channels, H, W)
+
+    int dim() const { return 2 + static_cast<int>(channels); }
+    int64_t pixels() const { return height * width; }
+};
+
+// Scratch shared by every lattice build and filter call of one problem; not kept between calls.
+struct LatticeScratch {
+    int32_t* rem0 = nullptr;          // (N·(d+1)) remainder-0 vertex coordinates of each pixel
+    int8_t* rank = nullptr;           // (N·(d+1)) rank of each coordinate
+    uint64_t* entry_key = nullptr;    // (N·(d+1)) packed vertex keys
+    uint64_t* table_key = nullptr;    // open-addressing hash table, up to max_table slots
+    int32_t* table_id = nullptr;
+    int64_t max_table = 0;
+    int32_t* cursor = nullptr;        // (max vertices) CSR fill positions
+    float* values = nullptr;          // (max vertices + 1, kLabelTile); the last used row stays 0
+    float* values_next = nullptr;     // blur double buffer, same shape
+
+    void plan(Workspace& ws, int64_t max_entries);
+};
+
+// Where a filter's sliced value v goes, per pixel p and channel c (t = v · scale[p], or v when
+// scale is null). The float operations keep densecrf's order: normalise, weight, then add.
+struct FilterOutput {
+    enum Mode { kStore, kAccumulate, kFromBase };
+    Mode mode = kStore;    // out = t | out += weight · t | out = base + weight · t
+    float* out = nullptr;  // pixel-major, same row stride as the input
+    const float* scale = nullptr;
+    const float* base = nullptr;
+    float weight = 1.0f;
+};
+
+class Lattice {
+public:
+    // Reserves the lattice's arrays for its worst case, (d+1)·N vertices.
+    void plan(Workspace& ws, const FeatureSpec& spec);
+
+    // Builds the lattice into the planned arrays. Returns false, with a message in error, if the
+    // lattice coordinates cannot be packed into 64-bit keys.
+    bool build(const FeatureSpec& spec, LatticeScratch& scratch, int threads, char* error,
+               int error_len);
+
+    // Filters every column of `in`, pixel-major (N, stride), stride a multiple of 8:
+    // K(pre ⊙ in), or K^T(pre ⊙ in) when transpose (blur axes in reverse order, d..0), written as
+    // `output` says. pre is a per-pixel factor or null. output.out may alias in.
+    void filter(const float* in, int64_t stride, const float* pre, bool transpose,
+                const FilterOutput& output, LatticeScratch& scratch) const;
+
+    int64_t vertices() const { return vertices_; }
+
+private:
+    template <int V>
+    void filter_tile(const float* in, int64_t stride, int64_t c0, const float* pre, bool transpose,
+                     const FilterOutput& output, LatticeScratch& scratch) const;
+
+    int d_ = 0;
+    int threads_ = 1;
+    int64_t pixels_ = 0;
+    int64_t vertices_ = 0;
+    float alpha_ = 0.0f;
+
+    // per (pixel, remainder) entry, pixel-major: the enclosing simplex's vertices and weights
+    int32_t* entry_vertex_ = nullptr;
+    float* entry_weight_ = nullptr;
+    // CSR of the splat matrix: vertex v gathers entries csr_begin_[v] .. csr_begin_[v+1]-1,
+    // in pixel order
+    int32_t* csr_begin_ = nullptr;
+    int32_t* csr_pixel_ = nullptr;
+    float* csr_weight_ = nullptr;
+    // blur neighbours, (d+1, M, 2); a missing neighbour is the zero row M
+    int32_t* neighbours_ = nullptr;
+    uint64_t* vertex_key_ = nullptr;
+};
+
+}  // namespace dynseg

@@ -1,0 +1,399 @@
+// meanfield.cpp: the CRF-as-RNN mean-field update, forward and backward (docs/crf.md derives both).
+//
+// Per iteration:  F_k = Knorm_k(Q);  L = U - mu . sum_k W_k F_k;  Q = softmax(L).
+// Potts (mu = -I) adds the messages to the unary in kernel order, which is densecrf's order of float
+// operations. Backward walks the iterations in reverse with the transposed filters (blur axes
+// d..0); the parameter gradients come from P_k = sum_i (Knorm_k^T G)_i Q_i^T, reduced over fixed
+// pixel chunks in double so the result does not depend on the thread count.
+#include "meanfield.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "parallel.h"
+#include "simd.h"
+
+namespace dynseg {
+namespace {
+
+constexpr int64_t kGrain = 1024;
+constexpr int64_t kMaxReduceChunks = 64;
+
+bool is_matrix(const dynseg_kernel& k) { return k.weight_kind == DYNSEG_WEIGHT_MATRIX; }
+
+}  // namespace
+
+MeanField::MeanField(const dynseg_crf_problem& problem, int pass, Workspace& ws) : p_(problem) {
+    labels_ = problem.labels;
+    stride_ = padded_channels(labels_);
+    pixels_ = problem.height * problem.width;
+    threads_ = problem.threads > 0 ? problem.threads : hardware_threads();
+    int max_dim = 2;
+    for (int k = 0; k < problem.num_kernels; ++k) {
+        FeatureSpec& s = specs_[k];
+        s.height = problem.height;
+        s.width = problem.width;
+        s.theta_xy = problem.kernels[k].theta_xy;
+        s.theta_color = problem.kernels[k].theta_color;
+        s.channels = s.theta_color > 0.0f ? problem.image_channels : 0;
+        s.image = problem.image;
+        lattices_[k].plan(ws, s);
+        norm_[k] = ws.take<float>(pixels_);
+        max_dim = std::max(max_dim, s.dim());
+    }
+    scratch_.plan(ws, pixels_ * (max_dim + 1));
+
+    const int64_t size = pixels_ * stride_;
+    unary_ = ws.take<float>(size);
+    q_ = ws.take<float>(size);
+    filtered_ = ws.take<float>(size);
+    acc_ = ws.take<float>(size);
+    if (pass == DYNSEG_PASS_BACKWARD) {
+        history_ = ws.take<float>(size * problem.iterations);
+        grad_ = ws.take<float>(size);
+        grad_q_ = ws.take<float>(size);
+        grad_u_ = ws.take<float>(size);
+        h_ = ws.take<float>(size);
+        reduce_chunk_ = std::max<int64_t>(kGrain, (pixels_ + kMaxReduceChunks - 1) / kMaxReduceChunks);
+        const int64_t chunks = (pixels_ + reduce_chunk_ - 1) / reduce_chunk_;
+        partial_ = ws.take<double>(chunks * labels_ * labels_);
+    }
+}
+
+bool MeanField::prepare(char* error, int error_len) {
+    for (int k = 0; k < p_.num_kernels; ++k) {
+        if (!lattices_[k].build(specs_[k], scratch_, threads_, error, error_len)) return false;
+        // n = K(1), then the normalisation factors computed in double and stored as float (densecrf)
+        std::fill(q_, q_ + pixels_ * 8, 1.0f);
+        FilterOutput out;
+        out.out = filtered_;
+        lattices_[k].filter(q_, 8, nullptr, false, out, scratch_);
+        const bool symmetric = p_.normalization == DYNSEG_NORMALIZE_SYMMETRIC;
+        float* norm = norm_[k];
+        parallel_for(pixels_, kGrain, threads_, [&](int64_t begin, int64_t end) {
+            for (int64_t i = begin; i < end; ++i) {
+                const double n = static_cast<double>(filtered_[i * 8]) + 1e-20;
+                norm[i] = static_cast<float>(symmetric ? 1.0 / std::sqrt(n) : 1.0 / n);
+            }
+        });
+    }
+    return true;
+}
+
+// (channels, N) planar -> (N, stride) pixel-major with zero padding, and back.
+void MeanField::load(const float* planar, float* pixel_major, int64_t channels) const {
+    const int64_t S = padded_channels(channels);
+    constexpr int64_t kBlock = 64;  // pixels per block: the block's rows stay in L1 while filled
+    parallel_for(pixels_, kGrain, threads_, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; b += kBlock) {
+            const int64_t e = std::min(end, b + kBlock);
+            for (int64_t i = b; i < e; ++i)
+                for (int64_t l = channels; l < S; ++l) pixel_major[i * S + l] = 0.0f;
+            for (int64_t l = 0; l < channels; ++l)
+                for (int64_t i = b; i < e; ++i) pixel_major[i * S + l] = planar[l * pixels_ + i];
+        }
+    });
+}
+void MeanField::store(const float* pixel_major, float* planar, int64_t channels) const {
+    const int64_t S = padded_channels(channels);
+    constexpr int64_t kBlock = 64;
+    parallel_for(pixels_, kGrain, threads_, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; b += kBlock) {
+            const int64_t e = std::min(end, b + kBlock);
+            for (int64_t l = 0; l < channels; ++l)
+                for (int64_t i = b; i < e; ++i) planar[l * pixels_ + i] = pixel_major[i * S + l];
+        }
+    });
+}
+
+// acc gets kernel k's message W_k Knorm_k(Q). "after": Knorm = D K; "symmetric": D^1/2 K D^1/2
+// (the stored factor is already n^-1/2). With Potts the first kernel starts from U: L = U + m.
+void MeanField::add_message(int k, const float* q, bool first) {
+    const dynseg_kernel& kernel = p_.kernels[k];
+    const bool potts = p_.compat_kind == DYNSEG_COMPAT_POTTS;
+    const float* pre = p_.normalization == DYNSEG_NORMALIZE_SYMMETRIC ? norm_[k] : nullptr;
+    FilterOutput out;
+    out.scale = norm_[k];
+    if (!is_matrix(kernel)) {
+        out.mode = potts && first ? FilterOutput::kFromBase : FilterOutput::kAccumulate;
+        out.out = acc_;
+        out.base = unary_;
+        out.weight = kernel.weight[0];
+        lattices_[k].filter(q, stride_, pre, false, out, scratch_);
+        return;
+    }
+    out.out = filtered_;
+    lattices_[k].filter(q, stride_, pre, false, out, scratch_);
+    const int64_t L = labels_, S = stride_;
+    const float* W = kernel.weight;
+    parallel_for(pixels_, kGrain, threads_, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+            const float* f = filtered_ + i * S;
+            float* a = acc_ + i * S;
+            for (int64_t r = 0; r < L; ++r) {
+                float s = 0.0f;
+                for (int64_t c = 0; c < L; ++c) s += W[r * L + c] * f[c];
+                a[r] = (potts && first ? unary_[i * S + r] : a[r]) + s;
+            }
+        }
+    });
+}
+
+// Potts: acc already holds U + m. Otherwise acc holds m: logits = U - mu m, written into acc.
+void MeanField::finish_logits(float* acc) const {
+    if (p_.compat_kind == DYNSEG_COMPAT_POTTS) return;
+    const int64_t L = labels_, S = stride_;
+    const float* mu = p_.compat;
+    parallel_for(pixels_, kGrain, threads_, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+            float* row = acc + i * S;
+            if (p_.compat_kind == DYNSEG_COMPAT_DIAGONAL) {
+                for (int64_t a = 0; a < L; ++a) row[a] = unary_[i * S + a] - mu[a] * row[a];
+                continue;
+            }
+            float* m = filtered_ + i * S;  // free once the filters have run
+            std::copy(row, row + L, m);
+            for (int64_t a = 0; a < L; ++a) {
+                float s = 0.0f;
+                for (int64_t b = 0; b < L; ++b) s += mu[a * L + b] * m[b];
+                row[a] = unary_[i * S + a] - s;
+            }
+        }
+    });
+}
+
+// Softmax of one row of V vectors; lanes past `valid` in the last vector are padding and get 0.
+template <int V>
+inline void softmax_row(const float* x, float* y, int64_t vectors, ivec8 in_use) {
+    const int64_t n = V > 0 ? V : vectors;
+    const vec8 lowest = splat8(-std::numeric_limits<float>::infinity());
+    vec8 top = lowest;
+    for (int64_t k = 0; k < n; ++k) {
+        vec8 v = load8(x + 8 * k);
+        if (k == n - 1) v = in_use ? v : lowest;
+        top = max8(top, v);
+    }
+    const vec8 shift = splat8(max8(top));
+    vec8 sum = splat8(0.0f);
+    for (int64_t k = 0; k < n; ++k) {
+        vec8 e = exp_nonpositive(load8(x + 8 * k) - shift);
+        if (k == n - 1) e = in_use ? e : splat8(0.0f);
+        store8(y + 8 * k, e);
+        sum += e;
+    }
+    const vec8 total = splat8(sum8(sum));  // divide, as densecrf does, rather than scale by 1/total
+    for (int64_t k = 0; k < n; ++k) store8(y + 8 * k, load8(y + 8 * k) / total);
+}
+
+void MeanField::softmax(const float* logits, float* q) const {
+    const int64_t vectors = stride_ / 8;
+    const int valid = static_cast<int>(labels_ - (vectors - 1) * 8);  // lanes in use in the last vector
+    const ivec8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    const ivec8 in_use = lane < valid;
+    parallel_for(pixels_, kGrain, threads_, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+            const float* x = logits + i * stride_;
+            float* y = q + i * stride_;
+            switch (vectors) {  // unrolled for the common label counts
+                case 1: softmax_row<1>(x, y, vectors, in_use); break;
+                case 2: softmax_row<2>(x, y, vectors, in_use); break;
+                case 3: softmax_row<3>(x, y, vectors, in_use); break;
+                case 4: softmax_row<4>(x, y, vectors, in_use); break;
+                default: softmax_row<0>(x, y, vectors, in_use); break;
+            }
+        }
+    });
+}
+
+// Leaves L^T in acc_. history (may be null) receives Q^0 .. Q^{T-1}.
+void MeanField::run_iterations(float* history) {
+    const int64_t size = pixels_ * stride_;
+    const bool potts = p_.compat_kind == DYNSEG_COMPAT_POTTS;
+    if (p_.iterations == 0 || p_.num_kernels == 0) std::copy(unary_, unary_ + size, acc_);
+    for (int t = 0; t < p_.iterations; ++t) {
+        softmax(t == 0 ? unary_ : acc_, q_);
+        if (history) std::copy(q_, q_ + size, history + t * size);
+        if (p_.num_kernels == 0) continue;
+        if (!potts) std::fill(acc_, acc_ + size, 0.0f);
+        for (int k = 0; k < p_.num_kernels; ++k) add_message(k, q_, k == 0);
+        finish_logits(acc_);
+    }
+}
+
+void MeanField::forward(const float* unary, float* out) {
+    load(unary, unary_, labels_);
+    run_iterations(nullptr);
+    const float* result = acc_;
+    if (p_.output == DYNSEG_OUTPUT_PROBABILITIES) {
+        softmax(acc_, q_);
+        result = q_;
+    }
+    store(result, out, labels_);
+}
+
+void MeanField::backward(const float* unary, const float* grad_logits, float* grad_unary,
+                         float* const* grad_weights, float* grad_compat) {
+    const int64_t L = labels_, S = stride_, N = pixels_, size = N * S;
+    load(unary, unary_, L);
+    run_iterations(history_);
+    load(grad_logits, grad_, L);
+    std::fill(grad_u_, grad_u_ + size, 0.0f);
+
+    const int kind = p_.compat_kind;
+    const float* mu = p_.compat;
+    const int64_t chunks = (N + reduce_chunk_ - 1) / reduce_chunk_;
+    std::vector<double> dweight[DYNSEG_MAX_KERNELS];
+    for (int k = 0; k < p_.num_kernels; ++k) dweight[k].assign(is_matrix(p_.kernels[k]) ? L * L : 1, 0.0);
+    std::vector<double> dmu(kind == DYNSEG_COMPAT_FULL ? L * L : kind == DYNSEG_COMPAT_DIAGONAL ? L : 0, 0.0);
+    std::vector<double> P(L * L);
+
+    for (int t = p_.iterations - 1; t >= 0; --t) {
+        const float* Q = history_ + t * size;
+        for (int64_t i = 0; i < size; ++i) grad_u_[i] += grad_[i];
+        std::fill(grad_q_, grad_q_ + size, 0.0f);
+        for (int k = 0; k < p_.num_kernels; ++k) {
+            const dynseg_kernel& kernel = p_.kernels[k];
+            // R = Knorm^T G (into filtered_): "after" K^T D, "symmetric" D^1/2 K^T D^1/2
+            FilterOutput out;
+            out.out = filtered_;
+            out.scale = p_.normalization == DYNSEG_NORMALIZE_SYMMETRIC ? norm_[k] : nullptr;
+            lattices_[k].filter(grad_, S, norm_[k], true, out, scratch_);
+            const float* R = filtered_;
+            // H = -mu^T R, the gradient w.r.t. the message; dQ += W_k^T H
+            parallel_for(N, kGrain, threads_, [&](int64_t begin, int64_t end) {
+                for (int64_t i = begin; i < end; ++i) {
+                    const float* r = R + i * S;
+                    float* h = h_ + i * S;
+                    if (kind == DYNSEG_COMPAT_POTTS)
+                        std::copy(r, r + L, h);
+                    else if (kind == DYNSEG_COMPAT_DIAGONAL)
+                        for (int64_t a = 0; a < L; ++a) h[a] = -mu[a] * r[a];
+                    else
+                        for (int64_t a = 0; a < L; ++a) {
+                            float s = 0.0f;
+                            for (int64_t b = 0; b < L; ++b) s += mu[b * L + a] * r[b];
+                            h[a] = -s;
+                        }
+                    float* gq = grad_q_ + i * S;
+                    if (!is_matrix(kernel)) {
+                        const float w = kernel.weight[0];
+                        for (int64_t a = 0; a < L; ++a) gq[a] += w * h[a];
+                    } else {
+                        for (int64_t b = 0; b < L; ++b) {
+                            float s = 0.0f;
+                            for (int64_t a = 0; a < L; ++a) s += kernel.weight[a * L + b] * h[a];
+                            gq[b] += s;
+                        }
+                    }
+                }
+            });
+            // P = sum_i R_i Q_i^T: in full when a matrix needs it, else only its diagonal
+            const bool full = is_matrix(kernel) || kind == DYNSEG_COMPAT_FULL;
+            const int64_t width = full ? L * L : L;
+            parallel_for(chunks, 1, threads_, [&](int64_t begin, int64_t end) {
+                for (int64_t c = begin; c < end; ++c) {
+                    double* part = partial_ + c * width;
+                    std::fill(part, part + width, 0.0);
+                    const int64_t i1 = std::min(N, (c + 1) * reduce_chunk_);
+                    for (int64_t i = c * reduce_chunk_; i < i1; ++i) {
+                        const float* r = R + i * S;
+                        const float* q = Q + i * S;
+                        if (full) {
+                            for (int64_t a = 0; a < L; ++a)
+                                for (int64_t b = 0; b < L; ++b) part[a * L + b] += double(r[a]) * q[b];
+                        } else {
+                            for (int64_t a = 0; a < L; ++a) part[a] += double(r[a]) * q[a];
+                        }
+                    }
+                }
+            });
+            std::fill(P.begin(), P.end(), 0.0);
+            for (int64_t c = 0; c < chunks; ++c)
+                for (int64_t j = 0; j < width; ++j) P[full ? j : j * L + j] += partial_[c * width + j];
+            add_parameter_gradients(kernel, P, dweight[k], dmu);
+        }
+        // softmax backward: G = Q . (dQ - <dQ, Q>)
+        parallel_for(N, kGrain, threads_, [&](int64_t begin, int64_t end) {
+            for (int64_t i = begin; i < end; ++i) {
+                const float* q = Q + i * S;
+                const float* gq = grad_q_ + i * S;
+                float dot = 0.0f;
+                for (int64_t l = 0; l < L; ++l) dot += gq[l] * q[l];
+                for (int64_t l = 0; l < L; ++l) grad_[i * S + l] = q[l] * (gq[l] - dot);
+            }
+        });
+    }
+    for (int64_t i = 0; i < size; ++i) grad_u_[i] += grad_[i];
+    store(grad_u_, grad_unary, L);
+    for (int k = 0; k < p_.num_kernels; ++k)
+        if (grad_weights && grad_weights[k])
+            for (size_t j = 0; j < dweight[k].size(); ++j) grad_weights[k][j] = static_cast<float>(dweight[k][j]);
+    if (grad_compat)
+        for (size_t j = 0; j < dmu.size(); ++j) grad_compat[j] = static_cast<float>(dmu[j]);
+}
+
+// With P = sum_i (Knorm^T G)_i Q_i^T:  dW_k = -mu^T P (its trace for a scalar weight) and
+// dmu = -sum_k P W_k^T (only the diagonal for a diagonal mu).
+void MeanField::add_parameter_gradients(const dynseg_kernel& kernel, const std::vector<double>& P,
+                                        std::vector<double>& dweight, std::vector<double>& dmu) const {
+    const int64_t L = labels_;
+    const int kind = p_.compat_kind;
+    const float* mu = p_.compat;
+    auto mu_at = [&](int64_t a, int64_t b) -> double {
+        if (kind == DYNSEG_COMPAT_POTTS) return a == b ? -1.0 : 0.0;
+        if (kind == DYNSEG_COMPAT_DIAGONAL) return a == b ? mu[a] : 0.0;
+        return mu[a * L + b];
+    };
+    const bool mu_diagonal = kind != DYNSEG_COMPAT_FULL;
+    if (!is_matrix(kernel)) {
+        double s = 0.0;
+        for (int64_t a = 0; a < L; ++a) {
+            if (mu_diagonal) {
+                s -= mu_at(a, a) * P[a * L + a];
+                continue;
+            }
+            for (int64_t b = 0; b < L; ++b) s -= mu_at(a, b) * P[a * L + b];
+        }
+        dweight[0] += s;
+    } else {
+        for (int64_t a = 0; a < L; ++a)
+            for (int64_t b = 0; b < L; ++b) {
+                double s = 0.0;
+                if (mu_diagonal)
+                    s = -mu_at(a, a) * P[a * L + b];
+                else
+                    for (int64_t c = 0; c < L; ++c) s -= mu_at(c, a) * P[c * L + b];
+                dweight[a * L + b] += s;
+            }
+    }
+    if (kind == DYNSEG_COMPAT_POTTS) return;
+    for (int64_t a = 0; a < L; ++a)
+        for (int64_t b = 0; b < L; ++b) {
+            if (kind == DYNSEG_COMPAT_DIAGONAL && a != b) continue;
+            double s = 0.0;
+            if (!is_matrix(kernel))
+                s = kernel.weight[0] * P[a * L + b];
+            else
+                for (int64_t c = 0; c < L; ++c) s += P[a * L + c] * kernel.weight[b * L + c];
+            if (kind == DYNSEG_COMPAT_FULL)
+                dmu[a * L + b] -= s;
+            else
+                dmu[a] -= s;
+        }
+}
+
+bool MeanField::filter(int kernel, int64_t channels, const float* values, float* out, bool transpose,
+                       char* error, int error_len) {
+    if (!lattices_[kernel].build(specs_[kernel], scratch_, threads_, error, error_len)) return false;
+    load(values, q_, channels);
+    FilterOutput output;
+    output.out = filtered_;
+    lattices_[kernel].filter(q_, padded_channels(channels), nullptr, transpose, output, scratch_);
+    store(filtered_, out, channels);
+    return true;
+}
+
+}  // namespace dynseg

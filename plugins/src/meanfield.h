@@ -1,0 +1,67 @@
+// meanfield.h: mean-field inference and its gradient over validated problems.
+//
+// The entry points in c_api.cpp validate a dynseg_crf_problem, then hand it here. A MeanField
+// owns the layout of one call's workspace (planned once for the size query and once for real),
+// builds each kernel's lattice once and reuses it for the normalisation and every iteration.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "dynseg_crf.h"
+#include "lattice.h"
+#include "workspace.h"
+
+namespace dynseg {
+
+class MeanField {
+public:
+    // Lays out the arrays of `pass` for `problem` (counting mode when ws has no memory).
+    MeanField(const dynseg_crf_problem& problem, int pass, Workspace& ws);
+
+    // Builds every kernel's lattice and normalisation. False (error filled) if a lattice cannot be built.
+    bool prepare(char* error, int error_len);
+
+    void forward(const float* unary, float* out);  // L^T or Q^T, as problem.output says
+    void backward(const float* unary, const float* grad_logits, float* grad_unary,
+                  float* const* grad_weights, float* grad_compat);
+
+    // The raw filter of kernel k over (channels, H, W) values; the problem's labels must be >= channels.
+    bool filter(int kernel, int64_t channels, const float* values, float* out, bool transpose,
+                char* error, int error_len);
+
+private:
+    void run_iterations(float* history);
+    void add_message(int k, const float* q, bool first);
+    void finish_logits(float* acc) const;
+    void softmax(const float* logits, float* q) const;
+    void add_parameter_gradients(const dynseg_kernel& kernel, const std::vector<double>& P,
+                                 std::vector<double>& dweight, std::vector<double>& dmu) const;
+    void load(const float* planar, float* pixel_major, int64_t channels) const;
+    void store(const float* pixel_major, float* planar, int64_t channels) const;
+
+    const dynseg_crf_problem& p_;
+    int64_t labels_ = 0, pixels_ = 0;
+    int64_t stride_ = 0;  // row length of the pixel-major arrays: labels padded to whole vectors
+    int threads_ = 1;
+    FeatureSpec specs_[DYNSEG_MAX_KERNELS];
+    Lattice lattices_[DYNSEG_MAX_KERNELS];
+    float* norm_[DYNSEG_MAX_KERNELS] = {};
+    LatticeScratch scratch_;
+
+    // pixel-major (N, stride) arrays
+    float* unary_ = nullptr;
+    float* q_ = nullptr;
+    float* filtered_ = nullptr;
+    float* acc_ = nullptr;
+    // backward only
+    float* history_ = nullptr;  // (T, N, L): Q^0 .. Q^{T-1}
+    float* grad_ = nullptr;
+    float* grad_q_ = nullptr;
+    float* grad_u_ = nullptr;
+    float* h_ = nullptr;
+    double* partial_ = nullptr;  // (chunks, L, L) per-chunk sums, added in chunk order
+    int64_t reduce_chunk_ = 0;
+};
+
+}  // namespace dynseg

@@ -1,0 +1,60 @@
+// simd.h: eight floats as one value (GCC/Clang vector extensions).
+//
+// The compiler maps vec8 onto AVX when the target has it and onto two SSE registers otherwise;
+// either way every lane rounds exactly like scalar code, so results do not depend on the ISA.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace dynseg {
+
+typedef float vec8 __attribute__((vector_size(32)));
+typedef int32_t ivec8 __attribute__((vector_size(32)));
+
+inline vec8 splat8(float x) { return vec8{x, x, x, x, x, x, x, x}; }
+inline vec8 load8(const float* p) {
+    vec8 v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+}
+inline void store8(float* p, vec8 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// exp for x <= 0 (softmax after subtracting the max), within about one ulp. Cody-Waite reduction
+// to r in [-ln2/2, ln2/2], degree-7 Taylor polynomial, then scaling by 2^n through the exponent.
+inline vec8 exp_nonpositive(vec8 x) {
+    x = x < splat8(-87.0f) ? splat8(-87.0f) : x;  // keeps 2^n a normal float
+    const vec8 shifter = splat8(12582912.0f);      // 1.5 · 2^23: adding it rounds to an integer
+    const vec8 n = (x * splat8(1.44269504088896341f) + shifter) - shifter;
+    vec8 r = x - n * splat8(0.693145751953125f);
+    r = r - n * splat8(1.42860682030941723212e-6f);
+    vec8 p = splat8(1.0f / 5040.0f);
+    p = p * r + splat8(1.0f / 720.0f);
+    p = p * r + splat8(1.0f / 120.0f);
+    p = p * r + splat8(1.0f / 24.0f);
+    p = p * r + splat8(1.0f / 6.0f);
+    p = p * r + splat8(0.5f);
+    p = p * r + splat8(1.0f);
+    p = p * r + splat8(1.0f);
+    const ivec8 bits = (__builtin_convertvector(n, ivec8) + 127) << 23;
+    vec8 scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    return p * scale;
+}
+
+// Horizontal sum and max by halving, in a fixed order: the same bits on every ISA.
+inline float sum8(vec8 v) {
+    v = v + __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+    v = v + __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
+    v = v + __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
+    return v[0];
+}
+inline vec8 max8(vec8 a, vec8 b) { return a > b ? a : b; }
+inline float max8(vec8 v) {
+    v = max8(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3));
+    v = max8(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5));
+    v = max8(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6));
+    return v[0];
+}
+
+}  // namespace dynseg

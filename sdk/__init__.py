@@ -1,0 +1,18 @@
+"""dynseg.sdk: what applications embed. Imports with numpy alone (no torch).
+
+Front door: `dense_crf` (the numpy dense CRF on the native kernels) and the error types.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .crf import dense_crf
+from .errors import DynsegError, InvalidArgumentError, NativeError
+
+try:
+    __version__ = version("dynseg")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = ["dense_crf", "DynsegError", "InvalidArgumentError", "NativeError", "__version__"]

@@ -1,0 +1,48 @@
+"""README.md stays true: its runnable examples run, and CI runs exactly its test command."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+MARKER = "<!-- readme-test: run -->"
+
+
+def runnable_blocks() -> list[str]:
+    """The python code blocks directly preceded by MARKER, in README order."""
+    pattern = re.compile(re.escape(MARKER) + r"\s*\n```python\n(.*?)\n```", re.DOTALL)
+    return pattern.findall(README.read_text(encoding="utf-8"))
+
+
+def bash_blocks() -> list[str]:
+    return re.findall(r"```bash\n(.*?)\n```", README.read_text(encoding="utf-8"), re.DOTALL)
+
+
+def test_readme_has_runnable_examples() -> None:
+    assert len(runnable_blocks()) >= 2
+
+
+@pytest.mark.parametrize("index", range(len(runnable_blocks())))
+def test_readme_example_runs(index: int) -> None:
+    code = runnable_blocks()[index]
+    if re.search(r"^\s*(import|from) torch", code, re.MULTILINE):
+        pytest.importorskip("torch")
+    exec(compile(code, f"README.md example {index + 1}", "exec"), {"__name__": f"readme_example_{index + 1}"})
+
+
+def test_readme_opens_with_one_line_install_and_demo_and_install_and_test_commands() -> None:
+    blocks = bash_blocks()
+    assert len(blocks) == 2, blocks
+    assert all("\n" not in block for block in blocks)
+    assert "dynseg demo --out" in blocks[0]
+    assert "pytest" in blocks[1]
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    test_command = bash_blocks()[1]
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()]
+    assert test_command in ci_lines

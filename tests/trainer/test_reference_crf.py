@@ -1,0 +1,326 @@
+"""Tests of the PyTorch reference dense CRF (dynseg.trainer.crf) against pydensecrf and itself."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dynseg.trainer.crf import PermutohedralLattice, dense_crf, gaussian_features, mean_field
+
+PARITY_ATOL = 1e-5
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """(H, W, 3) uint8: a few wide colour blobs on a grey background (no high-contrast noise)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    image = np.full((height, width, 3), 40.0)
+    for _ in range(4):
+        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        sigma = rng.uniform(0.15, 0.35) * max(height, width)
+        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma * sigma))
+        image += blob[..., None] * rng.uniform(0, 255, 3)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def smooth_unary(n_labels: int, height: int, width: int, seed: int = 1) -> np.ndarray:
+    """(L, H, W) float32 logits that vary smoothly over the image."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    unary = np.empty((n_labels, height, width))
+    for label in range(n_labels):
+        a, b, c, phase = rng.uniform(-1, 1, 4)
+        unary[label] = 2 * np.sin(6 * a * xx / width + phase) * np.cos(6 * b * yy / height) + c
+    return unary.astype(np.float32)
+
+
+def pydensecrf_q(unary, image, iterations, spatial, bilateral, normalization) -> np.ndarray:
+    dcrf = pytest.importorskip("pydensecrf.densecrf")
+    n_labels, height, width = unary.shape
+    crf = dcrf.DenseCRF2D(width, height, n_labels)
+    crf.setUnaryEnergy(np.ascontiguousarray(-unary.reshape(n_labels, -1), dtype=np.float32))
+    ntype = dcrf.NORMALIZE_AFTER if normalization == "after" else dcrf.NORMALIZE_SYMMETRIC
+    if spatial is not None:
+        crf.addPairwiseGaussian(sxy=spatial[0], compat=spatial[1], normalization=ntype)
+    if bilateral is not None:
+        crf.addPairwiseBilateral(
+            sxy=bilateral[0],
+            srgb=bilateral[1],
+            rgbim=np.ascontiguousarray(image),
+            compat=bilateral[2],
+            normalization=ntype,
+        )
+    return np.asarray(crf.inference(iterations)).reshape(n_labels, height, width)
+
+
+def max_q_difference(n_labels, height, width, iterations, spatial, bilateral, normalization) -> float:
+    image = smooth_image(height, width)
+    unary = smooth_unary(n_labels, height, width)
+    expected = pydensecrf_q(unary, image, iterations, spatial, bilateral, normalization)
+    actual = dense_crf(
+        torch.from_numpy(unary),
+        torch.from_numpy(image),
+        iterations=iterations,
+        spatial=spatial,
+        bilateral=bilateral,
+        normalization=normalization,
+    )
+    return float(np.abs(actual.numpy() - expected).max())
+
+
+def random_lattice(n_points: int, dim: int, seed: int, dtype=torch.float64) -> PermutohedralLattice:
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.rand(n_points, dim, generator=generator, dtype=dtype) * 4.0
+    return PermutohedralLattice(features)
+
+
+SPATIAL = (3.0, 3.0)
+BILATERAL = (80.0, 13.0, 10.0)
+KERNEL_SETS = {
+    "spatial": (SPATIAL, None),
+    "bilateral": (None, BILATERAL),
+    "both": (SPATIAL, BILATERAL),
+}
+
+
+# ---------------------------------------------------------------------------- parity with pydensecrf
+
+
+@pytest.mark.parametrize("kernel_set", sorted(KERNEL_SETS))
+@pytest.mark.parametrize("normalization", ["after", "symmetric"])
+@pytest.mark.parametrize("iterations", [1, 5, 10])
+@pytest.mark.parametrize("n_labels", [2, 21, 100])
+def test_dense_crf_matches_pydensecrf_on_smooth_images(n_labels, iterations, normalization, kernel_set):
+    spatial, bilateral = KERNEL_SETS[kernel_set]
+    difference = max_q_difference(n_labels, 48, 64, iterations, spatial, bilateral, normalization)
+    assert difference <= PARITY_ATOL
+
+
+@pytest.mark.parametrize("normalization", ["after", "symmetric"])
+def test_dense_crf_matches_pydensecrf_on_a_larger_image(normalization):
+    difference = max_q_difference(21, 240, 320, 5, SPATIAL, BILATERAL, normalization)
+    assert difference <= PARITY_ATOL
+
+
+def test_dense_crf_with_zero_iterations_is_the_softmax_of_the_unary():
+    unary = torch.from_numpy(smooth_unary(4, 6, 7))
+    image = torch.from_numpy(smooth_image(6, 7))
+    q = dense_crf(unary, image, iterations=0)
+    torch.testing.assert_close(q, torch.softmax(unary, dim=0), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- lattice properties
+
+
+@pytest.mark.parametrize("dim", [2, 5])
+def test_reverse_filter_is_the_exact_transpose_of_the_forward_filter(dim):
+    lattice = random_lattice(300, dim, seed=dim)
+    generator = torch.Generator().manual_seed(10 + dim)
+    x = torch.randn(300, 3, generator=generator, dtype=torch.float64)
+    y = torch.randn(300, 3, generator=generator, dtype=torch.float64)
+    forward = (lattice.filter(x) * y).sum()
+    transposed = (x * lattice.filter(y, reverse=True)).sum()
+    assert abs(float(forward - transposed)) <= 1e-10 * abs(float(forward))
+
+
+@pytest.mark.parametrize("dim", [2, 5])
+def test_reverse_filter_differs_noticeably_from_the_forward_filter(dim):
+    lattice = random_lattice(300, dim, seed=dim)
+    x = torch.randn(300, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    forward = lattice.filter(x)
+    reverse = lattice.filter(x, reverse=True)
+    relative = float((forward - reverse).norm() / forward.norm())
+    assert relative > 1e-3
+
+
+def test_filtering_is_linear_and_works_channel_by_channel():
+    lattice = random_lattice(200, 3, seed=7)
+    x = torch.randn(200, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    together = lattice.filter(x)
+    separately = torch.cat([lattice.filter(x[:, c : c + 1]) for c in range(4)], dim=1)
+    torch.testing.assert_close(together, separately, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lattice.filter(2.5 * x), 2.5 * together, rtol=1e-12, atol=1e-12)
+
+
+def test_filtering_approximates_the_gaussian_it_stands_for():
+    # Points on a grid of spacing 0.5 in feature space: the lattice filter of ones should be close
+    # (within the permutohedral approximation) to the exact sum of exp(-|f_i - f_j|^2 / 2).
+    ys, xs = torch.meshgrid(torch.arange(20.0), torch.arange(20.0), indexing="ij")
+    features = torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=1).double() * 0.5
+    lattice = PermutohedralLattice(features)
+    approx = lattice.filter(torch.ones(400, 1, dtype=torch.float64))[:, 0]
+    exact = torch.exp(-torch.cdist(features, features).pow(2) / 2).sum(dim=1)
+    centre = (features[:, 0] - 5).abs().le(2) & (features[:, 1] - 5).abs().le(2)
+    relative = ((approx - exact).abs() / exact)[centre]
+    assert float(relative.max()) < 0.2
+
+
+def test_lattice_reports_its_size_and_dimension():
+    features = gaussian_features(torch.zeros(4, 5, 3, dtype=torch.uint8), 4, 5, 3.0, 13.0)
+    lattice = PermutohedralLattice(features)
+    assert lattice.dim == 5
+    assert lattice.num_points == 20
+    assert 1 <= lattice.num_vertices <= 20 * 6
+
+
+def test_gaussian_features_are_float32_divisions_in_row_major_pixel_order():
+    image = torch.arange(2 * 3 * 3, dtype=torch.uint8).reshape(2, 3, 3)
+    features = gaussian_features(image, 2, 3, 3.0, 13.0)
+    assert features.dtype == torch.float32
+    assert features.shape == (6, 5)
+    n = 1 * 3 + 2  # y = 1, x = 2
+    theta, theta_c = np.float32(3.0), np.float32(13.0)
+    expected = [np.float32(2) / theta, np.float32(1) / theta] + [
+        np.float32(v) / theta_c for v in image[1, 2].tolist()
+    ]
+    assert features[n].tolist() == [float(v) for v in expected]
+    assert gaussian_features(None, 2, 3, 3.0, None).shape == (6, 2)
+
+
+def test_lattice_rejects_features_whose_keys_need_more_than_63_bits():
+    features = torch.tensor([[0.0] * 5, [1e6] * 5], dtype=torch.float32)
+    features[1, ::2] = -1e6
+    with pytest.raises(ValueError, match="features"):
+        PermutohedralLattice(features)
+
+
+# ---------------------------------------------------------------------------- mean field
+
+
+def tiny_problem(n_labels=3, height=5, width=6, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    unary = torch.randn(n_labels, height, width, generator=generator, dtype=torch.float64)
+    image = (torch.rand(height, width, 3, generator=generator) * 255).to(torch.uint8)
+    spatial = PermutohedralLattice(gaussian_features(None, height, width, 2.0, None).double())
+    bilateral = PermutohedralLattice(gaussian_features(image, height, width, 3.0, 40.0).double())
+    return unary, spatial, bilateral, generator
+
+
+@pytest.mark.parametrize("normalization", ["after", "symmetric"])
+def test_mean_field_gradients_match_finite_differences_for_scalar_weights(normalization):
+    unary, spatial, bilateral, generator = tiny_problem()
+    w_s = torch.tensor(1.5, dtype=torch.float64)
+    w_b = torch.tensor(2.0, dtype=torch.float64)
+
+    def run(u, ws, wb):
+        return mean_field(u, [(spatial, ws), (bilateral, wb)], normalization=normalization, iterations=2)
+
+    inputs = (unary.requires_grad_(), w_s.requires_grad_(), w_b.requires_grad_())
+    assert torch.autograd.gradcheck(run, inputs)
+
+
+@pytest.mark.parametrize("normalization", ["after", "symmetric"])
+@pytest.mark.parametrize("compat_kind", ["potts", "diagonal", "full"])
+def test_mean_field_gradients_match_finite_differences_for_matrix_weights_and_compat(
+    normalization, compat_kind
+):
+    unary, spatial, bilateral, generator = tiny_problem()
+    w_s = torch.randn(3, 3, generator=generator, dtype=torch.float64)
+    w_b = torch.randn(3, 3, generator=generator, dtype=torch.float64)
+    compat = {
+        "potts": None,
+        "diagonal": torch.randn(3, generator=generator, dtype=torch.float64),
+        "full": torch.randn(3, 3, generator=generator, dtype=torch.float64),
+    }[compat_kind]
+
+    def run(u, ws, wb, *mu):
+        return mean_field(
+            u,
+            [(spatial, ws), (bilateral, wb)],
+            compat=mu[0] if mu else None,
+            normalization=normalization,
+            iterations=2,
+        )
+
+    inputs = [unary.requires_grad_(), w_s.requires_grad_(), w_b.requires_grad_()]
+    if compat is not None:
+        inputs.append(compat.requires_grad_())
+    assert torch.autograd.gradcheck(run, tuple(inputs))
+
+
+def test_potts_scalar_weights_equal_the_matching_matrix_weights_and_compat():
+    unary, spatial, bilateral, _ = tiny_problem(n_labels=4)
+    eye = torch.eye(4, dtype=torch.float64)
+    scalar = mean_field(unary, [(spatial, 1.5), (bilateral, 2.0)], iterations=3)
+    matrix = mean_field(unary, [(spatial, 1.5 * eye), (bilateral, 2.0 * eye)], iterations=3)
+    minus_ones = -torch.ones(4, dtype=torch.float64)
+    diagonal = mean_field(unary, [(spatial, 1.5), (bilateral, 2.0)], compat=minus_ones, iterations=3)
+    full = mean_field(unary, [(spatial, 1.5), (bilateral, 2.0)], compat=-eye, iterations=3)
+    for other in (matrix, diagonal, full):
+        torch.testing.assert_close(other, scalar, rtol=1e-12, atol=1e-12)
+
+
+def test_mean_field_with_zero_iterations_returns_the_unary():
+    unary, spatial, _, _ = tiny_problem()
+    torch.testing.assert_close(mean_field(unary, [(spatial, 3.0)], iterations=0), unary)
+
+
+def test_positive_potts_weight_makes_neighbours_agree():
+    unary, spatial, _, _ = tiny_problem()
+    before = torch.softmax(unary, dim=0)
+    after = torch.softmax(mean_field(unary, [(spatial, 5.0)], iterations=5), dim=0)
+
+    def label_changes(q):
+        labels = q.argmax(dim=0)
+        return int((labels[:, 1:] != labels[:, :-1]).sum() + (labels[1:] != labels[:-1]).sum())
+
+    assert label_changes(after) < label_changes(before)
+
+
+# ---------------------------------------------------------------------------- input validation
+
+
+def _good_arguments():
+    unary = torch.from_numpy(smooth_unary(3, 4, 5))
+    image = torch.from_numpy(smooth_image(4, 5))
+    return unary, image
+
+
+@pytest.mark.parametrize(
+    "change, name",
+    [
+        (lambda u, i, kw: (u[0], i, kw), "unary"),
+        (lambda u, i, kw: (u[:0], i, kw), "unary"),
+        (lambda u, i, kw: (u[:, :0], i[:0], kw), "unary"),
+        (lambda u, i, kw: (u[:, :, :0], i[:, :0], kw), "unary"),
+        (lambda u, i, kw: (u.clone().fill_(float("nan")), i, kw), "unary"),
+        (lambda u, i, kw: (u.clone().fill_(float("inf")), i, kw), "unary"),
+        (lambda u, i, kw: (u.to(torch.int64), i, kw), "unary"),
+        (lambda u, i, kw: (u, i[:, :, :2], kw), "image"),
+        (lambda u, i, kw: (u, i[:3], kw), "image"),
+        (lambda u, i, kw: (u, i.float(), kw), "image"),
+        (lambda u, i, kw: (u, None, kw), "image"),
+        (lambda u, i, kw: (u, i, {**kw, "spatial": (0.0, 3.0)}), "spatial"),
+        (lambda u, i, kw: (u, i, {**kw, "spatial": (-1.0, 3.0)}), "spatial"),
+        (lambda u, i, kw: (u, i, {**kw, "spatial": (3.0,)}), "spatial"),
+        (lambda u, i, kw: (u, i, {**kw, "bilateral": (0.0, 13.0, 10.0)}), "bilateral"),
+        (lambda u, i, kw: (u, i, {**kw, "bilateral": (80.0, -13.0, 10.0)}), "bilateral"),
+        (lambda u, i, kw: (u, i, {**kw, "bilateral": (80.0, 13.0)}), "bilateral"),
+        (lambda u, i, kw: (u, i, {**kw, "iterations": -1}), "iterations"),
+        (lambda u, i, kw: (u, i, {**kw, "normalization": "before"}), "normalization"),
+    ],
+)
+def test_dense_crf_rejects_bad_inputs_naming_the_argument(change, name):
+    unary, image = _good_arguments()
+    unary, image, kwargs = change(unary, image, {})
+    with pytest.raises(ValueError, match=name):
+        dense_crf(unary, image, **kwargs)
+
+
+def test_mean_field_rejects_mismatched_weights_compat_and_lattices():
+    unary, spatial, _, _ = tiny_problem()
+    with pytest.raises(ValueError, match="weight"):
+        mean_field(unary, [(spatial, torch.ones(2, 2, dtype=torch.float64))])
+    with pytest.raises(ValueError, match="compat"):
+        mean_field(unary, [(spatial, 1.0)], compat=torch.ones(2, dtype=torch.float64))
+    other = PermutohedralLattice(gaussian_features(None, 3, 3, 2.0, None))
+    with pytest.raises(ValueError, match="kernels"):
+        mean_field(unary, [(other, 1.0)])
+    with pytest.raises(ValueError, match="normalization"):
+        mean_field(unary, [(spatial, 1.0)], normalization="before")
+    with pytest.raises(ValueError, match="iterations"):
+        mean_field(unary, [(spatial, 1.0)], iterations=-2)
