@@ -36,7 +36,8 @@ def smooth_unary(labels: int, height: int, width: int, seed: int = 0) -> np.ndar
     knots = rng.normal(0.0, 2.0, size=(labels, height // 25 + 2, width // 25 + 2))  # (L, h, w)
     ys = np.linspace(0, knots.shape[1] - 1, height)
     xs = np.linspace(0, knots.shape[2] - 1, width)
-    y0, x0 = np.floor(ys).astype(int).clip(max=knots.shape[1] - 2), np.floor(xs).astype(int).clip(max=knots.shape[2] - 2)
+    y0 = np.floor(ys).astype(int).clip(max=knots.shape[1] - 2)
+    x0 = np.floor(xs).astype(int).clip(max=knots.shape[2] - 2)
     fy, fx = (ys - y0)[:, None], (xs - x0)[None, :]
     top = knots[:, y0][:, :, x0] * (1 - fx) + knots[:, y0][:, :, x0 + 1] * fx  # (L, H, W)
     bottom = knots[:, y0 + 1][:, :, x0] * (1 - fx) + knots[:, y0 + 1][:, :, x0 + 1] * fx

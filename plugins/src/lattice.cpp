@@ -43,69 +43,77 @@ struct Embedding {
             for (int j = 0; j <= d; ++j) canonical[r][j] = j <= d - r ? r : r - (d + 1);
     }
 
-    // Writes the pixel's d+1 barycentric weights, and the remainder-0 vertex (rem0) and ranks from
-    // which every enclosing vertex follows: vertex r has coordinates rem0[i] + canonical[r][rank[i]].
-    void operator()(const float* f, float* weights, int32_t* rem0_out, int8_t* rank_out) const {
-        float elevated[kMaxFeatureDim + 1], rem0[kMaxFeatureDim + 1];
-        int rank[kMaxFeatureDim + 1];
-        float sm = 0.0f;
+    // Embeds eight pixels at once (one per lane), like densecrf's SSE build: features f[0..d)
+    // in, and per lane the d+1 barycentric weights, the remainder-0 vertex (rem0) and the ranks
+    // from which every enclosing vertex follows (vertex r: rem0[i] + canonical[r][rank[i]]).
+    void operator()(const vec8* f, vec8* weights, vec8* rem0, vec8* rank) const {
+        vec8 elevated[kMaxFeatureDim + 1];
+        vec8 sm = splat8(0.0f);
         for (int j = d; j > 0; --j) {
-            const float cf = f[j - 1] * scale[j - 1];
-            elevated[j] = sm - static_cast<float>(j) * cf;
+            const vec8 cf = f[j - 1] * splat8(scale[j - 1]);
+            elevated[j] = sm - splat8(static_cast<float>(j)) * cf;
             sm += cf;
         }
         elevated[0] = sm;
 
-        float sum = 0.0f;
+        // round half to even, as SSE rounds: adding 1.5·2^23 leaves no fraction bits
+        const vec8 shifter = splat8(12582912.0f);
+        vec8 sum = splat8(0.0f);
         for (int i = 0; i <= d; ++i) {
-            const float v = std::nearbyint(inv_dp1 * elevated[i]);  // ties to even, as SSE rounds
-            rem0[i] = v * dp1;
+            const vec8 v = (splat8(inv_dp1) * elevated[i] + shifter) - shifter;
+            rem0[i] = v * splat8(dp1);
             sum += v;
-            rank[i] = 0;
+            rank[i] = splat8(0.0f);
         }
+        const vec8 one = splat8(1.0f), zero = splat8(0.0f);
         for (int i = 0; i < d; ++i) {
-            const float di = elevated[i] - rem0[i];
+            const vec8 di = elevated[i] - rem0[i];
             for (int j = i + 1; j <= d; ++j) {
-                const int less = di < elevated[j] - rem0[j];  // strict: ties rank the later index higher
-                rank[i] += less;
-                rank[j] += 1 - less;
+                const ivec8 less = di < elevated[j] - rem0[j];  // strict: ties rank the later index higher
+                rank[i] += less ? one : zero;
+                rank[j] += less ? zero : one;
             }
         }
-        const int shift = static_cast<int>(sum);
+        const vec8 wrap = splat8(dp1);
         for (int i = 0; i <= d; ++i) {
-            rank[i] += shift;
-            if (rank[i] < 0) {
-                rank[i] += d + 1;
-                rem0[i] += dp1;
-            } else if (rank[i] >= d + 1) {
-                rank[i] -= d + 1;
-                rem0[i] -= dp1;
+            rank[i] += sum;
+            const vec8 fix = (rank[i] < zero ? wrap : zero) - (rank[i] >= wrap ? wrap : zero);
+            rank[i] += fix;
+            rem0[i] += fix;
+        }
+
+        // bary[p] = v_a - v_b with rank(a) = d - p and rank(b) = d - p + 1; selecting with masks
+        // gives exactly the bits of densecrf's scatter (adding zeros is exact)
+        vec8 v[kMaxFeatureDim + 1];
+        for (int i = 0; i <= d; ++i) v[i] = (elevated[i] - rem0[i]) * splat8(inv_dp1);
+        vec8 last = zero;  // bary[d + 1]
+        for (int p = 0; p <= d + 1; ++p) {
+            vec8 plus = zero, minus = zero;
+            for (int i = 0; i <= d; ++i) {
+                plus += rank[i] == splat8(static_cast<float>(d - p)) ? v[i] : zero;
+                minus += rank[i] == splat8(static_cast<float>(d - p + 1)) ? v[i] : zero;
             }
+            if (p <= d)
+                weights[p] = plus - minus;
+            else
+                last = plus - minus;
         }
-
-        float bary[kMaxFeatureDim + 2] = {0.0f};
-        for (int i = 0; i <= d; ++i) {
-            const float v = (elevated[i] - rem0[i]) * inv_dp1;
-            const int p = d - rank[i];
-            bary[p] += v;
-            bary[p + 1] -= v;
-        }
-        bary[0] += 1.0f + bary[d + 1];
-
-        for (int i = 0; i <= d; ++i) {
-            weights[i] = bary[i];
-            rem0_out[i] = static_cast<int32_t>(rem0[i]);
-            rank_out[i] = static_cast<int8_t>(rank[i]);
-        }
+        weights[0] += one + last;
     }
 };
 
-void pixel_features(const FeatureSpec& spec, int64_t pixel, float* f) {
-    const int64_t x = pixel % spec.width, y = pixel / spec.width;
-    f[0] = static_cast<float>(x) / spec.theta_xy;
-    f[1] = static_cast<float>(y) / spec.theta_xy;
-    for (int64_t c = 0; c < spec.channels; ++c)
-        f[2 + c] = spec.image[c * spec.pixels() + pixel] / spec.theta_color;
+// Features of the eight pixels first .. first+7 (lanes past the image repeat its last pixel).
+void pixel_features8(const FeatureSpec& spec, int64_t first, vec8* f) {
+    const int64_t n = spec.pixels();
+    for (int lane = 0; lane < 8; ++lane) {
+        const int64_t pixel = std::min(first + lane, n - 1);
+        f[0][lane] = static_cast<float>(pixel % spec.width);
+        f[1][lane] = static_cast<float>(pixel / spec.width);
+        for (int64_t c = 0; c < spec.channels; ++c) f[2 + c][lane] = spec.image[c * n + pixel];
+    }
+    f[0] = f[0] / splat8(spec.theta_xy);
+    f[1] = f[1] / splat8(spec.theta_xy);
+    for (int64_t c = 0; c < spec.channels; ++c) f[2 + c] = f[2 + c] / splat8(spec.theta_color);
 }
 
 // Packs d coordinates into one integer: coordinate i takes bits[i] bits above its minimum.
@@ -188,8 +196,6 @@ void LatticeScratch::plan(Workspace& ws, int64_t max_entries) {
     max_table = table_capacity_for(max_entries);
     table_key = ws.take<uint64_t>(max_table);
     table_id = ws.take<int32_t>(max_table);
-    values = ws.take<float>((max_entries + 1) * kLabelTile);
-    values_next = ws.take<float>((max_entries + 1) * kLabelTile);
     cursor = ws.take<int32_t>(max_entries);
 }
 
@@ -204,6 +210,8 @@ void Lattice::plan(Workspace& ws, const FeatureSpec& spec) {
     csr_weight_ = ws.take<float>(entries);
     neighbours_ = ws.take<int32_t>(entries * (d_ + 1) * 2);
     vertex_key_ = ws.take<uint64_t>(entries);
+    values_ = ws.take<float>((entries + 1) * kLabelTile);
+    next_ = ws.take<float>((entries + 1) * kLabelTile);
 }
 
 bool Lattice::build(const FeatureSpec& spec, LatticeScratch& scratch, int threads, char* error,
@@ -220,17 +228,24 @@ bool Lattice::build(const FeatureSpec& spec, LatticeScratch& scratch, int thread
     std::vector<int32_t> chunk_low(chunks * d, std::numeric_limits<int32_t>::max());
     std::vector<int32_t> chunk_high(chunks * d, std::numeric_limits<int32_t>::min());
     parallel_for(n, kPixelGrain, threads, [&](int64_t begin, int64_t end) {
-        float f[kMaxFeatureDim];
+        vec8 f[kMaxFeatureDim], weights[kMaxFeatureDim + 1], rem0[kMaxFeatureDim + 1], rank[kMaxFeatureDim + 1];
         int32_t* lo = &chunk_low[(begin / kPixelGrain) * d];
         int32_t* hi = &chunk_high[(begin / kPixelGrain) * d];
-        for (int64_t p = begin; p < end; ++p) {
-            pixel_features(spec, p, f);
-            int32_t* rem0 = scratch.rem0 + p * (d + 1);
-            int8_t* rank = scratch.rank + p * (d + 1);
-            embed(f, entry_weight_ + p * (d + 1), rem0, rank);
-            for (int i = 0; i < d; ++i) {
-                lo[i] = std::min(lo[i], rem0[i] - rank[i]);
-                hi[i] = std::max(hi[i], rem0[i] + d - rank[i]);
+        for (int64_t p0 = begin; p0 < end; p0 += 8) {
+            pixel_features8(spec, p0, f);
+            embed(f, weights, rem0, rank);
+            for (int lane = 0; lane < 8 && p0 + lane < end; ++lane) {
+                const int64_t p = p0 + lane;
+                for (int i = 0; i <= d; ++i) {
+                    entry_weight_[p * (d + 1) + i] = weights[i][lane];
+                    scratch.rem0[p * (d + 1) + i] = static_cast<int32_t>(rem0[i][lane]);
+                    scratch.rank[p * (d + 1) + i] = static_cast<int8_t>(rank[i][lane]);
+                }
+                for (int i = 0; i < d; ++i) {
+                    const int32_t r0 = static_cast<int32_t>(rem0[i][lane]), rk = static_cast<int32_t>(rank[i][lane]);
+                    lo[i] = std::min(lo[i], r0 - rk);
+                    hi[i] = std::max(hi[i], r0 + d - rk);
+                }
             }
         }
     });
@@ -288,11 +303,16 @@ bool Lattice::build(const FeatureSpec& spec, LatticeScratch& scratch, int thread
     //    handed out in first-seen order.
     const int64_t entries = n * (d + 1);
     HashTable table{scratch.table_key, scratch.table_id, 0};
-    int64_t capacity = std::min<int64_t>(scratch.max_table, table_capacity_for(n / 8 + 1));
+    int64_t capacity = std::min<int64_t>(scratch.max_table, table_capacity_for(n / 64 + 1));
     table.clear(capacity);
     int32_t count = 0;
     for (int64_t e = 0; e < entries; ++e) {
         const uint64_t key = scratch.entry_key[e];
+        // neighbouring pixels mostly share their simplex: reuse the previous pixel's vertex
+        if (e > d && scratch.entry_key[e - (d + 1)] == key) {
+            entry_vertex_[e] = entry_vertex_[e - (d + 1)];
+            continue;
+        }
         const int32_t id = table.insert(key, count);
         if (id == count) {
             vertex_key_[count++] = key;
@@ -306,15 +326,17 @@ bool Lattice::build(const FeatureSpec& spec, LatticeScratch& scratch, int thread
     }
     vertices_ = count;
 
-    // 4. The splat matrix's transpose as CSR: for each vertex, its entries in pixel order.
-    std::fill(csr_begin_, csr_begin_ + vertices_ + 1, 0);
-    for (int64_t e = 0; e < entries; ++e) ++csr_begin_[entry_vertex_[e] + 1];
-    for (int64_t v = 0; v < vertices_; ++v) csr_begin_[v + 1] += csr_begin_[v];
-    std::copy(csr_begin_, csr_begin_ + vertices_, scratch.cursor);
-    for (int64_t e = 0; e < entries; ++e) {
-        const int32_t slot = scratch.cursor[entry_vertex_[e]]++;
-        csr_pixel_[slot] = static_cast<int32_t>(e / (d + 1));
-        csr_weight_[slot] = entry_weight_[e];
+    // 4. For several threads, the splat matrix's transpose as CSR: each vertex's entries in pixel order.
+    if (threads > 1) {
+        std::fill(csr_begin_, csr_begin_ + vertices_ + 1, 0);
+        for (int64_t e = 0; e < entries; ++e) ++csr_begin_[entry_vertex_[e] + 1];
+        for (int64_t v = 0; v < vertices_; ++v) csr_begin_[v + 1] += csr_begin_[v];
+        std::copy(csr_begin_, csr_begin_ + vertices_, scratch.cursor);
+        for (int64_t e = 0; e < entries; ++e) {
+            const int32_t slot = scratch.cursor[entry_vertex_[e]]++;
+            csr_pixel_[slot] = static_cast<int32_t>(e / (d + 1));
+            csr_weight_[slot] = entry_weight_[e];
+        }
     }
 
     // 5. Blur neighbours along each lattice axis j: key -1 on every coordinate but j, which moves by
@@ -346,55 +368,44 @@ bool Lattice::build(const FeatureSpec& spec, LatticeScratch& scratch, int thread
     return true;
 }
 
-// One tile of V vectors (8·V channels) starting at column c0.
 template <int V>
-void Lattice::filter_tile(const float* in, int64_t stride, int64_t c0, const float* pre, bool transpose,
-                          const FilterOutput& output, LatticeScratch& scratch) const {
-    constexpr int kWidth = 8 * V;
-    const int d = d_;
-    const int64_t m = vertices_;
-    float* values = scratch.values;
-    float* next = scratch.values_next;
+void Lattice::clear() const {
+    std::memset(values_, 0, vertices_ * 8 * V * sizeof(float));
+}
 
-    // splat: every vertex sums weight × value over its entries in pixel order. On several threads
-    // each vertex gathers its entries through the CSR; on one thread the pixels scatter into the
-    // vertices in pixel order, which reads the input sequentially and adds in the same order, so
-    // both give the same bits.
-    if (threads_ > 1) {
-        parallel_for(m, kVertexGrain, threads_, [&](int64_t begin, int64_t end) {
-            for (int64_t v = begin; v < end; ++v) {
-                vec8 acc[V] = {};
-                for (int32_t s = csr_begin_[v]; s < csr_begin_[v + 1]; ++s) {
-                    const int64_t p = csr_pixel_[s];
-                    const vec8 w = splat8(csr_weight_[s]);
-                    const float* x = in + p * stride + c0;
-                    const vec8 f = splat8(pre ? pre[p] : 1.0f);
-                    for (int k = 0; k < V; ++k) acc[k] += w * (pre ? load8(x + 8 * k) * f : load8(x + 8 * k));
+template <int V>
+void Lattice::gather(const float* in, int64_t stride, int64_t c0, const float* pre) const {
+    parallel_for(vertices_, kVertexGrain, threads_, [&](int64_t begin, int64_t end) {
+        for (int64_t v = begin; v < end; ++v) {
+            vec8 acc[V] = {};
+            for (int32_t s = csr_begin_[v]; s < csr_begin_[v + 1]; ++s) {
+                const int64_t p = csr_pixel_[s];
+                const vec8 w = splat8(csr_weight_[s]);
+                const float* x = in + p * stride + c0;
+                if (pre) {
+                    const vec8 f = splat8(pre[p]);
+                    for (int k = 0; k < V; ++k) acc[k] += w * (load8(x + 8 * k) * f);
+                } else {
+                    for (int k = 0; k < V; ++k) acc[k] += w * load8(x + 8 * k);
                 }
-                for (int k = 0; k < V; ++k) store8(values + v * kWidth + 8 * k, acc[k]);
             }
-        });
-    } else {
-        std::memset(values, 0, m * kWidth * sizeof(float));
-        for (int64_t p = 0; p < pixels_; ++p) {
-            vec8 x[V];
-            for (int k = 0; k < V; ++k) x[k] = load8(in + p * stride + c0 + 8 * k);
-            if (pre)
-                for (int k = 0; k < V; ++k) x[k] = x[k] * splat8(pre[p]);
-            for (int r = 0; r <= d; ++r) {
-                const vec8 w = splat8(entry_weight_[p * (d + 1) + r]);
-                float* o = values + static_cast<int64_t>(entry_vertex_[p * (d + 1) + r]) * kWidth;
-                for (int k = 0; k < V; ++k) store8(o + 8 * k, load8(o + 8 * k) + w * x[k]);
-            }
+            for (int k = 0; k < V; ++k) store8(values_ + v * 8 * V + 8 * k, acc[k]);
         }
-    }
-    std::memset(values + m * kWidth, 0, kWidth * sizeof(float));
-    std::memset(next + m * kWidth, 0, kWidth * sizeof(float));
+    });
+}
 
-    // blur: one pass per lattice axis, double-buffered; missing neighbours read the zero row
-    for (int step = 0; step <= d; ++step) {
-        const int j = transpose ? d - step : step;
+// One pass per lattice axis, double-buffered; missing neighbours read the zero row M.
+template <int V>
+void Lattice::blur(bool transpose) const {
+    constexpr int kWidth = 8 * V;
+    const int64_t m = vertices_;
+    std::memset(values_ + m * kWidth, 0, kWidth * sizeof(float));
+    std::memset(next_ + m * kWidth, 0, kWidth * sizeof(float));
+    for (int step = 0; step <= d_; ++step) {
+        const int j = transpose ? d_ - step : step;
         const int32_t* nb = neighbours_ + static_cast<int64_t>(j) * m * 2;
+        const float* values = values_;
+        float* next = next_;
         parallel_for(m, kVertexGrain, threads_, [&](int64_t begin, int64_t end) {
             const vec8 half = splat8(0.5f);
             for (int64_t v = begin; v < end; ++v) {
@@ -402,35 +413,43 @@ void Lattice::filter_tile(const float* in, int64_t stride, int64_t c0, const flo
                 const float* a = values + static_cast<int64_t>(nb[2 * v]) * kWidth;
                 const float* b = values + static_cast<int64_t>(nb[2 * v + 1]) * kWidth;
                 for (int k = 0; k < V; ++k)
-                    store8(next + v * kWidth + 8 * k,
-                           load8(self + 8 * k) + half * (load8(a + 8 * k) + load8(b + 8 * k)));
+                    store8(next + v * kWidth + 8 * k, load8(self + 8 * k) + half * (load8(a + 8 * k) + load8(b + 8 * k)));
             }
         });
-        std::swap(values, next);
+        std::swap(values_, next_);
     }
+}
 
-    // slice: each pixel reads its d+1 vertices (weights pre-scaled by alpha, as densecrf), then
-    // the output step
+template <int V>
+void Lattice::filter_tile(const float* in, int64_t stride, int64_t c0, const float* pre, bool transpose,
+                          const FilterOutput& output) const {
+    if (gathers()) {
+        gather<V>(in, stride, c0, pre);
+    } else {
+        clear<V>();
+        for (int64_t p = 0; p < pixels_; ++p) {
+            vec8 x[V];
+            for (int k = 0; k < V; ++k) x[k] = load8(in + p * stride + c0 + 8 * k);
+            if (pre)
+                for (int k = 0; k < V; ++k) x[k] = x[k] * splat8(pre[p]);
+            scatter<V>(p, x);
+        }
+    }
+    blur<V>(transpose);
     parallel_for(pixels_, kPixelGrain, threads_, [&](int64_t begin, int64_t end) {
+        const vec8 w = splat8(output.weight);
         for (int64_t p = begin; p < end; ++p) {
-            vec8 acc[V] = {};
-            for (int r = 0; r <= d; ++r) {
-                const vec8 w = splat8(entry_weight_[p * (d + 1) + r] * alpha_);
-                const float* x = values + static_cast<int64_t>(entry_vertex_[p * (d + 1) + r]) * kWidth;
-                for (int k = 0; k < V; ++k) acc[k] += w * load8(x + 8 * k);
-            }
-            if (output.scale) {
-                const vec8 f = splat8(output.scale[p]);
-                for (int k = 0; k < V; ++k) acc[k] = acc[k] * f;
-            }
+            vec8 t[V];
+            slice<V>(p, t);
+            if (output.scale)
+                for (int k = 0; k < V; ++k) t[k] = t[k] * splat8(output.scale[p]);
             float* o = output.out + p * stride + c0;
-            const vec8 w = splat8(output.weight);
             for (int k = 0; k < V; ++k) {
                 switch (output.mode) {
-                    case FilterOutput::kStore: store8(o + 8 * k, acc[k]); break;
-                    case FilterOutput::kAccumulate: store8(o + 8 * k, load8(o + 8 * k) + w * acc[k]); break;
+                    case FilterOutput::kStore: store8(o + 8 * k, t[k]); break;
+                    case FilterOutput::kAccumulate: store8(o + 8 * k, load8(o + 8 * k) + w * t[k]); break;
                     case FilterOutput::kFromBase:
-                        store8(o + 8 * k, load8(output.base + p * stride + c0 + 8 * k) + w * acc[k]);
+                        store8(o + 8 * k, load8(output.base + p * stride + c0 + 8 * k) + w * t[k]);
                         break;
                 }
             }
@@ -439,15 +458,25 @@ void Lattice::filter_tile(const float* in, int64_t stride, int64_t c0, const flo
 }
 
 void Lattice::filter(const float* in, int64_t stride, const float* pre, bool transpose,
-                     const FilterOutput& output, LatticeScratch& scratch) const {
+                     const FilterOutput& output) const {
     for (int64_t c0 = 0; c0 < stride; c0 += kLabelTile) {
         switch (std::min<int64_t>(kLabelTile, stride - c0) / 8) {
-            case 1: filter_tile<1>(in, stride, c0, pre, transpose, output, scratch); break;
-            case 2: filter_tile<2>(in, stride, c0, pre, transpose, output, scratch); break;
-            case 3: filter_tile<3>(in, stride, c0, pre, transpose, output, scratch); break;
-            default: filter_tile<4>(in, stride, c0, pre, transpose, output, scratch); break;
+            case 1: filter_tile<1>(in, stride, c0, pre, transpose, output); break;
+            case 2: filter_tile<2>(in, stride, c0, pre, transpose, output); break;
+            case 3: filter_tile<3>(in, stride, c0, pre, transpose, output); break;
+            default: filter_tile<4>(in, stride, c0, pre, transpose, output); break;
         }
     }
 }
+
+#define DYNSEG_INSTANTIATE(V)                                                                      \
+    template void Lattice::clear<V>() const;                                                       \
+    template void Lattice::gather<V>(const float*, int64_t, int64_t, const float*) const;          \
+    template void Lattice::blur<V>(bool) const;
+DYNSEG_INSTANTIATE(1)
+DYNSEG_INSTANTIATE(2)
+DYNSEG_INSTANTIATE(3)
+DYNSEG_INSTANTIATE(4)
+#undef DYNSEG_INSTANTIATE
 
 }  // namespace dynseg

@@ -1,13 +1,15 @@
 // lattice.h: the permutohedral lattice (Adams, Baek & Davis 2010) as densecrf builds it.
 //
 // A lattice is built once per image and kernel from the pixels' features and then filters any number
-// of value channels: splat (a gather over the CSR of the splat matrix), blur along the d+1 lattice
-// axes, slice. Vertex ids are whatever the hash table hands out; results do not depend on them,
-// because every sum runs in pixel order, so filtering is bitwise deterministic for any thread count.
+// of value channels: splat (on several threads a gather over the CSR of the splat matrix), blur along
+// the d+1 lattice axes, slice. Vertex ids are whatever the hash table hands out; results do not
+// depend on them, because every sum runs in pixel order, so filtering is bitwise deterministic for
+// any thread count.
 #pragma once
 
 #include <cstdint>
 
+#include "simd.h"
 #include "workspace.h"
 
 namespace dynseg {
@@ -30,7 +32,7 @@ struct FeatureSpec {
     int64_t pixels() const { return height * width; }
 };
 
-// Scratch shared by every lattice build and filter call of one problem; not kept between calls.
+// Scratch shared by every lattice build of one problem; not kept between calls.
 struct LatticeScratch {
     int32_t* rem0 = nullptr;          // (N·(d+1)) remainder-0 vertex coordinates of each pixel
     int8_t* rank = nullptr;           // (N·(d+1)) rank of each coordinate
@@ -39,8 +41,6 @@ struct LatticeScratch {
     int32_t* table_id = nullptr;
     int64_t max_table = 0;
     int32_t* cursor = nullptr;        // (max vertices) CSR fill positions
-    float* values = nullptr;          // (max vertices + 1, kLabelTile); the last used row stays 0
-    float* values_next = nullptr;     // blur double buffer, same shape
 
     void plan(Workspace& ws, int64_t max_entries);
 };
@@ -56,9 +56,11 @@ struct FilterOutput {
     float weight = 1.0f;
 };
 
+// A lattice filters values in tiles of V vectors (8·V channels) per vertex: splat, then blur, then
+// slice. The steps are public so that the mean field can fuse its own work around them.
 class Lattice {
 public:
-    // Reserves the lattice's arrays for its worst case, (d+1)·N vertices.
+    // Reserves the lattice's arrays for its worst case, (d+1)·N vertices, and its two value buffers.
     void plan(Workspace& ws, const FeatureSpec& spec);
 
     // Builds the lattice into the planned arrays. Returns false, with a message in error, if the
@@ -70,14 +72,47 @@ public:
     // K(pre ⊙ in), or K^T(pre ⊙ in) when transpose (blur axes in reverse order, d..0), written as
     // `output` says. pre is a per-pixel factor or null. output.out may alias in.
     void filter(const float* in, int64_t stride, const float* pre, bool transpose,
-                const FilterOutput& output, LatticeScratch& scratch) const;
+                const FilterOutput& output) const;
+
+    // Splat, step by step. Every vertex sums weight × value over its entries in pixel order,
+    // either by scattering pixel after pixel (one thread: reads the input once, in order) or by
+    // gathering each vertex's entries through the CSR (several threads). Both add in the same
+    // order, so they give the same bits.
+    bool gathers() const { return threads_ > 1; }
+    template <int V>
+    void clear() const;  // before scattering
+    template <int V>
+    void scatter(int64_t p, const vec8* x) const {
+        for (int r = 0; r <= d_; ++r) {
+            const vec8 w = splat8(entry_weight_[p * (d_ + 1) + r]);
+            float* o = values_ + static_cast<int64_t>(entry_vertex_[p * (d_ + 1) + r]) * 8 * V;
+            for (int k = 0; k < V; ++k) store8(o + 8 * k, load8(o + 8 * k) + w * x[k]);
+        }
+    }
+    template <int V>
+    void gather(const float* in, int64_t stride, int64_t c0, const float* pre) const;
+
+    template <int V>
+    void blur(bool transpose) const;
+
+    // The sliced value of pixel p: its d+1 vertices, weighted (weights pre-scaled by alpha, as densecrf)
+    template <int V>
+    void slice(int64_t p, vec8* out) const {
+        for (int k = 0; k < V; ++k) out[k] = splat8(0.0f);
+        for (int r = 0; r <= d_; ++r) {
+            const vec8 w = splat8(entry_weight_[p * (d_ + 1) + r] * alpha_);
+            const float* x = values_ + static_cast<int64_t>(entry_vertex_[p * (d_ + 1) + r]) * 8 * V;
+            for (int k = 0; k < V; ++k) out[k] += w * load8(x + 8 * k);
+        }
+    }
 
     int64_t vertices() const { return vertices_; }
+    int threads() const { return threads_; }
 
 private:
     template <int V>
     void filter_tile(const float* in, int64_t stride, int64_t c0, const float* pre, bool transpose,
-                     const FilterOutput& output, LatticeScratch& scratch) const;
+                     const FilterOutput& output) const;
 
     int d_ = 0;
     int threads_ = 1;
@@ -88,14 +123,18 @@ private:
     // per (pixel, remainder) entry, pixel-major: the enclosing simplex's vertices and weights
     int32_t* entry_vertex_ = nullptr;
     float* entry_weight_ = nullptr;
-    // CSR of the splat matrix: vertex v gathers entries csr_begin_[v] .. csr_begin_[v+1]-1,
-    // in pixel order
+    // CSR of the splat matrix (built for several threads only): vertex v gathers entries
+    // csr_begin_[v] .. csr_begin_[v+1]-1, in pixel order
     int32_t* csr_begin_ = nullptr;
     int32_t* csr_pixel_ = nullptr;
     float* csr_weight_ = nullptr;
     // blur neighbours, (d+1, M, 2); a missing neighbour is the zero row M
     int32_t* neighbours_ = nullptr;
     uint64_t* vertex_key_ = nullptr;
+    // (M+1, 8·V) value rows of the tile in flight and the blur's double buffer; the blur swaps
+    // them (hence mutable: filtering does not change the lattice)
+    mutable float* values_ = nullptr;
+    mutable float* next_ = nullptr;
 };
 
 }  // namespace dynseg

@@ -24,6 +24,29 @@ constexpr int64_t kMaxReduceChunks = 64;
 
 bool is_matrix(const dynseg_kernel& k) { return k.weight_kind == DYNSEG_WEIGHT_MATRIX; }
 
+// Softmax of one row of V vectors; lanes past `valid` in the last vector are padding and get 0.
+template <int V>
+inline void softmax_row(const float* x, float* y, int64_t vectors, ivec8 in_use) {
+    const int64_t n = V > 0 ? V : vectors;
+    const vec8 lowest = splat8(-std::numeric_limits<float>::infinity());
+    vec8 top = lowest;
+    for (int64_t k = 0; k < n; ++k) {
+        vec8 v = load8(x + 8 * k);
+        if (k == n - 1) v = in_use ? v : lowest;
+        top = max8(top, v);
+    }
+    const vec8 shift = splat8(max8(top));
+    vec8 sum = splat8(0.0f);
+    for (int64_t k = 0; k < n; ++k) {
+        vec8 e = exp_nonpositive(load8(x + 8 * k) - shift);
+        if (k == n - 1) e = in_use ? e : splat8(0.0f);
+        store8(y + 8 * k, e);
+        sum += e;
+    }
+    const vec8 inverse = splat8(1.0f / sum8(sum));
+    for (int64_t k = 0; k < n; ++k) store8(y + 8 * k, load8(y + 8 * k) * inverse);
+}
+
 }  // namespace
 
 MeanField::MeanField(const dynseg_crf_problem& problem, int pass, Workspace& ws) : p_(problem) {
@@ -70,7 +93,7 @@ bool MeanField::prepare(char* error, int error_len) {
         std::fill(q_, q_ + pixels_ * 8, 1.0f);
         FilterOutput out;
         out.out = filtered_;
-        lattices_[k].filter(q_, 8, nullptr, false, out, scratch_);
+        lattices_[k].filter(q_, 8, nullptr, false, out);
         const bool symmetric = p_.normalization == DYNSEG_NORMALIZE_SYMMETRIC;
         float* norm = norm_[k];
         parallel_for(pixels_, kGrain, threads_, [&](int64_t begin, int64_t end) {
@@ -109,26 +132,60 @@ void MeanField::store(const float* pixel_major, float* planar, int64_t channels)
     });
 }
 
-// acc gets kernel k's message W_k Knorm_k(Q). "after": Knorm = D K; "symmetric": D^1/2 K D^1/2
-// (the stored factor is already n^-1/2). With Potts the first kernel starts from U: L = U + m.
-void MeanField::add_message(int k, const float* q, bool first) {
-    const dynseg_kernel& kernel = p_.kernels[k];
+// Messages with scalar kernel weights, one label tile [c0, c0 + 8V) at a time, fused around the
+// lattices: every pixel's Q row feeds all kernels' splats, then one pass slices every kernel and adds
+// its weighted, normalised message to the logits: L = U + sum_k w_k Knorm_k(Q) for Potts (densecrf's
+// order of operations), m = sum_k w_k Knorm_k(Q) otherwise. "after": Knorm = D K; "symmetric":
+// D^1/2 K D^1/2 (the stored factor is already n^-1/2). With `softmax_from`, Q is computed here
+// from those logits, pixel by pixel as the splat reads it (one thread, one tile), and kept in q
+// unless q is null; else q holds it.
+template <int V>
+void MeanField::scalar_messages(int64_t c0, const float* softmax_from, float* q) {
+    const int K = p_.num_kernels;
+    const int64_t S = stride_;
+    const bool symmetric = p_.normalization == DYNSEG_NORMALIZE_SYMMETRIC;
+    if (lattices_[0].gathers()) {
+        for (int k = 0; k < K; ++k) lattices_[k].gather<V>(q, S, c0, symmetric ? norm_[k] : nullptr);
+    } else {
+        const ivec8 in_use = lanes_in_use();
+        for (int k = 0; k < K; ++k) lattices_[k].clear<V>();
+        for (int64_t p = 0; p < pixels_; ++p) {
+            float row[8 * V];  // Q of this pixel, when nobody keeps Q
+            const float* y = q ? q + p * S : row;
+            if (softmax_from) softmax_row<V>(softmax_from + p * S, q ? q + p * S : row, V, in_use);
+            vec8 x[V], xk[V];
+            for (int j = 0; j < V; ++j) x[j] = load8(y + c0 + 8 * j);
+            for (int k = 0; k < K; ++k) {
+                for (int j = 0; j < V; ++j) xk[j] = symmetric ? x[j] * splat8(norm_[k][p]) : x[j];
+                lattices_[k].scatter<V>(p, xk);
+            }
+        }
+    }
+    for (int k = 0; k < K; ++k) lattices_[k].blur<V>(false);
     const bool potts = p_.compat_kind == DYNSEG_COMPAT_POTTS;
-    const float* pre = p_.normalization == DYNSEG_NORMALIZE_SYMMETRIC ? norm_[k] : nullptr;
+    parallel_for(pixels_, kGrain, threads_, [&](int64_t begin, int64_t end) {
+        for (int64_t p = begin; p < end; ++p) {
+            vec8 a[V], t[V];
+            for (int j = 0; j < V; ++j) a[j] = potts ? load8(unary_ + p * S + c0 + 8 * j) : splat8(0.0f);
+            for (int k = 0; k < K; ++k) {
+                lattices_[k].slice<V>(p, t);
+                const vec8 n = splat8(norm_[k][p]), w = splat8(p_.kernels[k].weight[0]);
+                for (int j = 0; j < V; ++j) a[j] += w * (t[j] * n);
+            }
+            for (int j = 0; j < V; ++j) store8(acc_ + p * S + c0 + 8 * j, a[j]);
+        }
+    });
+}
+
+// acc (+)= W_k Knorm_k(Q) with a matrix weight: filtered, then mixed across labels per pixel.
+void MeanField::matrix_message(int k, const float* q, bool first) {
+    const bool potts = p_.compat_kind == DYNSEG_COMPAT_POTTS;
     FilterOutput out;
     out.scale = norm_[k];
-    if (!is_matrix(kernel)) {
-        out.mode = potts && first ? FilterOutput::kFromBase : FilterOutput::kAccumulate;
-        out.out = acc_;
-        out.base = unary_;
-        out.weight = kernel.weight[0];
-        lattices_[k].filter(q, stride_, pre, false, out, scratch_);
-        return;
-    }
     out.out = filtered_;
-    lattices_[k].filter(q, stride_, pre, false, out, scratch_);
+    lattices_[k].filter(q, stride_, p_.normalization == DYNSEG_NORMALIZE_SYMMETRIC ? norm_[k] : nullptr, false, out);
     const int64_t L = labels_, S = stride_;
-    const float* W = kernel.weight;
+    const float* W = p_.kernels[k].weight;
     parallel_for(pixels_, kGrain, threads_, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
             const float* f = filtered_ + i * S;
@@ -136,7 +193,7 @@ void MeanField::add_message(int k, const float* q, bool first) {
             for (int64_t r = 0; r < L; ++r) {
                 float s = 0.0f;
                 for (int64_t c = 0; c < L; ++c) s += W[r * L + c] * f[c];
-                a[r] = (potts && first ? unary_[i * S + r] : a[r]) + s;
+                a[r] = (first ? (potts ? unary_[i * S + r] : 0.0f) : a[r]) + s;
             }
         }
     });
@@ -165,34 +222,15 @@ void MeanField::finish_logits(float* acc) const {
     });
 }
 
-// Softmax of one row of V vectors; lanes past `valid` in the last vector are padding and get 0.
-template <int V>
-inline void softmax_row(const float* x, float* y, int64_t vectors, ivec8 in_use) {
-    const int64_t n = V > 0 ? V : vectors;
-    const vec8 lowest = splat8(-std::numeric_limits<float>::infinity());
-    vec8 top = lowest;
-    for (int64_t k = 0; k < n; ++k) {
-        vec8 v = load8(x + 8 * k);
-        if (k == n - 1) v = in_use ? v : lowest;
-        top = max8(top, v);
-    }
-    const vec8 shift = splat8(max8(top));
-    vec8 sum = splat8(0.0f);
-    for (int64_t k = 0; k < n; ++k) {
-        vec8 e = exp_nonpositive(load8(x + 8 * k) - shift);
-        if (k == n - 1) e = in_use ? e : splat8(0.0f);
-        store8(y + 8 * k, e);
-        sum += e;
-    }
-    const vec8 total = splat8(sum8(sum));  // divide, as densecrf does, rather than scale by 1/total
-    for (int64_t k = 0; k < n; ++k) store8(y + 8 * k, load8(y + 8 * k) / total);
+ivec8 MeanField::lanes_in_use() const {
+    const int valid = static_cast<int>(labels_ - (stride_ / 8 - 1) * 8);  // lanes of the last vector
+    const ivec8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    return lane < valid;
 }
 
 void MeanField::softmax(const float* logits, float* q) const {
     const int64_t vectors = stride_ / 8;
-    const int valid = static_cast<int>(labels_ - (vectors - 1) * 8);  // lanes in use in the last vector
-    const ivec8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
-    const ivec8 in_use = lane < valid;
+    const ivec8 in_use = lanes_in_use();
     parallel_for(pixels_, kGrain, threads_, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
             const float* x = logits + i * stride_;
@@ -211,15 +249,38 @@ void MeanField::softmax(const float* logits, float* q) const {
 // Leaves L^T in acc_. history (may be null) receives Q^0 .. Q^{T-1}.
 void MeanField::run_iterations(float* history) {
     const int64_t size = pixels_ * stride_;
-    const bool potts = p_.compat_kind == DYNSEG_COMPAT_POTTS;
-    if (p_.iterations == 0 || p_.num_kernels == 0) std::copy(unary_, unary_ + size, acc_);
+    const int K = p_.num_kernels;
+    bool scalar = true;
+    for (int k = 0; k < K; ++k) scalar = scalar && !is_matrix(p_.kernels[k]);
+    if (p_.iterations == 0 || K == 0) std::copy(unary_, unary_ + size, acc_);
     for (int t = 0; t < p_.iterations; ++t) {
-        softmax(t == 0 ? unary_ : acc_, q_);
-        if (history) std::copy(q_, q_ + size, history + t * size);
-        if (p_.num_kernels == 0) continue;
-        if (!potts) std::fill(acc_, acc_ + size, 0.0f);
-        for (int k = 0; k < p_.num_kernels; ++k) add_message(k, q_, k == 0);
+        const float* logits = t == 0 ? unary_ : acc_;
+        float* q = history ? history + t * size : q_;
+        if (K == 0) {
+            softmax(logits, q);
+            continue;
+        }
+        if (!scalar) {
+            softmax(logits, q);
+            for (int k = 0; k < K; ++k) matrix_message(k, q, k == 0);
+        } else if (stride_ <= kLabelTile && threads_ == 1) {
+            dispatch_tiles(logits, history ? q : nullptr);  // softmax fused into the splat
+        } else {
+            softmax(logits, q);
+            dispatch_tiles(nullptr, q);
+        }
         finish_logits(acc_);
+    }
+}
+
+void MeanField::dispatch_tiles(const float* softmax_from, float* q) {
+    for (int64_t c0 = 0; c0 < stride_; c0 += kLabelTile) {
+        switch (std::min<int64_t>(kLabelTile, stride_ - c0) / 8) {
+            case 1: scalar_messages<1>(c0, softmax_from, q); break;
+            case 2: scalar_messages<2>(c0, softmax_from, q); break;
+            case 3: scalar_messages<3>(c0, softmax_from, q); break;
+            default: scalar_messages<4>(c0, softmax_from, q); break;
+        }
     }
 }
 
@@ -260,7 +321,7 @@ void MeanField::backward(const float* unary, const float* grad_logits, float* gr
             FilterOutput out;
             out.out = filtered_;
             out.scale = p_.normalization == DYNSEG_NORMALIZE_SYMMETRIC ? norm_[k] : nullptr;
-            lattices_[k].filter(grad_, S, norm_[k], true, out, scratch_);
+            lattices_[k].filter(grad_, S, norm_[k], true, out);
             const float* R = filtered_;
             // H = -mu^T R, the gradient w.r.t. the message; dQ += W_k^T H
             parallel_for(N, kGrain, threads_, [&](int64_t begin, int64_t end) {
@@ -391,7 +452,7 @@ bool MeanField::filter(int kernel, int64_t channels, const float* values, float*
     load(values, q_, channels);
     FilterOutput output;
     output.out = filtered_;
-    lattices_[kernel].filter(q_, padded_channels(channels), nullptr, transpose, output, scratch_);
+    lattices_[kernel].filter(q_, padded_channels(channels), nullptr, transpose, output);
     store(filtered_, out, channels);
     return true;
 }

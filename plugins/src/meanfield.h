@@ -10,6 +10,7 @@
 
 #include "dynseg_crf.h"
 #include "lattice.h"
+#include "simd.h"
 #include "workspace.h"
 
 namespace dynseg {
@@ -32,7 +33,11 @@ public:
 
 private:
     void run_iterations(float* history);
-    void add_message(int k, const float* q, bool first);
+    void dispatch_tiles(const float* softmax_from, float* q);
+    template <int V>
+    void scalar_messages(int64_t c0, const float* softmax_from, float* q);
+    void matrix_message(int k, const float* q, bool first);
+    ivec8 lanes_in_use() const;
     void finish_logits(float* acc) const;
     void softmax(const float* logits, float* q) const;
     void add_parameter_gradients(const dynseg_kernel& kernel, const std::vector<double>& P,
