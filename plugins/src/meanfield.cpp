@@ -177,15 +177,27 @@ void MeanField::scalar_messages(int64_t c0, const float* softmax_from, float* q)
     });
 }
 
-// acc (+)= W_k Knorm_k(Q) with a matrix weight: filtered, then mixed across labels per pixel.
-void MeanField::matrix_message(int k, const float* q, bool first) {
+// acc (+)= W_k Knorm_k(Q) for one kernel, the general path (a matrix weight mixes labels, so the
+// whole filtered row is needed before the message of any label).
+void MeanField::kernel_message(int k, const float* q, bool first) {
+    const dynseg_kernel& kernel = p_.kernels[k];
     const bool potts = p_.compat_kind == DYNSEG_COMPAT_POTTS;
+    const float* pre = p_.normalization == DYNSEG_NORMALIZE_SYMMETRIC ? norm_[k] : nullptr;
     FilterOutput out;
     out.scale = norm_[k];
+    if (!is_matrix(kernel)) {
+        // non-Potts accumulators start at 0 (run_iterations clears them), Potts ones at U
+        out.mode = potts && first ? FilterOutput::kFromBase : FilterOutput::kAccumulate;
+        out.out = acc_;
+        out.base = unary_;
+        out.weight = kernel.weight[0];
+        lattices_[k].filter(q, stride_, pre, false, out);
+        return;
+    }
     out.out = filtered_;
-    lattices_[k].filter(q, stride_, p_.normalization == DYNSEG_NORMALIZE_SYMMETRIC ? norm_[k] : nullptr, false, out);
+    lattices_[k].filter(q, stride_, pre, false, out);
     const int64_t L = labels_, S = stride_;
-    const float* W = p_.kernels[k].weight;
+    const float* W = kernel.weight;
     parallel_for(pixels_, kGrain, threads_, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
             const float* f = filtered_ + i * S;
@@ -193,7 +205,7 @@ void MeanField::matrix_message(int k, const float* q, bool first) {
             for (int64_t r = 0; r < L; ++r) {
                 float s = 0.0f;
                 for (int64_t c = 0; c < L; ++c) s += W[r * L + c] * f[c];
-                a[r] = (first ? (potts ? unary_[i * S + r] : 0.0f) : a[r]) + s;
+                a[r] = (potts && first ? unary_[i * S + r] : a[r]) + s;
             }
         }
     });
@@ -250,6 +262,7 @@ void MeanField::softmax(const float* logits, float* q) const {
 void MeanField::run_iterations(float* history) {
     const int64_t size = pixels_ * stride_;
     const int K = p_.num_kernels;
+    const bool potts = p_.compat_kind == DYNSEG_COMPAT_POTTS;
     bool scalar = true;
     for (int k = 0; k < K; ++k) scalar = scalar && !is_matrix(p_.kernels[k]);
     if (p_.iterations == 0 || K == 0) std::copy(unary_, unary_ + size, acc_);
@@ -262,7 +275,8 @@ void MeanField::run_iterations(float* history) {
         }
         if (!scalar) {
             softmax(logits, q);
-            for (int k = 0; k < K; ++k) matrix_message(k, q, k == 0);
+            if (!potts) std::fill(acc_, acc_ + size, 0.0f);
+            for (int k = 0; k < K; ++k) kernel_message(k, q, k == 0);
         } else if (stride_ <= kLabelTile && threads_ == 1) {
             dispatch_tiles(logits, history ? q : nullptr);  // softmax fused into the splat
         } else {

@@ -36,7 +36,7 @@ private:
     void dispatch_tiles(const float* softmax_from, float* q);
     template <int V>
     void scalar_messages(int64_t c0, const float* softmax_from, float* q);
-    void matrix_message(int k, const float* q, bool first);
+    void kernel_message(int k, const float* q, bool first);
     ivec8 lanes_in_use() const;
     void finish_logits(float* acc) const;
     void softmax(const float* logits, float* q) const;

@@ -1,11 +1,15 @@
 """Dense mean-field CRF, PyTorch reference implementation.
 
 `lattice` owns the permutohedral lattice and the kernels' pixel features; `meanfield` owns the
-mean-field update and the torch-level `dense_crf`. This is the readable definition the native kernels
-are tested against.
+mean-field update and the torch-level `dense_crf`: the readable definition the native kernels are
+tested against. `native` wraps those kernels as the torch op `dynseg::mean_field` with autograd,
+which training runs on (`mean_field_native`, `dense_crf_native`).
 """
 
 from .lattice import PermutohedralLattice, gaussian_features
 from .meanfield import dense_crf, mean_field
+from .native import dense_crf_native, mean_field_native
 
-__all__ = ["PermutohedralLattice", "gaussian_features", "mean_field", "dense_crf"]
+__all__ = [
+    "PermutohedralLattice", "gaussian_features", "mean_field", "dense_crf", "mean_field_native", "dense_crf_native",
+]

@@ -1,0 +1,167 @@
+"""The native CRF kernels as a torch op with autograd: what training runs on.
+
+`torch.ops.dynseg.mean_field` wraps the kernel library's forward and backward
+(plugins/include/dynseg_crf.h) through `dynseg.sdk._native`; `mean_field_native` and
+`dense_crf_native` are its torch-level front ends, with the parameters of the PyTorch reference in
+`meanfield.py` (the readable definition the kernels are tested against).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dynseg.sdk import _native
+from dynseg.sdk.crf import check_iterations, check_normalization, check_threads, gaussian_kernels
+from dynseg.sdk.errors import InvalidArgumentError
+
+__all__ = ["GaussianKernel", "mean_field_native", "dense_crf_native"]
+
+# (theta_xy, theta_color, weight): theta_color = 0 for a spatial kernel; weight a float, a 0-d tensor
+# (label-agnostic) or an (L, L) tensor.
+GaussianKernel = tuple[float, float, Union[float, Tensor]]
+
+
+def _numpy(tensor: Tensor | None) -> np.ndarray | None:
+    if tensor is None:
+        return None
+    return np.ascontiguousarray(tensor.detach().to("cpu", torch.float32).numpy())
+
+
+def _problem(unary, image, theta_xy, theta_color, weights, compat, normalization, iterations, threads):
+    labels, height, width = unary.shape
+    kernels = [
+        _native.Kernel(t, c, _numpy(w).reshape(-1) if w.numel() == 1 else _numpy(w))
+        for t, c, w in zip(theta_xy, theta_color, weights)
+    ]
+    return _native.Problem(
+        labels, height, width, _numpy(image), kernels,
+        compat=_numpy(compat), normalization=normalization, iterations=iterations,
+        output=_native.OUTPUT_LOGITS, threads=threads,
+    )
+
+
+@torch.library.custom_op("dynseg::mean_field", mutates_args=(), device_types="cpu")
+def _mean_field(
+    unary: Tensor,
+    image: Optional[Tensor],
+    theta_xy: list[float],
+    theta_color: list[float],
+    weights: list[Tensor],
+    compat: Optional[Tensor],
+    normalization: str,
+    iterations: int,
+    threads: int,
+) -> Tensor:
+    problem = _problem(unary, image, theta_xy, theta_color, weights, compat, normalization, iterations, threads)
+    return torch.from_numpy(problem.forward(_numpy(unary))).to(unary.dtype)
+
+
+@_mean_field.register_fake
+def _(unary, image, theta_xy, theta_color, weights, compat, normalization, iterations, threads):
+    return torch.empty_like(unary)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.inputs = inputs
+    unary, image, _, _, weights, compat, *_ = inputs
+    ctx.save_for_backward(unary, image, compat, *weights)
+
+
+def _backward(ctx, grad_logits):
+    unary, image, compat, *weights = ctx.saved_tensors
+    _, _, theta_xy, theta_color, _, _, normalization, iterations, threads = ctx.inputs
+    problem = _problem(unary, image, theta_xy, theta_color, weights, compat, normalization, iterations, threads)
+    want_weights = [bool(ctx.needs_input_grad[4])] * len(weights)
+    grad_unary, grad_weights, grad_compat = problem.backward(
+        _numpy(unary), _numpy(grad_logits), want_weights, bool(ctx.needs_input_grad[5])
+    )
+    as_tensor = lambda array, like: None if array is None else torch.from_numpy(array).reshape(like.shape).to(like.dtype)
+    return (
+        as_tensor(grad_unary, unary),
+        None, None, None,
+        [as_tensor(g, w) for g, w in zip(grad_weights, weights)],
+        as_tensor(grad_compat, compat) if compat is not None else None,
+        None, None, None,
+    )
+
+
+_mean_field.register_autograd(_backward, setup_context=_setup_context)
+
+
+def mean_field_native(
+    unary: Tensor,
+    image: Tensor | None,
+    kernels: Sequence[GaussianKernel],
+    *,
+    compat: Tensor | None = None,
+    normalization: str = "after",
+    iterations: int = 5,
+    threads: int | None = None,
+) -> Tensor:
+    """Mean-field inference on the native kernels; the torch-level twin of `meanfield.mean_field`.
+
+    Args:
+        unary: (L, H, W) float32 logits on the CPU.
+        image: (C, H, W) float32 colour planes (0..255 units, as the thetas), or None when no kernel
+            is bilateral.
+        kernels: (theta_xy, theta_color, weight) each; theta_color = 0 makes a spatial kernel over
+            (x/theta_xy, y/theta_xy), else the features add (c/theta_color for each colour plane).
+            weight: a float or 0-d tensor (label-agnostic) or an (L, L) tensor.
+        compat: None (Potts, mu = -I: a positive weight rewards agreeing labels), (L,) diagonal or
+            (L, L) full mu, in L = U - mu · m.
+        normalization: "after" or "symmetric".
+        iterations: T >= 0.
+        threads: None for every core; results are bitwise identical for any count.
+
+    Returns:
+        (L, H, W) logits of the last iteration. Differentiable w.r.t. unary, tensor weights and compat.
+    """
+    if not isinstance(unary, Tensor) or unary.dim() != 3:
+        raise InvalidArgumentError(f"unary must be an (L, H, W) tensor, got {getattr(unary, 'shape', type(unary))}")
+    if unary.device.type != "cpu":
+        raise InvalidArgumentError(f"unary must be on the CPU (CUDA kernels are not built yet), got {unary.device}")
+    if unary.dtype != torch.float32:
+        raise InvalidArgumentError(f"unary must be float32, got {unary.dtype}")
+    labels = unary.shape[0]
+    weights = []
+    for index, (_, _, weight) in enumerate(kernels):
+        weight = torch.as_tensor(weight, dtype=torch.float32)
+        if weight.numel() != 1 and tuple(weight.shape) != (labels, labels):
+            raise InvalidArgumentError(f"kernels[{index}] weight must be a scalar or ({labels}, {labels}), got {tuple(weight.shape)}")
+        weights.append(weight)
+    if compat is not None and tuple(compat.shape) not in ((labels,), (labels, labels)):
+        raise InvalidArgumentError(f"compat must be None, ({labels},) or ({labels}, {labels}), got {tuple(compat.shape)}")
+    return _mean_field(
+        unary, image,
+        [float(k[0]) for k in kernels], [float(k[1]) for k in kernels], weights, compat,
+        check_normalization(normalization), check_iterations(iterations), check_threads(threads),
+    )
+
+
+def dense_crf_native(
+    unary: Tensor,
+    image: Tensor | None,
+    *,
+    iterations: int = 5,
+    spatial: tuple[float, float] | None = (3.0, 3.0),
+    bilateral: tuple[float, float, float] | None = (80.0, 13.0, 10.0),
+    normalization: str = "after",
+    threads: int | None = None,
+) -> Tensor:
+    """`dynseg.sdk.dense_crf` for tensors, differentiable: unary (L, H, W) float32 logits, image
+    (H, W, 3) uint8 RGB (or None without a bilateral kernel); returns Q, (L, H, W)."""
+    kernels = gaussian_kernels(spatial, bilateral)
+    planar = None
+    if bilateral is not None:
+        if not isinstance(image, Tensor) or image.dtype != torch.uint8 or image.dim() != 3 or image.shape[2] != 3:
+            raise InvalidArgumentError(f"image must be an (H, W, 3) uint8 tensor, got {getattr(image, 'shape', image)}")
+        if tuple(image.shape[:2]) != tuple(unary.shape[1:]):
+            raise InvalidArgumentError(f"image size {tuple(image.shape[:2])} does not match unary's {tuple(unary.shape[1:])}")
+        planar = image.permute(2, 0, 1).to(torch.float32).contiguous()
+    logits = mean_field_native(unary, planar, kernels, normalization=normalization, iterations=iterations, threads=threads)
+    return torch.softmax(logits, dim=0)
