@@ -128,13 +128,6 @@ struct KeyPacking {
         for (int i = 0; i < d; ++i) key |= static_cast<uint64_t>(c[i] - low[i]) << shift[i];
         return key;
     }
-    // false if some coordinate is outside the packed range: no vertex can have that key
-    bool pack_checked(const int32_t* c, uint64_t* key) const {
-        for (int i = 0; i < d; ++i)
-            if (c[i] < low[i] || c[i] > high[i]) return false;
-        *key = pack(c);
-        return true;
-    }
     void unpack(uint64_t key, int32_t* c) const {
         for (int i = 0; i < d; ++i) {
             const int next = i + 1 < d ? shift[i + 1] : 64;
@@ -227,28 +220,67 @@ bool Lattice::build(const FeatureSpec& spec, LatticeScratch& scratch, int thread
     const int64_t chunks = (n + kPixelGrain - 1) / kPixelGrain;
     std::vector<int32_t> chunk_low(chunks * d, std::numeric_limits<int32_t>::max());
     std::vector<int32_t> chunk_high(chunks * d, std::numeric_limits<int32_t>::min());
+    std::vector<float> chunk_largest(chunks, 0.0f);  // largest |scaled feature| (NaN-free: inputs are finite)
     parallel_for(n, kPixelGrain, threads, [&](int64_t begin, int64_t end) {
         vec8 f[kMaxFeatureDim], weights[kMaxFeatureDim + 1], rem0[kMaxFeatureDim + 1], rank[kMaxFeatureDim + 1];
-        int32_t* lo = &chunk_low[(begin / kPixelGrain) * d];
-        int32_t* hi = &chunk_high[(begin / kPixelGrain) * d];
+        ivec8 lo[kMaxFeatureDim], hi[kMaxFeatureDim];
+        for (int i = 0; i < d; ++i) {
+            lo[i] = ivec8{} + std::numeric_limits<int32_t>::max();
+            hi[i] = ivec8{} + std::numeric_limits<int32_t>::min();
+        }
+        vec8 largest = splat8(0.0f);
         for (int64_t p0 = begin; p0 < end; p0 += 8) {
-            pixel_features8(spec, p0, f);
+            pixel_features8(spec, p0, f);  // lanes past the image repeat its last pixel
+            for (int i = 0; i < d; ++i) {
+                const vec8 c = f[i] * splat8(embed.scale[i]);
+                largest = max8(largest, c > splat8(0.0f) ? c : -c);
+            }
             embed(f, weights, rem0, rank);
-            for (int lane = 0; lane < 8 && p0 + lane < end; ++lane) {
-                const int64_t p = p0 + lane;
-                for (int i = 0; i <= d; ++i) {
-                    entry_weight_[p * (d + 1) + i] = weights[i][lane];
-                    scratch.rem0[p * (d + 1) + i] = static_cast<int32_t>(rem0[i][lane]);
-                    scratch.rank[p * (d + 1) + i] = static_cast<int8_t>(rank[i][lane]);
+            int32_t r0[kMaxFeatureDim + 1][8], rk[kMaxFeatureDim + 1][8];
+            float w[kMaxFeatureDim + 1][8];
+            for (int i = 0; i <= d; ++i) {
+                const ivec8 ri = __builtin_convertvector(rem0[i], ivec8);
+                const ivec8 ki = __builtin_convertvector(rank[i], ivec8);
+                if (i < d) {
+                    const ivec8 low = ri - ki, high = ri + d - ki;
+                    lo[i] = low < lo[i] ? low : lo[i];
+                    hi[i] = high > hi[i] ? high : hi[i];
                 }
-                for (int i = 0; i < d; ++i) {
-                    const int32_t r0 = static_cast<int32_t>(rem0[i][lane]), rk = static_cast<int32_t>(rank[i][lane]);
-                    lo[i] = std::min(lo[i], r0 - rk);
-                    hi[i] = std::max(hi[i], r0 + d - rk);
+                std::memcpy(r0[i], &ri, sizeof(ri));
+                std::memcpy(rk[i], &ki, sizeof(ki));
+                std::memcpy(w[i], &weights[i], sizeof(weights[i]));
+            }
+            const int lanes = static_cast<int>(std::min<int64_t>(8, end - p0));
+            for (int lane = 0; lane < lanes; ++lane) {
+                const int64_t e = (p0 + lane) * (d + 1);
+                for (int i = 0; i <= d; ++i) {
+                    entry_weight_[e + i] = w[i][lane];
+                    scratch.rem0[e + i] = r0[i][lane];
+                    scratch.rank[e + i] = static_cast<int8_t>(rk[i][lane]);
                 }
             }
         }
+        chunk_largest[begin / kPixelGrain] = max8(largest);
+        int32_t* chunk_lo = &chunk_low[(begin / kPixelGrain) * d];
+        int32_t* chunk_hi = &chunk_high[(begin / kPixelGrain) * d];
+        for (int i = 0; i < d; ++i)
+            for (int lane = 0; lane < 8; ++lane) {
+                chunk_lo[i] = std::min(chunk_lo[i], lo[i][lane]);
+                chunk_hi[i] = std::max(chunk_hi[i], hi[i][lane]);
+            }
     });
+    // Elevated coordinates are sums of up to 2d scaled features and are rounded through float: past
+    // 2^22 a float has no fraction bits left and the lattice would be meaningless.
+    const float largest = *std::max_element(chunk_largest.begin(), chunk_largest.end());
+    if (!(largest * static_cast<float>(2 * d) < 4194304.0f)) {
+        std::snprintf(error, error_len,
+                      "lattice coordinates out of range: scaled features reach %g, beyond what float lattice "
+                      "keys resolve (2^22 / %d); theta_xy = %g or theta_color = %g is too small for a "
+                      "%lldx%lld image",
+                      largest, 2 * d, spec.theta_xy, spec.theta_color, static_cast<long long>(spec.height),
+                      static_cast<long long>(spec.width));
+        return false;
+    }
     KeyPacking packing;
     packing.d = d;
     int bits = 0;
@@ -303,16 +335,11 @@ bool Lattice::build(const FeatureSpec& spec, LatticeScratch& scratch, int thread
     //    handed out in first-seen order.
     const int64_t entries = n * (d + 1);
     HashTable table{scratch.table_key, scratch.table_id, 0};
-    int64_t capacity = std::min<int64_t>(scratch.max_table, table_capacity_for(n / 64 + 1));
+    int64_t capacity = std::min<int64_t>(scratch.max_table, table_capacity_for(n / 8 + 1));
     table.clear(capacity);
     int32_t count = 0;
     for (int64_t e = 0; e < entries; ++e) {
         const uint64_t key = scratch.entry_key[e];
-        // neighbouring pixels mostly share their simplex: reuse the previous pixel's vertex
-        if (e > d && scratch.entry_key[e - (d + 1)] == key) {
-            entry_vertex_[e] = entry_vertex_[e - (d + 1)];
-            continue;
-        }
         const int32_t id = table.insert(key, count);
         if (id == count) {
             vertex_key_[count++] = key;
@@ -340,24 +367,35 @@ bool Lattice::build(const FeatureSpec& spec, LatticeScratch& scratch, int thread
     }
 
     // 5. Blur neighbours along each lattice axis j: key -1 on every coordinate but j, which moves by
-    //    +d (and the mirror image). For j = d the moved coordinate is the implied (d+1)-th one.
+    //    +d (and the mirror image). For j = d the moved coordinate is the implied (d+1)-th one. In
+    //    packed form that is key - ones + (d+1)·bit_j; a neighbour with a coordinate outside the
+    //    packed range cannot exist.
     const int32_t missing = static_cast<int32_t>(vertices_);
     parallel_for(vertices_, kVertexGrain, threads, [&](int64_t begin, int64_t end) {
-        int32_t key[kMaxFeatureDim], n1[kMaxFeatureDim], n2[kMaxFeatureDim];
+        int32_t key[kMaxFeatureDim];
         for (int64_t v = begin; v < end; ++v) {
-            packing.unpack(vertex_key_[v], key);
+            const uint64_t packed = vertex_key_[v];
+            packing.unpack(packed, key);
+            int at_low = 0, at_high = 0;  // coordinates that cannot step down / up by one
+            for (int k = 0; k < d; ++k) {
+                at_low += key[k] - 1 < packing.low[k];
+                at_high += key[k] + 1 > packing.high[k];
+            }
             for (int j = 0; j <= d; ++j) {
-                for (int k = 0; k < d; ++k) {
-                    n1[k] = key[k] - 1;
-                    n2[k] = key[k] + 1;
-                }
+                bool ok1 = true, ok2 = true;
+                uint64_t k1 = packed - ones, k2 = packed + ones;
                 if (j < d) {
-                    n1[j] = key[j] + d;
-                    n2[j] = key[j] - d;
+                    const uint64_t step = static_cast<uint64_t>(d + 1) << packing.shift[j];
+                    k1 += step;
+                    k2 -= step;
+                    ok1 = at_low - (key[j] - 1 < packing.low[j]) == 0 && key[j] + d <= packing.high[j];
+                    ok2 = at_high - (key[j] + 1 > packing.high[j]) == 0 && key[j] - d >= packing.low[j];
+                } else {
+                    ok1 = at_low == 0;
+                    ok2 = at_high == 0;
                 }
-                uint64_t k1, k2;
-                int32_t id1 = packing.pack_checked(n1, &k1) ? table.find(k1) : -1;
-                int32_t id2 = packing.pack_checked(n2, &k2) ? table.find(k2) : -1;
+                const int32_t id1 = ok1 ? table.find(k1) : -1;
+                const int32_t id2 = ok2 ? table.find(k2) : -1;
                 int32_t* out = neighbours_ + (static_cast<int64_t>(j) * vertices_ + v) * 2;
                 out[0] = id1 < 0 ? missing : id1;
                 out[1] = id2 < 0 ? missing : id2;
@@ -368,9 +406,43 @@ bool Lattice::build(const FeatureSpec& spec, LatticeScratch& scratch, int thread
     return true;
 }
 
+void Lattice::filter_ones(float* out) const {
+    const int64_t m = vertices_;
+    float* values = values_;
+    float* next = next_;
+    if (gathers()) {
+        parallel_for(m, kVertexGrain, threads_, [&](int64_t begin, int64_t end) {
+            for (int64_t v = begin; v < end; ++v) {
+                float acc = 0.0f;
+                for (int32_t s = csr_begin_[v]; s < csr_begin_[v + 1]; ++s) acc += csr_weight_[s] * 1.0f;
+                values[v] = acc;
+            }
+        });
+    } else {
+        std::fill(values, values + m, 0.0f);
+        for (int64_t e = 0; e < pixels_ * (d_ + 1); ++e) values[entry_vertex_[e]] += entry_weight_[e] * 1.0f;
+    }
+    values[m] = next[m] = 0.0f;
+    for (int j = 0; j <= d_; ++j) {
+        const int32_t* nb = neighbours_ + static_cast<int64_t>(j) * m * 2;
+        parallel_for(m, kVertexGrain, threads_, [&](int64_t begin, int64_t end) {
+            for (int64_t v = begin; v < end; ++v) next[v] = values[v] + 0.5f * (values[nb[2 * v]] + values[nb[2 * v + 1]]);
+        });
+        std::swap(values, next);
+    }
+    parallel_for(pixels_, kPixelGrain, threads_, [&](int64_t begin, int64_t end) {
+        for (int64_t p = begin; p < end; ++p) {
+            float acc = 0.0f;
+            for (int r = 0; r <= d_; ++r)
+                acc += (entry_weight_[p * (d_ + 1) + r] * alpha_) * values[entry_vertex_[p * (d_ + 1) + r]];
+            out[p] = acc;
+        }
+    });
+}
+
 template <int V>
-void Lattice::clear() const {
-    std::memset(values_, 0, vertices_ * 8 * V * sizeof(float));
+void Lattice::clear(bool spare) const {
+    std::memset(spare ? next_ : values_, 0, vertices_ * 8 * V * sizeof(float));
 }
 
 template <int V>
@@ -470,7 +542,7 @@ void Lattice::filter(const float* in, int64_t stride, const float* pre, bool tra
 }
 
 #define DYNSEG_INSTANTIATE(V)                                                                      \
-    template void Lattice::clear<V>() const;                                                       \
+    template void Lattice::clear<V>(bool) const;                                                       \
     template void Lattice::gather<V>(const float*, int64_t, int64_t, const float*) const;          \
     template void Lattice::blur<V>(bool) const;
 DYNSEG_INSTANTIATE(1)

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 
 #include "simd.h"
 #include "workspace.h"
@@ -74,18 +75,24 @@ public:
     void filter(const float* in, int64_t stride, const float* pre, bool transpose,
                 const FilterOutput& output) const;
 
+    // n = K(1) per pixel: the lane-0 arithmetic of filter() over a column of ones, one float wide.
+    void filter_ones(float* out) const;
+
     // Splat, step by step. Every vertex sums weight × value over its entries in pixel order,
     // either by scattering pixel after pixel (one thread: reads the input once, in order) or by
     // gathering each vertex's entries through the CSR (several threads). Both add in the same
     // order, so they give the same bits.
     bool gathers() const { return threads_ > 1; }
+    // Scattering goes into the value rows, or into the spare buffer (`spare`) while the value rows
+    // still hold blurred values being sliced; flip() then swaps the two.
     template <int V>
-    void clear() const;  // before scattering
+    void clear(bool spare = false) const;  // before scattering
     template <int V>
-    void scatter(int64_t p, const vec8* x) const {
+    void scatter(int64_t p, const vec8* x, bool spare = false) const {
+        float* target = spare ? next_ : values_;
         for (int r = 0; r <= d_; ++r) {
             const vec8 w = splat8(entry_weight_[p * (d_ + 1) + r]);
-            float* o = values_ + static_cast<int64_t>(entry_vertex_[p * (d_ + 1) + r]) * 8 * V;
+            float* o = target + static_cast<int64_t>(entry_vertex_[p * (d_ + 1) + r]) * 8 * V;
             for (int k = 0; k < V; ++k) store8(o + 8 * k, load8(o + 8 * k) + w * x[k]);
         }
     }
@@ -105,6 +112,8 @@ public:
             for (int k = 0; k < V; ++k) out[k] += w * load8(x + 8 * k);
         }
     }
+
+    void flip() const { std::swap(values_, next_); }
 
     int64_t vertices() const { return vertices_; }
     int threads() const { return threads_; }

@@ -90,15 +90,12 @@ bool MeanField::prepare(char* error, int error_len) {
     for (int k = 0; k < p_.num_kernels; ++k) {
         if (!lattices_[k].build(specs_[k], scratch_, threads_, error, error_len)) return false;
         // n = K(1), then the normalisation factors computed in double and stored as float (densecrf)
-        std::fill(q_, q_ + pixels_ * 8, 1.0f);
-        FilterOutput out;
-        out.out = filtered_;
-        lattices_[k].filter(q_, 8, nullptr, false, out);
-        const bool symmetric = p_.normalization == DYNSEG_NORMALIZE_SYMMETRIC;
         float* norm = norm_[k];
+        lattices_[k].filter_ones(norm);
+        const bool symmetric = p_.normalization == DYNSEG_NORMALIZE_SYMMETRIC;
         parallel_for(pixels_, kGrain, threads_, [&](int64_t begin, int64_t end) {
             for (int64_t i = begin; i < end; ++i) {
-                const double n = static_cast<double>(filtered_[i * 8]) + 1e-20;
+                const double n = static_cast<double>(norm[i]) + 1e-20;
                 norm[i] = static_cast<float>(symmetric ? 1.0 / std::sqrt(n) : 1.0 / n);
             }
         });
@@ -120,14 +117,20 @@ void MeanField::load(const float* planar, float* pixel_major, int64_t channels) 
         }
     });
 }
-void MeanField::store(const float* pixel_major, float* planar, int64_t channels) const {
+// With softmax, each block's rows go through the softmax (into q_, still in cache) on the way out.
+void MeanField::store(const float* pixel_major, float* planar, int64_t channels, bool softmax) const {
     const int64_t S = padded_channels(channels);
     constexpr int64_t kBlock = 64;
     parallel_for(pixels_, kGrain, threads_, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; b += kBlock) {
             const int64_t e = std::min(end, b + kBlock);
+            const float* rows = pixel_major;
+            if (softmax) {
+                softmax_range(pixel_major, q_, b, e, 1);
+                rows = q_;
+            }
             for (int64_t l = 0; l < channels; ++l)
-                for (int64_t i = b; i < e; ++i) planar[l * pixels_ + i] = pixel_major[i * S + l];
+                for (int64_t i = b; i < e; ++i) planar[l * pixels_ + i] = rows[i * S + l];
         }
     });
 }
@@ -240,11 +243,13 @@ ivec8 MeanField::lanes_in_use() const {
     return lane < valid;
 }
 
-void MeanField::softmax(const float* logits, float* q) const {
+void MeanField::softmax(const float* logits, float* q) const { softmax_range(logits, q, 0, pixels_, threads_); }
+
+void MeanField::softmax_range(const float* logits, float* q, int64_t first, int64_t last, int threads) const {
     const int64_t vectors = stride_ / 8;
     const ivec8 in_use = lanes_in_use();
-    parallel_for(pixels_, kGrain, threads_, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
+    parallel_for(last - first, kGrain, threads, [&](int64_t begin, int64_t end) {
+        for (int64_t i = first + begin; i < first + end; ++i) {
             const float* x = logits + i * stride_;
             float* y = q + i * stride_;
             switch (vectors) {  // unrolled for the common label counts
@@ -278,12 +283,76 @@ void MeanField::run_iterations(float* history) {
             if (!potts) std::fill(acc_, acc_ + size, 0.0f);
             for (int k = 0; k < K; ++k) kernel_message(k, q, k == 0);
         } else if (stride_ <= kLabelTile && threads_ == 1) {
+            if (potts) {
+                stream_iterations(history);
+                return;
+            }
             dispatch_tiles(logits, history ? q : nullptr);  // softmax fused into the splat
         } else {
             softmax(logits, q);
             dispatch_tiles(nullptr, q);
         }
         finish_logits(acc_);
+    }
+}
+
+// One thread, one label tile, scalar weights, Potts: each iteration is one pass over the pixels
+// that slices the previous iteration's lattices into the pixel's logits, takes their softmax and
+// splats it into every lattice's spare buffer, so U is the only array streamed from memory. The
+// float operations and their order are those of scalar_messages, so the bits are too.
+template <int V>
+void MeanField::stream_iterations(float* history) {
+    const int K = p_.num_kernels;
+    const int64_t S = stride_, size = pixels_ * stride_;
+    const bool symmetric = p_.normalization == DYNSEG_NORMALIZE_SYMMETRIC;
+    const ivec8 in_use = lanes_in_use();
+    // logits of pixel p: U + sum_k w_k (norm_k ⊙ slice_k), from the lattices' blurred values
+    auto logits = [&](int64_t p, vec8* a) {
+        vec8 t[V];
+        for (int j = 0; j < V; ++j) a[j] = load8(unary_ + p * S + 8 * j);
+        for (int k = 0; k < K; ++k) {
+            lattices_[k].slice<V>(p, t);
+            const vec8 n = splat8(norm_[k][p]), w = splat8(p_.kernels[k].weight[0]);
+            for (int j = 0; j < V; ++j) a[j] += w * (t[j] * n);
+        }
+    };
+    for (int it = 0; it < p_.iterations; ++it) {
+        for (int k = 0; k < K; ++k) lattices_[k].clear<V>(true);
+        for (int64_t p = 0; p < pixels_; ++p) {
+            float row[8 * V], y[8 * V];
+            if (it == 0) {
+                std::memcpy(row, unary_ + p * S, sizeof(row));
+            } else {
+                vec8 a[V];
+                logits(p, a);
+                for (int j = 0; j < V; ++j) store8(row + 8 * j, a[j]);
+            }
+            softmax_row<V>(row, y, V, in_use);
+            if (history) std::memcpy(history + it * size + p * S, y, sizeof(y));
+            vec8 x[V];
+            for (int k = 0; k < K; ++k) {
+                for (int j = 0; j < V; ++j) x[j] = symmetric ? load8(y + 8 * j) * splat8(norm_[k][p]) : load8(y + 8 * j);
+                lattices_[k].scatter<V>(p, x, true);
+            }
+        }
+        for (int k = 0; k < K; ++k) {
+            lattices_[k].flip();
+            lattices_[k].blur<V>(false);
+        }
+    }
+    for (int64_t p = 0; p < pixels_; ++p) {
+        vec8 a[V];
+        logits(p, a);
+        for (int j = 0; j < V; ++j) store8(acc_ + p * S + 8 * j, a[j]);
+    }
+}
+
+void MeanField::stream_iterations(float* history) {
+    switch (stride_ / 8) {
+        case 1: stream_iterations<1>(history); break;
+        case 2: stream_iterations<2>(history); break;
+        case 3: stream_iterations<3>(history); break;
+        default: stream_iterations<4>(history); break;
     }
 }
 
@@ -301,12 +370,7 @@ void MeanField::dispatch_tiles(const float* softmax_from, float* q) {
 void MeanField::forward(const float* unary, float* out) {
     load(unary, unary_, labels_);
     run_iterations(nullptr);
-    const float* result = acc_;
-    if (p_.output == DYNSEG_OUTPUT_PROBABILITIES) {
-        softmax(acc_, q_);
-        result = q_;
-    }
-    store(result, out, labels_);
+    store(acc_, out, labels_, p_.output == DYNSEG_OUTPUT_PROBABILITIES);
 }
 
 void MeanField::backward(const float* unary, const float* grad_logits, float* grad_unary,

@@ -34,16 +34,20 @@ public:
 private:
     void run_iterations(float* history);
     void dispatch_tiles(const float* softmax_from, float* q);
+    void stream_iterations(float* history);
+    template <int V>
+    void stream_iterations(float* history);
     template <int V>
     void scalar_messages(int64_t c0, const float* softmax_from, float* q);
     void kernel_message(int k, const float* q, bool first);
     ivec8 lanes_in_use() const;
     void finish_logits(float* acc) const;
     void softmax(const float* logits, float* q) const;
+    void softmax_range(const float* logits, float* q, int64_t first, int64_t last, int threads) const;
     void add_parameter_gradients(const dynseg_kernel& kernel, const std::vector<double>& P,
                                  std::vector<double>& dweight, std::vector<double>& dmu) const;
     void load(const float* planar, float* pixel_major, int64_t channels) const;
-    void store(const float* pixel_major, float* planar, int64_t channels) const;
+    void store(const float* pixel_major, float* planar, int64_t channels, bool softmax = false) const;
 
     const dynseg_crf_problem& p_;
     int64_t labels_ = 0, pixels_ = 0;

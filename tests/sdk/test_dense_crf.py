@@ -1,0 +1,361 @@
+"""dynseg.sdk.dense_crf, the numpy dense CRF on the native kernels: parity with pydensecrf and with the
+PyTorch reference, determinism, run-time label counts, contiguity, and the checks of every argument."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from dynseg.sdk import InvalidArgumentError, dense_crf
+from dynseg.trainer import crf as reference
+
+PARITY_ATOL = 1e-5  # max |ΔQ|; measured worst cases are quoted next to each test
+SPATIAL = (3.0, 3.0)
+BILATERAL = (80.0, 13.0, 10.0)
+KERNEL_SETS = {
+    "spatial": (SPATIAL, None),
+    "bilateral": (None, BILATERAL),
+    "both": (SPATIAL, BILATERAL),
+}
+
+
+def softmax(unary: np.ndarray) -> np.ndarray:
+    """float64 softmax over the label axis."""
+    shifted = np.exp(unary.astype(np.float64) - unary.max(axis=0))
+    return shifted / shifted.sum(axis=0)
+
+
+def assert_the_crf_changed_q(q: np.ndarray, unary: np.ndarray) -> None:
+    """Parity only means something if the pairwise terms moved Q well beyond the tolerance."""
+    assert np.abs(q - softmax(unary)).max() > 1e-2
+
+
+# ---------------------------------------------------------------------------- parity with pydensecrf
+
+
+@pytest.mark.parametrize("kernel_set", sorted(KERNEL_SETS))
+@pytest.mark.parametrize("normalization", ["after", "symmetric"])
+@pytest.mark.parametrize("iterations", [1, 5, 10])
+@pytest.mark.parametrize("n_labels", [2, 21, 100])
+def test_dense_crf_matches_pydensecrf_on_smooth_images(
+    n_labels, iterations, normalization, kernel_set, smooth_image, smooth_unary, pydensecrf_q
+):
+    # measured worst case over this sweep: 1.2e-6
+    spatial, bilateral = KERNEL_SETS[kernel_set]
+    image, unary = smooth_image(48, 64), smooth_unary(n_labels, 48, 64)
+    q = dense_crf(unary, image, iterations=iterations, spatial=spatial, bilateral=bilateral,
+                  normalization=normalization)
+    expected = pydensecrf_q(unary, image, iterations, spatial, bilateral, normalization)
+    assert q.dtype == np.float32 and q.shape == unary.shape
+    assert_the_crf_changed_q(q, unary)
+    assert np.abs(q - expected).max() <= PARITY_ATOL
+
+
+@pytest.mark.parametrize("kernel_set", sorted(KERNEL_SETS))
+@pytest.mark.parametrize("normalization", ["after", "symmetric"])
+@pytest.mark.parametrize("height, width", [(37, 53), (53, 37), (1, 29), (29, 1)])
+def test_dense_crf_matches_pydensecrf_on_odd_image_sizes(
+    height, width, normalization, kernel_set, smooth_image, smooth_unary, pydensecrf_q
+):
+    # measured worst case: 3.8e-6 (37x53, 21 labels, 10 iterations, bilateral)
+    spatial, bilateral = KERNEL_SETS[kernel_set]
+    image, unary = smooth_image(height, width, seed=3), smooth_unary(21, height, width, seed=4)
+    q = dense_crf(unary, image, iterations=10, spatial=spatial, bilateral=bilateral, normalization=normalization)
+    expected = pydensecrf_q(unary, image, 10, spatial, bilateral, normalization)
+    assert_the_crf_changed_q(q, unary)
+    assert np.abs(q - expected).max() <= PARITY_ATOL
+
+
+@pytest.mark.parametrize("normalization", ["after", "symmetric"])
+@pytest.mark.parametrize("name", ["chelsea", "astronaut"])
+def test_dense_crf_matches_pydensecrf_on_photos_it_was_not_tuned_on(
+    name, normalization, photo, field_unary, pydensecrf_q
+):
+    # measured: 9.5e-7 on both photos, both normalisations
+    image = photo(name)
+    height, width = image.shape[:2]
+    unary = field_unary(21, height, width)
+    q = dense_crf(unary, image, iterations=5, normalization=normalization)
+    expected = pydensecrf_q(unary, image, 5, SPATIAL, BILATERAL, normalization)
+    assert (q.argmax(0) != unary.argmax(0)).mean() > 0.05  # the CRF relabels a good part of the photo
+    assert np.abs(q - expected).max() <= PARITY_ATOL
+
+
+def test_zero_iterations_return_the_softmax_of_the_unary(smooth_image, smooth_unary):
+    unary = 3 * smooth_unary(5, 12, 17)
+    q = dense_crf(unary, smooth_image(12, 17), iterations=0)
+    assert np.abs(q - softmax(unary)).max() <= 1e-6  # measured 1.2e-7
+
+
+def test_large_but_packable_lattice_keys_work(smooth_image, smooth_unary, pydensecrf_q):
+    # spatial theta 0.5 on 300x300: features up to 600, far more lattice vertices than the default
+    unary = smooth_unary(2, 300, 300)
+    q = dense_crf(unary, None, spatial=(0.5, 3.0), bilateral=None)
+    expected = pydensecrf_q(unary, None, 5, (0.5, 3.0), None, "after")
+    assert np.abs(q - expected).max() <= PARITY_ATOL
+
+
+# ---------------------------------------------------------------------------- parity with the PyTorch reference
+
+
+@pytest.mark.parametrize("normalization", ["after", "symmetric"])
+@pytest.mark.parametrize("n_labels", [2, 21, 100])
+def test_dense_crf_matches_the_pytorch_reference(n_labels, normalization, smooth_image, smooth_unary):
+    # measured worst case: 1.1e-6
+    image, unary = smooth_image(48, 64, seed=5), smooth_unary(n_labels, 48, 64, seed=6)
+    q = dense_crf(unary, image, iterations=5, normalization=normalization)
+    expected = reference.dense_crf(torch.from_numpy(unary), torch.from_numpy(image), iterations=5,
+                                   normalization=normalization).numpy()
+    assert_the_crf_changed_q(q, unary)
+    assert np.abs(q - expected).max() <= PARITY_ATOL
+
+
+# ---------------------------------------------------------------------------- determinism
+
+
+@pytest.mark.parametrize("normalization", ["after", "symmetric"])
+@pytest.mark.parametrize("n_labels", [21, 100])  # 100 labels span several label tiles
+def test_results_are_bitwise_identical_run_to_run_and_for_any_thread_count(
+    n_labels, normalization, photo, field_unary
+):
+    image = photo("astronaut")  # 65536 pixels: enough work for every thread
+    unary = field_unary(n_labels, *image.shape[:2], seed=7)
+    first = dense_crf(unary, image, normalization=normalization)
+    again = dense_crf(unary, image, normalization=normalization)
+    assert first.tobytes() == again.tobytes()
+    for threads in (1, 2, 3):
+        assert np.array_equal(dense_crf(unary, image, normalization=normalization, threads=threads), first), threads
+
+
+# ---------------------------------------------------------------------------- label counts
+
+
+def test_a_single_label_gets_probability_one_everywhere(smooth_image, smooth_unary):
+    q = dense_crf(smooth_unary(1, 9, 11), smooth_image(9, 11))
+    assert q.shape == (1, 9, 11)
+    assert np.all(q == 1.0)
+
+
+@pytest.mark.parametrize("normalization", ["after", "symmetric"])
+@pytest.mark.parametrize("n_labels", [256, 257, 300])
+def test_label_counts_of_256_and_more_run_and_match_pydensecrf(
+    n_labels, normalization, smooth_image, smooth_unary, pydensecrf_q
+):
+    # measured worst case: 3.2e-6 (amplitude 6 makes Q peaked, so the comparison is not of tiny numbers)
+    image, unary = smooth_image(24, 32), smooth_unary(n_labels, 24, 32, amplitude=6.0)
+    q = dense_crf(unary, image, normalization=normalization)
+    expected = pydensecrf_q(unary, image, 5, SPATIAL, BILATERAL, normalization)
+    assert_the_crf_changed_q(q, unary)
+    assert np.abs(q - expected).max() <= PARITY_ATOL
+
+
+# ---------------------------------------------------------------------------- layouts
+
+
+@pytest.mark.parametrize(
+    "view",
+    [
+        pytest.param(np.asfortranarray, id="fortran-order"),
+        pytest.param(lambda u: u[:, ::-1, ::2], id="reversed-and-strided"),
+        pytest.param(lambda u: np.moveaxis(np.ascontiguousarray(np.moveaxis(u, 0, -1)), -1, 0), id="labels-last"),
+    ],
+)
+def test_non_contiguous_unary_gives_the_result_of_its_contiguous_copy(view, smooth_image, smooth_unary):
+    unary = view(smooth_unary(6, 20, 30))
+    assert not unary.flags.c_contiguous
+    image = smooth_image(*unary.shape[1:])
+    expected = dense_crf(np.ascontiguousarray(unary), image)
+    assert np.array_equal(dense_crf(unary, image), expected)
+
+
+@pytest.mark.parametrize(
+    "view",
+    [
+        pytest.param(np.asfortranarray, id="fortran-order"),
+        pytest.param(lambda i: i[::-1, ::2], id="reversed-and-strided"),
+        pytest.param(lambda i: np.concatenate([i, i[..., :1]], axis=2)[..., :3], id="rgb-of-rgba"),
+    ],
+)
+def test_non_contiguous_image_gives_the_result_of_its_contiguous_copy(view, smooth_image, smooth_unary):
+    image = view(smooth_image(20, 30))
+    assert not image.flags.c_contiguous
+    unary = smooth_unary(6, *image.shape[:2])
+    expected = dense_crf(unary, np.ascontiguousarray(image))
+    assert np.array_equal(dense_crf(unary, image), expected)
+
+
+def test_the_inputs_are_not_modified(smooth_image, smooth_unary):
+    unary, image = smooth_unary(4, 10, 12), smooth_image(10, 12)
+    unary_before, image_before = unary.copy(), image.copy()
+    dense_crf(unary, image)
+    assert np.array_equal(unary, unary_before) and np.array_equal(image, image_before)
+
+
+# ---------------------------------------------------------------------------- argument checks
+
+
+def _good():
+    rng = np.random.default_rng(0)
+    unary = rng.standard_normal((3, 4, 5)).astype(np.float32)
+    image = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+    return unary, image, {}
+
+
+def _with_unary(value):
+    return lambda u, i, kw: (value(u), i, kw)
+
+
+def _with_image(value):
+    return lambda u, i, kw: (u, value(i), kw)
+
+
+def _with(**changes):
+    return lambda u, i, kw: (u, i, {**kw, **changes})
+
+
+def _nan_at_one_pixel(u):
+    u = u.copy()
+    u[1, 2, 3] = np.nan
+    return u
+
+
+def _inf_at_one_pixel(u):
+    u = u.copy()
+    u[0, 0, 0] = -np.inf
+    return u
+
+
+BAD_INPUTS = {
+    "unary float64": (_with_unary(lambda u: u.astype(np.float64)), "unary"),
+    "unary int": (_with_unary(lambda u: u.astype(np.int32)), "unary"),
+    "unary a list": (_with_unary(lambda u: u.tolist()), "unary"),
+    "unary rank 2": (_with_unary(lambda u: u[0]), "unary"),
+    "unary rank 4": (_with_unary(lambda u: u[None]), "unary"),
+    "unary L=0": (_with_unary(lambda u: u[:0]), "unary"),
+    "unary H=0": (lambda u, i, kw: (u[:, :0], i[:0], kw), "unary"),
+    "unary W=0": (lambda u, i, kw: (u[:, :, :0], i[:, :0], kw), "unary"),
+    "unary NaN": (_with_unary(_nan_at_one_pixel), "unary"),
+    "unary inf": (_with_unary(_inf_at_one_pixel), "unary"),
+    "image float": (_with_image(lambda i: i.astype(np.float32)), "image"),
+    "image rank 2": (_with_image(lambda i: i[..., 0]), "image"),
+    "image 4 channels": (_with_image(lambda i: np.concatenate([i, i[..., :1]], axis=2)), "image"),
+    "image channels first": (_with_image(lambda i: np.ascontiguousarray(i.transpose(2, 0, 1))), "image"),
+    "image too short": (_with_image(lambda i: i[:3]), "image"),
+    "image too narrow": (_with_image(lambda i: i[:, :4]), "image"),
+    "image transposed": (_with_image(lambda i: np.ascontiguousarray(i.transpose(1, 0, 2))), "image"),
+    "image missing for bilateral": (_with_image(lambda i: None), "image"),
+    "spatial theta 0": (_with(spatial=(0.0, 3.0)), "spatial theta"),
+    "spatial theta negative": (_with(spatial=(-3.0, 3.0)), "spatial theta"),
+    "spatial theta NaN": (_with(spatial=(float("nan"), 3.0)), "spatial theta"),
+    "spatial theta inf": (_with(spatial=(float("inf"), 3.0)), "spatial theta"),
+    "spatial weight NaN": (_with(spatial=(3.0, float("nan"))), "spatial weight"),
+    "spatial weight a string": (_with(spatial=(3.0, "3")), "spatial weight"),
+    "spatial too short": (_with(spatial=(3.0,)), "spatial"),
+    "spatial too long": (_with(spatial=(3.0, 3.0, 3.0)), "spatial"),
+    "spatial a number": (_with(spatial=3.0), "spatial"),
+    "bilateral theta_xy 0": (_with(bilateral=(0.0, 13.0, 10.0)), "bilateral theta_xy"),
+    "bilateral theta_xy NaN": (_with(bilateral=(float("nan"), 13.0, 10.0)), "bilateral theta_xy"),
+    "bilateral theta_rgb 0": (_with(bilateral=(80.0, 0.0, 10.0)), "bilateral theta_rgb"),
+    "bilateral theta_rgb negative": (_with(bilateral=(80.0, -13.0, 10.0)), "bilateral theta_rgb"),
+    "bilateral theta_rgb NaN": (_with(bilateral=(80.0, float("nan"), 10.0)), "bilateral theta_rgb"),
+    "bilateral weight NaN": (_with(bilateral=(80.0, 13.0, float("nan"))), "bilateral weight"),
+    "bilateral too short": (_with(bilateral=(80.0, 13.0)), "bilateral"),
+    "bilateral too long": (_with(bilateral=(80.0, 13.0, 10.0, 1.0)), "bilateral"),
+    "iterations negative": (_with(iterations=-1), "iterations"),
+    "iterations 2.5": (_with(iterations=2.5), "iterations"),
+    "iterations True": (_with(iterations=True), "iterations"),
+    "iterations a string": (_with(iterations="5"), "iterations"),
+    "iterations beyond 32 bits": (_with(iterations=2**31), "iterations"),
+    "normalization unknown": (_with(normalization="before"), "normalization"),
+    "normalization None": (_with(normalization=None), "normalization"),
+    "device gpu": (_with(device="gpu"), "device"),
+    "device cuda": (_with(device="cuda"), "CUDA"),
+    "threads 0": (_with(threads=0), "threads"),
+    "threads -1": (_with(threads=-1), "threads"),
+    "threads 1.5": (_with(threads=1.5), "threads"),
+    "threads True": (_with(threads=True), "threads"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_inputs_raise_a_value_error_naming_the_argument(case):
+    change, name = BAD_INPUTS[case]
+    unary, image, kwargs = change(*_good())
+    with pytest.raises(InvalidArgumentError, match=name) as raised:
+        dense_crf(unary, image, **kwargs)
+    assert isinstance(raised.value, ValueError)
+
+
+def test_cuda_device_message_says_this_build_has_no_cuda_kernels():
+    unary, image, _ = _good()
+    with pytest.raises(ValueError, match=r"(?i)this build .*lacks|no cuda") as raised:
+        dense_crf(unary, image, device="cuda")
+    assert "device" in str(raised.value)
+
+
+def test_image_may_be_none_when_there_is_no_bilateral_kernel(smooth_image, smooth_unary):
+    unary = smooth_unary(3, 10, 12)
+    without_image = dense_crf(unary, None, bilateral=None)
+    with_image = dense_crf(unary, smooth_image(10, 12), bilateral=None)
+    assert np.array_equal(without_image, with_image)  # the spatial kernel never reads the image
+    assert_the_crf_changed_q(without_image, unary)
+
+
+def test_no_kernels_at_all_return_the_softmax_of_the_unary(smooth_unary):
+    unary = smooth_unary(4, 6, 7)
+    q = dense_crf(unary, None, spatial=None, bilateral=None, iterations=3)
+    assert np.abs(q - softmax(unary)).max() <= 1e-6
+
+
+# ---------------------------------------------------------------------------- lattice key range
+
+_KEY_RANGE_SCRIPT = textwrap.dedent(
+    """
+    import numpy as np
+    from dynseg.sdk import InvalidArgumentError, dense_crf
+    height, width = {height}, {width}
+    unary = np.zeros((2, height, width), np.float32)
+    if "{image}" == "gradient":
+        yy, xx = np.mgrid[0:height, 0:width]
+        image = np.stack([xx * 255 // width, yy * 255 // height, np.full_like(xx, 128)], axis=-1).astype(np.uint8)
+    else:  # two flat colours, left and right
+        image = np.full((height, width, 3), 100, np.uint8)
+        image[:, width // 2:] = 200
+    try:
+        dense_crf(unary, image, spatial={spatial}, bilateral={bilateral}, threads={threads})
+    except InvalidArgumentError as error:
+        print("InvalidArgumentError:", error)
+    else:
+        print("no error")
+    """
+)
+
+KEY_RANGE_CASES = {
+    "bilateral theta_rgb 1e-7 on a gradient": dict(
+        height=48, width=64, image="gradient", spatial=None, bilateral=(80.0, 1e-7, 10.0)),
+    "bilateral theta_rgb 1e-7 on two flat colours": dict(
+        height=48, width=64, image="two-colour", spatial=None, bilateral=(80.0, 1e-7, 10.0)),
+    "bilateral theta_xy 1e-6": dict(
+        height=48, width=64, image="gradient", spatial=None, bilateral=(1e-6, 13.0, 10.0)),
+    "spatial theta 1e-6 on 1000x1000": dict(
+        height=1000, width=1000, image="gradient", spatial=(1e-6, 3.0), bilateral=None),
+    # features up to 1.5e8: far beyond float32's exact integers (2**24), the lattice is meaningless
+    "spatial theta 1e-6 on 150x150": dict(
+        height=150, width=150, image="gradient", spatial=(1e-6, 3.0), bilateral=None),
+}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", list(KEY_RANGE_CASES))
+def test_features_too_wide_for_the_lattice_keys_raise_a_value_error_and_never_crash(case, threads):
+    # Each case runs in a child process: a test that the library never crashes has to outlive a crash.
+    script = _KEY_RANGE_SCRIPT.format(threads=threads, **KEY_RANGE_CASES[case])
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, f"crashed with exit status {child.returncode}: {child.stderr[-2000:]}"
+    assert child.stdout.startswith("InvalidArgumentError:"), child.stdout
+    assert "lattice" in child.stdout and "theta" in child.stdout, child.stdout
