@@ -152,31 +152,34 @@ int64_t table_capacity_for(int64_t max_entries) {
     return c;
 }
 
+// Open addressing with linear probing; a slot holds key and id together, so a probe is one cache line.
 struct HashTable {
-    uint64_t* keys;
-    int32_t* ids;
+    HashSlot* slots;
     int64_t mask;
 
+    int64_t home(uint64_t key) const { return static_cast<int64_t>(mix(key)) & mask; }
+    void prefetch(uint64_t key) const { __builtin_prefetch(slots + home(key)); }
+
     int32_t find(uint64_t key) const {
-        for (int64_t s = static_cast<int64_t>(mix(key)) & mask;; s = (s + 1) & mask) {
-            if (keys[s] == key) return ids[s];
-            if (keys[s] == kEmptySlot) return -1;
+        for (int64_t s = home(key);; s = (s + 1) & mask) {
+            if (slots[s].key == key) return slots[s].id;
+            if (slots[s].key == kEmptySlot) return -1;
         }
     }
     // inserts with id `next` if absent; returns the key's id
     int32_t insert(uint64_t key, int32_t next) {
-        for (int64_t s = static_cast<int64_t>(mix(key)) & mask;; s = (s + 1) & mask) {
-            if (keys[s] == key) return ids[s];
-            if (keys[s] == kEmptySlot) {
-                keys[s] = key;
-                ids[s] = next;
+        for (int64_t s = home(key);; s = (s + 1) & mask) {
+            if (slots[s].key == key) return slots[s].id;
+            if (slots[s].key == kEmptySlot) {
+                slots[s].key = key;
+                slots[s].id = next;
                 return next;
             }
         }
     }
     void clear(int64_t capacity) {
         mask = capacity - 1;
-        std::fill(keys, keys + capacity, kEmptySlot);
+        for (int64_t s = 0; s < capacity; ++s) slots[s].key = kEmptySlot;
     }
 };
 
@@ -187,8 +190,7 @@ void LatticeScratch::plan(Workspace& ws, int64_t max_entries) {
     rank = ws.take<int8_t>(max_entries);
     entry_key = ws.take<uint64_t>(max_entries);
     max_table = table_capacity_for(max_entries);
-    table_key = ws.take<uint64_t>(max_table);
-    table_id = ws.take<int32_t>(max_table);
+    table = ws.take<HashSlot>(max_table);
     cursor = ws.take<int32_t>(max_entries);
 }
 
@@ -334,11 +336,13 @@ bool Lattice::build(const FeatureSpec& spec, LatticeScratch& scratch, int thread
     //    worst case, and a small table stays in cache) and doubles when half full. Vertex ids are
     //    handed out in first-seen order.
     const int64_t entries = n * (d + 1);
-    HashTable table{scratch.table_key, scratch.table_id, 0};
+    HashTable table{scratch.table, 0};
     int64_t capacity = std::min<int64_t>(scratch.max_table, table_capacity_for(n / 8 + 1));
     table.clear(capacity);
     int32_t count = 0;
+    constexpr int64_t kLookahead = 16;  // keys are known ahead: fetch their slots before they are needed
     for (int64_t e = 0; e < entries; ++e) {
+        if (e + kLookahead < entries) table.prefetch(scratch.entry_key[e + kLookahead]);
         const uint64_t key = scratch.entry_key[e];
         const int32_t id = table.insert(key, count);
         if (id == count) {

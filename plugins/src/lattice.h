@@ -33,13 +33,17 @@ struct FeatureSpec {
     int64_t pixels() const { return height * width; }
 };
 
+struct HashSlot {
+    uint64_t key;
+    int32_t id;
+};
+
 // Scratch shared by every lattice build of one problem; not kept between calls.
 struct LatticeScratch {
     int32_t* rem0 = nullptr;          // (N·(d+1)) remainder-0 vertex coordinates of each pixel
     int8_t* rank = nullptr;           // (N·(d+1)) rank of each coordinate
     uint64_t* entry_key = nullptr;    // (N·(d+1)) packed vertex keys
-    uint64_t* table_key = nullptr;    // open-addressing hash table, up to max_table slots
-    int32_t* table_id = nullptr;
+    HashSlot* table = nullptr;        // open-addressing hash table, up to max_table slots
     int64_t max_table = 0;
     int32_t* cursor = nullptr;        // (max vertices) CSR fill positions
 

@@ -316,23 +316,33 @@ void MeanField::stream_iterations(float* history) {
             for (int j = 0; j < V; ++j) a[j] += w * (t[j] * n);
         }
     };
+    // Pixels go in blocks: the block's softmaxes are independent, so their long dependency chains
+    // (max, exp, sum, divide) overlap instead of waiting on each other's scatter.
+    constexpr int64_t kBlock = 16;
+    alignas(32) float rows[kBlock][8 * V], q[kBlock][8 * V];
     for (int it = 0; it < p_.iterations; ++it) {
         for (int k = 0; k < K; ++k) lattices_[k].clear<V>(true);
-        for (int64_t p = 0; p < pixels_; ++p) {
-            float row[8 * V], y[8 * V];
-            if (it == 0) {
-                std::memcpy(row, unary_ + p * S, sizeof(row));
-            } else {
-                vec8 a[V];
-                logits(p, a);
-                for (int j = 0; j < V; ++j) store8(row + 8 * j, a[j]);
+        for (int64_t p0 = 0; p0 < pixels_; p0 += kBlock) {
+            const int64_t count = std::min(kBlock, pixels_ - p0);
+            for (int64_t b = 0; b < count; ++b) {
+                if (it == 0) {
+                    std::memcpy(rows[b], unary_ + (p0 + b) * S, sizeof(rows[b]));
+                } else {
+                    vec8 a[V];
+                    logits(p0 + b, a);
+                    for (int j = 0; j < V; ++j) store8(rows[b] + 8 * j, a[j]);
+                }
             }
-            softmax_row<V>(row, y, V, in_use);
-            if (history) std::memcpy(history + it * size + p * S, y, sizeof(y));
-            vec8 x[V];
-            for (int k = 0; k < K; ++k) {
-                for (int j = 0; j < V; ++j) x[j] = symmetric ? load8(y + 8 * j) * splat8(norm_[k][p]) : load8(y + 8 * j);
-                lattices_[k].scatter<V>(p, x, true);
+            for (int64_t b = 0; b < count; ++b) softmax_row<V>(rows[b], q[b], V, in_use);
+            if (history) std::memcpy(history + it * size + p0 * S, q, count * sizeof(q[0]));
+            for (int64_t b = 0; b < count; ++b) {
+                const int64_t p = p0 + b;
+                vec8 x[V];
+                for (int k = 0; k < K; ++k) {
+                    for (int j = 0; j < V; ++j)
+                        x[j] = symmetric ? load8(q[b] + 8 * j) * splat8(norm_[k][p]) : load8(q[b] + 8 * j);
+                    lattices_[k].scatter<V>(p, x, true);
+                }
             }
         }
         for (int k = 0; k < K; ++k) {

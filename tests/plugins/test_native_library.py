@@ -1,0 +1,345 @@
+"""The native CRF library's C ABI (plugins/include/dynseg_crf.h), driven through dynseg.sdk._native:
+the raw lattice filter and its transpose, the backward pass against autograd through the PyTorch
+reference, determinism, workspace sizing and the library's own validation of a problem."""
+
+from __future__ import annotations
+
+import ctypes
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import dynseg.sdk
+from dynseg.sdk import InvalidArgumentError, _native
+from dynseg.trainer.crf import PermutohedralLattice, gaussian_features, mean_field
+
+KERNELS = {"spatial": (3.0, 0.0), "bilateral": (8.0, 13.0)}  # (theta_xy, theta_color)
+
+
+def planar(image: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) -> float32 (3, H, W), the library's image layout."""
+    return np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
+
+
+def one_kernel_problem(image: np.ndarray, kernel: str, labels: int) -> _native.Problem:
+    theta_xy, theta_color = KERNELS[kernel]
+    height, width = image.shape[:2]
+    return _native.Problem(
+        labels, height, width, planar(image) if theta_color else None,
+        [_native.Kernel(theta_xy, theta_color, np.ones(1, np.float32))],
+        compat=None, normalization="after", iterations=1, output=_native.OUTPUT_LOGITS, threads=0,
+    )
+
+
+def reference_lattice(image: np.ndarray, kernel: str) -> PermutohedralLattice:
+    theta_xy, theta_color = KERNELS[kernel]
+    height, width = image.shape[:2]
+    colour = torch.from_numpy(image) if theta_color else None
+    return PermutohedralLattice(gaussian_features(colour, height, width, theta_xy, theta_color or None))
+
+
+def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    """max |actual - expected| over max |expected|: error relative to the array's magnitude."""
+    expected = np.asarray(expected, dtype=np.float64).reshape(actual.shape)
+    return float(np.abs(actual - expected).max() / np.abs(expected).max())
+
+
+# ---------------------------------------------------------------------------- identity
+
+
+def test_native_version_is_the_package_version():
+    assert _native.native_version() == dynseg.sdk.__version__
+
+
+def test_the_library_speaks_abi_version_1_and_reports_at_least_one_thread():
+    assert _native.library().dynseg_abi_version() == 1
+    assert _native.max_threads() >= 1
+
+
+# ---------------------------------------------------------------------------- the raw filter
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_transpose_filter_is_the_adjoint_of_the_filter(kernel, smooth_image):
+    image = smooth_image(24, 32)
+    problem = one_kernel_problem(image, kernel, labels=3)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((2, 3, 24, 32)).astype(np.float32)
+    forward = np.dot(problem.filter(0, x, transpose=False).ravel().astype(np.float64), y.ravel())
+    adjoint = np.dot(x.ravel().astype(np.float64), problem.filter(0, y, transpose=True).ravel())
+    assert abs(forward - adjoint) <= 1e-5 * abs(forward)  # measured 1.2e-7 (spatial), 4.9e-8 (bilateral)
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_transpose_filter_differs_noticeably_from_the_filter(kernel, smooth_image):
+    problem = one_kernel_problem(smooth_image(24, 32), kernel, labels=3)
+    x = np.random.default_rng(1).standard_normal((3, 24, 32)).astype(np.float32)
+    forward, transpose = problem.filter(0, x, False), problem.filter(0, x, True)
+    assert np.linalg.norm(forward - transpose) > 1e-2 * np.linalg.norm(forward)  # measured 3.6 % and 11 %
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["forward", "transpose"])
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_native_filter_equals_the_reference_lattice_filter(kernel, transpose, smooth_image):
+    image = smooth_image(24, 32)
+    x = np.random.default_rng(2).standard_normal((5, 24, 32)).astype(np.float32)
+    native = one_kernel_problem(image, kernel, labels=5).filter(0, x, transpose)
+    values = torch.from_numpy(x.reshape(5, -1).T.copy())  # (N, C)
+    expected = reference_lattice(image, kernel).filter(values, reverse=transpose).numpy().T
+    assert relative_error(native, expected) <= 1e-5  # measured 0 (bit-identical)
+
+
+def test_filter_accepts_fewer_channels_than_labels_and_rejects_more(smooth_image):
+    problem = one_kernel_problem(smooth_image(8, 9), "spatial", labels=3)
+    ones = np.ones((1, 8, 9), np.float32)
+    assert problem.filter(0, ones, False).shape == (1, 8, 9)
+    with pytest.raises(InvalidArgumentError, match="channels"):
+        problem.filter(0, np.ones((4, 8, 9), np.float32), False)
+    with pytest.raises(InvalidArgumentError, match="kernel"):
+        problem.filter(1, ones, False)
+
+
+# ---------------------------------------------------------------------------- backward
+
+
+GRAD_RTOL = 1e-5  # of max |gradient|; measured worst 1.3e-6 (float32 through 3 iterations)
+
+
+def _weights(kind: str, labels: int, rng) -> list[np.ndarray]:
+    if kind == "scalar":
+        return [np.array([3.0], np.float32), np.array([5.0], np.float32)]
+    return [rng.standard_normal((labels, labels)).astype(np.float32) for _ in range(2)]
+
+
+def _compat(kind: str, labels: int, rng) -> np.ndarray | None:
+    if kind == "potts":
+        return None
+    if kind == "diagonal":
+        return -rng.uniform(0.5, 1.5, labels).astype(np.float32)
+    return rng.standard_normal((labels, labels)).astype(np.float32)
+
+
+def _backward_case(image, weight_kind, compat_kind, normalization, labels=5, iterations=3, seed=0, threads=0):
+    rng = np.random.default_rng(seed)
+    height, width = image.shape[:2]
+    unary = (2 * rng.standard_normal((labels, height, width))).astype(np.float32)
+    grad_logits = rng.standard_normal((labels, height, width)).astype(np.float32)
+    weights = _weights(weight_kind, labels, rng)
+    compat = _compat(compat_kind, labels, rng)
+    problem = _native.Problem(
+        labels, height, width, planar(image),
+        [_native.Kernel(3.0, 0.0, weights[0]), _native.Kernel(10.0, 13.0, weights[1])],
+        compat=compat, normalization=normalization, iterations=iterations, output=_native.OUTPUT_LOGITS,
+        threads=threads,
+    )
+    return problem, unary, grad_logits, weights, compat
+
+
+@pytest.mark.parametrize("normalization", ["after", "symmetric"])
+@pytest.mark.parametrize("compat_kind", ["potts", "diagonal", "full"])
+@pytest.mark.parametrize("weight_kind", ["scalar", "matrix"])
+def test_backward_matches_autograd_through_the_reference(weight_kind, compat_kind, normalization, smooth_image):
+    image = smooth_image(20, 28)
+    height, width = image.shape[:2]
+    problem, unary, grad_logits, weights, compat = _backward_case(image, weight_kind, compat_kind, normalization)
+    grad_unary, grad_weights, grad_compat = problem.backward(unary, grad_logits, [True, True], compat is not None)
+
+    spatial = PermutohedralLattice(gaussian_features(None, height, width, 3.0, None))
+    bilateral = PermutohedralLattice(gaussian_features(torch.from_numpy(image), height, width, 10.0, 13.0))
+    u = torch.from_numpy(unary).requires_grad_()
+    w = [torch.from_numpy(x.reshape(()) if x.size == 1 else x).requires_grad_() for x in weights]
+    mu = None if compat is None else torch.from_numpy(compat).requires_grad_()
+    logits = mean_field(u, [(spatial, w[0]), (bilateral, w[1])], compat=mu, normalization=normalization, iterations=3)
+    (logits * torch.from_numpy(grad_logits)).sum().backward()
+
+    assert relative_error(problem.forward(unary), logits.detach().numpy()) <= GRAD_RTOL
+    assert relative_error(grad_unary, u.grad.numpy()) <= GRAD_RTOL
+    for native, expected in zip(grad_weights, w):
+        assert native.shape == weights[0].shape
+        assert relative_error(native, expected.grad.numpy()) <= GRAD_RTOL
+    if compat is not None:
+        assert relative_error(grad_compat, mu.grad.numpy()) <= GRAD_RTOL
+    else:
+        assert grad_compat is None
+
+
+@pytest.mark.parametrize("normalization", ["after", "symmetric"])
+def test_backward_matches_float64_finite_differences_of_the_reference(normalization):
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)
+    problem, unary, grad_logits, weights, compat = _backward_case(
+        image, "scalar", "full", normalization, labels=3, iterations=2, seed=4
+    )
+    grad_unary, grad_weights, grad_compat = problem.backward(unary, grad_logits, [True, True], True)
+
+    spatial = PermutohedralLattice(gaussian_features(None, 5, 6, 3.0, None).double())
+    bilateral = PermutohedralLattice(gaussian_features(torch.from_numpy(image), 5, 6, 10.0, 13.0).double())
+    target = torch.from_numpy(grad_logits).double()
+
+    def loss(u, w_s, w_b, mu) -> float:
+        logits = mean_field(torch.from_numpy(u), [(spatial, float(w_s[0])), (bilateral, float(w_b[0]))],
+                            compat=torch.from_numpy(mu), normalization=normalization, iterations=2)
+        return float((logits * target).sum())
+
+    parameters = [unary.astype(np.float64), weights[0].astype(np.float64), weights[1].astype(np.float64),
+                  compat.astype(np.float64)]
+    natives = [grad_unary, grad_weights[0], grad_weights[1], grad_compat]
+    step = 1e-6
+    for index, (parameter, native) in enumerate(zip(parameters, natives)):
+        numeric = np.empty(parameter.shape)
+        for position in np.ndindex(parameter.shape):
+            args = [p.copy() for p in parameters]
+            args[index][position] += step
+            up = loss(*args)
+            args[index][position] -= 2 * step
+            numeric[position] = (up - loss(*args)) / (2 * step)
+        assert relative_error(native, numeric) <= 1e-4, index  # measured at most 1.0e-6
+
+
+@pytest.mark.parametrize("normalization", ["after", "symmetric"])
+def test_backward_is_bitwise_identical_run_to_run_and_for_any_thread_count(normalization, photo):
+    image = photo("chelsea")[100:196, 150:278]  # 96x128, the cat
+    results = []
+    for threads in (0, 0, 1, 3):
+        problem, unary, grad_logits, _, compat = _backward_case(
+            image, "matrix", "full", normalization, labels=20, threads=threads
+        )
+        grad_unary, grad_weights, grad_compat = problem.backward(unary, grad_logits, [True, True], True)
+        results.append(b"".join(a.tobytes() for a in (grad_unary, *grad_weights, grad_compat)))
+    assert all(result == results[0] for result in results[1:])
+
+
+def test_backward_needs_logits_as_the_output(smooth_image):
+    problem, unary, grad_logits, _, _ = _backward_case(smooth_image(6, 7), "scalar", "potts", "after")
+    problem.struct.output = _native.OUTPUT_PROBABILITIES
+    with pytest.raises(InvalidArgumentError, match="output"):
+        problem.backward(unary, grad_logits, [True, True], False)
+
+
+# ---------------------------------------------------------------------------- workspace
+
+
+def test_a_too_small_workspace_fails_cleanly_with_status_2(smooth_image):
+    problem = one_kernel_problem(smooth_image(16, 20), "bilateral", labels=4)
+    unary = np.zeros((4, 16, 20), np.float32)
+    out = np.full_like(unary, -7.0)
+    workspace = np.zeros(256, np.uint8)
+    status = _native.library().dynseg_crf_forward(
+        ctypes.byref(problem.struct), unary.ctypes.data_as(_native._f32p), out.ctypes.data_as(_native._f32p),
+        workspace.ctypes.data, workspace.nbytes,
+    )
+    assert status == _native.WORKSPACE_TOO_SMALL
+    assert "workspace" in _native.library().dynseg_last_error().decode()
+    with pytest.raises(dynseg.sdk.NativeError, match="workspace"):
+        _native._check(status)
+    assert np.all(workspace == 0) and np.all(out == -7.0)  # nothing was written
+
+
+def test_the_backward_pass_needs_at_least_the_forward_workspace(smooth_image):
+    problem = one_kernel_problem(smooth_image(16, 20), "bilateral", labels=4)
+    sizes = {}
+    for pass_ in (_native.PASS_FORWARD, _native.PASS_BACKWARD):
+        size = ctypes.c_size_t()
+        _native._check(_native.library().dynseg_crf_workspace_size(ctypes.byref(problem.struct), pass_,
+                                                                   ctypes.byref(size)))
+        sizes[pass_] = size.value
+    assert 0 < sizes[_native.PASS_FORWARD] <= sizes[_native.PASS_BACKWARD]
+
+
+# ---------------------------------------------------------------------------- the library's own checks
+
+
+class HandMadeProblem:
+    """A valid 2-label, 4x5, two-kernel problem as raw ctypes structs, ready to be broken field by field."""
+
+    def __init__(self):
+        self.image = np.arange(3 * 4 * 5, dtype=np.float32).reshape(3, 4, 5)
+        self.weights = [np.array([3.0], np.float32), np.array([5.0], np.float32)]
+        self.compat = np.array([-1.0, -1.0], np.float32)
+        self.kernels = (_native._Kernel * 2)(
+            _native._Kernel(3.0, 0.0, _native.WEIGHT_SCALAR, self.weights[0].ctypes.data_as(_native._f32p)),
+            _native._Kernel(8.0, 13.0, _native.WEIGHT_SCALAR, self.weights[1].ctypes.data_as(_native._f32p)),
+        )
+        self.struct = _native._Problem(
+            labels=2, height=4, width=5, image_channels=3, image=self.image.ctypes.data_as(_native._f32p),
+            num_kernels=2, kernels=self.kernels, compat_kind=_native.COMPAT_DIAGONAL,
+            compat=self.compat.ctypes.data_as(_native._f32p), normalization=0, iterations=2,
+            output=_native.OUTPUT_PROBABILITIES, threads=1,
+        )
+        self.unary = np.zeros((2, 4, 5), np.float32)
+        self.workspace = np.zeros(1 << 22, np.uint8)
+
+    def forward(self) -> int:
+        out = np.empty_like(self.unary)
+        return _native.library().dynseg_crf_forward(
+            ctypes.byref(self.struct), self.unary.ctypes.data_as(_native._f32p), out.ctypes.data_as(_native._f32p),
+            self.workspace.ctypes.data, self.workspace.nbytes,
+        )
+
+    def workspace_size(self) -> int:
+        size = ctypes.c_size_t()
+        return _native.library().dynseg_crf_workspace_size(ctypes.byref(self.struct), _native.PASS_FORWARD,
+                                                           ctypes.byref(size))
+
+
+def _set(field, value):
+    return lambda p: setattr(p.struct, field, value)
+
+
+def _set_kernel(field, value):
+    return lambda p: setattr(p.kernels[1], field, value)
+
+
+BROKEN_FIELDS = {
+    "labels 0": (_set("labels", 0), "labels"),
+    "labels negative": (_set("labels", -3), "labels"),
+    "height 0": (_set("height", 0), "height"),
+    "width negative": (_set("width", -1), "width"),
+    "image_channels 14": (_set("image_channels", 14), "image_channels"),
+    "image NULL for a bilateral kernel": (_set("image", None), "image"),
+    "num_kernels 9": (_set("num_kernels", 9), "num_kernels"),
+    "kernels NULL": (_set("kernels", None), "kernels"),
+    "theta_xy 0": (_set_kernel("theta_xy", 0.0), r"kernels\[1\]\.theta_xy"),
+    "theta_xy NaN": (_set_kernel("theta_xy", float("nan")), r"kernels\[1\]\.theta_xy"),
+    "theta_color negative": (_set_kernel("theta_color", -1.0), r"kernels\[1\]\.theta_color"),
+    "weight_kind 2": (_set_kernel("weight_kind", 2), r"kernels\[1\]\.weight_kind"),
+    "weight NULL": (_set_kernel("weight", None), r"kernels\[1\]\.weight"),
+    "compat_kind 3": (_set("compat_kind", 3), "compat_kind"),
+    "compat_kind -1": (_set("compat_kind", -1), "compat_kind"),
+    "compat NULL": (_set("compat", None), "compat"),
+    "normalization 2": (_set("normalization", 2), "normalization"),
+    "iterations negative": (_set("iterations", -1), "iterations"),
+    "output 2": (_set("output", 2), "output"),
+    "threads negative": (_set("threads", -2), "threads"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_FIELDS))
+def test_the_library_rejects_a_bad_problem_field_with_status_1_naming_it(case):
+    problem = HandMadeProblem()
+    assert problem.forward() == _native.OK
+    breaks, name = BROKEN_FIELDS[case]
+    breaks(problem)
+    for status in (problem.forward(), problem.workspace_size()):
+        assert status == _native.INVALID_ARGUMENT
+        message = _native.library().dynseg_last_error().decode()
+        assert re.search(name, message), message
+
+
+def test_the_library_rejects_a_non_finite_weight_or_unary():
+    problem = HandMadeProblem()
+    problem.weights[0][0] = np.nan
+    assert problem.forward() == _native.INVALID_ARGUMENT
+    assert "kernels[0].weight" in _native.library().dynseg_last_error().decode()
+    problem = HandMadeProblem()
+    problem.unary[1, 2, 3] = np.inf
+    assert problem.forward() == _native.INVALID_ARGUMENT
+    assert "unary" in _native.library().dynseg_last_error().decode()
+
+
+def test_a_null_problem_is_rejected():
+    size = ctypes.c_size_t()
+    assert _native.library().dynseg_crf_workspace_size(None, 0, ctypes.byref(size)) == _native.INVALID_ARGUMENT
+    assert "problem" in _native.library().dynseg_last_error().decode()
