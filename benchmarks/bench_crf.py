@@ -3,9 +3,10 @@
 One process, the shipped 500×375 coffee photo, densecrf's default kernels (spatial θγ=3, w=3;
 bilateral θα=80, θβ=13, w=10). Every call builds its lattices from scratch, so the times include the
 lattice builds. Each method's time is the best of --repeats calls (the PyTorch reference, being slow,
-gets fewer). Ratios are pydensecrf's time divided by the method's, both measured here.
+gets fewer), the methods taking turns call by call. Ratios are pydensecrf's time divided by the
+method's, both measured here.
 
-    python benchmarks/bench_crf.py [--repeats 5] [--labels 21] [--iterations 5]
+    python benchmarks/bench_crf.py [--repeats 10] [--labels 21] [--iterations 5]
 
 Prints the machine, a markdown table, and max |ΔQ| of each method against pydensecrf.
 """
@@ -44,14 +45,22 @@ def smooth_unary(labels: int, height: int, width: int, seed: int = 0) -> np.ndar
     return np.ascontiguousarray(top * (1 - fy) + bottom * fy, dtype=np.float32)
 
 
-def best_ms(call: Callable[[], np.ndarray], repeats: int) -> tuple[float, np.ndarray]:
-    """Fastest of `repeats` calls in milliseconds, and the last result."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = call()
-        times.append(time.perf_counter() - start)
-    return 1000.0 * min(times), result
+def interleaved_best_ms(calls: list[tuple[Callable[[], np.ndarray], int]]) -> list[tuple[float, np.ndarray]]:
+    """Each call's fastest time in milliseconds over its repeats, and its last result. The calls take
+    turns, round after round (after one untimed warm-up each), so a slow spell of this shared
+    machine hits every method alike instead of whichever happened to run then."""
+    for call, _ in calls:
+        call()
+    best = [float("inf")] * len(calls)
+    results: list[np.ndarray | None] = [None] * len(calls)
+    for round_ in range(max(repeats for _, repeats in calls)):
+        for index, (call, repeats) in enumerate(calls):
+            if round_ >= repeats:
+                continue
+            start = time.perf_counter()
+            results[index] = call()
+            best[index] = min(best[index], time.perf_counter() - start)
+    return [(1000.0 * ms, result) for ms, result in zip(best, results)]
 
 
 def pydensecrf_call(unary: np.ndarray, image: np.ndarray, iterations: int, normalization: str):
@@ -109,7 +118,7 @@ def machine() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5, help="calls per method; the best counts (default 5)")
+    parser.add_argument("--repeats", type=int, default=10, help="calls per method; the best counts (default 10)")
     parser.add_argument("--labels", type=int, default=21, help="number of labels L (default 21)")
     parser.add_argument("--iterations", type=int, default=5, help="mean-field iterations (default 5)")
     args = parser.parse_args(argv)
@@ -146,9 +155,9 @@ def main(argv: list[str] | None = None) -> None:
         else:
             methods.append(("PyTorch reference", torch_method[1], torch_method[0], min(TORCH_REPEATS, args.repeats)))
 
+        timings = interleaved_best_ms([(call, repeats) for _, _, call, repeats in methods])
         reference_ms, reference_q = None, None
-        for method, threads, call, repeats in methods:
-            ms, q = best_ms(call, repeats)
+        for (method, threads, _, _), (ms, q) in zip(methods, timings):
             if method == "pydensecrf":
                 reference_ms, reference_q = ms, q
             ratio = f"{reference_ms / ms:.2f}" if reference_ms is not None else "n/a"

@@ -137,15 +137,6 @@ struct KeyPacking {
     }
 };
 
-inline uint64_t mix(uint64_t k) {  // a 64-bit finaliser: spreads neighbouring keys over the table
-    k ^= k >> 33;
-    k *= 0xff51afd7ed558ccdull;
-    k ^= k >> 33;
-    k *= 0xc4ceb9fe1a85ec53ull;
-    k ^= k >> 33;
-    return k;
-}
-
 int64_t table_capacity_for(int64_t max_entries) {
     int64_t c = 1024;
     while (c < 2 * max_entries) c *= 2;
@@ -156,8 +147,10 @@ int64_t table_capacity_for(int64_t max_entries) {
 struct HashTable {
     HashSlot* slots;
     int64_t mask;
+    int shift;  // 64 - log2(capacity)
 
-    int64_t home(uint64_t key) const { return static_cast<int64_t>(mix(key)) & mask; }
+    // Fibonacci hashing: the multiply carries every key bit into the top bits, which pick the slot
+    int64_t home(uint64_t key) const { return static_cast<int64_t>((key * 0x9E3779B97F4A7C15ull) >> shift); }
     void prefetch(uint64_t key) const { __builtin_prefetch(slots + home(key)); }
 
     int32_t find(uint64_t key) const {
@@ -179,6 +172,8 @@ struct HashTable {
     }
     void clear(int64_t capacity) {
         mask = capacity - 1;
+        shift = 64;
+        for (int64_t c = capacity; c > 1; c >>= 1) --shift;
         for (int64_t s = 0; s < capacity; ++s) slots[s].key = kEmptySlot;
     }
 };
@@ -200,6 +195,7 @@ void Lattice::plan(Workspace& ws, const FeatureSpec& spec) {
     const int64_t entries = pixels_ * (d_ + 1);
     entry_vertex_ = ws.take<int32_t>(entries);
     entry_weight_ = ws.take<float>(entries);
+    entry_slice_weight_ = ws.take<float>(entries);
     csr_begin_ = ws.take<int32_t>(entries + 1);
     csr_pixel_ = ws.take<int32_t>(entries);
     csr_weight_ = ws.take<float>(entries);
@@ -257,6 +253,7 @@ bool Lattice::build(const FeatureSpec& spec, LatticeScratch& scratch, int thread
                 const int64_t e = (p0 + lane) * (d + 1);
                 for (int i = 0; i <= d; ++i) {
                     entry_weight_[e + i] = w[i][lane];
+                    entry_slice_weight_[e + i] = w[i][lane] * alpha_;
                     scratch.rem0[e + i] = r0[i][lane];
                     scratch.rank[e + i] = static_cast<int8_t>(rk[i][lane]);
                 }
@@ -336,7 +333,7 @@ bool Lattice::build(const FeatureSpec& spec, LatticeScratch& scratch, int thread
     //    worst case, and a small table stays in cache) and doubles when half full. Vertex ids are
     //    handed out in first-seen order.
     const int64_t entries = n * (d + 1);
-    HashTable table{scratch.table, 0};
+    HashTable table{scratch.table, 0, 64};
     int64_t capacity = std::min<int64_t>(scratch.max_table, table_capacity_for(n / 8 + 1));
     table.clear(capacity);
     int32_t count = 0;
@@ -438,7 +435,7 @@ void Lattice::filter_ones(float* out) const {
         for (int64_t p = begin; p < end; ++p) {
             float acc = 0.0f;
             for (int r = 0; r <= d_; ++r)
-                acc += (entry_weight_[p * (d_ + 1) + r] * alpha_) * values[entry_vertex_[p * (d_ + 1) + r]];
+                acc += entry_slice_weight_[p * (d_ + 1) + r] * values[entry_vertex_[p * (d_ + 1) + r]];
             out[p] = acc;
         }
     });

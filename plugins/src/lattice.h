@@ -93,11 +93,10 @@ public:
     void clear(bool spare = false) const;  // before scattering
     template <int V>
     void scatter(int64_t p, const vec8* x, bool spare = false) const {
-        float* target = spare ? next_ : values_;
-        for (int r = 0; r <= d_; ++r) {
-            const vec8 w = splat8(entry_weight_[p * (d_ + 1) + r]);
-            float* o = target + static_cast<int64_t>(entry_vertex_[p * (d_ + 1) + r]) * 8 * V;
-            for (int k = 0; k < V; ++k) store8(o + 8 * k, load8(o + 8 * k) + w * x[k]);
+        switch (d_ + 1) {  // unrolled for the usual lattices: spatial (d = 2) and RGB bilateral (d = 5)
+            case 3: scatter_d<V, 3>(p, x, spare ? next_ : values_); break;
+            case 6: scatter_d<V, 6>(p, x, spare ? next_ : values_); break;
+            default: scatter_d<V, 0>(p, x, spare ? next_ : values_); break;
         }
     }
     template <int V>
@@ -109,11 +108,10 @@ public:
     // The sliced value of pixel p: its d+1 vertices, weighted (weights pre-scaled by alpha, as densecrf)
     template <int V>
     void slice(int64_t p, vec8* out) const {
-        for (int k = 0; k < V; ++k) out[k] = splat8(0.0f);
-        for (int r = 0; r <= d_; ++r) {
-            const vec8 w = splat8(entry_weight_[p * (d_ + 1) + r] * alpha_);
-            const float* x = values_ + static_cast<int64_t>(entry_vertex_[p * (d_ + 1) + r]) * 8 * V;
-            for (int k = 0; k < V; ++k) out[k] += w * load8(x + 8 * k);
+        switch (d_ + 1) {
+            case 3: slice_d<V, 3>(p, out); break;
+            case 6: slice_d<V, 6>(p, out); break;
+            default: slice_d<V, 0>(p, out); break;
         }
     }
 
@@ -123,6 +121,31 @@ public:
     int threads() const { return threads_; }
 
 private:
+    // D = d + 1 when known at compile time, 0 otherwise
+    template <int V, int D>
+    void scatter_d(int64_t p, const vec8* x, float* target) const {
+        const int n = D > 0 ? D : d_ + 1;
+        const int32_t* vertex = entry_vertex_ + p * n;
+        const float* weight = entry_weight_ + p * n;
+        for (int r = 0; r < n; ++r) {
+            const vec8 w = splat8(weight[r]);
+            float* o = target + static_cast<int64_t>(vertex[r]) * 8 * V;
+            for (int k = 0; k < V; ++k) store8(o + 8 * k, load8(o + 8 * k) + w * x[k]);
+        }
+    }
+    template <int V, int D>
+    void slice_d(int64_t p, vec8* out) const {
+        const int n = D > 0 ? D : d_ + 1;
+        const int32_t* vertex = entry_vertex_ + p * n;
+        const float* weight = entry_slice_weight_ + p * n;
+        for (int k = 0; k < V; ++k) out[k] = splat8(0.0f);
+        for (int r = 0; r < n; ++r) {
+            const vec8 w = splat8(weight[r]);
+            const float* x = values_ + static_cast<int64_t>(vertex[r]) * 8 * V;
+            for (int k = 0; k < V; ++k) out[k] += w * load8(x + 8 * k);
+        }
+    }
+
     template <int V>
     void filter_tile(const float* in, int64_t stride, int64_t c0, const float* pre, bool transpose,
                      const FilterOutput& output) const;
@@ -136,6 +159,7 @@ private:
     // per (pixel, remainder) entry, pixel-major: the enclosing simplex's vertices and weights
     int32_t* entry_vertex_ = nullptr;
     float* entry_weight_ = nullptr;
+    float* entry_slice_weight_ = nullptr;  // weight · alpha, densecrf's slicing weight
     // CSR of the splat matrix (built for several threads only): vertex v gathers entries
     // csr_begin_[v] .. csr_begin_[v+1]-1, in pixel order
     int32_t* csr_begin_ = nullptr;

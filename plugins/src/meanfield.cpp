@@ -24,9 +24,10 @@ constexpr int64_t kMaxReduceChunks = 64;
 
 bool is_matrix(const dynseg_kernel& k) { return k.weight_kind == DYNSEG_WEIGHT_MATRIX; }
 
-// Softmax of one row of V vectors; lanes past `valid` in the last vector are padding and get 0.
+// The unnormalised softmax of one row of V vectors (exp(x - max x)), returning its sum; lanes past
+// the labels in the last vector are padding and get 0.
 template <int V>
-inline void softmax_row(const float* x, float* y, int64_t vectors, ivec8 in_use) {
+inline float exp_row(const float* x, float* y, int64_t vectors, ivec8 in_use) {
     const int64_t n = V > 0 ? V : vectors;
     const vec8 lowest = splat8(-std::numeric_limits<float>::infinity());
     vec8 top = lowest;
@@ -43,8 +44,30 @@ inline void softmax_row(const float* x, float* y, int64_t vectors, ivec8 in_use)
         store8(y + 8 * k, e);
         sum += e;
     }
-    const vec8 inverse = splat8(1.0f / sum8(sum));
-    for (int64_t k = 0; k < n; ++k) store8(y + 8 * k, load8(y + 8 * k) * inverse);
+    return sum8(sum);
+}
+
+template <int V>
+inline void scale_row(float* y, int64_t vectors, float factor) {
+    const int64_t n = V > 0 ? V : vectors;
+    for (int64_t k = 0; k < n; ++k) store8(y + 8 * k, load8(y + 8 * k) * splat8(factor));
+}
+
+template <int V>
+inline void softmax_row(const float* x, float* y, int64_t vectors, ivec8 in_use) {
+    scale_row<V>(y, vectors, 1.0f / exp_row<V>(x, y, vectors, in_use));
+}
+
+constexpr int64_t kBlock = 16;  // pixels whose softmaxes run side by side
+
+// Softmax of `count` rows; the block's divisions go as vectors of reciprocals, off the rows' chains.
+template <int V>
+inline void block_softmax(const float (*rows)[8 * V], float (*q)[8 * V], int64_t count, ivec8 in_use) {
+    alignas(32) float inverse[kBlock];
+    for (int64_t b = 0; b < count; ++b) inverse[b] = exp_row<V>(rows[b], q[b], V, in_use);
+    for (int64_t b = count; b < kBlock; ++b) inverse[b] = 1.0f;
+    for (int64_t b = 0; b < kBlock; b += 8) store8(inverse + b, splat8(1.0f) / load8(inverse + b));
+    for (int64_t b = 0; b < count; ++b) scale_row<V>(q[b], V, inverse[b]);
 }
 
 }  // namespace
@@ -263,7 +286,7 @@ void MeanField::softmax_range(const float* logits, float* q, int64_t first, int6
     });
 }
 
-// Leaves L^T in acc_. history (may be null) receives Q^0 .. Q^{T-1}.
+// Leaves L^T in acc_; history (may be null) receives Q^0 .. Q^{T-1}. unary_ must hold U.
 void MeanField::run_iterations(float* history) {
     const int64_t size = pixels_ * stride_;
     const int K = p_.num_kernels;
@@ -283,10 +306,6 @@ void MeanField::run_iterations(float* history) {
             if (!potts) std::fill(acc_, acc_ + size, 0.0f);
             for (int k = 0; k < K; ++k) kernel_message(k, q, k == 0);
         } else if (stride_ <= kLabelTile && threads_ == 1) {
-            if (potts) {
-                stream_iterations(history);
-                return;
-            }
             dispatch_tiles(logits, history ? q : nullptr);  // softmax fused into the splat
         } else {
             softmax(logits, q);
@@ -296,12 +315,23 @@ void MeanField::run_iterations(float* history) {
     }
 }
 
-// One thread, one label tile, scalar weights, Potts: each iteration is one pass over the pixels
-// that slices the previous iteration's lattices into the pixel's logits, takes their softmax and
-// splats it into every lattice's spare buffer, so U is the only array streamed from memory. The
-// float operations and their order are those of scalar_messages, so the bits are too.
+// The common case gets a path of its own: one thread, at most one label tile, scalar weights,
+// Potts compatibility, at least one kernel and one iteration.
+bool MeanField::streams() const {
+    if (threads_ != 1 || stride_ > kLabelTile || p_.compat_kind != DYNSEG_COMPAT_POTTS) return false;
+    if (p_.num_kernels == 0 || p_.iterations == 0) return false;
+    for (int k = 0; k < p_.num_kernels; ++k)
+        if (is_matrix(p_.kernels[k])) return false;
+    return true;
+}
+
+// The streamed path (see streams()): each iteration is one pass over the pixels that slices the
+// previous iteration's lattices into the pixel's logits, takes their softmax and splats it into
+// every lattice's spare buffer, so U is the only array streamed from memory. The float operations
+// and their order are those of scalar_messages, so the bits are too. U comes planar; the result
+// goes to acc_ (planar_out null) or planar into planar_out, as logits or probabilities (p_.output).
 template <int V>
-void MeanField::stream_iterations(float* history) {
+void MeanField::stream_iterations(const float* unary, float* history, float* planar_out) {
     const int K = p_.num_kernels;
     const int64_t S = stride_, size = pixels_ * stride_;
     const bool symmetric = p_.normalization == DYNSEG_NORMALIZE_SYMMETRIC;
@@ -318,7 +348,6 @@ void MeanField::stream_iterations(float* history) {
     };
     // Pixels go in blocks: the block's softmaxes are independent, so their long dependency chains
     // (max, exp, sum, divide) overlap instead of waiting on each other's scatter.
-    constexpr int64_t kBlock = 16;
     alignas(32) float rows[kBlock][8 * V], q[kBlock][8 * V];
     for (int it = 0; it < p_.iterations; ++it) {
         for (int k = 0; k < K; ++k) lattices_[k].clear<V>(true);
@@ -326,14 +355,17 @@ void MeanField::stream_iterations(float* history) {
             const int64_t count = std::min(kBlock, pixels_ - p0);
             for (int64_t b = 0; b < count; ++b) {
                 if (it == 0) {
-                    std::memcpy(rows[b], unary_ + (p0 + b) * S, sizeof(rows[b]));
+                    // U arrives planar: gathered here into pixel rows, and kept in unary_
+                    for (int64_t l = 0; l < labels_; ++l) rows[b][l] = unary[l * pixels_ + p0 + b];
+                    for (int64_t l = labels_; l < S; ++l) rows[b][l] = 0.0f;
+                    std::memcpy(unary_ + (p0 + b) * S, rows[b], sizeof(rows[b]));
                 } else {
                     vec8 a[V];
                     logits(p0 + b, a);
                     for (int j = 0; j < V; ++j) store8(rows[b] + 8 * j, a[j]);
                 }
             }
-            for (int64_t b = 0; b < count; ++b) softmax_row<V>(rows[b], q[b], V, in_use);
+            block_softmax<V>(rows, q, count, in_use);
             if (history) std::memcpy(history + it * size + p0 * S, q, count * sizeof(q[0]));
             for (int64_t b = 0; b < count; ++b) {
                 const int64_t p = p0 + b;
@@ -350,19 +382,36 @@ void MeanField::stream_iterations(float* history) {
             lattices_[k].blur<V>(false);
         }
     }
-    for (int64_t p = 0; p < pixels_; ++p) {
-        vec8 a[V];
-        logits(p, a);
-        for (int j = 0; j < V; ++j) store8(acc_ + p * S + 8 * j, a[j]);
+    // L^T: into acc_, or straight into the caller's planar output (as probabilities if asked)
+    if (!planar_out) {
+        for (int64_t p = 0; p < pixels_; ++p) {
+            vec8 a[V];
+            logits(p, a);
+            for (int j = 0; j < V; ++j) store8(acc_ + p * S + 8 * j, a[j]);
+        }
+        return;
+    }
+    const bool probabilities = p_.output == DYNSEG_OUTPUT_PROBABILITIES;
+    for (int64_t p0 = 0; p0 < pixels_; p0 += kBlock) {
+        const int64_t count = std::min(kBlock, pixels_ - p0);
+        for (int64_t b = 0; b < count; ++b) {
+            vec8 a[V];
+            logits(p0 + b, a);
+            for (int j = 0; j < V; ++j) store8(rows[b] + 8 * j, a[j]);
+        }
+        if (probabilities) block_softmax<V>(rows, q, count, in_use);
+        const float (*result)[8 * V] = probabilities ? q : rows;
+        for (int64_t l = 0; l < labels_; ++l)
+            for (int64_t b = 0; b < count; ++b) planar_out[l * pixels_ + p0 + b] = result[b][l];
     }
 }
 
-void MeanField::stream_iterations(float* history) {
+void MeanField::stream_iterations(const float* unary, float* history, float* planar_out) {
     switch (stride_ / 8) {
-        case 1: stream_iterations<1>(history); break;
-        case 2: stream_iterations<2>(history); break;
-        case 3: stream_iterations<3>(history); break;
-        default: stream_iterations<4>(history); break;
+        case 1: stream_iterations<1>(unary, history, planar_out); break;
+        case 2: stream_iterations<2>(unary, history, planar_out); break;
+        case 3: stream_iterations<3>(unary, history, planar_out); break;
+        default: stream_iterations<4>(unary, history, planar_out); break;
     }
 }
 
@@ -378,6 +427,10 @@ void MeanField::dispatch_tiles(const float* softmax_from, float* q) {
 }
 
 void MeanField::forward(const float* unary, float* out) {
+    if (streams()) {
+        stream_iterations(unary, nullptr, out);
+        return;
+    }
     load(unary, unary_, labels_);
     run_iterations(nullptr);
     store(acc_, out, labels_, p_.output == DYNSEG_OUTPUT_PROBABILITIES);
@@ -386,8 +439,12 @@ void MeanField::forward(const float* unary, float* out) {
 void MeanField::backward(const float* unary, const float* grad_logits, float* grad_unary,
                          float* const* grad_weights, float* grad_compat) {
     const int64_t L = labels_, S = stride_, N = pixels_, size = N * S;
-    load(unary, unary_, L);
-    run_iterations(history_);
+    if (streams()) {
+        stream_iterations(unary, history_, nullptr);
+    } else {
+        load(unary, unary_, L);
+        run_iterations(history_);
+    }
     load(grad_logits, grad_, L);
     std::fill(grad_u_, grad_u_ + size, 0.0f);
 

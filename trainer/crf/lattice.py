@@ -73,6 +73,14 @@ class PermutohedralLattice:
 
         # Elevation onto the hyperplane Σ = 0 of R^(d+1), same float operation order as densecrf.
         cf_all = features * scale_t  # (N, d)
+        # Elevated coordinates sum up to 2d scaled features and are rounded in float: past 2^22 there
+        # are no fraction bits left and the lattice would be meaningless (the native library agrees).
+        largest = float(cf_all.abs().max())
+        if not largest * 2 * d < 2.0**22:
+            raise ValueError(
+                f"features out of range for the lattice: scaled features reach {largest:g}, beyond what "
+                f"float lattice keys resolve (2^22 / {2 * d}); a kernel's theta is too small for this image"
+            )
         elevated = [None] * (d + 1)
         sm = torch.zeros(n_points, dtype=dtype, device=device)
         for j in range(d, 0, -1):
