@@ -105,11 +105,16 @@ struct Embedding {
 // Features of the eight pixels first .. first+7 (lanes past the image repeat its last pixel).
 void pixel_features8(const FeatureSpec& spec, int64_t first, vec8* f) {
     const int64_t n = spec.pixels();
+    int64_t x = first % spec.width, y = first / spec.width;  // one division per eight pixels
     for (int lane = 0; lane < 8; ++lane) {
         const int64_t pixel = std::min(first + lane, n - 1);
-        f[0][lane] = static_cast<float>(pixel % spec.width);
-        f[1][lane] = static_cast<float>(pixel / spec.width);
+        f[0][lane] = static_cast<float>(x);
+        f[1][lane] = static_cast<float>(y);
         for (int64_t c = 0; c < spec.channels; ++c) f[2 + c][lane] = spec.image[c * n + pixel];
+        if (first + lane + 1 < n && ++x == spec.width) {  // past the image: stay on the last pixel
+            x = 0;
+            ++y;
+        }
     }
     f[0] = f[0] / splat8(spec.theta_xy);
     f[1] = f[1] / splat8(spec.theta_xy);

@@ -353,13 +353,16 @@ void MeanField::stream_iterations(const float* unary, float* history, float* pla
         for (int k = 0; k < K; ++k) lattices_[k].clear<V>(true);
         for (int64_t p0 = 0; p0 < pixels_; p0 += kBlock) {
             const int64_t count = std::min(kBlock, pixels_ - p0);
-            for (int64_t b = 0; b < count; ++b) {
-                if (it == 0) {
-                    // U arrives planar: gathered here into pixel rows, and kept in unary_
-                    for (int64_t l = 0; l < labels_; ++l) rows[b][l] = unary[l * pixels_ + p0 + b];
+            if (it == 0) {
+                // U arrives planar: gathered here into pixel rows (plane by plane, each read
+                // contiguous), and kept in unary_ for the later iterations
+                for (int64_t b = 0; b < count; ++b)
                     for (int64_t l = labels_; l < S; ++l) rows[b][l] = 0.0f;
-                    std::memcpy(unary_ + (p0 + b) * S, rows[b], sizeof(rows[b]));
-                } else {
+                for (int64_t l = 0; l < labels_; ++l)
+                    for (int64_t b = 0; b < count; ++b) rows[b][l] = unary[l * pixels_ + p0 + b];
+                std::memcpy(unary_ + p0 * S, rows, count * sizeof(rows[0]));
+            } else {
+                for (int64_t b = 0; b < count; ++b) {
                     vec8 a[V];
                     logits(p0 + b, a);
                     for (int j = 0; j < V; ++j) store8(rows[b] + 8 * j, a[j]);
