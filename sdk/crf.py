@@ -81,8 +81,7 @@ def _check_unary(unary: object) -> np.ndarray:
         raise InvalidArgumentError(f"unary must have shape (L, H, W), got shape {unary.shape}")
     if 0 in unary.shape:
         raise InvalidArgumentError(f"unary must have L, H, W >= 1, got shape {unary.shape}")
-    if not np.isfinite(unary).all():
-        raise InvalidArgumentError("unary must be finite, found NaN or inf")
+    # finiteness is checked by the native library, which scans the values anyway
     return np.ascontiguousarray(unary)
 
 
