@@ -125,7 +125,19 @@ dynseg_status guarded(const Body& body) {
     }
 }
 
-dynseg_status lattice_failure(const char* message) { return fail(DYNSEG_ERROR_KEY_RANGE, "%s", message); }
+// Lays the problem out in the caller's workspace and hands the MeanField to body, which returns
+// false (with a message in error) when a lattice cannot be built.
+template <typename Body>
+dynseg_status with_mean_field(const dynseg_crf_problem& problem, int pass, void* workspace, size_t bytes,
+                              const Body& body) {
+    dynseg::Workspace ws(workspace, bytes);
+    ws.align_base();
+    dynseg::MeanField crf(problem, pass, ws);
+    if (dynseg_status s = check_workspace(ws, bytes)) return s;
+    char error[512] = "";
+    if (!body(crf, error, static_cast<int>(sizeof(error)))) return fail(DYNSEG_ERROR_KEY_RANGE, "%s", error);
+    return DYNSEG_OK;
+}
 
 }  // namespace
 
@@ -157,14 +169,12 @@ dynseg_status dynseg_crf_forward(const dynseg_crf_problem* problem, const float*
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "unary, out and workspace must not be NULL");
         if (!all_finite(unary, problem->labels * problem->height * problem->width))
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "unary holds a non-finite value");
-        dynseg::Workspace ws(workspace, workspace_bytes);
-        ws.align_base();
-        dynseg::MeanField crf(*problem, DYNSEG_PASS_FORWARD, ws);
-        if (dynseg_status s = check_workspace(ws, workspace_bytes)) return s;
-        char error[512];
-        if (!crf.prepare(error, sizeof(error))) return lattice_failure(error);
-        crf.forward(unary, out);
-        return DYNSEG_OK;
+        return with_mean_field(*problem, DYNSEG_PASS_FORWARD, workspace, workspace_bytes,
+                               [&](dynseg::MeanField& crf, char* error, int error_len) {
+                                   if (!crf.prepare(error, error_len)) return false;
+                                   crf.forward(unary, out);
+                                   return true;
+                               });
     });
 }
 
@@ -182,14 +192,12 @@ dynseg_status dynseg_crf_backward(const dynseg_crf_problem* problem, const float
         if (!all_finite(unary, size)) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "unary holds a non-finite value");
         if (!all_finite(grad_logits, size))
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "grad_logits holds a non-finite value");
-        dynseg::Workspace ws(workspace, workspace_bytes);
-        ws.align_base();
-        dynseg::MeanField crf(*problem, DYNSEG_PASS_BACKWARD, ws);
-        if (dynseg_status s = check_workspace(ws, workspace_bytes)) return s;
-        char error[512];
-        if (!crf.prepare(error, sizeof(error))) return lattice_failure(error);
-        crf.backward(unary, grad_logits, grad_unary, grad_weights, grad_compat);
-        return DYNSEG_OK;
+        return with_mean_field(*problem, DYNSEG_PASS_BACKWARD, workspace, workspace_bytes,
+                               [&](dynseg::MeanField& crf, char* error, int error_len) {
+                                   if (!crf.prepare(error, error_len)) return false;
+                                   crf.backward(unary, grad_logits, grad_unary, grad_weights, grad_compat);
+                                   return true;
+                               });
     });
 }
 
@@ -206,14 +214,10 @@ dynseg_status dynseg_lattice_filter(const dynseg_crf_problem* problem, int32_t k
                         (long long)problem->labels, (long long)channels);
         if (!values || !out || !workspace)
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "values, out and workspace must not be NULL");
-        dynseg::Workspace ws(workspace, workspace_bytes);
-        ws.align_base();
-        dynseg::MeanField crf(*problem, DYNSEG_PASS_FORWARD, ws);
-        if (dynseg_status s = check_workspace(ws, workspace_bytes)) return s;
-        char error[512];
-        if (!crf.filter(kernel, channels, values, out, transpose != 0, error, sizeof(error)))
-            return lattice_failure(error);
-        return DYNSEG_OK;
+        return with_mean_field(*problem, DYNSEG_PASS_FORWARD, workspace, workspace_bytes,
+                               [&](dynseg::MeanField& crf, char* error, int error_len) {
+                                   return crf.filter(kernel, channels, values, out, transpose != 0, error, error_len);
+                               });
     });
 }
 

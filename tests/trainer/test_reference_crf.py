@@ -14,53 +14,8 @@ PARITY_ATOL = 1e-5
 # ---------------------------------------------------------------------------- helpers
 
 
-def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
-    """(H, W, 3) uint8: a few wide colour blobs on a grey background (no high-contrast noise)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
-    image = np.full((height, width, 3), 40.0)
-    for _ in range(4):
-        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
-        sigma = rng.uniform(0.15, 0.35) * max(height, width)
-        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma * sigma))
-        image += blob[..., None] * rng.uniform(0, 255, 3)
-    return np.clip(image, 0, 255).astype(np.uint8)
-
-
-def smooth_unary(n_labels: int, height: int, width: int, seed: int = 1) -> np.ndarray:
-    """(L, H, W) float32 logits that vary smoothly over the image."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
-    unary = np.empty((n_labels, height, width))
-    for label in range(n_labels):
-        a, b, c, phase = rng.uniform(-1, 1, 4)
-        unary[label] = 2 * np.sin(6 * a * xx / width + phase) * np.cos(6 * b * yy / height) + c
-    return unary.astype(np.float32)
-
-
-def pydensecrf_q(unary, image, iterations, spatial, bilateral, normalization) -> np.ndarray:
-    dcrf = pytest.importorskip("pydensecrf.densecrf")
-    n_labels, height, width = unary.shape
-    crf = dcrf.DenseCRF2D(width, height, n_labels)
-    crf.setUnaryEnergy(np.ascontiguousarray(-unary.reshape(n_labels, -1), dtype=np.float32))
-    ntype = dcrf.NORMALIZE_AFTER if normalization == "after" else dcrf.NORMALIZE_SYMMETRIC
-    if spatial is not None:
-        crf.addPairwiseGaussian(sxy=spatial[0], compat=spatial[1], normalization=ntype)
-    if bilateral is not None:
-        crf.addPairwiseBilateral(
-            sxy=bilateral[0],
-            srgb=bilateral[1],
-            rgbim=np.ascontiguousarray(image),
-            compat=bilateral[2],
-            normalization=ntype,
-        )
-    return np.asarray(crf.inference(iterations)).reshape(n_labels, height, width)
-
-
-def max_q_difference(n_labels, height, width, iterations, spatial, bilateral, normalization) -> float:
-    image = smooth_image(height, width)
-    unary = smooth_unary(n_labels, height, width)
-    expected = pydensecrf_q(unary, image, iterations, spatial, bilateral, normalization)
+def max_q_difference(oracle, image, unary, iterations, spatial, bilateral, normalization) -> float:
+    expected = oracle(unary, image, iterations, spatial, bilateral, normalization)
     actual = dense_crf(
         torch.from_numpy(unary),
         torch.from_numpy(image),
@@ -94,21 +49,24 @@ KERNEL_SETS = {
 @pytest.mark.parametrize("normalization", ["after", "symmetric"])
 @pytest.mark.parametrize("iterations", [1, 5, 10])
 @pytest.mark.parametrize("n_labels", [2, 21, 100])
-def test_dense_crf_matches_pydensecrf_on_smooth_images(n_labels, iterations, normalization, kernel_set):
+def test_dense_crf_matches_pydensecrf_on_smooth_images(
+    n_labels, iterations, normalization, kernel_set, smooth_image, smooth_unary, pydensecrf_q
+):
     spatial, bilateral = KERNEL_SETS[kernel_set]
-    difference = max_q_difference(n_labels, 48, 64, iterations, spatial, bilateral, normalization)
+    image, unary = smooth_image(48, 64), smooth_unary(n_labels, 48, 64)
+    difference = max_q_difference(pydensecrf_q, image, unary, iterations, spatial, bilateral, normalization)
     assert difference <= PARITY_ATOL
 
 
 @pytest.mark.parametrize("normalization", ["after", "symmetric"])
-def test_dense_crf_matches_pydensecrf_on_a_larger_image(normalization):
-    difference = max_q_difference(21, 240, 320, 5, SPATIAL, BILATERAL, normalization)
+def test_dense_crf_matches_pydensecrf_on_a_larger_image(normalization, smooth_image, smooth_unary, pydensecrf_q):
+    image, unary = smooth_image(240, 320), smooth_unary(21, 240, 320)
+    difference = max_q_difference(pydensecrf_q, image, unary, 5, SPATIAL, BILATERAL, normalization)
     assert difference <= PARITY_ATOL
 
 
-def test_dense_crf_with_zero_iterations_is_the_softmax_of_the_unary():
-    unary = torch.from_numpy(smooth_unary(4, 6, 7))
-    image = torch.from_numpy(smooth_image(6, 7))
+def test_dense_crf_with_zero_iterations_is_the_softmax_of_the_unary(smooth_image, smooth_unary):
+    unary, image = torch.from_numpy(smooth_unary(4, 6, 7)), torch.from_numpy(smooth_image(6, 7))
     q = dense_crf(unary, image, iterations=0)
     torch.testing.assert_close(q, torch.softmax(unary, dim=0), rtol=0, atol=0)
 
@@ -274,11 +232,6 @@ def test_positive_potts_weight_makes_neighbours_agree():
 # ---------------------------------------------------------------------------- input validation
 
 
-def _good_arguments():
-    unary = torch.from_numpy(smooth_unary(3, 4, 5))
-    image = torch.from_numpy(smooth_image(4, 5))
-    return unary, image
-
 
 @pytest.mark.parametrize(
     "change, name",
@@ -304,11 +257,16 @@ def _good_arguments():
         (lambda u, i, kw: (u, i, {**kw, "normalization": "before"}), "normalization"),
     ],
 )
-def test_dense_crf_rejects_bad_inputs_naming_the_argument(change, name):
-    unary, image = _good_arguments()
+def test_dense_crf_rejects_bad_inputs_naming_the_argument(change, name, smooth_image, smooth_unary):
+    unary, image = torch.from_numpy(smooth_unary(3, 4, 5)), torch.from_numpy(smooth_image(4, 5))
     unary, image, kwargs = change(unary, image, {})
     with pytest.raises(ValueError, match=name):
         dense_crf(unary, image, **kwargs)
+
+
+def test_features_beyond_float_lattice_range_raise_a_value_error():
+    with pytest.raises(ValueError, match="out of range for the lattice"):
+        dense_crf(torch.zeros(2, 150, 150), None, spatial=(1e-6, 3.0), bilateral=None)
 
 
 def test_mean_field_rejects_mismatched_weights_compat_and_lattices():
