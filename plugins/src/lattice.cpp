@@ -186,8 +186,8 @@ struct HashTable {
 }  // namespace
 
 void LatticeScratch::plan(Workspace& ws, int64_t max_entries) {
-    rem0 = ws.take<int32_t>(max_entries);
-    rank = ws.take<int8_t>(max_entries);
+    rem0 = ws.take<int32_t>(max_entries + 8 * (kMaxFeatureDim + 1));  // whole blocks of 8 pixels
+    rank = ws.take<int32_t>(max_entries + 8 * (kMaxFeatureDim + 1));
     entry_key = ws.take<uint64_t>(max_entries);
     max_table = table_capacity_for(max_entries);
     table = ws.take<HashSlot>(max_table);
@@ -239,8 +239,9 @@ bool Lattice::build(const FeatureSpec& spec, LatticeScratch& scratch, int thread
                 largest = max8(largest, c > splat8(0.0f) ? c : -c);
             }
             embed(f, weights, rem0, rank);
-            int32_t r0[kMaxFeatureDim + 1][8], rk[kMaxFeatureDim + 1][8];
-            float w[kMaxFeatureDim + 1][8];
+            // remainder-0 points and ranks as they come, eight pixels per vector (block-major)
+            int32_t* block_rem0 = scratch.rem0 + p0 * (d + 1);
+            int32_t* block_rank = scratch.rank + p0 * (d + 1);
             for (int i = 0; i <= d; ++i) {
                 const ivec8 ri = __builtin_convertvector(rem0[i], ivec8);
                 const ivec8 ki = __builtin_convertvector(rank[i], ivec8);
@@ -249,19 +250,35 @@ bool Lattice::build(const FeatureSpec& spec, LatticeScratch& scratch, int thread
                     lo[i] = low < lo[i] ? low : lo[i];
                     hi[i] = high > hi[i] ? high : hi[i];
                 }
-                std::memcpy(r0[i], &ri, sizeof(ri));
-                std::memcpy(rk[i], &ki, sizeof(ki));
-                std::memcpy(w[i], &weights[i], sizeof(weights[i]));
+                std::memcpy(block_rem0 + 8 * i, &ri, sizeof(ri));
+                std::memcpy(block_rank + 8 * i, &ki, sizeof(ki));
             }
+            // weights pixel-major: transposed, then each pixel's d+1 written with one 8-wide store
+            // whose tail the following pixels overwrite; a store that would reach past the chunk's
+            // entries (into another thread's, or past the array) is written exactly instead
             const int lanes = static_cast<int>(std::min<int64_t>(8, end - p0));
-            for (int lane = 0; lane < lanes; ++lane) {
-                const int64_t e = (p0 + lane) * (d + 1);
-                for (int i = 0; i <= d; ++i) {
-                    entry_weight_[e + i] = w[i][lane];
-                    entry_slice_weight_[e + i] = w[i][lane] * alpha_;
-                    scratch.rem0[e + i] = r0[i][lane];
-                    scratch.rank[e + i] = static_cast<int8_t>(rk[i][lane]);
+            if (d + 1 <= 8) {
+                vec8 rows[8], pixel[8];
+                for (int i = 0; i < 8; ++i) rows[i] = i <= d ? weights[i] : splat8(0.0f);
+                transpose8(rows, pixel);
+                for (int lane = 0; lane < lanes; ++lane) {
+                    const int64_t e = (p0 + lane) * (d + 1);
+                    if (e + 8 <= end * (d + 1)) {
+                        store8(entry_weight_ + e, pixel[lane]);
+                        store8(entry_slice_weight_ + e, pixel[lane] * splat8(alpha_));
+                    } else {
+                        for (int i = 0; i <= d; ++i) {
+                            entry_weight_[e + i] = pixel[lane][i];
+                            entry_slice_weight_[e + i] = pixel[lane][i] * alpha_;
+                        }
+                    }
                 }
+            } else {
+                for (int lane = 0; lane < lanes; ++lane)
+                    for (int i = 0; i <= d; ++i) {
+                        entry_weight_[(p0 + lane) * (d + 1) + i] = weights[i][lane];
+                        entry_slice_weight_[(p0 + lane) * (d + 1) + i] = weights[i][lane] * alpha_;
+                    }
             }
         }
         chunk_largest[begin / kPixelGrain] = max8(largest);
@@ -319,11 +336,12 @@ bool Lattice::build(const FeatureSpec& spec, LatticeScratch& scratch, int thread
         int32_t c[kMaxFeatureDim];
         uint64_t drop[kMaxFeatureDim + 2];  // drop[rank]: what crossing that coordinate subtracts
         for (int64_t p = begin; p < end; ++p) {
-            const int32_t* rem0 = scratch.rem0 + p * (d + 1);
-            const int8_t* rank = scratch.rank + p * (d + 1);
-            for (int i = 0; i < d; ++i) c[i] = rem0[i];
-            drop[rank[d]] = 0;  // the implied (d+1)-th coordinate is not in the key
-            for (int i = 0; i < d; ++i) drop[rank[i]] = static_cast<uint64_t>(d + 1) << packing.shift[i];
+            // block-major, as step 1 stored them: coordinate i of pixel p at 8·i + p mod 8 of its block
+            const int32_t* rem0 = scratch.rem0 + (p - p % 8) * (d + 1) + p % 8;
+            const int32_t* rank = scratch.rank + (p - p % 8) * (d + 1) + p % 8;
+            for (int i = 0; i < d; ++i) c[i] = rem0[8 * i];
+            drop[rank[8 * d]] = 0;  // the implied (d+1)-th coordinate is not in the key
+            for (int i = 0; i < d; ++i) drop[rank[8 * i]] = static_cast<uint64_t>(d + 1) << packing.shift[i];
             uint64_t key = packing.pack(c);
             uint64_t* out = scratch.entry_key + p * (d + 1);
             out[0] = key;
@@ -339,7 +357,7 @@ bool Lattice::build(const FeatureSpec& spec, LatticeScratch& scratch, int thread
     //    handed out in first-seen order.
     const int64_t entries = n * (d + 1);
     HashTable table{scratch.table, 0, 64};
-    int64_t capacity = std::min<int64_t>(scratch.max_table, table_capacity_for(n / 8 + 1));
+    int64_t capacity = std::min<int64_t>(scratch.max_table, table_capacity_for(n / 2 + 1));
     table.clear(capacity);
     int32_t count = 0;
     constexpr int64_t kLookahead = 16;  // keys are known ahead: fetch their slots before they are needed

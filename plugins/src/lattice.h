@@ -40,8 +40,8 @@ struct HashSlot {
 
 // Scratch shared by every lattice build of one problem; not kept between calls.
 struct LatticeScratch {
-    int32_t* rem0 = nullptr;          // (N·(d+1)) remainder-0 vertex coordinates of each pixel
-    int8_t* rank = nullptr;           // (N·(d+1)) rank of each coordinate
+    int32_t* rem0 = nullptr;          // remainder-0 vertex coordinates, in blocks of 8 pixels ((d+1, 8) each)
+    int32_t* rank = nullptr;          // rank of each coordinate, same layout
     uint64_t* entry_key = nullptr;    // (N·(d+1)) packed vertex keys
     HashSlot* table = nullptr;        // open-addressing hash table, up to max_table slots
     int64_t max_table = 0;

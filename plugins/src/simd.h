@@ -25,6 +25,25 @@ typedef float vec8_unaligned __attribute__((vector_size(32), aligned(4)));
 inline vec8 load8(const float* p) { return *reinterpret_cast<const vec8_unaligned*>(p); }
 inline void store8(float* p, vec8 v) { *reinterpret_cast<vec8_unaligned*>(p) = v; }
 
+// out[k][i] = rows[i][k]: eight rows of eight lanes to eight columns.
+inline void transpose8(const vec8* r, vec8* out) {
+    vec8 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+        t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    }
+    for (int h = 0; h < 8; h += 4) {  // rows 0-3, then rows 4-7
+        u[h] = __builtin_shufflevector(t[h], t[h + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+        u[h + 1] = __builtin_shufflevector(t[h], t[h + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+        u[h + 2] = __builtin_shufflevector(t[h + 1], t[h + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+        u[h + 3] = __builtin_shufflevector(t[h + 1], t[h + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+    for (int k = 0; k < 4; ++k) {
+        out[k] = __builtin_shufflevector(u[k], u[k + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+        out[k + 4] = __builtin_shufflevector(u[k], u[k + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    }
+}
+
 // a·b + c rounded once: one instruction where the CPU has FMA, the exact libm fma per lane where it
 // has not (slower, same bits). Only the exp polynomial uses it; the filters keep densecrf's separate
 // multiply and add, because near-ties between labels amplify any change of rounding over the
