@@ -1,0 +1,203 @@
+"""The network's parts on hand-made cases, and the whole network for any number of detections."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dynseg.trainer.loss import IGNORE, instance_loss, matched_ground_truth
+from dynseg.trainer.model import (
+    InstanceConfig, InstanceUnaries, ModelConfig, SemanticCRF, SemanticCRFConfig, build_model, check_detections,
+)
+
+H, W = 40, 48
+
+
+def image_with_two_objects() -> torch.Tensor:
+    image = torch.full((3, H, W), 30.0)
+    image[:, 8:24, 6:20] = torch.tensor([220.0, 40.0, 40.0]).view(3, 1, 1)
+    image[:, 14:34, 26:44] = torch.tensor([40.0, 200.0, 60.0]).view(3, 1, 1)
+    return image
+
+
+def small_model(**changes) -> torch.nn.Module:
+    config = ModelConfig(backbone="resnet18", class_names=("red", "green"),
+                         instance=InstanceConfig(templates_per_group=4, template_size=16), **changes)
+    torch.manual_seed(0)
+    return build_model(config)
+
+
+# ------------------------------------------------------------------------ semantic CRF, detection potential
+
+
+def test_a_confident_detection_pulls_its_box_towards_its_class():
+    unary = torch.zeros(3, H, W)  # undecided between background and the two classes
+    image = image_with_two_objects()
+    crf = SemanticCRF(num_classes=2, config=SemanticCRFConfig(iterations=2, weight_spatial=0.0, weight_bilateral=0.0,
+                                                               detection_x=2.0))
+    box = torch.tensor([[6.0, 8.0, 19.0, 23.0]])
+    with torch.no_grad():
+        with_detection, recalibrated = crf(unary, image, box, torch.tensor([1]), torch.tensor([0.9]))
+        without, _ = crf(unary, image, box[:0], torch.tensor([], dtype=torch.int64), torch.tensor([]))
+    q_with = torch.softmax(with_detection, 0)
+    q_without = torch.softmax(without, 0)
+    inside = (slice(None), slice(8, 24), slice(6, 20))
+    assert (q_with[1][inside[1:]] > q_without[1][inside[1:]] + 0.1).all()  # class 1 gains in the box
+    assert torch.allclose(q_with[:, 0, 0], q_without[:, 0, 0])  # nothing changes outside it
+    assert recalibrated.shape == (1,) and 0.0 < float(recalibrated[0]) < 1.0
+
+
+def test_pixels_that_disagree_with_a_detection_lower_its_recalibrated_score():
+    image = image_with_two_objects()
+    crf = SemanticCRF(num_classes=2, config=SemanticCRFConfig(iterations=1, detection_y=5.0))
+    box = torch.tensor([[6.0, 8.0, 19.0, 23.0]])
+    agreeing = torch.zeros(3, H, W)
+    agreeing[1] = 5.0  # every pixel says class 1
+    disagreeing = torch.zeros(3, H, W)
+    disagreeing[2] = 5.0  # every pixel says class 2
+    with torch.no_grad():
+        _, score_agreeing = crf(agreeing, image, box, torch.tensor([1]), torch.tensor([0.7]))
+        _, score_disagreeing = crf(disagreeing, image, box, torch.tensor([1]), torch.tensor([0.7]))
+    assert float(score_agreeing) > 0.9 > 0.1 > float(score_disagreeing)
+
+
+# ------------------------------------------------------------------------ instance unaries
+
+
+def test_the_shape_term_picks_the_template_that_matches_the_object():
+    unaries = InstanceUnaries(config=InstanceConfig(box_term=False, global_term=False, template_groups=1,
+                                                    templates_per_group=2, template_size=8))
+    with torch.no_grad():
+        unaries.templates.zero_()
+        unaries.templates[0, 0, :, :4] = 1.0  # left half
+        unaries.templates[0, 1, :, 4:] = 1.0  # right half
+    q_sem = torch.zeros(2, 16, 16)
+    q_sem[0] = 1.0
+    q_sem[1, :, 8:] = 1.0  # the object fills the right half of the box
+    q_sem[0, :, 8:] = 0.0
+    box = torch.tensor([[0.0, 0.0, 15.0, 15.0]])
+    chosen = unaries._best_templates(q_sem[torch.tensor([1])], box)[0]
+    assert chosen[:, 12:].min() > 0.9 and chosen[:, :3].max() < 0.1
+
+
+def test_templates_initialise_from_training_masks_by_aspect_ratio():
+    unaries = InstanceUnaries(config=InstanceConfig(template_groups=2, templates_per_group=1, template_size=8))
+    tall = np.zeros((20, 20), bool)
+    tall[0:20, 5:10] = True
+    unaries.initialise_templates([tall], [np.array([5, 0, 9, 19])])
+    assert torch.allclose(unaries.templates[1, 0], torch.ones(8, 8))  # the tall group: the box is all object
+
+
+def test_unaries_have_one_label_per_detection_plus_background():
+    unaries = InstanceUnaries()
+    q_sem = torch.softmax(torch.randn(3, H, W), 0)
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 12.0], [20.0, 5.0, 40.0, 30.0]])
+    u = unaries(q_sem, boxes, torch.tensor([1, 2]), torch.tensor([0.9, 0.5]))
+    assert u.shape == (3, H, W) and torch.isfinite(u).all()
+
+
+# ------------------------------------------------------------------------ the whole network
+
+
+@pytest.mark.parametrize("detections", [0, 1, 2, 37])
+def test_the_network_takes_any_number_of_detections(detections):
+    model = small_model().eval()
+    generator = torch.Generator().manual_seed(detections)
+    x1y1 = torch.rand(detections, 2, generator=generator) * torch.tensor([W - 10.0, H - 10.0])
+    boxes = torch.cat([x1y1, x1y1 + 4 + torch.rand(detections, 2, generator=generator) * 6], dim=1)
+    labels = torch.randint(1, 3, (detections,), generator=generator)
+    scores = torch.rand(detections, generator=generator)
+    with torch.no_grad():
+        out = model(image_with_two_objects(), boxes, labels, scores)
+    assert out.semantic_logits.shape == (3, H, W)
+    assert out.instance_logits.shape == (detections + 1, H, W)
+    assert out.instance_map.shape == (H, W) and out.instance_map.dtype == torch.int64
+    n = len(out.instance_labels)
+    present = set(out.instance_map.unique().tolist())
+    assert set(range(1, n + 1)) <= present <= set(range(n + 1))  # ids 1..N, consecutive
+    assert out.instance_detections.tolist() == sorted(out.instance_detections.tolist())  # detection order
+    assert out.instance_scores.shape == (n,) and ((out.instance_scores >= 0) & (out.instance_scores <= 1)).all()
+    if detections == 0:
+        assert n == 0 and (out.instance_map == 0).all()
+
+
+def test_gradients_reach_the_backbone_end_to_end_and_not_when_it_is_frozen():
+    model = small_model().eval()  # batch-norm statistics frozen, as in stage 2; gradients still flow
+    boxes = torch.tensor([[6.0, 8.0, 19.0, 23.0], [26.0, 14.0, 43.0, 33.0]])
+    out = model(image_with_two_objects(), boxes, torch.tensor([1, 2]), torch.tensor([0.9, 0.8]))
+    out.instance_logits[1].sum().backward()
+    assert model.semantic.backbone.conv1.weight.grad.abs().sum() > 0
+    assert model.instance_crf.bilateral_weight.grad is not None
+    model.zero_grad(set_to_none=True)
+    for parameter in model.semantic.parameters():  # piecewise: the semantic part is frozen
+        parameter.requires_grad_(False)
+    out = model(image_with_two_objects(), boxes, torch.tensor([1, 2]), torch.tensor([0.9, 0.8]))
+    out.instance_logits[1].sum().backward()
+    assert model.semantic.backbone.conv1.weight.grad is None
+    assert model.instance_unaries.term_weights.grad is not None
+
+
+def test_the_configuration_round_trips_through_json():
+    config = ModelConfig(backbone="resnet50", class_names=("a", "b", "c"), semantic_crf=None)
+    assert ModelConfig.from_json(config.to_json()) == config
+
+
+@pytest.mark.parametrize(
+    "boxes, labels, scores, message",
+    [
+        ([[5.0, 5.0, 2.0, 9.0]], [1], [0.5], "inverted"),
+        ([[60.0, 50.0, 70.0, 60.0]], [1], [0.5], "outside"),
+        ([[1.0, 1.0, 5.0, 5.0]], [3], [0.5], "labels"),
+        ([[1.0, 1.0, 5.0, 5.0]], [0], [0.5], "labels"),
+        ([[1.0, 1.0, 5.0, 5.0]], [1], [float("nan")], "scores"),
+        ([[1.0, 1.0, 5.0, 5.0]], [1, 2], [0.5], "entries"),
+        ([[1.0, 1.0, 5.0]], [1], [0.5], "boxes"),
+    ],
+)
+def test_bad_detections_raise_clear_errors(boxes, labels, scores, message):
+    with pytest.raises(ValueError, match=message):
+        check_detections(torch.tensor(boxes), torch.tensor(labels), torch.tensor(scores), height=H, width=W,
+                         num_classes=2)
+
+
+def test_boxes_reaching_outside_the_image_are_clipped_with_a_warning():
+    with pytest.warns(UserWarning, match="clipped"):
+        boxes, _, _ = check_detections(torch.tensor([[-5.0, 2.5, 60.0, 9.7]]), torch.tensor([1]),
+                                       torch.tensor([0.5]), height=H, width=W, num_classes=2)
+    assert boxes.tolist() == [[0.0, 2.0, W - 1.0, 9.0]]
+
+
+# ------------------------------------------------------------------------ the matched-ground-truth loss
+
+
+def two_instance_case():
+    logits = torch.full((3, 10, 10), -5.0)
+    logits[0] = 0.0
+    logits[1, 0:5, 0:5] = 5.0  # detection 1 predicts the top-left square
+    logits[2, 5:10, 5:10] = 5.0  # detection 2 the bottom-right one
+    gt = torch.zeros(2, 10, 10, dtype=torch.bool)
+    gt[0, 5:10, 5:10] = True
+    gt[1, 0:4, 0:5] = True
+    boxes = torch.tensor([[0.0, 0.0, 4.0, 4.0], [5.0, 5.0, 9.0, 9.0]])
+    return logits, boxes, gt
+
+
+def test_the_loss_does_not_depend_on_the_order_of_ground_truth_instances():
+    logits, boxes, gt = two_instance_case()
+    labels = torch.tensor([1, 1])
+    forward = instance_loss(logits, boxes, labels, gt, torch.tensor([1, 1]))
+    backward = instance_loss(logits, boxes, labels, gt.flip(0), torch.tensor([1, 1]))
+    assert torch.equal(forward, backward)
+    target = matched_ground_truth(logits, boxes, labels, gt, torch.tensor([1, 1]))
+    assert (target[0:4, 0:5] == 1).all() and (target[5:, 5:] == 2).all() and target[9, 0] == 0
+
+
+def test_instances_of_another_class_or_unexplained_are_ignored():
+    logits, boxes, gt = two_instance_case()
+    target = matched_ground_truth(logits, boxes, torch.tensor([1, 1]), gt, torch.tensor([1, 2]))
+    assert (target[5:, 5:] == 2).all()
+    assert (target[0:4, 0:5] == IGNORE).all()  # class 2 has no detection of its class
+    void = torch.zeros(10, 10, dtype=torch.bool)
+    void[9, 0] = True
+    assert matched_ground_truth(logits, boxes, torch.tensor([1, 1]), gt, torch.tensor([1, 1]), void)[9, 0] == IGNORE

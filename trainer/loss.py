@@ -1,0 +1,110 @@
+"""The training losses (Sec. 3.4): the instance loss against the matched ground truth, and the
+semantic cross-entropy of stage 1 (also usable as an auxiliary term).
+
+The instance CRF's labels are detections, in the detector's order, so the ground-truth instance ids
+mean nothing to it. The ground truth is therefore relabelled to best match the prediction: a maximum-
+weight bipartite matching between predicted segments (the argmax of the instance logits, one per
+detection) and ground-truth instances, weight = IoU when the classes agree and 0 otherwise (scipy's
+linear_sum_assignment). Each matched ground-truth instance's pixels then take its detection's label;
+background stays 0. Pixels of ground-truth instances matched to nothing have no correct label among
+0..D, and are ignored, as are void pixels.
+
+One addition to the paper, so that training can start from an untrained network whose predicted
+segments are empty: a pair of the same class also scores 1e-3 × the IoU of the detection's box with
+the ground-truth instance's box, which only breaks ties among zero segment overlaps. Pairs of total
+weight 0 count as unmatched.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+
+IGNORE = -100  # cross_entropy's ignore_index
+BOX_TIE_BREAK = 1e-3
+
+
+def box_iou(a: Tensor, b: Tensor) -> Tensor:
+    """(P, Q) IoU of inclusive integer xyxy boxes."""
+    x1 = torch.maximum(a[:, None, 0], b[None, :, 0])
+    y1 = torch.maximum(a[:, None, 1], b[None, :, 1])
+    x2 = torch.minimum(a[:, None, 2], b[None, :, 2])
+    y2 = torch.minimum(a[:, None, 3], b[None, :, 3])
+    inter = (x2 - x1 + 1).clamp(min=0) * (y2 - y1 + 1).clamp(min=0)
+    area_a = (a[:, 2] - a[:, 0] + 1) * (a[:, 3] - a[:, 1] + 1)
+    area_b = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)
+    return inter / (area_a[:, None] + area_b[None, :] - inter)
+
+
+def mask_boxes(masks: Tensor) -> Tensor:
+    """(M, 4) inclusive xyxy boxes of non-empty (M, H, W) bool masks."""
+    rows, cols = masks.any(dim=2), masks.any(dim=1)
+    ys = torch.arange(masks.shape[1])
+    xs = torch.arange(masks.shape[2])
+    big = max(masks.shape[1:])
+    return torch.stack([
+        torch.where(cols, xs, big).min(dim=1).values, torch.where(rows, ys, big).min(dim=1).values,
+        torch.where(cols, xs, -1).max(dim=1).values, torch.where(rows, ys, -1).max(dim=1).values,
+    ], dim=1).to(torch.float32)
+
+
+def matched_ground_truth(
+    instance_logits: Tensor,
+    boxes: Tensor,
+    labels: Tensor,
+    gt_masks: Tensor,
+    gt_labels: Tensor,
+    void: Tensor | None = None,
+) -> Tensor:
+    """The target map for the instance logits, (H, W) int64 in 0..D or IGNORE.
+
+    instance_logits: (D+1, H, W); boxes (D, 4) and labels (D,) of the detections; gt_masks (M, H, W)
+    bool, gt_labels (M,) in 1..K; void: (H, W) bool or None.
+    """
+    detections = instance_logits.shape[0] - 1
+    height, width = instance_logits.shape[1:]
+    target = torch.zeros(height, width, dtype=torch.int64)
+    matched = torch.zeros(gt_masks.shape[0], dtype=torch.bool)
+    if detections and gt_masks.shape[0]:
+        winner = instance_logits.detach().argmax(dim=0)
+        predicted = winner.unsqueeze(0) == torch.arange(1, detections + 1).view(-1, 1, 1)  # (D, H, W)
+        inter = predicted.flatten(1).float() @ gt_masks.flatten(1).float().t()  # (D, M)
+        union = predicted.flatten(1).sum(1)[:, None] + gt_masks.flatten(1).sum(1)[None, :] - inter
+        weight = inter / union.clamp(min=1) + BOX_TIE_BREAK * box_iou(boxes, mask_boxes(gt_masks))
+        weight = weight * (labels[:, None] == gt_labels[None, :])
+        rows, cols = linear_sum_assignment(weight.numpy(), maximize=True)
+        for d, m in zip(rows, cols):
+            if weight[d, m] > 0:
+                target[gt_masks[m]] = int(d) + 1
+                matched[m] = True
+    for m in np.flatnonzero(~matched.numpy()):
+        target[gt_masks[int(m)]] = IGNORE  # a ground-truth instance no detection explains
+    if void is not None:
+        target[void] = IGNORE
+    return target
+
+
+def instance_loss(
+    instance_logits: Tensor,
+    boxes: Tensor,
+    labels: Tensor,
+    gt_masks: Tensor,
+    gt_labels: Tensor,
+    void: Tensor | None = None,
+) -> Tensor:
+    """Pixelwise cross-entropy of the instance logits (D+1, H, W) against the matched ground truth,
+    averaged over the pixels that are not ignored (0 when all are)."""
+    target = matched_ground_truth(instance_logits, boxes, labels, gt_masks, gt_labels, void)
+    if (target == IGNORE).all():
+        return instance_logits.sum() * 0.0
+    return F.cross_entropy(instance_logits.unsqueeze(0), target.unsqueeze(0), ignore_index=IGNORE)
+
+
+def semantic_loss(logits: Tensor, semantic: Tensor, void_label: int = 255) -> Tensor:
+    """Pixelwise cross-entropy of (B, K+1, H, W) logits against (B, H, W) class maps; void ignored."""
+    target = semantic.clone()
+    target[target == void_label] = IGNORE
+    return F.cross_entropy(logits, target, ignore_index=IGNORE)

@@ -1,0 +1,165 @@
+"""The instance subnetwork: box, global and shape terms, and the instance CRF with D+1 labels.
+
+Owns ALGORITHM.md §5: for detection k (class c_k, score s_k, integer inclusive box B_k),
+  box term     psi_box(k, i)    = s_k · Q_i(c_k) inside B_k, 0 outside (none for the background);
+  global term  psi_global(k, i) = Q_i(c_k) everywhere; the background's is Q_i(0);
+  shape term   psi_shape(k, i)  = Q_i(c_k) · t*(i) inside B_k, t* the learned template of the box's
+               aspect-ratio group that best matches Q(c_k) in the box (<T, Q_crop> / ||T||, at
+               template resolution: the crop is resized to the template, an accepted approximation);
+  U_k = ln(max(w1·psi_box + w2·psi_global + w3·psi_shape, epsilon)),
+then the label-agnostic instance CRF: one scalar weight per kernel shared by all D+1 labels, fixed
+Potts, so the same parameters serve any number of detections. The box term uses the detector's
+score s (the paper's choice; the released code fed sigmoid(2s - 1)), or the semantic CRF's
+recalibrated score when its detection potential is on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..crf import mean_field_native
+from .semantic_crf import box_masks
+
+
+@dataclass(frozen=True)
+class InstanceConfig:
+    """Which unary terms, the templates' layout, and the instance CRF (the released defaults)."""
+
+    box_term: bool = True
+    global_term: bool = True
+    shape_term: bool = True
+    template_groups: int = 5  # aspect-ratio groups
+    templates_per_group: int = 16  # the paper used about 250 on VOC
+    template_size: int = 32
+    epsilon: float = 1e-6  # the clamp that keeps ln finite
+    crf: bool = True
+    iterations: int = 3
+    theta_spatial: float = 3.0
+    theta_bilateral_xy: float = 49.0
+    theta_bilateral_rgb: float = 5.0
+    weight_spatial: float = 3.0
+    weight_bilateral: float = 4.0
+
+
+def aspect_groups(boxes: Tensor, groups: int) -> Tensor:
+    """(D,) int64 group of each box by log aspect ratio (height / width), in equal bins over [1/4, 4]."""
+    heights = boxes[:, 3] - boxes[:, 1] + 1
+    widths = boxes[:, 2] - boxes[:, 0] + 1
+    ratio = torch.log(heights / widths).clamp(-math.log(4.0), math.log(4.0))
+    return ((ratio + math.log(4.0)) / (2 * math.log(4.0)) * groups).long().clamp(max=groups - 1)
+
+
+class InstanceUnaries(nn.Module):
+    """U (D+1, H, W) from the semantic probabilities and the detections."""
+
+    def __init__(self, *, config: InstanceConfig = InstanceConfig()):
+        super().__init__()
+        self.config = config
+        self.term_weights = nn.Parameter(torch.ones(3))  # w1 (box), w2 (global), w3 (shape)
+        size = config.template_size
+        templates = torch.zeros(config.template_groups, config.templates_per_group, size, size)
+        templates[..., size // 8 : size - size // 8, size // 8 : size - size // 8] = 1.0  # until initialised
+        self.templates = nn.Parameter(templates)  # (G, T, S, S)
+
+    @torch.no_grad()
+    def initialise_templates(self, masks: list[np.ndarray], boxes: list[np.ndarray], *, seed: int = 0) -> None:
+        """k-means of training instance masks (each cropped to its box, resized to the template
+        size), per aspect-ratio group. masks: bool (H, W) each; boxes: xyxy inclusive each."""
+        config = self.config
+        if not masks:
+            raise ValueError("masks must hold at least one training instance mask")
+        crops, groups = [], []
+        for mask, box in zip(masks, boxes):
+            x1, y1, x2, y2 = (int(v) for v in box)
+            crop = torch.from_numpy(np.ascontiguousarray(mask[y1 : y2 + 1, x1 : x2 + 1], dtype=np.float32))
+            crops.append(F.interpolate(crop[None, None], size=(config.template_size,) * 2, mode="bilinear",
+                                       align_corners=True)[0, 0])
+            groups.append(int(aspect_groups(torch.tensor(np.asarray(box, dtype=np.float32)[None]), config.template_groups)))
+        crops_t = torch.stack(crops).flatten(1)  # (n, S*S)
+        groups_t = torch.tensor(groups)
+        generator = torch.Generator().manual_seed(seed)
+        for group in range(config.template_groups):
+            members = crops_t[groups_t == group]
+            if len(members) == 0:
+                members = crops_t  # no training shape of this aspect: borrow from all
+            self.templates[group] = _kmeans(members, config.templates_per_group, generator).view(
+                -1, config.template_size, config.template_size)
+
+    def forward(self, q_sem: Tensor, boxes: Tensor, labels: Tensor, scores: Tensor) -> Tensor:
+        """q_sem: (K+1, H, W) semantic probabilities; boxes (D, 4) integer-valued xyxy inclusive in the
+        image; labels (D,) in 1..K; scores (D,). Returns U, (D+1, H, W) logits, label 0 = background."""
+        config = self.config
+        height, width = q_sem.shape[1:]
+        w_box, w_global, w_shape = self.term_weights
+        q_class = q_sem[labels]  # (D, H, W): Q_i(c_k)
+        inside = box_masks(boxes, height, width).to(q_sem.dtype)
+        total = torch.zeros_like(q_class)
+        if config.box_term:
+            total = total + w_box * scores.view(-1, 1, 1) * q_class * inside
+        if config.global_term:
+            total = total + w_global * q_class
+        if config.shape_term:
+            total = total + w_shape * q_class * self._best_templates(q_class, boxes) * inside
+        background = w_global * q_sem[0] if config.global_term else torch.zeros_like(q_sem[0])
+        total = torch.cat([background.unsqueeze(0), total], dim=0)  # (D+1, H, W)
+        return torch.log(torch.clamp(total, min=config.epsilon))
+
+    def _best_templates(self, q_class: Tensor, boxes: Tensor) -> Tensor:
+        """(D, H, W): each detection's best template t*, pasted over its box (0 elsewhere)."""
+        config = self.config
+        size = config.template_size
+        height, width = q_class.shape[1:]
+        groups = aspect_groups(boxes, config.template_groups)
+        pasted = []
+        for k in range(boxes.shape[0]):
+            x1, y1, x2, y2 = (int(v) for v in boxes[k])
+            crop = q_class[k, y1 : y2 + 1, x1 : x2 + 1]
+            crop = F.interpolate(crop[None, None], size=(size, size), mode="bilinear", align_corners=True)[0, 0]
+            candidates = self.templates[groups[k]]  # (T, S, S)
+            norms = candidates.flatten(1).norm(dim=1).clamp(min=1e-12)
+            score = (candidates.flatten(1) @ crop.flatten()) / norms  # <T, Q_crop> / ||T||
+            best = candidates[int(score.argmax())]  # only the chosen template gets a gradient
+            resized = F.interpolate(best[None, None], size=(y2 - y1 + 1, x2 - x1 + 1), mode="bilinear",
+                                    align_corners=True)[0, 0]
+            pasted.append(F.pad(resized, (x1, width - 1 - x2, y1, height - 1 - y2)))  # (H, W)
+        return torch.stack(pasted) if pasted else torch.zeros_like(q_class)
+
+
+def _kmeans(points: Tensor, k: int, generator: torch.Generator, iterations: int = 20) -> Tensor:
+    """Lloyd's k-means; (n, dim) -> (k, dim) centres (points repeat when n < k)."""
+    n = points.shape[0]
+    centres = points[torch.randint(n, (k,), generator=generator)].clone()
+    for _ in range(iterations):
+        assign = torch.cdist(points, centres).argmin(dim=1)
+        for c in range(k):
+            members = points[assign == c]
+            if len(members):
+                centres[c] = members.mean(dim=0)
+    return centres
+
+
+class InstanceCRF(nn.Module):
+    """The label-agnostic instance CRF: scalar kernel weights shared by all D+1 labels, Potts."""
+
+    def __init__(self, *, config: InstanceConfig = InstanceConfig()):
+        super().__init__()
+        self.config = config
+        self.spatial_weight = nn.Parameter(torch.tensor(config.weight_spatial))
+        self.bilateral_weight = nn.Parameter(torch.tensor(config.weight_bilateral))
+
+    def forward(self, unary: Tensor, image: Tensor) -> Tensor:
+        """unary (D+1, H, W) logits, image (3, H, W) RGB 0..255 -> (D+1, H, W) logits."""
+        config = self.config
+        if not config.crf:
+            return unary
+        kernels = [
+            (config.theta_spatial, 0.0, self.spatial_weight),
+            (config.theta_bilateral_xy, config.theta_bilateral_rgb, self.bilateral_weight),
+        ]
+        return mean_field_native(unary, image, kernels, iterations=config.iterations)

@@ -1,0 +1,189 @@
+"""The Dynamically Instantiated Network: semantic subnetwork, semantic CRF, instance unaries, instance CRF.
+
+Owns the composition (ALGORITHM.md §1) and everything around a forward pass: checking the detections,
+the model's configuration (all that is needed to rebuild it, kept as JSON beside a checkpoint), and
+turning instance logits into the instance map, per-instance classes and scores (§6).
+
+    image ──► backbone + head ──► logits (K+1, h, w) ──► upsample (align corners) to H×W
+          ──► semantic CRF (with the detection potential) ──► Q_sem
+          ──► box, global, shape terms ──► U (D+1, H, W) ──► instance CRF ──► instance logits
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..backbones import IMAGENET_MEAN, IMAGENET_STD, semantic_network
+from .instance import InstanceConfig, InstanceCRF, InstanceUnaries
+from .semantic_crf import SemanticCRF, SemanticCRFConfig
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a network; saved as JSON next to its weights."""
+
+    backbone: str = "resnet18"
+    class_names: tuple[str, ...] = ("object",)
+    semantic_crf: SemanticCRFConfig | None = field(default_factory=SemanticCRFConfig)
+    instance: InstanceConfig = field(default_factory=InstanceConfig)
+    mean: tuple[float, float, float] = tuple(IMAGENET_MEAN)  # of RGB in 0..1, as the backbone expects
+    std: tuple[float, float, float] = tuple(IMAGENET_STD)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        raw = json.loads(text)
+        semantic = raw.get("semantic_crf")
+        return cls(
+            backbone=raw["backbone"],
+            class_names=tuple(raw["class_names"]),
+            semantic_crf=None if semantic is None else SemanticCRFConfig(**semantic),
+            instance=InstanceConfig(**raw["instance"]),
+            mean=tuple(raw["mean"]),
+            std=tuple(raw["std"]),
+        )
+
+
+@dataclass
+class NetworkOutput:
+    """One image's results. H, W: the image; D: detections; N: instances that kept pixels."""
+
+    semantic_logits: Tensor  # (K+1, H, W), after the semantic CRF
+    semantic_probabilities: Tensor  # (K+1, H, W)
+    detection_scores: Tensor  # (D,) recalibrated by the detection potential (else the input scores)
+    instance_logits: Tensor  # (D+1, H, W), label 0 = background
+    instance_map: Tensor  # (H, W) int64: 0 background, 1..N in detection order
+    instance_labels: Tensor  # (N,) int64 class of each instance (its detection's)
+    instance_detections: Tensor  # (N,) int64 index of each instance's detection
+    instance_scores: Tensor  # (N,) mean of Q_sem(class) over the instance's pixels
+
+
+def check_detections(
+    boxes: Tensor, labels: Tensor, scores: Tensor, *, height: int, width: int, num_classes: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Validated detections: boxes (D, 4) float xyxy in pixels (inclusive), truncated to integers
+    as the original code did and clipped to the image with a warning; labels (D,) int64 in 1..K;
+    scores (D,) float32. Inverted boxes, boxes wholly outside the image, labels out of range,
+    non-finite values and mismatched lengths raise ValueError."""
+    if boxes.dim() != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"boxes must have shape (D, 4), got {tuple(boxes.shape)}")
+    count = boxes.shape[0]
+    if labels.shape != (count,) or scores.shape != (count,):
+        raise ValueError(f"boxes, labels and scores must have D = {count} entries, got labels "
+                         f"{tuple(labels.shape)} and scores {tuple(scores.shape)}")
+    if not torch.isfinite(boxes).all():
+        raise ValueError("boxes must be finite")
+    if not torch.isfinite(scores).all():
+        raise ValueError("scores must be finite (found NaN or inf)")
+    if labels.dtype.is_floating_point or (count and (labels.min() < 1 or labels.max() > num_classes)):
+        raise ValueError(f"labels must be integers in 1..{num_classes}, got {labels.tolist()}")
+    inverted = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+    if inverted.any():
+        raise ValueError(f"boxes {inverted.nonzero().flatten().tolist()} are inverted (x2 < x1 or y2 < y1)")
+    outside = (boxes[:, 2] < 0) | (boxes[:, 3] < 0) | (boxes[:, 0] > width - 1) | (boxes[:, 1] > height - 1)
+    if outside.any():
+        raise ValueError(f"boxes {outside.nonzero().flatten().tolist()} lie wholly outside the "
+                         f"{width}x{height} image")
+    limits = torch.tensor([width - 1, height - 1, width - 1, height - 1], dtype=boxes.dtype)
+    clipped = torch.minimum(torch.clamp(torch.floor(boxes), min=0), limits)
+    if (clipped != torch.floor(boxes)).any():
+        warnings.warn("boxes reaching outside the image were clipped to it", stacklevel=3)
+    return clipped.to(torch.float32), labels.to(torch.int64), scores.to(torch.float32)
+
+
+class DynamicallyInstantiatedNetwork(nn.Module):
+    """Image and detections in, semantic and instance segmentations out (one image at a time: D
+    differs per image)."""
+
+    def __init__(
+        self,
+        *,
+        config: ModelConfig,
+        semantic: nn.Module,
+        semantic_crf: SemanticCRF | None,
+        instance_unaries: InstanceUnaries,
+        instance_crf: InstanceCRF,
+    ):
+        super().__init__()
+        self.config = config
+        self.semantic = semantic
+        self.semantic_crf = semantic_crf
+        self.instance_unaries = instance_unaries
+        self.instance_crf = instance_crf
+        self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1) * 255.0, persistent=False)
+
+    def semantic_logits(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) float RGB in 0..255 -> (B, K+1, H, W) logits, upsampled (align corners)
+        before any softmax, as the released model did. No CRF: stage 1 trains on these."""
+        coarse = self.semantic((images - self.mean) / self.std)
+        return F.interpolate(coarse, size=images.shape[-2:], mode="bilinear", align_corners=True)
+
+    def forward(self, image: Tensor, boxes: Tensor, labels: Tensor, scores: Tensor) -> NetworkOutput:
+        """image: (3, H, W) float32 RGB in 0..255; boxes: (D, 4) float32 xyxy pixels (inclusive);
+        labels: (D,) int64 in 1..K; scores: (D,) float32. Any D >= 0."""
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"image must have shape (3, H, W), got {tuple(image.shape)}")
+        height, width = image.shape[1:]
+        boxes, labels, scores = check_detections(boxes, labels, scores, height=height, width=width,
+                                                 num_classes=self.config.num_classes)
+        logits = self.semantic_logits(image.unsqueeze(0))[0]  # (K+1, H, W)
+        detection_scores = scores
+        if self.semantic_crf is not None:
+            logits, detection_scores = self.semantic_crf(logits, image, boxes, labels, scores)
+        q_sem = torch.softmax(logits, dim=0)
+        unary = self.instance_unaries(q_sem, boxes, labels, detection_scores)  # (D+1, H, W)
+        instance_logits = self.instance_crf(unary, image) if boxes.shape[0] else unary
+        return NetworkOutput(
+            semantic_logits=logits,
+            semantic_probabilities=q_sem,
+            detection_scores=detection_scores,
+            instance_logits=instance_logits,
+            **instances(instance_logits.detach(), q_sem.detach(), labels),
+        )
+
+
+def instances(instance_logits: Tensor, q_sem: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    """The instance map (argmax; instances without pixels dropped, the rest renumbered 1..N in
+    detection order), and per instance its class, detection index and score (mean Q_sem of its class
+    over its pixels, the released code's ranking score)."""
+    winner = instance_logits.argmax(dim=0)  # (H, W) in 0..D
+    present = torch.unique(winner)
+    present = present[present > 0]  # detection index + 1, ascending = detection order
+    renumber = torch.zeros(instance_logits.shape[0], dtype=torch.int64)
+    renumber[present] = torch.arange(1, len(present) + 1)
+    detections = present - 1
+    classes = labels[detections]
+    scores = torch.stack([q_sem[c][winner == d + 1].mean() for c, d in zip(classes, detections)]) \
+        if len(detections) else torch.zeros(0)
+    return {
+        "instance_map": renumber[winner],
+        "instance_labels": classes,
+        "instance_detections": detections,
+        "instance_scores": scores,
+    }
+
+
+def build_model(config: ModelConfig, *, pretrained: str | Path | None = None) -> DynamicallyInstantiatedNetwork:
+    """A network for `config`, with the backbone's ImageNet weights from `pretrained` if given."""
+    return DynamicallyInstantiatedNetwork(
+        config=config,
+        semantic=semantic_network(config.backbone, num_classes=config.num_classes + 1, pretrained=pretrained),
+        semantic_crf=None if config.semantic_crf is None else SemanticCRF(num_classes=config.num_classes,
+                                                                          config=config.semantic_crf),
+        instance_unaries=InstanceUnaries(config=config.instance),
+        instance_crf=InstanceCRF(config=config.instance),
+    )

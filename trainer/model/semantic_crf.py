@@ -1,0 +1,116 @@
+"""The semantic CRF: CRF-as-RNN over the K+1 classes, plus the higher-order detection potential.
+
+Owns the semantic subnetwork's CRF (ALGORITHM.md §3-4): per-class kernel weight matrices W_s, W_b
+(initialised diagonal) and a learned compatibility mu (initialised -I), and the detection potential
+of Arnab et al. (ECCV 2016) with F_d = the pixels of detection d's box, which also yields the
+recalibrated detection scores Q(Y_d = 1).
+
+Each iteration is  L^t = U + pairwise(Q^{t-1}) + detection(Q^{t-1}),  Q^t = softmax(L^t). The
+pairwise message comes from the native kernels (`mean_field_native`, one iteration at a time: one
+mean-field step from logits L gives L - mu·m(softmax(L)), so the message is that minus L). The
+kernel library runs whole mean-field loops and knows nothing of detections yet, so the loop lives
+here until the exported op gains the detection potential; the lattices are rebuilt per iteration,
+which costs about a millisecond per iteration at training sizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..crf import mean_field_native
+
+
+@dataclass(frozen=True)
+class SemanticCRFConfig:
+    """CRF-as-RNN's defaults (ALGORITHM.md §3) and the detection potential's weights."""
+
+    iterations: int = 5
+    theta_spatial: float = 3.0
+    theta_bilateral_xy: float = 160.0
+    theta_bilateral_rgb: float = 3.0
+    weight_spatial: float = 3.0
+    weight_bilateral: float = 5.0
+    detection_potential: bool = True
+    detection_x: float = 1.0  # w_x: how strongly a detection pulls its box's pixels, x_d = w_x·s_d
+    detection_y: float = 1.0  # w_y: how strongly the pixels vote on the detection, y_d = w_y·s_d/n_d
+    score_ceiling: float = 1.0  # s_max: p_d = min(s_d / s_max, 1 - epsilon)
+    epsilon: float = 1e-4
+
+
+def box_masks(boxes: Tensor, height: int, width: int) -> Tensor:
+    """(D, H, W) bool: the pixels of each box; boxes (D, 4) xyxy, integer-valued, inclusive, in the image."""
+    ys = torch.arange(height, device=boxes.device).view(1, height, 1)
+    xs = torch.arange(width, device=boxes.device).view(1, 1, width)
+    x1, y1, x2, y2 = (boxes[:, i].view(-1, 1, 1) for i in range(4))
+    return (xs >= x1) & (xs <= x2) & (ys >= y1) & (ys <= y2)
+
+
+class SemanticCRF(nn.Module):
+    """CRF-as-RNN with learned per-class weights and compatibility, and the detection potential."""
+
+    def __init__(self, *, num_classes: int, config: SemanticCRFConfig = SemanticCRFConfig()):
+        super().__init__()
+        labels = num_classes + 1
+        self.config = config
+        self.spatial_weight = nn.Parameter(torch.eye(labels) * config.weight_spatial)  # W_s (K+1, K+1)
+        self.bilateral_weight = nn.Parameter(torch.eye(labels) * config.weight_bilateral)  # W_b
+        self.compatibility = nn.Parameter(-torch.eye(labels))  # mu, so L = U + m at initialisation
+        self.detection_x = nn.Parameter(torch.tensor(config.detection_x))
+        self.detection_y = nn.Parameter(torch.tensor(config.detection_y))
+
+    def forward(
+        self, unary: Tensor, image: Tensor, boxes: Tensor, labels: Tensor, scores: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Mean-field inference for one image.
+
+        Args:
+            unary: (K+1, H, W) float32 logits (already upsampled to the image).
+            image: (3, H, W) float32 RGB in 0..255, for the bilateral kernel.
+            boxes: (D, 4) float32 xyxy, integer-valued, inclusive, inside the image.
+            labels: (D,) int64 in 1..K. scores: (D,) float32 detector scores.
+
+        Returns:
+            (K+1, H, W) logits of the last iteration, and (D,) recalibrated scores Q(Y_d = 1)
+            (the input scores when the detection potential is off or D = 0).
+        """
+        config = self.config
+        kernels = [
+            (config.theta_spatial, 0.0, self.spatial_weight),
+            (config.theta_bilateral_xy, config.theta_bilateral_rgb, self.bilateral_weight),
+        ]
+        use_detections = config.detection_potential and boxes.shape[0] > 0
+        if use_detections:
+            inside = box_masks(boxes, unary.shape[1], unary.shape[2]).to(unary.dtype)  # (D, H, W)
+            pixels = inside.flatten(1).sum(1)  # n_d
+            prior = torch.clamp(scores / config.score_ceiling, max=1.0 - config.epsilon)  # p_d
+        recalibrated = scores
+        logits = unary
+        for _ in range(config.iterations):
+            q = torch.softmax(logits, dim=0)
+            step = mean_field_native(logits, image, kernels, compat=self.compatibility, iterations=1)
+            new_logits = unary + (step - logits)  # U + the pairwise message of Q
+            if use_detections:
+                term, recalibrated = self._detection_term(q, inside, pixels, prior, labels, scores)
+                new_logits = new_logits + term
+            logits = new_logits
+        return logits, recalibrated
+
+    def _detection_term(self, q, inside, pixels, prior, labels, scores) -> tuple[Tensor, Tensor]:
+        """The higher-order potential's contribution to the logits, and Q(Y_d = 1) (ALGORITHM.md §4)."""
+        q_label = q[labels]  # (D, H, W): Q_i(l_d)
+        agree = (q_label * inside).flatten(1).sum(1)  # sum over F_d of Q_i(l_d)
+        disagree = pixels - agree  # sum over F_d of (1 - Q_i(l_d))
+        y = self.detection_y * scores / pixels
+        a0 = (1.0 - prior) - y * agree  # Y_d = 0: the detection is wrong
+        a1 = prior - y * disagree  # Y_d = 1: it is right
+        q_y = torch.softmax(torch.stack([a0, a1], dim=1), dim=1)  # (D, 2)
+        x = self.detection_x * scores
+        # inside F_d: every label gets -x_d·Q(Y_d=1), the detection's own label -x_d·Q(Y_d=0) instead
+        everyone = -(x * q_y[:, 1]).view(-1, 1, 1) * inside  # (D, H, W)
+        own = (x * (q_y[:, 1] - q_y[:, 0])).view(-1, 1, 1) * inside
+        one_hot = torch.nn.functional.one_hot(labels, q.shape[0]).to(q.dtype)  # (D, K+1)
+        term = everyone.sum(0).unsqueeze(0) + torch.einsum("dk,dhw->khw", one_hot, own)
+        return term, q_y[:, 1]
