@@ -1,0 +1,442 @@
+"""Instance-segmentation metrics: AP^r, AP^r_vol, Matching IoU, PQ and COCO mask AP (ALGORITHM.md §8).
+
+One entry point, `evaluate`, takes per-image predictions and ground truth as boolean masks and returns
+every metric as a fraction. All metrics share one overlap computation per image: the masks are
+flattened and multiplied (float32 while H*W < 2**24, float64 beyond, so the counts are exact), giving
+|P ∩ G| for every predicted/ground-truth pair, |P|, |P ∩ void| and |G \\ void|. Every IoU is a float64
+division of those integer counts; an IoU whose union is empty is 0.
+
+Void. Void pixels (VOC's 255) belong to nothing: they are removed from every ground-truth mask, and,
+except in AP^r's "voc" protocol, from every predicted mask before its IoU is computed (so predicting
+into void is never penalised). A prediction keeps its place in the ranking even when void removal
+empties it; it then overlaps nothing and counts as a false positive.
+
+AP^r at τ (SDS, Hariharan et al. 2014), per class c over the whole dataset, then the mean over the
+classes that have at least one ground-truth instance. A class with ground truth but no predictions
+has AP 0; predictions of a class with no ground truth anywhere are ignored (that class has no AP).
+Predictions are ranked by score, descending; ties keep dataset order (image index, then prediction
+index), as a stable sort does. τ ∈ {0.1, 0.2, ..., 0.9}, the float64 values nearest to k/10.
+
+- protocol "original" follows the authors' released evaluation code: void removed from predictions;
+  each prediction is scored by its maximum IoU over the same-class ground truth of its image, with no
+  one-to-one assignment (two predictions may both be correct on one ground-truth instance); correct
+  means IoU > τ (strict); AP is the non-interpolated sum (1 / n_gt) Σ_{k correct} precision@k.
+  Because duplicates can all be correct, this AP is not bounded by 1 when two predictions exceed τ on
+  the same instance (possible at τ < 0.5 even for non-overlapping segment maps; at τ >= 0.5 it needs
+  overlapping predicted masks). It is reported as the released code computes it, not clipped.
+- protocol "voc" is the textbook VOC detection protocol applied to masks: void pixels stay in the
+  predicted masks (they count in the union); in descending score order each prediction takes the
+  same-class ground truth of its image with the largest IoU (the first one on ties); it is a true
+  positive if that IoU >= τ (VOCdevkit's VOCevaldet compares with ">=", as COCO does) and that ground
+  truth is not taken yet, otherwise a false positive (duplicates are false positives). AP is the
+  VOC2010+ area under the monotone precision envelope: Σ_k (recall_k - recall_{k-1}) · max_{j>=k} precision_j.
+
+AP^r_vol is the mean of AP^r over the nine thresholds.
+
+Matching IoU (the paper's Sec. 4.2). In each image, predicted and ground-truth segments are matched
+one-to-one by maximum-weight bipartite matching (scipy's linear_sum_assignment), weight = IoU (void
+removed) when the classes agree, else 0; pairs of weight 0 count as unmatched. The prediction is
+relabelled with the matched ground-truth ids, unmatched predictions get fresh ids that match nothing,
+and the IoU of the two labelled maps over their instance pixels is taken:
+    agreeing pixels = Σ_{matched (p, g)} |P ∩ G|,   union = |(∪_p P ∪ ∪_g G) \\ void|.
+The dataset value is Σ_images agreeing / Σ_images union (pixel-weighted, not a mean of per-image
+ratios). For overlapping predicted masks the sum counts each matched pair's own intersection.
+
+PQ (Kirillov et al. 2019) over things only, per class over the whole dataset, then the mean over the
+classes with TP + FP + FN > 0:  PQ_c = Σ_{TP} IoU / (|TP| + ½|FP| + ½|FN|). A predicted and a
+ground-truth segment of the same class match when their IoU (void removed from the prediction) is
+> 0.5; for non-overlapping masks such matches are unique, and for overlapping ones pairs are taken
+greedily by decreasing IoU (ties: lower prediction, then lower ground-truth index) so each segment
+matches at most once. Unmatched predictions more than half of whose pixels are void are ignored (not
+FP), as in the PQ paper. Scores play no part. Masks with no pixels are not segments: they are
+skipped (a prediction with no pixels at all; a ground truth with none outside void).
+
+COCO mask AP (AP@[.50:.05:.95]), computed here and equal to pycocotools' COCOeval(iouType="segm")
+stats[0] on the same masks with void removed from both sides (void treated as not annotated) and no
+crowd regions: per image and class the 100 highest-scoring predictions (stable sort), greedy matching
+in score order where each prediction takes the unmatched same-class ground truth of highest IoU >= t
+(ties: the later ground truth, as COCOeval's loop does), 101-point interpolated precision, area range
+"all", then the mean over IoU thresholds, recall points and the classes with ground truth.
+
+Undefined values (no ground truth at all, an empty union) are NaN. The protocol affects AP^r and
+AP^r_vol only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+__all__ = ["AP_R_THRESHOLDS", "PROTOCOLS", "evaluate"]
+
+AP_R_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+PROTOCOLS = ("original", "voc")
+
+PQ_MATCH_IOU = 0.5  # strict: IoU > 0.5
+PQ_MAX_VOID_FRACTION = 0.5  # unmatched predictions with more void than this are ignored
+
+# The same float64 values pycocotools uses (np.linspace, not decimal literals).
+COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
+COCO_RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)
+COCO_MAX_DETECTIONS = 100
+
+_EXACT_FLOAT32_COUNT = 2**24  # float32 holds every integer count below this exactly
+
+
+def evaluate(
+    predictions: Sequence[Mapping[str, np.ndarray]],
+    ground_truths: Sequence[Mapping[str, np.ndarray | None]],
+    *,
+    num_classes: int,
+    protocol: str = "original",
+) -> dict:
+    """Evaluate instance segmentations: AP^r at τ = 0.1..0.9, AP^r_vol, Matching IoU, PQ and COCO mask AP.
+
+    Args:
+        predictions: one mapping per image with
+            "masks": bool (N, H, W), one mask per predicted instance (may be empty, N = 0);
+            "labels": integer (N,), classes in 1..num_classes;
+            "scores": floating (N,), ranking scores, higher first, no NaN.
+        ground_truths: one mapping per image, same length and order, with
+            "masks": bool (M, H, W), the same H, W as the image's predictions;
+            "labels": integer (M,), classes in 1..num_classes;
+            "void": bool (H, W) or None, the pixels that are not evaluated (VOC's 255).
+        num_classes: K, the number of object classes (background excluded).
+        protocol: AP^r protocol, "original" (the released evaluation code) or "voc" (one-to-one
+            greedy matching, IoU >= τ, interpolated AP). See the module docstring for both.
+
+    Returns:
+        {"ap_r": {"0.1": float, ..., "0.9": float}, "ap_r_vol": float, "matching_iou": float,
+         "pq": float, "coco_mask_ap": float}: fractions, NaN where undefined (no ground truth). Under
+        the "original" protocol AP^r can exceed 1 when duplicates hit one instance (module docstring).
+
+    Raises:
+        ValueError: mismatched lengths, wrong dtypes or shapes, labels outside 1..num_classes, NaN
+            scores, masks of another size than the image's ground truth, unknown protocol; the message
+            names the offending argument, e.g. "predictions[3]['scores']".
+    """
+    images = _validate(predictions, ground_truths, num_classes=num_classes, protocol=protocol)
+    ap_r = _ap_r(images, num_classes, protocol)
+    return {
+        "ap_r": {f"{tau:.1f}": ap_r[tau] for tau in AP_R_THRESHOLDS},
+        "ap_r_vol": float(np.mean([ap_r[tau] for tau in AP_R_THRESHOLDS])),
+        "matching_iou": _matching_iou(images),
+        "pq": _panoptic_quality(images, num_classes),
+        "coco_mask_ap": _coco_mask_ap(images, num_classes),
+    }
+
+
+# ---------------------------------------------------------------------------- per-image overlaps
+
+
+@dataclass(frozen=True)
+class _Image:
+    """The counts every metric needs for one image. G is always the ground truth with void removed."""
+
+    pred_labels: np.ndarray  # int64 (N,)
+    pred_scores: np.ndarray  # float64 (N,)
+    gt_labels: np.ndarray  # int64 (M,)
+    intersection: np.ndarray  # int64 (N, M): |P ∩ G|
+    pred_area: np.ndarray  # int64 (N,): |P|, void included
+    pred_void: np.ndarray  # int64 (N,): |P ∩ void|
+    gt_area: np.ndarray  # int64 (M,): |G|
+    instance_union: int  # |(∪P ∪ ∪G) \ void|
+
+    def iou(self, *, remove_void: bool) -> np.ndarray:
+        """float64 (N, M) IoU; with remove_void the predicted pixels under void are dropped first."""
+        pred_area = self.pred_area - self.pred_void if remove_void else self.pred_area
+        union = pred_area[:, None] + self.gt_area[None, :] - self.intersection  # (N, M)
+        iou = np.zeros(union.shape, dtype=np.float64)
+        np.divide(self.intersection, union, out=iou, where=union > 0)
+        return iou
+
+
+def _overlaps(pred_masks, pred_labels, pred_scores, gt_masks, gt_labels, void) -> _Image:
+    n, height, width = pred_masks.shape
+    pixels = height * width
+    pred = pred_masks.reshape(n, pixels)  # (N, HW)
+    gt = gt_masks.reshape(len(gt_masks), pixels)  # (M, HW)
+    not_void = np.ones(pixels, dtype=bool) if void is None else ~void.reshape(pixels)
+    gt = gt & not_void
+    dtype = np.float32 if pixels < _EXACT_FLOAT32_COUNT else np.float64
+    pred_f = pred.astype(dtype)
+    intersection = pred_f @ gt.astype(dtype).T  # (N, M)
+    pred_void = pred_f @ (~not_void).astype(dtype)  # (N,)
+    covered = pred.any(axis=0) | gt.any(axis=0)  # (HW,)
+    return _Image(
+        pred_labels=pred_labels.astype(np.int64),
+        pred_scores=pred_scores.astype(np.float64),
+        gt_labels=gt_labels.astype(np.int64),
+        intersection=np.rint(intersection).astype(np.int64),
+        pred_area=np.count_nonzero(pred, axis=1).astype(np.int64),
+        pred_void=np.rint(pred_void).astype(np.int64),
+        gt_area=np.count_nonzero(gt, axis=1).astype(np.int64),
+        instance_union=int(np.count_nonzero(covered & not_void)),
+    )
+
+
+# ---------------------------------------------------------------------------- AP^r
+
+
+def _ap_r(images: list[_Image], num_classes: int, protocol: str) -> dict[float, float]:
+    if not images:
+        return {tau: math.nan for tau in AP_R_THRESHOLDS}
+    thresholds = np.asarray(AP_R_THRESHOLDS)  # (T,)
+    labels, scores, correct = [], [], []
+    gt_count = np.zeros(num_classes + 1, dtype=np.int64)
+    for image in images:
+        np.add.at(gt_count, image.gt_labels, 1)
+        same_class = image.pred_labels[:, None] == image.gt_labels[None, :]  # (N, M)
+        if protocol == "original":
+            best = np.where(same_class, image.iou(remove_void=True), 0.0).max(axis=1, initial=0.0)  # (N,)
+            correct.append(best[None, :] > thresholds[:, None])  # (T, N)
+        else:
+            correct.append(_voc_true_positives(image, same_class, thresholds))
+        labels.append(image.pred_labels)
+        scores.append(image.pred_scores)
+    labels, scores = np.concatenate(labels), np.concatenate(scores)
+    correct = np.concatenate(correct, axis=1)  # (T, N_total)
+    average_precision = _voc_average_precision if protocol == "voc" else _original_average_precision
+
+    per_class = []  # (T,) for every class with ground truth
+    for c in range(1, num_classes + 1):
+        if gt_count[c] == 0:
+            continue
+        in_class = np.flatnonzero(labels == c)
+        ranked = in_class[np.argsort(-scores[in_class], kind="stable")]
+        per_class.append([average_precision(correct[t, ranked], gt_count[c]) for t in range(len(thresholds))])
+    if not per_class:
+        return {tau: math.nan for tau in AP_R_THRESHOLDS}
+    mean = np.mean(per_class, axis=0)  # (T,)
+    return {tau: float(value) for tau, value in zip(AP_R_THRESHOLDS, mean)}
+
+
+def _voc_true_positives(image: _Image, same_class: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """bool (T, N): VOC greedy one-to-one matching in score order, IoU >= τ, void kept in predictions."""
+    iou = np.where(same_class, image.iou(remove_void=False), -1.0)  # (N, M), -1: other class
+    correct = np.zeros((len(thresholds), len(image.pred_labels)), dtype=bool)
+    taken = np.zeros((len(thresholds), len(image.gt_labels)), dtype=bool)
+    if iou.size == 0:
+        return correct
+    for d in np.argsort(-image.pred_scores, kind="stable"):
+        g = int(np.argmax(iou[d]))  # the best same-class ground truth, taken or not
+        if iou[d, g] < 0:
+            continue  # no ground truth of this class in the image
+        hit = (iou[d, g] >= thresholds) & ~taken[:, g]  # (T,)
+        correct[:, d] = hit
+        taken[:, g] |= hit
+    return correct
+
+
+def _original_average_precision(correct: np.ndarray, gt_count: int) -> float:
+    """Σ_{k correct} precision@k / n_gt, non-interpolated, as the released code computes it."""
+    true_positives = np.cumsum(correct)
+    ranks = np.arange(1, len(correct) + 1)
+    return float(np.sum(true_positives[correct] / ranks[correct]) / gt_count)
+
+
+def _voc_average_precision(correct: np.ndarray, gt_count: int) -> float:
+    """Area under the monotone precision envelope (VOC2010+)."""
+    if len(correct) == 0:
+        return 0.0
+    true_positives = np.cumsum(correct)
+    recall = true_positives / gt_count
+    precision = true_positives / np.arange(1, len(correct) + 1)
+    envelope = np.maximum.accumulate(precision[::-1])[::-1]
+    recall_step = np.diff(recall, prepend=0.0)
+    return float(np.sum(recall_step * envelope))
+
+
+# ---------------------------------------------------------------------------- Matching IoU
+
+
+def _matching_iou(images: list[_Image]) -> float:
+    # Σ matched |P ∩ G| over Σ |instance pixels of either map| after the loss's bipartite matching.
+    agreeing, union = 0, 0
+    for image in images:
+        union += image.instance_union
+        if image.intersection.size == 0:
+            continue
+        same_class = image.pred_labels[:, None] == image.gt_labels[None, :]
+        weight = np.where(same_class, image.iou(remove_void=True), 0.0)  # (N, M)
+        rows, cols = linear_sum_assignment(weight, maximize=True)
+        matched = weight[rows, cols] > 0
+        agreeing += int(image.intersection[rows[matched], cols[matched]].sum())
+    return agreeing / union if union > 0 else math.nan
+
+
+# ---------------------------------------------------------------------------- PQ
+
+
+def _panoptic_quality(images: list[_Image], num_classes: int) -> float:
+    iou_sum = np.zeros(num_classes + 1)
+    tp, fp, fn = (np.zeros(num_classes + 1, dtype=np.int64) for _ in range(3))
+    for image in images:
+        pred_ok = image.pred_area > 0
+        gt_ok = image.gt_area > 0
+        iou = image.iou(remove_void=True)  # (N, M)
+        candidate = (image.pred_labels[:, None] == image.gt_labels[None, :]) & (iou > PQ_MATCH_IOU)
+        candidate &= pred_ok[:, None] & gt_ok[None, :]
+        pred_matched = np.zeros(len(pred_ok), dtype=bool)
+        gt_matched = np.zeros(len(gt_ok), dtype=bool)
+        pairs = np.argwhere(candidate)  # (P, 2), row-major: lower prediction, then lower ground truth
+        for p, g in pairs[np.argsort(-iou[candidate], kind="stable")]:
+            if pred_matched[p] or gt_matched[g]:
+                continue
+            pred_matched[p] = gt_matched[g] = True
+            c = image.pred_labels[p]
+            tp[c] += 1
+            iou_sum[c] += iou[p, g]
+        np.add.at(fn, image.gt_labels[gt_ok & ~gt_matched], 1)
+        mostly_void = image.pred_void > PQ_MAX_VOID_FRACTION * image.pred_area
+        np.add.at(fp, image.pred_labels[pred_ok & ~pred_matched & ~mostly_void], 1)
+    present = (tp + fp + fn) > 0
+    present[0] = False  # label 0 is background, never a class
+    if not present.any():
+        return math.nan
+    pq = iou_sum[present] / (tp + 0.5 * fp + 0.5 * fn)[present]
+    return float(np.mean(pq))
+
+
+# ---------------------------------------------------------------------------- COCO mask AP
+
+
+def _coco_mask_ap(images: list[_Image], num_classes: int) -> float:
+    n_thresholds = len(COCO_IOU_THRESHOLDS)
+    scores = [[] for _ in range(num_classes + 1)]  # per class, per image: (D,) in score order
+    matched = [[] for _ in range(num_classes + 1)]  # per class, per image: bool (T, D)
+    gt_count = np.zeros(num_classes + 1, dtype=np.int64)
+    for image in images:
+        iou_all = image.iou(remove_void=True)  # (N, M)
+        for c in np.union1d(image.pred_labels, image.gt_labels):
+            dts = np.flatnonzero(image.pred_labels == c)
+            dts = dts[np.argsort(-image.pred_scores[dts], kind="stable")][:COCO_MAX_DETECTIONS]
+            gts = np.flatnonzero(image.gt_labels == c)
+            gt_count[c] += len(gts)
+            iou = iou_all[np.ix_(dts, gts)]  # (D, G)
+            hits = np.zeros((n_thresholds, len(dts)), dtype=bool)
+            for t, threshold in enumerate(COCO_IOU_THRESHOLDS):
+                threshold = min(threshold, 1 - 1e-10)
+                taken = np.zeros(len(gts), dtype=bool)
+                for d in range(len(dts)):
+                    eligible = ~taken & (iou[d] >= threshold)
+                    if not eligible.any():
+                        continue
+                    best = iou[d][eligible].max()
+                    g = np.flatnonzero(eligible & (iou[d] == best))[-1]  # COCOeval keeps the later on ties
+                    taken[g] = hits[t, d] = True
+            scores[c].append(image.pred_scores[dts])
+            matched[c].append(hits)
+
+    n_recall = len(COCO_RECALL_THRESHOLDS)
+    precision = -np.ones((n_thresholds, n_recall, num_classes))  # (T, R, K), -1: class without ground truth
+    for c in range(1, num_classes + 1):
+        if gt_count[c] == 0:
+            continue
+        class_scores = np.concatenate(scores[c])
+        order = np.argsort(-class_scores, kind="mergesort")
+        hits = np.concatenate(matched[c], axis=1)[:, order]  # (T, D)
+        tp_sum = np.cumsum(hits, axis=1).astype(float)
+        fp_sum = np.cumsum(~hits, axis=1).astype(float)
+        for t in range(n_thresholds):
+            recall = tp_sum[t] / gt_count[c]
+            envelope = tp_sum[t] / (fp_sum[t] + tp_sum[t] + np.spacing(1))
+            envelope = np.maximum.accumulate(envelope[::-1])[::-1]
+            at = np.searchsorted(recall, COCO_RECALL_THRESHOLDS, side="left")  # (R,)
+            reached = at < len(recall)
+            q = np.zeros(n_recall)
+            q[reached] = envelope[at[reached]]
+            precision[t, :, c - 1] = q
+    defined = precision[precision > -1]
+    return float(np.mean(defined)) if defined.size else math.nan
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _validate(predictions, ground_truths, *, num_classes, protocol) -> list[_Image]:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    for name, value in (("predictions", predictions), ("ground_truths", ground_truths)):
+        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
+            raise ValueError(f"{name} must be a sequence with one mapping per image, got {type(value).__name__}")
+    if len(predictions) != len(ground_truths):
+        raise ValueError(
+            f"predictions and ground_truths must have one entry per image each, "
+            f"got {len(predictions)} predictions and {len(ground_truths)} ground_truths"
+        )
+    images = []
+    for i, (prediction, truth) in enumerate(zip(predictions, ground_truths)):
+        gt_masks = _masks(truth, f"ground_truths[{i}]")
+        height, width = gt_masks.shape[1:]
+        gt_labels = _labels(truth, f"ground_truths[{i}]", len(gt_masks), num_classes)
+        void = _void(truth, f"ground_truths[{i}]", (height, width))
+        pred_masks = _masks(prediction, f"predictions[{i}]")
+        if pred_masks.shape[1:] != (height, width):
+            raise ValueError(
+                f"predictions[{i}]['masks'] has size {pred_masks.shape[1:]} but ground_truths[{i}]['masks'] "
+                f"has size {(height, width)}; masks must have the size of their image's ground truth"
+            )
+        pred_labels = _labels(prediction, f"predictions[{i}]", len(pred_masks), num_classes)
+        pred_scores = _scores(prediction, f"predictions[{i}]", len(pred_masks))
+        images.append(_overlaps(pred_masks, pred_labels, pred_scores, gt_masks, gt_labels, void))
+    return images
+
+
+def _field(entry, where: str, key: str) -> np.ndarray:
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"{where} must be a mapping with 'masks' and 'labels', got {type(entry).__name__}")
+    if key not in entry:
+        raise ValueError(f"{where} has no {key!r}")
+    return np.asarray(entry[key])
+
+
+def _masks(entry, where: str) -> np.ndarray:
+    masks = _field(entry, where, "masks")
+    if masks.dtype != np.bool_ or masks.ndim != 3:
+        raise ValueError(f"{where}['masks'] must be bool (N, H, W), got {masks.dtype} {masks.shape}")
+    return masks
+
+
+def _labels(entry, where: str, count: int, num_classes: int) -> np.ndarray:
+    labels = _field(entry, where, "labels")
+    if labels.shape != (count,):
+        raise ValueError(f"{where}['labels'] must have shape ({count},), one per mask, got {labels.shape}")
+    if count == 0:
+        return np.zeros(0, dtype=np.int64)
+    if labels.dtype == np.bool_ or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{where}['labels'] must be integer, got {labels.dtype}")
+    outside = (labels < 1) | (labels > num_classes)
+    if outside.any():
+        raise ValueError(
+            f"{where}['labels'] must lie in 1..num_classes={num_classes}, got {labels[outside].tolist()}"
+        )
+    return labels
+
+
+def _scores(entry, where: str, count: int) -> np.ndarray:
+    scores = _field(entry, where, "scores")
+    if scores.shape != (count,):
+        raise ValueError(f"{where}['scores'] must have shape ({count},), one per mask, got {scores.shape}")
+    if count == 0:
+        return np.zeros(0, dtype=np.float64)
+    if not np.issubdtype(scores.dtype, np.floating):
+        raise ValueError(f"{where}['scores'] must be floating point, got {scores.dtype}")
+    if np.isnan(scores).any():
+        raise ValueError(f"{where}['scores'] contains NaN at {np.flatnonzero(np.isnan(scores)).tolist()}")
+    return scores
+
+
+def _void(entry, where: str, size: tuple[int, int]) -> np.ndarray | None:
+    if entry.get("void") is None:
+        return None
+    void = np.asarray(entry["void"])
+    if void.dtype != np.bool_ or void.shape != size:
+        raise ValueError(f"{where}['void'] must be None or bool {size}, got {void.dtype} {void.shape}")
+    return void
