@@ -1,0 +1,251 @@
+"""Training (Sec. 3.4-3.5): stage 1 trains the semantic subnetwork, stage 2 the instance subnetwork,
+"piecewise" (semantic part frozen) or "end-to-end".
+
+Owns the loop, its schedule (SGD with momentum, poly or step learning rate, gradient clipping), the
+augmentation (random scale, crop, mirror with boxes flipped; detections simulated from the ground
+truth by `data.detections`), checkpoints (weights as safetensors, the model's JSON config, and the
+optimiser state for resuming) and the per-step log (JSON lines). Stage 2 sees one image per step, as
+the paper did: every image has its own number of detections.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .data.detections import simulate_detections
+from .loss import instance_loss, semantic_loss
+from .model import DynamicallyInstantiatedNetwork, ModelConfig, build_model
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stage: Literal["semantic", "instance"] = "semantic"
+    mode: Literal["piecewise", "end-to-end"] = "piecewise"  # stage 2 only
+    steps: int = 200
+    batch_size: int = 4  # stage 1; stage 2 uses one image per step
+    learning_rate: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: Literal["poly", "step"] = "poly"
+    poly_power: float = 0.9
+    step_every: int = 100
+    step_gamma: float = 0.1
+    clip_norm: float = 10.0
+    semantic_weight: float = 0.0  # stage 2: weight of the auxiliary semantic cross-entropy
+    scale_range: tuple[float, float] = (0.75, 1.25)
+    crop: tuple[int, int] | None = None  # (H, W); None keeps the (rescaled) image size
+    mirror: bool = True
+    seed: int = 0
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    if config.schedule == "poly":
+        return config.learning_rate * (1.0 - step / config.steps) ** config.poly_power
+    return config.learning_rate * config.step_gamma ** (step // config.step_every)
+
+
+def augment(sample: dict, config: TrainConfig, rng: np.random.Generator) -> dict:
+    """Random scale (nearest for labels, bilinear for the image), crop and mirror of a sample dict
+    with image (H, W, 3) uint8, semantic (H, W), masks (M, H, W), labels (M,), boxes (M, 4)."""
+    image = torch.from_numpy(sample["image"]).permute(2, 0, 1).float()[None]  # (1, 3, H, W)
+    semantic = torch.from_numpy(np.asarray(sample["semantic"], dtype=np.int64))[None, None].float()
+    masks = torch.from_numpy(sample["masks"]).float()[None]  # (1, M, H, W)
+    scale = rng.uniform(*config.scale_range)
+    size = [max(8, round(s * scale)) for s in image.shape[-2:]]
+    image = F.interpolate(image, size=size, mode="bilinear", align_corners=True)
+    semantic = F.interpolate(semantic, size=size, mode="nearest")
+    masks = F.interpolate(masks, size=size, mode="nearest") if masks.shape[1] else masks.new_zeros(1, 0, *size)
+    if config.crop is not None:
+        ch, cw = min(config.crop[0], size[0]), min(config.crop[1], size[1])
+        y0, x0 = rng.integers(0, size[0] - ch + 1), rng.integers(0, size[1] - cw + 1)
+        crop = (..., slice(y0, y0 + ch), slice(x0, x0 + cw))
+        image, semantic, masks = image[crop], semantic[crop], masks[crop]
+    if config.mirror and rng.random() < 0.5:
+        image, semantic, masks = image.flip(-1), semantic.flip(-1), masks.flip(-1)
+    masks = masks[0] > 0.5
+    keep = masks.flatten(1).any(1)  # instances the crop kept
+    masks = masks[keep]
+    return {
+        "image": image[0],  # (3, H, W) float 0..255
+        "semantic": semantic[0, 0].long(),
+        "masks": masks,
+        "labels": torch.as_tensor(sample["labels"])[keep],
+        "boxes": _boxes_of(masks),
+    }
+
+
+def _boxes_of(masks: torch.Tensor) -> torch.Tensor:
+    if masks.shape[0] == 0:
+        return torch.zeros(0, 4)
+    rows, cols = masks.any(2), masks.any(1)
+    ys, xs = torch.arange(masks.shape[1]), torch.arange(masks.shape[2])
+    return torch.stack([
+        torch.where(cols, xs, 1 << 30).min(1).values, torch.where(rows, ys, 1 << 30).min(1).values,
+        torch.where(cols, xs, -1).max(1).values, torch.where(rows, ys, -1).max(1).values,
+    ], 1).float()
+
+
+def save_checkpoint(directory: str | Path, model: DynamicallyInstantiatedNetwork,
+                    optimiser: torch.optim.Optimizer | None = None, step: int = 0) -> Path:
+    """Writes model.safetensors, model.json and (for resuming) trainer_state.pt into `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors")
+    (directory / "model.json").write_text(model.config.to_json())
+    if optimiser is not None:
+        torch.save({"optimiser": optimiser.state_dict(), "step": step}, directory / "trainer_state.pt")
+    return directory
+
+
+def load_checkpoint(directory: str | Path) -> DynamicallyInstantiatedNetwork:
+    """The network saved by save_checkpoint, rebuilt from its JSON config."""
+    directory = Path(directory)
+    for name in ("model.json", "model.safetensors"):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory} is not a dynseg checkpoint: {name} is missing")
+    model = build_model(ModelConfig.from_json((directory / "model.json").read_text()))
+    model.load_state_dict(load_file(directory / "model.safetensors"))
+    return model
+
+
+def train(
+    model: DynamicallyInstantiatedNetwork,
+    dataset,
+    config: TrainConfig,
+    *,
+    out_dir: str | Path,
+    resume: bool = False,
+    log_every: int = 10,
+    printer=print,
+) -> list[dict]:
+    """Trains `model` in place on `dataset` (indexable, samples as SyntheticScenes gives them) and
+    returns the log (also written to out_dir/log.jsonl). Checkpoints go to out_dir at the end."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    stage2 = config.stage == "instance"
+    frozen = stage2 and config.mode == "piecewise"
+    for parameter in model.semantic.parameters():
+        parameter.requires_grad_(not frozen)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimiser = torch.optim.SGD(trainable, lr=config.learning_rate, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    start = 0
+    if resume and (out_dir / "trainer_state.pt").is_file():
+        state = torch.load(out_dir / "trainer_state.pt", weights_only=True)
+        model.load_state_dict(load_file(out_dir / "model.safetensors"))
+        optimiser.load_state_dict(state["optimiser"])
+        start = int(state["step"])
+    model.train()
+    if stage2:
+        # One image per step: batch-norm statistics cannot be estimated from it (the pyramid pooling's
+        # 1x1 branch even refuses), so stage 2 keeps the semantic part's statistics from stage 1.
+        model.semantic.eval()
+    log, began = [], time.perf_counter()
+    with open(out_dir / "log.jsonl", "a") as log_file:
+        for step in range(start, config.steps):
+            for group in optimiser.param_groups:
+                group["lr"] = learning_rate(config, step)
+            if stage2:
+                loss = _instance_step(model, dataset, config, rng)
+            else:
+                loss = _semantic_step(model, dataset, config, rng)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(trainable, config.clip_norm)
+            optimiser.step()
+            entry = {"step": step + 1, "loss": loss.item(), "grad_norm": float(norm),
+                     "lr": learning_rate(config, step), "seconds": time.perf_counter() - began}
+            log.append(entry)
+            log_file.write(json.dumps(entry) + "\n")
+            if (step + 1) % log_every == 0 or step + 1 == config.steps:
+                done = step + 1 - start
+                eta = (time.perf_counter() - began) / done * (config.steps - step - 1)
+                recent = np.mean([e["loss"] for e in log[-log_every:]])
+                printer(f"[{config.stage}] step {step + 1}/{config.steps}  loss {recent:.4f}  "
+                        f"{done / (time.perf_counter() - began):.2f} steps/s  eta {eta:.0f}s")
+    save_checkpoint(out_dir, model, optimiser, config.steps)
+    (out_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
+    return log
+
+
+def _semantic_step(model, dataset, config: TrainConfig, rng) -> torch.Tensor:
+    samples = [augment(dataset[int(rng.integers(len(dataset)))], config, rng) for _ in range(config.batch_size)]
+    height = min(s["image"].shape[1] for s in samples)
+    width = min(s["image"].shape[2] for s in samples)
+    images = torch.stack([s["image"][:, :height, :width] for s in samples])
+    targets = torch.stack([s["semantic"][:height, :width] for s in samples])
+    return semantic_loss(model.semantic_logits(images), targets)
+
+
+def _instance_step(model, dataset, config: TrainConfig, rng) -> torch.Tensor:
+    sample = augment(dataset[int(rng.integers(len(dataset)))], config, rng)
+    height, width = sample["image"].shape[1:]
+    detections = simulate_detections(sample["boxes"].numpy(), sample["labels"].numpy(), image_size=(height, width),
+                                     rng=rng, num_classes=model.config.num_classes)
+    out = model(sample["image"], torch.from_numpy(detections["boxes"]), torch.from_numpy(detections["labels"]),
+                torch.from_numpy(detections["scores"]))
+    void = sample["semantic"] == 255
+    loss = instance_loss(out.instance_logits, torch.from_numpy(detections["boxes"]).floor(),
+                         torch.from_numpy(detections["labels"]), sample["masks"], sample["labels"], void)
+    if config.semantic_weight > 0:
+        loss = loss + config.semantic_weight * semantic_loss(out.semantic_logits[None], sample["semantic"][None])
+    return loss
+
+
+def fit(
+    model: DynamicallyInstantiatedNetwork,
+    dataset,
+    *,
+    out_dir: str | Path,
+    semantic: TrainConfig,
+    instance: TrainConfig,
+    printer=print,
+) -> dict[str, list[dict]]:
+    """The paper's procedure: stage 1 (semantic), shape templates by k-means of the training masks,
+    then stage 2 (instance, piecewise or end-to-end). Checkpoints land in out_dir/semantic and
+    out_dir (the final model)."""
+    out_dir = Path(out_dir)
+    logs = {"semantic": train(model, dataset, semantic, out_dir=out_dir / "semantic", printer=printer)}
+    masks, boxes = [], []
+    for index in range(min(len(dataset), 200)):
+        sample = dataset[index]
+        masks.extend(sample["masks"])
+        boxes.extend(sample["boxes"])
+    if masks and model.config.instance.shape_term:
+        model.instance_unaries.initialise_templates(masks, boxes, seed=instance.seed)
+    logs["instance"] = train(model, dataset, instance, out_dir=out_dir, printer=printer)
+    return logs
+
+
+@torch.no_grad()
+def predict(model: DynamicallyInstantiatedNetwork, dataset, *, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Runs the network over `dataset` with detections simulated from the ground truth (the same
+    detections for the same seed), returning the predictions and ground truths that
+    `evaluation.evaluate` takes."""
+    model.eval()
+    predictions, ground_truths = [], []
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        image = torch.from_numpy(sample["image"]).permute(2, 0, 1).float()
+        detections = simulate_detections(sample["boxes"], sample["labels"], image_size=image.shape[1:],
+                                         rng=np.random.default_rng([seed, index]),
+                                         num_classes=model.config.num_classes)
+        out = model(image, torch.from_numpy(detections["boxes"]), torch.from_numpy(detections["labels"]),
+                    torch.from_numpy(detections["scores"]))
+        ids = torch.arange(1, len(out.instance_labels) + 1).view(-1, 1, 1)
+        predictions.append({"masks": (out.instance_map.unsqueeze(0) == ids).numpy(),
+                            "labels": out.instance_labels.numpy(), "scores": out.instance_scores.numpy()})
+        ground_truths.append({"masks": sample["masks"], "labels": sample["labels"],
+                              "void": sample["semantic"] == 255})
+    return predictions, ground_truths
