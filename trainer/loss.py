@@ -40,7 +40,9 @@ def box_iou(a: Tensor, b: Tensor) -> Tensor:
 
 
 def mask_boxes(masks: Tensor) -> Tensor:
-    """(M, 4) inclusive xyxy boxes of non-empty (M, H, W) bool masks."""
+    """(M, 4) float32 inclusive xyxy boxes of non-empty (M, H, W) bool masks."""
+    if masks.shape[0] == 0:
+        return torch.zeros(0, 4)
     rows, cols = masks.any(dim=2), masks.any(dim=1)
     ys = torch.arange(masks.shape[1])
     xs = torch.arange(masks.shape[2])

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .data.detections import simulate_detections
-from .loss import instance_loss, semantic_loss
+from .loss import instance_loss, mask_boxes, semantic_loss
 from .model import DynamicallyInstantiatedNetwork, ModelConfig, build_model
 
 
@@ -79,19 +79,8 @@ def augment(sample: dict, config: TrainConfig, rng: np.random.Generator) -> dict
         "semantic": semantic[0, 0].long(),
         "masks": masks,
         "labels": torch.as_tensor(sample["labels"])[keep],
-        "boxes": _boxes_of(masks),
+        "boxes": mask_boxes(masks),
     }
-
-
-def _boxes_of(masks: torch.Tensor) -> torch.Tensor:
-    if masks.shape[0] == 0:
-        return torch.zeros(0, 4)
-    rows, cols = masks.any(2), masks.any(1)
-    ys, xs = torch.arange(masks.shape[1]), torch.arange(masks.shape[2])
-    return torch.stack([
-        torch.where(cols, xs, 1 << 30).min(1).values, torch.where(rows, ys, 1 << 30).min(1).values,
-        torch.where(cols, xs, -1).max(1).values, torch.where(rows, ys, -1).max(1).values,
-    ], 1).float()
 
 
 def save_checkpoint(directory: str | Path, model: DynamicallyInstantiatedNetwork,

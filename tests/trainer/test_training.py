@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from dynseg.sdk.cli import app
 from dynseg.trainer.data import SyntheticScenes
 from dynseg.trainer.model import InstanceConfig, ModelConfig, build_model
-from dynseg.trainer.train import TrainConfig, load_checkpoint, predict, save_checkpoint, train
+from dynseg.trainer.evaluation import evaluate
+from dynseg.trainer.train import TrainConfig, fit, load_checkpoint, predict, save_checkpoint, train
 
 SIZE = (48, 64)
 
@@ -85,3 +86,20 @@ def test_dynseg_train_then_dynseg_eval_run_from_the_command_line(tmp_path):
 def test_dynseg_eval_rejects_a_folder_that_is_not_a_checkpoint(tmp_path):
     result = CliRunner().invoke(app, ["eval", str(tmp_path)])
     assert result.exit_code == 1 and "not a dynseg checkpoint" in result.output
+
+
+def test_a_short_training_run_beats_the_untrained_network_on_held_out_scenes(tmp_path):
+    # measured: AP^r_vol 0.003 untrained, 0.049 after 120 + 20 steps (about 15 s on 2 cores)
+    torch.manual_seed(0)
+    train_set = SyntheticScenes(size=64, image_size=(64, 80), seed=0)
+    held_out = SyntheticScenes(size=12, image_size=(64, 80), seed=1)
+    model = build_model(ModelConfig(backbone="resnet18", class_names=tuple(train_set.class_names[1:]),
+                                    instance=InstanceConfig(templates_per_group=2, template_size=8)))
+    untrained = evaluate(*predict(model, held_out), num_classes=4)["ap_r_vol"]
+    logs = fit(model, train_set, out_dir=tmp_path, printer=quiet,
+               semantic=TrainConfig(stage="semantic", steps=120, batch_size=4, learning_rate=0.02),
+               instance=TrainConfig(stage="instance", steps=20, learning_rate=0.001))
+    semantic_losses = [entry["loss"] for entry in logs["semantic"]]
+    assert np.mean(semantic_losses[-20:]) < 0.5 * np.mean(semantic_losses[:20])
+    trained = evaluate(*predict(model, held_out), num_classes=4)["ap_r_vol"]
+    assert trained > untrained + 0.02
