@@ -158,29 +158,23 @@ void MeanField::store(const float* pixel_major, float* planar, int64_t channels,
     });
 }
 
-// Messages with scalar kernel weights, one label tile [c0, c0 + 8V) at a time, fused around the
-// lattices: every pixel's Q row feeds all kernels' splats, then one pass slices every kernel and adds
-// its weighted, normalised message to the logits: L = U + sum_k w_k Knorm_k(Q) for Potts (densecrf's
-// order of operations), m = sum_k w_k Knorm_k(Q) otherwise. "after": Knorm = D K; "symmetric":
-// D^1/2 K D^1/2 (the stored factor is already n^-1/2). With `softmax_from`, Q is computed here
-// from those logits, pixel by pixel as the splat reads it (one thread, one tile), and kept in q
-// unless q is null; else q holds it.
+// Messages with scalar kernel weights from Q, one label tile [c0, c0 + 8V) at a time, fused around
+// the lattices: every pixel's Q row feeds all kernels' splats, then one pass slices every kernel and
+// adds its weighted, normalised message to the logits: L = U + sum_k w_k Knorm_k(Q) for Potts
+// (densecrf's order of operations), m = sum_k w_k Knorm_k(Q) otherwise. "after": Knorm = D K;
+// "symmetric": D^1/2 K D^1/2 (the stored factor is already n^-1/2).
 template <int V>
-void MeanField::scalar_messages(int64_t c0, const float* softmax_from, float* q) {
+void MeanField::scalar_messages(int64_t c0, const float* q) {
     const int K = p_.num_kernels;
     const int64_t S = stride_;
     const bool symmetric = p_.normalization == DYNSEG_NORMALIZE_SYMMETRIC;
     if (lattices_[0].gathers()) {
         for (int k = 0; k < K; ++k) lattices_[k].gather<V>(q, S, c0, symmetric ? norm_[k] : nullptr);
     } else {
-        const ivec8 in_use = lanes_in_use();
         for (int k = 0; k < K; ++k) lattices_[k].clear<V>();
         for (int64_t p = 0; p < pixels_; ++p) {
-            float row[8 * V];  // Q of this pixel, when nobody keeps Q
-            const float* y = q ? q + p * S : row;
-            if (softmax_from) softmax_row<V>(softmax_from + p * S, q ? q + p * S : row, V, in_use);
             vec8 x[V], xk[V];
-            for (int j = 0; j < V; ++j) x[j] = load8(y + c0 + 8 * j);
+            for (int j = 0; j < V; ++j) x[j] = load8(q + p * S + c0 + 8 * j);
             for (int k = 0; k < K; ++k) {
                 for (int j = 0; j < V; ++j) xk[j] = symmetric ? x[j] * splat8(norm_[k][p]) : x[j];
                 lattices_[k].scatter<V>(p, xk);
@@ -301,15 +295,12 @@ void MeanField::run_iterations(float* history) {
             softmax(logits, q);
             continue;
         }
-        if (!scalar) {
-            softmax(logits, q);
+        softmax(logits, q);
+        if (scalar) {
+            dispatch_tiles(q);
+        } else {
             if (!potts) std::fill(acc_, acc_ + size, 0.0f);
             for (int k = 0; k < K; ++k) kernel_message(k, q, k == 0);
-        } else if (stride_ <= kLabelTile && threads_ == 1) {
-            dispatch_tiles(logits, history ? q : nullptr);  // softmax fused into the splat
-        } else {
-            softmax(logits, q);
-            dispatch_tiles(nullptr, q);
         }
         finish_logits(acc_);
     }
@@ -418,13 +409,13 @@ void MeanField::stream_iterations(const float* unary, float* history, float* pla
     }
 }
 
-void MeanField::dispatch_tiles(const float* softmax_from, float* q) {
+void MeanField::dispatch_tiles(const float* q) {
     for (int64_t c0 = 0; c0 < stride_; c0 += kLabelTile) {
         switch (std::min<int64_t>(kLabelTile, stride_ - c0) / 8) {
-            case 1: scalar_messages<1>(c0, softmax_from, q); break;
-            case 2: scalar_messages<2>(c0, softmax_from, q); break;
-            case 3: scalar_messages<3>(c0, softmax_from, q); break;
-            default: scalar_messages<4>(c0, softmax_from, q); break;
+            case 1: scalar_messages<1>(c0, q); break;
+            case 2: scalar_messages<2>(c0, q); break;
+            case 3: scalar_messages<3>(c0, q); break;
+            default: scalar_messages<4>(c0, q); break;
         }
     }
 }

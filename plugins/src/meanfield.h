@@ -34,12 +34,12 @@ public:
 private:
     void run_iterations(float* history);
     bool streams() const;
-    void dispatch_tiles(const float* softmax_from, float* q);
+    void dispatch_tiles(const float* q);
     void stream_iterations(const float* unary, float* history, float* planar_out);
     template <int V>
     void stream_iterations(const float* unary, float* history, float* planar_out);
     template <int V>
-    void scalar_messages(int64_t c0, const float* softmax_from, float* q);
+    void scalar_messages(int64_t c0, const float* q);
     void kernel_message(int k, const float* q, bool first);
     ivec8 lanes_in_use() const;
     void finish_logits(float* acc) const;
