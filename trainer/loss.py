@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from .data.common import mask_boxes
+
 IGNORE = -100  # cross_entropy's ignore_index
 BOX_TIE_BREAK = 1e-3
 
@@ -37,20 +39,6 @@ def box_iou(a: Tensor, b: Tensor) -> Tensor:
     area_a = (a[:, 2] - a[:, 0] + 1) * (a[:, 3] - a[:, 1] + 1)
     area_b = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)
     return inter / (area_a[:, None] + area_b[None, :] - inter)
-
-
-def mask_boxes(masks: Tensor) -> Tensor:
-    """(M, 4) float32 inclusive xyxy boxes of non-empty (M, H, W) bool masks."""
-    if masks.shape[0] == 0:
-        return torch.zeros(0, 4)
-    rows, cols = masks.any(dim=2), masks.any(dim=1)
-    ys = torch.arange(masks.shape[1])
-    xs = torch.arange(masks.shape[2])
-    big = max(masks.shape[1:])
-    return torch.stack([
-        torch.where(cols, xs, big).min(dim=1).values, torch.where(rows, ys, big).min(dim=1).values,
-        torch.where(cols, xs, -1).max(dim=1).values, torch.where(rows, ys, -1).max(dim=1).values,
-    ], dim=1).to(torch.float32)
 
 
 def matched_ground_truth(
@@ -75,7 +63,7 @@ def matched_ground_truth(
         predicted = winner.unsqueeze(0) == torch.arange(1, detections + 1).view(-1, 1, 1)  # (D, H, W)
         inter = predicted.flatten(1).float() @ gt_masks.flatten(1).float().t()  # (D, M)
         union = predicted.flatten(1).sum(1)[:, None] + gt_masks.flatten(1).sum(1)[None, :] - inter
-        weight = inter / union.clamp(min=1) + BOX_TIE_BREAK * box_iou(boxes, mask_boxes(gt_masks))
+        weight = inter / union.clamp(min=1) + BOX_TIE_BREAK * box_iou(boxes, torch.from_numpy(mask_boxes(gt_masks.numpy())))
         weight = weight * (labels[:, None] == gt_labels[None, :])
         rows, cols = linear_sum_assignment(weight.numpy(), maximize=True)
         for d, m in zip(rows, cols):

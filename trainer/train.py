@@ -6,12 +6,23 @@ augmentation (random scale, crop, mirror with boxes flipped; detections simulate
 truth by `data.detections`), checkpoints (weights as safetensors, the model's JSON config, and the
 optimiser state for resuming) and the per-step log (JSON lines). Stage 2 sees one image per step, as
 the paper did: every image has its own number of detections.
+
+Every image of a step is drawn (dataset index, augmentation, simulated detections) from its own
+generator, seeded by (seed, step, position in the step's global batch): a resumed run sees the images
+an uninterrupted one would, and processes can split a batch without sharing a random stream.
+
+Data-parallel (launch and caveats in `distributed`): when a torch.distributed process group is
+initialised, `train` wraps the step's loss in DistributedDataParallel; process r of W takes positions
+`distributed.shard(batch_size, r, W)` of stage 1's global batch of `batch_size` images, and position r
+in stage 2 (W images per step; the learning rate is not rescaled). Losses are weighted so that the
+averaged gradient is the gradient of the global batch's loss; rank 0 alone writes log and checkpoints.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -20,9 +31,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
+from . import distributed
+from .data import VOID
+from .data.common import mask_boxes
 from .data.detections import simulate_detections
-from .loss import instance_loss, mask_boxes, semantic_loss
+from .loss import instance_loss, semantic_loss
 from .model import DynamicallyInstantiatedNetwork, ModelConfig, build_model
 
 
@@ -45,6 +61,11 @@ class TrainConfig:
     crop: tuple[int, int] | None = None  # (H, W); None keeps the (rescaled) image size
     mirror: bool = True
     seed: int = 0
+    # BatchNorm layers use their running statistics and do not update them (their affine parameters
+    # still train): small per-process batches then do not matter, and W processes compute what one
+    # process with the same global batch would, dropout masks aside (otherwise each process normalises
+    # with its own images).
+    frozen_batch_norm: bool = False
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -79,7 +100,7 @@ def augment(sample: dict, config: TrainConfig, rng: np.random.Generator) -> dict
         "semantic": semantic[0, 0].long(),
         "masks": masks,
         "labels": torch.as_tensor(sample["labels"])[keep],
-        "boxes": mask_boxes(masks),
+        "boxes": torch.from_numpy(mask_boxes(masks.numpy())),  # (M, 4) float32 xyxy inclusive
     }
 
 
@@ -117,12 +138,21 @@ def train(
     printer=print,
 ) -> list[dict]:
     """Trains `model` in place on `dataset` (indexable, samples as SyntheticScenes gives them) and
-    returns the log (also written to out_dir/log.jsonl). Checkpoints go to out_dir at the end."""
+    returns the log (also written to out_dir/log.jsonl). Checkpoints go to out_dir at the end.
+
+    Batches go to the device of the model's parameters. Under an initialised process group every
+    process calls this with the same arguments, and gets the same log back: losses are means over the
+    step's global batch. Rank 0 alone prints and writes to out_dir (shared between machines when
+    resuming), and every process returns once the checkpoint is written.
+    """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
+    rank, world = distributed.rank(), distributed.world_size()
+    main = rank == 0
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(int(np.random.SeedSequence([config.seed, rank]).generate_state(1)[0]))  # dropout
     stage2 = config.stage == "instance"
+    positions = range(rank, rank + 1) if stage2 else distributed.shard(config.batch_size, rank, world)
     frozen = stage2 and config.mode == "piecewise"
     for parameter in model.semantic.parameters():
         parameter.requires_grad_(not frozen)
@@ -135,27 +165,45 @@ def train(
         model.load_state_dict(load_file(out_dir / "model.safetensors"))
         optimiser.load_state_dict(state["optimiser"])
         start = int(state["step"])
+    device = next(model.parameters()).device
     model.train()
     if stage2:
         # One image per step: batch-norm statistics cannot be estimated from it (the pyramid pooling's
         # 1x1 branch even refuses), so stage 2 keeps the semantic part's statistics from stage 1.
         model.semantic.eval()
+    if config.frozen_batch_norm:
+        for module in model.modules():
+            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)):
+                module.eval()
+    objective = _Objective(model, config)
+    if torch.distributed.is_initialized():
+        # Unused parameters: stage 1 leaves the instance part alone, and an image without detections
+        # skips the instance CRF. Those unused everywhere keep grad None, as in one process.
+        objective = DistributedDataParallel(objective, device_ids=[device] if device.type == "cuda" else None,
+                                            find_unused_parameters=True)
     log, began = [], time.perf_counter()
-    with open(out_dir / "log.jsonl", "a") as log_file:
+    with open(out_dir / "log.jsonl", "a") if main else nullcontext() as log_file:
         for step in range(start, config.steps):
             for group in optimiser.param_groups:
                 group["lr"] = learning_rate(config, step)
             if stage2:
-                loss = _instance_step(model, dataset, config, rng)
+                batch = _instance_batch(dataset, config, step, positions[0], model.config.num_classes)
+                share = 1 / world
             else:
-                loss = _semantic_step(model, dataset, config, rng)
+                batch, share = _semantic_batch(dataset, config, step, positions)
+            batch = {key: value.to(device) for key, value in batch.items()}
+            loss = objective(batch)  # mean over this process's part of the batch
             optimiser.zero_grad(set_to_none=True)
-            loss.backward()
+            # DDP averages gradients over the W processes, so W x share makes them the global mean's.
+            (loss * (share * world)).backward()
             norm = torch.nn.utils.clip_grad_norm_(trainable, config.clip_norm)
             optimiser.step()
-            entry = {"step": step + 1, "loss": loss.item(), "grad_norm": float(norm),
+            global_loss = distributed.all_reduce([loss.item() * share])[0]
+            entry = {"step": step + 1, "loss": global_loss, "grad_norm": float(norm),
                      "lr": learning_rate(config, step), "seconds": time.perf_counter() - began}
             log.append(entry)
+            if not main:
+                continue
             log_file.write(json.dumps(entry) + "\n")
             if (step + 1) % log_every == 0 or step + 1 == config.steps:
                 done = step + 1 - start
@@ -163,32 +211,77 @@ def train(
                 recent = np.mean([e["loss"] for e in log[-log_every:]])
                 printer(f"[{config.stage}] step {step + 1}/{config.steps}  loss {recent:.4f}  "
                         f"{done / (time.perf_counter() - began):.2f} steps/s  eta {eta:.0f}s")
-    save_checkpoint(out_dir, model, optimiser, config.steps)
-    (out_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
+    if main:
+        save_checkpoint(out_dir, model, optimiser, config.steps)
+        (out_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
+    distributed.barrier()
     return log
 
 
-def _semantic_step(model, dataset, config: TrainConfig, rng) -> torch.Tensor:
-    samples = [augment(dataset[int(rng.integers(len(dataset)))], config, rng) for _ in range(config.batch_size)]
-    height = min(s["image"].shape[1] for s in samples)
-    width = min(s["image"].shape[2] for s in samples)
+class _Objective(nn.Module):
+    """The step's loss as a module. DistributedDataParallel all-reduces the gradients of what its
+    module's forward computes, and stage 1 calls `semantic_logits`, not the network's forward: wrapping
+    this module rather than the network covers both stages with one code path."""
+
+    def __init__(self, model: DynamicallyInstantiatedNetwork, config: TrainConfig):
+        super().__init__()
+        self.model = model
+        self.stage2 = config.stage == "instance"
+        self.semantic_weight = config.semantic_weight
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        if self.stage2:
+            return _instance_loss(self.model, batch, self.semantic_weight)
+        logits = self.model.semantic_logits(batch["images"])  # (B, K+1, H, W)
+        if (batch["targets"] == VOID).all():  # cross-entropy over no pixels is NaN
+            return logits.sum() * 0.0
+        return semantic_loss(logits, batch["targets"], void_label=VOID)
+
+
+def _draw(dataset, config: TrainConfig, step: int, position: int) -> tuple[dict, np.random.Generator]:
+    """The augmented sample at `position` of step `step`'s global batch, and its generator (stage 2
+    goes on to draw the detections from it)."""
+    rng = np.random.default_rng([config.seed, step, position])
+    return augment(dataset[int(rng.integers(len(dataset)))], config, rng), rng
+
+
+def _semantic_batch(dataset, config: TrainConfig, step: int, positions: range) -> tuple[dict, float]:
+    """This process's images (B, 3, H, W) and class maps (B, H, W), cropped to the smallest image of
+    the global batch, and its share of the global batch's non-void pixels."""
+    samples = [_draw(dataset, config, step, position)[0] for position in positions]
+    height, width = (int(v) for v in distributed.all_reduce(
+        [min(s["image"].shape[1] for s in samples), min(s["image"].shape[2] for s in samples)], op="min"))
     images = torch.stack([s["image"][:, :height, :width] for s in samples])
     targets = torch.stack([s["semantic"][:height, :width] for s in samples])
-    return semantic_loss(model.semantic_logits(images), targets)
+    pixels = int((targets != VOID).sum())
+    total = distributed.all_reduce([pixels])[0]
+    return {"images": images, "targets": targets}, pixels / total if total else 1 / distributed.world_size()
 
 
-def _instance_step(model, dataset, config: TrainConfig, rng) -> torch.Tensor:
-    sample = augment(dataset[int(rng.integers(len(dataset)))], config, rng)
+def _instance_batch(dataset, config: TrainConfig, step: int, position: int, num_classes: int) -> dict:
+    """One augmented image, its ground truth and detections simulated from it."""
+    sample, rng = _draw(dataset, config, step, position)
     height, width = sample["image"].shape[1:]
     detections = simulate_detections(sample["boxes"].numpy(), sample["labels"].numpy(), image_size=(height, width),
-                                     rng=rng, num_classes=model.config.num_classes)
-    out = model(sample["image"], torch.from_numpy(detections["boxes"]), torch.from_numpy(detections["labels"]),
-                torch.from_numpy(detections["scores"]))
-    void = sample["semantic"] == 255
-    loss = instance_loss(out.instance_logits, torch.from_numpy(detections["boxes"]).floor(),
-                         torch.from_numpy(detections["labels"]), sample["masks"], sample["labels"], void)
-    if config.semantic_weight > 0:
-        loss = loss + config.semantic_weight * semantic_loss(out.semantic_logits[None], sample["semantic"][None])
+                                     rng=rng, num_classes=num_classes)
+    return {
+        "image": sample["image"],  # (3, H, W)
+        "semantic": sample["semantic"],  # (H, W)
+        "masks": sample["masks"],  # (M, H, W) bool
+        "gt_labels": sample["labels"],  # (M,)
+        "boxes": torch.from_numpy(detections["boxes"]),  # (D, 4)
+        "labels": torch.from_numpy(detections["labels"]),
+        "scores": torch.from_numpy(detections["scores"]),
+    }
+
+
+def _instance_loss(model: DynamicallyInstantiatedNetwork, batch: dict[str, Tensor], semantic_weight: float) -> Tensor:
+    out = model(batch["image"], batch["boxes"], batch["labels"], batch["scores"])
+    void = batch["semantic"] == VOID
+    loss = instance_loss(out.instance_logits, batch["boxes"].floor(), batch["labels"], batch["masks"],
+                         batch["gt_labels"], void)
+    if semantic_weight > 0:
+        loss = loss + semantic_weight * semantic_loss(out.semantic_logits[None], batch["semantic"][None])
     return loss
 
 

@@ -10,3 +10,13 @@ from .detections import DetectionKind, load_coco_detections, simulate_detections
 from .synthetic import VOID, SyntheticScenes
 
 __all__ = ["SyntheticScenes", "VOID", "simulate_detections", "load_coco_detections", "DetectionKind"]
+
+# On-disk datasets: Pascal VOC 2012, SBD, COCO and Cityscapes instance annotations, as SyntheticScenes samples.
+from .cityscapes import CITYSCAPES_THING_CLASSES, CityscapesInstances
+from .coco import CocoInstances
+from .sbd import SbdInstances
+from .common import LabelledSample
+from .voc import VOC_CLASSES, VocInstances
+
+__all__ += ["VocInstances", "SbdInstances", "CocoInstances", "CityscapesInstances", "LabelledSample"]
+__all__ += ["VOC_CLASSES", "CITYSCAPES_THING_CLASSES"]

@@ -1,0 +1,144 @@
+"""Data-parallel training: two gloo processes started by torchrun on the CPU compute what one process
+computes for the same global batch, stay in sync in stage 2, and only rank 0 writes; the helpers split
+batches evenly and do nothing without a process group.
+
+This file is also the worker that torchrun starts (`python test_distributed.py OUT`).
+
+Why the comparison freezes BatchNorm and turns dropout off: both draw on the images a process holds.
+BatchNorm in training mode normalises with each process's own two images (torch's SyncBatchNorm
+refuses CPU tensors), and dropout masks come from each process's own torch generator, so neither can
+equal one process's four-image batch. With running statistics (`frozen_batch_norm`) and no dropout the
+loss is a function of the parameters and the global batch alone, and must match up to float summation
+order: the gradient is averaged over processes instead of summed over one batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dynseg.trainer import distributed
+from dynseg.trainer.data import SyntheticScenes
+from dynseg.trainer.model import InstanceConfig, ModelConfig, build_model
+from dynseg.trainer.train import TrainConfig, train
+
+STEPS = 3
+GLOBAL_BATCH = 4
+# measured: losses agree to 1.5e-7 relative, parameters to 1.5e-8 absolute (float32 summation order);
+# weighting each process's loss by its share of non-void pixels matters: without it, 5e-3 relative
+LOSS_RTOL = 1e-5
+PARAMETER_ATOL = 1e-5
+
+
+def _worker(out: Path) -> None:
+    """One process of the run: stage 1 with frozen BatchNorm and no dropout (compared with one
+    process), then, with two processes, two end-to-end stage-2 steps. Saves out/rank{r}.pt."""
+    torch.set_num_threads(1)
+    rank, world = distributed.init_from_environment()
+    try:
+        torch.manual_seed(0)
+        data = SyntheticScenes(size=8, image_size=(32, 40), seed=0)
+        model = build_model(ModelConfig(backbone="resnet18", class_names=tuple(data.class_names[1:]),
+                                        instance=InstanceConfig(templates_per_group=2, template_size=8)))
+        for module in model.modules():
+            if isinstance(module, (nn.Dropout, nn.Dropout2d)):
+                module.p = 0.0
+        log = train(model, data, TrainConfig(stage="semantic", steps=STEPS, batch_size=GLOBAL_BATCH,
+                                             learning_rate=0.01, frozen_batch_norm=True),
+                    out_dir=out / "semantic", printer=lambda *_: None)
+        result = {"world": world, "semantic": [e["loss"] for e in log],
+                  "semantic_parameters": {k: v.detach().clone() for k, v in model.named_parameters()}}
+        if world > 1:
+            log = train(model, data, TrainConfig(stage="instance", mode="end-to-end", steps=2, learning_rate=0.001),
+                        out_dir=out / "instance", printer=lambda *_: None)
+            result["instance"] = [e["loss"] for e in log]
+            result["instance_parameters"] = {k: v.detach().clone() for k, v in model.named_parameters()}
+        torch.save(result, out / f"rank{rank}.pt")
+    finally:
+        distributed.shutdown()
+
+
+def _without_torchrun_variables() -> dict[str, str]:
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
+    return {k: v for k, v in os.environ.items() if k not in names} | {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Starts torchrun with two processes and one plain process side by side; (two, one, seconds)."""
+    two, one = tmp_path_factory.mktemp("two"), tmp_path_factory.mktemp("one")
+    env = _without_torchrun_variables()
+    began = time.perf_counter()
+    jobs = [
+        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          __file__, str(two)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+        subprocess.Popen([sys.executable, __file__, str(one)], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True),
+    ]
+    for job in jobs:
+        output, _ = job.communicate(timeout=240)
+        assert job.returncode == 0, output
+    return two, one, time.perf_counter() - began
+
+
+def test_two_gloo_processes_give_the_losses_and_weights_of_one_process_with_the_same_global_batch(runs):
+    two, one, _ = runs
+    ddp, single = torch.load(two / "rank0.pt"), torch.load(one / "rank0.pt")
+    assert (ddp["world"], single["world"]) == (2, 1)
+    np.testing.assert_allclose(ddp["semantic"], single["semantic"], rtol=LOSS_RTOL)
+    assert len(set(single["semantic"])) == STEPS  # the weights moved between steps
+    for name, value in single["semantic_parameters"].items():
+        torch.testing.assert_close(ddp["semantic_parameters"][name], value, rtol=0, atol=PARAMETER_ATOL, msg=name)
+        if not name.startswith("semantic."):  # unused in stage 1: no gradient, so no weight decay either
+            assert torch.equal(ddp["semantic_parameters"][name], value), name
+
+
+def test_the_processes_hold_identical_weights_and_logs_after_both_stages(runs):
+    two, _, _ = runs
+    first, second = torch.load(two / "rank0.pt"), torch.load(two / "rank1.pt")
+    assert first["semantic"] == second["semantic"] and first["instance"] == second["instance"]
+    assert all(np.isfinite(first["instance"]))
+    for stage in ("semantic_parameters", "instance_parameters"):
+        assert all(torch.equal(value, second[stage][name]) for name, value in first[stage].items())
+    assert any(not torch.equal(first["semantic_parameters"][name], value)
+               for name, value in first["instance_parameters"].items())  # stage 2 trained
+
+
+def test_only_rank_zero_writes_the_log_and_the_checkpoint(runs):
+    two, _, _ = runs
+    for stage, steps in (("semantic", STEPS), ("instance", 2)):
+        lines = (two / stage / "log.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in lines] == list(range(1, steps + 1))
+        assert (two / stage / "model.safetensors").is_file() and (two / stage / "trainer_state.pt").is_file()
+
+
+def test_shard_splits_a_global_batch_into_contiguous_equal_parts():
+    assert [list(distributed.shard(4, rank, 2)) for rank in range(2)] == [[0, 1], [2, 3]]
+    assert [list(distributed.shard(6, rank, 3)) for rank in range(3)] == [[0, 1], [2, 3], [4, 5]]
+    with pytest.raises(ValueError, match="cannot be split evenly"):
+        distributed.shard(5, 0, 2)
+    with pytest.raises(ValueError, match="rank must be"):
+        distributed.shard(4, 2, 2)
+
+
+def test_without_torchrun_variables_there_is_one_process_and_reductions_are_identities(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.init_from_environment() == (0, 1)
+    assert distributed.is_main() and distributed.world_size() == 1
+    assert distributed.all_reduce([1.5, 2.0], op="min") == [1.5, 2.0]
+    with pytest.raises(ValueError, match="op must be"):
+        distributed.all_reduce([1.0], op="max")
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]))

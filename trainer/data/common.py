@@ -1,0 +1,130 @@
+"""What every dataset loader shares: the sample type with its image id, argument checks, file checks,
+image reading, and assembling a sample (void, masks, labels, boxes) from class and instance maps."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from dynseg.sdk.errors import InvalidArgumentError
+
+from .synthetic import VOID, SceneSample
+
+
+class LabelledSample(SceneSample):
+    """One annotated image: `SceneSample`'s arrays (masks without void, see the module docstring)."""
+
+    image_id: str | int  # the image's id in its dataset: the file stem (COCO: the integer image id)
+
+
+def check_split_name(split: object) -> None:
+    """Raise InvalidArgumentError unless split is a non-empty name without path separators."""
+    if not isinstance(split, str) or not split or split in (".", "..") or "/" in split or os.sep in split:
+        raise InvalidArgumentError(f"split must be a plain name such as 'train' or 'val', got {split!r}")
+
+
+def check_index(index: object, size: int) -> int:
+    """The index as a non-negative int (negative ones count from the end), or TypeError / IndexError."""
+    if not isinstance(index, (int, np.integer)) or isinstance(index, bool):
+        raise TypeError(f"index must be an int, got {type(index).__name__}")
+    position = int(index) + size if index < 0 else int(index)
+    if not 0 <= position < size:
+        raise IndexError(f"index {index} out of range for {size} images")
+    return position
+
+
+def read_id_list(path: Path, folder: Path) -> tuple[str, ...]:
+    """The non-empty, stripped lines of a split list. FileNotFoundError names the lists that exist in folder."""
+    if not path.is_file():
+        available = sorted(p.stem for p in folder.glob("*.txt")) if folder.is_dir() else []
+        raise FileNotFoundError(f"{path}: split list not found (available in {folder}: {available or 'none'})")
+    ids = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    if not ids:
+        raise InvalidArgumentError(f"{path}: the split list is empty")
+    return ids
+
+
+def require_files(folder: Path, names: Iterable[str]) -> None:
+    """Raise FileNotFoundError naming the folder and the first missing names, unless all exist in it."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: folder not found")
+    present = set(os.listdir(folder))
+    missing = [name for name in names if name not in present and not ("/" in name and (folder / name).is_file())]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise FileNotFoundError(f"{folder}: {len(missing)} file(s) missing: {shown}")
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """uint8 (H, W, 3) RGB pixels of an image file (grey and palette images are converted)."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), np.uint8).copy()
+
+
+def read_indexed_png(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """uint8 (H, W) palette indices of a mode "P" (or greyscale "L") PNG of the given shape."""
+    with Image.open(path) as png:
+        if png.mode not in ("P", "L"):
+            raise InvalidArgumentError(f"{path}: expected a palette (mode 'P') PNG of indices, got mode {png.mode!r}")
+        indices = np.asarray(png, np.uint8).copy()
+    if indices.shape != shape:
+        raise InvalidArgumentError(f"{path}: annotation is {indices.shape[::-1]} (W, H), the image {shape[::-1]}")
+    return indices
+
+
+def mask_boxes(masks: np.ndarray) -> np.ndarray:
+    """float32 (M, 4) xyxy, inclusive pixel coordinates of each non-empty bool (H, W) mask in masks."""
+    boxes = np.zeros((len(masks), 4), np.float32)
+    for m, mask in enumerate(masks):
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        boxes[m] = (cols[0], rows[0], cols[-1], rows[-1])
+    return boxes
+
+
+def assemble_sample(
+    image: np.ndarray,
+    semantic: np.ndarray,
+    owner: np.ndarray,
+    labels: list[int] | np.ndarray,
+    void: np.ndarray,
+    image_id: str | int,
+    source: object,
+) -> LabelledSample:
+    """Build a `LabelledSample` from per-pixel maps.
+
+    Args:
+        image: uint8 (H, W, 3) RGB.
+        semantic: int (H, W) class 0..K per pixel (its values under `void` and under instances are
+            replaced: by void, and by the instance's label).
+        owner: int (H, W): 0 no instance, m in 1..len(labels) the pixel's instance.
+        labels: class 1..K of each owner index.
+        void: bool (H, W), void in both output maps and in no mask.
+        source: names the annotation in the error raised when more than 254 instances remain.
+
+    Instances left with no pixel outside void are dropped; the rest are renumbered 1..M in order.
+    """
+    labels = np.asarray(labels, np.int64).reshape(-1)
+    owner = np.where(void, 0, owner)
+    kept = np.flatnonzero(np.bincount(owner.ravel(), minlength=len(labels) + 1)[1:])  # (M,) 0-based
+    if len(kept) >= VOID:
+        raise InvalidArgumentError(f"{source}: {len(kept)} instances; at most {VOID - 1} fit beside void = {VOID}")
+    renumber = np.zeros(len(labels) + 1, np.int64)
+    renumber[kept + 1] = np.arange(1, len(kept) + 1)
+    instances = renumber[owner]  # (H, W) 0..M
+    masks = instances[None] == np.arange(1, len(kept) + 1)[:, None, None]  # (M, H, W)
+    semantic = np.where(instances > 0, np.concatenate([[0], labels[kept]])[instances], semantic)
+    semantic = np.where(void, VOID, semantic).astype(np.int64)
+    instances[void] = VOID
+    return LabelledSample(
+        image=image,
+        semantic=semantic,
+        instances=instances.astype(np.int32),
+        masks=masks,
+        labels=labels[kept],
+        boxes=mask_boxes(masks),
+        image_id=image_id,
+    )

@@ -1,0 +1,152 @@
+"""Data-parallel training over processes and machines: `torchrun` starts one process per GPU (or
+several on a CPU), `train` wraps the step's loss in DistributedDataParallel (NCCL on GPUs, gloo on
+CPUs).
+
+Launch (every process runs the same command; torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*):
+
+    torchrun --standalone --nproc_per_node 2 -m dynseg.trainer.distributed --out runs/ddp
+    # two machines, 8 GPUs each, the same command on both with --node_rank 0 and 1:
+    torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --rdzv_backend c10d \
+        --rdzv_endpoint HOST:29500 -m dynseg.trainer.distributed --out /shared/runs/ddp
+
+Without torchrun's variables the same module trains in one process, like `dynseg train`.
+
+What a step is with W processes (`train` documents the rest):
+- stage 1: the global batch is `batch_size` images, process r takes positions `shard(batch_size, r, W)`
+  (batch_size must be a multiple of W); stage 2: one image per process, so W images per step.
+- Every image's index and augmentation come from a generator seeded by (seed, step, position in the
+  global batch), so the union of the processes' images is what one process would draw for the same
+  global batch, and no process needs another's random stream.
+- BatchNorm normalises with each process's own images (torch's SyncBatchNorm refuses CPU tensors), and
+  dropout draws its masks from each process's own generator, so stage 1 equals one process with the
+  same global batch (up to float summation order) only with `TrainConfig.frozen_batch_norm` and no
+  dropout; otherwise it is the usual DDP approximation.
+- Rank 0 alone writes the log and the checkpoints (out_dir must be shared between machines for
+  `resume`); every process returns the same log, whose losses are global means.
+
+Tested with gloo on CPUs only (tests/trainer/test_distributed.py); the NCCL path has not run on GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["init_from_environment", "is_main", "rank", "world_size", "shard", "all_reduce", "shutdown", "main"]
+
+_TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def init_from_environment() -> tuple[int, int]:
+    """Joins the process group that torchrun's variables describe and returns (rank, world size):
+    backend "nccl" with this process on GPU LOCAL_RANK when CUDA is available, else "gloo". Returns
+    (0, 1) and does nothing when the variables are not set; returns the group's values when one is
+    already initialised."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if not all(name in os.environ for name in _TORCHRUN_VARIABLES):
+        return 0, 1
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group(backend="nccl")
+    else:
+        dist.init_process_group(backend="gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def rank() -> int:
+    """This process's rank, 0 without a process group."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """The number of processes, 1 without a process group."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    """True on the process that writes logs and checkpoints (rank 0, or the only one)."""
+    return rank() == 0
+
+
+def shard(count: int, rank: int, world_size: int) -> range:
+    """Positions in a global batch of `count` that process `rank` of `world_size` takes: contiguous,
+    count // world_size each, together exactly range(count). count must be a multiple of world_size."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size) with world_size >= 1, got rank {rank} of {world_size}")
+    if count % world_size:
+        raise ValueError(f"a global batch of {count} cannot be split evenly over {world_size} processes")
+    share = count // world_size
+    return range(rank * share, (rank + 1) * share)
+
+
+def all_reduce(values: Sequence[float], op: str = "sum") -> list[float]:
+    """The sum ("sum") or minimum ("min") of `values` elementwise over all processes, in float64; the
+    values themselves without a process group."""
+    if op not in ("sum", "min"):
+        raise ValueError(f"op must be 'sum' or 'min', got {op!r}")
+    if not dist.is_initialized():
+        return [float(v) for v in values]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MIN)
+    return tensor.tolist()
+
+
+def barrier() -> None:
+    """Waits for every process (nothing without a process group)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    """Leaves the process group, if any."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m dynseg.trainer.distributed` (under torchrun or alone): `dynseg train` on the synthetic
+    scenes, data-parallel. --batch-size is stage 1's global batch."""
+    parser = argparse.ArgumentParser(prog="python -m dynseg.trainer.distributed", description=main.__doc__)
+    parser.add_argument("--out", required=True, help="folder for checkpoints and logs (shared between machines)")
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--images", type=int, default=400, help="synthetic training images")
+    parser.add_argument("--image-size", type=int, nargs=2, default=(96, 120), metavar=("H", "W"))
+    parser.add_argument("--semantic-steps", type=int, default=600)
+    parser.add_argument("--instance-steps", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=4, help="stage 1 global batch, a multiple of the processes")
+    parser.add_argument("--mode", choices=("piecewise", "end-to-end"), default="piecewise")
+    parser.add_argument("--lr", type=float, default=0.02, help="stage 1 learning rate (stage 2 uses a 20th)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    from .data import SyntheticScenes
+    from .model import ModelConfig, build_model
+    from .train import TrainConfig, fit
+
+    init_from_environment()
+    try:
+        torch.manual_seed(args.seed)  # the same initial weights everywhere (DDP also broadcasts rank 0's)
+        data = SyntheticScenes(size=args.images, image_size=tuple(args.image_size), seed=args.seed)
+        model = build_model(ModelConfig(backbone=args.backbone, class_names=tuple(data.class_names[1:])))
+        if torch.cuda.is_available() and dist.is_initialized():
+            model.to(torch.device("cuda", torch.cuda.current_device()))
+        fit(model, data, out_dir=args.out,
+            semantic=TrainConfig(stage="semantic", steps=args.semantic_steps, batch_size=args.batch_size,
+                                 learning_rate=args.lr, seed=args.seed),
+            instance=TrainConfig(stage="instance", mode=args.mode, steps=args.instance_steps,
+                                 learning_rate=args.lr / 20, seed=args.seed),
+            printer=print)  # train prints on rank 0 only
+        if is_main():
+            print(f"wrote {args.out}/model.safetensors and {args.out}/model.json; next: dynseg eval {args.out}")
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    main()
