@@ -23,10 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dynseg.trainer.data import SyntheticScenes, simulate_detections
+from dynseg.trainer.data import SyntheticScenes
 from dynseg.trainer.evaluation import evaluate
 from dynseg.trainer.model import InstanceConfig, ModelConfig, build_model, check_detections
-from dynseg.trainer.train import TrainConfig, load_checkpoint, predict, save_checkpoint, train
+from dynseg.trainer.train import (
+    TrainConfig, held_out, initialise_templates, load_checkpoint, predict, save_checkpoint, train,
+)
 
 TERMS = {
     "Box": dict(box_term=True, global_term=False, shape_term=False),
@@ -39,29 +41,13 @@ def quiet(*_):
     pass
 
 
-def initialise_templates(model, dataset) -> None:
-    masks, boxes = [], []
-    for index in range(min(len(dataset), 200)):
-        sample = dataset[index]
-        masks.extend(sample["masks"])
-        boxes.extend(sample["boxes"])
-    model.instance_unaries.initialise_templates(masks, boxes)
-
-
 @torch.no_grad()
 def refinement_baseline(model, dataset, *, seed: int) -> tuple[list[dict], list[dict]]:
     """Each detection's mask: its box's pixels where Q_sem(class) > 0.5; ranked by detector score."""
     model.eval()
     predictions, ground_truths = [], []
-    for index in range(len(dataset)):
-        sample = dataset[index]
-        image = torch.from_numpy(sample["image"]).permute(2, 0, 1).float()
-        detections = simulate_detections(sample["boxes"], sample["labels"], image_size=image.shape[1:],
-                                         rng=np.random.default_rng([seed, index]),
-                                         num_classes=model.config.num_classes)
-        boxes, labels, scores = check_detections(torch.from_numpy(detections["boxes"]),
-                                                 torch.from_numpy(detections["labels"]),
-                                                 torch.from_numpy(detections["scores"]),
+    for image, detections, truth in held_out(dataset, seed=seed, num_classes=model.config.num_classes):
+        boxes, labels, scores = check_detections(detections["boxes"], detections["labels"], detections["scores"],
                                                  height=image.shape[1], width=image.shape[2],
                                                  num_classes=model.config.num_classes)
         logits = model.semantic_logits(image[None])[0]
@@ -75,8 +61,7 @@ def refinement_baseline(model, dataset, *, seed: int) -> tuple[list[dict], list[
             masks.append(mask)
         predictions.append({"masks": torch.stack(masks).numpy() if masks else np.zeros((0, *image.shape[1:]), bool),
                             "labels": labels.numpy(), "scores": scores.numpy()})
-        ground_truths.append({"masks": sample["masks"], "labels": sample["labels"],
-                              "void": sample["semantic"] == 255})
+        ground_truths.append(truth)
     return predictions, ground_truths
 
 
@@ -115,7 +100,7 @@ def main() -> None:
             model = build_model(variant)
             model.load_state_dict(load_checkpoint(args.out / "semantic").state_dict())
             if terms["shape_term"]:
-                initialise_templates(model, train_set)
+                initialise_templates(model, train_set, seed=args.seed)
             train(model, train_set, TrainConfig(stage="instance", mode=mode, steps=args.instance_steps,
                                                 learning_rate=0.001, seed=args.seed),
                   out_dir=args.out / f"{name}-{mode}", printer=quiet)

@@ -299,15 +299,34 @@ def fit(
     out_dir (the final model)."""
     out_dir = Path(out_dir)
     logs = {"semantic": train(model, dataset, semantic, out_dir=out_dir / "semantic", printer=printer)}
+    if model.config.instance.shape_term:
+        initialise_templates(model, dataset, seed=instance.seed)
+    logs["instance"] = train(model, dataset, instance, out_dir=out_dir, printer=printer)
+    return logs
+
+
+def initialise_templates(model: DynamicallyInstantiatedNetwork, dataset, *, seed: int = 0, images: int = 200) -> None:
+    """The shape templates by k-means of the instance masks of the first `images` training images."""
     masks, boxes = [], []
-    for index in range(min(len(dataset), 200)):
+    for index in range(min(len(dataset), images)):
         sample = dataset[index]
         masks.extend(sample["masks"])
         boxes.extend(sample["boxes"])
-    if masks and model.config.instance.shape_term:
-        model.instance_unaries.initialise_templates(masks, boxes, seed=instance.seed)
-    logs["instance"] = train(model, dataset, instance, out_dir=out_dir, printer=printer)
-    return logs
+    if masks:
+        model.instance_unaries.initialise_templates(masks, boxes, seed=seed)
+
+
+def held_out(dataset, *, seed: int, num_classes: int):
+    """Yields (image (3, H, W) float 0..255, detections, ground truth) for every sample, with
+    detections simulated from the ground truth by a generator seeded by (seed, index), so every
+    method evaluated with the same seed sees the same detections."""
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        image = torch.from_numpy(sample["image"]).permute(2, 0, 1).float()
+        detections = simulate_detections(sample["boxes"], sample["labels"], image_size=image.shape[1:],
+                                         rng=np.random.default_rng([seed, index]), num_classes=num_classes)
+        truth = {"masks": sample["masks"], "labels": sample["labels"], "void": sample["semantic"] == 255}
+        yield image, {k: torch.from_numpy(detections[k]) for k in ("boxes", "labels", "scores")}, truth
 
 
 @torch.no_grad()
@@ -317,17 +336,10 @@ def predict(model: DynamicallyInstantiatedNetwork, dataset, *, seed: int = 0) ->
     `evaluation.evaluate` takes."""
     model.eval()
     predictions, ground_truths = [], []
-    for index in range(len(dataset)):
-        sample = dataset[index]
-        image = torch.from_numpy(sample["image"]).permute(2, 0, 1).float()
-        detections = simulate_detections(sample["boxes"], sample["labels"], image_size=image.shape[1:],
-                                         rng=np.random.default_rng([seed, index]),
-                                         num_classes=model.config.num_classes)
-        out = model(image, torch.from_numpy(detections["boxes"]), torch.from_numpy(detections["labels"]),
-                    torch.from_numpy(detections["scores"]))
+    for image, detections, truth in held_out(dataset, seed=seed, num_classes=model.config.num_classes):
+        out = model(image, detections["boxes"], detections["labels"], detections["scores"])
         ids = torch.arange(1, len(out.instance_labels) + 1).view(-1, 1, 1)
         predictions.append({"masks": (out.instance_map.unsqueeze(0) == ids).numpy(),
                             "labels": out.instance_labels.numpy(), "scores": out.instance_scores.numpy()})
-        ground_truths.append({"masks": sample["masks"], "labels": sample["labels"],
-                              "void": sample["semantic"] == 255})
+        ground_truths.append(truth)
     return predictions, ground_truths
