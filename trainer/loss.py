@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from .data.common import mask_boxes
+from .data.synthetic import mask_boxes
 
 IGNORE = -100  # cross_entropy's ignore_index
 BOX_TIE_BREAK = 1e-3

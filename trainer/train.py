@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed
 from .data import VOID
-from .data.common import mask_boxes
+from .data.synthetic import mask_boxes
 from .data.detections import simulate_detections
 from .loss import instance_loss, semantic_loss
 from .model import DynamicallyInstantiatedNetwork, ModelConfig, build_model

@@ -12,7 +12,7 @@ from PIL import Image
 
 from dynseg.sdk.errors import InvalidArgumentError
 
-from .synthetic import VOID, SceneSample
+from .synthetic import VOID, SceneSample, mask_boxes
 
 
 class LabelledSample(SceneSample):
@@ -74,15 +74,6 @@ def read_indexed_png(path: Path, shape: tuple[int, int]) -> np.ndarray:
     if indices.shape != shape:
         raise InvalidArgumentError(f"{path}: annotation is {indices.shape[::-1]} (W, H), the image {shape[::-1]}")
     return indices
-
-
-def mask_boxes(masks: np.ndarray) -> np.ndarray:
-    """float32 (M, 4) xyxy, inclusive pixel coordinates of each non-empty bool (H, W) mask in masks."""
-    boxes = np.zeros((len(masks), 4), np.float32)
-    for m, mask in enumerate(masks):
-        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-        boxes[m] = (cols[0], rows[0], cols[-1], rows[-1])
-    return boxes
 
 
 def assemble_sample(

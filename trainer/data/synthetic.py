@@ -34,7 +34,7 @@ import numpy as np
 
 from dynseg.sdk.errors import InvalidArgumentError
 
-__all__ = ["SyntheticScenes", "SceneSample", "VOID"]
+__all__ = ["SyntheticScenes", "SceneSample", "VOID", "mask_boxes"]
 
 VOID = 255
 """Label of void pixels in `semantic` and `instances` (ignored by losses and metrics)."""
@@ -235,7 +235,7 @@ def _render_scene(
         instances=instances.astype(np.int32),
         masks=masks,
         labels=labels,
-        boxes=_mask_boxes(masks),
+        boxes=mask_boxes(masks),
     )
 
 
@@ -528,8 +528,8 @@ def _edge_band(owner: np.ndarray) -> np.ndarray:
     return band
 
 
-def _mask_boxes(masks: np.ndarray) -> np.ndarray:
-    """float32 (M, 4) xyxy inclusive pixel coordinates of each non-empty mask."""
+def mask_boxes(masks: np.ndarray) -> np.ndarray:
+    """float32 (M, 4) xyxy inclusive pixel coordinates of each non-empty bool (H, W) mask in masks."""
     boxes = np.zeros((len(masks), 4), np.float32)
     for m, mask in enumerate(masks):
         rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
