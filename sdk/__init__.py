@@ -1,13 +1,14 @@
 """dynseg.sdk: what applications embed. Imports with numpy alone (no torch).
 
-Front door: `dense_crf` (the numpy dense CRF on the native kernels) and the error types.
+Front door: `dense_crf` (the numpy dense CRF on the native kernels, CPU or GPU), `dense_crf_cuda` (the
+same on arrays already in GPU memory) and the error types.
 """
 
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .crf import dense_crf
+from .crf import dense_crf, dense_crf_cuda
 from .errors import DynsegError, InvalidArgumentError, NativeError
 
 try:
@@ -15,4 +16,4 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["dense_crf", "DynsegError", "InvalidArgumentError", "NativeError", "__version__"]
+__all__ = ["dense_crf", "dense_crf_cuda", "DynsegError", "InvalidArgumentError", "NativeError", "__version__"]

@@ -2,7 +2,8 @@
 
 Owns: loading the library lazily, the ctypes mirrors of the C structs, checking every array's
 dtype, shape and contiguity before a pointer crosses over, per-thread workspaces, and turning the
-library's status codes into exceptions (all through `_check`).
+library's status codes into exceptions (all through `_check`). Arrays are numpy arrays for the CPU
+calls and `DeviceArray`s (addresses of GPU memory) for the CUDA calls.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from dynseg.plugins import library_path
 
 from .errors import InvalidArgumentError, NativeError
 
-OK, INVALID_ARGUMENT, WORKSPACE_TOO_SMALL, KEY_RANGE = 0, 1, 2, 3
+OK, INVALID_ARGUMENT, WORKSPACE_TOO_SMALL, KEY_RANGE, INTERNAL, NOT_SUPPORTED, CUDA_ERROR = range(7)
+ABI_VERSION = 2
 NORMALIZATION = {"after": 0, "symmetric": 1}
 WEIGHT_SCALAR, WEIGHT_MATRIX = 0, 1
 COMPAT_POTTS, COMPAT_DIAGONAL, COMPAT_FULL = 0, 1, 2
@@ -26,6 +28,23 @@ OUTPUT_LOGITS, OUTPUT_PROBABILITIES = 0, 1
 PASS_FORWARD, PASS_BACKWARD = 0, 1
 
 _f32p = ctypes.POINTER(ctypes.c_float)
+
+
+@dataclass(frozen=True)
+class DeviceArray:
+    """A C-contiguous float32 array in GPU memory, known by its address (a torch CUDA tensor's
+    data_ptr(), or the pointer of a `__cuda_array_interface__`)."""
+
+    pointer: int
+    shape: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
 
 
 class _Kernel(ctypes.Structure):
@@ -78,8 +97,26 @@ def library() -> ctypes.CDLL:
             lib.dynseg_lattice_filter.argtypes = [
                 problem, ctypes.c_int32, ctypes.c_int64, _f32p, _f32p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_size_t
             ]
-            if lib.dynseg_abi_version() != 1:
-                raise NativeError(f"{library_path()} speaks C ABI {lib.dynseg_abi_version()}, this dynseg needs 1")
+            lib.dynseg_cuda_compiled.restype = ctypes.c_int32
+            lib.dynseg_cuda_device_count.restype = ctypes.c_int32
+            lib.dynseg_crf_workspace_size_cuda.argtypes = lib.dynseg_crf_workspace_size.argtypes
+            lib.dynseg_crf_forward_cuda.argtypes = [
+                problem, _f32p, _f32p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p
+            ]
+            lib.dynseg_crf_backward_cuda.argtypes = [
+                problem, _f32p, _f32p, _f32p, ctypes.POINTER(_f32p), _f32p, ctypes.c_void_p, ctypes.c_size_t,
+                ctypes.c_void_p,
+            ]
+            lib.dynseg_crf_check_cuda.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+            lib.dynseg_crf_forward_cuda_from_host.argtypes = [problem, _f32p, _f32p, ctypes.c_int32]
+            lib.dynseg_cuda_malloc.argtypes = [ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p)]
+            lib.dynseg_cuda_free.argtypes = [ctypes.c_void_p]
+            lib.dynseg_cuda_memcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+            if lib.dynseg_abi_version() != ABI_VERSION:
+                raise NativeError(
+                    f"{library_path()} speaks C ABI {lib.dynseg_abi_version()}, this dynseg needs {ABI_VERSION}: "
+                    "rebuild it with `pip install --force-reinstall --no-deps .` from the dynseg source tree"
+                )
             _lib = lib
     return _lib
 
@@ -94,6 +131,31 @@ def max_threads() -> int:
     return int(library().dynseg_max_threads())
 
 
+def cuda_compiled() -> bool:
+    """Whether the native library was built with its CUDA kernels."""
+    return bool(library().dynseg_cuda_compiled())
+
+
+def cuda_device_count() -> int:
+    """CUDA devices the native library can use (0 without CUDA in the build, a driver or a GPU)."""
+    return int(library().dynseg_cuda_device_count())
+
+
+def check_cuda_device(device: int) -> None:
+    """Raises a clear error unless CUDA device `device` is usable by the native library."""
+    if not cuda_compiled():
+        raise InvalidArgumentError(
+            "device='cuda' needs the CUDA kernels, but this dynseg native library was built without CUDA "
+            "(no nvcc at install time): install the CUDA toolkit and reinstall dynseg"
+        )
+    count = cuda_device_count()
+    if not 0 <= device < count:
+        raise InvalidArgumentError(
+            f"device='cuda:{device}' but the native library sees {count} CUDA device(s)"
+            + (" (no GPU or no NVIDIA driver on this machine)" if count == 0 else "")
+        )
+
+
 def _check(status: int) -> None:
     if status == OK:
         return
@@ -103,9 +165,11 @@ def _check(status: int) -> None:
     raise NativeError(f"dynseg native library failed (status {status}): {message}")
 
 
-def _pointer(array: np.ndarray | None) -> ctypes.POINTER(ctypes.c_float) | None:
+def _pointer(array: np.ndarray | DeviceArray | None) -> ctypes.POINTER(ctypes.c_float) | None:
     if array is None:
         return None
+    if isinstance(array, DeviceArray):
+        return ctypes.cast(ctypes.c_void_p(array.pointer), _f32p)
     if array.dtype != np.float32 or not array.flags.c_contiguous:
         raise NativeError("internal: arrays handed to the native library must be contiguous float32")
     return array.ctypes.data_as(_f32p)
@@ -118,7 +182,7 @@ class Kernel:
 
     theta_xy: float
     theta_color: float
-    weight: np.ndarray
+    weight: np.ndarray | DeviceArray
 
 
 class Problem:
@@ -129,10 +193,10 @@ class Problem:
         labels: int,
         height: int,
         width: int,
-        image: np.ndarray | None,
+        image: np.ndarray | DeviceArray | None,
         kernels: Sequence[Kernel],
         *,
-        compat: np.ndarray | None,
+        compat: np.ndarray | DeviceArray | None,
         normalization: str,
         iterations: int,
         output: int,
@@ -195,6 +259,64 @@ class Problem:
         _check(library().dynseg_lattice_filter(ctypes.byref(self.struct), kernel, values.shape[0], _pointer(values),
                                                _pointer(out), int(transpose), ws.ctypes.data, ws.nbytes))
         return out
+
+    # ---- CUDA: every array a DeviceArray on the current device; stream a cudaStream_t address ----
+
+    def workspace_size_cuda(self, pass_: int) -> int:
+        size = ctypes.c_size_t()
+        _check(library().dynseg_crf_workspace_size_cuda(ctypes.byref(self.struct), pass_, ctypes.byref(size)))
+        return size.value
+
+    def forward_cuda(self, unary: DeviceArray, out: DeviceArray, workspace: int, nbytes: int, stream: int) -> None:
+        """Enqueues the forward pass on `stream`, then waits for it and reports a lattice failure."""
+        _check(library().dynseg_crf_forward_cuda(ctypes.byref(self.struct), _pointer(unary), _pointer(out),
+                                                 workspace, nbytes, stream))
+        check_cuda(workspace, stream)
+
+    def backward_cuda(
+        self, unary: DeviceArray, grad_logits: DeviceArray, grad_unary: DeviceArray,
+        grad_weights: Sequence[DeviceArray | None], grad_compat: DeviceArray | None,
+        workspace: int, nbytes: int, stream: int,
+    ) -> None:
+        pointers = (_f32p * max(len(grad_weights), 1))(*[_pointer(g) for g in grad_weights])
+        _check(library().dynseg_crf_backward_cuda(
+            ctypes.byref(self.struct), _pointer(unary), _pointer(grad_logits), _pointer(grad_unary), pointers,
+            _pointer(grad_compat), workspace, nbytes, stream,
+        ))
+        check_cuda(workspace, stream)
+
+    def forward_from_host(self, unary: np.ndarray, device: int) -> np.ndarray:
+        """The forward pass on CUDA device `device` for host arrays (copies in and out; synchronous)."""
+        out = np.empty_like(unary)
+        _check(library().dynseg_crf_forward_cuda_from_host(ctypes.byref(self.struct), _pointer(unary),
+                                                           _pointer(out), device))
+        return out
+
+
+def check_cuda(workspace: int, stream: int) -> None:
+    """Waits for `stream` and raises if the last CUDA call on `workspace` failed."""
+    _check(library().dynseg_crf_check_cuda(workspace, stream))
+
+
+def copy_to_device(pointer: int, array: np.ndarray) -> None:
+    """Copies a host array into device memory at `pointer` (synchronous)."""
+    array = np.ascontiguousarray(array)
+    _check(library().dynseg_cuda_memcpy(pointer, array.ctypes.data, array.nbytes))
+
+
+class CudaBuffer:
+    """Device memory from the native library, freed with the object (for callers without an allocator)."""
+
+    def __init__(self, nbytes: int):
+        pointer = ctypes.c_void_p()
+        _check(library().dynseg_cuda_malloc(max(int(nbytes), 1), ctypes.byref(pointer)))
+        self.pointer = int(pointer.value or 0)
+        self.nbytes = int(nbytes)
+
+    def __del__(self) -> None:
+        if getattr(self, "pointer", 0) and _lib is not None:
+            _lib.dynseg_cuda_free(self.pointer)
+            self.pointer = 0
 
 
 _local = threading.local()

@@ -17,7 +17,7 @@ from .errors import InvalidArgumentError
 
 Normalization = Literal["after", "symmetric"]
 
-__all__ = ["dense_crf", "gaussian_kernels"]
+__all__ = ["CudaArray", "dense_crf", "dense_crf_cuda", "gaussian_kernels"]
 
 
 def _number(name: str, value: object, *, positive: bool) -> float:
@@ -102,6 +102,31 @@ def _check_image(image: object, height: int, width: int, needed: bool) -> np.nda
     return np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
 
 
+def cuda_index(device: object) -> int | None:
+    """'cpu' -> None; 'cuda' or 'cuda:N' -> the device index (0 for 'cuda')."""
+    if device == "cpu":
+        return None
+    if isinstance(device, str) and (device == "cuda" or device.startswith("cuda:")):
+        index = device[5:] or "0"
+        if index.isdigit():
+            return int(index)
+    raise InvalidArgumentError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
+def _densecrf_problem(labels, height, width, image, kernels, normalization, iterations, threads) -> _native.Problem:
+    """The native problem of densecrf's model: label-agnostic Potts kernels, probabilities out."""
+    return _native.Problem(
+        labels, height, width, image,
+        [_native.Kernel(theta_xy, theta_color, np.array([weight], dtype=np.float32))
+         for theta_xy, theta_color, weight in kernels],
+        compat=None,
+        normalization=normalization,
+        iterations=iterations,
+        output=_native.OUTPUT_PROBABILITIES,
+        threads=threads,
+    )
+
+
 def dense_crf(
     unary: np.ndarray,
     image: np.ndarray | None,
@@ -110,7 +135,7 @@ def dense_crf(
     spatial: tuple[float, float] | None = (3.0, 3.0),
     bilateral: tuple[float, float, float] | None = (80.0, 13.0, 10.0),
     normalization: Normalization = "after",
-    device: Literal["cpu", "cuda"] = "cpu",
+    device: str = "cpu",
     threads: int | None = None,
 ) -> np.ndarray:
     """Mean-field inference of a fully connected CRF with Gaussian Potts kernels (densecrf).
@@ -127,8 +152,10 @@ def dense_crf(
             or None.
         normalization: "after" (K(Q)/K(1), CRF-as-RNN; pydensecrf's NORMALIZE_AFTER) or "symmetric"
             (pydensecrf's default NORMALIZE_SYMMETRIC).
-        device: "cpu". ("cuda" arrives with the CUDA kernels.)
-        threads: None for every core; 1 forces one thread. Results are identical for any count.
+        device: "cpu", or "cuda" / "cuda:N" to run on a GPU (numpy in and out: the arrays are copied
+            to the device and back; see `dense_crf_cuda` for arrays already on the GPU).
+        threads: None for every core; 1 forces one thread. Results are identical for any count
+            (ignored on a GPU).
 
     Returns:
         Q: float32 (L, H, W) label probabilities after `iterations` updates.
@@ -143,19 +170,106 @@ def dense_crf(
     n_threads = check_threads(threads)
     kernels = gaussian_kernels(spatial, bilateral)
     planar_image = _check_image(image, height, width, needed=bilateral is not None)
-    if device != "cpu":
-        if device == "cuda":
-            raise InvalidArgumentError("device='cuda' needs the CUDA kernels, which this build of dynseg lacks")
-        raise InvalidArgumentError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    index = cuda_index(device)
+    if index is None:
+        return _densecrf_problem(labels, height, width, planar_image, kernels, normalization, iterations,
+                                 n_threads).forward(unary)
+    _native.check_cuda_device(index)
+    return _densecrf_problem(labels, height, width, planar_image, kernels, normalization, iterations,
+                             0).forward_from_host(unary, index)
 
+
+class CudaArray:
+    """A float32 array in GPU memory that `dense_crf_cuda` allocated; hand it to torch.as_tensor(...,
+    device="cuda") or cupy.asarray through its `__cuda_array_interface__` (no copy). Keep it alive
+    while they use it: the memory is freed with this object."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = tuple(int(n) for n in shape)
+        self._buffer = _native.CudaBuffer(4 * int(np.prod(self.shape, dtype=np.int64)))
+
+    @property
+    def __cuda_array_interface__(self) -> dict:
+        return {"shape": self.shape, "typestr": "<f4", "data": (self._buffer.pointer, False), "strides": None,
+                "version": 3}
+
+
+def _device_array(name: str, array: object, shape: tuple[int, ...] | None = None) -> _native.DeviceArray:
+    interface = getattr(array, "__cuda_array_interface__", None)
+    if not isinstance(interface, dict):
+        raise InvalidArgumentError(
+            f"{name} must be a GPU array exposing __cuda_array_interface__ (a torch CUDA tensor, a CuPy array), "
+            f"got {type(array).__name__}"
+        )
+    found = tuple(int(n) for n in interface["shape"])
+    if np.dtype(interface["typestr"]) != np.float32:
+        raise InvalidArgumentError(f"{name} must be float32, got {np.dtype(interface['typestr'])}")
+    strides = interface.get("strides")
+    if strides is not None and tuple(strides) != tuple(4 * int(np.prod(found[i + 1:], dtype=np.int64))
+                                                       for i in range(len(found))):
+        raise InvalidArgumentError(f"{name} must be C-contiguous, got strides {tuple(strides)} for shape {found}")
+    if shape is not None and found != shape:
+        raise InvalidArgumentError(f"{name} must have shape {shape}, got {found}")
+    return _native.DeviceArray(int(interface["data"][0]), found)
+
+
+def dense_crf_cuda(
+    unary: object,
+    image: object | None,
+    *,
+    out: object | None = None,
+    iterations: int = 5,
+    spatial: tuple[float, float] | None = (3.0, 3.0),
+    bilateral: tuple[float, float, float] | None = (80.0, 13.0, 10.0),
+    normalization: Normalization = "after",
+    stream: int = 0,
+) -> object:
+    """`dense_crf` on arrays already in GPU memory, without copies (zero-copy through
+    `__cuda_array_interface__`: torch CUDA tensors, CuPy arrays, `CudaArray`).
+
+    Runs on the current CUDA device, which must hold the arrays, and on `stream` (a cudaStream_t
+    address; 0 = the legacy default stream; torch: torch.cuda.current_stream().cuda_stream). Returns
+    after the stream has finished the call (it checks the lattices were built).
+
+    Args:
+        unary: float32 (L, H, W) logits, C-contiguous.
+        image: float32 (C, H, W) planar colour (0..255 units, the native layout), or None when
+            `bilateral` is None.
+        out: float32 (L, H, W) for Q, or None to allocate a `CudaArray`.
+        iterations, spatial, bilateral, normalization: as `dense_crf`.
+
+    Returns:
+        `out`, or a new `CudaArray`, holding Q (L, H, W).
+    """
+    unary_array = _device_array("unary", unary)
+    if unary_array.ndim != 3 or 0 in unary_array.shape:
+        raise InvalidArgumentError(f"unary must have shape (L, H, W) with L, H, W >= 1, got {unary_array.shape}")
+    labels, height, width = unary_array.shape
+    iterations = check_iterations(iterations)
+    normalization = check_normalization(normalization)
+    kernels = gaussian_kernels(spatial, bilateral)
+    if image is None and bilateral is not None:
+        raise InvalidArgumentError("image must be given when bilateral is not None")
+    image_array = None
+    if image is not None:
+        image_array = _device_array("image", image)
+        if image_array.ndim != 3 or image_array.shape[1:] != (height, width):
+            raise InvalidArgumentError(f"image must have shape (C, {height}, {width}), got {image_array.shape}")
+    if isinstance(stream, bool) or not isinstance(stream, int) or stream < 0:
+        raise InvalidArgumentError(f"stream must be a cudaStream_t address (int >= 0), got {stream!r}")
+    _native.check_cuda_device(0)
+    result = CudaArray(unary_array.shape) if out is None else out
+    out_array = _device_array("out", result, unary_array.shape)
+    weights = [CudaArray((1,)) for _ in kernels]  # the CUDA calls read every array from device memory
+    for buffer, (_, _, weight) in zip(weights, kernels):
+        _native.copy_to_device(buffer._buffer.pointer, np.array([weight], dtype=np.float32))
     problem = _native.Problem(
-        labels, height, width, planar_image,
-        [_native.Kernel(theta_xy, theta_color, np.array([weight], dtype=np.float32))
-         for theta_xy, theta_color, weight in kernels],
-        compat=None,
-        normalization=normalization,
-        iterations=iterations,
-        output=_native.OUTPUT_PROBABILITIES,
-        threads=n_threads,
+        labels, height, width, image_array,
+        [_native.Kernel(t, c, _device_array("weight", w)) for (t, c, _), w in zip(kernels, weights)],
+        compat=None, normalization=normalization, iterations=iterations,
+        output=_native.OUTPUT_PROBABILITIES, threads=0,
     )
-    return problem.forward(unary)
+    nbytes = problem.workspace_size_cuda(_native.PASS_FORWARD)
+    workspace = _native.CudaBuffer(nbytes)
+    problem.forward_cuda(unary_array, out_array, workspace.pointer, nbytes, stream)
+    return result

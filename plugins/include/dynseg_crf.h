@@ -21,7 +21,8 @@
  *
  * Layouts: every per-pixel array is planar and row-major, (channels, H, W), float32, contiguous.
  * Determinism: results are bitwise identical run to run and for any thread count.
- * Threads: the calls are reentrant; each call uses up to `threads` OpenMP threads (0 = all cores).
+ * Threads: the calls are reentrant; each call uses up to `threads` threads (0 = all cores).
+ * CUDA: the *_cuda entry points run the same model on a GPU (see the CUDA section below).
  */
 #ifndef DYNSEG_CRF_H
 #define DYNSEG_CRF_H
@@ -39,14 +40,16 @@ extern "C" {
 #define DYNSEG_API __attribute__((visibility("default")))
 #endif
 
-#define DYNSEG_ABI_VERSION 1
+#define DYNSEG_ABI_VERSION 2
 
 typedef enum dynseg_status {
     DYNSEG_OK = 0,
     DYNSEG_ERROR_INVALID_ARGUMENT = 1, /* a field is out of range; see dynseg_last_error() */
     DYNSEG_ERROR_WORKSPACE_TOO_SMALL = 2,
     DYNSEG_ERROR_KEY_RANGE = 3, /* lattice coordinates span more than 64 bits of packed key */
-    DYNSEG_ERROR_INTERNAL = 4
+    DYNSEG_ERROR_INTERNAL = 4,
+    DYNSEG_ERROR_NOT_SUPPORTED = 5, /* CUDA entry point of a library built without CUDA */
+    DYNSEG_ERROR_CUDA = 6           /* a CUDA runtime call failed; the message names it */
 } dynseg_status;
 
 typedef enum dynseg_normalization {
@@ -136,6 +139,61 @@ DYNSEG_API dynseg_status dynseg_lattice_filter(const dynseg_crf_problem* problem
                                                int64_t channels, const float* values, float* out,
                                                int32_t transpose, void* workspace,
                                                size_t workspace_bytes);
+
+/* ---- CUDA ------------------------------------------------------------------------------------
+ * The same computations on the GPU, for callers that hold device memory (the torch op, the
+ * TensorRT plugin, onnxruntime's CUDA path). In these calls every array is a device pointer on the
+ * current device: problem->image, kernels[k].weight, problem->compat, unary, out, the gradients and
+ * the workspace. The problem struct and its kernels array stay in host memory; problem->threads is
+ * ignored. `stream` is a cudaStream_t (NULL: the legacy default stream).
+ *
+ * The compute calls only enqueue work on `stream`: no allocation, no synchronisation, no copy
+ * between host and device, so a TensorRT plugin can call them from enqueue. They validate every
+ * host-side field as the CPU calls do, but cannot read device memory: non-finite values propagate
+ * as NaN instead of being rejected, and a lattice whose keys do not fit 64 bits (absurdly small
+ * thetas) is reported by dynseg_crf_check_cuda, its outputs filled with NaN meanwhile.
+ * Results are bitwise identical run to run (no floating-point atomics) and agree with the CPU
+ * calls to float rounding. Without CUDA in the build every call returns DYNSEG_ERROR_NOT_SUPPORTED.
+ */
+
+/* 1 if the library was built with its CUDA kernels, else 0. */
+DYNSEG_API int32_t dynseg_cuda_compiled(void);
+/* Number of usable CUDA devices (0 without CUDA in the build, without a driver or without a GPU). */
+DYNSEG_API int32_t dynseg_cuda_device_count(void);
+
+/* Bytes of device workspace the CUDA calls of `pass` need for `problem` (the worst case: every lattice
+ * at (d+1)·H·W vertices), including room to align the caller's pointer. */
+DYNSEG_API dynseg_status dynseg_crf_workspace_size_cuda(const dynseg_crf_problem* problem, int32_t pass,
+                                                        size_t* bytes);
+
+/* dynseg_crf_forward on the GPU. */
+DYNSEG_API dynseg_status dynseg_crf_forward_cuda(const dynseg_crf_problem* problem, const float* unary,
+                                                 float* out, void* workspace, size_t workspace_bytes,
+                                                 void* stream);
+
+/* dynseg_crf_backward on the GPU. grad_weights is a host array of num_kernels device pointers (or NULL
+ * entries); the parameter gradients are reduced in double in a fixed order. */
+DYNSEG_API dynseg_status dynseg_crf_backward_cuda(const dynseg_crf_problem* problem, const float* unary,
+                                                  const float* grad_logits, float* grad_unary,
+                                                  float* const* grad_weights, float* grad_compat,
+                                                  void* workspace, size_t workspace_bytes, void* stream);
+
+/* Waits for `stream`, then reports whether the last CUDA call that used `workspace` could build its
+ * lattices: DYNSEG_OK, or DYNSEG_ERROR_KEY_RANGE with a message. Call it outside latency-critical
+ * paths (it synchronises); the Python front ends call it after every call. */
+DYNSEG_API dynseg_status dynseg_crf_check_cuda(const void* workspace, void* stream);
+
+/* Convenience for callers with host arrays (the numpy API): copies the problem's arrays and `unary` to
+ * device `device`, runs dynseg_crf_forward_cuda, copies the result into `out` (host) and frees
+ * everything. Synchronous; allocates. */
+DYNSEG_API dynseg_status dynseg_crf_forward_cuda_from_host(const dynseg_crf_problem* problem,
+                                                           const float* unary, float* out, int32_t device);
+
+/* Device memory for callers without an allocator of their own (the DLPack entry of the numpy API). */
+DYNSEG_API dynseg_status dynseg_cuda_malloc(size_t bytes, void** pointer);
+DYNSEG_API dynseg_status dynseg_cuda_free(void* pointer);
+/* Copies bytes between any two of host and device memory (synchronous). */
+DYNSEG_API dynseg_status dynseg_cuda_memcpy(void* destination, const void* source, size_t bytes);
 
 #ifdef __cplusplus
 }

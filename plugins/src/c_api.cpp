@@ -8,6 +8,7 @@
 #include <new>
 #include <string>
 
+#include "boundary.h"
 #include "dynseg_crf.h"
 #include "meanfield.h"
 #include "parallel.h"
@@ -21,16 +22,6 @@ namespace {
 
 thread_local std::string last_error;
 
-dynseg_status fail(dynseg_status status, const char* format, ...) {
-    char buffer[512];
-    va_list args;
-    va_start(args, format);
-    std::vsnprintf(buffer, sizeof(buffer), format, args);
-    va_end(args);
-    last_error = buffer;
-    return status;
-}
-
 // x·0 is ±0 for finite x and NaN for inf or NaN; eight lanes keep the scan vectorised.
 bool all_finite(const float* values, int64_t count) {
     dynseg::vec8 acc = dynseg::splat8(0.0f);
@@ -43,7 +34,21 @@ bool all_finite(const float* values, int64_t count) {
 
 constexpr int64_t kMaxEntries = std::numeric_limits<int32_t>::max();
 
-dynseg_status validate(const dynseg_crf_problem* p) {
+}  // namespace
+
+namespace dynseg {
+
+dynseg_status fail(dynseg_status status, const char* format, ...) {
+    char buffer[512];
+    va_list args;
+    va_start(args, format);
+    std::vsnprintf(buffer, sizeof(buffer), format, args);
+    va_end(args);
+    last_error = buffer;
+    return status;
+}
+
+dynseg_status validate(const dynseg_crf_problem* p, bool read_arrays) {
     if (!p) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "problem is NULL");
     if (p->labels < 1) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "labels must be >= 1, got %lld", (long long)p->labels);
     if (p->height < 1 || p->width < 1)
@@ -81,7 +86,7 @@ dynseg_status validate(const dynseg_crf_problem* p) {
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "kernels[%d].weight_kind must be 0 (scalar) or 1 (matrix), got %d",
                         k, kernel.weight_kind);
         if (!kernel.weight) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "kernels[%d].weight is NULL", k);
-        if (!all_finite(kernel.weight, kernel.weight_kind == DYNSEG_WEIGHT_MATRIX ? L * L : 1))
+        if (read_arrays && !all_finite(kernel.weight, kernel.weight_kind == DYNSEG_WEIGHT_MATRIX ? L * L : 1))
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "kernels[%d].weight holds a non-finite value", k);
     }
     if (p->compat_kind < DYNSEG_COMPAT_POTTS || p->compat_kind > DYNSEG_COMPAT_FULL)
@@ -89,7 +94,7 @@ dynseg_status validate(const dynseg_crf_problem* p) {
                     p->compat_kind);
     if (p->compat_kind != DYNSEG_COMPAT_POTTS) {
         if (!p->compat) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "compat is NULL for a non-Potts compatibility");
-        if (!all_finite(p->compat, p->compat_kind == DYNSEG_COMPAT_FULL ? L * L : L))
+        if (read_arrays && !all_finite(p->compat, p->compat_kind == DYNSEG_COMPAT_FULL ? L * L : L))
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "compat holds a non-finite value");
     }
     if (p->normalization != DYNSEG_NORMALIZE_AFTER && p->normalization != DYNSEG_NORMALIZE_SYMMETRIC)
@@ -99,30 +104,25 @@ dynseg_status validate(const dynseg_crf_problem* p) {
     if (p->output != DYNSEG_OUTPUT_LOGITS && p->output != DYNSEG_OUTPUT_PROBABILITIES)
         return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "output must be 0 (logits) or 1 (probabilities), got %d", p->output);
     if (p->threads < 0) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "threads must be >= 0, got %d", p->threads);
-    if (p->image && p->image_channels > 0 && !all_finite(p->image, p->image_channels * pixels))
+    if (read_arrays && p->image && p->image_channels > 0 && !all_finite(p->image, p->image_channels * pixels))
         return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "image holds a non-finite value");
     return DYNSEG_OK;
 }
+
+}  // namespace dynseg
+
+namespace {
+
+using dynseg::fail;
+using dynseg::guarded;
+
+dynseg_status validate(const dynseg_crf_problem* p) { return dynseg::validate(p, true); }
 
 dynseg_status check_workspace(const dynseg::Workspace& ws, size_t bytes) {
     if (!ws.fits())
         return fail(DYNSEG_ERROR_WORKSPACE_TOO_SMALL, "workspace of %zu bytes is too small: %zu needed (see "
                     "dynseg_crf_workspace_size)", bytes, ws.used());
     return DYNSEG_OK;
-}
-
-// Runs body, turning any escaping exception into a status: nothing crosses the C boundary.
-template <typename Body>
-dynseg_status guarded(const Body& body) {
-    try {
-        return body();
-    } catch (const std::bad_alloc&) {
-        return fail(DYNSEG_ERROR_INTERNAL, "out of memory");
-    } catch (const std::exception& e) {
-        return fail(DYNSEG_ERROR_INTERNAL, "internal error: %s", e.what());
-    } catch (...) {
-        return fail(DYNSEG_ERROR_INTERNAL, "internal error");
-    }
 }
 
 // Lays the problem out in the caller's workspace and hands the MeanField to body, which returns

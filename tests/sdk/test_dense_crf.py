@@ -274,7 +274,8 @@ BAD_INPUTS = {
     "normalization unknown": (_with(normalization="before"), "normalization"),
     "normalization None": (_with(normalization=None), "normalization"),
     "device gpu": (_with(device="gpu"), "device"),
-    "device cuda": (_with(device="cuda"), "CUDA"),
+    "device cuda:99": (_with(device="cuda:99"), "CUDA"),
+    "device cuda:x": (_with(device="cuda:x"), "device"),
     "threads 0": (_with(threads=0), "threads"),
     "threads -1": (_with(threads=-1), "threads"),
     "threads 1.5": (_with(threads=1.5), "threads"),
@@ -289,13 +290,6 @@ def test_bad_inputs_raise_a_value_error_naming_the_argument(case):
     with pytest.raises(InvalidArgumentError, match=name) as raised:
         dense_crf(unary, image, **kwargs)
     assert isinstance(raised.value, ValueError)
-
-
-def test_cuda_device_message_says_this_build_has_no_cuda_kernels():
-    unary, image, _ = _good()
-    with pytest.raises(ValueError, match=r"(?i)this build .*lacks|no cuda") as raised:
-        dense_crf(unary, image, device="cuda")
-    assert "device" in str(raised.value)
 
 
 def test_image_may_be_none_when_there_is_no_bilateral_kernel(smooth_image, smooth_unary):

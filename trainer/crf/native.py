@@ -1,7 +1,8 @@
 """The native CRF kernels as a torch op with autograd: what training runs on.
 
 `torch.ops.dynseg.mean_field` wraps the kernel library's forward and backward
-(plugins/include/dynseg_crf.h) through `dynseg.sdk._native`; `mean_field_native` and
+(plugins/include/dynseg_crf.h) through `dynseg.sdk._native`, on the CPU for CPU tensors and on the
+GPU (the CUDA entry points, on torch's current stream, no copies) for CUDA tensors; `mean_field_native` and
 `dense_crf_native` are its torch-level front ends, with the parameters of the PyTorch reference in
 `meanfield.py` (the readable definition the kernels are tested against).
 """
@@ -45,7 +46,33 @@ def _problem(unary, image, theta_xy, theta_color, weights, compat, normalization
     )
 
 
-@torch.library.custom_op("dynseg::mean_field", mutates_args=(), device_types="cpu")
+class _CudaCall:
+    """One CUDA call's problem over device tensors (kept alive here), its workspace and stream."""
+
+    def __init__(self, unary, image, theta_xy, theta_color, weights, compat, normalization, iterations, pass_):
+        device = unary.device
+        as_device = lambda t: None if t is None else t.detach().to(device, torch.float32).contiguous()
+        self.tensors = [as_device(t) for t in (unary, image, compat, *weights)]
+        self.unary, image, compat, *weights = self.tensors
+        kernels = [
+            _native.Kernel(t, c, self.array(w.reshape(1) if w.numel() == 1 else w))
+            for t, c, w in zip(theta_xy, theta_color, weights)
+        ]
+        self.problem = _native.Problem(
+            unary.shape[0], unary.shape[1], unary.shape[2], self.array(image), kernels,
+            compat=self.array(compat), normalization=normalization, iterations=iterations,
+            output=_native.OUTPUT_LOGITS, threads=0,
+        )
+        self.nbytes = self.problem.workspace_size_cuda(pass_)
+        self.workspace = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
+        self.stream = torch.cuda.current_stream(device).cuda_stream
+
+    @staticmethod
+    def array(tensor: Tensor | None) -> _native.DeviceArray | None:
+        return None if tensor is None else _native.DeviceArray(tensor.data_ptr(), tuple(tensor.shape))
+
+
+@torch.library.custom_op("dynseg::mean_field", mutates_args=(), device_types=("cpu", "cuda"))
 def _mean_field(
     unary: Tensor,
     image: Optional[Tensor],
@@ -57,6 +84,14 @@ def _mean_field(
     iterations: int,
     threads: int,
 ) -> Tensor:
+    if unary.is_cuda:
+        with torch.cuda.device(unary.device):
+            call = _CudaCall(unary, image, theta_xy, theta_color, weights, compat, normalization, iterations,
+                             _native.PASS_FORWARD)
+            out = torch.empty_like(call.unary)
+            call.problem.forward_cuda(call.array(call.unary), call.array(out), call.workspace.data_ptr(), call.nbytes,
+                                      call.stream)
+            return out.to(unary.dtype)
     problem = _problem(unary, image, theta_xy, theta_color, weights, compat, normalization, iterations, threads)
     return torch.from_numpy(problem.forward(_numpy(unary))).to(unary.dtype)
 
@@ -75,6 +110,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_logits):
     unary, image, compat, *weights = ctx.saved_tensors
     _, _, theta_xy, theta_color, _, _, normalization, iterations, threads = ctx.inputs
+    if unary.is_cuda:
+        return _backward_cuda(ctx, grad_logits)
     problem = _problem(unary, image, theta_xy, theta_color, weights, compat, normalization, iterations, threads)
     want_weights = [bool(ctx.needs_input_grad[4])] * len(weights)
     grad_unary, grad_weights, grad_compat = problem.backward(
@@ -86,6 +123,34 @@ def _backward(ctx, grad_logits):
         None, None, None,
         [as_tensor(g, w) for g, w in zip(grad_weights, weights)],
         as_tensor(grad_compat, compat) if compat is not None else None,
+        None, None, None,
+    )
+
+
+def _backward_cuda(ctx, grad_logits):
+    unary, image, compat, *weights = ctx.saved_tensors
+    _, _, theta_xy, theta_color, _, _, normalization, iterations, _ = ctx.inputs
+    with torch.cuda.device(unary.device):
+        call = _CudaCall(unary, image, theta_xy, theta_color, weights, compat, normalization, iterations,
+                         _native.PASS_BACKWARD)
+        grad = grad_logits.detach().to(unary.device, torch.float32).contiguous()
+        grad_unary = torch.empty_like(call.unary)
+        want_weights = bool(ctx.needs_input_grad[4])
+        grad_weights = [torch.empty(w.shape, dtype=torch.float32, device=unary.device) if want_weights else None
+                        for w in weights]
+        grad_compat = (torch.empty(compat.shape, dtype=torch.float32, device=unary.device)
+                       if compat is not None and ctx.needs_input_grad[5] else None)
+        call.problem.backward_cuda(
+            call.array(call.unary), call.array(grad), call.array(grad_unary),
+            [call.array(g.reshape(-1) if g is not None and g.numel() == 1 else g) for g in grad_weights],
+            call.array(grad_compat), call.workspace.data_ptr(), call.nbytes, call.stream,
+        )
+    as_like = lambda g, like: None if g is None else g.reshape(like.shape).to(like.device, like.dtype)
+    return (
+        as_like(grad_unary, unary),
+        None, None, None,
+        [as_like(g, w) for g, w in zip(grad_weights, weights)],
+        as_like(grad_compat, compat) if compat is not None else None,
         None, None, None,
     )
 
@@ -123,8 +188,10 @@ def mean_field_native(
     """
     if not isinstance(unary, Tensor) or unary.dim() != 3:
         raise InvalidArgumentError(f"unary must be an (L, H, W) tensor, got {getattr(unary, 'shape', type(unary))}")
-    if unary.device.type != "cpu":
-        raise InvalidArgumentError(f"unary must be on the CPU (CUDA kernels are not built yet), got {unary.device}")
+    if unary.device.type not in ("cpu", "cuda"):
+        raise InvalidArgumentError(f"unary must be a CPU or CUDA tensor, got {unary.device}")
+    if unary.is_cuda:
+        _native.check_cuda_device(unary.device.index or 0)
     if unary.dtype != torch.float32:
         raise InvalidArgumentError(f"unary must be float32, got {unary.dtype}")
     labels = unary.shape[0]

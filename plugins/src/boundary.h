@@ -1,0 +1,34 @@
+// boundary.h: what every C entry point shares, CPU (c_api.cpp) and CUDA (cuda/c_api.cu): the
+// per-thread error message, validation of a problem's fields, and the guard that keeps exceptions
+// from crossing into the caller.
+#pragma once
+
+#include <exception>
+#include <new>
+
+#include "dynseg_crf.h"
+
+namespace dynseg {
+
+// Records a printf-style message as this thread's last error and returns status.
+dynseg_status fail(dynseg_status status, const char* format, ...);
+
+// Checks every field of a problem. read_arrays: also scan the image, weights and compatibility for
+// non-finite values (only possible when they are host memory).
+dynseg_status validate(const dynseg_crf_problem* problem, bool read_arrays);
+
+// Runs body, turning any escaping exception into a status: nothing crosses the C boundary.
+template <typename Body>
+dynseg_status guarded(const Body& body) {
+    try {
+        return body();
+    } catch (const std::bad_alloc&) {
+        return fail(DYNSEG_ERROR_INTERNAL, "out of memory");
+    } catch (const std::exception& e) {
+        return fail(DYNSEG_ERROR_INTERNAL, "internal error: %s", e.what());
+    } catch (...) {
+        return fail(DYNSEG_ERROR_INTERNAL, "internal error");
+    }
+}
+
+}  // namespace dynseg

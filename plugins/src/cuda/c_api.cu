@@ -1,0 +1,246 @@
+// c_api.cu: the CUDA entry points of dynseg_crf.h. Validation and error messages are the CPU
+// boundary's (boundary.h); this file adds what only the GPU needs: the launch geometry of the current
+// device, CUDA error reporting, the after-the-fact lattice check, and the host-array convenience call.
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+#include "../boundary.h"
+#include "dynseg_crf.h"
+#include "meanfield.cuh"
+
+namespace {
+
+using dynseg::fail;
+using dynseg::guarded;
+using dynseg::Workspace;
+
+dynseg_status cuda_failed(cudaError_t error, const char* what) {
+    return fail(DYNSEG_ERROR_CUDA, "%s failed: %s (%s)", what, cudaGetErrorName(error), cudaGetErrorString(error));
+}
+
+// Grid-stride launches get enough blocks to fill every SM of the current device.
+dynseg_status current_launch(void* stream, dynseg::cuda::Launch* launch) {
+    int device = 0, sms = 0;
+    if (cudaError_t e = cudaGetDevice(&device)) return cuda_failed(e, "cudaGetDevice");
+    if (cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device))
+        return cuda_failed(e, "cudaDeviceGetAttribute");
+    launch->stream = static_cast<cudaStream_t>(stream);
+    launch->blocks_cap = std::max(1, sms) * 8;
+    return DYNSEG_OK;
+}
+
+dynseg_status check_arguments(const dynseg_crf_problem* problem) {
+    if (dynseg_status s = dynseg::validate(problem, /*read_arrays=*/false)) return s;
+    const int64_t entries = problem->height * problem->width * (2 + problem->image_channels + 1);
+    if (entries > INT32_MAX)  // CUB sorts with 32-bit item counts
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "image of %lldx%lld pixels is too large for the CUDA kernels",
+                    (long long)problem->height, (long long)problem->width);
+    return DYNSEG_OK;
+}
+
+// Lays the problem out in the caller's workspace and enqueues body on it.
+template <typename Body>
+dynseg_status with_mean_field(const dynseg_crf_problem& problem, int pass, void* workspace, size_t bytes, void* stream,
+                              const Body& body) {
+    dynseg::cuda::Launch launch;
+    if (dynseg_status s = current_launch(stream, &launch)) return s;
+    Workspace ws(workspace, bytes);
+    ws.align_base();
+    dynseg::cuda::MeanField crf(problem, pass, ws);
+    if (!ws.fits())
+        return fail(DYNSEG_ERROR_WORKSPACE_TOO_SMALL,
+                    "workspace of %zu bytes is too small: %zu needed (see dynseg_crf_workspace_size_cuda)", bytes,
+                    ws.used());
+    cudaGetLastError();  // a stale launch error of someone else's is not ours to report
+    body(crf, launch);
+    if (cudaError_t e = cudaGetLastError()) return cuda_failed(e, "a dynseg CUDA kernel launch");
+    return DYNSEG_OK;
+}
+
+// Frees device memory on every way out of the host-array convenience call.
+struct DeviceArrays {
+    std::vector<void*> pointers;
+    ~DeviceArrays() {
+        for (void* p : pointers) cudaFree(p);
+    }
+    template <typename T>
+    dynseg_status copy(const T* host, int64_t count, T** device) {
+        *device = nullptr;
+        if (!host) return DYNSEG_OK;
+        void* p = nullptr;
+        if (cudaError_t e = cudaMalloc(&p, count * sizeof(T))) return cuda_failed(e, "cudaMalloc");
+        pointers.push_back(p);
+        *device = static_cast<T*>(p);
+        if (cudaError_t e = cudaMemcpy(p, host, count * sizeof(T), cudaMemcpyHostToDevice))
+            return cuda_failed(e, "cudaMemcpy to the device");
+        return DYNSEG_OK;
+    }
+};
+
+}  // namespace
+
+extern "C" {
+
+int32_t dynseg_cuda_compiled(void) { return 1; }
+
+int32_t dynseg_cuda_device_count(void) {
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return count;
+}
+
+dynseg_status dynseg_crf_workspace_size_cuda(const dynseg_crf_problem* problem, int32_t pass, size_t* bytes) {
+    return guarded([&] {
+        if (dynseg_status s = check_arguments(problem)) return s;
+        if (pass != DYNSEG_PASS_FORWARD && pass != DYNSEG_PASS_BACKWARD)
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "pass must be 0 (forward) or 1 (backward), got %d", pass);
+        if (!bytes) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "bytes is NULL");
+        Workspace counter;
+        dynseg::cuda::MeanField plan(*problem, pass, counter);
+        *bytes = counter.used();
+        return DYNSEG_OK;
+    });
+}
+
+dynseg_status dynseg_crf_forward_cuda(const dynseg_crf_problem* problem, const float* unary, float* out,
+                                      void* workspace, size_t workspace_bytes, void* stream) {
+    return guarded([&] {
+        if (dynseg_status s = check_arguments(problem)) return s;
+        if (!unary || !out || !workspace)
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "unary, out and workspace must not be NULL");
+        return with_mean_field(*problem, DYNSEG_PASS_FORWARD, workspace, workspace_bytes, stream,
+                               [&](dynseg::cuda::MeanField& crf, const dynseg::cuda::Launch& launch) {
+                                   crf.forward(unary, out, launch);
+                               });
+    });
+}
+
+dynseg_status dynseg_crf_backward_cuda(const dynseg_crf_problem* problem, const float* unary,
+                                       const float* grad_logits, float* grad_unary, float* const* grad_weights,
+                                       float* grad_compat, void* workspace, size_t workspace_bytes, void* stream) {
+    return guarded([&] {
+        if (dynseg_status s = check_arguments(problem)) return s;
+        if (problem->output != DYNSEG_OUTPUT_LOGITS)
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "backward needs output = DYNSEG_OUTPUT_LOGITS, got %d",
+                        problem->output);
+        if (!unary || !grad_logits || !grad_unary || !workspace)
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "unary, grad_logits, grad_unary and workspace must not be NULL");
+        return with_mean_field(*problem, DYNSEG_PASS_BACKWARD, workspace, workspace_bytes, stream,
+                               [&](dynseg::cuda::MeanField& crf, const dynseg::cuda::Launch& launch) {
+                                   crf.backward(unary, grad_logits, grad_unary, grad_weights, grad_compat, launch);
+                               });
+    });
+}
+
+dynseg_status dynseg_crf_check_cuda(const void* workspace, void* stream) {
+    return guarded([&] {
+        if (!workspace) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "workspace is NULL");
+        auto addr = reinterpret_cast<uintptr_t>(workspace);
+        const auto* status = reinterpret_cast<const dynseg::cuda::Status*>(addr + (64 - addr % 64) % 64);
+        dynseg::cuda::Status host{};
+        auto s = static_cast<cudaStream_t>(stream);
+        if (cudaError_t e = cudaMemcpyAsync(&host, status, sizeof(host), cudaMemcpyDeviceToHost, s))
+            return cuda_failed(e, "cudaMemcpyAsync of the status");
+        if (cudaError_t e = cudaStreamSynchronize(s)) return cuda_failed(e, "the dynseg CUDA kernels");
+        if (host.code == dynseg::cuda::kFeaturesTooLarge)
+            return fail(DYNSEG_ERROR_KEY_RANGE,
+                        "lattice coordinates out of range for kernels[%d]: scaled features reach %g, beyond what "
+                        "float lattice keys resolve; its theta_xy or theta_color is too small for the image",
+                        host.kernel, host.largest);
+        if (host.code == dynseg::cuda::kKeysTooWide)
+            return fail(DYNSEG_ERROR_KEY_RANGE,
+                        "lattice keys of kernels[%d] need %d bits but only 63 fit a 64-bit key: the features span too "
+                        "wide a range for its theta_xy and theta_color",
+                        host.kernel, host.bits);
+        return DYNSEG_OK;
+    });
+}
+
+dynseg_status dynseg_crf_forward_cuda_from_host(const dynseg_crf_problem* problem, const float* unary, float* out,
+                                                int32_t device) {
+    return guarded([&] {
+        if (dynseg_status s = dynseg::validate(problem, /*read_arrays=*/true)) return s;
+        if (!unary || !out) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "unary and out must not be NULL");
+        int count = 0;
+        if (cudaGetDeviceCount(&count) != cudaSuccess || device < 0 || device >= count) {
+            cudaGetLastError();
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "device must name one of the %d CUDA devices, got %d", count,
+                        device);
+        }
+        int previous = 0;
+        cudaGetDevice(&previous);
+        if (cudaError_t e = cudaSetDevice(device)) return cuda_failed(e, "cudaSetDevice");
+        struct Restore {
+            int device;
+            ~Restore() { cudaSetDevice(device); }
+        } restore{previous};
+
+        const int64_t L = problem->labels, N = problem->height * problem->width;
+        DeviceArrays arrays;
+        dynseg_crf_problem on_device = *problem;
+        dynseg_kernel kernels[DYNSEG_MAX_KERNELS];
+        float* image = nullptr;
+        if (dynseg_status s = arrays.copy(problem->image, problem->image_channels * N, &image)) return s;
+        on_device.image = image;
+        for (int k = 0; k < problem->num_kernels; ++k) {
+            kernels[k] = problem->kernels[k];
+            float* weight = nullptr;
+            const int64_t count = kernels[k].weight_kind == DYNSEG_WEIGHT_MATRIX ? L * L : 1;
+            if (dynseg_status s = arrays.copy(kernels[k].weight, count, &weight)) return s;
+            kernels[k].weight = weight;
+        }
+        on_device.kernels = kernels;
+        float* compat = nullptr;
+        if (problem->compat_kind != DYNSEG_COMPAT_POTTS) {
+            const int64_t count = problem->compat_kind == DYNSEG_COMPAT_FULL ? L * L : L;
+            if (dynseg_status s = arrays.copy(problem->compat, count, &compat)) return s;
+        }
+        on_device.compat = compat;
+        float* d_unary = nullptr;
+        if (dynseg_status s = arrays.copy(unary, L * N, &d_unary)) return s;
+        float* d_out = nullptr;
+        if (cudaError_t e = cudaMalloc(reinterpret_cast<void**>(&d_out), L * N * sizeof(float)))
+            return cuda_failed(e, "cudaMalloc");
+        arrays.pointers.push_back(d_out);
+        size_t bytes = 0;
+        if (dynseg_status s = dynseg_crf_workspace_size_cuda(&on_device, DYNSEG_PASS_FORWARD, &bytes)) return s;
+        void* workspace = nullptr;
+        if (cudaError_t e = cudaMalloc(&workspace, bytes)) return cuda_failed(e, "cudaMalloc of the workspace");
+        arrays.pointers.push_back(workspace);
+        if (dynseg_status s = dynseg_crf_forward_cuda(&on_device, d_unary, d_out, workspace, bytes, nullptr)) return s;
+        if (dynseg_status s = dynseg_crf_check_cuda(workspace, nullptr)) return s;
+        if (cudaError_t e = cudaMemcpy(out, d_out, L * N * sizeof(float), cudaMemcpyDeviceToHost))
+            return cuda_failed(e, "cudaMemcpy to the host");
+        return DYNSEG_OK;
+    });
+}
+
+dynseg_status dynseg_cuda_malloc(size_t bytes, void** pointer) {
+    return guarded([&] {
+        if (!pointer) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "pointer is NULL");
+        *pointer = nullptr;
+        if (cudaError_t e = cudaMalloc(pointer, bytes)) return cuda_failed(e, "cudaMalloc");
+        return DYNSEG_OK;
+    });
+}
+
+dynseg_status dynseg_cuda_free(void* pointer) {
+    return guarded([&] {
+        if (cudaError_t e = cudaFree(pointer)) return cuda_failed(e, "cudaFree");
+        return DYNSEG_OK;
+    });
+}
+
+dynseg_status dynseg_cuda_memcpy(void* destination, const void* source, size_t bytes) {
+    return guarded([&] {
+        if (!destination || !source) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "destination and source must not be NULL");
+        if (cudaError_t e = cudaMemcpy(destination, source, bytes, cudaMemcpyDefault)) return cuda_failed(e, "cudaMemcpy");
+        return DYNSEG_OK;
+    });
+}
+
+}  // extern "C"

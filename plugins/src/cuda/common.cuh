@@ -1,0 +1,52 @@
+// common.cuh: what every CUDA kernel file shares: launch geometry, grid-stride loops, float4
+// arithmetic in the CPU kernels' order of operations, and the problem-wide status block.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace dynseg {
+namespace cuda {
+
+constexpr int kThreads = 256;
+constexpr int kMaxFeatureDim = 15;
+constexpr int kLabelTile = 32;  // value channels filtered per pass: bounds the lattice value buffers
+
+// Per-pixel rows of the pixel-major arrays are padded to whole float4s; the padding stays zero.
+inline int64_t padded_channels(int64_t channels) { return (channels + 3) / 4 * 4; }
+
+// Launch geometry of one call: grid-stride loops over at most `blocks_cap` blocks, which also lets
+// kernels whose item count lives on the device (a lattice's vertex count) launch without reading it.
+struct Launch {
+    cudaStream_t stream;
+    int blocks_cap;
+
+    int blocks(int64_t items) const {
+        return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((items + kThreads - 1) / kThreads, blocks_cap)));
+    }
+};
+
+#define DYNSEG_FOR_EACH(i, count) \
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (count); i += int64_t(gridDim.x) * blockDim.x)
+
+__device__ inline float4 operator+(float4 a, float4 b) { return {a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w}; }
+__device__ inline float4 operator*(float s, float4 a) { return {s * a.x, s * a.y, s * a.z, s * a.w}; }
+__device__ inline float4 operator*(float4 a, float s) { return {a.x * s, a.y * s, a.z * s, a.w * s}; }
+__device__ inline float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ inline void store4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
+
+// The first words of every CUDA call's workspace: 0, or why a lattice could not be built, for
+// dynseg_crf_check_cuda to report after the fact (a compute call cannot wait for the device).
+struct Status {
+    int32_t code;    // 0, or kFeaturesTooLarge / kKeysTooWide
+    int32_t kernel;  // the kernel whose lattice failed
+    int32_t bits;    // key bits it needed
+    float largest;   // its largest scaled feature
+};
+constexpr int32_t kFeaturesTooLarge = 1;
+constexpr int32_t kKeysTooWide = 2;
+
+}  // namespace cuda
+}  // namespace dynseg

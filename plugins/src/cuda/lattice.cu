@@ -1,0 +1,449 @@
+// lattice.cu: building the permutohedral lattice and filtering through it on the GPU (lattice.cuh
+// says how; plugins/src/lattice.cpp is the CPU twin whose float operations the embedding repeats).
+#include "lattice.cuh"
+
+#include <cub/device/device_radix_sort.cuh>
+#include <cub/device/device_scan.cuh>
+
+#include <climits>
+#include <cmath>
+
+namespace dynseg {
+namespace cuda {
+namespace {
+
+struct EmbedConstants {
+    float scale[kMaxFeatureDim];
+    float inv_dp1, dp1, alpha;
+    float theta_xy, theta_color;
+    int64_t width, pixels;
+    int32_t channels, d;
+};
+
+// D = d when known at compile time (spatial 2, RGB bilateral 5), 0 otherwise; arrays then hold the
+// largest lattice, and the loops run to the runtime d.
+template <int D>
+__global__ void embed(EmbedConstants c, const float* image, int32_t* rem0_out, int32_t* rank_out, float* weight_out,
+                      float* slice_out, int32_t* range) {
+    constexpr int A = (D > 0 ? D : kMaxFeatureDim) + 1;
+    const int d = D > 0 ? D : c.d;
+    int32_t lo[A], hi[A];
+    for (int i = 0; i < A; ++i) {
+        lo[i] = INT_MAX;
+        hi[i] = INT_MIN;
+    }
+    float largest = 0.0f;
+    DYNSEG_FOR_EACH(p, c.pixels) {
+        float f[A];
+        f[0] = static_cast<float>(p % c.width) / c.theta_xy;
+        f[1] = static_cast<float>(p / c.width) / c.theta_xy;
+        for (int ch = 0; ch < c.channels; ++ch) f[2 + ch] = image[ch * c.pixels + p] / c.theta_color;
+
+        float elevated[A];
+        float sm = 0.0f;
+        for (int j = d; j > 0; --j) {
+            const float cf = f[j - 1] * c.scale[j - 1];
+            largest = fmaxf(largest, fabsf(cf));
+            elevated[j] = sm - static_cast<float>(j) * cf;
+            sm += cf;
+        }
+        elevated[0] = sm;
+
+        // round half to even: adding 1.5·2^23 leaves no fraction bits (the build has no FMA contraction)
+        const float shifter = 12582912.0f;
+        float rem0[A], rank[A], sum = 0.0f;
+        for (int i = 0; i <= d; ++i) {
+            const float v = (c.inv_dp1 * elevated[i] + shifter) - shifter;
+            rem0[i] = v * c.dp1;
+            sum += v;
+            rank[i] = 0.0f;
+        }
+        for (int i = 0; i < d; ++i) {
+            const float di = elevated[i] - rem0[i];
+            for (int j = i + 1; j <= d; ++j) {
+                const bool less = di < elevated[j] - rem0[j];
+                rank[i] += less ? 1.0f : 0.0f;
+                rank[j] += less ? 0.0f : 1.0f;
+            }
+        }
+        for (int i = 0; i <= d; ++i) {
+            rank[i] += sum;
+            const float fix = (rank[i] < 0.0f ? c.dp1 : 0.0f) - (rank[i] >= c.dp1 ? c.dp1 : 0.0f);
+            rank[i] += fix;
+            rem0[i] += fix;
+        }
+        float v[A], weight[A];
+        for (int i = 0; i <= d; ++i) v[i] = (elevated[i] - rem0[i]) * c.inv_dp1;
+        float last = 0.0f;
+        for (int q = 0; q <= d + 1; ++q) {
+            float plus = 0.0f, minus = 0.0f;
+            for (int i = 0; i <= d; ++i) {
+                plus += rank[i] == static_cast<float>(d - q) ? v[i] : 0.0f;
+                minus += rank[i] == static_cast<float>(d - q + 1) ? v[i] : 0.0f;
+            }
+            if (q <= d)
+                weight[q] = plus - minus;
+            else
+                last = plus - minus;
+        }
+        weight[0] += 1.0f + last;
+
+        const int64_t e = p * (d + 1);
+        for (int i = 0; i <= d; ++i) {
+            const int32_t r0 = static_cast<int32_t>(rem0[i]), rk = static_cast<int32_t>(rank[i]);
+            rem0_out[e + i] = r0;
+            rank_out[e + i] = rk;
+            weight_out[e + i] = weight[i];
+            slice_out[e + i] = weight[i] * c.alpha;
+            if (i < d) {
+                lo[i] = min(lo[i], r0 - rk);
+                hi[i] = max(hi[i], r0 + d - rk);
+            }
+        }
+    }
+    for (int offset = 16; offset > 0; offset /= 2) {
+        for (int i = 0; i < d; ++i) {
+            lo[i] = min(lo[i], __shfl_xor_sync(0xffffffffu, lo[i], offset));
+            hi[i] = max(hi[i], __shfl_xor_sync(0xffffffffu, hi[i], offset));
+        }
+        largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, offset));
+    }
+    if (threadIdx.x % 32 == 0) {
+        for (int i = 0; i < d; ++i) {
+            atomicMin(&range[i], lo[i]);
+            atomicMax(&range[kMaxFeatureDim + i], hi[i]);
+        }
+        atomicMax(reinterpret_cast<unsigned*>(&range[2 * kMaxFeatureDim]), __float_as_uint(largest));
+    }
+}
+
+// One thread: the key packing from the coordinate ranges, or the reason there is none.
+__global__ void plan_packing(int d, const int32_t* range, Packing* packing, Status* status, int kernel) {
+    const float largest = __uint_as_float(static_cast<unsigned>(range[2 * kMaxFeatureDim]));
+    int bits = 0;
+    uint64_t ones = 0;
+    for (int i = 0; i < d; ++i) {
+        const int32_t low = range[i], high = range[kMaxFeatureDim + i];
+        const uint64_t span = static_cast<uint64_t>(static_cast<int64_t>(high) - low);
+        int width = 1;
+        while (width < 63 && (span >> width) != 0) ++width;
+        packing->low[i] = low;
+        packing->high[i] = high;
+        packing->shift[i] = bits < 64 ? bits : 0;
+        bits += width;
+    }
+    // Elevated coordinates are rounded through float: past 2^22 there are no fraction bits left.
+    const bool features_ok = largest * static_cast<float>(2 * d) < 4194304.0f;
+    const bool ok = features_ok && bits <= 63;  // 63 keeps the packed keys clear of overflow
+    if (!ok) {
+        for (int i = 0; i < d; ++i) packing->shift[i] = 0;
+        if (status->code == 0) {
+            status->code = features_ok ? kKeysTooWide : kFeaturesTooLarge;
+            status->kernel = kernel;
+            status->bits = bits;
+            status->largest = largest;
+        }
+    }
+    for (int i = 0; ok && i < d; ++i) ones += 1ull << packing->shift[i];
+    packing->ones = ones;
+    packing->ok = ok;
+}
+
+// Keys of every (pixel, remainder) entry. Vertex r-1 to r adds 1 to every coordinate and takes d+1
+// from the one whose rank is d+1-r, a constant update of the packed key. Without a packing every
+// entry gets a key of its own, which keeps the lattice well-formed while its results are discarded.
+__global__ void pack_keys(int d, int64_t pixels, const int32_t* rem0, const int32_t* rank, const Packing* packing,
+                          uint64_t* keys, int32_t* entries) {
+    const bool ok = packing->ok;
+    DYNSEG_FOR_EACH(p, pixels) {
+        const int64_t e = p * (d + 1);
+        if (!ok) {
+            for (int r = 0; r <= d; ++r) {
+                keys[e + r] = static_cast<uint64_t>(e + r);
+                entries[e + r] = static_cast<int32_t>(e + r);
+            }
+            continue;
+        }
+        uint64_t drop[kMaxFeatureDim + 2];
+        uint64_t key = 0;
+        drop[rank[e + d]] = 0;  // the implied (d+1)-th coordinate is not in the key
+        for (int i = 0; i < d; ++i) {
+            drop[rank[e + i]] = static_cast<uint64_t>(d + 1) << packing->shift[i];
+            key |= static_cast<uint64_t>(rem0[e + i] - packing->low[i]) << packing->shift[i];
+        }
+        keys[e] = key;
+        entries[e] = static_cast<int32_t>(e);
+        for (int r = 1; r <= d; ++r) {
+            key += packing->ones - drop[d + 1 - r];
+            keys[e + r] = key;
+            entries[e + r] = static_cast<int32_t>(e + r);
+        }
+    }
+}
+
+__global__ void flag_heads(int64_t entries, const uint64_t* sorted_keys, int32_t* heads) {
+    DYNSEG_FOR_EACH(i, entries) heads[i] = i == 0 || sorted_keys[i] != sorted_keys[i - 1];
+}
+
+__global__ void number_vertices(int d, int64_t entries, const uint64_t* sorted_keys, const int32_t* sorted_entries,
+                                const int32_t* vertex_of_sorted, const float* weight, uint64_t* vertex_key,
+                                int32_t* csr_begin, int32_t* csr_pixel, float* csr_weight, int32_t* entry_vertex,
+                                int32_t* vertices) {
+    DYNSEG_FOR_EACH(i, entries) {
+        const int32_t v = vertex_of_sorted[i] - 1;
+        if (i == 0 || sorted_keys[i] != sorted_keys[i - 1]) {
+            vertex_key[v] = sorted_keys[i];
+            csr_begin[v] = static_cast<int32_t>(i);
+        }
+        const int32_t e = sorted_entries[i];
+        entry_vertex[e] = v;
+        csr_pixel[i] = e / (d + 1);
+        csr_weight[i] = weight[e];
+        if (i == entries - 1) {
+            *vertices = v + 1;
+            csr_begin[v + 1] = static_cast<int32_t>(entries);
+        }
+    }
+}
+
+__device__ int32_t find_vertex(const uint64_t* keys, int32_t count, uint64_t key) {
+    int32_t lo = 0, hi = count;
+    while (lo < hi) {
+        const int32_t mid = lo + (hi - lo) / 2;
+        if (keys[mid] < key)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < count && keys[lo] == key ? lo : -1;
+}
+
+// Blur neighbours along each lattice axis j: every coordinate -1 except j, which moves +d (and the
+// mirror image); for j = d the moved coordinate is the implied one. A neighbour with a coordinate
+// outside the packed range cannot exist and is not looked up.
+__global__ void find_neighbours(int d, int64_t entries, const int32_t* vertices, const Packing* packing,
+                                const uint64_t* vertex_key, int32_t* neighbours) {
+    const int32_t m = *vertices;
+    DYNSEG_FOR_EACH(v, m) {
+        const uint64_t packed = vertex_key[v];
+        int32_t key[kMaxFeatureDim];
+        int at_low = 0, at_high = 0;
+        for (int i = 0; i < d; ++i) {
+            const int next = i + 1 < d ? packing->shift[i + 1] : 64;
+            const int width = next - packing->shift[i];
+            const uint64_t mask = width >= 64 || width <= 0 ? ~0ull : ((1ull << width) - 1);
+            key[i] = static_cast<int32_t>((packed >> packing->shift[i]) & mask) + packing->low[i];
+            at_low += key[i] - 1 < packing->low[i];
+            at_high += key[i] + 1 > packing->high[i];
+        }
+        for (int j = 0; j <= d; ++j) {
+            uint64_t k1 = packed - packing->ones, k2 = packed + packing->ones;
+            bool ok1, ok2;
+            if (j < d) {
+                const uint64_t step = static_cast<uint64_t>(d + 1) << packing->shift[j];
+                k1 += step;
+                k2 -= step;
+                ok1 = at_low - (key[j] - 1 < packing->low[j]) == 0 && key[j] + d <= packing->high[j];
+                ok2 = at_high - (key[j] + 1 > packing->high[j]) == 0 && key[j] - d >= packing->low[j];
+            } else {
+                ok1 = at_low == 0;
+                ok2 = at_high == 0;
+            }
+            const int32_t id1 = ok1 ? find_vertex(vertex_key, m, k1) : -1;
+            const int32_t id2 = ok2 ? find_vertex(vertex_key, m, k2) : -1;
+            int32_t* out = neighbours + (j * entries + v) * 2;
+            out[0] = id1 < 0 ? m : id1;
+            out[1] = id2 < 0 ? m : id2;
+        }
+    }
+}
+
+// Splat as a gather: vertex v sums weight × value over its entries in pixel order (ONES: the
+// values are all 1). Row M, the missing neighbour, is zero. Rows are `width` floats, width / 4 threads.
+template <bool ONES>
+__global__ void gather(const int32_t* vertices, const int32_t* csr_begin, const int32_t* csr_pixel,
+                       const float* csr_weight, const float* in, int64_t stride, int64_t c0, const float* pre,
+                       float* values, int64_t width) {
+    const int64_t m = *vertices, quads = width / 4;
+    DYNSEG_FOR_EACH(i, (m + 1) * quads) {
+        const int64_t v = i / quads, c = 4 * (i % quads);
+        float4 acc = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (v < m) {
+            for (int32_t s = csr_begin[v]; s < csr_begin[v + 1]; ++s) {
+                const float w = csr_weight[s];
+                if (ONES) {
+                    acc = acc + w * float4{1.0f, 1.0f, 1.0f, 1.0f};
+                    continue;
+                }
+                const int64_t p = csr_pixel[s];
+                float4 x = load4(in + p * stride + c0 + c);
+                if (pre) x = x * pre[p];
+                acc = acc + w * x;
+            }
+        }
+        store4(values + v * width + c, acc);
+    }
+}
+
+__global__ void blur_axis(const int32_t* vertices, const int32_t* neighbours, const float* values, float* next,
+                          int64_t width) {
+    const int64_t m = *vertices, quads = width / 4;
+    DYNSEG_FOR_EACH(i, (m + 1) * quads) {
+        const int64_t v = i / quads, c = 4 * (i % quads);
+        if (v == m) {
+            store4(next + v * width + c, float4{0.0f, 0.0f, 0.0f, 0.0f});
+            continue;
+        }
+        const float4 a = load4(values + int64_t(neighbours[2 * v]) * width + c);
+        const float4 b = load4(values + int64_t(neighbours[2 * v + 1]) * width + c);
+        store4(next + v * width + c, load4(values + v * width + c) + 0.5f * (a + b));
+    }
+}
+
+// Slice: pixel p's value is the weighted sum over its d+1 vertices (weights pre-scaled by alpha).
+__global__ void slice(int d, int64_t pixels, const int32_t* entry_vertex, const float* slice_weight,
+                      const float* values, int64_t width, int64_t stride, int64_t c0, FilterOutput output) {
+    const int64_t quads = width / 4;
+    DYNSEG_FOR_EACH(i, pixels * quads) {
+        const int64_t p = i / quads, c = 4 * (i % quads);
+        float4 t = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int r = 0; r <= d; ++r) {
+            const int64_t e = p * (d + 1) + r;
+            t = t + slice_weight[e] * load4(values + int64_t(entry_vertex[e]) * width + c);
+        }
+        if (output.scale) t = t * output.scale[p];
+        float* o = output.out + p * stride + c0 + c;
+        switch (output.mode) {
+            case FilterOutput::kStore: store4(o, t); break;
+            case FilterOutput::kAccumulate: store4(o, load4(o) + *output.weight * t); break;
+            case FilterOutput::kFromBase:
+                store4(o, load4(output.base + p * stride + c0 + c) + *output.weight * t);
+                break;
+        }
+    }
+}
+
+}  // namespace
+
+void BuildScratch::plan(Workspace& ws, int64_t max_entries) {
+    rem0 = ws.take<int32_t>(max_entries);
+    rank = ws.take<int32_t>(max_entries);
+    weight = ws.take<float>(max_entries);
+    keys = ws.take<uint64_t>(max_entries);
+    sorted_keys = ws.take<uint64_t>(max_entries);
+    entries = ws.take<int32_t>(max_entries);
+    sorted_entries = ws.take<int32_t>(max_entries);
+    vertex_of_sorted = ws.take<int32_t>(max_entries);
+    vertex_key = ws.take<uint64_t>(max_entries);
+    range = ws.take<int32_t>(2 * kMaxFeatureDim + 1);
+    size_t sort_bytes = 0, scan_bytes = 0;
+    const int n = static_cast<int>(max_entries);
+    cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, static_cast<const uint64_t*>(nullptr),
+                                    static_cast<uint64_t*>(nullptr), static_cast<const int32_t*>(nullptr),
+                                    static_cast<int32_t*>(nullptr), n);
+    cub::DeviceScan::InclusiveSum(nullptr, scan_bytes, static_cast<const int32_t*>(nullptr),
+                                  static_cast<int32_t*>(nullptr), n);
+    cub_bytes = std::max(sort_bytes, scan_bytes);
+    cub = ws.take<char>(static_cast<int64_t>(cub_bytes));
+}
+
+void Lattice::plan(Workspace& ws, const FeatureSpec& spec) {
+    d_ = spec.dim();
+    pixels_ = spec.pixels();
+    entries_ = pixels_ * (d_ + 1);
+    vertices_ = ws.take<int32_t>(1);
+    packing_ = ws.take<Packing>(1);
+    entry_vertex_ = ws.take<int32_t>(entries_);
+    slice_weight_ = ws.take<float>(entries_);
+    csr_begin_ = ws.take<int32_t>(entries_ + 1);
+    csr_pixel_ = ws.take<int32_t>(entries_);
+    csr_weight_ = ws.take<float>(entries_);
+    neighbours_ = ws.take<int32_t>(entries_ * (d_ + 1) * 2);
+}
+
+void Lattice::build(const FeatureSpec& spec, BuildScratch& s, int kernel, Status* status, const Launch& launch) {
+    const int d = d_;
+    EmbedConstants c{};
+    // densecrf rounds inv_std_dev to float before the double-precision scale computation
+    const float inv_std_dev = static_cast<float>(std::sqrt(2.0 / 3.0) * (d + 1));
+    for (int i = 0; i < d; ++i)
+        c.scale[i] = static_cast<float>(1.0 / std::sqrt(static_cast<double>((i + 2) * (i + 1))) *
+                                        static_cast<double>(inv_std_dev));
+    c.inv_dp1 = 1.0f / static_cast<float>(d + 1);
+    c.dp1 = static_cast<float>(d + 1);
+    alpha_ = 1.0f / (1.0f + std::pow(2.0f, static_cast<float>(-d)));
+    c.alpha = alpha_;
+    c.theta_xy = spec.theta_xy;
+    c.theta_color = spec.theta_color > 0.0f ? spec.theta_color : 1.0f;
+    c.width = spec.width;
+    c.pixels = pixels_;
+    c.channels = static_cast<int32_t>(spec.channels);
+    c.d = d;
+
+    cudaStream_t stream = launch.stream;
+    // low = INT_MAX-ish (0x7f bytes), high = INT_MIN-ish (0x80 bytes), largest = 0
+    cudaMemsetAsync(s.range, 0x7f, kMaxFeatureDim * sizeof(int32_t), stream);
+    cudaMemsetAsync(s.range + kMaxFeatureDim, 0x80, kMaxFeatureDim * sizeof(int32_t), stream);
+    cudaMemsetAsync(s.range + 2 * kMaxFeatureDim, 0, sizeof(int32_t), stream);
+    const int pixel_blocks = launch.blocks(pixels_);
+    if (d == 2)
+        embed<2><<<pixel_blocks, kThreads, 0, stream>>>(c, spec.image, s.rem0, s.rank, s.weight, slice_weight_, s.range);
+    else if (d == 5)
+        embed<5><<<pixel_blocks, kThreads, 0, stream>>>(c, spec.image, s.rem0, s.rank, s.weight, slice_weight_, s.range);
+    else
+        embed<0><<<pixel_blocks, kThreads, 0, stream>>>(c, spec.image, s.rem0, s.rank, s.weight, slice_weight_, s.range);
+    plan_packing<<<1, 1, 0, stream>>>(d, s.range, packing_, status, kernel);
+    pack_keys<<<pixel_blocks, kThreads, 0, stream>>>(d, pixels_, s.rem0, s.rank, packing_, s.keys, s.entries);
+
+    const int n = static_cast<int>(entries_);
+    size_t bytes = s.cub_bytes;
+    cub::DeviceRadixSort::SortPairs(s.cub, bytes, s.keys, s.sorted_keys, s.entries, s.sorted_entries, n, 0, 64, stream);
+    const int entry_blocks = launch.blocks(entries_);
+    flag_heads<<<entry_blocks, kThreads, 0, stream>>>(entries_, s.sorted_keys, s.entries);
+    bytes = s.cub_bytes;
+    cub::DeviceScan::InclusiveSum(s.cub, bytes, s.entries, s.vertex_of_sorted, n, stream);
+    number_vertices<<<entry_blocks, kThreads, 0, stream>>>(d, entries_, s.sorted_keys, s.sorted_entries,
+                                                           s.vertex_of_sorted, s.weight, s.vertex_key, csr_begin_,
+                                                           csr_pixel_, csr_weight_, entry_vertex_, vertices_);
+    find_neighbours<<<entry_blocks, kThreads, 0, stream>>>(d, entries_, vertices_, packing_, s.vertex_key, neighbours_);
+}
+
+void Lattice::blur(ValueBuffers& buffers, int64_t width, bool transpose, const Launch& launch) const {
+    const int blocks = launch.blocks((entries_ + 1) * (width / 4));
+    for (int step = 0; step <= d_; ++step) {
+        const int j = transpose ? d_ - step : step;
+        blur_axis<<<blocks, kThreads, 0, launch.stream>>>(vertices_, neighbours_ + j * entries_ * 2, buffers.a,
+                                                          buffers.b, width);
+        std::swap(buffers.a, buffers.b);
+    }
+}
+
+void Lattice::filter_ones(float* n, ValueBuffers buffers, const Launch& launch) const {
+    const int64_t width = 4;  // one float4 per vertex; lane 0 is sliced out
+    gather<true><<<launch.blocks((entries_ + 1)), kThreads, 0, launch.stream>>>(
+        vertices_, csr_begin_, csr_pixel_, csr_weight_, nullptr, 0, 0, nullptr, buffers.a, width);
+    blur(buffers, width, false, launch);
+    // slice into a (N, 4) scratch row set is wasteful; slice lane by lane into n with stride 1 instead
+    FilterOutput out;
+    out.out = buffers.b;  // (N, 4): free once the blur has finished with it
+    slice<<<launch.blocks(pixels_), kThreads, 0, launch.stream>>>(d_, pixels_, entry_vertex_, slice_weight_,
+                                                                  buffers.a, width, width, 0, out);
+    cudaMemcpy2DAsync(n, sizeof(float), buffers.b, 4 * sizeof(float), sizeof(float), pixels_,
+                      cudaMemcpyDeviceToDevice, launch.stream);
+}
+
+void Lattice::filter(const float* in, int64_t stride, const float* pre, bool transpose, const FilterOutput& output,
+                     ValueBuffers buffers, const Launch& launch) const {
+    for (int64_t c0 = 0; c0 < stride; c0 += kLabelTile) {
+        const int64_t width = std::min<int64_t>(kLabelTile, stride - c0);
+        ValueBuffers b = buffers;
+        gather<false><<<launch.blocks((entries_ + 1) * (width / 4)), kThreads, 0, launch.stream>>>(
+            vertices_, csr_begin_, csr_pixel_, csr_weight_, in, stride, c0, pre, b.a, width);
+        blur(b, width, transpose, launch);
+        slice<<<launch.blocks(pixels_ * (width / 4)), kThreads, 0, launch.stream>>>(
+            d_, pixels_, entry_vertex_, slice_weight_, b.a, width, stride, c0, output);
+    }
+}
+
+}  // namespace cuda
+}  // namespace dynseg

@@ -1,0 +1,107 @@
+// lattice.cuh: the permutohedral lattice on the GPU, the same lattice as plugins/src/lattice.cpp.
+//
+// Build: embed every pixel (densecrf's float operations, so the vertices match the CPU's), pack each
+// (pixel, remainder) entry's vertex into a 64-bit key, radix-sort the keys with their entry indices
+// (stable, so equal keys keep pixel order), number the distinct keys in sorted order (vertex ids are
+// therefore deterministic), and find each vertex's blur neighbours by binary search among the sorted
+// keys. The sorted entries are the CSR of the splat matrix's transpose: splatting is a gather, each
+// vertex summing its entries in pixel order, so results are bitwise reproducible without atomics.
+// The vertex count stays on the device; kernels over vertices loop over it grid-stride.
+#pragma once
+
+#include <cstdint>
+
+#include "../workspace.h"
+#include "common.cuh"
+
+namespace dynseg {
+namespace cuda {
+
+// What defines a kernel's features for pixel (x, y): (x/theta_xy, y/theta_xy, c_1/theta_color, ...).
+struct FeatureSpec {
+    int64_t height = 0, width = 0;
+    float theta_xy = 1.0f;
+    float theta_color = 0.0f;      // 0: spatial kernel
+    int64_t channels = 0;          // colour channels used (0 for a spatial kernel)
+    const float* image = nullptr;  // device, (channels, H, W)
+
+    int dim() const { return 2 + static_cast<int>(channels); }
+    int64_t pixels() const { return height * width; }
+};
+
+// How d lattice coordinates pack into a 64-bit key (computed on the device from the coordinate ranges).
+struct Packing {
+    int32_t low[kMaxFeatureDim];
+    int32_t high[kMaxFeatureDim];
+    int32_t shift[kMaxFeatureDim];
+    uint64_t ones;  // +1 on every coordinate, packed
+    int32_t ok;     // 0 if the lattice cannot be built (Status says why)
+};
+
+// Scratch of the builds, shared by every lattice of a call.
+struct BuildScratch {
+    int32_t* rem0 = nullptr;  // (N, d+1) remainder-0 vertex coordinates
+    int32_t* rank = nullptr;  // (N, d+1)
+    float* weight = nullptr;  // (E) barycentric weight of each entry
+    uint64_t* keys = nullptr;
+    uint64_t* sorted_keys = nullptr;
+    int32_t* entries = nullptr;  // entry indices, then the head flags of the sorted keys
+    int32_t* sorted_entries = nullptr;
+    int32_t* vertex_of_sorted = nullptr;  // inclusive scan of the head flags: vertex id + 1
+    uint64_t* vertex_key = nullptr;       // (M) sorted distinct keys
+    int32_t* range = nullptr;             // low[15], high[15], largest |scaled feature| (float bits)
+    void* cub = nullptr;
+    size_t cub_bytes = 0;
+
+    void plan(Workspace& ws, int64_t max_entries);
+};
+
+// Where a filter's sliced value t goes, per pixel p and channel c (t scaled by scale[p] when scale is
+// set): out = t | out += weight · t | out = base + weight · t. weight is a device scalar.
+struct FilterOutput {
+    enum Mode { kStore, kAccumulate, kFromBase };
+    Mode mode = kStore;
+    float* out = nullptr;  // pixel-major, same row stride as the input
+    const float* scale = nullptr;
+    const float* base = nullptr;
+    const float* weight = nullptr;
+};
+
+// The two value buffers a filter blurs between, (max vertices + 1, kLabelTile) each; shared by the
+// lattices of a call because only one filters at a time.
+struct ValueBuffers {
+    float* a = nullptr;
+    float* b = nullptr;
+};
+
+class Lattice {
+public:
+    void plan(Workspace& ws, const FeatureSpec& spec);
+    // Enqueues the build; a failure is recorded in status (first failure wins) and leaves a lattice
+    // that is safe to filter with (its results are then discarded).
+    void build(const FeatureSpec& spec, BuildScratch& scratch, int kernel, Status* status, const Launch& launch);
+    // K(1) per pixel into n.
+    void filter_ones(float* n, ValueBuffers buffers, const Launch& launch) const;
+    // K(pre ⊙ in) (K^T when transpose) of every column of `in`, pixel-major (N, stride), stride a
+    // multiple of 4, written as `output` says.
+    void filter(const float* in, int64_t stride, const float* pre, bool transpose, const FilterOutput& output,
+                ValueBuffers buffers, const Launch& launch) const;
+
+private:
+    void blur(ValueBuffers& buffers, int64_t width, bool transpose, const Launch& launch) const;
+
+    int d_ = 0;
+    int64_t pixels_ = 0, entries_ = 0;
+    float alpha_ = 0.0f;
+    int32_t* vertices_ = nullptr;  // device: M
+    Packing* packing_ = nullptr;
+    int32_t* entry_vertex_ = nullptr;  // (N, d+1)
+    float* slice_weight_ = nullptr;    // (N, d+1) barycentric weight · alpha
+    int32_t* csr_begin_ = nullptr;     // (M+1)
+    int32_t* csr_pixel_ = nullptr;     // (E) in vertex order, pixel order within a vertex
+    float* csr_weight_ = nullptr;
+    int32_t* neighbours_ = nullptr;    // (d+1, E, 2); a missing neighbour is the zero row M
+};
+
+}  // namespace cuda
+}  // namespace dynseg

@@ -1,0 +1,407 @@
+// meanfield.cu: the CRF-as-RNN mean-field update on the GPU, forward and backward (docs/crf.md derives
+// both; plugins/src/meanfield.cpp is the CPU twin).
+//
+// Per iteration:  F_k = Knorm_k(Q);  L = U - mu . sum_k W_k F_k;  Q = softmax(L).
+// Potts (mu = -I) adds the messages to the unary in kernel order, as the CPU does. The parameter
+// gradients come from P_k = sum_i (Knorm_k^T G)_i Q_i^T, summed in double over fixed pixel chunks and
+// then over the chunks in order, so they are the same bits on every run.
+#include "meanfield.cuh"
+
+#include <cmath>
+
+namespace dynseg {
+namespace cuda {
+namespace {
+
+constexpr int64_t kMaxPartials = int64_t(8) << 20;  // doubles of per-chunk partial sums (64 MiB)
+
+bool is_matrix(const dynseg_kernel& k) { return k.weight_kind == DYNSEG_WEIGHT_MATRIX; }
+
+// (L, N) planar -> (N, stride) pixel-major, zero padding
+__global__ void to_pixel_major(const float* planar, float* rows, int64_t labels, int64_t pixels, int64_t stride) {
+    DYNSEG_FOR_EACH(i, pixels * stride) {
+        const int64_t p = i / stride, l = i % stride;
+        rows[i] = l < labels ? planar[l * pixels + p] : 0.0f;
+    }
+}
+
+// (N, stride) -> (L, N); NaN everywhere when a lattice could not be built
+__global__ void to_planar(const float* rows, float* planar, int64_t labels, int64_t pixels, int64_t stride,
+                          const Status* status) {
+    const bool failed = status->code != 0;
+    DYNSEG_FOR_EACH(i, labels * pixels) {
+        const int64_t l = i / pixels, p = i % pixels;
+        planar[i] = failed ? __int_as_float(0x7fc00000) : rows[p * stride + l];
+    }
+}
+
+__global__ void softmax_rows(const float* logits, float* q, int64_t labels, int64_t pixels, int64_t stride) {
+    DYNSEG_FOR_EACH(p, pixels) {
+        const float* x = logits + p * stride;
+        float* y = q + p * stride;
+        float top = -INFINITY;
+        for (int64_t l = 0; l < labels; ++l) top = fmaxf(top, x[l]);
+        float sum = 0.0f;
+        for (int64_t l = 0; l < labels; ++l) {
+            const float e = expf(x[l] - top);
+            y[l] = e;
+            sum += e;
+        }
+        const float inverse = 1.0f / sum;
+        for (int64_t l = 0; l < labels; ++l) y[l] *= inverse;
+        for (int64_t l = labels; l < stride; ++l) y[l] = 0.0f;
+    }
+}
+
+__global__ void add_into(float* a, const float* b, int64_t count) {
+    DYNSEG_FOR_EACH(i, count) a[i] += b[i];
+}
+
+// n -> 1/n ("after") or n^-1/2 ("symmetric"), in double, as densecrf
+__global__ void normalisation(float* n, int64_t pixels, bool symmetric) {
+    DYNSEG_FOR_EACH(i, pixels) {
+        const double v = static_cast<double>(n[i]) + 1e-20;
+        n[i] = static_cast<float>(symmetric ? 1.0 / sqrt(v) : 1.0 / v);
+    }
+}
+
+// acc_r = (U_r or acc_r) + sum_c W[r][c] F_c
+__global__ void matrix_message(const float* filtered, const float* W, const float* unary, float* acc, int64_t labels,
+                               int64_t pixels, int64_t stride, bool from_unary) {
+    DYNSEG_FOR_EACH(i, pixels * labels) {
+        const int64_t p = i / labels, r = i % labels;
+        const float* f = filtered + p * stride;
+        float s = 0.0f;
+        for (int64_t c = 0; c < labels; ++c) s += W[r * labels + c] * f[c];
+        acc[p * stride + r] = (from_unary ? unary[p * stride + r] : acc[p * stride + r]) + s;
+    }
+}
+
+__global__ void diagonal_logits(float* acc, const float* unary, const float* mu, int64_t labels, int64_t pixels,
+                                int64_t stride) {
+    DYNSEG_FOR_EACH(i, pixels * labels) {
+        const int64_t p = i / labels, a = i % labels;
+        acc[p * stride + a] = unary[p * stride + a] - mu[a] * acc[p * stride + a];
+    }
+}
+
+__global__ void full_logits(const float* m, const float* unary, const float* mu, float* out, int64_t labels,
+                            int64_t pixels, int64_t stride) {
+    DYNSEG_FOR_EACH(i, pixels * labels) {
+        const int64_t p = i / labels, a = i % labels;
+        float s = 0.0f;
+        for (int64_t b = 0; b < labels; ++b) s += mu[a * labels + b] * m[p * stride + b];
+        out[p * stride + a] = unary[p * stride + a] - s;
+    }
+}
+
+// H = -mu^T R: the gradient with respect to the message
+__global__ void message_gradient(const float* R, const float* mu, int compat_kind, float* h, int64_t labels,
+                                 int64_t pixels, int64_t stride) {
+    DYNSEG_FOR_EACH(i, pixels * stride) {
+        const int64_t p = i / stride, a = i % stride;
+        const float* r = R + p * stride;
+        float v = 0.0f;
+        if (a < labels) {
+            if (compat_kind == DYNSEG_COMPAT_POTTS) {
+                v = r[a];
+            } else if (compat_kind == DYNSEG_COMPAT_DIAGONAL) {
+                v = -mu[a] * r[a];
+            } else {
+                float s = 0.0f;
+                for (int64_t b = 0; b < labels; ++b) s += mu[b * labels + a] * r[b];
+                v = -s;
+            }
+        }
+        h[i] = v;
+    }
+}
+
+// dQ += W_k^T H
+__global__ void add_weighted_gradient(const float* h, const float* W, bool matrix, float* gq, int64_t labels,
+                                      int64_t pixels, int64_t stride) {
+    DYNSEG_FOR_EACH(i, pixels * labels) {
+        const int64_t p = i / labels, b = i % labels;
+        const float* hp = h + p * stride;
+        if (!matrix) {
+            gq[p * stride + b] += W[0] * hp[b];
+            continue;
+        }
+        float s = 0.0f;
+        for (int64_t a = 0; a < labels; ++a) s += W[a * labels + b] * hp[a];
+        gq[p * stride + b] += s;
+    }
+}
+
+// Block c: its chunk's sum of R_i Q_i^T, all of it (full) or its diagonal, in double and pixel order.
+__global__ void chunk_sums(const float* R, const float* Q, int64_t labels, int64_t pixels, int64_t stride,
+                          int64_t chunk, bool full, double* partial) {
+    const int64_t width = full ? labels * labels : labels;
+    const int64_t c = blockIdx.x, first = c * chunk, last = min(pixels, first + chunk);
+    for (int64_t j = threadIdx.x; j < width; j += blockDim.x) {
+        const int64_t a = full ? j / labels : j, b = full ? j % labels : j;
+        double s = 0.0;
+        for (int64_t i = first; i < last; ++i) s += double(R[i * stride + a]) * Q[i * stride + b];
+        partial[c * width + j] = s;
+    }
+}
+
+__global__ void sum_chunks(const double* partial, int64_t chunks, int64_t labels, bool full, double* P) {
+    const int64_t width = full ? labels * labels : labels;
+    DYNSEG_FOR_EACH(j, width) {
+        double s = 0.0;
+        for (int64_t c = 0; c < chunks; ++c) s += partial[c * width + j];
+        P[full ? j : j * labels + j] = s;
+    }
+}
+
+__device__ double mu_at(const float* mu, int kind, int64_t labels, int64_t a, int64_t b) {
+    if (kind == DYNSEG_COMPAT_POTTS) return a == b ? -1.0 : 0.0;
+    if (kind == DYNSEG_COMPAT_DIAGONAL) return a == b ? double(mu[a]) : 0.0;
+    return mu[a * labels + b];
+}
+
+// dW = -mu^T P for a scalar weight: its trace, one block, a fixed reduction tree.
+__global__ void scalar_weight_gradient(const double* P, const float* mu, int kind, int64_t labels, double* dweight) {
+    __shared__ double partial[kThreads];
+    double s = 0.0;
+    for (int64_t j = threadIdx.x; j < labels * labels; j += blockDim.x) {
+        const int64_t a = j / labels, b = j % labels;
+        if (kind != DYNSEG_COMPAT_FULL && a != b) continue;
+        s -= mu_at(mu, kind, labels, a, b) * P[j];
+    }
+    partial[threadIdx.x] = s;
+    __syncthreads();
+    for (int half = kThreads / 2; half > 0; half /= 2) {
+        if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) dweight[0] += partial[0];
+}
+
+// dW = -mu^T P for a matrix weight; dmu = -P W_k^T (only the diagonal for a diagonal mu).
+__global__ void matrix_gradients(const double* P, const float* mu, int kind, const float* W, bool matrix,
+                                 int64_t labels, double* dweight, double* dmu) {
+    DYNSEG_FOR_EACH(j, labels * labels) {
+        const int64_t a = j / labels, b = j % labels;
+        if (matrix) {
+            double s = 0.0;
+            if (kind != DYNSEG_COMPAT_FULL)
+                s = -mu_at(mu, kind, labels, a, a) * P[a * labels + b];
+            else
+                for (int64_t c = 0; c < labels; ++c) s -= double(mu[c * labels + a]) * P[c * labels + b];
+            dweight[j] += s;
+        }
+        if (kind == DYNSEG_COMPAT_POTTS || (kind == DYNSEG_COMPAT_DIAGONAL && a != b)) continue;
+        double s = 0.0;
+        if (!matrix)
+            s = double(W[0]) * P[a * labels + b];
+        else
+            for (int64_t c = 0; c < labels; ++c) s += P[a * labels + c] * double(W[b * labels + c]);
+        if (kind == DYNSEG_COMPAT_FULL)
+            dmu[j] -= s;
+        else
+            dmu[a] -= s;
+    }
+}
+
+// G = Q . (dQ - <dQ, Q>)
+__global__ void softmax_backward(const float* Q, const float* gq, float* grad, int64_t labels, int64_t pixels,
+                                 int64_t stride) {
+    DYNSEG_FOR_EACH(p, pixels) {
+        const float* q = Q + p * stride;
+        const float* g = gq + p * stride;
+        float dot = 0.0f;
+        for (int64_t l = 0; l < labels; ++l) dot += g[l] * q[l];
+        for (int64_t l = 0; l < labels; ++l) grad[p * stride + l] = q[l] * (g[l] - dot);
+    }
+}
+
+__global__ void to_float(const double* in, float* out, int64_t count, const Status* status) {
+    const bool failed = status->code != 0;
+    DYNSEG_FOR_EACH(i, count) out[i] = failed ? __int_as_float(0x7fc00000) : static_cast<float>(in[i]);
+}
+
+}  // namespace
+
+MeanField::MeanField(const dynseg_crf_problem& problem, int pass, Workspace& ws) : p_(problem) {
+    status_ = ws.take<Status>(1);  // first, where dynseg_crf_check_cuda looks for it
+    labels_ = problem.labels;
+    stride_ = padded_channels(labels_);
+    pixels_ = problem.height * problem.width;
+    int max_dim = 2;
+    for (int k = 0; k < problem.num_kernels; ++k) {
+        FeatureSpec& s = specs_[k];
+        s.height = problem.height;
+        s.width = problem.width;
+        s.theta_xy = problem.kernels[k].theta_xy;
+        s.theta_color = problem.kernels[k].theta_color;
+        s.channels = s.theta_color > 0.0f ? problem.image_channels : 0;
+        s.image = problem.image;
+        lattices_[k].plan(ws, s);
+        norm_[k] = ws.take<float>(pixels_);
+        max_dim = std::max(max_dim, s.dim());
+    }
+    const int64_t max_entries = pixels_ * (max_dim + 1);
+    if (problem.num_kernels > 0) {
+        scratch_.plan(ws, max_entries);
+        buffers_.a = ws.take<float>((max_entries + 1) * kLabelTile);
+        buffers_.b = ws.take<float>((max_entries + 1) * kLabelTile);
+    }
+    const int64_t size = pixels_ * stride_;
+    unary_ = ws.take<float>(size);
+    q_ = ws.take<float>(size);
+    filtered_ = ws.take<float>(size);
+    acc_ = ws.take<float>(size);
+    if (pass == DYNSEG_PASS_BACKWARD) {
+        const int64_t L = labels_;
+        history_ = ws.take<float>(size * problem.iterations);
+        grad_ = ws.take<float>(size);
+        grad_q_ = ws.take<float>(size);
+        grad_u_ = ws.take<float>(size);
+        h_ = ws.take<float>(size);
+        const int64_t most_chunks = std::max<int64_t>(1, std::min<int64_t>((pixels_ + 255) / 256, kMaxPartials / (L * L)));
+        reduce_chunk_ = (pixels_ + most_chunks - 1) / most_chunks;
+        partial_ = ws.take<double>(most_chunks * L * L);
+        P_ = ws.take<double>(L * L);
+        for (int k = 0; k < problem.num_kernels; ++k) dweight_[k] = ws.take<double>(is_matrix(problem.kernels[k]) ? L * L : 1);
+        dmu_ = ws.take<double>(problem.compat_kind == DYNSEG_COMPAT_FULL ? L * L : L);
+    }
+}
+
+void MeanField::prepare(const Launch& launch) {
+    cudaMemsetAsync(status_, 0, sizeof(Status), launch.stream);
+    for (int k = 0; k < p_.num_kernels; ++k) {
+        lattices_[k].build(specs_[k], scratch_, k, status_, launch);
+        lattices_[k].filter_ones(norm_[k], buffers_, launch);
+        normalisation<<<launch.blocks(pixels_), kThreads, 0, launch.stream>>>(
+            norm_[k], pixels_, p_.normalization == DYNSEG_NORMALIZE_SYMMETRIC);
+    }
+}
+
+void MeanField::softmax(const float* logits, float* q, const Launch& launch) const {
+    softmax_rows<<<launch.blocks(pixels_), kThreads, 0, launch.stream>>>(logits, q, labels_, pixels_, stride_);
+}
+
+// acc (+)= W_k Knorm_k(Q) for kernel k. "after": Knorm = D K; "symmetric": D^1/2 K D^1/2.
+void MeanField::kernel_message(int k, const float* q, bool first, const Launch& launch) {
+    const dynseg_kernel& kernel = p_.kernels[k];
+    const bool potts = p_.compat_kind == DYNSEG_COMPAT_POTTS;
+    const float* pre = p_.normalization == DYNSEG_NORMALIZE_SYMMETRIC ? norm_[k] : nullptr;
+    FilterOutput out;
+    out.scale = norm_[k];
+    if (!is_matrix(kernel)) {
+        // non-Potts accumulators start at 0, Potts ones at U
+        out.mode = potts && first ? FilterOutput::kFromBase : FilterOutput::kAccumulate;
+        out.out = acc_;
+        out.base = unary_;
+        out.weight = kernel.weight;
+        lattices_[k].filter(q, stride_, pre, false, out, buffers_, launch);
+        return;
+    }
+    out.out = filtered_;
+    lattices_[k].filter(q, stride_, pre, false, out, buffers_, launch);
+    matrix_message<<<launch.blocks(pixels_ * labels_), kThreads, 0, launch.stream>>>(
+        filtered_, kernel.weight, unary_, acc_, labels_, pixels_, stride_, potts && first);
+}
+
+// Potts: acc already holds U + m. Otherwise acc holds m: logits = U - mu m.
+void MeanField::finish_logits(const Launch& launch) {
+    const int blocks = launch.blocks(pixels_ * labels_);
+    if (p_.compat_kind == DYNSEG_COMPAT_DIAGONAL) {
+        diagonal_logits<<<blocks, kThreads, 0, launch.stream>>>(acc_, unary_, p_.compat, labels_, pixels_, stride_);
+    } else if (p_.compat_kind == DYNSEG_COMPAT_FULL) {
+        full_logits<<<blocks, kThreads, 0, launch.stream>>>(acc_, unary_, p_.compat, filtered_, labels_, pixels_, stride_);
+        std::swap(acc_, filtered_);
+    }
+}
+
+// Leaves L^T in acc_; history (may be null) receives Q^0 .. Q^{T-1}. unary_ must hold U.
+void MeanField::run_iterations(float* history, const Launch& launch) {
+    const int64_t size = pixels_ * stride_;
+    const int K = p_.num_kernels;
+    if (p_.iterations == 0 || K == 0)
+        cudaMemcpyAsync(acc_, unary_, size * sizeof(float), cudaMemcpyDeviceToDevice, launch.stream);
+    for (int t = 0; t < p_.iterations; ++t) {
+        const float* logits = t == 0 ? unary_ : acc_;
+        float* q = history ? history + t * size : q_;
+        softmax(logits, q, launch);
+        if (K == 0) continue;
+        if (p_.compat_kind != DYNSEG_COMPAT_POTTS) cudaMemsetAsync(acc_, 0, size * sizeof(float), launch.stream);
+        for (int k = 0; k < K; ++k) kernel_message(k, q, k == 0, launch);
+        finish_logits(launch);
+    }
+}
+
+void MeanField::forward(const float* unary, float* out, const Launch& launch) {
+    prepare(launch);
+    to_pixel_major<<<launch.blocks(pixels_ * stride_), kThreads, 0, launch.stream>>>(unary, unary_, labels_, pixels_,
+                                                                                     stride_);
+    run_iterations(nullptr, launch);
+    const float* result = acc_;
+    if (p_.output == DYNSEG_OUTPUT_PROBABILITIES) {
+        softmax(acc_, q_, launch);
+        result = q_;
+    }
+    to_planar<<<launch.blocks(pixels_ * labels_), kThreads, 0, launch.stream>>>(result, out, labels_, pixels_, stride_,
+                                                                                status_);
+}
+
+void MeanField::backward(const float* unary, const float* grad_logits, float* grad_unary, float* const* grad_weights,
+                         float* grad_compat, const Launch& launch) {
+    const int64_t L = labels_, S = stride_, N = pixels_, size = N * S;
+    cudaStream_t stream = launch.stream;
+    prepare(launch);
+    to_pixel_major<<<launch.blocks(size), kThreads, 0, stream>>>(unary, unary_, L, N, S);
+    run_iterations(history_, launch);
+    to_pixel_major<<<launch.blocks(size), kThreads, 0, stream>>>(grad_logits, grad_, L, N, S);
+    cudaMemsetAsync(grad_u_, 0, size * sizeof(float), stream);
+    const int kind = p_.compat_kind;
+    for (int k = 0; k < p_.num_kernels; ++k)
+        cudaMemsetAsync(dweight_[k], 0, (is_matrix(p_.kernels[k]) ? L * L : 1) * sizeof(double), stream);
+    cudaMemsetAsync(dmu_, 0, (kind == DYNSEG_COMPAT_FULL ? L * L : L) * sizeof(double), stream);
+    const int64_t chunks = (N + reduce_chunk_ - 1) / reduce_chunk_;
+
+    for (int t = p_.iterations - 1; t >= 0; --t) {
+        const float* Q = history_ + t * size;
+        add_into<<<launch.blocks(size), kThreads, 0, stream>>>(grad_u_, grad_, size);
+        cudaMemsetAsync(grad_q_, 0, size * sizeof(float), stream);
+        for (int k = 0; k < p_.num_kernels; ++k) {
+            const dynseg_kernel& kernel = p_.kernels[k];
+            // R = Knorm^T G (into filtered_): "after" K^T D, "symmetric" D^1/2 K^T D^1/2
+            FilterOutput out;
+            out.out = filtered_;
+            out.scale = p_.normalization == DYNSEG_NORMALIZE_SYMMETRIC ? norm_[k] : nullptr;
+            lattices_[k].filter(grad_, S, norm_[k], true, out, buffers_, launch);
+            message_gradient<<<launch.blocks(size), kThreads, 0, stream>>>(filtered_, p_.compat, kind, h_, L, N, S);
+            add_weighted_gradient<<<launch.blocks(N * L), kThreads, 0, stream>>>(h_, kernel.weight, is_matrix(kernel),
+                                                                                 grad_q_, L, N, S);
+            // P = sum_i R_i Q_i^T: in full when a matrix needs it, else only its diagonal
+            const bool full = is_matrix(kernel) || kind == DYNSEG_COMPAT_FULL;
+            chunk_sums<<<static_cast<int>(chunks), kThreads, 0, stream>>>(filtered_, Q, L, N, S, reduce_chunk_, full,
+                                                                         partial_);
+            if (!full) cudaMemsetAsync(P_, 0, L * L * sizeof(double), stream);
+            sum_chunks<<<launch.blocks(full ? L * L : L), kThreads, 0, stream>>>(partial_, chunks, L, full, P_);
+            if (!is_matrix(kernel))
+                scalar_weight_gradient<<<1, kThreads, 0, stream>>>(P_, p_.compat, kind, L, dweight_[k]);
+            if (is_matrix(kernel) || kind != DYNSEG_COMPAT_POTTS)
+                matrix_gradients<<<launch.blocks(L * L), kThreads, 0, stream>>>(P_, p_.compat, kind, kernel.weight,
+                                                                                is_matrix(kernel), L, dweight_[k], dmu_);
+        }
+        softmax_backward<<<launch.blocks(N), kThreads, 0, stream>>>(Q, grad_q_, grad_, L, N, S);
+    }
+    add_into<<<launch.blocks(size), kThreads, 0, stream>>>(grad_u_, grad_, size);
+    to_planar<<<launch.blocks(N * L), kThreads, 0, stream>>>(grad_u_, grad_unary, L, N, S, status_);
+    for (int k = 0; k < p_.num_kernels; ++k)
+        if (grad_weights && grad_weights[k]) {
+            const int64_t count = is_matrix(p_.kernels[k]) ? L * L : 1;
+            to_float<<<launch.blocks(count), kThreads, 0, stream>>>(dweight_[k], grad_weights[k], count, status_);
+        }
+    if (grad_compat && kind != DYNSEG_COMPAT_POTTS) {
+        const int64_t count = kind == DYNSEG_COMPAT_FULL ? L * L : L;
+        to_float<<<launch.blocks(count), kThreads, 0, stream>>>(dmu_, grad_compat, count, status_);
+    }
+}
+
+}  // namespace cuda
+}  // namespace dynseg

@@ -1,0 +1,143 @@
+"""The CUDA kernels against the CPU kernels: parity, determinism, gradients, the zero-copy entry, and
+errors. The GPU tests skip, saying why, where the library has no CUDA kernels or the machine no GPU;
+the tests of what a machine without a GPU must say run everywhere.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dynseg.sdk import _native, dense_crf, dense_crf_cuda
+from dynseg.sdk.errors import InvalidArgumentError
+
+
+def _gpu_missing() -> str | None:
+    if not _native.cuda_compiled():
+        return "the native library was built without CUDA (no nvcc at install time)"
+    if _native.cuda_device_count() == 0:
+        return "no CUDA device on this machine"
+    return None
+
+
+needs_gpu = pytest.mark.skipif(_gpu_missing() is not None, reason=str(_gpu_missing()))
+
+
+# ---- what every machine checks -------------------------------------------------------------------
+
+
+def test_unknown_device_is_named(field_unary):
+    with pytest.raises(InvalidArgumentError, match="device must be 'cpu', 'cuda' or 'cuda:N'"):
+        dense_crf(field_unary(2, 8, 8), None, bilateral=None, device="gpu")
+
+
+@pytest.mark.skipif(_gpu_missing() is None, reason="this machine has a usable GPU")
+def test_cuda_without_a_gpu_says_why(field_unary):
+    with pytest.raises(InvalidArgumentError, match="CUDA"):
+        dense_crf(field_unary(2, 8, 8), None, bilateral=None, device="cuda")
+
+
+def test_zero_copy_entry_rejects_host_arrays(field_unary):
+    with pytest.raises(InvalidArgumentError, match="unary must be a GPU array exposing __cuda_array_interface__"):
+        dense_crf_cuda(field_unary(2, 8, 8), None, bilateral=None)
+
+
+# ---- on a GPU --------------------------------------------------------------------------------------
+
+
+@needs_gpu
+@pytest.mark.parametrize("labels", [1, 2, 21, 101, 256])
+@pytest.mark.parametrize("size", [(33, 47), (64, 64), (97, 131)])
+def test_cuda_matches_cpu_kernel(labels, size, smooth_image, field_unary):
+    height, width = size
+    seed = labels * 1000 + height
+    image = smooth_image(height, width, seed=seed)
+    unary = field_unary(labels, height, width, seed=seed)
+    for normalization in ("after", "symmetric"):
+        cpu = dense_crf(unary, image, normalization=normalization)
+        gpu = dense_crf(unary, image, normalization=normalization, device="cuda")
+        assert np.isfinite(gpu).all()
+        assert np.abs(gpu - cpu).max() <= 1e-5, (normalization, np.abs(gpu - cpu).max())
+
+
+@needs_gpu
+def test_cuda_is_bitwise_deterministic(photo, field_unary):
+    image = photo("coffee")
+    unary = field_unary(21, *image.shape[:2], seed=7)
+    first = dense_crf(unary, image, device="cuda")
+    for _ in range(3):
+        assert np.array_equal(dense_crf(unary, image, device="cuda"), first)
+
+
+@needs_gpu
+def test_cuda_key_range_error_names_the_kernel(field_unary):
+    unary = field_unary(2, 16, 16)
+    image = np.full((16, 16, 3), 200, np.uint8)
+    image[::2] = 0
+    with pytest.raises(InvalidArgumentError, match="kernels\\[1\\]"):
+        dense_crf(unary, image, bilateral=(1.0, 1e-30, 1.0), device="cuda")
+
+
+torch = pytest.importorskip("torch") if _gpu_missing() is None else None
+
+
+def _problem_tensors(labels: int, height: int, width: int, seed: int, device: str):
+    """A general problem: matrix kernel weights, a full compatibility, a bilateral kernel."""
+    generator = np.random.default_rng(seed)
+    unary = generator.normal(0, 2, (labels, height, width)).astype(np.float32)
+    image = (generator.uniform(0, 255, (3, height, width))).astype(np.float32)
+    w_spatial = generator.normal(0, 1, (labels, labels)).astype(np.float32)
+    w_bilateral = generator.normal(0, 1, (labels, labels)).astype(np.float32)
+    compat = generator.normal(0, 1, (labels, labels)).astype(np.float32)
+    as_tensor = lambda a: torch.tensor(a, device=device, requires_grad=a is not image)
+    return [as_tensor(a) for a in (unary, image, w_spatial, w_bilateral, compat)]
+
+
+@needs_gpu
+@pytest.mark.parametrize("normalization", ["after", "symmetric"])
+@pytest.mark.parametrize("labels", [3, 21])
+def test_torch_op_forward_and_gradients_match_cpu(labels, normalization):
+    from dynseg.trainer.crf.native import mean_field_native
+
+    results = {}
+    for device in ("cpu", "cuda"):
+        unary, image, w_spatial, w_bilateral, compat = _problem_tensors(labels, 29, 41, seed=labels, device=device)
+        logits = mean_field_native(unary, image, [(3.0, 0.0, w_spatial), (20.0, 30.0, w_bilateral)], compat=compat,
+                                   normalization=normalization, iterations=3)
+        upstream = torch.tensor(np.random.default_rng(5).normal(size=logits.shape).astype(np.float32), device=device)
+        (logits * upstream).sum().backward()
+        results[device] = [t.detach().cpu().numpy() for t in
+                           (logits, unary.grad, w_spatial.grad, w_bilateral.grad, compat.grad)]
+    for name, cpu, gpu in zip(("logits", "unary", "w_spatial", "w_bilateral", "compat"), results["cpu"], results["cuda"]):
+        scale = max(1.0, float(np.abs(cpu).max()))
+        assert np.abs(gpu - cpu).max() <= 1e-4 * scale, (name, np.abs(gpu - cpu).max(), scale)
+
+
+@needs_gpu
+def test_torch_op_on_cuda_is_deterministic_with_gradients():
+    from dynseg.trainer.crf.native import mean_field_native
+
+    outputs = []
+    for _ in range(2):
+        unary, image, w_spatial, w_bilateral, compat = _problem_tensors(21, 48, 64, seed=3, device="cuda")
+        logits = mean_field_native(unary, image, [(3.0, 0.0, w_spatial), (20.0, 30.0, w_bilateral)], compat=compat)
+        logits.square().sum().backward()
+        outputs.append([t.detach().cpu().numpy() for t in (logits, unary.grad, w_spatial.grad, compat.grad)])
+    for first, second in zip(*outputs):
+        assert np.array_equal(first, second)
+
+
+@needs_gpu
+def test_zero_copy_entry_matches_numpy_api(photo, field_unary):
+    image = photo("chelsea")
+    height, width = image.shape[:2]
+    unary = field_unary(5, height, width, seed=11)
+    expected = dense_crf(unary, image)
+    unary_gpu = torch.tensor(unary, device="cuda")
+    image_gpu = torch.tensor(image.transpose(2, 0, 1).astype(np.float32), device="cuda")
+    q = dense_crf_cuda(unary_gpu, image_gpu, stream=torch.cuda.current_stream().cuda_stream)
+    got = torch.as_tensor(q, device="cuda").cpu().numpy()
+    assert np.abs(got - expected).max() <= 1e-5
+    out = torch.empty_like(unary_gpu)
+    assert dense_crf_cuda(unary_gpu, image_gpu, out=out) is out
+    assert np.abs(out.cpu().numpy() - expected).max() <= 1e-5
