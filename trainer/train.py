@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -38,8 +38,10 @@ from . import distributed
 from .data import VOID
 from .data.synthetic import mask_boxes
 from .data.detections import simulate_detections
+from .evaluation import evaluate
 from .loss import instance_loss, semantic_loss
 from .model import DynamicallyInstantiatedNetwork, ModelConfig, build_model
+from .progress import stage_progress
 
 
 @dataclass(frozen=True)
@@ -76,32 +78,57 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 
 def augment(sample: dict, config: TrainConfig, rng: np.random.Generator) -> dict:
     """Random scale (nearest for labels, bilinear for the image), crop and mirror of a sample dict
-    with image (H, W, 3) uint8, semantic (H, W), masks (M, H, W), labels (M,), boxes (M, 4)."""
+    with image (H, W, 3) uint8, semantic (H, W), masks (M, H, W), labels (M,), boxes (M, 4), and
+    optionally detections (a `Detections` dict: its boxes follow the image; those the crop leaves
+    wholly outside are dropped, the others clipped to it)."""
     image = torch.from_numpy(sample["image"]).permute(2, 0, 1).float()[None]  # (1, 3, H, W)
     semantic = torch.from_numpy(np.asarray(sample["semantic"], dtype=np.int64))[None, None].float()
     masks = torch.from_numpy(sample["masks"]).float()[None]  # (1, M, H, W)
     scale = rng.uniform(*config.scale_range)
     size = [max(8, round(s * scale)) for s in image.shape[-2:]]
+    # align_corners=True maps pixel x to x * (w' - 1) / (w - 1): the boxes follow the same map
+    factors = [(new - 1) / max(old - 1, 1) for new, old in zip(size, image.shape[-2:])]
     image = F.interpolate(image, size=size, mode="bilinear", align_corners=True)
     semantic = F.interpolate(semantic, size=size, mode="nearest")
     masks = F.interpolate(masks, size=size, mode="nearest") if masks.shape[1] else masks.new_zeros(1, 0, *size)
+    offset, crop_size = (0, 0), size
     if config.crop is not None:
         ch, cw = min(config.crop[0], size[0]), min(config.crop[1], size[1])
         y0, x0 = rng.integers(0, size[0] - ch + 1), rng.integers(0, size[1] - cw + 1)
         crop = (..., slice(y0, y0 + ch), slice(x0, x0 + cw))
         image, semantic, masks = image[crop], semantic[crop], masks[crop]
-    if config.mirror and rng.random() < 0.5:
+        offset, crop_size = (int(y0), int(x0)), (ch, cw)
+    mirrored = config.mirror and rng.random() < 0.5
+    if mirrored:
         image, semantic, masks = image.flip(-1), semantic.flip(-1), masks.flip(-1)
     masks = masks[0] > 0.5
     keep = masks.flatten(1).any(1)  # instances the crop kept
     masks = masks[keep]
-    return {
+    out = {
         "image": image[0],  # (3, H, W) float 0..255
         "semantic": semantic[0, 0].long(),
         "masks": masks,
         "labels": torch.as_tensor(sample["labels"])[keep],
         "boxes": torch.from_numpy(mask_boxes(masks.numpy())),  # (M, 4) float32 xyxy inclusive
     }
+    if "detections" in sample:
+        out["detections"] = _move_boxes(sample["detections"], factors, offset, crop_size, mirrored)
+    return out
+
+
+def _move_boxes(detections: dict, factors: list[float], offset: tuple[int, int], size: tuple[int, int],
+                mirrored: bool) -> dict:
+    """Detections (boxes (D, 4) xyxy inclusive) through augment's scale (y, x factors), crop (y0, x0
+    offset, (h, w) size) and mirror."""
+    height, width = size
+    boxes = detections["boxes"].astype(np.float32).reshape(-1, 4)
+    boxes = boxes * np.array([factors[1], factors[0]] * 2, np.float32) - np.array([offset[1], offset[0]] * 2, np.float32)
+    keep = (boxes[:, 2] >= 0) & (boxes[:, 3] >= 0) & (boxes[:, 0] <= width - 1) & (boxes[:, 1] <= height - 1)
+    boxes = np.clip(boxes[keep], 0, np.array([width - 1, height - 1] * 2, np.float32))
+    if mirrored:
+        boxes = np.stack([width - 1 - boxes[:, 2], boxes[:, 1], width - 1 - boxes[:, 0], boxes[:, 3]], axis=1)
+    return {"boxes": boxes.reshape(-1, 4), "labels": np.asarray(detections["labels"])[keep],
+            "scores": np.asarray(detections["scores"])[keep]}
 
 
 def save_checkpoint(directory: str | Path, model: DynamicallyInstantiatedNetwork,
@@ -136,9 +163,21 @@ def train(
     resume: bool = False,
     log_every: int = 10,
     printer=print,
+    live: bool = False,
+    held_out=None,
+    eval_seed: int = 1,
+    epoch_log: str | Path = "epochs.jsonl",
 ) -> list[dict]:
     """Trains `model` in place on `dataset` (indexable, samples as SyntheticScenes gives them) and
-    returns the log (also written to out_dir/log.jsonl). Checkpoints go to out_dir at the end.
+    returns the per-step log (also written to out_dir/log.jsonl). Checkpoints go to out_dir at the end.
+
+    Progress: `live` draws a progress bar (for a terminal), otherwise `printer` gets a line every
+    `log_every` steps (see `progress`). Per epoch (len(dataset) images, rounded up to whole steps; the
+    last epoch may be partial) one JSON line goes to out_dir / epoch_log (appended to when resuming):
+    {"stage", "epoch", "step", "images", "loss" (mean over the epoch's steps this run made),
+    "lr" (of its last step), "images_per_s", "seconds" (since the stage began)}, and, when a
+    `held_out` dataset is given, "held_out": `evaluation.evaluate`'s metrics (protocol "original") of
+    `predict(model, held_out, seed=eval_seed)`.
 
     Batches go to the device of the model's parameters. Under an initialised process group every
     process calls this with the same arguments, and gets the same log back: losses are means over the
@@ -166,23 +205,21 @@ def train(
         optimiser.load_state_dict(state["optimiser"])
         start = int(state["step"])
     device = next(model.parameters()).device
-    model.train()
-    if stage2:
-        # One image per step: batch-norm statistics cannot be estimated from it (the pyramid pooling's
-        # 1x1 branch even refuses), so stage 2 keeps the semantic part's statistics from stage 1.
-        model.semantic.eval()
-    if config.frozen_batch_norm:
-        for module in model.modules():
-            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)):
-                module.eval()
+    _training_modes(model, config)
     objective = _Objective(model, config)
     if torch.distributed.is_initialized():
         # Unused parameters: stage 1 leaves the instance part alone, and an image without detections
         # skips the instance CRF. Those unused everywhere keep grad None, as in one process.
         objective = DistributedDataParallel(objective, device_ids=[device] if device.type == "cuda" else None,
                                             find_unused_parameters=True)
-    log, began = [], time.perf_counter()
-    with open(out_dir / "log.jsonl", "a") if main else nullcontext() as log_file:
+    images_per_step = world if stage2 else config.batch_size
+    steps_per_epoch = max(1, -(-len(dataset) // images_per_step))
+    log, epoch_losses, began = [], [], time.perf_counter()
+    progress = stage_progress(config.stage, config.steps, start, images_per_step=images_per_step,
+                              live=live and main, printer=printer if main else _silent, every=log_every)
+    with ExitStack() as files:
+        log_file = files.enter_context(open(out_dir / "log.jsonl", "a")) if main else None
+        epoch_file = files.enter_context(open(out_dir / epoch_log, "a")) if main else None
         for step in range(start, config.steps):
             for group in optimiser.param_groups:
                 group["lr"] = learning_rate(config, step)
@@ -202,20 +239,49 @@ def train(
             entry = {"step": step + 1, "loss": global_loss, "grad_norm": float(norm),
                      "lr": learning_rate(config, step), "seconds": time.perf_counter() - began}
             log.append(entry)
+            epoch_losses.append(global_loss)
             if not main:
                 continue
             log_file.write(json.dumps(entry) + "\n")
-            if (step + 1) % log_every == 0 or step + 1 == config.steps:
-                done = step + 1 - start
-                eta = (time.perf_counter() - began) / done * (config.steps - step - 1)
-                recent = np.mean([e["loss"] for e in log[-log_every:]])
-                printer(f"[{config.stage}] step {step + 1}/{config.steps}  loss {recent:.4f}  "
-                        f"{done / (time.perf_counter() - began):.2f} steps/s  eta {eta:.0f}s")
+            progress.update(step + 1, global_loss)
+            if (step + 1) % steps_per_epoch == 0 or step + 1 == config.steps:
+                record = {"stage": config.stage, "epoch": -(-(step + 1) // steps_per_epoch), "step": step + 1,
+                          "images": (step + 1) * images_per_step, "loss": float(np.mean(epoch_losses)),
+                          "lr": entry["lr"], "images_per_s": progress.rates(step + 1)[0],
+                          "seconds": time.perf_counter() - began}
+                epoch_losses = []
+                if held_out is not None:
+                    record["held_out"] = evaluate(*predict(model, held_out, seed=eval_seed),
+                                                  num_classes=model.config.num_classes)
+                    _training_modes(model, config)
+                    progress.note(f"[{config.stage}] epoch {record['epoch']}: held-out AP^r_vol "
+                                  f"{record['held_out']['ap_r_vol']:.3f}, Matching IoU "
+                                  f"{record['held_out']['matching_iou']:.3f}")
+                epoch_file.write(json.dumps(record) + "\n")
+                epoch_file.flush()
+    progress.close()
     if main:
         save_checkpoint(out_dir, model, optimiser, config.steps)
         (out_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
     distributed.barrier()
     return log
+
+
+def _silent(*_) -> None:
+    pass
+
+
+def _training_modes(model: DynamicallyInstantiatedNetwork, config: TrainConfig) -> None:
+    """Train mode, except the parts whose batch-norm statistics the stage keeps."""
+    model.train()
+    if config.stage == "instance":
+        # One image per step: batch-norm statistics cannot be estimated from it (the pyramid pooling's
+        # 1x1 branch even refuses), so stage 2 keeps the semantic part's statistics from stage 1.
+        model.semantic.eval()
+    if config.frozen_batch_norm:
+        for module in model.modules():
+            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)):
+                module.eval()
 
 
 class _Objective(nn.Module):
@@ -259,11 +325,13 @@ def _semantic_batch(dataset, config: TrainConfig, step: int, positions: range) -
 
 
 def _instance_batch(dataset, config: TrainConfig, step: int, position: int, num_classes: int) -> dict:
-    """One augmented image, its ground truth and detections simulated from it."""
+    """One augmented image, its ground truth and its detections: the sample's own (from a results
+    file, see `data.sources`) when it has them, else simulated from the ground truth."""
     sample, rng = _draw(dataset, config, step, position)
     height, width = sample["image"].shape[1:]
-    detections = simulate_detections(sample["boxes"].numpy(), sample["labels"].numpy(), image_size=(height, width),
-                                     rng=rng, num_classes=num_classes)
+    detections = sample.get("detections") or simulate_detections(
+        sample["boxes"].numpy(), sample["labels"].numpy(), image_size=(height, width), rng=rng,
+        num_classes=num_classes)
     return {
         "image": sample["image"],  # (3, H, W)
         "semantic": sample["semantic"],  # (H, W)
@@ -293,15 +361,23 @@ def fit(
     semantic: TrainConfig,
     instance: TrainConfig,
     printer=print,
+    live: bool = False,
+    held_out=None,
+    eval_seed: int = 1,
 ) -> dict[str, list[dict]]:
     """The paper's procedure: stage 1 (semantic), shape templates by k-means of the training masks,
     then stage 2 (instance, piecewise or end-to-end). Checkpoints land in out_dir/semantic and
-    out_dir (the final model)."""
+    out_dir (the final model); both stages append their epochs to out_dir/epochs.jsonl (see `train`),
+    stage 2's with the metrics on `held_out` when it is given."""
     out_dir = Path(out_dir)
-    logs = {"semantic": train(model, dataset, semantic, out_dir=out_dir / "semantic", printer=printer)}
+    epochs = (out_dir / "epochs.jsonl").resolve()  # not relative to stage 1's out_dir/semantic
+    out_dir.mkdir(parents=True, exist_ok=True)
+    logs = {"semantic": train(model, dataset, semantic, out_dir=out_dir / "semantic", printer=printer, live=live,
+                              epoch_log=epochs)}
     if model.config.instance.shape_term:
         initialise_templates(model, dataset, seed=instance.seed)
-    logs["instance"] = train(model, dataset, instance, out_dir=out_dir, printer=printer)
+    logs["instance"] = train(model, dataset, instance, out_dir=out_dir, printer=printer, live=live,
+                             held_out=held_out, eval_seed=eval_seed, epoch_log=epochs)
     return logs
 
 
@@ -317,23 +393,25 @@ def initialise_templates(model: DynamicallyInstantiatedNetwork, dataset, *, seed
 
 
 def held_out(dataset, *, seed: int, num_classes: int):
-    """Yields (image (3, H, W) float 0..255, detections, ground truth) for every sample, with
-    detections simulated from the ground truth by a generator seeded by (seed, index), so every
-    method evaluated with the same seed sees the same detections."""
+    """Yields (image (3, H, W) float 0..255, detections, ground truth) for every sample. Detections
+    are the sample's own when it has them (`data.sources.with_detections`), else simulated from the
+    ground truth by a generator seeded by (seed, index), so every method evaluated with the same seed
+    sees the same detections."""
     for index in range(len(dataset)):
         sample = dataset[index]
         image = torch.from_numpy(sample["image"]).permute(2, 0, 1).float()
-        detections = simulate_detections(sample["boxes"], sample["labels"], image_size=image.shape[1:],
-                                         rng=np.random.default_rng([seed, index]), num_classes=num_classes)
+        detections = sample.get("detections") or simulate_detections(
+            sample["boxes"], sample["labels"], image_size=image.shape[1:], rng=np.random.default_rng([seed, index]),
+            num_classes=num_classes)
         truth = {"masks": sample["masks"], "labels": sample["labels"], "void": sample["semantic"] == 255}
         yield image, {k: torch.from_numpy(detections[k]) for k in ("boxes", "labels", "scores")}, truth
 
 
 @torch.no_grad()
 def predict(model: DynamicallyInstantiatedNetwork, dataset, *, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """Runs the network over `dataset` with detections simulated from the ground truth (the same
-    detections for the same seed), returning the predictions and ground truths that
-    `evaluation.evaluate` takes."""
+    """Runs the network over `dataset` with the detections `held_out` gives (the samples' own, or
+    simulated from the ground truth: the same detections for the same seed), returning the
+    predictions and ground truths that `evaluation.evaluate` takes."""
     model.eval()
     predictions, ground_truths = [], []
     for image, detections, truth in held_out(dataset, seed=seed, num_classes=model.config.num_classes):

@@ -1,0 +1,163 @@
+"""Which images and which detections a run uses: one of the datasets by name, and detections either
+simulated from the ground truth (the default) or read from a detector's COCO results file.
+
+`open_dataset(name, root=..., split=...)` opens "synthetic" (the built-in scenes; no root) or an
+on-disk dataset ("voc", "sbd", "coco", "cityscapes"; see their modules for the layouts).
+
+`with_detections(dataset, path)` attaches a COCO results file's detections to the samples, under
+the key "detections" (`Detections`: boxes float32 (D, 4) xyxy inclusive image pixels, labels int64 in
+1..K, scores float32). The trainer and `predict` use a sample's detections when it has them, and
+simulate them from the ground truth otherwise. The file's image ids are matched against:
+
+| dataset    | image id in the results file                          |
+|------------|-------------------------------------------------------|
+| synthetic  | the scene's index 0..N-1 (int)                        |
+| voc, sbd   | the file stem, e.g. "2007_000032" (str)                |
+| cityscapes | "{city}_{sequence}_{frame}" (str)                     |
+| coco       | COCO's integer image id                               |
+
+category_id is the label 1..K, except for COCO, where it is COCO's category id (mapped to labels as
+the dataset maps its annotations). Boxes reaching outside the image are clipped to it; boxes lying
+wholly outside it are dropped (detections of the image size the file's detector saw are assumed).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable
+from pathlib import Path
+
+import numpy as np
+
+from dynseg.sdk.errors import InvalidArgumentError
+
+from .cityscapes import CityscapesInstances
+from .coco import CocoInstances
+from .detections import Detections, load_coco_detections
+from .sbd import SbdInstances
+from .synthetic import SyntheticScenes
+from .voc import VocInstances
+
+__all__ = ["DATASETS", "DEFAULT_SPLITS", "open_dataset", "with_detections", "WithDetections", "image_ids"]
+
+DATASETS = ("synthetic", "voc", "sbd", "coco", "cityscapes")
+"""Dataset names `open_dataset` takes; "synthetic" is the default everywhere a dataset is optional."""
+
+DEFAULT_SPLITS = {
+    "train": {"voc": "train", "sbd": "train", "coco": "train2017", "cityscapes": "train"},
+    "eval": {"voc": "val", "sbd": "val", "coco": "val2017", "cityscapes": "val"},
+}
+"""The split each command reads when none is given, per on-disk dataset."""
+
+_LOADERS = {"voc": VocInstances, "sbd": SbdInstances, "coco": CocoInstances, "cityscapes": CityscapesInstances}
+
+
+def open_dataset(
+    name: str,
+    *,
+    root: str | os.PathLike | None = None,
+    split: str = "train",
+    size: int = 256,
+    image_size: tuple[int, int] = (128, 160),
+    num_classes: int = 4,
+    seed: int = 0,
+):
+    """The dataset called `name` (one of DATASETS).
+
+    "synthetic" takes size, image_size, num_classes and seed (see `SyntheticScenes`) and no root;
+    the on-disk datasets take root and split and ignore the rest.
+
+    Raises:
+        InvalidArgumentError (a ValueError): an unknown name, a root given for "synthetic" or missing
+            for an on-disk dataset, and whatever the dataset's constructor rejects.
+        FileNotFoundError: the on-disk dataset's folders or files are missing (the message names them).
+    """
+    if name not in DATASETS:
+        raise InvalidArgumentError(f"dataset must be one of {', '.join(DATASETS)}; got {name!r}")
+    if name == "synthetic":
+        if root is not None:
+            raise InvalidArgumentError("the synthetic dataset is generated, it takes no data root")
+        return SyntheticScenes(size=size, image_size=image_size, num_classes=num_classes, seed=seed)
+    if root is None:
+        raise InvalidArgumentError(f"dataset {name!r} needs a data root (the folder holding it)")
+    return _LOADERS[name](root, split)
+
+
+def image_ids(dataset) -> tuple[Hashable, ...]:
+    """The id of every image of `dataset` as results files name them (see the module docstring)."""
+    if isinstance(dataset, (CocoInstances, CityscapesInstances)):
+        return dataset.image_ids
+    if isinstance(dataset, (VocInstances, SbdInstances)):
+        return dataset.ids
+    return tuple(range(len(dataset)))
+
+
+class WithDetections:
+    """`dataset`'s samples with a "detections" entry (`Detections`) from a results file.
+
+    Args:
+        dataset: an indexable dataset with `class_names` (and, for COCO, `label_of_category`).
+        detections: {image id: Detections} with labels already in 1..K, one entry per image.
+    """
+
+    def __init__(self, dataset, detections: dict[Hashable, Detections]):
+        self.dataset = dataset
+        self.class_names = dataset.class_names
+        self._detections = [detections[image_id] for image_id in image_ids(dataset)]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = dict(self.dataset[index])
+        height, width = sample["image"].shape[:2]
+        sample["detections"] = _inside_image(self._detections[index], height, width)
+        return sample
+
+    def __repr__(self) -> str:
+        return f"WithDetections({self.dataset!r}, detections={sum(map(_count, self._detections))})"
+
+
+def with_detections(dataset, path: str | os.PathLike) -> WithDetections:
+    """`dataset` with the detections of the COCO results file at `path` (see the module docstring).
+
+    Raises:
+        FileNotFoundError: no file at path.
+        InvalidArgumentError (a ValueError) naming the file: not a COCO results file (the entry at
+            fault named), a category that is no class of the dataset, or no detection of any image of
+            the dataset (a file for another split or dataset).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: detections file not found")
+    ids = image_ids(dataset)
+    found = load_coco_detections(path, ids)
+    num_classes = len(dataset.class_names) - 1
+    mapping = getattr(dataset, "label_of_category", None)  # COCO: category id -> label
+    for image_id, detections in found.items():
+        if mapping is not None:
+            unknown = sorted({int(c) for c in detections["labels"]} - set(mapping))
+            if unknown:
+                raise InvalidArgumentError(f"{path}: image {image_id!r} has category ids {unknown}, which are "
+                                           f"not in the dataset's categories {sorted(mapping)}")
+            detections["labels"] = np.array([mapping[int(c)] for c in detections["labels"]], np.int64)
+        elif len(detections["labels"]) and detections["labels"].max() > num_classes:
+            raise InvalidArgumentError(f"{path}: image {image_id!r} has category_id {int(detections['labels'].max())}; "
+                                       f"the dataset's classes are 1..{num_classes}")
+    if ids and not any(map(_count, found.values())):
+        shown = ", ".join(repr(i) for i in ids[:3])
+        raise InvalidArgumentError(f"{path}: no detection belongs to an image of the dataset (its image ids "
+                                   f"are such as {shown}; see dynseg.trainer.data.sources for the id of each dataset)")
+    return WithDetections(dataset, found)
+
+
+def _count(detections: Detections) -> int:
+    return len(detections["labels"])
+
+
+def _inside_image(detections: Detections, height: int, width: int) -> Detections:
+    boxes = detections["boxes"]
+    keep = (boxes[:, 2] >= 0) & (boxes[:, 3] >= 0) & (boxes[:, 0] <= width - 1) & (boxes[:, 1] <= height - 1)
+    limits = np.array([width - 1, height - 1, width - 1, height - 1], np.float32)
+    return Detections(boxes=np.clip(boxes[keep], 0, limits), labels=detections["labels"][keep],
+                      scores=detections["scores"][keep])
