@@ -90,80 +90,161 @@ def _needs_torch() -> None:
         raise typer.Exit(1) from error
 
 
+def _fail(message: str) -> typer.Exit:
+    """Print `Error: message` on stderr; the caller raises the returned Exit (status 1)."""
+    typer.echo(f"Error: {message}", err=True)
+    return typer.Exit(1)
+
+
+_DATASET_HELP = "synthetic (built in, the default), voc, sbd, coco or cityscapes."
+_ROOT_HELP = ("Folder of an on-disk dataset: VOCdevkit (or VOC2012), SBD's dataset/, the COCO folder, "
+              "the Cityscapes folder.")
+_DETECTIONS_HELP = ("Detections as a COCO results JSON file (image_id, category_id, bbox [x, y, w, h], score); "
+                    "default: simulated from the ground truth.")
+
+
+def _open_data(command: str, dataset: str, data_root: Optional[Path], split: Optional[str],
+               detections: Optional[Path], **synthetic):
+    """The dataset the options name, with the file's detections attached; one-line errors naming the options."""
+    from dynseg.trainer.data.sources import DATASETS, DEFAULT_SPLITS, open_dataset, with_detections
+
+    if dataset not in DATASETS:
+        raise typer.BadParameter(f"{dataset!r} is not one of {', '.join(DATASETS)}", param_hint="--dataset")
+    if dataset == "synthetic" and (data_root is not None or split is not None):
+        raise typer.BadParameter("the synthetic dataset is generated: give --dataset voc, sbd, coco or "
+                                 "cityscapes to read one from disk", param_hint="--data-root / --split")
+    if dataset != "synthetic" and data_root is None:
+        raise typer.BadParameter(f"--dataset {dataset} needs --data-root, the folder that holds it",
+                                 param_hint="--data-root")
+    split = split or DEFAULT_SPLITS[command].get(dataset, "train")
+    try:
+        data = open_dataset(dataset, root=data_root, split=split, **synthetic)
+    except (DynsegError, OSError) as error:
+        where = "" if dataset == "synthetic" else f" from --data-root {data_root} (--split {split})"
+        raise _fail(f"cannot read --dataset {dataset}{where}: {error}") from error
+    if detections is None:
+        return data
+    try:
+        return with_detections(data, detections)
+    except (DynsegError, OSError) as error:
+        raise _fail(f"--detections {detections}: {error}") from error
+
+
+def _describe(data, dataset: str, detections: Optional[Path]) -> str:
+    split = getattr(getattr(data, "dataset", data), "split", None)  # on-disk datasets, with detections or not
+    what = f"{len(data)} {dataset} images" + (f" (split {split})" if split else "")
+    return what + (f", detections from {detections}" if detections else ", simulated detections")
+
+
 @app.command()
 def train(
     out: Path = typer.Option(..., "--out", file_okay=False, help="Folder for checkpoints and logs."),
+    dataset: str = typer.Option("synthetic", "--dataset", help=_DATASET_HELP),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", exists=True, file_okay=False, help=_ROOT_HELP),
+    split: Optional[str] = typer.Option(None, "--split", help="Split to train on (default: train; COCO: train2017)."),
+    detections: Optional[Path] = typer.Option(None, "--detections", exists=True, dir_okay=False,
+                                              help=_DETECTIONS_HELP),
     backbone: str = typer.Option("resnet18", "--backbone", help="resnet18, resnet50, resnet101 or vgg16_fcn8s."),
     pretrained: Optional[Path] = typer.Option(None, "--pretrained", exists=True, dir_okay=False,
                                               help="torchvision ImageNet weights for the backbone."),
     images: int = typer.Option(400, "--images", min=1, help="Synthetic training images."),
-    image_size: tuple[int, int] = typer.Option((96, 120), "--image-size", help="Height and width."),
+    image_size: tuple[int, int] = typer.Option((96, 120), "--image-size", help="Synthetic images' height and width."),
     semantic_steps: int = typer.Option(600, "--semantic-steps", min=0, help="Stage 1 steps."),
     instance_steps: int = typer.Option(100, "--instance-steps", min=0, help="Stage 2 steps."),
     mode: str = typer.Option("piecewise", "--mode", help="Stage 2: piecewise (semantic frozen) or end-to-end."),
     learning_rate: float = typer.Option(0.02, "--lr", min=0.0, help="Stage 1 learning rate (stage 2 uses a 20th)."),
+    held_out_images: int = typer.Option(
+        0, "--held-out-images", min=0,
+        help="Score stage 2 after every epoch on this many held-out images (synthetic: seed + 1; on disk: the "
+             "first of --held-out-split), with simulated detections; 0: no per-epoch evaluation."),
+    held_out_split: Optional[str] = typer.Option(None, "--held-out-split",
+                                                 help="On-disk split for --held-out-images (default: val; COCO: val2017)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data, the detections and the initialisation."),
 ) -> None:
-    """Train the network on the built-in synthetic dataset: stage 1 semantic, stage 2 instance."""
+    """Train the network: stage 1 semantic, stage 2 instance (synthetic scenes unless --dataset names another).
+
+    Writes model.safetensors and model.json (the final model), semantic/ (stage 1's checkpoint),
+    log.jsonl (every step) and epochs.jsonl (every epoch: loss, lr, images/s, held-out metrics).
+    """
     _needs_torch()
     if mode not in ("piecewise", "end-to-end"):
         raise typer.BadParameter("must be piecewise or end-to-end", param_hint="--mode")
+    import sys
+
     import torch
 
-    from dynseg.trainer.data import SyntheticScenes
     from dynseg.trainer.model import ModelConfig, build_model
     from dynseg.trainer.train import TrainConfig, fit
 
     torch.manual_seed(seed)
-    data = SyntheticScenes(size=images, image_size=image_size, seed=seed)
+    data = _open_data("train", dataset, data_root, split, detections, size=images, image_size=image_size, seed=seed)
+    held_out = None
+    if held_out_images:
+        held_out = _open_data("eval", dataset, data_root, held_out_split, None, size=held_out_images,
+                              image_size=image_size, num_classes=len(data.class_names) - 1, seed=seed + 1)
+        held_out = torch.utils.data.Subset(held_out, range(min(held_out_images, len(held_out))))
     try:
         model = build_model(ModelConfig(backbone=backbone, class_names=tuple(data.class_names[1:])),
                             pretrained=pretrained)
     except ValueError as error:
-        typer.echo(f"Error: {error}", err=True)
-        raise typer.Exit(1) from error
-    fit(model, data, out_dir=out,
-        semantic=TrainConfig(stage="semantic", steps=semantic_steps, learning_rate=learning_rate, seed=seed),
-        instance=TrainConfig(stage="instance", mode=mode, steps=instance_steps, learning_rate=learning_rate / 20,
-                             seed=seed),
-        printer=typer.echo)
-    typer.echo(f"wrote {out}/model.safetensors and {out}/model.json; next: dynseg eval {out}")
+        raise _fail(str(error)) from error
+    typer.echo(f"training on {_describe(data, dataset, detections)}")
+    try:
+        fit(model, data, out_dir=out,
+            semantic=TrainConfig(stage="semantic", steps=semantic_steps, learning_rate=learning_rate, seed=seed),
+            instance=TrainConfig(stage="instance", mode=mode, steps=instance_steps, learning_rate=learning_rate / 20,
+                                 seed=seed),
+            printer=typer.echo, live=sys.stdout.isatty(), held_out=held_out, eval_seed=seed + 1)
+    except (DynsegError, OSError) as error:  # an annotation or image the dataset could not read
+        raise _fail(str(error)) from error
+    typer.echo(f"wrote {out}/model.safetensors, {out}/model.json and {out}/epochs.jsonl; next: dynseg eval {out}")
 
 
 @app.command("eval")
 def evaluate_command(
     checkpoint: Path = typer.Argument(..., exists=True, file_okay=False, help="Folder written by dynseg train."),
+    dataset: str = typer.Option("synthetic", "--dataset", help=_DATASET_HELP),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", exists=True, file_okay=False, help=_ROOT_HELP),
+    split: Optional[str] = typer.Option(None, "--split", help="Split to score (default: val; COCO: val2017)."),
+    detections: Optional[Path] = typer.Option(None, "--detections", exists=True, dir_okay=False,
+                                              help=_DETECTIONS_HELP),
     images: int = typer.Option(50, "--images", min=1, help="Held-out synthetic images."),
-    image_size: tuple[int, int] = typer.Option((96, 120), "--image-size", help="Height and width."),
-    seed: int = typer.Option(1, "--seed", help="Seed of the held-out images (training used --seed 0)."),
+    image_size: tuple[int, int] = typer.Option((96, 120), "--image-size", help="Synthetic images' height and width."),
+    seed: int = typer.Option(1, "--seed", help="Seed of the held-out synthetic images and simulated detections "
+                                               "(training used --seed 0)."),
     protocol: str = typer.Option("original", "--protocol", help="original (the released code) or voc."),
     out: Optional[Path] = typer.Option(None, "--out", file_okay=False, help="Where to write metrics.json/.md."),
 ) -> None:
-    """Evaluate a checkpoint on held-out synthetic images with simulated detections."""
+    """Evaluate a checkpoint on held-out images (synthetic scenes unless --dataset names another)."""
     _needs_torch()
     import json
 
-    from dynseg.trainer.data import SyntheticScenes
     from dynseg.trainer.evaluation import evaluate
     from dynseg.trainer.train import load_checkpoint, predict
 
+    if protocol not in ("original", "voc"):
+        raise typer.BadParameter("must be original or voc", param_hint="--protocol")
     try:
         model = load_checkpoint(checkpoint)
     except FileNotFoundError as error:
-        typer.echo(f"Error: {error}", err=True)
-        raise typer.Exit(1) from error
-    data = SyntheticScenes(size=images, image_size=image_size, num_classes=model.config.num_classes, seed=seed)
-    predictions, ground_truths = predict(model, data, seed=seed)
+        raise _fail(str(error)) from error
+    num_classes = model.config.num_classes
+    data = _open_data("eval", dataset, data_root, split, detections, size=images, image_size=image_size,
+                      num_classes=num_classes, seed=seed)
+    if len(data.class_names) - 1 != num_classes:
+        raise _fail(f"the checkpoint has {num_classes} classes, --dataset {dataset} has {len(data.class_names) - 1}")
     try:
-        metrics = evaluate(predictions, ground_truths, num_classes=model.config.num_classes, protocol=protocol)
-    except ValueError as error:
-        typer.echo(f"Error: {error}", err=True)
-        raise typer.Exit(1) from error
+        predictions, ground_truths = predict(model, data, seed=seed)
+        metrics = evaluate(predictions, ground_truths, num_classes=num_classes, protocol=protocol)
+    except (DynsegError, OSError) as error:
+        raise _fail(str(error)) from error
     rows = [(f"AP^r at {t}", v) for t, v in metrics["ap_r"].items()]
     rows += [("AP^r_vol", metrics["ap_r_vol"]), ("Matching IoU", metrics["matching_iou"]), ("PQ", metrics["pq"]),
              ("COCO mask AP", metrics["coco_mask_ap"])]
     table = "| metric | value |\n| --- | ---: |\n" + "\n".join(f"| {name} | {100 * v:.1f} |" for name, v in rows)
-    typer.echo(f"{checkpoint}: {images} synthetic images (seed {seed}), protocol {protocol}, values in %\n{table}")
+    seeded = f" (seed {seed})" if dataset == "synthetic" else ""
+    typer.echo(f"{checkpoint}: {_describe(data, dataset, detections)}{seeded}, protocol {protocol}, "
+               f"values in %\n{table}")
     target = out or checkpoint
     target.mkdir(parents=True, exist_ok=True)
     (target / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -1,0 +1,202 @@
+"""`dynseg train` then `dynseg eval` from the command line on every dataset format and on a detections
+file, the progress display and the per-epoch log, and one-line errors for bad arguments."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from dataset_fixtures import write_cityscapes, write_coco, write_sbd, write_voc
+from dynseg.sdk.cli import app
+from dynseg.trainer.data import SyntheticScenes
+from dynseg.trainer.data.sources import with_detections
+from dynseg.trainer.progress import LiveProgress
+from dynseg.trainer.train import TrainConfig, augment
+
+runner = CliRunner()
+TINY = ["--semantic-steps", "2", "--instance-steps", "2"]
+SYNTHETIC = ["--images", "4", "--image-size", "48", "64"]
+
+# (fixture writer, split it writes): the loaders' test fixtures, in their exact on-disk formats
+FORMATS = {
+    "voc": (write_voc, "val"),
+    "sbd": (write_sbd, "train"),
+    "coco": (lambda root: write_coco(root)[0], "val2017"),
+    "cityscapes": (write_cityscapes, "val"),
+}
+
+
+def run(*arguments: str):
+    result = runner.invoke(app, [str(a) for a in arguments])
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def epochs(folder) -> list[dict]:
+    return [json.loads(line) for line in (folder / "epochs.jsonl").read_text().splitlines()]
+
+
+def test_training_on_the_synthetic_default_prints_progress_and_logs_every_epoch(tmp_path):
+    out = tmp_path / "run"
+    result = run("train", "--out", out, *SYNTHETIC, "--semantic-steps", "3", "--instance-steps", "4",
+                 "--held-out-images", "2")
+    assert result.exit_code == 0, result.output
+    assert "training on 4 synthetic images, simulated detections" in result.output
+    # not a terminal: plain lines with the loss, the throughput and the time left
+    assert re.search(r"\[semantic\] step 3/3  loss \d+\.\d{4}  \d+\.\d images/s  eta \d+s", result.output)
+    assert re.search(r"\[instance\] epoch 1: held-out AP\^r_vol \d\.\d{3}", result.output)
+    log = epochs(out)
+    # stage 1: 4 images per step, so an epoch of 4 images is one step; stage 2: one image per step
+    assert [(e["stage"], e["epoch"], e["step"]) for e in log] == [
+        ("semantic", 1, 1), ("semantic", 2, 2), ("semantic", 3, 3), ("instance", 1, 4)]
+    for entry in log:
+        assert {"loss", "lr", "images_per_s", "images", "seconds"} <= set(entry) and entry["images_per_s"] > 0
+    assert "held_out" not in log[0]
+    assert set(log[-1]["held_out"]) == {"ap_r", "ap_r_vol", "matching_iou", "pq", "coco_mask_ap"}
+    result = run("eval", out, "--images", "2", "--image-size", "48", "64")
+    assert result.exit_code == 0, result.output
+    assert "2 synthetic images, simulated detections (seed 1)" in result.output
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_train_then_eval_read_each_on_disk_format(tmp_path, name):
+    write, split = FORMATS[name]
+    root = write(tmp_path / name)
+    out = tmp_path / "run"
+    result = run("train", "--out", out, "--dataset", name, "--data-root", root, "--split", split, *TINY)
+    assert result.exit_code == 0, result.output
+    assert f"{name} images (split {split}), simulated detections" in result.output
+    assert (out / "model.safetensors").is_file() and epochs(out)[-1]["stage"] == "instance"
+    result = run("eval", out, "--dataset", name, "--data-root", root, "--split", split)
+    assert result.exit_code == 0, result.output
+    assert "AP^r_vol" in result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert all(0.0 <= metrics[key] <= 1.0 for key in ("ap_r_vol", "matching_iou", "pq", "coco_mask_ap"))
+
+
+def _results_file(path, entries) -> str:
+    path.write_text(json.dumps(entries))
+    return str(path)
+
+
+def test_train_and_eval_read_detections_from_a_coco_results_file(tmp_path):
+    # synthetic scenes are named by their index; one confident box per scene, over its first object
+    scenes = SyntheticScenes(size=4, image_size=(48, 64), seed=0)
+    entries = []
+    for index in range(len(scenes)):
+        x1, y1, x2, y2 = scenes[index]["boxes"][0].tolist()
+        label = int(scenes[index]["labels"][0])
+        entries.append({"image_id": index, "category_id": label, "bbox": [x1, y1, x2 - x1 + 1, y2 - y1 + 1],
+                        "score": 0.9})
+    detections = _results_file(tmp_path / "dets.json", entries)
+    out = tmp_path / "run"
+    result = run("train", "--out", out, *SYNTHETIC, *TINY, "--detections", detections)
+    assert result.exit_code == 0, result.output
+    assert f"detections from {detections}" in result.output
+    result = run("eval", out, "--images", "4", "--image-size", "48", "64", "--seed", "0", "--detections", detections)
+    assert result.exit_code == 0, result.output
+    assert f"detections from {detections}" in result.output
+
+
+def test_coco_detections_keep_coco_category_ids_and_map_them_to_labels(tmp_path):
+    root = write_coco(tmp_path / "coco")[0]
+    detections = _results_file(tmp_path / "dets.json", [
+        {"image_id": 139, "category_id": 18, "bbox": [4, 18, 6, 4], "score": 0.8},  # the dog: label 3
+        {"image_id": 42, "category_id": 3, "bbox": [2, 2, 6, 6], "score": 0.7},  # the car: label 2
+    ])
+    result = run("eval", _trained(tmp_path, "coco", root, "val2017"), "--dataset", "coco", "--data-root", root,
+                 "--detections", detections)
+    assert result.exit_code == 0, result.output
+    from dynseg.trainer.data import CocoInstances
+
+    dataset = with_detections(CocoInstances(root, "val2017"), detections)
+    assert dataset[2]["detections"]["labels"].tolist() == [3] and len(dataset[0]["detections"]["labels"]) == 0
+
+
+def _trained(tmp_path, name, root, split):
+    out = tmp_path / f"{name}-run"
+    result = run("train", "--out", out, "--dataset", name, "--data-root", root, "--split", split,
+                 "--semantic-steps", "1", "--instance-steps", "1")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_augmentation_moves_file_detections_with_the_image():
+    sample = dict(SyntheticScenes(size=1, image_size=(48, 64), seed=0)[0])
+    sample["detections"] = {"boxes": sample["boxes"].copy(), "labels": sample["labels"].copy(),
+                            "scores": np.ones(len(sample["labels"]), np.float32)}
+    for seed in range(6):  # scales, crops and mirrors of both kinds
+        config = TrainConfig(scale_range=(0.6, 1.4), crop=(40, 40), mirror=True)
+        moved = augment(sample, config, np.random.default_rng(seed))
+        height, width = moved["image"].shape[1:]
+        boxes = moved["detections"]["boxes"]
+        assert boxes.shape[1] == 4 and (boxes[:, 2] <= width - 1).all() and (boxes[:, 3] <= height - 1).all()
+        assert (boxes[:, :2] >= 0).all() and (boxes[:, 2:] >= boxes[:, :2]).all()
+        # a detection that was an object's box is still that object's box, to within the resampling
+        for box in moved["boxes"].numpy():
+            assert np.abs(boxes - box).max(axis=1).min() <= 2.0
+
+
+def test_the_live_display_shows_loss_throughput_and_time_left_on_a_terminal():
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=120)
+    progress = LiveProgress("semantic", 4, 0, images_per_step=2, console=console)
+    for step in range(1, 5):
+        progress.update(step, 0.5 / step)
+    progress.close()
+    text = screen.getvalue()
+    assert "semantic" in text and "4/4" in text and "loss 0.1250" in text
+    assert re.search(r"\d+\.\d images/s  eta 0s", text), text
+
+
+# ---------------------------------------------------------------------------------------- bad arguments
+
+
+def _fails_naming(result, *words: str) -> None:
+    assert result.exit_code != 0, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # a message, not a crash
+    message = " ".join(re.sub(r"[\u2500-\u257f]", " ", result.output).split())
+    for word in words:
+        assert word in message, message
+
+
+def test_an_unknown_dataset_is_named_in_the_error(tmp_path):
+    _fails_naming(run("train", "--out", tmp_path, "--dataset", "imagenet"), "--dataset", "imagenet", "voc")
+
+
+def test_an_on_disk_dataset_without_a_data_root_is_refused(tmp_path):
+    _fails_naming(run("train", "--out", tmp_path, "--dataset", "voc"), "--data-root")
+    _fails_naming(run("train", "--out", tmp_path, "--dataset", "voc", "--data-root", tmp_path / "nowhere"),
+                  "--data-root", "does not exist")
+
+
+def test_a_data_root_without_the_dataset_names_the_root_and_the_split(tmp_path):
+    result = run("train", "--out", tmp_path / "run", "--dataset", "sbd", "--data-root", tmp_path)
+    _fails_naming(result, "--data-root", "--split train", "train.txt")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_detections_file_is_named(tmp_path):
+    _fails_naming(run("train", "--out", tmp_path, *SYNTHETIC, "--detections", tmp_path / "dets.json"),
+                  "--detections", "does not exist")
+
+
+@pytest.mark.parametrize("content, words", [
+    ("{not json", ["not valid JSON"]),
+    ('{"image_id": 0}', ["JSON list"]),
+    ('[{"image_id": 0, "category_id": 1, "bbox": [1, 2, 3], "score": 0.5}]', ["entry 0", "bbox"]),
+    ('[{"image_id": 0, "category_id": 9, "bbox": [1, 2, 3, 4], "score": 0.5}]', ["category_id 9", "1..4"]),
+    ('[{"image_id": "2007_000032", "category_id": 1, "bbox": [1, 2, 3, 4], "score": 0.5}]', ["no detection"]),
+])
+def test_a_malformed_detections_file_is_named_with_what_is_wrong(tmp_path, content, words):
+    detections = tmp_path / "dets.json"
+    detections.write_text(content)
+    _fails_naming(run("train", "--out", tmp_path / "run", *SYNTHETIC, *TINY, "--detections", detections),
+                  "--detections", *words)
+    assert not (tmp_path / "run").exists()
