@@ -4,8 +4,10 @@
 Owns the loop, its schedule (SGD with momentum, poly or step learning rate, gradient clipping), the
 augmentation (random scale, crop, mirror with boxes flipped; detections simulated from the ground
 truth by `data.detections`), checkpoints (weights as safetensors, the model's JSON config, and the
-optimiser state for resuming) and the per-step log (JSON lines). Stage 2 sees one image per step, as
-the paper did: every image has its own number of detections.
+optimiser state for resuming), the per-step log and the per-epoch log (JSON lines; an epoch's entry
+holds held-out metrics when a held-out set is given) and the progress display (`progress`). Stage 2
+sees one image per step, as the paper did: every image has its own number of detections. A sample's
+detections are its own when it carries them (`data.sources.with_detections`), else simulated.
 
 Every image of a step is drawn (dataset index, augmentation, simulated detections) from its own
 generator, seeded by (seed, step, position in the step's global batch): a resumed run sees the images
