@@ -304,6 +304,13 @@ def copy_to_device(pointer: int, array: np.ndarray) -> None:
     _check(library().dynseg_cuda_memcpy(pointer, array.ctypes.data, array.nbytes))
 
 
+def copy_from_device(array: np.ndarray, pointer: int) -> None:
+    """Fills a C-contiguous host array from device memory at `pointer` (synchronous)."""
+    if not array.flags.c_contiguous:
+        raise NativeError("internal: copy_from_device needs a C-contiguous array")
+    _check(library().dynseg_cuda_memcpy(array.ctypes.data, pointer, array.nbytes))
+
+
 class CudaBuffer:
     """Device memory from the native library, freed with the object (for callers without an allocator)."""
 

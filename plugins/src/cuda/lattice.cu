@@ -7,6 +7,8 @@
 
 #include <climits>
 #include <cmath>
+#include <stdexcept>
+#include <string>
 
 namespace dynseg {
 namespace cuda {
@@ -323,6 +325,12 @@ __global__ void slice(int d, int64_t pixels, const int32_t* entry_vertex, const 
     }
 }
 
+// CUB reports a failure (say, temporary storage that does not fit) only through its return value.
+void check_cub(cudaError_t error, const char* what) {
+    if (error != cudaSuccess)
+        throw std::runtime_error(std::string(what) + " failed: " + cudaGetErrorString(error));
+}
+
 }  // namespace
 
 void BuildScratch::plan(Workspace& ws, int64_t max_entries) {
@@ -338,11 +346,13 @@ void BuildScratch::plan(Workspace& ws, int64_t max_entries) {
     range = ws.take<int32_t>(2 * kMaxFeatureDim + 1);
     size_t sort_bytes = 0, scan_bytes = 0;
     const int n = static_cast<int>(max_entries);
-    cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, static_cast<const uint64_t*>(nullptr),
-                                    static_cast<uint64_t*>(nullptr), static_cast<const int32_t*>(nullptr),
-                                    static_cast<int32_t*>(nullptr), n);
-    cub::DeviceScan::InclusiveSum(nullptr, scan_bytes, static_cast<const int32_t*>(nullptr),
-                                  static_cast<int32_t*>(nullptr), n);
+    check_cub(cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, static_cast<const uint64_t*>(nullptr),
+                                              static_cast<uint64_t*>(nullptr), static_cast<const int32_t*>(nullptr),
+                                              static_cast<int32_t*>(nullptr), n),
+              "sizing the lattice key sort");
+    check_cub(cub::DeviceScan::InclusiveSum(nullptr, scan_bytes, static_cast<const int32_t*>(nullptr),
+                                            static_cast<int32_t*>(nullptr), n),
+              "sizing the vertex numbering scan");
     cub_bytes = std::max(sort_bytes, scan_bytes);
     cub = ws.take<char>(static_cast<int64_t>(cub_bytes));
 }
@@ -397,11 +407,14 @@ void Lattice::build(const FeatureSpec& spec, BuildScratch& s, int kernel, Status
 
     const int n = static_cast<int>(entries_);
     size_t bytes = s.cub_bytes;
-    cub::DeviceRadixSort::SortPairs(s.cub, bytes, s.keys, s.sorted_keys, s.entries, s.sorted_entries, n, 0, 64, stream);
+    check_cub(cub::DeviceRadixSort::SortPairs(s.cub, bytes, s.keys, s.sorted_keys, s.entries, s.sorted_entries, n, 0,
+                                              64, stream),
+              "the lattice key sort");
     const int entry_blocks = launch.blocks(entries_);
     flag_heads<<<entry_blocks, kThreads, 0, stream>>>(entries_, s.sorted_keys, s.entries);
     bytes = s.cub_bytes;
-    cub::DeviceScan::InclusiveSum(s.cub, bytes, s.entries, s.vertex_of_sorted, n, stream);
+    check_cub(cub::DeviceScan::InclusiveSum(s.cub, bytes, s.entries, s.vertex_of_sorted, n, stream),
+              "the vertex numbering scan");
     number_vertices<<<entry_blocks, kThreads, 0, stream>>>(d, entries_, s.sorted_keys, s.sorted_entries,
                                                            s.vertex_of_sorted, s.weight, s.vertex_key, csr_begin_,
                                                            csr_pixel_, csr_weight_, entry_vertex_, vertices_);

@@ -1,0 +1,180 @@
+"""GPU dense CRF benchmark: the CUDA kernels against the PyTorch reference on the same card and
+against pydensecrf and dynseg's CPU kernels on the same machine's CPU, all in one process.
+
+Cases (ISSUE 5): the semantic CRF (21 labels, 5 iterations, densecrf's kernels: spatial θγ=3 w=3,
+bilateral θα=80 θβ=13 w=10) and the instance CRF (L = 2, 21, 101 labels, 3 iterations, spatial θγ=3
+w=3, bilateral θα=49 θβ=5 w=4), at 512×512 and 1024×2048, on the shipped coffee photo resized, with
+smooth random logits. Every call builds its lattices. The CPU methods run once per case (they are
+there for scale; benchmarks/bench_crf.py measures them properly).
+
+GPU times are medians of CUDA-event timings around one enqueued call, the problem and workspace set
+up once as a TensorRT plugin would ("call"), and of the same call replayed from a CUDA graph, which
+removes the launch gaps ("graph"). "build" is the same call with 0 iterations (lattices, normalisation,
+layout changes); "per iteration" is (call − build) / T. Ratios divide the other method's time by the
+CUDA call's, both measured here.
+
+    python benchmarks/bench_cuda.py [--repeats 50] [--out report.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_crf import pydensecrf_call, smooth_unary  # noqa: E402  (one definition of the shared inputs)
+
+from dynseg.sdk import _native, dense_crf, samples  # noqa: E402
+from dynseg.trainer.crf import dense_crf as reference_dense_crf  # noqa: E402
+
+SEMANTIC = dict(spatial=(3.0, 3.0), bilateral=(80.0, 13.0, 10.0))
+INSTANCE = dict(spatial=(3.0, 3.0), bilateral=(49.0, 5.0, 4.0))
+SIZES = ((512, 512), (1024, 2048))
+CASES = [("semantic", 21, 5, SEMANTIC)] + [("instance", labels, 3, INSTANCE) for labels in (2, 21, 101)]
+
+
+def resized_photo(height: int, width: int) -> np.ndarray:
+    """The coffee photo resized bilinearly to (height, width, 3) uint8."""
+    photo = samples.load("coffee").astype(np.float32)
+    ys = np.linspace(0, photo.shape[0] - 1, height)
+    xs = np.linspace(0, photo.shape[1] - 1, width)
+    y0 = np.minimum(ys.astype(int), photo.shape[0] - 2)
+    x0 = np.minimum(xs.astype(int), photo.shape[1] - 2)
+    fy, fx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
+    top = photo[y0][:, x0] * (1 - fx) + photo[y0][:, x0 + 1] * fx
+    bottom = photo[y0 + 1][:, x0] * (1 - fx) + photo[y0 + 1][:, x0 + 1] * fx
+    return np.clip(top * (1 - fy) + bottom * fy + 0.5, 0, 255).astype(np.uint8)
+
+
+class CudaCall:
+    """One dense CRF problem on device tensors with its workspace, ready to enqueue."""
+
+    def __init__(self, unary: torch.Tensor, image: torch.Tensor, kernels: dict, iterations: int):
+        self.unary = unary
+        self.out = torch.empty_like(unary)
+        self.image = image
+        self.weights = [torch.tensor([kernels["spatial"][1]], device="cuda"),
+                        torch.tensor([kernels["bilateral"][2]], device="cuda")]
+        array = lambda t: _native.DeviceArray(t.data_ptr(), tuple(t.shape))
+        self.problem = _native.Problem(
+            unary.shape[0], unary.shape[1], unary.shape[2], array(image),
+            [_native.Kernel(kernels["spatial"][0], 0.0, array(self.weights[0])),
+             _native.Kernel(kernels["bilateral"][0], kernels["bilateral"][1], array(self.weights[1]))],
+            compat=None, normalization="after", iterations=iterations, output=_native.OUTPUT_PROBABILITIES,
+            threads=0,
+        )
+        self.nbytes = self.problem.workspace_size_cuda(_native.PASS_FORWARD)
+        self.workspace = torch.empty(self.nbytes, dtype=torch.uint8, device="cuda")
+        self.pointers = (ctypes.cast(ctypes.c_void_p(unary.data_ptr()), _native._f32p),
+                         ctypes.cast(ctypes.c_void_p(self.out.data_ptr()), _native._f32p))
+
+    def enqueue(self) -> None:
+        status = _native.library().dynseg_crf_forward_cuda(
+            ctypes.byref(self.problem.struct), *self.pointers, self.workspace.data_ptr(), self.nbytes,
+            torch.cuda.current_stream().cuda_stream)
+        _native._check(status)
+
+    def check(self) -> None:
+        _native.check_cuda(self.workspace.data_ptr(), torch.cuda.current_stream().cuda_stream)
+
+
+def median_event_ms(run, repeats: int) -> float:
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return float(np.median(times))
+
+
+def graph_ms(call: CudaCall, repeats: int) -> float:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call.enqueue()  # warm up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call.enqueue()
+    return median_event_ms(graph.replay, repeats)
+
+
+def best_s(run, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--out", default=None, help="also write the markdown report here")
+    args = parser.parse_args()
+    if _native.cuda_device_count() == 0:
+        sys.exit("bench_cuda: no CUDA device (or the library was built without CUDA)")
+    card = torch.cuda.get_device_name()
+    lines = [
+        f"Card: {card}; CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}",
+        "",
+        "| CRF | size | L | T | CUDA call ms | graph ms | build ms | per iteration ms | torch ref (GPU) ms | × torch | "
+        "dynseg CPU ms | × CPU | pydensecrf ms | × pydensecrf | max abs dQ vs CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for height, width in SIZES:
+        photo = resized_photo(height, width)
+        image = torch.tensor(photo.transpose(2, 0, 1).astype(np.float32), device="cuda").contiguous()
+        for name, labels, iterations, kernels in CASES:
+            unary_np = smooth_unary(labels, height, width, seed=labels)
+            unary = torch.tensor(unary_np, device="cuda")
+            call, build = CudaCall(unary, image, kernels, iterations), CudaCall(unary, image, kernels, 0)
+            call_ms = median_event_ms(call.enqueue, args.repeats)
+            call.check()
+            build_ms = median_event_ms(build.enqueue, args.repeats)
+            replay_ms = graph_ms(call, args.repeats)
+            q_gpu = call.out.cpu().numpy()
+
+            start = time.perf_counter()
+            q_cpu = dense_crf(unary_np, photo, iterations=iterations, **kernels)
+            cpu_s = time.perf_counter() - start  # one call: the CPU side is for scale, and slow at 1024×2048
+            image_hwc = torch.tensor(photo, device="cuda")
+
+            def torch_reference():
+                reference_dense_crf(unary, image_hwc, iterations=iterations, **kernels)
+                torch.cuda.synchronize()
+
+            torch_s = best_s(torch_reference, 2) if labels <= 21 else None  # L = 101 at 1024×2048 needs ~40 GB
+            dcrf = pydensecrf_call(unary_np, photo, iterations, "after") if kernels is SEMANTIC else None
+            dcrf_s = best_s(dcrf, 1) if dcrf else None
+            fmt = lambda s: "n/a" if s is None else f"{1000 * s:.1f}"
+            ratio = lambda s: "n/a" if s is None else f"{1000 * s / call_ms:.0f}×"
+            lines.append(
+                f"| {name} | {height}×{width} | {labels} | {iterations} | {call_ms:.3f} | {replay_ms:.3f} | {build_ms:.3f} | "
+                f"{(call_ms - build_ms) / iterations:.3f} | {fmt(torch_s)} | {ratio(torch_s)} | {fmt(cpu_s)} | "
+                f"{ratio(cpu_s)} | {fmt(dcrf_s)} | {ratio(dcrf_s)} | {np.abs(q_gpu - q_cpu).max():.1e} |"
+            )
+            print(lines[-1], flush=True)
+    report = "\n".join(lines)
+    print("\n" + report)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(report + "\n")
+
+
+if __name__ == "__main__":
+    main()

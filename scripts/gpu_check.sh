@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One command for a session with a GPU (issue 5): builds dynseg with its CUDA kernels, runs the GPU
+# tests, compute-sanitizer memcheck on a small forward and backward, and the GPU benchmark, and writes
+# a report. Under 5 minutes on an H100/H200 machine.
+#
+#   bash scripts/gpu_check.sh [REPORT_DIR]      (default: $OUT when set, else ./gpu_report)
+#
+# Uses the python3 on the PATH (it must have torch with CUDA, pytest and scikit-build-core) and
+# installs dynseg into it (editable, no dependencies fetched). If .whl/pydensecrf2-*.tar.gz exists it
+# builds pydensecrf from it for the benchmark's CPU comparison.
+set -u
+REPORT=${1:-${OUT:-$PWD/gpu_report}}
+mkdir -p "$REPORT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+started=$(date +%s)
+step() { echo; echo "=== $1 ($(( $(date +%s) - started )) s)"; }
+
+step "machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$REPORT/gpu.txt"
+nvcc --version | tail -1
+
+if ls .whl/pydensecrf2-*.tar.gz >/dev/null 2>&1; then
+  ($PY -m pip install -q --no-deps --no-build-isolation .whl/pydensecrf2-*.tar.gz >"$REPORT/pydensecrf_build.log" 2>&1 \
+    && echo "pydensecrf built" || echo "pydensecrf build failed (see pydensecrf_build.log)") &
+  dcrf=$!
+fi
+
+step "build"
+if ! $PY -m pip install -q --no-deps --no-build-isolation -e . >"$REPORT/build.log" 2>&1; then
+  tail -30 "$REPORT/build.log"; echo "BUILD FAILED"; exit 1
+fi
+grep -i "warning" "$REPORT/build.log" | head -20
+$PY -c "from dynseg.sdk import _native as n; print('native', n.native_version(), 'cuda compiled', n.cuda_compiled(), 'devices', n.cuda_device_count())"
+
+step "GPU tests"
+timeout 240 $PY -m pytest -q -rs -p no:cacheprovider tests/gpu tests/trainer/test_native_op.py 2>&1 | tee "$REPORT/tests.log" | tail -25
+
+step "compute-sanitizer memcheck"
+timeout 120 compute-sanitizer --tool memcheck --error-exitcode 1 $PY scripts/cuda_smoke.py >"$REPORT/memcheck.log" 2>&1
+echo "memcheck exit code $?"; tail -5 "$REPORT/memcheck.log"
+
+[ -n "${dcrf:-}" ] && wait $dcrf
+step "benchmark"
+timeout 200 $PY benchmarks/bench_cuda.py --out "$REPORT/bench_cuda.md" 2>&1 | tee "$REPORT/bench.log" | tail -12
+step "done"
