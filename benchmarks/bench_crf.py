@@ -72,7 +72,8 @@ def pydensecrf_call(unary: np.ndarray, image: np.ndarray, iterations: int, norma
     labels, height, width = unary.shape
     energy = np.ascontiguousarray(-unary.reshape(labels, -1))  # pydensecrf takes −logits
     rgb = np.array(image, dtype=np.uint8, order="C")  # pydensecrf needs a writable C-contiguous image
-    ntype = {"after": dcrf.NORMALIZE_AFTER, "symmetric": dcrf.NORMALIZE_SYMMETRIC}[normalization]
+    # densecrf's NormalizationType values; pydensecrf built with Cython 3 does not export the names
+    ntype = {"after": getattr(dcrf, "NORMALIZE_AFTER", 2), "symmetric": getattr(dcrf, "NORMALIZE_SYMMETRIC", 3)}[normalization]
 
     def call() -> np.ndarray:
         crf = dcrf.DenseCRF2D(width, height, labels)

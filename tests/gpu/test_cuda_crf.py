@@ -131,7 +131,7 @@ def test_torch_op_on_cuda_is_deterministic_with_gradients():
 def test_zero_copy_entry_matches_numpy_api(photo, field_unary):
     image = photo("chelsea")
     height, width = image.shape[:2]
-    unary = field_unary(5, height, width, seed=11)
+    unary = np.ascontiguousarray(field_unary(5, height, width, seed=11))
     expected = dense_crf(unary, image)
     unary_gpu = torch.tensor(unary, device="cuda")
     image_gpu = torch.tensor(image.transpose(2, 0, 1).astype(np.float32), device="cuda")
