@@ -112,6 +112,17 @@ def graph_ms(call: CudaCall, repeats: int) -> float:
     return median_event_ms(graph.replay, repeats)
 
 
+def profile(call: CudaCall) -> None:
+    """The GPU time of each kernel (summed over its launches) in one call, largest first."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call.enqueue()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60), flush=True)
+
+
 def best_s(run, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
@@ -125,6 +136,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--out", default=None, help="also write the markdown report here")
+    parser.add_argument("--profile", action="store_true", help="print the kernels of the first case by GPU time")
     args = parser.parse_args()
     if _native.cuda_device_count() == 0:
         sys.exit("bench_cuda: no CUDA device (or the library was built without CUDA)")
@@ -144,6 +156,9 @@ def main() -> None:
             unary = torch.tensor(unary_np, device="cuda")
             call, build = CudaCall(unary, image, kernels, iterations), CudaCall(unary, image, kernels, 0)
             call_ms = median_event_ms(call.enqueue, args.repeats)
+            if args.profile:
+                profile(call)
+                args.profile = False
             call.check()
             build_ms = median_event_ms(build.enqueue, args.repeats)
             replay_ms = graph_ms(call, args.repeats)

@@ -42,5 +42,5 @@ echo "memcheck exit code $?"; tail -5 "$REPORT/memcheck.log"
 
 [ -n "${dcrf:-}" ] && wait $dcrf
 step "benchmark"
-timeout 200 $PY benchmarks/bench_cuda.py --out "$REPORT/bench_cuda.md" 2>&1 | tee "$REPORT/bench.log" | tail -12
+timeout 200 $PY benchmarks/bench_cuda.py --profile --out "$REPORT/bench_cuda.md" 2>&1 | tee "$REPORT/bench.log" | tail -12
 step "done"

@@ -14,6 +14,8 @@ namespace dynseg {
 namespace cuda {
 namespace {
 
+constexpr int32_t kChunk = 64;  // entries summed by one thread in the first splat pass
+
 struct EmbedConstants {
     float scale[kMaxFeatureDim];
     float inv_dp1, dp1, alpha;
@@ -208,6 +210,23 @@ __global__ void number_vertices(int d, int64_t entries, const uint64_t* sorted_k
     }
 }
 
+// Whole chunks of kChunk entries for every vertex that has at least one: the count per vertex
+// (over the E vertex slots, zero past M) for the scan, then each chunk's first entry.
+__global__ void count_chunks(int64_t entries, const int32_t* vertices, const int32_t* csr_begin, int32_t* count) {
+    const int32_t m = *vertices;
+    DYNSEG_FOR_EACH(v, entries) count[v] = v < m ? (csr_begin[v + 1] - csr_begin[v]) / kChunk : 0;
+}
+
+__global__ void place_chunks(const int32_t* vertices, const int32_t* csr_begin, const int32_t* chunk_end,
+                             int32_t* chunk_first, int32_t* chunks) {
+    const int32_t m = *vertices;
+    DYNSEG_FOR_EACH(v, m) {
+        const int32_t last = chunk_end[v], n = last - (v > 0 ? chunk_end[v - 1] : 0);
+        for (int32_t k = 0; k < n; ++k) chunk_first[last - n + k] = csr_begin[v] + k * kChunk;
+        if (v == m - 1) *chunks = last;
+    }
+}
+
 __device__ int32_t find_vertex(const uint64_t* keys, int32_t count, uint64_t key) {
     int32_t lo = 0, hi = count;
     while (lo < hi) {
@@ -260,30 +279,73 @@ __global__ void find_neighbours(int d, int64_t entries, const int32_t* vertices,
     }
 }
 
-// Splat as a gather: vertex v sums weight × value over its entries in pixel order (ONES: the
-// values are all 1). Row M, the missing neighbour, is zero. Rows are `width` floats, width / 4 threads.
+// Splat as a gather over the CSR, in two passes so that no thread sums a long list alone: a vertex of
+// an image's flat region can own thousands of entries. Pass 1 sums each chunk of kChunk entries of
+// the vertices that have more than kChunk; pass 2 gives each vertex a warp whose lanes take every
+// `streams`-th entry (small vertices) or chunk sum (large ones) and adds the streams in a fixed order.
+// Fixed partitions and orders: the sums are the same bits on every run. Rows are `width` floats.
+
+// The value of entry s (sorted position): its weight times its pixel's row (times pre), or its weight
+// alone when ONES.
 template <bool ONES>
-__global__ void gather(const int32_t* vertices, const int32_t* csr_begin, const int32_t* csr_pixel,
-                       const float* csr_weight, const float* in, int64_t stride, int64_t c0, const float* pre,
-                       float* values, int64_t width) {
-    const int64_t m = *vertices, quads = width / 4;
-    DYNSEG_FOR_EACH(i, (m + 1) * quads) {
-        const int64_t v = i / quads, c = 4 * (i % quads);
+__device__ inline float4 entry_value(int32_t s, const int32_t* csr_pixel, const float* csr_weight, const float* in,
+                                     int64_t stride, int64_t c, const float* pre) {
+    const float w = csr_weight[s];
+    if (ONES) return w * float4{1.0f, 1.0f, 1.0f, 1.0f};
+    const int64_t p = csr_pixel[s];
+    float4 x = load4(in + p * stride + c);
+    if (pre) x = x * pre[p];
+    return w * x;
+}
+
+template <bool ONES>
+__global__ void chunk_sums(const int32_t* chunks, const int32_t* chunk_first, const int32_t* csr_pixel,
+                           const float* csr_weight, const float* in, int64_t stride, int64_t c0, const float* pre,
+                           float* partial, int64_t width) {
+    const int64_t quads = width / 4;
+    DYNSEG_FOR_EACH(i, int64_t(*chunks) * quads) {
+        const int64_t j = i / quads, c = 4 * (i % quads);
+        const int32_t first = chunk_first[j], last = chunk_first[j] + kChunk;  // whole chunks by construction
         float4 acc = {0.0f, 0.0f, 0.0f, 0.0f};
-        if (v < m) {
-            for (int32_t s = csr_begin[v]; s < csr_begin[v + 1]; ++s) {
-                const float w = csr_weight[s];
-                if (ONES) {
-                    acc = acc + w * float4{1.0f, 1.0f, 1.0f, 1.0f};
-                    continue;
-                }
-                const int64_t p = csr_pixel[s];
-                float4 x = load4(in + p * stride + c0 + c);
-                if (pre) x = x * pre[p];
-                acc = acc + w * x;
+        for (int32_t s = first; s < last; ++s)
+            acc = acc + entry_value<ONES>(s, csr_pixel, csr_weight, in, stride, c0 + c, pre);
+        store4(partial + j * width + c, acc);
+    }
+}
+
+template <bool ONES>
+__global__ void vertex_sums(const int32_t* vertices, const int32_t* csr_begin, const int32_t* chunk_end,
+                            const int32_t* csr_pixel, const float* csr_weight, const float* in, int64_t stride,
+                            int64_t c0, const float* pre, const float* partial, float* values, int64_t width) {
+    __shared__ float4 lanes[kThreads];
+    const int64_t m = *vertices;
+    const int quads = static_cast<int>(width / 4), streams = 32 / quads;
+    const int lane = threadIdx.x % 32, s = lane / quads, c = 4 * (lane % quads);
+    float4* warp = lanes + (threadIdx.x - lane);
+    const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
+    for (int64_t v = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32; v <= m; v += warps) {
+        float4 acc = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (v < m && s < streams) {
+            const int32_t begin = csr_begin[v], end = csr_begin[v + 1];
+            const int32_t chunks = chunk_end[v] - (v > 0 ? chunk_end[v - 1] : 0);
+            if (chunks == 0) {
+                for (int32_t e = begin + s; e < end; e += streams)
+                    acc = acc + entry_value<ONES>(e, csr_pixel, csr_weight, in, stride, c0 + c, pre);
+            } else {
+                const int64_t first = chunk_end[v] - chunks;
+                for (int32_t k = s; k < chunks; k += streams) acc = acc + load4(partial + (first + k) * width + c);
+                // the tail past the last whole chunk
+                for (int32_t e = begin + chunks * kChunk + s; e < end; e += streams)
+                    acc = acc + entry_value<ONES>(e, csr_pixel, csr_weight, in, stride, c0 + c, pre);
             }
         }
-        store4(values + v * width + c, acc);
+        warp[lane] = acc;
+        __syncwarp();
+        if (s == 0) {
+            for (int t = 1; t < streams; ++t) acc = acc + warp[t * quads + lane];
+            store4(values + v * width + c, acc);
+        }
+        __syncwarp();
     }
 }
 
@@ -369,6 +431,10 @@ void Lattice::plan(Workspace& ws, const FeatureSpec& spec) {
     csr_pixel_ = ws.take<int32_t>(entries_);
     csr_weight_ = ws.take<float>(entries_);
     neighbours_ = ws.take<int32_t>(entries_ * (d_ + 1) * 2);
+    chunks_ = ws.take<int32_t>(1);
+    chunk_end_ = ws.take<int32_t>(entries_);
+    chunk_first_ = ws.take<int32_t>(entries_ / kChunk + 1);
+    partial_ = ws.take<float>((entries_ / kChunk + 1) * kLabelTile);
 }
 
 void Lattice::build(const FeatureSpec& spec, BuildScratch& s, int kernel, Status* status, const Launch& launch) {
@@ -419,6 +485,19 @@ void Lattice::build(const FeatureSpec& spec, BuildScratch& s, int kernel, Status
                                                            s.vertex_of_sorted, s.weight, s.vertex_key, csr_begin_,
                                                            csr_pixel_, csr_weight_, entry_vertex_, vertices_);
     find_neighbours<<<entry_blocks, kThreads, 0, stream>>>(d, entries_, vertices_, packing_, s.vertex_key, neighbours_);
+    count_chunks<<<entry_blocks, kThreads, 0, stream>>>(entries_, vertices_, csr_begin_, s.entries);
+    bytes = s.cub_bytes;
+    check_cub(cub::DeviceScan::InclusiveSum(s.cub, bytes, s.entries, chunk_end_, n, stream), "the chunk scan");
+    place_chunks<<<entry_blocks, kThreads, 0, stream>>>(vertices_, csr_begin_, chunk_end_, chunk_first_, chunks_);
+}
+
+template <bool ONES>
+void Lattice::splat(const float* in, int64_t stride, int64_t c0, const float* pre, float* values, int64_t width,
+                    const Launch& launch) const {
+    chunk_sums<ONES><<<launch.blocks((entries_ / kChunk + 1) * (width / 4)), kThreads, 0, launch.stream>>>(
+        chunks_, chunk_first_, csr_pixel_, csr_weight_, in, stride, c0, pre, partial_, width);
+    vertex_sums<ONES><<<launch.blocks(32 * (entries_ + 1)), kThreads, 0, launch.stream>>>(
+        vertices_, csr_begin_, chunk_end_, csr_pixel_, csr_weight_, in, stride, c0, pre, partial_, values, width);
 }
 
 void Lattice::blur(ValueBuffers& buffers, int64_t width, bool transpose, const Launch& launch) const {
@@ -433,8 +512,7 @@ void Lattice::blur(ValueBuffers& buffers, int64_t width, bool transpose, const L
 
 void Lattice::filter_ones(float* n, ValueBuffers buffers, const Launch& launch) const {
     const int64_t width = 4;  // one float4 per vertex; lane 0 is sliced out
-    gather<true><<<launch.blocks((entries_ + 1)), kThreads, 0, launch.stream>>>(
-        vertices_, csr_begin_, csr_pixel_, csr_weight_, nullptr, 0, 0, nullptr, buffers.a, width);
+    splat<true>(nullptr, 0, 0, nullptr, buffers.a, width, launch);
     blur(buffers, width, false, launch);
     // slice into a (N, 4) scratch row set is wasteful; slice lane by lane into n with stride 1 instead
     FilterOutput out;
@@ -450,8 +528,7 @@ void Lattice::filter(const float* in, int64_t stride, const float* pre, bool tra
     for (int64_t c0 = 0; c0 < stride; c0 += kLabelTile) {
         const int64_t width = std::min<int64_t>(kLabelTile, stride - c0);
         ValueBuffers b = buffers;
-        gather<false><<<launch.blocks((entries_ + 1) * (width / 4)), kThreads, 0, launch.stream>>>(
-            vertices_, csr_begin_, csr_pixel_, csr_weight_, in, stride, c0, pre, b.a, width);
+        splat<false>(in, stride, c0, pre, b.a, width, launch);
         blur(b, width, transpose, launch);
         slice<<<launch.blocks(pixels_ * (width / 4)), kThreads, 0, launch.stream>>>(
             d_, pixels_, entry_vertex_, slice_weight_, b.a, width, stride, c0, output);

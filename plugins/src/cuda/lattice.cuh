@@ -4,8 +4,9 @@
 // (pixel, remainder) entry's vertex into a 64-bit key, radix-sort the keys with their entry indices
 // (stable, so equal keys keep pixel order), number the distinct keys in sorted order (vertex ids are
 // therefore deterministic), and find each vertex's blur neighbours by binary search among the sorted
-// keys. The sorted entries are the CSR of the splat matrix's transpose: splatting is a gather, each
-// vertex summing its entries in pixel order, so results are bitwise reproducible without atomics.
+// keys. The sorted entries are the CSR of the splat matrix's transpose: splatting is a gather in a
+// fixed order (chunks of a vertex's entries, then the chunks in order), so results are bitwise
+// reproducible without atomics.
 // The vertex count stays on the device; kernels over vertices loop over it grid-stride.
 #pragma once
 
@@ -88,6 +89,9 @@ public:
                 ValueBuffers buffers, const Launch& launch) const;
 
 private:
+    template <bool ONES>
+    void splat(const float* in, int64_t stride, int64_t c0, const float* pre, float* values, int64_t width,
+               const Launch& launch) const;
     void blur(ValueBuffers& buffers, int64_t width, bool transpose, const Launch& launch) const;
 
     int d_ = 0;
@@ -101,6 +105,11 @@ private:
     int32_t* csr_pixel_ = nullptr;     // (E) in vertex order, pixel order within a vertex
     float* csr_weight_ = nullptr;
     int32_t* neighbours_ = nullptr;    // (d+1, E, 2); a missing neighbour is the zero row M
+    // the splat's chunks: whole runs of kChunk entries of one vertex (lattice.cu)
+    int32_t* chunks_ = nullptr;        // device: their number
+    int32_t* chunk_end_ = nullptr;     // (M) inclusive scan of the chunks per vertex
+    int32_t* chunk_first_ = nullptr;   // first sorted entry of each chunk
+    float* partial_ = nullptr;         // (chunks, kLabelTile) chunk sums of the tile in flight
 };
 
 }  // namespace cuda
