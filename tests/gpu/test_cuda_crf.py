@@ -134,7 +134,7 @@ def test_zero_copy_entry_matches_numpy_api(photo, field_unary):
     unary = np.ascontiguousarray(field_unary(5, height, width, seed=11))
     expected = dense_crf(unary, image)
     unary_gpu = torch.tensor(unary, device="cuda")
-    image_gpu = torch.tensor(image.transpose(2, 0, 1).astype(np.float32), device="cuda")
+    image_gpu = torch.tensor(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32), device="cuda")
     q = dense_crf_cuda(unary_gpu, image_gpu, stream=torch.cuda.current_stream().cuda_stream)
     got = torch.as_tensor(q, device="cuda").cpu().numpy()
     assert np.abs(got - expected).max() <= 1e-5

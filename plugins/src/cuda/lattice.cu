@@ -41,7 +41,9 @@ __global__ void embed(EmbedConstants c, const float* image, int32_t* rem0_out, i
         float f[A];
         f[0] = static_cast<float>(p % c.width) / c.theta_xy;
         f[1] = static_cast<float>(p / c.width) / c.theta_xy;
-        for (int ch = 0; ch < c.channels; ++ch) f[2 + ch] = image[ch * c.pixels + p] / c.theta_color;
+        // a compile-time trip count when D is known keeps f in registers
+        const int channels = D > 0 ? D - 2 : c.channels;
+        for (int ch = 0; ch < channels; ++ch) f[2 + ch] = image[ch * c.pixels + p] / c.theta_color;
 
         float elevated[A];
         float sm = 0.0f;
@@ -393,6 +395,19 @@ void check_cub(cudaError_t error, const char* what) {
         throw std::runtime_error(std::string(what) + " failed: " + cudaGetErrorString(error));
 }
 
+// n = K(1): the slice of lane 0 of the ones filter, straight into a per-pixel array.
+__global__ void slice_ones(int d, int64_t pixels, const int32_t* entry_vertex, const float* slice_weight,
+                           const float* values, float* n) {
+    DYNSEG_FOR_EACH(p, pixels) {
+        float t = 0.0f;
+        for (int r = 0; r <= d; ++r) {
+            const int64_t e = p * (d + 1) + r;
+            t += slice_weight[e] * values[int64_t(entry_vertex[e]) * 4];
+        }
+        n[p] = t;
+    }
+}
+
 }  // namespace
 
 void BuildScratch::plan(Workspace& ws, int64_t max_entries) {
@@ -514,13 +529,8 @@ void Lattice::filter_ones(float* n, ValueBuffers buffers, const Launch& launch) 
     const int64_t width = 4;  // one float4 per vertex; lane 0 is sliced out
     splat<true>(nullptr, 0, 0, nullptr, buffers.a, width, launch);
     blur(buffers, width, false, launch);
-    // slice into a (N, 4) scratch row set is wasteful; slice lane by lane into n with stride 1 instead
-    FilterOutput out;
-    out.out = buffers.b;  // (N, 4): free once the blur has finished with it
-    slice<<<launch.blocks(pixels_), kThreads, 0, launch.stream>>>(d_, pixels_, entry_vertex_, slice_weight_,
-                                                                  buffers.a, width, width, 0, out);
-    cudaMemcpy2DAsync(n, sizeof(float), buffers.b, 4 * sizeof(float), sizeof(float), pixels_,
-                      cudaMemcpyDeviceToDevice, launch.stream);
+    slice_ones<<<launch.blocks(pixels_), kThreads, 0, launch.stream>>>(d_, pixels_, entry_vertex_, slice_weight_,
+                                                                       buffers.a, n);
 }
 
 void Lattice::filter(const float* in, int64_t stride, const float* pre, bool transpose, const FilterOutput& output,

@@ -35,21 +35,58 @@ __global__ void to_planar(const float* rows, float* planar, int64_t labels, int6
     }
 }
 
-__global__ void softmax_rows(const float* logits, float* q, int64_t labels, int64_t pixels, int64_t stride) {
-    DYNSEG_FOR_EACH(p, pixels) {
+// Softmax of rows of at most kTileRow floats: a block's rows are one contiguous stretch of memory,
+// so they go through shared memory with coalesced loads and stores (rows padded to an odd length
+// there, so that a thread per row meets no bank conflicts).
+constexpr int kTileRow = 32;
+
+__global__ void softmax_short_rows(const float* logits, float* q, int64_t labels, int64_t pixels, int64_t stride) {
+    __shared__ float tile[kThreads * (kTileRow + 1)];
+    const int64_t row_pitch = stride + 1;
+    for (int64_t first = blockIdx.x * int64_t(kThreads); first < pixels; first += int64_t(gridDim.x) * kThreads) {
+        const int64_t rows = min(int64_t(kThreads), pixels - first);
+        const float* in = logits + first * stride;
+        for (int64_t i = threadIdx.x; i < rows * stride; i += kThreads) tile[(i / stride) * row_pitch + i % stride] = in[i];
+        __syncthreads();
+        if (threadIdx.x < rows) {
+            float* x = tile + threadIdx.x * row_pitch;
+            float top = -INFINITY;
+            for (int64_t l = 0; l < labels; ++l) top = fmaxf(top, x[l]);
+            float sum = 0.0f;
+            for (int64_t l = 0; l < labels; ++l) {
+                x[l] = expf(x[l] - top);
+                sum += x[l];
+            }
+            const float inverse = 1.0f / sum;
+            for (int64_t l = 0; l < labels; ++l) x[l] *= inverse;
+            for (int64_t l = labels; l < stride; ++l) x[l] = 0.0f;
+        }
+        __syncthreads();
+        float* out = q + first * stride;
+        for (int64_t i = threadIdx.x; i < rows * stride; i += kThreads) out[i] = tile[(i / stride) * row_pitch + i % stride];
+        __syncthreads();
+    }
+}
+
+// Longer rows: a warp per row, lanes across the labels, reductions in a fixed shuffle order.
+__global__ void softmax_long_rows(const float* logits, float* q, int64_t labels, int64_t pixels, int64_t stride) {
+    const int lane = threadIdx.x % 32;
+    const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
+    for (int64_t p = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32; p < pixels; p += warps) {
         const float* x = logits + p * stride;
         float* y = q + p * stride;
         float top = -INFINITY;
-        for (int64_t l = 0; l < labels; ++l) top = fmaxf(top, x[l]);
+        for (int64_t l = lane; l < labels; l += 32) top = fmaxf(top, x[l]);
+        for (int offset = 16; offset > 0; offset /= 2) top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, offset));
         float sum = 0.0f;
-        for (int64_t l = 0; l < labels; ++l) {
+        for (int64_t l = lane; l < labels; l += 32) {
             const float e = expf(x[l] - top);
             y[l] = e;
             sum += e;
         }
+        for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
         const float inverse = 1.0f / sum;
-        for (int64_t l = 0; l < labels; ++l) y[l] *= inverse;
-        for (int64_t l = labels; l < stride; ++l) y[l] = 0.0f;
+        for (int64_t l = lane; l < stride; l += 32) y[l] = l < labels ? y[l] * inverse : 0.0f;
     }
 }
 
@@ -280,7 +317,11 @@ void MeanField::prepare(const Launch& launch) {
 }
 
 void MeanField::softmax(const float* logits, float* q, const Launch& launch) const {
-    softmax_rows<<<launch.blocks(pixels_), kThreads, 0, launch.stream>>>(logits, q, labels_, pixels_, stride_);
+    if (stride_ <= kTileRow)
+        softmax_short_rows<<<launch.blocks(pixels_), kThreads, 0, launch.stream>>>(logits, q, labels_, pixels_, stride_);
+    else
+        softmax_long_rows<<<launch.blocks(32 * pixels_), kThreads, 0, launch.stream>>>(logits, q, labels_, pixels_,
+                                                                                     stride_);
 }
 
 // acc (+)= W_k Knorm_k(Q) for kernel k. "after": Knorm = D K; "symmetric": D^1/2 K D^1/2.
