@@ -32,10 +32,17 @@ dynseg_status current_launch(void* stream, dynseg::cuda::Launch* launch) {
 
 dynseg_status check_arguments(const dynseg_crf_problem* problem) {
     if (dynseg_status s = dynseg::validate(problem, /*read_arrays=*/false)) return s;
-    const int64_t entries = problem->height * problem->width * (2 + problem->image_channels + 1);
-    if (entries > INT32_MAX)  // CUB sorts with 32-bit item counts
-        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "image of %lldx%lld pixels is too large for the CUDA kernels",
-                    (long long)problem->height, (long long)problem->width);
+    // The kernels index with 32 bits (CUB's item counts are 32-bit too): every lattice's entries times
+    // a label tile, and every pixels x labels array, must stay below 2^31.
+    const int64_t pixels = problem->height * problem->width;
+    const int64_t entries = pixels * (2 + problem->image_channels + 1);
+    const int64_t row = dynseg::cuda::padded_channels(problem->labels);
+    if ((entries + 1) * dynseg::cuda::kLabelTile > INT32_MAX || pixels * row > INT32_MAX)
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT,
+                    "a %lldx%lld image with %lld labels and %lld colour channels is too large for the CUDA kernels "
+                    "(pixels x labels and pixels x (channels + 3) x 32 must stay below 2^31)",
+                    (long long)problem->height, (long long)problem->width, (long long)problem->labels,
+                    (long long)problem->image_channels);
     return DYNSEG_OK;
 }
 

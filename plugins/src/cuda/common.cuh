@@ -28,8 +28,11 @@ struct Launch {
     }
 };
 
-#define DYNSEG_FOR_EACH(i, count) \
-    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (count); i += int64_t(gridDim.x) * blockDim.x)
+// 32-bit indices: 64-bit division costs several times more, and the entry points keep every count
+// these loops see below 2^31 (check_sizes in c_api.cu).
+#define DYNSEG_FOR_EACH(i, count)                                                                  \
+    for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x, i##_count = static_cast<uint32_t>(count); \
+         i < i##_count; i += gridDim.x * blockDim.x)
 
 __device__ inline float4 operator+(float4 a, float4 b) { return {a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w}; }
 __device__ inline float4 operator*(float s, float4 a) { return {s * a.x, s * a.y, s * a.z, s * a.w}; }

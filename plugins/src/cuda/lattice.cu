@@ -39,8 +39,9 @@ __global__ void embed(EmbedConstants c, const float* image, int32_t* rem0_out, i
     float largest = 0.0f;
     DYNSEG_FOR_EACH(p, c.pixels) {
         float f[A];
-        f[0] = static_cast<float>(p % c.width) / c.theta_xy;
-        f[1] = static_cast<float>(p / c.width) / c.theta_xy;
+        const uint32_t width = static_cast<uint32_t>(c.width);
+        f[0] = static_cast<float>(p % width) / c.theta_xy;
+        f[1] = static_cast<float>(p / width) / c.theta_xy;
         // a compile-time trip count when D is known keeps f in registers
         const int channels = D > 0 ? D - 2 : c.channels;
         for (int ch = 0; ch < channels; ++ch) f[2 + ch] = image[ch * c.pixels + p] / c.theta_color;
@@ -107,6 +108,8 @@ __global__ void embed(EmbedConstants c, const float* image, int32_t* rem0_out, i
             }
         }
     }
+    // warp, then block, then one atomic per block and coordinate: the coordinate ranges are a
+    // handful of addresses that thousands of warps would otherwise queue on
     for (int offset = 16; offset > 0; offset /= 2) {
         for (int i = 0; i < d; ++i) {
             lo[i] = min(lo[i], __shfl_xor_sync(0xffffffffu, lo[i], offset));
@@ -114,12 +117,31 @@ __global__ void embed(EmbedConstants c, const float* image, int32_t* rem0_out, i
         }
         largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, offset));
     }
+    constexpr int kWarps = kThreads / 32;
+    __shared__ int32_t block_lo[kWarps][kMaxFeatureDim], block_hi[kWarps][kMaxFeatureDim];
+    __shared__ float block_largest[kWarps];
+    const int warp = threadIdx.x / 32;
     if (threadIdx.x % 32 == 0) {
         for (int i = 0; i < d; ++i) {
-            atomicMin(&range[i], lo[i]);
-            atomicMax(&range[kMaxFeatureDim + i], hi[i]);
+            block_lo[warp][i] = lo[i];
+            block_hi[warp][i] = hi[i];
         }
-        atomicMax(reinterpret_cast<unsigned*>(&range[2 * kMaxFeatureDim]), __float_as_uint(largest));
+        block_largest[warp] = largest;
+    }
+    __syncthreads();
+    const int t = threadIdx.x;
+    if (t < d) {
+        int32_t v = block_lo[0][t];
+        for (int w = 1; w < kWarps; ++w) v = min(v, block_lo[w][t]);
+        atomicMin(&range[t], v);
+    } else if (t < 2 * d) {
+        int32_t v = block_hi[0][t - d];
+        for (int w = 1; w < kWarps; ++w) v = max(v, block_hi[w][t - d]);
+        atomicMax(&range[kMaxFeatureDim + t - d], v);
+    } else if (t == 2 * d) {
+        float v = block_largest[0];
+        for (int w = 1; w < kWarps; ++w) v = fmaxf(v, block_largest[w]);
+        atomicMax(reinterpret_cast<unsigned*>(&range[2 * kMaxFeatureDim]), __float_as_uint(v));
     }
 }
 
@@ -215,13 +237,13 @@ __global__ void number_vertices(int d, int64_t entries, const uint64_t* sorted_k
 // Whole chunks of kChunk entries for every vertex that has at least one: the count per vertex
 // (over the E vertex slots, zero past M) for the scan, then each chunk's first entry.
 __global__ void count_chunks(int64_t entries, const int32_t* vertices, const int32_t* csr_begin, int32_t* count) {
-    const int32_t m = *vertices;
+    const uint32_t m = *vertices;
     DYNSEG_FOR_EACH(v, entries) count[v] = v < m ? (csr_begin[v + 1] - csr_begin[v]) / kChunk : 0;
 }
 
 __global__ void place_chunks(const int32_t* vertices, const int32_t* csr_begin, const int32_t* chunk_end,
                              int32_t* chunk_first, int32_t* chunks) {
-    const int32_t m = *vertices;
+    const uint32_t m = *vertices;
     DYNSEG_FOR_EACH(v, m) {
         const int32_t last = chunk_end[v], n = last - (v > 0 ? chunk_end[v - 1] : 0);
         for (int32_t k = 0; k < n; ++k) chunk_first[last - n + k] = csr_begin[v] + k * kChunk;
@@ -246,7 +268,7 @@ __device__ int32_t find_vertex(const uint64_t* keys, int32_t count, uint64_t key
 // outside the packed range cannot exist and is not looked up.
 __global__ void find_neighbours(int d, int64_t entries, const int32_t* vertices, const Packing* packing,
                                 const uint64_t* vertex_key, int32_t* neighbours) {
-    const int32_t m = *vertices;
+    const int32_t m = *vertices;  // the zero row's index, and the count to search
     DYNSEG_FOR_EACH(v, m) {
         const uint64_t packed = vertex_key[v];
         int32_t key[kMaxFeatureDim];
@@ -306,7 +328,7 @@ __global__ void chunk_sums(const int32_t* chunks, const int32_t* chunk_first, co
                            float* partial, int64_t width) {
     const int64_t quads = width / 4;
     DYNSEG_FOR_EACH(i, int64_t(*chunks) * quads) {
-        const int64_t j = i / quads, c = 4 * (i % quads);
+        const uint32_t j = i / uint32_t(quads), c = 4 * (i % uint32_t(quads));
         const int32_t first = chunk_first[j], last = chunk_first[j] + kChunk;  // whole chunks by construction
         float4 acc = {0.0f, 0.0f, 0.0f, 0.0f};
         for (int32_t s = first; s < last; ++s)
@@ -355,7 +377,7 @@ __global__ void blur_axis(const int32_t* vertices, const int32_t* neighbours, co
                           int64_t width) {
     const int64_t m = *vertices, quads = width / 4;
     DYNSEG_FOR_EACH(i, (m + 1) * quads) {
-        const int64_t v = i / quads, c = 4 * (i % quads);
+        const uint32_t v = i / uint32_t(quads), c = 4 * (i % uint32_t(quads));
         if (v == m) {
             store4(next + v * width + c, float4{0.0f, 0.0f, 0.0f, 0.0f});
             continue;
@@ -371,7 +393,7 @@ __global__ void slice(int d, int64_t pixels, const int32_t* entry_vertex, const 
                       const float* values, int64_t width, int64_t stride, int64_t c0, FilterOutput output) {
     const int64_t quads = width / 4;
     DYNSEG_FOR_EACH(i, pixels * quads) {
-        const int64_t p = i / quads, c = 4 * (i % quads);
+        const uint32_t p = i / uint32_t(quads), c = 4 * (i % uint32_t(quads));
         float4 t = {0.0f, 0.0f, 0.0f, 0.0f};
         for (int r = 0; r <= d; ++r) {
             const int64_t e = p * (d + 1) + r;

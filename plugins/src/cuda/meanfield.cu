@@ -20,7 +20,7 @@ bool is_matrix(const dynseg_kernel& k) { return k.weight_kind == DYNSEG_WEIGHT_M
 // (L, N) planar -> (N, stride) pixel-major, zero padding
 __global__ void to_pixel_major(const float* planar, float* rows, int64_t labels, int64_t pixels, int64_t stride) {
     DYNSEG_FOR_EACH(i, pixels * stride) {
-        const int64_t p = i / stride, l = i % stride;
+        const uint32_t p = i / uint32_t(stride), l = (i % uint32_t(stride));
         rows[i] = l < labels ? planar[l * pixels + p] : 0.0f;
     }
 }
@@ -30,7 +30,7 @@ __global__ void to_planar(const float* rows, float* planar, int64_t labels, int6
                           const Status* status) {
     const bool failed = status->code != 0;
     DYNSEG_FOR_EACH(i, labels * pixels) {
-        const int64_t l = i / pixels, p = i % pixels;
+        const uint32_t l = i / uint32_t(pixels), p = (i % uint32_t(pixels));
         planar[i] = failed ? __int_as_float(0x7fc00000) : rows[p * stride + l];
     }
 }
@@ -46,7 +46,8 @@ __global__ void softmax_short_rows(const float* logits, float* q, int64_t labels
     for (int64_t first = blockIdx.x * int64_t(kThreads); first < pixels; first += int64_t(gridDim.x) * kThreads) {
         const int64_t rows = min(int64_t(kThreads), pixels - first);
         const float* in = logits + first * stride;
-        for (int64_t i = threadIdx.x; i < rows * stride; i += kThreads) tile[(i / stride) * row_pitch + i % stride] = in[i];
+        const int count = static_cast<int>(rows * stride), width = static_cast<int>(stride);
+        for (int i = threadIdx.x; i < count; i += kThreads) tile[(i / width) * row_pitch + i % width] = in[i];
         __syncthreads();
         if (threadIdx.x < rows) {
             float* x = tile + threadIdx.x * row_pitch;
@@ -63,7 +64,7 @@ __global__ void softmax_short_rows(const float* logits, float* q, int64_t labels
         }
         __syncthreads();
         float* out = q + first * stride;
-        for (int64_t i = threadIdx.x; i < rows * stride; i += kThreads) out[i] = tile[(i / stride) * row_pitch + i % stride];
+        for (int i = threadIdx.x; i < count; i += kThreads) out[i] = tile[(i / width) * row_pitch + i % width];
         __syncthreads();
     }
 }
@@ -106,7 +107,7 @@ __global__ void normalisation(float* n, int64_t pixels, bool symmetric) {
 __global__ void matrix_message(const float* filtered, const float* W, const float* unary, float* acc, int64_t labels,
                                int64_t pixels, int64_t stride, bool from_unary) {
     DYNSEG_FOR_EACH(i, pixels * labels) {
-        const int64_t p = i / labels, r = i % labels;
+        const uint32_t p = i / uint32_t(labels), r = (i % uint32_t(labels));
         const float* f = filtered + p * stride;
         float s = 0.0f;
         for (int64_t c = 0; c < labels; ++c) s += W[r * labels + c] * f[c];
@@ -117,7 +118,7 @@ __global__ void matrix_message(const float* filtered, const float* W, const floa
 __global__ void diagonal_logits(float* acc, const float* unary, const float* mu, int64_t labels, int64_t pixels,
                                 int64_t stride) {
     DYNSEG_FOR_EACH(i, pixels * labels) {
-        const int64_t p = i / labels, a = i % labels;
+        const uint32_t p = i / uint32_t(labels), a = (i % uint32_t(labels));
         acc[p * stride + a] = unary[p * stride + a] - mu[a] * acc[p * stride + a];
     }
 }
@@ -125,7 +126,7 @@ __global__ void diagonal_logits(float* acc, const float* unary, const float* mu,
 __global__ void full_logits(const float* m, const float* unary, const float* mu, float* out, int64_t labels,
                             int64_t pixels, int64_t stride) {
     DYNSEG_FOR_EACH(i, pixels * labels) {
-        const int64_t p = i / labels, a = i % labels;
+        const uint32_t p = i / uint32_t(labels), a = (i % uint32_t(labels));
         float s = 0.0f;
         for (int64_t b = 0; b < labels; ++b) s += mu[a * labels + b] * m[p * stride + b];
         out[p * stride + a] = unary[p * stride + a] - s;
@@ -136,7 +137,7 @@ __global__ void full_logits(const float* m, const float* unary, const float* mu,
 __global__ void message_gradient(const float* R, const float* mu, int compat_kind, float* h, int64_t labels,
                                  int64_t pixels, int64_t stride) {
     DYNSEG_FOR_EACH(i, pixels * stride) {
-        const int64_t p = i / stride, a = i % stride;
+        const uint32_t p = i / uint32_t(stride), a = (i % uint32_t(stride));
         const float* r = R + p * stride;
         float v = 0.0f;
         if (a < labels) {
@@ -158,7 +159,7 @@ __global__ void message_gradient(const float* R, const float* mu, int compat_kin
 __global__ void add_weighted_gradient(const float* h, const float* W, bool matrix, float* gq, int64_t labels,
                                       int64_t pixels, int64_t stride) {
     DYNSEG_FOR_EACH(i, pixels * labels) {
-        const int64_t p = i / labels, b = i % labels;
+        const uint32_t p = i / uint32_t(labels), b = (i % uint32_t(labels));
         const float* hp = h + p * stride;
         if (!matrix) {
             gq[p * stride + b] += W[0] * hp[b];
@@ -203,7 +204,7 @@ __global__ void scalar_weight_gradient(const double* P, const float* mu, int kin
     __shared__ double partial[kThreads];
     double s = 0.0;
     for (int64_t j = threadIdx.x; j < labels * labels; j += blockDim.x) {
-        const int64_t a = j / labels, b = j % labels;
+        const uint32_t a = j / uint32_t(labels), b = (j % uint32_t(labels));
         if (kind != DYNSEG_COMPAT_FULL && a != b) continue;
         s -= mu_at(mu, kind, labels, a, b) * P[j];
     }
@@ -220,7 +221,7 @@ __global__ void scalar_weight_gradient(const double* P, const float* mu, int kin
 __global__ void matrix_gradients(const double* P, const float* mu, int kind, const float* W, bool matrix,
                                  int64_t labels, double* dweight, double* dmu) {
     DYNSEG_FOR_EACH(j, labels * labels) {
-        const int64_t a = j / labels, b = j % labels;
+        const uint32_t a = j / uint32_t(labels), b = (j % uint32_t(labels));
         if (matrix) {
             double s = 0.0;
             if (kind != DYNSEG_COMPAT_FULL)
