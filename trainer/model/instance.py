@@ -111,24 +111,45 @@ class InstanceUnaries(nn.Module):
         return torch.log(torch.clamp(total, min=config.epsilon))
 
     def _best_templates(self, q_class: Tensor, boxes: Tensor) -> Tensor:
-        """(D, H, W): each detection's best template t*, pasted over its box (0 elsewhere)."""
+        """(D, H, W): each detection's best template t*, pasted over its box (0 elsewhere).
+
+        All detections at once, with no loop over D (so the exported graph keeps D dynamic): the crop
+        of Q(c_k) resized to the template and the template resized to the box are both bilinear
+        samplings with corners aligned, i.e. grid_sample over the image or the template at the
+        points F.interpolate(..., align_corners=True) would read."""
         config = self.config
         size = config.template_size
         height, width = q_class.shape[1:]
-        groups = aspect_groups(boxes, config.template_groups)
-        pasted = []
-        for k in range(boxes.shape[0]):
-            x1, y1, x2, y2 = (int(v) for v in boxes[k])
-            crop = q_class[k, y1 : y2 + 1, x1 : x2 + 1]
-            crop = F.interpolate(crop[None, None], size=(size, size), mode="bilinear", align_corners=True)[0, 0]
-            candidates = self.templates[groups[k]]  # (T, S, S)
-            norms = candidates.flatten(1).norm(dim=1).clamp(min=1e-12)
-            score = (candidates.flatten(1) @ crop.flatten()) / norms  # <T, Q_crop> / ||T||
-            best = candidates[int(score.argmax())]  # only the chosen template gets a gradient
-            resized = F.interpolate(best[None, None], size=(y2 - y1 + 1, x2 - x1 + 1), mode="bilinear",
-                                    align_corners=True)[0, 0]
-            pasted.append(F.pad(resized, (x1, width - 1 - x2, y1, height - 1 - y2)))  # (H, W)
-        return torch.stack(pasted) if pasted else torch.zeros_like(q_class)
+        count = boxes.shape[0]
+        x1, y1, x2, y2 = (boxes[:, i].view(-1, 1, 1) for i in range(4))
+        # the crop: template pixel (u, v) reads image point (x1 + u (w-1)/(S-1), y1 + v (h-1)/(S-1))
+        steps = torch.arange(size, dtype=q_class.dtype, device=q_class.device) / max(size - 1, 1)
+        xs = x1 + steps.view(1, 1, size) * (x2 - x1)  # (D, 1, S)
+        ys = y1 + steps.view(1, size, 1) * (y2 - y1)  # (D, S, 1)
+        grid = torch.stack([_normalised(xs.expand(count, size, size), width),
+                            _normalised(ys.expand(count, size, size), height)], dim=-1)  # (D, S, S, 2)
+        crops = F.grid_sample(q_class.unsqueeze(1), grid, mode="bilinear", align_corners=True)  # (D, 1, S, S)
+        candidates = self.templates[aspect_groups(boxes, config.template_groups)]  # (D, T, S, S)
+        # explicit sizes rather than flatten(): a reshape to (0, T, -1) is ambiguous for D = 0
+        flat = candidates.reshape(count, config.templates_per_group, size * size)
+        norms = flat.norm(dim=2).clamp(min=1e-12)  # (D, T)
+        score = torch.bmm(flat, crops.reshape(count, size * size, 1)).squeeze(2) / norms  # <T, Q_crop> / ||T||
+        best = torch.gather(candidates, 1, score.argmax(dim=1).view(-1, 1, 1, 1).expand(-1, 1, size, size))
+        # the paste: image pixel (x, y) inside the box reads template point ((x-x1)(S-1)/(w-1), ...)
+        columns = torch.arange(width, dtype=q_class.dtype, device=q_class.device).view(1, 1, width)
+        rows = torch.arange(height, dtype=q_class.dtype, device=q_class.device).view(1, height, 1)
+        u = (columns - x1) / torch.clamp(x2 - x1, min=1.0)  # 0..1 across the box
+        v = (rows - y1) / torch.clamp(y2 - y1, min=1.0)
+        grid = torch.stack([(2 * u - 1).expand(count, height, width), (2 * v - 1).expand(count, height, width)], dim=-1)
+        pasted = F.grid_sample(best, grid, mode="bilinear", align_corners=True)[:, 0]  # (D, H, W)
+        return pasted * box_masks(boxes, height, width).to(pasted.dtype)
+
+
+def _normalised(coordinate: Tensor, size: int | Tensor) -> Tensor:
+    """Pixel coordinates 0..size-1 to grid_sample's -1..1 (corners aligned). `size` stays a tensor
+    op, not a Python max, so that an exported graph keeps the image size dynamic."""
+    span = torch.clamp(torch.as_tensor(size, dtype=coordinate.dtype, device=coordinate.device) - 1, min=1.0)
+    return coordinate * 2.0 / span - 1.0
 
 
 def _kmeans(points: Tensor, k: int, generator: torch.Generator, iterations: int = 20) -> Tensor:

@@ -76,41 +76,55 @@ class SemanticCRF(nn.Module):
             (K+1, H, W) logits of the last iteration, and (D,) recalibrated scores Q(Y_d = 1)
             (the input scores when the detection potential is off or D = 0).
         """
-        config = self.config
-        kernels = [
-            (config.theta_spatial, 0.0, self.spatial_weight),
-            (config.theta_bilateral_xy, config.theta_bilateral_rgb, self.bilateral_weight),
-        ]
-        use_detections = config.detection_potential and boxes.shape[0] > 0
-        if use_detections:
-            inside = box_masks(boxes, unary.shape[1], unary.shape[2]).to(unary.dtype)  # (D, H, W)
-            pixels = inside.flatten(1).sum(1)  # n_d
-            prior = torch.clamp(scores / config.score_ceiling, max=1.0 - config.epsilon)  # p_d
-        recalibrated = scores
-        logits = unary
-        for _ in range(config.iterations):
-            q = torch.softmax(logits, dim=0)
-            step = mean_field_native(logits, image, kernels, compat=self.compatibility, iterations=1)
-            new_logits = unary + (step - logits)  # U + the pairwise message of Q
-            if use_detections:
-                term, recalibrated = self._detection_term(q, inside, pixels, prior, labels, scores)
-                new_logits = new_logits + term
-            logits = new_logits
-        return logits, recalibrated
+        return semantic_mean_field(
+            unary, image, self.spatial_weight, self.bilateral_weight, self.compatibility, boxes, labels, scores,
+            self.detection_x, self.detection_y, self.config,
+        )
 
-    def _detection_term(self, q, inside, pixels, prior, labels, scores) -> tuple[Tensor, Tensor]:
-        """The higher-order potential's contribution to the logits, and Q(Y_d = 1) (ALGORITHM.md §4)."""
-        q_label = q[labels]  # (D, H, W): Q_i(l_d)
-        agree = (q_label * inside).flatten(1).sum(1)  # sum over F_d of Q_i(l_d)
-        disagree = pixels - agree  # sum over F_d of (1 - Q_i(l_d))
-        y = self.detection_y * scores / pixels
-        a0 = (1.0 - prior) - y * agree  # Y_d = 0: the detection is wrong
-        a1 = prior - y * disagree  # Y_d = 1: it is right
-        q_y = torch.softmax(torch.stack([a0, a1], dim=1), dim=1)  # (D, 2)
-        x = self.detection_x * scores
-        # inside F_d: every label gets -x_d·Q(Y_d=1), the detection's own label -x_d·Q(Y_d=0) instead
-        everyone = -(x * q_y[:, 1]).view(-1, 1, 1) * inside  # (D, H, W)
-        own = (x * (q_y[:, 1] - q_y[:, 0])).view(-1, 1, 1) * inside
-        one_hot = torch.nn.functional.one_hot(labels, q.shape[0]).to(q.dtype)  # (D, K+1)
-        term = everyone.sum(0).unsqueeze(0) + torch.einsum("dk,dhw->khw", one_hot, own)
-        return term, q_y[:, 1]
+
+def semantic_mean_field(
+    unary: Tensor, image: Tensor, spatial_weight: Tensor, bilateral_weight: Tensor, compatibility: Tensor | None,
+    boxes: Tensor, labels: Tensor, scores: Tensor, detection_x: Tensor, detection_y: Tensor,
+    config: SemanticCRFConfig,
+) -> tuple[Tensor, Tensor]:
+    """The semantic CRF as a function of its parameters (SemanticCRF.forward's arguments, then the
+    module's parameters): what the module computes and what the exported dynseg::MeanFieldCRF node
+    with the detection potential means (docs/ops.md)."""
+    kernels = [
+        (config.theta_spatial, 0.0, spatial_weight),
+        (config.theta_bilateral_xy, config.theta_bilateral_rgb, bilateral_weight),
+    ]
+    use_detections = config.detection_potential and boxes.shape[0] > 0
+    if use_detections:
+        inside = box_masks(boxes, unary.shape[1], unary.shape[2]).to(unary.dtype)  # (D, H, W)
+        pixels = inside.flatten(1).sum(1)  # n_d
+        prior = torch.clamp(scores / config.score_ceiling, max=1.0 - config.epsilon)  # p_d
+    recalibrated = scores
+    logits = unary
+    for _ in range(config.iterations):
+        q = torch.softmax(logits, dim=0)
+        step = mean_field_native(logits, image, kernels, compat=compatibility, iterations=1)
+        new_logits = unary + (step - logits)  # U + the pairwise message of Q
+        if use_detections:
+            term, recalibrated = detection_term(q, inside, pixels, prior, labels, scores, detection_x, detection_y)
+            new_logits = new_logits + term
+        logits = new_logits
+    return logits, recalibrated
+
+
+def detection_term(q, inside, pixels, prior, labels, scores, detection_x, detection_y) -> tuple[Tensor, Tensor]:
+    """The higher-order potential's contribution to the logits, and Q(Y_d = 1) (ALGORITHM.md §4)."""
+    q_label = q[labels]  # (D, H, W): Q_i(l_d)
+    agree = (q_label * inside).flatten(1).sum(1)  # sum over F_d of Q_i(l_d)
+    disagree = pixels - agree  # sum over F_d of (1 - Q_i(l_d))
+    y = detection_y * scores / pixels
+    a0 = (1.0 - prior) - y * agree  # Y_d = 0: the detection is wrong
+    a1 = prior - y * disagree  # Y_d = 1: it is right
+    q_y = torch.softmax(torch.stack([a0, a1], dim=1), dim=1)  # (D, 2)
+    x = detection_x * scores
+    # inside F_d: every label gets -x_d·Q(Y_d=1), the detection's own label -x_d·Q(Y_d=0) instead
+    everyone = -(x * q_y[:, 1]).view(-1, 1, 1) * inside  # (D, H, W)
+    own = (x * (q_y[:, 1] - q_y[:, 0])).view(-1, 1, 1) * inside
+    one_hot = torch.nn.functional.one_hot(labels, q.shape[0]).to(q.dtype)  # (D, K+1)
+    term = everyone.sum(0).unsqueeze(0) + torch.einsum("dk,dhw->khw", one_hot, own)
+    return term, q_y[:, 1]

@@ -1,0 +1,121 @@
+"""ONNX export of a trained network: the graph docs/ops.md describes, with one dynseg::MeanFieldCRF
+node per CRF, dynamic image size and detection count, and the metadata the SDK needs.
+
+Owns `ExportGraph` (the network rearranged for deployment: uint8 image in, normalisation inside, the
+CRFs as single nodes, the raw outputs every backend post-processes alike) and `export_onnx`.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import Tensor, nn
+
+from dynseg.sdk import __version__
+from dynseg.trainer.model.network import DynamicallyInstantiatedNetwork
+
+from . import ops
+
+INPUTS = ("image", "boxes", "labels", "scores")
+OUTPUTS = ("instance_logits", "instance_map", "semantic_probabilities", "instance_scores")
+DEFAULT_MAX_DETECTIONS = 100
+
+
+class ExportGraph(nn.Module):
+    """The network as deployed: image (1, 3, H, W) uint8 RGB; boxes (D, 4) float32 xyxy pixels,
+    integer-valued, inclusive and inside the image (the SDK clips and drops them first); labels (D,)
+    int64 in 1..K; scores (D,) float32. Outputs: instance_logits (1, D+1, H, W), instance_map (H, W)
+    int64 (0 = background, d + 1 = detection d, before the SDK renumbers), semantic_probabilities
+    (1, K+1, H, W), instance_scores (D,) (mean semantic probability of the detection's class over the
+    pixels it won; 0 where it won none)."""
+
+    def __init__(self, network: DynamicallyInstantiatedNetwork):
+        super().__init__()
+        self.network = network
+
+    def forward(self, image: Tensor, boxes: Tensor, labels: Tensor, scores: Tensor):
+        network = self.network
+        rgb = image.to(torch.float32)
+        logits = network.semantic_logits(rgb)  # (1, K+1, H, W)
+        detection_scores = scores
+        crf = network.semantic_crf
+        if crf is not None:
+            config = crf.config
+            logits, detection_scores = ops.mean_field_crf(
+                logits, rgb, crf.spatial_weight, crf.bilateral_weight, crf.compatibility, boxes, labels, scores,
+                crf.detection_x, crf.detection_y, config.iterations, config.theta_spatial,
+                config.theta_bilateral_xy, config.theta_bilateral_rgb, "after", int(config.detection_potential),
+                config.score_ceiling, config.epsilon,
+            )
+        q_sem = torch.softmax(logits, dim=1)
+        unary = network.instance_unaries(q_sem[0], boxes, labels, detection_scores).unsqueeze(0)  # (1, D+1, H, W)
+        instance_logits = unary
+        instance = network.instance_crf
+        if instance.config.crf:
+            config = instance.config
+            nothing = torch.zeros(0)
+            instance_logits, _ = ops.mean_field_crf(
+                unary, rgb, instance.spatial_weight, instance.bilateral_weight, nothing, boxes, labels, scores,
+                torch.zeros(()), torch.zeros(()), config.iterations, config.theta_spatial,
+                config.theta_bilateral_xy, config.theta_bilateral_rgb, "after", 0, 1.0, 0.0,
+            )
+        instance_map = instance_logits[0].argmax(dim=0)  # (H, W): 0 background, d + 1 detection d
+        detections = torch.arange(1, boxes.shape[0] + 1, device=boxes.device).view(-1, 1, 1)
+        won = (instance_map.unsqueeze(0) == detections).to(torch.float32)  # (D, H, W)
+        q_class = q_sem[0][labels]  # (D, H, W)
+        instance_scores = (q_class * won).sum(dim=(1, 2)) / torch.clamp(won.sum(dim=(1, 2)), min=1.0)
+        return instance_logits, instance_map, q_sem, instance_scores
+
+
+def export_onnx(network: DynamicallyInstantiatedNetwork, path: str | Path, *,
+                max_detections: int = DEFAULT_MAX_DETECTIONS, example_size: tuple[int, int] = (64, 80)) -> Path:
+    """Writes `network` as ONNX to `path` (onnx.checker-valid) and returns the path.
+
+    The example used for tracing has 3 detections so that D is not specialised; H, W and D are
+    dynamic axes. max_detections is recorded for the runtime, which refuses more."""
+    if not isinstance(max_detections, int) or max_detections < 1:
+        raise ValueError(f"max_detections must be a positive int, got {max_detections!r}")
+    path = Path(path)
+    height, width = example_size
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (1, 3, height, width), dtype=torch.uint8, generator=generator)
+    boxes = torch.tensor([[4.0, 6.0, 30.0, 40.0], [20.0, 10.0, 70.0, 50.0], [0.0, 0.0, 15.0, 15.0]])
+    labels = torch.ones(3, dtype=torch.int64) * min(2, network.config.num_classes)
+    scores = torch.tensor([0.9, 0.6, 0.3])
+    was_training = network.training
+    graph = ExportGraph(network).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on shapes it keeps dynamic through size()
+        torch.onnx.export(
+            graph, (image, boxes, labels, scores), str(path), dynamo=False, opset_version=ops.OPSET,
+            input_names=list(INPUTS), output_names=list(OUTPUTS),
+            dynamic_axes={
+                "image": {2: "height", 3: "width"}, "boxes": {0: "detections"}, "labels": {0: "detections"},
+                "scores": {0: "detections"}, "instance_logits": {1: "labels", 2: "height", 3: "width"},
+                "instance_map": {0: "height", 1: "width"}, "semantic_probabilities": {2: "height", 3: "width"},
+                "instance_scores": {0: "detections"},
+            },
+            custom_opsets={ops.DOMAIN: ops.OP_VERSION},
+        )
+    network.train(was_training)
+    model = onnx.load(str(path))
+    config = network.config
+    metadata = {
+        "dynseg_version": __version__,
+        "dynseg_op_version": str(ops.OP_VERSION),
+        "class_names": json.dumps(list(config.class_names)),
+        "preprocessing": json.dumps({"input": "RGB uint8 (1, 3, H, W)", "mean": list(config.mean),
+                                     "std": list(config.std), "scale": 255.0}),
+        "model_config": config.to_json(),
+        "max_detections": str(max_detections),
+    }
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
