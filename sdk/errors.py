@@ -1,4 +1,5 @@
-"""The exceptions dynseg raises: one base class, so callers can catch everything dynseg-specific."""
+"""The exceptions and warnings dynseg raises: one base class for the errors, so callers can catch
+everything dynseg-specific, and one category per warning, so callers can filter it."""
 
 from __future__ import annotations
 
@@ -13,3 +14,7 @@ class InvalidArgumentError(DynsegError, ValueError):
 
 class NativeError(DynsegError, RuntimeError):
     """The native kernel library is missing, mismatched or failed for a reason other than bad input."""
+
+
+class DetectionsDroppedWarning(UserWarning):
+    """Some detections were left out (inverted, zero-area or outside boxes); the result records which."""

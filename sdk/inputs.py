@@ -1,0 +1,291 @@
+"""What users pass to `Segmenter.segment(image, boxes, labels, scores)`: its checks and conversions.
+
+Owns the SDK's side of the input contract: `load_image` turns an array or an image file into the
+(H, W, 3) uint8 RGB array every backend takes, and `check_detections` turns the caller's boxes, labels
+and scores into the `Detections` the model runs on. Boxes follow the network's convention
+(dynseg.trainer.model.network.check_detections): xyxy pixels, inclusive, floored to integers and
+clipped to the image, so a backend hands the model exactly the boxes the model would have made itself.
+Unlike the network, which raises on them, the SDK drops inverted, zero-area and outside boxes with a
+warning and a record, because a deployed detector emits such boxes now and then and one bad box should
+not fail a frame. Every other bad argument raises InvalidArgumentError naming the argument. numpy and
+Pillow only: no torch.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple, Union
+
+import numpy as np
+
+from .errors import DetectionsDroppedWarning, InvalidArgumentError
+
+__all__ = ["Detections", "DroppedDetection", "ImageLike", "check_detections", "load_image"]
+
+ImageLike = Union[np.ndarray, str, "os.PathLike[str]"]
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+# Why a detection was dropped (the reason strings of DroppedDetection).
+INVERTED = "inverted box (x2 < x1 or y2 < y1)"
+OUTSIDE = "box wholly outside the image"
+ZERO_AREA = "box of zero area after clipping to the image"
+
+
+# ---------------------------------------------------------------------------------------------- image
+
+
+def load_image(image: ImageLike) -> np.ndarray:
+    """The image as a C-contiguous (H, W, 3) uint8 RGB array.
+
+    image: one of
+      - (H, W, 3) uint8 RGB (returned as it is when already C-contiguous, else a contiguous copy);
+      - (H, W) uint8 grayscale (replicated into the three channels);
+      - (H, W, 4) uint8 RGBA: the alpha channel is dropped, not composited (transparent pixels keep
+        their stored colour);
+      - a path (str or os.PathLike) to an image file Pillow reads: PNG and JPEG, and also BMP, TIFF,
+        WebP, ... Palette, grayscale and RGBA files are converted to RGB as above; 16-bit and float
+        files are refused (convert them to 8 bits first). EXIF orientation is not applied: pixels come
+        in stored order, as most detectors read them.
+    Anything else (wrong dtype, rank or channel count, an empty image, a missing or unreadable file)
+    raises InvalidArgumentError naming `image` and the problem.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return _read_image_file(Path(image))
+    if isinstance(image, (bytes, bytearray)):
+        raise InvalidArgumentError("image must be an array or a str/os.PathLike path, got bytes")
+    try:
+        array = np.asarray(image)
+    except Exception as error:  # whatever a foreign object's __array__ raises
+        raise InvalidArgumentError(f"image could not be read as an array: {error}") from error
+    return _image_array(array)
+
+
+def _image_array(array: np.ndarray) -> np.ndarray:
+    if array.dtype != np.uint8:
+        raise InvalidArgumentError(
+            f"image must be uint8 (0..255), got dtype {array.dtype}"
+            + ("; scale floats in 0..1 with (image * 255).round().astype(np.uint8)" if array.dtype.kind == "f" else "")
+        )
+    if array.ndim == 2:
+        array = array[:, :, None]
+    elif array.ndim != 3:
+        raise InvalidArgumentError(f"image must have shape (H, W), (H, W, 3) or (H, W, 4), got {array.shape}")
+    if array.shape[2] not in (1, 3, 4):
+        raise InvalidArgumentError(
+            f"image must have 3 (RGB) or 4 (RGBA) channels, or be (H, W) grayscale; got shape {array.shape}"
+        )
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise InvalidArgumentError(f"image is empty: shape {array.shape}")
+    if array.shape[2] == 1:
+        return np.ascontiguousarray(np.repeat(array, 3, axis=2))
+    if array.shape[2] == 4:
+        array = array[:, :, :3]  # RGBA loses its alpha here
+    return np.ascontiguousarray(array)
+
+
+# Pillow modes of more than 8 bits per channel: convert("RGB") would clip them, not scale them.
+_WIDE_MODES = ("I", "F")
+
+
+def _read_image_file(path: Path) -> np.ndarray:
+    if not path.exists():
+        raise InvalidArgumentError(f"image file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise InvalidArgumentError(f"image {str(path)!r} is not a file")
+    try:
+        from PIL import Image
+    except ImportError as error:  # Pillow is a dependency of dynseg; a trimmed environment may lack it
+        raise InvalidArgumentError(
+            f"image {str(path)!r}: reading image files needs Pillow (pip install pillow); "
+            "or pass the image as an (H, W, 3) uint8 RGB array"
+        ) from error
+    try:
+        with Image.open(path) as opened:
+            if opened.mode.split(";")[0] in _WIDE_MODES:
+                raise InvalidArgumentError(
+                    f"image file {str(path)!r} has {opened.mode!r} pixels (16-bit or float); "
+                    "convert it to 8-bit RGB first"
+                )
+            if opened.mode == "P":  # via RGBA so palette transparency converts without Pillow's warning
+                opened = opened.convert("RGBA")
+            array = np.array(opened.convert("RGB"))  # decodes the whole file: truncation shows here
+    except InvalidArgumentError:
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
+        raise InvalidArgumentError(f"image file {str(path)!r} could not be read as an image: {error}") from error
+    return _image_array(array)
+
+
+# ------------------------------------------------------------------------------------------ detections
+
+
+class DroppedDetection(NamedTuple):
+    """A detection the SDK did not pass to the model: its index in the caller's input, and why."""
+
+    index: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Detections:
+    """The detections a model runs on, checked and clipped. N = len(kept) <= D, the caller's count.
+
+    boxes: float32 (N, 4) xyxy in input-image pixels, inclusive, integer-valued, with
+        0 <= x1 <= x2 <= W-1 and 0 <= y1 <= y2 <= H-1.
+    labels: int64 (N,) class ids in 1..K.
+    scores: float32 (N,) finite detector scores.
+    kept: int64 (N,) ascending index of each kept detection in the caller's input.
+    dropped: the detections left out, ascending by index, each with its reason.
+    clipped: int64 ascending input indices of the kept boxes that reached outside the image and were
+        clipped to it (no warning: detectors routinely emit boxes a little past the border).
+    """
+
+    boxes: np.ndarray
+    labels: np.ndarray
+    scores: np.ndarray
+    kept: np.ndarray
+    dropped: list[DroppedDetection] = field(default_factory=list)
+    clipped: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+
+def _numeric_array(name: str, value: object) -> np.ndarray:
+    """value as an array of real numbers (bool, complex, strings and objects refused)."""
+    try:
+        array = np.asarray(value)
+    except Exception as error:  # ragged lists, foreign __array__ implementations
+        raise InvalidArgumentError(f"{name} could not be read as an array: {error}") from error
+    if array.size == 0:  # an empty list or array carries no values whose type could be wrong
+        return array.astype(np.float64)
+    if array.dtype.kind not in "iuf":
+        raise InvalidArgumentError(f"{name} must hold real numbers, got dtype {array.dtype}")
+    return array
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InvalidArgumentError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def check_detections(
+    boxes: object,
+    labels: object,
+    scores: object,
+    *,
+    height: int,
+    width: int,
+    num_classes: int,
+    max_detections: int,
+    stacklevel: int = 2,
+) -> Detections:
+    """The caller's detections, checked, clipped to the (height, width) image and stripped of boxes the
+    model cannot use.
+
+    boxes: (D, 4) xyxy in input-image pixels, inclusive (any real array-like: lists, int or float
+        arrays); an empty list means D = 0.
+    labels: (D,) class ids in 1..num_classes (integer arrays, or floats with integral values).
+    scores: (D,) finite detector scores (within float32's range).
+    D may be 0. D above max_detections (the model's limit, counted before any box is dropped), a wrong
+    shape or length, NaN or infinity, and labels out of range raise InvalidArgumentError naming the
+    argument.
+
+    Each box is floored to integers and clipped to [0, W-1] x [0, H-1], as the network does. These are
+    dropped, with one DetectionsDroppedWarning per call (at `stacklevel`) and a record in `dropped`:
+      - inverted boxes (x2 < x1 or y2 < y1);
+      - boxes wholly outside the image (x2 < 0, y2 < 0, x1 > W-1 or y1 > H-1: the network's test);
+      - boxes of zero area after clipping to the image's extent [0, W] x [0, H]: min(x2, W) <= max(x1, 0)
+        or the same in y. That is x1 == x2 (which the inclusive convention would read as a one-pixel
+        line; the SDK takes it as the degenerate box a detector emits), or a box that only touches the
+        image's top or left edge (x2 == 0 or y2 == 0).
+    """
+    height = _positive_int("height", height)
+    width = _positive_int("width", width)
+    num_classes = _positive_int("num_classes", num_classes)
+    max_detections = _positive_int("max_detections", max_detections)
+
+    boxes_in = _numeric_array("boxes", boxes)
+    if boxes_in.shape == (0,):  # [] or np.array([]): no detections
+        boxes_in = boxes_in.reshape(0, 4)
+    if boxes_in.ndim != 2 or boxes_in.shape[1] != 4:
+        raise InvalidArgumentError(f"boxes must have shape (D, 4) (xyxy), got {boxes_in.shape}")
+    count = boxes_in.shape[0]
+    if count > max_detections:
+        raise InvalidArgumentError(
+            f"boxes has D = {count} detections, above this model's limit of {max_detections} per image"
+        )
+    labels_in = _numeric_array("labels", labels)
+    scores_in = _numeric_array("scores", scores)
+    if labels_in.shape != (count,):
+        raise InvalidArgumentError(f"labels must have shape (D,) = ({count},) to match boxes, got {labels_in.shape}")
+    if scores_in.shape != (count,):
+        raise InvalidArgumentError(f"scores must have shape (D,) = ({count},) to match boxes, got {scores_in.shape}")
+
+    # float64 holds every float32 and every int below 2**53 exactly, so flooring here gives the
+    # network's floor of the same float32 boxes.
+    boxes64 = boxes_in.astype(np.float64)
+    if not np.isfinite(boxes64).all():
+        bad = np.flatnonzero(~np.isfinite(boxes64).all(axis=1)).tolist()
+        raise InvalidArgumentError(f"boxes must be finite: rows {bad} hold NaN or infinity")
+    scores64 = scores_in.astype(np.float64)
+    if not (np.isfinite(scores64) & (np.abs(scores64) <= _FLOAT32_MAX)).all():
+        bad = np.flatnonzero(~(np.isfinite(scores64) & (np.abs(scores64) <= _FLOAT32_MAX))).tolist()
+        raise InvalidArgumentError(f"scores must be finite float32 values: entries {bad} are NaN, infinite or too large")
+    labels64 = _check_labels(labels_in, num_classes)
+
+    x1, y1, x2, y2 = boxes64.T  # (D,) each
+    inverted = (x2 < x1) | (y2 < y1)
+    outside = ~inverted & ((x2 < 0) | (y2 < 0) | (x1 > width - 1) | (y1 > height - 1))
+    zero_area = ~inverted & ~outside & (
+        (np.minimum(x2, width) <= np.maximum(x1, 0)) | (np.minimum(y2, height) <= np.maximum(y1, 0))
+    )
+    dropped = [
+        DroppedDetection(int(i), INVERTED if inverted[i] else OUTSIDE if outside[i] else ZERO_AREA)
+        for i in np.flatnonzero(inverted | outside | zero_area)
+    ]
+    kept = np.flatnonzero(~(inverted | outside | zero_area)).astype(np.int64)  # (N,)
+
+    floored = np.floor(boxes64[kept])  # (N, 4)
+    limits = np.array([width - 1, height - 1, width - 1, height - 1], dtype=np.float64)
+    clipped_boxes = np.minimum(np.maximum(floored, 0.0), limits)
+    was_clipped = (clipped_boxes != floored).any(axis=1)
+
+    if dropped:
+        listed = "; ".join(f"{d.index}: {d.reason}" for d in dropped)
+        warnings.warn(
+            f"{len(dropped)} of {count} detections dropped ({width}x{height} image): {listed}",
+            DetectionsDroppedWarning,
+            stacklevel=stacklevel,
+        )
+    return Detections(
+        boxes=clipped_boxes.astype(np.float32),
+        labels=labels64[kept],
+        scores=scores64[kept].astype(np.float32),
+        kept=kept,
+        dropped=dropped,
+        clipped=kept[was_clipped],
+    )
+
+
+def _check_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """labels as int64 after checking they are integers in 1..num_classes."""
+    if labels.dtype.kind == "f":
+        finite = np.isfinite(labels)
+        integral = finite & (labels == np.floor(np.where(finite, labels, 0)))
+        if not integral.all():
+            bad = np.flatnonzero(~integral).tolist()
+            raise InvalidArgumentError(f"labels must be integers (class ids 1..{num_classes}): entries {bad} are not")
+    # Compare before casting: a uint64 or a huge float would wrap or overflow in int64.
+    out_of_range = (labels < 1) | (labels > num_classes)
+    if out_of_range.any():
+        bad = np.flatnonzero(out_of_range)
+        raise InvalidArgumentError(
+            f"labels must be class ids in 1..{num_classes}: entries {bad.tolist()} are {labels[bad].tolist()}"
+        )
+    return labels.astype(np.int64)

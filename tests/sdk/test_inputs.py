@@ -1,0 +1,364 @@
+"""dynseg.sdk.inputs: images from arrays and files, and detections checked, clipped and dropped as the
+network's own check_detections would floor and clip them; every bad argument named; a hypothesis fuzz."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from PIL import Image
+
+from dynseg.sdk import samples
+from dynseg.sdk.errors import DetectionsDroppedWarning, InvalidArgumentError
+from dynseg.sdk.inputs import INVERTED, OUTSIDE, ZERO_AREA, Detections, check_detections, load_image
+
+H, W, K, LIMIT = 40, 60, 3, 8
+
+
+def check(boxes, labels=None, scores=None, **overrides) -> Detections:
+    count = len(np.asarray(boxes).reshape(-1, 4)) if np.asarray(boxes).size else 0
+    options = dict(height=H, width=W, num_classes=K, max_detections=LIMIT) | overrides
+    return check_detections(
+        boxes,
+        [1] * count if labels is None else labels,
+        [0.5] * count if scores is None else scores,
+        **options,
+    )
+
+
+# ------------------------------------------------------------------------------------------- images
+
+
+def test_an_rgb_uint8_array_comes_back_as_it_is() -> None:
+    image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    assert load_image(image) is image
+
+
+def test_a_non_contiguous_rgb_array_comes_back_contiguous_and_equal() -> None:
+    image = np.random.default_rng(0).integers(0, 256, (5, 14, 3), dtype=np.uint8)[:, ::2]
+    loaded = load_image(image)
+    assert loaded.flags.c_contiguous
+    np.testing.assert_array_equal(loaded, image)
+
+
+def test_grayscale_is_replicated_into_three_channels() -> None:
+    gray = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    loaded = load_image(gray)
+    assert loaded.shape == (3, 4, 3) and loaded.dtype == np.uint8
+    for channel in range(3):
+        np.testing.assert_array_equal(loaded[..., channel], gray)
+
+
+def test_rgba_loses_its_alpha_channel_without_compositing() -> None:
+    rgba = np.random.default_rng(1).integers(0, 256, (4, 5, 4), dtype=np.uint8)
+    rgba[..., 3] = 0  # fully transparent: the stored colour is kept anyway
+    np.testing.assert_array_equal(load_image(rgba), rgba[..., :3])
+
+
+def test_a_png_path_reads_the_shipped_sample(tmp_path: Path) -> None:
+    loaded = load_image(samples.path("coffee"))
+    with Image.open(samples.path("coffee")) as opened:
+        np.testing.assert_array_equal(loaded, np.array(opened.convert("RGB")))
+    assert load_image(str(samples.path("coffee"))).shape == loaded.shape
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "LA"])
+def test_png_files_of_other_modes_become_rgb(tmp_path: Path, mode: str) -> None:
+    rgb = np.random.default_rng(2).integers(0, 256, (6, 9, 3), dtype=np.uint8)
+    path = tmp_path / f"{mode}.png"
+    Image.fromarray(rgb).convert(mode).save(path)
+    loaded = load_image(path)
+    assert loaded.shape == (6, 9, 3) and loaded.dtype == np.uint8
+    if mode == "RGBA":
+        np.testing.assert_array_equal(loaded, rgb)
+
+
+def test_a_jpeg_path_is_read(tmp_path: Path) -> None:
+    rgb = np.full((16, 16, 3), (200, 40, 90), np.uint8)
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(rgb).save(path, quality=95)
+    loaded = load_image(path)
+    assert loaded.shape == (16, 16, 3)
+    assert np.abs(loaded.astype(int) - rgb).max() <= 8  # JPEG is lossy
+
+
+@pytest.mark.parametrize(
+    ("image", "words"),
+    [
+        (np.zeros((4, 4, 3), np.float32), "uint8"),
+        (np.zeros((4, 4, 3), np.uint16), "uint8"),
+        (np.zeros((4, 4, 3), bool), "uint8"),
+        (np.zeros((2, 4, 4, 3), np.uint8), "shape"),
+        (np.zeros(5, np.uint8), "shape"),
+        (np.zeros((4, 4, 2), np.uint8), "channels"),
+        (np.zeros((4, 4, 5), np.uint8), "channels"),
+        (np.zeros((0, 4, 3), np.uint8), "empty"),
+        (np.zeros((4, 0), np.uint8), "empty"),
+        ([[1, 2], [3, 4]], "uint8"),
+        (b"image.png", "bytes"),
+        (None, ""),
+    ],
+)
+def test_bad_image_arrays_raise_naming_the_image(image: object, words: str) -> None:
+    with pytest.raises(InvalidArgumentError, match="image") as raised:
+        load_image(image)
+    assert words in str(raised.value)
+
+
+def test_a_missing_file_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.png"
+    with pytest.raises(InvalidArgumentError, match="does not exist") as raised:
+        load_image(missing)
+    assert str(missing) in str(raised.value)
+
+
+def test_a_folder_is_not_an_image(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgumentError, match="not a file"):
+        load_image(tmp_path)
+
+
+def test_a_file_that_is_not_an_image_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "notes.png"
+    path.write_text("not a picture")
+    with pytest.raises(InvalidArgumentError, match="could not be read") as raised:
+        load_image(path)
+    assert str(path) in str(raised.value)
+
+
+def test_a_truncated_png_is_refused(tmp_path: Path) -> None:
+    whole = tmp_path / "whole.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(whole)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(InvalidArgumentError, match="cut.png"):
+        load_image(cut)
+
+
+def test_a_16_bit_png_is_refused_rather_than_clipped(tmp_path: Path) -> None:
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.full((4, 4), 40000, np.uint16)).save(path)
+    with pytest.raises(InvalidArgumentError, match="8-bit"):
+        load_image(path)
+
+
+# --------------------------------------------------------------------------------------- detections
+
+
+def test_no_detections_is_valid() -> None:
+    for empty in ([], np.zeros((0, 4), np.float32)):
+        detections = check(empty, labels=[], scores=[])
+        assert len(detections) == 0
+        assert detections.boxes.shape == (0, 4) and detections.boxes.dtype == np.float32
+        assert detections.labels.dtype == np.int64 and detections.scores.dtype == np.float32
+        assert detections.kept.dtype == np.int64 and detections.dropped == []
+
+
+def test_boxes_are_floored_to_integers_like_the_network() -> None:
+    detections = check([[1.9, 2.5, 10.99, 20.0]], labels=[2], scores=[0.25])
+    np.testing.assert_array_equal(detections.boxes, [[1, 2, 10, 20]])
+    assert detections.labels.tolist() == [2] and detections.scores.tolist() == [0.25]
+    assert detections.clipped.tolist() == []
+
+
+def test_boxes_partly_outside_are_clipped_without_a_warning() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        detections = check([[-5.5, -0.5, 100.0, 10.0], [3, 4, 5, 6]])
+    np.testing.assert_array_equal(detections.boxes, [[0, 0, W - 1, 10], [3, 4, 5, 6]])
+    assert detections.clipped.tolist() == [0]
+
+
+def test_accepted_boxes_are_what_the_network_would_make_of_them() -> None:
+    torch = pytest.importorskip("torch")
+    from dynseg.trainer.model.network import check_detections as network_check
+
+    rng = np.random.default_rng(4)
+    xs, ys = np.sort(rng.uniform(-20, W + 20, (50, 2)), axis=1), np.sort(rng.uniform(-20, H + 20, (50, 2)), axis=1)
+    boxes = np.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], axis=1).astype(np.float32)  # (50, 4) xyxy
+    labels = rng.integers(1, K + 1, 50)
+    scores = rng.random(50).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = check_detections(boxes, labels, scores, height=H, width=W, num_classes=K, max_detections=50)
+        theirs, _, _ = network_check(torch.from_numpy(boxes[ours.kept]), torch.from_numpy(labels[ours.kept]),
+                                     torch.from_numpy(scores[ours.kept]), height=H, width=W, num_classes=K)
+    assert len(ours) > 10
+    np.testing.assert_array_equal(ours.boxes, theirs.numpy())
+    with warnings.catch_warnings():  # and the network, handed our boxes, has nothing left to clip
+        warnings.simplefilter("error")
+        network_check(torch.from_numpy(ours.boxes), torch.from_numpy(ours.labels),
+                      torch.from_numpy(ours.scores), height=H, width=W, num_classes=K)
+
+
+def test_inverted_zero_area_and_outside_boxes_are_dropped_with_a_warning_and_a_record() -> None:
+    boxes = [
+        [10, 10, 20, 20],  # kept
+        [20, 10, 10, 20],  # inverted in x
+        [10, 20, 20, 10],  # inverted in y
+        [5, 5, 5, 15],  # zero width
+        [-10, 5, 0, 15],  # zero width once clipped to column 0
+        [5, -10, 15, 0],  # zero height: touches the top edge only
+        [-10, -10, -1, -1],  # wholly outside (above left)
+        [W, 0, W + 5, 5],  # wholly outside (right)
+        [0, H - 0.5, 5, H + 3],  # wholly outside (below)
+        [0.2, 0.2, 0.8, 0.8],  # kept: floors to the one pixel (0, 0)
+        [W - 1, 5, W + 10, 15.5],  # kept: clipped to the last column
+    ]
+    with pytest.warns(DetectionsDroppedWarning, match="8 of 11 detections dropped"):
+        detections = check(boxes, labels=[1, 2, 3, 1, 2, 3, 1, 2, 3, 3, 2],
+                           scores=np.linspace(0, 1, 11), max_detections=11)
+    assert detections.kept.tolist() == [0, 9, 10]
+    np.testing.assert_array_equal(detections.boxes, [[10, 10, 20, 20], [0, 0, 0, 0], [W - 1, 5, W - 1, 15]])
+    assert detections.labels.tolist() == [1, 3, 2]
+    np.testing.assert_allclose(detections.scores, [0.0, 0.9, 1.0])
+    assert detections.clipped.tolist() == [10]
+    assert detections.dropped == [
+        (1, INVERTED), (2, INVERTED), (3, ZERO_AREA), (4, ZERO_AREA), (5, ZERO_AREA),
+        (6, OUTSIDE), (7, OUTSIDE), (8, OUTSIDE),
+    ]
+    assert detections.dropped[0].index == 1 and detections.dropped[0].reason == INVERTED
+
+
+def test_the_drop_warning_points_at_the_caller() -> None:
+    with pytest.warns(DetectionsDroppedWarning) as caught:
+        check([[5, 5, 1, 1]])
+    assert caught[0].filename == __file__ or Path(caught[0].filename).name == "test_inputs.py"
+
+
+def test_float_labels_with_integral_values_are_accepted() -> None:
+    detections = check([[1, 1, 5, 5], [2, 2, 6, 6]], labels=np.array([1.0, 3.0]), scores=[0.1, 0.2])
+    assert detections.labels.dtype == np.int64 and detections.labels.tolist() == [1, 3]
+
+
+@pytest.mark.parametrize(
+    ("boxes", "labels", "scores", "argument", "words"),
+    [
+        ([[0, 0, 5]], [1], [0.5], "boxes", "shape"),
+        ([0, 0, 5, 5], [1], [0.5], "boxes", "shape"),
+        ([[[0, 0, 5, 5]]], [1], [0.5], "boxes", "shape"),
+        ([[0, 0, np.nan, 5]], [1], [0.5], "boxes", "finite"),
+        ([[0, -np.inf, 5, 5]], [1], [0.5], "boxes", "finite"),
+        ([[0, 0, 5, 5]], [1], [np.nan], "scores", "finite"),
+        ([[0, 0, 5, 5]], [1], [np.inf], "scores", "finite"),
+        ([[0, 0, 5, 5]], [1], [1e300], "scores", "finite"),
+        ([[0, 0, 5, 5]], [0], [0.5], "labels", "1..3"),
+        ([[0, 0, 5, 5]], [K + 1], [0.5], "labels", "1..3"),
+        ([[0, 0, 5, 5]], [-1], [0.5], "labels", "1..3"),
+        ([[0, 0, 5, 5]], [1.5], [0.5], "labels", "integers"),
+        ([[0, 0, 5, 5]], [np.nan], [0.5], "labels", "integers"),
+        ([[0, 0, 5, 5]], np.array([2**64 - 1], np.uint64), [0.5], "labels", "1..3"),
+        ([[0, 0, 5, 5]], [True], [0.5], "labels", "real numbers"),
+        ([[0, 0, 5, 5]], ["1"], [0.5], "labels", "real numbers"),
+        ([["0", "0", "5", "5"]], [1], [0.5], "boxes", "real numbers"),
+        ([[0, 0, 5, 5]], [1, 2], [0.5], "labels", "shape"),
+        ([[0, 0, 5, 5]], [1], [0.5, 0.6], "scores", "shape"),
+        ([[0, 0, 5, 5]], [[1]], [0.5], "labels", "shape"),
+        ([[0, 0, 5, 5]], [1], 0.5, "scores", "shape"),
+        ([[0, 0, 5, 5], [0, 0, 5]], [1, 1], [0.5, 0.5], "boxes", "array"),
+        ([[0, 0, 5, None]], [1], [0.5], "boxes", "real numbers"),
+        ([[0, 0, 5, 5j]], [1], [0.5], "boxes", "real numbers"),
+    ],
+)
+def test_bad_detections_raise_naming_the_argument(boxes, labels, scores, argument: str, words: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=argument) as raised:
+        check_detections(boxes, labels, scores, height=H, width=W, num_classes=K, max_detections=LIMIT)
+    assert words in str(raised.value)
+
+
+def test_more_detections_than_the_model_takes_raise_its_limit() -> None:
+    boxes = np.tile([0, 0, 5, 5], (LIMIT + 1, 1))
+    with pytest.raises(InvalidArgumentError, match=f"limit of {LIMIT}"):
+        check(boxes)
+    assert len(check(boxes[:LIMIT])) == LIMIT
+
+
+@pytest.mark.parametrize("option", ["height", "width", "num_classes", "max_detections"])
+@pytest.mark.parametrize("value", [0, -1, 2.0, True])
+def test_bad_sizes_and_limits_are_named(option: str, value: object) -> None:
+    with pytest.raises(InvalidArgumentError, match=option):
+        check([[0, 0, 5, 5]], **{option: value})
+
+
+# --------------------------------------------------------------------------------------------- fuzz
+
+_FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+_dtypes = st.sampled_from([np.float32, np.float64, np.int32, np.int64, np.uint8, np.uint64, np.float16, bool])
+_values = st.one_of(
+    hnp.arrays(_dtypes, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=6)),
+    st.lists(st.one_of(st.floats(), st.integers(-(2**70), 2**70), st.none()), max_size=6),
+    st.lists(st.lists(st.floats(-100, 200), min_size=4, max_size=4), max_size=6),
+    st.none(),
+    st.text(max_size=3),
+)
+
+
+def _box_rows(count: int) -> st.SearchStrategy:
+    coordinate = st.one_of(st.floats(-100, 200), st.integers(-100, 200), st.sampled_from([np.nan, np.inf, -0.0]))
+    return st.lists(st.lists(coordinate, min_size=4, max_size=4), min_size=count, max_size=count)
+
+
+@st.composite
+def _detections(draw) -> tuple[object, object, object]:
+    """Mostly well-shaped detections with wild values, sometimes anything at all."""
+    if draw(st.integers(0, 4)) == 0:
+        return draw(_values), draw(_values), draw(_values)
+    count = draw(st.integers(0, LIMIT + 1))
+    boxes = draw(_box_rows(count))
+    labels = draw(st.lists(st.one_of(st.integers(-2, K + 2), st.floats(-2, K + 2)), min_size=count, max_size=count))
+    scores = draw(st.lists(st.floats(), min_size=count, max_size=count))
+    return boxes, labels, scores
+
+
+def _assert_valid(detections: Detections, count: int, height: int, width: int) -> None:
+    kept = len(detections)
+    assert detections.boxes.shape == (kept, 4) and detections.boxes.dtype == np.float32
+    assert detections.labels.shape == (kept,) and detections.labels.dtype == np.int64
+    assert detections.scores.shape == (kept,) and detections.scores.dtype == np.float32
+    assert detections.kept.dtype == np.int64
+    boxes = detections.boxes
+    assert (boxes == np.floor(boxes)).all()
+    assert (0 <= boxes[:, 0]).all() and (boxes[:, 0] <= boxes[:, 2]).all() and (boxes[:, 2] <= width - 1).all()
+    assert (0 <= boxes[:, 1]).all() and (boxes[:, 1] <= boxes[:, 3]).all() and (boxes[:, 3] <= height - 1).all()
+    assert ((1 <= detections.labels) & (detections.labels <= K)).all()
+    assert np.isfinite(detections.scores).all()
+    dropped = [d.index for d in detections.dropped]
+    assert sorted(detections.kept.tolist() + dropped) == list(range(count))
+    assert set(detections.clipped.tolist()) <= set(detections.kept.tolist())
+
+
+@_FUZZ
+@given(_detections(), st.integers(1, 50), st.integers(1, 50))
+def test_fuzzed_detections_raise_only_invalid_argument_and_never_come_back_invalid(
+    arguments: tuple[object, object, object], height: int, width: int
+) -> None:
+    boxes, labels, scores = arguments
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy overflow or invalid-value warnings would be bugs
+        warnings.simplefilter("ignore", DetectionsDroppedWarning)  # (added last: checked first)
+        try:
+            detections = check_detections(boxes, labels, scores, height=height, width=width,
+                                          num_classes=K, max_detections=LIMIT)
+        except InvalidArgumentError:
+            return
+    _assert_valid(detections, np.asarray(boxes).shape[0], height, width)
+
+
+@_FUZZ
+@given(st.one_of(
+    hnp.arrays(st.sampled_from([np.uint8, np.uint16, np.float32, np.int64, bool]),
+               hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5)),
+    _values,
+))
+def test_fuzzed_images_raise_only_invalid_argument_and_never_come_back_invalid(image: object) -> None:
+    try:
+        loaded = load_image(image)
+    except InvalidArgumentError:
+        return
+    assert loaded.dtype == np.uint8 and loaded.ndim == 3 and loaded.shape[2] == 3
+    assert loaded.shape[0] > 0 and loaded.shape[1] > 0 and loaded.flags.c_contiguous
