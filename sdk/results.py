@@ -1,0 +1,252 @@
+"""What `Segmenter.segment` returns, and the post-processing every backend shares to make it.
+
+Owns ALGORITHM.md §6 in numpy: `build_result` turns a backend's instance logits and semantic
+probabilities into the instance map (argmax over the D+1 labels; detections whose instance got no
+pixel dropped, the rest renumbered 1..N in detection order), the semantic map and one `Instance` per
+instance, with its score (the mean of Q_sem of its class over its pixels, the released code's ranking
+score). It computes exactly what dynseg.trainer.model.network.instances computes in torch; the tests
+compare the two. Also owns the result's COCO export and its picture. numpy only (pycocotools for RLE,
+imported when an RLE is first asked for): no torch.
+"""
+
+from __future__ import annotations
+
+import colorsys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+from .errors import InvalidArgumentError
+from .inputs import Detections, DroppedDetection
+
+__all__ = ["Instance", "SegmentationResult", "build_result", "instance_colours"]
+
+_GOLDEN = 0.618033988749895  # hue step: consecutive instances land far apart on the colour wheel
+_OUTLINE_SHADE = 0.55  # outlines are the instance's colour darkened, drawn opaque
+
+
+@dataclass(frozen=True, eq=False)
+class Instance:
+    """One segmented instance: the pixels one detection won.
+
+    id: 1..N, its value in the result's instance_map (instances numbered in detection order).
+    class_id: 1..K, its detection's label; class_name: the model's name for it.
+    score: mean of Q_sem(class_id) over the instance's pixels, in 0..1.
+    detection: index of its detection in the boxes/labels/scores the caller passed (dropped
+        detections counted), so instance.detection == i means the caller's boxes[i].
+    box: (x1, y1, x2, y2) ints, the tight box of the instance's pixels, inclusive (not the detection's
+        box: the instance may cover less of it). COCO's bbox of the mask is (x1, y1, x2-x1+1, y2-y1+1).
+    mask, rle: computed on first access and cached (see each), so results with many instances on large
+        images cost no memory until asked.
+    """
+
+    id: int
+    class_id: int
+    class_name: str
+    score: float
+    detection: int
+    box: tuple[int, int, int, int]
+    instance_map: np.ndarray = field(repr=False)  # (H, W) int32, the result's (shared, not copied)
+
+    @cached_property
+    def mask(self) -> np.ndarray:
+        """bool (H, W): True on the instance's pixels."""
+        return self.instance_map == self.id
+
+    @cached_property
+    def rle(self) -> dict[str, Any]:
+        """The mask in COCO's compressed RLE, {"size": [H, W], "counts": str}, from
+        pycocotools.mask.encode; counts decoded to str so the dict is JSON-ready (pycocotools' decode
+        takes it as it is)."""
+        try:
+            from pycocotools import mask as coco_mask
+        except ImportError as error:
+            raise ModuleNotFoundError(
+                "Instance.rle and SegmentationResult.to_coco need pycocotools: pip install pycocotools"
+            ) from error
+        encoded = coco_mask.encode(np.asfortranarray(self.mask.astype(np.uint8)))
+        return {"size": [int(v) for v in encoded["size"]], "counts": encoded["counts"].decode("ascii")}
+
+
+@dataclass(frozen=True, eq=False)
+class SegmentationResult:
+    """One image's segmentation. H, W: the image's size; N: instances.
+
+    image: (H, W, 3) uint8 RGB, the image as segmented (held by reference for overlay(), not copied).
+    instance_map: int32 (H, W); 0 = background, i = instances[i-1].
+    semantic_map: int32 (H, W); argmax of the semantic probabilities, 0 = background, 1..K classes.
+    instances: the N instances in detection order (ids 1..N).
+    dropped: the caller's detections that got no instance, ascending by index, each with why: those
+        check_detections refused (inverted, zero-area, outside), and those that won no pixel.
+    """
+
+    image: np.ndarray = field(repr=False)
+    instance_map: np.ndarray = field(repr=False)
+    semantic_map: np.ndarray = field(repr=False)
+    instances: list[Instance]
+    dropped: list[DroppedDetection]
+
+    def to_coco(self, image_id: int) -> list[dict[str, Any]]:
+        """The instances in COCO's results format, one dict each: image_id, category_id (= class_id;
+        map it if your dataset numbers categories differently), segmentation (compressed RLE, counts
+        as str), score, bbox ([x, y, w, h] floats of the mask, as pycocotools.mask.toBbox gives)."""
+        if isinstance(image_id, (bool, np.bool_)) or not isinstance(image_id, (int, np.integer)):
+            raise InvalidArgumentError(f"image_id must be an int, got {image_id!r}")
+        return [
+            {
+                "image_id": int(image_id),
+                "category_id": instance.class_id,
+                "segmentation": instance.rle,
+                "score": instance.score,
+                "bbox": _coco_bbox(instance.box),
+            }
+            for instance in self.instances
+        ]
+
+    def overlay(self, alpha: float = 0.5) -> np.ndarray:
+        """(H, W, 3) uint8 RGB picture: the image with each instance blended in its own colour
+        (instance_colours) at opacity alpha in 0..1, and its outline (its pixels with a 4-neighbour
+        outside it) drawn opaque in a darker shade. Background pixels are the image's own."""
+        if isinstance(alpha, (bool, np.bool_)) or not isinstance(alpha, (int, float, np.integer, np.floating)) \
+                or not 0.0 <= float(alpha) <= 1.0:
+            raise InvalidArgumentError(f"alpha must be a number in 0..1, got {alpha!r}")
+        colours = instance_colours(len(self.instances)).astype(np.float32)  # (N+1, 3), row 0 unused
+        painted = colours[self.instance_map]  # (H, W, 3)
+        picture = self.image.astype(np.float32)
+        inside = self.instance_map > 0
+        picture[inside] = (1.0 - float(alpha)) * picture[inside] + float(alpha) * painted[inside]
+        edge = _outline(self.instance_map)
+        picture[edge] = _OUTLINE_SHADE * painted[edge]
+        return np.clip(np.rint(picture), 0, 255).astype(np.uint8)
+
+
+def instance_colours(count: int) -> np.ndarray:
+    """uint8 (count+1, 3) RGB: row i is instance i's colour (row 0, the background, black). Hues step
+    by the golden ratio, so any number of instances get distinct, well-separated colours."""
+    colours = np.zeros((count + 1, 3), np.uint8)
+    for i in range(1, count + 1):
+        colours[i] = np.rint(255 * np.array(colorsys.hsv_to_rgb((i * _GOLDEN) % 1.0, 0.7, 0.95)))
+    return colours
+
+
+def _outline(instance_map: np.ndarray) -> np.ndarray:
+    """bool (H, W): instance pixels with a 4-neighbour of another id (the image border is no edge)."""
+    edge = np.zeros(instance_map.shape, bool)
+    vertical = instance_map[1:] != instance_map[:-1]  # (H-1, W)
+    horizontal = instance_map[:, 1:] != instance_map[:, :-1]  # (H, W-1)
+    edge[1:] |= vertical
+    edge[:-1] |= vertical
+    edge[:, 1:] |= horizontal
+    edge[:, :-1] |= horizontal
+    return edge & (instance_map > 0)
+
+
+def _coco_bbox(box: tuple[int, int, int, int]) -> list[float]:
+    x1, y1, x2, y2 = box
+    return [float(x1), float(y1), float(x2 - x1 + 1), float(y2 - y1 + 1)]  # inclusive box -> width, height
+
+
+def build_result(
+    image: np.ndarray,
+    instance_logits: np.ndarray,
+    semantic_probabilities: np.ndarray,
+    detections: Detections,
+    class_names: Sequence[str],
+) -> SegmentationResult:
+    """The result of one image from a backend's outputs. N kept detections, K classes.
+
+    image: (H, W, 3) uint8 RGB, as load_image returns it (kept by reference for overlay()).
+    instance_logits: float (N+1, H, W), label 0 = background, label k = detections' k-th kept detection.
+    semantic_probabilities: float (K+1, H, W), Q_sem after the semantic CRF; 0 = background.
+    detections: what check_detections returned for this image (its kept boxes are the N).
+    class_names: the K class names, class id c named class_names[c-1].
+    """
+    height, width = _check_result_inputs(image, instance_logits, semantic_probabilities, detections, class_names)
+    count = len(detections)
+
+    # Argmax ties go to the lowest label, as torch.argmax does, so the backends' maps agree.
+    winner = np.argmax(instance_logits, axis=0)  # (H, W) in 0..N
+    pixels = np.bincount(winner.ravel(), minlength=count + 1)  # (N+1,)
+    present = np.flatnonzero(pixels[1:]) + 1  # label = kept index + 1, ascending = detection order
+    renumber = np.zeros(count + 1, np.int32)
+    renumber[present] = np.arange(1, len(present) + 1, dtype=np.int32)
+    instance_map = renumber[winner]  # (H, W) int32
+
+    # Score: the mean over each instance's pixels of Q_sem of its class, summed in float64 in one pass.
+    class_of_label = np.concatenate([[0], detections.labels]).astype(np.intp)  # (N+1,), background -> 0
+    q_own = np.take_along_axis(semantic_probabilities, class_of_label[winner][None], axis=0)[0]  # (H, W)
+    sums = np.bincount(winner.ravel(), weights=q_own.ravel().astype(np.float64), minlength=count + 1)
+    boxes = _instance_boxes(instance_map, len(present))  # (N', 4)
+
+    instances = []
+    for number, label in enumerate(present, start=1):
+        class_id = int(detections.labels[label - 1])
+        instances.append(Instance(
+            id=number,
+            class_id=class_id,
+            class_name=str(class_names[class_id - 1]),
+            score=float(sums[label] / pixels[label]),
+            detection=int(detections.kept[label - 1]),
+            box=tuple(int(v) for v in boxes[number - 1]),
+            instance_map=instance_map,
+        ))
+    no_pixels = [DroppedDetection(int(detections.kept[label - 1]), "its instance won no pixel")
+                 for label in range(1, count + 1) if pixels[label] == 0]
+    return SegmentationResult(
+        image=image,
+        instance_map=instance_map,
+        semantic_map=np.argmax(semantic_probabilities, axis=0).astype(np.int32),
+        instances=instances,
+        dropped=sorted(DroppedDetection(*d) for d in [*detections.dropped, *no_pixels]),
+    )
+
+
+def _instance_boxes(instance_map: np.ndarray, count: int) -> np.ndarray:
+    """int64 (count, 4): inclusive xyxy tight box of each instance 1..count (each has a pixel)."""
+    rows, columns = np.nonzero(instance_map)
+    ids = instance_map[rows, columns] - 1
+    boxes = np.empty((count, 4), np.int64)
+    boxes[:, :2] = np.iinfo(np.int64).max
+    boxes[:, 2:] = -1
+    np.minimum.at(boxes[:, 0], ids, columns)
+    np.minimum.at(boxes[:, 1], ids, rows)
+    np.maximum.at(boxes[:, 2], ids, columns)
+    np.maximum.at(boxes[:, 3], ids, rows)
+    return boxes
+
+
+def _check_result_inputs(
+    image: np.ndarray,
+    instance_logits: np.ndarray,
+    semantic_probabilities: np.ndarray,
+    detections: Detections,
+    class_names: Sequence[str],
+) -> tuple[int, int]:
+    """(H, W) after checking the arrays agree; a mismatch is a backend's bug, reported by name."""
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise InvalidArgumentError(f"image must be a (H, W, 3) uint8 array, got {_describe(image)}")
+    height, width = image.shape[:2]
+    count = len(detections)
+    if not isinstance(instance_logits, np.ndarray) or instance_logits.shape != (count + 1, height, width):
+        raise InvalidArgumentError(
+            f"instance_logits must have shape (N+1, H, W) = {(count + 1, height, width)}, got {_describe(instance_logits)}"
+        )
+    classes = len(class_names)
+    if not isinstance(semantic_probabilities, np.ndarray) \
+            or semantic_probabilities.shape != (classes + 1, height, width):
+        raise InvalidArgumentError(
+            f"semantic_probabilities must have shape (K+1, H, W) = {(classes + 1, height, width)}, "
+            f"got {_describe(semantic_probabilities)}"
+        )
+    if count and (detections.labels.min() < 1 or detections.labels.max() > classes):
+        raise InvalidArgumentError(f"detections.labels must be in 1..{classes} (class_names), got {detections.labels}")
+    return height, width
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, np.ndarray):
+        return f"{value.dtype} array of shape {value.shape}"
+    return type(value).__name__

@@ -1,0 +1,203 @@
+"""dynseg.sdk.results: build_result computes what the network's instances() computes (compared on random
+inputs), maps instances back to the caller's detections, and its COCO export and overlay are right."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from dynseg.sdk import Instance, SegmentationResult
+from dynseg.sdk.errors import InvalidArgumentError
+from dynseg.sdk.inputs import INVERTED, Detections, DroppedDetection, check_detections
+from dynseg.sdk.results import build_result, instance_colours
+
+CLASS_NAMES = ("person", "cat", "cup")
+K = len(CLASS_NAMES)
+
+
+def gray_image(height: int, width: int) -> np.ndarray:
+    """Gray is never an instance colour (they are saturated), so painting always changes a pixel."""
+    return np.full((height, width, 3), 128, np.uint8)
+
+
+def random_outputs(count: int, height: int, width: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """float32 instance logits (count+1, H, W) and semantic probabilities (K+1, H, W)."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(count + 1, height, width)).astype(np.float32)
+    semantic = rng.random((K + 1, height, width)).astype(np.float32)
+    return logits, semantic / semantic.sum(axis=0)
+
+
+def detections(labels: list[int], kept: list[int] | None = None) -> Detections:
+    """Detections with the given labels (boxes do not matter to post-processing)."""
+    count = len(labels)
+    return Detections(
+        boxes=np.zeros((count, 4), np.float32),
+        labels=np.asarray(labels, np.int64),
+        scores=np.full(count, 0.5, np.float32),
+        kept=np.arange(count, dtype=np.int64) if kept is None else np.asarray(kept, np.int64),
+    )
+
+
+def painted(height: int, width: int, regions: list[tuple[int, int, int, int]]) -> np.ndarray:
+    """Instance logits (len(regions)+1, H, W) where detection k wins exactly its region (x1, y1, x2, y2
+    inclusive), later regions over earlier ones, and the background wins elsewhere."""
+    logits = np.zeros((len(regions) + 1, height, width), np.float32)
+    logits[0] = 1.0
+    for k, (x1, y1, x2, y2) in enumerate(regions, start=1):
+        logits[k, y1:y2 + 1, x1:x2 + 1] = 2.0 + k
+    return logits
+
+
+# ---------------------------------------------------------------------- parity with the network's code
+
+
+@pytest.mark.parametrize(("count", "height", "width", "seed"), [(1, 9, 13, 0), (2, 16, 16, 1), (7, 23, 31, 2),
+                                                                 (50, 12, 40, 3), (3, 1, 1, 4)])
+def test_build_result_computes_what_the_network_instances_computes(count, height, width, seed) -> None:
+    torch = pytest.importorskip("torch")
+    from dynseg.trainer.model.network import instances
+
+    logits, semantic = random_outputs(count, height, width, seed)
+    logits[1:] += np.random.default_rng(seed).normal(0, 2, (count, 1, 1)).astype(np.float32)  # some win nothing
+    labels = np.random.default_rng(seed + 100).integers(1, K + 1, count)
+    kept = np.sort(np.random.default_rng(seed).choice(3 * count, count, replace=False))  # some input dropped
+    result = build_result(gray_image(height, width), logits, semantic, detections(labels.tolist(), kept.tolist()),
+                          CLASS_NAMES)
+    expected = instances(torch.from_numpy(logits), torch.from_numpy(semantic), torch.from_numpy(labels))
+
+    np.testing.assert_array_equal(result.instance_map, expected["instance_map"].numpy())
+    assert result.instance_map.dtype == np.int32
+    assert [i.class_id for i in result.instances] == expected["instance_labels"].tolist()
+    assert [i.detection for i in result.instances] == kept[expected["instance_detections"].numpy()].tolist()
+    np.testing.assert_allclose([i.score for i in result.instances], expected["instance_scores"].numpy(),
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(result.semantic_map, torch.from_numpy(semantic).argmax(dim=0).numpy())
+
+
+def test_argmax_ties_go_to_the_lowest_label_as_in_torch() -> None:
+    torch = pytest.importorskip("torch")
+    from dynseg.trainer.model.network import instances
+
+    rng = np.random.default_rng(5)
+    logits = rng.integers(0, 3, (6, 10, 12)).astype(np.float32)  # many ties
+    _, semantic = random_outputs(5, 10, 12, 6)
+    labels = np.array([1, 2, 3, 1, 2])
+    result = build_result(gray_image(10, 12), logits, semantic, detections(labels.tolist()), CLASS_NAMES)
+    expected = instances(torch.from_numpy(logits), torch.from_numpy(semantic), torch.from_numpy(labels))
+    np.testing.assert_array_equal(result.instance_map, expected["instance_map"].numpy())
+
+
+# ------------------------------------------------------------------------------------ the result
+
+
+def test_instances_are_renumbered_in_detection_order_and_map_to_the_callers_detections() -> None:
+    # Detection 1 of 4 (input index 1) was dropped by check_detections; kept detection 1 (input 2) wins no pixel.
+    regions = [(0, 0, 4, 4), (10, 10, 12, 12), (6, 0, 9, 3)]
+    logits = painted(16, 16, regions)
+    logits[2] = -1.0  # input 2 wins nothing
+    dets = Detections(boxes=np.zeros((3, 4), np.float32), labels=np.array([2, 1, 3]), scores=np.ones(3, np.float32),
+                      kept=np.array([0, 2, 3]), dropped=[DroppedDetection(1, INVERTED)])
+    _, semantic = random_outputs(3, 16, 16, 7)
+    result = build_result(gray_image(16, 16), logits, semantic, dets, CLASS_NAMES)
+
+    assert [(i.id, i.detection, i.class_id, i.class_name) for i in result.instances] == [(1, 0, 2, "cat"),
+                                                                                          (2, 3, 3, "cup")]
+    assert set(np.unique(result.instance_map).tolist()) == {0, 1, 2}
+    assert result.instances[0].box == (0, 0, 4, 4) and result.instances[1].box == (6, 0, 9, 3)
+    assert [d.index for d in result.dropped] == [1, 2]
+    assert result.dropped[1].reason == "its instance won no pixel"
+    first = result.instances[0]
+    np.testing.assert_array_equal(first.mask, result.instance_map == 1)
+    assert first.mask.dtype == bool and first.mask.shape == (16, 16)
+    assert first.score == pytest.approx(float(semantic[2][first.mask].mean()), rel=1e-6)
+
+
+def test_no_detections_give_an_all_background_result() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dets = check_detections([], [], [], height=8, width=10, num_classes=K, max_detections=5)
+    _, semantic = random_outputs(0, 8, 10, 8)
+    result = build_result(gray_image(8, 10), np.zeros((1, 8, 10), np.float32), semantic, dets, CLASS_NAMES)
+    assert isinstance(result, SegmentationResult)
+    assert result.instances == [] and result.dropped == [] and result.to_coco(1) == []
+    assert result.instance_map.shape == (8, 10) and not result.instance_map.any()
+    assert result.semantic_map.shape == (8, 10) and result.semantic_map.dtype == np.int32
+    np.testing.assert_array_equal(result.overlay(), result.image)
+
+
+def test_to_coco_round_trips_through_pycocotools() -> None:
+    coco_mask = pytest.importorskip("pycocotools.mask")
+    regions = [(0, 0, 4, 6), (3, 2, 11, 8), (13, 0, 13, 9)]
+    logits = painted(10, 14, regions)
+    _, semantic = random_outputs(3, 10, 14, 9)
+    result = build_result(gray_image(10, 14), logits, semantic, detections([1, 3, 2]), CLASS_NAMES)
+    records = json.loads(json.dumps(result.to_coco(image_id=42)))  # JSON-ready as it is
+
+    assert len(records) == 3
+    for record, instance in zip(records, result.instances):
+        assert isinstance(instance, Instance)
+        assert record["image_id"] == 42 and record["category_id"] == instance.class_id
+        assert record["score"] == instance.score
+        assert isinstance(record["segmentation"]["counts"], str) and record["segmentation"]["size"] == [10, 14]
+        np.testing.assert_array_equal(coco_mask.decode(record["segmentation"]).astype(bool), instance.mask)
+        np.testing.assert_array_equal(record["bbox"], coco_mask.toBbox(record["segmentation"]))
+    assert records[1]["bbox"] == [3.0, 2.0, 9.0, 7.0]
+
+
+def test_to_coco_wants_an_int_image_id() -> None:
+    result = build_result(gray_image(4, 4), painted(4, 4, [(0, 0, 1, 1)]), random_outputs(1, 4, 4, 0)[1],
+                          detections([1]), CLASS_NAMES)
+    with pytest.raises(InvalidArgumentError, match="image_id"):
+        result.to_coco("7")
+
+
+def test_overlay_changes_the_image_exactly_where_instances_are() -> None:
+    regions = [(1, 1, 6, 6), (4, 4, 12, 9), (14, 2, 18, 11)]
+    image = gray_image(12, 20)
+    _, semantic = random_outputs(3, 12, 20, 10)
+    result = build_result(image, painted(12, 20, regions), semantic, detections([1, 2, 3]), CLASS_NAMES)
+    for alpha in (0.0, 0.5, 1.0):
+        picture = result.overlay(alpha=alpha)
+        assert picture.shape == (12, 20, 3) and picture.dtype == np.uint8
+        changed = (picture != image).any(axis=2)
+        if alpha > 0:
+            np.testing.assert_array_equal(changed, result.instance_map > 0)
+        else:  # only the outlines are drawn
+            assert changed.any() and not changed[result.instance_map == 0].any()
+    np.testing.assert_array_equal(image, gray_image(12, 20))  # the image itself is untouched
+
+
+def test_instance_colours_are_distinct() -> None:
+    colours = instance_colours(60)
+    assert colours.shape == (61, 3) and colours.dtype == np.uint8
+    assert len({tuple(c) for c in colours[1:]}) == 60
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5, float("nan"), "0.5", True])
+def test_overlay_wants_alpha_in_0_to_1(alpha: object) -> None:
+    result = build_result(gray_image(4, 4), painted(4, 4, [(0, 0, 1, 1)]), random_outputs(1, 4, 4, 0)[1],
+                          detections([1]), CLASS_NAMES)
+    with pytest.raises(InvalidArgumentError, match="alpha"):
+        result.overlay(alpha=alpha)
+
+
+@pytest.mark.parametrize(
+    ("change", "argument"),
+    [
+        ({"image": np.zeros((4, 4), np.uint8)}, "image"),
+        ({"image": np.zeros((5, 4, 3), np.uint8)}, "instance_logits"),
+        ({"instance_logits": np.zeros((3, 4, 4), np.float32)}, "instance_logits"),
+        ({"semantic_probabilities": np.zeros((K, 4, 4), np.float32)}, "semantic_probabilities"),
+        ({"class_names": ("a",)}, "semantic_probabilities"),
+    ],
+)
+def test_mismatched_backend_outputs_are_named(change: dict, argument: str) -> None:
+    arguments = dict(image=gray_image(4, 4), instance_logits=painted(4, 4, [(0, 0, 1, 1)]),
+                     semantic_probabilities=random_outputs(1, 4, 4, 0)[1], detections=detections([1]),
+                     class_names=CLASS_NAMES) | change
+    with pytest.raises(InvalidArgumentError, match=argument):
+        build_result(**arguments)
