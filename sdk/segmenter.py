@@ -1,0 +1,88 @@
+"""`Segmenter`: what applications embed. One image and its detections in, a `SegmentationResult` out,
+whichever backend runs the network.
+
+Owns the path from a user's call to a backend and back: choosing and loading the backend once, the
+input checks (`inputs`), the backend's run, and the shared post-processing (`results.build_result`).
+Backends: "onnxruntime" (an exported .onnx; the CRF nodes on the native kernels), "torch" (a training
+checkpoint directory; needs dynseg[train]), "tensorrt" (issue 6). One Segmenter serves concurrent
+calls: it holds no per-call state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from .errors import InvalidArgumentError
+from .inputs import ImageLike, check_detections, load_image
+from .results import SegmentationResult, build_result
+
+Backend = Literal["auto", "onnxruntime", "torch", "tensorrt"]
+
+
+def _choose(path: Path, backend: str) -> str:
+    if backend not in ("auto", "onnxruntime", "torch", "tensorrt"):
+        raise InvalidArgumentError(f"backend must be 'auto', 'onnxruntime', 'torch' or 'tensorrt', got {backend!r}")
+    if backend != "auto":
+        return backend
+    if path.is_dir():
+        return "torch"
+    if path.suffix in (".engine", ".plan"):
+        return "tensorrt"
+    return "onnxruntime"
+
+
+class Segmenter:
+    """Instance segmentation of images given their detections.
+
+    Args:
+        path: an exported model (.onnx), a training checkpoint directory, or a TensorRT engine.
+        backend: "auto" picks by path (directory: torch, .engine/.plan: tensorrt, else onnxruntime).
+        device: "cpu" or "cuda" (the torch backend; the onnxruntime backend runs on the CPU for now).
+    """
+
+    def __init__(self, path: str | Path, backend: Backend = "auto", device: str = "cpu"):
+        if not isinstance(path, (str, Path)):
+            raise InvalidArgumentError(f"path must be a str or Path, got {type(path).__name__}")
+        if device not in ("cpu", "cuda") and not (isinstance(device, str) and device.startswith("cuda:")):
+            raise InvalidArgumentError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        path = Path(path)
+        self.backend_name = _choose(path, backend)
+        if self.backend_name == "onnxruntime":
+            from .onnx_backend import OnnxRuntimeBackend
+
+            self._backend = OnnxRuntimeBackend(path, device=device)
+        elif self.backend_name == "torch":
+            from .torch_backend import TorchBackend
+
+            self._backend = TorchBackend(path, device=device)
+        else:
+            raise InvalidArgumentError(
+                f"backend 'tensorrt' ({path}): the TensorRT backend is not built yet in this release; export "
+                "ONNX (`dynseg export CKPT --format onnx`) and use backend='onnxruntime'"
+            )
+        self.path = path
+        self.class_names: tuple[str, ...] = self._backend.class_names
+        self.max_detections: int = self._backend.max_detections
+
+    def segment(self, image: ImageLike, boxes: object, labels: object, scores: object) -> SegmentationResult:
+        """Segments one image.
+
+        image: (H, W, 3) uint8 RGB, (H, W) grayscale, (H, W, 4) RGBA, or a path to an image file.
+        boxes: (D, 4) xyxy pixels; labels: (D,) class ids in 1..K; scores: (D,); D >= 0 (up to
+        max_detections). Boxes reaching outside the image are clipped; inverted, zero-area and
+        outside ones are dropped with a warning and recorded in the result's `dropped`.
+        """
+        rgb = load_image(image)
+        height, width = rgb.shape[:2]
+        detections = check_detections(boxes, labels, scores, height=height, width=width,
+                                      num_classes=len(self.class_names), max_detections=self.max_detections,
+                                      stacklevel=3)
+        outputs = self._backend.run(rgb, detections.boxes, detections.labels, detections.scores)
+        return build_result(rgb, outputs["instance_logits"], outputs["semantic_probabilities"], detections,
+                            self.class_names)
+
+    def __repr__(self) -> str:
+        return f"Segmenter({str(self.path)!r}, backend={self.backend_name!r}, classes={len(self.class_names)})"

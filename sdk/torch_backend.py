@@ -1,0 +1,51 @@
+"""The torch backend: a training checkpoint run by the trainer's network, so that one
+`Segmenter.segment` call compares PyTorch with the exported model. The only backend that needs torch,
+imported when it is chosen."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InvalidArgumentError
+
+UNLIMITED_DETECTIONS = 10_000  # the network itself has no limit; this keeps a call's memory sane
+
+
+class TorchBackend:
+    """A checkpoint directory (model.json + model.safetensors) on the CPU or a CUDA device."""
+
+    def __init__(self, path: str | Path, *, device: str = "cpu"):
+        try:
+            import torch
+
+            from dynseg.trainer.train import load_checkpoint
+        except ImportError as error:
+            raise InvalidArgumentError(
+                f"backend='torch' needs PyTorch and dynseg's trainer: pip install 'dynseg[train]' ({error})"
+            ) from None
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise InvalidArgumentError(f"checkpoint {self.path} is not a directory (model.json + model.safetensors)")
+        try:
+            self._model = load_checkpoint(self.path).eval().to(device)
+        except FileNotFoundError as error:
+            raise InvalidArgumentError(str(error)) from None
+        self._torch = torch
+        self._device = device
+        self.class_names: tuple[str, ...] = tuple(self._model.config.class_names)
+        self.max_detections = UNLIMITED_DETECTIONS
+
+    def run(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> dict[str, np.ndarray]:
+        torch = self._torch
+        as_tensor = lambda a, dtype: torch.as_tensor(np.ascontiguousarray(a), dtype=dtype, device=self._device)
+        with torch.no_grad():
+            output = self._model(
+                as_tensor(image.transpose(2, 0, 1), torch.float32), as_tensor(boxes.reshape(-1, 4), torch.float32),
+                as_tensor(labels, torch.int64), as_tensor(scores, torch.float32),
+            )
+        return {
+            "instance_logits": output.instance_logits.cpu().numpy(),
+            "semantic_probabilities": output.semantic_probabilities.cpu().numpy(),
+        }

@@ -1,0 +1,152 @@
+"""The exported model computes what PyTorch computes: a fresh checkpoint exported to ONNX, run by
+the onnxruntime backend (CRF nodes on the native kernels) and by the torch backend, on real photos
+with D = 0, 1, 2, 7 and 50 detections at several sizes; plus the graph's contract and the errors of
+loading something that is not a dynseg model."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from dynseg.export.onnx import export_onnx  # noqa: E402
+from dynseg.sdk import InvalidArgumentError, samples  # noqa: E402
+from dynseg.sdk.segmenter import Segmenter  # noqa: E402
+from dynseg.trainer.model.instance import InstanceConfig  # noqa: E402
+from dynseg.trainer.model.network import ModelConfig, build_model  # noqa: E402
+from dynseg.trainer.train import load_checkpoint, save_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(checkpoint dir, onnx path) of a fresh resnet18 network with 3 classes."""
+    torch.manual_seed(0)
+    config = ModelConfig(backbone="resnet18", class_names=("cat", "cup", "person"),
+                         instance=InstanceConfig(templates_per_group=4, template_size=16))
+    model = build_model(config)
+    with torch.no_grad():  # distinct templates, as trained ones are: identical ones make exact ties
+        model.instance_unaries.templates.uniform_(0.0, 1.0)
+    directory = tmp_path_factory.mktemp("model")
+    save_checkpoint(directory / "checkpoint", model)
+    path = export_onnx(load_checkpoint(directory / "checkpoint"), directory / "model.onnx")
+    return directory / "checkpoint", path
+
+
+@pytest.fixture(scope="module")
+def segmenters(exported):
+    checkpoint, path = exported
+    return Segmenter(path, backend="onnxruntime"), Segmenter(checkpoint, backend="torch")
+
+
+def _case(name: str, size: tuple[int, int] | None, detections: int, seed: int):
+    """A photo (cropped to size) and `detections` random boxes of random classes over it."""
+    image = samples.load(name)
+    if size is not None:
+        image = np.ascontiguousarray(image[: size[0], : size[1]])
+    height, width = image.shape[:2]
+    rng = np.random.default_rng(seed)
+    x1 = rng.integers(0, width - 2, detections)
+    y1 = rng.integers(0, height - 2, detections)
+    x2 = np.minimum(width - 1, x1 + rng.integers(1, width // 2, detections))
+    y2 = np.minimum(height - 1, y1 + rng.integers(1, height // 2, detections))
+    boxes = np.stack([x1, y1, x2, y2], axis=1).astype(np.float32).reshape(-1, 4)
+    return image, boxes, rng.integers(1, 4, detections), rng.uniform(0.05, 1.0, detections).astype(np.float32)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=0, keepdims=True))
+    return e / e.sum(axis=0, keepdims=True)
+
+
+@pytest.mark.parametrize("detections, name, size", [
+    (0, "coffee", None), (1, "chelsea", (240, 320)), (2, "astronaut", None), (7, "coffee", (200, 333)),
+    (50, "chelsea", None),
+])
+def test_onnxruntime_matches_pytorch(segmenters, detections, name, size):
+    onnx_seg, torch_seg = segmenters
+    image, boxes, labels, scores = _case(name, size, detections, seed=detections)
+    raw = [s._backend.run(image, boxes, labels, scores) for s in segmenters]
+    q_onnx, q_torch = (_softmax(r["instance_logits"]) for r in raw)
+    assert q_onnx.shape == (detections + 1, *image.shape[:2])
+    assert np.abs(q_onnx - q_torch).max() <= 1e-4
+    assert np.abs(raw[0]["semantic_probabilities"] - raw[1]["semantic_probabilities"]).max() <= 1e-4
+    # Where two labels tie to within the tolerance the winner is float noise: two detections of one
+    # class share their global term, so they tie exactly outside both boxes. Agreement and IoU are
+    # measured where the decision is not a tie.
+    top2 = np.sort(np.concatenate([np.zeros_like(q_torch[:1]), q_torch]), axis=0)[-2:]
+    decided = top2[1] - top2[0] > 1e-4
+    assert (q_onnx.argmax(0) == q_torch.argmax(0))[decided].mean() >= 0.999
+    results = [s.segment(image, boxes, labels, scores) for s in segmenters]
+    masks = [{i.detection: i.mask & decided for i in r.instances} for r in results]
+    assert masks[0].keys() == masks[1].keys()
+    for detection in masks[0]:
+        a, b = masks[0][detection], masks[1][detection]
+        union = (a | b).sum()
+        assert union == 0 or (a & b).sum() / union >= 0.99
+
+
+def test_no_detections_give_all_background(segmenters):
+    image, boxes, labels, scores = _case("astronaut", (64, 96), 0, seed=3)
+    result = segmenters[0].segment(image, boxes, labels, scores)
+    assert result.instances == [] and not result.instance_map.any()
+
+
+def test_the_graph_has_two_crf_nodes_dynamic_axes_and_metadata(exported):
+    model = onnx.load(str(exported[1]))
+    onnx.checker.check_model(model)
+    crf = [n for n in model.graph.node if n.domain == "dynseg"]
+    assert [n.op_type for n in crf] == ["MeanFieldCRF", "MeanFieldCRF"]
+    assert {o.domain: o.version for o in model.opset_import}["dynseg"] == 1
+    assert all(n.domain in ("", "dynseg") for n in model.graph.node)
+    assert not {"Unique", "ScatterND"} & {n.op_type for n in model.graph.node}
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    assert dims == {"image": [1, 3, "height", "width"], "boxes": ["detections", 4], "labels": ["detections"],
+                    "scores": ["detections"]}
+    metadata = {p.key: p.value for p in model.metadata_props}
+    assert {"dynseg_version", "dynseg_op_version", "class_names", "preprocessing", "model_config",
+            "max_detections"} <= set(metadata)
+
+
+def test_concurrent_calls_give_the_sequential_results(segmenters):
+    onnx_seg = segmenters[0]
+    cases = [_case("coffee", (96 + 8 * k, 128 - 4 * k), k, seed=k) for k in range(4)]
+    expected = [onnx_seg._backend.run(*case)["instance_logits"] for case in cases]
+    got = [None] * len(cases)
+
+    def work(k):
+        got[k] = onnx_seg._backend.run(*cases[k])["instance_logits"]
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(expected, got):
+        assert np.array_equal(a, b)
+
+
+def test_more_detections_than_the_model_allows_are_refused(segmenters):
+    onnx_seg = segmenters[0]
+    image, boxes, labels, scores = _case("coffee", (64, 64), onnx_seg.max_detections + 1, seed=1)
+    with pytest.raises(InvalidArgumentError, match="above this model's limit of 100"):
+        onnx_seg.segment(image, boxes, labels, scores)
+
+
+def test_files_that_are_not_dynseg_models_are_named(tmp_path, exported):
+    with pytest.raises(InvalidArgumentError, match="does not exist"):
+        Segmenter(tmp_path / "missing.onnx")
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(exported[1].read_bytes()[:1000])
+    with pytest.raises(InvalidArgumentError, match="truncated.onnx"):
+        Segmenter(truncated)
+    plain = tmp_path / "plain.onnx"
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g",
+                                   [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    onnx.save(onnx.helper.make_model(graph), str(plain))
+    with pytest.raises(InvalidArgumentError, match="not a dynseg export"):
+        Segmenter(plain)
