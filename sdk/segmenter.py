@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 
 from .errors import InvalidArgumentError
 from .inputs import ImageLike, check_detections, load_image
