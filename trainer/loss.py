@@ -54,6 +54,11 @@ def matched_ground_truth(
     instance_logits: (D+1, H, W); boxes (D, 4) and labels (D,) of the detections; gt_masks (M, H, W)
     bool, gt_labels (M,) in 1..K; void: (H, W) bool or None.
     """
+    device = instance_logits.device
+    # the matching runs on the CPU (scipy's assignment); only the target goes back to the device
+    instance_logits, boxes, labels, gt_masks, gt_labels = (
+        t.detach().cpu() for t in (instance_logits, boxes, labels, gt_masks, gt_labels))
+    void = None if void is None else void.cpu()
     detections = instance_logits.shape[0] - 1
     height, width = instance_logits.shape[1:]
     target = torch.zeros(height, width, dtype=torch.int64)
@@ -74,7 +79,7 @@ def matched_ground_truth(
         target[gt_masks[int(m)]] = IGNORE  # a ground-truth instance no detection explains
     if void is not None:
         target[void] = IGNORE
-    return target
+    return target.to(device)
 
 
 def instance_loss(

@@ -97,7 +97,7 @@ def check_detections(
     if outside.any():
         raise ValueError(f"boxes {outside.nonzero().flatten().tolist()} lie wholly outside the "
                          f"{width}x{height} image")
-    limits = torch.tensor([width - 1, height - 1, width - 1, height - 1], dtype=boxes.dtype)
+    limits = torch.tensor([width - 1, height - 1, width - 1, height - 1], dtype=boxes.dtype, device=boxes.device)
     clipped = torch.minimum(torch.clamp(torch.floor(boxes), min=0), limits)
     if (clipped != torch.floor(boxes)).any():
         warnings.warn("boxes reaching outside the image were clipped to it", stacklevel=3)
@@ -163,12 +163,13 @@ def instances(instance_logits: Tensor, q_sem: Tensor, labels: Tensor) -> dict[st
     winner = instance_logits.argmax(dim=0)  # (H, W) in 0..D
     present = torch.unique(winner)
     present = present[present > 0]  # detection index + 1, ascending = detection order
-    renumber = torch.zeros(instance_logits.shape[0], dtype=torch.int64)
-    renumber[present] = torch.arange(1, len(present) + 1)
+    device = instance_logits.device
+    renumber = torch.zeros(instance_logits.shape[0], dtype=torch.int64, device=device)
+    renumber[present] = torch.arange(1, len(present) + 1, device=device)
     detections = present - 1
     classes = labels[detections]
     scores = torch.stack([q_sem[c][winner == d + 1].mean() for c, d in zip(classes, detections)]) \
-        if len(detections) else torch.zeros(0)
+        if len(detections) else torch.zeros(0, device=device)
     return {
         "instance_map": renumber[winner],
         "instance_labels": classes,
