@@ -1,4 +1,4 @@
-"""dynseg.plugins: the native kernel library (C++17, CUDA later) and where to find it.
+"""dynseg.plugins: the native kernel library (C++17, and CUDA when built with nvcc) and where to find it.
 
 The library is built by the package build (CMake through scikit-build-core) and installed next to
 this file; its C ABI is `include/dynseg_crf.h`. `library_path()` is the one place that knows where
