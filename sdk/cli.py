@@ -249,3 +249,208 @@ def evaluate_command(
     target.mkdir(parents=True, exist_ok=True)
     (target / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (target / "metrics.md").write_text(table + "\n")
+
+
+# ------------------------------------------------------------------------------------------ deployment
+
+
+def _torch_or_fail(what: str) -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError as error:
+        raise _fail(f'{what} needs torch: pip install torch==2.13.0 "dynseg[train]" (the CPU wheel)') from error
+
+
+def _segmenter(model: Path, backend: str, device: str):
+    from .segmenter import Segmenter
+
+    if backend not in ("auto", "onnxruntime", "torch", "tensorrt"):
+        raise typer.BadParameter(f"{backend!r} is not one of auto, onnxruntime, torch, tensorrt",
+                                 param_hint="--backend")
+    try:
+        return Segmenter(model, backend=backend, device=device)
+    except DynsegError as error:
+        raise _fail(str(error)) from error
+
+
+def _parse_sizes(text: str) -> list[tuple[int, int]]:
+    sizes = []
+    for part in text.split(","):
+        height, _, width = part.strip().lower().partition("x")
+        if not (height.isdigit() and width.isdigit() and int(height) >= 8 and int(width) >= 8):
+            raise typer.BadParameter(f"{part!r} is not HxW (e.g. 512x512, each at least 8)", param_hint="--sizes")
+        sizes.append((int(height), int(width)))
+    return sizes
+
+
+def _parse_counts(text: str) -> list[int]:
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise typer.BadParameter(f"{text!r} is not a comma-separated list of counts >= 0 (e.g. 0,1,10,50)",
+                                 param_hint="--detections")
+    return [int(p) for p in parts]
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., exists=True, file_okay=False, help="Folder written by dynseg train."),
+    format: str = typer.Option("onnx", "--format", help="onnx, or engine (TensorRT, not built yet)."),
+    out: Path = typer.Option(..., "--out", dir_okay=False, help="The file to write, e.g. model.onnx."),
+    max_detections: int = typer.Option(100, "--max-detections", min=1,
+                                       help="Most detections per image the runtime accepts."),
+) -> None:
+    """Export a checkpoint for deployment: ONNX with the dynseg::MeanFieldCRF op (docs/ops.md)."""
+    if format == "engine":
+        raise _fail("--format engine: the TensorRT engine builder is not built yet (issue 6); export ONNX with "
+                    "--format onnx and run it with the onnxruntime backend")
+    if format != "onnx":
+        raise typer.BadParameter(f"{format!r} is not one of onnx, engine", param_hint="--format")
+    _torch_or_fail("dynseg export")
+    from dynseg.export.onnx import export_onnx
+    from dynseg.trainer.train import load_checkpoint
+
+    try:
+        model = load_checkpoint(checkpoint)
+    except FileNotFoundError as error:
+        raise _fail(str(error)) from error
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = export_onnx(model, out, max_detections=max_detections)
+    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {len(model.config.class_names)} classes, "
+               f"up to {max_detections} detections); next: dynseg validate {path} --checkpoint {checkpoint}")
+
+
+@app.command()
+def infer(
+    model: Path = typer.Argument(..., help="An exported .onnx model (or a checkpoint folder with --backend torch)."),
+    images: list[Path] = typer.Argument(..., exists=True, dir_okay=False, help="Image files to segment."),
+    detections: Path = typer.Option(..., "--detections", exists=True, dir_okay=False,
+                                    help="COCO results JSON; image_id = the image file's stem (or its number)."),
+    out: Path = typer.Option(..., "--out", file_okay=False, help="Folder for the PNGs and results.json."),
+    backend: str = typer.Option("auto", "--backend", help="auto, onnxruntime, torch or tensorrt."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+) -> None:
+    """Segment images given their detections: per image {stem}_overlay.png and {stem}_instances.png
+    (16-bit, pixel = instance id, 0 = background), and results.json (COCO results) for all."""
+    import sys
+
+    from .commands import infer as job
+    from .commands.progress import item_progress
+
+    segmenter = _segmenter(model, backend, device)
+    try:
+        summary = job.run(segmenter, images, detections, out,
+                          progress=lambda total: item_progress("infer", total, live=sys.stdout.isatty(),
+                                                               printer=typer.echo))
+    except DynsegError as error:
+        raise _fail(str(error)) from error
+    typer.echo(f"wrote {summary.images} overlays and instance maps to {out}/ and {summary.instances} instances to "
+               f"{summary.results}; {summary.dropped} detections got no instance")
+
+
+@app.command()
+def validate(
+    model: Path = typer.Argument(..., help="The exported .onnx model."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", exists=True, file_okay=False,
+                                    help="The checkpoint folder it was exported from."),
+    images: Optional[list[Path]] = typer.Option(None, "--images", exists=True, dir_okay=False,
+                                                help="Image files (repeat the option); default: the sample photos."),
+    detections: Optional[Path] = typer.Option(None, "--detections", exists=True, dir_okay=False,
+                                              help="COCO results JSON for --images; default: generated boxes."),
+) -> None:
+    """Parity of the exported model (onnxruntime) with its checkpoint (PyTorch): max |Δ| of the instance
+    and semantic probabilities (<= 1e-4), argmax agreement on decided pixels (>= 99.9 %), per-instance
+    mask IoU (>= 0.99). Exit status 1 when any check fails."""
+    _torch_or_fail("dynseg validate")
+    from .commands import parity
+    from .commands.images import generated_detections, read_detections, sample_cases
+    from .inputs import load_image
+
+    if detections is not None and not images:
+        raise typer.BadParameter("--detections needs --images, the files it names", param_hint="--detections")
+    try:
+        if not images:
+            from .onnx_backend import OnnxRuntimeBackend
+
+            cases = sample_cases(len(OnnxRuntimeBackend(model).class_names))
+        else:
+            pictures = [load_image(path) for path in images]
+            if detections is None:
+                from .onnx_backend import OnnxRuntimeBackend
+
+                classes = len(OnnxRuntimeBackend(model).class_names)
+                found = [generated_detections(*p.shape[:2], 5, num_classes=classes, seed=i)
+                         for i, p in enumerate(pictures)]
+            else:
+                found = read_detections(detections, images)
+            cases = [(path.name, picture, dets) for path, picture, dets in zip(images, pictures, found)]
+        report = parity.validate(model, checkpoint, cases)
+    except DynsegError as error:
+        raise _fail(str(error)) from error
+    typer.echo(f"{model} (onnxruntime) vs {checkpoint} (PyTorch):\n{report.table()}")
+    if not report:
+        failed = [str(c) for c in report.worst() if not c]
+        raise _fail("parity check failed: " + "; ".join(failed))
+    typer.echo("parity: ok (" + "; ".join(str(c) for c in report.worst()) + ")")
+
+
+@app.command()
+def bench(
+    model: Path = typer.Argument(..., help="The exported .onnx model."),
+    sizes: str = typer.Option("256x256,512x512", "--sizes", help="Image sizes HxW, comma-separated."),
+    detections: str = typer.Option("0,1,10,50", "--detections", help="Detection counts D, comma-separated."),
+    repeats: int = typer.Option(10, "--repeats", min=1, help="Timed calls per case (after one warm-up call)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", exists=True, file_okay=False,
+                                              help="Also time this checkpoint on PyTorch (CPU), same inputs."),
+    json_out: Optional[Path] = typer.Option(None, "--json", dir_okay=False, help="Also write the rows as JSON."),
+) -> None:
+    """Latency (p50/p90/p99) and throughput of the exported model on the CPU over image sizes and D, split
+    into network, CRFs and post-processing."""
+    import json
+
+    from .commands import bench as job
+
+    parsed_sizes, counts = _parse_sizes(sizes), _parse_counts(detections)
+    if checkpoint is not None:
+        _torch_or_fail("dynseg bench --checkpoint")
+    try:
+        rows = job.run(model, sizes=parsed_sizes, detections=counts, repeats=repeats, checkpoint=checkpoint,
+                       on_row=lambda r: typer.echo(f"[bench] {r.backend} {r.height}x{r.width} D={r.detections}: "
+                                                   f"p50 {r.p50_ms:.1f} ms"))
+    except DynsegError as error:
+        raise _fail(str(error)) from error
+    typer.echo(job.table(rows))
+    if json_out is not None:
+        json_out.write_text(json.dumps(job.as_json(rows), indent=2))
+        typer.echo(f"wrote {json_out}")
+
+
+@app.command()
+def quickstart(
+    out: Path = typer.Option(..., "--out", file_okay=False, help="Folder for everything it makes."),
+    steps: int = typer.Option(600, "--steps", min=2,
+                              help="Training steps in all (6:1 semantic:instance); 600 take about 10 minutes "
+                                   "on 2 CPU cores."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the data, detections and initialisation."),
+) -> None:
+    """Train a small model on synthetic scenes, evaluate, export ONNX, validate parity and segment sample
+    images, all into --out; then print what it made and what to run next."""
+    _torch_or_fail("dynseg quickstart")
+    import sys
+
+    from .commands import quickstart as job
+
+    summary = job.run(out, steps=steps, seed=seed, printer=typer.echo, live=sys.stdout.isatty())
+    metrics = summary.metrics
+    typer.echo(f"\nheld-out synthetic scenes: AP^r at 0.5 {100 * metrics['ap_r']['0.5']:.1f} %, "
+               f"AP^r_vol {100 * metrics['ap_r_vol']:.1f} %, PQ {100 * metrics['pq']:.1f} %")
+    typer.echo("parity onnxruntime vs PyTorch: " + ("ok" if summary.parity else "FAILED") + " ("
+               + "; ".join(str(c) for c in summary.parity.worst()) + ")")
+    typer.echo("made:\n" + "\n".join(f"  {path}" for path in summary.files))
+    model, ckpt = summary.model, summary.checkpoint
+    typer.echo("next:\n"
+               f"  dynseg validate {model} --checkpoint {ckpt}\n"
+               f"  dynseg bench {model} --sizes 512x512 --detections 10\n"
+               f"  dynseg infer {model} IMAGES... --detections dets.json --out {out}/infer\n"
+               f"  python -c \"from dynseg.sdk.segmenter import Segmenter; print(Segmenter('{model}'))\"")
+    if not summary.parity:
+        raise typer.Exit(1)

@@ -1,0 +1,12 @@
+"""The work behind the deployment commands of `dynseg` (sdk/cli.py parses arguments and prints; these
+modules do the work and return what the command reports).
+
+- `images`: which detections go with which image file (a COCO results file, or generated boxes).
+- `infer`: segment image files with an exported model; overlays, instance-id PNGs, COCO results.
+- `parity`: the exported model against its checkpoint (`dynseg validate`), a report truthy on pass.
+- `bench`: latency and throughput of an exported model over detection counts and image sizes.
+- `quickstart`: train, evaluate, export, validate and segment in one go (needs torch).
+- `progress`: the per-image progress display (a bar on a terminal, plain lines elsewhere).
+
+Only `quickstart` and the torch side of `parity` need torch; they import it when they run.
+"""

@@ -1,0 +1,119 @@
+"""`dynseg bench`: latency and throughput of an exported model (the onnxruntime backend on the CPU)
+over a sweep of detection counts D and image sizes, split into the network (onnxruntime's partitions),
+the CRFs (the dynseg::MeanFieldCRF nodes on the native kernels) and the post-processing
+(`results.build_result`). With a checkpoint, the PyTorch backend's time for the same inputs (network
+and CRFs together, plus the same post-processing) is measured in the same run for comparison.
+
+Inputs: the shipped coffee photo resized to each size (bilinear), with `images.generated_detections`
+boxes; the same sweep gives the same inputs. Each case runs once untimed (warm-up), then `repeats`
+times. Latency is the wall time of one call (checks, backend, post-processing); throughput is
+1 / mean latency (one call at a time).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..inputs import check_detections
+from ..results import build_result
+from .images import generated_detections
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    """One case: backend, image (H, W), D, and milliseconds (percentiles of the per-call total; medians
+    of the parts; network/crf are None for a backend that does not split them)."""
+
+    backend: str
+    height: int
+    width: int
+    detections: int
+    repeats: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    network_ms: float | None
+    crf_ms: float | None
+    post_ms: float
+    images_per_s: float
+
+
+def bench_image(height: int, width: int) -> np.ndarray:
+    """(height, width, 3) uint8: the coffee photo resized."""
+    from PIL import Image
+
+    from .. import samples
+
+    with Image.open(samples.path("coffee")) as photo:
+        return np.array(photo.convert("RGB").resize((width, height), Image.BILINEAR))
+
+
+def _time_case(backend, name: str, image, dets, class_names, max_detections, repeats: int, split: bool) -> BenchRow:
+    totals, networks, crfs, posts = [], [], [], []
+    for repeat in range(repeats + 1):  # the first is a warm-up
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        checked = check_detections(dets.boxes, dets.labels, dets.scores, height=image.shape[0], width=image.shape[1],
+                                   num_classes=len(class_names), max_detections=max_detections)
+        if split:
+            outputs = backend.run(image, checked.boxes, checked.labels, checked.scores, timings=timings)
+        else:
+            outputs = backend.run(image, checked.boxes, checked.labels, checked.scores)
+        post = time.perf_counter()
+        build_result(image, outputs["instance_logits"], outputs["semantic_probabilities"], checked, class_names)
+        end = time.perf_counter()
+        if repeat:
+            totals.append(end - start)
+            posts.append(end - post)
+            networks.append(timings.get("network", 0.0))
+            crfs.append(timings.get("crf", 0.0))
+    ms = lambda values, q=50: float(np.percentile(values, q) * 1e3)  # noqa: E731
+    return BenchRow(backend=name, height=image.shape[0], width=image.shape[1], detections=len(dets.scores),
+                    repeats=repeats, p50_ms=ms(totals), p90_ms=ms(totals, 90), p99_ms=ms(totals, 99),
+                    network_ms=ms(networks) if split else None, crf_ms=ms(crfs) if split else None,
+                    post_ms=ms(posts), images_per_s=1.0 / float(np.mean(totals)))
+
+
+def run(model_path, *, sizes: Sequence[tuple[int, int]], detections: Sequence[int], repeats: int,
+        checkpoint=None, on_row: Callable[[BenchRow], object] | None = None) -> list[BenchRow]:
+    """Times every (size, D) case on the exported model and, given `checkpoint`, on PyTorch too."""
+    from ..onnx_backend import OnnxRuntimeBackend
+
+    backends = [("onnxruntime", OnnxRuntimeBackend(model_path), True)]
+    if checkpoint is not None:
+        from ..torch_backend import TorchBackend
+
+        backends.append(("torch", TorchBackend(checkpoint), False))
+    exported = backends[0][1]
+    rows = []
+    for height, width in sizes:
+        image = bench_image(height, width)
+        for count in detections:
+            dets = generated_detections(height, width, count, num_classes=len(exported.class_names), seed=0)
+            for name, backend, split in backends:
+                row = _time_case(backend, name, image, dets, exported.class_names, exported.max_detections,
+                                 repeats, split)
+                rows.append(row)
+                if on_row is not None:
+                    on_row(row)
+    return rows
+
+
+def table(rows: Sequence[BenchRow]) -> str:
+    """The rows as a markdown table, milliseconds."""
+    lines = ["| backend | H x W | D | p50 ms | p90 ms | p99 ms | network ms | CRFs ms | post ms | images/s |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    part = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    for r in rows:
+        lines.append(f"| {r.backend} | {r.height} x {r.width} | {r.detections} | {r.p50_ms:.1f} | {r.p90_ms:.1f} | "
+                     f"{r.p99_ms:.1f} | {part(r.network_ms)} | {part(r.crf_ms)} | {r.post_ms:.1f} | "
+                     f"{r.images_per_s:.2f} |")
+    return "\n".join(lines)
+
+
+def as_json(rows: Sequence[BenchRow]) -> list[dict]:
+    return [asdict(r) for r in rows]

@@ -1,0 +1,76 @@
+"""`dynseg infer`: segment image files with a model, writing per image an overlay and an instance-id
+PNG, and one COCO results file for all.
+
+What it writes into `out`:
+
+- `{stem}_overlay.png`: `SegmentationResult.overlay()`, the photo with each instance blended in its
+  own colour and outlined (8-bit RGB).
+- `{stem}_instances.png`: the instance map, a 16-bit grayscale PNG of the image's size; pixel value 0
+  is background and i > 0 is the image's i-th instance, the i-th entry of that image in
+  `results.json` (instances are numbered in detection order). Read it with
+  `np.array(PIL.Image.open(path))`.
+- `results.json`: COCO results, one entry per instance of every image (image_id as the detections
+  file named the image, category_id, segmentation as compressed RLE, score, bbox of the mask).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DetectionsDroppedWarning, InvalidArgumentError
+from ..inputs import load_image
+from .images import read_detections
+from .progress import ItemProgress
+
+RESULTS_FILE = "results.json"
+
+
+@dataclass(frozen=True)
+class InferSummary:
+    images: int
+    instances: int
+    dropped: int  # detections that got no instance (refused boxes and those that won no pixel)
+    results: Path  # the COCO results file
+
+
+def run(segmenter, images: Sequence[str | Path], detections: str | Path, out: str | Path, *,
+        progress: Callable[[int], ItemProgress] | None = None) -> InferSummary:
+    """Segments every image file of `images` with `segmenter` (a dynseg.sdk.segmenter.Segmenter), its
+    detections read from the COCO results file `detections` (matched as dynseg.sdk.commands.images
+    says), and writes the files the module docstring lists into `out`. `progress(total)` makes the
+    display, updated after each image. Raises InvalidArgumentError naming the image or file at fault
+    (nothing is written for images after it)."""
+    paths = [Path(p) for p in images]
+    found = read_detections(detections, paths)  # checks the file before any image is segmented
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+
+    display = progress(len(paths)) if progress is not None else None
+    entries, dropped = [], 0
+    try:
+        for done, (path, dets) in enumerate(zip(paths, found), start=1):
+            image = load_image(path)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DetectionsDroppedWarning)  # counted in the summary instead
+                    result = segmenter.segment(image, dets.boxes, dets.labels, dets.scores)
+            except InvalidArgumentError as error:
+                raise InvalidArgumentError(f"{path} (detections from {detections}): {error}") from None
+            Image.fromarray(result.overlay()).save(out / f"{path.stem}_overlay.png")
+            Image.fromarray(result.instance_map.astype(np.uint16)).save(out / f"{path.stem}_instances.png")
+            entries += [{**entry, "image_id": dets.image_id} for entry in result.to_coco(0)]
+            dropped += len(result.dropped)
+            if display is not None:
+                display.update(done, path.name)
+    finally:
+        if display is not None:
+            display.close()
+    (out / RESULTS_FILE).write_text(json.dumps(entries))
+    return InferSummary(images=len(paths), instances=len(entries), dropped=dropped, results=out / RESULTS_FILE)

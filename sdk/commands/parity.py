@@ -1,0 +1,166 @@
+"""`dynseg validate`: does an exported model compute what its checkpoint computes?
+
+Runs the exported model (onnxruntime backend) and the checkpoint (torch backend) on the same images
+and detections and compares, per image (issue 4 item 5's tolerances, the rules of
+tests/export/test_onnx_parity.py):
+
+- instance probabilities: max |Δ| of softmax(instance logits) over the D+1 labels, at most 1e-4;
+- semantic probabilities: max |Δ|, at most 1e-4;
+- argmax agreement of the instance labels on *decided* pixels, at least 99.9 %;
+- per-instance mask IoU (each detection's instance, on decided pixels), the smallest at least 0.99.
+
+A pixel is decided when PyTorch's two most probable instance labels differ by more than the
+probability tolerance (1e-4): elsewhere the winner is float noise (two detections of one class share
+their global term and tie exactly outside both boxes; docs/ops.md). The report is truthy when every
+check passes and shows the value each check measured beside its limit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..inputs import check_detections
+from ..results import SegmentationResult, build_result
+
+PROBABILITY_ATOL = 1e-4
+MIN_AGREEMENT = 0.999
+MIN_IOU = 0.99
+
+
+@dataclass(frozen=True)
+class Check:
+    """One measured quantity against its limit: a ceiling (`at_most`) or a floor (not `at_most`)."""
+
+    name: str
+    value: float
+    limit: float
+    at_most: bool
+
+    def __bool__(self) -> bool:
+        return self.value <= self.limit if self.at_most else self.value >= self.limit
+
+    def __str__(self) -> str:
+        sign = "<=" if self.at_most else ">="
+        number = (lambda v: f"{v:.2e}") if self.at_most else (lambda v: f"{v:.5f}")
+        return f"{self.name} {number(self.value)} ({sign} {number(self.limit)}) {'ok' if self else 'FAIL'}"
+
+
+@dataclass(frozen=True)
+class ImageParity:
+    """The checks of one image: name, (H, W), D (detections the model ran on) and the four checks."""
+
+    name: str
+    size: tuple[int, int]
+    detections: int
+    checks: list[Check]
+
+    def __bool__(self) -> bool:
+        return all(self.checks)
+
+
+@dataclass
+class ParityReport:
+    """Every image's checks; truthy when all pass."""
+
+    images: list[ImageParity] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.images) and all(self.images)
+
+    def worst(self) -> list[Check]:
+        """Per check name, the worst value over the images (what the model actually needed)."""
+        out = {}
+        for image in self.images:
+            for check in image.checks:
+                best = out.get(check.name)
+                if best is None or (check.value > best.value if check.at_most else check.value < best.value):
+                    out[check.name] = check
+        return list(out.values())
+
+    def table(self) -> str:
+        """A markdown table: one row per image, one column per check, then the worst row."""
+        names = [c.name for c in self.images[0].checks] if self.images else []
+        lines = ["| image | H x W | D | " + " | ".join(names) + " | result |",
+                 "| --- | --- | ---: | " + " | ".join("---:" for _ in names) + " | --- |"]
+        for image in self.images:
+            values = [_value(c) for c in image.checks]
+            lines.append(f"| {image.name} | {image.size[0]} x {image.size[1]} | {image.detections} | "
+                         + " | ".join(values) + f" | {'ok' if image else 'FAIL'} |")
+        limits = [("<= " if c.at_most else ">= ") + _value(Check(c.name, c.limit, c.limit, c.at_most))
+                  for c in (self.images[0].checks if self.images else [])]
+        lines.append("| limit | | | " + " | ".join(limits) + " | |")
+        return "\n".join(lines)
+
+
+def _value(check: Check) -> str:
+    return f"{check.value:.2e}" if check.at_most else f"{check.value:.5f}"
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=0, keepdims=True))
+    return e / e.sum(axis=0, keepdims=True)
+
+
+def compare(name: str, candidate: dict, reference: dict, candidate_result: SegmentationResult,
+            reference_result: SegmentationResult) -> ImageParity:
+    """The four checks of one image. candidate/reference: a backend's raw outputs (instance_logits
+    (D+1, H, W), semantic_probabilities (K+1, H, W)), the exported model's and PyTorch's; the results
+    are build_result's of the same outputs."""
+    q_cand, q_ref = _softmax(candidate["instance_logits"]), _softmax(reference["instance_logits"])  # (D+1, H, W)
+    sem = np.abs(candidate["semantic_probabilities"] - reference["semantic_probabilities"]).max()
+    # A zero row makes the gap of a single label (D = 0) its probability, 1: always decided.
+    top2 = np.sort(np.concatenate([np.zeros_like(q_ref[:1]), q_ref]), axis=0)[-2:]  # (2, H, W)
+    decided = top2[1] - top2[0] > PROBABILITY_ATOL  # (H, W)
+    agree = (q_cand.argmax(0) == q_ref.argmax(0))[decided]
+    masks = [{i.detection: i.mask & decided for i in r.instances} for r in (candidate_result, reference_result)]
+    ious = []
+    for detection in sorted(masks[0].keys() | masks[1].keys()):
+        a = masks[0].get(detection, np.zeros_like(decided))
+        b = masks[1].get(detection, np.zeros_like(decided))
+        union = (a | b).sum()
+        if union:
+            ious.append((a & b).sum() / union)
+    return ImageParity(name=name, size=tuple(decided.shape), detections=len(q_ref) - 1, checks=[
+        Check("instance prob max abs diff", float(np.abs(q_cand - q_ref).max()), PROBABILITY_ATOL, True),
+        Check("semantic prob max abs diff", float(sem), PROBABILITY_ATOL, True),
+        Check("argmax agreement", float(agree.mean()) if agree.size else 1.0, MIN_AGREEMENT, False),
+        Check("min mask IoU", float(min(ious, default=1.0)), MIN_IOU, False),
+    ])
+
+
+def run_backend(backend, image: np.ndarray, boxes, labels, scores, class_names, max_detections: int):
+    """(raw outputs, SegmentationResult) of one backend on one checked image: what Segmenter.segment
+    does, keeping the raw outputs the comparison needs."""
+    detections = check_detections(boxes, labels, scores, height=image.shape[0], width=image.shape[1],
+                                  num_classes=len(class_names), max_detections=max_detections, stacklevel=3)
+    outputs = backend.run(image, detections.boxes, detections.labels, detections.scores)
+    return outputs, build_result(image, outputs["instance_logits"], outputs["semantic_probabilities"], detections,
+                                 class_names)
+
+
+def validate(model_path, checkpoint_path, cases: Iterable[tuple[str, np.ndarray, object]], *,
+             on_image=None) -> ParityReport:
+    """Runs the exported model and the checkpoint on each (name, (H, W, 3) uint8 image, detections with
+    boxes, labels, scores) case and returns the report. Raises InvalidArgumentError when either model
+    cannot be loaded or their classes differ. `on_image(parity)` is called after each image."""
+    from ..errors import InvalidArgumentError
+    from ..onnx_backend import OnnxRuntimeBackend
+    from ..torch_backend import TorchBackend
+
+    exported = OnnxRuntimeBackend(model_path)
+    reference = TorchBackend(checkpoint_path)
+    if exported.class_names != reference.class_names:
+        raise InvalidArgumentError(f"model {model_path} has classes {list(exported.class_names)}, checkpoint "
+                                   f"{checkpoint_path} has {list(reference.class_names)}: not the same model")
+    report = ParityReport()
+    for name, image, dets in cases:
+        runs = [run_backend(b, image, dets.boxes, dets.labels, dets.scores, exported.class_names,
+                            exported.max_detections) for b in (exported, reference)]
+        parity = compare(name, runs[0][0], runs[1][0], runs[0][1], runs[1][1])
+        report.images.append(parity)
+        if on_image is not None:
+            on_image(parity)
+    return report

@@ -1,0 +1,132 @@
+"""`dynseg quickstart`: the whole path from training to deployment in one command, CPU-sized.
+
+1. trains the resnet18 network on the built-in synthetic scenes (dynseg.trainer.train.fit; `steps` in
+   all, split 6:1 between stage 1 (semantic) and stage 2 (instance), the ratio of `dynseg train`'s
+   defaults);
+2. evaluates it on held-out synthetic scenes with simulated detections (metrics.json);
+3. exports ONNX (model.onnx);
+4. validates the export against the checkpoint (parity.md; `parity` module);
+5. segments held-out synthetic scenes and the shipped coffee photo with hand-drawn boxes with the
+   exported model (overlays/).
+
+Needs torch (imported when it runs). The default, 600 steps, takes about 10 minutes on 2 CPU cores
+(docs/deploy.md has the measured time).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DetectionsDroppedWarning
+from . import parity
+from .images import ImageDetections
+
+DEFAULT_STEPS = 600
+TRAIN_IMAGES, IMAGE_SIZE, NUM_CLASSES = 400, (96, 120), 4
+HELD_OUT_IMAGES, SEGMENTED_SCENES = 20, 3
+
+# The coffee photo (500x375) with boxes drawn by hand: xyxy inclusive pixels, and a class for each. The
+# quickstart model knows synthetic shapes only, so the classes are stand-ins ("disc" for round things);
+# the instances still follow the boxes and the photo's edges, which is what the CRF contributes.
+PHOTO = "coffee"
+PHOTO_BOXES = np.array([[118, 5, 362, 300],  # the cup
+                        [25, 55, 432, 372],  # the saucer
+                        [270, 52, 378, 315]], np.float32)  # the spoon
+PHOTO_LABELS = np.array([1, 1, 2], np.int64)
+PHOTO_SCORES = np.array([0.95, 0.9, 0.8], np.float32)
+
+
+@dataclass
+class QuickstartSummary:
+    out: Path
+    checkpoint: Path
+    model: Path
+    metrics: dict
+    parity: parity.ParityReport
+    files: list[Path] = field(default_factory=list)
+
+
+def split_steps(steps: int) -> tuple[int, int]:
+    """(stage 1 steps, stage 2 steps) of `steps` >= 2 in all, 6:1, each at least 1."""
+    semantic = min(max(round(steps * 6 / 7), 1), steps - 1)
+    return semantic, steps - semantic
+
+
+def run(out: str | Path, *, steps: int = DEFAULT_STEPS, seed: int = 0, printer: Callable[[str], object] = print,
+        live: bool = False) -> QuickstartSummary:
+    """Runs the five steps of the module docstring into `out`; returns what it made."""
+    import torch
+
+    from dynseg.export.onnx import export_onnx
+    from dynseg.trainer.data.detections import simulate_detections
+    from dynseg.trainer.data.synthetic import SyntheticScenes
+    from dynseg.trainer.evaluation import evaluate
+    from dynseg.trainer.model import ModelConfig, build_model
+    from dynseg.trainer.train import TrainConfig, fit, predict
+
+    from ..segmenter import Segmenter
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / "checkpoint"
+    semantic_steps, instance_steps = split_steps(steps)
+
+    printer(f"1/5 training the resnet18 network on {TRAIN_IMAGES} synthetic scenes: {semantic_steps} semantic "
+            f"+ {instance_steps} instance steps")
+    torch.manual_seed(seed)
+    data = SyntheticScenes(size=TRAIN_IMAGES, image_size=IMAGE_SIZE, num_classes=NUM_CLASSES, seed=seed)
+    model = build_model(ModelConfig(backbone="resnet18", class_names=tuple(data.class_names[1:])))
+    fit(model, data, out_dir=checkpoint,
+        semantic=TrainConfig(stage="semantic", steps=semantic_steps, learning_rate=0.02, seed=seed),
+        instance=TrainConfig(stage="instance", steps=instance_steps, learning_rate=0.001, seed=seed),
+        printer=printer, live=live)
+
+    printer(f"2/5 evaluating on {HELD_OUT_IMAGES} held-out scenes (seed {seed + 1}, simulated detections)")
+    held_out = SyntheticScenes(size=HELD_OUT_IMAGES, image_size=IMAGE_SIZE, num_classes=NUM_CLASSES, seed=seed + 1)
+    metrics = evaluate(*predict(model, held_out, seed=seed + 1), num_classes=NUM_CLASSES)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+    printer("3/5 exporting ONNX")
+    model_path = export_onnx(model, out / "model.onnx")
+
+    # Cases for the last two steps: held-out scenes with simulated detections, and the photo.
+    cases = []
+    for index in range(SEGMENTED_SCENES):
+        sample = held_out[index]
+        dets = simulate_detections(sample["boxes"], sample["labels"], image_size=sample["image"].shape[:2],
+                                   rng=np.random.default_rng([seed + 1, index]), num_classes=NUM_CLASSES)
+        cases.append((f"scene_{index}", sample["image"], ImageDetections(index, dets["boxes"], dets["labels"],
+                                                                         dets["scores"])))
+    from .. import samples
+
+    cases.append((PHOTO, samples.load(PHOTO), ImageDetections(PHOTO, PHOTO_BOXES, PHOTO_LABELS, PHOTO_SCORES)))
+
+    printer("4/5 validating the export against the checkpoint (onnxruntime vs PyTorch)")
+    report = parity.validate(model_path, checkpoint, cases)
+    (out / "parity.md").write_text(report.table() + "\n")
+
+    printer("5/5 segmenting the held-out scenes and the coffee photo with the exported model")
+    from PIL import Image
+
+    segmenter = Segmenter(model_path, backend="onnxruntime")
+    overlays = out / "overlays"
+    overlays.mkdir(exist_ok=True)
+    files = [checkpoint, model_path, out / "metrics.json", out / "parity.md"]
+    for name, image, dets in cases:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DetectionsDroppedWarning)
+            result = segmenter.segment(image, dets.boxes, dets.labels, dets.scores)
+        # Scenes are small (96x120): shown beside the input at 3x, nearest-neighbour.
+        picture = np.concatenate([image, result.overlay()], axis=1)
+        if picture.shape[0] < 200:
+            picture = picture.repeat(3, axis=0).repeat(3, axis=1)
+        Image.fromarray(picture).save(overlays / f"{name}.png")
+        files.append(overlays / f"{name}.png")
+    return QuickstartSummary(out=out, checkpoint=checkpoint, model=model_path, metrics=metrics, parity=report,
+                             files=files)

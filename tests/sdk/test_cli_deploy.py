@@ -1,0 +1,216 @@
+"""The deployment commands end to end on a tiny network: dynseg export -> infer -> validate -> bench,
+quickstart with a few steps, and bad arguments answered with one line naming the option."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from dynseg.sdk import samples
+from dynseg.sdk.cli import app
+
+torch = pytest.importorskip("torch")
+
+from dynseg.trainer.model.instance import InstanceConfig  # noqa: E402
+from dynseg.trainer.model.network import ModelConfig, build_model  # noqa: E402
+from dynseg.trainer.train import save_checkpoint  # noqa: E402
+
+runner = CliRunner()
+
+
+def plain(text: str) -> str:
+    """Output with rich's box drawing and line wrapping removed, for matching messages."""
+    return " ".join(re.sub(r"[\u2500-\u257f]", " ", text).split())
+
+
+def _checkpoint(directory, seed: int):
+    torch.manual_seed(seed)
+    config = ModelConfig(backbone="resnet18", class_names=("cat", "cup", "person"),
+                         instance=InstanceConfig(templates_per_group=4, template_size=16))
+    model = build_model(config)
+    with torch.no_grad():  # distinct templates, as trained ones are: identical ones make exact ties
+        model.instance_unaries.templates.uniform_(0.0, 1.0)
+    return save_checkpoint(directory, model)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(checkpoint dir, model.onnx written by `dynseg export`) of a fresh 3-class resnet18 network."""
+    directory = tmp_path_factory.mktemp("deploy")
+    checkpoint = _checkpoint(directory / "checkpoint", seed=0)
+    result = runner.invoke(app, ["export", str(checkpoint), "--format", "onnx", "--out", str(directory / "model.onnx"),
+                                 "--max-detections", "20"])
+    assert result.exit_code == 0, result.output
+    assert "next: dynseg validate" in result.output
+    return checkpoint, directory / "model.onnx"
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Three small photo crops named 'chelsea.png', '000042.jpg' and 'empty.png', and a detections file
+    naming the first by its stem, the second by its number, and the third not at all."""
+    directory = tmp_path_factory.mktemp("photos")
+    files = [directory / "chelsea.png", directory / "000042.png", directory / "empty.png"]
+    for path, name in zip(files, ("chelsea", "coffee", "astronaut")):
+        Image.fromarray(samples.load(name)[:72, :96]).save(path)
+    detections = [
+        {"image_id": "chelsea", "category_id": 1, "bbox": [10, 8, 50, 40], "score": 0.9},
+        {"image_id": "chelsea", "category_id": 2, "bbox": [40, 20, 50, 45], "score": 0.7},
+        {"image_id": 42, "category_id": 3, "bbox": [5, 5, 60, 60], "score": 0.8},
+        {"image_id": 42, "category_id": 3, "bbox": [90, 60, 30, 30], "score": 0.5},  # reaches outside: clipped
+        {"image_id": "elsewhere", "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.5},  # no such image
+    ]
+    (directory / "dets.json").write_text(json.dumps(detections))
+    return files, directory / "dets.json"
+
+
+def test_infer_writes_overlays_instance_maps_and_coco_results(exported, photos, tmp_path):
+    files, detections = photos
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["infer", str(exported[1]), *map(str, files), "--detections", str(detections),
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "[infer] 3/3 empty.png" in result.output  # plain progress lines off a terminal
+    entries = json.loads((out / "results.json").read_text())
+    for path in files:
+        with Image.open(out / f"{path.stem}_overlay.png") as overlay:
+            assert overlay.mode == "RGB" and overlay.size == (96, 72)
+        with Image.open(out / f"{path.stem}_instances.png") as ids:
+            instance_map = np.array(ids)
+        assert instance_map.shape == (72, 96)
+        expected_id = {"chelsea": "chelsea", "000042": 42, "empty": None}[path.stem]
+        mine = [e for e in entries if e["image_id"] == expected_id]
+        # ids 1..N are the image's entries in results.json, in order; 0 is background
+        assert set(np.unique(instance_map)) <= set(range(len(mine) + 1))
+        for number, entry in enumerate(mine, start=1):
+            from pycocotools import mask as coco_mask
+
+            assert np.array_equal(coco_mask.decode(entry["segmentation"]).astype(bool), instance_map == number)
+        if path.stem == "empty":
+            assert not instance_map.any()
+    assert {e["image_id"] for e in entries} <= {"chelsea", 42}
+
+
+def test_infer_refuses_a_detections_file_for_other_images(exported, photos, tmp_path):
+    files, _ = photos
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps([{"image_id": "nowhere", "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.5}]))
+    result = runner.invoke(app, ["infer", str(exported[1]), str(files[0]), "--detections", str(other),
+                                 "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "none of its 1 detections names one of the images" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_infer_names_the_image_whose_labels_the_model_does_not_know(exported, photos, tmp_path):
+    files, _ = photos
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"image_id": "chelsea", "category_id": 9, "bbox": [0, 0, 5, 5], "score": 0.5}]))
+    result = runner.invoke(app, ["infer", str(exported[1]), str(files[0]), "--detections", str(bad),
+                                 "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "chelsea.png" in result.output and "labels must be class ids in 1..3" in result.output
+
+
+def test_validate_passes_the_export_against_its_own_checkpoint(exported, photos):
+    checkpoint, model = exported
+    files, detections = photos
+    result = runner.invoke(app, ["validate", str(model), "--checkpoint", str(checkpoint),
+                                 "--images", str(files[0]), "--images", str(files[1]), "--detections", str(detections)])
+    assert result.exit_code == 0, result.output
+    assert "| chelsea.png | 72 x 96 | 2 |" in result.output
+    assert "parity: ok" in result.output
+
+
+def test_validate_runs_on_the_sample_photos_by_default(exported):
+    checkpoint, model = exported
+    result = runner.invoke(app, ["validate", str(model), "--checkpoint", str(checkpoint)])
+    assert result.exit_code == 0, result.output
+    for name in samples.NAMES:
+        assert f"| {name} |" in result.output
+
+
+def test_validate_fails_with_status_1_against_another_checkpoint(exported, photos, tmp_path):
+    other = _checkpoint(tmp_path / "other", seed=1)
+    files, detections = photos
+    result = runner.invoke(app, ["validate", str(exported[1]), "--checkpoint", str(other),
+                                 "--images", str(files[0]), "--detections", str(detections)])
+    assert result.exit_code == 1
+    assert "FAIL" in result.output and "parity check failed" in result.output
+
+
+def test_bench_prints_a_table_and_writes_json(exported, tmp_path):
+    result = runner.invoke(app, ["bench", str(exported[1]), "--sizes", "48x64,40x40", "--detections", "0,3",
+                                 "--repeats", "2", "--json", str(tmp_path / "bench.json")])
+    assert result.exit_code == 0, result.output
+    assert "| onnxruntime | 48 x 64 | 3 |" in result.output
+    rows = json.loads((tmp_path / "bench.json").read_text())
+    assert [(r["height"], r["width"], r["detections"]) for r in rows] == [(48, 64, 0), (48, 64, 3), (40, 40, 0),
+                                                                          (40, 40, 3)]
+    for row in rows:  # measured, not asserted: only that the parts are there and ordered
+        assert row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+        assert row["network_ms"] >= 0 and row["crf_ms"] >= 0 and row["post_ms"] >= 0
+
+
+def test_bench_times_the_checkpoint_beside_the_export(exported):
+    checkpoint, model = exported
+    result = runner.invoke(app, ["bench", str(model), "--sizes", "40x48", "--detections", "2", "--repeats", "1",
+                                 "--checkpoint", str(checkpoint)])
+    assert result.exit_code == 0, result.output
+    assert "| onnxruntime | 40 x 48 | 2 |" in result.output and "| torch | 40 x 48 | 2 |" in result.output
+
+
+def test_quickstart_with_a_few_steps_makes_everything_it_promises(tmp_path):
+    out = tmp_path / "qs"
+    result = runner.invoke(app, ["quickstart", "--out", str(out), "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    for name in ("model.onnx", "metrics.json", "parity.md", "checkpoint/model.safetensors", "checkpoint/model.json",
+                 "overlays/coffee.png", "overlays/scene_0.png"):
+        assert (out / name).is_file(), name
+    assert "ap_r_vol" in json.loads((out / "metrics.json").read_text())
+    assert "parity onnxruntime vs PyTorch: ok" in result.output
+    assert f"dynseg validate {out / 'model.onnx'} --checkpoint {out / 'checkpoint'}" in result.output
+
+
+@pytest.mark.parametrize("arguments, option", [
+    (["export", "{checkpoint}", "--format", "tflite", "--out", "{tmp}/m.onnx"], "--format"),
+    (["export", "{checkpoint}", "--out", "{tmp}/m.onnx", "--max-detections", "0"], "--max-detections"),
+    (["infer", "{model}", "{tmp}/missing.png", "--detections", "{tmp}/d.json", "--out", "{tmp}"], "'images'"),
+    (["infer", "{model}", "{photo}", "--detections", "{tmp}/d.json", "--out", "{tmp}", "--backend", "tf"],
+     "--backend"),
+    (["validate", "{model}", "--checkpoint", "{checkpoint}", "--detections", "{tmp}/d.json"], "--detections"),
+    (["bench", "{model}", "--sizes", "512by512"], "--sizes"),
+    (["bench", "{model}", "--detections", "1,two"], "--detections"),
+    (["bench", "{model}", "--repeats", "0"], "--repeats"),
+    (["quickstart", "--out", "{tmp}/q", "--steps", "1"], "--steps"),
+])
+def test_bad_arguments_name_the_option_without_a_traceback(exported, photos, tmp_path, arguments, option):
+    (tmp_path / "d.json").write_text("[]")
+    values = {"checkpoint": exported[0], "model": exported[1], "photo": photos[0][0], "tmp": tmp_path}
+    result = runner.invoke(app, [a.format(**values) for a in arguments])
+    assert result.exit_code != 0
+    assert option in plain(result.output), result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+
+
+def test_engine_export_says_the_builder_is_not_built_yet(exported, tmp_path):
+    result = runner.invoke(app, ["export", str(exported[0]), "--format", "engine", "--out", str(tmp_path / "m.engine")])
+    assert result.exit_code == 1
+    assert "TensorRT engine builder is not built yet (issue 6)" in result.output
+    assert not (tmp_path / "m.engine").exists()
+
+
+def test_a_file_that_is_no_model_is_named_in_one_line(photos, tmp_path):
+    not_a_model = tmp_path / "model.onnx"
+    not_a_model.write_bytes(b"not a model")
+    files, detections = photos
+    result = runner.invoke(app, ["infer", str(not_a_model), str(files[0]), "--detections", str(detections),
+                                 "--out", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "model.onnx is not a readable ONNX model" in result.output
