@@ -1,0 +1,619 @@
+// The dynseg::MeanFieldCRF TensorRT plugin (see mean_field_crf_plugin.h) and the library's entry points.
+#include "mean_field_crf_plugin.h"
+
+#include "detection_potential.cuh"
+#include "dynseg_crf.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <limits>
+#include <mutex>
+#include <new>
+#include <sstream>
+#include <utility>
+
+using namespace nvinfer1;
+
+namespace dynseg {
+namespace tensorrt {
+namespace {
+
+// ---- logging: through the logger TensorRT hands over with setLoggerFinder, else stderr ----------------
+
+class LoggerFinder {
+public:
+    void set(ILoggerFinder* finder) {
+        std::lock_guard<std::mutex> lock(mMutex);
+        if (mFinder == nullptr && finder != nullptr) mFinder = finder;
+    }
+    ILogger* logger() {
+        std::lock_guard<std::mutex> lock(mMutex);
+        return mFinder != nullptr ? mFinder->findLogger() : nullptr;
+    }
+
+private:
+    ILoggerFinder* mFinder = nullptr;
+    std::mutex mMutex;
+};
+
+LoggerFinder gLoggerFinder;
+
+// Never throws: a failed log is dropped, not turned into an abort.
+void log(ILogger::Severity severity, std::string const& layer, std::string const& message) noexcept {
+    try {
+        std::string const text = "dynseg::MeanFieldCRF" + (layer.empty() ? std::string() : " (" + layer + ")") +
+                                 ": " + message;
+        if (ILogger* logger = gLoggerFinder.logger()) {
+            logger->log(severity, text.c_str());
+        } else if (severity <= ILogger::Severity::kWARNING) {
+            std::fprintf(stderr, "%s\n", text.c_str());
+        }
+    } catch (...) {
+    }
+}
+
+void log_error(std::string const& layer, std::string const& message) noexcept {
+    log(ILogger::Severity::kERROR, layer, message);
+}
+
+// Runs an entry point's body; an exception becomes a logged error and `failure`.
+template <typename T, typename Body>
+T guarded(std::string const& layer, char const* where, T failure, Body const& body) noexcept {
+    try {
+        return body();
+    } catch (std::bad_alloc const&) {
+        log_error(layer, std::string(where) + ": out of host memory");
+    } catch (std::exception const& e) {
+        log_error(layer, std::string(where) + ": " + e.what());
+    } catch (...) {
+        log_error(layer, std::string(where) + ": unknown exception");
+    }
+    return failure;
+}
+
+constexpr size_t kAlignment = 256;
+
+size_t align_up(size_t bytes) { return (bytes + kAlignment - 1) / kAlignment * kAlignment; }
+
+// The product of dims, or -1 for a negative (unknown) extent or one that overflows.
+int64_t volume(Dims const& dims) {
+    int64_t v = 1;
+    for (int32_t i = 0; i < dims.nbDims; ++i) {
+        if (dims.d[i] < 0) return -1;
+        if (dims.d[i] != 0 && v > std::numeric_limits<int64_t>::max() / dims.d[i]) return -1;
+        v *= dims.d[i];
+    }
+    return v;
+}
+
+std::string dims_string(Dims const& dims) {
+    std::ostringstream s;
+    s << "(";
+    for (int32_t i = 0; i < dims.nbDims; ++i) s << (i ? ", " : "") << dims.d[i];
+    s << (dims.nbDims == 1 ? ",)" : ")");
+    return s.str();
+}
+
+char const* const kInputNames[kNumInputs] = {"unary", "image", "spatial_weight", "bilateral_weight", "compatibility",
+                                            "boxes", "labels", "scores", "detection_x", "detection_y"};
+
+std::string weight_kind(Dims const& dims, int64_t labels, char const* name, int32_t* kind) {
+    int64_t const v = volume(dims);
+    if (v == 1) {
+        *kind = DYNSEG_WEIGHT_SCALAR;
+        return {};
+    }
+    if (dims.nbDims == 2 && dims.d[0] == labels && dims.d[1] == labels) {
+        *kind = DYNSEG_WEIGHT_MATRIX;
+        return {};
+    }
+    return std::string(name) + " must be a scalar or (L, L) = (" + std::to_string(labels) + ", " +
+           std::to_string(labels) + "), got " + dims_string(dims);
+}
+
+// The problem struct for shapes with the given device arrays (dummy non-NULL pointers for sizing).
+struct Problem {
+    dynseg_kernel kernels[2];
+    dynseg_crf_problem problem;
+};
+
+void fill_problem(CrfAttributes const& a, CrfShapes const& s, int32_t iterations, float const* image,
+                  float const* spatial, float const* bilateral, float const* compat, Problem* p) {
+    p->kernels[0] = dynseg_kernel{a.theta_spatial, 0.0f, s.spatial_kind, spatial};
+    p->kernels[1] = dynseg_kernel{a.theta_bilateral_xy, a.theta_bilateral_rgb, s.bilateral_kind, bilateral};
+    dynseg_crf_problem& q = p->problem;
+    std::memset(&q, 0, sizeof(q));
+    q.labels = s.labels;
+    q.height = s.height;
+    q.width = s.width;
+    q.image_channels = s.channels;
+    q.image = image;
+    q.num_kernels = 2;
+    q.kernels = p->kernels;
+    q.compat_kind = s.compat_kind;
+    q.compat = s.compat_kind == DYNSEG_COMPAT_POTTS ? nullptr : compat;
+    q.normalization = a.normalization == "symmetric" ? DYNSEG_NORMALIZE_SYMMETRIC : DYNSEG_NORMALIZE_AFTER;
+    q.iterations = iterations;
+    q.output = DYNSEG_OUTPUT_LOGITS;
+    q.threads = 0;
+}
+
+// Whether this node runs the library once for all T iterations (no detection potential), per iteration
+// (with it), or not at all (L = 1 or T = 0: the output is the unary).
+bool identity(CrfAttributes const& a, CrfShapes const& s) { return s.labels == 1 || a.iterations == 0; }
+
+std::string library_error(char const* call, dynseg_status status) {
+    return std::string(call) + " failed (status " + std::to_string(static_cast<int>(status)) +
+           "): " + dynseg_last_error();
+}
+
+// --- fields ---------------------------------------------------------------------------------------------
+
+bool read_int(PluginField const& f, int32_t* out) {
+    if (f.data == nullptr || f.length < 1) return false;
+    if (f.type == PluginFieldType::kINT32) {
+        *out = *static_cast<int32_t const*>(f.data);
+        return true;
+    }
+    if (f.type == PluginFieldType::kINT64) {
+        int64_t const v = *static_cast<int64_t const*>(f.data);
+        if (v < std::numeric_limits<int32_t>::min() || v > std::numeric_limits<int32_t>::max()) return false;
+        *out = static_cast<int32_t>(v);
+        return true;
+    }
+    return false;
+}
+
+bool read_float(PluginField const& f, float* out) {
+    if (f.data == nullptr || f.length < 1) return false;
+    if (f.type == PluginFieldType::kFLOAT32) {
+        *out = *static_cast<float const*>(f.data);
+        return true;
+    }
+    if (f.type == PluginFieldType::kFLOAT64) {
+        *out = static_cast<float>(*static_cast<double const*>(f.data));
+        return true;
+    }
+    return false;
+}
+
+bool read_string(PluginField const& f, std::string* out) {
+    if (f.type != PluginFieldType::kCHAR || f.data == nullptr || f.length < 0) return false;
+    char const* text = static_cast<char const*>(f.data);
+    size_t const n = static_cast<size_t>(f.length);
+    *out = std::string(text, std::find(text, text + n, '\0'));  // with or without the terminator
+    return true;
+}
+
+}  // namespace
+
+std::string CrfAttributes::validate() const {
+    std::ostringstream e;
+    auto positive = [](float v) { return std::isfinite(v) && v > 0.0f; };
+    if (iterations < 0) e << "iterations must be >= 0, got " << iterations;
+    else if (!positive(theta_spatial)) e << "theta_spatial must be finite and > 0, got " << theta_spatial;
+    else if (!positive(theta_bilateral_xy)) e << "theta_bilateral_xy must be finite and > 0, got " << theta_bilateral_xy;
+    else if (!positive(theta_bilateral_rgb)) e << "theta_bilateral_rgb must be finite and > 0, got " << theta_bilateral_rgb;
+    else if (normalization != "after" && normalization != "symmetric")
+        e << "normalization must be \"after\" or \"symmetric\", got \"" << normalization << "\"";
+    else if (detection_potential != 0 && detection_potential != 1)
+        e << "detection_potential must be 0 or 1, got " << detection_potential;
+    else if (detection_potential && !positive(score_ceiling))
+        e << "score_ceiling must be finite and > 0, got " << score_ceiling;
+    else if (detection_potential && !(std::isfinite(epsilon) && epsilon >= 0.0f && epsilon < 1.0f))
+        e << "epsilon must be in [0, 1), got " << epsilon;
+    return e.str();
+}
+
+std::string read_shapes(Dims const* const dims[kNumInputs], CrfShapes* shapes) {
+    CrfShapes s;
+    Dims const& unary = *dims[kUnary];
+    if (unary.nbDims != 4 || unary.d[0] != 1 || unary.d[1] < 1 || unary.d[2] < 1 || unary.d[3] < 1)
+        return "unary must be (1, L, H, W) with L, H, W >= 1, got " + dims_string(unary);
+    s.labels = unary.d[1];
+    s.height = unary.d[2];
+    s.width = unary.d[3];
+    Dims const& image = *dims[kImage];
+    if (image.nbDims != 4 || image.d[0] != 1 || image.d[1] < 1 || image.d[1] > DYNSEG_MAX_COLOR_CHANNELS ||
+        image.d[2] != s.height || image.d[3] != s.width)
+        return "image must be (1, C, H, W) with the unary's H, W = " + std::to_string(s.height) + ", " +
+               std::to_string(s.width) + " and 1 <= C <= " + std::to_string(DYNSEG_MAX_COLOR_CHANNELS) + ", got " +
+               dims_string(image);
+    s.channels = image.d[1];
+    std::string error = weight_kind(*dims[kSpatialWeight], s.labels, "spatial_weight", &s.spatial_kind);
+    if (error.empty()) error = weight_kind(*dims[kBilateralWeight], s.labels, "bilateral_weight", &s.bilateral_kind);
+    if (!error.empty()) return error;
+    Dims const& compat = *dims[kCompatibility];
+    if (volume(compat) == 0) {
+        s.compat_kind = DYNSEG_COMPAT_POTTS;
+    } else if (compat.nbDims == 2 && compat.d[0] == s.labels && compat.d[1] == s.labels) {
+        s.compat_kind = DYNSEG_COMPAT_FULL;
+    } else {
+        return "compatibility must be (L, L) = (" + std::to_string(s.labels) + ", " + std::to_string(s.labels) +
+               ") or empty (Potts), got " + dims_string(compat);
+    }
+    Dims const& boxes = *dims[kBoxes];
+    if (boxes.nbDims != 2 || boxes.d[0] < 0 || boxes.d[1] != 4) return "boxes must be (D, 4), got " + dims_string(boxes);
+    s.detections = boxes.d[0];
+    for (int32_t i : {int32_t(kLabels), int32_t(kScores)}) {
+        Dims const& d = *dims[i];
+        if (d.nbDims != 1 || d.d[0] != s.detections)
+            return std::string(kInputNames[i]) + " must be (D,) with the boxes' D = " + std::to_string(s.detections) +
+                   ", got " + dims_string(d);
+    }
+    for (int32_t i : {int32_t(kDetectionX), int32_t(kDetectionY)}) {
+        if (volume(*dims[i]) != 1)
+            return std::string(kInputNames[i]) + " must be a scalar, got " + dims_string(*dims[i]);
+    }
+    *shapes = s;
+    return {};
+}
+
+std::string plan_workspace(CrfAttributes const& a, CrfShapes const& s, WorkspaceLayout* layout) {
+    WorkspaceLayout w;
+    size_t offset = kAlignment;  // slack to align the base pointer
+    if (identity(a, s)) {
+        *layout = w;
+        return {};
+    }
+    static float const dummy[1] = {0.0f};  // sizing reads no array; the struct only needs non-NULL pointers
+    Problem p;
+    fill_problem(a, s, a.detection_potential ? 1 : a.iterations, dummy, dummy, dummy, dummy, &p);
+    dynseg_status const status = dynseg_crf_workspace_size_cuda(&p.problem, DYNSEG_PASS_FORWARD, &w.crf_bytes);
+    if (status != DYNSEG_OK) return library_error("dynseg_crf_workspace_size_cuda", status);
+    w.crf_offset = offset;
+    offset += align_up(w.crf_bytes);
+    if (a.detection_potential) {
+        // 64-bit element counts, checked against size_t before they become byte offsets.
+        int64_t const pixels = s.height * s.width;
+        if (s.labels > std::numeric_limits<int64_t>::max() / 4 / pixels)
+            return "the (L, H, W) buffer of " + std::to_string(s.labels) + " x " + std::to_string(pixels) +
+                   " floats overflows";
+        size_t const plane = static_cast<size_t>(pixels) * sizeof(float);
+        size_t const detections = static_cast<size_t>(s.detections);
+        w.pairwise_offset = offset;
+        offset += align_up(static_cast<size_t>(s.labels) * plane);
+        w.row_max_offset = offset;
+        offset += align_up(plane);
+        w.row_sum_offset = offset;
+        offset += align_up(plane);
+        w.everyone_offset = offset;
+        offset += align_up(detections * sizeof(float));
+        w.own_offset = offset;
+        offset += align_up(detections * sizeof(float));
+        w.label_offset = offset;
+        offset += align_up(detections * sizeof(int32_t));
+    }
+    w.total = offset;
+    *layout = w;
+    return {};
+}
+
+// ---- the plugin ---------------------------------------------------------------------------------------
+
+MeanFieldCrfPlugin::MeanFieldCrfPlugin(std::string layer_name, CrfAttributes attributes)
+    : mLayerName(std::move(layer_name)), mAttributes(std::move(attributes)) {}
+
+MeanFieldCrfPlugin::MeanFieldCrfPlugin(MeanFieldCrfPlugin const& other)
+    : IPluginV3(), IPluginV3OneCore(), IPluginV3OneBuild(), IPluginV3OneRuntime(),
+      mLayerName(other.mLayerName), mAttributes(other.mAttributes) {}
+
+IPluginCapability* MeanFieldCrfPlugin::getCapabilityInterface(PluginCapabilityType type) noexcept {
+    switch (type) {
+    case PluginCapabilityType::kCORE: return static_cast<IPluginV3OneCore*>(this);
+    case PluginCapabilityType::kBUILD: return static_cast<IPluginV3OneBuild*>(this);
+    case PluginCapabilityType::kRUNTIME: return static_cast<IPluginV3OneRuntime*>(this);
+    }
+    return nullptr;
+}
+
+IPluginV3* MeanFieldCrfPlugin::clone() noexcept {
+    return guarded<IPluginV3*>(mLayerName, "clone", nullptr, [&] { return new MeanFieldCrfPlugin(*this); });
+}
+
+char const* MeanFieldCrfPlugin::getPluginName() const noexcept { return kPluginName; }
+char const* MeanFieldCrfPlugin::getPluginVersion() const noexcept { return kPluginVersion; }
+char const* MeanFieldCrfPlugin::getPluginNamespace() const noexcept { return kPluginNamespace; }
+int32_t MeanFieldCrfPlugin::getNbOutputs() const noexcept { return kNumOutputs; }
+
+int32_t MeanFieldCrfPlugin::configurePlugin(DynamicPluginTensorDesc const* in, int32_t nbInputs,
+                                            DynamicPluginTensorDesc const* /* out */, int32_t nbOutputs) noexcept {
+    return guarded<int32_t>(mLayerName, "configurePlugin", -1, [&]() -> int32_t {
+        if (nbInputs != kNumInputs || nbOutputs != kNumOutputs) {
+            log_error(mLayerName, "expects 10 inputs and 2 outputs, got " + std::to_string(nbInputs) + " and " +
+                                      std::to_string(nbOutputs));
+            return -1;
+        }
+        // The profile's largest shapes must form a problem the kernels accept (sizes, 32-bit indexing).
+        Dims const* dims[kNumInputs];
+        for (int32_t i = 0; i < kNumInputs; ++i) dims[i] = &in[i].max;
+        CrfShapes shapes;
+        WorkspaceLayout layout;
+        std::string error = read_shapes(dims, &shapes);
+        if (error.empty()) error = plan_workspace(mAttributes, shapes, &layout);
+        if (!error.empty()) {
+            log_error(mLayerName, "the profile's maximum shapes: " + error);
+            return -1;
+        }
+        return 0;
+    });
+}
+
+int32_t MeanFieldCrfPlugin::getOutputDataTypes(DataType* outputTypes, int32_t nbOutputs, DataType const* /* inputTypes */,
+                                               int32_t nbInputs) const noexcept {
+    if (nbInputs != kNumInputs || nbOutputs != kNumOutputs || outputTypes == nullptr) return -1;
+    outputTypes[kLogits] = DataType::kFLOAT;
+    outputTypes[kDetectionScores] = DataType::kFLOAT;
+    return 0;
+}
+
+int32_t MeanFieldCrfPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs, DimsExprs const* /* shapeInputs */,
+                                            int32_t /* nbShapeInputs */, DimsExprs* outputs, int32_t nbOutputs,
+                                            IExprBuilder& /* exprBuilder */) noexcept {
+    return guarded<int32_t>(mLayerName, "getOutputShapes", -1, [&]() -> int32_t {
+        if (nbInputs != kNumInputs || nbOutputs != kNumOutputs || inputs == nullptr || outputs == nullptr) return -1;
+        if (inputs[kUnary].nbDims != 4 || inputs[kScores].nbDims != 1) {
+            log_error(mLayerName, "unary must have 4 dimensions and scores 1");
+            return -1;
+        }
+        outputs[kLogits] = inputs[kUnary];             // (1, L, H, W)
+        outputs[kDetectionScores] = inputs[kScores];   // (D,)
+        return 0;
+    });
+}
+
+bool MeanFieldCrfPlugin::supportsFormatCombination(int32_t pos, DynamicPluginTensorDesc const* inOut, int32_t nbInputs,
+                                                   int32_t nbOutputs) noexcept {
+    if (inOut == nullptr || nbInputs != kNumInputs || nbOutputs != kNumOutputs || pos < 0 ||
+        pos >= kNumInputs + kNumOutputs)
+        return false;
+    PluginTensorDesc const& desc = inOut[pos].desc;
+    DataType const wanted = pos == kLabels ? DataType::kINT64 : DataType::kFLOAT;
+    return desc.format == TensorFormat::kLINEAR && desc.type == wanted;
+}
+
+size_t MeanFieldCrfPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
+                                            DynamicPluginTensorDesc const* /* outputs */,
+                                            int32_t /* nbOutputs */) const noexcept {
+    return guarded<size_t>(mLayerName, "getWorkspaceSize", 0, [&]() -> size_t {
+        if (nbInputs != kNumInputs || inputs == nullptr) return 0;
+        Dims const* dims[kNumInputs];
+        for (int32_t i = 0; i < kNumInputs; ++i) dims[i] = &inputs[i].max;
+        CrfShapes shapes;
+        WorkspaceLayout layout;
+        std::string error = read_shapes(dims, &shapes);
+        if (error.empty()) error = plan_workspace(mAttributes, shapes, &layout);
+        if (!error.empty()) {
+            log_error(mLayerName, "getWorkspaceSize for the profile's maximum shapes: " + error);
+            return 0;
+        }
+        return layout.total;
+    });
+}
+
+int32_t MeanFieldCrfPlugin::onShapeChange(PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* /* out */,
+                                          int32_t nbOutputs) noexcept {
+    return guarded<int32_t>(mLayerName, "onShapeChange", -1, [&]() -> int32_t {
+        if (nbInputs != kNumInputs || nbOutputs != kNumOutputs || in == nullptr) return -1;
+        Dims const* dims[kNumInputs];
+        for (int32_t i = 0; i < kNumInputs; ++i) dims[i] = &in[i].dims;
+        CrfShapes shapes;
+        std::string const error = read_shapes(dims, &shapes);
+        if (!error.empty()) {
+            log_error(mLayerName, error);
+            return -1;
+        }
+        return 0;
+    });
+}
+
+int32_t MeanFieldCrfPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* /* outputDesc */,
+                                    void const* const* inputs, void* const* outputs, void* workspace,
+                                    cudaStream_t stream) noexcept {
+    return guarded<int32_t>(mLayerName, "enqueue", -1, [&]() -> int32_t {
+        std::string const error = run(inputDesc, inputs, outputs, workspace, stream);
+        if (error.empty()) return 0;
+        log_error(mLayerName, error);
+        return -1;
+    });
+}
+
+std::string MeanFieldCrfPlugin::run(PluginTensorDesc const* inputDesc, void const* const* inputs, void* const* outputs,
+                                    void* workspace, cudaStream_t stream) const {
+    Dims const* dims[kNumInputs];
+    for (int32_t i = 0; i < kNumInputs; ++i) dims[i] = &inputDesc[i].dims;
+    CrfShapes s;
+    std::string error = read_shapes(dims, &s);
+    if (!error.empty()) return error;
+    CrfAttributes const& a = mAttributes;
+    auto in = [&](int32_t i) { return static_cast<float const*>(inputs[i]); };
+    float* logits = static_cast<float*>(outputs[kLogits]);
+    float* detection_scores = static_cast<float*>(outputs[kDetectionScores]);
+    int64_t const pixels = s.height * s.width;
+    size_t const logits_bytes = static_cast<size_t>(s.labels) * static_cast<size_t>(pixels) * sizeof(float);
+    size_t const scores_bytes = static_cast<size_t>(s.detections) * sizeof(float);
+    auto copy = [&](void* to, void const* from, size_t bytes) -> std::string {
+        if (bytes == 0) return {};
+        cudaError_t const e = cudaMemcpyAsync(to, from, bytes, cudaMemcpyDeviceToDevice, stream);
+        return e == cudaSuccess ? std::string() : std::string("cudaMemcpyAsync: ") + cudaGetErrorString(e);
+    };
+    // Scores pass through unless the detection potential recalibrates them over T >= 1 iterations.
+    bool const recalibrate = a.detection_potential && !identity(a, s) && s.detections > 0;
+    if (!recalibrate) {
+        if (!(error = copy(detection_scores, inputs[kScores], scores_bytes)).empty()) return error;
+    }
+    if (identity(a, s)) return copy(logits, inputs[kUnary], logits_bytes);  // L = 1 or T = 0: L^T = U
+
+    WorkspaceLayout w;
+    if (!(error = plan_workspace(a, s, &w)).empty()) return error;
+    if (workspace == nullptr) return "TensorRT passed no workspace";
+    // Align the base: the layout's offsets start after kAlignment bytes of slack.
+    uintptr_t const raw = reinterpret_cast<uintptr_t>(workspace);
+    char* base = reinterpret_cast<char*>((raw + kAlignment - 1) / kAlignment * kAlignment) - kAlignment;
+    void* crf_workspace = base + w.crf_offset;
+
+    Problem p;
+    fill_problem(a, s, a.detection_potential ? 1 : a.iterations, in(kImage), in(kSpatialWeight), in(kBilateralWeight),
+                 in(kCompatibility), &p);
+    if (!a.detection_potential) {  // one native call of T iterations
+        dynseg_status const status =
+            dynseg_crf_forward_cuda(&p.problem, in(kUnary), logits, crf_workspace, w.crf_bytes, stream);
+        return status == DYNSEG_OK ? std::string() : library_error("dynseg_crf_forward_cuda", status);
+    }
+
+    // With the detection potential, iteration by iteration (docs/ops.md); the logits output holds L^{t-1}.
+    float* pairwise = reinterpret_cast<float*>(base + w.pairwise_offset);
+    float* row_max = reinterpret_cast<float*>(base + w.row_max_offset);
+    float* row_sum = reinterpret_cast<float*>(base + w.row_sum_offset);
+    float* everyone = reinterpret_cast<float*>(base + w.everyone_offset);
+    float* own = reinterpret_cast<float*>(base + w.own_offset);
+    int32_t* label_index = reinterpret_cast<int32_t*>(base + w.label_offset);
+    float const* boxes = in(kBoxes);
+    DetectionConstants constants{a.score_ceiling, static_cast<float>(1.0 - static_cast<double>(a.epsilon))};
+    if (!(error = copy(logits, inputs[kUnary], logits_bytes)).empty()) return error;
+    auto cuda_check = [](cudaError_t e, char const* what) {
+        return e == cudaSuccess ? std::string() : std::string(what) + ": " + cudaGetErrorString(e);
+    };
+    cudaGetLastError();  // a stale launch error of someone else's is not ours to report
+    for (int32_t t = 0; t < a.iterations; ++t) {
+        if (s.detections > 0) {
+            // 1-2: Q(Y_d) from Q = softmax(L^{t-1}); the recalibrated scores of this iteration.
+            error = cuda_check(launch_softmax_stats(logits, s.labels, pixels, row_max, row_sum, stream),
+                               "the softmax statistics kernel");
+            if (error.empty())
+                error = cuda_check(launch_box_terms(logits, row_max, row_sum, s.labels, s.height, s.width, boxes,
+                                                    static_cast<int64_t const*>(inputs[kLabels]), in(kScores),
+                                                    in(kDetectionX), in(kDetectionY), constants, s.detections, everyone,
+                                                    own, label_index, detection_scores, stream),
+                                   "the detection term kernel");
+            if (!error.empty()) return error;
+        }
+        // The pairwise message: one native iteration from L^{t-1}, P = L^{t-1} - mu.m(Q).
+        dynseg_status const status =
+            dynseg_crf_forward_cuda(&p.problem, logits, pairwise, crf_workspace, w.crf_bytes, stream);
+        if (status != DYNSEG_OK) return library_error("dynseg_crf_forward_cuda", status);
+        // 3: L^t = U + (P - L^{t-1}) + the detection term.
+        error = cuda_check(launch_combine(in(kUnary), pairwise, logits, s.labels, s.height, s.width, boxes, everyone,
+                                          own, label_index, s.detections, stream),
+                           "the combine kernel");
+        if (!error.empty()) return error;
+    }
+    return {};
+}
+
+IPluginV3* MeanFieldCrfPlugin::attachToContext(IPluginResourceContext* /* context */) noexcept {
+    return clone();  // nothing is shared between execution contexts
+}
+
+PluginFieldCollection const* MeanFieldCrfPlugin::getFieldsToSerialize() noexcept {
+    return guarded<PluginFieldCollection const*>(mLayerName, "getFieldsToSerialize", nullptr, [&] {
+        CrfAttributes const& a = mAttributes;
+        mFields = {
+            PluginField("iterations", &a.iterations, PluginFieldType::kINT32, 1),
+            PluginField("theta_spatial", &a.theta_spatial, PluginFieldType::kFLOAT32, 1),
+            PluginField("theta_bilateral_xy", &a.theta_bilateral_xy, PluginFieldType::kFLOAT32, 1),
+            PluginField("theta_bilateral_rgb", &a.theta_bilateral_rgb, PluginFieldType::kFLOAT32, 1),
+            PluginField("normalization", a.normalization.c_str(), PluginFieldType::kCHAR,
+                        static_cast<int32_t>(a.normalization.size() + 1)),
+            PluginField("detection_potential", &a.detection_potential, PluginFieldType::kINT32, 1),
+            PluginField("score_ceiling", &a.score_ceiling, PluginFieldType::kFLOAT32, 1),
+            PluginField("epsilon", &a.epsilon, PluginFieldType::kFLOAT32, 1),
+        };
+        mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
+        mFieldCollection.fields = mFields.data();
+        return &mFieldCollection;
+    });
+}
+
+// ---- the creator --------------------------------------------------------------------------------------
+
+std::string parse_fields(PluginFieldCollection const* fc, CrfAttributes* attributes, std::vector<std::string>* ignored) {
+    if (fc == nullptr || (fc->nbFields > 0 && fc->fields == nullptr)) return "no field collection";
+    CrfAttributes a;
+    bool seen_iterations = false, seen_spatial = false, seen_xy = false, seen_rgb = false;
+    for (int32_t i = 0; i < fc->nbFields; ++i) {
+        PluginField const& f = fc->fields[i];
+        std::string const name = f.name != nullptr ? f.name : "";
+        bool ok = true;
+        if (name == "iterations") ok = seen_iterations = read_int(f, &a.iterations);
+        else if (name == "theta_spatial") ok = seen_spatial = read_float(f, &a.theta_spatial);
+        else if (name == "theta_bilateral_xy") ok = seen_xy = read_float(f, &a.theta_bilateral_xy);
+        else if (name == "theta_bilateral_rgb") ok = seen_rgb = read_float(f, &a.theta_bilateral_rgb);
+        else if (name == "normalization") ok = read_string(f, &a.normalization);
+        else if (name == "detection_potential") ok = read_int(f, &a.detection_potential);
+        else if (name == "score_ceiling") ok = read_float(f, &a.score_ceiling);
+        else if (name == "epsilon") ok = read_float(f, &a.epsilon);
+        else if (ignored != nullptr) ignored->push_back(name);
+        if (!ok)
+            return "field \"" + name + "\" has type " + std::to_string(static_cast<int32_t>(f.type)) + " and length " +
+                   std::to_string(f.length) + ", which it cannot be read from";
+    }
+    if (!(seen_iterations && seen_spatial && seen_xy && seen_rgb))
+        return "the fields iterations, theta_spatial, theta_bilateral_xy and theta_bilateral_rgb are required";
+    std::string const error = a.validate();
+    if (!error.empty()) return error;
+    *attributes = a;
+    return {};
+}
+
+MeanFieldCrfPluginCreator::MeanFieldCrfPluginCreator() {
+    mFieldNames = {
+        PluginField("iterations", nullptr, PluginFieldType::kINT32, 1),
+        PluginField("theta_spatial", nullptr, PluginFieldType::kFLOAT32, 1),
+        PluginField("theta_bilateral_xy", nullptr, PluginFieldType::kFLOAT32, 1),
+        PluginField("theta_bilateral_rgb", nullptr, PluginFieldType::kFLOAT32, 1),
+        PluginField("normalization", nullptr, PluginFieldType::kCHAR, 0),
+        PluginField("detection_potential", nullptr, PluginFieldType::kINT32, 1),
+        PluginField("score_ceiling", nullptr, PluginFieldType::kFLOAT32, 1),
+        PluginField("epsilon", nullptr, PluginFieldType::kFLOAT32, 1),
+    };
+    mFieldCollection.nbFields = static_cast<int32_t>(mFieldNames.size());
+    mFieldCollection.fields = mFieldNames.data();
+}
+
+char const* MeanFieldCrfPluginCreator::getPluginName() const noexcept { return kPluginName; }
+char const* MeanFieldCrfPluginCreator::getPluginVersion() const noexcept { return kPluginVersion; }
+char const* MeanFieldCrfPluginCreator::getPluginNamespace() const noexcept { return kPluginNamespace; }
+PluginFieldCollection const* MeanFieldCrfPluginCreator::getFieldNames() noexcept { return &mFieldCollection; }
+
+IPluginV3* MeanFieldCrfPluginCreator::createPlugin(char const* name, PluginFieldCollection const* fc,
+                                                   TensorRTPhase /* phase */) noexcept {
+    std::string const layer = name != nullptr ? name : "";
+    return guarded<IPluginV3*>(layer, "createPlugin", nullptr, [&]() -> IPluginV3* {
+        CrfAttributes attributes;
+        std::vector<std::string> ignored;
+        std::string const error = parse_fields(fc, &attributes, &ignored);
+        if (!error.empty()) {
+            log_error(layer, error);
+            return nullptr;
+        }
+        for (std::string const& field : ignored) {
+            if (field != "plugin_version" && field != "plugin_namespace")
+                log(ILogger::Severity::kWARNING, layer, "ignoring the unknown field \"" + field + "\"");
+        }
+        return new MeanFieldCrfPlugin(layer, std::move(attributes));
+    });
+}
+
+}  // namespace tensorrt
+}  // namespace dynseg
+
+// ---- the library's entry points (IPluginRegistry::loadLibrary, trtexec --dynamicPlugins) ----------------
+
+extern "C" {
+
+__attribute__((visibility("default"))) IPluginCreatorInterface* const* getCreators(int32_t& nbCreators) {
+    static dynseg::tensorrt::MeanFieldCrfPluginCreator creator;
+    static IPluginCreatorInterface* const creators[] = {&creator};
+    nbCreators = 1;
+    return creators;
+}
+
+__attribute__((visibility("default"))) void setLoggerFinder(ILoggerFinder* finder) {
+    dynseg::tensorrt::gLoggerFinder.set(finder);
+}
+
+}  // extern "C"

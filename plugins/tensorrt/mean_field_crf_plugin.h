@@ -1,0 +1,183 @@
+/*
+ * mean_field_crf_plugin.h: the TensorRT plugin for dynseg::MeanFieldCRF version 1 (docs/ops.md), an IPluginV3
+ * with the IPluginV3One core, build and runtime capabilities, and its IPluginCreatorV3One. Name
+ * "MeanFieldCRF", namespace "dynseg", version "1"; the computation is the CUDA kernel library's
+ * (plugins/include/dynseg_crf.h, docs/crf.md §6) plus the detection potential's kernels
+ * (detection_potential.cuh). Inputs, outputs and attributes: plugins/tensorrt/README.md.
+ *
+ * The shared library exports getCreators and setLoggerFinder (extern "C"), so TensorRT's plugin registry
+ * loads it with loadLibrary (Python: trt.get_plugin_registry().load_library) and trtexec with
+ * --dynamicPlugins.
+ */
+#ifndef DYNSEG_TENSORRT_MEAN_FIELD_CRF_PLUGIN_H
+#define DYNSEG_TENSORRT_MEAN_FIELD_CRF_PLUGIN_H
+
+#include <NvInferRuntime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace dynseg {
+namespace tensorrt {
+
+constexpr char const* kPluginName = "MeanFieldCRF";
+constexpr char const* kPluginNamespace = "dynseg";
+constexpr char const* kPluginVersion = "1";
+constexpr int32_t kNumInputs = 10;
+constexpr int32_t kNumOutputs = 2;
+
+// Input and output positions (docs/ops.md).
+enum Input : int32_t {
+    kUnary = 0,
+    kImage = 1,
+    kSpatialWeight = 2,
+    kBilateralWeight = 3,
+    kCompatibility = 4,
+    kBoxes = 5,
+    kLabels = 6,
+    kScores = 7,
+    kDetectionX = 8,
+    kDetectionY = 9,
+};
+enum Output : int32_t { kLogits = 0, kDetectionScores = 1 };
+
+// The node's attributes, validated once (validate()) when a plugin is created.
+struct CrfAttributes {
+    int32_t iterations = 5;
+    float theta_spatial = 3.0f;
+    float theta_bilateral_xy = 80.0f;
+    float theta_bilateral_rgb = 13.0f;
+    std::string normalization = "after";  // "after" or "symmetric"
+    int32_t detection_potential = 0;      // 0 or 1
+    float score_ceiling = 1.0f;
+    float epsilon = 0.0f;
+
+    // An empty string when every field is in range, else a message naming the field and its value.
+    std::string validate() const;
+};
+
+// The problem's sizes, read from the ten input shapes (at run time or the profile's maximum).
+struct CrfShapes {
+    int64_t labels = 0;      // L
+    int64_t height = 0;      // H
+    int64_t width = 0;       // W
+    int64_t channels = 0;    // C, the image's colour planes
+    int64_t detections = 0;  // D
+    int32_t spatial_kind = 0;    // dynseg_weight_kind
+    int32_t bilateral_kind = 0;  // dynseg_weight_kind
+    int32_t compat_kind = 0;     // dynseg_compat_kind (Potts or full)
+};
+
+// An empty string when the ten shapes form a valid problem, else what is wrong.
+std::string read_shapes(nvinfer1::Dims const* const dims[kNumInputs], CrfShapes* shapes);
+
+/*
+ * The workspace, each region aligned to 256 bytes from an aligned base (the first 256 bytes are slack
+ * for aligning the pointer TensorRT gives):
+ *
+ *   1. crf        the kernel library's workspace (dynseg_crf_workspace_size_cuda), T iterations, or 1
+ *                 with the detection potential
+ *   with the detection potential only:
+ *   2. pairwise   (L, H, W) float: the native one-iteration output of each step
+ *   3. row_max    (H, W) float: per-pixel max of the logits
+ *   4. row_sum    (H, W) float: per-pixel sum of exp(logits - max)
+ *   5. everyone   (D,) float, 6. own (D,) float, 7. label_index (D,) int32: the detection terms
+ *
+ * Every size is a function growing with L, H, W and D, so the size for the profile's maximum dims
+ * (getWorkspaceSize) covers every shape the profile admits.
+ */
+struct WorkspaceLayout {
+    size_t crf_offset = 0, crf_bytes = 0;
+    size_t pairwise_offset = 0, row_max_offset = 0, row_sum_offset = 0;
+    size_t everyone_offset = 0, own_offset = 0, label_offset = 0;
+    size_t total = 0;
+};
+
+// An empty string on success, else the kernel library's message.
+std::string plan_workspace(CrfAttributes const& attributes, CrfShapes const& shapes, WorkspaceLayout* layout);
+
+class MeanFieldCrfPlugin final : public nvinfer1::IPluginV3,
+                                 public nvinfer1::IPluginV3OneCore,
+                                 public nvinfer1::IPluginV3OneBuild,
+                                 public nvinfer1::IPluginV3OneRuntime {
+public:
+    MeanFieldCrfPlugin(std::string layer_name, CrfAttributes attributes);
+    MeanFieldCrfPlugin(MeanFieldCrfPlugin const& other);
+    MeanFieldCrfPlugin& operator=(MeanFieldCrfPlugin const&) = delete;
+    ~MeanFieldCrfPlugin() override = default;
+
+    // IPluginV3
+    nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override;
+    nvinfer1::IPluginV3* clone() noexcept override;
+
+    // IPluginV3OneCore
+    char const* getPluginName() const noexcept override;
+    char const* getPluginVersion() const noexcept override;
+    char const* getPluginNamespace() const noexcept override;
+
+    // IPluginV3OneBuild
+    int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
+                            nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;
+    int32_t getOutputDataTypes(nvinfer1::DataType* outputTypes, int32_t nbOutputs,
+                               nvinfer1::DataType const* inputTypes, int32_t nbInputs) const noexcept override;
+    int32_t getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs, nvinfer1::DimsExprs const* shapeInputs,
+                            int32_t nbShapeInputs, nvinfer1::DimsExprs* outputs, int32_t nbOutputs,
+                            nvinfer1::IExprBuilder& exprBuilder) noexcept override;
+    bool supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs,
+                                   int32_t nbOutputs) noexcept override;
+    int32_t getNbOutputs() const noexcept override;
+    size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
+                            nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
+
+    // IPluginV3OneRuntime
+    int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, nvinfer1::PluginTensorDesc const* out,
+                          int32_t nbOutputs) noexcept override;
+    int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
+                    void const* const* inputs, void* const* outputs, void* workspace,
+                    cudaStream_t stream) noexcept override;
+    nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override;
+    nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
+
+    CrfAttributes const& attributes() const { return mAttributes; }
+
+private:
+    // The work of enqueue; an empty string on success, else the failure.
+    std::string run(nvinfer1::PluginTensorDesc const* inputDesc, void const* const* inputs, void* const* outputs,
+                    void* workspace, cudaStream_t stream) const;
+
+    std::string mLayerName;
+    CrfAttributes mAttributes;
+    // Storage behind getFieldsToSerialize (rebuilt on each call, so copies never share pointers).
+    std::vector<nvinfer1::PluginField> mFields;
+    nvinfer1::PluginFieldCollection mFieldCollection{};
+};
+
+class MeanFieldCrfPluginCreator final : public nvinfer1::IPluginCreatorV3One {
+public:
+    MeanFieldCrfPluginCreator();
+    ~MeanFieldCrfPluginCreator() override = default;
+
+    char const* getPluginName() const noexcept override;
+    char const* getPluginVersion() const noexcept override;
+    char const* getPluginNamespace() const noexcept override;
+    nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override;
+    nvinfer1::IPluginV3* createPlugin(char const* name, nvinfer1::PluginFieldCollection const* fc,
+                                      nvinfer1::TensorRTPhase phase) noexcept override;
+
+private:
+    std::vector<nvinfer1::PluginField> mFieldNames;
+    nvinfer1::PluginFieldCollection mFieldCollection{};
+};
+
+// Reads a field collection (the ONNX node's attributes at build time, getFieldsToSerialize's at run time)
+// into attributes; an empty string on success, else which field is wrong. Unknown fields are reported in
+// *ignored (plugin_version / plugin_namespace from the ONNX node are expected there).
+std::string parse_fields(nvinfer1::PluginFieldCollection const* fc, CrfAttributes* attributes,
+                         std::vector<std::string>* ignored);
+
+}  // namespace tensorrt
+}  // namespace dynseg
+
+#endif  // DYNSEG_TENSORRT_MEAN_FIELD_CRF_PLUGIN_H
