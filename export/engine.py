@@ -1,0 +1,475 @@
+"""TensorRT engines of an exported dynseg model: the TensorRT-specific ONNX copy, the optimisation profile
+over the detection count D and the image size, the sidecar JSON that travels with the plan, and
+`build_engine`. Imports without TensorRT (it is imported only inside `build_engine` and
+`running_environment`), so everything but the build itself runs and is tested anywhere.
+
+The CRF nodes run as the plugin of plugins/tensorrt/ (name "MeanFieldCRF", namespace "dynseg", version
+"1"), loaded from libdynseg_crf_tensorrt.so. docs/tensorrt.md describes the workflow and its limits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from onnx import helper
+
+from dynseg.sdk import __version__
+from dynseg.sdk.errors import DynsegError, InvalidArgumentError
+
+__all__ = [
+    "Profile",
+    "EngineError",
+    "EngineMismatchError",
+    "tensorrt_model",
+    "write_tensorrt_onnx",
+    "make_profile",
+    "sidecar_path",
+    "write_sidecar",
+    "read_sidecar",
+    "check_sidecar",
+    "plugin_library_path",
+    "running_environment",
+    "build_engine",
+]
+
+OP_DOMAIN = "dynseg"
+OP_TYPE = "MeanFieldCRF"
+PLUGIN_NAMESPACE = "dynseg"
+PLUGIN_VERSION = "1"
+PLUGIN_LIBRARY = "libdynseg_crf_tensorrt.so"
+PLUGIN_LIBRARY_ENV = "DYNSEG_TENSORRT_PLUGIN"
+SIDECAR_FORMAT = 1
+DEFAULT_DETECTIONS = (1, 10, 100)
+DEFAULT_SIZES = ((32, 32), (480, 640), (1024, 1024))
+# The CUDA kernels index with 32 bits: pixels x (colour channels + 3) x 32 and pixels x padded labels must
+# stay below 2^31 (docs/crf.md §6); RGB images: at most 11,184,810 pixels.
+_MAX_PIXELS = (2**31 - 1) // ((3 + 3) * 32)
+_INSTALL_TENSORRT = (
+    "TensorRT's Python package is not installed: install it from NVIDIA's index "
+    "(`pip install tensorrt --extra-index-url https://pypi.nvidia.com`, matching your CUDA driver; see "
+    "docs/tensorrt.md), build the plugin with TensorRT_ROOT set (`TensorRT_ROOT=/path/to/TensorRT pip install "
+    "--no-build-isolation .`), or use the onnxruntime backend, which needs neither"
+)
+
+
+class EngineError(DynsegError, RuntimeError):
+    """TensorRT is missing, or an engine could not be built or does not match where it runs."""
+
+
+class EngineMismatchError(EngineError):
+    """An engine's sidecar does not match the running TensorRT, GPU or plugin library; the message says
+    what to rebuild."""
+
+
+# ---- (a) the TensorRT-specific ONNX copy --------------------------------------------------------------
+
+def _crf_nodes(graph: onnx.GraphProto):
+    """Every dynseg::MeanFieldCRF node of graph and of its subgraphs."""
+    for node in graph.node:
+        if node.domain == OP_DOMAIN and node.op_type == OP_TYPE:
+            yield node
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _crf_nodes(attribute.g)
+            elif attribute.type == onnx.AttributeProto.GRAPHS:
+                for subgraph in attribute.graphs:
+                    yield from _crf_nodes(subgraph)
+
+
+def tensorrt_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a dynseg model for TensorRT's ONNX parser: each dynseg::MeanFieldCRF node carries
+    plugin_namespace = "dynseg" and plugin_version = "1" (how the parser finds the plugin), function
+    bodies of the dynseg domain are dropped (the plugin implements the op), and everything else is left
+    as it is. Raises InvalidArgumentError for a model without CRF nodes or of another op version."""
+    op_version = {entry.key: entry.value for entry in model.metadata_props}.get("dynseg_op_version")
+    if op_version is not None and op_version != PLUGIN_VERSION:
+        raise InvalidArgumentError(
+            f"the model's dynseg::MeanFieldCRF is version {op_version}; this plugin implements version "
+            f"{PLUGIN_VERSION}: re-export the model with this dynseg"
+        )
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    nodes = list(_crf_nodes(copy.graph))
+    if not nodes:
+        raise InvalidArgumentError(
+            "the model holds no dynseg::MeanFieldCRF node: is it an ONNX file that `dynseg export` wrote?"
+        )
+    for node in nodes:
+        kept = [a for a in node.attribute if a.name not in ("plugin_namespace", "plugin_version")]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+        node.attribute.extend([helper.make_attribute("plugin_namespace", PLUGIN_NAMESPACE),
+                               helper.make_attribute("plugin_version", PLUGIN_VERSION)])
+    functions = [f for f in copy.functions if f.domain != OP_DOMAIN]
+    del copy.functions[:]
+    copy.functions.extend(functions)
+    return copy
+
+
+def write_tensorrt_onnx(source: str | Path, destination: str | Path) -> Path:
+    """Writes tensorrt_model(onnx.load(source)) to destination (checked by onnx.checker) and returns
+    the destination path."""
+    destination = Path(destination)
+    model = tensorrt_model(onnx.load(str(source)))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(destination))
+    return destination
+
+
+def crf_node_count(model: onnx.ModelProto) -> int:
+    """How many dynseg::MeanFieldCRF nodes (so plugin layers) the model holds."""
+    return sum(1 for _ in _crf_nodes(model.graph))
+
+
+# ---- (b) the optimisation profile -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Profile:
+    """One optimisation profile: detections = (min, opt, max) D; sizes = (min, opt, max) image sizes,
+    each (H, W) in pixels. Built by make_profile, which validates it."""
+
+    detections: tuple[int, int, int]
+    sizes: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+        """The (min, opt, max) shape of each graph input: image (1, 3, H, W), boxes (D, 4), labels and
+        scores (D,)."""
+        d = self.detections
+        return {
+            "image": tuple((1, 3, h, w) for h, w in self.sizes),
+            "boxes": tuple((n, 4) for n in d),
+            "labels": tuple((n,) for n in d),
+            "scores": tuple((n,) for n in d),
+        }
+
+    def to_json(self) -> dict:
+        return {"detections": list(self.detections), "sizes": [list(s) for s in self.sizes]}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> Profile:
+        return make_profile(tuple(data["detections"]), tuple(tuple(s) for s in data["sizes"]))
+
+    def admits(self, detections: int, height: int, width: int) -> bool:
+        """Whether an image of height x width with `detections` boxes is inside the profile."""
+        (h0, w0), _, (h1, w1) = self.sizes
+        return self.detections[0] <= detections <= self.detections[2] and h0 <= height <= h1 and w0 <= width <= w1
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def make_profile(detections: Sequence[int] = DEFAULT_DETECTIONS,
+                 sizes: Sequence[Sequence[int]] = DEFAULT_SIZES, *,
+                 max_detections: int | None = None, labels: int | None = None) -> Profile:
+    """Validates a profile: detections (min, opt, max) with 0 <= min <= opt <= max (and max <= the
+    model's max_detections when given); sizes ((H, W) min, opt, max) with 1 <= min <= opt <= max in each
+    of H and W and the largest image within the CUDA kernels' 32-bit indexing (with `labels`, the
+    largest label count of a CRF, when given). Raises InvalidArgumentError naming the offending value."""
+    if len(detections) != 3 or not all(_is_int(d) for d in detections):
+        raise InvalidArgumentError(f"detections must be three ints (min, opt, max), got {detections!r}")
+    low, opt, high = detections
+    if low < 0:
+        raise InvalidArgumentError(f"the minimum detection count must be >= 0, got {low}")
+    if not low <= opt <= high:
+        raise InvalidArgumentError(f"detections must satisfy min <= opt <= max, got {tuple(detections)}")
+    if max_detections is not None and high > max_detections:
+        raise InvalidArgumentError(
+            f"the maximum detection count {high} exceeds the model's max_detections = {max_detections} "
+            "(re-export with a larger --max-detections, or lower the profile's maximum)"
+        )
+    if len(sizes) != 3 or not all(len(s) == 2 and all(_is_int(v) for v in s) for s in sizes):
+        raise InvalidArgumentError(f"sizes must be three (H, W) pairs of ints (min, opt, max), got {sizes!r}")
+    sizes = tuple((int(h), int(w)) for h, w in sizes)
+    for (h, w), name in zip(sizes, ("minimum", "optimum", "maximum")):
+        if h < 1 or w < 1:
+            raise InvalidArgumentError(f"the {name} image size must be at least 1x1, got {h}x{w}")
+    for axis, name in ((0, "height"), (1, "width")):
+        values = [s[axis] for s in sizes]
+        if not values[0] <= values[1] <= values[2]:
+            raise InvalidArgumentError(f"the image {name} must satisfy min <= opt <= max, got {tuple(values)}")
+    height, width = sizes[2]
+    if height * width > _MAX_PIXELS:
+        raise InvalidArgumentError(
+            f"the maximum image size {height}x{width} ({height * width} pixels) is too large for the CUDA kernels "
+            f"(at most {_MAX_PIXELS} pixels with an RGB image)"
+        )
+    padded = -(-max(high + 1, labels or 0) // 8) * 8
+    if height * width * padded > 2**31 - 1:
+        raise InvalidArgumentError(
+            f"{height}x{width} pixels with up to {max(high + 1, labels or 0)} labels is too large for the CUDA "
+            "kernels (pixels x labels must stay below 2^31): lower the maximum size or detections"
+        )
+    return Profile((low, opt, high), sizes)  # type: ignore[arg-type]
+
+
+# ---- (c) the sidecar -----------------------------------------------------------------------------------
+
+def sidecar_path(plan: str | Path) -> Path:
+    """Where the sidecar of a plan lives: the plan's path with ".json" appended (model.engine ->
+    model.engine.json). The plan file itself holds TensorRT's bytes only."""
+    plan = Path(plan)
+    return plan.with_name(plan.name + ".json")
+
+
+def sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _model_metadata(model: onnx.ModelProto) -> dict[str, str]:
+    return {entry.key: entry.value for entry in model.metadata_props}
+
+
+def write_sidecar(plan: str | Path, *, tensorrt_version: str, compute_capability: str, plugin_library: str | Path,
+                  profile: Profile, model_metadata: Mapping[str, str], fp16: bool) -> Path:
+    """Writes the sidecar JSON of `plan` (an existing plan file) and returns its path. Records the
+    TensorRT version and GPU compute capability ("major.minor") it was built with, the plugin library's
+    file name and sha256, the plan's sha256, the profile, the precision, and from the ONNX metadata the
+    dynseg version, op version, class names, preprocessing and max_detections."""
+    plan = Path(plan)
+    try:
+        class_names = json.loads(model_metadata["class_names"])
+        preprocessing = json.loads(model_metadata["preprocessing"])
+    except (KeyError, json.JSONDecodeError) as error:
+        raise InvalidArgumentError(
+            f"the model's metadata lacks valid class_names / preprocessing ({error}): is it an ONNX file that "
+            "`dynseg export` wrote?"
+        ) from None
+    data = {
+        "format": SIDECAR_FORMAT,
+        "tensorrt_version": str(tensorrt_version),
+        "compute_capability": str(compute_capability),
+        "plugin_library": {"name": Path(plugin_library).name, "sha256": sha256(plugin_library)},
+        "plan_sha256": sha256(plan),
+        "profile": profile.to_json(),
+        "precision": "fp16" if fp16 else "fp32",
+        "dynseg_version": model_metadata.get("dynseg_version", __version__),
+        "dynseg_op_version": model_metadata.get("dynseg_op_version", PLUGIN_VERSION),
+        "class_names": class_names,
+        "preprocessing": preprocessing,
+        "max_detections": int(model_metadata.get("max_detections", profile.detections[2])),
+    }
+    path = sidecar_path(plan)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+_REQUIRED = ("format", "tensorrt_version", "compute_capability", "plugin_library", "plan_sha256", "profile",
+             "precision", "dynseg_version", "dynseg_op_version", "class_names", "preprocessing")
+
+
+def read_sidecar(plan_or_sidecar: str | Path) -> dict:
+    """The sidecar of a plan (pass the plan or the .json), checked for its fields; raises EngineError
+    when it is missing or malformed."""
+    path = Path(plan_or_sidecar)
+    if path.suffix != ".json":
+        path = sidecar_path(path)
+    if not path.is_file():
+        raise EngineError(f"{path} is missing: an engine needs the sidecar JSON `dynseg export --format engine` "
+                          "writes beside it; rebuild the engine")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise EngineError(f"{path} is not valid JSON ({error}); rebuild the engine") from None
+    missing = [key for key in _REQUIRED if key not in data] if isinstance(data, dict) else list(_REQUIRED)
+    if missing:
+        raise EngineError(f"{path} lacks {', '.join(missing)}; rebuild the engine")
+    if data["format"] != SIDECAR_FORMAT:
+        raise EngineError(f"{path} has sidecar format {data['format']}, this dynseg reads {SIDECAR_FORMAT}; "
+                          "rebuild the engine with this dynseg")
+    Profile.from_json(data["profile"])  # validates
+    return data
+
+
+def check_sidecar(sidecar: Mapping, *, tensorrt_version: str, compute_capability: str,
+                  plugin_sha256: str, plan: str | Path | None = None) -> None:
+    """Checks an engine's sidecar against where it is about to run: the running TensorRT version, the GPU's
+    compute capability, the sha256 of the plugin library that will be loaded, the plugin op version and,
+    with `plan`, that the plan file is the one the sidecar describes. Raises EngineMismatchError listing
+    every mismatch and what to rebuild."""
+    problems = []
+    rebuild_engine = ("rebuild the engine here (`dynseg export CHECKPOINT --format engine`), on this machine's "
+                      "TensorRT and GPU")
+    if str(sidecar["tensorrt_version"]) != str(tensorrt_version):
+        problems.append(f"it was built with TensorRT {sidecar['tensorrt_version']}, but TensorRT {tensorrt_version} "
+                        f"is running: {rebuild_engine}")
+    if str(sidecar["compute_capability"]) != str(compute_capability):
+        problems.append(f"it was built for a GPU of compute capability {sidecar['compute_capability']}, but this GPU "
+                        f"is {compute_capability}: {rebuild_engine}")
+    plugin = sidecar["plugin_library"]
+    if plugin.get("sha256") != plugin_sha256:
+        problems.append(f"it was built with another plugin library ({plugin.get('name')} sha256 "
+                        f"{str(plugin.get('sha256'))[:12]}…, the loaded one is {plugin_sha256[:12]}…): rebuild the "
+                        "engine with the installed dynseg, or reinstall the dynseg it was built with")
+    if str(sidecar["dynseg_op_version"]) != PLUGIN_VERSION:
+        problems.append(f"its CRF op is version {sidecar['dynseg_op_version']}, this plugin implements "
+                        f"{PLUGIN_VERSION}: re-export the model and rebuild the engine")
+    if plan is not None and sha256(plan) != sidecar["plan_sha256"]:
+        problems.append(f"{plan} is not the plan this sidecar describes (its sha256 differs): rebuild the engine, "
+                        "which writes both")
+    if problems:
+        raise EngineMismatchError("the engine does not match this machine: " + "; ".join(problems))
+
+
+# ---- the running environment ------------------------------------------------------------------------
+
+def plugin_library_path() -> Path:
+    """The plugin library: $DYNSEG_TENSORRT_PLUGIN if set, else libdynseg_crf_tensorrt.so in the installed
+    dynseg/plugins folder. Raises EngineError listing the paths searched."""
+    candidates = []
+    if os.environ.get(PLUGIN_LIBRARY_ENV):
+        candidates.append(Path(os.environ[PLUGIN_LIBRARY_ENV]))
+    candidates.append(Path(__file__).resolve().parents[1] / "plugins" / PLUGIN_LIBRARY)
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise EngineError(
+        f"the TensorRT plugin library {PLUGIN_LIBRARY} was not found (searched: "
+        f"{', '.join(str(p) for p in candidates)}): build dynseg with TensorRT, `TensorRT_ROOT=/path/to/TensorRT "
+        f"pip install --no-build-isolation .`, or point {PLUGIN_LIBRARY_ENV} at the library"
+    )
+
+
+def _import_tensorrt():
+    try:
+        import tensorrt  # noqa: PLC0415  (optional dependency, imported on use)
+    except ImportError:
+        raise EngineError(_INSTALL_TENSORRT) from None
+    return tensorrt
+
+
+def compute_capability(device: int = 0) -> str:
+    """The compute capability ("major.minor") of CUDA device `device`, from the driver (libcuda)."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        raise EngineError("the CUDA driver (libcuda.so.1) is not available: TensorRT engines need an NVIDIA GPU") \
+            from None
+    handle, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGet(ctypes.byref(handle), device) != 0:
+        raise EngineError(f"CUDA device {device} is not available")
+    # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75, _MINOR = 76
+    if cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, handle) != 0 or \
+            cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, handle) != 0:
+        raise EngineError(f"could not read the compute capability of CUDA device {device}")
+    return f"{major.value}.{minor.value}"
+
+
+def running_environment(plugin_library: str | Path | None = None, device: int = 0) -> dict[str, str]:
+    """What check_sidecar compares against: the running TensorRT's version, the GPU's compute capability
+    and the plugin library's sha256 (plugin_library, or plugin_library_path())."""
+    tensorrt = _import_tensorrt()
+    library = Path(plugin_library) if plugin_library is not None else plugin_library_path()
+    return {"tensorrt_version": tensorrt.__version__, "compute_capability": compute_capability(device),
+            "plugin_sha256": sha256(library)}
+
+
+# ---- (d) the build -------------------------------------------------------------------------------------
+
+def build_engine(onnx_path: str | Path, out_path: str | Path, *, fp16: bool = False,
+                 detections: Sequence[int] = DEFAULT_DETECTIONS,
+                 sizes: Sequence[Sequence[int]] = DEFAULT_SIZES,
+                 workspace: int | None = None,
+                 plugin_library: str | Path | None = None) -> Path:
+    """Builds a TensorRT engine from an ONNX file `dynseg export` wrote; returns out_path.
+
+    Writes <out_path minus its suffix>.trt.onnx (the TensorRT-specific copy), the plan at out_path (TensorRT's
+    bytes only) and the sidecar sidecar_path(out_path). detections: (min, opt, max) D; sizes: (min, opt, max)
+    image sizes as (H, W); workspace: the builder's workspace pool limit in bytes (None: TensorRT's default,
+    the device's memory; the CRF plugin's workspace is sized for the profile's largest shapes and can reach
+    gigabytes); plugin_library: the plugin's .so (None: plugin_library_path()). fp16 sets TensorRT 10's FP16
+    builder flag (the CRF plugin stays fp32); TensorRT 11 removed that flag and is refused with fp16.
+
+    Raises InvalidArgumentError for a bad profile or model, EngineError when TensorRT, the plugin library or
+    a GPU is missing or the build fails."""
+    model = onnx.load(str(onnx_path))
+    metadata = _model_metadata(model)
+    max_detections = int(metadata["max_detections"]) if "max_detections" in metadata else None
+    profile = make_profile(detections, sizes, max_detections=max_detections,
+                           labels=len(json.loads(metadata.get("class_names", "[]"))) + 1)
+    if workspace is not None and (not _is_int(workspace) or workspace < 1):
+        raise InvalidArgumentError(f"workspace must be a positive number of bytes or None, got {workspace!r}")
+    trt_model = tensorrt_model(model)
+    tensorrt = _import_tensorrt()
+    library = Path(plugin_library) if plugin_library is not None else plugin_library_path()
+    out_path = Path(out_path)
+    onnx_copy = out_path.with_suffix(".trt.onnx")
+    onnx.checker.check_model(trt_model)
+    onnx.save(trt_model, str(onnx_copy))
+    plan = _build_plan(tensorrt, onnx_copy, crf_node_count(trt_model), library, profile, fp16, workspace)
+    out_path.write_bytes(plan)
+    write_sidecar(out_path, tensorrt_version=tensorrt.__version__, compute_capability=compute_capability(),
+                  plugin_library=library, profile=profile, model_metadata=metadata, fp16=fp16)
+    return out_path
+
+
+def _build_plan(trt, onnx_copy: Path, expected_plugins: int, library: Path, profile: Profile, fp16: bool,
+                workspace: int | None) -> bytes:
+    """The TensorRT part of build_engine (needs TensorRT and a GPU; not exercised by the CPU tests)."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    registry = builder.get_plugin_registry()
+    if registry.load_library(str(library)) is None:
+        raise EngineError(f"TensorRT could not load the plugin library {library} (see the log above)")
+    network = builder.create_network(0)  # explicit batch (the only mode in 10.x; strongly typed in 11.x)
+    parser = trt.OnnxParser(network, logger)
+    if hasattr(trt, "OnnxParserFlag") and hasattr(trt.OnnxParserFlag, "ENABLE_PLUGIN_OVERRIDE"):
+        parser.set_flag(trt.OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE)
+    if not parser.parse_from_file(str(onnx_copy)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineError(f"TensorRT's ONNX parser rejected {onnx_copy}: {errors}")
+    _check_plugin_layers(trt, network, expected_plugins)
+
+    config = builder.create_builder_config()
+    if workspace is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
+    if fp16:
+        if not hasattr(trt.BuilderFlag, "FP16"):
+            raise EngineError(
+                f"TensorRT {trt.__version__} has no FP16 builder flag (TensorRT 11 removed it: reduced precision "
+                "must be written into the ONNX types, which this exporter does not do yet); build with fp16=False"
+            )
+        config.set_flag(trt.BuilderFlag.FP16)
+    optimisation = builder.create_optimization_profile()
+    for name, (low, opt, high) in profile.shapes().items():
+        optimisation.set_shape(name, low, opt, high)
+    config.add_optimization_profile(optimisation)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineError("TensorRT failed to build the engine (see the log above)")
+    return bytes(serialized)
+
+
+def _check_plugin_layers(trt, network, expected: int) -> None:
+    """The parsed network must hold exactly `expected` plugin layers, all dynseg::MeanFieldCRF version 1
+    (IPluginV3): a CRF node imported any other way, or another plugin, is an error."""
+    ours, others = 0, []
+    for index in range(network.num_layers):
+        layer = network.get_layer(index)
+        if layer.type == trt.LayerType.PLUGIN_V3:
+            layer.__class__ = trt.IPluginV3Layer
+            core = layer.plugin.get_capability_interface(trt.PluginCapabilityType.CORE)
+            identity = (core.plugin_namespace, core.plugin_name, core.plugin_version)
+            if identity == (PLUGIN_NAMESPACE, OP_TYPE, PLUGIN_VERSION):
+                ours += 1
+            else:
+                others.append(f"{layer.name} ({'::'.join(identity[:2])} v{identity[2]})")
+        elif layer.type in (trt.LayerType.PLUGIN, trt.LayerType.PLUGIN_V2):
+            others.append(f"{layer.name} (a legacy plugin layer)")
+    if ours != expected or others:
+        raise EngineError(
+            f"the parsed network holds {ours} dynseg::MeanFieldCRF plugin layers, expected {expected}"
+            + (f", and unexpected plugin layers {', '.join(others)}" if others else "")
+            + ": is the plugin library the one built with this dynseg?"
+        )

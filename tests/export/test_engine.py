@@ -1,0 +1,305 @@
+"""The TensorRT engine builder's parts that run without TensorRT: the TensorRT-specific ONNX copy, the
+optimisation profile, the sidecar and its checks, build_engine's error without TensorRT; and the
+plugin's headers-only compile check where TensorRT's headers are at hand."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from dynseg.export import engine
+from dynseg.export.engine import EngineError, EngineMismatchError, Profile, make_profile
+from dynseg.sdk import InvalidArgumentError
+
+ROOT = Path(__file__).resolve().parents[2]
+ATTRIBUTES = dict(iterations=5, theta_spatial=3.0, theta_bilateral_xy=80.0, theta_bilateral_rgb=13.0,
+                  normalization="after", detection_potential=1, score_ceiling=1.0, epsilon=0.01)
+
+
+def _crf(name: str, unary: str, logits: str, scores_out: str) -> onnx.NodeProto:
+    inputs = [unary, "rgb", "w_s", "w_b", "compat", "boxes", "labels", "scores", "dx", "dy"]
+    return helper.make_node("MeanFieldCRF", inputs, [logits, scores_out], name=name, domain="dynseg", **ATTRIBUTES)
+
+
+def _model(with_function: bool = False) -> onnx.ModelProto:
+    """A small graph shaped like an exported dynseg model: two CRF nodes around standard ops, dynamic
+    H, W and D, and the metadata export_onnx writes."""
+    f = TensorProto.FLOAT
+    inputs = [
+        helper.make_tensor_value_info("image", TensorProto.UINT8, [1, 3, "height", "width"]),
+        helper.make_tensor_value_info("boxes", f, ["detections", 4]),
+        helper.make_tensor_value_info("labels", TensorProto.INT64, ["detections"]),
+        helper.make_tensor_value_info("scores", f, ["detections"]),
+    ]
+    outputs = [helper.make_tensor_value_info("instance_logits", f, [1, "labels", "height", "width"]),
+               helper.make_tensor_value_info("instance_scores", f, ["detections"])]
+    scalar = lambda name, v: numpy_helper.from_array(np.array(v, dtype=np.float32), name)  # noqa: E731
+    initializers = [scalar("w_s", 3.0), scalar("w_b", 5.0), numpy_helper.from_array(np.zeros(0, np.float32), "compat"),
+                    scalar("dx", 1.0), scalar("dy", 1.0),
+                    numpy_helper.from_array(np.zeros((1, 4, 1, 1), np.float32), "head")]
+    nodes = [
+        helper.make_node("Cast", ["image"], ["rgb"], to=f),
+        helper.make_node("Conv", ["rgb", "head"], ["semantic"]),
+        _crf("semantic_crf", "semantic", "semantic_logits", "recalibrated"),
+        helper.make_node("Identity", ["semantic_logits"], ["unary"]),
+        _crf("instance_crf", "unary", "instance_logits", "instance_scores"),
+    ]
+    graph = helper.make_graph(nodes, "dynseg", inputs, outputs, initializers)
+    functions = []
+    if with_function:  # a function body for the op, as some exporters write
+        body = [helper.make_node("Identity", ["unary"], ["logits"]), helper.make_node("Identity", ["scores"], ["out"])]
+        functions.append(helper.make_function("dynseg", "MeanFieldCRF", ["unary", "image", "spatial_weight",
+                                              "bilateral_weight", "compatibility", "boxes", "labels", "scores",
+                                              "detection_x", "detection_y"], ["logits", "out"], body,
+                                              [helper.make_opsetid("", 17)]))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("dynseg", 1)],
+                              functions=functions)
+    for key, value in {"dynseg_version": "0.1.0", "dynseg_op_version": "1",
+                       "class_names": json.dumps(["cat", "cup", "person"]),
+                       "preprocessing": json.dumps({"input": "RGB uint8 (1, 3, H, W)", "mean": [0.5] * 3,
+                                                    "std": [0.25] * 3, "scale": 255.0}),
+                       "max_detections": "100"}.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(model)
+    return model
+
+
+def _strip_plugin_attributes(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for node in copy.graph.node:
+        kept = [a for a in node.attribute if a.name not in ("plugin_namespace", "plugin_version")]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+    return copy
+
+
+# ---- the TensorRT-specific ONNX copy --------------------------------------------------------------------
+
+def test_the_tensorrt_copy_marks_every_crf_node_with_the_plugin_namespace_and_version(tmp_path):
+    source = tmp_path / "model.onnx"
+    onnx.save(_model(), str(source))
+    copy = onnx.load(str(engine.write_tensorrt_onnx(source, tmp_path / "model.trt.onnx")))
+    onnx.checker.check_model(copy)
+    crf = [n for n in copy.graph.node if n.op_type == "MeanFieldCRF"]
+    assert len(crf) == 2 == engine.crf_node_count(copy)
+    for node in crf:
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        assert attributes["plugin_namespace"] == b"dynseg"
+        assert attributes["plugin_version"] == b"1"
+        assert node.domain == "dynseg"
+        for name, value in ATTRIBUTES.items():  # the op's own attributes are untouched
+            got = attributes[name]
+            assert (got.decode() if isinstance(got, bytes) else got) == pytest.approx(value)
+
+
+def test_the_tensorrt_copy_changes_nothing_else():
+    model = _model()
+    copy = engine.tensorrt_model(model)
+    assert _strip_plugin_attributes(copy) == model
+    assert model.graph.node[2].attribute[-1].name != "plugin_version"  # the input was not modified
+
+
+def test_the_tensorrt_copy_drops_the_ops_function_bodies_and_is_idempotent():
+    model = _model(with_function=True)
+    assert len(model.functions) == 1
+    copy = engine.tensorrt_model(model)
+    assert len(copy.functions) == 0
+    again = engine.tensorrt_model(copy)
+    assert again == copy
+    names = [a.name for a in again.graph.node[2].attribute]
+    assert names.count("plugin_namespace") == names.count("plugin_version") == 1
+
+
+def test_a_model_without_crf_nodes_or_of_another_op_version_is_refused():
+    model = _model()
+    del model.graph.node[2:]
+    with pytest.raises(InvalidArgumentError, match="no dynseg::MeanFieldCRF node"):
+        engine.tensorrt_model(model)
+    model = _model()
+    model.metadata_props[1].value = "2"
+    with pytest.raises(InvalidArgumentError, match="version 2"):
+        engine.tensorrt_model(model)
+
+
+# ---- the optimisation profile ------------------------------------------------------------------------------
+
+def test_a_profile_gives_every_input_its_min_opt_and_max_shapes():
+    profile = make_profile((1, 10, 100), ((32, 48), (480, 640), (1024, 1024)))
+    shapes = profile.shapes()
+    assert shapes["image"] == ((1, 3, 32, 48), (1, 3, 480, 640), (1, 3, 1024, 1024))
+    assert shapes["boxes"] == ((1, 4), (10, 4), (100, 4))
+    assert shapes["labels"] == shapes["scores"] == ((1,), (10,), (100,))
+    assert Profile.from_json(json.loads(json.dumps(profile.to_json()))) == profile
+    assert profile.admits(1, 32, 48) and profile.admits(100, 1024, 1024)
+    assert not profile.admits(101, 100, 100) and not profile.admits(5, 31, 100)
+
+
+def test_the_default_profile_is_valid():
+    assert make_profile() == make_profile(engine.DEFAULT_DETECTIONS, engine.DEFAULT_SIZES)
+
+
+@pytest.mark.parametrize("detections, sizes, message", [
+    ((1, 10), engine.DEFAULT_SIZES, "three ints"),
+    ((1.0, 10, 100), engine.DEFAULT_SIZES, "three ints"),
+    ((-1, 10, 100), engine.DEFAULT_SIZES, ">= 0"),
+    ((10, 1, 100), engine.DEFAULT_SIZES, "min <= opt <= max"),
+    ((1, 10, 100), ((32, 32), (480, 640)), r"three \(H, W\) pairs"),
+    ((1, 10, 100), ((0, 32), (480, 640), (1024, 1024)), "at least 1x1"),
+    ((1, 10, 100), ((32, 32), (480, 640), (400, 1024)), "height must satisfy"),
+    ((1, 10, 100), ((32, 700), (480, 640), (1024, 1024)), "width must satisfy"),
+    ((1, 10, 100), ((32, 32), (480, 640), (4096, 4096)), "too large for the CUDA kernels"),
+    ((1, 10, 1000), ((32, 32), (480, 640), (3000, 3000)), "pixels x labels"),
+])
+def test_a_bad_profile_is_refused_with_the_offending_value(detections, sizes, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        make_profile(detections, sizes)
+
+
+def test_a_profile_beyond_the_models_max_detections_is_refused():
+    with pytest.raises(InvalidArgumentError, match="max_detections = 50"):
+        make_profile((1, 10, 100), engine.DEFAULT_SIZES, max_detections=50)
+
+
+# ---- the sidecar ---------------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def built(tmp_path):
+    """A plan file (stand-in bytes), a plugin library (stand-in bytes) and the sidecar written for them."""
+    plan = tmp_path / "model.engine"
+    plan.write_bytes(b"plan bytes")
+    library = tmp_path / engine.PLUGIN_LIBRARY
+    library.write_bytes(b"plugin bytes")
+    metadata = {entry.key: entry.value for entry in _model().metadata_props}
+    sidecar = engine.write_sidecar(plan, tensorrt_version="10.16.0.72", compute_capability="9.0",
+                                   plugin_library=library, profile=make_profile(), model_metadata=metadata,
+                                   fp16=False)
+    return plan, library, sidecar
+
+
+def test_the_sidecar_sits_beside_the_plan_and_round_trips(built):
+    plan, library, sidecar = built
+    assert sidecar == tmp_sidecar(plan) and sidecar.name == "model.engine.json"
+    assert plan.read_bytes() == b"plan bytes"  # nothing prepended to the plan
+    data = engine.read_sidecar(plan)
+    assert data == engine.read_sidecar(sidecar)
+    assert data["tensorrt_version"] == "10.16.0.72" and data["compute_capability"] == "9.0"
+    assert data["plugin_library"] == {"name": library.name, "sha256": engine.sha256(library)}
+    assert data["class_names"] == ["cat", "cup", "person"]
+    assert data["preprocessing"]["scale"] == 255.0
+    assert data["dynseg_version"] == "0.1.0" and data["dynseg_op_version"] == "1"
+    assert data["max_detections"] == 100 and data["precision"] == "fp32"
+    assert Profile.from_json(data["profile"]) == make_profile()
+    engine.check_sidecar(data, tensorrt_version="10.16.0.72", compute_capability="9.0",
+                         plugin_sha256=engine.sha256(library), plan=plan)
+
+
+def tmp_sidecar(plan: Path) -> Path:
+    return plan.parent / (plan.name + ".json")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("tensorrt_version", "10.13.3.9", "built with TensorRT 10.16.0.72, but TensorRT 10.13.3.9 is running"),
+    ("compute_capability", "8.9", "compute capability 9.0, but this GPU is 8.9"),
+    ("plugin_sha256", "0" * 64, "another plugin library"),
+])
+def test_a_sidecar_mismatch_says_what_differs_and_what_to_rebuild(built, field, value, message):
+    plan, library, _ = built
+    running = {"tensorrt_version": "10.16.0.72", "compute_capability": "9.0", "plugin_sha256": engine.sha256(library)}
+    running[field] = value
+    with pytest.raises(EngineMismatchError, match=message) as error:
+        engine.check_sidecar(engine.read_sidecar(plan), **running)
+    assert "rebuild" in str(error.value)
+
+
+def test_a_replaced_plan_or_every_mismatch_at_once_is_reported(built):
+    plan, library, _ = built
+    data = engine.read_sidecar(plan)
+    plan.write_bytes(b"another plan")
+    with pytest.raises(EngineMismatchError, match="not the plan this sidecar describes"):
+        engine.check_sidecar(data, tensorrt_version="10.16.0.72", compute_capability="9.0",
+                             plugin_sha256=engine.sha256(library), plan=plan)
+    with pytest.raises(EngineMismatchError) as error:
+        engine.check_sidecar(data, tensorrt_version="11.1.0.106", compute_capability="8.0", plugin_sha256="x")
+    assert str(error.value).count("rebuild") >= 3
+
+
+def test_a_missing_or_malformed_sidecar_is_an_engine_error(built, tmp_path):
+    plan, _, sidecar = built
+    data = json.loads(sidecar.read_text())
+    del data["plan_sha256"]
+    sidecar.write_text(json.dumps(data))
+    with pytest.raises(EngineError, match="lacks plan_sha256"):
+        engine.read_sidecar(plan)
+    sidecar.write_text("{")
+    with pytest.raises(EngineError, match="not valid JSON"):
+        engine.read_sidecar(plan)
+    with pytest.raises(EngineError, match="is missing"):
+        engine.read_sidecar(tmp_path / "other.engine")
+
+
+# ---- build_engine without TensorRT ---------------------------------------------------------------------------
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_build_engine_without_tensorrt_says_how_to_install_it(tmp_path):
+    source = tmp_path / "model.onnx"
+    onnx.save(_model(), str(source))
+    with pytest.raises(EngineError, match="TensorRT's Python package is not installed.*pypi.nvidia.com"):
+        engine.build_engine(source, tmp_path / "model.engine")
+    assert not (tmp_path / "model.engine").exists()
+
+
+def test_build_engine_checks_the_profile_before_anything_else(tmp_path):
+    source = tmp_path / "model.onnx"
+    onnx.save(_model(), str(source))
+    with pytest.raises(InvalidArgumentError, match="max_detections = 100"):
+        engine.build_engine(source, tmp_path / "model.engine", detections=(1, 10, 200))
+    with pytest.raises(InvalidArgumentError, match="workspace"):
+        engine.build_engine(source, tmp_path / "model.engine", workspace=0)
+
+
+def test_a_missing_plugin_library_lists_the_paths_searched(tmp_path, monkeypatch):
+    monkeypatch.setenv(engine.PLUGIN_LIBRARY_ENV, str(tmp_path / "nowhere.so"))
+    if (Path(engine.__file__).resolve().parents[1] / "plugins" / engine.PLUGIN_LIBRARY).is_file():
+        pytest.skip("the plugin library is installed here")
+    with pytest.raises(EngineError, match="nowhere.so"):
+        engine.plugin_library_path()
+
+
+# ---- the plugin's compile check against TensorRT's headers ----------------------------------------------------
+
+def _header_dirs() -> list[Path]:
+    """$DYNSEG_TENSORRT_HEADERS (directories separated by os.pathsep), else each folder of trt-headers/
+    beside the checkout (where docs/tensorrt.md suggests fetching them)."""
+    if os.environ.get("DYNSEG_TENSORRT_HEADERS"):
+        return [Path(p) for p in os.environ["DYNSEG_TENSORRT_HEADERS"].split(os.pathsep) if p]
+    beside = ROOT.parent / "trt-headers"
+    return sorted(p for p in beside.iterdir() if (p / "NvInferRuntime.h").is_file()) if beside.is_dir() else []
+
+
+@pytest.mark.skipif(not _header_dirs(), reason="no TensorRT headers: set DYNSEG_TENSORRT_HEADERS to folders of "
+                    "TensorRT's include/ (docs/tensorrt.md); CI has none")
+@pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("nvcc") is None, reason="needs cmake and nvcc")
+@pytest.mark.parametrize("headers", _header_dirs() or [None], ids=lambda p: p.name if p else "none")
+def test_the_plugin_compiles_without_warnings_against_tensorrt_headers(headers, tmp_path):
+    configure = subprocess.run(
+        ["cmake", "-S", str(ROOT), "-B", str(tmp_path), f"-DDYNSEG_TENSORRT_HEADERS={headers}",
+         "-DDYNSEG_NATIVE_ARCH=OFF", "-DDYNSEG_CUDA_ARCHITECTURES=90-real"],
+        capture_output=True, text=True,
+    )
+    assert configure.returncode == 0, configure.stdout[-2000:] + configure.stderr[-2000:]
+    build = subprocess.run(["cmake", "--build", str(tmp_path), "--target", "dynseg_crf_tensorrt_check", "-j", "2"],
+                           capture_output=True, text=True)
+    log = build.stdout + build.stderr
+    assert build.returncode == 0, log[-4000:]
+    assert "warning" not in log.lower(), log[-4000:]
