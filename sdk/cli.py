@@ -2,7 +2,9 @@
 
 Commands: `dynseg --version`, `dynseg --help`, `dynseg demo` (dynseg.sdk.demo.run), and, with torch
 installed, `dynseg train` and `dynseg eval` (dynseg.trainer.train.fit / predict and
-dynseg.trainer.evaluation.evaluate). No work is done here. Errors dynseg raises on purpose print one
+dynseg.trainer.evaluation.evaluate). Deployment (docs/deploy.md): `dynseg export` (torch;
+dynseg.export.onnx.export_onnx), `dynseg infer` and `dynseg bench` (no torch), `dynseg validate` and
+`dynseg quickstart` (torch), each over its module in dynseg.sdk.commands. No work is done here. Errors dynseg raises on purpose print one
 line and exit with status 1.
 """
 
@@ -20,7 +22,7 @@ __all__ = ["app"]
 
 app = typer.Typer(
     name="dynseg",
-    help="Dynamically Instantiated Network instance segmentation: the CRF demo, training and evaluation.",
+    help="Dynamically Instantiated Network instance segmentation: the CRF demo, training, evaluation and deployment.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -34,11 +34,11 @@ def test_readme_example_runs(index: int) -> None:
     exec(compile(code, f"README.md example {index + 1}", "exec"), {"__name__": f"readme_example_{index + 1}"})
 
 
-def test_readme_opens_with_one_line_install_and_demo_and_install_and_test_commands() -> None:
+def test_readme_opens_with_one_line_install_and_quickstart_and_install_and_test_commands() -> None:
     blocks = bash_blocks()
     assert len(blocks) == 2, blocks
     assert all("\n" not in block for block in blocks)
-    assert "dynseg demo --out" in blocks[0]
+    assert "dynseg quickstart --out" in blocks[0]
     assert "pytest" in blocks[1]
 
 

@@ -10,7 +10,7 @@
    exported model (overlays/).
 
 Needs torch (imported when it runs). The default, 600 steps, takes about 10 minutes on 2 CPU cores
-(docs/deploy.md has the measured time).
+(docs/deploy.md has the time measured per step).
 """
 
 from __future__ import annotations
