@@ -16,7 +16,7 @@ from typing import Optional
 import typer
 
 from . import __version__
-from .errors import DynsegError
+from .errors import DynsegError, InvalidArgumentError
 
 __all__ = ["app"]
 
@@ -293,20 +293,34 @@ def _parse_counts(text: str) -> list[int]:
     return [int(p) for p in parts]
 
 
+def _size(text: str, option: str) -> tuple[int, int]:
+    """'480x640' -> (480, 640): an image size as height x width."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise typer.BadParameter(f"{text!r} is not HEIGHTxWIDTH, e.g. 480x640", param_hint=option)
+    return int(parts[0]), int(parts[1])
+
+
 @app.command()
 def export(
     checkpoint: Path = typer.Argument(..., exists=True, file_okay=False, help="Folder written by dynseg train."),
-    format: str = typer.Option("onnx", "--format", help="onnx, or engine (TensorRT, not built yet)."),
-    out: Path = typer.Option(..., "--out", dir_okay=False, help="The file to write, e.g. model.onnx."),
+    format: str = typer.Option("onnx", "--format", help="onnx, or engine (TensorRT: needs TensorRT and a GPU)."),
+    out: Path = typer.Option(..., "--out", dir_okay=False, help="The file to write, e.g. model.onnx or model.engine."),
     max_detections: int = typer.Option(100, "--max-detections", min=1,
-                                       help="Most detections per image the runtime accepts."),
+                                       help="Most detections per image the runtime accepts (the engine profile's max)."),
+    min_detections: int = typer.Option(1, "--min-detections", min=0, help="engine: the profile's smallest D."),
+    opt_detections: int = typer.Option(10, "--opt-detections", min=0, help="engine: the D TensorRT tunes for."),
+    min_size: str = typer.Option("32x32", "--min-size", help="engine: the smallest image, HEIGHTxWIDTH."),
+    opt_size: str = typer.Option("480x640", "--opt-size", help="engine: the image size TensorRT tunes for."),
+    max_size: str = typer.Option("1024x1024", "--max-size", help="engine: the largest image."),
+    fp16: bool = typer.Option(False, "--fp16", help="engine: reduced precision outside the CRF (TensorRT 10)."),
+    workspace: Optional[int] = typer.Option(None, "--workspace", min=1, help="engine: builder workspace limit, bytes."),
 ) -> None:
-    """Export a checkpoint for deployment: ONNX with the dynseg::MeanFieldCRF op (docs/ops.md)."""
-    if format == "engine":
-        raise _fail("--format engine: the TensorRT engine builder is not built yet (issue 6); export ONNX with "
-                    "--format onnx and run it with the onnxruntime backend")
-    if format != "onnx":
+    """Export a checkpoint for deployment: ONNX with the dynseg::MeanFieldCRF op (docs/ops.md), or a
+    TensorRT engine built from it with the dynseg plugin (docs/tensorrt.md)."""
+    if format not in ("onnx", "engine"):
         raise typer.BadParameter(f"{format!r} is not one of onnx, engine", param_hint="--format")
+    sizes = (_size(min_size, "--min-size"), _size(opt_size, "--opt-size"), _size(max_size, "--max-size"))
     _torch_or_fail("dynseg export")
     from dynseg.export.onnx import export_onnx
     from dynseg.trainer.train import load_checkpoint
@@ -316,9 +330,21 @@ def export(
     except FileNotFoundError as error:
         raise _fail(str(error)) from error
     out.parent.mkdir(parents=True, exist_ok=True)
-    path = export_onnx(model, out, max_detections=max_detections)
+    onnx_path = out if format == "onnx" else out.with_suffix(".onnx")
+    path = export_onnx(model, onnx_path, max_detections=max_detections)
     typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {len(model.config.class_names)} classes, "
-               f"up to {max_detections} detections); next: dynseg validate {path} --checkpoint {checkpoint}")
+               f"up to {max_detections} detections)")
+    if format == "onnx":
+        typer.echo(f"next: dynseg validate {path} --checkpoint {checkpoint}")
+        return
+    from dynseg.export.engine import EngineError, build_engine
+
+    try:
+        engine = build_engine(path, out, fp16=fp16, detections=(min_detections, opt_detections, max_detections),
+                              sizes=sizes, workspace=workspace)
+    except (EngineError, InvalidArgumentError) as error:
+        raise _fail(str(error)) from error
+    typer.echo(f"wrote {engine} and its sidecar {engine}.json")
 
 
 @app.command()

@@ -199,11 +199,23 @@ def test_bad_arguments_name_the_option_without_a_traceback(exported, photos, tmp
     assert "Traceback" not in result.output
 
 
-def test_engine_export_says_the_builder_is_not_built_yet(exported, tmp_path):
+def test_engine_export_without_tensorrt_says_how_to_get_it(exported, tmp_path):
+    pytest.importorskip("dynseg.export.engine")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here: the engine would be built")
+    except ImportError:
+        pass
     result = runner.invoke(app, ["export", str(exported[0]), "--format", "engine", "--out", str(tmp_path / "m.engine")])
     assert result.exit_code == 1
-    assert "TensorRT engine builder is not built yet (issue 6)" in result.output
-    assert not (tmp_path / "m.engine").exists()
+    assert "TensorRT" in result.output and "Traceback" not in result.output
+    assert (tmp_path / "m.onnx").exists() and not (tmp_path / "m.engine").exists()
+
+
+def test_engine_sizes_must_be_height_x_width(exported, tmp_path):
+    result = runner.invoke(app, ["export", str(exported[0]), "--format", "engine", "--out", str(tmp_path / "m.engine"),
+                                 "--opt-size", "480"])
+    assert result.exit_code != 0 and "--opt-size" in plain(result.output)
 
 
 def test_a_file_that_is_no_model_is_named_in_one_line(photos, tmp_path):
