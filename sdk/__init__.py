@@ -1,8 +1,8 @@
 """dynseg.sdk: what applications embed. Imports with numpy alone (no torch).
 
-Front door: `dense_crf` (the numpy dense CRF on the native kernels, CPU or GPU), `dense_crf_cuda` (the
-same on arrays already in GPU memory), the result types of a segmentation (`SegmentationResult`,
-`Instance`), and the error and warning types.
+Front door: `Segmenter` (an exported model or a checkpoint; image and detections in, a
+`SegmentationResult` of `Instance`s out), `dense_crf` (the numpy dense CRF on the native kernels, CPU
+or GPU), `dense_crf_cuda` (the same on arrays already in GPU memory), and the error and warning types.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .crf import dense_crf, dense_crf_cuda
 from .errors import DetectionsDroppedWarning, DynsegError, InvalidArgumentError, NativeError
 from .results import Instance, SegmentationResult
+from .segmenter import Segmenter
 
 try:
     __version__ = version("dynseg")
@@ -19,6 +20,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "Segmenter",
     "dense_crf",
     "dense_crf_cuda",
     "SegmentationResult",

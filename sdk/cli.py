@@ -478,6 +478,6 @@ def quickstart(
                f"  dynseg validate {model} --checkpoint {ckpt}\n"
                f"  dynseg bench {model} --sizes 512x512 --detections 10\n"
                f"  dynseg infer {model} IMAGES... --detections dets.json --out {out}/infer\n"
-               f"  python -c \"from dynseg.sdk.segmenter import Segmenter; print(Segmenter('{model}'))\"")
+               f"  python -c \"from dynseg.sdk import Segmenter; print(Segmenter('{model}'))\"")
     if not summary.parity:
         raise typer.Exit(1)
