@@ -484,8 +484,7 @@ void Lattice::build(const FeatureSpec& spec, BuildScratch& s, int kernel, Status
                                         static_cast<double>(inv_std_dev));
     c.inv_dp1 = 1.0f / static_cast<float>(d + 1);
     c.dp1 = static_cast<float>(d + 1);
-    alpha_ = 1.0f / (1.0f + std::pow(2.0f, static_cast<float>(-d)));
-    c.alpha = alpha_;
+    c.alpha = 1.0f / (1.0f + std::pow(2.0f, static_cast<float>(-d)));  // densecrf's slicing scale
     c.theta_xy = spec.theta_xy;
     c.theta_color = spec.theta_color > 0.0f ? spec.theta_color : 1.0f;
     c.width = spec.width;

@@ -96,7 +96,6 @@ private:
 
     int d_ = 0;
     int64_t pixels_ = 0, entries_ = 0;
-    float alpha_ = 0.0f;
     int32_t* vertices_ = nullptr;  // device: M
     Packing* packing_ = nullptr;
     int32_t* entry_vertex_ = nullptr;  // (N, d+1)
