@@ -112,6 +112,9 @@ def library() -> ctypes.CDLL:
             lib.dynseg_cuda_malloc.argtypes = [ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p)]
             lib.dynseg_cuda_free.argtypes = [ctypes.c_void_p]
             lib.dynseg_cuda_memcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+            lib.dynseg_cuda_stream_create.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
+            lib.dynseg_cuda_stream_synchronize.argtypes = [ctypes.c_void_p]
+            lib.dynseg_cuda_stream_destroy.argtypes = [ctypes.c_void_p]
             if lib.dynseg_abi_version() != ABI_VERSION:
                 raise NativeError(
                     f"{library_path()} speaks C ABI {lib.dynseg_abi_version()}, this dynseg needs {ABI_VERSION}: "
@@ -324,6 +327,23 @@ class CudaBuffer:
         if getattr(self, "pointer", 0) and _lib is not None:
             _lib.dynseg_cuda_free(self.pointer)
             self.pointer = 0
+
+
+class CudaStream:
+    """A non-blocking CUDA stream from the native library, destroyed with the object."""
+
+    def __init__(self):
+        handle = ctypes.c_void_p()
+        _check(library().dynseg_cuda_stream_create(ctypes.byref(handle)))
+        self.handle = int(handle.value or 0)
+
+    def synchronize(self) -> None:
+        _check(library().dynseg_cuda_stream_synchronize(self.handle))
+
+    def __del__(self) -> None:
+        if getattr(self, "handle", 0) and _lib is not None:
+            _lib.dynseg_cuda_stream_destroy(self.handle)
+            self.handle = 0
 
 
 _local = threading.local()

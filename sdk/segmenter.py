@@ -4,8 +4,8 @@ whichever backend runs the network.
 Owns the path from a user's call to a backend and back: choosing and loading the backend once, the
 input checks (`inputs`), the backend's run, and the shared post-processing (`results.build_result`).
 Backends: "onnxruntime" (an exported .onnx; the CRF nodes on the native kernels), "torch" (a training
-checkpoint directory; needs dynseg[train]), "tensorrt" (issue 6). One Segmenter serves concurrent
-calls: it holds no per-call state.
+checkpoint directory; needs dynseg[train]), "tensorrt" (a TensorRT plan with its sidecar; needs
+TensorRT and a GPU). One Segmenter serves concurrent calls: it holds no per-call state.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class Segmenter:
     Args:
         path: an exported model (.onnx), a training checkpoint directory, or a TensorRT engine.
         backend: "auto" picks by path (directory: torch, .engine/.plan: tensorrt, else onnxruntime).
-        device: "cpu" or "cuda" (the torch backend; the onnxruntime backend runs on the CPU for now).
+        device: "cpu" or "cuda" (torch: either; onnxruntime: the CPU for now; tensorrt: "cuda").
     """
 
     def __init__(self, path: str | Path, backend: Backend = "auto", device: str = "cpu"):
@@ -58,10 +58,9 @@ class Segmenter:
 
             self._backend = TorchBackend(path, device=device)
         else:
-            raise InvalidArgumentError(
-                f"backend 'tensorrt' ({path}): the TensorRT backend is not built yet in this release; export "
-                "ONNX (`dynseg export CKPT --format onnx`) and use backend='onnxruntime'"
-            )
+            from .tensorrt_backend import TensorRTBackend
+
+            self._backend = TensorRTBackend(path, device=device)
         self.path = path
         self.class_names: tuple[str, ...] = self._backend.class_names
         self.max_detections: int = self._backend.max_detections

@@ -194,6 +194,11 @@ DYNSEG_API dynseg_status dynseg_cuda_malloc(size_t bytes, void** pointer);
 DYNSEG_API dynseg_status dynseg_cuda_free(void* pointer);
 /* Copies bytes between any two of host and device memory (synchronous). */
 DYNSEG_API dynseg_status dynseg_cuda_memcpy(void* destination, const void* source, size_t bytes);
+/* A CUDA stream of the caller's own (non-blocking), for callers without a CUDA binding (the SDK's
+ * TensorRT backend); its handle is a cudaStream_t. */
+DYNSEG_API dynseg_status dynseg_cuda_stream_create(void** stream);
+DYNSEG_API dynseg_status dynseg_cuda_stream_synchronize(void* stream);
+DYNSEG_API dynseg_status dynseg_cuda_stream_destroy(void* stream);
 
 #ifdef __cplusplus
 }

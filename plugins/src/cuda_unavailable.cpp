@@ -33,5 +33,8 @@ dynseg_status dynseg_crf_forward_cuda_from_host(const dynseg_crf_problem*, const
 dynseg_status dynseg_cuda_malloc(size_t, void**) { return not_built(); }
 dynseg_status dynseg_cuda_free(void*) { return not_built(); }
 dynseg_status dynseg_cuda_memcpy(void*, const void*, size_t) { return not_built(); }
+dynseg_status dynseg_cuda_stream_create(void**) { return not_built(); }
+dynseg_status dynseg_cuda_stream_synchronize(void*) { return not_built(); }
+dynseg_status dynseg_cuda_stream_destroy(void*) { return not_built(); }
 
 }  // extern "C"

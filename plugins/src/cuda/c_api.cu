@@ -250,4 +250,30 @@ dynseg_status dynseg_cuda_memcpy(void* destination, const void* source, size_t b
     });
 }
 
+dynseg_status dynseg_cuda_stream_create(void** stream) {
+    return guarded([&] {
+        if (!stream) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "stream is NULL");
+        cudaStream_t created = nullptr;
+        if (cudaError_t e = cudaStreamCreateWithFlags(&created, cudaStreamNonBlocking))
+            return cuda_failed(e, "cudaStreamCreateWithFlags");
+        *stream = created;
+        return DYNSEG_OK;
+    });
+}
+
+dynseg_status dynseg_cuda_stream_synchronize(void* stream) {
+    return guarded([&] {
+        if (cudaError_t e = cudaStreamSynchronize(static_cast<cudaStream_t>(stream)))
+            return cuda_failed(e, "cudaStreamSynchronize");
+        return DYNSEG_OK;
+    });
+}
+
+dynseg_status dynseg_cuda_stream_destroy(void* stream) {
+    return guarded([&] {
+        if (cudaError_t e = cudaStreamDestroy(static_cast<cudaStream_t>(stream))) return cuda_failed(e, "cudaStreamDestroy");
+        return DYNSEG_OK;
+    });
+}
+
 }  // extern "C"

@@ -1,0 +1,109 @@
+"""The TensorRT backend: a plan `dynseg export --format engine` built, run on its own CUDA stream with
+dynseg's MeanFieldCRF plugin (docs/tensorrt.md).
+
+Owns loading (TensorRT imported on use, the plugin library through the plugin registry, the sidecar
+checked against the running TensorRT, GPU and plugin before the plan is deserialised) and a call:
+input shapes set for the call's D and image size, device buffers kept per thread and grown only when
+a call needs more, one execution context per thread (contexts are not shared between threads, so
+one Segmenter serves concurrent calls). Device memory, copies and the stream come from the native
+library (dynseg.sdk._native), so the SDK needs no CUDA binding of its own.
+
+Written to TensorRT 10's Python API; it has not run here: no TensorRT can be installed on the
+machines this was developed on (the closing notes of issue 6 say what was verified).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from . import _native
+from .errors import InvalidArgumentError
+
+INPUTS = ("image", "boxes", "labels", "scores")
+OUTPUTS = ("instance_logits", "semantic_probabilities")
+
+
+class TensorRTBackend:
+    """A TensorRT plan with its sidecar JSON; see the module docstring."""
+
+    def __init__(self, path: str | Path, *, device: str = "cpu"):
+        from dynseg.export import engine as engines  # torch-free: onnx and the sidecar logic
+
+        if device == "cpu":
+            raise InvalidArgumentError("backend 'tensorrt' runs on a GPU: pass device='cuda'")
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InvalidArgumentError(f"engine file {self.path} does not exist")
+        sidecar = engines.read_sidecar(self.path)
+        library = engines.plugin_library_path()
+        engines.check_sidecar(sidecar, **engines.running_environment(library), plan=self.path)
+        trt = engines._import_tensorrt()
+        self._trt = trt
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        if not trt.get_plugin_registry().load_library(str(library)):
+            raise InvalidArgumentError(f"TensorRT could not load the plugin library {library}")
+        self._engine = trt.Runtime(self._logger).deserialize_cuda_engine(self.path.read_bytes())
+        if self._engine is None:
+            raise InvalidArgumentError(f"TensorRT could not deserialise {self.path}; rebuild the engine")
+        self.class_names: tuple[str, ...] = tuple(sidecar["class_names"])
+        self._profile = engines.Profile.from_json(sidecar["profile"])
+        self.max_detections = int(self._profile.detections[2])
+        self._local = threading.local()
+
+    def _state(self):
+        """This thread's execution context, stream and device buffers."""
+        state = getattr(self._local, "state", None)
+        if state is None:
+            context = self._engine.create_execution_context()
+            if context is None:
+                raise InvalidArgumentError("TensorRT could not create an execution context (out of GPU memory?)")
+            state = self._local.state = {"context": context, "stream": _native.CudaStream(), "buffers": {}}
+        return state
+
+    def _buffer(self, state, name: str, nbytes: int) -> int:
+        buffer = state["buffers"].get(name)
+        if buffer is None or buffer.nbytes < nbytes:
+            buffer = state["buffers"][name] = _native.CudaBuffer(max(nbytes, 1))
+        return buffer.pointer
+
+    def run(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> dict[str, np.ndarray]:
+        height, width = image.shape[:2]
+        if not self._profile.admits(len(boxes), height, width):
+            raise InvalidArgumentError(
+                f"{len(boxes)} detections on a {height}x{width} image are outside the engine's profile "
+                f"(D {self._profile.detections[0]}..{self._profile.detections[2]}, sizes {self._profile.sizes[0]} to "
+                f"{self._profile.sizes[2]}): rebuild the engine with a wider profile (dynseg export --format engine)")
+        trt = self._trt
+        state = self._state()
+        context = state["context"]
+        arrays = {
+            "image": np.ascontiguousarray(image.transpose(2, 0, 1)[None]),
+            "boxes": np.ascontiguousarray(boxes, dtype=np.float32).reshape(-1, 4),
+            "labels": np.ascontiguousarray(labels, dtype=np.int64).reshape(-1),
+            "scores": np.ascontiguousarray(scores, dtype=np.float32).reshape(-1),
+        }
+        for name, array in arrays.items():
+            if not context.set_input_shape(name, array.shape):
+                raise InvalidArgumentError(f"TensorRT refused {name} of shape {array.shape} for this engine")
+            pointer = self._buffer(state, name, array.nbytes)
+            _native.copy_to_device(pointer, array)
+            context.set_tensor_address(name, pointer)
+        outputs = {}
+        for index in range(self._engine.num_io_tensors):
+            name = self._engine.get_tensor_name(index)
+            if self._engine.get_tensor_mode(name) != trt.TensorIOMode.OUTPUT:
+                continue
+            shape = tuple(context.get_tensor_shape(name))
+            dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
+            outputs[name] = np.empty(shape, dtype=dtype)
+            context.set_tensor_address(name, self._buffer(state, name, outputs[name].nbytes))
+        if not context.execute_async_v3(state["stream"].handle):
+            raise InvalidArgumentError("TensorRT failed to run the engine (see TensorRT's log above)")
+        state["stream"].synchronize()
+        for name in OUTPUTS:
+            _native.copy_from_device(outputs[name], state["buffers"][name].pointer)
+        return {"instance_logits": outputs["instance_logits"][0],
+                "semantic_probabilities": outputs["semantic_probabilities"][0]}

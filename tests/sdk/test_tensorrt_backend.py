@@ -1,0 +1,95 @@
+"""The SDK's TensorRT backend. What runs everywhere: the errors of a missing engine, sidecar or
+TensorRT. What needs TensorRT and a GPU (skipped, saying which is missing): an engine built from a
+fresh export agrees with PyTorch within issue 4's tolerances at D = 1, the profile's opt and its max,
+at several sizes, and a saved engine reloads."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from dynseg.sdk import DynsegError, InvalidArgumentError, Segmenter, _native, samples
+
+HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+HAVE_GPU = _native.cuda_compiled() and _native.cuda_device_count() > 0
+
+
+def test_the_tensorrt_backend_runs_on_a_gpu_only(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="device='cuda'"):
+        Segmenter(tmp_path / "model.engine")
+
+
+def test_a_missing_engine_is_named(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="missing.engine does not exist"):
+        Segmenter(tmp_path / "missing.engine", device="cuda")
+
+
+def test_an_engine_without_its_sidecar_says_to_rebuild(tmp_path):
+    plan = tmp_path / "model.engine"
+    plan.write_bytes(b"a plan without its sidecar")
+    with pytest.raises(DynsegError, match="sidecar JSON"):
+        Segmenter(plan, device="cuda")
+
+
+needs_tensorrt = pytest.mark.skipif(not (HAVE_TENSORRT and HAVE_GPU),
+                                    reason="needs TensorRT's Python package and a GPU with dynseg's CUDA kernels")
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    from dynseg.export.engine import build_engine
+    from dynseg.export.onnx import export_onnx
+    from dynseg.trainer.model.instance import InstanceConfig
+    from dynseg.trainer.model.network import ModelConfig, build_model
+    from dynseg.trainer.train import save_checkpoint
+
+    torch.manual_seed(0)
+    network = build_model(ModelConfig(backbone="resnet18", class_names=("cat", "cup", "person"),
+                                      instance=InstanceConfig(templates_per_group=4, template_size=16)))
+    with torch.no_grad():
+        network.instance_unaries.templates.uniform_(0.0, 1.0)
+    directory = tmp_path_factory.mktemp("engine")
+    save_checkpoint(directory / "checkpoint", network)
+    onnx_path = export_onnx(network, directory / "model.onnx", max_detections=20)
+    plan = build_engine(onnx_path, directory / "model.engine", detections=(1, 5, 20),
+                        sizes=((64, 64), (200, 300), (320, 480)))
+    return directory / "checkpoint", plan
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=0, keepdims=True))
+    return e / e.sum(axis=0, keepdims=True)
+
+
+@needs_tensorrt
+@pytest.mark.parametrize("detections, size", [(1, (64, 64)), (5, (200, 300)), (20, (320, 480)), (7, (151, 233))])
+def test_tensorrt_matches_pytorch_across_the_profile(engine, detections, size):
+    checkpoint, plan = engine
+    image = np.ascontiguousarray(samples.load("chelsea")[: size[0], : size[1]])
+    rng = np.random.default_rng(detections)
+    height, width = size
+    x1, y1 = rng.integers(0, width - 2, detections), rng.integers(0, height - 2, detections)
+    x2 = np.minimum(width - 1, x1 + rng.integers(1, width // 2, detections))
+    y2 = np.minimum(height - 1, y1 + rng.integers(1, height // 2, detections))
+    boxes = np.stack([x1, y1, x2, y2], axis=1).astype(np.float32)
+    labels, scores = rng.integers(1, 4, detections), rng.uniform(0.05, 1.0, detections).astype(np.float32)
+    segmenters = Segmenter(plan, device="cuda"), Segmenter(checkpoint, backend="torch")
+    raw = [s._backend.run(image, boxes, labels, scores) for s in segmenters]
+    q_trt, q_torch = (_softmax(r["instance_logits"]) for r in raw)
+    assert np.abs(q_trt - q_torch).max() <= 1e-4
+    top2 = np.sort(np.concatenate([np.zeros_like(q_torch[:1]), q_torch]), axis=0)[-2:]
+    decided = top2[1] - top2[0] > 1e-4
+    assert (q_trt.argmax(0) == q_torch.argmax(0))[decided].mean() >= 0.999
+
+
+@needs_tensorrt
+def test_a_saved_engine_reloads_and_gives_the_same_result(engine):
+    _, plan = engine
+    image = np.ascontiguousarray(samples.load("coffee")[:200, :300])
+    boxes, labels, scores = np.array([[10, 20, 150, 180]], np.float32), [2], [0.8]
+    first = Segmenter(plan, device="cuda").segment(image, boxes, labels, scores)
+    again = Segmenter(plan, device="cuda").segment(image, boxes, labels, scores)
+    assert np.array_equal(first.instance_map, again.instance_map)
