@@ -387,8 +387,8 @@ def validate(
                                               help="COCO results JSON for --images; default: generated boxes."),
 ) -> None:
     """Parity of the exported model (onnxruntime) with its checkpoint (PyTorch): max |Δ| of the instance
-    and semantic probabilities (<= 1e-4), argmax agreement on decided pixels (>= 99.9 %), per-instance
-    mask IoU (>= 0.99). Exit status 1 when any check fails."""
+    probabilities (<= 1e-4) and of the semantic ones (<= 1e-3), argmax agreement on decided pixels
+    (>= 99.9 %), per-instance mask IoU (>= 0.99). Exit status 1 when any check fails."""
     _torch_or_fail("dynseg validate")
     from .commands import parity
     from .commands.images import generated_detections, read_detections, sample_cases
