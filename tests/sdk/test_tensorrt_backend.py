@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from dynseg.sdk import DynsegError, InvalidArgumentError, Segmenter, _native, samples
+from dynseg.sdk.commands import parity
 
 HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 HAVE_GPU = _native.cuda_compiled() and _native.cuda_device_count() > 0
@@ -59,11 +60,6 @@ def engine(tmp_path_factory):
     return directory / "checkpoint", plan
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=0, keepdims=True))
-    return e / e.sum(axis=0, keepdims=True)
-
-
 @needs_tensorrt
 @pytest.mark.parametrize("detections, size", [(1, (64, 64)), (5, (200, 300)), (20, (320, 480)), (7, (151, 233))])
 def test_tensorrt_matches_pytorch_across_the_profile(engine, detections, size):
@@ -77,12 +73,9 @@ def test_tensorrt_matches_pytorch_across_the_profile(engine, detections, size):
     boxes = np.stack([x1, y1, x2, y2], axis=1).astype(np.float32)
     labels, scores = rng.integers(1, 4, detections), rng.uniform(0.05, 1.0, detections).astype(np.float32)
     segmenters = Segmenter(plan, device="cuda"), Segmenter(checkpoint, backend="torch")
-    raw = [s._backend.run(image, boxes, labels, scores) for s in segmenters]
-    q_trt, q_torch = (_softmax(r["instance_logits"]) for r in raw)
-    assert np.abs(q_trt - q_torch).max() <= 1e-4
-    top2 = np.sort(np.concatenate([np.zeros_like(q_torch[:1]), q_torch]), axis=0)[-2:]
-    decided = top2[1] - top2[0] > 1e-4
-    assert (q_trt.argmax(0) == q_torch.argmax(0))[decided].mean() >= 0.999
+    runs = [parity.run_backend(s._backend, image, boxes, labels, scores, s.class_names, 20) for s in segmenters]
+    report = parity.compare(f"D={detections}", runs[0][0], runs[1][0], runs[0][1], runs[1][1])
+    assert report, [str(check) for check in report.checks]
 
 
 @needs_tensorrt
