@@ -303,3 +303,41 @@ def test_the_plugin_compiles_without_warnings_against_tensorrt_headers(headers, 
     log = build.stdout + build.stderr
     assert build.returncode == 0, log[-4000:]
     assert "warning" not in log.lower(), log[-4000:]
+
+
+# ---- the plugin itself: needs TensorRT's libraries and the built plugin --------------------------------
+
+def _plugin_library_or_none():
+    try:
+        return engine.plugin_library_path()
+    except EngineError:
+        return None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or _plugin_library_or_none() is None,
+                    reason="needs TensorRT's Python package and the built plugin library (TensorRT_ROOT at build time)")
+def test_the_plugin_serialises_and_restores_every_attribute():
+    import numpy as np
+    import tensorrt as trt
+
+    registry = trt.get_plugin_registry()
+    assert registry.load_library(str(_plugin_library_or_none()))
+    creator = registry.get_creator("MeanFieldCRF", "1", "dynseg")
+    assert creator is not None
+    attributes = [
+        trt.PluginField("iterations", np.array([4], np.int32), trt.PluginFieldType.INT32),
+        trt.PluginField("theta_spatial", np.array([2.5], np.float32), trt.PluginFieldType.FLOAT32),
+        trt.PluginField("theta_bilateral_xy", np.array([60.0], np.float32), trt.PluginFieldType.FLOAT32),
+        trt.PluginField("theta_bilateral_rgb", np.array([7.0], np.float32), trt.PluginFieldType.FLOAT32),
+        trt.PluginField("normalization", np.array(list(b"symmetric"), np.int8), trt.PluginFieldType.CHAR),
+        trt.PluginField("detection_potential", np.array([1], np.int32), trt.PluginFieldType.INT32),
+        trt.PluginField("score_ceiling", np.array([0.9], np.float32), trt.PluginFieldType.FLOAT32),
+        trt.PluginField("epsilon", np.array([1e-3], np.float32), trt.PluginFieldType.FLOAT32),
+    ]
+    plugin = creator.create_plugin("crf", trt.PluginFieldCollection(attributes), trt.TensorRTPhase.BUILD)
+    serialised = plugin.get_capability_interface(trt.PluginCapabilityType.RUNTIME).get_fields_to_serialize()
+    restored = creator.create_plugin("crf", serialised, trt.TensorRTPhase.RUNTIME)
+    again = restored.get_capability_interface(trt.PluginCapabilityType.RUNTIME).get_fields_to_serialize()
+    as_dict = lambda fields: {f.name: bytes(np.asarray(f.data).tobytes()) for f in fields}
+    assert as_dict(again) == as_dict(serialised)
+    assert set(as_dict(again)) == {a.name for a in attributes}
