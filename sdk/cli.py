@@ -276,14 +276,17 @@ def _segmenter(model: Path, backend: str, device: str):
         raise _fail(str(error)) from error
 
 
+def _size(text: str, option: str, minimum: int = 1) -> tuple[int, int]:
+    """'480x640' -> (480, 640): an image size as height x width, each at least `minimum`."""
+    height, _, width = text.strip().lower().partition("x")
+    if not (height.isdigit() and width.isdigit() and int(height) >= minimum and int(width) >= minimum):
+        raise typer.BadParameter(f"{text!r} is not HEIGHTxWIDTH (e.g. 512x512, each at least {minimum})",
+                                 param_hint=option)
+    return int(height), int(width)
+
+
 def _parse_sizes(text: str) -> list[tuple[int, int]]:
-    sizes = []
-    for part in text.split(","):
-        height, _, width = part.strip().lower().partition("x")
-        if not (height.isdigit() and width.isdigit() and int(height) >= 8 and int(width) >= 8):
-            raise typer.BadParameter(f"{part!r} is not HxW (e.g. 512x512, each at least 8)", param_hint="--sizes")
-        sizes.append((int(height), int(width)))
-    return sizes
+    return [_size(part, "--sizes", minimum=8) for part in text.split(",")]
 
 
 def _parse_counts(text: str) -> list[int]:
@@ -292,14 +295,6 @@ def _parse_counts(text: str) -> list[int]:
         raise typer.BadParameter(f"{text!r} is not a comma-separated list of counts >= 0 (e.g. 0,1,10,50)",
                                  param_hint="--detections")
     return [int(p) for p in parts]
-
-
-def _size(text: str, option: str) -> tuple[int, int]:
-    """'480x640' -> (480, 640): an image size as height x width."""
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        raise typer.BadParameter(f"{text!r} is not HEIGHTxWIDTH, e.g. 480x640", param_hint=option)
-    return int(parts[0]), int(parts[1])
 
 
 @app.command()

@@ -18,7 +18,8 @@ from .errors import InvalidArgumentError
 __all__ = ["mean_field_crf"]
 
 
-def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
+def softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    """Softmax along `axis` (float32 in, float32 out)."""
     e = np.exp(x - x.max(axis=axis, keepdims=True))
     return e / e.sum(axis=axis, keepdims=True)
 
@@ -39,7 +40,7 @@ def _detection_term(q, inside, pixels, prior, labels, scores, detection_x, detec
     y = detection_y * scores / pixels
     a0 = (np.float32(1.0) - prior) - y * agree
     a1 = prior - y * disagree
-    q_y = _softmax(np.stack([a0, a1], axis=1), axis=1)  # (D, 2)
+    q_y = softmax(np.stack([a0, a1], axis=1), axis=1)  # (D, 2)
     x = detection_x * scores
     everyone = -(x * q_y[:, 1]).reshape(-1, 1, 1) * inside
     own = (x * (q_y[:, 1] - q_y[:, 0])).reshape(-1, 1, 1) * inside
@@ -93,7 +94,7 @@ def mean_field_crf(inputs: Sequence[np.ndarray], attributes: Mapping[str, object
     recalibrated = scores
     logits = u
     for _ in range(iterations):
-        q = _softmax(logits, axis=0)
+        q = softmax(logits, axis=0)
         new_logits = u + (native(logits, 1) - logits)  # U + the pairwise message of Q
         if use_detections:
             term, recalibrated = _detection_term(q, inside, pixels, prior, labels, scores,

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..crf_node import softmax
 from ..inputs import check_detections
 from ..results import SegmentationResult, build_result
 
@@ -102,17 +103,12 @@ def _value(check: Check) -> str:
     return f"{check.value:.2e}" if check.at_most else f"{check.value:.5f}"
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits - logits.max(axis=0, keepdims=True))
-    return e / e.sum(axis=0, keepdims=True)
-
-
 def compare(name: str, candidate: dict, reference: dict, candidate_result: SegmentationResult,
             reference_result: SegmentationResult) -> ImageParity:
     """The four checks of one image. candidate/reference: a backend's raw outputs (instance_logits
     (D+1, H, W), semantic_probabilities (K+1, H, W)), the exported model's and PyTorch's; the results
     are build_result's of the same outputs."""
-    q_cand, q_ref = _softmax(candidate["instance_logits"]), _softmax(reference["instance_logits"])  # (D+1, H, W)
+    q_cand, q_ref = (softmax(r["instance_logits"], axis=0) for r in (candidate, reference))  # (D+1, H, W)
     sem = np.abs(candidate["semantic_probabilities"] - reference["semantic_probabilities"]).max()
     # A zero row makes the gap of a single label (D = 0) its probability, 1: always decided.
     top2 = np.sort(np.concatenate([np.zeros_like(q_ref[:1]), q_ref]), axis=0)[-2:]  # (2, H, W)

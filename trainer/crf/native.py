@@ -171,7 +171,7 @@ def mean_field_native(
     """Mean-field inference on the native kernels; the torch-level twin of `meanfield.mean_field`.
 
     Args:
-        unary: (L, H, W) float32 logits on the CPU.
+        unary: (L, H, W) float32 logits, a CPU or a CUDA tensor (the other tensors are moved to its device).
         image: (C, H, W) float32 colour planes (0..255 units, as the thetas), or None when no kernel
             is bilateral.
         kernels: (theta_xy, theta_color, weight) each; theta_color = 0 makes a spatial kernel over

@@ -8,9 +8,9 @@ recalibrated detection scores Q(Y_d = 1).
 Each iteration is  L^t = U + pairwise(Q^{t-1}) + detection(Q^{t-1}),  Q^t = softmax(L^t). The
 pairwise message comes from the native kernels (`mean_field_native`, one iteration at a time: one
 mean-field step from logits L gives L - mu·m(softmax(L)), so the message is that minus L). The
-kernel library runs whole mean-field loops and knows nothing of detections yet, so the loop lives
-here until the exported op gains the detection potential; the lattices are rebuilt per iteration,
-which costs about a millisecond per iteration at training sizes.
+kernel library knows nothing of detections, so the loop lives here, and the exported
+dynseg::MeanFieldCRF node is defined as this same loop (docs/ops.md); the lattices are rebuilt per
+iteration, which costs about a millisecond per iteration at training sizes.
 """
 
 from __future__ import annotations
