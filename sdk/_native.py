@@ -20,7 +20,7 @@ from dynseg.plugins import library_path
 from .errors import InvalidArgumentError, NativeError
 
 OK, INVALID_ARGUMENT, WORKSPACE_TOO_SMALL, KEY_RANGE, INTERNAL, NOT_SUPPORTED, CUDA_ERROR = range(7)
-ABI_VERSION = 2
+ABI_VERSION = 3
 NORMALIZATION = {"after": 0, "symmetric": 1}
 WEIGHT_SCALAR, WEIGHT_MATRIX = 0, 1
 COMPAT_POTTS, COMPAT_DIAGONAL, COMPAT_FULL = 0, 1, 2
@@ -56,6 +56,20 @@ class _Kernel(ctypes.Structure):
     ]
 
 
+class _Detections(ctypes.Structure):
+    _fields_ = [
+        ("count", ctypes.c_int64),
+        ("boxes", _f32p),
+        ("labels", ctypes.POINTER(ctypes.c_int64)),
+        ("scores", _f32p),
+        ("detection_x", _f32p),
+        ("detection_y", _f32p),
+        ("score_ceiling", ctypes.c_float),
+        ("epsilon", ctypes.c_float),
+        ("recalibrated", _f32p),
+    ]
+
+
 class _Problem(ctypes.Structure):
     _fields_ = [
         ("labels", ctypes.c_int64),
@@ -71,6 +85,7 @@ class _Problem(ctypes.Structure):
         ("iterations", ctypes.c_int32),
         ("output", ctypes.c_int32),
         ("threads", ctypes.c_int32),
+        ("detections", ctypes.POINTER(_Detections)),
     ]
 
 
@@ -168,14 +183,19 @@ def _check(status: int) -> None:
     raise NativeError(f"dynseg native library failed (status {status}): {message}")
 
 
-def _pointer(array: np.ndarray | DeviceArray | None) -> ctypes.POINTER(ctypes.c_float) | None:
+_C_TYPES = {np.dtype(np.float32): ctypes.c_float, np.dtype(np.int64): ctypes.c_int64}
+
+
+def _pointer(array: np.ndarray | DeviceArray | None, dtype: type = np.float32):
+    """A ctypes pointer to a contiguous array of `dtype` (float32 unless said), or NULL for None."""
+    c_type = ctypes.POINTER(_C_TYPES[np.dtype(dtype)])
     if array is None:
         return None
     if isinstance(array, DeviceArray):
-        return ctypes.cast(ctypes.c_void_p(array.pointer), _f32p)
-    if array.dtype != np.float32 or not array.flags.c_contiguous:
-        raise NativeError("internal: arrays handed to the native library must be contiguous float32")
-    return array.ctypes.data_as(_f32p)
+        return ctypes.cast(ctypes.c_void_p(array.pointer), c_type)
+    if array.dtype != dtype or not array.flags.c_contiguous:
+        raise NativeError(f"internal: arrays handed to the native library must be contiguous {np.dtype(dtype)}")
+    return array.ctypes.data_as(c_type)
 
 
 @dataclass(frozen=True)
@@ -186,6 +206,35 @@ class Kernel:
     theta_xy: float
     theta_color: float
     weight: np.ndarray | DeviceArray
+
+
+@dataclass(frozen=True)
+class Detections:
+    """The detection potential (dynseg_detections): boxes (D, 4) float32, labels (D,) int64, scores (D,)
+    float32, detection_x and detection_y (1,) float32, and `recalibrated` (D,) float32 that the call
+    fills with Q(Y_d = 1). numpy arrays for the CPU calls, DeviceArrays for the CUDA ones."""
+
+    boxes: np.ndarray | DeviceArray
+    labels: np.ndarray | DeviceArray
+    scores: np.ndarray | DeviceArray
+    detection_x: np.ndarray | DeviceArray
+    detection_y: np.ndarray | DeviceArray
+    score_ceiling: float
+    epsilon: float
+    recalibrated: np.ndarray | DeviceArray
+
+    def struct(self) -> _Detections:
+        return _Detections(
+            count=self.boxes.shape[0],
+            boxes=_pointer(self.boxes),
+            labels=_pointer(self.labels, np.int64),
+            scores=_pointer(self.scores),
+            detection_x=_pointer(self.detection_x),
+            detection_y=_pointer(self.detection_y),
+            score_ceiling=self.score_ceiling,
+            epsilon=self.epsilon,
+            recalibrated=_pointer(self.recalibrated),
+        )
 
 
 class Problem:
@@ -204,8 +253,11 @@ class Problem:
         iterations: int,
         output: int,
         threads: int,
+        detections: Detections | None = None,
     ):
         self._keep = [image, compat, *[k.weight for k in kernels]]
+        self._detections = detections
+        self._detections_struct = detections.struct() if detections is not None else None
         c_kernels = (_Kernel * max(len(kernels), 1))()
         for slot, k in zip(c_kernels, kernels):
             slot.theta_xy = k.theta_xy
@@ -228,6 +280,7 @@ class Problem:
             iterations=iterations,
             output=output,
             threads=threads,
+            detections=ctypes.pointer(self._detections_struct) if detections is not None else None,
         )
 
     def workspace(self, pass_: int) -> np.ndarray:

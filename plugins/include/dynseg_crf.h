@@ -11,13 +11,14 @@
  *   Q^0 = softmax(U)                                        U: unary logits, (L, H, W)
  *   for t = 1..T:
  *       m   = sum_k W_k . Knorm_k(Q^{t-1})                  W_k: scalar or (L, L) kernel weight
- *       L^t = U - mu . m                                    mu: compatibility, (L, L)
+ *       L^t = U - mu . m  [+ D(Q^{t-1})]                    mu: compatibility, (L, L)
  *       Q^t = softmax(L^t)
  *   output L^T (logits)
  *
  * Knorm_k is kernel k's Gaussian filter (permutohedral lattice over the features
  * (x/theta_xy, y/theta_xy[, c_1/theta_color, ..., c_C/theta_color]), x = column) normalised "after"
  * (K(Q) / K(1)) or "symmetric" (K(1)^-1/2 K(K(1)^-1/2 Q)). The label count L is a run-time value.
+ * D is the optional detection potential (dynseg_detections below).
  *
  * Layouts: every per-pixel array is planar and row-major, (channels, H, W), float32, contiguous.
  * Determinism: results are bitwise identical run to run and for any thread count.
@@ -40,7 +41,7 @@ extern "C" {
 #define DYNSEG_API __attribute__((visibility("default")))
 #endif
 
-#define DYNSEG_ABI_VERSION 2
+#define DYNSEG_ABI_VERSION 3
 
 typedef enum dynseg_status {
     DYNSEG_OK = 0,
@@ -76,6 +77,27 @@ typedef struct dynseg_kernel {
     const float* weight;       /* 1 or L*L values */
 } dynseg_kernel;
 
+/* The higher-order detection potential of the semantic CRF (docs/ops.md, "With it"; Arnab et al.,
+ * ECCV 2016). Detection d has a box F_d of n_d pixels, a label l_d and a score s_d. At iteration t,
+ * from Q = Q^{t-1}:
+ *   A_d = sum over F_d of Q(l_d),  y_d = w_y s_d / n_d,  p_d = min(s_d / s_max, 1 - epsilon)
+ *   Q(Y_d) = softmax over {0, 1} of  a_0 = (1 - p_d) - y_d A_d,  a_1 = p_d - y_d (n_d - A_d)
+ *   D(Q) on the pixels of F_d:  every label  -x_d Q(Y_d = 1),  label l_d also  x_d (Q(Y_d = 1) - Q(Y_d = 0)),
+ *   with x_d = w_x s_d, added detection by detection in index order.
+ * Forward only: the backward calls reject it (the trainer differentiates this term in torch). */
+typedef struct dynseg_detections {
+    int64_t count;              /* D >= 0 */
+    const float* boxes;         /* (D, 4) x1, y1, x2, y2: columns x1..x2 and rows y1..y2 inclusive, at least
+                                   one pixel of them inside the image (the part outside is ignored) */
+    const int64_t* labels;      /* (D,) l_d in 0..L-1 */
+    const float* scores;        /* (D,) s_d */
+    const float* detection_x;   /* one value: w_x */
+    const float* detection_y;   /* one value: w_y */
+    float score_ceiling;        /* s_max > 0 */
+    float epsilon;              /* 0 <= epsilon < 1 */
+    float* recalibrated;        /* (D,) output, or NULL: Q(Y_d = 1) of the last iteration (s_d when T = 0) */
+} dynseg_detections;
+
 typedef struct dynseg_crf_problem {
     int64_t labels;                /* L >= 1 */
     int64_t height, width;         /* H, W >= 1 */
@@ -89,6 +111,7 @@ typedef struct dynseg_crf_problem {
     int32_t iterations;            /* T >= 0 */
     int32_t output;                /* dynseg_output: what dynseg_crf_forward writes */
     int32_t threads;               /* 0 = all cores, else at most this many */
+    const dynseg_detections* detections; /* NULL (or count 0): no detection potential */
 } dynseg_crf_problem;
 
 #define DYNSEG_MAX_KERNELS 8
@@ -144,13 +167,15 @@ DYNSEG_API dynseg_status dynseg_lattice_filter(const dynseg_crf_problem* problem
  * The same computations on the GPU, for callers that hold device memory (the torch op, the
  * TensorRT plugin, onnxruntime's CUDA path). In these calls every array is a device pointer on the
  * current device: problem->image, kernels[k].weight, problem->compat, unary, out, the gradients and
- * the workspace. The problem struct and its kernels array stay in host memory; problem->threads is
- * ignored. `stream` is a cudaStream_t (NULL: the legacy default stream).
+ * the workspace, and the arrays of problem->detections. The problem struct, its kernels array and its
+ * dynseg_detections struct stay in host memory; problem->threads is ignored. `stream` is a
+ * cudaStream_t (NULL: the legacy default stream).
  *
  * The compute calls only enqueue work on `stream`: no allocation, no synchronisation, no copy
  * between host and device, so a TensorRT plugin can call them from enqueue. They validate every
  * host-side field as the CPU calls do, but cannot read device memory: non-finite values propagate
- * as NaN instead of being rejected, and a lattice whose keys do not fit 64 bits (absurdly small
+ * as NaN instead of being rejected (so do a detection's label out of range and a box without a pixel
+ * in the image), and a lattice whose keys do not fit 64 bits (absurdly small
  * thetas) is reported by dynseg_crf_check_cuda, its outputs filled with NaN meanwhile.
  * Results are bitwise identical run to run (no floating-point atomics) and agree with the CPU
  * calls to float rounding. Without CUDA in the build every call returns DYNSEG_ERROR_NOT_SUPPORTED.

@@ -17,6 +17,9 @@ dynseg_status fail(dynseg_status status, const char* format, ...);
 // non-finite values (only possible when they are host memory).
 dynseg_status validate(const dynseg_crf_problem* problem, bool read_arrays);
 
+// What the backward calls add to validate(): logits output, no detection potential.
+dynseg_status backward_supported(const dynseg_crf_problem& problem);
+
 // Runs body, turning any escaping exception into a status: nothing crosses the C boundary.
 template <typename Body>
 dynseg_status guarded(const Body& body) {

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "boundary.h"
+#include "detections.h"
 #include "dynseg_crf.h"
 #include "meanfield.h"
 #include "parallel.h"
@@ -47,6 +48,45 @@ dynseg_status fail(dynseg_status status, const char* format, ...) {
     last_error = buffer;
     return status;
 }
+
+namespace {
+
+dynseg_status validate_detections(const dynseg_crf_problem& p, bool read_arrays) {
+    const dynseg_detections& d = *p.detections;
+    if (d.count < 0 || d.count > kMaxEntries / 4)
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "detections->count must be in 0..%lld, got %lld",
+                    (long long)(kMaxEntries / 4), (long long)d.count);
+    if (!(std::isfinite(d.score_ceiling) && d.score_ceiling > 0.0f))
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "detections->score_ceiling must be finite and > 0, got %g",
+                    d.score_ceiling);
+    if (!(d.epsilon >= 0.0f && d.epsilon < 1.0f))
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "detections->epsilon must be in [0, 1), got %g", d.epsilon);
+    if (d.count == 0) return DYNSEG_OK;
+    if (!d.boxes || !d.labels || !d.scores || !d.detection_x || !d.detection_y)
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT,
+                    "detections->boxes, labels, scores, detection_x and detection_y must not be NULL");
+    if (!read_arrays) return DYNSEG_OK;
+    if (!all_finite(d.detection_x, 1) || !all_finite(d.detection_y, 1))
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "detections->detection_x and detection_y must be finite, got %g, %g",
+                    *d.detection_x, *d.detection_y);
+    for (int64_t i = 0; i < d.count; ++i) {
+        const float* box = d.boxes + 4 * i;
+        if (!all_finite(box, 4))
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "detections->boxes[%lld] holds a non-finite value", (long long)i);
+        if (box_span(box, p.height, p.width).count() == 0)
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT,
+                        "detections->boxes[%lld] = (%g, %g, %g, %g) holds no pixel of the %lldx%lld image", (long long)i,
+                        box[0], box[1], box[2], box[3], (long long)p.height, (long long)p.width);
+        if (d.labels[i] < 0 || d.labels[i] >= p.labels)
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "detections->labels[%lld] must be in 0..%lld, got %lld",
+                        (long long)i, (long long)(p.labels - 1), (long long)d.labels[i]);
+        if (!all_finite(d.scores + i, 1))
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "detections->scores[%lld] is not finite", (long long)i);
+    }
+    return DYNSEG_OK;
+}
+
+}  // namespace
 
 dynseg_status validate(const dynseg_crf_problem* p, bool read_arrays) {
     if (!p) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "problem is NULL");
@@ -106,6 +146,16 @@ dynseg_status validate(const dynseg_crf_problem* p, bool read_arrays) {
     if (p->threads < 0) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "threads must be >= 0, got %d", p->threads);
     if (read_arrays && p->image && p->image_channels > 0 && !all_finite(p->image, p->image_channels * pixels))
         return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "image holds a non-finite value");
+    return p->detections ? validate_detections(*p, read_arrays) : DYNSEG_OK;
+}
+
+dynseg_status backward_supported(const dynseg_crf_problem& p) {
+    if (p.output != DYNSEG_OUTPUT_LOGITS)
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "backward needs output = DYNSEG_OUTPUT_LOGITS, got %d", p.output);
+    if (p.detections && p.detections->count > 0)
+        return fail(DYNSEG_ERROR_NOT_SUPPORTED,
+                    "backward does not differentiate the detection potential (the trainer does, in torch): pass "
+                    "detections = NULL");
     return DYNSEG_OK;
 }
 
@@ -183,9 +233,7 @@ dynseg_status dynseg_crf_backward(const dynseg_crf_problem* problem, const float
                                   void* workspace, size_t workspace_bytes) {
     return guarded([&] {
         if (dynseg_status s = validate(problem)) return s;
-        if (problem->output != DYNSEG_OUTPUT_LOGITS)
-            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "backward needs output = DYNSEG_OUTPUT_LOGITS, got %d",
-                        problem->output);
+        if (dynseg_status s = dynseg::backward_supported(*problem)) return s;
         if (!unary || !grad_logits || !grad_unary || !workspace)
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "unary, grad_logits, grad_unary and workspace must not be NULL");
         const int64_t size = problem->labels * problem->height * problem->width;

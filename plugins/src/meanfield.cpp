@@ -1,6 +1,6 @@
 // meanfield.cpp: the CRF-as-RNN mean-field update, forward and backward (docs/crf.md derives both).
 //
-// Per iteration:  F_k = Knorm_k(Q);  L = U - mu . sum_k W_k F_k;  Q = softmax(L).
+// Per iteration:  F_k = Knorm_k(Q);  L = U - mu . sum_k W_k F_k [+ D(Q)];  Q = softmax(L).
 // Potts (mu = -I) adds the messages to the unary in kernel order, which is densecrf's order of float
 // operations. Backward walks the iterations in reverse with the transposed filters (blur axes
 // d..0); the parameter gradients come from P_k = sum_i (Knorm_k^T G)_i Q_i^T, reduced over fixed
@@ -72,7 +72,8 @@ inline void block_softmax(const float (*rows)[8 * V], float (*q)[8 * V], int64_t
 
 }  // namespace
 
-MeanField::MeanField(const dynseg_crf_problem& problem, int pass, Workspace& ws) : p_(problem) {
+MeanField::MeanField(const dynseg_crf_problem& problem, int pass, Workspace& ws)
+    : p_(problem), detections_(problem, ws) {
     labels_ = problem.labels;
     stride_ = padded_channels(labels_);
     pixels_ = problem.height * problem.width;
@@ -288,21 +289,22 @@ void MeanField::run_iterations(float* history) {
     bool scalar = true;
     for (int k = 0; k < K; ++k) scalar = scalar && !is_matrix(p_.kernels[k]);
     if (p_.iterations == 0 || K == 0) std::copy(unary_, unary_ + size, acc_);
+    detections_.start();
     for (int t = 0; t < p_.iterations; ++t) {
         const float* logits = t == 0 ? unary_ : acc_;
         float* q = history ? history + t * size : q_;
-        if (K == 0) {
-            softmax(logits, q);
-            continue;
-        }
         softmax(logits, q);
-        if (scalar) {
+        if (K == 0) {
+            if (detections_.active()) std::copy(unary_, unary_ + size, acc_);
+        } else if (scalar) {
             dispatch_tiles(q);
+            finish_logits(acc_);
         } else {
             if (!potts) std::fill(acc_, acc_ + size, 0.0f);
             for (int k = 0; k < K; ++k) kernel_message(k, q, k == 0);
+            finish_logits(acc_);
         }
-        finish_logits(acc_);
+        detections_.add(q, acc_, stride_, threads_);
     }
 }
 
@@ -310,7 +312,7 @@ void MeanField::run_iterations(float* history) {
 // Potts compatibility, at least one kernel and one iteration.
 bool MeanField::streams() const {
     if (threads_ != 1 || stride_ > kLabelTile || p_.compat_kind != DYNSEG_COMPAT_POTTS) return false;
-    if (p_.num_kernels == 0 || p_.iterations == 0) return false;
+    if (p_.num_kernels == 0 || p_.iterations == 0 || detections_.active()) return false;
     for (int k = 0; k < p_.num_kernels; ++k)
         if (is_matrix(p_.kernels[k])) return false;
     return true;

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "detections.h"
 #include "dynseg_crf.h"
 #include "lattice.h"
 #include "simd.h"
@@ -58,6 +59,7 @@ private:
     Lattice lattices_[DYNSEG_MAX_KERNELS];
     float* norm_[DYNSEG_MAX_KERNELS] = {};
     LatticeScratch scratch_;
+    DetectionPotential detections_;
 
     // pixel-major (N, stride) arrays
     float* unary_ = nullptr;

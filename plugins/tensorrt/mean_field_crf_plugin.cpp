@@ -1,7 +1,6 @@
 // The dynseg::MeanFieldCRF TensorRT plugin (see mean_field_crf_plugin.h) and the library's entry points.
 #include "mean_field_crf_plugin.h"
 
-#include "detection_potential.cuh"
 #include "dynseg_crf.h"
 
 #include <algorithm>
@@ -13,6 +12,7 @@
 #include <mutex>
 #include <new>
 #include <sstream>
+#include <tuple>
 #include <utility>
 
 using namespace nvinfer1;
@@ -74,10 +74,6 @@ T guarded(std::string const& layer, char const* where, T failure, Body const& bo
     return failure;
 }
 
-constexpr size_t kAlignment = 256;
-
-size_t align_up(size_t bytes) { return (bytes + kAlignment - 1) / kAlignment * kAlignment; }
-
 // The product of dims, or -1 for a negative (unknown) extent or one that overflows.
 int64_t volume(Dims const& dims) {
     int64_t v = 1;
@@ -117,32 +113,47 @@ std::string weight_kind(Dims const& dims, int64_t labels, char const* name, int3
 // The problem struct for shapes with the given device arrays (dummy non-NULL pointers for sizing).
 struct Problem {
     dynseg_kernel kernels[2];
+    dynseg_detections detections;
     dynseg_crf_problem problem;
 };
 
-void fill_problem(CrfAttributes const& a, CrfShapes const& s, int32_t iterations, float const* image,
-                  float const* spatial, float const* bilateral, float const* compat, Problem* p) {
-    p->kernels[0] = dynseg_kernel{a.theta_spatial, 0.0f, s.spatial_kind, spatial};
-    p->kernels[1] = dynseg_kernel{a.theta_bilateral_xy, a.theta_bilateral_rgb, s.bilateral_kind, bilateral};
+// The node's inputs as the library's problem: the detection potential rides along when the node has it
+// (the library adds its term to every iteration; recalibrated scores go to `detection_scores`).
+void fill_problem(CrfAttributes const& a, CrfShapes const& s, void const* const* inputs, float* detection_scores,
+                  Problem* p) {
+    auto in = [&](int32_t i) { return static_cast<float const*>(inputs[i]); };
+    p->kernels[0] = dynseg_kernel{a.theta_spatial, 0.0f, s.spatial_kind, in(kSpatialWeight)};
+    p->kernels[1] = dynseg_kernel{a.theta_bilateral_xy, a.theta_bilateral_rgb, s.bilateral_kind, in(kBilateralWeight)};
     dynseg_crf_problem& q = p->problem;
     std::memset(&q, 0, sizeof(q));
     q.labels = s.labels;
     q.height = s.height;
     q.width = s.width;
     q.image_channels = s.channels;
-    q.image = image;
+    q.image = in(kImage);
     q.num_kernels = 2;
     q.kernels = p->kernels;
     q.compat_kind = s.compat_kind;
-    q.compat = s.compat_kind == DYNSEG_COMPAT_POTTS ? nullptr : compat;
+    q.compat = s.compat_kind == DYNSEG_COMPAT_POTTS ? nullptr : in(kCompatibility);
     q.normalization = a.normalization == "symmetric" ? DYNSEG_NORMALIZE_SYMMETRIC : DYNSEG_NORMALIZE_AFTER;
-    q.iterations = iterations;
+    q.iterations = a.iterations;
     q.output = DYNSEG_OUTPUT_LOGITS;
     q.threads = 0;
+    if (!a.detection_potential || s.detections == 0) return;
+    dynseg_detections& d = p->detections;
+    d.count = s.detections;
+    d.boxes = in(kBoxes);
+    d.labels = static_cast<int64_t const*>(inputs[kLabels]);
+    d.scores = in(kScores);
+    d.detection_x = in(kDetectionX);
+    d.detection_y = in(kDetectionY);
+    d.score_ceiling = a.score_ceiling;
+    d.epsilon = a.epsilon;
+    d.recalibrated = detection_scores;
+    q.detections = &p->detections;
 }
 
-// Whether this node runs the library once for all T iterations (no detection potential), per iteration
-// (with it), or not at all (L = 1 or T = 0: the output is the unary).
+// L = 1 or T = 0: the output is the unary and the scores pass through (docs/ops.md).
 bool identity(CrfAttributes const& a, CrfShapes const& s) { return s.labels == 1 || a.iterations == 0; }
 
 std::string library_error(char const* call, dynseg_status status) {
@@ -252,43 +263,21 @@ std::string read_shapes(Dims const* const dims[kNumInputs], CrfShapes* shapes) {
     return {};
 }
 
-std::string plan_workspace(CrfAttributes const& a, CrfShapes const& s, WorkspaceLayout* layout) {
-    WorkspaceLayout w;
-    size_t offset = kAlignment;  // slack to align the base pointer
-    if (identity(a, s)) {
-        *layout = w;
-        return {};
+std::string workspace_size(CrfAttributes const& a, CrfShapes const& s, size_t* bytes) {
+    size_t size = 0;
+    if (!identity(a, s)) {
+        // sizing reads no array; the structs only need non-NULL pointers
+        static float dummy[4] = {};
+        static int64_t const dummy_label = 0;
+        void const* inputs[kNumInputs];
+        for (void const*& i : inputs) i = dummy;
+        inputs[kLabels] = &dummy_label;
+        Problem p;
+        fill_problem(a, s, inputs, dummy, &p);
+        dynseg_status const status = dynseg_crf_workspace_size_cuda(&p.problem, DYNSEG_PASS_FORWARD, &size);
+        if (status != DYNSEG_OK) return library_error("dynseg_crf_workspace_size_cuda", status);
     }
-    static float const dummy[1] = {0.0f};  // sizing reads no array; the struct only needs non-NULL pointers
-    Problem p;
-    fill_problem(a, s, a.detection_potential ? 1 : a.iterations, dummy, dummy, dummy, dummy, &p);
-    dynseg_status const status = dynseg_crf_workspace_size_cuda(&p.problem, DYNSEG_PASS_FORWARD, &w.crf_bytes);
-    if (status != DYNSEG_OK) return library_error("dynseg_crf_workspace_size_cuda", status);
-    w.crf_offset = offset;
-    offset += align_up(w.crf_bytes);
-    if (a.detection_potential) {
-        // 64-bit element counts, checked against size_t before they become byte offsets.
-        int64_t const pixels = s.height * s.width;
-        if (s.labels > std::numeric_limits<int64_t>::max() / 4 / pixels)
-            return "the (L, H, W) buffer of " + std::to_string(s.labels) + " x " + std::to_string(pixels) +
-                   " floats overflows";
-        size_t const plane = static_cast<size_t>(pixels) * sizeof(float);
-        size_t const detections = static_cast<size_t>(s.detections);
-        w.pairwise_offset = offset;
-        offset += align_up(static_cast<size_t>(s.labels) * plane);
-        w.row_max_offset = offset;
-        offset += align_up(plane);
-        w.row_sum_offset = offset;
-        offset += align_up(plane);
-        w.everyone_offset = offset;
-        offset += align_up(detections * sizeof(float));
-        w.own_offset = offset;
-        offset += align_up(detections * sizeof(float));
-        w.label_offset = offset;
-        offset += align_up(detections * sizeof(int32_t));
-    }
-    w.total = offset;
-    *layout = w;
+    *bytes = size;
     return {};
 }
 
@@ -331,9 +320,9 @@ int32_t MeanFieldCrfPlugin::configurePlugin(DynamicPluginTensorDesc const* in, i
         Dims const* dims[kNumInputs];
         for (int32_t i = 0; i < kNumInputs; ++i) dims[i] = &in[i].max;
         CrfShapes shapes;
-        WorkspaceLayout layout;
+        size_t bytes = 0;
         std::string error = read_shapes(dims, &shapes);
-        if (error.empty()) error = plan_workspace(mAttributes, shapes, &layout);
+        if (error.empty()) error = workspace_size(mAttributes, shapes, &bytes);
         if (!error.empty()) {
             log_error(mLayerName, "the profile's maximum shapes: " + error);
             return -1;
@@ -383,14 +372,14 @@ size_t MeanFieldCrfPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* input
         Dims const* dims[kNumInputs];
         for (int32_t i = 0; i < kNumInputs; ++i) dims[i] = &inputs[i].max;
         CrfShapes shapes;
-        WorkspaceLayout layout;
+        size_t bytes = 0;
         std::string error = read_shapes(dims, &shapes);
-        if (error.empty()) error = plan_workspace(mAttributes, shapes, &layout);
+        if (error.empty()) error = workspace_size(mAttributes, shapes, &bytes);
         if (!error.empty()) {
             log_error(mLayerName, "getWorkspaceSize for the profile's maximum shapes: " + error);
             return 0;
         }
-        return layout.total;
+        return bytes;
     });
 }
 
@@ -429,79 +418,35 @@ std::string MeanFieldCrfPlugin::run(PluginTensorDesc const* inputDesc, void cons
     std::string error = read_shapes(dims, &s);
     if (!error.empty()) return error;
     CrfAttributes const& a = mAttributes;
-    auto in = [&](int32_t i) { return static_cast<float const*>(inputs[i]); };
     float* logits = static_cast<float*>(outputs[kLogits]);
     float* detection_scores = static_cast<float*>(outputs[kDetectionScores]);
-    int64_t const pixels = s.height * s.width;
-    size_t const logits_bytes = static_cast<size_t>(s.labels) * static_cast<size_t>(pixels) * sizeof(float);
-    size_t const scores_bytes = static_cast<size_t>(s.detections) * sizeof(float);
-    auto copy = [&](void* to, void const* from, size_t bytes) -> std::string {
-        if (bytes == 0) return {};
-        cudaError_t const e = cudaMemcpyAsync(to, from, bytes, cudaMemcpyDeviceToDevice, stream);
-        return e == cudaSuccess ? std::string() : std::string("cudaMemcpyAsync: ") + cudaGetErrorString(e);
-    };
-    // Scores pass through unless the detection potential recalibrates them over T >= 1 iterations.
-    bool const recalibrate = a.detection_potential && !identity(a, s) && s.detections > 0;
-    if (!recalibrate) {
-        if (!(error = copy(detection_scores, inputs[kScores], scores_bytes)).empty()) return error;
-    }
-    if (identity(a, s)) return copy(logits, inputs[kUnary], logits_bytes);  // L = 1 or T = 0: L^T = U
-
-    WorkspaceLayout w;
-    if (!(error = plan_workspace(a, s, &w)).empty()) return error;
-    if (workspace == nullptr) return "TensorRT passed no workspace";
-    // Align the base: the layout's offsets start after kAlignment bytes of slack.
-    uintptr_t const raw = reinterpret_cast<uintptr_t>(workspace);
-    char* base = reinterpret_cast<char*>((raw + kAlignment - 1) / kAlignment * kAlignment) - kAlignment;
-    void* crf_workspace = base + w.crf_offset;
-
-    Problem p;
-    fill_problem(a, s, a.detection_potential ? 1 : a.iterations, in(kImage), in(kSpatialWeight), in(kBilateralWeight),
-                 in(kCompatibility), &p);
-    if (!a.detection_potential) {  // one native call of T iterations
-        dynseg_status const status =
-            dynseg_crf_forward_cuda(&p.problem, in(kUnary), logits, crf_workspace, w.crf_bytes, stream);
-        return status == DYNSEG_OK ? std::string() : library_error("dynseg_crf_forward_cuda", status);
-    }
-
-    // With the detection potential, iteration by iteration (docs/ops.md); the logits output holds L^{t-1}.
-    float* pairwise = reinterpret_cast<float*>(base + w.pairwise_offset);
-    float* row_max = reinterpret_cast<float*>(base + w.row_max_offset);
-    float* row_sum = reinterpret_cast<float*>(base + w.row_sum_offset);
-    float* everyone = reinterpret_cast<float*>(base + w.everyone_offset);
-    float* own = reinterpret_cast<float*>(base + w.own_offset);
-    int32_t* label_index = reinterpret_cast<int32_t*>(base + w.label_offset);
-    float const* boxes = in(kBoxes);
-    DetectionConstants constants{a.score_ceiling, static_cast<float>(1.0 - static_cast<double>(a.epsilon))};
-    if (!(error = copy(logits, inputs[kUnary], logits_bytes)).empty()) return error;
-    auto cuda_check = [](cudaError_t e, char const* what) {
-        return e == cudaSuccess ? std::string() : std::string(what) + ": " + cudaGetErrorString(e);
-    };
-    cudaGetLastError();  // a stale launch error of someone else's is not ours to report
-    for (int32_t t = 0; t < a.iterations; ++t) {
-        if (s.detections > 0) {
-            // 1-2: Q(Y_d) from Q = softmax(L^{t-1}); the recalibrated scores of this iteration.
-            error = cuda_check(launch_softmax_stats(logits, s.labels, pixels, row_max, row_sum, stream),
-                               "the softmax statistics kernel");
-            if (error.empty())
-                error = cuda_check(launch_box_terms(logits, row_max, row_sum, s.labels, s.height, s.width, boxes,
-                                                    static_cast<int64_t const*>(inputs[kLabels]), in(kScores),
-                                                    in(kDetectionX), in(kDetectionY), constants, s.detections, everyone,
-                                                    own, label_index, detection_scores, stream),
-                                   "the detection term kernel");
-            if (!error.empty()) return error;
+    if (identity(a, s)) {
+        size_t const logits_bytes = static_cast<size_t>(s.labels * s.height * s.width) * sizeof(float);
+        size_t const scores_bytes = static_cast<size_t>(s.detections) * sizeof(float);
+        for (auto [to, from, bytes] : {std::tuple<void*, void const*, size_t>{logits, inputs[kUnary], logits_bytes},
+                                       {detection_scores, inputs[kScores], scores_bytes}}) {
+            if (bytes == 0) continue;
+            if (cudaError_t const e = cudaMemcpyAsync(to, from, bytes, cudaMemcpyDeviceToDevice, stream))
+                return std::string("cudaMemcpyAsync: ") + cudaGetErrorString(e);
         }
-        // The pairwise message: one native iteration from L^{t-1}, P = L^{t-1} - mu.m(Q).
-        dynseg_status const status =
-            dynseg_crf_forward_cuda(&p.problem, logits, pairwise, crf_workspace, w.crf_bytes, stream);
-        if (status != DYNSEG_OK) return library_error("dynseg_crf_forward_cuda", status);
-        // 3: L^t = U + (P - L^{t-1}) + the detection term.
-        error = cuda_check(launch_combine(in(kUnary), pairwise, logits, s.labels, s.height, s.width, boxes, everyone,
-                                          own, label_index, s.detections, stream),
-                           "the combine kernel");
-        if (!error.empty()) return error;
+        return {};
     }
-    return {};
+    size_t workspace_bytes = 0;
+    if (!(error = workspace_size(a, s, &workspace_bytes)).empty()) return error;
+    if (workspace == nullptr) return "TensorRT passed no workspace";
+    Problem p;
+    fill_problem(a, s, inputs, detection_scores, &p);
+    // Without detections the library leaves the scores alone: they pass through.
+    if (p.problem.detections == nullptr && s.detections > 0) {
+        size_t const scores_bytes = static_cast<size_t>(s.detections) * sizeof(float);
+        if (cudaError_t const e =
+                cudaMemcpyAsync(detection_scores, inputs[kScores], scores_bytes, cudaMemcpyDeviceToDevice, stream))
+            return std::string("cudaMemcpyAsync: ") + cudaGetErrorString(e);
+    }
+    dynseg_status const status =
+        dynseg_crf_forward_cuda(&p.problem, static_cast<float const*>(inputs[kUnary]), logits, workspace, workspace_bytes,
+                                stream);
+    return status == DYNSEG_OK ? std::string() : library_error("dynseg_crf_forward_cuda", status);
 }
 
 IPluginV3* MeanFieldCrfPlugin::attachToContext(IPluginResourceContext* /* context */) noexcept {

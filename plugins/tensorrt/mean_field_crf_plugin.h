@@ -73,30 +73,10 @@ struct CrfShapes {
 // An empty string when the ten shapes form a valid problem, else what is wrong.
 std::string read_shapes(nvinfer1::Dims const* const dims[kNumInputs], CrfShapes* shapes);
 
-/*
- * The workspace, each region aligned to 256 bytes from an aligned base (the first 256 bytes are slack
- * for aligning the pointer TensorRT gives):
- *
- *   1. crf        the kernel library's workspace (dynseg_crf_workspace_size_cuda), T iterations, or 1
- *                 with the detection potential
- *   with the detection potential only:
- *   2. pairwise   (L, H, W) float: the native one-iteration output of each step
- *   3. row_max    (H, W) float: per-pixel max of the logits
- *   4. row_sum    (H, W) float: per-pixel sum of exp(logits - max)
- *   5. everyone   (D,) float, 6. own (D,) float, 7. label_index (D,) int32: the detection terms
- *
- * Every size is a function growing with L, H, W and D, so the size for the profile's maximum dims
- * (getWorkspaceSize) covers every shape the profile admits.
- */
-struct WorkspaceLayout {
-    size_t crf_offset = 0, crf_bytes = 0;
-    size_t pairwise_offset = 0, row_max_offset = 0, row_sum_offset = 0;
-    size_t everyone_offset = 0, own_offset = 0, label_offset = 0;
-    size_t total = 0;
-};
-
-// An empty string on success, else the kernel library's message.
-std::string plan_workspace(CrfAttributes const& attributes, CrfShapes const& shapes, WorkspaceLayout* layout);
+// The kernel library's workspace for these shapes (dynseg_crf_workspace_size_cuda: its worst case, with its
+// own alignment slack). It grows with L, H, W and D, so the size for the profile's maximum dims
+// (getWorkspaceSize) covers every shape the profile admits. An empty string, else the library's message.
+std::string workspace_size(CrfAttributes const& attributes, CrfShapes const& shapes, size_t* bytes);
 
 class MeanFieldCrfPlugin final : public nvinfer1::IPluginV3,
                                  public nvinfer1::IPluginV3OneCore,

@@ -141,3 +141,38 @@ def test_zero_copy_entry_matches_numpy_api(photo, field_unary):
     out = torch.empty_like(unary_gpu)
     assert dense_crf_cuda(unary_gpu, image_gpu, out=out) is out
     assert np.abs(out.cpu().numpy() - expected).max() <= 1e-5
+
+
+@needs_gpu
+@pytest.mark.parametrize("labels, height, width, count", [(2, 33, 47, 1), (21, 97, 131, 10), (5, 64, 64, 40)])
+def test_cuda_detection_potential_matches_cpu(labels, height, width, count, smooth_image, field_unary):
+    """The semantic CRF with its detection potential: logits and recalibrated scores on the GPU equal the
+    CPU kernel's (one library call each), and repeat bit for bit."""
+    rng = np.random.default_rng(labels + count)
+    image = np.ascontiguousarray(smooth_image(height, width, seed=count).transpose(2, 0, 1), dtype=np.float32)
+    unary = np.ascontiguousarray(3.0 * field_unary(labels, height, width, seed=count), dtype=np.float32)
+    x1, y1 = rng.integers(0, width, count), rng.integers(0, height, count)
+    boxes = np.stack([x1, y1, np.minimum(width - 1, x1 + rng.integers(0, width, count)),
+                      np.minimum(height - 1, y1 + rng.integers(0, height, count))], axis=1).astype(np.float32)
+    weights = (np.eye(labels) * 4.0 + rng.uniform(0, 0.3, (labels, labels))).astype(np.float32)
+
+    def run(device: int | None) -> tuple[np.ndarray, np.ndarray]:
+        recalibrated = np.full(count, np.nan, np.float32)
+        detections = _native.Detections(
+            boxes=boxes, labels=rng_labels, scores=scores, detection_x=np.array([1.3], np.float32),
+            detection_y=np.array([0.8], np.float32), score_ceiling=1.0, epsilon=1e-4, recalibrated=recalibrated)
+        problem = _native.Problem(
+            labels, height, width, image, [_native.Kernel(3.0, 0.0, weights), _native.Kernel(20.0, 13.0, weights)],
+            compat=(-np.eye(labels)).astype(np.float32), normalization="after", iterations=5,
+            output=_native.OUTPUT_LOGITS, threads=0, detections=detections)
+        logits = problem.forward(unary) if device is None else problem.forward_from_host(unary, device)
+        return logits, recalibrated
+
+    rng_labels = rng.integers(1, labels, count).astype(np.int64)
+    scores = rng.uniform(0.05, 1.0, count).astype(np.float32)
+    cpu_logits, cpu_scores = run(None)
+    gpu_logits, gpu_scores = run(0)
+    assert np.abs(gpu_logits - cpu_logits).max() <= 1e-5 * np.abs(cpu_logits).max()
+    assert np.abs(gpu_scores - cpu_scores).max() <= 1e-5
+    again = run(0)
+    assert np.array_equal(again[0], gpu_logits) and np.array_equal(again[1], gpu_scores)

@@ -53,8 +53,8 @@ def test_native_version_is_the_package_version():
     assert _native.native_version() == dynseg.sdk.__version__
 
 
-def test_the_library_speaks_abi_version_2_and_reports_at_least_one_thread():
-    assert _native.library().dynseg_abi_version() == _native.ABI_VERSION == 2
+def test_the_library_speaks_abi_version_3_and_reports_at_least_one_thread():
+    assert _native.library().dynseg_abi_version() == _native.ABI_VERSION == 3
     assert _native.max_threads() >= 1
 
 

@@ -7,10 +7,11 @@ recalibrated detection scores Q(Y_d = 1).
 
 Each iteration is  L^t = U + pairwise(Q^{t-1}) + detection(Q^{t-1}),  Q^t = softmax(L^t). The
 pairwise message comes from the native kernels (`mean_field_native`, one iteration at a time: one
-mean-field step from logits L gives L - mu·m(softmax(L)), so the message is that minus L). The
-kernel library knows nothing of detections, so the loop lives here, and the exported
-dynseg::MeanFieldCRF node is defined as this same loop (docs/ops.md); the lattices are rebuilt per
-iteration, which costs about a millisecond per iteration at training sizes.
+mean-field step from logits L gives L - mu·m(softmax(L)), so the message is that minus L); the
+detection term is torch, so autograd reaches w_x, w_y and the unary through it. This loop defines
+the exported dynseg::MeanFieldCRF node (docs/ops.md). Deployment runs the same iteration as one call
+of the kernel library, which adds the detection term itself and builds each lattice once
+(`dynseg_detections`); tests/plugins/test_detection_potential.py holds the two together.
 """
 
 from __future__ import annotations

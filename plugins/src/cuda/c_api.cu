@@ -131,9 +131,7 @@ dynseg_status dynseg_crf_backward_cuda(const dynseg_crf_problem* problem, const 
                                        float* grad_compat, void* workspace, size_t workspace_bytes, void* stream) {
     return guarded([&] {
         if (dynseg_status s = check_arguments(problem)) return s;
-        if (problem->output != DYNSEG_OUTPUT_LOGITS)
-            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "backward needs output = DYNSEG_OUTPUT_LOGITS, got %d",
-                        problem->output);
+        if (dynseg_status s = dynseg::backward_supported(*problem)) return s;
         if (!unary || !grad_logits || !grad_unary || !workspace)
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "unary, grad_logits, grad_unary and workspace must not be NULL");
         return with_mean_field(*problem, DYNSEG_PASS_BACKWARD, workspace, workspace_bytes, stream,
@@ -207,6 +205,29 @@ dynseg_status dynseg_crf_forward_cuda_from_host(const dynseg_crf_problem* proble
             if (dynseg_status s = arrays.copy(problem->compat, count, &compat)) return s;
         }
         on_device.compat = compat;
+        dynseg_detections detections{};
+        float* recalibrated_host = nullptr;
+        if (problem->detections) {
+            // the arrays go to the device; the recalibrated scores come back after the call
+            detections = *problem->detections;
+            const dynseg_detections& d = *problem->detections;
+            const int64_t D = d.count;
+            float *boxes = nullptr, *scores = nullptr, *x = nullptr, *y = nullptr;
+            int64_t* labels = nullptr;
+            if (dynseg_status s = arrays.copy(d.boxes, 4 * D, &boxes)) return s;
+            if (dynseg_status s = arrays.copy(d.labels, D, &labels)) return s;
+            if (dynseg_status s = arrays.copy(d.scores, D, &scores)) return s;
+            if (dynseg_status s = arrays.copy(d.detection_x, 1, &x)) return s;
+            if (dynseg_status s = arrays.copy(d.detection_y, 1, &y)) return s;
+            detections.boxes = boxes;
+            detections.labels = labels;
+            detections.scores = scores;
+            detections.detection_x = x;
+            detections.detection_y = y;
+            recalibrated_host = d.recalibrated;
+            if (dynseg_status s = arrays.copy(d.recalibrated, D, &detections.recalibrated)) return s;
+            on_device.detections = &detections;
+        }
         float* d_unary = nullptr;
         if (dynseg_status s = arrays.copy(unary, L * N, &d_unary)) return s;
         float* d_out = nullptr;
@@ -222,6 +243,10 @@ dynseg_status dynseg_crf_forward_cuda_from_host(const dynseg_crf_problem* proble
         if (dynseg_status s = dynseg_crf_check_cuda(workspace, nullptr)) return s;
         if (cudaError_t e = cudaMemcpy(out, d_out, L * N * sizeof(float), cudaMemcpyDeviceToHost))
             return cuda_failed(e, "cudaMemcpy to the host");
+        if (recalibrated_host && detections.count > 0)
+            if (cudaError_t e = cudaMemcpy(recalibrated_host, detections.recalibrated, detections.count * sizeof(float),
+                                           cudaMemcpyDeviceToHost))
+                return cuda_failed(e, "cudaMemcpy to the host");
         return DYNSEG_OK;
     });
 }

@@ -1,7 +1,7 @@
 // meanfield.cu: the CRF-as-RNN mean-field update on the GPU, forward and backward (docs/crf.md derives
 // both; plugins/src/meanfield.cpp is the CPU twin).
 //
-// Per iteration:  F_k = Knorm_k(Q);  L = U - mu . sum_k W_k F_k;  Q = softmax(L).
+// Per iteration:  F_k = Knorm_k(Q);  L = U - mu . sum_k W_k F_k [+ D(Q)];  Q = softmax(L).
 // Potts (mu = -I) adds the messages to the unary in kernel order, as the CPU does. The parameter
 // gradients come from P_k = sum_i (Knorm_k^T G)_i Q_i^T, summed in double over fixed pixel chunks and
 // then over the chunks in order, so they are the same bits on every run.
@@ -262,8 +262,9 @@ __global__ void to_float(const double* in, float* out, int64_t count, const Stat
 
 }  // namespace
 
-MeanField::MeanField(const dynseg_crf_problem& problem, int pass, Workspace& ws) : p_(problem) {
-    status_ = ws.take<Status>(1);  // first, where dynseg_crf_check_cuda looks for it
+MeanField::MeanField(const dynseg_crf_problem& problem, int pass, Workspace& ws)
+    : p_(problem), status_(ws.take<Status>(1)),  // first, where dynseg_crf_check_cuda looks for it
+      detections_(problem, ws) {
     labels_ = problem.labels;
     stride_ = padded_channels(labels_);
     pixels_ = problem.height * problem.width;
@@ -364,14 +365,20 @@ void MeanField::run_iterations(float* history, const Launch& launch) {
     const int K = p_.num_kernels;
     if (p_.iterations == 0 || K == 0)
         cudaMemcpyAsync(acc_, unary_, size * sizeof(float), cudaMemcpyDeviceToDevice, launch.stream);
+    detections_.start(launch);
     for (int t = 0; t < p_.iterations; ++t) {
         const float* logits = t == 0 ? unary_ : acc_;
         float* q = history ? history + t * size : q_;
         softmax(logits, q, launch);
-        if (K == 0) continue;
-        if (p_.compat_kind != DYNSEG_COMPAT_POTTS) cudaMemsetAsync(acc_, 0, size * sizeof(float), launch.stream);
-        for (int k = 0; k < K; ++k) kernel_message(k, q, k == 0, launch);
-        finish_logits(launch);
+        if (K == 0) {
+            if (detections_.active())
+                cudaMemcpyAsync(acc_, unary_, size * sizeof(float), cudaMemcpyDeviceToDevice, launch.stream);
+        } else {
+            if (p_.compat_kind != DYNSEG_COMPAT_POTTS) cudaMemsetAsync(acc_, 0, size * sizeof(float), launch.stream);
+            for (int k = 0; k < K; ++k) kernel_message(k, q, k == 0, launch);
+            finish_logits(launch);
+        }
+        detections_.add(q, acc_, stride_, launch);
     }
 }
 

@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "../workspace.h"
+#include "detections.cuh"
 #include "dynseg_crf.h"
 #include "lattice.cuh"
 
@@ -39,6 +40,7 @@ private:
     float* norm_[DYNSEG_MAX_KERNELS] = {};
     BuildScratch scratch_;
     ValueBuffers buffers_;
+    DetectionPotential detections_;
     float* unary_ = nullptr;
     float* q_ = nullptr;
     float* filtered_ = nullptr;

@@ -1,0 +1,86 @@
+// detections.cu: the detection potential's kernels (see detections.cuh).
+#include "detections.cuh"
+
+namespace dynseg {
+namespace cuda {
+namespace {
+
+// One block per detection. A label outside 0..L-1 or a box without a pixel cannot be reported from
+// the device: its terms become NaN, and with them the logits inside its box (the CUDA calls' rule
+// for bad device data).
+__global__ void box_terms(const float* q, int64_t stride, int64_t labels, int64_t height, int64_t width,
+                          const float* boxes, const int64_t* class_ids, const float* scores, const float* w_x,
+                          const float* w_y, float score_ceiling, float prior_cap, BoxSpan* spans,
+                          DetectionTerm* terms, float* recalibrated) {
+    __shared__ double partial[kThreads];
+    const int64_t d = blockIdx.x;
+    const int64_t label = class_ids[d];
+    const BoxSpan span = box_span(boxes + 4 * d, height, width);
+    const int64_t box_width = span.x1 - span.x0 + 1, count = span.count();
+    const bool valid = label >= 0 && label < labels && count > 0;
+    double sum = 0.0;
+    if (valid)
+        for (int64_t k = threadIdx.x; k < count; k += blockDim.x) {
+            const int64_t pixel = (span.y0 + k / box_width) * width + span.x0 + k % box_width;
+            sum += q[pixel * stride + label];
+        }
+    partial[threadIdx.x] = sum;
+    __syncthreads();
+    for (int half = kThreads / 2; half > 0; half /= 2) {
+        if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
+        __syncthreads();
+    }
+    if (threadIdx.x != 0) return;
+    DetectionTerm term = detection_term(static_cast<float>(partial[0]), static_cast<float>(count), scores[d], *w_x,
+                                        *w_y, score_ceiling, prior_cap);
+    if (!valid) term = {__int_as_float(0x7fc00000), __int_as_float(0x7fc00000), __int_as_float(0x7fc00000)};
+    spans[d] = span;
+    terms[d] = term;
+    if (recalibrated) recalibrated[d] = term.recalibrated;
+}
+
+__global__ void add_terms(float* logits, int64_t stride, int64_t labels, int64_t height, int64_t width,
+                          const BoxSpan* spans, const int64_t* class_ids, const DetectionTerm* terms,
+                          int64_t detections) {
+    DYNSEG_FOR_EACH(i, height * width * labels) {
+        const uint32_t pixel = i / uint32_t(labels), l = i % uint32_t(labels);
+        const int64_t x = pixel % uint32_t(width), y = pixel / uint32_t(width);
+        float value = logits[int64_t(pixel) * stride + l];
+        for (int64_t d = 0; d < detections; ++d) {
+            if (!spans[d].holds(x, y)) continue;
+            value += terms[d].everyone;
+            if (class_ids[d] == l) value += terms[d].own;
+        }
+        logits[int64_t(pixel) * stride + l] = value;
+    }
+}
+
+}  // namespace
+
+DetectionPotential::DetectionPotential(const dynseg_crf_problem& problem, Workspace& ws) {
+    if (!problem.detections || problem.detections->count == 0) return;
+    d_ = problem.detections;
+    labels_ = problem.labels;
+    height_ = problem.height;
+    width_ = problem.width;
+    prior_cap_ = prior_cap(d_->epsilon);
+    spans_ = ws.take<BoxSpan>(d_->count);
+    terms_ = ws.take<DetectionTerm>(d_->count);
+}
+
+void DetectionPotential::start(const Launch& launch) const {
+    if (!d_ || !d_->recalibrated) return;
+    cudaMemcpyAsync(d_->recalibrated, d_->scores, d_->count * sizeof(float), cudaMemcpyDeviceToDevice, launch.stream);
+}
+
+void DetectionPotential::add(const float* q, float* logits, int64_t stride, const Launch& launch) const {
+    if (!d_) return;
+    box_terms<<<static_cast<unsigned>(d_->count), kThreads, 0, launch.stream>>>(
+        q, stride, labels_, height_, width_, d_->boxes, d_->labels, d_->scores, d_->detection_x, d_->detection_y,
+        d_->score_ceiling, prior_cap_, spans_, terms_, d_->recalibrated);
+    add_terms<<<launch.blocks(height_ * width_ * labels_), kThreads, 0, launch.stream>>>(
+        logits, stride, labels_, height_, width_, spans_, d_->labels, terms_, d_->count);
+}
+
+}  // namespace cuda
+}  // namespace dynseg

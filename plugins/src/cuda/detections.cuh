@@ -1,0 +1,38 @@
+// detections.cuh: the detection potential (dynseg_detections in dynseg_crf.h) on the GPU, the twin of
+// plugins/src/detections.cpp: after each iteration's pairwise message, logits <- logits + D(Q^{t-1}).
+//
+// Two launches per iteration: one block per detection sums Q(l_d) over its box (in double, a fixed
+// tree, so the bits repeat) and writes its terms and Q(Y_d = 1); then a thread per pixel and label
+// adds the terms of the boxes holding the pixel, in detection order. No atomics, no allocation.
+#pragma once
+
+#include <cstdint>
+
+#include "../detections.h"
+#include "../workspace.h"
+#include "common.cuh"
+#include "dynseg_crf.h"
+
+namespace dynseg {
+namespace cuda {
+
+class DetectionPotential {
+public:
+    DetectionPotential(const dynseg_crf_problem& problem, Workspace& ws);
+
+    bool active() const { return d_ != nullptr; }
+    // recalibrated <- s_d: what T = 0 iterations leave.
+    void start(const Launch& launch) const;
+    // logits <- logits + D(q), both pixel-major (N, stride); writes Q(Y_d = 1).
+    void add(const float* q, float* logits, int64_t stride, const Launch& launch) const;
+
+private:
+    const dynseg_detections* d_ = nullptr;
+    int64_t labels_ = 0, height_ = 0, width_ = 0;
+    float prior_cap_ = 1.0f;
+    BoxSpan* spans_ = nullptr;  // device arrays, (D,) each
+    DetectionTerm* terms_ = nullptr;
+};
+
+}  // namespace cuda
+}  // namespace dynseg

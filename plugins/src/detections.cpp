@@ -1,0 +1,60 @@
+// detections.cpp: the detection potential's term on the CPU (see detections.h).
+#include "detections.h"
+
+#include <algorithm>
+
+#include "parallel.h"
+
+namespace dynseg {
+
+DetectionPotential::DetectionPotential(const dynseg_crf_problem& problem, Workspace& ws) {
+    if (!problem.detections || problem.detections->count == 0) return;
+    d_ = problem.detections;
+    labels_ = problem.labels;
+    height_ = problem.height;
+    width_ = problem.width;
+    spans_ = ws.take<BoxSpan>(d_->count);
+    terms_ = ws.take<DetectionTerm>(d_->count);
+}
+
+void DetectionPotential::start() const {
+    if (d_ && d_->recalibrated) std::copy(d_->scores, d_->scores + d_->count, d_->recalibrated);
+}
+
+void DetectionPotential::add(const float* q, float* logits, int64_t stride, int threads) const {
+    if (!d_) return;
+    const int64_t D = d_->count, L = labels_, W = width_;
+    const float w_x = *d_->detection_x, w_y = *d_->detection_y, cap = prior_cap(d_->epsilon);
+    // A_d in double, row by row: a fixed order whatever the thread count
+    parallel_for(D, 1, threads, [&](int64_t begin, int64_t end) {
+        for (int64_t d = begin; d < end; ++d) {
+            const BoxSpan s = box_span(d_->boxes + 4 * d, height_, W);
+            const int64_t label = d_->labels[d];
+            double agree = 0.0;
+            for (int64_t y = s.y0; y <= s.y1; ++y)
+                for (int64_t x = s.x0; x <= s.x1; ++x) agree += q[(y * W + x) * stride + label];
+            spans_[d] = s;
+            terms_[d] = detection_term(static_cast<float>(agree), static_cast<float>(s.count()), d_->scores[d], w_x,
+                                       w_y, d_->score_ceiling, cap);
+            if (d_->recalibrated) d_->recalibrated[d] = terms_[d].recalibrated;
+        }
+    });
+    // Rows are independent; within a pixel the detections add in index order.
+    parallel_for(height_, 1, threads, [&](int64_t begin, int64_t end) {
+        for (int64_t y = begin; y < end; ++y) {
+            for (int64_t d = 0; d < D; ++d) {
+                const BoxSpan& s = spans_[d];
+                if (y < s.y0 || y > s.y1) continue;
+                const float everyone = terms_[d].everyone, own = terms_[d].own;
+                const int64_t label = d_->labels[d];
+                for (int64_t x = s.x0; x <= s.x1; ++x) {
+                    float* row = logits + (y * W + x) * stride;
+                    for (int64_t l = 0; l < L; ++l) row[l] += everyone;
+                    row[label] += own;
+                }
+            }
+        }
+    });
+}
+
+}  // namespace dynseg

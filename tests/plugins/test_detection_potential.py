@@ -1,0 +1,181 @@
+"""The kernel library's detection potential (dynseg_detections in plugins/include/dynseg_crf.h): one
+native call of T iterations against the trainer's definition (`semantic_mean_field`: one native
+mean-field step per iteration plus the detection term in torch), and the library's validation of
+the detections."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dynseg.sdk import InvalidArgumentError, NativeError, _native
+from dynseg.trainer.model.semantic_crf import SemanticCRFConfig, semantic_mean_field
+
+THETAS = (3.0, 20.0, 13.0)  # spatial xy, bilateral xy, bilateral colour
+
+
+def random_detections(rng: np.random.Generator, count: int, labels: int, height: int, width: int):
+    """Integer-valued inclusive boxes inside the image (some one pixel wide, some the whole image),
+    labels in 1..L-1, scores in (0, 1]."""
+    x1 = rng.integers(0, width, count)
+    y1 = rng.integers(0, height, count)
+    x2 = np.minimum(width - 1, x1 + rng.integers(0, width, count))
+    y2 = np.minimum(height - 1, y1 + rng.integers(0, height, count))
+    boxes = np.stack([x1, y1, x2, y2], axis=1).astype(np.float32)
+    if count > 1:
+        boxes[1] = (0, 0, width - 1, height - 1)
+    return boxes, rng.integers(1, labels, count).astype(np.int64), rng.uniform(0.05, 1.0, count).astype(np.float32)
+
+
+def native_problem(unary, image, spatial, bilateral, compat, detections, iterations, threads=0):
+    labels, height, width = unary.shape
+    return _native.Problem(
+        labels, height, width, image,
+        [_native.Kernel(THETAS[0], 0.0, spatial), _native.Kernel(THETAS[1], THETAS[2], bilateral)],
+        compat=compat, normalization="after", iterations=iterations, output=_native.OUTPUT_LOGITS, threads=threads,
+        detections=detections,
+    )
+
+
+def case(seed: int, labels: int, height: int, width: int, count: int, smooth_image, field_unary):
+    rng = np.random.default_rng(seed)
+    image = np.ascontiguousarray(smooth_image(height, width, seed=seed).transpose(2, 0, 1), dtype=np.float32)
+    unary = np.ascontiguousarray(3.0 * field_unary(labels, height, width, seed=seed), dtype=np.float32)
+    spatial = (np.eye(labels) * 3.0 + rng.uniform(0, 0.3, (labels, labels))).astype(np.float32)
+    bilateral = (np.eye(labels) * 5.0 + rng.uniform(0, 0.3, (labels, labels))).astype(np.float32)
+    compat = (-np.eye(labels) + rng.uniform(-0.1, 0.1, (labels, labels))).astype(np.float32)
+    boxes, classes, scores = random_detections(rng, count, labels, height, width)
+    weights = (np.float32(rng.uniform(0.5, 2.0)), np.float32(rng.uniform(0.5, 2.0)))
+    return image, unary, spatial, bilateral, compat, boxes, classes, scores, weights
+
+
+def run_native(image, unary, spatial, bilateral, compat, boxes, classes, scores, weights, iterations, threads=0,
+               score_ceiling=1.0, epsilon=1e-4):
+    recalibrated = np.full(len(scores), np.nan, np.float32)
+    detections = _native.Detections(
+        boxes=boxes, labels=classes, scores=scores, detection_x=np.array([weights[0]], np.float32),
+        detection_y=np.array([weights[1]], np.float32), score_ceiling=score_ceiling, epsilon=epsilon,
+        recalibrated=recalibrated,
+    )
+    logits = native_problem(unary, image, spatial, bilateral, compat, detections, iterations, threads).forward(unary)
+    return logits, recalibrated
+
+
+def run_reference(image, unary, spatial, bilateral, compat, boxes, classes, scores, weights, iterations,
+                  score_ceiling=1.0, epsilon=1e-4):
+    config = SemanticCRFConfig(iterations=iterations, theta_spatial=THETAS[0], theta_bilateral_xy=THETAS[1],
+                               theta_bilateral_rgb=THETAS[2], score_ceiling=score_ceiling, epsilon=epsilon)
+    t = torch.from_numpy
+    with torch.no_grad():
+        logits, recalibrated = semantic_mean_field(
+            t(unary), t(image), t(spatial), t(bilateral), t(compat), t(boxes), t(classes), t(scores),
+            torch.tensor(weights[0]), torch.tensor(weights[1]), config,
+        )
+    return logits.numpy(), recalibrated.numpy()
+
+
+@pytest.mark.parametrize(
+    "labels, height, width, count, iterations",
+    [(2, 17, 23, 1, 1), (5, 40, 31, 3, 5), (21, 64, 48, 7, 5), (9, 33, 47, 20, 3), (4, 1, 30, 2, 2)],
+)
+def test_one_native_call_matches_the_trainers_iteration_by_iteration_definition(
+    labels, height, width, count, iterations, smooth_image, field_unary
+):
+    arrays = case(labels * 7 + count, labels, height, width, count, smooth_image, field_unary)
+    logits, recalibrated = run_native(*arrays, iterations)
+    expected_logits, expected_scores = run_reference(*arrays, iterations)
+    scale = np.abs(expected_logits).max()
+    assert np.abs(logits - expected_logits).max() <= 1e-5 * scale
+    np.testing.assert_allclose(recalibrated, expected_scores, rtol=0, atol=1e-5)
+    # the potential did something: without it the logits differ by more than rounding
+    plain = native_problem(arrays[1], arrays[0], arrays[2], arrays[3], arrays[4], None, iterations).forward(arrays[1])
+    assert np.abs(plain - logits).max() > 1e-2
+
+
+def test_score_ceiling_and_epsilon_reach_the_prior(smooth_image, field_unary):
+    arrays = case(3, 4, 24, 24, 3, smooth_image, field_unary)
+    logits, recalibrated = run_native(*arrays, 3, score_ceiling=0.5, epsilon=0.25)
+    expected_logits, expected_scores = run_reference(*arrays, 3, score_ceiling=0.5, epsilon=0.25)
+    assert np.abs(logits - expected_logits).max() <= 1e-5 * np.abs(expected_logits).max()
+    np.testing.assert_allclose(recalibrated, expected_scores, rtol=0, atol=1e-5)
+
+
+def test_the_result_is_the_same_bits_for_any_thread_count(smooth_image, field_unary):
+    arrays = case(11, 6, 45, 38, 9, smooth_image, field_unary)
+    one = run_native(*arrays, 4, threads=1)
+    many = run_native(*arrays, 4, threads=0)
+    assert np.array_equal(one[0], many[0]) and np.array_equal(one[1], many[1])
+
+
+def test_zero_iterations_leave_the_unary_and_the_scores(smooth_image, field_unary):
+    arrays = case(5, 3, 12, 12, 2, smooth_image, field_unary)
+    logits, recalibrated = run_native(*arrays, 0)
+    assert np.array_equal(logits, arrays[1])
+    assert np.array_equal(recalibrated, arrays[7])
+
+
+def test_float_box_corners_select_the_pixels_between_them(smooth_image, field_unary):
+    """Columns x1 <= x <= x2 of a fractional box are those of the integer box inside it."""
+    arrays = list(case(8, 3, 20, 20, 1, smooth_image, field_unary))
+    arrays[5] = np.array([[2.5, 3.2, 9.9, 11.0]], np.float32)
+    fractional = run_native(*arrays, 2)
+    arrays[5] = np.array([[3.0, 4.0, 9.0, 11.0]], np.float32)
+    integer = run_native(*arrays, 2)
+    assert np.array_equal(fractional[0], integer[0]) and np.array_equal(fractional[1], integer[1])
+
+
+def bad(arrays, field: str, value):
+    arrays = list(arrays)
+    index = {"boxes": 5, "labels": 6, "scores": 7}[field]
+    arrays[index] = value
+    return arrays
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("boxes", np.array([[30.0, 0.0, 40.0, 5.0], [0, 0, 1, 1]], np.float32), r"boxes\[0\].*holds no pixel"),
+        ("boxes", np.array([[0.0, 0.0, 5.0, 5.0], [4.0, 4.0, 2.0, 8.0]], np.float32), r"boxes\[1\].*holds no pixel"),
+        ("boxes", np.array([[0.0, np.nan, 5.0, 5.0], [0, 0, 1, 1]], np.float32), r"boxes\[0\] holds a non-finite"),
+        ("boxes", np.array([[0.2, 0.0, 0.8, 5.0], [0, 0, 1, 1]], np.float32), r"boxes\[0\].*holds no pixel"),
+        ("labels", np.array([1, 3], np.int64), r"labels\[1\] must be in 0\.\.2, got 3"),
+        ("labels", np.array([-1, 1], np.int64), r"labels\[0\] must be in 0\.\.2"),
+        ("scores", np.array([0.5, np.inf], np.float32), r"scores\[1\] is not finite"),
+    ],
+)
+def test_bad_detections_are_named(field, value, message, smooth_image, field_unary):
+    arrays = case(2, 3, 16, 16, 2, smooth_image, field_unary)
+    with pytest.raises(InvalidArgumentError, match=message):
+        run_native(*bad(arrays, field, value), 2)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [({"score_ceiling": 0.0}, "score_ceiling must be finite and > 0"), ({"epsilon": 1.0}, r"epsilon must be in \[0, 1\)"),
+     ({"epsilon": -0.1}, r"epsilon must be in \[0, 1\)")],
+)
+def test_bad_constants_are_named(settings, message, smooth_image, field_unary):
+    arrays = case(2, 3, 16, 16, 2, smooth_image, field_unary)
+    with pytest.raises(InvalidArgumentError, match=message):
+        run_native(*arrays, 2, **settings)
+
+
+def test_non_finite_weights_are_named(smooth_image, field_unary):
+    arrays = list(case(2, 3, 16, 16, 2, smooth_image, field_unary))
+    arrays[8] = (np.float32(np.nan), np.float32(1.0))
+    with pytest.raises(InvalidArgumentError, match="detection_x and detection_y must be finite"):
+        run_native(*arrays, 2)
+
+
+def test_backward_refuses_the_detection_potential(smooth_image, field_unary):
+    image, unary, spatial, bilateral, compat, boxes, classes, scores, weights = case(
+        2, 3, 16, 16, 2, smooth_image, field_unary)
+    detections = _native.Detections(
+        boxes=boxes, labels=classes, scores=scores, detection_x=np.array([weights[0]], np.float32),
+        detection_y=np.array([weights[1]], np.float32), score_ceiling=1.0, epsilon=1e-4,
+        recalibrated=np.empty(2, np.float32),
+    )
+    problem = native_problem(unary, image, spatial, bilateral, compat, detections, 2)
+    with pytest.raises(NativeError, match="does not differentiate the detection potential"):
+        problem.backward(unary, np.ones_like(unary), [True, True], True)
