@@ -124,6 +124,7 @@ def library() -> ctypes.CDLL:
             ]
             lib.dynseg_crf_check_cuda.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
             lib.dynseg_crf_forward_cuda_from_host.argtypes = [problem, _f32p, _f32p, ctypes.c_int32]
+            lib.dynseg_cuda_set_device.argtypes = [ctypes.c_int32]
             lib.dynseg_cuda_malloc.argtypes = [ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p)]
             lib.dynseg_cuda_free.argtypes = [ctypes.c_void_p]
             lib.dynseg_cuda_memcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
@@ -354,6 +355,17 @@ def check_cuda(workspace: int, stream: int) -> None:
     _check(library().dynseg_crf_check_cuda(workspace, stream))
 
 
+def set_cuda_device(device: int) -> None:
+    """Makes CUDA device `device` the calling thread's current one (for the CUDA calls that follow)."""
+    _check(library().dynseg_cuda_set_device(device))
+
+
+def copy_on_device(destination: int, source: int, nbytes: int) -> None:
+    """Copies nbytes between two device addresses (synchronous)."""
+    if nbytes:
+        _check(library().dynseg_cuda_memcpy(destination, source, nbytes))
+
+
 def copy_to_device(pointer: int, array: np.ndarray) -> None:
     """Copies a host array into device memory at `pointer` (synchronous)."""
     array = np.ascontiguousarray(array)
@@ -400,6 +412,25 @@ class CudaStream:
 
 
 _local = threading.local()
+
+
+def cuda_workspace(nbytes: int, device: int) -> CudaBuffer:
+    """This thread's device scratch buffer on `device` (current), grown on demand and reused across calls.
+    Unlike host memory, device memory is committed whole: it holds the largest problem's worst case."""
+    buffers = _local.__dict__.setdefault("cuda_buffers", {})
+    buffer = buffers.get(device)
+    if buffer is None or buffer.nbytes < nbytes:
+        buffers.pop(device, None)  # free the smaller one first
+        buffer = buffers[device] = CudaBuffer(nbytes)
+    return buffer
+
+
+def cuda_stream(device: int) -> CudaStream:
+    """This thread's CUDA stream on `device` (created on first use while `device` is current)."""
+    streams = _local.__dict__.setdefault("cuda_streams", {})
+    if device not in streams:
+        streams[device] = CudaStream()
+    return streams[device]
 
 
 def _workspace(nbytes: int) -> np.ndarray:

@@ -424,11 +424,12 @@ def bench(
     detections: str = typer.Option("0,1,10,50", "--detections", help="Detection counts D, comma-separated."),
     repeats: int = typer.Option(10, "--repeats", min=1, help="Timed calls per case (after one warm-up call)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", exists=True, file_okay=False,
-                                              help="Also time this checkpoint on PyTorch (CPU), same inputs."),
+                                              help="Also time this checkpoint on PyTorch, same device and inputs."),
     json_out: Optional[Path] = typer.Option(None, "--json", dir_okay=False, help="Also write the rows as JSON."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N (onnxruntime-gpu for the model)."),
 ) -> None:
-    """Latency (p50/p90/p99) and throughput of the exported model on the CPU over image sizes and D, split
-    into network, CRFs and post-processing."""
+    """Latency (p50/p90/p99) and throughput of the exported model over image sizes and D, split into
+    network, CRFs and post-processing; --checkpoint times PyTorch on the same device and inputs."""
     import json
 
     from .commands import bench as job
@@ -438,6 +439,7 @@ def bench(
         _torch_or_fail("dynseg bench --checkpoint")
     try:
         rows = job.run(model, sizes=parsed_sizes, detections=counts, repeats=repeats, checkpoint=checkpoint,
+                       device=device,
                        on_row=lambda r: typer.echo(f"[bench] {r.backend} {r.height}x{r.width} D={r.detections}: "
                                                    f"p50 {r.p50_ms:.1f} ms"))
     except DynsegError as error:

@@ -7,6 +7,12 @@ standard nodes between two CRF nodes become one onnxruntime session each, and a 
 sessions and the CRF nodes in the graph's topological order, passing tensors by name. Sessions are
 built once; dynamic H, W and D never rebuild them. Safe to call from several threads at once
 (onnxruntime's `run` is, and each call keeps its tensors to itself).
+
+Tensors stay where the device puts them: every value of a call is an onnxruntime OrtValue on the
+backend's device, handed from session to session through I/O binding. On "cpu" the CRF nodes read
+and write them as numpy arrays; on "cuda:N" the sessions run on onnxruntime's CUDA execution provider
+(the onnxruntime-gpu package) and the CRF nodes run the library's CUDA kernels on the same device
+memory, so an image crosses to the host only as the four outputs.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper, shape_inference
 
-from .crf_node import mean_field_crf
+from . import _native
+from .crf_node import mean_field_crf, mean_field_crf_cuda
 from .errors import InvalidArgumentError
 
 DOMAIN, OP_TYPE, OP_VERSION = "dynseg", "MeanFieldCRF", 1
@@ -42,7 +49,7 @@ class _CrfNode:
     inputs: list[str]
     outputs: list[str]
     attributes: dict[str, object] = field(default_factory=dict)
-    constants: dict[str, np.ndarray] = field(default_factory=dict)  # its inputs that are initializers
+    constants: dict[str, ort.OrtValue] = field(default_factory=dict)  # its inputs that are initializers
 
 
 def _load(path: Path) -> onnx.ModelProto:
@@ -92,7 +99,7 @@ def _attributes(node: onnx.NodeProto) -> dict[str, object]:
     return values
 
 
-def _partition(model: onnx.ModelProto, providers: list[str]) -> list[_Session | _CrfNode]:
+def _partition(model: onnx.ModelProto, placement: _Placement) -> list[_Session | _CrfNode]:
     graph = model.graph
     types = _value_types(model)
     initializers = {t.name: t for t in graph.initializer}
@@ -117,7 +124,8 @@ def _partition(model: onnx.ModelProto, providers: list[str]) -> list[_Session | 
     options.log_severity_level = 3  # our partitions are valid; spare users onnxruntime's notes
     for index, segment in enumerate(segments):
         if isinstance(segment, onnx.NodeProto):
-            constants = {n: numpy_helper.to_array(initializers[n]) for n in segment.input if n in initializers}
+            constants = {n: placement.put(numpy_helper.to_array(initializers[n])) for n in segment.input
+                         if n in initializers}
             steps.append(_CrfNode(list(segment.input), list(segment.output), _attributes(segment), constants))
             continue
         if not segment:
@@ -137,52 +145,122 @@ def _partition(model: onnx.ModelProto, providers: list[str]) -> list[_Session | 
         )
         part = helper.make_model(sub, opset_imports=[o for o in model.opset_import if o.domain in ("", "ai.onnx")],
                                  ir_version=model.ir_version)
-        session = ort.InferenceSession(part.SerializeToString(), sess_options=options, providers=providers)
+        session = ort.InferenceSession(part.SerializeToString(), sess_options=options, providers=placement.providers)
+        if placement.device_type == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+            raise InvalidArgumentError("device 'cuda': onnxruntime could not start its CUDA execution provider "
+                                       "(see its log for why: CUDA or cuDNN libraries missing or mismatched)")
         steps.append(_Session(session, inputs, outputs))
     return steps
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """Where a backend's tensors live: onnxruntime's device type and id, and its providers."""
+
+    device_type: str  # "cpu" or "cuda"
+    device_id: int
+
+    @staticmethod
+    def of(device: str) -> _Placement:
+        if device == "cpu":
+            return _Placement("cpu", 0)
+        index = device.removeprefix("cuda").removeprefix(":") if device.startswith("cuda") else None
+        if index is None or not (index == "" or index.isdigit()):
+            raise InvalidArgumentError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+        placement = _Placement("cuda", int(index or 0))
+        available = ort.get_available_providers()
+        if "CUDAExecutionProvider" not in available:
+            raise InvalidArgumentError(
+                f"device {device!r} with the onnxruntime backend needs onnxruntime's CUDA execution provider, "
+                f"but this onnxruntime {ort.__version__} offers {available}: install onnxruntime-gpu in place of "
+                "onnxruntime"
+            )
+        _native.check_cuda_device(placement.device_id)
+        return placement
+
+    @property
+    def providers(self) -> list:
+        if self.device_type == "cpu":
+            return ["CPUExecutionProvider"]
+        # no TF32: the exported model must compute what the fp32 network computes (the parity checks)
+        return [("CUDAExecutionProvider", {"device_id": self.device_id, "use_tf32": 0}), "CPUExecutionProvider"]
+
+    def put(self, array: np.ndarray) -> ort.OrtValue:
+        """A host array as an OrtValue on this device (on the CPU, without a copy)."""
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device_type, self.device_id)
+
+    def empty(self, shape: tuple[int, ...]) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.float32, self.device_type, self.device_id)
+
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64}
+
+
+def _device_array(value: ort.OrtValue, name: str, dtype: type) -> _native.DeviceArray:
+    """A CUDA OrtValue as the native library's view of it, after checking its device and dtype."""
+    if value.device_name().lower() != "cuda":
+        raise InvalidArgumentError(f"the CRF input {name!r} is on {value.device_name()}, not on the GPU")
+    if _ORT_TYPES.get(value.data_type()) is not dtype:
+        raise InvalidArgumentError(f"the CRF input {name!r} is {value.data_type()}, the op needs {np.dtype(dtype)}")
+    return _native.DeviceArray(int(value.data_ptr()), tuple(value.shape()))
+
+
+def _run_crf(step: _CrfNode, inputs: list[ort.OrtValue], placement: _Placement) -> list[ort.OrtValue]:
+    """One CRF node on the OrtValues of its inputs, on the backend's device."""
+    if placement.device_type == "cpu":
+        logits, scores = mean_field_crf([value.numpy() for value in inputs], step.attributes)
+        return [placement.put(logits), placement.put(scores)]
+    arrays = [_device_array(value, name, np.int64 if index == 6 else np.float32)
+              for index, (name, value) in enumerate(zip(step.inputs, inputs))]
+    logits, scores = placement.empty(arrays[0].shape), placement.empty(arrays[7].shape)
+    mean_field_crf_cuda(arrays, step.attributes, _device_array(logits, step.outputs[0], np.float32),
+                        _device_array(scores, step.outputs[1], np.float32), placement.device_id)
+    return [logits, scores]
 
 
 class OnnxRuntimeBackend:
     """An exported dynseg graph, partitioned and ready to run; see the module docstring."""
 
     def __init__(self, path: str | Path, *, device: str = "cpu"):
-        if device != "cpu":
-            raise InvalidArgumentError(
-                f"device {device!r}: the onnxruntime backend runs on the CPU in this release (the CUDA "
-                "execution provider with device-resident CRF tensors is not built yet)"
-            )
+        self._placement = _Placement.of(device)
         self.path = Path(path)
         model = _load(self.path)
         self.metadata = _check_dynseg(model, self.path)
         self.class_names: tuple[str, ...] = tuple(json.loads(self.metadata["class_names"]))
         self.max_detections = int(self.metadata["max_detections"])
-        self._steps = _partition(model, ["CPUExecutionProvider"])
+        self._steps = _partition(model, self._placement)
 
     def run(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray, *,
             timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:
         """image (H, W, 3) uint8 RGB; boxes (D, 4) float32 checked; labels (D,) int64; scores (D,)
         float32. Returns the graph's outputs by name, batch axes dropped. timings, if given, gains the
         seconds spent in onnxruntime ("network") and in the CRF nodes ("crf")."""
-        values: dict[str, np.ndarray] = {
-            "image": np.ascontiguousarray(image.transpose(2, 0, 1)[None]),
-            "boxes": np.ascontiguousarray(boxes, dtype=np.float32).reshape(-1, 4),
-            "labels": np.ascontiguousarray(labels, dtype=np.int64).reshape(-1),
-            "scores": np.ascontiguousarray(scores, dtype=np.float32).reshape(-1),
+        place = self._placement
+        values: dict[str, ort.OrtValue] = {
+            "image": place.put(image.transpose(2, 0, 1)[None]),
+            "boxes": place.put(np.asarray(boxes, dtype=np.float32).reshape(-1, 4)),
+            "labels": place.put(np.asarray(labels, dtype=np.int64).reshape(-1)),
+            "scores": place.put(np.asarray(scores, dtype=np.float32).reshape(-1)),
         }
         for step in self._steps:
             start = time.perf_counter()
             if isinstance(step, _CrfNode):
-                outputs = mean_field_crf([step.constants[n] if n in step.constants else values[n] for n in step.inputs],
-                                         step.attributes)
+                outputs = _run_crf(step, [step.constants[n] if n in step.constants else values[n] for n in step.inputs],
+                                   place)
             else:
-                outputs = step.session.run(step.outputs, {name: values[name] for name in step.inputs})
+                binding = step.session.io_binding()
+                for name in step.inputs:
+                    binding.bind_ortvalue_input(name, values[name])
+                for name in step.outputs:
+                    binding.bind_output(name, place.device_type, place.device_id)
+                step.session.run_with_iobinding(binding)
+                outputs = binding.get_outputs()
             values.update(zip(step.outputs, outputs))
             if timings is not None:
                 kind = "crf" if isinstance(step, _CrfNode) else "network"
                 timings[kind] = timings.get(kind, 0.0) + time.perf_counter() - start
-        return {
-            "instance_logits": values["instance_logits"][0],
-            "instance_map": values["instance_map"],
-            "semantic_probabilities": values["semantic_probabilities"][0],
-            "instance_scores": values["instance_scores"],
-        }
+        # copies: an OrtValue's numpy() is a view that does not keep the OrtValue's memory alive
+        host = {name: np.array(values[name].numpy()) for name in OUTPUTS}
+        host["instance_logits"], host["semantic_probabilities"] = (host["instance_logits"][0],
+                                                                   host["semantic_probabilities"][0])
+        return host

@@ -39,14 +39,15 @@ class Segmenter:
     Args:
         path: an exported model (.onnx), a training checkpoint directory, or a TensorRT engine.
         backend: "auto" picks by path (directory: torch, .engine/.plan: tensorrt, else onnxruntime).
-        device: "cpu" or "cuda" (torch: either; onnxruntime: the CPU for now; tensorrt: "cuda").
+        device: "cpu", "cuda" or "cuda:N" (torch: any; onnxruntime: "cuda" needs onnxruntime-gpu and
+            the native library's CUDA kernels, and keeps every tensor on the GPU; tensorrt: "cuda").
     """
 
     def __init__(self, path: str | Path, backend: Backend = "auto", device: str = "cpu"):
         if not isinstance(path, (str, Path)):
             raise InvalidArgumentError(f"path must be a str or Path, got {type(path).__name__}")
         if device not in ("cpu", "cuda") and not (isinstance(device, str) and device.startswith("cuda:")):
-            raise InvalidArgumentError(f"device must be 'cpu' or 'cuda', got {device!r}")
+            raise InvalidArgumentError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
         path = Path(path)
         self.backend_name = _choose(path, backend)
         if self.backend_name == "onnxruntime":

@@ -214,6 +214,10 @@ DYNSEG_API dynseg_status dynseg_crf_check_cuda(const void* workspace, void* stre
 DYNSEG_API dynseg_status dynseg_crf_forward_cuda_from_host(const dynseg_crf_problem* problem,
                                                            const float* unary, float* out, int32_t device);
 
+/* Makes `device` the calling thread's current CUDA device (cudaSetDevice), for callers without a CUDA
+ * binding of their own (the SDK's onnxruntime CUDA path on cuda:N). */
+DYNSEG_API dynseg_status dynseg_cuda_set_device(int32_t device);
+
 /* Device memory for callers without an allocator of their own (the DLPack entry of the numpy API). */
 DYNSEG_API dynseg_status dynseg_cuda_malloc(size_t bytes, void** pointer);
 DYNSEG_API dynseg_status dynseg_cuda_free(void* pointer);

@@ -79,15 +79,17 @@ def _time_case(backend, name: str, image, dets, class_names, max_detections, rep
 
 
 def run(model_path, *, sizes: Sequence[tuple[int, int]], detections: Sequence[int], repeats: int,
-        checkpoint=None, on_row: Callable[[BenchRow], object] | None = None) -> list[BenchRow]:
-    """Times every (size, D) case on the exported model and, given `checkpoint`, on PyTorch too."""
+        checkpoint=None, device: str = "cpu", on_row: Callable[[BenchRow], object] | None = None) -> list[BenchRow]:
+    """Times every (size, D) case on the exported model and, given `checkpoint`, on PyTorch too, both
+    on `device` (a call's time includes copying its outputs to the host)."""
     from ..onnx_backend import OnnxRuntimeBackend
 
-    backends = [("onnxruntime", OnnxRuntimeBackend(model_path), True)]
+    where = "" if device == "cpu" else f" ({device})"
+    backends = [("onnxruntime" + where, OnnxRuntimeBackend(model_path, device=device), True)]
     if checkpoint is not None:
         from ..torch_backend import TorchBackend
 
-        backends.append(("torch", TorchBackend(checkpoint), False))
+        backends.append(("torch" + where, TorchBackend(checkpoint, device=device), False))
     exported = backends[0][1]
     rows = []
     for height, width in sizes:

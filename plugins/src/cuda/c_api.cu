@@ -251,6 +251,19 @@ dynseg_status dynseg_crf_forward_cuda_from_host(const dynseg_crf_problem* proble
     });
 }
 
+dynseg_status dynseg_cuda_set_device(int32_t device) {
+    return guarded([&] {
+        int count = 0;
+        if (cudaGetDeviceCount(&count) != cudaSuccess || device < 0 || device >= count) {
+            cudaGetLastError();
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "device must name one of the %d CUDA devices, got %d", count,
+                        device);
+        }
+        if (cudaError_t e = cudaSetDevice(device)) return cuda_failed(e, "cudaSetDevice");
+        return DYNSEG_OK;
+    });
+}
+
 dynseg_status dynseg_cuda_malloc(size_t bytes, void** pointer) {
     return guarded([&] {
         if (!pointer) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "pointer is NULL");

@@ -1,0 +1,74 @@
+"""The onnxruntime backend on a GPU: onnxruntime's CUDA execution provider for the standard parts and
+the CUDA kernels for the CRF nodes, every tensor of a call in device memory. It must compute what the
+CPU path computes (issue 4's tolerances, dynseg validate's comparison). Skipped, saying why, without
+onnxruntime-gpu, the CUDA kernels or a GPU; what a machine without them must say is checked everywhere."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from dynseg.sdk import InvalidArgumentError, _native, samples
+
+torch = pytest.importorskip("torch")
+
+from dynseg.export.onnx import export_onnx  # noqa: E402
+from dynseg.sdk.commands import parity  # noqa: E402
+from dynseg.sdk.segmenter import Segmenter  # noqa: E402
+from dynseg.trainer.model.instance import InstanceConfig  # noqa: E402
+from dynseg.trainer.model.network import ModelConfig, build_model  # noqa: E402
+
+
+def _missing() -> str | None:
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return f"onnxruntime {ort.__version__} has no CUDA execution provider (onnxruntime-gpu is not installed)"
+    if not _native.cuda_compiled():
+        return "the native library was built without CUDA (no nvcc at install time)"
+    if _native.cuda_device_count() == 0:
+        return "no CUDA device on this machine"
+    return None
+
+
+needs_cuda = pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    torch.manual_seed(0)
+    network = build_model(ModelConfig(backbone="resnet18", class_names=("cat", "cup", "person"),
+                                      instance=InstanceConfig(templates_per_group=4, template_size=16)))
+    with torch.no_grad():
+        network.instance_unaries.templates.uniform_(0.0, 1.0)
+    return export_onnx(network.eval(), tmp_path_factory.mktemp("model") / "model.onnx")
+
+
+@pytest.mark.skipif(_missing() is None, reason="this machine runs the onnxruntime CUDA path")
+def test_cuda_without_its_requirements_says_what_is_missing(model_path):
+    with pytest.raises(InvalidArgumentError, match="CUDA"):
+        Segmenter(model_path, backend="onnxruntime", device="cuda")
+
+
+def test_a_malformed_device_is_named(model_path):
+    with pytest.raises(InvalidArgumentError, match="device must be 'cpu', 'cuda' or 'cuda:N'"):
+        Segmenter(model_path, backend="onnxruntime", device="cuda:x")
+
+
+@needs_cuda
+@pytest.mark.parametrize("detections, name", [(0, "coffee"), (3, "chelsea"), (20, "astronaut")])
+def test_cuda_path_matches_the_cpu_path(model_path, detections, name):
+    image = samples.load(name)
+    height, width = image.shape[:2]
+    rng = np.random.default_rng(detections)
+    x1, y1 = rng.integers(0, width - 2, detections), rng.integers(0, height - 2, detections)
+    boxes = np.stack([x1, y1, np.minimum(width - 1, x1 + rng.integers(1, width // 2, detections)),
+                      np.minimum(height - 1, y1 + rng.integers(1, height // 2, detections))], axis=1)
+    boxes = boxes.astype(np.float32).reshape(-1, 4)
+    labels, scores = rng.integers(1, 4, detections), rng.uniform(0.05, 1.0, detections).astype(np.float32)
+    runs = []
+    for device in ("cuda", "cpu"):
+        segmenter = Segmenter(model_path, backend="onnxruntime", device=device)
+        runs.append(parity.run_backend(segmenter._backend, image, boxes, labels, scores, segmenter.class_names,
+                                       segmenter.max_detections))
+    report = parity.compare(name, runs[0][0], runs[1][0], runs[0][1], runs[1][1])
+    assert report, [str(check) for check in report.checks]
