@@ -27,6 +27,13 @@ def softmax(x: np.ndarray, axis: int) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
+def _planes(array: Array) -> Array:
+    """A (1, C, H, W) tensor without its batch axis, (C, H, W), in the same memory."""
+    if isinstance(array, _native.DeviceArray):
+        return _native.DeviceArray(array.pointer, array.shape[1:])
+    return array[0]
+
+
 def _problem(inputs: Sequence[Array], attributes: Mapping[str, object], recalibrated: Array) -> _native.Problem:
     """The node as one native problem; inputs are all numpy arrays (in the library's dtypes and
     layouts) or all DeviceArrays. `recalibrated` receives Q(Y_d = 1) when the detection potential runs."""
@@ -44,18 +51,36 @@ def _problem(inputs: Sequence[Array], attributes: Mapping[str, object], recalibr
             recalibrated=recalibrated,
         )
     return _native.Problem(
-        count, height, width, _native.DeviceArray(image.pointer, image.shape[1:])
-        if isinstance(image, _native.DeviceArray) else image[0], kernels,
-        compat=compat if compat.size else None, normalization=str(attributes.get("normalization", "after")),
-        iterations=int(attributes["iterations"]), output=_native.OUTPUT_LOGITS, threads=0, detections=detections,
+        count, height, width, _planes(image), kernels, compat=compat if compat.size else None,
+        normalization=str(attributes.get("normalization", "after")), iterations=int(attributes["iterations"]),
+        output=_native.OUTPUT_LOGITS, threads=0, detections=detections,
     )
 
 
-def _check_arity(inputs: Sequence[object]) -> None:
+def _check_inputs(inputs: Sequence[Array]) -> None:
+    """The shapes docs/ops.md gives the node's inputs: the library reads as many values as they say."""
     if len(inputs) != 10:
         raise InvalidArgumentError(f"a MeanFieldCRF node has 10 inputs, this one has {len(inputs)}")
-    if len(inputs[0].shape) != 4 or inputs[0].shape[0] != 1:
-        raise InvalidArgumentError(f"MeanFieldCRF's unary must be (1, L, H, W), got {tuple(inputs[0].shape)}")
+    shapes = [tuple(int(n) for n in array.shape) for array in inputs]
+    unary, image = shapes[0], shapes[1]
+    if len(unary) != 4 or unary[0] != 1:
+        raise InvalidArgumentError(f"MeanFieldCRF's unary must be (1, L, H, W), got {unary}")
+    labels = unary[1]
+    if len(image) != 4 or image[0] != 1 or image[2:] != unary[2:]:
+        raise InvalidArgumentError(f"MeanFieldCRF's image must be (1, C, {unary[2]}, {unary[3]}), got {image}")
+    square = (labels, labels)
+    for name, shape in zip(("spatial_weight", "bilateral_weight"), shapes[2:4]):
+        if int(np.prod(shape)) != 1 and shape != square:
+            raise InvalidArgumentError(f"MeanFieldCRF's {name} must be a scalar or {square}, got {shape}")
+    if int(np.prod(shapes[4])) != 0 and shapes[4] != square:
+        raise InvalidArgumentError(f"MeanFieldCRF's compatibility must be {square} or empty, got {shapes[4]}")
+    boxes = shapes[5]
+    if len(boxes) != 2 or boxes[1] != 4 or shapes[6] != boxes[:1] or shapes[7] != boxes[:1]:
+        raise InvalidArgumentError(f"MeanFieldCRF's boxes, labels and scores must be (D, 4), (D,), (D,), got "
+                                   f"{boxes}, {shapes[6]}, {shapes[7]}")
+    if int(np.prod(shapes[8])) != 1 or int(np.prod(shapes[9])) != 1:
+        raise InvalidArgumentError(f"MeanFieldCRF's detection_x and detection_y must be scalars, got {shapes[8]}, "
+                                   f"{shapes[9]}")
 
 
 def mean_field_crf(inputs: Sequence[np.ndarray], attributes: Mapping[str, object]) -> tuple[np.ndarray, np.ndarray]:
@@ -63,18 +88,13 @@ def mean_field_crf(inputs: Sequence[np.ndarray], attributes: Mapping[str, object
     spatial_weight and bilateral_weight (scalar or (L, L)), compatibility ((L, L) or empty: Potts),
     boxes (D, 4), labels (D,), scores (D,), detection_x, detection_y (scalars). Returns the logits
     (1, L, H, W) and the detection scores (D,)."""
-    _check_arity(inputs)
-    floats = lambda a: np.ascontiguousarray(a, dtype=np.float32)
-    unary, image, spatial, bilateral, compat, boxes, labels, scores, detection_x, detection_y = inputs
-    scores = floats(scores)
+    _check_inputs(inputs)
+    arrays = [np.ascontiguousarray(a, dtype=np.int64 if index == 6 else np.float32) for index, a in enumerate(inputs)]
+    unary, scores = arrays[0], arrays[7]
     if unary.shape[1] == 1:  # one label: nothing to infer (docs/ops.md)
         return unary.copy(), scores.copy()
     recalibrated = scores.copy()
-    arrays = [floats(unary), floats(image), floats(spatial).reshape(-1) if np.size(spatial) == 1 else floats(spatial),
-              floats(bilateral).reshape(-1) if np.size(bilateral) == 1 else floats(bilateral), floats(compat),
-              floats(boxes).reshape(-1, 4), np.ascontiguousarray(labels, dtype=np.int64), scores,
-              floats(detection_x).reshape(1), floats(detection_y).reshape(1)]
-    logits = _problem(arrays, attributes, recalibrated).forward(arrays[0][0])
+    logits = _problem(arrays, attributes, recalibrated).forward(_planes(unary))
     return logits[None], recalibrated
 
 
@@ -84,7 +104,7 @@ def mean_field_crf_cuda(inputs: Sequence[_native.DeviceArray], attributes: Mappi
     inputs as `mean_field_crf`'s (float32, labels int64, C-contiguous; the caller checked the dtypes),
     the outputs written into `logits` (1, L, H, W) and `detection_scores` (D,). Runs on this thread's
     stream and returns once the stream has finished (the lattices' check needs that)."""
-    _check_arity(inputs)
+    _check_inputs(inputs)
     unary, scores = inputs[0], inputs[7]
     _native.set_cuda_device(device)
     if unary.shape[1] == 1:  # one label: nothing to infer (docs/ops.md)
@@ -96,6 +116,5 @@ def mean_field_crf_cuda(inputs: Sequence[_native.DeviceArray], attributes: Mappi
         _native.copy_on_device(detection_scores.pointer, scores.pointer, 4 * scores.size)
     nbytes = problem.workspace_size_cuda(_native.PASS_FORWARD)
     workspace = _native.cuda_workspace(nbytes, device)
-    unary_planes = _native.DeviceArray(unary.pointer, unary.shape[1:])
-    out_planes = _native.DeviceArray(logits.pointer, logits.shape[1:])
-    problem.forward_cuda(unary_planes, out_planes, workspace.pointer, nbytes, _native.cuda_stream(device).handle)
+    problem.forward_cuda(_planes(unary), _planes(logits), workspace.pointer, nbytes,
+                         _native.cuda_stream(device).handle)

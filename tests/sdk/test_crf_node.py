@@ -1,0 +1,55 @@
+"""The SDK's executor of dynseg::MeanFieldCRF nodes (sdk/crf_node.py): inputs of the wrong shape are
+named before a pointer reaches the library, and the L = 1 and no-detection cases follow docs/ops.md."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dynseg.sdk import InvalidArgumentError
+from dynseg.sdk.crf_node import mean_field_crf
+
+ATTRIBUTES = {"iterations": 3, "theta_spatial": 3.0, "theta_bilateral_xy": 20.0, "theta_bilateral_rgb": 13.0,
+              "normalization": "after", "detection_potential": 1, "score_ceiling": 1.0, "epsilon": 1e-4}
+
+
+def node_inputs(labels: int = 3, detections: int = 2, height: int = 12, width: int = 16) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [
+        rng.normal(size=(1, labels, height, width)).astype(np.float32),
+        rng.uniform(0, 255, (1, 3, height, width)).astype(np.float32),
+        np.float32(3.0), np.eye(labels, dtype=np.float32) * 5, -np.eye(labels, dtype=np.float32),
+        np.tile(np.array([[1, 2, 8, 9]], np.float32), (detections, 1)), np.ones(detections, np.int64),
+        np.full(detections, 0.7, np.float32), np.float32(1.0), np.float32(1.0),
+    ]
+
+
+@pytest.mark.parametrize("index, value, message", [
+    (0, np.zeros((3, 12, 16), np.float32), r"unary must be \(1, L, H, W\)"),
+    (1, np.zeros((1, 3, 12, 15), np.float32), r"image must be \(1, C, 12, 16\)"),
+    (3, np.eye(2, dtype=np.float32), r"bilateral_weight must be a scalar or \(3, 3\)"),
+    (4, np.zeros(3, np.float32), r"compatibility must be \(3, 3\) or empty"),
+    (5, np.zeros((2, 5), np.float32), "boxes, labels and scores must be"),
+    (7, np.zeros(3, np.float32), "boxes, labels and scores must be"),
+    (8, np.zeros(2, np.float32), "detection_x and detection_y must be scalars"),
+])
+def test_inputs_of_the_wrong_shape_are_named(index, value, message):
+    inputs = node_inputs()
+    inputs[index] = value
+    with pytest.raises(InvalidArgumentError, match=message):
+        mean_field_crf(inputs, ATTRIBUTES)
+
+
+def test_one_label_is_the_identity():
+    inputs = node_inputs(labels=1)
+    inputs[3], inputs[4] = np.float32(5.0), np.zeros(0, np.float32)
+    logits, scores = mean_field_crf(inputs, ATTRIBUTES)
+    assert np.array_equal(logits, inputs[0]) and np.array_equal(scores, inputs[7])
+
+
+def test_detections_recalibrate_the_scores_and_move_the_logits():
+    with_term = mean_field_crf(node_inputs(), ATTRIBUTES)
+    without = mean_field_crf(node_inputs(), {**ATTRIBUTES, "detection_potential": 0})
+    assert np.array_equal(without[1], node_inputs()[7])  # the scores pass through
+    assert not np.array_equal(with_term[1], without[1]) and (0 < with_term[1]).all() and (with_term[1] < 1).all()
+    assert np.abs(with_term[0] - without[0]).max() > 1e-3
