@@ -380,6 +380,8 @@ def validate(
                                                 help="Image files (repeat the option); default: the sample photos."),
     detections: Optional[Path] = typer.Option(None, "--detections", exists=True, dir_okay=False,
                                               help="COCO results JSON for --images; default: generated boxes."),
+    device: str = typer.Option("cpu", "--device", help="Where the exported model runs: cpu, cuda or cuda:N "
+                                                       "(PyTorch, the reference, runs on the CPU)."),
 ) -> None:
     """Parity of the exported model (onnxruntime) with its checkpoint (PyTorch): max |Δ| of the instance
     probabilities (<= 1e-4) and of the semantic ones (<= 1e-3), argmax agreement on decided pixels
@@ -407,10 +409,10 @@ def validate(
             else:
                 found = read_detections(detections, images)
             cases = [(path.name, picture, dets) for path, picture, dets in zip(images, pictures, found)]
-        report = parity.validate(model, checkpoint, cases)
+        report = parity.validate(model, checkpoint, cases, device=device)
     except DynsegError as error:
         raise _fail(str(error)) from error
-    typer.echo(f"{model} (onnxruntime) vs {checkpoint} (PyTorch):\n{report.table()}")
+    typer.echo(f"{model} (onnxruntime, {device}) vs {checkpoint} (PyTorch, cpu):\n{report.table()}")
     if not report:
         failed = [str(c) for c in report.worst() if not c]
         raise _fail("parity check failed: " + "; ".join(failed))

@@ -141,15 +141,16 @@ def run_backend(backend, image: np.ndarray, boxes, labels, scores, class_names, 
 
 
 def validate(model_path, checkpoint_path, cases: Iterable[tuple[str, np.ndarray, object]], *,
-             on_image=None) -> ParityReport:
-    """Runs the exported model and the checkpoint on each (name, (H, W, 3) uint8 image, detections with
-    boxes, labels, scores) case and returns the report. Raises InvalidArgumentError when either model
-    cannot be loaded or their classes differ. `on_image(parity)` is called after each image."""
+             device: str = "cpu", on_image=None) -> ParityReport:
+    """Runs the exported model (on `device`) and the checkpoint (on the CPU, the reference) on each
+    (name, (H, W, 3) uint8 image, detections with boxes, labels, scores) case and returns the report.
+    Raises InvalidArgumentError when either model cannot be loaded or their classes differ.
+    `on_image(parity)` is called after each image."""
     from ..errors import InvalidArgumentError
     from ..onnx_backend import OnnxRuntimeBackend
     from ..torch_backend import TorchBackend
 
-    exported = OnnxRuntimeBackend(model_path)
+    exported = OnnxRuntimeBackend(model_path, device=device)
     reference = TorchBackend(checkpoint_path)
     if exported.class_names != reference.class_names:
         raise InvalidArgumentError(f"model {model_path} has classes {list(exported.class_names)}, checkpoint "
