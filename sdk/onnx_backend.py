@@ -245,8 +245,8 @@ class OnnxRuntimeBackend:
         for step in self._steps:
             start = time.perf_counter()
             if isinstance(step, _CrfNode):
-                outputs = _run_crf(step, [step.constants[n] if n in step.constants else values[n] for n in step.inputs],
-                                   place)
+                inputs = [step.constants[n] if n in step.constants else values[n] for n in step.inputs]
+                outputs = _run_crf(step, inputs, place)
             else:
                 binding = step.session.io_binding()
                 for name in step.inputs:

@@ -152,8 +152,8 @@ def test_bad_detections_are_named(field, value, message, smooth_image, field_una
 
 @pytest.mark.parametrize(
     "settings, message",
-    [({"score_ceiling": 0.0}, "score_ceiling must be finite and > 0"), ({"epsilon": 1.0}, r"epsilon must be in \[0, 1\)"),
-     ({"epsilon": -0.1}, r"epsilon must be in \[0, 1\)")],
+    [({"score_ceiling": 0.0}, "score_ceiling must be finite and > 0"),
+     ({"epsilon": 1.0}, r"epsilon must be in \[0, 1\)"), ({"epsilon": -0.1}, r"epsilon must be in \[0, 1\)")],
 )
 def test_bad_constants_are_named(settings, message, smooth_image, field_unary):
     arrays = case(2, 3, 16, 16, 2, smooth_image, field_unary)
