@@ -1,9 +1,9 @@
 /*
  * mean_field_crf_plugin.h: the TensorRT plugin for dynseg::MeanFieldCRF version 1 (docs/ops.md), an IPluginV3
  * with the IPluginV3One core, build and runtime capabilities, and its IPluginCreatorV3One. Name
- * "MeanFieldCRF", namespace "dynseg", version "1"; the computation is the CUDA kernel library's
- * (plugins/include/dynseg_crf.h, docs/crf.md §6) plus the detection potential's kernels
- * (detection_potential.cuh). Inputs, outputs and attributes: plugins/tensorrt/README.md.
+ * "MeanFieldCRF", namespace "dynseg", version "1"; the computation is one call of the CUDA kernel
+ * library per node (plugins/include/dynseg_crf.h, docs/crf.md §6), the detection potential included.
+ * Inputs, outputs and attributes: plugins/tensorrt/README.md.
  *
  * The shared library exports getCreators and setLoggerFinder (extern "C"), so TensorRT's plugin registry
  * loads it with loadLibrary (Python: trt.get_plugin_registry().load_library) and trtexec with
