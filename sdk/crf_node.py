@@ -34,6 +34,11 @@ def _planes(array: Array) -> Array:
     return array[0]
 
 
+def _has_detections(inputs: Sequence[Array], attributes: Mapping[str, object]) -> bool:
+    """Whether the library adds the detection potential (else the scores pass through unchanged)."""
+    return bool(int(attributes.get("detection_potential", 0))) and inputs[5].shape[0] > 0
+
+
 def _problem(inputs: Sequence[Array], attributes: Mapping[str, object], recalibrated: Array) -> _native.Problem:
     """The node as one native problem; inputs are all numpy arrays (in the library's dtypes and
     layouts) or all DeviceArrays. `recalibrated` receives Q(Y_d = 1) when the detection potential runs."""
@@ -44,7 +49,7 @@ def _problem(inputs: Sequence[Array], attributes: Mapping[str, object], recalibr
         _native.Kernel(float(attributes["theta_bilateral_xy"]), float(attributes["theta_bilateral_rgb"]), bilateral),
     ]
     detections = None
-    if int(attributes.get("detection_potential", 0)) and boxes.shape[0] > 0:
+    if _has_detections(inputs, attributes):
         detections = _native.Detections(
             boxes=boxes, labels=labels, scores=scores, detection_x=detection_x, detection_y=detection_y,
             score_ceiling=float(attributes["score_ceiling"]), epsilon=float(attributes["epsilon"]),
@@ -111,9 +116,9 @@ def mean_field_crf_cuda(inputs: Sequence[_native.DeviceArray], attributes: Mappi
         _native.copy_on_device(logits.pointer, unary.pointer, 4 * unary.size)
         _native.copy_on_device(detection_scores.pointer, scores.pointer, 4 * scores.size)
         return
-    problem = _problem(inputs, attributes, detection_scores)
-    if not problem.struct.detections:  # no detections: the scores pass through
+    if not _has_detections(inputs, attributes):  # the scores pass through
         _native.copy_on_device(detection_scores.pointer, scores.pointer, 4 * scores.size)
+    problem = _problem(inputs, attributes, detection_scores)
     nbytes = problem.workspace_size_cuda(_native.PASS_FORWARD)
     workspace = _native.cuda_workspace(nbytes, device)
     problem.forward_cuda(_planes(unary), _planes(logits), workspace.pointer, nbytes,

@@ -6,7 +6,7 @@ available to the build), so the graph is partitioned once, at load time, at the 
 standard nodes between two CRF nodes become one onnxruntime session each, and a call runs the
 sessions and the CRF nodes in the graph's topological order, passing tensors by name. Sessions are
 built once; dynamic H, W and D never rebuild them. Safe to call from several threads at once
-(onnxruntime's `run` is, and each call keeps its tensors to itself).
+(onnxruntime's sessions are, and each call makes its own I/O bindings and keeps its tensors to itself).
 
 Tensors stay where the device puts them: every value of a call is an onnxruntime OrtValue on the
 backend's device, handed from session to session through I/O binding. On "cpu" the CRF nodes read
@@ -196,7 +196,7 @@ class _Placement:
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64}
 
 
-def _device_array(value: ort.OrtValue, name: str, dtype: type) -> _native.DeviceArray:
+def _native_view(value: ort.OrtValue, name: str, dtype: type) -> _native.DeviceArray:
     """A CUDA OrtValue as the native library's view of it, after checking its device and dtype."""
     if value.device_name().lower() != "cuda":
         raise InvalidArgumentError(f"the CRF input {name!r} is on {value.device_name()}, not on the GPU")
@@ -210,11 +210,11 @@ def _run_crf(step: _CrfNode, inputs: list[ort.OrtValue], placement: _Placement) 
     if placement.device_type == "cpu":
         logits, scores = mean_field_crf([value.numpy() for value in inputs], step.attributes)
         return [placement.put(logits), placement.put(scores)]
-    arrays = [_device_array(value, name, np.int64 if index == 6 else np.float32)
+    arrays = [_native_view(value, name, np.int64 if index == 6 else np.float32)
               for index, (name, value) in enumerate(zip(step.inputs, inputs))]
     logits, scores = placement.empty(arrays[0].shape), placement.empty(arrays[7].shape)
-    mean_field_crf_cuda(arrays, step.attributes, _device_array(logits, step.outputs[0], np.float32),
-                        _device_array(scores, step.outputs[1], np.float32), placement.device_id)
+    mean_field_crf_cuda(arrays, step.attributes, _native_view(logits, step.outputs[0], np.float32),
+                        _native_view(scores, step.outputs[1], np.float32), placement.device_id)
     return [logits, scores]
 
 
