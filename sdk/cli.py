@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
 from . import __version__
 from .commands import quickstart as quickstart_job
@@ -21,7 +22,20 @@ from .errors import DynsegError, InvalidArgumentError
 
 __all__ = ["app"]
 
+class _Commands(TyperGroup):
+    """The commands, with a file or folder the system refused (an --out that cannot be created, a
+    full disk) reported in one line instead of a traceback."""
+
+    def invoke(self, ctx):  # noqa: ANN001 - click's signature
+        try:
+            return super().invoke(ctx)
+        except OSError as error:
+            where = f": {error.filename}" if error.filename else ""
+            raise _fail(f"{error.strerror or error}{where}") from error
+
+
 app = typer.Typer(
+    cls=_Commands,
     name="dynseg",
     help="Dynamically Instantiated Network instance segmentation: the CRF demo, training, evaluation and deployment.",
     no_args_is_help=True,
@@ -236,6 +250,8 @@ def evaluate_command(
                       num_classes=num_classes, seed=seed)
     if len(data.class_names) - 1 != num_classes:
         raise _fail(f"the checkpoint has {num_classes} classes, --dataset {dataset} has {len(data.class_names) - 1}")
+    target = out or checkpoint
+    target.mkdir(parents=True, exist_ok=True)  # before the evaluation, so an unwritable --out fails at once
     try:
         predictions, ground_truths = predict(model, data, seed=seed)
         metrics = evaluate(predictions, ground_truths, num_classes=num_classes, protocol=protocol)
@@ -248,8 +264,6 @@ def evaluate_command(
     seeded = f" (seed {seed})" if dataset == "synthetic" else ""
     typer.echo(f"{checkpoint}: {_describe(data, dataset, detections)}{seeded}, protocol {protocol}, "
                f"values in %\n{table}")
-    target = out or checkpoint
-    target.mkdir(parents=True, exist_ok=True)
     (target / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (target / "metrics.md").write_text(table + "\n")
 

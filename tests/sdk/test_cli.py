@@ -67,3 +67,13 @@ def test_demo_reports_an_unreadable_image_in_one_line(tmp_path) -> None:
     result = runner.invoke(app, ["demo", "--out", str(tmp_path), "--image", str(not_an_image)])
     assert result.exit_code == 1
     assert "could not be read as an image" in result.output
+
+
+def test_an_out_folder_the_system_refuses_is_reported_in_one_line(tmp_path) -> None:
+    in_the_way = tmp_path / "a_file"
+    in_the_way.write_text("")
+    result = runner.invoke(app, ["demo", "--out", str(in_the_way / "out"), "--iterations", "1"])
+    assert result.exit_code == 1
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert result.output.strip().startswith("Error: Not a directory"), result.output
+    assert str(in_the_way / "out") in result.output
