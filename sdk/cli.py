@@ -4,12 +4,14 @@ Commands: `dynseg --version`, `dynseg --help`, `dynseg demo` (dynseg.sdk.demo.ru
 installed, `dynseg train` and `dynseg eval` (dynseg.trainer.train.fit / predict and
 dynseg.trainer.evaluation.evaluate). Deployment (docs/deploy.md): `dynseg export` (torch;
 dynseg.export.onnx.export_onnx), `dynseg infer` and `dynseg bench` (no torch), `dynseg validate` and
-`dynseg quickstart` (torch), each over its module in dynseg.sdk.commands. No work is done here. Errors dynseg raises on purpose print one
-line and exit with status 1.
+`dynseg quickstart` (torch), each over its module in dynseg.sdk.commands. No work is done here.
+Errors dynseg raises on purpose, and files or folders the system refuses, print one line and exit
+with status 1.
 """
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Optional
 
@@ -22,14 +24,17 @@ from .errors import DynsegError, InvalidArgumentError
 
 __all__ = ["app"]
 
+
 class _Commands(TyperGroup):
     """The commands, with a file or folder the system refused (an --out that cannot be created, a
     full disk) reported in one line instead of a traceback."""
 
-    def invoke(self, ctx):  # noqa: ANN001 - click's signature
+    def invoke(self, ctx: typer.Context) -> object:
         try:
             return super().invoke(ctx)
         except OSError as error:
+            if error.errno == errno.EPIPE:  # output piped into `head`: click ends that quietly
+                raise
             where = f": {error.filename}" if error.filename else ""
             raise _fail(f"{error.strerror or error}{where}") from error
 
