@@ -51,6 +51,20 @@ def main() -> int:
     problem.backward_cuda(d_unary, d_grad, grad_unary, grad_weights, grad_compat, workspace.pointer, nbytes, 0)
     result = np.empty_like(unary)
     _native.copy_from_device(result, grad_unary.pointer)
+
+    # the common model's backward: Potts, scalar weights
+    scalars = [on_device(np.array([3.0], np.float32)), on_device(np.array([10.0], np.float32))]
+    potts = _native.Problem(
+        labels, height, width, on_device(planar),
+        [_native.Kernel(3.0, 0.0, scalars[0]), _native.Kernel(20.0, 30.0, scalars[1])],
+        compat=None, normalization="after", iterations=2, output=_native.OUTPUT_LOGITS, threads=0,
+    )
+    nbytes = potts.workspace_size_cuda(_native.PASS_BACKWARD)
+    workspace = _native.CudaBuffer(nbytes)
+    potts.backward_cuda(d_unary, d_grad, grad_unary, [None, None], None, workspace.pointer, nbytes, 0)
+    potts_result = np.empty_like(unary)
+    _native.copy_from_device(potts_result, grad_unary.pointer)
+    result = np.concatenate([result, potts_result])
     ok = bool(np.isfinite(q).all() and np.isfinite(result).all())
     print(f"cuda smoke: forward Q finite {np.isfinite(q).all()}, backward grad finite {np.isfinite(result).all()}")
     return 0 if ok else 1

@@ -114,6 +114,32 @@ def test_torch_op_forward_and_gradients_match_cpu(labels, normalization):
 
 
 @needs_gpu
+@pytest.mark.parametrize("normalization", ["after", "symmetric"])
+@pytest.mark.parametrize("labels", [2, 21, 40])
+def test_torch_op_gradients_match_cpu_with_potts_and_scalar_weights(labels, normalization):
+    # The common model (Potts, scalar weights), gradients included, with rows of one label tile
+    # (L <= 32) and of two (L = 40).
+    from dynseg.trainer.crf.native import mean_field_native
+
+    results = {}
+    for device in ("cpu", "cuda"):
+        generator = np.random.default_rng(labels)
+        unary = torch.tensor(generator.normal(0, 2, (labels, 37, 53)).astype(np.float32), device=device,
+                             requires_grad=True)
+        image = torch.tensor(generator.uniform(0, 255, (3, 37, 53)).astype(np.float32), device=device)
+        w_spatial = torch.tensor(3.0, device=device, requires_grad=True)
+        w_bilateral = torch.tensor(10.0, device=device, requires_grad=True)
+        logits = mean_field_native(unary, image, [(3.0, 0.0, w_spatial), (30.0, 13.0, w_bilateral)],
+                                   normalization=normalization, iterations=4)
+        upstream = torch.tensor(generator.normal(size=logits.shape).astype(np.float32), device=device)
+        (logits * upstream).sum().backward()
+        results[device] = [t.detach().cpu().numpy() for t in (logits, unary.grad, w_spatial.grad, w_bilateral.grad)]
+    for name, cpu, gpu in zip(("logits", "unary", "w_spatial", "w_bilateral"), results["cpu"], results["cuda"]):
+        scale = max(1.0, float(np.abs(cpu).max()))
+        assert np.abs(gpu - cpu).max() <= 1e-4 * scale, (name, np.abs(gpu - cpu).max(), scale)
+
+
+@needs_gpu
 def test_torch_op_on_cuda_is_deterministic_with_gradients():
     from dynseg.trainer.crf.native import mean_field_native
 

@@ -14,7 +14,9 @@ namespace dynseg {
 namespace cuda {
 namespace {
 
-constexpr int32_t kChunk = 64;  // entries summed by one thread in the first splat pass
+// Entries summed by one thread in the first splat pass. Measured on an H200 (docs/benchmarks.md):
+// 16 and 32 were slower per iteration, and 128 too.
+constexpr int32_t kChunk = 64;
 
 struct EmbedConstants {
     float scale[kMaxFeatureDim];
@@ -145,8 +147,9 @@ __global__ void embed(EmbedConstants c, const float* image, int32_t* rem0_out, i
     }
 }
 
-// One thread: the key packing from the coordinate ranges, or the reason there is none.
-__global__ void plan_packing(int d, const int32_t* range, Packing* packing, Status* status, int kernel) {
+// One thread: the key packing from the coordinate ranges, or the reason there is none. key_bits is
+// the host's bound on the bits (the sort's range): keys past it could not be sorted.
+__global__ void plan_packing(int d, int key_bits, const int32_t* range, Packing* packing, Status* status, int kernel) {
     const float largest = __uint_as_float(static_cast<unsigned>(range[2 * kMaxFeatureDim]));
     int bits = 0;
     uint64_t ones = 0;
@@ -162,11 +165,11 @@ __global__ void plan_packing(int d, const int32_t* range, Packing* packing, Stat
     }
     // Elevated coordinates are rounded through float: past 2^22 there are no fraction bits left.
     const bool features_ok = largest * static_cast<float>(2 * d) < 4194304.0f;
-    const bool ok = features_ok && bits <= 63;  // 63 keeps the packed keys clear of overflow
+    const bool ok = features_ok && bits <= 63 && bits <= key_bits;  // 63 keeps the packed keys clear of overflow
     if (!ok) {
         for (int i = 0; i < d; ++i) packing->shift[i] = 0;
         if (status->code == 0) {
-            status->code = features_ok ? kKeysTooWide : kFeaturesTooLarge;
+            status->code = !features_ok ? kFeaturesTooLarge : bits > 63 ? kKeysTooWide : kKeysPastBound;
             status->kernel = kernel;
             status->bits = bits;
             status->largest = largest;
@@ -177,35 +180,27 @@ __global__ void plan_packing(int d, const int32_t* range, Packing* packing, Stat
     packing->ok = ok;
 }
 
-// Keys of every (pixel, remainder) entry. Vertex r-1 to r adds 1 to every coordinate and takes d+1
-// from the one whose rank is d+1-r, a constant update of the packed key. Without a packing every
-// entry gets a key of its own, which keeps the lattice well-formed while its results are discarded.
-__global__ void pack_keys(int d, int64_t pixels, const int32_t* rem0, const int32_t* rank, const Packing* packing,
-                          uint64_t* keys, int32_t* entries) {
+// Key of every (pixel, remainder r) entry, a thread each so that the writes are coalesced: vertex r
+// of the pixel's simplex has coordinate rem0[i] + r, less d+1 where rank[i] > d - r (densecrf's
+// canonical simplex), each packed above its coordinate's low end. Without a packing every entry gets
+// a key of its own, which keeps the lattice well-formed while its results are discarded.
+__global__ void pack_keys(int d, int64_t entries, const int32_t* rem0, const int32_t* rank, const Packing* packing,
+                          uint64_t* keys, int32_t* entry_index) {
     const bool ok = packing->ok;
-    DYNSEG_FOR_EACH(p, pixels) {
-        const int64_t e = p * (d + 1);
-        if (!ok) {
-            for (int r = 0; r <= d; ++r) {
-                keys[e + r] = static_cast<uint64_t>(e + r);
-                entries[e + r] = static_cast<int32_t>(e + r);
+    const uint32_t dp1 = d + 1;
+    DYNSEG_FOR_EACH(e, entries) {
+        uint64_t key = e;
+        if (ok) {
+            const uint32_t first = e - e % dp1;
+            const int32_t r = static_cast<int32_t>(e % dp1);
+            key = 0;
+            for (int i = 0; i < d; ++i) {
+                const int32_t coordinate = rem0[first + i] + r - (rank[first + i] > d - r ? d + 1 : 0);
+                key |= static_cast<uint64_t>(coordinate - packing->low[i]) << packing->shift[i];
             }
-            continue;
-        }
-        uint64_t drop[kMaxFeatureDim + 2];
-        uint64_t key = 0;
-        drop[rank[e + d]] = 0;  // the implied (d+1)-th coordinate is not in the key
-        for (int i = 0; i < d; ++i) {
-            drop[rank[e + i]] = static_cast<uint64_t>(d + 1) << packing->shift[i];
-            key |= static_cast<uint64_t>(rem0[e + i] - packing->low[i]) << packing->shift[i];
         }
         keys[e] = key;
-        entries[e] = static_cast<int32_t>(e);
-        for (int r = 1; r <= d; ++r) {
-            key += packing->ones - drop[d + 1 - r];
-            keys[e + r] = key;
-            entries[e + r] = static_cast<int32_t>(e + r);
-        }
+        entry_index[e] = static_cast<int32_t>(e);
     }
 }
 
@@ -329,10 +324,12 @@ __global__ void chunk_sums(const int32_t* chunks, const int32_t* chunk_first, co
     const int64_t quads = width / 4;
     DYNSEG_FOR_EACH(i, int64_t(*chunks) * quads) {
         const uint32_t j = i / uint32_t(quads), c = 4 * (i % uint32_t(quads));
-        const int32_t first = chunk_first[j], last = chunk_first[j] + kChunk;  // whole chunks by construction
+        const int32_t first = chunk_first[j];  // whole chunks by construction
         float4 acc = {0.0f, 0.0f, 0.0f, 0.0f};
-        for (int32_t s = first; s < last; ++s)
-            acc = acc + entry_value<ONES>(s, csr_pixel, csr_weight, in, stride, c0 + c, pre);
+        // 16 gathers in flight per thread: the pass waits on memory, not on arithmetic
+#pragma unroll 16
+        for (int32_t s = 0; s < kChunk; ++s)
+            acc = acc + entry_value<ONES>(first + s, csr_pixel, csr_weight, in, stride, c0 + c, pre);
         store4(partial + j * width + c, acc);
     }
 }
@@ -430,6 +427,39 @@ __global__ void slice_ones(int d, int64_t pixels, const int32_t* entry_vertex, c
     }
 }
 
+// Feature i's factor on the way into a d-dimensional lattice. densecrf rounds inv_std_dev to float
+// before the double-precision scale computation.
+float feature_scale(int d, int i) {
+    const float inv_std_dev = static_cast<float>(std::sqrt(2.0 / 3.0) * (d + 1));
+    return static_cast<float>(1.0 / std::sqrt(static_cast<double>((i + 2) * (i + 1))) *
+                              static_cast<double>(inv_std_dev));
+}
+
+int bit_width(uint64_t value) {
+    int bits = 0;
+    while (bits < 64 && (value >> bits) != 0) ++bits;
+    return bits;
+}
+
+// How many low key bits the sort of this lattice's keys must look at. CUB takes the bit range from
+// the host, while the exact count is only known on the device, after the embedding; sorting all 64
+// bits is eight radix passes. A spatial kernel's features are bounded by the image size, so its keys
+// are too: |elevated| <= d·(largest scaled feature), its multiple of d+1 at most 1.5(d+1) further,
+// and a simplex vertex within d of that. A colour kernel's keys depend on the pixel values: all 64.
+// Either way the bound covers the entry indices that stand in as keys when a packing fails.
+int key_bits_bound(const FeatureSpec& spec, int64_t entries) {
+    const int fallback = bit_width(static_cast<uint64_t>(entries));
+    if (spec.channels > 0) return 64;
+    const int d = spec.dim();
+    const double largest = std::max(static_cast<double>(spec.width - 1) * feature_scale(d, 0),
+                                    static_cast<double>(spec.height - 1) * feature_scale(d, 1)) /
+                           static_cast<double>(spec.theta_xy);
+    const double reach = d * largest * 1.001 + 2.5 * (d + 1) + 2.0;  // the margin absorbs float rounding
+    if (!(reach < 1e15)) return 64;
+    const int width = bit_width(static_cast<uint64_t>(std::ceil(2.0 * reach)));
+    return std::min(64, std::max(fallback, d * width));
+}
+
 }  // namespace
 
 void BuildScratch::plan(Workspace& ws, int64_t max_entries) {
@@ -460,6 +490,7 @@ void Lattice::plan(Workspace& ws, const FeatureSpec& spec) {
     d_ = spec.dim();
     pixels_ = spec.pixels();
     entries_ = pixels_ * (d_ + 1);
+    key_bits_ = key_bits_bound(spec, entries_);
     vertices_ = ws.take<int32_t>(1);
     packing_ = ws.take<Packing>(1);
     entry_vertex_ = ws.take<int32_t>(entries_);
@@ -477,11 +508,7 @@ void Lattice::plan(Workspace& ws, const FeatureSpec& spec) {
 void Lattice::build(const FeatureSpec& spec, BuildScratch& s, int kernel, Status* status, const Launch& launch) {
     const int d = d_;
     EmbedConstants c{};
-    // densecrf rounds inv_std_dev to float before the double-precision scale computation
-    const float inv_std_dev = static_cast<float>(std::sqrt(2.0 / 3.0) * (d + 1));
-    for (int i = 0; i < d; ++i)
-        c.scale[i] = static_cast<float>(1.0 / std::sqrt(static_cast<double>((i + 2) * (i + 1))) *
-                                        static_cast<double>(inv_std_dev));
+    for (int i = 0; i < d; ++i) c.scale[i] = feature_scale(d, i);
     c.inv_dp1 = 1.0f / static_cast<float>(d + 1);
     c.dp1 = static_cast<float>(d + 1);
     c.alpha = 1.0f / (1.0f + std::pow(2.0f, static_cast<float>(-d)));  // densecrf's slicing scale
@@ -504,15 +531,15 @@ void Lattice::build(const FeatureSpec& spec, BuildScratch& s, int kernel, Status
         embed<5><<<pixel_blocks, kThreads, 0, stream>>>(c, spec.image, s.rem0, s.rank, s.weight, slice_weight_, s.range);
     else
         embed<0><<<pixel_blocks, kThreads, 0, stream>>>(c, spec.image, s.rem0, s.rank, s.weight, slice_weight_, s.range);
-    plan_packing<<<1, 1, 0, stream>>>(d, s.range, packing_, status, kernel);
-    pack_keys<<<pixel_blocks, kThreads, 0, stream>>>(d, pixels_, s.rem0, s.rank, packing_, s.keys, s.entries);
+    plan_packing<<<1, 1, 0, stream>>>(d, key_bits_, s.range, packing_, status, kernel);
+    const int entry_blocks = launch.blocks(entries_);
+    pack_keys<<<entry_blocks, kThreads, 0, stream>>>(d, entries_, s.rem0, s.rank, packing_, s.keys, s.entries);
 
     const int n = static_cast<int>(entries_);
     size_t bytes = s.cub_bytes;
     check_cub(cub::DeviceRadixSort::SortPairs(s.cub, bytes, s.keys, s.sorted_keys, s.entries, s.sorted_entries, n, 0,
-                                              64, stream),
+                                              key_bits_, stream),
               "the lattice key sort");
-    const int entry_blocks = launch.blocks(entries_);
     flag_heads<<<entry_blocks, kThreads, 0, stream>>>(entries_, s.sorted_keys, s.entries);
     bytes = s.cub_bytes;
     check_cub(cub::DeviceScan::InclusiveSum(s.cub, bytes, s.entries, s.vertex_of_sorted, n, stream),

@@ -96,6 +96,7 @@ private:
 
     int d_ = 0;
     int64_t pixels_ = 0, entries_ = 0;
+    int key_bits_ = 64;  // the low key bits the sort looks at (key_bits_bound in lattice.cu)
     int32_t* vertices_ = nullptr;  // device: M
     Packing* packing_ = nullptr;
     int32_t* entry_vertex_ = nullptr;  // (N, d+1)

@@ -17,22 +17,47 @@ constexpr int64_t kMaxPartials = int64_t(8) << 20;  // doubles of per-chunk part
 
 bool is_matrix(const dynseg_kernel& k) { return k.weight_kind == DYNSEG_WEIGHT_MATRIX; }
 
-// (L, N) planar -> (N, stride) pixel-major, zero padding
-__global__ void to_pixel_major(const float* planar, float* rows, int64_t labels, int64_t pixels, int64_t stride) {
-    DYNSEG_FOR_EACH(i, pixels * stride) {
-        const uint32_t p = i / uint32_t(stride), l = (i % uint32_t(stride));
-        rows[i] = l < labels ? planar[l * pixels + p] : 0.0f;
+// dst[c][r] = src[r][c] for the rows r < rows and columns c < columns of src, through 32×32 tiles
+// in shared memory so that both sides are read and written along their rows. dst's rows past `rows`
+// (up to dst_stride) are zero padding; everything is NaN when status says a lattice failed. It turns
+// (L, N) planar arrays into (N, stride) pixel-major ones and back.
+constexpr int kTile = 32;
+
+__global__ void transpose(const float* src, int64_t rows, int64_t columns, int64_t src_stride, float* dst,
+                          int64_t dst_stride, const Status* status) {
+    __shared__ float tile[kTile][kTile + 1];
+    const bool failed = status && status->code != 0;
+    const int64_t row_tiles = (dst_stride + kTile - 1) / kTile, tiles = row_tiles * ((columns + kTile - 1) / kTile);
+    const int x = threadIdx.x % kTile, y = threadIdx.x / kTile;
+    for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+        const int64_t r0 = t % row_tiles * kTile, c0 = t / row_tiles * kTile;
+        for (int j = y; j < kTile; j += kThreads / kTile) {
+            const int64_t r = r0 + j, c = c0 + x;
+            tile[j][x] = r < rows && c < columns ? src[r * src_stride + c] : 0.0f;
+        }
+        __syncthreads();
+        for (int j = y; j < kTile; j += kThreads / kTile) {
+            const int64_t c = c0 + j, r = r0 + x;
+            if (c < columns && r < dst_stride) dst[c * dst_stride + r] = failed ? __int_as_float(0x7fc00000) : tile[x][j];
+        }
+        __syncthreads();
     }
 }
 
+// (L, N) planar -> (N, stride) pixel-major, zero padding
+void to_pixel_major(const float* planar, float* rows, int64_t labels, int64_t pixels, int64_t stride,
+                    const Launch& launch) {
+    const int64_t tiles = ((stride + kTile - 1) / kTile) * ((pixels + kTile - 1) / kTile);
+    transpose<<<launch.blocks(tiles * kThreads), kThreads, 0, launch.stream>>>(planar, labels, pixels, pixels, rows,
+                                                                              stride, nullptr);
+}
+
 // (N, stride) -> (L, N); NaN everywhere when a lattice could not be built
-__global__ void to_planar(const float* rows, float* planar, int64_t labels, int64_t pixels, int64_t stride,
-                          const Status* status) {
-    const bool failed = status->code != 0;
-    DYNSEG_FOR_EACH(i, labels * pixels) {
-        const uint32_t l = i / uint32_t(pixels), p = (i % uint32_t(pixels));
-        planar[i] = failed ? __int_as_float(0x7fc00000) : rows[p * stride + l];
-    }
+void to_planar(const float* rows, float* planar, int64_t labels, int64_t pixels, int64_t stride, const Status* status,
+               const Launch& launch) {
+    const int64_t tiles = ((pixels + kTile - 1) / kTile) * ((labels + kTile - 1) / kTile);
+    transpose<<<launch.blocks(tiles * kThreads), kThreads, 0, launch.stream>>>(rows, pixels, labels, stride, planar,
+                                                                              pixels, status);
 }
 
 // Softmax of rows of at most kTileRow floats: a block's rows are one contiguous stretch of memory,
@@ -384,16 +409,14 @@ void MeanField::run_iterations(float* history, const Launch& launch) {
 
 void MeanField::forward(const float* unary, float* out, const Launch& launch) {
     prepare(launch);
-    to_pixel_major<<<launch.blocks(pixels_ * stride_), kThreads, 0, launch.stream>>>(unary, unary_, labels_, pixels_,
-                                                                                     stride_);
+    to_pixel_major(unary, unary_, labels_, pixels_, stride_, launch);
     run_iterations(nullptr, launch);
     const float* result = acc_;
     if (p_.output == DYNSEG_OUTPUT_PROBABILITIES) {
         softmax(acc_, q_, launch);
         result = q_;
     }
-    to_planar<<<launch.blocks(pixels_ * labels_), kThreads, 0, launch.stream>>>(result, out, labels_, pixels_, stride_,
-                                                                                status_);
+    to_planar(result, out, labels_, pixels_, stride_, status_, launch);
 }
 
 void MeanField::backward(const float* unary, const float* grad_logits, float* grad_unary, float* const* grad_weights,
@@ -401,9 +424,9 @@ void MeanField::backward(const float* unary, const float* grad_logits, float* gr
     const int64_t L = labels_, S = stride_, N = pixels_, size = N * S;
     cudaStream_t stream = launch.stream;
     prepare(launch);
-    to_pixel_major<<<launch.blocks(size), kThreads, 0, stream>>>(unary, unary_, L, N, S);
+    to_pixel_major(unary, unary_, L, N, S, launch);
     run_iterations(history_, launch);
-    to_pixel_major<<<launch.blocks(size), kThreads, 0, stream>>>(grad_logits, grad_, L, N, S);
+    to_pixel_major(grad_logits, grad_, L, N, S, launch);
     cudaMemsetAsync(grad_u_, 0, size * sizeof(float), stream);
     const int kind = p_.compat_kind;
     for (int k = 0; k < p_.num_kernels; ++k)
@@ -440,7 +463,7 @@ void MeanField::backward(const float* unary, const float* grad_logits, float* gr
         softmax_backward<<<launch.blocks(N), kThreads, 0, stream>>>(Q, grad_q_, grad_, L, N, S);
     }
     add_into<<<launch.blocks(size), kThreads, 0, stream>>>(grad_u_, grad_, size);
-    to_planar<<<launch.blocks(N * L), kThreads, 0, stream>>>(grad_u_, grad_unary, L, N, S, status_);
+    to_planar(grad_u_, grad_unary, L, N, S, status_, launch);
     for (int k = 0; k < p_.num_kernels; ++k)
         if (grad_weights && grad_weights[k]) {
             const int64_t count = is_matrix(p_.kernels[k]) ? L * L : 1;
