@@ -137,6 +137,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--out", default=None, help="also write the markdown report here")
     parser.add_argument("--profile", action="store_true", help="print the kernels of the first case by GPU time")
+    parser.add_argument("--quick", action="store_true",
+                        help="skip the PyTorch reference and pydensecrf (comparing two builds: scripts/gpu_compare.sh)")
     args = parser.parse_args()
     if _native.cuda_device_count() == 0:
         sys.exit("bench_cuda: no CUDA device (or the library was built without CUDA)")
@@ -173,8 +175,9 @@ def main() -> None:
                 reference_dense_crf(unary, image_hwc, iterations=iterations, **kernels)
                 torch.cuda.synchronize()
 
-            torch_s = best_s(torch_reference, 2) if labels <= 21 else None  # L = 101 at 1024×2048 needs ~40 GB
-            dcrf = pydensecrf_call(unary_np, photo, iterations, "after") if kernels is SEMANTIC else None
+            # L = 101 at 1024×2048 would need ~40 GB
+            torch_s = best_s(torch_reference, 2) if labels <= 21 and not args.quick else None
+            dcrf = pydensecrf_call(unary_np, photo, iterations, "after") if kernels is SEMANTIC and not args.quick else None
             dcrf_s = best_s(dcrf, 1) if dcrf else None
             fmt = lambda s: "n/a" if s is None else f"{1000 * s:.1f}"
             ratio = lambda s: "n/a" if s is None else f"{1000 * s / call_ms:.0f}×"
