@@ -61,6 +61,29 @@ def test_cuda_matches_cpu_kernel(labels, size, smooth_image, field_unary):
 
 
 @needs_gpu
+@pytest.mark.parametrize("normalization", ["after", "symmetric"])
+def test_cuda_matches_cpu_kernel_on_noise(normalization, field_unary):
+    # Colour noise with a small theta_beta: nearly every entry has a vertex of its own, so a 16×16
+    # pixel tile holds far more distinct vertices than the kernels stage in shared memory.
+    image = np.random.default_rng(2).integers(0, 256, (45, 70, 3), dtype=np.uint8)
+    unary = field_unary(21, 45, 70, seed=2)
+    kernels = dict(spatial=(3.0, 3.0), bilateral=(20.0, 2.0, 10.0), normalization=normalization)
+    cpu = dense_crf(unary, image, **kernels)
+    gpu = dense_crf(unary, image, device="cuda", **kernels)
+    assert np.abs(gpu - cpu).max() <= 1e-5
+
+
+@needs_gpu
+@pytest.mark.parametrize("kernels", [dict(bilateral=None), dict(spatial=None)], ids=["spatial only", "bilateral only"])
+def test_cuda_matches_cpu_kernel_with_one_kernel(kernels, smooth_image, field_unary):
+    image = smooth_image(50, 61, seed=4)
+    unary = field_unary(6, 50, 61, seed=4)
+    cpu = dense_crf(unary, image, **kernels)
+    gpu = dense_crf(unary, image, device="cuda", **kernels)
+    assert np.abs(gpu - cpu).max() <= 1e-5
+
+
+@needs_gpu
 def test_cuda_is_bitwise_deterministic(photo, field_unary):
     image = photo("coffee")
     unary = field_unary(21, *image.shape[:2], seed=7)
