@@ -1,0 +1,144 @@
+"""The CUDA entry points against the CPU ones in one library, case by case, printing a line each and
+exiting non-zero on any mismatch. Meant for a library whose CUDA kernels are emulated on the CPU
+(emulator.py): device memory is host memory there, so one Problem on numpy arrays serves both.
+
+    DYNSEG_LIBRARY=emulated.so python tests/cuda_emulation/parity.py
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from dynseg.sdk import _native as n
+
+rng = np.random.default_rng(1)
+
+
+def on_device(array: np.ndarray) -> n.DeviceArray:
+    return n.DeviceArray(array.ctypes.data, array.shape)
+
+
+def workspace(problem: n.Problem, pass_: int) -> tuple[np.ndarray, int]:
+    nbytes = problem.workspace_size_cuda(pass_)
+    return np.full(nbytes + 256, 0xCD, np.uint8), nbytes  # not zero, as device memory is not
+
+
+def forward_cuda(problem: n.Problem, unary: np.ndarray) -> np.ndarray:
+    out = np.full_like(unary, np.nan)
+    buffer, nbytes = workspace(problem, n.PASS_FORWARD)
+    problem.forward_cuda(on_device(unary), on_device(out), buffer.ctypes.data, nbytes, 0)
+    return out
+
+
+def backward_cuda(problem, unary, grad, weights, compat):
+    grad_unary = np.full_like(unary, np.nan)
+    grad_weights = [np.full_like(w, np.nan) for w in weights]
+    grad_compat = None if compat is None else np.full_like(compat, np.nan)
+    buffer, nbytes = workspace(problem, n.PASS_BACKWARD)
+    problem.backward_cuda(on_device(unary), on_device(grad), on_device(grad_unary), [on_device(g) for g in grad_weights],
+                          None if compat is None else on_device(grad_compat), buffer.ctypes.data, nbytes, 0)
+    return grad_unary, grad_weights, grad_compat
+
+
+def colour_ramps(height: int, width: int) -> np.ndarray:
+    ys, xs = np.mgrid[0:height, 0:width]
+    return np.stack([(ys * 7) % 256, (xs * 5) % 256, ((xs + ys) * 3) % 256], -1).astype(np.uint8)
+
+
+def make_problem(labels, image, kernels, compat=None, normalization="after", output=n.OUTPUT_PROBABILITIES):
+    height, width = image.shape[:2]
+    planar = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
+    return n.Problem(labels, height, width, planar, [n.Kernel(*k) for k in kernels], compat=compat,
+                     normalization=normalization, iterations=3, output=output, threads=0)
+
+
+failures = 0
+
+
+def check(name: str, expected: np.ndarray, got: np.ndarray, tolerance: float) -> None:
+    global failures
+    difference = float(np.abs(expected - got).max())
+    ok = bool(np.isfinite(got).all()) and difference <= tolerance * max(1.0, float(np.abs(expected).max()))
+    failures += not ok
+    print(f"{'ok' if ok else 'MISMATCH'}  {name}: max |difference| {difference:.1e}", flush=True)
+
+
+def scalar(value: float) -> np.ndarray:
+    return np.array([value], np.float32)
+
+
+def main() -> int:
+    if not n.cuda_compiled():
+        sys.exit("parity.py: this library has no CUDA entry points")
+    densecrf = [(3.0, 0.0, scalar(3.0)), (20.0, 13.0, scalar(10.0))]
+    # the common model (Potts, scalar weights), one label tile or two, both normalisations and outputs
+    for labels, (height, width), normalization, output in [
+        (1, (19, 23), "after", n.OUTPUT_PROBABILITIES),
+        (21, (21, 37), "symmetric", n.OUTPUT_LOGITS),
+        (40, (17, 18), "after", n.OUTPUT_PROBABILITIES),
+    ]:
+        unary = rng.normal(0, 2, (labels, height, width)).astype(np.float32)
+        problem = make_problem(labels, colour_ramps(height, width), densecrf, normalization=normalization, output=output)
+        check(f"Potts L={labels} {height}x{width} {normalization}", problem.forward(unary), forward_cuda(problem, unary), 1e-5)
+    # colour noise with a small theta_beta: a vertex per entry, far more per pixel tile than are staged
+    noise = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    unary = rng.normal(0, 2, (21, 40, 40)).astype(np.float32)
+    problem = make_problem(21, noise, [(3.0, 0.0, scalar(3.0)), (20.0, 2.0, scalar(10.0))])
+    first = forward_cuda(problem, unary)
+    check("colour noise", problem.forward(unary), first, 1e-5)
+    check("colour noise, run again: the same bits", first, forward_cuda(problem, unary), 0.0)
+    unary = rng.normal(0, 2, (6, 22, 35)).astype(np.float32)
+    problem = make_problem(6, colour_ramps(22, 35), densecrf[:1])
+    check("spatial kernel alone", problem.forward(unary), forward_cuda(problem, unary), 1e-5)
+    # the general model and the gradients
+    labels, height, width = 5, 18, 27
+    unary = rng.normal(0, 2, (labels, height, width)).astype(np.float32)
+    weights = [rng.normal(0, 1, (labels, labels)).astype(np.float32) for _ in range(2)]
+    compat = rng.normal(0, 1, (labels, labels)).astype(np.float32)
+    grad = rng.normal(size=unary.shape).astype(np.float32)
+    problem = make_problem(labels, colour_ramps(height, width), [(3.0, 0.0, weights[0]), (20.0, 30.0, weights[1])],
+                           compat=compat, normalization="symmetric", output=n.OUTPUT_LOGITS)
+    check("matrix weights, full compatibility", problem.forward(unary), forward_cuda(problem, unary), 1e-4)
+    expected = problem.backward(unary, grad, [True, True], True)
+    got = backward_cuda(problem, unary, grad, weights, compat)
+    check("  its gradient: unary", expected[0], got[0], 1e-4)
+    check("  its gradient: weights", np.stack(expected[1]), np.stack(got[1]), 1e-4)
+    check("  its gradient: compatibility", expected[2], got[2], 1e-4)
+    labels = 21
+    unary = rng.normal(0, 2, (labels, height, width)).astype(np.float32)
+    grad = rng.normal(size=unary.shape).astype(np.float32)
+    problem = make_problem(labels, colour_ramps(height, width), densecrf, output=n.OUTPUT_LOGITS)
+    expected = problem.backward(unary, grad, [True, True], False)
+    got = backward_cuda(problem, unary, grad, [densecrf[0][2], densecrf[1][2]], None)
+    check("Potts gradient: unary", expected[0], got[0], 1e-4)
+    check("Potts gradient: weights", np.concatenate(expected[1]), np.concatenate(got[1]), 1e-4)
+    # the detection potential, through the host-array entry (its copies are the emulator's too)
+    labels, count = 6, 5
+    unary = rng.normal(0, 3, (labels, height, width)).astype(np.float32)
+    x1, y1 = rng.integers(0, width, count), rng.integers(0, height, count)
+    boxes = np.stack([x1, y1, np.minimum(width - 1, x1 + 9), np.minimum(height - 1, y1 + 7)], 1).astype(np.float32)
+    detection_labels = rng.integers(1, labels, count).astype(np.int64)
+    scores = rng.uniform(0.05, 1.0, count).astype(np.float32)
+    weights = (np.eye(labels) * 4.0 + rng.uniform(0, 0.3, (labels, labels))).astype(np.float32)
+    results = []
+    for on_gpu in (False, True):
+        recalibrated = np.full(count, np.nan, np.float32)
+        detections = n.Detections(boxes=boxes, labels=detection_labels, scores=scores,
+                                  detection_x=np.array([1.3], np.float32), detection_y=np.array([0.8], np.float32),
+                                  score_ceiling=1.0, epsilon=1e-4, recalibrated=recalibrated)
+        image = np.ascontiguousarray(colour_ramps(height, width).transpose(2, 0, 1), dtype=np.float32)
+        problem = n.Problem(labels, height, width, image, [n.Kernel(3.0, 0.0, weights), n.Kernel(20.0, 13.0, weights)],
+                            compat=(-np.eye(labels)).astype(np.float32), normalization="after", iterations=3,
+                            output=n.OUTPUT_LOGITS, threads=0, detections=detections)
+        logits = problem.forward_from_host(unary, 0) if on_gpu else problem.forward(unary)
+        results.append((logits, recalibrated))
+    check("detection potential: logits", results[0][0], results[1][0], 1e-5)
+    check("detection potential: recalibrated scores", results[0][1], results[1][1], 1e-5)
+    print("all match" if failures == 0 else f"{failures} mismatches")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

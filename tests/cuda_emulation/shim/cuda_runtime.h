@@ -1,0 +1,150 @@
+// cuda_runtime.h for the CUDA emulator (tests/cuda_emulation/emulator.py): the subset of CUDA that
+// dynseg's kernels use, on the CPU. A kernel launch runs its blocks one after another, each block as
+// real threads (one per CUDA thread) with barriers for __syncthreads and __syncwarp, so __shared__
+// (made static) belongs to the running block. Device memory is host memory. It checks the kernels'
+// logic (indexing, ordering, reductions, races within a block) and not the hardware's behaviour:
+// timing, memory limits and the memory model of a real GPU are for the GPU tests.
+#pragma once
+#include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <numeric>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static  // one block runs at a time
+#define __restrict__
+
+struct dim3 {
+    unsigned x = 1, y = 1, z = 1;
+    dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
+};
+struct uint3 { unsigned x = 0, y = 0, z = 0; };
+struct float4 { float x, y, z, w; };
+
+namespace emu {
+struct Block {
+    std::unique_ptr<std::barrier<>> all;
+    std::vector<std::unique_ptr<std::barrier<>>> warps;
+    std::vector<uint64_t> exchange;  // 32 lanes per warp, 8 bytes each
+};
+inline thread_local Block* block = nullptr;
+inline std::vector<char> dynamic_shared;
+}  // namespace emu
+
+inline thread_local uint3 threadIdx, blockIdx;
+inline dim3 blockDim, gridDim;
+
+inline void __syncthreads() { emu::block->all->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::block->warps[threadIdx.x / 32]->arrive_and_wait(); }
+template <class T>
+inline T __shfl_xor_sync(unsigned, T v, int offset) {
+    static_assert(sizeof(T) <= 8);
+    const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    uint64_t bits = 0;
+    std::memcpy(&bits, &v, sizeof(T));
+    emu::block->exchange[warp * 32 + lane] = bits;
+    __syncwarp();
+    bits = emu::block->exchange[warp * 32 + (lane ^ offset)];
+    __syncwarp();
+    T out;
+    std::memcpy(&out, &bits, sizeof(T));
+    return out;
+}
+inline int atomicMin(int* p, int v) {
+    std::atomic_ref<int> a(*p);
+    int old = a.load();
+    while (v < old && !a.compare_exchange_weak(old, v)) {}
+    return old;
+}
+inline int atomicMax(int* p, int v) {
+    std::atomic_ref<int> a(*p);
+    int old = a.load();
+    while (v > old && !a.compare_exchange_weak(old, v)) {}
+    return old;
+}
+inline unsigned atomicMax(unsigned* p, unsigned v) {
+    std::atomic_ref<unsigned> a(*p);
+    unsigned old = a.load();
+    while (v > old && !a.compare_exchange_weak(old, v)) {}
+    return old;
+}
+inline float __int_as_float(int v) { float f; std::memcpy(&f, &v, 4); return f; }
+inline float __uint_as_float(unsigned v) { float f; std::memcpy(&f, &v, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned v; std::memcpy(&v, &f, 4); return v; }
+template <class A, class B> inline auto min(A a, B b) { return a < b ? a : b; }
+template <class A, class B> inline auto max(A a, B b) { return a > b ? a : b; }
+
+// ---- the runtime ----
+typedef struct CUstream_st* cudaStream_t;
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2 };
+enum cudaMemcpyKind { cudaMemcpyHostToHost, cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice, cudaMemcpyDefault };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+constexpr unsigned cudaStreamNonBlocking = 1;
+inline const char* cudaGetErrorString(cudaError_t) { return "emulated error"; }
+inline const char* cudaGetErrorName(cudaError_t) { return "cudaErrorEmulated"; }
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
+inline cudaError_t cudaSetDevice(int) { return cudaSuccess; }
+inline cudaError_t cudaGetDeviceCount(int* n) { *n = 1; return cudaSuccess; }
+// One SM: grids stay small (blocks are threads here), and every grid-stride loop takes several turns.
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr, int) {
+    *v = 1;
+    return cudaSuccess;
+}
+inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t = nullptr) { std::memset(p, v, n); return cudaSuccess; }
+inline cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind, cudaStream_t = nullptr) {
+    std::memmove(d, s, n);
+    return cudaSuccess;
+}
+inline cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind) { std::memmove(d, s, n); return cudaSuccess; }
+inline cudaError_t cudaMalloc(void** p, size_t n) {
+    *p = std::aligned_alloc(256, (n + 255) / 256 * 256 + 256);
+    if (*p) std::memset(*p, 0xcd, n);  // not zero, as device memory is not
+    return *p ? cudaSuccess : cudaErrorMemoryAllocation;
+}
+inline cudaError_t cudaFree(void* p) { std::free(p); return cudaSuccess; }
+inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) { *s = nullptr; return cudaSuccess; }
+inline cudaError_t cudaStreamDestroy(cudaStream_t) { return cudaSuccess; }
+template <class F> inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) { return cudaSuccess; }
+
+namespace emu {
+// kernel<<<grid, block, shared, stream>>>(args) becomes launch([&] { kernel(args); }, grid, block, ...).
+template <class F>
+void launch(F&& body, dim3 grid, dim3 blk, size_t shared = 0, cudaStream_t = nullptr) {
+    gridDim = grid;
+    blockDim = blk;
+    dynamic_shared.assign(shared + 16, 0x5a);  // extern __shared__ memory: not zero either
+    const unsigned n = blk.x;
+    for (unsigned b = 0; b < grid.x; ++b) {
+        Block state;
+        state.all = std::make_unique<std::barrier<>>(n);
+        for (unsigned w = 0; w < (n + 31) / 32; ++w) state.warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, n - 32 * w)));
+        state.exchange.assign(((n + 31) / 32) * 32, 0);
+        std::vector<std::thread> threads;
+        threads.reserve(n);
+        for (unsigned t = 0; t < n; ++t)
+            threads.emplace_back([&, t, b] {
+                block = &state;
+                threadIdx = {t, 0, 0};
+                blockIdx = {b, 0, 0};
+                body();
+                state.warps[t / 32]->arrive_and_drop();
+                state.all->arrive_and_drop();
+            });
+        for (auto& th : threads) th.join();
+    }
+}
+}  // namespace emu
