@@ -32,7 +32,9 @@ def forward_cuda(problem: n.Problem, unary: np.ndarray) -> np.ndarray:
     return out
 
 
-def backward_cuda(problem, unary, grad, weights, compat):
+def backward_cuda(
+    problem: n.Problem, unary: np.ndarray, grad: np.ndarray, weights: list[np.ndarray], compat: np.ndarray | None
+) -> tuple[np.ndarray, list[np.ndarray], np.ndarray | None]:
     grad_unary = np.full_like(unary, np.nan)
     grad_weights = [np.full_like(w, np.nan) for w in weights]
     grad_compat = None if compat is None else np.full_like(compat, np.nan)
@@ -47,7 +49,11 @@ def colour_ramps(height: int, width: int) -> np.ndarray:
     return np.stack([(ys * 7) % 256, (xs * 5) % 256, ((xs + ys) * 3) % 256], -1).astype(np.uint8)
 
 
-def make_problem(labels, image, kernels, compat=None, normalization="after", output=n.OUTPUT_PROBABILITIES):
+def make_problem(
+    labels: int, image: np.ndarray, kernels: list[tuple[float, float, np.ndarray]], compat: np.ndarray | None = None,
+    normalization: str = "after", output: int = n.OUTPUT_PROBABILITIES,
+) -> n.Problem:
+    """Three iterations of mean field on `image` (H, W, 3) with (theta_xy, theta_color, weight) kernels."""
     height, width = image.shape[:2]
     planar = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
     return n.Problem(labels, height, width, planar, [n.Kernel(*k) for k in kernels], compat=compat,
