@@ -12,6 +12,7 @@
 #include <limits>
 #include <vector>
 
+#include "feature_scale.h"
 #include "parallel.h"
 #include "simd.h"
 
@@ -32,11 +33,7 @@ struct Embedding {
     int canonical[kMaxFeatureDim + 1][kMaxFeatureDim + 1];
 
     explicit Embedding(int dim) : d(dim) {
-        // densecrf rounds inv_std_dev to float before the double-precision scale computation
-        const float inv_std_dev = static_cast<float>(std::sqrt(2.0 / 3.0) * (d + 1));
-        for (int i = 0; i < d; ++i)
-            scale[i] = static_cast<float>(1.0 / std::sqrt(static_cast<double>((i + 2) * (i + 1))) *
-                                          static_cast<double>(inv_std_dev));
+        for (int i = 0; i < d; ++i) scale[i] = feature_scale(d, i);
         inv_dp1 = 1.0f / static_cast<float>(d + 1);
         dp1 = static_cast<float>(d + 1);
         for (int r = 0; r <= d; ++r)

@@ -10,6 +10,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "../feature_scale.h"
+
 namespace dynseg {
 namespace cuda {
 namespace {
@@ -425,14 +427,6 @@ __global__ void slice_ones(int d, int64_t pixels, const int32_t* entry_vertex, c
         }
         n[p] = t;
     }
-}
-
-// Feature i's factor on the way into a d-dimensional lattice. densecrf rounds inv_std_dev to float
-// before the double-precision scale computation.
-float feature_scale(int d, int i) {
-    const float inv_std_dev = static_cast<float>(std::sqrt(2.0 / 3.0) * (d + 1));
-    return static_cast<float>(1.0 / std::sqrt(static_cast<double>((i + 2) * (i + 1))) *
-                              static_cast<double>(inv_std_dev));
 }
 
 int bit_width(uint64_t value) {
