@@ -5,7 +5,9 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
+#include <iterator>
 
 namespace dynseg {
 namespace cuda {
@@ -39,6 +41,34 @@ __device__ inline float4 operator*(float s, float4 a) { return {s * a.x, s * a.y
 __device__ inline float4 operator*(float4 a, float s) { return {a.x * s, a.y * s, a.z * s, a.w * s}; }
 __device__ inline float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 __device__ inline void store4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
+
+// A read-only random-access iterator whose i-th value is f(i): a CUB scan reads its input through
+// it, computed on the fly, instead of from an array that one more launch would have to fill.
+template <class F>
+struct IndexedValues {
+    using value_type = int32_t;
+    using reference = int32_t;
+    using pointer = const int32_t*;
+    using difference_type = std::ptrdiff_t;
+    using iterator_category = std::random_access_iterator_tag;
+
+    F f;
+    difference_type i = 0;
+
+    __host__ __device__ int32_t operator*() const { return f(i); }
+    __host__ __device__ int32_t operator[](difference_type k) const { return f(i + k); }
+    __host__ __device__ IndexedValues operator+(difference_type k) const { return {f, i + k}; }
+    __host__ __device__ IndexedValues operator-(difference_type k) const { return {f, i - k}; }
+    __host__ __device__ difference_type operator-(const IndexedValues& other) const { return i - other.i; }
+    __host__ __device__ IndexedValues& operator+=(difference_type k) { i += k; return *this; }
+    __host__ __device__ IndexedValues& operator-=(difference_type k) { i -= k; return *this; }
+    __host__ __device__ IndexedValues& operator++() { ++i; return *this; }
+    __host__ __device__ IndexedValues operator++(int) { IndexedValues old = *this; ++i; return old; }
+    __host__ __device__ IndexedValues& operator--() { --i; return *this; }
+    __host__ __device__ bool operator==(const IndexedValues& other) const { return i == other.i; }
+    __host__ __device__ bool operator!=(const IndexedValues& other) const { return i != other.i; }
+    __host__ __device__ bool operator<(const IndexedValues& other) const { return i < other.i; }
+};
 
 // The first words of every CUDA call's workspace: 0, or why a lattice could not be built, for
 // dynseg_crf_check_cuda to report after the fact (a compute call cannot wait for the device).

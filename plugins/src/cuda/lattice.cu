@@ -133,11 +133,13 @@ __global__ void embed(EmbedConstants c, const float* image, int32_t* rem0_out, i
         block_largest[warp] = largest;
     }
     __syncthreads();
+    // Range holds maxima only (-low, high, the largest's float bits, which order as ints when
+    // non-negative), so that one memset clears it before the embedding.
     const int t = threadIdx.x;
     if (t < d) {
         int32_t v = block_lo[0][t];
         for (int w = 1; w < kWarps; ++w) v = min(v, block_lo[w][t]);
-        atomicMin(&range[t], v);
+        atomicMax(&range[t], -v);
     } else if (t < 2 * d) {
         int32_t v = block_hi[0][t - d];
         for (int w = 1; w < kWarps; ++w) v = max(v, block_hi[w][t - d]);
@@ -145,18 +147,18 @@ __global__ void embed(EmbedConstants c, const float* image, int32_t* rem0_out, i
     } else if (t == 2 * d) {
         float v = block_largest[0];
         for (int w = 1; w < kWarps; ++w) v = fmaxf(v, block_largest[w]);
-        atomicMax(reinterpret_cast<unsigned*>(&range[2 * kMaxFeatureDim]), __float_as_uint(v));
+        atomicMax(&range[2 * kMaxFeatureDim], __float_as_int(v));
     }
 }
 
-// One thread: the key packing from the coordinate ranges, or the reason there is none. key_bits is
-// the host's bound on the bits (the sort's range): keys past it could not be sorted.
-__global__ void plan_packing(int d, int key_bits, const int32_t* range, Packing* packing, Status* status, int kernel) {
-    const float largest = __uint_as_float(static_cast<unsigned>(range[2 * kMaxFeatureDim]));
+// The key packing from the coordinate ranges, or the reason there is none (into status, when given).
+// key_bits is the host's bound on the bits (the sort's range): keys past it could not be sorted.
+__device__ void plan_packing(int d, int key_bits, const int32_t* range, Packing* packing, Status* status, int kernel) {
+    const float largest = __int_as_float(range[2 * kMaxFeatureDim]);
     int bits = 0;
     uint64_t ones = 0;
     for (int i = 0; i < d; ++i) {
-        const int32_t low = range[i], high = range[kMaxFeatureDim + i];
+        const int32_t low = -range[i], high = range[kMaxFeatureDim + i];
         const uint64_t span = static_cast<uint64_t>(static_cast<int64_t>(high) - low);
         int width = 1;
         while (width < 63 && (span >> width) != 0) ++width;
@@ -170,7 +172,7 @@ __global__ void plan_packing(int d, int key_bits, const int32_t* range, Packing*
     const bool ok = features_ok && bits <= 63 && bits <= key_bits;  // 63 keeps the packed keys clear of overflow
     if (!ok) {
         for (int i = 0; i < d; ++i) packing->shift[i] = 0;
-        if (status->code == 0) {
+        if (status && status->code == 0) {
             status->code = !features_ok ? kFeaturesTooLarge : bits > 63 ? kKeysTooWide : kKeysPastBound;
             status->kernel = kernel;
             status->bits = bits;
@@ -185,10 +187,19 @@ __global__ void plan_packing(int d, int key_bits, const int32_t* range, Packing*
 // Key of every (pixel, remainder r) entry, a thread each so that the writes are coalesced: vertex r
 // of the pixel's simplex has coordinate rem0[i] + r, less d+1 where rank[i] > d - r (densecrf's
 // canonical simplex), each packed above its coordinate's low end. Without a packing every entry gets
-// a key of its own, which keeps the lattice well-formed while its results are discarded.
-__global__ void pack_keys(int d, int64_t entries, const int32_t* rem0, const int32_t* rank, const Packing* packing,
-                          uint64_t* keys, int32_t* entry_index) {
-    const bool ok = packing->ok;
+// a key of its own, which keeps the lattice well-formed while its results are discarded. Every block
+// plans the packing from the ranges itself (a launch less); block 0 publishes it and any failure.
+// Key is 32 bits wide where the host's bound allows: the sort then moves half the key bytes.
+template <class Key>
+__global__ void pack_keys(int d, int key_bits, int kernel, int64_t entries, const int32_t* range, const int32_t* rem0,
+                          const int32_t* rank, Packing* packing_out, Status* status, Key* keys, int32_t* entry_index) {
+    __shared__ Packing packing;
+    if (threadIdx.x == 0) {
+        plan_packing(d, key_bits, range, &packing, blockIdx.x == 0 ? status : nullptr, kernel);
+        if (blockIdx.x == 0) *packing_out = packing;
+    }
+    __syncthreads();
+    const bool ok = packing.ok;
     const uint32_t dp1 = d + 1;
     DYNSEG_FOR_EACH(e, entries) {
         uint64_t key = e;
@@ -198,19 +209,33 @@ __global__ void pack_keys(int d, int64_t entries, const int32_t* rem0, const int
             key = 0;
             for (int i = 0; i < d; ++i) {
                 const int32_t coordinate = rem0[first + i] + r - (rank[first + i] > d - r ? d + 1 : 0);
-                key |= static_cast<uint64_t>(coordinate - packing->low[i]) << packing->shift[i];
+                key |= static_cast<uint64_t>(coordinate - packing.low[i]) << packing.shift[i];
             }
         }
-        keys[e] = key;
+        keys[e] = static_cast<Key>(key);  // key_bits <= 32 whenever Key is 32 bits wide (plan_packing)
         entry_index[e] = static_cast<int32_t>(e);
     }
 }
 
-__global__ void flag_heads(int64_t entries, const uint64_t* sorted_keys, int32_t* heads) {
-    DYNSEG_FOR_EACH(i, entries) heads[i] = i == 0 || sorted_keys[i] != sorted_keys[i - 1];
-}
+// 1 where a run of equal sorted keys starts: scanned, the vertex id + 1 of every sorted entry.
+template <class Key>
+struct RunHeads {
+    const Key* sorted_keys;
+    __host__ __device__ int32_t operator()(int64_t i) const { return i == 0 || sorted_keys[i] != sorted_keys[i - 1]; }
+};
 
-__global__ void number_vertices(int d, int64_t entries, const uint64_t* sorted_keys, const int32_t* sorted_entries,
+// The whole kChunk-entry chunks of each vertex slot (zero past the vertex count M): scanned, where
+// each vertex's chunks end.
+struct WholeChunks {
+    const int32_t* vertices;
+    const int32_t* csr_begin;
+    __host__ __device__ int32_t operator()(int64_t v) const {
+        return v < *vertices ? (csr_begin[v + 1] - csr_begin[v]) / kChunk : 0;
+    }
+};
+
+template <class Key>
+__global__ void number_vertices(int d, int64_t entries, const Key* sorted_keys, const int32_t* sorted_entries,
                                 const int32_t* vertex_of_sorted, const float* weight, uint64_t* vertex_key,
                                 int32_t* csr_begin, int32_t* csr_pixel, float* csr_weight, int32_t* entry_vertex,
                                 int32_t* vertices) {
@@ -231,13 +256,7 @@ __global__ void number_vertices(int d, int64_t entries, const uint64_t* sorted_k
     }
 }
 
-// Whole chunks of kChunk entries for every vertex that has at least one: the count per vertex
-// (over the E vertex slots, zero past M) for the scan, then each chunk's first entry.
-__global__ void count_chunks(int64_t entries, const int32_t* vertices, const int32_t* csr_begin, int32_t* count) {
-    const uint32_t m = *vertices;
-    DYNSEG_FOR_EACH(v, entries) count[v] = v < m ? (csr_begin[v + 1] - csr_begin[v]) / kChunk : 0;
-}
-
+// The first sorted entry of every whole chunk of kChunk entries (WholeChunks counts them).
 __global__ void place_chunks(const int32_t* vertices, const int32_t* csr_begin, const int32_t* chunk_end,
                              int32_t* chunk_first, int32_t* chunks) {
     const uint32_t m = *vertices;
@@ -416,16 +435,18 @@ void check_cub(cudaError_t error, const char* what) {
         throw std::runtime_error(std::string(what) + " failed: " + cudaGetErrorString(error));
 }
 
-// n = K(1): the slice of lane 0 of the ones filter, straight into a per-pixel array.
-__global__ void slice_ones(int d, int64_t pixels, const int32_t* entry_vertex, const float* slice_weight,
-                           const float* values, float* n) {
+// n = 1/K(1) ("after") or 1/sqrt(K(1)) ("symmetric"): the slice of lane 0 of the ones filter,
+// taken to the normalisation in double as the CPU does.
+__global__ void slice_normaliser(int d, int64_t pixels, const int32_t* entry_vertex, const float* slice_weight,
+                                 const float* values, bool symmetric, float* n) {
     DYNSEG_FOR_EACH(p, pixels) {
         float t = 0.0f;
         for (int r = 0; r <= d; ++r) {
             const int64_t e = p * (d + 1) + r;
             t += slice_weight[e] * values[int64_t(entry_vertex[e]) * 4];
         }
-        n[p] = t;
+        const double v = static_cast<double>(t) + 1e-20;
+        n[p] = static_cast<float>(symmetric ? 1.0 / sqrt(v) : 1.0 / v);
     }
 }
 
@@ -467,16 +488,23 @@ void BuildScratch::plan(Workspace& ws, int64_t max_entries) {
     vertex_of_sorted = ws.take<int32_t>(max_entries);
     vertex_key = ws.take<uint64_t>(max_entries);
     range = ws.take<int32_t>(2 * kMaxFeatureDim + 1);
-    size_t sort_bytes = 0, scan_bytes = 0;
+    size_t sort64_bytes = 0, sort32_bytes = 0, heads_bytes = 0, chunks_bytes = 0;
     const int n = static_cast<int>(max_entries);
-    check_cub(cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, static_cast<const uint64_t*>(nullptr),
+    check_cub(cub::DeviceRadixSort::SortPairs(nullptr, sort64_bytes, static_cast<const uint64_t*>(nullptr),
                                               static_cast<uint64_t*>(nullptr), static_cast<const int32_t*>(nullptr),
                                               static_cast<int32_t*>(nullptr), n),
               "sizing the lattice key sort");
-    check_cub(cub::DeviceScan::InclusiveSum(nullptr, scan_bytes, static_cast<const int32_t*>(nullptr),
+    check_cub(cub::DeviceRadixSort::SortPairs(nullptr, sort32_bytes, static_cast<const uint32_t*>(nullptr),
+                                              static_cast<uint32_t*>(nullptr), static_cast<const int32_t*>(nullptr),
+                                              static_cast<int32_t*>(nullptr), n),
+              "sizing the lattice key sort");
+    check_cub(cub::DeviceScan::InclusiveSum(nullptr, heads_bytes, IndexedValues<RunHeads<uint64_t>>{},
                                             static_cast<int32_t*>(nullptr), n),
               "sizing the vertex numbering scan");
-    cub_bytes = std::max(sort_bytes, scan_bytes);
+    check_cub(cub::DeviceScan::InclusiveSum(nullptr, chunks_bytes, IndexedValues<WholeChunks>{},
+                                            static_cast<int32_t*>(nullptr), n),
+              "sizing the chunk scan");
+    cub_bytes = std::max({sort64_bytes, sort32_bytes, heads_bytes, chunks_bytes});
     cub = ws.take<char>(static_cast<int64_t>(cub_bytes));
 }
 
@@ -514,10 +542,8 @@ void Lattice::build(const FeatureSpec& spec, BuildScratch& s, int kernel, Status
     c.d = d;
 
     cudaStream_t stream = launch.stream;
-    // low = INT_MAX-ish (0x7f bytes), high = INT_MIN-ish (0x80 bytes), largest = 0
-    cudaMemsetAsync(s.range, 0x7f, kMaxFeatureDim * sizeof(int32_t), stream);
-    cudaMemsetAsync(s.range + kMaxFeatureDim, 0x80, kMaxFeatureDim * sizeof(int32_t), stream);
-    cudaMemsetAsync(s.range + 2 * kMaxFeatureDim, 0, sizeof(int32_t), stream);
+    // every range word is a maximum: 0x80 bytes are far below any (negated) coordinate or float bits
+    cudaMemsetAsync(s.range, 0x80, (2 * kMaxFeatureDim + 1) * sizeof(int32_t), stream);
     const int pixel_blocks = launch.blocks(pixels_);
     if (d == 2)
         embed<2><<<pixel_blocks, kThreads, 0, stream>>>(c, spec.image, s.rem0, s.rank, s.weight, slice_weight_, s.range);
@@ -525,27 +551,41 @@ void Lattice::build(const FeatureSpec& spec, BuildScratch& s, int kernel, Status
         embed<5><<<pixel_blocks, kThreads, 0, stream>>>(c, spec.image, s.rem0, s.rank, s.weight, slice_weight_, s.range);
     else
         embed<0><<<pixel_blocks, kThreads, 0, stream>>>(c, spec.image, s.rem0, s.rank, s.weight, slice_weight_, s.range);
-    plan_packing<<<1, 1, 0, stream>>>(d, key_bits_, s.range, packing_, status, kernel);
+    if (key_bits_ <= 32)
+        number<uint32_t>(s, kernel, status, launch);
+    else
+        number<uint64_t>(s, kernel, status, launch);
     const int entry_blocks = launch.blocks(entries_);
-    pack_keys<<<entry_blocks, kThreads, 0, stream>>>(d, entries_, s.rem0, s.rank, packing_, s.keys, s.entries);
+    find_neighbours<<<entry_blocks, kThreads, 0, stream>>>(d, entries_, vertices_, packing_, s.vertex_key, neighbours_);
+    size_t bytes = s.cub_bytes;
+    const int n = static_cast<int>(entries_);
+    check_cub(cub::DeviceScan::InclusiveSum(s.cub, bytes, IndexedValues<WholeChunks>{{vertices_, csr_begin_}}, chunk_end_,
+                                            n, stream),
+              "the chunk scan");
+    place_chunks<<<entry_blocks, kThreads, 0, stream>>>(vertices_, csr_begin_, chunk_end_, chunk_first_, chunks_);
+}
 
+// Keys, their stable sort with the entry indices, and the vertex numbering in sorted key order.
+template <class Key>
+void Lattice::number(BuildScratch& s, int kernel, Status* status, const Launch& launch) {
+    cudaStream_t stream = launch.stream;
+    Key* keys = reinterpret_cast<Key*>(s.keys);  // 64-bit slots hold either width
+    Key* sorted_keys = reinterpret_cast<Key*>(s.sorted_keys);
+    const int entry_blocks = launch.blocks(entries_);
+    pack_keys<Key><<<entry_blocks, kThreads, 0, stream>>>(d_, key_bits_, kernel, entries_, s.range, s.rem0, s.rank,
+                                                          packing_, status, keys, s.entries);
     const int n = static_cast<int>(entries_);
     size_t bytes = s.cub_bytes;
-    check_cub(cub::DeviceRadixSort::SortPairs(s.cub, bytes, s.keys, s.sorted_keys, s.entries, s.sorted_entries, n, 0,
+    check_cub(cub::DeviceRadixSort::SortPairs(s.cub, bytes, keys, sorted_keys, s.entries, s.sorted_entries, n, 0,
                                               key_bits_, stream),
               "the lattice key sort");
-    flag_heads<<<entry_blocks, kThreads, 0, stream>>>(entries_, s.sorted_keys, s.entries);
     bytes = s.cub_bytes;
-    check_cub(cub::DeviceScan::InclusiveSum(s.cub, bytes, s.entries, s.vertex_of_sorted, n, stream),
+    check_cub(cub::DeviceScan::InclusiveSum(s.cub, bytes, IndexedValues<RunHeads<Key>>{{sorted_keys}},
+                                            s.vertex_of_sorted, n, stream),
               "the vertex numbering scan");
-    number_vertices<<<entry_blocks, kThreads, 0, stream>>>(d, entries_, s.sorted_keys, s.sorted_entries,
-                                                           s.vertex_of_sorted, s.weight, s.vertex_key, csr_begin_,
-                                                           csr_pixel_, csr_weight_, entry_vertex_, vertices_);
-    find_neighbours<<<entry_blocks, kThreads, 0, stream>>>(d, entries_, vertices_, packing_, s.vertex_key, neighbours_);
-    count_chunks<<<entry_blocks, kThreads, 0, stream>>>(entries_, vertices_, csr_begin_, s.entries);
-    bytes = s.cub_bytes;
-    check_cub(cub::DeviceScan::InclusiveSum(s.cub, bytes, s.entries, chunk_end_, n, stream), "the chunk scan");
-    place_chunks<<<entry_blocks, kThreads, 0, stream>>>(vertices_, csr_begin_, chunk_end_, chunk_first_, chunks_);
+    number_vertices<Key><<<entry_blocks, kThreads, 0, stream>>>(d_, entries_, sorted_keys, s.sorted_entries,
+                                                                s.vertex_of_sorted, s.weight, s.vertex_key, csr_begin_,
+                                                                csr_pixel_, csr_weight_, entry_vertex_, vertices_);
 }
 
 template <bool ONES>
@@ -567,12 +607,12 @@ void Lattice::blur(ValueBuffers& buffers, int64_t width, bool transpose, const L
     }
 }
 
-void Lattice::filter_ones(float* n, ValueBuffers buffers, const Launch& launch) const {
+void Lattice::normaliser(float* n, bool symmetric, ValueBuffers buffers, const Launch& launch) const {
     const int64_t width = 4;  // one float4 per vertex; lane 0 is sliced out
     splat<true>(nullptr, 0, 0, nullptr, buffers.a, width, launch);
     blur(buffers, width, false, launch);
-    slice_ones<<<launch.blocks(pixels_), kThreads, 0, launch.stream>>>(d_, pixels_, entry_vertex_, slice_weight_,
-                                                                       buffers.a, n);
+    slice_normaliser<<<launch.blocks(pixels_), kThreads, 0, launch.stream>>>(d_, pixels_, entry_vertex_, slice_weight_,
+                                                                             buffers.a, symmetric, n);
 }
 
 void Lattice::filter(const float* in, int64_t stride, const float* pre, bool transpose, const FilterOutput& output,

@@ -1,7 +1,8 @@
 // lattice.cuh: the permutohedral lattice on the GPU, the same lattice as plugins/src/lattice.cpp.
 //
 // Build: embed every pixel (densecrf's float operations, so the vertices match the CPU's), pack each
-// (pixel, remainder) entry's vertex into a 64-bit key, radix-sort the keys with their entry indices
+// (pixel, remainder) entry's vertex into a key (32 bits when the host can bound them, as for a spatial
+// kernel, else 64), radix-sort the keys with their entry indices
 // (stable, so equal keys keep pixel order), number the distinct keys in sorted order (vertex ids are
 // therefore deterministic), and find each vertex's blur neighbours by binary search among the sorted
 // keys. The sorted entries are the CSR of the splat matrix's transpose: splatting is a gather in a
@@ -44,13 +45,13 @@ struct BuildScratch {
     int32_t* rem0 = nullptr;  // (N, d+1) remainder-0 vertex coordinates
     int32_t* rank = nullptr;  // (N, d+1)
     float* weight = nullptr;  // (E) barycentric weight of each entry
-    uint64_t* keys = nullptr;
+    uint64_t* keys = nullptr;         // 32-bit keys use the low half of these arrays
     uint64_t* sorted_keys = nullptr;
-    int32_t* entries = nullptr;  // entry indices, then the head flags of the sorted keys
+    int32_t* entries = nullptr;  // entry indices
     int32_t* sorted_entries = nullptr;
-    int32_t* vertex_of_sorted = nullptr;  // inclusive scan of the head flags: vertex id + 1
+    int32_t* vertex_of_sorted = nullptr;  // inclusive scan of the run heads: vertex id + 1
     uint64_t* vertex_key = nullptr;       // (M) sorted distinct keys
-    int32_t* range = nullptr;             // low[15], high[15], largest |scaled feature| (float bits)
+    int32_t* range = nullptr;             // -low[15], high[15], largest |scaled feature| (float bits)
     void* cub = nullptr;
     size_t cub_bytes = 0;
 
@@ -81,14 +82,16 @@ public:
     // Enqueues the build; a failure is recorded in status (first failure wins) and leaves a lattice
     // that is safe to filter with (its results are then discarded).
     void build(const FeatureSpec& spec, BuildScratch& scratch, int kernel, Status* status, const Launch& launch);
-    // K(1) per pixel into n.
-    void filter_ones(float* n, ValueBuffers buffers, const Launch& launch) const;
+    // The normalisation per pixel into n: 1/K(1), or 1/sqrt(K(1)) when symmetric.
+    void normaliser(float* n, bool symmetric, ValueBuffers buffers, const Launch& launch) const;
     // K(pre ⊙ in) (K^T when transpose) of every column of `in`, pixel-major (N, stride), stride a
     // multiple of 4, written as `output` says.
     void filter(const float* in, int64_t stride, const float* pre, bool transpose, const FilterOutput& output,
                 ValueBuffers buffers, const Launch& launch) const;
 
 private:
+    template <class Key>
+    void number(BuildScratch& scratch, int kernel, Status* status, const Launch& launch);
     template <bool ONES>
     void splat(const float* in, int64_t stride, int64_t c0, const float* pre, float* values, int64_t width,
                const Launch& launch) const;

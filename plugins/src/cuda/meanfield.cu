@@ -120,14 +120,6 @@ __global__ void add_into(float* a, const float* b, int64_t count) {
     DYNSEG_FOR_EACH(i, count) a[i] += b[i];
 }
 
-// n -> 1/n ("after") or n^-1/2 ("symmetric"), in double, as densecrf
-__global__ void normalisation(float* n, int64_t pixels, bool symmetric) {
-    DYNSEG_FOR_EACH(i, pixels) {
-        const double v = static_cast<double>(n[i]) + 1e-20;
-        n[i] = static_cast<float>(symmetric ? 1.0 / sqrt(v) : 1.0 / v);
-    }
-}
-
 // acc_r = (U_r or acc_r) + sum_c W[r][c] F_c
 __global__ void matrix_message(const float* filtered, const float* W, const float* unary, float* acc, int64_t labels,
                                int64_t pixels, int64_t stride, bool from_unary) {
@@ -337,9 +329,7 @@ void MeanField::prepare(const Launch& launch) {
     cudaMemsetAsync(status_, 0, sizeof(Status), launch.stream);
     for (int k = 0; k < p_.num_kernels; ++k) {
         lattices_[k].build(specs_[k], scratch_, k, status_, launch);
-        lattices_[k].filter_ones(norm_[k], buffers_, launch);
-        normalisation<<<launch.blocks(pixels_), kThreads, 0, launch.stream>>>(
-            norm_[k], pixels_, p_.normalization == DYNSEG_NORMALIZE_SYMMETRIC);
+        lattices_[k].normaliser(norm_[k], p_.normalization == DYNSEG_NORMALIZE_SYMMETRIC, buffers_, launch);
     }
 }
 

@@ -25,8 +25,8 @@ struct DeviceRadixSort {
     }
 };
 struct DeviceScan {
-    template <class T>
-    static cudaError_t InclusiveSum(void* temp, size_t& bytes, const T* in, T* out, int n, cudaStream_t = nullptr) {
+    template <class In, class T>
+    static cudaError_t InclusiveSum(void* temp, size_t& bytes, In in, T* out, int n, cudaStream_t = nullptr) {
         if (!temp) { bytes = 16; return cudaSuccess; }
         T s = 0;
         for (int i = 0; i < n; ++i) { s += in[i]; out[i] = s; }
