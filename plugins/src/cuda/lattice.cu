@@ -319,6 +319,23 @@ __global__ void find_neighbours(int d, int64_t entries, const int32_t* vertices,
     }
 }
 
+// Filtering runs every lattice of a call side by side: one launch per pass serves all of them, with
+// blockIdx.y picking the lattice (so a block's lattice is uniform) and the x blocks striding over its
+// items. Lattices take turns only in the slice, which sums their messages per pixel in kernel order.
+struct Group {
+    int count;
+    LatticeView at[DYNSEG_MAX_KERNELS];
+};
+
+// What a splat reads: pre_k ⊙ in, columns [c0, c0 + width) of rows of `stride` floats; pre is
+// (lattices, N) or null.
+struct SplatInput {
+    const float* in;
+    int64_t stride, c0;
+    const float* pre;
+    int64_t pixels;
+};
+
 // Splat as a gather over the CSR, in two passes so that no thread sums a long list alone: a vertex of
 // an image's flat region can own thousands of entries. Pass 1 sums each chunk of kChunk entries of
 // the vertices that have more than kChunk; pass 2 gives each vertex a warp whose lanes take every
@@ -328,39 +345,39 @@ __global__ void find_neighbours(int d, int64_t entries, const int32_t* vertices,
 // The value of entry s (sorted position): its weight times its pixel's row (times pre), or its weight
 // alone when ONES.
 template <bool ONES>
-__device__ inline float4 entry_value(int32_t s, const int32_t* csr_pixel, const float* csr_weight, const float* in,
-                                     int64_t stride, int64_t c, const float* pre) {
-    const float w = csr_weight[s];
+__device__ inline float4 entry_value(const LatticeView& l, int32_t s, const SplatInput& x, const float* pre,
+                                     int64_t c) {
+    const float w = l.csr_weight[s];
     if (ONES) return w * float4{1.0f, 1.0f, 1.0f, 1.0f};
-    const int64_t p = csr_pixel[s];
-    float4 x = load4(in + p * stride + c);
-    if (pre) x = x * pre[p];
-    return w * x;
+    const int64_t p = l.csr_pixel[s];
+    float4 v = load4(x.in + p * x.stride + x.c0 + c);
+    if (pre) v = v * pre[p];
+    return w * v;
 }
 
 template <bool ONES>
-__global__ void chunk_sums(const int32_t* chunks, const int32_t* chunk_first, const int32_t* csr_pixel,
-                           const float* csr_weight, const float* in, int64_t stride, int64_t c0, const float* pre,
-                           float* partial, int64_t width) {
+__global__ void chunk_sums(Group g, SplatInput x, int64_t width) {
+    const LatticeView& l = g.at[blockIdx.y];
+    const float* pre = x.pre ? x.pre + blockIdx.y * x.pixels : nullptr;
     const int64_t quads = width / 4;
-    DYNSEG_FOR_EACH(i, int64_t(*chunks) * quads) {
+    DYNSEG_FOR_EACH(i, int64_t(*l.chunks) * quads) {
         const uint32_t j = i / uint32_t(quads), c = 4 * (i % uint32_t(quads));
-        const int32_t first = chunk_first[j];  // whole chunks by construction
+        const int32_t first = l.chunk_first[j];  // whole chunks by construction
         float4 acc = {0.0f, 0.0f, 0.0f, 0.0f};
         // 16 gathers in flight per thread: the pass waits on memory, not on arithmetic
 #pragma unroll 16
-        for (int32_t s = 0; s < kChunk; ++s)
-            acc = acc + entry_value<ONES>(first + s, csr_pixel, csr_weight, in, stride, c0 + c, pre);
-        store4(partial + j * width + c, acc);
+        for (int32_t s = 0; s < kChunk; ++s) acc = acc + entry_value<ONES>(l, first + s, x, pre, c);
+        store4(l.partial + j * width + c, acc);
     }
 }
 
 template <bool ONES>
-__global__ void vertex_sums(const int32_t* vertices, const int32_t* csr_begin, const int32_t* chunk_end,
-                            const int32_t* csr_pixel, const float* csr_weight, const float* in, int64_t stride,
-                            int64_t c0, const float* pre, const float* partial, float* values, int64_t width) {
+__global__ void vertex_sums(Group g, SplatInput x, int64_t width) {
     __shared__ float4 lanes[kThreads];
-    const int64_t m = *vertices;
+    const LatticeView& l = g.at[blockIdx.y];
+    const float* pre = x.pre ? x.pre + blockIdx.y * x.pixels : nullptr;
+    float* values = l.values[0];
+    const int64_t m = *l.vertices;
     const int quads = static_cast<int>(width / 4), streams = 32 / quads;
     const int lane = threadIdx.x % 32, s = lane / quads, c = 4 * (lane % quads);
     float4* warp = lanes + (threadIdx.x - lane);
@@ -368,17 +385,16 @@ __global__ void vertex_sums(const int32_t* vertices, const int32_t* csr_begin, c
     for (int64_t v = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32; v <= m; v += warps) {
         float4 acc = {0.0f, 0.0f, 0.0f, 0.0f};
         if (v < m && s < streams) {
-            const int32_t begin = csr_begin[v], end = csr_begin[v + 1];
-            const int32_t chunks = chunk_end[v] - (v > 0 ? chunk_end[v - 1] : 0);
+            const int32_t begin = l.csr_begin[v], end = l.csr_begin[v + 1];
+            const int32_t chunks = l.chunk_end[v] - (v > 0 ? l.chunk_end[v - 1] : 0);
             if (chunks == 0) {
-                for (int32_t e = begin + s; e < end; e += streams)
-                    acc = acc + entry_value<ONES>(e, csr_pixel, csr_weight, in, stride, c0 + c, pre);
+                for (int32_t e = begin + s; e < end; e += streams) acc = acc + entry_value<ONES>(l, e, x, pre, c);
             } else {
-                const int64_t first = chunk_end[v] - chunks;
-                for (int32_t k = s; k < chunks; k += streams) acc = acc + load4(partial + (first + k) * width + c);
+                const int64_t first = l.chunk_end[v] - chunks;
+                for (int32_t k = s; k < chunks; k += streams) acc = acc + load4(l.partial + (first + k) * width + c);
                 // the tail past the last whole chunk
                 for (int32_t e = begin + chunks * kChunk + s; e < end; e += streams)
-                    acc = acc + entry_value<ONES>(e, csr_pixel, csr_weight, in, stride, c0 + c, pre);
+                    acc = acc + entry_value<ONES>(l, e, x, pre, c);
             }
         }
         warp[lane] = acc;
@@ -391,9 +407,16 @@ __global__ void vertex_sums(const int32_t* vertices, const int32_t* csr_begin, c
     }
 }
 
-__global__ void blur_axis(const int32_t* vertices, const int32_t* neighbours, const float* values, float* next,
-                          int64_t width) {
-    const int64_t m = *vertices, quads = width / 4;
+// Blur step `step` of every lattice that has one (d+1 steps each, along axis step, or d - step when
+// transposed), from value buffer step % 2 into the other one.
+__global__ void blur_step(Group g, int step, bool transpose, int64_t width) {
+    const LatticeView& l = g.at[blockIdx.y];
+    if (step > l.d) return;
+    const int axis = transpose ? l.d - step : step;
+    const int32_t* neighbours = l.neighbours + axis * l.entries * 2;
+    const float* values = l.values[step % 2];
+    float* next = l.values[(step + 1) % 2];
+    const int64_t m = *l.vertices, quads = width / 4;
     DYNSEG_FOR_EACH(i, (m + 1) * quads) {
         const uint32_t v = i / uint32_t(quads), c = 4 * (i % uint32_t(quads));
         if (v == m) {
@@ -406,26 +429,45 @@ __global__ void blur_axis(const int32_t* vertices, const int32_t* neighbours, co
     }
 }
 
-// Slice: pixel p's value is the weighted sum over its d+1 vertices (weights pre-scaled by alpha).
-__global__ void slice(int d, int64_t pixels, const int32_t* entry_vertex, const float* slice_weight,
-                      const float* values, int64_t width, int64_t stride, int64_t c0, FilterOutput output) {
+// The blurred values of a lattice: in the buffer its d+1 blur steps ended in.
+__device__ inline const float* blurred(const LatticeView& l) { return l.values[(l.d + 1) % 2]; }
+
+// Pixel p's slice of lattice l: the weighted sum over its d+1 vertices (weights pre-scaled by alpha).
+__device__ inline float4 slice_of(const LatticeView& l, uint32_t p, int64_t width, uint32_t c) {
+    const float* values = blurred(l);
+    float4 t = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int r = 0; r <= l.d; ++r) {
+        const int64_t e = int64_t(p) * (l.d + 1) + r;
+        t = t + l.slice_weight[e] * load4(values + int64_t(l.entry_vertex[e]) * width + c);
+    }
+    return t;
+}
+
+struct SliceOutputs {
+    FilterOutput at[DYNSEG_MAX_KERNELS];
+};
+
+// Every lattice's slice, combined into the output in lattice order as its FilterOutput says (all of
+// them write the same array): the same float operations as one slice after the other, one pass.
+__global__ void slice(Group g, SliceOutputs outputs, int64_t pixels, int64_t width, int64_t stride, int64_t c0) {
     const int64_t quads = width / 4;
     DYNSEG_FOR_EACH(i, pixels * quads) {
         const uint32_t p = i / uint32_t(quads), c = 4 * (i % uint32_t(quads));
-        float4 t = {0.0f, 0.0f, 0.0f, 0.0f};
-        for (int r = 0; r <= d; ++r) {
-            const int64_t e = p * (d + 1) + r;
-            t = t + slice_weight[e] * load4(values + int64_t(entry_vertex[e]) * width + c);
+        float* o = outputs.at[0].out + p * stride + c0 + c;
+        float4 result = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int k = 0; k < g.count; ++k) {
+            const FilterOutput& output = outputs.at[k];
+            float4 t = slice_of(g.at[k], p, width, c);
+            if (output.scale) t = t * output.scale[p];
+            switch (output.mode) {
+                case FilterOutput::kStore: result = t; break;
+                case FilterOutput::kAccumulate: result = (k == 0 ? load4(o) : result) + *output.weight * t; break;
+                case FilterOutput::kFromBase:
+                    result = load4(output.base + p * stride + c0 + c) + *output.weight * t;
+                    break;
+            }
         }
-        if (output.scale) t = t * output.scale[p];
-        float* o = output.out + p * stride + c0 + c;
-        switch (output.mode) {
-            case FilterOutput::kStore: store4(o, t); break;
-            case FilterOutput::kAccumulate: store4(o, load4(o) + *output.weight * t); break;
-            case FilterOutput::kFromBase:
-                store4(o, load4(output.base + p * stride + c0 + c) + *output.weight * t);
-                break;
-        }
+        store4(o, result);
     }
 }
 
@@ -435,17 +477,13 @@ void check_cub(cudaError_t error, const char* what) {
         throw std::runtime_error(std::string(what) + " failed: " + cudaGetErrorString(error));
 }
 
-// n = 1/K(1) ("after") or 1/sqrt(K(1)) ("symmetric"): the slice of lane 0 of the ones filter,
+// n_k = 1/K_k(1) ("after") or 1/sqrt(K_k(1)) ("symmetric"): the slice of lane 0 of the ones filter,
 // taken to the normalisation in double as the CPU does.
-__global__ void slice_normaliser(int d, int64_t pixels, const int32_t* entry_vertex, const float* slice_weight,
-                                 const float* values, bool symmetric, float* n) {
+__global__ void slice_normalisers(Group g, float* out, int64_t pixels, bool symmetric) {
+    const LatticeView& l = g.at[blockIdx.y];
+    float* n = out + blockIdx.y * pixels;
     DYNSEG_FOR_EACH(p, pixels) {
-        float t = 0.0f;
-        for (int r = 0; r <= d; ++r) {
-            const int64_t e = p * (d + 1) + r;
-            t += slice_weight[e] * values[int64_t(entry_vertex[e]) * 4];
-        }
-        const double v = static_cast<double>(t) + 1e-20;
+        const double v = static_cast<double>(slice_of(l, p, 4, 0).x) + 1e-20;
         n[p] = static_cast<float>(symmetric ? 1.0 / sqrt(v) : 1.0 / v);
     }
 }
@@ -508,7 +546,7 @@ void BuildScratch::plan(Workspace& ws, int64_t max_entries) {
     cub = ws.take<char>(static_cast<int64_t>(cub_bytes));
 }
 
-void Lattice::plan(Workspace& ws, const FeatureSpec& spec) {
+void Lattice::plan(Workspace& ws, const FeatureSpec& spec, int64_t value_width) {
     d_ = spec.dim();
     pixels_ = spec.pixels();
     entries_ = pixels_ * (d_ + 1);
@@ -524,7 +562,10 @@ void Lattice::plan(Workspace& ws, const FeatureSpec& spec) {
     chunks_ = ws.take<int32_t>(1);
     chunk_end_ = ws.take<int32_t>(entries_);
     chunk_first_ = ws.take<int32_t>(entries_ / kChunk + 1);
-    partial_ = ws.take<float>((entries_ / kChunk + 1) * kLabelTile);
+    value_width_ = value_width;
+    partial_ = ws.take<float>((entries_ / kChunk + 1) * value_width);
+    values_[0] = ws.take<float>((entries_ + 1) * value_width);
+    values_[1] = ws.take<float>((entries_ + 1) * value_width);
 }
 
 void Lattice::build(const FeatureSpec& spec, BuildScratch& s, int kernel, Status* status, const Launch& launch) {
@@ -588,42 +629,74 @@ void Lattice::number(BuildScratch& s, int kernel, Status* status, const Launch& 
                                                                 csr_pixel_, csr_weight_, entry_vertex_, vertices_);
 }
 
-template <bool ONES>
-void Lattice::splat(const float* in, int64_t stride, int64_t c0, const float* pre, float* values, int64_t width,
-                    const Launch& launch) const {
-    chunk_sums<ONES><<<launch.blocks((entries_ / kChunk + 1) * (width / 4)), kThreads, 0, launch.stream>>>(
-        chunks_, chunk_first_, csr_pixel_, csr_weight_, in, stride, c0, pre, partial_, width);
-    vertex_sums<ONES><<<launch.blocks(32 * (entries_ + 1)), kThreads, 0, launch.stream>>>(
-        vertices_, csr_begin_, chunk_end_, csr_pixel_, csr_weight_, in, stride, c0, pre, partial_, values, width);
+LatticeView Lattice::view() const {
+    return LatticeView{d_,           entries_,    vertices_,    entry_vertex_, slice_weight_, csr_begin_, csr_pixel_,
+                       csr_weight_,  neighbours_, chunks_,      chunk_end_,    chunk_first_,  partial_,   {values_[0], values_[1]}};
 }
 
-void Lattice::blur(ValueBuffers& buffers, int64_t width, bool transpose, const Launch& launch) const {
-    const int blocks = launch.blocks((entries_ + 1) * (width / 4));
-    for (int step = 0; step <= d_; ++step) {
-        const int j = transpose ? d_ - step : step;
-        blur_axis<<<blocks, kThreads, 0, launch.stream>>>(vertices_, neighbours_ + j * entries_ * 2, buffers.a,
-                                                          buffers.b, width);
-        std::swap(buffers.a, buffers.b);
+namespace {
+
+struct Shape {  // what the launches of a group are sized by: its largest lattice
+    int64_t pixels = 0, entries = 0;
+    int d = 0;
+};
+
+Group group_of(const Lattice* lattices, int count, Shape* shape) {
+    if (count < 1 || count > DYNSEG_MAX_KERNELS) throw std::logic_error("a lattice group of 1 to 8 lattices");
+    Group g{};
+    g.count = count;
+    for (int k = 0; k < count; ++k) {
+        g.at[k] = lattices[k].view();
+        shape->pixels = std::max(shape->pixels, g.at[k].entries / (g.at[k].d + 1));
+        shape->entries = std::max(shape->entries, g.at[k].entries);
+        shape->d = std::max(shape->d, g.at[k].d);
     }
+    return g;
 }
 
-void Lattice::normaliser(float* n, bool symmetric, ValueBuffers buffers, const Launch& launch) const {
-    const int64_t width = 4;  // one float4 per vertex; lane 0 is sliced out
-    splat<true>(nullptr, 0, 0, nullptr, buffers.a, width, launch);
-    blur(buffers, width, false, launch);
-    slice_normaliser<<<launch.blocks(pixels_), kThreads, 0, launch.stream>>>(d_, pixels_, entry_vertex_, slice_weight_,
-                                                                             buffers.a, symmetric, n);
+// Splat into every lattice's value buffer 0, then blur it into buffer (d+1) % 2.
+template <bool ONES>
+void splat_and_blur(const Group& g, const Shape& shape, const SplatInput& x, int64_t width, bool transpose,
+                    const Launch& launch) {
+    const int64_t quads = width / 4;
+    chunk_sums<ONES><<<dim3(launch.blocks((shape.entries / kChunk + 1) * quads), g.count), kThreads, 0,
+                       launch.stream>>>(g, x, width);
+    vertex_sums<ONES><<<dim3(launch.blocks(32 * (shape.entries + 1)), g.count), kThreads, 0, launch.stream>>>(g, x,
+                                                                                                            width);
+    const dim3 blocks(launch.blocks((shape.entries + 1) * quads), g.count);
+    for (int step = 0; step <= shape.d; ++step)
+        blur_step<<<blocks, kThreads, 0, launch.stream>>>(g, step, transpose, width);
 }
 
-void Lattice::filter(const float* in, int64_t stride, const float* pre, bool transpose, const FilterOutput& output,
-                     ValueBuffers buffers, const Launch& launch) const {
-    for (int64_t c0 = 0; c0 < stride; c0 += kLabelTile) {
-        const int64_t width = std::min<int64_t>(kLabelTile, stride - c0);
-        ValueBuffers b = buffers;
-        splat<false>(in, stride, c0, pre, b.a, width, launch);
-        blur(b, width, transpose, launch);
-        slice<<<launch.blocks(pixels_ * (width / 4)), kThreads, 0, launch.stream>>>(
-            d_, pixels_, entry_vertex_, slice_weight_, b.a, width, stride, c0, output);
+}  // namespace
+
+void normalisers(const Lattice* lattices, int count, float* n, bool symmetric, const Launch& launch) {
+    Shape shape;
+    const Group g = group_of(lattices, count, &shape);
+    splat_and_blur<true>(g, shape, SplatInput{}, 4, false, launch);  // one float4 per vertex; lane 0 is sliced
+    slice_normalisers<<<dim3(launch.blocks(shape.pixels), count), kThreads, 0, launch.stream>>>(g, n, shape.pixels,
+                                                                                                 symmetric);
+}
+
+void filter(const Lattice* lattices, int count, const float* in, int64_t stride, const float* pre, bool transpose,
+            const FilterOutput* outputs, const Launch& launch) {
+    Shape shape;
+    const Group g = group_of(lattices, count, &shape);
+    SplatInput x{in, stride, 0, pre, shape.pixels};
+    SliceOutputs o{};
+    for (int k = 0; k < count; ++k) {
+        o.at[k] = outputs[k];
+        // the slices add up in registers: one array, and every message after the first added to it
+        if (k > 0 && (outputs[k].out != outputs[0].out || outputs[k].mode != FilterOutput::kAccumulate))
+            throw std::logic_error("lattices filtered together must add their messages into one output");
+    }
+    const int64_t tile = lattices[0].value_width();
+    for (int64_t c0 = 0; c0 < stride; c0 += tile) {
+        const int64_t width = std::min(tile, stride - c0);
+        x.c0 = c0;
+        splat_and_blur<false>(g, shape, x, width, transpose, launch);
+        slice<<<launch.blocks(shape.pixels * (width / 4)), kThreads, 0, launch.stream>>>(g, o, shape.pixels, width,
+                                                                                        stride, c0);
     }
 }
 

@@ -15,6 +15,7 @@
 
 #include "../workspace.h"
 #include "common.cuh"
+#include "dynseg_crf.h"
 
 namespace dynseg {
 namespace cuda {
@@ -69,51 +70,72 @@ struct FilterOutput {
     const float* weight = nullptr;
 };
 
-// The two value buffers a filter blurs between, (max vertices + 1, kLabelTile) each; shared by the
-// lattices of a call because only one filters at a time.
-struct ValueBuffers {
-    float* a = nullptr;
-    float* b = nullptr;
+// A built lattice as the filtering kernels read it: device arrays, and counts that live on the device.
+struct LatticeView {
+    int d;
+    int64_t entries;
+    const int32_t* vertices;      // M
+    const int32_t* entry_vertex;  // (N, d+1)
+    const float* slice_weight;    // (N, d+1) barycentric weight · alpha
+    const int32_t* csr_begin;     // (M+1)
+    const int32_t* csr_pixel;     // (E) in vertex order, pixel order within a vertex
+    const float* csr_weight;
+    const int32_t* neighbours;    // (d+1, E, 2); a missing neighbour is the zero row M
+    // the splat's chunks: whole runs of kChunk entries of one vertex (lattice.cu)
+    const int32_t* chunks;        // their number
+    const int32_t* chunk_end;     // (M) inclusive scan of the chunks per vertex
+    const int32_t* chunk_first;   // first sorted entry of each chunk
+    float* partial;               // (chunks, value width) chunk sums of the label tile in flight
+    float* values[2];             // (M+1, value width) each: the splat, then the blur between the two
 };
 
 class Lattice {
 public:
-    void plan(Workspace& ws, const FeatureSpec& spec);
+    // Lays out the lattice's arrays; its value buffers hold value_width channels per vertex (a multiple
+    // of 4: the label tile that one filter pass carries).
+    void plan(Workspace& ws, const FeatureSpec& spec, int64_t value_width);
     // Enqueues the build; a failure is recorded in status (first failure wins) and leaves a lattice
     // that is safe to filter with (its results are then discarded).
     void build(const FeatureSpec& spec, BuildScratch& scratch, int kernel, Status* status, const Launch& launch);
-    // The normalisation per pixel into n: 1/K(1), or 1/sqrt(K(1)) when symmetric.
-    void normaliser(float* n, bool symmetric, ValueBuffers buffers, const Launch& launch) const;
-    // K(pre ⊙ in) (K^T when transpose) of every column of `in`, pixel-major (N, stride), stride a
-    // multiple of 4, written as `output` says.
-    void filter(const float* in, int64_t stride, const float* pre, bool transpose, const FilterOutput& output,
-                ValueBuffers buffers, const Launch& launch) const;
+    LatticeView view() const;
+    int64_t value_width() const { return value_width_; }
 
 private:
     template <class Key>
     void number(BuildScratch& scratch, int kernel, Status* status, const Launch& launch);
-    template <bool ONES>
-    void splat(const float* in, int64_t stride, int64_t c0, const float* pre, float* values, int64_t width,
-               const Launch& launch) const;
-    void blur(ValueBuffers& buffers, int64_t width, bool transpose, const Launch& launch) const;
 
     int d_ = 0;
-    int64_t pixels_ = 0, entries_ = 0;
+    int64_t pixels_ = 0, entries_ = 0, value_width_ = 0;
     int key_bits_ = 64;  // the low key bits the sort looks at (key_bits_bound in lattice.cu)
-    int32_t* vertices_ = nullptr;  // device: M
+    int32_t* vertices_ = nullptr;
     Packing* packing_ = nullptr;
-    int32_t* entry_vertex_ = nullptr;  // (N, d+1)
-    float* slice_weight_ = nullptr;    // (N, d+1) barycentric weight · alpha
-    int32_t* csr_begin_ = nullptr;     // (M+1)
-    int32_t* csr_pixel_ = nullptr;     // (E) in vertex order, pixel order within a vertex
+    int32_t* entry_vertex_ = nullptr;
+    float* slice_weight_ = nullptr;
+    int32_t* csr_begin_ = nullptr;
+    int32_t* csr_pixel_ = nullptr;
     float* csr_weight_ = nullptr;
-    int32_t* neighbours_ = nullptr;    // (d+1, E, 2); a missing neighbour is the zero row M
-    // the splat's chunks: whole runs of kChunk entries of one vertex (lattice.cu)
-    int32_t* chunks_ = nullptr;        // device: their number
-    int32_t* chunk_end_ = nullptr;     // (M) inclusive scan of the chunks per vertex
-    int32_t* chunk_first_ = nullptr;   // first sorted entry of each chunk
-    float* partial_ = nullptr;         // (chunks, kLabelTile) chunk sums of the tile in flight
+    int32_t* neighbours_ = nullptr;
+    int32_t* chunks_ = nullptr;
+    int32_t* chunk_end_ = nullptr;
+    int32_t* chunk_first_ = nullptr;
+    float* partial_ = nullptr;
+    float* values_[2] = {};
 };
+
+// Filtering through several lattices at once (the kernels of one CRF): each launch serves all of
+// them, so a call makes a kernel's launches once rather than once per lattice. count is 1 to
+// DYNSEG_MAX_KERNELS; the lattices must share a value width.
+
+// The normalisation of lattice k's kernel per pixel into row k of n (count, N): 1/K(1), or
+// 1/sqrt(K(1)) when symmetric.
+void normalisers(const Lattice* lattices, int count, float* n, bool symmetric, const Launch& launch);
+
+// K_k(pre_k ⊙ in) (K_k^T when transpose) of every column of `in`, pixel-major (N, stride), stride a
+// multiple of 4, written as outputs[k] says; pre is (count, N) or null. With more than one lattice
+// the messages add up in lattice order into one array: outputs[k > 0] must accumulate into
+// outputs[0].out.
+void filter(const Lattice* lattices, int count, const float* in, int64_t stride, const float* pre, bool transpose,
+            const FilterOutput* outputs, const Launch& launch);
 
 }  // namespace cuda
 }  // namespace dynseg

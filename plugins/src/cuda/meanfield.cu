@@ -286,6 +286,7 @@ MeanField::MeanField(const dynseg_crf_problem& problem, int pass, Workspace& ws)
     stride_ = padded_channels(labels_);
     pixels_ = problem.height * problem.width;
     int max_dim = 2;
+    const int64_t value_width = std::min<int64_t>(kLabelTile, stride_);  // one label tile per filter pass
     for (int k = 0; k < problem.num_kernels; ++k) {
         FeatureSpec& s = specs_[k];
         s.height = problem.height;
@@ -294,16 +295,12 @@ MeanField::MeanField(const dynseg_crf_problem& problem, int pass, Workspace& ws)
         s.theta_color = problem.kernels[k].theta_color;
         s.channels = s.theta_color > 0.0f ? problem.image_channels : 0;
         s.image = problem.image;
-        lattices_[k].plan(ws, s);
-        norm_[k] = ws.take<float>(pixels_);
+        lattices_[k].plan(ws, s, value_width);
         max_dim = std::max(max_dim, s.dim());
     }
+    norm_ = ws.take<float>(problem.num_kernels * pixels_);
     const int64_t max_entries = pixels_ * (max_dim + 1);
-    if (problem.num_kernels > 0) {
-        scratch_.plan(ws, max_entries);
-        buffers_.a = ws.take<float>((max_entries + 1) * kLabelTile);
-        buffers_.b = ws.take<float>((max_entries + 1) * kLabelTile);
-    }
+    if (problem.num_kernels > 0) scratch_.plan(ws, max_entries);
     const int64_t size = pixels_ * stride_;
     unary_ = ws.take<float>(size);
     q_ = ws.take<float>(size);
@@ -327,10 +324,9 @@ MeanField::MeanField(const dynseg_crf_problem& problem, int pass, Workspace& ws)
 
 void MeanField::prepare(const Launch& launch) {
     cudaMemsetAsync(status_, 0, sizeof(Status), launch.stream);
-    for (int k = 0; k < p_.num_kernels; ++k) {
-        lattices_[k].build(specs_[k], scratch_, k, status_, launch);
-        lattices_[k].normaliser(norm_[k], p_.normalization == DYNSEG_NORMALIZE_SYMMETRIC, buffers_, launch);
-    }
+    for (int k = 0; k < p_.num_kernels; ++k) lattices_[k].build(specs_[k], scratch_, k, status_, launch);
+    if (p_.num_kernels > 0)
+        normalisers(lattices_, p_.num_kernels, norm_, p_.normalization == DYNSEG_NORMALIZE_SYMMETRIC, launch);
 }
 
 void MeanField::softmax(const float* logits, float* q, const Launch& launch) const {
@@ -341,26 +337,38 @@ void MeanField::softmax(const float* logits, float* q, const Launch& launch) con
                                                                                      stride_);
 }
 
-// acc (+)= W_k Knorm_k(Q) for kernel k. "after": Knorm = D K; "symmetric": D^1/2 K D^1/2.
-void MeanField::kernel_message(int k, const float* q, bool first, const Launch& launch) {
-    const dynseg_kernel& kernel = p_.kernels[k];
+// acc (+)= sum_k W_k Knorm_k(Q), in kernel order. "after": Knorm = D K; "symmetric": D^1/2 K D^1/2.
+// Scalar weights add each message straight into acc, so all the kernels filter together; a matrix
+// weight needs its kernel's message alone first (in filtered_), so then they filter one at a time.
+void MeanField::messages(const float* q, const Launch& launch) {
+    const int K = p_.num_kernels;
     const bool potts = p_.compat_kind == DYNSEG_COMPAT_POTTS;
-    const float* pre = p_.normalization == DYNSEG_NORMALIZE_SYMMETRIC ? norm_[k] : nullptr;
-    FilterOutput out;
-    out.scale = norm_[k];
-    if (!is_matrix(kernel)) {
-        // non-Potts accumulators start at 0, Potts ones at U
-        out.mode = potts && first ? FilterOutput::kFromBase : FilterOutput::kAccumulate;
-        out.out = acc_;
-        out.base = unary_;
-        out.weight = kernel.weight;
-        lattices_[k].filter(q, stride_, pre, false, out, buffers_, launch);
+    const float* pre = p_.normalization == DYNSEG_NORMALIZE_SYMMETRIC ? norm_ : nullptr;
+    FilterOutput out[DYNSEG_MAX_KERNELS];
+    bool any_matrix = false;
+    for (int k = 0; k < K; ++k) {
+        out[k].scale = norm(k);
+        if (is_matrix(p_.kernels[k])) {
+            any_matrix = true;
+            out[k].out = filtered_;
+        } else {
+            // non-Potts accumulators start at 0, Potts ones at U
+            out[k].mode = potts && k == 0 ? FilterOutput::kFromBase : FilterOutput::kAccumulate;
+            out[k].out = acc_;
+            out[k].base = unary_;
+            out[k].weight = p_.kernels[k].weight;
+        }
+    }
+    if (!any_matrix) {
+        filter(lattices_, K, q, stride_, pre, false, out, launch);
         return;
     }
-    out.out = filtered_;
-    lattices_[k].filter(q, stride_, pre, false, out, buffers_, launch);
-    matrix_message<<<launch.blocks(pixels_ * labels_), kThreads, 0, launch.stream>>>(
-        filtered_, kernel.weight, unary_, acc_, labels_, pixels_, stride_, potts && first);
+    for (int k = 0; k < K; ++k) {
+        filter(&lattices_[k], 1, q, stride_, pre ? norm(k) : nullptr, false, &out[k], launch);
+        if (is_matrix(p_.kernels[k]))
+            matrix_message<<<launch.blocks(pixels_ * labels_), kThreads, 0, launch.stream>>>(
+                filtered_, p_.kernels[k].weight, unary_, acc_, labels_, pixels_, stride_, potts && k == 0);
+    }
 }
 
 // Potts: acc already holds U + m. Otherwise acc holds m: logits = U - mu m.
@@ -390,7 +398,7 @@ void MeanField::run_iterations(float* history, const Launch& launch) {
                 cudaMemcpyAsync(acc_, unary_, size * sizeof(float), cudaMemcpyDeviceToDevice, launch.stream);
         } else {
             if (p_.compat_kind != DYNSEG_COMPAT_POTTS) cudaMemsetAsync(acc_, 0, size * sizeof(float), launch.stream);
-            for (int k = 0; k < K; ++k) kernel_message(k, q, k == 0, launch);
+            messages(q, launch);
             finish_logits(launch);
         }
         detections_.add(q, acc_, stride_, launch);
@@ -433,8 +441,8 @@ void MeanField::backward(const float* unary, const float* grad_logits, float* gr
             // R = Knorm^T G (into filtered_): "after" K^T D, "symmetric" D^1/2 K^T D^1/2
             FilterOutput out;
             out.out = filtered_;
-            out.scale = p_.normalization == DYNSEG_NORMALIZE_SYMMETRIC ? norm_[k] : nullptr;
-            lattices_[k].filter(grad_, S, norm_[k], true, out, buffers_, launch);
+            out.scale = p_.normalization == DYNSEG_NORMALIZE_SYMMETRIC ? norm(k) : nullptr;
+            filter(&lattices_[k], 1, grad_, S, norm(k), true, &out, launch);
             message_gradient<<<launch.blocks(size), kThreads, 0, stream>>>(filtered_, p_.compat, kind, h_, L, N, S);
             add_weighted_gradient<<<launch.blocks(N * L), kThreads, 0, stream>>>(h_, kernel.weight, is_matrix(kernel),
                                                                                  grad_q_, L, N, S);

@@ -28,18 +28,18 @@ public:
 private:
     void prepare(const Launch& launch);
     void run_iterations(float* history, const Launch& launch);
-    void kernel_message(int k, const float* q, bool first, const Launch& launch);
+    void messages(const float* q, const Launch& launch);
     void finish_logits(const Launch& launch);
     void softmax(const float* logits, float* q, const Launch& launch) const;
+    float* norm(int k) const { return norm_ + k * pixels_; }
 
     const dynseg_crf_problem& p_;
     int64_t labels_ = 0, pixels_ = 0, stride_ = 0;
     Status* status_ = nullptr;
     FeatureSpec specs_[DYNSEG_MAX_KERNELS];
     Lattice lattices_[DYNSEG_MAX_KERNELS];
-    float* norm_[DYNSEG_MAX_KERNELS] = {};
+    float* norm_ = nullptr;  // (K, N) each kernel's normalisation D_k
     BuildScratch scratch_;
-    ValueBuffers buffers_;
     DetectionPotential detections_;
     float* unary_ = nullptr;
     float* q_ = nullptr;

@@ -166,7 +166,8 @@ void launch(F&& body, dim3 grid, dim3 blk, size_t shared = 0, cudaStream_t = nul
     blockDim = blk;
     dynamic_shared.assign(shared + 16, 0x5a);  // extern __shared__ memory: not zero either
     const unsigned n = blk.x, warps = (n + 31) / 32;
-    std::vector<Block> blocks(grid.x);
+    const unsigned count = grid.x * grid.y * grid.z;
+    std::vector<Block> blocks(count);
     for (Block& state : blocks) {
         state.all = std::make_unique<std::barrier<>>(n);
         for (unsigned w = 0; w < warps; ++w) state.warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, n - 32 * w)));
@@ -176,9 +177,9 @@ void launch(F&& body, dim3 grid, dim3 blk, size_t shared = 0, cudaStream_t = nul
     const std::function<void(unsigned)> job = [&](unsigned t) {
         if (t >= n) return;
         threadIdx = {t, 0, 0};
-        for (unsigned b = 0; b < grid.x; ++b) {
+        for (unsigned b = 0; b < count; ++b) {
             block = &blocks[b];
-            blockIdx = {b, 0, 0};
+            blockIdx = {b % grid.x, b / grid.x % grid.y, b / (grid.x * grid.y)};
             body();
             blocks[b].warps[t / 32]->arrive_and_drop();
             blocks[b].all->arrive_and_drop();
