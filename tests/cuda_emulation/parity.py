@@ -12,6 +12,7 @@ import sys
 import numpy as np
 
 from dynseg.sdk import _native as n
+from dynseg.sdk.errors import DynsegError
 
 rng = np.random.default_rng(1)
 
@@ -76,6 +77,7 @@ def scalar(value: float) -> np.ndarray:
 
 
 def main() -> int:
+    global failures
     if not n.cuda_compiled():
         sys.exit("parity.py: this library has no CUDA entry points")
     densecrf = [(3.0, 0.0, scalar(3.0)), (20.0, 13.0, scalar(10.0))]
@@ -143,6 +145,19 @@ def main() -> int:
         results.append((logits, recalibrated))
     check("detection potential: logits", results[0][0], results[1][0], 1e-5)
     check("detection potential: recalibrated scores", results[0][1], results[1][1], 1e-5)
+    # a lattice that cannot be built: an error on both, the CUDA one naming the kernel
+    problem = make_problem(2, colour_ramps(16, 16), [densecrf[0], (1.0, 1e-30, densecrf[1][2])])
+    unary = rng.normal(0, 2, (2, 16, 16)).astype(np.float32)
+    errors = []
+    for run in (problem.forward, lambda u: forward_cuda(problem, u)):
+        try:
+            run(unary)
+            errors.append("no error")
+        except DynsegError as error:
+            errors.append(str(error))
+    ok = all("out of range" in e for e in errors) and "kernels[1]" in errors[1]
+    print(f"{'ok' if ok else 'MISMATCH'}  unbuildable lattice: {' | '.join(errors)}")
+    failures += not ok
     print("all match" if failures == 0 else f"{failures} mismatches")
     return 1 if failures else 0
 

@@ -73,14 +73,13 @@ struct IndexedValues {
 // The first words of every CUDA call's workspace: 0, or why a lattice could not be built, for
 // dynseg_crf_check_cuda to report after the fact (a compute call cannot wait for the device).
 struct Status {
-    int32_t code;    // 0, or kFeaturesTooLarge / kKeysTooWide / kKeysPastBound
+    int32_t code;    // 0, or kFeaturesTooLarge / kKeysTooWide
     int32_t kernel;  // the kernel whose lattice failed
     int32_t bits;    // key bits it needed
     float largest;   // its largest scaled feature
 };
 constexpr int32_t kFeaturesTooLarge = 1;
 constexpr int32_t kKeysTooWide = 2;
-constexpr int32_t kKeysPastBound = 3;  // more key bits than the host bounded the sort to (a bug)
 
 }  // namespace cuda
 }  // namespace dynseg

@@ -152,8 +152,7 @@ __global__ void embed(EmbedConstants c, const float* image, int32_t* rem0_out, i
 }
 
 // The key packing from the coordinate ranges, or the reason there is none (into status, when given).
-// key_bits is the host's bound on the bits (the sort's range): keys past it could not be sorted.
-__device__ void plan_packing(int d, int key_bits, const int32_t* range, Packing* packing, Status* status, int kernel) {
+__device__ void plan_packing(int d, const int32_t* range, Packing* packing, Status* status, int kernel) {
     const float largest = __int_as_float(range[2 * kMaxFeatureDim]);
     int bits = 0;
     uint64_t ones = 0;
@@ -169,11 +168,12 @@ __device__ void plan_packing(int d, int key_bits, const int32_t* range, Packing*
     }
     // Elevated coordinates are rounded through float: past 2^22 there are no fraction bits left.
     const bool features_ok = largest * static_cast<float>(2 * d) < 4194304.0f;
-    const bool ok = features_ok && bits <= 63 && bits <= key_bits;  // 63 keeps the packed keys clear of overflow
+    // 63 bits keep the packed keys clear of overflow, and of the hash table's empty mark
+    const bool ok = features_ok && bits <= 63;
     if (!ok) {
         for (int i = 0; i < d; ++i) packing->shift[i] = 0;
         if (status && status->code == 0) {
-            status->code = !features_ok ? kFeaturesTooLarge : bits > 63 ? kKeysTooWide : kKeysPastBound;
+            status->code = !features_ok ? kFeaturesTooLarge : kKeysTooWide;
             status->kernel = kernel;
             status->bits = bits;
             status->largest = largest;
@@ -184,18 +184,55 @@ __device__ void plan_packing(int d, int key_bits, const int32_t* range, Packing*
     packing->ok = ok;
 }
 
-// Key of every (pixel, remainder r) entry, a thread each so that the writes are coalesced: vertex r
-// of the pixel's simplex has coordinate rem0[i] + r, less d+1 where rank[i] > d - r (densecrf's
-// canonical simplex), each packed above its coordinate's low end. Without a packing every entry gets
-// a key of its own, which keeps the lattice well-formed while its results are discarded. Every block
-// plans the packing from the ranges itself (a launch less); block 0 publishes it and any failure.
-// Key is 32 bits wide where the host's bound allows: the sort then moves half the key bytes.
-template <class Key>
-__global__ void pack_keys(int d, int key_bits, int kernel, int64_t entries, const int32_t* range, const int32_t* rem0,
-                          const int32_t* rank, Packing* packing_out, Status* status, Key* keys, int32_t* entry_index) {
+// The vertex keys' hash table: open addressing with linear probing over a power of two of slots,
+// more than the entries, so that every probe ends at the key or at an empty slot. Keys are claimed
+// by compare-and-swap, so which slot a key lands in depends on the threads' timing; nothing
+// downstream sees slots, only vertex ids, which come from each vertex's first entry.
+constexpr uint64_t kEmptySlot = ~0ull;  // packed keys have at most 63 bits
+
+__device__ inline uint32_t home_slot(uint64_t key, int slot_bits) {
+    return static_cast<uint32_t>((key * 0x9E3779B97F4A7C15ull) >> (64 - slot_bits));  // Fibonacci hashing
+}
+
+__device__ inline uint32_t insert_key(uint64_t* table, int slot_bits, uint64_t key) {
+    const uint32_t mask = (1u << slot_bits) - 1;
+    for (uint32_t s = home_slot(key, slot_bits);; s = (s + 1) & mask) {
+        // a slot changes once, from empty to its key: a stale read can only be "empty"
+        uint64_t held = table[s];
+        if (held == kEmptySlot)
+            held = atomicCAS(reinterpret_cast<unsigned long long*>(table + s), kEmptySlot, key);
+        if (held == kEmptySlot || held == key) return s;
+    }
+}
+
+__device__ inline int32_t find_key(const uint64_t* table, int slot_bits, uint64_t key) {
+    const uint32_t mask = (1u << slot_bits) - 1;
+    for (uint32_t s = home_slot(key, slot_bits);; s = (s + 1) & mask) {
+        const uint64_t held = table[s];
+        if (held == key) return static_cast<int32_t>(s);
+        if (held == kEmptySlot) return -1;
+    }
+}
+
+__global__ void clear_table(uint64_t* table, int32_t* first_entry, int64_t slots) {
+    DYNSEG_FOR_EACH(s, slots) {
+        table[s] = kEmptySlot;
+        first_entry[s] = INT_MAX;
+    }
+}
+
+// The key of every (pixel, remainder r) entry, into the table, a thread each: vertex r of the
+// pixel's simplex has coordinate rem0[i] + r, less d+1 where rank[i] > d - r (densecrf's canonical
+// simplex), each packed above its coordinate's low end. Each slot keeps its smallest entry index.
+// Without a packing every entry gets a key of its own, which keeps the lattice well-formed while its
+// results are discarded. Every block plans the packing from the ranges itself (a launch less); block
+// 0 publishes it and any failure.
+__global__ void insert_entries(int d, int kernel, int64_t entries, const int32_t* range, const int32_t* rem0,
+                               const int32_t* rank, int slot_bits, Packing* packing_out, Status* status,
+                               uint64_t* table, int32_t* first_entry, int32_t* entry_slot, int32_t* entry_index) {
     __shared__ Packing packing;
     if (threadIdx.x == 0) {
-        plan_packing(d, key_bits, range, &packing, blockIdx.x == 0 ? status : nullptr, kernel);
+        plan_packing(d, range, &packing, blockIdx.x == 0 ? status : nullptr, kernel);
         if (blockIdx.x == 0) *packing_out = packing;
     }
     __syncthreads();
@@ -212,17 +249,45 @@ __global__ void pack_keys(int d, int key_bits, int kernel, int64_t entries, cons
                 key |= static_cast<uint64_t>(coordinate - packing.low[i]) << packing.shift[i];
             }
         }
-        keys[e] = static_cast<Key>(key);  // key_bits <= 32 whenever Key is 32 bits wide (plan_packing)
+        const uint32_t s = insert_key(table, slot_bits, key);
+        atomicMin(first_entry + s, static_cast<int32_t>(e));
+        entry_slot[e] = static_cast<int32_t>(s);
         entry_index[e] = static_cast<int32_t>(e);
     }
 }
 
-// 1 where a run of equal sorted keys starts: scanned, the vertex id + 1 of every sorted entry.
-template <class Key>
-struct RunHeads {
-    const Key* sorted_keys;
-    __host__ __device__ int32_t operator()(int64_t i) const { return i == 0 || sorted_keys[i] != sorted_keys[i - 1]; }
+// 1 for the first entry of each vertex: scanned, the vertex id + 1 at each first entry, so vertices
+// are numbered in the order of their first entries (pixel order: deterministic).
+struct FirstEntries {
+    const int32_t* first_entry;
+    const int32_t* entry_slot;
+    __host__ __device__ int32_t operator()(int64_t e) const { return first_entry[entry_slot[e]] == e; }
 };
+
+// Every entry's vertex id; each vertex's key; the vertex count.
+__global__ void number_vertices(int64_t entries, const uint64_t* table, const int32_t* first_entry,
+                                const int32_t* entry_slot, const int32_t* numbered, int32_t* entry_vertex,
+                                uint64_t* vertex_key, int32_t* vertices) {
+    DYNSEG_FOR_EACH(e, entries) {
+        const int32_t s = entry_slot[e], first = first_entry[s], v = numbered[first] - 1;
+        entry_vertex[e] = v;
+        if (first == static_cast<int32_t>(e)) vertex_key[v] = table[s];
+        if (e == entries - 1) *vertices = numbered[e];
+    }
+}
+
+// The CSR of the splat matrix's transpose from the entries sorted by vertex (stably, so each
+// vertex's entries stay in pixel order).
+__global__ void fill_csr(int d, int64_t entries, const int32_t* sorted_vertex, const int32_t* sorted_entries,
+                         const float* weight, int32_t* csr_begin, int32_t* csr_pixel, float* csr_weight) {
+    DYNSEG_FOR_EACH(i, entries) {
+        const int32_t v = sorted_vertex[i], e = sorted_entries[i];
+        if (i == 0 || sorted_vertex[i - 1] != v) csr_begin[v] = static_cast<int32_t>(i);
+        csr_pixel[i] = e / (d + 1);
+        csr_weight[i] = weight[e];
+        if (i == entries - 1) csr_begin[v + 1] = static_cast<int32_t>(entries);
+    }
+}
 
 // The whole kChunk-entry chunks of each vertex slot (zero past the vertex count M): scanned, where
 // each vertex's chunks end.
@@ -233,28 +298,6 @@ struct WholeChunks {
         return v < *vertices ? (csr_begin[v + 1] - csr_begin[v]) / kChunk : 0;
     }
 };
-
-template <class Key>
-__global__ void number_vertices(int d, int64_t entries, const Key* sorted_keys, const int32_t* sorted_entries,
-                                const int32_t* vertex_of_sorted, const float* weight, uint64_t* vertex_key,
-                                int32_t* csr_begin, int32_t* csr_pixel, float* csr_weight, int32_t* entry_vertex,
-                                int32_t* vertices) {
-    DYNSEG_FOR_EACH(i, entries) {
-        const int32_t v = vertex_of_sorted[i] - 1;
-        if (i == 0 || sorted_keys[i] != sorted_keys[i - 1]) {
-            vertex_key[v] = sorted_keys[i];
-            csr_begin[v] = static_cast<int32_t>(i);
-        }
-        const int32_t e = sorted_entries[i];
-        entry_vertex[e] = v;
-        csr_pixel[i] = e / (d + 1);
-        csr_weight[i] = weight[e];
-        if (i == entries - 1) {
-            *vertices = v + 1;
-            csr_begin[v + 1] = static_cast<int32_t>(entries);
-        }
-    }
-}
 
 // The first sorted entry of every whole chunk of kChunk entries (WholeChunks counts them).
 __global__ void place_chunks(const int32_t* vertices, const int32_t* csr_begin, const int32_t* chunk_end,
@@ -267,24 +310,20 @@ __global__ void place_chunks(const int32_t* vertices, const int32_t* csr_begin, 
     }
 }
 
-__device__ int32_t find_vertex(const uint64_t* keys, int32_t count, uint64_t key) {
-    int32_t lo = 0, hi = count;
-    while (lo < hi) {
-        const int32_t mid = lo + (hi - lo) / 2;
-        if (keys[mid] < key)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return lo < count && keys[lo] == key ? lo : -1;
+// The vertex id of key, or -1 if the lattice has no such vertex.
+__device__ inline int32_t find_vertex(const uint64_t* table, int slot_bits, const int32_t* first_entry,
+                                      const int32_t* numbered, uint64_t key) {
+    const int32_t s = find_key(table, slot_bits, key);
+    return s < 0 ? -1 : numbered[first_entry[s]] - 1;
 }
 
 // Blur neighbours along each lattice axis j: every coordinate -1 except j, which moves +d (and the
 // mirror image); for j = d the moved coordinate is the implied one. A neighbour with a coordinate
 // outside the packed range cannot exist and is not looked up.
 __global__ void find_neighbours(int d, int64_t entries, const int32_t* vertices, const Packing* packing,
-                                const uint64_t* vertex_key, int32_t* neighbours) {
-    const int32_t m = *vertices;  // the zero row's index, and the count to search
+                                const uint64_t* vertex_key, const uint64_t* table, int slot_bits,
+                                const int32_t* first_entry, const int32_t* numbered, int32_t* neighbours) {
+    const int32_t m = *vertices;  // the zero row's index
     DYNSEG_FOR_EACH(v, m) {
         const uint64_t packed = vertex_key[v];
         int32_t key[kMaxFeatureDim];
@@ -310,8 +349,8 @@ __global__ void find_neighbours(int d, int64_t entries, const int32_t* vertices,
                 ok1 = at_low == 0;
                 ok2 = at_high == 0;
             }
-            const int32_t id1 = ok1 ? find_vertex(vertex_key, m, k1) : -1;
-            const int32_t id2 = ok2 ? find_vertex(vertex_key, m, k2) : -1;
+            const int32_t id1 = ok1 ? find_vertex(table, slot_bits, first_entry, numbered, k1) : -1;
+            const int32_t id2 = ok2 ? find_vertex(table, slot_bits, first_entry, numbered, k2) : -1;
             int32_t* out = neighbours + (j * entries + v) * 2;
             out[0] = id1 < 0 ? m : id1;
             out[1] = id2 < 0 ? m : id2;
@@ -494,55 +533,39 @@ int bit_width(uint64_t value) {
     return bits;
 }
 
-// How many low key bits the sort of this lattice's keys must look at. CUB takes the bit range from
-// the host, while the exact count is only known on the device, after the embedding; sorting all 64
-// bits is eight radix passes. A spatial kernel's features are bounded by the image size, so its keys
-// are too: |elevated| <= d·(largest scaled feature), its multiple of d+1 at most 1.5(d+1) further,
-// and a simplex vertex within d of that. A colour kernel's keys depend on the pixel values: all 64.
-// Either way the bound covers the entry indices that stand in as keys when a packing fails.
-int key_bits_bound(const FeatureSpec& spec, int64_t entries) {
-    const int fallback = bit_width(static_cast<uint64_t>(entries));
-    if (spec.channels > 0) return 64;
-    const int d = spec.dim();
-    const double largest = std::max(static_cast<double>(spec.width - 1) * feature_scale(d, 0),
-                                    static_cast<double>(spec.height - 1) * feature_scale(d, 1)) /
-                           static_cast<double>(spec.theta_xy);
-    const double reach = d * largest * 1.001 + 2.5 * (d + 1) + 2.0;  // the margin absorbs float rounding
-    if (!(reach < 1e15)) return 64;
-    const int width = bit_width(static_cast<uint64_t>(std::ceil(2.0 * reach)));
-    return std::min(64, std::max(fallback, d * width));
-}
+// log2 of the hash table's slots for a lattice of `entries` entries: a load of at most 0.8 when every
+// entry is a vertex of its own (colour noise), far less on photos.
+int slot_bits_for(int64_t entries) { return bit_width(static_cast<uint64_t>(entries + entries / 4)); }
 
 }  // namespace
 
 void BuildScratch::plan(Workspace& ws, int64_t max_entries) {
+    const int64_t slots = int64_t(1) << slot_bits_for(max_entries);
     rem0 = ws.take<int32_t>(max_entries);
     rank = ws.take<int32_t>(max_entries);
     weight = ws.take<float>(max_entries);
-    keys = ws.take<uint64_t>(max_entries);
-    sorted_keys = ws.take<uint64_t>(max_entries);
+    table = ws.take<uint64_t>(slots);
+    first_entry = ws.take<int32_t>(slots);
+    entry_slot = ws.take<int32_t>(max_entries);
     entries = ws.take<int32_t>(max_entries);
+    numbered = ws.take<int32_t>(max_entries);
+    sorted_vertex = ws.take<int32_t>(max_entries);
     sorted_entries = ws.take<int32_t>(max_entries);
-    vertex_of_sorted = ws.take<int32_t>(max_entries);
     vertex_key = ws.take<uint64_t>(max_entries);
     range = ws.take<int32_t>(2 * kMaxFeatureDim + 1);
-    size_t sort64_bytes = 0, sort32_bytes = 0, heads_bytes = 0, chunks_bytes = 0;
+    size_t sort_bytes = 0, first_bytes = 0, chunks_bytes = 0;
     const int n = static_cast<int>(max_entries);
-    check_cub(cub::DeviceRadixSort::SortPairs(nullptr, sort64_bytes, static_cast<const uint64_t*>(nullptr),
-                                              static_cast<uint64_t*>(nullptr), static_cast<const int32_t*>(nullptr),
-                                              static_cast<int32_t*>(nullptr), n),
-              "sizing the lattice key sort");
-    check_cub(cub::DeviceRadixSort::SortPairs(nullptr, sort32_bytes, static_cast<const uint32_t*>(nullptr),
+    check_cub(cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, static_cast<const uint32_t*>(nullptr),
                                               static_cast<uint32_t*>(nullptr), static_cast<const int32_t*>(nullptr),
                                               static_cast<int32_t*>(nullptr), n),
-              "sizing the lattice key sort");
-    check_cub(cub::DeviceScan::InclusiveSum(nullptr, heads_bytes, IndexedValues<RunHeads<uint64_t>>{},
+              "sizing the sort of the entries by vertex");
+    check_cub(cub::DeviceScan::InclusiveSum(nullptr, first_bytes, IndexedValues<FirstEntries>{},
                                             static_cast<int32_t*>(nullptr), n),
               "sizing the vertex numbering scan");
     check_cub(cub::DeviceScan::InclusiveSum(nullptr, chunks_bytes, IndexedValues<WholeChunks>{},
                                             static_cast<int32_t*>(nullptr), n),
               "sizing the chunk scan");
-    cub_bytes = std::max({sort64_bytes, sort32_bytes, heads_bytes, chunks_bytes});
+    cub_bytes = std::max({sort_bytes, first_bytes, chunks_bytes});
     cub = ws.take<char>(static_cast<int64_t>(cub_bytes));
 }
 
@@ -550,7 +573,7 @@ void Lattice::plan(Workspace& ws, const FeatureSpec& spec, int64_t value_width) 
     d_ = spec.dim();
     pixels_ = spec.pixels();
     entries_ = pixels_ * (d_ + 1);
-    key_bits_ = key_bits_bound(spec, entries_);
+    slot_bits_ = slot_bits_for(entries_);
     vertices_ = ws.take<int32_t>(1);
     packing_ = ws.take<Packing>(1);
     entry_vertex_ = ws.take<int32_t>(entries_);
@@ -583,6 +606,8 @@ void Lattice::build(const FeatureSpec& spec, BuildScratch& s, int kernel, Status
     c.d = d;
 
     cudaStream_t stream = launch.stream;
+    const int64_t slots = int64_t(1) << slot_bits_;
+    clear_table<<<launch.blocks(slots), kThreads, 0, stream>>>(s.table, s.first_entry, slots);
     // every range word is a maximum: 0x80 bytes are far below any (negated) coordinate or float bits
     cudaMemsetAsync(s.range, 0x80, (2 * kMaxFeatureDim + 1) * sizeof(int32_t), stream);
     const int pixel_blocks = launch.blocks(pixels_);
@@ -592,41 +617,34 @@ void Lattice::build(const FeatureSpec& spec, BuildScratch& s, int kernel, Status
         embed<5><<<pixel_blocks, kThreads, 0, stream>>>(c, spec.image, s.rem0, s.rank, s.weight, slice_weight_, s.range);
     else
         embed<0><<<pixel_blocks, kThreads, 0, stream>>>(c, spec.image, s.rem0, s.rank, s.weight, slice_weight_, s.range);
-    if (key_bits_ <= 32)
-        number<uint32_t>(s, kernel, status, launch);
-    else
-        number<uint64_t>(s, kernel, status, launch);
+
     const int entry_blocks = launch.blocks(entries_);
-    find_neighbours<<<entry_blocks, kThreads, 0, stream>>>(d, entries_, vertices_, packing_, s.vertex_key, neighbours_);
-    size_t bytes = s.cub_bytes;
+    insert_entries<<<entry_blocks, kThreads, 0, stream>>>(d, kernel, entries_, s.range, s.rem0, s.rank, slot_bits_,
+                                                          packing_, status, s.table, s.first_entry, s.entry_slot,
+                                                          s.entries);
     const int n = static_cast<int>(entries_);
+    size_t bytes = s.cub_bytes;
+    check_cub(cub::DeviceScan::InclusiveSum(s.cub, bytes, IndexedValues<FirstEntries>{{s.first_entry, s.entry_slot}},
+                                            s.numbered, n, stream),
+              "the vertex numbering scan");
+    number_vertices<<<entry_blocks, kThreads, 0, stream>>>(entries_, s.table, s.first_entry, s.entry_slot, s.numbered,
+                                                           entry_vertex_, s.vertex_key, vertices_);
+    // vertex ids are below the entry count: a radix sort over those bits only
+    bytes = s.cub_bytes;
+    check_cub(cub::DeviceRadixSort::SortPairs(s.cub, bytes, reinterpret_cast<const uint32_t*>(entry_vertex_),
+                                              reinterpret_cast<uint32_t*>(s.sorted_vertex), s.entries,
+                                              s.sorted_entries, n, 0, bit_width(static_cast<uint64_t>(entries_)),
+                                              stream),
+              "the sort of the entries by vertex");
+    fill_csr<<<entry_blocks, kThreads, 0, stream>>>(d, entries_, s.sorted_vertex, s.sorted_entries, s.weight,
+                                                    csr_begin_, csr_pixel_, csr_weight_);
+    find_neighbours<<<entry_blocks, kThreads, 0, stream>>>(d, entries_, vertices_, packing_, s.vertex_key, s.table,
+                                                           slot_bits_, s.first_entry, s.numbered, neighbours_);
+    bytes = s.cub_bytes;
     check_cub(cub::DeviceScan::InclusiveSum(s.cub, bytes, IndexedValues<WholeChunks>{{vertices_, csr_begin_}}, chunk_end_,
                                             n, stream),
               "the chunk scan");
     place_chunks<<<entry_blocks, kThreads, 0, stream>>>(vertices_, csr_begin_, chunk_end_, chunk_first_, chunks_);
-}
-
-// Keys, their stable sort with the entry indices, and the vertex numbering in sorted key order.
-template <class Key>
-void Lattice::number(BuildScratch& s, int kernel, Status* status, const Launch& launch) {
-    cudaStream_t stream = launch.stream;
-    Key* keys = reinterpret_cast<Key*>(s.keys);  // 64-bit slots hold either width
-    Key* sorted_keys = reinterpret_cast<Key*>(s.sorted_keys);
-    const int entry_blocks = launch.blocks(entries_);
-    pack_keys<Key><<<entry_blocks, kThreads, 0, stream>>>(d_, key_bits_, kernel, entries_, s.range, s.rem0, s.rank,
-                                                          packing_, status, keys, s.entries);
-    const int n = static_cast<int>(entries_);
-    size_t bytes = s.cub_bytes;
-    check_cub(cub::DeviceRadixSort::SortPairs(s.cub, bytes, keys, sorted_keys, s.entries, s.sorted_entries, n, 0,
-                                              key_bits_, stream),
-              "the lattice key sort");
-    bytes = s.cub_bytes;
-    check_cub(cub::DeviceScan::InclusiveSum(s.cub, bytes, IndexedValues<RunHeads<Key>>{{sorted_keys}},
-                                            s.vertex_of_sorted, n, stream),
-              "the vertex numbering scan");
-    number_vertices<Key><<<entry_blocks, kThreads, 0, stream>>>(d_, entries_, sorted_keys, s.sorted_entries,
-                                                                s.vertex_of_sorted, s.weight, s.vertex_key, csr_begin_,
-                                                                csr_pixel_, csr_weight_, entry_vertex_, vertices_);
 }
 
 LatticeView Lattice::view() const {

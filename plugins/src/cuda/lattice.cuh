@@ -1,13 +1,13 @@
 // lattice.cuh: the permutohedral lattice on the GPU, the same lattice as plugins/src/lattice.cpp.
 //
 // Build: embed every pixel (densecrf's float operations, so the vertices match the CPU's), pack each
-// (pixel, remainder) entry's vertex into a key (32 bits when the host can bound them, as for a spatial
-// kernel, else 64), radix-sort the keys with their entry indices
-// (stable, so equal keys keep pixel order), number the distinct keys in sorted order (vertex ids are
-// therefore deterministic), and find each vertex's blur neighbours by binary search among the sorted
-// keys. The sorted entries are the CSR of the splat matrix's transpose: splatting is a gather in a
-// fixed order (chunks of a vertex's entries, then the chunks in order), so results are bitwise
-// reproducible without atomics.
+// (pixel, remainder) entry's vertex into a 64-bit key and insert it into a hash table that keeps each
+// key's first entry, number the vertices in the order of their first entries (so vertex ids are
+// deterministic, whatever the table's slots), radix-sort the entries by vertex id (stable, so each
+// vertex keeps its entries in pixel order), and find each vertex's blur neighbours in the table. The
+// sorted entries are the CSR of the splat matrix's transpose: splatting is a gather in a fixed order
+// (chunks of a vertex's entries, then the chunks in order), so results are bitwise reproducible
+// without atomics.
 // The vertex count stays on the device; kernels over vertices loop over it grid-stride.
 #pragma once
 
@@ -43,16 +43,18 @@ struct Packing {
 
 // Scratch of the builds, shared by every lattice of a call.
 struct BuildScratch {
-    int32_t* rem0 = nullptr;  // (N, d+1) remainder-0 vertex coordinates
-    int32_t* rank = nullptr;  // (N, d+1)
-    float* weight = nullptr;  // (E) barycentric weight of each entry
-    uint64_t* keys = nullptr;         // 32-bit keys use the low half of these arrays
-    uint64_t* sorted_keys = nullptr;
-    int32_t* entries = nullptr;  // entry indices
-    int32_t* sorted_entries = nullptr;
-    int32_t* vertex_of_sorted = nullptr;  // inclusive scan of the run heads: vertex id + 1
-    uint64_t* vertex_key = nullptr;       // (M) sorted distinct keys
-    int32_t* range = nullptr;             // -low[15], high[15], largest |scaled feature| (float bits)
+    int32_t* rem0 = nullptr;         // (N, d+1) remainder-0 vertex coordinates
+    int32_t* rank = nullptr;         // (N, d+1)
+    float* weight = nullptr;         // (E) barycentric weight of each entry
+    uint64_t* table = nullptr;       // (slots) the vertex keys' hash table (lattice.cu)
+    int32_t* first_entry = nullptr;  // (slots) the smallest entry index of each slot's key
+    int32_t* entry_slot = nullptr;   // (E) the slot of each entry's key
+    int32_t* entries = nullptr;      // (E) entry indices
+    int32_t* numbered = nullptr;     // (E) inclusive scan of the first-entry flags: vertex id + 1 there
+    int32_t* sorted_vertex = nullptr;   // (E) entries sorted by vertex: their vertices
+    int32_t* sorted_entries = nullptr;  // and their entry indices
+    uint64_t* vertex_key = nullptr;  // (M) each vertex's key
+    int32_t* range = nullptr;        // -low[15], high[15], largest |scaled feature| (float bits)
     void* cub = nullptr;
     size_t cub_bytes = 0;
 
@@ -101,12 +103,9 @@ public:
     int64_t value_width() const { return value_width_; }
 
 private:
-    template <class Key>
-    void number(BuildScratch& scratch, int kernel, Status* status, const Launch& launch);
-
     int d_ = 0;
     int64_t pixels_ = 0, entries_ = 0, value_width_ = 0;
-    int key_bits_ = 64;  // the low key bits the sort looks at (key_bits_bound in lattice.cu)
+    int slot_bits_ = 0;  // log2 of its hash table's slots
     int32_t* vertices_ = nullptr;
     Packing* packing_ = nullptr;
     int32_t* entry_vertex_ = nullptr;

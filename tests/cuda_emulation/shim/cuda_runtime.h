@@ -74,11 +74,9 @@ inline int atomicMax(int* p, int v) {
     while (v > old && !a.compare_exchange_weak(old, v)) {}
     return old;
 }
-inline unsigned atomicMax(unsigned* p, unsigned v) {
-    std::atomic_ref<unsigned> a(*p);
-    unsigned old = a.load();
-    while (v > old && !a.compare_exchange_weak(old, v)) {}
-    return old;
+inline unsigned long long atomicCAS(unsigned long long* p, unsigned long long expected, unsigned long long desired) {
+    std::atomic_ref<unsigned long long>(*p).compare_exchange_strong(expected, desired);
+    return expected;  // the value found: desired's predecessor on success
 }
 inline float __int_as_float(int v) { float f; std::memcpy(&f, &v, 4); return f; }
 inline float __uint_as_float(unsigned v) { float f; std::memcpy(&f, &v, 4); return f; }
