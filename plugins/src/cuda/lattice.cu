@@ -29,11 +29,16 @@ struct EmbedConstants {
 };
 
 // D = d when known at compile time (spatial 2, RGB bilateral 5), 0 otherwise; arrays then hold the
-// largest lattice, and the loops run to the runtime d.
+// largest lattice, and the loops run to the runtime d. With D known, a block's outputs go through
+// shared memory: its pixels' entries are one stretch of each output array, written coalesced, where
+// a thread's own d+1 entries would put each store of a warp on 32 rows 4(d+1) bytes apart.
 template <int D>
 __global__ void embed(EmbedConstants c, const float* image, int32_t* rem0_out, int32_t* rank_out, float* weight_out,
                       float* slice_out, int32_t* range) {
     constexpr int A = (D > 0 ? D : kMaxFeatureDim) + 1;
+    constexpr bool kStaged = D > 0;
+    __shared__ int32_t staged_int[kStaged ? 2 * kThreads * A : 1];  // rem0, then rank
+    __shared__ float staged_float[kStaged ? 2 * kThreads * A : 1];  // weight, then slice weight
     const int d = D > 0 ? D : c.d;
     int32_t lo[A], hi[A];
     for (int i = 0; i < A; ++i) {
@@ -41,75 +46,99 @@ __global__ void embed(EmbedConstants c, const float* image, int32_t* rem0_out, i
         hi[i] = INT_MIN;
     }
     float largest = 0.0f;
-    DYNSEG_FOR_EACH(p, c.pixels) {
-        float f[A];
-        const uint32_t width = static_cast<uint32_t>(c.width);
-        f[0] = static_cast<float>(p % width) / c.theta_xy;
-        f[1] = static_cast<float>(p / width) / c.theta_xy;
-        // a compile-time trip count when D is known keeps f in registers
-        const int channels = D > 0 ? D - 2 : c.channels;
-        for (int ch = 0; ch < channels; ++ch) f[2 + ch] = image[ch * c.pixels + p] / c.theta_color;
+    // a block-uniform loop: every thread reaches the staging barriers
+    for (int64_t first = int64_t(blockIdx.x) * kThreads; first < c.pixels; first += int64_t(gridDim.x) * kThreads) {
+        const uint32_t p = static_cast<uint32_t>(first + threadIdx.x);
+        if (p < c.pixels) {
+            float f[A];
+            const uint32_t width = static_cast<uint32_t>(c.width);
+            f[0] = static_cast<float>(p % width) / c.theta_xy;
+            f[1] = static_cast<float>(p / width) / c.theta_xy;
+            // a compile-time trip count when D is known keeps f in registers
+            const int channels = D > 0 ? D - 2 : c.channels;
+            for (int ch = 0; ch < channels; ++ch) f[2 + ch] = image[ch * c.pixels + p] / c.theta_color;
 
-        float elevated[A];
-        float sm = 0.0f;
-        for (int j = d; j > 0; --j) {
-            const float cf = f[j - 1] * c.scale[j - 1];
-            largest = fmaxf(largest, fabsf(cf));
-            elevated[j] = sm - static_cast<float>(j) * cf;
-            sm += cf;
-        }
-        elevated[0] = sm;
-
-        // round half to even: adding 1.5·2^23 leaves no fraction bits (the build has no FMA contraction)
-        const float shifter = 12582912.0f;
-        float rem0[A], rank[A], sum = 0.0f;
-        for (int i = 0; i <= d; ++i) {
-            const float v = (c.inv_dp1 * elevated[i] + shifter) - shifter;
-            rem0[i] = v * c.dp1;
-            sum += v;
-            rank[i] = 0.0f;
-        }
-        for (int i = 0; i < d; ++i) {
-            const float di = elevated[i] - rem0[i];
-            for (int j = i + 1; j <= d; ++j) {
-                const bool less = di < elevated[j] - rem0[j];
-                rank[i] += less ? 1.0f : 0.0f;
-                rank[j] += less ? 0.0f : 1.0f;
+            float elevated[A];
+            float sm = 0.0f;
+            for (int j = d; j > 0; --j) {
+                const float cf = f[j - 1] * c.scale[j - 1];
+                largest = fmaxf(largest, fabsf(cf));
+                elevated[j] = sm - static_cast<float>(j) * cf;
+                sm += cf;
             }
-        }
-        for (int i = 0; i <= d; ++i) {
-            rank[i] += sum;
-            const float fix = (rank[i] < 0.0f ? c.dp1 : 0.0f) - (rank[i] >= c.dp1 ? c.dp1 : 0.0f);
-            rank[i] += fix;
-            rem0[i] += fix;
-        }
-        float v[A], weight[A];
-        for (int i = 0; i <= d; ++i) v[i] = (elevated[i] - rem0[i]) * c.inv_dp1;
-        float last = 0.0f;
-        for (int q = 0; q <= d + 1; ++q) {
-            float plus = 0.0f, minus = 0.0f;
+            elevated[0] = sm;
+
+            // round half to even: adding 1.5·2^23 leaves no fraction bits (the build has no FMA contraction)
+            const float shifter = 12582912.0f;
+            float rem0[A], rank[A], sum = 0.0f;
             for (int i = 0; i <= d; ++i) {
-                plus += rank[i] == static_cast<float>(d - q) ? v[i] : 0.0f;
-                minus += rank[i] == static_cast<float>(d - q + 1) ? v[i] : 0.0f;
+                const float v = (c.inv_dp1 * elevated[i] + shifter) - shifter;
+                rem0[i] = v * c.dp1;
+                sum += v;
+                rank[i] = 0.0f;
             }
-            if (q <= d)
-                weight[q] = plus - minus;
-            else
-                last = plus - minus;
-        }
-        weight[0] += 1.0f + last;
+            for (int i = 0; i < d; ++i) {
+                const float di = elevated[i] - rem0[i];
+                for (int j = i + 1; j <= d; ++j) {
+                    const bool less = di < elevated[j] - rem0[j];
+                    rank[i] += less ? 1.0f : 0.0f;
+                    rank[j] += less ? 0.0f : 1.0f;
+                }
+            }
+            for (int i = 0; i <= d; ++i) {
+                rank[i] += sum;
+                const float fix = (rank[i] < 0.0f ? c.dp1 : 0.0f) - (rank[i] >= c.dp1 ? c.dp1 : 0.0f);
+                rank[i] += fix;
+                rem0[i] += fix;
+            }
+            float v[A], weight[A];
+            for (int i = 0; i <= d; ++i) v[i] = (elevated[i] - rem0[i]) * c.inv_dp1;
+            float last = 0.0f;
+            for (int q = 0; q <= d + 1; ++q) {
+                float plus = 0.0f, minus = 0.0f;
+                for (int i = 0; i <= d; ++i) {
+                    plus += rank[i] == static_cast<float>(d - q) ? v[i] : 0.0f;
+                    minus += rank[i] == static_cast<float>(d - q + 1) ? v[i] : 0.0f;
+                }
+                if (q <= d)
+                    weight[q] = plus - minus;
+                else
+                    last = plus - minus;
+            }
+            weight[0] += 1.0f + last;
 
-        const int64_t e = p * (d + 1);
-        for (int i = 0; i <= d; ++i) {
-            const int32_t r0 = static_cast<int32_t>(rem0[i]), rk = static_cast<int32_t>(rank[i]);
-            rem0_out[e + i] = r0;
-            rank_out[e + i] = rk;
-            weight_out[e + i] = weight[i];
-            slice_out[e + i] = weight[i] * c.alpha;
-            if (i < d) {
-                lo[i] = min(lo[i], r0 - rk);
-                hi[i] = max(hi[i], r0 + d - rk);
+            for (int i = 0; i <= d; ++i) {
+                const int32_t r0 = static_cast<int32_t>(rem0[i]), rk = static_cast<int32_t>(rank[i]);
+                if (kStaged) {
+                    const int k = threadIdx.x * (d + 1) + i;
+                    staged_int[k] = r0;
+                    staged_int[kThreads * A + k] = rk;
+                    staged_float[k] = weight[i];
+                    staged_float[kThreads * A + k] = weight[i] * c.alpha;
+                } else {
+                    const int64_t e = int64_t(p) * (d + 1) + i;
+                    rem0_out[e] = r0;
+                    rank_out[e] = rk;
+                    weight_out[e] = weight[i];
+                    slice_out[e] = weight[i] * c.alpha;
+                }
+                if (i < d) {
+                    lo[i] = min(lo[i], r0 - rk);
+                    hi[i] = max(hi[i], r0 + d - rk);
+                }
             }
+        }
+        if (kStaged) {
+            __syncthreads();
+            const int count = static_cast<int>(min(int64_t(kThreads), c.pixels - first)) * (d + 1);
+            const int64_t e = first * (d + 1);
+            for (int k = threadIdx.x; k < count; k += kThreads) {
+                rem0_out[e + k] = staged_int[k];
+                rank_out[e + k] = staged_int[kThreads * A + k];
+                weight_out[e + k] = staged_float[k];
+                slice_out[e + k] = staged_float[kThreads * A + k];
+            }
+            __syncthreads();
         }
     }
     // warp, then block, then one atomic per block and coordinate: the coordinate ranges are a
@@ -610,13 +639,13 @@ void Lattice::build(const FeatureSpec& spec, BuildScratch& s, int kernel, Status
     clear_table<<<launch.blocks(slots), kThreads, 0, stream>>>(s.table, s.first_entry, slots);
     // every range word is a maximum: 0x80 bytes are far below any (negated) coordinate or float bits
     cudaMemsetAsync(s.range, 0x80, (2 * kMaxFeatureDim + 1) * sizeof(int32_t), stream);
-    const int pixel_blocks = launch.blocks(pixels_);
+    const int blocks = launch.blocks(pixels_);
     if (d == 2)
-        embed<2><<<pixel_blocks, kThreads, 0, stream>>>(c, spec.image, s.rem0, s.rank, s.weight, slice_weight_, s.range);
+        embed<2><<<blocks, kThreads, 0, stream>>>(c, spec.image, s.rem0, s.rank, s.weight, slice_weight_, s.range);
     else if (d == 5)
-        embed<5><<<pixel_blocks, kThreads, 0, stream>>>(c, spec.image, s.rem0, s.rank, s.weight, slice_weight_, s.range);
+        embed<5><<<blocks, kThreads, 0, stream>>>(c, spec.image, s.rem0, s.rank, s.weight, slice_weight_, s.range);
     else
-        embed<0><<<pixel_blocks, kThreads, 0, stream>>>(c, spec.image, s.rem0, s.rank, s.weight, slice_weight_, s.range);
+        embed<0><<<blocks, kThreads, 0, stream>>>(c, spec.image, s.rem0, s.rank, s.weight, slice_weight_, s.range);
 
     const int entry_blocks = launch.blocks(entries_);
     insert_entries<<<entry_blocks, kThreads, 0, stream>>>(d, kernel, entries_, s.range, s.rem0, s.rank, slot_bits_,
@@ -641,15 +670,16 @@ void Lattice::build(const FeatureSpec& spec, BuildScratch& s, int kernel, Status
     find_neighbours<<<entry_blocks, kThreads, 0, stream>>>(d, entries_, vertices_, packing_, s.vertex_key, s.table,
                                                            slot_bits_, s.first_entry, s.numbered, neighbours_);
     bytes = s.cub_bytes;
-    check_cub(cub::DeviceScan::InclusiveSum(s.cub, bytes, IndexedValues<WholeChunks>{{vertices_, csr_begin_}}, chunk_end_,
-                                            n, stream),
+    check_cub(cub::DeviceScan::InclusiveSum(s.cub, bytes, IndexedValues<WholeChunks>{{vertices_, csr_begin_}},
+                                            chunk_end_, n, stream),
               "the chunk scan");
     place_chunks<<<entry_blocks, kThreads, 0, stream>>>(vertices_, csr_begin_, chunk_end_, chunk_first_, chunks_);
 }
 
 LatticeView Lattice::view() const {
-    return LatticeView{d_,           entries_,    vertices_,    entry_vertex_, slice_weight_, csr_begin_, csr_pixel_,
-                       csr_weight_,  neighbours_, chunks_,      chunk_end_,    chunk_first_,  partial_,   {values_[0], values_[1]}};
+    return LatticeView{d_,          entries_,   vertices_, entry_vertex_, slice_weight_,
+                       csr_begin_,  csr_pixel_, csr_weight_, neighbours_, chunks_,
+                       chunk_end_,  chunk_first_, partial_, {values_[0], values_[1]}};
 }
 
 namespace {
