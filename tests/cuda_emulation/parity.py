@@ -81,16 +81,18 @@ def main() -> int:
     if not n.cuda_compiled():
         sys.exit("parity.py: this library has no CUDA entry points")
     densecrf = [(3.0, 0.0, scalar(3.0)), (20.0, 13.0, scalar(10.0))]
-    # the common model (Potts, scalar weights), one label tile or two, both normalisations and outputs
+    # the common model (Potts, scalar weights), one label tile or two, both normalisations and outputs;
+    # 47x50 has more pixels than one sweep of the emulated grid (8 blocks of 256 threads)
     for labels, (height, width), normalization, output in [
         (1, (19, 23), "after", n.OUTPUT_PROBABILITIES),
         (21, (21, 37), "symmetric", n.OUTPUT_LOGITS),
         (40, (17, 18), "after", n.OUTPUT_PROBABILITIES),
+        (2, (47, 50), "after", n.OUTPUT_PROBABILITIES),
     ]:
         unary = rng.normal(0, 2, (labels, height, width)).astype(np.float32)
         problem = make_problem(labels, colour_ramps(height, width), densecrf, normalization=normalization, output=output)
         check(f"Potts L={labels} {height}x{width} {normalization}", problem.forward(unary), forward_cuda(problem, unary), 1e-5)
-    # colour noise with a small theta_beta: a vertex per entry, far more per pixel tile than are staged
+    # colour noise with a small theta_beta: a vertex for nearly every entry, so the hash table fills
     # (a modest weight: on noise a strong one amplifies rounding differences each iteration)
     noise = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
     unary = rng.normal(0, 2, (21, 40, 40)).astype(np.float32)
