@@ -150,15 +150,18 @@ def main() -> int:
     # a lattice that cannot be built: an error on both, the CUDA one naming the kernel
     problem = make_problem(2, colour_ramps(16, 16), [densecrf[0], (1.0, 1e-30, densecrf[1][2])])
     unary = rng.normal(0, 2, (2, 16, 16)).astype(np.float32)
+    out = np.zeros_like(unary)  # the CUDA output must come back NaN, not zeros
+    buffer, nbytes = workspace(problem, n.PASS_FORWARD)
     errors = []
-    for run in (problem.forward, lambda u: forward_cuda(problem, u)):
+    for run in (lambda: problem.forward(unary),
+                lambda: problem.forward_cuda(on_device(unary), on_device(out), buffer.ctypes.data, nbytes, 0)):
         try:
-            run(unary)
+            run()
             errors.append("no error")
         except DynsegError as error:
             errors.append(str(error))
-    ok = all("out of range" in e for e in errors) and "kernels[1]" in errors[1]
-    print(f"{'ok' if ok else 'MISMATCH'}  unbuildable lattice: {' | '.join(errors)}")
+    ok = all("out of range" in e for e in errors) and "kernels[1]" in errors[1] and bool(np.isnan(out).all())
+    print(f"{'ok' if ok else 'MISMATCH'}  unbuildable lattice, NaN out {np.isnan(out).all()}: {' | '.join(errors)}")
     failures += not ok
     print("all match" if failures == 0 else f"{failures} mismatches")
     return 1 if failures else 0

@@ -60,30 +60,56 @@ void to_planar(const float* rows, float* planar, int64_t labels, int64_t pixels,
                                                                               pixels, status);
 }
 
-// Softmax of rows of at most kTileRow floats: a block's rows are one contiguous stretch of memory,
-// so they go through shared memory with coalesced loads and stores (rows padded to an odd length
-// there, so that a thread per row meets no bank conflicts).
+// Softmax of rows of at most kTileRow floats, a block's rows through shared memory (padded to an odd
+// length there, so that a thread per row meets no bank conflicts), so that loads and stores are
+// coalesced in either layout: pixel-major (N, stride) rows are one stretch of memory, planar (L, N)
+// ones a stretch per label. A planar input's rows also go to `copy`, pixel-major and zero padded
+// (the start of mean field: U for the iterations, and Q^0 from it); a planar output is NaN
+// everywhere when status says a lattice failed (the end: Q out of the call).
 constexpr int kTileRow = 32;
 
-__global__ void softmax_short_rows(const float* logits, float* q, int64_t labels, int64_t pixels, int64_t stride) {
+// Pixel-major rows are whole float4s (stride is a multiple of 4): a quarter of the loads, stores and
+// index divisions.
+__device__ inline void rows_to_tile(const float* rows, float* tile, int quads, int row_quads, int64_t pitch) {
+    const float4* in = reinterpret_cast<const float4*>(rows);
+    for (int i = threadIdx.x; i < quads; i += kThreads) {
+        const float4 v = in[i];
+        float* t = tile + (i / row_quads) * pitch + 4 * (i % row_quads);
+        t[0] = v.x;
+        t[1] = v.y;
+        t[2] = v.z;
+        t[3] = v.w;
+    }
+}
+
+__device__ inline void tile_to_rows(const float* tile, float* rows, int quads, int row_quads, int64_t pitch) {
+    float4* out = reinterpret_cast<float4*>(rows);
+    for (int i = threadIdx.x; i < quads; i += kThreads) {
+        const float* t = tile + (i / row_quads) * pitch + 4 * (i % row_quads);
+        out[i] = float4{t[0], t[1], t[2], t[3]};
+    }
+}
+
+__global__ void softmax_short_rows(const float* in, bool planar_in, float* copy, float* out, bool planar_out,
+                                   const Status* status, int64_t labels, int64_t pixels, int64_t stride) {
     __shared__ float tile[kThreads * (kTileRow + 1)];
-    const int64_t row_pitch = stride + 1;
+    const int64_t pitch = stride + 1;
+    const bool failed = planar_out && status && status->code != 0;
+    float* x = tile + threadIdx.x * pitch;  // this thread's row
     for (int64_t first = blockIdx.x * int64_t(kThreads); first < pixels; first += int64_t(gridDim.x) * kThreads) {
         const int64_t rows = min(int64_t(kThreads), pixels - first);
-        // rows are whole float4s (stride is a multiple of 4): a quarter of the loads and index divisions
-        const float4* in = reinterpret_cast<const float4*>(logits + first * stride);
         const int quads = static_cast<int>(rows * stride / 4), row_quads = static_cast<int>(stride / 4);
-        for (int i = threadIdx.x; i < quads; i += kThreads) {
-            const float4 v = in[i];
-            float* t = tile + (i / row_quads) * row_pitch + 4 * (i % row_quads);
-            t[0] = v.x;
-            t[1] = v.y;
-            t[2] = v.z;
-            t[3] = v.w;
+        if (!planar_in) {
+            rows_to_tile(in + first * stride, tile, quads, row_quads, pitch);
+        } else if (threadIdx.x < rows) {
+            for (int64_t l = 0; l < stride; ++l) x[l] = l < labels ? in[l * pixels + first + threadIdx.x] : 0.0f;
         }
         __syncthreads();
+        if (copy) {
+            tile_to_rows(tile, copy + first * stride, quads, row_quads, pitch);
+            __syncthreads();
+        }
         if (threadIdx.x < rows) {
-            float* x = tile + threadIdx.x * row_pitch;
             float top = -INFINITY;
             for (int64_t l = 0; l < labels; ++l) top = fmaxf(top, x[l]);
             float sum = 0.0f;
@@ -94,14 +120,15 @@ __global__ void softmax_short_rows(const float* logits, float* q, int64_t labels
             const float inverse = 1.0f / sum;
             for (int64_t l = 0; l < labels; ++l) x[l] *= inverse;
             for (int64_t l = labels; l < stride; ++l) x[l] = 0.0f;
+            if (planar_out)
+                for (int64_t l = 0; l < labels; ++l)
+                    out[l * pixels + first + threadIdx.x] = failed ? __int_as_float(0x7fc00000) : x[l];
         }
         __syncthreads();
-        float4* out = reinterpret_cast<float4*>(q + first * stride);
-        for (int i = threadIdx.x; i < quads; i += kThreads) {
-            const float* t = tile + (i / row_quads) * row_pitch + 4 * (i % row_quads);
-            out[i] = float4{t[0], t[1], t[2], t[3]};
+        if (!planar_out) {
+            tile_to_rows(tile, out + first * stride, quads, row_quads, pitch);
+            __syncthreads();
         }
-        __syncthreads();
     }
 }
 
@@ -342,7 +369,8 @@ void MeanField::prepare(const Launch& launch) {
 
 void MeanField::softmax(const float* logits, float* q, const Launch& launch) const {
     if (stride_ <= kTileRow)
-        softmax_short_rows<<<launch.blocks(pixels_), kThreads, 0, launch.stream>>>(logits, q, labels_, pixels_, stride_);
+        softmax_short_rows<<<launch.blocks(pixels_), kThreads, 0, launch.stream>>>(logits, false, nullptr, q, false,
+                                                                                   nullptr, labels_, pixels_, stride_);
     else
         softmax_long_rows<<<launch.blocks(32 * pixels_), kThreads, 0, launch.stream>>>(logits, q, labels_, pixels_,
                                                                                      stride_);
@@ -393,7 +421,31 @@ void MeanField::finish_logits(const Launch& launch) {
     }
 }
 
-// Leaves L^T in acc_; history (may be null) receives Q^0 .. Q^{T-1}. unary_ must hold U.
+// unary_ = U (from planar (L, N)), and Q^0 = softmax(U) into q, in one pass where rows are short.
+void MeanField::start(const float* unary, float* q, const Launch& launch) {
+    if (stride_ <= kTileRow) {
+        softmax_short_rows<<<launch.blocks(pixels_), kThreads, 0, launch.stream>>>(unary, true, unary_, q, false,
+                                                                                   nullptr, labels_, pixels_, stride_);
+        return;
+    }
+    to_pixel_major(unary, unary_, labels_, pixels_, stride_, launch);
+    softmax(unary_, q, launch);
+}
+
+// out (L, N) = the call's result, softmax(acc_) or acc_ itself (NaN if a lattice failed).
+void MeanField::finish(float* out, const Launch& launch) {
+    const bool probabilities = p_.output == DYNSEG_OUTPUT_PROBABILITIES;
+    if (probabilities && stride_ <= kTileRow) {
+        softmax_short_rows<<<launch.blocks(pixels_), kThreads, 0, launch.stream>>>(acc_, false, nullptr, out, true,
+                                                                                   status_, labels_, pixels_, stride_);
+        return;
+    }
+    if (probabilities) softmax(acc_, q_, launch);
+    to_planar(probabilities ? q_ : acc_, out, labels_, pixels_, stride_, status_, launch);
+}
+
+// Leaves L^T in acc_; history (may be null) receives Q^0 .. Q^{T-1}. start() must have run, with
+// Q^0 going where iteration 0 reads it (history, else q_).
 void MeanField::run_iterations(float* history, const Launch& launch) {
     const int64_t size = pixels_ * stride_;
     const int K = p_.num_kernels;
@@ -401,9 +453,8 @@ void MeanField::run_iterations(float* history, const Launch& launch) {
         cudaMemcpyAsync(acc_, unary_, size * sizeof(float), cudaMemcpyDeviceToDevice, launch.stream);
     detections_.start(launch);
     for (int t = 0; t < p_.iterations; ++t) {
-        const float* logits = t == 0 ? unary_ : acc_;
         float* q = history ? history + t * size : q_;
-        softmax(logits, q, launch);
+        if (t > 0) softmax(acc_, q, launch);
         if (K == 0) {
             if (detections_.active())
                 cudaMemcpyAsync(acc_, unary_, size * sizeof(float), cudaMemcpyDeviceToDevice, launch.stream);
@@ -418,14 +469,9 @@ void MeanField::run_iterations(float* history, const Launch& launch) {
 
 void MeanField::forward(const float* unary, float* out, const Launch& launch) {
     prepare(launch);
-    to_pixel_major(unary, unary_, labels_, pixels_, stride_, launch);
+    start(unary, q_, launch);
     run_iterations(nullptr, launch);
-    const float* result = acc_;
-    if (p_.output == DYNSEG_OUTPUT_PROBABILITIES) {
-        softmax(acc_, q_, launch);
-        result = q_;
-    }
-    to_planar(result, out, labels_, pixels_, stride_, status_, launch);
+    finish(out, launch);
 }
 
 void MeanField::backward(const float* unary, const float* grad_logits, float* grad_unary, float* const* grad_weights,
@@ -433,7 +479,7 @@ void MeanField::backward(const float* unary, const float* grad_logits, float* gr
     const int64_t L = labels_, S = stride_, N = pixels_, size = N * S;
     cudaStream_t stream = launch.stream;
     prepare(launch);
-    to_pixel_major(unary, unary_, L, N, S, launch);
+    start(unary, p_.iterations > 0 ? history_ : q_, launch);
     run_iterations(history_, launch);
     to_pixel_major(grad_logits, grad_, L, N, S, launch);
     cudaMemsetAsync(grad_u_, 0, size * sizeof(float), stream);

@@ -27,6 +27,8 @@ public:
 
 private:
     void prepare(const Launch& launch);
+    void start(const float* unary, float* q, const Launch& launch);
+    void finish(float* out, const Launch& launch);
     void run_iterations(float* history, const Launch& launch);
     void messages(const float* q, const Launch& launch);
     void finish_logits(const Launch& launch);
