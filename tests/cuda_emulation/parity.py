@@ -147,8 +147,11 @@ def main() -> int:
         results.append((logits, recalibrated))
     check("detection potential: logits", results[0][0], results[1][0], 1e-5)
     check("detection potential: recalibrated scores", results[0][1], results[1][1], 1e-5)
-    # a lattice that cannot be built: an error on both, the CUDA one naming the kernel
-    problem = make_problem(2, colour_ramps(16, 16), [densecrf[0], (1.0, 1e-30, densecrf[1][2])])
+    # a lattice that cannot be built: an error on both, the CUDA one naming the kernel. Its entries
+    # stand in as keys, so its neighbour lookups ask for arbitrary keys (the table's empty mark too)
+    stripes = np.full((16, 16, 3), 200, np.uint8)
+    stripes[::2] = 0
+    problem = make_problem(2, stripes, [densecrf[0], (1.0, 1e-30, densecrf[1][2])])
     unary = rng.normal(0, 2, (2, 16, 16)).astype(np.float32)
     out = np.zeros_like(unary)  # the CUDA output must come back NaN, not zeros
     buffer, nbytes = workspace(problem, n.PASS_FORWARD)

@@ -238,8 +238,9 @@ __device__ inline int32_t find_key(const uint64_t* table, int slot_bits, uint64_
     const uint32_t mask = (1u << slot_bits) - 1;
     for (uint32_t s = home_slot(key, slot_bits);; s = (s + 1) & mask) {
         const uint64_t held = table[s];
-        if (held == key) return static_cast<int32_t>(s);
+        // empty first: a failed lattice's neighbour keys are arbitrary, the empty mark among them
         if (held == kEmptySlot) return -1;
+        if (held == key) return static_cast<int32_t>(s);
     }
 }
 
