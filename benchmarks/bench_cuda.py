@@ -120,7 +120,7 @@ def profile(call: CudaCall) -> None:
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         call.enqueue()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60), flush=True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=100), flush=True)
 
 
 def best_s(run, repeats: int) -> float:
