@@ -23,10 +23,10 @@ from dynseg.trainer.model.network import ModelConfig, build_model  # noqa: E402
 def _missing() -> str | None:
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return f"onnxruntime {ort.__version__} has no CUDA execution provider (onnxruntime-gpu is not installed)"
-    if not _native.cuda_compiled():
-        return "the native library was built without CUDA (no nvcc at install time)"
-    if _native.cuda_device_count() == 0:
-        return "no CUDA device on this machine"
+    try:
+        _native.check_cuda_device(0)  # the SDK's own check, with its message
+    except InvalidArgumentError as error:
+        return str(error)
     return None
 
 
