@@ -600,29 +600,31 @@ void BuildScratch::plan(Workspace& ws, int64_t max_entries) {
 }
 
 void Lattice::plan(Workspace& ws, const FeatureSpec& spec, int64_t value_width) {
-    d_ = spec.dim();
+    LatticeView& v = view_;
+    v.d = spec.dim();
     pixels_ = spec.pixels();
-    entries_ = pixels_ * (d_ + 1);
-    slot_bits_ = slot_bits_for(entries_);
-    vertices_ = ws.take<int32_t>(1);
+    v.entries = pixels_ * (v.d + 1);
+    slot_bits_ = slot_bits_for(v.entries);
+    v.vertices = ws.take<int32_t>(1);
     packing_ = ws.take<Packing>(1);
-    entry_vertex_ = ws.take<int32_t>(entries_);
-    slice_weight_ = ws.take<float>(entries_);
-    csr_begin_ = ws.take<int32_t>(entries_ + 1);
-    csr_pixel_ = ws.take<int32_t>(entries_);
-    csr_weight_ = ws.take<float>(entries_);
-    neighbours_ = ws.take<int32_t>(entries_ * (d_ + 1) * 2);
-    chunks_ = ws.take<int32_t>(1);
-    chunk_end_ = ws.take<int32_t>(entries_);
-    chunk_first_ = ws.take<int32_t>(entries_ / kChunk + 1);
+    v.entry_vertex = ws.take<int32_t>(v.entries);
+    v.slice_weight = ws.take<float>(v.entries);
+    v.csr_begin = ws.take<int32_t>(v.entries + 1);
+    v.csr_pixel = ws.take<int32_t>(v.entries);
+    v.csr_weight = ws.take<float>(v.entries);
+    v.neighbours = ws.take<int32_t>(v.entries * (v.d + 1) * 2);
+    v.chunks = ws.take<int32_t>(1);
+    v.chunk_end = ws.take<int32_t>(v.entries);
+    v.chunk_first = ws.take<int32_t>(v.entries / kChunk + 1);
     value_width_ = value_width;
-    partial_ = ws.take<float>((entries_ / kChunk + 1) * value_width);
-    values_[0] = ws.take<float>((entries_ + 1) * value_width);
-    values_[1] = ws.take<float>((entries_ + 1) * value_width);
+    v.partial = ws.take<float>((v.entries / kChunk + 1) * value_width);
+    v.values[0] = ws.take<float>((v.entries + 1) * value_width);
+    v.values[1] = ws.take<float>((v.entries + 1) * value_width);
 }
 
 void Lattice::build(const FeatureSpec& spec, BuildScratch& s, int kernel, Status* status, const Launch& launch) {
-    const int d = d_;
+    const LatticeView& v = view_;
+    const int d = v.d;
     EmbedConstants c{};
     for (int i = 0; i < d; ++i) c.scale[i] = feature_scale(d, i);
     c.inv_dp1 = 1.0f / static_cast<float>(d + 1);
@@ -642,45 +644,39 @@ void Lattice::build(const FeatureSpec& spec, BuildScratch& s, int kernel, Status
     cudaMemsetAsync(s.range, 0x80, (2 * kMaxFeatureDim + 1) * sizeof(int32_t), stream);
     const int blocks = launch.blocks(pixels_);
     if (d == 2)
-        embed<2><<<blocks, kThreads, 0, stream>>>(c, spec.image, s.rem0, s.rank, s.weight, slice_weight_, s.range);
+        embed<2><<<blocks, kThreads, 0, stream>>>(c, spec.image, s.rem0, s.rank, s.weight, v.slice_weight, s.range);
     else if (d == 5)
-        embed<5><<<blocks, kThreads, 0, stream>>>(c, spec.image, s.rem0, s.rank, s.weight, slice_weight_, s.range);
+        embed<5><<<blocks, kThreads, 0, stream>>>(c, spec.image, s.rem0, s.rank, s.weight, v.slice_weight, s.range);
     else
-        embed<0><<<blocks, kThreads, 0, stream>>>(c, spec.image, s.rem0, s.rank, s.weight, slice_weight_, s.range);
+        embed<0><<<blocks, kThreads, 0, stream>>>(c, spec.image, s.rem0, s.rank, s.weight, v.slice_weight, s.range);
 
-    const int entry_blocks = launch.blocks(entries_);
-    insert_entries<<<entry_blocks, kThreads, 0, stream>>>(d, kernel, entries_, s.range, s.rem0, s.rank, slot_bits_,
+    const int entry_blocks = launch.blocks(v.entries);
+    insert_entries<<<entry_blocks, kThreads, 0, stream>>>(d, kernel, v.entries, s.range, s.rem0, s.rank, slot_bits_,
                                                           packing_, status, s.table, s.first_entry, s.entry_slot,
                                                           s.entries);
-    const int n = static_cast<int>(entries_);
+    const int n = static_cast<int>(v.entries);
     size_t bytes = s.cub_bytes;
     check_cub(cub::DeviceScan::InclusiveSum(s.cub, bytes, IndexedValues<FirstEntries>{{s.first_entry, s.entry_slot}},
                                             s.numbered, n, stream),
               "the vertex numbering scan");
-    number_vertices<<<entry_blocks, kThreads, 0, stream>>>(entries_, s.table, s.first_entry, s.entry_slot, s.numbered,
-                                                           entry_vertex_, s.vertex_key, vertices_);
+    number_vertices<<<entry_blocks, kThreads, 0, stream>>>(v.entries, s.table, s.first_entry, s.entry_slot, s.numbered,
+                                                           v.entry_vertex, s.vertex_key, v.vertices);
     // vertex ids are below the entry count: a radix sort over those bits only
     bytes = s.cub_bytes;
-    check_cub(cub::DeviceRadixSort::SortPairs(s.cub, bytes, reinterpret_cast<const uint32_t*>(entry_vertex_),
+    check_cub(cub::DeviceRadixSort::SortPairs(s.cub, bytes, reinterpret_cast<const uint32_t*>(v.entry_vertex),
                                               reinterpret_cast<uint32_t*>(s.sorted_vertex), s.entries,
-                                              s.sorted_entries, n, 0, bit_width(static_cast<uint64_t>(entries_)),
+                                              s.sorted_entries, n, 0, bit_width(static_cast<uint64_t>(v.entries)),
                                               stream),
               "the sort of the entries by vertex");
-    fill_csr<<<entry_blocks, kThreads, 0, stream>>>(d, entries_, s.sorted_vertex, s.sorted_entries, s.weight,
-                                                    csr_begin_, csr_pixel_, csr_weight_);
-    find_neighbours<<<entry_blocks, kThreads, 0, stream>>>(d, entries_, vertices_, packing_, s.vertex_key, s.table,
-                                                           slot_bits_, s.first_entry, s.numbered, neighbours_);
+    fill_csr<<<entry_blocks, kThreads, 0, stream>>>(d, v.entries, s.sorted_vertex, s.sorted_entries, s.weight,
+                                                    v.csr_begin, v.csr_pixel, v.csr_weight);
+    find_neighbours<<<entry_blocks, kThreads, 0, stream>>>(d, v.entries, v.vertices, packing_, s.vertex_key, s.table,
+                                                           slot_bits_, s.first_entry, s.numbered, v.neighbours);
     bytes = s.cub_bytes;
-    check_cub(cub::DeviceScan::InclusiveSum(s.cub, bytes, IndexedValues<WholeChunks>{{vertices_, csr_begin_}},
-                                            chunk_end_, n, stream),
+    check_cub(cub::DeviceScan::InclusiveSum(s.cub, bytes, IndexedValues<WholeChunks>{{v.vertices, v.csr_begin}},
+                                            v.chunk_end, n, stream),
               "the chunk scan");
-    place_chunks<<<entry_blocks, kThreads, 0, stream>>>(vertices_, csr_begin_, chunk_end_, chunk_first_, chunks_);
-}
-
-LatticeView Lattice::view() const {
-    return LatticeView{d_,          entries_,   vertices_, entry_vertex_, slice_weight_,
-                       csr_begin_,  csr_pixel_, csr_weight_, neighbours_, chunks_,
-                       chunk_end_,  chunk_first_, partial_, {values_[0], values_[1]}};
+    place_chunks<<<entry_blocks, kThreads, 0, stream>>>(v.vertices, v.csr_begin, v.chunk_end, v.chunk_first, v.chunks);
 }
 
 namespace {

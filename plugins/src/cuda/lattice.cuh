@@ -72,23 +72,24 @@ struct FilterOutput {
     const float* weight = nullptr;
 };
 
-// A built lattice as the filtering kernels read it: device arrays, and counts that live on the device.
+// A lattice's device arrays, and the counts that live on the device: what the build fills and the
+// filtering kernels read (they write only partial and values).
 struct LatticeView {
     int d;
     int64_t entries;
-    const int32_t* vertices;      // M
-    const int32_t* entry_vertex;  // (N, d+1)
-    const float* slice_weight;    // (N, d+1) barycentric weight · alpha
-    const int32_t* csr_begin;     // (M+1)
-    const int32_t* csr_pixel;     // (E) in vertex order, pixel order within a vertex
-    const float* csr_weight;
-    const int32_t* neighbours;    // (d+1, E, 2); a missing neighbour is the zero row M
+    int32_t* vertices;      // M
+    int32_t* entry_vertex;  // (N, d+1)
+    float* slice_weight;    // (N, d+1) barycentric weight · alpha
+    int32_t* csr_begin;     // (M+1)
+    int32_t* csr_pixel;     // (E) in vertex order, pixel order within a vertex
+    float* csr_weight;
+    int32_t* neighbours;    // (d+1, E, 2); a missing neighbour is the zero row M
     // the splat's chunks: whole runs of kChunk entries of one vertex (lattice.cu)
-    const int32_t* chunks;        // their number
-    const int32_t* chunk_end;     // (M) inclusive scan of the chunks per vertex
-    const int32_t* chunk_first;   // first sorted entry of each chunk
-    float* partial;               // (chunks, value width) chunk sums of the label tile in flight
-    float* values[2];             // (M+1, value width) each: the splat, then the blur between the two
+    int32_t* chunks;        // their number
+    int32_t* chunk_end;     // (M) inclusive scan of the chunks per vertex
+    int32_t* chunk_first;   // first sorted entry of each chunk
+    float* partial;         // (chunks, value width) chunk sums of the label tile in flight
+    float* values[2];       // (M+1, value width) each: the splat, then the blur between the two
 };
 
 class Lattice {
@@ -99,26 +100,14 @@ public:
     // Enqueues the build; a failure is recorded in status (first failure wins) and leaves a lattice
     // that is safe to filter with (its results are then discarded).
     void build(const FeatureSpec& spec, BuildScratch& scratch, int kernel, Status* status, const Launch& launch);
-    LatticeView view() const;
+    const LatticeView& view() const { return view_; }
     int64_t value_width() const { return value_width_; }
 
 private:
-    int d_ = 0;
-    int64_t pixels_ = 0, entries_ = 0, value_width_ = 0;
+    LatticeView view_{};
+    int64_t pixels_ = 0, value_width_ = 0;
     int slot_bits_ = 0;  // log2 of its hash table's slots
-    int32_t* vertices_ = nullptr;
     Packing* packing_ = nullptr;
-    int32_t* entry_vertex_ = nullptr;
-    float* slice_weight_ = nullptr;
-    int32_t* csr_begin_ = nullptr;
-    int32_t* csr_pixel_ = nullptr;
-    float* csr_weight_ = nullptr;
-    int32_t* neighbours_ = nullptr;
-    int32_t* chunks_ = nullptr;
-    int32_t* chunk_end_ = nullptr;
-    int32_t* chunk_first_ = nullptr;
-    float* partial_ = nullptr;
-    float* values_[2] = {};
 };
 
 // Filtering through several lattices at once (the kernels of one CRF): each launch serves all of
