@@ -1,38 +1,52 @@
 #!/usr/bin/env bash
-# Times this checkout's CUDA kernels against another source tree's on the same GPU, in one session
-# (issue 5: a kernel change is kept only if it is measured faster). Builds the other tree's native
-# library with CMake for this card alone, installs this checkout as scripts/gpu_check.sh does, then
-# runs `benchmarks/bench_cuda.py --quick` for this build, the other, and this build again (so that
-# drift on a shared machine shows). Run scripts/gpu_check.sh first: this script checks no results.
+# Times this checkout's CUDA kernels against other source trees' on the same GPU, in one session
+# (issue 5: a kernel change is kept only if it is measured faster). Builds each other tree's native
+# library with CMake for this card alone, all at once, installs this checkout as scripts/gpu_check.sh
+# does, then runs `benchmarks/bench_cuda.py --quick` for this build, each other tree in turn, and this
+# build again (so that drift on a shared machine shows). Run scripts/gpu_check.sh first: this script
+# checks no results. Reports go to $OUT when set, else ./gpu_report.
 #
-#   git archive main CMakeLists.txt plugins | (mkdir -p .ref && tar -x -C .ref)     # on the CPU machine
-#   bash scripts/gpu_compare.sh .ref [REPORT_DIR]                                    # on the GPU machine
+#   git archive main CMakeLists.txt plugins | (mkdir -p .ref/main && tar -x -C .ref/main)   # CPU machine
+#   bash scripts/gpu_compare.sh .ref/main [.ref/other ...]                                   # GPU machine
 #
-# The other tree must speak the same C ABI as this checkout's Python side.
+# Every tree must speak the same C ABI as this checkout's Python side.
 set -u
-OTHER=${1:?usage: gpu_compare.sh OTHER_SOURCE_TREE [REPORT_DIR]}
-REPORT=${2:-${OUT:-$PWD/gpu_report}}
+[ $# -ge 1 ] || { echo "usage: gpu_compare.sh SOURCE_TREE [SOURCE_TREE ...]"; exit 2; }
+REPORT=${OUT:-$PWD/gpu_report}
 mkdir -p "$REPORT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d '. ')
-other_build=$(mktemp -d)
+label() { basename "$1"; }
 
-echo "=== building $OTHER for sm_$arch, and this checkout"
-(cmake -S "$OTHER" -B "$other_build" -DCMAKE_BUILD_TYPE=Release -DDYNSEG_CUDA_ARCHITECTURES="$arch-real" \
-  >"$REPORT/other_configure.log" 2>&1 && cmake --build "$other_build" -j 8 >"$REPORT/other_build.log" 2>&1) &
-other=$!
+echo "=== building $* for sm_$arch, and this checkout"
+declare -A build_dir job
+for tree in "$@"; do
+  build_dir[$tree]=$(mktemp -d)
+  log="$REPORT/build_$(label "$tree")"
+  (cmake -S "$tree" -B "${build_dir[$tree]}" -DCMAKE_BUILD_TYPE=Release -DDYNSEG_CUDA_ARCHITECTURES="$arch-real" \
+    >"$log.configure.log" 2>&1 && cmake --build "${build_dir[$tree]}" -j 8 >"$log.log" 2>&1) &
+  job[$tree]=$!
+done
 if ! $PY -m pip install -q --no-deps --no-build-isolation -e . >"$REPORT/build.log" 2>&1; then
   tail -30 "$REPORT/build.log"; echo "BUILD FAILED (this checkout)"; exit 1
 fi
-if ! wait $other; then tail -30 "$REPORT/other_build.log"; echo "BUILD FAILED ($OTHER)"; exit 1; fi
-library=$(find "$other_build" -name 'libdynseg_crf.so' | head -1)
+for tree in "$@"; do
+  if ! wait "${job[$tree]}"; then tail -30 "$REPORT/build_$(label "$tree").log"; echo "BUILD FAILED ($tree)"; exit 1; fi
+done
 
-for run in this other this-again; do
-  echo "=== $run"
-  if [ $run = other ]; then
-    DYNSEG_LIBRARY=$library timeout 200 $PY benchmarks/bench_cuda.py --quick --out "$REPORT/compare_$run.md" | tail -9
-  else
-    timeout 200 $PY benchmarks/bench_cuda.py --quick --out "$REPORT/compare_$run.md" | tail -9
-  fi
+bench() {  # name [library]
+  echo "=== $1"
+  DYNSEG_LIBRARY=${2:-} timeout 200 $PY benchmarks/bench_cuda.py --quick --out "$REPORT/compare_$1.md" | tail -9
+}
+bench this
+for tree in "$@"; do
+  bench "$(label "$tree")" "$(find "${build_dir[$tree]}" -name 'libdynseg_crf.so' | head -1)"
+done
+bench this-again
+
+echo "=== semantic 512×512 (call / graph / build ms)"
+for name in this $(for tree in "$@"; do label "$tree"; done) this-again; do
+  awk -F'|' -v name="$name" '/semantic \| 512×512/ { printf "%-20s %s /%s /%s\n", name, $6, $7, $8 }' \
+    "$REPORT/compare_$name.md"
 done
