@@ -139,9 +139,19 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print the kernels of the first case by GPU time")
     parser.add_argument("--quick", action="store_true",
                         help="skip the PyTorch reference and pydensecrf (comparing two builds: scripts/gpu_compare.sh)")
+    parser.add_argument("--once", action="store_true",
+                        help="enqueue the first case once and exit, for a kernel profiler (scripts/gpu_check.sh)")
     args = parser.parse_args()
     if _native.cuda_device_count() == 0:
         sys.exit("bench_cuda: no CUDA device (or the library was built without CUDA)")
+    if args.once:
+        (height, width), (_, labels, iterations, kernels) = SIZES[0], CASES[0]
+        image = torch.tensor(resized_photo(height, width).transpose(2, 0, 1).astype(np.float32), device="cuda")
+        call = CudaCall(torch.tensor(smooth_unary(labels, height, width, seed=labels), device="cuda"),
+                        image.contiguous(), kernels, iterations)
+        call.enqueue()
+        call.check()
+        return
     card = torch.cuda.get_device_name()
     lines = [
         f"Card: {card}; CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}",

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a session with a GPU (issue 5): builds dynseg with its CUDA kernels, runs the GPU
-# tests, compute-sanitizer memcheck on a small forward and backward, and the GPU benchmark, and writes
-# a report. Under 5 minutes on an H100/H200 machine.
+# tests, compute-sanitizer memcheck on a small forward and backward, the GPU benchmark and, where
+# Nsight Compute is installed, an analysis of the main kernels, and writes a report. Under 5 minutes
+# on an H100/H200 machine (the analysis is capped at 150 s).
 #
 #   bash scripts/gpu_check.sh [REPORT_DIR]      (default: $OUT when set, else ./gpu_report)
 #
@@ -43,4 +44,17 @@ echo "memcheck exit code $?"; tail -5 "$REPORT/memcheck.log"
 [ -n "${dcrf:-}" ] && wait $dcrf
 step "benchmark"
 timeout 200 $PY benchmarks/bench_cuda.py --profile --out "$REPORT/bench_cuda.md" 2>&1 | tee "$REPORT/bench.log" | tail -12
+step "kernel analysis (Nsight Compute, when the machine has it)"
+# What bounds each kernel of one semantic 512×512 call (memory or compute throughput, cache hit rates,
+# occupancy, stall reasons): the first launches of the filtering kernels and the key insertion.
+ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+if [ -n "$ncu" ]; then
+  timeout 150 "$ncu" -k regex:'slice$|vertex_sums|chunk_sums|blur_step|softmax_short_rows|insert_entries' \
+    --launch-count 25 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+    --section WarpStateStats $PY benchmarks/bench_cuda.py --once >"$REPORT/ncu.txt" 2>&1
+  echo "ncu exit code $? (report: ncu.txt)"; grep -E "^  [a-z_]+.*\(|Duration|Memory Throughput|L1/TEX Hit|L2 Hit|Achieved Occupancy" \
+    "$REPORT/ncu.txt" | head -60
+else
+  echo "no ncu on this machine"
+fi
 step "done"
