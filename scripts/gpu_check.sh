@@ -46,11 +46,13 @@ step "benchmark"
 timeout 200 $PY benchmarks/bench_cuda.py --profile --out "$REPORT/bench_cuda.md" 2>&1 | tee "$REPORT/bench.log" | tail -12
 step "kernel analysis (Nsight Compute, when the machine has it)"
 # What bounds each kernel of one semantic 512×512 call (memory or compute throughput, cache hit rates,
-# occupancy, stall reasons): the first launches of the filtering kernels and the key insertion.
+# occupancy, stall reasons): the first launches of the filtering kernels and the key insertion. Caches
+# and clocks are left as they are: in a call, each kernel reads what the one before left in L2.
 ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 if [ -n "$ncu" ]; then
   timeout 150 "$ncu" -k regex:'slice$|vertex_sums|chunk_sums|blur_step|softmax_short_rows|insert_entries' \
-    --launch-count 25 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+    --launch-count 25 --cache-control none --clock-control none \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
     --section WarpStateStats $PY benchmarks/bench_cuda.py --once >"$REPORT/ncu.txt" 2>&1
   echo "ncu exit code $? (report: ncu.txt)"; grep -E "^  [a-z_]+.*\(|Duration|Memory Throughput|L1/TEX Hit|L2 Hit|Achieved Occupancy" \
     "$REPORT/ncu.txt" | head -60
