@@ -92,6 +92,13 @@ def main() -> int:
         unary = rng.normal(0, 2, (labels, height, width)).astype(np.float32)
         problem = make_problem(labels, colour_ramps(height, width), densecrf, normalization=normalization, output=output)
         check(f"Potts L={labels} {height}x{width} {normalization}", problem.forward(unary), forward_cuda(problem, unary), 1e-5)
+    # a gentle gradient under densecrf's wide bilateral kernel: most entries belong to vertices of more
+    # than 64 entries, which the splat sums in whole chunks before adding them up per vertex
+    ys, xs = np.mgrid[0:40, 0:50]
+    gentle = np.stack([100 + xs, 120 + 0 * xs, 90 + ys], -1).astype(np.uint8)
+    unary = rng.normal(0, 2, (21, 40, 50)).astype(np.float32)
+    problem = make_problem(21, gentle, [(3.0, 0.0, scalar(3.0)), (80.0, 13.0, scalar(10.0))])
+    check("large vertices (chunked splat)", problem.forward(unary), forward_cuda(problem, unary), 1e-5)
     # colour noise with a small theta_beta: a vertex for nearly every entry, so the hash table fills
     # (a modest weight: on noise a strong one amplifies rounding differences each iteration)
     noise = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
