@@ -54,8 +54,8 @@ if [ -n "$ncu" ]; then
     --launch-count 25 --cache-control none --clock-control none \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
     --section WarpStateStats $PY benchmarks/bench_cuda.py --once >"$REPORT/ncu.txt" 2>&1
-  echo "ncu exit code $? (report: ncu.txt)"; grep -E "^  [a-z_]+.*\(|Duration|Memory Throughput|L1/TEX Hit|L2 Hit|Achieved Occupancy" \
-    "$REPORT/ncu.txt" | head -60
+  echo "ncu exit code $? (report: ncu.txt)"
+  grep -E "^  [a-z_]+.*\(|Duration|Memory Throughput|L1/TEX Hit|L2 Hit|Achieved Occupancy" "$REPORT/ncu.txt" | head -60
 else
   echo "no ncu on this machine"
 fi
