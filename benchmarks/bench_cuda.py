@@ -53,6 +53,11 @@ def resized_photo(height: int, width: int) -> np.ndarray:
     return np.clip(top * (1 - fy) + bottom * fy + 0.5, 0, 255).astype(np.uint8)
 
 
+def device_image(photo: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 → the planar float32 (3, H, W) image the CUDA kernels read, on the GPU."""
+    return torch.tensor(photo.transpose(2, 0, 1).astype(np.float32), device="cuda")
+
+
 class CudaCall:
     """One dense CRF problem on device tensors with its workspace, ready to enqueue."""
 
@@ -146,9 +151,8 @@ def main() -> None:
         sys.exit("bench_cuda: no CUDA device (or the library was built without CUDA)")
     if args.once:
         (height, width), (_, labels, iterations, kernels) = SIZES[0], CASES[0]
-        image = torch.tensor(resized_photo(height, width).transpose(2, 0, 1).astype(np.float32), device="cuda")
         call = CudaCall(torch.tensor(smooth_unary(labels, height, width, seed=labels), device="cuda"),
-                        image.contiguous(), kernels, iterations)
+                        device_image(resized_photo(height, width)), kernels, iterations)
         call.enqueue()
         call.check()
         return
@@ -162,7 +166,7 @@ def main() -> None:
     ]
     for height, width in SIZES:
         photo = resized_photo(height, width)
-        image = torch.tensor(photo.transpose(2, 0, 1).astype(np.float32), device="cuda").contiguous()
+        image = device_image(photo)
         for name, labels, iterations, kernels in CASES:
             unary_np = smooth_unary(labels, height, width, seed=labels)
             unary = torch.tensor(unary_np, device="cuda")
