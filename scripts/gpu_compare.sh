@@ -4,7 +4,9 @@
 # library with CMake for this card alone, all at once, installs this checkout as scripts/gpu_check.sh
 # does, then runs `benchmarks/bench_cuda.py --quick` for this build, each other tree in turn, and this
 # build again (so that drift on a shared machine shows). Run scripts/gpu_check.sh first: this script
-# checks no results. Reports go to $OUT when set, else ./gpu_report.
+# checks no results. Every timing table goes into one file, compare.md, in $OUT when set, else
+# ./gpu_report (the device tool brings back at most 8 files); build logs stay in a temporary folder
+# and are printed only when a build fails.
 #
 #   git archive main CMakeLists.txt plugins | (mkdir -p .ref/main && tar -x -C .ref/main)   # CPU machine
 #   bash scripts/gpu_compare.sh .ref/main [.ref/other ...]                                   # GPU machine
@@ -18,26 +20,29 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d '. ')
 label() { basename "$1"; }
+logs=$(mktemp -d)
+: >"$REPORT/compare.md"
 
 echo "=== building $* for sm_$arch, and this checkout"
 declare -A build_dir job
 for tree in "$@"; do
   build_dir[$tree]=$(mktemp -d)
-  log="$REPORT/build_$(label "$tree")"
+  log="$logs/build_$(label "$tree")"
   (cmake -S "$tree" -B "${build_dir[$tree]}" -DCMAKE_BUILD_TYPE=Release -DDYNSEG_CUDA_ARCHITECTURES="$arch-real" \
     >"$log.configure.log" 2>&1 && cmake --build "${build_dir[$tree]}" -j 8 >"$log.log" 2>&1) &
   job[$tree]=$!
 done
-if ! $PY -m pip install -q --no-deps --no-build-isolation -e . >"$REPORT/build.log" 2>&1; then
-  tail -30 "$REPORT/build.log"; echo "BUILD FAILED (this checkout)"; exit 1
+if ! $PY -m pip install -q --no-deps --no-build-isolation -e . >"$logs/build.log" 2>&1; then
+  tail -30 "$logs/build.log"; echo "BUILD FAILED (this checkout)"; exit 1
 fi
 for tree in "$@"; do
-  if ! wait "${job[$tree]}"; then tail -30 "$REPORT/build_$(label "$tree").log"; echo "BUILD FAILED ($tree)"; exit 1; fi
+  if ! wait "${job[$tree]}"; then tail -30 "$logs/build_$(label "$tree")".*log; echo "BUILD FAILED ($tree)"; exit 1; fi
 done
 
 bench() {  # name [library]
   echo "=== $1"
-  DYNSEG_LIBRARY=${2:-} timeout 200 $PY benchmarks/bench_cuda.py --quick --out "$REPORT/compare_$1.md" | tail -9
+  DYNSEG_LIBRARY=${2:-} timeout 200 $PY benchmarks/bench_cuda.py --quick --out "$logs/$1.md" | tail -9
+  { echo "## $1"; echo; cat "$logs/$1.md" 2>/dev/null; echo; } >>"$REPORT/compare.md"
 }
 bench this
 for tree in "$@"; do
@@ -48,5 +53,5 @@ bench this-again
 echo "=== semantic 512×512 (call / graph / build ms)"
 for name in this $(for tree in "$@"; do label "$tree"; done) this-again; do
   awk -F'|' -v name="$name" '/semantic \| 512×512/ { printf "%-20s %s /%s /%s\n", name, $6, $7, $8 }' \
-    "$REPORT/compare_$name.md"
+    "$logs/$name.md"
 done
