@@ -256,6 +256,9 @@ class Problem:
         threads: int,
         detections: Detections | None = None,
     ):
+        for name, value in (("iterations", iterations), ("threads", threads)):
+            if not 0 <= value < 2**31:  # the struct's int32 fields: ctypes would wrap a larger value silently
+                raise InvalidArgumentError(f"{name} must be in 0..2147483647, got {value}")
         self._keep = [image, compat, *[k.weight for k in kernels]]
         self._detections = detections
         self._detections_struct = detections.struct() if detections is not None else None

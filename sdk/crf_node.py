@@ -9,14 +9,16 @@ which the kernel library adds to every iteration's logits (dynseg_detections in 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from . import _native
 from .errors import InvalidArgumentError
 
-__all__ = ["mean_field_crf", "mean_field_crf_cuda"]
+__all__ = ["CrfAttributes", "mean_field_crf", "mean_field_crf_cuda"]
 
 Array = np.ndarray | _native.DeviceArray
 
@@ -34,30 +36,80 @@ def _planes(array: Array) -> Array:
     return array[0]
 
 
-def _has_detections(inputs: Sequence[Array], attributes: Mapping[str, object]) -> bool:
+@dataclass(frozen=True)
+class CrfAttributes:
+    """A MeanFieldCRF node's attributes, checked by the rules docs/ops.md gives them, the TensorRT
+    plugin's rules: the ONNX type of each, the four required ones, the defaults of the others, and
+    their ranges (score_ceiling and epsilon only matter, and are only checked, with the potential)."""
+
+    iterations: int
+    theta_spatial: float
+    theta_bilateral_xy: float
+    theta_bilateral_rgb: float
+    normalization: str = "after"
+    detection_potential: bool = False
+    score_ceiling: float = 1.0
+    epsilon: float = 0.0
+
+    @classmethod
+    def parse(cls, attributes: Mapping[str, object], node: str = "MeanFieldCRF") -> CrfAttributes:
+        """The attributes of the node named `node` as ONNX gives them (int, float, str); raises
+        InvalidArgumentError naming the node and the attribute for a missing, unknown, mistyped or
+        out-of-range one."""
+        def fail(problem: str) -> InvalidArgumentError:
+            return InvalidArgumentError(f"{node}: {problem}")
+
+        kinds = {"iterations": int, "theta_spatial": float, "theta_bilateral_xy": float, "theta_bilateral_rgb": float,
+                 "normalization": str, "detection_potential": int, "score_ceiling": float, "epsilon": float}
+        for name, value in attributes.items():
+            if name not in kinds:
+                raise fail(f"unknown attribute {name!r} (a MeanFieldCRF node has {', '.join(kinds)})")
+            if type(value) is not kinds[name]:  # exact: ONNX's INT is no FLOAT, and a bool is no INT
+                raise fail(f"attribute {name} must be of type {kinds[name].__name__}, got {value!r}")
+        missing = [name for name in list(kinds)[:4] if name not in attributes]
+        if missing:
+            raise fail(f"attributes {', '.join(missing)} are missing (iterations and the three thetas are required)")
+        a = cls(**attributes)  # type: ignore[arg-type]
+        if not 0 <= a.iterations < 2**31:
+            raise fail(f"attribute iterations must be in 0..2147483647, got {a.iterations}")
+        for name in ("theta_spatial", "theta_bilateral_xy", "theta_bilateral_rgb"):
+            if not (math.isfinite(getattr(a, name)) and getattr(a, name) > 0):
+                raise fail(f"attribute {name} must be finite and > 0, got {getattr(a, name)}")
+        if a.normalization not in ("after", "symmetric"):
+            raise fail(f"attribute normalization must be 'after' or 'symmetric', got {a.normalization!r}")
+        if a.detection_potential not in (0, 1):
+            raise fail(f"attribute detection_potential must be 0 or 1, got {a.detection_potential}")
+        if a.detection_potential and not (math.isfinite(a.score_ceiling) and a.score_ceiling > 0):
+            raise fail(f"attribute score_ceiling must be finite and > 0, got {a.score_ceiling}")
+        if a.detection_potential and not (math.isfinite(a.epsilon) and 0 <= a.epsilon < 1):
+            raise fail(f"attribute epsilon must be in [0, 1), got {a.epsilon}")
+        return a
+
+
+def _has_detections(inputs: Sequence[Array], attributes: CrfAttributes) -> bool:
     """Whether the library adds the detection potential (else the scores pass through unchanged)."""
-    return bool(int(attributes.get("detection_potential", 0))) and inputs[5].shape[0] > 0
+    return bool(attributes.detection_potential) and inputs[5].shape[0] > 0
 
 
-def _problem(inputs: Sequence[Array], attributes: Mapping[str, object], recalibrated: Array) -> _native.Problem:
+def _problem(inputs: Sequence[Array], attributes: CrfAttributes, recalibrated: Array) -> _native.Problem:
     """The node as one native problem; inputs are all numpy arrays (in the library's dtypes and
     layouts) or all DeviceArrays. `recalibrated` receives Q(Y_d = 1) when the detection potential runs."""
     unary, image, spatial, bilateral, compat, boxes, labels, scores, detection_x, detection_y = inputs
     _, count, height, width = unary.shape
     kernels = [
-        _native.Kernel(float(attributes["theta_spatial"]), 0.0, spatial),
-        _native.Kernel(float(attributes["theta_bilateral_xy"]), float(attributes["theta_bilateral_rgb"]), bilateral),
+        _native.Kernel(attributes.theta_spatial, 0.0, spatial),
+        _native.Kernel(attributes.theta_bilateral_xy, attributes.theta_bilateral_rgb, bilateral),
     ]
     detections = None
     if _has_detections(inputs, attributes):
         detections = _native.Detections(
             boxes=boxes, labels=labels, scores=scores, detection_x=detection_x, detection_y=detection_y,
-            score_ceiling=float(attributes["score_ceiling"]), epsilon=float(attributes["epsilon"]),
+            score_ceiling=attributes.score_ceiling, epsilon=attributes.epsilon,
             recalibrated=recalibrated,
         )
     return _native.Problem(
         count, height, width, _planes(image), kernels, compat=compat if compat.size else None,
-        normalization=str(attributes.get("normalization", "after")), iterations=int(attributes["iterations"]),
+        normalization=attributes.normalization, iterations=attributes.iterations,
         output=_native.OUTPUT_LOGITS, threads=0, detections=detections,
     )
 
@@ -88,7 +140,7 @@ def _check_inputs(inputs: Sequence[Array]) -> None:
                                    f"{shapes[9]}")
 
 
-def mean_field_crf(inputs: Sequence[np.ndarray], attributes: Mapping[str, object]) -> tuple[np.ndarray, np.ndarray]:
+def mean_field_crf(inputs: Sequence[np.ndarray], attributes: CrfAttributes) -> tuple[np.ndarray, np.ndarray]:
     """Runs one dynseg::MeanFieldCRF node on the CPU. inputs: unary (1, L, H, W), image (1, C, H, W),
     spatial_weight and bilateral_weight (scalar or (L, L)), compatibility ((L, L) or empty: Potts),
     boxes (D, 4), labels (D,), scores (D,), detection_x, detection_y (scalars). Returns the logits
@@ -103,7 +155,7 @@ def mean_field_crf(inputs: Sequence[np.ndarray], attributes: Mapping[str, object
     return logits[None], recalibrated
 
 
-def mean_field_crf_cuda(inputs: Sequence[_native.DeviceArray], attributes: Mapping[str, object],
+def mean_field_crf_cuda(inputs: Sequence[_native.DeviceArray], attributes: CrfAttributes,
                         logits: _native.DeviceArray, detection_scores: _native.DeviceArray, device: int) -> None:
     """Runs one dynseg::MeanFieldCRF node on CUDA device `device`, every array in its memory: the
     inputs as `mean_field_crf`'s (float32, labels int64, C-contiguous; the caller checked the dtypes),

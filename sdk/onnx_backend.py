@@ -28,7 +28,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper, shape_inference
 
 from . import _native
-from .crf_node import mean_field_crf, mean_field_crf_cuda
+from .crf_node import CrfAttributes, mean_field_crf, mean_field_crf_cuda
 from .errors import InvalidArgumentError
 
 DOMAIN, OP_TYPE, OP_VERSION = "dynseg", "MeanFieldCRF", 1
@@ -48,7 +48,7 @@ class _Session:
 class _CrfNode:
     inputs: list[str]
     outputs: list[str]
-    attributes: dict[str, object] = field(default_factory=dict)
+    attributes: CrfAttributes
     constants: dict[str, ort.OrtValue] = field(default_factory=dict)  # its inputs that are initializers
 
 
@@ -67,9 +67,14 @@ def _check_dynseg(model: onnx.ModelProto, path: Path) -> dict[str, str]:
     if "dynseg_op_version" not in metadata or not crf_nodes:
         raise InvalidArgumentError(f"model file {path} is not a dynseg export (no dynseg metadata or "
                                    "MeanFieldCRF node): export one with `dynseg export`")
-    if metadata["dynseg_op_version"] != str(OP_VERSION):
+    opset = {entry.domain: entry.version for entry in model.opset_import}.get(DOMAIN)
+    if metadata["dynseg_op_version"] != str(OP_VERSION) or opset != OP_VERSION:
         raise InvalidArgumentError(f"model file {path} uses dynseg::MeanFieldCRF version "
-                                   f"{metadata['dynseg_op_version']}, this dynseg runs version {OP_VERSION}")
+                                   f"{metadata['dynseg_op_version']} (opset {opset}), this dynseg runs version "
+                                   f"{OP_VERSION}")
+    unknown = sorted({n.op_type for n in model.graph.node if n.domain == DOMAIN and n.op_type != OP_TYPE})
+    if unknown:
+        raise InvalidArgumentError(f"model file {path} has dynseg ops this dynseg does not know: {unknown}")
     names = [i.name for i in model.graph.input]
     if names != ["image", "boxes", "labels", "scores"] or [o.name for o in model.graph.output] != list(OUTPUTS):
         raise InvalidArgumentError(f"model file {path} does not have dynseg's inputs and outputs (got {names})")
@@ -91,12 +96,12 @@ def _value_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
-def _attributes(node: onnx.NodeProto) -> dict[str, object]:
+def _attributes(node: onnx.NodeProto) -> CrfAttributes:
     values = {}
     for attribute in node.attribute:
         value = helper.get_attribute_value(attribute)
         values[attribute.name] = value.decode() if isinstance(value, bytes) else value
-    return values
+    return CrfAttributes.parse(values, node=f"MeanFieldCRF node {node.name!r}")
 
 
 def _partition(model: onnx.ModelProto, placement: _Placement) -> list[_Session | _CrfNode]:

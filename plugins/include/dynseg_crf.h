@@ -99,7 +99,7 @@ typedef struct dynseg_detections {
 } dynseg_detections;
 
 typedef struct dynseg_crf_problem {
-    int64_t labels;                /* L >= 1 */
+    int64_t labels;                /* 1 <= L <= DYNSEG_MAX_LABELS */
     int64_t height, width;         /* H, W >= 1 */
     int64_t image_channels;        /* C >= 0 colour channels of `image` */
     const float* image;            /* (C, H, W); may be NULL when no kernel has theta_color > 0 */
@@ -115,6 +115,7 @@ typedef struct dynseg_crf_problem {
 } dynseg_crf_problem;
 
 #define DYNSEG_MAX_KERNELS 8
+#define DYNSEG_MAX_LABELS 65536      /* keeps the backward pass's L x L sums far from overflow */
 #define DYNSEG_MAX_COLOR_CHANNELS 13 /* feature dimension d = 2 + C <= 15 */
 
 typedef enum dynseg_output {

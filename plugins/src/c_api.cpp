@@ -90,7 +90,11 @@ dynseg_status validate_detections(const dynseg_crf_problem& p, bool read_arrays)
 
 dynseg_status validate(const dynseg_crf_problem* p, bool read_arrays) {
     if (!p) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "problem is NULL");
-    if (p->labels < 1) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "labels must be >= 1, got %lld", (long long)p->labels);
+    if (p->labels < 1 || p->labels > DYNSEG_MAX_LABELS)
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "labels must be in 1..%d, got %lld", DYNSEG_MAX_LABELS,
+                    (long long)p->labels);
+    // before any size arithmetic that uses it
+    if (p->iterations < 0) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "iterations must be >= 0, got %d", p->iterations);
     if (p->height < 1 || p->width < 1)
         return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "height and width must be >= 1, got %lldx%lld",
                     (long long)p->height, (long long)p->width);
@@ -140,7 +144,6 @@ dynseg_status validate(const dynseg_crf_problem* p, bool read_arrays) {
     if (p->normalization != DYNSEG_NORMALIZE_AFTER && p->normalization != DYNSEG_NORMALIZE_SYMMETRIC)
         return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "normalization must be 0 (after) or 1 (symmetric), got %d",
                     p->normalization);
-    if (p->iterations < 0) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "iterations must be >= 0, got %d", p->iterations);
     if (p->output != DYNSEG_OUTPUT_LOGITS && p->output != DYNSEG_OUTPUT_PROBABILITIES)
         return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "output must be 0 (logits) or 1 (probabilities), got %d", p->output);
     if (p->threads < 0) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "threads must be >= 0, got %d", p->threads);

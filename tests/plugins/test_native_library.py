@@ -295,6 +295,7 @@ def _set_kernel(field, value):
 BROKEN_FIELDS = {
     "labels 0": (_set("labels", 0), "labels"),
     "labels negative": (_set("labels", -3), "labels"),
+    "labels past DYNSEG_MAX_LABELS": (_set("labels", 65537), r"labels must be in 1\.\.65536"),
     "height 0": (_set("height", 0), "height"),
     "width negative": (_set("width", -1), "width"),
     "image_channels 14": (_set("image_channels", 14), "image_channels"),
@@ -311,6 +312,9 @@ BROKEN_FIELDS = {
     "compat NULL": (_set("compat", None), "compat"),
     "normalization 2": (_set("normalization", 2), "normalization"),
     "iterations negative": (_set("iterations", -1), "iterations"),
+    # -8 zeroed a divisor of the size guard before iterations was checked: SIGFPE
+    "iterations -8": (_set("iterations", -8), "iterations must be >= 0"),
+    "iterations INT32_MIN": (_set("iterations", -2**31), "iterations must be >= 0"),
     "output 2": (_set("output", 2), "output"),
     "threads negative": (_set("threads", -2), "threads"),
 }

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from dynseg.sdk import InvalidArgumentError
-from dynseg.sdk.crf_node import mean_field_crf
+from dynseg.sdk.crf_node import CrfAttributes, mean_field_crf
 
-ATTRIBUTES = {"iterations": 3, "theta_spatial": 3.0, "theta_bilateral_xy": 20.0, "theta_bilateral_rgb": 13.0,
-              "normalization": "after", "detection_potential": 1, "score_ceiling": 1.0, "epsilon": 1e-4}
+NODE = {"iterations": 3, "theta_spatial": 3.0, "theta_bilateral_xy": 20.0, "theta_bilateral_rgb": 13.0,
+        "normalization": "after", "detection_potential": 1, "score_ceiling": 1.0, "epsilon": 1e-4}
+ATTRIBUTES = CrfAttributes.parse(NODE)
 
 
 def node_inputs(labels: int = 3, detections: int = 2, height: int = 12, width: int = 16) -> list[np.ndarray]:
@@ -49,7 +50,36 @@ def test_one_label_is_the_identity():
 
 def test_detections_recalibrate_the_scores_and_move_the_logits():
     with_term = mean_field_crf(node_inputs(), ATTRIBUTES)
-    without = mean_field_crf(node_inputs(), {**ATTRIBUTES, "detection_potential": 0})
+    without = mean_field_crf(node_inputs(), CrfAttributes.parse({**NODE, "detection_potential": 0}))
     assert np.array_equal(without[1], node_inputs()[7])  # the scores pass through
     assert not np.array_equal(with_term[1], without[1]) and (0 < with_term[1]).all() and (with_term[1] < 1).all()
     assert np.abs(with_term[0] - without[0]).max() > 1e-3
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"iterations": None}, "iterations are missing"),
+    ({"theta_spatial": None, "theta_bilateral_rgb": None}, "theta_spatial, theta_bilateral_rgb are missing"),
+    ({"iteratons": 7}, "unknown attribute 'iteratons'"),
+    ({"iterations": 2.9}, "iterations must be of type int, got 2.9"),
+    ({"iterations": -8}, r"iterations must be in 0\.\.2147483647, got -8"),
+    ({"iterations": 2**40}, r"iterations must be in 0\.\.2147483647"),
+    ({"theta_spatial": "3"}, "theta_spatial must be of type float"),
+    ({"theta_bilateral_xy": 0.0}, "theta_bilateral_xy must be finite and > 0"),
+    ({"normalization": "bogus"}, "normalization must be 'after' or 'symmetric', got 'bogus'"),
+    ({"detection_potential": 7}, "detection_potential must be 0 or 1, got 7"),
+    ({"detection_potential": 0.5}, "detection_potential must be of type int"),
+    ({"epsilon": [1.0, 2.0]}, "epsilon must be of type float"),
+    ({"score_ceiling": 0.0}, "score_ceiling must be finite and > 0"),
+    ({"epsilon": 1.0}, r"epsilon must be in \[0, 1\)"),
+])
+def test_a_bad_attribute_is_named_with_its_node(change, message):
+    node = {name: value for name, value in {**NODE, **change}.items() if value is not None}
+    with pytest.raises(InvalidArgumentError, match=f"node 'crf': .*{message}"):
+        CrfAttributes.parse(node, node="node 'crf'")
+
+
+def test_optional_attributes_take_the_documented_defaults():
+    required = {name: NODE[name] for name in ("iterations", "theta_spatial", "theta_bilateral_xy", "theta_bilateral_rgb")}
+    assert CrfAttributes.parse(required) == CrfAttributes(3, 3.0, 20.0, 13.0, "after", False, 1.0, 0.0)
+    # without the potential, its parameters are not used and not checked (as in the TensorRT plugin)
+    assert not CrfAttributes.parse({**required, "detection_potential": 0, "epsilon": 5.0}).detection_potential
