@@ -295,10 +295,15 @@ def _segmenter(model: Path, backend: str, device: str):
         raise _fail(str(error)) from error
 
 
+def _digits(text: str) -> bool:
+    """Whether int() reads text as a plain count (str.isdigit alone admits '²')."""
+    return text.isascii() and text.isdigit()
+
+
 def _size(text: str, option: str, minimum: int = 1) -> tuple[int, int]:
     """'480x640' -> (480, 640): an image size as height x width, each at least `minimum`."""
     height, _, width = text.strip().lower().partition("x")
-    if not (height.isdigit() and width.isdigit() and int(height) >= minimum and int(width) >= minimum):
+    if not (_digits(height) and _digits(width) and int(height) >= minimum and int(width) >= minimum):
         raise typer.BadParameter(f"{text!r} is not HEIGHTxWIDTH (e.g. 512x512, each at least {minimum})",
                                  param_hint=option)
     return int(height), int(width)
@@ -310,7 +315,7 @@ def _parse_sizes(text: str) -> list[tuple[int, int]]:
 
 def _parse_counts(text: str) -> list[int]:
     parts = [p.strip() for p in text.split(",")]
-    if not all(p.isdigit() for p in parts):
+    if not all(_digits(p) for p in parts):
         raise typer.BadParameter(f"{text!r} is not a comma-separated list of counts >= 0 (e.g. 0,1,10,50)",
                                  param_hint="--detections")
     return [int(p) for p in parts]
@@ -458,6 +463,12 @@ def bench(
     parsed_sizes, counts = _parse_sizes(sizes), _parse_counts(detections)
     if checkpoint is not None:
         _torch_or_fail("dynseg bench --checkpoint")
+    if json_out is not None:  # before the timings, so an unwritable --json fails at once
+        try:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.touch()
+        except OSError as error:
+            raise _fail(f"--json {json_out}: {error.strerror or error}") from error
     try:
         rows = job.run(model, sizes=parsed_sizes, detections=counts, repeats=repeats, checkpoint=checkpoint,
                        device=device,

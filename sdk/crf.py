@@ -8,6 +8,7 @@ lattice are described in docs/crf.md; the readable PyTorch definition is dynseg.
 from __future__ import annotations
 
 import math
+import re
 from typing import Literal
 
 import numpy as np
@@ -24,8 +25,11 @@ def _number(name: str, value: object, *, positive: bool) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise InvalidArgumentError(f"{name} must be a number, got {value!r}")
     value = float(value)
-    if not math.isfinite(value) or (positive and value <= 0):
-        raise InvalidArgumentError(f"{name} must be {'a positive' if positive else 'a'} finite number, got {value!r}")
+    with np.errstate(over="ignore", under="ignore"):
+        single = float(np.float32(value))  # what the library reads: 1e-46 is 0 and 1e39 is inf there
+    if not math.isfinite(single) or (positive and single <= 0):
+        raise InvalidArgumentError(
+            f"{name} must be {'a positive' if positive else 'a'} finite float32 number, got {value!r}")
     return value
 
 
@@ -58,7 +62,7 @@ def check_iterations(iterations: object) -> int:
 
 
 def check_normalization(normalization: object) -> str:
-    if normalization not in _native.NORMALIZATION:
+    if not isinstance(normalization, str) or normalization not in _native.NORMALIZATION:
         raise InvalidArgumentError(f"normalization must be 'after' or 'symmetric', got {normalization!r}")
     return str(normalization)
 
@@ -69,6 +73,8 @@ def check_threads(threads: object) -> int:
         return 0
     if isinstance(threads, (bool, np.bool_)) or not isinstance(threads, (int, np.integer)) or threads < 1:
         raise InvalidArgumentError(f"threads must be None or a positive int, got {threads!r}")
+    if threads > 2**31 - 1:
+        raise InvalidArgumentError(f"threads must fit in 32 bits, got {threads}")
     return int(threads)
 
 
@@ -106,10 +112,9 @@ def cuda_index(device: object) -> int | None:
     """'cpu' -> None; 'cuda' or 'cuda:N' -> the device index (0 for 'cuda')."""
     if device == "cpu":
         return None
-    if isinstance(device, str) and (device == "cuda" or device.startswith("cuda:")):
-        index = device[5:] or "0"
-        if index.isdigit():
-            return int(index)
+    match = re.fullmatch(r"cuda(?::([0-9]+))?", device) if isinstance(device, str) else None
+    if match:
+        return int(match.group(1) or 0)
     raise InvalidArgumentError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
@@ -171,12 +176,17 @@ def dense_crf(
     kernels = gaussian_kernels(spatial, bilateral)
     planar_image = _check_image(image, height, width, needed=bilateral is not None)
     index = cuda_index(device)
+    problem = _densecrf_problem(labels, height, width, planar_image, kernels, normalization, iterations,
+                                n_threads if index is None else 0)
     if index is None:
-        return _densecrf_problem(labels, height, width, planar_image, kernels, normalization, iterations,
-                                 n_threads).forward(unary)
-    _native.check_cuda_device(index)
-    return _densecrf_problem(labels, height, width, planar_image, kernels, normalization, iterations,
-                             0).forward_from_host(unary, index)
+        q = problem.forward(unary)
+    else:
+        _native.check_cuda_device(index)
+        q = problem.forward_from_host(unary, index)
+    if not np.isfinite(q).all():  # finite inputs whose logits overflowed float32 on the way
+        raise InvalidArgumentError("unary and the kernel weights are too large: the logits overflowed float32 during "
+                                   "mean field; scale them down")
+    return q
 
 
 class CudaArray:

@@ -15,6 +15,7 @@ import numpy as np
 from . import _native, samples
 from .crf import check_iterations, check_threads, dense_crf
 from .errors import InvalidArgumentError
+from .inputs import load_image
 
 __all__ = ["run", "OUTPUT_NAME"]
 
@@ -38,14 +39,7 @@ def _load_image(image: str | Path | None) -> tuple[np.ndarray, str]:
     """(H, W, 3) uint8 RGB and a display name; None means the shipped coffee photo."""
     if image is None:
         return samples.load("coffee"), "coffee (shipped sample)"
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(image)
-    try:
-        with Image.open(path) as opened:
-            return np.array(opened.convert("RGB")), str(path)
-    except (OSError, UnidentifiedImageError) as error:
-        raise InvalidArgumentError(f"image {str(path)!r} could not be read as an image: {error}") from error
+    return load_image(Path(image)), str(image)  # the SDK's refusals: 16-bit and float files, unreadable ones
 
 
 def _downsample(photo: np.ndarray, factor: int) -> np.ndarray:

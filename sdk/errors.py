@@ -17,4 +17,4 @@ class NativeError(DynsegError, RuntimeError):
 
 
 class DetectionsDroppedWarning(UserWarning):
-    """Some detections were left out (inverted, zero-area or outside boxes); the result records which."""
+    """Some detections were left out (inverted or outside boxes); the result records which."""

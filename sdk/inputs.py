@@ -5,7 +5,7 @@ Owns the SDK's side of the input contract: `load_image` turns an array or an ima
 and scores into the `Detections` the model runs on. Boxes follow the network's convention
 (dynseg.trainer.model.network.check_detections): xyxy pixels, inclusive, floored to integers and
 clipped to the image, so a backend hands the model exactly the boxes the model would have made itself.
-Unlike the network, which raises on them, the SDK drops inverted, zero-area and outside boxes with a
+Unlike the network, which raises on them, the SDK drops inverted and outside boxes with a
 warning and a record, because a deployed detector emits such boxes now and then and one bad box should
 not fail a frame. Every other bad argument raises InvalidArgumentError naming the argument. numpy and
 Pillow only: no torch.
@@ -32,7 +32,6 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 # Why a detection was dropped (the reason strings of DroppedDetection).
 INVERTED = "inverted box (x2 < x1 or y2 < y1)"
 OUTSIDE = "box wholly outside the image"
-ZERO_AREA = "box of zero area after clipping to the image"
 
 
 # ---------------------------------------------------------------------------------------------- image
@@ -199,11 +198,9 @@ def check_detections(
     Each box is floored to integers and clipped to [0, W-1] x [0, H-1], as the network does. These are
     dropped, with one DetectionsDroppedWarning per call (at `stacklevel`) and a record in `dropped`:
       - inverted boxes (x2 < x1 or y2 < y1);
-      - boxes wholly outside the image (x2 < 0, y2 < 0, x1 > W-1 or y1 > H-1: the network's test);
-      - boxes of zero area after clipping to the image's extent [0, W] x [0, H]: min(x2, W) <= max(x1, 0)
-        or the same in y. That is x1 == x2 (which the inclusive convention would read as a one-pixel
-        line; the SDK takes it as the degenerate box a detector emits), or a box that only touches the
-        image's top or left edge (x2 == 0 or y2 == 0).
+      - boxes wholly outside the image (x2 < 0, y2 < 0, x1 > W-1 or y1 > H-1: the network's test).
+    Every other box holds at least one pixel: boxes are inclusive, so x1 == x2 is a one-pixel column
+    (a COCO box of width 1 or less, say), as the network reads it.
     """
     height = _positive_int("height", height)
     width = _positive_int("width", width)
@@ -242,14 +239,8 @@ def check_detections(
     x1, y1, x2, y2 = boxes64.T  # (D,) each
     inverted = (x2 < x1) | (y2 < y1)
     outside = ~inverted & ((x2 < 0) | (y2 < 0) | (x1 > width - 1) | (y1 > height - 1))
-    zero_area = ~inverted & ~outside & (
-        (np.minimum(x2, width) <= np.maximum(x1, 0)) | (np.minimum(y2, height) <= np.maximum(y1, 0))
-    )
-    dropped = [
-        DroppedDetection(int(i), INVERTED if inverted[i] else OUTSIDE if outside[i] else ZERO_AREA)
-        for i in np.flatnonzero(inverted | outside | zero_area)
-    ]
-    kept = np.flatnonzero(~(inverted | outside | zero_area)).astype(np.int64)  # (N,)
+    dropped = [DroppedDetection(int(i), INVERTED if inverted[i] else OUTSIDE) for i in np.flatnonzero(inverted | outside)]
+    kept = np.flatnonzero(~(inverted | outside)).astype(np.int64)  # (N,)
 
     floored = np.floor(boxes64[kept])  # (N, 4)
     limits = np.array([width - 1, height - 1, width - 1, height - 1], dtype=np.float64)

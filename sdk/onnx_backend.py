@@ -28,6 +28,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper, shape_inference
 
 from . import _native
+from .crf import cuda_index
 from .crf_node import CrfAttributes, mean_field_crf, mean_field_crf_cuda
 from .errors import InvalidArgumentError
 
@@ -53,6 +54,9 @@ class _CrfNode:
 
 
 def _load(path: Path) -> onnx.ModelProto:
+    if path.is_dir():
+        raise InvalidArgumentError(f"model {path} is a directory, not an .onnx file (a training checkpoint runs with "
+                                   "backend='torch'; `dynseg export` makes the .onnx)")
     if not path.is_file():
         raise InvalidArgumentError(f"model file {path} does not exist")
     try:
@@ -167,12 +171,10 @@ class _Placement:
 
     @staticmethod
     def of(device: str) -> _Placement:
-        if device == "cpu":
+        index = cuda_index(device)
+        if index is None:
             return _Placement("cpu", 0)
-        index = device.removeprefix("cuda").removeprefix(":") if device.startswith("cuda") else None
-        if index is None or not (index == "" or index.isdigit()):
-            raise InvalidArgumentError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-        placement = _Placement("cuda", int(index or 0))
+        placement = _Placement("cuda", index)
         available = ort.get_available_providers()
         if "CUDAExecutionProvider" not in available:
             raise InvalidArgumentError(

@@ -80,7 +80,7 @@ class SegmentationResult:
     semantic_map: int32 (H, W); argmax of the semantic probabilities, 0 = background, 1..K classes.
     instances: the N instances in detection order (ids 1..N).
     dropped: the caller's detections that got no instance, ascending by index, each with why: those
-        check_detections refused (inverted, zero-area, outside), and those that won no pixel.
+        check_detections refused (inverted, outside), and those that won no pixel.
     """
 
     image: np.ndarray = field(repr=False)

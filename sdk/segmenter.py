@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 
+from .crf import cuda_index
 from .errors import InvalidArgumentError
 from .inputs import ImageLike, check_detections, load_image
 from .results import SegmentationResult, build_result
@@ -46,8 +47,7 @@ class Segmenter:
     def __init__(self, path: str | Path, backend: Backend = "auto", device: str = "cpu"):
         if not isinstance(path, (str, Path)):
             raise InvalidArgumentError(f"path must be a str or Path, got {type(path).__name__}")
-        if device not in ("cpu", "cuda") and not (isinstance(device, str) and device.startswith("cuda:")):
-            raise InvalidArgumentError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+        cuda_index(device)  # one reading of device strings for every backend
         path = Path(path)
         self.backend_name = _choose(path, backend)
         if self.backend_name == "onnxruntime":
@@ -71,8 +71,8 @@ class Segmenter:
 
         image: (H, W, 3) uint8 RGB, (H, W) grayscale, (H, W, 4) RGBA, or a path to an image file.
         boxes: (D, 4) xyxy pixels; labels: (D,) class ids in 1..K; scores: (D,); D >= 0 (up to
-        max_detections). Boxes reaching outside the image are clipped; inverted, zero-area and
-        outside ones are dropped with a warning and recorded in the result's `dropped`.
+        max_detections). Boxes reaching outside the image are clipped; inverted and outside
+        ones are dropped with a warning and recorded in the result's `dropped`.
         """
         rgb = load_image(image)
         height, width = rgb.shape[:2]

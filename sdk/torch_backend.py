@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .crf import cuda_index
 from .errors import InvalidArgumentError
 
 UNLIMITED_DETECTIONS = 10_000  # the network itself has no limit; this keeps a call's memory sane
@@ -25,6 +26,10 @@ class TorchBackend:
             raise InvalidArgumentError(
                 f"backend='torch' needs PyTorch and dynseg's trainer: pip install 'dynseg[train]' ({error})"
             ) from None
+        index = cuda_index(device)
+        if index is not None and index >= torch.cuda.device_count():
+            raise InvalidArgumentError(f"device {device!r}: this torch {torch.__version__} sees "
+                                       f"{torch.cuda.device_count()} CUDA device(s)")
         self.path = Path(path)
         if not self.path.is_dir():
             raise InvalidArgumentError(f"checkpoint {self.path} is not a directory (model.json + model.safetensors)")

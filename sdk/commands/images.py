@@ -38,7 +38,7 @@ def image_ids(path: Path) -> list[Hashable]:
     """The ids a results file may name the image file `path` by: its stem, and the stem's integer
     value when the stem is all digits."""
     stem = path.stem
-    return [stem, int(stem)] if stem.isdigit() else [stem]
+    return [stem, int(stem)] if stem.isascii() and stem.isdigit() else [stem]
 
 
 def read_detections(results: str | Path, images: Sequence[str | Path]) -> list[ImageDetections]:

@@ -186,6 +186,9 @@ def test_quickstart_with_a_few_steps_makes_everything_it_promises(tmp_path):
     (["validate", "{model}", "--checkpoint", "{checkpoint}", "--detections", "{tmp}/d.json"], "--detections"),
     (["bench", "{model}", "--sizes", "512by512"], "--sizes"),
     (["bench", "{model}", "--detections", "1,two"], "--detections"),
+    (["bench", "{model}", "--sizes", "²x²"], "--sizes"),  # isdigit() says yes, int() says no
+    (["bench", "{model}", "--detections", "²"], "--detections"),
+    (["bench", "{model}", "--json", "{tmp}/d.json/rows.json"], "--json"),  # under a file: before any timing
     (["bench", "{model}", "--repeats", "0"], "--repeats"),
     (["quickstart", "--out", "{tmp}/q", "--steps", "1"], "--steps"),
 ])
@@ -216,6 +219,11 @@ def test_engine_sizes_must_be_height_x_width(exported, tmp_path):
     result = runner.invoke(app, ["export", str(exported[0]), "--format", "engine", "--out", str(tmp_path / "m.engine"),
                                  "--opt-size", "480"])
     assert result.exit_code != 0 and "--opt-size" in plain(result.output)
+
+
+def test_a_checkpoint_folder_given_as_the_onnx_model_is_named_as_a_folder(exported):
+    result = runner.invoke(app, ["bench", str(exported[0]), "--sizes", "40x48", "--detections", "0"])
+    assert result.exit_code == 1 and "is a directory, not an .onnx file" in plain(result.output), result.output
 
 
 def test_a_file_that_is_no_model_is_named_in_one_line(photos, tmp_path):

@@ -264,6 +264,9 @@ BAD_INPUTS = {
     "bilateral theta_rgb negative": (_with(bilateral=(80.0, -13.0, 10.0)), "bilateral theta_rgb"),
     "bilateral theta_rgb NaN": (_with(bilateral=(80.0, float("nan"), 10.0)), "bilateral theta_rgb"),
     "bilateral weight NaN": (_with(bilateral=(80.0, 13.0, float("nan"))), "bilateral weight"),
+    "bilateral theta_rgb 0 in float32": (_with(bilateral=(80.0, 1e-46, 10.0)), "bilateral theta_rgb"),
+    "bilateral theta_xy inf in float32": (_with(bilateral=(1e39, 13.0, 10.0)), "bilateral theta_xy"),
+    "spatial weight inf in float32": (_with(spatial=(3.0, 1e39)), "spatial weight"),
     "bilateral too short": (_with(bilateral=(80.0, 13.0)), "bilateral"),
     "bilateral too long": (_with(bilateral=(80.0, 13.0, 10.0, 1.0)), "bilateral"),
     "iterations negative": (_with(iterations=-1), "iterations"),
@@ -273,13 +276,17 @@ BAD_INPUTS = {
     "iterations beyond 32 bits": (_with(iterations=2**31), "iterations"),
     "normalization unknown": (_with(normalization="before"), "normalization"),
     "normalization None": (_with(normalization=None), "normalization"),
+    "normalization a list": (_with(normalization=["after"]), "normalization"),
     "device gpu": (_with(device="gpu"), "device"),
     "device cuda:99": (_with(device="cuda:99"), "CUDA"),
     "device cuda:x": (_with(device="cuda:x"), "device"),
+    "device cuda:": (_with(device="cuda:"), "device"),
+    "device cuda:²": (_with(device="cuda:²"), "device"),
     "threads 0": (_with(threads=0), "threads"),
     "threads -1": (_with(threads=-1), "threads"),
     "threads 1.5": (_with(threads=1.5), "threads"),
     "threads True": (_with(threads=True), "threads"),
+    "threads beyond 32 bits": (_with(threads=2**31), "threads"),
 }
 
 
@@ -290,6 +297,12 @@ def test_bad_inputs_raise_a_value_error_naming_the_argument(case):
     with pytest.raises(InvalidArgumentError, match=name) as raised:
         dense_crf(unary, image, **kwargs)
     assert isinstance(raised.value, ValueError)
+
+
+def test_finite_inputs_whose_logits_overflow_float32_raise_rather_than_return_nan():
+    unary = np.where(np.random.default_rng(0).random((2, 8, 12)) < 0.5, -3e38, 3e38).astype(np.float32)
+    with pytest.raises(InvalidArgumentError, match="overflowed float32"):
+        dense_crf(unary, None, spatial=(3.0, 1e38), bilateral=None)
 
 
 def test_image_may_be_none_when_there_is_no_bilateral_kernel(smooth_image, smooth_unary):

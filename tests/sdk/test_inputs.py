@@ -15,7 +15,7 @@ from PIL import Image
 
 from dynseg.sdk import samples
 from dynseg.sdk.errors import DetectionsDroppedWarning, InvalidArgumentError
-from dynseg.sdk.inputs import INVERTED, OUTSIDE, ZERO_AREA, Detections, check_detections, load_image
+from dynseg.sdk.inputs import INVERTED, OUTSIDE, Detections, check_detections, load_image
 
 H, W, K, LIMIT = 40, 60, 3, 8
 
@@ -195,33 +195,34 @@ def test_accepted_boxes_are_what_the_network_would_make_of_them() -> None:
                       torch.from_numpy(ours.scores), height=H, width=W, num_classes=K)
 
 
-def test_inverted_zero_area_and_outside_boxes_are_dropped_with_a_warning_and_a_record() -> None:
+def test_inverted_and_outside_boxes_are_dropped_with_a_warning_and_a_record() -> None:
     boxes = [
         [10, 10, 20, 20],  # kept
         [20, 10, 10, 20],  # inverted in x
         [10, 20, 20, 10],  # inverted in y
-        [5, 5, 5, 15],  # zero width
-        [-10, 5, 0, 15],  # zero width once clipped to column 0
-        [5, -10, 15, 0],  # zero height: touches the top edge only
         [-10, -10, -1, -1],  # wholly outside (above left)
         [W, 0, W + 5, 5],  # wholly outside (right)
         [0, H - 0.5, 5, H + 3],  # wholly outside (below)
         [0.2, 0.2, 0.8, 0.8],  # kept: floors to the one pixel (0, 0)
         [W - 1, 5, W + 10, 15.5],  # kept: clipped to the last column
     ]
-    with pytest.warns(DetectionsDroppedWarning, match="8 of 11 detections dropped"):
-        detections = check(boxes, labels=[1, 2, 3, 1, 2, 3, 1, 2, 3, 3, 2],
-                           scores=np.linspace(0, 1, 11), max_detections=11)
-    assert detections.kept.tolist() == [0, 9, 10]
+    with pytest.warns(DetectionsDroppedWarning, match="5 of 8 detections dropped"):
+        detections = check(boxes, labels=[1, 2, 3, 1, 2, 3, 3, 2], scores=np.linspace(0, 1, 8), max_detections=8)
+    assert detections.kept.tolist() == [0, 6, 7]
     np.testing.assert_array_equal(detections.boxes, [[10, 10, 20, 20], [0, 0, 0, 0], [W - 1, 5, W - 1, 15]])
     assert detections.labels.tolist() == [1, 3, 2]
-    np.testing.assert_allclose(detections.scores, [0.0, 0.9, 1.0])
-    assert detections.clipped.tolist() == [10]
-    assert detections.dropped == [
-        (1, INVERTED), (2, INVERTED), (3, ZERO_AREA), (4, ZERO_AREA), (5, ZERO_AREA),
-        (6, OUTSIDE), (7, OUTSIDE), (8, OUTSIDE),
-    ]
+    np.testing.assert_allclose(detections.scores, [0.0, 6 / 7, 1.0])
+    assert detections.clipped.tolist() == [7]
+    assert detections.dropped == [(1, INVERTED), (2, INVERTED), (3, OUTSIDE), (4, OUTSIDE), (5, OUTSIDE)]
     assert detections.dropped[0].index == 1 and detections.dropped[0].reason == INVERTED
+
+
+def test_a_box_of_one_pixel_column_or_row_is_kept_whatever_its_fraction() -> None:
+    # inclusive boxes: x1 == x2 is a one-pixel column, like the sub-pixel box that floors to it
+    boxes = [[5, 5, 5, 15], [5.2, 5, 5.8, 15], [-10, 5, 0, 15], [5, -10, 15, 0]]
+    detections = check(boxes, labels=[1, 1, 1, 1], scores=[0.5] * 4, max_detections=4)
+    assert detections.kept.tolist() == [0, 1, 2, 3] and not detections.dropped
+    np.testing.assert_array_equal(detections.boxes, [[5, 5, 5, 15], [5, 5, 5, 15], [0, 5, 0, 15], [5, 0, 15, 0]])
 
 
 def test_the_drop_warning_points_at_the_caller() -> None:

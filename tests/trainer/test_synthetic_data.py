@@ -364,6 +364,9 @@ GOOD_ENTRY = {"image_id": 1, "category_id": 2, "bbox": [1.0, 2.0, 3.0, 4.0], "sc
         ({**GOOD_ENTRY, "bbox": [1.0, 2.0, "3", 4.0]}, "bbox"),
         ({**GOOD_ENTRY, "category_id": 0}, "category_id"),
         ({**GOOD_ENTRY, "category_id": True}, "category_id"),
+        ({**GOOD_ENTRY, "category_id": 2**70}, "category_id"),  # past int64
+        ({**GOOD_ENTRY, "bbox": [1.0, 2.0, 10**400, 4.0]}, "bbox"),  # past float64: OverflowError
+        ({**GOOD_ENTRY, "score": 1e39}, "score"),  # past float32
         ({k: v for k, v in GOOD_ENTRY.items() if k != "score"}, "missing key 'score'"),
         ([1, 2, 3, 4], "expected an object"),
     ],
@@ -379,6 +382,9 @@ def test_malformed_coco_results_are_rejected_naming_the_file_and_entry(tmp_path,
 def test_coco_results_that_are_not_a_json_list_are_rejected(tmp_path):
     path = tmp_path / "broken.json"
     path.write_text("[{")
+    with pytest.raises(ValueError, match="broken.json.*not valid JSON"):
+        load_coco_detections(path, [1])
+    path.write_bytes(b'[{"image_id": "caf\xe9"}]')  # Latin-1, not UTF-8
     with pytest.raises(ValueError, match="broken.json.*not valid JSON"):
         load_coco_detections(path, [1])
     path.write_text(json.dumps({"annotations": []}))

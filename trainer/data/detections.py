@@ -304,14 +304,14 @@ def load_coco_detections(path: str | os.PathLike, image_ids: Iterable[Hashable])
     Raises:
         InvalidArgumentError (a ValueError) naming the file and the entry index: not a JSON list,
         an entry that is not an object or lacks a key, an image_id that is not an int or str, a
-        category_id that is not an int >= 1, a bbox that is not 4 finite numbers, a negative width or
-        height, a score that is not a finite number (NaN included).
+        category_id that is not an int in 1..2**63-1, a bbox that is not 4 numbers finite in float32, a
+        negative width or height, a score that is not a number finite in float32 (NaN included).
     """
     try:
         with open(path, encoding="utf-8") as handle:
             entries = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise InvalidArgumentError(f"{path}: not valid JSON ({error})") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InvalidArgumentError(f"{path}: not valid JSON in UTF-8 ({error})") from error
     if not isinstance(entries, list):
         kind = type(entries).__name__
         raise InvalidArgumentError(f"{path}: a COCO results file is a JSON list of detections, got {kind}")
@@ -341,6 +341,18 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _finite_float32(value: float | int) -> float | None:
+    """value as a float when float32 holds it finitely (JSON's integers are unbounded), else None."""
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) and abs(number) <= _FLOAT32_MAX else None
+
+
 def _parse_entry(entry: object, where: str) -> tuple[Hashable, int, list[float], float]:
     if not isinstance(entry, dict):
         raise InvalidArgumentError(f"{where}: expected an object, got {type(entry).__name__}")
@@ -350,15 +362,16 @@ def _parse_entry(entry: object, where: str) -> tuple[Hashable, int, list[float],
     image_id, category, bbox, score = entry["image_id"], entry["category_id"], entry["bbox"], entry["score"]
     if isinstance(image_id, bool) or not isinstance(image_id, (int, str)):
         raise InvalidArgumentError(f"{where}: image_id must be an int or a string, got {image_id!r}")
-    if isinstance(category, bool) or not isinstance(category, int) or category < 1:
+    if isinstance(category, bool) or not isinstance(category, int) or not 1 <= category < 2**63:
         raise InvalidArgumentError(f"{where}: category_id must be an int >= 1 (0 is background), got {category!r}")
     if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
         raise InvalidArgumentError(f"{where}: bbox must be [x, y, w, h], four numbers, got {bbox!r}")
-    x, y, w, h = (float(v) for v in bbox)
-    if not all(math.isfinite(v) for v in (x, y, w, h)):
-        raise InvalidArgumentError(f"{where}: bbox must be finite, got {bbox!r}")
+    values = [_finite_float32(v) for v in bbox]
+    if None in values:
+        raise InvalidArgumentError(f"{where}: bbox must be finite float32 values, got {bbox!r}")
+    x, y, w, h = values
     if w < 0 or h < 0:
         raise InvalidArgumentError(f"{where}: bbox has a negative size (w={w}, h={h})")
-    if not _is_number(score) or not math.isfinite(score):
-        raise InvalidArgumentError(f"{where}: score must be a finite number, got {score!r}")
+    if not _is_number(score) or _finite_float32(score) is None:
+        raise InvalidArgumentError(f"{where}: score must be a finite float32 number, got {score!r}")
     return image_id, category, [x, y, x + max(w - 1, 0.0), y + max(h - 1, 0.0)], float(score)
