@@ -248,7 +248,7 @@ def evaluate_command(
         raise typer.BadParameter("must be original or voc", param_hint="--protocol")
     try:
         model = load_checkpoint(checkpoint)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, DynsegError) as error:
         raise _fail(str(error)) from error
     num_classes = model.config.num_classes
     data = _open_data("eval", dataset, data_root, split, detections, size=images, image_size=image_size,
@@ -347,7 +347,7 @@ def export(
 
     try:
         model = load_checkpoint(checkpoint)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, DynsegError) as error:
         raise _fail(str(error)) from error
     out.parent.mkdir(parents=True, exist_ok=True)
     onnx_path = out if format == "onnx" else out.with_suffix(".onnx")

@@ -36,6 +36,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from dynseg.sdk.errors import InvalidArgumentError
+
 from . import distributed
 from .data import VOID
 from .data.synthetic import mask_boxes
@@ -146,13 +148,31 @@ def save_checkpoint(directory: str | Path, model: DynamicallyInstantiatedNetwork
 
 
 def load_checkpoint(directory: str | Path) -> DynamicallyInstantiatedNetwork:
-    """The network saved by save_checkpoint, rebuilt from its JSON config."""
+    """The network saved by save_checkpoint, rebuilt from its JSON config. Raises FileNotFoundError
+    when a file is missing and InvalidArgumentError (one line) when one is not what it should be."""
     directory = Path(directory)
     for name in ("model.json", "model.safetensors"):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory} is not a dynseg checkpoint: {name} is missing")
-    model = build_model(ModelConfig.from_json((directory / "model.json").read_text()))
-    model.load_state_dict(load_file(directory / "model.safetensors"))
+    try:
+        config = ModelConfig.from_json((directory / "model.json").read_text())
+        model = build_model(config)
+    except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError is a ValueError
+        raise InvalidArgumentError(f"{directory}/model.json is not a dynseg model config: {error!r}") from None
+    try:
+        weights = load_file(directory / "model.safetensors")
+    except Exception as error:  # safetensors' own SafetensorError, or an OSError
+        raise InvalidArgumentError(f"{directory}/model.safetensors is not readable: {error}") from None
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    reshaped = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
+    if missing or unexpected or reshaped:  # torch's own message lists every key, hundreds of lines
+        counts = [f"{len(keys)} {what} (first {keys[0]})" for what, keys in
+                  (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped)) if keys]
+        raise InvalidArgumentError(f"{directory}/model.safetensors does not fit its model.json ({config.backbone}, "
+                                   f"{len(config.class_names)} class names): tensors {', '.join(counts)}")
+    model.load_state_dict(weights)
     return model
 
 

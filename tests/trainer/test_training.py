@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from typer.testing import CliRunner
 
+from dynseg.sdk import InvalidArgumentError
 from dynseg.sdk.cli import app
 from dynseg.trainer.data import SyntheticScenes
 from dynseg.trainer.model import InstanceConfig, ModelConfig, build_model
@@ -60,6 +62,29 @@ def test_a_checkpoint_rebuilds_the_same_network(tmp_path):
     second, _ = predict(again, SyntheticScenes(size=2, image_size=SIZE, seed=3))
     for a, b in zip(first, second):
         assert np.array_equal(a["masks"], b["masks"]) and np.allclose(a["scores"], b["scores"])
+
+
+def test_a_broken_or_foreign_checkpoint_is_named_in_one_line(tmp_path):
+    _, model = tiny_setup()
+    good = save_checkpoint(tmp_path / "good", model)
+    cases = {
+        "not JSON": ("model.json", "{not json", "model.json is not a dynseg model config"),
+        "JSON without the config": ("model.json", "{}", "model.json is not a dynseg model config"),
+        "weights that are no safetensors": ("model.safetensors", "garbage", "model.safetensors is not readable"),
+        "another backbone's config": ("model.json", (good / "model.json").read_text().replace("resnet18", "resnet50"),
+                                      r"does not fit its model.json \(resnet50, .* missing \(first "),
+    }
+    for name, (file, text, message) in cases.items():
+        broken = tmp_path / name.replace(" ", "_")
+        broken.mkdir()
+        for original in good.iterdir():
+            (broken / original.name).write_bytes(original.read_bytes())
+        (broken / file).write_text(text)
+        with pytest.raises(InvalidArgumentError, match=message) as raised:
+            load_checkpoint(broken)
+        assert "\n" not in str(raised.value), name
+        result = CliRunner().invoke(app, ["export", str(broken), "--out", str(tmp_path / "m.onnx")])
+        assert result.exit_code == 1 and "Traceback" not in result.output and message.split(" ")[0] in result.output
 
 
 def test_resuming_continues_from_the_saved_step(tmp_path):
