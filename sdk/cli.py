@@ -12,6 +12,7 @@ with status 1.
 from __future__ import annotations
 
 import errno
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -125,6 +126,9 @@ _DETECTIONS_HELP = ("Detections as a COCO results JSON file (image_id, category_
                     "default: simulated from the ground truth.")
 
 
+_MAX_SIDE = 4096  # synthetic scenes are made in memory: a 100000x100000 one would need 149 GiB
+
+
 def _open_data(command: str, dataset: str, data_root: Optional[Path], split: Optional[str],
                detections: Optional[Path], **synthetic):
     """The dataset the options name, with the file's detections attached; one-line errors naming the options."""
@@ -135,6 +139,9 @@ def _open_data(command: str, dataset: str, data_root: Optional[Path], split: Opt
     if dataset == "synthetic" and (data_root is not None or split is not None):
         raise typer.BadParameter("the synthetic dataset is generated: give --dataset voc, sbd, coco or "
                                  "cityscapes to read one from disk", param_hint="--data-root / --split")
+    height, width = synthetic["image_size"]
+    if not (8 <= height <= _MAX_SIDE and 8 <= width <= _MAX_SIDE):
+        raise typer.BadParameter(f"{height} {width}: each side must be in 8..{_MAX_SIDE}", param_hint="--image-size")
     if dataset != "synthetic" and data_root is None:
         raise typer.BadParameter(f"--dataset {dataset} needs --data-root, the folder that holds it",
                                  param_hint="--data-root")
@@ -191,6 +198,8 @@ def train(
     _needs_torch()
     if mode not in ("piecewise", "end-to-end"):
         raise typer.BadParameter("must be piecewise or end-to-end", param_hint="--mode")
+    if not math.isfinite(learning_rate):
+        raise typer.BadParameter(f"must be finite, got {learning_rate}", param_hint="--lr")
     import sys
 
     import torch
@@ -241,7 +250,7 @@ def evaluate_command(
     _needs_torch()
     import json
 
-    from dynseg.trainer.evaluation import evaluate
+    from dynseg.trainer.evaluation import evaluate, json_ready
     from dynseg.trainer.train import load_checkpoint, predict
 
     if protocol not in ("original", "voc"):
@@ -262,6 +271,9 @@ def evaluate_command(
         metrics = evaluate(predictions, ground_truths, num_classes=num_classes, protocol=protocol)
     except (DynsegError, OSError) as error:
         raise _fail(str(error)) from error
+    if not any(len(truth["labels"]) for truth in ground_truths):
+        typer.echo("Warning: these images hold no ground-truth instance: every metric is undefined (NaN, null in "
+                   "metrics.json)", err=True)
     rows = [(f"AP^r at {t}", v) for t, v in metrics["ap_r"].items()]
     rows += [("AP^r_vol", metrics["ap_r_vol"]), ("Matching IoU", metrics["matching_iou"]), ("PQ", metrics["pq"]),
              ("COCO mask AP", metrics["coco_mask_ap"])]
@@ -269,7 +281,7 @@ def evaluate_command(
     seeded = f" (seed {seed})" if dataset == "synthetic" else ""
     typer.echo(f"{checkpoint}: {_describe(data, dataset, detections)}{seeded}, protocol {protocol}, "
                f"values in %\n{table}")
-    (target / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (target / "metrics.json").write_text(json.dumps(json_ready(metrics), indent=2, allow_nan=False))
     (target / "metrics.md").write_text(table + "\n")
 
 

@@ -58,8 +58,8 @@ in score order where each prediction takes the unmatched same-class ground truth
 (ties: the later ground truth, as COCOeval's loop does), 101-point interpolated precision, area range
 "all", then the mean over IoU thresholds, recall points and the classes with ground truth.
 
-Undefined values (no ground truth at all, an empty union) are NaN. The protocol affects AP^r and
-AP^r_vol only.
+Undefined values (no ground truth at all, an empty union) are NaN (`json_ready` makes them null for
+JSON). The protocol affects AP^r and AP^r_vol only.
 """
 
 from __future__ import annotations
@@ -356,6 +356,14 @@ def _coco_mask_ap(images: list[_Image], num_classes: int) -> float:
 
 
 # ---------------------------------------------------------------------------- validation
+
+
+
+def json_ready(metrics: dict) -> dict:
+    """`evaluate`'s metrics with each undefined (NaN) value as None, which json.dumps writes as null:
+    a bare NaN is no JSON, and strict parsers (jq, browsers) refuse it."""
+    return {k: json_ready(v) if isinstance(v, dict) else None if isinstance(v, float) and math.isnan(v) else v
+            for k, v in metrics.items()}
 
 
 def _validate(predictions, ground_truths, *, num_classes, protocol) -> list[_Image]:

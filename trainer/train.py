@@ -23,6 +23,7 @@ averaged gradient is the gradient of the global batch's loss; rank 0 alone write
 from __future__ import annotations
 
 import json
+import math
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
@@ -42,7 +43,7 @@ from . import distributed
 from .data import VOID
 from .data.synthetic import mask_boxes
 from .data.detections import simulate_detections
-from .evaluation import evaluate
+from .evaluation import evaluate, json_ready
 from .loss import instance_loss, semantic_loss
 from .model import DynamicallyInstantiatedNetwork, ModelConfig, build_model
 from .progress import stage_progress
@@ -72,6 +73,30 @@ class TrainConfig:
     # process with the same global batch would, dropout masks aside (otherwise each process normalises
     # with its own images).
     frozen_batch_norm: bool = False
+
+    def __post_init__(self) -> None:
+        """Refuses a field out of its range, naming it: a misspelt stage would train the other one."""
+        def fail(name: str, rule: str) -> InvalidArgumentError:
+            return InvalidArgumentError(f"TrainConfig.{name} must be {rule}, got {getattr(self, name)!r}")
+
+        for name, allowed in (("stage", ("semantic", "instance")), ("mode", ("piecewise", "end-to-end")),
+                              ("schedule", ("poly", "step"))):
+            if getattr(self, name) not in allowed:
+                raise fail(name, " or ".join(repr(a) for a in allowed))
+        for name, least in (("steps", 0), ("batch_size", 1), ("step_every", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise fail(name, f"an int >= {least}")
+        for name in ("learning_rate", "momentum", "weight_decay", "poly_power", "step_gamma", "clip_norm",
+                     "semantic_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise fail(name, "a finite number >= 0")
+        low, high = self.scale_range
+        if not (0 < low <= high and math.isfinite(high)):
+            raise fail("scale_range", "(low, high) with 0 < low <= high")
+        if self.crop is not None and not (len(self.crop) == 2 and all(isinstance(n, int) and n >= 8 for n in self.crop)):
+            raise fail("crop", "None or (H, W), ints >= 8")
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -191,11 +216,12 @@ def train(
     epoch_log: str | Path = "epochs.jsonl",
 ) -> list[dict]:
     """Trains `model` in place on `dataset` (indexable, samples as SyntheticScenes gives them) and
-    returns the per-step log (also written to out_dir/log.jsonl). Checkpoints go to out_dir at the end.
+    returns the per-step log (also written to out_dir/log.jsonl, appended to only when resuming).
+    Checkpoints go to out_dir at the end.
 
     Progress: `live` draws a progress bar (for a terminal), otherwise `printer` gets a line every
     `log_every` steps (see `progress`). Per epoch (len(dataset) images, rounded up to whole steps; the
-    last epoch may be partial) one JSON line goes to out_dir / epoch_log (appended to when resuming):
+    last epoch may be partial) one JSON line is appended to out_dir / epoch_log (`fit` starts it afresh):
     {"stage", "epoch", "step", "images", "loss" (mean over the epoch's steps this run made),
     "lr" (of its last step), "images_per_s", "seconds" (since the stage began)}, and, when a
     `held_out` dataset is given, "held_out": `evaluation.evaluate`'s metrics (protocol "original") of
@@ -221,7 +247,8 @@ def train(
     optimiser = torch.optim.SGD(trainable, lr=config.learning_rate, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     start = 0
-    if resume and (out_dir / "trainer_state.pt").is_file():
+    resumed = resume and (out_dir / "trainer_state.pt").is_file()
+    if resumed:
         state = torch.load(out_dir / "trainer_state.pt", weights_only=True)
         model.load_state_dict(load_file(out_dir / "model.safetensors"))
         optimiser.load_state_dict(state["optimiser"])
@@ -240,7 +267,8 @@ def train(
     progress = stage_progress(config.stage, config.steps, start, images_per_step=images_per_step,
                               live=live and main, printer=printer if main else _silent, every=log_every)
     with ExitStack() as files:
-        log_file = files.enter_context(open(out_dir / "log.jsonl", "a")) if main else None
+        # a fresh run starts its step log afresh: appending would interleave two runs' steps
+        log_file = files.enter_context(open(out_dir / "log.jsonl", "a" if resumed else "w")) if main else None
         epoch_file = files.enter_context(open(out_dir / epoch_log, "a")) if main else None
         for step in range(start, config.steps):
             for group in optimiser.param_groups:
@@ -279,7 +307,7 @@ def train(
                     progress.note(f"[{config.stage}] epoch {record['epoch']}: held-out AP^r_vol "
                                   f"{record['held_out']['ap_r_vol']:.3f}, Matching IoU "
                                   f"{record['held_out']['matching_iou']:.3f}")
-                epoch_file.write(json.dumps(record) + "\n")
+                epoch_file.write(json.dumps(json_ready(record), allow_nan=False) + "\n")
                 epoch_file.flush()
     progress.close()
     if main:
@@ -394,6 +422,8 @@ def fit(
     out_dir = Path(out_dir)
     epochs = (out_dir / "epochs.jsonl").resolve()  # not relative to stage 1's out_dir/semantic
     out_dir.mkdir(parents=True, exist_ok=True)
+    if distributed.rank() == 0:
+        epochs.write_text("")  # a new run: the stages append to it, an earlier run's epochs go
     logs = {"semantic": train(model, dataset, semantic, out_dir=out_dir / "semantic", printer=printer, live=live,
                               epoch_log=epochs)}
     if model.config.instance.shape_term:

@@ -182,6 +182,12 @@ def test_a_data_root_without_the_dataset_names_the_root_and_the_split(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_an_infinite_learning_rate_and_a_huge_image_size_are_named(tmp_path):
+    _fails_naming(run("train", "--out", tmp_path / "run", *SYNTHETIC, "--lr", "inf"), "--lr", "finite")
+    _fails_naming(run("train", "--out", tmp_path / "run", "--image-size", "100000", "100000"), "--image-size", "8..4096")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_missing_detections_file_is_named(tmp_path):
     _fails_naming(run("train", "--out", tmp_path, *SYNTHETIC, "--detections", tmp_path / "dets.json"),
                   "--detections", "does not exist")

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import math
 
 import numpy as np
 import pytest
 
-from dynseg.trainer.evaluation import AP_R_THRESHOLDS, evaluate
+from dynseg.trainer.evaluation import AP_R_THRESHOLDS, evaluate, json_ready
 
 KEYS = [f"{tau:.1f}" for tau in AP_R_THRESHOLDS]
 
@@ -406,3 +408,11 @@ def test_empty_predictions_and_ground_truths_are_accepted():
     predictions = [{"masks": np.zeros((0, 16, 16), bool), "labels": [], "scores": []}]
     result = evaluate(predictions, [truth([A], [1])], num_classes=1)
     assert result["ap_r_vol"] == 0.0 and result["pq"] == 0.0 and result["coco_mask_ap"] == 0.0
+
+
+def test_undefined_metrics_become_null_in_json():
+    empty = {"masks": np.zeros((0, 4, 4), bool), "labels": np.zeros(0, np.int64)}
+    metrics = evaluate([{**empty, "scores": np.zeros(0)}], [{**empty, "void": None}], num_classes=2)
+    assert math.isnan(metrics["pq"]) and math.isnan(metrics["ap_r"]["0.5"])
+    parsed = json.loads(json.dumps(json_ready(metrics), allow_nan=False))
+    assert parsed["pq"] is None and parsed["ap_r"]["0.5"] is None and set(parsed) == set(metrics)

@@ -87,6 +87,15 @@ def test_a_broken_or_foreign_checkpoint_is_named_in_one_line(tmp_path):
         assert result.exit_code == 1 and "Traceback" not in result.output and message.split(" ")[0] in result.output
 
 
+@pytest.mark.parametrize("field, value", [
+    ("stage", "instnace"), ("mode", "end_to_end"), ("schedule", "cosine"), ("steps", -5), ("batch_size", 0),
+    ("learning_rate", float("nan")), ("momentum", -0.1), ("scale_range", (2.0, 0.5)), ("crop", (0, 0)),
+])
+def test_a_train_config_field_out_of_range_is_named(field, value):
+    with pytest.raises(InvalidArgumentError, match=f"TrainConfig.{field} must be"):
+        TrainConfig(**{field: value})
+
+
 def test_resuming_continues_from_the_saved_step(tmp_path):
     data, model = tiny_setup()
     train(model, data, TrainConfig(stage="semantic", steps=3, batch_size=2), out_dir=tmp_path, printer=quiet)
@@ -97,10 +106,15 @@ def test_resuming_continues_from_the_saved_step(tmp_path):
 
 def test_dynseg_train_then_dynseg_eval_run_from_the_command_line(tmp_path):
     runner = CliRunner()
-    result = runner.invoke(app, ["train", "--out", str(tmp_path), "--images", "6", "--image-size", "48", "64",
-                                 "--semantic-steps", "3", "--instance-steps", "2"])
-    assert result.exit_code == 0, result.output
+    for _ in range(2):  # the second run into the same folder replaces the first run's logs
+        result = runner.invoke(app, ["train", "--out", str(tmp_path), "--images", "6", "--image-size", "48", "64",
+                                     "--semantic-steps", "3", "--instance-steps", "2"])
+        assert result.exit_code == 0, result.output
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "model.json").is_file()
+    epochs = [json.loads(line) for line in (tmp_path / "epochs.jsonl").read_text().splitlines()]
+    assert [(e["stage"], e["epoch"]) for e in epochs] == [("semantic", 1), ("semantic", 2), ("instance", 1)]
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 2
+    assert len((tmp_path / "semantic" / "log.jsonl").read_text().splitlines()) == 3
     result = runner.invoke(app, ["eval", str(tmp_path), "--images", "3", "--image-size", "48", "64"])
     assert result.exit_code == 0, result.output
     assert "AP^r_vol" in result.output
