@@ -239,9 +239,13 @@ bool Lattice::build(const FeatureSpec& spec, LatticeScratch& scratch, int thread
             // remainder-0 points and ranks as they come, eight pixels per vector (block-major)
             int32_t* block_rem0 = scratch.rem0 + p0 * (d + 1);
             int32_t* block_rank = scratch.rank + p0 * (d + 1);
+            // Clamped first: features too large for the lattice (refused after this pass, by `largest`)
+            // would overflow int32 in the conversion and the coordinate ranges, which is undefined.
+            // Accepted lattices have |coordinates| < 2^22 and ranks in 0..d: the clamp never acts.
+            const vec8 bound = splat8(536870912.0f);  // 2^29: ri - ki and ri + d - ki stay in int32
             for (int i = 0; i <= d; ++i) {
-                const ivec8 ri = __builtin_convertvector(rem0[i], ivec8);
-                const ivec8 ki = __builtin_convertvector(rank[i], ivec8);
+                const ivec8 ri = __builtin_convertvector(max8(-bound, rem0[i] < bound ? rem0[i] : bound), ivec8);
+                const ivec8 ki = __builtin_convertvector(max8(-bound, rank[i] < bound ? rank[i] : bound), ivec8);
                 if (i < d) {
                     const ivec8 low = ri - ki, high = ri + d - ki;
                     lo[i] = low < lo[i] ? low : lo[i];
