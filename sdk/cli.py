@@ -250,8 +250,8 @@ def evaluate_command(
     _needs_torch()
     import json
 
-    from dynseg.trainer.evaluation import evaluate, json_ready
-    from dynseg.trainer.train import load_checkpoint, predict
+    from dynseg.trainer.evaluation import evaluate_each, json_ready
+    from dynseg.trainer.train import load_checkpoint, predict_each
 
     if protocol not in ("original", "voc"):
         raise typer.BadParameter("must be original or voc", param_hint="--protocol")
@@ -266,12 +266,11 @@ def evaluate_command(
         raise _fail(f"the checkpoint has {num_classes} classes, --dataset {dataset} has {len(data.class_names) - 1}")
     target = out or checkpoint
     target.mkdir(parents=True, exist_ok=True)  # before the evaluation, so an unwritable --out fails at once
-    try:
-        predictions, ground_truths = predict(model, data, seed=seed)
-        metrics = evaluate(predictions, ground_truths, num_classes=num_classes, protocol=protocol)
+    try:  # one image's masks in memory at a time
+        metrics = evaluate_each(predict_each(model, data, seed=seed), num_classes=num_classes, protocol=protocol)
     except (DynsegError, OSError) as error:
         raise _fail(str(error)) from error
-    if not any(len(truth["labels"]) for truth in ground_truths):
+    if all(math.isnan(v) for v in metrics["ap_r"].values()):  # AP^r is undefined only without ground truth
         typer.echo("Warning: these images hold no ground-truth instance: every metric is undefined (NaN, null in "
                    "metrics.json)", err=True)
     rows = [(f"AP^r at {t}", v) for t, v in metrics["ap_r"].items()]

@@ -65,7 +65,7 @@ JSON). The protocol affects AP^r and AP^r_vol only.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,7 +119,31 @@ def evaluate(
             scores, masks of another size than the image's ground truth, unknown protocol; the message
             names the offending argument, e.g. "predictions[3]['scores']".
     """
-    images = _validate(predictions, ground_truths, num_classes=num_classes, protocol=protocol)
+    for name, value in (("predictions", predictions), ("ground_truths", ground_truths)):
+        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
+            raise ValueError(f"{name} must be a sequence with one mapping per image, got {type(value).__name__}")
+    if len(predictions) != len(ground_truths):
+        raise ValueError(
+            f"predictions and ground_truths must have one entry per image each, "
+            f"got {len(predictions)} predictions and {len(ground_truths)} ground_truths"
+        )
+    return evaluate_each(zip(predictions, ground_truths), num_classes=num_classes, protocol=protocol)
+
+
+def evaluate_each(
+    pairs: Iterable[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray | None]]],
+    *,
+    num_classes: int,
+    protocol: str = "original",
+) -> dict:
+    """`evaluate` over (prediction, ground truth) pairs that may come one image at a time (a generator):
+    each image's masks are reduced to its overlap counts as it arrives, so memory holds one image's
+    masks, not a split's (a Cityscapes val split's would be tens of GiB). Same arguments, same result."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    images = [_image(i, prediction, truth, num_classes) for i, (prediction, truth) in enumerate(pairs)]
     ap_r = _ap_r(images, num_classes, protocol)
     return {
         "ap_r": {f"{tau:.1f}": ap_r[tau] for tau in AP_R_THRESHOLDS},
@@ -366,35 +390,21 @@ def json_ready(metrics: dict) -> dict:
             for k, v in metrics.items()}
 
 
-def _validate(predictions, ground_truths, *, num_classes, protocol) -> list[_Image]:
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    for name, value in (("predictions", predictions), ("ground_truths", ground_truths)):
-        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
-            raise ValueError(f"{name} must be a sequence with one mapping per image, got {type(value).__name__}")
-    if len(predictions) != len(ground_truths):
+def _image(i: int, prediction, truth, num_classes: int) -> _Image:
+    """Image i's pair, checked (messages name predictions[i] / ground_truths[i]), as its counts."""
+    gt_masks = _masks(truth, f"ground_truths[{i}]")
+    height, width = gt_masks.shape[1:]
+    gt_labels = _labels(truth, f"ground_truths[{i}]", len(gt_masks), num_classes)
+    void = _void(truth, f"ground_truths[{i}]", (height, width))
+    pred_masks = _masks(prediction, f"predictions[{i}]")
+    if pred_masks.shape[1:] != (height, width):
         raise ValueError(
-            f"predictions and ground_truths must have one entry per image each, "
-            f"got {len(predictions)} predictions and {len(ground_truths)} ground_truths"
+            f"predictions[{i}]['masks'] has size {pred_masks.shape[1:]} but ground_truths[{i}]['masks'] "
+            f"has size {(height, width)}; masks must have the size of their image's ground truth"
         )
-    images = []
-    for i, (prediction, truth) in enumerate(zip(predictions, ground_truths)):
-        gt_masks = _masks(truth, f"ground_truths[{i}]")
-        height, width = gt_masks.shape[1:]
-        gt_labels = _labels(truth, f"ground_truths[{i}]", len(gt_masks), num_classes)
-        void = _void(truth, f"ground_truths[{i}]", (height, width))
-        pred_masks = _masks(prediction, f"predictions[{i}]")
-        if pred_masks.shape[1:] != (height, width):
-            raise ValueError(
-                f"predictions[{i}]['masks'] has size {pred_masks.shape[1:]} but ground_truths[{i}]['masks'] "
-                f"has size {(height, width)}; masks must have the size of their image's ground truth"
-            )
-        pred_labels = _labels(prediction, f"predictions[{i}]", len(pred_masks), num_classes)
-        pred_scores = _scores(prediction, f"predictions[{i}]", len(pred_masks))
-        images.append(_overlaps(pred_masks, pred_labels, pred_scores, gt_masks, gt_labels, void))
-    return images
+    pred_labels = _labels(prediction, f"predictions[{i}]", len(pred_masks), num_classes)
+    pred_scores = _scores(prediction, f"predictions[{i}]", len(pred_masks))
+    return _overlaps(pred_masks, pred_labels, pred_scores, gt_masks, gt_labels, void)
 
 
 def _field(entry, where: str, key: str) -> np.ndarray:

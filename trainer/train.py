@@ -28,6 +28,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
@@ -43,7 +44,7 @@ from . import distributed
 from .data import VOID
 from .data.synthetic import mask_boxes
 from .data.detections import simulate_detections
-from .evaluation import evaluate, json_ready
+from .evaluation import evaluate_each, json_ready
 from .loss import instance_loss, semantic_loss
 from .model import DynamicallyInstantiatedNetwork, ModelConfig, build_model
 from .progress import stage_progress
@@ -225,7 +226,7 @@ def train(
     {"stage", "epoch", "step", "images", "loss" (mean over the epoch's steps this run made),
     "lr" (of its last step), "images_per_s", "seconds" (since the stage began)}, and, when a
     `held_out` dataset is given, "held_out": `evaluation.evaluate`'s metrics (protocol "original") of
-    `predict(model, held_out, seed=eval_seed)`.
+    `predict_each(model, held_out, seed=eval_seed)`.
 
     Batches go to the device of the model's parameters. Under an initialised process group every
     process calls this with the same arguments, and gets the same log back: losses are means over the
@@ -301,8 +302,8 @@ def train(
                           "seconds": time.perf_counter() - began}
                 epoch_losses = []
                 if held_out is not None:
-                    record["held_out"] = evaluate(*predict(model, held_out, seed=eval_seed),
-                                                  num_classes=model.config.num_classes)
+                    record["held_out"] = evaluate_each(predict_each(model, held_out, seed=eval_seed),
+                                                       num_classes=model.config.num_classes)
                     _training_modes(model, config)
                     progress.note(f"[{config.stage}] epoch {record['epoch']}: held-out AP^r_vol "
                                   f"{record['held_out']['ap_r_vol']:.3f}, Matching IoU "
@@ -459,17 +460,22 @@ def held_out(dataset, *, seed: int, num_classes: int):
         yield image, {k: torch.from_numpy(detections[k]) for k in ("boxes", "labels", "scores")}, truth
 
 
-@torch.no_grad()
 def predict(model: DynamicallyInstantiatedNetwork, dataset, *, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """The predictions and ground truths of every image of `dataset` (see `predict_each`), as the two
+    lists `evaluation.evaluate` takes. Every mask of the dataset is then in memory: to score a whole
+    split, `evaluation.evaluate_each(predict_each(...))` holds one image's."""
+    pairs = list(predict_each(model, dataset, seed=seed))
+    return [p for p, _ in pairs], [t for _, t in pairs]
+
+
+def predict_each(model: DynamicallyInstantiatedNetwork, dataset, *, seed: int = 0) -> Iterator[tuple[dict, dict]]:
     """Runs the network over `dataset` with the detections `held_out` gives (the samples' own, or
-    simulated from the ground truth: the same detections for the same seed), returning the
-    predictions and ground truths that `evaluation.evaluate` takes."""
+    simulated from the ground truth: the same detections for the same seed), yielding each image's
+    (prediction, ground truth) as `evaluation.evaluate` reads them, one image at a time."""
     model.eval()
-    predictions, ground_truths = [], []
     for image, detections, truth in held_out(dataset, seed=seed, num_classes=model.config.num_classes):
-        out = model(image, detections["boxes"], detections["labels"], detections["scores"])
+        with torch.no_grad():
+            out = model(image, detections["boxes"], detections["labels"], detections["scores"])
         ids = torch.arange(1, len(out.instance_labels) + 1).view(-1, 1, 1)
-        predictions.append({"masks": (out.instance_map.unsqueeze(0) == ids).numpy(),
-                            "labels": out.instance_labels.numpy(), "scores": out.instance_scores.numpy()})
-        ground_truths.append(truth)
-    return predictions, ground_truths
+        yield ({"masks": (out.instance_map.unsqueeze(0) == ids).numpy(),
+                "labels": out.instance_labels.numpy(), "scores": out.instance_scores.numpy()}, truth)

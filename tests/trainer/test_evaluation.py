@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from dynseg.trainer.evaluation import AP_R_THRESHOLDS, evaluate, json_ready
+from dynseg.trainer.evaluation import AP_R_THRESHOLDS, evaluate, evaluate_each, json_ready
 
 KEYS = [f"{tau:.1f}" for tau in AP_R_THRESHOLDS]
 
@@ -416,3 +416,22 @@ def test_undefined_metrics_become_null_in_json():
     assert math.isnan(metrics["pq"]) and math.isnan(metrics["ap_r"]["0.5"])
     parsed = json.loads(json.dumps(json_ready(metrics), allow_nan=False))
     assert parsed["pq"] is None and parsed["ap_r"]["0.5"] is None and set(parsed) == set(metrics)
+
+
+def test_evaluate_each_over_a_generator_gives_what_evaluate_gives_over_lists():
+    predictions, ground_truths = random_dataset(7)
+    seen = []
+
+    def one_at_a_time():
+        for pair in zip(predictions, ground_truths):
+            seen.append(len(seen))
+            yield pair
+
+    for protocol in ("original", "voc"):
+        streamed = evaluate_each(one_at_a_time(), num_classes=3, protocol=protocol)
+        assert json.dumps(json_ready(streamed)) == json.dumps(
+            json_ready(evaluate(predictions, ground_truths, num_classes=3, protocol=protocol)))
+    assert len(seen) == 2 * len(predictions)
+    with pytest.raises(ValueError, match=r"predictions\[1\]\['scores'\]"):
+        bad = [predictions[0], {**predictions[1], "scores": np.full(len(predictions[1]["labels"]), np.nan)}]
+        evaluate_each(zip(bad, ground_truths[:2]), num_classes=3)
