@@ -200,6 +200,9 @@ def train(
         raise typer.BadParameter("must be piecewise or end-to-end", param_hint="--mode")
     if not math.isfinite(learning_rate):
         raise typer.BadParameter(f"must be finite, got {learning_rate}", param_hint="--lr")
+    if held_out_split is not None and (dataset == "synthetic" or not held_out_images):
+        raise typer.BadParameter("names an on-disk split to score with --held-out-images N: give --dataset and "
+                                 "--held-out-images too", param_hint="--held-out-split")
     import sys
 
     import torch
