@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from dataset_fixtures import (
-    CAR, DOG, PERSON, H, W, cityscapes_ids, rect, sbd_maps, voc_maps, write_cityscapes, write_coco, write_rgb,
-    write_sbd, write_voc,
+    CAR, DOG, PERSON, H, W, cityscapes_ids, compressed_rle, rect, sbd_maps, voc_maps, write_cityscapes, write_coco,
+    write_rgb, write_sbd, write_voc,
 )
 from dynseg.trainer.data import VOID, CityscapesInstances, CocoInstances, SbdInstances, VocInstances
 
@@ -188,6 +188,46 @@ def test_sbd_rejects_instance_ids_without_a_category(tmp_path):
         SbdInstances(root, "train")[0]
 
 
+def test_sbd_names_a_mat_file_cut_inside_its_header(tmp_path):
+    root = write_sbd(tmp_path)
+    path = root / "cls" / "2008_000003.mat"
+    path.write_bytes(path.read_bytes()[:100])  # scipy raises IndexError on it
+    with pytest.raises(ValueError, match=r"cls/2008_000003\.mat: not a readable MATLAB file"):
+        SbdInstances(root, "train")[1]
+
+
+def _write_sbd_mats(root, image_id: str, classes, instances, categories) -> None:
+    from scipy.io import savemat
+
+    savemat(root / "cls" / f"{image_id}.mat", {"GTcls": {"Segmentation": classes}})
+    savemat(root / "inst" / f"{image_id}.mat", {"GTinst": {"Segmentation": instances, "Categories": categories}})
+
+
+_, _SBD_CLASSES, _SBD_INSTANCES, _ = sbd_maps()[1]  # one car: classes 0 / CAR, instances 0 / 1
+
+
+@pytest.mark.parametrize(
+    "field, bad",
+    [
+        ("GTinst.Categories", {"categories": np.array([[CAR + 0.9]])}),  # astype(int64) made it CAR
+        ("GTinst.Categories", {"categories": np.array([[np.nan]])}),
+        ("GTinst.Categories", {"categories": "car"}),
+        ("GTinst.Segmentation", {"instances": np.where(_SBD_INSTANCES > 0, 1.7, 0.0)}),  # was read as instance 1
+        ("GTcls.Segmentation", {"classes": np.where(_SBD_CLASSES > 0, CAR + 0.5, 0.0)}),
+    ],
+)
+def test_sbd_rejects_maps_and_categories_that_are_not_whole_numbers(tmp_path, field, bad):
+    root = write_sbd(tmp_path)
+    _, classes, instances, categories = sbd_maps()[1]
+    whole = {"classes": classes, "instances": instances, "categories": categories}
+    whole = {name: values.astype(float) for name, values in whole.items()}
+    _write_sbd_mats(root, "2008_000003", **whole)  # doubles (MATLAB's default type) are fine while whole
+    np.testing.assert_array_equal(SbdInstances(root, "train")[1]["labels"], [CAR])
+    _write_sbd_mats(root, "2008_000003", **{**whole, **bad})
+    with pytest.raises(ValueError, match=rf"2008_000003\.mat: {field} must hold whole numbers"):
+        SbdInstances(root, "train")[1]
+
+
 # ----------------------------------------------------------------------------------------------- COCO
 
 
@@ -256,6 +296,120 @@ def test_coco_rejects_an_image_whose_size_differs_from_the_annotation(tmp_path):
     Image.new("RGB", (W + 1, H)).save(root / "val2017" / "000000000007.jpg")
     with pytest.raises(ValueError, match=r"000000000007\.jpg.*33x24.*32x24"):
         CocoInstances(root, "val2017")[0]
+
+
+def _rewrite_coco(root, coco: dict) -> None:
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(coco))
+
+
+def test_coco_rejects_an_rle_of_another_size_than_its_image_when_loading(tmp_path):
+    root, coco = write_coco(tmp_path)
+    coco["annotations"][1]["segmentation"] = compressed_rle(np.ones((10, 10), bool))  # was an IndexError in ds[2]
+    _rewrite_coco(root, coco)
+    message = r"instances_val2017\.json: annotation 2 \(#1 in 'annotations'\) of image 139: RLE size \[10, 10\]"
+    with pytest.raises(ValueError, match=message + r" is not the image's \[height, width\] = \[24, 32\]"):
+        CocoInstances(root, "val2017")
+
+
+_POLYGON = "polygon {} is not a list of an even number \\(>= 6\\) of finite coordinates"
+
+
+@pytest.mark.parametrize(
+    "segmentation, problem",
+    [
+        ([[1.0, 2.0]], _POLYGON.format(0)),
+        ([[2.0, 2.0, 12.0, 10.0]], _POLYGON.format(0)),  # a box: pycocotools would read it as one
+        ([[2, 2, 12, 2, 12, 10, 2]], _POLYGON.format(0)),
+        ([[2, 2, 12, 2, 12, 10], [2, 2, 12, "2", 12, 10]], _POLYGON.format(1)),
+        ([[2, 2, 12, 2, 12, float("nan")]], _POLYGON.format(0)),
+        ([[2, 2, 12, 2, 12, 5e8]], _POLYGON.format(0)),  # overflows pycocotools' ints: an empty mask
+        ([], "'segmentation' is an empty list of polygons"),
+        (None, "'segmentation' is NoneType, neither a list of polygons nor an RLE dict"),
+        ("abc", "'segmentation' is str"),
+        ({"size": [10, 10], "counts": [0, 100]}, r"RLE size \[10, 10\] is not the image's"),
+        ({"size": [24.0, 32.0], "counts": [0, 768]}, r"RLE size \[24.0, 32.0\] is not the image's"),
+        ({"counts": [0, 768]}, "RLE size None is not the image's"),
+        ({"size": [24, 32], "counts": [0, 700]}, "RLE counts are not runs .* adding up to 24 x 32"),  # 68 undefined
+        ({"size": [24, 32], "counts": [0, -1, 769]}, "RLE counts are not runs"),
+        ({"size": [24, 32], "counts": [0, 768.0]}, "RLE counts are not runs"),
+        ({"size": [24, 32], "counts": ""}, "RLE counts are not runs"),
+        ({"size": [24, 32], "counts": "PP"}, "RLE counts are not runs"),  # ends inside a number
+        ({"size": [24, 32], "counts": None}, "RLE counts are not runs"),
+    ],
+)
+def test_coco_rejects_segmentations_pycocotools_cannot_rasterise_when_loading(tmp_path, segmentation, problem):
+    root, coco = write_coco(tmp_path)
+    coco["annotations"][1]["segmentation"] = segmentation
+    _rewrite_coco(root, coco)
+    with pytest.raises(ValueError, match=r"annotation 2 \(#1 in 'annotations'\) of image 139: " + problem):
+        CocoInstances(root, "val2017")
+
+
+def test_coco_checks_a_crowd_rle_and_each_annotation_that_repeats_an_id(tmp_path):
+    root, coco = write_coco(tmp_path)
+    crowd = coco["annotations"][2]["segmentation"]
+    crowd["counts"] = crowd["counts"][:-1]  # covers less than the image
+    _rewrite_coco(root, coco)
+    with pytest.raises(ValueError, match=r"annotation 3 \(#2 in 'annotations'\) of image 139: RLE counts"):
+        CocoInstances(root, "val2017")
+    root, coco = write_coco(tmp_path / "again")
+    coco["annotations"][0]["segmentation"] = None
+    coco["annotations"][1]["id"] = 1  # pycocotools' index keeps only this one of the two annotations 1
+    _rewrite_coco(root, coco)
+    with pytest.raises(ValueError, match=r"annotation 1 \(#0 in 'annotations'\) of image 139: 'segmentation' is"):
+        CocoInstances(root, "val2017")
+
+
+_ABSENT = object()
+
+
+@pytest.mark.parametrize(
+    "key, value, problem",
+    [
+        ("height", _ABSENT, "'height' must be an int >= 1, got None"),
+        ("height", "24", "'height' must be an int >= 1, got '24'"),
+        ("height", 0, "'height' must be an int >= 1, got 0"),
+        ("width", 32.0, "'width' must be an int >= 1, got 32.0"),
+        ("width", True, "'width' must be an int >= 1, got True"),
+        ("file_name", _ABSENT, "'file_name' must be a string, got None"),
+        ("file_name", 139, "'file_name' must be a string, got 139"),
+    ],
+)
+def test_coco_rejects_image_records_without_a_whole_size_or_a_file_name(tmp_path, key, value, problem):
+    root, coco = write_coco(tmp_path)
+    if value is _ABSENT:
+        del coco["images"][1][key]
+    else:
+        coco["images"][1][key] = value
+    _rewrite_coco(root, coco)
+    with pytest.raises(ValueError, match=r"instances_val2017\.json: image 42 \(#1 in 'images'\): " + problem):
+        CocoInstances(root, "val2017")
+
+
+def test_coco_rejects_image_ids_that_are_not_ints_or_listed_twice(tmp_path):
+    root, coco = write_coco(tmp_path)
+    coco["images"].append(dict(coco["images"][0], file_name="000000000042.jpg"))  # pycocotools kept only this
+    _rewrite_coco(root, coco)
+    with pytest.raises(ValueError, match=r"image 139 \(#3 in 'images'\): the id is listed twice in 'images'"):
+        CocoInstances(root, "val2017")
+    coco["images"].pop()
+    coco["images"][2]["id"] = "7"
+    _rewrite_coco(root, coco)
+    with pytest.raises(ValueError, match=r"image '7' \(#2 in 'images'\): 'id' must be an int"):
+        CocoInstances(root, "val2017")
+
+
+def test_coco_matches_image_and_category_ids_as_ints_only(tmp_path):
+    root, coco = write_coco(tmp_path)
+    coco["annotations"][4]["image_id"] = 42.0  # would find image 42 in pycocotools' dict
+    _rewrite_coco(root, coco)
+    with pytest.raises(ValueError, match=r"annotation 5 \(#4 in 'annotations'\) names image 42.0, not in 'images'"):
+        CocoInstances(root, "val2017")
+    coco["annotations"][4]["image_id"] = 42
+    coco["annotations"][4]["category_id"] = True  # would find category 1 (person)
+    _rewrite_coco(root, coco)
+    with pytest.raises(ValueError, match="annotation 5 .* has category True, not in 'categories'"):
+        CocoInstances(root, "val2017")
 
 
 # ----------------------------------------------------------------------------------------- Cityscapes

@@ -39,6 +39,9 @@ from .common import LabelledSample, assemble_sample, check_index, check_split_na
 
 __all__ = ["CocoInstances"]
 
+_COORDINATE_LIMIT = 1e6
+"""Largest polygon coordinate accepted, in pixels: far beyond any image, far below where frPoly overflows."""
+
 
 class CocoInstances:
     """COCO images with their instance annotations, as `LabelledSample`s (see `voc.py`).
@@ -60,8 +63,10 @@ class CocoInstances:
     Raises:
         FileNotFoundError: the annotation file, the image folder or an image it lists is missing.
         InvalidArgumentError (a ValueError): split is not a plain name; the annotation file is not
-            COCO JSON, has no categories, or an annotation names an unknown image or category; when
-            a sample is read, an image whose size differs from the annotation's width and height.
+            COCO JSON, has no categories, an image record lacks an int id, height or width or a str
+            file_name, or repeats an id, or an annotation names an unknown image or category or has a
+            segmentation pycocotools cannot rasterise at its image's size (see `_segmentation_problem`);
+            when a sample is read, an image whose size differs from the annotation's width and height.
     """
 
     def __init__(self, root: str | os.PathLike, split: str):
@@ -93,17 +98,40 @@ class CocoInstances:
             str(self._coco.cats[c].get("name", c)) for c in self.category_ids
         )
         self.num_classes = len(self.category_ids)
-        for annotation in self._coco.anns.values():
-            where = f"{self.annotation_file}: annotation {annotation.get('id')!r}"
-            if annotation.get("image_id") not in self._coco.imgs:
-                raise InvalidArgumentError(f"{where} names image {annotation.get('image_id')!r}, not in 'images'")
-            if not annotation.get("iscrowd", 0) and annotation.get("category_id") not in self.label_of_category:
-                category = annotation.get("category_id")
+        self._check_images()
+        # The file's list, not `_coco.anns`: that keeps one annotation per id, `imgToAnns` (what is drawn) keeps all.
+        for index, annotation in enumerate(self._coco.dataset.get("annotations", [])):
+            where = f"{self.annotation_file}: annotation {annotation.get('id')!r} (#{index} in 'annotations')"
+            image_id = annotation.get("image_id")
+            if not _is_int(image_id) or image_id not in self._coco.imgs:  # not _is_int: True and 1.0 would match 1
+                raise InvalidArgumentError(f"{where} names image {image_id!r}, not in 'images'")
+            category = annotation.get("category_id")
+            if not annotation.get("iscrowd", 0) and not (_is_int(category) and category in self.label_of_category):
                 raise InvalidArgumentError(f"{where} has category {category!r}, not in 'categories'")
             if "segmentation" not in annotation:
                 raise InvalidArgumentError(f"{where} has no 'segmentation'")
+            image = self._coco.imgs[image_id]
+            problem = _segmentation_problem(annotation["segmentation"], image["height"], image["width"])
+            if problem:
+                raise InvalidArgumentError(f"{where} of image {image_id}: {problem}")
         self.image_ids: tuple[int, ...] = tuple(sorted(self._coco.imgs))
         require_files(self.image_folder, (self._coco.imgs[i]["file_name"] for i in self.image_ids))
+
+    def _check_images(self) -> None:
+        """Every image record has an int id (listed once), int height and width >= 1 and a str file_name."""
+        seen = set()  # pycocotools' index keeps the last record of a repeated id, silently
+        for index, record in enumerate(self._coco.dataset.get("images", [])):
+            where = f"{self.annotation_file}: image {record.get('id')!r} (#{index} in 'images')"
+            if not _is_int(record.get("id")):
+                raise InvalidArgumentError(f"{where}: 'id' must be an int")
+            if record["id"] in seen:
+                raise InvalidArgumentError(f"{where}: the id is listed twice in 'images'")
+            seen.add(record["id"])
+            for key in ("height", "width"):
+                if not _is_int(record.get(key)) or record[key] < 1:
+                    raise InvalidArgumentError(f"{where}: {key!r} must be an int >= 1, got {record.get(key)!r}")
+            if not isinstance(record.get("file_name"), str):
+                raise InvalidArgumentError(f"{where}: 'file_name' must be a string, got {record.get('file_name')!r}")
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -140,3 +168,68 @@ class CocoInstances:
     def __repr__(self) -> str:
         return f"CocoInstances(root={str(self.root)!r}, split={self.split!r}, images={len(self)})"
 
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is a Python int
+
+
+def _segmentation_problem(segmentation: object, height: int, width: int) -> str | None:
+    """What keeps pycocotools from rasterising a COCO segmentation on a height x width image; None if nothing.
+
+    pycocotools would otherwise raise an unhelpful error in `annToMask` (an empty list, a polygon of fewer than
+    3 points, a null), decode an RLE of another size than the image, or, worse, return wrong pixels: RLE runs
+    that do not cover the image leave the rest of the mask uninitialised, and frPoly turns coordinates of 4.3e8
+    or more into overflowed C ints (and allocates memory for every pixel along an edge).
+    """
+    if isinstance(segmentation, list):
+        if not segmentation:
+            return "'segmentation' is an empty list of polygons"
+        for k, polygon in enumerate(segmentation):
+            if not _is_polygon(polygon):
+                return (f"polygon {k} is not a list of an even number (>= 6) of finite coordinates x, y, ... "
+                        f"of at most {_COORDINATE_LIMIT:g} in magnitude")
+        return None
+    if isinstance(segmentation, dict):
+        size, counts = segmentation.get("size"), segmentation.get("counts")
+        if size != [height, width] or not all(map(_is_int, size)):
+            return f"RLE size {size!r} is not the image's [height, width] = [{height}, {width}]"
+        if isinstance(counts, str):
+            runs = _compressed_runs(counts)
+        else:
+            runs = counts if isinstance(counts, list) and all(map(_is_int, counts)) else None
+        if runs is None or min(runs, default=0) < 0 or sum(runs) != height * width:
+            return f"RLE counts are not runs (a list of ints or a compressed string) adding up to {height} x {width}"
+        return None
+    return f"'segmentation' is {type(segmentation).__name__}, neither a list of polygons nor an RLE dict"
+
+
+def _is_polygon(polygon: object) -> bool:
+    # The chained comparison also refuses NaN and infinities (and is exact for ints past float range).
+    return (
+        isinstance(polygon, list)
+        and len(polygon) >= 6
+        and len(polygon) % 2 == 0
+        and all(type(value) in (int, float) and -_COORDINATE_LIMIT <= value <= _COORDINATE_LIMIT for value in polygon)
+    )
+
+
+def _compressed_runs(counts: str) -> list[int] | None:
+    """Run lengths of a compressed RLE string, decoded as pycocotools' rleFrString does; None if malformed.
+
+    Each run is a little-endian base-32 number of characters 48 + (5 bits | 0x20 when more follow), sign-extended
+    from its last 5 bits; from the third run on, it is stored as the difference to the run two before.
+    """
+    runs, value, shift = [], 0, 0
+    for char in counts:
+        code = ord(char) - 48
+        if not 0 <= code < 64:
+            return None
+        value |= (code & 0x1F) << shift
+        shift += 5
+        if code & 0x20:
+            continue
+        if code & 0x10:
+            value -= 1 << shift
+        runs.append(value + (runs[-2] if len(runs) > 2 else 0))
+        value, shift = 0, 0
+    return runs if shift == 0 else None  # shift > 0: the string ends inside a number (rleFrString reads past it)

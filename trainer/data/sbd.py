@@ -52,8 +52,9 @@ class SbdInstances:
     Raises:
         FileNotFoundError: the split list or a file it names is missing (the message names the path).
         InvalidArgumentError (a ValueError): split is not a plain name, the list is empty; when a
-            sample is read: a .mat file lacks the struct or field, a map is not 2-D or not the
-            image's size, classes are outside 0..20, or the instance map has ids without a category.
+            sample is read: a .mat file is unreadable or lacks the struct or field, a map is not 2-D or
+            not the image's size, a map or Categories holds anything but whole numbers, classes are
+            outside 0..20, or the instance map has ids without a category.
     """
 
     class_names: tuple[str, ...] = ("background",) + VOC_CLASSES
@@ -82,12 +83,12 @@ class SbdInstances:
         shape = image.shape[:2]
         cls_path, inst_path = self.root / "cls" / f"{image_id}.mat", self.root / "inst" / f"{image_id}.mat"
 
-        classes = _map(_fields(cls_path, "GTcls", ("Segmentation",))[0], cls_path, shape)
+        classes = _map(_fields(cls_path, "GTcls", ("Segmentation",))[0], cls_path, "GTcls.Segmentation", shape)
         if classes.size and (classes.min() < 0 or classes.max() > self.num_classes):
             raise InvalidArgumentError(f"{cls_path}: GTcls.Segmentation has classes outside 0..{self.num_classes}")
         segmentation, categories = _fields(inst_path, "GTinst", ("Segmentation", "Categories"))
-        owner = _map(segmentation, inst_path, shape)
-        categories = np.asarray(categories).astype(np.int64).reshape(-1)  # (M,) from (M, 1), or (0, 0) when M = 0
+        owner = _map(segmentation, inst_path, "GTinst.Segmentation", shape)
+        categories = _whole_numbers(categories, inst_path, "GTinst.Categories").reshape(-1)  # (M,) from (M, 1), (0, 0)
         if owner.size and (owner.min() < 0 or owner.max() > len(categories)):
             raise InvalidArgumentError(
                 f"{inst_path}: GTinst.Segmentation has ids up to {owner.max()} but Categories lists {len(categories)}"
@@ -107,7 +108,7 @@ def _fields(path: Path, struct: str, fields: tuple[str, ...]) -> list[np.ndarray
 
     try:
         contents = scipy.io.loadmat(path, variable_names=[struct])
-    except (ValueError, TypeError, OSError) as error:
+    except Exception as error:  # a truncated or corrupt file fails anywhere in scipy (IndexError, struct.error, ...)
         raise InvalidArgumentError(f"{path}: not a readable MATLAB file ({error})") from error
     if struct not in contents:
         found = sorted(name for name in contents if not name.startswith("__"))
@@ -123,9 +124,20 @@ def _fields(path: Path, struct: str, fields: tuple[str, ...]) -> list[np.ndarray
     return [record[field] for field in fields]
 
 
-def _map(values: np.ndarray, path: Path, shape: tuple[int, int]) -> np.ndarray:
+def _map(values: np.ndarray, path: Path, field: str, shape: tuple[int, int]) -> np.ndarray:
     """int64 (H, W) copy of a per-pixel map, checked against the image shape."""
     values = np.asarray(values)
     if values.shape != shape:
-        raise InvalidArgumentError(f"{path}: map of shape {values.shape}, the image is {shape} (H, W)")
+        raise InvalidArgumentError(f"{path}: {field} has shape {values.shape}, the image is {shape} (H, W)")
+    return _whole_numbers(values, path, field)
+
+
+def _whole_numbers(values: np.ndarray, path: Path, field: str) -> np.ndarray:
+    """int64 copy of a numeric array whose values are all whole numbers (astype alone truncates 1.7 to 1)."""
+    values = np.asarray(values)
+    whole = values.dtype.kind in "biu" or (
+        values.dtype.kind == "f" and np.isfinite(values).all() and np.array_equal(values, np.round(values))
+    )
+    if not whole:
+        raise InvalidArgumentError(f"{path}: {field} must hold whole numbers, got {values.dtype} values")
     return values.astype(np.int64)
