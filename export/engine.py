@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
+from dynseg.plugins import search_paths
 from dynseg.sdk import __version__
 from dynseg.sdk.errors import DynsegError, InvalidArgumentError
 
@@ -288,7 +288,16 @@ def read_sidecar(plan_or_sidecar: str | Path) -> dict:
     if data["format"] != SIDECAR_FORMAT:
         raise EngineError(f"{path} has sidecar format {data['format']}, this dynseg reads {SIDECAR_FORMAT}; "
                           "rebuild the engine with this dynseg")
-    Profile.from_json(data["profile"])  # validates
+    plugin, names = data["plugin_library"], data["class_names"]
+    if not (isinstance(plugin, dict) and all(isinstance(plugin.get(k), str) for k in ("name", "sha256"))):
+        raise EngineError(f"{path}: plugin_library must be {{'name': str, 'sha256': str}}, got {plugin!r}; "
+                          "rebuild the engine")
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise EngineError(f"{path}: class_names must be a list of strings, got {names!r}; rebuild the engine")
+    try:
+        Profile.from_json(data["profile"])  # validates
+    except (KeyError, TypeError, ValueError) as error:  # InvalidArgumentError is a ValueError
+        raise EngineError(f"{path}: its profile is malformed ({error!r}); rebuild the engine") from None
     return data
 
 
@@ -325,12 +334,10 @@ def check_sidecar(sidecar: Mapping, *, tensorrt_version: str, compute_capability
 # ---- the running environment ------------------------------------------------------------------------
 
 def plugin_library_path() -> Path:
-    """The plugin library: $DYNSEG_TENSORRT_PLUGIN if set, else libdynseg_crf_tensorrt.so in the installed
-    dynseg/plugins folder. Raises EngineError listing the paths searched."""
-    candidates = []
-    if os.environ.get(PLUGIN_LIBRARY_ENV):
-        candidates.append(Path(os.environ[PLUGIN_LIBRARY_ENV]))
-    candidates.append(Path(__file__).resolve().parents[1] / "plugins" / PLUGIN_LIBRARY)
+    """The plugin library: $DYNSEG_TENSORRT_PLUGIN if set, else libdynseg_crf_tensorrt.so where the
+    kernel library is looked for (dynseg.plugins.search_paths: the installed dynseg/plugins folder,
+    site-packages' for an editable install). Raises EngineError listing the paths searched."""
+    candidates = search_paths(PLUGIN_LIBRARY, PLUGIN_LIBRARY_ENV)
     for path in candidates:
         if path.is_file():
             return path

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from dynseg.sdk import __version__
+from dynseg.sdk.errors import InvalidArgumentError
 from dynseg.trainer.model.network import DynamicallyInstantiatedNetwork
 
 from . import ops
@@ -75,10 +76,16 @@ def export_onnx(network: DynamicallyInstantiatedNetwork, path: str | Path, *,
                 max_detections: int = DEFAULT_MAX_DETECTIONS, example_size: tuple[int, int] = (64, 80)) -> Path:
     """Writes `network` as ONNX to `path` (onnx.checker-valid) and returns the path.
 
-    The example used for tracing has 3 detections so that D is not specialised; H, W and D are
-    dynamic axes. max_detections is recorded for the runtime, which refuses more."""
-    if not isinstance(max_detections, int) or max_detections < 1:
-        raise ValueError(f"max_detections must be a positive int, got {max_detections!r}")
+    The example used for tracing (example_size, at least 64x80: its 3 boxes reach x = 70, y = 50) has 3
+    detections so that D is not specialised; H, W and D are dynamic axes. max_detections is recorded for
+    the runtime, which refuses more."""
+    if isinstance(max_detections, bool) or not isinstance(max_detections, int) or max_detections < 1:
+        raise InvalidArgumentError(f"max_detections must be a positive int, got {max_detections!r}")
+    if not (isinstance(example_size, tuple) and len(example_size) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in example_size)
+            and example_size[0] >= 64 and example_size[1] >= 80):
+        raise InvalidArgumentError(f"example_size must be (height, width) ints of at least (64, 80), got "
+                                   f"{example_size!r}")
     path = Path(path)
     height, width = example_size
     generator = torch.Generator().manual_seed(0)

@@ -2,7 +2,8 @@
 
 The library is built by the package build (CMake through scikit-build-core) and installed next to
 this file; its C ABI is `include/dynseg_crf.h`. `library_path()` is the one place that knows where
-it lies, for ctypes (dynseg.sdk._native) and, later, for TensorRT's plugin registry.
+it lies, for ctypes (dynseg.sdk._native); `search_paths` also finds the TensorRT plugin beside it
+(tensorrt/, built when TensorRT_ROOT names an installation) for dynseg.export.engine.
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ from pathlib import Path
 LIBRARY_NAME = {"win32": "dynseg_crf.dll", "darwin": "libdynseg_crf.dylib"}.get(sys.platform, "libdynseg_crf.so")
 
 
-def search_paths() -> list[Path]:
-    """Where the native library is looked for, in order: $DYNSEG_LIBRARY, then each folder of this
-    package (an editable install keeps the built library in site-packages, apart from the sources)."""
+def search_paths(name: str = LIBRARY_NAME, variable: str = "DYNSEG_LIBRARY") -> list[Path]:
+    """Where a library the build installs here (the kernel library by default; the TensorRT plugin's
+    for dynseg.export.engine) is looked for, in order: $variable, then each folder of this package (an
+    editable install keeps the built libraries in site-packages, apart from the sources)."""
     paths = []
-    if os.environ.get("DYNSEG_LIBRARY"):
-        paths.append(Path(os.environ["DYNSEG_LIBRARY"]))
+    if os.environ.get(variable):
+        paths.append(Path(os.environ[variable]))
     folders = [Path(__file__).parent] + [Path(p) for p in sys.path if p]
     for folder in folders:
-        candidate = folder / LIBRARY_NAME if folder == Path(__file__).parent else folder / "dynseg" / "plugins" / LIBRARY_NAME
+        candidate = folder / name if folder == Path(__file__).parent else folder / "dynseg" / "plugins" / name
         if candidate not in paths:
             paths.append(candidate)
     return paths

@@ -343,7 +343,8 @@ def export(
     max_detections: int = typer.Option(100, "--max-detections", min=1,
                                        help="Most detections per image the runtime accepts (the engine profile's max)."),
     min_detections: int = typer.Option(1, "--min-detections", min=0, help="engine: the profile's smallest D."),
-    opt_detections: int = typer.Option(10, "--opt-detections", min=0, help="engine: the D TensorRT tunes for."),
+    opt_detections: Optional[int] = typer.Option(None, "--opt-detections", min=0,
+                                                 help="engine: the D TensorRT tunes for (default: 10, at most the max)."),
     min_size: str = typer.Option("32x32", "--min-size", help="engine: the smallest image, HEIGHTxWIDTH."),
     opt_size: str = typer.Option("480x640", "--opt-size", help="engine: the image size TensorRT tunes for."),
     max_size: str = typer.Option("1024x1024", "--max-size", help="engine: the largest image."),
@@ -355,6 +356,19 @@ def export(
     if format not in ("onnx", "engine"):
         raise typer.BadParameter(f"{format!r} is not one of onnx, engine", param_hint="--format")
     sizes = (_size(min_size, "--min-size"), _size(opt_size, "--opt-size"), _size(max_size, "--max-size"))
+    detections = (min_detections, max(min_detections, min(10, max_detections)) if opt_detections is None
+                  else opt_detections, max_detections)
+    if format == "engine":  # before the export, so a bad profile costs no export
+        if out.suffix not in (".engine", ".plan"):
+            raise typer.BadParameter(f"an engine is a .engine or .plan file (the .onnx goes beside it), got {out}",
+                                     param_hint="--out")
+        from dynseg.export.engine import make_profile
+
+        try:
+            make_profile(detections, sizes, max_detections=max_detections)
+        except InvalidArgumentError as error:
+            which = "detections" if "detection" in str(error) else "size"
+            raise typer.BadParameter(str(error), param_hint=f"--min-{which} / --opt-{which} / --max-{which}")
     _torch_or_fail("dynseg export")
     from dynseg.export.onnx import export_onnx
     from dynseg.trainer.train import load_checkpoint
@@ -374,8 +388,7 @@ def export(
     from dynseg.export.engine import EngineError, build_engine
 
     try:
-        engine = build_engine(path, out, fp16=fp16, detections=(min_detections, opt_detections, max_detections),
-                              sizes=sizes, workspace=workspace)
+        engine = build_engine(path, out, fp16=fp16, detections=detections, sizes=sizes, workspace=workspace)
     except (EngineError, InvalidArgumentError) as error:
         raise _fail(str(error)) from error
     typer.echo(f"wrote {engine} and its sidecar {engine}.json")

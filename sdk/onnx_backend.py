@@ -233,8 +233,12 @@ class OnnxRuntimeBackend:
         self.path = Path(path)
         model = _load(self.path)
         self.metadata = _check_dynseg(model, self.path)
-        self.class_names: tuple[str, ...] = tuple(json.loads(self.metadata["class_names"]))
-        self.max_detections = int(self.metadata["max_detections"])
+        try:
+            self.class_names: tuple[str, ...] = tuple(str(n) for n in json.loads(self.metadata["class_names"]))
+            self.max_detections = int(self.metadata["max_detections"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise InvalidArgumentError(f"model file {self.path} has malformed dynseg metadata ({error!r}): export it "
+                                       "again with `dynseg export`") from None
         self._steps = _partition(model, self._placement)
 
     def run(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray, *,

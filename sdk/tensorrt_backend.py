@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _native
+from .crf import cuda_index
 from .errors import InvalidArgumentError
 
 INPUTS = ("image", "boxes", "labels", "scores")
@@ -32,14 +33,17 @@ class TensorRTBackend:
     def __init__(self, path: str | Path, *, device: str = "cpu"):
         from dynseg.export import engine as engines  # torch-free: onnx and the sidecar logic
 
-        if device == "cpu":
-            raise InvalidArgumentError("backend 'tensorrt' runs on a GPU: pass device='cuda'")
+        index = cuda_index(device)
+        if index is None:
+            raise InvalidArgumentError("backend 'tensorrt' runs on a GPU: pass device='cuda' (--device cuda)")
+        self._device = index
         self.path = Path(path)
         if not self.path.is_file():
             raise InvalidArgumentError(f"engine file {self.path} does not exist")
         sidecar = engines.read_sidecar(self.path)
         library = engines.plugin_library_path()
-        engines.check_sidecar(sidecar, **engines.running_environment(library), plan=self.path)
+        _native.set_cuda_device(index)  # the runtime, the engine and the check below are this device's
+        engines.check_sidecar(sidecar, **engines.running_environment(library, device=index), plan=self.path)
         trt = engines._import_tensorrt()
         self._trt = trt
         self._logger = trt.Logger(trt.Logger.WARNING)
@@ -55,6 +59,7 @@ class TensorRTBackend:
 
     def _state(self):
         """This thread's execution context, stream and device buffers."""
+        _native.set_cuda_device(self._device)  # every thread starts on device 0
         state = getattr(self._local, "state", None)
         if state is None:
             context = self._engine.create_execution_context()
@@ -75,7 +80,8 @@ class TensorRTBackend:
             raise InvalidArgumentError(
                 f"{len(boxes)} detections on a {height}x{width} image are outside the engine's profile "
                 f"(D {self._profile.detections[0]}..{self._profile.detections[2]}, sizes {self._profile.sizes[0]} to "
-                f"{self._profile.sizes[2]}): rebuild the engine with a wider profile (dynseg export --format engine)")
+                f"{self._profile.sizes[2]}): rebuild the engine with a wider profile (dynseg export --format engine "
+                "--min-detections / --max-detections / --min-size / --max-size)")
         trt = self._trt
         state = self._state()
         context = state["context"]

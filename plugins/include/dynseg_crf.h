@@ -49,7 +49,8 @@ typedef enum dynseg_status {
     DYNSEG_ERROR_WORKSPACE_TOO_SMALL = 2,
     DYNSEG_ERROR_KEY_RANGE = 3, /* lattice coordinates span more than 64 bits of packed key */
     DYNSEG_ERROR_INTERNAL = 4,
-    DYNSEG_ERROR_NOT_SUPPORTED = 5, /* CUDA entry point of a library built without CUDA */
+    DYNSEG_ERROR_NOT_SUPPORTED = 5, /* CUDA entry point of a library built without CUDA, or a backward
+                                       call given detections (the trainer differentiates them in torch) */
     DYNSEG_ERROR_CUDA = 6           /* a CUDA runtime call failed; the message names it */
 } dynseg_status;
 
@@ -222,7 +223,8 @@ DYNSEG_API dynseg_status dynseg_cuda_set_device(int32_t device);
 /* Device memory for callers without an allocator of their own (the DLPack entry of the numpy API). */
 DYNSEG_API dynseg_status dynseg_cuda_malloc(size_t bytes, void** pointer);
 DYNSEG_API dynseg_status dynseg_cuda_free(void* pointer);
-/* Copies bytes between any two of host and device memory (synchronous). */
+/* Copies bytes between any two of host and device memory; returns once the copy has landed, so work
+ * on any stream, non-blocking ones included, sees it. */
 DYNSEG_API dynseg_status dynseg_cuda_memcpy(void* destination, const void* source, size_t bytes);
 /* A CUDA stream of the caller's own (non-blocking), for callers without a CUDA binding (the SDK's
  * TensorRT backend); its handle is a cudaStream_t. */

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -236,11 +237,18 @@ def test_a_replaced_plan_or_every_mismatch_at_once_is_reported(built):
 
 def test_a_missing_or_malformed_sidecar_is_an_engine_error(built, tmp_path):
     plan, _, sidecar = built
-    data = json.loads(sidecar.read_text())
-    del data["plan_sha256"]
-    sidecar.write_text(json.dumps(data))
-    with pytest.raises(EngineError, match="lacks plan_sha256"):
-        engine.read_sidecar(plan)
+    good = json.loads(sidecar.read_text())
+    broken_profile = {"sizes": good["profile"]["sizes"]}  # no detections
+    cases = [("plan_sha256", None, "lacks plan_sha256"), ("profile", broken_profile, "its profile is malformed"),
+             ("plugin_library", engine.PLUGIN_LIBRARY, "plugin_library must be"),
+             ("class_names", "cup", "class_names must be")]
+    for field, value, message in cases:
+        data = {k: v for k, v in good.items() if k != field}
+        if value is not None:
+            data[field] = value
+        sidecar.write_text(json.dumps(data))
+        with pytest.raises(EngineError, match=message):
+            engine.read_sidecar(plan)
     sidecar.write_text("{")
     with pytest.raises(EngineError, match="not valid JSON"):
         engine.read_sidecar(plan)
@@ -270,10 +278,22 @@ def test_build_engine_checks_the_profile_before_anything_else(tmp_path):
 
 def test_a_missing_plugin_library_lists_the_paths_searched(tmp_path, monkeypatch):
     monkeypatch.setenv(engine.PLUGIN_LIBRARY_ENV, str(tmp_path / "nowhere.so"))
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "site")])
     if (Path(engine.__file__).resolve().parents[1] / "plugins" / engine.PLUGIN_LIBRARY).is_file():
         pytest.skip("the plugin library is installed here")
-    with pytest.raises(EngineError, match="nowhere.so"):
+    with pytest.raises(EngineError, match=f"nowhere.so, .*{tmp_path / 'site' / 'dynseg' / 'plugins'}"):
         engine.plugin_library_path()
+
+
+def test_the_plugin_library_is_found_where_an_editable_install_builds_it(tmp_path, monkeypatch):
+    monkeypatch.delenv(engine.PLUGIN_LIBRARY_ENV, raising=False)
+    built = tmp_path / "site" / "dynseg" / "plugins" / engine.PLUGIN_LIBRARY  # site-packages, not the sources
+    built.parent.mkdir(parents=True)
+    built.write_bytes(b"")
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "site")])
+    if (Path(engine.__file__).resolve().parents[1] / "plugins" / engine.PLUGIN_LIBRARY).is_file():
+        pytest.skip("the plugin library is installed in the sources here")
+    assert engine.plugin_library_path() == built
 
 
 # ---- the plugin's compile check against TensorRT's headers ----------------------------------------------------

@@ -133,3 +133,22 @@ def test_files_that_are_not_dynseg_models_are_named(tmp_path, exported):
     onnx.save(onnx.helper.make_model(graph), str(plain))
     with pytest.raises(InvalidArgumentError, match="not a dynseg export"):
         Segmenter(plain)
+    model = onnx.load(str(exported[1]))
+    for entry in model.metadata_props:
+        if entry.key == "max_detections":
+            entry.value = "True"
+    onnx.save(model, str(tmp_path / "bad_metadata.onnx"))
+    with pytest.raises(InvalidArgumentError, match="bad_metadata.onnx has malformed dynseg metadata"):
+        Segmenter(tmp_path / "bad_metadata.onnx")
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"max_detections": True}, "max_detections must be a positive int"),
+    ({"max_detections": 0}, "max_detections must be a positive int"),
+    ({"example_size": (16, 16)}, r"example_size must be \(height, width\) ints of at least \(64, 80\)"),
+    ({"example_size": "64x80"}, "example_size must be"),
+])
+def test_export_refuses_arguments_it_cannot_honour(exported, tmp_path, arguments, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        export_onnx(load_checkpoint(exported[0]), tmp_path / "model.onnx", **arguments)
+    assert not (tmp_path / "model.onnx").exists()

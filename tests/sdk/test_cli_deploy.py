@@ -191,6 +191,12 @@ def test_quickstart_with_a_few_steps_makes_everything_it_promises(tmp_path):
     (["bench", "{model}", "--json", "{tmp}/d.json/rows.json"], "--json"),  # under a file: before any timing
     (["bench", "{model}", "--repeats", "0"], "--repeats"),
     (["quickstart", "--out", "{tmp}/q", "--steps", "1"], "--steps"),
+    # an engine's profile and file name are checked before the export (no .onnx written: see below)
+    (["export", "{checkpoint}", "--format", "engine", "--out", "{tmp}/e/m.onnx"], "--out"),
+    (["export", "{checkpoint}", "--format", "engine", "--out", "{tmp}/e/m.engine", "--min-size", "2000x2000"],
+     "--min-size"),
+    (["export", "{checkpoint}", "--format", "engine", "--out", "{tmp}/e/m.engine", "--min-detections", "20",
+      "--opt-detections", "5"], "--min-detections"),
 ])
 def test_bad_arguments_name_the_option_without_a_traceback(exported, photos, tmp_path, arguments, option):
     (tmp_path / "d.json").write_text("[]")
@@ -200,6 +206,7 @@ def test_bad_arguments_name_the_option_without_a_traceback(exported, photos, tmp
     assert option in plain(result.output), result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert "Traceback" not in result.output
+    assert not (tmp_path / "e").exists()
 
 
 def test_engine_export_without_tensorrt_says_how_to_get_it(exported, tmp_path):

@@ -284,6 +284,9 @@ dynseg_status dynseg_cuda_memcpy(void* destination, const void* source, size_t b
     return guarded([&] {
         if (!destination || !source) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "destination and source must not be NULL");
         if (cudaError_t e = cudaMemcpy(destination, source, bytes, cudaMemcpyDefault)) return cuda_failed(e, "cudaMemcpy");
+        // cudaMemcpy may return before a copy from pageable memory, or within the device, has landed;
+        // a caller's work on a non-blocking stream would not wait for it. Wait here, as documented.
+        if (cudaError_t e = cudaStreamSynchronize(0)) return cuda_failed(e, "cudaStreamSynchronize");
         return DYNSEG_OK;
     });
 }
