@@ -154,6 +154,13 @@ def evaluate_each(
     }
 
 
+def json_ready(metrics: dict) -> dict:
+    """`evaluate`'s metrics with each undefined (NaN) value as None, which json.dumps writes as null:
+    a bare NaN is no JSON, and strict parsers (jq, browsers) refuse it."""
+    return {k: json_ready(v) if isinstance(v, dict) else None if isinstance(v, float) and math.isnan(v) else v
+            for k, v in metrics.items()}
+
+
 # ---------------------------------------------------------------------------- per-image overlaps
 
 
@@ -380,14 +387,6 @@ def _coco_mask_ap(images: list[_Image], num_classes: int) -> float:
 
 
 # ---------------------------------------------------------------------------- validation
-
-
-
-def json_ready(metrics: dict) -> dict:
-    """`evaluate`'s metrics with each undefined (NaN) value as None, which json.dumps writes as null:
-    a bare NaN is no JSON, and strict parsers (jq, browsers) refuse it."""
-    return {k: json_ready(v) if isinstance(v, dict) else None if isinstance(v, float) and math.isnan(v) else v
-            for k, v in metrics.items()}
 
 
 def _image(i: int, prediction, truth, num_classes: int) -> _Image:

@@ -25,10 +25,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
