@@ -47,7 +47,7 @@ class CrfAttributes:
     theta_bilateral_xy: float
     theta_bilateral_rgb: float
     normalization: str = "after"
-    detection_potential: bool = False
+    detection_potential: int = 0
     score_ceiling: float = 1.0
     epsilon: float = 0.0
 
@@ -61,6 +61,8 @@ class CrfAttributes:
 
         kinds = {"iterations": int, "theta_spatial": float, "theta_bilateral_xy": float, "theta_bilateral_rgb": float,
                  "normalization": str, "detection_potential": int, "score_ceiling": float, "epsilon": float}
+        # how TensorRT's parser finds the plugin (export.engine's TensorRT copy of a model carries them)
+        attributes = {k: v for k, v in attributes.items() if k not in ("plugin_namespace", "plugin_version")}
         for name, value in attributes.items():
             if name not in kinds:
                 raise fail(f"unknown attribute {name!r} (a MeanFieldCRF node has {', '.join(kinds)})")

@@ -80,6 +80,8 @@ def test_a_bad_attribute_is_named_with_its_node(change, message):
 
 def test_optional_attributes_take_the_documented_defaults():
     required = {name: NODE[name] for name in ("iterations", "theta_spatial", "theta_bilateral_xy", "theta_bilateral_rgb")}
-    assert CrfAttributes.parse(required) == CrfAttributes(3, 3.0, 20.0, 13.0, "after", False, 1.0, 0.0)
+    assert CrfAttributes.parse(required) == CrfAttributes(3, 3.0, 20.0, 13.0, "after", 0, 1.0, 0.0)
+    # TensorRT's routing attributes (on export.engine's copy of a model) are not the op's own
+    assert CrfAttributes.parse({**required, "plugin_namespace": "dynseg", "plugin_version": "1"}).iterations == 3
     # without the potential, its parameters are not used and not checked (as in the TensorRT plugin)
     assert not CrfAttributes.parse({**required, "detection_potential": 0, "epsilon": 5.0}).detection_potential
