@@ -39,8 +39,7 @@ from .common import LabelledSample, assemble_sample, check_index, check_split_na
 
 __all__ = ["CocoInstances"]
 
-_COORDINATE_LIMIT = 1e6
-"""Largest polygon coordinate accepted, in pixels: far beyond any image, far below where frPoly overflows."""
+_COORDINATE_LIMIT = 1e6  # pixels: far beyond any image, far below where pycocotools' frPoly overflows
 
 
 class CocoInstances:
