@@ -17,11 +17,12 @@ LIBRARY_NAME = {"win32": "dynseg_crf.dll", "darwin": "libdynseg_crf.dylib"}.get(
 
 def search_paths(name: str = LIBRARY_NAME, variable: str = "DYNSEG_LIBRARY") -> list[Path]:
     """Where a library the build installs here (the kernel library by default; the TensorRT plugin's
-    for dynseg.export.engine) is looked for, in order: $variable, then each folder of this package (an
-    editable install keeps the built libraries in site-packages, apart from the sources)."""
-    paths = []
+    for dynseg.export.engine) is looked for: $variable alone when it is set (a set variable that names
+    no file is an error, not a quiet fall back to the installed library), else each folder of this
+    package (an editable install keeps the built libraries in site-packages, apart from the sources)."""
     if os.environ.get(variable):
-        paths.append(Path(os.environ[variable]))
+        return [Path(os.environ[variable])]
+    paths = []
     folders = [Path(__file__).parent] + [Path(p) for p in sys.path if p]
     for folder in folders:
         candidate = folder / name if folder == Path(__file__).parent else folder / "dynseg" / "plugins" / name

@@ -46,7 +46,9 @@ bench() {  # name [library]
 }
 bench this
 for tree in "$@"; do
-  bench "$(label "$tree")" "$(find "${build_dir[$tree]}" -name 'libdynseg_crf.so' | head -1)"
+  library=$(find "${build_dir[$tree]}" -name 'libdynseg_crf.so' | head -1)
+  [ -n "$library" ] || { echo "NO LIBRARY built for $tree"; exit 1; }
+  bench "$(label "$tree")" "$library"
 done
 bench this-again
 

@@ -259,6 +259,16 @@ class Problem:
         for name, value in (("iterations", iterations), ("threads", threads)):
             if not 0 <= value < 2**31:  # the struct's int32 fields: ctypes would wrap a larger value silently
                 raise InvalidArgumentError(f"{name} must be in 0..2147483647, got {value}")
+        # The library reads as many values as these sizes say: every caller's arrays are checked here.
+        if image is not None and (len(image.shape) != 3 or tuple(image.shape[1:]) != (height, width)):
+            raise InvalidArgumentError(f"image must be (C, {height}, {width}) planes to match the unary, got "
+                                       f"{tuple(image.shape)}")
+        for index, kernel in enumerate(kernels):
+            if int(np.prod(kernel.weight.shape)) not in (1, labels * labels):
+                raise InvalidArgumentError(f"kernels[{index}] weight must be a scalar or ({labels}, {labels}), got "
+                                           f"{tuple(kernel.weight.shape)}")
+        if compat is not None and tuple(compat.shape) not in ((labels,), (labels, labels)):
+            raise InvalidArgumentError(f"compat must be ({labels},) or ({labels}, {labels}), got {tuple(compat.shape)}")
         self._keep = [image, compat, *[k.weight for k in kernels]]
         self._detections = detections
         self._detections_struct = detections.struct() if detections is not None else None

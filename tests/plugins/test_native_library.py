@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import dynseg.plugins
 import dynseg.sdk
 from dynseg.sdk import InvalidArgumentError, _native
 from dynseg.trainer.crf import PermutohedralLattice, gaussian_features, mean_field
@@ -347,3 +348,10 @@ def test_a_null_problem_is_rejected():
     size = ctypes.c_size_t()
     assert _native.library().dynseg_crf_workspace_size(None, 0, ctypes.byref(size)) == _native.INVALID_ARGUMENT
     assert "problem" in _native.library().dynseg_last_error().decode()
+
+
+def test_a_dynseg_library_variable_naming_no_file_is_an_error_not_a_fall_back(monkeypatch, tmp_path):
+    # a comparison of two builds that silently timed the installed one would be a wrong measurement
+    monkeypatch.setenv("DYNSEG_LIBRARY", str(tmp_path / "nowhere.so"))
+    with pytest.raises(FileNotFoundError, match="nowhere.so"):
+        dynseg.plugins.library_path()

@@ -105,3 +105,23 @@ def test_native_op_rejects_wrong_weight_shapes_and_devices(scene):
         mean_field_native(unary.double(), planar, [(3.0, 0.0, 1.0)])
     with pytest.raises(InvalidArgumentError, match="theta_xy"):
         mean_field_native(unary, planar, [(0.0, 0.0, 1.0)])
+
+
+def test_native_op_refuses_an_image_of_another_size_before_the_library_reads_it(scene):
+    unary, image = scene
+    planar = image.permute(2, 0, 1).float().contiguous()
+    for wrong in (planar[:, : H // 2], planar[:, :, 1:], planar[0]):  # the library would read past its end
+        with pytest.raises(InvalidArgumentError, match=rf"image must be \(C, {H}, {W}\)"):
+            mean_field_native(unary, wrong.contiguous(), native_kernels((3.0, 4.0)))
+
+
+def test_native_op_refuses_a_double_backward_rather_than_drop_its_second_order_terms(scene):
+    unary, image = scene
+    unary = unary.clone().requires_grad_(True)
+    planar = image.permute(2, 0, 1).float().contiguous()
+    logits = mean_field_native(unary, planar, native_kernels((3.0, 4.0)), iterations=2)
+    (gradient,) = torch.autograd.grad(logits[1].sum(), unary)  # a first-order gradient is fine
+    assert torch.isfinite(gradient).all()
+    logits = mean_field_native(unary, planar, native_kernels((3.0, 4.0)), iterations=2)
+    with pytest.raises(NotImplementedError, match="no double backward"):
+        torch.autograd.grad(logits[1].sum(), unary, create_graph=True)

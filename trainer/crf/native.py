@@ -108,6 +108,9 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_logits):
+    if torch.is_grad_enabled():  # on in a backward only under create_graph=True
+        raise NotImplementedError("dynseg::mean_field has no double backward: its gradient is computed by the "
+                                  "native library, outside autograd (use the reference mean_field for it)")
     unary, image, compat, *weights = ctx.saved_tensors
     _, _, theta_xy, theta_color, _, _, normalization, iterations, threads = ctx.inputs
     if unary.is_cuda:
