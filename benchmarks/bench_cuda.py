@@ -13,7 +13,7 @@ removes the launch gaps ("graph"). "build" is the same call with 0 iterations (l
 layout changes); "per iteration" is (call − build) / T. Ratios divide the other method's time by the
 CUDA call's, both measured here.
 
-    python benchmarks/bench_cuda.py [--repeats 50] [--out report.md]
+    python benchmarks/bench_cuda.py [--repeats 50] [--profile] [--quick] [--once] [--out report.md]
 """
 
 from __future__ import annotations
@@ -147,6 +147,8 @@ def main() -> None:
     parser.add_argument("--once", action="store_true",
                         help="enqueue the first case once and exit, for a kernel profiler (scripts/gpu_check.sh)")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if _native.cuda_device_count() == 0:
         sys.exit("bench_cuda: no CUDA device (or the library was built without CUDA)")
     if args.once:

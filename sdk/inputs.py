@@ -198,7 +198,8 @@ def check_detections(
     Each box is floored to integers and clipped to [0, W-1] x [0, H-1], as the network does. These are
     dropped, with one DetectionsDroppedWarning per call (at `stacklevel`) and a record in `dropped`:
       - inverted boxes (x2 < x1 or y2 < y1);
-      - boxes wholly outside the image (x2 < 0, y2 < 0, x1 > W-1 or y1 > H-1: the network's test).
+      - boxes wholly outside the image (after flooring, x2 < 0, y2 < 0, x1 > W-1 or y1 > H-1: the
+        network's test).
     Every other box holds at least one pixel: boxes are inclusive, so x1 == x2 is a one-pixel column
     (a COCO box of width 1 or less, say), as the network reads it.
     """
@@ -238,7 +239,8 @@ def check_detections(
 
     x1, y1, x2, y2 = boxes64.T  # (D,) each
     inverted = (x2 < x1) | (y2 < y1)
-    outside = ~inverted & ((x2 < 0) | (y2 < 0) | (x1 > width - 1) | (y1 > height - 1))
+    f1, g1, f2, g2 = np.floor(boxes64).T  # outside is judged on the pixels a box covers, as the network does
+    outside = ~inverted & ((f2 < 0) | (g2 < 0) | (f1 > width - 1) | (g1 > height - 1))
     dropped = [DroppedDetection(int(i), INVERTED if inverted[i] else OUTSIDE) for i in np.flatnonzero(inverted | outside)]
     kept = np.flatnonzero(~(inverted | outside)).astype(np.int64)  # (N,)
 

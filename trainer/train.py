@@ -23,7 +23,6 @@ averaged gradient is the gradient of the global batch's loss; rank 0 alone write
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -40,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dynseg.sdk.errors import InvalidArgumentError
 
-from . import distributed
+from . import distributed, fields
 from .data import VOID
 from .data.synthetic import mask_boxes
 from .data.detections import simulate_detections
@@ -76,28 +75,21 @@ class TrainConfig:
     frozen_batch_norm: bool = False
 
     def __post_init__(self) -> None:
-        """Refuses a field out of its range, naming it: a misspelt stage would train the other one."""
-        def fail(name: str, rule: str) -> InvalidArgumentError:
-            return InvalidArgumentError(f"TrainConfig.{name} must be {rule}, got {getattr(self, name)!r}")
-
-        for name, allowed in (("stage", ("semantic", "instance")), ("mode", ("piecewise", "end-to-end")),
-                              ("schedule", ("poly", "step"))):
-            if getattr(self, name) not in allowed:
-                raise fail(name, " or ".join(repr(a) for a in allowed))
-        for name, least in (("steps", 0), ("batch_size", 1), ("step_every", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise fail(name, f"an int >= {least}")
-        for name in ("learning_rate", "momentum", "weight_decay", "poly_power", "step_gamma", "clip_norm",
-                     "semantic_weight"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise fail(name, "a finite number >= 0")
-        low, high = self.scale_range
-        if not (0 < low <= high and math.isfinite(high)):
-            raise fail("scale_range", "(low, high) with 0 < low <= high")
-        if self.crop is not None and not (len(self.crop) == 2 and all(isinstance(n, int) and n >= 8 for n in self.crop)):
-            raise fail("crop", "None or (H, W), ints >= 8")
+        fields.choices(self, "stage", ("semantic", "instance"))
+        fields.choices(self, "mode", ("piecewise", "end-to-end"))
+        fields.choices(self, "schedule", ("poly", "step"))
+        fields.ints(self, "steps", "seed", least=0)
+        fields.ints(self, "batch_size", "step_every", least=1)
+        fields.numbers(self, "learning_rate", "momentum", "weight_decay", "poly_power", "step_gamma", "clip_norm",
+                       "semantic_weight", low=0)
+        fields.number_tuple(self, "scale_range", 2, positive=True)
+        if self.scale_range[0] > self.scale_range[1]:
+            raise InvalidArgumentError(f"TrainConfig.scale_range must be (low, high) with low <= high, got "
+                                       f"{self.scale_range!r}")
+        if self.crop is not None and not (isinstance(self.crop, tuple) and len(self.crop) == 2 and all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 8 for n in self.crop)):
+            raise InvalidArgumentError(f"TrainConfig.crop must be None or (H, W), ints >= 8, got {self.crop!r}")
+        fields.flags(self, "mirror", "frozen_batch_norm")
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:

@@ -202,7 +202,7 @@ def test_inverted_and_outside_boxes_are_dropped_with_a_warning_and_a_record() ->
         [10, 20, 20, 10],  # inverted in y
         [-10, -10, -1, -1],  # wholly outside (above left)
         [W, 0, W + 5, 5],  # wholly outside (right)
-        [0, H - 0.5, 5, H + 3],  # wholly outside (below)
+        [0, H, 5, H + 3],  # wholly outside (below)
         [0.2, 0.2, 0.8, 0.8],  # kept: floors to the one pixel (0, 0)
         [W - 1, 5, W + 10, 15.5],  # kept: clipped to the last column
     ]

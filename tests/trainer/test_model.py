@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from dynseg.sdk import InvalidArgumentError
 from dynseg.trainer.loss import IGNORE, instance_loss, matched_ground_truth
 from dynseg.trainer.model import (
     InstanceConfig, InstanceUnaries, ModelConfig, SemanticCRF, SemanticCRFConfig, build_model, check_detections,
@@ -168,6 +169,16 @@ def test_boxes_reaching_outside_the_image_are_clipped_with_a_warning():
     assert boxes.tolist() == [[0.0, 2.0, W - 1.0, 9.0]]
 
 
+def test_a_box_whose_first_column_floors_into_the_image_is_not_outside_it():
+    edge = W - 0.5  # floors to the last column, as the box's pixels are judged
+    boxes, _, _ = check_detections(torch.tensor([[edge, 1.0, edge, 4.0]]), torch.tensor([1]), torch.tensor([0.5]),
+                                   height=H, width=W, num_classes=2)
+    assert boxes.tolist() == [[W - 1.0, 1.0, W - 1.0, 4.0]]
+    with pytest.raises(ValueError, match="wholly outside"):
+        check_detections(torch.tensor([[float(W), 1.0, W + 2.0, 4.0]]), torch.tensor([1]), torch.tensor([0.5]),
+                         height=H, width=W, num_classes=2)
+
+
 # ------------------------------------------------------------------------ the matched-ground-truth loss
 
 
@@ -201,3 +212,22 @@ def test_instances_of_another_class_or_unexplained_are_ignored():
     void = torch.zeros(10, 10, dtype=torch.bool)
     void[9, 0] = True
     assert matched_ground_truth(logits, boxes, torch.tensor([1, 1]), gt, torch.tensor([1, 1]), void)[9, 0] == IGNORE
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: InstanceConfig(iterations=-1), "InstanceConfig.iterations must be an int >= 0"),
+    (lambda: InstanceConfig(template_groups=0), "InstanceConfig.template_groups must be an int >= 1"),
+    (lambda: InstanceConfig(epsilon=2.0), r"InstanceConfig.epsilon must be a finite number in \(0, 1\)"),
+    (lambda: InstanceConfig(theta_spatial=0.0), "InstanceConfig.theta_spatial"),
+    (lambda: InstanceConfig(box_term=1), "InstanceConfig.box_term must be True or False"),
+    (lambda: SemanticCRFConfig(score_ceiling=0.0), "SemanticCRFConfig.score_ceiling"),
+    (lambda: SemanticCRFConfig(epsilon=1.0), r"SemanticCRFConfig.epsilon must be a finite number in \[0, 1\)"),
+    (lambda: SemanticCRFConfig(weight_bilateral=float("nan")), "SemanticCRFConfig.weight_bilateral"),
+    (lambda: ModelConfig(class_names="person"), "ModelConfig.class_names must be a non-empty tuple"),
+    (lambda: ModelConfig(class_names=()), "ModelConfig.class_names"),
+    (lambda: ModelConfig(backbone="resnet34"), "ModelConfig.backbone must be 'resnet18' or"),
+    (lambda: ModelConfig(std=(0.2, 0.0, 0.2)), "ModelConfig.std must be 3 finite positive numbers"),
+])
+def test_a_config_field_out_of_range_is_named_when_the_config_is_made(make, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        make()

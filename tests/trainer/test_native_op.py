@@ -125,3 +125,26 @@ def test_native_op_refuses_a_double_backward_rather_than_drop_its_second_order_t
     logits = mean_field_native(unary, planar, native_kernels((3.0, 4.0)), iterations=2)
     with pytest.raises(NotImplementedError, match="no double backward"):
         torch.autograd.grad(logits[1].sum(), unary, create_graph=True)
+
+
+@pytest.mark.parametrize("kernels, compat, message", [
+    ([(3.0, 1.0)], None, r"kernels\[0\] must be \(theta_xy, theta_color, weight\)"),
+    (None, None, "kernels must be a sequence"),
+    ([(True, 0.0, 1.0)], None, r"kernels\[0\].theta_xy must be a number"),
+    ([(3.0, "13", 1.0)], None, r"kernels\[0\].theta_color must be a number"),
+    ([(3.0, 0.0, True)], None, r"kernels\[0\] weight must be a number or a tensor"),
+    ([(3.0, 0.0, 1.0)], [1.0] * L, "compat must be None or a"),
+])
+def test_native_op_names_a_malformed_kernel_or_compat(scene, kernels, compat, message):
+    unary, _ = scene
+    with pytest.raises(InvalidArgumentError, match=message):
+        mean_field_native(unary, None, kernels, compat=compat)
+
+
+def test_native_op_takes_numpy_scalars_as_thetas_and_weights(scene):
+    import numpy as np
+
+    unary, _ = scene
+    plain = mean_field_native(unary, None, [(3.0, 0.0, 2.0)], iterations=2)
+    numpy = mean_field_native(unary, None, [(np.float32(3.0), 0, np.float32(2.0))], iterations=2)
+    assert torch.equal(plain, numpy)

@@ -10,6 +10,7 @@ GPU (the CUDA entry points, on torch's current stream, no copies) for CUDA tenso
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Real
 from typing import Optional, Union
 
 import numpy as np
@@ -198,17 +199,32 @@ def mean_field_native(
     if unary.dtype != torch.float32:
         raise InvalidArgumentError(f"unary must be float32, got {unary.dtype}")
     labels = unary.shape[0]
-    weights = []
-    for index, (_, _, weight) in enumerate(kernels):
+    if image is not None and not isinstance(image, Tensor):
+        raise InvalidArgumentError(f"image must be a (C, H, W) tensor or None, got {type(image).__name__}")
+    if isinstance(kernels, (str, bytes)) or not isinstance(kernels, Sequence):
+        raise InvalidArgumentError(f"kernels must be a sequence of (theta_xy, theta_color, weight), got {kernels!r}")
+    thetas, weights = [], []
+    for index, kernel in enumerate(kernels):
+        if isinstance(kernel, (str, bytes)) or not isinstance(kernel, Sequence) or len(kernel) != 3:
+            raise InvalidArgumentError(f"kernels[{index}] must be (theta_xy, theta_color, weight), got {kernel!r}")
+        theta_xy, theta_color, weight = kernel
+        # the library checks their ranges; a bool or a string is not a theta at all
+        for name, theta in (("theta_xy", theta_xy), ("theta_color", theta_color)):
+            if isinstance(theta, bool) or not isinstance(theta, Real):
+                raise InvalidArgumentError(f"kernels[{index}].{name} must be a number, got {theta!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (Real, Tensor)):
+            raise InvalidArgumentError(f"kernels[{index}] weight must be a number or a tensor, got {weight!r}")
         weight = torch.as_tensor(weight, dtype=torch.float32)
         if weight.numel() != 1 and tuple(weight.shape) != (labels, labels):
             raise InvalidArgumentError(f"kernels[{index}] weight must be a scalar or ({labels}, {labels}), got {tuple(weight.shape)}")
+        thetas.append((float(theta_xy), float(theta_color)))
         weights.append(weight)
-    if compat is not None and tuple(compat.shape) not in ((labels,), (labels, labels)):
-        raise InvalidArgumentError(f"compat must be None, ({labels},) or ({labels}, {labels}), got {tuple(compat.shape)}")
+    if compat is not None and (not isinstance(compat, Tensor) or tuple(compat.shape) not in ((labels,), (labels, labels))):
+        raise InvalidArgumentError(f"compat must be None or a ({labels},) or ({labels}, {labels}) tensor, got "
+                                   f"{getattr(compat, 'shape', compat)!r}")
     return _mean_field(
         unary, image,
-        [float(k[0]) for k in kernels], [float(k[1]) for k in kernels], weights, compat,
+        [t[0] for t in thetas], [t[1] for t in thetas], weights, compat,
         check_normalization(normalization), check_iterations(iterations), check_threads(threads),
     )
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import fields
 from ..crf import mean_field_native
 from .semantic_crf import box_masks
 
@@ -45,6 +46,14 @@ class InstanceConfig:
     theta_bilateral_rgb: float = 5.0
     weight_spatial: float = 3.0
     weight_bilateral: float = 4.0
+
+    def __post_init__(self) -> None:
+        fields.flags(self, "box_term", "global_term", "shape_term", "crf")
+        fields.ints(self, "template_groups", "templates_per_group", "template_size", least=1)
+        fields.ints(self, "iterations", least=0)
+        fields.numbers(self, "epsilon", low=0, high=1, low_open=True, high_open=True)
+        fields.numbers(self, "theta_spatial", "theta_bilateral_xy", "theta_bilateral_rgb", low=0, low_open=True)
+        fields.numbers(self, "weight_spatial", "weight_bilateral")
 
 
 def aspect_groups(boxes: Tensor, groups: int) -> Tensor:

@@ -15,12 +15,16 @@ import json
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backbones import IMAGENET_MEAN, IMAGENET_STD, semantic_network
+from dynseg.sdk.errors import InvalidArgumentError
+
+from .. import fields
+from ..backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneName, semantic_network
 from .instance import InstanceConfig, InstanceCRF, InstanceUnaries
 from .semantic_crf import SemanticCRF, SemanticCRFConfig
 
@@ -35,6 +39,15 @@ class ModelConfig:
     instance: InstanceConfig = field(default_factory=InstanceConfig)
     mean: tuple[float, float, float] = tuple(IMAGENET_MEAN)  # of RGB in 0..1, as the backbone expects
     std: tuple[float, float, float] = tuple(IMAGENET_STD)
+
+    def __post_init__(self) -> None:
+        fields.choices(self, "backbone", get_args(BackboneName))
+        names = self.class_names
+        if not (isinstance(names, tuple) and names and all(isinstance(n, str) and n for n in names)):
+            raise InvalidArgumentError(f"ModelConfig.class_names must be a non-empty tuple of class names (str), got "
+                                       f"{names!r}")
+        fields.number_tuple(self, "mean", 3)
+        fields.number_tuple(self, "std", 3, positive=True)
 
     @property
     def num_classes(self) -> int:
@@ -93,13 +106,14 @@ def check_detections(
     inverted = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
     if inverted.any():
         raise ValueError(f"boxes {inverted.nonzero().flatten().tolist()} are inverted (x2 < x1 or y2 < y1)")
-    outside = (boxes[:, 2] < 0) | (boxes[:, 3] < 0) | (boxes[:, 0] > width - 1) | (boxes[:, 1] > height - 1)
+    floored = torch.floor(boxes)  # outside is judged on the pixels a box covers: x1 = 63.5 is column 63
+    outside = (floored[:, 2] < 0) | (floored[:, 3] < 0) | (floored[:, 0] > width - 1) | (floored[:, 1] > height - 1)
     if outside.any():
         raise ValueError(f"boxes {outside.nonzero().flatten().tolist()} lie wholly outside the "
                          f"{width}x{height} image")
     limits = torch.tensor([width - 1, height - 1, width - 1, height - 1], dtype=boxes.dtype, device=boxes.device)
-    clipped = torch.minimum(torch.clamp(torch.floor(boxes), min=0), limits)
-    if (clipped != torch.floor(boxes)).any():
+    clipped = torch.minimum(torch.clamp(floored, min=0), limits)
+    if (clipped != floored).any():
         warnings.warn("boxes reaching outside the image were clipped to it", stacklevel=3)
     return clipped.to(torch.float32), labels.to(torch.int64), scores.to(torch.float32)
 
@@ -137,6 +151,8 @@ class DynamicallyInstantiatedNetwork(nn.Module):
         labels: (D,) int64 in 1..K; scores: (D,) float32. Any D >= 0."""
         if image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(f"image must have shape (3, H, W), got {tuple(image.shape)}")
+        if image.dtype not in (torch.float32, torch.uint8):
+            raise ValueError(f"image must be float32 (or uint8) RGB in 0..255, got {image.dtype}")
         height, width = image.shape[1:]
         boxes, labels, scores = check_detections(boxes, labels, scores, height=height, width=width,
                                                  num_classes=self.config.num_classes)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .. import fields
 from ..crf import mean_field_native
 
 
@@ -39,6 +40,14 @@ class SemanticCRFConfig:
     detection_y: float = 1.0  # w_y: how strongly the pixels vote on the detection, y_d = w_y·s_d/n_d
     score_ceiling: float = 1.0  # s_max: p_d = min(s_d / s_max, 1 - epsilon)
     epsilon: float = 1e-4
+
+    def __post_init__(self) -> None:
+        fields.ints(self, "iterations", least=0)
+        fields.numbers(self, "theta_spatial", "theta_bilateral_xy", "theta_bilateral_rgb", "score_ceiling", low=0,
+                       low_open=True)
+        fields.numbers(self, "weight_spatial", "weight_bilateral", "detection_x", "detection_y")
+        fields.numbers(self, "epsilon", low=0, high=1, high_open=True)
+        fields.flags(self, "detection_potential")
 
 
 def box_masks(boxes: Tensor, height: int, width: int) -> Tensor:

@@ -1,0 +1,58 @@
+"""Range checks for the trainer's configuration dataclasses (ModelConfig, SemanticCRFConfig,
+InstanceConfig, TrainConfig), called from their __post_init__: a field out of range raises
+InvalidArgumentError naming `Class.field`, when the config is made or read from a checkpoint, rather
+than training or running something else (a misspelt stage, a negative iteration count) or failing
+later under another name."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from dynseg.sdk.errors import InvalidArgumentError
+
+
+def _fail(config: object, name: str, rule: str) -> InvalidArgumentError:
+    return InvalidArgumentError(f"{type(config).__name__}.{name} must be {rule}, got {getattr(config, name)!r}")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def choices(config: object, name: str, allowed: Iterable[object]) -> None:
+    allowed = tuple(allowed)
+    if getattr(config, name) not in allowed:
+        raise _fail(config, name, " or ".join(repr(a) for a in allowed))
+
+
+def flags(config: object, *names: str) -> None:
+    for name in names:
+        if not isinstance(getattr(config, name), bool):
+            raise _fail(config, name, "True or False")
+
+
+def ints(config: object, *names: str, least: int) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise _fail(config, name, f"an int >= {least}")
+
+
+def numbers(config: object, *names: str, low: float = -math.inf, high: float = math.inf,
+            low_open: bool = False, high_open: bool = False) -> None:
+    """Finite numbers in [low, high], either end open as said."""
+    for name in names:
+        value = getattr(config, name)
+        inside = _is_number(value) and math.isfinite(value) and (value > low if low_open else value >= low) and (
+            value < high if high_open else value <= high)
+        if not inside:
+            rule = f"a finite number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise _fail(config, name, rule)
+
+
+def number_tuple(config: object, name: str, length: int, *, positive: bool = False) -> None:
+    value = getattr(config, name)
+    if not (isinstance(value, tuple) and len(value) == length
+            and all(_is_number(v) and math.isfinite(v) and (v > 0 or not positive) for v in value)):
+        raise _fail(config, name, f"{length} finite{' positive' if positive else ''} numbers")
