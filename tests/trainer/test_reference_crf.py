@@ -282,3 +282,17 @@ def test_mean_field_rejects_mismatched_weights_compat_and_lattices():
         mean_field(unary, [(spatial, 1.0)], normalization="before")
     with pytest.raises(ValueError, match="iterations"):
         mean_field(unary, [(spatial, 1.0)], iterations=-2)
+
+
+def test_mean_field_takes_weights_and_compat_of_another_dtype_and_refuses_non_finite_ones():
+    unary, spatial, _, _ = tiny_problem()
+    labels = unary.shape[0]
+    single = mean_field(unary, [(spatial, torch.eye(labels) * 2)], compat=-torch.eye(labels))
+    double = mean_field(unary, [(spatial, torch.eye(labels, dtype=torch.float64) * 2)],
+                        compat=-torch.eye(labels, dtype=torch.float64))
+    assert double.dtype == unary.dtype and torch.allclose(single, double, atol=1e-6)
+    for weight in (float("nan"), torch.tensor(float("inf"))):
+        with pytest.raises(ValueError, match=r"kernels\[0\] weight"):
+            mean_field(unary, [(spatial, weight)])
+    with pytest.raises(ValueError, match="compat holds a non-finite value"):
+        mean_field(unary, [(spatial, 1.0)], compat=torch.full((labels,), float("nan")))

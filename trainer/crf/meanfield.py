@@ -123,8 +123,11 @@ def mean_field(
                     f"kernels[{index}] weight must be a scalar or ({n_labels}, {n_labels}), "
                     f"got {tuple(weight.shape)}"
                 )
-        elif not isinstance(weight, (int, float)) or isinstance(weight, bool):
-            raise ValueError(f"kernels[{index}] weight must be a float or a tensor, got {weight!r}")
+            if not torch.isfinite(weight).all():
+                raise ValueError(f"kernels[{index}] weight holds a non-finite value")
+            weight = weight.to(dtype=dtype, device=device)  # logits in the unary's dtype; differentiable
+        elif not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
+            raise ValueError(f"kernels[{index}] weight must be a finite float or a tensor, got {weight!r}")
         prepared.append((lattice, weight, _norm_factor(lattice, normalization, dtype, device)))
 
     if compat is not None:
@@ -134,6 +137,9 @@ def mean_field(
             raise ValueError(
                 f"compat must be None, ({n_labels},) or ({n_labels}, {n_labels}), got {tuple(compat.shape)}"
             )
+        if not torch.isfinite(compat).all():
+            raise ValueError("compat holds a non-finite value")
+        compat = compat.to(dtype=dtype, device=device)
 
     unary_nl = unary.reshape(n_labels, n_points).t()  # (N, L), labels contiguous per pixel in spirit
     logits = unary_nl
