@@ -241,7 +241,8 @@ def check_detections(
     inverted = (x2 < x1) | (y2 < y1)
     f1, g1, f2, g2 = np.floor(boxes64).T  # outside is judged on the pixels a box covers, as the network does
     outside = ~inverted & ((f2 < 0) | (g2 < 0) | (f1 > width - 1) | (g1 > height - 1))
-    dropped = [DroppedDetection(int(i), INVERTED if inverted[i] else OUTSIDE) for i in np.flatnonzero(inverted | outside)]
+    dropped = [DroppedDetection(int(i), INVERTED if inverted[i] else OUTSIDE)
+               for i in np.flatnonzero(inverted | outside)]
     kept = np.flatnonzero(~(inverted | outside)).astype(np.int64)  # (N,)
 
     floored = np.floor(boxes64[kept])  # (N, 4)
