@@ -50,7 +50,7 @@ step "kernel analysis (Nsight Compute, when the machine has it)"
 # and clocks are left as they are: in a call, each kernel reads what the one before left in L2.
 ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 if [ -n "$ncu" ]; then
-  timeout 150 "$ncu" -k regex:'slice$|vertex_sums|chunk_sums|splat_pass|blur_step|softmax_short_rows|insert_entries' \
+  timeout 150 "$ncu" -k regex:'slice$|slice_softmax|vertex_sums|chunk_sums|splat_pass|blur_step|softmax_short_rows|insert_entries' \
     --launch-count 25 --cache-control none --clock-control none \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
     --section WarpStateStats $PY benchmarks/bench_cuda.py --once >"$REPORT/ncu.txt" 2>&1
