@@ -10,9 +10,9 @@ background stays 0. Pixels of ground-truth instances matched to nothing have no 
 0..D, and are ignored, as are void pixels.
 
 One addition to the paper, so that training can start from an untrained network whose predicted
-segments are empty: a pair of the same class also scores 1e-3 × the IoU of the detection's box with
-the ground-truth instance's box, which only breaks ties among zero segment overlaps. Pairs of total
-weight 0 count as unmatched.
+segments are empty: the detections and ground-truth instances that the segment matching leaves
+unmatched are then matched the same way by the IoU of the detection's box with the instance's box.
+The segment matching is the paper's, unchanged. Pairs of weight 0 count as unmatched in either pass.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from torch import Tensor
 from .data.synthetic import mask_boxes
 
 IGNORE = -100  # cross_entropy's ignore_index
-BOX_TIE_BREAK = 1e-3
 
 
 def box_iou(a: Tensor, b: Tensor) -> Tensor:
@@ -68,18 +67,28 @@ def matched_ground_truth(
         predicted = winner.unsqueeze(0) == torch.arange(1, detections + 1).view(-1, 1, 1)  # (D, H, W)
         inter = predicted.flatten(1).float() @ gt_masks.flatten(1).float().t()  # (D, M)
         union = predicted.flatten(1).sum(1)[:, None] + gt_masks.flatten(1).sum(1)[None, :] - inter
-        weight = inter / union.clamp(min=1) + BOX_TIE_BREAK * box_iou(boxes, torch.from_numpy(mask_boxes(gt_masks.numpy())))
-        weight = weight * (labels[:, None] == gt_labels[None, :])
-        rows, cols = linear_sum_assignment(weight.numpy(), maximize=True)
-        for d, m in zip(rows, cols):
-            if weight[d, m] > 0:
-                target[gt_masks[m]] = int(d) + 1
-                matched[m] = True
+        same_class = labels[:, None] == gt_labels[None, :]
+        pairs = _assign((inter / union.clamp(min=1)) * same_class)
+        left_d = sorted(set(range(detections)) - {d for d, _ in pairs})
+        left_m = sorted(set(range(gt_masks.shape[0])) - {m for _, m in pairs})
+        if left_d and left_m:
+            gt_boxes = torch.from_numpy(mask_boxes(gt_masks[left_m].numpy()))
+            by_box = box_iou(boxes[left_d], gt_boxes) * same_class[left_d][:, left_m]
+            pairs += [(left_d[d], left_m[m]) for d, m in _assign(by_box)]
+        for d, m in pairs:
+            target[gt_masks[m]] = d + 1
+            matched[m] = True
     for m in np.flatnonzero(~matched.numpy()):
         target[gt_masks[int(m)]] = IGNORE  # a ground-truth instance no detection explains
     if void is not None:
         target[void] = IGNORE
     return target.to(device)
+
+
+def _assign(weight: Tensor) -> list[tuple[int, int]]:
+    """The maximum-weight one-to-one (row, column) pairs of a (rows, columns) weight, those of weight > 0."""
+    rows, cols = linear_sum_assignment(weight.numpy(), maximize=True)
+    return [(int(r), int(c)) for r, c in zip(rows, cols) if weight[r, c] > 0]
 
 
 def instance_loss(

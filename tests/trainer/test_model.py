@@ -214,6 +214,25 @@ def test_instances_of_another_class_or_unexplained_are_ignored():
     assert matched_ground_truth(logits, boxes, torch.tensor([1, 1]), gt, torch.tensor([1, 1]), void)[9, 0] == IGNORE
 
 
+def test_segment_overlap_decides_the_matching_and_boxes_only_match_what_it_leaves():
+    # one detection whose segment covers both instances, IoU 0.5 with the first and 0.4999 with the
+    # second, and whose box sits on the second: the paper matches by segment IoU, so the first wins
+    width = 10_000
+    logits = torch.zeros(2, 1, width)
+    logits[1] = 5.0
+    gt = torch.zeros(2, 1, width, dtype=torch.bool)
+    gt[0, 0, :5000] = True
+    gt[1, 0, 5000:9999] = True
+    target = matched_ground_truth(logits, torch.tensor([[5000.0, 0.0, 9998.0, 0.0]]), torch.tensor([1]), gt,
+                                  torch.tensor([1, 1]))
+    assert target[0, 0] == 1 and target[0, 9000] == IGNORE
+    # an untrained network's empty segments: the boxes match detections to instances
+    logits, boxes, gt = two_instance_case()
+    logits[1:] = -10.0  # every pixel is background
+    target = matched_ground_truth(logits, boxes, torch.tensor([1, 1]), gt, torch.tensor([1, 1]))
+    assert (target[0:4, 0:5] == 1).all() and (target[5:, 5:] == 2).all()
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda: InstanceConfig(iterations=-1), "InstanceConfig.iterations must be an int >= 0"),
     (lambda: InstanceConfig(template_groups=0), "InstanceConfig.template_groups must be an int >= 1"),

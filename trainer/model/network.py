@@ -87,8 +87,9 @@ class NetworkOutput:
 def check_detections(
     boxes: Tensor, labels: Tensor, scores: Tensor, *, height: int, width: int, num_classes: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Validated detections: boxes (D, 4) float xyxy in pixels (inclusive), truncated to integers
-    as the original code did and clipped to the image with a warning; labels (D,) int64 in 1..K;
+    """Validated detections: boxes (D, 4) float xyxy in pixels (inclusive), floored to integers (the
+    original code truncated: the two differ only for a corner in (-1, 0), which floors to outside the
+    image, as pixel 0 starts at 0) and clipped to the image with a warning; labels (D,) int64 in 1..K;
     scores (D,) float32. Inverted boxes, boxes wholly outside the image, labels out of range,
     non-finite values and mismatched lengths raise ValueError."""
     if boxes.dim() != 2 or boxes.shape[1] != 4:
