@@ -203,7 +203,7 @@ def mean_field_native(
         raise InvalidArgumentError(f"image must be a (C, H, W) tensor or None, got {type(image).__name__}")
     if isinstance(kernels, (str, bytes)) or not isinstance(kernels, Sequence):
         raise InvalidArgumentError(f"kernels must be a sequence of (theta_xy, theta_color, weight), got {kernels!r}")
-    thetas, weights = [], []
+    theta_xys, theta_colors, weights = [], [], []
     for index, kernel in enumerate(kernels):
         if isinstance(kernel, (str, bytes)) or not isinstance(kernel, Sequence) or len(kernel) != 3:
             raise InvalidArgumentError(f"kernels[{index}] must be (theta_xy, theta_color, weight), got {kernel!r}")
@@ -217,14 +217,15 @@ def mean_field_native(
         weight = torch.as_tensor(weight, dtype=torch.float32)
         if weight.numel() != 1 and tuple(weight.shape) != (labels, labels):
             raise InvalidArgumentError(f"kernels[{index}] weight must be a scalar or ({labels}, {labels}), got {tuple(weight.shape)}")
-        thetas.append((float(theta_xy), float(theta_color)))
+        theta_xys.append(float(theta_xy))
+        theta_colors.append(float(theta_color))
         weights.append(weight)
     if compat is not None and (not isinstance(compat, Tensor) or tuple(compat.shape) not in ((labels,), (labels, labels))):
         raise InvalidArgumentError(f"compat must be None or a ({labels},) or ({labels}, {labels}) tensor, got "
                                    f"{getattr(compat, 'shape', compat)!r}")
     return _mean_field(
         unary, image,
-        [t[0] for t in thetas], [t[1] for t in thetas], weights, compat,
+        theta_xys, theta_colors, weights, compat,
         check_normalization(normalization), check_iterations(iterations), check_threads(threads),
     )
 
