@@ -68,7 +68,8 @@ class CrfAttributes:
                 raise fail(f"unknown attribute {name!r} (a MeanFieldCRF node has {', '.join(kinds)})")
             if type(value) is not kinds[name]:  # exact: ONNX's INT is no FLOAT, and a bool is no INT
                 raise fail(f"attribute {name} must be of type {kinds[name].__name__}, got {value!r}")
-        missing = [name for name in list(kinds)[:4] if name not in attributes]
+        missing = [name for name in ("iterations", "theta_spatial", "theta_bilateral_xy", "theta_bilateral_rgb")
+                   if name not in attributes]
         if missing:
             raise fail(f"attributes {', '.join(missing)} are missing (iterations and the three thetas are required)")
         a = cls(**attributes)  # type: ignore[arg-type]
@@ -77,7 +78,7 @@ class CrfAttributes:
         for name in ("theta_spatial", "theta_bilateral_xy", "theta_bilateral_rgb"):
             if not (math.isfinite(getattr(a, name)) and getattr(a, name) > 0):
                 raise fail(f"attribute {name} must be finite and > 0, got {getattr(a, name)}")
-        if a.normalization not in ("after", "symmetric"):
+        if a.normalization not in _native.NORMALIZATION:
             raise fail(f"attribute normalization must be 'after' or 'symmetric', got {a.normalization!r}")
         if a.detection_potential not in (0, 1):
             raise fail(f"attribute detection_potential must be 0 or 1, got {a.detection_potential}")
