@@ -362,13 +362,14 @@ def export(
         if out.suffix not in (".engine", ".plan"):
             raise typer.BadParameter(f"an engine is a .engine or .plan file (the .onnx goes beside it), got {out}",
                                      param_hint="--out")
-        from dynseg.export.engine import make_profile
+        from dynseg.export.engine import DEFAULT_SIZES, make_profile
 
-        try:
-            make_profile(detections, sizes, max_detections=max_detections)
-        except InvalidArgumentError as error:
-            which = "detections" if "detection" in str(error) else "size"
-            raise typer.BadParameter(str(error), param_hint=f"--min-{which} / --opt-{which} / --max-{which}")
+        # the detections with sizes known to be good, then the sizes: each error names its own options
+        for which, checked_sizes in (("detections", DEFAULT_SIZES), ("size", sizes)):
+            try:
+                make_profile(detections, checked_sizes, max_detections=max_detections)
+            except InvalidArgumentError as error:
+                raise typer.BadParameter(str(error), param_hint=f"--min-{which} / --opt-{which} / --max-{which}")
     _torch_or_fail("dynseg export")
     from dynseg.export.onnx import export_onnx
     from dynseg.trainer.train import load_checkpoint
