@@ -224,6 +224,15 @@ class Detections:
     epsilon: float
     recalibrated: np.ndarray | DeviceArray
 
+    def __post_init__(self):
+        count = self.boxes.shape[0] if len(self.boxes.shape) == 2 else -1
+        expected = {"boxes": (count, 4), "labels": (count,), "scores": (count,), "recalibrated": (count,),
+                    "detection_x": (1,), "detection_y": (1,)}
+        for name, shape in expected.items():
+            if tuple(getattr(self, name).shape) != shape:
+                raise InvalidArgumentError(f"detection potential: {name} must be {shape}, got "
+                                           f"{tuple(getattr(self, name).shape)}")
+
     def struct(self) -> _Detections:
         return _Detections(
             count=self.boxes.shape[0],
@@ -269,6 +278,7 @@ class Problem:
                                            f"{tuple(kernel.weight.shape)}")
         if compat is not None and tuple(compat.shape) not in ((labels,), (labels, labels)):
             raise InvalidArgumentError(f"compat must be ({labels},) or ({labels}, {labels}), got {tuple(compat.shape)}")
+        self.shape = (labels, height, width)
         self._keep = [image, compat, *[k.weight for k in kernels]]
         self._detections = detections
         self._detections_struct = detections.struct() if detections is not None else None
@@ -302,7 +312,15 @@ class Problem:
         _check(library().dynseg_crf_workspace_size(ctypes.byref(self.struct), pass_, ctypes.byref(size)))
         return _workspace(size.value)
 
+    def _check_planes(self, name: str, array: np.ndarray | DeviceArray, channels: int | None = None) -> None:
+        """The library reads and writes (L, H, W) planes (C of them for `filter`) through every array."""
+        expected = self.shape if channels is None else (channels, *self.shape[1:])
+        if tuple(array.shape) != expected:
+            raise InvalidArgumentError(f"{name} must be {expected} planes for this problem, got {tuple(array.shape)}")
+
     def forward(self, unary: np.ndarray) -> np.ndarray:
+        """Q (or the logits, as the problem's output says) for planar (L, H, W) float32 `unary`."""
+        self._check_planes("unary", unary)
         out = np.empty_like(unary)
         ws = self.workspace(PASS_FORWARD)
         _check(library().dynseg_crf_forward(ctypes.byref(self.struct), _pointer(unary), _pointer(out),
@@ -312,6 +330,9 @@ class Problem:
     def backward(
         self, unary: np.ndarray, grad_logits: np.ndarray, want_weights: Sequence[bool], want_compat: bool
     ) -> tuple[np.ndarray, list[np.ndarray | None], np.ndarray | None]:
+        """The gradients of the unary, of the wanted kernel weights and of compat, from (L, H, W) planes."""
+        self._check_planes("unary", unary)
+        self._check_planes("grad_logits", grad_logits)
         grad_unary = np.empty_like(unary)
         grad_weights = [np.empty_like(w) if want else None for w, want in zip(self._keep[2:], want_weights)]
         grad_compat = np.empty_like(self._keep[1]) if want_compat and self._keep[1] is not None else None
@@ -324,6 +345,11 @@ class Problem:
         return grad_unary, grad_weights, grad_compat
 
     def filter(self, kernel: int, values: np.ndarray, transpose: bool) -> np.ndarray:
+        """Kernel `kernel`'s lattice filter (its transpose when asked) of (C, H, W) `values`: a test hook
+        for the adjoint (tests/plugins)."""
+        if len(values.shape) != 3:
+            raise InvalidArgumentError(f"values must be (C, H, W) planes, got {tuple(values.shape)}")
+        self._check_planes("values", values, values.shape[0])
         out = np.empty_like(values)
         ws = self.workspace(PASS_FORWARD)
         _check(library().dynseg_lattice_filter(ctypes.byref(self.struct), kernel, values.shape[0], _pointer(values),
@@ -339,6 +365,8 @@ class Problem:
 
     def forward_cuda(self, unary: DeviceArray, out: DeviceArray, workspace: int, nbytes: int, stream: int) -> None:
         """Enqueues the forward pass on `stream`, then waits for it and reports a lattice failure."""
+        self._check_planes("unary", unary)
+        self._check_planes("out", out)
         _check(library().dynseg_crf_forward_cuda(ctypes.byref(self.struct), _pointer(unary), _pointer(out),
                                                  workspace, nbytes, stream))
         check_cuda(workspace, stream)
@@ -348,6 +376,8 @@ class Problem:
         grad_weights: Sequence[DeviceArray | None], grad_compat: DeviceArray | None,
         workspace: int, nbytes: int, stream: int,
     ) -> None:
+        for name, array in (("unary", unary), ("grad_logits", grad_logits), ("grad_unary", grad_unary)):
+            self._check_planes(name, array)
         pointers = (_f32p * max(len(grad_weights), 1))(*[_pointer(g) for g in grad_weights])
         _check(library().dynseg_crf_backward_cuda(
             ctypes.byref(self.struct), _pointer(unary), _pointer(grad_logits), _pointer(grad_unary), pointers,
@@ -357,6 +387,7 @@ class Problem:
 
     def forward_from_host(self, unary: np.ndarray, device: int) -> np.ndarray:
         """The forward pass on CUDA device `device` for host arrays (copies in and out; synchronous)."""
+        self._check_planes("unary", unary)
         out = np.empty_like(unary)
         _check(library().dynseg_crf_forward_cuda_from_host(ctypes.byref(self.struct), _pointer(unary),
                                                            _pointer(out), device))

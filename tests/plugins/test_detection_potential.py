@@ -179,3 +179,16 @@ def test_backward_refuses_the_detection_potential(smooth_image, field_unary):
     problem = native_problem(unary, image, spatial, bilateral, compat, detections, 2)
     with pytest.raises(NativeError, match="does not differentiate the detection potential"):
         problem.backward(unary, np.ones_like(unary), [True, True], True)
+
+
+@pytest.mark.parametrize("field, bad", [
+    ("boxes", np.zeros((2, 3), np.float32)), ("labels", np.zeros(3, np.int64)), ("scores", np.zeros(1, np.float32)),
+    ("recalibrated", np.zeros(3, np.float32)), ("detection_x", np.zeros((), np.float32)),
+])
+def test_the_detection_arrays_must_agree_with_the_box_count_before_a_pointer_crosses(field, bad):
+    arrays = dict(boxes=np.zeros((2, 4), np.float32), labels=np.ones(2, np.int64), scores=np.ones(2, np.float32),
+                  detection_x=np.ones(1, np.float32), detection_y=np.ones(1, np.float32),
+                  recalibrated=np.zeros(2, np.float32))
+    arrays[field] = bad
+    with pytest.raises(InvalidArgumentError, match=f"detection potential: {field} must be"):
+        _native.Detections(**arrays, score_ceiling=1.0, epsilon=1e-4)

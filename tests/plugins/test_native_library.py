@@ -102,6 +102,20 @@ def test_filter_accepts_fewer_channels_than_labels_and_rejects_more(smooth_image
         problem.filter(1, ones, False)
 
 
+def test_every_problem_method_refuses_planes_of_another_shape_before_the_library_reads_them(smooth_image):
+    # the library reads L*H*W floats through each array: a smaller one would be read past its end
+    problem = one_kernel_problem(smooth_image(8, 9), "spatial", labels=3)
+    small = np.zeros((3, 2, 2), np.float32)
+    with pytest.raises(InvalidArgumentError, match=r"unary must be \(3, 8, 9\) planes"):
+        problem.forward(small)
+    with pytest.raises(InvalidArgumentError, match=r"grad_logits must be \(3, 8, 9\) planes"):
+        problem.backward(np.zeros((3, 8, 9), np.float32), small, [False], False)
+    with pytest.raises(InvalidArgumentError, match=r"values must be \(1, 8, 9\) planes"):
+        problem.filter(0, np.zeros((1, 9, 8), np.float32), False)
+    with pytest.raises(InvalidArgumentError, match=r"values must be \(C, H, W\)"):
+        problem.filter(0, np.zeros((72,), np.float32), False)
+
+
 # ---------------------------------------------------------------------------- backward
 
 
