@@ -47,7 +47,9 @@ typedef enum dynseg_status {
     DYNSEG_OK = 0,
     DYNSEG_ERROR_INVALID_ARGUMENT = 1, /* a field is out of range; see dynseg_last_error() */
     DYNSEG_ERROR_WORKSPACE_TOO_SMALL = 2,
-    DYNSEG_ERROR_KEY_RANGE = 3, /* lattice coordinates span more than 64 bits of packed key */
+    DYNSEG_ERROR_KEY_RANGE = 3, /* the lattice cannot be built: scaled features beyond float resolution
+                                   (2^22) or coordinates needing more than 63 key bits; the message says
+                                   which */
     DYNSEG_ERROR_INTERNAL = 4,
     DYNSEG_ERROR_NOT_SUPPORTED = 5, /* CUDA entry point of a library built without CUDA, or a backward
                                        call given detections (the trainer differentiates them in torch) */
@@ -177,7 +179,7 @@ DYNSEG_API dynseg_status dynseg_lattice_filter(const dynseg_crf_problem* problem
  * between host and device, so a TensorRT plugin can call them from enqueue. They validate every
  * host-side field as the CPU calls do, but cannot read device memory: non-finite values propagate
  * as NaN instead of being rejected (so do a detection's label out of range and a box without a pixel
- * in the image), and a lattice whose keys do not fit 64 bits (absurdly small
+ * in the image), and a lattice whose keys need more than 63 bits (absurdly small
  * thetas) is reported by dynseg_crf_check_cuda, its outputs filled with NaN meanwhile.
  * Results are bitwise identical run to run (no floating-point atomics) and agree with the CPU
  * calls to float rounding. Without CUDA in the build every call returns DYNSEG_ERROR_NOT_SUPPORTED.
@@ -220,7 +222,8 @@ DYNSEG_API dynseg_status dynseg_crf_forward_cuda_from_host(const dynseg_crf_prob
  * binding of their own (the SDK's onnxruntime CUDA path on cuda:N). */
 DYNSEG_API dynseg_status dynseg_cuda_set_device(int32_t device);
 
-/* Device memory for callers without an allocator of their own (the DLPack entry of the numpy API). */
+/* Device memory for callers without an allocator of their own (the SDK's CudaArray, the onnxruntime
+ * CUDA path's workspace, the TensorRT backend's buffers). */
 DYNSEG_API dynseg_status dynseg_cuda_malloc(size_t bytes, void** pointer);
 DYNSEG_API dynseg_status dynseg_cuda_free(void* pointer);
 /* Copies bytes between any two of host and device memory; returns once the copy has landed, so work
