@@ -22,6 +22,7 @@ from onnx import helper
 from dynseg.plugins import search_paths
 from dynseg.sdk import __version__
 from dynseg.sdk.errors import DynsegError, InvalidArgumentError
+from dynseg.sdk.graph import DOMAIN, OP_TYPE, OP_VERSION
 
 __all__ = [
     "Profile",
@@ -39,10 +40,8 @@ __all__ = [
     "build_engine",
 ]
 
-OP_DOMAIN = "dynseg"
-OP_TYPE = "MeanFieldCRF"
-PLUGIN_NAMESPACE = "dynseg"
-PLUGIN_VERSION = "1"
+PLUGIN_NAMESPACE = DOMAIN
+PLUGIN_VERSION = str(OP_VERSION)  # TensorRT's plugin versions are strings
 PLUGIN_LIBRARY = "libdynseg_crf_tensorrt.so"
 PLUGIN_LIBRARY_ENV = "DYNSEG_TENSORRT_PLUGIN"
 SIDECAR_FORMAT = 1
@@ -73,7 +72,7 @@ class EngineMismatchError(EngineError):
 def _crf_nodes(graph: onnx.GraphProto):
     """Every dynseg::MeanFieldCRF node of graph and of its subgraphs."""
     for node in graph.node:
-        if node.domain == OP_DOMAIN and node.op_type == OP_TYPE:
+        if node.domain == DOMAIN and node.op_type == OP_TYPE:
             yield node
         for attribute in node.attribute:
             if attribute.type == onnx.AttributeProto.GRAPH:
@@ -107,7 +106,7 @@ def tensorrt_model(model: onnx.ModelProto) -> onnx.ModelProto:
         node.attribute.extend(kept)
         node.attribute.extend([helper.make_attribute("plugin_namespace", PLUGIN_NAMESPACE),
                                helper.make_attribute("plugin_version", PLUGIN_VERSION)])
-    functions = [f for f in copy.functions if f.domain != OP_DOMAIN]
+    functions = [f for f in copy.functions if f.domain != DOMAIN]
     del copy.functions[:]
     copy.functions.extend(functions)
     return copy

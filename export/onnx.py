@@ -17,22 +17,20 @@ from torch import Tensor, nn
 
 from dynseg.sdk import __version__
 from dynseg.sdk.errors import InvalidArgumentError
+from dynseg.sdk.graph import DOMAIN, INPUTS, OP_VERSION, OUTPUTS
 from dynseg.trainer.model.network import DynamicallyInstantiatedNetwork
 
 from . import ops
 
-INPUTS = ("image", "boxes", "labels", "scores")
-OUTPUTS = ("instance_logits", "instance_map", "semantic_probabilities", "instance_scores")
 DEFAULT_MAX_DETECTIONS = 100
 
 
 class ExportGraph(nn.Module):
     """The network as deployed: image (1, 3, H, W) uint8 RGB; boxes (D, 4) float32 xyxy pixels,
     integer-valued, inclusive and inside the image (the SDK clips and drops them first); labels (D,)
-    int64 in 1..K; scores (D,) float32. Outputs: instance_logits (1, D+1, H, W), instance_map (H, W)
-    int64 (0 = background, d + 1 = detection d, before the SDK renumbers), semantic_probabilities
-    (1, K+1, H, W), instance_scores (D,) (mean semantic probability of the detection's class over the
-    pixels it won; 0 where it won none)."""
+    int64 in 1..K; scores (D,) float32. Outputs: instance_logits (1, D+1, H, W) and semantic_probabilities
+    (1, K+1, H, W); what a result makes of them (the instance map, instance scores) is the SDK's
+    `build_result`, the one post-processing of every backend."""
 
     def __init__(self, network: DynamicallyInstantiatedNetwork):
         super().__init__()
@@ -64,12 +62,7 @@ class ExportGraph(nn.Module):
                 torch.zeros(()), torch.zeros(()), config.iterations, config.theta_spatial,
                 config.theta_bilateral_xy, config.theta_bilateral_rgb, "after", 0, 1.0, 0.0,
             )
-        instance_map = instance_logits[0].argmax(dim=0)  # (H, W): 0 background, d + 1 detection d
-        detections = torch.arange(1, boxes.shape[0] + 1, device=boxes.device).view(-1, 1, 1)
-        won = (instance_map.unsqueeze(0) == detections).to(torch.float32)  # (D, H, W)
-        q_class = q_sem[0][labels]  # (D, H, W)
-        instance_scores = (q_class * won).sum(dim=(1, 2)) / torch.clamp(won.sum(dim=(1, 2)), min=1.0)
-        return instance_logits, instance_map, q_sem, instance_scores
+        return instance_logits, q_sem
 
 
 def export_onnx(network: DynamicallyInstantiatedNetwork, path: str | Path, *,
@@ -103,17 +96,16 @@ def export_onnx(network: DynamicallyInstantiatedNetwork, path: str | Path, *,
             dynamic_axes={
                 "image": {2: "height", 3: "width"}, "boxes": {0: "detections"}, "labels": {0: "detections"},
                 "scores": {0: "detections"}, "instance_logits": {1: "labels", 2: "height", 3: "width"},
-                "instance_map": {0: "height", 1: "width"}, "semantic_probabilities": {2: "height", 3: "width"},
-                "instance_scores": {0: "detections"},
+                "semantic_probabilities": {2: "height", 3: "width"},
             },
-            custom_opsets={ops.DOMAIN: ops.OP_VERSION},
+            custom_opsets={DOMAIN: OP_VERSION},
         )
     network.train(was_training)
     model = onnx.load(str(path))
     config = network.config
     metadata = {
         "dynseg_version": __version__,
-        "dynseg_op_version": str(ops.OP_VERSION),
+        "dynseg_op_version": str(OP_VERSION),
         "class_names": json.dumps(list(config.class_names)),
         "preprocessing": json.dumps({"input": "RGB uint8 (1, 3, H, W)", "mean": list(config.mean),
                                      "std": list(config.std), "scale": 255.0}),

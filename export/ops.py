@@ -13,12 +13,10 @@ import torch
 from torch import Tensor
 from torch.onnx import symbolic_helper
 
+from dynseg.sdk.graph import DOMAIN, OP_TYPE
 from dynseg.trainer.crf import mean_field_native
 from dynseg.trainer.model.semantic_crf import SemanticCRFConfig, semantic_mean_field
 
-DOMAIN = "dynseg"
-OP_TYPE = "MeanFieldCRF"
-OP_VERSION = 1
 OPSET = 17  # the standard ONNX opset of the rest of the graph (GridSample needs 16)
 
 

@@ -12,7 +12,7 @@ Tensors stay where the device puts them: every value of a call is an onnxruntime
 backend's device, handed from session to session through I/O binding. On "cpu" the CRF nodes read
 and write them as numpy arrays; on "cuda:N" the sessions run on onnxruntime's CUDA execution provider
 (the onnxruntime-gpu package) and the CRF nodes run the library's CUDA kernels on the same device
-memory, so an image crosses to the host only as the four outputs.
+memory, so an image crosses to the host only as the two outputs.
 """
 
 from __future__ import annotations
@@ -31,9 +31,7 @@ from . import _native
 from .crf import cuda_index
 from .crf_node import CrfAttributes, mean_field_crf, mean_field_crf_cuda
 from .errors import InvalidArgumentError
-
-DOMAIN, OP_TYPE, OP_VERSION = "dynseg", "MeanFieldCRF", 1
-OUTPUTS = ("instance_logits", "instance_map", "semantic_probabilities", "instance_scores")
+from .graph import DOMAIN, INPUTS, OP_TYPE, OP_VERSION, OUTPUTS
 
 
 @dataclass
@@ -79,9 +77,10 @@ def _check_dynseg(model: onnx.ModelProto, path: Path) -> dict[str, str]:
     unknown = sorted({n.op_type for n in model.graph.node if n.domain == DOMAIN and n.op_type != OP_TYPE})
     if unknown:
         raise InvalidArgumentError(f"model file {path} has dynseg ops this dynseg does not know: {unknown}")
-    names = [i.name for i in model.graph.input]
-    if names != ["image", "boxes", "labels", "scores"] or [o.name for o in model.graph.output] != list(OUTPUTS):
-        raise InvalidArgumentError(f"model file {path} does not have dynseg's inputs and outputs (got {names})")
+    inputs, outputs = [i.name for i in model.graph.input], [o.name for o in model.graph.output]
+    if inputs != list(INPUTS) or outputs != list(OUTPUTS):
+        raise InvalidArgumentError(f"model file {path} does not have this dynseg's inputs {list(INPUTS)} and outputs "
+                                   f"{list(OUTPUTS)} (got {inputs} and {outputs}): re-export it with this dynseg")
     return metadata
 
 

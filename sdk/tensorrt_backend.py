@@ -22,9 +22,7 @@ import numpy as np
 from . import _native
 from .crf import cuda_index
 from .errors import InvalidArgumentError
-
-INPUTS = ("image", "boxes", "labels", "scores")
-OUTPUTS = ("instance_logits", "semantic_probabilities")
+from .graph import INPUTS, OUTPUTS
 
 
 class TensorRTBackend:

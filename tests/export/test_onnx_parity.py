@@ -89,9 +89,22 @@ def test_the_graph_has_two_crf_nodes_dynamic_axes_and_metadata(exported):
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
     assert dims == {"image": [1, 3, "height", "width"], "boxes": ["detections", 4], "labels": ["detections"],
                     "scores": ["detections"]}
+    outputs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
+    assert list(outputs) == ["instance_logits", "semantic_probabilities"]
+    assert outputs["instance_logits"][1:] == ["labels", "height", "width"]
+    assert outputs["semantic_probabilities"][2:] == ["height", "width"]
     metadata = {p.key: p.value for p in model.metadata_props}
     assert {"dynseg_version", "dynseg_op_version", "class_names", "preprocessing", "model_config",
             "max_detections"} <= set(metadata)
+
+
+def test_a_model_with_other_outputs_is_refused_with_what_to_do(exported, tmp_path):
+    model = onnx.load(str(exported[1]))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("instance_map", onnx.TensorProto.INT64, None))
+    old = tmp_path / "old.onnx"
+    onnx.save(model, str(old))
+    with pytest.raises(InvalidArgumentError, match="outputs.*instance_map.*re-export it with this dynseg"):
+        Segmenter(old)
 
 
 def test_concurrent_calls_give_the_sequential_results(segmenters):
