@@ -210,7 +210,7 @@ class Kernel:
 
 
 @dataclass(frozen=True)
-class Detections:
+class DetectionPotential:
     """The detection potential (dynseg_detections): boxes (D, 4) float32, labels (D,) int64, scores (D,)
     float32, detection_x and detection_y (1,) float32, and `recalibrated` (D,) float32 that the call
     fills with Q(Y_d = 1). numpy arrays for the CPU calls, DeviceArrays for the CUDA ones."""
@@ -263,7 +263,7 @@ class Problem:
         iterations: int,
         output: int,
         threads: int,
-        detections: Detections | None = None,
+        detections: DetectionPotential | None = None,
     ):
         for name, value in (("iterations", iterations), ("threads", threads)):
             if not 0 <= value < 2**31:  # the struct's int32 fields: ctypes would wrap a larger value silently

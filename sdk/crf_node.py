@@ -12,21 +12,44 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from . import _native
 from .errors import InvalidArgumentError
 
-__all__ = ["CrfAttributes", "mean_field_crf", "mean_field_crf_cuda"]
+__all__ = ["CrfAttributes", "CrfInputs", "mean_field_crf", "mean_field_crf_cuda"]
 
 Array = np.ndarray | _native.DeviceArray
 
 
-def softmax(x: np.ndarray, axis: int) -> np.ndarray:
-    """Softmax along `axis` (float32 in, float32 out)."""
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
+class CrfInputs(NamedTuple):
+    """A MeanFieldCRF node's ten inputs, in the node's order (docs/ops.md): unary (1, L, H, W),
+    image (1, C, H, W), spatial_weight and bilateral_weight (scalar or (L, L)), compatibility ((L, L)
+    or empty: Potts), boxes (D, 4), labels (D,) int64, scores (D,), detection_x, detection_y
+    (scalars); every other input float32."""
+
+    unary: Array
+    image: Array
+    spatial_weight: Array
+    bilateral_weight: Array
+    compatibility: Array
+    boxes: Array
+    labels: Array
+    scores: Array
+    detection_x: Array
+    detection_y: Array
+
+    @classmethod
+    def of(cls, inputs: Sequence[Array]) -> CrfInputs:
+        if len(inputs) != len(cls._fields):
+            raise InvalidArgumentError(f"a MeanFieldCRF node has {len(cls._fields)} inputs, this one has {len(inputs)}")
+        return cls(*inputs)
+
+    @staticmethod
+    def dtype(name: str) -> type:
+        return np.int64 if name == "labels" else np.float32
 
 
 def _planes(array: Array) -> Array:
@@ -89,72 +112,70 @@ class CrfAttributes:
         return a
 
 
-def _has_detections(inputs: Sequence[Array], attributes: CrfAttributes) -> bool:
+def _adds_detection_potential(inputs: CrfInputs, attributes: CrfAttributes) -> bool:
     """Whether the library adds the detection potential (else the scores pass through unchanged)."""
-    return bool(attributes.detection_potential) and inputs[5].shape[0] > 0
+    return bool(attributes.detection_potential) and inputs.boxes.shape[0] > 0
 
 
-def _problem(inputs: Sequence[Array], attributes: CrfAttributes, recalibrated: Array) -> _native.Problem:
+def _problem(inputs: CrfInputs, attributes: CrfAttributes, recalibrated: Array) -> _native.Problem:
     """The node as one native problem; inputs are all numpy arrays (in the library's dtypes and
     layouts) or all DeviceArrays. `recalibrated` receives Q(Y_d = 1) when the detection potential runs."""
-    unary, image, spatial, bilateral, compat, boxes, labels, scores, detection_x, detection_y = inputs
-    _, count, height, width = unary.shape
+    _, num_labels, height, width = inputs.unary.shape
     kernels = [
-        _native.Kernel(attributes.theta_spatial, 0.0, spatial),
-        _native.Kernel(attributes.theta_bilateral_xy, attributes.theta_bilateral_rgb, bilateral),
+        _native.Kernel(attributes.theta_spatial, 0.0, inputs.spatial_weight),
+        _native.Kernel(attributes.theta_bilateral_xy, attributes.theta_bilateral_rgb, inputs.bilateral_weight),
     ]
-    detections = None
-    if _has_detections(inputs, attributes):
-        detections = _native.Detections(
-            boxes=boxes, labels=labels, scores=scores, detection_x=detection_x, detection_y=detection_y,
-            score_ceiling=attributes.score_ceiling, epsilon=attributes.epsilon,
+    potential = None
+    if _adds_detection_potential(inputs, attributes):
+        potential = _native.DetectionPotential(
+            boxes=inputs.boxes, labels=inputs.labels, scores=inputs.scores, detection_x=inputs.detection_x,
+            detection_y=inputs.detection_y, score_ceiling=attributes.score_ceiling, epsilon=attributes.epsilon,
             recalibrated=recalibrated,
         )
+    compat = inputs.compatibility
     return _native.Problem(
-        count, height, width, _planes(image), kernels, compat=compat if compat.size else None,
+        num_labels, height, width, _planes(inputs.image), kernels, compat=compat if compat.size else None,
         normalization=attributes.normalization, iterations=attributes.iterations,
-        output=_native.OUTPUT_LOGITS, threads=0, detections=detections,
+        output=_native.OUTPUT_LOGITS, threads=0, detections=potential,
     )
 
 
-def _check_inputs(inputs: Sequence[Array]) -> None:
+def _check_shapes(inputs: CrfInputs) -> None:
     """The shapes docs/ops.md gives the node's inputs: the library reads as many values as they say."""
-    if len(inputs) != 10:
-        raise InvalidArgumentError(f"a MeanFieldCRF node has 10 inputs, this one has {len(inputs)}")
-    shapes = [tuple(int(n) for n in array.shape) for array in inputs]
-    unary, image = shapes[0], shapes[1]
+    shapes = CrfInputs(*[tuple(int(n) for n in array.shape) for array in inputs])
+    unary, image = shapes.unary, shapes.image
     if len(unary) != 4 or unary[0] != 1:
         raise InvalidArgumentError(f"MeanFieldCRF's unary must be (1, L, H, W), got {unary}")
-    labels = unary[1]
     if len(image) != 4 or image[0] != 1 or image[2:] != unary[2:]:
         raise InvalidArgumentError(f"MeanFieldCRF's image must be (1, C, {unary[2]}, {unary[3]}), got {image}")
-    square = (labels, labels)
-    for name, shape in zip(("spatial_weight", "bilateral_weight"), shapes[2:4]):
+    square = (unary[1], unary[1])
+    for name in ("spatial_weight", "bilateral_weight"):
+        shape = getattr(shapes, name)
         if int(np.prod(shape)) != 1 and shape != square:
             raise InvalidArgumentError(f"MeanFieldCRF's {name} must be a scalar or {square}, got {shape}")
-    if int(np.prod(shapes[4])) != 0 and shapes[4] != square:
-        raise InvalidArgumentError(f"MeanFieldCRF's compatibility must be {square} or empty, got {shapes[4]}")
-    boxes = shapes[5]
-    if len(boxes) != 2 or boxes[1] != 4 or shapes[6] != boxes[:1] or shapes[7] != boxes[:1]:
+    if int(np.prod(shapes.compatibility)) != 0 and shapes.compatibility != square:
+        raise InvalidArgumentError(f"MeanFieldCRF's compatibility must be {square} or empty, got "
+                                   f"{shapes.compatibility}")
+    boxes = shapes.boxes
+    if len(boxes) != 2 or boxes[1] != 4 or shapes.labels != boxes[:1] or shapes.scores != boxes[:1]:
         raise InvalidArgumentError(f"MeanFieldCRF's boxes, labels and scores must be (D, 4), (D,), (D,), got "
-                                   f"{boxes}, {shapes[6]}, {shapes[7]}")
-    if int(np.prod(shapes[8])) != 1 or int(np.prod(shapes[9])) != 1:
-        raise InvalidArgumentError(f"MeanFieldCRF's detection_x and detection_y must be scalars, got {shapes[8]}, "
-                                   f"{shapes[9]}")
+                                   f"{boxes}, {shapes.labels}, {shapes.scores}")
+    if int(np.prod(shapes.detection_x)) != 1 or int(np.prod(shapes.detection_y)) != 1:
+        raise InvalidArgumentError(f"MeanFieldCRF's detection_x and detection_y must be scalars, got "
+                                   f"{shapes.detection_x}, {shapes.detection_y}")
 
 
 def mean_field_crf(inputs: Sequence[np.ndarray], attributes: CrfAttributes) -> tuple[np.ndarray, np.ndarray]:
-    """Runs one dynseg::MeanFieldCRF node on the CPU. inputs: unary (1, L, H, W), image (1, C, H, W),
-    spatial_weight and bilateral_weight (scalar or (L, L)), compatibility ((L, L) or empty: Potts),
-    boxes (D, 4), labels (D,), scores (D,), detection_x, detection_y (scalars). Returns the logits
-    (1, L, H, W) and the detection scores (D,)."""
-    _check_inputs(inputs)
-    arrays = [np.ascontiguousarray(a, dtype=np.int64 if index == 6 else np.float32) for index, a in enumerate(inputs)]
-    unary, scores = arrays[0], arrays[7]
-    if unary.shape[1] == 1:  # one label: nothing to infer (docs/ops.md)
-        return unary.copy(), scores.copy()
-    recalibrated = scores.copy()
-    logits = _problem(arrays, attributes, recalibrated).forward(_planes(unary))
+    """Runs one dynseg::MeanFieldCRF node on the CPU. inputs: the node's ten, as `CrfInputs` lists
+    them. Returns the logits (1, L, H, W) and the detection scores (D,)."""
+    inputs = CrfInputs.of(inputs)
+    _check_shapes(inputs)
+    arrays = CrfInputs(*[np.ascontiguousarray(a, dtype=CrfInputs.dtype(name))
+                         for name, a in zip(CrfInputs._fields, inputs)])
+    if arrays.unary.shape[1] == 1:  # one label: nothing to infer (docs/ops.md)
+        return arrays.unary.copy(), arrays.scores.copy()
+    recalibrated = arrays.scores.copy()
+    logits = _problem(arrays, attributes, recalibrated).forward(_planes(arrays.unary))
     return logits[None], recalibrated
 
 
@@ -164,14 +185,15 @@ def mean_field_crf_cuda(inputs: Sequence[_native.DeviceArray], attributes: CrfAt
     inputs as `mean_field_crf`'s (float32, labels int64, C-contiguous; the caller checked the dtypes),
     the outputs written into `logits` (1, L, H, W) and `detection_scores` (D,). Runs on this thread's
     stream and returns once the stream has finished (the lattices' check needs that)."""
-    _check_inputs(inputs)
-    unary, scores = inputs[0], inputs[7]
+    inputs = CrfInputs.of(inputs)
+    _check_shapes(inputs)
+    unary, scores = inputs.unary, inputs.scores
     _native.set_cuda_device(device)
     if unary.shape[1] == 1:  # one label: nothing to infer (docs/ops.md)
         _native.copy_on_device(logits.pointer, unary.pointer, 4 * unary.size)
         _native.copy_on_device(detection_scores.pointer, scores.pointer, 4 * scores.size)
         return
-    if not _has_detections(inputs, attributes):  # the scores pass through
+    if not _adds_detection_potential(inputs, attributes):  # the scores pass through
         _native.copy_on_device(detection_scores.pointer, scores.pointer, 4 * scores.size)
     problem = _problem(inputs, attributes, detection_scores)
     nbytes = problem.workspace_size_cuda(_native.PASS_FORWARD)

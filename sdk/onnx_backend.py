@@ -29,7 +29,7 @@ from onnx import helper, numpy_helper, shape_inference
 
 from . import _native
 from .crf import cuda_index
-from .crf_node import CrfAttributes, mean_field_crf, mean_field_crf_cuda
+from .crf_node import CrfAttributes, CrfInputs, mean_field_crf, mean_field_crf_cuda
 from .errors import InvalidArgumentError
 from .graph import DOMAIN, INPUTS, OP_TYPE, OP_VERSION, OUTPUTS
 
@@ -216,9 +216,9 @@ def _run_crf(step: _CrfNode, inputs: list[ort.OrtValue], placement: _Placement) 
     if placement.device_type == "cpu":
         logits, scores = mean_field_crf([value.numpy() for value in inputs], step.attributes)
         return [placement.put(logits), placement.put(scores)]
-    arrays = [_native_view(value, name, np.int64 if index == 6 else np.float32)
-              for index, (name, value) in enumerate(zip(step.inputs, inputs))]
-    logits, scores = placement.empty(arrays[0].shape), placement.empty(arrays[7].shape)
+    arrays = CrfInputs(*[_native_view(value, name, CrfInputs.dtype(field))
+                         for field, name, value in zip(CrfInputs._fields, step.inputs, inputs)])
+    logits, scores = placement.empty(arrays.unary.shape), placement.empty(arrays.scores.shape)
     mean_field_crf_cuda(arrays, step.attributes, _native_view(logits, step.outputs[0], np.float32),
                         _native_view(scores, step.outputs[1], np.float32), placement.device_id)
     return [logits, scores]

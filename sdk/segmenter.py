@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 
 from .crf import cuda_index
 from .errors import InvalidArgumentError
@@ -74,14 +75,25 @@ class Segmenter:
         max_detections). Boxes reaching outside the image are clipped; inverted and outside
         ones are dropped with a warning and recorded in the result's `dropped`.
         """
+        return self._segment(image, boxes, labels, scores)[0]
+
+    def segment_with_outputs(self, image: ImageLike, boxes: object, labels: object,
+                             scores: object) -> tuple[SegmentationResult, dict[str, np.ndarray]]:
+        """`segment`'s result and the graph's raw outputs it was made from (docs/ops.md: instance_logits
+        (D'+1, H, W) over the kept detections, semantic_probabilities (K+1, H, W)), for comparing
+        backends (`dynseg validate`)."""
+        return self._segment(image, boxes, labels, scores)
+
+    def _segment(self, image, boxes, labels, scores) -> tuple[SegmentationResult, dict[str, np.ndarray]]:
         rgb = load_image(image)
         height, width = rgb.shape[:2]
         detections = check_detections(boxes, labels, scores, height=height, width=width,
                                       num_classes=len(self.class_names), max_detections=self.max_detections,
-                                      stacklevel=3)
+                                      stacklevel=4)  # the warning points at the caller of segment
         outputs = self._backend.run(rgb, detections.boxes, detections.labels, detections.scores)
-        return build_result(rgb, outputs["instance_logits"], outputs["semantic_probabilities"], detections,
-                            self.class_names)
+        result = build_result(rgb, outputs["instance_logits"], outputs["semantic_probabilities"], detections,
+                              self.class_names)
+        return result, outputs
 
     def __repr__(self) -> str:
         return f"Segmenter({str(self.path)!r}, backend={self.backend_name!r}, classes={len(self.class_names)})"

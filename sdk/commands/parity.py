@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..crf_node import softmax
-from ..inputs import check_detections
-from ..results import SegmentationResult, build_result
+from ..errors import InvalidArgumentError
+from ..results import SegmentationResult
+from ..segmenter import Segmenter
 
 PROBABILITY_ATOL = 1e-4
 SEMANTIC_ATOL = 1e-3
@@ -99,6 +99,12 @@ class ParityReport:
         return "\n".join(lines)
 
 
+
+def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    """Softmax along `axis` (float32 in, float32 out)."""
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
 def _value(check: Check) -> str:
     return f"{check.value:.2e}" if check.at_most else f"{check.value:.5f}"
 
@@ -108,7 +114,7 @@ def compare(name: str, candidate: dict, reference: dict, candidate_result: Segme
     """The four checks of one image. candidate/reference: a backend's raw outputs (instance_logits
     (D+1, H, W), semantic_probabilities (K+1, H, W)), the exported model's and PyTorch's; the results
     are build_result's of the same outputs."""
-    q_cand, q_ref = (softmax(r["instance_logits"], axis=0) for r in (candidate, reference))  # (D+1, H, W)
+    q_cand, q_ref = (_softmax(r["instance_logits"], axis=0) for r in (candidate, reference))  # (D+1, H, W)
     sem = np.abs(candidate["semantic_probabilities"] - reference["semantic_probabilities"]).max()
     # A zero row makes the gap of a single label (D = 0) its probability, 1: always decided.
     top2 = np.sort(np.concatenate([np.zeros_like(q_ref[:1]), q_ref]), axis=0)[-2:]  # (2, H, W)
@@ -130,36 +136,22 @@ def compare(name: str, candidate: dict, reference: dict, candidate_result: Segme
     ])
 
 
-def run_backend(backend, image: np.ndarray, boxes, labels, scores, class_names, max_detections: int):
-    """(raw outputs, SegmentationResult) of one backend on one checked image: what Segmenter.segment
-    does, keeping the raw outputs the comparison needs."""
-    detections = check_detections(boxes, labels, scores, height=image.shape[0], width=image.shape[1],
-                                  num_classes=len(class_names), max_detections=max_detections, stacklevel=3)
-    outputs = backend.run(image, detections.boxes, detections.labels, detections.scores)
-    return outputs, build_result(image, outputs["instance_logits"], outputs["semantic_probabilities"], detections,
-                                 class_names)
-
-
 def validate(model_path, checkpoint_path, cases: Iterable[tuple[str, np.ndarray, object]], *,
              device: str = "cpu", on_image=None) -> ParityReport:
     """Runs the exported model (on `device`) and the checkpoint (on the CPU, the reference) on each
     (name, (H, W, 3) uint8 image, detections with boxes, labels, scores) case and returns the report.
     Raises InvalidArgumentError when either model cannot be loaded or their classes differ.
     `on_image(parity)` is called after each image."""
-    from ..errors import InvalidArgumentError
-    from ..onnx_backend import OnnxRuntimeBackend
-    from ..torch_backend import TorchBackend
-
-    exported = OnnxRuntimeBackend(model_path, device=device)
-    reference = TorchBackend(checkpoint_path)
+    exported = Segmenter(model_path, backend="onnxruntime", device=device)
+    reference = Segmenter(checkpoint_path, backend="torch")
     if exported.class_names != reference.class_names:
         raise InvalidArgumentError(f"model {model_path} has classes {list(exported.class_names)}, checkpoint "
                                    f"{checkpoint_path} has {list(reference.class_names)}: not the same model")
     report = ParityReport()
     for name, image, dets in cases:
-        runs = [run_backend(b, image, dets.boxes, dets.labels, dets.scores, exported.class_names,
-                            exported.max_detections) for b in (exported, reference)]
-        parity = compare(name, runs[0][0], runs[1][0], runs[0][1], runs[1][1])
+        (candidate, candidate_outputs), (expected, reference_outputs) = (
+            s.segment_with_outputs(image, dets.boxes, dets.labels, dets.scores) for s in (exported, reference))
+        parity = compare(name, candidate_outputs, reference_outputs, candidate, expected)
         report.images.append(parity)
         if on_image is not None:
             on_image(parity)

@@ -64,11 +64,11 @@ def _case(name: str, size: tuple[int, int] | None, detections: int, seed: int):
 ])
 def test_onnxruntime_matches_pytorch(segmenters, detections, name, size):
     image, boxes, labels, scores = _case(name, size, detections, seed=detections)
-    runs = [parity.run_backend(s._backend, image, boxes, labels, scores, s.class_names, s.max_detections)
-            for s in segmenters]
-    assert runs[0][0]["instance_logits"].shape == (detections + 1, *image.shape[:2])
+    (candidate, candidate_outputs), (expected, reference_outputs) = (
+        s.segment_with_outputs(image, boxes, labels, scores) for s in segmenters)
+    assert candidate_outputs["instance_logits"].shape == (detections + 1, *image.shape[:2])
     # issue 4's tolerances, with dynseg validate's rule for ties (sdk/commands/parity.py, docs/ops.md)
-    report = parity.compare(name, runs[0][0], runs[1][0], runs[0][1], runs[1][1])
+    report = parity.compare(name, candidate_outputs, reference_outputs, candidate, expected)
     assert report, [str(check) for check in report.checks]
 
 

@@ -210,7 +210,7 @@ def test_cuda_detection_potential_matches_cpu(labels, height, width, count, smoo
 
     def run(device: int | None) -> tuple[np.ndarray, np.ndarray]:
         recalibrated = np.full(count, np.nan, np.float32)
-        detections = _native.Detections(
+        detections = _native.DetectionPotential(
             boxes=boxes, labels=rng_labels, scores=scores, detection_x=np.array([1.3], np.float32),
             detection_y=np.array([0.8], np.float32), score_ceiling=1.0, epsilon=1e-4, recalibrated=recalibrated)
         problem = _native.Problem(

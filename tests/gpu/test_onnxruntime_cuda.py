@@ -65,10 +65,8 @@ def test_cuda_path_matches_the_cpu_path(model_path, detections, name):
                       np.minimum(height - 1, y1 + rng.integers(1, height // 2, detections))], axis=1)
     boxes = boxes.astype(np.float32).reshape(-1, 4)
     labels, scores = rng.integers(1, 4, detections), rng.uniform(0.05, 1.0, detections).astype(np.float32)
-    runs = []
-    for device in ("cuda", "cpu"):
-        segmenter = Segmenter(model_path, backend="onnxruntime", device=device)
-        runs.append(parity.run_backend(segmenter._backend, image, boxes, labels, scores, segmenter.class_names,
-                                       segmenter.max_detections))
-    report = parity.compare(name, runs[0][0], runs[1][0], runs[0][1], runs[1][1])
+    (candidate, candidate_outputs), (expected, reference_outputs) = (
+        Segmenter(model_path, backend="onnxruntime", device=device).segment_with_outputs(image, boxes, labels, scores)
+        for device in ("cuda", "cpu"))
+    report = parity.compare(name, candidate_outputs, reference_outputs, candidate, expected)
     assert report, [str(check) for check in report.checks]

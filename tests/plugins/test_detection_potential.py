@@ -53,7 +53,7 @@ def case(seed: int, labels: int, height: int, width: int, count: int, smooth_ima
 def run_native(image, unary, spatial, bilateral, compat, boxes, classes, scores, weights, iterations, threads=0,
                score_ceiling=1.0, epsilon=1e-4):
     recalibrated = np.full(len(scores), np.nan, np.float32)
-    detections = _native.Detections(
+    detections = _native.DetectionPotential(
         boxes=boxes, labels=classes, scores=scores, detection_x=np.array([weights[0]], np.float32),
         detection_y=np.array([weights[1]], np.float32), score_ceiling=score_ceiling, epsilon=epsilon,
         recalibrated=recalibrated,
@@ -171,7 +171,7 @@ def test_non_finite_weights_are_named(smooth_image, field_unary):
 def test_backward_refuses_the_detection_potential(smooth_image, field_unary):
     image, unary, spatial, bilateral, compat, boxes, classes, scores, weights = case(
         2, 3, 16, 16, 2, smooth_image, field_unary)
-    detections = _native.Detections(
+    detections = _native.DetectionPotential(
         boxes=boxes, labels=classes, scores=scores, detection_x=np.array([weights[0]], np.float32),
         detection_y=np.array([weights[1]], np.float32), score_ceiling=1.0, epsilon=1e-4,
         recalibrated=np.empty(2, np.float32),
@@ -191,4 +191,4 @@ def test_the_detection_arrays_must_agree_with_the_box_count_before_a_pointer_cro
                   recalibrated=np.zeros(2, np.float32))
     arrays[field] = bad
     with pytest.raises(InvalidArgumentError, match=f"detection potential: {field} must be"):
-        _native.Detections(**arrays, score_ceiling=1.0, epsilon=1e-4)
+        _native.DetectionPotential(**arrays, score_ceiling=1.0, epsilon=1e-4)

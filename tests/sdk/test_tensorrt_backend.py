@@ -73,8 +73,9 @@ def test_tensorrt_matches_pytorch_across_the_profile(engine, detections, size):
     boxes = np.stack([x1, y1, x2, y2], axis=1).astype(np.float32)
     labels, scores = rng.integers(1, 4, detections), rng.uniform(0.05, 1.0, detections).astype(np.float32)
     segmenters = Segmenter(plan, device="cuda"), Segmenter(checkpoint, backend="torch")
-    runs = [parity.run_backend(s._backend, image, boxes, labels, scores, s.class_names, 20) for s in segmenters]
-    report = parity.compare(f"D={detections}", runs[0][0], runs[1][0], runs[0][1], runs[1][1])
+    (candidate, candidate_outputs), (expected, reference_outputs) = (
+        s.segment_with_outputs(image, boxes, labels, scores) for s in segmenters)
+    report = parity.compare(f"D={detections}", candidate_outputs, reference_outputs, candidate, expected)
     assert report, [str(check) for check in report.checks]
 
 
