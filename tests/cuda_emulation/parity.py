@@ -143,7 +143,7 @@ def main() -> int:
     results = []
     for on_gpu in (False, True):
         recalibrated = np.full(count, np.nan, np.float32)
-        detections = n.Detections(boxes=boxes, labels=detection_labels, scores=scores,
+        detections = n.DetectionPotential(boxes=boxes, labels=detection_labels, scores=scores,
                                   detection_x=np.array([1.3], np.float32), detection_y=np.array([0.8], np.float32),
                                   score_ceiling=1.0, epsilon=1e-4, recalibrated=recalibrated)
         image = np.ascontiguousarray(colour_ramps(height, width).transpose(2, 0, 1), dtype=np.float32)
