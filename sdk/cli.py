@@ -105,18 +105,17 @@ def demo(
     )
 
 
-def _needs_torch() -> None:
-    try:
-        import torch  # noqa: F401
-    except ImportError as error:
-        typer.echo('Error: training and evaluation need torch: pip install "dynseg[train]"', err=True)
-        raise typer.Exit(1) from error
-
-
 def _fail(message: str) -> typer.Exit:
     """Print `Error: message` on stderr; the caller raises the returned Exit (status 1)."""
     typer.echo(f"Error: {message}", err=True)
     return typer.Exit(1)
+
+
+def _torch_or_fail(what: str) -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError as error:
+        raise _fail(f'{what} needs torch: pip install torch==2.13.0 "dynseg[train]" (the CPU wheel)') from error
 
 
 _DATASET_HELP = "synthetic (built in, the default), voc, sbd, coco or cityscapes."
@@ -195,7 +194,7 @@ def train(
     Writes model.safetensors and model.json (the final model), semantic/ (stage 1's checkpoint),
     log.jsonl (every step) and epochs.jsonl (every epoch: loss, lr, images/s, held-out metrics).
     """
-    _needs_torch()
+    _torch_or_fail("dynseg train")
     if mode not in ("piecewise", "end-to-end"):
         raise typer.BadParameter("must be piecewise or end-to-end", param_hint="--mode")
     if not math.isfinite(learning_rate):
@@ -250,7 +249,7 @@ def evaluate_command(
     out: Optional[Path] = typer.Option(None, "--out", file_okay=False, help="Where to write metrics.json/.md."),
 ) -> None:
     """Evaluate a checkpoint on held-out images (synthetic scenes unless --dataset names another)."""
-    _needs_torch()
+    _torch_or_fail("dynseg eval")
     import json
 
     from dynseg.trainer.evaluation import evaluate_each, json_ready
@@ -290,19 +289,11 @@ def evaluate_command(
 # ------------------------------------------------------------------------------------------ deployment
 
 
-def _torch_or_fail(what: str) -> None:
-    try:
-        import torch  # noqa: F401
-    except ImportError as error:
-        raise _fail(f'{what} needs torch: pip install torch==2.13.0 "dynseg[train]" (the CPU wheel)') from error
-
-
 def _segmenter(model: Path, backend: str, device: str):
-    from .segmenter import Segmenter
+    from .segmenter import BACKENDS, Segmenter
 
-    if backend not in ("auto", "onnxruntime", "torch", "tensorrt"):
-        raise typer.BadParameter(f"{backend!r} is not one of auto, onnxruntime, torch, tensorrt",
-                                 param_hint="--backend")
+    if backend not in BACKENDS:
+        raise typer.BadParameter(f"{backend!r} is not one of {', '.join(BACKENDS)}", param_hint="--backend")
     try:
         return Segmenter(model, backend=backend, device=device)
     except DynsegError as error:

@@ -11,7 +11,7 @@ TensorRT and a GPU). One Segmenter serves concurrent calls: it holds no per-call
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -21,11 +21,12 @@ from .inputs import ImageLike, check_detections, load_image
 from .results import SegmentationResult, build_result
 
 Backend = Literal["auto", "onnxruntime", "torch", "tensorrt"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
 def _choose(path: Path, backend: str) -> str:
-    if backend not in ("auto", "onnxruntime", "torch", "tensorrt"):
-        raise InvalidArgumentError(f"backend must be 'auto', 'onnxruntime', 'torch' or 'tensorrt', got {backend!r}")
+    if backend not in BACKENDS:
+        raise InvalidArgumentError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend != "auto":
         return backend
     if path.is_dir():

@@ -13,19 +13,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal, Union
+from typing import Union
 
 import torch
 from torch import Tensor
+
+from dynseg.sdk.crf import Normalization, check_iterations, check_normalization
 
 from .lattice import PermutohedralLattice, gaussian_features
 
 __all__ = ["mean_field", "dense_crf"]
 
-Normalization = Literal["after", "symmetric"]
 Weight = Union[float, Tensor]
-
-_NORMALIZATIONS = ("after", "symmetric")
 
 
 def _norm_factor(lattice: PermutohedralLattice, normalization: str, dtype: torch.dtype, device) -> Tensor:
@@ -57,16 +56,6 @@ def _check_unary(unary: object) -> None:
         raise ValueError("unary must be finite (found NaN or inf)")
 
 
-def _check_iterations(iterations: object) -> None:
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
-        raise ValueError(f"iterations must be a non-negative int, got {iterations!r}")
-
-
-def _check_normalization(normalization: object) -> None:
-    if normalization not in _NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r}")
-
-
 def mean_field(
     unary: Tensor,
     kernels: Sequence[tuple[PermutohedralLattice, Weight]],
@@ -95,8 +84,8 @@ def mean_field(
     Differentiable with respect to unary, every tensor weight and compat.
     """
     _check_unary(unary)
-    _check_iterations(iterations)
-    _check_normalization(normalization)
+    check_iterations(iterations)
+    check_normalization(normalization)
     n_labels, height, width = unary.shape
     n_points = height * width
     dtype, device = unary.dtype, unary.device
@@ -213,8 +202,8 @@ def dense_crf(
             negative iterations, unknown normalization, missing image).
     """
     _check_unary(unary)
-    _check_iterations(iterations)
-    _check_normalization(normalization)
+    check_iterations(iterations)
+    check_normalization(normalization)
     n_labels, height, width = unary.shape
 
     if image is not None:
