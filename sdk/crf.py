@@ -8,13 +8,13 @@ lattice are described in docs/crf.md; the readable PyTorch definition is dynseg.
 from __future__ import annotations
 
 import math
-import re
 from typing import Literal
 
 import numpy as np
 
 from . import _native
 from .errors import InvalidArgumentError
+from .inputs import cuda_index
 
 Normalization = Literal["after", "symmetric"]
 
@@ -106,16 +106,6 @@ def _check_image(image: object, height: int, width: int, needed: bool) -> np.nda
             f"image must have shape (H, W, 3) = ({height}, {width}, 3) to match unary, got {image.shape}"
         )
     return np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
-
-
-def cuda_index(device: object) -> int | None:
-    """'cpu' -> None; 'cuda' or 'cuda:N' -> the device index (0 for 'cuda')."""
-    if device == "cpu":
-        return None
-    match = re.fullmatch(r"cuda(?::([0-9]+))?", device) if isinstance(device, str) else None
-    if match:
-        return int(match.group(1) or 0)
-    raise InvalidArgumentError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
 def _densecrf_problem(labels, height, width, image, kernels, normalization, iterations, threads) -> _native.Problem:

@@ -1,6 +1,8 @@
-"""What users pass to `Segmenter.segment(image, boxes, labels, scores)`: its checks and conversions.
+"""What users pass to `Segmenter(path, backend, device)` and `segment(image, boxes, labels, scores)`:
+its checks and conversions.
 
-Owns the SDK's side of the input contract: `load_image` turns an array or an image file into the
+Owns the SDK's side of the input contract: `cuda_index` reads a device string for every backend and
+`dense_crf`, `load_image` turns an array or an image file into the
 (H, W, 3) uint8 RGB array every backend takes, and `check_detections` turns the caller's boxes, labels
 and scores into the `Detections` the model runs on. Boxes follow the network's convention
 (dynseg.trainer.model.network.check_detections): xyxy pixels, inclusive, floored to integers and
@@ -14,6 +16,7 @@ Pillow only: no torch.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +26,7 @@ import numpy as np
 
 from .errors import DetectionsDroppedWarning, InvalidArgumentError
 
-__all__ = ["Detections", "DroppedDetection", "ImageLike", "check_detections", "load_image"]
+__all__ = ["Detections", "DroppedDetection", "ImageLike", "check_detections", "cuda_index", "load_image"]
 
 ImageLike = Union[np.ndarray, str, "os.PathLike[str]"]
 
@@ -32,6 +35,19 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 # Why a detection was dropped (the reason strings of DroppedDetection).
 INVERTED = "inverted box (x2 < x1 or y2 < y1)"
 OUTSIDE = "box wholly outside the image"
+
+
+# --------------------------------------------------------------------------------------------- device
+
+
+def cuda_index(device: object) -> int | None:
+    """'cpu' -> None; 'cuda' or 'cuda:N' -> the device index (0 for 'cuda')."""
+    if device == "cpu":
+        return None
+    match = re.fullmatch(r"cuda(?::([0-9]+))?", device) if isinstance(device, str) else None
+    if match:
+        return int(match.group(1) or 0)
+    raise InvalidArgumentError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
 # ---------------------------------------------------------------------------------------------- image

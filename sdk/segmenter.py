@@ -15,9 +15,8 @@ from typing import Literal, get_args
 
 import numpy as np
 
-from .crf import cuda_index
 from .errors import InvalidArgumentError
-from .inputs import ImageLike, check_detections, load_image
+from .inputs import ImageLike, check_detections, cuda_index, load_image
 from .results import SegmentationResult, build_result
 
 Backend = Literal["auto", "onnxruntime", "torch", "tensorrt"]
@@ -49,7 +48,7 @@ class Segmenter:
     def __init__(self, path: str | Path, backend: Backend = "auto", device: str = "cpu"):
         if not isinstance(path, (str, Path)):
             raise InvalidArgumentError(f"path must be a str or Path, got {type(path).__name__}")
-        cuda_index(device)  # one reading of device strings for every backend
+        cuda_index(device)  # a bad device string fails before any backend loads
         path = Path(path)
         self.backend_name = _choose(path, backend)
         if self.backend_name == "onnxruntime":

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _native
-from .crf import cuda_index
+from .inputs import cuda_index
 from .errors import InvalidArgumentError
 from .graph import INPUTS, OUTPUTS
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .crf import cuda_index
+from .inputs import cuda_index
 from .errors import InvalidArgumentError
 
 UNLIMITED_DETECTIONS = 10_000  # the network itself has no limit; this keeps a call's memory sane

@@ -23,21 +23,9 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from .data.synthetic import mask_boxes
+from .boxes import box_iou, mask_boxes
 
 IGNORE = -100  # cross_entropy's ignore_index
-
-
-def box_iou(a: Tensor, b: Tensor) -> Tensor:
-    """(P, Q) IoU of inclusive integer xyxy boxes."""
-    x1 = torch.maximum(a[:, None, 0], b[None, :, 0])
-    y1 = torch.maximum(a[:, None, 1], b[None, :, 1])
-    x2 = torch.minimum(a[:, None, 2], b[None, :, 2])
-    y2 = torch.minimum(a[:, None, 3], b[None, :, 3])
-    inter = (x2 - x1 + 1).clamp(min=0) * (y2 - y1 + 1).clamp(min=0)
-    area_a = (a[:, 2] - a[:, 0] + 1) * (a[:, 3] - a[:, 1] + 1)
-    area_b = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)
-    return inter / (area_a[:, None] + area_b[None, :] - inter)
 
 
 def matched_ground_truth(

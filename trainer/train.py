@@ -41,7 +41,7 @@ from dynseg.sdk.errors import InvalidArgumentError
 
 from . import distributed, fields
 from .data import VOID
-from .data.synthetic import mask_boxes
+from .boxes import mask_boxes
 from .data.detections import simulate_detections
 from .evaluation import evaluate_each, json_ready
 from .loss import instance_loss, semantic_loss

@@ -12,7 +12,8 @@ from PIL import Image
 
 from dynseg.sdk.errors import InvalidArgumentError
 
-from .synthetic import VOID, SceneSample, mask_boxes
+from ..boxes import mask_boxes
+from .synthetic import VOID, SceneSample
 
 
 class LabelledSample(SceneSample):

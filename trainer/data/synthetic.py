@@ -34,7 +34,9 @@ import numpy as np
 
 from dynseg.sdk.errors import InvalidArgumentError
 
-__all__ = ["SyntheticScenes", "SceneSample", "VOID", "mask_boxes"]
+from ..boxes import mask_boxes
+
+__all__ = ["SyntheticScenes", "SceneSample", "VOID"]
 
 VOID = 255
 """Label of void pixels in `semantic` and `instances` (ignored by losses and metrics)."""
@@ -526,12 +528,3 @@ def _edge_band(owner: np.ndarray) -> np.ndarray:
     band[:, 1:] |= horizontal
     band[:, :-1] |= horizontal
     return band
-
-
-def mask_boxes(masks: np.ndarray) -> np.ndarray:
-    """float32 (M, 4) xyxy inclusive pixel coordinates of each non-empty bool (H, W) mask in masks."""
-    boxes = np.zeros((len(masks), 4), np.float32)
-    for m, mask in enumerate(masks):
-        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-        boxes[m] = (cols[0], rows[0], cols[-1], rows[-1])
-    return boxes

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .. import fields
 from ..crf import mean_field_native
-from .semantic_crf import box_masks
+from ..boxes import box_masks
 
 
 @dataclass(frozen=True)

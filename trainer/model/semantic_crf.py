@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import fields
+from ..boxes import box_masks
 from ..crf import mean_field_native
 
 
@@ -48,14 +49,6 @@ class SemanticCRFConfig:
         fields.numbers(self, "weight_spatial", "weight_bilateral", "detection_x", "detection_y")
         fields.numbers(self, "epsilon", low=0, high=1, high_open=True)
         fields.flags(self, "detection_potential")
-
-
-def box_masks(boxes: Tensor, height: int, width: int) -> Tensor:
-    """(D, H, W) bool: the pixels of each box; boxes (D, 4) xyxy, integer-valued, inclusive, in the image."""
-    ys = torch.arange(height, device=boxes.device).view(1, height, 1)
-    xs = torch.arange(width, device=boxes.device).view(1, 1, width)
-    x1, y1, x2, y2 = (boxes[:, i].view(-1, 1, 1) for i in range(4))
-    return (xs >= x1) & (xs <= x2) & (ys >= y1) & (ys <= y2)
 
 
 class SemanticCRF(nn.Module):

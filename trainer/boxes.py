@@ -1,0 +1,41 @@
+"""Boxes as the whole trainer takes them: (·, 4) float32 xyxy in pixels, integer-valued and inclusive
+(x2 is the last column a box covers), inside the image. Owns the conversions between boxes and masks
+and their overlap; the network's box, global and shape terms, the detection potential, the datasets
+and the matched ground truth of the loss all go through these."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["box_iou", "box_masks", "mask_boxes"]
+
+
+def box_masks(boxes: Tensor, height: int, width: int) -> Tensor:
+    """(D, H, W) bool: the pixels of each box; boxes (D, 4) xyxy, integer-valued, inclusive, in the image."""
+    ys = torch.arange(height, device=boxes.device).view(1, height, 1)
+    xs = torch.arange(width, device=boxes.device).view(1, 1, width)
+    x1, y1, x2, y2 = (boxes[:, i].view(-1, 1, 1) for i in range(4))
+    return (xs >= x1) & (xs <= x2) & (ys >= y1) & (ys <= y2)
+
+
+def mask_boxes(masks: np.ndarray) -> np.ndarray:
+    """float32 (M, 4) xyxy inclusive pixel coordinates of each non-empty bool (H, W) mask in masks."""
+    boxes = np.zeros((len(masks), 4), np.float32)
+    for m, mask in enumerate(masks):
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        boxes[m] = (cols[0], rows[0], cols[-1], rows[-1])
+    return boxes
+
+
+def box_iou(a: Tensor, b: Tensor) -> Tensor:
+    """(P, Q) IoU of inclusive integer xyxy boxes a (P, 4) and b (Q, 4)."""
+    x1 = torch.maximum(a[:, None, 0], b[None, :, 0])
+    y1 = torch.maximum(a[:, None, 1], b[None, :, 1])
+    x2 = torch.minimum(a[:, None, 2], b[None, :, 2])
+    y2 = torch.minimum(a[:, None, 3], b[None, :, 3])
+    inter = (x2 - x1 + 1).clamp(min=0) * (y2 - y1 + 1).clamp(min=0)
+    area_a = (a[:, 2] - a[:, 0] + 1) * (a[:, 3] - a[:, 1] + 1)
+    area_b = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)
+    return inter / (area_a[:, None] + area_b[None, :] - inter)
