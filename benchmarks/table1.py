@@ -26,9 +26,8 @@ import torch
 from dynseg.trainer.data import SyntheticScenes
 from dynseg.trainer.evaluation import evaluate
 from dynseg.trainer.model import InstanceConfig, ModelConfig, build_model, check_detections
-from dynseg.trainer.train import (
-    TrainConfig, held_out, initialise_templates, load_checkpoint, predict, save_checkpoint, train,
-)
+from dynseg.trainer.checkpoint import load_checkpoint, save_checkpoint
+from dynseg.trainer.train import TrainConfig, held_out, initialise_templates, predict, train
 
 TERMS = {
     "Box": dict(box_term=True, global_term=False, shape_term=False),

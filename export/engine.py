@@ -37,6 +37,7 @@ __all__ = [
     "check_sidecar",
     "plugin_library_path",
     "running_environment",
+    "import_tensorrt",
     "build_engine",
 ]
 
@@ -258,6 +259,7 @@ def write_sidecar(plan: str | Path, *, tensorrt_version: str, compute_capability
         "class_names": class_names,
         "preprocessing": preprocessing,
         "max_detections": int(model_metadata.get("max_detections", profile.detections[2])),
+        "weights_sha256": model_metadata.get("weights_sha256"),
     }
     path = sidecar_path(plan)
     path.write_text(json.dumps(data, indent=2) + "\n")
@@ -347,7 +349,8 @@ def plugin_library_path() -> Path:
     )
 
 
-def _import_tensorrt():
+def import_tensorrt():
+    """TensorRT's Python package, or EngineError saying how to install it."""
     try:
         import tensorrt  # noqa: PLC0415  (optional dependency, imported on use)
     except ImportError:
@@ -375,7 +378,7 @@ def compute_capability(device: int = 0) -> str:
 def running_environment(plugin_library: str | Path | None = None, device: int = 0) -> dict[str, str]:
     """What check_sidecar compares against: the running TensorRT's version, the GPU's compute capability
     and the plugin library's sha256 (plugin_library, or plugin_library_path())."""
-    tensorrt = _import_tensorrt()
+    tensorrt = import_tensorrt()
     library = Path(plugin_library) if plugin_library is not None else plugin_library_path()
     return {"tensorrt_version": tensorrt.__version__, "compute_capability": compute_capability(device),
             "plugin_sha256": sha256(library)}
@@ -407,7 +410,7 @@ def build_engine(onnx_path: str | Path, out_path: str | Path, *, fp16: bool = Fa
     if workspace is not None and (not _is_int(workspace) or workspace < 1):
         raise InvalidArgumentError(f"workspace must be a positive number of bytes or None, got {workspace!r}")
     trt_model = tensorrt_model(model)
-    tensorrt = _import_tensorrt()
+    tensorrt = import_tensorrt()
     library = Path(plugin_library) if plugin_library is not None else plugin_library_path()
     out_path = Path(out_path)
     onnx_copy = out_path.with_suffix(".trt.onnx")

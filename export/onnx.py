@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from dynseg.sdk import __version__
 from dynseg.sdk.errors import InvalidArgumentError
 from dynseg.sdk.graph import DOMAIN, INPUTS, OP_VERSION, OUTPUTS
+from dynseg.trainer.checkpoint import weights_fingerprint
 from dynseg.trainer.model.network import DynamicallyInstantiatedNetwork
 
 from . import ops
@@ -111,6 +112,7 @@ def export_onnx(network: DynamicallyInstantiatedNetwork, path: str | Path, *,
                                      "std": list(config.std), "scale": 255.0}),
         "model_config": config.to_json(),
         "max_detections": str(max_detections),
+        "weights_sha256": weights_fingerprint(network),
     }
     for key, value in metadata.items():
         entry = model.metadata_props.add()

@@ -253,7 +253,8 @@ def evaluate_command(
     import json
 
     from dynseg.trainer.evaluation import evaluate_each, json_ready
-    from dynseg.trainer.train import load_checkpoint, predict_each
+    from dynseg.trainer.checkpoint import load_checkpoint
+    from dynseg.trainer.train import predict_each
 
     if protocol not in ("original", "voc"):
         raise typer.BadParameter("must be original or voc", param_hint="--protocol")
@@ -363,7 +364,7 @@ def export(
                 raise typer.BadParameter(str(error), param_hint=f"--min-{which} / --opt-{which} / --max-{which}")
     _torch_or_fail("dynseg export")
     from dynseg.export.onnx import export_onnx
-    from dynseg.trainer.train import load_checkpoint
+    from dynseg.trainer.checkpoint import load_checkpoint
 
     try:
         model = load_checkpoint(checkpoint)
@@ -460,6 +461,9 @@ def validate(
         failed = [str(c) for c in report.worst() if not c]
         raise _fail("parity check failed: " + "; ".join(failed))
     typer.echo("parity: ok (" + "; ".join(str(c) for c in report.worst()) + ")")
+    if not report.exercised_instances():
+        typer.echo("note: the checkpoint found no instance in any image (column N), so the instance checks "
+                   "compared background only: pass --images (and --detections) from the model's own domain")
 
 
 @app.command()

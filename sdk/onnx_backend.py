@@ -235,6 +235,7 @@ class OnnxRuntimeBackend:
         try:
             self.class_names: tuple[str, ...] = tuple(str(n) for n in json.loads(self.metadata["class_names"]))
             self.max_detections = int(self.metadata["max_detections"])
+            self.weights_fingerprint: str | None = self.metadata.get("weights_sha256")
         except (KeyError, TypeError, ValueError) as error:
             raise InvalidArgumentError(f"model file {self.path} has malformed dynseg metadata ({error!r}): export it "
                                        "again with `dynseg export`") from None

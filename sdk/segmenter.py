@@ -66,6 +66,9 @@ class Segmenter:
         self.path = path
         self.class_names: tuple[str, ...] = self._backend.class_names
         self.max_detections: int = self._backend.max_detections
+        # sha256 of the weights this model runs (dynseg.trainer.checkpoint.weights_fingerprint); None for
+        # an export older than the fingerprint
+        self.weights_fingerprint: str | None = self._backend.weights_fingerprint
 
     def segment(self, image: ImageLike, boxes: object, labels: object, scores: object) -> SegmentationResult:
         """Segments one image.

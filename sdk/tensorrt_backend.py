@@ -42,7 +42,7 @@ class TensorRTBackend:
         library = engines.plugin_library_path()
         _native.set_cuda_device(index)  # the runtime, the engine and the check below are this device's
         engines.check_sidecar(sidecar, **engines.running_environment(library, device=index), plan=self.path)
-        trt = engines._import_tensorrt()
+        trt = engines.import_tensorrt()
         self._trt = trt
         self._logger = trt.Logger(trt.Logger.WARNING)
         if not trt.get_plugin_registry().load_library(str(library)):
@@ -51,6 +51,7 @@ class TensorRTBackend:
         if self._engine is None:
             raise InvalidArgumentError(f"TensorRT could not deserialise {self.path}; rebuild the engine")
         self.class_names: tuple[str, ...] = tuple(sidecar["class_names"])
+        self.weights_fingerprint: str | None = sidecar.get("weights_sha256")
         self._profile = engines.Profile.from_json(sidecar["profile"])
         self.max_detections = int(self._profile.detections[2])
         self._local = threading.local()

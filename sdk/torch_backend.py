@@ -21,7 +21,7 @@ class TorchBackend:
         try:
             import torch
 
-            from dynseg.trainer.train import load_checkpoint
+            from dynseg.trainer.checkpoint import load_checkpoint, weights_fingerprint
         except ImportError as error:
             raise InvalidArgumentError(
                 f"backend='torch' needs PyTorch and dynseg's trainer: pip install 'dynseg[train]' ({error})"
@@ -41,6 +41,7 @@ class TorchBackend:
         self._device = device
         self.class_names: tuple[str, ...] = tuple(self._model.config.class_names)
         self.max_detections = UNLIMITED_DETECTIONS
+        self.weights_fingerprint: str | None = weights_fingerprint(self._model)
 
     def run(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> dict[str, np.ndarray]:
         torch = self._torch

@@ -3,8 +3,8 @@
 
 Owns the loop, its schedule (SGD with momentum, poly or step learning rate, gradient clipping), the
 augmentation (random scale, crop, mirror with boxes flipped; detections simulated from the ground
-truth by `data.detections`), checkpoints (weights as safetensors, the model's JSON config, and the
-optimiser state for resuming), the per-step log and the per-epoch log (JSON lines; an epoch's entry
+truth by `data.detections`), writing checkpoints when a stage ends (`checkpoint` owns their format),
+the per-step log and the per-epoch log (JSON lines; an epoch's entry
 holds held-out metrics when a held-out set is given) and the progress display (`progress`). Stage 2
 sees one image per step, as the paper did: every image has its own number of detections. A sample's
 detections are its own when it carries them (`data.sources.with_detections`), else simulated.
@@ -33,7 +33,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -42,10 +42,11 @@ from dynseg.sdk.errors import InvalidArgumentError
 from . import distributed, fields
 from .data import VOID
 from .boxes import mask_boxes
+from .checkpoint import save_checkpoint
 from .data.detections import simulate_detections
 from .evaluation import evaluate_each, json_ready
 from .loss import instance_loss, semantic_loss
-from .model import DynamicallyInstantiatedNetwork, ModelConfig, build_model
+from .model import DynamicallyInstantiatedNetwork
 from .progress import stage_progress
 
 
@@ -151,47 +152,6 @@ def _move_boxes(detections: dict, factors: list[float], offset: tuple[int, int],
         boxes = np.stack([width - 1 - boxes[:, 2], boxes[:, 1], width - 1 - boxes[:, 0], boxes[:, 3]], axis=1)
     return {"boxes": boxes.reshape(-1, 4), "labels": np.asarray(detections["labels"])[keep],
             "scores": np.asarray(detections["scores"])[keep]}
-
-
-def save_checkpoint(directory: str | Path, model: DynamicallyInstantiatedNetwork,
-                    optimiser: torch.optim.Optimizer | None = None, step: int = 0) -> Path:
-    """Writes model.safetensors, model.json and (for resuming) trainer_state.pt into `directory`."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors")
-    (directory / "model.json").write_text(model.config.to_json())
-    if optimiser is not None:
-        torch.save({"optimiser": optimiser.state_dict(), "step": step}, directory / "trainer_state.pt")
-    return directory
-
-
-def load_checkpoint(directory: str | Path) -> DynamicallyInstantiatedNetwork:
-    """The network saved by save_checkpoint, rebuilt from its JSON config. Raises FileNotFoundError
-    when a file is missing and InvalidArgumentError (one line) when one is not what it should be."""
-    directory = Path(directory)
-    for name in ("model.json", "model.safetensors"):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory} is not a dynseg checkpoint: {name} is missing")
-    try:
-        config = ModelConfig.from_json((directory / "model.json").read_text())
-        model = build_model(config)
-    except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError is a ValueError
-        raise InvalidArgumentError(f"{directory}/model.json is not a dynseg model config: {error!r}") from None
-    try:
-        weights = load_file(directory / "model.safetensors")
-    except Exception as error:  # safetensors' own SafetensorError, or an OSError
-        raise InvalidArgumentError(f"{directory}/model.safetensors is not readable: {error}") from None
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in weights]
-    unexpected = [k for k in weights if k not in expected]
-    reshaped = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
-    if missing or unexpected or reshaped:  # torch's own message lists every key, hundreds of lines
-        counts = [f"{len(keys)} {what} (first {keys[0]})" for what, keys in
-                  (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped)) if keys]
-        raise InvalidArgumentError(f"{directory}/model.safetensors does not fit its model.json ({config.backbone}, "
-                                   f"{len(config.class_names)} class names): tensors {', '.join(counts)}")
-    model.load_state_dict(weights)
-    return model
 
 
 def train(

@@ -54,12 +54,14 @@ class Check:
 
 @dataclass(frozen=True)
 class ImageParity:
-    """The checks of one image: name, (H, W), D (detections the model ran on) and the four checks."""
+    """The checks of one image: name, (H, W), D (detections the model ran on), N (instances PyTorch's
+    result holds: with none, the instance checks compare background only) and the four checks."""
 
     name: str
     size: tuple[int, int]
     detections: int
     checks: list[Check]
+    instances: int = 0
 
     def __bool__(self) -> bool:
         return all(self.checks)
@@ -74,6 +76,11 @@ class ParityReport:
     def __bool__(self) -> bool:
         return bool(self.images) and all(self.images)
 
+    def exercised_instances(self) -> bool:
+        """Whether any image gave PyTorch an instance: else every instance check held trivially, since
+        both runtimes called every pixel background."""
+        return any(image.instances for image in self.images)
+
     def worst(self) -> list[Check]:
         """Per check name, the worst value over the images (what the model actually needed)."""
         out = {}
@@ -87,23 +94,23 @@ class ParityReport:
     def table(self) -> str:
         """A markdown table: one row per image, one column per check, then the worst row."""
         names = [c.name for c in self.images[0].checks] if self.images else []
-        lines = ["| image | H x W | D | " + " | ".join(names) + " | result |",
-                 "| --- | --- | ---: | " + " | ".join("---:" for _ in names) + " | --- |"]
+        lines = ["| image | H x W | D | N | " + " | ".join(names) + " | result |",
+                 "| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in names) + " | --- |"]
         for image in self.images:
             values = [_value(c) for c in image.checks]
             lines.append(f"| {image.name} | {image.size[0]} x {image.size[1]} | {image.detections} | "
-                         + " | ".join(values) + f" | {'ok' if image else 'FAIL'} |")
+                         f"{image.instances} | " + " | ".join(values) + f" | {'ok' if image else 'FAIL'} |")
         limits = [("<= " if c.at_most else ">= ") + _value(Check(c.name, c.limit, c.limit, c.at_most))
                   for c in (self.images[0].checks if self.images else [])]
-        lines.append("| limit | | | " + " | ".join(limits) + " | |")
+        lines.append("| limit | | | | " + " | ".join(limits) + " | |")
         return "\n".join(lines)
-
 
 
 def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
     """Softmax along `axis` (float32 in, float32 out)."""
     e = np.exp(x - x.max(axis=axis, keepdims=True))
     return e / e.sum(axis=axis, keepdims=True)
+
 
 def _value(check: Check) -> str:
     return f"{check.value:.2e}" if check.at_most else f"{check.value:.5f}"
@@ -128,7 +135,8 @@ def compare(name: str, candidate: dict, reference: dict, candidate_result: Segme
         union = (a | b).sum()
         if union:
             ious.append((a & b).sum() / union)
-    return ImageParity(name=name, size=tuple(decided.shape), detections=len(q_ref) - 1, checks=[
+    return ImageParity(name=name, size=tuple(decided.shape), detections=len(q_ref) - 1,
+                       instances=len(reference_result.instances), checks=[
         Check("instance prob max abs diff", float(np.abs(q_cand - q_ref).max()), PROBABILITY_ATOL, True),
         Check("semantic prob max abs diff", float(sem), SEMANTIC_ATOL, True),
         Check("argmax agreement", float(agree.mean()) if agree.size else 1.0, MIN_AGREEMENT, False),
@@ -147,6 +155,13 @@ def validate(model_path, checkpoint_path, cases: Iterable[tuple[str, np.ndarray,
     if exported.class_names != reference.class_names:
         raise InvalidArgumentError(f"model {model_path} has classes {list(exported.class_names)}, checkpoint "
                                    f"{checkpoint_path} has {list(reference.class_names)}: not the same model")
+    # Two models of one architecture and classes can agree on images neither recognises anything in,
+    # so the weights must be the same ones, not merely compatible.
+    if exported.weights_fingerprint not in (None, reference.weights_fingerprint):
+        raise InvalidArgumentError(f"model {model_path} was exported from other weights than checkpoint "
+                                   f"{checkpoint_path} holds (weights sha256 {exported.weights_fingerprint[:12]}... "
+                                   f"vs {reference.weights_fingerprint[:12]}...): validate it against the "
+                                   "checkpoint it was exported from")
     report = ParityReport()
     for name, image, dets in cases:
         (candidate, candidate_outputs), (expected, reference_outputs) = (

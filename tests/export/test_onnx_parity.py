@@ -19,7 +19,7 @@ from dynseg.sdk.commands import parity  # noqa: E402
 from dynseg.sdk.segmenter import Segmenter  # noqa: E402
 from dynseg.trainer.model.instance import InstanceConfig  # noqa: E402
 from dynseg.trainer.model.network import ModelConfig, build_model  # noqa: E402
-from dynseg.trainer.train import load_checkpoint, save_checkpoint  # noqa: E402
+from dynseg.trainer.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")

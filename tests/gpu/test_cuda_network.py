@@ -73,7 +73,7 @@ def test_a_training_step_on_cuda_reaches_the_backbone(model):
 
 def test_the_torch_backend_runs_on_cuda(model, tmp_path):
     from dynseg.sdk.segmenter import Segmenter
-    from dynseg.trainer.train import save_checkpoint
+    from dynseg.trainer.checkpoint import save_checkpoint
 
     save_checkpoint(tmp_path, model.cpu())
     image, boxes, labels, scores = (t.cpu().numpy() for t in _inputs("cpu"))

@@ -7,6 +7,7 @@ import json
 import re
 
 import numpy as np
+import onnx
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -18,7 +19,7 @@ torch = pytest.importorskip("torch")
 
 from dynseg.trainer.model.instance import InstanceConfig  # noqa: E402
 from dynseg.trainer.model.network import ModelConfig, build_model  # noqa: E402
-from dynseg.trainer.train import save_checkpoint  # noqa: E402
+from dynseg.trainer.checkpoint import save_checkpoint  # noqa: E402
 
 runner = CliRunner()
 
@@ -135,10 +136,25 @@ def test_validate_runs_on_the_sample_photos_by_default(exported):
         assert f"| {name} |" in result.output
 
 
-def test_validate_fails_with_status_1_against_another_checkpoint(exported, photos, tmp_path):
+def test_validate_refuses_a_checkpoint_with_other_weights_than_the_export_came_from(exported, photos, tmp_path):
+    # same architecture and classes: on images neither network recognises anything in, the two could agree
+    other = _checkpoint(tmp_path / "other", seed=1)
+    result = runner.invoke(app, ["validate", str(exported[1]), "--checkpoint", str(other)])
+    assert result.exit_code == 1
+    assert "was exported from other weights than checkpoint" in plain(result.output)
+
+
+def test_validate_of_an_export_without_a_fingerprint_fails_on_the_numbers_against_other_weights(exported, photos,
+                                                                                              tmp_path):
+    model = onnx.load(str(exported[1]))
+    kept = [entry for entry in model.metadata_props if entry.key != "weights_sha256"]
+    assert len(kept) == len(model.metadata_props) - 1
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    onnx.save(model, str(tmp_path / "old.onnx"))
     other = _checkpoint(tmp_path / "other", seed=1)
     files, detections = photos
-    result = runner.invoke(app, ["validate", str(exported[1]), "--checkpoint", str(other),
+    result = runner.invoke(app, ["validate", str(tmp_path / "old.onnx"), "--checkpoint", str(other),
                                  "--images", str(files[0]), "--detections", str(detections)])
     assert result.exit_code == 1
     assert "FAIL" in result.output and "parity check failed" in result.output

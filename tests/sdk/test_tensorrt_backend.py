@@ -45,7 +45,7 @@ def engine(tmp_path_factory):
     from dynseg.export.onnx import export_onnx
     from dynseg.trainer.model.instance import InstanceConfig
     from dynseg.trainer.model.network import ModelConfig, build_model
-    from dynseg.trainer.train import save_checkpoint
+    from dynseg.trainer.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     network = build_model(ModelConfig(backbone="resnet18", class_names=("cat", "cup", "person"),

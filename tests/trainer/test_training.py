@@ -15,7 +15,8 @@ from dynseg.sdk.cli import app
 from dynseg.trainer.data import SyntheticScenes
 from dynseg.trainer.model import InstanceConfig, ModelConfig, build_model
 from dynseg.trainer.evaluation import evaluate
-from dynseg.trainer.train import TrainConfig, fit, load_checkpoint, predict, save_checkpoint, train
+from dynseg.trainer.checkpoint import load_checkpoint, save_checkpoint, weights_fingerprint
+from dynseg.trainer.train import TrainConfig, fit, predict, train
 
 SIZE = (48, 64)
 
@@ -62,6 +63,19 @@ def test_a_checkpoint_rebuilds_the_same_network(tmp_path):
     second, _ = predict(again, SyntheticScenes(size=2, image_size=SIZE, seed=3))
     for a, b in zip(first, second):
         assert np.array_equal(a["masks"], b["masks"]) and np.allclose(a["scores"], b["scores"])
+    assert weights_fingerprint(again) == weights_fingerprint(model)
+
+
+def test_the_weights_fingerprint_changes_with_any_single_weight():
+    _, model = tiny_setup()
+    before = weights_fingerprint(model)
+    with torch.no_grad():
+        model.instance_crf.bilateral_weight.view(-1)[0] += 1e-6
+    changed = weights_fingerprint(model)
+    assert changed != before
+    buffer = next(name for name, _ in model.named_buffers() if name.endswith("num_batches_tracked"))
+    model.get_buffer(buffer).add_(1)  # a 0-d int64 buffer counts too
+    assert weights_fingerprint(model) != changed
 
 
 def test_a_broken_or_foreign_checkpoint_is_named_in_one_line(tmp_path):

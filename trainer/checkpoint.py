@@ -1,0 +1,70 @@
+"""Checkpoints: a trained network on disk as model.json (its ModelConfig) and model.safetensors (its
+weights), plus trainer_state.pt for resuming; and the fingerprint of a network's weights that an export
+records, so that `dynseg validate` can tell the checkpoint a model came from. Imports only the model,
+so that loading a checkpoint for inference pulls in no dataset, loss or evaluation code."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dynseg.sdk.errors import InvalidArgumentError
+
+from .model import DynamicallyInstantiatedNetwork, ModelConfig, build_model
+
+__all__ = ["load_checkpoint", "save_checkpoint", "weights_fingerprint"]
+
+
+def save_checkpoint(directory: str | Path, model: DynamicallyInstantiatedNetwork,
+                    optimiser: torch.optim.Optimizer | None = None, step: int = 0) -> Path:
+    """Writes model.safetensors, model.json and (for resuming) trainer_state.pt into `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors")
+    (directory / "model.json").write_text(model.config.to_json())
+    if optimiser is not None:
+        torch.save({"optimiser": optimiser.state_dict(), "step": step}, directory / "trainer_state.pt")
+    return directory
+
+
+def load_checkpoint(directory: str | Path) -> DynamicallyInstantiatedNetwork:
+    """The network saved by save_checkpoint, rebuilt from its JSON config. Raises FileNotFoundError
+    when a file is missing and InvalidArgumentError (one line) when one is not what it should be."""
+    directory = Path(directory)
+    for name in ("model.json", "model.safetensors"):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory} is not a dynseg checkpoint: {name} is missing")
+    try:
+        config = ModelConfig.from_json((directory / "model.json").read_text())
+        model = build_model(config)
+    except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError is a ValueError
+        raise InvalidArgumentError(f"{directory}/model.json is not a dynseg model config: {error!r}") from None
+    try:
+        weights = load_file(directory / "model.safetensors")
+    except Exception as error:  # safetensors' own SafetensorError, or an OSError
+        raise InvalidArgumentError(f"{directory}/model.safetensors is not readable: {error}") from None
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    reshaped = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
+    if missing or unexpected or reshaped:  # torch's own message lists every key, hundreds of lines
+        counts = [f"{len(keys)} {what} (first {keys[0]})" for what, keys in
+                  (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped)) if keys]
+        raise InvalidArgumentError(f"{directory}/model.safetensors does not fit its model.json ({config.backbone}, "
+                                   f"{len(config.class_names)} class names): tensors {', '.join(counts)}")
+    model.load_state_dict(weights)
+    return model
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 (hex) of the model's state dict: every tensor's name, dtype, shape and bytes, in name order.
+    Equal for a network and the same network saved and loaded; different for any other weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        values = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{values.dtype}|{tuple(values.shape)}|".encode())
+        digest.update(values.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
