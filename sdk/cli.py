@@ -12,6 +12,7 @@ with status 1.
 from __future__ import annotations
 
 import errno
+import json
 import math
 from pathlib import Path
 from typing import Optional
@@ -116,6 +117,21 @@ def _torch_or_fail(what: str) -> None:
         import torch  # noqa: F401
     except ImportError as error:
         raise _fail(f'{what} needs torch: pip install torch==2.13.0 "dynseg[train]" (the CPU wheel)') from error
+
+
+_TRAINING_DATA = "training_data.json"  # what `dynseg train` trained on: dataset, seed, image_size
+
+
+def _training_data(checkpoint: Path) -> dict | None:
+    """The checkpoint's training_data.json, or None (a checkpoint not written by `dynseg train`, or an older one)."""
+    try:
+        data = json.loads((checkpoint / _TRAINING_DATA).read_text())
+        if (isinstance(data["seed"], int) and isinstance(data["dataset"], str) and len(data["image_size"]) == 2
+                and all(isinstance(n, int) for n in data["image_size"])):
+            return data
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
 
 
 _DATASET_HELP = "synthetic (built in, the default), voc, sbd, coco or cityscapes."
@@ -230,6 +246,8 @@ def train(
             printer=typer.echo, live=sys.stdout.isatty(), held_out=held_out, eval_seed=seed + 1)
     except (DynsegError, OSError) as error:  # an annotation or image the dataset could not read
         raise _fail(str(error)) from error
+    # what `dynseg eval` needs to hold out the right synthetic scenes
+    (out / _TRAINING_DATA).write_text(json.dumps({"dataset": dataset, "seed": seed, "image_size": list(image_size)}))
     typer.echo(f"wrote {out}/model.safetensors, {out}/model.json and {out}/epochs.jsonl; next: dynseg eval {out}")
 
 
@@ -242,15 +260,16 @@ def evaluate_command(
     detections: Optional[Path] = typer.Option(None, "--detections", exists=True, dir_okay=False,
                                               help=_DETECTIONS_HELP),
     images: int = typer.Option(50, "--images", min=1, help="Held-out synthetic images."),
-    image_size: tuple[int, int] = typer.Option((96, 120), "--image-size", help="Synthetic images' height and width."),
-    seed: int = typer.Option(1, "--seed", help="Seed of the held-out synthetic images and simulated detections "
-                                               "(training used --seed 0)."),
+    image_size: Optional[tuple[int, int]] = typer.Option(
+        None, "--image-size", help="Synthetic images' height and width (default: training's, else 96 120)."),
+    seed: Optional[int] = typer.Option(
+        None, "--seed", help="Seed of the held-out synthetic images and simulated detections (default: training's "
+                             "seed + 1, else 1)."),
     protocol: str = typer.Option("original", "--protocol", help="original (the released code) or voc."),
     out: Optional[Path] = typer.Option(None, "--out", file_okay=False, help="Where to write metrics.json/.md."),
 ) -> None:
     """Evaluate a checkpoint on held-out images (synthetic scenes unless --dataset names another)."""
     _torch_or_fail("dynseg eval")
-    import json
 
     from dynseg.trainer.evaluation import evaluate_each, json_ready
     from dynseg.trainer.checkpoint import load_checkpoint
@@ -258,6 +277,14 @@ def evaluate_command(
 
     if protocol not in ("original", "voc"):
         raise typer.BadParameter("must be original or voc", param_hint="--protocol")
+    trained_on = _training_data(checkpoint)
+    if seed is None:
+        seed = trained_on["seed"] + 1 if trained_on else 1
+    if image_size is None:
+        image_size = tuple(trained_on["image_size"]) if trained_on else (96, 120)
+    if dataset == "synthetic" and trained_on and trained_on["dataset"] == "synthetic" and seed == trained_on["seed"]:
+        typer.echo(f"Warning: --seed {seed} is the seed {checkpoint} was trained with: these are its training scenes, "
+                   "not held-out ones", err=True)
     try:
         model = load_checkpoint(checkpoint)
     except (FileNotFoundError, DynsegError) as error:
@@ -285,6 +312,7 @@ def evaluate_command(
                f"values in %\n{table}")
     (target / "metrics.json").write_text(json.dumps(json_ready(metrics), indent=2, allow_nan=False))
     (target / "metrics.md").write_text(table + "\n")
+    typer.echo(f"wrote {target}/metrics.json and {target}/metrics.md")
 
 
 # ------------------------------------------------------------------------------------------ deployment
@@ -479,8 +507,6 @@ def bench(
 ) -> None:
     """Latency (p50/p90/p99) and throughput of the exported model over image sizes and D, split into
     network, CRFs and post-processing; --checkpoint times PyTorch on the same device and inputs."""
-    import json
-
     from .commands import bench as job
 
     parsed_sizes, counts = _parse_sizes(sizes), _parse_counts(detections)

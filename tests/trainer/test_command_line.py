@@ -62,6 +62,21 @@ def test_training_on_the_synthetic_default_prints_progress_and_logs_every_epoch(
     result = run("eval", out, "--images", "2", "--image-size", "48", "64")
     assert result.exit_code == 0, result.output
     assert "2 synthetic images, simulated detections (seed 1)" in result.output
+    assert f"wrote {out}/metrics.json and {out}/metrics.md" in result.output
+
+
+def test_eval_holds_out_the_scenes_after_the_training_seed_at_the_training_size(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    assert run("train", "--out", out, *SYNTHETIC, *TINY, "--seed", "5").exit_code == 0
+    sizes = []
+    real = SyntheticScenes.__init__
+    monkeypatch.setattr(SyntheticScenes, "__init__",  # records the size; the scenes are made as always
+                        lambda self, *a, **k: sizes.append(k.get("image_size")) or real(self, *a, **k))
+    result = run("eval", out, "--images", "2")
+    assert result.exit_code == 0, result.output
+    assert "(seed 6)" in result.output and sizes == [(48, 64)]
+    result = run("eval", out, "--images", "2", "--seed", "5")
+    assert result.exit_code == 0 and "these are its training scenes" in result.output
 
 
 @pytest.mark.parametrize("name", sorted(FORMATS))
