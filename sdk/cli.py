@@ -382,7 +382,7 @@ def export(
         if out.suffix not in (".engine", ".plan"):
             raise typer.BadParameter(f"an engine is a .engine or .plan file (the .onnx goes beside it), got {out}",
                                      param_hint="--out")
-        from dynseg.export.engine import DEFAULT_SIZES, make_profile
+        from dynseg.export.engine import DEFAULT_SIZES, EngineError, import_tensorrt, make_profile, plugin_library_path
 
         # the detections with sizes known to be good, then the sizes: each error names its own options
         for which, checked_sizes in (("detections", DEFAULT_SIZES), ("size", sizes)):
@@ -390,6 +390,11 @@ def export(
                 make_profile(detections, checked_sizes, max_detections=max_detections)
             except InvalidArgumentError as error:
                 raise typer.BadParameter(str(error), param_hint=f"--min-{which} / --opt-{which} / --max-{which}")
+        try:  # nor does a machine without TensorRT or the plugin (the export would overwrite the .onnx beside out)
+            import_tensorrt()
+            plugin_library_path()
+        except EngineError as error:
+            raise _fail(str(error)) from error
     _torch_or_fail("dynseg export")
     from dynseg.export.onnx import export_onnx
     from dynseg.trainer.checkpoint import load_checkpoint

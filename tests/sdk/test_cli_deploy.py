@@ -232,10 +232,12 @@ def test_engine_export_without_tensorrt_says_how_to_get_it(exported, tmp_path):
         pytest.skip("TensorRT is installed here: the engine would be built")
     except ImportError:
         pass
+    (tmp_path / "m.onnx").write_bytes(b"an earlier export")
     result = runner.invoke(app, ["export", str(exported[0]), "--format", "engine", "--out", str(tmp_path / "m.engine")])
     assert result.exit_code == 1
     assert "TensorRT" in result.output and "Traceback" not in result.output
-    assert (tmp_path / "m.onnx").exists() and not (tmp_path / "m.engine").exists()
+    # it stops before the export: the .onnx beside the engine is left as it was
+    assert (tmp_path / "m.onnx").read_bytes() == b"an earlier export" and not (tmp_path / "m.engine").exists()
 
 
 def test_engine_sizes_must_be_height_x_width(exported, tmp_path):
