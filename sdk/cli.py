@@ -429,6 +429,9 @@ def infer(
     out: Path = typer.Option(..., "--out", file_okay=False, help="Folder for the PNGs and results.json."),
     backend: str = typer.Option("auto", "--backend", help="auto, onnxruntime, torch or tensorrt."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    keep_top: Optional[int] = typer.Option(None, "--keep-top", min=0,
+                                           help="Keep each image's N most confident detections (default: all; an "
+                                                "image over the model's limit is an error)."),
 ) -> None:
     """Segment images given their detections: per image {stem}_overlay.png and {stem}_instances.png
     (16-bit, pixel = instance id, 0 = background), and results.json (COCO results) for all."""
@@ -439,7 +442,7 @@ def infer(
 
     segmenter = _segmenter(model, backend, device)
     try:
-        summary = job.run(segmenter, images, detections, out,
+        summary = job.run(segmenter, images, detections, out, keep_top=keep_top,
                           progress=lambda total: item_progress("infer", total, live=sys.stdout.isatty(),
                                                                printer=typer.echo))
     except DynsegError as error:

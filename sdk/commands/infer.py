@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import DetectionsDroppedWarning, InvalidArgumentError
 from ..inputs import load_image
-from .images import read_detections
+from .images import ImageDetections, read_detections
 from .progress import ItemProgress
 
 RESULTS_FILE = "results.json"
@@ -39,15 +39,34 @@ class InferSummary:
     results: Path  # the COCO results file
 
 
+def most_confident(dets: ImageDetections, count: int) -> ImageDetections:
+    """The `count` highest-scoring of an image's detections (ties: the earlier one), in their order."""
+    if len(dets.scores) <= count:
+        return dets
+    kept = np.sort(np.argsort(-dets.scores, kind="stable")[:count])
+    return dets._replace(boxes=dets.boxes[kept], labels=dets.labels[kept], scores=dets.scores[kept])
+
+
 def run(segmenter, images: Sequence[str | Path], detections: str | Path, out: str | Path, *,
-        progress: Callable[[int], ItemProgress] | None = None) -> InferSummary:
+        keep_top: int | None = None, progress: Callable[[int], ItemProgress] | None = None) -> InferSummary:
     """Segments every image file of `images` with `segmenter` (a dynseg.sdk.segmenter.Segmenter), its
     detections read from the COCO results file `detections` (matched as dynseg.sdk.commands.images
-    says), and writes the files the module docstring lists into `out`. `progress(total)` makes the
-    display, updated after each image. Raises InvalidArgumentError naming the image or file at fault
-    (nothing is written for images after it)."""
+    says; only each image's `keep_top` most confident when given), and writes the files the module
+    docstring lists into `out`. `progress(total)` makes the display, updated after each image. Raises
+    InvalidArgumentError naming the image or file at fault: before any image is segmented for the file
+    and for images with more detections than the model takes, else when the image is reached (nothing
+    is written for images after it)."""
     paths = [Path(p) for p in images]
     found = read_detections(detections, paths)  # checks the file before any image is segmented
+    if keep_top is not None:
+        found = [most_confident(dets, keep_top) for dets in found]
+    over = [f"{path.name} ({len(dets.boxes)})" for path, dets in zip(paths, found)
+            if len(dets.boxes) > segmenter.max_detections]
+    if over:
+        raise InvalidArgumentError(
+            f"{len(over)} image(s) have more detections in {detections} than this model's limit of "
+            f"{segmenter.max_detections}: {', '.join(over[:5])}{', ...' if len(over) > 5 else ''}; keep each "
+            "image's most confident ones (dynseg infer --keep-top N) or re-export with a larger --max-detections")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     from PIL import Image

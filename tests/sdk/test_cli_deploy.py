@@ -108,6 +108,37 @@ def test_infer_refuses_a_detections_file_for_other_images(exported, photos, tmp_
     assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
+def test_infer_refuses_images_over_the_models_limit_before_segmenting_any_unless_told_to_keep_the_top(
+        exported, photos, tmp_path):
+    files, _ = photos  # the model takes 20 detections per image
+    many = tmp_path / "many.json"
+    entries = [{"image_id": "chelsea", "category_id": 1, "bbox": [i, i, 10, 10], "score": 0.01 * (i + 1)}
+               for i in range(25)]
+    many.write_text(json.dumps(entries + [{"image_id": 42, "category_id": 2, "bbox": [0, 0, 9, 9], "score": 0.5}]))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["infer", str(exported[1]), str(files[1]), str(files[0]), "--detections", str(many),
+                                 "--out", str(out)])
+    assert result.exit_code == 1
+    assert "1 image(s) have more detections" in plain(result.output) and "chelsea.png (25)" in plain(result.output)
+    assert not out.exists() or not list(out.iterdir())  # 000042.png, the first image, was not segmented either
+    result = runner.invoke(app, ["infer", str(exported[1]), str(files[1]), str(files[0]), "--detections", str(many),
+                                 "--out", str(out), "--keep-top", "20"])
+    assert result.exit_code == 0, result.output
+    assert (out / "chelsea_instances.png").exists()
+
+
+def test_keep_top_keeps_the_most_confident_detections_in_their_order():
+    from dynseg.sdk.commands.images import ImageDetections
+    from dynseg.sdk.commands.infer import most_confident
+
+    dets = ImageDetections("x", np.arange(20, dtype=np.float32).reshape(5, 4), np.arange(1, 6),
+                           np.array([0.3, 0.9, 0.1, 0.9, 0.5], np.float32))
+    kept = most_confident(dets, 3)
+    assert kept.scores.tolist() == [np.float32(0.9), np.float32(0.9), np.float32(0.5)]
+    assert kept.labels.tolist() == [2, 4, 5] and kept.boxes[:, 0].tolist() == [4, 12, 16]
+    assert most_confident(dets, 5) is dets
+
+
 def test_infer_names_the_image_whose_labels_the_model_does_not_know(exported, photos, tmp_path):
     files, _ = photos
     bad = tmp_path / "bad.json"
