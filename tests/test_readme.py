@@ -1,4 +1,5 @@
-"""README.md stays true: its runnable examples run, and CI runs exactly its test command."""
+"""README.md and docs/sdk.md stay true: their runnable examples run, and CI runs exactly the README's test
+command."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+SDK_GUIDE = ROOT / "docs" / "sdk.md"
 MARKER = "<!-- readme-test: run -->"
 
 
-def runnable_blocks() -> list[str]:
-    """The python code blocks directly preceded by MARKER, in README order."""
+def runnable_blocks(document: Path = README) -> list[str]:
+    """The python code blocks of `document` directly preceded by MARKER, in order."""
     pattern = re.compile(re.escape(MARKER) + r"\s*\n```python\n(.*?)\n```", re.DOTALL)
-    return pattern.findall(README.read_text(encoding="utf-8"))
+    return pattern.findall(document.read_text(encoding="utf-8"))
 
 
 def bash_blocks() -> list[str]:
@@ -26,12 +28,18 @@ def test_readme_has_runnable_examples() -> None:
     assert len(runnable_blocks()) >= 2
 
 
-@pytest.mark.parametrize("index", range(len(runnable_blocks())))
-def test_readme_example_runs(index: int) -> None:
-    code = runnable_blocks()[index]
+@pytest.mark.parametrize("document, index", [(d, i) for d in (README, SDK_GUIDE) for i in range(len(runnable_blocks(d)))],
+                         ids=lambda value: value.name if isinstance(value, Path) else str(value))
+def test_documented_example_runs(document: Path, index: int) -> None:
+    code = runnable_blocks(document)[index]
     if re.search(r"^\s*(import|from) torch", code, re.MULTILINE):
         pytest.importorskip("torch")
-    exec(compile(code, f"README.md example {index + 1}", "exec"), {"__name__": f"readme_example_{index + 1}"})
+    name = f"{document.name} example {index + 1}"
+    exec(compile(code, name, "exec"), {"__name__": name.replace(" ", "_").replace(".", "_")})
+
+
+def test_the_sdk_guide_has_a_runnable_example() -> None:
+    assert len(runnable_blocks(SDK_GUIDE)) >= 1
 
 
 def test_readme_opens_with_one_line_install_and_quickstart_and_install_and_test_commands() -> None:
