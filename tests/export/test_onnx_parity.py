@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from dynseg.export.onnx import export_onnx  # noqa: E402
-from dynseg.sdk import InvalidArgumentError, samples  # noqa: E402
+from dynseg.sdk import DetectionsDroppedWarning, InvalidArgumentError, samples  # noqa: E402
 from dynseg.sdk.commands import parity  # noqa: E402
 from dynseg.sdk.segmenter import Segmenter  # noqa: E402
 from dynseg.trainer.model.instance import InstanceConfig  # noqa: E402
@@ -24,13 +24,20 @@ from dynseg.trainer.checkpoint import load_checkpoint, save_checkpoint  # noqa: 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """(checkpoint dir, onnx path) of a fresh resnet18 network with 3 classes."""
+    """(checkpoint dir, onnx path) of a resnet18 network with 3 classes whose CRF parameters look learned."""
     torch.manual_seed(0)
     config = ModelConfig(backbone="resnet18", class_names=("cat", "cup", "person"),
                          instance=InstanceConfig(templates_per_group=4, template_size=16))
     model = build_model(config)
     with torch.no_grad():  # distinct templates, as trained ones are: identical ones make exact ties
         model.instance_unaries.templates.uniform_(0.0, 1.0)
+        # a fresh network's mu = -I and detection_x = detection_y = 1 would hide a dropped compatibility
+        # or swapped detection weights in a runtime
+        crf = model.semantic_crf
+        generator = torch.Generator().manual_seed(1)
+        crf.compatibility.add_(torch.rand(crf.compatibility.shape, generator=generator) * 0.6 - 0.3)
+        crf.detection_x.fill_(0.6)
+        crf.detection_y.fill_(1.9)
     directory = tmp_path_factory.mktemp("model")
     save_checkpoint(directory / "checkpoint", model)
     path = export_onnx(load_checkpoint(directory / "checkpoint"), directory / "model.onnx")
@@ -70,6 +77,14 @@ def test_onnxruntime_matches_pytorch(segmenters, detections, name, size):
     # issue 4's tolerances, with dynseg validate's rule for ties (sdk/commands/parity.py, docs/ops.md)
     report = parity.compare(name, candidate_outputs, reference_outputs, candidate, expected)
     assert report, [str(check) for check in report.checks]
+
+
+@pytest.mark.parametrize("method", ["segment", "segment_with_outputs"])
+def test_the_warning_of_a_dropped_detection_points_at_the_callers_line(segmenters, method):
+    image = np.ascontiguousarray(samples.load("coffee")[:64, :80])
+    with pytest.warns(DetectionsDroppedWarning) as caught:
+        getattr(segmenters[0], method)(image, [[30, 30, 10, 10]], [1], [0.5])  # inverted: dropped
+    assert caught[0].filename == __file__
 
 
 def test_no_detections_give_all_background(segmenters):

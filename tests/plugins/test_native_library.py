@@ -358,6 +358,18 @@ def test_the_library_rejects_a_non_finite_weight_or_unary():
     assert "unary" in _native.library().dynseg_last_error().decode()
 
 
+@pytest.mark.parametrize("where", ["image", "compat"])
+def test_the_library_refuses_a_non_finite_image_or_compat_value_naming_it(where, smooth_image):
+    # nothing above the C ABI checks these: a NaN feature would reach the lattice's hash keys
+    image = planar(smooth_image(6, 7))
+    compat = -np.eye(2, dtype=np.float32)
+    (image if where == "image" else compat)[1, 1, ...] = np.nan
+    problem = _native.Problem(2, 6, 7, image, [_native.Kernel(8.0, 13.0, np.ones(1, np.float32))], compat=compat,
+                              normalization="after", iterations=1, output=_native.OUTPUT_LOGITS, threads=0)
+    with pytest.raises(InvalidArgumentError, match=where):
+        problem.forward(np.zeros((2, 6, 7), np.float32))
+
+
 def test_a_null_problem_is_rejected():
     size = ctypes.c_size_t()
     assert _native.library().dynseg_crf_workspace_size(None, 0, ctypes.byref(size)) == _native.INVALID_ARGUMENT

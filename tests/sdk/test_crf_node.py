@@ -85,3 +85,43 @@ def test_optional_attributes_take_the_documented_defaults():
     assert CrfAttributes.parse({**required, "plugin_namespace": "dynseg", "plugin_version": "1"}).iterations == 3
     # without the potential, its parameters are not used and not checked (as in the TensorRT plugin)
     assert not CrfAttributes.parse({**required, "detection_potential": 0, "epsilon": 5.0}).detection_potential
+
+
+@pytest.mark.parametrize("name", ["iterations", "detection_potential"])
+def test_a_bool_is_not_an_int_attribute(name):
+    node = {"iterations": 3, "theta_spatial": 3.0, "theta_bilateral_xy": 20.0, "theta_bilateral_rgb": 13.0}
+    with pytest.raises(InvalidArgumentError, match=f"{name} must be of type int"):
+        CrfAttributes.parse({**node, name: True})
+
+
+def test_the_node_matches_semantic_mean_field_with_asymmetric_compat_and_distinct_x_y():
+    torch = pytest.importorskip("torch")
+    from dynseg.trainer.model.semantic_crf import SemanticCRFConfig, semantic_mean_field
+
+    rng = np.random.default_rng(3)
+    L, H, W, T = 4, 20, 24, 4
+    yy, xx = np.mgrid[0:H, 0:W]
+    image = np.stack([xx * 10.0, yy * 12.0, (xx + yy) * 5.0]).astype(np.float32)  # (3, H, W) smooth
+    unary = (3.0 * np.sin(np.arange(L)[:, None, None] + xx / 5.0 - yy / 7.0)).astype(np.float32)  # (L, H, W)
+    spatial = (np.eye(L) * 3 + rng.uniform(0, 0.3, (L, L))).astype(np.float32)
+    bilateral = (np.eye(L) * 5 + rng.uniform(0, 0.3, (L, L))).astype(np.float32)
+    compat = (-np.eye(L) + rng.uniform(-0.4, 0.4, (L, L))).astype(np.float32)  # asymmetric
+    boxes = np.array([[2, 3, 15, 17], [8, 1, 23, 12]], np.float32)
+    labels, scores = np.array([1, 3], np.int64), np.array([0.9, 0.4], np.float32)
+    dx, dy = 0.6, 1.9
+    inputs = [unary[None], image[None], spatial, bilateral, compat, boxes, labels, scores, np.float32(dx),
+              np.float32(dy)]
+    attributes = CrfAttributes.parse({"iterations": T, "theta_spatial": 3.0, "theta_bilateral_xy": 20.0,
+                                      "theta_bilateral_rgb": 13.0, "detection_potential": 1,
+                                      "score_ceiling": 1.0, "epsilon": 1e-4})
+    logits, recalibrated = mean_field_crf(inputs, attributes)
+    config = SemanticCRFConfig(iterations=T, theta_spatial=3.0, theta_bilateral_xy=20.0, theta_bilateral_rgb=13.0,
+                               score_ceiling=1.0, epsilon=1e-4)
+    t = torch.from_numpy
+    with torch.no_grad():
+        expected, expected_scores = semantic_mean_field(t(unary), t(image), t(spatial), t(bilateral), t(compat),
+                                                        t(boxes), t(labels), t(scores), torch.tensor(dx),
+                                                        torch.tensor(dy), config)
+    scale = np.abs(expected.numpy()).max()
+    assert np.abs(logits[0] - expected.numpy()).max() <= 1e-5 * scale
+    np.testing.assert_allclose(recalibrated, expected_scores.numpy(), rtol=0, atol=1e-5)

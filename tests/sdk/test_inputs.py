@@ -363,3 +363,39 @@ def test_fuzzed_images_raise_only_invalid_argument_and_never_come_back_invalid(i
         return
     assert loaded.dtype == np.uint8 and loaded.ndim == 3 and loaded.shape[2] == 3
     assert loaded.shape[0] > 0 and loaded.shape[1] > 0 and loaded.flags.c_contiguous
+
+
+H_EDGE, W_EDGE, K_EDGE = 40, 60, 3
+
+
+def test_a_box_starting_inside_the_last_pixel_is_kept():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d = check_detections([[W_EDGE - 0.5, 5, W_EDGE + 3, 10], [3, H_EDGE - 0.25, 8, H_EDGE + 2]], [1, 1], [0.5, 0.5],
+                             height=H_EDGE, width=W_EDGE, num_classes=K_EDGE, max_detections=8)
+    assert d.kept.tolist() == [0, 1]
+    np.testing.assert_array_equal(d.boxes, [[W_EDGE - 1, 5, W_EDGE - 1, 10], [3, H_EDGE - 1, 8, H_EDGE - 1]])
+
+
+def test_every_dropped_box_is_one_the_network_refuses():
+    torch = pytest.importorskip("torch")
+    from dynseg.trainer.model.network import check_detections as network_check
+    rng = np.random.default_rng(4)
+    xs = np.sort(rng.uniform(-20, W_EDGE + 20, (200, 2)), axis=1)
+    ys = np.sort(rng.uniform(-20, H_EDGE + 20, (200, 2)), axis=1)
+    boxes = np.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], axis=1).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = check_detections(boxes, np.ones(200, np.int64), np.full(200, 0.5, np.float32),
+                                height=H_EDGE, width=W_EDGE, num_classes=K_EDGE, max_detections=200)
+    for i in range(200):
+        one = torch.from_numpy(boxes[i:i + 1])
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                network_check(one, torch.ones(1, dtype=torch.int64), torch.ones(1), height=H_EDGE, width=W_EDGE,
+                              num_classes=K_EDGE)
+            network_keeps = True
+        except ValueError:
+            network_keeps = False
+        assert network_keeps == (i in ours.kept.tolist()), (i, boxes[i])

@@ -201,3 +201,18 @@ def test_mismatched_backend_outputs_are_named(change: dict, argument: str) -> No
                      class_names=CLASS_NAMES) | change
     with pytest.raises(InvalidArgumentError, match=argument):
         build_result(**arguments)
+
+
+def test_outline_is_every_instance_pixel_with_a_foreign_4_neighbour():
+    logits = np.zeros((2, 12, 20), np.float32); logits[0] = 1.0
+    logits[1, 3:8, 5:12] = 3.0  # one instance, rows 3..7, cols 5..11
+    image = np.full((12, 20, 3), 128, np.uint8)
+    sem = np.full((2, 12, 20), 0.5, np.float32)
+    dets = Detections(boxes=np.zeros((1, 4), np.float32), labels=np.array([1]), scores=np.ones(1, np.float32),
+                      kept=np.array([0]))
+    result = build_result(image, logits, sem, dets, ("cat",))
+    changed = (result.overlay(alpha=0.0) != image).any(axis=2)
+    expected = np.zeros((12, 20), bool)
+    expected[3:8, 5:12] = True
+    expected[4:7, 6:11] = False  # interior pixels have all four neighbours inside
+    np.testing.assert_array_equal(changed, expected)

@@ -435,3 +435,15 @@ def test_evaluate_each_over_a_generator_gives_what_evaluate_gives_over_lists():
     with pytest.raises(ValueError, match=r"predictions\[1\]\['scores'\]"):
         bad = [predictions[0], {**predictions[1], "scores": np.full(len(predictions[1]["labels"]), np.nan)}]
         evaluate_each(zip(bad, ground_truths[:2]), num_classes=3)
+
+
+def test_matching_iou_matches_on_iou_with_void_removed():
+    void = np.zeros((16, 16), bool); void[8:, :] = True                   # rows 8..15 are void
+    g = np.zeros((16, 16), bool); g[0, 0:10] = True                        # 10 ground-truth pixels
+    a = np.zeros((16, 16), bool); a[0, 0:6] = True; a[8:10, 0:10] = True   # 6 of g + 20 void pixels
+    b = np.zeros((16, 16), bool); b[0, 6:10] = True; b[1, 0:2] = True      # 4 of g + 2 stray pixels
+    # void removed: IoU(a, g) = 6/10 > IoU(b, g) = 4/12, a is matched: 6 agreeing of |(a|b|g) \ void| = 12
+    # (void kept, IoU(a, g) = 6/30 would pick b: 4/12)
+    pred = {"masks": np.stack([a, b]), "labels": np.array([1, 1]), "scores": np.array([0.9, 0.8])}
+    gt = {"masks": g[None], "labels": np.array([1]), "void": void}
+    assert evaluate([pred], [gt], num_classes=1)["matching_iou"] == pytest.approx(6 / 12)

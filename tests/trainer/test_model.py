@@ -250,3 +250,21 @@ def test_segment_overlap_decides_the_matching_and_boxes_only_match_what_it_leave
 def test_a_config_field_out_of_range_is_named_when_the_config_is_made(make, message):
     with pytest.raises(InvalidArgumentError, match=message):
         make()
+
+
+def test_box_iou_counts_inclusive_pixels():
+    from dynseg.trainer.boxes import box_iou
+
+    t = lambda rows: torch.tensor(rows, dtype=torch.float32)
+    assert box_iou(t([[0, 0, 0, 0]]), t([[0, 0, 0, 0]])).item() == 1.0  # one pixel, itself
+    assert abs(box_iou(t([[0, 0, 1, 1]]), t([[1, 1, 2, 2]])).item() - 1 / 7) < 1e-7  # 1 shared of 4+4-1
+
+
+def test_a_one_pixel_wide_detection_is_matched_by_its_box():
+    logits = torch.zeros(2, 10, 10)
+    logits[0] = 1.0  # untrained: background wins everywhere, the segment pass matches nothing
+    gt = torch.zeros(1, 10, 10, dtype=torch.bool)
+    gt[0, 2:8, 3] = True  # a one-pixel-wide instance in column 3
+    target = matched_ground_truth(logits, torch.tensor([[3.0, 2.0, 3.0, 7.0]]), torch.tensor([1]), gt,
+                                  torch.tensor([1]))
+    assert (target[2:8, 3] == 1).all() and not (target == IGNORE).any()
