@@ -92,14 +92,15 @@ class TorchvisionBackbone(nn.Module):
             for k, v in given.items()
             if k in layout and tuple(v.shape) != layout[k][1]
         ]
-        if missing or unexpected or wrong_shape:
+        if missing or unexpected or wrong_shape:  # every key would be hundreds of lines: counts and the first
             problems = [
-                f"{label}: {', '.join(keys)}"
-                for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
+                f"{len(keys)} {label} (first: {keys[0]})"
+                for label, keys in (("missing", missing), ("unexpected", unexpected), ("of the wrong shape", wrong_shape))
                 if keys
             ]
             raise ValueError(
-                f"{source} is not a torchvision {self._torchvision_name} state_dict; " + "; ".join(problems)
+                f"{source} is not a torchvision {self._torchvision_name} state_dict (the weights of another "
+                f"backbone?): keys {', '.join(problems)}"
             )
         own_state = self.state_dict()
         converted = dict(own_state)  # keeps our num_batches_tracked where the file has none
@@ -125,7 +126,8 @@ def load_torchvision_weights(backbone: TorchvisionBackbone, path: PathLike) -> N
     except FileNotFoundError:
         raise
     except Exception as error:  # pickle and zip errors have many types; the caller needs the file name
-        raise ValueError(f"{path}: cannot be read as a torch state_dict ({error})") from error
+        raise ValueError(f"{path}: cannot be read as a torch state_dict, such as torchvision's ImageNet weights "
+                         f"(resnet18-f37072fd.pth): {type(error).__name__}: {error}") from error
     backbone.load_torchvision_state_dict(state_dict, source=path)
 
 
