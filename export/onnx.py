@@ -96,7 +96,7 @@ def export_onnx(network: DynamicallyInstantiatedNetwork, path: str | Path, *,
             input_names=list(INPUTS), output_names=list(OUTPUTS),
             dynamic_axes={
                 "image": {2: "height", 3: "width"}, "boxes": {0: "detections"}, "labels": {0: "detections"},
-                "scores": {0: "detections"}, "instance_logits": {1: "labels", 2: "height", 3: "width"},
+                "scores": {0: "detections"}, "instance_logits": {1: "detections_plus_1", 2: "height", 3: "width"},
                 "semantic_probabilities": {2: "height", 3: "width"},
             },
             custom_opsets={DOMAIN: OP_VERSION},
@@ -104,6 +104,11 @@ def export_onnx(network: DynamicallyInstantiatedNetwork, path: str | Path, *,
     network.train(was_training)
     model = onnx.load(str(path))
     config = network.config
+    # the tracer cannot see through the custom op and softmax to the fixed sizes: state them as docs/ops.md does
+    fixed = {"instance_logits": {0: 1}, "semantic_probabilities": {0: 1, 1: config.num_classes + 1}}
+    for output in model.graph.output:
+        for axis, size in fixed[output.name].items():
+            output.type.tensor_type.shape.dim[axis].dim_value = size
     metadata = {
         "dynseg_version": __version__,
         "dynseg_op_version": str(OP_VERSION),

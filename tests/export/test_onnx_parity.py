@@ -106,8 +106,8 @@ def test_the_graph_has_two_crf_nodes_dynamic_axes_and_metadata(exported):
                     "scores": ["detections"]}
     outputs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
     assert list(outputs) == ["instance_logits", "semantic_probabilities"]
-    assert outputs["instance_logits"][1:] == ["labels", "height", "width"]
-    assert outputs["semantic_probabilities"][2:] == ["height", "width"]
+    assert outputs == {"instance_logits": [1, "detections_plus_1", "height", "width"],
+                       "semantic_probabilities": [1, 4, "height", "width"]}
     metadata = {p.key: p.value for p in model.metadata_props}
     assert {"dynseg_version", "dynseg_op_version", "class_names", "preprocessing", "model_config",
             "max_detections"} <= set(metadata)
