@@ -69,7 +69,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
+
+from .matching import matched_pairs
 
 __all__ = ["AP_R_THRESHOLDS", "PROTOCOLS", "evaluate"]
 
@@ -294,9 +295,7 @@ def _matching_iou(images: list[_Image]) -> float:
             continue
         same_class = image.pred_labels[:, None] == image.gt_labels[None, :]
         weight = np.where(same_class, image.iou(remove_void=True), 0.0)  # (N, M)
-        rows, cols = linear_sum_assignment(weight, maximize=True)
-        matched = weight[rows, cols] > 0
-        agreeing += int(image.intersection[rows[matched], cols[matched]].sum())
+        agreeing += sum(int(image.intersection[p, g]) for p, g in matched_pairs(weight))
     return agreeing / union if union > 0 else math.nan
 
 

@@ -20,10 +20,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from .boxes import box_iou, mask_boxes
+from .matching import matched_pairs
 
 IGNORE = -100  # cross_entropy's ignore_index
 
@@ -56,13 +56,13 @@ def matched_ground_truth(
         inter = predicted.flatten(1).float() @ gt_masks.flatten(1).float().t()  # (D, M)
         union = predicted.flatten(1).sum(1)[:, None] + gt_masks.flatten(1).sum(1)[None, :] - inter
         same_class = labels[:, None] == gt_labels[None, :]
-        pairs = _assign((inter / union.clamp(min=1)) * same_class)
+        pairs = matched_pairs(((inter / union.clamp(min=1)) * same_class).numpy())
         left_d = sorted(set(range(detections)) - {d for d, _ in pairs})
         left_m = sorted(set(range(gt_masks.shape[0])) - {m for _, m in pairs})
         if left_d and left_m:
             gt_boxes = torch.from_numpy(mask_boxes(gt_masks[left_m].numpy()))
             by_box = box_iou(boxes[left_d], gt_boxes) * same_class[left_d][:, left_m]
-            pairs += [(left_d[d], left_m[m]) for d, m in _assign(by_box)]
+            pairs += [(left_d[d], left_m[m]) for d, m in matched_pairs(by_box.numpy())]
         for d, m in pairs:
             target[gt_masks[m]] = d + 1
             matched[m] = True
@@ -71,12 +71,6 @@ def matched_ground_truth(
     if void is not None:
         target[void] = IGNORE
     return target.to(device)
-
-
-def _assign(weight: Tensor) -> list[tuple[int, int]]:
-    """The maximum-weight one-to-one (row, column) pairs of a (rows, columns) weight, those of weight > 0."""
-    rows, cols = linear_sum_assignment(weight.numpy(), maximize=True)
-    return [(int(r), int(c)) for r, c in zip(rows, cols) if weight[r, c] > 0]
 
 
 def instance_loss(
