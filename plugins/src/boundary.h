@@ -1,8 +1,9 @@
-// boundary.h: what every C entry point shares, CPU (c_api.cpp) and CUDA (cuda/c_api.cu): the
-// per-thread error message, validation of a problem's fields, and the guard that keeps exceptions
-// from crossing into the caller.
+// boundary.h (defined in boundary.cpp): what every C entry point shares, CPU (c_api.cpp) and CUDA
+// (cuda/c_api.cu): the per-thread error message, validation of a problem's fields, and the guard that
+// keeps exceptions from crossing into the caller.
 #pragma once
 
+#include <cstdint>
 #include <exception>
 #include <new>
 
@@ -12,6 +13,12 @@ namespace dynseg {
 
 // Records a printf-style message as this thread's last error and returns status.
 dynseg_status fail(dynseg_status status, const char* format, ...);
+
+// This thread's last error message (dynseg_last_error).
+const char* last_error_message();
+
+// Whether every one of count host floats is finite.
+bool all_finite(const float* values, int64_t count);
 
 // Checks every field of a problem. read_arrays: also scan the image, weights and compatibility for
 // non-finite values (only possible when they are host memory).

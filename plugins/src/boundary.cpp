@@ -1,0 +1,159 @@
+// boundary.cpp: what every C entry point shares (boundary.h): the per-thread error message and the
+// validation of every field of a problem, once, before any work.
+#include "boundary.h"
+
+#include <cmath>
+#include <cstdarg>
+#include <cstdio>
+#include <limits>
+#include <string>
+
+#include "detections.h"
+#include "simd.h"
+
+namespace {
+
+thread_local std::string last_error;
+
+constexpr int64_t kMaxEntries = std::numeric_limits<int32_t>::max();
+
+}  // namespace
+
+namespace dynseg {
+
+// x·0 is ±0 for finite x and NaN for inf or NaN; eight lanes keep the scan vectorised.
+bool all_finite(const float* values, int64_t count) {
+    vec8 acc = splat8(0.0f);
+    int64_t i = 0;
+    for (; i + 8 <= count; i += 8) acc += load8(values + i) * splat8(0.0f);
+    float rest = 0.0f;
+    for (; i < count; ++i) rest += values[i] * 0.0f;
+    return sum8(acc) + rest == 0.0f;
+}
+
+dynseg_status fail(dynseg_status status, const char* format, ...) {
+    char buffer[512];
+    va_list args;
+    va_start(args, format);
+    std::vsnprintf(buffer, sizeof(buffer), format, args);
+    va_end(args);
+    last_error = buffer;
+    return status;
+}
+
+namespace {
+
+dynseg_status validate_detections(const dynseg_crf_problem& p, bool read_arrays) {
+    const dynseg_detections& d = *p.detections;
+    if (d.count < 0 || d.count > kMaxEntries / 4)
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "detections->count must be in 0..%lld, got %lld",
+                    (long long)(kMaxEntries / 4), (long long)d.count);
+    if (!(std::isfinite(d.score_ceiling) && d.score_ceiling > 0.0f))
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "detections->score_ceiling must be finite and > 0, got %g",
+                    d.score_ceiling);
+    if (!(d.epsilon >= 0.0f && d.epsilon < 1.0f))
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "detections->epsilon must be in [0, 1), got %g", d.epsilon);
+    if (d.count == 0) return DYNSEG_OK;
+    if (!d.boxes || !d.labels || !d.scores || !d.detection_x || !d.detection_y)
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT,
+                    "detections->boxes, labels, scores, detection_x and detection_y must not be NULL");
+    if (!read_arrays) return DYNSEG_OK;
+    if (!all_finite(d.detection_x, 1) || !all_finite(d.detection_y, 1))
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "detections->detection_x and detection_y must be finite, got %g, %g",
+                    *d.detection_x, *d.detection_y);
+    for (int64_t i = 0; i < d.count; ++i) {
+        const float* box = d.boxes + 4 * i;
+        if (!all_finite(box, 4))
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "detections->boxes[%lld] holds a non-finite value", (long long)i);
+        if (box_span(box, p.height, p.width).count() == 0)
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT,
+                        "detections->boxes[%lld] = (%g, %g, %g, %g) holds no pixel of the %lldx%lld image", (long long)i,
+                        box[0], box[1], box[2], box[3], (long long)p.height, (long long)p.width);
+        if (d.labels[i] < 0 || d.labels[i] >= p.labels)
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "detections->labels[%lld] must be in 0..%lld, got %lld",
+                        (long long)i, (long long)(p.labels - 1), (long long)d.labels[i]);
+        if (!all_finite(d.scores + i, 1))
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "detections->scores[%lld] is not finite", (long long)i);
+    }
+    return DYNSEG_OK;
+}
+
+}  // namespace
+
+dynseg_status validate(const dynseg_crf_problem* p, bool read_arrays) {
+    if (!p) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "problem is NULL");
+    if (p->labels < 1 || p->labels > DYNSEG_MAX_LABELS)
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "labels must be in 1..%d, got %lld", DYNSEG_MAX_LABELS,
+                    (long long)p->labels);
+    // before any size arithmetic that uses it
+    if (p->iterations < 0) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "iterations must be >= 0, got %d", p->iterations);
+    if (p->height < 1 || p->width < 1)
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "height and width must be >= 1, got %lldx%lld",
+                    (long long)p->height, (long long)p->width);
+    if (p->image_channels < 0 || p->image_channels > DYNSEG_MAX_COLOR_CHANNELS)
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "image_channels must be in 0..%d, got %lld",
+                    DYNSEG_MAX_COLOR_CHANNELS, (long long)p->image_channels);
+    if (p->num_kernels < 0 || p->num_kernels > DYNSEG_MAX_KERNELS)
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "num_kernels must be in 0..%d, got %d", DYNSEG_MAX_KERNELS,
+                    p->num_kernels);
+    if (p->num_kernels > 0 && !p->kernels) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "kernels is NULL");
+    const int64_t pixels = p->height * p->width;
+    if (p->height > kMaxEntries || p->width > kMaxEntries || pixels > kMaxEntries / 16)
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "image of %lldx%lld pixels is too large (at most %lld pixels)",
+                    (long long)p->height, (long long)p->width, (long long)(kMaxEntries / 16));
+    if (p->labels > std::numeric_limits<int64_t>::max() / 8 / pixels / (int64_t(p->iterations) + 8))
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "labels x pixels x iterations overflows: %lld x %lld x %d",
+                    (long long)p->labels, (long long)pixels, p->iterations);
+    const int64_t L = p->labels;
+    for (int k = 0; k < p->num_kernels; ++k) {
+        const dynseg_kernel& kernel = p->kernels[k];
+        if (!(std::isfinite(kernel.theta_xy) && kernel.theta_xy > 0.0f))
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "kernels[%d].theta_xy must be finite and > 0, got %g", k,
+                        kernel.theta_xy);
+        if (!(std::isfinite(kernel.theta_color) && kernel.theta_color >= 0.0f))
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT,
+                        "kernels[%d].theta_color must be finite and > 0 (or 0 for a spatial kernel), got %g", k,
+                        kernel.theta_color);
+        if (kernel.theta_color > 0.0f && (p->image_channels < 1 || !p->image))
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT,
+                        "kernels[%d] is bilateral (theta_color = %g) but the problem has no image", k,
+                        kernel.theta_color);
+        if (kernel.weight_kind != DYNSEG_WEIGHT_SCALAR && kernel.weight_kind != DYNSEG_WEIGHT_MATRIX)
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "kernels[%d].weight_kind must be 0 (scalar) or 1 (matrix), got %d",
+                        k, kernel.weight_kind);
+        if (!kernel.weight) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "kernels[%d].weight is NULL", k);
+        if (read_arrays && !all_finite(kernel.weight, kernel.weight_kind == DYNSEG_WEIGHT_MATRIX ? L * L : 1))
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "kernels[%d].weight holds a non-finite value", k);
+    }
+    if (p->compat_kind < DYNSEG_COMPAT_POTTS || p->compat_kind > DYNSEG_COMPAT_FULL)
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "compat_kind must be 0 (Potts), 1 (diagonal) or 2 (full), got %d",
+                    p->compat_kind);
+    if (p->compat_kind != DYNSEG_COMPAT_POTTS) {
+        if (!p->compat) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "compat is NULL for a non-Potts compatibility");
+        if (read_arrays && !all_finite(p->compat, p->compat_kind == DYNSEG_COMPAT_FULL ? L * L : L))
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "compat holds a non-finite value");
+    }
+    if (p->normalization != DYNSEG_NORMALIZE_AFTER && p->normalization != DYNSEG_NORMALIZE_SYMMETRIC)
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "normalization must be 0 (after) or 1 (symmetric), got %d",
+                    p->normalization);
+    if (p->output != DYNSEG_OUTPUT_LOGITS && p->output != DYNSEG_OUTPUT_PROBABILITIES)
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "output must be 0 (logits) or 1 (probabilities), got %d", p->output);
+    if (p->threads < 0) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "threads must be >= 0, got %d", p->threads);
+    if (read_arrays && p->image && p->image_channels > 0 && !all_finite(p->image, p->image_channels * pixels))
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "image holds a non-finite value");
+    return p->detections ? validate_detections(*p, read_arrays) : DYNSEG_OK;
+}
+
+dynseg_status backward_supported(const dynseg_crf_problem& p) {
+    if (p.output != DYNSEG_OUTPUT_LOGITS)
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "backward needs output = DYNSEG_OUTPUT_LOGITS, got %d", p.output);
+    if (p.detections && p.detections->count > 0)
+        return fail(DYNSEG_ERROR_NOT_SUPPORTED,
+                    "backward does not differentiate the detection potential (the trainer does, in torch): pass "
+                    "detections = NULL");
+    return DYNSEG_OK;
+}
+
+const char* last_error_message() { return last_error.c_str(); }
+
+}  // namespace dynseg
