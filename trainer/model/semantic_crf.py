@@ -97,8 +97,8 @@ def semantic_mean_field(
         (config.theta_spatial, 0.0, spatial_weight),
         (config.theta_bilateral_xy, config.theta_bilateral_rgb, bilateral_weight),
     ]
-    use_detections = config.detection_potential and boxes.shape[0] > 0
-    if use_detections:
+    adds_potential = config.detection_potential and boxes.shape[0] > 0
+    if adds_potential:
         inside = box_masks(boxes, unary.shape[1], unary.shape[2]).to(unary.dtype)  # (D, H, W)
         pixels = inside.flatten(1).sum(1)  # n_d
         prior = torch.clamp(scores / config.score_ceiling, max=1.0 - config.epsilon)  # p_d
@@ -108,15 +108,22 @@ def semantic_mean_field(
         q = torch.softmax(logits, dim=0)
         step = mean_field_native(logits, image, kernels, compat=compatibility, iterations=1)
         new_logits = unary + (step - logits)  # U + the pairwise message of Q
-        if use_detections:
-            term, recalibrated = detection_term(q, inside, pixels, prior, labels, scores, detection_x, detection_y)
+        if adds_potential:
+            term, recalibrated = detection_potential(q, inside, pixels, prior, labels, scores, detection_x,
+                                                     detection_y)
             new_logits = new_logits + term
         logits = new_logits
     return logits, recalibrated
 
 
-def detection_term(q, inside, pixels, prior, labels, scores, detection_x, detection_y) -> tuple[Tensor, Tensor]:
-    """The higher-order potential's contribution to the logits, and Q(Y_d = 1) (ALGORITHM.md §4)."""
+def detection_potential(
+    q: Tensor, inside: Tensor, pixels: Tensor, prior: Tensor, labels: Tensor, scores: Tensor, detection_x: Tensor,
+    detection_y: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """The detection potential's contribution to the logits (K+1, H, W), and Q(Y_d = 1) (D,), the
+    recalibrated scores (ALGORITHM.md §4). q: (K+1, H, W) the current Q; inside: (D, H, W) 1 on each
+    box's pixels F_d, else 0; pixels: (D,) n_d = |F_d|; prior: (D,) p_d, the clamped scores; labels:
+    (D,) int64 l_d; scores: (D,) s_d; detection_x, detection_y: 0-d, the learned weights."""
     q_label = q[labels]  # (D, H, W): Q_i(l_d)
     agree = (q_label * inside).flatten(1).sum(1)  # sum over F_d of Q_i(l_d)
     disagree = pixels - agree  # sum over F_d of (1 - Q_i(l_d))
