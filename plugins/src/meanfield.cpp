@@ -142,14 +142,14 @@ void MeanField::load(const float* planar, float* pixel_major, int64_t channels) 
     });
 }
 // With softmax, each block's rows go through the softmax (into q_, still in cache) on the way out.
-void MeanField::store(const float* pixel_major, float* planar, int64_t channels, bool softmax) const {
+void MeanField::store(const float* pixel_major, float* planar, int64_t channels, bool apply_softmax) const {
     const int64_t S = padded_channels(channels);
     constexpr int64_t kBlock = 64;
     parallel_for(pixels_, kGrain, threads_, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; b += kBlock) {
             const int64_t e = std::min(end, b + kBlock);
             const float* rows = pixel_major;
-            if (softmax) {
+            if (apply_softmax) {
                 softmax_range(pixel_major, q_, b, e, 1);
                 rows = q_;
             }
@@ -297,7 +297,7 @@ void MeanField::run_iterations(float* history) {
         if (K == 0) {
             if (detections_.active()) std::copy(unary_, unary_ + size, acc_);
         } else if (scalar) {
-            dispatch_tiles(q);
+            scalar_messages_all_tiles(q);
             finish_logits(acc_);
         } else {
             if (!potts) std::fill(acc_, acc_ + size, 0.0f);
@@ -310,7 +310,7 @@ void MeanField::run_iterations(float* history) {
 
 // The common case gets a path of its own: one thread, at most one label tile, scalar weights,
 // Potts compatibility, at least one kernel and one iteration.
-bool MeanField::streams() const {
+bool MeanField::can_stream() const {
     if (threads_ != 1 || stride_ > kLabelTile || p_.compat_kind != DYNSEG_COMPAT_POTTS) return false;
     if (p_.num_kernels == 0 || p_.iterations == 0 || detections_.active()) return false;
     for (int k = 0; k < p_.num_kernels; ++k)
@@ -318,7 +318,7 @@ bool MeanField::streams() const {
     return true;
 }
 
-// The streamed path (see streams()): each iteration is one pass over the pixels that slices the
+// The streamed path (see can_stream()): each iteration is one pass over the pixels that slices the
 // previous iteration's lattices into the pixel's logits, takes their softmax and splats it into
 // every lattice's spare buffer, so U is the only array streamed from memory. The float operations
 // and their order are those of scalar_messages, so the bits are too. U comes planar; the result
@@ -411,7 +411,7 @@ void MeanField::stream_iterations(const float* unary, float* history, float* pla
     }
 }
 
-void MeanField::dispatch_tiles(const float* q) {
+void MeanField::scalar_messages_all_tiles(const float* q) {
     for (int64_t c0 = 0; c0 < stride_; c0 += kLabelTile) {
         switch (std::min<int64_t>(kLabelTile, stride_ - c0) / 8) {
             case 1: scalar_messages<1>(c0, q); break;
@@ -422,8 +422,11 @@ void MeanField::dispatch_tiles(const float* q) {
     }
 }
 
+// Four paths, one result (bit for bit where they overlap): the streamed one (can_stream: one thread,
+// one label tile, scalar weights, Potts, no detection potential); otherwise run_iterations with no
+// kernel, with scalar weights (scalar_messages_all_tiles) or with matrix weights (kernel_message).
 void MeanField::forward(const float* unary, float* out) {
-    if (streams()) {
+    if (can_stream()) {
         stream_iterations(unary, nullptr, out);
         return;
     }
@@ -435,7 +438,7 @@ void MeanField::forward(const float* unary, float* out) {
 void MeanField::backward(const float* unary, const float* grad_logits, float* grad_unary,
                          float* const* grad_weights, float* grad_compat) {
     const int64_t L = labels_, S = stride_, N = pixels_, size = N * S;
-    if (streams()) {
+    if (can_stream()) {
         stream_iterations(unary, history_, nullptr);
     } else {
         load(unary, unary_, L);

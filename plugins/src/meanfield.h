@@ -34,8 +34,8 @@ public:
 
 private:
     void run_iterations(float* history);
-    bool streams() const;
-    void dispatch_tiles(const float* q);
+    bool can_stream() const;
+    void scalar_messages_all_tiles(const float* q);
     void stream_iterations(const float* unary, float* history, float* planar_out);
     template <int V>
     void stream_iterations(const float* unary, float* history, float* planar_out);
@@ -49,7 +49,7 @@ private:
     void add_parameter_gradients(const dynseg_kernel& kernel, const std::vector<double>& P,
                                  std::vector<double>& dweight, std::vector<double>& dmu) const;
     void load(const float* planar, float* pixel_major, int64_t channels) const;
-    void store(const float* pixel_major, float* planar, int64_t channels, bool softmax = false) const;
+    void store(const float* pixel_major, float* planar, int64_t channels, bool apply_softmax = false) const;
 
     const dynseg_crf_problem& p_;
     int64_t labels_ = 0, pixels_ = 0;
