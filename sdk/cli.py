@@ -48,6 +48,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain: "bbox [x, y, w, h]" is no markup
 )
 
 
@@ -192,7 +193,8 @@ def train(
     pretrained: Optional[Path] = typer.Option(None, "--pretrained", exists=True, dir_okay=False,
                                               help="torchvision ImageNet weights for the backbone."),
     images: int = typer.Option(400, "--images", min=1, help="Synthetic training images."),
-    image_size: tuple[int, int] = typer.Option((96, 120), "--image-size", help="Synthetic images' height and width."),
+    image_size: tuple[int, int] = typer.Option((96, 120), "--image-size", metavar="H W",
+                                                  help="Synthetic images' height and width."),
     semantic_steps: int = typer.Option(600, "--semantic-steps", min=0, help="Stage 1 steps."),
     instance_steps: int = typer.Option(100, "--instance-steps", min=0, help="Stage 2 steps."),
     mode: str = typer.Option("piecewise", "--mode", help="Stage 2: piecewise (semantic frozen) or end-to-end."),
@@ -261,7 +263,8 @@ def evaluate_command(
                                               help=_DETECTIONS_HELP),
     images: int = typer.Option(50, "--images", min=1, help="Held-out synthetic images."),
     image_size: Optional[tuple[int, int]] = typer.Option(
-        None, "--image-size", help="Synthetic images' height and width (default: training's, else 96 120)."),
+        None, "--image-size", metavar="H W",
+        help="Synthetic images' height and width (default: training's, else 96 120)."),
     seed: Optional[int] = typer.Option(
         None, "--seed", help="Seed of the held-out synthetic images and simulated detections (default: training's "
                              "seed + 1, else 1)."),
