@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One command for a session with a GPU (issue 5): builds dynseg with its CUDA kernels, runs the GPU
-# tests, compute-sanitizer memcheck on a small forward and backward, the GPU benchmark and, where
-# Nsight Compute is installed, an analysis of the main kernels, and writes a report. Under 5 minutes
-# on an H100/H200 machine (the analysis is capped at 150 s).
+# tests, compute-sanitizer (memcheck, racecheck, synccheck) on a small forward and backward, the GPU
+# benchmark and, where Nsight Compute is installed, an analysis of the main kernels, and writes a
+# report. Under 5 minutes on an H100/H200 machine (the analysis is capped at 150 s).
 #
 #   bash scripts/gpu_check.sh [REPORT_DIR]      (default: $OUT when set, else ./gpu_report)
 #
@@ -40,6 +40,12 @@ timeout 240 $PY -m pytest -q -rs -p no:cacheprovider tests/gpu tests/trainer/tes
 step "compute-sanitizer memcheck"
 timeout 120 compute-sanitizer --tool memcheck --error-exitcode 1 $PY scripts/cuda_smoke.py >"$REPORT/memcheck.log" 2>&1
 echo "memcheck exit code $?"; tail -5 "$REPORT/memcheck.log"
+# what the CPU emulation of the kernels cannot see: shared-memory races between a block's threads, and
+# barriers or warp intrinsics that not every thread they name reaches
+for tool in racecheck synccheck; do
+  timeout 60 compute-sanitizer --tool $tool --error-exitcode 1 $PY scripts/cuda_smoke.py >"$REPORT/$tool.log" 2>&1
+  echo "$tool exit code $?"; tail -3 "$REPORT/$tool.log"
+done
 
 [ -n "${dcrf:-}" ] && wait $dcrf
 step "benchmark"
