@@ -1,4 +1,5 @@
-// meanfield.h: mean-field inference and its gradient over validated problems.
+// meanfield.h: mean-field inference (meanfield.cpp) and its gradient (meanfield_backward.cpp) over
+// validated problems.
 //
 // The entry points in c_api.cpp validate a dynseg_crf_problem, then hand it here. A MeanField
 // owns the layout of one call's workspace (planned once for the size query and once for real),
@@ -15,6 +16,10 @@
 #include "workspace.h"
 
 namespace dynseg {
+
+constexpr int64_t kGrain = 1024;  // pixels per parallel_for task
+
+inline bool is_matrix(const dynseg_kernel& k) { return k.weight_kind == DYNSEG_WEIGHT_MATRIX; }
 
 class MeanField {
 public:

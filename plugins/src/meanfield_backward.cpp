@@ -1,0 +1,168 @@
+// meanfield_backward.cpp: the gradient of the mean field (docs/crf.md derives it). Backward walks the
+// iterations in reverse with the transposed filters (blur axes d..0); the parameter gradients come from
+// P_k = sum_i (Knorm_k^T G)_i Q_i^T, reduced over fixed pixel chunks in double so the result does not
+// depend on the thread count.
+#include <algorithm>
+#include <vector>
+
+#include "meanfield.h"
+#include "parallel.h"
+
+namespace dynseg {
+
+void MeanField::backward(const float* unary, const float* grad_logits, float* grad_unary,
+                         float* const* grad_weights, float* grad_compat) {
+    const int64_t L = labels_, S = stride_, N = pixels_, size = N * S;
+    if (can_stream()) {
+        stream_iterations(unary, history_, nullptr);
+    } else {
+        load(unary, unary_, L);
+        run_iterations(history_);
+    }
+    load(grad_logits, grad_, L);
+    std::fill(grad_u_, grad_u_ + size, 0.0f);
+
+    const int kind = p_.compat_kind;
+    const float* mu = p_.compat;
+    const int64_t chunks = (N + reduce_chunk_ - 1) / reduce_chunk_;
+    std::vector<double> dweight[DYNSEG_MAX_KERNELS];
+    for (int k = 0; k < p_.num_kernels; ++k) dweight[k].assign(is_matrix(p_.kernels[k]) ? L * L : 1, 0.0);
+    std::vector<double> dmu(kind == DYNSEG_COMPAT_FULL ? L * L : kind == DYNSEG_COMPAT_DIAGONAL ? L : 0, 0.0);
+    std::vector<double> P(L * L);
+
+    for (int t = p_.iterations - 1; t >= 0; --t) {
+        const float* Q = history_ + t * size;
+        for (int64_t i = 0; i < size; ++i) grad_u_[i] += grad_[i];
+        std::fill(grad_q_, grad_q_ + size, 0.0f);
+        for (int k = 0; k < p_.num_kernels; ++k) {
+            const dynseg_kernel& kernel = p_.kernels[k];
+            // R = Knorm^T G (into filtered_): "after" K^T D, "symmetric" D^1/2 K^T D^1/2
+            FilterOutput out;
+            out.out = filtered_;
+            out.scale = p_.normalization == DYNSEG_NORMALIZE_SYMMETRIC ? norm_[k] : nullptr;
+            lattices_[k].filter(grad_, S, norm_[k], true, out);
+            const float* R = filtered_;
+            // H = -mu^T R, the gradient w.r.t. the message; dQ += W_k^T H
+            parallel_for(N, kGrain, threads_, [&](int64_t begin, int64_t end) {
+                for (int64_t i = begin; i < end; ++i) {
+                    const float* r = R + i * S;
+                    float* h = h_ + i * S;
+                    if (kind == DYNSEG_COMPAT_POTTS)
+                        std::copy(r, r + L, h);
+                    else if (kind == DYNSEG_COMPAT_DIAGONAL)
+                        for (int64_t a = 0; a < L; ++a) h[a] = -mu[a] * r[a];
+                    else
+                        for (int64_t a = 0; a < L; ++a) {
+                            float s = 0.0f;
+                            for (int64_t b = 0; b < L; ++b) s += mu[b * L + a] * r[b];
+                            h[a] = -s;
+                        }
+                    float* gq = grad_q_ + i * S;
+                    if (!is_matrix(kernel)) {
+                        const float w = kernel.weight[0];
+                        for (int64_t a = 0; a < L; ++a) gq[a] += w * h[a];
+                    } else {
+                        for (int64_t b = 0; b < L; ++b) {
+                            float s = 0.0f;
+                            for (int64_t a = 0; a < L; ++a) s += kernel.weight[a * L + b] * h[a];
+                            gq[b] += s;
+                        }
+                    }
+                }
+            });
+            // P = sum_i R_i Q_i^T: in full when a matrix needs it, else only its diagonal
+            const bool full = is_matrix(kernel) || kind == DYNSEG_COMPAT_FULL;
+            const int64_t width = full ? L * L : L;
+            parallel_for(chunks, 1, threads_, [&](int64_t begin, int64_t end) {
+                for (int64_t c = begin; c < end; ++c) {
+                    double* part = partial_ + c * width;
+                    std::fill(part, part + width, 0.0);
+                    const int64_t i1 = std::min(N, (c + 1) * reduce_chunk_);
+                    for (int64_t i = c * reduce_chunk_; i < i1; ++i) {
+                        const float* r = R + i * S;
+                        const float* q = Q + i * S;
+                        if (full) {
+                            for (int64_t a = 0; a < L; ++a)
+                                for (int64_t b = 0; b < L; ++b) part[a * L + b] += double(r[a]) * q[b];
+                        } else {
+                            for (int64_t a = 0; a < L; ++a) part[a] += double(r[a]) * q[a];
+                        }
+                    }
+                }
+            });
+            std::fill(P.begin(), P.end(), 0.0);
+            for (int64_t c = 0; c < chunks; ++c)
+                for (int64_t j = 0; j < width; ++j) P[full ? j : j * L + j] += partial_[c * width + j];
+            add_parameter_gradients(kernel, P, dweight[k], dmu);
+        }
+        // softmax backward: G = Q . (dQ - <dQ, Q>)
+        parallel_for(N, kGrain, threads_, [&](int64_t begin, int64_t end) {
+            for (int64_t i = begin; i < end; ++i) {
+                const float* q = Q + i * S;
+                const float* gq = grad_q_ + i * S;
+                float dot = 0.0f;
+                for (int64_t l = 0; l < L; ++l) dot += gq[l] * q[l];
+                for (int64_t l = 0; l < L; ++l) grad_[i * S + l] = q[l] * (gq[l] - dot);
+            }
+        });
+    }
+    for (int64_t i = 0; i < size; ++i) grad_u_[i] += grad_[i];
+    store(grad_u_, grad_unary, L);
+    for (int k = 0; k < p_.num_kernels; ++k)
+        if (grad_weights && grad_weights[k])
+            for (size_t j = 0; j < dweight[k].size(); ++j) grad_weights[k][j] = static_cast<float>(dweight[k][j]);
+    if (grad_compat)
+        for (size_t j = 0; j < dmu.size(); ++j) grad_compat[j] = static_cast<float>(dmu[j]);
+}
+
+// With P = sum_i (Knorm^T G)_i Q_i^T:  dW_k = -mu^T P (its trace for a scalar weight) and
+// dmu = -sum_k P W_k^T (only the diagonal for a diagonal mu).
+void MeanField::add_parameter_gradients(const dynseg_kernel& kernel, const std::vector<double>& P,
+                                        std::vector<double>& dweight, std::vector<double>& dmu) const {
+    const int64_t L = labels_;
+    const int kind = p_.compat_kind;
+    const float* mu = p_.compat;
+    auto mu_at = [&](int64_t a, int64_t b) -> double {
+        if (kind == DYNSEG_COMPAT_POTTS) return a == b ? -1.0 : 0.0;
+        if (kind == DYNSEG_COMPAT_DIAGONAL) return a == b ? mu[a] : 0.0;
+        return mu[a * L + b];
+    };
+    const bool mu_diagonal = kind != DYNSEG_COMPAT_FULL;
+    if (!is_matrix(kernel)) {
+        double s = 0.0;
+        for (int64_t a = 0; a < L; ++a) {
+            if (mu_diagonal) {
+                s -= mu_at(a, a) * P[a * L + a];
+                continue;
+            }
+            for (int64_t b = 0; b < L; ++b) s -= mu_at(a, b) * P[a * L + b];
+        }
+        dweight[0] += s;
+    } else {
+        for (int64_t a = 0; a < L; ++a)
+            for (int64_t b = 0; b < L; ++b) {
+                double s = 0.0;
+                if (mu_diagonal)
+                    s = -mu_at(a, a) * P[a * L + b];
+                else
+                    for (int64_t c = 0; c < L; ++c) s -= mu_at(c, a) * P[c * L + b];
+                dweight[a * L + b] += s;
+            }
+    }
+    if (kind == DYNSEG_COMPAT_POTTS) return;
+    for (int64_t a = 0; a < L; ++a)
+        for (int64_t b = 0; b < L; ++b) {
+            if (kind == DYNSEG_COMPAT_DIAGONAL && a != b) continue;
+            double s = 0.0;
+            if (!is_matrix(kernel))
+                s = kernel.weight[0] * P[a * L + b];
+            else
+                for (int64_t c = 0; c < L; ++c) s += P[a * L + c] * kernel.weight[b * L + c];
+            if (kind == DYNSEG_COMPAT_FULL)
+                dmu[a * L + b] -= s;
+            else
+                dmu[a] -= s;
+        }
+}
+
+}  // namespace dynseg
