@@ -8,6 +8,11 @@ a call needs more, one execution context per thread (contexts are not shared bet
 one Segmenter serves concurrent calls). Device memory, copies and the stream come from the native
 library (dynseg.sdk._native), so the SDK needs no CUDA binding of its own.
 
+An image without detections on an engine whose profile starts at D >= 1 (the default) runs with
+`silent_detections`: detections of score 0, which add exactly nothing to the semantic CRF's detection
+potential (its terms are proportional to the score), so the semantic probabilities are those of D = 0;
+the backend then keeps only the background label of the instance logits, as D = 0 has.
+
 Written to TensorRT 10's Python API; it has not run here: no TensorRT can be installed on the
 machines this was developed on (the closing notes of issue 6 say what was verified).
 """
@@ -23,6 +28,11 @@ from . import _native
 from .inputs import cuda_index
 from .errors import InvalidArgumentError
 from .graph import INPUTS, OUTPUTS
+
+
+def silent_detections(count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`count` detections that change no semantic output: one-pixel boxes at the origin, class 1, score 0."""
+    return np.zeros((count, 4), np.float32), np.ones(count, np.int64), np.zeros(count, np.float32)
 
 
 class TensorRTBackend:
@@ -75,6 +85,9 @@ class TensorRTBackend:
 
     def run(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> dict[str, np.ndarray]:
         height, width = image.shape[:2]
+        silent = len(boxes) == 0 and self._profile.detections[0] > 0  # see the module docstring
+        if silent:
+            boxes, labels, scores = silent_detections(self._profile.detections[0])
         if not self._profile.admits(len(boxes), height, width):
             raise InvalidArgumentError(
                 f"{len(boxes)} detections on a {height}x{width} image are outside the engine's profile "
@@ -110,5 +123,6 @@ class TensorRTBackend:
         state["stream"].synchronize()
         for name in OUTPUTS:
             _native.copy_from_device(outputs[name], state["buffers"][name].pointer)
-        return {"instance_logits": outputs["instance_logits"][0],
+        instance_logits = outputs["instance_logits"][0]  # (D+1, H, W)
+        return {"instance_logits": instance_logits[:1] if silent else instance_logits,
                 "semantic_probabilities": outputs["semantic_probabilities"][0]}

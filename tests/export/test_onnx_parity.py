@@ -87,6 +87,19 @@ def test_the_warning_of_a_dropped_detection_points_at_the_callers_line(segmenter
     assert caught[0].filename == __file__
 
 
+@pytest.mark.parametrize("count", [1, 3])
+def test_silent_detections_leave_the_semantic_crf_as_no_detections_do(segmenters, count):
+    # what the TensorRT backend relies on to run D = 0 on an engine whose profile starts at 1
+    from dynseg.sdk.tensorrt_backend import silent_detections
+
+    backend = segmenters[0]._backend
+    image = np.ascontiguousarray(samples.load("coffee")[:96, :128])
+    none = backend.run(image, np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, np.float32))
+    silent = backend.run(image, *silent_detections(count))
+    assert np.array_equal(silent["semantic_probabilities"], none["semantic_probabilities"])
+    assert silent["instance_logits"].shape[0] == count + 1
+
+
 def test_no_detections_give_all_background(segmenters):
     image, boxes, labels, scores = _case("astronaut", (64, 96), 0, seed=3)
     result = segmenters[0].segment(image, boxes, labels, scores)

@@ -61,7 +61,8 @@ def engine(tmp_path_factory):
 
 
 @needs_tensorrt
-@pytest.mark.parametrize("detections, size", [(1, (64, 64)), (5, (200, 300)), (20, (320, 480)), (7, (151, 233))])
+@pytest.mark.parametrize("detections, size", [(0, (64, 64)), (1, (64, 64)), (5, (200, 300)), (20, (320, 480)),
+                                              (7, (151, 233))])
 def test_tensorrt_matches_pytorch_across_the_profile(engine, detections, size):
     checkpoint, plan = engine
     image = np.ascontiguousarray(samples.load("chelsea")[: size[0], : size[1]])
