@@ -72,7 +72,7 @@ class _Detections(ctypes.Structure):
 
 class _Problem(ctypes.Structure):
     _fields_ = [
-        ("labels", ctypes.c_int64),
+        ("num_labels", ctypes.c_int64),
         ("height", ctypes.c_int64),
         ("width", ctypes.c_int64),
         ("image_channels", ctypes.c_int64),
@@ -252,7 +252,7 @@ class Problem:
 
     def __init__(
         self,
-        labels: int,
+        num_labels: int,
         height: int,
         width: int,
         image: np.ndarray | DeviceArray | None,
@@ -273,12 +273,13 @@ class Problem:
             raise InvalidArgumentError(f"image must be (C, {height}, {width}) planes to match the unary, got "
                                        f"{tuple(image.shape)}")
         for index, kernel in enumerate(kernels):
-            if int(np.prod(kernel.weight.shape)) not in (1, labels * labels):
-                raise InvalidArgumentError(f"kernels[{index}] weight must be a scalar or ({labels}, {labels}), got "
-                                           f"{tuple(kernel.weight.shape)}")
-        if compat is not None and tuple(compat.shape) not in ((labels,), (labels, labels)):
-            raise InvalidArgumentError(f"compat must be ({labels},) or ({labels}, {labels}), got {tuple(compat.shape)}")
-        self.shape = (labels, height, width)
+            if int(np.prod(kernel.weight.shape)) not in (1, num_labels * num_labels):
+                raise InvalidArgumentError(f"kernels[{index}] weight must be a scalar or ({num_labels}, {num_labels}), "
+                                           f"got {tuple(kernel.weight.shape)}")
+        if compat is not None and tuple(compat.shape) not in ((num_labels,), (num_labels, num_labels)):
+            raise InvalidArgumentError(f"compat must be ({num_labels},) or ({num_labels}, {num_labels}), got "
+                                       f"{tuple(compat.shape)}")
+        self.shape = (num_labels, height, width)
         self._keep = [image, compat, *[k.weight for k in kernels]]
         self._detections = detections
         self._detections_struct = detections.struct() if detections is not None else None
@@ -291,7 +292,7 @@ class Problem:
         self._kernels = c_kernels
         compat_kind = COMPAT_POTTS if compat is None else COMPAT_DIAGONAL if compat.ndim == 1 else COMPAT_FULL
         self.struct = _Problem(
-            labels=labels,
+            num_labels=num_labels,
             height=height,
             width=width,
             image_channels=0 if image is None else image.shape[0],

@@ -102,7 +102,7 @@ typedef struct dynseg_detections {
 } dynseg_detections;
 
 typedef struct dynseg_crf_problem {
-    int64_t labels;                /* 1 <= L <= DYNSEG_MAX_LABELS */
+    int64_t num_labels;            /* L: 1 <= L <= DYNSEG_MAX_LABELS */
     int64_t height, width;         /* H, W >= 1 */
     int64_t image_channels;        /* C >= 0 colour channels of `image` */
     const float* image;            /* (C, H, W); may be NULL when no kernel has theta_color > 0 */
@@ -161,7 +161,7 @@ DYNSEG_API dynseg_status dynseg_crf_backward(const dynseg_crf_problem* problem, 
 /* The raw (unnormalised) Gaussian filter of problem->kernels[kernel] applied to values (channels, H, W):
  * out = K(values), or its transpose K^T(values) (blur axes in reverse order) when transpose != 0.
  * Uses the kernel's theta_xy / theta_color and the problem's image, size and threads; channels must be
- * in 1..labels. Workspace: dynseg_crf_workspace_size(problem, DYNSEG_PASS_FORWARD). */
+ * in 1..num_labels. Workspace: dynseg_crf_workspace_size(problem, DYNSEG_PASS_FORWARD). */
 DYNSEG_API dynseg_status dynseg_lattice_filter(const dynseg_crf_problem* problem, int32_t kernel,
                                                int64_t channels, const float* values, float* out,
                                                int32_t transpose, void* workspace,

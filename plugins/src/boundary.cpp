@@ -69,9 +69,9 @@ dynseg_status validate_detections(const dynseg_crf_problem& p, bool read_arrays)
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT,
                         "detections->boxes[%lld] = (%g, %g, %g, %g) holds no pixel of the %lldx%lld image", (long long)i,
                         box[0], box[1], box[2], box[3], (long long)p.height, (long long)p.width);
-        if (d.labels[i] < 0 || d.labels[i] >= p.labels)
+        if (d.labels[i] < 0 || d.labels[i] >= p.num_labels)
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "detections->labels[%lld] must be in 0..%lld, got %lld",
-                        (long long)i, (long long)(p.labels - 1), (long long)d.labels[i]);
+                        (long long)i, (long long)(p.num_labels - 1), (long long)d.labels[i]);
         if (!all_finite(d.scores + i, 1))
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "detections->scores[%lld] is not finite", (long long)i);
     }
@@ -82,9 +82,9 @@ dynseg_status validate_detections(const dynseg_crf_problem& p, bool read_arrays)
 
 dynseg_status validate(const dynseg_crf_problem* p, bool read_arrays) {
     if (!p) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "problem is NULL");
-    if (p->labels < 1 || p->labels > DYNSEG_MAX_LABELS)
-        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "labels must be in 1..%d, got %lld", DYNSEG_MAX_LABELS,
-                    (long long)p->labels);
+    if (p->num_labels < 1 || p->num_labels > DYNSEG_MAX_LABELS)
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "num_labels must be in 1..%d, got %lld", DYNSEG_MAX_LABELS,
+                    (long long)p->num_labels);
     // before any size arithmetic that uses it
     if (p->iterations < 0) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "iterations must be >= 0, got %d", p->iterations);
     if (p->height < 1 || p->width < 1)
@@ -101,10 +101,10 @@ dynseg_status validate(const dynseg_crf_problem* p, bool read_arrays) {
     if (p->height > kMaxEntries || p->width > kMaxEntries || pixels > kMaxEntries / 16)
         return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "image of %lldx%lld pixels is too large (at most %lld pixels)",
                     (long long)p->height, (long long)p->width, (long long)(kMaxEntries / 16));
-    if (p->labels > std::numeric_limits<int64_t>::max() / 8 / pixels / (int64_t(p->iterations) + 8))
-        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "labels x pixels x iterations overflows: %lld x %lld x %d",
-                    (long long)p->labels, (long long)pixels, p->iterations);
-    const int64_t L = p->labels;
+    if (p->num_labels > std::numeric_limits<int64_t>::max() / 8 / pixels / (int64_t(p->iterations) + 8))
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "num_labels x pixels x iterations overflows: %lld x %lld x %d",
+                    (long long)p->num_labels, (long long)pixels, p->iterations);
+    const int64_t L = p->num_labels;
     for (int k = 0; k < p->num_kernels; ++k) {
         const dynseg_kernel& kernel = p->kernels[k];
         if (!(std::isfinite(kernel.theta_xy) && kernel.theta_xy > 0.0f))

@@ -64,7 +64,7 @@ dynseg_status dynseg_crf_forward(const dynseg_crf_problem* problem, const float*
         if (dynseg_status s = dynseg::validate(problem, /*read_arrays=*/true)) return s;
         if (!unary || !out || !workspace)
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "unary, out and workspace must not be NULL");
-        if (!dynseg::all_finite(unary, problem->labels * problem->height * problem->width))
+        if (!dynseg::all_finite(unary, problem->num_labels * problem->height * problem->width))
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "unary holds a non-finite value");
         return with_mean_field(*problem, DYNSEG_PASS_FORWARD, workspace, workspace_bytes,
                                [&](dynseg::MeanField& crf, char* error, int error_len) {
@@ -83,7 +83,7 @@ dynseg_status dynseg_crf_backward(const dynseg_crf_problem* problem, const float
         if (dynseg_status s = dynseg::backward_supported(*problem)) return s;
         if (!unary || !grad_logits || !grad_unary || !workspace)
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "unary, grad_logits, grad_unary and workspace must not be NULL");
-        const int64_t size = problem->labels * problem->height * problem->width;
+        const int64_t size = problem->num_labels * problem->height * problem->width;
         if (!dynseg::all_finite(unary, size)) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "unary holds a non-finite value");
         if (!dynseg::all_finite(grad_logits, size))
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "grad_logits holds a non-finite value");
@@ -104,9 +104,9 @@ dynseg_status dynseg_lattice_filter(const dynseg_crf_problem* problem, int32_t k
         if (kernel < 0 || kernel >= problem->num_kernels)
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "kernel must be in 0..%d, got %d", problem->num_kernels - 1,
                         kernel);
-        if (channels < 1 || channels > problem->labels)
-            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "channels must be in 1..labels (%lld), got %lld",
-                        (long long)problem->labels, (long long)channels);
+        if (channels < 1 || channels > problem->num_labels)
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "channels must be in 1..num_labels (%lld), got %lld",
+                        (long long)problem->num_labels, (long long)channels);
         if (!values || !out || !workspace)
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "values, out and workspace must not be NULL");
         return with_mean_field(*problem, DYNSEG_PASS_FORWARD, workspace, workspace_bytes,

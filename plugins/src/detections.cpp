@@ -10,7 +10,7 @@ namespace dynseg {
 DetectionPotential::DetectionPotential(const dynseg_crf_problem& problem, Workspace& ws) {
     if (!problem.detections || problem.detections->count == 0) return;
     d_ = problem.detections;
-    labels_ = problem.labels;
+    labels_ = problem.num_labels;
     height_ = problem.height;
     width_ = problem.width;
     spans_ = ws.take<BoxSpan>(d_->count);

@@ -70,7 +70,7 @@ inline void block_softmax(const float (*rows)[8 * V], float (*q)[8 * V], int64_t
 
 MeanField::MeanField(const dynseg_crf_problem& problem, int pass, Workspace& ws)
     : p_(problem), detections_(problem, ws) {
-    labels_ = problem.labels;
+    labels_ = problem.num_labels;
     stride_ = padded_channels(labels_);
     pixels_ = problem.height * problem.width;
     threads_ = problem.threads > 0 ? problem.threads : hardware_threads();

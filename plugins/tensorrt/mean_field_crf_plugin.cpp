@@ -126,7 +126,7 @@ void fill_problem(CrfAttributes const& a, CrfShapes const& s, void const* const*
     p->kernels[1] = dynseg_kernel{a.theta_bilateral_xy, a.theta_bilateral_rgb, s.bilateral_kind, in(kBilateralWeight)};
     dynseg_crf_problem& q = p->problem;
     std::memset(&q, 0, sizeof(q));
-    q.labels = s.labels;
+    q.num_labels = s.labels;
     q.height = s.height;
     q.width = s.width;
     q.image_channels = s.channels;

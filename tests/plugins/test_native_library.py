@@ -278,7 +278,7 @@ class HandMadeProblem:
             _native._Kernel(8.0, 13.0, _native.WEIGHT_SCALAR, self.weights[1].ctypes.data_as(_native._f32p)),
         )
         self.struct = _native._Problem(
-            labels=2, height=4, width=5, image_channels=3, image=self.image.ctypes.data_as(_native._f32p),
+            num_labels=2, height=4, width=5, image_channels=3, image=self.image.ctypes.data_as(_native._f32p),
             num_kernels=2, kernels=self.kernels, compat_kind=_native.COMPAT_DIAGONAL,
             compat=self.compat.ctypes.data_as(_native._f32p), normalization=0, iterations=2,
             output=_native.OUTPUT_PROBABILITIES, threads=1,
@@ -308,9 +308,9 @@ def _set_kernel(field, value):
 
 
 BROKEN_FIELDS = {
-    "labels 0": (_set("labels", 0), "labels"),
-    "labels negative": (_set("labels", -3), "labels"),
-    "labels past DYNSEG_MAX_LABELS": (_set("labels", 65537), r"labels must be in 1\.\.65536"),
+    "num_labels 0": (_set("num_labels", 0), "num_labels"),
+    "num_labels negative": (_set("num_labels", -3), "num_labels"),
+    "num_labels past DYNSEG_MAX_LABELS": (_set("num_labels", 65537), r"num_labels must be in 1\.\.65536"),
     "height 0": (_set("height", 0), "height"),
     "width negative": (_set("width", -1), "width"),
     "image_channels 14": (_set("image_channels", 14), "image_channels"),

@@ -36,12 +36,12 @@ dynseg_status check_arguments(const dynseg_crf_problem* problem) {
     // a label tile, and every pixels x labels array, must stay below 2^31.
     const int64_t pixels = problem->height * problem->width;
     const int64_t entries = pixels * (2 + problem->image_channels + 1);
-    const int64_t row = dynseg::cuda::padded_channels(problem->labels);
+    const int64_t row = dynseg::cuda::padded_channels(problem->num_labels);
     if ((entries + 1) * dynseg::cuda::kLabelTile > INT32_MAX || pixels * row > INT32_MAX)
         return fail(DYNSEG_ERROR_INVALID_ARGUMENT,
                     "a %lldx%lld image with %lld labels and %lld colour channels is too large for the CUDA kernels "
                     "(pixels x labels and pixels x (channels + 3) x 32 must stay below 2^31)",
-                    (long long)problem->height, (long long)problem->width, (long long)problem->labels,
+                    (long long)problem->height, (long long)problem->width, (long long)problem->num_labels,
                     (long long)problem->image_channels);
     return DYNSEG_OK;
 }
@@ -184,7 +184,7 @@ dynseg_status dynseg_crf_forward_cuda_from_host(const dynseg_crf_problem* proble
             ~Restore() { cudaSetDevice(device); }
         } restore{previous};
 
-        const int64_t L = problem->labels, N = problem->height * problem->width;
+        const int64_t L = problem->num_labels, N = problem->height * problem->width;
         DeviceArrays arrays;
         dynseg_crf_problem on_device = *problem;
         dynseg_kernel kernels[DYNSEG_MAX_KERNELS];

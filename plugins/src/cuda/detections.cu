@@ -60,7 +60,7 @@ __global__ void add_terms(float* logits, int64_t stride, int64_t labels, int64_t
 DetectionPotential::DetectionPotential(const dynseg_crf_problem& problem, Workspace& ws) {
     if (!problem.detections || problem.detections->count == 0) return;
     d_ = problem.detections;
-    labels_ = problem.labels;
+    labels_ = problem.num_labels;
     height_ = problem.height;
     width_ = problem.width;
     prior_cap_ = prior_cap(d_->epsilon);

@@ -320,7 +320,7 @@ __global__ void to_float(const double* in, float* out, int64_t count, const Stat
 MeanField::MeanField(const dynseg_crf_problem& problem, int pass, Workspace& ws)
     : p_(problem), status_(ws.take<Status>(1)),  // first, where dynseg_crf_check_cuda looks for it
       detections_(problem, ws) {
-    labels_ = problem.labels;
+    labels_ = problem.num_labels;
     stride_ = padded_channels(labels_);
     pixels_ = problem.height * problem.width;
     int max_dim = 2;
