@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ __all__ = [
     "plugin_library_path",
     "running_environment",
     "import_tensorrt",
+    "register_plugin",
     "build_engine",
 ]
 
@@ -349,6 +351,23 @@ def plugin_library_path() -> Path:
     )
 
 
+_registering = threading.Lock()
+
+
+def register_plugin(registry, library: Path) -> None:
+    """Makes dynseg's plugin creator known to TensorRT's plugin `registry`, loading `library` only when
+    it is not yet: load_library fails for a library whose plugins are already registered (TensorRT's
+    documented contract), and every build and backend of a process shares the registry. Raises
+    EngineError when the creator is still unknown afterwards."""
+    with _registering:
+        if registry.get_creator(OP_TYPE, PLUGIN_VERSION, PLUGIN_NAMESPACE) is not None:
+            return
+        registry.load_library(str(library))
+        if registry.get_creator(OP_TYPE, PLUGIN_VERSION, PLUGIN_NAMESPACE) is None:
+            raise EngineError(f"TensorRT could not load the plugin library {library}, or it registered no "
+                              f"{PLUGIN_NAMESPACE}::{OP_TYPE} version {PLUGIN_VERSION} (see TensorRT's log above)")
+
+
 def import_tensorrt():
     """TensorRT's Python package, or EngineError saying how to install it."""
     try:
@@ -428,9 +447,7 @@ def _build_plan(trt, onnx_copy: Path, expected_plugins: int, library: Path, prof
     """The TensorRT part of build_engine (needs TensorRT and a GPU; not exercised by the CPU tests)."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    registry = builder.get_plugin_registry()
-    if registry.load_library(str(library)) is None:
-        raise EngineError(f"TensorRT could not load the plugin library {library} (see the log above)")
+    register_plugin(builder.get_plugin_registry(), library)
     network = builder.create_network(0)  # explicit batch (the only mode in 10.x; strongly typed in 11.x)
     parser = trt.OnnxParser(network, logger)
     if hasattr(trt, "OnnxParserFlag") and hasattr(trt.OnnxParserFlag, "ENABLE_PLUGIN_OVERRIDE"):

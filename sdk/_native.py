@@ -226,11 +226,14 @@ class DetectionPotential:
 
     def __post_init__(self):
         count = self.boxes.shape[0] if len(self.boxes.shape) == 2 else -1
-        expected = {"boxes": (count, 4), "labels": (count,), "scores": (count,), "recalibrated": (count,),
-                    "detection_x": (1,), "detection_y": (1,)}
+        expected = {"boxes": (count, 4), "labels": (count,), "scores": (count,), "recalibrated": (count,)}
         for name, shape in expected.items():
             if tuple(getattr(self, name).shape) != shape:
                 raise InvalidArgumentError(f"detection potential: {name} must be {shape}, got "
+                                           f"{tuple(getattr(self, name).shape)}")
+        for name in ("detection_x", "detection_y"):  # () or (1,): onnxruntime hands over either
+            if int(np.prod(getattr(self, name).shape)) != 1:
+                raise InvalidArgumentError(f"detection potential: {name} must hold one value, got shape "
                                            f"{tuple(getattr(self, name).shape)}")
 
     def struct(self) -> _Detections:

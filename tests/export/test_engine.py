@@ -256,6 +256,40 @@ def test_a_missing_or_malformed_sidecar_is_an_engine_error(built, tmp_path):
         engine.read_sidecar(tmp_path / "other.engine")
 
 
+# ---- registering the plugin with TensorRT ---------------------------------------------------------------------
+
+
+class DocumentedRegistry:
+    """TensorRT's IPluginRegistry as its headers document load_library and get_creator (NvInferRuntime.h,
+    10.16 and 11.1): loading a library whose creators are already registered fails and returns None."""
+
+    def __init__(self, creators):
+        self.library_creators, self.registered, self.loads = set(creators), set(), 0
+
+    def load_library(self, path):
+        self.loads += 1
+        if self.registered & self.library_creators:
+            return None
+        self.registered |= self.library_creators
+        return object()
+
+    def get_creator(self, name, version, namespace=""):
+        return object() if (name, version, namespace) in self.registered else None
+
+
+def test_the_plugin_is_registered_once_for_every_build_and_backend_of_a_process(tmp_path):
+    registry = DocumentedRegistry({("MeanFieldCRF", "1", "dynseg")})
+    for _ in range(3):  # a build, then two backends: a second load_library would have failed
+        engine.register_plugin(registry, tmp_path / "libdynseg_crf_tensorrt.so")
+    assert registry.loads == 1
+
+
+def test_a_library_without_dynsegs_creator_is_named(tmp_path):
+    registry = DocumentedRegistry({("SomethingElse", "1", "")})
+    with pytest.raises(EngineError, match="registered no dynseg::MeanFieldCRF version 1"):
+        engine.register_plugin(registry, tmp_path / "other.so")
+
+
 # ---- build_engine without TensorRT ---------------------------------------------------------------------------
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")

@@ -183,12 +183,20 @@ def test_backward_refuses_the_detection_potential(smooth_image, field_unary):
 
 @pytest.mark.parametrize("field, bad", [
     ("boxes", np.zeros((2, 3), np.float32)), ("labels", np.zeros(3, np.int64)), ("scores", np.zeros(1, np.float32)),
-    ("recalibrated", np.zeros(3, np.float32)), ("detection_x", np.zeros((), np.float32)),
+    ("recalibrated", np.zeros(3, np.float32)), ("detection_x", np.zeros(2, np.float32)),
 ])
 def test_the_detection_arrays_must_agree_with_the_box_count_before_a_pointer_crosses(field, bad):
     arrays = dict(boxes=np.zeros((2, 4), np.float32), labels=np.ones(2, np.int64), scores=np.ones(2, np.float32),
                   detection_x=np.ones(1, np.float32), detection_y=np.ones(1, np.float32),
                   recalibrated=np.zeros(2, np.float32))
     arrays[field] = bad
-    with pytest.raises(InvalidArgumentError, match=f"detection potential: {field} must be"):
+    with pytest.raises(InvalidArgumentError, match=f"detection potential: {field} must"):
         _native.DetectionPotential(**arrays, score_ceiling=1.0, epsilon=1e-4)
+
+
+def test_a_detection_weight_of_shape_0d_is_one_value_as_onnxruntime_hands_it_over():
+    # the exported graph's detection_y reaches the CRF node as an Identity's 0-d output
+    arrays = dict(boxes=np.zeros((2, 4), np.float32), labels=np.ones(2, np.int64), scores=np.ones(2, np.float32),
+                  detection_x=np.ones((), np.float32), detection_y=_native.DeviceArray(1, ()),
+                  recalibrated=np.zeros(2, np.float32))
+    _native.DetectionPotential(**arrays, score_ceiling=1.0, epsilon=1e-4)

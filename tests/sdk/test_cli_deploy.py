@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from dynseg.sdk import samples
+from dynseg.sdk import Segmenter, samples
 from dynseg.sdk.cli import app
 
 torch = pytest.importorskip("torch")
@@ -290,3 +290,24 @@ def test_a_file_that_is_no_model_is_named_in_one_line(photos, tmp_path):
                                  "--out", str(tmp_path)])
     assert result.exit_code == 1
     assert "model.onnx is not a readable ONNX model" in result.output
+
+
+def test_the_cuda_branch_takes_the_arrays_onnxruntime_hands_the_crf_nodes(exported, monkeypatch):
+    # The CUDA path (never run here) reads the CRF nodes' OrtValues as they are. In this fresh network
+    # detection_x == detection_y, so the export shares one constant and one of them arrives as an
+    # Identity's 0-d output, where the CPU path's numpy copies make it (1,).
+    from dynseg.sdk import _native, crf_node, onnx_backend
+
+    seen = []
+    run_crf = onnx_backend._run_crf
+    monkeypatch.setattr(onnx_backend, "_run_crf", lambda step, inputs, placement: seen.append((step, inputs))
+                        or run_crf(step, inputs, placement))
+    image = np.ascontiguousarray(samples.load("coffee")[:64, :96])
+    boxes = np.array([[5, 5, 40, 30], [10, 20, 70, 60]], np.float32)
+    Segmenter(exported[1]).segment(image, boxes, [1, 3], [0.9, 0.6])
+    assert len(seen) == 2
+    for step, inputs in seen:  # DeviceArrays exactly as onnx_backend._native_view makes them
+        views = crf_node.CrfInputs(*[_native.DeviceArray(int(v.data_ptr()), tuple(v.shape())) for v in inputs])
+        crf_node._check_shapes(views)
+        problem = crf_node._problem(views, step.attributes, _native.DeviceArray(1, views.scores.shape))
+        assert problem.shape == views.unary.shape[1:]
