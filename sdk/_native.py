@@ -225,8 +225,10 @@ class DetectionPotential:
     recalibrated: np.ndarray | DeviceArray
 
     def __post_init__(self):
-        count = self.boxes.shape[0] if len(self.boxes.shape) == 2 else -1
-        expected = {"boxes": (count, 4), "labels": (count,), "scores": (count,), "recalibrated": (count,)}
+        if len(self.boxes.shape) != 2 or self.boxes.shape[1] != 4:
+            raise InvalidArgumentError(f"detection potential: boxes must be (D, 4), got {tuple(self.boxes.shape)}")
+        count = self.boxes.shape[0]
+        expected = {"labels": (count,), "scores": (count,), "recalibrated": (count,)}
         for name, shape in expected.items():
             if tuple(getattr(self, name).shape) != shape:
                 raise InvalidArgumentError(f"detection potential: {name} must be {shape}, got "

@@ -120,21 +120,6 @@ def _torch_or_fail(what: str) -> None:
         raise _fail(f'{what} needs torch: pip install torch==2.13.0 "dynseg[train]" (the CPU wheel)') from error
 
 
-_TRAINING_DATA = "training_data.json"  # what `dynseg train` trained on: dataset, seed, image_size
-
-
-def _training_data(checkpoint: Path) -> dict | None:
-    """The checkpoint's training_data.json, or None (a checkpoint not written by `dynseg train`, or an older one)."""
-    try:
-        data = json.loads((checkpoint / _TRAINING_DATA).read_text())
-        if (isinstance(data["seed"], int) and isinstance(data["dataset"], str) and len(data["image_size"]) == 2
-                and all(isinstance(n, int) for n in data["image_size"])):
-            return data
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return None
-
-
 _DATASET_HELP = "synthetic (built in, the default), voc, sbd, coco or cityscapes."
 _ROOT_HELP = ("Folder of an on-disk dataset: VOCdevkit (or VOC2012), SBD's dataset/, the COCO folder, "
               "the Cityscapes folder.")
@@ -224,6 +209,7 @@ def train(
 
     import torch
 
+    from dynseg.trainer.checkpoint import write_training_data
     from dynseg.trainer.model import ModelConfig, build_model
     from dynseg.trainer.train import TrainConfig, fit
 
@@ -248,8 +234,8 @@ def train(
             printer=typer.echo, live=sys.stdout.isatty(), held_out=held_out, eval_seed=seed + 1)
     except (DynsegError, OSError) as error:  # an annotation or image the dataset could not read
         raise _fail(str(error)) from error
-    # what `dynseg eval` needs to hold out the right synthetic scenes
-    (out / _TRAINING_DATA).write_text(json.dumps({"dataset": dataset, "seed": seed, "image_size": list(image_size)}))
+    for folder in (out, out / "semantic"):  # both stages' checkpoints: what `dynseg eval` holds out from
+        write_training_data(folder, dataset=dataset, seed=seed, image_size=image_size)
     typer.echo(f"wrote {out}/model.safetensors, {out}/model.json and {out}/epochs.jsonl; next: dynseg eval {out}")
 
 
@@ -275,12 +261,12 @@ def evaluate_command(
     _torch_or_fail("dynseg eval")
 
     from dynseg.trainer.evaluation import evaluate_each, json_ready
-    from dynseg.trainer.checkpoint import load_checkpoint
+    from dynseg.trainer.checkpoint import load_checkpoint, read_training_data
     from dynseg.trainer.train import predict_each
 
     if protocol not in ("original", "voc"):
         raise typer.BadParameter("must be original or voc", param_hint="--protocol")
-    trained_on = _training_data(checkpoint)
+    trained_on = read_training_data(checkpoint)
     if seed is None:
         seed = trained_on["seed"] + 1 if trained_on else 1
     if image_size is None:

@@ -216,8 +216,8 @@ def _run_crf(step: _CrfNode, inputs: list[ort.OrtValue], placement: _Placement) 
     if placement.device_type == "cpu":
         logits, scores = mean_field_crf([value.numpy() for value in inputs], step.attributes)
         return [placement.put(logits), placement.put(scores)]
-    arrays = CrfInputs(*[_native_view(value, name, CrfInputs.dtype(field))
-                         for field, name, value in zip(CrfInputs._fields, step.inputs, inputs)])
+    arrays = CrfInputs.of([_native_view(value, name, CrfInputs.dtype(field))
+                           for field, name, value in zip(CrfInputs._fields, step.inputs, inputs)])
     logits, scores = placement.empty(arrays.unary.shape), placement.empty(arrays.scores.shape)
     mean_field_crf_cuda(arrays, step.attributes, _native_view(logits, step.outputs[0], np.float32),
                         _native_view(scores, step.outputs[1], np.float32), placement.device_id)

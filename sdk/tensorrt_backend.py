@@ -27,7 +27,7 @@ import numpy as np
 from . import _native
 from .inputs import cuda_index
 from .errors import InvalidArgumentError
-from .graph import INPUTS, OUTPUTS
+from .graph import OUTPUTS
 
 
 def silent_detections(count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,11 +1,13 @@
 """Checkpoints: a trained network on disk as model.json (its ModelConfig) and model.safetensors (its
-weights), plus trainer_state.pt for resuming; and the fingerprint of a network's weights that an export
+weights), plus trainer_state.pt for resuming and training_data.json, what it was trained on (so that
+`dynseg eval` holds out other scenes); and the fingerprint of a network's weights that an export
 records, so that `dynseg validate` can tell the checkpoint a model came from. Imports only the model,
 so that loading a checkpoint for inference pulls in no dataset, loss or evaluation code."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -15,7 +17,9 @@ from dynseg.sdk.errors import InvalidArgumentError
 
 from .model import DynamicallyInstantiatedNetwork, ModelConfig, build_model
 
-__all__ = ["load_checkpoint", "save_checkpoint", "weights_fingerprint"]
+__all__ = ["load_checkpoint", "read_training_data", "save_checkpoint", "weights_fingerprint", "write_training_data"]
+
+TRAINING_DATA = "training_data.json"
 
 
 def save_checkpoint(directory: str | Path, model: DynamicallyInstantiatedNetwork,
@@ -68,3 +72,22 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
         digest.update(f"{name}|{values.dtype}|{tuple(values.shape)}|".encode())
         digest.update(values.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def write_training_data(directory: str | Path, *, dataset: str, seed: int, image_size: tuple[int, int]) -> None:
+    """Records in `directory` (a checkpoint folder) what its network was trained on: the dataset's name,
+    the seed of its data, and the synthetic scenes' (height, width)."""
+    record = {"dataset": dataset, "seed": int(seed), "image_size": [int(n) for n in image_size]}
+    (Path(directory) / TRAINING_DATA).write_text(json.dumps(record))
+
+
+def read_training_data(directory: str | Path) -> dict | None:
+    """What write_training_data recorded in `directory`, or None (no record, or a malformed one)."""
+    try:
+        data = json.loads((Path(directory) / TRAINING_DATA).read_text())
+        if (isinstance(data["seed"], int) and isinstance(data["dataset"], str) and len(data["image_size"]) == 2
+                and all(isinstance(n, int) for n in data["image_size"])):
+            return data
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None

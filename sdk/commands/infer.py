@@ -65,8 +65,9 @@ def run(segmenter, images: Sequence[str | Path], detections: str | Path, out: st
     if over:
         raise InvalidArgumentError(
             f"{len(over)} image(s) have more detections in {detections} than this model's limit of "
-            f"{segmenter.max_detections}: {', '.join(over[:5])}{', ...' if len(over) > 5 else ''}; keep each "
-            "image's most confident ones (dynseg infer --keep-top N) or re-export with a larger --max-detections")
+            f"{segmenter.max_detections}: {', '.join(over[:5])}{' (the first five)' if len(over) > 5 else ''}; "
+            "keep each image's most confident ones (dynseg infer --keep-top N) or re-export with a larger "
+            "--max-detections")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     from PIL import Image

@@ -222,6 +222,10 @@ def test_quickstart_with_a_few_steps_makes_everything_it_promises(tmp_path):
     assert "ap_r_vol" in json.loads((out / "metrics.json").read_text())
     assert "parity onnxruntime vs PyTorch: ok" in result.output
     assert f"dynseg validate {out / 'model.onnx'} --checkpoint {out / 'checkpoint'}" in result.output
+    from dynseg.trainer.checkpoint import read_training_data
+
+    for folder in (out / "checkpoint", out / "checkpoint" / "semantic"):  # so dynseg eval holds out other scenes
+        assert read_training_data(folder) == {"dataset": "synthetic", "seed": 0, "image_size": [96, 120]}
 
 
 @pytest.mark.parametrize("arguments, option", [

@@ -77,6 +77,10 @@ def test_eval_holds_out_the_scenes_after_the_training_seed_at_the_training_size(
     assert "(seed 6)" in result.output and sizes == [(48, 64)]
     result = run("eval", out, "--images", "2", "--seed", "5")
     assert result.exit_code == 0 and "these are its training scenes" in result.output
+    sizes.clear()
+    result = run("eval", out / "semantic", "--images", "2")  # stage 1's checkpoint knows its data too
+    assert result.exit_code == 0, result.output
+    assert "(seed 6)" in result.output and sizes == [(48, 64)]
 
 
 @pytest.mark.parametrize("name", sorted(FORMATS))
