@@ -212,8 +212,9 @@ class Kernel:
 @dataclass(frozen=True)
 class DetectionPotential:
     """The detection potential (dynseg_detections): boxes (D, 4) float32, labels (D,) int64, scores (D,)
-    float32, detection_x and detection_y (1,) float32, and `recalibrated` (D,) float32 that the call
-    fills with Q(Y_d = 1). numpy arrays for the CPU calls, DeviceArrays for the CUDA ones."""
+    float32, detection_x and detection_y float32 of one value each ((1,) or 0-d), and `recalibrated` (D,)
+    float32 that the call fills with Q(Y_d = 1). numpy arrays for the CPU calls, DeviceArrays for the
+    CUDA ones."""
 
     boxes: np.ndarray | DeviceArray
     labels: np.ndarray | DeviceArray

@@ -234,8 +234,7 @@ def train(
             printer=typer.echo, live=sys.stdout.isatty(), held_out=held_out, eval_seed=seed + 1)
     except (DynsegError, OSError) as error:  # an annotation or image the dataset could not read
         raise _fail(str(error)) from error
-    for folder in (out, out / "semantic"):  # both stages' checkpoints: what `dynseg eval` holds out from
-        write_training_data(folder, dataset=dataset, seed=seed, image_size=image_size)
+    write_training_data(out, dataset=dataset, seed=seed, image_size=image_size)  # what `dynseg eval` holds out from
     typer.echo(f"wrote {out}/model.safetensors, {out}/model.json and {out}/epochs.jsonl; next: dynseg eval {out}")
 
 
@@ -260,8 +259,8 @@ def evaluate_command(
     """Evaluate a checkpoint on held-out images (synthetic scenes unless --dataset names another)."""
     _torch_or_fail("dynseg eval")
 
-    from dynseg.trainer.evaluation import evaluate_each, json_ready
     from dynseg.trainer.checkpoint import load_checkpoint, read_training_data
+    from dynseg.trainer.evaluation import evaluate_each, json_ready
     from dynseg.trainer.train import predict_each
 
     if protocol not in ("original", "voc"):

@@ -28,10 +28,10 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper, shape_inference
 
 from . import _native
-from .inputs import cuda_index
 from .crf_node import CrfAttributes, CrfInputs, mean_field_crf, mean_field_crf_cuda
 from .errors import InvalidArgumentError
 from .graph import DOMAIN, INPUTS, OP_TYPE, OP_VERSION, OUTPUTS
+from .inputs import cuda_index
 
 
 @dataclass

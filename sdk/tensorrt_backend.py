@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from . import _native
-from .inputs import cuda_index
 from .errors import InvalidArgumentError
 from .graph import OUTPUTS
+from .inputs import cuda_index
 
 
 def silent_detections(count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .inputs import cuda_index
 from .errors import InvalidArgumentError
+from .inputs import cuda_index
 
 UNLIMITED_DETECTIONS = 10_000  # the network itself has no limit; this keeps a call's memory sane
 

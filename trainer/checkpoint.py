@@ -74,11 +74,13 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def write_training_data(directory: str | Path, *, dataset: str, seed: int, image_size: tuple[int, int]) -> None:
-    """Records in `directory` (a checkpoint folder) what its network was trained on: the dataset's name,
-    the seed of its data, and the synthetic scenes' (height, width)."""
-    record = {"dataset": dataset, "seed": int(seed), "image_size": [int(n) for n in image_size]}
-    (Path(directory) / TRAINING_DATA).write_text(json.dumps(record))
+def write_training_data(run: str | Path, *, dataset: str, seed: int, image_size: tuple[int, int]) -> None:
+    """Records what the network of a `train.fit` run folder was trained on (the dataset's name, the seed
+    of its data, the synthetic scenes' (height, width)) in both of its checkpoints: the final one and
+    stage 1's `semantic/`."""
+    record = json.dumps({"dataset": dataset, "seed": int(seed), "image_size": [int(n) for n in image_size]})
+    for checkpoint in (Path(run), Path(run) / "semantic"):
+        (checkpoint / TRAINING_DATA).write_text(record)
 
 
 def read_training_data(directory: str | Path) -> dict | None:

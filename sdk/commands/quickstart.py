@@ -87,8 +87,7 @@ def run(out: str | Path, *, steps: int = DEFAULT_STEPS, seed: int = 0, printer: 
         semantic=TrainConfig(stage="semantic", steps=semantic_steps, learning_rate=0.02, seed=seed),
         instance=TrainConfig(stage="instance", steps=instance_steps, learning_rate=0.001, seed=seed),
         printer=printer, live=live)
-    for folder in (checkpoint, checkpoint / "semantic"):
-        write_training_data(folder, dataset="synthetic", seed=seed, image_size=IMAGE_SIZE)
+    write_training_data(checkpoint, dataset="synthetic", seed=seed, image_size=IMAGE_SIZE)
 
     printer(f"2/5 evaluating on {HELD_OUT_IMAGES} held-out scenes (seed {seed + 1}, simulated detections)")
     held_out = SyntheticScenes(size=HELD_OUT_IMAGES, image_size=IMAGE_SIZE, num_classes=NUM_CLASSES, seed=seed + 1)

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import fields
-from ..crf import mean_field_native
 from ..boxes import box_masks
+from ..crf import mean_field_native
 
 
 @dataclass(frozen=True)
