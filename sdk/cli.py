@@ -260,7 +260,7 @@ def evaluate_command(
     _torch_or_fail("dynseg eval")
 
     from dynseg.trainer.checkpoint import load_checkpoint, read_training_data
-    from dynseg.trainer.evaluation import evaluate_each, json_ready
+    from dynseg.trainer.evaluation import evaluate_each, metrics_table, write_metrics
     from dynseg.trainer.train import predict_each
 
     if protocol not in ("original", "voc"):
@@ -291,16 +291,11 @@ def evaluate_command(
     if all(math.isnan(v) for v in metrics["ap_r"].values()):  # AP^r is undefined only without ground truth
         typer.echo("Warning: these images hold no ground-truth instance: every metric is undefined (NaN, null in "
                    "metrics.json)", err=True)
-    rows = [(f"AP^r at {t}", v) for t, v in metrics["ap_r"].items()]
-    rows += [("AP^r_vol", metrics["ap_r_vol"]), ("Matching IoU", metrics["matching_iou"]), ("PQ", metrics["pq"]),
-             ("COCO mask AP", metrics["coco_mask_ap"])]
-    table = "| metric | value |\n| --- | ---: |\n" + "\n".join(f"| {name} | {100 * v:.1f} |" for name, v in rows)
     seeded = f" (seed {seed})" if dataset == "synthetic" else ""
     typer.echo(f"{checkpoint}: {_describe(data, dataset, detections)}{seeded}, protocol {protocol}, "
-               f"values in %\n{table}")
-    (target / "metrics.json").write_text(json.dumps(json_ready(metrics), indent=2, allow_nan=False))
-    (target / "metrics.md").write_text(table + "\n")
-    typer.echo(f"wrote {target}/metrics.json and {target}/metrics.md")
+               f"values in %\n{metrics_table(metrics)}")
+    as_json, as_table = write_metrics(target, metrics)
+    typer.echo(f"wrote {as_json} and {as_table}")
 
 
 # ------------------------------------------------------------------------------------------ deployment

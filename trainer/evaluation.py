@@ -64,9 +64,11 @@ JSON). The protocol affects AP^r and AP^r_vol only.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -160,6 +162,23 @@ def json_ready(metrics: dict) -> dict:
     a bare NaN is no JSON, and strict parsers (jq, browsers) refuse it."""
     return {k: json_ready(v) if isinstance(v, dict) else None if isinstance(v, float) and math.isnan(v) else v
             for k, v in metrics.items()}
+
+
+def metrics_table(metrics: dict) -> str:
+    """`evaluate`'s metrics as a Markdown table, values in % (nan where undefined)."""
+    rows = [(f"AP^r at {tau}", value) for tau, value in metrics["ap_r"].items()]
+    rows += [("AP^r_vol", metrics["ap_r_vol"]), ("Matching IoU", metrics["matching_iou"]), ("PQ", metrics["pq"]),
+             ("COCO mask AP", metrics["coco_mask_ap"])]
+    return "| metric | value |\n| --- | ---: |\n" + "\n".join(f"| {name} | {100 * v:.1f} |" for name, v in rows)
+
+
+def write_metrics(folder: Path, metrics: dict) -> tuple[Path, Path]:
+    """Write `evaluate`'s metrics into folder as metrics.json (NaN as null) and metrics.md (the table)."""
+    folder = Path(folder)
+    as_json, as_table = folder / "metrics.json", folder / "metrics.md"
+    as_json.write_text(json.dumps(json_ready(metrics), indent=2, allow_nan=False))
+    as_table.write_text(metrics_table(metrics) + "\n")
+    return as_json, as_table
 
 
 # ---------------------------------------------------------------------------- per-image overlaps

@@ -3,7 +3,7 @@
 1. trains the resnet18 network on the built-in synthetic scenes (dynseg.trainer.train.fit; `steps` in
    all, split 6:1 between stage 1 (semantic) and stage 2 (instance), the ratio of `dynseg train`'s
    defaults);
-2. evaluates it on held-out synthetic scenes with simulated detections (metrics.json);
+2. evaluates it on held-out synthetic scenes with simulated detections (metrics.json, metrics.md);
 3. exports ONNX (model.onnx);
 4. validates the export against the checkpoint (parity.md; `parity` module);
 5. segments held-out synthetic scenes and the shipped coffee photo with hand-drawn boxes with the
@@ -15,7 +15,6 @@ Needs torch (imported when it runs). The default, 2800 steps, took 6 min 43 s on
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,7 +66,7 @@ def run(out: str | Path, *, steps: int = DEFAULT_STEPS, seed: int = 0, printer: 
     from dynseg.trainer.data.detections import simulate_detections
     from dynseg.trainer.checkpoint import write_training_data
     from dynseg.trainer.data.synthetic import SyntheticScenes
-    from dynseg.trainer.evaluation import evaluate
+    from dynseg.trainer.evaluation import evaluate, write_metrics
     from dynseg.trainer.model import ModelConfig, build_model
     from dynseg.trainer.train import TrainConfig, fit, predict
 
@@ -92,7 +91,7 @@ def run(out: str | Path, *, steps: int = DEFAULT_STEPS, seed: int = 0, printer: 
     printer(f"2/5 evaluating on {HELD_OUT_IMAGES} held-out scenes (seed {seed + 1}, simulated detections)")
     held_out = SyntheticScenes(size=HELD_OUT_IMAGES, image_size=IMAGE_SIZE, num_classes=NUM_CLASSES, seed=seed + 1)
     metrics = evaluate(*predict(model, held_out, seed=seed + 1), num_classes=NUM_CLASSES)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    metric_files = write_metrics(out, metrics)
 
     printer("3/5 exporting ONNX")
     model_path = export_onnx(model, out / "model.onnx")
@@ -119,7 +118,7 @@ def run(out: str | Path, *, steps: int = DEFAULT_STEPS, seed: int = 0, printer: 
     segmenter = Segmenter(model_path, backend="onnxruntime")
     overlays = out / "overlays"
     overlays.mkdir(exist_ok=True)
-    files = [checkpoint, model_path, out / "metrics.json", out / "parity.md"]
+    files = [checkpoint, model_path, *metric_files, out / "parity.md"]
     for name, image, dets in cases:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DetectionsDroppedWarning)

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from dynseg.trainer.evaluation import AP_R_THRESHOLDS, evaluate, evaluate_each, json_ready
+from dynseg.trainer.evaluation import AP_R_THRESHOLDS, evaluate, evaluate_each, json_ready, write_metrics
 
 KEYS = [f"{tau:.1f}" for tau in AP_R_THRESHOLDS]
 
@@ -416,6 +416,17 @@ def test_undefined_metrics_become_null_in_json():
     assert math.isnan(metrics["pq"]) and math.isnan(metrics["ap_r"]["0.5"])
     parsed = json.loads(json.dumps(json_ready(metrics), allow_nan=False))
     assert parsed["pq"] is None and parsed["ap_r"]["0.5"] is None and set(parsed) == set(metrics)
+
+
+def test_written_metrics_are_strict_json_and_a_table_of_percentages(tmp_path):
+    metrics = evaluate(*random_dataset(3), num_classes=3)
+    metrics["pq"] = math.nan  # undefined, as without ground truth
+    as_json, as_table = write_metrics(tmp_path, metrics)
+    parsed = json.loads(as_json.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in metrics.json"))
+    assert parsed["pq"] is None and parsed["ap_r_vol"] == metrics["ap_r_vol"]
+    rows = dict(line.strip("|").replace(" ", "").split("|") for line in as_table.read_text().splitlines()[2:])
+    assert len(rows) == len(AP_R_THRESHOLDS) + 4
+    assert rows["AP^rat0.5"] == f"{100 * metrics['ap_r']['0.5']:.1f}" and rows["PQ"] == "nan"
 
 
 def test_evaluate_each_over_a_generator_gives_what_evaluate_gives_over_lists():
