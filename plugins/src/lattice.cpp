@@ -395,35 +395,51 @@ bool Lattice::build(const FeatureSpec& spec, LatticeScratch& scratch, int thread
     //    +d (and the mirror image). For j = d the moved coordinate is the implied (d+1)-th one. In
     //    packed form that is key - ones + (d+1)·bit_j; a neighbour with a coordinate outside the
     //    packed range cannot exist.
+    // The lookups are random accesses into a table far larger than the caches: the keys of a batch of
+    // vertices are computed and their slots prefetched first, so the misses overlap.
     const int32_t missing = static_cast<int32_t>(vertices_);
+    constexpr int64_t kBatch = 8;
     parallel_for(vertices_, kVertexGrain, threads, [&](int64_t begin, int64_t end) {
         int32_t key[kMaxFeatureDim];
-        for (int64_t v = begin; v < end; ++v) {
-            const uint64_t packed = vertex_key_[v];
-            packing.unpack(packed, key);
-            int at_low = 0, at_high = 0;  // coordinates that cannot step down / up by one
-            for (int k = 0; k < d; ++k) {
-                at_low += key[k] - 1 < packing.low[k];
-                at_high += key[k] + 1 > packing.high[k];
-            }
-            for (int j = 0; j <= d; ++j) {
-                bool ok1 = true, ok2 = true;
-                uint64_t k1 = packed - ones, k2 = packed + ones;
-                if (j < d) {
-                    const uint64_t step = static_cast<uint64_t>(d + 1) << packing.shift[j];
-                    k1 += step;
-                    k2 -= step;
-                    ok1 = at_low - (key[j] - 1 < packing.low[j]) == 0 && key[j] + d <= packing.high[j];
-                    ok2 = at_high - (key[j] + 1 > packing.high[j]) == 0 && key[j] - d >= packing.low[j];
-                } else {
-                    ok1 = at_low == 0;
-                    ok2 = at_high == 0;
+        uint64_t probe[kBatch][2 * (kMaxFeatureDim + 1)];  // neighbour keys; kEmptySlot: cannot exist
+        for (int64_t v0 = begin; v0 < end; v0 += kBatch) {
+            const int64_t count = std::min(kBatch, end - v0);
+            for (int64_t b = 0; b < count; ++b) {
+                const uint64_t packed = vertex_key_[v0 + b];
+                packing.unpack(packed, key);
+                int at_low = 0, at_high = 0;  // coordinates that cannot step down / up by one
+                for (int k = 0; k < d; ++k) {
+                    at_low += key[k] - 1 < packing.low[k];
+                    at_high += key[k] + 1 > packing.high[k];
                 }
-                const int32_t id1 = ok1 ? table.find(k1) : -1;
-                const int32_t id2 = ok2 ? table.find(k2) : -1;
-                int32_t* out = neighbours_ + (static_cast<int64_t>(j) * vertices_ + v) * 2;
-                out[0] = id1 < 0 ? missing : id1;
-                out[1] = id2 < 0 ? missing : id2;
+                for (int j = 0; j <= d; ++j) {
+                    bool ok1 = true, ok2 = true;
+                    uint64_t k1 = packed - ones, k2 = packed + ones;
+                    if (j < d) {
+                        const uint64_t step = static_cast<uint64_t>(d + 1) << packing.shift[j];
+                        k1 += step;
+                        k2 -= step;
+                        ok1 = at_low - (key[j] - 1 < packing.low[j]) == 0 && key[j] + d <= packing.high[j];
+                        ok2 = at_high - (key[j] + 1 > packing.high[j]) == 0 && key[j] - d >= packing.low[j];
+                    } else {
+                        ok1 = at_low == 0;
+                        ok2 = at_high == 0;
+                    }
+                    probe[b][2 * j] = ok1 ? k1 : kEmptySlot;
+                    probe[b][2 * j + 1] = ok2 ? k2 : kEmptySlot;
+                    if (ok1) table.prefetch(k1);
+                    if (ok2) table.prefetch(k2);
+                }
+            }
+            for (int64_t b = 0; b < count; ++b) {
+                for (int j = 0; j <= d; ++j) {
+                    const uint64_t k1 = probe[b][2 * j], k2 = probe[b][2 * j + 1];
+                    const int32_t id1 = k1 != kEmptySlot ? table.find(k1) : -1;
+                    const int32_t id2 = k2 != kEmptySlot ? table.find(k2) : -1;
+                    int32_t* out = neighbours_ + (static_cast<int64_t>(j) * vertices_ + v0 + b) * 2;
+                    out[0] = id1 < 0 ? missing : id1;
+                    out[1] = id2 < 0 ? missing : id2;
+                }
             }
         }
     });

@@ -214,18 +214,31 @@ void MeanField::kernel_message(int k, const float* q, bool first) {
     out.out = filtered_;
     lattices_[k].filter(q, stride_, pre, false, out);
     const int64_t L = labels_, S = stride_;
-    const float* W = kernel.weight;
+    // W's columns as padded rows (column c at c·S, zero past L), so one pixel's L sums run as vectors
+    // of 8 rows: lane r adds W[r][c]·f[c] over c in the scalar order, so the bits are the scalar ones.
+    const std::vector<float> columns = padded_columns(kernel.weight);
+    const float* Wc = columns.data();
+    const bool from_unary = potts && first;
     parallel_for(pixels_, kGrain, threads_, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
             const float* f = filtered_ + i * S;
             float* a = acc_ + i * S;
-            for (int64_t r = 0; r < L; ++r) {
-                float s = 0.0f;
-                for (int64_t c = 0; c < L; ++c) s += W[r * L + c] * f[c];
-                a[r] = (potts && first ? unary_[i * S + r] : a[r]) + s;
+            for (int64_t j = 0; j < S; j += 8) {
+                vec8 s = splat8(0.0f);
+                for (int64_t c = 0; c < L; ++c) s += load8(Wc + c * S + j) * splat8(f[c]);
+                store8(a + j, (from_unary ? load8(unary_ + i * S + j) : load8(a + j)) + s);
             }
         }
     });
+}
+
+// (L, L) row-major M as its columns, each padded to the row stride S: out[c·S + r] = M[r·L + c].
+std::vector<float> MeanField::padded_columns(const float* M) const {
+    const int64_t L = labels_, S = stride_;
+    std::vector<float> out(L * S, 0.0f);
+    for (int64_t r = 0; r < L; ++r)
+        for (int64_t c = 0; c < L; ++c) out[c * S + r] = M[r * L + c];
+    return out;
 }
 
 // Potts: acc already holds U + m. Otherwise acc holds m: logits = U - mu m, written into acc.
@@ -233,6 +246,9 @@ void MeanField::finish_logits(float* acc) const {
     if (p_.compat_kind == DYNSEG_COMPAT_POTTS) return;
     const int64_t L = labels_, S = stride_;
     const float* mu = p_.compat;
+    const std::vector<float> columns =
+        p_.compat_kind == DYNSEG_COMPAT_FULL ? padded_columns(mu) : std::vector<float>();
+    const float* mu_c = columns.data();
     parallel_for(pixels_, kGrain, threads_, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
             float* row = acc + i * S;
@@ -241,11 +257,12 @@ void MeanField::finish_logits(float* acc) const {
                 continue;
             }
             float* m = filtered_ + i * S;  // free once the filters have run
-            std::copy(row, row + L, m);
-            for (int64_t a = 0; a < L; ++a) {
-                float s = 0.0f;
-                for (int64_t b = 0; b < L; ++b) s += mu[a * L + b] * m[b];
-                row[a] = unary_[i * S + a] - s;
+            std::copy(row, row + S, m);
+            // lane a of each vector: sum over b of mu[a][b]·m[b] in the scalar order (same bits)
+            for (int64_t j = 0; j < S; j += 8) {
+                vec8 s = splat8(0.0f);
+                for (int64_t b = 0; b < L; ++b) s += load8(mu_c + b * S + j) * splat8(m[b]);
+                store8(row + j, load8(unary_ + i * S + j) - s);
             }
         }
     });

@@ -49,6 +49,7 @@ private:
     void kernel_message(int k, const float* q, bool first);
     ivec8 lanes_in_use() const;
     void finish_logits(float* acc) const;
+    std::vector<float> padded_columns(const float* M) const;
     void softmax(const float* logits, float* q) const;
     void softmax_range(const float* logits, float* q, int64_t first, int64_t last, int threads) const;
     void add_parameter_gradients(const dynseg_kernel& kernel, const std::vector<double>& P,
