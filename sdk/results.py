@@ -168,7 +168,7 @@ def build_result(
     count = len(detections)
 
     # Argmax ties go to the lowest label, as torch.argmax does, so the backends' maps agree.
-    winner = np.argmax(instance_logits, axis=0)  # (H, W) in 0..N
+    winner = _argmax_planes(instance_logits)  # (H, W) in 0..N
     pixels = np.bincount(winner.ravel(), minlength=count + 1)  # (N+1,)
     present = np.flatnonzero(pixels[1:]) + 1  # label = kept index + 1, ascending = detection order
     renumber = np.zeros(count + 1, np.int32)
@@ -198,23 +198,38 @@ def build_result(
     return SegmentationResult(
         image=image,
         instance_map=instance_map,
-        semantic_map=np.argmax(semantic_probabilities, axis=0).astype(np.int32),
+        semantic_map=_argmax_planes(semantic_probabilities, np.int32),
         instances=instances,
         dropped=sorted(DroppedDetection(*d) for d in [*detections.dropped, *no_pixels]),
     )
 
 
+def _argmax_planes(planes: np.ndarray, dtype: type = np.intp) -> np.ndarray:
+    """np.argmax(planes, axis=0) for finite (L, H, W) planes (ties to the lowest label), plane by plane:
+    contiguous passes instead of numpy's strided reduction over axis 0 (2-3x faster at 512x512)."""
+    best = planes[0].copy()
+    index = np.zeros(planes.shape[1:], dtype)
+    for label in range(1, planes.shape[0]):
+        larger = np.greater(planes[label], best)  # strict: a tie keeps the lower label
+        np.copyto(best, planes[label], where=larger)
+        index[larger] = label
+    return index
+
+
 def _instance_boxes(instance_map: np.ndarray, count: int) -> np.ndarray:
     """int64 (count, 4): inclusive xyxy tight box of each instance 1..count (each has a pixel)."""
-    rows, columns = np.nonzero(instance_map)
-    ids = instance_map[rows, columns] - 1
+    height, width = instance_map.shape
+    ids = instance_map.ravel().astype(np.intp)
+    # which columns and rows each id occupies: two bincounts over the pixels, then first and last
+    columns = np.bincount(ids * width + np.tile(np.arange(width), height),
+                          minlength=(count + 1) * width).reshape(count + 1, width)[1:] > 0  # (count, W)
+    rows = np.bincount(ids * height + np.repeat(np.arange(height), width),
+                       minlength=(count + 1) * height).reshape(count + 1, height)[1:] > 0  # (count, H)
     boxes = np.empty((count, 4), np.int64)
-    boxes[:, :2] = np.iinfo(np.int64).max
-    boxes[:, 2:] = -1
-    np.minimum.at(boxes[:, 0], ids, columns)
-    np.minimum.at(boxes[:, 1], ids, rows)
-    np.maximum.at(boxes[:, 2], ids, columns)
-    np.maximum.at(boxes[:, 3], ids, rows)
+    boxes[:, 0] = columns.argmax(axis=1)
+    boxes[:, 1] = rows.argmax(axis=1)
+    boxes[:, 2] = width - 1 - columns[:, ::-1].argmax(axis=1)
+    boxes[:, 3] = height - 1 - rows[:, ::-1].argmax(axis=1)
     return boxes
 
 
