@@ -219,6 +219,8 @@ def test_a_missing_detections_file_is_named(tmp_path):
     ('[{"image_id": 0, "category_id": 1, "bbox": [1, 2, 3], "score": 0.5}]', ["entry 0", "bbox"]),
     ('[{"image_id": 0, "category_id": 9, "bbox": [1, 2, 3, 4], "score": 0.5}]', ["category_id 9", "1..4"]),
     ('[{"image_id": "2007_000032", "category_id": 1, "bbox": [1, 2, 3, 4], "score": 0.5}]', ["no detection"]),
+    ("[" * 100_000 + "]" * 100_000, ["not valid JSON"]),  # Python's parser recurses: RecursionError
+    ('[{"image_id": ' + "9" * 5000 + "}]", ["not valid JSON"]),  # over the 4300-digit int limit: ValueError
 ])
 def test_a_malformed_detections_file_is_named_with_what_is_wrong(tmp_path, content, words):
     detections = tmp_path / "dets.json"

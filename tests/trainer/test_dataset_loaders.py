@@ -105,6 +105,30 @@ def test_voc_names_a_missing_object_png(tmp_path):
         VocInstances(tmp_path, "val")
 
 
+def test_voc_names_an_image_or_annotation_that_cannot_be_decoded(tmp_path):
+    root = write_voc(tmp_path)
+    for path in (root / "JPEGImages" / "2007_000032.jpg", root / "SegmentationObject" / "2007_000032.png"):
+        original = path.read_bytes()
+        path.write_bytes(original[: len(original) // 2])  # a partial download
+        with pytest.raises(ValueError, match=rf"{path.name}.*could not be read"):
+            VocInstances(tmp_path, "val")[0]
+        path.write_bytes(original)
+
+
+def test_voc_refuses_a_16_bit_image_instead_of_clipping_it(tmp_path):
+    root = write_voc(tmp_path)
+    Image.fromarray(np.full((H, W), 40000, np.uint16)).save(root / "JPEGImages" / "2007_000032.jpg", format="PNG")
+    with pytest.raises(ValueError, match=r"2007_000032\.jpg.*16-bit"):
+        VocInstances(tmp_path, "val")[0]
+
+
+def test_voc_names_a_split_list_that_is_not_utf8(tmp_path):
+    root = write_voc(tmp_path)
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_bytes(b"2007_0000\xe932\n")
+    with pytest.raises(ValueError, match=r"val\.txt.*not UTF-8"):
+        VocInstances(tmp_path, "val")
+
+
 def test_voc_rejects_annotations_saved_as_colours_instead_of_indices(tmp_path):
     root = write_voc(tmp_path)
     Image.new("RGB", (W, H)).save(root / "SegmentationClass" / "2007_000032.png")
@@ -288,6 +312,14 @@ def test_coco_names_the_missing_annotation_file_image_and_bad_references(tmp_pat
         CocoInstances(root, "val2017")
     (root / "annotations" / "instances_val2017.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="not a COCO annotation file"):
+        CocoInstances(root, "val2017")
+    coco["annotations"][0]["category_id"] = 1
+    coco["categories"][0]["id"] = "dog"
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(coco))
+    with pytest.raises(ValueError, match="category ids must be integers, got 'dog'"):
+        CocoInstances(root, "val2017")
+    (root / "annotations" / "instances_val2017.json").write_text('{"images": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(ValueError, match="not valid JSON"):
         CocoInstances(root, "val2017")
 
 

@@ -37,12 +37,11 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from dynseg.sdk.errors import InvalidArgumentError
-
+from .common import (
+    LabelledSample, assemble_sample, check_index, check_split_name, read_annotation_png, read_rgb, require_files,
+)
 from .synthetic import VOID
-from .common import LabelledSample, assemble_sample, check_index, check_split_name, read_rgb, require_files
 
 __all__ = ["CityscapesInstances", "CITYSCAPES_THING_CLASSES"]
 
@@ -137,10 +136,5 @@ class CityscapesInstances:
 
 def _read_integer_png(path: Path, shape: tuple[int, int]) -> np.ndarray:
     """int64 (H, W) values of a single-channel 8/16/32-bit integer PNG of the given shape."""
-    with Image.open(path) as png:
-        if png.mode not in ("I;16", "I;16B", "I;16L", "I", "L"):
-            raise InvalidArgumentError(f"{path}: expected a single-channel integer PNG, got mode {png.mode!r}")
-        values = np.asarray(png).astype(np.int64)
-    if values.shape != shape:
-        raise InvalidArgumentError(f"{path}: annotation is {values.shape[::-1]} (W, H), the image {shape[::-1]}")
-    return values
+    modes = ("I;16", "I;16B", "I;16L", "I", "L")
+    return read_annotation_png(path, shape, modes, "a single-channel integer PNG").astype(np.int64)

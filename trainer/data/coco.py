@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 from pathlib import Path
 
@@ -84,11 +83,14 @@ class CocoInstances:
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints progress
                 self._coco = COCO(str(self.annotation_file))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        except (ValueError, RecursionError) as error:  # bad JSON or UTF-8, over-long integers, deep nesting
             raise InvalidArgumentError(f"{self.annotation_file}: not valid JSON ({error})") from error
         except (AssertionError, KeyError, TypeError) as error:  # COCO.createIndex on a malformed file
             raise InvalidArgumentError(f"{self.annotation_file}: not a COCO annotation file ({error!r})") from error
 
+        odd = [c for c in self._coco.cats if not _is_int(c)]
+        if odd:
+            raise InvalidArgumentError(f"{self.annotation_file}: category ids must be integers, got {odd[0]!r}")
         self.category_ids: tuple[int, ...] = tuple(sorted(self._coco.cats))
         if not self.category_ids:
             raise InvalidArgumentError(f"{self.annotation_file}: no categories")

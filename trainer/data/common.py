@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from dynseg.sdk.errors import InvalidArgumentError
+from dynseg.sdk.inputs import load_image
 
 from ..boxes import mask_boxes
 from .synthetic import VOID, SceneSample
@@ -43,7 +44,11 @@ def read_id_list(path: Path, folder: Path) -> tuple[str, ...]:
     if not path.is_file():
         available = sorted(p.stem for p in folder.glob("*.txt")) if folder.is_dir() else []
         raise FileNotFoundError(f"{path}: split list not found (available in {folder}: {available or 'none'})")
-    ids = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidArgumentError(f"{path}: the split list is not UTF-8 text ({error})") from error
+    ids = tuple(line.strip() for line in text.splitlines() if line.strip())
     if not ids:
         raise InvalidArgumentError(f"{path}: the split list is empty")
     return ids
@@ -61,20 +66,32 @@ def require_files(folder: Path, names: Iterable[str]) -> None:
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """uint8 (H, W, 3) RGB pixels of an image file (grey and palette images are converted)."""
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"), np.uint8).copy()
+    """uint8 (H, W, 3) RGB pixels of an image file, read as the SDK reads one (`load_image`): grey and
+    palette images converted, 16-bit and float ones refused rather than clipped, and a file that
+    cannot be decoded (a truncated download) named in the error."""
+    return load_image(Path(path))
+
+
+def read_annotation_png(path: Path, shape: tuple[int, int], modes: tuple[str, ...], expected: str) -> np.ndarray:
+    """The (H, W) values of an annotation PNG in one of Pillow's `modes`, of the image's `shape`. A
+    PNG of another mode or size, or one that cannot be decoded, raises InvalidArgumentError naming it."""
+    try:
+        with Image.open(path) as png:
+            if png.mode not in modes:
+                raise InvalidArgumentError(f"{path}: expected {expected}, got mode {png.mode!r}")
+            values = np.array(png)
+    except (InvalidArgumentError, FileNotFoundError):
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
+        raise InvalidArgumentError(f"{path}: could not be read as a PNG: {error}") from error
+    if values.shape != shape:
+        raise InvalidArgumentError(f"{path}: annotation is {values.shape[::-1]} (W, H), the image {shape[::-1]}")
+    return values
 
 
 def read_indexed_png(path: Path, shape: tuple[int, int]) -> np.ndarray:
     """uint8 (H, W) palette indices of a mode "P" (or greyscale "L") PNG of the given shape."""
-    with Image.open(path) as png:
-        if png.mode not in ("P", "L"):
-            raise InvalidArgumentError(f"{path}: expected a palette (mode 'P') PNG of indices, got mode {png.mode!r}")
-        indices = np.asarray(png, np.uint8).copy()
-    if indices.shape != shape:
-        raise InvalidArgumentError(f"{path}: annotation is {indices.shape[::-1]} (W, H), the image {shape[::-1]}")
-    return indices
+    return read_annotation_png(path, shape, ("P", "L"), "a palette (mode 'P') PNG of indices").astype(np.uint8)
 
 
 def assemble_sample(

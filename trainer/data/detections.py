@@ -311,7 +311,7 @@ def load_coco_detections(path: str | os.PathLike, image_ids: Iterable[Hashable])
     try:
         with open(path, encoding="utf-8") as handle:
             entries = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (ValueError, RecursionError) as error:  # bad JSON or UTF-8, over-long integers, deep nesting
         raise InvalidArgumentError(f"{path}: not valid JSON in UTF-8 ({error})") from error
     if not isinstance(entries, list):
         kind = type(entries).__name__
