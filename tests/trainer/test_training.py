@@ -78,12 +78,21 @@ def test_the_weights_fingerprint_changes_with_any_single_weight():
     assert weights_fingerprint(model) != changed
 
 
+def _with_instance(checkpoint, **fields) -> str:
+    config = json.loads((checkpoint / "model.json").read_text())
+    config["instance"].update(fields)
+    return json.dumps(config)
+
+
 def test_a_broken_or_foreign_checkpoint_is_named_in_one_line(tmp_path):
     _, model = tiny_setup()
     good = save_checkpoint(tmp_path / "good", model)
     cases = {
         "not JSON": ("model.json", "{not json", "model.json is not a dynseg model config"),
         "JSON without the config": ("model.json", "{}", "model.json is not a dynseg model config"),
+        "JSON that is no object": ("model.json", "null", "model.json is not a dynseg model config"),
+        "a size torch cannot allocate": ("model.json", _with_instance(good, template_size=10**7),
+                                         "model.json describes a network that cannot be built"),
         "weights that are no safetensors": ("model.safetensors", "garbage", "model.safetensors is not readable"),
         "another backbone's config": ("model.json", (good / "model.json").read_text().replace("resnet18", "resnet50"),
                                       r"does not fit its model.json \(resnet50, .* missing \(first "),

@@ -59,6 +59,8 @@ class ModelConfig:
     @classmethod
     def from_json(cls, text: str) -> ModelConfig:
         raw = json.loads(text)
+        if not isinstance(raw, dict):
+            raise ValueError(f"a model config is a JSON object, got {type(raw).__name__}")
         semantic = raw.get("semantic_crf")
         return cls(
             backbone=raw["backbone"],
