@@ -176,6 +176,11 @@ def mean_field_crf(inputs: Sequence[np.ndarray], attributes: CrfAttributes) -> t
         return arrays.unary.copy(), arrays.scores.copy()
     recalibrated = arrays.scores.copy()
     logits = _problem(arrays, attributes, recalibrated).forward(_planes(arrays.unary))
+    if not np.isfinite(logits).all():  # finite inputs whose messages overflowed float32 on the way
+        cause = ("the detection scores (largest |score| "
+                 f"{np.abs(arrays.scores).max():.3g}) or " if _adds_detection_potential(arrays, attributes) else "")
+        raise InvalidArgumentError(f"MeanFieldCRF's logits overflowed float32: {cause}the model's CRF weights are "
+                                   "too large")
     return logits[None], recalibrated
 
 

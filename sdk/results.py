@@ -256,6 +256,10 @@ def _check_result_inputs(
             f"semantic_probabilities must have shape (K+1, H, W) = {(classes + 1, height, width)}, "
             f"got {_describe(semantic_probabilities)}"
         )
+    for name, value in (("instance_logits", instance_logits), ("semantic_probabilities", semantic_probabilities)):
+        if not np.isfinite(value).all():  # e.g. a model with NaN weights: its argmax would mean nothing
+            raise InvalidArgumentError(f"the model's {name} hold NaN or infinite values: its weights, or this "
+                                       "image's detection scores, overflow float32")
     if count and (detections.labels.min() < 1 or detections.labels.max() > classes):
         raise InvalidArgumentError(f"detections.labels must be in 1..{classes} (class_names), got {detections.labels}")
     return height, width

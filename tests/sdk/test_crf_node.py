@@ -125,3 +125,10 @@ def test_the_node_matches_semantic_mean_field_with_asymmetric_compat_and_distinc
     scale = np.abs(expected.numpy()).max()
     assert np.abs(logits[0] - expected.numpy()).max() <= 1e-5 * scale
     np.testing.assert_allclose(recalibrated, expected_scores.numpy(), rtol=0, atol=1e-5)
+
+
+def test_scores_so_large_that_the_logits_overflow_are_named():
+    inputs = node_inputs()
+    inputs[7] = np.array([-3e38, 0.7], np.float32)  # finite, but the detection potential's terms overflow
+    with pytest.raises(InvalidArgumentError, match=r"overflowed float32: the detection scores \(largest \|score\| 3e\+38"):
+        mean_field_crf(inputs, ATTRIBUTES)

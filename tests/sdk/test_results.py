@@ -216,3 +216,11 @@ def test_outline_is_every_instance_pixel_with_a_foreign_4_neighbour():
     expected[3:8, 5:12] = True
     expected[4:7, 6:11] = False  # interior pixels have all four neighbours inside
     np.testing.assert_array_equal(changed, expected)
+
+
+@pytest.mark.parametrize("which", ["instance_logits", "semantic_probabilities"])
+def test_outputs_holding_nan_are_refused_not_turned_into_a_map(which):
+    logits, semantic = random_outputs(2, 6, 8, seed=3)
+    (logits if which == "instance_logits" else semantic)[1, 2, 3] = np.nan
+    with pytest.raises(InvalidArgumentError, match=f"the model's {which} hold NaN or infinite values"):
+        build_result(gray_image(6, 8), logits, semantic, detections([1, 2]), CLASS_NAMES)
