@@ -317,17 +317,20 @@ def _digits(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
-def _size(text: str, option: str, minimum: int = 1) -> tuple[int, int]:
-    """'480x640' -> (480, 640): an image size as height x width, each at least `minimum`."""
+def _size(text: str, option: str, minimum: int = 1, maximum: Optional[int] = None) -> tuple[int, int]:
+    """'480x640' -> (480, 640): an image size as height x width, each in minimum..maximum."""
     height, _, width = text.strip().lower().partition("x")
     if not (_digits(height) and _digits(width) and int(height) >= minimum and int(width) >= minimum):
         raise typer.BadParameter(f"{text!r} is not HEIGHTxWIDTH (e.g. 512x512, each at least {minimum})",
                                  param_hint=option)
+    if maximum is not None and max(int(height), int(width)) > maximum:
+        raise typer.BadParameter(f"{text!r}: each side must be in {minimum}..{maximum}", param_hint=option)
     return int(height), int(width)
 
 
 def _parse_sizes(text: str) -> list[tuple[int, int]]:
-    return [_size(part, "--sizes", minimum=8) for part in text.split(",")]
+    # bench makes each image in memory, as synthetic training scenes are: the same bound
+    return [_size(part, "--sizes", minimum=8, maximum=_MAX_SIDE) for part in text.split(",")]
 
 
 def _parse_counts(text: str) -> list[int]:

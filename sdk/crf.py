@@ -24,7 +24,10 @@ __all__ = ["CudaArray", "dense_crf", "dense_crf_cuda", "gaussian_kernels"]
 def _number(name: str, value: object, *, positive: bool) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise InvalidArgumentError(f"{name} must be a number, got {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float64: too large for float32 all the more
+        raise InvalidArgumentError(f"{name} must be a finite float32 number, got {value!r}") from None
     with np.errstate(over="ignore", under="ignore"):
         single = float(np.float32(value))  # what the library reads: 1e-46 is 0 and 1e39 is inf there
     if not math.isfinite(single) or (positive and single <= 0):

@@ -126,8 +126,10 @@ def load_torchvision_weights(backbone: TorchvisionBackbone, path: PathLike) -> N
     except FileNotFoundError:
         raise
     except Exception as error:  # pickle and zip errors have many types; the caller needs the file name
+        # torch's own text runs to pages, and its advice (weights_only=False) is unsafe for a stranger's file
+        first = (str(error).strip().splitlines() or [""])[0].split(". ")[0][:160]
         raise ValueError(f"{path}: cannot be read as a torch state_dict, such as torchvision's ImageNet weights "
-                         f"(resnet18-f37072fd.pth): {type(error).__name__}: {error}") from error
+                         f"(resnet18-f37072fd.pth): {type(error).__name__}: {first}") from error
     backbone.load_torchvision_state_dict(state_dict, source=path)
 
 

@@ -174,13 +174,15 @@ def test_files_that_are_not_dynseg_models_are_named(tmp_path, exported):
     onnx.save(onnx.helper.make_model(graph), str(plain))
     with pytest.raises(InvalidArgumentError, match="not a dynseg export"):
         Segmenter(plain)
-    model = onnx.load(str(exported[1]))
-    for entry in model.metadata_props:
-        if entry.key == "max_detections":
-            entry.value = "True"
-    onnx.save(model, str(tmp_path / "bad_metadata.onnx"))
-    with pytest.raises(InvalidArgumentError, match="bad_metadata.onnx has malformed dynseg metadata"):
-        Segmenter(tmp_path / "bad_metadata.onnx")
+    for key, value, problem in (("max_detections", "True", "True"), ("max_detections", "0", "at least 1"),
+                                ("class_names", "[]", "non-empty list"), ("class_names", '"cupspoon"', "list")):
+        model = onnx.load(str(exported[1]))
+        for entry in model.metadata_props:
+            if entry.key == key:
+                entry.value = value
+        onnx.save(model, str(tmp_path / "bad_metadata.onnx"))
+        with pytest.raises(InvalidArgumentError, match=f"bad_metadata.onnx has malformed dynseg metadata.*{problem}"):
+            Segmenter(tmp_path / "bad_metadata.onnx")
 
 
 @pytest.mark.parametrize("arguments, message", [

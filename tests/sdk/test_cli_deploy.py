@@ -238,6 +238,7 @@ def test_quickstart_with_a_few_steps_makes_everything_it_promises(tmp_path):
     (["bench", "{model}", "--sizes", "512by512"], "--sizes"),
     (["bench", "{model}", "--detections", "1,two"], "--detections"),
     (["bench", "{model}", "--sizes", "²x²"], "--sizes"),  # isdigit() says yes, int() says no
+    (["bench", "{model}", "--sizes", "40000x40000"], "--sizes"),  # made in memory: 6 GB per image
     (["bench", "{model}", "--detections", "²"], "--detections"),
     (["bench", "{model}", "--json", "{tmp}/d.json/rows.json"], "--json"),  # under a file: before any timing
     (["bench", "{model}", "--repeats", "0"], "--repeats"),

@@ -267,6 +267,7 @@ BAD_INPUTS = {
     "bilateral theta_rgb 0 in float32": (_with(bilateral=(80.0, 1e-46, 10.0)), "bilateral theta_rgb"),
     "bilateral theta_xy inf in float32": (_with(bilateral=(1e39, 13.0, 10.0)), "bilateral theta_xy"),
     "spatial weight inf in float32": (_with(spatial=(3.0, 1e39)), "spatial weight"),
+    "bilateral theta_xy an int beyond float64": (_with(bilateral=(10**400, 13.0, 10.0)), "bilateral theta_xy"),
     "bilateral too short": (_with(bilateral=(80.0, 13.0)), "bilateral"),
     "bilateral too long": (_with(bilateral=(80.0, 13.0, 10.0, 1.0)), "bilateral"),
     "iterations negative": (_with(iterations=-1), "iterations"),

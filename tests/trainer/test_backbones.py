@@ -219,6 +219,10 @@ def test_a_file_that_is_not_a_state_dict_raises(tmp_path):
     path.write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match="checkpoint.pth"):
         load_torchvision_weights(resnet18(), path)
+    path.write_text('{"weights": [1, 2, 3]}')  # torch's refusal runs to many lines, with unsafe advice
+    with pytest.raises(ValueError, match="checkpoint.pth") as raised:
+        load_torchvision_weights(resnet18(), path)
+    assert "\n" not in str(raised.value) and "weights_only" not in str(raised.value)
 
 
 # --- the semantic network --------------------------------------------------------------------------
