@@ -1,5 +1,7 @@
-"""Training (Sec. 3.4-3.5): stage 1 trains the semantic subnetwork, stage 2 the instance subnetwork,
-"piecewise" (semantic part frozen) or "end-to-end".
+"""Training (Sec. 3.4-3.5): stage 1 trains the semantic subnetwork with pixelwise cross-entropy on
+its semantic CRF's output (CRF-as-RNN with the detection potential, so the CRF's kernel weights,
+compatibility and detection weights learn from semantic labels, as in the paper), stage 2 the
+instance subnetwork, "piecewise" (the semantic part, its CRF included, frozen) or "end-to-end".
 
 Owns the loop, its schedule (SGD with momentum, poly or step learning rate, gradient clipping), the
 augmentation (random scale, crop, mirror with boxes flipped; detections simulated from the ground
@@ -46,7 +48,7 @@ from .checkpoint import save_checkpoint
 from .data.detections import simulate_detections
 from .evaluation import evaluate_each, json_ready
 from .loss import instance_loss, semantic_loss
-from .model import DynamicallyInstantiatedNetwork
+from .model import DynamicallyInstantiatedNetwork, check_detections
 from .progress import stage_progress
 
 
@@ -194,7 +196,8 @@ def train(
     stage2 = config.stage == "instance"
     positions = range(rank, rank + 1) if stage2 else distributed.shard(config.batch_size, rank, world)
     frozen = stage2 and config.mode == "piecewise"
-    for parameter in model.semantic.parameters():
+    semantic_part = [model.semantic] + ([model.semantic_crf] if model.semantic_crf is not None else [])
+    for parameter in (p for module in semantic_part for p in module.parameters()):
         parameter.requires_grad_(not frozen)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.SGD(trainable, lr=config.learning_rate, momentum=config.momentum,
@@ -230,7 +233,7 @@ def train(
                 batch = _instance_batch(dataset, config, step, positions[0], model.config.num_classes)
                 share = 1 / world
             else:
-                batch, share = _semantic_batch(dataset, config, step, positions)
+                batch, share = _semantic_batch(dataset, config, step, positions, model.config.num_classes)
             batch = {key: value.to(device) for key, value in batch.items()}
             loss = objective(batch)  # mean over this process's part of the batch
             optimiser.zero_grad(set_to_none=True)
@@ -302,6 +305,12 @@ class _Objective(nn.Module):
         if self.stage2:
             return _instance_loss(self.model, batch, self.semantic_weight)
         logits = self.model.semantic_logits(batch["images"])  # (B, K+1, H, W)
+        crf = self.model.semantic_crf
+        if crf is not None:  # one image at a time: each has its own detections
+            per_image = zip(logits, batch["images"], *(batch[k].split(batch["counts"].tolist())
+                                                       for k in ("boxes", "labels", "scores")))
+            logits = torch.stack([crf(unary, image, boxes, labels, scores)[0]
+                                  for unary, image, boxes, labels, scores in per_image])
         if (batch["targets"] == VOID).all():  # cross-entropy over no pixels is NaN
             return logits.sum() * 0.0
         return semantic_loss(logits, batch["targets"], void_label=VOID)
@@ -314,27 +323,45 @@ def _draw(dataset, config: TrainConfig, step: int, position: int) -> tuple[dict,
     return augment(dataset[int(rng.integers(len(dataset)))], config, rng), rng
 
 
-def _semantic_batch(dataset, config: TrainConfig, step: int, positions: range) -> tuple[dict, float]:
+def _semantic_batch(dataset, config: TrainConfig, step: int, positions: range,
+                    num_classes: int) -> tuple[dict, float]:
     """This process's images (B, 3, H, W) and class maps (B, H, W), cropped to the smallest image of
-    the global batch, and its share of the global batch's non-void pixels."""
-    samples = [_draw(dataset, config, step, position)[0] for position in positions]
+    the global batch, their detections for the semantic CRF's detection potential (as stage 2 draws
+    them; boxes (ΣD, 4), labels, scores, and counts (B,) D per image), and this process's share of
+    the global batch's non-void pixels."""
+    drawn = [_with_detections(*_draw(dataset, config, step, position), num_classes) for position in positions]
     height, width = (int(v) for v in distributed.all_reduce(
-        [min(s["image"].shape[1] for s in samples), min(s["image"].shape[2] for s in samples)], op="min"))
-    images = torch.stack([s["image"][:, :height, :width] for s in samples])
-    targets = torch.stack([s["semantic"][:height, :width] for s in samples])
+        [min(s["image"].shape[1] for s in drawn), min(s["image"].shape[2] for s in drawn)], op="min"))
+    detections = []
+    for sample in drawn:  # the boxes the crop to the batch's size keeps, clipped and floored as forward does
+        kept = _move_boxes(sample["detections"], [1.0, 1.0], (0, 0), (height, width), False)
+        tensors = (torch.from_numpy(np.asarray(kept[key])) for key in ("boxes", "labels", "scores"))
+        detections.append(check_detections(*tensors, height=height, width=width, num_classes=num_classes))
+    images = torch.stack([s["image"][:, :height, :width] for s in drawn])
+    targets = torch.stack([s["semantic"][:height, :width] for s in drawn])
     pixels = int((targets != VOID).sum())
     total = distributed.all_reduce([pixels])[0]
-    return {"images": images, "targets": targets}, pixels / total if total else 1 / distributed.world_size()
+    boxes, labels, scores = (torch.cat(parts) for parts in zip(*detections))
+    batch = {"images": images, "targets": targets, "boxes": boxes, "labels": labels, "scores": scores,
+             "counts": torch.tensor([len(d[0]) for d in detections], dtype=torch.int64)}
+    return batch, pixels / total if total else 1 / distributed.world_size()
+
+
+def _with_detections(sample: dict, rng: np.random.Generator, num_classes: int) -> dict:
+    """The augmented sample with its detections: its own (from a results file, see `data.sources`)
+    when it has them, else simulated from its ground truth with the sample's generator."""
+    height, width = sample["image"].shape[1:]
+    detections = sample.get("detections") or simulate_detections(
+        sample["boxes"].numpy(), sample["labels"].numpy(), image_size=(height, width), rng=rng,
+        num_classes=num_classes)
+    return {**sample, "detections": detections}
 
 
 def _instance_batch(dataset, config: TrainConfig, step: int, position: int, num_classes: int) -> dict:
     """One augmented image, its ground truth and its detections: the sample's own (from a results
     file, see `data.sources`) when it has them, else simulated from the ground truth."""
-    sample, rng = _draw(dataset, config, step, position)
-    height, width = sample["image"].shape[1:]
-    detections = sample.get("detections") or simulate_detections(
-        sample["boxes"].numpy(), sample["labels"].numpy(), image_size=(height, width), rng=rng,
-        num_classes=num_classes)
+    sample = _with_detections(*_draw(dataset, config, step, position), num_classes)
+    detections = sample["detections"]
     return {
         "image": sample["image"],  # (3, H, W)
         "semantic": sample["semantic"],  # (H, W)

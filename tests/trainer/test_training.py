@@ -42,15 +42,32 @@ def test_stage_one_lowers_the_semantic_loss(tmp_path):
     assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == list(range(1, 41))
 
 
+def test_stage_one_trains_the_semantic_crf_on_semantic_labels(tmp_path):
+    data, model = tiny_setup()
+    before = {k: v.clone() for k, v in model.semantic_crf.state_dict().items()}
+    train(model, data, TrainConfig(stage="semantic", steps=2, batch_size=2, learning_rate=0.02),
+          out_dir=tmp_path, printer=quiet)
+    after = model.semantic_crf.state_dict()
+    assert all(not torch.equal(before[k], after[k]) for k in before), "every CRF parameter learns, the detection " \
+        "potential's weights included"
+
+
 def test_piecewise_stage_two_leaves_the_semantic_part_alone_and_end_to_end_does_not(tmp_path):
     data, model = tiny_setup()
-    before = {k: v.clone() for k, v in model.semantic.state_dict().items()}
+
+    def semantic_part() -> dict:  # the network and its CRF
+        return {f"{name}.{k}": v.clone() for name in ("semantic", "semantic_crf")
+                for k, v in getattr(model, name).state_dict().items()}
+
+    before = semantic_part()
     train(model, data, TrainConfig(stage="instance", mode="piecewise", steps=3, learning_rate=0.01),
           out_dir=tmp_path / "piecewise", printer=quiet)
-    assert all(torch.equal(before[k], v) for k, v in model.semantic.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in semantic_part().items())
     train(model, data, TrainConfig(stage="instance", mode="end-to-end", steps=3, learning_rate=0.01),
           out_dir=tmp_path / "end-to-end", printer=quiet)
-    assert not torch.equal(before["backbone.conv1.weight"], model.semantic.state_dict()["backbone.conv1.weight"])
+    after = semantic_part()
+    assert not torch.equal(before["semantic.backbone.conv1.weight"], after["semantic.backbone.conv1.weight"])
+    assert not torch.equal(before["semantic_crf.compatibility"], after["semantic_crf.compatibility"])
 
 
 def test_a_checkpoint_rebuilds_the_same_network(tmp_path):

@@ -145,7 +145,7 @@ class DynamicallyInstantiatedNetwork(nn.Module):
 
     def semantic_logits(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) float RGB in 0..255 -> (B, K+1, H, W) logits, upsampled (align corners)
-        before any softmax, as the released model did. No CRF: stage 1 trains on these."""
+        before any softmax, as the released model did: the semantic CRF's unary."""
         coarse = self.semantic((images - self.mean) / self.std)
         return F.interpolate(coarse, size=images.shape[-2:], mode="bilinear", align_corners=True)
 
