@@ -90,6 +90,73 @@ def test_templates_initialise_from_training_masks_by_aspect_ratio():
     assert torch.allclose(unaries.templates[1, 0], torch.ones(8, 8))  # the tall group: the box is all object
 
 
+def _resized(values: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize with corners aligned, pixel by pixel (F.interpolate(..., align_corners=True))."""
+    rows, columns = values.shape
+    out = np.zeros((height, width))
+    for y in range(height):
+        for x in range(width):
+            sy = y * (rows - 1) / (height - 1) if height > 1 else 0.0
+            sx = x * (columns - 1) / (width - 1) if width > 1 else 0.0
+            y0, x0 = int(sy), int(sx)
+            y1, x1 = min(y0 + 1, rows - 1), min(x0 + 1, columns - 1)
+            fy, fx = sy - y0, sx - x0
+            out[y, x] = (values[y0, x0] * (1 - fy) * (1 - fx) + values[y0, x1] * (1 - fy) * fx
+                         + values[y1, x0] * fy * (1 - fx) + values[y1, x1] * fy * fx)
+    return out
+
+
+def test_the_instance_unaries_are_algorithm_section_5_term_by_term():
+    """U_k = ln max(w1 s_k Q(c_k) [inside B_k] + w2 Q(c_k) + w3 Q(c_k) t*_k [inside B_k], eps), background
+    ln max(w2 Q(0), eps), t*_k the template of B_k's aspect group (height/width, 5 equal bins of the log
+    ratio over [1/4, 4]) with the largest <T, Q(c_k) cropped and resized to T> / ||T||, resized to B_k:
+    overlapping boxes, boxes on the border, a one-pixel-wide box, a class with Q ~ 0, unequal weights."""
+    height, width, size, groups, per_group = 9, 11, 6, 5, 3
+    torch.manual_seed(0)
+    q = torch.softmax(torch.randn(4, height, width) * 2, 0)
+    q[2] = 1e-30
+    q = q / q.sum(0, keepdim=True)
+    boxes = torch.tensor([[1.0, 1.0, 6.0, 5.0], [4.0, 3.0, 10.0, 8.0], [0.0, 0.0, 0.0, 8.0], [2.0, 2.0, 7.0, 7.0]])
+    labels, scores = torch.tensor([1, 1, 3, 2]), torch.tensor([0.9, 0.4, 0.7, 0.95])
+    config = InstanceConfig(template_groups=groups, templates_per_group=per_group, template_size=size)
+    unaries = InstanceUnaries(config=config)
+    w1, w2, w3 = 0.7, 1.3, 0.5
+    with torch.no_grad():
+        unaries.templates.uniform_(0, 1)
+        unaries.term_weights.copy_(torch.tensor([w1, w2, w3]))
+        u = unaries(q, boxes, labels, scores).double().numpy()
+    qn, templates = q.double().numpy(), unaries.templates.detach().double().numpy()
+    expected = np.zeros((len(boxes) + 1, height, width))
+    expected[0] = w2 * qn[0]
+    for k, ((x1, y1, x2, y2), c, s) in enumerate(zip(boxes.int().tolist(), labels.tolist(), scores.tolist())):
+        inside = np.zeros((height, width))
+        inside[y1:y2 + 1, x1:x2 + 1] = 1
+        ratio = np.clip(np.log((y2 - y1 + 1) / (x2 - x1 + 1)), -np.log(4), np.log(4))
+        group = min(int((ratio + np.log(4)) / (2 * np.log(4)) * groups), groups - 1)
+        crop = _resized(qn[c, y1:y2 + 1, x1:x2 + 1], size, size)
+        best = max(templates[group], key=lambda t: (t * crop).sum() / np.linalg.norm(t))
+        shape = np.zeros((height, width))
+        shape[y1:y2 + 1, x1:x2 + 1] = _resized(best, y2 - y1 + 1, x2 - x1 + 1)
+        expected[k + 1] = w1 * s * qn[c] * inside + w2 * qn[c] + w3 * qn[c] * shape
+    np.testing.assert_allclose(u, np.log(np.maximum(expected, config.epsilon)), rtol=0, atol=1e-5)
+    assert np.all(u[4] == np.float32(np.log(config.epsilon)))  # class 2 has no evidence: the eps clamp
+
+
+def test_the_crfs_defaults_are_the_released_codes():
+    """ALGORITHM.md section 3: the instance CRF's and the semantic CRF's kernels and iterations, and the
+    semantic CRF's starting parameters (W diagonal, mu = -I, detection weights 1)."""
+    instance = InstanceConfig()
+    assert (instance.iterations, instance.theta_spatial, instance.theta_bilateral_xy, instance.theta_bilateral_rgb,
+            instance.weight_spatial, instance.weight_bilateral) == (3, 3.0, 49.0, 5.0, 3.0, 4.0)
+    semantic = SemanticCRFConfig()
+    assert (semantic.iterations, semantic.theta_spatial, semantic.theta_bilateral_xy, semantic.theta_bilateral_rgb,
+            semantic.weight_spatial, semantic.weight_bilateral) == (5, 3.0, 160.0, 3.0, 3.0, 5.0)
+    crf = SemanticCRF(num_classes=2, config=semantic)
+    assert torch.equal(crf.spatial_weight, 3.0 * torch.eye(3)) and torch.equal(crf.bilateral_weight, 5.0 * torch.eye(3))
+    assert torch.equal(crf.compatibility, -torch.eye(3))
+    assert float(crf.detection_x.detach()) == float(crf.detection_y.detach()) == 1.0
+
+
 def test_unaries_have_one_label_per_detection_plus_background():
     unaries = InstanceUnaries()
     q_sem = torch.softmax(torch.randn(3, H, W), 0)
@@ -268,3 +335,24 @@ def test_a_one_pixel_wide_detection_is_matched_by_its_box():
     target = matched_ground_truth(logits, torch.tensor([[3.0, 2.0, 3.0, 7.0]]), torch.tensor([1]), gt,
                                   torch.tensor([1]))
     assert (target[2:8, 3] == 1).all() and not (target == IGNORE).any()
+
+
+def test_matching_is_by_iou_not_by_overlap():
+    # the segment (columns 85..109) shares 15 pixels with a large instance (0..99, IoU 15/110) and 10
+    # with a small one (100..109, IoU 10/25): overlap would pick the large one, IoU picks the small one
+    logits = torch.zeros(2, 1, 200)
+    logits[1, 0, 85:110] = 5.0
+    gt = torch.zeros(2, 1, 200, dtype=torch.bool)
+    gt[0, 0, 0:100] = True
+    gt[1, 0, 100:110] = True
+    target = matched_ground_truth(logits, torch.tensor([[85.0, 0.0, 109.0, 0.0]]), torch.tensor([1]), gt,
+                                  torch.tensor([1, 1]))
+    assert (target[0, 100:110] == 1).all() and (target[0, 0:100] == IGNORE).all()
+
+
+def test_an_empty_ground_truth_mask_is_left_unmatched_not_an_error():
+    logits, boxes, gt = two_instance_case()
+    logits[1:] = -10.0  # every pixel is background: only the box pass matches
+    gt = torch.cat([gt, torch.zeros(1, 10, 10, dtype=torch.bool)])  # e.g. an instance wholly in void
+    target = matched_ground_truth(logits, boxes, torch.tensor([1, 1]), gt, torch.tensor([1, 1, 1]))
+    assert (target[0:4, 0:5] == 1).all() and (target[5:, 5:] == 2).all()
