@@ -9,7 +9,7 @@
 5. segments held-out synthetic scenes and the shipped coffee photo with hand-drawn boxes with the
    exported model (overlays/).
 
-Needs torch (imported when it runs). The default, 2800 steps, took 6 min 43 s on 2 CPU cores
+Needs torch (imported when it runs). The default, 1400 steps, took 7 min 24 s on 2 CPU cores
 (docs/deploy.md has the measured run).
 """
 
@@ -26,7 +26,7 @@ from ..errors import DetectionsDroppedWarning
 from . import parity
 from .images import ImageDetections
 
-DEFAULT_STEPS = 2800
+DEFAULT_STEPS = 1400
 TRAIN_IMAGES, IMAGE_SIZE, NUM_CLASSES = 400, (96, 120), 4
 HELD_OUT_IMAGES, SEGMENTED_SCENES = 20, 3
 
