@@ -47,8 +47,9 @@ def load_checkpoint(directory: str | Path) -> DynamicallyInstantiatedNetwork:
     except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError is a ValueError
         raise InvalidArgumentError(f"{directory}/model.json is not a dynseg model config: {error!r}") from None
     except (RuntimeError, MemoryError) as error:  # sizes torch cannot allocate, e.g. a corrupted template_size
-        message = str(error).splitlines()[0][:200]
-        raise InvalidArgumentError(f"{directory}/model.json describes a network that cannot be built: {message}") from None
+        message = (str(error).splitlines() or [type(error).__name__])[0][:200]  # a bare MemoryError has no text
+        raise InvalidArgumentError(
+            f"{directory}/model.json describes a network that cannot be built: {message}") from None
     try:
         weights = load_file(directory / "model.safetensors")
     except Exception as error:  # safetensors' own SafetensorError, or an OSError
