@@ -207,7 +207,13 @@ def train(
     if resumed:
         state = torch.load(out_dir / "trainer_state.pt", weights_only=True)
         model.load_state_dict(load_file(out_dir / "model.safetensors"))
-        optimiser.load_state_dict(state["optimiser"])
+        try:
+            optimiser.load_state_dict(state["optimiser"])
+        except ValueError as error:  # e.g. a piecewise run saved before the semantic CRF was frozen with it
+            raise InvalidArgumentError(
+                f"{out_dir}/trainer_state.pt was saved for other trainable parameters than this stage's "
+                f"({config.stage}, {config.mode}): resume with the dynseg version that wrote it, or start the "
+                f"stage afresh ({error})") from None
         start = int(state["step"])
     device = next(model.parameters()).device
     _training_modes(model, config)

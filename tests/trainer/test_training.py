@@ -144,6 +144,14 @@ def test_resuming_continues_from_the_saved_step(tmp_path):
     assert [entry["step"] for entry in log] == [4, 5]
 
 
+def test_resuming_with_other_trainable_parameters_names_the_saved_state(tmp_path):
+    data, model = tiny_setup()
+    train(model, data, TrainConfig(stage="instance", mode="end-to-end", steps=1), out_dir=tmp_path, printer=quiet)
+    with pytest.raises(InvalidArgumentError, match=r"trainer_state.pt was saved for other trainable parameters"):
+        train(model, data, TrainConfig(stage="instance", mode="piecewise", steps=2), out_dir=tmp_path, resume=True,
+              printer=quiet)
+
+
 def test_dynseg_train_then_dynseg_eval_run_from_the_command_line(tmp_path):
     runner = CliRunner()
     for _ in range(2):  # the second run into the same folder replaces the first run's logs
