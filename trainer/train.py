@@ -298,8 +298,9 @@ def _training_modes(model: DynamicallyInstantiatedNetwork, config: TrainConfig) 
 
 class _Objective(nn.Module):
     """The step's loss as a module. DistributedDataParallel all-reduces the gradients of what its
-    module's forward computes, and stage 1 calls `semantic_logits`, not the network's forward: wrapping
-    this module rather than the network covers both stages with one code path."""
+    module's forward computes, and stage 1 calls `semantic_logits` and the semantic CRF, not the
+    network's forward: wrapping this module rather than the network covers both stages with one code
+    path."""
 
     def __init__(self, model: DynamicallyInstantiatedNetwork, config: TrainConfig):
         super().__init__()
