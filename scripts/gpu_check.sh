@@ -6,6 +6,8 @@
 #
 #   bash scripts/gpu_check.sh [REPORT_DIR]      (default: $OUT when set, else ./gpu_report)
 #
+# DYNSEG_NCU=0 skips the Nsight Compute analysis (150 s of a short device lease).
+#
 # Uses the python3 on the PATH (it must have torch with CUDA, pytest and scikit-build-core) and
 # installs dynseg into it (editable, no dependencies fetched). If .whl/pydensecrf2-*.tar.gz exists it
 # builds pydensecrf from it for the benchmark's CPU comparison.
@@ -55,7 +57,9 @@ step "kernel analysis (Nsight Compute, when the machine has it)"
 # occupancy, stall reasons): the first launches of the filtering kernels and the key insertion. Caches
 # and clocks are left as they are: in a call, each kernel reads what the one before left in L2.
 ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-if [ -n "$ncu" ]; then
+if [ "${DYNSEG_NCU:-1}" = 0 ]; then
+  echo "skipped (DYNSEG_NCU=0)"
+elif [ -n "$ncu" ]; then
   timeout 150 "$ncu" -k regex:'slice$|slice_softmax|vertex_sums|chunk_sums|splat_pass|blur_step|softmax_short_rows|insert_entries' \
     --launch-count 25 --cache-control none --clock-control none \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
