@@ -114,7 +114,7 @@ class InstanceUnaries(nn.Module):
         if config.global_term:
             total = total + w_global * q_class
         if config.shape_term:
-            total = total + w_shape * q_class * self._best_templates(q_class, boxes) * inside
+            total = total + w_shape * q_class * self._best_templates(q_class, boxes)
         background = w_global * q_sem[0] if config.global_term else torch.zeros_like(q_sem[0])
         total = torch.cat([background.unsqueeze(0), total], dim=0)  # (D+1, H, W)
         return torch.log(torch.clamp(total, min=config.epsilon))
@@ -123,9 +123,8 @@ class InstanceUnaries(nn.Module):
         """(D, H, W): each detection's best template t*, pasted over its box (0 elsewhere).
 
         All detections at once, with no loop over D (so the exported graph keeps D dynamic): the crop
-        of Q(c_k) resized to the template and the template resized to the box are both bilinear
-        samplings with corners aligned, i.e. grid_sample over the image or the template at the
-        points F.interpolate(..., align_corners=True) would read."""
+        of Q(c_k) resized to the template is grid_sample at the S×S points F.interpolate(...,
+        align_corners=True) would read, and the best template goes back onto the box by `_paste`."""
         config = self.config
         size = config.template_size
         height, width = q_class.shape[1:]
@@ -144,14 +143,30 @@ class InstanceUnaries(nn.Module):
         norms = flat.norm(dim=2).clamp(min=1e-12)  # (D, T)
         score = torch.bmm(flat, crops.reshape(count, size * size, 1)).squeeze(2) / norms  # <T, Q_crop> / ||T||
         best = torch.gather(candidates, 1, score.argmax(dim=1).view(-1, 1, 1, 1).expand(-1, 1, size, size))
-        # the paste: image pixel (x, y) inside the box reads template point ((x-x1)(S-1)/(w-1), ...)
-        columns = torch.arange(width, dtype=q_class.dtype, device=q_class.device).view(1, 1, width)
-        rows = torch.arange(height, dtype=q_class.dtype, device=q_class.device).view(1, height, 1)
-        u = (columns - x1) / torch.clamp(x2 - x1, min=1.0)  # 0..1 across the box
-        v = (rows - y1) / torch.clamp(y2 - y1, min=1.0)
-        grid = torch.stack([(2 * u - 1).expand(count, height, width), (2 * v - 1).expand(count, height, width)], dim=-1)
-        pasted = F.grid_sample(best, grid, mode="bilinear", align_corners=True)[:, 0]  # (D, H, W)
-        return pasted * box_masks(boxes, height, width).to(pasted.dtype)
+        return _paste(best[:, 0], boxes, height, width)
+
+
+def _paste(templates: Tensor, boxes: Tensor, height: int, width: int) -> Tensor:
+    """(D, S, S) templates resized bilinearly (corners aligned) onto their boxes in (D, H, W), 0 outside.
+
+    The resize is separable, so a paste is Wy · t · Wxᵀ with one (pixels, S) matrix of interpolation
+    weights per axis: two small batched matmuls rather than a sampling grid of D·H·W points."""
+    x1, y1, x2, y2 = boxes.unbind(dim=1)
+    rows = _interpolation_weights(y1, y2, height, templates.shape[1])  # (D, H, S)
+    columns = _interpolation_weights(x1, x2, width, templates.shape[2])  # (D, W, S)
+    return rows @ templates @ columns.transpose(1, 2)
+
+
+def _interpolation_weights(start: Tensor, end: Tensor, pixels: int, size: int) -> Tensor:
+    """(D, pixels, size): the bilinear weight of template index s at pixel p of the box start..end
+    (inclusive), which reads template point (p - start)(size - 1)/(end - start); 0 outside the box.
+    The weights are the hat function max(0, 1 - |point - s|)."""
+    p = torch.arange(pixels, dtype=start.dtype, device=start.device).view(1, pixels, 1)
+    s = torch.arange(size, dtype=start.dtype, device=start.device).view(1, 1, size)
+    start, end = start.view(-1, 1, 1), end.view(-1, 1, 1)
+    point = (p - start) / torch.clamp(end - start, min=1.0) * (size - 1)
+    inside = ((p >= start) & (p <= end)).to(start.dtype)
+    return torch.clamp(1 - (point - s).abs(), min=0.0) * inside
 
 
 def _normalised(coordinate: Tensor, size: int | Tensor) -> Tensor:
