@@ -37,6 +37,7 @@ from dynseg.trainer.crf import dense_crf as reference_dense_crf  # noqa: E402
 SEMANTIC = dict(spatial=(3.0, 3.0), bilateral=(80.0, 13.0, 10.0))
 INSTANCE = dict(spatial=(3.0, 3.0), bilateral=(49.0, 5.0, 4.0))
 SIZES = ((512, 512), (1024, 2048))
+PARITY = 1e-5  # max |ΔQ| against the CPU kernel, as the GPU tests require
 CASES = [("semantic", 21, 5, SEMANTIC)] + [("instance", labels, 3, INSTANCE) for labels in (2, 21, 101)]
 
 
@@ -172,6 +173,7 @@ def main() -> None:
         "dynseg CPU ms | × CPU | pydensecrf ms | × pydensecrf | max abs dQ vs CPU |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    mismatches = []
     for height, width in SIZES:
         photo = resized_photo(height, width)
         image = device_image(photo)
@@ -201,19 +203,25 @@ def main() -> None:
             torch_s = best_s(torch_reference, 2) if labels <= 21 and not args.quick else None
             dcrf = pydensecrf_call(unary_np, photo, iterations, "after") if kernels is SEMANTIC and not args.quick else None
             dcrf_s = best_s(dcrf, 1) if dcrf else None
+            difference = float(np.abs(q_gpu - q_cpu).max())
             fmt = lambda s: "n/a" if s is None else f"{1000 * s:.1f}"
             ratio = lambda s: "n/a" if s is None else f"{1000 * s / call_ms:.0f}×"
             lines.append(
                 f"| {name} | {height}×{width} | {labels} | {iterations} | {call_ms:.3f} | {replay_ms:.3f} | {build_ms:.3f} | "
                 f"{(call_ms - build_ms) / iterations:.3f} | {fmt(torch_s)} | {ratio(torch_s)} | {fmt(cpu_s)} | "
-                f"{ratio(cpu_s)} | {fmt(dcrf_s)} | {ratio(dcrf_s)} | {np.abs(q_gpu - q_cpu).max():.1e} |"
+                f"{ratio(cpu_s)} | {fmt(dcrf_s)} | {ratio(dcrf_s)} | {difference:.1e} |"
             )
+            if not difference <= PARITY:
+                mismatches.append(f"{name} {height}×{width} L = {labels}")
             print(lines[-1], flush=True)
     report = "\n".join(lines)
     print("\n" + report)
     if args.out:
         with open(args.out, "w") as f:
             f.write(report + "\n")
+    if mismatches:
+        sys.exit(f"bench_cuda: the CUDA result differs from the CPU kernel's by more than {PARITY} in "
+                 + ", ".join(mismatches) + ": these timings are of a wrong computation")
 
 
 if __name__ == "__main__":
