@@ -51,7 +51,7 @@ class ExportGraph(nn.Module):
                 config.theta_bilateral_xy, config.theta_bilateral_rgb, "after", int(config.detection_potential),
                 config.score_ceiling, config.epsilon,
             )
-        q_sem = torch.softmax(logits, dim=1)
+        q_sem = _channel_softmax(logits)
         unary = network.instance_unaries(q_sem[0], boxes, labels, detection_scores).unsqueeze(0)  # (1, D+1, H, W)
         instance_logits = unary
         instance = network.instance_crf
@@ -64,6 +64,14 @@ class ExportGraph(nn.Module):
                 config.theta_bilateral_xy, config.theta_bilateral_rgb, "after", 0, 1.0, 0.0,
             )
         return instance_logits, q_sem
+
+
+def _channel_softmax(logits: Tensor) -> Tensor:
+    """Softmax over dim 1, written out as ReduceMax, Sub, Exp, ReduceSum and Div: onnxruntime's Softmax
+    over a non-last axis transposes the tensor there and back, 6-10x slower on the CPU
+    (docs/benchmarks.md)."""
+    exp = torch.exp(logits - logits.amax(dim=1, keepdim=True))
+    return exp / exp.sum(dim=1, keepdim=True)
 
 
 def export_onnx(network: DynamicallyInstantiatedNetwork, path: str | Path, *,
