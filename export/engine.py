@@ -16,6 +16,8 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import onnx
 from onnx import helper
@@ -24,6 +26,9 @@ from dynseg.plugins import search_paths
 from dynseg.sdk import __version__
 from dynseg.sdk.errors import DynsegError, InvalidArgumentError
 from dynseg.sdk.graph import DOMAIN, OP_TYPE, OP_VERSION
+
+if TYPE_CHECKING:
+    import tensorrt
 
 __all__ = [
     "Profile",
@@ -354,7 +359,7 @@ def plugin_library_path() -> Path:
 _registering = threading.Lock()
 
 
-def register_plugin(registry, library: Path) -> None:
+def register_plugin(registry: tensorrt.IPluginRegistry, library: Path) -> None:
     """Makes dynseg's plugin creator known to TensorRT's plugin `registry`, loading `library` only when
     it is not yet: load_library fails for a library whose plugins are already registered (TensorRT's
     documented contract), and every build and backend of a process shares the registry. Raises
@@ -368,7 +373,7 @@ def register_plugin(registry, library: Path) -> None:
                               f"{PLUGIN_NAMESPACE}::{OP_TYPE} version {PLUGIN_VERSION} (see TensorRT's log above)")
 
 
-def import_tensorrt():
+def import_tensorrt() -> ModuleType:
     """TensorRT's Python package, or EngineError saying how to install it."""
     try:
         import tensorrt  # noqa: PLC0415  (optional dependency, imported on use)

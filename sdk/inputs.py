@@ -154,9 +154,8 @@ class Detections:
     labels: int64 (N,) class ids in 1..K.
     scores: float32 (N,) finite detector scores.
     kept: int64 (N,) ascending index of each kept detection in the caller's input.
-    dropped: the detections left out, ascending by index, each with its reason.
-    clipped: int64 ascending input indices of the kept boxes that reached outside the image and were
-        clipped to it (no warning: detectors routinely emit boxes a little past the border).
+    dropped: the detections left out, ascending by index, each with its reason. Boxes that reach past
+        the border are clipped without a warning: detectors routinely emit them.
     """
 
     boxes: np.ndarray
@@ -164,7 +163,6 @@ class Detections:
     scores: np.ndarray
     kept: np.ndarray
     dropped: list[DroppedDetection] = field(default_factory=list)
-    clipped: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def __len__(self) -> int:
         return len(self.kept)
@@ -264,7 +262,6 @@ def check_detections(
     floored = np.floor(boxes64[kept])  # (N, 4)
     limits = np.array([width - 1, height - 1, width - 1, height - 1], dtype=np.float64)
     clipped_boxes = np.minimum(np.maximum(floored, 0.0), limits)
-    was_clipped = (clipped_boxes != floored).any(axis=1)
 
     if dropped:
         listed = "; ".join(f"{d.index}: {d.reason}" for d in dropped)
@@ -279,7 +276,6 @@ def check_detections(
         scores=scores64[kept].astype(np.float32),
         kept=kept,
         dropped=dropped,
-        clipped=kept[was_clipped],
     )
 
 

@@ -1,5 +1,7 @@
 """dynseg.trainer: the network, its CRFs, losses, datasets, training and evaluation. Needs torch.
 
-So far: the dense CRF (`dynseg.trainer.crf`), as a readable PyTorch reference and as a torch op
-on the native kernel library.
+`model` (the network: semantic CRF, box, global and shape terms, instance CRF), `crf` (the dense CRF: a
+readable PyTorch reference and a torch op on the native kernel library), `data` (datasets and
+simulated detections), `loss` and `matching` (the matched ground truth), `train`, `evaluation`,
+`checkpoint`.
 """

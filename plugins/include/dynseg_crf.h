@@ -140,7 +140,8 @@ DYNSEG_API int32_t dynseg_max_threads(void);
 
 /* Bytes of workspace `pass` needs for `problem` in the worst case (every lattice at its largest,
  * (d+1)·H·W vertices). The memory is touched only as far as the actual lattices reach, so on the
- * CPU a lazily committed allocation costs what is used. Align the workspace to 64 bytes. */
+ * CPU a lazily committed allocation costs what is used. Any alignment will do: the size includes room
+ * for the library to align the pointer itself. */
 DYNSEG_API dynseg_status dynseg_crf_workspace_size(const dynseg_crf_problem* problem, int32_t pass,
                                                    size_t* bytes);
 

@@ -117,8 +117,6 @@ public:
 
     void flip() const { std::swap(values_, next_); }
 
-    int64_t vertices() const { return vertices_; }
-    int threads() const { return threads_; }
 
 private:
     // D = d + 1 when known at compile time, 0 otherwise

@@ -126,10 +126,10 @@ bool MeanField::prepare(char* error, int error_len) {
 // (channels, N) planar -> (N, stride) pixel-major with zero padding, and back.
 void MeanField::load(const float* planar, float* pixel_major, int64_t channels) const {
     const int64_t S = padded_channels(channels);
-    constexpr int64_t kBlock = 64;  // pixels per block: the block's rows stay in L1 while filled
+    constexpr int64_t kCopyBlock = 64;  // pixels per block: the block's rows stay in L1 while filled
     parallel_for(pixels_, kGrain, threads_, [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; b += kBlock) {
-            const int64_t e = std::min(end, b + kBlock);
+        for (int64_t b = begin; b < end; b += kCopyBlock) {
+            const int64_t e = std::min(end, b + kCopyBlock);
             for (int64_t i = b; i < e; ++i)
                 for (int64_t l = channels; l < S; ++l) pixel_major[i * S + l] = 0.0f;
             for (int64_t l = 0; l < channels; ++l)
@@ -140,10 +140,10 @@ void MeanField::load(const float* planar, float* pixel_major, int64_t channels) 
 // With softmax, each block's rows go through the softmax (into q_, still in cache) on the way out.
 void MeanField::store(const float* pixel_major, float* planar, int64_t channels, bool apply_softmax) const {
     const int64_t S = padded_channels(channels);
-    constexpr int64_t kBlock = 64;
+    constexpr int64_t kCopyBlock = 64;
     parallel_for(pixels_, kGrain, threads_, [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; b += kBlock) {
-            const int64_t e = std::min(end, b + kBlock);
+        for (int64_t b = begin; b < end; b += kCopyBlock) {
+            const int64_t e = std::min(end, b + kCopyBlock);
             const float* rows = pixel_major;
             if (apply_softmax) {
                 softmax_range(pixel_major, q_, b, e, 1);

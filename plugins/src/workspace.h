@@ -27,7 +27,6 @@ public:
 
     size_t used() const { return used_ + 64; }  // room to align the caller's base pointer
     bool fits() const { return base_ == nullptr || used_ <= capacity_; }
-    bool counting() const { return base_ == nullptr; }
 
     // Align the base up front so every take() is aligned whatever the caller passed.
     void align_base() {

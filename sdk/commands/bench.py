@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -78,8 +79,8 @@ def _time_case(backend, name: str, image, dets, class_names, max_detections, rep
                     post_ms=ms(posts), images_per_s=1.0 / float(np.mean(totals)))
 
 
-def run(model_path, *, sizes: Sequence[tuple[int, int]], detections: Sequence[int], repeats: int,
-        checkpoint=None, device: str = "cpu", on_row: Callable[[BenchRow], object] | None = None) -> list[BenchRow]:
+def run(model_path: str | Path, *, sizes: Sequence[tuple[int, int]], detections: Sequence[int], repeats: int,
+        checkpoint: str | Path | None = None, device: str = "cpu", on_row: Callable[[BenchRow], object] | None = None) -> list[BenchRow]:
     """Times every (size, D) case on the exported model and, given `checkpoint`, on PyTorch too, both
     on `device` (a call's time includes copying its outputs to the host)."""
     from ..onnx_backend import OnnxRuntimeBackend

@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,6 +28,9 @@ from ..errors import DetectionsDroppedWarning, InvalidArgumentError
 from ..inputs import load_image
 from .images import ImageDetections, read_detections
 from .progress import ItemProgress
+
+if TYPE_CHECKING:
+    from ..segmenter import Segmenter
 
 RESULTS_FILE = "results.json"
 
@@ -47,9 +51,9 @@ def most_confident(dets: ImageDetections, count: int) -> ImageDetections:
     return dets._replace(boxes=dets.boxes[kept], labels=dets.labels[kept], scores=dets.scores[kept])
 
 
-def run(segmenter, images: Sequence[str | Path], detections: str | Path, out: str | Path, *,
+def run(segmenter: Segmenter, images: Sequence[str | Path], detections: str | Path, out: str | Path, *,
         keep_top: int | None = None, progress: Callable[[int], ItemProgress] | None = None) -> InferSummary:
-    """Segments every image file of `images` with `segmenter` (a dynseg.sdk.segmenter.Segmenter), its
+    """Segments every image file of `images` with `segmenter`, its
     detections read from the COCO results file `detections` (matched as dynseg.sdk.commands.images
     says; only each image's `keep_top` most confident when given), and writes the files the module
     docstring lists into `out`. `progress(total)` makes the display, updated after each image. Raises

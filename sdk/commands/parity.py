@@ -19,8 +19,9 @@ check passes and shows the value each check measured beside its limit.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -144,8 +145,8 @@ def compare(name: str, candidate: dict, reference: dict, candidate_result: Segme
     ])
 
 
-def validate(model_path, checkpoint_path, cases: Iterable[tuple[str, np.ndarray, object]], *,
-             device: str = "cpu", on_image=None) -> ParityReport:
+def validate(model_path: str | Path, checkpoint_path: str | Path, cases: Iterable[tuple[str, np.ndarray, object]], *,
+             device: str = "cpu", on_image: Callable[[ImageParity], object] | None = None) -> ParityReport:
     """Runs the exported model (on `device`) and the checkpoint (on the CPU, the reference) on each
     (name, (H, W, 3) uint8 image, detections with boxes, labels, scores) case and returns the report.
     Raises InvalidArgumentError when either model cannot be loaded or their classes differ.
