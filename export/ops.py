@@ -53,7 +53,8 @@ def mean_field_crf(
             epsilon=epsilon,
         )
         logits, recalibrated = semantic_mean_field(unary[0], image[0], spatial_weight, bilateral_weight, compat,
-                                                   boxes, labels, scores, detection_x, detection_y, config)
+                                                   boxes, labels, scores, detection_x, detection_y, config,
+                                                   normalization)
         return logits.unsqueeze(0), recalibrated.clone()
     kernels = [(theta_spatial, 0.0, spatial_weight), (theta_bilateral_xy, theta_bilateral_rgb, bilateral_weight)]
     logits = mean_field_native(unary[0], image[0], kernels, compat=compat, normalization=normalization,

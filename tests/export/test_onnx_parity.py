@@ -195,3 +195,28 @@ def test_export_refuses_arguments_it_cannot_honour(exported, tmp_path, arguments
     with pytest.raises(InvalidArgumentError, match=message):
         export_onnx(load_checkpoint(exported[0]), tmp_path / "model.onnx", **arguments)
     assert not (tmp_path / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("normalization", ["after", "symmetric"])
+@pytest.mark.parametrize("detection_potential", [0, 1])
+def test_the_ops_torch_definition_and_the_sdks_node_agree(normalization, detection_potential):
+    """The op's every attribute reaches both implementations (the torch one once dropped `normalization`
+    when the detection potential was on)."""
+    from dynseg.export import ops
+    from dynseg.sdk.crf_node import CrfAttributes, mean_field_crf
+
+    rng = np.random.default_rng(0)
+    labels, height, width = 4, 20, 24
+    inputs = [
+        rng.normal(size=(1, labels, height, width)).astype(np.float32),
+        rng.uniform(0, 255, (1, 3, height, width)).astype(np.float32),
+        (np.eye(labels) * 3).astype(np.float32), (np.eye(labels) * 5).astype(np.float32),
+        (-np.eye(labels)).astype(np.float32), np.array([[2, 3, 12, 15]], np.float32), np.array([1], np.int64),
+        np.array([0.8], np.float32), np.array(1.5, np.float32), np.array(0.7, np.float32),
+    ]
+    attributes = (3, 3.0, 20.0, 10.0, normalization, detection_potential, 1.0, 1e-4)
+    with torch.no_grad():
+        logits, scores = ops.mean_field_crf(*(torch.from_numpy(a) for a in inputs), *attributes)
+    node_logits, node_scores = mean_field_crf(inputs, CrfAttributes(*attributes))
+    assert np.abs(logits[0].numpy() - node_logits[0]).max() <= 1e-5 * np.abs(node_logits).max()
+    np.testing.assert_allclose(scores.numpy(), node_scores, rtol=0, atol=1e-6)

@@ -88,11 +88,12 @@ class SemanticCRF(nn.Module):
 def semantic_mean_field(
     unary: Tensor, image: Tensor, spatial_weight: Tensor, bilateral_weight: Tensor, compatibility: Tensor | None,
     boxes: Tensor, labels: Tensor, scores: Tensor, detection_x: Tensor, detection_y: Tensor,
-    config: SemanticCRFConfig,
+    config: SemanticCRFConfig, normalization: str = "after",
 ) -> tuple[Tensor, Tensor]:
     """The semantic CRF as a function of its parameters (SemanticCRF.forward's arguments, then the
     module's parameters): what the module computes and what the exported dynseg::MeanFieldCRF node
-    with the detection potential means (docs/ops.md)."""
+    with the detection potential means (docs/ops.md), whose `normalization` attribute is the last
+    argument."""
     kernels = [
         (config.theta_spatial, 0.0, spatial_weight),
         (config.theta_bilateral_xy, config.theta_bilateral_rgb, bilateral_weight),
@@ -106,7 +107,8 @@ def semantic_mean_field(
     logits = unary
     for _ in range(config.iterations):
         q = torch.softmax(logits, dim=0)
-        step = mean_field_native(logits, image, kernels, compat=compatibility, iterations=1)
+        step = mean_field_native(logits, image, kernels, compat=compatibility, normalization=normalization,
+                                 iterations=1)
         new_logits = unary + (step - logits)  # U + the pairwise message of Q
         if adds_potential:
             term, recalibrated = detection_potential(q, inside, pixels, prior, labels, scores, detection_x,
