@@ -40,6 +40,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dynseg.sdk.errors import InvalidArgumentError
+from dynseg.sdk.inputs import check_detections as check_detections_np
+from dynseg.sdk.results import build_result
 
 from . import distributed, fields
 from .data import VOID
@@ -462,6 +464,16 @@ def predict_each(model: DynamicallyInstantiatedNetwork, dataset, *, seed: int = 
     for image, detections, truth in held_out(dataset, seed=seed, num_classes=model.config.num_classes):
         with torch.no_grad():
             out = model(image, detections["boxes"], detections["labels"], detections["scores"])
-        ids = torch.arange(1, len(out.instance_labels) + 1).view(-1, 1, 1)
-        yield ({"masks": (out.instance_map.unsqueeze(0) == ids).numpy(),
-                "labels": out.instance_labels.numpy(), "scores": out.instance_scores.numpy()}, truth)
+        # the SDK's post-processing, so that evaluation scores what a deployed model returns
+        result = build_result(
+            image.permute(1, 2, 0).to(torch.uint8).numpy(), out.instance_logits.numpy(),
+            out.semantic_probabilities.numpy(),
+            check_detections_np(*(detections[k].numpy() for k in ("boxes", "labels", "scores")),
+                                height=image.shape[1], width=image.shape[2], num_classes=model.config.num_classes,
+                                max_detections=max(1, len(detections["scores"]))),
+            model.config.class_names,
+        )
+        ids = np.array([instance.id for instance in result.instances]).reshape(-1, 1, 1)
+        yield ({"masks": result.instance_map[None] == ids,
+                "labels": np.array([instance.class_id for instance in result.instances], np.int64),
+                "scores": np.array([instance.score for instance in result.instances], np.float32)}, truth)

@@ -1,5 +1,5 @@
-"""dynseg.sdk.results: build_result computes what the network's instances() computes (compared on random
-inputs), maps instances back to the caller's detections, and its COCO export and overlay are right."""
+"""dynseg.sdk.results: build_result computes the instance map and scores' pixel-by-pixel definition (on
+random inputs), maps instances back to the caller's detections, and its COCO export and overlay are right."""
 
 from __future__ import annotations
 
@@ -52,43 +52,54 @@ def painted(height: int, width: int, regions: list[tuple[int, int, int, int]]) -
     return logits
 
 
-# ---------------------------------------------------------------------- parity with the network's code
+# ----------------------------------------------------------------- against a pixel-by-pixel reference
+
+
+def reference_instances(logits: np.ndarray, semantic: np.ndarray, labels: np.ndarray):
+    """The instance map, and each instance's label index and score, one pixel at a time: the winner is
+    the first largest logit; instances that win pixels are numbered 1..N in detection order; a score
+    is the mean of Q_sem of the instance's class over its pixels."""
+    _, height, width = logits.shape
+    winner = np.zeros((height, width), np.int64)
+    for y in range(height):
+        for x in range(width):
+            column = list(logits[:, y, x])
+            winner[y, x] = column.index(max(column))
+    present = sorted(set(winner.ravel().tolist()) - {0})
+    instance_map = np.zeros_like(winner)
+    scores = []
+    for number, label in enumerate(present, start=1):
+        instance_map[winner == label] = number
+        scores.append(float(np.mean(semantic[labels[label - 1]][winner == label], dtype=np.float64)))
+    return instance_map, [label - 1 for label in present], scores
 
 
 @pytest.mark.parametrize(("count", "height", "width", "seed"), [(1, 9, 13, 0), (2, 16, 16, 1), (7, 23, 31, 2),
                                                                  (50, 12, 40, 3), (3, 1, 1, 4)])
-def test_build_result_computes_what_the_network_instances_computes(count, height, width, seed) -> None:
-    torch = pytest.importorskip("torch")
-    from dynseg.trainer.model.network import instances
-
+def test_build_result_computes_the_pixel_by_pixel_definition(count, height, width, seed) -> None:
     logits, semantic = random_outputs(count, height, width, seed)
     logits[1:] += np.random.default_rng(seed).normal(0, 2, (count, 1, 1)).astype(np.float32)  # some win nothing
     labels = np.random.default_rng(seed + 100).integers(1, K + 1, count)
     kept = np.sort(np.random.default_rng(seed).choice(3 * count, count, replace=False))  # some input dropped
     result = build_result(gray_image(height, width), logits, semantic, detections(labels.tolist(), kept.tolist()),
                           CLASS_NAMES)
-    expected = instances(torch.from_numpy(logits), torch.from_numpy(semantic), torch.from_numpy(labels))
+    instance_map, indices, scores = reference_instances(logits, semantic, labels)
 
-    np.testing.assert_array_equal(result.instance_map, expected["instance_map"].numpy())
+    np.testing.assert_array_equal(result.instance_map, instance_map)
     assert result.instance_map.dtype == np.int32
-    assert [i.class_id for i in result.instances] == expected["instance_labels"].tolist()
-    assert [i.detection for i in result.instances] == kept[expected["instance_detections"].numpy()].tolist()
-    np.testing.assert_allclose([i.score for i in result.instances], expected["instance_scores"].numpy(),
-                               rtol=1e-5, atol=1e-7)
-    np.testing.assert_array_equal(result.semantic_map, torch.from_numpy(semantic).argmax(dim=0).numpy())
+    assert [i.class_id for i in result.instances] == labels[indices].tolist()
+    assert [i.detection for i in result.instances] == kept[indices].tolist()
+    np.testing.assert_allclose([i.score for i in result.instances], scores, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(result.semantic_map, np.argmax(semantic, axis=0))
 
 
 def test_argmax_ties_go_to_the_lowest_label_as_in_torch() -> None:
-    torch = pytest.importorskip("torch")
-    from dynseg.trainer.model.network import instances
-
     rng = np.random.default_rng(5)
     logits = rng.integers(0, 3, (6, 10, 12)).astype(np.float32)  # many ties
     _, semantic = random_outputs(5, 10, 12, 6)
     labels = np.array([1, 2, 3, 1, 2])
     result = build_result(gray_image(10, 12), logits, semantic, detections(labels.tolist()), CLASS_NAMES)
-    expected = instances(torch.from_numpy(logits), torch.from_numpy(semantic), torch.from_numpy(labels))
-    np.testing.assert_array_equal(result.instance_map, expected["instance_map"].numpy())
+    np.testing.assert_array_equal(result.instance_map, reference_instances(logits, semantic, labels)[0])
 
 
 # ------------------------------------------------------------------------------------ the result

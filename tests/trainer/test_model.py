@@ -179,15 +179,10 @@ def test_the_network_takes_any_number_of_detections(detections):
     with torch.no_grad():
         out = model(image_with_two_objects(), boxes, labels, scores)
     assert out.semantic_logits.shape == (3, H, W)
-    assert out.instance_logits.shape == (detections + 1, H, W)
-    assert out.instance_map.shape == (H, W) and out.instance_map.dtype == torch.int64
-    n = len(out.instance_labels)
-    present = set(out.instance_map.unique().tolist())
-    assert set(range(1, n + 1)) <= present <= set(range(n + 1))  # ids 1..N, consecutive
-    assert out.instance_detections.tolist() == sorted(out.instance_detections.tolist())  # detection order
-    assert out.instance_scores.shape == (n,) and ((out.instance_scores >= 0) & (out.instance_scores <= 1)).all()
-    if detections == 0:
-        assert n == 0 and (out.instance_map == 0).all()
+    assert out.instance_logits.shape == (detections + 1, H, W) and torch.isfinite(out.instance_logits).all()
+    assert out.semantic_probabilities.shape == (3, H, W)
+    torch.testing.assert_close(out.semantic_probabilities.sum(0), torch.ones(H, W))
+    assert out.detection_scores.shape == (detections,)
 
 
 def test_gradients_reach_the_backbone_end_to_end_and_not_when_it_is_frozen():

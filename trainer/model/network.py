@@ -74,16 +74,13 @@ class ModelConfig:
 
 @dataclass
 class NetworkOutput:
-    """One image's results. H, W: the image; D: detections; N: instances that kept pixels."""
+    """One image's outputs (H, W: the image; D: detections). A result, the instance map and the
+    instances' scores, is made from them by `dynseg.sdk.results.build_result`, as for every backend."""
 
     semantic_logits: Tensor  # (K+1, H, W), after the semantic CRF
     semantic_probabilities: Tensor  # (K+1, H, W)
     detection_scores: Tensor  # (D,) recalibrated by the detection potential (else the input scores)
     instance_logits: Tensor  # (D+1, H, W), label 0 = background
-    instance_map: Tensor  # (H, W) int64: 0 background, 1..N in detection order
-    instance_labels: Tensor  # (N,) int64 class of each instance (its detection's)
-    instance_detections: Tensor  # (N,) int64 index of each instance's detection
-    instance_scores: Tensor  # (N,) mean of Q_sem(class) over the instance's pixels
 
 
 def check_detections(
@@ -171,30 +168,7 @@ class DynamicallyInstantiatedNetwork(nn.Module):
             semantic_probabilities=q_sem,
             detection_scores=detection_scores,
             instance_logits=instance_logits,
-            **instances(instance_logits.detach(), q_sem.detach(), labels),
         )
-
-
-def instances(instance_logits: Tensor, q_sem: Tensor, labels: Tensor) -> dict[str, Tensor]:
-    """The instance map (argmax; instances without pixels dropped, the rest renumbered 1..N in
-    detection order), and per instance its class, detection index and score (mean Q_sem of its class
-    over its pixels, the released code's ranking score)."""
-    winner = instance_logits.argmax(dim=0)  # (H, W) in 0..D
-    present = torch.unique(winner)
-    present = present[present > 0]  # detection index + 1, ascending = detection order
-    device = instance_logits.device
-    renumber = torch.zeros(instance_logits.shape[0], dtype=torch.int64, device=device)
-    renumber[present] = torch.arange(1, len(present) + 1, device=device)
-    detections = present - 1
-    classes = labels[detections]
-    scores = torch.stack([q_sem[c][winner == d + 1].mean() for c, d in zip(classes, detections)]) \
-        if len(detections) else torch.zeros(0, device=device)
-    return {
-        "instance_map": renumber[winner],
-        "instance_labels": classes,
-        "instance_detections": detections,
-        "instance_scores": scores,
-    }
 
 
 def build_model(config: ModelConfig, *, pretrained: str | Path | None = None) -> DynamicallyInstantiatedNetwork:
