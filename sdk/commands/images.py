@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..coco_results import load_coco_detections
 from ..errors import InvalidArgumentError
 
 
@@ -49,8 +50,6 @@ def read_detections(results: str | Path, images: Sequence[str | Path]) -> list[I
     named), two images with the same stem, or entries that match none of the images (a file for
     other images).
     """
-    from dynseg.trainer.data.detections import load_coco_detections  # numpy only: no torch
-
     results = Path(results)
     if not results.is_file():
         raise InvalidArgumentError(f"detections file {results} does not exist")

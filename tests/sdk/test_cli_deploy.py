@@ -70,6 +70,23 @@ def photos(tmp_path_factory):
     return files, directory / "dets.json"
 
 
+def test_infer_and_bench_run_where_torch_is_not_installed(exported, photos, tmp_path):
+    """A deployment machine runs the exported model without torch: infer and bench must not import it
+    (infer once did, through the trainer's COCO results reader)."""
+    import subprocess
+    import sys
+
+    files, detections = photos
+    blocked = ("import sys; sys.modules['torch'] = None; from dynseg.sdk.cli import app; "
+               "app(sys.argv[1:], prog_name='dynseg')")
+    for arguments in (["infer", str(exported[1]), *map(str, files), "--detections", str(detections),
+                       "--out", str(tmp_path / "out")],
+                      ["bench", str(exported[1]), "--sizes", "32x40", "--detections", "1", "--repeats", "1"]):
+        run = subprocess.run([sys.executable, "-c", blocked, *arguments], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout + run.stderr
+    assert (tmp_path / "out" / "results.json").is_file()
+
+
 def test_infer_writes_overlays_instance_maps_and_coco_results(exported, photos, tmp_path):
     files, detections = photos
     out = tmp_path / "out"

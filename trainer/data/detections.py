@@ -1,4 +1,5 @@
-"""Detections for the instance CRF: a detector simulator, and a reader for real detectors' COCO results.
+"""Detections for the instance CRF: a detector simulator (real detectors' COCO results files are read by
+`dynseg.sdk.coco_results.load_coco_detections`, re-exported here).
 
 The instance CRF's labels are the image's detections (ALGORITHM.md §1, §5), so what the network learns
 to cope with is set by how the detections go wrong. `simulate_detections` turns ground truth into
@@ -30,26 +31,16 @@ y2 - y1 >= 1, so at least two pixels each way even after truncating to integers)
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from collections.abc import Hashable, Iterable
 from enum import IntEnum
-from typing import TypedDict
 
 import numpy as np
 
+from dynseg.sdk.coco_results import DetectorOutput as Detections
+from dynseg.sdk.coco_results import load_coco_detections
 from dynseg.sdk.errors import InvalidArgumentError
 
 __all__ = ["Detections", "SimulatedDetections", "DetectionKind", "simulate_detections", "load_coco_detections"]
-
-
-class Detections(TypedDict):
-    """One image's detections in detector order (descending score)."""
-
-    boxes: np.ndarray  # float32 (D, 4) xyxy, inclusive image pixels
-    labels: np.ndarray  # int64 (D,) class in 1..K
-    scores: np.ndarray  # float32 (D,)
 
 
 class SimulatedDetections(Detections):
@@ -285,94 +276,3 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     inter = max(iw, 0.0) * max(ih, 0.0)
     union = (a[2] - a[0] + 1) * (a[3] - a[1] + 1) + (b[2] - b[0] + 1) * (b[3] - b[1] + 1) - inter
     return float(inter / union) if union > 0 else 0.0
-
-
-# --------------------------------------------------------------------------------------- COCO results
-
-
-def load_coco_detections(path: str | os.PathLike, image_ids: Iterable[Hashable]) -> dict[Hashable, Detections]:
-    """Read a COCO results-format JSON file: a list of {"image_id", "category_id", "bbox", "score"}.
-
-    bbox is COCO's [x, y, w, h] in pixels; it becomes inclusive xyxy (x, y, x + w - 1, y + h - 1),
-    float32, with x2 >= x1 kept for boxes narrower than a pixel. category_id is kept as the label
-    (map it to 1..K yourself if the detector's ids differ). Every entry is validated, also those of
-    images not asked for; entries of other images are then ignored.
-
-    Returns:
-        {image_id: Detections} for every requested id (empty arrays for ids without detections),
-        each sorted by descending score (file order among equal scores).
-
-    Raises:
-        InvalidArgumentError (a ValueError) naming the file and the entry index: not a JSON list,
-        an entry that is not an object or lacks a key, an image_id that is not an int or str, a
-        category_id that is not an int in 1..2**63-1, a bbox that is not 4 numbers finite in float32, a
-        negative width or height, a score that is not a number finite in float32 (NaN included).
-    """
-    try:
-        with open(path, encoding="utf-8") as handle:
-            entries = json.load(handle)
-    except (ValueError, RecursionError) as error:  # bad JSON or UTF-8, over-long integers, deep nesting
-        raise InvalidArgumentError(f"{path}: not valid JSON in UTF-8 ({error})") from error
-    if not isinstance(entries, list):
-        kind = type(entries).__name__
-        raise InvalidArgumentError(f"{path}: a COCO results file is a JSON list of detections, got {kind}")
-
-    wanted = {image_id: ([], [], []) for image_id in image_ids}
-    for index, entry in enumerate(entries):
-        image_id, label, box, score = _parse_entry(entry, f"{path}: entry {index}")
-        if image_id in wanted:
-            boxes, labels, scores = wanted[image_id]
-            boxes.append(box)
-            labels.append(label)
-            scores.append(score)
-
-    result: dict[Hashable, Detections] = {}
-    for image_id, (boxes, labels, scores) in wanted.items():
-        score_array = np.array(scores, np.float32)
-        order = np.argsort(-score_array, kind="stable")
-        result[image_id] = Detections(
-            boxes=np.array(boxes, np.float32).reshape(-1, 4)[order],
-            labels=np.array(labels, np.int64)[order],
-            scores=score_array[order],
-        )
-    return result
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-def _finite_float32(value: float | int) -> float | None:
-    """value as a float when float32 holds it finitely (JSON's integers are unbounded), else None."""
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) and abs(number) <= _FLOAT32_MAX else None
-
-
-def _parse_entry(entry: object, where: str) -> tuple[Hashable, int, list[float], float]:
-    if not isinstance(entry, dict):
-        raise InvalidArgumentError(f"{where}: expected an object, got {type(entry).__name__}")
-    for key in ("image_id", "category_id", "bbox", "score"):
-        if key not in entry:
-            raise InvalidArgumentError(f"{where}: missing key {key!r}")
-    image_id, category, bbox, score = entry["image_id"], entry["category_id"], entry["bbox"], entry["score"]
-    if isinstance(image_id, bool) or not isinstance(image_id, (int, str)):
-        raise InvalidArgumentError(f"{where}: image_id must be an int or a string, got {image_id!r}")
-    if isinstance(category, bool) or not isinstance(category, int) or not 1 <= category < 2**63:
-        raise InvalidArgumentError(f"{where}: category_id must be an int >= 1 (0 is background), got {category!r}")
-    if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
-        raise InvalidArgumentError(f"{where}: bbox must be [x, y, w, h], four numbers, got {bbox!r}")
-    values = [_finite_float32(v) for v in bbox]
-    if None in values:
-        raise InvalidArgumentError(f"{where}: bbox must be finite float32 values, got {bbox!r}")
-    x, y, w, h = values
-    if w < 0 or h < 0:
-        raise InvalidArgumentError(f"{where}: bbox has a negative size (w={w}, h={h})")
-    if not _is_number(score) or _finite_float32(score) is None:
-        raise InvalidArgumentError(f"{where}: score must be a finite float32 number, got {score!r}")
-    return image_id, category, [x, y, x + max(w - 1, 0.0), y + max(h - 1, 0.0)], float(score)
