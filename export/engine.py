@@ -61,8 +61,8 @@ _MAX_PIXELS = (2**31 - 1) // ((3 + 3) * 32)
 _INSTALL_TENSORRT = (
     "TensorRT's Python package is not installed: install it from NVIDIA's index "
     "(`pip install tensorrt --extra-index-url https://pypi.nvidia.com`, matching your CUDA driver; see "
-    "docs/tensorrt.md), build the plugin with TensorRT_ROOT set (`TensorRT_ROOT=/path/to/TensorRT pip install "
-    "--no-build-isolation .`), or use the onnxruntime backend, which needs neither"
+    "docs/tensorrt.md), build the plugin with TensorRT_ROOT set (`TensorRT_ROOT=/path/to/TensorRT pip install ."
+    "`), or use the onnxruntime backend, which needs neither"
 )
 
 
@@ -352,7 +352,7 @@ def plugin_library_path() -> Path:
     raise EngineError(
         f"the TensorRT plugin library {PLUGIN_LIBRARY} was not found (searched: "
         f"{', '.join(str(p) for p in candidates)}): build dynseg with TensorRT, `TensorRT_ROOT=/path/to/TensorRT "
-        f"pip install --no-build-isolation .`, or point {PLUGIN_LIBRARY_ENV} at the library"
+        f"pip install .`, or point {PLUGIN_LIBRARY_ENV} at the library"
     )
 
 

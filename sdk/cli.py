@@ -22,7 +22,7 @@ from typer.core import TyperGroup
 
 from . import __version__
 from .commands import quickstart as quickstart_job
-from .errors import DynsegError, InvalidArgumentError
+from .errors import INSTALL_TRAINER, DynsegError, InvalidArgumentError
 
 __all__ = ["app"]
 
@@ -117,7 +117,7 @@ def _torch_or_fail(what: str) -> None:
     try:
         import torch  # noqa: F401
     except ImportError as error:
-        raise _fail(f'{what} needs torch: pip install torch==2.13.0 "dynseg[train]" (the CPU wheel)') from error
+        raise _fail(f"{what} needs torch and dynseg's trainer: {INSTALL_TRAINER}") from error
 
 
 _DATASET_HELP = "synthetic (built in, the default), voc, sbd, coco or cityscapes."

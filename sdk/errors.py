@@ -1,7 +1,14 @@
 """The exceptions and warnings dynseg raises: one base class for the errors, so callers can catch
-everything dynseg-specific, and one category per warning, so callers can filter it."""
+everything dynseg-specific, and one category per warning, so callers can filter it; and the install
+command the errors that need the trainer give."""
 
 from __future__ import annotations
+
+
+# What an error that needs the trainer tells the user to run (from a checkout: dynseg is not on PyPI).
+# PyTorch's CPU index beside PyPI: PyPI's Linux torch is a multi-GB CUDA build.
+INSTALL_TRAINER = ('in the checkout, pip install torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu '
+                   '&& pip install ".[train]"')
 
 
 class DynsegError(Exception):

@@ -14,7 +14,7 @@ potential (its terms are proportional to the score), so the semantic probabiliti
 the backend then keeps only the background label of the instance logits, as D = 0 has.
 
 Written to TensorRT 10's Python API; it has not run here: no TensorRT can be installed on the
-machines this was developed on (the closing notes of issue 6 say what was verified).
+machines this was developed on (docs/tensorrt.md says what was verified).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InvalidArgumentError
+from .errors import INSTALL_TRAINER, InvalidArgumentError
 from .inputs import cuda_index
 
 UNLIMITED_DETECTIONS = 10_000  # the network itself has no limit; this keeps a call's memory sane
@@ -24,7 +24,7 @@ class TorchBackend:
             from dynseg.trainer.checkpoint import load_checkpoint, weights_fingerprint
         except ImportError as error:
             raise InvalidArgumentError(
-                f"backend='torch' needs PyTorch and dynseg's trainer: pip install 'dynseg[train]' ({error})"
+                f"backend='torch' needs PyTorch and dynseg's trainer: {INSTALL_TRAINER} ({error})"
             ) from None
         index = cuda_index(device)
         if index is not None and index >= torch.cuda.device_count():

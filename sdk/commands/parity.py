@@ -1,11 +1,11 @@
 """`dynseg validate`: does an exported model compute what its checkpoint computes?
 
 Runs the exported model (onnxruntime backend) and the checkpoint (torch backend) on the same images
-and detections and compares, per image (issue 4 item 5's tolerances, the rules of
+and detections and compares, per image (the tolerances below, the rules of
 tests/export/test_onnx_parity.py):
 
 - instance probabilities: max |Δ| of softmax(instance logits) over the D+1 labels, at most 1e-4;
-- semantic probabilities: max |Δ|, at most 1e-3 (the issue bounds the instance probabilities only; the
+- semantic probabilities: max |Δ|, at most 1e-3 (looser than the instance bound: the
   semantic CRF amplifies the two runtimes' float32 rounding of the backbone, about 3e-6 apart, by up to
   ~100x over its five iterations: docs/ops.md, Numerics);
 - argmax agreement of the instance labels on *decided* pixels, at least 99.9 %;
