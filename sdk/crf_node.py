@@ -3,7 +3,7 @@ executes the CRF nodes of an exported graph, with numpy arrays on the CPU (`mean
 device-resident tensors on a GPU (`mean_field_crf_cuda`).
 
 Owns the mapping from the node's inputs and attributes to one native mean-field call: the kernels,
-the compatibility and, for the semantic CRF, the higher-order detection potential (ALGORITHM.md §4),
+the compatibility and, for the semantic CRF, the higher-order detection potential (docs/algorithm.md §4),
 which the kernel library adds to every iteration's logits (dynseg_detections in dynseg_crf.h).
 """
 

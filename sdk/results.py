@@ -1,6 +1,6 @@
 """What `Segmenter.segment` returns, and the post-processing every backend shares to make it.
 
-Owns ALGORITHM.md §6 in numpy: `build_result` turns a backend's instance logits and semantic
+Owns docs/algorithm.md §6 in numpy: `build_result` turns a backend's instance logits and semantic
 probabilities into the instance map (argmax over the D+1 labels; detections whose instance got no
 pixel dropped, the rest renumbered 1..N in detection order), the semantic map and one `Instance` per
 instance, with its score (the mean of Q_sem of its class over its pixels, the released code's ranking

@@ -1,7 +1,7 @@
 """Shared fixtures: smooth synthetic images and unaries, the shipped photos, and pydensecrf as an oracle.
 
 Parity tests use smooth inputs on purpose: on high-contrast noise two correct dense-CRF implementations
-drift apart to ~1e-4 after a few iterations (ALGORITHM.md §3), so noise would force loose tolerances.
+drift apart to ~1e-4 after a few iterations (docs/algorithm.md §3), so noise would force loose tolerances.
 The fixtures are factories, so each test picks its own sizes and seeds.
 """
 

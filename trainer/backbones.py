@@ -1,4 +1,4 @@
-"""The semantic network's backbones and heads: image → semantic logits at stride 8 (ALGORITHM.md §1).
+"""The semantic network's backbones and heads: image → semantic logits at stride 8 (docs/algorithm.md §1).
 
 This module owns:
 - `ResNet` (resnet18/50/101) with layer3 and layer4 dilated instead of strided (output stride 8), and
@@ -495,7 +495,7 @@ class FCN8sHead(nn.Module):
 
 
 class SemanticNetwork(nn.Module):
-    """backbone → head: normalised image → semantic logits at stride 8 (ALGORITHM.md §1).
+    """backbone → head: normalised image → semantic logits at stride 8 (docs/algorithm.md §1).
 
     Args:
         backbone: a `TorchvisionBackbone` (its output is whatever `head` takes).

@@ -1,4 +1,4 @@
-"""Instance-segmentation metrics: AP^r, AP^r_vol, Matching IoU, PQ and COCO mask AP (ALGORITHM.md §8).
+"""Instance-segmentation metrics: AP^r, AP^r_vol, Matching IoU, PQ and COCO mask AP (docs/algorithm.md §8).
 
 One entry point, `evaluate`, takes per-image predictions and ground truth as boolean masks and returns
 every metric as a fraction. All metrics share one overlap computation per image: the masks are

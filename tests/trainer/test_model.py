@@ -143,7 +143,7 @@ def test_the_instance_unaries_are_algorithm_section_5_term_by_term():
 
 
 def test_the_crfs_defaults_are_the_released_codes():
-    """ALGORITHM.md section 3: the instance CRF's and the semantic CRF's kernels and iterations, and the
+    """docs/algorithm.md §3: the instance CRF's and the semantic CRF's kernels and iterations, and the
     semantic CRF's starting parameters (W diagonal, mu = -I, detection weights 1)."""
     instance = InstanceConfig()
     assert (instance.iterations, instance.theta_spatial, instance.theta_bilateral_xy, instance.theta_bilateral_rgb,

@@ -1,6 +1,6 @@
 """Mean-field inference of a dense CRF with Gaussian pairwise kernels: the readable PyTorch reference.
 
-This module owns the CRF-as-RNN update (ALGORITHM.md §3) over lattices from `lattice.py`:
+This module owns the CRF-as-RNN update (docs/algorithm.md §3) over lattices from `lattice.py`:
 
     Q = softmax(L_prev);  m = Σ_k W_k · K̃_k(Q);  L = U − μ·m
 

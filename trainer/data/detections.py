@@ -1,13 +1,13 @@
 """Detections for the instance CRF: a detector simulator (real detectors' COCO results files are read by
 `dynseg.sdk.coco_results.load_coco_detections`, re-exported here).
 
-The instance CRF's labels are the image's detections (ALGORITHM.md §1, §5), so what the network learns
+The instance CRF's labels are the image's detections (docs/algorithm.md §1, §5), so what the network learns
 to cope with is set by how the detections go wrong. `simulate_detections` turns ground truth into
 detections with the failure modes a real detector has, each with its own rate:
 
 - jitter: every box's centre moves by N(0, jitter) of the box's width/height, and its width/height
   scale by exp(N(0, jitter)) (normals clipped at 2.5 sigma). The released training data layer moved
-  boxes uniformly within ±5 % (ALGORITHM.md §7); jitter = 0.05 has that spread as its standard
+  boxes uniformly within ±5 % (docs/algorithm.md §7); jitter = 0.05 has that spread as its standard
   deviation, with tails to 12.5 %, which is rougher, as real detectors are.
 - poor_localisation: the probability that a detected object's box covers only part of it: shrunk to
   35-65 % of its width or height (anchored on a random side) or shifted by 35-60 % of its size, so the

@@ -6,7 +6,7 @@ regenerated on its own, in any order, in any process; numpy is all it needs (tor
 What makes the scenes hard, and why (the paper's instance CRF exists for these cases):
 - **Same-class occlusion.** About a third of the instances after the first are placed deliberately on
   top of an existing instance of the same class, usually with the same colour and texture. The
-  semantic map cannot separate them; only the detections can (ALGORITHM.md §1, §5).
+  semantic map cannot separate them; only the detections can (docs/algorithm.md §1, §5).
 - **Shape and appearance both matter.** Each class has a typical outline (disc, square, triangle,
   star, ...) with per-instance aspect, rotation and irregularity, and two colour modes and two
   texture families. Colour alone narrows a pixel down to two classes, texture alone to two others;

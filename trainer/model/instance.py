@@ -1,6 +1,6 @@
 """The instance subnetwork: box, global and shape terms, and the instance CRF with D+1 labels.
 
-Owns ALGORITHM.md §5: for detection k (class c_k, score s_k, integer inclusive box B_k),
+Owns docs/algorithm.md §5: for detection k (class c_k, score s_k, integer inclusive box B_k),
   box term     psi_box(k, i)    = s_k · Q_i(c_k) inside B_k, 0 outside (none for the background);
   global term  psi_global(k, i) = Q_i(c_k) everywhere; the background's is Q_i(0);
   shape term   psi_shape(k, i)  = Q_i(c_k) · t*(i) inside B_k, t* the learned template of the box's

@@ -1,6 +1,6 @@
 """The Dynamically Instantiated Network: semantic subnetwork, semantic CRF, instance unaries, instance CRF.
 
-Owns the composition (ALGORITHM.md §1) and everything around a forward pass: checking the detections,
+Owns the composition (docs/algorithm.md §1) and everything around a forward pass: checking the detections,
 the model's configuration (all that is needed to rebuild it, kept as JSON beside a checkpoint), and
 turning instance logits into the instance map, per-instance classes and scores (§6).
 

@@ -1,6 +1,6 @@
 """The semantic CRF: CRF-as-RNN over the K+1 classes, plus the higher-order detection potential.
 
-Owns the semantic subnetwork's CRF (ALGORITHM.md §3-4): per-class kernel weight matrices W_s, W_b
+Owns the semantic subnetwork's CRF (docs/algorithm.md §3-4): per-class kernel weight matrices W_s, W_b
 (initialised diagonal) and a learned compatibility mu (initialised -I), and the detection potential
 of Arnab et al. (ECCV 2016) with F_d = the pixels of detection d's box, which also yields the
 recalibrated detection scores Q(Y_d = 1).
@@ -28,7 +28,7 @@ from ..crf import mean_field_native
 
 @dataclass(frozen=True)
 class SemanticCRFConfig:
-    """CRF-as-RNN's defaults (ALGORITHM.md §3) and the detection potential's weights."""
+    """CRF-as-RNN's defaults (docs/algorithm.md §3) and the detection potential's weights."""
 
     iterations: int = 5
     theta_spatial: float = 3.0
@@ -123,7 +123,7 @@ def detection_potential(
     detection_y: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """The detection potential's contribution to the logits (K+1, H, W), and Q(Y_d = 1) (D,), the
-    recalibrated scores (ALGORITHM.md §4). q: (K+1, H, W) the current Q; inside: (D, H, W) 1 on each
+    recalibrated scores (docs/algorithm.md §4). q: (K+1, H, W) the current Q; inside: (D, H, W) 1 on each
     box's pixels F_d, else 0; pixels: (D,) n_d = |F_d|; prior: (D,) p_d, the clamped scores; labels:
     (D,) int64 l_d; scores: (D,) s_d; detection_x, detection_y: 0-d, the learned weights."""
     q_label = q[labels]  # (D, H, W): Q_i(l_d)
