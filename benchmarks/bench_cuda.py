@@ -59,13 +59,6 @@ def device_image(photo: np.ndarray) -> torch.Tensor:
     return torch.tensor(photo.transpose(2, 0, 1).astype(np.float32), device="cuda").contiguous()
 
 
-def device_array(tensor: torch.Tensor) -> _native.DeviceArray:
-    """The kernels read C-contiguous planes through a bare pointer: a strided view would be read scrambled."""
-    if not tensor.is_contiguous():
-        raise ValueError(f"bench_cuda: a {tuple(tensor.shape)} tensor with strides {tensor.stride()} is not contiguous")
-    return _native.DeviceArray(tensor.data_ptr(), tuple(tensor.shape))
-
-
 class CudaCall:
     """One dense CRF problem on device tensors with its workspace, ready to enqueue."""
 
@@ -76,9 +69,10 @@ class CudaCall:
         self.weights = [torch.tensor([kernels["spatial"][1]], device="cuda"),
                         torch.tensor([kernels["bilateral"][2]], device="cuda")]
         self.problem = _native.Problem(
-            unary.shape[0], unary.shape[1], unary.shape[2], device_array(image),
-            [_native.Kernel(kernels["spatial"][0], 0.0, device_array(self.weights[0])),
-             _native.Kernel(kernels["bilateral"][0], kernels["bilateral"][1], device_array(self.weights[1]))],
+            unary.shape[0], unary.shape[1], unary.shape[2], _native.DeviceArray.of(image, "image"),
+            [_native.Kernel(kernels["spatial"][0], 0.0, _native.DeviceArray.of(self.weights[0], "spatial weight")),
+             _native.Kernel(kernels["bilateral"][0], kernels["bilateral"][1],
+                            _native.DeviceArray.of(self.weights[1], "bilateral weight"))],
             compat=None, normalization="after", iterations=iterations, output=_native.OUTPUT_PROBABILITIES,
             threads=0,
         )

@@ -3,7 +3,8 @@
 Owns: loading the library lazily, the ctypes mirrors of the C structs, checking every array's
 dtype, shape and contiguity before a pointer crosses over, per-thread workspaces, and turning the
 library's status codes into exceptions (all through `_check`). Arrays are numpy arrays for the CPU
-calls and `DeviceArray`s (addresses of GPU memory) for the CUDA calls.
+calls and `DeviceArray`s (addresses of GPU memory) for the CUDA calls: `DeviceArray.of` checks a GPU
+array's dtype, shape and contiguity as `_pointer` checks a numpy array's.
 """
 
 from __future__ import annotations
@@ -32,11 +33,36 @@ _f32p = ctypes.POINTER(ctypes.c_float)
 
 @dataclass(frozen=True)
 class DeviceArray:
-    """A C-contiguous float32 array in GPU memory, known by its address (a torch CUDA tensor's
-    data_ptr(), or the pointer of a `__cuda_array_interface__`)."""
+    """A C-contiguous array of `dtype` in GPU memory, known by its address. Made by `of` from anything
+    with a `__cuda_array_interface__` (torch CUDA tensors, CuPy arrays, `sdk.crf.CudaArray`), or
+    directly by a caller whose memory is contiguous by construction (onnxruntime's OrtValues)."""
 
     pointer: int
     shape: tuple[int, ...]
+    dtype: np.dtype = np.dtype(np.float32)
+
+    @classmethod
+    def of(cls, array: object, name: str, *, dtype: type = np.float32,
+           shape: tuple[int, ...] | None = None) -> DeviceArray:
+        """The view of `array` after checking it is a GPU array of `dtype`, C-contiguous and, given
+        `shape`, of that shape; InvalidArgumentError naming `name` otherwise."""
+        interface = getattr(array, "__cuda_array_interface__", None)
+        if not isinstance(interface, dict):
+            raise InvalidArgumentError(
+                f"{name} must be a GPU array exposing __cuda_array_interface__ (a torch CUDA tensor, a CuPy "
+                f"array), got {type(array).__name__}"
+            )
+        found = tuple(int(n) for n in interface["shape"])
+        if np.dtype(interface["typestr"]) != np.dtype(dtype):
+            raise InvalidArgumentError(f"{name} must be {np.dtype(dtype)}, got {np.dtype(interface['typestr'])}")
+        strides = interface.get("strides")
+        itemsize = np.dtype(dtype).itemsize
+        if strides is not None and tuple(strides) != tuple(itemsize * int(np.prod(found[i + 1:], dtype=np.int64))
+                                                           for i in range(len(found))):
+            raise InvalidArgumentError(f"{name} must be C-contiguous, got strides {tuple(strides)} for shape {found}")
+        if shape is not None and found != shape:
+            raise InvalidArgumentError(f"{name} must have shape {shape}, got {found}")
+        return cls(int(interface["data"][0]), found, np.dtype(dtype))
 
     @property
     def size(self) -> int:
@@ -193,6 +219,8 @@ def _pointer(array: np.ndarray | DeviceArray | None, dtype: type = np.float32):
     if array is None:
         return None
     if isinstance(array, DeviceArray):
+        if array.dtype != dtype:
+            raise NativeError(f"internal: a {array.dtype} device array where the library reads {np.dtype(dtype)}")
         return ctypes.cast(ctypes.c_void_p(array.pointer), c_type)
     if array.dtype != dtype or not array.flags.c_contiguous:
         raise NativeError(f"internal: arrays handed to the native library must be contiguous {np.dtype(dtype)}")

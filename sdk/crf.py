@@ -197,25 +197,6 @@ class CudaArray:
                 "version": 3}
 
 
-def _device_array(name: str, array: object, shape: tuple[int, ...] | None = None) -> _native.DeviceArray:
-    interface = getattr(array, "__cuda_array_interface__", None)
-    if not isinstance(interface, dict):
-        raise InvalidArgumentError(
-            f"{name} must be a GPU array exposing __cuda_array_interface__ (a torch CUDA tensor, a CuPy array), "
-            f"got {type(array).__name__}"
-        )
-    found = tuple(int(n) for n in interface["shape"])
-    if np.dtype(interface["typestr"]) != np.float32:
-        raise InvalidArgumentError(f"{name} must be float32, got {np.dtype(interface['typestr'])}")
-    strides = interface.get("strides")
-    if strides is not None and tuple(strides) != tuple(4 * int(np.prod(found[i + 1:], dtype=np.int64))
-                                                       for i in range(len(found))):
-        raise InvalidArgumentError(f"{name} must be C-contiguous, got strides {tuple(strides)} for shape {found}")
-    if shape is not None and found != shape:
-        raise InvalidArgumentError(f"{name} must have shape {shape}, got {found}")
-    return _native.DeviceArray(int(interface["data"][0]), found)
-
-
 def dense_crf_cuda(
     unary: object,
     image: object | None,
@@ -244,7 +225,7 @@ def dense_crf_cuda(
     Returns:
         `out`, or a new `CudaArray`, holding Q (L, H, W).
     """
-    unary_array = _device_array("unary", unary)
+    unary_array = _native.DeviceArray.of(unary, "unary")
     if unary_array.ndim != 3 or 0 in unary_array.shape:
         raise InvalidArgumentError(f"unary must have shape (L, H, W) with L, H, W >= 1, got {unary_array.shape}")
     labels, height, width = unary_array.shape
@@ -255,20 +236,20 @@ def dense_crf_cuda(
         raise InvalidArgumentError("image must be given when bilateral is not None")
     image_array = None
     if image is not None:
-        image_array = _device_array("image", image)
+        image_array = _native.DeviceArray.of(image, "image")
         if image_array.ndim != 3 or image_array.shape[1:] != (height, width):
             raise InvalidArgumentError(f"image must have shape (C, {height}, {width}), got {image_array.shape}")
     if isinstance(stream, bool) or not isinstance(stream, int) or stream < 0:
         raise InvalidArgumentError(f"stream must be a cudaStream_t address (int >= 0), got {stream!r}")
     _native.check_cuda_device(0)
     result = CudaArray(unary_array.shape) if out is None else out
-    out_array = _device_array("out", result, unary_array.shape)
+    out_array = _native.DeviceArray.of(result, "out", shape=unary_array.shape)
     weights = [CudaArray((1,)) for _ in kernels]  # the CUDA calls read every array from device memory
     for buffer, (_, _, weight) in zip(weights, kernels):
         _native.copy_to_device(buffer._buffer.pointer, np.array([weight], dtype=np.float32))
     problem = _native.Problem(
         labels, height, width, image_array,
-        [_native.Kernel(t, c, _device_array("weight", w)) for (t, c, _), w in zip(kernels, weights)],
+        [_native.Kernel(t, c, _native.DeviceArray.of(w, "weight")) for (t, c, _), w in zip(kernels, weights)],
         compat=None, normalization=normalization, iterations=iterations,
         output=_native.OUTPUT_PROBABILITIES, threads=0,
     )

@@ -9,6 +9,8 @@ which the kernel library adds to every iteration's logits (dynseg_detections in 
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -55,7 +57,7 @@ class CrfInputs(NamedTuple):
 def _planes(array: Array) -> Array:
     """A (1, C, H, W) tensor without its batch axis, (C, H, W), in the same memory."""
     if isinstance(array, _native.DeviceArray):
-        return _native.DeviceArray(array.pointer, array.shape[1:])
+        return dataclasses.replace(array, shape=array.shape[1:])
     return array[0]
 
 

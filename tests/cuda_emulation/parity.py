@@ -18,7 +18,7 @@ rng = np.random.default_rng(1)
 
 
 def on_device(array: np.ndarray) -> n.DeviceArray:
-    return n.DeviceArray(array.ctypes.data, array.shape)
+    return n.DeviceArray(array.ctypes.data, array.shape, array.dtype)
 
 
 def workspace(problem: n.Problem, pass_: int) -> tuple[np.ndarray, int]:

@@ -13,7 +13,7 @@ import torch
 
 import dynseg.plugins
 import dynseg.sdk
-from dynseg.sdk import InvalidArgumentError, _native
+from dynseg.sdk import InvalidArgumentError, NativeError, _native
 from dynseg.trainer.crf import PermutohedralLattice, gaussian_features, mean_field
 
 KERNELS = {"spatial": (3.0, 0.0), "bilateral": (8.0, 13.0)}  # (theta_xy, theta_color)
@@ -381,3 +381,29 @@ def test_a_dynseg_library_variable_naming_no_file_is_an_error_not_a_fall_back(mo
     monkeypatch.setenv("DYNSEG_LIBRARY", str(tmp_path / "nowhere.so"))
     with pytest.raises(FileNotFoundError, match="nowhere.so"):
         dynseg.plugins.library_path()
+
+
+class _GpuArrayInterface:
+    """Only the `__cuda_array_interface__` of a GPU array: what DeviceArray.of reads (no memory behind it)."""
+
+    def __init__(self, shape, typestr="<f4", strides=None):
+        self.__cuda_array_interface__ = {"shape": shape, "typestr": typestr, "data": (4096, False),
+                                         "strides": strides, "version": 3}
+
+
+@pytest.mark.parametrize("array, message", [
+    (np.zeros((2, 3), np.float32), "image must be a GPU array exposing __cuda_array_interface__"),
+    (_GpuArrayInterface((2, 3), typestr="<f8"), "image must be float32, got float64"),
+    (_GpuArrayInterface((2, 3), strides=(4, 8)), r"image must be C-contiguous, got strides \(4, 8\)"),
+    (_GpuArrayInterface((3, 2)), r"image must have shape \(2, 3\), got \(3, 2\)"),
+])
+def test_a_gpu_array_is_checked_before_its_address_is_taken(array, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        _native.DeviceArray.of(array, "image", shape=(2, 3))
+
+
+def test_a_gpu_arrays_view_keeps_its_address_shape_and_dtype():
+    view = _native.DeviceArray.of(_GpuArrayInterface((2, 3), typestr="<i8", strides=(24, 8)), "labels", dtype=np.int64)
+    assert (view.pointer, view.shape, view.dtype) == (4096, (2, 3), np.dtype(np.int64))
+    with pytest.raises(NativeError, match="int64 device array where the library reads float32"):
+        _native._pointer(view)

@@ -70,7 +70,7 @@ class _CudaCall:
 
     @staticmethod
     def array(tensor: Tensor | None) -> _native.DeviceArray | None:
-        return None if tensor is None else _native.DeviceArray(tensor.data_ptr(), tuple(tensor.shape))
+        return None if tensor is None else _native.DeviceArray.of(tensor, "a CRF tensor")
 
 
 @torch.library.custom_op("dynseg::mean_field", mutates_args=(), device_types=("cpu", "cuda"))
