@@ -3,15 +3,17 @@ whichever backend runs the network.
 
 Owns the path from a user's call to a backend and back: choosing and loading the backend once, the
 input checks (`inputs`), the backend's run, and the shared post-processing (`results.build_result`).
-Backends: "onnxruntime" (an exported .onnx; the CRF nodes on the native kernels), "torch" (a training
-checkpoint directory; needs torch and the trainer, `errors.INSTALL_TRAINER`), "tensorrt" (a TensorRT plan with its sidecar; needs
-TensorRT and a GPU). One Segmenter serves concurrent calls: it holds no per-call state.
+Backends, each a `NetworkBackend`: "onnxruntime" (an exported .onnx; the CRF nodes on the native
+kernels), "torch" (a training checkpoint directory; needs torch and the trainer,
+`errors.INSTALL_TRAINER`), "tensorrt" (a TensorRT plan with its sidecar; needs TensorRT and a GPU).
+One Segmenter serves concurrent calls: it holds no per-call state.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, Protocol, get_args
 
 import numpy as np
 
@@ -21,6 +23,22 @@ from .results import SegmentationResult, build_result
 
 Backend = Literal["auto", "onnxruntime", "torch", "tensorrt"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
+
+
+class NetworkBackend(Protocol):
+    """What a Segmenter needs of a backend: the model's classes and detection limit, the fingerprint of
+    its weights, and one run of the exported graph (docs/ops.md) on checked inputs."""
+
+    class_names: tuple[str, ...]
+    max_detections: int
+    weights_fingerprint: str | None
+
+    def run(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray, *,
+            timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+        """image (H, W, 3) uint8 RGB; boxes (D, 4) float32, checked; labels (D,) int64; scores (D,)
+        float32. Returns instance_logits (D+1, H, W) and semantic_probabilities (K+1, H, W). timings, if
+        given, gains the seconds of the stages this backend can tell apart ("network", "crf")."""
+        ...
 
 
 def _choose(path: Path, backend: str) -> str:
@@ -63,6 +81,7 @@ class Segmenter:
             from .tensorrt_backend import TensorRTBackend
 
             self._backend = TensorRTBackend(path, device=device)
+        self._backend: NetworkBackend
         self.path = path
         self.class_names: tuple[str, ...] = self._backend.class_names
         self.max_detections: int = self._backend.max_detections
@@ -70,15 +89,18 @@ class Segmenter:
         # an export older than the fingerprint
         self.weights_fingerprint: str | None = self._backend.weights_fingerprint
 
-    def segment(self, image: ImageLike, boxes: object, labels: object, scores: object) -> SegmentationResult:
+    def segment(self, image: ImageLike, boxes: object, labels: object, scores: object, *,
+                timings: dict[str, float] | None = None) -> SegmentationResult:
         """Segments one image.
 
         image: (H, W, 3) uint8 RGB, (H, W) grayscale, (H, W, 4) RGBA, or a path to an image file.
         boxes: (D, 4) xyxy pixels; labels: (D,) class ids in 1..K; scores: (D,); D >= 0 (up to
         max_detections). Boxes reaching outside the image are clipped; inverted and outside
         ones are dropped with a warning and recorded in the result's `dropped`.
+        timings: if given, gains the seconds the call spent in post-processing ("post") and, on
+        onnxruntime, in the network's sessions ("network") and the CRF nodes ("crf").
         """
-        return self._segment(image, boxes, labels, scores)[0]
+        return self._segment(image, boxes, labels, scores, timings)[0]
 
     def segment_with_outputs(self, image: ImageLike, boxes: object, labels: object,
                              scores: object) -> tuple[SegmentationResult, dict[str, np.ndarray]]:
@@ -87,15 +109,19 @@ class Segmenter:
         backends (`dynseg validate`)."""
         return self._segment(image, boxes, labels, scores)
 
-    def _segment(self, image, boxes, labels, scores) -> tuple[SegmentationResult, dict[str, np.ndarray]]:
+    def _segment(self, image: ImageLike, boxes: object, labels: object, scores: object,
+                 timings: dict[str, float] | None = None) -> tuple[SegmentationResult, dict[str, np.ndarray]]:
         rgb = load_image(image)
         height, width = rgb.shape[:2]
         detections = check_detections(boxes, labels, scores, height=height, width=width,
                                       num_classes=len(self.class_names), max_detections=self.max_detections,
                                       stacklevel=4)  # the warning points at the caller of segment
-        outputs = self._backend.run(rgb, detections.boxes, detections.labels, detections.scores)
+        outputs = self._backend.run(rgb, detections.boxes, detections.labels, detections.scores, timings=timings)
+        start = time.perf_counter()
         result = build_result(rgb, outputs["instance_logits"], outputs["semantic_probabilities"], detections,
                               self.class_names)
+        if timings is not None:
+            timings["post"] = timings.get("post", 0.0) + time.perf_counter() - start
         return result, outputs
 
     def __repr__(self) -> str:

@@ -82,7 +82,9 @@ class TensorRTBackend:
             buffer = state["buffers"][name] = _native.CudaBuffer(max(nbytes, 1))
         return buffer.pointer
 
-    def run(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> dict[str, np.ndarray]:
+    def run(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray, *,
+            timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+        """`segmenter.NetworkBackend.run`; the graph runs as one, so `timings` gains nothing."""
         height, width = image.shape[:2]
         silent = len(boxes) == 0 and self._profile.detections[0] > 0  # see the module docstring
         if silent:

@@ -43,7 +43,9 @@ class TorchBackend:
         self.max_detections = UNLIMITED_DETECTIONS
         self.weights_fingerprint: str | None = weights_fingerprint(self._model)
 
-    def run(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> dict[str, np.ndarray]:
+    def run(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray, *,
+            timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+        """`segmenter.NetworkBackend.run`; the graph runs as one, so `timings` gains nothing."""
         torch = self._torch
         as_tensor = lambda a, dtype: torch.as_tensor(np.ascontiguousarray(a), dtype=dtype, device=self._device)
         with torch.no_grad():

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..inputs import check_detections
-from ..results import build_result
-from .images import generated_detections
+from ..segmenter import Segmenter
+from .images import ImageDetections, generated_detections
 
 
 @dataclass(frozen=True)
@@ -53,26 +52,19 @@ def bench_image(height: int, width: int) -> np.ndarray:
         return np.array(photo.convert("RGB").resize((width, height), Image.BILINEAR))
 
 
-def _time_case(backend, name: str, image, dets, class_names, max_detections, repeats: int, split: bool) -> BenchRow:
+def _time_case(segmenter: Segmenter, name: str, image: np.ndarray, dets: ImageDetections, repeats: int) -> BenchRow:
     totals, networks, crfs, posts = [], [], [], []
     for repeat in range(repeats + 1):  # the first is a warm-up
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        checked = check_detections(dets.boxes, dets.labels, dets.scores, height=image.shape[0], width=image.shape[1],
-                                   num_classes=len(class_names), max_detections=max_detections)
-        if split:
-            outputs = backend.run(image, checked.boxes, checked.labels, checked.scores, timings=timings)
-        else:
-            outputs = backend.run(image, checked.boxes, checked.labels, checked.scores)
-        post = time.perf_counter()
-        build_result(image, outputs["instance_logits"], outputs["semantic_probabilities"], checked, class_names)
-        end = time.perf_counter()
+        segmenter.segment(image, dets.boxes, dets.labels, dets.scores, timings=timings)
         if repeat:
-            totals.append(end - start)
-            posts.append(end - post)
-            networks.append(timings.get("network", 0.0))
-            crfs.append(timings.get("crf", 0.0))
+            totals.append(time.perf_counter() - start)
+            posts.append(timings["post"])
+            networks.append(timings.get("network"))
+            crfs.append(timings.get("crf"))
     ms = lambda values, q=50: float(np.percentile(values, q) * 1e3)  # noqa: E731
+    split = None not in networks + crfs  # onnxruntime times its sessions and CRF nodes apart
     return BenchRow(backend=name, height=image.shape[0], width=image.shape[1], detections=len(dets.scores),
                     repeats=repeats, p50_ms=ms(totals), p90_ms=ms(totals, 90), p99_ms=ms(totals, 99),
                     network_ms=ms(networks) if split else None, crf_ms=ms(crfs) if split else None,
@@ -83,23 +75,18 @@ def run(model_path: str | Path, *, sizes: Sequence[tuple[int, int]], detections:
         checkpoint: str | Path | None = None, device: str = "cpu", on_row: Callable[[BenchRow], object] | None = None) -> list[BenchRow]:
     """Times every (size, D) case on the exported model and, given `checkpoint`, on PyTorch too, both
     on `device` (a call's time includes copying its outputs to the host)."""
-    from ..onnx_backend import OnnxRuntimeBackend
-
     where = "" if device == "cpu" else f" ({device})"
-    backends = [("onnxruntime" + where, OnnxRuntimeBackend(model_path, device=device), True)]
+    segmenters = [("onnxruntime" + where, Segmenter(model_path, backend="onnxruntime", device=device))]
     if checkpoint is not None:
-        from ..torch_backend import TorchBackend
-
-        backends.append(("torch" + where, TorchBackend(checkpoint, device=device), False))
-    exported = backends[0][1]
+        segmenters.append(("torch" + where, Segmenter(checkpoint, backend="torch", device=device)))
+    exported = segmenters[0][1]
     rows = []
     for height, width in sizes:
         image = bench_image(height, width)
         for count in detections:
             dets = generated_detections(height, width, count, num_classes=len(exported.class_names), seed=0)
-            for name, backend, split in backends:
-                row = _time_case(backend, name, image, dets, exported.class_names, exported.max_detections,
-                                 repeats, split)
+            for name, segmenter in segmenters:
+                row = _time_case(segmenter, name, image, dets, repeats)
                 rows.append(row)
                 if on_row is not None:
                     on_row(row)

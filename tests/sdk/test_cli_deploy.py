@@ -229,6 +229,15 @@ def test_bench_times_the_checkpoint_beside_the_export(exported):
     assert "| onnxruntime | 40 x 48 | 2 |" in result.output and "| torch | 40 x 48 | 2 |" in result.output
 
 
+def test_segment_reports_each_stages_time_where_the_backend_tells_them_apart(exported):
+    checkpoint, model = exported
+    image = np.ascontiguousarray(samples.load("coffee")[:40, :48])
+    for path, stages in ((model, {"network", "crf", "post"}), (checkpoint, {"post"})):
+        timings: dict[str, float] = {}
+        Segmenter(path).segment(image, [[2, 3, 20, 30]], [1], [0.8], timings=timings)
+        assert set(timings) == stages and all(seconds > 0 for seconds in timings.values())
+
+
 def test_quickstart_with_a_few_steps_makes_everything_it_promises(tmp_path):
     out = tmp_path / "qs"
     result = runner.invoke(app, ["quickstart", "--out", str(out), "--steps", "2"])
