@@ -119,9 +119,9 @@ def _adds_detection_potential(inputs: CrfInputs, attributes: CrfAttributes) -> b
     return bool(attributes.detection_potential) and inputs.boxes.shape[0] > 0
 
 
-def _problem(inputs: CrfInputs, attributes: CrfAttributes, recalibrated: Array) -> _native.Problem:
+def _problem(inputs: CrfInputs, attributes: CrfAttributes, detection_scores: Array) -> _native.Problem:
     """The node as one native problem; inputs are all numpy arrays (in the library's dtypes and
-    layouts) or all DeviceArrays. `recalibrated` receives Q(Y_d = 1) when the detection potential runs."""
+    layouts) or all DeviceArrays. `detection_scores` receives Q(Y_d = 1) when the detection potential runs."""
     _, num_labels, height, width = inputs.unary.shape
     kernels = [
         _native.Kernel(attributes.theta_spatial, 0.0, inputs.spatial_weight),
@@ -132,7 +132,7 @@ def _problem(inputs: CrfInputs, attributes: CrfAttributes, recalibrated: Array) 
         potential = _native.DetectionPotential(
             boxes=inputs.boxes, labels=inputs.labels, scores=inputs.scores, detection_x=inputs.detection_x,
             detection_y=inputs.detection_y, score_ceiling=attributes.score_ceiling, epsilon=attributes.epsilon,
-            recalibrated=recalibrated,
+            recalibrated=detection_scores,
         )
     compat = inputs.compatibility
     return _native.Problem(
@@ -176,14 +176,14 @@ def mean_field_crf(inputs: Sequence[np.ndarray], attributes: CrfAttributes) -> t
                          for name, a in zip(CrfInputs._fields, inputs)])
     if arrays.unary.shape[1] == 1:  # one label: nothing to infer (docs/ops.md)
         return arrays.unary.copy(), arrays.scores.copy()
-    recalibrated = arrays.scores.copy()
-    logits = _problem(arrays, attributes, recalibrated).forward(_planes(arrays.unary))
+    detection_scores = arrays.scores.copy()
+    logits = _problem(arrays, attributes, detection_scores).forward(_planes(arrays.unary))
     if not np.isfinite(logits).all():  # finite inputs whose messages overflowed float32 on the way
         cause = ("the detection scores (largest |score| "
                  f"{np.abs(arrays.scores).max():.3g}) or " if _adds_detection_potential(arrays, attributes) else "")
         raise InvalidArgumentError(f"MeanFieldCRF's logits overflowed float32: {cause}the model's CRF weights are "
                                    "too large")
-    return logits[None], recalibrated
+    return logits[None], detection_scores
 
 
 def mean_field_crf_cuda(inputs: Sequence[_native.DeviceArray], attributes: CrfAttributes,
