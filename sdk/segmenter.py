@@ -69,6 +69,7 @@ class Segmenter:
         cuda_index(device)  # a bad device string fails before any backend loads
         path = Path(path)
         self.backend_name = _choose(path, backend)
+        self._backend: NetworkBackend
         if self.backend_name == "onnxruntime":
             from .onnx_backend import OnnxRuntimeBackend
 
@@ -81,7 +82,6 @@ class Segmenter:
             from .tensorrt_backend import TensorRTBackend
 
             self._backend = TensorRTBackend(path, device=device)
-        self._backend: NetworkBackend
         self.path = path
         self.class_names: tuple[str, ...] = self._backend.class_names
         self.max_detections: int = self._backend.max_detections
@@ -100,6 +100,8 @@ class Segmenter:
         timings: if given, gains the seconds the call spent in post-processing ("post") and, on
         onnxruntime, in the network's sessions ("network") and the CRF nodes ("crf").
         """
+        if timings is not None and not isinstance(timings, dict):
+            raise InvalidArgumentError(f"timings must be a dict (or None), got {type(timings).__name__}")
         return self._segment(image, boxes, labels, scores, timings)[0]
 
     def segment_with_outputs(self, image: ImageLike, boxes: object, labels: object,

@@ -72,7 +72,8 @@ def _time_case(segmenter: Segmenter, name: str, image: np.ndarray, dets: ImageDe
 
 
 def run(model_path: str | Path, *, sizes: Sequence[tuple[int, int]], detections: Sequence[int], repeats: int,
-        checkpoint: str | Path | None = None, device: str = "cpu", on_row: Callable[[BenchRow], object] | None = None) -> list[BenchRow]:
+        checkpoint: str | Path | None = None, device: str = "cpu",
+        on_row: Callable[[BenchRow], object] | None = None) -> list[BenchRow]:
     """Times every (size, D) case on the exported model and, given `checkpoint`, on PyTorch too, both
     on `device` (a call's time includes copying its outputs to the host)."""
     where = "" if device == "cpu" else f" ({device})"

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from dynseg.sdk import Segmenter, samples
+from dynseg.sdk import InvalidArgumentError, Segmenter, samples
 from dynseg.sdk.cli import app
 
 torch = pytest.importorskip("torch")
@@ -236,6 +236,8 @@ def test_segment_reports_each_stages_time_where_the_backend_tells_them_apart(exp
         timings: dict[str, float] = {}
         Segmenter(path).segment(image, [[2, 3, 20, 30]], [1], [0.8], timings=timings)
         assert set(timings) == stages and all(seconds > 0 for seconds in timings.values())
+    with pytest.raises(InvalidArgumentError, match="timings must be a dict"):
+        Segmenter(model).segment(image, [], [], [], timings=[])
 
 
 def test_quickstart_with_a_few_steps_makes_everything_it_promises(tmp_path):
