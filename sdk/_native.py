@@ -46,7 +46,10 @@ class DeviceArray:
            shape: tuple[int, ...] | None = None) -> DeviceArray:
         """The view of `array` after checking it is a GPU array of `dtype`, C-contiguous and, given
         `shape`, of that shape; InvalidArgumentError naming `name` otherwise."""
-        interface = getattr(array, "__cuda_array_interface__", None)
+        try:
+            interface = getattr(array, "__cuda_array_interface__", None)
+        except RuntimeError as error:  # torch refuses a tensor that requires grad
+            raise InvalidArgumentError(f"{name}: {error}") from None
         if not isinstance(interface, dict):
             raise InvalidArgumentError(
                 f"{name} must be a GPU array exposing __cuda_array_interface__ (a torch CUDA tensor, a CuPy "

@@ -407,3 +407,13 @@ def test_a_gpu_arrays_view_keeps_its_address_shape_and_dtype():
     assert (view.pointer, view.shape, view.dtype) == (4096, (2, 3), np.dtype(np.int64))
     with pytest.raises(NativeError, match="int64 device array where the library reads float32"):
         _native._pointer(view)
+
+
+def test_a_gpu_array_that_cannot_give_its_interface_is_named():
+    class RequiresGrad:  # what a torch CUDA tensor that requires grad does
+        @property
+        def __cuda_array_interface__(self):
+            raise RuntimeError("Can't get __cuda_array_interface__ on Variable that requires grad")
+
+    with pytest.raises(InvalidArgumentError, match="unary: Can't get __cuda_array_interface__"):
+        _native.DeviceArray.of(RequiresGrad(), "unary")
