@@ -529,7 +529,7 @@ def bench(
 def quickstart(
     out: Path = typer.Option(..., "--out", file_okay=False, help="Folder for everything it makes."),
     steps: int = typer.Option(quickstart_job.DEFAULT_STEPS, "--steps", min=2,
-                              help="Training steps in all (6:1 semantic:instance); the default took 7 min 24 s "
+                              help="Training steps in all (6:1 semantic:instance); the default took about 7 min "
                                    "on 2 idle CPU cores (docs/deploy.md)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data, detections and initialisation."),
 ) -> None:

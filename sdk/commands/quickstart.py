@@ -9,7 +9,7 @@
 5. segments held-out synthetic scenes and the shipped coffee photo with hand-drawn boxes with the
    exported model (overlays/).
 
-Needs torch (imported when it runs). The default, 1400 steps, took 7 min 24 s on 2 CPU cores
+Needs torch (imported when it runs). The default, 1400 steps, took about 7 min on 2 CPU cores
 (docs/deploy.md has the measured run).
 """
 
