@@ -9,11 +9,9 @@ which the kernel library adds to every iteration's logits (dynseg_detections in 
 
 from __future__ import annotations
 
-import dataclasses
-
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -57,7 +55,7 @@ class CrfInputs(NamedTuple):
 def _planes(array: Array) -> Array:
     """A (1, C, H, W) tensor without its batch axis, (C, H, W), in the same memory."""
     if isinstance(array, _native.DeviceArray):
-        return dataclasses.replace(array, shape=array.shape[1:])
+        return replace(array, shape=array.shape[1:])
     return array[0]
 
 

@@ -1,8 +1,9 @@
 """The Dynamically Instantiated Network: semantic subnetwork, semantic CRF, instance unaries, instance CRF.
 
 Owns the composition (docs/algorithm.md §1) and everything around a forward pass: checking the detections,
-the model's configuration (all that is needed to rebuild it, kept as JSON beside a checkpoint), and
-turning instance logits into the instance map, per-instance classes and scores (§6).
+and the model's configuration (all that is needed to rebuild it, kept as JSON beside a checkpoint).
+The instance map, classes and scores (§6) are made from its outputs by `dynseg.sdk.results.build_result`,
+as for every backend.
 
     image ──► backbone + head ──► logits (K+1, h, w) ──► upsample (align corners) to H×W
           ──► semantic CRF (with the detection potential) ──► Q_sem
