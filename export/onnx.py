@@ -19,7 +19,7 @@ from dynseg.sdk import __version__
 from dynseg.sdk.errors import InvalidArgumentError
 from dynseg.sdk.graph import DOMAIN, INPUTS, OP_VERSION, OUTPUTS
 from dynseg.trainer.checkpoint import weights_fingerprint
-from dynseg.trainer.model.network import DynamicallyInstantiatedNetwork
+from dynseg.trainer.model.network import DynamicallyInstantiatedNetwork, compose
 
 from . import ops
 
@@ -31,47 +31,20 @@ class ExportGraph(nn.Module):
     integer-valued, inclusive and inside the image (the SDK clips and drops them first); labels (D,)
     int64 in 1..K; scores (D,) float32. Outputs: instance_logits (1, D+1, H, W) and semantic_probabilities
     (1, K+1, H, W); what a result makes of them (the instance map, instance scores) is the SDK's
-    `build_result`, the one post-processing of every backend."""
+    `build_result`, the one post-processing of every backend.
+
+    It runs the network's own composition with each CRF as one dynseg::MeanFieldCRF node."""
 
     def __init__(self, network: DynamicallyInstantiatedNetwork):
         super().__init__()
         self.network = network
+        self.semantic_crf = None if network.semantic_crf is None else ops.SemanticCRFNode(network.semantic_crf)
+        self.instance_crf = ops.InstanceCRFNode(network.instance_crf)
 
-    def forward(self, image: Tensor, boxes: Tensor, labels: Tensor, scores: Tensor):
-        network = self.network
-        rgb = image.to(torch.float32)
-        logits = network.semantic_logits(rgb)  # (1, K+1, H, W)
-        detection_scores = scores
-        crf = network.semantic_crf
-        if crf is not None:
-            config = crf.config
-            logits, detection_scores = ops.mean_field_crf(
-                logits, rgb, crf.spatial_weight, crf.bilateral_weight, crf.compatibility, boxes, labels, scores,
-                crf.detection_x, crf.detection_y, config.iterations, config.theta_spatial,
-                config.theta_bilateral_xy, config.theta_bilateral_rgb, "after", int(config.detection_potential),
-                config.score_ceiling, config.epsilon,
-            )
-        q_sem = _channel_softmax(logits)
-        unary = network.instance_unaries(q_sem[0], boxes, labels, detection_scores).unsqueeze(0)  # (1, D+1, H, W)
-        instance_logits = unary
-        instance = network.instance_crf
-        if instance.config.crf:
-            config = instance.config
-            nothing = torch.zeros(0)
-            instance_logits, _ = ops.mean_field_crf(
-                unary, rgb, instance.spatial_weight, instance.bilateral_weight, nothing, boxes, labels, scores,
-                torch.zeros(()), torch.zeros(()), config.iterations, config.theta_spatial,
-                config.theta_bilateral_xy, config.theta_bilateral_rgb, "after", 0, 1.0, 0.0,
-            )
-        return instance_logits, q_sem
-
-
-def _channel_softmax(logits: Tensor) -> Tensor:
-    """Softmax over dim 1, written out as ReduceMax, Sub, Exp, ReduceSum and Div: onnxruntime's Softmax
-    over a non-last axis transposes the tensor there and back, 6-10x slower on the CPU
-    (docs/benchmarks.md)."""
-    exp = torch.exp(logits - logits.amax(dim=1, keepdim=True))
-    return exp / exp.sum(dim=1, keepdim=True)
+    def forward(self, image: Tensor, boxes: Tensor, labels: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+        output = compose(self.network, image[0], boxes, labels, scores, semantic_crf=self.semantic_crf,
+                         instance_crf=self.instance_crf)
+        return output.instance_logits.unsqueeze(0), output.semantic_probabilities.unsqueeze(0)
 
 
 def export_onnx(network: DynamicallyInstantiatedNetwork, path: str | Path, *,

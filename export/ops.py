@@ -1,8 +1,9 @@
 """The dynseg::MeanFieldCRF node: a torch op that stands for one whole CRF while the network is traced
 for export, and its translation into the ONNX node that docs/ops.md specifies.
 
-Owns the op's schema in torch (`torch.ops.dynseg.mean_field_crf`) and the symbolic function that
-writes it as `dynseg::MeanFieldCRF` (domain "dynseg", version 1). The op's computation is the trainer's
+Owns the op's schema in torch (`torch.ops.dynseg.mean_field_crf`), the symbolic function that
+writes it as `dynseg::MeanFieldCRF` (domain "dynseg", version 1), and the two modules that stand in for
+the network's CRF modules, with their calls, while it is traced (`SemanticCRFNode`, `InstanceCRFNode`). The op's computation is the trainer's
 (`semantic_mean_field` with the detection potential, `mean_field_native` without), so a traced graph
 carries exactly the values the network computes.
 """
@@ -10,12 +11,13 @@ carries exactly the values the network computes.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.onnx import symbolic_helper
 
 from dynseg.sdk.graph import DOMAIN, OP_TYPE
 from dynseg.trainer.crf import mean_field_native
-from dynseg.trainer.model.semantic_crf import SemanticCRFConfig, semantic_mean_field
+from dynseg.trainer.model.instance import InstanceCRF
+from dynseg.trainer.model.semantic_crf import SemanticCRF, SemanticCRFConfig, semantic_mean_field
 
 OPSET = 17  # the standard ONNX opset of the rest of the graph (GridSample needs 16)
 
@@ -85,3 +87,46 @@ def _symbolic(g, unary, image, spatial_weight, bilateral_weight, compatibility, 
 
 
 torch.onnx.register_custom_op_symbolic("dynseg::mean_field_crf", _symbolic, OPSET)
+
+
+class SemanticCRFNode(nn.Module):
+    """SemanticCRF's call, (K+1, H, W) unary in, (logits, recalibrated scores) out, as one node."""
+
+    def __init__(self, crf: SemanticCRF):
+        super().__init__()
+        self.crf = crf
+
+    def forward(self, unary: Tensor, image: Tensor, boxes: Tensor, labels: Tensor,
+                scores: Tensor) -> tuple[Tensor, Tensor]:
+        crf, config = self.crf, self.crf.config
+        logits, recalibrated = mean_field_crf(
+            unary.unsqueeze(0), image.unsqueeze(0), crf.spatial_weight, crf.bilateral_weight, crf.compatibility,
+            boxes, labels, scores, crf.detection_x, crf.detection_y, config.iterations, config.theta_spatial,
+            config.theta_bilateral_xy, config.theta_bilateral_rgb, "after", int(config.detection_potential),
+            config.score_ceiling, config.epsilon,
+        )
+        return logits.view_as(unary), recalibrated
+
+
+class InstanceCRFNode(nn.Module):
+    """InstanceCRF's call, (D+1, H, W) unary in, logits out, as one node (Potts, no detection potential;
+    with the CRF switched off, the unary itself)."""
+
+    def __init__(self, crf: InstanceCRF):
+        super().__init__()
+        self.crf = crf
+
+    def forward(self, unary: Tensor, image: Tensor) -> Tensor:
+        crf, config = self.crf, self.crf.config
+        if not config.crf:
+            return unary
+        nothing = torch.zeros(0)
+        # boxes, labels and scores are unused without the detection potential; empty ones keep the node's
+        # inputs free of the detections
+        logits, _ = mean_field_crf(
+            unary.unsqueeze(0), image.unsqueeze(0), crf.spatial_weight, crf.bilateral_weight, nothing,
+            torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), torch.zeros(0), torch.zeros(()), torch.zeros(()),
+            config.iterations, config.theta_spatial, config.theta_bilateral_xy, config.theta_bilateral_rgb,
+            "after", 0, 1.0, 0.0,
+        )
+        return logits.view_as(unary)

@@ -199,9 +199,10 @@ class InstanceCRF(nn.Module):
         self.bilateral_weight = nn.Parameter(torch.tensor(config.weight_bilateral))
 
     def forward(self, unary: Tensor, image: Tensor) -> Tensor:
-        """unary (D+1, H, W) logits, image (3, H, W) RGB 0..255 -> (D+1, H, W) logits."""
+        """unary (D+1, H, W) logits, image (3, H, W) RGB 0..255 -> (D+1, H, W) logits; with no
+        detections (D = 0) there is nothing to infer and the unary is the result."""
         config = self.config
-        if not config.crf:
+        if not config.crf or unary.shape[0] == 1:
             return unary
         kernels = [
             (config.theta_spatial, 0.0, self.spatial_weight),

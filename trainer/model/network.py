@@ -157,19 +157,41 @@ class DynamicallyInstantiatedNetwork(nn.Module):
         height, width = image.shape[1:]
         boxes, labels, scores = check_detections(boxes, labels, scores, height=height, width=width,
                                                  num_classes=self.config.num_classes)
-        logits = self.semantic_logits(image.unsqueeze(0))[0]  # (K+1, H, W)
-        detection_scores = scores
-        if self.semantic_crf is not None:
-            logits, detection_scores = self.semantic_crf(logits, image, boxes, labels, scores)
-        q_sem = torch.softmax(logits, dim=0)
-        unary = self.instance_unaries(q_sem, boxes, labels, detection_scores)  # (D+1, H, W)
-        instance_logits = self.instance_crf(unary, image) if boxes.shape[0] else unary
-        return NetworkOutput(
-            semantic_logits=logits,
-            semantic_probabilities=q_sem,
-            detection_scores=detection_scores,
-            instance_logits=instance_logits,
-        )
+        return compose(self, image, boxes, labels, scores, semantic_crf=self.semantic_crf,
+                       instance_crf=self.instance_crf)
+
+
+def compose(
+    network: DynamicallyInstantiatedNetwork, image: Tensor, boxes: Tensor, labels: Tensor, scores: Tensor, *,
+    semantic_crf: nn.Module | None, instance_crf: nn.Module,
+) -> NetworkOutput:
+    """The network's composition (docs/algorithm.md §1) on checked detections, with the two CRFs given:
+    the network passes its own modules, the ONNX export (`dynseg.export.onnx.ExportGraph`) each as one
+    dynseg::MeanFieldCRF node with the same call, so both run this one function.
+
+    semantic_crf(unary, image, boxes, labels, scores) -> (logits, recalibrated scores), or None;
+    instance_crf(unary, image) -> logits."""
+    image = image.to(torch.float32)
+    logits = network.semantic_logits(image.unsqueeze(0))[0]  # (K+1, H, W)
+    detection_scores = scores
+    if semantic_crf is not None:
+        logits, detection_scores = semantic_crf(logits, image, boxes, labels, scores)
+    q_sem = channel_softmax(logits)
+    unary = network.instance_unaries(q_sem, boxes, labels, detection_scores)  # (D+1, H, W)
+    return NetworkOutput(
+        semantic_logits=logits,
+        semantic_probabilities=q_sem,
+        detection_scores=detection_scores,
+        instance_logits=instance_crf(unary, image),
+    )
+
+
+def channel_softmax(logits: Tensor) -> Tensor:
+    """Softmax over the labels (dim 0), written out as max, subtract, exp, sum and divide: exported,
+    these are ReduceMax, Sub, Exp, ReduceSum and Div, as onnxruntime's Softmax over a non-last axis
+    transposes the tensor there and back, 6-10x slower on the CPU (docs/benchmarks.md)."""
+    exp = torch.exp(logits - logits.amax(dim=0, keepdim=True))
+    return exp / exp.sum(dim=0, keepdim=True)
 
 
 def build_model(config: ModelConfig, *, pretrained: str | Path | None = None) -> DynamicallyInstantiatedNetwork:
