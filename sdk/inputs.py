@@ -4,12 +4,10 @@ its checks and conversions.
 Owns the SDK's side of the input contract: `cuda_index` reads a device string for every backend and
 `dense_crf`, `load_image` turns an array or an image file into the
 (H, W, 3) uint8 RGB array every backend takes, and `check_detections` turns the caller's boxes, labels
-and scores into the `Detections` the model runs on. Boxes follow the network's convention
-(dynseg.trainer.model.network.check_detections): xyxy pixels, inclusive, floored to integers and
-clipped to the image, so a backend hands the model exactly the boxes the model would have made itself.
-Unlike the network, which raises on them, the SDK drops inverted and outside boxes with a
-warning and a record, because a deployed detector emits such boxes now and then and one bad box should
-not fail a frame. Every other bad argument raises InvalidArgumentError naming the argument. numpy and
+and scores into the `Detections` the model runs on: xyxy pixels, inclusive, floored to integers and
+clipped to the image. The network's own check (dynseg.trainer.model.network.check_detections) is this
+one, strict: it raises on inverted and outside boxes, which the SDK drops with a warning and a record,
+because a deployed detector emits such boxes now and then and one bad box should not fail a frame. Every other bad argument raises InvalidArgumentError naming the argument. numpy and
 Pillow only: no torch.
 """
 

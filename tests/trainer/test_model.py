@@ -214,7 +214,7 @@ def test_the_configuration_round_trips_through_json():
         ([[1.0, 1.0, 5.0, 5.0]], [3], [0.5], "labels"),
         ([[1.0, 1.0, 5.0, 5.0]], [0], [0.5], "labels"),
         ([[1.0, 1.0, 5.0, 5.0]], [1], [float("nan")], "scores"),
-        ([[1.0, 1.0, 5.0, 5.0]], [1, 2], [0.5], "entries"),
+        ([[1.0, 1.0, 5.0, 5.0]], [1, 2], [0.5], "labels must have shape"),
         ([[1.0, 1.0, 5.0]], [1], [0.5], "boxes"),
     ],
 )
@@ -224,11 +224,11 @@ def test_bad_detections_raise_clear_errors(boxes, labels, scores, message):
                          num_classes=2)
 
 
-def test_boxes_reaching_outside_the_image_are_clipped_with_a_warning():
-    with pytest.warns(UserWarning, match="clipped"):
-        boxes, _, _ = check_detections(torch.tensor([[-5.0, 2.5, 60.0, 9.7]]), torch.tensor([1]),
-                                       torch.tensor([0.5]), height=H, width=W, num_classes=2)
+def test_boxes_reaching_outside_the_image_are_floored_and_clipped_to_it():
+    boxes, labels, scores = check_detections(torch.tensor([[-5.0, 2.5, 60.0, 9.7]]), torch.tensor([1], dtype=torch.int32),
+                                             torch.tensor([0.5], dtype=torch.float64), height=H, width=W, num_classes=2)
     assert boxes.tolist() == [[0.0, 2.0, W - 1.0, 9.0]]
+    assert (boxes.dtype, labels.dtype, scores.dtype) == (torch.float32, torch.int64, torch.float32)
 
 
 def test_a_box_whose_first_column_floors_into_the_image_is_not_outside_it():

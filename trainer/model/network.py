@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynseg.sdk.errors import InvalidArgumentError
+from dynseg.sdk import inputs
+from dynseg.sdk.errors import DetectionsDroppedWarning, InvalidArgumentError
 
 from .. import fields
 from ..backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneName, semantic_network
@@ -87,36 +88,24 @@ class NetworkOutput:
 def check_detections(
     boxes: Tensor, labels: Tensor, scores: Tensor, *, height: int, width: int, num_classes: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Validated detections: boxes (D, 4) float xyxy in pixels (inclusive), floored to integers (the
-    original code truncated: the two differ only for a corner in (-1, 0), which floors to outside the
-    image, as pixel 0 starts at 0) and clipped to the image with a warning; labels (D,) int64 in 1..K;
-    scores (D,) float32. Inverted boxes, boxes wholly outside the image, labels out of range,
-    non-finite values and mismatched lengths raise ValueError."""
-    if boxes.dim() != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"boxes must have shape (D, 4), got {tuple(boxes.shape)}")
-    count = boxes.shape[0]
-    if labels.shape != (count,) or scores.shape != (count,):
-        raise ValueError(f"boxes, labels and scores must have D = {count} entries, got labels "
-                         f"{tuple(labels.shape)} and scores {tuple(scores.shape)}")
-    if not torch.isfinite(boxes).all():
-        raise ValueError("boxes must be finite")
-    if not torch.isfinite(scores).all():
-        raise ValueError("scores must be finite (found NaN or inf)")
-    if labels.dtype.is_floating_point or (count and (labels.min() < 1 or labels.max() > num_classes)):
-        raise ValueError(f"labels must be integers in 1..{num_classes}, got {labels.tolist()}")
-    inverted = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
-    if inverted.any():
-        raise ValueError(f"boxes {inverted.nonzero().flatten().tolist()} are inverted (x2 < x1 or y2 < y1)")
-    floored = torch.floor(boxes)  # outside is judged on the pixels a box covers: x1 = 63.5 is column 63
-    outside = (floored[:, 2] < 0) | (floored[:, 3] < 0) | (floored[:, 0] > width - 1) | (floored[:, 1] > height - 1)
-    if outside.any():
-        raise ValueError(f"boxes {outside.nonzero().flatten().tolist()} lie wholly outside the "
-                         f"{width}x{height} image")
-    limits = torch.tensor([width - 1, height - 1, width - 1, height - 1], dtype=boxes.dtype, device=boxes.device)
-    clipped = torch.minimum(torch.clamp(floored, min=0), limits)
-    if (clipped != floored).any():
-        warnings.warn("boxes reaching outside the image were clipped to it", stacklevel=3)
-    return clipped.to(torch.float32), labels.to(torch.int64), scores.to(torch.float32)
+    """The SDK's check of the detections (`dynseg.sdk.inputs.check_detections`: boxes (D, 4) xyxy pixels,
+    inclusive, floored to integers and clipped to the image; labels integers in 1..K; finite scores)
+    on tensors, strict: a box the SDK would drop with a warning (inverted, or wholly outside the image)
+    raises here, as training and evaluation data should hold none. Returns boxes (D, 4) float32, labels
+    (D,) int64 and scores (D,) float32 on the boxes' device; bad detections raise InvalidArgumentError,
+    a ValueError, naming the argument."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DetectionsDroppedWarning)  # raised below instead
+        checked = inputs.check_detections(
+            *(tensor.detach().cpu().numpy() for tensor in (boxes, labels, scores)), height=height, width=width,
+            num_classes=num_classes, max_detections=max(1, boxes.numel()),
+        )
+    if checked.dropped:
+        listed = "; ".join(f"{dropped.index}: {dropped.reason}" for dropped in checked.dropped)
+        raise InvalidArgumentError(f"boxes must lie at least partly inside the {width}x{height} image and not be "
+                                   f"inverted, got {listed}")
+    return tuple(torch.from_numpy(array).to(boxes.device)
+                 for array in (checked.boxes, checked.labels, checked.scores))
 
 
 class DynamicallyInstantiatedNetwork(nn.Module):
