@@ -175,7 +175,8 @@ def native_version() -> str:
 
 
 def max_threads() -> int:
-    """How many threads a call with threads=None uses."""
+    """How many threads a call uses that leaves the count to the library (threads=0 here, None in
+    `dense_crf` and the torch op)."""
     return int(library().dynseg_max_threads())
 
 

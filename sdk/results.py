@@ -4,8 +4,7 @@ Owns docs/algorithm.md §6 in numpy: `build_result` turns a backend's instance l
 probabilities into the instance map (argmax over the D+1 labels; detections whose instance got no
 pixel dropped, the rest renumbered 1..N in detection order), the semantic map and one `Instance` per
 instance, with its score (the mean of Q_sem of its class over its pixels, the released code's ranking
-score). It computes exactly what dynseg.trainer.model.network.instances computes in torch; the tests
-compare the two. Also owns the result's COCO export and its picture. numpy only (pycocotools for RLE,
+score). Also owns the result's COCO export and its picture. numpy only (pycocotools for RLE,
 imported when an RLE is first asked for): no torch.
 """
 

@@ -31,8 +31,8 @@ void DetectionPotential::add(const float* q, float* logits, int64_t stride, int 
             const BoxSpan s = box_span(d_->boxes + 4 * d, height_, W);
             const int64_t label = d_->labels[d];
             double agree = 0.0;
-            for (int64_t y = s.y0; y <= s.y1; ++y)
-                for (int64_t x = s.x0; x <= s.x1; ++x) agree += q[(y * W + x) * stride + label];
+            for (int64_t y = s.first_y; y <= s.last_y; ++y)
+                for (int64_t x = s.first_x; x <= s.last_x; ++x) agree += q[(y * W + x) * stride + label];
             spans_[d] = s;
             terms_[d] = detection_term(static_cast<float>(agree), static_cast<float>(s.count()), d_->scores[d], w_x,
                                        w_y, d_->score_ceiling, cap);
@@ -44,10 +44,10 @@ void DetectionPotential::add(const float* q, float* logits, int64_t stride, int 
         for (int64_t y = begin; y < end; ++y) {
             for (int64_t d = 0; d < D; ++d) {
                 const BoxSpan& s = spans_[d];
-                if (y < s.y0 || y > s.y1) continue;
+                if (y < s.first_y || y > s.last_y) continue;
                 const float everyone = terms_[d].everyone, own = terms_[d].own;
                 const int64_t label = d_->labels[d];
-                for (int64_t x = s.x0; x <= s.x1; ++x) {
+                for (int64_t x = s.first_x; x <= s.last_x; ++x) {
                     float* row = logits + (y * W + x) * stride;
                     for (int64_t l = 0; l < L; ++l) row[l] += everyone;
                     row[label] += own;

@@ -20,14 +20,19 @@
 
 namespace dynseg {
 
-// The pixels of a box: columns x0..x1 and rows y0..y1, inclusive, clipped to the image. The box's
-// float corners compare with the pixel indices as the reference's mask does (x1 <= x <= x2), so
-// integer-valued boxes keep exactly their pixels. Empty (count() == 0) when no pixel is inside.
+// The pixels of a box: columns first_x..last_x and rows first_y..last_y, inclusive, clipped to the
+// image. The box's float corners compare with the pixel indices as the reference's mask does
+// (x1 <= x <= x2), so integer-valued boxes keep exactly their pixels. Empty (count() == 0) when no
+// pixel is inside.
 struct BoxSpan {
-    int64_t x0 = 0, x1 = -1, y0 = 0, y1 = -1;
+    int64_t first_x = 0, last_x = -1, first_y = 0, last_y = -1;
 
-    DYNSEG_HOST_DEVICE int64_t count() const { return (x1 >= x0 && y1 >= y0) ? (x1 - x0 + 1) * (y1 - y0 + 1) : 0; }
-    DYNSEG_HOST_DEVICE bool holds(int64_t x, int64_t y) const { return x >= x0 && x <= x1 && y >= y0 && y <= y1; }
+    DYNSEG_HOST_DEVICE int64_t count() const {
+        return (last_x >= first_x && last_y >= first_y) ? (last_x - first_x + 1) * (last_y - first_y + 1) : 0;
+    }
+    DYNSEG_HOST_DEVICE bool holds(int64_t x, int64_t y) const {
+        return x >= first_x && x <= last_x && y >= first_y && y <= last_y;
+    }
 };
 
 DYNSEG_HOST_DEVICE inline BoxSpan box_span(const float* box, int64_t height, int64_t width) {
@@ -37,15 +42,15 @@ DYNSEG_HOST_DEVICE inline BoxSpan box_span(const float* box, int64_t height, int
     if (!(left <= right && top <= bottom && right >= 0.0f && bottom >= 0.0f && left <= float(width - 1) &&
           top <= float(height - 1)))
         return s;
-    s.x0 = static_cast<int64_t>(ceilf(fmaxf(left, 0.0f)));
-    s.y0 = static_cast<int64_t>(ceilf(fmaxf(top, 0.0f)));
-    s.x1 = static_cast<int64_t>(floorf(fminf(right, float(width - 1))));
-    s.y1 = static_cast<int64_t>(floorf(fminf(bottom, float(height - 1))));
+    s.first_x = static_cast<int64_t>(ceilf(fmaxf(left, 0.0f)));
+    s.first_y = static_cast<int64_t>(ceilf(fmaxf(top, 0.0f)));
+    s.last_x = static_cast<int64_t>(floorf(fminf(right, float(width - 1))));
+    s.last_y = static_cast<int64_t>(floorf(fminf(bottom, float(height - 1))));
     return s;
 }
 
 // Q(Y_d = 1) and the two per-pixel terms of one detection from its box sum A_d (float operations in
-// the order of the reference, sdk docs/ops.md): `everyone` for every label, `own` added to l_d.
+// the order of the reference, docs/ops.md): `everyone` for every label, `own` added to l_d.
 struct DetectionTerm {
     float everyone, own, recalibrated;
 };

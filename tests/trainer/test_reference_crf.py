@@ -232,6 +232,11 @@ def test_positive_potts_weight_makes_neighbours_agree():
 # ---------------------------------------------------------------------------- input validation
 
 
+def test_dense_crf_takes_numpy_numbers_as_kernel_parameters(smooth_image, smooth_unary):
+    unary, image = torch.from_numpy(smooth_unary(3, 4, 5)), torch.from_numpy(smooth_image(4, 5))
+    q = dense_crf(unary, image, spatial=(np.float32(3.0), np.int64(3)), bilateral=(np.float64(80.0), 13, 10.0))
+    torch.testing.assert_close(q, dense_crf(unary, image, spatial=(3.0, 3.0), bilateral=(80.0, 13.0, 10.0)))
+
 
 @pytest.mark.parametrize(
     "change, name",
@@ -253,6 +258,7 @@ def test_positive_potts_weight_makes_neighbours_agree():
         (lambda u, i, kw: (u, i, {**kw, "bilateral": (0.0, 13.0, 10.0)}), "bilateral"),
         (lambda u, i, kw: (u, i, {**kw, "bilateral": (80.0, -13.0, 10.0)}), "bilateral"),
         (lambda u, i, kw: (u, i, {**kw, "bilateral": (80.0, 13.0)}), "bilateral"),
+        (lambda u, i, kw: (u, i, {**kw, "spatial": (3.0, 1e39)}), "spatial weight"),  # beyond float32, as the SDK
         (lambda u, i, kw: (u, i, {**kw, "iterations": -1}), "iterations"),
         (lambda u, i, kw: (u, i, {**kw, "normalization": "before"}), "normalization"),
     ],

@@ -1,4 +1,4 @@
-"""Dense mean-field CRF, PyTorch reference implementation.
+"""Dense mean-field CRF in torch: the reference implementation, and the native kernels as a torch op.
 
 `lattice` owns the permutohedral lattice and the kernels' pixel features; `meanfield` owns the
 mean-field update and the torch-level `dense_crf`: the readable definition the native kernels are

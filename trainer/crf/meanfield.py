@@ -18,7 +18,7 @@ from typing import Union
 import torch
 from torch import Tensor
 
-from dynseg.sdk.crf import Normalization, check_iterations, check_normalization
+from dynseg.sdk.crf import Normalization, check_iterations, check_normalization, gaussian_kernels
 
 from .lattice import PermutohedralLattice, gaussian_features
 
@@ -160,18 +160,6 @@ def mean_field(
     return logits.t().reshape(n_labels, height, width)
 
 
-def _check_theta(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
-
-
-def _check_weight(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
-
-
 def dense_crf(
     unary: Tensor,
     image: Tensor | None,
@@ -214,23 +202,12 @@ def dense_crf(
         if image.dtype != torch.uint8:
             raise ValueError(f"image must be uint8, got {image.dtype}")
 
+    if bilateral is not None and image is None:
+        raise ValueError("image must be given when bilateral is not None")
     kernels: list[tuple[PermutohedralLattice, float]] = []
-    if spatial is not None:
-        if len(spatial) != 2:
-            raise ValueError(f"spatial must be (theta, weight) or None, got {spatial!r}")
-        theta = _check_theta("spatial theta", spatial[0])
-        weight = _check_weight("spatial weight", spatial[1])
-        features = gaussian_features(None, height, width, theta, None).to(unary.device)
-        kernels.append((PermutohedralLattice(features), weight))
-    if bilateral is not None:
-        if len(bilateral) != 3:
-            raise ValueError(f"bilateral must be (theta_xy, theta_rgb, weight) or None, got {bilateral!r}")
-        if image is None:
-            raise ValueError("image must be given when bilateral is not None")
-        theta_xy = _check_theta("bilateral theta_xy", bilateral[0])
-        theta_rgb = _check_theta("bilateral theta_rgb", bilateral[1])
-        weight = _check_weight("bilateral weight", bilateral[2])
-        features = gaussian_features(image, height, width, theta_xy, theta_rgb).to(unary.device)
+    for theta_xy, theta_color, weight in gaussian_kernels(spatial, bilateral):  # spatial first
+        colour = image if theta_color else None
+        features = gaussian_features(colour, height, width, theta_xy, theta_color or None).to(unary.device)
         kernels.append((PermutohedralLattice(features), weight))
 
     logits = mean_field(unary, kernels, normalization=normalization, iterations=iterations)

@@ -16,12 +16,12 @@ __global__ void box_terms(const float* q, int64_t stride, int64_t labels, int64_
     const int64_t d = blockIdx.x;
     const int64_t label = class_ids[d];
     const BoxSpan span = box_span(boxes + 4 * d, height, width);
-    const int64_t box_width = span.x1 - span.x0 + 1, count = span.count();
+    const int64_t box_width = span.last_x - span.first_x + 1, count = span.count();
     const bool valid = label >= 0 && label < labels && count > 0;
     double sum = 0.0;
     if (valid)
         for (int64_t k = threadIdx.x; k < count; k += blockDim.x) {
-            const int64_t pixel = (span.y0 + k / box_width) * width + span.x0 + k % box_width;
+            const int64_t pixel = (span.first_y + k / box_width) * width + span.first_x + k % box_width;
             sum += q[pixel * stride + label];
         }
     partial[threadIdx.x] = sum;
