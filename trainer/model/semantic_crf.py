@@ -9,7 +9,9 @@ Each iteration is  L^t = U + pairwise(Q^{t-1}) + detection(Q^{t-1}),  Q^t = soft
 pairwise message comes from the native kernels (`mean_field_native`, one iteration at a time: one
 mean-field step from logits L gives L - mu·m(softmax(L)), so the message is that minus L); the
 detection term is torch, so autograd reaches w_x, w_y and the unary through it. This loop defines
-the exported dynseg::MeanFieldCRF node (docs/ops.md). Deployment runs the same iteration as one call
+the exported dynseg::MeanFieldCRF node (docs/ops.md). Without detections (or with the potential off)
+the loop is the plain mean field, and it runs as one native call of T iterations, as deployment does.
+Deployment runs the same iteration as one call
 of the kernel library, which adds the detection term itself and builds each lattice once
 (`dynseg_detections`); tests/plugins/test_detection_potential.py holds the two together.
 """
@@ -98,23 +100,21 @@ def semantic_mean_field(
         (config.theta_spatial, 0.0, spatial_weight),
         (config.theta_bilateral_xy, config.theta_bilateral_rgb, bilateral_weight),
     ]
-    adds_potential = config.detection_potential and boxes.shape[0] > 0
-    if adds_potential:
-        inside = box_masks(boxes, unary.shape[1], unary.shape[2]).to(unary.dtype)  # (D, H, W)
-        pixels = inside.flatten(1).sum(1)  # n_d
-        prior = torch.clamp(scores / config.score_ceiling, max=1.0 - config.epsilon)  # p_d
+    if not (config.detection_potential and boxes.shape[0] > 0):  # the plain mean field: one call, as deployed
+        logits = mean_field_native(unary, image, kernels, compat=compatibility, normalization=normalization,
+                                   iterations=config.iterations)
+        return logits, scores
+    inside = box_masks(boxes, unary.shape[1], unary.shape[2]).to(unary.dtype)  # (D, H, W)
+    pixels = inside.flatten(1).sum(1)  # n_d
+    prior = torch.clamp(scores / config.score_ceiling, max=1.0 - config.epsilon)  # p_d
     recalibrated = scores
     logits = unary
     for _ in range(config.iterations):
         q = torch.softmax(logits, dim=0)
         step = mean_field_native(logits, image, kernels, compat=compatibility, normalization=normalization,
                                  iterations=1)
-        new_logits = unary + (step - logits)  # U + the pairwise message of Q
-        if adds_potential:
-            term, recalibrated = detection_potential(q, inside, pixels, prior, labels, scores, detection_x,
-                                                     detection_y)
-            new_logits = new_logits + term
-        logits = new_logits
+        term, recalibrated = detection_potential(q, inside, pixels, prior, labels, scores, detection_x, detection_y)
+        logits = unary + (step - logits) + term  # U + the pairwise message of Q + the detection potential
     return logits, recalibrated
 
 
