@@ -30,7 +30,7 @@ from onnx import helper, numpy_helper, shape_inference
 from . import _native
 from .crf_node import CrfAttributes, CrfInputs, mean_field_crf, mean_field_crf_cuda
 from .errors import InvalidArgumentError
-from .graph import DOMAIN, INPUTS, OP_TYPE, OP_VERSION, OUTPUTS
+from .graph import DOMAIN, INPUTS, OP_TYPE, OP_VERSION, OUTPUTS, graph_inputs
 from .inputs import cuda_index
 
 
@@ -253,10 +253,7 @@ class OnnxRuntimeBackend:
         seconds spent in onnxruntime ("network") and in the CRF nodes ("crf")."""
         place = self._placement
         values: dict[str, ort.OrtValue] = {
-            "image": place.put(image.transpose(2, 0, 1)[None]),
-            "boxes": place.put(np.asarray(boxes, dtype=np.float32).reshape(-1, 4)),
-            "labels": place.put(np.asarray(labels, dtype=np.int64).reshape(-1)),
-            "scores": place.put(np.asarray(scores, dtype=np.float32).reshape(-1)),
+            name: place.put(array) for name, array in graph_inputs(image, boxes, labels, scores).items()
         }
         for step in self._steps:
             start = time.perf_counter()

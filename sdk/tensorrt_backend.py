@@ -26,7 +26,7 @@ import numpy as np
 
 from . import _native
 from .errors import InvalidArgumentError
-from .graph import OUTPUTS
+from .graph import OUTPUTS, graph_inputs
 from .inputs import cuda_index
 
 
@@ -98,13 +98,7 @@ class TensorRTBackend:
         trt = self._trt
         state = self._state()
         context = state["context"]
-        arrays = {
-            "image": np.ascontiguousarray(image.transpose(2, 0, 1)[None]),
-            "boxes": np.ascontiguousarray(boxes, dtype=np.float32).reshape(-1, 4),
-            "labels": np.ascontiguousarray(labels, dtype=np.int64).reshape(-1),
-            "scores": np.ascontiguousarray(scores, dtype=np.float32).reshape(-1),
-        }
-        for name, array in arrays.items():
+        for name, array in graph_inputs(image, boxes, labels, scores).items():
             if not context.set_input_shape(name, array.shape):
                 raise InvalidArgumentError(f"TensorRT refused {name} of shape {array.shape} for this engine")
             pointer = self._buffer(state, name, array.nbytes)
