@@ -318,7 +318,8 @@ class Problem:
             raise InvalidArgumentError(f"compat must be ({num_labels},) or ({num_labels}, {num_labels}), got "
                                        f"{tuple(compat.shape)}")
         self.shape = (num_labels, height, width)
-        self._keep = [image, compat, *[k.weight for k in kernels]]
+        # The C structs below point into these arrays and structs: they live as long as the problem.
+        self._image, self._compat, self._weights = image, compat, [k.weight for k in kernels]
         self._detections = detections
         self._detections_struct = detections.struct() if detections is not None else None
         c_kernels = (_Kernel * max(len(kernels), 1))()
@@ -373,8 +374,8 @@ class Problem:
         self._check_planes("unary", unary)
         self._check_planes("grad_logits", grad_logits)
         grad_unary = np.empty_like(unary)
-        grad_weights = [np.empty_like(w) if want else None for w, want in zip(self._keep[2:], want_weights)]
-        grad_compat = np.empty_like(self._keep[1]) if want_compat and self._keep[1] is not None else None
+        grad_weights = [np.empty_like(w) if want else None for w, want in zip(self._weights, want_weights)]
+        grad_compat = np.empty_like(self._compat) if want_compat and self._compat is not None else None
         pointers = (_f32p * max(len(grad_weights), 1))(*[_pointer(g) for g in grad_weights])
         ws = self.workspace(PASS_BACKWARD)
         _check(library().dynseg_crf_backward(

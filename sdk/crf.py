@@ -111,10 +111,10 @@ def _check_image(image: object, height: int, width: int, needed: bool) -> np.nda
     return np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
 
 
-def _densecrf_problem(labels, height, width, image, kernels, normalization, iterations, threads) -> _native.Problem:
+def _densecrf_problem(num_labels, height, width, image, kernels, normalization, iterations, threads) -> _native.Problem:
     """The native problem of densecrf's model: label-agnostic Potts kernels, probabilities out."""
     return _native.Problem(
-        labels, height, width, image,
+        num_labels, height, width, image,
         [_native.Kernel(theta_xy, theta_color, np.array([weight], dtype=np.float32))
          for theta_xy, theta_color, weight in kernels],
         compat=None,
@@ -162,14 +162,14 @@ def dense_crf(
         ValueError (InvalidArgumentError): naming the argument and the problem.
     """
     unary = _check_unary(unary)
-    labels, height, width = unary.shape
+    num_labels, height, width = unary.shape
     iterations = check_iterations(iterations)
     normalization = check_normalization(normalization)
     n_threads = check_threads(threads)
     kernels = gaussian_kernels(spatial, bilateral)
     planar_image = _check_image(image, height, width, needed=bilateral is not None)
     index = cuda_index(device)
-    problem = _densecrf_problem(labels, height, width, planar_image, kernels, normalization, iterations,
+    problem = _densecrf_problem(num_labels, height, width, planar_image, kernels, normalization, iterations,
                                 n_threads if index is None else 0)
     if index is None:
         q = problem.forward(unary)
@@ -228,7 +228,7 @@ def dense_crf_cuda(
     unary_array = _native.DeviceArray.of(unary, "unary")
     if unary_array.ndim != 3 or 0 in unary_array.shape:
         raise InvalidArgumentError(f"unary must have shape (L, H, W) with L, H, W >= 1, got {unary_array.shape}")
-    labels, height, width = unary_array.shape
+    num_labels, height, width = unary_array.shape
     iterations = check_iterations(iterations)
     normalization = check_normalization(normalization)
     kernels = gaussian_kernels(spatial, bilateral)
@@ -248,7 +248,7 @@ def dense_crf_cuda(
     for buffer, (_, _, weight) in zip(weights, kernels):
         _native.copy_to_device(buffer._buffer.pointer, np.array([weight], dtype=np.float32))
     problem = _native.Problem(
-        labels, height, width, image_array,
+        num_labels, height, width, image_array,
         [_native.Kernel(t, c, _native.DeviceArray.of(w, "weight")) for (t, c, _), w in zip(kernels, weights)],
         compat=None, normalization=normalization, iterations=iterations,
         output=_native.OUTPUT_PROBABILITIES, threads=0,

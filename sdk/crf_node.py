@@ -1,6 +1,6 @@
 """The dynseg::MeanFieldCRF op (docs/ops.md) on the native kernels: how the onnxruntime backend
-executes the CRF nodes of an exported graph, with numpy arrays on the CPU (`mean_field_crf`) or
-device-resident tensors on a GPU (`mean_field_crf_cuda`).
+executes the CRF nodes of an exported graph, with numpy arrays on the CPU (`run_node`) or
+device-resident tensors on a GPU (`run_node_cuda`).
 
 Owns the mapping from the node's inputs and attributes to one native mean-field call: the kernels,
 the compatibility and, for the semantic CRF, the higher-order detection potential (docs/algorithm.md §4),
@@ -19,7 +19,7 @@ import numpy as np
 from . import _native
 from .errors import InvalidArgumentError
 
-__all__ = ["CrfAttributes", "CrfInputs", "mean_field_crf", "mean_field_crf_cuda"]
+__all__ = ["CrfAttributes", "CrfInputs", "run_node", "run_node_cuda"]
 
 Array = np.ndarray | _native.DeviceArray
 
@@ -165,7 +165,7 @@ def _check_shapes(inputs: CrfInputs) -> None:
                                    f"{shapes.detection_x}, {shapes.detection_y}")
 
 
-def mean_field_crf(inputs: Sequence[np.ndarray], attributes: CrfAttributes) -> tuple[np.ndarray, np.ndarray]:
+def run_node(inputs: Sequence[np.ndarray], attributes: CrfAttributes) -> tuple[np.ndarray, np.ndarray]:
     """Runs one dynseg::MeanFieldCRF node on the CPU. inputs: the node's ten, as `CrfInputs` lists
     them. Returns the logits (1, L, H, W) and the detection scores (D,)."""
     inputs = CrfInputs.of(inputs)
@@ -184,10 +184,10 @@ def mean_field_crf(inputs: Sequence[np.ndarray], attributes: CrfAttributes) -> t
     return logits[None], detection_scores
 
 
-def mean_field_crf_cuda(inputs: Sequence[_native.DeviceArray], attributes: CrfAttributes,
+def run_node_cuda(inputs: Sequence[_native.DeviceArray], attributes: CrfAttributes,
                         logits: _native.DeviceArray, detection_scores: _native.DeviceArray, device: int) -> None:
     """Runs one dynseg::MeanFieldCRF node on CUDA device `device`, every array in its memory: the
-    inputs as `mean_field_crf`'s (float32, labels int64, C-contiguous; the caller checked the dtypes),
+    inputs as `run_node`'s (float32, labels int64, C-contiguous; the caller checked the dtypes),
     the outputs written into `logits` (1, L, H, W) and `detection_scores` (D,). Runs on this thread's
     stream and returns once the stream has finished (the lattices' check needs that)."""
     inputs = CrfInputs.of(inputs)

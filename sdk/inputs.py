@@ -7,8 +7,9 @@ Owns the SDK's side of the input contract: `cuda_index` reads a device string fo
 and scores into the `Detections` the model runs on: xyxy pixels, inclusive, floored to integers and
 clipped to the image. The network's own check (dynseg.trainer.model.network.check_detections) is this
 one, strict: it raises on inverted and outside boxes, which the SDK drops with a warning and a record,
-because a deployed detector emits such boxes now and then and one bad box should not fail a frame. Every other bad argument raises InvalidArgumentError naming the argument. numpy and
-Pillow only: no torch.
+because a deployed detector emits such boxes now and then and one bad box should not fail a frame.
+Every other bad argument raises InvalidArgumentError naming the argument. numpy and Pillow only: no
+torch.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import NamedTuple, Union
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .errors import DetectionsDroppedWarning, InvalidArgumentError
 
@@ -186,9 +188,9 @@ def _positive_int(name: str, value: object) -> int:
 
 
 def check_detections(
-    boxes: object,
-    labels: object,
-    scores: object,
+    boxes: ArrayLike,
+    labels: ArrayLike,
+    scores: ArrayLike,
     *,
     height: int,
     width: int,

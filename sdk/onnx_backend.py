@@ -28,7 +28,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper, shape_inference
 
 from . import _native
-from .crf_node import CrfAttributes, CrfInputs, mean_field_crf, mean_field_crf_cuda
+from .crf_node import CrfAttributes, CrfInputs, run_node, run_node_cuda
 from .errors import InvalidArgumentError
 from .graph import DOMAIN, INPUTS, OP_TYPE, OP_VERSION, OUTPUTS, graph_inputs
 from .inputs import cuda_index
@@ -214,13 +214,13 @@ def _native_view(value: ort.OrtValue, name: str, dtype: type) -> _native.DeviceA
 def _run_crf(step: _CrfNode, inputs: list[ort.OrtValue], placement: _Placement) -> list[ort.OrtValue]:
     """One CRF node on the OrtValues of its inputs, on the backend's device."""
     if placement.device_type == "cpu":
-        logits, scores = mean_field_crf([value.numpy() for value in inputs], step.attributes)
+        logits, scores = run_node([value.numpy() for value in inputs], step.attributes)
         return [placement.put(logits), placement.put(scores)]
-    arrays = CrfInputs.of([_native_view(value, name, CrfInputs.dtype(field))
-                           for field, name, value in zip(CrfInputs._fields, step.inputs, inputs)])
+    arrays = CrfInputs.of([_native_view(value, name, CrfInputs.dtype(input_name))
+                           for input_name, name, value in zip(CrfInputs._fields, step.inputs, inputs)])
     logits, scores = placement.empty(arrays.unary.shape), placement.empty(arrays.scores.shape)
-    mean_field_crf_cuda(arrays, step.attributes, _native_view(logits, step.outputs[0], np.float32),
-                        _native_view(scores, step.outputs[1], np.float32), placement.device_id)
+    run_node_cuda(arrays, step.attributes, _native_view(logits, step.outputs[0], np.float32),
+                  _native_view(scores, step.outputs[1], np.float32), placement.device_id)
     return [logits, scores]
 
 

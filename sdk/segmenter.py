@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal, Protocol, get_args
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .errors import InvalidArgumentError
 from .inputs import ImageLike, check_detections, cuda_index, load_image
@@ -89,7 +90,7 @@ class Segmenter:
         # an export older than the fingerprint
         self.weights_fingerprint: str | None = self._backend.weights_fingerprint
 
-    def segment(self, image: ImageLike, boxes: object, labels: object, scores: object, *,
+    def segment(self, image: ImageLike, boxes: ArrayLike, labels: ArrayLike, scores: ArrayLike, *,
                 timings: dict[str, float] | None = None) -> SegmentationResult:
         """Segments one image.
 
@@ -104,14 +105,14 @@ class Segmenter:
             raise InvalidArgumentError(f"timings must be a dict (or None), got {type(timings).__name__}")
         return self._segment(image, boxes, labels, scores, timings)[0]
 
-    def segment_with_outputs(self, image: ImageLike, boxes: object, labels: object,
-                             scores: object) -> tuple[SegmentationResult, dict[str, np.ndarray]]:
+    def segment_with_outputs(self, image: ImageLike, boxes: ArrayLike, labels: ArrayLike,
+                             scores: ArrayLike) -> tuple[SegmentationResult, dict[str, np.ndarray]]:
         """`segment`'s result and the graph's raw outputs it was made from (docs/ops.md: instance_logits
         (D'+1, H, W) over the kept detections, semantic_probabilities (K+1, H, W)), for comparing
         backends (`dynseg validate`)."""
         return self._segment(image, boxes, labels, scores)
 
-    def _segment(self, image: ImageLike, boxes: object, labels: object, scores: object,
+    def _segment(self, image: ImageLike, boxes: ArrayLike, labels: ArrayLike, scores: ArrayLike,
                  timings: dict[str, float] | None = None) -> tuple[SegmentationResult, dict[str, np.ndarray]]:
         rgb = load_image(image)
         height, width = rgb.shape[:2]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dynseg.sdk import InvalidArgumentError
-from dynseg.sdk.crf_node import CrfAttributes, mean_field_crf
+from dynseg.sdk.crf_node import CrfAttributes, run_node
 
 NODE = {"iterations": 3, "theta_spatial": 3.0, "theta_bilateral_xy": 20.0, "theta_bilateral_rgb": 13.0,
         "normalization": "after", "detection_potential": 1, "score_ceiling": 1.0, "epsilon": 1e-4}
@@ -38,19 +38,19 @@ def test_inputs_of_the_wrong_shape_are_named(index, value, message):
     inputs = node_inputs()
     inputs[index] = value
     with pytest.raises(InvalidArgumentError, match=message):
-        mean_field_crf(inputs, ATTRIBUTES)
+        run_node(inputs, ATTRIBUTES)
 
 
 def test_one_label_is_the_identity():
     inputs = node_inputs(labels=1)
     inputs[3], inputs[4] = np.float32(5.0), np.zeros(0, np.float32)
-    logits, scores = mean_field_crf(inputs, ATTRIBUTES)
+    logits, scores = run_node(inputs, ATTRIBUTES)
     assert np.array_equal(logits, inputs[0]) and np.array_equal(scores, inputs[7])
 
 
 def test_detections_recalibrate_the_scores_and_move_the_logits():
-    with_term = mean_field_crf(node_inputs(), ATTRIBUTES)
-    without = mean_field_crf(node_inputs(), CrfAttributes.parse({**NODE, "detection_potential": 0}))
+    with_term = run_node(node_inputs(), ATTRIBUTES)
+    without = run_node(node_inputs(), CrfAttributes.parse({**NODE, "detection_potential": 0}))
     assert np.array_equal(without[1], node_inputs()[7])  # the scores pass through
     assert not np.array_equal(with_term[1], without[1]) and (0 < with_term[1]).all() and (with_term[1] < 1).all()
     assert np.abs(with_term[0] - without[0]).max() > 1e-3
@@ -114,7 +114,7 @@ def test_the_node_matches_semantic_mean_field_with_asymmetric_compat_and_distinc
     attributes = CrfAttributes.parse({"iterations": T, "theta_spatial": 3.0, "theta_bilateral_xy": 20.0,
                                       "theta_bilateral_rgb": 13.0, "detection_potential": 1,
                                       "score_ceiling": 1.0, "epsilon": 1e-4})
-    logits, recalibrated = mean_field_crf(inputs, attributes)
+    logits, recalibrated = run_node(inputs, attributes)
     config = SemanticCRFConfig(iterations=T, theta_spatial=3.0, theta_bilateral_xy=20.0, theta_bilateral_rgb=13.0,
                                score_ceiling=1.0, epsilon=1e-4)
     t = torch.from_numpy
@@ -132,4 +132,4 @@ def test_scores_so_large_that_the_logits_overflow_are_named():
     inputs[7] = np.array([-3e38, 0.7], np.float32)  # finite, but the detection potential's terms overflow
     named = r"overflowed float32: the detection scores \(largest \|score\| 3e\+38"
     with pytest.raises(InvalidArgumentError, match=named):
-        mean_field_crf(inputs, ATTRIBUTES)
+        run_node(inputs, ATTRIBUTES)

@@ -35,13 +35,13 @@ def _numpy(tensor: Tensor | None) -> np.ndarray | None:
 
 
 def _problem(unary, image, theta_xy, theta_color, weights, compat, normalization, iterations, threads):
-    labels, height, width = unary.shape
+    num_labels, height, width = unary.shape
     kernels = [
         _native.Kernel(t, c, _numpy(w).reshape(-1) if w.numel() == 1 else _numpy(w))
         for t, c, w in zip(theta_xy, theta_color, weights)
     ]
     return _native.Problem(
-        labels, height, width, _numpy(image), kernels,
+        num_labels, height, width, _numpy(image), kernels,
         compat=_numpy(compat), normalization=normalization, iterations=iterations,
         output=_native.OUTPUT_LOGITS, threads=threads,
     )
@@ -198,7 +198,7 @@ def mean_field_native(
         _native.check_cuda_device(unary.device.index or 0)
     if unary.dtype != torch.float32:
         raise InvalidArgumentError(f"unary must be float32, got {unary.dtype}")
-    labels = unary.shape[0]
+    num_labels = unary.shape[0]
     if image is not None and not isinstance(image, Tensor):
         raise InvalidArgumentError(f"image must be a (C, H, W) tensor or None, got {type(image).__name__}")
     if isinstance(kernels, (str, bytes)) or not isinstance(kernels, Sequence):
@@ -215,14 +215,16 @@ def mean_field_native(
         if isinstance(weight, bool) or not isinstance(weight, (Real, Tensor)):
             raise InvalidArgumentError(f"kernels[{index}] weight must be a number or a tensor, got {weight!r}")
         weight = torch.as_tensor(weight, dtype=torch.float32)
-        if weight.numel() != 1 and tuple(weight.shape) != (labels, labels):
-            raise InvalidArgumentError(f"kernels[{index}] weight must be a scalar or ({labels}, {labels}), got {tuple(weight.shape)}")
+        if weight.numel() != 1 and tuple(weight.shape) != (num_labels, num_labels):
+            raise InvalidArgumentError(f"kernels[{index}] weight must be a scalar or ({num_labels}, {num_labels}), "
+                                       f"got {tuple(weight.shape)}")
         theta_xys.append(float(theta_xy))
         theta_colors.append(float(theta_color))
         weights.append(weight)
-    if compat is not None and (not isinstance(compat, Tensor) or tuple(compat.shape) not in ((labels,), (labels, labels))):
-        raise InvalidArgumentError(f"compat must be None or a ({labels},) or ({labels}, {labels}) tensor, got "
-                                   f"{getattr(compat, 'shape', compat)!r}")
+    compat_shapes = ((num_labels,), (num_labels, num_labels))
+    if compat is not None and (not isinstance(compat, Tensor) or tuple(compat.shape) not in compat_shapes):
+        raise InvalidArgumentError(f"compat must be None or a ({num_labels},) or ({num_labels}, {num_labels}) tensor, "
+                                   f"got {getattr(compat, 'shape', compat)!r}")
     return _mean_field(
         unary, image,
         theta_xys, theta_colors, weights, compat,
