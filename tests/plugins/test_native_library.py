@@ -5,6 +5,7 @@ reference, determinism, workspace sizing and the library's own validation of a p
 from __future__ import annotations
 
 import ctypes
+import os
 import re
 
 import numpy as np
@@ -48,6 +49,23 @@ def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------------------- identity
+
+
+def _memory_and_swap_bytes() -> int:
+    fields = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+    return sum(int(fields[name].split()[0]) * 1024 for name in ("MemTotal", "SwapTotal"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/sys/vm/overcommit_memory")
+                    or open("/proc/sys/vm/overcommit_memory").read().strip() != "0",
+                    reason="needs Linux's default (heuristic) overcommit, which refuses a plain allocation this large")
+def test_the_workspace_is_reserved_even_beyond_memory_and_swap():
+    """A photo's worst-case workspace exceeds RAM and swap (39.9 GiB at 3000x4000) though the kernels
+    touch a fraction of it: reserving it must not fail, and untouched pages must cost nothing."""
+    nbytes = 2 * _memory_and_swap_bytes()
+    buffer = _native._reserve(nbytes)
+    assert buffer.nbytes == nbytes and buffer[0] == 0 and buffer[-1] == 0
+    del buffer
 
 
 def test_native_version_is_the_package_version():
