@@ -127,6 +127,7 @@ _DETECTIONS_HELP = ("Detections as a COCO results JSON file (image_id, category_
                     "default: simulated from the ground truth.")
 
 
+_MIN_SIDE = 32  # the synthetic scenes' smallest (SyntheticScenes refuses less)
 _MAX_SIDE = 4096  # synthetic scenes are made in memory: a 100000x100000 one would need 149 GiB
 
 
@@ -141,8 +142,9 @@ def _open_data(command: str, dataset: str, data_root: Optional[Path], split: Opt
         raise typer.BadParameter("the synthetic dataset is generated: give --dataset voc, sbd, coco or "
                                  "cityscapes to read one from disk", param_hint="--data-root / --split")
     height, width = synthetic["image_size"]
-    if not (8 <= height <= _MAX_SIDE and 8 <= width <= _MAX_SIDE):
-        raise typer.BadParameter(f"{height} {width}: each side must be in 8..{_MAX_SIDE}", param_hint="--image-size")
+    if not (_MIN_SIDE <= height <= _MAX_SIDE and _MIN_SIDE <= width <= _MAX_SIDE):
+        raise typer.BadParameter(f"{height} {width}: each side must be in {_MIN_SIDE}..{_MAX_SIDE}",
+                                 param_hint="--image-size")
     if dataset != "synthetic" and data_root is None:
         raise typer.BadParameter(f"--dataset {dataset} needs --data-root, the folder that holds it",
                                  param_hint="--data-root")
@@ -460,17 +462,17 @@ def validate(
     if detections is not None and not images:
         raise typer.BadParameter("--detections needs --images, the files it names", param_hint="--detections")
     try:
-        if not images:
+        if detections is None:  # generated detections: as many classes as the model, no more boxes than it takes
             from .onnx_backend import OnnxRuntimeBackend
 
-            cases = sample_cases(len(OnnxRuntimeBackend(model).class_names))
+            exported = OnnxRuntimeBackend(model)
+            classes, most = len(exported.class_names), exported.max_detections
+        if not images:
+            cases = sample_cases(classes, most)
         else:
             pictures = [load_image(path) for path in images]
             if detections is None:
-                from .onnx_backend import OnnxRuntimeBackend
-
-                classes = len(OnnxRuntimeBackend(model).class_names)
-                found = [generated_detections(*p.shape[:2], 5, num_classes=classes, seed=i)
+                found = [generated_detections(*p.shape[:2], min(5, most), num_classes=classes, seed=i)
                          for i, p in enumerate(pictures)]
             else:
                 found = read_detections(detections, images)

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import InvalidArgumentError
 from ..segmenter import Segmenter
 from .images import ImageDetections, generated_detections
+from .parity import check_same_model
 
 
 @dataclass(frozen=True)
@@ -74,13 +76,21 @@ def _time_case(segmenter: Segmenter, name: str, image: np.ndarray, dets: ImageDe
 def run(model_path: str | Path, *, sizes: Sequence[tuple[int, int]], detections: Sequence[int], repeats: int,
         checkpoint: str | Path | None = None, device: str = "cpu",
         on_row: Callable[[BenchRow], object] | None = None) -> list[BenchRow]:
-    """Times every (size, D) case on the exported model and, given `checkpoint`, on PyTorch too, both
-    on `device` (a call's time includes copying its outputs to the host)."""
+    """Times every (size, D) case on the exported model and, given `checkpoint` (the one the model was
+    exported from), on PyTorch too, both on `device` (a call's time includes copying its outputs to the
+    host). Raises InvalidArgumentError before timing anything for a D above the model's limit or a
+    checkpoint the model did not come from."""
     where = "" if device == "cpu" else f" ({device})"
-    segmenters = [("onnxruntime" + where, Segmenter(model_path, backend="onnxruntime", device=device))]
+    exported = Segmenter(model_path, backend="onnxruntime", device=device)
+    if max(detections, default=0) > exported.max_detections:  # before any case is timed
+        raise InvalidArgumentError(f"detection count {max(detections)} is above this model's limit of "
+                                   f"{exported.max_detections} per image: time fewer, or export the model with a "
+                                   "larger --max-detections")
+    segmenters = [("onnxruntime" + where, exported)]
     if checkpoint is not None:
-        segmenters.append(("torch" + where, Segmenter(checkpoint, backend="torch", device=device)))
-    exported = segmenters[0][1]
+        reference = Segmenter(checkpoint, backend="torch", device=device)
+        check_same_model(exported, reference, model_path, checkpoint)
+        segmenters.append(("torch" + where, reference))
     rows = []
     for height, width in sizes:
         image = bench_image(height, width)

@@ -47,19 +47,20 @@ def read_detections(results: str | Path, images: Sequence[str | Path]) -> list[I
     module docstring), in the order of `images`; detections sorted by descending score.
 
     Raises InvalidArgumentError naming the file: not a readable results file (the entry at fault
-    named), two images with the same stem, or entries that match none of the images (a file for
+    named), two images one image_id names (the same stem, or 1 and 01), or entries that match none of the images (a file for
     other images).
     """
     results = Path(results)
     if not results.is_file():
         raise InvalidArgumentError(f"detections file {results} does not exist")
     paths = [Path(p) for p in images]
-    stems: dict[str, Path] = {}
+    named: dict[Hashable, Path] = {}
     for path in paths:
-        if path.stem in stems:
-            raise InvalidArgumentError(f"images {stems[path.stem]} and {path} have the same stem {path.stem!r}: "
-                                       "a results file's image_id could not tell them apart")
-        stems[path.stem] = path
+        for image_id in image_ids(path):
+            if image_id in named:  # the same stem, or stems such as 1 and 01 that read as one integer id
+                raise InvalidArgumentError(f"images {named[image_id]} and {path} both answer to image_id "
+                                           f"{image_id!r}: a results file could not tell them apart")
+            named[image_id] = path
     wanted = [image_id for path in paths for image_id in image_ids(path)]
     try:
         found = load_coco_detections(results, wanted)
@@ -101,14 +102,15 @@ SAMPLE_DETECTION_COUNTS = {"coffee": 7, "chelsea": 2, "astronaut": 1}
 """How many generated boxes each shipped photo gets when a command runs on the samples."""
 
 
-def sample_cases(num_classes: int) -> list[tuple[str, np.ndarray, ImageDetections]]:
+def sample_cases(num_classes: int, max_detections: int) -> list[tuple[str, np.ndarray, ImageDetections]]:
     """(name, (H, W, 3) uint8 RGB photo, generated detections) for every shipped sample photo
-    (dynseg.sdk.samples), with SAMPLE_DETECTION_COUNTS boxes each, seeded by the photo's position."""
+    (dynseg.sdk.samples), with SAMPLE_DETECTION_COUNTS boxes each but at most the model's
+    max_detections, seeded by the photo's position."""
     from .. import samples
 
     cases = []
     for seed, name in enumerate(samples.NAMES):
         image = samples.load(name)
-        cases.append((name, image, generated_detections(*image.shape[:2], SAMPLE_DETECTION_COUNTS[name],
+        cases.append((name, image, generated_detections(*image.shape[:2], min(SAMPLE_DETECTION_COUNTS[name], max_detections),
                                                         num_classes=num_classes, seed=seed)))
     return cases

@@ -145,14 +145,10 @@ def compare(name: str, candidate: dict, reference: dict, candidate_result: Segme
     ])
 
 
-def validate(model_path: str | Path, checkpoint_path: str | Path, cases: Iterable[tuple[str, np.ndarray, object]], *,
-             device: str = "cpu", on_image: Callable[[ImageParity], object] | None = None) -> ParityReport:
-    """Runs the exported model (on `device`) and the checkpoint (on the CPU, the reference) on each
-    (name, (H, W, 3) uint8 image, detections with boxes, labels, scores) case and returns the report.
-    Raises InvalidArgumentError when either model cannot be loaded or their classes differ.
-    `on_image(parity)` is called after each image."""
-    exported = Segmenter(model_path, backend="onnxruntime", device=device)
-    reference = Segmenter(checkpoint_path, backend="torch")
+def check_same_model(exported: Segmenter, reference: Segmenter, model_path: str | Path,
+                     checkpoint_path: str | Path) -> None:
+    """Raises InvalidArgumentError unless the exported model came from the checkpoint: the same classes
+    and, where the export recorded them, the same weights."""
     if exported.class_names != reference.class_names:
         raise InvalidArgumentError(f"model {model_path} has classes {list(exported.class_names)}, checkpoint "
                                    f"{checkpoint_path} has {list(reference.class_names)}: not the same model")
@@ -161,8 +157,20 @@ def validate(model_path: str | Path, checkpoint_path: str | Path, cases: Iterabl
     if exported.weights_fingerprint not in (None, reference.weights_fingerprint):
         raise InvalidArgumentError(f"model {model_path} was exported from other weights than checkpoint "
                                    f"{checkpoint_path} holds (weights sha256 {exported.weights_fingerprint[:12]}... "
-                                   f"vs {reference.weights_fingerprint[:12]}...): validate it against the "
+                                   f"vs {reference.weights_fingerprint[:12]}...): compare it with the "
                                    "checkpoint it was exported from")
+
+
+def validate(model_path: str | Path, checkpoint_path: str | Path, cases: Iterable[tuple[str, np.ndarray, object]], *,
+             device: str = "cpu", on_image: Callable[[ImageParity], object] | None = None) -> ParityReport:
+    """Runs the exported model (on `device`) and the checkpoint (on the CPU, the reference) on each
+    (name, (H, W, 3) uint8 image, detections with boxes, labels, scores) case and returns the report.
+    Raises InvalidArgumentError when either model cannot be loaded or the export is not the
+    checkpoint's (`check_same_model`).
+    `on_image(parity)` is called after each image."""
+    exported = Segmenter(model_path, backend="onnxruntime", device=device)
+    reference = Segmenter(checkpoint_path, backend="torch")
+    check_same_model(exported, reference, model_path, checkpoint_path)
     report = ParityReport()
     for name, image, dets in cases:
         (candidate, candidate_outputs), (expected, reference_outputs) = (

@@ -4,6 +4,7 @@ quickstart with a few steps, and bad arguments answered with one line naming the
 from __future__ import annotations
 
 import json
+import shutil
 import re
 
 import numpy as np
@@ -346,3 +347,41 @@ def test_the_cuda_branch_takes_the_arrays_onnxruntime_hands_the_crf_nodes(export
         crf_node._check_shapes(views)
         problem = crf_node._problem(views, step.attributes, _native.DeviceArray(1, views.scores.shape))
         assert problem.shape == views.unary.shape[1:]
+
+
+def test_validate_generates_no_more_detections_than_the_model_takes(exported, tmp_path):
+    checkpoint, _ = exported
+    small = tmp_path / "small.onnx"  # the coffee sample gets 7 generated boxes, the images 5
+    assert runner.invoke(app, ["export", str(checkpoint), "--out", str(small), "--max-detections", "3"]).exit_code == 0
+    result = runner.invoke(app, ["validate", str(small), "--checkpoint", str(checkpoint)])
+    assert result.exit_code == 0, result.output
+    assert "| coffee | 375 x 500 | 3 |" in result.output
+
+
+def test_infer_refuses_two_images_that_one_image_id_names(exported, photos, tmp_path):
+    files, _ = photos
+    for name in ("1.png", "01.png"):
+        shutil.copy(files[0], tmp_path / name)
+    detections = tmp_path / "d.json"
+    detections.write_text(json.dumps([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 9, 9], "score": 0.9}]))
+    result = runner.invoke(app, ["infer", str(exported[1]), str(tmp_path / "1.png"), str(tmp_path / "01.png"),
+                                 "--detections", str(detections), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "both answer to image_id 1" in plain(result.output)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bench_refuses_a_detection_count_above_the_models_limit_before_timing(exported):
+    result = runner.invoke(app, ["bench", str(exported[1]), "--sizes", "40x48", "--detections", "0,21",
+                                 "--repeats", "1"])
+    assert result.exit_code == 1
+    assert "detection count 21 is above this model's limit of 20" in plain(result.output)
+    assert "| onnxruntime |" not in result.output and "D=0" not in result.output
+
+
+def test_bench_refuses_a_checkpoint_the_model_was_not_exported_from(exported, tmp_path):
+    other = _checkpoint(tmp_path / "other", seed=1)
+    result = runner.invoke(app, ["bench", str(exported[1]), "--sizes", "40x48", "--detections", "1",
+                                 "--repeats", "1", "--checkpoint", str(other)])
+    assert result.exit_code == 1
+    assert "was exported from other weights than checkpoint" in plain(result.output)
