@@ -56,6 +56,15 @@ def gaussian_kernels(
     return kernels
 
 
+def check_overflow(finite: bool, what: str) -> None:
+    """Refuses a result that finite inputs overflowed float32 on the way to (what: "logits" or
+    "gradients"), rather than returning its NaN or infinity."""
+    if not finite:
+        inputs = "unary and the kernel weights" if what == "logits" else "grad_logits, unary and the kernel weights"
+        raise InvalidArgumentError(f"{inputs} are too large: the {what} overflowed float32 during mean field; scale "
+                                   "them down")
+
+
 def check_iterations(iterations: object) -> int:
     if isinstance(iterations, (bool, np.bool_)) or not isinstance(iterations, (int, np.integer)) or iterations < 0:
         raise InvalidArgumentError(f"iterations must be a non-negative int, got {iterations!r}")
@@ -176,9 +185,7 @@ def dense_crf(
     else:
         _native.check_cuda_device(index)
         q = problem.forward_from_host(unary, index)
-    if not np.isfinite(q).all():  # finite inputs whose logits overflowed float32 on the way
-        raise InvalidArgumentError("unary and the kernel weights are too large: the logits overflowed float32 during "
-                                   "mean field; scale them down")
+    check_overflow(bool(np.isfinite(q).all()), "logits")
     return q
 
 

@@ -130,15 +130,49 @@ def test_native_op_refuses_a_double_backward_rather_than_drop_its_second_order_t
 @pytest.mark.parametrize("kernels, compat, message", [
     ([(3.0, 1.0)], None, r"kernels\[0\] must be \(theta_xy, theta_color, weight\)"),
     (None, None, "kernels must be a sequence"),
-    ([(True, 0.0, 1.0)], None, r"kernels\[0\].theta_xy must be a number"),
-    ([(3.0, "13", 1.0)], None, r"kernels\[0\].theta_color must be a number"),
-    ([(3.0, 0.0, True)], None, r"kernels\[0\] weight must be a number or a tensor"),
+    ([(True, 0.0, 1.0)], None, r"kernels\[0\].theta_xy must be a real number"),
+    ([(3.0, "13", 1.0)], None, r"kernels\[0\].theta_color must be a real number"),
+    ([(10**400, 0.0, 1.0)], None, r"kernels\[0\].theta_xy must be a real number"),  # beyond float64
+    ([(3.0, 0.0, True)], None, r"kernels\[0\] weight must be a real number or tensor"),
+    ([(3.0, 0.0, 10**400)], None, r"kernels\[0\] weight must be a real number or tensor"),
+    ([(3.0, 0.0, torch.tensor(3 + 1j))], None, r"kernels\[0\] weight must be a real number or tensor"),
+    ([(3.0, 0.0, torch.tensor(True))], None, r"kernels\[0\] weight must be a real number or tensor"),
+    ([(3.0, 0.0, torch.ones((), device="meta"))], None, r"kernels\[0\] weight must be a CPU or CUDA tensor"),
     ([(3.0, 0.0, 1.0)], [1.0] * L, "compat must be None or a"),
+    ([(3.0, 0.0, 1.0)], torch.ones(L + 1, device="meta"), "compat must be a CPU or CUDA tensor"),
 ])
 def test_native_op_names_a_malformed_kernel_or_compat(scene, kernels, compat, message):
     unary, _ = scene
     with pytest.raises(InvalidArgumentError, match=message):
         mean_field_native(unary, None, kernels, compat=compat)
+
+
+def test_native_op_refuses_a_meta_image_rather_than_return_its_fake_kernels_empty_tensor(scene):
+    unary, _ = scene
+    with pytest.raises(InvalidArgumentError, match="image must be a CPU or CUDA tensor"):
+        mean_field_native(unary, torch.zeros(3, H, W, device="meta"), [(3.0, 13.0, 1.0)])
+
+
+def test_logits_and_gradients_that_overflow_float32_are_refused_not_returned_as_nan(scene):
+    unary, image = scene
+    huge = [(3.0, 0.0, 3e38), (80.0, 13.0, 3e38)]
+    planar = image.permute(2, 0, 1).float().contiguous()
+    with pytest.raises(InvalidArgumentError, match="the logits overflowed float32"):
+        mean_field_native(unary * 1e37, planar, huge)
+    with pytest.raises(InvalidArgumentError, match="the logits overflowed float32"):
+        dense_crf_native(unary * 1e37, image, spatial=(3.0, 3e38), bilateral=(80.0, 13.0, 3e38))
+    with pytest.raises(InvalidArgumentError, match="the logits overflowed float32"):
+        dense_crf(unary * 1e37, image, spatial=(3.0, 3e38), bilateral=(80.0, 13.0, 3e38))
+    leaf = unary.clone().requires_grad_(True)
+    logits = mean_field_native(leaf, None, [(3.0, 0.0, 3.0)])
+    with pytest.raises(InvalidArgumentError, match="the gradients overflowed float32"):
+        logits.backward(torch.full_like(logits, 3e38))
+
+
+def test_dense_crf_native_names_a_unary_of_the_wrong_rank(scene):
+    _, image = scene
+    with pytest.raises(InvalidArgumentError, match=r"unary must be an \(L, H, W\) tensor"):
+        dense_crf_native(torch.randn(H, W), image)
 
 
 def test_native_op_takes_numpy_scalars_as_thetas_and_weights(scene):

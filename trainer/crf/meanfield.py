@@ -18,7 +18,7 @@ from typing import Union
 import torch
 from torch import Tensor
 
-from dynseg.sdk.crf import Normalization, check_iterations, check_normalization, gaussian_kernels
+from dynseg.sdk.crf import Normalization, check_iterations, check_normalization, check_overflow, gaussian_kernels
 
 from .lattice import PermutohedralLattice, gaussian_features
 
@@ -211,4 +211,5 @@ def dense_crf(
         kernels.append((PermutohedralLattice(features), weight))
 
     logits = mean_field(unary, kernels, normalization=normalization, iterations=iterations)
+    check_overflow(bool(torch.isfinite(logits).all()), "logits")
     return torch.softmax(logits, dim=0)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from dynseg.sdk import _native
-from dynseg.sdk.crf import check_iterations, check_normalization, check_threads, gaussian_kernels
+from dynseg.sdk.crf import check_iterations, check_normalization, check_overflow, check_threads, gaussian_kernels
 from dynseg.sdk.errors import InvalidArgumentError
 
 __all__ = ["GaussianKernel", "mean_field_native", "dense_crf_native"]
@@ -121,6 +121,8 @@ def _backward(ctx, grad_logits):
     grad_unary, grad_weights, grad_compat = problem.backward(
         _numpy(unary), _numpy(grad_logits), want_weights, bool(ctx.needs_input_grad[5])
     )
+    check_overflow(all(np.isfinite(g).all() for g in (grad_unary, *grad_weights, grad_compat) if g is not None),
+                   "gradients")
     as_tensor = lambda array, like: None if array is None else torch.from_numpy(array).reshape(like.shape).to(like.dtype)
     return (
         as_tensor(grad_unary, unary),
@@ -149,6 +151,8 @@ def _backward_cuda(ctx, grad_logits):
             [call.array(g.reshape(-1) if g is not None and g.numel() == 1 else g) for g in grad_weights],
             call.array(grad_compat), call.workspace.data_ptr(), call.nbytes, call.stream,
         )
+    check_overflow(all(bool(torch.isfinite(g).all()) for g in (grad_unary, *grad_weights, grad_compat)
+                       if g is not None), "gradients")
     as_like = lambda g, like: None if g is None else g.reshape(like.shape).to(like.device, like.dtype)
     return (
         as_like(grad_unary, unary),
@@ -160,6 +164,21 @@ def _backward_cuda(ctx, grad_logits):
 
 
 _mean_field.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_device(name: str, tensor: object) -> None:
+    """Refuses a tensor on a device the kernels cannot read (a meta tensor would send the op to its
+    fake kernel, whose result is uninitialised memory)."""
+    if isinstance(tensor, Tensor) and tensor.device.type not in ("cpu", "cuda"):
+        raise InvalidArgumentError(f"{name} must be a CPU or CUDA tensor, got one on {tensor.device}")
+
+
+def _fits_a_float(number: Real) -> bool:
+    try:
+        float(number)
+    except OverflowError:  # an int beyond float64
+        return False
+    return True
 
 
 def mean_field_native(
@@ -201,6 +220,8 @@ def mean_field_native(
     num_labels = unary.shape[0]
     if image is not None and not isinstance(image, Tensor):
         raise InvalidArgumentError(f"image must be a (C, H, W) tensor or None, got {type(image).__name__}")
+    _check_device("image", image)
+    _check_device("compat", compat)
     if isinstance(kernels, (str, bytes)) or not isinstance(kernels, Sequence):
         raise InvalidArgumentError(f"kernels must be a sequence of (theta_xy, theta_color, weight), got {kernels!r}")
     theta_xys, theta_colors, weights = [], [], []
@@ -210,10 +231,12 @@ def mean_field_native(
         theta_xy, theta_color, weight = kernel
         # the library checks their ranges; a bool or a string is not a theta at all
         for name, theta in (("theta_xy", theta_xy), ("theta_color", theta_color)):
-            if isinstance(theta, bool) or not isinstance(theta, Real):
-                raise InvalidArgumentError(f"kernels[{index}].{name} must be a number, got {theta!r}")
-        if isinstance(weight, bool) or not isinstance(weight, (Real, Tensor)):
-            raise InvalidArgumentError(f"kernels[{index}] weight must be a number or a tensor, got {weight!r}")
+            if isinstance(theta, bool) or not isinstance(theta, Real) or not _fits_a_float(theta):
+                raise InvalidArgumentError(f"kernels[{index}].{name} must be a real number, got {theta!r}")
+        real_tensor = isinstance(weight, Tensor) and not (weight.dtype.is_complex or weight.dtype == torch.bool)
+        if isinstance(weight, bool) or not (real_tensor or isinstance(weight, Real) and _fits_a_float(weight)):
+            raise InvalidArgumentError(f"kernels[{index}] weight must be a real number or tensor, got {weight!r}")
+        _check_device(f"kernels[{index}] weight", weight)
         weight = torch.as_tensor(weight, dtype=torch.float32)
         if weight.numel() != 1 and tuple(weight.shape) != (num_labels, num_labels):
             raise InvalidArgumentError(f"kernels[{index}] weight must be a scalar or ({num_labels}, {num_labels}), "
@@ -225,11 +248,13 @@ def mean_field_native(
     if compat is not None and (not isinstance(compat, Tensor) or tuple(compat.shape) not in compat_shapes):
         raise InvalidArgumentError(f"compat must be None or a ({num_labels},) or ({num_labels}, {num_labels}) tensor, "
                                    f"got {getattr(compat, 'shape', compat)!r}")
-    return _mean_field(
+    logits = _mean_field(
         unary, image,
         theta_xys, theta_colors, weights, compat,
         check_normalization(normalization), check_iterations(iterations), check_threads(threads),
     )
+    check_overflow(bool(torch.isfinite(logits).all()), "logits")
+    return logits
 
 
 def dense_crf_native(
@@ -244,6 +269,8 @@ def dense_crf_native(
 ) -> Tensor:
     """`dynseg.sdk.dense_crf` for tensors, differentiable: unary (L, H, W) float32 logits, image
     (H, W, 3) uint8 RGB (or None without a bilateral kernel); returns Q, (L, H, W)."""
+    if not isinstance(unary, Tensor) or unary.dim() != 3:
+        raise InvalidArgumentError(f"unary must be an (L, H, W) tensor, got {getattr(unary, 'shape', type(unary))}")
     kernels = gaussian_kernels(spatial, bilateral)
     planar = None
     if bilateral is not None:
