@@ -45,10 +45,11 @@ class DeviceArray:
     dtype: np.dtype = np.dtype(np.float32)
 
     @classmethod
-    def of(cls, array: object, name: str, *, dtype: type = np.float32,
-           shape: tuple[int, ...] | None = None) -> DeviceArray:
-        """The view of `array` after checking it is a GPU array of `dtype`, C-contiguous and, given
-        `shape`, of that shape; InvalidArgumentError naming `name` otherwise."""
+    def of(cls, array: object, name: str, *, dtype: type = np.float32, shape: tuple[int, ...] | None = None,
+           written: bool = False) -> DeviceArray:
+        """The view of `array` after checking it is a GPU array of `dtype`, C-contiguous, unmasked,
+        given `shape` of that shape, and writable when the library will write it (`written`);
+        InvalidArgumentError naming `name` otherwise."""
         try:
             interface = getattr(array, "__cuda_array_interface__", None)
         except RuntimeError as error:  # torch refuses a tensor that requires grad
@@ -58,9 +59,20 @@ class DeviceArray:
                 f"{name} must be a GPU array exposing __cuda_array_interface__ (a torch CUDA tensor, a CuPy "
                 f"array), got {type(array).__name__}"
             )
-        found = tuple(int(n) for n in interface["shape"])
-        if np.dtype(interface["typestr"]) != np.dtype(dtype):
-            raise InvalidArgumentError(f"{name} must be {np.dtype(dtype)}, got {np.dtype(interface['typestr'])}")
+        try:
+            found = tuple(int(n) for n in interface["shape"])
+            found_dtype = np.dtype(interface["typestr"])
+            pointer, read_only = interface["data"]
+            pointer = int(pointer)
+        except (KeyError, TypeError, ValueError) as error:
+            raise InvalidArgumentError(f"{name} has a malformed __cuda_array_interface__ ({error!r}): it needs shape, "
+                                       "typestr and data (pointer, read-only flag)") from None
+        if found_dtype != np.dtype(dtype):
+            raise InvalidArgumentError(f"{name} must be {np.dtype(dtype)}, got {found_dtype}")
+        if interface.get("mask") is not None:
+            raise InvalidArgumentError(f"{name} must not be a masked array")
+        if written and read_only:
+            raise InvalidArgumentError(f"{name} is read-only, and the result is written into it")
         strides = interface.get("strides")
         itemsize = np.dtype(dtype).itemsize
         if strides is not None and tuple(strides) != tuple(itemsize * int(np.prod(found[i + 1:], dtype=np.int64))
@@ -68,7 +80,7 @@ class DeviceArray:
             raise InvalidArgumentError(f"{name} must be C-contiguous, got strides {tuple(strides)} for shape {found}")
         if shape is not None and found != shape:
             raise InvalidArgumentError(f"{name} must have shape {shape}, got {found}")
-        return cls(int(interface["data"][0]), found, np.dtype(dtype))
+        return cls(pointer, found, np.dtype(dtype))
 
     @property
     def size(self) -> int:

@@ -250,7 +250,7 @@ def dense_crf_cuda(
         raise InvalidArgumentError(f"stream must be a cudaStream_t address (int >= 0), got {stream!r}")
     _native.check_cuda_device(0)
     result = CudaArray(unary_array.shape) if out is None else out
-    out_array = _native.DeviceArray.of(result, "out", shape=unary_array.shape)
+    out_array = _native.DeviceArray.of(result, "out", shape=unary_array.shape, written=True)
     weights = [CudaArray((1,)) for _ in kernels]  # the CUDA calls read every array from device memory
     for buffer, (_, _, weight) in zip(weights, kernels):
         _native.copy_to_device(buffer._buffer.pointer, np.array([weight], dtype=np.float32))

@@ -19,6 +19,19 @@
 namespace dynseg {
 namespace {
 
+// The thetas of a kernel as an error message names them: a spatial kernel (theta_color = 0) has no
+// colour theta to blame.
+struct KernelThetas {
+    char text[96];
+    explicit KernelThetas(const FeatureSpec& spec) {
+        if (spec.theta_color > 0)
+            std::snprintf(text, sizeof text, "the bilateral kernel's theta_xy = %g or theta_color = %g",
+                          spec.theta_xy, spec.theta_color);
+        else
+            std::snprintf(text, sizeof text, "the spatial kernel's theta_xy = %g", spec.theta_xy);
+    }
+};
+
 constexpr int64_t kPixelGrain = 2048;
 constexpr int64_t kVertexGrain = 2048;
 constexpr uint64_t kEmptySlot = std::numeric_limits<uint64_t>::max();
@@ -297,9 +310,8 @@ bool Lattice::build(const FeatureSpec& spec, LatticeScratch& scratch, int thread
     if (!(largest * static_cast<float>(2 * d) < 4194304.0f)) {
         std::snprintf(error, error_len,
                       "lattice coordinates out of range: scaled features reach %g, beyond what float lattice "
-                      "keys resolve (2^22 / %d); theta_xy = %g or theta_color = %g is too small for a "
-                      "%lldx%lld image",
-                      largest, 2 * d, spec.theta_xy, spec.theta_color, static_cast<long long>(spec.height),
+                      "keys resolve (2^22 / %d); %s is too small for a %lldx%lld image",
+                      largest, 2 * d, KernelThetas(spec).text, static_cast<long long>(spec.height),
                       static_cast<long long>(spec.width));
         return false;
     }
@@ -322,8 +334,8 @@ bool Lattice::build(const FeatureSpec& spec, LatticeScratch& scratch, int thread
     if (bits > 63) {  // 63 keeps the all-ones empty-slot marker out of reach of any key
         std::snprintf(error, error_len,
                       "lattice keys need %d bits but only 63 fit a 64-bit key: the features span too "
-                      "wide a range (theta_xy = %g, theta_color = %g for a %lldx%lld image)",
-                      bits, spec.theta_xy, spec.theta_color, static_cast<long long>(spec.height),
+                      "wide a range (%s, for a %lldx%lld image)",
+                      bits, KernelThetas(spec).text, static_cast<long long>(spec.height),
                       static_cast<long long>(spec.width));
         return false;
     }

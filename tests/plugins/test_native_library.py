@@ -404,9 +404,9 @@ def test_a_dynseg_library_variable_naming_no_file_is_an_error_not_a_fall_back(mo
 class _GpuArrayInterface:
     """Only the `__cuda_array_interface__` of a GPU array: what DeviceArray.of reads (no memory behind it)."""
 
-    def __init__(self, shape, typestr="<f4", strides=None):
-        self.__cuda_array_interface__ = {"shape": shape, "typestr": typestr, "data": (4096, False),
-                                         "strides": strides, "version": 3}
+    def __init__(self, shape, typestr="<f4", strides=None, read_only=False, **rest):
+        self.__cuda_array_interface__ = {"shape": shape, "typestr": typestr, "data": (4096, read_only),
+                                         "strides": strides, "version": 3, **rest}
 
 
 @pytest.mark.parametrize("array, message", [
@@ -414,10 +414,23 @@ class _GpuArrayInterface:
     (_GpuArrayInterface((2, 3), typestr="<f8"), "image must be float32, got float64"),
     (_GpuArrayInterface((2, 3), strides=(4, 8)), r"image must be C-contiguous, got strides \(4, 8\)"),
     (_GpuArrayInterface((3, 2)), r"image must have shape \(2, 3\), got \(3, 2\)"),
+    (_GpuArrayInterface((2, 3), typestr="zz"), "image has a malformed __cuda_array_interface__"),
+    (_GpuArrayInterface((2, 3), mask=_GpuArrayInterface((2, 3))), "image must not be a masked array"),
 ])
 def test_a_gpu_array_is_checked_before_its_address_is_taken(array, message):
     with pytest.raises(InvalidArgumentError, match=message):
         _native.DeviceArray.of(array, "image", shape=(2, 3))
+
+
+def test_an_interface_without_its_address_and_a_read_only_output_are_named():
+    incomplete = _GpuArrayInterface((2, 3))
+    del incomplete.__cuda_array_interface__["data"]
+    with pytest.raises(InvalidArgumentError, match="unary has a malformed __cuda_array_interface__"):
+        _native.DeviceArray.of(incomplete, "unary")
+    read_only = _GpuArrayInterface((2, 3), read_only=True)
+    assert _native.DeviceArray.of(read_only, "unary").pointer == 4096  # read, never written: fine
+    with pytest.raises(InvalidArgumentError, match="out is read-only"):
+        _native.DeviceArray.of(read_only, "out", written=True)
 
 
 def test_a_gpu_arrays_view_keeps_its_address_shape_and_dtype():
