@@ -184,8 +184,8 @@ def run_node(inputs: Sequence[np.ndarray], attributes: CrfAttributes) -> tuple[n
     return logits[None], detection_scores
 
 
-def run_node_cuda(inputs: Sequence[_native.DeviceArray], attributes: CrfAttributes,
-                        logits: _native.DeviceArray, detection_scores: _native.DeviceArray, device: int) -> None:
+def run_node_cuda(inputs: Sequence[_native.DeviceArray], attributes: CrfAttributes, logits: _native.DeviceArray,
+                  detection_scores: _native.DeviceArray, device: int) -> None:
     """Runs one dynseg::MeanFieldCRF node on CUDA device `device`, every array in its memory: the
     inputs as `run_node`'s (float32, labels int64, C-contiguous; the caller checked the dtypes),
     the outputs written into `logits` (1, L, H, W) and `detection_scores` (D,). Runs on this thread's
