@@ -185,7 +185,7 @@ def train(
     semantic_steps: int = typer.Option(600, "--semantic-steps", min=0, help="Stage 1 steps."),
     instance_steps: int = typer.Option(100, "--instance-steps", min=0, help="Stage 2 steps."),
     mode: str = typer.Option("piecewise", "--mode", help="Stage 2: piecewise (semantic frozen) or end-to-end."),
-    learning_rate: float = typer.Option(0.02, "--lr", min=0.0, help="Stage 1 learning rate (stage 2 uses a 20th)."),
+    learning_rate: float = typer.Option(0.02, "--lr", help="Stage 1 learning rate (stage 2 uses a 20th)."),
     held_out_images: int = typer.Option(
         0, "--held-out-images", min=0,
         help="Score stage 2 after every epoch on this many held-out images (synthetic: seed + 1; on disk: the "
@@ -202,8 +202,8 @@ def train(
     _torch_or_fail("dynseg train")
     if mode not in ("piecewise", "end-to-end"):
         raise typer.BadParameter("must be piecewise or end-to-end", param_hint="--mode")
-    if not math.isfinite(learning_rate):
-        raise typer.BadParameter(f"must be finite, got {learning_rate}", param_hint="--lr")
+    if not (math.isfinite(learning_rate) and learning_rate >= 0):  # click's range lets NaN through, misnamed
+        raise typer.BadParameter(f"must be a finite number >= 0, got {learning_rate}", param_hint="--lr")
     if held_out_split is not None and (dataset == "synthetic" or not held_out_images):
         raise typer.BadParameter("names an on-disk split to score with --held-out-images N: give --dataset and "
                                  "--held-out-images too", param_hint="--held-out-split")
@@ -345,6 +345,7 @@ def _parse_counts(text: str) -> list[int]:
 
 @app.command()
 def export(
+    context: typer.Context,
     checkpoint: Path = typer.Argument(..., exists=True, file_okay=False, help="Folder written by dynseg train."),
     format: str = typer.Option("onnx", "--format", help="onnx, or engine (TensorRT: needs TensorRT and a GPU)."),
     out: Path = typer.Option(..., "--out", dir_okay=False, help="The file to write, e.g. model.onnx or model.engine."),
@@ -363,6 +364,12 @@ def export(
     TensorRT engine built from it with the dynseg plugin (docs/tensorrt.md)."""
     if format not in ("onnx", "engine"):
         raise typer.BadParameter(f"{format!r} is not one of onnx, engine", param_hint="--format")
+    engine_only = ("min_detections", "opt_detections", "min_size", "opt_size", "max_size", "fp16", "workspace")
+    given = ["--" + name.replace("_", "-") for name in engine_only
+             if context.get_parameter_source(name).name == "COMMANDLINE"]
+    if format == "onnx" and given:  # an ONNX file has no profile: the options would be dropped silently
+        raise typer.BadParameter(f"{', '.join(given)} shape a TensorRT engine: give --format engine, or leave them out",
+                                 param_hint="--format")
     sizes = (_size(min_size, "--min-size"), _size(opt_size, "--opt-size"), _size(max_size, "--max-size"))
     detections = (min_detections, max(min_detections, min(10, max_detections)) if opt_detections is None
                   else opt_detections, max_detections)

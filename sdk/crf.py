@@ -169,6 +169,9 @@ def dense_crf(
 
     Raises:
         ValueError (InvalidArgumentError): naming the argument and the problem.
+
+    A call runs to its end in the native library, which does not poll for signals: Ctrl-C takes
+    effect when it returns. Its time grows with H·W·L·iterations.
     """
     unary = _check_unary(unary)
     num_labels, height, width = unary.shape
