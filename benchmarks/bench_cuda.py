@@ -73,10 +73,10 @@ class CudaCall:
             [_native.Kernel(kernels["spatial"][0], 0.0, _native.DeviceArray.of(self.weights[0], "spatial weight")),
              _native.Kernel(kernels["bilateral"][0], kernels["bilateral"][1],
                             _native.DeviceArray.of(self.weights[1], "bilateral weight"))],
-            compat=None, normalization="after", iterations=iterations, output=_native.OUTPUT_PROBABILITIES,
+            compat=None, normalization="after", iterations=iterations, output=_native.Output.PROBABILITIES,
             threads=0,
         )
-        self.nbytes = self.problem.workspace_size_cuda(_native.PASS_FORWARD)
+        self.nbytes = self.problem.workspace_size_cuda(_native.Pass.FORWARD)
         self.workspace = torch.empty(self.nbytes, dtype=torch.uint8, device="cuda")
         self.pointers = (ctypes.cast(ctypes.c_void_p(unary.data_ptr()), _native._f32p),
                          ctypes.cast(ctypes.c_void_p(self.out.data_ptr()), _native._f32p))

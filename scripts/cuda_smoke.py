@@ -40,13 +40,13 @@ def main() -> int:
     problem = _native.Problem(
         labels, height, width, on_device(planar),
         [_native.Kernel(3.0, 0.0, on_device(weights[0])), _native.Kernel(20.0, 30.0, on_device(weights[1]))],
-        compat=on_device(compat), normalization="symmetric", iterations=2, output=_native.OUTPUT_LOGITS, threads=0,
+        compat=on_device(compat), normalization="symmetric", iterations=2, output=_native.Output.LOGITS, threads=0,
     )
     d_unary, d_grad = on_device(unary), on_device(rng.normal(size=unary.shape).astype(np.float32))
     grad_unary = on_device(np.zeros_like(unary))
     grad_weights = [on_device(np.zeros_like(w)) for w in weights]
     grad_compat = on_device(np.zeros_like(compat))
-    nbytes = problem.workspace_size_cuda(_native.PASS_BACKWARD)
+    nbytes = problem.workspace_size_cuda(_native.Pass.BACKWARD)
     workspace = _native.CudaBuffer(nbytes)
     problem.backward_cuda(d_unary, d_grad, grad_unary, grad_weights, grad_compat, workspace.pointer, nbytes, 0)
     result = np.empty_like(unary)
@@ -57,9 +57,9 @@ def main() -> int:
     potts = _native.Problem(
         labels, height, width, on_device(planar),
         [_native.Kernel(3.0, 0.0, scalars[0]), _native.Kernel(20.0, 30.0, scalars[1])],
-        compat=None, normalization="after", iterations=2, output=_native.OUTPUT_LOGITS, threads=0,
+        compat=None, normalization="after", iterations=2, output=_native.Output.LOGITS, threads=0,
     )
-    nbytes = potts.workspace_size_cuda(_native.PASS_BACKWARD)
+    nbytes = potts.workspace_size_cuda(_native.Pass.BACKWARD)
     workspace = _native.CudaBuffer(nbytes)
     potts.backward_cuda(d_unary, d_grad, grad_unary, [None, None], None, workspace.pointer, nbytes, 0)
     potts_result = np.empty_like(unary)

@@ -15,6 +15,7 @@ import platform
 import sys
 import threading
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Sequence
 
 import numpy as np
@@ -23,13 +24,41 @@ from dynseg.plugins import library_path
 
 from .errors import InvalidArgumentError, NativeError
 
-OK, INVALID_ARGUMENT, WORKSPACE_TOO_SMALL, KEY_RANGE, INTERNAL, NOT_SUPPORTED, CUDA_ERROR = range(7)
 ABI_VERSION = 3
 NORMALIZATION = {"after": 0, "symmetric": 1}
-WEIGHT_SCALAR, WEIGHT_MATRIX = 0, 1
-COMPAT_POTTS, COMPAT_DIAGONAL, COMPAT_FULL = 0, 1, 2
-OUTPUT_LOGITS, OUTPUT_PROBABILITIES = 0, 1
-PASS_FORWARD, PASS_BACKWARD = 0, 1
+
+
+# The C enums of dynseg_crf.h, value for value.
+class Status(IntEnum):
+    OK = 0
+    INVALID_ARGUMENT = 1
+    WORKSPACE_TOO_SMALL = 2
+    KEY_RANGE = 3
+    INTERNAL = 4
+    NOT_SUPPORTED = 5
+    CUDA_ERROR = 6
+
+
+class WeightKind(IntEnum):
+    SCALAR = 0
+    MATRIX = 1
+
+
+class CompatKind(IntEnum):
+    POTTS = 0
+    DIAGONAL = 1
+    FULL = 2
+
+
+class Output(IntEnum):
+    LOGITS = 0
+    PROBABILITIES = 1
+
+
+class Pass(IntEnum):
+    FORWARD = 0
+    BACKWARD = 1
+
 
 _f32p = ctypes.POINTER(ctypes.c_float)
 
@@ -221,12 +250,16 @@ def check_cuda_device(device: int) -> None:
 
 
 def _check(status: int) -> None:
-    if status == OK:
+    if status == Status.OK:
         return
     message = library().dynseg_last_error().decode(errors="replace")
-    if status in (INVALID_ARGUMENT, KEY_RANGE):
+    if status in (Status.INVALID_ARGUMENT, Status.KEY_RANGE):
         raise InvalidArgumentError(message)
-    raise NativeError(f"dynseg native library failed (status {status}): {message}")
+    try:
+        name = Status(status).name
+    except ValueError:  # a newer library's status
+        name = f"status {status}"
+    raise NativeError(f"dynseg native library failed ({name}): {message}")
 
 
 _C_TYPES = {np.dtype(np.float32): ctypes.c_float, np.dtype(np.int64): ctypes.c_int64}
@@ -314,7 +347,7 @@ class Problem:
         compat: np.ndarray | DeviceArray | None,
         normalization: str,
         iterations: int,
-        output: int,
+        output: Output,
         threads: int,
         detections: DetectionPotential | None = None,
     ):
@@ -341,10 +374,11 @@ class Problem:
         for slot, k in zip(c_kernels, kernels):
             slot.theta_xy = k.theta_xy
             slot.theta_color = k.theta_color
-            slot.weight_kind = WEIGHT_SCALAR if k.weight.size == 1 else WEIGHT_MATRIX
+            slot.weight_kind = WeightKind.SCALAR if k.weight.size == 1 else WeightKind.MATRIX
             slot.weight = _pointer(k.weight)
         self._kernels = c_kernels
-        compat_kind = COMPAT_POTTS if compat is None else COMPAT_DIAGONAL if compat.ndim == 1 else COMPAT_FULL
+        compat_kind = (CompatKind.POTTS if compat is None else CompatKind.DIAGONAL if compat.ndim == 1
+                       else CompatKind.FULL)
         self.struct = _Problem(
             num_labels=num_labels,
             height=height,
@@ -362,7 +396,7 @@ class Problem:
             detections=ctypes.pointer(self._detections_struct) if detections is not None else None,
         )
 
-    def workspace(self, pass_: int) -> np.ndarray:
+    def workspace(self, pass_: Pass) -> np.ndarray:
         size = ctypes.c_size_t()
         _check(library().dynseg_crf_workspace_size(ctypes.byref(self.struct), pass_, ctypes.byref(size)))
         return _workspace(size.value)
@@ -377,7 +411,7 @@ class Problem:
         """Q (or the logits, as the problem's output says) for planar (L, H, W) float32 `unary`."""
         self._check_planes("unary", unary)
         out = np.empty_like(unary)
-        ws = self.workspace(PASS_FORWARD)
+        ws = self.workspace(Pass.FORWARD)
         _check(library().dynseg_crf_forward(ctypes.byref(self.struct), _pointer(unary), _pointer(out),
                                             ws.ctypes.data, ws.nbytes))
         return out
@@ -392,7 +426,7 @@ class Problem:
         grad_weights = [np.empty_like(w) if want else None for w, want in zip(self._weights, want_weights)]
         grad_compat = np.empty_like(self._compat) if want_compat and self._compat is not None else None
         pointers = (_f32p * max(len(grad_weights), 1))(*[_pointer(g) for g in grad_weights])
-        ws = self.workspace(PASS_BACKWARD)
+        ws = self.workspace(Pass.BACKWARD)
         _check(library().dynseg_crf_backward(
             ctypes.byref(self.struct), _pointer(unary), _pointer(grad_logits), _pointer(grad_unary), pointers,
             _pointer(grad_compat), ws.ctypes.data, ws.nbytes,
@@ -406,14 +440,14 @@ class Problem:
             raise InvalidArgumentError(f"values must be (C, H, W) planes, got {tuple(values.shape)}")
         self._check_planes("values", values, values.shape[0])
         out = np.empty_like(values)
-        ws = self.workspace(PASS_FORWARD)
+        ws = self.workspace(Pass.FORWARD)
         _check(library().dynseg_lattice_filter(ctypes.byref(self.struct), kernel, values.shape[0], _pointer(values),
                                                _pointer(out), int(transpose), ws.ctypes.data, ws.nbytes))
         return out
 
     # ---- CUDA: every array a DeviceArray on the current device; stream a cudaStream_t address ----
 
-    def workspace_size_cuda(self, pass_: int) -> int:
+    def workspace_size_cuda(self, pass_: Pass) -> int:
         size = ctypes.c_size_t()
         _check(library().dynseg_crf_workspace_size_cuda(ctypes.byref(self.struct), pass_, ctypes.byref(size)))
         return size.value

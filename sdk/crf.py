@@ -129,7 +129,7 @@ def _densecrf_problem(num_labels, height, width, image, kernels, normalization, 
         compat=None,
         normalization=normalization,
         iterations=iterations,
-        output=_native.OUTPUT_PROBABILITIES,
+        output=_native.Output.PROBABILITIES,
         threads=threads,
     )
 
@@ -261,9 +261,9 @@ def dense_crf_cuda(
         num_labels, height, width, image_array,
         [_native.Kernel(t, c, _native.DeviceArray.of(w, "weight")) for (t, c, _), w in zip(kernels, weights)],
         compat=None, normalization=normalization, iterations=iterations,
-        output=_native.OUTPUT_PROBABILITIES, threads=0,
+        output=_native.Output.PROBABILITIES, threads=0,
     )
-    nbytes = problem.workspace_size_cuda(_native.PASS_FORWARD)
+    nbytes = problem.workspace_size_cuda(_native.Pass.FORWARD)
     workspace = _native.CudaBuffer(nbytes)
     problem.forward_cuda(unary_array, out_array, workspace.pointer, nbytes, stream)
     return result

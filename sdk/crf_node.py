@@ -136,7 +136,7 @@ def _problem(inputs: CrfInputs, attributes: CrfAttributes, detection_scores: Arr
     return _native.Problem(
         num_labels, height, width, _planes(inputs.image), kernels, compat=compat if compat.size else None,
         normalization=attributes.normalization, iterations=attributes.iterations,
-        output=_native.OUTPUT_LOGITS, threads=0, detections=potential,
+        output=_native.Output.LOGITS, threads=0, detections=potential,
     )
 
 
@@ -201,7 +201,7 @@ def run_node_cuda(inputs: Sequence[_native.DeviceArray], attributes: CrfAttribut
     if not _adds_detection_potential(inputs, attributes):  # the scores pass through
         _native.copy_on_device(detection_scores.pointer, scores.pointer, 4 * scores.size)
     problem = _problem(inputs, attributes, detection_scores)
-    nbytes = problem.workspace_size_cuda(_native.PASS_FORWARD)
+    nbytes = problem.workspace_size_cuda(_native.Pass.FORWARD)
     workspace = _native.cuda_workspace(nbytes, device)
     problem.forward_cuda(_planes(unary), _planes(logits), workspace.pointer, nbytes,
                          _native.cuda_stream(device).handle)

@@ -28,7 +28,7 @@ def workspace(problem: n.Problem, pass_: int) -> tuple[np.ndarray, int]:
 
 def forward_cuda(problem: n.Problem, unary: np.ndarray) -> np.ndarray:
     out = np.full_like(unary, np.nan)
-    buffer, nbytes = workspace(problem, n.PASS_FORWARD)
+    buffer, nbytes = workspace(problem, n.Pass.FORWARD)
     problem.forward_cuda(on_device(unary), on_device(out), buffer.ctypes.data, nbytes, 0)
     return out
 
@@ -39,7 +39,7 @@ def backward_cuda(
     grad_unary = np.full_like(unary, np.nan)
     grad_weights = [np.full_like(w, np.nan) for w in weights]
     grad_compat = None if compat is None else np.full_like(compat, np.nan)
-    buffer, nbytes = workspace(problem, n.PASS_BACKWARD)
+    buffer, nbytes = workspace(problem, n.Pass.BACKWARD)
     problem.backward_cuda(on_device(unary), on_device(grad), on_device(grad_unary), [on_device(g) for g in grad_weights],
                           None if compat is None else on_device(grad_compat), buffer.ctypes.data, nbytes, 0)
     return grad_unary, grad_weights, grad_compat
@@ -52,7 +52,7 @@ def colour_ramps(height: int, width: int) -> np.ndarray:
 
 def make_problem(
     labels: int, image: np.ndarray, kernels: list[tuple[float, float, np.ndarray]], compat: np.ndarray | None = None,
-    normalization: str = "after", output: int = n.OUTPUT_PROBABILITIES,
+    normalization: str = "after", output: n.Output = n.Output.PROBABILITIES,
 ) -> n.Problem:
     """Three iterations of mean field on `image` (H, W, 3) with (theta_xy, theta_color, weight) kernels."""
     height, width = image.shape[:2]
@@ -84,10 +84,10 @@ def main() -> int:
     # the common model (Potts, scalar weights), one label tile or two, both normalisations and outputs;
     # 47x50 has more pixels than one sweep of the emulated grid (8 blocks of 256 threads)
     for labels, (height, width), normalization, output in [
-        (1, (19, 23), "after", n.OUTPUT_PROBABILITIES),
-        (21, (21, 37), "symmetric", n.OUTPUT_LOGITS),
-        (40, (17, 18), "after", n.OUTPUT_PROBABILITIES),
-        (2, (47, 50), "after", n.OUTPUT_PROBABILITIES),
+        (1, (19, 23), "after", n.Output.PROBABILITIES),
+        (21, (21, 37), "symmetric", n.Output.LOGITS),
+        (40, (17, 18), "after", n.Output.PROBABILITIES),
+        (2, (47, 50), "after", n.Output.PROBABILITIES),
     ]:
         unary = rng.normal(0, 2, (labels, height, width)).astype(np.float32)
         problem = make_problem(labels, colour_ramps(height, width), densecrf, normalization=normalization, output=output)
@@ -117,7 +117,7 @@ def main() -> int:
     compat = rng.normal(0, 1, (labels, labels)).astype(np.float32)
     grad = rng.normal(size=unary.shape).astype(np.float32)
     problem = make_problem(labels, colour_ramps(height, width), [(3.0, 0.0, weights[0]), (20.0, 30.0, weights[1])],
-                           compat=compat, normalization="symmetric", output=n.OUTPUT_LOGITS)
+                           compat=compat, normalization="symmetric", output=n.Output.LOGITS)
     check("matrix weights, full compatibility", problem.forward(unary), forward_cuda(problem, unary), 1e-4)
     expected = problem.backward(unary, grad, [True, True], True)
     got = backward_cuda(problem, unary, grad, weights, compat)
@@ -127,7 +127,7 @@ def main() -> int:
     labels = 21
     unary = rng.normal(0, 2, (labels, height, width)).astype(np.float32)
     grad = rng.normal(size=unary.shape).astype(np.float32)
-    problem = make_problem(labels, colour_ramps(height, width), densecrf, output=n.OUTPUT_LOGITS)
+    problem = make_problem(labels, colour_ramps(height, width), densecrf, output=n.Output.LOGITS)
     expected = problem.backward(unary, grad, [True, True], False)
     got = backward_cuda(problem, unary, grad, [densecrf[0][2], densecrf[1][2]], None)
     check("Potts gradient: unary", expected[0], got[0], 1e-4)
@@ -149,7 +149,7 @@ def main() -> int:
         image = np.ascontiguousarray(colour_ramps(height, width).transpose(2, 0, 1), dtype=np.float32)
         problem = n.Problem(labels, height, width, image, [n.Kernel(3.0, 0.0, weights), n.Kernel(20.0, 13.0, weights)],
                             compat=(-np.eye(labels)).astype(np.float32), normalization="after", iterations=3,
-                            output=n.OUTPUT_LOGITS, threads=0, detections=detections)
+                            output=n.Output.LOGITS, threads=0, detections=detections)
         logits = problem.forward_from_host(unary, 0) if on_gpu else problem.forward(unary)
         results.append((logits, recalibrated))
     check("detection potential: logits", results[0][0], results[1][0], 1e-5)
@@ -161,7 +161,7 @@ def main() -> int:
     problem = make_problem(2, stripes, [densecrf[0], (1.0, 1e-30, densecrf[1][2])])
     unary = rng.normal(0, 2, (2, 16, 16)).astype(np.float32)
     out = np.zeros_like(unary)  # the CUDA output must come back NaN, not zeros
-    buffer, nbytes = workspace(problem, n.PASS_FORWARD)
+    buffer, nbytes = workspace(problem, n.Pass.FORWARD)
     errors = []
     for run in (lambda: problem.forward(unary),
                 lambda: problem.forward_cuda(on_device(unary), on_device(out), buffer.ctypes.data, nbytes, 0)):

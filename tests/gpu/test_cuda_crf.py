@@ -216,7 +216,7 @@ def test_cuda_detection_potential_matches_cpu(labels, height, width, count, smoo
         problem = _native.Problem(
             labels, height, width, image, [_native.Kernel(3.0, 0.0, weights), _native.Kernel(20.0, 13.0, weights)],
             compat=(-np.eye(labels)).astype(np.float32), normalization="after", iterations=5,
-            output=_native.OUTPUT_LOGITS, threads=0, detections=detections)
+            output=_native.Output.LOGITS, threads=0, detections=detections)
         logits = problem.forward(unary) if device is None else problem.forward_from_host(unary, device)
         return logits, recalibrated
 

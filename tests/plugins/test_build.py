@@ -34,5 +34,5 @@ def test_a_cpu_only_build_works_and_its_cuda_entry_points_say_so(tmp_path):
     assert library.dynseg_cuda_compiled() == 0
     assert library.dynseg_cuda_device_count() == 0
     status = library.dynseg_crf_forward_cuda(None, None, None, None, ctypes.c_size_t(0), None)
-    assert status == _native.NOT_SUPPORTED
+    assert status == _native.Status.NOT_SUPPORTED
     assert b"built without CUDA" in library.dynseg_last_error()

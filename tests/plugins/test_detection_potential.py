@@ -33,7 +33,7 @@ def native_problem(unary, image, spatial, bilateral, compat, detections, iterati
     return _native.Problem(
         labels, height, width, image,
         [_native.Kernel(THETAS[0], 0.0, spatial), _native.Kernel(THETAS[1], THETAS[2], bilateral)],
-        compat=compat, normalization="after", iterations=iterations, output=_native.OUTPUT_LOGITS, threads=threads,
+        compat=compat, normalization="after", iterations=iterations, output=_native.Output.LOGITS, threads=threads,
         detections=detections,
     )
 

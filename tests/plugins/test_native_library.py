@@ -31,7 +31,7 @@ def one_kernel_problem(image: np.ndarray, kernel: str, labels: int) -> _native.P
     return _native.Problem(
         labels, height, width, planar(image) if theta_color else None,
         [_native.Kernel(theta_xy, theta_color, np.ones(1, np.float32))],
-        compat=None, normalization="after", iterations=1, output=_native.OUTPUT_LOGITS, threads=0,
+        compat=None, normalization="after", iterations=1, output=_native.Output.LOGITS, threads=0,
     )
 
 
@@ -164,7 +164,7 @@ def _backward_case(image, weight_kind, compat_kind, normalization, labels=5, ite
     problem = _native.Problem(
         labels, height, width, planar(image),
         [_native.Kernel(3.0, 0.0, weights[0]), _native.Kernel(10.0, 13.0, weights[1])],
-        compat=compat, normalization=normalization, iterations=iterations, output=_native.OUTPUT_LOGITS,
+        compat=compat, normalization=normalization, iterations=iterations, output=_native.Output.LOGITS,
         threads=threads,
     )
     return problem, unary, grad_logits, weights, compat
@@ -246,7 +246,7 @@ def test_backward_is_bitwise_identical_run_to_run_and_for_any_thread_count(norma
 
 def test_backward_needs_logits_as_the_output(smooth_image):
     problem, unary, grad_logits, _, _ = _backward_case(smooth_image(6, 7), "scalar", "potts", "after")
-    problem.struct.output = _native.OUTPUT_PROBABILITIES
+    problem.struct.output = _native.Output.PROBABILITIES
     with pytest.raises(InvalidArgumentError, match="output"):
         problem.backward(unary, grad_logits, [True, True], False)
 
@@ -263,7 +263,7 @@ def test_a_too_small_workspace_fails_cleanly_with_status_2(smooth_image):
         ctypes.byref(problem.struct), unary.ctypes.data_as(_native._f32p), out.ctypes.data_as(_native._f32p),
         workspace.ctypes.data, workspace.nbytes,
     )
-    assert status == _native.WORKSPACE_TOO_SMALL
+    assert status == _native.Status.WORKSPACE_TOO_SMALL
     assert "workspace" in _native.library().dynseg_last_error().decode()
     with pytest.raises(dynseg.sdk.NativeError, match="workspace"):
         _native._check(status)
@@ -273,12 +273,12 @@ def test_a_too_small_workspace_fails_cleanly_with_status_2(smooth_image):
 def test_the_backward_pass_needs_at_least_the_forward_workspace(smooth_image):
     problem = one_kernel_problem(smooth_image(16, 20), "bilateral", labels=4)
     sizes = {}
-    for pass_ in (_native.PASS_FORWARD, _native.PASS_BACKWARD):
+    for pass_ in (_native.Pass.FORWARD, _native.Pass.BACKWARD):
         size = ctypes.c_size_t()
         _native._check(_native.library().dynseg_crf_workspace_size(ctypes.byref(problem.struct), pass_,
                                                                    ctypes.byref(size)))
         sizes[pass_] = size.value
-    assert 0 < sizes[_native.PASS_FORWARD] <= sizes[_native.PASS_BACKWARD]
+    assert 0 < sizes[_native.Pass.FORWARD] <= sizes[_native.Pass.BACKWARD]
 
 
 # ---------------------------------------------------------------------------- the library's own checks
@@ -292,14 +292,14 @@ class HandMadeProblem:
         self.weights = [np.array([3.0], np.float32), np.array([5.0], np.float32)]
         self.compat = np.array([-1.0, -1.0], np.float32)
         self.kernels = (_native._Kernel * 2)(
-            _native._Kernel(3.0, 0.0, _native.WEIGHT_SCALAR, self.weights[0].ctypes.data_as(_native._f32p)),
-            _native._Kernel(8.0, 13.0, _native.WEIGHT_SCALAR, self.weights[1].ctypes.data_as(_native._f32p)),
+            _native._Kernel(3.0, 0.0, _native.WeightKind.SCALAR, self.weights[0].ctypes.data_as(_native._f32p)),
+            _native._Kernel(8.0, 13.0, _native.WeightKind.SCALAR, self.weights[1].ctypes.data_as(_native._f32p)),
         )
         self.struct = _native._Problem(
             num_labels=2, height=4, width=5, image_channels=3, image=self.image.ctypes.data_as(_native._f32p),
-            num_kernels=2, kernels=self.kernels, compat_kind=_native.COMPAT_DIAGONAL,
+            num_kernels=2, kernels=self.kernels, compat_kind=_native.CompatKind.DIAGONAL,
             compat=self.compat.ctypes.data_as(_native._f32p), normalization=0, iterations=2,
-            output=_native.OUTPUT_PROBABILITIES, threads=1,
+            output=_native.Output.PROBABILITIES, threads=1,
         )
         self.unary = np.zeros((2, 4, 5), np.float32)
         self.workspace = np.zeros(1 << 22, np.uint8)
@@ -313,7 +313,7 @@ class HandMadeProblem:
 
     def workspace_size(self) -> int:
         size = ctypes.c_size_t()
-        return _native.library().dynseg_crf_workspace_size(ctypes.byref(self.struct), _native.PASS_FORWARD,
+        return _native.library().dynseg_crf_workspace_size(ctypes.byref(self.struct), _native.Pass.FORWARD,
                                                            ctypes.byref(size))
 
 
@@ -356,11 +356,11 @@ BROKEN_FIELDS = {
 @pytest.mark.parametrize("case", list(BROKEN_FIELDS))
 def test_the_library_rejects_a_bad_problem_field_with_status_1_naming_it(case):
     problem = HandMadeProblem()
-    assert problem.forward() == _native.OK
+    assert problem.forward() == _native.Status.OK
     breaks, name = BROKEN_FIELDS[case]
     breaks(problem)
     for status in (problem.forward(), problem.workspace_size()):
-        assert status == _native.INVALID_ARGUMENT
+        assert status == _native.Status.INVALID_ARGUMENT
         message = _native.library().dynseg_last_error().decode()
         assert re.search(name, message), message
 
@@ -368,11 +368,11 @@ def test_the_library_rejects_a_bad_problem_field_with_status_1_naming_it(case):
 def test_the_library_rejects_a_non_finite_weight_or_unary():
     problem = HandMadeProblem()
     problem.weights[0][0] = np.nan
-    assert problem.forward() == _native.INVALID_ARGUMENT
+    assert problem.forward() == _native.Status.INVALID_ARGUMENT
     assert "kernels[0].weight" in _native.library().dynseg_last_error().decode()
     problem = HandMadeProblem()
     problem.unary[1, 2, 3] = np.inf
-    assert problem.forward() == _native.INVALID_ARGUMENT
+    assert problem.forward() == _native.Status.INVALID_ARGUMENT
     assert "unary" in _native.library().dynseg_last_error().decode()
 
 
@@ -383,14 +383,14 @@ def test_the_library_refuses_a_non_finite_image_or_compat_value_naming_it(where,
     compat = -np.eye(2, dtype=np.float32)
     (image if where == "image" else compat)[1, 1, ...] = np.nan
     problem = _native.Problem(2, 6, 7, image, [_native.Kernel(8.0, 13.0, np.ones(1, np.float32))], compat=compat,
-                              normalization="after", iterations=1, output=_native.OUTPUT_LOGITS, threads=0)
+                              normalization="after", iterations=1, output=_native.Output.LOGITS, threads=0)
     with pytest.raises(InvalidArgumentError, match=where):
         problem.forward(np.zeros((2, 6, 7), np.float32))
 
 
 def test_a_null_problem_is_rejected():
     size = ctypes.c_size_t()
-    assert _native.library().dynseg_crf_workspace_size(None, 0, ctypes.byref(size)) == _native.INVALID_ARGUMENT
+    assert _native.library().dynseg_crf_workspace_size(None, 0, ctypes.byref(size)) == _native.Status.INVALID_ARGUMENT
     assert "problem" in _native.library().dynseg_last_error().decode()
 
 

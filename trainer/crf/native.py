@@ -43,7 +43,7 @@ def _problem(unary, image, theta_xy, theta_color, weights, compat, normalization
     return _native.Problem(
         num_labels, height, width, _numpy(image), kernels,
         compat=_numpy(compat), normalization=normalization, iterations=iterations,
-        output=_native.OUTPUT_LOGITS, threads=threads,
+        output=_native.Output.LOGITS, threads=threads,
     )
 
 
@@ -62,7 +62,7 @@ class _CudaCall:
         self.problem = _native.Problem(
             unary.shape[0], unary.shape[1], unary.shape[2], self.array(image), kernels,
             compat=self.array(compat), normalization=normalization, iterations=iterations,
-            output=_native.OUTPUT_LOGITS, threads=0,
+            output=_native.Output.LOGITS, threads=0,
         )
         self.nbytes = self.problem.workspace_size_cuda(pass_)
         self.workspace = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
@@ -88,7 +88,7 @@ def _mean_field(
     if unary.is_cuda:
         with torch.cuda.device(unary.device):
             call = _CudaCall(unary, image, theta_xy, theta_color, weights, compat, normalization, iterations,
-                             _native.PASS_FORWARD)
+                             _native.Pass.FORWARD)
             out = torch.empty_like(call.unary)
             call.problem.forward_cuda(call.array(call.unary), call.array(out), call.workspace.data_ptr(), call.nbytes,
                                       call.stream)
@@ -138,7 +138,7 @@ def _backward_cuda(ctx, grad_logits):
     _, _, theta_xy, theta_color, _, _, normalization, iterations, _ = ctx.inputs
     with torch.cuda.device(unary.device):
         call = _CudaCall(unary, image, theta_xy, theta_color, weights, compat, normalization, iterations,
-                         _native.PASS_BACKWARD)
+                         _native.Pass.BACKWARD)
         grad = grad_logits.detach().to(unary.device, torch.float32).contiguous()
         grad_unary = torch.empty_like(call.unary)
         want_weights = bool(ctx.needs_input_grad[4])
