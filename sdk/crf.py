@@ -8,6 +8,7 @@ lattice are described in docs/crf.md; the readable PyTorch definition is dynseg.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -120,12 +121,19 @@ def _check_image(image: object, height: int, width: int, needed: bool) -> np.nda
     return np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
 
 
-def _densecrf_problem(num_labels, height, width, image, kernels, normalization, iterations, threads) -> _native.Problem:
-    """The native problem of densecrf's model: label-agnostic Potts kernels, probabilities out."""
+def _densecrf_problem(
+    num_labels: int, height: int, width: int, image: np.ndarray | _native.DeviceArray | None,
+    kernels: list[tuple[float, float, float]], normalization: str, iterations: int, threads: int,
+    weights: Sequence[np.ndarray | _native.DeviceArray] | None = None,
+) -> _native.Problem:
+    """The native problem of densecrf's model: label-agnostic Potts kernels, probabilities out. The
+    kernels' weights are read from `weights` (one value each; device arrays for a CUDA call), else
+    from host copies of the kernels' own."""
+    if weights is None:
+        weights = [np.array([weight], dtype=np.float32) for _, _, weight in kernels]
     return _native.Problem(
         num_labels, height, width, image,
-        [_native.Kernel(theta_xy, theta_color, np.array([weight], dtype=np.float32))
-         for theta_xy, theta_color, weight in kernels],
+        [_native.Kernel(theta_xy, theta_color, weight) for (theta_xy, theta_color, _), weight in zip(kernels, weights)],
         compat=None,
         normalization=normalization,
         iterations=iterations,
@@ -257,12 +265,8 @@ def dense_crf_cuda(
     weights = [CudaArray((1,)) for _ in kernels]  # the CUDA calls read every array from device memory
     for buffer, (_, _, weight) in zip(weights, kernels):
         _native.copy_to_device(buffer._buffer.pointer, np.array([weight], dtype=np.float32))
-    problem = _native.Problem(
-        num_labels, height, width, image_array,
-        [_native.Kernel(t, c, _native.DeviceArray.of(w, "weight")) for (t, c, _), w in zip(kernels, weights)],
-        compat=None, normalization=normalization, iterations=iterations,
-        output=_native.Output.PROBABILITIES, threads=0,
-    )
+    problem = _densecrf_problem(num_labels, height, width, image_array, kernels, normalization, iterations, 0,
+                                weights=[_native.DeviceArray.of(w, "weight") for w in weights])
     nbytes = problem.workspace_size_cuda(_native.Pass.FORWARD)
     workspace = _native.CudaBuffer(nbytes)
     problem.forward_cuda(unary_array, out_array, workspace.pointer, nbytes, stream)

@@ -9,7 +9,7 @@ GPU (the CUDA entry points, on torch's current stream, no copies) for CUDA tenso
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from numbers import Real
 from typing import Optional, Union
 
@@ -34,15 +34,25 @@ def _numpy(tensor: Tensor | None) -> np.ndarray | None:
     return np.ascontiguousarray(tensor.detach().to("cpu", torch.float32).numpy())
 
 
-def _problem(unary, image, theta_xy, theta_color, weights, compat, normalization, iterations, threads):
+def _device_array(tensor: Tensor | None) -> _native.DeviceArray | None:
+    return None if tensor is None else _native.DeviceArray.of(tensor, "a CRF tensor")
+
+
+def _problem(
+    unary: Tensor, image: Tensor | None, theta_xy: list[float], theta_color: list[float], weights: list[Tensor],
+    compat: Tensor | None, normalization: str, iterations: int, threads: int,
+    array: Callable[[Tensor | None], np.ndarray | _native.DeviceArray | None] = _numpy,
+) -> _native.Problem:
+    """The op's native problem, logits out; `array` hands the library each tensor (`_numpy` for a CPU
+    call, `_device_array` for a CUDA call, whose tensors must then be float32, contiguous and on the device)."""
     num_labels, height, width = unary.shape
     kernels = [
-        _native.Kernel(t, c, _numpy(w).reshape(-1) if w.numel() == 1 else _numpy(w))
+        _native.Kernel(t, c, array(w.reshape(1) if w.numel() == 1 else w))
         for t, c, w in zip(theta_xy, theta_color, weights)
     ]
     return _native.Problem(
-        num_labels, height, width, _numpy(image), kernels,
-        compat=_numpy(compat), normalization=normalization, iterations=iterations,
+        num_labels, height, width, array(image), kernels,
+        compat=array(compat), normalization=normalization, iterations=iterations,
         output=_native.Output.LOGITS, threads=threads,
     )
 
@@ -55,22 +65,11 @@ class _CudaCall:
         as_device = lambda t: None if t is None else t.detach().to(device, torch.float32).contiguous()
         self.tensors = [as_device(t) for t in (unary, image, compat, *weights)]
         self.unary, image, compat, *weights = self.tensors
-        kernels = [
-            _native.Kernel(t, c, self.array(w.reshape(1) if w.numel() == 1 else w))
-            for t, c, w in zip(theta_xy, theta_color, weights)
-        ]
-        self.problem = _native.Problem(
-            unary.shape[0], unary.shape[1], unary.shape[2], self.array(image), kernels,
-            compat=self.array(compat), normalization=normalization, iterations=iterations,
-            output=_native.Output.LOGITS, threads=0,
-        )
+        self.problem = _problem(self.unary, image, theta_xy, theta_color, weights, compat, normalization, iterations,
+                                0, array=_device_array)
         self.nbytes = self.problem.workspace_size_cuda(pass_)
         self.workspace = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
         self.stream = torch.cuda.current_stream(device).cuda_stream
-
-    @staticmethod
-    def array(tensor: Tensor | None) -> _native.DeviceArray | None:
-        return None if tensor is None else _native.DeviceArray.of(tensor, "a CRF tensor")
 
 
 @torch.library.custom_op("dynseg::mean_field", mutates_args=(), device_types=("cpu", "cuda"))
@@ -90,8 +89,8 @@ def _mean_field(
             call = _CudaCall(unary, image, theta_xy, theta_color, weights, compat, normalization, iterations,
                              _native.Pass.FORWARD)
             out = torch.empty_like(call.unary)
-            call.problem.forward_cuda(call.array(call.unary), call.array(out), call.workspace.data_ptr(), call.nbytes,
-                                      call.stream)
+            call.problem.forward_cuda(_device_array(call.unary), _device_array(out), call.workspace.data_ptr(),
+                                      call.nbytes, call.stream)
             return out.to(unary.dtype)
     problem = _problem(unary, image, theta_xy, theta_color, weights, compat, normalization, iterations, threads)
     return torch.from_numpy(problem.forward(_numpy(unary))).to(unary.dtype)
@@ -147,9 +146,9 @@ def _backward_cuda(ctx, grad_logits):
         grad_compat = (torch.empty(compat.shape, dtype=torch.float32, device=unary.device)
                        if compat is not None and ctx.needs_input_grad[5] else None)
         call.problem.backward_cuda(
-            call.array(call.unary), call.array(grad), call.array(grad_unary),
-            [call.array(g.reshape(-1) if g is not None and g.numel() == 1 else g) for g in grad_weights],
-            call.array(grad_compat), call.workspace.data_ptr(), call.nbytes, call.stream,
+            _device_array(call.unary), _device_array(grad), _device_array(grad_unary),
+            [_device_array(g.reshape(-1) if g is not None and g.numel() == 1 else g) for g in grad_weights],
+            _device_array(grad_compat), call.workspace.data_ptr(), call.nbytes, call.stream,
         )
     check_overflow(all(bool(torch.isfinite(g).all()) for g in (grad_unary, *grad_weights, grad_compat)
                        if g is not None), "gradients")
