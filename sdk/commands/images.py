@@ -98,6 +98,18 @@ def generated_detections(height: int, width: int, count: int, *, num_classes: in
                            scores=rng.uniform(0.05, 1.0, count).astype(np.float32))
 
 
+def check_detection_counts(counts: Sequence[tuple[str, int]], limit: int, where: str, remedy: str) -> None:
+    """Raises InvalidArgumentError naming the images (the first five) whose detection count, of the
+    (image name, count) pairs, exceeds the model's `limit`; `where` says where the detections came from
+    and `remedy` what the caller can do besides re-exporting."""
+    over = [f"{name} ({count})" for name, count in counts if count > limit]
+    if over:
+        raise InvalidArgumentError(
+            f"{len(over)} image(s) have more detections{where} than this model's limit of {limit}: "
+            f"{', '.join(over[:5])}{' (the first five)' if len(over) > 5 else ''}; {remedy} or re-export with a "
+            "larger --max-detections")
+
+
 SAMPLE_DETECTION_COUNTS = {"coffee": 7, "chelsea": 2, "astronaut": 1}
 """How many generated boxes each shipped photo gets when a command runs on the samples."""
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import DetectionsDroppedWarning, InvalidArgumentError
 from ..inputs import load_image
-from .images import ImageDetections, read_detections
+from .images import ImageDetections, check_detection_counts, read_detections
 from .progress import ItemProgress
 
 if TYPE_CHECKING:
@@ -64,14 +64,9 @@ def run(segmenter: Segmenter, images: Sequence[str | Path], detections: str | Pa
     found = read_detections(detections, paths)  # checks the file before any image is segmented
     if keep_top is not None:
         found = [most_confident(dets, keep_top) for dets in found]
-    over = [f"{path.name} ({len(dets.boxes)})" for path, dets in zip(paths, found)
-            if len(dets.boxes) > segmenter.max_detections]
-    if over:
-        raise InvalidArgumentError(
-            f"{len(over)} image(s) have more detections in {detections} than this model's limit of "
-            f"{segmenter.max_detections}: {', '.join(over[:5])}{' (the first five)' if len(over) > 5 else ''}; "
-            "keep each image's most confident ones (dynseg infer --keep-top N) or re-export with a larger "
-            "--max-detections")
+    check_detection_counts([(path.name, len(dets.boxes)) for path, dets in zip(paths, found)],
+                           segmenter.max_detections, f" in {detections}",
+                           "keep each image's most confident ones (dynseg infer --keep-top N)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     from PIL import Image

@@ -28,6 +28,7 @@ import numpy as np
 from ..errors import InvalidArgumentError
 from ..results import SegmentationResult
 from ..segmenter import Segmenter
+from .images import check_detection_counts
 
 PROBABILITY_ATOL = 1e-4
 SEMANTIC_ATOL = 1e-3
@@ -171,6 +172,9 @@ def validate(model_path: str | Path, checkpoint_path: str | Path, cases: Iterabl
     exported = Segmenter(model_path, backend="onnxruntime", device=device)
     reference = Segmenter(checkpoint_path, backend="torch")
     check_same_model(exported, reference, model_path, checkpoint_path)
+    cases = list(cases)
+    check_detection_counts([(name, len(dets.scores)) for name, _, dets in cases], exported.max_detections, "",
+                           "give each image fewer")
     report = ParityReport()
     for name, image, dets in cases:
         (candidate, candidate_outputs), (expected, reference_outputs) = (

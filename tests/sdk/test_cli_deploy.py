@@ -350,13 +350,22 @@ def test_the_cuda_branch_takes_the_arrays_onnxruntime_hands_the_crf_nodes(export
         assert problem.shape == views.unary.shape[1:]
 
 
-def test_validate_generates_no_more_detections_than_the_model_takes(exported, tmp_path):
+def test_validate_generates_no_more_detections_than_the_model_takes_and_names_an_image_given_more(
+        exported, photos, tmp_path):
     checkpoint, _ = exported
     small = tmp_path / "small.onnx"  # the coffee sample gets 7 generated boxes, the images 5
     assert runner.invoke(app, ["export", str(checkpoint), "--out", str(small), "--max-detections", "3"]).exit_code == 0
     result = runner.invoke(app, ["validate", str(small), "--checkpoint", str(checkpoint)])
     assert result.exit_code == 0, result.output
     assert "| coffee | 375 x 500 | 3 |" in result.output
+    files, _ = photos
+    four = tmp_path / "four.json"
+    four.write_text(json.dumps([{"image_id": "chelsea", "category_id": 1, "bbox": [i, i, 9, 9], "score": 0.5}
+                                for i in range(4)]))
+    result = runner.invoke(app, ["validate", str(small), "--checkpoint", str(checkpoint), "--images", str(files[0]),
+                                 "--detections", str(four)])
+    assert result.exit_code == 1
+    assert "1 image(s) have more detections than this model's limit of 3: chelsea.png (4)" in plain(result.output)
 
 
 def test_infer_refuses_two_images_that_one_image_id_names(exported, photos, tmp_path):
