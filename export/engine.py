@@ -26,6 +26,7 @@ from dynseg.plugins import search_paths
 from dynseg.sdk import __version__
 from dynseg.sdk.errors import DynsegError, InvalidArgumentError
 from dynseg.sdk.graph import DOMAIN, OP_TYPE, OP_VERSION
+from dynseg.sdk.onnx_backend import node_attributes
 
 if TYPE_CHECKING:
     import tensorrt
@@ -94,7 +95,8 @@ def tensorrt_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of a dynseg model for TensorRT's ONNX parser: each dynseg::MeanFieldCRF node carries
     plugin_namespace = "dynseg" and plugin_version = "1" (how the parser finds the plugin), function
     bodies of the dynseg domain are dropped (the plugin implements the op), and everything else is left
-    as it is. Raises InvalidArgumentError for a model without CRF nodes or of another op version."""
+    as it is. Raises InvalidArgumentError for a model without CRF nodes, of another op version, or with
+    a CRF node whose attributes the SDK would refuse (docs/ops.md)."""
     op_version = {entry.key: entry.value for entry in model.metadata_props}.get("dynseg_op_version")
     if op_version is not None and op_version != PLUGIN_VERSION:
         raise InvalidArgumentError(
@@ -109,6 +111,9 @@ def tensorrt_model(model: onnx.ModelProto) -> onnx.ModelProto:
             "the model holds no dynseg::MeanFieldCRF node: is it an ONNX file that `dynseg export` wrote?"
         )
     for node in nodes:
+        # TensorRT's parser hands the plugin only the fields its creator lists, ints narrowed to int32: a
+        # misspelt or out-of-range attribute would build an engine that computes something else
+        node_attributes(node)
         kept = [a for a in node.attribute if a.name not in ("plugin_namespace", "plugin_version")]
         del node.attribute[:]
         node.attribute.extend(kept)

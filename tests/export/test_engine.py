@@ -133,6 +133,22 @@ def test_a_model_without_crf_nodes_or_of_another_op_version_is_refused():
         engine.tensorrt_model(model)
 
 
+@pytest.mark.parametrize("attribute, message", [
+    (helper.make_attribute("normalisation", "symmetric"), "unknown attribute 'normalisation'"),
+    (helper.make_attribute("iterations", 2**32 + 5), "iterations must be in 0..2147483647"),
+])
+def test_an_attribute_tensorrts_parser_would_drop_or_narrow_is_refused_as_the_sdk_refuses_it(attribute, message):
+    """The parser passes the plugin only the fields its creator lists, ints narrowed to int32: a typo
+    would build an engine with the default, 2**32 + 5 iterations would run 5."""
+    model = _model()
+    node = model.graph.node[2]
+    kept = [a for a in node.attribute if a.name != attribute.name]
+    del node.attribute[:]
+    node.attribute.extend([*kept, attribute])
+    with pytest.raises(InvalidArgumentError, match=message):
+        engine.tensorrt_model(model)
+
+
 # ---- the optimisation profile ------------------------------------------------------------------------------
 
 def test_a_profile_gives_every_input_its_min_opt_and_max_shapes():
