@@ -372,10 +372,27 @@ def register_plugin(registry: tensorrt.IPluginRegistry, library: Path) -> None:
     with _registering:
         if registry.get_creator(OP_TYPE, PLUGIN_VERSION, PLUGIN_NAMESPACE) is not None:
             return
+        check_plugin_major_version(library, import_tensorrt().__version__)
         registry.load_library(str(library))
         if registry.get_creator(OP_TYPE, PLUGIN_VERSION, PLUGIN_NAMESPACE) is None:
             raise EngineError(f"TensorRT could not load the plugin library {library}, or it registered no "
                               f"{PLUGIN_NAMESPACE}::{OP_TYPE} version {PLUGIN_VERSION} (see TensorRT's log above)")
+
+
+def check_plugin_major_version(library: Path, tensorrt_version: str) -> None:
+    """Raises EngineError when the plugin `library` was compiled against another TensorRT major version
+    than `tensorrt_version`'s: their interfaces differ in layout, TensorRT does not check, and the
+    first call across would crash inside it."""
+    try:
+        built = int(ctypes.CDLL(str(library)).dynseg_tensorrt_headers_major())
+    except (OSError, AttributeError) as error:
+        raise EngineError(f"{library} is not a dynseg TensorRT plugin library this dynseg can load ({error}): "
+                          "rebuild it (TensorRT_ROOT=/path/to/TensorRT pip install .)") from None
+    running = int(tensorrt_version.split(".")[0])
+    if built != running:
+        raise EngineError(f"the plugin library {library} was built against TensorRT {built}'s headers, and this "
+                          f"is TensorRT {tensorrt_version}: rebuild it with TensorRT_ROOT naming this TensorRT "
+                          "(docs/tensorrt.md)")
 
 
 def import_tensorrt() -> ModuleType:

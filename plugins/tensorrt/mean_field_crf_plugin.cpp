@@ -561,4 +561,11 @@ __attribute__((visibility("default"))) void setLoggerFinder(ILoggerFinder* finde
     dynseg::tensorrt::gLoggerFinder.set(finder);
 }
 
+// The TensorRT major version whose headers this library was compiled against: a library built for one
+// major version must not be loaded into another (their interfaces differ in layout: ILoggerFinder gained
+// a base class in 11), and TensorRT does not check. dynseg's Python side compares it before loading.
+__attribute__((visibility("default"))) int32_t dynseg_tensorrt_headers_major() {
+    return NV_TENSORRT_MAJOR;
+}
+
 }  // extern "C"

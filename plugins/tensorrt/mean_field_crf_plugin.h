@@ -5,7 +5,8 @@
  * library per node (plugins/include/dynseg_crf.h, docs/crf.md §6), the detection potential included.
  * Inputs, outputs and attributes: plugins/tensorrt/README.md.
  *
- * The shared library exports getCreators and setLoggerFinder (extern "C"), so TensorRT's plugin registry
+ * The shared library exports getCreators and setLoggerFinder (extern "C"), and
+ * dynseg_tensorrt_headers_major (the TensorRT major version it was compiled for), so TensorRT's plugin registry
  * loads it with loadLibrary (Python: trt.get_plugin_registry().load_library) and trtexec with
  * --dynamicPlugins.
  */

@@ -149,6 +149,25 @@ def test_an_attribute_tensorrts_parser_would_drop_or_narrow_is_refused_as_the_sd
         engine.tensorrt_model(model)
 
 
+# ---- the plugin library's TensorRT version ----------------------------------------------------------------
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler to make a stand-in library")
+def test_a_plugin_library_built_for_another_tensorrt_major_version_is_refused_before_loading(tmp_path):
+    """TensorRT does not check it, and the interfaces of 10 and 11 differ in layout: a crash, not an error."""
+    source = tmp_path / "stand_in.c"  # what the plugin exports for the check, built for TensorRT 10
+    source.write_text("int dynseg_tensorrt_headers_major(void) { return 10; }\n")
+    library = tmp_path / "libstand_in.so"
+    subprocess.run(["cc", "-shared", "-fPIC", str(source), "-o", str(library)], check=True)
+    engine.check_plugin_major_version(library, "10.16.0.72")
+    with pytest.raises(EngineError, match=r"built against TensorRT 10's headers, and this is TensorRT 11\.1\.0"):
+        engine.check_plugin_major_version(library, "11.1.0")
+    (tmp_path / "other.c").write_text("int something_else(void) { return 0; }\n")
+    subprocess.run(["cc", "-shared", "-fPIC", str(tmp_path / "other.c"), "-o", str(tmp_path / "libother.so")],
+                   check=True)
+    with pytest.raises(EngineError, match="is not a dynseg TensorRT plugin library"):
+        engine.check_plugin_major_version(tmp_path / "libother.so", "10.16.0.72")
+
+
 # ---- the optimisation profile ------------------------------------------------------------------------------
 
 def test_a_profile_gives_every_input_its_min_opt_and_max_shapes():
