@@ -364,15 +364,16 @@ def plugin_library_path() -> Path:
 _registering = threading.Lock()
 
 
-def register_plugin(registry: tensorrt.IPluginRegistry, library: Path) -> None:
+def register_plugin(registry: tensorrt.IPluginRegistry, library: Path, tensorrt_version: str) -> None:
     """Makes dynseg's plugin creator known to TensorRT's plugin `registry`, loading `library` only when
     it is not yet: load_library fails for a library whose plugins are already registered (TensorRT's
     documented contract), and every build and backend of a process shares the registry. Raises
-    EngineError when the creator is still unknown afterwards."""
+    EngineError, before loading, for a library built for another major version than `tensorrt_version`
+    (`check_plugin_major_version`), and when the creator is still unknown afterwards."""
     with _registering:
         if registry.get_creator(OP_TYPE, PLUGIN_VERSION, PLUGIN_NAMESPACE) is not None:
             return
-        check_plugin_major_version(library, import_tensorrt().__version__)
+        check_plugin_major_version(library, tensorrt_version)
         registry.load_library(str(library))
         if registry.get_creator(OP_TYPE, PLUGIN_VERSION, PLUGIN_NAMESPACE) is None:
             raise EngineError(f"TensorRT could not load the plugin library {library}, or it registered no "
@@ -474,7 +475,7 @@ def _build_plan(trt, onnx_copy: Path, expected_plugins: int, library: Path, prof
     """The TensorRT part of build_engine (needs TensorRT and a GPU; not exercised by the CPU tests)."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    register_plugin(builder.get_plugin_registry(), library)
+    register_plugin(builder.get_plugin_registry(), library, trt.__version__)
     network = builder.create_network(0)  # explicit batch (the only mode in 10.x; strongly typed in 11.x)
     parser = trt.OnnxParser(network, logger)
     if hasattr(trt, "OnnxParserFlag") and hasattr(trt.OnnxParserFlag, "ENABLE_PLUGIN_OVERRIDE"):

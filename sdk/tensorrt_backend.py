@@ -55,7 +55,7 @@ class TensorRTBackend:
         trt = engines.import_tensorrt()
         self._trt = trt
         self._logger = trt.Logger(trt.Logger.WARNING)
-        engines.register_plugin(trt.get_plugin_registry(), library)
+        engines.register_plugin(trt.get_plugin_registry(), library, trt.__version__)
         self._engine = trt.Runtime(self._logger).deserialize_cuda_engine(self.path.read_bytes())
         if self._engine is None:
             raise InvalidArgumentError(f"TensorRT could not deserialise {self.path}; rebuild the engine")

@@ -151,21 +151,31 @@ def test_an_attribute_tensorrts_parser_would_drop_or_narrow_is_refused_as_the_sd
 
 # ---- the plugin library's TensorRT version ----------------------------------------------------------------
 
-@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler to make a stand-in library")
-def test_a_plugin_library_built_for_another_tensorrt_major_version_is_refused_before_loading(tmp_path):
+def _shared_library(directory: Path, name: str, source: str) -> Path:
+    (directory / f"{name}.c").write_text(source)
+    library = directory / f"lib{name}.so"
+    subprocess.run(["cc", "-shared", "-fPIC", str(directory / f"{name}.c"), "-o", str(library)], check=True)
+    return library
+
+
+@pytest.fixture
+def stand_in_plugin(tmp_path) -> Path:
+    """A library exporting what the plugin exports for the version check, as built for TensorRT 10."""
+    if shutil.which("cc") is None:
+        pytest.skip("needs a C compiler to make a stand-in library")
+    return _shared_library(tmp_path, "stand_in", "int dynseg_tensorrt_headers_major(void) { return 10; }\n")
+
+
+def test_a_plugin_library_built_for_another_tensorrt_major_version_is_refused_before_loading(stand_in_plugin,
+                                                                                            tmp_path):
     """TensorRT does not check it, and the interfaces of 10 and 11 differ in layout: a crash, not an error."""
-    source = tmp_path / "stand_in.c"  # what the plugin exports for the check, built for TensorRT 10
-    source.write_text("int dynseg_tensorrt_headers_major(void) { return 10; }\n")
-    library = tmp_path / "libstand_in.so"
-    subprocess.run(["cc", "-shared", "-fPIC", str(source), "-o", str(library)], check=True)
+    library = stand_in_plugin
     engine.check_plugin_major_version(library, "10.16.0.72")
     with pytest.raises(EngineError, match=r"built against TensorRT 10's headers, and this is TensorRT 11\.1\.0"):
         engine.check_plugin_major_version(library, "11.1.0")
-    (tmp_path / "other.c").write_text("int something_else(void) { return 0; }\n")
-    subprocess.run(["cc", "-shared", "-fPIC", str(tmp_path / "other.c"), "-o", str(tmp_path / "libother.so")],
-                   check=True)
+    other = _shared_library(tmp_path, "other", "int something_else(void) { return 0; }\n")
     with pytest.raises(EngineError, match="is not a dynseg TensorRT plugin library"):
-        engine.check_plugin_major_version(tmp_path / "libother.so", "10.16.0.72")
+        engine.check_plugin_major_version(other, "10.16.0.72")
 
 
 # ---- the optimisation profile ------------------------------------------------------------------------------
@@ -312,17 +322,19 @@ class DocumentedRegistry:
         return object() if (name, version, namespace) in self.registered else None
 
 
-def test_the_plugin_is_registered_once_for_every_build_and_backend_of_a_process(tmp_path):
+def test_the_plugin_is_registered_once_for_every_build_and_backend_of_a_process(stand_in_plugin):
     registry = DocumentedRegistry({("MeanFieldCRF", "1", "dynseg")})
     for _ in range(3):  # a build, then two backends: a second load_library would have failed
-        engine.register_plugin(registry, tmp_path / "libdynseg_crf_tensorrt.so")
+        engine.register_plugin(registry, stand_in_plugin, "10.16.0.72")
     assert registry.loads == 1
+    with pytest.raises(EngineError, match="built against TensorRT 10's headers"):  # checked before loading
+        engine.register_plugin(DocumentedRegistry({("MeanFieldCRF", "1", "dynseg")}), stand_in_plugin, "11.1.0")
 
 
-def test_a_library_without_dynsegs_creator_is_named(tmp_path):
+def test_a_library_without_dynsegs_creator_is_named(stand_in_plugin):
     registry = DocumentedRegistry({("SomethingElse", "1", "")})
     with pytest.raises(EngineError, match="registered no dynseg::MeanFieldCRF version 1"):
-        engine.register_plugin(registry, tmp_path / "other.so")
+        engine.register_plugin(registry, stand_in_plugin, "10.16.0.72")
 
 
 # ---- build_engine without TensorRT ---------------------------------------------------------------------------
