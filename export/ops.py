@@ -3,9 +3,9 @@ for export, and its translation into the ONNX node that docs/ops.md specifies.
 
 Owns the op's schema in torch (`torch.ops.dynseg.mean_field_crf`), the symbolic function that
 writes it as `dynseg::MeanFieldCRF` (domain "dynseg", version 1), and the two modules that stand in for
-the network's CRF modules, with their calls, while it is traced (`SemanticCRFNode`, `InstanceCRFNode`). The op's computation is the trainer's
-(`semantic_mean_field` with the detection potential, `mean_field_native` without), so a traced graph
-carries exactly the values the network computes.
+the network's CRF modules, with their calls, while it is traced (`SemanticCRFNode`, `InstanceCRFNode`).
+The op's computation is the trainer's (`semantic_mean_field` with the detection potential,
+`mean_field_native` without), so a traced graph carries exactly the values the network computes.
 """
 
 from __future__ import annotations

@@ -47,8 +47,8 @@ def read_detections(results: str | Path, images: Sequence[str | Path]) -> list[I
     module docstring), in the order of `images`; detections sorted by descending score.
 
     Raises InvalidArgumentError naming the file: not a readable results file (the entry at fault
-    named), two images one image_id names (the same stem, or 1 and 01), or entries that match none of the images (a file for
-    other images).
+    named), two images one image_id names (the same stem, or 1 and 01), or entries that match none of
+    the images (a file for other images).
     """
     results = Path(results)
     if not results.is_file():
@@ -123,6 +123,6 @@ def sample_cases(num_classes: int, max_detections: int) -> list[tuple[str, np.nd
     cases = []
     for seed, name in enumerate(samples.NAMES):
         image = samples.load(name)
-        cases.append((name, image, generated_detections(*image.shape[:2], min(SAMPLE_DETECTION_COUNTS[name], max_detections),
-                                                        num_classes=num_classes, seed=seed)))
+        count = min(SAMPLE_DETECTION_COUNTS[name], max_detections)
+        cases.append((name, image, generated_detections(*image.shape[:2], count, num_classes=num_classes, seed=seed)))
     return cases

@@ -204,7 +204,8 @@ def test_a_data_root_without_the_dataset_names_the_root_and_the_split(tmp_path):
 def test_an_infinite_learning_rate_and_a_huge_image_size_are_named(tmp_path):
     _fails_naming(run("train", "--out", tmp_path / "run", *SYNTHETIC, "--lr", "inf"), "--lr", "finite")
     _fails_naming(run("train", "--out", tmp_path / "run", *SYNTHETIC, "--lr", "nan"), "--lr", "finite")
-    _fails_naming(run("train", "--out", tmp_path / "run", "--image-size", "100000", "100000"), "--image-size", "32..4096")
+    _fails_naming(run("train", "--out", tmp_path / "run", "--image-size", "100000", "100000"), "--image-size",
+                  "32..4096")
     _fails_naming(run("train", "--out", tmp_path / "run", *SYNTHETIC, "--held-out-split", "val"), "--held-out-split")
     assert not (tmp_path / "run").exists()
 

@@ -225,7 +225,8 @@ def test_bad_detections_raise_clear_errors(boxes, labels, scores, message):
 
 
 def test_boxes_reaching_outside_the_image_are_floored_and_clipped_to_it():
-    boxes, labels, scores = check_detections(torch.tensor([[-5.0, 2.5, 60.0, 9.7]]), torch.tensor([1], dtype=torch.int32),
+    boxes, labels, scores = check_detections(torch.tensor([[-5.0, 2.5, 60.0, 9.7]]),
+                                             torch.tensor([1], dtype=torch.int32),
                                              torch.tensor([0.5], dtype=torch.float64), height=H, width=W, num_classes=2)
     assert boxes.tolist() == [[0.0, 2.0, W - 1.0, 9.0]]
     assert (boxes.dtype, labels.dtype, scores.dtype) == (torch.float32, torch.int64, torch.float32)
