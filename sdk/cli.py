@@ -464,16 +464,16 @@ def validate(
     _torch_or_fail("dynseg validate")
     from .commands import parity
     from .commands.images import generated_detections, read_detections, sample_cases
+    from .segmenter import Segmenter
     from .inputs import load_image
 
     if detections is not None and not images:
         raise typer.BadParameter("--detections needs --images, the files it names", param_hint="--detections")
     try:
-        if detections is None:  # generated detections: as many classes as the model, no more boxes than it takes
-            from .onnx_backend import OnnxRuntimeBackend
-
-            exported = OnnxRuntimeBackend(model)
-            classes, most = len(exported.class_names), exported.max_detections
+        exported = Segmenter(model, backend="onnxruntime", device=device)
+        reference = Segmenter(checkpoint, backend="torch")
+        # generated detections: as many classes as the model, no more boxes than it takes
+        classes, most = len(exported.class_names), exported.max_detections
         if not images:
             cases = sample_cases(classes, most)
         else:
@@ -484,7 +484,7 @@ def validate(
             else:
                 found = read_detections(detections, images)
             cases = [(path.name, picture, dets) for path, picture, dets in zip(images, pictures, found)]
-        report = parity.validate(model, checkpoint, cases, device=device)
+        report = parity.validate(exported, reference, cases)
     except DynsegError as error:
         raise _fail(str(error)) from error
     typer.echo(f"{model} (onnxruntime, {device}) vs {checkpoint} (PyTorch, cpu):\n{report.table()}")

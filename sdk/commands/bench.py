@@ -89,7 +89,7 @@ def run(model_path: str | Path, *, sizes: Sequence[tuple[int, int]], detections:
     segmenters = [("onnxruntime" + where, exported)]
     if checkpoint is not None:
         reference = Segmenter(checkpoint, backend="torch", device=device)
-        check_same_model(exported, reference, model_path, checkpoint)
+        check_same_model(exported, reference)
         segmenters.append(("torch" + where, reference))
     rows = []
     for height, width in sizes:

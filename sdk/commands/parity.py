@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -146,32 +145,29 @@ def compare(name: str, candidate: dict, reference: dict, candidate_result: Segme
     ])
 
 
-def check_same_model(exported: Segmenter, reference: Segmenter, model_path: str | Path,
-                     checkpoint_path: str | Path) -> None:
+def check_same_model(exported: Segmenter, reference: Segmenter) -> None:
     """Raises InvalidArgumentError unless the exported model came from the checkpoint: the same classes
     and, where the export recorded them, the same weights."""
     if exported.class_names != reference.class_names:
-        raise InvalidArgumentError(f"model {model_path} has classes {list(exported.class_names)}, checkpoint "
-                                   f"{checkpoint_path} has {list(reference.class_names)}: not the same model")
+        raise InvalidArgumentError(f"model {exported.path} has classes {list(exported.class_names)}, checkpoint "
+                                   f"{reference.path} has {list(reference.class_names)}: not the same model")
     # Two models of one architecture and classes can agree on images neither recognises anything in,
     # so the weights must be the same ones, not merely compatible.
     if exported.weights_fingerprint not in (None, reference.weights_fingerprint):
-        raise InvalidArgumentError(f"model {model_path} was exported from other weights than checkpoint "
-                                   f"{checkpoint_path} holds (weights sha256 {exported.weights_fingerprint[:12]}... "
+        raise InvalidArgumentError(f"model {exported.path} was exported from other weights than checkpoint "
+                                   f"{reference.path} holds (weights sha256 {exported.weights_fingerprint[:12]}... "
                                    f"vs {reference.weights_fingerprint[:12]}...): compare it with the "
                                    "checkpoint it was exported from")
 
 
-def validate(model_path: str | Path, checkpoint_path: str | Path, cases: Iterable[tuple[str, np.ndarray, object]], *,
-             device: str = "cpu", on_image: Callable[[ImageParity], object] | None = None) -> ParityReport:
-    """Runs the exported model (on `device`) and the checkpoint (on the CPU, the reference) on each
-    (name, (H, W, 3) uint8 image, detections with boxes, labels, scores) case and returns the report.
-    Raises InvalidArgumentError when either model cannot be loaded or the export is not the
-    checkpoint's (`check_same_model`).
+def validate(exported: Segmenter, reference: Segmenter, cases: Iterable[tuple[str, np.ndarray, object]], *,
+             on_image: Callable[[ImageParity], object] | None = None) -> ParityReport:
+    """Runs the exported model (an onnxruntime Segmenter) and the checkpoint (a torch Segmenter on the
+    CPU, the reference) on each (name, (H, W, 3) uint8 image, detections with boxes, labels, scores)
+    case and returns the report. Raises InvalidArgumentError when the export is not the checkpoint's
+    (`check_same_model`) or a case has more detections than the export takes.
     `on_image(parity)` is called after each image."""
-    exported = Segmenter(model_path, backend="onnxruntime", device=device)
-    reference = Segmenter(checkpoint_path, backend="torch")
-    check_same_model(exported, reference, model_path, checkpoint_path)
+    check_same_model(exported, reference)
     cases = list(cases)
     check_detection_counts([(name, len(dets.scores)) for name, _, dets in cases], exported.max_detections, "",
                            "give each image fewer")

@@ -109,13 +109,13 @@ def run(out: str | Path, *, steps: int = DEFAULT_STEPS, seed: int = 0, printer: 
     cases.append((PHOTO, samples.load(PHOTO), ImageDetections(PHOTO, PHOTO_BOXES, PHOTO_LABELS, PHOTO_SCORES)))
 
     printer("4/5 validating the export against the checkpoint (onnxruntime vs PyTorch)")
-    report = parity.validate(model_path, checkpoint, cases)
+    segmenter = Segmenter(model_path, backend="onnxruntime")
+    report = parity.validate(segmenter, Segmenter(checkpoint, backend="torch"), cases)
     (out / "parity.md").write_text(report.table() + "\n")
 
     printer("5/5 segmenting the held-out scenes and the coffee photo with the exported model")
     from PIL import Image
 
-    segmenter = Segmenter(model_path, backend="onnxruntime")
     overlays = out / "overlays"
     overlays.mkdir(exist_ok=True)
     files = [checkpoint, model_path, *metric_files, out / "parity.md"]
