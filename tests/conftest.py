@@ -7,7 +7,9 @@ The fixtures are factories, so each test picks its own sizes and seeds.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,3 +114,20 @@ def pydensecrf_q() -> Callable[..., np.ndarray]:
         return np.asarray(crf.inference(iterations), dtype=np.float32).reshape(n_labels, height, width)
 
     return run
+
+
+def _tensorrt_header_dirs() -> list[Path]:
+    """$DYNSEG_TENSORRT_HEADERS (directories separated by os.pathsep), else each folder of trt-headers/
+    beside the checkout (where docs/tensorrt.md suggests fetching them)."""
+    if os.environ.get("DYNSEG_TENSORRT_HEADERS"):
+        return [Path(p) for p in os.environ["DYNSEG_TENSORRT_HEADERS"].split(os.pathsep) if p]
+    beside = Path(__file__).resolve().parents[1].parent / "trt-headers"
+    return sorted(p for p in beside.iterdir() if (p / "NvInferRuntime.h").is_file()) if beside.is_dir() else []
+
+
+@pytest.fixture(scope="session", ids=lambda p: p.name if p else "none", params=_tensorrt_header_dirs() or [
+    pytest.param(None, marks=pytest.mark.skip(reason="no TensorRT headers: set DYNSEG_TENSORRT_HEADERS to folders "
+                                                     "of TensorRT's include/ (docs/tensorrt.md); CI has none"))])
+def tensorrt_headers(request) -> Path:
+    """A folder of TensorRT's public headers (each one found is a parameter: TensorRT 10 and 11)."""
+    return request.param

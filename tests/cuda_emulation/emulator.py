@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 SHIM = Path(__file__).resolve().parent / "shim"
@@ -32,8 +33,9 @@ def emulated_source(cuda_source: str) -> str:
                         "float4* shared = reinterpret_cast<float4*>(emu::dynamic_shared.data());")
 
 
-def build(tree: Path, out: Path) -> Path:
-    """Compiles tree/plugins (CPU kernels as they are, CUDA kernels emulated) into the library `out`."""
+def build(tree: Path, out: Path, extra_sources: Sequence[Path] = (), include_dirs: Sequence[Path] = ()) -> Path:
+    """Compiles tree/plugins (CPU kernels as they are, CUDA kernels emulated) into the library `out`,
+    with `extra_sources` (C++ against the same shim, e.g. the TensorRT plugin) and their `include_dirs`."""
     compiler = shutil.which("g++")
     if compiler is None:
         raise FileNotFoundError("the CUDA emulator needs g++ (C++20, for <barrier>)")
@@ -50,8 +52,9 @@ def build(tree: Path, out: Path) -> Path:
         command = [
             compiler, "-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-w",
             "-DDYNSEG_WITH_CUDA=1", '-DDYNSEG_VERSION="emulated"',
-            f"-I{SHIM}", f"-I{tree / 'plugins' / 'include'}", f"-I{src}",
-            *map(str, sorted(src.glob("*.cpp"))), *map(str, sorted((src / "cuda").glob("*.cpp"))), "-o", str(out),
+            f"-I{SHIM}", f"-I{tree / 'plugins' / 'include'}", f"-I{src}", *(f"-I{d}" for d in include_dirs),
+            *map(str, sorted(src.glob("*.cpp"))), *map(str, sorted((src / "cuda").glob("*.cpp"))),
+            *map(str, extra_sources), "-o", str(out),
         ]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:

@@ -1,0 +1,283 @@
+"""The TensorRT plugin run without TensorRT: tensorrt_harness.cpp calls its interfaces as TensorRT's
+builder and runtime do, compiled with the plugin against TensorRT's public headers into the library
+whose CUDA kernels emulator.py emulates on the CPU. Its outputs are held to the SDK's executor of the
+same node on the CPU kernels (`run_node`), and its refusals to the messages docs/tensorrt.md promises.
+Needs TensorRT's headers (the `tensorrt_headers` fixture); TensorRT itself keeps the last word on how
+its parser and builder treat the plugin."""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dynseg.sdk.crf_node import CrfAttributes, run_node
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+_spec = importlib.util.spec_from_file_location("cuda_emulator", HERE / "emulator.py")
+emulator = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(emulator)
+
+NAMES = ("unary", "image", "spatial_weight", "bilateral_weight", "compatibility", "boxes", "labels", "scores",
+         "detection_x", "detection_y")
+NODE = {"iterations": 3, "theta_spatial": 3.0, "theta_bilateral_xy": 20.0, "theta_bilateral_rgb": 13.0,
+        "normalization": "after", "detection_potential": 1, "score_ceiling": 1.0, "epsilon": 1e-4}
+
+
+def _field(value: object) -> tuple[str, np.ndarray]:
+    """An attribute as the plugin field TensorRT's ONNX parser makes of it (ints narrowed to int32)."""
+    if isinstance(value, str):
+        return "char", np.frombuffer(value.encode() + b"\0", np.uint8).copy()
+    if isinstance(value, np.ndarray):
+        return str(value.dtype), value
+    return ("int32", np.array([value], np.int32)) if isinstance(value, int) else ("float32", np.array([value], np.float32))
+
+
+class EmulatedTensorRT:
+    """The harness library through ctypes: create, build, plan and enqueue as TensorRT would."""
+
+    def __init__(self, path: Path):
+        self.lib = ctypes.CDLL(str(path))
+        p, i32, i64, s = ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_int64), ctypes.c_char_p
+        for name, result, args in [
+            ("harness_take_log", s, []),
+            ("harness_creator_identity", s, []),
+            ("harness_create", p, [s, i32, i32, p, p, p, p]),
+            ("harness_destroy", None, [p]),
+            ("harness_build", i32, [p, p, i64, i64, i64, p, p, p, p, p, p]),
+            ("harness_through_plan", p, [p, s]),
+            ("harness_serialised_fields", s, [p]),
+            ("harness_enqueue", i32, [p, p, i64, p, p, p, p]),
+        ]:
+            function = getattr(self.lib, name)
+            function.restype, function.argtypes = result, args
+        self.log()
+
+    def log(self) -> str:
+        return self.lib.harness_take_log().decode()
+
+    def create(self, fields: Mapping[str, object], phase: int = 0) -> int | None:
+        typed = [(name, *_field(value)) for name, value in fields.items()]
+        strings = lambda values: (ctypes.c_char_p * len(values))(*[v.encode() for v in values])
+        names, kinds = strings([t[0] for t in typed]), strings([t[1] for t in typed])
+        data = (ctypes.c_void_p * len(typed))(*[d.ctypes.data for _, _, d in typed])
+        # a string's length without its terminator, as TensorRT's ONNX parser passes it
+        lengths = np.array([d.size - (k == "char") for _, k, d in typed], np.int32)
+        return self.lib.harness_create(b"crf", phase, len(typed), names, kinds, data, lengths.ctypes.data)
+
+    def build(self, plugin: int, min_shapes: Sequence[tuple], opt_shapes: Sequence[tuple],
+              max_shapes: Sequence[tuple], types: Sequence[str]) -> dict:
+        ranks = np.array([len(s) for s in max_shapes], np.int32)
+        table = lambda shapes: np.array([list(s) + [0] * (8 - len(s)) for s in shapes], np.int64)
+        tables = [table(s) for s in (min_shapes, opt_shapes, max_shapes)]
+        type_names = (ctypes.c_char_p * 10)(*[t.encode() for t in types])
+        nb_outputs, output_types, source = np.zeros(1, np.int32), np.zeros(2, np.int32), np.zeros(2, np.int32)
+        accepted, workspace = np.zeros(12, np.int32), np.zeros(1, np.uint64)
+        result = self.lib.harness_build(
+            plugin, ranks.ctypes.data, *[t.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)) for t in tables],
+            type_names, nb_outputs.ctypes.data, output_types.ctypes.data, source.ctypes.data, accepted.ctypes.data,
+            workspace.ctypes.data)
+        return {"result": result, "outputs": int(nb_outputs[0]), "output_types": output_types.tolist(),
+                "output_source": source.tolist(), "accepted": accepted.tolist(), "workspace": int(workspace[0])}
+
+    def enqueue(self, plugin: int, inputs: Sequence[np.ndarray], workspace_bytes: int) -> tuple[int, list[np.ndarray]]:
+        inputs = [np.ascontiguousarray(a) for a in inputs]
+        ranks = np.array([a.ndim for a in inputs], np.int32)
+        extents = np.array([list(a.shape) + [0] * (8 - a.ndim) for a in inputs], np.int64)
+        types = (ctypes.c_char_p * 10)(*[str(a.dtype).encode() for a in inputs])
+        logits = np.full(inputs[0].shape, np.nan, np.float32)
+        scores = np.full(inputs[7].shape, np.nan, np.float32)
+        workspace = np.zeros(max(workspace_bytes, 1), np.uint8)
+        pointers = (ctypes.c_void_p * 10)(*[a.ctypes.data for a in inputs])
+        outputs = (ctypes.c_void_p * 2)(logits.ctypes.data, scores.ctypes.data)
+        result = self.lib.harness_enqueue(plugin, ranks.ctypes.data, extents.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)),
+                                          types, pointers, outputs, workspace.ctypes.data)
+        return result, [logits, scores]
+
+
+@pytest.fixture(scope="module")
+def tensorrt(tensorrt_headers, tmp_path_factory) -> EmulatedTensorRT:
+    if shutil.which("g++") is None:
+        pytest.skip("the CUDA emulator needs g++")
+    out = tmp_path_factory.mktemp(f"plugin-{tensorrt_headers.name}") / "libdynseg_tensorrt_emulated.so"
+    emulator.build(ROOT, out, extra_sources=[ROOT / "plugins" / "tensorrt" / "mean_field_crf_plugin.cpp",
+                                             HERE / "tensorrt_harness.cpp"],
+                   include_dirs=[ROOT / "plugins" / "tensorrt", tensorrt_headers])
+    return EmulatedTensorRT(out)
+
+
+def node_inputs(labels: int = 4, detections: int = 2, height: int = 19, width: int = 27, matrices: bool = False,
+                seed: int = 0) -> list[np.ndarray]:
+    """A MeanFieldCRF node's ten inputs: smooth logits and colours, Potts with scalar weights or
+    (L, L) weights and a full compatibility, and `detections` boxes of labels 1, 2, ..."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width] / max(height, width)
+    unary = np.stack([np.sin(6 * xx * rng.uniform(-1, 1) + 3 * yy * rng.uniform(-1, 1)) for _ in range(labels)])
+    image = np.stack([255 * (0.5 + 0.5 * np.cos(4 * xx * rng.uniform(-1, 1) + 5 * yy)) for _ in range(3)])
+    if matrices:
+        weights = [rng.uniform(0.5, 4, (labels, labels)).astype(np.float32) for _ in range(2)]
+        compatibility = (1 - np.eye(labels) + rng.uniform(0, 0.3, (labels, labels))).astype(np.float32)
+    else:
+        weights, compatibility = [np.float32(3.0), np.float32(5.0)], np.zeros(0, np.float32)
+    corners = rng.integers(0, [width // 2, height // 2], (detections, 2))
+    boxes = np.concatenate([corners, corners + rng.integers(3, 9, (detections, 2))], axis=1).astype(np.float32)
+    return [
+        unary[None].astype(np.float32), image[None].astype(np.float32), *weights, compatibility, boxes,
+        1 + np.arange(detections, dtype=np.int64) % max(labels - 1, 1), rng.uniform(0.3, 0.95, detections).astype(np.float32),
+        np.float32(1.0), np.float32(2.0),
+    ]
+
+
+def profile(inputs: Sequence[np.ndarray], grow: int = 0) -> list[tuple]:
+    """The inputs' shapes with H, W (unary, image) and D (boxes, labels, scores) grown by `grow`: a
+    profile's maximum around them."""
+    shapes = [a.shape for a in inputs]
+    for k in (0, 1):
+        batch, planes, height, width = shapes[k]
+        shapes[k] = (batch, planes, height + grow, width + grow)
+    detections = shapes[5][0] + grow
+    shapes[5:8] = [(detections, 4), (detections,), (detections,)]
+    return shapes
+
+
+def build_and_run(tensorrt: EmulatedTensorRT, fields: Mapping[str, object], inputs: Sequence[np.ndarray],
+                  grow: int = 4) -> list[np.ndarray]:
+    """The plugin from `fields` through a build for a profile around `inputs`, the plan and one enqueue."""
+    types = [str(a.dtype) for a in inputs]
+    plugin = tensorrt.create(fields)
+    assert plugin, tensorrt.log()
+    built = tensorrt.build(plugin, profile(inputs), profile(inputs), profile(inputs, grow), types)
+    assert built["result"] == 0, tensorrt.log()
+    runtime = tensorrt.lib.harness_through_plan(plugin, b"crf")
+    assert runtime, tensorrt.log()
+    result, outputs = tensorrt.enqueue(runtime, inputs, built["workspace"])
+    tensorrt.lib.harness_destroy(runtime)
+    tensorrt.lib.harness_destroy(plugin)
+    assert result == 0, tensorrt.log()
+    return outputs
+
+
+def test_the_library_offers_one_creator_named_as_the_onnx_node_routes_it(tensorrt):
+    assert tensorrt.lib.harness_creator_identity() == b"dynseg::MeanFieldCRF 1"
+
+
+@pytest.mark.parametrize("case, fields, shape", [
+    ("semantic: detection potential, Potts", {}, {}),
+    ("instance: (L, L) weights, full compatibility, symmetric",
+     {"detection_potential": 0, "normalization": "symmetric"}, {"labels": 3, "matrices": True}),
+    ("detection potential without detections", {}, {"detections": 0}),
+    ("one label: the identity", {}, {"labels": 1}),
+    ("no iterations: the identity", {"iterations": 0}, {}),
+    ("odd size, many labels", {"detection_potential": 0}, {"labels": 21, "height": 7, "width": 33}),
+])
+def test_the_plugin_computes_what_the_sdks_node_computes(tensorrt, case, fields, shape):
+    inputs = node_inputs(**shape)
+    node = {**NODE, **fields}
+    logits, scores = build_and_run(tensorrt, node, inputs)
+    expected_logits, expected_scores = run_node(inputs, CrfAttributes.parse(node))
+    np.testing.assert_allclose(logits, expected_logits, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(scores, expected_scores, rtol=0, atol=1e-6)
+    assert tensorrt.log() == ""
+
+
+def test_the_build_negotiates_float32_linear_tensors_with_int64_labels_and_names_outputs_after_the_inputs(tensorrt):
+    inputs = node_inputs()
+    plugin = tensorrt.create(NODE)
+    shapes = profile(inputs)
+    built = tensorrt.build(plugin, shapes, shapes, shapes, [str(a.dtype) for a in inputs])
+    assert built["result"] == 0 and built["outputs"] == 2 and built["workspace"] > 0
+    assert built["output_types"] == [0, 0]  # DataType::kFLOAT, both
+    assert built["output_source"] == [NAMES.index("unary"), NAMES.index("scores")]
+    assert built["accepted"] == [1] * 12
+    types = ["float16"] + ["float32"] * 5 + ["int32"] + ["float32"] * 3
+    refused = tensorrt.build(plugin, shapes, shapes, shapes, types)
+    assert refused["result"] == -1 and refused["accepted"][:7] == [0, 1, 1, 1, 1, 1, 0]
+    tensorrt.lib.harness_destroy(plugin)
+
+
+def test_a_larger_profile_asks_for_a_workspace_that_covers_its_smaller_shapes(tensorrt):
+    inputs = node_inputs()
+    plugin = tensorrt.create(NODE)
+    types = [str(a.dtype) for a in inputs]
+    exact = tensorrt.build(plugin, profile(inputs), profile(inputs), profile(inputs), types)["workspace"]
+    larger = tensorrt.build(plugin, profile(inputs), profile(inputs), profile(inputs, 40), types)["workspace"]
+    assert larger > exact
+    runtime = tensorrt.lib.harness_through_plan(plugin, b"crf")
+    assert tensorrt.enqueue(runtime, inputs, larger)[0] == 0
+    tensorrt.lib.harness_destroy(runtime)
+    tensorrt.lib.harness_destroy(plugin)
+
+
+@pytest.mark.parametrize("index, shape, message", [
+    (1, (1, 14, 19, 27), "image must be (1, C, H, W) with the unary's H, W = 19, 27 and 1 <= C <= 13, got (1, 14, 19, 27)"),
+    (3, (3, 3), "bilateral_weight must be a scalar or (L, L) = (4, 4), got (3, 3)"),
+    (4, (4,), "compatibility must be (L, L) = (4, 4) or empty (Potts), got (4,)"),
+    (6, (3,), "labels must be (D,) with the boxes' D = 2, got (3,)"),
+])
+def test_a_profile_the_kernels_cannot_run_fails_the_build_with_the_reason(tensorrt, index, shape, message):
+    inputs = node_inputs()
+    plugin = tensorrt.create(NODE)
+    shapes = profile(inputs)
+    shapes[index] = shape
+    built = tensorrt.build(plugin, shapes, shapes, shapes, [str(a.dtype) for a in inputs])
+    assert built["result"] == -1
+    assert tensorrt.log() == f"error: dynseg::MeanFieldCRF (crf): the profile's maximum shapes: {message}\n"
+    tensorrt.lib.harness_destroy(plugin)
+
+
+def test_a_runtime_shape_the_kernels_cannot_run_fails_the_enqueue_with_the_reason(tensorrt):
+    inputs = node_inputs()
+    plugin = tensorrt.create(NODE)
+    built = tensorrt.build(plugin, profile(inputs), profile(inputs), profile(inputs), [str(a.dtype) for a in inputs])
+    inputs[7] = inputs[7][:1]
+    result, _ = tensorrt.enqueue(plugin, inputs, built["workspace"])
+    assert result == -1
+    assert tensorrt.log() == "error: dynseg::MeanFieldCRF (crf): scores must be (D,) with the boxes' D = 2, got (1,)\n"
+    tensorrt.lib.harness_destroy(plugin)
+
+
+def test_the_attributes_survive_the_plan(tensorrt):
+    fields = {"iterations": 4, "theta_spatial": 2.5, "theta_bilateral_xy": 60.0, "theta_bilateral_rgb": 7.0,
+              "normalization": "symmetric", "detection_potential": 1, "score_ceiling": 0.875, "epsilon": 0.25,
+              "plugin_version": "1", "plugin_namespace": "dynseg"}
+    plugin = tensorrt.create(fields)
+    runtime = tensorrt.lib.harness_through_plan(plugin, b"crf")
+    serialised = tensorrt.lib.harness_serialised_fields(runtime).decode().splitlines()
+    assert serialised == ["iterations 5 4", "theta_spatial 1 2.500000", "theta_bilateral_xy 1 60.000000",
+                          "theta_bilateral_rgb 1 7.000000", "normalization 6 symmetric", "detection_potential 5 1",
+                          "score_ceiling 1 0.875000", "epsilon 1 0.250000"]
+    assert tensorrt.log() == ""  # the ONNX node's routing fields are expected, not warned about
+    for handle in (runtime, plugin):
+        tensorrt.lib.harness_destroy(handle)
+
+
+def test_wider_numbers_are_read_and_unknown_fields_are_warned_about(tensorrt):
+    fields = {**NODE, "iterations": np.array([3], np.int64), "theta_spatial": np.array([3.0], np.float64),
+              "colour_space": "rgb"}
+    plugin = tensorrt.create(fields)
+    assert plugin
+    assert tensorrt.log() == 'warning: dynseg::MeanFieldCRF (crf): ignoring the unknown field "colour_space"\n'
+    tensorrt.lib.harness_destroy(plugin)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"iterations": None}, "the fields iterations, theta_spatial, theta_bilateral_xy and theta_bilateral_rgb are "
+                           "required"),
+    ({"iterations": -1}, "iterations must be >= 0, got -1"),
+    ({"iterations": 2.0}, 'field "iterations" has type 1 and length 1, which it cannot be read from'),
+    ({"iterations": np.array([2**31], np.int64)}, 'field "iterations" has type 10 and length 1'),
+    ({"theta_bilateral_rgb": float("nan")}, "theta_bilateral_rgb must be finite and > 0, got nan"),
+    ({"normalization": "before"}, 'normalization must be "after" or "symmetric", got "before"'),
+    ({"detection_potential": 2}, "detection_potential must be 0 or 1, got 2"),
+    ({"epsilon": 1.0}, "epsilon must be in [0, 1), got 1"),
+])
+def test_bad_fields_create_no_plugin_and_say_why(tensorrt, change, message):
+    fields = {k: v for k, v in {**NODE, **change}.items() if v is not None}
+    assert not tensorrt.create(fields)
+    assert tensorrt.log().startswith(f"error: dynseg::MeanFieldCRF (crf): {message}")
