@@ -26,7 +26,7 @@ import torch
 from dynseg.trainer.data import SyntheticScenes
 from dynseg.trainer.evaluation import evaluate
 from dynseg.trainer.model import InstanceConfig, ModelConfig, build_model, check_detections
-from dynseg.trainer.checkpoint import load_checkpoint, save_checkpoint
+from dynseg.trainer.checkpoint import load_checkpoint
 from dynseg.trainer.train import TrainConfig, held_out, initialise_templates, predict, train
 
 TERMS = {
@@ -84,14 +84,13 @@ def main() -> None:
     began = time.perf_counter()
     torch.manual_seed(args.seed)
     train_set = SyntheticScenes(size=args.images, image_size=tuple(args.image_size), seed=args.seed)
-    held_out = SyntheticScenes(size=args.val_images, image_size=tuple(args.image_size), seed=args.seed + 1)
+    val_set = SyntheticScenes(size=args.val_images, image_size=tuple(args.image_size), seed=args.seed + 1)
     config = ModelConfig(class_names=tuple(train_set.class_names[1:]))
     model = build_model(config)
     train(model, train_set, TrainConfig(stage="semantic", steps=args.semantic_steps, learning_rate=0.02,
                                         seed=args.seed), out_dir=args.out / "semantic", printer=quiet)
-    save_checkpoint(args.out / "semantic", model)
 
-    results = {"baseline: detection refinement": evaluate(*refinement_baseline(model, held_out, seed=args.seed + 1),
+    results = {"baseline: detection refinement": evaluate(*refinement_baseline(model, val_set, seed=args.seed + 1),
                                                           num_classes=config.num_classes)}
     for mode in ("piecewise", "end-to-end"):
         for name, terms in TERMS.items():
@@ -103,7 +102,7 @@ def main() -> None:
             train(model, train_set, TrainConfig(stage="instance", mode=mode, steps=args.instance_steps,
                                                 learning_rate=0.001, seed=args.seed),
                   out_dir=args.out / f"{name}-{mode}", printer=quiet)
-            results[f"{name}, {mode}"] = evaluate(*predict(model, held_out, seed=args.seed + 1),
+            results[f"{name}, {mode}"] = evaluate(*predict(model, val_set, seed=args.seed + 1),
                                                   num_classes=config.num_classes)
 
     print(f"synthetic scenes {args.image_size[0]}x{args.image_size[1]}, {args.images} training / "

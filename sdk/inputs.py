@@ -26,7 +26,7 @@ from numpy.typing import ArrayLike
 
 from .errors import DetectionsDroppedWarning, InvalidArgumentError
 
-__all__ = ["Detections", "DroppedDetection", "ImageLike", "check_detections", "cuda_index", "load_image"]
+__all__ = ["Detections", "DroppedDetection", "ImageLike", "check_detections", "cuda_index", "load_image", "pixel_boxes"]
 
 ImageLike = Union[np.ndarray, str, "os.PathLike[str]"]
 
@@ -253,15 +253,11 @@ def check_detections(
 
     x1, y1, x2, y2 = boxes64.T  # (D,) each
     inverted = (x2 < x1) | (y2 < y1)
-    f1, g1, f2, g2 = np.floor(boxes64).T  # outside is judged on the pixels a box covers, as the network does
-    outside = ~inverted & ((f2 < 0) | (g2 < 0) | (f1 > width - 1) | (g1 > height - 1))
+    clipped_boxes, outside = pixel_boxes(boxes64, height, width)
+    outside &= ~inverted
     dropped = [DroppedDetection(int(i), INVERTED if inverted[i] else OUTSIDE)
                for i in np.flatnonzero(inverted | outside)]
     kept = np.flatnonzero(~(inverted | outside)).astype(np.int64)  # (N,)
-
-    floored = np.floor(boxes64[kept])  # (N, 4)
-    limits = np.array([width - 1, height - 1, width - 1, height - 1], dtype=np.float64)
-    clipped_boxes = np.minimum(np.maximum(floored, 0.0), limits)
 
     if dropped:
         listed = "; ".join(f"{d.index}: {d.reason}" for d in dropped)
@@ -271,12 +267,24 @@ def check_detections(
             stacklevel=stacklevel,
         )
     return Detections(
-        boxes=clipped_boxes.astype(np.float32),
+        boxes=clipped_boxes[kept].astype(np.float32),
         labels=labels64[kept],
         scores=scores64[kept].astype(np.float32),
         kept=kept,
         dropped=dropped,
     )
+
+
+def pixel_boxes(boxes: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pixels (D, 4) xyxy inclusive boxes cover as the network reads them: the boxes floored to
+    integers and clipped to [0, width-1] x [0, height-1] (float64 (D, 4)), and which of them lie wholly
+    outside the image (bool (D,): after flooring x2 < 0, y2 < 0, x1 > W-1 or y1 > H-1). The one rule for
+    training data and deployment alike; inverted boxes are the caller's to judge."""
+    floored = np.floor(np.asarray(boxes, dtype=np.float64).reshape(-1, 4))
+    f1, g1, f2, g2 = floored.T
+    outside = (f2 < 0) | (g2 < 0) | (f1 > width - 1) | (g1 > height - 1)
+    limits = np.array([width - 1, height - 1, width - 1, height - 1], dtype=np.float64)
+    return np.minimum(np.maximum(floored, 0.0), limits), outside
 
 
 def _check_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:

@@ -5,7 +5,8 @@ The instance CRF's labels are detections, in the detector's order, so the ground
 mean nothing to it. The ground truth is therefore relabelled to best match the prediction: a maximum-
 weight bipartite matching between predicted segments (the argmax of the instance logits, one per
 detection) and ground-truth instances, weight = IoU when the classes agree and 0 otherwise (scipy's
-linear_sum_assignment). Each matched ground-truth instance's pixels then take its detection's label;
+linear_sum_assignment), void pixels counted in neither segment (as the Matching IoU metric counts
+them). Each matched ground-truth instance's pixels then take its detection's label;
 background stays 0. Pixels of ground-truth instances matched to nothing have no correct label among
 0..D, and are ignored, as are void pixels.
 
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .boxes import box_iou, mask_boxes
+from .data import VOID
 from .matching import matched_pairs
 
 IGNORE = -100  # cross_entropy's ignore_index
@@ -53,8 +55,11 @@ def matched_ground_truth(
     if detections and gt_masks.shape[0]:
         winner = instance_logits.detach().argmax(dim=0)
         predicted = winner.unsqueeze(0) == torch.arange(1, detections + 1).view(-1, 1, 1)  # (D, H, W)
-        inter = predicted.flatten(1).float() @ gt_masks.flatten(1).float().t()  # (D, M)
-        union = predicted.flatten(1).sum(1)[:, None] + gt_masks.flatten(1).sum(1)[None, :] - inter
+        truth = gt_masks
+        if void is not None:  # void pixels belong to no segment, as in the Matching IoU metric
+            predicted, truth = predicted & ~void, gt_masks & ~void
+        inter = predicted.flatten(1).float() @ truth.flatten(1).float().t()  # (D, M)
+        union = predicted.flatten(1).sum(1)[:, None] + truth.flatten(1).sum(1)[None, :] - inter
         same_class = labels[:, None] == gt_labels[None, :]
         pairs = matched_pairs(((inter / union.clamp(min=1)) * same_class).numpy())
         left_d = sorted(set(range(detections)) - {d for d, _ in pairs})
@@ -90,8 +95,8 @@ def instance_loss(
     return F.cross_entropy(instance_logits.unsqueeze(0), target.unsqueeze(0), ignore_index=IGNORE)
 
 
-def semantic_loss(logits: Tensor, semantic: Tensor, void_label: int = 255) -> Tensor:
+def semantic_loss(logits: Tensor, semantic: Tensor) -> Tensor:
     """Pixelwise cross-entropy of (B, K+1, H, W) logits against (B, H, W) class maps; void ignored."""
     target = semantic.clone()
-    target[target == void_label] = IGNORE
+    target[target == VOID] = IGNORE
     return F.cross_entropy(logits, target, ignore_index=IGNORE)

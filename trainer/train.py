@@ -48,6 +48,7 @@ from .data import VOID
 from .boxes import mask_boxes
 from .checkpoint import save_checkpoint
 from .data.detections import simulate_detections
+from .data.sources import inside_image
 from .evaluation import evaluate_each, json_ready
 from .loss import instance_loss, semantic_loss
 from .model import DynamicallyInstantiatedNetwork, check_detections
@@ -146,16 +147,16 @@ def augment(sample: dict, config: TrainConfig, rng: np.random.Generator) -> dict
 def _move_boxes(detections: dict, factors: list[float], offset: tuple[int, int], size: tuple[int, int],
                 mirrored: bool) -> dict:
     """Detections (boxes (D, 4) xyxy inclusive) through augment's scale (y, x factors), crop (y0, x0
-    offset, (h, w) size) and mirror."""
+    offset, (h, w) size) and mirror; the boxes come out as the pixels they cover (`inside_image`), so
+    the mirror maps pixel columns onto pixel columns."""
     height, width = size
     boxes = detections["boxes"].astype(np.float32).reshape(-1, 4)
     boxes = boxes * np.array([factors[1], factors[0]] * 2, np.float32) - np.array([offset[1], offset[0]] * 2, np.float32)
-    keep = (boxes[:, 2] >= 0) & (boxes[:, 3] >= 0) & (boxes[:, 0] <= width - 1) & (boxes[:, 1] <= height - 1)
-    boxes = np.clip(boxes[keep], 0, np.array([width - 1, height - 1] * 2, np.float32))
+    moved = inside_image({**detections, "boxes": boxes}, height, width)
     if mirrored:
-        boxes = np.stack([width - 1 - boxes[:, 2], boxes[:, 1], width - 1 - boxes[:, 0], boxes[:, 3]], axis=1)
-    return {"boxes": boxes.reshape(-1, 4), "labels": np.asarray(detections["labels"])[keep],
-            "scores": np.asarray(detections["scores"])[keep]}
+        boxes = moved["boxes"]
+        moved["boxes"] = np.stack([width - 1 - boxes[:, 2], boxes[:, 1], width - 1 - boxes[:, 0], boxes[:, 3]], axis=1)
+    return moved
 
 
 def train(
@@ -322,7 +323,7 @@ class _Objective(nn.Module):
                                   for unary, image, boxes, labels, scores in per_image])
         if (batch["targets"] == VOID).all():  # cross-entropy over no pixels is NaN
             return logits.sum() * 0.0
-        return semantic_loss(logits, batch["targets"], void_label=VOID)
+        return semantic_loss(logits, batch["targets"])
 
 
 def _draw(dataset, config: TrainConfig, step: int, position: int) -> tuple[dict, np.random.Generator]:
@@ -343,7 +344,7 @@ def _semantic_batch(dataset, config: TrainConfig, step: int, positions: range,
         [min(s["image"].shape[1] for s in drawn), min(s["image"].shape[2] for s in drawn)], op="min"))
     detections = []
     for sample in drawn:  # the boxes the crop to the batch's size keeps, clipped and floored as forward does
-        kept = _move_boxes(sample["detections"], [1.0, 1.0], (0, 0), (height, width), False)
+        kept = inside_image(sample["detections"], height, width)
         tensors = (torch.from_numpy(np.asarray(kept[key])) for key in ("boxes", "labels", "scores"))
         detections.append(check_detections(*tensors, height=height, width=width, num_classes=num_classes))
     images = torch.stack([s["image"][:, :height, :width] for s in drawn])
@@ -444,7 +445,7 @@ def held_out(dataset, *, seed: int, num_classes: int):
         detections = sample.get("detections") or simulate_detections(
             sample["boxes"], sample["labels"], image_size=image.shape[1:], rng=np.random.default_rng([seed, index]),
             num_classes=num_classes)
-        truth = {"masks": sample["masks"], "labels": sample["labels"], "void": sample["semantic"] == 255}
+        truth = {"masks": sample["masks"], "labels": sample["labels"], "void": sample["semantic"] == VOID}
         yield image, {k: torch.from_numpy(detections[k]) for k in ("boxes", "labels", "scores")}, truth
 
 

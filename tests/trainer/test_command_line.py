@@ -13,9 +13,11 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from dataset_fixtures import write_cityscapes, write_coco, write_sbd, write_voc
+from dynseg.sdk import DetectionsDroppedWarning
 from dynseg.sdk.cli import app
+from dynseg.sdk.inputs import check_detections
 from dynseg.trainer.data import SyntheticScenes
-from dynseg.trainer.data.sources import with_detections
+from dynseg.trainer.data.sources import inside_image, with_detections
 from dynseg.trainer.progress import LiveProgress
 from dynseg.trainer.train import TrainConfig, augment
 
@@ -160,6 +162,29 @@ def test_augmentation_moves_file_detections_with_the_image():
         # a detection that was an object's box is still that object's box, to within the resampling
         for box in moved["boxes"].numpy():
             assert np.abs(boxes - box).max(axis=1).min() <= 2.0
+
+
+def test_a_mirrored_detection_covers_the_mirror_image_of_its_pixels():
+    image = np.zeros((4, 10, 3), np.uint8)
+    sample = {"image": image, "semantic": np.zeros((4, 10), np.int64), "masks": np.zeros((0, 4, 10), bool),
+              "labels": np.zeros(0, np.int64), "boxes": np.zeros((0, 4), np.float32),
+              "detections": {"boxes": np.array([[2.5, 0.0, 5.5, 3.0]], np.float32), "labels": np.array([1]),
+                             "scores": np.array([0.9], np.float32)}}
+    columns = lambda moved: tuple(range(int(moved["detections"]["boxes"][0, 0]),
+                                        int(moved["detections"]["boxes"][0, 2]) + 1))
+    seen = {columns(augment(sample, TrainConfig(scale_range=(1.0, 1.0), mirror=True), np.random.default_rng(seed)))
+            for seed in range(8)}  # the coin mirrors some of them
+    assert seen == {(2, 3, 4, 5), (4, 5, 6, 7)}  # the pixels 2.5..5.5 covers, or their mirror images 9 - x
+
+
+def test_training_keeps_the_file_detections_deployment_keeps():
+    detections = {"boxes": np.array([[9.5, 0, 12, 3], [-3, 0, -0.5, 3], [-3, 0, 0.5, 3]], np.float32),
+                  "labels": np.array([1, 1, 1]), "scores": np.full(3, 0.9, np.float32)}
+    kept = inside_image(detections, 10, 10)
+    with pytest.warns(DetectionsDroppedWarning):
+        deployed = check_detections(detections["boxes"], detections["labels"], detections["scores"], height=10,
+                                    width=10, num_classes=1, max_detections=3)
+    assert kept["boxes"].tolist() == deployed.boxes.tolist() == [[9, 0, 9, 3], [0, 0, 0, 3]]
 
 
 def test_the_live_display_shows_loss_throughput_and_time_left_on_a_terminal():

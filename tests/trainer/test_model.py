@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dynseg.sdk import InvalidArgumentError
 from dynseg.trainer.loss import IGNORE, instance_loss, matched_ground_truth
@@ -294,6 +295,21 @@ def test_segment_overlap_decides_the_matching_and_boxes_only_match_what_it_leave
     logits[1:] = -10.0  # every pixel is background
     target = matched_ground_truth(logits, boxes, torch.tensor([1, 1]), gt, torch.tensor([1, 1]))
     assert (target[0:4, 0:5] == 1).all() and (target[5:, 5:] == 2).all()
+
+
+def test_void_pixels_count_in_neither_segment_of_the_matching_as_in_the_matching_iou_metric():
+    # one instance in row 0, row 1 void; detection 1 holds 6 of its pixels and all of row 1, detection 2
+    # the other 4: without void detection 1's IoU is 0.6, with it 6/20 = 0.3 < detection 2's 0.4
+    gt = torch.zeros(1, 2, 10, dtype=torch.bool)
+    gt[0, 0] = True
+    void = torch.zeros(2, 10, dtype=torch.bool)
+    void[1] = True
+    segment = torch.full((2, 10), 1)
+    segment[0, 6:] = 2
+    logits = 5.0 * F.one_hot(segment, 3).permute(2, 0, 1).float()
+    boxes = torch.tensor([[0.0, 0.0, 9.0, 1.0], [6.0, 0.0, 9.0, 0.0]])
+    target = matched_ground_truth(logits, boxes, torch.tensor([1, 1]), gt, torch.tensor([1]), void)
+    assert target[0].tolist() == [1] * 10 and (target[1] == IGNORE).all()
 
 
 @pytest.mark.parametrize("make, message", [

@@ -3,7 +3,7 @@
 `lattice` owns the permutohedral lattice and the kernels' pixel features; `meanfield` owns the
 mean-field update and the torch-level `dense_crf`: the readable definition the native kernels are
 tested against. `native` wraps those kernels as the torch op `dynseg::mean_field` with autograd,
-which training runs on (`mean_field_native`, `dense_crf_native`).
+(`mean_field_native`, which training runs on, and `dense_crf_native`, dense_crf's signature).
 """
 
 from .lattice import PermutohedralLattice, gaussian_features

@@ -1,5 +1,10 @@
 """What every dataset loader shares: the sample type with its image id, argument checks, file checks,
-image reading, and assembling a sample (void, masks, labels, boxes) from class and instance maps."""
+image reading, and assembling a sample (void, masks, labels, boxes) from class and instance maps.
+
+Every loader returns `LabelledSample`: `SceneSample` (see `synthetic.py`) plus `image_id`. Unlike the
+synthetic scenes, `masks` never include void pixels: on real annotations nobody knows which object a
+void pixel belongs to, so masks[m] == (instances == m + 1) exactly. As there, semantic == labels[m]
+on every pixel of masks[m]."""
 
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from .synthetic import VOID, SceneSample
 
 
 class LabelledSample(SceneSample):
-    """One annotated image: `SceneSample`'s arrays (masks without void, see the module docstring)."""
+    """One annotated image: `SceneSample`'s arrays (masks without void: see the module docstring)."""
 
     image_id: str | int  # the image's id in its dataset: the file stem (COCO: the integer image id)
 

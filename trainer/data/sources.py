@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from dynseg.sdk.errors import InvalidArgumentError
+from dynseg.sdk.inputs import pixel_boxes
 
 from .cityscapes import CityscapesInstances
 from .coco import CocoInstances
@@ -38,7 +39,8 @@ from .sbd import SbdInstances
 from .synthetic import SyntheticScenes
 from .voc import VocInstances
 
-__all__ = ["DATASETS", "DEFAULT_SPLITS", "open_dataset", "with_detections", "WithDetections", "image_ids"]
+__all__ = ["DATASETS", "DEFAULT_SPLITS", "open_dataset", "with_detections", "WithDetections", "image_ids",
+           "inside_image"]
 
 DATASETS = ("synthetic", "voc", "sbd", "coco", "cityscapes")
 """Dataset names `open_dataset` takes; "synthetic" is the default everywhere a dataset is optional."""
@@ -111,7 +113,7 @@ class WithDetections:
     def __getitem__(self, index: int) -> dict:
         sample = dict(self.dataset[index])
         height, width = sample["image"].shape[:2]
-        sample["detections"] = _inside_image(self._detections[index], height, width)
+        sample["detections"] = inside_image(self._detections[index], height, width)
         return sample
 
     def __repr__(self) -> str:
@@ -155,9 +157,10 @@ def _count(detections: Detections) -> int:
     return len(detections["labels"])
 
 
-def _inside_image(detections: Detections, height: int, width: int) -> Detections:
-    boxes = detections["boxes"]
-    keep = (boxes[:, 2] >= 0) & (boxes[:, 3] >= 0) & (boxes[:, 0] <= width - 1) & (boxes[:, 1] <= height - 1)
-    limits = np.array([width - 1, height - 1, width - 1, height - 1], np.float32)
-    return Detections(boxes=np.clip(boxes[keep], 0, limits), labels=detections["labels"][keep],
-                      scores=detections["scores"][keep])
+def inside_image(detections: Detections, height: int, width: int) -> Detections:
+    """The detections whose boxes hold a pixel of the (height, width) image, their boxes floored and
+    clipped to it (`dynseg.sdk.inputs.pixel_boxes`: the rule deployment applies)."""
+    boxes, outside = pixel_boxes(detections["boxes"], height, width)
+    keep = ~outside
+    return Detections(boxes=boxes[keep].astype(np.float32), labels=np.asarray(detections["labels"])[keep],
+                      scores=np.asarray(detections["scores"])[keep])

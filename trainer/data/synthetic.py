@@ -1,7 +1,8 @@
 """SyntheticScenes: procedural instance-segmentation scenes, the project's built-in dataset.
 
 Every sample is drawn from a numpy Generator seeded from (seed, index) alone, so any sample can be
-regenerated on its own, in any order, in any process; numpy is all it needs (torch is not imported).
+regenerated on its own, in any order, in any process; the scenes are computed in numpy (torch comes
+in only through `trainer.boxes`, whose `mask_boxes` gives the instances' boxes).
 
 What makes the scenes hard, and why (the paper's instance CRF exists for these cases):
 - **Same-class occlusion.** About a third of the instances after the first are placed deliberately on

@@ -1,5 +1,4 @@
-"""Pascal VOC 2012 instance segmentation (the `SegmentationObject` annotations), and the helpers every
-on-disk loader in this package shares.
+"""Pascal VOC 2012 instance segmentation (the `SegmentationObject` annotations).
 
 Layout (`root` is either the VOCdevkit folder that holds `VOC2012/`, or the `VOC2012/` folder itself;
 the first is tried first)::
@@ -16,11 +15,6 @@ among its non-void pixels that carry a class (1..20), and `semantic` takes that 
 pixels (so a stray class-PNG pixel that disagrees is overruled); an instance with no such pixel is
 dropped, and its pixels keep the class PNG's value in `semantic` and become 0 in `instances`.
 Instances are numbered 1..M in the order of their ids in the object PNG.
-
-Every loader returns `LabelledSample`: `SceneSample` (see `synthetic.py`) plus `image_id`. Unlike the
-synthetic scenes, `masks` never include void pixels: on real annotations nobody knows which object a
-void pixel belongs to, so masks[m] == (instances == m + 1) exactly. As there, semantic == labels[m]
-on every pixel of masks[m].
 """
 
 from __future__ import annotations
@@ -38,7 +32,7 @@ from .common import (
 )
 from .synthetic import VOID
 
-__all__ = ["VocInstances", "VOC_CLASSES", "LabelledSample"]
+__all__ = ["VocInstances", "VOC_CLASSES"]
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -117,5 +111,3 @@ def _voc2012_folder(root: Path) -> Path:
         f"(root = VOCdevkit) or {root / 'ImageSets' / 'Segmentation'} (root = VOC2012)"
     )
 
-
-# ------------------------------------------------------------------------- shared by the loaders here

@@ -10,10 +10,9 @@ pairwise message comes from the native kernels (`mean_field_native`, one iterati
 mean-field step from logits L gives L - mu·m(softmax(L)), so the message is that minus L); the
 detection term is torch, so autograd reaches w_x, w_y and the unary through it. This loop defines
 the exported dynseg::MeanFieldCRF node (docs/ops.md). Without detections (or with the potential off)
-the loop is the plain mean field, and it runs as one native call of T iterations, as deployment does.
-Deployment runs the same iteration as one call
-of the kernel library, which adds the detection term itself and builds each lattice once
-(`dynseg_detections`); tests/plugins/test_detection_potential.py holds the two together.
+the loop is the plain mean field, and it runs as one native call of T iterations. Deployment runs the
+whole loop, detection term included, as one call of the kernel library (`dynseg_detections`), building
+each lattice once; tests/plugins/test_detection_potential.py holds the two together.
 """
 
 from __future__ import annotations
