@@ -97,10 +97,11 @@ dynseg_status validate(const dynseg_crf_problem* p, bool read_arrays) {
         return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "num_kernels must be in 0..%d, got %d", DYNSEG_MAX_KERNELS,
                     p->num_kernels);
     if (p->num_kernels > 0 && !p->kernels) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "kernels is NULL");
-    const int64_t pixels = p->height * p->width;
-    if (p->height > kMaxEntries || p->width > kMaxEntries || pixels > kMaxEntries / 16)
+    // each side first, so that the product cannot overflow
+    if (p->height > kMaxEntries || p->width > kMaxEntries || p->height * p->width > kMaxEntries / 16)
         return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "image of %lldx%lld pixels is too large (at most %lld pixels)",
                     (long long)p->height, (long long)p->width, (long long)(kMaxEntries / 16));
+    const int64_t pixels = p->height * p->width;
     if (p->num_labels > std::numeric_limits<int64_t>::max() / 8 / pixels / (int64_t(p->iterations) + 8))
         return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "num_labels x pixels x iterations overflows: %lld x %lld x %d",
                     (long long)p->num_labels, (long long)pixels, p->iterations);

@@ -101,6 +101,8 @@ dynseg_status dynseg_lattice_filter(const dynseg_crf_problem* problem, int32_t k
                                     size_t workspace_bytes) {
     return guarded([&] {
         if (dynseg_status s = dynseg::validate(problem, /*read_arrays=*/true)) return s;
+        if (problem->num_kernels == 0)
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "the problem has no kernels (num_kernels = 0) to filter with");
         if (kernel < 0 || kernel >= problem->num_kernels)
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "kernel must be in 0..%d, got %d", problem->num_kernels - 1,
                         kernel);

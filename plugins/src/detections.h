@@ -37,15 +37,17 @@ struct BoxSpan {
 
 DYNSEG_HOST_DEVICE inline BoxSpan box_span(const float* box, int64_t height, int64_t width) {
     BoxSpan s;
-    const float left = box[0], top = box[1], right = box[2], bottom = box[3];
+    // In double: float(width - 1) rounds up to width beyond 2^24, which would reach one pixel past a row.
+    const double left = box[0], top = box[1], right = box[2], bottom = box[3];
+    const double last_column = double(width - 1), last_row = double(height - 1);
     // written so that NaN corners fail every comparison and leave the span empty
-    if (!(left <= right && top <= bottom && right >= 0.0f && bottom >= 0.0f && left <= float(width - 1) &&
-          top <= float(height - 1)))
+    if (!(left <= right && top <= bottom && right >= 0.0 && bottom >= 0.0 && left <= last_column &&
+          top <= last_row))
         return s;
-    s.first_x = static_cast<int64_t>(ceilf(fmaxf(left, 0.0f)));
-    s.first_y = static_cast<int64_t>(ceilf(fmaxf(top, 0.0f)));
-    s.last_x = static_cast<int64_t>(floorf(fminf(right, float(width - 1))));
-    s.last_y = static_cast<int64_t>(floorf(fminf(bottom, float(height - 1))));
+    s.first_x = static_cast<int64_t>(ceil(fmax(left, 0.0)));
+    s.first_y = static_cast<int64_t>(ceil(fmax(top, 0.0)));
+    s.last_x = static_cast<int64_t>(floor(fmin(right, last_column)));
+    s.last_y = static_cast<int64_t>(floor(fmin(bottom, last_row)));
     return s;
 }
 

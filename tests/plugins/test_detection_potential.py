@@ -150,6 +150,21 @@ def test_bad_detections_are_named(field, value, message, smooth_image, field_una
         run_native(*bad(arrays, field, value), 2)
 
 
+@pytest.mark.parametrize("height, width", [(1, 2**24 + 4), (2**24 + 4, 1)])
+def test_a_box_beyond_the_last_pixel_of_a_side_longer_than_float32_counts_is_outside(height, width):
+    # float32(2**24 + 3), the last pixel's index, rounds up to 2**24 + 4: the span must not reach it
+    beyond = np.float32(max(height, width) - 0.5)
+    box = [beyond, 0, 1e9, 0] if width > 1 else [0, beyond, 0, 1e9]
+    potential = _native.DetectionPotential(
+        boxes=np.array([box], np.float32), labels=np.array([0]), scores=np.array([0.9], np.float32),
+        detection_x=np.ones(1, np.float32), detection_y=np.ones(1, np.float32), score_ceiling=1.0, epsilon=0.1,
+        recalibrated=np.zeros(1, np.float32))
+    problem = _native.Problem(1, height, width, None, [], compat=None, normalization="after", iterations=1,
+                              output=_native.Output.LOGITS, threads=1, detections=potential)
+    with pytest.raises(InvalidArgumentError, match=r"boxes\[0\] = .* holds no pixel of the"):
+        problem.forward(np.zeros((1, height, width), np.float32))
+
+
 @pytest.mark.parametrize(
     "settings, message",
     [({"score_ceiling": 0.0}, "score_ceiling must be finite and > 0"),

@@ -331,6 +331,8 @@ BROKEN_FIELDS = {
     "num_labels past DYNSEG_MAX_LABELS": (_set("num_labels", 65537), r"num_labels must be in 1\.\.65536"),
     "height 0": (_set("height", 0), "height"),
     "width negative": (_set("width", -1), "width"),
+    # checked side by side before the product, which would overflow int64
+    "width 2**62": (_set("width", 2**62), r"image of 4x4611686018427387904 pixels is too large"),
     "image_channels 14": (_set("image_channels", 14), "image_channels"),
     "image NULL for a bilateral kernel": (_set("image", None), "image"),
     "num_kernels 9": (_set("num_kernels", 9), "num_kernels"),
