@@ -2,13 +2,15 @@
 
 Front door: `Segmenter` (an exported model or a checkpoint; image and detections in, a
 `SegmentationResult` of `Instance`s out), `dense_crf` (the numpy dense CRF on the native kernels, CPU
-or GPU), `dense_crf_cuda` (the same on arrays already in GPU memory), and the error and warning types.
+or GPU), `dense_crf_cuda` (the same on arrays already in GPU memory), `free_scratch` (the calling
+thread's CRF scratch memory, freed now), and the error and warning types.
 """
 
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from ._native import free_scratch
 from .crf import dense_crf, dense_crf_cuda
 from .errors import DetectionsDroppedWarning, DynsegError, InvalidArgumentError, NativeError
 from .results import Instance, SegmentationResult
@@ -23,6 +25,7 @@ __all__ = [
     "Segmenter",
     "dense_crf",
     "dense_crf_cuda",
+    "free_scratch",
     "SegmentationResult",
     "Instance",
     "DynsegError",

@@ -547,13 +547,23 @@ class CudaStream:
 _local = threading.local()
 
 
+# A thread's scratch buffer is replaced by one of the size a call needs when that call needs less than
+# this fraction of it: one large image does not hold its memory for the rest of the thread's life, and
+# calls of similar sizes (the two CRFs of an image, a video's frames) keep reusing one buffer.
+_SHRINK_BELOW = 0.25
+
+
+def _fits(held: int | None, nbytes: int) -> bool:
+    return held is not None and _SHRINK_BELOW * held <= nbytes <= held
+
+
 def cuda_workspace(nbytes: int, device: int) -> CudaBuffer:
-    """This thread's device scratch buffer on `device` (current), grown on demand and reused across calls.
-    Unlike host memory, device memory is committed whole: it holds the largest problem's worst case."""
+    """This thread's device scratch buffer on `device` (current), reused across calls of similar sizes.
+    Unlike host memory, device memory is committed whole: it holds the problem's worst case."""
     buffers = _local.__dict__.setdefault("cuda_buffers", {})
     buffer = buffers.get(device)
-    if buffer is None or buffer.nbytes < nbytes:
-        buffers.pop(device, None)  # free the smaller one first
+    if not _fits(buffer and buffer.nbytes, nbytes):
+        buffers.pop(device, None)  # free the old one first
         buffer = buffers[device] = CudaBuffer(nbytes)
     return buffer
 
@@ -567,12 +577,19 @@ def cuda_stream(device: int) -> CudaStream:
 
 
 def _workspace(nbytes: int) -> np.ndarray:
-    """A per-thread scratch buffer, grown on demand and reused across calls."""
+    """This thread's host scratch buffer, reused across calls of similar sizes."""
     buffer = getattr(_local, "buffer", None)
-    if buffer is None or buffer.nbytes < nbytes:
-        _local.buffer = None  # free the smaller one first
+    if not _fits(None if buffer is None else buffer.nbytes, nbytes):
+        _local.buffer = None  # free the old one first
         buffer = _local.buffer = _reserve(nbytes)
     return buffer
+
+
+def free_scratch() -> None:
+    """Frees the calling thread's CRF scratch buffers (host memory, and device memory on every GPU
+    the thread ran the CRF on); the thread's next call allocates afresh."""
+    _local.__dict__.pop("buffer", None)
+    _local.__dict__.pop("cuda_buffers", None)
 
 
 # Python's mmap names MAP_NORESERVE from 3.12; Linux's value on x86-64 and arm64 before that.

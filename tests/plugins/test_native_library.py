@@ -68,6 +68,23 @@ def test_the_workspace_is_reserved_even_beyond_memory_and_swap():
     del buffer
 
 
+def test_a_threads_scratch_shrinks_after_a_large_call_and_free_scratch_releases_it(smooth_image):
+    def held_after(height: int, width: int) -> int:
+        image = np.ascontiguousarray(smooth_image(height, width).transpose(2, 0, 1), dtype=np.float32)
+        kernels = [_native.Kernel(3.0, 0.0, np.array(3.0, np.float32))]
+        problem = _native.Problem(2, height, width, image, kernels, compat=None, normalization="after",
+                                  iterations=1, output=_native.Output.LOGITS, threads=1)
+        problem.forward(np.zeros((2, height, width), np.float32))
+        return _native._local.buffer.nbytes
+
+    small = held_after(32, 32)
+    assert held_after(256, 256) > 16 * small  # one large image
+    assert held_after(33, 31) < 2 * small  # a small one after it frees the large one's memory
+    assert held_after(32, 32) == held_after(33, 31)  # similar sizes reuse one buffer
+    dynseg.sdk.free_scratch()
+    assert getattr(_native._local, "buffer", None) is None
+
+
 def test_native_version_is_the_package_version():
     assert _native.native_version() == dynseg.sdk.__version__
 
