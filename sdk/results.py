@@ -48,7 +48,7 @@ class Instance:
     score: float
     detection: int
     box: tuple[int, int, int, int]
-    instance_map: np.ndarray = field(repr=False)  # (H, W) int32, the result's (shared, not copied)
+    instance_map: np.ndarray = field(repr=False)  # (H, W) int32, the result's (shared, read-only)
 
     @cached_property
     def mask(self) -> np.ndarray:
@@ -74,8 +74,10 @@ class Instance:
 class SegmentationResult:
     """One image's segmentation. H, W: the image's size; N: instances.
 
-    image: (H, W, 3) uint8 RGB, the image as segmented (held by reference for overlay(), not copied).
+    image: (H, W, 3) uint8 RGB, a copy of the image as segmented (for overlay(): a camera loop may
+        reuse the buffer it passed in).
     instance_map: int32 (H, W); 0 = background, i = instances[i-1].
+    The three arrays are read-only, as the instances' cached masks are computed from instance_map.
     semantic_map: int32 (H, W); argmax of the semantic probabilities, 0 = background, 1..K classes.
     instances: the N instances in detection order (ids 1..N).
     dropped: the caller's detections that got no instance, ascending by index, each with why: those
@@ -157,7 +159,7 @@ def build_result(
 ) -> SegmentationResult:
     """The result of one image from a backend's outputs. N kept detections, K classes.
 
-    image: (H, W, 3) uint8 RGB, as load_image returns it (kept by reference for overlay()).
+    image: (H, W, 3) uint8 RGB, as load_image returns it (the result keeps a copy).
     instance_logits: float (N+1, H, W), label 0 = background, label k = detections' k-th kept detection.
     semantic_probabilities: float (K+1, H, W), Q_sem after the semantic CRF; 0 = background.
     detections: what check_detections returned for this image (its kept boxes are the N).
@@ -194,10 +196,14 @@ def build_result(
         ))
     no_pixels = [DroppedDetection(int(detections.kept[label - 1]), "its instance won no pixel")
                  for label in range(1, count + 1) if pixels[label] == 0]
+    semantic_map = _argmax_planes(semantic_probabilities, np.int32)
+    image = image.copy()
+    for array in (image, instance_map, semantic_map):
+        array.setflags(write=False)
     return SegmentationResult(
         image=image,
         instance_map=instance_map,
-        semantic_map=_argmax_planes(semantic_probabilities, np.int32),
+        semantic_map=semantic_map,
         instances=instances,
         dropped=sorted(DroppedDetection(*d) for d in [*detections.dropped, *no_pixels]),
     )

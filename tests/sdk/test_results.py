@@ -127,6 +127,19 @@ def test_instances_are_renumbered_in_detection_order_and_map_to_the_callers_dete
     assert first.score == pytest.approx(float(semantic[2][first.mask].mean()), rel=1e-6)
 
 
+def test_the_result_owns_read_only_arrays_so_a_reused_frame_buffer_cannot_change_it() -> None:
+    frame = gray_image(8, 10)
+    logits = painted(8, 10, [(0, 0, 4, 4)])
+    _, semantic = random_outputs(1, 8, 10, 3)
+    result = build_result(frame, logits, semantic, detections([1]), CLASS_NAMES)
+    before = result.overlay()
+    frame[:] = 255  # the camera writes its next frame into the same buffer
+    np.testing.assert_array_equal(result.overlay(), before)
+    for array in (result.image, result.instance_map, result.semantic_map):
+        with pytest.raises(ValueError, match="read-only"):
+            array[0, 0] = 1
+
+
 def test_no_detections_give_an_all_background_result() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
