@@ -2,7 +2,9 @@
 
 Two displays with one interface: `PlainProgress` prints a line every `every` steps through a printer
 (for logs, CI and anything that is not a terminal), `LiveProgress` draws a rich progress bar that
-updates in place (for a terminal). `stage_progress` picks one.
+updates in place (for a terminal). `stage_progress` picks one. The clock and the bar are the
+deployment commands' (dynseg.sdk.commands.progress); this module adds what is the trainer's: the loss,
+averaged between lines, and notes such as an epoch's metrics.
 
 Throughput and ETA count only the steps this run made (a resumed run starts its clock at the step it
 resumed from): images/s = images processed / seconds since the stage began, ETA = seconds per step so
@@ -11,13 +13,14 @@ far x steps left. Both include data loading and, where it runs, held-out evaluat
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
+
+from dynseg.sdk.commands.progress import LiveBar, ProgressClock
 
 __all__ = ["PlainProgress", "LiveProgress", "stage_progress"]
 
 
-class PlainProgress:
+class PlainProgress(ProgressClock):
     """A line every `every` steps and at the last step:
     "[semantic] step 20/600  loss 0.4123  35.2 images/s  eta 81s", the loss averaged over the steps
     since the previous line.
@@ -30,27 +33,18 @@ class PlainProgress:
 
     def __init__(self, stage: str, total: int, start: int, *, images_per_step: int,
                  printer: Callable[[str], object] = print, every: int = 10):
-        self.stage, self.total, self.start = stage, total, start
-        self.images_per_step = images_per_step
-        self.printer, self.every = printer, max(1, every)
-        self.began = time.perf_counter()
+        super().__init__(total, start, items_per_step=images_per_step)
+        self.stage, self.printer, self.every = stage, printer, max(1, every)
         self._losses: list[float] = []
-
-    def rates(self, step: int) -> tuple[float, float]:
-        """(images per second, seconds left) after `step` (1-based) of this stage."""
-        done = step - self.start
-        elapsed = max(time.perf_counter() - self.began, 1e-9)
-        return done * self.images_per_step / elapsed, elapsed / max(done, 1) * (self.total - step)
 
     def update(self, step: int, loss: float) -> None:
         """Step `step` (1-based) finished with this loss."""
         self._losses.append(loss)
         if step % self.every and step != self.total:
             return
-        speed, eta = self.rates(step)
         mean = sum(self._losses) / len(self._losses)
         self._losses.clear()
-        self.printer(f"[{self.stage}] step {step}/{self.total}  loss {mean:.4f}  {speed:.1f} images/s  eta {eta:.0f}s")
+        self.printer(f"[{self.stage}] step {step}/{self.total}  loss {mean:.4f}  {self.rate_text(step)}")
 
     def note(self, text: str) -> None:
         """A one-off message (an epoch's held-out metrics)."""
@@ -70,25 +64,16 @@ class LiveProgress(PlainProgress):
     def __init__(self, stage: str, total: int, start: int, *, images_per_step: int,
                  printer: Callable[[str], object] = print, every: int = 10, console=None):
         super().__init__(stage, total, start, images_per_step=images_per_step, printer=printer, every=every)
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-        self._bar = Progress(
-            TextColumn(f"[bold]{stage}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}  {task.fields[speed]} images/s  eta {task.fields[eta]}"),
-            console=console,
-        )
-        self._task = self._bar.add_task(stage, total=total, completed=start, loss="-", speed="-", eta="-")
-        self._bar.start()
+        self._bar = LiveBar(stage, total, "loss {task.fields[loss]}", completed=start, console=console, loss="-")
 
     def update(self, step: int, loss: float) -> None:
-        speed, eta = self.rates(step)
-        self._bar.update(self._task, completed=step, loss=f"{loss:.4f}", speed=f"{speed:.1f}", eta=f"{eta:.0f}s")
+        self._bar.update(step, self.rate_text(step), loss=f"{loss:.4f}")
 
     def note(self, text: str) -> None:
-        self._bar.console.print(text, highlight=False, markup=False)
+        self._bar.print(text)
 
     def close(self) -> None:
-        self._bar.stop()
+        self._bar.close()
 
 
 def stage_progress(stage: str, total: int, start: int, *, images_per_step: int, live: bool,

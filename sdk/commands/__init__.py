@@ -6,7 +6,8 @@ modules do the work and return what the command reports).
 - `parity`: the exported model against its checkpoint (`dynseg validate`), a report truthy on pass.
 - `bench`: latency and throughput of an exported model over detection counts and image sizes.
 - `quickstart`: train, evaluate, export, validate and segment in one go (needs torch).
-- `progress`: the per-image progress display (a bar on a terminal, plain lines elsewhere).
+- `progress`: the progress displays (a bar on a terminal, plain lines elsewhere): per image here, and
+  the clock and bar the trainer's per-step display is built on.
 
 Only `quickstart` and the torch side of `parity` need torch; they import it when they run.
 """

@@ -1,5 +1,10 @@
-"""Progress over a list of items (images): a rich bar on a terminal, a plain line per item elsewhere,
-the same two displays as the trainer's (dynseg.trainer.progress), counting images instead of steps."""
+"""Progress displays: the clock and the rich bar every display shares, and the per-image display of the
+deployment commands.
+
+`ProgressClock` turns steps done into throughput and time left; `LiveBar` is the rich progress bar drawn
+in place on a terminal. `ItemProgress` (a plain line per item) and `LiveItemProgress` (the bar) count
+images; the trainer's per-step displays (dynseg.trainer.progress) are built on the same two.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +12,60 @@ import time
 from collections.abc import Callable
 
 
-class ItemProgress:
+class ProgressClock:
+    """Throughput and time left of a run that ends at step `total` and began after step `start` (0, or
+    where a resumed run picked up), each step `items_per_step` images. The clock starts when it is made."""
+
+    def __init__(self, total: int, start: int = 0, *, items_per_step: int = 1):
+        self.total, self.start, self.items_per_step = total, start, items_per_step
+        self.began = time.perf_counter()
+
+    def rates(self, step: int) -> tuple[float, float]:
+        """(images per second, seconds left) after `step` (1-based)."""
+        done = step - self.start
+        elapsed = max(time.perf_counter() - self.began, 1e-9)
+        return done * self.items_per_step / elapsed, elapsed / max(done, 1) * (self.total - step)
+
+    def rate_text(self, step: int) -> str:
+        """"4.2 images/s  eta 2s" after `step`."""
+        speed, eta = self.rates(step)
+        return f"{speed:.1f} images/s  eta {eta:.0f}s"
+
+
+class LiveBar:
+    """A rich progress bar redrawn in place: the label in bold, the bar, done/total, then `text` (a rich
+    format over the task's fields, such as "loss {task.fields[loss]}") and the throughput and time left.
+    `fields` are the fields' values before the first update; console: a rich Console to draw on (default:
+    rich's console on stdout)."""
+
+    def __init__(self, label: str, total: int, text: str, *, completed: int = 0, console=None, **fields: str):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        self._bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
+                             TextColumn(text + "  {task.fields[rate]}"), console=console)
+        self._task = self._bar.add_task(label, total=total, completed=completed, rate="- images/s  eta -", **fields)
+        self._bar.start()
+
+    def update(self, completed: int, rate: str, **fields: str) -> None:
+        self._bar.update(self._task, completed=completed, rate=rate, **fields)
+
+    def print(self, text: str) -> None:
+        """A line above the bar, printed as it is (no rich markup)."""
+        self._bar.console.print(text, highlight=False, markup=False)
+
+    def close(self) -> None:
+        self._bar.stop()
+
+
+class ItemProgress(ProgressClock):
     """Prints "[infer] 3/10 coffee.png  4.2 images/s  eta 2s" after every item through `printer`."""
 
     def __init__(self, label: str, total: int, *, printer: Callable[[str], object] = print):
-        self.label, self.total, self.printer = label, total, printer
-        self.began = time.perf_counter()
-
-    def rates(self, done: int) -> tuple[float, float]:
-        """(items per second, seconds left) after `done` items."""
-        elapsed = max(time.perf_counter() - self.began, 1e-9)
-        return done / elapsed, elapsed / max(done, 1) * (self.total - done)
+        super().__init__(total)
+        self.label, self.printer = label, printer
 
     def update(self, done: int, name: str) -> None:
-        speed, eta = self.rates(done)
-        self.printer(f"[{self.label}] {done}/{self.total} {name}  {speed:.1f} images/s  eta {eta:.0f}s")
+        self.printer(f"[{self.label}] {done}/{self.total} {name}  {self.rate_text(done)}")
 
     def close(self) -> None:
         pass
@@ -32,20 +76,13 @@ class LiveItemProgress(ItemProgress):
 
     def __init__(self, label: str, total: int, *, printer: Callable[[str], object] = print, console=None):
         super().__init__(label, total, printer=printer)
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-        self._bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
-                             TextColumn("{task.fields[name]}  {task.fields[speed]} images/s  eta {task.fields[eta]}"),
-                             console=console)
-        self._task = self._bar.add_task(label, total=total, name="", speed="-", eta="-")
-        self._bar.start()
+        self._bar = LiveBar(label, total, "{task.fields[name]}", console=console, name="")
 
     def update(self, done: int, name: str) -> None:
-        speed, eta = self.rates(done)
-        self._bar.update(self._task, completed=done, name=name, speed=f"{speed:.1f}", eta=f"{eta:.0f}s")
+        self._bar.update(done, self.rate_text(done), name=name)
 
     def close(self) -> None:
-        self._bar.stop()
+        self._bar.close()
 
 
 def item_progress(label: str, total: int, *, live: bool, printer: Callable[[str], object] = print) -> ItemProgress:
