@@ -26,6 +26,7 @@ from dynseg.plugins import search_paths
 from dynseg.sdk import __version__
 from dynseg.sdk.errors import DynsegError, InvalidArgumentError
 from dynseg.sdk.graph import DOMAIN, OP_TYPE, OP_VERSION
+from dynseg.sdk.inputs import is_int
 from dynseg.sdk.onnx_backend import node_attributes
 
 if TYPE_CHECKING:
@@ -174,10 +175,6 @@ class Profile:
         return self.detections[0] <= detections <= self.detections[2] and h0 <= height <= h1 and w0 <= width <= w1
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def make_profile(detections: Sequence[int] = DEFAULT_DETECTIONS,
                  sizes: Sequence[Sequence[int]] = DEFAULT_SIZES, *,
                  max_detections: int | None = None, labels: int | None = None) -> Profile:
@@ -185,7 +182,8 @@ def make_profile(detections: Sequence[int] = DEFAULT_DETECTIONS,
     model's max_detections when given); sizes ((H, W) min, opt, max) with 1 <= min <= opt <= max in each
     of H and W and the largest image within the CUDA kernels' 32-bit indexing (with `labels`, the
     largest label count of a CRF, when given). Raises InvalidArgumentError naming the offending value."""
-    if len(detections) != 3 or not all(_is_int(d) for d in detections):
+    # Python ints only: the profile goes into the sidecar's JSON as given
+    if len(detections) != 3 or not all(is_int(d, numpy=False) for d in detections):
         raise InvalidArgumentError(f"detections must be three ints (min, opt, max), got {detections!r}")
     low, opt, high = detections
     if low < 0:
@@ -197,7 +195,7 @@ def make_profile(detections: Sequence[int] = DEFAULT_DETECTIONS,
             f"the maximum detection count {high} exceeds the model's max_detections = {max_detections} "
             "(re-export with a larger --max-detections, or lower the profile's maximum)"
         )
-    if len(sizes) != 3 or not all(len(s) == 2 and all(_is_int(v) for v in s) for s in sizes):
+    if len(sizes) != 3 or not all(len(s) == 2 and all(is_int(v, numpy=False) for v in s) for s in sizes):
         raise InvalidArgumentError(f"sizes must be three (H, W) pairs of ints (min, opt, max), got {sizes!r}")
     sizes = tuple((int(h), int(w)) for h, w in sizes)
     for (h, w), name in zip(sizes, ("minimum", "optimum", "maximum")):
@@ -454,7 +452,7 @@ def build_engine(onnx_path: str | Path, out_path: str | Path, *, fp16: bool = Fa
     max_detections = int(metadata["max_detections"]) if "max_detections" in metadata else None
     profile = make_profile(detections, sizes, max_detections=max_detections,
                            labels=len(json.loads(metadata.get("class_names", "[]"))) + 1)
-    if workspace is not None and (not _is_int(workspace) or workspace < 1):
+    if workspace is not None and (not is_int(workspace, numpy=False) or workspace < 1):
         raise InvalidArgumentError(f"workspace must be a positive number of bytes or None, got {workspace!r}")
     trt_model = tensorrt_model(model)
     tensorrt = import_tensorrt()

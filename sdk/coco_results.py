@@ -5,7 +5,6 @@ them without torch."""
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Hashable, Iterable
 from typing import TypedDict
@@ -13,6 +12,7 @@ from typing import TypedDict
 import numpy as np
 
 from .errors import InvalidArgumentError
+from .inputs import finite_float32, is_int
 
 __all__ = ["DetectorOutput", "load_coco_detections"]
 
@@ -73,22 +73,6 @@ def load_coco_detections(path: str | os.PathLike, image_ids: Iterable[Hashable])
     return result
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-def _finite_float32(value: float | int) -> float | None:
-    """value as a float when float32 holds it finitely (JSON's integers are unbounded), else None."""
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) and abs(number) <= _FLOAT32_MAX else None
-
-
 def _parse_entry(entry: object, where: str) -> tuple[Hashable, int, list[float], float]:
     if not isinstance(entry, dict):
         raise InvalidArgumentError(f"{where}: expected an object, got {type(entry).__name__}")
@@ -98,16 +82,16 @@ def _parse_entry(entry: object, where: str) -> tuple[Hashable, int, list[float],
     image_id, category, bbox, score = entry["image_id"], entry["category_id"], entry["bbox"], entry["score"]
     if isinstance(image_id, bool) or not isinstance(image_id, (int, str)):
         raise InvalidArgumentError(f"{where}: image_id must be an int or a string, got {image_id!r}")
-    if isinstance(category, bool) or not isinstance(category, int) or not 1 <= category < 2**63:
+    if not is_int(category) or not 1 <= category < 2**63:
         raise InvalidArgumentError(f"{where}: category_id must be an int >= 1 (0 is background), got {category!r}")
-    if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(is_int(v) or isinstance(v, float) for v in bbox):
         raise InvalidArgumentError(f"{where}: bbox must be [x, y, w, h], four numbers, got {bbox!r}")
-    values = [_finite_float32(v) for v in bbox]
+    values = [finite_float32(v) for v in bbox]
     if None in values:
         raise InvalidArgumentError(f"{where}: bbox must be finite float32 values, got {bbox!r}")
     x, y, w, h = values
     if w < 0 or h < 0:
         raise InvalidArgumentError(f"{where}: bbox has a negative size (w={w}, h={h})")
-    if not _is_number(score) or _finite_float32(score) is None:
+    if finite_float32(score) is None:
         raise InvalidArgumentError(f"{where}: score must be a finite float32 number, got {score!r}")
     return image_id, category, [x, y, x + max(w - 1, 0.0), y + max(h - 1, 0.0)], float(score)

@@ -7,7 +7,6 @@ lattice are described in docs/crf.md; the readable PyTorch definition is dynseg.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -15,7 +14,7 @@ import numpy as np
 
 from . import _native
 from .errors import InvalidArgumentError
-from .inputs import cuda_index
+from .inputs import cuda_index, finite_float32, int_in
 
 Normalization = Literal["after", "symmetric"]
 
@@ -23,18 +22,12 @@ __all__ = ["CudaArray", "dense_crf", "dense_crf_cuda", "gaussian_kernels"]
 
 
 def _number(name: str, value: object, *, positive: bool) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise InvalidArgumentError(f"{name} must be a number, got {value!r}")
-    try:
-        value = float(value)
-    except OverflowError:  # an int beyond float64: too large for float32 all the more
-        raise InvalidArgumentError(f"{name} must be a finite float32 number, got {value!r}") from None
-    with np.errstate(over="ignore", under="ignore"):
-        single = float(np.float32(value))  # what the library reads: 1e-46 is 0 and 1e39 is inf there
-    if not math.isfinite(single) or (positive and single <= 0):
+    number = finite_float32(value)
+    # positive is tested on the float32 the library reads: 1e-46 is 0 there
+    if number is None or (positive and np.float32(number) <= 0):
         raise InvalidArgumentError(
             f"{name} must be {'a positive' if positive else 'a'} finite float32 number, got {value!r}")
-    return value
+    return number
 
 
 def gaussian_kernels(
@@ -67,11 +60,7 @@ def check_overflow(finite: bool, what: str) -> None:
 
 
 def check_iterations(iterations: object) -> int:
-    if isinstance(iterations, (bool, np.bool_)) or not isinstance(iterations, (int, np.integer)) or iterations < 0:
-        raise InvalidArgumentError(f"iterations must be a non-negative int, got {iterations!r}")
-    if iterations > 2**31 - 1:
-        raise InvalidArgumentError(f"iterations must fit in 32 bits, got {iterations}")
-    return int(iterations)
+    return int_in("iterations", iterations, 0, 2**31 - 1)  # the library's int32
 
 
 def check_normalization(normalization: object) -> str:
@@ -84,11 +73,7 @@ def check_threads(threads: object) -> int:
     """threads=None means every core (0 for the native library)."""
     if threads is None:
         return 0
-    if isinstance(threads, (bool, np.bool_)) or not isinstance(threads, (int, np.integer)) or threads < 1:
-        raise InvalidArgumentError(f"threads must be None or a positive int, got {threads!r}")
-    if threads > 2**31 - 1:
-        raise InvalidArgumentError(f"threads must fit in 32 bits, got {threads}")
-    return int(threads)
+    return int_in("threads", threads, 1, 2**31 - 1, rule=f"None or an int in 1..{2**31 - 1}")
 
 
 def _check_unary(unary: object) -> np.ndarray:

@@ -8,12 +8,14 @@ and scores into the `Detections` the model runs on: xyxy pixels, inclusive, floo
 clipped to the image. The network's own check (dynseg.trainer.model.network.check_detections) is this
 one, strict: it raises on inverted and outside boxes, which the SDK drops with a warning and a record,
 because a deployed detector emits such boxes now and then and one bad box should not fail a frame.
-Every other bad argument raises InvalidArgumentError naming the argument. numpy and Pillow only: no
-torch.
+Every other bad argument raises InvalidArgumentError naming the argument. It also owns the number
+checks every checking module shares: `FLOAT32_MAX`, `finite_float32`, `is_int` and `int_in`. numpy and
+Pillow only: no torch.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
@@ -26,15 +28,53 @@ from numpy.typing import ArrayLike
 
 from .errors import DetectionsDroppedWarning, InvalidArgumentError
 
-__all__ = ["Detections", "DroppedDetection", "ImageLike", "check_detections", "cuda_index", "load_image", "pixel_boxes"]
+__all__ = ["FLOAT32_MAX", "Detections", "DroppedDetection", "ImageLike", "check_detections", "cuda_index",
+           "finite_float32", "int_in", "is_int", "load_image", "pixel_boxes"]
 
 ImageLike = Union[np.ndarray, str, "os.PathLike[str]"]
 
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 # Why a detection was dropped (the reason strings of DroppedDetection).
 INVERTED = "inverted box (x2 < x1 or y2 < y1)"
 OUTSIDE = "box wholly outside the image"
+
+
+# -------------------------------------------------------------------------------------------- numbers
+
+
+def is_int(value: object, *, numpy: bool = True) -> bool:
+    """Whether `value` is an int and not a bool: True is an int to isinstance, and JSON's true parses as
+    one, but no count or id is ever True. numpy=False refuses numpy's integers too, for values that are
+    written to JSON as they are (json cannot write np.int64)."""
+    kinds = (int, np.integer) if numpy else int
+    return isinstance(value, kinds) and not isinstance(value, (bool, np.bool_))
+
+
+def int_in(name: str, value: object, low: int, high: int | None = None, *, rule: str | None = None) -> int:
+    """`value` as a Python int when it is an int (numpy's too, not a bool) in low..high (high None: no
+    upper bound), else InvalidArgumentError "{name} must be {rule}, got {value!r}". rule defaults to
+    "an int in low..high" given a high, else "a non-negative int" (low 0), "a positive int" (low 1) or
+    "an int >= low"."""
+    if rule is None:
+        rule = (f"an int in {low}..{high}" if high is not None else
+                {0: "a non-negative int", 1: "a positive int"}.get(low, f"an int >= {low}"))
+    if not is_int(value) or value < low or (high is not None and value > high):
+        raise InvalidArgumentError(f"{name} must be {rule}, got {value!r}")
+    return int(value)
+
+
+def finite_float32(value: object) -> float | None:
+    """`value` as a float when it is a real number (an int or a float, numpy's too, not a bool) that
+    float32 holds finitely, within ±FLOAT32_MAX, else None. An int beyond float64 (JSON's integers are
+    unbounded) is None too."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) and abs(number) <= FLOAT32_MAX else None
 
 
 # --------------------------------------------------------------------------------------------- device
@@ -181,12 +221,6 @@ def _numeric_array(name: str, value: object) -> np.ndarray:
     return array
 
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise InvalidArgumentError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
 def check_detections(
     boxes: ArrayLike,
     labels: ArrayLike,
@@ -217,10 +251,10 @@ def check_detections(
     Every other box holds at least one pixel: boxes are inclusive, so x1 == x2 is a one-pixel column
     (a COCO box of width 1 or less, say), as the network reads it.
     """
-    height = _positive_int("height", height)
-    width = _positive_int("width", width)
-    num_classes = _positive_int("num_classes", num_classes)
-    max_detections = _positive_int("max_detections", max_detections)
+    height = int_in("height", height, 1)
+    width = int_in("width", width, 1)
+    num_classes = int_in("num_classes", num_classes, 1)
+    max_detections = int_in("max_detections", max_detections, 1)
 
     boxes_in = _numeric_array("boxes", boxes)
     if boxes_in.shape == (0,):  # [] or np.array([]): no detections
@@ -246,8 +280,8 @@ def check_detections(
         bad = np.flatnonzero(~np.isfinite(boxes64).all(axis=1)).tolist()
         raise InvalidArgumentError(f"boxes must be finite: rows {bad} hold NaN or infinity")
     scores64 = scores_in.astype(np.float64)
-    if not (np.isfinite(scores64) & (np.abs(scores64) <= _FLOAT32_MAX)).all():
-        bad = np.flatnonzero(~(np.isfinite(scores64) & (np.abs(scores64) <= _FLOAT32_MAX))).tolist()
+    if not (np.isfinite(scores64) & (np.abs(scores64) <= FLOAT32_MAX)).all():
+        bad = np.flatnonzero(~(np.isfinite(scores64) & (np.abs(scores64) <= FLOAT32_MAX))).tolist()
         raise InvalidArgumentError(f"scores must be finite float32 values: entries {bad} are NaN, infinite or too large")
     labels64 = _check_labels(labels_in, num_classes)
 

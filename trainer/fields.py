@@ -10,6 +10,7 @@ import math
 from collections.abc import Iterable
 
 from dynseg.sdk.errors import InvalidArgumentError
+from dynseg.sdk.inputs import is_int
 
 
 def _fail(config: object, name: str, rule: str) -> InvalidArgumentError:
@@ -17,7 +18,8 @@ def _fail(config: object, name: str, rule: str) -> InvalidArgumentError:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    # Python numbers only: configs are written to JSON as they are
+    return is_int(value, numpy=False) or isinstance(value, float)
 
 
 def choices(config: object, name: str, allowed: Iterable[object]) -> None:
@@ -35,7 +37,7 @@ def flags(config: object, *names: str) -> None:
 def ints(config: object, *names: str, least: int) -> None:
     for name in names:
         value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        if not is_int(value, numpy=False) or value < least:
             raise _fail(config, name, f"an int >= {least}")
 
 

@@ -309,6 +309,17 @@ def test_the_same_generator_state_gives_the_same_detections_and_no_objects_give_
     assert len(kinds) > 10 and np.all(kinds == DetectionKind.FALSE_POSITIVE)
 
 
+def test_bools_are_not_taken_for_ints_as_the_sdk_refuses_them():
+    for name in ("size", "num_classes", "max_instances", "seed"):
+        for flag in (True, np.True_, False):
+            with pytest.raises(ValueError, match=name):
+                SyntheticScenes(**{name: flag})
+    with pytest.raises(ValueError, match="num_classes"):
+        simulate_detections(np.array([[2, 2, 10, 10]], np.float32), np.array([1]), image_size=(32, 32),
+                            rng=np.random.default_rng(0), num_classes=True)
+    assert SyntheticScenes(size=np.int64(2), num_classes=np.int32(3), seed=np.uint8(1)).num_classes == 3
+
+
 def test_the_simulator_rejects_bad_arguments():
     boxes, labels = np.array([[2, 2, 10, 10]], np.float32), np.array([1])
     good = dict(image_size=(32, 32), rng=np.random.default_rng(0), num_classes=4)

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from dynseg.sdk.errors import InvalidArgumentError
+from dynseg.sdk.inputs import is_int
 
 from .common import LabelledSample, assemble_sample, check_index, check_split_name, read_rgb, require_files
 
@@ -88,7 +89,7 @@ class CocoInstances:
         except (AssertionError, KeyError, TypeError) as error:  # COCO.createIndex on a malformed file
             raise InvalidArgumentError(f"{self.annotation_file}: not a COCO annotation file ({error!r})") from error
 
-        odd = [c for c in self._coco.cats if not _is_int(c)]
+        odd = [c for c in self._coco.cats if not is_int(c)]
         if odd:
             raise InvalidArgumentError(f"{self.annotation_file}: category ids must be integers, got {odd[0]!r}")
         self.category_ids: tuple[int, ...] = tuple(sorted(self._coco.cats))
@@ -104,10 +105,10 @@ class CocoInstances:
         for index, annotation in enumerate(self._coco.dataset.get("annotations", [])):
             where = f"{self.annotation_file}: annotation {annotation.get('id')!r} (#{index} in 'annotations')"
             image_id = annotation.get("image_id")
-            if not _is_int(image_id) or image_id not in self._coco.imgs:  # not _is_int: True and 1.0 would match 1
+            if not is_int(image_id) or image_id not in self._coco.imgs:  # not is_int: True and 1.0 would match 1
                 raise InvalidArgumentError(f"{where} names image {image_id!r}, not in 'images'")
             category = annotation.get("category_id")
-            if not annotation.get("iscrowd", 0) and not (_is_int(category) and category in self.label_of_category):
+            if not annotation.get("iscrowd", 0) and not (is_int(category) and category in self.label_of_category):
                 raise InvalidArgumentError(f"{where} has category {category!r}, not in 'categories'")
             if "segmentation" not in annotation:
                 raise InvalidArgumentError(f"{where} has no 'segmentation'")
@@ -123,13 +124,13 @@ class CocoInstances:
         seen = set()  # pycocotools' index keeps the last record of a repeated id, silently
         for index, record in enumerate(self._coco.dataset.get("images", [])):
             where = f"{self.annotation_file}: image {record.get('id')!r} (#{index} in 'images')"
-            if not _is_int(record.get("id")):
+            if not is_int(record.get("id")):
                 raise InvalidArgumentError(f"{where}: 'id' must be an int")
             if record["id"] in seen:
                 raise InvalidArgumentError(f"{where}: the id is listed twice in 'images'")
             seen.add(record["id"])
             for key in ("height", "width"):
-                if not _is_int(record.get(key)) or record[key] < 1:
+                if not is_int(record.get(key)) or record[key] < 1:
                     raise InvalidArgumentError(f"{where}: {key!r} must be an int >= 1, got {record.get(key)!r}")
             if not isinstance(record.get("file_name"), str):
                 raise InvalidArgumentError(f"{where}: 'file_name' must be a string, got {record.get('file_name')!r}")
@@ -170,10 +171,6 @@ class CocoInstances:
         return f"CocoInstances(root={str(self.root)!r}, split={self.split!r}, images={len(self)})"
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is a Python int
-
-
 def _segmentation_problem(segmentation: object, height: int, width: int) -> str | None:
     """What keeps pycocotools from rasterising a COCO segmentation on a height x width image; None if nothing.
 
@@ -192,12 +189,12 @@ def _segmentation_problem(segmentation: object, height: int, width: int) -> str 
         return None
     if isinstance(segmentation, dict):
         size, counts = segmentation.get("size"), segmentation.get("counts")
-        if size != [height, width] or not all(map(_is_int, size)):
+        if size != [height, width] or not all(map(is_int, size)):
             return f"RLE size {size!r} is not the image's [height, width] = [{height}, {width}]"
         if isinstance(counts, str):
             runs = _compressed_runs(counts)
         else:
-            runs = counts if isinstance(counts, list) and all(map(_is_int, counts)) else None
+            runs = counts if isinstance(counts, list) and all(map(is_int, counts)) else None
         if runs is None or min(runs, default=0) < 0 or sum(runs) != height * width:
             return f"RLE counts are not runs (a list of ints or a compressed string) adding up to {height} x {width}"
         return None

@@ -39,6 +39,7 @@ import numpy as np
 from dynseg.sdk.coco_results import DetectorOutput as Detections
 from dynseg.sdk.coco_results import load_coco_detections
 from dynseg.sdk.errors import InvalidArgumentError
+from dynseg.sdk.inputs import int_in, is_int
 
 __all__ = ["Detections", "SimulatedDetections", "DetectionKind", "simulate_detections", "load_coco_detections"]
 
@@ -160,9 +161,8 @@ def simulate_detections(
 
 
 def _check_inputs(boxes, labels, image_size, num_classes) -> tuple[np.ndarray, np.ndarray]:
-    if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
-        raise InvalidArgumentError(f"num_classes must be an int >= 1, got {num_classes!r}")
-    if len(tuple(image_size)) != 2 or any(not isinstance(s, (int, np.integer)) or s < 2 for s in image_size):
+    int_in("num_classes", num_classes, 1, rule="an int >= 1")
+    if len(tuple(image_size)) != 2 or any(not is_int(s) or s < 2 for s in image_size):
         raise InvalidArgumentError(f"image_size must be (H, W) ints, each >= 2, got {image_size!r}")
     gt_boxes = np.asarray(boxes, np.float64)
     gt_labels = np.asarray(labels)

@@ -34,6 +34,7 @@ from typing import TypedDict
 import numpy as np
 
 from dynseg.sdk.errors import InvalidArgumentError
+from dynseg.sdk.inputs import int_in, is_int
 
 from ..boxes import mask_boxes
 
@@ -111,7 +112,7 @@ class SyntheticScenes:
         size: number of images.
         image_size: (H, W) in pixels, each at least 32.
         num_classes: K, 1..6; classes are `class_names[1:]`.
-        max_instances: N, 1..254; each image has 1..N visible instances (fewer than drawn when a
+        max_instances: N, 1..253; each image has 1..N visible instances (fewer than drawn when a
             placement keeps failing the visibility rules).
         seed: sample i depends only on (seed, i).
         void_border: mark a band two pixels wide on every object edge as void (255).
@@ -127,21 +128,13 @@ class SyntheticScenes:
         seed: int = 0,
         void_border: bool = True,
     ):
-        if not isinstance(size, (int, np.integer)) or size < 0:
-            raise InvalidArgumentError(f"size must be a non-negative int, got {size!r}")
-        if len(tuple(image_size)) != 2 or any(not isinstance(s, (int, np.integer)) or s < 32 for s in image_size):
+        self.size = int_in("size", size, 0)
+        if len(tuple(image_size)) != 2 or any(not is_int(s) or s < 32 for s in image_size):
             raise InvalidArgumentError(f"image_size must be (H, W) ints, each >= 32, got {image_size!r}")
-        if not isinstance(num_classes, (int, np.integer)) or not 1 <= num_classes <= MAX_CLASSES:
-            raise InvalidArgumentError(f"num_classes must be an int in 1..{MAX_CLASSES}, got {num_classes!r}")
-        if not isinstance(max_instances, (int, np.integer)) or not 1 <= max_instances < VOID - 1:
-            raise InvalidArgumentError(f"max_instances must be an int in 1..{VOID - 1}, got {max_instances!r}")
-        if not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise InvalidArgumentError(f"seed must be a non-negative int, got {seed!r}")
-        self.size = int(size)
+        self.num_classes = int_in("num_classes", num_classes, 1, MAX_CLASSES)
+        self.max_instances = int_in("max_instances", max_instances, 1, VOID - 2)
+        self.seed = int_in("seed", seed, 0)
         self.image_size = (int(image_size[0]), int(image_size[1]))
-        self.num_classes = int(num_classes)
-        self.max_instances = int(max_instances)
-        self.seed = int(seed)
         self.void_border = bool(void_border)
         self.class_names: tuple[str, ...] = ("background",) + tuple(s[0] for s in _CLASS_STYLES[:num_classes])
         """Indexed by label: class_names[0] == "background", class_names[1..K] the object classes."""
