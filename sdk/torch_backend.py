@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import INSTALL_TRAINER, InvalidArgumentError
+from .graph import INPUTS, OUTPUTS, graph_inputs
 from .inputs import cuda_index
 
 UNLIMITED_DETECTIONS = 10_000  # the network itself has no limit; this keeps a call's memory sane
@@ -46,14 +47,8 @@ class TorchBackend:
     def run(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray, *,
             timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:
         """`segmenter.NetworkBackend.run`; the graph runs as one, so `timings` gains nothing."""
-        torch = self._torch
-        as_tensor = lambda a, dtype: torch.as_tensor(np.ascontiguousarray(a), dtype=dtype, device=self._device)
-        with torch.no_grad():
-            output = self._model(
-                as_tensor(image.transpose(2, 0, 1), torch.float32), as_tensor(boxes.reshape(-1, 4), torch.float32),
-                as_tensor(labels, torch.int64), as_tensor(scores, torch.float32),
-            )
-        return {
-            "instance_logits": output.instance_logits.cpu().numpy(),
-            "semantic_probabilities": output.semantic_probabilities.cpu().numpy(),
-        }
+        inputs = graph_inputs(image, boxes, labels, scores)
+        inputs["image"] = inputs["image"][0].astype(np.float32)  # the network takes one (3, H, W) float image
+        with self._torch.no_grad():
+            output = self._model(*(self._torch.as_tensor(inputs[name], device=self._device) for name in INPUTS))
+        return {name: getattr(output, name).cpu().numpy() for name in OUTPUTS}
