@@ -14,7 +14,7 @@ import numpy as np
 from .errors import InvalidArgumentError
 from .inputs import finite_float32, is_int
 
-__all__ = ["DetectorOutput", "load_coco_detections"]
+__all__ = ["DetectorOutput", "detections_by_image", "load_coco_detections", "read_coco_results"]
 
 
 class DetectorOutput(TypedDict):
@@ -43,6 +43,16 @@ def load_coco_detections(path: str | os.PathLike, image_ids: Iterable[Hashable])
         category_id that is not an int in 1..2**63-1, a bbox that is not 4 numbers finite in float32, a
         negative width or height, a score that is not a number finite in float32 (NaN included).
     """
+    return detections_by_image(read_coco_results(path), image_ids)
+
+
+Entry = tuple[Hashable, int, list[float], float]
+"""One detection of a results file: (image_id, category_id, inclusive xyxy box, score)."""
+
+
+def read_coco_results(path: str | os.PathLike) -> list[Entry]:
+    """Every entry of a COCO results file, validated and converted as `load_coco_detections` says, in
+    file order; raises as it does."""
     try:
         with open(path, encoding="utf-8") as handle:
             entries = json.load(handle)
@@ -51,10 +61,14 @@ def load_coco_detections(path: str | os.PathLike, image_ids: Iterable[Hashable])
     if not isinstance(entries, list):
         kind = type(entries).__name__
         raise InvalidArgumentError(f"{path}: a COCO results file is a JSON list of detections, got {kind}")
+    return [_parse_entry(entry, f"{path}: entry {index}") for index, entry in enumerate(entries)]
 
+
+def detections_by_image(entries: Iterable[Entry], image_ids: Iterable[Hashable]) -> dict[Hashable, DetectorOutput]:
+    """The entries of each of `image_ids` (empty arrays for ids without any), each sorted by descending
+    score (file order among equal scores); entries of other images are ignored."""
     wanted = {image_id: ([], [], []) for image_id in image_ids}
-    for index, entry in enumerate(entries):
-        image_id, label, box, score = _parse_entry(entry, f"{path}: entry {index}")
+    for image_id, label, box, score in entries:
         if image_id in wanted:
             boxes, labels, scores = wanted[image_id]
             boxes.append(box)
@@ -73,7 +87,7 @@ def load_coco_detections(path: str | os.PathLike, image_ids: Iterable[Hashable])
     return result
 
 
-def _parse_entry(entry: object, where: str) -> tuple[Hashable, int, list[float], float]:
+def _parse_entry(entry: object, where: str) -> Entry:
     if not isinstance(entry, dict):
         raise InvalidArgumentError(f"{where}: expected an object, got {type(entry).__name__}")
     for key in ("image_id", "category_id", "bbox", "score"):

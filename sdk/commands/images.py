@@ -14,14 +14,13 @@ category_id is the model's class id 1..K. Images without an entry get no detecti
 
 from __future__ import annotations
 
-import json
 from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from ..coco_results import load_coco_detections
+from ..coco_results import detections_by_image, read_coco_results
 from ..errors import InvalidArgumentError
 
 
@@ -63,10 +62,10 @@ def read_detections(results: str | Path, images: Sequence[str | Path]) -> list[I
             named[image_id] = path
     wanted = [image_id for path in paths for image_id in image_ids(path)]
     try:
-        found = load_coco_detections(results, wanted)
-        entries = len(json.loads(results.read_text(encoding="utf-8")))
+        entries = read_coco_results(results)
     except (OSError, UnicodeDecodeError) as error:
         raise InvalidArgumentError(f"detections file {results} could not be read: {error}") from error
+    found = detections_by_image(entries, wanted)
     out = []
     for path in paths:
         parts = [found[image_id] for image_id in image_ids(path)]
@@ -80,7 +79,7 @@ def read_detections(results: str | Path, images: Sequence[str | Path]) -> list[I
         ))
     if entries and not any(len(d.scores) for d in out):
         shown = ", ".join(repr(image_ids(p)[-1]) for p in paths[:3])
-        raise InvalidArgumentError(f"detections file {results}: none of its {entries} detections names one of the "
+        raise InvalidArgumentError(f"detections file {results}: none of its {len(entries)} detections names one of the "
                                    f"images (image_id is the file's stem, or its number, such as {shown})")
     return out
 
