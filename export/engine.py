@@ -24,10 +24,10 @@ from onnx import helper
 
 from dynseg.plugins import search_paths
 from dynseg.sdk import __version__
+from dynseg.sdk.crf_node import CrfAttributes
 from dynseg.sdk.errors import DynsegError, InvalidArgumentError
 from dynseg.sdk.graph import DOMAIN, OP_TYPE, OP_VERSION
 from dynseg.sdk.inputs import is_int
-from dynseg.sdk.onnx_backend import node_attributes
 
 if TYPE_CHECKING:
     import tensorrt
@@ -114,7 +114,7 @@ def tensorrt_model(model: onnx.ModelProto) -> onnx.ModelProto:
     for node in nodes:
         # TensorRT's parser hands the plugin only the fields its creator lists, ints narrowed to int32: a
         # misspelt or out-of-range attribute would build an engine that computes something else
-        node_attributes(node)
+        CrfAttributes.of_node(node)
         kept = [a for a in node.attribute if a.name not in ("plugin_namespace", "plugin_version")]
         del node.attribute[:]
         node.attribute.extend(kept)

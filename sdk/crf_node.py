@@ -2,9 +2,11 @@
 executes the CRF nodes of an exported graph, with numpy arrays on the CPU (`run_node`) or
 device-resident tensors on a GPU (`run_node_cuda`).
 
-Owns the mapping from the node's inputs and attributes to one native mean-field call: the kernels,
-the compatibility and, for the semantic CRF, the higher-order detection potential (docs/algorithm.md §4),
-which the kernel library adds to every iteration's logits (dynseg_detections in dynseg_crf.h).
+Owns the node's attributes and their rules (`CrfAttributes`, read from a node with `of_node` by the
+onnxruntime backend and by the TensorRT exporter's check) and the mapping from the node's inputs and
+attributes to one native mean-field call: the kernels, the compatibility and, for the semantic CRF,
+the higher-order detection potential (docs/algorithm.md §4), which the kernel library adds to every
+iteration's logits (dynseg_detections in dynseg_crf.h).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
+from onnx import NodeProto, helper
 
 from . import _native
 from .errors import InvalidArgumentError
@@ -73,6 +76,15 @@ class CrfAttributes:
     detection_potential: int = 0
     score_ceiling: float = 1.0
     epsilon: float = 0.0
+
+    @classmethod
+    def of_node(cls, node: NodeProto) -> CrfAttributes:
+        """A MeanFieldCRF node's attributes, checked by `parse` (errors name the node)."""
+        values = {}
+        for attribute in node.attribute:
+            value = helper.get_attribute_value(attribute)
+            values[attribute.name] = value.decode() if isinstance(value, bytes) else value  # STRING is bytes
+        return cls.parse(values, node=f"MeanFieldCRF node {node.name!r}")
 
     @classmethod
     def parse(cls, attributes: Mapping[str, object], node: str = "MeanFieldCRF") -> CrfAttributes:

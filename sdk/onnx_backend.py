@@ -99,16 +99,6 @@ def _value_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
-def node_attributes(node: onnx.NodeProto) -> CrfAttributes:
-    """A MeanFieldCRF node's attributes, checked by docs/ops.md's rules (InvalidArgumentError naming the
-    node and the attribute)."""
-    values = {}
-    for attribute in node.attribute:
-        value = helper.get_attribute_value(attribute)
-        values[attribute.name] = value.decode() if isinstance(value, bytes) else value
-    return CrfAttributes.parse(values, node=f"MeanFieldCRF node {node.name!r}")
-
-
 def _partition(model: onnx.ModelProto, placement: _Placement) -> list[_Session | _CrfNode]:
     graph = model.graph
     types = _value_types(model)
@@ -136,7 +126,7 @@ def _partition(model: onnx.ModelProto, placement: _Placement) -> list[_Session |
         if isinstance(segment, onnx.NodeProto):
             constants = {n: placement.put(numpy_helper.to_array(initializers[n])) for n in segment.input
                          if n in initializers}
-            steps.append(_CrfNode(list(segment.input), list(segment.output), node_attributes(segment), constants))
+            steps.append(_CrfNode(list(segment.input), list(segment.output), CrfAttributes.of_node(segment), constants))
             continue
         if not segment:
             continue
