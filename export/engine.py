@@ -37,7 +37,6 @@ __all__ = [
     "EngineError",
     "EngineMismatchError",
     "tensorrt_model",
-    "write_tensorrt_onnx",
     "make_profile",
     "sidecar_path",
     "write_sidecar",
@@ -124,16 +123,6 @@ def tensorrt_model(model: onnx.ModelProto) -> onnx.ModelProto:
     del copy.functions[:]
     copy.functions.extend(functions)
     return copy
-
-
-def write_tensorrt_onnx(source: str | Path, destination: str | Path) -> Path:
-    """Writes tensorrt_model(onnx.load(source)) to destination (checked by onnx.checker) and returns
-    the destination path."""
-    destination = Path(destination)
-    model = tensorrt_model(onnx.load(str(source)))
-    onnx.checker.check_model(model)
-    onnx.save(model, str(destination))
-    return destination
 
 
 def crf_node_count(model: onnx.ModelProto) -> int:

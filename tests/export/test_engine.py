@@ -86,10 +86,8 @@ def _strip_plugin_attributes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 # ---- the TensorRT-specific ONNX copy --------------------------------------------------------------------
 
-def test_the_tensorrt_copy_marks_every_crf_node_with_the_plugin_namespace_and_version(tmp_path):
-    source = tmp_path / "model.onnx"
-    onnx.save(_model(), str(source))
-    copy = onnx.load(str(engine.write_tensorrt_onnx(source, tmp_path / "model.trt.onnx")))
+def test_the_tensorrt_copy_marks_every_crf_node_with_the_plugin_namespace_and_version():
+    copy = engine.tensorrt_model(_model())
     onnx.checker.check_model(copy)
     crf = [n for n in copy.graph.node if n.op_type == "MeanFieldCRF"]
     assert len(crf) == 2 == engine.crf_node_count(copy)
