@@ -129,9 +129,11 @@ def _adds_detection_potential(inputs: CrfInputs, attributes: CrfAttributes) -> b
     return bool(attributes.detection_potential) and inputs.boxes.shape[0] > 0
 
 
-def _problem(inputs: CrfInputs, attributes: CrfAttributes, detection_scores: Array) -> _native.Problem:
+def _problem(inputs: CrfInputs, attributes: CrfAttributes, detection_scores: Array,
+             threads: int = 0) -> _native.Problem:
     """The node as one native problem; inputs are all numpy arrays (in the library's dtypes and
-    layouts) or all DeviceArrays. `detection_scores` receives Q(Y_d = 1) when the detection potential runs."""
+    layouts) or all DeviceArrays. `detection_scores` receives Q(Y_d = 1) when the detection potential runs.
+    threads: the CPU kernels' thread count (0: every core)."""
     _, num_labels, height, width = inputs.unary.shape
     kernels = [
         _native.Kernel(attributes.theta_spatial, 0.0, inputs.spatial_weight),
@@ -148,7 +150,7 @@ def _problem(inputs: CrfInputs, attributes: CrfAttributes, detection_scores: Arr
     return _native.Problem(
         num_labels, height, width, _planes(inputs.image), kernels, compat=compat if compat.size else None,
         normalization=attributes.normalization, iterations=attributes.iterations,
-        output=_native.Output.LOGITS, threads=0, detections=potential,
+        output=_native.Output.LOGITS, threads=threads, detections=potential,
     )
 
 
@@ -177,9 +179,10 @@ def _check_shapes(inputs: CrfInputs) -> None:
                                    f"{shapes.detection_x}, {shapes.detection_y}")
 
 
-def run_node(inputs: Sequence[np.ndarray], attributes: CrfAttributes) -> tuple[np.ndarray, np.ndarray]:
-    """Runs one dynseg::MeanFieldCRF node on the CPU. inputs: the node's ten, as `CrfInputs` lists
-    them. Returns the logits (1, L, H, W) and the detection scores (D,)."""
+def run_node(inputs: Sequence[np.ndarray], attributes: CrfAttributes,
+             threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Runs one dynseg::MeanFieldCRF node on the CPU with `threads` threads (0: every core). inputs: the
+    node's ten, as `CrfInputs` lists them. Returns the logits (1, L, H, W) and the detection scores (D,)."""
     inputs = CrfInputs.of(inputs)
     _check_shapes(inputs)
     arrays = CrfInputs(*[np.ascontiguousarray(a, dtype=CrfInputs.dtype(name))
@@ -187,7 +190,7 @@ def run_node(inputs: Sequence[np.ndarray], attributes: CrfAttributes) -> tuple[n
     if arrays.unary.shape[1] == 1:  # one label: nothing to infer (docs/ops.md)
         return arrays.unary.copy(), arrays.scores.copy()
     detection_scores = arrays.scores.copy()
-    logits = _problem(arrays, attributes, detection_scores).forward(_planes(arrays.unary))
+    logits = _problem(arrays, attributes, detection_scores, threads).forward(_planes(arrays.unary))
     if not np.isfinite(logits).all():  # finite inputs whose messages overflowed float32 on the way
         cause = ("the detection scores (largest |score| "
                  f"{np.abs(arrays.scores).max():.3g}) or " if _adds_detection_potential(arrays, attributes) else "")

@@ -99,7 +99,7 @@ def _value_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
-def _partition(model: onnx.ModelProto, placement: _Placement) -> list[_Session | _CrfNode]:
+def _partition(model: onnx.ModelProto, placement: _Placement, threads: int | None) -> list[_Session | _CrfNode]:
     graph = model.graph
     types = _value_types(model)
     initializers = {t.name: t for t in graph.initializer}
@@ -122,6 +122,8 @@ def _partition(model: onnx.ModelProto, placement: _Placement) -> list[_Session |
     steps: list[_Session | _CrfNode] = []
     options = ort.SessionOptions()
     options.log_severity_level = 3  # our partitions are valid; spare users onnxruntime's notes
+    if threads is not None:  # each session's own pool: the sessions run one after another
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     for index, segment in enumerate(segments):
         if isinstance(segment, onnx.NodeProto):
             constants = {n: placement.put(numpy_helper.to_array(initializers[n])) for n in segment.input
@@ -203,10 +205,12 @@ def _native_view(value: ort.OrtValue, name: str, dtype: type) -> _native.DeviceA
     return _native.DeviceArray(int(value.data_ptr()), tuple(value.shape()), np.dtype(dtype))  # OrtValues are dense
 
 
-def _run_crf(step: _CrfNode, inputs: list[ort.OrtValue], placement: _Placement) -> list[ort.OrtValue]:
-    """One CRF node on the OrtValues of its inputs, on the backend's device."""
+def _run_crf(step: _CrfNode, inputs: list[ort.OrtValue], placement: _Placement,
+             threads: int | None) -> list[ort.OrtValue]:
+    """One CRF node on the OrtValues of its inputs, on the backend's device (on the CPU with `threads`
+    threads, None: every core)."""
     if placement.device_type == "cpu":
-        logits, scores = run_node([value.numpy() for value in inputs], step.attributes)
+        logits, scores = run_node([value.numpy() for value in inputs], step.attributes, threads or 0)
         return [placement.put(logits), placement.put(scores)]
     arrays = CrfInputs.of([_native_view(value, name, CrfInputs.dtype(input_name))
                            for input_name, name, value in zip(CrfInputs._fields, step.inputs, inputs)])
@@ -219,8 +223,9 @@ def _run_crf(step: _CrfNode, inputs: list[ort.OrtValue], placement: _Placement) 
 class OnnxRuntimeBackend:
     """An exported dynseg graph, partitioned and ready to run; see the module docstring."""
 
-    def __init__(self, path: str | Path, *, device: str = "cpu"):
+    def __init__(self, path: str | Path, *, device: str = "cpu", threads: int | None = None):
         self._placement = _Placement.of(device)
+        self._threads = threads
         self.path = Path(path)
         model = _load(self.path)
         self.metadata = _check_dynseg(model, self.path)
@@ -236,7 +241,7 @@ class OnnxRuntimeBackend:
         except (KeyError, TypeError, ValueError) as error:
             raise InvalidArgumentError(f"model file {self.path} has malformed dynseg metadata ({error!r}): export it "
                                        "again with `dynseg export`") from None
-        self._steps = _partition(model, self._placement)
+        self._steps = _partition(model, self._placement, threads)
 
     def run(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray, *,
             timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:
@@ -251,7 +256,7 @@ class OnnxRuntimeBackend:
             start = time.perf_counter()
             if isinstance(step, _CrfNode):
                 inputs = [step.constants[n] if n in step.constants else values[n] for n in step.inputs]
-                outputs = _run_crf(step, inputs, place)
+                outputs = _run_crf(step, inputs, place, self._threads)
             else:
                 binding = step.session.io_binding()
                 for name in step.inputs:

@@ -19,7 +19,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from .errors import InvalidArgumentError
-from .inputs import ImageLike, check_detections, cuda_index, load_image
+from .inputs import ImageLike, check_detections, cuda_index, int_in, load_image
 from .results import SegmentationResult, build_result
 
 Backend = Literal["auto", "onnxruntime", "torch", "tensorrt"]
@@ -62,19 +62,30 @@ class Segmenter:
         backend: "auto" picks by path (directory: torch, .engine/.plan: tensorrt, else onnxruntime).
         device: "cpu", "cuda" or "cuda:N" (torch: any; onnxruntime: "cuda" needs onnxruntime-gpu and
             the native library's CUDA kernels, and keeps every tensor on the GPU; tensorrt: "cuda").
+        threads: the CPU threads a call may use, onnxruntime backend only: each of its sessions' thread
+            pool and the CRF nodes' kernels. None: every core. The torch backend follows torch's
+            process-wide setting (torch.set_num_threads); tensorrt computes on the GPU.
+
+    A Segmenter is also a context manager: leaving the block closes it (`close`).
     """
 
-    def __init__(self, path: str | Path, backend: Backend = "auto", device: str = "cpu"):
+    def __init__(self, path: str | Path, backend: Backend = "auto", device: str = "cpu", *,
+                 threads: int | None = None):
         if not isinstance(path, (str, Path)):
             raise InvalidArgumentError(f"path must be a str or Path, got {type(path).__name__}")
         cuda_index(device)  # a bad device string fails before any backend loads
+        if threads is not None:
+            threads = int_in("threads", threads, 1, 2**31 - 1, rule="None or an int in 1..2147483647")
         path = Path(path)
         self.backend_name = _choose(path, backend)
-        self._backend: NetworkBackend
+        if threads is not None and self.backend_name != "onnxruntime":
+            raise InvalidArgumentError(f"threads applies to the onnxruntime backend, not to {self.backend_name!r} "
+                                       "(torch: torch.set_num_threads; tensorrt computes on the GPU)")
+        self._backend: NetworkBackend | None
         if self.backend_name == "onnxruntime":
             from .onnx_backend import OnnxRuntimeBackend
 
-            self._backend = OnnxRuntimeBackend(path, device=device)
+            self._backend = OnnxRuntimeBackend(path, device=device, threads=threads)
         elif self.backend_name == "torch":
             from .torch_backend import TorchBackend
 
@@ -114,18 +125,32 @@ class Segmenter:
 
     def _segment(self, image: ImageLike, boxes: ArrayLike, labels: ArrayLike, scores: ArrayLike,
                  timings: dict[str, float] | None = None) -> tuple[SegmentationResult, dict[str, np.ndarray]]:
+        backend = self._backend  # one read: another thread may close the Segmenter meanwhile
+        if backend is None:
+            raise InvalidArgumentError(f"{self!r} is closed")
         rgb = load_image(image)
         height, width = rgb.shape[:2]
         detections = check_detections(boxes, labels, scores, height=height, width=width,
                                       num_classes=len(self.class_names), max_detections=self.max_detections,
                                       stacklevel=4)  # the warning points at the caller of segment
-        outputs = self._backend.run(rgb, detections.boxes, detections.labels, detections.scores, timings=timings)
+        outputs = backend.run(rgb, detections.boxes, detections.labels, detections.scores, timings=timings)
         start = time.perf_counter()
         result = build_result(rgb, outputs["instance_logits"], outputs["semantic_probabilities"], detections,
                               self.class_names)
         if timings is not None:
             timings["post"] = timings.get("post", 0.0) + time.perf_counter() - start
         return result, outputs
+
+    def close(self) -> None:
+        """Releases the model (sessions, engine, their memory); segment then raises. Closing twice is
+        harmless. Each thread's CRF scratch memory is separate: `dynseg.sdk.free_scratch`."""
+        self._backend = None
+
+    def __enter__(self) -> Segmenter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return f"Segmenter({str(self.path)!r}, backend={self.backend_name!r}, classes={len(self.class_names)})"

@@ -135,6 +135,39 @@ def test_a_model_with_other_outputs_is_refused_with_what_to_do(exported, tmp_pat
         Segmenter(old)
 
 
+def test_threads_bounds_every_session_and_the_crf_nodes_and_changes_no_result(exported, segmenters):
+    image, boxes, labels, scores = _case("coffee", (96, 128), 3, seed=5)
+    with Segmenter(exported[1], threads=1) as one:
+        sessions = [step.session for step in one._backend._steps if hasattr(step, "session")]
+        assert sessions and all(s.get_session_options().intra_op_num_threads == 1 for s in sessions)
+        assert one._backend._threads == 1  # what the CRF nodes get
+        got = one.segment_with_outputs(image, boxes, labels, scores)[1]
+    expected = segmenters[0].segment_with_outputs(image, boxes, labels, scores)[1]
+    for name in ("instance_logits", "semantic_probabilities"):
+        np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads, backend, message", [
+    (0, "onnxruntime", r"threads must be None or an int in 1\.\.2147483647, got 0"),
+    (True, "onnxruntime", "threads must be None or an int"),
+    ("2", "onnxruntime", "threads must be None or an int"),
+    (2, "torch", "threads applies to the onnxruntime backend, not to 'torch'"),
+])
+def test_a_bad_thread_count_or_one_for_another_backend_is_refused(exported, threads, backend, message):
+    path = exported[1] if backend == "onnxruntime" else exported[0]
+    with pytest.raises(InvalidArgumentError, match=message):
+        Segmenter(path, backend=backend, threads=threads)
+
+
+def test_a_closed_segmenter_says_so_and_closing_twice_is_harmless(exported):
+    image, boxes, labels, scores = _case("coffee", (64, 80), 1, seed=2)
+    with Segmenter(exported[1]) as segmenter:
+        segmenter.segment(image, boxes, labels, scores)
+    with pytest.raises(InvalidArgumentError, match=r"Segmenter\(.*\) is closed"):
+        segmenter.segment(image, boxes, labels, scores)
+    segmenter.close()
+
+
 def test_concurrent_calls_give_the_sequential_results(segmenters):
     onnx_seg = segmenters[0]
     cases = [_case("coffee", (96 + 8 * k, 128 - 4 * k), k, seed=k) for k in range(4)]
