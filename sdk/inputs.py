@@ -123,7 +123,8 @@ def _image_array(array: np.ndarray) -> np.ndarray:
     if array.dtype != np.uint8:
         raise InvalidArgumentError(
             f"image must be uint8 (0..255), got dtype {array.dtype}"
-            + ("; scale floats in 0..1 with (image * 255).round().astype(np.uint8)" if array.dtype.kind == "f" else "")
+            + ("; convert floats with (image * 255).round().astype(np.uint8) when they are in 0..1, "
+               "image.round().astype(np.uint8) when in 0..255" if array.dtype.kind == "f" else "")
         )
     if array.ndim == 2:
         array = array[:, :, None]

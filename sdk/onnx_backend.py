@@ -57,6 +57,8 @@ def _load(path: Path) -> onnx.ModelProto:
                                    "backend='torch'; `dynseg export` makes the .onnx)")
     if not path.is_file():
         raise InvalidArgumentError(f"model file {path} does not exist")
+    if path.stat().st_size == 0:  # onnx parses no bytes as an empty model
+        raise InvalidArgumentError(f"model file {path} is empty: export it again with `dynseg export`")
     try:
         return onnx.load(str(path))
     except Exception as error:  # protobuf's DecodeError and friends: the file is not (all of) a model

@@ -200,6 +200,9 @@ def test_files_that_are_not_dynseg_models_are_named(tmp_path, exported):
     truncated.write_bytes(exported[1].read_bytes()[:1000])
     with pytest.raises(InvalidArgumentError, match="truncated.onnx"):
         Segmenter(truncated)
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    with pytest.raises(InvalidArgumentError, match="empty.onnx is empty"):
+        Segmenter(tmp_path / "empty.onnx")
     plain = tmp_path / "plain.onnx"
     graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g",
                                    [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
