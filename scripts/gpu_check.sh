@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One command for a session with a GPU (issue 5): builds dynseg with its CUDA kernels, runs the GPU
-# tests, compute-sanitizer (memcheck, racecheck, synccheck) on a small forward and backward, the GPU
-# benchmark and, where Nsight Compute is installed, an analysis of the main kernels, and writes a
-# report. Under 5 minutes on an H100/H200 machine (the analysis is capped at 150 s).
+# tests and the TensorRT plugin's enqueue on the GPU (a stand-in for TensorRT, where TensorRT's
+# headers were carried along), compute-sanitizer (memcheck, racecheck, synccheck) on a small forward
+# and backward, the GPU benchmark and, where Nsight Compute is installed, an analysis of the main
+# kernels, and writes a report. Under 5 minutes on an H100/H200 machine (the analysis is capped at 150 s).
 #
 #   bash scripts/gpu_check.sh [REPORT_DIR]      (default: $OUT when set, else ./gpu_report)
 #
@@ -38,6 +39,21 @@ $PY -c "from dynseg.sdk import _native as n; print('native', n.native_version(),
 
 step "GPU tests"
 timeout 240 $PY -m pytest -q -rs -p no:cacheprovider tests/gpu tests/trainer/test_native_op.py 2>&1 | tee "$REPORT/tests.log" | tail -25
+
+step "the TensorRT plugin on the GPU, without TensorRT"
+# TensorRT's public headers cannot come from this machine's network: copy them on the CPU machine into
+# .ref/trt-headers/<version>/ (.ref is git-ignored; the device tool carries it), or set
+# DYNSEG_TENSORRT_HEADERS.
+if [ -z "${DYNSEG_TENSORRT_HEADERS:-}" ] && ls -d .ref/trt-headers/*/ >/dev/null 2>&1; then
+  DYNSEG_TENSORRT_HEADERS=$(ls -d "$PWD"/.ref/trt-headers/*/ | tr '\n' ':')
+  export DYNSEG_TENSORRT_HEADERS
+fi
+if [ -n "${DYNSEG_TENSORRT_HEADERS:-}" ]; then
+  timeout 120 $PY -m pytest -q -rs -p no:cacheprovider tests/cuda_emulation/test_emulated_plugin.py -k gpu 2>&1 \
+    | tee "$REPORT/plugin.log" | tail -8
+else
+  echo "skipped: no TensorRT headers (.ref/trt-headers/<version>/ or DYNSEG_TENSORRT_HEADERS)"
+fi
 
 step "compute-sanitizer memcheck"
 timeout 120 compute-sanitizer --tool memcheck --error-exitcode 1 $PY scripts/cuda_smoke.py >"$REPORT/memcheck.log" 2>&1

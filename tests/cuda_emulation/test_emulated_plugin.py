@@ -1,7 +1,9 @@
 """The TensorRT plugin run without TensorRT: tensorrt_harness.cpp calls its interfaces as TensorRT's
-builder and runtime do, compiled with the plugin against TensorRT's public headers into the library
-whose CUDA kernels emulator.py emulates on the CPU. Its outputs are held to the SDK's executor of the
-same node on the CPU kernels (`run_node`), and its refusals to the messages docs/tensorrt.md promises.
+builder and runtime do, compiled with the plugin against TensorRT's public headers, on two machines:
+"emulated", into the library whose CUDA kernels emulator.py emulates on the CPU (any machine), and
+"gpu", linked to the installed library's CUDA kernels, with every tensor in GPU memory (a machine with
+a GPU and torch's CUDA: scripts/gpu_check.sh). Its outputs are held to the SDK's executor of the same
+node on the CPU kernels (`run_node`), and its refusals to the messages docs/tensorrt.md promises.
 Needs TensorRT's headers (the `tensorrt_headers` fixture); TensorRT itself keeps the last word on how
 its parser and builder treat the plugin."""
 
@@ -9,7 +11,9 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import os
 import shutil
+import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -39,10 +43,12 @@ def _field(value: object) -> tuple[str, np.ndarray]:
     return ("int32", np.array([value], np.int32)) if isinstance(value, int) else ("float32", np.array([value], np.float32))
 
 
-class EmulatedTensorRT:
-    """The harness library through ctypes: create, build, plan and enqueue as TensorRT would."""
+class StandInTensorRT:
+    """The harness library through ctypes: create, build, plan and enqueue as TensorRT would; on the
+    GPU (gpu=True) enqueue's tensors and workspace live in device memory."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, gpu: bool = False):
+        self.gpu = gpu
         self.lib = ctypes.CDLL(str(path))
         p, i32, i64, s = ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_int64), ctypes.c_char_p
         for name, result, args in [
@@ -86,30 +92,92 @@ class EmulatedTensorRT:
         return {"result": result, "outputs": int(nb_outputs[0]), "output_types": output_types.tolist(),
                 "output_source": source.tolist(), "accepted": accepted.tolist(), "workspace": int(workspace[0])}
 
+    def _place(self, array: np.ndarray):
+        """The array where the plugin reads and writes it, and its address there."""
+        array = np.ascontiguousarray(array)
+        if not self.gpu:
+            return array, array.ctypes.data
+        import torch
+
+        on_gpu = torch.from_numpy(array).cuda()
+        return on_gpu, on_gpu.data_ptr()
+
     def enqueue(self, plugin: int, inputs: Sequence[np.ndarray], workspace_bytes: int) -> tuple[int, list[np.ndarray]]:
         inputs = [np.ascontiguousarray(a) for a in inputs]
         ranks = np.array([a.ndim for a in inputs], np.int32)
         extents = np.array([list(a.shape) + [0] * (8 - a.ndim) for a in inputs], np.int64)
         types = (ctypes.c_char_p * 10)(*[str(a.dtype).encode() for a in inputs])
-        logits = np.full(inputs[0].shape, np.nan, np.float32)
-        scores = np.full(inputs[7].shape, np.nan, np.float32)
-        workspace = np.zeros(max(workspace_bytes, 1), np.uint8)
-        pointers = (ctypes.c_void_p * 10)(*[a.ctypes.data for a in inputs])
-        outputs = (ctypes.c_void_p * 2)(logits.ctypes.data, scores.ctypes.data)
-        result = self.lib.harness_enqueue(plugin, ranks.ctypes.data, extents.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)),
-                                          types, pointers, outputs, workspace.ctypes.data)
-        return result, [logits, scores]
+        placed = [self._place(a) for a in inputs]
+        logits, scores = (self._place(np.full(inputs[i].shape, np.nan, np.float32)) for i in (0, 7))
+        workspace = self._place(np.zeros(max(workspace_bytes, 1), np.uint8))
+        pointers = (ctypes.c_void_p * 10)(*[address for _, address in placed])
+        outputs = (ctypes.c_void_p * 2)(logits[1], scores[1])
+        result = self.lib.harness_enqueue(plugin, ranks.ctypes.data,
+                                          extents.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)), types, pointers,
+                                          outputs, workspace[1])
+        if self.gpu:
+            import torch
+
+            torch.cuda.synchronize()
+            return result, [logits[0].cpu().numpy(), scores[0].cpu().numpy()]
+        return result, [logits[0], scores[0]]
 
 
-@pytest.fixture(scope="module")
-def tensorrt(tensorrt_headers, tmp_path_factory) -> EmulatedTensorRT:
+SOURCES = [ROOT / "plugins" / "tensorrt" / "mean_field_crf_plugin.cpp", HERE / "tensorrt_harness.cpp"]
+
+
+def _gpu_or_none() -> str | None:
+    """Why the GPU variant cannot run here, or None when it can."""
+    try:
+        import torch
+    except ImportError:
+        return "needs torch"
+    from dynseg.sdk import _native
+
+    if not torch.cuda.is_available() or not _native.cuda_compiled() or _native.cuda_device_count() < 1:
+        return "needs a GPU, torch's CUDA and dynseg's CUDA kernels"
+    if _cuda_root() is None:
+        return "needs the CUDA toolkit's include/ and lib64/ (CUDA_HOME)"
+    return None
+
+
+def _cuda_root() -> Path | None:
+    """The CUDA toolkit: $CUDA_HOME, $CUDA_PATH, /usr/local/cuda or where nvcc lies."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    if nvcc := shutil.which("nvcc"):
+        candidates.append(str(Path(nvcc).resolve().parents[1]))
+    return next((Path(c) for c in candidates if c and (Path(c) / "include" / "cuda_runtime_api.h").is_file()
+                 and (Path(c) / "lib64" / "libcudart_static.a").is_file()), None)
+
+
+def _build_for_gpu(headers: Path, out: Path) -> Path:
+    """The plugin and the harness linked to the installed library (its CUDA kernels), as
+    plugins/tensorrt/CMakeLists.txt links the plugin: against the static CUDA runtime."""
+    from dynseg.plugins import library_path
+
+    library, cuda = library_path(), _cuda_root()
+    command = ["g++", "-std=c++17", "-O1", "-fPIC", "-shared", "-w", *map(str, SOURCES),
+               f"-I{ROOT / 'plugins' / 'include'}", f"-I{ROOT / 'plugins' / 'tensorrt'}", f"-I{cuda / 'include'}",
+               f"-isystem{headers}", str(library), f"-Wl,-rpath,{library.parent}",
+               str(cuda / "lib64" / "libcudart_static.a"), "-ldl", "-lrt", "-pthread", "-o", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"building the harness for the GPU failed:\n{result.stderr[-4000:]}")
+    return out
+
+
+@pytest.fixture(scope="module", params=["emulated", "gpu"])
+def tensorrt(request, tensorrt_headers, tmp_path_factory) -> StandInTensorRT:
+    folder = tmp_path_factory.mktemp(f"plugin-{tensorrt_headers.name}-{request.param}")
+    if request.param == "gpu":
+        if (why := _gpu_or_none()) is not None:
+            pytest.skip(f"the plugin on a GPU {why}")
+        return StandInTensorRT(_build_for_gpu(tensorrt_headers, folder / "libdynseg_tensorrt_gpu.so"), gpu=True)
     if shutil.which("g++") is None:
         pytest.skip("the CUDA emulator needs g++")
-    out = tmp_path_factory.mktemp(f"plugin-{tensorrt_headers.name}") / "libdynseg_tensorrt_emulated.so"
-    emulator.build(ROOT, out, extra_sources=[ROOT / "plugins" / "tensorrt" / "mean_field_crf_plugin.cpp",
-                                             HERE / "tensorrt_harness.cpp"],
-                   include_dirs=[ROOT / "plugins" / "tensorrt", tensorrt_headers])
-    return EmulatedTensorRT(out)
+    out = emulator.build(ROOT, folder / "libdynseg_tensorrt_emulated.so", extra_sources=SOURCES,
+                         include_dirs=[ROOT / "plugins" / "tensorrt", tensorrt_headers])
+    return StandInTensorRT(out)
 
 
 def node_inputs(labels: int = 4, detections: int = 2, height: int = 19, width: int = 27, matrices: bool = False,
@@ -146,7 +214,7 @@ def profile(inputs: Sequence[np.ndarray], grow: int = 0) -> list[tuple]:
     return shapes
 
 
-def build_and_run(tensorrt: EmulatedTensorRT, fields: Mapping[str, object], inputs: Sequence[np.ndarray],
+def build_and_run(tensorrt: StandInTensorRT, fields: Mapping[str, object], inputs: Sequence[np.ndarray],
                   grow: int = 4) -> list[np.ndarray]:
     """The plugin from `fields` through a build for a profile around `inputs`, the plan and one enqueue."""
     types = [str(a.dtype) for a in inputs]
