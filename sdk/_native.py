@@ -562,7 +562,7 @@ def cuda_workspace(nbytes: int, device: int) -> CudaBuffer:
     Unlike host memory, device memory is committed whole: it holds the problem's worst case."""
     buffers = _local.__dict__.setdefault("cuda_buffers", {})
     buffer = buffers.get(device)
-    if not _fits(buffer and buffer.nbytes, nbytes):
+    if not _fits(None if buffer is None else buffer.nbytes, nbytes):
         buffers.pop(device, None)  # free the old one first
         buffer = buffers[device] = CudaBuffer(nbytes)
     return buffer

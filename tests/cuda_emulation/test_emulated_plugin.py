@@ -68,14 +68,15 @@ class StandInTensorRT:
     def log(self) -> str:
         return self.lib.harness_take_log().decode()
 
-    def create(self, fields: Mapping[str, object], phase: int = 0) -> int | None:
+    def create(self, fields: Mapping[str, object]) -> int | None:
+        """createPlugin in the build phase, as the ONNX parser calls it; None when the plugin refuses."""
         typed = [(name, *_field(value)) for name, value in fields.items()]
         strings = lambda values: (ctypes.c_char_p * len(values))(*[v.encode() for v in values])
         names, kinds = strings([t[0] for t in typed]), strings([t[1] for t in typed])
         data = (ctypes.c_void_p * len(typed))(*[d.ctypes.data for _, _, d in typed])
         # a string's length without its terminator, as TensorRT's ONNX parser passes it
         lengths = np.array([d.size - (k == "char") for _, k, d in typed], np.int32)
-        return self.lib.harness_create(b"crf", phase, len(typed), names, kinds, data, lengths.ctypes.data)
+        return self.lib.harness_create(b"crf", 0, len(typed), names, kinds, data, lengths.ctypes.data)
 
     def build(self, plugin: int, min_shapes: Sequence[tuple], opt_shapes: Sequence[tuple],
               max_shapes: Sequence[tuple], types: Sequence[str]) -> dict:
