@@ -415,8 +415,8 @@ bool Lattice::build(const FeatureSpec& spec, LatticeScratch& scratch, int thread
         int32_t key[kMaxFeatureDim];
         uint64_t probe[kBatch][2 * (kMaxFeatureDim + 1)];  // neighbour keys; kEmptySlot: cannot exist
         for (int64_t v0 = begin; v0 < end; v0 += kBatch) {
-            const int64_t count = std::min(kBatch, end - v0);
-            for (int64_t b = 0; b < count; ++b) {
+            const int64_t batch = std::min(kBatch, end - v0);
+            for (int64_t b = 0; b < batch; ++b) {
                 const uint64_t packed = vertex_key_[v0 + b];
                 packing.unpack(packed, key);
                 int at_low = 0, at_high = 0;  // coordinates that cannot step down / up by one
@@ -443,7 +443,7 @@ bool Lattice::build(const FeatureSpec& spec, LatticeScratch& scratch, int thread
                     if (ok2) table.prefetch(k2);
                 }
             }
-            for (int64_t b = 0; b < count; ++b) {
+            for (int64_t b = 0; b < batch; ++b) {
                 for (int j = 0; j <= d; ++j) {
                     const uint64_t k1 = probe[b][2 * j], k2 = probe[b][2 * j + 1];
                     const int32_t id1 = k1 != kEmptySlot ? table.find(k1) : -1;

@@ -170,10 +170,10 @@ dynseg_status dynseg_crf_forward_cuda_from_host(const dynseg_crf_problem* proble
     return guarded([&] {
         if (dynseg_status s = dynseg::validate(problem, /*read_arrays=*/true)) return s;
         if (!unary || !out) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "unary and out must not be NULL");
-        int count = 0;
-        if (cudaGetDeviceCount(&count) != cudaSuccess || device < 0 || device >= count) {
+        int devices = 0;
+        if (cudaGetDeviceCount(&devices) != cudaSuccess || device < 0 || device >= devices) {
             cudaGetLastError();
-            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "device must name one of the %d CUDA devices, got %d", count,
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "device must name one of the %d CUDA devices, got %d", devices,
                         device);
         }
         int previous = 0;
