@@ -132,6 +132,10 @@ def crf_node_count(model: onnx.ModelProto) -> int:
 
 # ---- (b) the optimisation profile -------------------------------------------------------------------
 
+MinOptMax = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+"""A graph input's (min, opt, max) shapes in an optimisation profile."""
+
+
 @dataclass(frozen=True)
 class Profile:
     """One optimisation profile: detections = (min, opt, max) D; sizes = (min, opt, max) image sizes,
@@ -140,15 +144,15 @@ class Profile:
     detections: tuple[int, int, int]
     sizes: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
-    def shapes(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    def shapes(self) -> dict[str, MinOptMax]:
         """The (min, opt, max) shape of each graph input: image (1, 3, H, W), boxes (D, 4), labels and
         scores (D,)."""
-        d = self.detections
+        (d0, d1, d2), (s0, s1, s2) = self.detections, self.sizes
         return {
-            "image": tuple((1, 3, h, w) for h, w in self.sizes),
-            "boxes": tuple((n, 4) for n in d),
-            "labels": tuple((n,) for n in d),
-            "scores": tuple((n,) for n in d),
+            "image": ((1, 3, *s0), (1, 3, *s1), (1, 3, *s2)),
+            "boxes": ((d0, 4), (d1, 4), (d2, 4)),
+            "labels": ((d0,), (d1,), (d2,)),
+            "scores": ((d0,), (d1,), (d2,)),
         }
 
     def to_json(self) -> dict:
@@ -186,15 +190,16 @@ def make_profile(detections: Sequence[int] = DEFAULT_DETECTIONS,
         )
     if len(sizes) != 3 or not all(len(s) == 2 and all(is_int(v, numpy=False) for v in s) for s in sizes):
         raise InvalidArgumentError(f"sizes must be three (H, W) pairs of ints (min, opt, max), got {sizes!r}")
-    sizes = tuple((int(h), int(w)) for h, w in sizes)
-    for (h, w), name in zip(sizes, ("minimum", "optimum", "maximum")):
+    (h0, w0), (h1, w1), (h2, w2) = ((int(h), int(w)) for h, w in sizes)
+    pairs = ((h0, w0), (h1, w1), (h2, w2))
+    for (h, w), name in zip(pairs, ("minimum", "optimum", "maximum")):
         if h < 1 or w < 1:
             raise InvalidArgumentError(f"the {name} image size must be at least 1x1, got {h}x{w}")
     for axis, name in ((0, "height"), (1, "width")):
-        values = [s[axis] for s in sizes]
+        values = [s[axis] for s in pairs]
         if not values[0] <= values[1] <= values[2]:
             raise InvalidArgumentError(f"the image {name} must satisfy min <= opt <= max, got {tuple(values)}")
-    height, width = sizes[2]
+    height, width = h2, w2
     if height * width > _MAX_PIXELS:
         raise InvalidArgumentError(
             f"the maximum image size {height}x{width} ({height * width} pixels) is too large for the CUDA kernels "
@@ -206,7 +211,7 @@ def make_profile(detections: Sequence[int] = DEFAULT_DETECTIONS,
             f"{height}x{width} pixels with up to {max(high + 1, labels or 0)} labels is too large for the CUDA "
             "kernels (pixels x labels must stay below 2^31): lower the maximum size or detections"
         )
-    return Profile((low, opt, high), sizes)  # type: ignore[arg-type]
+    return Profile((low, opt, high), pairs)
 
 
 # ---- (c) the sidecar -----------------------------------------------------------------------------------
@@ -450,7 +455,8 @@ def build_engine(onnx_path: str | Path, out_path: str | Path, *, fp16: bool = Fa
     onnx_copy = out_path.with_suffix(".trt.onnx")
     onnx.checker.check_model(trt_model)
     onnx.save(trt_model, str(onnx_copy))
-    plan = _build_plan(tensorrt, onnx_copy, crf_node_count(trt_model), library, profile, fp16, workspace)
+    plan = _build_plan(tensorrt, onnx_copy, crf_node_count(trt_model), library, profile, fp16,
+                       None if workspace is None else int(workspace))
     out_path.write_bytes(plan)
     write_sidecar(out_path, tensorrt_version=tensorrt.__version__, compute_capability=compute_capability(),
                   plugin_library=library, profile=profile, model_metadata=metadata, fp16=fp16)

@@ -262,7 +262,9 @@ def _check(status: int) -> None:
     raise NativeError(f"dynseg native library failed ({name}): {message}")
 
 
-_C_TYPES = {np.dtype(np.float32): ctypes.c_float, np.dtype(np.int64): ctypes.c_int64}
+_C_TYPES: dict[np.dtype, type[ctypes.c_float | ctypes.c_int64]] = {
+    np.dtype(np.float32): ctypes.c_float, np.dtype(np.int64): ctypes.c_int64,
+}
 
 
 def _pointer(array: np.ndarray | DeviceArray | None, dtype: type = np.float32):
@@ -553,8 +555,8 @@ _local = threading.local()
 _SHRINK_BELOW = 0.25
 
 
-def _fits(held: int | None, nbytes: int) -> bool:
-    return held is not None and _SHRINK_BELOW * held <= nbytes <= held
+def _fits(held: int, nbytes: int) -> bool:
+    return _SHRINK_BELOW * held <= nbytes <= held
 
 
 def cuda_workspace(nbytes: int, device: int) -> CudaBuffer:
@@ -562,7 +564,7 @@ def cuda_workspace(nbytes: int, device: int) -> CudaBuffer:
     Unlike host memory, device memory is committed whole: it holds the problem's worst case."""
     buffers = _local.__dict__.setdefault("cuda_buffers", {})
     buffer = buffers.get(device)
-    if not _fits(None if buffer is None else buffer.nbytes, nbytes):
+    if buffer is None or not _fits(buffer.nbytes, nbytes):
         buffers.pop(device, None)  # free the old one first
         buffer = buffers[device] = CudaBuffer(nbytes)
     return buffer
@@ -578,8 +580,8 @@ def cuda_stream(device: int) -> CudaStream:
 
 def _workspace(nbytes: int) -> np.ndarray:
     """This thread's host scratch buffer, reused across calls of similar sizes."""
-    buffer = getattr(_local, "buffer", None)
-    if not _fits(None if buffer is None else buffer.nbytes, nbytes):
+    buffer: np.ndarray | None = getattr(_local, "buffer", None)
+    if buffer is None or not _fits(buffer.nbytes, nbytes):
         _local.buffer = None  # free the old one first
         buffer = _local.buffer = _reserve(nbytes)
     return buffer

@@ -15,7 +15,7 @@ import errno
 import json
 import math
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, cast
 
 import typer
 from typer.core import TyperGroup
@@ -24,6 +24,12 @@ from . import __version__
 from .commands import quickstart as quickstart_job
 from .errors import INSTALL_TRAINER, DynsegError, InvalidArgumentError
 
+if TYPE_CHECKING:
+    from dynseg.trainer.backbones import BackboneName
+    from dynseg.trainer.train import TrainMode
+
+    from .segmenter import Backend
+
 __all__ = ["app"]
 
 
@@ -31,7 +37,7 @@ class _Commands(TyperGroup):
     """The commands, with a file or folder the system refused (an --out that cannot be created, a
     full disk) reported in one line instead of a traceback."""
 
-    def invoke(self, ctx: typer.Context) -> object:
+    def invoke(self, ctx):  # click's Context: typer 0.29 vendors click, older typers take click's own
         try:
             return super().invoke(ctx)
         except OSError as error:
@@ -223,16 +229,16 @@ def train(
                               image_size=image_size, num_classes=len(data.class_names) - 1, seed=seed + 1)
         held_out = torch.utils.data.Subset(held_out, range(min(held_out_images, len(held_out))))
     try:
-        model = build_model(ModelConfig(backbone=backbone, class_names=tuple(data.class_names[1:])),
-                            pretrained=pretrained)
+        config = ModelConfig(backbone=cast("BackboneName", backbone), class_names=tuple(data.class_names[1:]))
+        model = build_model(config, pretrained=pretrained)
     except ValueError as error:
         raise _fail(str(error)) from error
     typer.echo(f"training on {_describe(data, dataset, detections)}")
     try:
         fit(model, data, out_dir=out,
             semantic=TrainConfig(stage="semantic", steps=semantic_steps, learning_rate=learning_rate, seed=seed),
-            instance=TrainConfig(stage="instance", mode=mode, steps=instance_steps, learning_rate=learning_rate / 20,
-                                 seed=seed),
+            instance=TrainConfig(stage="instance", mode=cast("TrainMode", mode), steps=instance_steps,
+                                 learning_rate=learning_rate / 20, seed=seed),
             printer=typer.echo, live=sys.stdout.isatty(), held_out=held_out, eval_seed=seed + 1)
     except (DynsegError, OSError) as error:  # an annotation or image the dataset could not read
         raise _fail(str(error)) from error
@@ -309,7 +315,7 @@ def _segmenter(model: Path, backend: str, device: str):
     if backend not in BACKENDS:
         raise typer.BadParameter(f"{backend!r} is not one of {', '.join(BACKENDS)}", param_hint="--backend")
     try:
-        return Segmenter(model, backend=backend, device=device)
+        return Segmenter(model, backend=cast("Backend", backend), device=device)
     except DynsegError as error:
         raise _fail(str(error)) from error
 
@@ -366,7 +372,7 @@ def export(
         raise typer.BadParameter(f"{format!r} is not one of onnx, engine", param_hint="--format")
     engine_only = ("min_detections", "opt_detections", "min_size", "opt_size", "max_size", "fp16", "workspace")
     given = ["--" + name.replace("_", "-") for name in engine_only
-             if context.get_parameter_source(name).name == "COMMANDLINE"]
+             if (source := context.get_parameter_source(name)) is not None and source.name == "COMMANDLINE"]
     if format == "onnx" and given:  # an ONNX file has no profile: the options would be dropped silently
         raise typer.BadParameter(f"{', '.join(given)} shape a TensorRT engine: give --format engine, or leave them out",
                                  param_hint="--format")
@@ -479,7 +485,7 @@ def validate(
         else:
             pictures = [load_image(path) for path in images]
             if detections is None:
-                found = [generated_detections(*p.shape[:2], min(5, most), num_classes=classes, seed=i)
+                found = [generated_detections(p.shape[0], p.shape[1], min(5, most), num_classes=classes, seed=i)
                          for i, p in enumerate(pictures)]
             else:
                 found = read_detections(detections, images)

@@ -67,7 +67,9 @@ def read_coco_results(path: str | os.PathLike) -> list[Entry]:
 def detections_by_image(entries: Iterable[Entry], image_ids: Iterable[Hashable]) -> dict[Hashable, DetectorOutput]:
     """The entries of each of `image_ids` (empty arrays for ids without any), each sorted by descending
     score (file order among equal scores); entries of other images are ignored."""
-    wanted = {image_id: ([], [], []) for image_id in image_ids}
+    wanted: dict[Hashable, tuple[list[list[float]], list[int], list[float]]] = {
+        image_id: ([], [], []) for image_id in image_ids
+    }
     for image_id, label, box, score in entries:
         if image_id in wanted:
             boxes, labels, scores = wanted[image_id]
@@ -100,12 +102,13 @@ def _parse_entry(entry: object, where: str) -> Entry:
         raise InvalidArgumentError(f"{where}: category_id must be an int >= 1 (0 is background), got {category!r}")
     if not isinstance(bbox, list) or len(bbox) != 4 or not all(is_int(v) or isinstance(v, float) for v in bbox):
         raise InvalidArgumentError(f"{where}: bbox must be [x, y, w, h], four numbers, got {bbox!r}")
-    values = [finite_float32(v) for v in bbox]
-    if None in values:
+    values = [value for value in map(finite_float32, bbox) if value is not None]
+    if len(values) != 4:
         raise InvalidArgumentError(f"{where}: bbox must be finite float32 values, got {bbox!r}")
     x, y, w, h = values
     if w < 0 or h < 0:
         raise InvalidArgumentError(f"{where}: bbox has a negative size (w={w}, h={h})")
-    if finite_float32(score) is None:
+    finite_score = finite_float32(score)
+    if finite_score is None:
         raise InvalidArgumentError(f"{where}: score must be a finite float32 number, got {score!r}")
-    return image_id, category, [x, y, x + max(w - 1, 0.0), y + max(h - 1, 0.0)], float(score)
+    return image_id, int(category), [x, y, x + max(w - 1, 0.0), y + max(h - 1, 0.0)], finite_score

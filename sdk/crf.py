@@ -63,10 +63,10 @@ def check_iterations(iterations: object) -> int:
     return int_in("iterations", iterations, 0, 2**31 - 1)  # the library's int32
 
 
-def check_normalization(normalization: object) -> str:
-    if not isinstance(normalization, str) or normalization not in _native.NORMALIZATION:
-        raise InvalidArgumentError(f"normalization must be 'after' or 'symmetric', got {normalization!r}")
-    return str(normalization)
+def check_normalization(normalization: object) -> Normalization:
+    if isinstance(normalization, str) and normalization in _native.NORMALIZATION:
+        return "after" if normalization == "after" else "symmetric"  # a plain str, whatever str subclass came
+    raise InvalidArgumentError(f"normalization must be 'after' or 'symmetric', got {normalization!r}")
 
 
 def check_threads(threads: object) -> int:

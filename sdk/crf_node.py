@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import NamedTuple
+from typing import NamedTuple, cast, overload
 
 import numpy as np
 from onnx import NodeProto, helper
@@ -55,6 +55,10 @@ class CrfInputs(NamedTuple):
         return np.int64 if name == "labels" else np.float32
 
 
+@overload
+def _planes(array: np.ndarray) -> np.ndarray: ...
+@overload
+def _planes(array: _native.DeviceArray) -> _native.DeviceArray: ...
 def _planes(array: Array) -> Array:
     """A (1, C, H, W) tensor without its batch axis, (C, H, W), in the same memory."""
     if isinstance(array, _native.DeviceArray):
@@ -156,44 +160,45 @@ def _problem(inputs: CrfInputs, attributes: CrfAttributes, detection_scores: Arr
 
 def _check_shapes(inputs: CrfInputs) -> None:
     """The shapes docs/ops.md gives the node's inputs: the library reads as many values as they say."""
-    shapes = CrfInputs(*[tuple(int(n) for n in array.shape) for array in inputs])
-    unary, image = shapes.unary, shapes.image
+    shapes = {name: tuple(int(n) for n in array.shape) for name, array in zip(CrfInputs._fields, inputs)}
+    unary, image = shapes["unary"], shapes["image"]
     if len(unary) != 4 or unary[0] != 1:
         raise InvalidArgumentError(f"MeanFieldCRF's unary must be (1, L, H, W), got {unary}")
     if len(image) != 4 or image[0] != 1 or image[2:] != unary[2:]:
         raise InvalidArgumentError(f"MeanFieldCRF's image must be (1, C, {unary[2]}, {unary[3]}), got {image}")
     square = (unary[1], unary[1])
     for name in ("spatial_weight", "bilateral_weight"):
-        shape = getattr(shapes, name)
+        shape = shapes[name]
         if int(np.prod(shape)) != 1 and shape != square:
             raise InvalidArgumentError(f"MeanFieldCRF's {name} must be a scalar or {square}, got {shape}")
-    if int(np.prod(shapes.compatibility)) != 0 and shapes.compatibility != square:
-        raise InvalidArgumentError(f"MeanFieldCRF's compatibility must be {square} or empty, got "
-                                   f"{shapes.compatibility}")
-    boxes = shapes.boxes
-    if len(boxes) != 2 or boxes[1] != 4 or shapes.labels != boxes[:1] or shapes.scores != boxes[:1]:
+    compatibility = shapes["compatibility"]
+    if int(np.prod(compatibility)) != 0 and compatibility != square:
+        raise InvalidArgumentError(f"MeanFieldCRF's compatibility must be {square} or empty, got {compatibility}")
+    boxes, labels, scores = shapes["boxes"], shapes["labels"], shapes["scores"]
+    if len(boxes) != 2 or boxes[1] != 4 or labels != boxes[:1] or scores != boxes[:1]:
         raise InvalidArgumentError(f"MeanFieldCRF's boxes, labels and scores must be (D, 4), (D,), (D,), got "
-                                   f"{boxes}, {shapes.labels}, {shapes.scores}")
-    if int(np.prod(shapes.detection_x)) != 1 or int(np.prod(shapes.detection_y)) != 1:
+                                   f"{boxes}, {labels}, {scores}")
+    if int(np.prod(shapes["detection_x"])) != 1 or int(np.prod(shapes["detection_y"])) != 1:
         raise InvalidArgumentError(f"MeanFieldCRF's detection_x and detection_y must be scalars, got "
-                                   f"{shapes.detection_x}, {shapes.detection_y}")
+                                   f"{shapes['detection_x']}, {shapes['detection_y']}")
 
 
 def run_node(inputs: Sequence[np.ndarray], attributes: CrfAttributes,
              threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Runs one dynseg::MeanFieldCRF node on the CPU with `threads` threads (0: every core). inputs: the
     node's ten, as `CrfInputs` lists them. Returns the logits (1, L, H, W) and the detection scores (D,)."""
-    inputs = CrfInputs.of(inputs)
-    _check_shapes(inputs)
+    node = CrfInputs.of(inputs)
+    _check_shapes(node)
     arrays = CrfInputs(*[np.ascontiguousarray(a, dtype=CrfInputs.dtype(name))
-                         for name, a in zip(CrfInputs._fields, inputs)])
-    if arrays.unary.shape[1] == 1:  # one label: nothing to infer (docs/ops.md)
-        return arrays.unary.copy(), arrays.scores.copy()
-    detection_scores = arrays.scores.copy()
-    logits = _problem(arrays, attributes, detection_scores, threads).forward(_planes(arrays.unary))
+                         for name, a in zip(CrfInputs._fields, node)])
+    unary, scores = cast(np.ndarray, arrays.unary), cast(np.ndarray, arrays.scores)  # numpy's, as just made
+    if unary.shape[1] == 1:  # one label: nothing to infer (docs/ops.md)
+        return unary.copy(), scores.copy()
+    detection_scores = scores.copy()
+    logits = _problem(arrays, attributes, detection_scores, threads).forward(_planes(unary))
     if not np.isfinite(logits).all():  # finite inputs whose messages overflowed float32 on the way
         cause = ("the detection scores (largest |score| "
-                 f"{np.abs(arrays.scores).max():.3g}) or " if _adds_detection_potential(arrays, attributes) else "")
+                 f"{np.abs(scores).max():.3g}) or " if _adds_detection_potential(arrays, attributes) else "")
         raise InvalidArgumentError(f"MeanFieldCRF's logits overflowed float32: {cause}the model's CRF weights are "
                                    "too large")
     return logits[None], detection_scores
@@ -205,17 +210,17 @@ def run_node_cuda(inputs: Sequence[_native.DeviceArray], attributes: CrfAttribut
     inputs as `run_node`'s (float32, labels int64, C-contiguous; the caller checked the dtypes),
     the outputs written into `logits` (1, L, H, W) and `detection_scores` (D,). Runs on this thread's
     stream and returns once the stream has finished (the lattices' check needs that)."""
-    inputs = CrfInputs.of(inputs)
-    _check_shapes(inputs)
-    unary, scores = inputs.unary, inputs.scores
+    node = CrfInputs.of(inputs)
+    _check_shapes(node)
+    unary, scores = cast(_native.DeviceArray, node.unary), cast(_native.DeviceArray, node.scores)  # as the caller's
     _native.set_cuda_device(device)
     if unary.shape[1] == 1:  # one label: nothing to infer (docs/ops.md)
         _native.copy_on_device(logits.pointer, unary.pointer, 4 * unary.size)
         _native.copy_on_device(detection_scores.pointer, scores.pointer, 4 * scores.size)
         return
-    if not _adds_detection_potential(inputs, attributes):  # the scores pass through
+    if not _adds_detection_potential(node, attributes):  # the scores pass through
         _native.copy_on_device(detection_scores.pointer, scores.pointer, 4 * scores.size)
-    problem = _problem(inputs, attributes, detection_scores)
+    problem = _problem(node, attributes, detection_scores)
     nbytes = problem.workspace_size_cuda(_native.Pass.FORWARD)
     workspace = _native.cuda_workspace(nbytes, device)
     problem.forward_cuda(_planes(unary), _planes(logits), workspace.pointer, nbytes,

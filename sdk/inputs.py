@@ -21,7 +21,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Union
+from typing import NamedTuple, TypeGuard, Union
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -43,7 +43,7 @@ OUTSIDE = "box wholly outside the image"
 # -------------------------------------------------------------------------------------------- numbers
 
 
-def is_int(value: object, *, numpy: bool = True) -> bool:
+def is_int(value: object, *, numpy: bool = True) -> TypeGuard[int | np.integer]:
     """Whether `value` is an int and not a bool: True is an int to isinstance, and JSON's true parses as
     one, but no count or id is ever True. numpy=False refuses numpy's integers too, for values that are
     written to JSON as they are (json cannot write np.int64)."""
@@ -182,7 +182,7 @@ def _read_image_file(path: Path) -> np.ndarray:
 class DroppedDetection(NamedTuple):
     """A detection the SDK did not pass to the model: its index in the caller's input, and why."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # the field shadows tuple.index by design: it is the detection's index
     reason: str
 
 

@@ -214,10 +214,11 @@ def _run_crf(step: _CrfNode, inputs: list[ort.OrtValue], placement: _Placement,
     if placement.device_type == "cpu":
         logits, scores = run_node([value.numpy() for value in inputs], step.attributes, threads or 0)
         return [placement.put(logits), placement.put(scores)]
-    arrays = CrfInputs.of([_native_view(value, name, CrfInputs.dtype(input_name))
-                           for input_name, name, value in zip(CrfInputs._fields, step.inputs, inputs)])
+    views = [_native_view(value, name, CrfInputs.dtype(input_name))
+             for input_name, name, value in zip(CrfInputs._fields, step.inputs, inputs)]
+    arrays = CrfInputs.of(views)
     logits, scores = placement.empty(arrays.unary.shape), placement.empty(arrays.scores.shape)
-    run_node_cuda(arrays, step.attributes, _native_view(logits, step.outputs[0], np.float32),
+    run_node_cuda(views, step.attributes, _native_view(logits, step.outputs[0], np.float32),
                   _native_view(scores, step.outputs[1], np.float32), placement.device_id)
     return [logits, scores]
 

@@ -185,13 +185,14 @@ def build_result(
     instances = []
     for number, label in enumerate(present, start=1):
         class_id = int(detections.labels[label - 1])
+        x1, y1, x2, y2 = (int(v) for v in boxes[number - 1])
         instances.append(Instance(
             id=number,
             class_id=class_id,
             class_name=str(class_names[class_id - 1]),
             score=float(sums[label] / pixels[label]),
             detection=int(detections.kept[label - 1]),
-            box=tuple(int(v) for v in boxes[number - 1]),
+            box=(x1, y1, x2, y2),
             instance_map=instance_map,
         ))
     no_pixels = [DroppedDetection(int(detections.kept[label - 1]), "its instance won no pixel")
@@ -213,7 +214,7 @@ def _argmax_planes(planes: np.ndarray, dtype: type = np.intp) -> np.ndarray:
     """np.argmax(planes, axis=0) for finite (L, H, W) planes (ties to the lowest label), plane by plane:
     contiguous passes instead of numpy's strided reduction over axis 0 (2-3x faster at 512x512)."""
     best = planes[0].copy()
-    index = np.zeros(planes.shape[1:], dtype)
+    index: np.ndarray = np.zeros(planes.shape[1:], dtype)
     for label in range(1, planes.shape[0]):
         larger = np.greater(planes[label], best)  # strict: a tie keeps the lower label
         np.copyto(best, planes[label], where=larger)

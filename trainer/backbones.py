@@ -479,8 +479,8 @@ class FCN8sHead(nn.Module):
         self.score_pool4 = nn.Conv2d(in_channels[1], num_classes, 1)
         self.score_fr = nn.Conv2d(in_channels[2], num_classes, 1)
         for conv in (self.score_pool3, self.score_pool4, self.score_fr):
-            nn.init.zeros_(conv.weight)
-            nn.init.zeros_(conv.bias)
+            for parameter in conv.parameters():  # weight and bias
+                nn.init.zeros_(parameter)
 
     def forward(self, features: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         """(pool3, pool4, fc7) → (B, num_classes, pool3's h, w)."""

@@ -237,20 +237,22 @@ def _ap_r(images: list[_Image], num_classes: int, protocol: str) -> dict[float, 
     if not images:
         return {tau: math.nan for tau in AP_R_THRESHOLDS}
     thresholds = np.asarray(AP_R_THRESHOLDS)  # (T,)
-    labels, scores, correct = [], [], []
+    label_parts: list[np.ndarray] = []
+    score_parts: list[np.ndarray] = []
+    correct_parts: list[np.ndarray] = []
     gt_count = np.zeros(num_classes + 1, dtype=np.int64)
     for image in images:
         np.add.at(gt_count, image.gt_labels, 1)
         same_class = image.pred_labels[:, None] == image.gt_labels[None, :]  # (N, M)
         if protocol == "original":
             best = np.where(same_class, image.iou(remove_void=True), 0.0).max(axis=1, initial=0.0)  # (N,)
-            correct.append(best[None, :] > thresholds[:, None])  # (T, N)
+            correct_parts.append(best[None, :] > thresholds[:, None])  # (T, N)
         else:
-            correct.append(_voc_true_positives(image, same_class, thresholds))
-        labels.append(image.pred_labels)
-        scores.append(image.pred_scores)
-    labels, scores = np.concatenate(labels), np.concatenate(scores)
-    correct = np.concatenate(correct, axis=1)  # (T, N_total)
+            correct_parts.append(_voc_true_positives(image, same_class, thresholds))
+        label_parts.append(image.pred_labels)
+        score_parts.append(image.pred_scores)
+    labels, scores = np.concatenate(label_parts), np.concatenate(score_parts)
+    correct = np.concatenate(correct_parts, axis=1)  # (T, N_total)
     average_precision = _voc_average_precision if protocol == "voc" else _original_average_precision
 
     per_class = []  # (T,) for every class with ground truth
@@ -356,8 +358,9 @@ def _panoptic_quality(images: list[_Image], num_classes: int) -> float:
 
 def _coco_mask_ap(images: list[_Image], num_classes: int) -> float:
     n_thresholds = len(COCO_IOU_THRESHOLDS)
-    scores = [[] for _ in range(num_classes + 1)]  # per class, per image: (D,) in score order
-    matched = [[] for _ in range(num_classes + 1)]  # per class, per image: bool (T, D)
+    # per class, per image: the scores (D,) in score order, and which IoU thresholds each matches, bool (T, D)
+    scores: list[list[np.ndarray]] = [[] for _ in range(num_classes + 1)]
+    matched: list[list[np.ndarray]] = [[] for _ in range(num_classes + 1)]
     gt_count = np.zeros(num_classes + 1, dtype=np.int64)
     for image in images:
         iou_all = image.iou(remove_void=True)  # (N, M)

@@ -72,8 +72,8 @@ def matched_ground_truth(
         for d, m in pairs:
             target[gt_masks[m]] = d + 1
             matched[m] = True
-    for m in np.flatnonzero(~matched.numpy()):
-        target[gt_masks[int(m)]] = IGNORE  # a ground-truth instance no detection explains
+    for unmatched in np.flatnonzero(~matched.numpy()):
+        target[gt_masks[int(unmatched)]] = IGNORE  # a ground-truth instance no detection explains
     if void is not None:
         target[void] = IGNORE
     return target.to(device)

@@ -47,7 +47,7 @@ from . import distributed, fields
 from .data import VOID
 from .boxes import mask_boxes
 from .checkpoint import save_checkpoint
-from .data.detections import simulate_detections
+from .data.detections import Detections, simulate_detections
 from .data.sources import inside_image
 from .evaluation import evaluate_each, json_ready
 from .loss import instance_loss, semantic_loss
@@ -55,10 +55,14 @@ from .model import DynamicallyInstantiatedNetwork, check_detections
 from .progress import stage_progress
 
 
+TrainMode = Literal["piecewise", "end-to-end"]
+"""Stage 2 with the semantic part frozen (the paper's piecewise training) or trained with it."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     stage: Literal["semantic", "instance"] = "semantic"
-    mode: Literal["piecewise", "end-to-end"] = "piecewise"  # stage 2 only
+    mode: TrainMode = "piecewise"  # stage 2 only
     steps: int = 200
     batch_size: int = 4  # stage 1; stage 2 uses one image per step
     learning_rate: float = 0.01
@@ -113,7 +117,7 @@ def augment(sample: dict, config: TrainConfig, rng: np.random.Generator) -> dict
     semantic = torch.from_numpy(np.asarray(sample["semantic"], dtype=np.int64))[None, None].float()
     masks = torch.from_numpy(sample["masks"]).float()[None]  # (1, M, H, W)
     scale = rng.uniform(*config.scale_range)
-    size = [max(8, round(s * scale)) for s in image.shape[-2:]]
+    size = (max(8, round(image.shape[-2] * scale)), max(8, round(image.shape[-1] * scale)))
     # align_corners=True maps pixel x to x * (w' - 1) / (w - 1): the boxes follow the same map
     factors = [(new - 1) / max(old - 1, 1) for new, old in zip(size, image.shape[-2:])]
     image = F.interpolate(image, size=size, mode="bilinear", align_corners=True)
@@ -132,7 +136,7 @@ def augment(sample: dict, config: TrainConfig, rng: np.random.Generator) -> dict
     masks = masks[0] > 0.5
     keep = masks.flatten(1).any(1)  # instances the crop kept
     masks = masks[keep]
-    out = {
+    out: dict = {
         "image": image[0],  # (3, H, W) float 0..255
         "semantic": semantic[0, 0].long(),
         "masks": masks,
@@ -144,15 +148,16 @@ def augment(sample: dict, config: TrainConfig, rng: np.random.Generator) -> dict
     return out
 
 
-def _move_boxes(detections: dict, factors: list[float], offset: tuple[int, int], size: tuple[int, int],
-                mirrored: bool) -> dict:
+def _move_boxes(detections: Detections, factors: list[float], offset: tuple[int, int], size: tuple[int, int],
+                mirrored: bool) -> Detections:
     """Detections (boxes (D, 4) xyxy inclusive) through augment's scale (y, x factors), crop (y0, x0
     offset, (h, w) size) and mirror; the boxes come out as the pixels they cover (`inside_image`), so
     the mirror maps pixel columns onto pixel columns."""
     height, width = size
     boxes = detections["boxes"].astype(np.float32).reshape(-1, 4)
     boxes = boxes * np.array([factors[1], factors[0]] * 2, np.float32) - np.array([offset[1], offset[0]] * 2, np.float32)
-    moved = inside_image({**detections, "boxes": boxes}, height, width)
+    scaled = Detections(boxes=boxes, labels=detections["labels"], scores=detections["scores"])
+    moved = inside_image(scaled, height, width)
     if mirrored:
         boxes = moved["boxes"]
         moved["boxes"] = np.stack([width - 1 - boxes[:, 2], boxes[:, 1], width - 1 - boxes[:, 0], boxes[:, 3]], axis=1)
@@ -220,7 +225,7 @@ def train(
         start = int(state["step"])
     device = next(model.parameters()).device
     _training_modes(model, config)
-    objective = _Objective(model, config)
+    objective: nn.Module = _Objective(model, config)
     if torch.distributed.is_initialized():
         # Unused parameters: stage 1 leaves the instance part alone, and an image without detections
         # skips the instance CRF. Those unused everywhere keep grad None, as in one process.
@@ -255,23 +260,25 @@ def train(
                      "lr": learning_rate(config, step), "seconds": time.perf_counter() - began}
             log.append(entry)
             epoch_losses.append(global_loss)
-            if not main:
+            if log_file is None or epoch_file is None:  # a process other than the main one: no logs
                 continue
             log_file.write(json.dumps(entry) + "\n")
             progress.update(step + 1, global_loss)
             if (step + 1) % steps_per_epoch == 0 or step + 1 == config.steps:
-                record = {"stage": config.stage, "epoch": -(-(step + 1) // steps_per_epoch), "step": step + 1,
-                          "images": (step + 1) * images_per_step, "loss": float(np.mean(epoch_losses)),
-                          "lr": entry["lr"], "images_per_s": progress.rates(step + 1)[0],
-                          "seconds": time.perf_counter() - began}
+                record: dict[str, object] = {
+                    "stage": config.stage, "epoch": -(-(step + 1) // steps_per_epoch), "step": step + 1,
+                    "images": (step + 1) * images_per_step, "loss": float(np.mean(epoch_losses)),
+                    "lr": entry["lr"], "images_per_s": progress.rates(step + 1)[0],
+                    "seconds": time.perf_counter() - began,
+                }
                 epoch_losses = []
                 if held_out is not None:
-                    record["held_out"] = evaluate_each(predict_each(model, held_out, seed=eval_seed),
-                                                       num_classes=model.config.num_classes)
+                    scores = evaluate_each(predict_each(model, held_out, seed=eval_seed),
+                                           num_classes=model.config.num_classes)
+                    record["held_out"] = scores
                     _training_modes(model, config)
                     progress.note(f"[{config.stage}] epoch {record['epoch']}: held-out AP^r_vol "
-                                  f"{record['held_out']['ap_r_vol']:.3f}, Matching IoU "
-                                  f"{record['held_out']['matching_iou']:.3f}")
+                                  f"{scores['ap_r_vol']:.3f}, Matching IoU {scores['matching_iou']:.3f}")
                 epoch_file.write(json.dumps(json_ready(record), allow_nan=False) + "\n")
                 epoch_file.flush()
     progress.close()
@@ -443,8 +450,8 @@ def held_out(dataset, *, seed: int, num_classes: int):
         sample = dataset[index]
         image = torch.from_numpy(sample["image"]).permute(2, 0, 1).float()
         detections = sample.get("detections") or simulate_detections(
-            sample["boxes"], sample["labels"], image_size=image.shape[1:], rng=np.random.default_rng([seed, index]),
-            num_classes=num_classes)
+            sample["boxes"], sample["labels"], image_size=(image.shape[1], image.shape[2]),
+            rng=np.random.default_rng([seed, index]), num_classes=num_classes)
         truth = {"masks": sample["masks"], "labels": sample["labels"], "void": sample["semantic"] == VOID}
         yield image, {k: torch.from_numpy(detections[k]) for k in ("boxes", "labels", "scores")}, truth
 

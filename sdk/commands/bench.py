@@ -51,7 +51,7 @@ def bench_image(height: int, width: int) -> np.ndarray:
     from .. import samples
 
     with Image.open(samples.path("coffee")) as photo:
-        return np.array(photo.convert("RGB").resize((width, height), Image.BILINEAR))
+        return np.array(photo.convert("RGB").resize((width, height), Image.Resampling.BILINEAR))
 
 
 def _time_case(segmenter: Segmenter, name: str, image: np.ndarray, dets: ImageDetections, repeats: int) -> BenchRow:

@@ -123,5 +123,6 @@ def sample_cases(num_classes: int, max_detections: int) -> list[tuple[str, np.nd
     for seed, name in enumerate(samples.NAMES):
         image = samples.load(name)
         count = min(SAMPLE_DETECTION_COUNTS[name], max_detections)
-        cases.append((name, image, generated_detections(*image.shape[:2], count, num_classes=num_classes, seed=seed)))
+        height, width = image.shape[:2]
+        cases.append((name, image, generated_detections(height, width, count, num_classes=num_classes, seed=seed)))
     return cases

@@ -27,7 +27,7 @@ import numpy as np
 from ..errors import InvalidArgumentError
 from ..results import SegmentationResult
 from ..segmenter import Segmenter
-from .images import check_detection_counts
+from .images import ImageDetections, check_detection_counts
 
 PROBABILITY_ATOL = 1e-4
 SEMANTIC_ATOL = 1e-3
@@ -84,7 +84,7 @@ class ParityReport:
 
     def worst(self) -> list[Check]:
         """Per check name, the worst value over the images (what the model actually needed)."""
-        out = {}
+        out: dict[str, Check] = {}
         for image in self.images:
             for check in image.checks:
                 best = out.get(check.name)
@@ -153,14 +153,15 @@ def check_same_model(exported: Segmenter, reference: Segmenter) -> None:
                                    f"{reference.path} has {list(reference.class_names)}: not the same model")
     # Two models of one architecture and classes can agree on images neither recognises anything in,
     # so the weights must be the same ones, not merely compatible.
-    if exported.weights_fingerprint not in (None, reference.weights_fingerprint):
+    found, expected = exported.weights_fingerprint, reference.weights_fingerprint
+    if found is not None and found != expected:
+        held = "none recorded" if expected is None else f"{expected[:12]}..."
         raise InvalidArgumentError(f"model {exported.path} was exported from other weights than checkpoint "
-                                   f"{reference.path} holds (weights sha256 {exported.weights_fingerprint[:12]}... "
-                                   f"vs {reference.weights_fingerprint[:12]}...): compare it with the "
-                                   "checkpoint it was exported from")
+                                   f"{reference.path} holds (weights sha256 {found[:12]}... vs {held}): compare it "
+                                   "with the checkpoint it was exported from")
 
 
-def validate(exported: Segmenter, reference: Segmenter, cases: Iterable[tuple[str, np.ndarray, object]], *,
+def validate(exported: Segmenter, reference: Segmenter, cases: Iterable[tuple[str, np.ndarray, ImageDetections]], *,
              on_image: Callable[[ImageParity], object] | None = None) -> ParityReport:
     """Runs the exported model (an onnxruntime Segmenter) and the checkpoint (a torch Segmenter on the
     CPU, the reference) on each (name, (H, W, 3) uint8 image, detections with boxes, labels, scores)

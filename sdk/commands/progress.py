@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 
 class ProgressClock:
@@ -43,11 +44,13 @@ class LiveBar:
 
         self._bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
                              TextColumn(text + "  {task.fields[rate]}"), console=console)
-        self._task = self._bar.add_task(label, total=total, completed=completed, rate="- images/s  eta -", **fields)
+        values: dict[str, Any] = {"rate": "- images/s  eta -", **fields}  # rich's task fields
+        self._task = self._bar.add_task(label, total=total, completed=completed, **values)
         self._bar.start()
 
     def update(self, completed: int, rate: str, **fields: str) -> None:
-        self._bar.update(self._task, completed=completed, rate=rate, **fields)
+        values: dict[str, Any] = {"rate": rate, **fields}
+        self._bar.update(self._task, completed=completed, **values)
 
     def print(self, text: str) -> None:
         """A line above the bar, printed as it is (no rich markup)."""

@@ -97,13 +97,13 @@ def run(out: str | Path, *, steps: int = DEFAULT_STEPS, seed: int = 0, printer: 
     model_path = export_onnx(model, out / "model.onnx")
 
     # Cases for the last two steps: held-out scenes with simulated detections, and the photo.
-    cases = []
+    cases: list[tuple[str, np.ndarray, ImageDetections]] = []
     for index in range(SEGMENTED_SCENES):
         sample = held_out[index]
-        dets = simulate_detections(sample["boxes"], sample["labels"], image_size=sample["image"].shape[:2],
-                                   rng=np.random.default_rng([seed + 1, index]), num_classes=NUM_CLASSES)
-        cases.append((f"scene_{index}", sample["image"], ImageDetections(index, dets["boxes"], dets["labels"],
-                                                                         dets["scores"])))
+        simulated = simulate_detections(sample["boxes"], sample["labels"], image_size=sample["image"].shape[:2],
+                                        rng=np.random.default_rng([seed + 1, index]), num_classes=NUM_CLASSES)
+        cases.append((f"scene_{index}", sample["image"], ImageDetections(index, simulated["boxes"],
+                                                                         simulated["labels"], simulated["scores"])))
     from .. import samples
 
     cases.append((PHOTO, samples.load(PHOTO), ImageDetections(PHOTO, PHOTO_BOXES, PHOTO_LABELS, PHOTO_SCORES)))

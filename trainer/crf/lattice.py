@@ -81,14 +81,14 @@ class PermutohedralLattice:
                 f"features out of range for the lattice: scaled features reach {largest:g}, beyond what "
                 f"float lattice keys resolve (2^22 / {2 * d}); a kernel's theta is too small for this image"
             )
-        elevated = [None] * (d + 1)
+        elevated = []  # coordinates d, d-1, ..., 0
         sm = torch.zeros(n_points, dtype=dtype, device=device)
         for j in range(d, 0, -1):
             cf = cf_all[:, j - 1]
-            elevated[j] = sm - cf * float(j)
+            elevated.append(sm - cf * float(j))
             sm = sm + cf
-        elevated[0] = sm
-        elevated_t = torch.stack(elevated, dim=1)  # (N, d+1)
+        elevated.append(sm)
+        elevated_t = torch.stack(elevated[::-1], dim=1)  # (N, d+1)
 
         # Nearest remainder-0 lattice point; torch.round is half-to-even like the SSE build.
         v = torch.round(elevated_t * inv_dp1)

@@ -28,20 +28,18 @@ __all__ = ["GaussianKernel", "mean_field_native", "dense_crf_native"]
 GaussianKernel = tuple[float, float, Union[float, Tensor]]
 
 
-def _numpy(tensor: Tensor | None) -> np.ndarray | None:
-    if tensor is None:
-        return None
+def _numpy(tensor: Tensor) -> np.ndarray:
     return np.ascontiguousarray(tensor.detach().to("cpu", torch.float32).numpy())
 
 
-def _device_array(tensor: Tensor | None) -> _native.DeviceArray | None:
-    return None if tensor is None else _native.DeviceArray.of(tensor, "a CRF tensor")
+def _device_array(tensor: Tensor) -> _native.DeviceArray:
+    return _native.DeviceArray.of(tensor, "a CRF tensor")
 
 
 def _problem(
     unary: Tensor, image: Tensor | None, theta_xy: list[float], theta_color: list[float], weights: list[Tensor],
     compat: Tensor | None, normalization: str, iterations: int, threads: int,
-    array: Callable[[Tensor | None], np.ndarray | _native.DeviceArray | None] = _numpy,
+    array: Callable[[Tensor], np.ndarray | _native.DeviceArray] = _numpy,
 ) -> _native.Problem:
     """The op's native problem, logits out; `array` hands the library each tensor (`_numpy` for a CPU
     call, `_device_array` for a CUDA call, whose tensors must then be float32, contiguous and on the device)."""
@@ -51,8 +49,8 @@ def _problem(
         for t, c, w in zip(theta_xy, theta_color, weights)
     ]
     return _native.Problem(
-        num_labels, height, width, array(image), kernels,
-        compat=array(compat), normalization=normalization, iterations=iterations,
+        num_labels, height, width, None if image is None else array(image), kernels,
+        compat=None if compat is None else array(compat), normalization=normalization, iterations=iterations,
         output=_native.Output.LOGITS, threads=threads,
     )
 
@@ -147,8 +145,9 @@ def _backward_cuda(ctx, grad_logits):
                        if compat is not None and ctx.needs_input_grad[5] else None)
         call.problem.backward_cuda(
             _device_array(call.unary), _device_array(grad), _device_array(grad_unary),
-            [_device_array(g.reshape(-1) if g is not None and g.numel() == 1 else g) for g in grad_weights],
-            _device_array(grad_compat), call.workspace.data_ptr(), call.nbytes, call.stream,
+            [None if g is None else _device_array(g.reshape(-1) if g.numel() == 1 else g) for g in grad_weights],
+            None if grad_compat is None else _device_array(grad_compat),
+            call.workspace.data_ptr(), call.nbytes, call.stream,
         )
     check_overflow(all(bool(torch.isfinite(g).all()) for g in (grad_unary, *grad_weights, grad_compat)
                        if g is not None), "gradients")

@@ -217,7 +217,8 @@ def _compressed_runs(counts: str) -> list[int] | None:
     Each run is a little-endian base-32 number of characters 48 + (5 bits | 0x20 when more follow), sign-extended
     from its last 5 bits; from the third run on, it is stored as the difference to the run two before.
     """
-    runs, value, shift = [], 0, 0
+    runs: list[int] = []
+    value, shift = 0, 0
     for char in counts:
         code = ord(char) - 48
         if not 0 <= code < 64:

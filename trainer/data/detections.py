@@ -251,22 +251,28 @@ def _duplicate_box(rng: np.random.Generator, box: np.ndarray, height: int, width
 
 def _background_box(rng: np.random.Generator, gt_boxes: np.ndarray, height: int, width: int) -> np.ndarray:
     """A box sized like the image's objects, placed where it overlaps them least (of a few tries)."""
-    best, best_overlap = None, math.inf
-    for _ in range(_BACKGROUND_TRIES):
-        if len(gt_boxes):
-            _, _, w, h = _extent(gt_boxes[int(rng.integers(len(gt_boxes)))])
-            w, h = w * rng.uniform(0.6, 1.4), h * rng.uniform(0.6, 1.4)
-        else:
-            w, h = width * rng.uniform(0.1, 0.4), height * rng.uniform(0.1, 0.4)
-        w, h = min(max(w, 2.0), width), min(max(h, 2.0), height)
-        x1, y1 = rng.uniform(0, width - w), rng.uniform(0, height - h)
-        box = np.array([x1, y1, x1 + w - 1, y1 + h - 1])
-        overlap = max((_iou(box, g) for g in gt_boxes), default=0.0)
+    best, best_overlap = _background_try(rng, gt_boxes, height, width)
+    for _ in range(_BACKGROUND_TRIES - 1):
+        if best_overlap < _BACKGROUND_MAX_IOU:
+            break
+        box, overlap = _background_try(rng, gt_boxes, height, width)
         if overlap < best_overlap:
             best, best_overlap = box, overlap
-        if overlap < _BACKGROUND_MAX_IOU:
-            break
     return best
+
+
+def _background_try(rng: np.random.Generator, gt_boxes: np.ndarray, height: int,
+                    width: int) -> tuple[np.ndarray, float]:
+    """One random placement for _background_box, and its largest IoU with the ground truth."""
+    if len(gt_boxes):
+        _, _, w, h = _extent(gt_boxes[int(rng.integers(len(gt_boxes)))])
+        w, h = w * rng.uniform(0.6, 1.4), h * rng.uniform(0.6, 1.4)
+    else:
+        w, h = width * rng.uniform(0.1, 0.4), height * rng.uniform(0.1, 0.4)
+    w, h = min(max(w, 2.0), width), min(max(h, 2.0), height)
+    x1, y1 = rng.uniform(0, width - w), rng.uniform(0, height - h)
+    box = np.array([x1, y1, x1 + w - 1, y1 + h - 1])
+    return box, max((_iou(box, g) for g in gt_boxes), default=0.0)
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:

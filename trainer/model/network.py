@@ -35,12 +35,12 @@ from .semantic_crf import SemanticCRF, SemanticCRFConfig
 class ModelConfig:
     """Everything needed to rebuild a network; saved as JSON next to its weights."""
 
-    backbone: str = "resnet18"
+    backbone: BackboneName = "resnet18"
     class_names: tuple[str, ...] = ("object",)
     semantic_crf: SemanticCRFConfig | None = field(default_factory=SemanticCRFConfig)
     instance: InstanceConfig = field(default_factory=InstanceConfig)
-    mean: tuple[float, float, float] = tuple(IMAGENET_MEAN)  # of RGB in 0..1, as the backbone expects
-    std: tuple[float, float, float] = tuple(IMAGENET_STD)
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # of RGB in 0..1, as the backbone expects
+    std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self) -> None:
         fields.choices(self, "backbone", get_args(BackboneName))
@@ -104,13 +104,16 @@ def check_detections(
         listed = "; ".join(f"{dropped.index}: {dropped.reason}" for dropped in checked.dropped)
         raise InvalidArgumentError(f"boxes must lie at least partly inside the {width}x{height} image and not be "
                                    f"inverted, got {listed}")
-    return tuple(torch.from_numpy(array).to(boxes.device)
-                 for array in (checked.boxes, checked.labels, checked.scores))
+    return (torch.from_numpy(checked.boxes).to(boxes.device), torch.from_numpy(checked.labels).to(boxes.device),
+            torch.from_numpy(checked.scores).to(boxes.device))
 
 
 class DynamicallyInstantiatedNetwork(nn.Module):
     """Image and detections in, semantic and instance segmentations out (one image at a time: D
     differs per image)."""
+
+    mean: Tensor  # (1, 3, 1, 1) buffers: the backbone's normalisation, in 0..255
+    std: Tensor
 
     def __init__(
         self,
