@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InvalidArgumentError
-from .inputs import Detections, DroppedDetection
+from .inputs import Detections, DroppedDetection, is_int
 
 __all__ = ["Instance", "SegmentationResult", "build_result", "instance_colours"]
 
@@ -90,15 +90,19 @@ class SegmentationResult:
     instances: list[Instance]
     dropped: list[DroppedDetection]
 
-    def to_coco(self, image_id: int) -> list[dict[str, Any]]:
-        """The instances in COCO's results format, one dict each: image_id, category_id (= class_id;
-        map it if your dataset numbers categories differently), segmentation (compressed RLE, counts
-        as str), score, bbox ([x, y, w, h] floats of the mask, as pycocotools.mask.toBbox gives)."""
-        if isinstance(image_id, (bool, np.bool_)) or not isinstance(image_id, (int, np.integer)):
-            raise InvalidArgumentError(f"image_id must be an int, got {image_id!r}")
+    def to_coco(self, image_id: int | str) -> list[dict[str, Any]]:
+        """The instances in COCO's results format, one dict each: image_id (an int, as COCO's datasets
+        number images, or a str, as VOC and SBD name them; `read_coco_results` takes both), category_id
+        (= class_id; map it if your dataset numbers categories differently), segmentation (compressed
+        RLE, counts as str), score, bbox ([x, y, w, h] floats of the mask, as pycocotools.mask.toBbox
+        gives)."""
+        if is_int(image_id):
+            image_id = int(image_id)
+        elif not isinstance(image_id, str):
+            raise InvalidArgumentError(f"image_id must be an int or a str, got {image_id!r}")
         return [
             {
-                "image_id": int(image_id),
+                "image_id": image_id,
                 "category_id": instance.class_id,
                 "segmentation": instance.rle,
                 "score": instance.score,

@@ -14,7 +14,7 @@ category_id is the model's class id 1..K. Images without an entry get no detecti
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -28,13 +28,13 @@ class ImageDetections(NamedTuple):
     """One image's detections: boxes float32 (D, 4) xyxy inclusive pixels, labels int64 (D,) in 1..K,
     scores float32 (D,); `image_id` is the id the results file names the image by (stem or int)."""
 
-    image_id: Hashable
+    image_id: int | str
     boxes: np.ndarray
     labels: np.ndarray
     scores: np.ndarray
 
 
-def image_ids(path: Path) -> list[Hashable]:
+def image_ids(path: Path) -> list[int | str]:
     """The ids a results file may name the image file `path` by: its stem, and the stem's integer
     value when the stem is all digits."""
     stem = path.stem
@@ -53,7 +53,7 @@ def read_detections(results: str | Path, images: Sequence[str | Path]) -> list[I
     if not results.is_file():
         raise InvalidArgumentError(f"detections file {results} does not exist")
     paths = [Path(p) for p in images]
-    named: dict[Hashable, Path] = {}
+    named: dict[int | str, Path] = {}
     for path in paths:
         for image_id in image_ids(path):
             if image_id in named:  # the same stem, or stems such as 1 and 01 that read as one integer id

@@ -84,7 +84,7 @@ def run(segmenter: Segmenter, images: Sequence[str | Path], detections: str | Pa
                 raise InvalidArgumentError(f"{path} (detections from {detections}): {error}") from None
             Image.fromarray(result.overlay()).save(out / f"{path.stem}_overlay.png")
             Image.fromarray(result.instance_map.astype(np.uint16)).save(out / f"{path.stem}_instances.png")
-            entries += [{**entry, "image_id": dets.image_id} for entry in result.to_coco(0)]
+            entries += result.to_coco(dets.image_id)
             dropped += len(result.dropped)
             if display is not None:
                 display.update(done, path.name)

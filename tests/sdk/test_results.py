@@ -172,11 +172,15 @@ def test_to_coco_round_trips_through_pycocotools() -> None:
     assert records[1]["bbox"] == [3.0, 2.0, 9.0, 7.0]
 
 
-def test_to_coco_wants_an_int_image_id() -> None:
+def test_to_coco_takes_an_int_or_str_image_id_and_refuses_anything_else() -> None:
     result = build_result(gray_image(4, 4), painted(4, 4, [(0, 0, 1, 1)]), random_outputs(1, 4, 4, 0)[1],
                           detections([1]), CLASS_NAMES)
-    with pytest.raises(InvalidArgumentError, match="image_id"):
-        result.to_coco("7")
+    assert [entry["image_id"] for entry in result.to_coco("2007_000032")] == ["2007_000032"]
+    numbered = result.to_coco(np.int64(7))
+    assert [entry["image_id"] for entry in numbered] == [7] and type(numbered[0]["image_id"]) is int  # JSON-ready
+    for bad in (7.0, True, None, b"7"):
+        with pytest.raises(InvalidArgumentError, match="image_id must be an int or a str"):
+            result.to_coco(bad)
 
 
 def test_overlay_changes_the_image_exactly_where_instances_are() -> None:
