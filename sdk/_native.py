@@ -307,7 +307,7 @@ class DetectionPotential:
     epsilon: float
     recalibrated: np.ndarray | DeviceArray
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if len(self.boxes.shape) != 2 or self.boxes.shape[1] != 4:
             raise InvalidArgumentError(f"detection potential: boxes must be (D, 4), got {tuple(self.boxes.shape)}")
         count = self.boxes.shape[0]
@@ -532,7 +532,7 @@ class CudaBuffer:
 class CudaStream:
     """A non-blocking CUDA stream from the native library, destroyed with the object."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         handle = ctypes.c_void_p()
         _check(library().dynseg_cuda_stream_create(ctypes.byref(handle)))
         self.handle = int(handle.value or 0)

@@ -14,8 +14,12 @@ far x steps left. Both include data loading and, where it runs, held-out evaluat
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from dynseg.sdk.commands.progress import LiveBar, ProgressClock
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 __all__ = ["PlainProgress", "LiveProgress", "stage_progress"]
 
@@ -62,7 +66,7 @@ class LiveProgress(PlainProgress):
     """
 
     def __init__(self, stage: str, total: int, start: int, *, images_per_step: int,
-                 printer: Callable[[str], object] = print, every: int = 10, console=None):
+                 printer: Callable[[str], object] = print, every: int = 10, console: Console | None = None) -> None:
         super().__init__(stage, total, start, images_per_step=images_per_step, printer=printer, every=every)
         self._bar = LiveBar(stage, total, "loss {task.fields[loss]}", completed=start, console=console, loss="-")
 

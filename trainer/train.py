@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -47,6 +47,7 @@ from . import distributed, fields
 from .data import VOID
 from .boxes import mask_boxes
 from .checkpoint import save_checkpoint
+from .data.common import Samples
 from .data.detections import Detections, simulate_detections
 from .data.sources import inside_image
 from .evaluation import evaluate_each, json_ready
@@ -108,7 +109,7 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.learning_rate * config.step_gamma ** (step // config.step_every)
 
 
-def augment(sample: dict, config: TrainConfig, rng: np.random.Generator) -> dict:
+def augment(sample: Mapping[str, Any], config: TrainConfig, rng: np.random.Generator) -> dict:
     """Random scale (nearest for labels, bilinear for the image), crop and mirror of a sample dict
     with image (H, W, 3) uint8, semantic (H, W), masks (M, H, W), labels (M,), boxes (M, 4), and
     optionally detections (a `Detections` dict: its boxes follow the image; those the crop leaves
@@ -166,15 +167,15 @@ def _move_boxes(detections: Detections, factors: list[float], offset: tuple[int,
 
 def train(
     model: DynamicallyInstantiatedNetwork,
-    dataset,
+    dataset: Samples,
     config: TrainConfig,
     *,
     out_dir: str | Path,
     resume: bool = False,
     log_every: int = 10,
-    printer=print,
+    printer: Callable[[str], object] = print,
     live: bool = False,
-    held_out=None,
+    held_out: Samples | None = None,
     eval_seed: int = 1,
     epoch_log: str | Path = "epochs.jsonl",
 ) -> list[dict]:
@@ -289,7 +290,7 @@ def train(
     return log
 
 
-def _silent(*_) -> None:
+def _silent(*_: object) -> None:
     pass
 
 
@@ -333,14 +334,14 @@ class _Objective(nn.Module):
         return semantic_loss(logits, batch["targets"])
 
 
-def _draw(dataset, config: TrainConfig, step: int, position: int) -> tuple[dict, np.random.Generator]:
+def _draw(dataset: Samples, config: TrainConfig, step: int, position: int) -> tuple[dict, np.random.Generator]:
     """The augmented sample at `position` of step `step`'s global batch, and its generator (stage 2
     goes on to draw the detections from it)."""
     rng = np.random.default_rng([config.seed, step, position])
     return augment(dataset[int(rng.integers(len(dataset)))], config, rng), rng
 
 
-def _semantic_batch(dataset, config: TrainConfig, step: int, positions: range,
+def _semantic_batch(dataset: Samples, config: TrainConfig, step: int, positions: range,
                     num_classes: int) -> tuple[dict, float]:
     """This process's images (B, 3, H, W) and class maps (B, H, W), cropped to the smallest image of
     the global batch, their detections for the semantic CRF's detection potential (as stage 2 draws
@@ -374,7 +375,7 @@ def _with_detections(sample: dict, rng: np.random.Generator, num_classes: int) -
     return {**sample, "detections": detections}
 
 
-def _instance_batch(dataset, config: TrainConfig, step: int, position: int, num_classes: int) -> dict:
+def _instance_batch(dataset: Samples, config: TrainConfig, step: int, position: int, num_classes: int) -> dict:
     """One augmented image, its ground truth and its detections: the sample's own (from a results
     file, see `data.sources`) when it has them, else simulated from the ground truth."""
     sample = _with_detections(*_draw(dataset, config, step, position), num_classes)
@@ -402,14 +403,14 @@ def _instance_loss(model: DynamicallyInstantiatedNetwork, batch: dict[str, Tenso
 
 def fit(
     model: DynamicallyInstantiatedNetwork,
-    dataset,
+    dataset: Samples,
     *,
     out_dir: str | Path,
     semantic: TrainConfig,
     instance: TrainConfig,
-    printer=print,
+    printer: Callable[[str], object] = print,
     live: bool = False,
-    held_out=None,
+    held_out: Samples | None = None,
     eval_seed: int = 1,
 ) -> dict[str, list[dict]]:
     """The paper's procedure: stage 1 (semantic), shape templates by k-means of the training masks,
@@ -430,7 +431,7 @@ def fit(
     return logs
 
 
-def initialise_templates(model: DynamicallyInstantiatedNetwork, dataset, *, seed: int = 0, images: int = 200) -> None:
+def initialise_templates(model: DynamicallyInstantiatedNetwork, dataset: Samples, *, seed: int = 0, images: int = 200) -> None:
     """The shape templates by k-means of the instance masks of the first `images` training images."""
     masks, boxes = [], []
     for index in range(min(len(dataset), images)):
@@ -441,7 +442,8 @@ def initialise_templates(model: DynamicallyInstantiatedNetwork, dataset, *, seed
         model.instance_unaries.initialise_templates(masks, boxes, seed=seed)
 
 
-def held_out(dataset, *, seed: int, num_classes: int):
+def held_out(dataset: Samples, *, seed: int,
+             num_classes: int) -> Iterator[tuple[Tensor, dict[str, Tensor], dict[str, np.ndarray]]]:
     """Yields (image (3, H, W) float 0..255, detections, ground truth) for every sample. Detections
     are the sample's own when it has them (`data.sources.with_detections`), else simulated from the
     ground truth by a generator seeded by (seed, index), so every method evaluated with the same seed
@@ -456,7 +458,7 @@ def held_out(dataset, *, seed: int, num_classes: int):
         yield image, {k: torch.from_numpy(detections[k]) for k in ("boxes", "labels", "scores")}, truth
 
 
-def predict(model: DynamicallyInstantiatedNetwork, dataset, *, seed: int = 0) -> tuple[list[dict], list[dict]]:
+def predict(model: DynamicallyInstantiatedNetwork, dataset: Samples, *, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """The predictions and ground truths of every image of `dataset` (see `predict_each`), as the two
     lists `evaluation.evaluate` takes. Every mask of the dataset is then in memory: to score a whole
     split, `evaluation.evaluate_each(predict_each(...))` holds one image's."""
@@ -464,7 +466,7 @@ def predict(model: DynamicallyInstantiatedNetwork, dataset, *, seed: int = 0) ->
     return [p for p, _ in pairs], [t for _, t in pairs]
 
 
-def predict_each(model: DynamicallyInstantiatedNetwork, dataset, *, seed: int = 0) -> Iterator[tuple[dict, dict]]:
+def predict_each(model: DynamicallyInstantiatedNetwork, dataset: Samples, *, seed: int = 0) -> Iterator[tuple[dict, dict]]:
     """Runs the network over `dataset` with the detections `held_out` gives (the samples' own, or
     simulated from the ground truth: the same detections for the same seed), yielding each image's
     (prediction, ground truth) as `evaluation.evaluate` reads them, one image at a time."""

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 class ProgressClock:
@@ -39,7 +42,8 @@ class LiveBar:
     `fields` are the fields' values before the first update; console: a rich Console to draw on (default:
     rich's console on stdout)."""
 
-    def __init__(self, label: str, total: int, text: str, *, completed: int = 0, console=None, **fields: str):
+    def __init__(self, label: str, total: int, text: str, *, completed: int = 0, console: Console | None = None,
+                 **fields: str) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         self._bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
@@ -77,7 +81,8 @@ class ItemProgress(ProgressClock):
 class LiveItemProgress(ItemProgress):
     """A rich progress bar with the last item's name, images/s and ETA, redrawn in place."""
 
-    def __init__(self, label: str, total: int, *, printer: Callable[[str], object] = print, console=None):
+    def __init__(self, label: str, total: int, *, printer: Callable[[str], object] = print,
+                 console: Console | None = None) -> None:
         super().__init__(label, total, printer=printer)
         self._bar = LiveBar(label, total, "{task.fields[name]}", console=console, name="")
 

@@ -9,7 +9,8 @@ on every pixel of masks[m]."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,23 @@ class LabelledSample(SceneSample):
     """One annotated image: `SceneSample`'s arrays (masks without void: see the module docstring)."""
 
     image_id: str | int  # the image's id in its dataset: the file stem (COCO: the integer image id)
+
+
+class Samples(Protocol):
+    """What training and evaluation read: samples indexed 0..len-1, each a dict with `SceneSample`'s
+    entries (and "detections" where the dataset has them): `SyntheticScenes`, every on-disk loader,
+    `sources.WithDetections`, or a torch Subset of one."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Mapping[str, Any]: ...
+
+
+class Dataset(Samples, Protocol):
+    """`Samples` that name their classes, as the loaders do: ("background", class 1, ..., class K)."""
+
+    @property
+    def class_names(self) -> tuple[str, ...]: ...
 
 
 def check_split_name(split: object) -> None:

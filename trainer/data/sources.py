@@ -24,7 +24,7 @@ wholly outside it are dropped (detections of the image size the file's detector 
 from __future__ import annotations
 
 import os
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ from dynseg.sdk.inputs import pixel_boxes
 
 from .cityscapes import CityscapesInstances
 from .coco import CocoInstances
+from .common import Dataset, Samples
 from .detections import Detections, load_coco_detections
 from .sbd import SbdInstances
 from .synthetic import SyntheticScenes
@@ -51,7 +52,9 @@ DEFAULT_SPLITS = {
 }
 """The split each command reads when none is given, per on-disk dataset."""
 
-_LOADERS = {"voc": VocInstances, "sbd": SbdInstances, "coco": CocoInstances, "cityscapes": CityscapesInstances}
+_LOADERS: dict[str, Callable[[str | os.PathLike, str], Dataset]] = {
+    "voc": VocInstances, "sbd": SbdInstances, "coco": CocoInstances, "cityscapes": CityscapesInstances,
+}
 
 
 def open_dataset(
@@ -63,7 +66,7 @@ def open_dataset(
     image_size: tuple[int, int] = (128, 160),
     num_classes: int = 4,
     seed: int = 0,
-):
+) -> Dataset:
     """The dataset called `name` (one of DATASETS).
 
     "synthetic" takes size, image_size, num_classes and seed (see `SyntheticScenes`) and no root;
@@ -85,7 +88,7 @@ def open_dataset(
     return _LOADERS[name](root, split)
 
 
-def image_ids(dataset) -> tuple[Hashable, ...]:
+def image_ids(dataset: Samples) -> tuple[Hashable, ...]:
     """The id of every image of `dataset` as results files name them (see the module docstring)."""
     if isinstance(dataset, (CocoInstances, CityscapesInstances)):
         return dataset.image_ids
@@ -102,7 +105,7 @@ class WithDetections:
         detections: {image id: Detections} with labels already in 1..K, one entry per image.
     """
 
-    def __init__(self, dataset, detections: dict[Hashable, Detections]):
+    def __init__(self, dataset: Dataset, detections: dict[Hashable, Detections]) -> None:
         self.dataset = dataset
         self.class_names = dataset.class_names
         self._detections = [detections[image_id] for image_id in image_ids(dataset)]
@@ -120,7 +123,7 @@ class WithDetections:
         return f"WithDetections({self.dataset!r}, detections={sum(map(_count, self._detections))})"
 
 
-def with_detections(dataset, path: str | os.PathLike) -> WithDetections:
+def with_detections(dataset: Dataset, path: str | os.PathLike) -> WithDetections:
     """`dataset` with the detections of the COCO results file at `path` (see the module docstring).
 
     Raises:
