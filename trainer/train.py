@@ -431,7 +431,8 @@ def fit(
     return logs
 
 
-def initialise_templates(model: DynamicallyInstantiatedNetwork, dataset: Samples, *, seed: int = 0, images: int = 200) -> None:
+def initialise_templates(model: DynamicallyInstantiatedNetwork, dataset: Samples, *, seed: int = 0,
+                         images: int = 200) -> None:
     """The shape templates by k-means of the instance masks of the first `images` training images."""
     masks, boxes = [], []
     for index in range(min(len(dataset), images)):
@@ -466,7 +467,8 @@ def predict(model: DynamicallyInstantiatedNetwork, dataset: Samples, *, seed: in
     return [p for p, _ in pairs], [t for _, t in pairs]
 
 
-def predict_each(model: DynamicallyInstantiatedNetwork, dataset: Samples, *, seed: int = 0) -> Iterator[tuple[dict, dict]]:
+def predict_each(model: DynamicallyInstantiatedNetwork, dataset: Samples, *,
+                 seed: int = 0) -> Iterator[tuple[dict, dict]]:
     """Runs the network over `dataset` with the detections `held_out` gives (the samples' own, or
     simulated from the ground truth: the same detections for the same seed), yielding each image's
     (prediction, ground truth) as `evaluation.evaluate` reads them, one image at a time."""
