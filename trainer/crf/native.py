@@ -58,13 +58,21 @@ def _problem(
 class _CudaCall:
     """One CUDA call's problem over device tensors (kept alive here), its workspace and stream."""
 
-    def __init__(self, unary, image, theta_xy, theta_color, weights, compat, normalization, iterations, pass_):
+    def __init__(self, unary: Tensor, image: Tensor | None, theta_xy: list[float], theta_color: list[float],
+                 weights: Sequence[Tensor], compat: Tensor | None, normalization: str, iterations: int,
+                 pass_: _native.Pass) -> None:
         device = unary.device
-        as_device = lambda t: None if t is None else t.detach().to(device, torch.float32).contiguous()
-        self.tensors = [as_device(t) for t in (unary, image, compat, *weights)]
-        self.unary, image, compat, *weights = self.tensors
-        self.problem = _problem(self.unary, image, theta_xy, theta_color, weights, compat, normalization, iterations,
-                                0, array=_device_array)
+
+        def on_device(tensor: Tensor) -> Tensor:
+            return tensor.detach().to(device, torch.float32).contiguous()
+
+        self.unary = on_device(unary)
+        device_image = None if image is None else on_device(image)
+        device_compat = None if compat is None else on_device(compat)
+        device_weights = [on_device(w) for w in weights]
+        self.tensors = [self.unary, device_image, device_compat, *device_weights]  # the problem points into them
+        self.problem = _problem(self.unary, device_image, theta_xy, theta_color, device_weights, device_compat,
+                                normalization, iterations, 0, array=_device_array)
         self.nbytes = self.problem.workspace_size_cuda(pass_)
         self.workspace = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
         self.stream = torch.cuda.current_stream(device).cuda_stream
