@@ -190,8 +190,8 @@ def make_profile(detections: Sequence[int] = DEFAULT_DETECTIONS,
         )
     if len(sizes) != 3 or not all(len(s) == 2 and all(is_int(v, numpy=False) for v in s) for s in sizes):
         raise InvalidArgumentError(f"sizes must be three (H, W) pairs of ints (min, opt, max), got {sizes!r}")
-    (h0, w0), (h1, w1), (h2, w2) = ((int(h), int(w)) for h, w in sizes)
-    pairs = ((h0, w0), (h1, w1), (h2, w2))
+    smallest, optimum, largest = ((int(h), int(w)) for h, w in sizes)
+    pairs = (smallest, optimum, largest)
     for (h, w), name in zip(pairs, ("minimum", "optimum", "maximum")):
         if h < 1 or w < 1:
             raise InvalidArgumentError(f"the {name} image size must be at least 1x1, got {h}x{w}")
@@ -199,7 +199,7 @@ def make_profile(detections: Sequence[int] = DEFAULT_DETECTIONS,
         values = [s[axis] for s in pairs]
         if not values[0] <= values[1] <= values[2]:
             raise InvalidArgumentError(f"the image {name} must satisfy min <= opt <= max, got {tuple(values)}")
-    height, width = h2, w2
+    height, width = largest
     if height * width > _MAX_PIXELS:
         raise InvalidArgumentError(
             f"the maximum image size {height}x{width} ({height * width} pixels) is too large for the CUDA kernels "
