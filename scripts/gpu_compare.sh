@@ -8,10 +8,11 @@
 # ./gpu_report (the device tool brings back at most 8 files); build logs stay in a temporary folder
 # and are printed only when a build fails.
 #
-#   git archive main CMakeLists.txt plugins | (mkdir -p .ref/main && tar -x -C .ref/main)   # CPU machine
+#   git archive main CMakeLists.txt pyproject.toml plugins | (mkdir -p .ref/main && tar -x -C .ref/main)  # CPU
 #   bash scripts/gpu_compare.sh .ref/main [.ref/other ...]                                   # GPU machine
 #
-# Every tree must speak the same C ABI as this checkout's Python side.
+# Every tree must speak the same C ABI as this checkout's Python side, and hold pyproject.toml (CMake reads
+# the version there). A tree whose build fails is reported and left out; the others are still timed.
 set -u
 [ $# -ge 1 ] || { echo "usage: gpu_compare.sh SOURCE_TREE [SOURCE_TREE ...]"; exit 2; }
 REPORT=${OUT:-$PWD/gpu_report}
@@ -35,8 +36,13 @@ done
 if ! $PY -m pip install -q --no-deps --no-build-isolation -e . >"$logs/build.log" 2>&1; then
   tail -30 "$logs/build.log"; echo "BUILD FAILED (this checkout)"; exit 1
 fi
+built=()
 for tree in "$@"; do
-  if ! wait "${job[$tree]}"; then tail -30 "$logs/build_$(label "$tree")".*log; echo "BUILD FAILED ($tree)"; exit 1; fi
+  if wait "${job[$tree]}"; then
+    built+=("$tree")
+  else
+    tail -30 "$logs/build_$(label "$tree")".*log; echo "BUILD FAILED ($tree): left out"
+  fi
 done
 
 bench() {  # name [library]
@@ -45,7 +51,7 @@ bench() {  # name [library]
   { echo "## $1"; echo; cat "$logs/$1.md" 2>/dev/null; echo; } >>"$REPORT/compare.md"
 }
 bench this
-for tree in "$@"; do
+for tree in "${built[@]}"; do
   library=$(find "${build_dir[$tree]}" -name 'libdynseg_crf.so' | head -1)
   [ -n "$library" ] || { echo "NO LIBRARY built for $tree"; exit 1; }
   bench "$(label "$tree")" "$library"
@@ -53,7 +59,7 @@ done
 bench this-again
 
 echo "=== semantic 512×512 (call / graph / build ms)"
-for name in this $(for tree in "$@"; do label "$tree"; done) this-again; do
+for name in this $(for tree in "${built[@]}"; do label "$tree"; done) this-again; do
   awk -F'|' -v name="$name" '/semantic \| 512×512/ { printf "%-20s %s /%s /%s\n", name, $6, $7, $8 }' \
     "$logs/$name.md"
 done
