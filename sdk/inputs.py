@@ -281,8 +281,9 @@ def check_detections(
         bad = np.flatnonzero(~np.isfinite(boxes64).all(axis=1)).tolist()
         raise InvalidArgumentError(f"boxes must be finite: rows {bad} hold NaN or infinity")
     scores64 = scores_in.astype(np.float64)
-    if not (np.isfinite(scores64) & (np.abs(scores64) <= FLOAT32_MAX)).all():
-        bad = np.flatnonzero(~(np.isfinite(scores64) & (np.abs(scores64) <= FLOAT32_MAX))).tolist()
+    representable = np.isfinite(scores64) & (np.abs(scores64) <= FLOAT32_MAX)
+    if not representable.all():
+        bad = np.flatnonzero(~representable).tolist()
         raise InvalidArgumentError(f"scores must be finite float32 values: entries {bad} are NaN, infinite or too large")
     labels64 = _check_labels(labels_in, num_classes)
 

@@ -6,7 +6,8 @@
  * Inputs, outputs and attributes: plugins/tensorrt/README.md.
  *
  * The shared library exports getCreators and setLoggerFinder (extern "C"), and
- * dynseg_tensorrt_headers_major (the TensorRT major version it was compiled for), so TensorRT's plugin registry
+ * dynseg_tensorrt_headers_major (the TensorRT major version it was compiled for), and nothing else
+ * (exports.map), so TensorRT's plugin registry
  * loads it with loadLibrary (Python: trt.get_plugin_registry().load_library) and trtexec with
  * --dynamicPlugins.
  */
