@@ -413,6 +413,15 @@ def test_a_null_problem_is_rejected():
     assert "problem" in _native.library().dynseg_last_error().decode()
 
 
+@pytest.mark.skipif(not _native.cuda_compiled() or _native.cuda_device_count() > 0,
+                    reason="needs a library with CUDA kernels on a machine without a usable GPU")
+def test_the_cuda_workspace_query_without_a_usable_gpu_reports_a_cuda_error(smooth_image):
+    # CUB sizes its storage for the current device, so the query itself meets the missing GPU
+    problem = one_kernel_problem(smooth_image(6, 7), "bilateral", labels=2)
+    with pytest.raises(NativeError, match=r"\(CUDA_ERROR\): sizing .* failed: cuda"):
+        problem.workspace_size_cuda(_native.Pass.FORWARD)
+
+
 def test_a_dynseg_library_variable_naming_no_file_is_an_error_not_a_fall_back(monkeypatch, tmp_path):
     # a comparison of two builds that silently timed the installed one would be a wrong measurement
     monkeypatch.setenv("DYNSEG_LIBRARY", str(tmp_path / "nowhere.so"))

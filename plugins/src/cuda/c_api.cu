@@ -19,6 +19,18 @@ dynseg_status cuda_failed(cudaError_t error, const char* what) {
     return fail(DYNSEG_ERROR_CUDA, "%s failed: %s (%s)", what, cudaGetErrorName(error), cudaGetErrorString(error));
 }
 
+// guarded, with a CUDA failure thrown from the kernels' host code reported as the CUDA error it is
+template <typename Body>
+dynseg_status guarded_cuda(const Body& body) {
+    return guarded([&]() -> dynseg_status {
+        try {
+            return body();
+        } catch (const dynseg::cuda::CudaError& e) {
+            return cuda_failed(e.code, e.what());
+        }
+    });
+}
+
 // Grid-stride launches get enough blocks to fill every SM of the current device.
 dynseg_status current_launch(void* stream, dynseg::cuda::Launch* launch) {
     int device = 0, sms = 0;
@@ -101,7 +113,7 @@ int32_t dynseg_cuda_device_count(void) {
 }
 
 dynseg_status dynseg_crf_workspace_size_cuda(const dynseg_crf_problem* problem, int32_t pass, size_t* bytes) {
-    return guarded([&] {
+    return guarded_cuda([&] {
         if (dynseg_status s = check_arguments(problem)) return s;
         if (pass != DYNSEG_PASS_FORWARD && pass != DYNSEG_PASS_BACKWARD)
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "pass must be 0 (forward) or 1 (backward), got %d", pass);
@@ -115,7 +127,7 @@ dynseg_status dynseg_crf_workspace_size_cuda(const dynseg_crf_problem* problem, 
 
 dynseg_status dynseg_crf_forward_cuda(const dynseg_crf_problem* problem, const float* unary, float* out,
                                       void* workspace, size_t workspace_bytes, void* stream) {
-    return guarded([&] {
+    return guarded_cuda([&] {
         if (dynseg_status s = check_arguments(problem)) return s;
         if (!unary || !out || !workspace)
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "unary, out and workspace must not be NULL");
@@ -129,7 +141,7 @@ dynseg_status dynseg_crf_forward_cuda(const dynseg_crf_problem* problem, const f
 dynseg_status dynseg_crf_backward_cuda(const dynseg_crf_problem* problem, const float* unary,
                                        const float* grad_logits, float* grad_unary, float* const* grad_weights,
                                        float* grad_compat, void* workspace, size_t workspace_bytes, void* stream) {
-    return guarded([&] {
+    return guarded_cuda([&] {
         if (dynseg_status s = check_arguments(problem)) return s;
         if (dynseg_status s = dynseg::backward_supported(*problem)) return s;
         if (!unary || !grad_logits || !grad_unary || !workspace)
@@ -142,7 +154,7 @@ dynseg_status dynseg_crf_backward_cuda(const dynseg_crf_problem* problem, const 
 }
 
 dynseg_status dynseg_crf_check_cuda(const void* workspace, void* stream) {
-    return guarded([&] {
+    return guarded_cuda([&] {
         if (!workspace) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "workspace is NULL");
         auto addr = reinterpret_cast<uintptr_t>(workspace);
         const auto* status = reinterpret_cast<const dynseg::cuda::Status*>(addr + (64 - addr % 64) % 64);
@@ -167,7 +179,7 @@ dynseg_status dynseg_crf_check_cuda(const void* workspace, void* stream) {
 
 dynseg_status dynseg_crf_forward_cuda_from_host(const dynseg_crf_problem* problem, const float* unary, float* out,
                                                 int32_t device) {
-    return guarded([&] {
+    return guarded_cuda([&] {
         if (dynseg_status s = dynseg::validate(problem, /*read_arrays=*/true)) return s;
         if (!unary || !out) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "unary and out must not be NULL");
         int devices = 0;
@@ -252,7 +264,7 @@ dynseg_status dynseg_crf_forward_cuda_from_host(const dynseg_crf_problem* proble
 }
 
 dynseg_status dynseg_cuda_set_device(int32_t device) {
-    return guarded([&] {
+    return guarded_cuda([&] {
         int count = 0;
         if (cudaGetDeviceCount(&count) != cudaSuccess || device < 0 || device >= count) {
             cudaGetLastError();
@@ -265,7 +277,7 @@ dynseg_status dynseg_cuda_set_device(int32_t device) {
 }
 
 dynseg_status dynseg_cuda_malloc(size_t bytes, void** pointer) {
-    return guarded([&] {
+    return guarded_cuda([&] {
         if (!pointer) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "pointer is NULL");
         *pointer = nullptr;
         if (cudaError_t e = cudaMalloc(pointer, bytes)) return cuda_failed(e, "cudaMalloc");
@@ -274,14 +286,14 @@ dynseg_status dynseg_cuda_malloc(size_t bytes, void** pointer) {
 }
 
 dynseg_status dynseg_cuda_free(void* pointer) {
-    return guarded([&] {
+    return guarded_cuda([&] {
         if (cudaError_t e = cudaFree(pointer)) return cuda_failed(e, "cudaFree");
         return DYNSEG_OK;
     });
 }
 
 dynseg_status dynseg_cuda_memcpy(void* destination, const void* source, size_t bytes) {
-    return guarded([&] {
+    return guarded_cuda([&] {
         if (!destination || !source) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "destination and source must not be NULL");
         if (cudaError_t e = cudaMemcpy(destination, source, bytes, cudaMemcpyDefault)) return cuda_failed(e, "cudaMemcpy");
         // cudaMemcpy may return before a copy from pageable memory, or within the device, has landed;
@@ -292,7 +304,7 @@ dynseg_status dynseg_cuda_memcpy(void* destination, const void* source, size_t b
 }
 
 dynseg_status dynseg_cuda_stream_create(void** stream) {
-    return guarded([&] {
+    return guarded_cuda([&] {
         if (!stream) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "stream is NULL");
         cudaStream_t created = nullptr;
         if (cudaError_t e = cudaStreamCreateWithFlags(&created, cudaStreamNonBlocking))
@@ -303,7 +315,7 @@ dynseg_status dynseg_cuda_stream_create(void** stream) {
 }
 
 dynseg_status dynseg_cuda_stream_synchronize(void* stream) {
-    return guarded([&] {
+    return guarded_cuda([&] {
         if (cudaError_t e = cudaStreamSynchronize(static_cast<cudaStream_t>(stream)))
             return cuda_failed(e, "cudaStreamSynchronize");
         return DYNSEG_OK;
@@ -311,7 +323,7 @@ dynseg_status dynseg_cuda_stream_synchronize(void* stream) {
 }
 
 dynseg_status dynseg_cuda_stream_destroy(void* stream) {
-    return guarded([&] {
+    return guarded_cuda([&] {
         if (cudaError_t e = cudaStreamDestroy(static_cast<cudaStream_t>(stream))) return cuda_failed(e, "cudaStreamDestroy");
         return DYNSEG_OK;
     });

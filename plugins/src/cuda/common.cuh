@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <iterator>
+#include <stdexcept>
 
 namespace dynseg {
 namespace cuda {
@@ -68,6 +69,14 @@ struct IndexedValues {
     __host__ __device__ bool operator==(const IndexedValues& other) const { return i == other.i; }
     __host__ __device__ bool operator!=(const IndexedValues& other) const { return i != other.i; }
     __host__ __device__ bool operator<(const IndexedValues& other) const { return i < other.i; }
+};
+
+// A CUDA runtime call that failed inside the host code of a plan or a build, where no status can be
+// returned (CUB's calls report only through their return value): the entry points report it as
+// DYNSEG_ERROR_CUDA.
+struct CudaError : std::runtime_error {
+    cudaError_t code;
+    CudaError(cudaError_t failed, const char* operation) : std::runtime_error(operation), code(failed) {}
 };
 
 // The first words of every CUDA call's workspace: 0, or why a lattice could not be built, for

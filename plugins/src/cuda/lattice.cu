@@ -8,7 +8,6 @@
 #include <climits>
 #include <cmath>
 #include <stdexcept>
-#include <string>
 
 #include "../feature_scale.h"
 
@@ -540,10 +539,9 @@ __global__ void slice(Group g, SliceOutputs outputs, int64_t pixels, int64_t wid
     }
 }
 
-// CUB reports a failure (say, temporary storage that does not fit) only through its return value.
+// CUB reports a failure (say, no usable device to size its storage for) only through its return value.
 void check_cub(cudaError_t error, const char* what) {
-    if (error != cudaSuccess)
-        throw std::runtime_error(std::string(what) + " failed: " + cudaGetErrorString(error));
+    if (error != cudaSuccess) throw CudaError(error, what);
 }
 
 // n_k = 1/K_k(1) ("after") or 1/sqrt(K_k(1)) ("symmetric"): the slice of lane 0 of the ones filter,
