@@ -205,7 +205,7 @@ def make_profile(detections: Sequence[int] = DEFAULT_DETECTIONS,
             f"the maximum image size {height}x{width} ({height * width} pixels) is too large for the CUDA kernels "
             f"(at most {_MAX_PIXELS} pixels with an RGB image)"
         )
-    padded = -(-max(high + 1, labels or 0) // 8) * 8
+    padded = -(-max(high + 1, labels or 0) // 4) * 4  # the kernels' rows: whole float4s
     if height * width * padded > 2**31 - 1:
         raise InvalidArgumentError(
             f"{height}x{width} pixels with up to {max(high + 1, labels or 0)} labels is too large for the CUDA "

@@ -209,6 +209,14 @@ def test_a_bad_profile_is_refused_with_the_offending_value(detections, sizes, me
         make_profile(detections, sizes)
 
 
+def test_the_profiles_label_limit_is_the_cuda_kernels():
+    # 2048x4096 pixels: 252 labels fit 32-bit indices, 253 round up to 256 rows and do not (docs/crf.md §6)
+    sizes = ((32, 32), (480, 640), (2048, 4096))
+    assert make_profile((1, 10, 251), sizes).detections == (1, 10, 251)
+    with pytest.raises(InvalidArgumentError, match="up to 253 labels"):
+        make_profile((1, 10, 252), sizes)
+
+
 def test_a_profile_beyond_the_models_max_detections_is_refused():
     with pytest.raises(InvalidArgumentError, match="max_detections = 50"):
         make_profile((1, 10, 100), engine.DEFAULT_SIZES, max_detections=50)
