@@ -215,3 +215,25 @@ def test_a_detection_weight_of_shape_0d_is_one_value_as_onnxruntime_hands_it_ove
                   detection_x=np.ones((), np.float32), detection_y=_native.DeviceArray(1, ()),
                   recalibrated=np.zeros(2, np.float32))
     _native.DetectionPotential(**arrays, score_ceiling=1.0, epsilon=1e-4)
+
+
+def test_the_library_reads_a_0d_detection_weight_as_the_value_it_holds(smooth_image, field_unary):
+    image, unary, spatial, bilateral, compat, boxes, classes, scores, weights = case(
+        3, 4, 20, 26, 3, smooth_image, field_unary)
+    results = []
+    for shape in ((), (1,)):
+        recalibrated = np.full(len(scores), np.nan, np.float32)
+        detections = _native.DetectionPotential(
+            boxes=boxes, labels=classes, scores=scores, detection_x=np.full(shape, weights[0], np.float32),
+            detection_y=np.full(shape, weights[1], np.float32), score_ceiling=1.0, epsilon=1e-4,
+            recalibrated=recalibrated,
+        )
+        logits = native_problem(unary, image, spatial, bilateral, compat, detections, 3).forward(unary)
+        results.append((logits, recalibrated))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    # and that value is the weight the trainer's definition applies
+    expected_logits, expected_scores = run_reference(image, unary, spatial, bilateral, compat, boxes, classes, scores,
+                                                     weights, 3)
+    assert np.abs(results[0][0] - expected_logits).max() <= 1e-5 * np.abs(expected_logits).max()
+    np.testing.assert_allclose(results[0][1], expected_scores, rtol=0, atol=1e-5)

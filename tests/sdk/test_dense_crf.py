@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from dynseg.sdk import InvalidArgumentError, dense_crf
+from dynseg.sdk import InvalidArgumentError, _native, dense_crf
 from dynseg.trainer import crf as reference
 
 PARITY_ATOL = 1e-5  # max |ΔQ|; measured worst cases are quoted next to each test
@@ -279,7 +279,7 @@ BAD_INPUTS = {
     "normalization None": (_with(normalization=None), "normalization"),
     "normalization a list": (_with(normalization=["after"]), "normalization"),
     "device gpu": (_with(device="gpu"), "device"),
-    "device cuda:99": (_with(device="cuda:99"), "CUDA"),
+    "device cuda:99": (_with(device="cuda:99"), r"device='cuda:99' but the native library sees \d+ CUDA|built without CUDA"),
     "device cuda:x": (_with(device="cuda:x"), "device"),
     "device cuda:": (_with(device="cuda:"), "device"),
     "device cuda:²": (_with(device="cuda:²"), "device"),
@@ -298,6 +298,13 @@ def test_bad_inputs_raise_a_value_error_naming_the_argument(case):
     with pytest.raises(InvalidArgumentError, match=name) as raised:
         dense_crf(unary, image, **kwargs)
     assert isinstance(raised.value, ValueError)
+
+
+@pytest.mark.skipif(not _native.cuda_compiled(), reason="needs a library with CUDA kernels to count the devices")
+def test_the_first_device_index_past_the_last_gpu_is_refused(smooth_image, smooth_unary):
+    past = _native.cuda_device_count()  # cuda:0 on a machine without a GPU
+    with pytest.raises(InvalidArgumentError, match=f"device='cuda:{past}' but the native library sees {past} CUDA"):
+        dense_crf(smooth_unary(2, 6, 7), smooth_image(6, 7), device=f"cuda:{past}")
 
 
 def test_finite_inputs_whose_logits_overflow_float32_raise_rather_than_return_nan():

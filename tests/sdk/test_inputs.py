@@ -74,6 +74,10 @@ def test_png_files_of_other_modes_become_rgb(tmp_path: Path, mode: str) -> None:
     Image.fromarray(rgb).convert(mode).save(path)
     loaded = load_image(path)
     assert loaded.shape == (6, 9, 3) and loaded.dtype == np.uint8
+    with Image.open(path) as opened:  # Pillow's own conversion is the oracle
+        np.testing.assert_array_equal(loaded, np.array(opened.convert("RGB")))
+    if mode in ("L", "LA"):
+        assert (loaded == loaded[..., :1]).all()  # grey: the three channels agree
     if mode == "RGBA":
         np.testing.assert_array_equal(loaded, rgb)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 
 import numpy as np
@@ -58,7 +59,8 @@ def test_training_on_the_synthetic_default_prints_progress_and_logs_every_epoch(
     assert [(e["stage"], e["epoch"], e["step"]) for e in log] == [
         ("semantic", 1, 1), ("semantic", 2, 2), ("semantic", 3, 3), ("instance", 1, 4)]
     for entry in log:
-        assert {"loss", "lr", "images_per_s", "images", "seconds"} <= set(entry) and entry["images_per_s"] > 0
+        assert {"loss", "lr", "images_per_s", "images", "seconds"} <= set(entry)
+        assert math.isfinite(entry["images_per_s"]) and entry["images_per_s"] >= 0
     assert "held_out" not in log[0]
     assert set(log[-1]["held_out"]) == {"ap_r", "ap_r_vol", "matching_iou", "pq", "coco_mask_ap"}
     result = run("eval", out, "--images", "2", "--image-size", "48", "64")

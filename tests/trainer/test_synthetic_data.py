@@ -150,7 +150,7 @@ def test_images_show_at_least_two_classes_on_average(samples):
 
 def test_invalid_construction_and_indices_are_rejected():
     for kwargs in ({"num_classes": 0}, {"num_classes": 7}, {"image_size": (16, 160)}, {"max_instances": 0}, {"seed": -1}):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=f"^{next(iter(kwargs))} must be"):
             SyntheticScenes(**kwargs)
     with pytest.raises(IndexError):
         SyntheticScenes(size=2)[2]
@@ -324,7 +324,7 @@ def test_the_simulator_rejects_bad_arguments():
     boxes, labels = np.array([[2, 2, 10, 10]], np.float32), np.array([1])
     good = dict(image_size=(32, 32), rng=np.random.default_rng(0), num_classes=4)
     for bad in ({"miss_rate": 1.5}, {"jitter": -0.1}, {"false_positives": math.nan}, {"num_classes": 0}, {"image_size": (1, 32)}):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=f"^{next(iter(bad))} must be"):
             simulate_detections(boxes, labels, **{**good, **bad})
     with pytest.raises(ValueError, match="labels"):
         simulate_detections(boxes, np.array([5]), **good)
