@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from dynseg.export.onnx import export_onnx  # noqa: E402
-from dynseg.sdk import DetectionsDroppedWarning, InvalidArgumentError, samples  # noqa: E402
+from dynseg.sdk import DetectionsDroppedWarning, InvalidArgumentError, crf_node, onnx_backend, samples  # noqa: E402
 from dynseg.sdk.commands import parity  # noqa: E402
 from dynseg.sdk.segmenter import Segmenter  # noqa: E402
 from dynseg.trainer.model.instance import InstanceConfig  # noqa: E402
@@ -135,13 +135,20 @@ def test_a_model_with_other_outputs_is_refused_with_what_to_do(exported, tmp_pat
         Segmenter(old)
 
 
-def test_threads_bounds_every_session_and_the_crf_nodes_and_changes_no_result(exported, segmenters):
+def test_threads_bounds_every_session_and_the_crf_nodes_and_changes_no_result(exported, segmenters, monkeypatch):
     image, boxes, labels, scores = _case("coffee", (96, 128), 3, seed=5)
+    crf_threads = []
+
+    def run_node(inputs, attributes, threads=0):  # a call-through spy: the native kernels still run
+        crf_threads.append(threads)
+        return crf_node.run_node(inputs, attributes, threads)
+
+    monkeypatch.setattr(onnx_backend, "run_node", run_node)
     with Segmenter(exported[1], threads=1) as one:
         sessions = [step.session for step in one._backend._steps if hasattr(step, "session")]
         assert sessions and all(s.get_session_options().intra_op_num_threads == 1 for s in sessions)
-        assert one._backend._threads == 1  # what the CRF nodes get
         got = one.segment_with_outputs(image, boxes, labels, scores)[1]
+    assert crf_threads == [1, 1]  # both CRF nodes, on one thread each
     expected = segmenters[0].segment_with_outputs(image, boxes, labels, scores)[1]
     for name in ("instance_logits", "semantic_probabilities"):
         np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=1e-5)
