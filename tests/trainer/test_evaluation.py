@@ -4,9 +4,11 @@ re-implementations of both AP^r protocols written here from their definitions, a
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import json
 import math
+import weakref
 
 import numpy as np
 import pytest
@@ -429,20 +431,27 @@ def test_written_metrics_are_strict_json_and_a_table_of_percentages(tmp_path):
     assert rows["AP^rat0.5"] == f"{100 * metrics['ap_r']['0.5']:.1f}" and rows["PQ"] == "nan"
 
 
-def test_evaluate_each_over_a_generator_gives_what_evaluate_gives_over_lists():
+def test_evaluate_each_holds_one_images_masks_at_a_time():
     predictions, ground_truths = random_dataset(7)
-    seen = []
+    masks = []  # weak references to each image's two mask arrays, in the order they were handed out
 
     def one_at_a_time():
-        for pair in zip(predictions, ground_truths):
-            seen.append(len(seen))
-            yield pair
+        for index, (predicted, true) in enumerate(zip(predictions, ground_truths)):
+            # evaluate_each may still hold the image before this one (its loop variables), none earlier
+            gc.collect()
+            held = [i // 2 for i, ref in enumerate(masks[:2 * max(0, index - 1)]) if ref() is not None]
+            assert not held, f"evaluate_each still holds the masks of images {sorted(set(held))} at image {index}"
+            predicted = {**predicted, "masks": predicted["masks"].copy()}  # arrays only evaluate_each references
+            true = {**true, "masks": true["masks"].copy()}
+            masks.extend((weakref.ref(predicted["masks"]), weakref.ref(true["masks"])))
+            yield predicted, true
 
     for protocol in ("original", "voc"):
+        masks.clear()
         streamed = evaluate_each(one_at_a_time(), num_classes=3, protocol=protocol)
+        assert len(masks) == 2 * len(predictions)
         assert json.dumps(json_ready(streamed)) == json.dumps(
             json_ready(evaluate(predictions, ground_truths, num_classes=3, protocol=protocol)))
-    assert len(seen) == 2 * len(predictions)
     with pytest.raises(ValueError, match=r"predictions\[1\]\['scores'\]"):
         bad = [predictions[0], {**predictions[1], "scores": np.full(len(predictions[1]["labels"]), np.nan)}]
         evaluate_each(zip(bad, ground_truths[:2]), num_classes=3)
