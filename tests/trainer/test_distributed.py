@@ -41,9 +41,11 @@ PARAMETER_ATOL = 1e-5
 
 def _worker(out: Path) -> None:
     """One process of the run: stage 1 with frozen BatchNorm and no dropout (compared with one
-    process), then, with two processes, two end-to-end stage-2 steps. Saves out/rank{r}.pt."""
+    process), then, with two processes, two end-to-end stage-2 steps. Saves out/rank{r}.pt. Rank 0
+    trains into out/semantic and out/instance, rank r > 0 into out/rank{r}/..., where nothing may appear."""
     torch.set_num_threads(1)
     rank, world = distributed.init_from_environment()
+    stages = out if rank == 0 else out / f"rank{rank}"
     try:
         torch.manual_seed(0)
         data = SyntheticScenes(size=8, image_size=(32, 40), seed=0)
@@ -54,12 +56,12 @@ def _worker(out: Path) -> None:
                 module.p = 0.0
         log = train(model, data, TrainConfig(stage="semantic", steps=STEPS, batch_size=GLOBAL_BATCH,
                                              learning_rate=0.01, frozen_batch_norm=True),
-                    out_dir=out / "semantic", printer=lambda *_: None)
+                    out_dir=stages / "semantic", printer=lambda *_: None)
         result = {"world": world, "semantic": [e["loss"] for e in log],
                   "semantic_parameters": {k: v.detach().clone() for k, v in model.named_parameters()}}
         if world > 1:
             log = train(model, data, TrainConfig(stage="instance", mode="end-to-end", steps=2, learning_rate=0.001),
-                        out_dir=out / "instance", printer=lambda *_: None)
+                        out_dir=stages / "instance", printer=lambda *_: None)
             result["instance"] = [e["loss"] for e in log]
             result["instance_parameters"] = {k: v.detach().clone() for k, v in model.named_parameters()}
         torch.save(result, out / f"rank{rank}.pt")
@@ -119,6 +121,7 @@ def test_only_rank_zero_writes_the_log_and_the_checkpoint(runs):
         lines = (two / stage / "log.jsonl").read_text().splitlines()
         assert [json.loads(line)["step"] for line in lines] == list(range(1, steps + 1))
         assert (two / stage / "model.safetensors").is_file() and (two / stage / "trainer_state.pt").is_file()
+    assert [path for path in (two / "rank1").rglob("*") if path.is_file()] == []  # rank 1 wrote nothing
 
 
 def test_shard_splits_a_global_batch_into_contiguous_equal_parts():
