@@ -90,6 +90,38 @@ def photo() -> Callable[[str], np.ndarray]:
     return load
 
 
+@pytest.fixture(scope="session")
+def learned_looking_network() -> Callable[..., object]:
+    """learned_looking_network(seed=0) -> a resnet18 network of the classes ("cat", "cup", "person")
+    whose CRF and instance parameters look trained where a fresh network's are symmetric: distinct
+    shape templates (identical ones tie exactly), kernel weight matrices and a compatibility off the
+    identity, unequal detection weights. A runtime that dropped the compatibility, transposed a weight
+    matrix or swapped the two detection weights would compute something else. Needs torch."""
+
+    def make(seed: int = 0):
+        import torch
+
+        from dynseg.trainer.model.instance import InstanceConfig
+        from dynseg.trainer.model.network import ModelConfig, build_model
+
+        torch.manual_seed(seed)
+        network = build_model(ModelConfig(backbone="resnet18", class_names=("cat", "cup", "person"),
+                                          instance=InstanceConfig(templates_per_group=4, template_size=16)))
+        generator = torch.Generator().manual_seed(seed + 1)
+        noise = lambda like, scale: (torch.rand(like.shape, generator=generator) * 2 - 1) * scale
+        crf = network.semantic_crf
+        with torch.no_grad():
+            network.instance_unaries.templates.uniform_(0.0, 1.0, generator=generator)
+            crf.compatibility.add_(noise(crf.compatibility, 0.3))
+            crf.spatial_weight.add_(noise(crf.spatial_weight, 0.5))
+            crf.bilateral_weight.add_(noise(crf.bilateral_weight, 0.5))
+            crf.detection_x.fill_(0.6)
+            crf.detection_y.fill_(1.9)
+        return network.eval()
+
+    return make
+
+
 @pytest.fixture
 def pydensecrf_q() -> Callable[..., np.ndarray]:
     """pydensecrf_q(unary, image, iterations, spatial, bilateral, normalization) -> float32 (L, H, W):

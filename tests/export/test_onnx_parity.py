@@ -17,27 +17,13 @@ from dynseg.export.onnx import export_onnx  # noqa: E402
 from dynseg.sdk import DetectionsDroppedWarning, InvalidArgumentError, crf_node, onnx_backend, samples  # noqa: E402
 from dynseg.sdk.commands import parity  # noqa: E402
 from dynseg.sdk.segmenter import Segmenter  # noqa: E402
-from dynseg.trainer.model.instance import InstanceConfig  # noqa: E402
-from dynseg.trainer.model.network import ModelConfig, build_model  # noqa: E402
 from dynseg.trainer.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, learned_looking_network):
     """(checkpoint dir, onnx path) of a resnet18 network with 3 classes whose CRF parameters look learned."""
-    torch.manual_seed(0)
-    config = ModelConfig(backbone="resnet18", class_names=("cat", "cup", "person"),
-                         instance=InstanceConfig(templates_per_group=4, template_size=16))
-    model = build_model(config)
-    with torch.no_grad():  # distinct templates, as trained ones are: identical ones make exact ties
-        model.instance_unaries.templates.uniform_(0.0, 1.0)
-        # a fresh network's mu = -I and detection_x = detection_y = 1 would hide a dropped compatibility
-        # or swapped detection weights in a runtime
-        crf = model.semantic_crf
-        generator = torch.Generator().manual_seed(1)
-        crf.compatibility.add_(torch.rand(crf.compatibility.shape, generator=generator) * 0.6 - 0.3)
-        crf.detection_x.fill_(0.6)
-        crf.detection_y.fill_(1.9)
+    model = learned_looking_network()
     directory = tmp_path_factory.mktemp("model")
     save_checkpoint(directory / "checkpoint", model)
     path = export_onnx(load_checkpoint(directory / "checkpoint"), directory / "model.onnx")

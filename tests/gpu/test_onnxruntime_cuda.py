@@ -11,13 +11,11 @@ import pytest
 
 from dynseg.sdk import InvalidArgumentError, _native, samples
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")  # the export needs it
 
 from dynseg.export.onnx import export_onnx  # noqa: E402
 from dynseg.sdk.commands import parity  # noqa: E402
 from dynseg.sdk.segmenter import Segmenter  # noqa: E402
-from dynseg.trainer.model.instance import InstanceConfig  # noqa: E402
-from dynseg.trainer.model.network import ModelConfig, build_model  # noqa: E402
 
 
 def _missing() -> str | None:
@@ -34,13 +32,8 @@ needs_cuda = pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    torch.manual_seed(0)
-    network = build_model(ModelConfig(backbone="resnet18", class_names=("cat", "cup", "person"),
-                                      instance=InstanceConfig(templates_per_group=4, template_size=16)))
-    with torch.no_grad():
-        network.instance_unaries.templates.uniform_(0.0, 1.0)
-    return export_onnx(network.eval(), tmp_path_factory.mktemp("model") / "model.onnx")
+def model_path(tmp_path_factory, learned_looking_network):
+    return export_onnx(learned_looking_network(), tmp_path_factory.mktemp("model") / "model.onnx")
 
 
 @pytest.mark.skipif(_missing() is None, reason="this machine runs the onnxruntime CUDA path")

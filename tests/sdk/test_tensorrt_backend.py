@@ -39,19 +39,13 @@ needs_tensorrt = pytest.mark.skipif(not (HAVE_TENSORRT and HAVE_GPU),
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    torch = pytest.importorskip("torch")
+def engine(tmp_path_factory, learned_looking_network):
+    pytest.importorskip("torch")
     from dynseg.export.engine import build_engine
     from dynseg.export.onnx import export_onnx
-    from dynseg.trainer.model.instance import InstanceConfig
-    from dynseg.trainer.model.network import ModelConfig, build_model
     from dynseg.trainer.checkpoint import save_checkpoint
 
-    torch.manual_seed(0)
-    network = build_model(ModelConfig(backbone="resnet18", class_names=("cat", "cup", "person"),
-                                      instance=InstanceConfig(templates_per_group=4, template_size=16)))
-    with torch.no_grad():
-        network.instance_unaries.templates.uniform_(0.0, 1.0)
+    network = learned_looking_network()
     directory = tmp_path_factory.mktemp("engine")
     save_checkpoint(directory / "checkpoint", network)
     onnx_path = export_onnx(network, directory / "model.onnx", max_detections=20)
