@@ -345,10 +345,8 @@ def test_the_cuda_branch_takes_the_arrays_onnxruntime_hands_the_crf_nodes(export
     boxes = np.array([[5, 5, 40, 30], [10, 20, 70, 60]], np.float32)
     Segmenter(exported[1]).segment(image, boxes, [1, 3], [0.9, 0.6])
     assert len(seen) == 2
-    for step, inputs in seen:  # DeviceArrays exactly as onnx_backend._native_view makes them
-        views = crf_node.CrfInputs(*[_native.DeviceArray(int(v.data_ptr()), tuple(v.shape()),
-                                                         np.dtype(onnx_backend._ORT_TYPES[v.data_type()]))
-                                     for v in inputs])
+    for step, inputs in seen:  # the views _native_view makes, less its check that they are on a GPU
+        views = crf_node.CrfInputs(*[onnx_backend._view(value) for value in inputs])
         crf_node._check_shapes(views)
         problem = crf_node._problem(views, step.attributes, _native.DeviceArray(1, views.scores.shape))
         assert problem.shape == views.unary.shape[1:]
