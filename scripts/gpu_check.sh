@@ -9,9 +9,11 @@
 #
 # DYNSEG_NCU=0 skips the Nsight Compute analysis (150 s of a short device lease).
 #
-# Uses the python3 on the PATH (it must have torch with CUDA, pytest and scikit-build-core) and
-# installs dynseg into it (editable, no dependencies fetched). If .whl/pydensecrf2-*.tar.gz exists it
-# builds pydensecrf from it for the benchmark's CPU comparison.
+# Uses $PYTHON, else the python3 on the PATH (it must have torch with CUDA, pytest and
+# scikit-build-core), and installs dynseg into it (editable, no dependencies fetched). If
+# .whl/pydensecrf2-*.tar.gz exists it builds pydensecrf from it for the benchmark's CPU comparison.
+# Every step runs even when one before it failed; the exit status is 1 if any failed (the steps are
+# named at the end), and the script stops at once where the build fails or no GPU is usable.
 set -u
 REPORT=${1:-${OUT:-$PWD/gpu_report}}
 mkdir -p "$REPORT"
@@ -19,6 +21,8 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 started=$(date +%s)
 step() { echo; echo "=== $1 ($(( $(date +%s) - started )) s)"; }
+failed=()
+check() { [ "$2" = 0 ] || failed+=("$1 (exit code $2)"); }  # step name, its exit code
 
 step "machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$REPORT/gpu.txt"
@@ -36,9 +40,17 @@ if ! $PY -m pip install -q --no-deps --no-build-isolation -e . >"$REPORT/build.l
 fi
 grep -i "warning" "$REPORT/build.log" | head -20
 $PY -c "from dynseg.sdk import _native as n; print('native', n.native_version(), 'cuda compiled', n.cuda_compiled(), 'devices', n.cuda_device_count())"
+$PY - <<'EOF' || exit 1
+from dynseg.sdk import _native
+try:
+    _native.check_cuda_device(0)
+except ValueError as error:
+    raise SystemExit(f"NO USABLE GPU, nothing to check: {error}")
+EOF
 
 step "GPU tests"
 timeout 240 $PY -m pytest -q -rs -p no:cacheprovider tests/gpu tests/trainer/test_native_op.py 2>&1 | tee "$REPORT/tests.log" | tail -25
+check "GPU tests" "${PIPESTATUS[0]}"
 
 step "the TensorRT plugin on the GPU, without TensorRT"
 # TensorRT's public headers cannot come from this machine's network: copy them on the CPU machine into
@@ -51,23 +63,25 @@ fi
 if [ -n "${DYNSEG_TENSORRT_HEADERS:-}" ]; then
   timeout 120 $PY -m pytest -q -rs -p no:cacheprovider tests/cuda_emulation/test_emulated_plugin.py -k gpu 2>&1 \
     | tee "$REPORT/plugin.log" | tail -8
+  check "plugin tests" "${PIPESTATUS[0]}"
 else
   echo "skipped: no TensorRT headers (.ref/trt-headers/<version>/ or DYNSEG_TENSORRT_HEADERS)"
 fi
 
 step "compute-sanitizer memcheck"
 timeout 120 compute-sanitizer --tool memcheck --error-exitcode 1 $PY scripts/cuda_smoke.py >"$REPORT/memcheck.log" 2>&1
-echo "memcheck exit code $?"; tail -5 "$REPORT/memcheck.log"
+code=$?; check memcheck $code; echo "memcheck exit code $code"; tail -5 "$REPORT/memcheck.log"
 # what the CPU emulation of the kernels cannot see: shared-memory races between a block's threads, and
 # barriers or warp intrinsics that not every thread they name reaches
 for tool in racecheck synccheck; do
   timeout 60 compute-sanitizer --tool $tool --error-exitcode 1 $PY scripts/cuda_smoke.py >"$REPORT/$tool.log" 2>&1
-  echo "$tool exit code $?"; tail -3 "$REPORT/$tool.log"
+  code=$?; check $tool $code; echo "$tool exit code $code"; tail -3 "$REPORT/$tool.log"
 done
 
 [ -n "${dcrf:-}" ] && wait $dcrf
 step "benchmark"
 timeout 200 $PY benchmarks/bench_cuda.py --profile --out "$REPORT/bench_cuda.md" 2>&1 | tee "$REPORT/bench.log" | tail -12
+check benchmark "${PIPESTATUS[0]}"
 step "kernel analysis (Nsight Compute, when the machine has it)"
 # What bounds each kernel of one semantic 512×512 call (memory or compute throughput, cache hit rates,
 # occupancy, stall reasons): the first launches of the filtering kernels and the key insertion. Caches
@@ -76,7 +90,7 @@ ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/
 if [ "${DYNSEG_NCU:-1}" = 0 ]; then
   echo "skipped (DYNSEG_NCU=0)"
 elif [ -n "$ncu" ]; then
-  timeout 150 "$ncu" -k regex:'slice$|slice_softmax|vertex_sums|chunk_sums|splat_pass|blur_step|softmax_short_rows|insert_entries' \
+  timeout 150 "$ncu" -k regex:'slice$|vertex_sums|chunk_sums|blur_step|softmax_short_rows|insert_entries' \
     --launch-count 25 --cache-control none --clock-control none \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
     --section WarpStateStats $PY benchmarks/bench_cuda.py --once >"$REPORT/ncu.txt" 2>&1
@@ -86,3 +100,6 @@ else
   echo "no ncu on this machine"
 fi
 step "done"
+if [ ${#failed[@]} -gt 0 ]; then
+  printf 'FAILED: %s\n' "${failed[@]}"; exit 1
+fi

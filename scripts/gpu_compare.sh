@@ -19,7 +19,8 @@ REPORT=${OUT:-$PWD/gpu_report}
 mkdir -p "$REPORT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d '. ')
+arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d '. ')
+[ -n "$arch" ] || { echo "NO GPU: nvidia-smi names no compute capability; nothing to compare"; exit 1; }
 label() { basename "$1"; }
 logs=$(mktemp -d)
 : >"$REPORT/compare.md"
@@ -41,7 +42,7 @@ for tree in "$@"; do
   if wait "${job[$tree]}"; then
     built+=("$tree")
   else
-    tail -30 "$logs/build_$(label "$tree")".*log; echo "BUILD FAILED ($tree): left out"
+    tail -n 30 "$logs/build_$(label "$tree")".*log; echo "BUILD FAILED ($tree): left out"
   fi
 done
 
