@@ -1,6 +1,8 @@
-"""A small forward and backward through the CUDA entry points with every code path of the kernels
-(spatial and bilateral lattices, matrix weights, a full compatibility, symmetric normalisation), for
-compute-sanitizer to watch. Needs numpy and the native library only, so the sanitizer has little else
+"""Small forward and backward calls through the CUDA entry points that reach every path of the kernels,
+for compute-sanitizer to watch: spatial and bilateral lattices; matrix and scalar weights; full,
+diagonal and Potts compatibilities; both normalisations; rows of at most 32 labels and longer ones
+(two label tiles, the long-row softmax); the detection potential, with and without kernels; logits
+and probabilities out. Needs numpy and the native library only, so the sanitizer has little else
 to trace. Exits non-zero if a result is not finite.
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python scripts/cuda_smoke.py
@@ -65,8 +67,28 @@ def main() -> int:
     potts_result = np.empty_like(unary)
     _native.copy_from_device(potts_result, grad_unary.pointer)
     result = np.concatenate([result, potts_result])
-    ok = bool(np.isfinite(q).all() and np.isfinite(result).all())
-    print(f"cuda smoke: forward Q finite {np.isfinite(q).all()}, backward grad finite {np.isfinite(result).all()}")
+
+    # 40 labels (two label tiles, the long-row softmax), a diagonal compatibility and the detection
+    # potential, with both kernels and with none; logits, then probabilities
+    many = 40
+    long_unary = rng.normal(0, 2, (many, height, width)).astype(np.float32)
+    boxes = np.array([[2, 3, 15, 17], [0, 0, width - 1, height - 1], [10, 5, 10, 5]], np.float32)
+    for kernels, output in (("both", _native.Output.LOGITS), ("none", _native.Output.PROBABILITIES)):
+        detections = _native.DetectionPotential(
+            boxes=boxes, labels=np.array([1, 7, 39], np.int64), scores=np.array([0.9, 0.4, 0.2], np.float32),
+            detection_x=np.array([1.3], np.float32), detection_y=np.array([0.8], np.float32), score_ceiling=1.0,
+            epsilon=1e-4, recalibrated=np.zeros(3, np.float32))
+        both = [_native.Kernel(3.0, 0.0, np.array([3.0], np.float32)),
+                _native.Kernel(20.0, 30.0, np.eye(many, dtype=np.float32) * 5.0)]
+        problem = _native.Problem(
+            many, height, width, np.ascontiguousarray(planar), both if kernels == "both" else [],
+            compat=rng.uniform(-1.5, -0.5, many).astype(np.float32), normalization="after", iterations=2,
+            output=output, threads=0, detections=detections)
+        out = problem.forward_from_host(long_unary, 0)
+        result = np.concatenate([result.ravel(), out.ravel(), detections.recalibrated])
+    finite = bool(np.isfinite(q).all()), bool(np.isfinite(result).all())
+    print(f"cuda smoke: dense_crf finite {finite[0]}, the other calls' results finite {finite[1]}")
+    ok = all(finite)
     return 0 if ok else 1
 
 
