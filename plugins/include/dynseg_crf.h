@@ -114,7 +114,8 @@ typedef struct dynseg_crf_problem {
     int32_t iterations;            /* T >= 0 */
     int32_t output;                /* dynseg_output: what dynseg_crf_forward writes */
     int32_t threads;               /* 0 = all cores, else at most this many */
-    const dynseg_detections* detections; /* NULL (or count 0): no detection potential */
+    const dynseg_detections* detections; /* NULL (or count 0, its other fields then unread): no detection
+                                            potential */
 } dynseg_crf_problem;
 
 #define DYNSEG_MAX_KERNELS 8
@@ -145,7 +146,9 @@ DYNSEG_API int32_t dynseg_max_threads(void);
 DYNSEG_API dynseg_status dynseg_crf_workspace_size(const dynseg_crf_problem* problem, int32_t pass,
                                                    size_t* bytes);
 
-/* Mean-field inference: writes L^T or Q^T (problem->output), (L, H, W), to out. */
+/* Mean-field inference: writes L^T or Q^T (problem->output), (L, H, W), to out. Inputs that are finite
+ * but too large together for float32 (say, weights near FLT_MAX) overflow on the way: the call then
+ * returns DYNSEG_ERROR_INVALID_ARGUMENT saying so, its NaN or infinite outputs written all the same. */
 DYNSEG_API dynseg_status dynseg_crf_forward(const dynseg_crf_problem* problem, const float* unary,
                                             float* out, void* workspace, size_t workspace_bytes);
 
@@ -153,6 +156,7 @@ DYNSEG_API dynseg_status dynseg_crf_forward(const dynseg_crf_problem* problem, c
  * grad_logits = dLoss/dL^T, (L, H, W).
  * Recomputes the forward pass. grad_unary: (L, H, W). grad_weights[k]: NULL (not wanted) or as many
  * values as kernels[k].weight. grad_compat: NULL or as many values as compat (ignored for Potts).
+ * Gradients that overflow float32 are reported as dynseg_crf_forward's outputs are.
  * Outputs are overwritten, not accumulated. */
 DYNSEG_API dynseg_status dynseg_crf_backward(const dynseg_crf_problem* problem, const float* unary,
                                              const float* grad_logits, float* grad_unary,
@@ -180,8 +184,9 @@ DYNSEG_API dynseg_status dynseg_lattice_filter(const dynseg_crf_problem* problem
  * between host and device, so a TensorRT plugin can call them from enqueue. They validate every
  * host-side field as the CPU calls do, but cannot read device memory: non-finite values propagate
  * as NaN instead of being rejected (so do a detection's label out of range and a box without a pixel
- * in the image), and a lattice whose keys need more than 63 bits (absurdly small
- * thetas) is reported by dynseg_crf_check_cuda, its outputs filled with NaN meanwhile.
+ * in the image), and a lattice that cannot be built (features beyond what float keys resolve, or keys
+ * wider than 63 bits: absurdly small thetas) is reported by dynseg_crf_check_cuda, its outputs filled
+ * with NaN meanwhile.
  * Results are bitwise identical run to run (no floating-point atomics) and agree with the CPU
  * calls to float rounding. Without CUDA in the build every call returns DYNSEG_ERROR_NOT_SUPPORTED.
  */
@@ -192,7 +197,8 @@ DYNSEG_API int32_t dynseg_cuda_compiled(void);
 DYNSEG_API int32_t dynseg_cuda_device_count(void);
 
 /* Bytes of device workspace the CUDA calls of `pass` need for `problem` (the worst case: every lattice
- * at (d+1)·H·W vertices), including room to align the caller's pointer. */
+ * at (d+1)·H·W vertices), including room to align the caller's pointer. The size depends on the
+ * current CUDA device (its sort and scan storage), so one must be usable: DYNSEG_ERROR_CUDA otherwise. */
 DYNSEG_API dynseg_status dynseg_crf_workspace_size_cuda(const dynseg_crf_problem* problem, int32_t pass,
                                                         size_t* bytes);
 
@@ -215,7 +221,7 @@ DYNSEG_API dynseg_status dynseg_crf_check_cuda(const void* workspace, void* stre
 
 /* Convenience for callers with host arrays (the numpy API): copies the problem's arrays and `unary` to
  * device `device`, runs dynseg_crf_forward_cuda, copies the result into `out` (host) and frees
- * everything. Synchronous; allocates. */
+ * everything. Synchronous; allocates. Reports outputs that overflowed float32 as dynseg_crf_forward does. */
 DYNSEG_API dynseg_status dynseg_crf_forward_cuda_from_host(const dynseg_crf_problem* problem,
                                                            const float* unary, float* out, int32_t device);
 

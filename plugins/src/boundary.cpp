@@ -2,6 +2,7 @@
 // validation of every field of a problem, once, before any work.
 #include "boundary.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
@@ -48,12 +49,12 @@ dynseg_status validate_detections(const dynseg_crf_problem& p, bool read_arrays)
     if (d.count < 0 || d.count > kMaxEntries / 4)
         return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "detections->count must be in 0..%lld, got %lld",
                     (long long)(kMaxEntries / 4), (long long)d.count);
+    if (d.count == 0) return DYNSEG_OK;  // no potential: its other fields are not read
     if (!(std::isfinite(d.score_ceiling) && d.score_ceiling > 0.0f))
         return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "detections->score_ceiling must be finite and > 0, got %g",
                     d.score_ceiling);
     if (!(d.epsilon >= 0.0f && d.epsilon < 1.0f))
         return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "detections->epsilon must be in [0, 1), got %g", d.epsilon);
-    if (d.count == 0) return DYNSEG_OK;
     if (!d.boxes || !d.labels || !d.scores || !d.detection_x || !d.detection_y)
         return fail(DYNSEG_ERROR_INVALID_ARGUMENT,
                     "detections->boxes, labels, scores, detection_x and detection_y must not be NULL");
@@ -153,6 +154,33 @@ dynseg_status backward_supported(const dynseg_crf_problem& p) {
                     "backward does not differentiate the detection potential (the trainer does, in torch): pass "
                     "detections = NULL");
     return DYNSEG_OK;
+}
+
+dynseg_status check_forward_outputs(const dynseg_crf_problem& p, const float* out) {
+    const dynseg_detections* d = p.detections && p.detections->count > 0 ? p.detections : nullptr;
+    const bool scores_finite = !d || !d->recalibrated || all_finite(d->recalibrated, d->count);
+    if (all_finite(out, p.num_labels * p.height * p.width) && scores_finite) return DYNSEG_OK;
+    constexpr const char* kOverflow = "the logits overflowed float32 during mean field: the inputs are finite but too "
+                                      "large together; scale down the unary, the kernel weights";
+    if (!d) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "%s or the compatibility", kOverflow);
+    float largest = 0.0f;
+    for (int64_t i = 0; i < d->count; ++i) largest = std::max(largest, std::fabs(d->scores[i]));
+    return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "%s, the compatibility or the detection scores (largest |score| %g)",
+                kOverflow, largest);
+}
+
+dynseg_status check_backward_outputs(const dynseg_crf_problem& p, const float* grad_unary, float* const* grad_weights,
+                                     const float* grad_compat) {
+    const int64_t L = p.num_labels;
+    bool finite = all_finite(grad_unary, L * p.height * p.width);
+    for (int k = 0; grad_weights && k < p.num_kernels; ++k)
+        if (grad_weights[k])
+            finite = finite && all_finite(grad_weights[k], p.kernels[k].weight_kind == DYNSEG_WEIGHT_MATRIX ? L * L : 1);
+    if (grad_compat && p.compat_kind != DYNSEG_COMPAT_POTTS)
+        finite = finite && all_finite(grad_compat, p.compat_kind == DYNSEG_COMPAT_FULL ? L * L : L);
+    if (finite) return DYNSEG_OK;
+    return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "the gradients overflowed float32 during the backward pass: the inputs "
+                "are finite but too large together; scale down grad_logits, the unary or the kernel weights");
 }
 
 const char* last_error_message() { return last_error.c_str(); }

@@ -24,6 +24,13 @@ bool all_finite(const float* values, int64_t count);
 // non-finite values (only possible when they are host memory).
 dynseg_status validate(const dynseg_crf_problem* problem, bool read_arrays);
 
+// After a call on validated, finite inputs: whether its host outputs are finite too. Finite inputs
+// can still be too large together for float32, and the library reports that rather than hand back
+// NaN or infinity as a result (the outputs are written all the same).
+dynseg_status check_forward_outputs(const dynseg_crf_problem& problem, const float* out);
+dynseg_status check_backward_outputs(const dynseg_crf_problem& problem, const float* grad_unary,
+                                     float* const* grad_weights, const float* grad_compat);
+
 // What the backward calls add to validate(): logits output, no detection potential.
 dynseg_status backward_supported(const dynseg_crf_problem& problem);
 

@@ -66,12 +66,14 @@ dynseg_status dynseg_crf_forward(const dynseg_crf_problem* problem, const float*
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "unary, out and workspace must not be NULL");
         if (!dynseg::all_finite(unary, problem->num_labels * problem->height * problem->width))
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "unary holds a non-finite value");
-        return with_mean_field(*problem, DYNSEG_PASS_FORWARD, workspace, workspace_bytes,
-                               [&](dynseg::MeanField& crf, char* error, int error_len) {
-                                   if (!crf.prepare(error, error_len)) return false;
-                                   crf.forward(unary, out);
-                                   return true;
-                               });
+        if (dynseg_status s = with_mean_field(*problem, DYNSEG_PASS_FORWARD, workspace, workspace_bytes,
+                                              [&](dynseg::MeanField& crf, char* error, int error_len) {
+                                                  if (!crf.prepare(error, error_len)) return false;
+                                                  crf.forward(unary, out);
+                                                  return true;
+                                              }))
+            return s;
+        return dynseg::check_forward_outputs(*problem, out);
     });
 }
 
@@ -87,12 +89,15 @@ dynseg_status dynseg_crf_backward(const dynseg_crf_problem* problem, const float
         if (!dynseg::all_finite(unary, size)) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "unary holds a non-finite value");
         if (!dynseg::all_finite(grad_logits, size))
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "grad_logits holds a non-finite value");
-        return with_mean_field(*problem, DYNSEG_PASS_BACKWARD, workspace, workspace_bytes,
-                               [&](dynseg::MeanField& crf, char* error, int error_len) {
-                                   if (!crf.prepare(error, error_len)) return false;
-                                   crf.backward(unary, grad_logits, grad_unary, grad_weights, grad_compat);
-                                   return true;
-                               });
+        if (dynseg_status s = with_mean_field(*problem, DYNSEG_PASS_BACKWARD, workspace, workspace_bytes,
+                                              [&](dynseg::MeanField& crf, char* error, int error_len) {
+                                                  if (!crf.prepare(error, error_len)) return false;
+                                                  crf.backward(unary, grad_logits, grad_unary, grad_weights,
+                                                               grad_compat);
+                                                  return true;
+                                              }))
+            return s;
+        return dynseg::check_backward_outputs(*problem, grad_unary, grad_weights, grad_compat);
     });
 }
 

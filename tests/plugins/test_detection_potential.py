@@ -176,6 +176,18 @@ def test_bad_constants_are_named(settings, message, smooth_image, field_unary):
         run_native(*arrays, 2, **settings)
 
 
+def test_no_detections_is_no_potential_whatever_its_constants(smooth_image, field_unary):
+    # a zero-filled dynseg_detections (count 0) is what a C caller without detections may pass
+    image, unary, spatial, bilateral, compat, *_ = case(2, 3, 16, 16, 2, smooth_image, field_unary)
+    empty = _native.DetectionPotential(
+        boxes=np.zeros((0, 4), np.float32), labels=np.zeros(0, np.int64), scores=np.zeros(0, np.float32),
+        detection_x=np.zeros(1, np.float32), detection_y=np.zeros(1, np.float32), score_ceiling=0.0, epsilon=0.0,
+        recalibrated=np.zeros(0, np.float32))
+    without = native_problem(unary, image, spatial, bilateral, compat, None, 2).forward(unary)
+    np.testing.assert_array_equal(native_problem(unary, image, spatial, bilateral, compat, empty, 2).forward(unary),
+                                  without)
+
+
 def test_non_finite_weights_are_named(smooth_image, field_unary):
     arrays = list(case(2, 3, 16, 16, 2, smooth_image, field_unary))
     arrays[8] = (np.float32(np.nan), np.float32(1.0))

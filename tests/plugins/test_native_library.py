@@ -407,6 +407,38 @@ def test_the_library_refuses_a_non_finite_image_or_compat_value_naming_it(where,
         problem.forward(np.zeros((2, 6, 7), np.float32))
 
 
+@pytest.mark.parametrize("change, named", [
+    ("matrix weights", "the kernel weights"), ("full compatibility", "the compatibility"),
+    ("detection score", r"the detection scores \(largest \|score\| 3.4e\+38\)"),
+])
+def test_finite_inputs_that_overflow_float32_are_refused_not_returned_as_nan(change, named, smooth_image):
+    labels, height, width = 4, 8, 10
+    image = planar(smooth_image(height, width))
+    weight = np.full((labels, labels), 3.4e38 if change == "matrix weights" else 1.0, np.float32)
+    compat = np.full((labels, labels), 3.4e38, np.float32) if change == "full compatibility" else None
+    detections = None
+    if change == "detection score":
+        detections = _native.DetectionPotential(
+            boxes=np.array([[1, 1, 6, 5], [0, 0, 9, 7]], np.float32), labels=np.array([1, 2], np.int64),
+            scores=np.array([3.4e38, 0.5], np.float32), detection_x=np.array([1.5], np.float32),
+            detection_y=np.array([2.0], np.float32), score_ceiling=1.0, epsilon=1e-3,
+            recalibrated=np.zeros(2, np.float32))
+    problem = _native.Problem(labels, height, width, image, [_native.Kernel(3.0, 0.0, weight),
+                                                             _native.Kernel(8.0, 13.0, weight)],
+                              compat=compat, normalization="after", iterations=3, output=_native.Output.LOGITS,
+                              threads=0, detections=detections)
+    unary = np.random.default_rng(0).normal(size=(labels, height, width)).astype(np.float32)
+    with pytest.raises(InvalidArgumentError, match=f"the logits overflowed float32 during mean field: .*{named}"):
+        problem.forward(unary)
+
+
+def test_gradients_that_overflow_float32_are_refused_not_returned_as_nan(smooth_image):
+    problem = one_kernel_problem(smooth_image(6, 7), "bilateral", labels=3)
+    unary = np.zeros((3, 6, 7), np.float32)
+    with pytest.raises(InvalidArgumentError, match="the gradients overflowed float32 during the backward pass"):
+        problem.backward(unary, np.full_like(unary, 3.4e38), [True], False)
+
+
 def test_a_null_problem_is_rejected():
     size = ctypes.c_size_t()
     assert _native.library().dynseg_crf_workspace_size(None, 0, ctypes.byref(size)) == _native.Status.INVALID_ARGUMENT

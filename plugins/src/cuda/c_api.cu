@@ -259,7 +259,7 @@ dynseg_status dynseg_crf_forward_cuda_from_host(const dynseg_crf_problem* proble
             if (cudaError_t e = cudaMemcpy(recalibrated_host, detections.recalibrated, detections.count * sizeof(float),
                                            cudaMemcpyDeviceToHost))
                 return cuda_failed(e, "cudaMemcpy to the host");
-        return DYNSEG_OK;
+        return dynseg::check_forward_outputs(*problem, out);  // the results are on the host here
     });
 }
 
