@@ -332,11 +332,14 @@ bool Lattice::build(const FeatureSpec& spec, LatticeScratch& scratch, int thread
         bits += width;
     }
     if (bits > 63) {  // 63 keeps the all-ones empty-slot marker out of reach of any key
+        // each of the d coordinates takes a few bits even on a flat image, so many colour channels run
+        // out of key before the thetas do
         std::snprintf(error, error_len,
                       "lattice keys need %d bits but only 63 fit a 64-bit key: the features span too "
-                      "wide a range (%s, for a %lldx%lld image)",
+                      "wide a range (%s, for a %lldx%lld image with %lld colour channels); larger thetas or "
+                      "fewer colour channels narrow it",
                       bits, KernelThetas(spec).text, static_cast<long long>(spec.height),
-                      static_cast<long long>(spec.width));
+                      static_cast<long long>(spec.width), static_cast<long long>(spec.channels));
         return false;
     }
 

@@ -171,7 +171,7 @@ dynseg_status dynseg_crf_check_cuda(const void* workspace, void* stream) {
         if (host.code == dynseg::cuda::kKeysTooWide)
             return fail(DYNSEG_ERROR_KEY_RANGE,
                         "lattice keys of kernels[%d] need %d bits but only 63 fit a 64-bit key: the features span too "
-                        "wide a range for its theta_xy and theta_color",
+                        "wide a range; larger thetas or fewer colour channels narrow it",
                         host.kernel, host.bits);
         return DYNSEG_OK;
     });
