@@ -6,15 +6,17 @@
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
+#include <cstring>
 #include <limits>
-#include <string>
 
 #include "detections.h"
 #include "simd.h"
 
 namespace {
 
-thread_local std::string last_error;
+// A fixed buffer: recording a failure must not allocate, as it runs in the handlers of `guarded`,
+// including the one for std::bad_alloc.
+thread_local char last_error[512] = "";
 
 constexpr int64_t kMaxEntries = std::numeric_limits<int32_t>::max();
 
@@ -38,7 +40,7 @@ dynseg_status fail(dynseg_status status, const char* format, ...) {
     va_start(args, format);
     std::vsnprintf(buffer, sizeof(buffer), format, args);
     va_end(args);
-    last_error = buffer;
+    std::memcpy(last_error, buffer, sizeof(buffer));
     return status;
 }
 
@@ -183,6 +185,6 @@ dynseg_status check_backward_outputs(const dynseg_crf_problem& p, const float* g
                 "are finite but too large together; scale down grad_logits, the unary or the kernel weights");
 }
 
-const char* last_error_message() { return last_error.c_str(); }
+const char* last_error_message() { return last_error; }
 
 }  // namespace dynseg

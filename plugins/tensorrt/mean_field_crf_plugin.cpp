@@ -551,10 +551,15 @@ IPluginV3* MeanFieldCrfPluginCreator::createPlugin(char const* name, PluginField
 extern "C" {
 
 __attribute__((visibility("default"))) IPluginCreatorInterface* const* getCreators(int32_t& nbCreators) {
-    static dynseg::tensorrt::MeanFieldCrfPluginCreator creator;
-    static IPluginCreatorInterface* const creators[] = {&creator};
-    nbCreators = 1;
-    return creators;
+    nbCreators = 0;
+    try {  // the creator's first construction allocates; nothing may throw into TensorRT's loader
+        static dynseg::tensorrt::MeanFieldCrfPluginCreator creator;
+        static IPluginCreatorInterface* const creators[] = {&creator};
+        nbCreators = 1;
+        return creators;
+    } catch (...) {
+        return nullptr;
+    }
 }
 
 __attribute__((visibility("default"))) void setLoggerFinder(ILoggerFinder* finder) {

@@ -173,6 +173,25 @@ def main() -> int:
     ok = all("out of range" in e for e in errors) and "kernels[1]" in errors[1] and bool(np.isnan(out).all())
     print(f"{'ok' if ok else 'MISMATCH'}  unbuildable lattice, NaN out {np.isnan(out).all()}: {' | '.join(errors)}")
     failures += not ok
+    # with the detection potential, the recalibrated scores come back NaN as the logits do
+    recalibrated = np.zeros(1, np.float32)
+    potential = n.DetectionPotential(boxes=np.array([[1, 1, 8, 8]], np.float32), labels=np.array([1], np.int64),
+                                     scores=np.array([0.7], np.float32), detection_x=np.array([1.0], np.float32),
+                                     detection_y=np.array([1.0], np.float32), score_ceiling=1.0, epsilon=1e-4,
+                                     recalibrated=recalibrated)
+    planar = np.ascontiguousarray(stripes.transpose(2, 0, 1), dtype=np.float32)
+    failing = n.Problem(2, 16, 16, planar, [n.Kernel(1.0, 1e-30, np.ones(1, np.float32))], compat=None,
+                        normalization="after", iterations=2, output=n.Output.LOGITS, threads=0, detections=potential)
+    logits = np.zeros_like(unary)
+    buffer, nbytes = workspace(failing, n.Pass.FORWARD)
+    try:
+        failing.forward_cuda(on_device(unary), on_device(logits), buffer.ctypes.data, nbytes, 0)
+    except DynsegError:
+        pass
+    ok = bool(np.isnan(logits).all() and np.isnan(recalibrated).all())
+    print(f"{'ok' if ok else 'MISMATCH'}  unbuildable lattice with detections: NaN logits {np.isnan(logits).all()}, "
+          f"NaN scores {np.isnan(recalibrated).all()}")
+    failures += not ok
     print("all match" if failures == 0 else f"{failures} mismatches")
     return 1 if failures else 0
 

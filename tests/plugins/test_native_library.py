@@ -454,6 +454,14 @@ def test_the_cuda_workspace_query_without_a_usable_gpu_reports_a_cuda_error(smoo
         problem.workspace_size_cuda(_native.Pass.FORWARD)
 
 
+@pytest.mark.skipif(not _native.cuda_compiled(), reason="needs a library with CUDA kernels")
+def test_the_cuda_calls_refuse_more_labels_than_their_32_bit_l_by_l_sums_hold():
+    problem = _native.Problem(46341, 1, 1, None, [_native.Kernel(3.0, 0.0, np.ones(1, np.float32))], compat=None,
+                              normalization="after", iterations=1, output=_native.Output.LOGITS, threads=0)
+    with pytest.raises(InvalidArgumentError, match="num_labels must be at most 46340 for the CUDA kernels"):
+        problem.workspace_size_cuda(_native.Pass.BACKWARD)
+
+
 def test_a_dynseg_library_variable_naming_no_file_is_an_error_not_a_fall_back(monkeypatch, tmp_path):
     # a comparison of two builds that silently timed the installed one would be a wrong measurement
     monkeypatch.setenv("DYNSEG_LIBRARY", str(tmp_path / "nowhere.so"))

@@ -45,7 +45,10 @@ dynseg_status current_launch(void* stream, dynseg::cuda::Launch* launch) {
 dynseg_status check_arguments(const dynseg_crf_problem* problem) {
     if (dynseg_status s = dynseg::validate(problem, /*read_arrays=*/false)) return s;
     // The kernels index with 32 bits (CUB's item counts are 32-bit too): every lattice's entries times
-    // a label tile, and every pixels x labels array, must stay below 2^31.
+    // a label tile, every pixels x labels array and the L x L parameter gradients must stay below 2^31.
+    if (problem->num_labels * problem->num_labels > INT32_MAX)
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "num_labels must be at most 46340 for the CUDA kernels (L x L "
+                    "must stay below 2^31), got %lld", (long long)problem->num_labels);
     const int64_t pixels = problem->height * problem->width;
     const int64_t entries = pixels * (2 + problem->image_channels + 1);
     const int64_t row = dynseg::cuda::padded_channels(problem->num_labels);
@@ -84,14 +87,19 @@ struct DeviceArrays {
         for (void* p : pointers) cudaFree(p);
     }
     template <typename T>
-    dynseg_status copy(const T* host, int64_t count, T** device) {
-        *device = nullptr;
-        if (!host) return DYNSEG_OK;
+    dynseg_status allocate(int64_t count, T** device) {
         void* p = nullptr;
         if (cudaError_t e = cudaMalloc(&p, count * sizeof(T))) return cuda_failed(e, "cudaMalloc");
         pointers.push_back(p);
         *device = static_cast<T*>(p);
-        if (cudaError_t e = cudaMemcpy(p, host, count * sizeof(T), cudaMemcpyHostToDevice))
+        return DYNSEG_OK;
+    }
+    template <typename T>
+    dynseg_status copy(const T* host, int64_t count, T** device) {
+        *device = nullptr;
+        if (!host) return DYNSEG_OK;
+        if (dynseg_status s = allocate(count, device)) return s;
+        if (cudaError_t e = cudaMemcpy(*device, host, count * sizeof(T), cudaMemcpyHostToDevice))
             return cuda_failed(e, "cudaMemcpy to the device");
         return DYNSEG_OK;
     }
@@ -219,7 +227,7 @@ dynseg_status dynseg_crf_forward_cuda_from_host(const dynseg_crf_problem* proble
         on_device.compat = compat;
         dynseg_detections detections{};
         float* recalibrated_host = nullptr;
-        if (problem->detections) {
+        if (problem->detections && problem->detections->count > 0) {  // count 0: its fields are not read
             // the arrays go to the device; the recalibrated scores come back after the call
             detections = *problem->detections;
             const dynseg_detections& d = *problem->detections;
@@ -236,8 +244,10 @@ dynseg_status dynseg_crf_forward_cuda_from_host(const dynseg_crf_problem* proble
             detections.scores = scores;
             detections.detection_x = x;
             detections.detection_y = y;
-            recalibrated_host = d.recalibrated;
-            if (dynseg_status s = arrays.copy(d.recalibrated, D, &detections.recalibrated)) return s;
+            recalibrated_host = d.recalibrated;  // an output: a device buffer, copied back after the call
+            detections.recalibrated = nullptr;
+            if (recalibrated_host)
+                if (dynseg_status s = arrays.allocate(D, &detections.recalibrated)) return s;
             on_device.detections = &detections;
         }
         float* d_unary = nullptr;

@@ -32,7 +32,7 @@ struct Launch {
 };
 
 // 32-bit indices: 64-bit division costs several times more, and the entry points keep every count
-// these loops see below 2^31 (check_sizes in c_api.cu).
+// these loops see below 2^31 (check_arguments in c_api.cu).
 #define DYNSEG_FOR_EACH(i, count)                                                                  \
     for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x, i##_count = static_cast<uint32_t>(count); \
          i < i##_count; i += gridDim.x * blockDim.x)

@@ -6,8 +6,8 @@ namespace cuda {
 namespace {
 
 // One block per detection. A label outside 0..L-1 or a box without a pixel cannot be reported from
-// the device: its terms become NaN, and with them the logits inside its box (the CUDA calls' rule
-// for bad device data).
+// the device: its terms become NaN, its score, and the logits inside its box if it has any (the CUDA
+// calls' rule for bad device data).
 __global__ void box_terms(const float* q, int64_t stride, int64_t labels, int64_t height, int64_t width,
                           const float* boxes, const int64_t* class_ids, const float* scores, const float* w_x,
                           const float* w_y, float score_ceiling, float prior_cap, BoxSpan* spans,
@@ -55,6 +55,12 @@ __global__ void add_terms(float* logits, int64_t stride, int64_t labels, int64_t
     }
 }
 
+// Q(Y_d = 1) of a call whose lattice could not be built: NaN, as its logits are.
+__global__ void fail_scores(float* recalibrated, int64_t count, const Status* status) {
+    if (status->code == 0) return;
+    DYNSEG_FOR_EACH(i, count) recalibrated[i] = __int_as_float(0x7fc00000);
+}
+
 }  // namespace
 
 DetectionPotential::DetectionPotential(const dynseg_crf_problem& problem, Workspace& ws) {
@@ -71,6 +77,11 @@ DetectionPotential::DetectionPotential(const dynseg_crf_problem& problem, Worksp
 void DetectionPotential::start(const Launch& launch) const {
     if (!d_ || !d_->recalibrated) return;
     cudaMemcpyAsync(d_->recalibrated, d_->scores, d_->count * sizeof(float), cudaMemcpyDeviceToDevice, launch.stream);
+}
+
+void DetectionPotential::finish(const Status* status, const Launch& launch) const {
+    if (!d_ || !d_->recalibrated) return;
+    fail_scores<<<launch.blocks(d_->count), kThreads, 0, launch.stream>>>(d_->recalibrated, d_->count, status);
 }
 
 void DetectionPotential::add(const float* q, float* logits, int64_t stride, const Launch& launch) const {

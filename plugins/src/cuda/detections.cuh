@@ -25,6 +25,8 @@ public:
     void start(const Launch& launch) const;
     // logits <- logits + D(q), both pixel-major (N, stride); writes Q(Y_d = 1).
     void add(const float* q, float* logits, int64_t stride, const Launch& launch) const;
+    // Q(Y_d = 1) <- NaN when status says a lattice failed (the logits are NaN then too).
+    void finish(const Status* status, const Launch& launch) const;
 
 private:
     const dynseg_detections* d_ = nullptr;

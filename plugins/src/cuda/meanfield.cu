@@ -472,6 +472,7 @@ void MeanField::forward(const float* unary, float* out, const Launch& launch) {
     start(unary, q_, launch);
     run_iterations(nullptr, launch);
     finish(out, launch);
+    detections_.finish(status_, launch);
 }
 
 void MeanField::backward(const float* unary, const float* grad_logits, float* grad_unary, float* const* grad_weights,
