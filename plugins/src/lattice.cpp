@@ -43,19 +43,16 @@ struct Embedding {
     float scale[kMaxFeatureDim];
     float inv_dp1;
     float dp1;
-    int canonical[kMaxFeatureDim + 1][kMaxFeatureDim + 1];
 
     explicit Embedding(int dim) : d(dim) {
         for (int i = 0; i < d; ++i) scale[i] = feature_scale(d, i);
         inv_dp1 = 1.0f / static_cast<float>(d + 1);
         dp1 = static_cast<float>(d + 1);
-        for (int r = 0; r <= d; ++r)
-            for (int j = 0; j <= d; ++j) canonical[r][j] = j <= d - r ? r : r - (d + 1);
     }
 
     // Embeds eight pixels at once (one per lane), like densecrf's SSE build: features f[0..d)
     // in, and per lane the d+1 barycentric weights, the remainder-0 vertex (rem0) and the ranks
-    // from which every enclosing vertex follows (vertex r: rem0[i] + canonical[r][rank[i]]).
+    // from which every enclosing vertex follows (vertex r: rem0[i] + r, less d+1 where rank[i] > d - r).
     void operator()(const vec8* f, vec8* weights, vec8* rem0, vec8* rank) const {
         vec8 elevated[kMaxFeatureDim + 1];
         vec8 sm = splat8(0.0f);

@@ -69,7 +69,8 @@ public:
     void plan(Workspace& ws, const FeatureSpec& spec);
 
     // Builds the lattice into the planned arrays. Returns false, with a message in error, if the
-    // lattice coordinates cannot be packed into 64-bit keys.
+    // scaled features are beyond what float lattice keys resolve or the coordinates cannot be packed
+    // into 64-bit keys.
     bool build(const FeatureSpec& spec, LatticeScratch& scratch, int threads, char* error,
                int error_len);
 

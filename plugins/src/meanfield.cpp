@@ -241,8 +241,8 @@ std::vector<float> MeanField::padded_columns(const float* M) const {
     return out;
 }
 
-// Potts: acc already holds U + m. Otherwise acc holds m: logits = U - mu m, written into acc.
-void MeanField::finish_logits(float* acc) const {
+// Potts: acc_ already holds U + m. Otherwise acc_ holds m: logits = U - mu m, written into acc_.
+void MeanField::finish_logits() const {
     if (p_.compat_kind == DYNSEG_COMPAT_POTTS) return;
     const int64_t L = labels_, S = stride_;
     const float* mu = p_.compat;
@@ -251,7 +251,7 @@ void MeanField::finish_logits(float* acc) const {
     const float* mu_c = columns.data();
     parallel_for(pixels_, kGrain, threads_, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
-            float* row = acc + i * S;
+            float* row = acc_ + i * S;
             if (p_.compat_kind == DYNSEG_COMPAT_DIAGONAL) {
                 for (int64_t a = 0; a < L; ++a) row[a] = unary_[i * S + a] - mu[a] * row[a];
                 continue;
@@ -311,11 +311,11 @@ void MeanField::run_iterations(float* history) {
             if (detections_.active()) std::copy(unary_, unary_ + size, acc_);
         } else if (scalar) {
             scalar_messages_all_tiles(q);
-            finish_logits(acc_);
+            finish_logits();
         } else {
             if (!potts) std::fill(acc_, acc_ + size, 0.0f);
             for (int k = 0; k < K; ++k) kernel_message(k, q, k == 0);
-            finish_logits(acc_);
+            finish_logits();
         }
         detections_.add(q, acc_, stride_, threads_);
     }

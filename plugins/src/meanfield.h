@@ -48,7 +48,7 @@ private:
     void scalar_messages(int64_t c0, const float* q);
     void kernel_message(int k, const float* q, bool first);
     ivec8 lanes_in_use() const;
-    void finish_logits(float* acc) const;
+    void finish_logits() const;
     std::vector<float> padded_columns(const float* M) const;
     void softmax(const float* logits, float* q) const;
     void softmax_range(const float* logits, float* q, int64_t first, int64_t last, int threads) const;
@@ -73,7 +73,7 @@ private:
     float* filtered_ = nullptr;
     float* acc_ = nullptr;
     // backward only
-    float* history_ = nullptr;  // (T, N, L): Q^0 .. Q^{T-1}
+    float* history_ = nullptr;  // (T, N, stride): Q^0 .. Q^{T-1}
     float* grad_ = nullptr;
     float* grad_q_ = nullptr;
     float* grad_u_ = nullptr;

@@ -76,7 +76,7 @@ struct CrfShapes {
 std::string read_shapes(nvinfer1::Dims const* const dims[kNumInputs], CrfShapes* shapes);
 
 // The kernel library's workspace for these shapes (dynseg_crf_workspace_size_cuda: its worst case, with its
-// own alignment slack). It grows with L, H, W and D, so the size for the profile's maximum dims
+// own alignment slack). It grows with L, H, W, C and D, so the size for the profile's maximum dims
 // (getWorkspaceSize) covers every shape the profile admits. An empty string, else the library's message.
 std::string workspace_size(CrfAttributes const& attributes, CrfShapes const& shapes, size_t* bytes);
 
@@ -122,7 +122,6 @@ public:
     nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override;
     nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
 
-    CrfAttributes const& attributes() const { return mAttributes; }
 
 private:
     // The work of enqueue; an empty string on success, else the failure.

@@ -18,8 +18,8 @@ constexpr int64_t kMaxPartials = int64_t(8) << 20;  // doubles of per-chunk part
 bool is_matrix(const dynseg_kernel& k) { return k.weight_kind == DYNSEG_WEIGHT_MATRIX; }
 
 // dst[c][r] = src[r][c] for the rows r < rows and columns c < columns of src, through 32×32 tiles
-// in shared memory so that both sides are read and written along their rows. dst's rows past `rows`
-// (up to dst_stride) are zero padding; everything is NaN when status says a lattice failed. It turns
+// in shared memory so that both sides are read and written along their rows. Each dst row's entries
+// r in [rows, dst_stride) are zero padding; everything is NaN when status says a lattice failed. It turns
 // (L, N) planar arrays into (N, stride) pixel-major ones and back.
 constexpr int kTile = 32;
 
@@ -227,8 +227,8 @@ __global__ void add_weighted_gradient(const float* h, const float* W, bool matri
 }
 
 // Block c: its chunk's sum of R_i Q_i^T, all of it (full) or its diagonal, in double and pixel order.
-__global__ void chunk_sums(const float* R, const float* Q, int64_t labels, int64_t pixels, int64_t stride,
-                          int64_t chunk, bool full, double* partial) {
+__global__ void gradient_chunk_sums(const float* R, const float* Q, int64_t labels, int64_t pixels,
+                                    int64_t stride, int64_t chunk, bool full, double* partial) {
     const int64_t width = full ? labels * labels : labels;
     const int64_t c = blockIdx.x, first = c * chunk, last = min(pixels, first + chunk);
     for (int64_t j = threadIdx.x; j < width; j += blockDim.x) {
@@ -506,8 +506,8 @@ void MeanField::backward(const float* unary, const float* grad_logits, float* gr
                                                                                  grad_q_, L, N, S);
             // P = sum_i R_i Q_i^T: in full when a matrix needs it, else only its diagonal
             const bool full = is_matrix(kernel) || kind == DYNSEG_COMPAT_FULL;
-            chunk_sums<<<static_cast<int>(chunks), kThreads, 0, stream>>>(filtered_, Q, L, N, S, reduce_chunk_, full,
-                                                                         partial_);
+            gradient_chunk_sums<<<static_cast<int>(chunks), kThreads, 0, stream>>>(filtered_, Q, L, N, S,
+                                                                                  reduce_chunk_, full, partial_);
             if (!full) cudaMemsetAsync(P_, 0, L * L * sizeof(double), stream);
             sum_chunks<<<launch.blocks(full ? L * L : L), kThreads, 0, stream>>>(partial_, chunks, L, full, P_);
             if (!is_matrix(kernel))
