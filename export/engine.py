@@ -1,7 +1,7 @@
 """TensorRT engines of an exported dynseg model: the TensorRT-specific ONNX copy, the optimisation profile
 over the detection count D and the image size, the sidecar JSON that travels with the plan, and
-`build_engine`. Imports without TensorRT (it is imported only inside `build_engine` and
-`running_environment`), so everything but the build itself runs and is tested anywhere.
+`build_engine`. Imports without TensorRT (it is imported only through `import_tensorrt`, when a build or
+a check of the running environment needs it), so everything but the build itself runs and is tested anywhere.
 
 The CRF nodes run as the plugin of plugins/tensorrt/ (name "MeanFieldCRF", namespace "dynseg", version
 "1"), loaded from libdynseg_crf_tensorrt.so. docs/tensorrt.md describes the workflow and its limits.
@@ -240,7 +240,7 @@ def write_sidecar(plan: str | Path, *, tensorrt_version: str, compute_capability
     """Writes the sidecar JSON of `plan` (an existing plan file) and returns its path. Records the
     TensorRT version and GPU compute capability ("major.minor") it was built with, the plugin library's
     file name and sha256, the plan's sha256, the profile, the precision, and from the ONNX metadata the
-    dynseg version, op version, class names, preprocessing and max_detections."""
+    dynseg version, op version, class names, preprocessing, max_detections and the weights' sha256."""
     plan = Path(plan)
     try:
         class_names = json.loads(model_metadata["class_names"])

@@ -1,8 +1,8 @@
 """The `dynseg` command line: parses and validates arguments, then delegates to the SDK.
 
 Commands: `dynseg --version`, `dynseg --help`, `dynseg demo` (dynseg.sdk.demo.run), and, with torch
-installed, `dynseg train` and `dynseg eval` (dynseg.trainer.train.fit / predict and
-dynseg.trainer.evaluation.evaluate). Deployment (docs/deploy.md): `dynseg export` (torch;
+installed, `dynseg train` and `dynseg eval` (dynseg.trainer.train.fit / predict_each and
+dynseg.trainer.evaluation.evaluate_each). Deployment (docs/deploy.md): `dynseg export` (torch;
 dynseg.export.onnx.export_onnx), `dynseg infer` and `dynseg bench` (no torch), `dynseg validate` and
 `dynseg quickstart` (torch), each over its module in dynseg.sdk.commands. No work is done here.
 Errors dynseg raises on purpose, and files or folders the system refuses, print one line and exit
@@ -81,7 +81,7 @@ def main(
         help="Print dynseg's version and the native library's version, then exit.",
     ),
 ) -> None:
-    """Dynamically Instantiated Network instance segmentation: the CRF demo, training and evaluation."""
+    """Dynamically Instantiated Network instance segmentation: the CRF demo, training, evaluation and deployment."""
 
 
 @app.command()

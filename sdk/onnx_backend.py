@@ -281,9 +281,4 @@ class OnnxRuntimeBackend:
         host = {name: np.array(values[name].numpy()) for name in OUTPUTS}
         host["instance_logits"], host["semantic_probabilities"] = (host["instance_logits"][0],
                                                                    host["semantic_probabilities"][0])
-        # on the CPU the kernel library refuses logits that overflowed float32; the CUDA kernels cannot
-        # read their results back, so their NaN shows only here
-        if place.device_type == "cuda" and not all(np.isfinite(array).all() for array in host.values()):
-            raise InvalidArgumentError("the model's outputs overflowed float32 in its CRF nodes: the detection scores "
-                                       "or the model's CRF weights are too large")
         return host

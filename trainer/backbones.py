@@ -62,7 +62,7 @@ class TorchvisionBackbone(nn.Module):
         """torchvision key → (own key, shape the tensor has in a torchvision file). Same names by default."""
         return {key: (key, tuple(value.shape)) for key, value in self.state_dict(keep_vars=True).items()}
 
-    def _convert(self, torchvision_key: str, tensor: Tensor, own_shape: torch.Size) -> Tensor:
+    def _convert(self, tensor: Tensor, own_shape: torch.Size) -> Tensor:
         return tensor
 
     def load_torchvision_state_dict(self, state_dict: Mapping[str, Tensor], *, source: str = "state_dict") -> None:
@@ -106,7 +106,7 @@ class TorchvisionBackbone(nn.Module):
         converted = dict(own_state)  # keeps our num_batches_tracked where the file has none
         for key, tensor in given.items():
             own_key = layout[key][0]
-            converted[own_key] = self._convert(key, tensor, own_state[own_key].shape)
+            converted[own_key] = self._convert(tensor, own_state[own_key].shape)
         self.load_state_dict(converted, strict=True)
 
 
@@ -360,7 +360,7 @@ class VGG16(TorchvisionBackbone):
             layout[f"{tv_name}.bias"] = layout.pop(f"{own_name}.bias")
         return layout
 
-    def _convert(self, torchvision_key: str, tensor: Tensor, own_shape: torch.Size) -> Tensor:
+    def _convert(self, tensor: Tensor, own_shape: torch.Size) -> Tensor:
         # torchvision flattens pool5 channel-major (C, 7, 7), the order of a conv weight's last 3 dims.
         return tensor.reshape(own_shape)
 

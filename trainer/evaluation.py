@@ -1,10 +1,12 @@
 """Instance-segmentation metrics: AP^r, AP^r_vol, Matching IoU, PQ and COCO mask AP (docs/algorithm.md §8).
 
-One entry point, `evaluate`, takes per-image predictions and ground truth as boolean masks and returns
-every metric as a fraction. All metrics share one overlap computation per image: the masks are
-flattened and multiplied (float32 while H*W < 2**24, float64 beyond, so the counts are exact), giving
-|P ∩ G| for every predicted/ground-truth pair, |P|, |P ∩ void| and |G \\ void|. Every IoU is a float64
-division of those integer counts; an IoU whose union is empty is 0.
+`evaluate` takes per-image predictions and ground truth as boolean masks and returns every metric as a
+fraction; `evaluate_each` does the same over an iterable of (prediction, ground truth) pairs, holding
+one image's masks at a time; `write_metrics` writes them as JSON and a markdown table. All metrics share
+one overlap computation per image: the masks are flattened and multiplied (float32 while H*W < 2**24,
+float64 beyond, so the counts are exact), giving |P ∩ G| for every predicted/ground-truth pair, |P|,
+|P ∩ void| and |G \\ void|. Every IoU is a float64 division of those integer counts; an IoU whose union is
+empty is 0.
 
 Void. Void pixels (VOC's 255) belong to nothing: they are removed from every ground-truth mask, and,
 except in AP^r's "voc" protocol, from every predicted mask before its IoU is computed (so predicting
@@ -74,7 +76,8 @@ import numpy as np
 
 from .matching import matched_pairs
 
-__all__ = ["AP_R_THRESHOLDS", "PROTOCOLS", "evaluate"]
+__all__ = ["AP_R_THRESHOLDS", "PROTOCOLS", "evaluate", "evaluate_each", "json_ready", "metrics_table",
+           "write_metrics"]
 
 AP_R_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 PROTOCOLS = ("original", "voc")
@@ -172,7 +175,7 @@ def metrics_table(metrics: dict) -> str:
     return "| metric | value |\n| --- | ---: |\n" + "\n".join(f"| {name} | {100 * v:.1f} |" for name, v in rows)
 
 
-def write_metrics(folder: Path, metrics: dict) -> tuple[Path, Path]:
+def write_metrics(folder: str | Path, metrics: dict) -> tuple[Path, Path]:
     """Write `evaluate`'s metrics into folder as metrics.json (NaN as null) and metrics.md (the table)."""
     folder = Path(folder)
     as_json, as_table = folder / "metrics.json", folder / "metrics.md"

@@ -1,4 +1,4 @@
-"""`dynseg bench`: latency and throughput of an exported model (the onnxruntime backend on the CPU)
+"""`dynseg bench`: latency and throughput of an exported model (the onnxruntime backend, on `--device`)
 over a sweep of detection counts D and image sizes, split into the network (onnxruntime's partitions),
 the CRFs (the dynseg::MeanFieldCRF nodes on the native kernels) and the post-processing
 (`results.build_result`). With a checkpoint, the PyTorch backend's time for the same inputs (network

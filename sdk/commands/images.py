@@ -1,6 +1,6 @@
 """Which detections go with which image: read from a detector's COCO results file, or generated.
 
-A results file is the format `dynseg train --detections` reads (dynseg.trainer.data.detections, which
+A results file is the format `dynseg train --detections` reads (`dynseg.sdk.coco_results`, which
 needs no torch): a JSON list of {"image_id", "category_id", "bbox": [x, y, w, h], "score"}. For image
 files the `image_id` names the file by its stem, the convention of the VOC and SBD loaders:
 
@@ -63,7 +63,7 @@ def read_detections(results: str | Path, images: Sequence[str | Path]) -> list[I
     wanted = [image_id for path in paths for image_id in image_ids(path)]
     try:
         entries = read_coco_results(results)
-    except (OSError, UnicodeDecodeError) as error:
+    except OSError as error:  # read_coco_results names a malformed file itself
         raise InvalidArgumentError(f"detections file {results} could not be read: {error}") from error
     found = detections_by_image(entries, wanted)
     out = []

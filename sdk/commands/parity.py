@@ -1,8 +1,8 @@
 """`dynseg validate`: does an exported model compute what its checkpoint computes?
 
 Runs the exported model (onnxruntime backend) and the checkpoint (torch backend) on the same images
-and detections and compares, per image (the tolerances below, the rules of
-tests/export/test_onnx_parity.py):
+and detections and compares, per image (the tolerances below, which tests/export/test_onnx_parity.py
+holds the export to as well):
 
 - instance probabilities: max |Δ| of softmax(instance logits) over the D+1 labels, at most 1e-4;
 - semantic probabilities: max |Δ|, at most 1e-3 (looser than the instance bound: the
@@ -19,7 +19,7 @@ check passes and shows the value each check measured beside its limit.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -161,13 +161,12 @@ def check_same_model(exported: Segmenter, reference: Segmenter) -> None:
                                    "with the checkpoint it was exported from")
 
 
-def validate(exported: Segmenter, reference: Segmenter, cases: Iterable[tuple[str, np.ndarray, ImageDetections]], *,
-             on_image: Callable[[ImageParity], object] | None = None) -> ParityReport:
+def validate(exported: Segmenter, reference: Segmenter,
+             cases: Iterable[tuple[str, np.ndarray, ImageDetections]]) -> ParityReport:
     """Runs the exported model (an onnxruntime Segmenter) and the checkpoint (a torch Segmenter on the
     CPU, the reference) on each (name, (H, W, 3) uint8 image, detections with boxes, labels, scores)
     case and returns the report. Raises InvalidArgumentError when the export is not the checkpoint's
-    (`check_same_model`) or a case has more detections than the export takes.
-    `on_image(parity)` is called after each image."""
+    (`check_same_model`) or a case has more detections than the export takes."""
     check_same_model(exported, reference)
     cases = list(cases)
     check_detection_counts([(name, len(dets.scores)) for name, _, dets in cases], exported.max_detections, "",
@@ -176,8 +175,5 @@ def validate(exported: Segmenter, reference: Segmenter, cases: Iterable[tuple[st
     for name, image, dets in cases:
         (candidate, candidate_outputs), (expected, reference_outputs) = (
             s.segment_with_outputs(image, dets.boxes, dets.labels, dets.scores) for s in (exported, reference))
-        parity = compare(name, candidate_outputs, reference_outputs, candidate, expected)
-        report.images.append(parity)
-        if on_image is not None:
-            on_image(parity)
+        report.images.append(compare(name, candidate_outputs, reference_outputs, candidate, expected))
     return report

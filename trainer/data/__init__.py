@@ -1,9 +1,9 @@
 """Datasets and detections for training: the built-in synthetic scenes and a detector simulator.
 
-`SyntheticScenes` draws procedural scenes (numpy only) with the cases the instance CRF exists for:
-same-class occlusion, clutter, truncation. `simulate_detections` turns ground-truth boxes into the
-imperfect detections the CRF's labels come from; `load_coco_detections` reads a real detector's
-COCO results file instead.
+`SyntheticScenes` draws procedural scenes (numpy drawing, boxes through the torch box helpers) with the
+cases the instance CRF exists for: same-class occlusion, clutter, truncation. `simulate_detections`
+turns ground-truth boxes into the imperfect detections the CRF's labels come from;
+`load_coco_detections` reads a real detector's COCO results file instead.
 """
 
 from .detections import DetectionKind, load_coco_detections, simulate_detections
