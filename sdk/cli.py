@@ -268,11 +268,11 @@ def evaluate_command(
     _torch_or_fail("dynseg eval")
 
     from dynseg.trainer.checkpoint import load_checkpoint, read_training_data
-    from dynseg.trainer.evaluation import evaluate_each, metrics_table, write_metrics
+    from dynseg.trainer.evaluation import PROTOCOLS, evaluate_each, metrics_table, write_metrics
     from dynseg.trainer.train import predict_each
 
-    if protocol not in ("original", "voc"):
-        raise typer.BadParameter("must be original or voc", param_hint="--protocol")
+    if protocol not in PROTOCOLS:
+        raise typer.BadParameter(f"must be one of {', '.join(PROTOCOLS)}", param_hint="--protocol")
     trained_on = read_training_data(checkpoint)
     if seed is None:
         seed = trained_on["seed"] + 1 if trained_on else 1

@@ -365,14 +365,19 @@ def _semantic_batch(dataset: Samples, config: TrainConfig, step: int, positions:
     return batch, pixels / total if total else 1 / distributed.world_size()
 
 
-def _with_detections(sample: dict, rng: np.random.Generator, num_classes: int) -> dict:
-    """The augmented sample with its detections: its own (from a results file, see `data.sources`)
-    when it has them, else simulated from its ground truth with the sample's generator."""
-    height, width = sample["image"].shape[1:]
-    detections = sample.get("detections") or simulate_detections(
-        sample["boxes"].numpy(), sample["labels"].numpy(), image_size=(height, width), rng=rng,
+def _detections_of(sample: Mapping[str, Any], image_size: tuple[int, int], rng: np.random.Generator,
+                   num_classes: int) -> Detections:
+    """A sample's own detections (from a results file, see `data.sources`) when it has them, else
+    detections simulated from its ground truth with `rng`."""
+    return sample.get("detections") or simulate_detections(
+        np.asarray(sample["boxes"]), np.asarray(sample["labels"]), image_size=image_size, rng=rng,
         num_classes=num_classes)
-    return {**sample, "detections": detections}
+
+
+def _with_detections(sample: dict, rng: np.random.Generator, num_classes: int) -> dict:
+    """The augmented sample with its detections, simulated ones drawn with the sample's generator."""
+    height, width = sample["image"].shape[1:]
+    return {**sample, "detections": _detections_of(sample, (height, width), rng, num_classes)}
 
 
 def _instance_batch(dataset: Samples, config: TrainConfig, step: int, position: int, num_classes: int) -> dict:
@@ -452,9 +457,8 @@ def held_out(dataset: Samples, *, seed: int,
     for index in range(len(dataset)):
         sample = dataset[index]
         image = torch.from_numpy(sample["image"]).permute(2, 0, 1).float()
-        detections = sample.get("detections") or simulate_detections(
-            sample["boxes"], sample["labels"], image_size=(image.shape[1], image.shape[2]),
-            rng=np.random.default_rng([seed, index]), num_classes=num_classes)
+        detections = _detections_of(sample, (image.shape[1], image.shape[2]), np.random.default_rng([seed, index]),
+                                    num_classes)
         truth = {"masks": sample["masks"], "labels": sample["labels"], "void": sample["semantic"] == VOID}
         yield image, {k: torch.from_numpy(detections[k]) for k in ("boxes", "labels", "scores")}, truth
 

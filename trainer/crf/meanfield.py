@@ -102,12 +102,7 @@ def mean_field(
                 f"kernels[{index}] lattice has {lattice.num_points} points but unary has H*W = {n_points}"
             )
         if isinstance(weight, Tensor):
-            if weight.dim() == 2 and tuple(weight.shape) != (n_labels, n_labels):
-                raise ValueError(
-                    f"kernels[{index}] weight must be a scalar or ({n_labels}, {n_labels}), "
-                    f"got {tuple(weight.shape)}"
-                )
-            if weight.dim() not in (0, 2):
+            if weight.dim() not in (0, 2) or (weight.dim() == 2 and tuple(weight.shape) != (n_labels, n_labels)):
                 raise ValueError(
                     f"kernels[{index}] weight must be a scalar or ({n_labels}, {n_labels}), "
                     f"got {tuple(weight.shape)}"

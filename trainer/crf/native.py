@@ -215,8 +215,7 @@ def mean_field_native(
     """
     if not isinstance(unary, Tensor) or unary.dim() != 3:
         raise InvalidArgumentError(f"unary must be an (L, H, W) tensor, got {getattr(unary, 'shape', type(unary))}")
-    if unary.device.type not in ("cpu", "cuda"):
-        raise InvalidArgumentError(f"unary must be a CPU or CUDA tensor, got {unary.device}")
+    _check_device("unary", unary)
     if unary.is_cuda:
         _native.check_cuda_device(unary.device.index or 0)
     if unary.dtype != torch.float32:
