@@ -47,10 +47,13 @@ class Check:
     def __bool__(self) -> bool:
         return self.value <= self.limit if self.at_most else self.value >= self.limit
 
+    def format(self, number: float) -> str:
+        """A value or limit of this check as the report prints it: small differences in exponent form."""
+        return f"{number:.2e}" if self.at_most else f"{number:.5f}"
+
     def __str__(self) -> str:
         sign = "<=" if self.at_most else ">="
-        number = (lambda v: f"{v:.2e}") if self.at_most else (lambda v: f"{v:.5f}")
-        return f"{self.name} {number(self.value)} ({sign} {number(self.limit)}) {'ok' if self else 'FAIL'}"
+        return f"{self.name} {self.format(self.value)} ({sign} {self.format(self.limit)}) {'ok' if self else 'FAIL'}"
 
 
 @dataclass(frozen=True)
@@ -98,11 +101,11 @@ class ParityReport:
         lines = ["| image | H x W | D | N | " + " | ".join(names) + " | result |",
                  "| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in names) + " | --- |"]
         for image in self.images:
-            values = [_value(c) for c in image.checks]
+            values = [c.format(c.value) for c in image.checks]
             lines.append(f"| {image.name} | {image.size[0]} x {image.size[1]} | {image.detections} | "
                          f"{image.instances} | " + " | ".join(values) + f" | {'ok' if image else 'FAIL'} |")
-        limits = [("<= " if c.at_most else ">= ") + _value(Check(c.name, c.limit, c.limit, c.at_most))
-                  for c in (self.images[0].checks if self.images else [])]
+        first = self.images[0].checks if self.images else []
+        limits = [("<= " if c.at_most else ">= ") + c.format(c.limit) for c in first]
         lines.append("| limit | | | | " + " | ".join(limits) + " | |")
         return "\n".join(lines)
 
@@ -111,10 +114,6 @@ def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
     """Softmax along `axis` (float32 in, float32 out)."""
     e = np.exp(x - x.max(axis=axis, keepdims=True))
     return e / e.sum(axis=axis, keepdims=True)
-
-
-def _value(check: Check) -> str:
-    return f"{check.value:.2e}" if check.at_most else f"{check.value:.5f}"
 
 
 def compare(name: str, candidate: dict, reference: dict, candidate_result: SegmentationResult,
