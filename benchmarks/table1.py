@@ -28,7 +28,7 @@ from dynseg.trainer.data import SyntheticScenes
 from dynseg.trainer.evaluation import evaluate
 from dynseg.trainer.model import InstanceConfig, ModelConfig, build_model, check_detections
 from dynseg.trainer.checkpoint import load_checkpoint
-from dynseg.trainer.train import TrainConfig, held_out, initialise_templates, predict, train
+from dynseg.trainer.train import TrainConfig, evaluation_inputs, initialise_templates, predict, train
 
 TERMS = {
     "Box": dict(box_term=True, global_term=False, shape_term=False),
@@ -46,7 +46,7 @@ def refinement_baseline(model, dataset, *, seed: int) -> tuple[list[dict], list[
     """Each detection's mask: its box's pixels where Q_sem(class) > 0.5; ranked by detector score."""
     model.eval()
     predictions, ground_truths = [], []
-    for image, detections, truth in held_out(dataset, seed=seed, num_classes=model.config.num_classes):
+    for image, detections, truth in evaluation_inputs(dataset, seed=seed, num_classes=model.config.num_classes):
         boxes, labels, scores = check_detections(detections["boxes"], detections["labels"], detections["scores"],
                                                  height=image.shape[1], width=image.shape[2],
                                                  num_classes=model.config.num_classes)

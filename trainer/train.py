@@ -448,8 +448,8 @@ def initialise_templates(model: DynamicallyInstantiatedNetwork, dataset: Samples
         model.instance_unaries.initialise_templates(masks, boxes, seed=seed)
 
 
-def held_out(dataset: Samples, *, seed: int,
-             num_classes: int) -> Iterator[tuple[Tensor, dict[str, Tensor], dict[str, np.ndarray]]]:
+def evaluation_inputs(dataset: Samples, *, seed: int,
+                      num_classes: int) -> Iterator[tuple[Tensor, dict[str, Tensor], dict[str, np.ndarray]]]:
     """Yields (image (3, H, W) float 0..255, detections, ground truth) for every sample. Detections
     are the sample's own when it has them (`data.sources.with_detections`), else simulated from the
     ground truth by a generator seeded by (seed, index), so every method evaluated with the same seed
@@ -477,7 +477,7 @@ def predict_each(model: DynamicallyInstantiatedNetwork, dataset: Samples, *,
     simulated from the ground truth: the same detections for the same seed), yielding each image's
     (prediction, ground truth) as `evaluation.evaluate` reads them, one image at a time."""
     model.eval()
-    for image, detections, truth in held_out(dataset, seed=seed, num_classes=model.config.num_classes):
+    for image, detections, truth in evaluation_inputs(dataset, seed=seed, num_classes=model.config.num_classes):
         with torch.no_grad():
             out = model(image, detections["boxes"], detections["labels"], detections["scores"])
         # the SDK's post-processing, so that evaluation scores what a deployed model returns

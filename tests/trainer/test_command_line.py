@@ -20,7 +20,7 @@ from dynseg.sdk.inputs import check_detections
 from dynseg.trainer.data import SyntheticScenes
 from dynseg.trainer.data.sources import inside_image, with_detections
 from dynseg.trainer.progress import LiveProgress
-from dynseg.trainer.train import TrainConfig, _instance_batch, augment, held_out
+from dynseg.trainer.train import TrainConfig, _instance_batch, augment, evaluation_inputs
 
 runner = CliRunner()
 TINY = ["--semantic-steps", "2", "--instance-steps", "2"]
@@ -132,13 +132,15 @@ def test_training_and_evaluation_take_a_results_files_detections_rather_than_sim
     # the same two boxes in every scene, a confident one and a doubtful one: any drawn sample has them
     boxes, labels, scores = np.array([[3, 4, 20, 30], [30, 10, 60, 40]], np.float32), [1, 2], [0.9, 0.3]
     entries = [{"image_id": index, "category_id": label, "bbox": [x1, y1, x2 - x1 + 1, y2 - y1 + 1], "score": score}
-               for index in range(len(scenes)) for (x1, y1, x2, y2), label, score in zip(boxes.tolist(), labels, scores)]
+               for index in range(len(scenes))
+               for (x1, y1, x2, y2), label, score in zip(boxes.tolist(), labels, scores)]
     dataset = with_detections(scenes, _results_file(tmp_path / "dets.json", entries))
-    evaluated = list(held_out(dataset, seed=0, num_classes=scenes.num_classes))
+    evaluated = list(evaluation_inputs(dataset, seed=0, num_classes=scenes.num_classes))
     assert len(evaluated) == len(scenes)
     for _, detections, _ in evaluated:
         np.testing.assert_array_equal(detections["boxes"].numpy(), boxes)
-        assert detections["labels"].tolist() == labels and detections["scores"].numpy().tolist() == pytest.approx(scores)
+        assert detections["labels"].tolist() == labels
+        assert detections["scores"].numpy().tolist() == pytest.approx(scores)
     # stage 2's batches, with the augmentation off so that the boxes stay where they are
     config = TrainConfig(stage="instance", scale_range=(1.0, 1.0), mirror=False)
     for step in range(3):
