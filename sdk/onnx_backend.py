@@ -236,16 +236,16 @@ class OnnxRuntimeBackend:
         self._threads = threads
         self.path = Path(path)
         model = _load(self.path)
-        self.metadata = _check_dynseg(model, self.path)
+        metadata = _check_dynseg(model, self.path)
         try:
-            names = json.loads(self.metadata["class_names"])
+            names = json.loads(metadata["class_names"])
             if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
                 raise ValueError(f"class_names must be a non-empty list of names, got {names!r:.80}")
             self.class_names: tuple[str, ...] = tuple(names)
-            self.max_detections = int(self.metadata["max_detections"])
+            self.max_detections = int(metadata["max_detections"])
             if self.max_detections < 1:
                 raise ValueError(f"max_detections must be at least 1, got {self.max_detections}")
-            self.weights_fingerprint: str | None = self.metadata.get("weights_sha256")
+            self.weights_fingerprint: str | None = metadata.get("weights_sha256")
         except (KeyError, TypeError, ValueError) as error:
             raise InvalidArgumentError(f"model file {self.path} has malformed dynseg metadata ({error!r}): export it "
                                        "again with `dynseg export`") from None
