@@ -21,6 +21,7 @@ import typer
 from typer.core import TyperGroup
 
 from . import __version__
+from .commands import defaults
 from .commands import quickstart as quickstart_job
 from .errors import INSTALL_TRAINER, DynsegError, InvalidArgumentError
 
@@ -133,7 +134,7 @@ _DETECTIONS_HELP = ("Detections as a COCO results JSON file (image_id, category_
                     "default: simulated from the ground truth.")
 
 
-_MIN_SIDE = 32  # the synthetic scenes' smallest (SyntheticScenes refuses less)
+_MIN_SIDE = defaults.MIN_IMAGE_SIDE  # the synthetic scenes' smallest (SyntheticScenes refuses less)
 _MAX_SIDE = 4096  # synthetic scenes are made in memory: a 100000x100000 one would need 149 GiB
 
 
@@ -185,13 +186,14 @@ def train(
     backbone: str = typer.Option("resnet18", "--backbone", help="resnet18, resnet50, resnet101 or vgg16_fcn8s."),
     pretrained: Optional[Path] = typer.Option(None, "--pretrained", exists=True, dir_okay=False,
                                               help="torchvision ImageNet weights for the backbone."),
-    images: int = typer.Option(400, "--images", min=1, help="Synthetic training images."),
-    image_size: tuple[int, int] = typer.Option((96, 120), "--image-size", metavar="H W",
+    images: int = typer.Option(defaults.TRAIN_IMAGES, "--images", min=1, help="Synthetic training images."),
+    image_size: tuple[int, int] = typer.Option(defaults.IMAGE_SIZE, "--image-size", metavar="H W",
                                                   help="Synthetic images' height and width."),
-    semantic_steps: int = typer.Option(600, "--semantic-steps", min=0, help="Stage 1 steps."),
-    instance_steps: int = typer.Option(100, "--instance-steps", min=0, help="Stage 2 steps."),
+    semantic_steps: int = typer.Option(defaults.SEMANTIC_STEPS, "--semantic-steps", min=0, help="Stage 1 steps."),
+    instance_steps: int = typer.Option(defaults.INSTANCE_STEPS, "--instance-steps", min=0, help="Stage 2 steps."),
     mode: str = typer.Option("piecewise", "--mode", help="Stage 2: piecewise (semantic frozen) or end-to-end."),
-    learning_rate: float = typer.Option(0.02, "--lr", help="Stage 1 learning rate (stage 2 uses a 20th)."),
+    learning_rate: float = typer.Option(defaults.LEARNING_RATE, "--lr", help="Stage 1 learning rate (stage 2 uses a "
+                                        f"{defaults.INSTANCE_LR_DIVISOR}th)."),
     held_out_images: int = typer.Option(
         0, "--held-out-images", min=0,
         help="Score stage 2 after every epoch on this many held-out images (synthetic: seed + 1; on disk: the "
@@ -238,7 +240,7 @@ def train(
         fit(model, data, out_dir=out,
             semantic=TrainConfig(stage="semantic", steps=semantic_steps, learning_rate=learning_rate, seed=seed),
             instance=TrainConfig(stage="instance", mode=cast("TrainMode", mode), steps=instance_steps,
-                                 learning_rate=learning_rate / 20, seed=seed),
+                                 learning_rate=learning_rate / defaults.INSTANCE_LR_DIVISOR, seed=seed),
             printer=typer.echo, live=sys.stdout.isatty(), held_out=held_out, eval_seed=seed + 1)
     except (DynsegError, OSError) as error:  # an annotation or image the dataset could not read
         raise _fail(str(error)) from error
@@ -277,7 +279,7 @@ def evaluate_command(
     if seed is None:
         seed = trained_on["seed"] + 1 if trained_on else 1
     if image_size is None:
-        image_size = tuple(trained_on["image_size"]) if trained_on else (96, 120)
+        image_size = tuple(trained_on["image_size"]) if trained_on else defaults.IMAGE_SIZE
     if dataset == "synthetic" and trained_on and trained_on["dataset"] == "synthetic" and seed == trained_on["seed"]:
         typer.echo(f"Warning: --seed {seed} is the seed {checkpoint} was trained with: these are its training scenes, "
                    "not held-out ones", err=True)

@@ -36,6 +36,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from dynseg.sdk.commands import defaults
+
 __all__ = ["init_from_environment", "is_main", "rank", "world_size", "shard", "all_reduce", "shutdown", "main"]
 
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -115,13 +117,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dynseg.trainer.distributed", description=main.__doc__)
     parser.add_argument("--out", required=True, help="folder for checkpoints and logs (shared between machines)")
     parser.add_argument("--backbone", default="resnet18")
-    parser.add_argument("--images", type=int, default=400, help="synthetic training images")
-    parser.add_argument("--image-size", type=int, nargs=2, default=(96, 120), metavar=("H", "W"))
-    parser.add_argument("--semantic-steps", type=int, default=600)
-    parser.add_argument("--instance-steps", type=int, default=100)
+    parser.add_argument("--images", type=int, default=defaults.TRAIN_IMAGES, help="synthetic training images")
+    parser.add_argument("--image-size", type=int, nargs=2, default=defaults.IMAGE_SIZE, metavar=("H", "W"))
+    parser.add_argument("--semantic-steps", type=int, default=defaults.SEMANTIC_STEPS)
+    parser.add_argument("--instance-steps", type=int, default=defaults.INSTANCE_STEPS)
     parser.add_argument("--batch-size", type=int, default=4, help="stage 1 global batch, a multiple of the processes")
     parser.add_argument("--mode", choices=("piecewise", "end-to-end"), default="piecewise")
-    parser.add_argument("--lr", type=float, default=0.02, help="stage 1 learning rate (stage 2 uses a 20th)")
+    parser.add_argument("--lr", type=float, default=defaults.LEARNING_RATE,
+                        help=f"stage 1 learning rate (stage 2 uses a {defaults.INSTANCE_LR_DIVISOR}th)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -140,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             semantic=TrainConfig(stage="semantic", steps=args.semantic_steps, batch_size=args.batch_size,
                                  learning_rate=args.lr, seed=args.seed),
             instance=TrainConfig(stage="instance", mode=args.mode, steps=args.instance_steps,
-                                 learning_rate=args.lr / 20, seed=args.seed),
+                                 learning_rate=args.lr / defaults.INSTANCE_LR_DIVISOR, seed=args.seed),
             printer=print)  # train prints on rank 0 only
         if is_main():
             print(f"wrote {args.out}/model.safetensors and {args.out}/model.json; next: dynseg eval {args.out}")

@@ -1,6 +1,7 @@
 """The work behind the deployment commands of `dynseg` (sdk/cli.py parses arguments and prints; these
 modules do the work and return what the command reports).
 
+- `defaults`: the synthetic training run's defaults that `dynseg train` and `dynseg quickstart` share.
 - `images`: which detections go with which image file (a COCO results file, or generated boxes).
 - `infer`: segment image files with an exported model; overlays, instance-id PNGs, COCO results.
 - `parity`: the exported model against its checkpoint (`dynseg validate`), a report truthy on pass.

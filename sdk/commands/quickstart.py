@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DetectionsDroppedWarning
-from . import parity
+from . import defaults, parity
 from .images import ImageDetections
 
 DEFAULT_STEPS = 1400
-TRAIN_IMAGES, IMAGE_SIZE, NUM_CLASSES = 400, (96, 120), 4
+NUM_CLASSES = 4
 HELD_OUT_IMAGES, SEGMENTED_SCENES = 20, 3
 
 # The coffee photo (500x375) with boxes drawn by hand: xyxy inclusive pixels, and a class for each. The
@@ -77,19 +77,23 @@ def run(out: str | Path, *, steps: int = DEFAULT_STEPS, seed: int = 0, printer: 
     checkpoint = out / "checkpoint"
     semantic_steps, instance_steps = split_steps(steps)
 
-    printer(f"1/5 training the resnet18 network on {TRAIN_IMAGES} synthetic scenes: {semantic_steps} semantic "
-            f"+ {instance_steps} instance steps")
+    printer(f"1/5 training the resnet18 network on {defaults.TRAIN_IMAGES} synthetic scenes: {semantic_steps} "
+            f"semantic + {instance_steps} instance steps")
     torch.manual_seed(seed)
-    data = SyntheticScenes(size=TRAIN_IMAGES, image_size=IMAGE_SIZE, num_classes=NUM_CLASSES, seed=seed)
+    data = SyntheticScenes(size=defaults.TRAIN_IMAGES, image_size=defaults.IMAGE_SIZE, num_classes=NUM_CLASSES,
+                           seed=seed)
     model = build_model(ModelConfig(backbone="resnet18", class_names=tuple(data.class_names[1:])))
     fit(model, data, out_dir=checkpoint,
-        semantic=TrainConfig(stage="semantic", steps=semantic_steps, learning_rate=0.02, seed=seed),
-        instance=TrainConfig(stage="instance", steps=instance_steps, learning_rate=0.001, seed=seed),
+        semantic=TrainConfig(stage="semantic", steps=semantic_steps, learning_rate=defaults.LEARNING_RATE,
+                             seed=seed),
+        instance=TrainConfig(stage="instance", steps=instance_steps,
+                             learning_rate=defaults.LEARNING_RATE / defaults.INSTANCE_LR_DIVISOR, seed=seed),
         printer=printer, live=live)
-    write_training_data(checkpoint, dataset="synthetic", seed=seed, image_size=IMAGE_SIZE)
+    write_training_data(checkpoint, dataset="synthetic", seed=seed, image_size=defaults.IMAGE_SIZE)
 
     printer(f"2/5 evaluating on {HELD_OUT_IMAGES} held-out scenes (seed {seed + 1}, simulated detections)")
-    held_out = SyntheticScenes(size=HELD_OUT_IMAGES, image_size=IMAGE_SIZE, num_classes=NUM_CLASSES, seed=seed + 1)
+    held_out = SyntheticScenes(size=HELD_OUT_IMAGES, image_size=defaults.IMAGE_SIZE, num_classes=NUM_CLASSES,
+                               seed=seed + 1)
     metrics = evaluate(*predict(model, held_out, seed=seed + 1), num_classes=NUM_CLASSES)
     metric_files = write_metrics(out, metrics)
 

@@ -33,6 +33,7 @@ from typing import TypedDict
 
 import numpy as np
 
+from dynseg.sdk.commands.defaults import MIN_IMAGE_SIDE
 from dynseg.sdk.errors import InvalidArgumentError
 from dynseg.sdk.inputs import int_in, is_int
 
@@ -110,7 +111,7 @@ class SyntheticScenes:
 
     Args (keyword-only):
         size: number of images.
-        image_size: (H, W) in pixels, each at least 32.
+        image_size: (H, W) in pixels, each at least MIN_IMAGE_SIDE (32).
         num_classes: K, 1..6; classes are `class_names[1:]`.
         max_instances: N, 1..253; each image has 1..N visible instances (fewer than drawn when a
             placement keeps failing the visibility rules).
@@ -129,8 +130,8 @@ class SyntheticScenes:
         void_border: bool = True,
     ):
         self.size = int_in("size", size, 0)
-        if len(tuple(image_size)) != 2 or any(not is_int(s) or s < 32 for s in image_size):
-            raise InvalidArgumentError(f"image_size must be (H, W) ints, each >= 32, got {image_size!r}")
+        if len(tuple(image_size)) != 2 or any(not is_int(s) or s < MIN_IMAGE_SIDE for s in image_size):
+            raise InvalidArgumentError(f"image_size must be (H, W) ints, each >= {MIN_IMAGE_SIDE}, got {image_size!r}")
         self.num_classes = int_in("num_classes", num_classes, 1, MAX_CLASSES)
         self.max_instances = int_in("max_instances", max_instances, 1, VOID - 2)
         self.seed = int_in("seed", seed, 0)

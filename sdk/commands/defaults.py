@@ -1,0 +1,11 @@
+"""The synthetic training run's defaults, which `dynseg train`, `dynseg quickstart` and
+`python -m dynseg.trainer.distributed` share: the scenes, the steps and the learning rates. Torch-free,
+so that the command line's options read them without loading the trainer."""
+
+TRAIN_IMAGES = 400  # synthetic training scenes
+IMAGE_SIZE = (96, 120)  # their (H, W)
+MIN_IMAGE_SIDE = 32  # the smallest side a synthetic scene is drawn at
+SEMANTIC_STEPS = 600
+INSTANCE_STEPS = 100
+LEARNING_RATE = 0.02  # stage 1's
+INSTANCE_LR_DIVISOR = 20  # stage 2 learns at stage 1's rate divided by this
