@@ -26,6 +26,8 @@ from dynseg.plugins import search_paths
 from dynseg.sdk import __version__
 from dynseg.sdk.crf_node import CrfAttributes
 from dynseg.sdk.errors import DynsegError, InvalidArgumentError
+from dynseg.sdk.graph import DEFAULT_ENGINE_DETECTIONS as DEFAULT_DETECTIONS
+from dynseg.sdk.graph import DEFAULT_ENGINE_SIZES as DEFAULT_SIZES
 from dynseg.sdk.graph import DOMAIN, OP_TYPE, OP_VERSION
 from dynseg.sdk.inputs import is_int
 
@@ -54,8 +56,6 @@ PLUGIN_VERSION = str(OP_VERSION)  # TensorRT's plugin versions are strings
 PLUGIN_LIBRARY = "libdynseg_crf_tensorrt.so"
 PLUGIN_LIBRARY_ENV = "DYNSEG_TENSORRT_PLUGIN"
 SIDECAR_FORMAT = 1
-DEFAULT_DETECTIONS = (1, 10, 100)
-DEFAULT_SIZES = ((32, 32), (480, 640), (1024, 1024))
 # The CUDA kernels index with 32 bits: pixels x (colour channels + 3) x 32 and pixels x padded labels must
 # stay below 2^31 (docs/crf.md §6); RGB images: at most 11,184,810 pixels.
 _MAX_PIXELS = (2**31 - 1) // ((3 + 3) * 32)

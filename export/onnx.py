@@ -17,13 +17,12 @@ from torch import Tensor, nn
 
 from dynseg.sdk import __version__
 from dynseg.sdk.errors import InvalidArgumentError
-from dynseg.sdk.graph import DOMAIN, INPUTS, OP_VERSION, OUTPUTS
+from dynseg.sdk.graph import DEFAULT_MAX_DETECTIONS, DOMAIN, INPUTS, OP_VERSION, OUTPUTS
 from dynseg.trainer.checkpoint import weights_fingerprint
 from dynseg.trainer.model.network import DynamicallyInstantiatedNetwork, compose
 
 from . import ops
 
-DEFAULT_MAX_DETECTIONS = 100
 
 
 class ExportGraph(nn.Module):

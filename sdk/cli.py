@@ -24,6 +24,7 @@ from . import __version__
 from .commands import defaults
 from .commands import quickstart as quickstart_job
 from .errors import INSTALL_TRAINER, DynsegError, InvalidArgumentError
+from .graph import DEFAULT_ENGINE_DETECTIONS, DEFAULT_ENGINE_SIZES, DEFAULT_MAX_DETECTIONS
 
 if TYPE_CHECKING:
     from dynseg.trainer.backbones import BackboneName
@@ -338,6 +339,11 @@ def _size(text: str, option: str, minimum: int = 1, maximum: Optional[int] = Non
     return int(height), int(width)
 
 
+def _size_text(size: tuple[int, int]) -> str:
+    """(480, 640) -> '480x640', as _size reads it."""
+    return f"{size[0]}x{size[1]}"
+
+
 def _parse_sizes(text: str) -> list[tuple[int, int]]:
     # bench makes each image in memory, as synthetic training scenes are: the same bound
     return [_size(part, "--sizes", minimum=8, maximum=_MAX_SIDE) for part in text.split(",")]
@@ -357,14 +363,18 @@ def export(
     checkpoint: Path = typer.Argument(..., exists=True, file_okay=False, help="Folder written by dynseg train."),
     format: str = typer.Option("onnx", "--format", help="onnx, or engine (TensorRT: needs TensorRT and a GPU)."),
     out: Path = typer.Option(..., "--out", dir_okay=False, help="The file to write, e.g. model.onnx or model.engine."),
-    max_detections: int = typer.Option(100, "--max-detections", min=1,
+    max_detections: int = typer.Option(DEFAULT_MAX_DETECTIONS, "--max-detections", min=1,
                                        help="Most detections per image the runtime accepts (the engine profile's max)."),
-    min_detections: int = typer.Option(1, "--min-detections", min=0, help="engine: the profile's smallest D."),
-    opt_detections: Optional[int] = typer.Option(None, "--opt-detections", min=0,
-                                                 help="engine: the D TensorRT tunes for (default: 10, at most the max)."),
-    min_size: str = typer.Option("32x32", "--min-size", help="engine: the smallest image, HEIGHTxWIDTH."),
-    opt_size: str = typer.Option("480x640", "--opt-size", help="engine: the image size TensorRT tunes for."),
-    max_size: str = typer.Option("1024x1024", "--max-size", help="engine: the largest image."),
+    min_detections: int = typer.Option(DEFAULT_ENGINE_DETECTIONS[0], "--min-detections", min=0,
+                                       help="engine: the profile's smallest D."),
+    opt_detections: Optional[int] = typer.Option(
+        None, "--opt-detections", min=0,
+        help=f"engine: the D TensorRT tunes for (default: {DEFAULT_ENGINE_DETECTIONS[1]}, at most the max)."),
+    min_size: str = typer.Option(_size_text(DEFAULT_ENGINE_SIZES[0]), "--min-size",
+                                 help="engine: the smallest image, HEIGHTxWIDTH."),
+    opt_size: str = typer.Option(_size_text(DEFAULT_ENGINE_SIZES[1]), "--opt-size",
+                                 help="engine: the image size TensorRT tunes for."),
+    max_size: str = typer.Option(_size_text(DEFAULT_ENGINE_SIZES[2]), "--max-size", help="engine: the largest image."),
     fp16: bool = typer.Option(False, "--fp16", help="engine: reduced precision outside the CRF (TensorRT 10)."),
     workspace: Optional[int] = typer.Option(None, "--workspace", min=1, help="engine: builder workspace limit, bytes."),
 ) -> None:
@@ -379,16 +389,17 @@ def export(
         raise typer.BadParameter(f"{', '.join(given)} shape a TensorRT engine: give --format engine, or leave them out",
                                  param_hint="--format")
     sizes = (_size(min_size, "--min-size"), _size(opt_size, "--opt-size"), _size(max_size, "--max-size"))
-    detections = (min_detections, max(min_detections, min(10, max_detections)) if opt_detections is None
+    detections = (min_detections, max(min_detections, min(DEFAULT_ENGINE_DETECTIONS[1], max_detections))
+                  if opt_detections is None
                   else opt_detections, max_detections)
     if format == "engine":  # before the export, so a bad profile costs no export
         if out.suffix not in (".engine", ".plan"):
             raise typer.BadParameter(f"an engine is a .engine or .plan file (the .onnx goes beside it), got {out}",
                                      param_hint="--out")
-        from dynseg.export.engine import DEFAULT_SIZES, EngineError, import_tensorrt, make_profile, plugin_library_path
+        from dynseg.export.engine import EngineError, import_tensorrt, make_profile, plugin_library_path
 
         # the detections with sizes known to be good, then the sizes: each error names its own options
-        for which, checked_sizes in (("detections", DEFAULT_SIZES), ("size", sizes)):
+        for which, checked_sizes in (("detections", DEFAULT_ENGINE_SIZES), ("size", sizes)):
             try:
                 make_profile(detections, checked_sizes, max_detections=max_detections)
             except InvalidArgumentError as error:

@@ -13,6 +13,12 @@ DOMAIN = "dynseg"  # the custom op's ONNX domain, and the TensorRT plugin's name
 OP_TYPE = "MeanFieldCRF"
 OP_VERSION = 1
 
+# What an export takes unless told otherwise: the most detections per image (`dynseg export
+# --max-detections`), and a TensorRT engine's optimisation profile, (min, opt, max) of D and of (H, W).
+DEFAULT_MAX_DETECTIONS = 100
+DEFAULT_ENGINE_DETECTIONS = (1, 10, DEFAULT_MAX_DETECTIONS)
+DEFAULT_ENGINE_SIZES = ((32, 32), (480, 640), (1024, 1024))
+
 
 def graph_inputs(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
                  scores: np.ndarray) -> dict[str, np.ndarray]:
