@@ -97,7 +97,7 @@ def tensorrt_model(model: onnx.ModelProto) -> onnx.ModelProto:
     bodies of the dynseg domain are dropped (the plugin implements the op), and everything else is left
     as it is. Raises InvalidArgumentError for a model without CRF nodes, of another op version, or with
     a CRF node whose attributes the SDK would refuse (docs/ops.md)."""
-    op_version = {entry.key: entry.value for entry in model.metadata_props}.get("dynseg_op_version")
+    op_version = _model_metadata(model).get("dynseg_op_version")
     if op_version is not None and op_version != PLUGIN_VERSION:
         raise InvalidArgumentError(
             f"the model's dynseg::MeanFieldCRF is version {op_version}; this plugin implements version "
