@@ -473,7 +473,7 @@ def predict(model: DynamicallyInstantiatedNetwork, dataset: Samples, *, seed: in
 
 def predict_each(model: DynamicallyInstantiatedNetwork, dataset: Samples, *,
                  seed: int = 0) -> Iterator[tuple[dict, dict]]:
-    """Runs the network over `dataset` with the detections `held_out` gives (the samples' own, or
+    """Runs the network over `dataset` with the detections `evaluation_inputs` gives (the samples' own, or
     simulated from the ground truth: the same detections for the same seed), yielding each image's
     (prediction, ground truth) as `evaluation.evaluate` reads them, one image at a time."""
     model.eval()
