@@ -156,7 +156,8 @@ def _move_boxes(detections: Detections, factors: list[float], offset: tuple[int,
     the mirror maps pixel columns onto pixel columns."""
     height, width = size
     boxes = detections["boxes"].astype(np.float32).reshape(-1, 4)
-    boxes = boxes * np.array([factors[1], factors[0]] * 2, np.float32) - np.array([offset[1], offset[0]] * 2, np.float32)
+    scale, shift = np.array([factors[1], factors[0]] * 2, np.float32), np.array([offset[1], offset[0]] * 2, np.float32)
+    boxes = boxes * scale - shift
     scaled = Detections(boxes=boxes, labels=detections["labels"], scores=detections["scores"])
     moved = inside_image(scaled, height, width)
     if mirrored:
