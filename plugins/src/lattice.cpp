@@ -12,7 +12,7 @@
 #include <limits>
 #include <vector>
 
-#include "feature_scale.h"
+#include "kernel_features.h"
 #include "parallel.h"
 #include "simd.h"
 

@@ -10,28 +10,16 @@
 #include <cstdint>
 #include <utility>
 
+#include "kernel_features.h"
 #include "simd.h"
 #include "workspace.h"
 
 namespace dynseg {
 
-constexpr int kMaxFeatureDim = 15;
 constexpr int kLabelTile = 32;  // value channels filtered per pass: bounds the lattice value buffers
 
 // Rows of pixel-major arrays are padded to whole vectors of 8 floats; the padding stays zero.
 inline int64_t padded_channels(int64_t channels) { return (channels + 7) / 8 * 8; }
-
-// What defines a kernel's features for pixel (x, y): (x/theta_xy, y/theta_xy, c_1/theta_color, ...).
-struct FeatureSpec {
-    int64_t height = 0, width = 0;
-    float theta_xy = 1.0f;
-    float theta_color = 0.0f;      // 0: spatial kernel
-    int64_t channels = 0;          // colour channels used (0 for a spatial kernel)
-    const float* image = nullptr;  // (channels, H, W)
-
-    int dim() const { return 2 + static_cast<int>(channels); }
-    int64_t pixels() const { return height * width; }
-};
 
 struct HashSlot {
     uint64_t key;

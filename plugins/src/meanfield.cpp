@@ -76,13 +76,7 @@ MeanField::MeanField(const dynseg_crf_problem& problem, int pass, Workspace& ws)
     threads_ = problem.threads > 0 ? problem.threads : hardware_threads();
     int max_dim = 2;
     for (int k = 0; k < problem.num_kernels; ++k) {
-        FeatureSpec& s = specs_[k];
-        s.height = problem.height;
-        s.width = problem.width;
-        s.theta_xy = problem.kernels[k].theta_xy;
-        s.theta_color = problem.kernels[k].theta_color;
-        s.channels = s.theta_color > 0.0f ? problem.image_channels : 0;
-        s.image = problem.image;
+        const FeatureSpec& s = specs_[k] = feature_spec(problem, k);
         lattices_[k].plan(ws, s);
         norm_[k] = ws.take<float>(pixels_);
         max_dim = std::max(max_dim, s.dim());

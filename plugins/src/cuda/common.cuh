@@ -10,11 +10,12 @@
 #include <iterator>
 #include <stdexcept>
 
+#include "../kernel_features.h"
+
 namespace dynseg {
 namespace cuda {
 
 constexpr int kThreads = 256;
-constexpr int kMaxFeatureDim = 15;
 constexpr int kLabelTile = 32;  // value channels filtered per pass: bounds the lattice value buffers
 
 // Per-pixel rows of the pixel-major arrays are padded to whole float4s; the padding stays zero.

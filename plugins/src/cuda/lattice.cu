@@ -9,7 +9,7 @@
 #include <cmath>
 #include <stdexcept>
 
-#include "../feature_scale.h"
+#include "../kernel_features.h"
 
 namespace dynseg {
 namespace cuda {

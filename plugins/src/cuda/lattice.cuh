@@ -20,18 +20,6 @@
 namespace dynseg {
 namespace cuda {
 
-// What defines a kernel's features for pixel (x, y): (x/theta_xy, y/theta_xy, c_1/theta_color, ...).
-struct FeatureSpec {
-    int64_t height = 0, width = 0;
-    float theta_xy = 1.0f;
-    float theta_color = 0.0f;      // 0: spatial kernel
-    int64_t channels = 0;          // colour channels used (0 for a spatial kernel)
-    const float* image = nullptr;  // device, (channels, H, W)
-
-    int dim() const { return 2 + static_cast<int>(channels); }
-    int64_t pixels() const { return height * width; }
-};
-
 // How d lattice coordinates pack into a 64-bit key (computed on the device from the coordinate ranges).
 struct Packing {
     int32_t low[kMaxFeatureDim];
