@@ -144,14 +144,11 @@ class SyntheticScenes:
         return self.size
 
     def __getitem__(self, index: int) -> SceneSample:
-        if not isinstance(index, (int, np.integer)):
-            raise TypeError(f"index must be an int, got {type(index).__name__}")
-        if index < 0:
-            index += self.size
-        if not 0 <= index < self.size:
-            raise IndexError(f"index {index} out of range for {self.size} scenes")
+        from .common import check_index  # common imports this module
+
+        index = check_index(index, self.size)
         return _render_scene(
-            np.random.default_rng([self.seed, int(index)]),
+            np.random.default_rng([self.seed, index]),
             self.image_size,
             self.num_classes,
             self.max_instances,
