@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dynseg.sdk.inputs import int_in
+
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "BasicBlock", "Bottleneck", "ResNet", "VGG16", "PyramidPoolingHead",
     "FCN8sHead", "SemanticNetwork", "semantic_network", "load_torchvision_weights", "BackboneName",
@@ -569,7 +571,6 @@ def semantic_network(
     """
     if backbone not in _PRESETS:
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(_PRESETS)}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes must be an int >= 2 (K classes + background), got {num_classes!r}")
+    num_classes = int_in("num_classes", num_classes, 2, rule="an int >= 2 (K classes + background)")
     features, head = _PRESETS[backbone](num_classes)
     return _build_semantic_network(backbone=features, head=head, pretrained=pretrained)

@@ -74,6 +74,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dynseg.sdk.inputs import int_in
+
 from .matching import matched_pairs
 
 __all__ = ["AP_R_THRESHOLDS", "PROTOCOLS", "evaluate", "evaluate_each", "json_ready", "metrics_table",
@@ -147,8 +149,7 @@ def evaluate_each(
     masks, not a split's (a Cityscapes val split's would be tens of GiB). Same arguments, same result."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    num_classes = int_in("num_classes", num_classes, 1)
     images = [_image(i, prediction, truth, num_classes) for i, (prediction, truth) in enumerate(pairs)]
     ap_r = _ap_r(images, num_classes, protocol)
     return {

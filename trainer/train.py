@@ -41,6 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dynseg.sdk.errors import InvalidArgumentError
 from dynseg.sdk.inputs import check_detections as check_detections_np
+from dynseg.sdk.inputs import is_int
 from dynseg.sdk.results import build_result
 
 from . import distributed, fields
@@ -98,7 +99,7 @@ class TrainConfig:
             raise InvalidArgumentError(f"TrainConfig.scale_range must be (low, high) with low <= high, got "
                                        f"{self.scale_range!r}")
         if self.crop is not None and not (isinstance(self.crop, tuple) and len(self.crop) == 2 and all(
-                isinstance(n, int) and not isinstance(n, bool) and n >= 8 for n in self.crop)):
+                is_int(n, numpy=False) and n >= 8 for n in self.crop)):
             raise InvalidArgumentError(f"TrainConfig.crop must be None or (H, W), ints >= 8, got {self.crop!r}")
         fields.flags(self, "mirror", "frozen_batch_norm")
 
