@@ -148,6 +148,19 @@ dynseg_status validate(const dynseg_crf_problem* p, bool read_arrays) {
     return p->detections ? validate_detections(*p, read_arrays) : DYNSEG_OK;
 }
 
+dynseg_status check_size_query(int32_t pass, const size_t* bytes) {
+    if (pass != DYNSEG_PASS_FORWARD && pass != DYNSEG_PASS_BACKWARD)
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "pass must be 0 (forward) or 1 (backward), got %d", pass);
+    if (!bytes) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "bytes is NULL");
+    return DYNSEG_OK;
+}
+
+dynseg_status check_workspace(const Workspace& ws, size_t bytes, const char* size_call) {
+    if (ws.fits()) return DYNSEG_OK;
+    return fail(DYNSEG_ERROR_WORKSPACE_TOO_SMALL, "workspace of %zu bytes is too small: %zu needed (see %s)", bytes,
+                ws.used(), size_call);
+}
+
 dynseg_status backward_supported(const dynseg_crf_problem& p) {
     if (p.output != DYNSEG_OUTPUT_LOGITS)
         return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "backward needs output = DYNSEG_OUTPUT_LOGITS, got %d", p.output);

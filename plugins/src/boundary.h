@@ -8,6 +8,7 @@
 #include <new>
 
 #include "dynseg_crf.h"
+#include "workspace.h"
 
 namespace dynseg {
 
@@ -30,6 +31,13 @@ dynseg_status validate(const dynseg_crf_problem* problem, bool read_arrays);
 dynseg_status check_forward_outputs(const dynseg_crf_problem& problem, const float* out);
 dynseg_status check_backward_outputs(const dynseg_crf_problem& problem, const float* grad_unary,
                                      float* const* grad_weights, const float* grad_compat);
+
+// The arguments of a workspace-size query besides its problem: the pass and where the size goes.
+dynseg_status check_size_query(int32_t pass, const size_t* bytes);
+
+// Whether the caller's workspace of `bytes` holds the layout planned into ws; size_call names the
+// query that gives the size needed.
+dynseg_status check_workspace(const Workspace& ws, size_t bytes, const char* size_call);
 
 // What the backward calls add to validate(): logits output, no detection potential.
 dynseg_status backward_supported(const dynseg_crf_problem& problem);

@@ -15,13 +15,6 @@ namespace {
 using dynseg::fail;
 using dynseg::guarded;
 
-dynseg_status check_workspace(const dynseg::Workspace& ws, size_t bytes) {
-    if (!ws.fits())
-        return fail(DYNSEG_ERROR_WORKSPACE_TOO_SMALL, "workspace of %zu bytes is too small: %zu needed (see "
-                    "dynseg_crf_workspace_size)", bytes, ws.used());
-    return DYNSEG_OK;
-}
-
 // Lays the problem out in the caller's workspace and hands the MeanField to body, which returns
 // false (with a message in error) when a lattice cannot be built.
 template <typename Body>
@@ -30,7 +23,7 @@ dynseg_status with_mean_field(const dynseg_crf_problem& problem, int pass, void*
     dynseg::Workspace ws(workspace, bytes);
     ws.align_base();
     dynseg::MeanField crf(problem, pass, ws);
-    if (dynseg_status s = check_workspace(ws, bytes)) return s;
+    if (dynseg_status s = dynseg::check_workspace(ws, bytes, "dynseg_crf_workspace_size")) return s;
     char error[512] = "";
     if (!body(crf, error, static_cast<int>(sizeof(error)))) return fail(DYNSEG_ERROR_KEY_RANGE, "%s", error);
     return DYNSEG_OK;
@@ -48,9 +41,7 @@ int32_t dynseg_max_threads(void) { return dynseg::hardware_threads(); }
 dynseg_status dynseg_crf_workspace_size(const dynseg_crf_problem* problem, int32_t pass, size_t* bytes) {
     return guarded([&] {
         if (dynseg_status s = dynseg::validate(problem, /*read_arrays=*/true)) return s;
-        if (pass != DYNSEG_PASS_FORWARD && pass != DYNSEG_PASS_BACKWARD)
-            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "pass must be 0 (forward) or 1 (backward), got %d", pass);
-        if (!bytes) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "bytes is NULL");
+        if (dynseg_status s = dynseg::check_size_query(pass, bytes)) return s;
         dynseg::Workspace counter;
         dynseg::MeanField plan(*problem, pass, counter);
         *bytes = counter.used();

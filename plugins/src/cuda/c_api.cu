@@ -70,10 +70,7 @@ dynseg_status with_mean_field(const dynseg_crf_problem& problem, int pass, void*
     Workspace ws(workspace, bytes);
     ws.align_base();
     dynseg::cuda::MeanField crf(problem, pass, ws);
-    if (!ws.fits())
-        return fail(DYNSEG_ERROR_WORKSPACE_TOO_SMALL,
-                    "workspace of %zu bytes is too small: %zu needed (see dynseg_crf_workspace_size_cuda)", bytes,
-                    ws.used());
+    if (dynseg_status s = dynseg::check_workspace(ws, bytes, "dynseg_crf_workspace_size_cuda")) return s;
     cudaGetLastError();  // a stale launch error of someone else's is not ours to report
     body(crf, launch);
     if (cudaError_t e = cudaGetLastError()) return cuda_failed(e, "a dynseg CUDA kernel launch");
@@ -123,9 +120,7 @@ int32_t dynseg_cuda_device_count(void) {
 dynseg_status dynseg_crf_workspace_size_cuda(const dynseg_crf_problem* problem, int32_t pass, size_t* bytes) {
     return guarded_cuda([&] {
         if (dynseg_status s = check_arguments(problem)) return s;
-        if (pass != DYNSEG_PASS_FORWARD && pass != DYNSEG_PASS_BACKWARD)
-            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "pass must be 0 (forward) or 1 (backward), got %d", pass);
-        if (!bytes) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "bytes is NULL");
+        if (dynseg_status s = dynseg::check_size_query(pass, bytes)) return s;
         Workspace counter;
         dynseg::cuda::MeanField plan(*problem, pass, counter);
         *bytes = counter.used();
@@ -164,8 +159,10 @@ dynseg_status dynseg_crf_backward_cuda(const dynseg_crf_problem* problem, const 
 dynseg_status dynseg_crf_check_cuda(const void* workspace, void* stream) {
     return guarded_cuda([&] {
         if (!workspace) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "workspace is NULL");
-        auto addr = reinterpret_cast<uintptr_t>(workspace);
-        const auto* status = reinterpret_cast<const dynseg::cuda::Status*>(addr + (64 - addr % 64) % 64);
+        // where MeanField took it: the first array of the aligned workspace
+        Workspace ws(const_cast<void*>(workspace), sizeof(dynseg::cuda::Status) + 64);
+        ws.align_base();
+        const auto* status = ws.take<dynseg::cuda::Status>(1);
         dynseg::cuda::Status host{};
         auto s = static_cast<cudaStream_t>(stream);
         if (cudaError_t e = cudaMemcpyAsync(&host, status, sizeof(host), cudaMemcpyDeviceToHost, s))
