@@ -1,5 +1,6 @@
 """The synthetic training run's defaults, which `dynseg train`, `dynseg quickstart` and
-`python -m dynseg.trainer.distributed` share: the scenes, the steps and the learning rates. Torch-free,
+`python -m dynseg.trainer.distributed` share: the scenes, the steps and the learning rates (`dynseg
+eval` falls back to the image size, `SyntheticScenes` refuses a side below the smallest). Torch-free,
 so that the command line's options read them without loading the trainer."""
 
 TRAIN_IMAGES = 400  # synthetic training scenes
