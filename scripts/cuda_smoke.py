@@ -36,7 +36,7 @@ def main() -> int:
         keep.append(buffer)
         return handle
 
-    planar = image.transpose(2, 0, 1).astype(np.float32)
+    planar = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
     weights = [rng.normal(0, 1, (labels, labels)).astype(np.float32) for _ in range(2)]
     compat = rng.normal(0, 1, (labels, labels)).astype(np.float32)
     problem = _native.Problem(
@@ -73,15 +73,15 @@ def main() -> int:
     many = 40
     long_unary = rng.normal(0, 2, (many, height, width)).astype(np.float32)
     boxes = np.array([[2, 3, 15, 17], [0, 0, width - 1, height - 1], [10, 5, 10, 5]], np.float32)
-    for kernels, output in (("both", _native.Output.LOGITS), ("none", _native.Output.PROBABILITIES)):
+    both = [_native.Kernel(3.0, 0.0, np.array([3.0], np.float32)),
+            _native.Kernel(20.0, 30.0, np.eye(many, dtype=np.float32) * 5.0)]
+    for kernels, output in ((both, _native.Output.LOGITS), ([], _native.Output.PROBABILITIES)):
         detections = _native.DetectionPotential(
             boxes=boxes, labels=np.array([1, 7, 39], np.int64), scores=np.array([0.9, 0.4, 0.2], np.float32),
             detection_x=np.array([1.3], np.float32), detection_y=np.array([0.8], np.float32), score_ceiling=1.0,
             epsilon=1e-4, recalibrated=np.zeros(3, np.float32))
-        both = [_native.Kernel(3.0, 0.0, np.array([3.0], np.float32)),
-                _native.Kernel(20.0, 30.0, np.eye(many, dtype=np.float32) * 5.0)]
         problem = _native.Problem(
-            many, height, width, np.ascontiguousarray(planar), both if kernels == "both" else [],
+            many, height, width, planar, kernels,
             compat=rng.uniform(-1.5, -0.5, many).astype(np.float32), normalization="after", iterations=2,
             output=output, threads=0, detections=detections)
         out = problem.forward_from_host(long_unary, 0)
