@@ -120,7 +120,9 @@ typedef struct dynseg_crf_problem {
 
 #define DYNSEG_MAX_KERNELS 8
 #define DYNSEG_MAX_LABELS 65536      /* keeps the backward pass's L x L sums far from overflow */
-#define DYNSEG_MAX_COLOR_CHANNELS 13 /* feature dimension d = 2 + C <= 15 */
+#define DYNSEG_MAX_COLOR_CHANNELS 13 /* feature dimension d = 2 + C <= 15; whether an image's keys fit
+                                        64 bits depends on its range and theta: beyond 5 full-range
+                                        channels they rarely do (docs/crf.md, section 4) */
 
 typedef enum dynseg_output {
     DYNSEG_OUTPUT_LOGITS = 0,       /* L^T, what the network and the backward pass use */
