@@ -275,12 +275,15 @@ def dense_crf_native(
     if not isinstance(unary, Tensor) or unary.dim() != 3:
         raise InvalidArgumentError(f"unary must be an (L, H, W) tensor, got {getattr(unary, 'shape', type(unary))}")
     kernels = gaussian_kernels(spatial, bilateral)
+    if image is None and bilateral is not None:
+        raise InvalidArgumentError("image must be given when bilateral is not None")
     planar = None
-    if bilateral is not None:
+    if image is not None:  # checked even when unused, as dense_crf checks it: a wrong image is a caller's bug
         if not isinstance(image, Tensor) or image.dtype != torch.uint8 or image.dim() != 3 or image.shape[2] != 3:
             raise InvalidArgumentError(f"image must be an (H, W, 3) uint8 tensor, got {getattr(image, 'shape', image)}")
         if tuple(image.shape[:2]) != tuple(unary.shape[1:]):
             raise InvalidArgumentError(f"image size {tuple(image.shape[:2])} does not match unary's {tuple(unary.shape[1:])}")
-        planar = image.permute(2, 0, 1).to(torch.float32).contiguous()
+        if bilateral is not None:
+            planar = image.permute(2, 0, 1).to(torch.float32).contiguous()
     logits = mean_field_native(unary, planar, kernels, normalization=normalization, iterations=iterations, threads=threads)
     return torch.softmax(logits, dim=0)
