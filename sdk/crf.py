@@ -14,7 +14,7 @@ import numpy as np
 
 from . import _native
 from .errors import InvalidArgumentError
-from .inputs import cuda_index, finite_float32, int_in
+from .inputs import cuda_index, finite_float32, int_in, refuse_masked
 
 Normalization = Literal["after", "symmetric"]
 
@@ -79,6 +79,7 @@ def check_threads(threads: object) -> int:
 def _check_unary(unary: object) -> np.ndarray:
     if not isinstance(unary, np.ndarray):
         raise InvalidArgumentError(f"unary must be a numpy array, got {type(unary).__name__}")
+    refuse_masked("unary", unary)
     if unary.dtype != np.float32:
         raise InvalidArgumentError(f"unary must be float32 logits, got dtype {unary.dtype}")
     if unary.ndim != 3:
@@ -97,6 +98,7 @@ def _check_image(image: object, height: int, width: int, needed: bool) -> np.nda
         return None
     if not isinstance(image, np.ndarray):
         raise InvalidArgumentError(f"image must be a numpy array, got {type(image).__name__}")
+    refuse_masked("image", image)
     if image.dtype != np.uint8:
         raise InvalidArgumentError(f"image must be uint8 RGB, got dtype {image.dtype}")
     if image.shape != (height, width, 3):

@@ -9,8 +9,8 @@ clipped to the image. The network's own check (dynseg.trainer.model.network.chec
 one, strict: it raises on inverted and outside boxes, which the SDK drops with a warning and a record,
 because a deployed detector emits such boxes now and then and one bad box should not fail a frame.
 Every other bad argument raises InvalidArgumentError naming the argument. It also owns the number
-checks every checking module shares: `FLOAT32_MAX`, `finite_float32`, `is_int` and `int_in`. numpy and
-Pillow only: no torch.
+checks every checking module shares: `FLOAT32_MAX`, `finite_float32`, `is_int` and `int_in`, and
+`array_of` / `refuse_masked` for arrays. numpy and Pillow only: no torch.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from numpy.typing import ArrayLike
 
 from .errors import DetectionsDroppedWarning, InvalidArgumentError
 
-__all__ = ["FLOAT32_MAX", "Detections", "DroppedDetection", "ImageLike", "check_detections", "cuda_index",
-           "finite_float32", "int_in", "is_int", "load_image", "pixel_boxes"]
+__all__ = ["FLOAT32_MAX", "Detections", "DroppedDetection", "ImageLike", "array_of", "check_detections",
+           "cuda_index", "finite_float32", "int_in", "is_int", "load_image", "pixel_boxes", "refuse_masked"]
 
 ImageLike = Union[np.ndarray, str, "os.PathLike[str]"]
 
@@ -62,6 +62,24 @@ def int_in(name: str, value: object, low: int, high: int | None = None, *, rule:
     if not is_int(value) or value < low or (high is not None and value > high):
         raise InvalidArgumentError(f"{name} must be {rule}, got {value!r}")
     return int(value)
+
+
+def array_of(name: str, value: object) -> np.ndarray:
+    """`value` as a numpy array, or InvalidArgumentError naming `name` for None, for a masked array (its
+    mask would be dropped without a word) and for what numpy cannot read."""
+    if value is None:
+        raise InvalidArgumentError(f"{name} must be given, got None")
+    refuse_masked(name, value)
+    try:
+        return np.asarray(value)
+    except Exception as error:  # ragged lists, foreign __array__ implementations
+        raise InvalidArgumentError(f"{name} could not be read as an array: {error}") from error
+
+
+def refuse_masked(name: str, value: object) -> None:
+    if isinstance(value, np.ma.MaskedArray):
+        raise InvalidArgumentError(f"{name} must not be a masked array: dynseg would ignore its mask; "
+                                   f"pass {name}.filled(...) with the value masked entries should take")
 
 
 def finite_float32(value: object) -> float | None:
@@ -112,11 +130,7 @@ def load_image(image: ImageLike) -> np.ndarray:
         return _read_image_file(Path(image))
     if isinstance(image, (bytes, bytearray)):
         raise InvalidArgumentError("image must be an array or a str/os.PathLike path, got bytes")
-    try:
-        array = np.asarray(image)
-    except Exception as error:  # whatever a foreign object's __array__ raises
-        raise InvalidArgumentError(f"image could not be read as an array: {error}") from error
-    return _image_array(array)
+    return _image_array(array_of("image", image))
 
 
 def _image_array(array: np.ndarray) -> np.ndarray:
@@ -211,10 +225,7 @@ class Detections:
 
 def _numeric_array(name: str, value: object) -> np.ndarray:
     """value as an array of real numbers (bool, complex, strings and objects refused)."""
-    try:
-        array = np.asarray(value)
-    except Exception as error:  # ragged lists, foreign __array__ implementations
-        raise InvalidArgumentError(f"{name} could not be read as an array: {error}") from error
+    array = array_of(name, value)
     if array.size == 0:  # an empty list or array carries no values whose type could be wrong
         return array.astype(np.float64)
     if array.dtype.kind not in "iuf":

@@ -241,6 +241,8 @@ BAD_INPUTS = {
     "unary W=0": (lambda u, i, kw: (u[:, :, :0], i[:, :0], kw), "unary"),
     "unary NaN": (_with_unary(_nan_at_one_pixel), "unary"),
     "unary inf": (_with_unary(_inf_at_one_pixel), "unary"),
+    "unary masked": (_with_unary(lambda u: np.ma.masked_less(u, 0)), "unary must not be a masked array"),
+    "image masked": (_with_image(lambda i: np.ma.masked_equal(i, 0)), "image must not be a masked array"),
     "image float": (_with_image(lambda i: i.astype(np.float32)), "image"),
     "image rank 2": (_with_image(lambda i: i[..., 0]), "image"),
     "image 4 channels": (_with_image(lambda i: np.concatenate([i, i[..., :1]], axis=2)), "image"),

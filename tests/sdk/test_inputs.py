@@ -105,7 +105,8 @@ def test_a_jpeg_path_is_read(tmp_path: Path) -> None:
         (np.zeros((4, 0), np.uint8), "empty"),
         ([[1, 2], [3, 4]], "uint8"),
         (b"image.png", "bytes"),
-        (None, ""),
+        (None, "got None"),
+        (np.ma.masked_equal(np.zeros((4, 4, 3), np.uint8), 0), "masked array"),
     ],
 )
 def test_bad_image_arrays_raise_naming_the_image(image: object, words: str) -> None:
@@ -242,6 +243,10 @@ def test_float_labels_with_integral_values_are_accepted() -> None:
         ([[0, 0, 5, 5], [0, 0, 5]], [1, 1], [0.5, 0.5], "boxes", "array"),
         ([[0, 0, 5, None]], [1], [0.5], "boxes", "real numbers"),
         ([[0, 0, 5, 5j]], [1], [0.5], "boxes", "real numbers"),
+        (None, [1], [0.5], "boxes", "got None"),
+        ([[0, 0, 5, 5]], None, [0.5], "labels", "got None"),
+        ([[0, 0, 5, 5]], [1], None, "scores", "got None"),
+        ([[0, 0, 5, 5]], [1], np.ma.masked_less([0.5], 0.6), "scores", "masked array"),
     ],
 )
 def test_bad_detections_raise_naming_the_argument(boxes, labels, scores, argument: str, words: str) -> None:
