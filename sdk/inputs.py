@@ -207,7 +207,7 @@ class Detections:
     boxes: float32 (N, 4) xyxy in input-image pixels, inclusive, integer-valued, with
         0 <= x1 <= x2 <= W-1 and 0 <= y1 <= y2 <= H-1.
     labels: int64 (N,) class ids in 1..K.
-    scores: float32 (N,) finite detector scores.
+    scores: float32 (N,) finite, non-negative detector scores.
     kept: int64 (N,) ascending index of each kept detection in the caller's input.
     dropped: the detections left out, ascending by index, each with its reason. Boxes that reach past
         the border are clipped without a warning: detectors routinely emit them.
@@ -250,10 +250,11 @@ def check_detections(
     boxes: (D, 4) xyxy in input-image pixels, inclusive (any real array-like: lists, int or float
         arrays); an empty list means D = 0.
     labels: (D,) class ids in 1..num_classes (integer arrays, or floats with integral values).
-    scores: (D,) finite detector scores (within float32's range).
+    scores: (D,) finite, non-negative detector scores (within float32's range): confidences, which the
+        model divides by its score ceiling (1 by default) and caps below 1, not logits.
     D may be 0. D above max_detections (the model's limit, counted before any box is dropped), a wrong
-    shape or length, NaN or infinity, and labels out of range raise InvalidArgumentError naming the
-    argument.
+    shape or length, NaN or infinity, negative scores and labels out of range raise InvalidArgumentError
+    naming the argument.
 
     Each box is floored to integers and clipped to [0, W-1] x [0, H-1], as the network does. These are
     dropped, with one DetectionsDroppedWarning per call (at `stacklevel`) and a record in `dropped`:
@@ -296,6 +297,10 @@ def check_detections(
     if not representable.all():
         bad = np.flatnonzero(~representable).tolist()
         raise InvalidArgumentError(f"scores must be finite float32 values: entries {bad} are NaN, infinite or too large")
+    if (scores64 < 0).any():
+        bad = np.flatnonzero(scores64 < 0).tolist()
+        raise InvalidArgumentError(f"scores must be >= 0 (detector confidences, not logits): entries {bad} are "
+                                   f"{scores64[bad].tolist()}")
     labels64 = _check_labels(labels_in, num_classes)
 
     x1, y1, x2, y2 = boxes64.T  # (D,) each

@@ -75,8 +75,9 @@ dynseg_status validate_detections(const dynseg_crf_problem& p, bool read_arrays)
         if (d.labels[i] < 0 || d.labels[i] >= p.num_labels)
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "detections->labels[%lld] must be in 0..%lld, got %lld",
                         (long long)i, (long long)(p.num_labels - 1), (long long)d.labels[i]);
-        if (!all_finite(d.scores + i, 1))
-            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "detections->scores[%lld] is not finite", (long long)i);
+        if (!all_finite(d.scores + i, 1) || d.scores[i] < 0.0f)
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "detections->scores[%lld] must be finite and >= 0, got %g",
+                        (long long)i, d.scores[i]);
     }
     return DYNSEG_OK;
 }

@@ -192,6 +192,33 @@ def main() -> int:
     print(f"{'ok' if ok else 'MISMATCH'}  unbuildable lattice with detections: NaN logits {np.isnan(logits).all()}, "
           f"NaN scores {np.isnan(recalibrated).all()}")
     failures += not ok
+    # bad detections in device memory, which the CPU call refuses: a negative score and a label out of
+    # range make their own scores and the logits inside their boxes NaN, and leave the rest finite
+    bad_scores = np.array([0.7, -0.5, 0.6], np.float32)
+    bad_labels = np.array([1, 1, 7], np.int64)
+    bad_boxes = np.array([[0, 0, 3, 3], [6, 0, 9, 3], [0, 10, 3, 13]], np.float32)
+    recalibrated = np.zeros(3, np.float32)
+    potential = n.DetectionPotential(boxes=bad_boxes, labels=bad_labels, scores=bad_scores,
+                                     detection_x=np.array([1.0], np.float32), detection_y=np.array([1.0], np.float32),
+                                     score_ceiling=1.0, epsilon=1e-4, recalibrated=recalibrated)
+    problem = n.Problem(2, 16, 16, None, [n.Kernel(3.0, 0.0, np.ones(1, np.float32))], compat=None,
+                        normalization="after", iterations=1, output=n.Output.LOGITS, threads=0, detections=potential)
+    unary = rng.normal(0, 2, (2, 16, 16)).astype(np.float32)
+    logits = np.zeros_like(unary)
+    buffer, nbytes = workspace(problem, n.Pass.FORWARD)
+    problem.forward_cuda(on_device(unary), on_device(logits), buffer.ctypes.data, nbytes, 0)
+    inside = np.zeros((16, 16), bool)
+    inside[0:4, 6:10] = inside[10:14, 0:4] = True
+    refused = []
+    try:
+        problem.forward(unary)
+    except DynsegError as error:
+        refused.append(str(error))
+    ok = (np.isnan(recalibrated).tolist() == [False, True, True] and bool(np.isnan(logits[:, inside]).all())
+          and bool(np.isfinite(logits[:, ~inside]).all()) and len(refused) == 1 and "scores[1]" in refused[0])
+    print(f"{'ok' if ok else 'MISMATCH'}  negative score and label out of range: NaN scores "
+          f"{np.isnan(recalibrated).tolist()}, NaN in their boxes {np.isnan(logits[:, inside]).all()}; CPU: {refused}")
+    failures += not ok
     print("all match" if failures == 0 else f"{failures} mismatches")
     return 1 if failures else 0
 

@@ -141,7 +141,8 @@ def bad(arrays, field: str, value):
         ("boxes", np.array([[0.2, 0.0, 0.8, 5.0], [0, 0, 1, 1]], np.float32), r"boxes\[0\].*holds no pixel"),
         ("labels", np.array([1, 3], np.int64), r"labels\[1\] must be in 0\.\.2, got 3"),
         ("labels", np.array([-1, 1], np.int64), r"labels\[0\] must be in 0\.\.2"),
-        ("scores", np.array([0.5, np.inf], np.float32), r"scores\[1\] is not finite"),
+        ("scores", np.array([0.5, np.inf], np.float32), r"scores\[1\] must be finite and >= 0, got inf"),
+        ("scores", np.array([-0.25, 0.5], np.float32), r"scores\[0\] must be finite and >= 0, got -0.25"),
     ],
 )
 def test_bad_detections_are_named(field, value, message, smooth_image, field_unary):

@@ -227,6 +227,7 @@ def test_float_labels_with_integral_values_are_accepted() -> None:
         ([[0, 0, 5, 5]], [1], [np.nan], "scores", "finite"),
         ([[0, 0, 5, 5]], [1], [np.inf], "scores", "finite"),
         ([[0, 0, 5, 5]], [1], [1e300], "scores", "finite"),
+        ([[0, 0, 5, 5], [1, 1, 4, 4]], [1, 1], [0.5, -0.1], "scores", "entries [1] are [-0.1"),
         ([[0, 0, 5, 5]], [0], [0.5], "labels", "1..3"),
         ([[0, 0, 5, 5]], [K + 1], [0.5], "labels", "1..3"),
         ([[0, 0, 5, 5]], [-1], [0.5], "labels", "1..3"),

@@ -5,9 +5,9 @@ namespace dynseg {
 namespace cuda {
 namespace {
 
-// One block per detection. A label outside 0..L-1 or a box without a pixel cannot be reported from
-// the device: its terms become NaN, its score, and the logits inside its box if it has any (the CUDA
-// calls' rule for bad device data).
+// One block per detection. A label outside 0..L-1, a negative score or a box without a pixel cannot be
+// reported from the device: its terms become NaN, its score, and the logits inside its box if it has
+// any (the CUDA calls' rule for bad device data).
 __global__ void box_terms(const float* q, int64_t stride, int64_t labels, int64_t height, int64_t width,
                           const float* boxes, const int64_t* class_ids, const float* scores, const float* w_x,
                           const float* w_y, float score_ceiling, float prior_cap, BoxSpan* spans,
@@ -17,7 +17,7 @@ __global__ void box_terms(const float* q, int64_t stride, int64_t labels, int64_
     const int64_t label = class_ids[d];
     const BoxSpan span = box_span(boxes + 4 * d, height, width);
     const int64_t box_width = span.last_x - span.first_x + 1, count = span.count();
-    const bool valid = label >= 0 && label < labels && count > 0;
+    const bool valid = label >= 0 && label < labels && count > 0 && scores[d] >= 0.0f;
     double sum = 0.0;
     if (valid)
         for (int64_t k = threadIdx.x; k < count; k += blockDim.x) {
