@@ -125,7 +125,8 @@ def _partition(model: onnx.ModelProto, placement: _Placement, threads: int | Non
     options = ort.SessionOptions()
     options.log_severity_level = 3  # our partitions are valid; spare users onnxruntime's notes
     if threads is not None:  # each session's own pool: the sessions run one after another
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        # capped at the cores, as the CRF kernels cap it: onnxruntime starts every thread it is asked for
+        options.intra_op_num_threads, options.inter_op_num_threads = min(threads, _native.max_threads()), 1
     for index, segment in enumerate(segments):
         if isinstance(segment, onnx.NodeProto):
             constants = {n: placement.put(numpy_helper.to_array(initializers[n])) for n in segment.input

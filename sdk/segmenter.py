@@ -63,7 +63,8 @@ class Segmenter:
         device: "cpu", "cuda" or "cuda:N" (torch: any; onnxruntime: "cuda" needs onnxruntime-gpu and
             the native library's CUDA kernels, and keeps every tensor on the GPU; tensorrt: "cuda").
         threads: the CPU threads a call may use, onnxruntime backend only: each of its sessions' thread
-            pool and the CRF nodes' kernels. None: every core. The torch backend follows torch's
+            pool and the CRF nodes' kernels, at most one per core this process may run on (a larger
+            count is capped). None: every core. The torch backend follows torch's
             process-wide setting (torch.set_num_threads); tensorrt computes on the GPU.
 
     A Segmenter is also a context manager: leaving the block closes it (`close`).

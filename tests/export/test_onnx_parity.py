@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from dynseg.export.onnx import export_onnx  # noqa: E402
-from dynseg.sdk import DetectionsDroppedWarning, InvalidArgumentError, crf_node, onnx_backend, samples  # noqa: E402
+from dynseg.sdk import DetectionsDroppedWarning, InvalidArgumentError, _native, crf_node, onnx_backend, samples  # noqa: E402
 from dynseg.sdk.commands import parity  # noqa: E402
 from dynseg.sdk.segmenter import Segmenter  # noqa: E402
 from dynseg.trainer.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
@@ -138,6 +138,14 @@ def test_threads_bounds_every_session_and_the_crf_nodes_and_changes_no_result(ex
     expected = segmenters[0].segment_with_outputs(image, boxes, labels, scores)[1]
     for name in ("instance_logits", "semantic_probabilities"):
         np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=1e-5)
+
+
+def test_a_thread_count_beyond_the_cores_is_capped_for_onnxruntime(exported):
+    # onnxruntime starts every thread it is asked for (10**5 of them took minutes and gigabytes)
+    with Segmenter(exported[1], threads=_native.max_threads() + 3) as many:
+        sessions = [step.session for step in many._backend._steps if hasattr(step, "session")]
+        assert sessions and all(s.get_session_options().intra_op_num_threads == _native.max_threads()
+                                for s in sessions)
 
 
 @pytest.mark.parametrize("threads, backend, message", [
