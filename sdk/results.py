@@ -52,8 +52,11 @@ class Instance:
 
     @cached_property
     def mask(self) -> np.ndarray:
-        """bool (H, W): True on the instance's pixels."""
-        return self.instance_map == self.id
+        """bool (H, W): True on the instance's pixels. Read-only, as it is cached and `rle` and `to_coco`
+        are made from it: copy it to draw on it."""
+        mask = self.instance_map == self.id
+        mask.setflags(write=False)
+        return mask
 
     @cached_property
     def rle(self) -> dict[str, Any]:

@@ -135,7 +135,7 @@ def test_the_result_owns_read_only_arrays_so_a_reused_frame_buffer_cannot_change
     before = result.overlay()
     frame[:] = 255  # the camera writes its next frame into the same buffer
     np.testing.assert_array_equal(result.overlay(), before)
-    for array in (result.image, result.instance_map, result.semantic_map):
+    for array in (result.image, result.instance_map, result.semantic_map, result.instances[0].mask):
         with pytest.raises(ValueError, match="read-only"):
             array[0, 0] = 1
 
