@@ -140,6 +140,21 @@ def test_threads_bounds_every_session_and_the_crf_nodes_and_changes_no_result(ex
         np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=1e-5)
 
 
+def test_a_model_with_nan_weights_is_named_as_the_cause_not_the_crf_nodes_unary(exported, tmp_path):
+    model = onnx.load(str(exported[1]))
+    first_conv = next(node for node in model.graph.node if node.op_type == "Conv")
+    weight = next(t for t in model.graph.initializer if t.name == first_conv.input[1])
+    values = onnx.numpy_helper.to_array(weight).copy()
+    values.flat[0] = np.nan
+    weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+    onnx.save(model, str(tmp_path / "nan.onnx"))
+    image, boxes, labels, scores = _case("coffee", (64, 80), 2, seed=1)
+    with Segmenter(tmp_path / "nan.onnx") as broken, \
+            pytest.raises(InvalidArgumentError, match=r"the model's CRF node for \S+ refused what the network "
+                                                      r"computed .*non-finite.*model's weights"):
+        broken.segment(image, boxes, labels, scores)
+
+
 def test_a_thread_count_beyond_the_cores_is_capped_for_onnxruntime(exported):
     # onnxruntime starts every thread it is asked for (10**5 of them took minutes and gigabytes)
     with Segmenter(exported[1], threads=_native.max_threads() + 3) as many:
