@@ -19,12 +19,13 @@ check passes and shows the value each check measured beside its limit.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import InvalidArgumentError
+from ..errors import DetectionsDroppedWarning, InvalidArgumentError
 from ..results import SegmentationResult
 from ..segmenter import Segmenter
 from .images import ImageDetections, check_detection_counts
@@ -165,14 +166,21 @@ def validate(exported: Segmenter, reference: Segmenter,
     """Runs the exported model (an onnxruntime Segmenter) and the checkpoint (a torch Segmenter on the
     CPU, the reference) on each (name, (H, W, 3) uint8 image, detections with boxes, labels, scores)
     case and returns the report. Raises InvalidArgumentError when the export is not the checkpoint's
-    (`check_same_model`) or a case has more detections than the export takes."""
+    (`check_same_model`), a case has more detections than the export takes, or a case's image or
+    detections are refused (the message then starts with the case's name). Boxes the SDK drops (inverted,
+    or wholly outside the image) are left out without a warning: D counts the detections the model ran on."""
     check_same_model(exported, reference)
     cases = list(cases)
     check_detection_counts([(name, len(dets.scores)) for name, _, dets in cases], exported.max_detections, "",
                            "give each image fewer")
     report = ParityReport()
     for name, image, dets in cases:
-        (candidate, candidate_outputs), (expected, reference_outputs) = (
-            s.segment_with_outputs(image, dets.boxes, dets.labels, dets.scores) for s in (exported, reference))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DetectionsDroppedWarning)  # the table's D counts what ran
+                (candidate, candidate_outputs), (expected, reference_outputs) = (
+                    s.segment_with_outputs(image, dets.boxes, dets.labels, dets.scores) for s in (exported, reference))
+        except InvalidArgumentError as error:
+            raise InvalidArgumentError(f"{name}: {error}") from None
         report.images.append(compare(name, candidate_outputs, reference_outputs, candidate, expected))
     return report

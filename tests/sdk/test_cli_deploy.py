@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 import re
+import warnings
 
 import numpy as np
 import onnx
@@ -169,6 +170,29 @@ def test_infer_names_the_image_whose_labels_the_model_does_not_know(exported, ph
                                  "--out", str(tmp_path / "out")])
     assert result.exit_code == 1
     assert "chelsea.png" in result.output and "labels must be class ids in 1..3" in result.output
+
+
+def test_validate_names_the_image_whose_labels_the_model_does_not_know(exported, photos, tmp_path):
+    files, _ = photos
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"image_id": "chelsea", "category_id": 9, "bbox": [0, 0, 5, 5], "score": 0.5}]))
+    result = runner.invoke(app, ["validate", str(exported[1]), "--checkpoint", str(exported[0]),
+                                 "--images", str(files[0]), "--detections", str(bad)])
+    assert result.exit_code == 1
+    assert "chelsea.png: labels must be class ids in 1..3" in plain(result.output)
+
+
+def test_validate_leaves_a_dropped_box_out_of_d_without_a_warning(exported, photos, tmp_path):
+    files, _ = photos
+    outside = tmp_path / "outside.json"
+    outside.write_text(json.dumps([{"image_id": "chelsea", "category_id": 1, "bbox": [0, 0, 9, 9], "score": 0.5},
+                                   {"image_id": "chelsea", "category_id": 1, "bbox": [500, 500, 9, 9], "score": 0.5}]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = runner.invoke(app, ["validate", str(exported[1]), "--checkpoint", str(exported[0]),
+                                     "--images", str(files[0]), "--detections", str(outside)])
+    assert result.exit_code == 0, result.output
+    assert "| chelsea.png | 72 x 96 | 1 |" in result.output and "Warning" not in result.output
 
 
 def test_validate_passes_the_export_against_its_own_checkpoint(exported, photos):
