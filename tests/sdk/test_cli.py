@@ -44,6 +44,13 @@ def test_demo_writes_a_side_by_side_png_and_reports_a_timing(tmp_path) -> None:
     assert f"{width}x{height}" in result.output
 
 
+def test_demo_reports_the_thread_count_the_kernels_used_not_the_one_asked_for(tmp_path) -> None:
+    cores = _native.max_threads()
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path), "--iterations", "1", "--threads", str(cores + 5)])
+    assert result.exit_code == 0, result.output
+    assert re.search(rf"ms on {cores} thread", result.output), result.output
+
+
 def test_demo_accepts_an_image_path(tmp_path) -> None:
     photo = tmp_path / "small.jpg"
     Image.fromarray(samples.load("astronaut")[:40, :56]).save(photo)
