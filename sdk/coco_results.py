@@ -41,7 +41,8 @@ def load_coco_detections(path: str | os.PathLike, image_ids: Iterable[Hashable])
         InvalidArgumentError (a ValueError) naming the file and the entry index: not a JSON list,
         an entry that is not an object or lacks a key, an image_id that is not an int or str, a
         category_id that is not an int in 1..2**63-1, a bbox that is not 4 numbers finite in float32, a
-        negative width or height, a score that is not a number finite in float32 (NaN included).
+        negative width or height or a far corner beyond float32, a score that is not a number >= 0 finite in
+        float32 (NaN included).
     """
     return detections_by_image(read_coco_results(path), image_ids)
 
@@ -108,7 +109,11 @@ def _parse_entry(entry: object, where: str) -> Entry:
     x, y, w, h = values
     if w < 0 or h < 0:
         raise InvalidArgumentError(f"{where}: bbox has a negative size (w={w}, h={h})")
+    corner = [finite_float32(x + max(w - 1, 0.0)), finite_float32(y + max(h - 1, 0.0))]
+    if None in corner:
+        raise InvalidArgumentError(f"{where}: bbox's far corner (x + w - 1, y + h - 1) overflows float32, got {bbox!r}")
     finite_score = finite_float32(score)
-    if finite_score is None:
-        raise InvalidArgumentError(f"{where}: score must be a finite float32 number, got {score!r}")
-    return image_id, int(category), [x, y, x + max(w - 1, 0.0), y + max(h - 1, 0.0)], finite_score
+    if finite_score is None or finite_score < 0:
+        raise InvalidArgumentError(f"{where}: score must be a finite float32 number >= 0 (a confidence, not a logit), "
+                                   f"got {score!r}")
+    return image_id, int(category), [x, y, *corner], finite_score

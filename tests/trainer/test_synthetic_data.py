@@ -378,6 +378,8 @@ GOOD_ENTRY = {"image_id": 1, "category_id": 2, "bbox": [1.0, 2.0, 3.0, 4.0], "sc
         ({**GOOD_ENTRY, "category_id": 2**70}, "category_id"),  # past int64
         ({**GOOD_ENTRY, "bbox": [1.0, 2.0, 10**400, 4.0]}, "bbox"),  # past float64: OverflowError
         ({**GOOD_ENTRY, "score": 1e39}, "score"),  # past float32
+        ({**GOOD_ENTRY, "score": -0.5}, r"score must be a finite float32 number >= 0 \(a confidence"),
+        ({**GOOD_ENTRY, "bbox": [3e38, 0.0, 3e38, 10.0]}, r"far corner \(x \+ w - 1, y \+ h - 1\) overflows"),
         ({k: v for k, v in GOOD_ENTRY.items() if k != "score"}, "missing key 'score'"),
         ([1, 2, 3, 4], "expected an object"),
     ],
