@@ -115,6 +115,10 @@ class Segmenter:
         """
         if timings is not None and not isinstance(timings, dict):
             raise InvalidArgumentError(f"timings must be a dict (or None), got {type(timings).__name__}")
+        for key in ("network", "crf", "post"):  # the call adds to them: several calls can share one dict
+            value = (timings or {}).get(key, 0.0)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise InvalidArgumentError(f"timings[{key!r}] must be a number of seconds to add to, got {value!r}")
         return self._segment(image, boxes, labels, scores, timings)[0]
 
     def segment_with_outputs(self, image: ImageLike, boxes: ArrayLike, labels: ArrayLike,

@@ -267,6 +267,11 @@ def test_segment_reports_each_stages_time_where_the_backend_tells_them_apart(exp
         assert set(timings) == stages and all(math.isfinite(seconds) and seconds >= 0 for seconds in timings.values())
     with pytest.raises(InvalidArgumentError, match="timings must be a dict"):
         Segmenter(model).segment(image, [], [], [], timings=[])
+    with pytest.raises(InvalidArgumentError, match=r"timings\['post'\] must be a number of seconds to add to, got 'x'"):
+        Segmenter(model).segment(image, [], [], [], timings={"post": "x"})
+    shared = {"post": 1.0}  # a caller's running totals: the call adds to them
+    Segmenter(model).segment(image, [], [], [], timings=shared)
+    assert shared["post"] >= 1.0 and "network" in shared  # added to, not replaced
 
 
 def test_quickstart_with_a_few_steps_makes_everything_it_promises(tmp_path):
