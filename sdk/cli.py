@@ -534,9 +534,11 @@ def bench(
     parsed_sizes, counts = _parse_sizes(sizes), _parse_counts(detections)
     if checkpoint is not None:
         _torch_or_fail("dynseg bench --checkpoint")
+    created = False
     if json_out is not None:  # before the timings, so an unwritable --json fails at once
         try:
             json_out.parent.mkdir(parents=True, exist_ok=True)
+            created = not json_out.exists()
             json_out.touch()
         except OSError as error:
             raise _fail(f"--json {json_out}: {error.strerror or error}") from error
@@ -545,8 +547,12 @@ def bench(
                        device=device,
                        on_row=lambda r: typer.echo(f"[bench] {r.backend} {r.height}x{r.width} D={r.detections}: "
                                                    f"p50 {r.p50_ms:.1f} ms"))
-    except DynsegError as error:
-        raise _fail(str(error)) from error
+    except BaseException as error:
+        if created:  # no empty file left behind to pass for results
+            json_out.unlink(missing_ok=True)
+        if isinstance(error, DynsegError):
+            raise _fail(str(error)) from error
+        raise
     typer.echo(job.table(rows))
     if json_out is not None:
         json_out.write_text(json.dumps(job.as_json(rows), indent=2))

@@ -120,9 +120,10 @@ def load_image(image: ImageLike) -> np.ndarray:
       - (H, W, 4) uint8 RGBA: the alpha channel is dropped, not composited (transparent pixels keep
         their stored colour);
       - a path (str or os.PathLike) to an image file Pillow reads: PNG and JPEG, and also BMP, TIFF,
-        WebP, ... Palette, grayscale and RGBA files are converted to RGB as above; 16-bit and float
-        files are refused (convert them to 8 bits first). EXIF orientation is not applied: pixels come
-        in stored order, as most detectors read them.
+        WebP, ... Palette, grayscale and RGBA files are converted to RGB as above. 16-bit colour files
+        come in as Pillow reads them, the top 8 bits of each channel; 16-bit grayscale and float files,
+        which Pillow would clip rather than scale, are refused (convert them to 8 bits first). EXIF
+        orientation is not applied: pixels come in stored order, as most detectors read them.
     Anything else (wrong dtype, rank or channel count, an empty image, a missing or unreadable file)
     raises InvalidArgumentError naming `image` and the problem.
     """
@@ -157,7 +158,8 @@ def _image_array(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-# Pillow modes of more than 8 bits per channel: convert("RGB") would clip them, not scale them.
+# Pillow modes of more than 8 bits per channel: convert("RGB") would clip them, not scale them. (Pillow
+# opens a 16-bit colour PNG as 8-bit "RGB"/"RGBA", each channel's top byte: scaled, so accepted.)
 _WIDE_MODES = ("I", "F")
 
 

@@ -250,6 +250,17 @@ def test_bench_prints_a_table_and_writes_json(exported, tmp_path):
         assert row["network_ms"] >= 0 and row["crf_ms"] >= 0 and row["post_ms"] >= 0
 
 
+def test_bench_that_fails_leaves_no_empty_json_behind_but_keeps_an_existing_one(tmp_path):
+    missing = tmp_path / "missing.onnx"
+    for existing in (False, True):
+        out = tmp_path / f"rows_{existing}.json"
+        if existing:
+            out.write_text("[]")
+        result = runner.invoke(app, ["bench", str(missing), "--json", str(out)])
+        assert result.exit_code == 1 and "missing.onnx" in plain(result.output)
+        assert out.exists() == existing
+
+
 def test_bench_times_the_checkpoint_beside_the_export(exported):
     checkpoint, model = exported
     result = runner.invoke(app, ["bench", str(model), "--sizes", "40x48", "--detections", "2", "--repeats", "1",

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import struct
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +151,23 @@ def test_a_16_bit_png_is_refused_rather_than_clipped(tmp_path: Path) -> None:
     Image.fromarray(np.full((4, 4), 40000, np.uint16)).save(path)
     with pytest.raises(InvalidArgumentError, match="8-bit"):
         load_image(path)
+
+
+def _png_16_bit_rgb(pixels: np.ndarray) -> bytes:
+    """A 16-bit RGB PNG of uint16 (H, W, 3) pixels, written by hand: Pillow writes no such file."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    height, width = pixels.shape[:2]
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_a_16_bit_rgb_png_comes_in_as_the_top_byte_of_each_channel(tmp_path: Path) -> None:
+    pixels = np.random.default_rng(4).integers(0, 65536, (3, 5, 3), dtype=np.uint16)
+    path = tmp_path / "deep_rgb.png"
+    path.write_bytes(_png_16_bit_rgb(pixels))
+    np.testing.assert_array_equal(load_image(path), (pixels >> 8).astype(np.uint8))
 
 
 # --------------------------------------------------------------------------------------- detections
