@@ -109,6 +109,18 @@ def check_detection_counts(counts: Sequence[tuple[str, int]], limit: int, where:
             "larger --max-detections")
 
 
+def check_detection_labels(labels: Sequence[tuple[str, np.ndarray]], num_classes: int, where: str) -> None:
+    """Raises InvalidArgumentError naming the images (the first five) whose detections, of the (image
+    name, labels) pairs, hold a class id outside the model's 1..num_classes, so that a run stops before
+    it segments anything rather than at the first such image."""
+    bad = [f"{name} ({sorted({int(v) for v in ids if not 1 <= v <= num_classes})})"
+           for name, ids in labels if len(ids) and (ids.min() < 1 or ids.max() > num_classes)]
+    if bad:
+        raise InvalidArgumentError(
+            f"{len(bad)} image(s) have detections{where} of classes this model does not have (it has 1..{num_classes}): "
+            f"{', '.join(bad[:5])}{' (the first five)' if len(bad) > 5 else ''}")
+
+
 SAMPLE_DETECTION_COUNTS = {"coffee": 7, "chelsea": 2, "astronaut": 1}
 """How many generated boxes each shipped photo gets when a command runs on the samples."""
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import DetectionsDroppedWarning, InvalidArgumentError
 from ..inputs import load_image
-from .images import ImageDetections, check_detection_counts, read_detections
+from .images import ImageDetections, check_detection_counts, check_detection_labels, read_detections
 from .progress import ItemProgress
 
 if TYPE_CHECKING:
@@ -58,8 +58,8 @@ def run(segmenter: Segmenter, images: Sequence[str | Path], detections: str | Pa
     says; only each image's `keep_top` most confident when given), and writes the files the module
     docstring lists into `out`. `progress(total)` makes the display, updated after each image. Raises
     InvalidArgumentError naming the image or file at fault: before any image is segmented for the file
-    and for images with more detections than the model takes, else when the image is reached (nothing
-    is written for images after it)."""
+    and for images with more detections than the model takes or classes it does not have, else when the
+    image is reached (nothing is written for images after it)."""
     paths = [Path(p) for p in images]
     found = read_detections(detections, paths)  # checks the file before any image is segmented
     if keep_top is not None:
@@ -67,6 +67,8 @@ def run(segmenter: Segmenter, images: Sequence[str | Path], detections: str | Pa
     check_detection_counts([(path.name, len(dets.boxes)) for path, dets in zip(paths, found)],
                            segmenter.max_detections, f" in {detections}",
                            "keep each image's most confident ones (dynseg infer --keep-top N)")
+    check_detection_labels([(path.name, dets.labels) for path, dets in zip(paths, found)],
+                           len(segmenter.class_names), f" in {detections}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     from PIL import Image

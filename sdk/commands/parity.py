@@ -28,7 +28,7 @@ import numpy as np
 from ..errors import DetectionsDroppedWarning, InvalidArgumentError
 from ..results import SegmentationResult
 from ..segmenter import Segmenter
-from .images import ImageDetections, check_detection_counts
+from .images import ImageDetections, check_detection_counts, check_detection_labels
 
 PROBABILITY_ATOL = 1e-4
 SEMANTIC_ATOL = 1e-3
@@ -166,13 +166,15 @@ def validate(exported: Segmenter, reference: Segmenter,
     """Runs the exported model (an onnxruntime Segmenter) and the checkpoint (a torch Segmenter on the
     CPU, the reference) on each (name, (H, W, 3) uint8 image, detections with boxes, labels, scores)
     case and returns the report. Raises InvalidArgumentError when the export is not the checkpoint's
-    (`check_same_model`), a case has more detections than the export takes, or a case's image or
-    detections are refused (the message then starts with the case's name). Boxes the SDK drops (inverted,
-    or wholly outside the image) are left out without a warning: D counts the detections the model ran on."""
+    (`check_same_model`), a case has more detections than the export takes or classes it does not
+    have (before any case runs), or a case's image or detections are refused (the message then starts
+    with the case's name). Boxes the SDK drops (inverted, or wholly outside the image) are left out
+    without a warning: D counts the detections the model ran on."""
     check_same_model(exported, reference)
     cases = list(cases)
     check_detection_counts([(name, len(dets.scores)) for name, _, dets in cases], exported.max_detections, "",
                            "give each image fewer")
+    check_detection_labels([(name, dets.labels) for name, _, dets in cases], len(exported.class_names), "")
     report = ParityReport()
     for name, image, dets in cases:
         try:

@@ -162,14 +162,18 @@ def test_keep_top_keeps_the_most_confident_detections_in_their_order():
     assert most_confident(dets, 5) is dets
 
 
-def test_infer_names_the_image_whose_labels_the_model_does_not_know(exported, photos, tmp_path):
+def test_infer_names_the_image_whose_labels_the_model_does_not_know_before_segmenting_any(exported, photos,
+                                                                                           tmp_path):
     files, _ = photos
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps([{"image_id": "chelsea", "category_id": 9, "bbox": [0, 0, 5, 5], "score": 0.5}]))
-    result = runner.invoke(app, ["infer", str(exported[1]), str(files[0]), "--detections", str(bad),
+    bad.write_text(json.dumps([{"image_id": files[0].stem, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.5},
+                               {"image_id": files[1].stem, "category_id": 9, "bbox": [0, 0, 5, 5], "score": 0.5}]))
+    result = runner.invoke(app, ["infer", str(exported[1]), str(files[0]), str(files[1]), "--detections", str(bad),
                                  "--out", str(tmp_path / "out")])
     assert result.exit_code == 1
-    assert "chelsea.png" in result.output and "labels must be class ids in 1..3" in result.output
+    assert (f"1 image(s) have detections in {bad} of classes this model does not have (it has 1..3): "
+            f"{files[1].name} ([9])") in plain(result.output)
+    assert not list((tmp_path / "out").glob("*.png"))  # the good first image was not segmented either
 
 
 def test_validate_names_the_image_whose_labels_the_model_does_not_know(exported, photos, tmp_path):
@@ -179,7 +183,18 @@ def test_validate_names_the_image_whose_labels_the_model_does_not_know(exported,
     result = runner.invoke(app, ["validate", str(exported[1]), "--checkpoint", str(exported[0]),
                                  "--images", str(files[0]), "--detections", str(bad)])
     assert result.exit_code == 1
-    assert "chelsea.png: labels must be class ids in 1..3" in plain(result.output)
+    assert "classes this model does not have (it has 1..3): chelsea.png ([9])" in plain(result.output)
+
+
+def test_validate_names_the_case_whose_detections_the_sdk_refuses(exported):
+    from dynseg.sdk.commands import parity
+    from dynseg.sdk.commands.images import ImageDetections
+
+    image = np.ascontiguousarray(samples.load("coffee")[:40, :48])
+    bad = ImageDetections("x", np.array([[0, 0, np.nan, 5]], np.float32), np.array([1]), np.array([0.5], np.float32))
+    with Segmenter(exported[1]) as model, Segmenter(exported[0]) as checkpoint, \
+            pytest.raises(InvalidArgumentError, match=r"^the NaN case: boxes must be finite"):
+        parity.validate(model, checkpoint, [("the NaN case", image, bad)])
 
 
 def test_validate_leaves_a_dropped_box_out_of_d_without_a_warning(exported, photos, tmp_path):
