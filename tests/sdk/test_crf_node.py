@@ -129,7 +129,7 @@ def test_the_node_matches_semantic_mean_field_with_asymmetric_compat_and_distinc
 
 def test_scores_so_large_that_the_logits_overflow_are_named():
     inputs = node_inputs()
-    inputs[7] = np.array([-3e38, 0.7], np.float32)  # finite, but the detection potential's terms overflow
+    inputs[7] = np.array([3e38, 3e38], np.float32)  # finite, but the two boxes' terms overflow together
     named = r"the logits overflowed float32 .* or the detection scores \(largest \|score\| 3e\+38\)"
     with pytest.raises(InvalidArgumentError, match=named):
         run_node(inputs, ATTRIBUTES)
