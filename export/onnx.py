@@ -67,20 +67,22 @@ def export_onnx(network: DynamicallyInstantiatedNetwork, path: str | Path, *,
     labels = torch.ones(3, dtype=torch.int64) * min(2, network.config.num_classes)
     scores = torch.tensor([0.9, 0.6, 0.3])
     was_training = network.training
-    graph = ExportGraph(network).eval()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer's notes on shapes it keeps dynamic through size()
-        torch.onnx.export(
-            graph, (image, boxes, labels, scores), str(path), dynamo=False, opset_version=ops.OPSET,
-            input_names=list(INPUTS), output_names=list(OUTPUTS),
-            dynamic_axes={
-                "image": {2: "height", 3: "width"}, "boxes": {0: "detections"}, "labels": {0: "detections"},
-                "scores": {0: "detections"}, "instance_logits": {1: "detections_plus_1", 2: "height", 3: "width"},
-                "semantic_probabilities": {2: "height", 3: "width"},
-            },
-            custom_opsets={DOMAIN: OP_VERSION},
-        )
-    network.train(was_training)
+    try:
+        graph = ExportGraph(network).eval()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on shapes it keeps dynamic through size()
+            torch.onnx.export(
+                graph, (image, boxes, labels, scores), str(path), dynamo=False, opset_version=ops.OPSET,
+                input_names=list(INPUTS), output_names=list(OUTPUTS),
+                dynamic_axes={
+                    "image": {2: "height", 3: "width"}, "boxes": {0: "detections"}, "labels": {0: "detections"},
+                    "scores": {0: "detections"}, "instance_logits": {1: "detections_plus_1", 2: "height", 3: "width"},
+                    "semantic_probabilities": {2: "height", 3: "width"},
+                },
+                custom_opsets={DOMAIN: OP_VERSION},
+            )
+    finally:  # a failed export leaves the caller's network as it was
+        network.train(was_training)
     model = onnx.load(str(path))
     config = network.config
     # the tracer cannot see through the custom op and softmax to the fixed sizes: state them as docs/ops.md does

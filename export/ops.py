@@ -45,7 +45,7 @@ def mean_field_crf(
 ) -> tuple[Tensor, Tensor]:
     """One CRF, as the exported node computes it (docs/ops.md): unary (1, L, H, W), image (1, C, H, W);
     compatibility (L, L) or empty for Potts; returns logits (1, L, H, W) and detection scores (D,)."""
-    if unary.shape[1] == 1:  # one label: nothing to infer
+    if unary.shape[1] == 1 or iterations == 0:  # one label, or no iteration: nothing to infer (docs/ops.md)
         return unary.clone(), scores.clone()
     compat = compatibility if compatibility.numel() else None
     if detection_potential:

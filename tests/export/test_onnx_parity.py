@@ -291,3 +291,27 @@ def test_the_semantic_crf_module_and_its_node_compute_the_same_bits_without_dete
         module = crf(unary, image, boxes, labels, scores)
         node = ops.SemanticCRFNode(crf)(unary, image, boxes, labels, scores)
     assert torch.equal(module[0], node[0]) and torch.equal(module[1], node[1])
+
+
+def test_crfs_of_zero_iterations_export_and_match_pytorch(tmp_path):
+    """T = 0 makes each CRF node the identity (docs/ops.md); the export once failed on it, the traced
+    op's output being a view of its input."""
+    from dynseg.trainer.model.instance import InstanceConfig
+    from dynseg.trainer.model.network import ModelConfig, build_model
+    from dynseg.trainer.model.semantic_crf import SemanticCRFConfig
+
+    torch.manual_seed(0)
+    network = build_model(ModelConfig(backbone="resnet18", class_names=("cat", "cup"),
+                                      semantic_crf=SemanticCRFConfig(iterations=0),
+                                      instance=InstanceConfig(iterations=0, templates_per_group=4, template_size=16)))
+    network.train()
+    save_checkpoint(tmp_path / "checkpoint", network)
+    path = export_onnx(network, tmp_path / "model.onnx")
+    assert network.training  # the export hands the network back as it found it
+    image, boxes, labels, scores = _case("chelsea", (48, 64), 2, seed=3)
+    labels = np.minimum(labels, 2)
+    with Segmenter(path) as exported, Segmenter(tmp_path / "checkpoint", backend="torch") as reference:
+        got = exported.segment_with_outputs(image, boxes, labels, scores)[1]
+        expected = reference.segment_with_outputs(image, boxes, labels, scores)[1]
+    for name in ("instance_logits", "semantic_probabilities"):
+        np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=1e-5)
