@@ -1,8 +1,8 @@
 """What `Segmenter.segment` returns, and the post-processing every backend shares to make it.
 
 Owns docs/algorithm.md §6 in numpy: `build_result` turns a backend's instance logits and semantic
-probabilities into the instance map (argmax over the D+1 labels; detections whose instance got no
-pixel dropped, the rest renumbered 1..N in detection order), the semantic map and one `Instance` per
+probabilities into the instance map (argmax over the D+1 labels, values within TIE_TOLERANCE of the
+largest tying and ties going to the lowest label; detections whose instance got no pixel dropped, the rest renumbered 1..N in detection order), the semantic map and one `Instance` per
 instance, with its score (the mean of Q_sem of its class over its pixels, the released code's ranking
 score). Also owns the result's COCO export and its picture. numpy only (pycocotools for RLE,
 imported when an RLE is first asked for): no torch.
@@ -79,9 +79,11 @@ class SegmentationResult:
 
     image: (H, W, 3) uint8 RGB, a copy of the image as segmented (for overlay(): a camera loop may
         reuse the buffer it passed in).
-    instance_map: int32 (H, W); 0 = background, i = instances[i-1].
+    instance_map: int32 (H, W); 0 = background, i = instances[i-1]; a pixel's label is the lowest whose
+        logit is within TIE_TOLERANCE (relative) of its largest.
     The three arrays are read-only, as the instances' cached masks are computed from instance_map.
-    semantic_map: int32 (H, W); argmax of the semantic probabilities, 0 = background, 1..K classes.
+    semantic_map: int32 (H, W); argmax of the semantic probabilities (ties as in the instance map), 0 =
+        background, 1..K classes.
     instances: the N instances in detection order (ids 1..N).
     dropped: the caller's detections that got no instance, ascending by index, each with why: those
         check_detections refused (inverted, outside), and those that won no pixel.
@@ -175,7 +177,6 @@ def build_result(
     height, width = _check_result_inputs(image, instance_logits, semantic_probabilities, detections, class_names)
     count = len(detections)
 
-    # Argmax ties go to the lowest label, as torch.argmax does, so the backends' maps agree.
     winner = _argmax_planes(instance_logits)  # (H, W) in 0..N
     pixels = np.bincount(winner.ravel(), minlength=count + 1)  # (N+1,)
     present = np.flatnonzero(pixels[1:]) + 1  # label = kept index + 1, ascending = detection order
@@ -217,15 +218,25 @@ def build_result(
     )
 
 
+# Values within this fraction of a pixel's largest (at least this much below 1) tie with it. Backends
+# round alike values apart by about 1e-6 relative: onnxruntime's Log gives identical inputs different last
+# bits by their place in the tensor, so two identical detections' logits drift apart, and an exact argmax
+# split them into an instance and slivers on onnxruntime but not on torch.
+TIE_TOLERANCE = 1e-5
+
+
 def _argmax_planes(planes: np.ndarray, dtype: type = np.intp) -> np.ndarray:
-    """np.argmax(planes, axis=0) for finite (L, H, W) planes (ties to the lowest label), plane by plane:
-    contiguous passes instead of numpy's strided reduction over axis 0 (2-3x faster at 512x512)."""
+    """Each pixel's label of finite (L, H, W) planes: the lowest label whose value is within
+    TIE_TOLERANCE of the largest, so float noise between backends decides no pixel. Plane by plane:
+    contiguous passes instead of numpy's strided reductions over axis 0 (2-3x faster at 512x512)."""
     best = planes[0].copy()
+    for plane in planes[1:]:
+        np.maximum(best, plane, out=best)
+    floor = best - TIE_TOLERANCE * np.maximum(np.abs(best), 1.0)
     index: np.ndarray = np.zeros(planes.shape[1:], dtype)
-    for label in range(1, planes.shape[0]):
-        larger = np.greater(planes[label], best)  # strict: a tie keeps the lower label
-        np.copyto(best, planes[label], where=larger)
-        index[larger] = label
+    for label in range(planes.shape[0] - 1, 0, -1):  # downwards: the lowest label within reach is written last
+        np.copyto(index, label, where=planes[label] >= floor)
+    np.copyto(index, 0, where=planes[0] >= floor)
     return index
 
 

@@ -55,16 +55,25 @@ def painted(height: int, width: int, regions: list[tuple[int, int, int, int]]) -
 # ----------------------------------------------------------------- against a pixel-by-pixel reference
 
 
-def reference_instances(logits: np.ndarray, semantic: np.ndarray, labels: np.ndarray):
-    """The instance map, and each instance's label index and score, one pixel at a time: the winner is
-    the first largest logit; instances that win pixels are numbered 1..N in detection order; a score
-    is the mean of Q_sem of the instance's class over its pixels."""
-    _, height, width = logits.shape
+def reference_argmax(values: np.ndarray) -> np.ndarray:
+    """One pixel at a time: the first label whose value is within 1e-5 (relative, at least 1e-5) of the
+    pixel's largest."""
+    _, height, width = values.shape
     winner = np.zeros((height, width), np.int64)
     for y in range(height):
         for x in range(width):
-            column = list(logits[:, y, x])
-            winner[y, x] = column.index(max(column))
+            column = [float(v) for v in values[:, y, x]]
+            largest = max(column)
+            floor = np.float32(largest) - np.float32(1e-5) * np.float32(max(abs(largest), 1.0))
+            winner[y, x] = next(label for label, v in enumerate(column) if v >= floor)
+    return winner
+
+
+def reference_instances(logits: np.ndarray, semantic: np.ndarray, labels: np.ndarray):
+    """The instance map, and each instance's label index and score, one pixel at a time: the winner is
+    reference_argmax's; instances that win pixels are numbered 1..N in detection order; a score is the
+    mean of Q_sem of the instance's class over its pixels."""
+    winner = reference_argmax(logits)
     present = sorted(set(winner.ravel().tolist()) - {0})
     instance_map = np.zeros_like(winner)
     scores = []
@@ -90,7 +99,7 @@ def test_build_result_computes_the_pixel_by_pixel_definition(count, height, widt
     assert [i.class_id for i in result.instances] == labels[indices].tolist()
     assert [i.detection for i in result.instances] == kept[indices].tolist()
     np.testing.assert_allclose([i.score for i in result.instances], scores, rtol=1e-5, atol=1e-7)
-    np.testing.assert_array_equal(result.semantic_map, np.argmax(semantic, axis=0))
+    np.testing.assert_array_equal(result.semantic_map, reference_argmax(semantic))
 
 
 def test_argmax_ties_go_to_the_lowest_label_as_in_torch() -> None:
@@ -100,6 +109,22 @@ def test_argmax_ties_go_to_the_lowest_label_as_in_torch() -> None:
     labels = np.array([1, 2, 3, 1, 2])
     result = build_result(gray_image(10, 12), logits, semantic, detections(labels.tolist()), CLASS_NAMES)
     np.testing.assert_array_equal(result.instance_map, reference_instances(logits, semantic, labels)[0])
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0, 1e-3])
+def test_duplicate_detections_whose_logits_differ_by_float_noise_make_one_instance(scale) -> None:
+    # what onnxruntime makes of two identical detections: logits a few ulps apart, either way
+    rng = np.random.default_rng(7)
+    logits, semantic = random_outputs(3, 12, 14, 8)
+    logits *= scale
+    logits[2] = logits[1] * (1 + rng.uniform(-3e-6, 3e-6, logits[1].shape).astype(np.float32))
+    result = build_result(gray_image(12, 14), logits, semantic, detections([1, 1, 2]), CLASS_NAMES)
+    assert [i.detection for i in result.instances if i.detection in (0, 1)] == [0]
+    np.testing.assert_array_equal(result.instance_map, reference_instances(logits, semantic, np.array([1, 1, 2]))[0])
+    # a real margin still decides: 1e-4 relative above the others
+    logits[2] = logits.max(axis=0) + 1e-4 * np.maximum(np.abs(logits.max(axis=0)), 1)
+    result = build_result(gray_image(12, 14), logits, semantic, detections([1, 1, 2]), CLASS_NAMES)
+    assert [i.detection for i in result.instances] == [1]
 
 
 # ------------------------------------------------------------------------------------ the result
