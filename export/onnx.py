@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from dynseg.sdk import __version__
 from dynseg.sdk.errors import InvalidArgumentError
-from dynseg.sdk.graph import DEFAULT_MAX_DETECTIONS, DOMAIN, INPUTS, OP_VERSION, OUTPUTS
+from dynseg.sdk.graph import DEFAULT_MAX_DETECTIONS, DOMAIN, INPUTS, MAX_DETECTIONS, OP_VERSION, OUTPUTS
 from dynseg.sdk.inputs import int_in, is_int
 from dynseg.trainer.checkpoint import weights_fingerprint
 from dynseg.trainer.model.network import DynamicallyInstantiatedNetwork, compose
@@ -54,7 +54,7 @@ def export_onnx(network: DynamicallyInstantiatedNetwork, path: str | Path, *,
     The example used for tracing (example_size, at least 64x80: its 3 boxes reach x = 70, y = 50) has 3
     detections so that D is not specialised; H, W and D are dynamic axes. max_detections is recorded for
     the runtime, which refuses more."""
-    max_detections = int_in("max_detections", max_detections, 1)
+    max_detections = int_in("max_detections", max_detections, 1, MAX_DETECTIONS)  # D + 1 CRF labels
     if not (isinstance(example_size, tuple) and len(example_size) == 2 and all(is_int(n) for n in example_size)
             and example_size[0] >= 64 and example_size[1] >= 80):
         raise InvalidArgumentError(f"example_size must be (height, width) ints of at least (64, 80), got "

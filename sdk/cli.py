@@ -24,7 +24,7 @@ from . import __version__
 from .commands import defaults
 from .commands import quickstart as quickstart_job
 from .errors import INSTALL_TRAINER, DynsegError, InvalidArgumentError
-from .graph import DEFAULT_ENGINE_DETECTIONS, DEFAULT_ENGINE_SIZES, DEFAULT_MAX_DETECTIONS
+from .graph import DEFAULT_ENGINE_DETECTIONS, DEFAULT_ENGINE_SIZES, DEFAULT_MAX_DETECTIONS, MAX_DETECTIONS
 
 if TYPE_CHECKING:
     from dynseg.trainer.backbones import BackboneName
@@ -363,7 +363,7 @@ def export(
     checkpoint: Path = typer.Argument(..., exists=True, file_okay=False, help="Folder written by dynseg train."),
     format: str = typer.Option("onnx", "--format", help="onnx, or engine (TensorRT: needs TensorRT and a GPU)."),
     out: Path = typer.Option(..., "--out", dir_okay=False, help="The file to write, e.g. model.onnx or model.engine."),
-    max_detections: int = typer.Option(DEFAULT_MAX_DETECTIONS, "--max-detections", min=1,
+    max_detections: int = typer.Option(DEFAULT_MAX_DETECTIONS, "--max-detections", min=1, max=MAX_DETECTIONS,
                                        help="Most detections per image the runtime accepts (the engine profile's max)."),
     min_detections: int = typer.Option(DEFAULT_ENGINE_DETECTIONS[0], "--min-detections", min=0,
                                        help="engine: the profile's smallest D."),
@@ -388,6 +388,9 @@ def export(
     if format == "onnx" and given:  # an ONNX file has no profile: the options would be dropped silently
         raise typer.BadParameter(f"{', '.join(given)} shape a TensorRT engine: give --format engine, or leave them out",
                                  param_hint="--format")
+    if format == "onnx" and out.suffix in (".engine", ".plan"):  # Segmenter would take it for an engine
+        raise typer.BadParameter(f"{out} names a TensorRT engine: give --format engine, or an .onnx file",
+                                 param_hint="--out")
     sizes = (_size(min_size, "--min-size"), _size(opt_size, "--opt-size"), _size(max_size, "--max-size"))
     detections = (min_detections, max(min_detections, min(DEFAULT_ENGINE_DETECTIONS[1], max_detections))
                   if opt_detections is None

@@ -18,6 +18,9 @@ OP_VERSION = 1
 DEFAULT_MAX_DETECTIONS = 100
 DEFAULT_ENGINE_DETECTIONS = (1, 10, DEFAULT_MAX_DETECTIONS)
 DEFAULT_ENGINE_SIZES = ((32, 32), (480, 640), (1024, 1024))
+# The most any export takes: the instance CRF's D + 1 labels within the kernel library's 65536
+# (DYNSEG_MAX_LABELS).
+MAX_DETECTIONS = 65535
 
 
 def graph_inputs(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray,

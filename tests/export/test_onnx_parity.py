@@ -238,8 +238,9 @@ def test_files_that_are_not_dynseg_models_are_named(tmp_path, exported):
 
 
 @pytest.mark.parametrize("arguments, message", [
-    ({"max_detections": True}, "max_detections must be a positive int"),
-    ({"max_detections": 0}, "max_detections must be a positive int"),
+    ({"max_detections": True}, r"max_detections must be an int in 1\.\.65535"),
+    ({"max_detections": 0}, r"max_detections must be an int in 1\.\.65535, got 0"),
+    ({"max_detections": 65536}, r"max_detections must be an int in 1\.\.65535, got 65536"),  # D + 1 CRF labels
     ({"example_size": (16, 16)}, r"example_size must be \(height, width\) ints of at least \(64, 80\)"),
     ({"example_size": "64x80"}, "example_size must be"),
 ])

@@ -319,6 +319,8 @@ def test_quickstart_with_a_few_steps_makes_everything_it_promises(tmp_path):
 @pytest.mark.parametrize("arguments, option", [
     (["export", "{checkpoint}", "--format", "tflite", "--out", "{tmp}/m.onnx"], "--format"),
     (["export", "{checkpoint}", "--out", "{tmp}/m.onnx", "--max-detections", "0"], "--max-detections"),
+    (["export", "{checkpoint}", "--out", "{tmp}/m.onnx", "--max-detections", "65536"], "--max-detections"),
+    (["export", "{checkpoint}", "--out", "{tmp}/m.engine"], "--out"),  # an engine name for an ONNX file
     (["export", "{checkpoint}", "--out", "{tmp}/m.onnx", "--opt-detections", "5", "--fp16"], "--format"),
     (["infer", "{model}", "{tmp}/missing.png", "--detections", "{tmp}/d.json", "--out", "{tmp}"], "'images'"),
     (["infer", "{model}", "{photo}", "--detections", "{tmp}/d.json", "--out", "{tmp}", "--backend", "tf"],
