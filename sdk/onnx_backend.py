@@ -218,12 +218,14 @@ def _run_crf(step: _CrfNode, inputs: list[ort.OrtValue], placement: _Placement,
     """One CRF node on the OrtValues of its inputs, on the backend's device (on the CPU with `threads`
     threads, None: every core)."""
     if placement.device_type == "cpu":
+        arrays = [value.numpy() for value in inputs]
         try:
-            logits, scores = run_node([value.numpy() for value in inputs], step.attributes, threads or 0)
+            logits, scores = run_node(arrays, step.attributes, threads or 0)
         except InvalidArgumentError as error:  # its inputs are the network's: say so, or "unary" means nothing
+            cause = ("" if np.isfinite(arrays[0]).all() else
+                     " (the network's output holds NaN or infinity: so do the model's weights)")
             raise InvalidArgumentError(f"the model's CRF node for {step.outputs[0]} refused what the network computed "
-                                       f"from this image and its detections: {error} (NaN or infinite values there "
-                                       "come from the model's weights)") from error
+                                       f"from this image and its detections: {error}{cause}") from error
         return [placement.put(logits), placement.put(scores)]
     views = [_native_view(value, name, CrfInputs.dtype(input_name))
              for input_name, name, value in zip(CrfInputs._fields, step.inputs, inputs)]
