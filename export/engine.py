@@ -28,7 +28,7 @@ from dynseg.sdk.crf_node import CrfAttributes
 from dynseg.sdk.errors import DynsegError, InvalidArgumentError
 from dynseg.sdk.graph import DEFAULT_ENGINE_DETECTIONS as DEFAULT_DETECTIONS
 from dynseg.sdk.graph import DEFAULT_ENGINE_SIZES as DEFAULT_SIZES
-from dynseg.sdk.graph import DOMAIN, OP_TYPE, OP_VERSION
+from dynseg.sdk.graph import DOMAIN, OP_TYPE, OP_VERSION, read_export
 from dynseg.sdk.inputs import is_int
 
 if TYPE_CHECKING:
@@ -176,7 +176,8 @@ def make_profile(detections: Sequence[int] = DEFAULT_DETECTIONS,
     of H and W and the largest image within the CUDA kernels' 32-bit indexing (with `labels`, the
     largest label count of a CRF, when given). Raises InvalidArgumentError naming the offending value."""
     # Python ints only: the profile goes into the sidecar's JSON as given
-    if len(detections) != 3 or not all(is_int(d, numpy=False) for d in detections):
+    if not isinstance(detections, (tuple, list)) or len(detections) != 3 \
+            or not all(is_int(d, numpy=False) for d in detections):
         raise InvalidArgumentError(f"detections must be three ints (min, opt, max), got {detections!r}")
     low, opt, high = detections
     if low < 0:
@@ -188,7 +189,8 @@ def make_profile(detections: Sequence[int] = DEFAULT_DETECTIONS,
             f"the maximum detection count {high} exceeds the model's max_detections = {max_detections} "
             "(re-export with a larger --max-detections, or lower the profile's maximum)"
         )
-    if len(sizes) != 3 or not all(len(s) == 2 and all(is_int(v, numpy=False) for v in s) for s in sizes):
+    if not isinstance(sizes, (tuple, list)) or len(sizes) != 3 or not all(
+            isinstance(s, (tuple, list)) and len(s) == 2 and all(is_int(v, numpy=False) for v in s) for s in sizes):
         raise InvalidArgumentError(f"sizes must be three (H, W) pairs of ints (min, opt, max), got {sizes!r}")
     smallest, optimum, largest = ((int(h), int(w)) for h, w in sizes)
     pairs = (smallest, optimum, largest)
@@ -439,15 +441,16 @@ def build_engine(onnx_path: str | Path, out_path: str | Path, *, fp16: bool = Fa
     gigabytes); plugin_library: the plugin's .so (None: plugin_library_path()). fp16 sets TensorRT 10's FP16
     builder flag (the CRF plugin stays fp32); TensorRT 11 removed that flag and is refused with fp16.
 
-    Raises InvalidArgumentError for a bad profile or model, EngineError when TensorRT, the plugin library or
-    a GPU is missing or the build fails."""
-    model = onnx.load(str(onnx_path))
-    metadata = _model_metadata(model)
-    max_detections = int(metadata["max_detections"]) if "max_detections" in metadata else None
-    profile = make_profile(detections, sizes, max_detections=max_detections,
-                           labels=len(json.loads(metadata.get("class_names", "[]"))) + 1)
+    Raises InvalidArgumentError for a bad profile, workspace or fp16, or a file that is not a dynseg export
+    (read_export), EngineError when TensorRT, the plugin library or a GPU is missing or the build fails."""
+    export = read_export(Path(onnx_path))
+    model, metadata = export.model, export.metadata
+    profile = make_profile(detections, sizes, max_detections=export.max_detections,
+                           labels=len(export.class_names) + 1)
     if workspace is not None and (not is_int(workspace, numpy=False) or workspace < 1):
         raise InvalidArgumentError(f"workspace must be a positive number of bytes or None, got {workspace!r}")
+    if not isinstance(fp16, bool):
+        raise InvalidArgumentError(f"fp16 must be True or False, got {fp16!r}")
     trt_model = tensorrt_model(model)
     tensorrt = import_tensorrt()
     library = Path(plugin_library) if plugin_library is not None else plugin_library_path()

@@ -551,7 +551,7 @@ def bench(
                        on_row=lambda r: typer.echo(f"[bench] {r.backend} {r.height}x{r.width} D={r.detections}: "
                                                    f"p50 {r.p50_ms:.1f} ms"))
     except BaseException as error:
-        if created:  # no empty file left behind to pass for results
+        if created and json_out is not None:  # no empty file left behind to pass for results
             json_out.unlink(missing_ok=True)
         if isinstance(error, DynsegError):
             raise _fail(str(error)) from error

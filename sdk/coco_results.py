@@ -109,11 +109,11 @@ def _parse_entry(entry: object, where: str) -> Entry:
     x, y, w, h = values
     if w < 0 or h < 0:
         raise InvalidArgumentError(f"{where}: bbox has a negative size (w={w}, h={h})")
-    corner = [finite_float32(x + max(w - 1, 0.0)), finite_float32(y + max(h - 1, 0.0))]
-    if None in corner:
+    x2, y2 = finite_float32(x + max(w - 1, 0.0)), finite_float32(y + max(h - 1, 0.0))
+    if x2 is None or y2 is None:
         raise InvalidArgumentError(f"{where}: bbox's far corner (x + w - 1, y + h - 1) overflows float32, got {bbox!r}")
     finite_score = finite_float32(score)
     if finite_score is None or finite_score < 0:
         raise InvalidArgumentError(f"{where}: score must be a finite float32 number >= 0 (a confidence, not a logit), "
                                    f"got {score!r}")
-    return image_id, int(category), [x, y, *corner], finite_score
+    return image_id, int(category), [x, y, x2, y2], finite_score

@@ -1,10 +1,17 @@
 """The exported model's contract, shared by the exporter (dynseg.export) and every runtime backend:
-the graph's input and output names, its inputs' layout, and the identity of its custom CRF op
-(docs/ops.md)."""
+the graph's input and output names, its inputs' layout, the identity of its custom CRF op
+(docs/ops.md), and `read_export`, which loads an exported file and checks it is one."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
+import onnx
+
+from .errors import InvalidArgumentError
 
 INPUTS = ("image", "boxes", "labels", "scores")
 OUTPUTS = ("instance_logits", "semantic_probabilities")
@@ -33,3 +40,68 @@ def graph_inputs(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
         "labels": np.ascontiguousarray(labels, dtype=np.int64).reshape(-1),
         "scores": np.ascontiguousarray(scores, dtype=np.float32).reshape(-1),
     }
+
+
+@dataclass(frozen=True)
+class Export:
+    """An exported model as `read_export` found it: the graph, and what its metadata says."""
+
+    model: onnx.ModelProto
+    class_names: tuple[str, ...]
+    max_detections: int
+    weights_fingerprint: str | None  # sha256 of the weights; None for an export older than it
+    metadata: dict[str, str]
+
+
+def read_export(path: Path) -> Export:
+    """The model `dynseg export` wrote to `path`. Raises InvalidArgumentError, naming the file, for a
+    missing, empty or unreadable file, a model that is not a dynseg export of this op version and these
+    inputs and outputs, and malformed metadata."""
+    model = _load(path)
+    metadata = _check_dynseg(model, path)
+    try:
+        names = json.loads(metadata["class_names"])
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"class_names must be a non-empty list of names, got {names!r:.80}")
+        max_detections = int(metadata["max_detections"])
+        if not 1 <= max_detections <= MAX_DETECTIONS:
+            raise ValueError(f"max_detections must be in 1..{MAX_DETECTIONS}, got {max_detections}")
+    except (KeyError, TypeError, ValueError) as error:
+        raise InvalidArgumentError(f"model file {path} has malformed dynseg metadata ({error!r}): export it "
+                                   "again with `dynseg export`") from None
+    return Export(model, tuple(names), max_detections, metadata.get("weights_sha256"), metadata)
+
+
+def _load(path: Path) -> onnx.ModelProto:
+    if path.is_dir():
+        raise InvalidArgumentError(f"model {path} is a directory, not an .onnx file (a training checkpoint runs with "
+                                   "backend='torch'; `dynseg export` makes the .onnx)")
+    if not path.is_file():
+        raise InvalidArgumentError(f"model file {path} does not exist")
+    if path.stat().st_size == 0:  # onnx parses no bytes as an empty model
+        raise InvalidArgumentError(f"model file {path} is empty: export it again with `dynseg export`")
+    try:
+        return onnx.load(str(path))
+    except Exception as error:  # protobuf's DecodeError and friends: the file is not (all of) a model
+        raise InvalidArgumentError(f"model file {path} is not a readable ONNX model ({error})") from None
+
+
+def _check_dynseg(model: onnx.ModelProto, path: Path) -> dict[str, str]:
+    metadata = {entry.key: entry.value for entry in model.metadata_props}
+    crf_nodes = [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE]
+    if "dynseg_op_version" not in metadata or not crf_nodes:
+        raise InvalidArgumentError(f"model file {path} is not a dynseg export (no dynseg metadata or "
+                                   "MeanFieldCRF node): export one with `dynseg export`")
+    opset = {entry.domain: entry.version for entry in model.opset_import}.get(DOMAIN)
+    if metadata["dynseg_op_version"] != str(OP_VERSION) or opset != OP_VERSION:
+        raise InvalidArgumentError(f"model file {path} uses dynseg::MeanFieldCRF version "
+                                   f"{metadata['dynseg_op_version']} (opset {opset}), this dynseg runs version "
+                                   f"{OP_VERSION}")
+    unknown = sorted({n.op_type for n in model.graph.node if n.domain == DOMAIN and n.op_type != OP_TYPE})
+    if unknown:
+        raise InvalidArgumentError(f"model file {path} has dynseg ops this dynseg does not know: {unknown}")
+    inputs, outputs = [i.name for i in model.graph.input], [o.name for o in model.graph.output]
+    if inputs != list(INPUTS) or outputs != list(OUTPUTS):
+        raise InvalidArgumentError(f"model file {path} does not have this dynseg's inputs {list(INPUTS)} and outputs "
+                                   f"{list(OUTPUTS)} (got {inputs} and {outputs}): re-export it with this dynseg")
+    return metadata

@@ -17,7 +17,6 @@ memory, so an image crosses to the host only as the two outputs.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from onnx import helper, numpy_helper, shape_inference
 from . import _native
 from .crf_node import CrfAttributes, CrfInputs, run_node, run_node_cuda
 from .errors import InvalidArgumentError
-from .graph import DOMAIN, INPUTS, OP_TYPE, OP_VERSION, OUTPUTS, graph_inputs
+from .graph import DOMAIN, INPUTS, OUTPUTS, graph_inputs, read_export
 from .inputs import cuda_index
 
 
@@ -49,41 +48,6 @@ class _CrfNode:
     outputs: list[str]
     attributes: CrfAttributes
     constants: dict[str, ort.OrtValue] = field(default_factory=dict)  # its inputs that are initializers
-
-
-def _load(path: Path) -> onnx.ModelProto:
-    if path.is_dir():
-        raise InvalidArgumentError(f"model {path} is a directory, not an .onnx file (a training checkpoint runs with "
-                                   "backend='torch'; `dynseg export` makes the .onnx)")
-    if not path.is_file():
-        raise InvalidArgumentError(f"model file {path} does not exist")
-    if path.stat().st_size == 0:  # onnx parses no bytes as an empty model
-        raise InvalidArgumentError(f"model file {path} is empty: export it again with `dynseg export`")
-    try:
-        return onnx.load(str(path))
-    except Exception as error:  # protobuf's DecodeError and friends: the file is not (all of) a model
-        raise InvalidArgumentError(f"model file {path} is not a readable ONNX model ({error})") from None
-
-
-def _check_dynseg(model: onnx.ModelProto, path: Path) -> dict[str, str]:
-    metadata = {entry.key: entry.value for entry in model.metadata_props}
-    crf_nodes = [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE]
-    if "dynseg_op_version" not in metadata or not crf_nodes:
-        raise InvalidArgumentError(f"model file {path} is not a dynseg export (no dynseg metadata or "
-                                   "MeanFieldCRF node): export one with `dynseg export`")
-    opset = {entry.domain: entry.version for entry in model.opset_import}.get(DOMAIN)
-    if metadata["dynseg_op_version"] != str(OP_VERSION) or opset != OP_VERSION:
-        raise InvalidArgumentError(f"model file {path} uses dynseg::MeanFieldCRF version "
-                                   f"{metadata['dynseg_op_version']} (opset {opset}), this dynseg runs version "
-                                   f"{OP_VERSION}")
-    unknown = sorted({n.op_type for n in model.graph.node if n.domain == DOMAIN and n.op_type != OP_TYPE})
-    if unknown:
-        raise InvalidArgumentError(f"model file {path} has dynseg ops this dynseg does not know: {unknown}")
-    inputs, outputs = [i.name for i in model.graph.input], [o.name for o in model.graph.output]
-    if inputs != list(INPUTS) or outputs != list(OUTPUTS):
-        raise InvalidArgumentError(f"model file {path} does not have this dynseg's inputs {list(INPUTS)} and outputs "
-                                   f"{list(OUTPUTS)} (got {inputs} and {outputs}): re-export it with this dynseg")
-    return metadata
 
 
 def _value_types(model: onnx.ModelProto) -> dict[str, int]:
@@ -218,11 +182,11 @@ def _run_crf(step: _CrfNode, inputs: list[ort.OrtValue], placement: _Placement,
     """One CRF node on the OrtValues of its inputs, on the backend's device (on the CPU with `threads`
     threads, None: every core)."""
     if placement.device_type == "cpu":
-        arrays = [value.numpy() for value in inputs]
+        values = [value.numpy() for value in inputs]
         try:
-            logits, scores = run_node(arrays, step.attributes, threads or 0)
+            logits, scores = run_node(values, step.attributes, threads or 0)
         except InvalidArgumentError as error:  # its inputs are the network's: say so, or "unary" means nothing
-            cause = ("" if np.isfinite(arrays[0]).all() else
+            cause = ("" if np.isfinite(values[0]).all() else
                      " (the network's output holds NaN or infinity: so do the model's weights)")
             raise InvalidArgumentError(f"the model's CRF node for {step.outputs[0]} refused what the network computed "
                                        f"from this image and its detections: {error}{cause}") from error
@@ -243,21 +207,11 @@ class OnnxRuntimeBackend:
         self._placement = _Placement.of(device)
         self._threads = threads
         self.path = Path(path)
-        model = _load(self.path)
-        metadata = _check_dynseg(model, self.path)
-        try:
-            names = json.loads(metadata["class_names"])
-            if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
-                raise ValueError(f"class_names must be a non-empty list of names, got {names!r:.80}")
-            self.class_names: tuple[str, ...] = tuple(names)
-            self.max_detections = int(metadata["max_detections"])
-            if self.max_detections < 1:
-                raise ValueError(f"max_detections must be at least 1, got {self.max_detections}")
-            self.weights_fingerprint: str | None = metadata.get("weights_sha256")
-        except (KeyError, TypeError, ValueError) as error:
-            raise InvalidArgumentError(f"model file {self.path} has malformed dynseg metadata ({error!r}): export it "
-                                       "again with `dynseg export`") from None
-        self._steps = _partition(model, self._placement, threads)
+        export = read_export(self.path)
+        self.class_names: tuple[str, ...] = export.class_names
+        self.max_detections = export.max_detections
+        self.weights_fingerprint: str | None = export.weights_fingerprint
+        self._steps = _partition(export.model, self._placement, threads)
 
     def run(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray, *,
             timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:

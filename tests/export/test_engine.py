@@ -41,7 +41,7 @@ def _model(with_function: bool = False) -> onnx.ModelProto:
         helper.make_tensor_value_info("scores", f, ["detections"]),
     ]
     outputs = [helper.make_tensor_value_info("instance_logits", f, [1, "labels", "height", "width"]),
-               helper.make_tensor_value_info("instance_scores", f, ["detections"])]
+               helper.make_tensor_value_info("semantic_probabilities", f, [1, 4, "height", "width"])]
     scalar = lambda name, v: numpy_helper.from_array(np.array(v, dtype=np.float32), name)  # noqa: E731
     initializers = [scalar("w_s", 3.0), scalar("w_b", 5.0), numpy_helper.from_array(np.zeros(0, np.float32), "compat"),
                     scalar("dx", 1.0), scalar("dy", 1.0),
@@ -52,6 +52,7 @@ def _model(with_function: bool = False) -> onnx.ModelProto:
         _crf("semantic_crf", "semantic", "semantic_logits", "recalibrated"),
         helper.make_node("Identity", ["semantic_logits"], ["unary"]),
         _crf("instance_crf", "unary", "instance_logits", "instance_scores"),
+        helper.make_node("Softmax", ["semantic_logits"], ["semantic_probabilities"], axis=1),
     ]
     graph = helper.make_graph(nodes, "dynseg", inputs, outputs, initializers)
     functions = []
@@ -441,3 +442,25 @@ def test_the_plugin_serialises_and_restores_every_attribute():
     expected = {a.name: bytes(np.asarray(a.data).tobytes()) for a in attributes}
     assert {name: value.rstrip(b"\0") if name == "normalization" else value
             for name, value in as_dict(serialised).items()} == expected
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda tmp: {"onnx_path": tmp / "missing.onnx"}, "missing.onnx does not exist"),
+    (lambda tmp: {"onnx_path": tmp}, "is a directory"),
+    (lambda tmp: {"onnx_path": _write(tmp / "empty.onnx", b"")}, "empty.onnx is empty"),
+    (lambda tmp: {"onnx_path": _write(tmp / "junk.onnx", b"\x01\x02junk")}, "junk.onnx is not a readable ONNX model"),
+    (lambda tmp: {"detections": None}, "detections must be three ints"),
+    (lambda tmp: {"sizes": (32, 32, 64)}, r"sizes must be three \(H, W\) pairs"),
+    (lambda tmp: {"fp16": "yes"}, "fp16 must be True or False"),
+])
+def test_build_engine_names_a_bad_argument_or_file_before_it_needs_tensorrt(tmp_path, change, message):
+    source = tmp_path / "model.onnx"
+    onnx.save(_model(), str(source))
+    arguments = {"onnx_path": source, **change(tmp_path)}
+    with pytest.raises(InvalidArgumentError, match=message):
+        engine.build_engine(out_path=tmp_path / "model.engine", **arguments)
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path

@@ -226,7 +226,8 @@ def test_files_that_are_not_dynseg_models_are_named(tmp_path, exported):
     onnx.save(onnx.helper.make_model(graph), str(plain))
     with pytest.raises(InvalidArgumentError, match="not a dynseg export"):
         Segmenter(plain)
-    for key, value, problem in (("max_detections", "True", "True"), ("max_detections", "0", "at least 1"),
+    for key, value, problem in (("max_detections", "True", "True"), ("max_detections", "0", r"in 1\.\.65535, got 0"),
+                                ("max_detections", "65536", "got 65536"),
                                 ("class_names", "[]", "non-empty list"), ("class_names", '"cupspoon"', "list")):
         model = onnx.load(str(exported[1]))
         for entry in model.metadata_props:
