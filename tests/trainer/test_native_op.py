@@ -147,6 +147,24 @@ def test_native_op_names_a_malformed_kernel_or_compat(scene, kernels, compat, me
         mean_field_native(unary, None, kernels, compat=compat)
 
 
+@pytest.mark.parametrize("image, compat, message", [
+    ("bool", None, "image must hold real numbers, got torch.bool"),
+    (None, torch.tensor([1 + 5j, 1, 1, 1]), "compat must hold real numbers, got torch.complex64"),
+])
+def test_native_op_refuses_a_bool_image_or_a_complex_compat_rather_than_convert_it(scene, image, compat, message):
+    unary, rgb = scene
+    planes = rgb.permute(2, 0, 1) > 100 if image == "bool" else None
+    with pytest.raises(InvalidArgumentError, match=message):
+        mean_field_native(unary[:4], planes, [(3.0, 0.0, 1.0), (80.0, 13.0, 1.0)], compat=compat)
+
+
+def test_native_op_names_an_empty_unary(scene):
+    unary, _ = scene
+    for empty in (unary[:0], unary[:, :0], unary[:, :, :0]):
+        with pytest.raises(InvalidArgumentError, match=r"unary must have L, H, W >= 1"):
+            mean_field_native(empty, None, [(3.0, 0.0, 1.0)])
+
+
 def test_native_op_refuses_a_meta_image_rather_than_return_its_fake_kernels_empty_tensor(scene):
     unary, _ = scene
     with pytest.raises(InvalidArgumentError, match="image must be a CPU or CUDA tensor"):

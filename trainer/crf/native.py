@@ -211,7 +211,9 @@ def mean_field_native(
         threads: None for every core; results are bitwise identical for any count.
 
     Returns:
-        (L, H, W) logits of the last iteration. Differentiable w.r.t. unary, tensor weights and compat.
+        (L, H, W) logits of the last iteration. Differentiable w.r.t. unary, tensor weights and compat
+        (not the image: its gradient is None). Not traceable by torch.compile: its backward runs the
+        kernels on numpy arrays.
     """
     if not isinstance(unary, Tensor) or unary.dim() != 3:
         raise InvalidArgumentError(f"unary must be an (L, H, W) tensor, got {getattr(unary, 'shape', type(unary))}")
@@ -220,9 +222,14 @@ def mean_field_native(
         _native.check_cuda_device(unary.device.index or 0)
     if unary.dtype != torch.float32:
         raise InvalidArgumentError(f"unary must be float32, got {unary.dtype}")
+    if 0 in unary.shape:
+        raise InvalidArgumentError(f"unary must have L, H, W >= 1, got {tuple(unary.shape)}")
     num_labels = unary.shape[0]
     if image is not None and not isinstance(image, Tensor):
         raise InvalidArgumentError(f"image must be a (C, H, W) tensor or None, got {type(image).__name__}")
+    for name, tensor in (("image", image), ("compat", compat)):  # converted to float32 on the way: no bool, complex
+        if isinstance(tensor, Tensor) and (tensor.dtype.is_complex or tensor.dtype == torch.bool):
+            raise InvalidArgumentError(f"{name} must hold real numbers, got {tensor.dtype}")
     _check_device("image", image)
     _check_device("compat", compat)
     if isinstance(kernels, (str, bytes)) or not isinstance(kernels, Sequence):
