@@ -49,6 +49,11 @@ class TorchBackend:
         """`segmenter.NetworkBackend.run`; the graph runs as one, so `timings` gains nothing."""
         inputs = graph_inputs(image, boxes, labels, scores)
         inputs["image"] = inputs["image"][0].astype(np.float32)  # the network takes one (3, H, W) float image
-        with self._torch.no_grad():
-            output = self._model(*(self._torch.as_tensor(inputs[name], device=self._device) for name in INPUTS))
+        try:
+            with self._torch.no_grad():
+                output = self._model(*(self._torch.as_tensor(inputs[name], device=self._device) for name in INPUTS))
+        except InvalidArgumentError as error:  # the inputs were checked: what the CRFs refuse, the network made
+            raise InvalidArgumentError(f"the model refused what its network computed from this image and its "
+                                       f"detections: {error} (non-finite values there come from NaN or infinite "
+                                       "weights, or from detection scores large enough to overflow float32)") from error
         return {name: getattr(output, name).cpu().numpy() for name in OUTPUTS}

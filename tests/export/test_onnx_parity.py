@@ -155,6 +155,18 @@ def test_a_model_with_nan_weights_is_named_as_the_cause_not_the_crf_nodes_unary(
         broken.segment(image, boxes, labels, scores)
 
 
+def test_a_checkpoint_with_nan_weights_is_named_as_the_cause_on_torch(exported, tmp_path):
+    network = load_checkpoint(exported[0])
+    with torch.no_grad():
+        next(p for p in network.parameters() if p.dim() == 4).view(-1)[0] = float("nan")
+    save_checkpoint(tmp_path / "nan", network)
+    image, boxes, labels, scores = _case("coffee", (64, 80), 2, seed=1)
+    with Segmenter(tmp_path / "nan", backend="torch") as broken, \
+            pytest.raises(InvalidArgumentError, match=r"the model refused what its network computed .*non-finite.*"
+                                                      r"NaN or infinite weights"):
+        broken.segment(image, boxes, labels, scores)
+
+
 def test_a_thread_count_beyond_the_cores_is_capped_for_onnxruntime(exported):
     # onnxruntime starts every thread it is asked for (10**5 of them took minutes and gigabytes)
     with Segmenter(exported[1], threads=_native.max_threads() + 3) as many:
