@@ -24,13 +24,22 @@ TRAINING_DATA = "training_data.json"
 
 def save_checkpoint(directory: str | Path, model: DynamicallyInstantiatedNetwork,
                     optimiser: torch.optim.Optimizer | None = None, step: int = 0) -> Path:
-    """Writes model.safetensors, model.json and (for resuming) trainer_state.pt into `directory`."""
+    """Writes model.safetensors, model.json and (for resuming) trainer_state.pt into `directory`.
+    Raises OSError naming the file that could not be written (a full disk, a folder in its place)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors")
-    (directory / "model.json").write_text(model.config.to_json())
+    writes = [("model.safetensors", lambda path: save_file(
+                  {k: v.detach().contiguous() for k, v in model.state_dict().items()}, path)),
+              ("model.json", lambda path: path.write_text(model.config.to_json()))]
     if optimiser is not None:
-        torch.save({"optimiser": optimiser.state_dict(), "step": step}, directory / "trainer_state.pt")
+        writes.append(("trainer_state.pt", lambda path: torch.save(
+            {"optimiser": optimiser.state_dict(), "step": step}, path)))
+    for name, write in writes:
+        try:
+            write(directory / name)
+        except Exception as error:  # OSError, safetensors' SafetensorError, torch.save's RuntimeError
+            message = (str(error).splitlines() or [type(error).__name__])[0][:200]
+            raise OSError(f"could not write {directory / name}: {message}") from error
     return directory
 
 

@@ -70,6 +70,15 @@ def test_piecewise_stage_two_leaves_the_semantic_part_alone_and_end_to_end_does_
     assert not torch.equal(before["semantic_crf.compatibility"], after["semantic_crf.compatibility"])
 
 
+@pytest.mark.parametrize("blocked", ["model.safetensors", "model.json", "trainer_state.pt"])
+def test_a_checkpoint_file_that_cannot_be_written_is_named_in_an_os_error(tmp_path, blocked):
+    _, model = tiny_setup()
+    (tmp_path / blocked).mkdir()  # a folder where the file goes: what a full disk also gives, one line
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(OSError, match=f"could not write {tmp_path / blocked}"):
+        save_checkpoint(tmp_path, model, optimiser, step=1)
+
+
 def test_a_checkpoint_rebuilds_the_same_network(tmp_path):
     data, model = tiny_setup()
     with torch.no_grad():
