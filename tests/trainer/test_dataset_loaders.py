@@ -298,6 +298,14 @@ def test_coco_keeps_images_without_annotations(tmp_path):
     assert sample["image_id"] == 7 and sample["masks"].shape == (0, H, W) and not sample["semantic"].any()
 
 
+def test_coco_refuses_a_split_without_images(tmp_path):
+    root, coco = write_coco(tmp_path)
+    coco["images"], coco["annotations"] = [], []
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(coco))
+    with pytest.raises(ValueError, match=r"instances_val2017\.json: 'images' is empty"):
+        CocoInstances(root, "val2017")
+
+
 def test_coco_names_the_missing_annotation_file_image_and_bad_references(tmp_path):
     root, coco = write_coco(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"instances_train2017\.json"):

@@ -117,6 +117,8 @@ class CocoInstances:
             if problem:
                 raise InvalidArgumentError(f"{where} of image {image_id}: {problem}")
         self.image_ids: tuple[int, ...] = tuple(sorted(self._coco.imgs))
+        if not self.image_ids:  # as the other loaders refuse an empty split list: nothing to train or score on
+            raise InvalidArgumentError(f"{self.annotation_file}: 'images' is empty")
         require_files(self.image_folder, (self._coco.imgs[i]["file_name"] for i in self.image_ids))
 
     def _check_images(self) -> None:
