@@ -25,6 +25,7 @@ averaged gradient is the gradient of the global batch's loss; rank 0 alone write
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
@@ -199,6 +200,8 @@ def train(
     resuming), and every process returns once the checkpoint is written.
     """
     out_dir = Path(out_dir)
+    if len(dataset) == 0:
+        raise InvalidArgumentError("dataset holds no image: nothing to train on")
     rank, world = distributed.rank(), distributed.world_size()
     main = rank == 0
     if main:
@@ -216,16 +219,7 @@ def train(
     start = 0
     resumed = resume and (out_dir / "trainer_state.pt").is_file()
     if resumed:
-        state = torch.load(out_dir / "trainer_state.pt", weights_only=True)
-        model.load_state_dict(load_file(out_dir / "model.safetensors"))
-        try:
-            optimiser.load_state_dict(state["optimiser"])
-        except ValueError as error:  # e.g. a piecewise run saved before the semantic CRF was frozen with it
-            raise InvalidArgumentError(
-                f"{out_dir}/trainer_state.pt was saved for other trainable parameters than this stage's "
-                f"({config.stage}, {config.mode}): resume with the dynseg version that wrote it, or start the "
-                f"stage afresh ({error})") from None
-        start = int(state["step"])
+        start = _resume(out_dir, model, optimiser, config)
     device = next(model.parameters()).device
     _training_modes(model, config)
     objective: nn.Module = _Objective(model, config)
@@ -252,11 +246,21 @@ def train(
             else:
                 batch, share = _semantic_batch(dataset, config, step, positions, model.config.num_classes)
             batch = {key: value.to(device) for key, value in batch.items()}
-            loss = objective(batch)  # mean over this process's part of the batch
+            try:
+                loss = objective(batch)  # mean over this process's part of the batch
+            except InvalidArgumentError as error:  # after a step: what the CRFs refuse, the last update made
+                if step == start:
+                    raise
+                raise InvalidArgumentError(f"step {step + 1}: {error}: the weights have likely diverged; lower the "
+                                           f"learning rate ({learning_rate(config, step):g})") from error
             optimiser.zero_grad(set_to_none=True)
             # DDP averages gradients over the W processes, so W x share makes them the global mean's.
             (loss * (share * world)).backward()
             norm = torch.nn.utils.clip_grad_norm_(trainable, config.clip_norm)
+            if not math.isfinite(float(norm)):  # the same on every process: DDP has averaged the gradients
+                raise InvalidArgumentError(f"training diverged at step {step + 1}: its gradients are not finite "
+                                           f"(loss {loss.item():.3g}); lower the learning rate "
+                                           f"({learning_rate(config, step):g})")
             optimiser.step()
             global_loss = distributed.all_reduce([loss.item() * share])[0]
             entry = {"step": step + 1, "loss": global_loss, "grad_norm": float(norm),
@@ -290,6 +294,32 @@ def train(
         (out_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
     distributed.barrier()
     return log
+
+
+def _resume(out_dir: Path, model: DynamicallyInstantiatedNetwork, optimiser: torch.optim.Optimizer,
+            config: TrainConfig) -> int:
+    """Loads out_dir's weights and optimiser state into `model` and `optimiser` and returns the step
+    they were saved at; InvalidArgumentError, in one line, for files that are not a resumable state."""
+    where = out_dir / "trainer_state.pt"
+    try:
+        state = torch.load(where, weights_only=True)
+        step = state["step"]
+        if not isinstance(step, int) or not 0 <= step <= config.steps:
+            raise ValueError(f"its step must be an int in 0..{config.steps} (this stage's steps), got {step!r}")
+        model.load_state_dict(load_file(out_dir / "model.safetensors"))
+        optimiser_state = state["optimiser"]
+    except Exception as error:  # torch.load's and safetensors' own errors, KeyError, TypeError, ...
+        message = (str(error).splitlines() or [type(error).__name__])[0][:200]
+        raise InvalidArgumentError(f"cannot resume from {out_dir}: {type(error).__name__}: {message}; start the "
+                                   "stage afresh without resuming") from None
+    try:
+        optimiser.load_state_dict(optimiser_state)
+    except ValueError as error:  # e.g. a piecewise run saved before the semantic CRF was frozen with it
+        raise InvalidArgumentError(
+            f"{where} was saved for other trainable parameters than this stage's "
+            f"({config.stage}, {config.mode}): resume with the dynseg version that wrote it, or start the "
+            f"stage afresh ({error})") from None
+    return step
 
 
 def _silent(*_: object) -> None:

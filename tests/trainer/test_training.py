@@ -161,6 +161,41 @@ def test_resuming_with_other_trainable_parameters_names_the_saved_state(tmp_path
               printer=quiet)
 
 
+@pytest.mark.parametrize("state, problem", [
+    (b"", "EOFError"),
+    (b"PK\x03\x04 not a zip", ""),
+    ({"optimiser": {}}, "KeyError: 'step'"),
+    ({"optimiser": {}, "step": "x"}, "its step must be an int in 0..3"),
+    ({"optimiser": {}, "step": 7}, r"its step must be an int in 0\.\.3 \(this stage's steps\), got 7"),
+    ([1, 2], "TypeError"),
+])
+def test_resuming_from_a_broken_trainer_state_is_refused_in_one_line(tmp_path, state, problem):
+    data, model = tiny_setup()
+    train(model, data, TrainConfig(stage="semantic", steps=1, batch_size=2), out_dir=tmp_path, printer=quiet)
+    if isinstance(state, bytes):
+        (tmp_path / "trainer_state.pt").write_bytes(state)
+    else:
+        torch.save(state, tmp_path / "trainer_state.pt")
+    with pytest.raises(InvalidArgumentError, match=f"cannot resume from {tmp_path}: .*{problem}") as raised:
+        train(model, data, TrainConfig(stage="semantic", steps=3, batch_size=2), out_dir=tmp_path, resume=True,
+              printer=quiet)
+    assert "\n" not in str(raised.value)
+
+
+def test_an_empty_dataset_is_refused_before_training(tmp_path):
+    _, model = tiny_setup()
+    with pytest.raises(InvalidArgumentError, match="dataset holds no image"):
+        train(model, [], TrainConfig(stage="semantic", steps=1), out_dir=tmp_path, printer=quiet)
+
+
+def test_a_diverging_run_is_named_with_its_step_and_learning_rate(tmp_path):
+    data, model = tiny_setup()
+    with pytest.raises(InvalidArgumentError, match=r"(diverged at step \d+|step \d+: .*diverged).*learning rate "
+                                                   r"\(1e\+30\)"):
+        train(model, data, TrainConfig(stage="semantic", steps=6, batch_size=2, learning_rate=1e30,
+                                       schedule="step", step_every=100), out_dir=tmp_path, printer=quiet)
+
+
 def test_dynseg_train_then_dynseg_eval_run_from_the_command_line(tmp_path):
     runner = CliRunner()
     for _ in range(2):  # the second run into the same folder replaces the first run's logs
