@@ -49,6 +49,9 @@ class _Commands(TyperGroup):
             raise _fail(f"{error.strerror or error}{where}") from error
 
 
+# Seeds reach torch.manual_seed (at most 2**64 - 1) and numpy, and evaluation holds out seed + 1.
+MAX_SEED = 2**63 - 2
+
 app = typer.Typer(
     cls=_Commands,
     name="dynseg",
@@ -201,7 +204,8 @@ def train(
              "first of --held-out-split), with simulated detections; 0: no per-epoch evaluation."),
     held_out_split: Optional[str] = typer.Option(None, "--held-out-split",
                                                  help="On-disk split for --held-out-images (default: val; COCO: val2017)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the data, the detections and the initialisation."),
+    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED,
+                             help="Seed of the data, the detections and the initialisation."),
 ) -> None:
     """Train the network: stage 1 semantic, stage 2 instance (synthetic scenes unless --dataset names another).
 
@@ -262,8 +266,8 @@ def evaluate_command(
         None, "--image-size", metavar="H W",
         help="Synthetic images' height and width (default: training's, else 96 120)."),
     seed: Optional[int] = typer.Option(
-        None, "--seed", help="Seed of the held-out synthetic images and simulated detections (default: training's "
-                             "seed + 1, else 1)."),
+        None, "--seed", min=0, max=MAX_SEED,
+        help="Seed of the held-out synthetic images and simulated detections (default: training's seed + 1, else 1)."),
     protocol: str = typer.Option("original", "--protocol", help="original (the released code) or voc."),
     out: Optional[Path] = typer.Option(None, "--out", file_okay=False, help="Where to write metrics.json/.md."),
 ) -> None:
@@ -568,14 +572,17 @@ def quickstart(
     steps: int = typer.Option(quickstart_job.DEFAULT_STEPS, "--steps", min=2,
                               help="Training steps in all (6:1 semantic:instance); the default took about 7 min "
                                    "on 2 idle CPU cores (docs/deploy.md)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the data, detections and initialisation."),
+    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Seed of the data, detections and initialisation."),
 ) -> None:
     """Train a small model on synthetic scenes, evaluate, export ONNX, validate parity and segment sample
     images, all into --out; then print what it made and what to run next."""
     _torch_or_fail("dynseg quickstart")
     import sys
 
-    summary = quickstart_job.run(out, steps=steps, seed=seed, printer=typer.echo, live=sys.stdout.isatty())
+    try:
+        summary = quickstart_job.run(out, steps=steps, seed=seed, printer=typer.echo, live=sys.stdout.isatty())
+    except DynsegError as error:
+        raise _fail(str(error)) from error
     metrics = summary.metrics
     typer.echo(f"\nheld-out synthetic scenes: AP^r at 0.5 {100 * metrics['ap_r']['0.5']:.1f} %, "
                f"AP^r_vol {100 * metrics['ap_r_vol']:.1f} %, PQ {100 * metrics['pq']:.1f} %")

@@ -334,6 +334,8 @@ def test_quickstart_with_a_few_steps_makes_everything_it_promises(tmp_path):
     (["bench", "{model}", "--json", "{tmp}/d.json/rows.json"], "--json"),  # under a file: before any timing
     (["bench", "{model}", "--repeats", "0"], "--repeats"),
     (["quickstart", "--out", "{tmp}/q", "--steps", "1"], "--steps"),
+    (["quickstart", "--out", "{tmp}/q", "--seed", "-1"], "--seed"),
+    (["train", "--out", "{tmp}/t", "--seed", str(2**64)], "--seed"),  # torch.manual_seed's overflow, before
     # an engine's profile and file name are checked before the export (no .onnx written: see below)
     (["export", "{checkpoint}", "--format", "engine", "--out", "{tmp}/e/m.onnx"], "--out"),
     (["export", "{checkpoint}", "--format", "engine", "--out", "{tmp}/e/m.engine", "--min-size", "2000x2000"],
