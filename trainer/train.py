@@ -48,7 +48,7 @@ from dynseg.sdk.results import build_result
 from . import distributed, fields
 from .data import VOID
 from .boxes import mask_boxes
-from .checkpoint import save_checkpoint
+from .checkpoint import TRAINING_DATA, save_checkpoint
 from .data.common import Samples
 from .data.detections import Detections, simulate_detections
 from .data.sources import inside_image
@@ -438,6 +438,11 @@ def _instance_loss(model: DynamicallyInstantiatedNetwork, batch: dict[str, Tenso
     return loss
 
 
+# What a run leaves in its folders (checkpoint, resume state, configs, eval's metrics): fit clears them.
+_RUN_FILES = ("model.safetensors", "model.json", "trainer_state.pt", "train_config.json", TRAINING_DATA, "log.jsonl",
+              "metrics.json", "metrics.md")
+
+
 def fit(
     model: DynamicallyInstantiatedNetwork,
     dataset: Samples,
@@ -453,11 +458,15 @@ def fit(
     """The paper's procedure: stage 1 (semantic), shape templates by k-means of the training masks,
     then stage 2 (instance, piecewise or end-to-end). Checkpoints land in out_dir/semantic and
     out_dir (the final model); both stages append their epochs to out_dir/epochs.jsonl (see `train`),
-    stage 2's with the metrics on `held_out` when it is given."""
+    stage 2's with the metrics on `held_out` when it is given. An earlier run's checkpoints and metrics in
+    out_dir go first, so a run that fails or is interrupted leaves none of them to be taken for its own."""
     out_dir = Path(out_dir)
     epochs = (out_dir / "epochs.jsonl").resolve()  # not relative to stage 1's out_dir/semantic
     out_dir.mkdir(parents=True, exist_ok=True)
     if distributed.rank() == 0:
+        for folder in (out_dir, out_dir / "semantic"):
+            for name in _RUN_FILES:
+                (folder / name).unlink(missing_ok=True)
         epochs.write_text("")  # a new run: the stages append to it, an earlier run's epochs go
     logs = {"semantic": train(model, dataset, semantic, out_dir=out_dir / "semantic", printer=printer, live=live,
                               epoch_log=epochs)}

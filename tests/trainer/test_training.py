@@ -219,6 +219,20 @@ def test_dynseg_eval_rejects_a_folder_that_is_not_a_checkpoint(tmp_path):
     assert result.exit_code == 1 and "not a dynseg checkpoint" in result.output
 
 
+def test_a_new_run_clears_the_last_runs_checkpoints_so_a_failed_one_leaves_none_behind(tmp_path):
+    data, model = tiny_setup()
+    stages = dict(semantic=TrainConfig(stage="semantic", steps=1, batch_size=2),
+                  instance=TrainConfig(stage="instance", steps=1))
+    fit(model, data, out_dir=tmp_path, printer=quiet, **stages)
+    (tmp_path / "metrics.json").write_text("{}")  # what dynseg eval wrote for the old model
+    (tmp_path / "notes.txt").write_text("mine")  # not the run's: kept
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "semantic" / "model.safetensors").is_file()
+    with pytest.raises(InvalidArgumentError, match="dataset holds no image"):
+        fit(model, [], out_dir=tmp_path, printer=quiet, **stages)
+    left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert left == ["epochs.jsonl", "notes.txt"]
+
+
 def test_a_short_training_run_beats_the_untrained_network_on_held_out_scenes(tmp_path):
     # measured: AP^r_vol 0.003 untrained, 0.038 after 120 + 20 steps (about 15 s on 2 cores)
     torch.manual_seed(0)
