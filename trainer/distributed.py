@@ -128,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
+    from ..sdk.errors import DynsegError
+    from .checkpoint import write_training_data
     from .data import SyntheticScenes
     from .model import ModelConfig, build_model
     from .train import TrainConfig, fit
@@ -145,8 +147,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             instance=TrainConfig(stage="instance", mode=args.mode, steps=args.instance_steps,
                                  learning_rate=args.lr / defaults.INSTANCE_LR_DIVISOR, seed=args.seed),
             printer=print)  # train prints on rank 0 only
-        if is_main():
+        if is_main():  # what `dynseg eval` holds out from, as `dynseg train` records it
+            write_training_data(args.out, dataset="synthetic", seed=args.seed, image_size=tuple(args.image_size))
             print(f"wrote {args.out}/model.safetensors and {args.out}/model.json; next: dynseg eval {args.out}")
+    except DynsegError as error:  # a bad argument: one line, as the dynseg commands print it
+        raise SystemExit(f"Error: {error}") from None
     finally:
         shutdown()
 

@@ -145,3 +145,15 @@ def test_without_torchrun_variables_there_is_one_process_and_reductions_are_iden
 
 if __name__ == "__main__":
     _worker(Path(sys.argv[1]))
+
+
+def test_the_launcher_records_the_training_data_and_prints_a_bad_argument_in_one_line(monkeypatch, tmp_path):
+    from dynseg.trainer.checkpoint import read_training_data
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    tiny = ["--images", "2", "--image-size", "32", "32", "--semantic-steps", "1", "--instance-steps", "1"]
+    distributed.main(["--out", str(tmp_path / "run"), "--seed", "3", *tiny])
+    assert read_training_data(tmp_path / "run") == {"dataset": "synthetic", "seed": 3, "image_size": [32, 32]}
+    with pytest.raises(SystemExit, match=r"^Error: TrainConfig.learning_rate must be"):
+        distributed.main(["--out", str(tmp_path / "bad"), "--lr", "nan", *tiny])
