@@ -256,7 +256,9 @@ def train(
 @app.command("eval")
 def evaluate_command(
     checkpoint: Path = typer.Argument(..., exists=True, file_okay=False, help="Folder written by dynseg train."),
-    dataset: str = typer.Option("synthetic", "--dataset", help=_DATASET_HELP),
+    dataset: Optional[str] = typer.Option(
+        None, "--dataset", help="synthetic (built in), voc, sbd, coco or cityscapes; default: the dataset the "
+                                "checkpoint was trained on, else synthetic."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", exists=True, file_okay=False, help=_ROOT_HELP),
     split: Optional[str] = typer.Option(None, "--split", help="Split to score (default: val; COCO: val2017)."),
     detections: Optional[Path] = typer.Option(None, "--detections", exists=True, dir_okay=False,
@@ -281,6 +283,8 @@ def evaluate_command(
     if protocol not in PROTOCOLS:
         raise typer.BadParameter(f"must be one of {', '.join(PROTOCOLS)}", param_hint="--protocol")
     trained_on = read_training_data(checkpoint)
+    if dataset is None:  # a checkpoint is scored on its own dataset unless told otherwise
+        dataset = trained_on["dataset"] if trained_on else "synthetic"
     if seed is None:
         seed = trained_on["seed"] + 1 if trained_on else 1
     if image_size is None:
@@ -297,6 +301,9 @@ def evaluate_command(
                       num_classes=num_classes, seed=seed)
     if len(data.class_names) - 1 != num_classes:
         raise _fail(f"the checkpoint has {num_classes} classes, --dataset {dataset} has {len(data.class_names) - 1}")
+    if tuple(data.class_names[1:]) != tuple(model.config.class_names):  # the same count is not the same classes
+        raise _fail(f"the checkpoint's classes {list(model.config.class_names)} are not --dataset {dataset}'s "
+                    f"{list(data.class_names[1:])}")
     target = out or checkpoint
     target.mkdir(parents=True, exist_ok=True)  # before the evaluation, so an unwritable --out fails at once
     try:  # one image's masks in memory at a time
