@@ -93,8 +93,9 @@ class TrainConfig:
         fields.choices(self, "schedule", ("poly", "step"))
         fields.ints(self, "steps", "seed", least=0)
         fields.ints(self, "batch_size", "step_every", least=1)
-        fields.numbers(self, "learning_rate", "momentum", "weight_decay", "poly_power", "step_gamma", "clip_norm",
+        fields.numbers(self, "learning_rate", "momentum", "weight_decay", "poly_power", "step_gamma",
                        "semantic_weight", low=0)
+        fields.numbers(self, "clip_norm", low=0, low_open=True)  # 0 would clip every gradient to nothing
         fields.number_tuple(self, "scale_range", 2, positive=True)
         if self.scale_range[0] > self.scale_range[1]:
             raise InvalidArgumentError(f"TrainConfig.scale_range must be (low, high) with low <= high, got "

@@ -122,6 +122,14 @@ def test_voc_refuses_a_16_bit_image_instead_of_clipping_it(tmp_path):
         VocInstances(tmp_path, "val")[0]
 
 
+def test_voc_reads_a_split_list_saved_with_a_byte_order_mark(tmp_path):
+    root = write_voc(tmp_path)
+    split = root / "ImageSets" / "Segmentation" / "val.txt"
+    plain = VocInstances(tmp_path, "val").ids
+    split.write_bytes(b"\xef\xbb\xbf" + split.read_bytes())  # what some Windows editors save
+    assert VocInstances(tmp_path, "val").ids == plain
+
+
 def test_voc_names_a_split_list_that_is_not_utf8(tmp_path):
     root = write_voc(tmp_path)
     (root / "ImageSets" / "Segmentation" / "val.txt").write_bytes(b"2007_0000\xe932\n")

@@ -139,6 +139,7 @@ def test_a_broken_or_foreign_checkpoint_is_named_in_one_line(tmp_path):
 @pytest.mark.parametrize("field, value", [
     ("stage", "instnace"), ("mode", "end_to_end"), ("schedule", "cosine"), ("steps", -5), ("batch_size", 0),
     ("learning_rate", float("nan")), ("momentum", -0.1), ("scale_range", (2.0, 0.5)), ("crop", (0, 0)),
+    ("clip_norm", 0.0),
 ])
 def test_a_train_config_field_out_of_range_is_named(field, value):
     with pytest.raises(InvalidArgumentError, match=f"TrainConfig.{field} must be"):

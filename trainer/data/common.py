@@ -68,7 +68,7 @@ def read_id_list(path: Path, folder: Path) -> tuple[str, ...]:
         available = sorted(p.stem for p in folder.glob("*.txt")) if folder.is_dir() else []
         raise FileNotFoundError(f"{path}: split list not found (available in {folder}: {available or 'none'})")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark would stick to the first id, unseen
     except UnicodeDecodeError as error:
         raise InvalidArgumentError(f"{path}: the split list is not UTF-8 text ({error})") from error
     ids = tuple(line.strip() for line in text.splitlines() if line.strip())
