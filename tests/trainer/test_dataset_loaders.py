@@ -306,6 +306,15 @@ def test_coco_keeps_images_without_annotations(tmp_path):
     assert sample["image_id"] == 7 and sample["masks"].shape == (0, H, W) and not sample["semantic"].any()
 
 
+@pytest.mark.parametrize("crowd", ["no", 2, True, 1.0])
+def test_coco_refuses_an_iscrowd_other_than_0_or_1(tmp_path, crowd):
+    root, coco = write_coco(tmp_path)
+    coco["annotations"][0]["iscrowd"] = crowd
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(coco))
+    with pytest.raises(ValueError, match=f"has iscrowd {crowd!r}; it must be 0 or 1"):
+        CocoInstances(root, "val2017")
+
+
 def test_coco_refuses_a_split_without_images(tmp_path):
     root, coco = write_coco(tmp_path)
     coco["images"], coco["annotations"] = [], []

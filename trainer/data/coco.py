@@ -107,6 +107,9 @@ class CocoInstances:
             image_id = annotation.get("image_id")
             if not is_int(image_id) or image_id not in self._coco.imgs:  # not is_int: True and 1.0 would match 1
                 raise InvalidArgumentError(f"{where} names image {image_id!r}, not in 'images'")
+            crowd = annotation.get("iscrowd", 0)
+            if not (is_int(crowd) and crowd in (0, 1)):  # "no" or 2 would count as a crowd, silently
+                raise InvalidArgumentError(f"{where} has iscrowd {crowd!r}; it must be 0 or 1")
             category = annotation.get("category_id")
             if not annotation.get("iscrowd", 0) and not (is_int(category) and category in self.label_of_category):
                 raise InvalidArgumentError(f"{where} has category {category!r}, not in 'categories'")
