@@ -15,7 +15,7 @@ import errno
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, cast
+from typing import TYPE_CHECKING, Optional, cast, get_args
 
 import typer
 from typer.core import TyperGroup
@@ -27,7 +27,6 @@ from .errors import INSTALL_TRAINER, DynsegError, InvalidArgumentError
 from .graph import DEFAULT_ENGINE_DETECTIONS, DEFAULT_ENGINE_SIZES, DEFAULT_MAX_DETECTIONS, MAX_DETECTIONS
 
 if TYPE_CHECKING:
-    from dynseg.trainer.backbones import BackboneName
     from dynseg.trainer.train import TrainMode
 
     from .segmenter import Backend
@@ -217,6 +216,11 @@ def train(
         raise typer.BadParameter("must be piecewise or end-to-end", param_hint="--mode")
     if not (math.isfinite(learning_rate) and learning_rate >= 0):  # click's range lets NaN through, misnamed
         raise typer.BadParameter(f"must be a finite number >= 0, got {learning_rate}", param_hint="--lr")
+    from dynseg.trainer.backbones import BackboneName
+
+    backbones = get_args(BackboneName)  # checked before the data opens, named as the option
+    if backbone not in backbones:
+        raise typer.BadParameter(f"{backbone!r} is not one of {', '.join(backbones)}", param_hint="--backbone")
     if held_out_split is not None and (dataset == "synthetic" or not held_out_images):
         raise typer.BadParameter("names an on-disk split to score with --held-out-images N: give --dataset and "
                                  "--held-out-images too", param_hint="--held-out-split")
@@ -236,7 +240,7 @@ def train(
                               image_size=image_size, num_classes=len(data.class_names) - 1, seed=seed + 1)
         held_out = torch.utils.data.Subset(held_out, range(min(held_out_images, len(held_out))))
     try:
-        config = ModelConfig(backbone=cast("BackboneName", backbone), class_names=tuple(data.class_names[1:]))
+        config = ModelConfig(backbone=cast(BackboneName, backbone), class_names=tuple(data.class_names[1:]))
         model = build_model(config, pretrained=pretrained)
     except ValueError as error:
         raise _fail(str(error)) from error

@@ -239,6 +239,10 @@ def test_an_unknown_dataset_is_named_in_the_error(tmp_path):
     _fails_naming(run("train", "--out", tmp_path, "--dataset", "imagenet"), "--dataset", "imagenet", "voc")
 
 
+def test_an_unknown_backbone_is_named_as_the_option(tmp_path):
+    _fails_naming(run("train", "--out", tmp_path, "--backbone", "foo"), "--backbone", "'foo'", "resnet18")
+
+
 def test_an_on_disk_dataset_without_a_data_root_is_refused(tmp_path):
     _fails_naming(run("train", "--out", tmp_path, "--dataset", "voc"), "--data-root")
     _fails_naming(run("train", "--out", tmp_path, "--dataset", "voc", "--data-root", tmp_path / "nowhere"),
