@@ -1,6 +1,7 @@
 """The exceptions and warnings dynseg raises: one base class for the errors, so callers can catch
-everything dynseg-specific, and one category per warning, so callers can filter it; and the install
-command the errors that need the trainer give."""
+everything dynseg-specific, and one category per warning, so callers can filter it; the install
+command the errors that need the trainer give; and `one_line`, how a foreign exception is quoted in
+dynseg's one-line messages."""
 
 from __future__ import annotations
 
@@ -25,3 +26,10 @@ class NativeError(DynsegError, RuntimeError):
 
 class DetectionsDroppedWarning(UserWarning):
     """Some detections were left out (inverted or outside boxes); the result records which."""
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """A foreign exception's message on one line (torch's and safetensors' run to many), cut at a word
+    after about `limit` characters; its type's name when it has no message (a bare MemoryError)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."

@@ -11,9 +11,10 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dynseg.sdk.errors import InvalidArgumentError
+from dynseg.sdk.errors import InvalidArgumentError, one_line
 
 from .model import DynamicallyInstantiatedNetwork, ModelConfig, build_model
 
@@ -35,11 +36,13 @@ def save_checkpoint(directory: str | Path, model: DynamicallyInstantiatedNetwork
         writes.append(("trainer_state.pt", lambda path: torch.save(
             {"optimiser": optimiser.state_dict(), "step": step}, path)))
     for name, write in writes:
+        path = directory / name
         try:
-            write(directory / name)
-        except Exception as error:  # OSError, safetensors' SafetensorError, torch.save's RuntimeError
-            message = (str(error).splitlines() or [type(error).__name__])[0][:200]
-            raise OSError(f"could not write {directory / name}: {message}") from error
+            write(path)
+        except OSError as error:  # the system's refusal, its errno kept, the file named
+            raise type(error)(error.errno, error.strerror, str(path)) from error
+        except (SafetensorError, RuntimeError) as error:  # the same refusals, as safetensors and torch.save word them
+            raise OSError(f"could not write {path}: {one_line(error)}") from error
     return directory
 
 
@@ -56,13 +59,20 @@ def load_checkpoint(directory: str | Path) -> DynamicallyInstantiatedNetwork:
     except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError is a ValueError
         raise InvalidArgumentError(f"{directory}/model.json is not a dynseg model config: {error!r}") from None
     except (RuntimeError, MemoryError) as error:  # sizes torch cannot allocate, e.g. a corrupted template_size
-        message = (str(error).splitlines() or [type(error).__name__])[0][:200]  # a bare MemoryError has no text
         raise InvalidArgumentError(
-            f"{directory}/model.json describes a network that cannot be built: {message}") from None
+            f"{directory}/model.json describes a network that cannot be built: {one_line(error)}") from None
+    load_weights(model, directory / "model.safetensors",
+                 f"its model.json ({config.backbone}, {len(config.class_names)} class names)")
+    return model
+
+
+def load_weights(model: torch.nn.Module, path: Path, model_name: str) -> None:
+    """Loads the safetensors file at `path` into `model` (described as `model_name` in errors).
+    InvalidArgumentError, in one line, for a file that cannot be read or tensors that do not fit."""
     try:
-        weights = load_file(directory / "model.safetensors")
+        weights = load_file(path)
     except Exception as error:  # safetensors' own SafetensorError, or an OSError
-        raise InvalidArgumentError(f"{directory}/model.safetensors is not readable: {error}") from None
+        raise InvalidArgumentError(f"{path} is not readable: {one_line(error)}") from None
     expected = model.state_dict()
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
@@ -70,10 +80,8 @@ def load_checkpoint(directory: str | Path) -> DynamicallyInstantiatedNetwork:
     if missing or unexpected or reshaped:  # torch's own message lists every key, hundreds of lines
         counts = [f"{len(keys)} {what} (first {keys[0]})" for what, keys in
                   (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped)) if keys]
-        raise InvalidArgumentError(f"{directory}/model.safetensors does not fit its model.json ({config.backbone}, "
-                                   f"{len(config.class_names)} class names): tensors {', '.join(counts)}")
+        raise InvalidArgumentError(f"{path} does not fit {model_name}: tensors {', '.join(counts)}")
     model.load_state_dict(weights)
-    return model
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:

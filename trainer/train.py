@@ -36,11 +36,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from dynseg.sdk.errors import InvalidArgumentError
+from dynseg.sdk.errors import InvalidArgumentError, one_line
 from dynseg.sdk.inputs import check_detections as check_detections_np
 from dynseg.sdk.inputs import is_int
 from dynseg.sdk.results import build_result
@@ -48,7 +47,7 @@ from dynseg.sdk.results import build_result
 from . import distributed, fields
 from .data import VOID
 from .boxes import mask_boxes
-from .checkpoint import TRAINING_DATA, save_checkpoint
+from .checkpoint import TRAINING_DATA, load_weights, save_checkpoint
 from .data.common import Samples
 from .data.detections import Detections, simulate_detections
 from .data.sources import inside_image
@@ -249,11 +248,12 @@ def train(
             batch = {key: value.to(device) for key, value in batch.items()}
             try:
                 loss = objective(batch)  # mean over this process's part of the batch
-            except InvalidArgumentError as error:  # after a step: what the CRFs refuse, the last update made
+            except InvalidArgumentError as error:  # after a step, most often what a diverging update made
                 if step == start:
                     raise
-                raise InvalidArgumentError(f"step {step + 1}: {error}: the weights have likely diverged; lower the "
-                                           f"learning rate ({learning_rate(config, step):g})") from error
+                raise InvalidArgumentError(f"step {step + 1}: {error} (if the loss was climbing, see log.jsonl, the "
+                                           f"training diverged: lower the learning rate, "
+                                           f"{learning_rate(config, step):g} at this step)") from error
             optimiser.zero_grad(set_to_none=True)
             # DDP averages gradients over the W processes, so W x share makes them the global mean's.
             (loss * (share * world)).backward()
@@ -302,17 +302,20 @@ def _resume(out_dir: Path, model: DynamicallyInstantiatedNetwork, optimiser: tor
     """Loads out_dir's weights and optimiser state into `model` and `optimiser` and returns the step
     they were saved at; InvalidArgumentError, in one line, for files that are not a resumable state."""
     where = out_dir / "trainer_state.pt"
+    afresh = "; start the stage afresh without resuming"
     try:
         state = torch.load(where, weights_only=True)
-        step = state["step"]
-        if not isinstance(step, int) or not 0 <= step <= config.steps:
-            raise ValueError(f"its step must be an int in 0..{config.steps} (this stage's steps), got {step!r}")
-        model.load_state_dict(load_file(out_dir / "model.safetensors"))
-        optimiser_state = state["optimiser"]
-    except Exception as error:  # torch.load's and safetensors' own errors, KeyError, TypeError, ...
-        message = (str(error).splitlines() or [type(error).__name__])[0][:200]
-        raise InvalidArgumentError(f"cannot resume from {out_dir}: {type(error).__name__}: {message}; start the "
-                                   "stage afresh without resuming") from None
+        step, optimiser_state = state["step"], state["optimiser"]
+    except Exception as error:  # torch.load's own errors, EOFError, KeyError, TypeError, ...
+        raise InvalidArgumentError(f"cannot resume from {where}: {type(error).__name__}: {one_line(error)}"
+                                   f"{afresh}") from None
+    if not isinstance(step, int) or not 0 <= step <= config.steps:
+        raise InvalidArgumentError(f"cannot resume from {where}: its step must be an int in 0..{config.steps} "
+                                   f"(this stage's steps), got {step!r}{afresh}")
+    try:
+        load_weights(model, out_dir / "model.safetensors", "this stage's network")
+    except InvalidArgumentError as error:
+        raise InvalidArgumentError(f"cannot resume from {out_dir}: {error}{afresh}") from None
     try:
         optimiser.load_state_dict(optimiser_state)
     except ValueError as error:  # e.g. a piecewise run saved before the semantic CRF was frozen with it

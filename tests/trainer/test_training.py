@@ -4,6 +4,7 @@ round-trip, and `dynseg train` then `dynseg eval` run from the command line."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -75,7 +76,7 @@ def test_a_checkpoint_file_that_cannot_be_written_is_named_in_an_os_error(tmp_pa
     _, model = tiny_setup()
     (tmp_path / blocked).mkdir()  # a folder where the file goes: what a full disk also gives, one line
     optimiser = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(OSError, match=f"could not write {tmp_path / blocked}"):
+    with pytest.raises(OSError, match=re.escape(str(tmp_path / blocked))):
         save_checkpoint(tmp_path, model, optimiser, step=1)
 
 
@@ -177,7 +178,8 @@ def test_resuming_from_a_broken_trainer_state_is_refused_in_one_line(tmp_path, s
         (tmp_path / "trainer_state.pt").write_bytes(state)
     else:
         torch.save(state, tmp_path / "trainer_state.pt")
-    with pytest.raises(InvalidArgumentError, match=f"cannot resume from {tmp_path}: .*{problem}") as raised:
+    where = f"{tmp_path}/trainer_state.pt"
+    with pytest.raises(InvalidArgumentError, match=f"cannot resume from {where}: .*{problem}") as raised:
         train(model, data, TrainConfig(stage="semantic", steps=3, batch_size=2), out_dir=tmp_path, resume=True,
               printer=quiet)
     assert "\n" not in str(raised.value)
@@ -191,8 +193,8 @@ def test_an_empty_dataset_is_refused_before_training(tmp_path):
 
 def test_a_diverging_run_is_named_with_its_step_and_learning_rate(tmp_path):
     data, model = tiny_setup()
-    with pytest.raises(InvalidArgumentError, match=r"(diverged at step \d+|step \d+: .*diverged).*learning rate "
-                                                   r"\(1e\+30\)"):
+    with pytest.raises(InvalidArgumentError, match=r"(diverged at step \d+.*learning rate \(1e\+30\)|step \d+: .*"
+                                                   r"diverged: lower the learning rate, 1e\+30 at this step)"):
         train(model, data, TrainConfig(stage="semantic", steps=6, batch_size=2, learning_rate=1e30,
                                        schedule="step", step_every=100), out_dir=tmp_path, printer=quiet)
 
