@@ -48,9 +48,6 @@ class _Commands(TyperGroup):
             raise _fail(f"{error.strerror or error}{where}") from error
 
 
-# Seeds reach torch.manual_seed (at most 2**64 - 1) and numpy, and evaluation holds out seed + 1.
-MAX_SEED = 2**63 - 2
-
 app = typer.Typer(
     cls=_Commands,
     name="dynseg",
@@ -203,7 +200,7 @@ def train(
              "first of --held-out-split), with simulated detections; 0: no per-epoch evaluation."),
     held_out_split: Optional[str] = typer.Option(None, "--held-out-split",
                                                  help="On-disk split for --held-out-images (default: val; COCO: val2017)."),
-    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED,
+    seed: int = typer.Option(0, "--seed", min=0, max=defaults.MAX_SEED,
                              help="Seed of the data, the detections and the initialisation."),
 ) -> None:
     """Train the network: stage 1 semantic, stage 2 instance (synthetic scenes unless --dataset names another).
@@ -272,15 +269,15 @@ def evaluate_command(
         None, "--image-size", metavar="H W",
         help="Synthetic images' height and width (default: training's, else 96 120)."),
     seed: Optional[int] = typer.Option(
-        None, "--seed", min=0, max=MAX_SEED,
+        None, "--seed", min=0, max=defaults.MAX_SEED,
         help="Seed of the held-out synthetic images and simulated detections (default: training's seed + 1, else 1)."),
     protocol: str = typer.Option("original", "--protocol", help="original (the released code) or voc."),
     out: Optional[Path] = typer.Option(None, "--out", file_okay=False, help="Where to write metrics.json/.md."),
 ) -> None:
-    """Evaluate a checkpoint on held-out images (synthetic scenes unless --dataset names another)."""
+    """Evaluate a checkpoint on held-out images of the dataset it was trained on (or --dataset's)."""
     _torch_or_fail("dynseg eval")
 
-    from dynseg.trainer.checkpoint import load_checkpoint, read_training_data
+    from dynseg.trainer.checkpoint import TRAINING_DATA, load_checkpoint, read_training_data
     from dynseg.trainer.evaluation import PROTOCOLS, evaluate_each, metrics_table, write_metrics
     from dynseg.trainer.train import predict_each
 
@@ -289,6 +286,9 @@ def evaluate_command(
     trained_on = read_training_data(checkpoint)
     if dataset is None:  # a checkpoint is scored on its own dataset unless told otherwise
         dataset = trained_on["dataset"] if trained_on else "synthetic"
+        if dataset != "synthetic" and data_root is None:
+            raise typer.BadParameter(f"{checkpoint} was trained on {dataset} ({TRAINING_DATA}): give its folder, "
+                                     "or --dataset to score it on another", param_hint="--data-root")
     if seed is None:
         seed = trained_on["seed"] + 1 if trained_on else 1
     if image_size is None:
@@ -583,7 +583,8 @@ def quickstart(
     steps: int = typer.Option(quickstart_job.DEFAULT_STEPS, "--steps", min=2,
                               help="Training steps in all (6:1 semantic:instance); the default took about 7 min "
                                    "on 2 idle CPU cores (docs/deploy.md)."),
-    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Seed of the data, detections and initialisation."),
+    seed: int = typer.Option(0, "--seed", min=0, max=defaults.MAX_SEED,
+                             help="Seed of the data, detections and initialisation."),
 ) -> None:
     """Train a small model on synthetic scenes, evaluate, export ONNX, validate parity and segment sample
     images, all into --out; then print what it made and what to run next."""

@@ -7,11 +7,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 
 from .errors import InvalidArgumentError
+
+if TYPE_CHECKING:  # onnx loads when a model is read, not with every command that names the graph
+    import onnx
 
 INPUTS = ("image", "boxes", "labels", "scores")
 OUTPUTS = ("instance_logits", "semantic_probabilities")
@@ -73,6 +76,8 @@ def read_export(path: Path) -> Export:
 
 
 def _load(path: Path) -> onnx.ModelProto:
+    import onnx
+
     if path.is_dir():
         raise InvalidArgumentError(f"model {path} is a directory, not an .onnx file (a training checkpoint runs with "
                                    "backend='torch'; `dynseg export` makes the .onnx)")

@@ -1,10 +1,11 @@
 """What `Segmenter.segment` returns, and the post-processing every backend shares to make it.
 
 Owns docs/algorithm.md §6 in numpy: `build_result` turns a backend's instance logits and semantic
-probabilities into the instance map (argmax over the D+1 labels, values within TIE_TOLERANCE of the
-largest tying and ties going to the lowest label; detections whose instance got no pixel dropped, the rest renumbered 1..N in detection order), the semantic map and one `Instance` per
-instance, with its score (the mean of Q_sem of its class over its pixels, the released code's ranking
-score). Also owns the result's COCO export and its picture. numpy only (pycocotools for RLE,
+probabilities into the instance map (argmax over the D+1 labels, values within
+TIE_TOLERANCE x max(1, |largest|) of the largest tying and ties going to the lowest label; detections
+whose instance got no pixel dropped, the rest renumbered 1..N in detection order), the semantic map
+and one `Instance` per instance, with its score (the mean of Q_sem of its class over its pixels, the
+released code's ranking score). Also owns the result's COCO export and its picture. numpy only (pycocotools for RLE,
 imported when an RLE is first asked for): no torch.
 """
 
@@ -80,7 +81,7 @@ class SegmentationResult:
     image: (H, W, 3) uint8 RGB, a copy of the image as segmented (for overlay(): a camera loop may
         reuse the buffer it passed in).
     instance_map: int32 (H, W); 0 = background, i = instances[i-1]; a pixel's label is the lowest whose
-        logit is within TIE_TOLERANCE (relative) of its largest.
+        logit is within TIE_TOLERANCE x max(1, |largest|) of its largest.
     The three arrays are read-only, as the instances' cached masks are computed from instance_map.
     semantic_map: int32 (H, W); argmax of the semantic probabilities (ties as in the instance map), 0 =
         background, 1..K classes.
@@ -218,7 +219,7 @@ def build_result(
     )
 
 
-# Values within this fraction of a pixel's largest (at least this much below 1) tie with it. Backends
+# Values within TIE_TOLERANCE x max(1, |largest|) of a pixel's largest tie with it. Backends
 # round alike values apart by about 1e-6 relative: onnxruntime's Log gives identical inputs different last
 # bits by their place in the tensor, so two identical detections' logits drift apart, and an exact argmax
 # split them into an instance and slivers on onnxruntime but not on torch.
@@ -227,7 +228,7 @@ TIE_TOLERANCE = 1e-5
 
 def _argmax_planes(planes: np.ndarray, dtype: type = np.intp) -> np.ndarray:
     """Each pixel's label of finite (L, H, W) planes: the lowest label whose value is within
-    TIE_TOLERANCE of the largest, so float noise between backends decides no pixel. Plane by plane:
+    TIE_TOLERANCE x max(1, |largest|) of the largest, so float noise between backends decides no pixel. Plane by plane:
     contiguous passes instead of numpy's strided reductions over axis 0 (2-3x faster at 512x512)."""
     best = planes[0].copy()
     for plane in planes[1:]:

@@ -12,6 +12,7 @@ One Segmenter serves concurrent calls: it holds no per-call state.
 from __future__ import annotations
 
 import time
+from numbers import Real
 from pathlib import Path
 from typing import Literal, Protocol, get_args
 
@@ -117,7 +118,7 @@ class Segmenter:
             raise InvalidArgumentError(f"timings must be a dict (or None), got {type(timings).__name__}")
         for key in ("network", "crf", "post"):  # the call adds to them: several calls can share one dict
             value = (timings or {}).get(key, 0.0)
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
+            if not isinstance(value, Real) or isinstance(value, (bool, np.bool_)):
                 raise InvalidArgumentError(f"timings[{key!r}] must be a number of seconds to add to, got {value!r}")
         return self._segment(image, boxes, labels, scores, timings)[0]
 

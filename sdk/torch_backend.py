@@ -53,7 +53,8 @@ class TorchBackend:
             with self._torch.no_grad():
                 output = self._model(*(self._torch.as_tensor(inputs[name], device=self._device) for name in INPUTS))
         except InvalidArgumentError as error:  # the inputs were checked: what the CRFs refuse, the network made
+            finite = all(bool(self._torch.isfinite(p).all()) for p in self._model.parameters())
             raise InvalidArgumentError(f"the model refused what its network computed from this image and its "
-                                       f"detections: {error} (non-finite values there come from NaN or infinite "
-                                       "weights, or from detection scores large enough to overflow float32)") from error
+                                       f"detections: {error}"
+                                       + ("" if finite else " (the model's weights hold NaN or infinity)")) from error
         return {name: getattr(output, name).cpu().numpy() for name in OUTPUTS}

@@ -127,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help=f"stage 1 learning rate (stage 2 uses a {defaults.INSTANCE_LR_DIVISOR}th)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if not 0 <= args.seed <= defaults.MAX_SEED:
+        parser.error(f"--seed must be in 0..{defaults.MAX_SEED}, got {args.seed}")
 
     from ..sdk.errors import DynsegError
     from .checkpoint import write_training_data

@@ -462,9 +462,12 @@ def fit(
     """The paper's procedure: stage 1 (semantic), shape templates by k-means of the training masks,
     then stage 2 (instance, piecewise or end-to-end). Checkpoints land in out_dir/semantic and
     out_dir (the final model); both stages append their epochs to out_dir/epochs.jsonl (see `train`),
-    stage 2's with the metrics on `held_out` when it is given. An earlier run's checkpoints and metrics in
-    out_dir go first, so a run that fails or is interrupted leaves none of them to be taken for its own."""
+    stage 2's with the metrics on `held_out` when it is given. An earlier run's checkpoints, logs and
+    `dynseg eval` metrics (_RUN_FILES) in out_dir and out_dir/semantic go first, so a run that fails or is
+    interrupted leaves none of them to be taken for its own; exports and other files stay."""
     out_dir = Path(out_dir)
+    if len(dataset) == 0:  # before the last run's files go: a run that cannot start leaves them
+        raise InvalidArgumentError("dataset holds no image: nothing to train on")
     epochs = (out_dir / "epochs.jsonl").resolve()  # not relative to stage 1's out_dir/semantic
     out_dir.mkdir(parents=True, exist_ok=True)
     if distributed.rank() == 0:

@@ -1,6 +1,6 @@
 """The synthetic training run's defaults, which `dynseg train`, `dynseg quickstart` and
-`python -m dynseg.trainer.distributed` share: the scenes, the steps and the learning rates (`dynseg
-eval` falls back to the image size, `SyntheticScenes` refuses a side below the smallest). Torch-free,
+`python -m dynseg.trainer.distributed` share: the scenes, the steps, the learning rates and the largest
+seed (`dynseg eval` falls back to the image size, `SyntheticScenes` refuses a side below the smallest). Torch-free,
 so that the command line's options read them without loading the trainer."""
 
 TRAIN_IMAGES = 400  # synthetic training scenes
@@ -10,3 +10,5 @@ SEMANTIC_STEPS = 600
 INSTANCE_STEPS = 100
 LEARNING_RATE = 0.02  # stage 1's
 INSTANCE_LR_DIVISOR = 20  # stage 2 learns at stage 1's rate divided by this
+# Seeds reach torch.manual_seed (at most 2**64 - 1) and numpy, and evaluation holds out seed + 1.
+MAX_SEED = 2**63 - 2

@@ -117,7 +117,8 @@ def check_detection_labels(labels: Sequence[tuple[str, np.ndarray]], num_classes
            for name, ids in labels if len(ids) and (ids.min() < 1 or ids.max() > num_classes)]
     if bad:
         raise InvalidArgumentError(
-            f"{len(bad)} image(s) have detections{where} of classes this model does not have (it has 1..{num_classes}): "
+            f"{len(bad)} image(s) have detections{where} of classes this model does not have "
+            f"(it has 1..{num_classes}): "
             f"{', '.join(bad[:5])}{' (the first five)' if len(bad) > 5 else ''}")
 
 

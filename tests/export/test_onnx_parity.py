@@ -14,7 +14,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from dynseg.export.onnx import export_onnx  # noqa: E402
-from dynseg.sdk import DetectionsDroppedWarning, InvalidArgumentError, _native, crf_node, onnx_backend, samples  # noqa: E402
+from dynseg.sdk import _native  # noqa: E402
+from dynseg.sdk import DetectionsDroppedWarning, InvalidArgumentError, crf_node, onnx_backend, samples  # noqa: E402
 from dynseg.sdk.commands import parity  # noqa: E402
 from dynseg.sdk.segmenter import Segmenter  # noqa: E402
 from dynseg.trainer.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
@@ -163,7 +164,7 @@ def test_a_checkpoint_with_nan_weights_is_named_as_the_cause_on_torch(exported, 
     image, boxes, labels, scores = _case("coffee", (64, 80), 2, seed=1)
     with Segmenter(tmp_path / "nan", backend="torch") as broken, \
             pytest.raises(InvalidArgumentError, match=r"the model refused what its network computed .*non-finite.*"
-                                                      r"NaN or infinite weights"):
+                                                      r"the model's weights hold NaN or infinity"):
         broken.segment(image, boxes, labels, scores)
 
 

@@ -295,7 +295,7 @@ def test_segment_reports_each_stages_time_where_the_backend_tells_them_apart(exp
         Segmenter(model).segment(image, [], [], [], timings=[])
     with pytest.raises(InvalidArgumentError, match=r"timings\['post'\] must be a number of seconds to add to, got 'x'"):
         Segmenter(model).segment(image, [], [], [], timings={"post": "x"})
-    shared = {"post": 1.0}  # a caller's running totals: the call adds to them
+    shared = {"post": np.float32(1.0)}  # a caller's running totals, numpy's too: the call adds to them
     Segmenter(model).segment(image, [], [], [], timings=shared)
     assert shared["post"] >= 1.0 and "network" in shared  # added to, not replaced
 

@@ -100,6 +100,7 @@ def test_train_then_eval_read_each_on_disk_format(tmp_path, name):
     assert result.exit_code == 0, result.output
     assert "AP^r_vol" in result.output and f"{name} images" in result.output
     _fails_naming(run("eval", out, "--dataset", "synthetic"), "classes")  # 4 synthetic shapes are not these
+    _fails_naming(run("eval", out), "--data-root", f"was trained on {name}")
     metrics = json.loads((out / "metrics.json").read_text())
     assert all(0.0 <= metrics[key] <= 1.0 for key in ("ap_r_vol", "matching_iou", "pq", "coco_mask_ap"))
 

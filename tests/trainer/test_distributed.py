@@ -143,10 +143,6 @@ def test_without_torchrun_variables_there_is_one_process_and_reductions_are_iden
         distributed.all_reduce([1.0], op="max")
 
 
-if __name__ == "__main__":
-    _worker(Path(sys.argv[1]))
-
-
 def test_the_launcher_records_the_training_data_and_prints_a_bad_argument_in_one_line(monkeypatch, tmp_path):
     from dynseg.trainer.checkpoint import read_training_data
 
@@ -157,3 +153,7 @@ def test_the_launcher_records_the_training_data_and_prints_a_bad_argument_in_one
     assert read_training_data(tmp_path / "run") == {"dataset": "synthetic", "seed": 3, "image_size": [32, 32]}
     with pytest.raises(SystemExit, match=r"^Error: TrainConfig.learning_rate must be"):
         distributed.main(["--out", str(tmp_path / "bad"), "--lr", "nan", *tiny])
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]))

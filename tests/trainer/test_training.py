@@ -230,10 +230,15 @@ def test_a_new_run_clears_the_last_runs_checkpoints_so_a_failed_one_leaves_none_
     (tmp_path / "metrics.json").write_text("{}")  # what dynseg eval wrote for the old model
     (tmp_path / "notes.txt").write_text("mine")  # not the run's: kept
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "semantic" / "model.safetensors").is_file()
-    with pytest.raises(InvalidArgumentError, match="dataset holds no image"):
+    with pytest.raises(InvalidArgumentError, match="dataset holds no image"):  # refused before anything goes
         fit(model, [], out_dir=tmp_path, printer=quiet, **stages)
+    assert (tmp_path / "model.safetensors").is_file()
+    diverging = TrainConfig(stage="semantic", steps=6, batch_size=2, learning_rate=1e30, schedule="step",
+                            step_every=100)
+    with pytest.raises(InvalidArgumentError, match="diverged"):  # fails after it started
+        fit(model, data, out_dir=tmp_path, printer=quiet, semantic=diverging, instance=stages["instance"])
     left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
-    assert left == ["epochs.jsonl", "notes.txt"]
+    assert left == ["epochs.jsonl", "notes.txt", "semantic/log.jsonl"]  # the new run's logs, and the user's file
 
 
 def test_a_short_training_run_beats_the_untrained_network_on_held_out_scenes(tmp_path):

@@ -111,7 +111,7 @@ class CocoInstances:
             if not (is_int(crowd) and crowd in (0, 1)):  # "no" or 2 would count as a crowd, silently
                 raise InvalidArgumentError(f"{where} has iscrowd {crowd!r}; it must be 0 or 1")
             category = annotation.get("category_id")
-            if not annotation.get("iscrowd", 0) and not (is_int(category) and category in self.label_of_category):
+            if not crowd and not (is_int(category) and category in self.label_of_category):
                 raise InvalidArgumentError(f"{where} has category {category!r}, not in 'categories'")
             if "segmentation" not in annotation:
                 raise InvalidArgumentError(f"{where} has no 'segmentation'")

@@ -89,7 +89,7 @@ def check_detections(
     boxes: Tensor, labels: Tensor, scores: Tensor, *, height: int, width: int, num_classes: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The SDK's check of the detections (`dynseg.sdk.inputs.check_detections`: boxes (D, 4) xyxy pixels,
-    inclusive, floored to integers and clipped to the image; labels integers in 1..K; finite scores)
+    inclusive, floored to integers and clipped to the image; labels integers in 1..K; finite scores >= 0)
     on tensors, strict: a box the SDK would drop with a warning (inverted, or wholly outside the image)
     raises here, as training and evaluation data should hold none. Returns boxes (D, 4) float32, labels
     (D,) int64 and scores (D,) float32 on the boxes' device; bad detections raise InvalidArgumentError,
