@@ -309,7 +309,7 @@ def _resume(out_dir: Path, model: DynamicallyInstantiatedNetwork, optimiser: tor
     except Exception as error:  # torch.load's own errors, EOFError, KeyError, TypeError, ...
         raise InvalidArgumentError(f"cannot resume from {where}: {type(error).__name__}: {one_line(error)}"
                                    f"{afresh}") from None
-    if not isinstance(step, int) or not 0 <= step <= config.steps:
+    if not is_int(step, numpy=False) or not 0 <= step <= config.steps:  # True is no step
         raise InvalidArgumentError(f"cannot resume from {where}: its step must be an int in 0..{config.steps} "
                                    f"(this stage's steps), got {step!r}{afresh}")
     try:
