@@ -323,7 +323,7 @@ def _resume(out_dir: Path, model: DynamicallyInstantiatedNetwork, optimiser: tor
             f"{where} was saved for other trainable parameters than this stage's "
             f"({config.stage}, {config.mode}): resume with the dynseg version that wrote it, or start the "
             f"stage afresh ({error})") from None
-    return step
+    return int(step)
 
 
 def _silent(*_: object) -> None:
