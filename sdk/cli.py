@@ -169,6 +169,20 @@ def _open_data(command: str, dataset: str, data_root: Optional[Path], split: Opt
         raise _fail(f"--detections {detections}: {error}") from error
 
 
+def _given(context: typer.Context, *names: str) -> list[str]:
+    """The options among `names` (parameter names) that the command line gave, as --option."""
+    return ["--" + name.replace("_", "-") for name in names
+            if (source := context.get_parameter_source(name)) is not None and source.name == "COMMANDLINE"]
+
+
+def _refuse_synthetic_options(context: typer.Context, dataset: str) -> None:
+    """--images and --image-size shape the generated scenes: an on-disk dataset would drop them silently."""
+    given = _given(context, "images", "image_size")
+    if dataset != "synthetic" and given:
+        raise typer.BadParameter(f"{' and '.join(given)} shape the synthetic scenes; --dataset {dataset} has its own "
+                                 "images: leave them out", param_hint=" / ".join(given))
+
+
 def _describe(data, dataset: str, detections: Optional[Path]) -> str:
     split = getattr(getattr(data, "dataset", data), "split", None)  # on-disk datasets, with detections or not
     what = f"{len(data)} {dataset} images" + (f" (split {split})" if split else "")
@@ -177,6 +191,7 @@ def _describe(data, dataset: str, detections: Optional[Path]) -> str:
 
 @app.command()
 def train(
+    context: typer.Context,
     out: Path = typer.Option(..., "--out", file_okay=False, help="Folder for checkpoints and logs."),
     dataset: str = typer.Option("synthetic", "--dataset", help=_DATASET_HELP),
     data_root: Optional[Path] = typer.Option(None, "--data-root", exists=True, file_okay=False, help=_ROOT_HELP),
@@ -218,6 +233,7 @@ def train(
     backbones = get_args(BackboneName)  # checked before the data opens, named as the option
     if backbone not in backbones:
         raise typer.BadParameter(f"{backbone!r} is not one of {', '.join(backbones)}", param_hint="--backbone")
+    _refuse_synthetic_options(context, dataset)
     if held_out_split is not None and (dataset == "synthetic" or not held_out_images):
         raise typer.BadParameter("names an on-disk split to score with --held-out-images N: give --dataset and "
                                  "--held-out-images too", param_hint="--held-out-split")
@@ -256,6 +272,7 @@ def train(
 
 @app.command("eval")
 def evaluate_command(
+    context: typer.Context,
     checkpoint: Path = typer.Argument(..., exists=True, file_okay=False, help="Folder written by dynseg train."),
     dataset: Optional[str] = typer.Option(
         None, "--dataset", help="synthetic (built in), voc, sbd, coco or cityscapes; default: the dataset the "
@@ -289,6 +306,7 @@ def evaluate_command(
         if dataset != "synthetic" and data_root is None:
             raise typer.BadParameter(f"{checkpoint} was trained on {dataset} ({TRAINING_DATA}): give its folder, "
                                      "or --dataset to score it on another", param_hint="--data-root")
+    _refuse_synthetic_options(context, dataset)
     if seed is None:
         seed = trained_on["seed"] + 1 if trained_on else 1
     if image_size is None:
@@ -398,8 +416,7 @@ def export(
     if format not in ("onnx", "engine"):
         raise typer.BadParameter(f"{format!r} is not one of onnx, engine", param_hint="--format")
     engine_only = ("min_detections", "opt_detections", "min_size", "opt_size", "max_size", "fp16", "workspace")
-    given = ["--" + name.replace("_", "-") for name in engine_only
-             if (source := context.get_parameter_source(name)) is not None and source.name == "COMMANDLINE"]
+    given = _given(context, *engine_only)
     if format == "onnx" and given:  # an ONNX file has no profile: the options would be dropped silently
         raise typer.BadParameter(f"{', '.join(given)} shape a TensorRT engine: give --format engine, or leave them out",
                                  param_hint="--format")

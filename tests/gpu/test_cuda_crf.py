@@ -188,6 +188,25 @@ def test_torch_op_on_cuda_is_deterministic_with_gradients():
 
 @needs_gpu
 @needs_torch
+def test_torch_compile_on_cuda_gives_the_eager_values_and_gradients():
+    from dynseg.trainer.crf.native import mean_field_native
+
+    def loss(unary, image, w_spatial, w_bilateral, compat):
+        logits = mean_field_native(unary, image, [(3.0, 0.0, w_spatial), (20.0, 30.0, w_bilateral)], compat=compat)
+        return logits.square().sum()
+
+    results = []
+    for function in (loss, torch.compile(loss, backend="aot_eager")):
+        tensors = _problem_tensors(21, 48, 64, seed=3, device="cuda")
+        value = function(*tensors)
+        value.backward()
+        results.append([value.detach(), *(t.grad for t in tensors if t.requires_grad)])
+    for eager, compiled in zip(*results):
+        assert torch.equal(eager, compiled)
+
+
+@needs_gpu
+@needs_torch
 def test_zero_copy_entry_matches_numpy_api(photo, field_unary):
     image = photo("chelsea")
     height, width = image.shape[:2]

@@ -250,6 +250,15 @@ def test_an_on_disk_dataset_without_a_data_root_is_refused(tmp_path):
                   "--data-root", "does not exist")
 
 
+def test_synthetic_scene_options_are_refused_for_an_on_disk_dataset_rather_than_dropped(tmp_path):
+    root = write_voc(tmp_path / "voc")
+    on_disk = ["--dataset", "voc", "--data-root", root, "--split", "val"]
+    _fails_naming(run("train", "--out", tmp_path / "run", *on_disk, "--images", "4"), "--images", "synthetic")
+    _fails_naming(run("train", "--out", tmp_path / "run", *on_disk, "--image-size", "48", "64"), "--image-size")
+    _fails_naming(run("eval", tmp_path, *on_disk, *SYNTHETIC), "--images and --image-size", "--dataset voc")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_data_root_without_the_dataset_names_the_root_and_the_split(tmp_path):
     result = run("train", "--out", tmp_path / "run", "--dataset", "sbd", "--data-root", tmp_path)
     _fails_naming(result, "--data-root", "--split train", "train.txt")

@@ -210,3 +210,42 @@ def test_native_op_takes_numpy_scalars_as_thetas_and_weights(scene):
     plain = mean_field_native(unary, None, [(3.0, 0.0, 2.0)], iterations=2)
     numpy = mean_field_native(unary, None, [(np.float32(3.0), 0, np.float32(2.0))], iterations=2)
     assert torch.equal(plain, numpy)
+
+
+def _op_inputs(scene, compat):
+    unary, image = scene
+    planar = image.permute(2, 0, 1).float().contiguous()
+    weights = [torch.tensor(3.0), torch.eye(L) * 4 + 0.1]
+    return unary, planar, [3.0, 9.0], [0.0, 13.0], weights, compat
+
+
+@pytest.mark.parametrize("compat", [None, -torch.eye(L) + 0.05], ids=["Potts", "full compat"])
+def test_the_forward_and_backward_ops_pass_torchs_op_checks(scene, compat):
+    # Schema, fake kernel against the real one, and the autograd registration, as torch.compile and
+    # export rely on them.
+    unary, planar, theta_xy, theta_color, weights, compat = _op_inputs(scene, compat)
+    unary = unary.clone().requires_grad_()
+    weights = [w.clone().requires_grad_() for w in weights]
+    forward = (unary, planar, theta_xy, theta_color, weights, compat, "after", 2, 1)
+    torch.library.opcheck(torch.ops.dynseg.mean_field.default, forward)
+    for want_weights, want_compat in ((True, compat is not None), (False, False)):
+        backward = (torch.randn(unary.shape), unary.detach(), planar, theta_xy, theta_color,
+                    [w.detach() for w in weights], compat, "symmetric", 2, 1, want_weights, want_compat)
+        torch.library.opcheck(torch.ops.dynseg.mean_field_backward.default, backward)
+
+
+def test_torch_compile_gives_the_eager_values_and_gradients(scene):
+    unary, planar, _, _, weights, _ = _op_inputs(scene, None)
+
+    def loss(unary, spatial, bilateral, compat):
+        logits = mean_field_native(unary, planar, native_kernels((spatial, bilateral)), compat=compat, iterations=3)
+        return (logits * torch.linspace(-1, 1, logits.numel()).reshape(logits.shape)).sum()
+
+    results = []
+    for function in (loss, torch.compile(loss, backend="aot_eager", fullgraph=True)):
+        leaves = [t.clone().requires_grad_() for t in (unary, *weights, -torch.ones(L) * 0.7)]
+        value = function(*leaves)
+        value.backward()
+        results.append([value.detach(), *(leaf.grad for leaf in leaves)])
+    for eager, compiled in zip(*results):
+        assert torch.equal(eager, compiled)

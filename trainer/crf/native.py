@@ -94,17 +94,85 @@ def _mean_field(
         with torch.cuda.device(unary.device):
             call = _CudaCall(unary, image, theta_xy, theta_color, weights, compat, normalization, iterations,
                              _native.Pass.FORWARD)
-            out = torch.empty_like(call.unary)
-            call.problem.forward_cuda(_device_array(call.unary), _device_array(out), call.workspace.data_ptr(),
+            logits = torch.empty_like(call.unary)
+            call.problem.forward_cuda(_device_array(call.unary), _device_array(logits), call.workspace.data_ptr(),
                                       call.nbytes, call.stream)
-            return out.to(unary.dtype)
-    problem = _problem(unary, image, theta_xy, theta_color, weights, compat, normalization, iterations, threads)
-    return torch.from_numpy(problem.forward(_numpy(unary))).to(unary.dtype)
+    else:
+        problem = _problem(unary, image, theta_xy, theta_color, weights, compat, normalization, iterations, threads)
+        logits = torch.from_numpy(problem.forward(_numpy(unary)))
+    check_overflow(bool(torch.isfinite(logits).all()), "logits")
+    return logits.to(unary.dtype)
 
 
 @_mean_field.register_fake
 def _(unary, image, theta_xy, theta_color, weights, compat, normalization, iterations, threads):
     return torch.empty_like(unary)
+
+
+# The backward is an op of its own, so that torch.compile traces it as one opaque call (with the fake
+# below for shapes) rather than into the numpy and ctypes calls that run the kernels.
+@torch.library.custom_op("dynseg::mean_field_backward", mutates_args=(), device_types=("cpu", "cuda"))
+def _mean_field_backward(
+    grad_logits: Tensor,
+    unary: Tensor,
+    image: Optional[Tensor],
+    theta_xy: list[float],
+    theta_color: list[float],
+    weights: list[Tensor],
+    compat: Optional[Tensor],
+    normalization: str,
+    iterations: int,
+    threads: int,
+    want_weights: bool,
+    want_compat: bool,
+) -> list[Tensor]:
+    """[grad_unary, grad_compat, *grad_weights]; a gradient not wanted is an empty tensor (an op returns
+    no None)."""
+    if unary.is_cuda:
+        grad_unary, grad_weights, grad_compat = _backward_cuda(
+            grad_logits, unary, image, theta_xy, theta_color, weights, compat, normalization, iterations,
+            want_weights, want_compat)
+    else:
+        problem = _problem(unary, image, theta_xy, theta_color, weights, compat, normalization, iterations, threads)
+        arrays = problem.backward(_numpy(unary), _numpy(grad_logits), [want_weights] * len(weights), want_compat)
+        as_tensor = lambda array: None if array is None else torch.from_numpy(array)
+        grad_unary = torch.from_numpy(arrays[0])
+        grad_weights, grad_compat = [as_tensor(g) for g in arrays[1]], as_tensor(arrays[2])
+    grads = [grad_unary, grad_compat, *grad_weights]
+    check_overflow(all(bool(torch.isfinite(g).all()) for g in grads if g is not None), "gradients")
+    return [unary.new_empty(0) if g is None or like is None else g.reshape(like.shape).to(like.device, like.dtype)
+            for g, like in zip(grads, (unary, compat, *weights))]
+
+
+@_mean_field_backward.register_fake
+def _(grad_logits, unary, image, theta_xy, theta_color, weights, compat, normalization, iterations, threads,
+      want_weights, want_compat):
+    gradient = lambda like, wanted: torch.empty_like(like) if wanted else unary.new_empty(0)
+    return [torch.empty_like(unary), gradient(compat, want_compat and compat is not None),
+            *[gradient(w, want_weights) for w in weights]]
+
+
+def _backward_cuda(
+    grad_logits: Tensor, unary: Tensor, image: Tensor | None, theta_xy: list[float], theta_color: list[float],
+    weights: list[Tensor], compat: Tensor | None, normalization: str, iterations: int, want_weights: bool,
+    want_compat: bool,
+) -> tuple[Tensor, list[Tensor | None], Tensor | None]:
+    with torch.cuda.device(unary.device):
+        call = _CudaCall(unary, image, theta_xy, theta_color, weights, compat, normalization, iterations,
+                         _native.Pass.BACKWARD)
+        grad = grad_logits.detach().to(unary.device, torch.float32).contiguous()
+        grad_unary = torch.empty_like(call.unary)
+        grad_weights = [torch.empty(w.shape, dtype=torch.float32, device=unary.device) if want_weights else None
+                        for w in weights]
+        grad_compat = (torch.empty(compat.shape, dtype=torch.float32, device=unary.device)
+                       if compat is not None and want_compat else None)
+        call.problem.backward_cuda(
+            _device_array(call.unary), _device_array(grad), _device_array(grad_unary),
+            [None if g is None else _device_array(g.reshape(-1) if g.numel() == 1 else g) for g in grad_weights],
+            None if grad_compat is None else _device_array(grad_compat),
+            call.workspace.data_ptr(), call.nbytes, call.stream,
+        )
+    return grad_unary, grad_weights, grad_compat
 
 
 def _setup_context(ctx, inputs, output):
@@ -119,50 +187,15 @@ def _backward(ctx, grad_logits):
                                   "native library, outside autograd (use the reference mean_field for it)")
     unary, image, compat, *weights = ctx.saved_tensors
     _, _, theta_xy, theta_color, _, _, normalization, iterations, threads = ctx.inputs
-    if unary.is_cuda:
-        return _backward_cuda(ctx, grad_logits)
-    problem = _problem(unary, image, theta_xy, theta_color, weights, compat, normalization, iterations, threads)
-    want_weights = [bool(ctx.needs_input_grad[4])] * len(weights)
-    grad_unary, grad_weights, grad_compat = problem.backward(
-        _numpy(unary), _numpy(grad_logits), want_weights, bool(ctx.needs_input_grad[5])
-    )
-    as_tensor = lambda array, like: None if array is None else torch.from_numpy(array).reshape(like.shape).to(like.dtype)
+    want_weights, want_compat = bool(ctx.needs_input_grad[4]), compat is not None and bool(ctx.needs_input_grad[5])
+    grad_unary, grad_compat, *grad_weights = _mean_field_backward(
+        grad_logits, unary, image, theta_xy, theta_color, weights, compat, normalization, iterations, threads,
+        want_weights, want_compat)
     return (
-        as_tensor(grad_unary, unary),
+        grad_unary,
         None, None, None,
-        [as_tensor(g, w) for g, w in zip(grad_weights, weights)],
-        as_tensor(grad_compat, compat) if compat is not None else None,
-        None, None, None,
-    )
-
-
-def _backward_cuda(ctx, grad_logits):
-    unary, image, compat, *weights = ctx.saved_tensors
-    _, _, theta_xy, theta_color, _, _, normalization, iterations, _ = ctx.inputs
-    with torch.cuda.device(unary.device):
-        call = _CudaCall(unary, image, theta_xy, theta_color, weights, compat, normalization, iterations,
-                         _native.Pass.BACKWARD)
-        grad = grad_logits.detach().to(unary.device, torch.float32).contiguous()
-        grad_unary = torch.empty_like(call.unary)
-        want_weights = bool(ctx.needs_input_grad[4])
-        grad_weights = [torch.empty(w.shape, dtype=torch.float32, device=unary.device) if want_weights else None
-                        for w in weights]
-        grad_compat = (torch.empty(compat.shape, dtype=torch.float32, device=unary.device)
-                       if compat is not None and ctx.needs_input_grad[5] else None)
-        call.problem.backward_cuda(
-            _device_array(call.unary), _device_array(grad), _device_array(grad_unary),
-            [None if g is None else _device_array(g.reshape(-1) if g.numel() == 1 else g) for g in grad_weights],
-            None if grad_compat is None else _device_array(grad_compat),
-            call.workspace.data_ptr(), call.nbytes, call.stream,
-        )
-    check_overflow(all(bool(torch.isfinite(g).all()) for g in (grad_unary, *grad_weights, grad_compat)
-                       if g is not None), "gradients")
-    as_like = lambda g, like: None if g is None else g.reshape(like.shape).to(like.device, like.dtype)
-    return (
-        as_like(grad_unary, unary),
-        None, None, None,
-        [as_like(g, w) for g, w in zip(grad_weights, weights)],
-        as_like(grad_compat, compat) if compat is not None else None,
+        [g if want_weights else None for g in grad_weights],
+        grad_compat if want_compat else None,
         None, None, None,
     )
 
@@ -212,8 +245,8 @@ def mean_field_native(
 
     Returns:
         (L, H, W) logits of the last iteration. Differentiable w.r.t. unary, tensor weights and compat
-        (not the image: its gradient is None). Not traceable by torch.compile: its backward runs the
-        kernels on numpy arrays.
+        (not the image: its gradient is None). Traceable by torch.compile, forward and backward, as
+        opaque ops.
     """
     if not isinstance(unary, Tensor) or unary.dim() != 3:
         raise InvalidArgumentError(f"unary must be an (L, H, W) tensor, got {getattr(unary, 'shape', type(unary))}")
@@ -263,7 +296,6 @@ def mean_field_native(
         theta_xys, theta_colors, weights, compat,
         check_normalization(normalization), check_iterations(iterations), check_threads(threads),
     )
-    check_overflow(bool(torch.isfinite(logits).all()), "logits")
     return logits
 
 
