@@ -14,7 +14,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from dataset_fixtures import write_cityscapes, write_coco, write_sbd, write_voc
-from dynseg.sdk import DetectionsDroppedWarning
+from dynseg.sdk import DetectionsDroppedWarning, InvalidArgumentError
 from dynseg.sdk.cli import app
 from dynseg.sdk.inputs import check_detections
 from dynseg.trainer.data import SyntheticScenes
@@ -164,6 +164,28 @@ def test_coco_detections_keep_coco_category_ids_and_map_them_to_labels(tmp_path)
 
     dataset = with_detections(CocoInstances(root, "val2017"), detections)
     assert dataset[2]["detections"]["labels"].tolist() == [3] and len(dataset[0]["detections"]["labels"]) == 0
+
+
+@pytest.mark.parametrize("name", ["synthetic", *sorted(FORMATS)])
+def test_a_detections_file_whose_boxes_all_lie_outside_their_images_is_refused(tmp_path, name):
+    # stage 2 would drop every box when it reads a sample, and learn nothing from the file
+    from dynseg.trainer.data.sources import image_ids, open_dataset
+
+    if name == "synthetic":
+        dataset = open_dataset(name, size=3, image_size=(48, 64))
+    else:
+        write, split = FORMATS[name]
+        dataset = open_dataset(name, root=write(tmp_path / name), split=split)
+    ids, category = image_ids(dataset), min(getattr(dataset, "label_of_category", [1]))  # COCO: a category id
+    height, width = dataset.image_shape(len(ids) - 1)
+    assert all(dataset.image_shape(i) == dataset[i]["image"].shape[:2] for i in range(len(ids)))  # from the header
+    beyond = [{"image_id": image_id, "category_id": category, "bbox": [10_000, 0, 10, 10], "score": 0.9}
+              for image_id in ids] + [{"image_id": ids[0], "category_id": category, "bbox": [-30, 0, 20, 10], "score": 0.9}]
+    with pytest.raises(InvalidArgumentError, match=r"dets.json: no detection's box holds a pixel of its image"):
+        with_detections(dataset, _results_file(tmp_path / "dets.json", beyond))
+    inside = {"image_id": ids[-1], "category_id": category, "bbox": [width - 1, height - 1, 10, 10], "score": 0.9}
+    dataset = with_detections(dataset, _results_file(tmp_path / "dets.json", [*beyond, inside]))
+    assert len(dataset[len(ids) - 1]["detections"]["labels"]) == 1
 
 
 def _trained(tmp_path, name, root, split):

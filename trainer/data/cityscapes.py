@@ -39,7 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from .common import (
-    LabelledSample, assemble_sample, check_index, check_split_name, read_annotation_png, read_rgb, require_files,
+    LabelledSample, assemble_sample, check_index, check_split_name, read_annotation_png, read_image_shape, read_rgb,
+    require_files,
 )
 from .synthetic import VOID
 
@@ -108,10 +109,18 @@ class CityscapesInstances:
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def _image_path(self, index: int) -> Path:
+        position = check_index(index, len(self.image_ids))
+        name = f"{self.image_ids[position]}{_IMAGE_SUFFIX}"
+        return self.root / "leftImg8bit" / self.split / self._cities[position] / name
+
+    def image_shape(self, index: int) -> tuple[int, int]:
+        return read_image_shape(self._image_path(index))
+
     def __getitem__(self, index: int) -> LabelledSample:
         position = check_index(index, len(self.image_ids))
         city, image_id = self._cities[position], self.image_ids[position]
-        image = read_rgb(self.root / "leftImg8bit" / self.split / city / f"{image_id}{_IMAGE_SUFFIX}")
+        image = read_rgb(self._image_path(index))
         path = self.root / "gtFine" / self.split / city / f"{image_id}{_TARGET_SUFFIX}"
         values = _read_integer_png(path, image.shape[:2])  # (H, W) int64
 

@@ -143,12 +143,17 @@ class CocoInstances:
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def image_shape(self, index: int) -> tuple[int, int]:
+        """(H, W) as the annotation file records it (`__getitem__` checks the image against it)."""
+        record = self._coco.imgs[self.image_ids[check_index(index, len(self.image_ids))]]
+        return int(record["height"]), int(record["width"])
+
     def __getitem__(self, index: int) -> LabelledSample:
         image_id = self.image_ids[check_index(index, len(self.image_ids))]
         record = self._coco.imgs[image_id]
         path = self.image_folder / record["file_name"]
         image = read_rgb(path)
-        shape = (int(record["height"]), int(record["width"]))
+        shape = self.image_shape(index)
         if image.shape[:2] != shape:
             raise InvalidArgumentError(
                 f"{path}: image is {image.shape[1]}x{image.shape[0]}, the annotation says {shape[1]}x{shape[0]} (WxH)"

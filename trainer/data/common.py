@@ -45,6 +45,10 @@ class Dataset(Samples, Protocol):
     @property
     def class_names(self) -> tuple[str, ...]: ...
 
+    def image_shape(self, index: int) -> tuple[int, int]:
+        """(H, W) of image `index`, without reading its pixels."""
+        ...
+
 
 def check_split_name(split: object) -> None:
     """Raise InvalidArgumentError unless split is a non-empty name without path separators."""
@@ -93,6 +97,16 @@ def read_rgb(path: Path) -> np.ndarray:
     palette images converted, 16-bit and float ones refused rather than clipped, and a file that
     cannot be decoded (a truncated download) named in the error."""
     return load_image(Path(path))
+
+
+def read_image_shape(path: Path) -> tuple[int, int]:
+    """(H, W) of an image file from its header, without decoding its pixels."""
+    try:
+        with Image.open(path) as opened:
+            width, height = opened.size
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
+        raise InvalidArgumentError(f"image file {str(path)!r} could not be read as an image: {error}") from error
+    return height, width
 
 
 def read_annotation_png(path: Path, shape: tuple[int, int], modes: tuple[str, ...], expected: str) -> np.ndarray:

@@ -29,6 +29,7 @@ from .common import (
     check_index,
     check_split_name,
     read_id_list,
+    read_image_shape,
     read_rgb,
     require_files,
 )
@@ -77,9 +78,15 @@ class SbdInstances:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def _image_path(self, index: int) -> Path:
+        return self.root / "img" / f"{self.ids[check_index(index, len(self.ids))]}.jpg"
+
+    def image_shape(self, index: int) -> tuple[int, int]:
+        return read_image_shape(self._image_path(index))
+
     def __getitem__(self, index: int) -> LabelledSample:
         image_id = self.ids[check_index(index, len(self.ids))]
-        image = read_rgb(self.root / "img" / f"{image_id}.jpg")
+        image = read_rgb(self._image_path(index))
         shape = image.shape[:2]
         cls_path, inst_path = self.root / "cls" / f"{image_id}.mat", self.root / "inst" / f"{image_id}.mat"
 

@@ -129,8 +129,8 @@ def with_detections(dataset: Dataset, path: str | os.PathLike) -> WithDetections
     Raises:
         FileNotFoundError: no file at path.
         InvalidArgumentError (a ValueError) naming the file: not a COCO results file (the entry at
-            fault named), a category that is no class of the dataset, or no detection of any image of
-            the dataset (a file for another split or dataset).
+            fault named), a category that is no class of the dataset, no detection of any image of
+            the dataset (a file for another split or dataset), or none whose box lies inside its image.
     """
     path = Path(path)
     if not path.is_file():
@@ -153,6 +153,12 @@ def with_detections(dataset: Dataset, path: str | os.PathLike) -> WithDetections
         shown = ", ".join(repr(i) for i in ids[:3])
         raise InvalidArgumentError(f"{path}: no detection belongs to an image of the dataset (its image ids "
                                    f"are such as {shown}; see dynseg.trainer.data.sources for the id of each dataset)")
+    # Boxes outside their image are dropped when a sample is read; if every box is, training would learn
+    # nothing from the file. The first image with a box inside settles it, so this reads few headers.
+    if ids and not any(_count(inside_image(found[image_id], *dataset.image_shape(index)))
+                       for index, image_id in enumerate(ids) if _count(found[image_id])):
+        raise InvalidArgumentError(f"{path}: no detection's box holds a pixel of its image (a bbox is [x, y, width, "
+                                   "height] in pixels from the image's top-left corner)")
     return WithDetections(dataset, found)
 
 

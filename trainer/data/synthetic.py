@@ -143,6 +143,12 @@ class SyntheticScenes:
     def __len__(self) -> int:
         return self.size
 
+    def image_shape(self, index: int) -> tuple[int, int]:
+        from .common import check_index  # common imports this module
+
+        check_index(index, self.size)
+        return self.image_size
+
     def __getitem__(self, index: int) -> SceneSample:
         from .common import check_index  # common imports this module
 

@@ -27,8 +27,8 @@ import numpy as np
 from dynseg.sdk.errors import InvalidArgumentError
 
 from .common import (
-    LabelledSample, assemble_sample, check_index, check_split_name, read_id_list, read_indexed_png, read_rgb,
-    require_files,
+    LabelledSample, assemble_sample, check_index, check_split_name, read_id_list, read_image_shape, read_indexed_png,
+    read_rgb, require_files,
 )
 from .synthetic import VOID
 
@@ -74,9 +74,15 @@ class VocInstances:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def _image_path(self, index: int) -> Path:
+        return self.root / "JPEGImages" / f"{self.ids[check_index(index, len(self.ids))]}.jpg"
+
+    def image_shape(self, index: int) -> tuple[int, int]:
+        return read_image_shape(self._image_path(index))
+
     def __getitem__(self, index: int) -> LabelledSample:
         image_id = self.ids[check_index(index, len(self.ids))]
-        image = read_rgb(self.root / "JPEGImages" / f"{image_id}.jpg")
+        image = read_rgb(self._image_path(index))
         class_path = self.root / "SegmentationClass" / f"{image_id}.png"
         object_path = self.root / "SegmentationObject" / f"{image_id}.png"
         classes = read_indexed_png(class_path, image.shape[:2])
