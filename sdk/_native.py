@@ -26,6 +26,7 @@ from .errors import InvalidArgumentError, NativeError
 
 ABI_VERSION = 3
 NORMALIZATION = {"after": 0, "symmetric": 1}
+INT32_MAX = 2**31 - 1  # the largest count (iterations, threads) the C structs' int fields hold
 
 
 # The C enums of dynseg_crf.h, value for value.
@@ -354,8 +355,8 @@ class Problem:
         detections: DetectionPotential | None = None,
     ):
         for name, value in (("iterations", iterations), ("threads", threads)):
-            if not 0 <= value < 2**31:  # the struct's int32 fields: ctypes would wrap a larger value silently
-                raise InvalidArgumentError(f"{name} must be in 0..2147483647, got {value}")
+            if not 0 <= value <= INT32_MAX:  # ctypes would wrap a larger value silently
+                raise InvalidArgumentError(f"{name} must be in 0..{INT32_MAX}, got {value}")
         # The library reads as many values as these sizes say: every caller's arrays are checked here.
         if image is not None and (len(image.shape) != 3 or tuple(image.shape[1:]) != (height, width)):
             raise InvalidArgumentError(f"image must be (C, {height}, {width}) planes to match the unary, got "

@@ -243,7 +243,7 @@ def check_detections(
     height: int,
     width: int,
     num_classes: int,
-    max_detections: int,
+    max_detections: int | None = None,
     stacklevel: int = 2,
 ) -> Detections:
     """The caller's detections, checked, clipped to the (height, width) image and stripped of boxes the
@@ -254,9 +254,9 @@ def check_detections(
     labels: (D,) class ids in 1..num_classes (integer arrays, or floats with integral values).
     scores: (D,) finite, non-negative detector scores (within float32's range): confidences, which the
         model divides by its score ceiling (1 by default) and caps below 1, not logits.
-    D may be 0. D above max_detections (the model's limit, counted before any box is dropped), a wrong
-    shape or length, NaN or infinity, negative scores and labels out of range raise InvalidArgumentError
-    naming the argument.
+    D may be 0. D above max_detections (the model's limit, counted before any box is dropped; None: no
+    limit, as for training data), a wrong shape or length, NaN or infinity, negative scores and labels
+    out of range raise InvalidArgumentError naming the argument.
 
     Each box is floored to integers and clipped to [0, W-1] x [0, H-1], as the network does. These are
     dropped, with one DetectionsDroppedWarning per call (at `stacklevel`) and a record in `dropped`:
@@ -269,7 +269,8 @@ def check_detections(
     height = int_in("height", height, 1)
     width = int_in("width", width, 1)
     num_classes = int_in("num_classes", num_classes, 1)
-    max_detections = int_in("max_detections", max_detections, 1)
+    if max_detections is not None:
+        max_detections = int_in("max_detections", max_detections, 1)
 
     boxes_in = _numeric_array("boxes", boxes)
     if boxes_in.shape == (0,):  # [] or np.array([]): no detections
@@ -277,7 +278,7 @@ def check_detections(
     if boxes_in.ndim != 2 or boxes_in.shape[1] != 4:
         raise InvalidArgumentError(f"boxes must have shape (D, 4) (xyxy), got {boxes_in.shape}")
     count = boxes_in.shape[0]
-    if count > max_detections:
+    if max_detections is not None and count > max_detections:
         raise InvalidArgumentError(
             f"boxes has D = {count} detections, above this model's limit of {max_detections} per image"
         )

@@ -20,7 +20,8 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from .errors import InvalidArgumentError
-from .inputs import ImageLike, check_detections, cuda_index, int_in, load_image
+from .crf import check_threads
+from .inputs import ImageLike, check_detections, cuda_index, load_image
 from .results import SegmentationResult, build_result
 
 Backend = Literal["auto", "onnxruntime", "torch", "tensorrt"]
@@ -76,8 +77,8 @@ class Segmenter:
         if not isinstance(path, (str, Path)):
             raise InvalidArgumentError(f"path must be a str or Path, got {type(path).__name__}")
         cuda_index(device)  # a bad device string fails before any backend loads
-        if threads is not None:
-            threads = int_in("threads", threads, 1, 2**31 - 1, rule="None or an int in 1..2147483647")
+        if threads is not None:  # None: onnxruntime's default, not check_threads' "every core" (0)
+            threads = check_threads(threads)
         path = Path(path)
         self.backend_name = _choose(path, backend)
         if threads is not None and self.backend_name != "onnxruntime":

@@ -533,8 +533,7 @@ def predict_each(model: DynamicallyInstantiatedNetwork, dataset: Samples, *,
             image.permute(1, 2, 0).to(torch.uint8).numpy(), out.instance_logits.numpy(),
             out.semantic_probabilities.numpy(),
             check_detections_np(*(detections[k].numpy() for k in ("boxes", "labels", "scores")),
-                                height=image.shape[1], width=image.shape[2], num_classes=model.config.num_classes,
-                                max_detections=max(1, len(detections["scores"]))),
+                                height=image.shape[1], width=image.shape[2], num_classes=model.config.num_classes),
             model.config.class_names,
         )
         ids = np.array([instance.id for instance in result.instances]).reshape(-1, 1, 1)

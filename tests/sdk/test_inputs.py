@@ -280,6 +280,7 @@ def test_more_detections_than_the_model_takes_raise_its_limit() -> None:
     with pytest.raises(InvalidArgumentError, match=f"limit of {LIMIT}"):
         check(boxes)
     assert len(check(boxes[:LIMIT])) == LIMIT
+    assert len(check(boxes, max_detections=None)) == len(boxes)  # no limit: training data
 
 
 @pytest.mark.parametrize("option", ["height", "width", "num_classes", "max_detections"])

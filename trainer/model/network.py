@@ -98,7 +98,7 @@ def check_detections(
         warnings.simplefilter("ignore", DetectionsDroppedWarning)  # raised below instead
         checked = inputs.check_detections(
             *(tensor.detach().cpu().numpy() for tensor in (boxes, labels, scores)), height=height, width=width,
-            num_classes=num_classes, max_detections=max(1, boxes.numel()),
+            num_classes=num_classes,
         )
     if checked.dropped:
         listed = "; ".join(f"{dropped.index}: {dropped.reason}" for dropped in checked.dropped)
