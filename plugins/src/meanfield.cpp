@@ -87,7 +87,7 @@ MeanField::MeanField(const dynseg_crf_problem& problem, int pass, Workspace& ws)
     unary_ = ws.take<float>(size);
     q_ = ws.take<float>(size);
     filtered_ = ws.take<float>(size);
-    acc_ = ws.take<float>(size);
+    logits_ = ws.take<float>(size);
     if (pass == DYNSEG_PASS_BACKWARD) {
         history_ = ws.take<float>(size * problem.iterations);
         grad_ = ws.take<float>(size);
@@ -183,7 +183,7 @@ void MeanField::scalar_messages(int64_t c0, const float* q) {
                 const vec8 n = splat8(norm_[k][p]), w = splat8(p_.kernels[k].weight[0]);
                 for (int j = 0; j < V; ++j) a[j] += w * (t[j] * n);
             }
-            for (int j = 0; j < V; ++j) store8(acc_ + p * S + c0 + 8 * j, a[j]);
+            for (int j = 0; j < V; ++j) store8(logits_ + p * S + c0 + 8 * j, a[j]);
         }
     });
 }
@@ -199,7 +199,7 @@ void MeanField::kernel_message(int k, const float* q, bool first) {
     if (!is_matrix(kernel)) {
         // non-Potts accumulators start at 0 (run_iterations clears them), Potts ones at U
         out.mode = potts && first ? FilterOutput::kFromBase : FilterOutput::kAccumulate;
-        out.out = acc_;
+        out.out = logits_;
         out.base = unary_;
         out.weight = kernel.weight[0];
         lattices_[k].filter(q, stride_, pre, false, out);
@@ -216,7 +216,7 @@ void MeanField::kernel_message(int k, const float* q, bool first) {
     parallel_for(pixels_, kGrain, threads_, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
             const float* f = filtered_ + i * S;
-            float* a = acc_ + i * S;
+            float* a = logits_ + i * S;
             for (int64_t j = 0; j < S; j += 8) {
                 vec8 s = splat8(0.0f);
                 for (int64_t c = 0; c < L; ++c) s += load8(Wc + c * S + j) * splat8(f[c]);
@@ -235,7 +235,7 @@ std::vector<float> MeanField::padded_columns(const float* M) const {
     return out;
 }
 
-// Potts: acc_ already holds U + m. Otherwise acc_ holds m: logits = U - mu m, written into acc_.
+// Potts: logits_ already holds U + m. Otherwise logits_ holds m: logits = U - mu m, written into logits_.
 void MeanField::finish_logits() const {
     if (p_.compat_kind == DYNSEG_COMPAT_POTTS) return;
     const int64_t L = labels_, S = stride_;
@@ -245,7 +245,7 @@ void MeanField::finish_logits() const {
     const float* mu_c = columns.data();
     parallel_for(pixels_, kGrain, threads_, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
-            float* row = acc_ + i * S;
+            float* row = logits_ + i * S;
             if (p_.compat_kind == DYNSEG_COMPAT_DIAGONAL) {
                 for (int64_t a = 0; a < L; ++a) row[a] = unary_[i * S + a] - mu[a] * row[a];
                 continue;
@@ -288,30 +288,30 @@ void MeanField::softmax_range(const float* logits, float* q, int64_t first, int6
     });
 }
 
-// Leaves L^T in acc_; history (may be null) receives Q^0 .. Q^{T-1}. unary_ must hold U.
+// Leaves L^T in logits_; history (may be null) receives Q^0 .. Q^{T-1}. unary_ must hold U.
 void MeanField::run_iterations(float* history) {
     const int64_t size = pixels_ * stride_;
     const int K = p_.num_kernels;
     const bool potts = p_.compat_kind == DYNSEG_COMPAT_POTTS;
     bool scalar = true;
     for (int k = 0; k < K; ++k) scalar = scalar && !is_matrix(p_.kernels[k]);
-    if (p_.iterations == 0 || K == 0) std::copy(unary_, unary_ + size, acc_);
+    if (p_.iterations == 0 || K == 0) std::copy(unary_, unary_ + size, logits_);
     detections_.start();
     for (int t = 0; t < p_.iterations; ++t) {
-        const float* logits = t == 0 ? unary_ : acc_;
+        const float* logits = t == 0 ? unary_ : logits_;
         float* q = history ? history + t * size : q_;
         softmax(logits, q);
         if (K == 0) {
-            if (detections_.active()) std::copy(unary_, unary_ + size, acc_);
+            if (detections_.active()) std::copy(unary_, unary_ + size, logits_);
         } else if (scalar) {
             scalar_messages_all_tiles(q);
             finish_logits();
         } else {
-            if (!potts) std::fill(acc_, acc_ + size, 0.0f);
+            if (!potts) std::fill(logits_, logits_ + size, 0.0f);
             for (int k = 0; k < K; ++k) kernel_message(k, q, k == 0);
             finish_logits();
         }
-        detections_.add(q, acc_, stride_, threads_);
+        detections_.add(q, logits_, stride_, threads_);
     }
 }
 
@@ -329,7 +329,7 @@ bool MeanField::can_stream() const {
 // previous iteration's lattices into the pixel's logits, takes their softmax and splats it into
 // every lattice's spare buffer, so U is the only array streamed from memory. The float operations
 // and their order are those of scalar_messages, so the bits are too. U comes planar; the result
-// goes to acc_ (planar_out null) or planar into planar_out, as logits or probabilities (p_.output).
+// goes to logits_ (planar_out null) or planar into planar_out, as logits or probabilities (p_.output).
 template <int V>
 void MeanField::stream_iterations(const float* unary, float* history, float* planar_out) {
     const int K = p_.num_kernels;
@@ -385,12 +385,12 @@ void MeanField::stream_iterations(const float* unary, float* history, float* pla
             lattices_[k].blur<V>(false);
         }
     }
-    // L^T: into acc_, or straight into the caller's planar output (as probabilities if asked)
+    // L^T: into logits_, or straight into the caller's planar output (as probabilities if asked)
     if (!planar_out) {
         for (int64_t p = 0; p < pixels_; ++p) {
             vec8 a[V];
             logits(p, a);
-            for (int j = 0; j < V; ++j) store8(acc_ + p * S + 8 * j, a[j]);
+            for (int j = 0; j < V; ++j) store8(logits_ + p * S + 8 * j, a[j]);
         }
         return;
     }
@@ -439,7 +439,7 @@ void MeanField::forward(const float* unary, float* out) {
     }
     load(unary, unary_, labels_);
     run_iterations(nullptr);
-    store(acc_, out, labels_, p_.output == DYNSEG_OUTPUT_PROBABILITIES);
+    store(logits_, out, labels_, p_.output == DYNSEG_OUTPUT_PROBABILITIES);
 }
 
 bool MeanField::filter(int kernel, int64_t channels, const float* values, float* out, bool transpose,

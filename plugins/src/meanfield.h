@@ -71,7 +71,7 @@ private:
     float* unary_ = nullptr;
     float* q_ = nullptr;
     float* filtered_ = nullptr;
-    float* acc_ = nullptr;
+    float* logits_ = nullptr;  // the messages summed into the logits: U + m (Potts) or m, then L = U - mu m
     // backward only
     float* history_ = nullptr;  // (T, N, stride): Q^0 .. Q^{T-1}
     float* grad_ = nullptr;
