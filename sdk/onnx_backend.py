@@ -50,78 +50,6 @@ class _CrfNode:
     constants: dict[str, ort.OrtValue] = field(default_factory=dict)  # its inputs that are initializers
 
 
-def _value_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type of every tensor, the CRF nodes' outputs included (shape inference cannot see
-    through a custom op, so they are declared float32 before it runs)."""
-    graph = model.graph
-    for node in graph.node:
-        if node.domain == DOMAIN:
-            graph.value_info.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-                                    for name in node.output)
-    inferred = shape_inference.infer_shapes(model)
-    types = {}
-    for info in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
-        types[info.name] = info.type.tensor_type.elem_type
-    return types
-
-
-def _partition(model: onnx.ModelProto, placement: _Placement, threads: int | None) -> list[_Session | _CrfNode]:
-    graph = model.graph
-    types = _value_types(model)
-    initializers = {t.name: t for t in graph.initializer}
-    # the graph's nodes in order, cut at the CRF nodes
-    segments: list[list[onnx.NodeProto] | onnx.NodeProto] = [[]]
-    for node in graph.node:
-        if node.domain == DOMAIN:
-            segments += [node, []]
-        else:
-            segments[-1].append(node)
-    # what each step must hand on: everything a later step or the graph's outputs read
-    needed_after: list[set[str]] = []
-    needed = {o.name for o in graph.output}
-    for segment in reversed(segments):
-        needed_after.append(set(needed))
-        nodes = [segment] if isinstance(segment, onnx.NodeProto) else segment
-        for node in nodes:
-            needed.update(node.input)
-    needed_after.reverse()
-    steps: list[_Session | _CrfNode] = []
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # our partitions are valid; spare users onnxruntime's notes
-    if threads is not None:  # each session's own pool: the sessions run one after another
-        # capped at the cores, as the CRF kernels cap it: onnxruntime starts every thread it is asked for
-        options.intra_op_num_threads, options.inter_op_num_threads = min(threads, _native.max_threads()), 1
-    for index, segment in enumerate(segments):
-        if isinstance(segment, onnx.NodeProto):
-            constants = {n: placement.put(numpy_helper.to_array(initializers[n])) for n in segment.input
-                         if n in initializers}
-            steps.append(_CrfNode(list(segment.input), list(segment.output), CrfAttributes.of_node(segment), constants))
-            continue
-        if not segment:
-            continue
-        produced = {name for node in segment for name in node.output}
-        consumed = [name for node in segment for name in node.input if name]
-        inputs = list(dict.fromkeys(n for n in consumed if n not in produced and n not in initializers))
-        outputs = [n for n in dict.fromkeys(name for node in segment for name in node.output)
-                   if n in needed_after[index]]
-        if not outputs:
-            continue
-        sub = helper.make_graph(
-            segment, f"dynseg_part_{index}",
-            [helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT), None) for n in inputs],
-            [helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT), None) for n in outputs],
-            initializer=[initializers[n] for n in dict.fromkeys(consumed) if n in initializers],
-        )
-        part = helper.make_model(sub, opset_imports=[o for o in model.opset_import if o.domain in ("", "ai.onnx")],
-                                 ir_version=model.ir_version)
-        session = ort.InferenceSession(part.SerializeToString(), sess_options=options, providers=placement.providers)
-        if placement.device_type == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
-            raise InvalidArgumentError("device 'cuda': onnxruntime could not start its CUDA execution provider "
-                                       "(see its log for why: CUDA or cuDNN libraries missing or mismatched)")
-        steps.append(_Session(session, inputs, outputs))
-    return steps
-
-
 @dataclass(frozen=True)
 class _Placement:
     """Where a backend's tensors live: onnxruntime's device type and id, and its providers."""
@@ -158,6 +86,92 @@ class _Placement:
 
     def empty(self, shape: tuple[int, ...]) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.float32, self.device_type, self.device_id)
+
+
+def _element_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor, the CRF nodes' outputs included: shape inference cannot see through
+    a custom op, so they are declared float32 in `model` (the backend's own copy) before it runs."""
+    graph = model.graph
+    for node in graph.node:
+        if node.domain == DOMAIN:
+            graph.value_info.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+                                    for name in node.output)
+    inferred = shape_inference.infer_shapes(model)
+    return {info.name: info.type.tensor_type.elem_type
+            for info in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]}
+
+
+_Segment = list[onnx.NodeProto] | onnx.NodeProto  # a run of standard nodes, or one CRF node
+
+
+def _cut_at_crf_nodes(graph: onnx.GraphProto) -> list[_Segment]:
+    """The graph's nodes in order, cut at the CRF nodes."""
+    segments: list[_Segment] = []
+    run: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node.domain == DOMAIN:
+            segments += [run, node]
+            run = []
+        else:
+            run.append(node)
+    return [*segments, run]
+
+
+def _needed_after(segments: list[_Segment], graph: onnx.GraphProto) -> list[set[str]]:
+    """For each segment, the tensors a later segment or the graph's outputs read: what it must hand on."""
+    needed_after: list[set[str]] = []
+    needed = {o.name for o in graph.output}
+    for segment in reversed(segments):
+        needed_after.append(set(needed))
+        for node in [segment] if isinstance(segment, onnx.NodeProto) else segment:
+            needed.update(node.input)
+    return needed_after[::-1]
+
+
+def _session_options(threads: int | None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # our partitions are valid; spare users onnxruntime's notes
+    if threads is not None:  # each session's own pool: the sessions run one after another
+        # capped at the cores, as the CRF kernels cap it: onnxruntime starts every thread it is asked for
+        options.intra_op_num_threads, options.inter_op_num_threads = min(threads, _native.max_threads()), 1
+    return options
+
+
+def _partition(model: onnx.ModelProto, placement: _Placement, threads: int | None) -> list[_Session | _CrfNode]:
+    """The steps a call runs, in order: one onnxruntime session per run of standard nodes (those whose
+    outputs nothing later reads are left out) and the CRF nodes between them."""
+    graph = model.graph
+    types = _element_types(model)
+    initializers = {t.name: t for t in graph.initializer}
+    segments = _cut_at_crf_nodes(graph)
+    options = _session_options(threads)
+    steps: list[_Session | _CrfNode] = []
+    for index, (segment, needed) in enumerate(zip(segments, _needed_after(segments, graph))):
+        if isinstance(segment, onnx.NodeProto):
+            constants = {n: placement.put(numpy_helper.to_array(initializers[n])) for n in segment.input
+                         if n in initializers}
+            steps.append(_CrfNode(list(segment.input), list(segment.output), CrfAttributes.of_node(segment), constants))
+            continue
+        produced = {name for node in segment for name in node.output}
+        consumed = [name for node in segment for name in node.input if name]
+        inputs = list(dict.fromkeys(n for n in consumed if n not in produced and n not in initializers))
+        outputs = [n for n in dict.fromkeys(name for node in segment for name in node.output) if n in needed]
+        if not outputs:
+            continue
+        sub = helper.make_graph(
+            segment, f"dynseg_part_{index}",
+            [helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT), None) for n in inputs],
+            [helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT), None) for n in outputs],
+            initializer=[initializers[n] for n in dict.fromkeys(consumed) if n in initializers],
+        )
+        part = helper.make_model(sub, opset_imports=[o for o in model.opset_import if o.domain in ("", "ai.onnx")],
+                                 ir_version=model.ir_version)
+        session = ort.InferenceSession(part.SerializeToString(), sess_options=options, providers=placement.providers)
+        if placement.device_type == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+            raise InvalidArgumentError("device 'cuda': onnxruntime could not start its CUDA execution provider "
+                                       "(see its log for why: CUDA or cuDNN libraries missing or mismatched)")
+        steps.append(_Session(session, inputs, outputs))
+    return steps
 
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64}
