@@ -221,7 +221,7 @@ def train(
     """Train the network: stage 1 semantic, stage 2 instance (synthetic scenes unless --dataset names another).
 
     Writes model.safetensors and model.json (the final model), semantic/ (stage 1's checkpoint),
-    log.jsonl (every step) and epochs.jsonl (every epoch: loss, lr, images/s, held-out metrics).
+    log.jsonl (every step of stage 2; stage 1's in semantic/) and epochs.jsonl (every epoch: loss, lr, images/s, held-out metrics).
     """
     _torch_or_fail("dynseg train")
     if mode not in ("piecewise", "end-to-end"):
