@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dynseg.sdk.errors import InvalidArgumentError
 from dynseg.sdk.inputs import int_in
 
 __all__ = [
@@ -79,12 +80,13 @@ class TorchvisionBackbone(nn.Module):
             source: what to call the state_dict in error messages (the file name).
 
         Raises:
-            ValueError: naming `source` and every offending key.
+            InvalidArgumentError (a ValueError): naming `source` and every offending key.
         """
         if not isinstance(state_dict, Mapping) or not all(
             isinstance(k, str) and isinstance(v, Tensor) for k, v in state_dict.items()
         ):
-            raise ValueError(f"{source}: expected a flat mapping of parameter names to tensors (a state_dict)")
+            raise InvalidArgumentError(f"{source}: expected a flat mapping of parameter names to tensors "
+                                       "(a state_dict)")
         layout = self.torchvision_layout()
         given = {k: v for k, v in state_dict.items() if not k.startswith(self._ignored_prefixes)}
         missing = [k for k in layout if k not in given and not k.endswith("num_batches_tracked")]
@@ -95,12 +97,9 @@ class TorchvisionBackbone(nn.Module):
             if k in layout and tuple(v.shape) != layout[k][1]
         ]
         if missing or unexpected or wrong_shape:  # every key would be hundreds of lines: counts and the first
-            problems = [
-                f"{len(keys)} {label} (first: {keys[0]})"
-                for label, keys in (("missing", missing), ("unexpected", unexpected), ("of the wrong shape", wrong_shape))
-                if keys
-            ]
-            raise ValueError(
+            kinds = (("missing", missing), ("unexpected", unexpected), ("of the wrong shape", wrong_shape))
+            problems = [f"{len(keys)} {label} (first: {keys[0]})" for label, keys in kinds if keys]
+            raise InvalidArgumentError(
                 f"{source} is not a torchvision {self._torchvision_name} state_dict (the weights of another "
                 f"backbone?): keys {', '.join(problems)}"
             )
@@ -119,8 +118,8 @@ def load_torchvision_weights(backbone: TorchvisionBackbone, path: PathLike) -> N
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is not a state_dict of this architecture; the message names the file
-            and the offending keys.
+        InvalidArgumentError (a ValueError): the file is not a state_dict of this architecture; the
+            message names the file and the offending keys.
     """
     path = os.fspath(path)
     try:
@@ -130,8 +129,8 @@ def load_torchvision_weights(backbone: TorchvisionBackbone, path: PathLike) -> N
     except Exception as error:  # pickle and zip errors have many types; the caller needs the file name
         # torch's own text runs to pages, and its advice (weights_only=False) is unsafe for a stranger's file
         first = (str(error).strip().splitlines() or [""])[0].split(". ")[0][:160]
-        raise ValueError(f"{path}: cannot be read as a torch state_dict, such as torchvision's ImageNet weights "
-                         f"(resnet18-f37072fd.pth): {type(error).__name__}: {first}") from error
+        raise InvalidArgumentError(f"{path}: cannot be read as a torch state_dict, such as torchvision's ImageNet "
+                                   f"weights (resnet18-f37072fd.pth): {type(error).__name__}: {first}") from error
     backbone.load_torchvision_state_dict(state_dict, source=path)
 
 
@@ -257,7 +256,7 @@ class ResNet(TorchvisionBackbone):
     ) -> None:
         super().__init__()
         if len(layers) != 4 or len(dilate) != 3:
-            raise ValueError(f"layers needs 4 entries and dilate 3, got {tuple(layers)} and {tuple(dilate)}")
+            raise InvalidArgumentError(f"layers needs 4 entries and dilate 3, got {tuple(layers)} and {tuple(dilate)}")
         self._torchvision_name = f"ResNet ({block.__name__}, layers {tuple(layers)})"
         self._block = block
         self._in_channels = 64
@@ -516,7 +515,7 @@ class SemanticNetwork(nn.Module):
             logits: (B, K+1, ceil(H/8), ceil(W/8)), background is channel 0; not yet upsampled.
         """
         if image.dim() != 4 or image.shape[1] != 3:
-            raise ValueError(f"image must have shape (B, 3, H, W), got {tuple(image.shape)}")
+            raise InvalidArgumentError(f"image must have shape (B, 3, H, W), got {tuple(image.shape)}")
         return self.head(self.backbone(image))
 
 
@@ -567,10 +566,11 @@ def semantic_network(
             into the backbone; None keeps torchvision's random initialisation (Kaiming convolutions).
 
     Raises:
-        ValueError: unknown backbone, num_classes < 2, or a `pretrained` file that does not match.
+        InvalidArgumentError (a ValueError): unknown backbone, num_classes < 2, or a `pretrained` file
+            that does not match.
     """
     if backbone not in _PRESETS:
-        raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(_PRESETS)}")
+        raise InvalidArgumentError(f"unknown backbone {backbone!r}; choose one of {', '.join(_PRESETS)}")
     num_classes = int_in("num_classes", num_classes, 2, rule="an int >= 2 (K classes + background)")
     features, head = _PRESETS[backbone](num_classes)
     return _build_semantic_network(backbone=features, head=head, pretrained=pretrained)

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from dynseg.sdk.commands import defaults
+from dynseg.sdk.errors import InvalidArgumentError
 
 __all__ = ["init_from_environment", "is_main", "rank", "world_size", "shard", "all_reduce", "shutdown", "main"]
 
@@ -79,9 +80,10 @@ def shard(count: int, rank: int, world_size: int) -> range:
     """Positions in a global batch of `count` that process `rank` of `world_size` takes: contiguous,
     count // world_size each, together exactly range(count). count must be a multiple of world_size."""
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size) with world_size >= 1, got rank {rank} of {world_size}")
+        raise InvalidArgumentError(f"rank must be in [0, world_size) with world_size >= 1, got rank {rank} of "
+                                   f"{world_size}")
     if count % world_size:
-        raise ValueError(f"a global batch of {count} cannot be split evenly over {world_size} processes")
+        raise InvalidArgumentError(f"a global batch of {count} cannot be split evenly over {world_size} processes")
     share = count // world_size
     return range(rank * share, (rank + 1) * share)
 
@@ -90,7 +92,7 @@ def all_reduce(values: Sequence[float], op: str = "sum") -> list[float]:
     """The sum ("sum") or minimum ("min") of `values` elementwise over all processes, in float64; the
     values themselves without a process group."""
     if op not in ("sum", "min"):
-        raise ValueError(f"op must be 'sum' or 'min', got {op!r}")
+        raise InvalidArgumentError(f"op must be 'sum' or 'min', got {op!r}")
     if not dist.is_initialized():
         return [float(v) for v in values]
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")

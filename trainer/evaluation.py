@@ -74,6 +74,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dynseg.sdk.errors import InvalidArgumentError
 from dynseg.sdk.inputs import int_in
 
 from .matching import matched_pairs
@@ -123,15 +124,16 @@ def evaluate(
         the "original" protocol AP^r can exceed 1 when duplicates hit one instance (module docstring).
 
     Raises:
-        ValueError: mismatched lengths, wrong dtypes or shapes, labels outside 1..num_classes, NaN
-            scores, masks of another size than the image's ground truth, unknown protocol; the message
-            names the offending argument, e.g. "predictions[3]['scores']".
+        InvalidArgumentError (a ValueError): mismatched lengths, wrong dtypes or shapes, labels outside
+            1..num_classes, NaN scores, masks of another size than the image's ground truth, unknown
+            protocol; the message names the offending argument, e.g. "predictions[3]['scores']".
     """
     for name, value in (("predictions", predictions), ("ground_truths", ground_truths)):
         if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
-            raise ValueError(f"{name} must be a sequence with one mapping per image, got {type(value).__name__}")
+            raise InvalidArgumentError(f"{name} must be a sequence with one mapping per image, "
+                                       f"got {type(value).__name__}")
     if len(predictions) != len(ground_truths):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"predictions and ground_truths must have one entry per image each, "
             f"got {len(predictions)} predictions and {len(ground_truths)} ground_truths"
         )
@@ -148,7 +150,7 @@ def evaluate_each(
     each image's masks are reduced to its overlap counts as it arrives, so memory holds one image's
     masks, not a split's (a Cityscapes val split's would be tens of GiB). Same arguments, same result."""
     if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        raise InvalidArgumentError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     num_classes = int_in("num_classes", num_classes, 1)
     images = [_image(i, prediction, truth, num_classes) for i, (prediction, truth) in enumerate(pairs)]
     ap_r = _ap_r(images, num_classes, protocol)
@@ -422,7 +424,7 @@ def _image(i: int, prediction, truth, num_classes: int) -> _Image:
     void = _void(truth, f"ground_truths[{i}]", (height, width))
     pred_masks = _masks(prediction, f"predictions[{i}]")
     if pred_masks.shape[1:] != (height, width):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"predictions[{i}]['masks'] has size {pred_masks.shape[1:]} but ground_truths[{i}]['masks'] "
             f"has size {(height, width)}; masks must have the size of their image's ground truth"
         )
@@ -433,30 +435,30 @@ def _image(i: int, prediction, truth, num_classes: int) -> _Image:
 
 def _field(entry, where: str, key: str) -> np.ndarray:
     if not isinstance(entry, Mapping):
-        raise ValueError(f"{where} must be a mapping with 'masks' and 'labels', got {type(entry).__name__}")
+        raise InvalidArgumentError(f"{where} must be a mapping with 'masks' and 'labels', got {type(entry).__name__}")
     if key not in entry:
-        raise ValueError(f"{where} has no {key!r}")
+        raise InvalidArgumentError(f"{where} has no {key!r}")
     return np.asarray(entry[key])
 
 
 def _masks(entry, where: str) -> np.ndarray:
     masks = _field(entry, where, "masks")
     if masks.dtype != np.bool_ or masks.ndim != 3:
-        raise ValueError(f"{where}['masks'] must be bool (N, H, W), got {masks.dtype} {masks.shape}")
+        raise InvalidArgumentError(f"{where}['masks'] must be bool (N, H, W), got {masks.dtype} {masks.shape}")
     return masks
 
 
 def _labels(entry, where: str, count: int, num_classes: int) -> np.ndarray:
     labels = _field(entry, where, "labels")
     if labels.shape != (count,):
-        raise ValueError(f"{where}['labels'] must have shape ({count},), one per mask, got {labels.shape}")
+        raise InvalidArgumentError(f"{where}['labels'] must have shape ({count},), one per mask, got {labels.shape}")
     if count == 0:
         return np.zeros(0, dtype=np.int64)
     if labels.dtype == np.bool_ or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{where}['labels'] must be integer, got {labels.dtype}")
+        raise InvalidArgumentError(f"{where}['labels'] must be integer, got {labels.dtype}")
     outside = (labels < 1) | (labels > num_classes)
     if outside.any():
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{where}['labels'] must lie in 1..num_classes={num_classes}, got {labels[outside].tolist()}"
         )
     return labels
@@ -465,13 +467,13 @@ def _labels(entry, where: str, count: int, num_classes: int) -> np.ndarray:
 def _scores(entry, where: str, count: int) -> np.ndarray:
     scores = _field(entry, where, "scores")
     if scores.shape != (count,):
-        raise ValueError(f"{where}['scores'] must have shape ({count},), one per mask, got {scores.shape}")
+        raise InvalidArgumentError(f"{where}['scores'] must have shape ({count},), one per mask, got {scores.shape}")
     if count == 0:
         return np.zeros(0, dtype=np.float64)
     if not np.issubdtype(scores.dtype, np.floating):
-        raise ValueError(f"{where}['scores'] must be floating point, got {scores.dtype}")
+        raise InvalidArgumentError(f"{where}['scores'] must be floating point, got {scores.dtype}")
     if np.isnan(scores).any():
-        raise ValueError(f"{where}['scores'] contains NaN at {np.flatnonzero(np.isnan(scores)).tolist()}")
+        raise InvalidArgumentError(f"{where}['scores'] contains NaN at {np.flatnonzero(np.isnan(scores)).tolist()}")
     return scores
 
 
@@ -480,5 +482,5 @@ def _void(entry, where: str, size: tuple[int, int]) -> np.ndarray | None:
         return None
     void = np.asarray(entry["void"])
     if void.dtype != np.bool_ or void.shape != size:
-        raise ValueError(f"{where}['void'] must be None or bool {size}, got {void.dtype} {void.shape}")
+        raise InvalidArgumentError(f"{where}['void'] must be None or bool {size}, got {void.dtype} {void.shape}")
     return void

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dynseg.sdk.errors import InvalidArgumentError
+
 __all__ = ["PermutohedralLattice", "gaussian_features"]
 
 
@@ -36,8 +38,8 @@ class PermutohedralLattice:
             in this dtype; float32 reproduces densecrf's lattice exactly.
 
     Raises:
-        ValueError: features are not a finite 2-D floating tensor with N ≥ 1 and d ≥ 1, or the vertex
-            keys span more than 63 bits (feature range too large for the lattice).
+        InvalidArgumentError (a ValueError): features are not a finite 2-D floating tensor with N ≥ 1
+            and d ≥ 1, or the vertex keys span more than 63 bits (feature range too large for the lattice).
 
     The lattice carries no gradient; `splat`, `blur`, `slice` and `filter` are differentiable with
     respect to the values through ordinary autograd.
@@ -47,11 +49,11 @@ class PermutohedralLattice:
         if not isinstance(features, Tensor):
             raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
         if features.dim() != 2 or features.shape[0] == 0 or features.shape[1] == 0:
-            raise ValueError(f"features must have shape (N, d) with N, d >= 1, got {tuple(features.shape)}")
+            raise InvalidArgumentError(f"features must have shape (N, d) with N, d >= 1, got {tuple(features.shape)}")
         if features.dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"features must be float32 or float64, got {features.dtype}")
+            raise InvalidArgumentError(f"features must be float32 or float64, got {features.dtype}")
         if not bool(torch.isfinite(features).all()):
-            raise ValueError("features must be finite")
+            raise InvalidArgumentError("features must be finite")
 
         with torch.no_grad():
             self._build(features.detach())
@@ -77,7 +79,7 @@ class PermutohedralLattice:
         # are no fraction bits left and the lattice would be meaningless (the native library agrees).
         largest = float(cf_all.abs().max())
         if not largest * 2 * d < 2.0**22:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"features out of range for the lattice: scaled features reach {largest:g}, beyond what "
                 f"float lattice keys resolve (2^22 / {2 * d}); a kernel's theta is too small for this image"
             )
@@ -140,7 +142,7 @@ class PermutohedralLattice:
         if sum(bits) > 63:
             f_min = features.amin(dim=0).tolist()
             f_max = features.amax(dim=0).tolist()
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"features span too large a range for a 64-bit lattice key ({sum(bits)} bits needed): "
                 f"per-dimension min {f_min}, max {f_max}"
             )
@@ -215,9 +217,9 @@ class PermutohedralLattice:
         if not isinstance(values, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(values).__name__}")
         if values.dim() != 2 or values.shape[0] != rows:
-            raise ValueError(f"{name} must have shape ({rows}, C), got {tuple(values.shape)}")
+            raise InvalidArgumentError(f"{name} must have shape ({rows}, C), got {tuple(values.shape)}")
         if not values.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {values.dtype}")
+            raise InvalidArgumentError(f"{name} must be a floating-point tensor, got {values.dtype}")
 
     def splat(self, values: Tensor) -> Tensor:
         """Accumulate weight × value onto the enclosing vertices: (N, C) → (M, C).
@@ -290,9 +292,9 @@ def gaussian_features(
         it; the feature order matters for exact agreement (the lattice is not permutation-invariant).
     """
     if height <= 0 or width <= 0:
-        raise ValueError(f"height and width must be positive, got height={height}, width={width}")
+        raise InvalidArgumentError(f"height and width must be positive, got height={height}, width={width}")
     if not (math.isfinite(theta_xy) and theta_xy > 0):
-        raise ValueError(f"theta_xy must be a positive finite number, got {theta_xy}")
+        raise InvalidArgumentError(f"theta_xy must be a positive finite number, got {theta_xy}")
     device = image.device if image is not None else torch.device("cpu")
     theta = torch.tensor(theta_xy, dtype=torch.float32, device=device)
     xs = torch.arange(width, dtype=torch.float32, device=device) / theta
@@ -300,9 +302,9 @@ def gaussian_features(
     columns = [xs.repeat(height), ys.repeat_interleave(width)]
     if image is not None:
         if image.dim() != 3 or image.shape[0] != height or image.shape[1] != width:
-            raise ValueError(f"image must have shape ({height}, {width}, C), got {tuple(image.shape)}")
+            raise InvalidArgumentError(f"image must have shape ({height}, {width}, C), got {tuple(image.shape)}")
         if theta_color is None or not (math.isfinite(theta_color) and theta_color > 0):
-            raise ValueError(f"theta_color must be a positive finite number, got {theta_color}")
+            raise InvalidArgumentError(f"theta_color must be a positive finite number, got {theta_color}")
         theta_c = torch.tensor(theta_color, dtype=torch.float32, device=device)
         colour = image.reshape(height * width, -1).to(torch.float32) / theta_c  # (N, C)
         columns.extend(colour.unbind(dim=1))

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from dynseg.sdk.crf import Normalization, check_iterations, check_normalization, check_overflow, gaussian_kernels
+from dynseg.sdk.errors import InvalidArgumentError
 
 from .lattice import PermutohedralLattice, gaussian_features
 
@@ -47,13 +48,13 @@ def _check_unary(unary: object) -> None:
     if not isinstance(unary, Tensor):
         raise TypeError(f"unary must be a torch.Tensor, got {type(unary).__name__}")
     if unary.dim() != 3:
-        raise ValueError(f"unary must have shape (L, H, W), got {tuple(unary.shape)}")
+        raise InvalidArgumentError(f"unary must have shape (L, H, W), got {tuple(unary.shape)}")
     if min(unary.shape) == 0:
-        raise ValueError(f"unary must have L, H, W >= 1, got shape {tuple(unary.shape)}")
+        raise InvalidArgumentError(f"unary must have L, H, W >= 1, got shape {tuple(unary.shape)}")
     if not unary.is_floating_point():
-        raise ValueError(f"unary must be a floating-point tensor, got {unary.dtype}")
+        raise InvalidArgumentError(f"unary must be a floating-point tensor, got {unary.dtype}")
     if not bool(torch.isfinite(unary).all()):
-        raise ValueError("unary must be finite (found NaN or inf)")
+        raise InvalidArgumentError("unary must be finite (found NaN or inf)")
 
 
 def mean_field(
@@ -93,36 +94,36 @@ def mean_field(
     prepared = []
     for index, item in enumerate(kernels):
         if not (isinstance(item, (tuple, list)) and len(item) == 2):
-            raise ValueError(f"kernels[{index}] must be a (lattice, weight) pair, got {item!r}")
+            raise InvalidArgumentError(f"kernels[{index}] must be a (lattice, weight) pair, got {item!r}")
         lattice, weight = item
         if not isinstance(lattice, PermutohedralLattice):
             raise TypeError(f"kernels[{index}][0] must be a PermutohedralLattice, got {type(lattice).__name__}")
         if lattice.num_points != n_points:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"kernels[{index}] lattice has {lattice.num_points} points but unary has H*W = {n_points}"
             )
         if isinstance(weight, Tensor):
             if weight.dim() not in (0, 2) or (weight.dim() == 2 and tuple(weight.shape) != (n_labels, n_labels)):
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"kernels[{index}] weight must be a scalar or ({n_labels}, {n_labels}), "
                     f"got {tuple(weight.shape)}"
                 )
             if not torch.isfinite(weight).all():
-                raise ValueError(f"kernels[{index}] weight holds a non-finite value")
+                raise InvalidArgumentError(f"kernels[{index}] weight holds a non-finite value")
             weight = weight.to(dtype=dtype, device=device)  # logits in the unary's dtype; differentiable
         elif not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
-            raise ValueError(f"kernels[{index}] weight must be a finite float or a tensor, got {weight!r}")
+            raise InvalidArgumentError(f"kernels[{index}] weight must be a finite float or a tensor, got {weight!r}")
         prepared.append((lattice, weight, _norm_factor(lattice, normalization, dtype, device)))
 
     if compat is not None:
         if not isinstance(compat, Tensor):
             raise TypeError(f"compat must be None or a torch.Tensor, got {type(compat).__name__}")
         if tuple(compat.shape) not in ((n_labels,), (n_labels, n_labels)):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"compat must be None, ({n_labels},) or ({n_labels}, {n_labels}), got {tuple(compat.shape)}"
             )
         if not torch.isfinite(compat).all():
-            raise ValueError("compat holds a non-finite value")
+            raise InvalidArgumentError("compat holds a non-finite value")
         compat = compat.to(dtype=dtype, device=device)
 
     unary_nl = unary.reshape(n_labels, n_points).t()  # (N, L), labels contiguous per pixel in spirit
@@ -181,8 +182,8 @@ def dense_crf(
         added in that order.
 
     Raises:
-        ValueError: naming the offending argument (shape, empty axis, non-finite unary, θ ≤ 0,
-            negative iterations, unknown normalization, missing image).
+        InvalidArgumentError (a ValueError): naming the offending argument (shape, empty axis,
+            non-finite unary, θ ≤ 0, negative iterations, unknown normalization, missing image).
     """
     _check_unary(unary)
     check_iterations(iterations)
@@ -193,12 +194,12 @@ def dense_crf(
         if not isinstance(image, Tensor):
             raise TypeError(f"image must be a torch.Tensor or None, got {type(image).__name__}")
         if image.dim() != 3 or tuple(image.shape) != (height, width, 3):
-            raise ValueError(f"image must have shape ({height}, {width}, 3), got {tuple(image.shape)}")
+            raise InvalidArgumentError(f"image must have shape ({height}, {width}, 3), got {tuple(image.shape)}")
         if image.dtype != torch.uint8:
-            raise ValueError(f"image must be uint8, got {image.dtype}")
+            raise InvalidArgumentError(f"image must be uint8, got {image.dtype}")
 
     if bilateral is not None and image is None:
-        raise ValueError("image must be given when bilateral is not None")
+        raise InvalidArgumentError("image must be given when bilateral is not None")
     kernels: list[tuple[PermutohedralLattice, float]] = []
     for theta_xy, theta_color, weight in gaussian_kernels(spatial, bilateral):  # spatial first
         colour = image if theta_color else None

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dynseg.sdk.errors import InvalidArgumentError
+
 from .. import fields
 from ..boxes import box_masks
 from ..crf import mean_field_native
@@ -82,14 +84,15 @@ class InstanceUnaries(nn.Module):
         size), per aspect-ratio group. masks: bool (H, W) each; boxes: xyxy inclusive each."""
         config = self.config
         if not masks:
-            raise ValueError("masks must hold at least one training instance mask")
+            raise InvalidArgumentError("masks must hold at least one training instance mask")
         crops, groups = [], []
         for mask, box in zip(masks, boxes):
             x1, y1, x2, y2 = (int(v) for v in box)
             crop = torch.from_numpy(np.ascontiguousarray(mask[y1 : y2 + 1, x1 : x2 + 1], dtype=np.float32))
             crops.append(F.interpolate(crop[None, None], size=(config.template_size,) * 2, mode="bilinear",
                                        align_corners=True)[0, 0])
-            groups.append(int(aspect_groups(torch.tensor(np.asarray(box, dtype=np.float32)[None]), config.template_groups)))
+            box_tensor = torch.tensor(np.asarray(box, dtype=np.float32)[None])
+            groups.append(int(aspect_groups(box_tensor, config.template_groups)))
         crops_t = torch.stack(crops).flatten(1)  # (n, S*S)
         groups_t = torch.tensor(groups)
         generator = torch.Generator().manual_seed(seed)

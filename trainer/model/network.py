@@ -62,7 +62,7 @@ class ModelConfig:
     def from_json(cls, text: str) -> ModelConfig:
         raw = json.loads(text)
         if not isinstance(raw, dict):
-            raise ValueError(f"a model config is a JSON object, got {type(raw).__name__}")
+            raise InvalidArgumentError(f"a model config is a JSON object, got {type(raw).__name__}")
         semantic = raw.get("semantic_crf")
         return cls(
             backbone=raw["backbone"],
@@ -143,9 +143,9 @@ class DynamicallyInstantiatedNetwork(nn.Module):
         """image: (3, H, W) float32 RGB in 0..255; boxes: (D, 4) float32 xyxy pixels (inclusive);
         labels: (D,) int64 in 1..K; scores: (D,) float32. Any D >= 0."""
         if image.dim() != 3 or image.shape[0] != 3:
-            raise ValueError(f"image must have shape (3, H, W), got {tuple(image.shape)}")
+            raise InvalidArgumentError(f"image must have shape (3, H, W), got {tuple(image.shape)}")
         if image.dtype not in (torch.float32, torch.uint8):
-            raise ValueError(f"image must be float32 (or uint8) RGB in 0..255, got {image.dtype}")
+            raise InvalidArgumentError(f"image must be float32 (or uint8) RGB in 0..255, got {image.dtype}")
         height, width = image.shape[1:]
         boxes, labels, scores = check_detections(boxes, labels, scores, height=height, width=width,
                                                  num_classes=self.config.num_classes)
