@@ -110,10 +110,11 @@ def semantic_mean_field(
     logits = unary
     for _ in range(config.iterations):
         q = torch.softmax(logits, dim=0)
-        step = mean_field_native(logits, image, kernels, compat=compatibility, normalization=normalization,
-                                 iterations=1)
+        # one mean-field iteration from `logits` returns them plus the pairwise message of q
+        pairwise = mean_field_native(logits, image, kernels, compat=compatibility, normalization=normalization,
+                                     iterations=1) - logits
         term, recalibrated = detection_potential(q, inside, pixels, prior, labels, scores, detection_x, detection_y)
-        logits = unary + (step - logits) + term  # U + the pairwise message of Q + the detection potential
+        logits = unary + pairwise + term
     return logits, recalibrated
 
 
