@@ -24,6 +24,12 @@ step() { echo; echo "=== $1 ($(( $(date +%s) - started )) s)"; }
 failed=()
 check() { [ "$2" = 0 ] || failed+=("$1 (exit code $2)"); }  # step name, its exit code
 
+missing=$($PY -c 'import importlib.util as u; print(" ".join(m for m in ("torch", "pytest", "scikit_build_core") if u.find_spec(m) is None))')
+if [ -n "$missing" ]; then
+  echo "$PY lacks $missing: install dynseg's dev extra (pip install -e \".[dev]\") and a CUDA build of torch, or set PYTHON"
+  exit 1
+fi
+
 step "machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$REPORT/gpu.txt"
 nvcc --version | tail -1
