@@ -23,7 +23,7 @@ from typer.core import TyperGroup
 from . import __version__
 from .commands import defaults
 from .commands import quickstart as quickstart_job
-from .errors import INSTALL_TRAINER, DynsegError, InvalidArgumentError
+from .errors import INSTALL_TRAINER, DynsegError, InvalidArgumentError, counted
 from .graph import DEFAULT_ENGINE_DETECTIONS, DEFAULT_ENGINE_SIZES, DEFAULT_MAX_DETECTIONS, MAX_DETECTIONS
 
 if TYPE_CHECKING:
@@ -179,8 +179,8 @@ def _refuse_synthetic_options(context: typer.Context, dataset: str) -> None:
     """--images and --image-size shape the generated scenes: an on-disk dataset would drop them silently."""
     given = _given(context, "images", "image_size")
     if dataset != "synthetic" and given:
-        raise typer.BadParameter(f"{' and '.join(given)} shape the synthetic scenes; --dataset {dataset} has its own "
-                                 "images: leave them out", param_hint=" / ".join(given))
+        raise typer.BadParameter(f"options of the synthetic scenes ({' and '.join(given)}) given for --dataset "
+                                 f"{dataset}, which has its own images: leave them out", param_hint=" / ".join(given))
 
 
 def _describe(data, dataset: str, detections: Optional[Path]) -> str:
@@ -221,7 +221,8 @@ def train(
     """Train the network: stage 1 semantic, stage 2 instance (synthetic scenes unless --dataset names another).
 
     Writes model.safetensors and model.json (the final model), semantic/ (stage 1's checkpoint),
-    log.jsonl (every step of stage 2; stage 1's in semantic/) and epochs.jsonl (every epoch: loss, lr, images/s, held-out metrics).
+    log.jsonl (every step of stage 2; stage 1's in semantic/) and epochs.jsonl (every epoch: loss, lr,
+    images/s, held-out metrics).
     """
     _torch_or_fail("dynseg train")
     if mode not in ("piecewise", "end-to-end"):
@@ -418,7 +419,8 @@ def export(
     engine_only = ("min_detections", "opt_detections", "min_size", "opt_size", "max_size", "fp16", "workspace")
     given = _given(context, *engine_only)
     if format == "onnx" and given:  # an ONNX file has no profile: the options would be dropped silently
-        raise typer.BadParameter(f"{', '.join(given)} shape a TensorRT engine: give --format engine, or leave them out",
+        raise typer.BadParameter(f"options of a TensorRT engine ({', '.join(given)}) given for --format onnx: give "
+                                 "--format engine, or leave them out",
                                  param_hint="--format")
     if format == "onnx" and out.suffix in (".engine", ".plan"):  # Segmenter would take it for an engine
         raise typer.BadParameter(f"{out} names a TensorRT engine: give --format engine, or an .onnx file",
@@ -496,8 +498,9 @@ def infer(
                                                                printer=typer.echo))
     except DynsegError as error:
         raise _fail(str(error)) from error
-    typer.echo(f"wrote {summary.images} overlays and instance maps to {out}/ and {summary.instances} instances to "
-               f"{summary.results}; {summary.dropped} detections got no instance")
+    typer.echo(f"wrote {counted(summary.images, 'overlay')} and instance maps to {out}/ and "
+               f"{counted(summary.instances, 'instance')} to {summary.results}; "
+               f"{counted(summary.dropped, 'detection')} got no instance")
 
 
 @app.command()
@@ -547,8 +550,11 @@ def validate(
         raise _fail("parity check failed: " + "; ".join(failed))
     typer.echo("parity: ok (" + "; ".join(str(c) for c in report.worst()) + ")")
     if not report.exercised_instances():
-        typer.echo("note: the checkpoint found no instance in any image (column N), so the instance checks "
-                   "compared background only: pass --images (and --detections) from the model's own domain")
+        typer.echo(_NO_INSTANCES + ": pass --images (and --detections) from the model's own domain")
+
+
+_NO_INSTANCES = ("note: the checkpoint found no instance in any image (column N), so the instance checks "
+                 "compared background only")
 
 
 @app.command()
@@ -617,6 +623,8 @@ def quickstart(
                f"AP^r_vol {100 * metrics['ap_r_vol']:.1f} %, PQ {100 * metrics['pq']:.1f} %")
     typer.echo("parity onnxruntime vs PyTorch: " + ("ok" if summary.parity else "FAILED") + " ("
                + "; ".join(str(c) for c in summary.parity.worst()) + ")")
+    if not summary.parity.exercised_instances():  # a very short run (--steps) that learned no instance yet
+        typer.echo(_NO_INSTANCES + ": train longer (--steps)")
     typer.echo("made:\n" + "\n".join(f"  {path}" for path in summary.files))
     model, ckpt = summary.model, summary.checkpoint
     typer.echo("next:\n"

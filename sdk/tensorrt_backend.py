@@ -41,13 +41,16 @@ class TensorRTBackend:
     def __init__(self, path: str | Path, *, device: str = "cpu"):
         from dynseg.export import engine as engines  # torch-free: onnx and the sidecar logic
 
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InvalidArgumentError(f"engine file {self.path} does not exist")
+        if self.path.suffix == ".onnx":
+            raise InvalidArgumentError(f"{self.path} is an ONNX model, not a TensorRT engine: build one with "
+                                       "`dynseg export --format engine`, or run it with backend 'onnxruntime'")
         index = cuda_index(device)
         if index is None:
             raise InvalidArgumentError("backend 'tensorrt' runs on a GPU: pass device='cuda' (--device cuda)")
         self._device = index
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise InvalidArgumentError(f"engine file {self.path} does not exist")
         sidecar = engines.read_sidecar(self.path)
         library = engines.plugin_library_path()
         _native.set_cuda_device(index)  # the runtime, the engine and the check below are this device's

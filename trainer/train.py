@@ -292,7 +292,10 @@ def train(
     progress.close()
     if main:
         save_checkpoint(out_dir, model, optimiser, config.steps)
-        (out_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
+        settings = asdict(config) | {"images_per_step": images_per_step}
+        if stage2:  # batch_size is stage 1's: stage 2 takes one image per process and step
+            del settings["batch_size"]
+        (out_dir / "train_config.json").write_text(json.dumps(settings, indent=2))
     distributed.barrier()
     return log
 

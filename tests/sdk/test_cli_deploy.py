@@ -309,6 +309,10 @@ def test_quickstart_with_a_few_steps_makes_everything_it_promises(tmp_path):
         assert (out / name).is_file(), name
     assert "ap_r_vol" in json.loads((out / "metrics.json").read_text())
     assert "parity onnxruntime vs PyTorch: ok" in result.output
+    # two steps learn no instance: the parity's instance checks saw background only, and it says so
+    rows = (out / "parity.md").read_text().splitlines()[2:-1]  # the images' rows: | image | H x W | D | N | ...
+    no_instance = all(row.split("|")[4].strip() == "0" for row in rows)
+    assert no_instance == ("compared background only: train longer" in " ".join(result.output.split()))
     assert f"dynseg validate {out / 'model.onnx'} --checkpoint {out / 'checkpoint'}" in result.output
     from dynseg.trainer.checkpoint import read_training_data
 

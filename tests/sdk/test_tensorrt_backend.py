@@ -18,13 +18,21 @@ HAVE_GPU = _native.cuda_compiled() and _native.cuda_device_count() > 0
 
 
 def test_the_tensorrt_backend_runs_on_a_gpu_only(tmp_path):
+    (tmp_path / "model.engine").write_bytes(b"a plan")
     with pytest.raises(InvalidArgumentError, match="device='cuda'"):
         Segmenter(tmp_path / "model.engine")
 
 
-def test_a_missing_engine_is_named(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_a_missing_engine_is_named_before_the_device(tmp_path, device):
     with pytest.raises(InvalidArgumentError, match="missing.engine does not exist"):
-        Segmenter(tmp_path / "missing.engine", device="cuda")
+        Segmenter(tmp_path / "missing.engine", device=device)
+
+
+def test_an_onnx_model_given_to_the_tensorrt_backend_is_named_as_such(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"onnx")
+    with pytest.raises(InvalidArgumentError, match="is an ONNX model, not a TensorRT engine"):
+        Segmenter(tmp_path / "model.onnx", backend="tensorrt", device="cuda")
 
 
 def test_an_engine_without_its_sidecar_says_to_rebuild(tmp_path):

@@ -63,6 +63,9 @@ def test_training_on_the_synthetic_default_prints_progress_and_logs_every_epoch(
         assert math.isfinite(entry["images_per_s"]) and entry["images_per_s"] >= 0
     assert "held_out" not in log[0]
     assert set(log[-1]["held_out"]) == {"ap_r", "ap_r_vol", "matching_iou", "pq", "coco_mask_ap"}
+    stage1, stage2 = (json.loads((folder / "train_config.json").read_text()) for folder in (out / "semantic", out))
+    assert (stage1["batch_size"], stage1["images_per_step"]) == (4, 4)
+    assert "batch_size" not in stage2 and stage2["images_per_step"] == 1  # stage 1's field would mislead
     result = run("eval", out, "--images", "2", "--image-size", "48", "64")
     assert result.exit_code == 0, result.output
     assert "2 synthetic images, simulated detections (seed 1)" in result.output
