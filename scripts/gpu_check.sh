@@ -24,9 +24,15 @@ step() { echo; echo "=== $1 ($(( $(date +%s) - started )) s)"; }
 failed=()
 check() { [ "$2" = 0 ] || failed+=("$1 (exit code $2)"); }  # step name, its exit code
 
-missing=$($PY -c 'import importlib.util as u; print(" ".join(m for m in ("torch", "pytest", "scikit_build_core") if u.find_spec(m) is None))')
+if ! missing=$($PY -c 'import importlib.util as u; print(" ".join(m for m in ("torch", "pytest", "scikit_build_core", "cmake")
+                                                                   if u.find_spec(m) is None))'); then
+  echo "cannot run $PY: set PYTHON to the python that has torch with CUDA"; exit 1
+fi
+if command -v cmake >/dev/null; then missing=${missing/cmake/}; fi  # CMake on the PATH serves as well
+missing=$(echo $missing)
 if [ -n "$missing" ]; then
-  echo "$PY lacks $missing: install dynseg's dev extra (pip install -e \".[dev]\") and a CUDA build of torch, or set PYTHON"
+  echo "$PY lacks $missing: pip install -e \".[dev]\" (and cmake where no CMake is on the PATH) with a CUDA build" \
+       "of torch, or set PYTHON"
   exit 1
 fi
 

@@ -175,12 +175,14 @@ def _given(context: typer.Context, *names: str) -> list[str]:
             if (source := context.get_parameter_source(name)) is not None and source.name == "COMMANDLINE"]
 
 
-def _refuse_synthetic_options(context: typer.Context, dataset: str) -> None:
-    """--images and --image-size shape the generated scenes: an on-disk dataset would drop them silently."""
+def _refuse_synthetic_options(context: typer.Context, dataset: str, source: str | None = None) -> None:
+    """--images and --image-size shape the generated scenes: an on-disk dataset would drop them silently.
+    `source` says where the dataset came from when --dataset did not name it."""
     given = _given(context, "images", "image_size")
     if dataset != "synthetic" and given:
-        raise typer.BadParameter(f"options of the synthetic scenes ({' and '.join(given)}) given for --dataset "
-                                 f"{dataset}, which has its own images: leave them out", param_hint=" / ".join(given))
+        named = source or f"--dataset {dataset}"
+        raise typer.BadParameter(f"options of the synthetic scenes ({' and '.join(given)}) given for {named}, "
+                                 "which has its own images: leave them out", param_hint=" / ".join(given))
 
 
 def _describe(data, dataset: str, detections: Optional[Path]) -> str:
@@ -302,12 +304,14 @@ def evaluate_command(
     if protocol not in PROTOCOLS:
         raise typer.BadParameter(f"must be one of {', '.join(PROTOCOLS)}", param_hint="--protocol")
     trained_on = read_training_data(checkpoint)
+    source = None
     if dataset is None:  # a checkpoint is scored on its own dataset unless told otherwise
         dataset = trained_on["dataset"] if trained_on else "synthetic"
+        source = f"{dataset}, the dataset {checkpoint} was trained on ({TRAINING_DATA})"
         if dataset != "synthetic" and data_root is None:
             raise typer.BadParameter(f"{checkpoint} was trained on {dataset} ({TRAINING_DATA}): give its folder, "
                                      "or --dataset to score it on another", param_hint="--data-root")
-    _refuse_synthetic_options(context, dataset)
+    _refuse_synthetic_options(context, dataset, source)
     if seed is None:
         seed = trained_on["seed"] + 1 if trained_on else 1
     if image_size is None:
@@ -498,8 +502,8 @@ def infer(
                                                                printer=typer.echo))
     except DynsegError as error:
         raise _fail(str(error)) from error
-    typer.echo(f"wrote {counted(summary.images, 'overlay')} and instance maps to {out}/ and "
-               f"{counted(summary.instances, 'instance')} to {summary.results}; "
+    typer.echo(f"wrote {counted(summary.images, 'overlay')} and {counted(summary.images, 'instance map')} to "
+               f"{out}/ and {counted(summary.instances, 'instance')} to {summary.results}; "
                f"{counted(summary.dropped, 'detection')} got no instance")
 
 

@@ -59,7 +59,8 @@ def run(segmenter: Segmenter, images: Sequence[str | Path], detections: str | Pa
     docstring lists into `out`. `progress(total)` makes the display, updated after each image. Raises
     InvalidArgumentError naming the image or file at fault: before any image is segmented for the file
     and for images with more detections than the model takes or classes it does not have, else when the
-    image is reached (nothing is written for images after it)."""
+    image is reached (nothing is written for images after it, and no results file: an earlier one in
+    `out` is deleted before the first image)."""
     paths = [Path(p) for p in images]
     found = read_detections(detections, paths)  # checks the file before any image is segmented
     if keep_top is not None:
@@ -71,6 +72,7 @@ def run(segmenter: Segmenter, images: Sequence[str | Path], detections: str | Pa
                            len(segmenter.class_names), f" in {detections}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / RESULTS_FILE).unlink(missing_ok=True)  # an earlier run's would pass for this one's if it failed
     from PIL import Image
 
     display = progress(len(paths)) if progress is not None else None

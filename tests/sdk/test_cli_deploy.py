@@ -118,6 +118,13 @@ def test_infer_writes_overlays_instance_maps_and_coco_results(exported, photos, 
         np.testing.assert_array_equal(instance_map, expected.instance_map)
         assert [e for e in entries if e["image_id"] == image_id] == json.loads(json.dumps(expected.to_coco(image_id)))
     assert {e["image_id"] for e in entries} == {"chelsea", 42}  # both images with detections have instances
+    # a second run into the same folder that fails on its way leaves no results.json for the first's to pass
+    broken = tmp_path / "empty.png"
+    broken.write_bytes(b"not a PNG")
+    result = runner.invoke(app, ["infer", str(exported[1]), str(files[0]), str(broken), "--detections",
+                                 str(detections), "--out", str(out)])
+    assert result.exit_code == 1 and "empty.png" in result.output, result.output
+    assert not (out / "results.json").exists()
 
 
 def test_infer_refuses_a_detections_file_for_other_images(exported, photos, tmp_path):

@@ -281,6 +281,9 @@ def test_synthetic_scene_options_are_refused_for_an_on_disk_dataset_rather_than_
     _fails_naming(run("train", "--out", tmp_path / "run", *on_disk, "--images", "4"), "--images", "synthetic")
     _fails_naming(run("train", "--out", tmp_path / "run", *on_disk, "--image-size", "48", "64"), "--image-size")
     _fails_naming(run("eval", tmp_path, *on_disk, *SYNTHETIC), "--images and --image-size", "--dataset voc")
+    out = tmp_path / "voc-run"  # eval's dataset from the checkpoint's training_data.json, named as such
+    assert run("train", "--out", out, *on_disk, *TINY).exit_code == 0
+    _fails_naming(run("eval", out, "--data-root", root, "--images", "5"), "voc, the dataset", "training_data.json")
     assert not (tmp_path / "run").exists()
 
 

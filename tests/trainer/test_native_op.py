@@ -219,19 +219,36 @@ def _op_inputs(scene, compat):
     return unary, planar, [3.0, 9.0], [0.0, 13.0], weights, compat
 
 
+@pytest.mark.parametrize("kernels", [2, 0], ids=["two kernels", "no kernel"])
 @pytest.mark.parametrize("compat", [None, -torch.eye(L) + 0.05], ids=["Potts", "full compat"])
-def test_the_forward_and_backward_ops_pass_torchs_op_checks(scene, compat):
+def test_the_forward_and_backward_ops_pass_torchs_op_checks(scene, compat, kernels):
     # Schema, fake kernel against the real one, and the autograd registration, as torch.compile and
     # export rely on them.
     unary, planar, theta_xy, theta_color, weights, compat = _op_inputs(scene, compat)
+    theta_xy, theta_color, weights = theta_xy[:kernels], theta_color[:kernels], weights[:kernels]
     unary = unary.clone().requires_grad_()
-    weights = [w.clone().requires_grad_() for w in weights]
+    weights = [w.clone().requires_grad_(index == 0) for index, w in enumerate(weights)]  # one without a gradient
     forward = (unary, planar, theta_xy, theta_color, weights, compat, "after", 2, 1)
     torch.library.opcheck(torch.ops.dynseg.mean_field.default, forward)
-    for want_weights, want_compat in ((True, compat is not None), (False, False)):
+    for want_weights, want_compat in (([True, False][:kernels], compat is not None), ([False] * kernels, False)):
         backward = (torch.randn(unary.shape), unary.detach(), planar, theta_xy, theta_color,
                     [w.detach() for w in weights], compat, "symmetric", 2, 1, want_weights, want_compat)
         torch.library.opcheck(torch.ops.dynseg.mean_field_backward.default, backward)
+
+
+def test_the_library_computes_only_the_weight_gradients_autograd_needs(scene, monkeypatch):
+    from dynseg.sdk import _native
+
+    asked = []
+    backward = _native.Problem.backward
+    monkeypatch.setattr(_native.Problem, "backward", lambda self, unary, grad, want_weights, want_compat: (
+        asked.append(list(want_weights)) or backward(self, unary, grad, want_weights, want_compat)))
+    unary, planar, _, _, (spatial, bilateral), _ = _op_inputs(scene, None)
+    spatial.requires_grad_()
+    logits = mean_field_native(unary, planar, native_kernels((spatial, bilateral)), iterations=2)
+    logits.square().sum().backward()
+    assert asked == [[True, False]]
+    assert spatial.grad is not None and bilateral.grad is None
 
 
 def test_torch_compile_gives_the_eager_values_and_gradients(scene):

@@ -123,7 +123,7 @@ def _mean_field_backward(
     normalization: str,
     iterations: int,
     threads: int,
-    want_weights: bool,
+    want_weights: list[bool],
     want_compat: bool,
 ) -> list[Tensor]:
     """[grad_unary, grad_compat, *grad_weights]; a gradient not wanted is an empty tensor (an op returns
@@ -134,7 +134,7 @@ def _mean_field_backward(
             want_weights, want_compat)
     else:
         problem = _problem(unary, image, theta_xy, theta_color, weights, compat, normalization, iterations, threads)
-        arrays = problem.backward(_numpy(unary), _numpy(grad_logits), [want_weights] * len(weights), want_compat)
+        arrays = problem.backward(_numpy(unary), _numpy(grad_logits), want_weights, want_compat)
         as_tensor = lambda array: None if array is None else torch.from_numpy(array)
         grad_unary = torch.from_numpy(arrays[0])
         grad_weights, grad_compat = [as_tensor(g) for g in arrays[1]], as_tensor(arrays[2])
@@ -149,12 +149,12 @@ def _(grad_logits, unary, image, theta_xy, theta_color, weights, compat, normali
       want_weights, want_compat):
     gradient = lambda like, wanted: torch.empty_like(like) if wanted else unary.new_empty(0)
     return [torch.empty_like(unary), gradient(compat, want_compat and compat is not None),
-            *[gradient(w, want_weights) for w in weights]]
+            *[gradient(w, wanted) for w, wanted in zip(weights, want_weights)]]
 
 
 def _backward_cuda(
     grad_logits: Tensor, unary: Tensor, image: Tensor | None, theta_xy: list[float], theta_color: list[float],
-    weights: list[Tensor], compat: Tensor | None, normalization: str, iterations: int, want_weights: bool,
+    weights: list[Tensor], compat: Tensor | None, normalization: str, iterations: int, want_weights: list[bool],
     want_compat: bool,
 ) -> tuple[Tensor, list[Tensor | None], Tensor | None]:
     with torch.cuda.device(unary.device):
@@ -162,8 +162,8 @@ def _backward_cuda(
                          _native.Pass.BACKWARD)
         grad = grad_logits.detach().to(unary.device, torch.float32).contiguous()
         grad_unary = torch.empty_like(call.unary)
-        grad_weights = [torch.empty(w.shape, dtype=torch.float32, device=unary.device) if want_weights else None
-                        for w in weights]
+        grad_weights = [torch.empty(w.shape, dtype=torch.float32, device=unary.device) if wanted else None
+                        for w, wanted in zip(weights, want_weights)]
         grad_compat = (torch.empty(compat.shape, dtype=torch.float32, device=unary.device)
                        if compat is not None and want_compat else None)
         call.problem.backward_cuda(
@@ -187,14 +187,17 @@ def _backward(ctx, grad_logits):
                                   "native library, outside autograd (use the reference mean_field for it)")
     unary, image, compat, *weights = ctx.saved_tensors
     _, _, theta_xy, theta_color, _, _, normalization, iterations, threads = ctx.inputs
-    want_weights, want_compat = bool(ctx.needs_input_grad[4]), compat is not None and bool(ctx.needs_input_grad[5])
+    # a list input's entry of needs_input_grad is a list: one flag per weight
+    want_weights = [bool(wanted) for wanted in ctx.needs_input_grad[4]]
+    want_compat = compat is not None and bool(ctx.needs_input_grad[5])
     grad_unary, grad_compat, *grad_weights = _mean_field_backward(
         grad_logits, unary, image, theta_xy, theta_color, weights, compat, normalization, iterations, threads,
         want_weights, want_compat)
+    thetas: list | None = [] if not theta_xy else None  # torch reads an empty list as one of tensors: []
     return (
         grad_unary,
-        None, None, None,
-        [g if want_weights else None for g in grad_weights],
+        None, thetas, thetas,
+        [g if wanted else None for g, wanted in zip(grad_weights, want_weights)],
         grad_compat if want_compat else None,
         None, None, None,
     )

@@ -101,7 +101,7 @@ class WithDetections:
     """`dataset`'s samples with a "detections" entry (`Detections`) from a results file.
 
     Args:
-        dataset: an indexable dataset with `class_names` (and, for COCO, `label_of_category`).
+        dataset: a `Dataset` (`class_names`, `image_shape`; for COCO, `label_of_category` too).
         detections: {image id: Detections} with labels already in 1..K, one entry per image.
     """
 
@@ -112,6 +112,9 @@ class WithDetections:
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def image_shape(self, index: int) -> tuple[int, int]:
+        return self.dataset.image_shape(index)
 
     def __getitem__(self, index: int) -> dict:
         sample = dict(self.dataset[index])
