@@ -324,8 +324,10 @@ def dense_crf_native(
         if not isinstance(image, Tensor) or image.dtype != torch.uint8 or image.dim() != 3 or image.shape[2] != 3:
             raise InvalidArgumentError(f"image must be an (H, W, 3) uint8 tensor, got {getattr(image, 'shape', image)}")
         if tuple(image.shape[:2]) != tuple(unary.shape[1:]):
-            raise InvalidArgumentError(f"image size {tuple(image.shape[:2])} does not match unary's {tuple(unary.shape[1:])}")
+            raise InvalidArgumentError(f"image size {tuple(image.shape[:2])} does not match unary's "
+                                       f"{tuple(unary.shape[1:])}")
         if bilateral is not None:
             planar = image.permute(2, 0, 1).to(torch.float32).contiguous()
-    logits = mean_field_native(unary, planar, kernels, normalization=normalization, iterations=iterations, threads=threads)
+    logits = mean_field_native(unary, planar, kernels, normalization=normalization, iterations=iterations,
+                               threads=threads)
     return torch.softmax(logits, dim=0)
