@@ -199,6 +199,8 @@ def library() -> ctypes.CDLL:
             lib.dynseg_crf_check_cuda.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
             lib.dynseg_crf_forward_cuda_from_host.argtypes = [problem, _f32p, _f32p, ctypes.c_int32]
             lib.dynseg_cuda_set_device.argtypes = [ctypes.c_int32]
+            if hasattr(lib, "dynseg_cuda_get_device"):  # absent from libraries built before it (gpu_compare.sh's)
+                lib.dynseg_cuda_get_device.argtypes = [ctypes.POINTER(ctypes.c_int32)]
             lib.dynseg_cuda_malloc.argtypes = [ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p)]
             lib.dynseg_cuda_free.argtypes = [ctypes.c_void_p]
             lib.dynseg_cuda_memcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
@@ -496,6 +498,13 @@ def set_cuda_device(device: int) -> None:
     _check(library().dynseg_cuda_set_device(device))
 
 
+def current_cuda_device() -> int:
+    """The calling thread's current CUDA device."""
+    device = ctypes.c_int32()
+    _check(library().dynseg_cuda_get_device(ctypes.byref(device)))
+    return device.value
+
+
 def copy_on_device(destination: int, source: int, nbytes: int) -> None:
     """Copies nbytes between two device addresses (synchronous)."""
     if nbytes:
@@ -560,14 +569,14 @@ def _fits(held: int, nbytes: int) -> bool:
     return _SHRINK_BELOW * held <= nbytes <= held
 
 
-def cuda_workspace(nbytes: int, device: int) -> CudaBuffer:
-    """This thread's device scratch buffer on `device` (current), reused across calls of similar sizes.
-    Unlike host memory, device memory is committed whole: it holds the problem's worst case."""
+def cuda_workspace(nbytes: int, device: int, purpose: str = "workspace") -> CudaBuffer:
+    """This thread's device scratch buffer for `purpose` on `device` (current), reused across calls of
+    similar sizes. Unlike host memory, device memory is committed whole: it holds the problem's worst case."""
     buffers = _local.__dict__.setdefault("cuda_buffers", {})
-    buffer = buffers.get(device)
+    buffer = buffers.get((device, purpose))
     if buffer is None or not _fits(buffer.nbytes, nbytes):
-        buffers.pop(device, None)  # free the old one first
-        buffer = buffers[device] = CudaBuffer(nbytes)
+        buffers.pop((device, purpose), None)  # free the old one first
+        buffer = buffers[(device, purpose)] = CudaBuffer(nbytes)
     return buffer
 
 

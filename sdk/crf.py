@@ -216,7 +216,8 @@ def dense_crf_cuda(
 
     Runs on the current CUDA device, which must hold the arrays, and on `stream` (a cudaStream_t
     address; 0 = the legacy default stream; torch: torch.cuda.current_stream().cuda_stream). Returns
-    after the stream has finished the call (it checks the lattices were built).
+    after the stream has finished the call (it checks the lattices were built). The calling thread
+    keeps its device workspace for its next calls on that device (`free_scratch` frees it).
 
     Args:
         unary: float32 (L, H, W) logits, C-contiguous.
@@ -244,15 +245,18 @@ def dense_crf_cuda(
             raise InvalidArgumentError(f"image must have shape (C, {height}, {width}), got {image_array.shape}")
     if isinstance(stream, bool) or not isinstance(stream, int) or stream < 0:
         raise InvalidArgumentError(f"stream must be a cudaStream_t address (int >= 0), got {stream!r}")
-    _native.check_cuda_device(0)
+    _native.check_cuda_device(0)  # a usable GPU at all, before asking which one is current
+    device = _native.current_cuda_device()
     result = CudaArray(unary_array.shape) if out is None else out
     out_array = _native.DeviceArray.of(result, "out", shape=unary_array.shape, written=True)
-    weights = [CudaArray((1,)) for _ in kernels]  # the CUDA calls read every array from device memory
-    for buffer, (_, _, weight) in zip(weights, kernels):
-        _native.copy_to_device(buffer._buffer.pointer, np.array([weight], dtype=np.float32))
+    # The CUDA calls read every array from device memory, the kernels' weights too: one small buffer
+    # for them, and this thread's workspace on this device, both kept for the thread's next calls.
+    weights = _native.cuda_workspace(4 * len(kernels), device, purpose="weights")
+    _native.copy_to_device(weights.pointer, np.array([weight for _, _, weight in kernels], dtype=np.float32))
+    on_device = [_native.DeviceArray(weights.pointer + 4 * k, (1,)) for k in range(len(kernels))]
     problem = _densecrf_problem(num_labels, height, width, image_array, kernels, normalization, iterations, 0,
-                                weights=[_native.DeviceArray.of(w, "weight") for w in weights])
+                                weights=on_device)
     nbytes = problem.workspace_size_cuda(_native.Pass.FORWARD)
-    workspace = _native.CudaBuffer(nbytes)
+    workspace = _native.cuda_workspace(nbytes, device)
     problem.forward_cuda(unary_array, out_array, workspace.pointer, nbytes, stream)
     return result

@@ -231,6 +231,9 @@ DYNSEG_API dynseg_status dynseg_crf_forward_cuda_from_host(const dynseg_crf_prob
 /* Makes `device` the calling thread's current CUDA device (cudaSetDevice), for callers without a CUDA
  * binding of their own (the SDK's onnxruntime CUDA path on cuda:N). */
 DYNSEG_API dynseg_status dynseg_cuda_set_device(int32_t device);
+/* The calling thread's current CUDA device (cudaGetDevice), for callers that keep per-device state
+ * (the SDK's zero-copy entry reuses a workspace per device). */
+DYNSEG_API dynseg_status dynseg_cuda_get_device(int32_t* device);
 
 /* Device memory for callers without an allocator of their own (the SDK's CudaArray, the onnxruntime
  * CUDA path's workspace, the TensorRT backend's buffers). */

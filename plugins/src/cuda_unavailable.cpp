@@ -31,6 +31,7 @@ dynseg_status dynseg_crf_forward_cuda_from_host(const dynseg_crf_problem*, const
     return not_built();
 }
 dynseg_status dynseg_cuda_set_device(int32_t) { return not_built(); }
+dynseg_status dynseg_cuda_get_device(int32_t*) { return not_built(); }
 dynseg_status dynseg_cuda_malloc(size_t, void**) { return not_built(); }
 dynseg_status dynseg_cuda_free(void*) { return not_built(); }
 dynseg_status dynseg_cuda_memcpy(void*, const void*, size_t) { return not_built(); }

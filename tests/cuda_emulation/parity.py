@@ -219,6 +219,28 @@ def main() -> int:
     print(f"{'ok' if ok else 'MISMATCH'}  negative score and label out of range: NaN scores "
           f"{np.isnan(recalibrated).tolist()}, NaN in their boxes {np.isnan(logits[:, inside]).all()}; CPU: {refused}")
     failures += not ok
+
+    # The zero-copy entry (sdk.crf.dense_crf_cuda) on CudaArrays, three calls with different weights:
+    # each as dense_crf computes it, on one workspace and one weights buffer that the thread keeps.
+    from dynseg.sdk import dense_crf
+    from dynseg.sdk.crf import CudaArray, dense_crf_cuda
+
+    unary = rng.normal(0, 2, (4, 30, 41)).astype(np.float32)
+    image = rng.integers(0, 256, (30, 41, 3), dtype=np.uint8)
+    device_unary, device_image = CudaArray(unary.shape), CudaArray((3, 30, 41))
+    n.copy_to_device(device_unary.__cuda_array_interface__["data"][0], unary)
+    n.copy_to_device(device_image.__cuda_array_interface__["data"][0], image.transpose(2, 0, 1).astype(np.float32))
+    buffers = []
+    for weight in (10.0, 4.0, 7.0):
+        q = dense_crf_cuda(device_unary, device_image, bilateral=(80.0, 13.0, weight))
+        got = np.empty_like(unary)
+        n.copy_from_device(got, q.__cuda_array_interface__["data"][0])
+        check(f"dense_crf_cuda, bilateral weight {weight}", dense_crf(unary, image, bilateral=(80.0, 13.0, weight)),
+              got, 1e-5)
+        buffers.append(sorted((key, id(buffer)) for key, buffer in n._local.cuda_buffers.items()))
+    ok = buffers[0] == buffers[1] == buffers[2] and len(buffers[0]) == 2
+    print(f"{'ok' if ok else 'MISMATCH'}  dense_crf_cuda keeps its workspace and weights buffers: {buffers[0]}")
+    failures += not ok
     print("all match" if failures == 0 else f"{failures} mismatches")
     return 1 if failures else 0
 

@@ -283,6 +283,16 @@ dynseg_status dynseg_cuda_set_device(int32_t device) {
     });
 }
 
+dynseg_status dynseg_cuda_get_device(int32_t* device) {
+    return guarded_cuda([&] {
+        if (!device) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "device is NULL");
+        int current = 0;
+        if (cudaError_t e = cudaGetDevice(&current)) return cuda_failed(e, "cudaGetDevice");
+        *device = current;
+        return DYNSEG_OK;
+    });
+}
+
 dynseg_status dynseg_cuda_malloc(size_t bytes, void** pointer) {
     return guarded_cuda([&] {
         if (!pointer) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "pointer is NULL");
