@@ -186,6 +186,35 @@ def test_torch_op_on_cuda_is_deterministic_with_gradients():
         assert np.array_equal(first, second)
 
 
+def _workspace_size(labels: int, height: int, width: int, channels: int, detections: int) -> int:
+    """The CUDA forward workspace of a semantic CRF node (two kernels, Potts, the detection potential)."""
+    ones = np.ones(1, np.float32)
+    potential = None
+    if detections:
+        boxes = np.tile(np.array([[0, 0, 3, 3]], np.float32), (detections, 1))
+        potential = _native.DetectionPotential(
+            boxes=boxes, labels=np.ones(detections, np.int64), scores=np.full(detections, 0.5, np.float32),
+            detection_x=ones, detection_y=ones, score_ceiling=1.0, epsilon=1e-4,
+            recalibrated=np.zeros(detections, np.float32))
+    problem = _native.Problem(
+        labels, height, width, np.zeros((channels, height, width), np.float32),
+        [_native.Kernel(3.0, 0.0, ones), _native.Kernel(80.0, 13.0, ones)], compat=None, normalization="after",
+        iterations=5, output=_native.Output.LOGITS, threads=0, detections=potential)
+    return problem.workspace_size_cuda(_native.Pass.FORWARD)
+
+
+@needs_gpu
+def test_the_cuda_workspace_never_shrinks_as_a_problem_grows():
+    # A TensorRT engine sizes the plugin's workspace for its profile's largest shapes and hands that
+    # buffer to every smaller call: growing any one dimension must never lower the requirement.
+    base = {"labels": 3, "height": 33, "width": 47, "channels": 3, "detections": 2}
+    sweeps = {"labels": [2, 3, 4, 21, 32, 33, 64, 101, 256], "height": [1, 2, 17, 33, 64, 255, 512],
+              "width": [1, 3, 47, 64, 257, 1024], "channels": [1, 2, 3, 5], "detections": [0, 1, 2, 9, 100, 1000]}
+    for name, values in sweeps.items():
+        sizes = [_workspace_size(**(base | {name: value})) for value in values]
+        assert sizes == sorted(sizes), (name, values, sizes)
+
+
 @needs_gpu
 @needs_torch
 def test_torch_compile_on_cuda_gives_the_eager_values_and_gradients():
