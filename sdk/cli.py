@@ -507,6 +507,10 @@ def infer(
                f"{counted(summary.dropped, 'detection')} got no instance")
 
 
+_NO_INSTANCES = ("note: the checkpoint found no instance in any image (column N), so the instance checks "
+                 "compared background only")
+
+
 @app.command()
 def validate(
     model: Path = typer.Argument(..., help="The exported .onnx model."),
@@ -555,10 +559,6 @@ def validate(
     typer.echo("parity: ok (" + "; ".join(str(c) for c in report.worst()) + ")")
     if not report.exercised_instances():
         typer.echo(_NO_INSTANCES + ": pass --images (and --detections) from the model's own domain")
-
-
-_NO_INSTANCES = ("note: the checkpoint found no instance in any image (column N), so the instance checks "
-                 "compared background only")
 
 
 @app.command()
