@@ -3,7 +3,7 @@
 The library is built by the package build (CMake through scikit-build-core) and installed next to
 this file; its C ABI is `include/dynseg_crf.h`. `library_path()` is the one place that knows where
 it lies, for ctypes (dynseg.sdk._native); `search_paths` also finds the TensorRT plugin beside it
-(tensorrt/, built when TensorRT_ROOT names an installation) for dynseg.export.engine.
+(tensorrt/, built when TensorRT_ROOT names an installation) for dynseg.sdk.tensorrt_engine.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ LIBRARY_NAME = {"win32": "dynseg_crf.dll", "darwin": "libdynseg_crf.dylib"}.get(
 
 def search_paths(name: str = LIBRARY_NAME, variable: str = "DYNSEG_LIBRARY") -> list[Path]:
     """Where a library the build installs here (the kernel library by default; the TensorRT plugin's
-    for dynseg.export.engine) is looked for: $variable alone when it is set (a set variable that names
+    for dynseg.sdk.tensorrt_engine) is looked for: $variable alone when it is set (a set variable that names
     no file is an error, not a quiet fall back to the installed library), else each folder of this
     package (an editable install keeps the built libraries in site-packages, apart from the sources)."""
     if os.environ.get(variable):

@@ -39,7 +39,7 @@ class TensorRTBackend:
     """A TensorRT plan with its sidecar JSON; see the module docstring."""
 
     def __init__(self, path: str | Path, *, device: str = "cpu"):
-        from dynseg.export import engine as engines  # torch-free: onnx and the sidecar logic
+        from . import tensorrt_engine as engines
 
         self.path = Path(path)
         if not self.path.is_file():

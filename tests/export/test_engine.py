@@ -1,6 +1,7 @@
-"""The TensorRT engine builder's parts that run without TensorRT: the TensorRT-specific ONNX copy, the
-optimisation profile, the sidecar and its checks, build_engine's error without TensorRT; and the
-plugin's headers-only compile check where TensorRT's headers are at hand."""
+"""The TensorRT engines' parts that run without TensorRT: the TensorRT-specific ONNX copy, the
+optimisation profile, the sidecar and its checks (dynseg.sdk.tensorrt_engine, re-exported by
+dynseg.export.engine), build_engine's error without TensorRT; and the plugin's headers-only compile
+check where TensorRT's headers are at hand."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dynseg.export import engine
 from dynseg.export.engine import EngineError, EngineMismatchError, Profile, make_profile
-from dynseg.sdk import InvalidArgumentError
+from dynseg.sdk import InvalidArgumentError, tensorrt_engine
 
 ROOT = Path(__file__).resolve().parents[2]
 ATTRIBUTES = dict(iterations=5, theta_spatial=3.0, theta_bilateral_xy=80.0, theta_bilateral_rgb=13.0,
@@ -168,12 +169,12 @@ def test_a_plugin_library_built_for_another_tensorrt_major_version_is_refused_be
                                                                                             tmp_path):
     """TensorRT does not check it, and the interfaces of 10 and 11 differ in layout: a crash, not an error."""
     library = stand_in_plugin
-    engine.check_plugin_major_version(library, "10.16.0.72")
+    tensorrt_engine.check_plugin_major_version(library, "10.16.0.72")
     with pytest.raises(EngineError, match=r"built against TensorRT 10's headers, and this is TensorRT 11\.1\.0"):
-        engine.check_plugin_major_version(library, "11.1.0")
+        tensorrt_engine.check_plugin_major_version(library, "11.1.0")
     other = _shared_library(tmp_path, "other", "int something_else(void) { return 0; }\n")
     with pytest.raises(EngineError, match="is not a dynseg TensorRT plugin library"):
-        engine.check_plugin_major_version(other, "10.16.0.72")
+        tensorrt_engine.check_plugin_major_version(other, "10.16.0.72")
 
 
 # ---- the optimisation profile ------------------------------------------------------------------------------
@@ -230,7 +231,7 @@ def built(tmp_path):
     """A plan file (stand-in bytes), a plugin library (stand-in bytes) and the sidecar written for them."""
     plan = tmp_path / "model.engine"
     plan.write_bytes(b"plan bytes")
-    library = tmp_path / engine.PLUGIN_LIBRARY
+    library = tmp_path / tensorrt_engine.PLUGIN_LIBRARY
     library.write_bytes(b"plugin bytes")
     metadata = {entry.key: entry.value for entry in _model().metadata_props}
     sidecar = engine.write_sidecar(plan, tensorrt_version="10.16.0.72", compute_capability="9.0",
@@ -243,8 +244,8 @@ def test_the_sidecar_sits_beside_the_plan_and_round_trips(built):
     plan, library, sidecar = built
     assert sidecar == tmp_sidecar(plan) and sidecar.name == "model.engine.json"
     assert plan.read_bytes() == b"plan bytes"  # nothing prepended to the plan
-    data = engine.read_sidecar(plan)
-    assert data == engine.read_sidecar(sidecar)
+    data = tensorrt_engine.read_sidecar(plan)
+    assert data == tensorrt_engine.read_sidecar(sidecar)
     assert data["tensorrt_version"] == "10.16.0.72" and data["compute_capability"] == "9.0"
     assert data["plugin_library"] == {"name": library.name, "sha256": engine.sha256(library)}
     assert data["class_names"] == ["cat", "cup", "person"]
@@ -252,7 +253,7 @@ def test_the_sidecar_sits_beside_the_plan_and_round_trips(built):
     assert data["dynseg_version"] == "0.1.0" and data["dynseg_op_version"] == "1"
     assert data["max_detections"] == 100 and data["precision"] == "fp32"
     assert Profile.from_json(data["profile"]) == make_profile()
-    engine.check_sidecar(data, tensorrt_version="10.16.0.72", compute_capability="9.0",
+    tensorrt_engine.check_sidecar(data, tensorrt_version="10.16.0.72", compute_capability="9.0",
                          plugin_sha256=engine.sha256(library), plan=plan)
 
 
@@ -270,19 +271,19 @@ def test_a_sidecar_mismatch_says_what_differs_and_what_to_rebuild(built, field, 
     running = {"tensorrt_version": "10.16.0.72", "compute_capability": "9.0", "plugin_sha256": engine.sha256(library)}
     running[field] = value
     with pytest.raises(EngineMismatchError, match=message) as error:
-        engine.check_sidecar(engine.read_sidecar(plan), **running)
+        tensorrt_engine.check_sidecar(tensorrt_engine.read_sidecar(plan), **running)
     assert "rebuild" in str(error.value)
 
 
 def test_a_replaced_plan_or_every_mismatch_at_once_is_reported(built):
     plan, library, _ = built
-    data = engine.read_sidecar(plan)
+    data = tensorrt_engine.read_sidecar(plan)
     plan.write_bytes(b"another plan")
     with pytest.raises(EngineMismatchError, match="not the plan this sidecar describes"):
-        engine.check_sidecar(data, tensorrt_version="10.16.0.72", compute_capability="9.0",
+        tensorrt_engine.check_sidecar(data, tensorrt_version="10.16.0.72", compute_capability="9.0",
                              plugin_sha256=engine.sha256(library), plan=plan)
     with pytest.raises(EngineMismatchError) as error:
-        engine.check_sidecar(data, tensorrt_version="11.1.0.106", compute_capability="8.0", plugin_sha256="x")
+        tensorrt_engine.check_sidecar(data, tensorrt_version="11.1.0.106", compute_capability="8.0", plugin_sha256="x")
     assert str(error.value).count("rebuild") >= 3
 
 
@@ -291,7 +292,7 @@ def test_a_missing_or_malformed_sidecar_is_an_engine_error(built, tmp_path):
     good = json.loads(sidecar.read_text())
     broken_profile = {"sizes": good["profile"]["sizes"]}  # no detections
     cases = [("plan_sha256", None, "lacks plan_sha256"), ("profile", broken_profile, "its profile is malformed"),
-             ("plugin_library", engine.PLUGIN_LIBRARY, "plugin_library must be"),
+             ("plugin_library", tensorrt_engine.PLUGIN_LIBRARY, "plugin_library must be"),
              ("class_names", "cup", "class_names must be")]
     for field, value, message in cases:
         data = {k: v for k, v in good.items() if k != field}
@@ -299,12 +300,12 @@ def test_a_missing_or_malformed_sidecar_is_an_engine_error(built, tmp_path):
             data[field] = value
         sidecar.write_text(json.dumps(data))
         with pytest.raises(EngineError, match=message):
-            engine.read_sidecar(plan)
+            tensorrt_engine.read_sidecar(plan)
     sidecar.write_text("{")
     with pytest.raises(EngineError, match="not valid JSON"):
-        engine.read_sidecar(plan)
+        tensorrt_engine.read_sidecar(plan)
     with pytest.raises(EngineError, match="is missing"):
-        engine.read_sidecar(tmp_path / "other.engine")
+        tensorrt_engine.read_sidecar(tmp_path / "other.engine")
 
 
 # ---- registering the plugin with TensorRT ---------------------------------------------------------------------
@@ -331,16 +332,17 @@ class DocumentedRegistry:
 def test_the_plugin_is_registered_once_for_every_build_and_backend_of_a_process(stand_in_plugin):
     registry = DocumentedRegistry({("MeanFieldCRF", "1", "dynseg")})
     for _ in range(3):  # a build, then two backends: a second load_library would have failed
-        engine.register_plugin(registry, stand_in_plugin, "10.16.0.72")
+        tensorrt_engine.register_plugin(registry, stand_in_plugin, "10.16.0.72")
     assert registry.loads == 1
     with pytest.raises(EngineError, match="built against TensorRT 10's headers"):  # checked before loading
-        engine.register_plugin(DocumentedRegistry({("MeanFieldCRF", "1", "dynseg")}), stand_in_plugin, "11.1.0")
+        tensorrt_engine.register_plugin(DocumentedRegistry({("MeanFieldCRF", "1", "dynseg")}), stand_in_plugin,
+                                        "11.1.0")
 
 
 def test_a_library_without_dynsegs_creator_is_named(stand_in_plugin):
     registry = DocumentedRegistry({("SomethingElse", "1", "")})
     with pytest.raises(EngineError, match="registered no dynseg::MeanFieldCRF version 1"):
-        engine.register_plugin(registry, stand_in_plugin, "10.16.0.72")
+        tensorrt_engine.register_plugin(registry, stand_in_plugin, "10.16.0.72")
 
 
 # ---- build_engine without TensorRT ---------------------------------------------------------------------------
@@ -364,26 +366,26 @@ def test_build_engine_checks_the_profile_before_anything_else(tmp_path):
 
 
 def test_a_missing_plugin_library_lists_the_paths_searched(tmp_path, monkeypatch):
-    monkeypatch.setenv(engine.PLUGIN_LIBRARY_ENV, str(tmp_path / "nowhere.so"))
+    monkeypatch.setenv(tensorrt_engine.PLUGIN_LIBRARY_ENV, str(tmp_path / "nowhere.so"))
     monkeypatch.setattr(sys, "path", [str(tmp_path / "site")])
-    if (Path(engine.__file__).resolve().parents[1] / "plugins" / engine.PLUGIN_LIBRARY).is_file():
+    if (Path(tensorrt_engine.__file__).resolve().parents[1] / "plugins" / tensorrt_engine.PLUGIN_LIBRARY).is_file():
         pytest.skip("the plugin library is installed here")
     with pytest.raises(EngineError, match=r"searched: [^,]*nowhere.so\)"):  # the variable names the one place
-        engine.plugin_library_path()
-    monkeypatch.delenv(engine.PLUGIN_LIBRARY_ENV)
+        tensorrt_engine.plugin_library_path()
+    monkeypatch.delenv(tensorrt_engine.PLUGIN_LIBRARY_ENV)
     with pytest.raises(EngineError, match=f"{tmp_path / 'site' / 'dynseg' / 'plugins'}"):
-        engine.plugin_library_path()
+        tensorrt_engine.plugin_library_path()
 
 
 def test_the_plugin_library_is_found_where_an_editable_install_builds_it(tmp_path, monkeypatch):
-    monkeypatch.delenv(engine.PLUGIN_LIBRARY_ENV, raising=False)
-    built = tmp_path / "site" / "dynseg" / "plugins" / engine.PLUGIN_LIBRARY  # site-packages, not the sources
+    monkeypatch.delenv(tensorrt_engine.PLUGIN_LIBRARY_ENV, raising=False)
+    built = tmp_path / "site" / "dynseg" / "plugins" / tensorrt_engine.PLUGIN_LIBRARY  # site-packages, not the sources
     built.parent.mkdir(parents=True)
     built.write_bytes(b"")
     monkeypatch.setattr(sys, "path", [str(tmp_path / "site")])
-    if (Path(engine.__file__).resolve().parents[1] / "plugins" / engine.PLUGIN_LIBRARY).is_file():
+    if (Path(tensorrt_engine.__file__).resolve().parents[1] / "plugins" / tensorrt_engine.PLUGIN_LIBRARY).is_file():
         pytest.skip("the plugin library is installed in the sources here")
-    assert engine.plugin_library_path() == built
+    assert tensorrt_engine.plugin_library_path() == built
 
 
 # ---- the plugin's compile check against TensorRT's headers ----------------------------------------------------
@@ -407,7 +409,7 @@ def test_the_plugin_compiles_without_warnings_against_tensorrt_headers(tensorrt_
 
 def _plugin_library_or_none():
     try:
-        return engine.plugin_library_path()
+        return tensorrt_engine.plugin_library_path()
     except EngineError:
         return None
 
