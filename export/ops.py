@@ -1,7 +1,7 @@
 """The dynseg::MeanFieldCRF node: a torch op that stands for one whole CRF while the network is traced
 for export, and its translation into the ONNX node that docs/ops.md specifies.
 
-Owns the op's schema in torch (`torch.ops.dynseg.mean_field_crf`), the symbolic function that
+Owns the op's schema in torch (`torch.ops.dynseg.crf_node`), the symbolic function that
 writes it as `dynseg::MeanFieldCRF` (domain "dynseg", version 1), and the two modules that stand in for
 the network's CRF modules, with their calls, while it is traced (`SemanticCRFNode`, `InstanceCRFNode`).
 The op's computation is the trainer's (`semantic_mean_field` with the detection potential,
@@ -22,8 +22,8 @@ from dynseg.trainer.model.semantic_crf import SemanticCRF, SemanticCRFConfig, se
 OPSET = 17  # the standard ONNX opset of the rest of the graph (GridSample needs 16)
 
 
-@torch.library.custom_op("dynseg::mean_field_crf", mutates_args=())
-def mean_field_crf(
+@torch.library.custom_op("dynseg::crf_node", mutates_args=())
+def crf_node(
     unary: Tensor,
     image: Tensor,
     spatial_weight: Tensor,
@@ -64,7 +64,7 @@ def mean_field_crf(
     return logits.unsqueeze(0), scores.clone()
 
 
-@mean_field_crf.register_fake
+@crf_node.register_fake
 def _(unary, image, spatial_weight, bilateral_weight, compatibility, boxes, labels, scores, detection_x,
       detection_y, *attributes):
     return torch.empty_like(unary), torch.empty_like(scores)
@@ -86,7 +86,7 @@ def _symbolic(g, unary, image, spatial_weight, bilateral_weight, compatibility, 
     return logits, detection_scores
 
 
-torch.onnx.register_custom_op_symbolic("dynseg::mean_field_crf", _symbolic, OPSET)
+torch.onnx.register_custom_op_symbolic("dynseg::crf_node", _symbolic, OPSET)
 
 
 class SemanticCRFNode(nn.Module):
@@ -99,7 +99,7 @@ class SemanticCRFNode(nn.Module):
     def forward(self, unary: Tensor, image: Tensor, boxes: Tensor, labels: Tensor,
                 scores: Tensor) -> tuple[Tensor, Tensor]:
         crf, config = self.crf, self.crf.config
-        logits, recalibrated = mean_field_crf(
+        logits, recalibrated = crf_node(
             unary.unsqueeze(0), image.unsqueeze(0), crf.spatial_weight, crf.bilateral_weight, crf.compatibility,
             boxes, labels, scores, crf.detection_x, crf.detection_y, config.iterations, config.theta_spatial,
             config.theta_bilateral_xy, config.theta_bilateral_rgb, "after", int(config.detection_potential),
@@ -123,7 +123,7 @@ class InstanceCRFNode(nn.Module):
         nothing = torch.zeros(0)
         # boxes, labels and scores are unused without the detection potential; empty ones keep the node's
         # inputs free of the detections
-        logits, _ = mean_field_crf(
+        logits, _ = crf_node(
             unary.unsqueeze(0), image.unsqueeze(0), crf.spatial_weight, crf.bilateral_weight, nothing,
             torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), torch.zeros(0), torch.zeros(()), torch.zeros(()),
             config.iterations, config.theta_spatial, config.theta_bilateral_xy, config.theta_bilateral_rgb,

@@ -283,7 +283,7 @@ def test_the_ops_torch_definition_and_the_sdks_node_agree(normalization, detecti
     ]
     attributes = (3, 3.0, 20.0, 10.0, normalization, detection_potential, 1.0, 1e-4)
     with torch.no_grad():
-        logits, scores = ops.mean_field_crf(*(torch.from_numpy(a) for a in inputs), *attributes)
+        logits, scores = ops.crf_node(*(torch.from_numpy(a) for a in inputs), *attributes)
     node_logits, node_scores = run_node(inputs, CrfAttributes(*attributes))
     assert np.abs(logits[0].numpy() - node_logits[0]).max() <= 1e-5 * np.abs(node_logits).max()
     np.testing.assert_allclose(scores.numpy(), node_scores, rtol=0, atol=1e-6)
