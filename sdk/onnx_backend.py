@@ -191,17 +191,18 @@ def _view(value: ort.OrtValue) -> _native.DeviceArray:
     return _native.DeviceArray(int(value.data_ptr()), tuple(value.shape()), np.dtype(_ORT_TYPES[value.data_type()]))
 
 
-def _run_crf(step: _CrfNode, inputs: list[ort.OrtValue], placement: _Placement,
-             threads: int | None) -> list[ort.OrtValue]:
+def _run_crf(step: _CrfNode, inputs: list[ort.OrtValue], placement: _Placement, threads: int | None,
+             weights_finite: bool = True) -> list[ort.OrtValue]:
     """One CRF node on the OrtValues of its inputs, on the backend's device (on the CPU with `threads`
-    threads, None: every core)."""
+    threads, None: every core); `weights_finite` says whether the model's weights are, for the message
+    of a refusal."""
     if placement.device_type == "cpu":
         values = [value.numpy() for value in inputs]
         try:
             logits, scores = run_node(values, step.attributes, threads or 0)
         except InvalidArgumentError as error:  # its inputs are the network's: say so, or "unary" means nothing
-            cause = ("" if np.isfinite(values[0]).all() else
-                     " (the network's output holds NaN or infinity: so do the model's weights)")
+            cause = "" if np.isfinite(values[0]).all() else " (the network's output holds NaN or infinity" + (
+                ")" if weights_finite else ": the model's weights hold NaN or infinity)")
             raise InvalidArgumentError(f"the model's CRF node for {step.outputs[0]} refused what the network computed "
                                        f"from this image and its detections: {error}{cause}") from error
         return [placement.put(logits), placement.put(scores)]
@@ -226,6 +227,8 @@ class OnnxRuntimeBackend:
         self.max_detections = export.max_detections
         self.weights_fingerprint: str | None = export.weights_fingerprint
         self._steps = _partition(export.model, self._placement, threads)
+        self._weights_finite = all(np.isfinite(numpy_helper.to_array(t)).all() for t in export.model.graph.initializer
+                                   if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE))
 
     def run(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray, *,
             timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:
@@ -240,7 +243,7 @@ class OnnxRuntimeBackend:
             start = time.perf_counter()
             if isinstance(step, _CrfNode):
                 inputs = [step.constants[n] if n in step.constants else values[n] for n in step.inputs]
-                outputs = _run_crf(step, inputs, place, self._threads)
+                outputs = _run_crf(step, inputs, place, self._threads, self._weights_finite)
             else:
                 binding = step.session.io_binding()
                 for name in step.inputs:
