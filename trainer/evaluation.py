@@ -11,7 +11,9 @@ empty is 0.
 Void. Void pixels (VOC's 255) belong to nothing: they are removed from every ground-truth mask, and,
 except in AP^r's "voc" protocol, from every predicted mask before its IoU is computed (so predicting
 into void is never penalised). A prediction keeps its place in the ranking even when void removal
-empties it; it then overlaps nothing and counts as a false positive.
+empties it; it then overlaps nothing and counts as a false positive. A ground-truth mask wholly in
+void keeps no pixel: AP^r and COCO mask AP still count it (a miss no prediction can hit), PQ skips it
+(below). The loaders make none (void never covers a whole instance there); direct callers can.
 
 AP^r at τ (SDS, Hariharan et al. 2014), per class c over the whole dataset, then the mean over the
 classes that have at least one ground-truth instance. A class with ground truth but no predictions
@@ -42,7 +44,9 @@ relabelled with the matched ground-truth ids, unmatched predictions get fresh id
 and the IoU of the two labelled maps over their instance pixels is taken:
     agreeing pixels = Σ_{matched (p, g)} |P ∩ G|,   union = |(∪_p P ∪ ∪_g G) \\ void|.
 The dataset value is Σ_images agreeing / Σ_images union (pixel-weighted, not a mean of per-image
-ratios). For overlapping predicted masks the sum counts each matched pair's own intersection.
+ratios). For overlapping predicted masks the sum counts each matched pair's own intersection. Where
+several matchings reach the same maximum total IoU (exact ties: rare on real images), the one scipy's
+solver returns is taken, and the value can then depend on the predictions' order.
 
 PQ (Kirillov et al. 2019) over things only, per class over the whole dataset, then the mean over the
 classes with TP + FP + FN > 0:  PQ_c = Σ_{TP} IoU / (|TP| + ½|FP| + ½|FN|). A predicted and a
@@ -120,7 +124,8 @@ def evaluate(
 
     Returns:
         {"ap_r": {"0.1": float, ..., "0.9": float}, "ap_r_vol": float, "matching_iou": float,
-         "pq": float, "coco_mask_ap": float}: fractions, NaN where undefined (no ground truth). Under
+         "pq": float, "coco_mask_ap": float}: fractions, NaN where undefined (AP^r and COCO mask AP
+        without ground truth; Matching IoU and PQ with neither ground truth nor predictions). Under
         the "original" protocol AP^r can exceed 1 when duplicates hit one instance (module docstring).
 
     Raises:
