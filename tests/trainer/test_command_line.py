@@ -182,8 +182,8 @@ def test_a_detections_file_whose_boxes_all_lie_outside_their_images_is_refused(t
     ids, category = image_ids(dataset), min(getattr(dataset, "label_of_category", [1]))  # COCO: a category id
     height, width = dataset.image_shape(len(ids) - 1)
     assert all(dataset.image_shape(i) == dataset[i]["image"].shape[:2] for i in range(len(ids)))  # from the header
-    beyond = [{"image_id": image_id, "category_id": category, "bbox": [10_000, 0, 10, 10], "score": 0.9}
-              for image_id in ids] + [{"image_id": ids[0], "category_id": category, "bbox": [-30, 0, 20, 10], "score": 0.9}]
+    beyond = [{"image_id": image_id, "category_id": category, "bbox": bbox, "score": 0.9}
+              for image_id, bbox in [(i, [10_000, 0, 10, 10]) for i in ids] + [(ids[0], [-30, 0, 20, 10])]]
     with pytest.raises(InvalidArgumentError, match=r"dets.json: no detection's box holds a pixel of its image"):
         with_detections(dataset, _results_file(tmp_path / "dets.json", beyond))
     inside = {"image_id": ids[-1], "category_id": category, "bbox": [width - 1, height - 1, 10, 10], "score": 0.9}
