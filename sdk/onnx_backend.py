@@ -18,6 +18,7 @@ memory, so an image crosses to the host only as the two outputs.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -192,17 +193,17 @@ def _view(value: ort.OrtValue) -> _native.DeviceArray:
 
 
 def _run_crf(step: _CrfNode, inputs: list[ort.OrtValue], placement: _Placement, threads: int | None,
-             weights_finite: bool = True) -> list[ort.OrtValue]:
+             weights_finite: Callable[[], bool] = lambda: True) -> list[ort.OrtValue]:
     """One CRF node on the OrtValues of its inputs, on the backend's device (on the CPU with `threads`
-    threads, None: every core); `weights_finite` says whether the model's weights are, for the message
-    of a refusal."""
+    threads, None: every core); `weights_finite()` says whether the model's weights are, asked only for
+    the message of a refusal."""
     if placement.device_type == "cpu":
         values = [value.numpy() for value in inputs]
         try:
             logits, scores = run_node(values, step.attributes, threads or 0)
         except InvalidArgumentError as error:  # its inputs are the network's: say so, or "unary" means nothing
             cause = "" if np.isfinite(values[0]).all() else " (the network's output holds NaN or infinity" + (
-                ")" if weights_finite else ": the model's weights hold NaN or infinity)")
+                ")" if weights_finite() else ": the model's weights hold NaN or infinity)")
             raise InvalidArgumentError(f"the model's CRF node for {step.outputs[0]} refused what the network computed "
                                        f"from this image and its detections: {error}{cause}") from error
         return [placement.put(logits), placement.put(scores)]
@@ -227,8 +228,13 @@ class OnnxRuntimeBackend:
         self.max_detections = export.max_detections
         self.weights_fingerprint: str | None = export.weights_fingerprint
         self._steps = _partition(export.model, self._placement, threads)
-        self._weights_finite = all(np.isfinite(numpy_helper.to_array(t)).all() for t in export.model.graph.initializer
-                                   if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE))
+
+    def _weights_finite(self) -> bool:
+        """Whether the model's float weights are all finite, read from its file again: asked only when a
+        CRF node refuses what the network computed, so loading does not pay for it."""
+        model = read_export(self.path).model
+        return all(np.isfinite(numpy_helper.to_array(t)).all() for t in model.graph.initializer
+                   if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE))
 
     def run(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray, *,
             timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:
