@@ -186,10 +186,10 @@ DYNSEG_API dynseg_status dynseg_lattice_filter(const dynseg_crf_problem* problem
  * between host and device, so a TensorRT plugin can call them from enqueue. They validate every
  * host-side field as the CPU calls do, but cannot read device memory: non-finite values propagate
  * as NaN instead of being rejected (a detection's label out of range or negative score makes its
- * score and its box's logits NaN, a box without a pixel in the image its score), and a lattice that cannot be built
- * (features beyond what float keys resolve, or keys wider than 63 bits: absurdly small thetas) is
- * reported by dynseg_crf_check_cuda, its outputs (logits and scores) filled with NaN meanwhile. The
- * CUDA calls take at most 46340 labels (their L x L sums index with 32 bits).
+ * score and its box's logits NaN, a box without a pixel in the image its score), and a lattice that
+ * cannot be built (features beyond what float keys resolve, or keys wider than 63 bits: absurdly small
+ * thetas) is reported by dynseg_crf_check_cuda, its outputs (logits and scores) filled with NaN
+ * meanwhile. The CUDA calls take at most 46340 labels (their L x L sums index with 32 bits).
  * Results are bitwise identical run to run (no floating-point atomics) and agree with the CPU
  * calls to float rounding. Without CUDA in the build every call returns DYNSEG_ERROR_NOT_SUPPORTED.
  */
