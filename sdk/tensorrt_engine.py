@@ -275,8 +275,8 @@ def register_plugin(registry: tensorrt.IPluginRegistry, library: Path, tensorrt_
 
 def check_plugin_major_version(library: Path, tensorrt_version: str) -> None:
     """Raises EngineError when the plugin `library` was compiled against another TensorRT major version
-    than `tensorrt_version`'s: their interfaces differ in layout, TensorRT does not check, and the
-    first call across would crash inside it."""
+    than `tensorrt_version`'s: their interfaces differ in layout and TensorRT does not check. Loaded
+    anyway, the library would offer no plugin (its getCreators refuses) and say why on stderr only."""
     try:
         built = int(ctypes.CDLL(str(library)).dynseg_tensorrt_headers_major())
     except (OSError, AttributeError) as error:

@@ -15,11 +15,70 @@
 #include <tuple>
 #include <utility>
 
+#if defined(__linux__)
+#include <dlfcn.h>
+#include <link.h>
+#endif
+
 using namespace nvinfer1;
 
 namespace dynseg {
 namespace tensorrt {
 namespace {
+
+// ---- the running TensorRT: its major version must be the headers' ------------------------------------------
+
+// The version getInferLibVersion reports (major * 10000 + minor * 100 + patch) for the libnvinfer loaded in
+// this process, or -1 where none is found. Found among the loaded objects rather than linked, so that the
+// library loads without TensorRT; looked up through each libnvinfer* object's own handle because Python's
+// tensorrt module loads libnvinfer with local symbols, which dlsym(RTLD_DEFAULT) cannot see.
+int32_t running_tensorrt_version() noexcept {
+#if defined(__linux__)
+    std::vector<std::string> candidates;
+    try {
+        dl_iterate_phdr(
+            [](dl_phdr_info* info, size_t, void* out) -> int {
+                char const* path = info->dlpi_name != nullptr ? info->dlpi_name : "";
+                char const* slash = std::strrchr(path, '/');
+                if (std::strncmp(slash != nullptr ? slash + 1 : path, "libnvinfer", 10) == 0)
+                    static_cast<std::vector<std::string>*>(out)->push_back(path);
+                return 0;
+            },
+            &candidates);
+    } catch (...) {
+        return -1;
+    }
+    for (std::string const& path : candidates) {
+        void* handle = dlopen(path.c_str(), RTLD_LAZY | RTLD_NOLOAD);
+        if (handle == nullptr) continue;
+        auto version = reinterpret_cast<int32_t (*)()>(dlsym(handle, "getInferLibVersion"));
+        int32_t const found = version != nullptr ? version() : -1;
+        dlclose(handle);
+        if (found >= 0) return found;
+    }
+#endif
+    return -1;
+}
+
+// Empty when the running TensorRT (if any is found) has the headers' major version, else why the library
+// must not serve it: the plugin interfaces differ in layout between major versions (ILoggerFinder gained
+// a base class in 11), so a mismatched library would crash TensorRT rather than fail.
+std::string const& version_mismatch() noexcept {
+    static std::string const mismatch = []() -> std::string {
+        try {
+            int32_t const running = running_tensorrt_version();
+            if (running < 0 || running / 10000 == NV_TENSORRT_MAJOR) return {};
+            return "dynseg::MeanFieldCRF: this plugin library was compiled against TensorRT " +
+                   std::to_string(NV_TENSORRT_MAJOR) + "'s headers but runs in TensorRT " +
+                   std::to_string(running / 10000) + "." + std::to_string(running / 100 % 100) + "." +
+                   std::to_string(running % 100) + "; it offers no plugin. Rebuild it against this TensorRT "
+                   "(TensorRT_ROOT, docs/tensorrt.md).";
+        } catch (...) {
+            return "dynseg::MeanFieldCRF: out of host memory while checking TensorRT's version";
+        }
+    }();
+    return mismatch;
+}
 
 // ---- logging: through the logger TensorRT hands over with setLoggerFinder, else stderr ----------------
 
@@ -552,6 +611,10 @@ extern "C" {
 
 __attribute__((visibility("default"))) IPluginCreatorInterface* const* getCreators(int32_t& nbCreators) {
     nbCreators = 0;
+    if (std::string const& mismatch = dynseg::tensorrt::version_mismatch(); !mismatch.empty()) {
+        std::fprintf(stderr, "%s\n", mismatch.c_str());  // TensorRT's logger has the other layout too
+        return nullptr;
+    }
     try {  // the creator's first construction allocates; nothing may throw into TensorRT's loader
         static dynseg::tensorrt::MeanFieldCrfPluginCreator creator;
         static IPluginCreatorInterface* const creators[] = {&creator};
@@ -563,12 +626,12 @@ __attribute__((visibility("default"))) IPluginCreatorInterface* const* getCreato
 }
 
 __attribute__((visibility("default"))) void setLoggerFinder(ILoggerFinder* finder) {
-    dynseg::tensorrt::gLoggerFinder.set(finder);
+    if (dynseg::tensorrt::version_mismatch().empty()) dynseg::tensorrt::gLoggerFinder.set(finder);
 }
 
 // The TensorRT major version whose headers this library was compiled against: a library built for one
-// major version must not be loaded into another (their interfaces differ in layout: ILoggerFinder gained
-// a base class in 11), and TensorRT does not check. dynseg's Python side compares it before loading.
+// major version must not be loaded into another, and TensorRT does not check. getCreators refuses a
+// mismatch it can see; dynseg's Python side compares this before loading, so it can say so in an exception.
 __attribute__((visibility("default"))) int32_t dynseg_tensorrt_headers_major() {
     return NV_TENSORRT_MAJOR;
 }

@@ -7,9 +7,9 @@
  *
  * The shared library exports getCreators and setLoggerFinder (extern "C"), and
  * dynseg_tensorrt_headers_major (the TensorRT major version it was compiled for), and nothing else
- * (exports.map), so TensorRT's plugin registry
- * loads it with loadLibrary (Python: trt.get_plugin_registry().load_library) and trtexec with
- * --dynamicPlugins.
+ * (exports.map), so TensorRT's plugin registry loads it with loadLibrary (Python:
+ * trt.get_plugin_registry().load_library) and trtexec with --dynamicPlugins. In a TensorRT of another
+ * major version getCreators offers no creator and says why on stderr.
  */
 #ifndef DYNSEG_TENSORRT_MEAN_FIELD_CRF_PLUGIN_H
 #define DYNSEG_TENSORRT_MEAN_FIELD_CRF_PLUGIN_H

@@ -14,6 +14,7 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -48,7 +49,7 @@ class StandInTensorRT:
     GPU (gpu=True) enqueue's tensors and workspace live in device memory."""
 
     def __init__(self, path: Path, gpu: bool = False):
-        self.gpu = gpu
+        self.path, self.gpu = path, gpu
         self.lib = ctypes.CDLL(str(path))
         p, i32, i64, s = ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_int64), ctypes.c_char_p
         for name, result, args in [
@@ -234,6 +235,29 @@ def build_and_run(tensorrt: StandInTensorRT, fields: Mapping[str, object], input
 
 def test_the_library_offers_one_creator_named_as_the_onnx_node_routes_it(tensorrt):
     assert tensorrt.lib.harness_creator_identity() == b"dynseg::MeanFieldCRF 1"
+
+
+@pytest.mark.parametrize("same_major", [True, False])
+def test_the_library_serves_only_the_tensorrt_major_version_its_headers_are_from(tensorrt, tmp_path, same_major):
+    """A stand-in libnvinfer loaded with local symbols, as Python's tensorrt module loads the real one,
+    reports the running version; the plugin finds it among the process's objects (a fresh process each)."""
+    if shutil.which("g++") is None:
+        pytest.skip("the stand-in libnvinfer needs g++")
+    major = int(tensorrt.lib.dynseg_tensorrt_headers_major()) + (0 if same_major else 1)
+    stub = tmp_path / f"libnvinfer.so.{major}"
+    source = f'extern "C" int getInferLibVersion() noexcept {{ return {major * 10000 + 203}; }}'
+    subprocess.run(["g++", "-shared", "-fPIC", "-x", "c++", "-", "-o", str(stub)], input=source, text=True,
+                   check=True)
+    script = (f"import ctypes; ctypes.CDLL({str(stub)!r}); lib = ctypes.CDLL({str(tensorrt.path)!r}); "
+              "lib.harness_creator_identity.restype = ctypes.c_char_p; print(lib.harness_creator_identity().decode())")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    if same_major:
+        assert (result.stdout.strip(), result.stderr) == ("dynseg::MeanFieldCRF 1", "")
+    else:
+        assert result.stdout.strip() == ""
+        assert (f"compiled against TensorRT {major - 1}'s headers but runs in TensorRT {major}.2.3; "
+                "it offers no plugin") in result.stderr
 
 
 @pytest.mark.parametrize("case, fields, shape", [
