@@ -375,7 +375,9 @@ int32_t MeanFieldCrfPlugin::configurePlugin(DynamicPluginTensorDesc const* in, i
                                       std::to_string(nbOutputs));
             return -1;
         }
-        // The profile's largest shapes must form a problem the kernels accept (sizes, 32-bit indexing).
+        // The profile's largest shapes must form a problem the kernels accept (sizes, 32-bit indexing). The
+        // smallest are not checked: TensorRT derives a plugin input's bounds from the profile and a lower
+        // bound may be looser than any shape that runs; onShapeChange and enqueue check the actual shapes.
         Dims const* dims[kNumInputs];
         for (int32_t i = 0; i < kNumInputs; ++i) dims[i] = &in[i].max;
         CrfShapes shapes;
