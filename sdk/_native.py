@@ -363,8 +363,10 @@ class Problem:
         if image is not None and (len(image.shape) != 3 or tuple(image.shape[1:]) != (height, width)):
             raise InvalidArgumentError(f"image must be (C, {height}, {width}) planes to match the unary, got "
                                        f"{tuple(image.shape)}")
+        if normalization not in NORMALIZATION:
+            raise InvalidArgumentError(f"normalization must be 'after' or 'symmetric', got {normalization!r}")
         for index, kernel in enumerate(kernels):
-            if int(np.prod(kernel.weight.shape)) not in (1, num_labels * num_labels):
+            if int(np.prod(kernel.weight.shape)) != 1 and tuple(kernel.weight.shape) != (num_labels, num_labels):
                 raise InvalidArgumentError(f"kernels[{index}] weight must be a scalar or ({num_labels}, {num_labels}), "
                                            f"got {tuple(kernel.weight.shape)}")
         if compat is not None and tuple(compat.shape) not in ((num_labels,), (num_labels, num_labels)):
@@ -412,6 +414,12 @@ class Problem:
         if tuple(array.shape) != expected:
             raise InvalidArgumentError(f"{name} must be {expected} planes for this problem, got {tuple(array.shape)}")
 
+    def _check_one_per_kernel(self, name: str, entries: Sequence[object]) -> None:
+        """The library reads one gradient pointer per kernel."""
+        if len(entries) != len(self._weights):
+            raise InvalidArgumentError(f"{name} must have one entry per kernel ({len(self._weights)}), got "
+                                       f"{len(entries)}")
+
     def forward(self, unary: np.ndarray) -> np.ndarray:
         """Q (or the logits, as the problem's output says) for planar (L, H, W) float32 `unary`."""
         self._check_planes("unary", unary)
@@ -427,6 +435,7 @@ class Problem:
         """The gradients of the unary, of the wanted kernel weights and of compat, from (L, H, W) planes."""
         self._check_planes("unary", unary)
         self._check_planes("grad_logits", grad_logits)
+        self._check_one_per_kernel("want_weights", want_weights)
         grad_unary = np.empty_like(unary)
         grad_weights = [np.empty_like(w) if want else None for w, want in zip(self._weights, want_weights)]
         grad_compat = np.empty_like(self._compat) if want_compat and self._compat is not None else None
@@ -472,6 +481,7 @@ class Problem:
     ) -> None:
         for name, array in (("unary", unary), ("grad_logits", grad_logits), ("grad_unary", grad_unary)):
             self._check_planes(name, array)
+        self._check_one_per_kernel("grad_weights", grad_weights)
         pointers = (_f32p * max(len(grad_weights), 1))(*[_pointer(g) for g in grad_weights])
         _check(library().dynseg_crf_backward_cuda(
             ctypes.byref(self.struct), _pointer(unary), _pointer(grad_logits), _pointer(grad_unary), pointers,

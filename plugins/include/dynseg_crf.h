@@ -168,7 +168,8 @@ DYNSEG_API dynseg_status dynseg_crf_backward(const dynseg_crf_problem* problem, 
 /* The raw (unnormalised) Gaussian filter of problem->kernels[kernel] applied to values (channels, H, W):
  * out = K(values), or its transpose K^T(values) (blur axes in reverse order) when transpose != 0.
  * Uses the kernel's theta_xy / theta_color and the problem's image, size and threads; channels must be
- * in 1..num_labels. Workspace: dynseg_crf_workspace_size(problem, DYNSEG_PASS_FORWARD). */
+ * in 1..num_labels, values finite, and out is refused (INVALID_ARGUMENT) when it overflows float32.
+ * Workspace: dynseg_crf_workspace_size(problem, DYNSEG_PASS_FORWARD). */
 DYNSEG_API dynseg_status dynseg_lattice_filter(const dynseg_crf_problem* problem, int32_t kernel,
                                                int64_t channels, const float* values, float* out,
                                                int32_t transpose, void* workspace,

@@ -107,10 +107,19 @@ dynseg_status dynseg_lattice_filter(const dynseg_crf_problem* problem, int32_t k
                         (long long)problem->num_labels, (long long)channels);
         if (!values || !out || !workspace)
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "values, out and workspace must not be NULL");
-        return with_mean_field(*problem, DYNSEG_PASS_FORWARD, workspace, workspace_bytes,
-                               [&](dynseg::MeanField& crf, char* error, int error_len) {
-                                   return crf.filter(kernel, channels, values, out, transpose != 0, error, error_len);
-                               });
+        const int64_t size = channels * problem->height * problem->width;
+        if (!dynseg::all_finite(values, size))
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "values holds a non-finite value");
+        if (dynseg_status s = with_mean_field(*problem, DYNSEG_PASS_FORWARD, workspace, workspace_bytes,
+                                              [&](dynseg::MeanField& crf, char* error, int error_len) {
+                                                  return crf.filter(kernel, channels, values, out, transpose != 0,
+                                                                    error, error_len);
+                                              }))
+            return s;
+        if (!dynseg::all_finite(out, size))
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "the filtered values overflowed float32: the values are finite "
+                        "but too large; scale them down");
+        return DYNSEG_OK;
     });
 }
 

@@ -28,7 +28,7 @@ void MeanField::backward(const float* unary, const float* grad_logits, float* gr
     std::vector<double> dweight[DYNSEG_MAX_KERNELS];
     for (int k = 0; k < p_.num_kernels; ++k) dweight[k].assign(is_matrix(p_.kernels[k]) ? L * L : 1, 0.0);
     std::vector<double> dmu(kind == DYNSEG_COMPAT_FULL ? L * L : kind == DYNSEG_COMPAT_DIAGONAL ? L : 0, 0.0);
-    std::vector<double> P(L * L);
+    std::vector<double> P;  // L x L, or its diagonal alone where nothing reads the rest (memory: L can be 65536)
 
     for (int t = p_.iterations - 1; t >= 0; --t) {
         const float* Q = history_ + t * size;
@@ -90,9 +90,9 @@ void MeanField::backward(const float* unary, const float* grad_logits, float* gr
                     }
                 }
             });
-            std::fill(P.begin(), P.end(), 0.0);
+            P.assign(width, 0.0);
             for (int64_t c = 0; c < chunks; ++c)
-                for (int64_t j = 0; j < width; ++j) P[full ? j : j * L + j] += partial_[c * width + j];
+                for (int64_t j = 0; j < width; ++j) P[j] += partial_[c * width + j];
             add_parameter_gradients(kernel, P, dweight[k], dmu);
         }
         // softmax backward: G = Q . (dQ - <dQ, Q>)
@@ -116,12 +116,15 @@ void MeanField::backward(const float* unary, const float* grad_logits, float* gr
 }
 
 // With P = sum_i (Knorm^T G)_i Q_i^T:  dW_k = -mu^T P (its trace for a scalar weight) and
-// dmu = -sum_k P W_k^T (only the diagonal for a diagonal mu).
+// dmu = -sum_k P W_k^T (only the diagonal for a diagonal mu). P holds L x L values, or only its diagonal
+// when neither the weight nor mu is a full matrix (then only the diagonal is read).
 void MeanField::add_parameter_gradients(const dynseg_kernel& kernel, const std::vector<double>& P,
                                         std::vector<double>& dweight, std::vector<double>& dmu) const {
     const int64_t L = labels_;
     const int kind = p_.compat_kind;
     const float* mu = p_.compat;
+    const bool full = static_cast<int64_t>(P.size()) == L * L;
+    auto entry = [&](int64_t a, int64_t b) -> double { return full ? P[a * L + b] : a == b ? P[a] : 0.0; };
     auto mu_at = [&](int64_t a, int64_t b) -> double {
         if (kind == DYNSEG_COMPAT_POTTS) return a == b ? -1.0 : 0.0;
         if (kind == DYNSEG_COMPAT_DIAGONAL) return a == b ? mu[a] : 0.0;
@@ -132,10 +135,10 @@ void MeanField::add_parameter_gradients(const dynseg_kernel& kernel, const std::
         double s = 0.0;
         for (int64_t a = 0; a < L; ++a) {
             if (mu_diagonal) {
-                s -= mu_at(a, a) * P[a * L + a];
+                s -= mu_at(a, a) * entry(a, a);
                 continue;
             }
-            for (int64_t b = 0; b < L; ++b) s -= mu_at(a, b) * P[a * L + b];
+            for (int64_t b = 0; b < L; ++b) s -= mu_at(a, b) * entry(a, b);
         }
         dweight[0] += s;
     } else {
@@ -143,21 +146,21 @@ void MeanField::add_parameter_gradients(const dynseg_kernel& kernel, const std::
             for (int64_t b = 0; b < L; ++b) {
                 double s = 0.0;
                 if (mu_diagonal)
-                    s = -mu_at(a, a) * P[a * L + b];
+                    s = -mu_at(a, a) * entry(a, b);
                 else
-                    for (int64_t c = 0; c < L; ++c) s -= mu_at(c, a) * P[c * L + b];
+                    for (int64_t c = 0; c < L; ++c) s -= mu_at(c, a) * entry(c, b);
                 dweight[a * L + b] += s;
             }
     }
     if (kind == DYNSEG_COMPAT_POTTS) return;
+    const bool diagonal = kind == DYNSEG_COMPAT_DIAGONAL;
     for (int64_t a = 0; a < L; ++a)
-        for (int64_t b = 0; b < L; ++b) {
-            if (kind == DYNSEG_COMPAT_DIAGONAL && a != b) continue;
+        for (int64_t b = diagonal ? a : 0; b < (diagonal ? a + 1 : L); ++b) {
             double s = 0.0;
             if (!is_matrix(kernel))
-                s = kernel.weight[0] * P[a * L + b];
+                s = kernel.weight[0] * entry(a, b);
             else
-                for (int64_t c = 0; c < L; ++c) s += P[a * L + c] * kernel.weight[b * L + c];
+                for (int64_t c = 0; c < L; ++c) s += entry(a, c) * kernel.weight[b * L + c];
             if (kind == DYNSEG_COMPAT_FULL)
                 dmu[a * L + b] -= s;
             else

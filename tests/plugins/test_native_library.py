@@ -151,6 +151,26 @@ def test_every_problem_method_refuses_planes_of_another_shape_before_the_library
         problem.filter(0, np.zeros((72,), np.float32), False)
 
 
+def test_every_problem_method_reads_one_gradient_pointer_per_kernel(smooth_image):
+    # the library reads num_kernels pointers: a shorter list would be read past its end
+    problem = one_kernel_problem(smooth_image(8, 9), "spatial", labels=3)
+    planes = np.zeros((3, 8, 9), np.float32)
+    for wanted in ([], [True, True]):
+        with pytest.raises(InvalidArgumentError, match=rf"want_weights must have one entry per kernel \(1\), got "
+                                                       rf"{len(wanted)}"):
+            problem.backward(planes, planes, wanted, False)
+
+
+def test_the_filter_refuses_non_finite_values_and_an_output_that_overflows(smooth_image):
+    problem = one_kernel_problem(smooth_image(8, 9), "spatial", labels=3)
+    values = np.ones((1, 8, 9), np.float32)
+    values[0, 3, 4] = np.nan
+    with pytest.raises(InvalidArgumentError, match="values holds a non-finite value"):
+        problem.filter(0, values, False)
+    with pytest.raises(InvalidArgumentError, match="the filtered values overflowed float32"):
+        problem.filter(0, np.full((1, 8, 9), 3e38, np.float32), False)
+
+
 # ---------------------------------------------------------------------------- backward
 
 

@@ -130,13 +130,17 @@ def test_native_op_refuses_a_double_backward_rather_than_drop_its_second_order_t
 @pytest.mark.parametrize("kernels, compat, message", [
     ([(3.0, 1.0)], None, r"kernels\[0\] must be \(theta_xy, theta_color, weight\)"),
     (None, None, "kernels must be a sequence"),
-    ([(True, 0.0, 1.0)], None, r"kernels\[0\].theta_xy must be a real number"),
-    ([(3.0, "13", 1.0)], None, r"kernels\[0\].theta_color must be a real number"),
-    ([(10**400, 0.0, 1.0)], None, r"kernels\[0\].theta_xy must be a real number"),  # beyond float64
-    ([(3.0, 0.0, True)], None, r"kernels\[0\] weight must be a real number or tensor"),
-    ([(3.0, 0.0, 10**400)], None, r"kernels\[0\] weight must be a real number or tensor"),
-    ([(3.0, 0.0, torch.tensor(3 + 1j))], None, r"kernels\[0\] weight must be a real number or tensor"),
-    ([(3.0, 0.0, torch.tensor(True))], None, r"kernels\[0\] weight must be a real number or tensor"),
+    ([(True, 0.0, 1.0)], None, r"kernels\[0\].theta_xy must be a finite float32 number > 0, got True"),
+    ([(3.0, "13", 1.0)], None, r"kernels\[0\].theta_color must be a finite float32 number >= 0, got '13'"),
+    ([(10**400, 0.0, 1.0)], None, r"kernels\[0\].theta_xy must be a finite float32 number > 0"),  # beyond float64
+    ([(1e39, 0.0, 1.0)], None, r"kernels\[0\].theta_xy must be a finite float32 number > 0, got 1e\+39"),
+    ([(1e-46, 0.0, 1.0)], None, r"kernels\[0\].theta_xy must be a finite float32 number > 0, got 1e-46"),
+    ([(3.0, -1.0, 1.0)], None, r"kernels\[0\].theta_color must be a finite float32 number >= 0, got -1.0"),
+    ([(3.0, 0.0, True)], None, r"kernels\[0\] weight must be a finite float32 number or a real tensor"),
+    ([(3.0, 0.0, 10**400)], None, r"kernels\[0\] weight must be a finite float32 number or a real tensor"),
+    ([(3.0, 0.0, 1e39)], None, r"kernels\[0\] weight must be a finite float32 number or a real tensor, got 1e\+39"),
+    ([(3.0, 0.0, torch.tensor(3 + 1j))], None, r"kernels\[0\] weight must be a finite float32 number or a real"),
+    ([(3.0, 0.0, torch.tensor(True))], None, r"kernels\[0\] weight must be a finite float32 number or a real"),
     ([(3.0, 0.0, torch.ones((), device="meta"))], None, r"kernels\[0\] weight must be a CPU or CUDA tensor"),
     ([(3.0, 0.0, 1.0)], [1.0] * L, "compat must be None or a"),
     ([(3.0, 0.0, 1.0)], torch.ones(L + 1, device="meta"), "compat must be a CPU or CUDA tensor"),
@@ -156,6 +160,44 @@ def test_native_op_refuses_a_bool_image_or_a_complex_compat_rather_than_convert_
     planes = rgb.permute(2, 0, 1) > 100 if image == "bool" else None
     with pytest.raises(InvalidArgumentError, match=message):
         mean_field_native(unary[:4], planes, [(3.0, 0.0, 1.0), (80.0, 13.0, 1.0)], compat=compat)
+
+
+def test_the_registered_ops_check_what_their_front_end_would(scene):
+    # torch.ops.dynseg.* are callable directly: lists of other lengths are refused, not zipped short
+    unary, image = scene
+    planar = image.permute(2, 0, 1).float().contiguous()
+    thetas, one_weight = ([3.0, 80.0], [0.0, 13.0]), [torch.tensor(3.0)]
+    forward, backward = torch.ops.dynseg.mean_field, torch.ops.dynseg.mean_field_backward
+    with pytest.raises(InvalidArgumentError, match="theta_xy, theta_color and weights must have one entry per "
+                                                   "kernel, got 2, 2 and 1"):
+        forward(unary, planar, *thetas, one_weight, None, "after", 2, 0)
+    with pytest.raises(InvalidArgumentError, match=r"want_weights must have one entry per kernel \(2\), got 1"):
+        backward(torch.ones_like(unary), unary, planar, *thetas, one_weight * 2, None, "after", 2, 0, [True], False)
+    with pytest.raises(InvalidArgumentError, match="normalization must be 'after' or 'symmetric', got 'before'"):
+        forward(unary, planar, *thetas, one_weight * 2, None, "before", 2, 0)
+    with pytest.raises(InvalidArgumentError, match=r"unary must be \(L, H, W\), got \(14, 11\)"):
+        forward(unary[0], planar, *thetas, one_weight * 2, None, "after", 2, 0)
+    with pytest.raises(InvalidArgumentError, match=r"kernels\[0\] weight must be a scalar or \(4, 4\), got \(16,\)"):
+        forward(unary, planar, *thetas, [torch.ones(L * L), torch.tensor(1.0)], None, "after", 2, 0)
+
+
+def test_the_backward_at_the_largest_label_count_keeps_to_memory_linear_in_it():
+    # one pixel, L = 65536, Potts: only the diagonal of the L x L parameter sums is read (32 GiB in full)
+    def gradients(native: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        unary = torch.linspace(-1, 1, 65536).reshape(-1, 1, 1).requires_grad_()
+        weight = torch.tensor(2.0, requires_grad=True)
+        if native:
+            logits = mean_field_native(unary, None, [(3.0, 0.0, weight)], iterations=2)
+        else:
+            lattice = PermutohedralLattice(gaussian_features(None, 1, 1, 3.0, None))
+            logits = mean_field(unary, [(lattice, weight)], iterations=2)
+        logits[::7].sum().backward()
+        return unary.grad, weight.grad
+
+    (native_unary, native_weight), (reference_unary, reference_weight) = gradients(True), gradients(False)
+    assert float(reference_weight.abs()) > 1e-3
+    torch.testing.assert_close(native_unary, reference_unary, rtol=0, atol=1e-6)
+    torch.testing.assert_close(native_weight, reference_weight, rtol=1e-4, atol=1e-6)
 
 
 def test_native_op_names_an_empty_unary(scene):

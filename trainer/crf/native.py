@@ -10,7 +10,6 @@ GPU (the CUDA entry points, on torch's current stream, no copies) for CUDA tenso
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from numbers import Real
 from typing import Optional, Union
 
 import numpy as np
@@ -20,6 +19,7 @@ from torch import Tensor
 from dynseg.sdk import _native
 from dynseg.sdk.crf import check_iterations, check_normalization, check_overflow, check_threads, gaussian_kernels
 from dynseg.sdk.errors import InvalidArgumentError
+from dynseg.sdk.inputs import finite_float32
 
 __all__ = ["GaussianKernel", "mean_field_native", "dense_crf_native"]
 
@@ -43,6 +43,12 @@ def _problem(
 ) -> _native.Problem:
     """The op's native problem, logits out; `array` hands the library each tensor (`_numpy` for a CPU
     call, `_device_array` for a CUDA call, whose tensors must then be float32, contiguous and on the device)."""
+    # The registered op is public (torch.ops.dynseg.mean_field): its arguments are checked here too.
+    if unary.dim() != 3:
+        raise InvalidArgumentError(f"unary must be (L, H, W), got {tuple(unary.shape)}")
+    if not len(theta_xy) == len(theta_color) == len(weights):
+        raise InvalidArgumentError(f"theta_xy, theta_color and weights must have one entry per kernel, got "
+                                   f"{len(theta_xy)}, {len(theta_color)} and {len(weights)}")
     num_labels, height, width = unary.shape
     kernels = [
         _native.Kernel(t, c, array(w.reshape(1) if w.numel() == 1 else w))
@@ -213,14 +219,6 @@ def _check_device(name: str, tensor: object) -> None:
         raise InvalidArgumentError(f"{name} must be a CPU or CUDA tensor, got one on {tensor.device}")
 
 
-def _fits_a_float(number: Real) -> bool:
-    try:
-        float(number)
-    except OverflowError:  # an int beyond float64
-        return False
-    return True
-
-
 def mean_field_native(
     unary: Tensor,
     image: Tensor | None,
@@ -275,13 +273,17 @@ def mean_field_native(
         if isinstance(kernel, (str, bytes)) or not isinstance(kernel, Sequence) or len(kernel) != 3:
             raise InvalidArgumentError(f"kernels[{index}] must be (theta_xy, theta_color, weight), got {kernel!r}")
         theta_xy, theta_color, weight = kernel
-        # the library checks their ranges; a bool or a string is not a theta at all
-        for name, theta in (("theta_xy", theta_xy), ("theta_color", theta_color)):
-            if isinstance(theta, bool) or not isinstance(theta, Real) or not _fits_a_float(theta):
-                raise InvalidArgumentError(f"kernels[{index}].{name} must be a real number, got {theta!r}")
+        # checked as the float32 the library reads: 1e39 is inf there, and 2**-150 or less rounds to 0
+        # (plain floats, not numpy, so that torch.compile traces the check)
+        for name, theta, least in (("theta_xy", theta_xy, "> 0"), ("theta_color", theta_color, ">= 0")):
+            number = finite_float32(theta)
+            if number is None or not (number > 2.0**-150 if least == "> 0" else number >= 0):
+                raise InvalidArgumentError(f"kernels[{index}].{name} must be a finite float32 number {least}, "
+                                           f"got {theta!r}")
         real_tensor = isinstance(weight, Tensor) and not (weight.dtype.is_complex or weight.dtype == torch.bool)
-        if isinstance(weight, bool) or not (real_tensor or isinstance(weight, Real) and _fits_a_float(weight)):
-            raise InvalidArgumentError(f"kernels[{index}] weight must be a real number or tensor, got {weight!r}")
+        if not real_tensor and finite_float32(weight) is None:
+            raise InvalidArgumentError(f"kernels[{index}] weight must be a finite float32 number or a real tensor, "
+                                       f"got {weight!r}")
         _check_device(f"kernels[{index}] weight", weight)
         weight = torch.as_tensor(weight, dtype=torch.float32)
         if weight.numel() != 1 and tuple(weight.shape) != (num_labels, num_labels):
@@ -322,7 +324,8 @@ def dense_crf_native(
     planar = None
     if image is not None:  # checked even when unused, as dense_crf checks it: a wrong image is a caller's bug
         if not isinstance(image, Tensor) or image.dtype != torch.uint8 or image.dim() != 3 or image.shape[2] != 3:
-            raise InvalidArgumentError(f"image must be an (H, W, 3) uint8 tensor, got {getattr(image, 'shape', image)}")
+            got = f"{image.dtype} {tuple(image.shape)}" if isinstance(image, Tensor) else type(image).__name__
+            raise InvalidArgumentError(f"image must be an (H, W, 3) uint8 tensor, got {got}")
         if tuple(image.shape[:2]) != tuple(unary.shape[1:]):
             raise InvalidArgumentError(f"image size {tuple(image.shape[:2])} does not match unary's "
                                        f"{tuple(unary.shape[1:])}")
