@@ -120,6 +120,17 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(1)
 
 
+def _make_folder(folder: Path, option: str, given: Path) -> None:
+    """Creates `folder` (with its parents) for the output `option` names (`given`), or fails naming the
+    option, before any long work."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        why = f"{blocking} is a file, not a folder" if blocking is not None else error.strerror or str(error)
+        raise _fail(f"{option} {given}: {why}") from error
+
+
 def _torch_or_fail(what: str) -> None:
     try:
         import torch  # noqa: F401
@@ -303,7 +314,10 @@ def evaluate_command(
 
     if protocol not in PROTOCOLS:
         raise typer.BadParameter(f"must be one of {', '.join(PROTOCOLS)}", param_hint="--protocol")
-    trained_on = read_training_data(checkpoint)
+    try:
+        trained_on = read_training_data(checkpoint)
+    except DynsegError as error:
+        raise _fail(str(error)) from error
     source = None
     if dataset is None:  # a checkpoint is scored on its own dataset unless told otherwise
         dataset = trained_on["dataset"] if trained_on else "synthetic"
@@ -332,7 +346,7 @@ def evaluate_command(
         raise _fail(f"the checkpoint's classes {list(model.config.class_names)} are not --dataset {dataset}'s "
                     f"{list(data.class_names[1:])}")
     target = out or checkpoint
-    target.mkdir(parents=True, exist_ok=True)  # before the evaluation, so an unwritable --out fails at once
+    _make_folder(target, "--out", target)
     try:  # one image's masks in memory at a time
         metrics = evaluate_each(predict_each(model, data, seed=seed), num_classes=num_classes, protocol=protocol)
     except (DynsegError, OSError) as error:
@@ -458,7 +472,7 @@ def export(
         model = load_checkpoint(checkpoint)
     except (FileNotFoundError, DynsegError) as error:
         raise _fail(str(error)) from error
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _make_folder(out.parent, "--out", out)
     onnx_path = out if format == "onnx" else out.with_suffix(".onnx")
     path = export_onnx(model, onnx_path, max_detections=max_detections)
     typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {len(model.config.class_names)} classes, "
@@ -581,8 +595,8 @@ def bench(
         _torch_or_fail("dynseg bench --checkpoint")
     created = False
     if json_out is not None:  # before the timings, so an unwritable --json fails at once
+        _make_folder(json_out.parent, "--json", json_out)
         try:
-            json_out.parent.mkdir(parents=True, exist_ok=True)
             created = not json_out.exists()
             json_out.touch()
         except OSError as error:

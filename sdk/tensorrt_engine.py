@@ -185,14 +185,14 @@ def read_sidecar(plan_or_sidecar: str | Path) -> dict:
         raise EngineError(f"{path} is missing: an engine needs the sidecar JSON `dynseg export --format engine` "
                           "writes beside it; rebuild the engine")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise EngineError(f"{path} is not valid JSON ({error}); rebuild the engine") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as error:  # bad JSON or UTF-8, over-long integers, deep nesting
+        raise EngineError(f"{path} is not valid UTF-8 JSON ({error}); rebuild the engine") from None
     missing = [key for key in _REQUIRED if key not in data] if isinstance(data, dict) else list(_REQUIRED)
     if missing:
         raise EngineError(f"{path} lacks {', '.join(missing)}; rebuild the engine")
     if data["format"] != SIDECAR_FORMAT:
-        raise EngineError(f"{path} has sidecar format {data['format']}, this dynseg reads {SIDECAR_FORMAT}; "
+        raise EngineError(f"{path} has sidecar format {data['format']!r}, this dynseg reads {SIDECAR_FORMAT!r}; "
                           "rebuild the engine with this dynseg")
     plugin, names = data["plugin_library"], data["class_names"]
     if not (isinstance(plugin, dict) and all(isinstance(plugin.get(k), str) for k in ("name", "sha256"))):

@@ -105,12 +105,21 @@ def write_training_data(run: str | Path, *, dataset: str, seed: int, image_size:
 
 
 def read_training_data(directory: str | Path) -> dict | None:
-    """What write_training_data recorded in `directory`, or None (no record, or a malformed one)."""
+    """What write_training_data recorded in `directory`, or None where it recorded nothing. A malformed
+    record raises InvalidArgumentError naming the file: evaluation takes its seed and scenes from it, and
+    guessing them instead could score a network on its own training scenes."""
+    path = Path(directory) / TRAINING_DATA
+    if not path.is_file():
+        return None
     try:
-        data = json.loads((Path(directory) / TRAINING_DATA).read_text())
-        if (isinstance(data["seed"], int) and isinstance(data["dataset"], str) and len(data["image_size"]) == 2
-                and all(isinstance(n, int) for n in data["image_size"])):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if (isinstance(data["seed"], int) and not isinstance(data["seed"], bool) and isinstance(data["dataset"], str)
+                and len(data["image_size"]) == 2
+                and all(isinstance(n, int) and not isinstance(n, bool) for n in data["image_size"])):
             return data
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return None
+        problem = f"got {data!r:.200}"
+    except (OSError, ValueError, RecursionError, KeyError, TypeError) as error:
+        problem = repr(error)
+    raise InvalidArgumentError(f"{path} is malformed ({problem}): it records what the checkpoint was trained on "
+                               "as {\"dataset\": str, \"seed\": int, \"image_size\": [height, width]}; fix it, or "
+                               "delete it and give the evaluation's options yourself")

@@ -34,11 +34,11 @@ def flags(config: object, *names: str) -> None:
             raise _fail(config, name, "True or False")
 
 
-def ints(config: object, *names: str, least: int) -> None:
+def ints(config: object, *names: str, least: int, most: int | None = None) -> None:
     for name in names:
         value = getattr(config, name)
-        if not is_int(value, numpy=False) or value < least:
-            raise _fail(config, name, f"an int >= {least}")
+        if not is_int(value, numpy=False) or value < least or (most is not None and value > most):
+            raise _fail(config, name, f"an int >= {least}" if most is None else f"an int in {least}..{most}")
 
 
 def numbers(config: object, *names: str, low: float = -math.inf, high: float = math.inf,

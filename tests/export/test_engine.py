@@ -301,8 +301,12 @@ def test_a_missing_or_malformed_sidecar_is_an_engine_error(built, tmp_path):
         sidecar.write_text(json.dumps(data))
         with pytest.raises(EngineError, match=message):
             tensorrt_engine.read_sidecar(plan)
-    sidecar.write_text("{")
-    with pytest.raises(EngineError, match="not valid JSON"):
+    for damaged in (b"{", b"\xff\xfe", b"[" * 100_000):  # cut short, not UTF-8, nested past Python's recursion
+        sidecar.write_bytes(damaged)
+        with pytest.raises(EngineError, match="not valid UTF-8 JSON"):
+            tensorrt_engine.read_sidecar(plan)
+    sidecar.write_text(json.dumps({**good, "format": str(good["format"])}))
+    with pytest.raises(EngineError, match=f"has sidecar format '{good['format']}', this dynseg reads {good['format']}"):
         tensorrt_engine.read_sidecar(plan)
     with pytest.raises(EngineError, match="is missing"):
         tensorrt_engine.read_sidecar(tmp_path / "other.engine")

@@ -343,6 +343,7 @@ def test_quickstart_with_a_few_steps_makes_everything_it_promises(tmp_path):
     (["bench", "{model}", "--sizes", "40000x40000"], "--sizes"),  # made in memory: 6 GB per image
     (["bench", "{model}", "--detections", "²"], "--detections"),
     (["bench", "{model}", "--json", "{tmp}/d.json/rows.json"], "--json"),  # under a file: before any timing
+    (["export", "{checkpoint}", "--out", "{tmp}/d.json/m.onnx"], "d.json is a file, not a folder"),
     (["bench", "{model}", "--repeats", "0"], "--repeats"),
     (["quickstart", "--out", "{tmp}/q", "--steps", "1"], "--steps"),
     (["quickstart", "--out", "{tmp}/q", "--seed", "-1"], "--seed"),

@@ -88,6 +88,14 @@ def test_eval_holds_out_the_scenes_after_the_training_seed_at_the_training_size(
     result = run("eval", out / "semantic", "--images", "2")  # stage 1's checkpoint knows its data too
     assert result.exit_code == 0, result.output
     assert "(seed 6)" in result.output and sizes == [(48, 64)]
+    record = out / "training_data.json"  # damaged, it is named, not replaced by a guess at the training seed
+    record.write_text(record.read_text()[:-1])
+    _fails_naming(run("eval", out, "--images", "2"), f"{record} is malformed", "delete it")
+    record.write_text('{"dataset": "synthetic", "seed": 5, "image_size": [48.0, 64]}')
+    _fails_naming(run("eval", out, "--images", "2"), f"{record} is malformed")
+    (tmp_path / "file").touch()
+    _fails_naming(run("eval", out / "semantic", "--images", "2", "--out", tmp_path / "file" / "metrics"), "--out",
+                  "file is a file, not a folder")
 
 
 @pytest.mark.parametrize("name", sorted(FORMATS))

@@ -313,7 +313,9 @@ def test_void_pixels_count_in_neither_segment_of_the_matching_as_in_the_matching
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: InstanceConfig(iterations=-1), "InstanceConfig.iterations must be an int >= 0"),
+    (lambda: InstanceConfig(iterations=-1), r"InstanceConfig.iterations must be an int in 0\.\.2147483647"),
+    # the CRF node's range; a larger count would run (or trace, in an export) for ever rather than fail
+    (lambda: SemanticCRFConfig(iterations=2**31), r"SemanticCRFConfig.iterations must be an int in 0\.\.2147483647"),
     (lambda: InstanceConfig(template_groups=0), "InstanceConfig.template_groups must be an int >= 1"),
     (lambda: InstanceConfig(epsilon=2.0), r"InstanceConfig.epsilon must be a finite number in \(0, 1\)"),
     (lambda: InstanceConfig(theta_spatial=0.0), "InstanceConfig.theta_spatial"),

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dynseg.sdk._native import INT32_MAX
 from dynseg.sdk.errors import InvalidArgumentError
 
 from .. import fields
@@ -52,7 +53,7 @@ class InstanceConfig:
     def __post_init__(self) -> None:
         fields.flags(self, "box_term", "global_term", "shape_term", "crf")
         fields.ints(self, "template_groups", "templates_per_group", "template_size", least=1)
-        fields.ints(self, "iterations", least=0)
+        fields.ints(self, "iterations", least=0, most=INT32_MAX)  # the CRF node's and the kernels' range
         fields.numbers(self, "epsilon", low=0, high=1, low_open=True, high_open=True)
         fields.numbers(self, "theta_spatial", "theta_bilateral_xy", "theta_bilateral_rgb", low=0, low_open=True)
         fields.numbers(self, "weight_spatial", "weight_bilateral")

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from dynseg.sdk._native import INT32_MAX
+
 from .. import fields
 from ..boxes import box_masks
 from ..crf import mean_field_native
@@ -44,7 +46,7 @@ class SemanticCRFConfig:
     epsilon: float = 1e-4
 
     def __post_init__(self) -> None:
-        fields.ints(self, "iterations", least=0)
+        fields.ints(self, "iterations", least=0, most=INT32_MAX)  # the CRF node's and the kernels' range
         fields.numbers(self, "theta_spatial", "theta_bilateral_xy", "theta_bilateral_rgb", "score_ceiling", low=0,
                        low_open=True)
         fields.numbers(self, "weight_spatial", "weight_bilateral", "detection_x", "detection_y")
