@@ -72,6 +72,11 @@ def read_export(path: Path) -> Export:
     except (KeyError, TypeError, ValueError) as error:
         raise InvalidArgumentError(f"model file {path} has malformed dynseg metadata ({error!r}): export it "
                                    "again with `dynseg export`") from None
+    planes = model.graph.output[1].type.tensor_type.shape.dim  # semantic_probabilities: (1, K+1, H, W)
+    if len(planes) > 1 and planes[1].HasField("dim_value") and planes[1].dim_value != len(names) + 1:
+        raise InvalidArgumentError(f"model file {path}'s metadata names {len(names)} classes, but its graph gives "
+                                   f"{planes[1].dim_value - 1} (semantic_probabilities has {planes[1].dim_value} "
+                                   "planes, background included): export it again with `dynseg export`")
     return Export(model, tuple(names), max_detections, metadata.get("weights_sha256"), metadata)
 
 

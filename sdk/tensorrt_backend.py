@@ -52,10 +52,11 @@ class TensorRTBackend:
             raise InvalidArgumentError("backend 'tensorrt' runs on a GPU: pass device='cuda' (--device cuda)")
         self._device = index
         sidecar = engines.read_sidecar(self.path)
+        trt = engines.import_tensorrt()  # first: without TensorRT there is no plugin library to look for either
         library = engines.plugin_library_path()
+        _native.check_cuda_device(index)
         _native.set_cuda_device(index)  # the runtime, the engine and the check below are this device's
         engines.check_sidecar(sidecar, **engines.running_environment(library, device=index), plan=self.path)
-        trt = engines.import_tensorrt()
         self._trt = trt
         self._logger = trt.Logger(trt.Logger.WARNING)
         engines.register_plugin(trt.get_plugin_registry(), library, trt.__version__)

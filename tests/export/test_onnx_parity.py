@@ -5,6 +5,7 @@ loading something that is not a dynseg model."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -197,6 +198,13 @@ def test_a_closed_segmenter_says_so_and_closing_twice_is_harmless(exported):
     segmenter.close()
 
 
+def test_pickling_a_segmenter_says_to_open_one_per_process(exported):
+    import pickle
+
+    with Segmenter(exported[1]) as segmenter, pytest.raises(TypeError, match="open one Segmenter per process"):
+        pickle.dumps(segmenter)
+
+
 def test_concurrent_calls_give_the_sequential_results(segmenters):
     onnx_seg = segmenters[0]
     cases = [_case("coffee", (96 + 8 * k, 128 - 4 * k), k, seed=k) for k in range(4)]
@@ -249,6 +257,14 @@ def test_files_that_are_not_dynseg_models_are_named(tmp_path, exported):
         onnx.save(model, str(tmp_path / "bad_metadata.onnx"))
         with pytest.raises(InvalidArgumentError, match=f"bad_metadata.onnx has malformed dynseg metadata.*{problem}"):
             Segmenter(tmp_path / "bad_metadata.onnx")
+    model = onnx.load(str(exported[1]))  # one class name too many for the graph: refused on loading, not per call
+    names = next(entry for entry in model.metadata_props if entry.key == "class_names")
+    classes = json.loads(names.value)
+    names.value = json.dumps([*classes, "extra"])
+    onnx.save(model, str(tmp_path / "more_names.onnx"))
+    with pytest.raises(InvalidArgumentError, match=f"more_names.onnx's metadata names {len(classes) + 1} classes, "
+                                                   f"but its graph gives {len(classes)}"):
+        Segmenter(tmp_path / "more_names.onnx")
 
 
 @pytest.mark.parametrize("arguments, message", [

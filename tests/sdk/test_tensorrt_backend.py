@@ -42,6 +42,24 @@ def test_an_engine_without_its_sidecar_says_to_rebuild(tmp_path):
         Segmenter(plan, device="cuda")
 
 
+@pytest.mark.skipif(HAVE_TENSORRT, reason="the message for a machine without TensorRT's Python package")
+def test_an_engine_where_tensorrt_is_missing_says_how_to_install_it_before_looking_for_the_plugin(tmp_path,
+                                                                                                   monkeypatch):
+    from dynseg.export.engine import write_sidecar
+    from dynseg.sdk.tensorrt_engine import make_profile
+
+    plan = tmp_path / "model.engine"
+    plan.write_bytes(b"a plan")
+    library = tmp_path / "libdynseg_crf_tensorrt.so"
+    library.write_bytes(b"a plugin")
+    profile = make_profile((1, 1, 1), ((64, 64), (64, 64), (64, 64)))
+    write_sidecar(plan, tensorrt_version="10.16.0.72", compute_capability="9.0", plugin_library=library,
+                  profile=profile, model_metadata={"class_names": '["cup"]', "preprocessing": "{}"}, fp16=False)
+    monkeypatch.setenv("DYNSEG_TENSORRT_PLUGIN", str(tmp_path / "nowhere.so"))  # no plugin library either
+    with pytest.raises(DynsegError, match="TensorRT's Python package is not installed"):
+        Segmenter(plan, device="cuda")
+
+
 needs_tensorrt = pytest.mark.skipif(not (HAVE_TENSORRT and HAVE_GPU),
                                     reason="needs TensorRT's Python package and a GPU with dynseg's CUDA kernels")
 
