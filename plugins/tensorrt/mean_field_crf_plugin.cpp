@@ -35,19 +35,21 @@ namespace {
 int32_t running_tensorrt_version() noexcept {
 #if defined(__linux__)
     std::vector<std::string> candidates;
-    try {
-        dl_iterate_phdr(
-            [](dl_phdr_info* info, size_t, void* out) -> int {
-                char const* path = info->dlpi_name != nullptr ? info->dlpi_name : "";
-                char const* slash = std::strrchr(path, '/');
-                if (std::strncmp(slash != nullptr ? slash + 1 : path, "libnvinfer", 10) == 0)
-                    static_cast<std::vector<std::string>*>(out)->push_back(path);
+    // No exception may unwind through the C library's frames: a failed push_back stops the walk instead.
+    int const stopped = dl_iterate_phdr(
+        [](dl_phdr_info* info, size_t, void* out) -> int {
+            char const* path = info->dlpi_name != nullptr ? info->dlpi_name : "";
+            char const* slash = std::strrchr(path, '/');
+            if (std::strncmp(slash != nullptr ? slash + 1 : path, "libnvinfer", 10) != 0) return 0;
+            try {
+                static_cast<std::vector<std::string>*>(out)->push_back(path);
                 return 0;
-            },
-            &candidates);
-    } catch (...) {
-        return -1;
-    }
+            } catch (...) {
+                return 1;
+            }
+        },
+        &candidates);
+    if (stopped != 0) return -1;
     for (std::string const& path : candidates) {
         void* handle = dlopen(path.c_str(), RTLD_LAZY | RTLD_NOLOAD);
         if (handle == nullptr) continue;
