@@ -27,9 +27,12 @@ from .errors import INSTALL_TRAINER, DynsegError, InvalidArgumentError, counted
 from .graph import DEFAULT_ENGINE_DETECTIONS, DEFAULT_ENGINE_SIZES, DEFAULT_MAX_DETECTIONS, MAX_DETECTIONS
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from dynseg.trainer.train import TrainMode
 
-    from .segmenter import Backend
+    from .results import SegmentationResult
+    from .segmenter import Backend, Segmenter
 
 __all__ = ["app"]
 
@@ -287,7 +290,9 @@ def train(
 @app.command("eval")
 def evaluate_command(
     context: typer.Context,
-    checkpoint: Path = typer.Argument(..., exists=True, file_okay=False, help="Folder written by dynseg train."),
+    model: Path = typer.Argument(..., exists=True, metavar="MODEL",
+                                 help="A folder written by dynseg train, or an exported model: .onnx, or a TensorRT "
+                                      ".engine (with --device cuda)."),
     dataset: Optional[str] = typer.Option(
         None, "--dataset", help="synthetic (built in), voc, sbd, coco or cityscapes; default: the dataset the "
                                 "checkpoint was trained on, else synthetic."),
@@ -303,27 +308,32 @@ def evaluate_command(
         None, "--seed", min=0, max=defaults.MAX_SEED,
         help="Seed of the held-out synthetic images and simulated detections (default: training's seed + 1, else 1)."),
     protocol: str = typer.Option("original", "--protocol", help="original (the released code) or voc."),
-    out: Optional[Path] = typer.Option(None, "--out", file_okay=False, help="Where to write metrics.json/.md."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N (a TensorRT engine: cuda)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", file_okay=False,
+        help="Where to write metrics.json/.md (default: the checkpoint's folder; for a model file, "
+             "<its folder>/<its name without suffix>_eval)."),
 ) -> None:
-    """Evaluate a checkpoint on held-out images of the dataset it was trained on (or --dataset's)."""
+    """Evaluate a checkpoint or an exported model on held-out images of the dataset it was trained on (or
+    --dataset's)."""
     _torch_or_fail("dynseg eval")
 
-    from dynseg.trainer.checkpoint import TRAINING_DATA, load_checkpoint, read_training_data
+    from dynseg.trainer.checkpoint import TRAINING_DATA, read_training_data
     from dynseg.trainer.evaluation import PROTOCOLS, evaluate_each, metrics_table, write_metrics
     from dynseg.trainer.train import predict_each
 
     if protocol not in PROTOCOLS:
         raise typer.BadParameter(f"must be one of {', '.join(PROTOCOLS)}", param_hint="--protocol")
-    try:
-        trained_on = read_training_data(checkpoint)
+    try:  # only a checkpoint folder records what it was trained on
+        trained_on = read_training_data(model) if model.is_dir() else None
     except DynsegError as error:
         raise _fail(str(error)) from error
     source = None
     if dataset is None:  # a checkpoint is scored on its own dataset unless told otherwise
         dataset = trained_on["dataset"] if trained_on else "synthetic"
-        source = f"{dataset}, the dataset {checkpoint} was trained on ({TRAINING_DATA})"
+        source = f"{dataset}, the dataset {model} was trained on ({TRAINING_DATA})" if trained_on else None
         if dataset != "synthetic" and data_root is None:
-            raise typer.BadParameter(f"{checkpoint} was trained on {dataset} ({TRAINING_DATA}): give its folder, "
+            raise typer.BadParameter(f"{model} was trained on {dataset} ({TRAINING_DATA}): give its folder, "
                                      "or --dataset to score it on another", param_hint="--data-root")
     _refuse_synthetic_options(context, dataset, source)
     if seed is None:
@@ -331,42 +341,75 @@ def evaluate_command(
     if image_size is None:
         image_size = tuple(trained_on["image_size"]) if trained_on else defaults.IMAGE_SIZE
     if dataset == "synthetic" and trained_on and trained_on["dataset"] == "synthetic" and seed == trained_on["seed"]:
-        typer.echo(f"Warning: --seed {seed} is the seed {checkpoint} was trained with: these are its training scenes, "
+        typer.echo(f"Warning: --seed {seed} is the seed {model} was trained with: these are its training scenes, "
                    "not held-out ones", err=True)
-    try:
-        model = load_checkpoint(checkpoint)
-    except (FileNotFoundError, DynsegError) as error:
-        raise _fail(str(error)) from error
-    num_classes = model.config.num_classes
+    segmenter = _segmenter(model, "auto", device)
+    class_names = segmenter.class_names
     data = _open_data("eval", dataset, data_root, split, detections, size=images, image_size=image_size,
-                      num_classes=num_classes, seed=seed)
-    if len(data.class_names) - 1 != num_classes:
-        raise _fail(f"the checkpoint has {num_classes} classes, --dataset {dataset} has {len(data.class_names) - 1}")
-    if tuple(data.class_names[1:]) != tuple(model.config.class_names):  # the same count is not the same classes
-        raise _fail(f"the checkpoint's classes {list(model.config.class_names)} are not --dataset {dataset}'s "
+                      num_classes=len(class_names), seed=seed)
+    if len(data.class_names) - 1 != len(class_names):
+        raise _fail(f"the model has {len(class_names)} classes, --dataset {dataset} has {len(data.class_names) - 1}")
+    if tuple(data.class_names[1:]) != tuple(class_names):  # the same count is not the same classes
+        raise _fail(f"the model's classes {list(class_names)} are not --dataset {dataset}'s "
                     f"{list(data.class_names[1:])}")
-    target = out or checkpoint
+    target = out or (model if model.is_dir() else model.parent / f"{model.stem}_eval")
     _make_folder(target, "--out", target)
+    segment, trimmed = _within_the_models_limit(segmenter)
     try:  # one image's masks in memory at a time
-        metrics = evaluate_each(predict_each(model, data, seed=seed), num_classes=num_classes, protocol=protocol)
+        metrics = evaluate_each(predict_each(segment, data, seed=seed, num_classes=len(class_names)),
+                                num_classes=len(class_names), protocol=protocol)
     except (DynsegError, OSError) as error:
         raise _fail(str(error)) from error
+    if trimmed:
+        typer.echo(f"Warning: {counted(len(trimmed), 'image')} had more detections than {model} takes "
+                   f"({segmenter.max_detections}): each was scored with its {segmenter.max_detections} most "
+                   "confident", err=True)
     if all(math.isnan(v) for v in metrics["ap_r"].values()):  # AP^r is undefined only without ground truth
         typer.echo("Warning: these images hold no ground-truth instance: every metric is undefined (NaN, null in "
                    "metrics.json)", err=True)
     seeded = f" (seed {seed})" if dataset == "synthetic" else ""
-    typer.echo(f"{checkpoint}: {_describe(data, dataset, detections)}{seeded}, protocol {protocol}, "
+    typer.echo(f"{model}: {_describe(data, dataset, detections)}{seeded}, protocol {protocol}, "
                f"values in %\n{metrics_table(metrics)}")
     as_json, as_table = write_metrics(target, metrics)
     typer.echo(f"wrote {as_json} and {as_table}")
 
 
+def _within_the_models_limit(segmenter: Segmenter) -> tuple[Callable[..., SegmentationResult], list[int]]:
+    """`segmenter.segment` for evaluation: an image with more detections than an exported model takes
+    (`dynseg export --max-detections`) keeps its most confident, as `dynseg infer --keep-top` would, and is
+    counted in the returned list (each such image's detection count) rather than refused."""
+    from .commands.images import ImageDetections
+    from .commands.infer import most_confident
+
+    trimmed: list[int] = []
+
+    def segment(image, boxes, labels, scores) -> SegmentationResult:
+        if len(scores) > segmenter.max_detections:
+            trimmed.append(len(scores))
+            kept = most_confident(ImageDetections(len(trimmed), boxes, labels, scores), segmenter.max_detections)
+            boxes, labels, scores = kept.boxes, kept.labels, kept.scores
+        return segmenter.segment(image, boxes, labels, scores)
+
+    return segment, trimmed
+
+
 # ------------------------------------------------------------------------------------------ deployment
+
+
+def _check_device(device: str) -> None:
+    """A malformed --device, named as the option before any model loads."""
+    from .inputs import cuda_index
+
+    try:
+        cuda_index(device)
+    except InvalidArgumentError as error:
+        raise typer.BadParameter(str(error), param_hint="--device") from None
 
 
 def _segmenter(model: Path, backend: str, device: str):
     from .segmenter import BACKENDS, Segmenter
 
+    _check_device(device)
     if backend not in BACKENDS:
         raise typer.BadParameter(f"{backend!r} is not one of {', '.join(BACKENDS)}", param_hint="--backend")
     try:
@@ -548,6 +591,7 @@ def validate(
 
     if detections is not None and not images:
         raise typer.BadParameter("--detections needs --images, the files it names", param_hint="--detections")
+    _check_device(device)
     try:
         exported = Segmenter(model, backend="onnxruntime", device=device)
         reference = Segmenter(checkpoint, backend="torch")
@@ -591,6 +635,7 @@ def bench(
     from .commands import bench as job
 
     parsed_sizes, counts = _parse_sizes(sizes), _parse_counts(detections)
+    _check_device(device)
     if checkpoint is not None:
         _torch_or_fail("dynseg bench --checkpoint")
     created = False

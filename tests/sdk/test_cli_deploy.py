@@ -345,6 +345,9 @@ def test_quickstart_with_a_few_steps_makes_everything_it_promises(tmp_path):
     (["bench", "{model}", "--json", "{tmp}/d.json/rows.json"], "--json"),  # under a file: before any timing
     (["export", "{checkpoint}", "--out", "{tmp}/d.json/m.onnx"], "d.json is a file, not a folder"),
     (["bench", "{model}", "--repeats", "0"], "--repeats"),
+    (["bench", "{model}", "--device", "gpu"], "--device"),
+    (["infer", "{model}", "{photo}", "--detections", "{tmp}/d.json", "--out", "{tmp}", "--device", "gpu"], "--device"),
+    (["validate", "{model}", "--checkpoint", "{checkpoint}", "--device", "cuda:x"], "--device"),
     (["quickstart", "--out", "{tmp}/q", "--steps", "1"], "--steps"),
     (["quickstart", "--out", "{tmp}/q", "--seed", "-1"], "--seed"),
     (["train", "--out", "{tmp}/t", "--seed", str(2**64)], "--seed"),  # torch.manual_seed's overflow, before

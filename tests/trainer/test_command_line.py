@@ -98,6 +98,37 @@ def test_eval_holds_out_the_scenes_after_the_training_seed_at_the_training_size(
                   "file is a file, not a folder")
 
 
+def test_eval_scores_an_exported_model_as_it_scores_its_checkpoint(tmp_path):
+    import torch
+
+    from dynseg.trainer.checkpoint import save_checkpoint
+    from dynseg.trainer.model.instance import InstanceConfig
+    from dynseg.trainer.model.network import ModelConfig, build_model
+
+    torch.manual_seed(0)  # a fresh network of the synthetic classes: it finds instances, if poor ones
+    classes = tuple(SyntheticScenes(size=1, image_size=(48, 64)).class_names[1:])
+    network = build_model(ModelConfig(backbone="resnet18", class_names=classes,
+                                      instance=InstanceConfig(templates_per_group=4, template_size=16)))
+    with torch.no_grad():
+        network.instance_unaries.templates.uniform_(0.0, 1.0)
+    checkpoint = save_checkpoint(tmp_path / "checkpoint", network)
+    for name, limit in (("model.onnx", "100"), ("few.onnx", "1")):
+        assert run("export", checkpoint, "--out", tmp_path / name, "--max-detections", limit).exit_code == 0
+    scored = {}
+    for model, written in ((checkpoint, checkpoint), (tmp_path / "model.onnx", tmp_path / "model_eval"),
+                           (tmp_path / "few.onnx", tmp_path / "few_eval")):
+        result = run("eval", model, *SYNTHETIC, "--seed", "3")
+        assert result.exit_code == 0, result.output
+        assert f"wrote {written}/metrics.json" in result.output
+        metrics = json.loads((written / "metrics.json").read_text())
+        scored[model.name] = {**{f"ap_r {k}": v for k, v in metrics.pop("ap_r").items()}, **metrics}
+    assert scored["checkpoint"]["matching_iou"] > 0  # instances were found and matched
+    assert scored["model.onnx"] == pytest.approx(scored["checkpoint"], abs=1e-3)
+    assert "had more detections than" in result.output and "(1): each was scored with its 1 most confident" in (
+        " ".join(result.output.split()))
+    _fails_naming(run("eval", tmp_path / "model.onnx", *SYNTHETIC, "--device", "gpu"), "--device", "gpu")
+
+
 @pytest.mark.parametrize("name", sorted(FORMATS))
 def test_train_then_eval_read_each_on_disk_format(tmp_path, name):
     write, split = FORMATS[name]
