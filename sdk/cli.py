@@ -148,8 +148,7 @@ _DETECTIONS_HELP = ("Detections as a COCO results JSON file (image_id, category_
                     "default: simulated from the ground truth.")
 
 
-_MIN_SIDE = defaults.MIN_IMAGE_SIDE  # the synthetic scenes' smallest (SyntheticScenes refuses less)
-_MAX_SIDE = 4096  # synthetic scenes are made in memory: a 100000x100000 one would need 149 GiB
+_MIN_SIDE, _MAX_SIDE = defaults.MIN_IMAGE_SIDE, defaults.MAX_IMAGE_SIDE  # a synthetic scene's sides
 
 
 def _open_data(command: str, dataset: str, data_root: Optional[Path], split: Optional[str],
@@ -258,12 +257,17 @@ def train(
 
     import torch
 
-    from dynseg.trainer.checkpoint import write_training_data
+    from dynseg.trainer.data.sources import DEFAULT_SPLITS
     from dynseg.trainer.model import ModelConfig, build_model
     from dynseg.trainer.train import TrainConfig, fit
 
     torch.manual_seed(seed)
     data = _open_data("train", dataset, data_root, split, detections, size=images, image_size=image_size, seed=seed)
+    if dataset != "synthetic":
+        split = split or DEFAULT_SPLITS["train"][dataset]
+        if held_out_images and (held_out_split or DEFAULT_SPLITS["eval"][dataset]) == split:
+            typer.echo(f"Warning: the held-out images come from the training split {split}: their metrics score "
+                       "images the network is trained on (--held-out-split names another)", err=True)
     held_out = None
     if held_out_images:
         held_out = _open_data("eval", dataset, data_root, held_out_split, None, size=held_out_images,
@@ -280,10 +284,11 @@ def train(
             semantic=TrainConfig(stage="semantic", steps=semantic_steps, learning_rate=learning_rate, seed=seed),
             instance=TrainConfig(stage="instance", mode=cast("TrainMode", mode), steps=instance_steps,
                                  learning_rate=learning_rate / defaults.INSTANCE_LR_DIVISOR, seed=seed),
-            printer=typer.echo, live=sys.stdout.isatty(), held_out=held_out, eval_seed=seed + 1)
+            printer=typer.echo, live=sys.stdout.isatty(), held_out=held_out, eval_seed=seed + 1,
+            training_data={"dataset": dataset, "seed": seed, "image_size": image_size,  # what eval holds out from
+                           "split": None if dataset == "synthetic" else split})
     except (DynsegError, OSError) as error:  # an annotation or image the dataset could not read
         raise _fail(str(error)) from error
-    write_training_data(out, dataset=dataset, seed=seed, image_size=image_size)  # what `dynseg eval` holds out from
     typer.echo(f"wrote {out}/model.safetensors, {out}/model.json and {out}/epochs.jsonl; next: dynseg eval {out}")
 
 
@@ -343,6 +348,12 @@ def evaluate_command(
     if dataset == "synthetic" and trained_on and trained_on["dataset"] == "synthetic" and seed == trained_on["seed"]:
         typer.echo(f"Warning: --seed {seed} is the seed {model} was trained with: these are its training scenes, "
                    "not held-out ones", err=True)
+    if dataset != "synthetic" and trained_on and trained_on["dataset"] == dataset:
+        from dynseg.trainer.data.sources import DEFAULT_SPLITS
+
+        if trained_on.get("split") == (split or DEFAULT_SPLITS["eval"][dataset]):
+            typer.echo(f"Warning: split {trained_on['split']} is the split {model} was trained on: these are its "
+                       "training images, not held-out ones", err=True)
     segmenter = _segmenter(model, "auto", device)
     class_names = segmenter.class_names
     data = _open_data("eval", dataset, data_root, split, detections, size=images, image_size=image_size,
@@ -517,7 +528,10 @@ def export(
         raise _fail(str(error)) from error
     _make_folder(out.parent, "--out", out)
     onnx_path = out if format == "onnx" else out.with_suffix(".onnx")
-    path = export_onnx(model, onnx_path, max_detections=max_detections)
+    try:
+        path = export_onnx(model, onnx_path, max_detections=max_detections)
+    except DynsegError as error:
+        raise _fail(f"cannot export {checkpoint}: {error}") from error
     typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {len(model.config.class_names)} classes, "
                f"up to {max_detections} detections)")
     if format == "onnx":

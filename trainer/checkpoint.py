@@ -14,8 +14,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from dynseg.sdk.commands.defaults import MAX_IMAGE_SIDE, MAX_SEED, MIN_IMAGE_SIDE
 from dynseg.sdk.errors import InvalidArgumentError, one_line
+from dynseg.sdk.inputs import is_int
 
+from .data.sources import DATASETS
 from .model import DynamicallyInstantiatedNetwork, ModelConfig, build_model
 
 __all__ = ["load_checkpoint", "read_training_data", "save_checkpoint", "weights_fingerprint", "write_training_data"]
@@ -77,9 +80,12 @@ def load_weights(model: torch.nn.Module, path: Path, model_name: str) -> None:
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
     reshaped = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
-    if missing or unexpected or reshaped:  # torch's own message lists every key, hundreds of lines
+    # load_state_dict would cast them silently: integer weights are no network's
+    retyped = [k for k in expected if k in weights and weights[k].dtype != expected[k].dtype]
+    if missing or unexpected or reshaped or retyped:  # torch's own message lists every key, hundreds of lines
         counts = [f"{len(keys)} {what} (first {keys[0]})" for what, keys in
-                  (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped)) if keys]
+                  (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped),
+                   ("of another dtype", retyped)) if keys]
         raise InvalidArgumentError(f"{path} does not fit {model_name}: tensors {', '.join(counts)}")
     model.load_state_dict(weights)
 
@@ -95,13 +101,15 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def write_training_data(run: str | Path, *, dataset: str, seed: int, image_size: tuple[int, int]) -> None:
-    """Records what the network of a `train.fit` run folder was trained on (the dataset's name, the seed
-    of its data, the synthetic scenes' (height, width)) in both of its checkpoints: the final one and
-    stage 1's `semantic/`."""
-    record = json.dumps({"dataset": dataset, "seed": int(seed), "image_size": [int(n) for n in image_size]})
-    for checkpoint in (Path(run), Path(run) / "semantic"):
-        (checkpoint / TRAINING_DATA).write_text(record)
+def write_training_data(checkpoint: str | Path, *, dataset: str, seed: int, image_size: tuple[int, int],
+                        split: str | None = None) -> None:
+    """Records in the checkpoint folder `checkpoint` what its network was trained on: the dataset's name,
+    the seed of its data and simulated detections, the synthetic scenes' (height, width), and an on-disk
+    dataset's split. `train.fit` writes it beside each stage's checkpoint (its `training_data`)."""
+    record = {"dataset": dataset, "seed": int(seed), "image_size": [int(n) for n in image_size]}
+    if split is not None:
+        record["split"] = split
+    (Path(checkpoint) / TRAINING_DATA).write_text(json.dumps(record))
 
 
 def read_training_data(directory: str | Path) -> dict | None:
@@ -113,13 +121,30 @@ def read_training_data(directory: str | Path) -> dict | None:
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        if (isinstance(data["seed"], int) and not isinstance(data["seed"], bool) and isinstance(data["dataset"], str)
-                and len(data["image_size"]) == 2
-                and all(isinstance(n, int) and not isinstance(n, bool) for n in data["image_size"])):
-            return data
-        problem = f"got {data!r:.200}"
-    except (OSError, ValueError, RecursionError, KeyError, TypeError) as error:
+        problem = _training_data_problem(data)
+    except (OSError, ValueError, RecursionError) as error:
         problem = repr(error)
+    if problem is None:
+        return data
     raise InvalidArgumentError(f"{path} is malformed ({problem}): it records what the checkpoint was trained on "
-                               "as {\"dataset\": str, \"seed\": int, \"image_size\": [height, width]}; fix it, or "
-                               "delete it and give the evaluation's options yourself")
+                               f"as {{\"dataset\": one of {', '.join(DATASETS)}, \"seed\": 0..{MAX_SEED}, "
+                               f"\"image_size\": [height, width], each {MIN_IMAGE_SIDE}..{MAX_IMAGE_SIDE}, and an "
+                               "on-disk dataset's \"split\"}; fix it, or delete it and give the evaluation's options "
+                               "yourself")
+
+
+def _training_data_problem(data: object) -> str | None:
+    """What is wrong with a training-data record, or None."""
+    if not isinstance(data, dict) or not {"dataset", "seed", "image_size"} <= set(data):
+        return f"got {data!r:.200}"
+    seed, size, split = data["seed"], data["image_size"], data.get("split")
+    if data["dataset"] not in DATASETS:
+        return f"dataset {data['dataset']!r:.80}"
+    if not is_int(seed, numpy=False) or not 0 <= seed <= MAX_SEED:
+        return f"seed {seed!r:.80}"
+    if not (isinstance(size, list) and len(size) == 2
+            and all(is_int(n, numpy=False) and MIN_IMAGE_SIDE <= n <= MAX_IMAGE_SIDE for n in size)):
+        return f"image_size {size!r:.80}"
+    if split is not None and not isinstance(split, str):
+        return f"split {split!r:.80}"
+    return None

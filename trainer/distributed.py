@@ -133,7 +133,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"--seed must be in 0..{defaults.MAX_SEED}, got {args.seed}")
 
     from ..sdk.errors import DynsegError
-    from .checkpoint import write_training_data
     from .data import SyntheticScenes
     from .model import ModelConfig, build_model
     from .train import TrainConfig, fit
@@ -150,9 +149,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                                  learning_rate=args.lr, seed=args.seed),
             instance=TrainConfig(stage="instance", mode=args.mode, steps=args.instance_steps,
                                  learning_rate=args.lr / defaults.INSTANCE_LR_DIVISOR, seed=args.seed),
-            printer=print)  # train prints on rank 0 only
-        if is_main():  # what `dynseg eval` holds out from, as `dynseg train` records it
-            write_training_data(args.out, dataset="synthetic", seed=args.seed, image_size=tuple(args.image_size))
+            printer=print,  # train prints on rank 0 only
+            training_data={"dataset": "synthetic", "seed": args.seed, "image_size": tuple(args.image_size)})
+        if is_main():
             print(f"wrote {args.out}/model.safetensors and {args.out}/model.json; next: dynseg eval {args.out}")
     except DynsegError as error:  # a bad argument: one line, as the dynseg commands print it
         raise SystemExit(f"Error: {error}") from None

@@ -47,7 +47,7 @@ from dynseg.sdk.results import SegmentationResult, build_result
 from . import distributed, fields
 from .data import VOID
 from .boxes import mask_boxes
-from .checkpoint import TRAINING_DATA, load_weights, save_checkpoint
+from .checkpoint import TRAINING_DATA, load_weights, save_checkpoint, write_training_data
 from .data.common import Samples
 from .data.detections import Detections, simulate_detections
 from .data.sources import inside_image
@@ -462,13 +462,17 @@ def fit(
     live: bool = False,
     held_out: Samples | None = None,
     eval_seed: int = 1,
+    training_data: Mapping[str, Any] | None = None,
 ) -> dict[str, list[dict]]:
     """The paper's procedure: stage 1 (semantic), shape templates by k-means of the training masks,
     then stage 2 (instance, piecewise or end-to-end). Checkpoints land in out_dir/semantic and
     out_dir (the final model); both stages append their epochs to out_dir/epochs.jsonl (see `train`),
     stage 2's with the metrics on `held_out` when it is given. An earlier run's checkpoints, logs and
     `dynseg eval` metrics (_RUN_FILES) in out_dir and out_dir/semantic go first, so a run that fails or is
-    interrupted leaves none of them to be taken for its own; exports and other files stay."""
+    interrupted leaves none of them to be taken for its own; exports and other files stay.
+    `training_data` (write_training_data's keywords: dataset, seed, image_size, split) is recorded beside
+    each stage's checkpoint as soon as it is written, so that an interrupted run's stage 1 still tells
+    `dynseg eval` which scenes it was trained on."""
     out_dir = Path(out_dir)
     if len(dataset) == 0:  # before the last run's files go: a run that cannot start leaves them
         raise InvalidArgumentError("dataset holds no image: nothing to train on")
@@ -481,11 +485,18 @@ def fit(
         epochs.write_text("")  # a new run: the stages append to it, an earlier run's epochs go
     logs = {"semantic": train(model, dataset, semantic, out_dir=out_dir / "semantic", printer=printer, live=live,
                               epoch_log=epochs)}
+    _record_training_data(out_dir / "semantic", training_data)
     if model.config.instance.shape_term:
         initialise_templates(model, dataset, seed=instance.seed)
     logs["instance"] = train(model, dataset, instance, out_dir=out_dir, printer=printer, live=live,
                              held_out=held_out, eval_seed=eval_seed, epoch_log=epochs)
+    _record_training_data(out_dir, training_data)
     return logs
+
+
+def _record_training_data(checkpoint: Path, training_data: Mapping[str, Any] | None) -> None:
+    if training_data is not None and distributed.rank() == 0:  # rank 0 writes, as it writes the checkpoint
+        write_training_data(checkpoint, **training_data)
 
 
 def initialise_templates(model: DynamicallyInstantiatedNetwork, dataset: Samples, *, seed: int = 0,

@@ -6,6 +6,7 @@ so that the command line's options read them without loading the trainer."""
 TRAIN_IMAGES = 400  # synthetic training scenes
 IMAGE_SIZE = (96, 120)  # their (H, W)
 MIN_IMAGE_SIDE = 32  # the smallest side a synthetic scene is drawn at
+MAX_IMAGE_SIDE = 4096  # and the largest: scenes are made in memory (100000x100000 would need 149 GiB)
 SEMANTIC_STEPS = 600
 INSTANCE_STEPS = 100
 LEARNING_RATE = 0.02  # stage 1's

@@ -64,7 +64,6 @@ def run(out: str | Path, *, steps: int = DEFAULT_STEPS, seed: int = 0, printer: 
 
     from dynseg.export.onnx import export_onnx
     from dynseg.trainer.data.detections import simulate_detections
-    from dynseg.trainer.checkpoint import write_training_data
     from dynseg.trainer.data.synthetic import SyntheticScenes
     from dynseg.trainer.evaluation import evaluate, write_metrics
     from dynseg.trainer.model import ModelConfig, build_model
@@ -88,8 +87,8 @@ def run(out: str | Path, *, steps: int = DEFAULT_STEPS, seed: int = 0, printer: 
                              seed=seed),
         instance=TrainConfig(stage="instance", steps=instance_steps,
                              learning_rate=defaults.LEARNING_RATE / defaults.INSTANCE_LR_DIVISOR, seed=seed),
-        printer=printer, live=live)
-    write_training_data(checkpoint, dataset="synthetic", seed=seed, image_size=defaults.IMAGE_SIZE)
+        printer=printer, live=live,
+        training_data={"dataset": "synthetic", "seed": seed, "image_size": defaults.IMAGE_SIZE})
 
     printer(f"2/5 evaluating on {HELD_OUT_IMAGES} held-out scenes (seed {seed + 1}, simulated detections)")
     held_out = SyntheticScenes(size=HELD_OUT_IMAGES, image_size=defaults.IMAGE_SIZE, num_classes=NUM_CLASSES,

@@ -141,6 +141,8 @@ def test_train_then_eval_read_each_on_disk_format(tmp_path, name):
     result = run("eval", out, "--data-root", root, "--split", split)  # the dataset it was trained on by default
     assert result.exit_code == 0, result.output
     assert "AP^r_vol" in result.output and f"{name} images" in result.output
+    # the fixtures hold one split: scoring the training split is allowed, and said
+    assert f"split {split} is the split {out} was trained on" in " ".join(result.output.split())
     _fails_naming(run("eval", out, "--dataset", "synthetic"), "classes")  # 4 synthetic shapes are not these
     _fails_naming(run("eval", out), "--data-root", f"was trained on {name}")
     metrics = json.loads((out / "metrics.json").read_text())
@@ -298,6 +300,47 @@ def _fails_naming(result, *words: str) -> None:
     message = " ".join(re.sub(r"[\u2500-\u257f]", " ", result.output).split())
     for word in words:
         assert word in message, message
+
+
+def test_an_interrupted_run_leaves_stage_1_knowing_what_it_was_trained_on(tmp_path, monkeypatch):
+    from dynseg.trainer import train as training
+    from dynseg.trainer.checkpoint import read_training_data
+    from dynseg.trainer.model import ModelConfig, build_model
+
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "initialise_templates", interrupted)  # between the two stages
+    scenes = SyntheticScenes(size=2, image_size=(48, 64), seed=4)
+    model = build_model(ModelConfig(backbone="resnet18", class_names=tuple(scenes.class_names[1:])))
+    with pytest.raises(KeyboardInterrupt):
+        training.fit(model, scenes, out_dir=tmp_path / "run", semantic=TrainConfig(stage="semantic", steps=1),
+                     instance=TrainConfig(stage="instance", steps=1), printer=lambda _: None,
+                     training_data={"dataset": "synthetic", "seed": 4, "image_size": (48, 64)})
+    assert read_training_data(tmp_path / "run" / "semantic") == {"dataset": "synthetic", "seed": 4,
+                                                                 "image_size": [48, 64]}
+    assert read_training_data(tmp_path / "run") is None  # stage 2 wrote no checkpoint
+
+
+def test_held_out_images_from_the_training_split_are_trained_on_and_said_to_be(tmp_path):
+    root = write_voc(tmp_path / "voc")  # holds the val split alone
+    result = run("train", "--out", tmp_path / "run", "--dataset", "voc", "--data-root", root, "--split", "val",
+                 "--held-out-images", "1", "--semantic-steps", "1", "--instance-steps", "1")
+    assert result.exit_code == 0, result.output
+    assert "held-out images come from the training split val" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("record, problem", [
+    ('{"dataset": "synthetic", "seed": -5, "image_size": [48, 64]}', "seed -5"),
+    ('{"dataset": "synthetic", "seed": 1, "image_size": [0, 64]}', "image_size [0, 64]"),
+    ('{"dataset": "imagenet", "seed": 1, "image_size": [48, 64]}', "dataset 'imagenet'"),
+    ('{"dataset": "voc", "seed": 1, "image_size": [48, 64], "split": 3}', "split 3"),
+])
+def test_a_training_data_record_out_of_range_is_named_not_blamed_on_an_option(tmp_path, record, problem):
+    from dynseg.trainer.checkpoint import TRAINING_DATA
+
+    (tmp_path / TRAINING_DATA).write_text(record)
+    _fails_naming(run("eval", tmp_path), f"{tmp_path / TRAINING_DATA} is malformed ({problem})")
 
 
 def test_an_unknown_dataset_is_named_in_the_error(tmp_path):

@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save as save_tensors
 from typer.testing import CliRunner
 
 from dynseg.sdk import InvalidArgumentError
@@ -123,18 +124,31 @@ def test_a_broken_or_foreign_checkpoint_is_named_in_one_line(tmp_path):
         "weights that are no safetensors": ("model.safetensors", "garbage", "model.safetensors is not readable"),
         "another backbone's config": ("model.json", (good / "model.json").read_text().replace("resnet18", "resnet50"),
                                       r"does not fit its model.json \(resnet50, .* missing \(first "),
+        "class names as one string": ("model.json", re.sub(r'"class_names": \[[^]]*\]', '"class_names": "disc"',
+                                                           (good / "model.json").read_text()),
+                                      "model.json is not a dynseg model config.*class_names is a JSON list"),
+        "integer weights": ("model.safetensors", save_tensors({k: v.long() if v.is_floating_point() else v
+                                                               for k, v in model.state_dict().items()}),
+                            r"does not fit its model.json .* of another dtype \(first "),
     }
     for name, (file, text, message) in cases.items():
         broken = tmp_path / name.replace(" ", "_")
         broken.mkdir()
         for original in good.iterdir():
             (broken / original.name).write_bytes(original.read_bytes())
-        (broken / file).write_text(text)
+        (broken / file).write_bytes(text if isinstance(text, bytes) else text.encode())
         with pytest.raises(InvalidArgumentError, match=message) as raised:
             load_checkpoint(broken)
         assert "\n" not in str(raised.value), name
         result = CliRunner().invoke(app, ["export", str(broken), "--out", str(tmp_path / "m.onnx")])
         assert result.exit_code == 1 and "Traceback" not in result.output and message.split(" ")[0] in result.output
+    diverged = tmp_path / "diverged"  # loads (its weights fit), but exporting NaN weights is refused by name
+    with torch.no_grad():
+        model.semantic_crf.bilateral_weight.view(-1)[0] = float("nan")
+    save_checkpoint(diverged, model)
+    result = CliRunner().invoke(app, ["export", str(diverged), "--out", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "weights hold NaN or infinity (first in semantic_crf.bilateral_weight)" in " ".join(result.output.split())
 
 
 @pytest.mark.parametrize("field, value", [
