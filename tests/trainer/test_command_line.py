@@ -227,9 +227,15 @@ def test_a_detections_file_whose_boxes_all_lie_outside_their_images_is_refused(t
               for image_id, bbox in [(i, [10_000, 0, 10, 10]) for i in ids] + [(ids[0], [-30, 0, 20, 10])]]
     with pytest.raises(InvalidArgumentError, match=r"dets.json: no detection's box holds a pixel of its image"):
         with_detections(dataset, _results_file(tmp_path / "dets.json", beyond))
+    # a detector's normalised boxes: each would be its image's top-left pixel, inside the image
+    normalised = [{"image_id": i, "category_id": category, "bbox": [0.1, 0.2, 0.3, 0.4], "score": 0.9} for i in ids]
+    with pytest.raises(InvalidArgumentError, match=r"dets.json: every bbox lies within \[0, 1\].*normalised"):
+        with_detections(dataset, _results_file(tmp_path / "dets.json", normalised))
     inside = {"image_id": ids[-1], "category_id": category, "bbox": [width - 1, height - 1, 10, 10], "score": 0.9}
     dataset = with_detections(dataset, _results_file(tmp_path / "dets.json", [*beyond, inside]))
     assert len(dataset[len(ids) - 1]["detections"]["labels"]) == 1
+    corner = {**inside, "bbox": [0, 0, 1, 1]}  # one whole pixel in the corner is a box, not a fraction
+    assert len(with_detections(dataset.dataset, _results_file(tmp_path / "dets.json", [corner])))
 
 
 def _trained(tmp_path, name, root, split):

@@ -133,7 +133,8 @@ def with_detections(dataset: Dataset, path: str | os.PathLike) -> WithDetections
         FileNotFoundError: no file at path.
         InvalidArgumentError (a ValueError) naming the file: not a COCO results file (the entry at
             fault named), a category that is no class of the dataset, no detection of any image of
-            the dataset (a file for another split or dataset), or none whose box lies inside its image.
+            the dataset (a file for another split or dataset), boxes in normalised coordinates, or
+            none whose box lies inside its image.
     """
     path = Path(path)
     if not path.is_file():
@@ -156,6 +157,13 @@ def with_detections(dataset: Dataset, path: str | os.PathLike) -> WithDetections
         shown = ", ".join(repr(i) for i in ids[:3])
         raise InvalidArgumentError(f"{path}: no detection belongs to an image of the dataset (its image ids "
                                    f"are such as {shown}; see dynseg.trainer.data.sources for the id of each dataset)")
+    # Boxes in [0, 1] with fractions are a detector's normalised output: each would become its image's
+    # top-left pixel, inside the image, so the check below would not see them.
+    boxes = np.concatenate([d["boxes"] for d in found.values()]) if found else np.zeros((0, 4), np.float32)
+    if len(boxes) and boxes.min() >= 0 and boxes.max() <= 1 and np.any(boxes % 1):
+        raise InvalidArgumentError(f"{path}: every bbox lies within [0, 1], in fractions of a pixel: normalised "
+                                   "coordinates? A bbox is [x, y, width, height] in pixels from the image's "
+                                   "top-left corner")
     # Boxes outside their image are dropped when a sample is read; if every box is, training would learn
     # nothing from the file. The first image with a box inside settles it, so this reads few headers.
     if ids and not any(_count(inside_image(found[image_id], *dataset.image_shape(index)))
