@@ -469,6 +469,20 @@ def test_coco_matches_image_and_category_ids_as_ints_only(tmp_path):
         CocoInstances(root, "val2017")
 
 
+@pytest.mark.parametrize("change, message", [
+    (lambda cats: cats.append({**cats[0], "name": "another"}), r"category ids \[\d+\] are listed more than once"),
+    (lambda cats: cats[0].update(name=""), r"category \d+ has no name"),
+    (lambda cats: cats[0].pop("name"), r"category \d+ has no name"),
+    (lambda cats: cats[1].update(name=cats[0]["name"]), "several categories are named"),
+])
+def test_coco_categories_must_name_one_class_each(tmp_path, change, message):
+    root, coco = write_coco(tmp_path)
+    change(coco["categories"])
+    _rewrite_coco(root, coco)
+    with pytest.raises(ValueError, match=message):
+        CocoInstances(root, "val2017")
+
+
 # ----------------------------------------------------------------------------------------- Cityscapes
 
 

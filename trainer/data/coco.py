@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -95,10 +96,21 @@ class CocoInstances:
         self.category_ids: tuple[int, ...] = tuple(sorted(self._coco.cats))
         if not self.category_ids:
             raise InvalidArgumentError(f"{self.annotation_file}: no categories")
+        # pycocotools keeps the last of a repeated id: the class would change name silently
+        listed = Counter(category.get("id") for category in self._coco.dataset["categories"])
+        repeated = sorted(c for c, n in listed.items() if n > 1)
+        if repeated:
+            raise InvalidArgumentError(f"{self.annotation_file}: category ids {repeated} are listed more than once")
+        names = [self._coco.cats[c].get("name") for c in self.category_ids]
+        unnamed = next((c for c, name in zip(self.category_ids, names) if not (isinstance(name, str) and name)), None)
+        if unnamed is not None:
+            raise InvalidArgumentError(f"{self.annotation_file}: category {unnamed} has no name (a non-empty string)")
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise InvalidArgumentError(f"{self.annotation_file}: several categories are named {twice[0]!r}; a class "
+                                       "name must name one class")
         self.label_of_category: dict[int, int] = {c: label for label, c in enumerate(self.category_ids, start=1)}
-        self.class_names: tuple[str, ...] = ("background",) + tuple(
-            str(self._coco.cats[c].get("name", c)) for c in self.category_ids
-        )
+        self.class_names: tuple[str, ...] = ("background", *names)
         self.num_classes = len(self.category_ids)
         self._check_images()
         # The file's list, not `_coco.anns`: that keeps one annotation per id, `imgToAnns` (what is drawn) keeps all.
