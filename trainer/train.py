@@ -231,6 +231,7 @@ def train(
     images_per_step = world if stage2 else config.batch_size
     steps_per_epoch = max(1, -(-len(dataset) // images_per_step))
     log, epoch_losses, began = [], [], time.perf_counter()
+    instances_drawn = 0  # stage 2's ground-truth instances: none in any step means it learns nothing
     progress = stage_progress(config.stage, config.steps, start, images_per_step=images_per_step,
                               live=live and main, printer=printer if main else _silent, every=log_every)
     with ExitStack() as files:
@@ -242,6 +243,7 @@ def train(
                 group["lr"] = learning_rate(config, step)
             if stage2:
                 batch = _instance_batch(dataset, config, step, positions[0], model.config.num_classes)
+                instances_drawn += len(batch["gt_labels"])
                 share = 1 / world
             else:
                 batch, share = _semantic_batch(dataset, config, step, positions, model.config.num_classes)
@@ -291,6 +293,9 @@ def train(
                 epoch_file.write(json.dumps(json_ready(record), allow_nan=False) + "\n")
                 epoch_file.flush()
     progress.close()
+    if stage2 and start < config.steps and distributed.all_reduce([instances_drawn])[0] == 0 and main:
+        printer(f"Warning: stage 2 drew no image with a ground-truth instance in its {config.steps - start} steps: "
+                "the instance subnetwork learnt nothing (does the dataset hold any object?)")
     if main:
         save_checkpoint(out_dir, model, optimiser, config.steps)
         settings = asdict(config) | {"images_per_step": images_per_step}

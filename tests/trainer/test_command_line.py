@@ -336,6 +336,17 @@ def test_held_out_images_from_the_training_split_are_trained_on_and_said_to_be(t
     assert "held-out images come from the training split val" in " ".join(result.output.split())
 
 
+def test_training_on_images_without_objects_says_stage_2_learnt_nothing(tmp_path):
+    from dataset_fixtures import voc_maps
+
+    root = write_voc(tmp_path / "voc")
+    empty = next(image_id for image_id, _, objects in voc_maps() if not objects.any())
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text(f"{empty}\n")
+    result = run("train", "--out", tmp_path / "run", "--dataset", "voc", "--data-root", root, "--split", "val", *TINY)
+    assert result.exit_code == 0, result.output
+    assert "stage 2 drew no image with a ground-truth instance in its 2 steps" in " ".join(result.output.split())
+
+
 @pytest.mark.parametrize("record, problem", [
     ('{"dataset": "synthetic", "seed": -5, "image_size": [48, 64]}', "seed -5"),
     ('{"dataset": "synthetic", "seed": 1, "image_size": [0, 64]}', "image_size [0, 64]"),
