@@ -250,6 +250,9 @@ def train(
     if backbone not in backbones:
         raise typer.BadParameter(f"{backbone!r} is not one of {', '.join(backbones)}", param_hint="--backbone")
     _refuse_synthetic_options(context, dataset)
+    if semantic_steps == instance_steps == 0:
+        typer.echo("Warning: --semantic-steps 0 and --instance-steps 0: the checkpoint will hold the untrained "
+                   "network", err=True)
     if held_out_split is not None and (dataset == "synthetic" or not held_out_images):
         raise typer.BadParameter("names an on-disk split to score with --held-out-images N: give --dataset and "
                                  "--held-out-images too", param_hint="--held-out-split")

@@ -336,6 +336,12 @@ def test_held_out_images_from_the_training_split_are_trained_on_and_said_to_be(t
     assert "held-out images come from the training split val" in " ".join(result.output.split())
 
 
+def test_training_for_no_steps_at_all_says_the_checkpoint_is_untrained(tmp_path):
+    result = run("train", "--out", tmp_path / "run", *SYNTHETIC, "--semantic-steps", "0", "--instance-steps", "0")
+    assert result.exit_code == 0, result.output
+    assert "the checkpoint will hold the untrained network" in " ".join(result.output.split())
+
+
 def test_training_on_images_without_objects_says_stage_2_learnt_nothing(tmp_path):
     from dataset_fixtures import voc_maps
 

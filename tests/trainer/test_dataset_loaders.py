@@ -130,6 +130,15 @@ def test_voc_reads_a_split_list_saved_with_a_byte_order_mark(tmp_path):
     assert VocInstances(tmp_path, "val").ids == plain
 
 
+def test_voc_refuses_a_split_list_that_names_an_image_twice(tmp_path):
+    root = write_voc(tmp_path)
+    split = root / "ImageSets" / "Segmentation" / "val.txt"
+    first = split.read_text().split()[0]
+    split.write_text(split.read_text() + f"{first}\n")
+    with pytest.raises(ValueError, match=f"val.txt: the split list names '{first}' more than once"):
+        VocInstances(root, "val")
+
+
 def test_voc_names_a_split_list_that_is_not_utf8(tmp_path):
     root = write_voc(tmp_path)
     (root / "ImageSets" / "Segmentation" / "val.txt").write_bytes(b"2007_0000\xe932\n")
@@ -217,6 +226,11 @@ def test_sbd_rejects_instance_ids_without_a_category(tmp_path):
     _, _, instances, _ = sbd_maps()[0]
     savemat(root / "inst" / "2008_000002.mat", {"GTinst": {"Segmentation": instances, "Categories": np.array([[DOG]])}})
     with pytest.raises(ValueError, match="Categories lists 1"):
+        SbdInstances(root, "train")[0]
+    negative = instances.astype(np.int16)
+    negative[0, 0] = -1
+    savemat(root / "inst" / "2008_000002.mat", {"GTinst": {"Segmentation": negative, "Categories": np.zeros((0, 0))}})
+    with pytest.raises(ValueError, match="GTinst.Segmentation has a negative instance id, -1"):
         SbdInstances(root, "train")[0]
 
 

@@ -9,6 +9,7 @@ on every pixel of masks[m]."""
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 from pathlib import Path
@@ -67,7 +68,8 @@ def check_index(index: object, size: int) -> int:
 
 
 def read_id_list(path: Path, folder: Path) -> tuple[str, ...]:
-    """The non-empty, stripped lines of a split list. FileNotFoundError names the lists that exist in folder."""
+    """The non-empty, stripped lines of a split list, each id once. FileNotFoundError names the lists that
+    exist in folder."""
     if not path.is_file():
         available = sorted(p.stem for p in folder.glob("*.txt")) if folder.is_dir() else []
         raise FileNotFoundError(f"{path}: split list not found (available in {folder}: {available or 'none'})")
@@ -78,6 +80,9 @@ def read_id_list(path: Path, folder: Path) -> tuple[str, ...]:
     ids = tuple(line.strip() for line in text.splitlines() if line.strip())
     if not ids:
         raise InvalidArgumentError(f"{path}: the split list is empty")
+    if len(set(ids)) < len(ids):  # the image would count twice in training and in every metric
+        twice = next(image_id for image_id, n in Counter(ids).items() if n > 1)
+        raise InvalidArgumentError(f"{path}: the split list names {twice!r} more than once")
     return ids
 
 

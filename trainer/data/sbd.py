@@ -96,7 +96,9 @@ class SbdInstances:
         segmentation, categories = _fields(inst_path, "GTinst", ("Segmentation", "Categories"))
         owner = _map(segmentation, inst_path, "GTinst.Segmentation", shape)
         categories = _whole_numbers(categories, inst_path, "GTinst.Categories").reshape(-1)  # (M,) from (M, 1), (0, 0)
-        if owner.size and (owner.min() < 0 or owner.max() > len(categories)):
+        if owner.size and owner.min() < 0:
+            raise InvalidArgumentError(f"{inst_path}: GTinst.Segmentation has a negative instance id, {owner.min()}")
+        if owner.size and owner.max() > len(categories):
             raise InvalidArgumentError(
                 f"{inst_path}: GTinst.Segmentation has ids up to {owner.max()} but Categories lists {len(categories)}"
             )
