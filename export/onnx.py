@@ -60,10 +60,10 @@ def export_onnx(network: DynamicallyInstantiatedNetwork, path: str | Path, *,
         raise InvalidArgumentError(f"example_size must be (height, width) ints of at least (64, 80), got "
                                    f"{example_size!r}")
     # the trace runs the network: weights a diverged training left non-finite would fail inside it, unnamed
-    unfinished = next((name for name, tensor in network.state_dict().items()
+    non_finite = next((name for name, tensor in network.state_dict().items()
                        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())), None)
-    if unfinished is not None:
-        raise InvalidArgumentError(f"the network's weights hold NaN or infinity (first in {unfinished}): there is "
+    if non_finite is not None:
+        raise InvalidArgumentError(f"the network's weights hold NaN or infinity (first in {non_finite}): there is "
                                    "nothing to export; did its training diverge?")
     path = Path(path)
     height, width = example_size

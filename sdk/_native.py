@@ -363,7 +363,7 @@ class Problem:
         if image is not None and (len(image.shape) != 3 or tuple(image.shape[1:]) != (height, width)):
             raise InvalidArgumentError(f"image must be (C, {height}, {width}) planes to match the unary, got "
                                        f"{tuple(image.shape)}")
-        if normalization not in NORMALIZATION:
+        if not isinstance(normalization, str) or normalization not in NORMALIZATION:
             raise InvalidArgumentError(f"normalization must be 'after' or 'symmetric', got {normalization!r}")
         for index, kernel in enumerate(kernels):
             if int(np.prod(kernel.weight.shape)) != 1 and tuple(kernel.weight.shape) != (num_labels, num_labels):

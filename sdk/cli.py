@@ -1,8 +1,8 @@
 """The `dynseg` command line: parses and validates arguments, then delegates to the SDK.
 
 Commands: `dynseg --version`, `dynseg --help`, `dynseg demo` (dynseg.sdk.demo.run), and, with torch
-installed, `dynseg train` and `dynseg eval` (dynseg.trainer.train.fit / predict_each and
-dynseg.trainer.evaluation.evaluate_each). Deployment (docs/deploy.md): `dynseg export` (torch;
+installed, `dynseg train` (dynseg.trainer.train.fit) and `dynseg eval` (dynseg.sdk.commands.evaluate, for a
+checkpoint or an exported model). Deployment (docs/deploy.md): `dynseg export` (torch;
 dynseg.export.onnx.export_onnx), `dynseg infer` and `dynseg bench` (no torch), `dynseg validate` and
 `dynseg quickstart` (torch), each over its module in dynseg.sdk.commands. No work is done here.
 Errors dynseg raises on purpose, and files or folders the system refuses, print one line and exit
@@ -27,12 +27,9 @@ from .errors import INSTALL_TRAINER, DynsegError, InvalidArgumentError, counted
 from .graph import DEFAULT_ENGINE_DETECTIONS, DEFAULT_ENGINE_SIZES, DEFAULT_MAX_DETECTIONS, MAX_DETECTIONS
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from dynseg.trainer.train import TrainMode
 
-    from .results import SegmentationResult
-    from .segmenter import Backend, Segmenter
+    from .segmenter import Backend
 
 __all__ = ["app"]
 
@@ -198,8 +195,13 @@ def _refuse_synthetic_options(context: typer.Context, dataset: str, source: str 
                                  "which has its own images: leave them out", param_hint=" / ".join(given))
 
 
+def _split_of(data) -> Optional[str]:
+    """An on-disk dataset's split, with detections attached or as a subset; None for synthetic scenes."""
+    return getattr(getattr(data, "dataset", data), "split", None)
+
+
 def _describe(data, dataset: str, detections: Optional[Path]) -> str:
-    split = getattr(getattr(data, "dataset", data), "split", None)  # on-disk datasets, with detections or not
+    split = _split_of(data)
     what = f"{len(data)} {dataset} images" + (f" (split {split})" if split else "")
     return what + (f", detections from {detections}" if detections else ", simulated detections")
 
@@ -260,22 +262,19 @@ def train(
 
     import torch
 
-    from dynseg.trainer.data.sources import DEFAULT_SPLITS
     from dynseg.trainer.model import ModelConfig, build_model
     from dynseg.trainer.train import TrainConfig, fit
 
     torch.manual_seed(seed)
     data = _open_data("train", dataset, data_root, split, detections, size=images, image_size=image_size, seed=seed)
-    if dataset != "synthetic":
-        split = split or DEFAULT_SPLITS["train"][dataset]
-        if held_out_images and (held_out_split or DEFAULT_SPLITS["eval"][dataset]) == split:
-            typer.echo(f"Warning: the held-out images come from the training split {split}: their metrics score "
-                       "images the network is trained on (--held-out-split names another)", err=True)
     held_out = None
     if held_out_images:
         held_out = _open_data("eval", dataset, data_root, held_out_split, None, size=held_out_images,
                               image_size=image_size, num_classes=len(data.class_names) - 1, seed=seed + 1)
         held_out = torch.utils.data.Subset(held_out, range(min(held_out_images, len(held_out))))
+        if _split_of(data) is not None and _split_of(held_out) == _split_of(data):
+            typer.echo(f"Warning: the held-out images come from the training split {_split_of(data)}: their "
+                       "metrics score images the network is trained on (--held-out-split names another)", err=True)
     try:
         config = ModelConfig(backbone=cast(BackboneName, backbone), class_names=tuple(data.class_names[1:]))
         model = build_model(config, pretrained=pretrained)
@@ -289,7 +288,7 @@ def train(
                                  learning_rate=learning_rate / defaults.INSTANCE_LR_DIVISOR, seed=seed),
             printer=typer.echo, live=sys.stdout.isatty(), held_out=held_out, eval_seed=seed + 1,
             training_data={"dataset": dataset, "seed": seed, "image_size": image_size,  # what eval holds out from
-                           "split": None if dataset == "synthetic" else split})
+                           "split": _split_of(data)})
     except (DynsegError, OSError) as error:  # an annotation or image the dataset could not read
         raise _fail(str(error)) from error
     typer.echo(f"wrote {out}/model.safetensors, {out}/model.json and {out}/epochs.jsonl; next: dynseg eval {out}")
@@ -327,8 +326,9 @@ def evaluate_command(
     _torch_or_fail("dynseg eval")
 
     from dynseg.trainer.checkpoint import TRAINING_DATA, read_training_data
-    from dynseg.trainer.evaluation import PROTOCOLS, evaluate_each, metrics_table, write_metrics
-    from dynseg.trainer.train import predict_each
+    from dynseg.trainer.evaluation import PROTOCOLS, metrics_table, write_metrics
+
+    from .commands import evaluate as evaluation
 
     if protocol not in PROTOCOLS:
         raise typer.BadParameter(f"must be one of {', '.join(PROTOCOLS)}", param_hint="--protocol")
@@ -336,7 +336,7 @@ def evaluate_command(
         trained_on = read_training_data(model) if model.is_dir() else None
     except DynsegError as error:
         raise _fail(str(error)) from error
-    source = None
+    defaulted, source = dataset is None, None
     if dataset is None:  # a checkpoint is scored on its own dataset unless told otherwise
         dataset = trained_on["dataset"] if trained_on else "synthetic"
         source = f"{dataset}, the dataset {model} was trained on ({TRAINING_DATA})" if trained_on else None
@@ -351,31 +351,31 @@ def evaluate_command(
     if dataset == "synthetic" and trained_on and trained_on["dataset"] == "synthetic" and seed == trained_on["seed"]:
         typer.echo(f"Warning: --seed {seed} is the seed {model} was trained with: these are its training scenes, "
                    "not held-out ones", err=True)
-    if dataset != "synthetic" and trained_on and trained_on["dataset"] == dataset:
-        from dynseg.trainer.data.sources import DEFAULT_SPLITS
-
-        if trained_on.get("split") == (split or DEFAULT_SPLITS["eval"][dataset]):
-            typer.echo(f"Warning: split {trained_on['split']} is the split {model} was trained on: these are its "
-                       "training images, not held-out ones", err=True)
+    named = f"--dataset {dataset}" if not defaulted else source or f"the default dataset, {dataset}"
+    if defaulted and trained_on is None:  # an export, or a checkpoint from before the record
+        typer.echo(f"Note: {model} records no training data: scoring synthetic scenes of seed {seed} at "
+                   f"{image_size[0]}x{image_size[1]}; --dataset, --seed and --image-size choose its held-out data",
+                   err=True)
     segmenter = _segmenter(model, "auto", device)
     class_names = segmenter.class_names
     data = _open_data("eval", dataset, data_root, split, detections, size=images, image_size=image_size,
                       num_classes=len(class_names), seed=seed)
     if len(data.class_names) - 1 != len(class_names):
-        raise _fail(f"the model has {len(class_names)} classes, --dataset {dataset} has {len(data.class_names) - 1}")
+        raise _fail(f"the model has {len(class_names)} classes, {named} has {len(data.class_names) - 1}")
     if tuple(data.class_names[1:]) != tuple(class_names):  # the same count is not the same classes
-        raise _fail(f"the model's classes {list(class_names)} are not --dataset {dataset}'s "
-                    f"{list(data.class_names[1:])}")
+        raise _fail(f"the model's classes {list(class_names)} are not {named}'s {list(data.class_names[1:])}")
+    trained_split = trained_on.get("split") if trained_on and trained_on["dataset"] == dataset else None
+    if trained_split is not None and _split_of(data) == trained_split:
+        typer.echo(f"Warning: split {_split_of(data)} is the split {model} was trained on: these are its training "
+                   "images, not held-out ones", err=True)
     target = out or (model if model.is_dir() else model.parent / f"{model.stem}_eval")
-    _make_folder(target, "--out", target)
-    segment, trimmed = _within_the_models_limit(segmenter)
-    try:  # one image's masks in memory at a time
-        metrics = evaluate_each(predict_each(segment, data, seed=seed, num_classes=len(class_names)),
-                                num_classes=len(class_names), protocol=protocol)
+    _make_folder(target, "--out" if out else "the default output folder", target)
+    try:
+        metrics, trimmed = evaluation.run(segmenter, data, seed=seed, protocol=protocol)
     except (DynsegError, OSError) as error:
         raise _fail(str(error)) from error
     if trimmed:
-        typer.echo(f"Warning: {counted(len(trimmed), 'image')} had more detections than {model} takes "
+        typer.echo(f"Warning: {counted(trimmed, 'image')} had more detections than {model} takes "
                    f"({segmenter.max_detections}): each was scored with its {segmenter.max_detections} most "
                    "confident", err=True)
     if all(math.isnan(v) for v in metrics["ap_r"].values()):  # AP^r is undefined only without ground truth
@@ -386,25 +386,6 @@ def evaluate_command(
                f"values in %\n{metrics_table(metrics)}")
     as_json, as_table = write_metrics(target, metrics)
     typer.echo(f"wrote {as_json} and {as_table}")
-
-
-def _within_the_models_limit(segmenter: Segmenter) -> tuple[Callable[..., SegmentationResult], list[int]]:
-    """`segmenter.segment` for evaluation: an image with more detections than an exported model takes
-    (`dynseg export --max-detections`) keeps its most confident, as `dynseg infer --keep-top` would, and is
-    counted in the returned list (each such image's detection count) rather than refused."""
-    from .commands.images import ImageDetections
-    from .commands.infer import most_confident
-
-    trimmed: list[int] = []
-
-    def segment(image, boxes, labels, scores) -> SegmentationResult:
-        if len(scores) > segmenter.max_detections:
-            trimmed.append(len(scores))
-            kept = most_confident(ImageDetections(len(trimmed), boxes, labels, scores), segmenter.max_detections)
-            boxes, labels, scores = kept.boxes, kept.labels, kept.scores
-        return segmenter.segment(image, boxes, labels, scores)
-
-    return segment, trimmed
 
 
 # ------------------------------------------------------------------------------------------ deployment

@@ -161,8 +161,8 @@ class Segmenter:
 
     def __reduce__(self) -> tuple:
         # onnxruntime's sessions and TensorRT's engine cannot be pickled: say so rather than fail inside them
-        raise TypeError(f"{self!r} cannot be pickled: it holds a loaded model; open one Segmenter per process "
-                        "(in a process pool, in each worker's initializer) from the model's path")
+        raise TypeError(f"{self!r} cannot be pickled or copied: it holds a loaded model; open one Segmenter per "
+                        "process (in a process pool, in each worker's initializer) from the model's path")
 
     def __repr__(self) -> str:
         return f"Segmenter({str(self.path)!r}, backend={self.backend_name!r}, classes={len(self.class_names)})"

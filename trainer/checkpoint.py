@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -18,7 +20,6 @@ from dynseg.sdk.commands.defaults import MAX_IMAGE_SIDE, MAX_SEED, MIN_IMAGE_SID
 from dynseg.sdk.errors import InvalidArgumentError, one_line
 from dynseg.sdk.inputs import is_int
 
-from .data.sources import DATASETS
 from .model import DynamicallyInstantiatedNetwork, ModelConfig, build_model
 
 __all__ = ["load_checkpoint", "read_training_data", "save_checkpoint", "weights_fingerprint", "write_training_data"]
@@ -80,12 +81,14 @@ def load_weights(model: torch.nn.Module, path: Path, model_name: str) -> None:
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
     reshaped = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
-    # load_state_dict would cast them silently: integer weights are no network's
-    retyped = [k for k in expected if k in weights and weights[k].dtype != expected[k].dtype]
+    # load_state_dict would cast them silently: integer weights where the network has floats (or the
+    # reverse) are another file's; another float precision (an fp16 copy) casts safely
+    retyped = [k for k in expected
+               if k in weights and weights[k].is_floating_point() != expected[k].is_floating_point()]
     if missing or unexpected or reshaped or retyped:  # torch's own message lists every key, hundreds of lines
         counts = [f"{len(keys)} {what} (first {keys[0]})" for what, keys in
                   (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped),
-                   ("of another dtype", retyped)) if keys]
+                   ("of another kind of dtype", retyped)) if keys]
         raise InvalidArgumentError(f"{path} does not fit {model_name}: tensors {', '.join(counts)}")
     model.load_state_dict(weights)
 
@@ -105,11 +108,21 @@ def write_training_data(checkpoint: str | Path, *, dataset: str, seed: int, imag
                         split: str | None = None) -> None:
     """Records in the checkpoint folder `checkpoint` what its network was trained on: the dataset's name,
     the seed of its data and simulated detections, the synthetic scenes' (height, width), and an on-disk
-    dataset's split. `train.fit` writes it beside each stage's checkpoint (its `training_data`)."""
-    record = {"dataset": dataset, "seed": int(seed), "image_size": [int(n) for n in image_size]}
+    dataset's split. `train.fit` writes it beside each stage's checkpoint (its `training_data`). Raises
+    InvalidArgumentError for a record read_training_data would refuse."""
+    record = {"dataset": dataset, "seed": seed, "image_size": list(image_size)}
     if split is not None:
         record["split"] = split
+    check_training_data(record)
     (Path(checkpoint) / TRAINING_DATA).write_text(json.dumps(record))
+
+
+def check_training_data(record: Mapping[str, Any]) -> None:
+    """Raises InvalidArgumentError, naming `training_data`, unless `record` holds write_training_data's
+    fields in range: `train.fit` checks its `training_data` before it trains."""
+    problem = _training_data_problem(dict(record, image_size=list(record.get("image_size", ()))))
+    if problem is not None:
+        raise InvalidArgumentError(f"training_data: {problem}; {_TRAINING_DATA_FIELDS}")
 
 
 def read_training_data(directory: str | Path) -> dict | None:
@@ -127,14 +140,18 @@ def read_training_data(directory: str | Path) -> dict | None:
     if problem is None:
         return data
     raise InvalidArgumentError(f"{path} is malformed ({problem}): it records what the checkpoint was trained on "
-                               f"as {{\"dataset\": one of {', '.join(DATASETS)}, \"seed\": 0..{MAX_SEED}, "
-                               f"\"image_size\": [height, width], each {MIN_IMAGE_SIDE}..{MAX_IMAGE_SIDE}, and an "
-                               "on-disk dataset's \"split\"}; fix it, or delete it and give the evaluation's options "
+                               f"{_TRAINING_DATA_FIELDS}; fix it, or delete it and give the evaluation's options "
                                "yourself")
+
+
+_TRAINING_DATA_FIELDS = (f'as {{"dataset": a dataset\'s name, "seed": 0..{MAX_SEED}, "image_size": [height, width], '
+                         f'each {MIN_IMAGE_SIDE}..{MAX_IMAGE_SIDE}, and an on-disk dataset\'s "split"}}')
 
 
 def _training_data_problem(data: object) -> str | None:
     """What is wrong with a training-data record, or None."""
+    from .data.sources import DATASETS  # here: loading a checkpoint pulls in no dataset code
+
     if not isinstance(data, dict) or not {"dataset", "seed", "image_size"} <= set(data):
         return f"got {data!r:.200}"
     seed, size, split = data["seed"], data["image_size"], data.get("split")

@@ -131,6 +131,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not 0 <= args.seed <= defaults.MAX_SEED:
         parser.error(f"--seed must be in 0..{defaults.MAX_SEED}, got {args.seed}")
+    if not all(defaults.MIN_IMAGE_SIDE <= side <= defaults.MAX_IMAGE_SIDE for side in args.image_size):
+        parser.error(f"--image-size: each side must be in {defaults.MIN_IMAGE_SIDE}..{defaults.MAX_IMAGE_SIDE}, got "
+                     f"{' '.join(map(str, args.image_size))}")
 
     from ..sdk.errors import DynsegError
     from .data import SyntheticScenes

@@ -47,7 +47,7 @@ from dynseg.sdk.results import SegmentationResult, build_result
 from . import distributed, fields
 from .data import VOID
 from .boxes import mask_boxes
-from .checkpoint import TRAINING_DATA, load_weights, save_checkpoint, write_training_data
+from .checkpoint import TRAINING_DATA, check_training_data, load_weights, save_checkpoint, write_training_data
 from .data.common import Samples
 from .data.detections import Detections, simulate_detections
 from .data.sources import inside_image
@@ -481,6 +481,8 @@ def fit(
     out_dir = Path(out_dir)
     if len(dataset) == 0:  # before the last run's files go: a run that cannot start leaves them
         raise InvalidArgumentError("dataset holds no image: nothing to train on")
+    if training_data is not None:  # before training: it is written after each stage
+        check_training_data(training_data)
     epochs = (out_dir / "epochs.jsonl").resolve()  # not relative to stage 1's out_dir/semantic
     out_dir.mkdir(parents=True, exist_ok=True)
     if distributed.rank() == 0:
@@ -571,6 +573,9 @@ def predict_each(segment: Segment, dataset: Samples, *, num_classes: int,
     with the detections `evaluation_inputs` gives (the samples' own, or simulated from the ground truth:
     the same detections for the same seed), yielding each image's (prediction, ground truth) as
     `evaluation.evaluate` reads them, one image at a time."""
+    if isinstance(segment, nn.Module):  # callable too, but fed numpy arrays it fails deep inside the network
+        raise InvalidArgumentError("segment must be a Segment, such as network_segment(model) or an exported "
+                                   "model's Segmenter.segment, not the network itself")
     for image, detections, truth in evaluation_inputs(dataset, seed=seed, num_classes=num_classes):
         result = segment(image.permute(1, 2, 0).to(torch.uint8).numpy(),
                          *(detections[k].numpy() for k in ("boxes", "labels", "scores")))

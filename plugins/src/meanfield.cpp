@@ -96,7 +96,11 @@ MeanField::MeanField(const dynseg_crf_problem& problem, int pass, Workspace& ws)
         h_ = ws.take<float>(size);
         reduce_chunk_ = std::max<int64_t>(kGrain, (pixels_ + kMaxReduceChunks - 1) / kMaxReduceChunks);
         const int64_t chunks = (pixels_ + reduce_chunk_ - 1) / reduce_chunk_;
-        partial_ = ws.take<double>(chunks * labels_ * labels_);
+        // the parameter sums P: L x L where a matrix weight or a full compatibility reads them, else only
+        // their diagonal (memory: L can be 65536)
+        bool full = problem.compat_kind == DYNSEG_COMPAT_FULL;
+        for (int k = 0; k < problem.num_kernels; ++k) full = full || is_matrix(problem.kernels[k]);
+        partial_ = ws.take<double>(chunks * (full ? labels_ * labels_ : labels_));
     }
 }
 

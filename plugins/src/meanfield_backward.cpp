@@ -28,7 +28,7 @@ void MeanField::backward(const float* unary, const float* grad_logits, float* gr
     std::vector<double> dweight[DYNSEG_MAX_KERNELS];
     for (int k = 0; k < p_.num_kernels; ++k) dweight[k].assign(is_matrix(p_.kernels[k]) ? L * L : 1, 0.0);
     std::vector<double> dmu(kind == DYNSEG_COMPAT_FULL ? L * L : kind == DYNSEG_COMPAT_DIAGONAL ? L : 0, 0.0);
-    std::vector<double> P;  // L x L, or its diagonal alone where nothing reads the rest (memory: L can be 65536)
+    std::vector<double> P;  // L x L, or its diagonal alone where nothing reads the rest (as partial_)
 
     for (int t = p_.iterations - 1; t >= 0; --t) {
         const float* Q = history_ + t * size;

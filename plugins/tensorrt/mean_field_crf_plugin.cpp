@@ -69,12 +69,15 @@ std::string const& version_mismatch() noexcept {
     static std::string const mismatch = []() -> std::string {
         try {
             int32_t const running = running_tensorrt_version();
-            if (running < 0 || running / 10000 == NV_TENSORRT_MAJOR) return {};
+            if (running < 0) return {};
+            // major * 10000 + minor * 100 + patch since TensorRT 10, major * 1000 + minor * 100 + patch before
+            int32_t const scale = running >= 100000 ? 10000 : 1000;
+            int32_t const major = running / scale;
+            if (major == NV_TENSORRT_MAJOR) return {};
             return "dynseg::MeanFieldCRF: this plugin library was compiled against TensorRT " +
-                   std::to_string(NV_TENSORRT_MAJOR) + "'s headers but runs in TensorRT " +
-                   std::to_string(running / 10000) + "." + std::to_string(running / 100 % 100) + "." +
-                   std::to_string(running % 100) + "; it offers no plugin. Rebuild it against this TensorRT "
-                   "(TensorRT_ROOT, docs/tensorrt.md).";
+                   std::to_string(NV_TENSORRT_MAJOR) + "'s headers but runs in TensorRT " + std::to_string(major) +
+                   "." + std::to_string(running % scale / 100) + "." + std::to_string(running % 100) +
+                   "; it offers no plugin. Rebuild it against this TensorRT (TensorRT_ROOT, docs/tensorrt.md).";
         } catch (...) {
             return "dynseg::MeanFieldCRF: out of host memory while checking TensorRT's version";
         }

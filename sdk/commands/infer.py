@@ -47,8 +47,16 @@ def most_confident(dets: ImageDetections, count: int) -> ImageDetections:
     """The `count` highest-scoring of an image's detections (ties: the earlier one), in their order."""
     if len(dets.scores) <= count:
         return dets
-    kept = np.sort(np.argsort(-dets.scores, kind="stable")[:count])
-    return dets._replace(boxes=dets.boxes[kept], labels=dets.labels[kept], scores=dets.scores[kept])
+    boxes, labels, scores = keep_most_confident(dets.boxes, dets.labels, dets.scores, count)
+    return dets._replace(boxes=boxes, labels=labels, scores=scores)
+
+
+def keep_most_confident(boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray,
+                        count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The `count` highest-scoring of (D, 4) boxes, (D,) labels and (D,) scores (ties: the earlier one), in
+    their order."""
+    kept = np.sort(np.argsort(-np.asarray(scores), kind="stable")[:count])
+    return boxes[kept], labels[kept], scores[kept]
 
 
 def run(segmenter: Segmenter, images: Sequence[str | Path], detections: str | Path, out: str | Path, *,

@@ -237,15 +237,20 @@ def test_the_library_offers_one_creator_named_as_the_onnx_node_routes_it(tensorr
     assert tensorrt.lib.harness_creator_identity() == b"dynseg::MeanFieldCRF 1"
 
 
-@pytest.mark.parametrize("same_major", [True, False])
-def test_the_library_serves_only_the_tensorrt_major_version_its_headers_are_from(tensorrt, tmp_path, same_major):
+@pytest.mark.parametrize("running", ["the headers'", "the next", "8.6.1"])
+def test_the_library_serves_only_the_tensorrt_major_version_its_headers_are_from(tensorrt, tmp_path, running):
     """A stand-in libnvinfer loaded with local symbols, as Python's tensorrt module loads the real one,
     reports the running version; the plugin finds it among the process's objects (a fresh process each)."""
     if shutil.which("g++") is None:
         pytest.skip("the stand-in libnvinfer needs g++")
-    major = int(tensorrt.lib.dynseg_tensorrt_headers_major()) + (0 if same_major else 1)
+    headers = int(tensorrt.lib.dynseg_tensorrt_headers_major())
+    # getInferLibVersion: major * 10000 + minor * 100 + patch since TensorRT 10, major * 1000 + ... before
+    major, version, shown = {"the headers'": (headers, headers * 10000 + 203, None),
+                             "the next": (headers + 1, (headers + 1) * 10000 + 203, f"{headers + 1}.2.3"),
+                             "8.6.1": (8, 8601, "8.6.1")}[running]
+    same_major = shown is None
     stub = tmp_path / f"libnvinfer.so.{major}"
-    source = f'extern "C" int getInferLibVersion() noexcept {{ return {major * 10000 + 203}; }}'
+    source = f'extern "C" int getInferLibVersion() noexcept {{ return {version}; }}'
     subprocess.run(["g++", "-shared", "-fPIC", "-x", "c++", "-", "-o", str(stub)], input=source, text=True,
                    check=True)
     script = (f"import ctypes; ctypes.CDLL({str(stub)!r}); lib = ctypes.CDLL({str(tensorrt.path)!r}); "
@@ -256,7 +261,7 @@ def test_the_library_serves_only_the_tensorrt_major_version_its_headers_are_from
         assert (result.stdout.strip(), result.stderr) == ("dynseg::MeanFieldCRF 1", "")
     else:
         assert result.stdout.strip() == ""
-        assert (f"compiled against TensorRT {major - 1}'s headers but runs in TensorRT {major}.2.3; "
+        assert (f"compiled against TensorRT {headers}'s headers but runs in TensorRT {shown}; "
                 "it offers no plugin") in result.stderr
 
 

@@ -151,14 +151,36 @@ def test_every_problem_method_refuses_planes_of_another_shape_before_the_library
         problem.filter(0, np.zeros((72,), np.float32), False)
 
 
-def test_every_problem_method_reads_one_gradient_pointer_per_kernel(smooth_image):
-    # the library reads num_kernels pointers: a shorter list would be read past its end
+def test_both_backward_methods_read_one_gradient_pointer_per_kernel(smooth_image):
+    # the library reads num_kernels pointers: a shorter list would be read past its end; checked before
+    # any device is touched, so backward_cuda's check runs on any machine
     problem = one_kernel_problem(smooth_image(8, 9), "spatial", labels=3)
     planes = np.zeros((3, 8, 9), np.float32)
     for wanted in ([], [True, True]):
         with pytest.raises(InvalidArgumentError, match=rf"want_weights must have one entry per kernel \(1\), got "
                                                        rf"{len(wanted)}"):
             problem.backward(planes, planes, wanted, False)
+        with pytest.raises(InvalidArgumentError, match=rf"grad_weights must have one entry per kernel \(1\), got "
+                                                       rf"{len(wanted)}"):
+            problem.backward_cuda(planes, planes, planes, [None] * len(wanted), None, 0, 0, 0)
+
+
+def _backward_workspace(labels: int, weight: np.ndarray) -> int:
+    problem = _native.Problem(labels, 1, 1, None, [_native.Kernel(3.0, 0.0, weight)], compat=None,
+                              normalization="after", iterations=1, output=_native.Output.LOGITS, threads=1)
+    size = ctypes.c_size_t()
+    assert _native.library().dynseg_crf_workspace_size(ctypes.byref(problem.struct), _native.Pass.BACKWARD,
+                                                       ctypes.byref(size)) == 0
+    return size.value
+
+
+def test_the_backward_workspace_holds_the_l_by_l_sums_only_where_a_matrix_reads_them():
+    # one pixel: the L x L parameter sums dominate the workspace where they are taken in full
+    scalar = {labels: _backward_workspace(labels, np.ones(1, np.float32)) for labels in (1024, 2048)}
+    matrix = {labels: _backward_workspace(labels, np.eye(labels, dtype=np.float32)) for labels in (1024, 2048)}
+    assert scalar[2048] < 2.5 * scalar[1024]  # linear in L
+    assert matrix[2048] > 3.5 * matrix[1024]  # quadratic: a matrix weight reads them all
+    assert scalar[2048] < matrix[2048] / 100
 
 
 def test_the_filter_refuses_non_finite_values_and_an_output_that_overflows(smooth_image):

@@ -120,6 +120,7 @@ def test_eval_scores_an_exported_model_as_it_scores_its_checkpoint(tmp_path):
         result = run("eval", model, *SYNTHETIC, "--seed", "3")
         assert result.exit_code == 0, result.output
         assert f"wrote {written}/metrics.json" in result.output
+        assert "records no training data: scoring synthetic scenes of seed 3 at 48x64" in " ".join(result.output.split())
         metrics = json.loads((written / "metrics.json").read_text())
         scored[model.name] = {**{f"ap_r {k}": v for k, v in metrics.pop("ap_r").items()}, **metrics}
     assert scored["checkpoint"]["matching_iou"] > 0  # instances were found and matched
@@ -326,6 +327,11 @@ def test_an_interrupted_run_leaves_stage_1_knowing_what_it_was_trained_on(tmp_pa
     assert read_training_data(tmp_path / "run" / "semantic") == {"dataset": "synthetic", "seed": 4,
                                                                  "image_size": [48, 64]}
     assert read_training_data(tmp_path / "run") is None  # stage 2 wrote no checkpoint
+    with pytest.raises(InvalidArgumentError, match=r"training_data: seed -1"):  # refused before any training
+        training.fit(model, scenes, out_dir=tmp_path / "other", semantic=TrainConfig(stage="semantic", steps=1),
+                     instance=TrainConfig(stage="instance", steps=1), printer=lambda _: None,
+                     training_data={"dataset": "synthetic", "seed": -1, "image_size": (48, 64)})
+    assert not (tmp_path / "other").exists()
 
 
 def test_held_out_images_from_the_training_split_are_trained_on_and_said_to_be(tmp_path):

@@ -126,10 +126,10 @@ def test_a_broken_or_foreign_checkpoint_is_named_in_one_line(tmp_path):
                                       r"does not fit its model.json \(resnet50, .* missing \(first "),
         "class names as one string": ("model.json", re.sub(r'"class_names": \[[^]]*\]', '"class_names": "disc"',
                                                            (good / "model.json").read_text()),
-                                      "model.json is not a dynseg model config.*class_names is a JSON list"),
+                                      "model.json is not a dynseg model config.*class_names must be a JSON list"),
         "integer weights": ("model.safetensors", save_tensors({k: v.long() if v.is_floating_point() else v
                                                                for k, v in model.state_dict().items()}),
-                            r"does not fit its model.json .* of another dtype \(first "),
+                            r"does not fit its model.json .* of another kind of dtype \(first "),
     }
     for name, (file, text, message) in cases.items():
         broken = tmp_path / name.replace(" ", "_")

@@ -65,7 +65,7 @@ class ModelConfig:
             raise InvalidArgumentError(f"a model config is a JSON object, got {type(raw).__name__}")
         for key in ("class_names", "mean", "std"):  # tuple("disc") would be four class names
             if not isinstance(raw.get(key), list):
-                raise InvalidArgumentError(f"a model config's {key} is a JSON list, got {raw.get(key)!r:.80}")
+                raise InvalidArgumentError(f"a model config's {key} must be a JSON list, got {raw.get(key)!r:.80}")
         semantic = raw.get("semantic_crf")
         return cls(
             backbone=raw["backbone"],
