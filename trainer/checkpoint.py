@@ -120,7 +120,8 @@ def write_training_data(checkpoint: str | Path, *, dataset: str, seed: int, imag
 def check_training_data(record: Mapping[str, Any]) -> None:
     """Raises InvalidArgumentError, naming `training_data`, unless `record` holds write_training_data's
     fields in range: `train.fit` checks its `training_data` before it trains."""
-    problem = _training_data_problem(dict(record, image_size=list(record.get("image_size", ()))))
+    size = record.get("image_size")
+    problem = _training_data_problem(dict(record, image_size=list(size)) if isinstance(size, tuple) else dict(record))
     if problem is not None:
         raise InvalidArgumentError(f"training_data: {problem}; {_TRAINING_DATA_FIELDS}")
 
