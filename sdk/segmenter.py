@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from numbers import Real
 from pathlib import Path
-from typing import Literal, Protocol, get_args
+from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -97,12 +97,28 @@ class Segmenter:
             from .tensorrt_backend import TensorRTBackend
 
             self._backend = TensorRTBackend(path, device=device)
+        self._attach(self._backend, path)
+
+    @classmethod
+    def of_network(cls, network: Any) -> Segmenter:
+        """A Segmenter over a trained network in memory (dynseg.trainer's DynamicallyInstantiatedNetwork), on
+        the torch backend and the device of its parameters, without a checkpoint on disk: what training's
+        held-out evaluation segments with. Sets the network to eval mode."""
+        from .torch_backend import TorchBackend
+
+        segmenter = cls.__new__(cls)
+        segmenter.backend_name = "torch"
+        segmenter._backend = TorchBackend.of_network(network)
+        segmenter._attach(segmenter._backend, None)
+        return segmenter
+
+    def _attach(self, backend: NetworkBackend, path: Path | None) -> None:
         self.path = path
-        self.class_names: tuple[str, ...] = self._backend.class_names
-        self.max_detections: int = self._backend.max_detections
+        self.class_names: tuple[str, ...] = backend.class_names
+        self.max_detections: int = backend.max_detections
         # sha256 of the weights this model runs (dynseg.trainer.checkpoint.weights_fingerprint); None for
         # an export older than the fingerprint
-        self.weights_fingerprint: str | None = self._backend.weights_fingerprint
+        self.weights_fingerprint: str | None = backend.weights_fingerprint
 
     def segment(self, image: ImageLike, boxes: ArrayLike, labels: ArrayLike, scores: ArrayLike, *,
                 timings: dict[str, float] | None = None) -> SegmentationResult:
@@ -165,4 +181,5 @@ class Segmenter:
                         "process (in a process pool, in each worker's initializer) from the model's path")
 
     def __repr__(self) -> str:
-        return f"Segmenter({str(self.path)!r}, backend={self.backend_name!r}, classes={len(self.class_names)})"
+        where = "a network in memory" if self.path is None else repr(str(self.path))
+        return f"Segmenter({where}, backend={self.backend_name!r}, classes={len(self.class_names)})"

@@ -5,6 +5,7 @@ imported when it is chosen."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -16,13 +17,14 @@ UNLIMITED_DETECTIONS = 10_000  # the network itself has no limit; this keeps a c
 
 
 class TorchBackend:
-    """A checkpoint directory (model.json + model.safetensors) on the CPU or a CUDA device."""
+    """A checkpoint directory (model.json + model.safetensors) on the CPU or a CUDA device, or a network in
+    memory (`of_network`)."""
 
     def __init__(self, path: str | Path, *, device: str = "cpu"):
         try:
             import torch
 
-            from dynseg.trainer.checkpoint import load_checkpoint, weights_fingerprint
+            from dynseg.trainer.checkpoint import load_checkpoint
         except ImportError as error:
             raise InvalidArgumentError(
                 f"backend='torch' needs PyTorch and dynseg's trainer: {INSTALL_TRAINER} ({error})"
@@ -31,18 +33,36 @@ class TorchBackend:
         if index is not None and index >= torch.cuda.device_count():
             raise InvalidArgumentError(f"device {device!r}: this torch {torch.__version__} sees "
                                        f"{torch.cuda.device_count()} CUDA device(s)")
-        self.path = Path(path)
+        self.path: Path | None = Path(path)
         if not self.path.is_dir():
             raise InvalidArgumentError(f"checkpoint {self.path} is not a directory (model.json + model.safetensors)")
         try:
-            self._model = load_checkpoint(self.path).eval().to(device)
+            network = load_checkpoint(self.path).to(device)
         except FileNotFoundError as error:
             raise InvalidArgumentError(str(error)) from None
+        self._serve(network, device)
+
+    @classmethod
+    def of_network(cls, network: Any) -> TorchBackend:
+        """The backend of a DynamicallyInstantiatedNetwork in memory, on the device of its parameters (set to
+        eval mode): what training's held-out evaluation runs, so that it scores as `dynseg eval` of the
+        checkpoint it saves."""
+        backend = cls.__new__(cls)
+        backend.path = None
+        backend._serve(network, str(next(network.parameters()).device))
+        return backend
+
+    def _serve(self, network: Any, device: str) -> None:
+        import torch
+
+        from dynseg.trainer.checkpoint import weights_fingerprint
+
+        self._model = network.eval()
         self._torch = torch
         self._device = device
-        self.class_names: tuple[str, ...] = tuple(self._model.config.class_names)
+        self.class_names: tuple[str, ...] = tuple(network.config.class_names)
         self.max_detections = UNLIMITED_DETECTIONS
-        self.weights_fingerprint: str | None = weights_fingerprint(self._model)
+        self.weights_fingerprint: str | None = weights_fingerprint(network)
 
     def run(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray, *,
             timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:

@@ -40,9 +40,9 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dynseg.sdk.errors import InvalidArgumentError, one_line
-from dynseg.sdk.inputs import check_detections as check_detections_np
 from dynseg.sdk.inputs import is_int
-from dynseg.sdk.results import SegmentationResult, build_result
+from dynseg.sdk.results import SegmentationResult
+from dynseg.sdk.segmenter import Segmenter
 
 from . import distributed, fields
 from .data import VOID
@@ -192,7 +192,7 @@ def train(
     {"stage", "epoch", "step", "images", "loss" (mean over the epoch's steps this run made),
     "lr" (of its last step), "images_per_s", "seconds" (since the stage began)}, and, when a
     `held_out` dataset is given, "held_out": `evaluation.evaluate`'s metrics (protocol "original") of
-    `predict_each(network_segment(model), held_out, seed=eval_seed)`.
+    `predict_each(Segmenter.of_network(model).segment, held_out, seed=eval_seed)`.
 
     Batches go to the device of the model's parameters. Under an initialised process group every
     process calls this with the same arguments, and gets the same log back: losses are means over the
@@ -283,8 +283,8 @@ def train(
                 }
                 epoch_losses = []
                 if held_out is not None:
-                    scores = evaluate_each(predict_each(network_segment(model), held_out, seed=eval_seed,
-                                                        num_classes=model.config.num_classes),
+                    scores = evaluate_each(predict_each(Segmenter.of_network(model).segment, held_out,
+                                                        seed=eval_seed, num_classes=model.config.num_classes),
                                            num_classes=model.config.num_classes)
                     record["held_out"] = scores
                     _training_modes(model, config)
@@ -533,49 +533,30 @@ def evaluation_inputs(dataset: Samples, *, seed: int,
         yield image, {k: torch.from_numpy(detections[k]) for k in ("boxes", "labels", "scores")}, truth
 
 
-# What evaluation runs on each image, with `Segmenter.segment`'s signature: image (H, W, 3) uint8 RGB,
-# boxes (D, 4), labels (D,), scores (D,) in; the SDK's result out.
+# What evaluation runs on each image: `Segmenter.segment`, of an exported model or of a network in memory
+# (`Segmenter.of_network`). Image (H, W, 3) uint8 RGB, boxes (D, 4), labels (D,), scores (D,) in; the SDK's
+# result out, so that evaluation scores what a deployed model returns.
 Segment = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], SegmentationResult]
-
-
-def network_segment(model: DynamicallyInstantiatedNetwork) -> Segment:
-    """The network in memory as a `Segment`: the detections checked as the SDK checks them, its forward
-    pass on the device of its parameters, then the SDK's post-processing, so that evaluation scores what
-    a deployed model returns (as the torch backend's `Segmenter.segment` does from a checkpoint)."""
-    device = next(model.parameters()).device
-    class_names = model.config.class_names
-
-    def segment(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> SegmentationResult:
-        height, width = image.shape[:2]
-        detections = check_detections_np(boxes, labels, scores, height=height, width=width,
-                                         num_classes=len(class_names))
-        tensors = [torch.from_numpy(a).to(device) for a in (detections.boxes, detections.labels, detections.scores)]
-        model.eval()
-        with torch.no_grad():
-            out = model(torch.from_numpy(image).permute(2, 0, 1).float().to(device), *tensors)
-        return build_result(image, out.instance_logits.cpu().numpy(), out.semantic_probabilities.cpu().numpy(),
-                            detections, class_names)
-
-    return segment
 
 
 def predict(model: DynamicallyInstantiatedNetwork, dataset: Samples, *, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """The network's predictions and the ground truths of every image of `dataset` (see `predict_each`),
     as the two lists `evaluation.evaluate` takes. Every mask of the dataset is then in memory: to score a
     whole split, `evaluation.evaluate_each(predict_each(...))` holds one image's."""
-    pairs = list(predict_each(network_segment(model), dataset, num_classes=model.config.num_classes, seed=seed))
+    pairs = list(predict_each(Segmenter.of_network(model).segment, dataset, num_classes=model.config.num_classes,
+                              seed=seed))
     return [p for p, _ in pairs], [t for _, t in pairs]
 
 
 def predict_each(segment: Segment, dataset: Samples, *, num_classes: int,
                  seed: int = 0) -> Iterator[tuple[dict, dict]]:
-    """Runs `segment` (`network_segment(model)`, or an exported model's `Segmenter.segment`) over `dataset`
+    """Runs `segment` (`Segmenter.of_network(model).segment`, or an exported model's) over `dataset`
     with the detections `evaluation_inputs` gives (the samples' own, or simulated from the ground truth:
     the same detections for the same seed), yielding each image's (prediction, ground truth) as
     `evaluation.evaluate` reads them, one image at a time."""
     if isinstance(segment, nn.Module):  # callable too, but fed numpy arrays it fails deep inside the network
-        raise InvalidArgumentError("segment must be a Segment, such as network_segment(model) or an exported "
-                                   "model's Segmenter.segment, not the network itself")
+        raise InvalidArgumentError("segment must be a Segment, such as Segmenter.of_network(model).segment, "
+                                   "not the network itself")
     for image, detections, truth in evaluation_inputs(dataset, seed=seed, num_classes=num_classes):
         result = segment(image.permute(1, 2, 0).to(torch.uint8).numpy(),
                          *(detections[k].numpy() for k in ("boxes", "labels", "scores")))
