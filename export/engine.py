@@ -119,6 +119,8 @@ def write_sidecar(plan: str | Path, *, tensorrt_version: str, compute_capability
         "preprocessing": preprocessing,
         "max_detections": int(model_metadata.get("max_detections", profile.detections[2])),
         "weights_sha256": model_metadata.get("weights_sha256"),
+        # what the network was trained on, for `dynseg eval` (None for an export without the record)
+        "training_data": json.loads(model_metadata["training_data"]) if "training_data" in model_metadata else None,
     }
     path = sidecar_path(plan)
     path.write_text(json.dumps(data, indent=2) + "\n")

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -19,7 +21,7 @@ from dynseg.sdk import __version__
 from dynseg.sdk.errors import InvalidArgumentError
 from dynseg.sdk.graph import DEFAULT_MAX_DETECTIONS, DOMAIN, INPUTS, MAX_DETECTIONS, OP_VERSION, OUTPUTS
 from dynseg.sdk.inputs import int_in, is_int
-from dynseg.trainer.checkpoint import weights_fingerprint
+from dynseg.trainer.checkpoint import check_training_data, weights_fingerprint
 from dynseg.trainer.model.network import DynamicallyInstantiatedNetwork, compose
 
 from . import ops
@@ -48,13 +50,17 @@ class ExportGraph(nn.Module):
 
 
 def export_onnx(network: DynamicallyInstantiatedNetwork, path: str | Path, *,
-                max_detections: int = DEFAULT_MAX_DETECTIONS, example_size: tuple[int, int] = (64, 80)) -> Path:
+                max_detections: int = DEFAULT_MAX_DETECTIONS, example_size: tuple[int, int] = (64, 80),
+                training_data: Mapping[str, Any] | None = None) -> Path:
     """Writes `network` as ONNX to `path` (onnx.checker-valid) and returns the path.
 
     The example used for tracing (example_size, at least 64x80: its 3 boxes reach x = 70, y = 50) has 3
     detections so that D is not specialised; H, W and D are dynamic axes. max_detections is recorded for
-    the runtime, which refuses more."""
+    the runtime, which refuses more; training_data (the checkpoint's `read_training_data`) for `dynseg
+    eval`, which holds out other data than the network was trained on."""
     max_detections = int_in("max_detections", max_detections, 1, MAX_DETECTIONS)  # D + 1 CRF labels
+    if training_data is not None:
+        check_training_data(training_data)
     if not (isinstance(example_size, tuple) and len(example_size) == 2 and all(is_int(n) for n in example_size)
             and example_size[0] >= 64 and example_size[1] >= 80):
         raise InvalidArgumentError(f"example_size must be (height, width) ints of at least (64, 80), got "
@@ -106,6 +112,8 @@ def export_onnx(network: DynamicallyInstantiatedNetwork, path: str | Path, *,
         "max_detections": str(max_detections),
         "weights_sha256": weights_fingerprint(network),
     }
+    if training_data is not None:
+        metadata["training_data"] = json.dumps(dict(training_data))
     for key, value in metadata.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value

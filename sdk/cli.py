@@ -332,16 +332,17 @@ def evaluate_command(
 
     if protocol not in PROTOCOLS:
         raise typer.BadParameter(f"must be one of {', '.join(PROTOCOLS)}", param_hint="--protocol")
-    try:  # only a checkpoint folder records what it was trained on
-        trained_on = read_training_data(model) if model.is_dir() else None
+    recorded = TRAINING_DATA if model.is_dir() else "its metadata"
+    try:
+        trained_on = read_training_data(model) if model.is_dir() else evaluation.training_data_of(model)
     except DynsegError as error:
         raise _fail(str(error)) from error
     defaulted, source = dataset is None, None
-    if dataset is None:  # a checkpoint is scored on its own dataset unless told otherwise
+    if dataset is None:  # a model is scored on its own dataset unless told otherwise
         dataset = trained_on["dataset"] if trained_on else "synthetic"
-        source = f"{dataset}, the dataset {model} was trained on ({TRAINING_DATA})" if trained_on else None
+        source = f"{dataset}, the dataset {model} was trained on ({recorded})" if trained_on else None
         if dataset != "synthetic" and data_root is None:
-            raise typer.BadParameter(f"{model} was trained on {dataset} ({TRAINING_DATA}): give its folder, "
+            raise typer.BadParameter(f"{model} was trained on {dataset} ({recorded}): give its folder, "
                                      "or --dataset to score it on another", param_hint="--data-root")
     _refuse_synthetic_options(context, dataset, source)
     if seed is None:
@@ -504,16 +505,17 @@ def export(
             raise _fail(str(error)) from error
     _torch_or_fail("dynseg export")
     from dynseg.export.onnx import export_onnx
-    from dynseg.trainer.checkpoint import load_checkpoint
+    from dynseg.trainer.checkpoint import load_checkpoint, read_training_data
 
     try:
         model = load_checkpoint(checkpoint)
+        trained_on = read_training_data(checkpoint)  # recorded in the export, for `dynseg eval` of it
     except (FileNotFoundError, DynsegError) as error:
         raise _fail(str(error)) from error
     _make_folder(out.parent, "--out", out)
     onnx_path = out if format == "onnx" else out.with_suffix(".onnx")
     try:
-        path = export_onnx(model, onnx_path, max_detections=max_detections)
+        path = export_onnx(model, onnx_path, max_detections=max_detections, training_data=trained_on)
     except DynsegError as error:
         raise _fail(f"cannot export {checkpoint}: {error}") from error
     typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {len(model.config.class_names)} classes, "

@@ -5,15 +5,49 @@ metrics (`dynseg.trainer.evaluation.evaluate_each`), one image's masks in memory
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..errors import InvalidArgumentError
 from .infer import keep_most_confident
 
 if TYPE_CHECKING:
     from ..results import SegmentationResult
     from ..segmenter import Segmenter
+
+
+def training_data_of(model: Path) -> dict | None:
+    """What an exported model records it was trained on (`dynseg export` copies the checkpoint's
+    training_data.json into the ONNX metadata, and an engine's sidecar copies that), or None where it
+    records nothing. InvalidArgumentError naming the file for a record that is malformed."""
+    from dynseg.trainer.checkpoint import check_training_data
+
+    if model.suffix in (".engine", ".plan"):
+        from ..tensorrt_engine import read_sidecar
+
+        record = read_sidecar(model).get("training_data")
+    else:
+        import onnx
+
+        try:
+            proto = onnx.load(str(model), load_external_data=False)
+        except Exception:  # no model at all: the Segmenter that opens it next names the file
+            return None
+        metadata = {entry.key: entry.value for entry in proto.metadata_props}
+        try:
+            record = json.loads(metadata["training_data"]) if "training_data" in metadata else None
+        except ValueError as error:
+            raise InvalidArgumentError(f"{model}: its training_data metadata is not JSON ({error}); export it "
+                                       "again") from None
+    if record is not None:
+        try:
+            check_training_data(record)
+        except InvalidArgumentError as error:
+            raise InvalidArgumentError(f"{model}: {error}; export it again") from None
+    return record
 
 
 def run(segmenter: Segmenter, data: Any, *, seed: int, protocol: str) -> tuple[dict, int]:

@@ -63,6 +63,7 @@ def run(out: str | Path, *, steps: int = DEFAULT_STEPS, seed: int = 0, printer: 
     import torch
 
     from dynseg.export.onnx import export_onnx
+    from dynseg.trainer.checkpoint import read_training_data
     from dynseg.trainer.data.detections import simulate_detections
     from dynseg.trainer.data.synthetic import SyntheticScenes
     from dynseg.trainer.evaluation import evaluate, write_metrics
@@ -97,7 +98,7 @@ def run(out: str | Path, *, steps: int = DEFAULT_STEPS, seed: int = 0, printer: 
     metric_files = write_metrics(out, metrics)
 
     printer("3/5 exporting ONNX")
-    model_path = export_onnx(model, out / "model.onnx")
+    model_path = export_onnx(model, out / "model.onnx", training_data=read_training_data(checkpoint))
 
     # Cases for the last two steps: held-out scenes with simulated detections, and the photo.
     cases: list[tuple[str, np.ndarray, ImageDetections]] = []

@@ -249,6 +249,7 @@ def test_the_sidecar_sits_beside_the_plan_and_round_trips(built):
     assert data["tensorrt_version"] == "10.16.0.72" and data["compute_capability"] == "9.0"
     assert data["plugin_library"] == {"name": library.name, "sha256": engine.sha256(library)}
     assert data["class_names"] == ["cat", "cup", "person"]
+    assert data["training_data"] is None  # the model of `_model()` was exported without the record
     assert data["preprocessing"]["scale"] == 255.0
     assert data["dynseg_version"] == "0.1.0" and data["dynseg_op_version"] == "1"
     assert data["max_detections"] == 100 and data["precision"] == "fp32"
@@ -273,6 +274,24 @@ def test_a_sidecar_mismatch_says_what_differs_and_what_to_rebuild(built, field, 
     with pytest.raises(EngineMismatchError, match=message) as error:
         tensorrt_engine.check_sidecar(tensorrt_engine.read_sidecar(plan), **running)
     assert "rebuild" in str(error.value)
+
+
+def test_the_sidecar_carries_what_the_network_was_trained_on_for_dynseg_eval(built):
+    pytest.importorskip("torch")  # the record's checks are the trainer's
+    from dynseg.sdk.commands.evaluate import training_data_of
+
+    plan, library, _ = built
+    metadata = {entry.key: entry.value for entry in _model().metadata_props}
+    record = {"dataset": "voc", "seed": 4, "image_size": [96, 120], "split": "train"}
+    engine.write_sidecar(plan, tensorrt_version="10.16.0.72", compute_capability="9.0", plugin_library=library,
+                         profile=make_profile(), model_metadata={**metadata, "training_data": json.dumps(record)},
+                         fp16=False)
+    assert training_data_of(plan) == record
+    engine.write_sidecar(plan, tensorrt_version="10.16.0.72", compute_capability="9.0", plugin_library=library,
+                         profile=make_profile(), fp16=False,
+                         model_metadata={**metadata, "training_data": json.dumps({**record, "seed": -4})})
+    with pytest.raises(InvalidArgumentError, match=r"model.engine: training_data: seed -4.*export it again"):
+        training_data_of(plan)
 
 
 def test_a_replaced_plan_or_every_mismatch_at_once_is_reported(built):

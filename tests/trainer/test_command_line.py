@@ -88,6 +88,11 @@ def test_eval_holds_out_the_scenes_after_the_training_seed_at_the_training_size(
     result = run("eval", out / "semantic", "--images", "2")  # stage 1's checkpoint knows its data too
     assert result.exit_code == 0, result.output
     assert "(seed 6)" in result.output and sizes == [(48, 64)]
+    assert run("export", out, "--out", tmp_path / "model.onnx").exit_code == 0  # and so does its export
+    sizes.clear()
+    result = run("eval", tmp_path / "model.onnx", "--images", "2")
+    assert result.exit_code == 0, result.output
+    assert "(seed 6)" in result.output and sizes == [(48, 64)] and "records no training data" not in result.output
     record = out / "training_data.json"  # damaged, it is named, not replaced by a guess at the training seed
     record.write_text(record.read_text()[:-1])
     _fails_naming(run("eval", out, "--images", "2"), f"{record} is malformed", "delete it")
