@@ -14,7 +14,7 @@ import numpy as np
 
 from . import _native
 from .errors import InvalidArgumentError
-from .inputs import cuda_index, finite_float32, int_in, refuse_masked
+from .inputs import cuda_index, finite_float32, int_in, positive_in_float32, refuse_masked
 
 Normalization = Literal["after", "symmetric"]
 
@@ -23,8 +23,7 @@ __all__ = ["CudaArray", "dense_crf", "dense_crf_cuda", "gaussian_kernels"]
 
 def _number(name: str, value: object, *, positive: bool) -> float:
     number = finite_float32(value)
-    # positive is tested on the float32 the library reads: 1e-46 is 0 there
-    if number is None or (positive and np.float32(number) <= 0):
+    if number is None or (positive and not positive_in_float32(number)):
         raise InvalidArgumentError(
             f"{name} must be {'a positive' if positive else 'a'} finite float32 number, got {value!r}")
     return number

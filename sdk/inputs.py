@@ -9,7 +9,8 @@ clipped to the image. The network's own check (dynseg.trainer.model.network.chec
 one, strict: it raises on inverted and outside boxes, which the SDK drops with a warning and a record,
 because a deployed detector emits such boxes now and then and one bad box should not fail a frame.
 Every other bad argument raises InvalidArgumentError naming the argument. It also owns the number
-checks every checking module shares: `FLOAT32_MAX`, `finite_float32`, `is_int` and `int_in`, and
+checks every checking module shares: `FLOAT32_MAX`, `finite_float32`, `positive_in_float32`, `is_int` and
+`int_in`, and
 `array_of` / `refuse_masked` for arrays. numpy and Pillow only: no torch.
 """
 
@@ -29,7 +30,8 @@ from numpy.typing import ArrayLike
 from .errors import DetectionsDroppedWarning, InvalidArgumentError
 
 __all__ = ["FLOAT32_MAX", "Detections", "DroppedDetection", "ImageLike", "array_of", "check_detections",
-           "cuda_index", "finite_float32", "int_in", "is_int", "load_image", "pixel_boxes", "refuse_masked"]
+           "cuda_index", "finite_float32", "int_in", "is_int", "load_image", "pixel_boxes", "positive_in_float32",
+           "refuse_masked"]
 
 ImageLike = Union[np.ndarray, str, "os.PathLike[str]"]
 
@@ -80,6 +82,12 @@ def refuse_masked(name: str, value: object) -> None:
     if isinstance(value, np.ma.MaskedArray):
         raise InvalidArgumentError(f"{name} must not be a masked array: dynseg would ignore its mask; "
                                    f"pass {name}.filled(...) with the value masked entries should take")
+
+
+def positive_in_float32(number: float) -> bool:
+    """Whether `number` stays > 0 as the float32 the native library reads: 2**-150 and less round to 0.
+    Plain float arithmetic, no numpy, so that torch.compile traces it."""
+    return number > 2.0**-150
 
 
 def finite_float32(value: object) -> float | None:

@@ -4,9 +4,9 @@ whichever backend runs the network.
 Owns the path from a user's call to a backend and back: choosing and loading the backend once, the
 input checks (`inputs`), the backend's run, and the shared post-processing (`results.build_result`).
 Backends, each a `NetworkBackend`: "onnxruntime" (an exported .onnx; the CRF nodes on the native
-kernels), "torch" (a training checkpoint directory; needs torch and the trainer,
-`errors.INSTALL_TRAINER`), "tensorrt" (a TensorRT plan with its sidecar; needs TensorRT and a GPU).
-One Segmenter serves concurrent calls: it holds no per-call state.
+kernels), "torch" (a training checkpoint directory, or a network in memory through `of_network`; needs
+torch and the trainer, `errors.INSTALL_TRAINER`), "tensorrt" (a TensorRT plan with its sidecar; needs
+TensorRT and a GPU). One Segmenter serves concurrent calls: it holds no per-call state.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from torch import Tensor
 from dynseg.sdk import _native
 from dynseg.sdk.crf import check_iterations, check_normalization, check_overflow, check_threads, gaussian_kernels
 from dynseg.sdk.errors import InvalidArgumentError
-from dynseg.sdk.inputs import finite_float32
+from dynseg.sdk.inputs import finite_float32, positive_in_float32
 
 __all__ = ["GaussianKernel", "mean_field_native", "dense_crf_native"]
 
@@ -273,12 +273,12 @@ def mean_field_native(
         if isinstance(kernel, (str, bytes)) or not isinstance(kernel, Sequence) or len(kernel) != 3:
             raise InvalidArgumentError(f"kernels[{index}] must be (theta_xy, theta_color, weight), got {kernel!r}")
         theta_xy, theta_color, weight = kernel
-        # checked as the float32 the library reads: 1e39 is inf there, and 2**-150 or less rounds to 0
-        # (plain floats, not numpy, so that torch.compile traces the check)
-        for name, theta, least in (("theta_xy", theta_xy, "> 0"), ("theta_color", theta_color, ">= 0")):
+        # checked as the float32 the library reads: 1e39 is inf there, 1e-46 is 0
+        for name, theta, rule, holds in (("theta_xy", theta_xy, "> 0", positive_in_float32),
+                                         ("theta_color", theta_color, ">= 0", lambda number: number >= 0)):
             number = finite_float32(theta)
-            if number is None or not (number > 2.0**-150 if least == "> 0" else number >= 0):
-                raise InvalidArgumentError(f"kernels[{index}].{name} must be a finite float32 number {least}, "
+            if number is None or not holds(number):
+                raise InvalidArgumentError(f"kernels[{index}].{name} must be a finite float32 number {rule}, "
                                            f"got {theta!r}")
         real_tensor = isinstance(weight, Tensor) and not (weight.dtype.is_complex or weight.dtype == torch.bool)
         if not real_tensor and finite_float32(weight) is None:
