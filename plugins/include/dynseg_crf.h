@@ -190,7 +190,8 @@ DYNSEG_API dynseg_status dynseg_lattice_filter(const dynseg_crf_problem* problem
  * score and its box's logits NaN, a box without a pixel in the image its score), and a lattice that
  * cannot be built (features beyond what float keys resolve, or keys wider than 63 bits: absurdly small
  * thetas) is reported by dynseg_crf_check_cuda, its outputs (logits and scores) filled with NaN
- * meanwhile. The CUDA calls take at most 46340 labels (their L x L sums index with 32 bits).
+ * meanwhile. With a matrix weight or a full compatibility the CUDA calls take at most 46340 labels
+ * (their L x L arrays index with 32 bits); Potts and diagonal problems take every L the CPU calls do.
  * Results are bitwise identical run to run (no floating-point atomics) and agree with the CPU
  * calls to float rounding. Without CUDA in the build every call returns DYNSEG_ERROR_NOT_SUPPORTED.
  */

@@ -132,6 +132,14 @@ def main() -> int:
     got = backward_cuda(problem, unary, grad, [densecrf[0][2], densecrf[1][2]], None)
     check("Potts gradient: unary", expected[0], got[0], 1e-4)
     check("Potts gradient: weights", np.concatenate(expected[1]), np.concatenate(got[1]), 1e-4)
+    # a diagonal compatibility with scalar weights: P's diagonal alone gives both parameter gradients
+    compat = rng.uniform(-2, 0, labels).astype(np.float32)
+    problem = make_problem(labels, colour_ramps(height, width), densecrf, compat=compat, output=n.Output.LOGITS)
+    expected = problem.backward(unary, grad, [True, True], True)
+    got = backward_cuda(problem, unary, grad, [densecrf[0][2], densecrf[1][2]], compat)
+    check("diagonal compatibility gradient: unary", expected[0], got[0], 1e-4)
+    check("  weights", np.concatenate(expected[1]), np.concatenate(got[1]), 1e-4)
+    check("  compatibility", expected[2], got[2], 1e-4)
     # the detection potential, through the host-array entry (its copies are the emulator's too)
     labels, count = 6, 5
     unary = rng.normal(0, 3, (labels, height, width)).astype(np.float32)

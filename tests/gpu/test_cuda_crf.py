@@ -173,6 +173,31 @@ def test_torch_op_gradients_match_cpu_with_potts_and_scalar_weights(labels, norm
 
 @needs_gpu
 @needs_torch
+def test_torch_op_takes_more_labels_than_l_by_l_sums_could_index_with_potts():
+    # Potts with scalar weights forms no L x L array, so the CUDA calls take L above 46340 as the CPU
+    # ones do (emulated, this case takes minutes, so only a GPU runs it)
+    from dynseg.trainer.crf.native import mean_field_native
+
+    labels = 46341
+    results = {}
+    for device in ("cpu", "cuda"):
+        generator = np.random.default_rng(7)
+        unary = torch.tensor(generator.normal(0, 2, (labels, 2, 3)).astype(np.float32), device=device,
+                             requires_grad=True)
+        image = torch.tensor(generator.uniform(0, 255, (3, 2, 3)).astype(np.float32), device=device)
+        w_spatial = torch.tensor(3.0, device=device, requires_grad=True)
+        w_bilateral = torch.tensor(10.0, device=device, requires_grad=True)
+        logits = mean_field_native(unary, image, [(3.0, 0.0, w_spatial), (80.0, 13.0, w_bilateral)], iterations=3)
+        upstream = torch.tensor(generator.normal(size=logits.shape).astype(np.float32), device=device)
+        (logits * upstream).sum().backward()
+        results[device] = [t.detach().cpu().numpy() for t in (logits, unary.grad, w_spatial.grad, w_bilateral.grad)]
+    for name, cpu, gpu in zip(("logits", "unary", "w_spatial", "w_bilateral"), results["cpu"], results["cuda"]):
+        scale = max(1.0, float(np.abs(cpu).max()))
+        assert np.abs(gpu - cpu).max() <= 1e-4 * scale, (name, np.abs(gpu - cpu).max(), scale)
+
+
+@needs_gpu
+@needs_torch
 def test_torch_op_on_cuda_is_deterministic_with_gradients():
     from dynseg.trainer.crf.native import mean_field_native
 

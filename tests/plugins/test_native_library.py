@@ -500,10 +500,17 @@ def test_the_cuda_workspace_query_without_a_usable_gpu_reports_a_cuda_error(smoo
 
 
 @pytest.mark.skipif(not _native.cuda_compiled(), reason="needs a library with CUDA kernels")
-def test_the_cuda_calls_refuse_more_labels_than_their_32_bit_l_by_l_sums_hold():
-    problem = _native.Problem(46341, 1, 1, None, [_native.Kernel(3.0, 0.0, np.ones(1, np.float32))], compat=None,
-                              normalization="after", iterations=1, output=_native.Output.LOGITS, threads=0)
-    with pytest.raises(InvalidArgumentError, match="num_labels must be at most 46340 for the CUDA kernels"):
+@pytest.mark.parametrize("square", ["matrix weight", "full compatibility"])
+def test_the_cuda_calls_refuse_more_labels_than_their_32_bit_l_by_l_arrays_hold(square):
+    # the check reads no array, so a device view of a few bytes stands in for the 8.6 GB one
+    labels, placeholder = 46341, np.ones(4, np.float32)
+    matrix = _native.DeviceArray(placeholder.ctypes.data, (labels, labels))
+    weight = matrix if square == "matrix weight" else np.ones(1, np.float32)
+    problem = _native.Problem(labels, 1, 1, None, [_native.Kernel(3.0, 0.0, weight)],
+                              compat=matrix if square == "full compatibility" else None, normalization="after",
+                              iterations=1, output=_native.Output.LOGITS, threads=0)
+    with pytest.raises(InvalidArgumentError, match="num_labels must be at most 46340 for the CUDA kernels with a "
+                                                   "matrix weight or a full compatibility"):
         problem.workspace_size_cuda(_native.Pass.BACKWARD)
 
 

@@ -45,10 +45,15 @@ dynseg_status current_launch(void* stream, dynseg::cuda::Launch* launch) {
 dynseg_status check_arguments(const dynseg_crf_problem* problem) {
     if (dynseg_status s = dynseg::validate(problem, /*read_arrays=*/false)) return s;
     // The kernels index with 32 bits (CUB's item counts are 32-bit too): every lattice's entries times
-    // a label tile, every pixels x labels array and the L x L parameter gradients must stay below 2^31.
-    if (problem->num_labels * problem->num_labels > INT32_MAX)
-        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "num_labels must be at most 46340 for the CUDA kernels (L x L "
-                    "must stay below 2^31), got %lld", (long long)problem->num_labels);
+    // a label tile, every pixels x labels array and, where a matrix weight or a full compatibility
+    // makes them L x L, the parameters and their gradients must stay below 2^31.
+    bool square = problem->compat_kind == DYNSEG_COMPAT_FULL;
+    for (int32_t k = 0; k < problem->num_kernels; ++k)
+        square = square || problem->kernels[k].weight_kind == DYNSEG_WEIGHT_MATRIX;
+    if (square && problem->num_labels * problem->num_labels > INT32_MAX)
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "num_labels must be at most 46340 for the CUDA kernels with a "
+                    "matrix weight or a full compatibility (L x L must stay below 2^31), got %lld",
+                    (long long)problem->num_labels);
     const int64_t pixels = problem->height * problem->width;
     const int64_t entries = pixels * (2 + problem->image_channels + 1);
     const int64_t row = dynseg::cuda::padded_channels(problem->num_labels);

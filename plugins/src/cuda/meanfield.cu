@@ -239,12 +239,13 @@ __global__ void gradient_chunk_sums(const float* R, const float* Q, int64_t labe
     }
 }
 
+// P: all of it, (L, L), or only its diagonal, (L,), as the chunks hold it.
 __global__ void sum_chunks(const double* partial, int64_t chunks, int64_t labels, bool full, double* P) {
     const int64_t width = full ? labels * labels : labels;
     DYNSEG_FOR_EACH(j, width) {
         double s = 0.0;
         for (int64_t c = 0; c < chunks; ++c) s += partial[c * width + j];
-        P[full ? j : j * labels + j] = s;
+        P[j] = s;
     }
 }
 
@@ -254,15 +255,14 @@ __device__ double mu_at(const float* mu, int kind, int64_t labels, int64_t a, in
     return mu[a * labels + b];
 }
 
-// dW = -mu^T P for a scalar weight: its trace, one block, a fixed reduction tree.
-__global__ void scalar_weight_gradient(const double* P, const float* mu, int kind, int64_t labels, double* dweight) {
+// dW = -tr(mu^T P) for a scalar weight, one block, a fixed reduction tree: over all of P for a full
+// mu, else over the diagonal that P then holds alone.
+__global__ void scalar_weight_gradient(const double* P, bool full, const float* mu, int kind, int64_t labels,
+                                       double* dweight) {
     __shared__ double partial[kThreads];
     double s = 0.0;
-    for (int64_t j = threadIdx.x; j < labels * labels; j += blockDim.x) {
-        const uint32_t a = j / uint32_t(labels), b = (j % uint32_t(labels));
-        if (kind != DYNSEG_COMPAT_FULL && a != b) continue;
-        s -= mu_at(mu, kind, labels, a, b) * P[j];
-    }
+    for (int64_t j = threadIdx.x; j < (full ? labels * labels : labels); j += blockDim.x)
+        s -= (full ? double(mu[j]) : mu_at(mu, kind, labels, j, j)) * P[j];
     partial[threadIdx.x] = s;
     __syncthreads();
     for (int half = kThreads / 2; half > 0; half /= 2) {
@@ -272,7 +272,7 @@ __global__ void scalar_weight_gradient(const double* P, const float* mu, int kin
     if (threadIdx.x == 0) dweight[0] += partial[0];
 }
 
-// dW = -mu^T P for a matrix weight; dmu = -P W_k^T (only the diagonal for a diagonal mu).
+// From all of P: dW = -mu^T P for a matrix weight; dmu = -P W_k^T (only the diagonal for a diagonal mu).
 __global__ void matrix_gradients(const double* P, const float* mu, int kind, const float* W, bool matrix,
                                  int64_t labels, double* dweight, double* dmu) {
     DYNSEG_FOR_EACH(j, labels * labels) {
@@ -296,6 +296,11 @@ __global__ void matrix_gradients(const double* P, const float* mu, int kind, con
         else
             dmu[a] -= s;
     }
+}
+
+// dmu = -w P for a diagonal mu and a scalar weight w, from P's diagonal.
+__global__ void diagonal_compat_gradient(const double* P, const float* w, int64_t labels, double* dmu) {
+    DYNSEG_FOR_EACH(a, labels) dmu[a] -= double(w[0]) * P[a];
 }
 
 // G = Q . (dQ - <dQ, Q>)
@@ -345,10 +350,14 @@ MeanField::MeanField(const dynseg_crf_problem& problem, int pass, Workspace& ws)
         grad_q_ = ws.take<float>(size);
         grad_u_ = ws.take<float>(size);
         h_ = ws.take<float>(size);
-        const int64_t most_chunks = std::max<int64_t>(1, std::min<int64_t>((pixels_ + 255) / 256, kMaxPartials / (L * L)));
+        // P takes L x L doubles only where a matrix weight or a full mu reads all of it; else its diagonal
+        bool full = problem.compat_kind == DYNSEG_COMPAT_FULL;
+        for (int k = 0; k < problem.num_kernels; ++k) full = full || is_matrix(problem.kernels[k]);
+        const int64_t width = full ? L * L : L;
+        const int64_t most_chunks = std::max<int64_t>(1, std::min<int64_t>((pixels_ + 255) / 256, kMaxPartials / width));
         reduce_chunk_ = (pixels_ + most_chunks - 1) / most_chunks;
-        partial_ = ws.take<double>(most_chunks * L * L);
-        P_ = ws.take<double>(L * L);
+        partial_ = ws.take<double>(most_chunks * width);
+        P_ = ws.take<double>(width);
         for (int k = 0; k < problem.num_kernels; ++k) dweight_[k] = ws.take<double>(is_matrix(problem.kernels[k]) ? L * L : 1);
         dmu_ = ws.take<double>(problem.compat_kind == DYNSEG_COMPAT_FULL ? L * L : L);
     }
@@ -502,13 +511,14 @@ void MeanField::backward(const float* unary, const float* grad_logits, float* gr
             const bool full = is_matrix(kernel) || kind == DYNSEG_COMPAT_FULL;
             gradient_chunk_sums<<<static_cast<int>(chunks), kThreads, 0, stream>>>(filtered_, Q, L, N, S,
                                                                                   reduce_chunk_, full, partial_);
-            if (!full) cudaMemsetAsync(P_, 0, L * L * sizeof(double), stream);
             sum_chunks<<<launch.blocks(full ? L * L : L), kThreads, 0, stream>>>(partial_, chunks, L, full, P_);
             if (!is_matrix(kernel))
-                scalar_weight_gradient<<<1, kThreads, 0, stream>>>(P_, p_.compat, kind, L, dweight_[k]);
-            if (is_matrix(kernel) || kind != DYNSEG_COMPAT_POTTS)
+                scalar_weight_gradient<<<1, kThreads, 0, stream>>>(P_, full, p_.compat, kind, L, dweight_[k]);
+            if (full)
                 matrix_gradients<<<launch.blocks(L * L), kThreads, 0, stream>>>(P_, p_.compat, kind, kernel.weight,
                                                                                 is_matrix(kernel), L, dweight_[k], dmu_);
+            else if (kind == DYNSEG_COMPAT_DIAGONAL)
+                diagonal_compat_gradient<<<launch.blocks(L), kThreads, 0, stream>>>(P_, kernel.weight, L, dmu_);
         }
         softmax_backward<<<launch.blocks(N), kThreads, 0, stream>>>(Q, grad_q_, grad_, L, N, S);
     }

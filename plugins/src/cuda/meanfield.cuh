@@ -53,8 +53,8 @@ private:
     float* grad_q_ = nullptr;
     float* grad_u_ = nullptr;
     float* h_ = nullptr;
-    double* partial_ = nullptr;  // (chunks, L·L) per-chunk sums, added in chunk order
-    double* P_ = nullptr;        // (L, L)
+    double* partial_ = nullptr;  // (chunks, P's width) per-chunk sums, added in chunk order
+    double* P_ = nullptr;        // (L, L), or its diagonal (L,) where no matrix weight or full mu reads the rest
     double* dweight_[DYNSEG_MAX_KERNELS] = {};
     double* dmu_ = nullptr;
     int64_t reduce_chunk_ = 0;
