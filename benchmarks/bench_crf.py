@@ -87,11 +87,11 @@ def pydensecrf_call(unary: np.ndarray, image: np.ndarray, iterations: int, norma
 
 
 def torch_call(unary: np.ndarray, image: np.ndarray, iterations: int, normalization: str):
-    """A call of the PyTorch reference (dynseg.trainer.crf.dense_crf), or None without torch."""
+    """A call of the PyTorch reference (dynseg.trainer.crf.dense_crf_reference), or None without torch."""
     try:
         import torch
 
-        from dynseg.trainer.crf import dense_crf as torch_dense_crf
+        from dynseg.trainer.crf import dense_crf_reference as torch_dense_crf
     except ImportError:
         return None
     unary_t, image_t = torch.from_numpy(unary), torch.from_numpy(image)

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_crf import pydensecrf_call, smooth_unary  # noqa: E402  (one definition of the shared inputs)
 
 from dynseg.sdk import _native, dense_crf, samples  # noqa: E402
-from dynseg.trainer.crf import dense_crf as reference_dense_crf  # noqa: E402
+from dynseg.trainer.crf import dense_crf_reference  # noqa: E402
 
 SEMANTIC = dict(spatial=(3.0, 3.0), bilateral=(80.0, 13.0, 10.0))
 INSTANCE = dict(spatial=(3.0, 3.0), bilateral=(49.0, 5.0, 4.0))
@@ -194,7 +194,7 @@ def main() -> None:
             image_hwc = torch.tensor(photo, device="cuda")
 
             def torch_reference():
-                reference_dense_crf(unary, image_hwc, iterations=iterations, **kernels)
+                dense_crf_reference(unary, image_hwc, iterations=iterations, **kernels)
                 torch.cuda.synchronize()
 
             # L = 101 at 1024×2048 would need ~40 GB

@@ -20,7 +20,7 @@ from dynseg.sdk import __version__, tensorrt_engine
 from dynseg.sdk.crf_node import CrfAttributes
 from dynseg.sdk.errors import InvalidArgumentError
 from dynseg.sdk.graph import DOMAIN, OP_TYPE, read_export
-from dynseg.sdk.inputs import is_int
+from dynseg.sdk.checks import is_int
 from dynseg.sdk.tensorrt_engine import (
     DEFAULT_DETECTIONS, DEFAULT_SIZES, PLUGIN_NAMESPACE, PLUGIN_VERSION, SIDECAR_FORMAT, EngineError,
     EngineMismatchError, Profile, check_sidecar, compute_capability, import_tensorrt, make_profile,

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from dynseg.sdk import __version__
 from dynseg.sdk.errors import InvalidArgumentError
 from dynseg.sdk.graph import DEFAULT_MAX_DETECTIONS, DOMAIN, INPUTS, MAX_DETECTIONS, OP_VERSION, OUTPUTS
-from dynseg.sdk.inputs import int_in, is_int
+from dynseg.sdk.checks import int_in, is_int
 from dynseg.trainer.checkpoint import check_training_data, weights_fingerprint
 from dynseg.trainer.model.network import DynamicallyInstantiatedNetwork, compose
 

@@ -14,7 +14,8 @@ import numpy as np
 
 from . import _native
 from .errors import InvalidArgumentError
-from .inputs import cuda_index, finite_float32, int_in, positive_in_float32, refuse_masked
+from .checks import finite_float32, int_in, positive_in_float32, refuse_masked
+from .inputs import cuda_index
 
 Normalization = Literal["after", "symmetric"]
 

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from .errors import InvalidArgumentError
-from .inputs import Detections, DroppedDetection, is_int
+from .checks import is_int
+from .inputs import Detections, DroppedDetection
 
 __all__ = ["Instance", "SegmentationResult", "build_result", "instance_colours"]
 

@@ -24,7 +24,7 @@ from .errors import DynsegError, InvalidArgumentError
 from .graph import DEFAULT_ENGINE_DETECTIONS as DEFAULT_DETECTIONS
 from .graph import DEFAULT_ENGINE_SIZES as DEFAULT_SIZES
 from .graph import DOMAIN, OP_TYPE, OP_VERSION
-from .inputs import is_int
+from .checks import is_int
 
 if TYPE_CHECKING:
     import tensorrt

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynseg.sdk.errors import InvalidArgumentError
-from dynseg.sdk.inputs import int_in
+from dynseg.sdk.checks import int_in
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "BasicBlock", "Bottleneck", "ResNet", "VGG16", "PyramidPoolingHead",

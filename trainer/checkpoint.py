@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from dynseg.sdk.commands.defaults import MAX_IMAGE_SIDE, MAX_SEED, MIN_IMAGE_SIDE
 from dynseg.sdk.errors import InvalidArgumentError, one_line
-from dynseg.sdk.inputs import is_int
+from dynseg.sdk.checks import is_int
 
 from .model import DynamicallyInstantiatedNetwork, ModelConfig, build_model
 

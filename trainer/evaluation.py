@@ -79,7 +79,7 @@ from pathlib import Path
 import numpy as np
 
 from dynseg.sdk.errors import InvalidArgumentError
-from dynseg.sdk.inputs import int_in
+from dynseg.sdk.checks import int_in
 
 from .matching import matched_pairs
 

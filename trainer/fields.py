@@ -10,7 +10,7 @@ import math
 from collections.abc import Iterable
 
 from dynseg.sdk.errors import InvalidArgumentError
-from dynseg.sdk.inputs import is_int
+from dynseg.sdk.checks import is_int
 
 
 def _fail(config: object, name: str, rule: str) -> InvalidArgumentError:

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dynseg.sdk.errors import InvalidArgumentError, one_line
-from dynseg.sdk.inputs import is_int
+from dynseg.sdk.checks import is_int
 from dynseg.sdk.results import SegmentationResult
 from dynseg.sdk.segmenter import Segmenter
 
@@ -49,11 +49,11 @@ from .data import VOID
 from .boxes import mask_boxes
 from .checkpoint import TRAINING_DATA, check_training_data, load_weights, save_checkpoint, write_training_data
 from .data.common import Samples
-from .data.detections import Detections, simulate_detections
+from .data.detections import DetectorOutput, simulate_detections
 from .data.sources import inside_image
 from .evaluation import evaluate_each, json_ready
 from .loss import instance_loss, semantic_loss
-from .model import DynamicallyInstantiatedNetwork, check_detections
+from .model import DynamicallyInstantiatedNetwork, require_valid_detections
 from .progress import stage_progress
 
 
@@ -114,7 +114,7 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 def augment(sample: Mapping[str, Any], config: TrainConfig, rng: np.random.Generator) -> dict:
     """Random scale (nearest for labels, bilinear for the image), crop and mirror of a sample dict
     with image (H, W, 3) uint8, semantic (H, W), masks (M, H, W), labels (M,), boxes (M, 4), and
-    optionally detections (a `Detections` dict: its boxes follow the image; those the crop leaves
+    optionally detections (a `DetectorOutput` dict: its boxes follow the image; those the crop leaves
     wholly outside are dropped, the others clipped to it)."""
     image = torch.from_numpy(sample["image"]).permute(2, 0, 1).float()[None]  # (1, 3, H, W)
     semantic = torch.from_numpy(np.asarray(sample["semantic"], dtype=np.int64))[None, None].float()
@@ -151,8 +151,8 @@ def augment(sample: Mapping[str, Any], config: TrainConfig, rng: np.random.Gener
     return out
 
 
-def _move_boxes(detections: Detections, factors: list[float], offset: tuple[int, int], size: tuple[int, int],
-                mirrored: bool) -> Detections:
+def _move_boxes(detections: DetectorOutput, factors: list[float], offset: tuple[int, int], size: tuple[int, int],
+                mirrored: bool) -> DetectorOutput:
     """Detections (boxes (D, 4) xyxy inclusive) through augment's scale (y, x factors), crop (y0, x0
     offset, (h, w) size) and mirror; the boxes come out as the pixels they cover (`inside_image`), so
     the mirror maps pixel columns onto pixel columns."""
@@ -160,7 +160,7 @@ def _move_boxes(detections: Detections, factors: list[float], offset: tuple[int,
     boxes = detections["boxes"].astype(np.float32).reshape(-1, 4)
     scale, shift = np.array([factors[1], factors[0]] * 2, np.float32), np.array([offset[1], offset[0]] * 2, np.float32)
     boxes = boxes * scale - shift
-    scaled = Detections(boxes=boxes, labels=detections["labels"], scores=detections["scores"])
+    scaled = DetectorOutput(boxes=boxes, labels=detections["labels"], scores=detections["scores"])
     moved = inside_image(scaled, height, width)
     if mirrored:
         boxes = moved["boxes"]
@@ -399,7 +399,7 @@ def _semantic_batch(dataset: Samples, config: TrainConfig, step: int, positions:
     for sample in drawn:  # the boxes the crop to the batch's size keeps, clipped and floored as forward does
         kept = inside_image(sample["detections"], height, width)
         tensors = (torch.from_numpy(np.asarray(kept[key])) for key in ("boxes", "labels", "scores"))
-        detections.append(check_detections(*tensors, height=height, width=width, num_classes=num_classes))
+        detections.append(require_valid_detections(*tensors, height=height, width=width, num_classes=num_classes))
     images = torch.stack([s["image"][:, :height, :width] for s in drawn])
     targets = torch.stack([s["semantic"][:height, :width] for s in drawn])
     pixels = int((targets != VOID).sum())
@@ -411,7 +411,7 @@ def _semantic_batch(dataset: Samples, config: TrainConfig, step: int, positions:
 
 
 def _detections_of(sample: Mapping[str, Any], image_size: tuple[int, int], rng: np.random.Generator,
-                   num_classes: int) -> Detections:
+                   num_classes: int) -> DetectorOutput:
     """A sample's own detections (from a results file, see `data.sources`) when it has them, else
     detections simulated from its ground truth with `rng`."""
     return sample.get("detections") or simulate_detections(

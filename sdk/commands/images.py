@@ -1,6 +1,6 @@
 """Which detections go with which image: read from a detector's COCO results file, or generated.
 
-A results file is the format `dynseg train --detections` reads (`dynseg.sdk.coco_results`, which
+A results file is the format `dynseg train --detections` reads (`dynseg.sdk.coco_detections`, which
 needs no torch): a JSON list of {"image_id", "category_id", "bbox": [x, y, w, h], "score"}. For image
 files the `image_id` names the file by its stem, the convention of the VOC and SBD loaders:
 
@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..coco_results import detections_by_image, read_coco_results
+from ..coco_detections import detections_by_image, read_coco_results
 from ..errors import InvalidArgumentError
 
 

@@ -15,7 +15,7 @@ import torch
 import dynseg.plugins
 import dynseg.sdk
 from dynseg.sdk import InvalidArgumentError, NativeError, _native
-from dynseg.trainer.crf import PermutohedralLattice, gaussian_features, mean_field
+from dynseg.trainer.crf import PermutohedralLattice, gaussian_features, mean_field_reference
 
 KERNELS = {"spatial": (3.0, 0.0), "bilateral": (8.0, 13.0)}  # (theta_xy, theta_color)
 
@@ -246,7 +246,8 @@ def test_backward_matches_autograd_through_the_reference(weight_kind, compat_kin
     u = torch.from_numpy(unary).double().requires_grad_()
     w = [torch.from_numpy(x.reshape(()) if x.size == 1 else x).double().requires_grad_() for x in weights]
     mu = None if compat is None else torch.from_numpy(compat).double().requires_grad_()
-    logits = mean_field(u, [(spatial, w[0]), (bilateral, w[1])], compat=mu, normalization=normalization, iterations=3)
+    logits = mean_field_reference(u, [(spatial, w[0]), (bilateral, w[1])], compat=mu, normalization=normalization,
+                                  iterations=3)
     (logits * torch.from_numpy(grad_logits).double()).sum().backward()
 
     assert relative_error(problem.forward(unary), logits.detach().numpy()) <= GRAD_RTOL
@@ -274,7 +275,7 @@ def test_backward_matches_float64_finite_differences_of_the_reference(normalizat
     target = torch.from_numpy(grad_logits).double()
 
     def loss(u, w_s, w_b, mu) -> float:
-        logits = mean_field(torch.from_numpy(u), [(spatial, float(w_s[0])), (bilateral, float(w_b[0]))],
+        logits = mean_field_reference(torch.from_numpy(u), [(spatial, float(w_s[0])), (bilateral, float(w_b[0]))],
                             compat=torch.from_numpy(mu), normalization=normalization, iterations=2)
         return float((logits * target).sum())
 

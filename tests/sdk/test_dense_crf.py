@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dynseg.sdk import InvalidArgumentError, _native, dense_crf
-from dynseg.trainer import crf as reference
+from dynseg.trainer.crf import dense_crf_reference
 
 PARITY_ATOL = 1e-5  # max |ΔQ|; measured worst cases are quoted next to each test
 SPATIAL = (3.0, 3.0)
@@ -109,7 +109,7 @@ def test_dense_crf_matches_the_pytorch_reference(n_labels, normalization, smooth
     # measured worst case: 1.1e-6
     image, unary = smooth_image(48, 64, seed=5), smooth_unary(n_labels, 48, 64, seed=6)
     q = dense_crf(unary, image, iterations=5, normalization=normalization)
-    expected = reference.dense_crf(torch.from_numpy(unary), torch.from_numpy(image), iterations=5,
+    expected = dense_crf_reference(torch.from_numpy(unary), torch.from_numpy(image), iterations=5,
                                    normalization=normalization).numpy()
     assert_the_crf_changed_q(q, unary)
     assert np.abs(q - expected).max() <= PARITY_ATOL

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from dynseg.sdk import InvalidArgumentError
 from dynseg.trainer.loss import IGNORE, instance_loss, matched_ground_truth
 from dynseg.trainer.model import (
-    InstanceConfig, InstanceUnaries, ModelConfig, SemanticCRF, SemanticCRFConfig, build_model, check_detections,
+    InstanceConfig, InstanceUnaries, ModelConfig, SemanticCRF, SemanticCRFConfig, build_model, require_valid_detections,
 )
 
 H, W = 40, 48
@@ -221,26 +221,27 @@ def test_the_configuration_round_trips_through_json():
 )
 def test_bad_detections_raise_clear_errors(boxes, labels, scores, message):
     with pytest.raises(ValueError, match=message):
-        check_detections(torch.tensor(boxes), torch.tensor(labels), torch.tensor(scores), height=H, width=W,
-                         num_classes=2)
+        require_valid_detections(torch.tensor(boxes), torch.tensor(labels), torch.tensor(scores), height=H, width=W,
+                                 num_classes=2)
 
 
 def test_boxes_reaching_outside_the_image_are_floored_and_clipped_to_it():
-    boxes, labels, scores = check_detections(torch.tensor([[-5.0, 2.5, 60.0, 9.7]]),
-                                             torch.tensor([1], dtype=torch.int32),
-                                             torch.tensor([0.5], dtype=torch.float64), height=H, width=W, num_classes=2)
+    boxes, labels, scores = require_valid_detections(torch.tensor([[-5.0, 2.5, 60.0, 9.7]]),
+                                                     torch.tensor([1], dtype=torch.int32),
+                                                     torch.tensor([0.5], dtype=torch.float64), height=H, width=W,
+                                                     num_classes=2)
     assert boxes.tolist() == [[0.0, 2.0, W - 1.0, 9.0]]
     assert (boxes.dtype, labels.dtype, scores.dtype) == (torch.float32, torch.int64, torch.float32)
 
 
 def test_a_box_whose_first_column_floors_into_the_image_is_not_outside_it():
     edge = W - 0.5  # floors to the last column, as the box's pixels are judged
-    boxes, _, _ = check_detections(torch.tensor([[edge, 1.0, edge, 4.0]]), torch.tensor([1]), torch.tensor([0.5]),
-                                   height=H, width=W, num_classes=2)
+    boxes, _, _ = require_valid_detections(torch.tensor([[edge, 1.0, edge, 4.0]]), torch.tensor([1]),
+                                           torch.tensor([0.5]), height=H, width=W, num_classes=2)
     assert boxes.tolist() == [[W - 1.0, 1.0, W - 1.0, 4.0]]
     with pytest.raises(ValueError, match="wholly outside"):
-        check_detections(torch.tensor([[float(W), 1.0, W + 2.0, 4.0]]), torch.tensor([1]), torch.tensor([0.5]),
-                         height=H, width=W, num_classes=2)
+        require_valid_detections(torch.tensor([[float(W), 1.0, W + 2.0, 4.0]]), torch.tensor([1]), torch.tensor([0.5]),
+                                 height=H, width=W, num_classes=2)
 
 
 # ------------------------------------------------------------------------ the matched-ground-truth loss

@@ -8,7 +8,8 @@ import torch
 
 from dynseg.sdk import InvalidArgumentError
 from dynseg.trainer.crf import (
-    PermutohedralLattice, dense_crf, dense_crf_native, gaussian_features, mean_field, mean_field_native,
+    PermutohedralLattice, dense_crf_native, dense_crf_reference, gaussian_features, mean_field_native,
+    mean_field_reference,
 )
 
 L, H, W = 4, 14, 11
@@ -57,7 +58,7 @@ def test_native_op_has_the_references_values_and_gradients(scene, case, normaliz
 
     native = mean_field_native(unary, planar, native_kernels(weights), compat=compat,
                                normalization=normalization, iterations=3)
-    reference = mean_field(unary, reference_kernels(image, weights), compat=compat,
+    reference = mean_field_reference(unary, reference_kernels(image, weights), compat=compat,
                            normalization=normalization, iterations=3)
     assert torch.allclose(native, reference, atol=1e-5, rtol=0)
 
@@ -90,7 +91,7 @@ def test_training_through_the_native_op_lowers_the_loss(scene):
 def test_dense_crf_native_matches_the_reference_dense_crf(scene):
     unary, image = scene
     native = dense_crf_native(unary, image, bilateral=(9.0, 13.0, 5.0), iterations=4, normalization="symmetric")
-    reference = dense_crf(unary, image, bilateral=(9.0, 13.0, 5.0), iterations=4, normalization="symmetric")
+    reference = dense_crf_reference(unary, image, bilateral=(9.0, 13.0, 5.0), iterations=4, normalization="symmetric")
     assert torch.allclose(native, reference, atol=1e-5, rtol=0)
 
 
@@ -191,7 +192,7 @@ def test_the_backward_runs_at_the_largest_label_count():
             logits = mean_field_native(unary, None, [(3.0, 0.0, weight)], iterations=2)
         else:
             lattice = PermutohedralLattice(gaussian_features(None, 1, 1, 3.0, None))
-            logits = mean_field(unary, [(lattice, weight)], iterations=2)
+            logits = mean_field_reference(unary, [(lattice, weight)], iterations=2)
         logits[::7].sum().backward()
         return unary.grad, weight.grad
 
@@ -223,7 +224,7 @@ def test_logits_and_gradients_that_overflow_float32_are_refused_not_returned_as_
     with pytest.raises(InvalidArgumentError, match="the logits overflowed float32"):
         dense_crf_native(unary * 1e37, image, spatial=(3.0, 3e38), bilateral=(80.0, 13.0, 3e38))
     with pytest.raises(InvalidArgumentError, match="the logits overflowed float32"):
-        dense_crf(unary * 1e37, image, spatial=(3.0, 3e38), bilateral=(80.0, 13.0, 3e38))
+        dense_crf_reference(unary * 1e37, image, spatial=(3.0, 3e38), bilateral=(80.0, 13.0, 3e38))
     leaf = unary.clone().requires_grad_(True)
     logits = mean_field_native(leaf, None, [(3.0, 0.0, 3.0)])
     with pytest.raises(InvalidArgumentError, match="the gradients overflowed float32"):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dynseg.trainer.crf import PermutohedralLattice, dense_crf, gaussian_features, mean_field
+from dynseg.trainer.crf import PermutohedralLattice, dense_crf_reference, gaussian_features, mean_field_reference
 
 PARITY_ATOL = 1e-5
 
@@ -16,7 +16,7 @@ PARITY_ATOL = 1e-5
 
 def max_q_difference(oracle, image, unary, iterations, spatial, bilateral, normalization) -> float:
     expected = oracle(unary, image, iterations, spatial, bilateral, normalization)
-    actual = dense_crf(
+    actual = dense_crf_reference(
         torch.from_numpy(unary),
         torch.from_numpy(image),
         iterations=iterations,
@@ -67,7 +67,7 @@ def test_dense_crf_matches_pydensecrf_on_a_larger_image(normalization, smooth_im
 
 def test_dense_crf_with_zero_iterations_is_the_softmax_of_the_unary(smooth_image, smooth_unary):
     unary, image = torch.from_numpy(smooth_unary(4, 6, 7)), torch.from_numpy(smooth_image(6, 7))
-    q = dense_crf(unary, image, iterations=0)
+    q = dense_crf_reference(unary, image, iterations=0)
     torch.testing.assert_close(q, torch.softmax(unary, dim=0), rtol=0, atol=0)
 
 
@@ -165,7 +165,7 @@ def test_mean_field_gradients_match_finite_differences_for_scalar_weights(normal
     w_b = torch.tensor(2.0, dtype=torch.float64)
 
     def run(u, ws, wb):
-        return mean_field(u, [(spatial, ws), (bilateral, wb)], normalization=normalization, iterations=2)
+        return mean_field_reference(u, [(spatial, ws), (bilateral, wb)], normalization=normalization, iterations=2)
 
     inputs = (unary.requires_grad_(), w_s.requires_grad_(), w_b.requires_grad_())
     assert torch.autograd.gradcheck(run, inputs)
@@ -186,7 +186,7 @@ def test_mean_field_gradients_match_finite_differences_for_matrix_weights_and_co
     }[compat_kind]
 
     def run(u, ws, wb, *mu):
-        return mean_field(
+        return mean_field_reference(
             u,
             [(spatial, ws), (bilateral, wb)],
             compat=mu[0] if mu else None,
@@ -203,24 +203,24 @@ def test_mean_field_gradients_match_finite_differences_for_matrix_weights_and_co
 def test_potts_scalar_weights_equal_the_matching_matrix_weights_and_compat():
     unary, spatial, bilateral, _ = tiny_problem(n_labels=4)
     eye = torch.eye(4, dtype=torch.float64)
-    scalar = mean_field(unary, [(spatial, 1.5), (bilateral, 2.0)], iterations=3)
-    matrix = mean_field(unary, [(spatial, 1.5 * eye), (bilateral, 2.0 * eye)], iterations=3)
+    scalar = mean_field_reference(unary, [(spatial, 1.5), (bilateral, 2.0)], iterations=3)
+    matrix = mean_field_reference(unary, [(spatial, 1.5 * eye), (bilateral, 2.0 * eye)], iterations=3)
     minus_ones = -torch.ones(4, dtype=torch.float64)
-    diagonal = mean_field(unary, [(spatial, 1.5), (bilateral, 2.0)], compat=minus_ones, iterations=3)
-    full = mean_field(unary, [(spatial, 1.5), (bilateral, 2.0)], compat=-eye, iterations=3)
+    diagonal = mean_field_reference(unary, [(spatial, 1.5), (bilateral, 2.0)], compat=minus_ones, iterations=3)
+    full = mean_field_reference(unary, [(spatial, 1.5), (bilateral, 2.0)], compat=-eye, iterations=3)
     for other in (matrix, diagonal, full):
         torch.testing.assert_close(other, scalar, rtol=1e-12, atol=1e-12)
 
 
 def test_mean_field_with_zero_iterations_returns_the_unary():
     unary, spatial, _, _ = tiny_problem()
-    torch.testing.assert_close(mean_field(unary, [(spatial, 3.0)], iterations=0), unary)
+    torch.testing.assert_close(mean_field_reference(unary, [(spatial, 3.0)], iterations=0), unary)
 
 
 def test_positive_potts_weight_makes_neighbours_agree():
     unary, spatial, _, _ = tiny_problem()
     before = torch.softmax(unary, dim=0)
-    after = torch.softmax(mean_field(unary, [(spatial, 5.0)], iterations=5), dim=0)
+    after = torch.softmax(mean_field_reference(unary, [(spatial, 5.0)], iterations=5), dim=0)
 
     def label_changes(q):
         labels = q.argmax(dim=0)
@@ -234,8 +234,9 @@ def test_positive_potts_weight_makes_neighbours_agree():
 
 def test_dense_crf_takes_numpy_numbers_as_kernel_parameters(smooth_image, smooth_unary):
     unary, image = torch.from_numpy(smooth_unary(3, 4, 5)), torch.from_numpy(smooth_image(4, 5))
-    q = dense_crf(unary, image, spatial=(np.float32(3.0), np.int64(3)), bilateral=(np.float64(80.0), 13, 10.0))
-    torch.testing.assert_close(q, dense_crf(unary, image, spatial=(3.0, 3.0), bilateral=(80.0, 13.0, 10.0)))
+    q = dense_crf_reference(unary, image, spatial=(np.float32(3.0), np.int64(3)),
+                            bilateral=(np.float64(80.0), 13, 10.0))
+    torch.testing.assert_close(q, dense_crf_reference(unary, image, spatial=(3.0, 3.0), bilateral=(80.0, 13.0, 10.0)))
 
 
 @pytest.mark.parametrize(
@@ -267,38 +268,38 @@ def test_dense_crf_rejects_bad_inputs_naming_the_argument(change, name, smooth_i
     unary, image = torch.from_numpy(smooth_unary(3, 4, 5)), torch.from_numpy(smooth_image(4, 5))
     unary, image, kwargs = change(unary, image, {})
     with pytest.raises(ValueError, match=name):
-        dense_crf(unary, image, **kwargs)
+        dense_crf_reference(unary, image, **kwargs)
 
 
 def test_features_beyond_float_lattice_range_raise_a_value_error():
     with pytest.raises(ValueError, match="out of range for the lattice"):
-        dense_crf(torch.zeros(2, 150, 150), None, spatial=(1e-6, 3.0), bilateral=None)
+        dense_crf_reference(torch.zeros(2, 150, 150), None, spatial=(1e-6, 3.0), bilateral=None)
 
 
 def test_mean_field_rejects_mismatched_weights_compat_and_lattices():
     unary, spatial, _, _ = tiny_problem()
     with pytest.raises(ValueError, match="weight"):
-        mean_field(unary, [(spatial, torch.ones(2, 2, dtype=torch.float64))])
+        mean_field_reference(unary, [(spatial, torch.ones(2, 2, dtype=torch.float64))])
     with pytest.raises(ValueError, match="compat"):
-        mean_field(unary, [(spatial, 1.0)], compat=torch.ones(2, dtype=torch.float64))
+        mean_field_reference(unary, [(spatial, 1.0)], compat=torch.ones(2, dtype=torch.float64))
     other = PermutohedralLattice(gaussian_features(None, 3, 3, 2.0, None))
     with pytest.raises(ValueError, match="kernels"):
-        mean_field(unary, [(other, 1.0)])
+        mean_field_reference(unary, [(other, 1.0)])
     with pytest.raises(ValueError, match="normalization"):
-        mean_field(unary, [(spatial, 1.0)], normalization="before")
+        mean_field_reference(unary, [(spatial, 1.0)], normalization="before")
     with pytest.raises(ValueError, match="iterations"):
-        mean_field(unary, [(spatial, 1.0)], iterations=-2)
+        mean_field_reference(unary, [(spatial, 1.0)], iterations=-2)
 
 
 def test_mean_field_takes_weights_and_compat_of_another_dtype_and_refuses_non_finite_ones():
     unary, spatial, _, _ = tiny_problem()
     labels = unary.shape[0]
-    single = mean_field(unary, [(spatial, torch.eye(labels) * 2)], compat=-torch.eye(labels))
-    double = mean_field(unary, [(spatial, torch.eye(labels, dtype=torch.float64) * 2)],
+    single = mean_field_reference(unary, [(spatial, torch.eye(labels) * 2)], compat=-torch.eye(labels))
+    double = mean_field_reference(unary, [(spatial, torch.eye(labels, dtype=torch.float64) * 2)],
                         compat=-torch.eye(labels, dtype=torch.float64))
     assert double.dtype == unary.dtype and torch.allclose(single, double, atol=1e-6)
     for weight in (float("nan"), torch.tensor(float("inf"))):
         with pytest.raises(ValueError, match=r"kernels\[0\] weight"):
-            mean_field(unary, [(spatial, weight)])
+            mean_field_reference(unary, [(spatial, weight)])
     with pytest.raises(ValueError, match="compat holds a non-finite value"):
-        mean_field(unary, [(spatial, 1.0)], compat=torch.full((labels,), float("nan")))
+        mean_field_reference(unary, [(spatial, 1.0)], compat=torch.full((labels,), float("nan")))

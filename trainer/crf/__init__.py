@@ -1,15 +1,16 @@
 """Dense mean-field CRF in torch: the reference implementation, and the native kernels as a torch op.
 
 `lattice` owns the permutohedral lattice and the kernels' pixel features; `meanfield` owns the
-mean-field update and the torch-level `dense_crf`: the readable definition the native kernels are
+mean-field update and the torch-level `dense_crf_reference`: the readable definition the native kernels are
 tested against. `native` wraps those kernels as the torch op `dynseg::mean_field` with autograd,
-(`mean_field_native`, which training runs on, and `dense_crf_native`, dense_crf's signature).
+(`mean_field_native`, which training runs on, and `dense_crf_native`, dense_crf_reference's signature).
 """
 
 from .lattice import PermutohedralLattice, gaussian_features
-from .meanfield import dense_crf, mean_field
+from .meanfield import dense_crf_reference, mean_field_reference
 from .native import dense_crf_native, mean_field_native
 
 __all__ = [
-    "PermutohedralLattice", "gaussian_features", "mean_field", "dense_crf", "mean_field_native", "dense_crf_native",
+    "PermutohedralLattice", "gaussian_features", "mean_field_reference", "dense_crf_reference", "mean_field_native",
+    "dense_crf_native",
 ]

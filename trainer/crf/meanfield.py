@@ -4,7 +4,7 @@ This module owns the CRF-as-RNN update (docs/algorithm.md §3) over lattices fro
 
     Q = softmax(L_prev);  m = Σ_k W_k · K̃_k(Q);  L = U − μ·m
 
-and `dense_crf`, the torch-level counterpart of the public numpy `dense_crf` (spatial and bilateral
+and `dense_crf_reference`, the torch-level counterpart of the public numpy `dense_crf` (spatial and bilateral
 Potts kernels, pydensecrf's sign convention). Everything is plain autograd: gradients flow to the
 unary, every kernel weight and the compatibility.
 """
@@ -23,7 +23,7 @@ from dynseg.sdk.errors import InvalidArgumentError
 
 from .lattice import PermutohedralLattice, gaussian_features
 
-__all__ = ["mean_field", "dense_crf"]
+__all__ = ["mean_field_reference", "dense_crf_reference"]
 
 Weight = Union[float, Tensor]
 
@@ -57,7 +57,7 @@ def _check_unary(unary: object) -> None:
         raise InvalidArgumentError("unary must be finite (found NaN or inf)")
 
 
-def mean_field(
+def mean_field_reference(
     unary: Tensor,
     kernels: Sequence[tuple[PermutohedralLattice, Weight]],
     *,
@@ -156,7 +156,7 @@ def mean_field(
     return logits.t().reshape(n_labels, height, width)
 
 
-def dense_crf(
+def dense_crf_reference(
     unary: Tensor,
     image: Tensor | None,
     *,
@@ -206,6 +206,6 @@ def dense_crf(
         features = gaussian_features(colour, height, width, theta_xy, theta_color or None).to(unary.device)
         kernels.append((PermutohedralLattice(features), weight))
 
-    logits = mean_field(unary, kernels, normalization=normalization, iterations=iterations)
+    logits = mean_field_reference(unary, kernels, normalization=normalization, iterations=iterations)
     check_overflow(bool(torch.isfinite(logits).all()), "logits")
     return torch.softmax(logits, dim=0)

@@ -19,7 +19,7 @@ from torch import Tensor
 from dynseg.sdk import _native
 from dynseg.sdk.crf import check_iterations, check_normalization, check_overflow, check_threads, gaussian_kernels
 from dynseg.sdk.errors import InvalidArgumentError
-from dynseg.sdk.inputs import finite_float32, positive_in_float32
+from dynseg.sdk.checks import finite_float32, positive_in_float32
 
 __all__ = ["GaussianKernel", "mean_field_native", "dense_crf_native"]
 
@@ -190,7 +190,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_logits):
     if torch.is_grad_enabled():  # on in a backward only under create_graph=True
         raise NotImplementedError("dynseg::mean_field has no double backward: its gradient is computed by the "
-                                  "native library, outside autograd (use the reference mean_field for it)")
+                                  "native library, outside autograd (use mean_field_reference for it)")
     unary, image, compat, *weights = ctx.saved_tensors
     _, _, theta_xy, theta_color, _, _, normalization, iterations, threads = ctx.inputs
     # a list input's entry of needs_input_grad is a list: one flag per weight

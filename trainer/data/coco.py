@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from dynseg.sdk.errors import InvalidArgumentError
-from dynseg.sdk.inputs import is_int
+from dynseg.sdk.checks import is_int
 
 from .common import LabelledSample, assemble_sample, check_index, check_split_name, read_rgb, require_files
 

@@ -1,5 +1,5 @@
 """Detections for the instance CRF: a detector simulator (real detectors' COCO results files are read by
-`dynseg.sdk.coco_results.load_coco_detections`, re-exported here).
+`dynseg.sdk.coco_detections.load_coco_detections`, re-exported here).
 
 The instance CRF's labels are the image's detections (docs/algorithm.md §1, §5), so what the network learns
 to cope with is set by how the detections go wrong. `simulate_detections` turns ground truth into
@@ -36,16 +36,16 @@ from enum import IntEnum
 
 import numpy as np
 
-from dynseg.sdk.coco_results import DetectorOutput as Detections
-from dynseg.sdk.coco_results import load_coco_detections
+from dynseg.sdk.coco_detections import DetectorOutput
+from dynseg.sdk.coco_detections import load_coco_detections
 from dynseg.sdk.errors import InvalidArgumentError
-from dynseg.sdk.inputs import int_in, is_int
+from dynseg.sdk.checks import int_in, is_int
 
-__all__ = ["Detections", "SimulatedDetections", "DetectionKind", "simulate_detections", "load_coco_detections"]
+__all__ = ["DetectorOutput", "SimulatedDetections", "DetectionKind", "simulate_detections", "load_coco_detections"]
 
 
-class SimulatedDetections(Detections):
-    """`Detections` plus where each simulated detection came from (for analysis and tests)."""
+class SimulatedDetections(DetectorOutput):
+    """`DetectorOutput` plus where each simulated detection came from (for analysis and tests)."""
 
     source: np.ndarray  # int64 (D,): index of the ground-truth object it was made from, -1 on background
     kind: np.ndarray  # int8 (D,): a DetectionKind

@@ -5,7 +5,7 @@ simulated from the ground truth (the default) or read from a detector's COCO res
 on-disk dataset ("voc", "sbd", "coco", "cityscapes"; see their modules for the layouts).
 
 `with_detections(dataset, path)` attaches a COCO results file's detections to the samples, under
-the key "detections" (`Detections`: boxes float32 (D, 4) xyxy inclusive image pixels, labels int64 in
+the key "detections" (`DetectorOutput`: boxes float32 (D, 4) xyxy inclusive image pixels, labels int64 in
 1..K, scores float32). The trainer and `predict` use a sample's detections when it has them, and
 simulate them from the ground truth otherwise. The file's image ids are matched against:
 
@@ -35,7 +35,7 @@ from dynseg.sdk.inputs import pixel_boxes
 from .cityscapes import CityscapesInstances
 from .coco import CocoInstances
 from .common import Dataset, Samples
-from .detections import Detections, load_coco_detections
+from .detections import DetectorOutput, load_coco_detections
 from .sbd import SbdInstances
 from .synthetic import SyntheticScenes
 from .voc import VocInstances
@@ -98,14 +98,14 @@ def image_ids(dataset: Samples) -> tuple[Hashable, ...]:
 
 
 class WithDetections:
-    """`dataset`'s samples with a "detections" entry (`Detections`) from a results file.
+    """`dataset`'s samples with a "detections" entry (`DetectorOutput`) from a results file.
 
     Args:
         dataset: a `Dataset` (`class_names`, `image_shape`; for COCO, `label_of_category` too).
-        detections: {image id: Detections} with labels already in 1..K, one entry per image.
+        detections: {image id: DetectorOutput} with labels already in 1..K, one entry per image.
     """
 
-    def __init__(self, dataset: Dataset, detections: dict[Hashable, Detections]) -> None:
+    def __init__(self, dataset: Dataset, detections: dict[Hashable, DetectorOutput]) -> None:
         self.dataset = dataset
         self.class_names = dataset.class_names
         self._detections = [detections[image_id] for image_id in image_ids(dataset)]
@@ -173,14 +173,14 @@ def with_detections(dataset: Dataset, path: str | os.PathLike) -> WithDetections
     return WithDetections(dataset, found)
 
 
-def _count(detections: Detections) -> int:
+def _count(detections: DetectorOutput) -> int:
     return len(detections["labels"])
 
 
-def inside_image(detections: Detections, height: int, width: int) -> Detections:
+def inside_image(detections: DetectorOutput, height: int, width: int) -> DetectorOutput:
     """The detections whose boxes hold a pixel of the (height, width) image, their boxes floored and
     clipped to it (`dynseg.sdk.inputs.pixel_boxes`: the rule deployment applies)."""
     boxes, outside = pixel_boxes(detections["boxes"], height, width)
     keep = ~outside
-    return Detections(boxes=boxes[keep].astype(np.float32), labels=np.asarray(detections["labels"])[keep],
+    return DetectorOutput(boxes=boxes[keep].astype(np.float32), labels=np.asarray(detections["labels"])[keep],
                       scores=np.asarray(detections["scores"])[keep])

@@ -35,7 +35,7 @@ import numpy as np
 
 from dynseg.sdk.commands.defaults import MIN_IMAGE_SIDE
 from dynseg.sdk.errors import InvalidArgumentError
-from dynseg.sdk.inputs import int_in, is_int
+from dynseg.sdk.checks import int_in, is_int
 
 from ..boxes import mask_boxes
 

@@ -88,7 +88,7 @@ class NetworkOutput:
     instance_logits: Tensor  # (D+1, H, W), label 0 = background
 
 
-def check_detections(
+def require_valid_detections(
     boxes: Tensor, labels: Tensor, scores: Tensor, *, height: int, width: int, num_classes: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The SDK's check of the detections (`dynseg.sdk.inputs.check_detections`: boxes (D, 4) xyxy pixels,
@@ -150,7 +150,7 @@ class DynamicallyInstantiatedNetwork(nn.Module):
         if image.dtype not in (torch.float32, torch.uint8):
             raise InvalidArgumentError(f"image must be float32 (or uint8) RGB in 0..255, got {image.dtype}")
         height, width = image.shape[1:]
-        boxes, labels, scores = check_detections(boxes, labels, scores, height=height, width=width,
+        boxes, labels, scores = require_valid_detections(boxes, labels, scores, height=height, width=width,
                                                  num_classes=self.config.num_classes)
         return compose(self, image, boxes, labels, scores, semantic_crf=self.semantic_crf,
                        instance_crf=self.instance_crf)

@@ -12,7 +12,7 @@ from typing import TypedDict
 import numpy as np
 
 from .errors import InvalidArgumentError
-from .inputs import finite_float32, is_int
+from .checks import finite_float32, is_int
 
 __all__ = ["DetectorOutput", "detections_by_image", "load_coco_detections", "read_coco_results"]
 
