@@ -106,6 +106,7 @@ def export_onnx(network: DynamicallyInstantiatedNetwork, path: str | Path, *,
         "dynseg_version": __version__,
         "dynseg_op_version": str(OP_VERSION),
         "class_names": json.dumps(list(config.class_names)),
+        # for the record only: the graph normalises the image itself, and no runtime reads this
         "preprocessing": json.dumps({"input": "RGB uint8 (1, 3, H, W)", "mean": list(config.mean),
                                      "std": list(config.std), "scale": 255.0}),
         "model_config": config.to_json(),

@@ -54,9 +54,11 @@ def crf_node(
             theta_bilateral_rgb=theta_bilateral_rgb, detection_potential=True, score_ceiling=score_ceiling,
             epsilon=epsilon,
         )
-        logits, recalibrated = semantic_mean_field(unary[0], image[0], spatial_weight, bilateral_weight, compat,
-                                                   boxes, labels, scores, detection_x, detection_y, config,
-                                                   normalization)
+        logits, recalibrated = semantic_mean_field(
+            unary[0], image[0], boxes, labels, scores, spatial_weight=spatial_weight,
+            bilateral_weight=bilateral_weight, compatibility=compat, detection_x=detection_x,
+            detection_y=detection_y, config=config, normalization=normalization,
+        )
         return logits.unsqueeze(0), recalibrated.clone()
     kernels = [(theta_spatial, 0.0, spatial_weight), (theta_bilateral_xy, theta_bilateral_rgb, bilateral_weight)]
     logits = mean_field_native(unary[0], image[0], kernels, compat=compat, normalization=normalization,

@@ -102,29 +102,29 @@ def _element_types(model: onnx.ModelProto) -> dict[str, int]:
             for info in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]}
 
 
-_Segment = list[onnx.NodeProto] | onnx.NodeProto  # a run of standard nodes, or one CRF node
+_Part = list[onnx.NodeProto] | onnx.NodeProto  # a run of standard nodes, or one CRF node
 
 
-def _cut_at_crf_nodes(graph: onnx.GraphProto) -> list[_Segment]:
-    """The graph's nodes in order, cut at the CRF nodes."""
-    segments: list[_Segment] = []
-    run: list[onnx.NodeProto] = []
+def _cut_at_crf_nodes(graph: onnx.GraphProto) -> list[_Part]:
+    """The graph's nodes in order, cut at the CRF nodes into parts."""
+    parts: list[_Part] = []
+    standard_nodes: list[onnx.NodeProto] = []
     for node in graph.node:
         if node.domain == DOMAIN:
-            segments += [run, node]
-            run = []
+            parts += [standard_nodes, node]
+            standard_nodes = []
         else:
-            run.append(node)
-    return [*segments, run]
+            standard_nodes.append(node)
+    return [*parts, standard_nodes]
 
 
-def _needed_after(segments: list[_Segment], graph: onnx.GraphProto) -> list[set[str]]:
-    """For each segment, the tensors a later segment or the graph's outputs read: what it must hand on."""
+def _needed_after(parts: list[_Part], graph: onnx.GraphProto) -> list[set[str]]:
+    """For each part, the tensors a later part or the graph's outputs read: what it must hand on."""
     needed_after: list[set[str]] = []
     needed = {o.name for o in graph.output}
-    for segment in reversed(segments):
+    for part in reversed(parts):
         needed_after.append(set(needed))
-        for node in [segment] if isinstance(segment, onnx.NodeProto) else segment:
+        for node in [part] if isinstance(part, onnx.NodeProto) else part:
             needed.update(node.input)
     return needed_after[::-1]
 
@@ -139,35 +139,37 @@ def _session_options(threads: int | None) -> ort.SessionOptions:
 
 
 def _partition(model: onnx.ModelProto, placement: _Placement, threads: int | None) -> list[_Session | _CrfNode]:
-    """The steps a call runs, in order: one onnxruntime session per run of standard nodes (those whose
-    outputs nothing later reads are left out) and the CRF nodes between them."""
+    """The steps a call runs, in order, one per part of the graph: an onnxruntime session for each run
+    of standard nodes (those whose outputs nothing later reads are left out) and the CRF nodes between
+    them."""
     graph = model.graph
     types = _element_types(model)
     initializers = {t.name: t for t in graph.initializer}
-    segments = _cut_at_crf_nodes(graph)
+    parts = _cut_at_crf_nodes(graph)
     options = _session_options(threads)
     steps: list[_Session | _CrfNode] = []
-    for index, (segment, needed) in enumerate(zip(segments, _needed_after(segments, graph))):
-        if isinstance(segment, onnx.NodeProto):
-            constants = {n: placement.put(numpy_helper.to_array(initializers[n])) for n in segment.input
+    for index, (part, needed) in enumerate(zip(parts, _needed_after(parts, graph))):
+        if isinstance(part, onnx.NodeProto):
+            constants = {n: placement.put(numpy_helper.to_array(initializers[n])) for n in part.input
                          if n in initializers}
-            steps.append(_CrfNode(list(segment.input), list(segment.output), CrfAttributes.of_node(segment), constants))
+            steps.append(_CrfNode(list(part.input), list(part.output), CrfAttributes.of_node(part), constants))
             continue
-        produced = {name for node in segment for name in node.output}
-        consumed = [name for node in segment for name in node.input if name]
+        produced = {name for node in part for name in node.output}
+        consumed = [name for node in part for name in node.input if name]
         inputs = list(dict.fromkeys(n for n in consumed if n not in produced and n not in initializers))
-        outputs = [n for n in dict.fromkeys(name for node in segment for name in node.output) if n in needed]
+        outputs = [n for n in dict.fromkeys(name for node in part for name in node.output) if n in needed]
         if not outputs:
             continue
-        sub = helper.make_graph(
-            segment, f"dynseg_part_{index}",
+        part_graph = helper.make_graph(
+            part, f"dynseg_part_{index}",
             [helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT), None) for n in inputs],
             [helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT), None) for n in outputs],
             initializer=[initializers[n] for n in dict.fromkeys(consumed) if n in initializers],
         )
-        part = helper.make_model(sub, opset_imports=[o for o in model.opset_import if o.domain in ("", "ai.onnx")],
-                                 ir_version=model.ir_version)
-        session = ort.InferenceSession(part.SerializeToString(), sess_options=options, providers=placement.providers)
+        opsets = [o for o in model.opset_import if o.domain in ("", "ai.onnx")]
+        part_model = helper.make_model(part_graph, opset_imports=opsets, ir_version=model.ir_version)
+        session = ort.InferenceSession(part_model.SerializeToString(), sess_options=options,
+                                       providers=placement.providers)
         if placement.device_type == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
             raise InvalidArgumentError("device 'cuda': onnxruntime could not start its CUDA execution provider "
                                        "(see its log for why: CUDA or cuDNN libraries missing or mismatched)")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from numbers import Real
 from pathlib import Path
-from typing import Any, Literal, Protocol, get_args
+from typing import TYPE_CHECKING, Literal, Protocol, get_args
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -23,6 +23,9 @@ from .errors import InvalidArgumentError
 from .crf import check_threads
 from .inputs import ImageLike, check_detections, cuda_index, load_image
 from .results import SegmentationResult, build_result
+
+if TYPE_CHECKING:  # the trainer needs torch, which the SDK imports only for the torch backend
+    from dynseg.trainer.model import DynamicallyInstantiatedNetwork
 
 Backend = Literal["auto", "onnxruntime", "torch", "tensorrt"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
@@ -44,7 +47,7 @@ class NetworkBackend(Protocol):
         ...
 
 
-def _choose(path: Path, backend: str) -> str:
+def _backend_for(path: Path, backend: str) -> str:
     if backend not in BACKENDS:
         raise InvalidArgumentError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend != "auto":
@@ -80,7 +83,7 @@ class Segmenter:
         if threads is not None:  # None: onnxruntime's default, not check_threads' "every core" (0)
             threads = check_threads(threads)
         path = Path(path)
-        self.backend_name = _choose(path, backend)
+        self.backend_name = _backend_for(path, backend)
         if threads is not None and self.backend_name != "onnxruntime":
             raise InvalidArgumentError(f"threads applies to the onnxruntime backend, not to {self.backend_name!r} "
                                        "(torch: torch.set_num_threads; tensorrt computes on the GPU)")
@@ -100,7 +103,7 @@ class Segmenter:
         self._attach(self._backend, path)
 
     @classmethod
-    def of_network(cls, network: Any) -> Segmenter:
+    def of_network(cls, network: DynamicallyInstantiatedNetwork) -> Segmenter:
         """A Segmenter over a trained network in memory (dynseg.trainer's DynamicallyInstantiatedNetwork), on
         the torch backend and the device of its parameters, without a checkpoint on disk: what training's
         held-out evaluation segments with. Sets the network to eval mode."""

@@ -5,13 +5,16 @@ imported when it is chosen."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import INSTALL_TRAINER, InvalidArgumentError
 from .graph import INPUTS, OUTPUTS, graph_inputs
 from .inputs import cuda_index
+
+if TYPE_CHECKING:  # the trainer needs torch, which this module imports only when the backend is chosen
+    from dynseg.trainer.model import DynamicallyInstantiatedNetwork
 
 UNLIMITED_DETECTIONS = 10_000  # the network itself has no limit; this keeps a call's memory sane
 
@@ -43,7 +46,7 @@ class TorchBackend:
         self._serve(network, device)
 
     @classmethod
-    def of_network(cls, network: Any) -> TorchBackend:
+    def of_network(cls, network: DynamicallyInstantiatedNetwork) -> TorchBackend:
         """The backend of a DynamicallyInstantiatedNetwork in memory, on the device of its parameters (set to
         eval mode): what training's held-out evaluation runs, so that it scores as `dynseg eval` of the
         checkpoint it saves."""
@@ -52,7 +55,7 @@ class TorchBackend:
         backend._serve(network, str(next(network.parameters()).device))
         return backend
 
-    def _serve(self, network: Any, device: str) -> None:
+    def _serve(self, network: DynamicallyInstantiatedNetwork, device: str) -> None:
         import torch
 
         from dynseg.trainer.checkpoint import weights_fingerprint

@@ -69,8 +69,9 @@ def run_reference(image, unary, spatial, bilateral, compat, boxes, classes, scor
     t = torch.from_numpy
     with torch.no_grad():
         logits, recalibrated = semantic_mean_field(
-            t(unary), t(image), t(spatial), t(bilateral), t(compat), t(boxes), t(classes), t(scores),
-            torch.tensor(weights[0]), torch.tensor(weights[1]), config,
+            t(unary), t(image), t(boxes), t(classes), t(scores), spatial_weight=t(spatial),
+            bilateral_weight=t(bilateral), compatibility=t(compat), detection_x=torch.tensor(weights[0]),
+            detection_y=torch.tensor(weights[1]), config=config,
         )
     return logits.numpy(), recalibrated.numpy()
 

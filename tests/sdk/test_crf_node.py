@@ -119,9 +119,11 @@ def test_the_node_matches_semantic_mean_field_with_asymmetric_compat_and_distinc
                                score_ceiling=1.0, epsilon=1e-4)
     t = torch.from_numpy
     with torch.no_grad():
-        expected, expected_scores = semantic_mean_field(t(unary), t(image), t(spatial), t(bilateral), t(compat),
-                                                        t(boxes), t(labels), t(scores), torch.tensor(dx),
-                                                        torch.tensor(dy), config)
+        expected, expected_scores = semantic_mean_field(
+            t(unary), t(image), t(boxes), t(labels), t(scores), spatial_weight=t(spatial),
+            bilateral_weight=t(bilateral), compatibility=t(compat), detection_x=torch.tensor(dx),
+            detection_y=torch.tensor(dy), config=config,
+        )
     scale = np.abs(expected.numpy()).max()
     assert np.abs(logits[0] - expected.numpy()).max() <= 1e-5 * scale
     np.testing.assert_allclose(recalibrated, expected_scores.numpy(), rtol=0, atol=1e-5)

@@ -83,19 +83,20 @@ class SemanticCRF(nn.Module):
             (the input scores when the detection potential is off or D = 0).
         """
         return semantic_mean_field(
-            unary, image, self.spatial_weight, self.bilateral_weight, self.compatibility, boxes, labels, scores,
-            self.detection_x, self.detection_y, self.config,
+            unary, image, boxes, labels, scores, spatial_weight=self.spatial_weight,
+            bilateral_weight=self.bilateral_weight, compatibility=self.compatibility, detection_x=self.detection_x,
+            detection_y=self.detection_y, config=self.config,
         )
 
 
 def semantic_mean_field(
-    unary: Tensor, image: Tensor, spatial_weight: Tensor, bilateral_weight: Tensor, compatibility: Tensor | None,
-    boxes: Tensor, labels: Tensor, scores: Tensor, detection_x: Tensor, detection_y: Tensor,
+    unary: Tensor, image: Tensor, boxes: Tensor, labels: Tensor, scores: Tensor, *, spatial_weight: Tensor,
+    bilateral_weight: Tensor, compatibility: Tensor | None, detection_x: Tensor, detection_y: Tensor,
     config: SemanticCRFConfig, normalization: str = "after",
 ) -> tuple[Tensor, Tensor]:
-    """The semantic CRF as a function of its parameters (SemanticCRF.forward's arguments, then the
-    module's parameters): what the module computes and what the exported dynseg::MeanFieldCRF node
-    with the detection potential means (docs/ops.md), whose `normalization` attribute is the last
+    """The semantic CRF as a function of its parameters (SemanticCRF.forward's arguments, then, by
+    name, the module's parameters): what the module computes and what the exported dynseg::MeanFieldCRF
+    node with the detection potential means (docs/ops.md), whose `normalization` attribute is the last
     argument."""
     kernels = [
         (config.theta_spatial, 0.0, spatial_weight),
@@ -115,12 +116,13 @@ def semantic_mean_field(
         # one mean-field iteration from `logits` returns them plus the pairwise message of q
         pairwise = mean_field_native(logits, image, kernels, compat=compatibility, normalization=normalization,
                                      iterations=1) - logits
-        term, recalibrated = detection_potential(q, inside, pixels, prior, labels, scores, detection_x, detection_y)
+        term, recalibrated = detection_potential_term(q, inside, pixels, prior, labels, scores, detection_x,
+                                                      detection_y)
         logits = unary + pairwise + term
     return logits, recalibrated
 
 
-def detection_potential(
+def detection_potential_term(
     q: Tensor, inside: Tensor, pixels: Tensor, prior: Tensor, labels: Tensor, scores: Tensor, detection_x: Tensor,
     detection_y: Tensor,
 ) -> tuple[Tensor, Tensor]:
