@@ -26,7 +26,7 @@ import torch
 
 from dynseg.trainer.data import SyntheticScenes
 from dynseg.trainer.evaluation import evaluate
-from dynseg.trainer.model import InstanceConfig, ModelConfig, build_model, check_detections
+from dynseg.trainer.model import InstanceConfig, ModelConfig, build_model, require_valid_detections
 from dynseg.trainer.checkpoint import load_checkpoint
 from dynseg.trainer.train import TrainConfig, evaluation_inputs, initialise_templates, predict, train
 
@@ -47,7 +47,7 @@ def refinement_baseline(model, dataset, *, seed: int) -> tuple[list[dict], list[
     model.eval()
     predictions, ground_truths = [], []
     for image, detections, truth in evaluation_inputs(dataset, seed=seed, num_classes=model.config.num_classes):
-        boxes, labels, scores = check_detections(detections["boxes"], detections["labels"], detections["scores"],
+        boxes, labels, scores = require_valid_detections(detections["boxes"], detections["labels"], detections["scores"],
                                                  height=image.shape[1], width=image.shape[2],
                                                  num_classes=model.config.num_classes)
         logits = model.semantic_logits(image[None])[0]

@@ -200,6 +200,13 @@ def _split_of(data) -> Optional[str]:
     return getattr(getattr(data, "dataset", data), "split", None)
 
 
+def _training_data(dataset: str, seed: int, image_size: tuple[int, int], data) -> dict:
+    """What `dynseg eval` holds out from: the synthetic scenes' seed and size, or an on-disk split."""
+    if dataset == "synthetic":
+        return {"dataset": dataset, "seed": seed, "image_size": image_size}
+    return {"dataset": dataset, "seed": seed, "split": _split_of(data)}
+
+
 def _describe(data, dataset: str, detections: Optional[Path]) -> str:
     split = _split_of(data)
     what = f"{len(data)} {dataset} images" + (f" (split {split})" if split else "")
@@ -287,8 +294,7 @@ def train(
             instance=TrainConfig(stage="instance", mode=cast("TrainMode", mode), steps=instance_steps,
                                  learning_rate=learning_rate / defaults.INSTANCE_LR_DIVISOR, seed=seed),
             printer=typer.echo, live=sys.stdout.isatty(), held_out=held_out, eval_seed=seed + 1,
-            training_data={"dataset": dataset, "seed": seed, "image_size": image_size,  # what eval holds out from
-                           "split": _split_of(data)})
+            training_data=_training_data(dataset, seed, image_size, data))
     except (DynsegError, OSError) as error:  # an annotation or image the dataset could not read
         raise _fail(str(error)) from error
     typer.echo(f"wrote {out}/model.safetensors, {out}/model.json and {out}/epochs.jsonl; next: dynseg eval {out}")
@@ -348,7 +354,8 @@ def evaluate_command(
     if seed is None:
         seed = trained_on["seed"] + 1 if trained_on else 1
     if image_size is None:
-        image_size = tuple(trained_on["image_size"]) if trained_on else defaults.IMAGE_SIZE
+        image_size = tuple(trained_on["image_size"]) if trained_on and "image_size" in trained_on else \
+            defaults.IMAGE_SIZE
     if dataset == "synthetic" and trained_on and trained_on["dataset"] == "synthetic" and seed == trained_on["seed"]:
         typer.echo(f"Warning: --seed {seed} is the seed {model} was trained with: these are its training scenes, "
                    "not held-out ones", err=True)

@@ -104,13 +104,15 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def write_training_data(checkpoint: str | Path, *, dataset: str, seed: int, image_size: tuple[int, int],
+def write_training_data(checkpoint: str | Path, *, dataset: str, seed: int, image_size: tuple[int, int] | None = None,
                         split: str | None = None) -> None:
     """Records in the checkpoint folder `checkpoint` what its network was trained on: the dataset's name,
     the seed of its data and simulated detections, the synthetic scenes' (height, width), and an on-disk
     dataset's split. `train.fit` writes it beside each stage's checkpoint (its `training_data`). Raises
     InvalidArgumentError for a record read_training_data would refuse."""
-    record = {"dataset": dataset, "seed": seed, "image_size": list(image_size)}
+    record: dict[str, Any] = {"dataset": dataset, "seed": seed}
+    if image_size is not None:
+        record["image_size"] = list(image_size)
     if split is not None:
         record["split"] = split
     check_training_data(record)
@@ -145,22 +147,26 @@ def read_training_data(directory: str | Path) -> dict | None:
                                "yourself")
 
 
-_TRAINING_DATA_FIELDS = (f'as {{"dataset": a dataset\'s name, "seed": 0..{MAX_SEED}, "image_size": [height, width], '
-                         f'each {MIN_IMAGE_SIDE}..{MAX_IMAGE_SIDE}, and an on-disk dataset\'s "split"}}')
+_TRAINING_DATA_FIELDS = (f'as {{"dataset": a dataset\'s name, "seed": 0..{MAX_SEED}, synthetic scenes\' "image_size": '
+                         f'[height, width], each {MIN_IMAGE_SIDE}..{MAX_IMAGE_SIDE}, and an on-disk dataset\'s '
+                         '"split"}')
 
 
 def _training_data_problem(data: object) -> str | None:
     """What is wrong with a training-data record, or None."""
     from .data.sources import DATASETS  # here: loading a checkpoint pulls in no dataset code
 
-    if not isinstance(data, dict) or not {"dataset", "seed", "image_size"} <= set(data):
+    # the image size chooses synthetic scenes only: an on-disk dataset's record may leave it out
+    if not isinstance(data, dict) or not {"dataset", "seed"} <= set(data):
         return f"got {data!r:.200}"
-    seed, size, split = data["seed"], data["image_size"], data.get("split")
+    if data["dataset"] == "synthetic" and "image_size" not in data:
+        return "no image_size for synthetic scenes"
+    seed, size, split = data["seed"], data.get("image_size"), data.get("split")
     if data["dataset"] not in DATASETS:
         return f"dataset {data['dataset']!r:.80}"
     if not is_int(seed, numpy=False) or not 0 <= seed <= MAX_SEED:
         return f"seed {seed!r:.80}"
-    if not (isinstance(size, list) and len(size) == 2
+    if "image_size" in data and not (isinstance(size, list) and len(size) == 2
             and all(is_int(n, numpy=False) and MIN_IMAGE_SIDE <= n <= MAX_IMAGE_SIDE for n in size)):
         return f"image_size {size!r:.80}"
     if split is not None and not isinstance(split, str):

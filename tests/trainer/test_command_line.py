@@ -144,6 +144,8 @@ def test_train_then_eval_read_each_on_disk_format(tmp_path, name):
     assert result.exit_code == 0, result.output
     assert f"{name} images (split {split}), simulated detections" in result.output
     assert (out / "model.safetensors").is_file() and epochs(out)[-1]["stage"] == "instance"
+    # an on-disk dataset's images have their own sizes: the record holds its split, not a scene size
+    assert json.loads((out / "training_data.json").read_text()) == {"dataset": name, "seed": 0, "split": split}
     result = run("eval", out, "--data-root", root, "--split", split)  # the dataset it was trained on by default
     assert result.exit_code == 0, result.output
     assert "AP^r_vol" in result.output and f"{name} images" in result.output
@@ -369,6 +371,7 @@ def test_training_on_images_without_objects_says_stage_2_learnt_nothing(tmp_path
     ('{"dataset": "synthetic", "seed": 1, "image_size": [0, 64]}', "image_size [0, 64]"),
     ('{"dataset": "imagenet", "seed": 1, "image_size": [48, 64]}', "dataset 'imagenet'"),
     ('{"dataset": "voc", "seed": 1, "image_size": [48, 64], "split": 3}', "split 3"),
+    ('{"dataset": "synthetic", "seed": 1}', "no image_size for synthetic scenes"),
 ])
 def test_a_training_data_record_out_of_range_is_named_not_blamed_on_an_option(tmp_path, record, problem):
     from dynseg.trainer.checkpoint import TRAINING_DATA
