@@ -2,21 +2,30 @@
 for export, and its translation into the ONNX node that docs/ops.md specifies.
 
 Owns the op's schema in torch (`torch.ops.dynseg.crf_node`), the symbolic function that
-writes it as `dynseg::MeanFieldCRF` (domain "dynseg", version 1), and the two modules that stand in for
-the network's CRF modules, with their calls, while it is traced (`SemanticCRFNode`, `InstanceCRFNode`).
+writes it as `dynseg::MeanFieldCRF` (domain "dynseg", version 1), the two modules that stand in for
+the network's CRF modules, with their calls, while it is traced (`SemanticCRFNode`, `InstanceCRFNode`:
+each node's attributes and constant inputs), and the check that an exported graph's CRF nodes are a
+network's (`crf_node_differences`).
 The op's computation is the trainer's (`semantic_mean_field` with the detection potential,
 `mean_field_native` without), so a traced graph carries exactly the values the network computes.
 """
 
 from __future__ import annotations
 
+from dataclasses import astuple, replace
+
+import numpy as np
+import onnx
 import torch
+from onnx import numpy_helper
 from torch import Tensor, nn
 from torch.onnx import symbolic_helper
 
+from dynseg.sdk.crf_node import CrfAttributes, CrfInputs
 from dynseg.sdk.graph import DOMAIN, OP_TYPE
 from dynseg.trainer.crf import mean_field_native
 from dynseg.trainer.model.instance import InstanceCRF
+from dynseg.trainer.model.network import DynamicallyInstantiatedNetwork
 from dynseg.trainer.model.semantic_crf import SemanticCRF, SemanticCRFConfig, semantic_mean_field
 
 OPSET = 17  # the standard ONNX opset of the rest of the graph (GridSample needs 16)
@@ -98,14 +107,24 @@ class SemanticCRFNode(nn.Module):
         super().__init__()
         self.crf = crf
 
+    def constants(self) -> dict[str, Tensor]:
+        """The node's inputs that are the module's parameters, by their names in `CrfInputs`."""
+        crf = self.crf
+        return {"spatial_weight": crf.spatial_weight, "bilateral_weight": crf.bilateral_weight,
+                "compatibility": crf.compatibility, "detection_x": crf.detection_x, "detection_y": crf.detection_y}
+
+    def attributes(self) -> CrfAttributes:
+        config = self.crf.config
+        return CrfAttributes(config.iterations, config.theta_spatial, config.theta_bilateral_xy,
+                             config.theta_bilateral_rgb, "after", int(config.detection_potential),
+                             config.score_ceiling, config.epsilon)
+
     def forward(self, unary: Tensor, image: Tensor, boxes: Tensor, labels: Tensor,
                 scores: Tensor) -> tuple[Tensor, Tensor]:
-        crf, config = self.crf, self.crf.config
+        c = self.constants()
         logits, recalibrated = crf_node(
-            unary.unsqueeze(0), image.unsqueeze(0), crf.spatial_weight, crf.bilateral_weight, crf.compatibility,
-            boxes, labels, scores, crf.detection_x, crf.detection_y, config.iterations, config.theta_spatial,
-            config.theta_bilateral_xy, config.theta_bilateral_rgb, "after", int(config.detection_potential),
-            config.score_ceiling, config.epsilon,
+            unary.unsqueeze(0), image.unsqueeze(0), c["spatial_weight"], c["bilateral_weight"], c["compatibility"],
+            boxes, labels, scores, c["detection_x"], c["detection_y"], *astuple(self.attributes()),
         )
         return logits.view_as(unary), recalibrated
 
@@ -118,17 +137,85 @@ class InstanceCRFNode(nn.Module):
         super().__init__()
         self.crf = crf
 
+    def constants(self) -> dict[str, Tensor]:
+        """The node's constant inputs by their names in `CrfInputs`: the module's two weights, and empty
+        compatibility (Potts) and detections, which keep the node's inputs free of the image's."""
+        return {"spatial_weight": self.crf.spatial_weight, "bilateral_weight": self.crf.bilateral_weight,
+                "compatibility": torch.zeros(0), "boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+                "scores": torch.zeros(0), "detection_x": torch.zeros(()), "detection_y": torch.zeros(())}
+
+    def attributes(self) -> CrfAttributes:
+        config = self.crf.config
+        return CrfAttributes(config.iterations, config.theta_spatial, config.theta_bilateral_xy,
+                             config.theta_bilateral_rgb, "after", 0, 1.0, 0.0)
+
     def forward(self, unary: Tensor, image: Tensor) -> Tensor:
-        crf, config = self.crf, self.crf.config
-        if not config.crf:
+        if not self.crf.config.crf:
             return unary
-        nothing = torch.zeros(0)
-        # boxes, labels and scores are unused without the detection potential; empty ones keep the node's
-        # inputs free of the detections
-        logits, _ = crf_node(
-            unary.unsqueeze(0), image.unsqueeze(0), crf.spatial_weight, crf.bilateral_weight, nothing,
-            torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), torch.zeros(0), torch.zeros(()), torch.zeros(()),
-            config.iterations, config.theta_spatial, config.theta_bilateral_xy, config.theta_bilateral_rgb,
-            "after", 0, 1.0, 0.0,
-        )
+        c = self.constants()
+        logits, _ = crf_node(unary.unsqueeze(0), image.unsqueeze(0), *(c[name] for name in CrfInputs._fields[2:]),
+                             *astuple(self.attributes()))
         return logits.view_as(unary)
+
+
+def crf_nodes_of(network: DynamicallyInstantiatedNetwork) -> list[SemanticCRFNode | InstanceCRFNode]:
+    """The CRF nodes an export of `network` holds, in the graph's order."""
+    nodes: list[SemanticCRFNode | InstanceCRFNode] = []
+    if network.semantic_crf is not None:
+        nodes.append(SemanticCRFNode(network.semantic_crf))
+    if network.instance_crf.config.crf:
+        nodes.append(InstanceCRFNode(network.instance_crf))
+    return nodes
+
+
+def crf_node_differences(model: onnx.ModelProto, network: DynamicallyInstantiatedNetwork) -> list[str]:
+    """How the CRF nodes of an exported `model` differ from the CRFs of `network`: their count, each
+    node's attributes (compared as the float32 values ONNX stores) and its constant inputs (the
+    weights, bit for bit). Empty when the graph holds the network's CRFs; a check no image can fool,
+    where comparing outputs needs a CRF that changes them (docs/deploy.md, `dynseg validate`)."""
+    found = [node for node in model.graph.node if node.domain == DOMAIN and node.op_type == OP_TYPE]
+    expected = crf_nodes_of(network)
+    if len(found) != len(expected):
+        return [f"the graph has {len(found)} CRF nodes, the checkpoint's network {len(expected)}"]
+    constants = _constant_values(model.graph)
+    differences = []
+    for node, module in zip(found, expected):
+        name = f"{'semantic' if isinstance(module, SemanticCRFNode) else 'instance'} CRF node {node.name!r}"
+        got, want = (_as_float32(a) for a in (CrfAttributes.of_node(node), module.attributes()))
+        differences += [f"{name}: attribute {field} is {_shown(getattr(got, field))}, the checkpoint's "
+                        f"{_shown(getattr(want, field))}" for field in got.__dataclass_fields__
+                        if getattr(got, field) != getattr(want, field)]
+        inputs = dict(zip(CrfInputs._fields, node.input))
+        for input_name, tensor in module.constants().items():
+            value = constants.get(inputs[input_name])
+            if value is None:
+                differences.append(f"{name}: input {input_name} is computed in the graph, not the checkpoint's "
+                                   "constant")
+            elif not (value.shape == tuple(tensor.shape) and np.array_equal(value, tensor.detach().cpu().numpy())):
+                differences.append(f"{name}: input {input_name} differs from the checkpoint's {input_name}")
+    return differences
+
+
+def _shown(value: object) -> str:
+    return f"{value:.7g}" if isinstance(value, float) else repr(value)  # a float32's digits
+
+
+def _as_float32(attributes: CrfAttributes) -> CrfAttributes:
+    """The attributes with their floats as float32 holds them: ONNX's FLOAT attributes are float32."""
+    return replace(attributes, **{f: float(np.float32(getattr(attributes, f))) for f in
+                                  ("theta_spatial", "theta_bilateral_xy", "theta_bilateral_rgb", "score_ceiling",
+                                   "epsilon")})
+
+
+def _constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Every tensor of `graph` that is a constant: its initializers, Constant nodes' outputs and
+    Identity nodes of constants (the exporter shares equal initializers through them)."""
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            tensor = next((a.t for a in node.attribute if a.name == "value"), None)
+            if tensor is not None:
+                values[node.output[0]] = numpy_helper.to_array(tensor)
+        elif node.op_type == "Identity" and node.input[0] in values:
+            values[node.output[0]] = values[node.input[0]]
+    return values

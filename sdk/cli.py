@@ -587,9 +587,10 @@ def validate(
     device: str = typer.Option("cpu", "--device", help="Where the exported model runs: cpu, cuda or cuda:N "
                                                        "(PyTorch, the reference, runs on the CPU)."),
 ) -> None:
-    """Parity of the exported model (onnxruntime) with its checkpoint (PyTorch): max |Δ| of the instance
-    probabilities (<= 1e-4) and of the semantic ones (<= 1e-3), argmax agreement on decided pixels
-    (>= 99.9 %), per-instance mask IoU (>= 0.99). Exit status 1 when any check fails."""
+    """Parity of the exported model (onnxruntime) with its checkpoint (PyTorch): the CRF nodes' attributes
+    and weights equal the checkpoint's; on the images, max |Δ| of the instance probabilities (<= 1e-4)
+    and of the semantic ones (<= 1e-3), argmax agreement on decided pixels (>= 99.9 %), per-instance
+    mask IoU (>= 0.99). Exit status 1 when any check fails."""
     _torch_or_fail("dynseg validate")
     from .commands import parity
     from .commands.images import generated_detections, read_detections, sample_cases
@@ -599,9 +600,19 @@ def validate(
     if detections is not None and not images:
         raise typer.BadParameter("--detections needs --images, the files it names", param_hint="--detections")
     _check_device(device)
+    from dynseg.export.ops import crf_node_differences
+    from dynseg.trainer.checkpoint import load_checkpoint
+
+    from .graph import read_export
+
     try:
         exported = Segmenter(model, backend="onnxruntime", device=device)
         reference = Segmenter(checkpoint, backend="torch")
+        parity.check_same_model(exported, reference)
+        # the graph's CRFs must be the checkpoint's: images compare them only where the CRFs change the output
+        differences = crf_node_differences(read_export(model).model, load_checkpoint(checkpoint))
+        if differences:
+            raise _fail(f"{model}'s CRF nodes are not {checkpoint}'s CRFs: " + "; ".join(differences))
         # generated detections: as many classes as the model, no more boxes than it takes
         classes, most = len(exported.class_names), exported.max_detections
         if not images:
@@ -617,7 +628,8 @@ def validate(
         report = parity.validate(exported, reference, cases)
     except DynsegError as error:
         raise _fail(str(error)) from error
-    typer.echo(f"{model} (onnxruntime, {device}) vs {checkpoint} (PyTorch, cpu):\n{report.table()}")
+    typer.echo(f"{model} (onnxruntime, {device}) vs {checkpoint} (PyTorch, cpu): the CRF nodes' attributes and "
+               f"weights are the checkpoint's\n{report.table()}")
     if not report:
         failed = [str(c) for c in report.worst() if not c]
         raise _fail("parity check failed: " + "; ".join(failed))

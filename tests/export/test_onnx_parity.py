@@ -14,6 +14,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from dynseg.export import ops  # noqa: E402
 from dynseg.export.onnx import export_onnx  # noqa: E402
 from dynseg.sdk import _native  # noqa: E402
 from dynseg.sdk import DetectionsDroppedWarning, InvalidArgumentError, crf_node, onnx_backend, samples  # noqa: E402
@@ -112,6 +113,8 @@ def test_the_graph_has_two_crf_nodes_dynamic_axes_and_metadata(exported):
     metadata = {p.key: p.value for p in model.metadata_props}
     assert {"dynseg_version", "dynseg_op_version", "class_names", "preprocessing", "model_config",
             "max_detections"} <= set(metadata)
+    # the nodes hold the network's CRFs: attributes from its configs, weights bit for bit
+    assert ops.crf_node_differences(model, load_checkpoint(exported[0])) == []
 
 
 def test_a_model_with_other_outputs_is_refused_with_what_to_do(exported, tmp_path):
@@ -285,7 +288,7 @@ def test_export_refuses_arguments_it_cannot_honour(exported, tmp_path, arguments
 def test_the_ops_torch_definition_and_the_sdks_node_agree(normalization, detection_potential):
     """The op's every attribute reaches both implementations (the torch one once dropped `normalization`
     when the detection potential was on)."""
-    from dynseg.export import ops
+
     from dynseg.sdk.crf_node import CrfAttributes, run_node
 
     rng = np.random.default_rng(0)
@@ -309,7 +312,7 @@ def test_the_ops_torch_definition_and_the_sdks_node_agree(normalization, detecti
 def test_the_semantic_crf_module_and_its_node_compute_the_same_bits_without_detections(detection_potential):
     """Without the potential's term (switched off, or D = 0) both run the plain mean field as one native
     call; the module once looped one-iteration calls and differed from the node by 6.7e-6."""
-    from dynseg.export import ops
+
     from dynseg.trainer.model.semantic_crf import SemanticCRF, SemanticCRFConfig
 
     generator = torch.Generator().manual_seed(0)

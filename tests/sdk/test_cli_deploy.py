@@ -235,6 +235,29 @@ def test_validate_runs_on_the_sample_photos_by_default(exported):
         assert f"| {name} |" in result.output
 
 
+def test_validate_refuses_crf_nodes_whose_attributes_or_weights_are_not_the_checkpoints(exported, tmp_path):
+    # a fresh network's semantic CRF barely moves its probabilities: images alone would pass these graphs
+    checkpoint, original = exported
+    model = onnx.load(str(original))
+    semantic = next(node for node in model.graph.node if node.domain == "dynseg")
+    for attribute in semantic.attribute:
+        if attribute.name == "iterations":
+            attribute.i += 1
+        if attribute.name == "theta_bilateral_rgb":
+            attribute.f *= 1.1
+    weight = next(t for t in model.graph.initializer if t.name == semantic.input[3])  # bilateral_weight
+    changed = onnx.numpy_helper.to_array(weight) * np.float32(1.01)
+    weight.CopyFrom(onnx.numpy_helper.from_array(changed, weight.name))
+    onnx.save(model, str(tmp_path / "edited.onnx"))
+    result = runner.invoke(app, ["validate", str(tmp_path / "edited.onnx"), "--checkpoint", str(checkpoint)])
+    assert result.exit_code == 1
+    message = plain(result.output)
+    assert "CRF nodes are not" in message and "attribute iterations is 6, the checkpoint's 5" in message
+    assert "attribute theta_bilateral_rgb is 3.3, the checkpoint's 3" in message
+    assert "input bilateral_weight differs from the checkpoint's bilateral_weight" in message
+    assert "instance CRF node" not in message  # the untouched node matches
+
+
 def test_validate_refuses_a_checkpoint_with_other_weights_than_the_export_came_from(exported, photos, tmp_path):
     # same architecture and classes: on images neither network recognises anything in, the two could agree
     other = _checkpoint(tmp_path / "other", seed=1)
