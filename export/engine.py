@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
-from dynseg.sdk import __version__, tensorrt_engine
+from dynseg.sdk import tensorrt_engine
 from dynseg.sdk.crf_node import CrfAttributes
 from dynseg.sdk.errors import InvalidArgumentError
 from dynseg.sdk.graph import DOMAIN, OP_TYPE, read_export
@@ -100,10 +100,11 @@ def write_sidecar(plan: str | Path, *, tensorrt_version: str, compute_capability
     try:
         class_names = json.loads(model_metadata["class_names"])
         preprocessing = json.loads(model_metadata["preprocessing"])
+        versions = model_metadata["dynseg_version"], model_metadata["dynseg_op_version"]
     except (KeyError, json.JSONDecodeError) as error:
         raise InvalidArgumentError(
-            f"the model's metadata lacks valid class_names / preprocessing ({error}): is it an ONNX file that "
-            "`dynseg export` wrote?"
+            f"the model's metadata lacks valid class_names / preprocessing / versions ({error}): is it an ONNX "
+            "file that `dynseg export` wrote?"
         ) from None
     data = {
         "format": SIDECAR_FORMAT,
@@ -113,11 +114,11 @@ def write_sidecar(plan: str | Path, *, tensorrt_version: str, compute_capability
         "plan_sha256": sha256(plan),
         "profile": profile.to_json(),
         "precision": "fp16" if fp16 else "fp32",
-        "dynseg_version": model_metadata.get("dynseg_version", __version__),
-        "dynseg_op_version": model_metadata.get("dynseg_op_version", PLUGIN_VERSION),
+        "dynseg_version": versions[0],
+        "dynseg_op_version": versions[1],
         "class_names": class_names,
         "preprocessing": preprocessing,
-        "max_detections": int(model_metadata.get("max_detections", profile.detections[2])),
+        "max_detections": profile.detections[2],  # what the engine takes, at most the export's limit
         "weights_sha256": model_metadata.get("weights_sha256"),
         # what the network was trained on, for `dynseg eval` (None for an export without the record)
         "training_data": json.loads(model_metadata["training_data"]) if "training_data" in model_metadata else None,
@@ -130,14 +131,15 @@ def write_sidecar(plan: str | Path, *, tensorrt_version: str, compute_capability
 # ---- (c) the build -------------------------------------------------------------------------------------
 
 def build_engine(onnx_path: str | Path, out_path: str | Path, *, fp16: bool = False,
-                 detections: Sequence[int] = DEFAULT_DETECTIONS,
+                 detections: Sequence[int] | None = None,
                  sizes: Sequence[Sequence[int]] = DEFAULT_SIZES,
                  workspace: int | None = None,
                  plugin_library: str | Path | None = None) -> Path:
     """Builds a TensorRT engine from an ONNX file `dynseg export` wrote; returns out_path.
 
     Writes <out_path minus its suffix>.trt.onnx (the TensorRT-specific copy), the plan at out_path (TensorRT's
-    bytes only) and the sidecar sidecar_path(out_path). detections: (min, opt, max) D; sizes: (min, opt, max)
+    bytes only) and the sidecar sidecar_path(out_path). detections: (min, opt, max) D (None: 1, 10 and the
+    export's max_detections, each at most that); sizes: (min, opt, max)
     image sizes as (H, W); workspace: the builder's workspace pool limit in bytes (None: TensorRT's default,
     the device's memory; the CRF plugin's workspace is sized for the profile's largest shapes and can reach
     gigabytes); plugin_library: the plugin's .so (None: plugin_library_path()). fp16 sets TensorRT 10's FP16
@@ -145,10 +147,15 @@ def build_engine(onnx_path: str | Path, out_path: str | Path, *, fp16: bool = Fa
 
     Raises InvalidArgumentError for a bad profile, workspace or fp16, or a file that is not a dynseg export
     (read_export), EngineError when TensorRT, the plugin library or a GPU is missing or the build fails."""
-    export = read_export(Path(onnx_path))
+    onnx_path, out_path = Path(onnx_path), Path(out_path)
+    export = read_export(onnx_path)
     model, metadata = export.model, export.metadata
+    if detections is None:
+        most = export.max_detections
+        detections = tuple(min(d, most) for d in DEFAULT_DETECTIONS[:2]) + (most,)
     profile = make_profile(detections, sizes, max_detections=export.max_detections,
                            labels=len(export.class_names) + 1)
+    onnx_copy = _check_outputs(onnx_path, out_path)
     if workspace is not None and (not is_int(workspace, numpy=False) or workspace < 1):
         raise InvalidArgumentError(f"workspace must be a positive number of bytes or None, got {workspace!r}")
     if not isinstance(fp16, bool):
@@ -156,8 +163,6 @@ def build_engine(onnx_path: str | Path, out_path: str | Path, *, fp16: bool = Fa
     trt_model = tensorrt_model(model)
     tensorrt = import_tensorrt()
     library = Path(plugin_library) if plugin_library is not None else plugin_library_path()
-    out_path = Path(out_path)
-    onnx_copy = out_path.with_suffix(".trt.onnx")
     onnx.checker.check_model(trt_model)
     onnx.save(trt_model, str(onnx_copy))
     plan = _build_plan(tensorrt, onnx_copy, crf_node_count(trt_model), library, profile, fp16,
@@ -166,6 +171,22 @@ def build_engine(onnx_path: str | Path, out_path: str | Path, *, fp16: bool = Fa
     write_sidecar(out_path, tensorrt_version=tensorrt.__version__, compute_capability=compute_capability(),
                   plugin_library=library, profile=profile, model_metadata=metadata, fp16=fp16)
     return out_path
+
+
+def _check_outputs(onnx_path: Path, out_path: Path) -> Path:
+    """The TensorRT copy's path beside `out_path`, after checking that the plan and the copy can be written
+    and overwrite neither the export they are built from: before the build, which takes minutes."""
+    if out_path.suffix not in (".engine", ".plan"):
+        raise InvalidArgumentError(f"out_path must be a .engine or .plan file, got {out_path}")
+    onnx_copy = out_path.with_suffix(".trt.onnx")
+    if onnx_path.resolve() in (out_path.resolve(), onnx_copy.resolve()):
+        raise InvalidArgumentError(f"out_path {out_path} would overwrite the export {onnx_path} it is built from "
+                                   f"(with the engine or its TensorRT copy {onnx_copy.name})")
+    if out_path.is_dir():
+        raise InvalidArgumentError(f"out_path {out_path} is a folder, not a file to write the engine to")
+    if not out_path.parent.is_dir():
+        raise InvalidArgumentError(f"out_path {out_path}: its folder {out_path.parent} does not exist")
+    return onnx_copy
 
 
 def _build_plan(trt, onnx_copy: Path, expected_plugins: int, library: Path, profile: Profile, fp16: bool,

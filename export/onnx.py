@@ -8,6 +8,7 @@ CRFs as single nodes, the raw outputs every backend post-processes alike) and `e
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 from dynseg.sdk import __version__
 from dynseg.sdk.errors import InvalidArgumentError
 from dynseg.sdk.graph import DEFAULT_MAX_DETECTIONS, DOMAIN, INPUTS, MAX_DETECTIONS, OP_VERSION, OUTPUTS
-from dynseg.sdk.checks import int_in, is_int
+from dynseg.sdk.checks import int_in
 from dynseg.trainer.checkpoint import check_training_data, weights_fingerprint
 from dynseg.trainer.model.network import DynamicallyInstantiatedNetwork, compose
 
@@ -50,31 +51,67 @@ class ExportGraph(nn.Module):
 
 
 def export_onnx(network: DynamicallyInstantiatedNetwork, path: str | Path, *,
-                max_detections: int = DEFAULT_MAX_DETECTIONS, example_size: tuple[int, int] = (64, 80),
+                max_detections: int = DEFAULT_MAX_DETECTIONS,
                 training_data: Mapping[str, Any] | None = None) -> Path:
     """Writes `network` as ONNX to `path` (onnx.checker-valid) and returns the path.
 
-    The example used for tracing (example_size, at least 64x80: its 3 boxes reach x = 70, y = 50) has 3
-    detections so that D is not specialised; H, W and D are dynamic axes. max_detections is recorded for
-    the runtime, which refuses more; training_data (the checkpoint's `read_training_data`) for `dynseg
-    eval`, which holds out other data than the network was trained on."""
+    The network is traced on a 64x80 example with 3 detections, so that D is not specialised; H, W and
+    D are dynamic axes. max_detections is recorded for the runtime, which refuses more; training_data
+    (the checkpoint's `read_training_data`) for `dynseg eval`, which holds out other data than the
+    network was trained on. The file appears whole or not at all: the model is written beside `path`
+    and moved over it once complete, so a failed export leaves a file that was there as it was."""
+    _check_network(network)
     max_detections = int_in("max_detections", max_detections, 1, MAX_DETECTIONS)  # D + 1 CRF labels
     if training_data is not None:
         check_training_data(training_data)
-    if not (isinstance(example_size, tuple) and len(example_size) == 2 and all(is_int(n) for n in example_size)
-            and example_size[0] >= 64 and example_size[1] >= 80):
-        raise InvalidArgumentError(f"example_size must be (height, width) ints of at least (64, 80), got "
-                                   f"{example_size!r}")
+    path = _writable_file(path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        model = _traced(network, partial)
+        _add_metadata(model, network, max_detections, training_data)
+        onnx.checker.check_model(model)
+        onnx.save(model, str(partial))
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def _check_network(network: object) -> None:
+    if not isinstance(network, DynamicallyInstantiatedNetwork):
+        raise InvalidArgumentError(f"network must be a DynamicallyInstantiatedNetwork, got {type(network).__name__}")
+    # the graph's inputs, its CRF nodes and the SDK all compute in float32
+    kinds = {str(tensor.dtype).removeprefix("torch.") for tensor in network.state_dict().values()
+             if tensor.is_floating_point() and tensor.dtype != torch.float32}
+    if kinds:
+        raise InvalidArgumentError(f"network must hold float32 weights, got {', '.join(sorted(kinds))} ones: export "
+                                   "network.float()")
     # the trace runs the network: weights a diverged training left non-finite would fail inside it, unnamed
     non_finite = next((name for name, tensor in network.state_dict().items()
                        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())), None)
     if non_finite is not None:
         raise InvalidArgumentError(f"the network's weights hold NaN or infinity (first in {non_finite}): there is "
                                    "nothing to export; did its training diverge?")
+
+
+def _writable_file(path: object) -> Path:
+    """`path` as a Path to a file that can be written, checked before the minutes of a trace."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise InvalidArgumentError(f"path must name a file, got {path!r}")
     path = Path(path)
-    height, width = example_size
+    if path.is_dir():
+        raise InvalidArgumentError(f"path {path} is a folder, not a file to write the model to")
+    if not path.parent.is_dir():
+        raise InvalidArgumentError(f"path {path}: its folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise InvalidArgumentError(f"path {path}: its folder {path.parent} is not writable")
+    return path
+
+
+def _traced(network: DynamicallyInstantiatedNetwork, path: Path) -> onnx.ModelProto:
+    """The network traced into `path`, read back with its outputs' fixed sizes stated."""
     generator = torch.Generator().manual_seed(0)
-    image = torch.randint(0, 256, (1, 3, height, width), dtype=torch.uint8, generator=generator)
+    image = torch.randint(0, 256, (1, 3, 64, 80), dtype=torch.uint8, generator=generator)
     boxes = torch.tensor([[4.0, 6.0, 30.0, 40.0], [20.0, 10.0, 70.0, 50.0], [0.0, 0.0, 15.0, 15.0]])
     labels = torch.ones(3, dtype=torch.int64) * min(2, network.config.num_classes)
     scores = torch.tensor([0.9, 0.6, 0.3])
@@ -91,17 +128,27 @@ def export_onnx(network: DynamicallyInstantiatedNetwork, path: str | Path, *,
                     "scores": {0: "detections"}, "instance_logits": {1: "detections_plus_1", 2: "height", 3: "width"},
                     "semantic_probabilities": {2: "height", 3: "width"},
                 },
-                custom_opsets={DOMAIN: OP_VERSION},
+                # a network without CRFs has no node of the domain, which torch would warn of on stderr
+                custom_opsets={DOMAIN: OP_VERSION} if ops.crf_nodes_of(network) else None,
             )
+    except InvalidArgumentError as error:  # the example's values broke a check inside the network
+        raise InvalidArgumentError(f"the network fails on an example image ({error}): its weights or buffers are "
+                                   "not a trained network's (a BatchNorm's negative running_var, say)") from None
     finally:  # a failed export leaves the caller's network as it was
         network.train(was_training)
     model = onnx.load(str(path))
-    config = network.config
     # the tracer cannot see through the custom op and softmax to the fixed sizes: state them as docs/ops.md does
-    fixed = {"instance_logits": {0: 1}, "semantic_probabilities": {0: 1, 1: config.num_classes + 1}}
+    fixed = {"instance_logits": {0: 1}, "semantic_probabilities": {0: 1, 1: network.config.num_classes + 1}}
     for output in model.graph.output:
         for axis, size in fixed[output.name].items():
             output.type.tensor_type.shape.dim[axis].dim_value = size
+    return model
+
+
+def _add_metadata(model: onnx.ModelProto, network: DynamicallyInstantiatedNetwork, max_detections: int,
+                  training_data: Mapping[str, Any] | None) -> None:
+    """What the SDK reads of an export (docs/ops.md, metadata_props)."""
+    config = network.config
     metadata = {
         "dynseg_version": __version__,
         "dynseg_op_version": str(OP_VERSION),
@@ -118,6 +165,3 @@ def export_onnx(network: DynamicallyInstantiatedNetwork, path: str | Path, *,
     for key, value in metadata.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path

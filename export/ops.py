@@ -202,9 +202,13 @@ def _shown(value: object) -> str:
 
 def _as_float32(attributes: CrfAttributes) -> CrfAttributes:
     """The attributes with their floats as float32 holds them: ONNX's FLOAT attributes are float32."""
-    return replace(attributes, **{f: float(np.float32(getattr(attributes, f))) for f in
-                                  ("theta_spatial", "theta_bilateral_xy", "theta_bilateral_rgb", "score_ceiling",
-                                   "epsilon")})
+    def rounded(value: float) -> float:
+        return float(np.float32(value))
+
+    a = attributes
+    return replace(a, theta_spatial=rounded(a.theta_spatial), theta_bilateral_xy=rounded(a.theta_bilateral_xy),
+                   theta_bilateral_rgb=rounded(a.theta_bilateral_rgb), score_ceiling=rounded(a.score_ceiling),
+                   epsilon=rounded(a.epsilon))
 
 
 def _constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:

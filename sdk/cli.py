@@ -437,6 +437,10 @@ def _size(text: str, option: str, minimum: int = 1, maximum: Optional[int] = Non
     return int(height), int(width)
 
 
+def _at_most(size: tuple[int, int], bound: tuple[int, int]) -> tuple[int, int]:
+    return min(size[0], bound[0]), min(size[1], bound[1])
+
+
 def _size_text(size: tuple[int, int]) -> str:
     """(480, 640) -> '480x640', as _size reads it."""
     return f"{size[0]}x{size[1]}"
@@ -468,10 +472,14 @@ def export(
     opt_detections: Optional[int] = typer.Option(
         None, "--opt-detections", min=0,
         help=f"engine: the D TensorRT tunes for (default: {DEFAULT_ENGINE_DETECTIONS[1]}, at most the max)."),
-    min_size: str = typer.Option(_size_text(DEFAULT_ENGINE_SIZES[0]), "--min-size",
-                                 help="engine: the smallest image, HEIGHTxWIDTH."),
-    opt_size: str = typer.Option(_size_text(DEFAULT_ENGINE_SIZES[1]), "--opt-size",
-                                 help="engine: the image size TensorRT tunes for."),
+    min_size: Optional[str] = typer.Option(
+        None, "--min-size",
+        help=f"engine: the smallest image, HEIGHTxWIDTH (default: {_size_text(DEFAULT_ENGINE_SIZES[0])}, at most "
+             "the opt size)."),
+    opt_size: Optional[str] = typer.Option(
+        None, "--opt-size",
+        help=f"engine: the image size TensorRT tunes for (default: {_size_text(DEFAULT_ENGINE_SIZES[1])}, at most "
+             "the max size)."),
     max_size: str = typer.Option(_size_text(DEFAULT_ENGINE_SIZES[2]), "--max-size", help="engine: the largest image."),
     fp16: bool = typer.Option(False, "--fp16", help="engine: reduced precision outside the CRF (TensorRT 10)."),
     workspace: Optional[int] = typer.Option(None, "--workspace", min=1, help="engine: builder workspace limit, bytes."),
@@ -486,10 +494,14 @@ def export(
         raise typer.BadParameter(f"options of a TensorRT engine ({', '.join(given)}) given for --format onnx: give "
                                  "--format engine, or leave them out",
                                  param_hint="--format")
-    if format == "onnx" and out.suffix in (".engine", ".plan"):  # Segmenter would take it for an engine
-        raise typer.BadParameter(f"{out} names a TensorRT engine: give --format engine, or an .onnx file",
+    if format == "onnx" and out.suffix != ".onnx":  # Segmenter tells a model's kind by its suffix
+        raise typer.BadParameter(f"an ONNX export is a .onnx file (an engine, --format engine, a .engine), got {out}",
                                  param_hint="--out")
-    sizes = (_size(min_size, "--min-size"), _size(opt_size, "--opt-size"), _size(max_size, "--max-size"))
+    largest = _size(max_size, "--max-size")
+    # unless given, the opt and min sizes and D follow the largest downwards, as a profile must
+    optimum = _size(opt_size, "--opt-size") if opt_size is not None else _at_most(DEFAULT_ENGINE_SIZES[1], largest)
+    smallest = _size(min_size, "--min-size") if min_size is not None else _at_most(DEFAULT_ENGINE_SIZES[0], optimum)
+    sizes = (smallest, optimum, largest)
     detections = (min_detections, max(min_detections, min(DEFAULT_ENGINE_DETECTIONS[1], max_detections))
                   if opt_detections is None
                   else opt_detections, max_detections)
@@ -499,10 +511,10 @@ def export(
                                      param_hint="--out")
         from dynseg.export.engine import EngineError, import_tensorrt, make_profile, plugin_library_path
 
-        # the detections with sizes known to be good, then the sizes: each error names its own options
-        for which, checked_sizes in (("detections", DEFAULT_ENGINE_SIZES), ("size", sizes)):
+        # the sizes on their own, then the detections with those sizes: each error names its own options
+        for which, checked_detections in (("size", (0, 0, 0)), ("detections", detections)):
             try:
-                make_profile(detections, checked_sizes, max_detections=max_detections)
+                make_profile(checked_detections, sizes, max_detections=max_detections)
             except InvalidArgumentError as error:
                 raise typer.BadParameter(str(error), param_hint=f"--min-{which} / --opt-{which} / --max-{which}")
         try:  # nor does a machine without TensorRT or the plugin (the export would overwrite the .onnx beside out)

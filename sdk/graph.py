@@ -97,13 +97,16 @@ def _load(path: Path) -> onnx.ModelProto:
 
 
 def _check_dynseg(model: onnx.ModelProto, path: Path) -> dict[str, str]:
+    import onnx
+
     metadata = {entry.key: entry.value for entry in model.metadata_props}
-    crf_nodes = [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE]
-    if "dynseg_op_version" not in metadata or not crf_nodes:
-        raise InvalidArgumentError(f"model file {path} is not a dynseg export (no dynseg metadata or "
-                                   "MeanFieldCRF node): export one with `dynseg export`")
+    if "dynseg_op_version" not in metadata:
+        raise InvalidArgumentError(f"model file {path} is not a dynseg export (no dynseg metadata): export one with "
+                                   "`dynseg export`")
+    # a network with both CRFs switched off exports without a node of the domain, and so without its opset
+    has_crf = any(n.domain == DOMAIN for n in model.graph.node)
     opset = {entry.domain: entry.version for entry in model.opset_import}.get(DOMAIN)
-    if metadata["dynseg_op_version"] != str(OP_VERSION) or opset != OP_VERSION:
+    if metadata["dynseg_op_version"] != str(OP_VERSION) or (has_crf and opset != OP_VERSION):
         raise InvalidArgumentError(f"model file {path} uses dynseg::MeanFieldCRF version "
                                    f"{metadata['dynseg_op_version']} (opset {opset}), this dynseg runs version "
                                    f"{OP_VERSION}")
@@ -114,4 +117,10 @@ def _check_dynseg(model: onnx.ModelProto, path: Path) -> dict[str, str]:
     if inputs != list(INPUTS) or outputs != list(OUTPUTS):
         raise InvalidArgumentError(f"model file {path} does not have this dynseg's inputs {list(INPUTS)} and outputs "
                                    f"{list(OUTPUTS)} (got {inputs} and {outputs}): re-export it with this dynseg")
+    try:  # a damaged graph would otherwise fail inside a runtime, on the first image
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as error:
+        first = str(error).strip().splitlines()[0]
+        raise InvalidArgumentError(f"model file {path} is not a valid ONNX model ({first}): export it again with "
+                                   "`dynseg export`") from None
     return metadata

@@ -122,6 +122,9 @@ def write_training_data(checkpoint: str | Path, *, dataset: str, seed: int, imag
 def check_training_data(record: Mapping[str, Any]) -> None:
     """Raises InvalidArgumentError, naming `training_data`, unless `record` holds write_training_data's
     fields in range: `train.fit` checks its `training_data` before it trains."""
+    if not isinstance(record, Mapping):
+        raise InvalidArgumentError(f"training_data must be a mapping of write_training_data's fields, got "
+                                   f"{type(record).__name__}")
     size = record.get("image_size")
     problem = _training_data_problem(dict(record, image_size=list(size)) if isinstance(size, tuple) else dict(record))
     if problem is not None:
@@ -159,6 +162,9 @@ def _training_data_problem(data: object) -> str | None:
     # the image size chooses synthetic scenes only: an on-disk dataset's record may leave it out
     if not isinstance(data, dict) or not {"dataset", "seed"} <= set(data):
         return f"got {data!r:.200}"
+    unknown = sorted(map(str, set(data) - {"dataset", "seed", "image_size", "split"}))
+    if unknown:
+        return f"unknown fields {', '.join(unknown)}"
     if data["dataset"] == "synthetic" and "image_size" not in data:
         return "no image_size for synthetic scenes"
     seed, size, split = data["seed"], data.get("image_size"), data.get("split")

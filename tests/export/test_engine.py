@@ -474,16 +474,41 @@ def test_the_plugin_serialises_and_restores_every_attribute():
     (lambda tmp: {"onnx_path": tmp}, "is a directory"),
     (lambda tmp: {"onnx_path": _write(tmp / "empty.onnx", b"")}, "empty.onnx is empty"),
     (lambda tmp: {"onnx_path": _write(tmp / "junk.onnx", b"\x01\x02junk")}, "junk.onnx is not a readable ONNX model"),
-    (lambda tmp: {"detections": None}, "detections must be three ints"),
+    (lambda tmp: {"detections": "many"}, "detections must be three ints"),
     (lambda tmp: {"sizes": (32, 32, 64)}, r"sizes must be three \(H, W\) pairs"),
     (lambda tmp: {"fp16": "yes"}, "fp16 must be True or False"),
+    (lambda tmp: {"out_path": tmp / "model.onnx"}, "out_path must be a .engine or .plan file"),
+    (lambda tmp: {"onnx_path": _copy(tmp / "model.onnx", tmp / "model.trt.onnx")},
+     "would overwrite the export .*model.trt.onnx it is built from"),
+    (lambda tmp: {"out_path": tmp / "nowhere" / "model.engine"}, "its folder .*nowhere does not exist"),
+    (lambda tmp: {"out_path": _folder(tmp / "folder.engine")}, "folder.engine is a folder"),
 ])
 def test_build_engine_names_a_bad_argument_or_file_before_it_needs_tensorrt(tmp_path, change, message):
     source = tmp_path / "model.onnx"
     onnx.save(_model(), str(source))
-    arguments = {"onnx_path": source, **change(tmp_path)}
+    arguments = {"onnx_path": source, "out_path": tmp_path / "model.engine", **change(tmp_path)}
     with pytest.raises(InvalidArgumentError, match=message):
-        engine.build_engine(out_path=tmp_path / "model.engine", **arguments)
+        engine.build_engine(**arguments)
+    assert source.read_bytes() == _model().SerializeToString() or not source.exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_the_default_profile_takes_at_most_the_exports_max_detections(tmp_path):
+    model = _model()
+    next(entry for entry in model.metadata_props if entry.key == "max_detections").value = "5"
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    with pytest.raises(EngineError, match="TensorRT's Python package is not installed"):  # past the profile
+        engine.build_engine(tmp_path / "model.onnx", tmp_path / "model.engine")
+
+
+def _copy(source: Path, target: Path) -> Path:
+    target.write_bytes(source.read_bytes())
+    return target
+
+
+def _folder(path: Path) -> Path:
+    path.mkdir()
+    return path
 
 
 def _write(path: Path, data: bytes) -> Path:

@@ -117,6 +117,37 @@ def test_the_graph_has_two_crf_nodes_dynamic_axes_and_metadata(exported):
     assert ops.crf_node_differences(model, load_checkpoint(exported[0])) == []
 
 
+def test_a_damaged_graph_is_refused_at_load_naming_the_file(exported, tmp_path):
+    model = onnx.load(str(exported[1]))
+    crf = next(node for node in model.graph.node if node.domain == "dynseg")
+    crf.input[2] = "nowhere"  # a tensor no node makes
+    onnx.save(model, str(tmp_path / "damaged.onnx"))
+    with pytest.raises(InvalidArgumentError, match=r"damaged.onnx is not a valid ONNX model \(.*nowhere"):
+        Segmenter(tmp_path / "damaged.onnx")
+
+
+def test_a_network_without_crfs_exports_a_model_that_runs_as_pytorch_does(tmp_path):
+    # an ablation of the paper's (no CRF anywhere): its graph has no node, and so no opset, of the domain
+    import torch
+
+    from dynseg.trainer.model.instance import InstanceConfig
+    from dynseg.trainer.model.network import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    network = build_model(ModelConfig(backbone="resnet18", class_names=("cat", "cup"), semantic_crf=None,
+                                      instance=InstanceConfig(crf=False, templates_per_group=2, template_size=16)))
+    save_checkpoint(tmp_path / "checkpoint", network)
+    path = export_onnx(load_checkpoint(tmp_path / "checkpoint"), tmp_path / "model.onnx")
+    assert not any(node.domain == "dynseg" for node in onnx.load(str(path)).graph.node)
+    image, boxes, labels, scores = _case("chelsea", (64, 96), 2, seed=1)
+    labels = np.minimum(labels, 2)
+    with Segmenter(path) as exported, Segmenter(tmp_path / "checkpoint", backend="torch") as reference:
+        (candidate, candidate_outputs), (expected, reference_outputs) = (
+            s.segment_with_outputs(image, boxes, labels, scores) for s in (exported, reference))
+    report = parity.compare("chelsea", candidate_outputs, reference_outputs, candidate, expected)
+    assert report, [str(check) for check in report.checks]
+
+
 def test_a_model_with_other_outputs_is_refused_with_what_to_do(exported, tmp_path):
     model = onnx.load(str(exported[1]))
     model.graph.output.append(onnx.helper.make_tensor_value_info("instance_map", onnx.TensorProto.INT64, None))
@@ -274,13 +305,54 @@ def test_files_that_are_not_dynseg_models_are_named(tmp_path, exported):
     ({"max_detections": True}, r"max_detections must be an int in 1\.\.65535"),
     ({"max_detections": 0}, r"max_detections must be an int in 1\.\.65535, got 0"),
     ({"max_detections": 65536}, r"max_detections must be an int in 1\.\.65535, got 65536"),  # D + 1 CRF labels
-    ({"example_size": (16, 16)}, r"example_size must be \(height, width\) ints of at least \(64, 80\)"),
-    ({"example_size": "64x80"}, "example_size must be"),
+    ({"training_data": [1, 2]}, "training_data must be a mapping of write_training_data's fields, got list"),
+    ({"training_data": {"dataset": "synthetic", "seed": 1, "image_size": [64, 80], "note": {1}}},
+     "training_data: unknown fields note"),
 ])
 def test_export_refuses_arguments_it_cannot_honour(exported, tmp_path, arguments, message):
     with pytest.raises(InvalidArgumentError, match=message):
         export_onnx(load_checkpoint(exported[0]), tmp_path / "model.onnx", **arguments)
     assert not (tmp_path / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("network, path, message", [
+    (None, "model.onnx", "network must be a DynamicallyInstantiatedNetwork, got NoneType"),
+    ("half", "model.onnx", r"network must hold float32 weights, got float16 ones: export network.float\(\)"),
+    ("network", None, "path must name a file, got None"),
+    ("network", ".", "is a folder, not a file to write the model to"),
+    ("network", "missing/model.onnx", "its folder .*missing does not exist"),
+])
+def test_export_names_a_bad_network_or_path_before_tracing(exported, tmp_path, network, path, message):
+    if network is not None:
+        network = load_checkpoint(exported[0]) if network == "network" else load_checkpoint(exported[0]).half()
+    with pytest.raises(InvalidArgumentError, match=message):
+        export_onnx(network, None if path is None else tmp_path / path)
+
+
+def test_a_failed_export_leaves_the_file_that_was_there_and_no_partial_one(exported, tmp_path, monkeypatch):
+    import dynseg.export.onnx as exporting
+
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"the model users run")
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(exporting, "weights_fingerprint", full_disk)  # after the trace, before the save
+    with pytest.raises(OSError, match="No space left"):
+        export_onnx(load_checkpoint(exported[0]), target)
+    assert target.read_bytes() == b"the model users run" and sorted(tmp_path.iterdir()) == [target]
+
+
+def test_an_export_whose_example_fails_inside_the_network_blames_its_weights(exported, tmp_path):
+    import torch
+
+    network = load_checkpoint(exported[0])
+    with torch.no_grad():
+        next(m for m in network.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_var.fill_(-1.0)
+    with pytest.raises(InvalidArgumentError, match="the network fails on an example image .*negative running_var"):
+        export_onnx(network, tmp_path / "model.onnx")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("normalization", ["after", "symmetric"])

@@ -355,6 +355,7 @@ def test_quickstart_with_a_few_steps_makes_everything_it_promises(tmp_path):
     (["export", "{checkpoint}", "--out", "{tmp}/m.onnx", "--max-detections", "0"], "--max-detections"),
     (["export", "{checkpoint}", "--out", "{tmp}/m.onnx", "--max-detections", "65536"], "--max-detections"),
     (["export", "{checkpoint}", "--out", "{tmp}/m.engine"], "--out"),  # an engine name for an ONNX file
+    (["export", "{checkpoint}", "--out", "{checkpoint}/model.safetensors"], "--out"),  # its own weights, overwritten
     (["export", "{checkpoint}", "--out", "{tmp}/m.onnx", "--opt-detections", "5", "--fp16"], "--format"),
     (["infer", "{model}", "{tmp}/missing.png", "--detections", "{tmp}/d.json", "--out", "{tmp}"], "'images'"),
     (["infer", "{model}", "{photo}", "--detections", "{tmp}/d.json", "--out", "{tmp}", "--backend", "tf"],
@@ -380,6 +381,8 @@ def test_quickstart_with_a_few_steps_makes_everything_it_promises(tmp_path):
      "--min-size"),
     (["export", "{checkpoint}", "--format", "engine", "--out", "{tmp}/e/m.engine", "--min-detections", "20",
       "--opt-detections", "5"], "--min-detections"),
+    (["export", "{checkpoint}", "--format", "engine", "--out", "{tmp}/e/m.engine", "--max-detections", "3000",
+      "--max-size", "1024x2048"], "--min-detections / --opt-detections / --max-detections"),  # too many together
 ])
 def test_bad_arguments_name_the_option_without_a_traceback(exported, photos, tmp_path, arguments, option):
     (tmp_path / "d.json").write_text("[]")
@@ -405,6 +408,15 @@ def test_engine_export_without_tensorrt_says_how_to_get_it(exported, tmp_path):
     assert "TensorRT" in result.output and "Traceback" not in result.output
     # it stops before the export: the .onnx beside the engine is left as it was
     assert (tmp_path / "m.onnx").read_bytes() == b"an earlier export" and not (tmp_path / "m.engine").exists()
+
+
+def test_an_engine_profile_is_judged_at_the_sizes_given_and_the_defaults_follow_the_largest(exported, tmp_path):
+    pytest.importorskip("dynseg.export.engine")
+    # 3001 labels over 256x256 pixels fit the kernels' 32-bit indexing; the default 1024x1024 would not.
+    # Without TensorRT the export stops after the profile's check, saying how to get TensorRT
+    result = runner.invoke(app, ["export", str(exported[0]), "--format", "engine", "--out", str(tmp_path / "m.engine"),
+                                 "--max-detections", "3000", "--max-size", "256x256"])
+    assert "--max-size" not in plain(result.output) and "--max-detections" not in plain(result.output), result.output
 
 
 def test_engine_sizes_must_be_height_x_width(exported, tmp_path):

@@ -54,7 +54,8 @@ def test_an_engine_where_tensorrt_is_missing_says_how_to_install_it_before_looki
     library.write_bytes(b"a plugin")
     profile = make_profile((1, 1, 1), ((64, 64), (64, 64), (64, 64)))
     write_sidecar(plan, tensorrt_version="10.16.0.72", compute_capability="9.0", plugin_library=library,
-                  profile=profile, model_metadata={"class_names": '["cup"]', "preprocessing": "{}"}, fp16=False)
+                  profile=profile, model_metadata={"class_names": '["cup"]', "preprocessing": "{}",
+                                                  "dynseg_version": "0.1.0", "dynseg_op_version": "1"}, fp16=False)
     monkeypatch.setenv("DYNSEG_TENSORRT_PLUGIN", str(tmp_path / "nowhere.so"))  # no plugin library either
     with pytest.raises(DynsegError, match="TensorRT's Python package is not installed"):
         Segmenter(plan, device="cuda")
