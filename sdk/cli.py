@@ -537,6 +537,8 @@ def export(
         path = export_onnx(model, onnx_path, max_detections=max_detections, training_data=trained_on)
     except DynsegError as error:
         raise _fail(f"cannot export {checkpoint}: {error}") from error
+    except OSError as error:  # a full disk, say: the export wrote nothing there
+        raise _fail(f"cannot write {onnx_path}: {error.strerror or error}") from error
     typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {len(model.config.class_names)} classes, "
                f"up to {max_detections} detections)")
     if format == "onnx":

@@ -136,7 +136,7 @@ def read_training_data(directory: str | Path) -> dict | None:
     record raises InvalidArgumentError naming the file: evaluation takes its seed and scenes from it, and
     guessing them instead could score a network on its own training scenes."""
     path = Path(directory) / TRAINING_DATA
-    if not path.is_file():
+    if not path.exists():
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
