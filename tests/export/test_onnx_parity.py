@@ -329,6 +329,15 @@ def test_export_names_a_bad_network_or_path_before_tracing(exported, tmp_path, n
         export_onnx(network, None if path is None else tmp_path / path)
 
 
+def test_an_export_warns_of_nothing_the_network_does_on_purpose(exported, tmp_path):
+    # the exporter silences the tracer's notes it knows; a new one would be a change to look at
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export_onnx(load_checkpoint(exported[0]), tmp_path / "model.onnx")
+
+
 def test_a_failed_export_leaves_the_file_that_was_there_and_no_partial_one(exported, tmp_path, monkeypatch):
     import dynseg.export.onnx as exporting
 
