@@ -18,7 +18,8 @@ namespace cuda {
 constexpr int kThreads = 256;
 constexpr int kLabelTile = 32;  // value channels filtered per pass: bounds the lattice value buffers
 
-// Per-pixel rows of the pixel-major arrays are padded to whole float4s; the padding stays zero.
+// Per-pixel rows of the pixel-major arrays are padded to whole float4s (the CPU kernel's, in
+// dynseg::padded_channels, to its 8-float vectors); the padding stays zero.
 inline int64_t padded_channels(int64_t channels) { return (channels + 3) / 4 * 4; }
 
 // Launch geometry of one call: grid-stride loops over at most `blocks_cap` blocks, which also lets
