@@ -140,6 +140,16 @@ def main() -> int:
     check("diagonal compatibility gradient: unary", expected[0], got[0], 1e-4)
     check("  weights", np.concatenate(expected[1]), np.concatenate(got[1]), 1e-4)
     check("  compatibility", expected[2], got[2], 1e-4)
+    # one pixel: the L x L parameter sums dominate the backward workspace only where a matrix reads them
+    sizes = {(kind, labels): n.Problem(labels, 1, 1, None, [n.Kernel(3.0, 0.0, weight)], compat=None,
+                                       normalization="after", iterations=1, output=n.Output.LOGITS, threads=0)
+             .workspace_size_cuda(n.Pass.BACKWARD)
+             for labels in (1024, 2048)
+             for kind, weight in (("scalar", scalar(3.0)), ("matrix", np.eye(labels, dtype=np.float32)))}
+    ok = (sizes["scalar", 2048] < 2.5 * sizes["scalar", 1024] and sizes["matrix", 2048] > 3.5 * sizes["matrix", 1024]
+          and sizes["scalar", 2048] < sizes["matrix", 2048] / 100)
+    print(f"{'ok' if ok else 'MISMATCH'}  backward workspace, one pixel, L 1024 -> 2048: {sizes}")
+    failures += not ok
     # the detection potential, through the host-array entry (its copies are the emulator's too)
     labels, count = 6, 5
     unary = rng.normal(0, 3, (labels, height, width)).astype(np.float32)
