@@ -47,9 +47,10 @@ def refinement_baseline(model, dataset, *, seed: int) -> tuple[list[dict], list[
     model.eval()
     predictions, ground_truths = [], []
     for image, detections, truth in evaluation_inputs(dataset, seed=seed, num_classes=model.config.num_classes):
-        boxes, labels, scores = require_valid_detections(detections["boxes"], detections["labels"], detections["scores"],
-                                                 height=image.shape[1], width=image.shape[2],
-                                                 num_classes=model.config.num_classes)
+        boxes, labels, scores = require_valid_detections(
+            detections["boxes"], detections["labels"], detections["scores"], height=image.shape[1],
+            width=image.shape[2], num_classes=model.config.num_classes,
+        )
         logits = model.semantic_logits(image[None])[0]
         if model.semantic_crf is not None:
             logits, _ = model.semantic_crf(logits, image, boxes, labels, scores)

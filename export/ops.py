@@ -141,8 +141,9 @@ class InstanceCRFNode(nn.Module):
         """The node's constant inputs by their names in `CrfInputs`: the module's two weights, and empty
         compatibility (Potts) and detections, which keep the node's inputs free of the image's."""
         return {"spatial_weight": self.crf.spatial_weight, "bilateral_weight": self.crf.bilateral_weight,
-                "compatibility": torch.zeros(0), "boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
-                "scores": torch.zeros(0), "detection_x": torch.zeros(()), "detection_y": torch.zeros(())}
+                "compatibility": torch.zeros(0), "boxes": torch.zeros(0, 4),
+                "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0),
+                "detection_x": torch.zeros(()), "detection_y": torch.zeros(())}
 
     def attributes(self) -> CrfAttributes:
         config = self.crf.config

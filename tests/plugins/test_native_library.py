@@ -276,7 +276,7 @@ def test_backward_matches_float64_finite_differences_of_the_reference(normalizat
 
     def loss(u, w_s, w_b, mu) -> float:
         logits = mean_field_reference(torch.from_numpy(u), [(spatial, float(w_s[0])), (bilateral, float(w_b[0]))],
-                            compat=torch.from_numpy(mu), normalization=normalization, iterations=2)
+                                      compat=torch.from_numpy(mu), normalization=normalization, iterations=2)
         return float((logits * target).sum())
 
     parameters = [unary.astype(np.float64), weights[0].astype(np.float64), weights[1].astype(np.float64),

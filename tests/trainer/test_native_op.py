@@ -59,7 +59,7 @@ def test_native_op_has_the_references_values_and_gradients(scene, case, normaliz
     native = mean_field_native(unary, planar, native_kernels(weights), compat=compat,
                                normalization=normalization, iterations=3)
     reference = mean_field_reference(unary, reference_kernels(image, weights), compat=compat,
-                           normalization=normalization, iterations=3)
+                                     normalization=normalization, iterations=3)
     assert torch.allclose(native, reference, atol=1e-5, rtol=0)
 
     upstream = torch.randn(native.shape, generator=torch.Generator().manual_seed(9))

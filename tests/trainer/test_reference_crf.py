@@ -296,7 +296,7 @@ def test_mean_field_takes_weights_and_compat_of_another_dtype_and_refuses_non_fi
     labels = unary.shape[0]
     single = mean_field_reference(unary, [(spatial, torch.eye(labels) * 2)], compat=-torch.eye(labels))
     double = mean_field_reference(unary, [(spatial, torch.eye(labels, dtype=torch.float64) * 2)],
-                        compat=-torch.eye(labels, dtype=torch.float64))
+                                  compat=-torch.eye(labels, dtype=torch.float64))
     assert double.dtype == unary.dtype and torch.allclose(single, double, atol=1e-6)
     for weight in (float("nan"), torch.tensor(float("inf"))):
         with pytest.raises(ValueError, match=r"kernels\[0\] weight"):

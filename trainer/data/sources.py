@@ -183,4 +183,4 @@ def inside_image(detections: DetectorOutput, height: int, width: int) -> Detecto
     boxes, outside = pixel_boxes(detections["boxes"], height, width)
     keep = ~outside
     return DetectorOutput(boxes=boxes[keep].astype(np.float32), labels=np.asarray(detections["labels"])[keep],
-                      scores=np.asarray(detections["scores"])[keep])
+                          scores=np.asarray(detections["scores"])[keep])

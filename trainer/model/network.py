@@ -151,7 +151,7 @@ class DynamicallyInstantiatedNetwork(nn.Module):
             raise InvalidArgumentError(f"image must be float32 (or uint8) RGB in 0..255, got {image.dtype}")
         height, width = image.shape[1:]
         boxes, labels, scores = require_valid_detections(boxes, labels, scores, height=height, width=width,
-                                                 num_classes=self.config.num_classes)
+                                                         num_classes=self.config.num_classes)
         return compose(self, image, boxes, labels, scores, semantic_crf=self.semantic_crf,
                        instance_crf=self.instance_crf)
 

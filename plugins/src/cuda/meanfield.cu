@@ -354,7 +354,8 @@ MeanField::MeanField(const dynseg_crf_problem& problem, int pass, Workspace& ws)
         bool full = problem.compat_kind == DYNSEG_COMPAT_FULL;
         for (int k = 0; k < problem.num_kernels; ++k) full = full || is_matrix(problem.kernels[k]);
         const int64_t width = full ? L * L : L;
-        const int64_t most_chunks = std::max<int64_t>(1, std::min<int64_t>((pixels_ + 255) / 256, kMaxPartials / width));
+        const int64_t most_chunks =
+            std::max<int64_t>(1, std::min<int64_t>((pixels_ + 255) / 256, kMaxPartials / width));
         reduce_chunk_ = (pixels_ + most_chunks - 1) / most_chunks;
         partial_ = ws.take<double>(most_chunks * width);
         P_ = ws.take<double>(width);
