@@ -283,7 +283,7 @@ std::string CrfAttributes::validate() const {
     return e.str();
 }
 
-std::string read_shapes(Dims const* const dims[kNumInputs], CrfShapes* shapes) {
+std::string read_shapes(Dims const* const dims[kNumInputs], CrfShapes* shapes, bool bounds) {
     CrfShapes s;
     Dims const& unary = *dims[kUnary];
     if (unary.nbDims != 4 || unary.d[0] != 1 || unary.d[1] < 1 || unary.d[2] < 1 || unary.d[3] < 1)
@@ -293,10 +293,16 @@ std::string read_shapes(Dims const* const dims[kNumInputs], CrfShapes* shapes) {
     s.width = unary.d[3];
     Dims const& image = *dims[kImage];
     if (image.nbDims != 4 || image.d[0] != 1 || image.d[1] < 1 || image.d[1] > DYNSEG_MAX_COLOR_CHANNELS ||
-        image.d[2] != s.height || image.d[3] != s.width)
-        return "image must be (1, C, H, W) with the unary's H, W = " + std::to_string(s.height) + ", " +
-               std::to_string(s.width) + " and 1 <= C <= " + std::to_string(DYNSEG_MAX_COLOR_CHANNELS) + ", got " +
-               dims_string(image);
+        image.d[2] < 1 || image.d[3] < 1)
+        return "image must be (1, C, H, W) with H, W >= 1 and 1 <= C <= " +
+               std::to_string(DYNSEG_MAX_COLOR_CHANNELS) + ", got " + dims_string(image);
+    if (bounds) {
+        s.height = std::max(s.height, image.d[2]);
+        s.width = std::max(s.width, image.d[3]);
+    } else if (image.d[2] != s.height || image.d[3] != s.width) {
+        return "image must have the unary's H, W = " + std::to_string(s.height) + ", " + std::to_string(s.width) +
+               ", got " + dims_string(image);
+    }
     s.channels = image.d[1];
     std::string error = weight_kind(*dims[kSpatialWeight], s.labels, "spatial_weight", &s.spatial_kind);
     if (error.empty()) error = weight_kind(*dims[kBilateralWeight], s.labels, "bilateral_weight", &s.bilateral_kind);
@@ -387,7 +393,7 @@ int32_t MeanFieldCrfPlugin::configurePlugin(DynamicPluginTensorDesc const* in, i
         for (int32_t i = 0; i < kNumInputs; ++i) dims[i] = &in[i].max;
         CrfShapes shapes;
         size_t bytes = 0;
-        std::string error = read_shapes(dims, &shapes);
+        std::string error = read_shapes(dims, &shapes, /*bounds=*/true);
         if (error.empty()) error = workspace_size(mAttributes, shapes, &bytes);
         if (!error.empty()) {
             log_error(mLayerName, "the profile's maximum shapes: " + error);
@@ -397,12 +403,30 @@ int32_t MeanFieldCrfPlugin::configurePlugin(DynamicPluginTensorDesc const* in, i
     });
 }
 
-int32_t MeanFieldCrfPlugin::getOutputDataTypes(DataType* outputTypes, int32_t nbOutputs, DataType const* /* inputTypes */,
+int32_t MeanFieldCrfPlugin::getOutputDataTypes(DataType* outputTypes, int32_t nbOutputs, DataType const* inputTypes,
                                                int32_t nbInputs) const noexcept {
-    if (nbInputs != kNumInputs || nbOutputs != kNumOutputs || outputTypes == nullptr) return -1;
-    outputTypes[kLogits] = DataType::kFLOAT;
-    outputTypes[kDetectionScores] = DataType::kFLOAT;
-    return 0;
+    return guarded<int32_t>(mLayerName, "getOutputDataTypes", -1, [&]() -> int32_t {
+        if (nbInputs != kNumInputs || nbOutputs != kNumOutputs || outputTypes == nullptr || inputTypes == nullptr) {
+            log_error(mLayerName, "a MeanFieldCRF node has " + std::to_string(kNumInputs) + " inputs and " +
+                                      std::to_string(kNumOutputs) + " outputs, got " + std::to_string(nbInputs) +
+                                      " and " + std::to_string(nbOutputs));
+            return -1;
+        }
+        // the first callback that sees the network's types: say which input is wrong, where the format
+        // negotiation would only find no implementation
+        for (int32_t i = 0; i < kNumInputs; ++i) {
+            DataType const wanted = i == kLabels ? DataType::kINT64 : DataType::kFLOAT;
+            if (inputTypes[i] != wanted) {
+                log_error(mLayerName, std::string("input ") + kInputNames[i] + " must be " +
+                                          (i == kLabels ? "int64" : "float32") + ", got TensorRT DataType " +
+                                          std::to_string(static_cast<int32_t>(inputTypes[i])));
+                return -1;
+            }
+        }
+        outputTypes[kLogits] = DataType::kFLOAT;
+        outputTypes[kDetectionScores] = DataType::kFLOAT;
+        return 0;
+    });
 }
 
 int32_t MeanFieldCrfPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs, DimsExprs const* /* shapeInputs */,
@@ -439,7 +463,7 @@ size_t MeanFieldCrfPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* input
         for (int32_t i = 0; i < kNumInputs; ++i) dims[i] = &inputs[i].max;
         CrfShapes shapes;
         size_t bytes = 0;
-        std::string error = read_shapes(dims, &shapes);
+        std::string error = read_shapes(dims, &shapes, /*bounds=*/true);
         if (error.empty()) error = workspace_size(mAttributes, shapes, &bytes);
         if (!error.empty()) {
             log_error(mLayerName, "getWorkspaceSize for the profile's maximum shapes: " + error);

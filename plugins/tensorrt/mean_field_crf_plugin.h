@@ -72,8 +72,10 @@ struct CrfShapes {
     int32_t compat_kind = 0;     // dynseg_compat_kind (Potts or full)
 };
 
-// An empty string when the ten shapes form a valid problem, else what is wrong.
-std::string read_shapes(nvinfer1::Dims const* const dims[kNumInputs], CrfShapes* shapes);
+// An empty string when the ten shapes form a valid problem, else what is wrong. With `bounds` the dims
+// are a profile's upper bounds, which TensorRT works out for each tensor on its own: the unary's H, W
+// (computed in the graph) may then be looser than the image's, and the problem takes the larger.
+std::string read_shapes(nvinfer1::Dims const* const dims[kNumInputs], CrfShapes* shapes, bool bounds = false);
 
 // The kernel library's workspace for these shapes (dynseg_crf_workspace_size_cuda: its worst case, with its
 // own alignment slack). It grows with L, H, W, C and D, so the size for the profile's maximum dims

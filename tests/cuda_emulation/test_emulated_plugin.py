@@ -293,9 +293,14 @@ def test_the_build_negotiates_float32_linear_tensors_with_int64_labels_and_names
     assert built["output_types"] == [0, 0]  # DataType::kFLOAT, both
     assert built["output_source"] == [NAMES.index("unary"), NAMES.index("scores")]
     assert built["accepted"] == [1] * 12
-    types = ["float16"] + ["float32"] * 5 + ["int32"] + ["float32"] * 3
-    refused = tensorrt.build(plugin, shapes, shapes, shapes, types)
-    assert refused["result"] == -1 and refused["accepted"][:7] == [0, 1, 1, 1, 1, 1, 0]
+    # a wrong input type is named when TensorRT first shows the plugin the network's types
+    for index, kind, message in ((0, "float16", "input unary must be float32, got TensorRT DataType 1"),
+                                 (6, "int32", "input labels must be int64, got TensorRT DataType 3")):
+        tensorrt.log()
+        wrong = [str(a.dtype) for a in inputs]
+        wrong[index] = kind
+        assert tensorrt.build(plugin, shapes, shapes, shapes, wrong)["result"] == -1
+        assert tensorrt.log() == f"error: dynseg::MeanFieldCRF (crf): {message}\n"
     tensorrt.lib.harness_destroy(plugin)
 
 
@@ -312,8 +317,27 @@ def test_a_larger_profile_asks_for_a_workspace_that_covers_its_smaller_shapes(te
     tensorrt.lib.harness_destroy(plugin)
 
 
+def test_a_profile_whose_unary_and_image_bounds_differ_builds_for_the_larger(tensorrt):
+    # TensorRT bounds each tensor on its own: the unary, computed in the graph, may get a looser bound
+    inputs = node_inputs()
+    plugin = tensorrt.create(NODE)
+    types = [str(a.dtype) for a in inputs]
+    larger = profile(inputs, 8)
+    mixed = profile(inputs, 8)
+    mixed[0] = profile(inputs)[0]  # the unary's bound stays at 19x27, the image's is 27x35
+    built = tensorrt.build(plugin, profile(inputs), profile(inputs), mixed, types)
+    assert built["result"] == 0, tensorrt.log()
+    assert built["workspace"] == tensorrt.build(plugin, profile(inputs), profile(inputs), larger, types)["workspace"]
+    runtime = tensorrt.lib.harness_through_plan(plugin, b"crf")
+    inputs[1] = inputs[1][:, :, :18]  # at run time the image must match the unary exactly
+    assert tensorrt.enqueue(runtime, inputs, built["workspace"])[0] == -1
+    assert "image must have the unary's H, W = 19, 27, got (1, 3, 18, 27)" in tensorrt.log()
+    tensorrt.lib.harness_destroy(runtime)
+    tensorrt.lib.harness_destroy(plugin)
+
+
 @pytest.mark.parametrize("index, shape, message", [
-    (1, (1, 14, 19, 27), "image must be (1, C, H, W) with the unary's H, W = 19, 27 and 1 <= C <= 13, got (1, 14, 19, 27)"),
+    (1, (1, 14, 19, 27), "image must be (1, C, H, W) with H, W >= 1 and 1 <= C <= 13, got (1, 14, 19, 27)"),
     (3, (3, 3), "bilateral_weight must be a scalar or (L, L) = (4, 4), got (3, 3)"),
     (4, (4,), "compatibility must be (L, L) = (4, 4) or empty (Potts), got (4,)"),
     (6, (3,), "labels must be (D,) with the boxes' D = 2, got (3,)"),
