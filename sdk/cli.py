@@ -441,6 +441,10 @@ def _at_most(size: tuple[int, int], bound: tuple[int, int]) -> tuple[int, int]:
     return min(size[0], bound[0]), min(size[1], bound[1])
 
 
+def _at_least(size: tuple[int, int], bound: tuple[int, int]) -> tuple[int, int]:
+    return max(size[0], bound[0]), max(size[1], bound[1])
+
+
 def _size_text(size: tuple[int, int]) -> str:
     """(480, 640) -> '480x640', as _size reads it."""
     return f"{size[0]}x{size[1]}"
@@ -478,8 +482,8 @@ def export(
              "the opt size)."),
     opt_size: Optional[str] = typer.Option(
         None, "--opt-size",
-        help=f"engine: the image size TensorRT tunes for (default: {_size_text(DEFAULT_ENGINE_SIZES[1])}, at most "
-             "the max size)."),
+        help=f"engine: the image size TensorRT tunes for (default: {_size_text(DEFAULT_ENGINE_SIZES[1])}, within "
+             "the min and max sizes)."),
     max_size: str = typer.Option(_size_text(DEFAULT_ENGINE_SIZES[2]), "--max-size", help="engine: the largest image."),
     fp16: bool = typer.Option(False, "--fp16", help="engine: reduced precision outside the CRF (TensorRT 10)."),
     workspace: Optional[int] = typer.Option(None, "--workspace", min=1, help="engine: builder workspace limit, bytes."),
@@ -498,9 +502,11 @@ def export(
         raise typer.BadParameter(f"an ONNX export is a .onnx file (an engine, --format engine, a .engine), got {out}",
                                  param_hint="--out")
     largest = _size(max_size, "--max-size")
-    # unless given, the opt and min sizes and D follow the largest downwards, as a profile must
-    optimum = _size(opt_size, "--opt-size") if opt_size is not None else _at_most(DEFAULT_ENGINE_SIZES[1], largest)
-    smallest = _size(min_size, "--min-size") if min_size is not None else _at_most(DEFAULT_ENGINE_SIZES[0], optimum)
+    given_min = _size(min_size, "--min-size") if min_size is not None else None
+    # unless given, the opt size and D lie between the others as a profile needs, and the min size below
+    optimum = _size(opt_size, "--opt-size") if opt_size is not None else \
+        _at_least(_at_most(DEFAULT_ENGINE_SIZES[1], largest), given_min or (1, 1))
+    smallest = given_min or _at_most(DEFAULT_ENGINE_SIZES[0], optimum)
     sizes = (smallest, optimum, largest)
     detections = (min_detections, max(min_detections, min(DEFAULT_ENGINE_DETECTIONS[1], max_detections))
                   if opt_detections is None

@@ -417,6 +417,9 @@ def test_an_engine_profile_is_judged_at_the_sizes_given_and_the_defaults_follow_
     result = runner.invoke(app, ["export", str(exported[0]), "--format", "engine", "--out", str(tmp_path / "m.engine"),
                                  "--max-detections", "3000", "--max-size", "256x256"])
     assert "--max-size" not in plain(result.output) and "--max-detections" not in plain(result.output), result.output
+    result = runner.invoke(app, ["export", str(exported[0]), "--format", "engine", "--out", str(tmp_path / "m.engine"),
+                                 "--min-size", "600x700"])  # above the default opt size: the opt size follows it
+    assert "--min-size" not in plain(result.output) and "--opt-size" not in plain(result.output), result.output
 
 
 def test_engine_sizes_must_be_height_x_width(exported, tmp_path):
