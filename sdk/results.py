@@ -14,13 +14,12 @@ from __future__ import annotations
 import colorsys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 import numpy as np
 
 from .errors import InvalidArgumentError
-from .checks import is_int
+from .checks import int_in, is_int
 from .inputs import Detections, DroppedDetection
 
 __all__ = ["Instance", "SegmentationResult", "build_result", "instance_colours"]
@@ -41,7 +40,7 @@ class Instance:
     box: (x1, y1, x2, y2) ints, the tight box of the instance's pixels, inclusive (not the detection's
         box: the instance may cover less of it). COCO's bbox of the mask is (x1, y1, x2-x1+1, y2-y1+1).
     mask, rle: computed on first access and cached (see each), so results with many instances on large
-        images cost no memory until asked.
+        images cost no memory until asked (an RLE caches its counts, not a mask).
     """
 
     id: int
@@ -52,27 +51,40 @@ class Instance:
     box: tuple[int, int, int, int]
     instance_map: np.ndarray = field(repr=False)  # (H, W) int32, the result's (shared, read-only)
 
-    @cached_property
+    @property
     def mask(self) -> np.ndarray:
-        """bool (H, W): True on the instance's pixels. Read-only, as it is cached and `rle` and `to_coco`
-        are made from it: copy it to draw on it."""
-        mask = self.instance_map == self.id
-        mask.setflags(write=False)
-        return mask
+        """bool (H, W): True on the instance's pixels. Read-only, as it is cached: copy it to draw on it."""
+        cached = self.__dict__.get("_mask")
+        if cached is None:
+            cached = self.instance_map == self.id
+            cached.setflags(write=False)
+            # by hand, not functools.cached_property: before Python 3.12 that locks one property of
+            # every instance of the class at once, so threads segmenting separate images would queue
+            cached = self.__dict__.setdefault("_mask", cached)
+        return cached
 
-    @cached_property
+    @property
     def rle(self) -> dict[str, Any]:
-        """The mask in COCO's compressed RLE, {"size": [H, W], "counts": str}, from
+        """The mask in COCO's compressed RLE, a new {"size": [H, W], "counts": str} on every access, from
         pycocotools.mask.encode; counts decoded to str so the dict is JSON-ready (pycocotools' decode
-        takes it as it is)."""
-        try:
-            from pycocotools import mask as coco_mask
-        except ImportError as error:
-            raise ModuleNotFoundError(
-                "Instance.rle and SegmentationResult.to_coco need pycocotools: pip install pycocotools"
-            ) from error
-        encoded = coco_mask.encode(np.asfortranarray(self.mask.astype(np.uint8)))
-        return {"size": [int(v) for v in encoded["size"]], "counts": encoded["counts"].decode("ascii")}
+        takes it as it is). Only the counts are cached, and asking for them caches no mask."""
+        counts = self.__dict__.get("_rle_counts")
+        if counts is None:
+            try:
+                from pycocotools import mask as coco_mask
+            except ImportError as error:
+                raise ModuleNotFoundError(
+                    "Instance.rle and SegmentationResult.to_coco need pycocotools: pip install pycocotools"
+                ) from error
+            mask = self.__dict__.get("_mask")
+            if mask is None:
+                mask = self.instance_map == self.id
+            counts = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"].decode("ascii")
+            counts = self.__dict__.setdefault("_rle_counts", counts)
+        return {"size": list(self.instance_map.shape), "counts": counts}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        _restore_read_only(self, state, ("instance_map", "_mask"))
 
 
 @dataclass(frozen=True, eq=False)
@@ -97,6 +109,9 @@ class SegmentationResult:
     instances: list[Instance]
     dropped: list[DroppedDetection]
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        _restore_read_only(self, state, ("image", "instance_map", "semantic_map"))
+
     def to_coco(self, image_id: int | str) -> list[dict[str, Any]]:
         """The instances in COCO's results format, one dict each: image_id (an int, as COCO's datasets
         number images, or a str, as VOC and SBD name them; `read_coco_results` takes both), category_id
@@ -111,7 +126,7 @@ class SegmentationResult:
             {
                 "image_id": image_id,
                 "category_id": instance.class_id,
-                "segmentation": instance.rle,
+                "segmentation": instance.rle,  # a new dict each time: the caller may edit it
                 "score": instance.score,
                 "bbox": _coco_bbox(instance.box),
             }
@@ -135,9 +150,20 @@ class SegmentationResult:
         return np.clip(np.rint(picture), 0, 255).astype(np.uint8)
 
 
+def _restore_read_only(result: object, state: dict[str, Any], names: Sequence[str]) -> None:
+    """A result's state after pickle or deepcopy, its arrays read-only again: numpy's copies come back
+    writable, and a write would set the map apart from the masks cached from it."""
+    result.__dict__.update(state)
+    for name in names:
+        if isinstance(state.get(name), np.ndarray):
+            state[name].setflags(write=False)
+
+
 def instance_colours(count: int) -> np.ndarray:
     """uint8 (count+1, 3) RGB: row i is instance i's colour (row 0, the background, black). Hues step
-    by the golden ratio, so any number of instances get distinct, well-separated colours."""
+    by the golden ratio, so consecutive instances get well-separated colours; after rounding to 8 bits
+    a hue comes round again now and then (the first repeat is at about 600 instances)."""
+    count = int_in("count", count, 0)
     colours = np.zeros((count + 1, 3), np.uint8)
     for i in range(1, count + 1):
         colours[i] = np.rint(255 * np.array(colorsys.hsv_to_rgb((i * _GOLDEN) % 1.0, 0.7, 0.95)))
@@ -270,7 +296,15 @@ def _check_result_inputs(
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise InvalidArgumentError(f"image must be a (H, W, 3) uint8 array, got {_describe(image)}")
     height, width = image.shape[:2]
+    if not isinstance(detections, Detections):
+        raise InvalidArgumentError(f"detections must be what check_detections returns, got {_describe(detections)}")
     count = len(detections)
+    shapes = {name: np.shape(getattr(detections, name)) for name in ("boxes", "labels", "scores", "kept")}
+    if shapes != {"boxes": (count, 4), "labels": (count,), "scores": (count,), "kept": (count,)}:
+        raise InvalidArgumentError(f"detections must hold boxes (N, 4) and labels, scores and kept (N,) for one N, "
+                                   f"got {shapes}")
+    if isinstance(class_names, str) or not all(isinstance(name, str) for name in class_names):
+        raise InvalidArgumentError(f"class_names must be a sequence of names (str), got {class_names!r:.80}")
     if not isinstance(instance_logits, np.ndarray) or instance_logits.shape != (count + 1, height, width):
         raise InvalidArgumentError(
             f"instance_logits must have shape (N+1, H, W) = {(count + 1, height, width)}, got {_describe(instance_logits)}"

@@ -15,7 +15,10 @@ empties it; it then overlaps nothing and counts as a false positive. A ground-tr
 void keeps no pixel: AP^r and COCO mask AP still count it (a miss no prediction can hit), PQ skips it
 (below). The loaders make none (void never covers a whole instance there); direct callers can.
 
-AP^r at τ (SDS, Hariharan et al. 2014), per class c over the whole dataset, then the mean over the
+AP^r at τ (the measure of SDS, Hariharan et al. 2014, computed by one of the two protocols below; neither
+is SDS's own matching, which gives a prediction the best ground truth not yet taken: under "voc" a
+prediction whose best ground truth is taken is a false positive, which SDS would match to its next
+best, a difference only below τ = 0.5), per class c over the whole dataset, then the mean over the
 classes that have at least one ground-truth instance. A class with ground truth but no predictions
 has AP 0; predictions of a class with no ground truth anywhere are ignored (that class has no AP).
 Predictions are ranked by score, descending; ties keep dataset order (image index, then prediction
@@ -28,8 +31,9 @@ index), as a stable sort does. τ ∈ {0.1, 0.2, ..., 0.9}, the float64 values n
   Because duplicates can all be correct, this AP is not bounded by 1 when two predictions exceed τ on
   the same instance (possible at τ < 0.5 even for non-overlapping segment maps; at τ >= 0.5 it needs
   overlapping predicted masks). It is reported as the released code computes it, not clipped.
-- protocol "voc" is the textbook VOC detection protocol applied to masks: void pixels stay in the
-  predicted masks (they count in the union); in descending score order each prediction takes the
+- protocol "voc" is VOCdevkit's detection protocol (VOCevaldet) applied to masks: void pixels stay in
+  the predicted masks (they count in the union, so on VOC, whose objects are ringed by a void band, a
+  mask equal to its object scores below 1 and the high-τ numbers are depressed); in descending score order each prediction takes the
   same-class ground truth of its image with the largest IoU (the first one on ties); it is a true
   positive if that IoU >= τ (VOCdevkit's VOCevaldet compares with ">=", as COCO does) and that ground
   truth is not taken yet, otherwise a false positive (duplicates are false positives). AP is the
@@ -59,7 +63,9 @@ skipped (a prediction with no pixels at all; a ground truth with none outside vo
 
 COCO mask AP (AP@[.50:.05:.95]), computed here and equal to pycocotools' COCOeval(iouType="segm")
 stats[0] on the same masks with void removed from both sides (void treated as not annotated) and no
-crowd regions: per image and class the 100 highest-scoring predictions (stable sort), greedy matching
+crowd regions. The COCO loader makes crowd regions void, so on COCO a prediction inside a crowd counts
+as a false positive, where COCOeval ignores a detection that matches a crowd of its class: on COCO
+images with crowds the value is below pycocotools'. The rest of the definition: per image and class the 100 highest-scoring predictions (stable sort), greedy matching
 in score order where each prediction takes the unmatched same-class ground truth of highest IoU >= t
 (ties: the later ground truth, as COCOeval's loop does), 101-point interpolated precision, area range
 "all", then the mean over IoU thresholds, recall points and the classes with ground truth.

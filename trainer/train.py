@@ -563,4 +563,4 @@ def predict_each(segment: Segment, dataset: Samples, *, num_classes: int,
         ids = np.array([instance.id for instance in result.instances]).reshape(-1, 1, 1)
         yield ({"masks": result.instance_map[None] == ids,
                 "labels": np.array([instance.class_id for instance in result.instances], np.int64),
-                "scores": np.array([instance.score for instance in result.instances], np.float32)}, truth)
+                "scores": np.array([instance.score for instance in result.instances], np.float64)}, truth)

@@ -127,6 +127,22 @@ def test_infer_writes_overlays_instance_maps_and_coco_results(exported, photos, 
     assert not (out / "results.json").exists()
 
 
+def test_infer_refuses_an_output_that_would_overwrite_an_image_to_segment(exported, photos, tmp_path):
+    files, _ = photos
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("x.png", "x_overlay.png"):  # x's overlay would be written over the second image
+        (folder / name).write_bytes(files[0].read_bytes())
+    detections = tmp_path / "d.json"
+    detections.write_text(json.dumps([{"image_id": "x", "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.5}]))
+    result = runner.invoke(app, ["infer", str(exported[1]), str(folder / "x.png"), str(folder / "x_overlay.png"),
+                                 "--detections", str(detections), "--out", str(folder)])
+    assert result.exit_code == 1
+    assert "x_overlay.png would be written for x.png, but it is one of the images" in plain(result.output)
+    assert sorted(p.name for p in folder.iterdir()) == ["x.png", "x_overlay.png"]
+    assert (folder / "x_overlay.png").read_bytes() == files[0].read_bytes()
+
+
 def test_infer_refuses_a_detections_file_for_other_images(exported, photos, tmp_path):
     files, _ = photos
     other = tmp_path / "other.json"

@@ -165,6 +165,22 @@ def test_the_result_owns_read_only_arrays_so_a_reused_frame_buffer_cannot_change
             array[0, 0] = 1
 
 
+@pytest.mark.parametrize("copy", ["pickle", "deepcopy"])
+def test_a_copied_result_keeps_its_arrays_read_only(copy: str) -> None:
+    import copy as copying
+    import pickle
+
+    result = build_result(gray_image(8, 10), painted(8, 10, [(0, 0, 4, 4)]), random_outputs(1, 8, 10, 3)[1],
+                          detections([1]), CLASS_NAMES)
+    result.instances[0].mask  # cached before the copy, as a process pool's worker may have
+    copied = pickle.loads(pickle.dumps(result)) if copy == "pickle" else copying.deepcopy(result)
+    np.testing.assert_array_equal(copied.instance_map, result.instance_map)
+    for array in (copied.image, copied.instance_map, copied.semantic_map, copied.instances[0].mask,
+                  copied.instances[0].instance_map):
+        with pytest.raises(ValueError, match="read-only"):
+            array[0, 0] = 1
+
+
 def test_no_detections_give_an_all_background_result() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -195,6 +211,18 @@ def test_to_coco_round_trips_through_pycocotools() -> None:
         np.testing.assert_array_equal(coco_mask.decode(record["segmentation"]).astype(bool), instance.mask)
         np.testing.assert_array_equal(record["bbox"], coco_mask.toBbox(record["segmentation"]))
     assert records[1]["bbox"] == [3.0, 2.0, 9.0, 7.0]
+
+
+def test_to_coco_hands_out_records_the_caller_may_edit_and_caches_no_mask() -> None:
+    pytest.importorskip("pycocotools.mask")
+    result = build_result(gray_image(10, 14), painted(10, 14, [(0, 0, 4, 6)]), random_outputs(1, 10, 14, 9)[1],
+                          detections([1]), CLASS_NAMES)
+    first = result.to_coco(1)
+    assert "_mask" not in result.instances[0].__dict__  # an RLE caches its counts, not a mask
+    first[0]["segmentation"]["counts"] = first[0]["segmentation"]["counts"].encode()  # for an older pycocotools
+    first[0]["segmentation"]["size"].append(3)
+    again = result.to_coco(1)[0]["segmentation"]
+    assert isinstance(again["counts"], str) and again["size"] == [10, 14] == result.instances[0].rle["size"]
 
 
 def test_to_coco_takes_an_int_or_str_image_id_and_refuses_anything_else() -> None:
@@ -228,6 +256,9 @@ def test_instance_colours_are_distinct() -> None:
     colours = instance_colours(60)
     assert colours.shape == (61, 3) and colours.dtype == np.uint8
     assert len({tuple(c) for c in colours[1:]}) == 60
+    for bad in (-1, 2.5, "3", None, True):
+        with pytest.raises(InvalidArgumentError, match="count must be a non-negative int"):
+            instance_colours(bad)
 
 
 @pytest.mark.parametrize("alpha", [-0.1, 1.5, float("nan"), "0.5", True])
@@ -246,6 +277,10 @@ def test_overlay_wants_alpha_in_0_to_1(alpha: object) -> None:
         ({"instance_logits": np.zeros((3, 4, 4), np.float32)}, "instance_logits"),
         ({"semantic_probabilities": np.zeros((K, 4, 4), np.float32)}, "semantic_probabilities"),
         ({"class_names": ("a",)}, "semantic_probabilities"),
+        ({"class_names": "xyz"}, "class_names must be a sequence of names"),
+        ({"detections": Detections(np.zeros((1, 4), np.float32), np.ones(3, np.int64), np.ones(1, np.float32),
+                                   np.zeros(1, np.int64))}, "detections must hold boxes"),
+        ({"detections": "boxes"}, "detections must be what check_detections returns"),
     ],
 )
 def test_mismatched_backend_outputs_are_named(change: dict, argument: str) -> None:
