@@ -63,9 +63,12 @@ skipped (a prediction with no pixels at all; a ground truth with none outside vo
 
 COCO mask AP (AP@[.50:.05:.95]), computed here and equal to pycocotools' COCOeval(iouType="segm")
 stats[0] on the same masks with void removed from both sides (void treated as not annotated) and no
-crowd regions. The COCO loader makes crowd regions void, so on COCO a prediction inside a crowd counts
-as a false positive, where COCOeval ignores a detection that matches a crowd of its class: on COCO
-images with crowds the value is below pycocotools'. The rest of the definition: per image and class the 100 highest-scoring predictions (stable sort), greedy matching
+with the ground truth's crowd regions as COCO's iscrowd = 1 annotations: a detection that matches no
+instance but whose share inside a crowd region of its class reaches the threshold is ignored (neither
+a hit nor a miss), and crowds count no ground truth. Crowd pixels are then no void to COCO mask AP
+(void there is what no instance or crowd annotates); the other metrics see the truth's void alone, in
+which the COCO loader puts the crowd pixels outside instances (PQ's crowd rule is thus every void
+pixel's, not panopticapi's same-class one). The rest of the definition: per image and class the 100 highest-scoring predictions (stable sort), greedy matching
 in score order where each prediction takes the unmatched same-class ground truth of highest IoU >= t
 (ties: the later ground truth, as COCOeval's loop does), 101-point interpolated precision, area range
 "all", then the mean over IoU thresholds, recall points and the classes with ground truth.
@@ -123,7 +126,9 @@ def evaluate(
         ground_truths: one mapping per image, same length and order, with
             "masks": bool (M, H, W), the same H, W as the image's predictions;
             "labels": integer (M,), classes in 1..num_classes;
-            "void": bool (H, W) or None, the pixels that are not evaluated (VOC's 255).
+            "void": bool (H, W) or None, the pixels that are not evaluated (VOC's 255);
+            optionally "crowd_masks": bool (C, H, W) and "crowd_labels": integer (C,), crowd regions
+            (COCO's iscrowd = 1) for COCO mask AP's crowd rule (module docstring).
         num_classes: K, the number of object classes (background excluded).
         protocol: AP^r protocol, "original" (the released evaluation code) or "voc" (one-to-one
             greedy matching, IoU >= τ, interpolated AP). See the module docstring for both.
@@ -213,6 +218,10 @@ class _Image:
     pred_void: np.ndarray  # int64 (N,): |P ∩ void|
     gt_area: np.ndarray  # int64 (M,): |G|
     instance_union: int  # |(∪P ∪ ∪G) \ void|
+    # COCO's crowd regions, for COCO mask AP's crowd rule (the other metrics see void only)
+    pred_unannotated: np.ndarray  # int64 (N,): |P ∩ (void \ crowds)|, the void no crowd explains
+    crowd_labels: np.ndarray  # int64 (C,)
+    crowd_intersection: np.ndarray  # int64 (N, C): |P ∩ crowd|
 
     def iou(self, *, remove_void: bool) -> np.ndarray:
         """float64 (N, M) IoU; with remove_void the predicted pixels under void are dropped first."""
@@ -223,12 +232,14 @@ class _Image:
         return iou
 
 
-def _overlaps(pred_masks, pred_labels, pred_scores, gt_masks, gt_labels, void) -> _Image:
+def _overlaps(pred_masks, pred_labels, pred_scores, gt_masks, gt_labels, void, crowd_masks, crowd_labels) -> _Image:
     n, height, width = pred_masks.shape
     pixels = height * width
     pred = pred_masks.reshape(n, pixels)  # (N, HW)
     gt = gt_masks.reshape(len(gt_masks), pixels)  # (M, HW)
+    crowds = crowd_masks.reshape(len(crowd_masks), pixels)  # (C, HW)
     not_void = np.ones(pixels, dtype=bool) if void is None else ~void.reshape(pixels)
+    unannotated = ~not_void & ~crowds.any(axis=0)  # COCO mask AP's void: crowds are annotated, as crowds
     gt = gt & not_void
     dtype = np.float32 if pixels < _EXACT_FLOAT32_COUNT else np.float64
     pred_f = pred.astype(dtype)
@@ -244,6 +255,9 @@ def _overlaps(pred_masks, pred_labels, pred_scores, gt_masks, gt_labels, void) -
         pred_void=np.rint(pred_void).astype(np.int64),
         gt_area=np.count_nonzero(gt, axis=1).astype(np.int64),
         instance_union=int(np.count_nonzero(covered & not_void)),
+        pred_unannotated=np.rint(pred_f @ unannotated.astype(dtype)).astype(np.int64),
+        crowd_labels=crowd_labels.astype(np.int64),
+        crowd_intersection=np.rint(pred_f @ crowds.astype(dtype).T).astype(np.int64),
     )
 
 
@@ -379,27 +393,39 @@ def _coco_mask_ap(images: list[_Image], num_classes: int) -> float:
     scores: list[list[np.ndarray]] = [[] for _ in range(num_classes + 1)]
     matched: list[list[np.ndarray]] = [[] for _ in range(num_classes + 1)]
     gt_count = np.zeros(num_classes + 1, dtype=np.int64)
+    ignored: list[list[np.ndarray]] = [[] for _ in range(num_classes + 1)]
     for image in images:
-        iou_all = image.iou(remove_void=True)  # (N, M)
+        # void removed from both sides, crowds kept: COCOeval knows them as crowds, not as void
+        area = image.pred_area - image.pred_unannotated  # (N,)
+        union = area[:, None] + image.gt_area[None, :] - image.intersection
+        iou_all = np.divide(image.intersection, union, out=np.zeros(union.shape), where=union > 0)  # (N, M)
+        # a crowd's IoU with a detection is the share of the detection it covers (COCOeval's iscrowd rule)
+        crowd_iou_all = np.divide(image.crowd_intersection, area[:, None], out=np.zeros(image.crowd_intersection.shape),
+                                  where=area[:, None] > 0)  # (N, C)
         for c in np.union1d(image.pred_labels, image.gt_labels):
             dts = np.flatnonzero(image.pred_labels == c)
             dts = dts[np.argsort(-image.pred_scores[dts], kind="stable")][:COCO_MAX_DETECTIONS]
             gts = np.flatnonzero(image.gt_labels == c)
             gt_count[c] += len(gts)
             iou = iou_all[np.ix_(dts, gts)]  # (D, G)
+            crowd_iou = crowd_iou_all[np.ix_(dts, np.flatnonzero(image.crowd_labels == c))]  # (D, C_c)
             hits = np.zeros((n_thresholds, len(dts)), dtype=bool)
+            skip = np.zeros((n_thresholds, len(dts)), dtype=bool)
             for t, threshold in enumerate(COCO_IOU_THRESHOLDS):
                 threshold = min(threshold, 1 - 1e-10)
                 taken = np.zeros(len(gts), dtype=bool)
                 for d in range(len(dts)):
                     eligible = ~taken & (iou[d] >= threshold)
                     if not eligible.any():
+                        # no instance for it: a crowd of its class that takes it makes it neither hit nor miss
+                        skip[t, d] = bool((crowd_iou[d] >= threshold).any())
                         continue
                     best = iou[d][eligible].max()
                     g = np.flatnonzero(eligible & (iou[d] == best))[-1]  # COCOeval keeps the later on ties
                     taken[g] = hits[t, d] = True
             scores[c].append(image.pred_scores[dts])
             matched[c].append(hits)
+            ignored[c].append(skip)
 
     n_recall = len(COCO_RECALL_THRESHOLDS)
     precision = -np.ones((n_thresholds, n_recall, num_classes))  # (T, R, K), -1: class without ground truth
@@ -409,8 +435,9 @@ def _coco_mask_ap(images: list[_Image], num_classes: int) -> float:
         class_scores = np.concatenate(scores[c])
         order = np.argsort(-class_scores, kind="mergesort")
         hits = np.concatenate(matched[c], axis=1)[:, order]  # (T, D)
-        tp_sum = np.cumsum(hits, axis=1).astype(float)
-        fp_sum = np.cumsum(~hits, axis=1).astype(float)
+        counted = ~np.concatenate(ignored[c], axis=1)[:, order]
+        tp_sum = np.cumsum(hits & counted, axis=1).astype(float)
+        fp_sum = np.cumsum(~hits & counted, axis=1).astype(float)
         for t in range(n_thresholds):
             recall = tp_sum[t] / gt_count[c]
             envelope = tp_sum[t] / (fp_sum[t] + tp_sum[t] + np.spacing(1))
@@ -433,6 +460,7 @@ def _image(i: int, prediction, truth, num_classes: int) -> _Image:
     height, width = gt_masks.shape[1:]
     gt_labels = _labels(truth, f"ground_truths[{i}]", len(gt_masks), num_classes)
     void = _void(truth, f"ground_truths[{i}]", (height, width))
+    crowd_masks, crowd_labels = _crowds(truth, f"ground_truths[{i}]", (height, width), num_classes)
     pred_masks = _masks(prediction, f"predictions[{i}]")
     if pred_masks.shape[1:] != (height, width):
         raise InvalidArgumentError(
@@ -441,7 +469,7 @@ def _image(i: int, prediction, truth, num_classes: int) -> _Image:
         )
     pred_labels = _labels(prediction, f"predictions[{i}]", len(pred_masks), num_classes)
     pred_scores = _scores(prediction, f"predictions[{i}]", len(pred_masks))
-    return _overlaps(pred_masks, pred_labels, pred_scores, gt_masks, gt_labels, void)
+    return _overlaps(pred_masks, pred_labels, pred_scores, gt_masks, gt_labels, void, crowd_masks, crowd_labels)
 
 
 def _field(entry, where: str, key: str) -> np.ndarray:
@@ -459,18 +487,18 @@ def _masks(entry, where: str) -> np.ndarray:
     return masks
 
 
-def _labels(entry, where: str, count: int, num_classes: int) -> np.ndarray:
-    labels = _field(entry, where, "labels")
+def _labels(entry, where: str, count: int, num_classes: int, key: str = "labels") -> np.ndarray:
+    labels = _field(entry, where, key)
     if labels.shape != (count,):
-        raise InvalidArgumentError(f"{where}['labels'] must have shape ({count},), one per mask, got {labels.shape}")
+        raise InvalidArgumentError(f"{where}[{key!r}] must have shape ({count},), one per mask, got {labels.shape}")
     if count == 0:
         return np.zeros(0, dtype=np.int64)
     if labels.dtype == np.bool_ or not np.issubdtype(labels.dtype, np.integer):
-        raise InvalidArgumentError(f"{where}['labels'] must be integer, got {labels.dtype}")
+        raise InvalidArgumentError(f"{where}[{key!r}] must be integer, got {labels.dtype}")
     outside = (labels < 1) | (labels > num_classes)
     if outside.any():
         raise InvalidArgumentError(
-            f"{where}['labels'] must lie in 1..num_classes={num_classes}, got {labels[outside].tolist()}"
+            f"{where}[{key!r}] must lie in 1..num_classes={num_classes}, got {labels[outside].tolist()}"
         )
     return labels
 
@@ -486,6 +514,17 @@ def _scores(entry, where: str, count: int) -> np.ndarray:
     if np.isnan(scores).any():
         raise InvalidArgumentError(f"{where}['scores'] contains NaN at {np.flatnonzero(np.isnan(scores)).tolist()}")
     return scores
+
+
+def _crowds(entry, where: str, size: tuple[int, int], num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The optional crowd regions, (C, H, W) bool masks and (C,) labels; none when not given."""
+    if entry.get("crowd_masks") is None and entry.get("crowd_labels") is None:
+        return np.zeros((0, *size), bool), np.zeros(0, np.int64)
+    masks = _field(entry, where, "crowd_masks")
+    if masks.dtype != np.bool_ or masks.ndim != 3 or masks.shape[1:] != size:
+        raise InvalidArgumentError(f"{where}['crowd_masks'] must be bool (C, {size[0]}, {size[1]}), got "
+                                   f"{masks.dtype} {masks.shape}")
+    return masks, _labels(entry, where, len(masks), num_classes, key="crowd_labels")
 
 
 def _void(entry, where: str, size: tuple[int, int]) -> np.ndarray | None:

@@ -530,6 +530,8 @@ def evaluation_inputs(dataset: Samples, *, seed: int,
         detections = _detections_of(sample, (image.shape[1], image.shape[2]), np.random.default_rng([seed, index]),
                                     num_classes)
         truth = {"masks": sample["masks"], "labels": sample["labels"], "void": sample["semantic"] == VOID}
+        if "crowd_masks" in sample:  # COCO's crowds, for COCO mask AP's crowd rule
+            truth |= {"crowd_masks": sample["crowd_masks"], "crowd_labels": sample["crowd_labels"]}
         yield image, {k: torch.from_numpy(detections[k]) for k in ("boxes", "labels", "scores")}, truth
 
 

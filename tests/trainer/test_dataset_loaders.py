@@ -303,6 +303,10 @@ def test_coco_voids_crowds_and_lets_later_annotations_win_overlaps(tmp_path):
     np.testing.assert_array_equal(sample["masks"][2], dog)  # drawn over the crowd region
     np.testing.assert_array_equal(sample["semantic"] == VOID, crowd & ~dog)
     np.testing.assert_array_equal(sample["boxes"][1:], [[8, 6, 19, 13], [4, 18, 9, 21]])
+    # and the crowd whole, with its class, for COCO mask AP's crowd rule
+    np.testing.assert_array_equal(sample["crowd_masks"], crowd[None])
+    np.testing.assert_array_equal(sample["crowd_labels"], [1])
+    assert CocoInstances(root, "val2017")[1]["crowd_masks"].shape == (0, H, W)  # an image without crowds
 
 
 def test_coco_drops_an_annotation_that_later_ones_cover_completely(tmp_path):

@@ -156,13 +156,16 @@ def pycocotools_mask_ap(predictions, ground_truths, num_classes) -> float:
     images, annotations, detections = [], [], []
     for i, (pred, gt) in enumerate(zip(predictions, ground_truths), start=1):
         height, width = gt["masks"].shape[1:]
-        keep = ~gt["void"] if gt["void"] is not None else np.ones((height, width), bool)
+        crowds = gt.get("crowd_masks", np.zeros((0, height, width), bool))
+        void = gt["void"] if gt["void"] is not None else np.zeros((height, width), bool)
+        keep = ~(void & ~crowds.any(axis=0))  # crowd pixels are annotated: as crowds, COCO's iscrowd = 1
         images.append({"id": i, "height": height, "width": width})
-        for mask, label in zip(gt["masks"], gt["labels"]):
+        gts = [(m, l, 0) for m, l in zip(gt["masks"], gt["labels"])]
+        for mask, label, crowd in gts + [(m, l, 1) for m, l in zip(crowds, gt.get("crowd_labels", []))]:
             rle = encode(mask & keep)
             annotations.append({
                 "id": len(annotations) + 1, "image_id": i, "category_id": int(label), "segmentation": rle,
-                "area": float(mask_util.area(rle)), "bbox": mask_util.toBbox(rle).tolist(), "iscrowd": 0,
+                "area": float(mask_util.area(rle)), "bbox": mask_util.toBbox(rle).tolist(), "iscrowd": crowd,
             })
         for mask, label, score in zip(pred["masks"], pred["labels"], pred["scores"]):
             detections.append({
@@ -285,6 +288,39 @@ def test_voc_ap_r_matches_a_loop_reimplementation_on_random_predictions(seed):
 @pytest.mark.parametrize("seed", range(6))
 def test_coco_mask_ap_equals_pycocotools_on_random_predictions(seed):
     predictions, ground_truths = random_dataset(seed)
+    expected = pycocotools_mask_ap(predictions, ground_truths, 3)
+    assert evaluate(predictions, ground_truths, num_classes=3)["coco_mask_ap"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_coco_mask_ap_ignores_a_detection_a_crowd_of_its_class_takes_as_pycocotools():
+    # one person, a crowd of people below it (void to the other metrics, as the COCO loader makes it);
+    # the best-scored detection is a person inside the crowd, the next the person: COCOeval ignores the
+    # first, which counting it as a false positive would halve the AP of
+    size = (20, 20)
+    person, crowd = box(size, 0, 0, 8, 8), box(size, 10, 0, 20, 20)
+    inside, elsewhere = box(size, 12, 2, 18, 8), box(size, 0, 12, 6, 18)
+    for first, crowd_label, expected in ((inside, 1, 1.0),  # a person in the crowd of people: ignored
+                                         (inside, 2, None),  # in a crowd of another class: a false positive
+                                         (elsewhere, 1, None)):  # outside the crowd: a false positive
+        ground_truth = truth([person], [1], crowd, size) | {"crowd_masks": crowd[None],
+                                                            "crowd_labels": np.array([crowd_label])}
+        predictions = [prediction([first, person], [1, 1], [0.9, 0.8], size)]
+        result = evaluate(predictions, [ground_truth], num_classes=2)["coco_mask_ap"]
+        assert result == pytest.approx(pycocotools_mask_ap(predictions, [ground_truth], 2), abs=1e-12)
+        assert result == pytest.approx(expected) if expected is not None else result < 0.9
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_coco_mask_ap_equals_pycocotools_with_crowds_on_random_predictions(seed):
+    predictions, ground_truths = random_dataset(seed, with_void=False)
+    rng = np.random.default_rng(100 + seed)
+    for gt in ground_truths:  # a crowd region or two per image, void where no instance is, as COCO's loader
+        crowds = []
+        for _ in range(rng.integers(1, 3)):
+            (top, bottom), (left, right) = sorted(rng.integers(0, 24, 2)), sorted(rng.integers(0, 32, 2))
+            crowds.append(box((24, 32), top, left, bottom + 1, right + 1))
+        gt["crowd_masks"], gt["crowd_labels"] = np.stack(crowds), rng.integers(1, 4, len(crowds))
+        gt["void"] = gt["crowd_masks"].any(axis=0) & ~gt["masks"].any(axis=0)
     expected = pycocotools_mask_ap(predictions, ground_truths, 3)
     assert evaluate(predictions, ground_truths, num_classes=3)["coco_mask_ap"] == pytest.approx(expected, abs=1e-12)
 

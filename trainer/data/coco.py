@@ -17,6 +17,8 @@ Rasterising one image (annotations in the order of the JSON file, polygons and R
 3. `masks[m]` is what instance m kept after step 2 (its visible, non-overwritten pixels), so the masks
    never overlap and masks[m] == (instances == m + 1). An annotation with no pixel left (empty
    polygon, or fully covered by later ones) is dropped; the rest are numbered 1..M in file order.
+4. Each crowd annotation of a listed category is also kept whole, as `crowd_masks` (C, H, W) and
+   `crowd_labels` (C,), for COCO mask AP's crowd rule (`trainer.evaluation`).
 Images without annotations are kept, with M = 0. Images are in ascending image id.
 
 `image_id` in a sample is COCO's integer image id, the key of COCO results files (and of
@@ -41,6 +43,13 @@ from .common import LabelledSample, assemble_sample, check_index, check_split_na
 __all__ = ["CocoInstances"]
 
 _COORDINATE_LIMIT = 1e6  # pixels: far beyond any image, far below where pycocotools' frPoly overflows
+
+
+class CocoSample(LabelledSample, total=False):
+    """A `LabelledSample` with the image's crowd regions (step 4 of the module docstring)."""
+
+    crowd_masks: np.ndarray  # bool (C, H, W), each crowd annotation whole
+    crowd_labels: np.ndarray  # int64 (C,) in 1..K
 
 
 class CocoInstances:
@@ -160,7 +169,7 @@ class CocoInstances:
         record = self._coco.imgs[self.image_ids[check_index(index, len(self.image_ids))]]
         return int(record["height"]), int(record["width"])
 
-    def __getitem__(self, index: int) -> LabelledSample:
+    def __getitem__(self, index: int) -> CocoSample:
         image_id = self.image_ids[check_index(index, len(self.image_ids))]
         record = self._coco.imgs[image_id]
         path = self.image_folder / record["file_name"]
@@ -172,6 +181,8 @@ class CocoInstances:
             )
 
         annotations = self._coco.imgToAnns.get(image_id, [])  # file order
+        crowds = [(self._coco.annToMask(a).astype(bool), self.label_of_category[a["category_id"]])
+                  for a in annotations if a.get("iscrowd", 0) and a["category_id"] in self.label_of_category]
         void = np.zeros(shape, bool)
         for annotation in annotations:
             if annotation.get("iscrowd", 0):
@@ -187,7 +198,9 @@ class CocoInstances:
             owner[mask] = len(labels)
             semantic[mask] = labels[-1]
             void[mask] = False
-        return assemble_sample(image, semantic, owner, labels, void, image_id, self.annotation_file)
+        return CocoSample(**assemble_sample(image, semantic, owner, labels, void, image_id, self.annotation_file),
+                          crowd_masks=np.stack([m for m, _ in crowds]) if crowds else np.zeros((0, *shape), bool),
+                          crowd_labels=np.array([label for _, label in crowds], np.int64))
 
     def __repr__(self) -> str:
         return f"CocoInstances(root={str(self.root)!r}, split={self.split!r}, images={len(self)})"
