@@ -68,7 +68,9 @@ instance but whose share inside a crowd region of its class reaches the threshol
 a hit nor a miss), and crowds count no ground truth. Crowd pixels are then no void to COCO mask AP
 (void there is what no instance or crowd annotates); the other metrics see the truth's void alone, in
 which the COCO loader puts the crowd pixels outside instances (PQ's crowd rule is thus every void
-pixel's, not panopticapi's same-class one). The rest of the definition: per image and class the 100 highest-scoring predictions (stable sort), greedy matching
+pixel's, not panopticapi's same-class one). The masks are the loader's: COCO's are each annotation's
+pixels that no later annotation covers, so where annotations overlap the value differs from COCO's
+official one, which compares whole annotations. The rest of the definition: per image and class the 100 highest-scoring predictions (stable sort), greedy matching
 in score order where each prediction takes the unmatched same-class ground truth of highest IoU >= t
 (ties: the later ground truth, as COCOeval's loop does), 101-point interpolated precision, area range
 "all", then the mean over IoU thresholds, recall points and the classes with ground truth.
