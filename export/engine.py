@@ -49,8 +49,9 @@ def tensorrt_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of a dynseg model for TensorRT's ONNX parser: each dynseg::MeanFieldCRF node carries
     plugin_namespace = "dynseg" and plugin_version = "1" (how the parser finds the plugin), function
     bodies of the dynseg domain are dropped (the plugin implements the op), and everything else is left
-    as it is. Raises InvalidArgumentError for a model without CRF nodes, of another op version, or with
-    a CRF node whose attributes the SDK would refuse (docs/ops.md)."""
+    as it is (a network exported without CRFs has none). Raises InvalidArgumentError for a model with
+    neither CRF nodes nor dynseg metadata, of another op version, or with a CRF node whose attributes
+    the SDK would refuse (docs/ops.md)."""
     op_version = _model_metadata(model).get("dynseg_op_version")
     if op_version is not None and op_version != PLUGIN_VERSION:
         raise InvalidArgumentError(
@@ -60,10 +61,9 @@ def tensorrt_model(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     nodes = list(_crf_nodes(copy.graph))
-    if not nodes:
-        raise InvalidArgumentError(
-            "the model holds no dynseg::MeanFieldCRF node: is it an ONNX file that `dynseg export` wrote?"
-        )
+    if not nodes and op_version is None:
+        raise InvalidArgumentError("the model holds no dynseg::MeanFieldCRF node and no dynseg metadata: is it an "
+                                   "ONNX file that `dynseg export` wrote?")
     for node in nodes:
         # TensorRT's parser hands the plugin only the fields its creator lists, ints narrowed to int32: a
         # misspelt or out-of-range attribute would build an engine that computes something else
@@ -151,8 +151,7 @@ def build_engine(onnx_path: str | Path, out_path: str | Path, *, fp16: bool = Fa
     export = read_export(onnx_path)
     model, metadata = export.model, export.metadata
     if detections is None:
-        most = export.max_detections
-        detections = tuple(min(d, most) for d in DEFAULT_DETECTIONS[:2]) + (most,)
+        detections = default_detections(export.max_detections)
     profile = make_profile(detections, sizes, max_detections=export.max_detections,
                            labels=len(export.class_names) + 1)
     onnx_copy = _check_outputs(onnx_path, out_path)
@@ -171,6 +170,13 @@ def build_engine(onnx_path: str | Path, out_path: str | Path, *, fp16: bool = Fa
     write_sidecar(out_path, tensorrt_version=tensorrt.__version__, compute_capability=compute_capability(),
                   plugin_library=library, profile=profile, model_metadata=metadata, fp16=fp16)
     return out_path
+
+
+def default_detections(max_detections: int) -> tuple[int, int, int]:
+    """build_engine's profile of D for an export that takes at most `max_detections`: DEFAULT_DETECTIONS'
+    minimum and optimum, each at most that, and that as the maximum."""
+    low, opt, _ = DEFAULT_DETECTIONS
+    return min(low, max_detections), min(opt, max_detections), max_detections
 
 
 def _check_outputs(onnx_path: Path, out_path: Path) -> Path:

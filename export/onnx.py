@@ -133,7 +133,7 @@ def _traced(network: DynamicallyInstantiatedNetwork, path: Path) -> onnx.ModelPr
             )
     except InvalidArgumentError as error:  # the example's values broke a check inside the network
         raise InvalidArgumentError(f"the network fails on an example image ({error}): its weights or buffers are "
-                                   "not a trained network's (a BatchNorm's negative running_var, say)") from None
+                                   "not a trained network's (a BatchNorm's negative running_var, say)") from error
     finally:  # a failed export leaves the caller's network as it was
         network.train(was_training)
     model = onnx.load(str(path))

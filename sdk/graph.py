@@ -22,6 +22,7 @@ OUTPUTS = ("instance_logits", "semantic_probabilities")
 DOMAIN = "dynseg"  # the custom op's ONNX domain, and the TensorRT plugin's namespace
 OP_TYPE = "MeanFieldCRF"
 OP_VERSION = 1
+CRF_INPUTS, CRF_OUTPUTS = 10, 2  # the op's arity (docs/ops.md; sdk.crf_node.CrfInputs names the inputs)
 
 # What an export takes unless told otherwise: the most detections per image (`dynseg export
 # --max-detections`), and a TensorRT engine's optimisation profile, (min, opt, max) of D and of (H, W).
@@ -113,6 +114,12 @@ def _check_dynseg(model: onnx.ModelProto, path: Path) -> dict[str, str]:
     unknown = sorted({n.op_type for n in model.graph.node if n.domain == DOMAIN and n.op_type != OP_TYPE})
     if unknown:
         raise InvalidArgumentError(f"model file {path} has dynseg ops this dynseg does not know: {unknown}")
+    # onnx.checker knows no schema of the domain: the node's arity is checked here
+    for node in model.graph.node:
+        if node.domain == DOMAIN and (len(node.input) != CRF_INPUTS or len(node.output) != CRF_OUTPUTS):
+            raise InvalidArgumentError(f"model file {path}: MeanFieldCRF node {node.name!r} has {len(node.input)} "
+                                       f"inputs and {len(node.output)} outputs, the op {CRF_INPUTS} and "
+                                       f"{CRF_OUTPUTS} (docs/ops.md): export it again with `dynseg export`")
     inputs, outputs = [i.name for i in model.graph.input], [o.name for o in model.graph.output]
     if inputs != list(INPUTS) or outputs != list(OUTPUTS):
         raise InvalidArgumentError(f"model file {path} does not have this dynseg's inputs {list(INPUTS)} and outputs "

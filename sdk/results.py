@@ -303,7 +303,8 @@ def _check_result_inputs(
     if shapes != {"boxes": (count, 4), "labels": (count,), "scores": (count,), "kept": (count,)}:
         raise InvalidArgumentError(f"detections must hold boxes (N, 4) and labels, scores and kept (N,) for one N, "
                                    f"got {shapes}")
-    if isinstance(class_names, str) or not all(isinstance(name, str) for name in class_names):
+    if isinstance(class_names, str) or not isinstance(class_names, Sequence) \
+            or not all(isinstance(name, str) for name in class_names):
         raise InvalidArgumentError(f"class_names must be a sequence of names (str), got {class_names!r:.80}")
     if not isinstance(instance_logits, np.ndarray) or instance_logits.shape != (count + 1, height, width):
         raise InvalidArgumentError(

@@ -18,7 +18,7 @@ void keeps no pixel: AP^r and COCO mask AP still count it (a miss no prediction 
 AP^r at τ (the measure of SDS, Hariharan et al. 2014, computed by one of the two protocols below; neither
 is SDS's own matching, which gives a prediction the best ground truth not yet taken: under "voc" a
 prediction whose best ground truth is taken is a false positive, which SDS would match to its next
-best, a difference only below τ = 0.5), per class c over the whole dataset, then the mean over the
+best, a difference only at τ <= 0.5), per class c over the whole dataset, then the mean over the
 classes that have at least one ground-truth instance. A class with ground truth but no predictions
 has AP 0; predictions of a class with no ground truth anywhere are ignored (that class has no AP).
 Predictions are ranked by score, descending; ties keep dataset order (image index, then prediction

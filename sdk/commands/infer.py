@@ -59,15 +59,20 @@ def keep_most_confident(boxes: np.ndarray, labels: np.ndarray, scores: np.ndarra
     return boxes[kept], labels[kept], scores[kept]
 
 
-def _refuse_overwriting_inputs(paths: Sequence[Path], out: Path) -> None:
-    """Refuses, before anything is written, an output file that is one of the images: an image named
-    x_overlay.png beside x.png in the output folder would be overwritten before it is read."""
-    inputs = {path.resolve(): path for path in paths}
+def _refuse_overwriting_inputs(paths: Sequence[Path], detections: Path, out: Path) -> None:
+    """Refuses, before anything is written, an output file that is one of the inputs: an image named
+    x_overlay.png beside x.png, or a detections file named results.json, in the output folder would be
+    overwritten before it is read."""
+    inputs = {path.resolve(): f"one of the images to segment ({path})" for path in paths}
+    inputs[detections.resolve()] = f"the detections file ({detections})"
+    if (out / RESULTS_FILE).resolve() in inputs:
+        raise InvalidArgumentError(f"{out / RESULTS_FILE} would be written, but it is "
+                                   f"{inputs[(out / RESULTS_FILE).resolve()]}: give another --out folder")
     for path in paths:
-        for written in (out / f"{path.stem}_overlay.png", out / f"{path.stem}_instances.png", out / RESULTS_FILE):
+        for written in (out / f"{path.stem}_overlay.png", out / f"{path.stem}_instances.png"):
             if written.resolve() in inputs:
-                raise InvalidArgumentError(f"{written} would be written for {path.name}, but it is one of the images "
-                                           f"to segment ({inputs[written.resolve()]}): give another --out folder")
+                raise InvalidArgumentError(f"{written} would be written for {path.name}, but it is "
+                                           f"{inputs[written.resolve()]}: give another --out folder")
 
 
 def run(segmenter: Segmenter, images: Sequence[str | Path], detections: str | Path, out: str | Path, *,
@@ -90,7 +95,7 @@ def run(segmenter: Segmenter, images: Sequence[str | Path], detections: str | Pa
     check_detection_labels([(path.name, dets.labels) for path, dets in zip(paths, found)],
                            len(segmenter.class_names), f" in {detections}")
     out = Path(out)
-    _refuse_overwriting_inputs(paths, out)
+    _refuse_overwriting_inputs(paths, Path(detections), out)
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULTS_FILE).unlink(missing_ok=True)  # an earlier run's would pass for this one's if it failed
     from PIL import Image

@@ -124,6 +124,11 @@ def test_a_damaged_graph_is_refused_at_load_naming_the_file(exported, tmp_path):
     onnx.save(model, str(tmp_path / "damaged.onnx"))
     with pytest.raises(InvalidArgumentError, match=r"damaged.onnx is not a valid ONNX model \(.*nowhere"):
         Segmenter(tmp_path / "damaged.onnx")
+    del crf.input[9]  # onnx.checker knows no schema of the domain: the arity is the SDK's to check
+    onnx.save(model, str(tmp_path / "short.onnx"))
+    with pytest.raises(InvalidArgumentError, match=r"short.onnx: MeanFieldCRF node .* has 9 inputs and 2 outputs, "
+                                                   r"the op 10 and 2"):
+        Segmenter(tmp_path / "short.onnx")
 
 
 def test_a_network_without_crfs_exports_a_model_that_runs_as_pytorch_does(tmp_path):

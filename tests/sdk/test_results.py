@@ -278,6 +278,7 @@ def test_overlay_wants_alpha_in_0_to_1(alpha: object) -> None:
         ({"semantic_probabilities": np.zeros((K, 4, 4), np.float32)}, "semantic_probabilities"),
         ({"class_names": ("a",)}, "semantic_probabilities"),
         ({"class_names": "xyz"}, "class_names must be a sequence of names"),
+        ({"class_names": None}, "class_names must be a sequence of names"),
         ({"detections": Detections(np.zeros((1, 4), np.float32), np.ones(3, np.int64), np.ones(1, np.float32),
                                    np.zeros(1, np.int64))}, "detections must hold boxes"),
         ({"detections": "boxes"}, "detections must be what check_detections returns"),

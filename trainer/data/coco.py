@@ -181,12 +181,14 @@ class CocoInstances:
             )
 
         annotations = self._coco.imgToAnns.get(image_id, [])  # file order
-        crowds = [(self._coco.annToMask(a).astype(bool), self.label_of_category[a["category_id"]])
-                  for a in annotations if a.get("iscrowd", 0) and a["category_id"] in self.label_of_category]
+        crowds = []  # (mask, label) of each crowd of a listed category: the others are void alone
         void = np.zeros(shape, bool)
         for annotation in annotations:
             if annotation.get("iscrowd", 0):
-                void |= self._coco.annToMask(annotation).astype(bool)
+                mask = self._coco.annToMask(annotation).astype(bool)
+                void |= mask
+                if is_int(annotation.get("category_id")) and annotation["category_id"] in self.label_of_category:
+                    crowds.append((mask, self.label_of_category[annotation["category_id"]]))
         semantic = np.zeros(shape, np.int64)
         owner = np.zeros(shape, np.int64)
         labels = []
