@@ -58,7 +58,9 @@ ground-truth segment of the same class match when their IoU (void removed from t
 > 0.5; for non-overlapping masks such matches are unique, and for overlapping ones pairs are taken
 greedily by decreasing IoU (ties: lower prediction, then lower ground-truth index) so each segment
 matches at most once. Unmatched predictions more than half of whose pixels are void are ignored (not
-FP), as in the PQ paper. Scores play no part. Masks with no pixels are not segments: they are
+FP), as in the PQ paper. Given crowd regions (COCO's), PQ follows panopticapi: only the void no crowd
+explains leaves a prediction's IoU, and an unmatched prediction more than half of whose pixels are that
+void or a crowd of its own class is ignored. Scores play no part. Masks with no pixels are not segments: they are
 skipped (a prediction with no pixels at all; a ground truth with none outside void).
 
 COCO mask AP (AP@[.50:.05:.95]), computed here and equal to pycocotools' COCOeval(iouType="segm")
@@ -66,9 +68,9 @@ stats[0] on the same masks with void removed from both sides (void treated as no
 with the ground truth's crowd regions as COCO's iscrowd = 1 annotations: a detection that matches no
 instance but whose share inside a crowd region of its class reaches the threshold is ignored (neither
 a hit nor a miss), and crowds count no ground truth. Crowd pixels are then no void to COCO mask AP
-(void there is what no instance or crowd annotates); the other metrics see the truth's void alone, in
-which the COCO loader puts the crowd pixels outside instances (PQ's crowd rule is thus every void
-pixel's, not panopticapi's same-class one). The masks are the loader's: COCO's are each annotation's
+(void there is what no instance or crowd annotates), nor to PQ, which applies panopticapi's rule with
+them (above); AP^r and Matching IoU see the truth's void alone, in which the COCO loader puts the crowd
+pixels outside instances. The masks are the loader's: COCO's are each annotation's
 pixels that no later annotation covers, so where annotations overlap the value differs from COCO's
 official one, which compares whole annotations. The rest of the definition: per image and class the 100 highest-scoring predictions (stable sort), greedy matching
 in score order where each prediction takes the unmatched same-class ground truth of highest IoU >= t
@@ -224,6 +226,7 @@ class _Image:
     pred_unannotated: np.ndarray  # int64 (N,): |P ∩ (void \ crowds)|, the void no crowd explains
     crowd_labels: np.ndarray  # int64 (C,)
     crowd_intersection: np.ndarray  # int64 (N, C): |P ∩ crowd|
+    pred_own_crowds: np.ndarray  # int64 (N,): |P ∩ the union of the crowds of P's class|
 
     def iou(self, *, remove_void: bool) -> np.ndarray:
         """float64 (N, M) IoU; with remove_void the predicted pixels under void are dropped first."""
@@ -260,6 +263,8 @@ def _overlaps(pred_masks, pred_labels, pred_scores, gt_masks, gt_labels, void, c
         pred_unannotated=np.rint(pred_f @ unannotated.astype(dtype)).astype(np.int64),
         crowd_labels=crowd_labels.astype(np.int64),
         crowd_intersection=np.rint(pred_f @ crowds.astype(dtype).T).astype(np.int64),
+        pred_own_crowds=np.array([np.count_nonzero(mask & crowds[crowd_labels == label].any(axis=0))
+                                  for mask, label in zip(pred, pred_labels)], dtype=np.int64),
     )
 
 
@@ -362,7 +367,10 @@ def _panoptic_quality(images: list[_Image], num_classes: int) -> float:
     for image in images:
         pred_ok = image.pred_area > 0
         gt_ok = image.gt_area > 0
-        iou = image.iou(remove_void=True)  # (N, M)
+        # panopticapi's IoU: the void no crowd explains leaves the prediction, crowd pixels stay in it
+        area = image.pred_area - image.pred_unannotated
+        union = area[:, None] + image.gt_area[None, :] - image.intersection
+        iou = np.divide(image.intersection, union, out=np.zeros(union.shape), where=union > 0)  # (N, M)
         candidate = (image.pred_labels[:, None] == image.gt_labels[None, :]) & (iou > PQ_MATCH_IOU)
         candidate &= pred_ok[:, None] & gt_ok[None, :]
         pred_matched = np.zeros(len(pred_ok), dtype=bool)
@@ -376,7 +384,8 @@ def _panoptic_quality(images: list[_Image], num_classes: int) -> float:
             tp[c] += 1
             iou_sum[c] += iou[p, g]
         np.add.at(fn, image.gt_labels[gt_ok & ~gt_matched], 1)
-        mostly_void = image.pred_void > PQ_MAX_VOID_FRACTION * image.pred_area
+        # an unmatched prediction mostly on void or on a crowd of its class is no false positive
+        mostly_void = image.pred_unannotated + image.pred_own_crowds > PQ_MAX_VOID_FRACTION * image.pred_area
         np.add.at(fp, image.pred_labels[pred_ok & ~pred_matched & ~mostly_void], 1)
     present = (tp + fp + fn) > 0
     present[0] = False  # label 0 is background, never a class

@@ -390,6 +390,24 @@ def test_pq_counts_false_positives_by_half_and_ignores_mostly_void_predictions()
     assert evaluate(predictions, [truth([A], [1], void)], num_classes=1)["pq"] == pytest.approx(1 / 1.5)
 
 
+def test_pq_applies_panopticapis_crowd_rule_given_crowds():
+    # a person (class 1) above a crowd of people; the crowd's pixels are void outside instances, as the
+    # COCO loader makes them. panopticapi: crowd pixels stay in a prediction's IoU, and an unmatched
+    # prediction mostly on a crowd of its own class is no false positive
+    size = (20, 20)
+    person, crowd = box(size, 0, 0, 9, 9), box(size, 10, 0, 20, 20)
+    ground_truth = truth([person], [1], crowd, size) | {"crowd_masks": crowd[None], "crowd_labels": np.array([1])}
+    inside = box(size, 12, 2, 18, 8)
+
+    def pq(masks, labels):
+        return evaluate([prediction(masks, labels, [0.9] * len(masks), size)], [ground_truth], num_classes=2)["pq"]
+
+    assert pq([person, inside], [1, 1]) == 1.0  # in its own class's crowd: ignored
+    assert pq([person, inside], [1, 2]) == 0.5  # in another class's crowd: a false positive of class 2
+    reaching = person | box(size, 10, 0, 12, 9)  # 81 pixels of the person and 18 of the crowd
+    assert pq([reaching], [1]) == pytest.approx(81 / 99)  # the crowd's pixels count in its union
+
+
 def test_pq_averages_over_classes_present_in_ground_truth_or_predictions():
     # class 1 perfect (1), class 2 prediction only (0), class 3 absent (skipped).
     predictions = [prediction([A, B], [1, 2], [0.9, 0.8])]
