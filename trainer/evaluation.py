@@ -230,11 +230,25 @@ class _Image:
 
     def iou(self, *, remove_void: bool) -> np.ndarray:
         """float64 (N, M) IoU; with remove_void the predicted pixels under void are dropped first."""
-        pred_area = self.pred_area - self.pred_void if remove_void else self.pred_area
-        union = pred_area[:, None] + self.gt_area[None, :] - self.intersection  # (N, M)
-        iou = np.zeros(union.shape, dtype=np.float64)
-        np.divide(self.intersection, union, out=iou, where=union > 0)
-        return iou
+        return self._iou(self.pred_area - self.pred_void if remove_void else self.pred_area)
+
+    def annotated_area(self) -> np.ndarray:
+        """int64 (N,): |P| without the void no crowd explains (COCOeval and panopticapi know crowds as
+        annotations, not as void)."""
+        return self.pred_area - self.pred_unannotated
+
+    def annotated_iou(self) -> np.ndarray:
+        """float64 (N, M) IoU of the predictions' annotated_area with the ground truth."""
+        return self._iou(self.annotated_area())
+
+    def _iou(self, pred_area: np.ndarray) -> np.ndarray:
+        return _ratio(self.intersection, pred_area[:, None] + self.gt_area[None, :] - self.intersection)
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """float64 numerator / denominator, 0 where the denominator is 0 (an empty union or mask)."""
+    return np.divide(numerator, denominator, out=np.zeros(np.broadcast(numerator, denominator).shape),
+                     where=denominator > 0)
 
 
 def _overlaps(pred_masks, pred_labels, pred_scores, gt_masks, gt_labels, void, crowd_masks, crowd_labels) -> _Image:
@@ -263,9 +277,19 @@ def _overlaps(pred_masks, pred_labels, pred_scores, gt_masks, gt_labels, void, c
         pred_unannotated=np.rint(pred_f @ unannotated.astype(dtype)).astype(np.int64),
         crowd_labels=crowd_labels.astype(np.int64),
         crowd_intersection=np.rint(pred_f @ crowds.astype(dtype).T).astype(np.int64),
-        pred_own_crowds=np.array([np.count_nonzero(mask & crowds[crowd_labels == label].any(axis=0))
-                                  for mask, label in zip(pred, pred_labels)], dtype=np.int64),
+        pred_own_crowds=_own_crowds(pred_f, pred_labels, crowds, crowd_labels),
     )
+
+
+def _own_crowds(pred_f: np.ndarray, pred_labels: np.ndarray, crowds: np.ndarray,
+                crowd_labels: np.ndarray) -> np.ndarray:
+    """int64 (N,): |P ∩ the union of the crowds of P's class|, one union per class that has crowds."""
+    own = np.zeros(len(pred_labels), dtype=np.int64)
+    for label in np.unique(crowd_labels):
+        of_class = pred_labels == label
+        union = crowds[crowd_labels == label].any(axis=0).astype(pred_f.dtype)
+        own[of_class] = np.rint(pred_f[of_class] @ union).astype(np.int64)
+    return own
 
 
 # ---------------------------------------------------------------------------- AP^r
@@ -367,10 +391,7 @@ def _panoptic_quality(images: list[_Image], num_classes: int) -> float:
     for image in images:
         pred_ok = image.pred_area > 0
         gt_ok = image.gt_area > 0
-        # panopticapi's IoU: the void no crowd explains leaves the prediction, crowd pixels stay in it
-        area = image.pred_area - image.pred_unannotated
-        union = area[:, None] + image.gt_area[None, :] - image.intersection
-        iou = np.divide(image.intersection, union, out=np.zeros(union.shape), where=union > 0)  # (N, M)
+        iou = image.annotated_iou()  # (N, M), panopticapi's: crowd pixels stay in the prediction
         candidate = (image.pred_labels[:, None] == image.gt_labels[None, :]) & (iou > PQ_MATCH_IOU)
         candidate &= pred_ok[:, None] & gt_ok[None, :]
         pred_matched = np.zeros(len(pred_ok), dtype=bool)
@@ -406,13 +427,9 @@ def _coco_mask_ap(images: list[_Image], num_classes: int) -> float:
     gt_count = np.zeros(num_classes + 1, dtype=np.int64)
     ignored: list[list[np.ndarray]] = [[] for _ in range(num_classes + 1)]
     for image in images:
-        # void removed from both sides, crowds kept: COCOeval knows them as crowds, not as void
-        area = image.pred_area - image.pred_unannotated  # (N,)
-        union = area[:, None] + image.gt_area[None, :] - image.intersection
-        iou_all = np.divide(image.intersection, union, out=np.zeros(union.shape), where=union > 0)  # (N, M)
+        iou_all = image.annotated_iou()  # (N, M): void removed from both sides, crowds kept, as COCOeval has them
         # a crowd's IoU with a detection is the share of the detection it covers (COCOeval's iscrowd rule)
-        crowd_iou_all = np.divide(image.crowd_intersection, area[:, None], out=np.zeros(image.crowd_intersection.shape),
-                                  where=area[:, None] > 0)  # (N, C)
+        crowd_iou_all = _ratio(image.crowd_intersection, image.annotated_area()[:, None])  # (N, C)
         for c in np.union1d(image.pred_labels, image.gt_labels):
             dts = np.flatnonzero(image.pred_labels == c)
             dts = dts[np.argsort(-image.pred_scores[dts], kind="stable")][:COCO_MAX_DETECTIONS]

@@ -65,14 +65,12 @@ def _refuse_overwriting_inputs(paths: Sequence[Path], detections: Path, out: Pat
     overwritten before it is read."""
     inputs = {path.resolve(): f"one of the images to segment ({path})" for path in paths}
     inputs[detections.resolve()] = f"the detections file ({detections})"
-    if (out / RESULTS_FILE).resolve() in inputs:
-        raise InvalidArgumentError(f"{out / RESULTS_FILE} would be written, but it is "
-                                   f"{inputs[(out / RESULTS_FILE).resolve()]}: give another --out folder")
-    for path in paths:
-        for written in (out / f"{path.stem}_overlay.png", out / f"{path.stem}_instances.png"):
-            if written.resolve() in inputs:
-                raise InvalidArgumentError(f"{written} would be written for {path.name}, but it is "
-                                           f"{inputs[written.resolve()]}: give another --out folder")
+    outputs = [(out / RESULTS_FILE, "")] + [(out / f"{path.stem}_{kind}.png", f" for {path.name}")
+                                            for path in paths for kind in ("overlay", "instances")]
+    for written, purpose in outputs:
+        if written.resolve() in inputs:
+            raise InvalidArgumentError(f"{written} would be written{purpose}, but it is {inputs[written.resolve()]}: "
+                                       "give another --out folder")
 
 
 def run(segmenter: Segmenter, images: Sequence[str | Path], detections: str | Path, out: str | Path, *,
