@@ -627,10 +627,14 @@ def validate(
 
     try:
         exported = Segmenter(model, backend="onnxruntime", device=device)
-        reference = Segmenter(checkpoint, backend="torch")
+        try:
+            network = load_checkpoint(checkpoint)
+        except FileNotFoundError as error:
+            raise InvalidArgumentError(str(error)) from None
+        reference = Segmenter.of_network(network, path=checkpoint)
         parity.check_same_model(exported, reference)
         # the graph's CRFs must be the checkpoint's: images compare them only where the CRFs change the output
-        differences = crf_node_differences(read_export(model).model, load_checkpoint(checkpoint))
+        differences = crf_node_differences(read_export(model).model, network)
         if differences:
             raise _fail(f"{model}'s CRF nodes are not {checkpoint}'s CRFs: " + "; ".join(differences))
         # generated detections: as many classes as the model, no more boxes than it takes

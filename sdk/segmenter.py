@@ -103,16 +103,17 @@ class Segmenter:
         self._attach(self._backend, path)
 
     @classmethod
-    def of_network(cls, network: DynamicallyInstantiatedNetwork) -> Segmenter:
+    def of_network(cls, network: DynamicallyInstantiatedNetwork, *, path: str | Path | None = None) -> Segmenter:
         """A Segmenter over a trained network in memory (dynseg.trainer's DynamicallyInstantiatedNetwork), on
-        the torch backend and the device of its parameters, without a checkpoint on disk: what training's
-        held-out evaluation segments with. Sets the network to eval mode."""
+        the torch backend and the device of its parameters: what training's held-out evaluation segments
+        with. path: the checkpoint it was loaded from, if any, which messages name. Sets the network to
+        eval mode."""
         from .torch_backend import TorchBackend
 
         segmenter = cls.__new__(cls)
         segmenter.backend_name = "torch"
         segmenter._backend = TorchBackend.of_network(network)
-        segmenter._attach(segmenter._backend, None)
+        segmenter._attach(segmenter._backend, None if path is None else Path(path))
         return segmenter
 
     def _attach(self, backend: NetworkBackend, path: Path | None) -> None:

@@ -290,6 +290,13 @@ def test_validate_refuses_a_checkpoint_with_other_weights_than_the_export_came_f
     assert "was exported from other weights than checkpoint" in plain(result.output)
 
 
+def test_validate_names_a_folder_that_is_not_a_checkpoint(exported, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["validate", str(exported[1]), "--checkpoint", str(tmp_path / "empty")])
+    assert result.exit_code == 1
+    assert "is not a dynseg checkpoint: model.json is missing" in plain(result.output)
+
+
 def test_validate_of_an_export_without_a_fingerprint_fails_on_the_numbers_against_other_weights(exported, photos,
                                                                                               tmp_path):
     model = onnx.load(str(exported[1]))
