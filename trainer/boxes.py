@@ -23,10 +23,13 @@ def box_masks(boxes: Tensor, height: int, width: int) -> Tensor:
 
 
 def mask_boxes(masks: np.ndarray) -> np.ndarray:
-    """float32 (M, 4) xyxy inclusive pixel coordinates of each non-empty bool (H, W) mask in masks."""
+    """float32 (M, 4) xyxy inclusive pixel coordinates of each bool (H, W) mask in masks; ValueError for
+    an empty mask, which has no box."""
     boxes = np.zeros((len(masks), 4), np.float32)
     for m, mask in enumerate(masks):
         rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        if not len(rows):
+            raise ValueError(f"masks[{m}] is empty: it has no box")
         boxes[m] = (cols[0], rows[0], cols[-1], rows[-1])
     return boxes
 

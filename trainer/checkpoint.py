@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,25 +29,34 @@ TRAINING_DATA = "training_data.json"
 
 
 def save_checkpoint(directory: str | Path, model: DynamicallyInstantiatedNetwork,
-                    optimiser: torch.optim.Optimizer | None = None, step: int = 0) -> Path:
-    """Writes model.safetensors, model.json and (for resuming) trainer_state.pt into `directory`.
-    Raises OSError naming the file that could not be written (a full disk, a folder in its place)."""
+                    optimiser: torch.optim.Optimizer | None = None, step: int = 0, *, stage: str | None = None) -> Path:
+    """Writes model.safetensors, model.json and, given an optimiser, trainer_state.pt into `directory`:
+    the optimiser's state, the step, the training stage that saved it (`stage`) and the weights'
+    fingerprint, by which resuming refuses a state that is not the weights' own.
+
+    Each file is written beside its place and then moved there, trainer_state.pt last: an interrupted
+    save leaves every file either old or new, never cut short. Raises OSError naming the file that
+    could not be written (a full disk, a folder in its place)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     writes = [("model.safetensors", lambda path: save_file(
                   {k: v.detach().contiguous() for k, v in model.state_dict().items()}, path)),
               ("model.json", lambda path: path.write_text(model.config.to_json()))]
     if optimiser is not None:
-        writes.append(("trainer_state.pt", lambda path: torch.save(
-            {"optimiser": optimiser.state_dict(), "step": step}, path)))
+        state = {"optimiser": optimiser.state_dict(), "step": step, "stage": stage,
+                 "weights_sha256": weights_fingerprint(model)}
+        writes.append(("trainer_state.pt", lambda path: torch.save(state, path)))
     for name, write in writes:
-        path = directory / name
+        path, partial = directory / name, directory / f".{name}.{os.getpid()}.partial"
         try:
-            write(path)
+            write(partial)
+            os.replace(partial, path)
         except OSError as error:  # the system's refusal, its errno kept, the file named
             raise type(error)(error.errno, error.strerror, str(path)) from error
         except (SafetensorError, RuntimeError) as error:  # the same refusals, as safetensors and torch.save word them
             raise OSError(f"could not write {path}: {one_line(error)}") from error
+        finally:
+            partial.unlink(missing_ok=True)
     return directory
 
 

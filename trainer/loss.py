@@ -41,7 +41,8 @@ def matched_ground_truth(
     """The target map for the instance logits, (H, W) int64 in 0..D or IGNORE.
 
     instance_logits: (D+1, H, W); boxes (D, 4) and labels (D,) of the detections; gt_masks (M, H, W)
-    bool, gt_labels (M,) in 1..K; void: (H, W) bool or None.
+    bool and disjoint, as datasets' instance masks are (a pixel of two would take either's label),
+    gt_labels (M,) in 1..K; void: (H, W) bool or None.
     """
     device = instance_logits.device
     # the matching runs on the CPU (scipy's assignment); only the target goes back to the device
@@ -96,7 +97,10 @@ def instance_loss(
 
 
 def semantic_loss(logits: Tensor, semantic: Tensor) -> Tensor:
-    """Pixelwise cross-entropy of (B, K+1, H, W) logits against (B, H, W) class maps; void ignored."""
+    """Pixelwise cross-entropy of (B, K+1, H, W) logits against (B, H, W) class maps, averaged over the
+    pixels that are not void (0 when all are: cross-entropy over no pixels is NaN)."""
     target = semantic.clone()
     target[target == VOID] = IGNORE
+    if (target == IGNORE).all():
+        return logits.sum() * 0.0
     return F.cross_entropy(logits, target, ignore_index=IGNORE)

@@ -5,14 +5,16 @@ instance subnetwork, "piecewise" (the semantic part, its CRF included, frozen) o
 
 Owns the loop, its schedule (SGD with momentum, poly or step learning rate, gradient clipping), the
 augmentation (random scale, crop, mirror with boxes flipped; detections simulated from the ground
-truth by `data.detections`), writing checkpoints when a stage ends (`checkpoint` owns their format),
+truth by `data.detections`), writing a checkpoint at the end of every epoch and of the stage
+(`checkpoint` owns their format) and resuming from it,
 the per-step log and the per-epoch log (JSON lines; an epoch's entry
 holds held-out metrics when a held-out set is given) and the progress display (`progress`). Stage 2
 sees one image per step, as the paper did: every image has its own number of detections. A sample's
 detections are its own when it carries them (`data.sources.with_detections`), else simulated.
 
 Every image of a step is drawn (dataset index, augmentation, simulated detections) from its own
-generator, seeded by (seed, step, position in the step's global batch): a resumed run sees the images
+generator, seeded by (seed, step, position in the step's global batch), and each step's dropout masks
+from torch's generator seeded by (seed, process, step): a run resumed from a checkpoint computes what
 an uninterrupted one would, and processes can split a batch without sharing a random stream.
 
 Data-parallel (launch and caveats in `distributed`): when a torch.distributed process group is
@@ -47,7 +49,8 @@ from dynseg.sdk.segmenter import Segmenter
 from . import distributed, fields
 from .data import VOID
 from .boxes import mask_boxes
-from .checkpoint import TRAINING_DATA, check_training_data, load_weights, save_checkpoint, write_training_data
+from .checkpoint import (TRAINING_DATA, check_training_data, load_weights, save_checkpoint, weights_fingerprint,
+                         write_training_data)
 from .data.common import Samples
 from .data.detections import DetectorOutput, simulate_detections
 from .data.sources import inside_image
@@ -63,6 +66,9 @@ TrainMode = Literal["piecewise", "end-to-end"]
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """One training stage's settings (Sec. 3.5's defaults). `steps` also sets the poly schedule's end:
+    resuming a stage with more steps than it was saved with raises the learning rate from there."""
+
     stage: Literal["semantic", "instance"] = "semantic"
     mode: TrainMode = "piecewise"  # stage 2 only
     steps: int = 200
@@ -92,8 +98,9 @@ class TrainConfig:
         fields.choices(self, "schedule", ("poly", "step"))
         fields.ints(self, "steps", "seed", least=0)
         fields.ints(self, "batch_size", "step_every", least=1)
-        fields.numbers(self, "learning_rate", "momentum", "weight_decay", "poly_power", "step_gamma",
-                       "semantic_weight", low=0)
+        fields.numbers(self, "learning_rate", "weight_decay", "poly_power", "semantic_weight", low=0)
+        fields.numbers(self, "momentum", low=0, high=1, high_open=True)  # 1 and above never forget a step
+        fields.numbers(self, "step_gamma", low=0, high=1)  # above 1 the "decay" would grow the learning rate
         fields.numbers(self, "clip_norm", low=0, low_open=True)  # 0 would clip every gradient to nothing
         fields.number_tuple(self, "scale_range", 2, positive=True)
         if self.scale_range[0] > self.scale_range[1]:
@@ -106,6 +113,7 @@ class TrainConfig:
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
+    """The learning rate of step `step` (0-based): poly, lr·(1 − step/steps)^power, or step, lr·γ^⌊step/every⌋."""
     if config.schedule == "poly":
         return config.learning_rate * (1.0 - step / config.steps) ** config.poly_power
     return config.learning_rate * config.step_gamma ** (step // config.step_every)
@@ -184,7 +192,9 @@ def train(
 ) -> list[dict]:
     """Trains `model` in place on `dataset` (indexable, samples as SyntheticScenes gives them) and
     returns the per-step log (also written to out_dir/log.jsonl, appended to only when resuming).
-    Checkpoints go to out_dir at the end.
+    A checkpoint goes to out_dir at the end of every epoch and of the stage (`save_checkpoint`, its
+    trainer_state.pt naming the stage); `resume` continues from one saved by the same stage and mode,
+    and starts afresh where out_dir holds none. Torch's global random state is left as it was.
 
     Progress: `live` draws a progress bar (for a terminal), otherwise `printer` gets a line every
     `log_every` steps (see `progress`). Per epoch (len(dataset) images, rounded up to whole steps; the
@@ -206,7 +216,6 @@ def train(
     main = rank == 0
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(int(np.random.SeedSequence([config.seed, rank]).generate_state(1)[0]))  # dropout
     stage2 = config.stage == "instance"
     positions = range(rank, rank + 1) if stage2 else distributed.shard(config.batch_size, rank, world)
     frozen = stage2 and config.mode == "piecewise"
@@ -220,6 +229,10 @@ def train(
     resumed = resume and (out_dir / "trainer_state.pt").is_file()
     if resumed:
         start = _resume(out_dir, model, optimiser, config)
+        if main:  # steps an interrupted run made after its last checkpoint are made again
+            _drop_entries(out_dir / "log.jsonl", lambda entry: entry.get("step", 0) > start)
+            _drop_entries(out_dir / epoch_log,
+                          lambda entry: entry.get("stage") == config.stage and entry.get("step", 0) > start)
     device = next(model.parameters()).device
     _training_modes(model, config)
     objective: nn.Module = _Objective(model, config)
@@ -235,12 +248,15 @@ def train(
     progress = stage_progress(config.stage, config.steps, start, images_per_step=images_per_step,
                               live=live and main, printer=printer if main else _silent, every=log_every)
     with ExitStack() as files:
+        # the steps seed dropout's generator: the caller's random state comes back as it was
+        files.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
         # a fresh run starts its step log afresh: appending would interleave two runs' steps
         log_file = files.enter_context(open(out_dir / "log.jsonl", "a" if resumed else "w")) if main else None
         epoch_file = files.enter_context(open(out_dir / epoch_log, "a")) if main else None
         for step in range(start, config.steps):
             for group in optimiser.param_groups:
                 group["lr"] = learning_rate(config, step)
+            torch.manual_seed(int(np.random.SeedSequence([config.seed, rank, step]).generate_state(1)[0]))
             if stage2:
                 batch = _instance_batch(dataset, config, step, positions[0], model.config.num_classes)
                 instances_drawn += len(batch["gt_labels"])
@@ -260,12 +276,13 @@ def train(
             # DDP averages gradients over the W processes, so W x share makes them the global mean's.
             (loss * (share * world)).backward()
             norm = torch.nn.utils.clip_grad_norm_(trainable, config.clip_norm)
-            if not math.isfinite(float(norm)):  # the same on every process: DDP has averaged the gradients
-                raise InvalidArgumentError(f"training diverged at step {step + 1}: its gradients are not finite "
-                                           f"(loss {loss.item():.3g}); lower the learning rate "
-                                           f"({learning_rate(config, step):g})")
-            optimiser.step()
             global_loss = distributed.all_reduce([loss.item() * share])[0]
+            # both the same on every process: DDP has averaged the gradients
+            if not (math.isfinite(float(norm)) and math.isfinite(global_loss)):
+                raise InvalidArgumentError(f"training diverged at step {step + 1}: its loss ({global_loss:.3g}) or "
+                                           f"gradients (norm {float(norm):.3g}) are not finite; lower the learning "
+                                           f"rate ({learning_rate(config, step):g})")
+            optimiser.step()
             entry = {"step": step + 1, "loss": global_loss, "grad_norm": float(norm),
                      "lr": learning_rate(config, step), "seconds": time.perf_counter() - began}
             log.append(entry)
@@ -282,6 +299,7 @@ def train(
                     "seconds": time.perf_counter() - began,
                 }
                 epoch_losses = []
+                save_checkpoint(out_dir, model, optimiser, step + 1, stage=_stage_name(config))
                 if held_out is not None:
                     scores = evaluate_each(predict_each(Segmenter.of_network(model).segment, held_out,
                                                         seed=eval_seed, num_classes=model.config.num_classes),
@@ -297,7 +315,8 @@ def train(
         printer(f"Warning: stage 2 drew no image with a ground-truth instance in its {config.steps - start} steps: "
                 "the instance subnetwork learnt nothing (does the dataset hold any object?)")
     if main:
-        save_checkpoint(out_dir, model, optimiser, config.steps)
+        if start == config.steps:  # no step ran, so no epoch's end saved it
+            save_checkpoint(out_dir, model, optimiser, config.steps, stage=_stage_name(config))
         settings = asdict(config) | {"images_per_step": images_per_step}
         if stage2:  # batch_size is stage 1's: stage 2 takes one image per process and step
             del settings["batch_size"]
@@ -306,10 +325,25 @@ def train(
     return log
 
 
+def _drop_entries(path: Path, dropped: Callable[[dict], bool]) -> None:
+    """Rewrites the JSON-lines log at `path` without the entries `dropped` picks (no file: nothing)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and not dropped(json.loads(line))]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _stage_name(config: TrainConfig) -> str:
+    """What a checkpoint's trainer state records of the stage that saved it: a state is resumed only by
+    the same stage and mode, whose optimiser steps the same parameters."""
+    return config.stage if config.stage == "semantic" else f"instance, {config.mode}"
+
+
 def _resume(out_dir: Path, model: DynamicallyInstantiatedNetwork, optimiser: torch.optim.Optimizer,
             config: TrainConfig) -> int:
     """Loads out_dir's weights and optimiser state into `model` and `optimiser` and returns the step
-    they were saved at; InvalidArgumentError, in one line, for files that are not a resumable state."""
+    they were saved at; InvalidArgumentError, in one line, for files that are not a resumable state:
+    another stage's or mode's, or one whose weights are not model.safetensors' (a save cut short)."""
     where = out_dir / "trainer_state.pt"
     afresh = "; start the stage afresh without resuming"
     try:
@@ -321,10 +355,17 @@ def _resume(out_dir: Path, model: DynamicallyInstantiatedNetwork, optimiser: tor
     if not is_int(step, numpy=False) or not 0 <= step <= config.steps:  # True is no step
         raise InvalidArgumentError(f"cannot resume from {where}: its step must be an int in 0..{config.steps} "
                                    f"(this stage's steps), got {step!r}{afresh}")
+    saved_by, stage = state.get("stage"), _stage_name(config)
+    if saved_by != stage:
+        raise InvalidArgumentError(f"cannot resume from {where}: it was saved by stage {saved_by!r}, not this "
+                                   f"stage's {stage!r}{afresh}")
     try:
         load_weights(model, out_dir / "model.safetensors", "this stage's network")
     except InvalidArgumentError as error:
         raise InvalidArgumentError(f"cannot resume from {out_dir}: {error}{afresh}") from None
+    if weights_fingerprint(model) != state.get("weights_sha256"):
+        raise InvalidArgumentError(f"cannot resume from {where}: its weights fingerprint is not that of "
+                                   f"{out_dir / 'model.safetensors'}, which another save replaced{afresh}")
     try:
         optimiser.load_state_dict(optimiser_state)
     except ValueError as error:  # e.g. a piecewise run saved before the semantic CRF was frozen with it
@@ -374,8 +415,6 @@ class _Objective(nn.Module):
                                                        for k in ("boxes", "labels", "scores")))
             logits = torch.stack([crf(unary, image, boxes, labels, scores)[0]
                                   for unary, image, boxes, labels, scores in per_image])
-        if (batch["targets"] == VOID).all():  # cross-entropy over no pixels is NaN
-            return logits.sum() * 0.0
         return semantic_loss(logits, batch["targets"])
 
 

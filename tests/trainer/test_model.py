@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dynseg.sdk import InvalidArgumentError
-from dynseg.trainer.loss import IGNORE, instance_loss, matched_ground_truth
+from dynseg.trainer.loss import IGNORE, instance_loss, matched_ground_truth, semantic_loss
 from dynseg.trainer.model import (
     InstanceConfig, InstanceUnaries, ModelConfig, SemanticCRF, SemanticCRFConfig, build_model, require_valid_detections,
 )
@@ -371,3 +371,25 @@ def test_an_empty_ground_truth_mask_is_left_unmatched_not_an_error():
     gt = torch.cat([gt, torch.zeros(1, 10, 10, dtype=torch.bool)])  # e.g. an instance wholly in void
     target = matched_ground_truth(logits, boxes, torch.tensor([1, 1]), gt, torch.tensor([1, 1, 1]))
     assert (target[0:4, 0:5] == 1).all() and (target[5:, 5:] == 2).all()
+
+
+def test_the_semantic_loss_of_an_all_void_batch_is_zero_with_a_gradient_not_nan():
+    from dynseg.trainer.data import VOID
+
+    logits = torch.randn(2, 3, 4, 5, requires_grad=True)
+    loss = semantic_loss(logits, torch.full((2, 4, 5), VOID))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+    targets = torch.full((2, 4, 5), VOID)
+    targets[0, 0, 0] = 1  # one labelled pixel: its cross-entropy alone
+    assert torch.isclose(semantic_loss(logits, targets), F.cross_entropy(logits[:1, :, 0, 0], torch.tensor([1])))
+
+
+def test_an_empty_mask_has_no_box():
+    from dynseg.trainer.boxes import mask_boxes
+
+    masks = np.zeros((2, 4, 4), bool)
+    masks[0, 1:3, 2] = True
+    with pytest.raises(ValueError, match=r"masks\[1\] is empty"):
+        mask_boxes(masks)
+    assert mask_boxes(masks[:1]).tolist() == [[2, 1, 2, 2]]

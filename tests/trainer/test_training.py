@@ -79,6 +79,8 @@ def test_a_checkpoint_file_that_cannot_be_written_is_named_in_an_os_error(tmp_pa
     optimiser = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(OSError, match=re.escape(str(tmp_path / blocked))):
         save_checkpoint(tmp_path, model, optimiser, step=1)
+    assert not list(tmp_path.glob(".*partial")), "the file written beside its place is removed"
+    assert (tmp_path / blocked).is_dir()
 
 
 def test_a_checkpoint_rebuilds_the_same_network(tmp_path):
@@ -154,7 +156,7 @@ def test_a_broken_or_foreign_checkpoint_is_named_in_one_line(tmp_path):
 @pytest.mark.parametrize("field, value", [
     ("stage", "instnace"), ("mode", "end_to_end"), ("schedule", "cosine"), ("steps", -5), ("batch_size", 0),
     ("learning_rate", float("nan")), ("momentum", -0.1), ("scale_range", (2.0, 0.5)), ("crop", (0, 0)),
-    ("clip_norm", 0.0),
+    ("clip_norm", 0.0), ("momentum", 1.0), ("step_gamma", 3.0),
 ])
 def test_a_train_config_field_out_of_range_is_named(field, value):
     with pytest.raises(InvalidArgumentError, match=f"TrainConfig.{field} must be"):
@@ -169,11 +171,70 @@ def test_resuming_continues_from_the_saved_step(tmp_path):
     assert [entry["step"] for entry in log] == [4, 5]
 
 
-def test_resuming_with_other_trainable_parameters_names_the_saved_state(tmp_path):
+class _Interrupted(Exception):
+    pass
+
+
+def _interrupt_at(step: int):
+    def printer(line: str) -> None:  # train prints a line every log_every steps
+        if f" {step}/" in line:
+            raise _Interrupted(line)
+    return printer
+
+
+def test_a_stage_resumed_from_its_last_epochs_checkpoint_computes_what_an_uninterrupted_run_does(tmp_path):
+    # dropout in the semantic head: the resumed steps must draw the masks the uninterrupted ones drew
+    config = TrainConfig(stage="semantic", steps=6, batch_size=2, schedule="step", step_every=100)
+    data, straight = tiny_setup()
+    data = torch.utils.data.Subset(data, range(6))  # 3 steps an epoch: a checkpoint after step 3
+    train(straight, data, config, out_dir=tmp_path / "straight", printer=quiet)
+    _, resumed = tiny_setup()
+    with pytest.raises(_Interrupted):
+        train(resumed, data, config, out_dir=tmp_path / "resumed", printer=_interrupt_at(5), log_every=1)
+    assert torch.load(tmp_path / "resumed" / "trainer_state.pt", weights_only=True)["step"] == 3
+    _, resumed = tiny_setup(seed=1)  # a fresh process's network: the checkpoint's weights replace it
+    log = train(resumed, data, config, out_dir=tmp_path / "resumed", resume=True, printer=quiet)
+    assert [entry["step"] for entry in log] == [4, 5, 6]
+    for name, weight in straight.state_dict().items():
+        assert torch.equal(weight, resumed.state_dict()[name]), name
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the interrupted run's steps 4 and 5 are not logged twice
+    epochs = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "epochs.jsonl").read_text().splitlines()]
+    assert epochs == [3, 6]
+
+
+def test_training_leaves_torchs_random_state_as_it_was(tmp_path):
     data, model = tiny_setup()
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    train(model, data, TrainConfig(stage="semantic", steps=1, batch_size=2), out_dir=tmp_path, printer=quiet)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_resuming_another_stages_or_modes_state_is_refused_by_name(tmp_path):
+    data, model = tiny_setup()
+    train(model, data, TrainConfig(stage="semantic", steps=1, batch_size=2), out_dir=tmp_path, printer=quiet)
+    with pytest.raises(InvalidArgumentError, match=r"trainer_state.pt: it was saved by stage 'semantic', not this "
+                                                   r"stage's 'instance, end-to-end'"):
+        train(model, data, TrainConfig(stage="instance", mode="end-to-end", steps=3), out_dir=tmp_path, resume=True,
+              printer=quiet)
     train(model, data, TrainConfig(stage="instance", mode="end-to-end", steps=1), out_dir=tmp_path, printer=quiet)
-    with pytest.raises(InvalidArgumentError, match=r"trainer_state.pt was saved for other trainable parameters"):
+    with pytest.raises(InvalidArgumentError, match=r"saved by stage 'instance, end-to-end', not this stage's "
+                                                   r"'instance, piecewise'"):
         train(model, data, TrainConfig(stage="instance", mode="piecewise", steps=2), out_dir=tmp_path, resume=True,
+              printer=quiet)
+
+
+def test_resuming_from_a_state_whose_weights_were_replaced_is_refused(tmp_path):
+    # what a save cut short between model.safetensors and trainer_state.pt leaves
+    data, model = tiny_setup()
+    train(model, data, TrainConfig(stage="semantic", steps=1, batch_size=2), out_dir=tmp_path, printer=quiet)
+    with torch.no_grad():
+        model.semantic_crf.spatial_weight.add_(1.0)
+    save_checkpoint(tmp_path, model)
+    with pytest.raises(InvalidArgumentError, match=r"its weights fingerprint is not that of .*model.safetensors"):
+        train(model, data, TrainConfig(stage="semantic", steps=2, batch_size=2), out_dir=tmp_path, resume=True,
               printer=quiet)
 
 

@@ -28,7 +28,8 @@ __all__ = ["mean_field_reference", "dense_crf_reference"]
 Weight = Union[float, Tensor]
 
 
-def _norm_factor(lattice: PermutohedralLattice, normalization: str, dtype: torch.dtype, device) -> Tensor:
+def _norm_factor(lattice: PermutohedralLattice, normalization: str, dtype: torch.dtype,
+                 device: torch.device) -> Tensor:
     """Per-pixel normalisation factor (N, 1) from n = K(1).
 
     densecrf computes 1/(n + 1e-20) (or its square root) in double and stores float; doing the same

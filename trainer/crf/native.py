@@ -229,7 +229,7 @@ def mean_field_native(
     iterations: int = 5,
     threads: int | None = None,
 ) -> Tensor:
-    """Mean-field inference on the native kernels; the torch-level twin of `meanfield.mean_field`.
+    """Mean-field inference on the native kernels; the torch-level twin of `meanfield.mean_field_reference`.
 
     Args:
         unary: (L, H, W) float32 logits, a CPU or a CUDA tensor (the other tensors are moved to its device).

@@ -33,7 +33,12 @@ from ..crf import mean_field_native
 
 @dataclass(frozen=True)
 class InstanceConfig:
-    """Which unary terms, the templates' layout, and the instance CRF (the released defaults)."""
+    """Which unary terms, the templates' layout, and the instance CRF (the released defaults).
+
+    Only the global term gives the background label evidence: without it (box term alone, say) the
+    background unary is the ε clamp and every pixel inside a box goes to the box. The paper's box-only
+    ablation added a whole-image background detection, which this configuration does not (docs/results.md).
+    """
 
     box_term: bool = True
     global_term: bool = True
