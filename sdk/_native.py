@@ -173,6 +173,7 @@ def library() -> ctypes.CDLL:
     with _lock:
         if _lib is None:
             lib = ctypes.CDLL(str(library_path()))
+            _refuse_a_foreign_cpu(lib)
             lib.dynseg_version.restype = ctypes.c_char_p
             lib.dynseg_last_error.restype = ctypes.c_char_p
             lib.dynseg_abi_version.restype = ctypes.c_int32
@@ -216,6 +217,21 @@ def library() -> ctypes.CDLL:
     return _lib
 
 
+def _refuse_a_foreign_cpu(lib: ctypes.CDLL) -> None:
+    """NativeError when the library's kernels use instructions this CPU lacks: asked before any other
+    call, as the first kernel would otherwise end the process with an illegal instruction."""
+    if not hasattr(lib, "dynseg_cpu_missing"):  # a library built before the check (gpu_compare.sh's)
+        return
+    lib.dynseg_cpu_missing.restype = ctypes.c_char_p
+    missing = lib.dynseg_cpu_missing().decode()
+    if missing:
+        raise NativeError(
+            f"{library_path()} was compiled for a CPU with {missing}, which this CPU lacks: it was built on "
+            "another machine, for that machine's CPU (-march=native, the default). Rebuild it here with "
+            "`pip install --force-reinstall --no-deps .` from the dynseg source tree, or build one for any "
+            "x86-64 CPU by adding -C cmake.define.DYNSEG_NATIVE_ARCH=OFF")
+
+
 def native_version() -> str:
     """The version string compiled into the native library."""
     return library().dynseg_version().decode()
@@ -242,7 +258,8 @@ def check_cuda_device(device: int) -> None:
     if not cuda_compiled():
         raise InvalidArgumentError(
             "device='cuda' needs the CUDA kernels, but this dynseg native library was built without CUDA "
-            "(no nvcc at install time): install the CUDA toolkit and reinstall dynseg"
+            "(no nvcc at install time, one older than CUDA 11.8, or DYNSEG_CUDA=OFF): install the CUDA toolkit "
+            "11.8 or newer and reinstall dynseg"
         )
     count = cuda_device_count()
     if not 0 <= device < count:

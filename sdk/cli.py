@@ -63,7 +63,8 @@ def _version_line() -> str:
     from . import _native
 
     try:
-        native = _native.native_version()
+        kernels = "CPU and CUDA kernels" if _native.cuda_compiled() else "CPU kernels only, built without CUDA"
+        native = f"{_native.native_version()}, {kernels}"
     except DynsegError as error:  # the package still reports its own version without the library
         native = f"unavailable ({error})"
     return f"dynseg {__version__} (native library {native})"

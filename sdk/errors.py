@@ -8,8 +8,8 @@ from __future__ import annotations
 
 # What an error that needs the trainer tells the user to run (from a checkout: dynseg is not on PyPI).
 # PyTorch's CPU index beside PyPI: PyPI's Linux torch is a multi-GB CUDA build.
-INSTALL_TRAINER = ('in the checkout, pip install torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu '
-                   '&& pip install ".[train]"')
+INSTALL_TRAINER = ('pip install torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu '
+                   '&& pip install "dynseg[train]" (in a checkout: pip install ".[train]")')
 
 
 class DynsegError(Exception):

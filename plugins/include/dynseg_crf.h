@@ -136,6 +136,11 @@ typedef enum dynseg_pass {
 
 DYNSEG_API const char* dynseg_version(void);
 DYNSEG_API int32_t dynseg_abi_version(void);
+/* The instruction-set extensions this build's kernels use that the running CPU lacks, space-separated
+ * ("" when it has them all). The CPU kernels are compiled for the building machine by default
+ * (-march=native); a library copied to an older CPU must not be called but this. It runs on any
+ * x86-64 CPU; other architectures answer "". */
+DYNSEG_API const char* dynseg_cpu_missing(void);
 /* The message of this thread's last failed call ("" if none). Valid until the next call. */
 DYNSEG_API const char* dynseg_last_error(void);
 /* Number of threads a call with threads = 0 uses. */

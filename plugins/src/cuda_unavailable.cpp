@@ -1,5 +1,6 @@
-// cuda_unavailable.cpp: the CUDA entry points of a library built without nvcc. Each says so and how
-// to get the real ones, so callers see a clear error instead of a missing symbol.
+// cuda_unavailable.cpp: the CUDA entry points of a library built without its CUDA kernels (no nvcc,
+// one older than CUDA 11.8, or DYNSEG_CUDA=OFF). Each says so and how to get the real ones, so callers
+// see a clear error instead of a missing symbol.
 #include "boundary.h"
 #include "dynseg_crf.h"
 
@@ -7,8 +8,9 @@ namespace {
 
 dynseg_status not_built() {
     return dynseg::fail(DYNSEG_ERROR_NOT_SUPPORTED,
-                        "this dynseg native library was built without CUDA: install the CUDA toolkit (nvcc) "
-                        "and reinstall dynseg (pip install --force-reinstall --no-deps .) to build the GPU kernels");
+                        "this dynseg native library was built without CUDA (no nvcc, one older than CUDA 11.8, "
+                        "or DYNSEG_CUDA=OFF): with the CUDA toolkit 11.8 or newer installed, reinstall dynseg "
+                        "(pip install --force-reinstall --no-deps .) to build the GPU kernels");
 }
 
 }  // namespace

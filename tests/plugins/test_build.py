@@ -14,6 +14,7 @@ import pytest
 
 from dynseg.plugins import library_path
 from dynseg.sdk import _native
+from dynseg.sdk.errors import NativeError
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_nm = pytest.mark.skipif(platform.system() != "Linux" or shutil.which("nm") is None,
@@ -68,3 +69,39 @@ def test_a_cpu_only_build_works_exports_only_the_c_abi_and_its_cuda_entry_points
     status = library.dynseg_crf_forward_cuda(None, None, None, None, ctypes.c_size_t(0), None)
     assert status == _native.Status.NOT_SUPPORTED
     assert b"built without CUDA" in library.dynseg_last_error()
+
+
+# gcc's -m flag and name for an instruction-set extension, and /proc/cpuinfo's
+_EXTENSIONS = {"avx512vp2intersect": "avx512_vp2intersect", "avx512fp16": "avx512_fp16", "avx512bf16": "avx512_bf16",
+               "avx512f": "avx512f", "avx2": "avx2"}
+
+
+def _an_extension_this_cpu_lacks() -> str | None:
+    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("flags")), [])
+    return next((name for name, flag in _EXTENSIONS.items() if flag not in flags), None)
+
+
+def test_the_installed_library_runs_on_this_cpu():
+    library = ctypes.CDLL(str(library_path()))
+    library.dynseg_cpu_missing.restype = ctypes.c_char_p
+    assert library.dynseg_cpu_missing() == b""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64" or shutil.which("g++") is None,
+                    reason="the CPU check is x86-64's; building it here needs g++ and /proc/cpuinfo")
+def test_a_library_compiled_for_instructions_this_cpu_lacks_is_refused_naming_them(tmp_path):
+    lacking = _an_extension_this_cpu_lacks()
+    if lacking is None:
+        pytest.skip(f"this CPU has every extension of {', '.join(_EXTENSIONS)}")
+    built = tmp_path / "libcheck.so"
+    compile_ = subprocess.run(["g++", "-std=c++17", "-O2", "-shared", "-fPIC", f"-m{lacking}",
+                               f"-I{ROOT / 'plugins' / 'include'}", str(ROOT / "plugins" / "src" / "cpu_features.cpp"),
+                               "-o", str(built)], capture_output=True, text=True)
+    assert compile_.returncode == 0, compile_.stderr
+    library = ctypes.CDLL(str(built))
+    library.dynseg_cpu_missing.restype = ctypes.c_char_p
+    assert lacking in library.dynseg_cpu_missing().decode().split()
+    with pytest.raises(NativeError, match=f"was compiled for a CPU with .*{lacking}.*which this CPU lacks.*"
+                                                  "DYNSEG_NATIVE_ARCH=OFF"):
+        _native._refuse_a_foreign_cpu(library)

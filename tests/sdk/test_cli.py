@@ -23,7 +23,9 @@ def test_version_prints_the_package_and_native_library_versions() -> None:
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0, result.output
     assert dynseg.sdk.__version__ in result.output
-    assert f"native library {_native.native_version()}" in result.output
+    assert f"native library {_native.native_version()}, " in result.output
+    kernels = "CPU and CUDA kernels" if _native.cuda_compiled() else "CPU kernels only, built without CUDA"
+    assert kernels in result.output
 
 
 def test_help_lists_the_demo_command() -> None:
