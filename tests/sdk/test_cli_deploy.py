@@ -186,10 +186,10 @@ def test_keep_top_keeps_the_most_confident_detections_in_their_order():
     from dynseg.sdk.commands.infer import most_confident
 
     dets = ImageDetections("x", np.arange(20, dtype=np.float32).reshape(5, 4), np.arange(1, 6),
-                           np.array([0.3, 0.9, 0.1, 0.9, 0.5], np.float32))
-    kept = most_confident(dets, 3)
-    assert kept.scores.tolist() == [np.float32(0.9), np.float32(0.9), np.float32(0.5)]
-    assert kept.labels.tolist() == [2, 4, 5] and kept.boxes[:, 0].tolist() == [4, 12, 16]
+                           np.array([0.5, 0.9, 0.1, 0.9, 0.3], np.float32))
+    kept = most_confident(dets, 3)  # the first is kept, and stays first though two score higher
+    assert kept.scores.tolist() == [np.float32(0.5), np.float32(0.9), np.float32(0.9)]
+    assert kept.labels.tolist() == [1, 2, 4] and kept.boxes[:, 0].tolist() == [0, 4, 12]
     assert most_confident(dets, 5) is dets
 
 

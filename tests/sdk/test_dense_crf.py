@@ -132,6 +132,22 @@ def test_results_are_bitwise_identical_run_to_run_and_for_any_thread_count(
         assert np.array_equal(dense_crf(unary, image, normalization=normalization, threads=threads), first), threads
 
 
+def test_the_thread_count_reaches_the_native_library(monkeypatch, smooth_image, smooth_unary):
+    # results do not depend on it (above), so a call-through spy sees what the library is asked for
+    asked = []
+    construct = _native.Problem.__init__
+
+    def spy(self, *args, **kwargs):
+        asked.append(kwargs["threads"])
+        construct(self, *args, **kwargs)
+
+    monkeypatch.setattr(_native.Problem, "__init__", spy)
+    unary, image = smooth_unary(3, 9, 11), smooth_image(9, 11)
+    for threads in (1, 2, None):
+        dense_crf(unary, image, threads=threads)
+    assert asked == [1, 2, 0]  # None: the library's own count
+
+
 # ---------------------------------------------------------------------------- label counts
 
 
@@ -250,7 +266,7 @@ BAD_INPUTS = {
     "image too short": (_with_image(lambda i: i[:3]), "image"),
     "image too narrow": (_with_image(lambda i: i[:, :4]), "image"),
     "image transposed": (_with_image(lambda i: np.ascontiguousarray(i.transpose(1, 0, 2))), "image"),
-    "image missing for bilateral": (_with_image(lambda i: None), "image"),
+    "image missing for bilateral": (_with_image(lambda i: None), "image must be given when bilateral is not None"),
     "spatial theta 0": (_with(spatial=(0.0, 3.0)), "spatial theta"),
     "spatial theta negative": (_with(spatial=(-3.0, 3.0)), "spatial theta"),
     "spatial theta NaN": (_with(spatial=(float("nan"), 3.0)), "spatial theta"),

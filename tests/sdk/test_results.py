@@ -282,6 +282,8 @@ def test_overlay_wants_alpha_in_0_to_1(alpha: object) -> None:
         ({"detections": Detections(np.zeros((1, 4), np.float32), np.ones(3, np.int64), np.ones(1, np.float32),
                                    np.zeros(1, np.int64))}, "detections must hold boxes"),
         ({"detections": "boxes"}, "detections must be what check_detections returns"),
+        ({"detections": detections([0])}, r"detections.labels must be in 1..3 \(class_names\), got \[0\]"),
+        ({"detections": detections([K + 1])}, r"detections.labels must be in 1..3 \(class_names\), got \[4\]"),
     ],
 )
 def test_mismatched_backend_outputs_are_named(change: dict, argument: str) -> None:

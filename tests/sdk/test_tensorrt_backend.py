@@ -17,10 +17,11 @@ HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 HAVE_GPU = _native.cuda_compiled() and _native.cuda_device_count() > 0
 
 
-def test_the_tensorrt_backend_runs_on_a_gpu_only(tmp_path):
-    (tmp_path / "model.engine").write_bytes(b"a plan")
+@pytest.mark.parametrize("name", ["model.engine", "model.plan"])
+def test_the_tensorrt_backend_runs_on_a_gpu_only(tmp_path, name):
+    (tmp_path / name).write_bytes(b"a plan")  # either suffix picks the tensorrt backend
     with pytest.raises(InvalidArgumentError, match="device='cuda'"):
-        Segmenter(tmp_path / "model.engine")
+        Segmenter(tmp_path / name)
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])

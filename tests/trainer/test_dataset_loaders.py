@@ -567,3 +567,30 @@ def test_every_loader_rejects_a_split_that_is_a_path(tmp_path, name):
     dataset = _BUILDERS[name](tmp_path)
     with pytest.raises(ValueError, match="split must be a plain name"):
         type(dataset)(dataset.root, "../val")
+
+
+def test_a_sample_holds_at_most_254_instances_beside_void():
+    from dynseg.sdk import InvalidArgumentError
+    from dynseg.trainer.data.common import assemble_sample
+
+    def sample(count: int):
+        owner = np.zeros((16, 16), np.int64)
+        owner.ravel()[:count] = np.arange(1, count + 1)  # one pixel each
+        return assemble_sample(np.zeros((16, 16, 3), np.uint8), np.zeros((16, 16), np.int64), owner,
+                               np.ones(count, np.int64), np.zeros((16, 16), bool), "x", "annotation x.png")
+
+    assert sample(VOID - 1)["instances"].max() == VOID - 1  # instance 254 is no void
+    with pytest.raises(InvalidArgumentError, match=f"annotation x.png: {VOID} instances; at most {VOID - 1} fit"):
+        sample(VOID)
+
+
+def test_an_instance_pixel_under_void_belongs_to_no_mask():
+    from dynseg.trainer.data.common import assemble_sample
+
+    owner = np.zeros((4, 4), np.int64)
+    owner[:2] = 1
+    void = np.zeros((4, 4), bool)
+    void[0, 0] = True
+    made = assemble_sample(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.int64), owner, [1], void, "x", "x")
+    assert not made["masks"][0, 0, 0] and made["masks"][0].sum() == 7
+    assert made["instances"][0, 0] == VOID and made["semantic"][0, 0] == VOID

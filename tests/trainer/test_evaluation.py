@@ -390,6 +390,19 @@ def test_pq_counts_false_positives_by_half_and_ignores_mostly_void_predictions()
     assert evaluate(predictions, [truth([A], [1], void)], num_classes=1)["pq"] == pytest.approx(1 / 1.5)
 
 
+def test_pq_counts_a_prediction_exactly_half_on_void_as_a_false_positive():
+    void = box(SIZE, 12, 0, 16, 16)
+    half_void = box(SIZE, 10, 0, 14, 1)  # 2 of its 4 pixels void: not more than half
+    predictions = [prediction([A, half_void], [1, 1], [0.9, 0.8])]
+    assert evaluate(predictions, [truth([A], [1], void)], num_classes=1)["pq"] == pytest.approx(1 / 1.5)
+
+
+def test_pq_counts_no_false_negative_for_a_ground_truth_instance_wholly_in_void():
+    void = box(SIZE, 12, 0, 16, 16)
+    hidden = box(SIZE, 13, 2, 15, 6)  # every pixel void: nothing a prediction could match
+    assert evaluate([prediction([A], [1], [0.9])], [truth([A, hidden], [1, 1], void)], num_classes=1)["pq"] == 1.0
+
+
 def test_pq_applies_panopticapis_crowd_rule_given_crowds():
     # a person (class 1) above a crowd of people; the crowd's pixels are void outside instances, as the
     # COCO loader makes them. panopticapi: crowd pixels stay in a prediction's IoU, and an unmatched

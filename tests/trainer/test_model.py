@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from dynseg.sdk import InvalidArgumentError
 from dynseg.trainer.loss import IGNORE, instance_loss, matched_ground_truth, semantic_loss
+from dynseg.trainer.model.instance import aspect_groups
 from dynseg.trainer.model import (
     InstanceConfig, InstanceUnaries, ModelConfig, SemanticCRF, SemanticCRFConfig, build_model, require_valid_detections,
 )
@@ -89,6 +90,20 @@ def test_templates_initialise_from_training_masks_by_aspect_ratio():
     tall[0:20, 5:10] = True
     unaries.initialise_templates([tall], [np.array([5, 0, 9, 19])])
     assert torch.allclose(unaries.templates[1, 0], torch.ones(8, 8))  # the tall group: the box is all object
+
+
+def test_a_template_is_cropped_to_its_inclusive_box_last_row_and_column_included():
+    unaries = InstanceUnaries(config=InstanceConfig(template_groups=2, templates_per_group=1, template_size=8))
+    edge = np.zeros((20, 20), bool)
+    edge[0:10, 9] = True  # the box's last column alone
+    box = np.array([0, 0, 9, 9])
+    unaries.initialise_templates([edge], [box])
+    template = unaries.templates[int(aspect_groups(torch.tensor(box[None], dtype=torch.float32), 2)), 0]
+    assert (template[:, -1] == 1).all() and (template[:, :-1] == 0).all()
+    thin = np.zeros((20, 20), bool)
+    thin[:, 5] = True  # a box one pixel wide
+    unaries.initialise_templates([thin], [np.array([5, 0, 5, 19])])
+    assert torch.equal(unaries.templates[1, 0], torch.ones(8, 8))
 
 
 def _resized(values: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -184,6 +199,35 @@ def test_the_network_takes_any_number_of_detections(detections):
     assert out.semantic_probabilities.shape == (3, H, W)
     torch.testing.assert_close(out.semantic_probabilities.sum(0), torch.ones(H, W))
     assert out.detection_scores.shape == (detections,)
+
+
+def test_the_instance_unaries_take_the_semantic_crfs_recalibrated_scores():
+    model = small_model().eval()  # the detection potential is on by default
+    boxes = torch.tensor([[6.0, 8.0, 19.0, 23.0], [26.0, 14.0, 43.0, 33.0]])
+    labels, scores, image = torch.tensor([1, 2]), torch.tensor([0.6, 0.5]), image_with_two_objects()
+    with torch.no_grad():
+        out = model(image, boxes, labels, scores)
+        expected = model.instance_crf(model.instance_unaries(out.semantic_probabilities, boxes, labels,
+                                                             out.detection_scores), image)
+        with_input_scores = model.instance_crf(model.instance_unaries(out.semantic_probabilities, boxes, labels,
+                                                                      scores), image)
+    assert not torch.allclose(out.detection_scores, scores)  # else the check below could not tell them apart
+    torch.testing.assert_close(out.instance_logits, expected)
+    assert not torch.allclose(with_input_scores, expected)
+
+
+def test_the_backbone_sees_the_image_normalised_by_the_configured_mean_and_std_of_0_to_1_rgb():
+    model = small_model().eval()
+    seen = []
+    model.semantic.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    mean, std = torch.tensor(model.config.mean), torch.tensor(model.config.std)
+    image = (mean * 255.0).view(3, 1, 1).expand(3, H, W).clone()  # the mean colour: normalised to 0
+    image[:, 0, 0] = (mean + std) * 255.0  # one standard deviation above it: 1
+    with torch.no_grad():
+        model.semantic_logits(image[None])
+    normalised = seen[0][0]
+    torch.testing.assert_close(normalised[:, 1:, 1:], torch.zeros(3, H - 1, W - 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(normalised[:, 0, 0], torch.ones(3), atol=1e-5, rtol=0)
 
 
 def test_gradients_reach_the_backbone_end_to_end_and_not_when_it_is_frozen():
