@@ -5,3 +5,10 @@ readable PyTorch reference and a torch op on the native kernel library), `data` 
 simulated detections), `loss` and `matching` (the matched ground truth), `train`, `evaluation`,
 `checkpoint`.
 """
+
+from dynseg.sdk.errors import INSTALL_TRAINER
+
+try:  # every module here needs it: said once, with how to install it, not as a bare ModuleNotFoundError
+    import torch  # noqa: F401
+except ImportError as error:
+    raise ImportError(f"dynseg.trainer needs PyTorch: {INSTALL_TRAINER}") from error
