@@ -646,6 +646,14 @@ __attribute__((visibility("default"))) IPluginCreatorInterface* const* getCreato
         std::fprintf(stderr, "%s\n", mismatch.c_str());  // TensorRT's logger has the other layout too
         return nullptr;
     }
+    // the kernel library's host code is compiled for its building machine's CPU (-march=native)
+    if (char const* missing = dynseg_cpu_missing(); missing[0] != '\0') {
+        std::fprintf(stderr,
+                     "dynseg::MeanFieldCRF: libdynseg_crf.so was compiled for a CPU with %s, which this CPU lacks: "
+                     "rebuild dynseg on this machine, or for any x86-64 CPU with -DDYNSEG_NATIVE_ARCH=OFF\n",
+                     missing);
+        return nullptr;
+    }
     try {  // the creator's first construction allocates; nothing may throw into TensorRT's loader
         static dynseg::tensorrt::MeanFieldCrfPluginCreator creator;
         static IPluginCreatorInterface* const creators[] = {&creator};
