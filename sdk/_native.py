@@ -16,6 +16,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from enum import IntEnum
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -172,8 +173,9 @@ def library() -> ctypes.CDLL:
     global _lib
     with _lock:
         if _lib is None:
-            lib = ctypes.CDLL(str(library_path()))
-            _refuse_a_foreign_cpu(lib)
+            path = library_path()
+            lib = ctypes.CDLL(str(path))
+            _refuse_a_foreign_cpu(lib, path)
             lib.dynseg_version.restype = ctypes.c_char_p
             lib.dynseg_last_error.restype = ctypes.c_char_p
             lib.dynseg_abi_version.restype = ctypes.c_int32
@@ -217,7 +219,7 @@ def library() -> ctypes.CDLL:
     return _lib
 
 
-def _refuse_a_foreign_cpu(lib: ctypes.CDLL) -> None:
+def _refuse_a_foreign_cpu(lib: ctypes.CDLL, path: Path) -> None:
     """NativeError when the library's kernels use instructions this CPU lacks: asked before any other
     call, as the first kernel would otherwise end the process with an illegal instruction."""
     if not hasattr(lib, "dynseg_cpu_missing"):  # a library built before the check (gpu_compare.sh's)
@@ -226,7 +228,7 @@ def _refuse_a_foreign_cpu(lib: ctypes.CDLL) -> None:
     missing = lib.dynseg_cpu_missing().decode()
     if missing:
         raise NativeError(
-            f"{library_path()} was compiled for a CPU with {missing}, which this CPU lacks: it was built on "
+            f"{path} was compiled for a CPU with {missing}, which this CPU lacks: it was built on "
             "another machine, for that machine's CPU (-march=native, the default). Rebuild it here with "
             "`pip install --force-reinstall --no-deps .` from the dynseg source tree, or build one for any "
             "x86-64 CPU by adding -C cmake.define.DYNSEG_NATIVE_ARCH=OFF")

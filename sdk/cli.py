@@ -242,6 +242,8 @@ def train(
                                                  help="On-disk split for --held-out-images (default: val; COCO: val2017)."),
     seed: int = typer.Option(0, "--seed", min=0, max=defaults.MAX_SEED,
                              help="Seed of the data, the detections and the initialisation."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out from each stage's "
+                                "last epoch's checkpoint (give the run's other options again)."),
 ) -> None:
     """Train the network: stage 1 semantic, stage 2 instance (synthetic scenes unless --dataset names another).
 
@@ -295,7 +297,7 @@ def train(
             instance=TrainConfig(stage="instance", mode=cast("TrainMode", mode), steps=instance_steps,
                                  learning_rate=learning_rate / defaults.INSTANCE_LR_DIVISOR, seed=seed),
             printer=typer.echo, live=sys.stdout.isatty(), held_out=held_out, eval_seed=seed + 1,
-            training_data=_training_data(dataset, seed, image_size, data))
+            training_data=_training_data(dataset, seed, image_size, data), resume=resume)
     except (DynsegError, OSError) as error:  # an annotation or image the dataset could not read
         raise _fail(str(error)) from error
     typer.echo(f"wrote {out}/model.safetensors, {out}/model.json and {out}/epochs.jsonl; next: dynseg eval {out}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +34,11 @@ def save_checkpoint(directory: str | Path, model: DynamicallyInstantiatedNetwork
     the optimiser's state, the step, the training stage that saved it (`stage`) and the weights'
     fingerprint, by which resuming refuses a state that is not the weights' own.
 
-    Each file is written beside its place and then moved there, trainer_state.pt last: an interrupted
-    save leaves every file either old or new, never cut short. Raises OSError naming the file that
-    could not be written (a full disk, a folder in its place)."""
+    Each file is written beside its place, and only when all are complete are they moved there, one
+    after the other, trainer_state.pt last: an interrupted save leaves the previous checkpoint, or, if
+    cut in the instant between two moves, one whose trainer state resuming refuses (its weights
+    fingerprint is not model.safetensors'). Raises OSError naming the file that could not be written (a
+    full disk, a folder in its place)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     writes = [("model.safetensors", lambda path: save_file(
@@ -46,18 +48,26 @@ def save_checkpoint(directory: str | Path, model: DynamicallyInstantiatedNetwork
         state = {"optimiser": optimiser.state_dict(), "step": step, "stage": stage,
                  "weights_sha256": weights_fingerprint(model)}
         writes.append(("trainer_state.pt", lambda path: torch.save(state, path)))
-    for name, write in writes:
-        path, partial = directory / name, directory / f".{name}.{os.getpid()}.partial"
-        try:
-            write(partial)
-            os.replace(partial, path)
-        except OSError as error:  # the system's refusal, its errno kept, the file named
-            raise type(error)(error.errno, error.strerror, str(path)) from error
-        except (SafetensorError, RuntimeError) as error:  # the same refusals, as safetensors and torch.save word them
-            raise OSError(f"could not write {path}: {one_line(error)}") from error
-        finally:
+    partials = {name: directory / f".{name}.{os.getpid()}.partial" for name, _ in writes}
+    try:
+        for name, write in writes:
+            _named(directory / name, lambda: write(partials[name]))
+        for name, partial in partials.items():
+            _named(directory / name, lambda: os.replace(partial, directory / name))
+    finally:
+        for partial in partials.values():
             partial.unlink(missing_ok=True)
     return directory
+
+
+def _named(path: Path, write: Callable[[], object]) -> None:
+    """Runs `write`, whose failure becomes an OSError naming `path`, the file it was writing."""
+    try:
+        write()
+    except OSError as error:  # the system's refusal, its errno kept
+        raise type(error)(error.errno, error.strerror, str(path)) from error
+    except (SafetensorError, RuntimeError) as error:  # the same refusals, as safetensors and torch.save word them
+        raise OSError(f"could not write {path}: {one_line(error)}") from error
 
 
 def load_checkpoint(directory: str | Path) -> DynamicallyInstantiatedNetwork:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
@@ -227,6 +228,8 @@ def train(
                                 weight_decay=config.weight_decay)
     start = 0
     resumed = resume and (out_dir / "trainer_state.pt").is_file()
+    if main and not resumed:  # an earlier run's state, until this run's first epoch replaced it, would resume it
+        (out_dir / "trainer_state.pt").unlink(missing_ok=True)
     if resumed:
         start = _resume(out_dir, model, optimiser, config)
         if main:  # steps an interrupted run made after its last checkpoint are made again
@@ -248,7 +251,7 @@ def train(
     progress = stage_progress(config.stage, config.steps, start, images_per_step=images_per_step,
                               live=live and main, printer=printer if main else _silent, every=log_every)
     with ExitStack() as files:
-        # the steps seed dropout's generator: the caller's random state comes back as it was
+        # each step seeds dropout's generators, the CPU's and the model's device's: the caller's come back
         files.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
         # a fresh run starts its step log afresh: appending would interleave two runs' steps
         log_file = files.enter_context(open(out_dir / "log.jsonl", "a" if resumed else "w")) if main else None
@@ -256,7 +259,7 @@ def train(
         for step in range(start, config.steps):
             for group in optimiser.param_groups:
                 group["lr"] = learning_rate(config, step)
-            torch.manual_seed(int(np.random.SeedSequence([config.seed, rank, step]).generate_state(1)[0]))
+            _seed_dropout(config.seed, step, rank, device)
             if stage2:
                 batch = _instance_batch(dataset, config, step, positions[0], model.config.num_classes)
                 instances_drawn += len(batch["gt_labels"])
@@ -299,7 +302,6 @@ def train(
                     "seconds": time.perf_counter() - began,
                 }
                 epoch_losses = []
-                save_checkpoint(out_dir, model, optimiser, step + 1, stage=_stage_name(config))
                 if held_out is not None:
                     scores = evaluate_each(predict_each(Segmenter.of_network(model).segment, held_out,
                                                         seed=eval_seed, num_classes=model.config.num_classes),
@@ -309,7 +311,11 @@ def train(
                     progress.note(f"[{config.stage}] epoch {record['epoch']}: held-out AP^r_vol "
                                   f"{scores['ap_r_vol']:.3f}, Matching IoU {scores['matching_iou']:.3f}")
                 epoch_file.write(json.dumps(json_ready(record), allow_nan=False) + "\n")
-                epoch_file.flush()
+                # the logs reach the disk before the checkpoint that resuming would continue after them
+                for logged in (log_file, epoch_file):
+                    logged.flush()
+                    os.fsync(logged.fileno())
+                save_checkpoint(out_dir, model, optimiser, step + 1, stage=_stage_name(config))
     progress.close()
     if stage2 and start < config.steps and distributed.all_reduce([instances_drawn])[0] == 0 and main:
         printer(f"Warning: stage 2 drew no image with a ground-truth instance in its {config.steps - start} steps: "
@@ -331,6 +337,19 @@ def _drop_entries(path: Path, dropped: Callable[[dict], bool]) -> None:
         return
     kept = [line for line in path.read_text().splitlines() if line and not dropped(json.loads(line))]
     path.write_text("".join(line + "\n" for line in kept))
+
+
+_DROPOUT = 0x64726F70  # tags dropout's seeds apart from the images' ([seed, step, position])
+
+
+def _seed_dropout(seed: int, step: int, rank: int, device: torch.device) -> None:
+    """Seeds the generators dropout draws from in this process's step: the CPU's and, for a model on a
+    GPU, its device's (torch.manual_seed would reseed every GPU, which fork_rng does not restore)."""
+    state = int(np.random.SeedSequence([seed, step, rank, _DROPOUT]).generate_state(1)[0])
+    torch.default_generator.manual_seed(state)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(state)
 
 
 def _stage_name(config: TrainConfig) -> str:
@@ -357,8 +376,8 @@ def _resume(out_dir: Path, model: DynamicallyInstantiatedNetwork, optimiser: tor
                                    f"(this stage's steps), got {step!r}{afresh}")
     saved_by, stage = state.get("stage"), _stage_name(config)
     if saved_by != stage:
-        raise InvalidArgumentError(f"cannot resume from {where}: it was saved by stage {saved_by!r}, not this "
-                                   f"stage's {stage!r}{afresh}")
+        by = "records no stage (an older dynseg wrote it)" if saved_by is None else f"was saved by stage {saved_by!r}"
+        raise InvalidArgumentError(f"cannot resume from {where}: it {by}, not this stage's {stage!r}{afresh}")
     try:
         load_weights(model, out_dir / "model.safetensors", "this stage's network")
     except InvalidArgumentError as error:
@@ -507,41 +526,47 @@ def fit(
     held_out: Samples | None = None,
     eval_seed: int = 1,
     training_data: Mapping[str, Any] | None = None,
+    resume: bool = False,
 ) -> dict[str, list[dict]]:
     """The paper's procedure: stage 1 (semantic), shape templates by k-means of the training masks,
     then stage 2 (instance, piecewise or end-to-end). Checkpoints land in out_dir/semantic and
     out_dir (the final model); both stages append their epochs to out_dir/epochs.jsonl (see `train`),
     stage 2's with the metrics on `held_out` when it is given. An earlier run's checkpoints, logs and
-    `dynseg eval` metrics (_RUN_FILES) in out_dir and out_dir/semantic go first, so a run that fails or is
-    interrupted leaves none of them to be taken for its own; exports and other files stay.
-    `training_data` (write_training_data's keywords: dataset, seed, image_size, split) is recorded beside
-    each stage's checkpoint as soon as it is written, so that an interrupted run's stage 1 still tells
-    `dynseg eval` which scenes it was trained on."""
+    `dynseg eval` metrics (_RUN_FILES) in out_dir and out_dir/semantic go first, so none of them is taken
+    for this run's; exports and other files stay. An interrupted run leaves each started stage's
+    checkpoint of its last finished epoch: `resume` keeps out_dir's files and continues each stage from
+    its checkpoint (`train(..., resume=True)`; a finished stage 1 makes no step), given the same
+    arguments.
+    `training_data` (write_training_data's keywords: dataset, seed, image_size, split) is recorded in
+    each stage's folder before the stage starts, so that any checkpoint it leaves tells `dynseg eval`
+    which scenes it was trained on."""
     out_dir = Path(out_dir)
     if len(dataset) == 0:  # before the last run's files go: a run that cannot start leaves them
         raise InvalidArgumentError("dataset holds no image: nothing to train on")
-    if training_data is not None:  # before training: it is written after each stage
+    if training_data is not None:  # before anything is written
         check_training_data(training_data)
     epochs = (out_dir / "epochs.jsonl").resolve()  # not relative to stage 1's out_dir/semantic
     out_dir.mkdir(parents=True, exist_ok=True)
-    if distributed.rank() == 0:
+    if distributed.rank() == 0 and not resume:
         for folder in (out_dir, out_dir / "semantic"):
             for name in _RUN_FILES:
                 (folder / name).unlink(missing_ok=True)
         epochs.write_text("")  # a new run: the stages append to it, an earlier run's epochs go
-    logs = {"semantic": train(model, dataset, semantic, out_dir=out_dir / "semantic", printer=printer, live=live,
-                              epoch_log=epochs)}
+    # recorded before each stage, whose first epoch's end already leaves a checkpoint `dynseg eval` takes
     _record_training_data(out_dir / "semantic", training_data)
+    logs = {"semantic": train(model, dataset, semantic, out_dir=out_dir / "semantic", printer=printer, live=live,
+                              epoch_log=epochs, resume=resume)}
     if model.config.instance.shape_term:
         initialise_templates(model, dataset, seed=instance.seed)
-    logs["instance"] = train(model, dataset, instance, out_dir=out_dir, printer=printer, live=live,
-                             held_out=held_out, eval_seed=eval_seed, epoch_log=epochs)
     _record_training_data(out_dir, training_data)
+    logs["instance"] = train(model, dataset, instance, out_dir=out_dir, printer=printer, live=live,
+                             held_out=held_out, eval_seed=eval_seed, epoch_log=epochs, resume=resume)
     return logs
 
 
 def _record_training_data(checkpoint: Path, training_data: Mapping[str, Any] | None) -> None:
     if training_data is not None and distributed.rank() == 0:  # rank 0 writes, as it writes the checkpoint
+        checkpoint.mkdir(parents=True, exist_ok=True)
         write_training_data(checkpoint, **training_data)
 
 

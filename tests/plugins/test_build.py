@@ -5,6 +5,7 @@ way the library exports its C ABI and nothing else."""
 from __future__ import annotations
 
 import ctypes
+import glob
 import platform
 import shutil
 import subprocess
@@ -88,14 +89,18 @@ def test_the_installed_library_runs_on_this_cpu():
     assert library.dynseg_cpu_missing() == b""
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64" or shutil.which("g++") is None,
-                    reason="the CPU check is x86-64's; building it here needs g++ and /proc/cpuinfo")
-def test_a_library_compiled_for_instructions_this_cpu_lacks_is_refused_naming_them(tmp_path):
+@pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64",
+                    reason="the CPU check is x86-64's; finding an extension this CPU lacks reads /proc/cpuinfo")
+@pytest.mark.parametrize("compiler", ["g++", "clang++"])  # they name CPU features differently: CPUID does not
+def test_a_library_compiled_for_instructions_this_cpu_lacks_is_refused_naming_them(tmp_path, compiler):
+    found = shutil.which(compiler) or next(iter(sorted(glob.glob(f"/usr/bin/{compiler}-[0-9]*"))), None)
+    if found is None:
+        pytest.skip(f"{compiler} is not installed")
     lacking = _an_extension_this_cpu_lacks()
     if lacking is None:
         pytest.skip(f"this CPU has every extension of {', '.join(_EXTENSIONS)}")
     built = tmp_path / "libcheck.so"
-    compile_ = subprocess.run(["g++", "-std=c++17", "-O2", "-shared", "-fPIC", f"-m{lacking}",
+    compile_ = subprocess.run([found, "-std=c++17", "-O2", "-shared", "-fPIC", f"-m{lacking}",
                                f"-I{ROOT / 'plugins' / 'include'}", str(ROOT / "plugins" / "src" / "cpu_features.cpp"),
                                "-o", str(built)], capture_output=True, text=True)
     assert compile_.returncode == 0, compile_.stderr
@@ -104,4 +109,4 @@ def test_a_library_compiled_for_instructions_this_cpu_lacks_is_refused_naming_th
     assert lacking in library.dynseg_cpu_missing().decode().split()
     with pytest.raises(NativeError, match=f"was compiled for a CPU with .*{lacking}.*which this CPU lacks.*"
                                                   "DYNSEG_NATIVE_ARCH=OFF"):
-        _native._refuse_a_foreign_cpu(library)
+        _native._refuse_a_foreign_cpu(library, built)

@@ -203,6 +203,33 @@ def test_a_stage_resumed_from_its_last_epochs_checkpoint_computes_what_an_uninte
     assert epochs == [3, 6]
 
 
+def test_an_interrupted_run_leaves_its_last_epochs_checkpoint_with_what_it_was_trained_on(tmp_path):
+    data, model = tiny_setup()
+    data = torch.utils.data.Subset(data, range(4))  # stage 2: 4 steps an epoch
+    stages = dict(semantic=TrainConfig(stage="semantic", steps=2, batch_size=2),
+                  instance=TrainConfig(stage="instance", steps=8))
+    trained_on = {"dataset": "synthetic", "seed": 0, "image_size": SIZE}
+    with pytest.raises(_Interrupted):
+        fit(model, data, out_dir=tmp_path, printer=_interrupt_at(8), training_data=trained_on, **stages)
+    assert torch.load(tmp_path / "trainer_state.pt", weights_only=True)["step"] == 4
+    assert json.loads((tmp_path / "training_data.json").read_text())["image_size"] == list(SIZE)
+    load_checkpoint(tmp_path)
+    logs = fit(model, data, out_dir=tmp_path, printer=quiet, training_data=trained_on, resume=True, **stages)
+    assert logs["semantic"] == [] and [entry["step"] for entry in logs["instance"]] == [5, 6, 7, 8]
+    epochs = [json.loads(line) for line in (tmp_path / "epochs.jsonl").read_text().splitlines()]
+    assert [(e["stage"], e["step"]) for e in epochs] == [("semantic", 2), ("instance", 4), ("instance", 8)]
+
+
+def test_dynseg_train_resume_continues_the_run_in_its_folder(tmp_path):
+    options = ["train", "--out", str(tmp_path), "--images", "6", "--image-size", "48", "64", "--semantic-steps", "3"]
+    result = CliRunner().invoke(app, [*options, "--instance-steps", "2"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, [*options, "--instance-steps", "3", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert len((tmp_path / "semantic" / "log.jsonl").read_text().splitlines()) == 3  # stage 1 was done
+    assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
 def test_training_leaves_torchs_random_state_as_it_was(tmp_path):
     data, model = tiny_setup()
     torch.manual_seed(7)
