@@ -18,7 +18,7 @@ from dynseg.trainer.data import SyntheticScenes
 from dynseg.trainer.model import InstanceConfig, ModelConfig, build_model
 from dynseg.trainer.evaluation import evaluate
 from dynseg.trainer.checkpoint import load_checkpoint, save_checkpoint, weights_fingerprint
-from dynseg.trainer.train import TrainConfig, fit, predict, train
+from dynseg.trainer.train import TrainConfig, augment, fit, learning_rate, predict, train
 
 SIZE = (48, 64)
 
@@ -358,3 +358,31 @@ def test_a_short_training_run_beats_the_untrained_network_on_held_out_scenes(tmp
     assert np.mean(semantic_losses[-20:]) < 0.5 * np.mean(semantic_losses[:20])
     trained = evaluate(*predict(model, held_out), num_classes=4)["ap_r_vol"]
     assert trained > untrained + 0.02
+
+
+def test_the_learning_rate_schedules_start_at_the_configured_rate():
+    poly = TrainConfig(steps=10, learning_rate=0.1, poly_power=1.0)
+    assert [learning_rate(poly, step) for step in (0, 5, 9)] == pytest.approx([0.1, 0.05, 0.01])
+    stepped = TrainConfig(steps=10, learning_rate=0.1, schedule="step", step_every=3, step_gamma=0.5)
+    assert [learning_rate(stepped, step) for step in range(7)] == pytest.approx([0.1] * 3 + [0.05] * 3 + [0.025])
+
+
+def test_augmentation_keeps_image_class_map_masks_and_boxes_aligned():
+    image = np.zeros((24, 32, 3), np.uint8)
+    image[5:16, 0:10] = (255, 0, 0)  # the object, at the left edge: a mirror moves it to the right
+    semantic = np.zeros((24, 32), np.int64)
+    semantic[5:16, 0:10] = 1
+    sample = {"image": image, "semantic": semantic, "masks": semantic[None] == 1, "labels": np.array([1]),
+              "boxes": np.array([[0, 5, 9, 15]], np.float32)}
+    config = TrainConfig(scale_range=(1.0, 1.0), crop=(16, 20), mirror=True)
+    mirrored = 0
+    for seed in range(12):
+        out = augment(sample, config, np.random.default_rng(seed))
+        red = out["image"][0] > 128  # (H, W)
+        mirrored += bool(red[:, -1].any())
+        assert torch.equal(out["semantic"] == 1, red), seed
+        assert len(out["masks"]) == int(red.any()) and all(torch.equal(mask, red) for mask in out["masks"]), seed
+        if red.any():
+            rows, columns = torch.nonzero(red, as_tuple=True)
+            assert out["boxes"].tolist() == [[columns.min(), rows.min(), columns.max(), rows.max()]], seed
+    assert 0 < mirrored < 12  # both sides were drawn
