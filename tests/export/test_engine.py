@@ -278,6 +278,19 @@ def test_a_sidecar_mismatch_says_what_differs_and_what_to_rebuild(built, field, 
     assert "rebuild" in str(error.value)
 
 
+def test_a_sidecar_of_another_crf_op_version_or_plan_is_refused(built, tmp_path):
+    plan, library, _ = built
+    running = {"tensorrt_version": "10.16.0.72", "compute_capability": "9.0", "plugin_sha256": engine.sha256(library)}
+    sidecar = tensorrt_engine.read_sidecar(plan) | {"dynseg_op_version": "0"}
+    with pytest.raises(EngineMismatchError, match=f"its CRF op is version 0, this plugin implements "
+                                                  f"{tensorrt_engine.PLUGIN_VERSION}: re-export the model"):
+        tensorrt_engine.check_sidecar(sidecar, **running)
+    other = tmp_path / "other.engine"
+    other.write_bytes(plan.read_bytes() + b"!")
+    with pytest.raises(EngineMismatchError, match="is not the plan this sidecar describes"):
+        tensorrt_engine.check_sidecar(tensorrt_engine.read_sidecar(plan), plan=other, **running)
+
+
 def test_the_sidecar_carries_what_the_network_was_trained_on_for_dynseg_eval(built):
     pytest.importorskip("torch")  # the record's checks are the trainer's
     from dynseg.sdk.commands.evaluate import training_data_of
