@@ -554,3 +554,29 @@ def test_bench_refuses_a_checkpoint_the_model_was_not_exported_from(exported, tm
                                  "--repeats", "1", "--checkpoint", str(other)])
     assert result.exit_code == 1
     assert "was exported from other weights than checkpoint" in plain(result.output)
+
+
+def test_quickstart_gives_each_stage_at_least_one_step_in_a_6_to_1_split():
+    from dynseg.sdk.commands.quickstart import split_steps
+
+    assert [split_steps(steps) for steps in (2, 7, 14)] == [(1, 1), (6, 1), (12, 2)]
+
+
+def test_a_parity_check_holds_at_its_limit_and_the_report_keeps_each_checks_worst_value():
+    from dynseg.sdk.commands.parity import Check, ImageParity, ParityReport
+
+    assert Check("max |Δ|", 1e-4, 1e-4, at_most=True) and Check("IoU", 0.99, 0.99, at_most=False)
+    assert not Check("max |Δ|", 2e-4, 1e-4, at_most=True) and not Check("IoU", 0.98, 0.99, at_most=False)
+    images = [ImageParity("a", (4, 4), 1, [Check("max |Δ|", 1e-6, 1e-4, True), Check("IoU", 1.0, 0.99, False)]),
+              ImageParity("b", (4, 4), 1, [Check("max |Δ|", 5e-5, 1e-4, True), Check("IoU", 0.995, 0.99, False)])]
+    assert [check.value for check in ParityReport(images).worst()] == [5e-5, 0.995]
+
+
+def test_an_engine_profile_admits_widths_only_within_its_range():
+    from dynseg.sdk.tensorrt_engine import make_profile
+
+    profile = make_profile()
+    (low_h, low_w), _, (high_h, high_w) = profile.sizes
+    assert profile.admits(5, high_h, high_w) and profile.admits(5, low_h, low_w)
+    assert not profile.admits(5, high_h, high_w + 1) and not profile.admits(5, low_h, low_w - 1)
+    assert not profile.admits(5, high_h + 1, high_w)
