@@ -372,6 +372,8 @@ def test_training_on_images_without_objects_says_stage_2_learnt_nothing(tmp_path
 
 @pytest.mark.parametrize("record, problem", [
     ('{"dataset": "synthetic", "seed": -5, "image_size": [48, 64]}', "seed -5"),
+    ('{"dataset": "synthetic", "seed": 9223372036854775807, "image_size": [48, 64]}',
+     "seed 9223372036854775807"),  # MAX_SEED + 1
     ('{"dataset": "synthetic", "seed": 1, "image_size": [0, 64]}', "image_size [0, 64]"),
     ('{"dataset": "imagenet", "seed": 1, "image_size": [48, 64]}', "dataset 'imagenet'"),
     ('{"dataset": "voc", "seed": 1, "image_size": [48, 64], "split": 3}', "split 3"),
