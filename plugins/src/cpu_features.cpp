@@ -15,8 +15,8 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <cpuid.h>
 
+#include <cstddef>
 #include <cstdint>
-#include <cstring>
 
 #define DYNSEG_BASELINE __attribute__((target("arch=x86-64")))
 
@@ -43,13 +43,21 @@ DYNSEG_BASELINE uint64_t saved_state(const Registers& leaf1) {
     return (uint64_t{high} << 32) | low;
 }
 
+// The names are appended by hand: with _FORTIFY_SOURCE (Ubuntu's gcc enables it), glibc's string
+// functions are always-inline wrappers compiled for the library's target, which gcc refuses to inline
+// into a baseline function.
 struct Missing {
     char names[512] = "";
+    size_t length = 0;
 
     DYNSEG_BASELINE void require(bool present, const char* name) {
         if (present) return;
-        std::strncat(names, names[0] ? " " : "", sizeof(names) - std::strlen(names) - 1);
-        std::strncat(names, name, sizeof(names) - std::strlen(names) - 1);
+        if (length > 0) append(' ');
+        while (*name) append(*name++);
+    }
+
+    DYNSEG_BASELINE void append(char c) {
+        if (length + 1 < sizeof(names)) names[length++] = c;  // names[length] stays the terminating zero
     }
 };
 
