@@ -29,7 +29,8 @@ struct Registers {
 // CPUID leaf `leaf`, subleaf `subleaf`: all zero where the CPU has no such leaf (no feature reported).
 DYNSEG_BASELINE Registers cpuid(uint32_t leaf, uint32_t subleaf) {
     Registers r;
-    if (__get_cpuid_max(leaf & 0x80000000u, nullptr) < leaf) return r;
+    // gcc declares the result unsigned, clang int
+    if (static_cast<uint32_t>(__get_cpuid_max(leaf & 0x80000000u, nullptr)) < leaf) return r;
     __cpuid_count(leaf, subleaf, r.eax, r.ebx, r.ecx, r.edx);
     return r;
 }
