@@ -23,6 +23,8 @@ What a step is with W processes (`train` documents the rest):
   dropout; otherwise it is the usual DDP approximation.
 - Rank 0 alone writes the log and the checkpoints (out_dir must be shared between machines for
   `resume`); every process returns the same log, whose losses are global means.
+- Where rank 0 fails while writing (a full disk, an unwritable folder), every process stops with an
+  error (`fail_together`), under any launcher: the others do not wait for it in their next collective.
 
 Tested with gloo on CPUs only (tests/trainer/test_distributed.py); the NCCL path has not run on GPUs.
 """
@@ -31,15 +33,17 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 
 from dynseg.sdk.commands import defaults
-from dynseg.sdk.errors import InvalidArgumentError
+from dynseg.sdk.errors import DynsegError, InvalidArgumentError
 
-__all__ = ["init_from_environment", "is_main", "rank", "world_size", "shard", "all_reduce", "shutdown", "main"]
+__all__ = ["init_from_environment", "is_main", "rank", "world_size", "shard", "all_reduce", "fail_together", "shutdown",
+           "main"]
 
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -101,10 +105,22 @@ def all_reduce(values: Sequence[float], op: str = "sum") -> list[float]:
     return tensor.tolist()
 
 
-def barrier() -> None:
-    """Waits for every process (nothing without a process group)."""
-    if dist.is_initialized():
-        dist.barrier()
+@contextmanager
+def fail_together(where: str) -> Iterator[None]:
+    """Every process enters the block (most run it for rank 0's sake alone) and leaves it together: if
+    it raised in any process, that process raises its error and every other one an error naming
+    `where`. Without it the others would go on to their next collective and wait there for the failed
+    process, under NCCL until its timeout, unless the launcher (torchrun) stops them."""
+    failure = None
+    try:
+        yield
+    except Exception as error:  # raised again below, once every process knows
+        failure = error
+    if all_reduce([failure is not None])[0] == 0:
+        return
+    if failure is not None:
+        raise failure
+    raise DynsegError(f"another process failed at {where} (its output holds the error); this one stops with it")
 
 
 def shutdown() -> None:

@@ -215,8 +215,6 @@ def train(
         raise InvalidArgumentError("dataset holds no image: nothing to train on")
     rank, world = distributed.rank(), distributed.world_size()
     main = rank == 0
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
     stage2 = config.stage == "instance"
     positions = range(rank, rank + 1) if stage2 else distributed.shard(config.batch_size, rank, world)
     frozen = stage2 and config.mode == "piecewise"
@@ -228,14 +226,8 @@ def train(
                                 weight_decay=config.weight_decay)
     start = 0
     resumed = resume and (out_dir / "trainer_state.pt").is_file()
-    if main and not resumed:  # an earlier run's state, until this run's first epoch replaced it, would resume it
-        (out_dir / "trainer_state.pt").unlink(missing_ok=True)
     if resumed:
         start = _resume(out_dir, model, optimiser, config)
-        if main:  # steps an interrupted run made after its last checkpoint are made again
-            _drop_entries(out_dir / "log.jsonl", lambda entry: entry.get("step", 0) > start)
-            _drop_entries(out_dir / epoch_log,
-                          lambda entry: entry.get("stage") == config.stage and entry.get("step", 0) > start)
     device = next(model.parameters()).device
     _training_modes(model, config)
     objective: nn.Module = _Objective(model, config)
@@ -253,9 +245,19 @@ def train(
     with ExitStack() as files:
         # each step seeds dropout's generators, the CPU's and the model's device's: the caller's come back
         files.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
-        # a fresh run starts its step log afresh: appending would interleave two runs' steps
-        log_file = files.enter_context(open(out_dir / "log.jsonl", "a" if resumed else "w")) if main else None
-        epoch_file = files.enter_context(open(out_dir / epoch_log, "a")) if main else None
+        log_file = epoch_file = None  # the main process's
+        with distributed.fail_together(f"the start of stage {config.stage!r} in {out_dir}"):
+            if main:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                if resumed:  # steps an interrupted run made after its last checkpoint are made again
+                    _drop_entries(out_dir / "log.jsonl", lambda entry: entry.get("step", 0) > start)
+                    _drop_entries(out_dir / epoch_log,
+                                  lambda entry: entry.get("stage") == config.stage and entry.get("step", 0) > start)
+                else:  # an earlier run's state, until this run's first epoch replaced it, would resume it
+                    (out_dir / "trainer_state.pt").unlink(missing_ok=True)
+                # a fresh run starts its step log afresh: appending would interleave two runs' steps
+                log_file = files.enter_context(open(out_dir / "log.jsonl", "a" if resumed else "w"))
+                epoch_file = files.enter_context(open(out_dir / epoch_log, "a"))
         for step in range(start, config.steps):
             for group in optimiser.param_groups:
                 group["lr"] = learning_rate(config, step)
@@ -290,44 +292,45 @@ def train(
                      "lr": learning_rate(config, step), "seconds": time.perf_counter() - began}
             log.append(entry)
             epoch_losses.append(global_loss)
-            if log_file is None or epoch_file is None:  # a process other than the main one: no logs
+            if log_file is not None:
+                log_file.write(json.dumps(entry) + "\n")
+                progress.update(step + 1, global_loss)
+            if (step + 1) % steps_per_epoch != 0 and step + 1 != config.steps:
                 continue
-            log_file.write(json.dumps(entry) + "\n")
-            progress.update(step + 1, global_loss)
-            if (step + 1) % steps_per_epoch == 0 or step + 1 == config.steps:
-                record: dict[str, object] = {
-                    "stage": config.stage, "epoch": -(-(step + 1) // steps_per_epoch), "step": step + 1,
-                    "images": (step + 1) * images_per_step, "loss": float(np.mean(epoch_losses)),
-                    "lr": entry["lr"], "images_per_s": progress.rates(step + 1)[0],
-                    "seconds": time.perf_counter() - began,
-                }
-                epoch_losses = []
-                if held_out is not None:
-                    scores = evaluate_each(predict_each(Segmenter.of_network(model).segment, held_out,
-                                                        seed=eval_seed, num_classes=model.config.num_classes),
-                                           num_classes=model.config.num_classes)
-                    record["held_out"] = scores
-                    _training_modes(model, config)
-                    progress.note(f"[{config.stage}] epoch {record['epoch']}: held-out AP^r_vol "
-                                  f"{scores['ap_r_vol']:.3f}, Matching IoU {scores['matching_iou']:.3f}")
-                epoch_file.write(json.dumps(json_ready(record), allow_nan=False) + "\n")
-                # the logs reach the disk before the checkpoint that resuming would continue after them
-                for logged in (log_file, epoch_file):
-                    logged.flush()
-                    os.fsync(logged.fileno())
-                save_checkpoint(out_dir, model, optimiser, step + 1, stage=_stage_name(config))
+            epoch, epoch_loss, epoch_losses = -(-(step + 1) // steps_per_epoch), float(np.mean(epoch_losses)), []
+            with distributed.fail_together(f"the end of epoch {epoch} (step {step + 1})"):
+                if log_file is not None and epoch_file is not None:  # the main process ends the epoch
+                    record: dict[str, object] = {
+                        "stage": config.stage, "epoch": epoch, "step": step + 1,
+                        "images": (step + 1) * images_per_step, "loss": epoch_loss, "lr": entry["lr"],
+                        "images_per_s": progress.rates(step + 1)[0], "seconds": time.perf_counter() - began,
+                    }
+                    if held_out is not None:
+                        scores = evaluate_each(predict_each(Segmenter.of_network(model).segment, held_out,
+                                                            seed=eval_seed, num_classes=model.config.num_classes),
+                                               num_classes=model.config.num_classes)
+                        record["held_out"] = scores
+                        _training_modes(model, config)
+                        progress.note(f"[{config.stage}] epoch {epoch}: held-out AP^r_vol "
+                                      f"{scores['ap_r_vol']:.3f}, Matching IoU {scores['matching_iou']:.3f}")
+                    epoch_file.write(json.dumps(json_ready(record), allow_nan=False) + "\n")
+                    # the logs reach the disk before the checkpoint that resuming would continue after them
+                    for logged in (log_file, epoch_file):
+                        logged.flush()
+                        os.fsync(logged.fileno())
+                    save_checkpoint(out_dir, model, optimiser, step + 1, stage=_stage_name(config))
     progress.close()
     if stage2 and start < config.steps and distributed.all_reduce([instances_drawn])[0] == 0 and main:
         printer(f"Warning: stage 2 drew no image with a ground-truth instance in its {config.steps - start} steps: "
                 "the instance subnetwork learnt nothing (does the dataset hold any object?)")
-    if main:
-        if start == config.steps:  # no step ran, so no epoch's end saved it
-            save_checkpoint(out_dir, model, optimiser, config.steps, stage=_stage_name(config))
-        settings = asdict(config) | {"images_per_step": images_per_step}
-        if stage2:  # batch_size is stage 1's: stage 2 takes one image per process and step
-            del settings["batch_size"]
-        (out_dir / "train_config.json").write_text(json.dumps(settings, indent=2))
-    distributed.barrier()
+    with distributed.fail_together(f"the end of stage {config.stage!r}"):  # every process returns after rank 0 wrote
+        if main:
+            if start == config.steps:  # no step ran, so no epoch's end saved it
+                save_checkpoint(out_dir, model, optimiser, config.steps, stage=_stage_name(config))
+            settings = asdict(config) | {"images_per_step": images_per_step}
+            if stage2:  # batch_size is stage 1's: stage 2 takes one image per process and step
+                del settings["batch_size"]
+            (out_dir / "train_config.json").write_text(json.dumps(settings, indent=2))
     return log
 
 
@@ -547,18 +550,20 @@ def fit(
         check_training_data(training_data)
     epochs = (out_dir / "epochs.jsonl").resolve()  # not relative to stage 1's out_dir/semantic
     out_dir.mkdir(parents=True, exist_ok=True)
-    if distributed.rank() == 0 and not resume:
-        for folder in (out_dir, out_dir / "semantic"):
-            for name in _RUN_FILES:
-                (folder / name).unlink(missing_ok=True)
-        epochs.write_text("")  # a new run: the stages append to it, an earlier run's epochs go
-    # recorded before each stage, whose first epoch's end already leaves a checkpoint `dynseg eval` takes
-    _record_training_data(out_dir / "semantic", training_data)
+    with distributed.fail_together(f"the start of the run in {out_dir}"):
+        if distributed.rank() == 0 and not resume:
+            for folder in (out_dir, out_dir / "semantic"):
+                for name in _RUN_FILES:
+                    (folder / name).unlink(missing_ok=True)
+            epochs.write_text("")  # a new run: the stages append to it, an earlier run's epochs go
+        # recorded before each stage, whose first epoch's end already leaves a checkpoint `dynseg eval` takes
+        _record_training_data(out_dir / "semantic", training_data)
     logs = {"semantic": train(model, dataset, semantic, out_dir=out_dir / "semantic", printer=printer, live=live,
                               epoch_log=epochs, resume=resume)}
     if model.config.instance.shape_term:
         initialise_templates(model, dataset, seed=instance.seed)
-    _record_training_data(out_dir, training_data)
+    with distributed.fail_together(f"the start of stage 'instance' in {out_dir}"):
+        _record_training_data(out_dir, training_data)
     logs["instance"] = train(model, dataset, instance, out_dir=out_dir, printer=printer, live=live,
                              held_out=held_out, eval_seed=eval_seed, epoch_log=epochs, resume=resume)
     return logs

@@ -1,8 +1,9 @@
 """Data-parallel training: two gloo processes started by torchrun on the CPU compute what one process
-computes for the same global batch, stay in sync in stage 2, and only rank 0 writes; the helpers split
-batches evenly and do nothing without a process group.
+computes for the same global batch, stay in sync in stage 2, and only rank 0 writes; where rank 0
+fails to write, both processes stop, also without torchrun; the helpers split batches evenly and do
+nothing without a process group.
 
-This file is also the worker that torchrun starts (`python test_distributed.py OUT`).
+This file is also the worker that torchrun starts (`python test_distributed.py OUT [--one-stage]`).
 
 Why the comparison freezes BatchNorm and turns dropout off: both draw on the images a process holds.
 BatchNorm in training mode normalises with each process's own two images (torch's SyncBatchNorm
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -65,6 +67,19 @@ def _worker(out: Path) -> None:
             result["instance"] = [e["loss"] for e in log]
             result["instance_parameters"] = {k: v.detach().clone() for k, v in model.named_parameters()}
         torch.save(result, out / f"rank{rank}.pt")
+    finally:
+        distributed.shutdown()
+
+
+def _one_stage_worker(out: Path) -> None:
+    """One process of a two-step stage 1 (an epoch is a step: two images, one per process) into out."""
+    torch.set_num_threads(1)
+    distributed.init_from_environment()
+    try:
+        data = SyntheticScenes(size=2, image_size=(32, 32), seed=0)
+        model = build_model(ModelConfig(backbone="resnet18", class_names=tuple(data.class_names[1:])))
+        config = TrainConfig(stage="semantic", steps=2, batch_size=2, learning_rate=0.01, frozen_batch_norm=True)
+        train(model, data, config, out_dir=out, printer=lambda *_: None)
     finally:
         distributed.shutdown()
 
@@ -124,6 +139,44 @@ def test_only_rank_zero_writes_the_log_and_the_checkpoint(runs):
     assert [path for path in (two / "rank1").rglob("*") if path.is_file()] == []  # rank 1 wrote nothing
 
 
+def _launch_two_without_torchrun(command: list[str]) -> list[str]:
+    """Starts `command` as ranks 0 and 1 of a gloo group, as a launcher other than torchrun would (one
+    that does not stop the other processes when one fails); their outputs, once both have failed."""
+    with socket.socket() as probe:  # a free port for the group's store
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    group = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    jobs = [subprocess.Popen(command, env=_without_torchrun_variables() | group | {"RANK": rank, "LOCAL_RANK": rank},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in ("0", "1")]
+    outputs = []
+    try:
+        for job in jobs:
+            output, _ = job.communicate(timeout=180)
+            assert job.returncode != 0, output
+            outputs.append(output)
+    finally:
+        for job in jobs:
+            job.kill()
+    return outputs
+
+
+def test_where_rank_zero_cannot_write_an_epochs_checkpoint_every_process_stops(tmp_path):
+    (tmp_path / "model.safetensors").mkdir()  # the checkpoint cannot take its place
+    first, second = _launch_two_without_torchrun([sys.executable, __file__, str(tmp_path), "--one-stage"])
+    assert "IsADirectoryError" in first and "model.safetensors" in first
+    assert "another process failed at the end of epoch 1 (step 1)" in second, second
+
+
+def test_where_rank_zero_cannot_start_the_run_the_launcher_stops_every_process_with_one_line(tmp_path):
+    (tmp_path / "semantic" / "log.jsonl").mkdir(parents=True)  # an earlier run's log cannot be cleared
+    tiny = ["--images", "2", "--image-size", "32", "32", "--semantic-steps", "1", "--instance-steps", "1",
+            "--batch-size", "2"]
+    first, second = _launch_two_without_torchrun([sys.executable, "-m", "dynseg.trainer.distributed",
+                                                  "--out", str(tmp_path), *tiny])
+    assert "IsADirectoryError" in first and "log.jsonl" in first
+    assert f"Error: another process failed at the start of the run in {tmp_path}" in second, second
+
+
 def test_shard_splits_a_global_batch_into_contiguous_equal_parts():
     assert [list(distributed.shard(4, rank, 2)) for rank in range(2)] == [[0, 1], [2, 3]]
     assert [list(distributed.shard(6, rank, 3)) for rank in range(3)] == [[0, 1], [2, 3], [4, 5]]
@@ -156,4 +209,4 @@ def test_the_launcher_records_the_training_data_and_prints_a_bad_argument_in_one
 
 
 if __name__ == "__main__":
-    _worker(Path(sys.argv[1]))
+    (_one_stage_worker if sys.argv[2:] == ["--one-stage"] else _worker)(Path(sys.argv[1]))
