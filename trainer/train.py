@@ -121,20 +121,22 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 
 
 def augment(sample: Mapping[str, Any], config: TrainConfig, rng: np.random.Generator) -> dict:
-    """Random scale (nearest for labels, bilinear for the image), crop and mirror of a sample dict
-    with image (H, W, 3) uint8, semantic (H, W), masks (M, H, W), labels (M,), boxes (M, 4), and
-    optionally detections (a `DetectorOutput` dict: its boxes follow the image; those the crop leaves
-    wholly outside are dropped, the others clipped to it)."""
+    """Random scale (bilinear for the image; for labels, each pixel's nearest source pixel), crop and
+    mirror of a sample dict with image (H, W, 3) uint8, semantic (H, W), masks (M, H, W), labels (M,),
+    boxes (M, 4), and optionally detections (a `DetectorOutput` dict: its boxes follow the image; those
+    the crop leaves wholly outside are dropped, the others clipped to it)."""
     image = torch.from_numpy(sample["image"]).permute(2, 0, 1).float()[None]  # (1, 3, H, W)
-    semantic = torch.from_numpy(np.asarray(sample["semantic"], dtype=np.int64))[None, None].float()
-    masks = torch.from_numpy(sample["masks"]).float()[None]  # (1, M, H, W)
+    semantic = torch.from_numpy(np.asarray(sample["semantic"], dtype=np.int64))  # (H, W)
+    masks = torch.from_numpy(np.asarray(sample["masks"], dtype=bool))  # (M, H, W)
     scale = rng.uniform(*config.scale_range)
     size = (max(8, round(image.shape[-2] * scale)), max(8, round(image.shape[-1] * scale)))
-    # align_corners=True maps pixel x to x * (w' - 1) / (w - 1): the boxes follow the same map
+    # align_corners=True maps pixel x to x * (w' - 1) / (w - 1): the labels and boxes follow the same
+    # map (F.interpolate's "nearest" would not: it never samples the last row and column when shrinking)
     factors = [(new - 1) / max(old - 1, 1) for new, old in zip(size, image.shape[-2:])]
     image = F.interpolate(image, size=size, mode="bilinear", align_corners=True)
-    semantic = F.interpolate(semantic, size=size, mode="nearest")
-    masks = F.interpolate(masks, size=size, mode="nearest") if masks.shape[1] else masks.new_zeros(1, 0, *size)
+    rows, columns = (torch.from_numpy(np.minimum(np.rint(np.arange(new) / factor), old - 1).astype(np.int64))
+                     for new, old, factor in zip(size, semantic.shape, factors))
+    semantic, masks = semantic[rows[:, None], columns], masks[:, rows[:, None], columns]
     offset, crop_size = (0, 0), size
     if config.crop is not None:
         ch, cw = min(config.crop[0], size[0]), min(config.crop[1], size[1])
@@ -145,12 +147,11 @@ def augment(sample: Mapping[str, Any], config: TrainConfig, rng: np.random.Gener
     mirrored = config.mirror and rng.random() < 0.5
     if mirrored:
         image, semantic, masks = image.flip(-1), semantic.flip(-1), masks.flip(-1)
-    masks = masks[0] > 0.5
     keep = masks.flatten(1).any(1)  # instances the crop kept
     masks = masks[keep]
     out: dict = {
         "image": image[0],  # (3, H, W) float 0..255
-        "semantic": semantic[0, 0].long(),
+        "semantic": semantic,
         "masks": masks,
         "labels": torch.as_tensor(sample["labels"])[keep],
         "boxes": torch.from_numpy(mask_boxes(masks.numpy())),  # (M, 4) float32 xyxy inclusive

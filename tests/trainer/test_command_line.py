@@ -427,6 +427,57 @@ def test_an_infinite_learning_rate_and_a_huge_image_size_are_named(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_held_out_split_without_held_out_images_is_refused_for_an_on_disk_dataset(tmp_path):
+    root = write_voc(tmp_path / "voc")
+    result = run("train", "--out", tmp_path / "run", "--dataset", "voc", "--data-root", root, "--split", "val", *TINY,
+                 "--held-out-split", "val")
+    _fails_naming(result, "--held-out-split", "--held-out-images N")
+    assert not (tmp_path / "run").exists()
+
+
+class _Stop(Exception):
+    """Raised by a stand-in to end a command once it has shown what the test looks at."""
+
+
+def test_training_scores_held_out_scenes_drawn_with_the_next_seed(tmp_path, monkeypatch):
+    import dynseg.trainer.train as train_module
+
+    def fit(model, data, *, held_out, eval_seed, **_):
+        raise _Stop(data, held_out, eval_seed)
+
+    monkeypatch.setattr(train_module, "fit", fit)
+    result = run("train", "--out", tmp_path / "run", *SYNTHETIC, "--seed", "5", "--held-out-images", "2")
+    assert isinstance(result.exception, _Stop), result.output
+    data, held_out, eval_seed = result.exception.args
+    assert data.seed == 5 and held_out.dataset.seed == 6 and eval_seed == 6
+
+
+def test_quickstart_scores_held_out_scenes_drawn_with_the_next_seed(tmp_path, monkeypatch):
+    import dynseg.trainer.data.synthetic as synthetic
+    import dynseg.trainer.model as model_module
+    import dynseg.trainer.train as train_module
+    from dynseg.sdk.commands import quickstart
+
+    made = []
+
+    class Recorded(synthetic.SyntheticScenes):
+        def __init__(self, **arguments):
+            super().__init__(**arguments)
+            made.append(self)
+
+    def predict(model, dataset, *, seed):
+        raise _Stop(dataset, seed)
+
+    monkeypatch.setattr(synthetic, "SyntheticScenes", Recorded)
+    monkeypatch.setattr(model_module, "build_model", lambda config, **_: None)
+    monkeypatch.setattr(train_module, "fit", lambda *_, **__: None)
+    monkeypatch.setattr(train_module, "predict", predict)
+    with pytest.raises(_Stop) as stopped:
+        quickstart.run(tmp_path / "quickstart", steps=2, seed=5, printer=lambda *_: None)
+    held_out, seed = stopped.value.args
+    assert [scenes.seed for scenes in made] == [5, 6] and held_out is made[1] and seed == 6
+
+
 def test_a_missing_detections_file_is_named(tmp_path):
     _fails_naming(run("train", "--out", tmp_path, *SYNTHETIC, "--detections", tmp_path / "dets.json"),
                   "--detections", "does not exist")

@@ -15,7 +15,7 @@ from PIL import Image
 
 from dataset_fixtures import (
     CAR, DOG, PERSON, H, W, cityscapes_ids, compressed_rle, rect, sbd_maps, voc_maps, write_cityscapes, write_coco,
-    write_rgb, write_sbd, write_voc,
+    write_palette_png, write_rgb, write_sbd, write_voc,
 )
 from dynseg.trainer.data import VOID, CityscapesInstances, CocoInstances, SbdInstances, VocInstances
 
@@ -153,6 +153,24 @@ def test_voc_rejects_annotations_saved_as_colours_instead_of_indices(tmp_path):
         VocInstances(tmp_path, "val")[0]
 
 
+def test_voc_voids_a_pixel_only_the_object_png_marks_void(tmp_path):
+    root = write_voc(tmp_path)
+    classes, objects = np.zeros((H, W), np.uint8), np.zeros((H, W), np.uint8)
+    classes[4:12, 4:14], objects[4:12, 4:14] = PERSON, 1
+    objects[8, 4:14] = VOID  # across the person, whom the class PNG still shows there
+    objects[20, 0:5] = VOID  # and on background
+    write_palette_png(root / "SegmentationClass" / "2007_000039.png", classes)
+    write_palette_png(root / "SegmentationObject" / "2007_000039.png", objects)
+    sample = VocInstances(tmp_path, "val")[1]
+    _check_contract(sample, 20)
+    void = objects == VOID
+    np.testing.assert_array_equal(sample["semantic"] == VOID, void)  # the union of both PNGs' void
+    np.testing.assert_array_equal(sample["instances"] == VOID, void)
+    np.testing.assert_array_equal(sample["labels"], [PERSON])
+    np.testing.assert_array_equal(sample["masks"][0], objects == 1)  # the person without its void row
+    assert sample["masks"][0].sum() == 7 * 10
+
+
 # ------------------------------------------------------------------------------------------------ SBD
 
 
@@ -271,6 +289,24 @@ def test_sbd_rejects_maps_and_categories_that_are_not_whole_numbers(tmp_path, fi
     np.testing.assert_array_equal(SbdInstances(root, "train")[1]["labels"], [CAR])
     _write_sbd_mats(root, "2008_000003", **{**whole, **bad})
     with pytest.raises(ValueError, match=rf"2008_000003\.mat: {field} must hold whole numbers"):
+        SbdInstances(root, "train")[1]
+
+
+def test_sbd_refuses_an_instance_id_one_past_the_categories(tmp_path):
+    root = write_sbd(tmp_path)
+    _, classes, instances, categories = sbd_maps()[0]  # ids 1..3
+    _write_sbd_mats(root, "2008_000002", classes, instances, categories[:2])
+    message = r"2008_000002\.mat: GTinst.Segmentation has ids up to 3 but Categories lists 2"
+    with pytest.raises(ValueError, match=message):
+        SbdInstances(root, "train")[0]
+
+
+@pytest.mark.parametrize("category", [0, 21])
+def test_sbd_refuses_a_category_outside_1_to_20(tmp_path, category):
+    root = write_sbd(tmp_path)
+    _, classes, instances, _ = sbd_maps()[1]  # one instance
+    _write_sbd_mats(root, "2008_000003", classes, instances, np.array([[category]], np.uint8))
+    with pytest.raises(ValueError, match=r"2008_000003\.mat: GTinst.Categories has classes outside 1\.\.20"):
         SbdInstances(root, "train")[1]
 
 
@@ -535,6 +571,26 @@ def test_cityscapes_images_covered_by_one_instance_work(tmp_path):
     np.testing.assert_array_equal(sample["boxes"], [[0, 0, W - 1, H - 1]])
 
 
+def test_cityscapes_voids_id_0_and_takes_ids_above_33_for_background(tmp_path):
+    root = write_cityscapes(tmp_path)
+    values = np.full((H, W), 7, np.uint16)  # road
+    values[0, :] = 0  # unlabeled: void
+    values[1, :] = 34  # above the labels table (33 bicycle): background
+    values[2, :] = 34001  # ... with an instance number too
+    values[3, :] = 65535  # class 65, instance 535
+    values[10:14, 5:10] = 24001  # a person
+    Image.fromarray(values).save(root / "gtFine/val/lindau/lindau_000001_000019_gtFine_instanceIds.png")
+    sample = CityscapesInstances(root, "val")[1]
+    _check_contract(sample, 8)
+    np.testing.assert_array_equal(sample["labels"], [1])
+    np.testing.assert_array_equal(sample["masks"][0], values == 24001)
+    void = np.zeros((H, W), bool)
+    void[0] = True
+    np.testing.assert_array_equal(sample["semantic"] == VOID, void)
+    np.testing.assert_array_equal(sample["instances"] == VOID, void)
+    assert not sample["semantic"][1:4].any() and not sample["instances"][1:4].any()
+
+
 def test_cityscapes_names_missing_splits_and_annotations(tmp_path):
     root = write_cityscapes(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"leftImg8bit.*train.*available splits: \['val'\]"):
@@ -594,3 +650,38 @@ def test_an_instance_pixel_under_void_belongs_to_no_mask():
     made = assemble_sample(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.int64), owner, [1], void, "x", "x")
     assert not made["masks"][0, 0, 0] and made["masks"][0].sum() == 7
     assert made["instances"][0, 0] == VOID and made["semantic"][0, 0] == VOID
+
+
+# ------------------------------------------------------------------------------------ detections files
+
+
+def _detections_file(tmp_path, entries: list[dict]) -> str:
+    path = tmp_path / "dets.json"
+    path.write_text(json.dumps(entries))
+    return str(path)
+
+
+def test_a_detections_file_may_name_every_class_but_none_past_the_last(tmp_path):
+    from dynseg.trainer.data import SyntheticScenes
+    from dynseg.trainer.data.sources import with_detections
+
+    scenes = SyntheticScenes(size=2, image_size=(48, 64), num_classes=4)
+    entry = {"image_id": 1, "category_id": 4, "bbox": [3, 4, 10, 10], "score": 0.9}
+    assert with_detections(scenes, _detections_file(tmp_path, [entry]))[1]["detections"]["labels"].tolist() == [4]
+    with pytest.raises(ValueError, match=r"dets\.json: image 1 has category_id 5; the dataset's classes are 1\.\.4"):
+        with_detections(scenes, _detections_file(tmp_path, [{**entry, "category_id": 5}]))
+
+
+def test_a_detections_file_of_normalised_boxes_is_refused_also_when_they_start_at_0(tmp_path):
+    from dynseg.trainer.data import SyntheticScenes
+    from dynseg.trainer.data.sources import with_detections
+
+    scenes = SyntheticScenes(size=2, image_size=(48, 64))
+    normalised = [{"image_id": i, "category_id": 1, "bbox": [0.0, 0.0, 0.5, 0.25], "score": 0.9} for i in (0, 1)]
+    normalised[1]["bbox"] = [0.0, 0.25, 0.5, 0.5]  # the far corners: (0, 0) and (0, 0.25), a fraction
+    with pytest.raises(ValueError, match=r"dets\.json: every bbox lies within \[0, 1\].*normalised"):
+        with_detections(scenes, _detections_file(tmp_path, normalised))
+    # whole pixels at the origin are pixel boxes: [x, y, w, h] = [0, 0, 2, 1] covers x 0..1, y 0
+    pixels = [{"image_id": 0, "category_id": 1, "bbox": [0, 0, 2, 1], "score": 0.9}]
+    detections = with_detections(scenes, _detections_file(tmp_path, pixels))[0]["detections"]
+    np.testing.assert_array_equal(detections["boxes"], [[0, 0, 1, 0]])

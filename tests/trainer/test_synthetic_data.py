@@ -1,12 +1,16 @@
-"""The built-in synthetic scenes, the detector simulator and the COCO results reader (dynseg.trainer.data)."""
+"""The built-in synthetic scenes, the detector simulator and the COCO results reader (dynseg.trainer.data), the
+training augmentation's rescaling of detections, and the detections the SDK's commands read or generate for
+image files (dynseg.sdk.commands.images)."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
+import torch
 
 from dynseg.trainer.data import (
     VOID,
@@ -148,6 +152,51 @@ def test_images_show_at_least_two_classes_on_average(samples):
     np.testing.assert_array_equal(present, [1, 2, 3, 4])
 
 
+def _scripted_scene(monkeypatch, image_size: tuple[int, int], candidates: list[tuple[float, float, float]]):
+    """A one-instance scene whose placements are `candidates`, discs (cy, cx, radius) proposed in turn, and
+    the mask of each candidate; no wire (it would cut the instance)."""
+    from dynseg.trainer.data import synthetic
+
+    proposals = iter(candidates)
+
+    def propose(rng, placed, num_classes, short, height, width):
+        cy, cx, radius = next(proposals, (None, None, None))
+        assert radius is not None, "a candidate that should have been placed was refused"
+        return 1, synthetic._Geometry(cy, cx, radius, 0.0, 1.0, ()), synthetic._look(rng, 1)
+
+    monkeypatch.setattr(synthetic, "_propose", propose)
+    monkeypatch.setattr(synthetic, "_WIRE_PROBABILITY", 0.0)
+    sample = SyntheticScenes(size=1, image_size=image_size, num_classes=1, max_instances=1, void_border=False)[0]
+    ys, xs = np.mgrid[0 : image_size[0], 0 : image_size[1]].astype(np.float32)
+    discs = [synthetic._Geometry(cy, cx, radius, 0.0, 1.0, ()) for cy, cx, radius in candidates]
+    return sample, [synthetic._shape_mask(1, disc, ys, xs)[0] for disc in discs]
+
+
+def test_an_instance_mostly_outside_the_image_is_not_placed(monkeypatch):
+    # discs of radius 20 centred on the left border: 48 % of one at x = -1 lies inside, 52 % of one at x = 0
+    sample, masks = _scripted_scene(monkeypatch, (140, 140), [(70.0, -1.0, 20.0), (70.0, 0.0, 20.0)])
+    np.testing.assert_array_equal(sample["masks"], masks[1][None])
+
+
+def test_an_instance_smaller_than_the_minimum_pixel_count_is_not_placed(monkeypatch):
+    # 140 x 140 pixels: at least max(12, 0.25 % of them) = 49 pixels; these discs have 45 and 49
+    sample, masks = _scripted_scene(monkeypatch, (140, 140), [(70.0, 70.0, 3.9), (70.0, 70.0, 4.0)])
+    assert [int(mask.sum()) for mask in masks] == [45, 49]
+    np.testing.assert_array_equal(sample["masks"], masks[1][None])
+
+
+def test_every_instance_must_keep_30_percent_of_its_area_and_the_minimum_pixel_count_visible():
+    from dynseg.trainer.data.synthetic import _all_visible
+
+    def visible(*pixels: int) -> np.ndarray:  # an owner map where instance j + 1 shows pixels[j] pixels
+        return np.concatenate([np.zeros(10, np.int32)] + [np.full(n, j + 1, np.int32) for j, n in enumerate(pixels)])
+
+    assert _all_visible(visible(30), [100], 12) and not _all_visible(visible(29), [100], 12)  # 30 % of 100
+    assert _all_visible(visible(12), [20], 12) and not _all_visible(visible(11), [20], 12)  # 12 pixels beat 30 %
+    assert not _all_visible(visible(30, 11), [100, 20], 12)  # one instance short is enough
+    assert not _all_visible(visible(30), [100, 20], 12)  # an instance covered completely
+
+
 def test_invalid_construction_and_indices_are_rejected():
     for kwargs in ({"num_classes": 0}, {"num_classes": 7}, {"image_size": (16, 160)}, {"max_instances": 0}, {"seed": -1}):
         with pytest.raises(ValueError, match=f"^{next(iter(kwargs))} must be"):
@@ -281,6 +330,28 @@ def test_duplicates_overlap_their_source_detection_and_score_lower(simulated):
     assert seen > 200
 
 
+def test_a_poorly_localised_box_moves_exactly_one_side_or_shifts_along_one_axis():
+    gt = np.array([40, 30, 99, 79], np.float32)  # 60 x 50 pixels, far enough from the border not to be clipped
+    det = simulate_detections(np.tile(gt, (300, 1)), np.ones(300, np.int64), image_size=(128, 160),
+                              rng=np.random.default_rng(2), jitter=0.0, poor_localisation=1.0, miss_rate=0.0,
+                              false_positives=0.0, duplicates=0.0, num_classes=1)
+    assert np.all(det["kind"] == DetectionKind.POORLY_LOCALISED)
+    grid = 2 / 256  # _finish rounds each side outwards onto a 1/256-pixel grid
+    kinds = set()
+    for box in det["boxes"]:
+        same = [box[0] == gt[0] and box[2] == gt[2], box[1] == gt[1] and box[3] == gt[3]]
+        assert sum(same) == 1, box  # the other axis keeps its first and its last pixel exactly
+        axis = same.index(False)
+        lo, hi, size = box[axis], box[axis + 2], gt[axis + 2] - gt[axis] + 1
+        if lo == gt[axis] or hi == gt[axis + 2]:  # shrunk towards one side, which stays exactly where it was
+            assert 0.35 <= (hi - lo + 1) / size <= 0.65 + grid, box
+            kinds.add("kept last" if hi == gt[axis + 2] else "kept first")
+        else:  # shifted whole
+            assert abs((hi - lo + 1) - size) <= grid and 0.35 - grid <= abs(lo - gt[axis]) / size <= 0.6 + grid, box
+            kinds.add("shifted")
+    assert kinds == {"kept first", "kept last", "shifted"}
+
+
 def test_a_perfect_detector_returns_the_ground_truth():
     boxes, labels = _gt_scenes(1, seed=4)[0]
     det = simulate_detections(boxes, labels, image_size=(128, 160), rng=np.random.default_rng(1), num_classes=4,
@@ -330,6 +401,51 @@ def test_the_simulator_rejects_bad_arguments():
         simulate_detections(boxes, np.array([5]), **good)
     with pytest.raises(ValueError, match="x2 >= x1"):
         simulate_detections(np.array([[10, 2, 2, 10]]), labels, **good)
+
+
+# --------------------------------------------------------------------------------------------- augmentation
+
+
+def test_rescaling_maps_the_last_row_and_column_onto_the_last_row_and_column():
+    from dynseg.trainer.train import TrainConfig, augment
+
+    height, width = 9, 13
+    image = np.zeros((height, width, 3), np.uint8)
+    image[:, -1] = image[-1, :] = 255  # the far column and row
+    semantic = (image[..., 0] > 0).astype(np.int64)
+    boxes = np.array([[width - 1, height - 1, width - 1, height - 1], [6, 4, 6, 4], [0, 0, width - 1, height - 1]])
+    sample = {"image": image, "semantic": semantic, "masks": semantic[None] == 1, "labels": np.array([1]),
+              "boxes": np.array([[0, 0, width - 1, height - 1]], np.float32),
+              "detections": {"boxes": boxes.astype(np.float32), "labels": np.ones(3, np.int64),
+                             "scores": np.array([0.9, 0.8, 0.7], np.float32)}}
+    for scale, centre in ((2.0, [12, 8]), (3.0, [19, 13])):  # pixel x goes to x (w' - 1) / (w - 1), floored
+        out = augment(sample, TrainConfig(scale_range=(scale, scale), mirror=False), np.random.default_rng(0))
+        h, w = out["image"].shape[1:]
+        assert (h, w) == (height * scale, width * scale)
+        assert out["image"][:, :, -1].min() > 254.9 and out["image"][:, -1, :].min() > 254.9
+        assert out["detections"]["boxes"].tolist() == [[w - 1, h - 1, w - 1, h - 1], [*centre, *centre],
+                                                       [0, 0, w - 1, h - 1]], scale
+        assert out["semantic"][-1].eq(1).all() and out["semantic"][:, -1].eq(1).all()
+        assert out["boxes"].tolist() == [[0, 0, w - 1, h - 1]]
+
+
+@pytest.mark.parametrize("scale", [0.5, 0.75, 0.9, 1.3, 2.0])
+def test_rescaled_labels_take_each_pixels_nearest_source_pixel_under_the_images_map(scale):
+    from dynseg.trainer.train import TrainConfig, augment
+
+    # stripes of columns, so the bilinear image's nearest source column is where it is above half
+    columns = np.random.default_rng(1).integers(0, 2, 29)
+    columns[-1] = 1  # a thin object on the far column: shrinking with F.interpolate's "nearest" dropped it
+    semantic = np.broadcast_to(columns, (21, 29)).astype(np.int64)
+    image = np.repeat((semantic * 255).astype(np.uint8)[..., None], 3, axis=2)
+    sample = {"image": image, "semantic": semantic, "masks": semantic[None] == 1, "labels": np.array([1]),
+              "boxes": np.zeros((1, 4), np.float32)}
+    out = augment(sample, TrainConfig(scale_range=(scale, scale), mirror=False), np.random.default_rng(0))
+    brightness = out["image"][0]
+    decided = (brightness - 127.5).abs() > 1e-3  # not halfway between two source columns
+    assert torch.equal((brightness > 127.5)[decided], out["semantic"].eq(1)[decided]), scale
+    assert out["semantic"][:, -1].eq(1).all() and torch.equal(out["masks"][0], out["semantic"].eq(1))
+    assert out["boxes"][0, 2] == out["image"].shape[-1] - 1
 
 
 # --------------------------------------------------------------------------------------- COCO results
@@ -403,3 +519,45 @@ def test_coco_results_that_are_not_a_json_list_are_rejected(tmp_path):
     path.write_text(json.dumps({"annotations": []}))
     with pytest.raises(ValueError, match="JSON list"):
         load_coco_detections(path, [1])
+
+
+# ------------------------------------------------------------------------------ detections for image files
+
+
+def test_generated_boxes_reach_the_last_column_and_row_but_never_pass_them():
+    from dynseg.sdk.commands.images import generated_detections
+
+    for height, width in ((20, 30), (9, 6), (2, 2)):
+        boxes = generated_detections(height, width, 200, num_classes=3, seed=1).boxes
+        assert boxes.min() >= 0 and np.all(boxes[:, 2:] > boxes[:, :2])
+        assert boxes[:, 2].max() == width - 1 and boxes[:, 3].max() == height - 1, (height, width)
+        np.testing.assert_array_equal(boxes, generated_detections(height, width, 200, num_classes=3, seed=1).boxes)
+
+
+def test_only_an_ascii_decimal_file_stem_answers_to_an_integer_image_id(tmp_path):
+    from dynseg.sdk.commands.images import image_ids, read_detections
+
+    assert image_ids(tmp_path / "000000000139.jpg") == ["000000000139", 139]
+    # str.isdigit() admits these; int() reads Arabic-Indic digits as 123, and fails on a superscript
+    assert image_ids(tmp_path / "\u0661\u0662\u0663.jpg") == ["\u0661\u0662\u0663"]
+    assert image_ids(tmp_path / "x\u00b2.png") == ["x\u00b2"] and image_ids(tmp_path / "\u00b2.png") == ["\u00b2"]
+    results = tmp_path / "dets.json"
+    results.write_text(json.dumps([{"image_id": 123, "category_id": 1, "bbox": [1, 2, 3, 4], "score": 0.9},
+                                   {"image_id": "\u0661\u0662\u0663", "category_id": 2, "bbox": [1, 2, 3, 4],
+                                    "score": 0.8}]))
+    arabic, ascii_digits = read_detections(results, [tmp_path / "\u0661\u0662\u0663.jpg", tmp_path / "123.jpg"])
+    assert arabic.labels.tolist() == [2] and arabic.image_id == "\u0661\u0662\u0663"
+    assert ascii_digits.labels.tolist() == [1] and ascii_digits.image_id == 123
+
+
+def test_detection_labels_outside_1_to_k_are_named_below_1_as_above_k():
+    from dynseg.sdk import InvalidArgumentError
+    from dynseg.sdk.commands.images import check_detection_labels
+
+    check_detection_labels([("a.jpg", np.array([1, 3])), ("b.jpg", np.zeros(0, np.int64))], 3, " in dets.json")
+    for bad in ([0, 2], [-1, 1], [4, 1]):
+        wrong = sorted(v for v in bad if not 1 <= v <= 3)
+        message = ("1 image(s) have detections in dets.json of classes this model does not have (it has 1..3): "
+                   f"c.jpg ({wrong})")
+        with pytest.raises(InvalidArgumentError, match=f"^{re.escape(message)}$"):
+            check_detection_labels([("a.jpg", np.array([1])), ("c.jpg", np.array(bad))], 3, " in dets.json")
