@@ -54,7 +54,8 @@ def test_the_installed_library_exports_its_c_abi_and_nothing_else():
 def test_a_cpu_only_build_works_exports_only_the_c_abi_and_its_cuda_entry_points_say_so(tmp_path):
     configure = subprocess.run(
         ["cmake", "-S", str(ROOT), "-B", str(tmp_path), "-DDYNSEG_CUDA=OFF", "-DDYNSEG_NATIVE_ARCH=OFF",
-         *static_cxx_runtime_flags()],
+         # the hardening that Ubuntu's and Fedora's compilers turn on by default
+         "-DCMAKE_CXX_FLAGS=-D_FORTIFY_SOURCE=3 -D_GLIBCXX_ASSERTIONS", *static_cxx_runtime_flags()],
         capture_output=True, text=True,
     )
     assert configure.returncode == 0, configure.stderr
