@@ -198,8 +198,9 @@ def read_sidecar(plan_or_sidecar: str | Path) -> dict:
     if not (isinstance(plugin, dict) and all(isinstance(plugin.get(k), str) for k in ("name", "sha256"))):
         raise EngineError(f"{path}: plugin_library must be {{'name': str, 'sha256': str}}, got {plugin!r}; "
                           "rebuild the engine")
-    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
-        raise EngineError(f"{path}: class_names must be a list of strings, got {names!r}; rebuild the engine")
+    if not (isinstance(names, list) and names and all(isinstance(n, str) and n for n in names)):
+        raise EngineError(f"{path}: class_names must be a non-empty list of names, got {names!r:.80}; rebuild the "
+                          "engine")
     try:
         Profile.from_json(data["profile"])  # validates
     except (KeyError, TypeError, ValueError) as error:  # InvalidArgumentError is a ValueError

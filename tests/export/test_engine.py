@@ -196,6 +196,24 @@ def test_the_default_profile_is_valid():
     assert make_profile() == make_profile(engine.DEFAULT_DETECTIONS, engine.DEFAULT_SIZES)
 
 
+def test_the_default_profile_admits_sizes_and_detection_counts_only_within_its_range():
+    profile = make_profile()
+    assert profile.sizes == ((32, 32), (480, 640), (1024, 1024)) and profile.detections == (1, 10, 100)
+    for detections, height, width in [(1, 32, 32), (100, 1024, 1024), (5, 32, 1024), (5, 1024, 32)]:
+        assert profile.admits(detections, height, width), (detections, height, width)
+    for detections, height, width in [(5, 100, 1025), (5, 1025, 100), (5, 100, 31), (5, 31, 100), (0, 100, 100),
+                                      (101, 100, 100)]:
+        assert not profile.admits(detections, height, width), (detections, height, width)
+
+
+def test_a_profile_takes_images_up_to_the_cuda_kernels_pixel_limit_and_not_one_pixel_more():
+    # (2^31 - 1) // (6 * 32) = 11184810 = 3 x 3728270 pixels: the largest RGB image the kernels index
+    sizes = lambda width: ((1, 1), (3, 64), (3, width))  # noqa: E731
+    assert make_profile((0, 0, 0), sizes(3728270)).sizes[2] == (3, 3728270)
+    with pytest.raises(InvalidArgumentError, match=r"maximum image size 3x3728271 \(11184813 pixels\) is too large"):
+        make_profile((0, 0, 0), sizes(3728271))
+
+
 @pytest.mark.parametrize("detections, sizes, message", [
     ((1, 10), engine.DEFAULT_SIZES, "three ints"),
     ((1.0, 10, 100), engine.DEFAULT_SIZES, "three ints"),
@@ -203,6 +221,9 @@ def test_the_default_profile_is_valid():
     ((10, 1, 100), engine.DEFAULT_SIZES, "min <= opt <= max"),
     ((1, 10, 100), ((32, 32), (480, 640)), r"three \(H, W\) pairs"),
     ((1, 10, 100), ((0, 32), (480, 640), (1024, 1024)), "at least 1x1"),
+    ((1, 10, 100), ((32, 0), (480, 640), (1024, 1024)), "the minimum image size must be at least 1x1, got 32x0"),
+    ((1, 10, 100), ((32, 32), (480, 0), (1024, 1024)), "the optimum image size must be at least 1x1, got 480x0"),
+    ((1, 10, 100), ((32, 32), (480, 640), (1024, 0)), "the maximum image size must be at least 1x1, got 1024x0"),
     ((1, 10, 100), ((32, 32), (480, 640), (400, 1024)), "height must satisfy"),
     ((1, 10, 100), ((32, 700), (480, 640), (1024, 1024)), "width must satisfy"),
     ((1, 10, 100), ((32, 32), (480, 640), (4096, 4096)), "too large for the CUDA kernels"),
@@ -344,6 +365,17 @@ def test_a_missing_or_malformed_sidecar_is_an_engine_error(built, tmp_path):
         tensorrt_engine.read_sidecar(plan)
     with pytest.raises(EngineError, match="is missing"):
         tensorrt_engine.read_sidecar(tmp_path / "other.engine")
+
+
+@pytest.mark.parametrize("names", [[1, 2, 3], ["cat", 2, "person"], [["cat", "cup"], "person"], ["cat", None],
+                                   ["cat", {"name": "cup"}], {"cat": 1}, [], ["", "person"]],
+                         ids=["ints", "one int", "nested", "null", "an object in the list", "an object", "empty",
+                              "an empty name"])
+def test_a_sidecar_whose_class_names_are_not_a_list_of_names_is_refused_by_name(built, names):
+    plan, _, sidecar = built
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "class_names": names}))
+    with pytest.raises(EngineError, match=r"model\.engine\.json: class_names must be a non-empty list of names, got"):
+        tensorrt_engine.read_sidecar(plan)
 
 
 # ---- registering the plugin with TensorRT ---------------------------------------------------------------------

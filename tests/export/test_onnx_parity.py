@@ -306,6 +306,22 @@ def test_files_that_are_not_dynseg_models_are_named(tmp_path, exported):
         Segmenter(tmp_path / "more_names.onnx")
 
 
+@pytest.mark.parametrize("names", [["cat", "", "person"], ["", "cup", "person"], [1, 2, 3], ["cat", ["cup"], "person"],
+                                   ["cat", None, "person"]],
+                         ids=["an empty name", "an empty first name", "ints", "nested", "null"])
+def test_metadata_with_an_empty_or_non_string_class_name_is_refused_naming_class_names(exported, tmp_path, names):
+    from dynseg.sdk.graph import read_export
+
+    model = onnx.load(str(exported[1]))
+    entry = next(entry for entry in model.metadata_props if entry.key == "class_names")
+    assert len(json.loads(entry.value)) == len(names)  # as many names as the graph's planes: only the names differ
+    entry.value = json.dumps(names)
+    onnx.save(model, str(tmp_path / "bad_names.onnx"))
+    with pytest.raises(InvalidArgumentError, match=r"bad_names.onnx has malformed dynseg metadata.*class_names must "
+                                                   r"be a non-empty list of names"):
+        read_export(tmp_path / "bad_names.onnx")
+
+
 @pytest.mark.parametrize("arguments, message", [
     ({"max_detections": True}, r"max_detections must be an int in 1\.\.65535"),
     ({"max_detections": 0}, r"max_detections must be an int in 1\.\.65535, got 0"),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -86,3 +88,46 @@ def test_an_out_folder_the_system_refuses_is_reported_in_one_line(tmp_path) -> N
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     assert result.output.strip().startswith("Error: Not a directory"), result.output
     assert str(in_the_way / "out") in result.output
+
+
+@pytest.mark.parametrize("sizes", ["7x8", "8x7", "4097x8", "8x4097", "64x64,8x4097", "8x0"])
+def test_bench_refuses_a_side_outside_8_to_4096_naming_sizes(tmp_path, sizes) -> None:
+    result = runner.invoke(app, ["bench", str(tmp_path / "model.onnx"), "--sizes", sizes])
+    assert result.exit_code == 2, result.output
+    message = plain(result.output)
+    assert "--sizes" in message and f"'{sizes.split(',')[-1]}'" in message, message
+
+
+def test_bench_takes_sides_of_8_and_4096_and_goes_on_to_the_model(tmp_path) -> None:
+    result = runner.invoke(app, ["bench", str(tmp_path / "model.onnx"), "--sizes", "8x4096,4096x8,8x8"])
+    assert result.exit_code == 1, result.output  # past the sizes: the model is what is missing
+    assert "model.onnx does not exist" in plain(result.output) and "--sizes" not in result.output, result.output
+
+
+@pytest.mark.parametrize("height, width", [(48, 31), (31, 48), (48, 4097), (4097, 48)])
+def test_train_refuses_a_synthetic_side_outside_32_to_4096_naming_image_size(tmp_path, height, width) -> None:
+    pytest.importorskip("torch")
+    result = runner.invoke(app, ["train", "--out", str(tmp_path / "run"), "--image-size", str(height), str(width)])
+    assert result.exit_code == 2, result.output
+    message = plain(result.output)
+    assert "--image-size" in message and f"{height} {width}: each side must be in 32..4096" in message, message
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("height, width", [(32, 4096), (4096, 32)])
+def test_train_takes_synthetic_sides_of_32_and_4096(tmp_path, height, width) -> None:
+    pytest.importorskip("torch")
+    result = runner.invoke(app, ["train", "--out", str(tmp_path / "run"), "--images", "1", "--image-size", str(height),
+                                 str(width), "--semantic-steps", "0", "--instance-steps", "0"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "training_data.json").read_text())["image_size"] == [height, width]
+
+
+@pytest.mark.parametrize("option, size", [("--max-size", "1024x0"), ("--max-size", "0x1024"), ("--min-size", "32x0"),
+                                          ("--opt-size", "0x640")])
+def test_an_engine_size_without_pixels_is_refused_naming_its_option(tmp_path, option, size) -> None:
+    result = runner.invoke(app, ["export", str(tmp_path), "--format", "engine", "--out", str(tmp_path / "m.engine"),
+                                 option, size])
+    assert result.exit_code == 2, result.output
+    message = plain(result.output)
+    assert option in message and f"'{size}' is not HEIGHTxWIDTH (e.g. 512x512, each at least 1)" in message, message

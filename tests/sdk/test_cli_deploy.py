@@ -572,6 +572,60 @@ def test_a_parity_check_holds_at_its_limit_and_the_report_keeps_each_checks_wors
     assert [check.value for check in ParityReport(images).worst()] == [5e-5, 0.995]
 
 
+def test_bench_leaves_the_warm_up_call_untimed_and_gives_the_throughput_of_the_mean_timed_call(exported, monkeypatch):
+    from types import SimpleNamespace
+
+    from dynseg.sdk.commands import bench
+
+    # bench's clock moves only when a call ends, by that call's stand-in duration: a slow warm-up, and a
+    # slow last timed call that pulls the mean well away from the median
+    clock, durations, real = [0.0], iter([0.5, 0.010, 0.020, 0.300]), Segmenter.segment
+
+    def segment(self, *args, **kwargs):
+        result = real(self, *args, **kwargs)
+        clock[0] += next(durations)
+        return result
+
+    monkeypatch.setattr(Segmenter, "segment", segment)
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    [row] = bench.run(exported[1], sizes=[(32, 40)], detections=[1], repeats=3)
+    assert next(durations, None) is None and row.repeats == 3  # one warm-up call, then the three timed ones
+    timed = np.array([0.010, 0.020, 0.300])
+    assert row.p50_ms == pytest.approx(20.0) and row.p99_ms == pytest.approx(np.percentile(timed, 99) * 1e3)
+    assert row.images_per_s == pytest.approx(1.0 / timed.mean())  # one call at a time: 1 / the mean call
+
+
+def test_an_instance_of_one_pixel_counts_in_the_mask_iou():
+    from dynseg.sdk.commands.parity import compare
+    from dynseg.sdk.inputs import check_detections
+    from dynseg.sdk.results import build_result
+
+    height, width, names = 4, 5, ("cat", "cup", "person")
+    image = np.full((height, width, 3), 128, np.uint8)
+    detections = check_detections([[0, 0, 4, 3]], [1], [0.9], height=height, width=width, num_classes=len(names))
+    semantic = np.full((len(names) + 1, height, width), 0.25, np.float32)
+
+    def outputs(pixels):  # background everywhere but at `pixels`, which the detection wins; every pixel decided
+        logits = np.zeros((2, height, width), np.float32)
+        logits[0] = 10.0
+        for y, x in pixels:
+            logits[:, y, x] = (-10.0, 10.0)
+        return {"instance_logits": logits, "semantic_probabilities": semantic}
+
+    def iou(candidate, reference):
+        results = [build_result(image, raw["instance_logits"], semantic, detections, names)
+                   for raw in (candidate, reference)]
+        checks = compare("one pixel", candidate, reference, *results).checks
+        return next(check for check in checks if check.name == "min mask IoU")
+
+    one, none = outputs([(1, 2)]), outputs([])
+    assert iou(one, one).value == 1.0 and iou(one, one)  # the union is the one pixel, and both have it
+    for candidate, reference in ((none, one), (one, none)):  # the union is one pixel, and only one side has it
+        check = iou(candidate, reference)
+        assert check.value == 0.0 and not check
+    assert iou(none, none).value == 1.0  # no instance on either side: nothing to compare, nothing wrong
+
+
 def test_an_engine_profile_admits_widths_only_within_its_range():
     from dynseg.sdk.tensorrt_engine import make_profile
 

@@ -33,6 +33,11 @@ def node_inputs(labels: int = 3, detections: int = 2, height: int = 12, width: i
     (5, np.zeros((2, 5), np.float32), "boxes, labels and scores must be"),
     (7, np.zeros(3, np.float32), "boxes, labels and scores must be"),
     (8, np.zeros(2, np.float32), "detection_x and detection_y must be scalars"),
+    (9, np.zeros(2, np.float32), r"detection_x and detection_y must be scalars, got \(\), \(2,\)"),
+    (9, np.zeros((1, 2), np.float32), r"detection_x and detection_y must be scalars, got \(\), \(1, 2\)"),
+    (9, np.zeros(0, np.float32), r"detection_x and detection_y must be scalars, got \(\), \(0,\)"),
+    (2, np.eye(2, dtype=np.float32), r"spatial_weight must be a scalar or \(3, 3\)"),
+    (6, np.ones(3, np.int64), "boxes, labels and scores must be"),
 ])
 def test_inputs_of_the_wrong_shape_are_named(index, value, message):
     inputs = node_inputs()

@@ -146,6 +146,96 @@ def test_lattice_rejects_features_whose_keys_need_more_than_63_bits():
         PermutohedralLattice(features)
 
 
+# densecrf's elevation scale of a 1-D feature, rounded as it rounds it: sqrt(2/3) * (d + 1) / sqrt((i + 2)(i + 1))
+ONE_D_SCALE = float(np.float32(1.0 / np.sqrt(2.0) * float(np.float32(np.sqrt(2.0 / 3.0) * 2))))
+
+
+def one_dimensional_filter(features: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The permutohedral filter of d = 1 written out by hand: the lattice is the integer grid of f * ONE_D_SCALE;
+    splat and slice interpolate linearly between the two grid points around each point, the blur is two passes of
+    v + (v[k-1] + v[k+1]) / 2 over the grid points some point touched (the others read and stay 0), and the slice
+    scales by alpha = 1 / (1 + 2^-1)."""
+    grid = features * ONE_D_SCALE
+    low = np.floor(grid).astype(np.int64)
+    upper = grid - low
+    base, size = int(low.min()), int(low.max() - low.min()) + 2
+    lattice, touched = np.zeros((size, values.shape[1])), np.zeros(size, dtype=bool)
+    for i in range(len(features)):
+        k = low[i] - base
+        lattice[k] += (1 - upper[i]) * values[i]
+        lattice[k + 1] += upper[i] * values[i]
+        touched[k] = touched[k + 1] = True
+    for _ in range(2):
+        padded = np.pad(lattice, ((1, 1), (0, 0)))
+        lattice = np.where(touched[:, None], lattice + 0.5 * (padded[:-2] + padded[2:]), 0.0)
+    k = low - base
+    sliced = (1 - upper)[:, None] * lattice[k] + upper[:, None] * lattice[k + 1]
+    return sliced * float(np.float32(1.0) / np.float32(1.5))
+
+
+def test_a_one_dimensional_lattice_filters_exactly_as_the_grid_it_stands_for_up_to_its_extreme_keys():
+    # a cluster whose first point lies on the smallest key, and a lone point far off holding the largest key:
+    # a lookup that missed a key at either end of the range would drop a neighbour from the blur
+    rng = np.random.default_rng(0)
+    features = np.concatenate([[0.0], rng.uniform(0.0, 6.0, 40), [6.0, 20.0]])
+    values = rng.normal(size=(len(features), 2))
+    lattice = PermutohedralLattice(torch.from_numpy(features[:, None]))
+    assert lattice.dim == 1 and lattice.num_vertices == 10  # grid points 0..7 of the cluster, 23 and 24
+    filtered = lattice.filter(torch.from_numpy(values)).numpy()
+    np.testing.assert_allclose(filtered, one_dimensional_filter(features, values), rtol=0, atol=1e-12)
+
+
+def test_a_one_dimensional_lattice_approximates_the_gaussian_it_stands_for():
+    features = torch.arange(0.0, 12.0, 0.25, dtype=torch.float64)[:, None]
+    approx = PermutohedralLattice(features).filter(torch.ones(len(features), 1, dtype=torch.float64))[:, 0]
+    exact = torch.exp(-torch.cdist(features, features).pow(2) / 2).sum(dim=1)
+    centre = (features[:, 0] - 6).abs().le(2)
+    assert float(((approx - exact).abs() / exact)[centre].max()) < 0.2
+
+
+@pytest.mark.parametrize("theta_color", [0.0, -13.0, float("nan"), float("inf"), None])
+def test_gaussian_features_refuse_a_colour_theta_that_is_not_positive_and_finite(theta_color):
+    # a negative theta would flip the colour features' sign, which no Gaussian of their differences sees
+    image = torch.zeros(2, 3, 3, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="theta_color must be a positive finite number"):
+        gaussian_features(image, 2, 3, 3.0, theta_color)
+
+
+def test_a_larger_colour_theta_lets_pixels_of_different_colours_weigh_more_on_each_other():
+    image = torch.tensor([[[0, 0, 0], [200, 200, 200]]], dtype=torch.uint8)  # 1 x 2 pixels, black and light grey
+    pulled = []
+    for theta_color in (20.0, 150.0, 600.0, 1e4):
+        features = gaussian_features(image, 1, 2, 3.0, theta_color).double()
+        assert features[1, 2:].tolist() == pytest.approx([200.0 / theta_color] * 3)
+        out = PermutohedralLattice(features).filter(torch.tensor([[0.0], [1.0]], dtype=torch.float64))
+        pulled.append(float(out[0, 0]))  # what the light pixel's value adds to the black one's
+    assert pulled[0] == 0.0 < pulled[1] < pulled[2] < pulled[3]  # 10 standard deviations apart: out of reach
+
+
+def test_lattice_keys_of_63_bits_are_packed_exactly_and_64_bits_are_refused():
+    # three 3-D points far apart: each key dimension spans about 2^20..2^21, 63 bits in all at 2.8e5
+    direction = torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)
+    features = torch.stack([-2.8e5 * direction, torch.zeros(3, dtype=torch.float64), 2.8e5 * direction])
+    lattice = PermutohedralLattice(features)
+    values = torch.tensor([[1.0, -2.0], [3.0, 0.5], [-4.0, 2.5]], dtype=torch.float64)
+    together = lattice.filter(values)
+    for i in range(3):  # too far apart to share a vertex: each point filters as it would alone
+        alone = PermutohedralLattice(features[i : i + 1]).filter(values[i : i + 1])
+        torch.testing.assert_close(together[i : i + 1], alone, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"64-bit lattice key \(64 bits needed\)"):
+        PermutohedralLattice(features * (3e5 / 2.8e5))
+
+
+def test_lattice_takes_scaled_features_up_to_but_not_reaching_its_float_key_range():
+    # d = 1: the scaled features must stay below 2^22 / 2
+    at_the_limit = 2.0**21 / ONE_D_SCALE
+    assert at_the_limit * ONE_D_SCALE == 2.0**21
+    below = float(np.nextafter(at_the_limit, 0.0))
+    assert PermutohedralLattice(torch.tensor([[0.0], [below]], dtype=torch.float64)).num_points == 2
+    with pytest.raises(ValueError, match="features out of range for the lattice"):
+        PermutohedralLattice(torch.tensor([[0.0], [at_the_limit]], dtype=torch.float64))
+
+
 # ---------------------------------------------------------------------------- mean field
 
 
