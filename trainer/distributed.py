@@ -26,7 +26,8 @@ What a step is with W processes (`train` documents the rest):
 - Where rank 0 fails while writing (a full disk, an unwritable folder), every process stops with an
   error (`fail_together`), under any launcher: the others do not wait for it in their next collective.
 
-Tested with gloo on CPUs only (tests/trainer/test_distributed.py); the NCCL path has not run on GPUs.
+Tested with gloo on CPUs (tests/trainer/test_distributed.py). The NCCL path has run in one process
+only, under torchrun on one lent H200 (docs/benchmarks.md, stop 28): NCCL with several processes has not.
 """
 
 from __future__ import annotations
