@@ -5,6 +5,8 @@ the detections."""
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 import pytest
 import torch
@@ -126,6 +128,46 @@ def test_float_box_corners_select_the_pixels_between_them(smooth_image, field_un
     assert np.array_equal(fractional[0], integer[0]) and np.array_equal(fractional[1], integer[1])
 
 
+def test_a_box_reaching_past_the_image_counts_only_its_pixels_inside(smooth_image, field_unary):
+    # the part outside is ignored: the potential (n_d above all) is that of the box clipped to the image
+    arrays = list(case(9, 3, 14, 17, 2, smooth_image, field_unary))
+    arrays[5] = np.array([[-3.0, 5.0, 30.0, 40.0], [6.0, -2.5, 16.0, 13.0]], np.float32)
+    past = run_native(*arrays, 2)
+    arrays[5] = np.array([[0.0, 5.0, 16.0, 13.0], [6.0, 0.0, 16.0, 13.0]], np.float32)
+    inside = run_native(*arrays, 2)
+    assert np.array_equal(past[0], inside[0]) and np.array_equal(past[1], inside[1])
+
+
+def test_without_kernels_the_detection_potential_is_the_whole_message(smooth_image, field_unary):
+    # the trainer's definition with zero kernel weights: L^t = U + D(Q^{t-1}), every iteration from U afresh
+    image, unary, spatial, bilateral, compat, boxes, classes, scores, weights = case(
+        4, 4, 18, 21, 3, smooth_image, field_unary)
+    zero = np.zeros_like(spatial)
+    expected_logits, expected_scores = run_reference(image, unary, zero, zero, compat, boxes, classes, scores,
+                                                     weights, 3)
+    for threads in (1, 0):
+        recalibrated = np.full(len(scores), np.nan, np.float32)
+        detections = _native.DetectionPotential(
+            boxes=boxes, labels=classes, scores=scores, detection_x=np.array([weights[0]], np.float32),
+            detection_y=np.array([weights[1]], np.float32), score_ceiling=1.0, epsilon=1e-4,
+            recalibrated=recalibrated)
+        logits = _native.Problem(4, 18, 21, None, [], compat=None, normalization="after", iterations=3,
+                                 output=_native.Output.LOGITS, threads=threads, detections=detections).forward(unary)
+        assert np.abs(logits - expected_logits).max() <= 1e-5 * np.abs(expected_logits).max()
+        np.testing.assert_allclose(recalibrated, expected_scores, rtol=0, atol=1e-5)
+
+
+def test_one_thread_with_potts_and_scalar_weights_keeps_the_detection_potential(smooth_image, field_unary):
+    # what one thread streams when there are no detections: the potential must take it off that path
+    image, unary, _, _, _, boxes, classes, scores, weights = case(6, 5, 24, 30, 4, smooth_image, field_unary)
+    spatial, bilateral = np.array([3.0], np.float32), np.array([5.0], np.float32)
+    results = [run_native(image, unary, spatial, bilateral, None, boxes, classes, scores, weights, 3, threads=threads)
+               for threads in (1, 0)]
+    assert np.array_equal(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1])
+    plain = native_problem(unary, image, spatial, bilateral, None, None, 3, threads=1).forward(unary)
+    assert np.abs(plain - results[0][0]).max() > 1e-2
+
+
 def bad(arrays, field: str, value):
     arrays = list(arrays)
     index = {"boxes": 5, "labels": 6, "scores": 7}[field]
@@ -170,12 +212,34 @@ def test_a_box_beyond_the_last_pixel_of_a_side_longer_than_float32_counts_is_out
 @pytest.mark.parametrize(
     "settings, message",
     [({"score_ceiling": 0.0}, "score_ceiling must be finite and > 0"),
+     ({"score_ceiling": float("inf")}, "score_ceiling must be finite and > 0, got inf"),
      ({"epsilon": 1.0}, r"epsilon must be in \[0, 1\)"), ({"epsilon": -0.1}, r"epsilon must be in \[0, 1\)")],
 )
 def test_bad_constants_are_named(settings, message, smooth_image, field_unary):
     arrays = case(2, 3, 16, 16, 2, smooth_image, field_unary)
     with pytest.raises(InvalidArgumentError, match=message):
         run_native(*arrays, 2, **settings)
+
+
+def test_a_detection_count_past_the_limit_is_refused_before_any_box_is_read():
+    # 2**29 detections: their 4 box values each would overflow 32-bit entry indices. The one box there is NaN,
+    # so a library that read it anyway would say that instead
+    boxes = np.full((1, 4), np.nan, np.float32)
+    labels, scores, weight = np.zeros(1, np.int64), np.ones(1, np.float32), np.ones(1, np.float32)
+    detections = _native._Detections(
+        count=2**29, boxes=boxes.ctypes.data_as(_native._f32p),
+        labels=labels.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)), scores=scores.ctypes.data_as(_native._f32p),
+        detection_x=weight.ctypes.data_as(_native._f32p), detection_y=weight.ctypes.data_as(_native._f32p),
+        score_ceiling=1.0, epsilon=0.1, recalibrated=None)
+    problem = _native._Problem(num_labels=2, height=4, width=5, image_channels=0, image=None, num_kernels=0,
+                               kernels=None, compat_kind=_native.CompatKind.POTTS, compat=None, normalization=0,
+                               iterations=1, output=_native.Output.LOGITS, threads=1,
+                               detections=ctypes.pointer(detections))
+    size = ctypes.c_size_t()
+    status = _native.library().dynseg_crf_workspace_size(ctypes.byref(problem), _native.Pass.FORWARD,
+                                                         ctypes.byref(size))
+    assert status == _native.Status.INVALID_ARGUMENT
+    assert _native.library().dynseg_last_error().decode() == "detections->count must be in 0..536870911, got 536870912"
 
 
 def test_no_detections_is_no_potential_whatever_its_constants(smooth_image, field_unary):
@@ -190,9 +254,10 @@ def test_no_detections_is_no_potential_whatever_its_constants(smooth_image, fiel
                                   without)
 
 
-def test_non_finite_weights_are_named(smooth_image, field_unary):
+@pytest.mark.parametrize("weights", [(np.nan, 1.0), (1.0, np.inf)], ids=["detection_x", "detection_y"])
+def test_non_finite_weights_are_named(weights, smooth_image, field_unary):
     arrays = list(case(2, 3, 16, 16, 2, smooth_image, field_unary))
-    arrays[8] = (np.float32(np.nan), np.float32(1.0))
+    arrays[8] = tuple(np.float32(w) for w in weights)
     with pytest.raises(InvalidArgumentError, match="detection_x and detection_y must be finite"):
         run_native(*arrays, 2)
 

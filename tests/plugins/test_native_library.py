@@ -193,6 +193,86 @@ def test_the_filter_refuses_non_finite_values_and_an_output_that_overflows(smoot
         problem.filter(0, np.full((1, 8, 9), 3e38, np.float32), False)
 
 
+@pytest.mark.parametrize("theta_color, bits", [(5e4, 63), (7e4, 64)])
+def test_lattice_keys_take_at_most_63_bits(theta_color, bits):
+    # 13 colour channels: fifteen coordinates of 4 or 5 bits land just either side of the bound (the reference
+    # counts the same bits); the 64th bit stays free, so that no key can be the hash table's empty marker
+    height, width = 4, 5
+    yy, xx = np.mgrid[0:height, 0:width]
+    image = np.stack([10.0 * c + xx + 2 * yy for c in range(13)], axis=-1).astype(np.float32)
+    problem = _native.Problem(2, height, width, np.ascontiguousarray(image.transpose(2, 0, 1)),
+                              [_native.Kernel(1e4, theta_color, np.ones(1, np.float32))], compat=None,
+                              normalization="after", iterations=1, output=_native.Output.LOGITS, threads=0)
+    values = np.random.default_rng(0).standard_normal((2, height, width)).astype(np.float32)
+    features = gaussian_features(torch.from_numpy(image), height, width, 1e4, theta_color)
+    if bits == 63:
+        expected = PermutohedralLattice(features).filter(torch.from_numpy(values.reshape(2, -1).T.copy())).numpy().T
+        assert relative_error(problem.filter(0, values, False), expected) <= 1e-5
+    else:
+        with pytest.raises(InvalidArgumentError, match="64-bit lattice key"):
+            PermutohedralLattice(features)
+        with pytest.raises(InvalidArgumentError, match="lattice keys need 64 bits but only 63 fit a 64-bit key"):
+            problem.filter(0, values, False)
+
+
+def test_the_lanes_past_the_last_pixel_do_not_count_towards_the_feature_range():
+    # 1001 rows of one pixel: the last block of eight holds one pixel. Rows 1001..1007 do not exist, so their
+    # features (past 2^22 / 4 at this theta, where row 1000's is just inside) must not refuse the lattice
+    height, width, theta = 1001, 1, 9.58e-4
+    problem = _native.Problem(1, height, width, None, [_native.Kernel(theta, 0.0, np.ones(1, np.float32))],
+                              compat=None, normalization="after", iterations=1, output=_native.Output.LOGITS, threads=0)
+    values = np.random.default_rng(0).standard_normal((1, height, width)).astype(np.float32)
+    lattice = PermutohedralLattice(gaussian_features(None, height, width, theta, None))
+    expected = lattice.filter(torch.from_numpy(values.reshape(1, -1).T.copy())).numpy().T
+    assert relative_error(problem.filter(0, values, False), expected) <= 1e-5
+    with pytest.raises(InvalidArgumentError, match=r"features out of range for the lattice.*\(2\^22 / 4\)"):
+        PermutohedralLattice(gaussian_features(None, height + 7, width, theta, None))
+
+
+def test_the_library_takes_the_13_colour_channels_and_8_kernels_its_header_allows():
+    # DYNSEG_MAX_COLOR_CHANNELS and DYNSEG_MAX_KERNELS are inclusive bounds; 13 channels fit 64-bit keys only
+    # where the features barely vary (a small image, wide thetas)
+    labels, height, width = 3, 4, 5
+    yy, xx = np.mgrid[0:height, 0:width]
+    image = np.stack([10.0 * c + xx + 2 * yy for c in range(13)], axis=-1).astype(np.float32)
+    thetas = [(3.0, 0.0), (1e4, 1e3), (5.0, 0.0), (1e4, 1e4), (8.0, 0.0), (1e4, 2e3), (2.0, 0.0), (1e4, 5e3)]
+    weights = [np.array([0.5 + k], np.float32) for k in range(8)]
+    unary = np.random.default_rng(0).standard_normal((labels, height, width)).astype(np.float32)
+    problem = _native.Problem(
+        labels, height, width, np.ascontiguousarray(image.transpose(2, 0, 1)),
+        [_native.Kernel(xy, colour, w) for (xy, colour), w in zip(thetas, weights)], compat=None,
+        normalization="after", iterations=2, output=_native.Output.LOGITS, threads=0,
+    )
+    colour = torch.from_numpy(image)
+    kernels = [(PermutohedralLattice(gaussian_features(colour if c else None, height, width, xy, c or None)),
+                float(w[0])) for (xy, c), w in zip(thetas, weights)]
+    expected = mean_field_reference(torch.from_numpy(unary), kernels, iterations=2).numpy()
+    assert relative_error(problem.forward(unary), expected) <= 1e-5
+
+
+@pytest.mark.parametrize("order", ["matrix first", "scalar first"])
+def test_scalar_and_matrix_weights_mix_in_one_problem(order, smooth_image):
+    # one matrix weight sends every kernel down the general path, where a scalar kernel's message adds to the
+    # messages before it rather than start again from the unary
+    labels, height, width = 4, 12, 15
+    image = smooth_image(height, width)
+    rng = np.random.default_rng(5)
+    unary = (2 * rng.standard_normal((labels, height, width))).astype(np.float32)
+    matrix = (np.eye(labels) * 3 + rng.uniform(0, 0.5, (labels, labels))).astype(np.float32)
+    scalar = np.array([4.0], np.float32)
+    kernels = [((3.0, 0.0), matrix), ((8.0, 13.0), scalar), ((3.0, 0.0), scalar)]
+    if order == "scalar first":
+        kernels = kernels[::-1]
+    problem = _native.Problem(labels, height, width, planar(image),
+                              [_native.Kernel(xy, colour, w) for (xy, colour), w in kernels], compat=None,
+                              normalization="after", iterations=3, output=_native.Output.LOGITS, threads=0)
+    colour = torch.from_numpy(image)
+    reference = [(PermutohedralLattice(gaussian_features(colour if c else None, height, width, xy, c or None)),
+                  torch.from_numpy(w) if w.size > 1 else float(w[0])) for (xy, c), w in kernels]
+    expected = mean_field_reference(torch.from_numpy(unary), reference, iterations=3).numpy()
+    assert relative_error(problem.forward(unary), expected) <= 1e-5
+
+
 # ---------------------------------------------------------------------------- backward
 
 
@@ -403,6 +483,7 @@ BROKEN_FIELDS = {
     "theta_xy 0": (_set_kernel("theta_xy", 0.0), r"kernels\[1\]\.theta_xy"),
     "theta_xy NaN": (_set_kernel("theta_xy", float("nan")), r"kernels\[1\]\.theta_xy"),
     "theta_color negative": (_set_kernel("theta_color", -1.0), r"kernels\[1\]\.theta_color"),
+    "theta_color inf": (_set_kernel("theta_color", float("inf")), r"kernels\[1\]\.theta_color"),
     "weight_kind 2": (_set_kernel("weight_kind", 2), r"kernels\[1\]\.weight_kind"),
     "weight NULL": (_set_kernel("weight", None), r"kernels\[1\]\.weight"),
     "compat_kind 3": (_set("compat_kind", 3), "compat_kind"),
@@ -453,6 +534,75 @@ def test_the_library_refuses_a_non_finite_image_or_compat_value_naming_it(where,
         problem.forward(np.zeros((2, 6, 7), np.float32))
 
 
+@pytest.mark.parametrize("where, named", [
+    ("matrix weight", r"kernels\[1\]\.weight holds a non-finite value"), ("full compat", "compat holds a non-finite"),
+    ("image", "image holds a non-finite"), ("unary", "unary holds a non-finite"),
+])
+def test_the_library_checks_every_value_of_an_array_up_to_the_last(where, named, smooth_image):
+    # the last value of each array: a scan that stopped one short, or after L values of an L x L array, misses it
+    labels, height, width = 3, 6, 7
+    image = planar(smooth_image(height, width))
+    weight = np.full((labels, labels), 0.5, np.float32)
+    compat = -np.eye(labels, dtype=np.float32)
+    unary = np.zeros((labels, height, width), np.float32)
+    {"matrix weight": weight, "full compat": compat, "image": image, "unary": unary}[where].reshape(-1)[-1] = np.inf
+    problem = _native.Problem(labels, height, width, image, [_native.Kernel(3.0, 0.0, np.ones(1, np.float32)),
+                                                             _native.Kernel(8.0, 13.0, weight)],
+                              compat=compat, normalization="after", iterations=1, output=_native.Output.LOGITS,
+                              threads=0)
+    with pytest.raises(InvalidArgumentError, match=named):
+        problem.forward(unary)
+
+
+def test_backward_refuses_non_finite_grad_logits_and_a_null_pointer_naming_them():
+    problem = _native.Problem(2, 6, 7, None, [_native.Kernel(3.0, 0.0, np.ones(1, np.float32))], compat=None,
+                              normalization="after", iterations=1, output=_native.Output.LOGITS, threads=0)
+    unary, grad_unary = np.zeros((2, 6, 7), np.float32), np.zeros((2, 6, 7), np.float32)
+    grad_logits = np.zeros_like(unary)
+    grad_logits[-1, -1, -1] = np.nan
+    with pytest.raises(InvalidArgumentError, match="grad_logits holds a non-finite value"):
+        problem.backward(unary, grad_logits, [True], False)
+    workspace = problem.workspace(_native.Pass.BACKWARD)
+    status = _native.library().dynseg_crf_backward(
+        ctypes.byref(problem.struct), unary.ctypes.data_as(_native._f32p), None,
+        grad_unary.ctypes.data_as(_native._f32p), None, None, workspace.ctypes.data, workspace.nbytes)
+    assert status == _native.Status.INVALID_ARGUMENT
+    assert "grad_logits" in _native.library().dynseg_last_error().decode()
+
+
+def _size_query_status(problem: _native._Problem, pass_: int = _native.Pass.FORWARD) -> tuple[int, str]:
+    size = ctypes.c_size_t()
+    status = _native.library().dynseg_crf_workspace_size(ctypes.byref(problem), pass_, ctypes.byref(size))
+    return status, _native.library().dynseg_last_error().decode()
+
+
+def _sizes_only(labels: int, height: int, width: int, iterations: int) -> _native._Problem:
+    """A problem without kernels or image: the size query reads nothing per pixel, so no array is needed."""
+    return _native._Problem(num_labels=labels, height=height, width=width, image_channels=0, image=None,
+                            num_kernels=0, kernels=None, compat_kind=_native.CompatKind.POTTS, compat=None,
+                            normalization=0, iterations=iterations, output=_native.Output.LOGITS, threads=1)
+
+
+@pytest.mark.parametrize("height, width", [(1, (2**31 - 1) // 16), (3, (2**31 - 1) // 48 + 1),
+                                           ((2**31 - 1) // 16 + 1, 1)])
+def test_the_pixel_limit_is_int32_max_over_16_rounded_down_exactly(height, width):
+    status, message = _size_query_status(_sizes_only(1, height, width, 1))
+    if height * width <= (2**31 - 1) // 16:
+        assert status == _native.Status.OK, message
+    else:
+        assert status == _native.Status.INVALID_ARGUMENT
+        assert re.search(rf"image of {height}x{width} pixels is too large \(at most 134217727 pixels\)", message)
+
+
+def test_labels_pixels_and_iterations_whose_product_overflows_are_refused_by_the_size_query():
+    # 65536 labels x 134217727 pixels x (2**31 - 1) iterations of history: far past int64
+    problem = _sizes_only(65536, 1, (2**31 - 1) // 16, 2**31 - 1)
+    for pass_ in (_native.Pass.FORWARD, _native.Pass.BACKWARD):
+        status, message = _size_query_status(problem, pass_)
+        assert status == _native.Status.INVALID_ARGUMENT
+        assert "num_labels x pixels x iterations overflows: 65536 x 134217727 x 2147483647" in message
+
+
 @pytest.mark.parametrize("change, named", [
     ("matrix weights", "the kernel weights"), ("full compatibility", "the compatibility"),
     ("detection score", r"the detection scores \(largest \|score\| 3.4e\+38\)"),
@@ -483,6 +633,20 @@ def test_gradients_that_overflow_float32_are_refused_not_returned_as_nan(smooth_
     unary = np.zeros((3, 6, 7), np.float32)
     with pytest.raises(InvalidArgumentError, match="the gradients overflowed float32 during the backward pass"):
         problem.backward(unary, np.full_like(unary, 3.4e38), [True], False)
+
+
+def test_a_compatibility_gradient_that_overflows_float32_is_refused_even_alone():
+    # every pixel's gradient is finite, but dmu sums 80 of them (in double) past FLT_MAX; with no weight
+    # gradient asked for, only grad_compat can tell
+    labels, height, width = 2, 8, 10
+    problem = _native.Problem(labels, height, width, None, [_native.Kernel(3.0, 0.0, np.ones(1, np.float32))],
+                              compat=-np.ones(labels, np.float32), normalization="after", iterations=1,
+                              output=_native.Output.LOGITS, threads=0)
+    unary = np.zeros((labels, height, width), np.float32)
+    grad_unary, _, _ = problem.backward(unary, np.full_like(unary, 3e37), [False], False)
+    assert np.all(np.isfinite(grad_unary))
+    with pytest.raises(InvalidArgumentError, match="the gradients overflowed float32 during the backward pass"):
+        problem.backward(unary, np.full_like(unary, 3e37), [False], True)
 
 
 def test_a_null_problem_is_rejected():

@@ -132,6 +132,18 @@ def test_results_are_bitwise_identical_run_to_run_and_for_any_thread_count(
         assert np.array_equal(dense_crf(unary, image, normalization=normalization, threads=threads), first), threads
 
 
+@pytest.mark.parametrize("n_labels", [33, 40, 64])
+def test_label_counts_between_one_and_two_label_tiles_give_the_same_bits_on_one_thread_as_on_several(
+    n_labels, smooth_image, smooth_unary
+):
+    # one thread streams at most 32 labels (one label tile); more must take the tiled path
+    image, unary = smooth_image(30, 40), smooth_unary(n_labels, 30, 40, amplitude=6.0)
+    one = dense_crf(unary, image, threads=1)
+    assert np.array_equal(one, dense_crf(unary, image, threads=2))
+    expected = dense_crf_reference(torch.from_numpy(unary), torch.from_numpy(image), iterations=5).numpy()
+    assert np.abs(one - expected).max() <= PARITY_ATOL
+
+
 def test_the_thread_count_reaches_the_native_library(monkeypatch, smooth_image, smooth_unary):
     # results do not depend on it (above), so a call-through spy sees what the library is asked for
     asked = []
@@ -381,6 +393,9 @@ KEY_RANGE_CASES = {
     # features up to 1.5e8: far beyond float32's exact integers (2**24), the lattice is meaningless
     "spatial theta 1e-6 on 150x150": dict(
         height=150, width=150, image="gradient", spatial=(1e-6, 3.0), bilateral=None),
+    # features up to 1.7e6: inside 2^22 / d, but the elevated coordinates sum 2d of them
+    "spatial theta 1e-3 on 1x1000": dict(
+        height=1, width=1000, image="gradient", spatial=(1e-3, 3.0), bilateral=None),
 }
 
 
