@@ -52,13 +52,13 @@ def colour_ramps(height: int, width: int) -> np.ndarray:
 
 def make_problem(
     labels: int, image: np.ndarray, kernels: list[tuple[float, float, np.ndarray]], compat: np.ndarray | None = None,
-    normalization: str = "after", output: n.Output = n.Output.PROBABILITIES,
+    normalization: str = "after", output: n.Output = n.Output.PROBABILITIES, iterations: int = 3,
 ) -> n.Problem:
-    """Three iterations of mean field on `image` (H, W, 3) with (theta_xy, theta_color, weight) kernels."""
+    """`iterations` (three) of mean field on `image` (H, W, C) with (theta_xy, theta_color, weight) kernels."""
     height, width = image.shape[:2]
     planar = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
     return n.Problem(labels, height, width, planar, [n.Kernel(*k) for k in kernels], compat=compat,
-                     normalization=normalization, iterations=3, output=output, threads=0)
+                     normalization=normalization, iterations=iterations, output=output, threads=0)
 
 
 failures = 0
@@ -259,6 +259,82 @@ def main() -> int:
     ok = buffers[0] == buffers[1] == buffers[2] and len(buffers[0]) == 2
     print(f"{'ok' if ok else 'MISMATCH'}  dense_crf_cuda keeps its workspace and weights buffers: {buffers[0]}")
     failures += not ok
+
+    # Edges that mutation testing of the CUDA kernels found no case above reaching, one iteration each.
+    # A flat image under a wide kernel: every vertex, the first two (pixel 0's) included, owns whole
+    # chunks, which place_chunks lays out after those of the vertices before it
+    unary = rng.normal(0, 2, (3, 16, 16)).astype(np.float32)
+    problem = make_problem(3, np.full((16, 16, 3), 120, np.uint8), [(80.0, 13.0, scalar(5.0))], iterations=1)
+    check("flat image: every vertex in whole chunks", problem.forward(unary), forward_cuda(problem, unary), 1e-5)
+    # a 5x4 spatial lattice whose packed keys fill their coordinates' bit fields: a neighbour below a
+    # coordinate's low end would borrow from the next coordinate's bits and alias a vertex that exists
+    unary = rng.normal(0, 2, (2, 5, 4)).astype(np.float32)
+    problem = n.Problem(2, 5, 4, None, [n.Kernel(1.5, 0.0, scalar(3.0))], compat=None, normalization="after",
+                        iterations=1, output=n.Output.LOGITS, threads=0)
+    check("5x4 spatial lattice: no neighbour below the key range", problem.forward(unary), forward_cuda(problem, unary),
+          1e-5)
+    # one grey channel (d = 3) and 13 channels (d = 15): the embedding's unstaged path, for a d other
+    # than 2 and 5; the 13 channels' keys take exactly the 63 bits a key may have (the C++ tests' bound)
+    unary = rng.normal(0, 2, (3, 19, 23)).astype(np.float32)
+    problem = make_problem(3, colour_ramps(19, 23)[..., 2:], [(5.0, 10.0, scalar(5.0))], iterations=1)
+    check("one colour channel", problem.forward(unary), forward_cuda(problem, unary), 1e-5)
+    ys, xs = np.mgrid[0:4, 0:5]
+    thirteen = np.stack([10.0 * c + xs + 2 * ys for c in range(13)], -1).astype(np.float32)
+    unary = rng.normal(0, 2, (3, 4, 5)).astype(np.float32)
+    problem = make_problem(3, thirteen, [(1e4, 5e4, scalar(3.0))], output=n.Output.LOGITS, iterations=1)
+    check("13 colour channels, 63-bit keys", problem.forward(unary), forward_cuda(problem, unary), 1e-5)
+    # Potts with scalar and matrix weights mixed: the kernels filter one at a time, the matrix message
+    # adds to the first kernel's (not to U) and the last kernel's slice adds to both
+    labels, height, width = 5, 9, 11
+    unary = rng.normal(0, 2, (labels, height, width)).astype(np.float32)
+    matrix = rng.normal(0, 1, (labels, labels)).astype(np.float32)
+    problem = make_problem(labels, colour_ramps(height, width),
+                           [(3.0, 0.0, scalar(2.0)), (20.0, 30.0, matrix), (10.0, 20.0, scalar(1.5))],
+                           output=n.Output.LOGITS, iterations=1)
+    check("Potts, scalar and matrix weights mixed", problem.forward(unary), forward_cuda(problem, unary), 1e-5)
+    # the gradients of a matrix weight under a diagonal compatibility, on 391 pixels: two pixel chunks
+    # of 196 for the parameter sums, the last one short
+    labels, height, width = 5, 17, 23
+    unary = rng.normal(0, 2, (labels, height, width)).astype(np.float32)
+    grad = rng.normal(size=unary.shape).astype(np.float32)
+    kernels = [(20.0, 30.0, rng.normal(0, 1, (labels, labels)).astype(np.float32)), (3.0, 0.0, scalar(2.0))]
+    compat = rng.uniform(-2, 0, labels).astype(np.float32)
+    problem = make_problem(labels, colour_ramps(height, width), kernels, compat=compat, output=n.Output.LOGITS,
+                           iterations=1)
+    expected = problem.backward(unary, grad, [True, True], True)
+    got = backward_cuda(problem, unary, grad, [k[2] for k in kernels], compat)
+    check("matrix weight, diagonal compatibility, short last chunk: unary", expected[0], got[0], 1e-4)
+    check("  weights", np.concatenate([w.ravel() for w in expected[1]]), np.concatenate([w.ravel() for w in got[1]]),
+          1e-4)
+    check("  compatibility", expected[2], got[2], 1e-4)
+    # a scalar weight under a full compatibility of 12 labels: P's 144 entries, more than half a
+    # block, in the scalar weight's reduction tree
+    labels = 12
+    unary = rng.normal(0, 2, (labels, 8, 9)).astype(np.float32)
+    grad = rng.normal(size=unary.shape).astype(np.float32)
+    compat = rng.normal(0, 1, (labels, labels)).astype(np.float32)
+    problem = make_problem(labels, colour_ramps(8, 9), [densecrf[1]], compat=compat, output=n.Output.LOGITS,
+                           iterations=1)
+    expected = problem.backward(unary, grad, [True], True)
+    got = backward_cuda(problem, unary, grad, [densecrf[1][2]], compat)
+    check("scalar weight, full compatibility, 12 labels: unary", expected[0], got[0], 1e-4)
+    check("  weight", expected[1][0], got[1][0], 1e-4)
+    check("  compatibility", expected[2], got[2], 1e-4)
+    # a box of 320 pixels, more than the block's threads, whose Q sum takes the whole reduction tree
+    results = []
+    for on_gpu in (False, True):
+        recalibrated = np.full(2, np.nan, np.float32)
+        detections = n.DetectionPotential(boxes=np.array([[0, 0, 19, 15], [2, 3, 9, 8]], np.float32),
+                                          labels=np.array([1, 2], np.int64), scores=np.array([0.6, 0.9], np.float32),
+                                          detection_x=np.array([1.3], np.float32),
+                                          detection_y=np.array([0.8], np.float32), score_ceiling=1.0, epsilon=1e-4,
+                                          recalibrated=recalibrated)
+        problem = n.Problem(3, 16, 20, None, [n.Kernel(3.0, 0.0, scalar(3.0))], compat=None, normalization="after",
+                            iterations=1, output=n.Output.LOGITS, threads=0, detections=detections)
+        unary = np.random.default_rng(3).normal(0, 3, (3, 16, 20)).astype(np.float32)
+        results.append((problem.forward_from_host(unary, 0) if on_gpu else problem.forward(unary), recalibrated))
+    check("a box larger than a block: logits", results[0][0], results[1][0], 1e-5)
+    check("  recalibrated scores", results[0][1], results[1][1], 1e-5)
     print("all match" if failures == 0 else f"{failures} mismatches")
     return 1 if failures else 0
 
