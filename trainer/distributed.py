@@ -108,9 +108,9 @@ def all_reduce(values: Sequence[float], op: str = "sum") -> list[float]:
 
 @contextmanager
 def fail_together(where: str) -> Iterator[None]:
-    """Every process enters the block (most run it for rank 0's sake alone) and leaves it together: if
-    it raised in any process, that process raises its error and every other one an error naming
-    `where`. Without it the others would go on to their next collective and wait there for the failed
+    """Every process enters the block, though in most uses only rank 0 does anything in it, and leaves it
+    together: if it raised in any process, that process raises its error and every other one an error
+    naming `where`. Without it the others would go on to their next collective and wait there for the failed
     process, under NCCL until its timeout, unless the launcher (torchrun) stops them."""
     failure = None
     try:
