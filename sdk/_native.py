@@ -173,12 +173,19 @@ def library() -> ctypes.CDLL:
     global _lib
     with _lock:
         if _lib is None:
-            path = library_path()
-            lib = ctypes.CDLL(str(path))
+            lib, path = _load()
+            if not hasattr(lib, "dynseg_abi_version"):
+                raise NativeError(f"{path} is not dynseg's native library: it has no dynseg_abi_version")
             _refuse_a_foreign_cpu(lib, path)
+            lib.dynseg_abi_version.restype = ctypes.c_int32
+            # before any other symbol: another ABI's library may lack them
+            if lib.dynseg_abi_version() != ABI_VERSION:
+                raise NativeError(
+                    f"{path} speaks C ABI {lib.dynseg_abi_version()}, this dynseg needs {ABI_VERSION}: "
+                    "rebuild it with `pip install --force-reinstall --no-deps .` from the dynseg source tree"
+                )
             lib.dynseg_version.restype = ctypes.c_char_p
             lib.dynseg_last_error.restype = ctypes.c_char_p
-            lib.dynseg_abi_version.restype = ctypes.c_int32
             lib.dynseg_max_threads.restype = ctypes.c_int32
             problem = ctypes.POINTER(_Problem)
             lib.dynseg_crf_workspace_size.argtypes = [problem, ctypes.c_int32, ctypes.POINTER(ctypes.c_size_t)]
@@ -210,13 +217,21 @@ def library() -> ctypes.CDLL:
             lib.dynseg_cuda_stream_create.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
             lib.dynseg_cuda_stream_synchronize.argtypes = [ctypes.c_void_p]
             lib.dynseg_cuda_stream_destroy.argtypes = [ctypes.c_void_p]
-            if lib.dynseg_abi_version() != ABI_VERSION:
-                raise NativeError(
-                    f"{library_path()} speaks C ABI {lib.dynseg_abi_version()}, this dynseg needs {ABI_VERSION}: "
-                    "rebuild it with `pip install --force-reinstall --no-deps .` from the dynseg source tree"
-                )
             _lib = lib
     return _lib
+
+
+def _load() -> tuple[ctypes.CDLL, Path]:
+    """The library file, loaded; NativeError where there is none, or none that loads (the loader's
+    reason: not a shared library, a missing dependency)."""
+    try:
+        path = library_path()
+    except FileNotFoundError as error:
+        raise NativeError(str(error)) from error
+    try:
+        return ctypes.CDLL(str(path)), path
+    except OSError as error:
+        raise NativeError(f"dynseg's native library {path} does not load: {error}") from error
 
 
 def _refuse_a_foreign_cpu(lib: ctypes.CDLL, path: Path) -> None:

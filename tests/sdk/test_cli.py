@@ -30,6 +30,15 @@ def test_version_prints_the_package_and_native_library_versions() -> None:
     assert kernels in result.output
 
 
+def test_version_still_prints_where_the_native_library_is_missing(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(_native, "_lib", None)  # loaded afresh, from the variable
+    monkeypatch.setenv("DYNSEG_LIBRARY", str(tmp_path / "nowhere.so"))
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0, result.output
+    assert f"dynseg {dynseg.sdk.__version__} (native library unavailable (" in result.output
+    assert "nowhere.so" in result.output
+
+
 def test_help_lists_the_demo_command() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0, result.output
