@@ -4,7 +4,9 @@ Commands: `dynseg --version`, `dynseg --help`, `dynseg demo` (dynseg.sdk.demo.ru
 installed, `dynseg train` (dynseg.trainer.train.fit) and `dynseg eval` (dynseg.sdk.commands.evaluate, for a
 checkpoint or an exported model). Deployment (docs/deploy.md): `dynseg export` (torch;
 dynseg.export.onnx.export_onnx), `dynseg infer` and `dynseg bench` (no torch), `dynseg validate` and
-`dynseg quickstart` (torch), each over its module in dynseg.sdk.commands. No work is done here.
+`dynseg quickstart` (torch), each over its module in dynseg.sdk.commands. What stays here is
+resolving arguments and their defaults (eval's dataset, seed and image size come from the
+checkpoint's record), and the messages.
 Errors dynseg raises on purpose, and files or folders the system refuses, print one line and exit
 with status 1.
 """
@@ -21,7 +23,7 @@ import typer
 from typer.core import TyperGroup
 
 from . import __version__
-from .commands import defaults
+from .commands import defaults, parity
 from .commands import quickstart as quickstart_job
 from .errors import INSTALL_TRAINER, DynsegError, InvalidArgumentError, counted
 from .graph import DEFAULT_ENGINE_DETECTIONS, DEFAULT_ENGINE_SIZES, DEFAULT_MAX_DETECTIONS, MAX_DETECTIONS
@@ -598,7 +600,12 @@ _NO_INSTANCES = ("note: the checkpoint found no instance in any image (column N)
                  "compared background only")
 
 
-@app.command()
+@app.command(help=(
+    "Parity of the exported model (onnxruntime) with its checkpoint (PyTorch): the CRF nodes' attributes and "
+    "weights equal the checkpoint's; on the images, max |Δ| of the instance probabilities "
+    f"(<= {parity.PROBABILITY_ATOL:g}) and of the semantic ones (<= {parity.SEMANTIC_ATOL:g}), argmax agreement "
+    f"on decided pixels (>= {parity.MIN_AGREEMENT:.1%}), per-instance mask IoU (>= {parity.MIN_IOU:g}). Exit "
+    "status 1 when any check fails."))
 def validate(
     model: Path = typer.Argument(..., help="The exported .onnx model."),
     checkpoint: Path = typer.Option(..., "--checkpoint", exists=True, file_okay=False,
@@ -610,49 +617,12 @@ def validate(
     device: str = typer.Option("cpu", "--device", help="Where the exported model runs: cpu, cuda or cuda:N "
                                                        "(PyTorch, the reference, runs on the CPU)."),
 ) -> None:
-    """Parity of the exported model (onnxruntime) with its checkpoint (PyTorch): the CRF nodes' attributes
-    and weights equal the checkpoint's; on the images, max |Δ| of the instance probabilities (<= 1e-4)
-    and of the semantic ones (<= 1e-3), argmax agreement on decided pixels (>= 99.9 %), per-instance
-    mask IoU (>= 0.99). Exit status 1 when any check fails."""
     _torch_or_fail("dynseg validate")
-    from .commands import parity
-    from .commands.images import generated_detections, read_detections, sample_cases
-    from .segmenter import Segmenter
-    from .inputs import load_image
-
     if detections is not None and not images:
         raise typer.BadParameter("--detections needs --images, the files it names", param_hint="--detections")
     _check_device(device)
-    from dynseg.export.ops import crf_node_differences
-    from dynseg.trainer.checkpoint import load_checkpoint
-
-    from .graph import read_export
-
     try:
-        exported = Segmenter(model, backend="onnxruntime", device=device)
-        try:
-            network = load_checkpoint(checkpoint)
-        except FileNotFoundError as error:
-            raise InvalidArgumentError(str(error)) from None
-        reference = Segmenter.of_network(network, path=checkpoint)
-        parity.check_same_model(exported, reference)
-        # the graph's CRFs must be the checkpoint's: images compare them only where the CRFs change the output
-        differences = crf_node_differences(read_export(model).model, network)
-        if differences:
-            raise _fail(f"{model}'s CRF nodes are not {checkpoint}'s CRFs: " + "; ".join(differences))
-        # generated detections: as many classes as the model, no more boxes than it takes
-        classes, most = len(exported.class_names), exported.max_detections
-        if not images:
-            cases = sample_cases(classes, most)
-        else:
-            pictures = [load_image(path) for path in images]
-            if detections is None:
-                found = [generated_detections(p.shape[0], p.shape[1], min(5, most), num_classes=classes, seed=i)
-                         for i, p in enumerate(pictures)]
-            else:
-                found = read_detections(detections, images)
-            cases = [(path.name, picture, dets) for path, picture, dets in zip(images, pictures, found)]
-        report = parity.validate(exported, reference, cases)
+        report = parity.validate_export(model, checkpoint, images or (), detections, device)
     except DynsegError as error:
         raise _fail(str(error)) from error
     typer.echo(f"{model} (onnxruntime, {device}) vs {checkpoint} (PyTorch, cpu): the CRF nodes' attributes and "

@@ -20,15 +20,18 @@ check passes and shows the value each check measured beside its limit.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from ..errors import DetectionsDroppedWarning, InvalidArgumentError
+from ..inputs import load_image
 from ..results import SegmentationResult
 from ..segmenter import Segmenter
-from .images import ImageDetections, check_detection_counts, check_detection_labels
+from .images import (ImageDetections, check_detection_counts, check_detection_labels, generated_detections,
+                     read_detections, sample_cases)
 
 PROBABILITY_ATOL = 1e-4
 SEMANTIC_ATOL = 1e-3
@@ -186,3 +189,42 @@ def validate(exported: Segmenter, reference: Segmenter,
             raise InvalidArgumentError(f"{name}: {error}") from None
         report.images.append(compare(name, candidate_outputs, reference_outputs, candidate, expected))
     return report
+
+
+def validate_export(model: Path, checkpoint: Path, images: Sequence[Path] = (), detections: Path | None = None,
+                    device: str = "cpu") -> ParityReport:
+    """`dynseg validate` (needs torch): the exported .onnx `model` on onnxruntime on `device` against the
+    `checkpoint` folder it was exported from, on PyTorch on the CPU. Cases: `images` with `detections` (a
+    COCO results file) or with generated boxes (at most 5, of the model's classes), else the sample
+    photos. Raises InvalidArgumentError when the export is not the checkpoint's, in its classes, its
+    weights or its CRF nodes' attributes and weights (checked apart: the images compare the CRFs only
+    where they change the output), or as `validate` says."""
+    from dynseg.export.ops import crf_node_differences
+    from dynseg.trainer.checkpoint import load_checkpoint
+
+    from ..graph import read_export
+
+    if detections is not None and not images:
+        raise InvalidArgumentError("detections needs images, the files it names")
+    exported = Segmenter(model, backend="onnxruntime", device=device)
+    try:
+        network = load_checkpoint(checkpoint)
+    except FileNotFoundError as error:
+        raise InvalidArgumentError(str(error)) from None
+    reference = Segmenter.of_network(network, path=checkpoint)
+    check_same_model(exported, reference)
+    differences = crf_node_differences(read_export(model).model, network)
+    if differences:
+        raise InvalidArgumentError(f"{model}'s CRF nodes are not {checkpoint}'s CRFs: " + "; ".join(differences))
+    classes, most = len(exported.class_names), exported.max_detections
+    if not images:
+        cases = sample_cases(classes, most)
+    else:
+        pictures = [load_image(path) for path in images]
+        if detections is None:
+            found = [generated_detections(p.shape[0], p.shape[1], min(5, most), num_classes=classes, seed=i)
+                     for i, p in enumerate(pictures)]
+        else:
+            found = read_detections(detections, images)
+        cases = [(Path(path).name, picture, dets) for path, picture, dets in zip(images, pictures, found)]
+    return validate(exported, reference, cases)
