@@ -18,7 +18,7 @@ __all__ = ["DetectorOutput", "detections_by_image", "load_coco_detections", "rea
 
 
 class DetectorOutput(TypedDict):
-    """One image's detections in detector order (descending score)."""
+    """One image's detections, by descending score (file order among equal scores)."""
 
     boxes: np.ndarray  # float32 (D, 4) xyxy, inclusive image pixels
     labels: np.ndarray  # int64 (D,) class in 1..K

@@ -208,7 +208,6 @@ def run_node_cuda(inputs: Sequence[_native.DeviceArray], attributes: CrfAttribut
     stream and returns once the stream has finished (the lattices' check needs that)."""
     node = CrfInputs.of(inputs)
     _check_shapes(node)
-    # the caller hands DeviceArrays
     unary, scores = cast(_native.DeviceArray, node.unary), cast(_native.DeviceArray, node.scores)
     _native.set_cuda_device(device)
     if unary.shape[1] == 1:  # one label: nothing to infer (docs/ops.md)

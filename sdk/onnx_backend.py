@@ -30,7 +30,7 @@ from onnx import helper, numpy_helper, shape_inference
 from . import _native
 from .crf_node import CrfAttributes, CrfInputs, run_node, run_node_cuda
 from .errors import InvalidArgumentError
-from .graph import DOMAIN, INPUTS, OUTPUTS, graph_inputs, read_export
+from .graph import DOMAIN, OUTPUTS, graph_inputs, read_export
 from .inputs import cuda_index
 
 
@@ -45,6 +45,9 @@ class _Session:
 
 @dataclass
 class _CrfNode:
+    """A dynseg::MeanFieldCRF node, run by the native kernels: its tensors' names, its attributes, and its
+    constant inputs (the CRF's weights), on the session's device."""
+
     inputs: list[str]
     outputs: list[str]
     attributes: CrfAttributes

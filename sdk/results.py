@@ -95,12 +95,12 @@ class SegmentationResult:
         reuse the buffer it passed in).
     instance_map: int32 (H, W); 0 = background, i = instances[i-1]; a pixel's label is the lowest whose
         logit is within TIE_TOLERANCE x max(1, |largest|) of its largest.
-    The three arrays are read-only, as the instances' cached masks are computed from instance_map.
     semantic_map: int32 (H, W); argmax of the semantic probabilities (ties as in the instance map), 0 =
         background, 1..K classes.
     instances: the N instances in detection order (ids 1..N).
     dropped: the caller's detections that got no instance, ascending by index, each with why: those
         check_detections refused (inverted, outside), and those that won no pixel.
+    The three arrays are read-only, as the instances' cached masks are computed from instance_map.
     """
 
     image: np.ndarray = field(repr=False)

@@ -16,7 +16,7 @@ from .inputs import cuda_index
 if TYPE_CHECKING:  # the trainer needs torch, which this module imports only when the backend is chosen
     from dynseg.trainer.model import DynamicallyInstantiatedNetwork
 
-UNLIMITED_DETECTIONS = 10_000  # the network itself has no limit; this keeps a call's memory sane
+TORCH_MAX_DETECTIONS = 10_000  # the network itself has no limit; this keeps a call's memory sane
 
 
 class TorchBackend:
@@ -64,7 +64,7 @@ class TorchBackend:
         self._torch = torch
         self._device = device
         self.class_names: tuple[str, ...] = tuple(network.config.class_names)
-        self.max_detections = UNLIMITED_DETECTIONS
+        self.max_detections = TORCH_MAX_DETECTIONS
         self.weights_fingerprint: str | None = weights_fingerprint(network)
 
     def run(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray, *,
