@@ -25,7 +25,7 @@ from typer.core import TyperGroup
 from . import __version__
 from .commands import defaults, parity
 from .commands import quickstart as quickstart_job
-from .errors import INSTALL_TRAINER, DynsegError, InvalidArgumentError, counted
+from .errors import INSTALL_TRAINER, DynsegError, InvalidArgumentError
 from .graph import DEFAULT_ENGINE_DETECTIONS, DEFAULT_ENGINE_SIZES, DEFAULT_MAX_DETECTIONS, MAX_DETECTIONS
 
 if TYPE_CHECKING:
@@ -104,8 +104,7 @@ def demo(
     try:
         result = demo_job.run(out, image=image, iterations=iterations, threads=threads)
     except DynsegError as error:
-        typer.echo(f"Error: {error}", err=True)
-        raise typer.Exit(1) from error
+        raise _fail(str(error)) from error
     typer.echo(f"wrote {result['output']} (photo | labels before | labels after the CRF)")
     typer.echo(
         f"{result['image']}: {result['width']}x{result['height']} px, {result['labels']} labels, "
@@ -115,6 +114,11 @@ def demo(
         f"dense_crf: best of {result['runs']} = {result['best_ms']:.1f} ms "
         f"on {result['threads']} thread(s), lattice builds included"
     )
+
+
+def _counted(count: int, noun: str) -> str:
+    """"1 image", "3 images": a count and its noun (plural by a trailing s)."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _fail(message: str) -> typer.Exit:
@@ -388,7 +392,7 @@ def evaluate_command(
     except (DynsegError, OSError) as error:
         raise _fail(str(error)) from error
     if trimmed:
-        typer.echo(f"Warning: {counted(trimmed, 'image')} had more detections than {model} takes "
+        typer.echo(f"Warning: {_counted(trimmed, 'image')} had more detections than {model} takes "
                    f"({segmenter.max_detections}): each was scored with its {segmenter.max_detections} most "
                    "confident", err=True)
     if all(math.isnan(v) for v in metrics["ap_r"].values()):  # AP^r is undefined only without ground truth
@@ -591,9 +595,9 @@ def infer(
                                                                printer=typer.echo))
     except DynsegError as error:
         raise _fail(str(error)) from error
-    typer.echo(f"wrote {counted(summary.images, 'overlay')} and {counted(summary.images, 'instance map')} to "
-               f"{out}/ and {counted(summary.instances, 'instance')} to {summary.results}; "
-               f"{counted(summary.dropped, 'detection')} got no instance")
+    typer.echo(f"wrote {_counted(summary.images, 'overlay')} and {_counted(summary.images, 'instance map')} to "
+               f"{out}/ and {_counted(summary.instances, 'instance')} to {summary.results}; "
+               f"{_counted(summary.dropped, 'detection')} got no instance")
 
 
 _NO_INSTANCES = ("note: the checkpoint found no instance in any image (column N), so the instance checks "

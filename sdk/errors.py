@@ -1,7 +1,7 @@
 """The exceptions and warnings dynseg raises: one base class for the errors, so callers can catch
 everything dynseg-specific, and one category per warning, so callers can filter it; the install
-command the errors that need the trainer give; `one_line`, how a foreign exception is quoted in
-dynseg's one-line messages; and `counted`, a count with its noun."""
+command the errors that need the trainer give; and `one_line`, how a foreign exception is quoted in
+dynseg's one-line messages."""
 
 from __future__ import annotations
 
@@ -34,7 +34,3 @@ def one_line(error: BaseException, limit: int = 300) -> str:
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
-
-def counted(count: int, noun: str) -> str:
-    """"1 image", "3 images": a count and its noun (plural by a trailing s)."""
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"

@@ -138,9 +138,9 @@ def _read_image_file(path: Path) -> np.ndarray:
 
 
 class DroppedDetection(NamedTuple):
-    """A detection the SDK did not pass to the model: its index in the caller's input, and why."""
+    """A detection that got no instance: its index in the caller's input (as `Instance.detection`), and why."""
 
-    index: int  # type: ignore[assignment]  # the field shadows tuple.index by design: it is the detection's index
+    detection: int
     reason: str
 
 
@@ -257,7 +257,7 @@ def check_detections(
     kept = np.flatnonzero(~(inverted | outside)).astype(np.int64)  # (N,)
 
     if dropped:
-        listed = "; ".join(f"{d.index}: {d.reason}" for d in dropped)
+        listed = "; ".join(f"{d.detection}: {d.reason}" for d in dropped)
         warnings.warn(
             f"{len(dropped)} of {count} detections dropped ({width}x{height} image): {listed}",
             DetectionsDroppedWarning,

@@ -213,7 +213,7 @@ def test_inverted_and_outside_boxes_are_dropped_with_a_warning_and_a_record() ->
     assert detections.labels.tolist() == [1, 3, 2]
     np.testing.assert_allclose(detections.scores, [0.0, 6 / 7, 1.0])
     assert detections.dropped == [(1, INVERTED), (2, INVERTED), (3, OUTSIDE), (4, OUTSIDE), (5, OUTSIDE)]
-    assert detections.dropped[0].index == 1 and detections.dropped[0].reason == INVERTED
+    assert detections.dropped[0].detection == 1 and detections.dropped[0].reason == INVERTED
 
 
 def test_a_box_of_one_pixel_column_or_row_is_kept_whatever_its_fraction() -> None:
@@ -333,7 +333,7 @@ def _assert_valid(detections: Detections, count: int, height: int, width: int) -
     assert (0 <= boxes[:, 1]).all() and (boxes[:, 1] <= boxes[:, 3]).all() and (boxes[:, 3] <= height - 1).all()
     assert ((1 <= detections.labels) & (detections.labels <= K)).all()
     assert np.isfinite(detections.scores).all()
-    dropped = [d.index for d in detections.dropped]
+    dropped = [d.detection for d in detections.dropped]
     assert sorted(detections.kept.tolist() + dropped) == list(range(count))
 
 

@@ -144,7 +144,7 @@ def test_instances_are_renumbered_in_detection_order_and_map_to_the_callers_dete
                                                                                           (2, 3, 3, "cup")]
     assert set(np.unique(result.instance_map).tolist()) == {0, 1, 2}
     assert result.instances[0].box == (0, 0, 4, 4) and result.instances[1].box == (6, 0, 9, 3)
-    assert [d.index for d in result.dropped] == [1, 2]
+    assert [d.detection for d in result.dropped] == [1, 2]
     assert result.dropped[1].reason == "its instance won no pixel"
     first = result.instances[0]
     np.testing.assert_array_equal(first.mask, result.instance_map == 1)

@@ -104,7 +104,7 @@ def require_valid_detections(
             num_classes=num_classes,
         )
     if checked.dropped:
-        listed = "; ".join(f"{dropped.index}: {dropped.reason}" for dropped in checked.dropped)
+        listed = "; ".join(f"{dropped.detection}: {dropped.reason}" for dropped in checked.dropped)
         raise InvalidArgumentError(f"boxes must lie at least partly inside the {width}x{height} image and not be "
                                    f"inverted, got {listed}")
     return (torch.from_numpy(checked.boxes).to(boxes.device), torch.from_numpy(checked.labels).to(boxes.device),
