@@ -38,7 +38,7 @@ def silent_detections(count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 class TensorRTBackend:
     """A TensorRT plan with its sidecar JSON; see the module docstring."""
 
-    def __init__(self, path: str | Path, *, device: str = "cpu"):
+    def __init__(self, path: str | Path, *, device: str = "cuda"):
         from . import tensorrt_engine as engines
 
         self.path = Path(path)
