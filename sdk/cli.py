@@ -232,7 +232,8 @@ def train(
     backbone: str = typer.Option("resnet18", "--backbone", help="resnet18, resnet50, resnet101 or vgg16_fcn8s."),
     pretrained: Optional[Path] = typer.Option(None, "--pretrained", exists=True, dir_okay=False,
                                               help="torchvision ImageNet weights for the backbone."),
-    images: int = typer.Option(defaults.TRAIN_IMAGES, "--images", min=1, help="Synthetic training images."),
+    images: int = typer.Option(defaults.TRAIN_IMAGES, "--images", min=1, max=defaults.MAX_IMAGES,
+                              help="Synthetic training images."),
     image_size: tuple[int, int] = typer.Option(defaults.IMAGE_SIZE, "--image-size", metavar="H W",
                                                   help="Synthetic images' height and width."),
     semantic_steps: int = typer.Option(defaults.SEMANTIC_STEPS, "--semantic-steps", min=0, help="Stage 1 steps."),
@@ -241,7 +242,7 @@ def train(
     learning_rate: float = typer.Option(defaults.LEARNING_RATE, "--lr", help="Stage 1 learning rate (stage 2 uses a "
                                         f"{defaults.INSTANCE_LR_DIVISOR}th)."),
     held_out_images: int = typer.Option(
-        0, "--held-out-images", min=0,
+        0, "--held-out-images", min=0, max=defaults.MAX_IMAGES,
         help="Score stage 2 after every epoch on this many held-out images (synthetic: seed + 1; on disk: the "
              "first of --held-out-split), with simulated detections; 0: no per-epoch evaluation."),
     held_out_split: Optional[str] = typer.Option(None, "--held-out-split",
@@ -322,7 +323,7 @@ def evaluate_command(
     split: Optional[str] = typer.Option(None, "--split", help="Split to score (default: val; COCO: val2017)."),
     detections: Optional[Path] = typer.Option(None, "--detections", exists=True, dir_okay=False,
                                               help=_DETECTIONS_HELP),
-    images: int = typer.Option(50, "--images", min=1, help="Held-out synthetic images."),
+    images: int = typer.Option(50, "--images", min=1, max=defaults.MAX_IMAGES, help="Held-out synthetic images."),
     image_size: Optional[tuple[int, int]] = typer.Option(
         None, "--image-size", metavar="H W",
         help="Synthetic images' height and width (default: training's, else 96 120)."),

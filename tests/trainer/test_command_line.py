@@ -386,6 +386,13 @@ def test_a_training_data_record_out_of_range_is_named_not_blamed_on_an_option(tm
     _fails_naming(run("eval", tmp_path), f"{tmp_path / TRAINING_DATA} is malformed ({problem})")
 
 
+@pytest.mark.parametrize("command, option", [("train", "--images"), ("train", "--held-out-images"),
+                                             ("eval", "--images")])
+def test_an_image_count_past_what_a_dataset_can_hold_is_named_as_the_option(tmp_path, command, option):
+    target = ["--out", tmp_path / "run"] if command == "train" else [tmp_path]
+    _fails_naming(run(command, *target, option, str(2**63)), option, "9223372036854775807")  # the limit
+
+
 def test_an_unknown_dataset_is_named_in_the_error(tmp_path):
     _fails_naming(run("train", "--out", tmp_path, "--dataset", "imagenet"), "--dataset", "imagenet", "voc")
 

@@ -391,6 +391,12 @@ def test_bools_are_not_taken_for_ints_as_the_sdk_refuses_them():
     assert SyntheticScenes(size=np.int64(2), num_classes=np.int32(3), seed=np.uint8(1)).num_classes == 3
 
 
+def test_more_scenes_than_len_can_count_are_refused_and_the_most_it_can_are_not():
+    with pytest.raises(ValueError, match="size must be an int in 0..9223372036854775807, got 9223372036854775808"):
+        SyntheticScenes(size=2**63)
+    assert len(SyntheticScenes(size=2**63 - 1)) == 2**63 - 1
+
+
 def test_the_simulator_rejects_bad_arguments():
     boxes, labels = np.array([[2, 2, 10, 10]], np.float32), np.array([1])
     good = dict(image_size=(32, 32), rng=np.random.default_rng(0), num_classes=4)

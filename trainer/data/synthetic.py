@@ -33,7 +33,7 @@ from typing import TypedDict
 
 import numpy as np
 
-from dynseg.sdk.commands.defaults import MIN_IMAGE_SIDE
+from dynseg.sdk.commands.defaults import MAX_IMAGES, MIN_IMAGE_SIDE
 from dynseg.sdk.errors import InvalidArgumentError
 from dynseg.sdk.checks import int_in, is_int
 
@@ -129,7 +129,7 @@ class SyntheticScenes:
         seed: int = 0,
         void_border: bool = True,
     ):
-        self.size = int_in("size", size, 0)
+        self.size = int_in("size", size, 0, MAX_IMAGES)
         if len(tuple(image_size)) != 2 or any(not is_int(s) or s < MIN_IMAGE_SIDE for s in image_size):
             raise InvalidArgumentError(f"image_size must be (H, W) ints, each >= {MIN_IMAGE_SIDE}, got {image_size!r}")
         self.num_classes = int_in("num_classes", num_classes, 1, MAX_CLASSES)
