@@ -103,6 +103,15 @@ class TorchvisionBackbone(nn.Module):
                 f"{source} is not a torchvision {self._torchvision_name} state_dict (the weights of another "
                 f"backbone?): keys {', '.join(problems)}"
             )
+        # a NaN weight would otherwise surface steps later, as a non-finite unary in the CRF
+        for key, tensor in given.items():
+            if key.endswith("num_batches_tracked"):
+                continue
+            if not tensor.is_floating_point():
+                raise InvalidArgumentError(f"{source}: {key} holds {tensor.dtype} values, not floating-point weights")
+            if not bool(torch.isfinite(tensor).all()):
+                raise InvalidArgumentError(f"{source}: {key} holds a non-finite value (NaN or infinity): a broken or "
+                                           "diverged weights file")
         own_state = self.state_dict()
         converted = dict(own_state)  # keeps our num_batches_tracked where the file has none
         for key, tensor in given.items():

@@ -49,8 +49,18 @@ def numbers(config: object, *names: str, low: float = -math.inf, high: float = m
         inside = _is_number(value) and math.isfinite(value) and (value > low if low_open else value >= low) and (
             value < high if high_open else value <= high)
         if not inside:
-            rule = f"a finite number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-            raise _fail(config, name, rule)
+            raise _fail(config, name, _number_rule(low, high, low_open, high_open))
+
+
+def _number_rule(low: float, high: float, low_open: bool, high_open: bool) -> str:
+    """"a finite number in [0, 1)", or "> 0" where only one end bounds it, or nothing more without either."""
+    if math.isinf(low) and math.isinf(high):
+        return "a finite number"
+    if math.isinf(high):
+        return f"a finite number {'>' if low_open else '>='} {low:g}"
+    if math.isinf(low):
+        return f"a finite number {'<' if high_open else '<='} {high:g}"
+    return f"a finite number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
 
 def number_tuple(config: object, name: str, length: int, *, positive: bool = False) -> None:

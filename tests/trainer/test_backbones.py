@@ -198,6 +198,9 @@ def _rename(state, old, new):
     (lambda s: {k: v for k, v in s.items() if k != "bn1.bias"}, ["1 missing (first: bn1.bias)"]),
     (lambda s: {**s, "extra.weight": torch.ones(1)}, ["1 unexpected (first: extra.weight)"]),
     (lambda s: {f"module.{k}": v for k, v in s.items()}, ["unexpected (first: module.conv1.weight)"]),
+    (lambda s: {**s, "layer2.0.bn1.weight": torch.full((128,), float("nan"))},
+     ["layer2.0.bn1.weight holds a non-finite value"]),
+    (lambda s: {**s, "conv1.weight": s["conv1.weight"].to(torch.int64)}, ["conv1.weight holds torch.int64 values"]),
 ])
 def test_a_mismatched_file_raises_naming_the_file_and_the_keys(resnet18_file, edit, named):
     path, _ = resnet18_file(edit)
