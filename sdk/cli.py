@@ -95,8 +95,9 @@ def demo(
         None, "--image", exists=True, dir_okay=False, readable=True,
         help="Photo to segment (default: the shipped 500x375 coffee photo).",
     ),
-    iterations: int = typer.Option(5, "--iterations", min=0, help="Mean-field iterations."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores)."),
+    iterations: int = typer.Option(5, "--iterations", min=0, max=2**31 - 1, help="Mean-field iterations."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=2**31 - 1,
+                                          help="CPU threads (default: all cores)."),
 ) -> None:
     """Clean up a blocky colour labelling of a photo with the dense CRF; save and time it."""
     from . import demo as demo_job

@@ -11,6 +11,7 @@ TensorRT and a GPU). One Segmenter serves concurrent calls: it holds no per-call
 
 from __future__ import annotations
 
+import os
 import time
 from numbers import Real
 from pathlib import Path
@@ -75,14 +76,15 @@ class Segmenter:
     A Segmenter is also a context manager: leaving the block closes it (`close`).
     """
 
-    def __init__(self, path: str | Path, backend: Backend = "auto", device: str = "cpu", *,
+    def __init__(self, path: str | os.PathLike[str], backend: Backend = "auto", device: str = "cpu", *,
                  threads: int | None = None):
-        if not isinstance(path, (str, Path)):
-            raise InvalidArgumentError(f"path must be a str or Path, got {type(path).__name__}")
+        location = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+        if not isinstance(location, str):
+            raise InvalidArgumentError(f"path must be a str or os.PathLike of one, got {type(path).__name__}")
         cuda_index(device)  # a bad device string fails before any backend loads
         if threads is not None:  # None: onnxruntime's default, not check_threads' "every core" (0)
             threads = check_threads(threads)
-        path = Path(path)
+        path = Path(location)
         self.backend_name = _backend_for(path, backend)
         if threads is not None and self.backend_name != "onnxruntime":
             raise InvalidArgumentError(f"threads applies to the onnxruntime backend, not to {self.backend_name!r} "

@@ -6,6 +6,7 @@ loading something that is not a dynseg model."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 
 import numpy as np
@@ -226,6 +227,21 @@ def test_a_bad_thread_count_or_one_for_another_backend_is_refused(exported, thre
     path = exported[1] if backend == "onnxruntime" else exported[0]
     with pytest.raises(InvalidArgumentError, match=message):
         Segmenter(path, backend=backend, threads=threads)
+
+
+class _PathLike:  # any os.PathLike, as open() takes, not only pathlib's
+    def __init__(self, path):
+        self.path = path
+
+    def __fspath__(self):
+        return self.path
+
+
+def test_a_segmenter_opens_any_path_like_and_refuses_anything_else_naming_path(exported):
+    assert Segmenter(_PathLike(str(exported[1]))).class_names == Segmenter(exported[1]).class_names
+    for bad in (7, _PathLike(os.fsencode(exported[1]))):
+        with pytest.raises(InvalidArgumentError, match="path must be a str or os.PathLike of one, got "):
+            Segmenter(bad)
 
 
 def test_a_closed_segmenter_says_so_and_closing_twice_is_harmless(exported):

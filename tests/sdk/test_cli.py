@@ -73,11 +73,13 @@ def test_demo_accepts_an_image_path(tmp_path) -> None:
         assert picture.size == (3 * 56, 40)
 
 
-def test_demo_rejects_negative_iterations_with_a_message_naming_the_option(tmp_path) -> None:
-    result = runner.invoke(app, ["demo", "--out", str(tmp_path), "--iterations", "-1"])
+@pytest.mark.parametrize("option, value", [("--iterations", "-1"), ("--iterations", str(2**31)),
+                                           ("--threads", "0"), ("--threads", str(2**31))])
+def test_demo_rejects_counts_out_of_range_with_a_message_naming_the_option(tmp_path, option, value) -> None:
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path), option, value])
     assert result.exit_code != 0
     message = plain(result.output)
-    assert "Invalid value for '--iterations'" in message, message  # the range wording varies across typer versions
+    assert f"Invalid value for '{option}'" in message, message  # the range wording varies across typer versions
     assert not (tmp_path / "before_after.png").exists()
 
 
