@@ -1,8 +1,9 @@
 """The ctypes boundary to the native CRF library (plugins/include/dynseg_crf.h).
 
 Owns: loading the library lazily, the ctypes mirrors of the C structs, checking every array's
-dtype, shape and contiguity before a pointer crosses over, per-thread workspaces, and turning the
-library's status codes into exceptions (all through `_check`). Arrays are numpy arrays for the CPU
+dtype, shape and contiguity before a pointer crosses over, per-thread workspaces, turning the
+library's status codes into exceptions (all through `_check`), and letting Ctrl-C stop a CPU call
+(`_cpu_call`). Arrays are numpy arrays for the CPU
 calls and `DeviceArray`s (addresses of GPU memory) for the CUDA calls: `DeviceArray.of` checks a GPU
 array's dtype, shape and contiguity as `_pointer` checks a numpy array's.
 """
@@ -17,7 +18,7 @@ import threading
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -39,6 +40,7 @@ class Status(IntEnum):
     INTERNAL = 4
     NOT_SUPPORTED = 5
     CUDA_ERROR = 6
+    CANCELLED = 7
 
 
 class WeightKind(IntEnum):
@@ -187,6 +189,9 @@ def library() -> ctypes.CDLL:
             lib.dynseg_version.restype = ctypes.c_char_p
             lib.dynseg_last_error.restype = ctypes.c_char_p
             lib.dynseg_max_threads.restype = ctypes.c_int32
+            if hasattr(lib, "dynseg_set_cancel_flag"):  # absent from libraries built before it (gpu_compare.sh's)
+                lib.dynseg_set_cancel_flag.argtypes = [ctypes.POINTER(ctypes.c_int32)]
+                lib.dynseg_set_cancel_flag.restype = None
             problem = ctypes.POINTER(_Problem)
             lib.dynseg_crf_workspace_size.argtypes = [problem, ctypes.c_int32, ctypes.POINTER(ctypes.c_size_t)]
             lib.dynseg_crf_forward.argtypes = [problem, _f32p, _f32p, ctypes.c_void_p, ctypes.c_size_t]
@@ -297,6 +302,52 @@ def _check(status: int) -> None:
     except ValueError:  # a newer library's status
         name = f"status {status}"
     raise NativeError(f"dynseg native library failed ({name}): {message}")
+
+
+# Calls of less work than this (labels x pixels x iterations) end within tens of milliseconds, before
+# a Ctrl-C would seem ignored, and run directly: a helper thread costs about 0.2 ms a call.
+_INTERRUPTIBLE_FROM = 1 << 22
+
+
+def _cpu_call(work: int, function: Callable[..., int], *arguments: object) -> None:
+    """Makes one of the library's CPU compute calls and checks its status, so that Ctrl-C can stop it.
+
+    Python raises KeyboardInterrupt only on the main thread, between bytecodes: never inside a C call.
+    So on the main thread a call of `work` (labels x pixels x iterations) from _INTERRUPTIBLE_FROM runs
+    on a helper thread while the main one waits; an exception there (Ctrl-C's KeyboardInterrupt) sets
+    the call's cancel flag, the library stops before its next mean-field iteration, and, once the
+    helper has returned (it writes into the caller's arrays and this thread's workspace until then),
+    the exception goes on. Other calls run directly."""
+    lib = library()
+    if (work < _INTERRUPTIBLE_FROM or threading.current_thread() is not threading.main_thread()
+            or not hasattr(lib, "dynseg_set_cancel_flag")):
+        _check(function(*arguments))
+        return
+    flag = ctypes.c_int32(0)
+    failure: list[BaseException] = []
+
+    def call() -> None:
+        lib.dynseg_set_cancel_flag(ctypes.byref(flag))
+        try:
+            _check(function(*arguments))  # here: the error message is this thread's
+        except BaseException as error:
+            failure.append(error)
+        finally:
+            lib.dynseg_set_cancel_flag(None)
+
+    helper = threading.Thread(target=call, name="dynseg-crf-call")
+    helper.start()
+    interrupted: BaseException | None = None
+    while helper.is_alive():
+        try:
+            helper.join()
+        except BaseException as error:  # KeyboardInterrupt, or what a signal handler of the program raised
+            flag.value = 1
+            interrupted = interrupted or error
+    if interrupted is not None:
+        raise interrupted  # the call's own outcome, cancelled, is moot
+    if failure:
+        raise failure[0]
 
 
 _C_TYPES: dict[np.dtype, type[ctypes.c_float | ctypes.c_int64]] = {
@@ -454,13 +505,17 @@ class Problem:
             raise InvalidArgumentError(f"{name} must have one entry per kernel ({len(self._weights)}), got "
                                        f"{len(entries)}")
 
+    def _work(self) -> int:
+        """Labels x pixels x iterations: what `_cpu_call` tells a long call by."""
+        return int(np.prod(self.shape)) * max(int(self.struct.iterations), 1)
+
     def forward(self, unary: np.ndarray) -> np.ndarray:
         """Q (or the logits, as the problem's output says) for planar (L, H, W) float32 `unary`."""
         self._check_planes("unary", unary)
         out = np.empty_like(unary)
         ws = self.workspace(Pass.FORWARD)
-        _check(library().dynseg_crf_forward(ctypes.byref(self.struct), _pointer(unary), _pointer(out),
-                                            ws.ctypes.data, ws.nbytes))
+        _cpu_call(self._work(), library().dynseg_crf_forward, ctypes.byref(self.struct), _pointer(unary), _pointer(out),
+                  ws.ctypes.data, ws.nbytes)
         return out
 
     def backward(
@@ -475,10 +530,8 @@ class Problem:
         grad_compat = np.empty_like(self._compat) if want_compat and self._compat is not None else None
         pointers = (_f32p * max(len(grad_weights), 1))(*[_pointer(g) for g in grad_weights])
         ws = self.workspace(Pass.BACKWARD)
-        _check(library().dynseg_crf_backward(
-            ctypes.byref(self.struct), _pointer(unary), _pointer(grad_logits), _pointer(grad_unary), pointers,
-            _pointer(grad_compat), ws.ctypes.data, ws.nbytes,
-        ))
+        _cpu_call(2 * self._work(), library().dynseg_crf_backward, ctypes.byref(self.struct), _pointer(unary), _pointer(grad_logits),
+                  _pointer(grad_unary), pointers, _pointer(grad_compat), ws.ctypes.data, ws.nbytes)
         return grad_unary, grad_weights, grad_compat
 
     def filter(self, kernel: int, values: np.ndarray, transpose: bool) -> np.ndarray:
@@ -489,8 +542,8 @@ class Problem:
         self._check_planes("values", values, values.shape[0])
         out = np.empty_like(values)
         ws = self.workspace(Pass.FORWARD)
-        _check(library().dynseg_lattice_filter(ctypes.byref(self.struct), kernel, values.shape[0], _pointer(values),
-                                               _pointer(out), int(transpose), ws.ctypes.data, ws.nbytes))
+        _cpu_call(int(np.prod(values.shape)), library().dynseg_lattice_filter, ctypes.byref(self.struct), kernel, values.shape[0],
+                  _pointer(values), _pointer(out), int(transpose), ws.ctypes.data, ws.nbytes)
         return out
 
     # ---- CUDA: every array a DeviceArray on the current device; stream a cudaStream_t address ----

@@ -53,7 +53,8 @@ typedef enum dynseg_status {
     DYNSEG_ERROR_INTERNAL = 4,
     DYNSEG_ERROR_NOT_SUPPORTED = 5, /* CUDA entry point of a library built without CUDA, or a backward
                                        call given detections (the trainer differentiates them in torch) */
-    DYNSEG_ERROR_CUDA = 6           /* a CUDA runtime call failed; the message names it */
+    DYNSEG_ERROR_CUDA = 6,          /* a CUDA runtime call failed; the message names it */
+    DYNSEG_ERROR_CANCELLED = 7      /* the calling thread's cancel flag was set (dynseg_set_cancel_flag) */
 } dynseg_status;
 
 typedef enum dynseg_normalization {
@@ -145,6 +146,13 @@ DYNSEG_API const char* dynseg_cpu_missing(void);
 DYNSEG_API const char* dynseg_last_error(void);
 /* Number of threads a call with threads = 0 uses. */
 DYNSEG_API int32_t dynseg_max_threads(void);
+/* Cancellation, for a caller that must be able to stop a long CPU call (an interactive program's
+ * Ctrl-C). After this call, this thread's CPU compute calls read *flag, with a relaxed atomic load,
+ * before each mean-field iteration (each one of the backward pass too); once another thread has made
+ * it nonzero they stop and return DYNSEG_ERROR_CANCELLED, their outputs unspecified. NULL, each
+ * thread's initial state, turns the checks off; the flag must outlive the calls that read it. The CUDA
+ * calls ignore it: they return once their work is enqueued. */
+DYNSEG_API void dynseg_set_cancel_flag(const int32_t* flag);
 
 /* Bytes of workspace `pass` needs for `problem` in the worst case (every lattice at its largest,
  * (d+1)·H·W vertices). The memory is touched only as far as the actual lattices reach, so on the

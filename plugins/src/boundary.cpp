@@ -17,6 +17,7 @@ namespace {
 // A fixed buffer: recording a failure must not allocate, as it runs in the handlers of `guarded`,
 // including the one for std::bad_alloc.
 thread_local char last_error[512] = "";
+thread_local const int32_t* cancel_flag = nullptr;
 
 constexpr int64_t kMaxEntries = std::numeric_limits<int32_t>::max();
 
@@ -200,5 +201,12 @@ dynseg_status check_backward_outputs(const dynseg_crf_problem& p, const float* g
 }
 
 const char* last_error_message() { return last_error; }
+
+void set_cancel_flag(const int32_t* flag) { cancel_flag = flag; }
+
+void stop_if_cancelled() {
+    // another thread sets the flag while this one computes: an atomic load, so none is torn or hoisted
+    if (cancel_flag && __atomic_load_n(cancel_flag, __ATOMIC_RELAXED) != 0) throw Cancelled();
+}
 
 }  // namespace dynseg

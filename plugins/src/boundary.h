@@ -18,6 +18,17 @@ dynseg_status fail(dynseg_status status, const char* format, ...);
 // This thread's last error message (dynseg_last_error).
 const char* last_error_message();
 
+// This thread's cancel flag (dynseg_set_cancel_flag; null: none).
+void set_cancel_flag(const int32_t* flag);
+
+// Thrown by stop_if_cancelled; `guarded` turns it into DYNSEG_ERROR_CANCELLED. Not a std::exception,
+// so that no handler for those takes it for a failure.
+struct Cancelled {};
+
+// Throws Cancelled when this thread's cancel flag is set: called between mean-field iterations, on
+// the thread that made the C call.
+void stop_if_cancelled();
+
 // Whether every one of count host floats is finite.
 bool all_finite(const float* values, int64_t count);
 
@@ -47,6 +58,8 @@ template <typename Body>
 dynseg_status guarded(const Body& body) {
     try {
         return body();
+    } catch (const Cancelled&) {
+        return fail(DYNSEG_ERROR_CANCELLED, "cancelled: the calling thread's cancel flag was set");
     } catch (const std::bad_alloc&) {
         return fail(DYNSEG_ERROR_INTERNAL, "out of memory");
     } catch (const std::exception& e) {

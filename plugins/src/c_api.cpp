@@ -37,6 +37,7 @@ const char* dynseg_version(void) { return DYNSEG_VERSION; }
 int32_t dynseg_abi_version(void) { return DYNSEG_ABI_VERSION; }
 const char* dynseg_last_error(void) { return dynseg::last_error_message(); }
 int32_t dynseg_max_threads(void) { return dynseg::hardware_threads(); }
+void dynseg_set_cancel_flag(const int32_t* flag) { dynseg::set_cancel_flag(flag); }
 
 dynseg_status dynseg_crf_workspace_size(const dynseg_crf_problem* problem, int32_t pass, size_t* bytes) {
     return guarded([&] {

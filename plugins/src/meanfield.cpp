@@ -12,6 +12,7 @@
 #include <limits>
 #include <vector>
 
+#include "boundary.h"
 #include "parallel.h"
 #include "simd.h"
 
@@ -302,6 +303,7 @@ void MeanField::run_iterations(float* history) {
     if (p_.iterations == 0 || K == 0) std::copy(unary_, unary_ + size, logits_);
     detections_.start();
     for (int t = 0; t < p_.iterations; ++t) {
+        stop_if_cancelled();
         const float* logits = t == 0 ? unary_ : logits_;
         float* q = history ? history + t * size : q_;
         softmax(logits, q);
@@ -354,6 +356,7 @@ void MeanField::stream_iterations(const float* unary, float* history, float* pla
     // (max, exp, sum, divide) overlap instead of waiting on each other's scatter.
     alignas(32) float rows[kBlock][8 * V], q[kBlock][8 * V];
     for (int it = 0; it < p_.iterations; ++it) {
+        stop_if_cancelled();
         for (int k = 0; k < K; ++k) lattices_[k].clear<V>(true);
         for (int64_t p0 = 0; p0 < pixels_; p0 += kBlock) {
             const int64_t count = std::min(kBlock, pixels_ - p0);

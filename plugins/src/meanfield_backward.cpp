@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "boundary.h"
 #include "meanfield.h"
 #include "parallel.h"
 
@@ -31,6 +32,7 @@ void MeanField::backward(const float* unary, const float* grad_logits, float* gr
     std::vector<double> P;  // L x L, or its diagonal alone where nothing reads the rest (as partial_)
 
     for (int t = p_.iterations - 1; t >= 0; --t) {
+        stop_if_cancelled();
         const float* Q = history_ + t * size;
         for (int64_t i = 0; i < size; ++i) grad_u_[i] += grad_[i];
         std::fill(grad_q_, grad_q_ + size, 0.0f);

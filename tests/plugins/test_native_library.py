@@ -415,6 +415,43 @@ def test_a_too_small_workspace_fails_cleanly_with_status_2(smooth_image):
     assert np.all(workspace == 0) and np.all(out == -7.0)  # nothing was written
 
 
+# ---------------------------------------------------------------------------- cancellation
+
+
+@pytest.mark.parametrize("threads", [1, 2], ids=["streamed", "tiled"])  # the two forward paths
+@pytest.mark.parametrize("call", ["forward", "backward"])
+def test_a_set_cancel_flag_stops_a_call_with_status_7_and_a_cleared_one_lets_it_finish(smooth_image, call, threads):
+    image = smooth_image(16, 20)
+    problem = _native.Problem(2, 16, 20, planar(image), [_native.Kernel(80.0, 13.0, np.ones(1, np.float32))],
+                              compat=None, normalization="after", iterations=3, output=_native.Output.LOGITS,
+                              threads=threads)
+    unary = np.random.default_rng(0).normal(size=(2, 16, 20)).astype(np.float32)
+    out, grad_unary = np.empty_like(unary), np.empty_like(unary)
+    no_weights = (_native._f32p * 1)(None)
+    lib = _native.library()
+
+    def run() -> int:
+        workspace = problem.workspace(_native.Pass.FORWARD if call == "forward" else _native.Pass.BACKWARD)
+        if call == "forward":
+            return lib.dynseg_crf_forward(ctypes.byref(problem.struct), _native._pointer(unary),
+                                          _native._pointer(out), workspace.ctypes.data, workspace.nbytes)
+        return lib.dynseg_crf_backward(ctypes.byref(problem.struct), _native._pointer(unary),
+                                       _native._pointer(unary), _native._pointer(grad_unary), no_weights, None,
+                                       workspace.ctypes.data, workspace.nbytes)
+
+    flag = ctypes.c_int32(1)
+    lib.dynseg_set_cancel_flag(ctypes.byref(flag))
+    try:
+        assert run() == _native.Status.CANCELLED
+        assert lib.dynseg_last_error().decode() == "cancelled: the calling thread's cancel flag was set"
+        flag.value = 0
+        assert run() == _native.Status.OK
+        flag.value = 1
+    finally:
+        lib.dynseg_set_cancel_flag(None)
+    assert run() == _native.Status.OK  # no flag: nothing to read
+
+
 def test_the_backward_pass_needs_at_least_the_forward_workspace(smooth_image):
     problem = one_kernel_problem(smooth_image(16, 20), "bilateral", labels=4)
     sizes = {}

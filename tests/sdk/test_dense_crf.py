@@ -408,3 +408,36 @@ def test_features_too_wide_for_the_lattice_keys_raise_a_value_error_and_never_cr
     assert child.returncode == 0, f"crashed with exit status {child.returncode}: {child.stderr[-2000:]}"
     assert child.stdout.startswith("InvalidArgumentError:"), child.stdout
     assert "lattice" in child.stdout and "theta" in child.stdout, child.stdout
+
+
+_ENDLESS_CALL = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from dynseg.sdk import dense_crf
+    unary = np.zeros((2, 64, 64), np.float32)
+    print("calling", flush=True)
+    try:
+        dense_crf(unary, None, bilateral=None, iterations=2**31 - 1)  # hours of mean field
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        print(dense_crf(unary[:, :8, :8], None, bilateral=None, iterations=2).shape, flush=True)  # usable again
+        sys.exit(3)
+""")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT, as Ctrl-C does on POSIX")
+def test_ctrl_c_stops_a_long_call_at_its_next_iteration():
+    import signal
+    import time
+
+    process = subprocess.Popen([sys.executable, "-c", _ENDLESS_CALL], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        assert process.stdout.readline().strip() == "calling"
+        time.sleep(1.0)  # into the library: a signal before the call would interrupt Python, not the library
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=120)  # the call alone would take hours
+    finally:
+        process.kill()
+    assert process.returncode == 3, output
+    assert output.split() == ["interrupted", "(2,", "8,", "8)"]
