@@ -2,10 +2,10 @@
 
 Owns: loading the library lazily, the ctypes mirrors of the C structs, checking every array's
 dtype, shape and contiguity before a pointer crosses over, per-thread workspaces, turning the
-library's status codes into exceptions (all through `_check`), and letting Ctrl-C stop a CPU call
-(`_cpu_call`). Arrays are numpy arrays for the CPU
-calls and `DeviceArray`s (addresses of GPU memory) for the CUDA calls: `DeviceArray.of` checks a GPU
-array's dtype, shape and contiguity as `_pointer` checks a numpy array's.
+library's status codes into exceptions (all through `_check`), and letting Ctrl-C stop a long CPU
+call (`_cpu_call`). Arrays are numpy arrays for the CPU calls and `DeviceArray`s (addresses of GPU
+memory) for the CUDA calls: `DeviceArray.of` checks a GPU array's dtype, shape and contiguity as
+`_pointer` checks a numpy array's.
 """
 
 from __future__ import annotations
