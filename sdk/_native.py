@@ -530,8 +530,9 @@ class Problem:
         grad_compat = np.empty_like(self._compat) if want_compat and self._compat is not None else None
         pointers = (_f32p * max(len(grad_weights), 1))(*[_pointer(g) for g in grad_weights])
         ws = self.workspace(Pass.BACKWARD)
-        _cpu_call(2 * self._work(), library().dynseg_crf_backward, ctypes.byref(self.struct), _pointer(unary), _pointer(grad_logits),
-                  _pointer(grad_unary), pointers, _pointer(grad_compat), ws.ctypes.data, ws.nbytes)
+        _cpu_call(2 * self._work(), library().dynseg_crf_backward, ctypes.byref(self.struct), _pointer(unary),
+                  _pointer(grad_logits), _pointer(grad_unary), pointers, _pointer(grad_compat), ws.ctypes.data,
+                  ws.nbytes)
         return grad_unary, grad_weights, grad_compat
 
     def filter(self, kernel: int, values: np.ndarray, transpose: bool) -> np.ndarray:
@@ -542,8 +543,8 @@ class Problem:
         self._check_planes("values", values, values.shape[0])
         out = np.empty_like(values)
         ws = self.workspace(Pass.FORWARD)
-        _cpu_call(int(np.prod(values.shape)), library().dynseg_lattice_filter, ctypes.byref(self.struct), kernel, values.shape[0],
-                  _pointer(values), _pointer(out), int(transpose), ws.ctypes.data, ws.nbytes)
+        _cpu_call(int(np.prod(values.shape)), library().dynseg_lattice_filter, ctypes.byref(self.struct), kernel,
+                  values.shape[0], _pointer(values), _pointer(out), int(transpose), ws.ctypes.data, ws.nbytes)
         return out
 
     # ---- CUDA: every array a DeviceArray on the current device; stream a cudaStream_t address ----

@@ -1,7 +1,8 @@
 """The synthetic training run's defaults, which `dynseg train`, `dynseg quickstart` and
-`python -m dynseg.trainer.distributed` share: the scenes, the steps, the learning rates, and the largest
-seed and image count (`dynseg eval` falls back to the image size, `SyntheticScenes` refuses a side below the smallest). Torch-free,
-so that the command line's options read them without loading the trainer."""
+`python -m dynseg.trainer.distributed` share: the scenes, the steps, the learning rates, and the
+largest seed and image count (`dynseg eval` falls back to the image size, `SyntheticScenes` refuses a
+side below the smallest). Torch-free, so that the command line's options read them without loading
+the trainer."""
 
 TRAIN_IMAGES = 400  # synthetic training scenes
 MAX_IMAGES = 2**63 - 1  # the most a dataset can hold: Python's len() of it must fit in a signed 64-bit int
