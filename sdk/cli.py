@@ -159,10 +159,9 @@ _MIN_SIDE, _MAX_SIDE = defaults.MIN_IMAGE_SIDE, defaults.MAX_IMAGE_SIDE  # a syn
 def _open_data(command: str, dataset: str, data_root: Optional[Path], split: Optional[str],
                detections: Optional[Path], **synthetic):
     """The dataset the options name, with the file's detections attached; one-line errors naming the options."""
-    from dynseg.trainer.data.sources import DATASETS, DEFAULT_SPLITS, open_dataset, with_detections
+    from dynseg.trainer.data.sources import DEFAULT_SPLITS, open_dataset, with_detections
 
-    if dataset not in DATASETS:
-        raise typer.BadParameter(f"{dataset!r} is not one of {', '.join(DATASETS)}", param_hint="--dataset")
+    _check_dataset(dataset)
     if dataset == "synthetic" and (data_root is not None or split is not None):
         raise typer.BadParameter("the synthetic dataset is generated: give --dataset voc, sbd, coco or "
                                  "cityscapes to read one from disk", param_hint="--data-root / --split")
@@ -193,9 +192,17 @@ def _given(context: typer.Context, *names: str) -> list[str]:
             if (source := context.get_parameter_source(name)) is not None and source.name == "COMMANDLINE"]
 
 
+def _check_dataset(dataset: str) -> None:
+    from dynseg.trainer.data.sources import DATASETS
+
+    if dataset not in DATASETS:
+        raise typer.BadParameter(f"{dataset!r} is not one of {', '.join(DATASETS)}", param_hint="--dataset")
+
+
 def _refuse_synthetic_options(context: typer.Context, dataset: str, source: str | None = None) -> None:
     """--images and --image-size shape the generated scenes: an on-disk dataset would drop them silently.
     `source` says where the dataset came from when --dataset did not name it."""
+    _check_dataset(dataset)  # first: an unknown name is the mistake, not the options that go with it
     given = _given(context, "images", "image_size")
     if dataset != "synthetic" and given:
         named = source or f"--dataset {dataset}"

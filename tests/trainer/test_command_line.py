@@ -395,6 +395,11 @@ def test_an_image_count_past_what_a_dataset_can_hold_is_named_as_the_option(tmp_
 
 def test_an_unknown_dataset_is_named_in_the_error(tmp_path):
     _fails_naming(run("train", "--out", tmp_path, "--dataset", "imagenet"), "--dataset", "imagenet", "voc")
+    # not the synthetic scenes' options that came with it
+    _fails_naming(run("train", "--out", tmp_path, "--dataset", "imagenet", "--images", "2"), "--dataset",
+                  "'imagenet' is not one of")
+    _fails_naming(run("eval", tmp_path, "--dataset", "imagenet", "--images", "2"), "--dataset",
+                  "'imagenet' is not one of")
 
 
 def test_an_unknown_backbone_is_named_as_the_option(tmp_path):
