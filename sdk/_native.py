@@ -336,7 +336,10 @@ def _cpu_call(work: int, function: Callable[..., int], *arguments: object) -> No
             lib.dynseg_set_cancel_flag(None)
 
     helper = threading.Thread(target=call, name="dynseg-crf-call")
-    helper.start()
+    try:
+        helper.start()
+    except RuntimeError:  # no thread to be had (a process at its limit): the call is then uninterruptible
+        call()
     interrupted: BaseException | None = None
     while helper.is_alive():
         try:

@@ -441,3 +441,16 @@ def test_ctrl_c_stops_a_long_call_at_its_next_iteration():
         process.kill()
     assert process.returncode == 3, output
     assert output.split() == ["interrupted", "(2,", "8,", "8)"]
+
+
+def test_a_long_call_runs_directly_where_no_helper_thread_can_start(monkeypatch):
+    import threading
+
+    unary = np.random.default_rng(0).normal(size=(2, 512, 512)).astype(np.float32)  # 2^22 labels x pixels x T
+    expected = dense_crf(unary, None, bilateral=None, iterations=8)
+
+    def refuse(thread):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    assert np.array_equal(dense_crf(unary, None, bilateral=None, iterations=8), expected)
