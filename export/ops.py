@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.onnx import symbolic_helper
 
 from dynseg.sdk.crf_node import CrfAttributes, CrfInputs
-from dynseg.sdk.graph import DOMAIN, OP_TYPE
+from dynseg.sdk.graph import DOMAIN, OP_TYPE, crf_nodes
 from dynseg.trainer.crf import mean_field_native
 from dynseg.trainer.model.instance import InstanceCRF
 from dynseg.trainer.model.network import DynamicallyInstantiatedNetwork
@@ -174,7 +174,7 @@ def crf_node_differences(model: onnx.ModelProto, network: DynamicallyInstantiate
     node's attributes (compared as the float32 values ONNX stores) and its constant inputs (the
     weights, bit for bit). Empty when the graph holds the network's CRFs; a check no image can fool,
     where comparing outputs needs a CRF that changes them (docs/deploy.md, `dynseg validate`)."""
-    found = [node for node in model.graph.node if node.domain == DOMAIN and node.op_type == OP_TYPE]
+    found = crf_nodes(model.graph)
     expected = crf_nodes_of(network)
     if len(found) != len(expected):
         return [f"the graph has {len(found)} CRF nodes, the checkpoint's network {len(expected)}"]

@@ -1,6 +1,8 @@
 """The exported model's contract, shared by the exporter (dynseg.export) and every runtime backend:
 the graph's input and output names, its inputs' layout, the identity of its custom CRF op
-(docs/ops.md), and `read_export`, which loads an exported file and checks it is one."""
+(docs/ops.md) and `crf_nodes`, which finds it in a graph, the defaults and limits of an export's
+detection count and of a TensorRT engine's profile, and `read_export`, which loads an exported file and
+checks it is one."""
 
 from __future__ import annotations
 
@@ -55,6 +57,11 @@ class Export:
     max_detections: int
     weights_fingerprint: str | None  # sha256 of the weights; None for an export older than it
     metadata: dict[str, str]
+
+
+def crf_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The graph's dynseg::MeanFieldCRF nodes, in graph order."""
+    return [node for node in graph.node if node.domain == DOMAIN and node.op_type == OP_TYPE]
 
 
 def read_export(path: Path) -> Export:
@@ -115,8 +122,8 @@ def _check_dynseg(model: onnx.ModelProto, path: Path) -> dict[str, str]:
     if unknown:
         raise InvalidArgumentError(f"model file {path} has dynseg ops this dynseg does not know: {unknown}")
     # onnx.checker knows no schema of the domain: the node's arity is checked here
-    for node in model.graph.node:
-        if node.domain == DOMAIN and (len(node.input) != CRF_INPUTS or len(node.output) != CRF_OUTPUTS):
+    for node in crf_nodes(model.graph):
+        if len(node.input) != CRF_INPUTS or len(node.output) != CRF_OUTPUTS:
             raise InvalidArgumentError(f"model file {path}: MeanFieldCRF node {node.name!r} has {len(node.input)} "
                                        f"inputs and {len(node.output)} outputs, the op {CRF_INPUTS} and "
                                        f"{CRF_OUTPUTS} (docs/ops.md): export it again with `dynseg export`")

@@ -30,7 +30,7 @@ from onnx import helper, numpy_helper, shape_inference
 from . import _native
 from .crf_node import CrfAttributes, CrfInputs, run_node, run_node_cuda
 from .errors import InvalidArgumentError
-from .graph import DOMAIN, OUTPUTS, graph_inputs, read_export
+from .graph import DOMAIN, OUTPUTS, crf_nodes, graph_inputs, read_export
 from .inputs import cuda_index
 
 
@@ -95,11 +95,9 @@ class _Placement:
 def _element_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element type of every tensor, the CRF nodes' outputs included: shape inference cannot see through
     a custom op, so they are declared float32 in `model` (the backend's own copy) before it runs."""
-    graph = model.graph
-    for node in graph.node:
-        if node.domain == DOMAIN:
-            graph.value_info.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-                                    for name in node.output)
+    for node in crf_nodes(model.graph):
+        model.graph.value_info.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+                                      for name in node.output)
     inferred = shape_inference.infer_shapes(model)
     return {info.name: info.type.tensor_type.elem_type
             for info in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]}
