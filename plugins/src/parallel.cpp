@@ -11,6 +11,7 @@
 #include <condition_variable>
 #include <deque>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -70,9 +71,15 @@ public:
 
 private:
     void start_workers() {  // lazily, so a library that never runs in parallel starts no thread
-        if (!workers_.empty()) return;
+        if (started_) return;
+        started_ = true;
         const int count = hardware_threads() - 1;
-        for (int i = 0; i < count; ++i) workers_.emplace_back([this] { serve(); });
+        try {
+            for (int i = 0; i < count; ++i) workers_.emplace_back([this] { serve(); });
+        } catch (const std::system_error&) {
+            // a process at its thread limit: the pool keeps the threads it got, and with none the
+            // callers do all the work themselves (same chunks, so the same results), slower
+        }
     }
 
     Job* job_wanting_help() {
@@ -100,7 +107,7 @@ private:
     std::condition_variable work_ready_, job_done_;
     std::deque<Job*> jobs_;
     std::vector<std::thread> workers_;
-    bool stopping_ = false;
+    bool started_ = false, stopping_ = false;
 };
 
 }  // namespace

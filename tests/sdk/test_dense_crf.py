@@ -454,3 +454,36 @@ def test_a_long_call_runs_directly_where_no_helper_thread_can_start(monkeypatch)
 
     monkeypatch.setattr(threading.Thread, "start", refuse)
     assert np.array_equal(dense_crf(unary, None, bilateral=None, iterations=8), expected)
+
+
+_NO_THREADS = "#include <errno.h>\nint pthread_create(void* t, const void* a, void* (*f)(void*), void* x) { return EAGAIN; }\n"
+
+_SEVERAL_THREADS_WITHOUT_THREADS = textwrap.dedent("""
+    import numpy as np
+    from dynseg.sdk import dense_crf
+    unary = np.random.default_rng(0).normal(size=(3, 512, 512)).astype(np.float32)  # long: a helper thread too
+    image = np.random.default_rng(1).integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    q = dense_crf(unary, image, iterations=3, threads=2)
+    np.save(__import__("sys").argv[1], q)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="preloads a C library that refuses every thread")
+def test_where_no_thread_can_start_a_call_on_several_threads_runs_on_the_callers_alone(tmp_path):
+    import os
+    import shutil
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler to build the library that refuses threads")
+    (tmp_path / "no_threads.c").write_text(_NO_THREADS)
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(tmp_path / "no_threads.so"), str(tmp_path / "no_threads.c")],
+                   check=True)
+    environment = {**os.environ, "LD_PRELOAD": str(tmp_path / "no_threads.so"), "OMP_NUM_THREADS": "1",
+                   "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    child = subprocess.run([sys.executable, "-c", _SEVERAL_THREADS_WITHOUT_THREADS, str(tmp_path / "q.npy")],
+                           env=environment, capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr[-2000:]
+    unary = np.random.default_rng(0).normal(size=(3, 512, 512)).astype(np.float32)
+    image = np.random.default_rng(1).integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    assert np.array_equal(np.load(tmp_path / "q.npy"), dense_crf(unary, image, iterations=3, threads=2))
