@@ -91,6 +91,21 @@ class _Placement:
     def empty(self, shape: tuple[int, ...]) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.float32, self.device_type, self.device_id)
 
+    def host(self, value: ort.OrtValue) -> np.ndarray:
+        """An OrtValue of this device as a host array (on the CPU, without a copy)."""
+        if self.device_type == "cpu":
+            return np.asarray(_Kept(value))
+        return np.array(value.numpy())  # a copy: numpy() of a device value may not own what it returns
+
+
+class _Kept:
+    """An OrtValue's memory as numpy sees it: numpy() alone is a view that does not keep the OrtValue
+    alive, where an array over this object keeps it as its base (the outputs are tens of MB at D = 50)."""
+
+    def __init__(self, value: ort.OrtValue):
+        self.value = value
+        self.__array_interface__ = value.numpy().__array_interface__
+
 
 def _element_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element type of every tensor, the CRF nodes' outputs included: shape inference cannot see through
@@ -265,8 +280,7 @@ class OnnxRuntimeBackend:
             if timings is not None:
                 kind = "crf" if isinstance(step, _CrfNode) else "network"
                 timings[kind] = timings.get(kind, 0.0) + time.perf_counter() - start
-        # copies: an OrtValue's numpy() is a view that does not keep the OrtValue's memory alive
-        host = {name: np.array(values[name].numpy()) for name in OUTPUTS}
+        host = {name: place.host(values[name]) for name in OUTPUTS}
         host["instance_logits"], host["semantic_probabilities"] = (host["instance_logits"][0],
                                                                    host["semantic_probabilities"][0])
         return host

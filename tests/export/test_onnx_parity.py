@@ -278,6 +278,25 @@ def test_concurrent_calls_give_the_sequential_results(segmenters):
         assert np.array_equal(a, b)
 
 
+def test_the_outputs_come_without_a_copy_and_outlive_the_calls_that_follow(exported):
+    import gc
+
+    with Segmenter(exported[1]) as segmenter:
+        backend = segmenter._backend
+        first = backend.run(*_case("coffee", (160, 200), 7, seed=3))
+        kept = {name: array.copy() for name, array in first.items()}
+        for k in range(3):  # other calls, and their outputs freed, while the first ones are held
+            backend.run(*_case("chelsea", (160 + 16 * k, 200), 7, seed=k))
+            gc.collect()
+    gc.collect()
+    for name, array in first.items():
+        owner = array
+        while isinstance(owner, np.ndarray):
+            owner = owner.base
+        assert isinstance(owner, onnx_backend._Kept), name  # a view of onnxruntime's own memory
+        assert np.array_equal(array, kept[name]), name
+
+
 def test_more_detections_than_the_model_allows_are_refused(segmenters):
     onnx_seg = segmenters[0]
     image, boxes, labels, scores = _case("coffee", (64, 64), onnx_seg.max_detections + 1, seed=1)
