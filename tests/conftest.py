@@ -1,4 +1,5 @@
-"""Shared fixtures: smooth synthetic images and unaries, the shipped photos, and pydensecrf as an oracle.
+"""Shared fixtures: smooth synthetic images and unaries, the shipped photos, pydensecrf as an oracle, and
+small C libraries built for a test (stand-ins for a native library, or a refusal preloaded).
 
 Parity tests use smooth inputs on purpose: on high-contrast noise two correct dense-CRF implementations
 drift apart to ~1e-4 after a few iterations (docs/algorithm.md §3), so noise would force loose tolerances.
@@ -8,6 +9,8 @@ The fixtures are factories, so each test picks its own sizes and seeds.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -164,3 +167,20 @@ def _tensorrt_header_dirs() -> list[Path]:
 def tensorrt_headers(request) -> Path:
     """A folder of TensorRT's public headers (each one found is a parameter: TensorRT 10 and 11)."""
     return request.param
+
+
+@pytest.fixture
+def c_library(tmp_path) -> Callable[[str, str], Path]:
+    """c_library(name, source): the shared library lib<name>.so built from C `source` in tmp_path; the test
+    is skipped where no C compiler is on the PATH."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+
+    def build(name: str, source: str) -> Path:
+        if compiler is None:
+            pytest.skip("needs a C compiler to build a stand-in library")
+        (tmp_path / f"{name}.c").write_text(source)
+        library = tmp_path / f"lib{name}.so"
+        subprocess.run([compiler, "-shared", "-fPIC", str(tmp_path / f"{name}.c"), "-o", str(library)], check=True)
+        return library
+
+    return build

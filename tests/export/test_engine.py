@@ -152,29 +152,20 @@ def test_an_attribute_tensorrts_parser_would_drop_or_narrow_is_refused_as_the_sd
 
 # ---- the plugin library's TensorRT version ----------------------------------------------------------------
 
-def _shared_library(directory: Path, name: str, source: str) -> Path:
-    (directory / f"{name}.c").write_text(source)
-    library = directory / f"lib{name}.so"
-    subprocess.run(["cc", "-shared", "-fPIC", str(directory / f"{name}.c"), "-o", str(library)], check=True)
-    return library
-
-
 @pytest.fixture
-def stand_in_plugin(tmp_path) -> Path:
+def stand_in_plugin(c_library) -> Path:
     """A library exporting what the plugin exports for the version check, as built for TensorRT 10."""
-    if shutil.which("cc") is None:
-        pytest.skip("needs a C compiler to make a stand-in library")
-    return _shared_library(tmp_path, "stand_in", "int dynseg_tensorrt_headers_major(void) { return 10; }\n")
+    return c_library("stand_in", "int dynseg_tensorrt_headers_major(void) { return 10; }\n")
 
 
 def test_a_plugin_library_built_for_another_tensorrt_major_version_is_refused_before_loading(stand_in_plugin,
-                                                                                            tmp_path):
+                                                                                            c_library):
     """TensorRT does not check it, and the interfaces of 10 and 11 differ in layout: a crash, not an error."""
     library = stand_in_plugin
     tensorrt_engine.check_plugin_major_version(library, "10.16.0.72")
     with pytest.raises(EngineError, match=r"built against TensorRT 10's headers, and this is TensorRT 11\.1\.0"):
         tensorrt_engine.check_plugin_major_version(library, "11.1.0")
-    other = _shared_library(tmp_path, "other", "int something_else(void) { return 0; }\n")
+    other = c_library("other", "int something_else(void) { return 0; }\n")
     with pytest.raises(EngineError, match="is not a dynseg TensorRT plugin library"):
         tensorrt_engine.check_plugin_major_version(other, "10.16.0.72")
 

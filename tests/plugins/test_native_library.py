@@ -7,8 +7,6 @@ from __future__ import annotations
 import ctypes
 import os
 import re
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -725,20 +723,15 @@ def test_a_dynseg_library_variable_naming_no_file_is_an_error_not_a_fall_back(mo
         dynseg.plugins.library_path()
 
 
-def _stand_in_library(tmp_path, kind: str):
+def _stand_in_library(tmp_path, c_library, kind: str):
     """A file in the native library's place: none, a text file, or a shared library of one C function."""
     if kind == "missing":
         return tmp_path / "nowhere.so"
     if kind == "not a shared library":
         (tmp_path / "text.so").write_text("not a library")
         return tmp_path / "text.so"
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        pytest.skip("no C compiler on the PATH to build a stand-in library")
     function = "something_else" if kind == "foreign" else "dynseg_abi_version"
-    (tmp_path / "lib.c").write_text(f"int {function}(void) {{ return 2; }}\n")
-    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(tmp_path / "lib.so"), str(tmp_path / "lib.c")], check=True)
-    return tmp_path / "lib.so"
+    return c_library("stand_in", f"int {function}(void) {{ return 2; }}\n")
 
 
 @pytest.mark.parametrize("kind, message", [
@@ -747,9 +740,10 @@ def _stand_in_library(tmp_path, kind: str):
     ("foreign", "is not dynseg's native library: it has no dynseg_abi_version"),
     ("older ABI", "speaks C ABI 2, this dynseg needs 3: rebuild it"),
 ])
-def test_a_library_that_is_missing_or_not_this_dynsegs_raises_a_native_error(monkeypatch, tmp_path, kind, message):
+def test_a_library_that_is_missing_or_not_this_dynsegs_raises_a_native_error(monkeypatch, tmp_path, c_library, kind,
+                                                                            message):
     monkeypatch.setattr(_native, "_lib", None)  # loaded afresh, from the variable
-    monkeypatch.setenv("DYNSEG_LIBRARY", str(_stand_in_library(tmp_path, kind)))
+    monkeypatch.setenv("DYNSEG_LIBRARY", str(_stand_in_library(tmp_path, c_library, kind)))
     with pytest.raises(NativeError, match=message):
         _native.library()
     with pytest.raises(NativeError, match=message):

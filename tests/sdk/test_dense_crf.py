@@ -469,17 +469,10 @@ _SEVERAL_THREADS_WITHOUT_THREADS = textwrap.dedent("""
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="preloads a C library that refuses every thread")
-def test_where_no_thread_can_start_a_call_on_several_threads_runs_on_the_callers_alone(tmp_path):
+def test_where_no_thread_can_start_a_call_on_several_threads_runs_on_the_callers_alone(tmp_path, c_library):
     import os
-    import shutil
 
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        pytest.skip("no C compiler to build the library that refuses threads")
-    (tmp_path / "no_threads.c").write_text(_NO_THREADS)
-    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(tmp_path / "no_threads.so"), str(tmp_path / "no_threads.c")],
-                   check=True)
-    environment = {**os.environ, "LD_PRELOAD": str(tmp_path / "no_threads.so"), "OMP_NUM_THREADS": "1",
+    environment = {**os.environ, "LD_PRELOAD": str(c_library("no_threads", _NO_THREADS)), "OMP_NUM_THREADS": "1",
                    "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     child = subprocess.run([sys.executable, "-c", _SEVERAL_THREADS_WITHOUT_THREADS, str(tmp_path / "q.npy")],
                            env=environment, capture_output=True, text=True, timeout=300)
