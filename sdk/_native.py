@@ -24,11 +24,11 @@ import numpy as np
 
 from dynseg.plugins import library_path
 
+from .checks import INT32_MAX
 from .errors import InvalidArgumentError, NativeError
 
 ABI_VERSION = 3
 NORMALIZATION = {"after": 0, "symmetric": 1}
-INT32_MAX = 2**31 - 1  # the largest count (iterations, threads) the C structs' int fields hold
 
 
 # The C enums of dynseg_crf.h, value for value.
@@ -186,44 +186,49 @@ def library() -> ctypes.CDLL:
                     f"{path} speaks C ABI {lib.dynseg_abi_version()}, this dynseg needs {ABI_VERSION}: "
                     "rebuild it with `pip install --force-reinstall --no-deps .` from the dynseg source tree"
                 )
-            lib.dynseg_version.restype = ctypes.c_char_p
-            lib.dynseg_last_error.restype = ctypes.c_char_p
-            lib.dynseg_max_threads.restype = ctypes.c_int32
-            if hasattr(lib, "dynseg_set_cancel_flag"):  # absent from libraries built before it (gpu_compare.sh's)
-                lib.dynseg_set_cancel_flag.argtypes = [ctypes.POINTER(ctypes.c_int32)]
-                lib.dynseg_set_cancel_flag.restype = None
-            problem = ctypes.POINTER(_Problem)
-            lib.dynseg_crf_workspace_size.argtypes = [problem, ctypes.c_int32, ctypes.POINTER(ctypes.c_size_t)]
-            lib.dynseg_crf_forward.argtypes = [problem, _f32p, _f32p, ctypes.c_void_p, ctypes.c_size_t]
-            lib.dynseg_crf_backward.argtypes = [
-                problem, _f32p, _f32p, _f32p, ctypes.POINTER(_f32p), _f32p, ctypes.c_void_p, ctypes.c_size_t
-            ]
-            lib.dynseg_lattice_filter.argtypes = [
-                problem, ctypes.c_int32, ctypes.c_int64, _f32p, _f32p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_size_t
-            ]
-            lib.dynseg_cuda_compiled.restype = ctypes.c_int32
-            lib.dynseg_cuda_device_count.restype = ctypes.c_int32
-            lib.dynseg_crf_workspace_size_cuda.argtypes = lib.dynseg_crf_workspace_size.argtypes
-            lib.dynseg_crf_forward_cuda.argtypes = [
-                problem, _f32p, _f32p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p
-            ]
-            lib.dynseg_crf_backward_cuda.argtypes = [
-                problem, _f32p, _f32p, _f32p, ctypes.POINTER(_f32p), _f32p, ctypes.c_void_p, ctypes.c_size_t,
-                ctypes.c_void_p,
-            ]
-            lib.dynseg_crf_check_cuda.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-            lib.dynseg_crf_forward_cuda_from_host.argtypes = [problem, _f32p, _f32p, ctypes.c_int32]
-            lib.dynseg_cuda_set_device.argtypes = [ctypes.c_int32]
-            if hasattr(lib, "dynseg_cuda_get_device"):  # absent from libraries built before it (gpu_compare.sh's)
-                lib.dynseg_cuda_get_device.argtypes = [ctypes.POINTER(ctypes.c_int32)]
-            lib.dynseg_cuda_malloc.argtypes = [ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p)]
-            lib.dynseg_cuda_free.argtypes = [ctypes.c_void_p]
-            lib.dynseg_cuda_memcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
-            lib.dynseg_cuda_stream_create.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
-            lib.dynseg_cuda_stream_synchronize.argtypes = [ctypes.c_void_p]
-            lib.dynseg_cuda_stream_destroy.argtypes = [ctypes.c_void_p]
+            _declare_signatures(lib)
             _lib = lib
     return _lib
+
+
+def _declare_signatures(lib: ctypes.CDLL) -> None:
+    """Tells ctypes every entry point's argument and result types (the C ABI's, plugins/include)."""
+    lib.dynseg_version.restype = ctypes.c_char_p
+    lib.dynseg_last_error.restype = ctypes.c_char_p
+    lib.dynseg_max_threads.restype = ctypes.c_int32
+    if hasattr(lib, "dynseg_set_cancel_flag"):  # absent from libraries built before it (gpu_compare.sh's)
+        lib.dynseg_set_cancel_flag.argtypes = [ctypes.POINTER(ctypes.c_int32)]
+        lib.dynseg_set_cancel_flag.restype = None
+    problem = ctypes.POINTER(_Problem)
+    lib.dynseg_crf_workspace_size.argtypes = [problem, ctypes.c_int32, ctypes.POINTER(ctypes.c_size_t)]
+    lib.dynseg_crf_forward.argtypes = [problem, _f32p, _f32p, ctypes.c_void_p, ctypes.c_size_t]
+    lib.dynseg_crf_backward.argtypes = [
+        problem, _f32p, _f32p, _f32p, ctypes.POINTER(_f32p), _f32p, ctypes.c_void_p, ctypes.c_size_t
+    ]
+    lib.dynseg_lattice_filter.argtypes = [
+        problem, ctypes.c_int32, ctypes.c_int64, _f32p, _f32p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_size_t
+    ]
+    lib.dynseg_cuda_compiled.restype = ctypes.c_int32
+    lib.dynseg_cuda_device_count.restype = ctypes.c_int32
+    lib.dynseg_crf_workspace_size_cuda.argtypes = lib.dynseg_crf_workspace_size.argtypes
+    lib.dynseg_crf_forward_cuda.argtypes = [
+        problem, _f32p, _f32p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p
+    ]
+    lib.dynseg_crf_backward_cuda.argtypes = [
+        problem, _f32p, _f32p, _f32p, ctypes.POINTER(_f32p), _f32p, ctypes.c_void_p, ctypes.c_size_t,
+        ctypes.c_void_p,
+    ]
+    lib.dynseg_crf_check_cuda.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    lib.dynseg_crf_forward_cuda_from_host.argtypes = [problem, _f32p, _f32p, ctypes.c_int32]
+    lib.dynseg_cuda_set_device.argtypes = [ctypes.c_int32]
+    if hasattr(lib, "dynseg_cuda_get_device"):  # absent from libraries built before it (gpu_compare.sh's)
+        lib.dynseg_cuda_get_device.argtypes = [ctypes.POINTER(ctypes.c_int32)]
+    lib.dynseg_cuda_malloc.argtypes = [ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p)]
+    lib.dynseg_cuda_free.argtypes = [ctypes.c_void_p]
+    lib.dynseg_cuda_memcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    lib.dynseg_cuda_stream_create.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
+    lib.dynseg_cuda_stream_synchronize.argtypes = [ctypes.c_void_p]
+    lib.dynseg_cuda_stream_destroy.argtypes = [ctypes.c_void_p]
 
 
 def _load() -> tuple[ctypes.CDLL, Path]:

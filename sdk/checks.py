@@ -1,5 +1,5 @@
 """The argument checks every checking module shares, numbers and arrays: `is_int` / `int_in` for counts
-and ids, `finite_float32` / `positive_in_float32` / `FLOAT32_MAX` for what the native library reads as
+and ids, `finite_float32` / `positive_in_float32` / `FLOAT32_MAX` / `INT32_MAX` for what the native library reads as
 float32, `array_of` / `refuse_masked` for arrays. Each failure is an InvalidArgumentError that names the
 argument. numpy only: the SDK imports it without torch.
 """
@@ -7,15 +7,18 @@ argument. numpy only: the SDK imports it without torch.
 from __future__ import annotations
 
 import math
-from typing import TypeGuard
+from typing import Iterable, TypeGuard
 
 import numpy as np
 
 from .errors import InvalidArgumentError
 
-__all__ = ["FLOAT32_MAX", "array_of", "finite_float32", "int_in", "is_int", "positive_in_float32", "refuse_masked"]
+__all__ = ["FLOAT32_MAX", "INT32_MAX", "array_of", "finite_float32", "int_in", "is_int", "one_of",
+           "positive_in_float32", "refuse_masked"]
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+INT32_MAX = 2**31 - 1  # the largest count (iterations, threads) the C structs' int fields hold, and the CUDA
+# kernels' 32-bit index range
 
 
 def is_int(value: object, *, numpy: bool = True) -> TypeGuard[int | np.integer]:
@@ -24,6 +27,15 @@ def is_int(value: object, *, numpy: bool = True) -> TypeGuard[int | np.integer]:
     written to JSON as they are (json cannot write np.int64)."""
     kinds = (int, np.integer) if numpy else int
     return isinstance(value, kinds) and not isinstance(value, (bool, np.bool_))
+
+
+def one_of(name: str, value: object, allowed: Iterable[str]) -> str:
+    """`value` when it is one of the names `allowed`, else InvalidArgumentError "{name} must be one of
+    a, b, c, got {value!r}"."""
+    allowed = tuple(allowed)
+    if not isinstance(value, str) or value not in allowed:
+        raise InvalidArgumentError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
 
 
 def int_in(name: str, value: object, low: int, high: int | None = None, *, rule: str | None = None) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, cast, get_args
 
@@ -25,6 +26,7 @@ from typer.core import TyperGroup
 from . import __version__
 from .commands import defaults, parity
 from .commands import quickstart as quickstart_job
+from .checks import INT32_MAX
 from .errors import INSTALL_TRAINER, DynsegError, InvalidArgumentError
 from .graph import DEFAULT_ENGINE_DETECTIONS, DEFAULT_ENGINE_SIZES, DEFAULT_MAX_DETECTIONS, MAX_DETECTIONS
 
@@ -95,8 +97,8 @@ def demo(
         None, "--image", exists=True, dir_okay=False, readable=True,
         help="Photo to segment (default: the shipped 500x375 coffee photo).",
     ),
-    iterations: int = typer.Option(5, "--iterations", min=0, max=2**31 - 1, help="Mean-field iterations."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=2**31 - 1,
+    iterations: int = typer.Option(5, "--iterations", min=0, max=INT32_MAX, help="Mean-field iterations."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=INT32_MAX,
                                           help="CPU threads (default: all cores)."),
 ) -> None:
     """Clean up a blocky colour labelling of a photo with the dense CRF; save and time it."""
@@ -153,9 +155,6 @@ _DETECTIONS_HELP = ("Detections as a COCO results JSON file (image_id, category_
                     "default: simulated from the ground truth.")
 
 
-_MIN_SIDE, _MAX_SIDE = defaults.MIN_IMAGE_SIDE, defaults.MAX_IMAGE_SIDE  # a synthetic scene's sides
-
-
 def _open_data(command: str, dataset: str, data_root: Optional[Path], split: Optional[str],
                detections: Optional[Path], **synthetic):
     """The dataset the options name, with the file's detections attached; one-line errors naming the options."""
@@ -166,8 +165,9 @@ def _open_data(command: str, dataset: str, data_root: Optional[Path], split: Opt
         raise typer.BadParameter("the synthetic dataset is generated: give --dataset voc, sbd, coco or "
                                  "cityscapes to read one from disk", param_hint="--data-root / --split")
     height, width = synthetic["image_size"]
-    if not (_MIN_SIDE <= height <= _MAX_SIDE and _MIN_SIDE <= width <= _MAX_SIDE):
-        raise typer.BadParameter(f"{height} {width}: each side must be in {_MIN_SIDE}..{_MAX_SIDE}",
+    low, high = defaults.MIN_IMAGE_SIDE, defaults.MAX_IMAGE_SIDE  # a synthetic scene's sides
+    if not (low <= height <= high and low <= width <= high):
+        raise typer.BadParameter(f"{height} {width}: each side must be in {low}..{high}",
                                  param_hint="--image-size")
     if dataset != "synthetic" and data_root is None:
         raise typer.BadParameter(f"--dataset {dataset} needs --data-root, the folder that holds it",
@@ -253,8 +253,8 @@ def train(
         0, "--held-out-images", min=0, max=defaults.MAX_IMAGES,
         help="Score stage 2 after every epoch on this many held-out images (synthetic: seed + 1; on disk: the "
              "first of --held-out-split), with simulated detections; 0: no per-epoch evaluation."),
-    held_out_split: Optional[str] = typer.Option(None, "--held-out-split",
-                                                 help="On-disk split for --held-out-images (default: val; COCO: val2017)."),
+    held_out_split: Optional[str] = typer.Option(
+        None, "--held-out-split", help="On-disk split for --held-out-images (default: val; COCO: val2017)."),
     seed: int = typer.Option(0, "--seed", min=0, max=defaults.MAX_SEED,
                              help="Seed of the data, the detections and the initialisation."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out from each stage's "
@@ -268,7 +268,7 @@ def train(
     """
     _torch_or_fail("dynseg train")
     if mode not in ("piecewise", "end-to-end"):
-        raise typer.BadParameter("must be piecewise or end-to-end", param_hint="--mode")
+        raise typer.BadParameter(f"{mode!r} is not one of piecewise, end-to-end", param_hint="--mode")
     if not (math.isfinite(learning_rate) and learning_rate >= 0):  # click's range lets NaN through, misnamed
         raise typer.BadParameter(f"must be a finite number >= 0, got {learning_rate}", param_hint="--lr")
     from dynseg.trainer.backbones import BackboneName
@@ -283,7 +283,6 @@ def train(
     if held_out_split is not None and (dataset == "synthetic" or not held_out_images):
         raise typer.BadParameter("names an on-disk split to score with --held-out-images N: give --dataset and "
                                  "--held-out-images too", param_hint="--held-out-split")
-    import sys
 
     import torch
 
@@ -355,7 +354,7 @@ def evaluate_command(
     from .commands import evaluate as evaluation
 
     if protocol not in PROTOCOLS:
-        raise typer.BadParameter(f"must be one of {', '.join(PROTOCOLS)}", param_hint="--protocol")
+        raise typer.BadParameter(f"{protocol!r} is not one of {', '.join(PROTOCOLS)}", param_hint="--protocol")
     recorded = TRAINING_DATA if model.is_dir() else "its metadata"
     try:
         trained_on = read_training_data(model) if model.is_dir() else evaluation.training_data_of(model)
@@ -470,7 +469,7 @@ def _size_text(size: tuple[int, int]) -> str:
 
 def _parse_sizes(text: str) -> list[tuple[int, int]]:
     # bench makes each image in memory, as synthetic training scenes are: the same bound
-    return [_size(part, "--sizes", minimum=8, maximum=_MAX_SIDE) for part in text.split(",")]
+    return [_size(part, "--sizes", minimum=8, maximum=defaults.MAX_IMAGE_SIDE) for part in text.split(",")]
 
 
 def _parse_counts(text: str) -> list[int]:
@@ -487,8 +486,9 @@ def export(
     checkpoint: Path = typer.Argument(..., exists=True, file_okay=False, help="Folder written by dynseg train."),
     format: str = typer.Option("onnx", "--format", help="onnx, or engine (TensorRT: needs TensorRT and a GPU)."),
     out: Path = typer.Option(..., "--out", dir_okay=False, help="The file to write, e.g. model.onnx or model.engine."),
-    max_detections: int = typer.Option(DEFAULT_MAX_DETECTIONS, "--max-detections", min=1, max=MAX_DETECTIONS,
-                                       help="Most detections per image the runtime accepts (the engine profile's max)."),
+    max_detections: int = typer.Option(
+        DEFAULT_MAX_DETECTIONS, "--max-detections", min=1, max=MAX_DETECTIONS,
+        help="Most detections per image the runtime accepts (the engine profile's max)."),
     min_detections: int = typer.Option(DEFAULT_ENGINE_DETECTIONS[0], "--min-detections", min=0,
                                        help="engine: the profile's smallest D."),
     opt_detections: Optional[int] = typer.Option(
@@ -526,14 +526,16 @@ def export(
         _at_least(_at_most(DEFAULT_ENGINE_SIZES[1], largest), given_min or (1, 1))
     smallest = given_min or _at_most(DEFAULT_ENGINE_SIZES[0], optimum)
     sizes = (smallest, optimum, largest)
-    detections = (min_detections, max(min_detections, min(DEFAULT_ENGINE_DETECTIONS[1], max_detections))
-                  if opt_detections is None
-                  else opt_detections, max_detections)
     if format == "engine":  # before the export, so a bad profile costs no export
         if out.suffix not in (".engine", ".plan"):
             raise typer.BadParameter(f"an engine is a .engine or .plan file (the .onnx goes beside it), got {out}",
                                      param_hint="--out")
-        from dynseg.export.engine import EngineError, import_tensorrt, make_profile, plugin_library_path
+        from dynseg.export.engine import (EngineError, build_engine, default_detections, import_tensorrt,
+                                          make_profile, plugin_library_path)
+
+        opt = opt_detections if opt_detections is not None else \
+            max(min_detections, default_detections(max_detections)[1])
+        detections = (min_detections, opt, max_detections)
 
         # the sizes on their own, then the detections with those sizes: each error names its own options
         for which, checked_detections in (("size", (0, 0, 0)), ("detections", detections)):
@@ -568,8 +570,6 @@ def export(
     if format == "onnx":
         typer.echo(f"next: dynseg validate {path} --checkpoint {checkpoint}")
         return
-    from dynseg.export.engine import EngineError, build_engine
-
     try:
         engine = build_engine(path, out, fp16=fp16, detections=detections, sizes=sizes, workspace=workspace)
     except (EngineError, InvalidArgumentError) as error:
@@ -592,7 +592,6 @@ def infer(
 ) -> None:
     """Segment images given their detections: per image {stem}_overlay.png and {stem}_instances.png
     (16-bit, pixel = instance id, 0 = background), and results.json (COCO results) for all."""
-    import sys
 
     from .commands import infer as job
     from .commands.progress import item_progress
@@ -704,7 +703,6 @@ def quickstart(
     """Train a small model on synthetic scenes, evaluate, export ONNX, validate parity and segment sample
     images, all into --out; then print what it made and what to run next."""
     _torch_or_fail("dynseg quickstart")
-    import sys
 
     try:
         summary = quickstart_job.run(out, steps=steps, seed=seed, printer=typer.echo, live=sys.stdout.isatty())

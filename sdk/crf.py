@@ -14,7 +14,7 @@ import numpy as np
 
 from . import _native
 from .errors import InvalidArgumentError
-from .checks import finite_float32, int_in, positive_in_float32, refuse_masked
+from .checks import INT32_MAX, finite_float32, int_in, positive_in_float32, refuse_masked
 from .inputs import cuda_index
 
 Normalization = Literal["after", "symmetric"]
@@ -60,7 +60,7 @@ def check_overflow(finite: bool, what: str) -> None:
 
 
 def check_iterations(iterations: object) -> int:
-    return int_in("iterations", iterations, 0, _native.INT32_MAX)
+    return int_in("iterations", iterations, 0, INT32_MAX)
 
 
 def check_normalization(normalization: object) -> Normalization:
@@ -73,7 +73,7 @@ def check_threads(threads: object) -> int:
     """threads=None means every core (0 for the native library)."""
     if threads is None:
         return 0
-    return int_in("threads", threads, 1, _native.INT32_MAX, rule=f"None or an int in 1..{_native.INT32_MAX}")
+    return int_in("threads", threads, 1, INT32_MAX, rule=f"None or an int in 1..{INT32_MAX}")
 
 
 def _check_unary(unary: object) -> np.ndarray:

@@ -20,6 +20,7 @@ import numpy as np
 from onnx import NodeProto, helper
 
 from . import _native
+from .checks import INT32_MAX
 from .errors import InvalidArgumentError
 
 __all__ = ["CrfAttributes", "CrfInputs", "run_node", "run_node_cuda"]
@@ -112,8 +113,8 @@ class CrfAttributes:
         if missing:
             raise fail(f"attributes {', '.join(missing)} are missing (iterations and the three thetas are required)")
         a = cls(**attributes)  # type: ignore[arg-type]
-        if not 0 <= a.iterations <= _native.INT32_MAX:
-            raise fail(f"attribute iterations must be in 0..{_native.INT32_MAX}, got {a.iterations}")
+        if not 0 <= a.iterations <= INT32_MAX:
+            raise fail(f"attribute iterations must be in 0..{INT32_MAX}, got {a.iterations}")
         for name in ("theta_spatial", "theta_bilateral_xy", "theta_bilateral_rgb"):
             if not (math.isfinite(getattr(a, name)) and getattr(a, name) > 0):
                 raise fail(f"attribute {name} must be finite and > 0, got {getattr(a, name)}")

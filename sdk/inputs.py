@@ -109,7 +109,7 @@ def _read_image_file(path: Path) -> np.ndarray:
     if not path.exists():
         raise InvalidArgumentError(f"image file {str(path)!r} does not exist")
     if not path.is_file():
-        raise InvalidArgumentError(f"image {str(path)!r} is not a file")
+        raise InvalidArgumentError(f"image file {str(path)!r} is not a file")
     try:
         from PIL import Image
     except ImportError as error:  # Pillow is a dependency of dynseg; a trimmed environment may lack it
@@ -237,15 +237,7 @@ def check_detections(
     if not np.isfinite(boxes64).all():
         bad = np.flatnonzero(~np.isfinite(boxes64).all(axis=1)).tolist()
         raise InvalidArgumentError(f"boxes must be finite: rows {bad} hold NaN or infinity")
-    scores64 = scores_in.astype(np.float64)
-    representable = np.isfinite(scores64) & (np.abs(scores64) <= FLOAT32_MAX)
-    if not representable.all():
-        bad = np.flatnonzero(~representable).tolist()
-        raise InvalidArgumentError(f"scores must be finite float32 values: entries {bad} are NaN, infinite or too large")
-    if (scores64 < 0).any():
-        bad = np.flatnonzero(scores64 < 0).tolist()
-        raise InvalidArgumentError(f"scores must be >= 0 (detector confidences, not logits): entries {bad} are "
-                                   f"{scores64[bad].tolist()}")
+    scores64 = _check_scores(scores_in)
     labels64 = _check_labels(labels_in, num_classes)
 
     x1, y1, x2, y2 = boxes64.T  # (D,) each
@@ -282,6 +274,21 @@ def pixel_boxes(boxes: np.ndarray, height: int, width: int) -> tuple[np.ndarray,
     outside = (f2 < 0) | (g2 < 0) | (f1 > width - 1) | (g1 > height - 1)
     limits = np.array([width - 1, height - 1, width - 1, height - 1], dtype=np.float64)
     return np.minimum(np.maximum(floored, 0.0), limits), outside
+
+
+def _check_scores(scores: np.ndarray) -> np.ndarray:
+    """scores as float64 after checking they are non-negative and float32 holds them finitely."""
+    scores64 = scores.astype(np.float64)
+    representable = np.isfinite(scores64) & (np.abs(scores64) <= FLOAT32_MAX)
+    if not representable.all():
+        bad = np.flatnonzero(~representable).tolist()
+        raise InvalidArgumentError(
+            f"scores must be finite float32 values: entries {bad} are NaN, infinite or too large")
+    if (scores64 < 0).any():
+        bad = np.flatnonzero(scores64 < 0).tolist()
+        raise InvalidArgumentError(f"scores must be >= 0 (detector confidences, not logits): entries {bad} are "
+                                   f"{scores64[bad].tolist()}")
+    return scores64
 
 
 def _check_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:

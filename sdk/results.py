@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InvalidArgumentError
-from .checks import int_in, is_int
+from .checks import finite_float32, int_in, is_int
 from .inputs import Detections, DroppedDetection
 
 __all__ = ["Instance", "SegmentationResult", "build_result", "instance_colours"]
@@ -137,14 +137,14 @@ class SegmentationResult:
         """(H, W, 3) uint8 RGB picture: the image with each instance blended in its own colour
         (instance_colours) at opacity alpha in 0..1, and its outline (its pixels with a 4-neighbour
         outside it) drawn opaque in a darker shade. Background pixels are the image's own."""
-        if isinstance(alpha, (bool, np.bool_)) or not isinstance(alpha, (int, float, np.integer, np.floating)) \
-                or not 0.0 <= float(alpha) <= 1.0:
+        opacity = finite_float32(alpha)
+        if opacity is None or not 0.0 <= opacity <= 1.0:
             raise InvalidArgumentError(f"alpha must be a number in 0..1, got {alpha!r}")
         colours = instance_colours(len(self.instances)).astype(np.float32)  # (N+1, 3), row 0 unused
         painted = colours[self.instance_map]  # (H, W, 3)
         picture = self.image.astype(np.float32)
         inside = self.instance_map > 0
-        picture[inside] = (1.0 - float(alpha)) * picture[inside] + float(alpha) * painted[inside]
+        picture[inside] = (1.0 - opacity) * picture[inside] + opacity * painted[inside]
         edge = _outline(self.instance_map)
         picture[edge] = _OUTLINE_SHADE * painted[edge]
         return np.clip(np.rint(picture), 0, 255).astype(np.uint8)
@@ -292,7 +292,8 @@ def _check_result_inputs(
     detections: Detections,
     class_names: Sequence[str],
 ) -> tuple[int, int]:
-    """(H, W) after checking the arrays agree; a mismatch is a backend's bug, reported by name."""
+    """(H, W) after checking the arrays agree, reporting a mismatch by name: a wrong shape or dtype is a
+    backend's bug, a non-finite value the model's weights or the detection scores."""
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise InvalidArgumentError(f"image must be a (H, W, 3) uint8 array, got {_describe(image)}")
     height, width = image.shape[:2]
@@ -308,8 +309,8 @@ def _check_result_inputs(
         raise InvalidArgumentError(f"class_names must be a sequence of names (str), got {class_names!r:.80}")
     if not isinstance(instance_logits, np.ndarray) or instance_logits.shape != (count + 1, height, width):
         raise InvalidArgumentError(
-            f"instance_logits must have shape (N+1, H, W) = {(count + 1, height, width)}, got {_describe(instance_logits)}"
-        )
+            f"instance_logits must have shape (N+1, H, W) = {(count + 1, height, width)}, "
+            f"got {_describe(instance_logits)}")
     classes = len(class_names)
     if not isinstance(semantic_probabilities, np.ndarray) \
             or semantic_probabilities.shape != (classes + 1, height, width):

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, get_args
 import numpy as np
 from numpy.typing import ArrayLike
 
+from .checks import one_of
 from .errors import InvalidArgumentError
 from .crf import check_threads
 from .inputs import ImageLike, check_detections, cuda_index, load_image
@@ -49,9 +50,7 @@ class NetworkBackend(Protocol):
 
 
 def _backend_for(path: Path, backend: str) -> str:
-    if backend not in BACKENDS:
-        raise InvalidArgumentError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend != "auto":
+    if one_of("backend", backend, BACKENDS) != "auto":
         return backend
     if path.is_dir():
         return "torch"

@@ -24,7 +24,7 @@ from .errors import DynsegError, InvalidArgumentError
 from .graph import DEFAULT_ENGINE_DETECTIONS as DEFAULT_DETECTIONS
 from .graph import DEFAULT_ENGINE_SIZES as DEFAULT_SIZES
 from .graph import DOMAIN, OP_TYPE, OP_VERSION
-from .checks import is_int
+from .checks import INT32_MAX, is_int
 
 if TYPE_CHECKING:
     import tensorrt
@@ -50,7 +50,7 @@ PLUGIN_LIBRARY_ENV = "DYNSEG_TENSORRT_PLUGIN"
 SIDECAR_FORMAT = 1
 # The CUDA kernels index with 32 bits: pixels x (colour channels + 3) x 32 and pixels x padded labels must
 # stay below 2^31 (docs/crf.md §6); RGB images: at most 11,184,810 pixels.
-_MAX_PIXELS = (2**31 - 1) // ((3 + 3) * 32)
+_MAX_PIXELS = INT32_MAX // ((3 + 3) * 32)
 _INSTALL_TENSORRT = (
     "TensorRT's Python package is not installed: install it from NVIDIA's index "
     "(`pip install tensorrt --extra-index-url https://pypi.nvidia.com`, matching your CUDA driver; see "
@@ -146,7 +146,7 @@ def make_profile(detections: Sequence[int] = DEFAULT_DETECTIONS,
             f"(at most {_MAX_PIXELS} pixels with an RGB image)"
         )
     padded = -(-max(high + 1, labels or 0) // 4) * 4  # the kernels' rows: whole float4s
-    if height * width * padded > 2**31 - 1:
+    if height * width * padded > INT32_MAX:
         raise InvalidArgumentError(
             f"{height}x{width} pixels with up to {max(high + 1, labels or 0)} labels is too large for the CUDA "
             "kernels (pixels x labels must stay below 2^31): lower the maximum size or detections"

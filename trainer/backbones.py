@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynseg.sdk.errors import InvalidArgumentError
-from dynseg.sdk.checks import int_in
+from dynseg.sdk.checks import int_in, one_of
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "BasicBlock", "Bottleneck", "ResNet", "VGG16", "PyramidPoolingHead",
@@ -578,8 +578,7 @@ def semantic_network(
         InvalidArgumentError (a ValueError): unknown backbone, num_classes < 2, or a `pretrained` file
             that does not match.
     """
-    if backbone not in _PRESETS:
-        raise InvalidArgumentError(f"unknown backbone {backbone!r}; choose one of {', '.join(_PRESETS)}")
+    one_of("backbone", backbone, _PRESETS)
     num_classes = int_in("num_classes", num_classes, 2, rule="an int >= 2 (K classes + background)")
     features, head = _PRESETS[backbone](num_classes)
     return _build_semantic_network(backbone=features, head=head, pretrained=pretrained)

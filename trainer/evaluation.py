@@ -31,13 +31,14 @@ index), as a stable sort does. τ ∈ {0.1, 0.2, ..., 0.9}, the float64 values n
   Because duplicates can all be correct, this AP is not bounded by 1 when two predictions exceed τ on
   the same instance (possible at τ < 0.5 even for non-overlapping segment maps; at τ >= 0.5 it needs
   overlapping predicted masks). It is reported as the released code computes it, not clipped.
-- protocol "voc" is VOCdevkit's detection protocol (VOCevaldet) applied to masks: void pixels stay in
-  the predicted masks (they count in the union, so on VOC, whose objects are ringed by a void band, a
-  mask equal to its object scores below 1 and the high-τ numbers are depressed); in descending score order each prediction takes the
-  same-class ground truth of its image with the largest IoU (the first one on ties); it is a true
-  positive if that IoU >= τ (VOCdevkit's VOCevaldet compares with ">=", as COCO does) and that ground
-  truth is not taken yet, otherwise a false positive (duplicates are false positives). AP is the
-  VOC2010+ area under the monotone precision envelope: Σ_k (recall_k - recall_{k-1}) · max_{j>=k} precision_j.
+- protocol "voc" is VOCdevkit's detection protocol (VOCevaldet) applied to masks: void pixels stay in the
+  predicted masks (they count in the union, so on VOC, whose objects are ringed by a void band, a mask
+  equal to its object scores below 1 and the high-τ numbers are depressed); in descending score order
+  each prediction takes the same-class ground truth of its image with the largest IoU (the first one on
+  ties); it is a true positive if that IoU >= τ (VOCdevkit's VOCevaldet compares with ">=", as COCO does)
+  and that ground truth is not taken yet, otherwise a false positive (duplicates are false positives). AP
+  is the VOC2010+ area under the monotone precision envelope: Σ_k (recall_k - recall_{k-1}) · max_{j>=k}
+  precision_j.
 
 AP^r_vol is the mean of AP^r over the nine thresholds.
 
@@ -54,28 +55,29 @@ solver returns is taken, and the value can then depend on the predictions' order
 
 PQ (Kirillov et al. 2019) over things only, per class over the whole dataset, then the mean over the
 classes with TP + FP + FN > 0:  PQ_c = Σ_{TP} IoU / (|TP| + ½|FP| + ½|FN|). A predicted and a
-ground-truth segment of the same class match when their IoU (void removed from the prediction) is
-> 0.5; for non-overlapping masks such matches are unique, and for overlapping ones pairs are taken
-greedily by decreasing IoU (ties: lower prediction, then lower ground-truth index) so each segment
-matches at most once. Unmatched predictions more than half of whose pixels are void are ignored (not
-FP), as in the PQ paper. Given crowd regions (COCO's), PQ follows panopticapi: only the void no crowd
-explains leaves a prediction's IoU, and an unmatched prediction more than half of whose pixels are that
-void or a crowd of its own class is ignored. Scores play no part. Masks with no pixels are not segments: they are
-skipped (a prediction with no pixels at all; a ground truth with none outside void).
+ground-truth segment of the same class match when their IoU (void removed from the prediction) is > 0.5;
+for non-overlapping masks such matches are unique, and for overlapping ones pairs are taken greedily by
+decreasing IoU (ties: lower prediction, then lower ground-truth index) so each segment matches at most
+once. Unmatched predictions more than half of whose pixels are void are ignored (not FP), as in the PQ
+paper. Given crowd regions (COCO's), PQ follows panopticapi: only the void no crowd explains leaves a
+prediction's IoU, and an unmatched prediction more than half of whose pixels are that void or a crowd of
+its own class is ignored. Scores play no part. Masks with no pixels are not segments: they are skipped (a
+prediction with no pixels at all; a ground truth with none outside void).
 
 COCO mask AP (AP@[.50:.05:.95]), computed here and equal to pycocotools' COCOeval(iouType="segm")
-stats[0] on the same masks with void removed from both sides (void treated as not annotated) and no
-with the ground truth's crowd regions as COCO's iscrowd = 1 annotations: a detection that matches no
-instance but whose share inside a crowd region of its class reaches the threshold is ignored (neither
-a hit nor a miss), and crowds count no ground truth. Crowd pixels are then no void to COCO mask AP
-(void there is what no instance or crowd annotates), nor to PQ, which applies panopticapi's rule with
-them (above); AP^r and Matching IoU see the truth's void alone, in which the COCO loader puts the crowd
-pixels outside instances. The masks are the loader's: COCO's are each annotation's
-pixels that no later annotation covers, so where annotations overlap the value differs from COCO's
-official one, which compares whole annotations. The rest of the definition: per image and class the 100 highest-scoring predictions (stable sort), greedy matching
-in score order where each prediction takes the unmatched same-class ground truth of highest IoU >= t
-(ties: the later ground truth, as COCOeval's loop does), 101-point interpolated precision, area range
-"all", then the mean over IoU thresholds, recall points and the classes with ground truth.
+stats[0] on the same masks with void removed from both sides (void treated as not annotated), and with
+the ground truth's crowd regions passed as COCO's iscrowd = 1 annotations: a detection that matches no
+instance but whose share inside a crowd region of its class reaches the threshold is ignored (neither a
+hit nor a miss), and crowds count no ground truth. Crowd pixels are then no void to COCO mask AP (void
+there is what no instance or crowd annotates), nor to PQ, which applies panopticapi's rule with them
+(above); AP^r and Matching IoU see the truth's void alone, in which the COCO loader puts the crowd pixels
+outside instances. The masks are the loader's: COCO's are each annotation's pixels that no later
+annotation covers, so where annotations overlap the value differs from COCO's official one, which
+compares whole annotations. The rest of the definition: per image and class the 100 highest-scoring
+predictions (stable sort), greedy matching in score order where each prediction takes the unmatched
+same-class ground truth of highest IoU >= t (ties: the later ground truth, as COCOeval's loop does),
+101-point interpolated precision, area range "all", then the mean over IoU thresholds, recall points and
+the classes with ground truth.
 
 Undefined values (no ground truth at all, an empty union) are NaN (`json_ready` makes them null for
 JSON). The protocol affects AP^r and AP^r_vol only.
@@ -92,7 +94,7 @@ from pathlib import Path
 import numpy as np
 
 from dynseg.sdk.errors import InvalidArgumentError
-from dynseg.sdk.checks import int_in
+from dynseg.sdk.checks import int_in, one_of
 
 from .matching import matched_pairs
 
@@ -169,8 +171,7 @@ def evaluate_each(
     """`evaluate` over (prediction, ground truth) pairs that may come one image at a time (a generator):
     each image's masks are reduced to its overlap counts as it arrives, so memory holds one image's
     masks, not a split's (a Cityscapes val split's would be tens of GiB). Same arguments, same result."""
-    if protocol not in PROTOCOLS:
-        raise InvalidArgumentError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    protocol = one_of("protocol", protocol, PROTOCOLS)
     num_classes = int_in("num_classes", num_classes, 1)
     images = [_image(i, prediction, truth, num_classes) for i, (prediction, truth) in enumerate(pairs)]
     ap_r = _ap_r(images, num_classes, protocol)
@@ -228,6 +229,10 @@ class _Image:
     crowd_intersection: np.ndarray  # int64 (N, C): |P ∩ crowd|
     pred_own_crowds: np.ndarray  # int64 (N,): |P ∩ the union of the crowds of P's class|
 
+    def same_class(self) -> np.ndarray:
+        """bool (N, M): prediction n and ground truth m are of the same class."""
+        return self.pred_labels[:, None] == self.gt_labels[None, :]
+
     def iou(self, *, remove_void: bool) -> np.ndarray:
         """float64 (N, M) IoU; with remove_void the predicted pixels under void are dropped first."""
         return self._iou(self.pred_area - self.pred_void if remove_void else self.pred_area)
@@ -243,6 +248,11 @@ class _Image:
 
     def _iou(self, pred_area: np.ndarray) -> np.ndarray:
         return _ratio(self.intersection, pred_area[:, None] + self.gt_area[None, :] - self.intersection)
+
+
+def _precision_envelope(precision: np.ndarray) -> np.ndarray:
+    """max_{j>=k} precision_j at each k: the monotone envelope VOC2010+ and COCO integrate."""
+    return np.maximum.accumulate(precision[::-1])[::-1]
 
 
 def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
@@ -305,7 +315,7 @@ def _ap_r(images: list[_Image], num_classes: int, protocol: str) -> dict[float, 
     gt_count = np.zeros(num_classes + 1, dtype=np.int64)
     for image in images:
         np.add.at(gt_count, image.gt_labels, 1)
-        same_class = image.pred_labels[:, None] == image.gt_labels[None, :]  # (N, M)
+        same_class = image.same_class()  # (N, M)
         if protocol == "original":
             best = np.where(same_class, image.iou(remove_void=True), 0.0).max(axis=1, initial=0.0)  # (N,)
             correct_parts.append(best[None, :] > thresholds[:, None])  # (T, N)
@@ -361,7 +371,7 @@ def _voc_average_precision(correct: np.ndarray, gt_count: int) -> float:
     true_positives = np.cumsum(correct)
     recall = true_positives / gt_count
     precision = true_positives / np.arange(1, len(correct) + 1)
-    envelope = np.maximum.accumulate(precision[::-1])[::-1]
+    envelope = _precision_envelope(precision)
     recall_step = np.diff(recall, prepend=0.0)
     return float(np.sum(recall_step * envelope))
 
@@ -376,7 +386,7 @@ def _matching_iou(images: list[_Image]) -> float:
         union += image.instance_union
         if image.intersection.size == 0:
             continue
-        same_class = image.pred_labels[:, None] == image.gt_labels[None, :]
+        same_class = image.same_class()
         weight = np.where(same_class, image.iou(remove_void=True), 0.0)  # (N, M)
         agreeing += sum(int(image.intersection[p, g]) for p, g in matched_pairs(weight))
     return agreeing / union if union > 0 else math.nan
@@ -392,7 +402,7 @@ def _panoptic_quality(images: list[_Image], num_classes: int) -> float:
         pred_ok = image.pred_area > 0
         gt_ok = image.gt_area > 0
         iou = image.annotated_iou()  # (N, M), panopticapi's: crowd pixels stay in the prediction
-        candidate = (image.pred_labels[:, None] == image.gt_labels[None, :]) & (iou > PQ_MATCH_IOU)
+        candidate = image.same_class() & (iou > PQ_MATCH_IOU)
         candidate &= pred_ok[:, None] & gt_ok[None, :]
         pred_matched = np.zeros(len(pred_ok), dtype=bool)
         gt_matched = np.zeros(len(gt_ok), dtype=bool)
@@ -468,8 +478,7 @@ def _coco_mask_ap(images: list[_Image], num_classes: int) -> float:
         fp_sum = np.cumsum(~hits & counted, axis=1).astype(float)
         for t in range(n_thresholds):
             recall = tp_sum[t] / gt_count[c]
-            envelope = tp_sum[t] / (fp_sum[t] + tp_sum[t] + np.spacing(1))
-            envelope = np.maximum.accumulate(envelope[::-1])[::-1]
+            envelope = _precision_envelope(tp_sum[t] / (fp_sum[t] + tp_sum[t] + np.spacing(1)))
             at = np.searchsorted(recall, COCO_RECALL_THRESHOLDS, side="left")  # (R,)
             reached = at < len(recall)
             q = np.zeros(n_recall)
@@ -502,7 +511,8 @@ def _image(i: int, prediction, truth, num_classes: int) -> _Image:
 
 def _field(entry, where: str, key: str) -> np.ndarray:
     if not isinstance(entry, Mapping):
-        raise InvalidArgumentError(f"{where} must be a mapping with 'masks' and 'labels', got {type(entry).__name__}")
+        raise InvalidArgumentError(f"{where} must be a mapping with 'masks', 'labels' (and, for predictions, "
+                                   f"'scores'), got {type(entry).__name__}")
     if key not in entry:
         raise InvalidArgumentError(f"{where} has no {key!r}")
     return np.asarray(entry[key])

@@ -114,7 +114,8 @@ class TrainConfig:
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
-    """The learning rate of step `step` (0-based): poly, lr·(1 − step/steps)^power, or step, lr·γ^⌊step/every⌋."""
+    """The learning rate of step `step` (0-based): poly, lr·(1 − step/steps)^power, or step,
+    lr·γ^⌊step/every⌋."""
     if config.schedule == "poly":
         return config.learning_rate * (1.0 - step / config.steps) ** config.poly_power
     return config.learning_rate * config.step_gamma ** (step // config.step_every)
@@ -204,7 +205,7 @@ def train(
     {"stage", "epoch", "step", "images", "loss" (mean over the epoch's steps this run made),
     "lr" (of its last step), "images_per_s", "seconds" (since the stage began)}, and, when a
     `held_out` dataset is given, "held_out": `evaluation.evaluate`'s metrics (protocol "original") of
-    `predict_each(Segmenter.of_network(model).segment, held_out, seed=eval_seed)`.
+    `predict_each(Segmenter.of_network(model).segment, held_out, seed=eval_seed, num_classes=...)`.
 
     Batches go to the device of the model's parameters. Under an initialised process group every
     process calls this with the same arguments, and gets the same log back: losses are means over the
@@ -260,8 +261,9 @@ def train(
                 log_file = files.enter_context(open(out_dir / "log.jsonl", "a" if resumed else "w"))
                 epoch_file = files.enter_context(open(out_dir / epoch_log, "a"))
         for step in range(start, config.steps):
+            lr = learning_rate(config, step)
             for group in optimiser.param_groups:
-                group["lr"] = learning_rate(config, step)
+                group["lr"] = lr
             _seed_dropout(config.seed, step, rank, device)
             if stage2:
                 batch = _instance_batch(dataset, config, step, positions[0], model.config.num_classes)
@@ -277,7 +279,7 @@ def train(
                     raise
                 raise InvalidArgumentError(f"step {step + 1}: {error} (if the loss was climbing, see log.jsonl, the "
                                            f"training diverged: lower the learning rate, "
-                                           f"{learning_rate(config, step):g} at this step)") from error
+                                           f"{lr:g} at this step)") from error
             optimiser.zero_grad(set_to_none=True)
             # DDP averages gradients over the W processes, so W x share makes them the global mean's.
             (loss * (share * world)).backward()
@@ -287,10 +289,10 @@ def train(
             if not (math.isfinite(float(norm)) and math.isfinite(global_loss)):
                 raise InvalidArgumentError(f"training diverged at step {step + 1}: its loss ({global_loss:.3g}) or "
                                            f"gradients (norm {float(norm):.3g}) are not finite; lower the learning "
-                                           f"rate ({learning_rate(config, step):g})")
+                                           f"rate ({lr:g})")
             optimiser.step()
             entry = {"step": step + 1, "loss": global_loss, "grad_norm": float(norm),
-                     "lr": learning_rate(config, step), "seconds": time.perf_counter() - began}
+                     "lr": lr, "seconds": time.perf_counter() - began}
             log.append(entry)
             epoch_losses.append(global_loss)
             if log_file is not None:

@@ -287,7 +287,7 @@ def test_adaptive_average_pool_matches_torch(height, width):
 
 
 def test_bad_arguments_raise_value_error():
-    with pytest.raises(ValueError, match="unknown backbone"):
+    with pytest.raises(ValueError, match="backbone must be one of"):
         semantic_network("resnet34", num_classes=3)
     for bad in (1, True, 2.0):
         with pytest.raises(ValueError, match="num_classes"):

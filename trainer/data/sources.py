@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dynseg.sdk.checks import one_of
 from dynseg.sdk.errors import InvalidArgumentError
 from dynseg.sdk.inputs import pixel_boxes
 
@@ -77,8 +78,7 @@ def open_dataset(
             for an on-disk dataset, and whatever the dataset's constructor rejects.
         FileNotFoundError: the on-disk dataset's folders or files are missing (the message names them).
     """
-    if name not in DATASETS:
-        raise InvalidArgumentError(f"dataset must be one of {', '.join(DATASETS)}; got {name!r}")
+    one_of("dataset", name, DATASETS)
     if name == "synthetic":
         if root is not None:
             raise InvalidArgumentError("the synthetic dataset is generated, it takes no data root")

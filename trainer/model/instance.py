@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynseg.sdk._native import INT32_MAX
+from dynseg.sdk.checks import INT32_MAX
 from dynseg.sdk.errors import InvalidArgumentError
 
 from .. import fields

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dynseg.sdk._native import INT32_MAX
+from dynseg.sdk.checks import INT32_MAX
 
 from .. import fields
 from ..boxes import box_masks
