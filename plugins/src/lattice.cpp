@@ -128,6 +128,38 @@ void pixel_features8(const FeatureSpec& spec, int64_t first, vec8* f) {
     for (int64_t c = 0; c < spec.channels; ++c) f[2 + c] = f[2 + c] / splat8(spec.theta_color);
 }
 
+// The barycentric weights of pixels p0 .. p0+7 (weights[i]: weight i, a lane per pixel) pixel-major into
+// `weight`, and times alpha into `slice_weight`, for the pixels below the chunk's `end`. Transposed, then
+// each pixel's d+1 written with one 8-wide store whose tail the following pixels overwrite; a store that
+// would reach past the chunk's entries (into another thread's, or past the array) is written exactly instead.
+void store_weights(const vec8* weights, int d, int64_t p0, int64_t end, float alpha, float* weight,
+                   float* slice_weight) {
+    const int lanes = static_cast<int>(std::min<int64_t>(8, end - p0));
+    if (d + 1 <= 8) {
+        vec8 rows[8], pixel[8];
+        for (int i = 0; i < 8; ++i) rows[i] = i <= d ? weights[i] : splat8(0.0f);
+        transpose8(rows, pixel);
+        for (int lane = 0; lane < lanes; ++lane) {
+            const int64_t e = (p0 + lane) * (d + 1);
+            if (e + 8 <= end * (d + 1)) {
+                store8(weight + e, pixel[lane]);
+                store8(slice_weight + e, pixel[lane] * splat8(alpha));
+            } else {
+                for (int i = 0; i <= d; ++i) {
+                    weight[e + i] = pixel[lane][i];
+                    slice_weight[e + i] = pixel[lane][i] * alpha;
+                }
+            }
+        }
+    } else {
+        for (int lane = 0; lane < lanes; ++lane)
+            for (int i = 0; i <= d; ++i) {
+                weight[(p0 + lane) * (d + 1) + i] = weights[i][lane];
+                slice_weight[(p0 + lane) * (d + 1) + i] = weights[i][lane] * alpha;
+            }
+    }
+}
+
 // Packs d coordinates into one integer: coordinate i takes bits[i] bits above its minimum.
 struct KeyPacking {
     int d = 0;
@@ -189,6 +221,39 @@ struct HashTable {
         for (int64_t s = 0; s < capacity; ++s) slots[s].key = kEmptySlot;
     }
 };
+
+// The keys of a vertex's 2(d+1) blur neighbours, the pair along axis j at probe[2j] and probe[2j + 1]
+// (step 5 of Lattice::build), or kEmptySlot for a neighbour with a coordinate outside the packed range,
+// which cannot exist. The slots of the others are prefetched.
+void neighbour_keys(uint64_t packed, const KeyPacking& packing, uint64_t ones, const HashTable& table,
+                    uint64_t* probe) {
+    const int d = packing.d;
+    int32_t key[kMaxFeatureDim];
+    packing.unpack(packed, key);
+    int at_low = 0, at_high = 0;  // coordinates that cannot step down / up by one
+    for (int k = 0; k < d; ++k) {
+        at_low += key[k] - 1 < packing.low[k];
+        at_high += key[k] + 1 > packing.high[k];
+    }
+    for (int j = 0; j <= d; ++j) {
+        bool ok1 = true, ok2 = true;
+        uint64_t k1 = packed - ones, k2 = packed + ones;
+        if (j < d) {
+            const uint64_t step = static_cast<uint64_t>(d + 1) << packing.shift[j];
+            k1 += step;
+            k2 -= step;
+            ok1 = at_low - (key[j] - 1 < packing.low[j]) == 0 && key[j] + d <= packing.high[j];
+            ok2 = at_high - (key[j] + 1 > packing.high[j]) == 0 && key[j] - d >= packing.low[j];
+        } else {
+            ok1 = at_low == 0;
+            ok2 = at_high == 0;
+        }
+        probe[2 * j] = ok1 ? k1 : kEmptySlot;
+        probe[2 * j + 1] = ok2 ? k2 : kEmptySlot;
+        if (ok1) table.prefetch(k1);
+        if (ok2) table.prefetch(k2);
+    }
+}
 
 }  // namespace
 
@@ -264,33 +329,7 @@ bool Lattice::build(const FeatureSpec& spec, LatticeScratch& scratch, int thread
                 std::memcpy(block_rem0 + 8 * i, &ri, sizeof(ri));
                 std::memcpy(block_rank + 8 * i, &ki, sizeof(ki));
             }
-            // weights pixel-major: transposed, then each pixel's d+1 written with one 8-wide store
-            // whose tail the following pixels overwrite; a store that would reach past the chunk's
-            // entries (into another thread's, or past the array) is written exactly instead
-            const int lanes = static_cast<int>(std::min<int64_t>(8, end - p0));
-            if (d + 1 <= 8) {
-                vec8 rows[8], pixel[8];
-                for (int i = 0; i < 8; ++i) rows[i] = i <= d ? weights[i] : splat8(0.0f);
-                transpose8(rows, pixel);
-                for (int lane = 0; lane < lanes; ++lane) {
-                    const int64_t e = (p0 + lane) * (d + 1);
-                    if (e + 8 <= end * (d + 1)) {
-                        store8(entry_weight_ + e, pixel[lane]);
-                        store8(entry_slice_weight_ + e, pixel[lane] * splat8(alpha_));
-                    } else {
-                        for (int i = 0; i <= d; ++i) {
-                            entry_weight_[e + i] = pixel[lane][i];
-                            entry_slice_weight_[e + i] = pixel[lane][i] * alpha_;
-                        }
-                    }
-                }
-            } else {
-                for (int lane = 0; lane < lanes; ++lane)
-                    for (int i = 0; i <= d; ++i) {
-                        entry_weight_[(p0 + lane) * (d + 1) + i] = weights[i][lane];
-                        entry_slice_weight_[(p0 + lane) * (d + 1) + i] = weights[i][lane] * alpha_;
-                    }
-            }
+            store_weights(weights, d, p0, end, alpha_, entry_weight_, entry_slice_weight_);
         }
         chunk_largest[begin / kPixelGrain] = max8(largest);
         int32_t* chunk_lo = &chunk_low[(begin / kPixelGrain) * d];
@@ -412,37 +451,10 @@ bool Lattice::build(const FeatureSpec& spec, LatticeScratch& scratch, int thread
     const int32_t missing = static_cast<int32_t>(vertices_);
     constexpr int64_t kBatch = 8;
     parallel_for(vertices_, kVertexGrain, threads, [&](int64_t begin, int64_t end) {
-        int32_t key[kMaxFeatureDim];
         uint64_t probe[kBatch][2 * (kMaxFeatureDim + 1)];  // neighbour keys; kEmptySlot: cannot exist
         for (int64_t v0 = begin; v0 < end; v0 += kBatch) {
             const int64_t batch = std::min(kBatch, end - v0);
-            for (int64_t b = 0; b < batch; ++b) {
-                const uint64_t packed = vertex_key_[v0 + b];
-                packing.unpack(packed, key);
-                int at_low = 0, at_high = 0;  // coordinates that cannot step down / up by one
-                for (int k = 0; k < d; ++k) {
-                    at_low += key[k] - 1 < packing.low[k];
-                    at_high += key[k] + 1 > packing.high[k];
-                }
-                for (int j = 0; j <= d; ++j) {
-                    bool ok1 = true, ok2 = true;
-                    uint64_t k1 = packed - ones, k2 = packed + ones;
-                    if (j < d) {
-                        const uint64_t step = static_cast<uint64_t>(d + 1) << packing.shift[j];
-                        k1 += step;
-                        k2 -= step;
-                        ok1 = at_low - (key[j] - 1 < packing.low[j]) == 0 && key[j] + d <= packing.high[j];
-                        ok2 = at_high - (key[j] + 1 > packing.high[j]) == 0 && key[j] - d >= packing.low[j];
-                    } else {
-                        ok1 = at_low == 0;
-                        ok2 = at_high == 0;
-                    }
-                    probe[b][2 * j] = ok1 ? k1 : kEmptySlot;
-                    probe[b][2 * j + 1] = ok2 ? k2 : kEmptySlot;
-                    if (ok1) table.prefetch(k1);
-                    if (ok2) table.prefetch(k2);
-                }
-            }
+            for (int64_t b = 0; b < batch; ++b) neighbour_keys(vertex_key_[v0 + b], packing, ones, table, probe[b]);
             for (int64_t b = 0; b < batch; ++b) {
                 for (int j = 0; j <= d; ++j) {
                     const uint64_t k1 = probe[b][2 * j], k2 = probe[b][2 * j + 1];
@@ -467,13 +479,13 @@ void Lattice::filter_ones(float* out) const {
         parallel_for(m, kVertexGrain, threads_, [&](int64_t begin, int64_t end) {
             for (int64_t v = begin; v < end; ++v) {
                 float acc = 0.0f;
-                for (int32_t s = csr_begin_[v]; s < csr_begin_[v + 1]; ++s) acc += csr_weight_[s] * 1.0f;
+                for (int32_t s = csr_begin_[v]; s < csr_begin_[v + 1]; ++s) acc += csr_weight_[s];
                 values[v] = acc;
             }
         });
     } else {
         std::fill(values, values + m, 0.0f);
-        for (int64_t e = 0; e < pixels_ * (d_ + 1); ++e) values[entry_vertex_[e]] += entry_weight_[e] * 1.0f;
+        for (int64_t e = 0; e < pixels_ * (d_ + 1); ++e) values[entry_vertex_[e]] += entry_weight_[e];
     }
     values[m] = next[m] = 0.0f;
     for (int j = 0; j <= d_; ++j) {

@@ -55,7 +55,8 @@ inline void softmax_row(const float* x, float* y, int64_t vectors, ivec8 in_use)
     scale_row<V>(y, vectors, 1.0f / exp_row<V>(x, y, vectors, in_use));
 }
 
-constexpr int64_t kBlock = 16;  // pixels whose softmaxes run side by side
+constexpr int64_t kBlock = 16;      // pixels whose softmaxes run side by side
+constexpr int64_t kCopyBlock = 64;  // pixels per load/store block: the block's rows stay in L1 while filled
 
 // Softmax of `count` rows; the block's divisions go as vectors of reciprocals, off the rows' chains.
 template <int V>
@@ -65,6 +66,20 @@ inline void block_softmax(const float (*rows)[8 * V], float (*q)[8 * V], int64_t
     for (int64_t b = count; b < kBlock; ++b) inverse[b] = 1.0f;
     for (int64_t b = 0; b < kBlock; b += 8) store8(inverse + b, splat8(1.0f) / load8(inverse + b));
     for (int64_t b = 0; b < count; ++b) scale_row<V>(q[b], V, inverse[b]);
+}
+
+// a += sum_k w_k (norm_k ⊙ slice_k) at pixel p, kernel by kernel, from the lattices' blurred values.
+// scalar_messages and stream_iterations both sum through here, so their float operations, and hence
+// their bits, are the same by construction.
+template <int V>
+inline void add_scalar_messages(const Lattice* lattices, const float* const* norm, const dynseg_kernel* kernels,
+                                int K, int64_t p, vec8* a) {
+    vec8 t[V];
+    for (int k = 0; k < K; ++k) {
+        lattices[k].slice<V>(p, t);
+        const vec8 n = splat8(norm[k][p]), w = splat8(kernels[k].weight[0]);
+        for (int j = 0; j < V; ++j) a[j] += w * (t[j] * n);
+    }
 }
 
 }  // namespace
@@ -125,7 +140,6 @@ bool MeanField::prepare(char* error, int error_len) {
 // (channels, N) planar -> (N, stride) pixel-major with zero padding, and back.
 void MeanField::load(const float* planar, float* pixel_major, int64_t channels) const {
     const int64_t S = padded_channels(channels);
-    constexpr int64_t kCopyBlock = 64;  // pixels per block: the block's rows stay in L1 while filled
     parallel_for(pixels_, kGrain, threads_, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; b += kCopyBlock) {
             const int64_t e = std::min(end, b + kCopyBlock);
@@ -139,7 +153,6 @@ void MeanField::load(const float* planar, float* pixel_major, int64_t channels) 
 // With softmax, each block's rows go through the softmax (into q_, still in cache) on the way out.
 void MeanField::store(const float* pixel_major, float* planar, int64_t channels, bool apply_softmax) const {
     const int64_t S = padded_channels(channels);
-    constexpr int64_t kCopyBlock = 64;
     parallel_for(pixels_, kGrain, threads_, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; b += kCopyBlock) {
             const int64_t e = std::min(end, b + kCopyBlock);
@@ -181,13 +194,9 @@ void MeanField::scalar_messages(int64_t c0, const float* q) {
     const bool potts = p_.compat_kind == DYNSEG_COMPAT_POTTS;
     parallel_for(pixels_, kGrain, threads_, [&](int64_t begin, int64_t end) {
         for (int64_t p = begin; p < end; ++p) {
-            vec8 a[V], t[V];
+            vec8 a[V];
             for (int j = 0; j < V; ++j) a[j] = potts ? load8(unary_ + p * S + c0 + 8 * j) : splat8(0.0f);
-            for (int k = 0; k < K; ++k) {
-                lattices_[k].slice<V>(p, t);
-                const vec8 n = splat8(norm_[k][p]), w = splat8(p_.kernels[k].weight[0]);
-                for (int j = 0; j < V; ++j) a[j] += w * (t[j] * n);
-            }
+            add_scalar_messages<V>(lattices_, norm_, p_.kernels, K, p, a);
             for (int j = 0; j < V; ++j) store8(logits_ + p * S + c0 + 8 * j, a[j]);
         }
     });
@@ -333,9 +342,10 @@ bool MeanField::can_stream() const {
 
 // The streamed path (see can_stream()): each iteration is one pass over the pixels that slices the
 // previous iteration's lattices into the pixel's logits, takes their softmax and splats it into
-// every lattice's spare buffer, so U is the only array streamed from memory. The float operations
-// and their order are those of scalar_messages, so the bits are too. U comes planar; the result
-// goes to logits_ (planar_out null) or planar into planar_out, as logits or probabilities (p_.output).
+// every lattice's spare buffer, so U is the only array streamed from memory. The messages are summed
+// as in scalar_messages (both through add_scalar_messages), so the bits are the same. U comes planar;
+// the result goes to logits_ (planar_out null) or planar into planar_out, as logits or probabilities
+// (p_.output).
 template <int V>
 void MeanField::stream_iterations(const float* unary, float* history, float* planar_out) {
     const int K = p_.num_kernels;
@@ -344,13 +354,8 @@ void MeanField::stream_iterations(const float* unary, float* history, float* pla
     const ivec8 in_use = lanes_in_use();
     // logits of pixel p: U + sum_k w_k (norm_k ⊙ slice_k), from the lattices' blurred values
     auto logits = [&](int64_t p, vec8* a) {
-        vec8 t[V];
         for (int j = 0; j < V; ++j) a[j] = load8(unary_ + p * S + 8 * j);
-        for (int k = 0; k < K; ++k) {
-            lattices_[k].slice<V>(p, t);
-            const vec8 n = splat8(norm_[k][p]), w = splat8(p_.kernels[k].weight[0]);
-            for (int j = 0; j < V; ++j) a[j] += w * (t[j] * n);
-        }
+        add_scalar_messages<V>(lattices_, norm_, p_.kernels, K, p, a);
     };
     // Pixels go in blocks: the block's softmaxes are independent, so their long dependency chains
     // (max, exp, sum, divide) overlap instead of waiting on each other's scatter.

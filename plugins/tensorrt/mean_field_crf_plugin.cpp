@@ -12,7 +12,6 @@
 #include <mutex>
 #include <new>
 #include <sstream>
-#include <tuple>
 #include <utility>
 
 #if defined(__linux__)
@@ -225,6 +224,43 @@ std::string library_error(char const* call, dynseg_status status) {
            "): " + dynseg_last_error();
 }
 
+// Whether TensorRT called `method` with the node's inputs and outputs (their counts, and arrays where
+// `arrays`); if not, logs why, because TensorRT only reports that the call failed.
+bool check_io(std::string const& layer, char const* method, int32_t nbInputs, int32_t nbOutputs, bool arrays) {
+    if (nbInputs != kNumInputs || nbOutputs != kNumOutputs) {
+        log_error(layer, std::string(method) + ": a MeanFieldCRF node has " + std::to_string(kNumInputs) +
+                             " inputs and " + std::to_string(kNumOutputs) + " outputs, got " +
+                             std::to_string(nbInputs) + " and " + std::to_string(nbOutputs));
+        return false;
+    }
+    if (!arrays) {
+        log_error(layer, std::string(method) + ": TensorRT passed no tensor array");
+        return false;
+    }
+    return true;
+}
+
+// The kernel library's workspace for the profile's largest shapes (`in`'s max dims); false, logged after
+// `context`, where they do not form a problem the kernels accept.
+bool profile_workspace(std::string const& layer, char const* context, CrfAttributes const& attributes,
+                       DynamicPluginTensorDesc const* in, size_t* bytes) {
+    Dims const* dims[kNumInputs];
+    for (int32_t i = 0; i < kNumInputs; ++i) dims[i] = &in[i].max;
+    CrfShapes shapes;
+    std::string error = read_shapes(dims, &shapes, /*bounds=*/true);
+    if (error.empty()) error = workspace_size(attributes, shapes, bytes);
+    if (error.empty()) return true;
+    log_error(layer, context + error);
+    return false;
+}
+
+// A device-to-device copy on the stream (nothing for 0 bytes); an empty string, else CUDA's error.
+std::string copy_through(void* to, void const* from, size_t bytes, cudaStream_t stream) {
+    if (bytes == 0) return {};
+    cudaError_t const e = cudaMemcpyAsync(to, from, bytes, cudaMemcpyDeviceToDevice, stream);
+    return e == cudaSuccess ? std::string() : std::string("cudaMemcpyAsync: ") + cudaGetErrorString(e);
+}
+
 // --- fields ---------------------------------------------------------------------------------------------
 
 bool read_int(PluginField const& f, int32_t* out) {
@@ -381,37 +417,21 @@ int32_t MeanFieldCrfPlugin::getNbOutputs() const noexcept { return kNumOutputs; 
 int32_t MeanFieldCrfPlugin::configurePlugin(DynamicPluginTensorDesc const* in, int32_t nbInputs,
                                             DynamicPluginTensorDesc const* /* out */, int32_t nbOutputs) noexcept {
     return guarded<int32_t>(mLayerName, "configurePlugin", -1, [&]() -> int32_t {
-        if (nbInputs != kNumInputs || nbOutputs != kNumOutputs) {
-            log_error(mLayerName, "expects 10 inputs and 2 outputs, got " + std::to_string(nbInputs) + " and " +
-                                      std::to_string(nbOutputs));
-            return -1;
-        }
+        if (!check_io(mLayerName, "configurePlugin", nbInputs, nbOutputs, in != nullptr)) return -1;
         // The profile's largest shapes must form a problem the kernels accept (sizes, 32-bit indexing). The
         // smallest are not checked: TensorRT derives a plugin input's bounds from the profile and a lower
         // bound may be looser than any shape that runs; onShapeChange and enqueue check the actual shapes.
-        Dims const* dims[kNumInputs];
-        for (int32_t i = 0; i < kNumInputs; ++i) dims[i] = &in[i].max;
-        CrfShapes shapes;
         size_t bytes = 0;
-        std::string error = read_shapes(dims, &shapes, /*bounds=*/true);
-        if (error.empty()) error = workspace_size(mAttributes, shapes, &bytes);
-        if (!error.empty()) {
-            log_error(mLayerName, "the profile's maximum shapes: " + error);
-            return -1;
-        }
-        return 0;
+        return profile_workspace(mLayerName, "the profile's maximum shapes: ", mAttributes, in, &bytes) ? 0 : -1;
     });
 }
 
 int32_t MeanFieldCrfPlugin::getOutputDataTypes(DataType* outputTypes, int32_t nbOutputs, DataType const* inputTypes,
                                                int32_t nbInputs) const noexcept {
     return guarded<int32_t>(mLayerName, "getOutputDataTypes", -1, [&]() -> int32_t {
-        if (nbInputs != kNumInputs || nbOutputs != kNumOutputs || outputTypes == nullptr || inputTypes == nullptr) {
-            log_error(mLayerName, "a MeanFieldCRF node has " + std::to_string(kNumInputs) + " inputs and " +
-                                      std::to_string(kNumOutputs) + " outputs, got " + std::to_string(nbInputs) +
-                                      " and " + std::to_string(nbOutputs));
+        if (!check_io(mLayerName, "getOutputDataTypes", nbInputs, nbOutputs,
+                      outputTypes != nullptr && inputTypes != nullptr))
             return -1;
-        }
         // the first callback that sees the network's types: say which input is wrong, where the format
         // negotiation would only find no implementation
         for (int32_t i = 0; i < kNumInputs; ++i) {
@@ -433,7 +453,8 @@ int32_t MeanFieldCrfPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbI
                                             int32_t /* nbShapeInputs */, DimsExprs* outputs, int32_t nbOutputs,
                                             IExprBuilder& /* exprBuilder */) noexcept {
     return guarded<int32_t>(mLayerName, "getOutputShapes", -1, [&]() -> int32_t {
-        if (nbInputs != kNumInputs || nbOutputs != kNumOutputs || inputs == nullptr || outputs == nullptr) return -1;
+        if (!check_io(mLayerName, "getOutputShapes", nbInputs, nbOutputs, inputs != nullptr && outputs != nullptr))
+            return -1;
         if (inputs[kUnary].nbDims != 4 || inputs[kScores].nbDims != 1) {
             log_error(mLayerName, "unary must have 4 dimensions and scores 1");
             return -1;
@@ -456,19 +477,13 @@ bool MeanFieldCrfPlugin::supportsFormatCombination(int32_t pos, DynamicPluginTen
 
 size_t MeanFieldCrfPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
                                             DynamicPluginTensorDesc const* /* outputs */,
-                                            int32_t /* nbOutputs */) const noexcept {
+                                            int32_t nbOutputs) const noexcept {
     return guarded<size_t>(mLayerName, "getWorkspaceSize", 0, [&]() -> size_t {
-        if (nbInputs != kNumInputs || inputs == nullptr) return 0;
-        Dims const* dims[kNumInputs];
-        for (int32_t i = 0; i < kNumInputs; ++i) dims[i] = &inputs[i].max;
-        CrfShapes shapes;
+        if (!check_io(mLayerName, "getWorkspaceSize", nbInputs, nbOutputs, inputs != nullptr)) return 0;
         size_t bytes = 0;
-        std::string error = read_shapes(dims, &shapes, /*bounds=*/true);
-        if (error.empty()) error = workspace_size(mAttributes, shapes, &bytes);
-        if (!error.empty()) {
-            log_error(mLayerName, "getWorkspaceSize for the profile's maximum shapes: " + error);
+        if (!profile_workspace(mLayerName, "getWorkspaceSize for the profile's maximum shapes: ", mAttributes, inputs,
+                               &bytes))
             return 0;
-        }
         return bytes;
     });
 }
@@ -476,7 +491,7 @@ size_t MeanFieldCrfPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* input
 int32_t MeanFieldCrfPlugin::onShapeChange(PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* /* out */,
                                           int32_t nbOutputs) noexcept {
     return guarded<int32_t>(mLayerName, "onShapeChange", -1, [&]() -> int32_t {
-        if (nbInputs != kNumInputs || nbOutputs != kNumOutputs || in == nullptr) return -1;
+        if (!check_io(mLayerName, "onShapeChange", nbInputs, nbOutputs, in != nullptr)) return -1;
         Dims const* dims[kNumInputs];
         for (int32_t i = 0; i < kNumInputs; ++i) dims[i] = &in[i].dims;
         CrfShapes shapes;
@@ -510,16 +525,12 @@ std::string MeanFieldCrfPlugin::run(PluginTensorDesc const* inputDesc, void cons
     CrfAttributes const& a = mAttributes;
     float* logits = static_cast<float*>(outputs[kLogits]);
     float* detection_scores = static_cast<float*>(outputs[kDetectionScores]);
+    size_t const scores_bytes = static_cast<size_t>(s.detections) * sizeof(float);
     if (identity(a, s)) {
         size_t const logits_bytes = static_cast<size_t>(s.labels * s.height * s.width) * sizeof(float);
-        size_t const scores_bytes = static_cast<size_t>(s.detections) * sizeof(float);
-        for (auto [to, from, bytes] : {std::tuple<void*, void const*, size_t>{logits, inputs[kUnary], logits_bytes},
-                                       {detection_scores, inputs[kScores], scores_bytes}}) {
-            if (bytes == 0) continue;
-            if (cudaError_t const e = cudaMemcpyAsync(to, from, bytes, cudaMemcpyDeviceToDevice, stream))
-                return std::string("cudaMemcpyAsync: ") + cudaGetErrorString(e);
-        }
-        return {};
+        error = copy_through(logits, inputs[kUnary], logits_bytes, stream);
+        if (error.empty()) error = copy_through(detection_scores, inputs[kScores], scores_bytes, stream);
+        return error;
     }
     size_t workspace_bytes = 0;
     if (!(error = workspace_size(a, s, &workspace_bytes)).empty()) return error;
@@ -527,12 +538,8 @@ std::string MeanFieldCrfPlugin::run(PluginTensorDesc const* inputDesc, void cons
     Problem p;
     fill_problem(a, s, inputs, detection_scores, &p);
     // Without detections the library leaves the scores alone: they pass through.
-    if (p.problem.detections == nullptr && s.detections > 0) {
-        size_t const scores_bytes = static_cast<size_t>(s.detections) * sizeof(float);
-        if (cudaError_t const e =
-                cudaMemcpyAsync(detection_scores, inputs[kScores], scores_bytes, cudaMemcpyDeviceToDevice, stream))
-            return std::string("cudaMemcpyAsync: ") + cudaGetErrorString(e);
-    }
+    if (p.problem.detections == nullptr) error = copy_through(detection_scores, inputs[kScores], scores_bytes, stream);
+    if (!error.empty()) return error;
     dynseg_status const status =
         dynseg_crf_forward_cuda(&p.problem, static_cast<float const*>(inputs[kUnary]), logits, workspace, workspace_bytes,
                                 stream);
