@@ -82,12 +82,13 @@ typedef struct dynseg_kernel {
 } dynseg_kernel;
 
 /* The higher-order detection potential of the semantic CRF (docs/ops.md, "With it"; Arnab et al.,
- * ECCV 2016). Detection d has a box F_d of n_d pixels, a label l_d and a score s_d. At iteration t,
- * from Q = Q^{t-1}:
- *   A_d = sum over F_d of Q(l_d),  y_d = w_y s_d / n_d,  p_d = min(s_d / s_max, 1 - epsilon)
- *   Q(Y_d) = softmax over {0, 1} of  a_0 = (1 - p_d) - y_d A_d,  a_1 = p_d - y_d (n_d - A_d)
- *   D(Q) on the pixels of F_d:  every label  -x_d Q(Y_d = 1),  label l_d also  x_d (Q(Y_d = 1) - Q(Y_d = 0)),
- *   with x_d = w_x s_d, added detection by detection in index order.
+ * ECCV 2016). Detection d has a box F_d of n_d pixels, a label l_d, a score s_d, the prior
+ * p_d = min(s_d / s_max, 1 - epsilon) and a belief B_d = (Q(Y_d = 0), Q(Y_d = 1)), (1 - p_d, p_d) before the
+ * first iteration. Iteration t, from Q = Q^{t-1} and the belief iteration t-1 left:
+ *   on the pixels of F_d:  every label  -x_d B_d(1),  label l_d also  x_d (B_d(1) - B_d(0)),
+ *   with x_d = w_x s_d, added detection by detection in index order; then the belief iteration t+1 reads:
+ *   A_d = sum over F_d of Q(l_d),  y_d = w_y s_d / n_d,
+ *   B_d = softmax over {0, 1} of  a_0 = (1 - p_d) - y_d A_d,  a_1 = p_d - y_d (n_d - A_d).
  * Forward only: the backward calls reject it (the trainer differentiates this term in torch). */
 typedef struct dynseg_detections {
     int64_t count;              /* D >= 0 */

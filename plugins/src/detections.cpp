@@ -15,10 +15,15 @@ DetectionPotential::DetectionPotential(const dynseg_crf_problem& problem, Worksp
     width_ = problem.width;
     spans_ = ws.take<BoxSpan>(d_->count);
     terms_ = ws.take<DetectionTerm>(d_->count);
+    beliefs_ = ws.take<DetectionBelief>(d_->count);
 }
 
 void DetectionPotential::start() const {
-    if (d_ && d_->recalibrated) std::copy(d_->scores, d_->scores + d_->count, d_->recalibrated);
+    if (!d_) return;
+    const float cap = prior_cap(d_->epsilon);
+    for (int64_t d = 0; d < d_->count; ++d)
+        beliefs_[d] = prior_belief(detection_prior(d_->scores[d], d_->score_ceiling, cap));
+    if (d_->recalibrated) std::copy(d_->scores, d_->scores + d_->count, d_->recalibrated);
 }
 
 void DetectionPotential::add(const float* q, float* logits, int64_t stride, int threads) const {
@@ -33,10 +38,12 @@ void DetectionPotential::add(const float* q, float* logits, int64_t stride, int 
             double agree = 0.0;
             for (int64_t y = s.first_y; y <= s.last_y; ++y)
                 for (int64_t x = s.first_x; x <= s.last_x; ++x) agree += q[(y * W + x) * stride + label];
+            const float score = d_->scores[d];
             spans_[d] = s;
-            terms_[d] = detection_term(static_cast<float>(agree), static_cast<float>(s.count()), d_->scores[d], w_x,
-                                       w_y, d_->score_ceiling, cap);
-            if (d_->recalibrated) d_->recalibrated[d] = terms_[d].recalibrated;
+            terms_[d] = pixel_terms(beliefs_[d], score, w_x);
+            beliefs_[d] = updated_belief(static_cast<float>(agree), static_cast<float>(s.count()), score, w_y,
+                                         detection_prior(score, d_->score_ceiling, cap));
+            if (d_->recalibrated) d_->recalibrated[d] = beliefs_[d].q1;
         }
     });
     // Rows are independent; within a pixel the detections add in index order.

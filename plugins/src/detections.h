@@ -1,9 +1,11 @@
 // detections.h: the higher-order detection potential (dynseg_detections in dynseg_crf.h) on the CPU,
 // and the rule both backends use to turn a box into pixels.
 //
-// meanfield.cpp adds D(Q^{t-1}) to the logits after each iteration's pairwise message; the CUDA twin
-// is cuda/detections.cu. Both add the detections' terms to a pixel in index order, so they agree to
-// the rounding of the box sums A_d (summed in double on both).
+// meanfield.cpp adds the detections' term to the logits after each iteration's pairwise message; the
+// CUDA twin is cuda/detections.cu. As in the authors' released code, iteration t's pixel update reads
+// the belief Q(Y_d) that iteration t-1 left (the prior (1 - p_d, p_d) before the first), and its Y
+// update turns Q^{t-1} into the belief iteration t+1 reads. Both backends add the detections' terms to
+// a pixel in index order, so they agree to the rounding of the box sums A_d (summed in double on both).
 #pragma once
 
 #include <cmath>
@@ -51,23 +53,41 @@ DYNSEG_HOST_DEVICE inline BoxSpan box_span(const float* box, int64_t height, int
     return s;
 }
 
-// Q(Y_d = 1) and the two per-pixel terms of one detection from its box sum A_d (float operations in
-// the order of the reference, docs/ops.md): `everyone` for every label, `own` added to l_d.
-struct DetectionTerm {
-    float everyone, own, recalibrated;
+// The belief in detection d: Q(Y_d = 0), "the detection is wrong", and Q(Y_d = 1). The float operations
+// below are in the order of the reference's (trainer/model/semantic_crf.py, docs/ops.md).
+struct DetectionBelief {
+    float q0, q1;
 };
 
-DYNSEG_HOST_DEVICE inline DetectionTerm detection_term(float agree, float pixels, float score, float w_x, float w_y,
-                                                       float score_ceiling, float prior_cap) {
-    const float prior = fminf(score / score_ceiling, prior_cap);
+// p_d = min(s_d / s_max, 1 - epsilon): the Y update's prior, and the belief (1 - p_d, p_d) before the
+// first iteration.
+DYNSEG_HOST_DEVICE inline float detection_prior(float score, float score_ceiling, float prior_cap) {
+    return fminf(score / score_ceiling, prior_cap);
+}
+
+DYNSEG_HOST_DEVICE inline DetectionBelief prior_belief(float prior) { return {1.0f - prior, prior}; }
+
+// The Y update from the box sum A_d of Q^{t-1}(l_d): the softmax of a0 = (1 - p_d) - y_d A_d and
+// a1 = p_d - y_d (n_d - A_d), y_d = w_y s_d / n_d.
+DYNSEG_HOST_DEVICE inline DetectionBelief updated_belief(float agree, float pixels, float score, float w_y,
+                                                         float prior) {
     const float y = w_y * score / pixels;
     const float a0 = (1.0f - prior) - y * agree;
     const float a1 = prior - y * (pixels - agree);
     const float top = fmaxf(a0, a1);
     const float e0 = expf(a0 - top), e1 = expf(a1 - top);
-    const float q0 = e0 / (e0 + e1), q1 = e1 / (e0 + e1);
+    return {e0 / (e0 + e1), e1 / (e0 + e1)};
+}
+
+// The pixel update's two terms on F_d from the belief the iteration starts with: `everyone`,
+// -x_d Q(Y_d = 1), for every label, and `own`, x_d (Q(Y_d = 1) - Q(Y_d = 0)), added to l_d; x_d = w_x s_d.
+struct DetectionTerm {
+    float everyone, own;
+};
+
+DYNSEG_HOST_DEVICE inline DetectionTerm pixel_terms(DetectionBelief belief, float score, float w_x) {
     const float x = w_x * score;
-    return {-(x * q1), x * (q1 - q0), q1};
+    return {-(x * belief.q1), x * (belief.q1 - belief.q0)};
 }
 
 // 1 - epsilon rounded once to float, as the reference computes the prior's cap.
@@ -79,9 +99,10 @@ public:
     DetectionPotential(const dynseg_crf_problem& problem, Workspace& ws);
 
     bool active() const { return d_ != nullptr; }
-    // recalibrated <- s_d: what T = 0 iterations leave.
+    // Before the first iteration: each belief <- its prior, recalibrated <- s_d (what T = 0 leaves).
     void start() const;
-    // logits <- logits + D(q); q and logits are pixel-major (N, stride). Writes Q(Y_d = 1).
+    // One iteration's term from q = Q^{t-1}, pixel-major (N, stride) as the logits are: logits += the
+    // pixel terms of the beliefs; then each belief <- its Y update from q, written to recalibrated.
     void add(const float* q, float* logits, int64_t stride, int threads) const;
 
 private:
@@ -89,6 +110,7 @@ private:
     int64_t labels_ = 0, height_ = 0, width_ = 0;
     BoxSpan* spans_ = nullptr;
     DetectionTerm* terms_ = nullptr;
+    DetectionBelief* beliefs_ = nullptr;
 };
 
 }  // namespace dynseg

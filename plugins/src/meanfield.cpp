@@ -1,7 +1,7 @@
 // meanfield.cpp: the CRF-as-RNN mean-field update, forward (docs/crf.md derives it; the backward pass
 // is meanfield_backward.cpp).
 //
-// Per iteration:  F_k = Knorm_k(Q);  L = U - mu . sum_k W_k F_k [+ D(Q)];  Q = softmax(L).
+// Per iteration:  F_k = Knorm_k(Q);  L = U - mu . sum_k W_k F_k [+ the detection potential's term];  Q = softmax(L).
 // Potts (mu = -I) adds the messages to the unary in kernel order, which is densecrf's order of float
 // operations.
 #include "meanfield.h"

@@ -139,7 +139,7 @@ def test_a_box_reaching_past_the_image_counts_only_its_pixels_inside(smooth_imag
 
 
 def test_without_kernels_the_detection_potential_is_the_whole_message(smooth_image, field_unary):
-    # the trainer's definition with zero kernel weights: L^t = U + D(Q^{t-1}), every iteration from U afresh
+    # the trainer's definition with zero kernel weights: L^t = U + the detections' pixel terms, from U afresh
     image, unary, spatial, bilateral, compat, boxes, classes, scores, weights = case(
         4, 4, 18, 21, 3, smooth_image, field_unary)
     zero = np.zeros_like(spatial)
@@ -155,6 +155,50 @@ def test_without_kernels_the_detection_potential_is_the_whole_message(smooth_ima
                                  output=_native.Output.LOGITS, threads=threads, detections=detections).forward(unary)
         assert np.abs(logits - expected_logits).max() <= 1e-5 * np.abs(expected_logits).max()
         np.testing.assert_allclose(recalibrated, expected_scores, rtol=0, atol=1e-5)
+
+
+def released_schedule(unary, boxes, classes, scores, weights, iterations, score_ceiling=1.0, epsilon=1e-4):
+    """The detection potential without pairwise kernels, transcribed in float64 from the schedule of the
+    authors' released code (caffe-tvg's mean-field iteration): iteration t's pixel update reads the belief
+    Q(Y_d) iteration t-1 left (the prior (1 - p_d, p_d) first), its Y update reads Q^{t-1}."""
+    unary = unary.astype(np.float64)
+    w_x, w_y = float(weights[0]), float(weights[1])
+    priors = np.minimum(scores.astype(np.float64) / score_ceiling, 1.0 - epsilon)
+    beliefs = [(1.0 - p, p) for p in priors]
+    logits = unary
+    for _ in range(iterations):
+        q = np.exp(logits - logits.max(axis=0))
+        q /= q.sum(axis=0)
+        term = np.zeros_like(unary)
+        updated = []
+        for (x1, y1, x2, y2), label, score, prior, (q0, q1) in zip(boxes.astype(int), classes, scores, priors,
+                                                                    beliefs):
+            box = (slice(y1, y2 + 1), slice(x1, x2 + 1))
+            x = w_x * score
+            term[(slice(None),) + box] -= x * q1
+            term[(label,) + box] += x * (q1 - q0)
+            agree, pixels = q[(label,) + box].sum(), (y2 - y1 + 1) * (x2 - x1 + 1)
+            y = w_y * score / pixels
+            a = np.array([(1.0 - prior) - y * agree, prior - y * (pixels - agree)])
+            updated.append(tuple(np.exp(a - a.max()) / np.exp(a - a.max()).sum()))
+        beliefs = updated
+        logits = unary + term
+    return logits, np.array([q1 for _, q1 in beliefs]) if iterations else scores
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 4])
+def test_the_pixel_update_reads_the_belief_the_previous_iteration_left(iterations, smooth_image, field_unary):
+    image, unary, spatial, bilateral, compat, boxes, classes, scores, weights = case(
+        12, 5, 22, 19, 4, smooth_image, field_unary)
+    recalibrated = np.full(len(scores), np.nan, np.float32)
+    detections = _native.DetectionPotential(
+        boxes=boxes, labels=classes, scores=scores, detection_x=np.array([weights[0]], np.float32),
+        detection_y=np.array([weights[1]], np.float32), score_ceiling=1.0, epsilon=1e-4, recalibrated=recalibrated)
+    logits = _native.Problem(5, 22, 19, None, [], compat=None, normalization="after", iterations=iterations,
+                             output=_native.Output.LOGITS, threads=0, detections=detections).forward(unary)
+    expected_logits, expected_scores = released_schedule(unary, boxes, classes, scores, weights, iterations)
+    assert np.abs(logits - expected_logits).max() <= 1e-5 * np.abs(expected_logits).max()
+    np.testing.assert_allclose(recalibrated, expected_scores, rtol=0, atol=1e-5)
 
 
 def test_one_thread_with_potts_and_scalar_weights_keeps_the_detection_potential(smooth_image, field_unary):

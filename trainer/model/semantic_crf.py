@@ -5,7 +5,9 @@ Owns the semantic subnetwork's CRF (docs/algorithm.md §3-4): per-class kernel w
 of Arnab et al. (ECCV 2016) with F_d = the pixels of detection d's box, which also yields the
 recalibrated detection scores Q(Y_d = 1).
 
-Each iteration is  L^t = U + pairwise(Q^{t-1}) + detection(Q^{t-1}),  Q^t = softmax(L^t). The
+Each iteration is  L^t = U + pairwise(Q^{t-1}) + detection(B^{t-1}),  Q^t = softmax(L^t), where B^t is
+the belief Q(Y_d) in each detection: B^0 its prior, B^t the Y update from Q^{t-1} (the order of the
+authors' released code: the pixel update reads the belief the previous iteration left). The
 pairwise message comes from the native kernels (`mean_field_native`, one iteration at a time: one
 mean-field step from logits L gives L - mu·m(softmax(L)), so the message is that minus L); the
 detection term is torch, so autograd reaches w_x, w_y and the unary through it. This loop defines
@@ -109,6 +111,7 @@ def semantic_mean_field(
     inside = box_masks(boxes, unary.shape[1], unary.shape[2]).to(unary.dtype)  # (D, H, W)
     pixels = inside.flatten(1).sum(1)  # n_d
     prior = torch.clamp(scores / config.score_ceiling, max=1.0 - config.epsilon)  # p_d
+    belief = torch.stack([1.0 - prior, prior], dim=1)  # (D, 2) Q(Y_d = 0), Q(Y_d = 1) before the first iteration
     recalibrated = scores
     logits = unary
     for _ in range(config.iterations):
@@ -116,31 +119,37 @@ def semantic_mean_field(
         # one mean-field iteration from `logits` returns them plus the pairwise message of q
         pairwise = mean_field_native(logits, image, kernels, compat=compatibility, normalization=normalization,
                                      iterations=1) - logits
-        term, recalibrated = detection_potential_term(q, inside, pixels, prior, labels, scores, detection_x,
-                                                      detection_y)
-        logits = unary + pairwise + term
+        logits = unary + pairwise + detection_pixel_term(belief, inside, labels, scores, detection_x, q.shape[0])
+        belief = detection_y_update(q, inside, pixels, prior, labels, scores, detection_y)
+        recalibrated = belief[:, 1]
     return logits, recalibrated
 
 
-def detection_potential_term(
-    q: Tensor, inside: Tensor, pixels: Tensor, prior: Tensor, labels: Tensor, scores: Tensor, detection_x: Tensor,
-    detection_y: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """The detection potential's contribution to the logits (K+1, H, W), and Q(Y_d = 1) (D,), the
-    recalibrated scores (docs/algorithm.md §4). q: (K+1, H, W) the current Q; inside: (D, H, W) 1 on each
-    box's pixels F_d, else 0; pixels: (D,) n_d = |F_d|; prior: (D,) p_d, the clamped scores; labels:
-    (D,) int64 l_d; scores: (D,) s_d; detection_x, detection_y: 0-d, the learned weights."""
+def detection_pixel_term(
+    belief: Tensor, inside: Tensor, labels: Tensor, scores: Tensor, detection_x: Tensor, num_labels: int
+) -> Tensor:
+    """The detection potential's pixel update, its contribution to the logits (K+1, H, W)
+    (docs/algorithm.md §4). belief: (D, 2) Q(Y_d = 0), Q(Y_d = 1); inside: (D, H, W) 1 on each box's
+    pixels F_d, else 0; labels: (D,) int64 l_d; scores: (D,) s_d; detection_x: 0-d, the learned w_x."""
+    x = detection_x * scores
+    # inside F_d: every label gets -x_d·Q(Y_d=1), the detection's own label -x_d·Q(Y_d=0) instead
+    everyone = -(x * belief[:, 1]).view(-1, 1, 1) * inside  # (D, H, W)
+    own = (x * (belief[:, 1] - belief[:, 0])).view(-1, 1, 1) * inside
+    one_hot = torch.nn.functional.one_hot(labels, num_labels).to(inside.dtype)  # (D, K+1)
+    return everyone.sum(0).unsqueeze(0) + torch.einsum("dk,dhw->khw", one_hot, own)
+
+
+def detection_y_update(
+    q: Tensor, inside: Tensor, pixels: Tensor, prior: Tensor, labels: Tensor, scores: Tensor, detection_y: Tensor
+) -> Tensor:
+    """The detection potential's Y update: the belief (D, 2) Q(Y_d = 0), Q(Y_d = 1) from how much of each
+    box F_d q gives to its class (docs/algorithm.md §4); its column 1 is the recalibrated score. q:
+    (K+1, H, W) the iteration's starting Q; inside: (D, H, W); pixels: (D,) n_d = |F_d|; prior: (D,) p_d,
+    the clamped scores; labels, scores as for detection_pixel_term; detection_y: 0-d, the learned w_y."""
     q_label = q[labels]  # (D, H, W): Q_i(l_d)
     agree = (q_label * inside).flatten(1).sum(1)  # sum over F_d of Q_i(l_d)
     disagree = pixels - agree  # sum over F_d of (1 - Q_i(l_d))
     y = detection_y * scores / pixels
     a0 = (1.0 - prior) - y * agree  # Y_d = 0: the detection is wrong
     a1 = prior - y * disagree  # Y_d = 1: it is right
-    q_y = torch.softmax(torch.stack([a0, a1], dim=1), dim=1)  # (D, 2)
-    x = detection_x * scores
-    # inside F_d: every label gets -x_d·Q(Y_d=1), the detection's own label -x_d·Q(Y_d=0) instead
-    everyone = -(x * q_y[:, 1]).view(-1, 1, 1) * inside  # (D, H, W)
-    own = (x * (q_y[:, 1] - q_y[:, 0])).view(-1, 1, 1) * inside
-    one_hot = torch.nn.functional.one_hot(labels, q.shape[0]).to(q.dtype)  # (D, K+1)
-    term = everyone.sum(0).unsqueeze(0) + torch.einsum("dk,dhw->khw", one_hot, own)
-    return term, q_y[:, 1]
+    return torch.softmax(torch.stack([a0, a1], dim=1), dim=1)

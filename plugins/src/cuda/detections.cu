@@ -11,7 +11,7 @@ namespace {
 __global__ void box_terms(const float* q, int64_t stride, int64_t labels, int64_t height, int64_t width,
                           const float* boxes, const int64_t* class_ids, const float* scores, const float* w_x,
                           const float* w_y, float score_ceiling, float prior_cap, BoxSpan* spans,
-                          DetectionTerm* terms, float* recalibrated) {
+                          DetectionTerm* terms, DetectionBelief* beliefs, float* recalibrated) {
     __shared__ double partial[kThreads];
     const int64_t d = blockIdx.x;
     const int64_t label = class_ids[d];
@@ -31,12 +31,23 @@ __global__ void box_terms(const float* q, int64_t stride, int64_t labels, int64_
         __syncthreads();
     }
     if (threadIdx.x != 0) return;
-    DetectionTerm term = detection_term(static_cast<float>(partial[0]), static_cast<float>(count), scores[d], *w_x,
-                                        *w_y, score_ceiling, prior_cap);
-    if (!valid) term = {__int_as_float(0x7fc00000), __int_as_float(0x7fc00000), __int_as_float(0x7fc00000)};
+    const float score = scores[d], nan = __int_as_float(0x7fc00000);
+    DetectionTerm term = pixel_terms(beliefs[d], score, *w_x);
+    DetectionBelief belief = updated_belief(static_cast<float>(partial[0]), static_cast<float>(count), score, *w_y,
+                                            detection_prior(score, score_ceiling, prior_cap));
+    if (!valid) {
+        term = {nan, nan};
+        belief = {nan, nan};
+    }
     spans[d] = span;
     terms[d] = term;
-    if (recalibrated) recalibrated[d] = term.recalibrated;
+    beliefs[d] = belief;
+    if (recalibrated) recalibrated[d] = belief.q1;
+}
+
+__global__ void prior_beliefs(const float* scores, int64_t count, float score_ceiling, float prior_cap,
+                              DetectionBelief* beliefs) {
+    DYNSEG_FOR_EACH(d, count) beliefs[d] = prior_belief(detection_prior(scores[d], score_ceiling, prior_cap));
 }
 
 __global__ void add_terms(float* logits, int64_t stride, int64_t labels, int64_t height, int64_t width,
@@ -72,11 +83,16 @@ DetectionPotential::DetectionPotential(const dynseg_crf_problem& problem, Worksp
     prior_cap_ = prior_cap(d_->epsilon);
     spans_ = ws.take<BoxSpan>(d_->count);
     terms_ = ws.take<DetectionTerm>(d_->count);
+    beliefs_ = ws.take<DetectionBelief>(d_->count);
 }
 
 void DetectionPotential::start(const Launch& launch) const {
-    if (!d_ || !d_->recalibrated) return;
-    cudaMemcpyAsync(d_->recalibrated, d_->scores, d_->count * sizeof(float), cudaMemcpyDeviceToDevice, launch.stream);
+    if (!d_) return;
+    prior_beliefs<<<launch.blocks(d_->count), kThreads, 0, launch.stream>>>(d_->scores, d_->count, d_->score_ceiling,
+                                                                            prior_cap_, beliefs_);
+    if (d_->recalibrated)
+        cudaMemcpyAsync(d_->recalibrated, d_->scores, d_->count * sizeof(float), cudaMemcpyDeviceToDevice,
+                        launch.stream);
 }
 
 void DetectionPotential::finish(const Status* status, const Launch& launch) const {
@@ -88,7 +104,7 @@ void DetectionPotential::add(const float* q, float* logits, int64_t stride, cons
     if (!d_) return;
     box_terms<<<static_cast<unsigned>(d_->count), kThreads, 0, launch.stream>>>(
         q, stride, labels_, height_, width_, d_->boxes, d_->labels, d_->scores, d_->detection_x, d_->detection_y,
-        d_->score_ceiling, prior_cap_, spans_, terms_, d_->recalibrated);
+        d_->score_ceiling, prior_cap_, spans_, terms_, beliefs_, d_->recalibrated);
     add_terms<<<launch.blocks(height_ * width_ * labels_), kThreads, 0, launch.stream>>>(
         logits, stride, labels_, height_, width_, spans_, d_->labels, terms_, d_->count);
 }

@@ -1,7 +1,7 @@
 // meanfield.cu: the CRF-as-RNN mean-field update on the GPU, forward and backward (docs/crf.md derives
 // both; plugins/src/meanfield.cpp is the CPU twin).
 //
-// Per iteration:  F_k = Knorm_k(Q);  L = U - mu . sum_k W_k F_k [+ D(Q)];  Q = softmax(L).
+// Per iteration:  F_k = Knorm_k(Q);  L = U - mu . sum_k W_k F_k [+ the detection potential's term];  Q = softmax(L).
 // Potts (mu = -I) adds the messages to the unary in kernel order, as the CPU does. The parameter
 // gradients come from P_k = sum_i (Knorm_k^T G)_i Q_i^T, summed in double over fixed pixel chunks and
 // then over the chunks in order, so they are the same bits on every run.
