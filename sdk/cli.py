@@ -360,6 +360,7 @@ def evaluate_command(
         trained_on = read_training_data(model) if model.is_dir() else evaluation.training_data_of(model)
     except DynsegError as error:
         raise _fail(str(error)) from error
+    segmenter = _segmenter(model, "auto", device)  # a folder that is no checkpoint fails here, before any note
     defaulted, source = dataset is None, None
     if dataset is None:  # a model is scored on its own dataset unless told otherwise
         dataset = trained_on["dataset"] if trained_on else "synthetic"
@@ -381,7 +382,6 @@ def evaluate_command(
         typer.echo(f"Note: {model} records no training data: scoring synthetic scenes of seed {seed} at "
                    f"{image_size[0]}x{image_size[1]}; --dataset, --seed and --image-size choose its held-out data",
                    err=True)
-    segmenter = _segmenter(model, "auto", device)
     class_names = segmenter.class_names
     data = _open_data("eval", dataset, data_root, split, detections, size=images, image_size=image_size,
                       num_classes=len(class_names), seed=seed)
@@ -651,7 +651,9 @@ def validate(
 def bench(
     model: Path = typer.Argument(..., help="The exported .onnx model."),
     sizes: str = typer.Option("256x256,512x512", "--sizes", help="Image sizes HxW, comma-separated."),
-    detections: str = typer.Option("0,1,10,50", "--detections", help="Detection counts D, comma-separated."),
+    detections: Optional[str] = typer.Option(
+        None, "--detections", help="Detection counts D, comma-separated (default: 0,1,10,50, each at most the "
+                                   "model's limit)."),
     repeats: int = typer.Option(10, "--repeats", min=1, help="Timed calls per case (after one warm-up call)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", exists=True, file_okay=False,
                                               help="Also time this checkpoint on PyTorch, same device and inputs."),
@@ -662,7 +664,8 @@ def bench(
     network, CRFs and post-processing; --checkpoint times PyTorch on the same device and inputs."""
     from .commands import bench as job
 
-    parsed_sizes, counts = _parse_sizes(sizes), _parse_counts(detections)
+    parsed_sizes = _parse_sizes(sizes)
+    counts = _parse_counts(detections) if detections is not None else None
     _check_device(device)
     if checkpoint is not None:
         _torch_or_fail("dynseg bench --checkpoint")

@@ -219,6 +219,12 @@ def train(
     main = rank == 0
     stage2 = config.stage == "instance"
     positions = range(rank, rank + 1) if stage2 else distributed.shard(config.batch_size, rank, world)
+    if not (stage2 or config.frozen_batch_norm) and len(positions) < 2 and _has_batch_norm(model.semantic):
+        # Batch statistics of one image: the pyramid pooling's 1x1 branch has a single value per channel
+        raise InvalidArgumentError(
+            f"stage 1 would train BatchNorm on {len(positions)} image per process (batch_size {config.batch_size} "
+            f"over {world} process(es)): give batch_size at least {2 * world}, or freeze BatchNorm "
+            "(TrainConfig.frozen_batch_norm)")
     frozen = stage2 and config.mode == "piecewise"
     semantic_part = [model.semantic] + ([model.semantic_crf] if model.semantic_crf is not None else [])
     for parameter in (p for module in semantic_part for p in module.parameters()):
@@ -405,6 +411,13 @@ def _silent(*_: object) -> None:
     pass
 
 
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def _has_batch_norm(module: nn.Module) -> bool:
+    return any(isinstance(m, _BATCH_NORMS) for m in module.modules())
+
+
 def _training_modes(model: DynamicallyInstantiatedNetwork, config: TrainConfig) -> None:
     """Train mode, except the parts whose batch-norm statistics the stage keeps."""
     model.train()
@@ -414,7 +427,7 @@ def _training_modes(model: DynamicallyInstantiatedNetwork, config: TrainConfig) 
         model.semantic.eval()
     if config.frozen_batch_norm:
         for module in model.modules():
-            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)):
+            if isinstance(module, _BATCH_NORMS):
                 module.eval()
 
 

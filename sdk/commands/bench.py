@@ -24,6 +24,8 @@ from ..segmenter import Segmenter
 from .images import ImageDetections, generated_detections
 from .parity import check_same_model
 
+DEFAULT_DETECTIONS = (0, 1, 10, 50)  # D of `dynseg bench` without --detections
+
 
 @dataclass(frozen=True)
 class BenchRow:
@@ -73,15 +75,18 @@ def _time_case(segmenter: Segmenter, name: str, image: np.ndarray, dets: ImageDe
                     post_ms=ms(posts), images_per_s=1.0 / float(np.mean(totals)))
 
 
-def run(model_path: str | Path, *, sizes: Sequence[tuple[int, int]], detections: Sequence[int], repeats: int,
+def run(model_path: str | Path, *, sizes: Sequence[tuple[int, int]], detections: Sequence[int] | None, repeats: int,
         checkpoint: str | Path | None = None, device: str = "cpu",
         on_row: Callable[[BenchRow], object] | None = None) -> list[BenchRow]:
     """Times every (size, D) case on the exported model and, given `checkpoint` (the one the model was
     exported from), on PyTorch too, both on `device` (a call's time includes copying its outputs to the
-    host). Raises InvalidArgumentError before timing anything for a D above the model's limit or a
-    checkpoint the model did not come from."""
+    host). detections None: DEFAULT_DETECTIONS, the model's limit in place of those above it. Raises
+    InvalidArgumentError before timing anything for a D above the model's limit or a checkpoint the
+    model did not come from."""
     where = "" if device == "cpu" else f" ({device})"
     exported = Segmenter(model_path, backend="onnxruntime", device=device)
+    if detections is None:
+        detections = sorted({min(count, exported.max_detections) for count in DEFAULT_DETECTIONS})
     if max(detections, default=0) > exported.max_detections:  # before any case is timed
         raise InvalidArgumentError(f"detection count {max(detections)} is above this model's limit of "
                                    f"{exported.max_detections} per image: time fewer, or export the model with a "

@@ -548,6 +548,13 @@ def test_bench_refuses_a_detection_count_above_the_models_limit_before_timing(ex
     assert "| onnxruntime |" not in result.output and "D=0" not in result.output
 
 
+def test_bench_by_default_times_the_detection_counts_the_model_takes(exported):
+    # the defaults 0, 1, 10 and 50, with the model's limit of 20 in place of 50
+    result = runner.invoke(app, ["bench", str(exported[1]), "--sizes", "16x16", "--repeats", "1"])
+    assert result.exit_code == 0, result.output
+    assert [int(d) for d in re.findall(r"D=(\d+):", result.output)] == [0, 1, 10, 20]
+
+
 def test_bench_refuses_a_checkpoint_the_model_was_not_exported_from(exported, tmp_path):
     other = _checkpoint(tmp_path / "other", seed=1)
     result = runner.invoke(app, ["bench", str(exported[1]), "--sizes", "40x48", "--detections", "1",

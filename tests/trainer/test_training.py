@@ -322,6 +322,16 @@ def test_dynseg_train_then_dynseg_eval_run_from_the_command_line(tmp_path):
 def test_dynseg_eval_rejects_a_folder_that_is_not_a_checkpoint(tmp_path):
     result = CliRunner().invoke(app, ["eval", str(tmp_path)])
     assert result.exit_code == 1 and "not a dynseg checkpoint" in result.output
+    assert "records no training data" not in result.output  # no note about a model that is none
+
+
+def test_stage_one_refuses_batch_norm_statistics_of_one_image_per_process(tmp_path):
+    data, model = tiny_setup()
+    with pytest.raises(InvalidArgumentError, match="BatchNorm on 1 image per process .*batch_size at least 2"):
+        train(model, data, TrainConfig(stage="semantic", steps=1, batch_size=1), out_dir=tmp_path, printer=quiet)
+    log = train(model, data, TrainConfig(stage="semantic", steps=1, batch_size=1, frozen_batch_norm=True),
+                out_dir=tmp_path, printer=quiet)
+    assert len(log) == 1
 
 
 def test_a_new_run_clears_the_last_runs_checkpoints_so_a_failed_one_leaves_none_behind(tmp_path):
