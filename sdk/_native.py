@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import platform
+import signal
 import sys
 import threading
 from dataclasses import dataclass
@@ -319,10 +320,11 @@ def _cpu_call(work: int, function: Callable[..., int], *arguments: object) -> No
 
     Python raises KeyboardInterrupt only on the main thread, between bytecodes: never inside a C call.
     So on the main thread a call of `work` (labels x pixels x iterations) from _INTERRUPTIBLE_FROM runs
-    on a helper thread while the main one waits; an exception there (Ctrl-C's KeyboardInterrupt) sets
-    the call's cancel flag, the library stops before its next mean-field iteration, and, once the
-    helper has returned (it writes into the caller's arrays and this thread's workspace until then),
-    the exception goes on. Other calls run directly."""
+    on a helper thread while the main one waits. Meanwhile Ctrl-C (where Python's default handler has
+    it) only sets the call's cancel flag, the library stops before its next mean-field iteration, and
+    KeyboardInterrupt is raised once the helper has returned: until then it writes into the caller's
+    arrays and this thread's workspace. An exception a program's own signal handler raises in the wait
+    sets the flag as well, and goes on once the helper has returned. Other calls run directly."""
     lib = library()
     if (work < _INTERRUPTIBLE_FROM or threading.current_thread() is not threading.main_thread()
             or not hasattr(lib, "dynseg_set_cancel_flag")):
@@ -330,6 +332,8 @@ def _cpu_call(work: int, function: Callable[..., int], *arguments: object) -> No
         return
     flag = ctypes.c_int32(0)
     failure: list[BaseException] = []
+    returned = threading.Event()
+    ctrl_c: list[bool] = []
 
     def call() -> None:
         lib.dynseg_set_cancel_flag(ctypes.byref(flag))
@@ -339,21 +343,36 @@ def _cpu_call(work: int, function: Callable[..., int], *arguments: object) -> No
             failure.append(error)
         finally:
             lib.dynseg_set_cancel_flag(None)
+            returned.set()
 
-    helper = threading.Thread(target=call, name="dynseg-crf-call")
-    try:
-        helper.start()
-    except RuntimeError:  # no thread to be had (a process at its limit): the call is then uninterruptible
-        call()
+    def on_ctrl_c(signum: int, frame: object) -> None:  # raises nothing: it may run inside Thread.start
+        flag.value = 1
+        ctrl_c.append(True)
+
+    deferred = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if deferred:
+        signal.signal(signal.SIGINT, on_ctrl_c)
     interrupted: BaseException | None = None
-    while helper.is_alive():
+    try:
         try:
-            helper.join()
-        except BaseException as error:  # KeyboardInterrupt, or what a signal handler of the program raised
-            flag.value = 1
-            interrupted = interrupted or error
+            threading.Thread(target=call, name="dynseg-crf-call").start()
+        except RuntimeError:  # no thread to be had (a process at its limit): the call is then uninterruptible
+            call()
+        # Not Thread.join: CPython 3.11's join, interrupted, can mark a thread that is still running as
+        # stopped (its bpo-45274 handling).
+        while not returned.is_set():
+            try:
+                returned.wait()
+            except BaseException as error:  # what a signal handler of the program raised
+                flag.value = 1
+                interrupted = interrupted or error
+    finally:
+        if deferred:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
     if interrupted is not None:
         raise interrupted  # the call's own outcome, cancelled, is moot
+    if ctrl_c:
+        raise KeyboardInterrupt
     if failure:
         raise failure[0]
 

@@ -165,8 +165,8 @@ def dense_crf(
     Raises:
         ValueError (InvalidArgumentError): naming the argument and the problem.
 
-    A call runs to its end in the native library, which does not poll for signals: Ctrl-C takes
-    effect when it returns. Its time grows with H·W·L·iterations.
+    Its time grows with H·W·L·iterations. On the main thread, Ctrl-C stops a long CPU call before its
+    next mean-field iteration (docs/crf.md §2); on a GPU the call runs to its end.
     """
     unary = _check_unary(unary)
     num_labels, height, width = unary.shape

@@ -4,6 +4,10 @@
 // the next chunk from an atomic counter. The caller leaves only once every chunk is done and no pool
 // thread still holds the job (it lives on the caller's stack). Pool threads wait on a condition
 // variable, so an idle pool costs nothing.
+//
+// The pool is never destroyed: at exit its threads are left waiting, as the process ends them. A forked
+// child inherits the pool without its threads (and maybe with its mutex held by one that is gone), so it
+// leaves that copy alone and starts a pool of its own; destroying the copy would wait on those threads.
 #include "parallel.h"
 
 #include <algorithm>
@@ -17,6 +21,9 @@
 
 #if defined(__linux__)
 #include <sched.h>
+#endif
+#if defined(__unix__)
+#include <pthread.h>
 #endif
 
 namespace dynseg {
@@ -42,11 +49,6 @@ struct Job {
 
 class Pool {
 public:
-    static Pool& instance() {
-        static Pool pool;
-        return pool;
-    }
-
     void run(Job& job) {
         {
             std::lock_guard<std::mutex> lock(mutex_);
@@ -58,15 +60,6 @@ public:
         std::unique_lock<std::mutex> lock(mutex_);
         jobs_.erase(std::find(jobs_.begin(), jobs_.end(), &job));
         job_done_.wait(lock, [&] { return job.finished.load() == job.chunks && job.helpers == 0; });
-    }
-
-    ~Pool() {
-        {
-            std::lock_guard<std::mutex> lock(mutex_);
-            stopping_ = true;
-        }
-        work_ready_.notify_all();
-        for (std::thread& worker : workers_) worker.join();
     }
 
 private:
@@ -92,8 +85,7 @@ private:
         std::unique_lock<std::mutex> lock(mutex_);
         for (;;) {
             Job* job = nullptr;
-            work_ready_.wait(lock, [&] { return stopping_ || (job = job_wanting_help()) != nullptr; });
-            if (stopping_) return;
+            work_ready_.wait(lock, [&] { return (job = job_wanting_help()) != nullptr; });
             ++job->helpers;
             lock.unlock();
             job->work();
@@ -107,8 +99,27 @@ private:
     std::condition_variable work_ready_, job_done_;
     std::deque<Job*> jobs_;
     std::vector<std::thread> workers_;
-    bool started_ = false, stopping_ = false;
+    bool started_ = false;
 };
+
+std::atomic<Pool*> the_pool{nullptr};
+
+#if defined(__unix__)
+void forget_pool_in_child() { the_pool.store(nullptr); }
+#endif
+
+Pool& pool() {
+#if defined(__unix__)
+    static const bool forgotten_at_fork = pthread_atfork(nullptr, nullptr, forget_pool_in_child) == 0;
+    (void)forgotten_at_fork;
+#endif
+    Pool* current = the_pool.load();
+    if (current) return *current;
+    Pool* fresh = new Pool;  // no thread yet: the loser of a race below deletes it
+    if (the_pool.compare_exchange_strong(current, fresh)) return *fresh;
+    delete fresh;
+    return *current;
+}
 
 }  // namespace
 
@@ -129,7 +140,7 @@ void run_chunks(int64_t chunks, int threads, const std::function<void(int64_t)>&
         job.work();
         return;
     }
-    Pool::instance().run(job);
+    pool().run(job);
 }
 
 }  // namespace dynseg

@@ -3,6 +3,7 @@ PyTorch reference, determinism, run-time label counts, contiguity, and the check
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -441,6 +442,55 @@ def test_ctrl_c_stops_a_long_call_at_its_next_iteration():
         process.kill()
     assert process.returncode == 3, output
     assert output.split() == ["interrupted", "(2,", "8,", "8)"]
+
+
+_INTERRUPTED_WAIT = textwrap.dedent("""
+    import os, signal, time
+    from dynseg.sdk import _native
+    returned = []
+
+    def slow_call():  # stands in for a library call: Ctrl-C arrives while the main thread waits for it
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1.0)
+        returned.append(True)
+        return 0
+
+    try:
+        _native._cpu_call(_native._INTERRUPTIBLE_FROM, slow_call)
+    except KeyboardInterrupt:
+        print("interrupted after the call returned:", returned == [True], flush=True)
+""")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT, as Ctrl-C does on POSIX")
+def test_ctrl_c_is_raised_only_once_the_call_it_cancels_has_returned():
+    # Until then the call writes into the caller's arrays and the thread's workspace; CPython 3.11's
+    # Thread.join, interrupted, can report a running thread as stopped.
+    child = subprocess.run([sys.executable, "-c", _INTERRUPTED_WAIT], capture_output=True, text=True, timeout=120)
+    assert child.stdout.strip() == "interrupted after the call returned: True", child.stdout + child.stderr
+
+
+_FORKED_CHILD = textwrap.dedent("""
+    import os, sys
+    import numpy as np
+    from dynseg.sdk import dense_crf
+    unary = np.random.default_rng(0).normal(size=(3, 96, 96)).astype(np.float32)
+    expected = dense_crf(unary, None, bilateral=None, threads=2)  # the pool's threads start
+    child = os.fork()
+    if child == 0:  # its copy of the pool has no threads: the child must neither hang nor lose them
+        same = np.array_equal(dense_crf(unary, None, bilateral=None, threads=2), expected)
+        print("child", same, flush=True)
+        sys.exit(0)  # a normal exit, with its atexit work and static destructors
+    _, status = os.waitpid(child, 0)
+    print("parent", os.waitstatus_to_exitcode(status), flush=True)
+""")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks")
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the pool starts threads only with 2 CPUs or more")
+def test_a_forked_child_runs_the_crf_on_threads_and_exits():
+    child = subprocess.run([sys.executable, "-c", _FORKED_CHILD], capture_output=True, text=True, timeout=120)
+    assert child.stdout.split() == ["child", "True", "parent", "0"], child.stdout + child.stderr
 
 
 def test_a_long_call_runs_directly_where_no_helper_thread_can_start(monkeypatch):
