@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from dynseg.sdk import __version__
-from dynseg.sdk.errors import InvalidArgumentError
+from dynseg.sdk.errors import InvalidArgumentError, LatticeRangeError
 from dynseg.sdk.graph import DEFAULT_MAX_DETECTIONS, DOMAIN, INPUTS, MAX_DETECTIONS, OP_VERSION, OUTPUTS
 from dynseg.sdk.checks import int_in
 from dynseg.trainer.checkpoint import check_training_data, weights_fingerprint
@@ -131,6 +131,9 @@ def _traced(network: DynamicallyInstantiatedNetwork, path: Path) -> onnx.ModelPr
                 # a network without CRFs has no node of the domain, which torch would warn of on stderr
                 custom_opsets={DOMAIN: OP_VERSION} if ops.crf_nodes_of(network) else None,
             )
+    except LatticeRangeError as error:
+        raise InvalidArgumentError(f"the network's CRF cannot run on the 64x80 example image the export traces it "
+                                   f"with ({error}): a model with these thetas fails on images like it") from error
     except InvalidArgumentError as error:  # the example's values broke a check inside the network
         raise InvalidArgumentError(f"the network fails on an example image ({error}): its weights or buffers are "
                                    "not a trained network's (a BatchNorm's negative running_var, say)") from error

@@ -26,7 +26,7 @@ import numpy as np
 from dynseg.plugins import library_path
 
 from .checks import INT32_MAX
-from .errors import InvalidArgumentError, NativeError
+from .errors import InvalidArgumentError, LatticeRangeError, NativeError
 
 ABI_VERSION = 3
 NORMALIZATION = {"after": 0, "symmetric": 1}
@@ -301,7 +301,9 @@ def _check(status: int) -> None:
     if status == Status.OK:
         return
     message = library().dynseg_last_error().decode(errors="replace")
-    if status in (Status.INVALID_ARGUMENT, Status.KEY_RANGE):
+    if status == Status.KEY_RANGE:
+        raise LatticeRangeError(message)
+    if status == Status.INVALID_ARGUMENT:
         raise InvalidArgumentError(message)
     try:
         name = Status(status).name

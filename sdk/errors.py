@@ -20,6 +20,12 @@ class InvalidArgumentError(DynsegError, ValueError):
     """An argument is out of its documented range; the message names it and the offending value."""
 
 
+class LatticeRangeError(InvalidArgumentError):
+    """A CRF's thetas are too small for the image: its features span more lattice cells than the
+    lattice's 64-bit keys can number. Whether a theta fits depends on the image (its size, and its
+    colours' spread for the bilateral kernel), so a model can pass on one image and fail on another."""
+
+
 class NativeError(DynsegError, RuntimeError):
     """The native kernel library is missing, mismatched or failed for a reason other than bad input."""
 

@@ -420,6 +420,19 @@ def test_an_export_whose_example_fails_inside_the_network_blames_its_weights(exp
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_export_whose_crf_thetas_are_too_small_for_the_example_blames_the_thetas(exported, tmp_path):
+    from dataclasses import replace
+
+    from dynseg.sdk.errors import LatticeRangeError
+
+    network = load_checkpoint(exported[0])
+    network.semantic_crf.config = replace(network.semantic_crf.config, theta_bilateral_rgb=1e-6)
+    with pytest.raises(InvalidArgumentError, match="CRF cannot run on the 64x80 example image .*theta") as raised:
+        export_onnx(network, tmp_path / "model.onnx")
+    assert isinstance(raised.value.__cause__, LatticeRangeError)
+    assert "running_var" not in str(raised.value) and list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("normalization", ["after", "symmetric"])
 @pytest.mark.parametrize("detection_potential", [0, 1])
 def test_the_ops_torch_definition_and_the_sdks_node_agree(normalization, detection_potential):

@@ -364,7 +364,8 @@ def test_no_kernels_at_all_return_the_softmax_of_the_unary(smooth_unary):
 _KEY_RANGE_SCRIPT = textwrap.dedent(
     """
     import numpy as np
-    from dynseg.sdk import InvalidArgumentError, dense_crf
+    from dynseg.sdk import dense_crf
+    from dynseg.sdk.errors import LatticeRangeError
     height, width = {height}, {width}
     unary = np.zeros((2, height, width), np.float32)
     if "{image}" == "gradient":
@@ -375,8 +376,8 @@ _KEY_RANGE_SCRIPT = textwrap.dedent(
         image[:, width // 2:] = 200
     try:
         dense_crf(unary, image, spatial={spatial}, bilateral={bilateral}, threads={threads})
-    except InvalidArgumentError as error:
-        print("InvalidArgumentError:", error)
+    except LatticeRangeError as error:  # an InvalidArgumentError
+        print("LatticeRangeError:", error)
     else:
         print("no error")
     """
@@ -407,7 +408,7 @@ def test_features_too_wide_for_the_lattice_keys_raise_a_value_error_and_never_cr
     script = _KEY_RANGE_SCRIPT.format(threads=threads, **KEY_RANGE_CASES[case])
     child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert child.returncode == 0, f"crashed with exit status {child.returncode}: {child.stderr[-2000:]}"
-    assert child.stdout.startswith("InvalidArgumentError:"), child.stdout
+    assert child.stdout.startswith("LatticeRangeError:"), child.stdout
     assert "lattice" in child.stdout and "theta" in child.stdout, child.stdout
 
 
