@@ -360,7 +360,6 @@ def evaluate_command(
         trained_on = read_training_data(model) if model.is_dir() else evaluation.training_data_of(model)
     except DynsegError as error:
         raise _fail(str(error)) from error
-    segmenter = _segmenter(model, "auto", device)  # a folder that is no checkpoint fails here, before any note
     defaulted, source = dataset is None, None
     if dataset is None:  # a model is scored on its own dataset unless told otherwise
         dataset = trained_on["dataset"] if trained_on else "synthetic"
@@ -378,6 +377,7 @@ def evaluate_command(
         typer.echo(f"Warning: --seed {seed} is the seed {model} was trained with: these are its training scenes, "
                    "not held-out ones", err=True)
     named = f"--dataset {dataset}" if not defaulted else source or f"the default dataset, {dataset}"
+    segmenter = _segmenter(model, "auto", device)  # a folder that is no checkpoint fails here, before the note
     if defaulted and trained_on is None:  # an export, or a checkpoint from before the record
         typer.echo(f"Note: {model} records no training data: scoring synthetic scenes of seed {seed} at "
                    f"{image_size[0]}x{image_size[1]}; --dataset, --seed and --image-size choose its held-out data",
