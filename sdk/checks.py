@@ -1,6 +1,7 @@
-"""The argument checks every checking module shares, numbers and arrays: `is_int` / `int_in` for counts
-and ids, `finite_float32` / `positive_in_float32` / `FLOAT32_MAX` / `INT32_MAX` for what the native library reads as
-float32, `array_of` / `refuse_masked` for arrays. Each failure is an InvalidArgumentError that names the
+"""The argument checks every checking module shares, numbers, names and arrays: `is_int` / `int_in` for
+counts and ids (`INT32_MAX`, the largest count the native library's int fields hold), `finite_float32` /
+`positive_in_float32` / `FLOAT32_MAX` for what it reads as float32, `one_of` for a name from a fixed
+set, `array_of` / `refuse_masked` for arrays. Each failure is an InvalidArgumentError that names the
 argument. numpy only: the SDK imports it without torch.
 """
 
@@ -17,8 +18,8 @@ __all__ = ["FLOAT32_MAX", "INT32_MAX", "array_of", "finite_float32", "int_in", "
            "positive_in_float32", "refuse_masked"]
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
-INT32_MAX = 2**31 - 1  # the largest count (iterations, threads) the C structs' int fields hold, and the CUDA
-# kernels' 32-bit index range
+# The largest count (iterations, threads) the C structs' int fields hold, and the CUDA kernels' index range
+INT32_MAX = 2**31 - 1
 
 
 def is_int(value: object, *, numpy: bool = True) -> TypeGuard[int | np.integer]:

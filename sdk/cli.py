@@ -26,6 +26,7 @@ from typer.core import TyperGroup
 from . import __version__
 from .commands import defaults, parity
 from .commands import quickstart as quickstart_job
+from .commands.bench import DEFAULT_DETECTIONS as DEFAULT_BENCH_DETECTIONS
 from .checks import INT32_MAX
 from .errors import INSTALL_TRAINER, DynsegError, InvalidArgumentError
 from .graph import DEFAULT_ENGINE_DETECTIONS, DEFAULT_ENGINE_SIZES, DEFAULT_MAX_DETECTIONS, MAX_DETECTIONS
@@ -283,7 +284,6 @@ def train(
     if held_out_split is not None and (dataset == "synthetic" or not held_out_images):
         raise typer.BadParameter("names an on-disk split to score with --held-out-images N: give --dataset and "
                                  "--held-out-images too", param_hint="--held-out-split")
-
     import torch
 
     from dynseg.trainer.model import ModelConfig, build_model
@@ -592,7 +592,6 @@ def infer(
 ) -> None:
     """Segment images given their detections: per image {stem}_overlay.png and {stem}_instances.png
     (16-bit, pixel = instance id, 0 = background), and results.json (COCO results) for all."""
-
     from .commands import infer as job
     from .commands.progress import item_progress
 
@@ -652,8 +651,8 @@ def bench(
     model: Path = typer.Argument(..., help="The exported .onnx model."),
     sizes: str = typer.Option("256x256,512x512", "--sizes", help="Image sizes HxW, comma-separated."),
     detections: Optional[str] = typer.Option(
-        None, "--detections", help="Detection counts D, comma-separated (default: 0,1,10,50, each at most the "
-                                   "model's limit)."),
+        None, "--detections", help="Detection counts D, comma-separated (default: "
+                                   f"{','.join(map(str, DEFAULT_BENCH_DETECTIONS))}, each at most the model's limit)."),
     repeats: int = typer.Option(10, "--repeats", min=1, help="Timed calls per case (after one warm-up call)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", exists=True, file_okay=False,
                                               help="Also time this checkpoint on PyTorch, same device and inputs."),
@@ -706,7 +705,6 @@ def quickstart(
     """Train a small model on synthetic scenes, evaluate, export ONNX, validate parity and segment sample
     images, all into --out; then print what it made and what to run next."""
     _torch_or_fail("dynseg quickstart")
-
     try:
         summary = quickstart_job.run(out, steps=steps, seed=seed, printer=typer.echo, live=sys.stdout.isatty())
     except DynsegError as error:
