@@ -430,12 +430,13 @@ def _panoptic_quality(images: list[_Image], num_classes: int) -> float:
 
 
 def _coco_mask_ap(images: list[_Image], num_classes: int) -> float:
-    n_thresholds = len(COCO_IOU_THRESHOLDS)
-    # per class, per image: the scores (D,) in score order, and which IoU thresholds each matches, bool (T, D)
+    """COCOeval's mask AP: each image's detections matched per class and IoU threshold, then each class's
+    interpolated precision at 101 recall points, averaged over thresholds, recall points and classes."""
+    # per class, per image: the scores (D,) in score order, and per IoU threshold which match and which a crowd takes
     scores: list[list[np.ndarray]] = [[] for _ in range(num_classes + 1)]
     matched: list[list[np.ndarray]] = [[] for _ in range(num_classes + 1)]
-    gt_count = np.zeros(num_classes + 1, dtype=np.int64)
     ignored: list[list[np.ndarray]] = [[] for _ in range(num_classes + 1)]
+    gt_count = np.zeros(num_classes + 1, dtype=np.int64)
     for image in images:
         iou_all = image.annotated_iou()  # (N, M): void removed from both sides, crowds kept, as COCOeval has them
         # a crowd's IoU with a detection is the share of the detection it covers (COCOeval's iscrowd rule)
@@ -445,47 +446,57 @@ def _coco_mask_ap(images: list[_Image], num_classes: int) -> float:
             dts = dts[np.argsort(-image.pred_scores[dts], kind="stable")][:COCO_MAX_DETECTIONS]
             gts = np.flatnonzero(image.gt_labels == c)
             gt_count[c] += len(gts)
-            iou = iou_all[np.ix_(dts, gts)]  # (D, G)
-            crowd_iou = crowd_iou_all[np.ix_(dts, np.flatnonzero(image.crowd_labels == c))]  # (D, C_c)
-            hits = np.zeros((n_thresholds, len(dts)), dtype=bool)
-            skip = np.zeros((n_thresholds, len(dts)), dtype=bool)
-            for t, threshold in enumerate(COCO_IOU_THRESHOLDS):
-                threshold = min(threshold, 1 - 1e-10)
-                taken = np.zeros(len(gts), dtype=bool)
-                for d in range(len(dts)):
-                    eligible = ~taken & (iou[d] >= threshold)
-                    if not eligible.any():
-                        # no instance for it: a crowd of its class that takes it makes it neither hit nor miss
-                        skip[t, d] = bool((crowd_iou[d] >= threshold).any())
-                        continue
-                    best = iou[d][eligible].max()
-                    g = np.flatnonzero(eligible & (iou[d] == best))[-1]  # COCOeval keeps the later on ties
-                    taken[g] = hits[t, d] = True
+            hits, skip = _coco_match(iou_all[np.ix_(dts, gts)],
+                                     crowd_iou_all[np.ix_(dts, np.flatnonzero(image.crowd_labels == c))])
             scores[c].append(image.pred_scores[dts])
             matched[c].append(hits)
             ignored[c].append(skip)
 
-    n_recall = len(COCO_RECALL_THRESHOLDS)
-    precision = -np.ones((n_thresholds, n_recall, num_classes))  # (T, R, K), -1: class without ground truth
+    precision = -np.ones((len(COCO_IOU_THRESHOLDS), len(COCO_RECALL_THRESHOLDS), num_classes))  # -1: no ground truth
     for c in range(1, num_classes + 1):
-        if gt_count[c] == 0:
-            continue
-        class_scores = np.concatenate(scores[c])
-        order = np.argsort(-class_scores, kind="mergesort")
-        hits = np.concatenate(matched[c], axis=1)[:, order]  # (T, D)
-        counted = ~np.concatenate(ignored[c], axis=1)[:, order]
-        tp_sum = np.cumsum(hits & counted, axis=1).astype(float)
-        fp_sum = np.cumsum(~hits & counted, axis=1).astype(float)
-        for t in range(n_thresholds):
-            recall = tp_sum[t] / gt_count[c]
-            envelope = _precision_envelope(tp_sum[t] / (fp_sum[t] + tp_sum[t] + np.spacing(1)))
-            at = np.searchsorted(recall, COCO_RECALL_THRESHOLDS, side="left")  # (R,)
-            reached = at < len(recall)
-            q = np.zeros(n_recall)
-            q[reached] = envelope[at[reached]]
-            precision[t, :, c - 1] = q
+        if gt_count[c] > 0:
+            precision[:, :, c - 1] = _coco_class_precision(
+                np.concatenate(scores[c]), np.concatenate(matched[c], axis=1), np.concatenate(ignored[c], axis=1),
+                int(gt_count[c]))
     defined = precision[precision > -1]
     return float(np.mean(defined)) if defined.size else math.nan
+
+
+def _coco_match(iou: np.ndarray, crowd_iou: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """COCOeval's greedy matching of one image's detections of one class, in score order, to its instances
+    (iou, (D, G)) and crowds (crowd_iou, (D, C)): per IoU threshold, which detections hit an instance, and
+    which a crowd takes instead (neither hit nor miss); both bool (T, D)."""
+    hits = np.zeros((len(COCO_IOU_THRESHOLDS), len(iou)), dtype=bool)
+    skip = np.zeros_like(hits)
+    for t, threshold in enumerate(COCO_IOU_THRESHOLDS):
+        threshold = min(threshold, 1 - 1e-10)
+        taken = np.zeros(iou.shape[1], dtype=bool)
+        for d in range(len(iou)):
+            eligible = ~taken & (iou[d] >= threshold)
+            if not eligible.any():
+                skip[t, d] = bool((crowd_iou[d] >= threshold).any())
+                continue
+            best = iou[d][eligible].max()
+            g = np.flatnonzero(eligible & (iou[d] == best))[-1]  # COCOeval keeps the later on ties
+            taken[g] = hits[t, d] = True
+    return hits, skip
+
+
+def _coco_class_precision(scores: np.ndarray, hits: np.ndarray, skip: np.ndarray, gt_count: int) -> np.ndarray:
+    """One class's interpolated precision (T, R) at COCO's recall points, from its detections over all images:
+    scores (D,), hits and skip (T, D) as _coco_match gives them, and its number of instances."""
+    order = np.argsort(-scores, kind="mergesort")
+    counted = ~skip[:, order]
+    tp_sum = np.cumsum(hits[:, order] & counted, axis=1).astype(float)
+    fp_sum = np.cumsum(~hits[:, order] & counted, axis=1).astype(float)
+    precision = np.zeros((len(COCO_IOU_THRESHOLDS), len(COCO_RECALL_THRESHOLDS)))
+    for t in range(len(COCO_IOU_THRESHOLDS)):
+        recall = tp_sum[t] / gt_count
+        envelope = _precision_envelope(tp_sum[t] / (fp_sum[t] + tp_sum[t] + np.spacing(1)))
+        at = np.searchsorted(recall, COCO_RECALL_THRESHOLDS, side="left")  # (R,)
+        reached = at < len(recall)
+        precision[t, reached] = envelope[at[reached]]
+    return precision
 
 
 # ---------------------------------------------------------------------------- validation
