@@ -219,6 +219,12 @@ void fill_problem(CrfAttributes const& a, CrfShapes const& s, void const* const*
 // L = 1 or T = 0: the output is the unary and the scores pass through (docs/ops.md).
 bool identity(CrfAttributes const& a, CrfShapes const& s) { return s.labels == 1 || a.iterations == 0; }
 
+// The kernel library this process loaded (libdynseg_crf.so, found through $ORIGIN at load time): what a plan
+// records at build time and checks at deserialisation, since neither TensorRT nor the sidecar pins it.
+std::string kernel_library_identity() {
+    return std::string(dynseg_version()) + " abi " + std::to_string(dynseg_abi_version());
+}
+
 std::string library_error(char const* call, dynseg_status status) {
     return std::string(call) + " failed (status " + std::to_string(static_cast<int>(status)) +
            "): " + dynseg_last_error();
@@ -389,12 +395,15 @@ std::string workspace_size(CrfAttributes const& a, CrfShapes const& s, size_t* b
 
 // ---- the plugin ---------------------------------------------------------------------------------------
 
-MeanFieldCrfPlugin::MeanFieldCrfPlugin(std::string layer_name, CrfAttributes attributes)
-    : mLayerName(std::move(layer_name)), mAttributes(std::move(attributes)) {}
+MeanFieldCrfPlugin::MeanFieldCrfPlugin(std::string layer_name, CrfAttributes attributes, int64_t workspace_bound,
+                                       std::string kernel_library)
+    : mLayerName(std::move(layer_name)), mAttributes(std::move(attributes)), mWorkspaceBound(workspace_bound),
+      mKernelLibrary(std::move(kernel_library)) {}
 
 MeanFieldCrfPlugin::MeanFieldCrfPlugin(MeanFieldCrfPlugin const& other)
     : IPluginV3(), IPluginV3OneCore(), IPluginV3OneBuild(), IPluginV3OneRuntime(),
-      mLayerName(other.mLayerName), mAttributes(other.mAttributes) {}
+      mLayerName(other.mLayerName), mAttributes(other.mAttributes), mWorkspaceBound(other.mWorkspaceBound),
+      mKernelLibrary(other.mKernelLibrary) {}
 
 IPluginCapability* MeanFieldCrfPlugin::getCapabilityInterface(PluginCapabilityType type) noexcept {
     switch (type) {
@@ -422,7 +431,9 @@ int32_t MeanFieldCrfPlugin::configurePlugin(DynamicPluginTensorDesc const* in, i
         // smallest are not checked: TensorRT derives a plugin input's bounds from the profile and a lower
         // bound may be looser than any shape that runs; onShapeChange and enqueue check the actual shapes.
         size_t bytes = 0;
-        return profile_workspace(mLayerName, "the profile's maximum shapes: ", mAttributes, in, &bytes) ? 0 : -1;
+        if (!profile_workspace(mLayerName, "the profile's maximum shapes: ", mAttributes, in, &bytes)) return -1;
+        mWorkspaceBound = std::max(mWorkspaceBound, static_cast<int64_t>(bytes));  // the largest of all profiles
+        return 0;
     });
 }
 
@@ -484,6 +495,7 @@ size_t MeanFieldCrfPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* input
         if (!profile_workspace(mLayerName, "getWorkspaceSize for the profile's maximum shapes: ", mAttributes, inputs,
                                &bytes))
             return 0;
+        mWorkspaceBound = std::max(mWorkspaceBound, static_cast<int64_t>(bytes));  // the largest of all profiles
         return bytes;
     });
 }
@@ -492,10 +504,7 @@ int32_t MeanFieldCrfPlugin::onShapeChange(PluginTensorDesc const* in, int32_t nb
                                           int32_t nbOutputs) noexcept {
     return guarded<int32_t>(mLayerName, "onShapeChange", -1, [&]() -> int32_t {
         if (!check_io(mLayerName, "onShapeChange", nbInputs, nbOutputs, in != nullptr)) return -1;
-        Dims const* dims[kNumInputs];
-        for (int32_t i = 0; i < kNumInputs; ++i) dims[i] = &in[i].dims;
-        CrfShapes shapes;
-        std::string const error = read_shapes(dims, &shapes);
+        std::string const error = prepare(in);
         if (!error.empty()) {
             log_error(mLayerName, error);
             return -1;
@@ -515,13 +524,38 @@ int32_t MeanFieldCrfPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTen
     });
 }
 
-std::string MeanFieldCrfPlugin::run(PluginTensorDesc const* inputDesc, void const* const* inputs, void* const* outputs,
-                                    void* workspace, cudaStream_t stream) const {
+std::string MeanFieldCrfPlugin::prepare(PluginTensorDesc const* desc) {
+    mShapesKnown = false;
     Dims const* dims[kNumInputs];
-    for (int32_t i = 0; i < kNumInputs; ++i) dims[i] = &inputDesc[i].dims;
+    for (int32_t i = 0; i < kNumInputs; ++i) dims[i] = &desc[i].dims;
     CrfShapes s;
     std::string error = read_shapes(dims, &s);
+    size_t need = 0;
+    if (error.empty()) error = workspace_size(mAttributes, s, &need);
     if (!error.empty()) return error;
+    // The kernels must fit the workspace the plan reserved: a kernel library other than the build's, or one
+    // whose need grew, would otherwise write past TensorRT's buffer.
+    if (mWorkspaceBound > 0 && need > static_cast<size_t>(mWorkspaceBound))
+        return "the kernels need " + std::to_string(need) + " bytes of workspace for these shapes but the engine "
+               "reserved " + std::to_string(mWorkspaceBound) + ": was libdynseg_crf.so changed since the build? "
+               "Rebuild the engine";
+    for (int32_t i = 0; i < kNumInputs; ++i) mKnownDims[i] = desc[i].dims;
+    mShapes = s;
+    mWorkspaceNeed = need;
+    mShapesKnown = true;
+    return {};
+}
+
+std::string MeanFieldCrfPlugin::run(PluginTensorDesc const* inputDesc, void const* const* inputs, void* const* outputs,
+                                    void* workspace, cudaStream_t stream) {
+    bool same = mShapesKnown;
+    for (int32_t i = 0; same && i < kNumInputs; ++i) {
+        Dims const& d = inputDesc[i].dims;
+        same = d.nbDims == mKnownDims[i].nbDims && std::equal(d.d, d.d + d.nbDims, mKnownDims[i].d);
+    }
+    std::string error;
+    if (!same && !(error = prepare(inputDesc)).empty()) return error;  // onShapeChange was not called for these
+    CrfShapes const& s = mShapes;
     CrfAttributes const& a = mAttributes;
     float* logits = static_cast<float*>(outputs[kLogits]);
     float* detection_scores = static_cast<float*>(outputs[kDetectionScores]);
@@ -532,8 +566,7 @@ std::string MeanFieldCrfPlugin::run(PluginTensorDesc const* inputDesc, void cons
         if (error.empty()) error = copy_through(detection_scores, inputs[kScores], scores_bytes, stream);
         return error;
     }
-    size_t workspace_bytes = 0;
-    if (!(error = workspace_size(a, s, &workspace_bytes)).empty()) return error;
+    size_t const workspace_bytes = mWorkspaceNeed;
     if (workspace == nullptr) return "TensorRT passed no workspace";
     Problem p;
     fill_problem(a, s, inputs, detection_scores, &p);
@@ -564,6 +597,11 @@ PluginFieldCollection const* MeanFieldCrfPlugin::getFieldsToSerialize() noexcept
             PluginField("score_ceiling", &a.score_ceiling, PluginFieldType::kFLOAT32, 1),
             PluginField("epsilon", &a.epsilon, PluginFieldType::kFLOAT32, 1),
         };
+        // plan-only fields (not in getFieldNames, so TensorRT's ONNX parser never passes them)
+        if (mKernelLibrary.empty()) mKernelLibrary = kernel_library_identity();
+        mFields.emplace_back("kernel_library", mKernelLibrary.c_str(), PluginFieldType::kCHAR,
+                             static_cast<int32_t>(mKernelLibrary.size() + 1));
+        mFields.emplace_back("workspace_bytes", &mWorkspaceBound, PluginFieldType::kINT64, 1);
         mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
         mFieldCollection.fields = mFields.data();
         return &mFieldCollection;
@@ -622,7 +660,7 @@ char const* MeanFieldCrfPluginCreator::getPluginNamespace() const noexcept { ret
 PluginFieldCollection const* MeanFieldCrfPluginCreator::getFieldNames() noexcept { return &mFieldCollection; }
 
 IPluginV3* MeanFieldCrfPluginCreator::createPlugin(char const* name, PluginFieldCollection const* fc,
-                                                   TensorRTPhase /* phase */) noexcept {
+                                                   TensorRTPhase phase) noexcept {
     std::string const layer = name != nullptr ? name : "";
     return guarded<IPluginV3*>(layer, "createPlugin", nullptr, [&]() -> IPluginV3* {
         CrfAttributes attributes;
@@ -632,11 +670,27 @@ IPluginV3* MeanFieldCrfPluginCreator::createPlugin(char const* name, PluginField
             log_error(layer, error);
             return nullptr;
         }
+        int64_t bound = 0;
+        std::string library;
+        for (int32_t i = 0; i < fc->nbFields; ++i) {
+            PluginField const& f = fc->fields[i];
+            std::string const field = f.name != nullptr ? f.name : "";
+            if (field == "workspace_bytes" && f.type == PluginFieldType::kINT64 && f.data != nullptr && f.length == 1)
+                bound = *static_cast<int64_t const*>(f.data);
+            else if (field == "kernel_library")
+                read_string(f, &library);
+        }
         for (std::string const& field : ignored) {
-            if (field != "plugin_version" && field != "plugin_namespace")
+            if (field != "plugin_version" && field != "plugin_namespace" && field != "workspace_bytes" &&
+                field != "kernel_library")
                 log(ILogger::Severity::kWARNING, layer, "ignoring the unknown field \"" + field + "\"");
         }
-        return new MeanFieldCrfPlugin(layer, std::move(attributes));
+        if (phase == TensorRTPhase::kRUNTIME && !library.empty() && library != kernel_library_identity()) {
+            log_error(layer, "the engine was built with the kernel library " + library + " but this process loaded " +
+                                 kernel_library_identity() + ": rebuild the engine with the installed dynseg");
+            return nullptr;
+        }
+        return new MeanFieldCrfPlugin(layer, std::move(attributes), bound, std::move(library));
     });
 }
 

@@ -87,7 +87,8 @@ class MeanFieldCrfPlugin final : public nvinfer1::IPluginV3,
                                  public nvinfer1::IPluginV3OneBuild,
                                  public nvinfer1::IPluginV3OneRuntime {
 public:
-    MeanFieldCrfPlugin(std::string layer_name, CrfAttributes attributes);
+    MeanFieldCrfPlugin(std::string layer_name, CrfAttributes attributes, int64_t workspace_bound = 0,
+                       std::string kernel_library = {});
     MeanFieldCrfPlugin(MeanFieldCrfPlugin const& other);
     MeanFieldCrfPlugin& operator=(MeanFieldCrfPlugin const&) = delete;
     ~MeanFieldCrfPlugin() override = default;
@@ -128,10 +129,23 @@ public:
 private:
     // The work of enqueue; an empty string on success, else the failure.
     std::string run(nvinfer1::PluginTensorDesc const* inputDesc, void const* const* inputs, void* const* outputs,
-                    void* workspace, cudaStream_t stream) const;
+                    void* workspace, cudaStream_t stream);
+    // Reads the shapes and the kernels' workspace need for `desc` into the cache (onShapeChange's work).
+    std::string prepare(nvinfer1::PluginTensorDesc const* desc);
 
     std::string mLayerName;
     CrfAttributes mAttributes;
+    // The workspace TensorRT reserved for this layer: getWorkspaceSize's answer for the profile's maximum
+    // shapes, kept from configurePlugin / getWorkspaceSize and carried through the plan ("workspace_bytes").
+    // 0 where unknown (a plan of an older plugin): enqueue then cannot bound the kernels' need.
+    mutable int64_t mWorkspaceBound = 0;
+    // The kernel library the plan was built with ("kernel_library": dynseg_version and ABI); empty where unknown.
+    std::string mKernelLibrary;
+    // What onShapeChange worked out for the current shapes, so that enqueue does no host-side sizing.
+    bool mShapesKnown = false;
+    nvinfer1::Dims mKnownDims[kNumInputs]{};
+    CrfShapes mShapes;
+    size_t mWorkspaceNeed = 0;
     // Storage behind getFieldsToSerialize (rebuilt on each call, so copies never share pointers).
     std::vector<nvinfer1::PluginField> mFields;
     nvinfer1::PluginFieldCollection mFieldCollection{};

@@ -225,6 +225,7 @@ char const* harness_serialised_fields(IPluginV3* plugin) {
         text += std::string(f.name) + " " + std::to_string(static_cast<int32_t>(f.type)) + " ";
         if (f.type == PluginFieldType::kCHAR) text += std::string(static_cast<char const*>(f.data));
         else if (f.type == PluginFieldType::kINT32) text += std::to_string(*static_cast<int32_t const*>(f.data));
+        else if (f.type == PluginFieldType::kINT64) text += std::to_string(*static_cast<int64_t const*>(f.data));
         else if (f.type == PluginFieldType::kFLOAT32) text += std::to_string(*static_cast<float const*>(f.data));
         text += "\n";
     }

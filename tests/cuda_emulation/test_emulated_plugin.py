@@ -61,6 +61,8 @@ class StandInTensorRT:
             ("harness_through_plan", p, [p, s]),
             ("harness_serialised_fields", s, [p]),
             ("harness_enqueue", i32, [p, p, i64, p, p, p, p]),
+            ("dynseg_version", s, []),  # the kernel library's, which the harness links
+            ("dynseg_abi_version", i32, []),
         ]:
             function = getattr(self.lib, name)
             function.restype, function.argtypes = result, args
@@ -69,15 +71,21 @@ class StandInTensorRT:
     def log(self) -> str:
         return self.lib.harness_take_log().decode()
 
-    def create(self, fields: Mapping[str, object]) -> int | None:
-        """createPlugin in the build phase, as the ONNX parser calls it; None when the plugin refuses."""
+    @property
+    def kernel_library(self) -> str:
+        """How a plan names the kernel library the plugin runs on: its version and C ABI."""
+        return f"{self.lib.dynseg_version().decode()} abi {self.lib.dynseg_abi_version()}"
+
+    def create(self, fields: Mapping[str, object], runtime: bool = False) -> int | None:
+        """createPlugin in the build phase, as the ONNX parser calls it (runtime: in the runtime phase, as
+        TensorRT calls it with a plan's fields); None when the plugin refuses."""
         typed = [(name, *_field(value)) for name, value in fields.items()]
         strings = lambda values: (ctypes.c_char_p * len(values))(*[v.encode() for v in values])
         names, kinds = strings([t[0] for t in typed]), strings([t[1] for t in typed])
         data = (ctypes.c_void_p * len(typed))(*[d.ctypes.data for _, _, d in typed])
         # a string's length without its terminator, as TensorRT's ONNX parser passes it
         lengths = np.array([d.size - (k == "char") for _, k, d in typed], np.int32)
-        return self.lib.harness_create(b"crf", 0, len(typed), names, kinds, data, lengths.ctypes.data)
+        return self.lib.harness_create(b"crf", int(runtime), len(typed), names, kinds, data, lengths.ctypes.data)
 
     def build(self, plugin: int, min_shapes: Sequence[tuple], opt_shapes: Sequence[tuple],
               max_shapes: Sequence[tuple], types: Sequence[str]) -> dict:
@@ -317,6 +325,40 @@ def test_a_larger_profile_asks_for_a_workspace_that_covers_its_smaller_shapes(te
     tensorrt.lib.harness_destroy(plugin)
 
 
+def test_the_plan_keeps_the_largest_workspace_its_profiles_reserved(tensorrt):
+    inputs = node_inputs()
+    plugin = tensorrt.create(NODE)
+    types = [str(a.dtype) for a in inputs]
+    larger = tensorrt.build(plugin, profile(inputs), profile(inputs), profile(inputs, 40), types)["workspace"]
+    tensorrt.build(plugin, profile(inputs), profile(inputs), profile(inputs), types)  # a second, smaller profile
+    runtime = tensorrt.lib.harness_through_plan(plugin, b"crf")
+    assert f"workspace_bytes 10 {larger}" in tensorrt.lib.harness_serialised_fields(runtime).decode().splitlines()
+    tensorrt.lib.harness_destroy(runtime)
+    tensorrt.lib.harness_destroy(plugin)
+
+
+def test_a_plan_whose_workspace_the_kernels_outgrew_fails_the_enqueue_with_the_reason(tensorrt):
+    # what a plan built with another libdynseg_crf.so, whose kernels needed less, would meet
+    inputs = node_inputs()
+    plugin = tensorrt.create({**NODE, "workspace_bytes": np.array([4096], np.int64)}, runtime=True)
+    assert tensorrt.enqueue(plugin, inputs, 4096)[0] == -1
+    log = tensorrt.log()
+    assert "bytes of workspace for these shapes but the engine reserved 4096" in log
+    assert "was libdynseg_crf.so changed since the build? Rebuild the engine" in log
+    tensorrt.lib.harness_destroy(plugin)
+
+
+def test_a_plan_built_with_another_kernel_library_is_refused_at_deserialisation(tensorrt):
+    plan = {**NODE, "kernel_library": "0.0.1 abi 1"}
+    assert tensorrt.create(plan)  # the build phase takes the field as the parser never gives it
+    tensorrt.log()
+    assert not tensorrt.create(plan, runtime=True)
+    assert tensorrt.log() == (f"error: dynseg::MeanFieldCRF (crf): the engine was built with the kernel library "
+                              f"0.0.1 abi 1 but this process loaded {tensorrt.kernel_library}: rebuild the engine with the "
+                              "installed dynseg\n")
+    assert tensorrt.create({**NODE, "kernel_library": tensorrt.kernel_library}, runtime=True)
+
+
 def test_a_profile_whose_unary_and_image_bounds_differ_builds_for_the_larger(tensorrt):
     # TensorRT bounds each tensor on its own: the unary, computed in the graph, may get a looser bound
     inputs = node_inputs()
@@ -371,9 +413,11 @@ def test_the_attributes_survive_the_plan(tensorrt):
     plugin = tensorrt.create(fields)
     runtime = tensorrt.lib.harness_through_plan(plugin, b"crf")
     serialised = tensorrt.lib.harness_serialised_fields(runtime).decode().splitlines()
-    assert serialised == ["iterations 5 4", "theta_spatial 1 2.500000", "theta_bilateral_xy 1 60.000000",
-                          "theta_bilateral_rgb 1 7.000000", "normalization 6 symmetric", "detection_potential 5 1",
-                          "score_ceiling 1 0.875000", "epsilon 1 0.250000"]
+    assert serialised[:8] == ["iterations 5 4", "theta_spatial 1 2.500000", "theta_bilateral_xy 1 60.000000",
+                              "theta_bilateral_rgb 1 7.000000", "normalization 6 symmetric", "detection_potential 5 1",
+                              "score_ceiling 1 0.875000", "epsilon 1 0.250000"]
+    # the plan-only fields: the kernel library the plan was built with, and the workspace it reserved (unknown: 0)
+    assert serialised[8:] == [f"kernel_library 6 {tensorrt.kernel_library}", "workspace_bytes 10 0"]
     assert tensorrt.log() == ""  # the ONNX node's routing fields are expected, not warned about
     for handle in (runtime, plugin):
         tensorrt.lib.harness_destroy(handle)
