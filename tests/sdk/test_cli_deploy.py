@@ -18,7 +18,9 @@ from typer.testing import CliRunner
 
 from dynseg.sdk import InvalidArgumentError, Segmenter, samples
 from dynseg.sdk.cli import app
-from dynseg.sdk.inputs import load_image
+from dynseg.sdk.commands.parity import compare
+from dynseg.sdk.inputs import check_detections, load_image
+from dynseg.sdk.results import build_result
 
 torch = pytest.importorskip("torch")
 
@@ -641,3 +643,26 @@ def test_an_engine_profile_admits_widths_only_within_its_range():
     assert profile.admits(5, high_h, high_w) and profile.admits(5, low_h, low_w)
     assert not profile.admits(5, high_h, high_w + 1) and not profile.admits(5, low_h, low_w - 1)
     assert not profile.admits(5, high_h + 1, high_w)
+
+
+def test_an_argmax_agreement_of_99_5_percent_fails_validate():
+    height, width, names = 40, 50, ("cat", "cup", "person")
+    image = np.full((height, width, 3), 128, np.uint8)
+    detections = check_detections([[0, 0, width - 1, height - 1]], [1], [0.9], height=height, width=width,
+                                  num_classes=len(names))
+    semantic = np.full((len(names) + 1, height, width), 0.25, np.float32)
+
+    def outputs(flipped: int):  # the detection wins the left half; `flipped` of its pixels go to background
+        logits = np.empty((2, height, width), np.float32)
+        logits[:, :, :] = np.array([10.0, -10.0], np.float32)[:, None, None]
+        logits[:, :, : width // 2] = np.array([-10.0, 10.0], np.float32)[:, None, None]
+        logits[:, 0, :flipped] = np.array([10.0, -10.0], np.float32)[:, None]  # every pixel stays decided
+        return {"instance_logits": logits, "semantic_probabilities": semantic}
+
+    candidate, reference = outputs(10), outputs(0)  # 1990 of 2000 pixels agree: 0.995
+    results = [build_result(image, raw["instance_logits"], semantic, detections, names)
+               for raw in (candidate, reference)]
+    checks = {check.name: check for check in compare("flipped", candidate, reference, *results).checks}
+    assert checks["argmax agreement"].value == 0.995
+    assert not checks["argmax agreement"]  # below 99.9 %
+    assert checks["min mask IoU"]  # 990 / 1000 = 0.99: at its limit, so the agreement alone fails the image

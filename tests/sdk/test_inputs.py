@@ -379,3 +379,12 @@ def test_a_box_starting_inside_the_last_pixel_is_kept():
                              height=H_EDGE, width=W_EDGE, num_classes=K_EDGE, max_detections=8)
     assert d.kept.tolist() == [0, 1]
     np.testing.assert_array_equal(d.boxes, [[W_EDGE - 1, 5, W_EDGE - 1, 10], [3, H_EDGE - 1, 8, H_EDGE - 1]])
+
+
+def test_a_box_inverted_within_one_pixel_is_dropped_as_inverted() -> None:
+    boxes = [[5.8, 5, 5.2, 15], [5, 9.9, 15, 9.1], [5.2, 5, 5.8, 15]]  # x inverted, y inverted, kept
+    with pytest.warns(DetectionsDroppedWarning, match="2 of 3 detections dropped"):
+        detections = check_detections(boxes, [1, 1, 1], [0.5] * 3, height=40, width=50, num_classes=3)
+    assert detections.kept.tolist() == [2]
+    assert detections.dropped == [(0, INVERTED), (1, INVERTED)]
+    np.testing.assert_array_equal(detections.boxes, [[5, 5, 5, 15]])

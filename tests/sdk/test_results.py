@@ -315,3 +315,18 @@ def test_outputs_holding_nan_are_refused_not_turned_into_a_map(which):
     (logits if which == "instance_logits" else semantic)[1, 2, 3] = np.nan
     with pytest.raises(InvalidArgumentError, match=f"the model's {which} hold NaN or infinite values"):
         build_result(gray_image(6, 8), logits, semantic, detections([1, 2]), CLASS_NAMES)
+
+
+def test_dropped_detections_are_listed_ascending_whatever_dropped_them() -> None:
+    # inputs 0..3: input 3 refused (inverted) by check_detections, kept inputs 0, 1, 2; input 0 wins no pixel
+    logits = np.zeros((4, 8, 8), np.float32)
+    logits[0] = 1.0
+    logits[1] = -1.0  # input 0: no pixel
+    logits[2, :4] = 3.0  # input 1
+    logits[3, 4:] = 3.0  # input 2
+    dets = Detections(boxes=np.zeros((3, 4), np.float32), labels=np.array([1, 1, 2]), scores=np.ones(3, np.float32),
+                      kept=np.array([0, 1, 2]), dropped=[DroppedDetection(3, INVERTED)])
+    semantic = np.full((4, 8, 8), 0.25, np.float32)
+    result = build_result(np.full((8, 8, 3), 128, np.uint8), logits, semantic, dets, ["a", "b", "c"])
+    assert [i.detection for i in result.instances] == [1, 2]
+    assert result.dropped == [(0, "its instance won no pixel"), (3, INVERTED)]

@@ -534,3 +534,41 @@ def test_matching_iou_matches_on_iou_with_void_removed():
     pred = {"masks": np.stack([a, b]), "labels": np.array([1, 1]), "scores": np.array([0.9, 0.8])}
     gt = {"masks": g[None], "labels": np.array([1]), "void": void}
     assert evaluate([pred], [gt], num_classes=1)["matching_iou"] == pytest.approx(6 / 12)
+
+
+def test_pq_gives_an_instance_to_the_overlapping_prediction_of_higher_iou():
+    three_quarters = box(SIZE, 0, 0, 4, 3)  # IoU 3/4 with A, listed first so index order cannot decide
+    predictions = [prediction([three_quarters, A], [1, 1], [0.9, 0.8])]
+    # A is the TP (IoU 1), three_quarters a FP: PQ = 1 / (1 + 0.5); taking the 3/4 pair gives 0.75 / 1.5
+    assert evaluate(predictions, [truth([A], [1])], num_classes=1)["pq"] == pytest.approx(1 / 1.5)
+
+
+def test_coco_mask_ap_crowd_share_leaves_out_void_no_crowd_explains():
+    # a detection half on a crowd of its class, half on plain void: with the void removed it lies wholly
+    # inside the crowd (share 1 >= every threshold) and is ignored, as COCOeval ignores it
+    size = (20, 20)
+    person, crowd, void = box(size, 0, 0, 8, 8), box(size, 10, 0, 20, 10), box(size, 10, 10, 20, 20)
+    first = box(size, 12, 6, 16, 14)  # 16 pixels on the crowd, 16 on plain void
+    ground_truth = truth([person], [1], void | crowd & ~person, size) | {
+        "crowd_masks": crowd[None], "crowd_labels": np.array([1])}
+    predictions = [prediction([first, person], [1, 1], [0.9, 0.8], size)]
+    result = evaluate(predictions, [ground_truth], num_classes=1)["coco_mask_ap"]
+    assert result == pytest.approx(pycocotools_mask_ap(predictions, [ground_truth], 1), abs=1e-12)
+    assert result == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_coco_mask_ap_equals_pycocotools_with_crowds_and_void_on_random_predictions(seed):
+    predictions, ground_truths = random_dataset(seed, with_void=True)
+    rng = np.random.default_rng(200 + seed)
+    for gt in ground_truths:
+        crowds = []
+        for _ in range(rng.integers(1, 3)):
+            (top, bottom), (left, right) = sorted(rng.integers(0, 24, 2)), sorted(rng.integers(0, 32, 2))
+            crowds.append(box((24, 32), top, left, bottom + 1, right + 1))
+        gt["crowd_masks"], gt["crowd_labels"] = np.stack(crowds), rng.integers(1, 4, len(crowds))
+        # plain void (VOC-like) apart from the crowds, so that "void no crowd explains" is well defined
+        plain_void = gt["void"] & ~gt["crowd_masks"].any(axis=0) if gt["void"] is not None else False
+        gt["void"] = (gt["crowd_masks"].any(axis=0) & ~gt["masks"].any(axis=0)) | plain_void
+    expected = pycocotools_mask_ap(predictions, ground_truths, 3)
+    assert evaluate(predictions, ground_truths, num_classes=3)["coco_mask_ap"] == pytest.approx(expected, abs=1e-12)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from dynseg.sdk import InvalidArgumentError
 from dynseg.trainer.loss import IGNORE, instance_loss, matched_ground_truth, semantic_loss
-from dynseg.trainer.model.instance import aspect_groups
+from dynseg.trainer.model.instance import InstanceCRF, aspect_groups
 from dynseg.trainer.model import (
     InstanceConfig, InstanceUnaries, ModelConfig, SemanticCRF, SemanticCRFConfig, build_model, require_valid_detections,
 )
@@ -438,3 +438,70 @@ def test_an_empty_mask_has_no_box():
     with pytest.raises(ValueError, match=r"masks\[1\] is empty"):
         mask_boxes(masks)
     assert mask_boxes(masks[:1]).tolist() == [[2, 1, 2, 2]]
+
+
+def test_the_matching_maximises_the_total_iou_of_the_pairs():
+    # one row of 20 pixels; detection 1's segment is columns 1..9, detection 2's 12..19; instance A is
+    # columns 2..3, instance B 5..13 (all of one class). IoUs: d1-A 2/9, d1-B 5/13, d2-A 0, d2-B 2/15.
+    # Maximum total IoU: d1-B alone (0.385 > 2/9 + 2/15 = 0.356); A is left, and d2's box does not touch
+    # it, so A is ignored. (Summing inter / (|P| + |G|) would pick d1-A and d2-B instead.)
+    segment = torch.zeros(1, 20, dtype=torch.long)
+    segment[0, 1:10] = 1
+    segment[0, 12:20] = 2
+    logits = 5.0 * F.one_hot(segment, 3).permute(2, 0, 1).float()
+    gt = torch.zeros(2, 1, 20, dtype=torch.bool)
+    gt[0, 0, 2:4] = True
+    gt[1, 0, 5:14] = True
+    boxes = torch.tensor([[1.0, 0.0, 9.0, 0.0], [12.0, 0.0, 19.0, 0.0]])
+    target = matched_ground_truth(logits, boxes, torch.tensor([1, 1]), gt, torch.tensor([1, 1]))
+    assert (target[0, 5:14] == 1).all()
+    assert (target[0, 2:4] == IGNORE).all()
+
+
+def test_void_pixels_of_a_ground_truth_mask_count_in_neither_segment_of_the_matching():
+    # one instance on rows 0 and 1, row 1 void. Detection 1: 6 of row 0 plus 6 stray pixels of row 2;
+    # detection 2: the other 4 of row 0. Void out of both sides: IoU 6/16 = 0.375 < 4/10 = 0.4, so
+    # detection 2 takes the instance. Void left in the instance would give 6/26 = 0.23 > 4/20 = 0.2.
+    gt = torch.zeros(1, 3, 10, dtype=torch.bool)
+    gt[0, 0:2] = True
+    void = torch.zeros(3, 10, dtype=torch.bool)
+    void[1] = True
+    segment = torch.zeros(3, 10, dtype=torch.long)
+    segment[0, :6] = 1
+    segment[2, :6] = 1
+    segment[0, 6:] = 2
+    logits = 5.0 * F.one_hot(segment, 3).permute(2, 0, 1).float()
+    boxes = torch.tensor([[0.0, 0.0, 5.0, 2.0], [6.0, 0.0, 9.0, 0.0]])
+    target = matched_ground_truth(logits, boxes, torch.tensor([1, 1]), gt, torch.tensor([1]), void)
+    assert (target[0] == 2).all() and (target[1] == IGNORE).all()
+
+
+def test_with_no_detections_the_instance_crf_returns_the_unary_as_the_crf_node_does():
+    generator = torch.Generator().manual_seed(0)
+    unary = torch.randn(1, 12, 15, generator=generator)  # background only: D = 0
+    image = torch.rand(3, 12, 15, generator=generator) * 255
+    crf = InstanceCRF(config=InstanceConfig())
+    assert torch.equal(crf(unary, image), unary)
+
+
+class _Ramp(torch.nn.Module):
+    """A stand-in backbone whose coarse (B, 3, 5, 7) logits hold x + k for label k."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        ramp = torch.arange(7, dtype=torch.float32).view(1, 1, 1, 7).expand(images.shape[0], 3, 5, 7)
+        return ramp + torch.arange(3, dtype=torch.float32).view(1, 3, 1, 1)
+
+
+def test_the_semantic_logits_are_upsampled_with_corners_aligned():
+    # with corners aligned the coarse ramp 0..6 spans the image's W columns exactly, its ends on the first
+    # and last column (align_corners=False would leave flat borders)
+    config = ModelConfig(backbone="resnet18", class_names=("red", "green"),
+                         instance=InstanceConfig(templates_per_group=4, template_size=16))
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    model.semantic = _Ramp()
+    with torch.no_grad():
+        logits = model.semantic_logits(torch.zeros(1, 3, H, W))[0]  # (3, H, W)
+    expected = torch.arange(W, dtype=torch.float32) * 6 / (W - 1)
+    for k in range(3):
+        torch.testing.assert_close(logits[k], (expected + k).expand(H, W), atol=1e-5, rtol=0)
