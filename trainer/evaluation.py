@@ -71,7 +71,8 @@ instance but whose share inside a crowd region of its class reaches the threshol
 hit nor a miss), and crowds count no ground truth. Crowd pixels are then no void to COCO mask AP (void
 there is what no instance or crowd annotates), nor to PQ, which applies panopticapi's rule with them
 (above); AP^r and Matching IoU see the truth's void alone, in which the COCO loader puts the crowd pixels
-outside instances. The masks are the loader's: COCO's are each annotation's pixels that no later
+outside instances. A ground-truth instance loses its void pixels for every metric, COCO mask AP included,
+even where a crowd covers them (pycocotools would keep those; no loader marks an instance's pixel void). The masks are the loader's: COCO's are each annotation's pixels that no later
 annotation covers, so where annotations overlap the value differs from COCO's official one, which
 compares whole annotations. The rest of the definition: per image and class the 100 highest-scoring
 predictions (stable sort), greedy matching in score order where each prediction takes the unmatched
