@@ -24,7 +24,7 @@ from dynseg.sdk.checks import is_int
 from dynseg.sdk.tensorrt_engine import (
     DEFAULT_DETECTIONS, DEFAULT_SIZES, PLUGIN_NAMESPACE, PLUGIN_VERSION, SIDECAR_FORMAT, EngineError,
     EngineMismatchError, Profile, check_sidecar, compute_capability, import_tensorrt, make_profile,
-    plugin_library_path, read_sidecar, register_plugin, running_environment, sha256, sidecar_path,
+    plugin_library_path, read_sidecar, register_plugin, running_environment, sha256, sidecar_path, tensorrt_logger,
 )
 
 __all__ = ["tensorrt_model", "write_sidecar", "build_engine", *tensorrt_engine.__all__]
@@ -162,12 +162,13 @@ def build_engine(onnx_path: str | Path, out_path: str | Path, *, fp16: bool = Fa
     trt_model = tensorrt_model(model)
     tensorrt = import_tensorrt()
     library = Path(plugin_library) if plugin_library is not None else plugin_library_path()
+    capability = compute_capability()  # a missing driver or GPU named before the build, which takes minutes
     onnx.checker.check_model(trt_model)
     onnx.save(trt_model, str(onnx_copy))
     plan = _build_plan(tensorrt, onnx_copy, crf_node_count(trt_model), library, profile, fp16,
                        None if workspace is None else int(workspace))
     out_path.write_bytes(plan)
-    write_sidecar(out_path, tensorrt_version=tensorrt.__version__, compute_capability=compute_capability(),
+    write_sidecar(out_path, tensorrt_version=tensorrt.__version__, compute_capability=capability,
                   plugin_library=library, profile=profile, model_metadata=metadata, fp16=fp16)
     return out_path
 
@@ -198,8 +199,11 @@ def _check_outputs(onnx_path: Path, out_path: Path) -> Path:
 def _build_plan(trt, onnx_copy: Path, expected_plugins: int, library: Path, profile: Profile, fp16: bool,
                 workspace: int | None) -> bytes:
     """The TensorRT part of build_engine (needs TensorRT and a GPU; not exercised by the CPU tests)."""
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
+    logger = tensorrt_logger(trt)
+    try:
+        builder = trt.Builder(logger)
+    except TypeError as error:  # pybind11's words for a builder TensorRT could not create (CUDA failed to start)
+        raise EngineError(f"TensorRT could not create a builder ({error}); see its log above") from None
     register_plugin(builder.get_plugin_registry(), library, trt.__version__)
     network = builder.create_network(0)  # explicit batch (the only mode in 10.x; strongly typed in 11.x)
     parser = trt.OnnxParser(network, logger)
@@ -211,6 +215,10 @@ def _build_plan(trt, onnx_copy: Path, expected_plugins: int, library: Path, prof
     _check_plugin_layers(trt, network, expected_plugins)
 
     config = builder.create_builder_config()
+    # fp32 means fp32: TensorRT enables TF32 by default (BuilderFlag::kTF32), which rounds the inputs of
+    # float32 convolutions and matrix multiplies to 10-bit mantissas; the template match's argmax could then
+    # pick another template than PyTorch does
+    config.clear_flag(trt.BuilderFlag.TF32)
     if workspace is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
     if fp16:
@@ -223,7 +231,8 @@ def _build_plan(trt, onnx_copy: Path, expected_plugins: int, library: Path, prof
     optimisation = builder.create_optimization_profile()
     for name, (low, opt, high) in profile.shapes().items():
         optimisation.set_shape(name, low, opt, high)
-    config.add_optimization_profile(optimisation)
+    if config.add_optimization_profile(optimisation) < 0:
+        raise EngineError(f"TensorRT refused the optimisation profile {profile.shapes()} (see its log above)")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineError("TensorRT failed to build the engine (see the log above)")

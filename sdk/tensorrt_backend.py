@@ -28,6 +28,7 @@ from . import _native
 from .errors import InvalidArgumentError
 from .graph import OUTPUTS, graph_inputs
 from .inputs import cuda_index
+from .tensorrt_engine import EngineError
 
 
 def silent_detections(count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -58,7 +59,7 @@ class TensorRTBackend:
         _native.set_cuda_device(index)  # the runtime, the engine and the check below are this device's
         engines.check_sidecar(sidecar, **engines.running_environment(library, device=index), plan=self.path)
         self._trt = trt
-        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._logger = engines.tensorrt_logger(trt)
         engines.register_plugin(trt.get_plugin_registry(), library, trt.__version__)
         self._engine = trt.Runtime(self._logger).deserialize_cuda_engine(self.path.read_bytes())
         if self._engine is None:
@@ -103,20 +104,28 @@ class TensorRTBackend:
         state = self._state()
         context = state["context"]
         for name, array in graph_inputs(image, boxes, labels, scores).items():
+            wanted = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
+            if array.dtype != wanted:  # an engine built from another export, or by another tool
+                raise EngineError(f"{self.path} takes {name} as {wanted}, this dynseg passes {array.dtype}: rebuild "
+                                  "the engine with `dynseg export --format engine`")
             if not context.set_input_shape(name, array.shape):
                 raise InvalidArgumentError(f"TensorRT refused {name} of shape {array.shape} for this engine")
             pointer = self._buffer(state, name, array.nbytes)
             _native.copy_to_device(pointer, array)
-            context.set_tensor_address(name, pointer)
+            if not context.set_tensor_address(name, pointer):
+                raise EngineError(f"TensorRT refused the device address of {name} (see its log above)")
         outputs = {}
         for index in range(self._engine.num_io_tensors):
             name = self._engine.get_tensor_name(index)
             if self._engine.get_tensor_mode(name) != trt.TensorIOMode.OUTPUT:
                 continue
             shape = tuple(context.get_tensor_shape(name))
+            if min(shape, default=0) < 0:
+                raise EngineError(f"TensorRT could not work out the shape of {name}, {shape} (see its log above)")
             dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
             outputs[name] = np.empty(shape, dtype=dtype)
-            context.set_tensor_address(name, self._buffer(state, name, outputs[name].nbytes))
+            if not context.set_tensor_address(name, self._buffer(state, name, outputs[name].nbytes)):
+                raise EngineError(f"TensorRT refused the device address of {name} (see its log above)")
         if not context.execute_async_v3(state["stream"].handle):
             raise InvalidArgumentError("TensorRT failed to run the engine (see TensorRT's log above)")
         state["stream"].synchronize()

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dynseg.plugins import search_paths
 
@@ -256,6 +256,18 @@ def plugin_library_path() -> Path:
 
 
 _registering = threading.Lock()
+_logger: Any = None
+
+
+def tensorrt_logger(trt: ModuleType) -> Any:
+    """The process's one trt.Logger, for every builder and runtime dynseg creates: TensorRT keeps a single
+    logger while any of them exists and ignores, with a warning, the loggers of those created after the
+    first, so a logger per object, freed with its object, could leave TensorRT logging through a freed one."""
+    global _logger
+    with _registering:
+        if _logger is None:
+            _logger = trt.Logger(trt.Logger.WARNING)
+        return _logger
 
 
 def register_plugin(registry: tensorrt.IPluginRegistry, library: Path, tensorrt_version: str) -> None:

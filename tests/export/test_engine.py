@@ -477,12 +477,18 @@ def _plugin_library_or_none():
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or _plugin_library_or_none() is None,
                     reason="needs TensorRT's Python package and the built plugin library (TensorRT_ROOT at build time)")
-def test_the_plugin_serialises_and_restores_every_attribute():
+def test_the_plugin_creator_is_registered_and_takes_every_attribute():
+    # TensorRT's Python IPluginV3OneRuntime.get_fields_to_serialize is a documentation stub (pyPlugin.cpp
+    # binds pluginDoc::getFieldsToSerialize, which returns nullptr) and never reaches the C++ plugin: the
+    # fields' round trip is the C++ harness's (tests/cuda_emulation) and the engine round trip's
+    # (tests/sdk/test_tensorrt_backend.py). Here: registration through register_plugin (load_library
+    # returns None when the creator is already registered in this process), the creator's field list,
+    # and a plugin built from the node's attributes.
     import numpy as np
     import tensorrt as trt
 
     registry = trt.get_plugin_registry()
-    assert registry.load_library(str(_plugin_library_or_none()))
+    tensorrt_engine.register_plugin(registry, _plugin_library_or_none(), trt.__version__)
     creator = registry.get_creator("MeanFieldCRF", "1", "dynseg")
     assert creator is not None
     attributes = [
@@ -495,16 +501,11 @@ def test_the_plugin_serialises_and_restores_every_attribute():
         trt.PluginField("score_ceiling", np.array([0.9], np.float32), trt.PluginFieldType.FLOAT32),
         trt.PluginField("epsilon", np.array([1e-3], np.float32), trt.PluginFieldType.FLOAT32),
     ]
+    assert {a.name for a in attributes} <= {f.name for f in creator.field_names}
     plugin = creator.create_plugin("crf", trt.PluginFieldCollection(attributes), trt.TensorRTPhase.BUILD)
-    serialised = plugin.get_capability_interface(trt.PluginCapabilityType.RUNTIME).get_fields_to_serialize()
-    restored = creator.create_plugin("crf", serialised, trt.TensorRTPhase.RUNTIME)
-    again = restored.get_capability_interface(trt.PluginCapabilityType.RUNTIME).get_fields_to_serialize()
-    as_dict = lambda fields: {f.name: bytes(np.asarray(f.data).tobytes()) for f in fields}
-    assert as_dict(again) == as_dict(serialised)
-    # each value as given, not only stable: a creator that dropped one would round-trip its default
-    expected = {a.name: bytes(np.asarray(a.data).tobytes()) for a in attributes}
-    assert {name: value.rstrip(b"\0") if name == "normalization" else value
-            for name, value in as_dict(serialised).items()} == expected
+    assert plugin is not None
+    core = plugin.get_capability_interface(trt.PluginCapabilityType.CORE)
+    assert (core.plugin_namespace, core.plugin_name, core.plugin_version) == ("dynseg", "MeanFieldCRF", "1")
 
 
 @pytest.mark.parametrize("change, message", [

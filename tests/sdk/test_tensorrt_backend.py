@@ -87,7 +87,10 @@ def engine(tmp_path_factory, learned_looking_network):
                                               (7, (151, 233))])
 def test_tensorrt_matches_pytorch_across_the_profile(engine, detections, size):
     checkpoint, plan = engine
-    image = np.ascontiguousarray(samples.load("chelsea")[: size[0], : size[1]])
+    photo = samples.load("chelsea")  # 300x451: tiled, so that the profile's largest size is exactly met
+    tiles = (-(-size[0] // photo.shape[0]), -(-size[1] // photo.shape[1]), 1)
+    image = np.ascontiguousarray(np.tile(photo, tiles)[: size[0], : size[1]])
+    assert image.shape[:2] == size
     rng = np.random.default_rng(detections)
     height, width = size
     x1, y1 = rng.integers(0, width - 2, detections), rng.integers(0, height - 2, detections)
