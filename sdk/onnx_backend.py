@@ -94,17 +94,21 @@ class _Placement:
     def host(self, value: ort.OrtValue) -> np.ndarray:
         """An OrtValue of this device as a host array (on the CPU, without a copy)."""
         if self.device_type == "cpu":
-            return np.asarray(_Kept(value))
+            return np.asarray(_Kept(value)) if value.data_ptr() else value.numpy()  # empty: no address
         return np.array(value.numpy())  # a copy: numpy() of a device value may not own what it returns
 
 
 class _Kept:
-    """An OrtValue's memory as numpy sees it: numpy() alone is a view that does not keep the OrtValue
-    alive, where an array over this object keeps it as its base (the outputs are tens of MB at D = 50)."""
+    """A CPU OrtValue's memory as numpy sees it, without a copy, on every onnxruntime: the interface is
+    built from the OrtValue's own address (before onnxruntime 1.19, numpy() returned a *copy*, whose
+    address dangles as soon as that copy is collected), and an array over this object keeps the
+    OrtValue alive as its base (the outputs are tens of MB at D = 50)."""
 
     def __init__(self, value: ort.OrtValue):
         self.value = value
-        self.__array_interface__ = value.numpy().__array_interface__
+        dtype = np.dtype(_ORT_TYPES[value.data_type()])
+        self.__array_interface__ = {"version": 3, "shape": tuple(value.shape()), "typestr": dtype.str,
+                                    "data": (int(value.data_ptr()), False)}
 
 
 def _element_types(model: onnx.ModelProto) -> dict[str, int]:
