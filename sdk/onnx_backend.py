@@ -81,8 +81,22 @@ class _Placement:
     def providers(self) -> list:
         if self.device_type == "cpu":
             return ["CPUExecutionProvider"]
-        # no TF32: the exported model must compute what the fp32 network computes (the parity checks)
-        return [("CUDAExecutionProvider", {"device_id": self.device_id, "use_tf32": 0}), "CPUExecutionProvider"]
+        # no TF32: the exported model must compute what the fp32 network computes (the parity checks).
+        # HEURISTIC: the EP's default, EXHAUSTIVE, benchmarks every convolution's algorithms again for each
+        # new input shape, and photos come in many sizes.
+        return [("CUDAExecutionProvider", {"device_id": self.device_id, "use_tf32": 0,
+                                           "cudnn_conv_algo_search": "HEURISTIC"}), "CPUExecutionProvider"]
+
+    @property
+    def run_options(self) -> ort.RunOptions | None:
+        """What each session run is given. On the CPU: hand the arena's unused memory back after the run
+        (onnxruntime keeps an arena's peak otherwise, so one large image would hold its memory for the
+        Segmenter's life)."""
+        if self.device_type != "cpu":
+            return None
+        options = ort.RunOptions()
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        return options
 
     def put(self, array: np.ndarray) -> ort.OrtValue:
         """A host array as an OrtValue on this device (on the CPU, without a copy)."""
@@ -152,6 +166,9 @@ def _needed_after(parts: list[_Part], graph: onnx.GraphProto) -> list[set[str]]:
 def _session_options(threads: int | None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.log_severity_level = 3  # our partitions are valid; spare users onnxruntime's notes
+    # The sessions take turns with the CRF kernels on the same cores: pool threads left spin-waiting after a
+    # run (onnxruntime's default) take those cores from the CRF and the next session.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads is not None:  # each session's own pool: the sessions run one after another
         # capped at the cores, as the CRF kernels cap it: onnxruntime starts every thread it is asked for
         options.intra_op_num_threads, options.inter_op_num_threads = min(threads, _native.max_threads()), 1
@@ -278,7 +295,7 @@ class OnnxRuntimeBackend:
                     binding.bind_ortvalue_input(name, values[name])
                 for name in step.outputs:
                     binding.bind_output(name, place.device_type, place.device_id)
-                step.session.run_with_iobinding(binding)
+                step.session.run_with_iobinding(binding, place.run_options)
                 outputs = binding.get_outputs()
             values.update(zip(step.outputs, outputs))
             if timings is not None:
