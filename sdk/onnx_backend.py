@@ -100,7 +100,15 @@ class _Placement:
 
     def put(self, array: np.ndarray) -> ort.OrtValue:
         """A host array as an OrtValue on this device (on the CPU, without a copy)."""
-        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device_type, self.device_id)
+        array = np.ascontiguousarray(array)
+        if self.device_type == "cpu":
+            return ort.OrtValue.ortvalue_from_numpy(array, "cpu", 0)
+        # Not ortvalue_from_numpy: its upload is a cudaMemcpy from pageable memory, which may return before
+        # the data has landed, and the sessions' and the CRF's streams are non-blocking; the native copy waits.
+        value = ort.OrtValue.ortvalue_from_shape_and_type(list(array.shape), array.dtype.type, "cuda", self.device_id)
+        if array.nbytes:
+            _native.copy_to_device(value.data_ptr(), array)
+        return value
 
     def empty(self, shape: tuple[int, ...]) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.float32, self.device_type, self.device_id)
