@@ -115,9 +115,9 @@ def _check_dynseg(model: onnx.ModelProto, path: Path) -> dict[str, str]:
     has_crf = any(n.domain == DOMAIN for n in model.graph.node)
     opset = {entry.domain: entry.version for entry in model.opset_import}.get(DOMAIN)
     if metadata["dynseg_op_version"] != str(OP_VERSION) or (has_crf and opset != OP_VERSION):
-        raise InvalidArgumentError(f"model file {path} uses dynseg::MeanFieldCRF version "
-                                   f"{metadata['dynseg_op_version']} (opset {opset}), this dynseg runs version "
-                                   f"{OP_VERSION}")
+        raise InvalidArgumentError(f"model file {path} records dynseg::MeanFieldCRF version "
+                                   f"{metadata['dynseg_op_version']} and imports the dynseg opset version {opset}; "
+                                   f"this dynseg runs version {OP_VERSION}: export the model again with it")
     unknown = sorted({n.op_type for n in model.graph.node if n.domain == DOMAIN and n.op_type != OP_TYPE})
     if unknown:
         raise InvalidArgumentError(f"model file {path} has dynseg ops this dynseg does not know: {unknown}")

@@ -797,3 +797,28 @@ def test_a_gpu_array_that_cannot_give_its_interface_is_named():
 
     with pytest.raises(InvalidArgumentError, match="unary: Can't get __cuda_array_interface__"):
         _native.DeviceArray.of(RequiresGrad(), "unary")
+
+
+def _problem(threads: int, iterations: int = 1) -> _native.Problem:
+    return _native.Problem(2, 5, 6, None, [_native.Kernel(3.0, 0.0, np.array([1.0], np.float32))], compat=None,
+                           normalization="after", iterations=iterations, output=_native.Output.PROBABILITIES,
+                           threads=threads)
+
+
+@pytest.mark.parametrize("threads", [-1, 2**31, 2**32 + 1])
+def test_a_thread_count_past_int32_is_refused_before_ctypes_wraps_it(threads):
+    with pytest.raises(InvalidArgumentError, match=rf"threads must be in 0\.\.2147483647, got {threads}"):
+        _problem(threads)
+
+
+@pytest.mark.parametrize("iterations", [-1, 2**31])
+def test_an_iteration_count_past_int32_is_refused_too(iterations):
+    with pytest.raises(InvalidArgumentError, match=rf"iterations must be in 0\.\.2147483647, got {iterations}"):
+        _problem(1, iterations)
+
+
+def test_counts_in_range_are_packed_as_given():
+    problem = _problem(2**31 - 1, iterations=3)
+    assert (problem.struct.threads, problem.struct.iterations) == (2**31 - 1, 3)
+    q = _problem(2).forward(np.zeros((2, 5, 6), np.float32))
+    np.testing.assert_allclose(q, 0.5, atol=1e-6)

@@ -531,3 +531,27 @@ def test_where_no_thread_can_start_a_call_on_several_threads_runs_on_the_callers
     unary = np.random.default_rng(0).normal(size=(3, 512, 512)).astype(np.float32)
     image = np.random.default_rng(1).integers(0, 256, (512, 512, 3), dtype=np.uint8)
     assert np.array_equal(np.load(tmp_path / "q.npy"), dense_crf(unary, image, iterations=6, threads=2))
+
+
+def _softmax(unary: np.ndarray) -> np.ndarray:
+    e = np.exp(unary - unary.max(0, keepdims=True))
+    return e / e.sum(0, keepdims=True)
+
+
+@pytest.mark.parametrize("normalization", ["after", "symmetric"])
+def test_kernels_of_weight_zero_leave_the_softmax_of_the_unary(normalization, smooth_image, smooth_unary):
+    image, unary = smooth_image(20, 27), smooth_unary(4, 20, 27)
+    q = dense_crf(unary, image, iterations=4, spatial=(3.0, 0.0), bilateral=(80.0, 13.0, 0.0),
+                  normalization=normalization)
+    np.testing.assert_allclose(q, _softmax(unary), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("normalization", ["after", "symmetric"])
+def test_negative_kernel_weights_are_pydensecrfs_negative_compat(normalization, smooth_image, smooth_unary,
+                                                                 pydensecrf_q):
+    image, unary = smooth_image(20, 27), smooth_unary(3, 20, 27)
+    spatial, bilateral = (3.0, -2.0), (30.0, 13.0, -4.0)
+    q = dense_crf(unary, image, iterations=3, spatial=spatial, bilateral=bilateral, normalization=normalization)
+    expected = pydensecrf_q(unary, image, 3, spatial, bilateral, normalization)
+    assert np.abs(q - _softmax(unary)).max() > 1e-2  # the kernels did act
+    assert np.abs(q - expected).max() <= 1e-5

@@ -21,6 +21,7 @@ from dynseg.trainer.data import SyntheticScenes
 from dynseg.trainer.data.sources import inside_image, with_detections
 from dynseg.trainer.progress import LiveProgress
 from dynseg.trainer.train import TrainConfig, _instance_batch, augment, evaluation_inputs
+from dynseg.sdk.commands import defaults
 
 runner = CliRunner()
 TINY = ["--semantic-steps", "2", "--instance-steps", "2"]
@@ -510,3 +511,15 @@ def test_a_malformed_detections_file_is_named_with_what_is_wrong(tmp_path, conte
     _fails_naming(run("train", "--out", tmp_path / "run", *SYNTHETIC, *TINY, "--detections", detections),
                   "--detections", *words)
     assert not (tmp_path / "run").exists()
+
+
+def test_stage_two_learns_at_a_twentieth_of_the_learning_rate_given(tmp_path):
+    result = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "run"), "--images", "2", "--image-size", "48",
+                                      "64", "--semantic-steps", "0", "--instance-steps", "0", "--lr", "0.04"])
+    assert result.exit_code == 0, result.output
+    semantic = json.loads((tmp_path / "run" / "semantic" / "train_config.json").read_text())
+    instance = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert (semantic["stage"], instance["stage"]) == ("semantic", "instance")
+    assert defaults.INSTANCE_LR_DIVISOR == 20
+    assert semantic["learning_rate"] == pytest.approx(0.04)
+    assert instance["learning_rate"] == pytest.approx(0.04 / 20)

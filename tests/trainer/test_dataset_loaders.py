@@ -15,7 +15,7 @@ from PIL import Image
 
 from dataset_fixtures import (
     CAR, DOG, PERSON, H, W, cityscapes_ids, compressed_rle, rect, sbd_maps, voc_maps, write_cityscapes, write_coco,
-    write_palette_png, write_rgb, write_sbd, write_voc,
+    uncompressed_rle, write_palette_png, write_rgb, write_sbd, write_voc,
 )
 from dynseg.trainer.data import VOID, CityscapesInstances, CocoInstances, SbdInstances, VocInstances
 
@@ -685,3 +685,18 @@ def test_a_detections_file_of_normalised_boxes_is_refused_also_when_they_start_a
     pixels = [{"image_id": 0, "category_id": 1, "bbox": [0, 0, 2, 1], "score": 0.9}]
     detections = with_detections(scenes, _detections_file(tmp_path, pixels))[0]["detections"]
     np.testing.assert_array_equal(detections["boxes"], [[0, 0, 1, 0]])
+
+
+def test_coco_voids_a_crowd_of_an_unlisted_category_without_keeping_it_as_a_crowd(tmp_path):
+    root, coco = write_coco(tmp_path)
+    unlisted = rect(0, 4, 20, 32)  # image 42's top-right corner, away from its dog and car
+    coco["annotations"].append({"id": 99, "image_id": 42, "category_id": 77, "iscrowd": 1, "area": 1.0,
+                                "bbox": [0, 0, 1, 1], "segmentation": uncompressed_rle(unlisted)})
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(coco))
+    dataset = CocoInstances(root, "val2017")
+    sample = dataset[dataset.image_ids.index(42)]
+    np.testing.assert_array_equal(sample["semantic"] == VOID, unlisted)  # void, as any crowd
+    np.testing.assert_array_equal(sample["instances"] == VOID, unlisted)
+    assert sample["crowd_masks"].shape == (0, H, W)  # but no crowd of a class the dataset scores
+    assert sample["crowd_labels"].shape == (0,) and sample["crowd_labels"].dtype == np.int64  # as labels
+    np.testing.assert_array_equal(sample["labels"], [2])  # the car alone: the dog is wholly under it

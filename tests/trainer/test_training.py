@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from safetensors.torch import save as save_tensors
 from typer.testing import CliRunner
 
@@ -18,7 +19,9 @@ from dynseg.trainer.data import SyntheticScenes
 from dynseg.trainer.model import InstanceConfig, ModelConfig, build_model
 from dynseg.trainer.evaluation import evaluate
 from dynseg.trainer.checkpoint import load_checkpoint, save_checkpoint, weights_fingerprint
-from dynseg.trainer.train import TrainConfig, augment, fit, learning_rate, predict, train
+from dynseg.trainer.train import (
+    TrainConfig, _semantic_batch, augment, evaluation_inputs, fit, learning_rate, predict, train,
+)
 
 SIZE = (48, 64)
 
@@ -396,3 +399,39 @@ def test_augmentation_keeps_image_class_map_masks_and_boxes_aligned():
             rows, columns = torch.nonzero(red, as_tuple=True)
             assert out["boxes"].tolist() == [[columns.min(), rows.min(), columns.max(), rows.max()]], seed
     assert 0 < mirrored < 12  # both sides were drawn
+
+
+def test_the_images_of_one_step_are_drawn_apart():
+    data = SyntheticScenes(size=16, image_size=(48, 64), seed=0)
+    config = TrainConfig(stage="semantic", steps=1, batch_size=4)
+    batch, _ = _semantic_batch(data, config, 0, range(4), num_classes=data.num_classes)
+    images = batch["images"].flatten(1)
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert not torch.equal(images[i], images[j]), (i, j)
+    again, _ = _semantic_batch(data, config, 0, range(4), num_classes=data.num_classes)
+    assert torch.equal(again["images"], batch["images"])  # and the same for the same (seed, step)
+
+
+def test_held_out_images_draw_their_simulated_detections_apart():
+    sample = SyntheticScenes(size=1, image_size=(48, 64), seed=3)[0]
+    assert len(sample["labels"]) > 0
+    twice = [sample, sample]  # the same scene at two indices
+    first, second = (detections for _, detections, _ in evaluation_inputs(twice, seed=1, num_classes=4))
+    assert not (torch.equal(first["boxes"], second["boxes"]) and torch.equal(first["scores"], second["scores"]))
+    again = next(evaluation_inputs(twice, seed=1, num_classes=4))[1]
+    assert all(torch.equal(again[k], first[k]) for k in ("boxes", "labels", "scores"))  # same seed, same draw
+
+
+class _One(nn.Module):
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+
+def test_the_weights_fingerprint_tells_the_same_bytes_in_another_shape_apart():
+    values = torch.arange(6, dtype=torch.float32)
+    fingerprints = {weights_fingerprint(_One(values.reshape(2, 3))), weights_fingerprint(_One(values.reshape(3, 2))),
+                    weights_fingerprint(_One(values.reshape(6)))}
+    assert len(fingerprints) == 3
+    assert weights_fingerprint(_One(values.reshape(2, 3).clone())) == weights_fingerprint(_One(values.reshape(2, 3)))
