@@ -63,7 +63,7 @@ class TensorRTBackend:
         engines.register_plugin(trt.get_plugin_registry(), library, trt.__version__)
         self._engine = trt.Runtime(self._logger).deserialize_cuda_engine(self.path.read_bytes())
         if self._engine is None:
-            raise InvalidArgumentError(f"TensorRT could not deserialise {self.path}; rebuild the engine")
+            raise EngineError(f"TensorRT could not deserialise {self.path}; rebuild the engine")
         self.class_names: tuple[str, ...] = tuple(sidecar["class_names"])
         self.weights_fingerprint: str | None = sidecar.get("weights_sha256")
         self._profile = engines.Profile.from_json(sidecar["profile"])
@@ -77,7 +77,7 @@ class TensorRTBackend:
         if state is None:
             context = self._engine.create_execution_context()
             if context is None:
-                raise InvalidArgumentError("TensorRT could not create an execution context (out of GPU memory?)")
+                raise EngineError("TensorRT could not create an execution context (out of GPU memory?)")
             state = self._local.state = {"context": context, "stream": _native.CudaStream(), "buffers": {}}
         return state
 
@@ -127,7 +127,7 @@ class TensorRTBackend:
             if not context.set_tensor_address(name, self._buffer(state, name, outputs[name].nbytes)):
                 raise EngineError(f"TensorRT refused the device address of {name} (see its log above)")
         if not context.execute_async_v3(state["stream"].handle):
-            raise InvalidArgumentError("TensorRT failed to run the engine (see TensorRT's log above)")
+            raise EngineError("TensorRT failed to run the engine (see TensorRT's log above)")
         state["stream"].synchronize()
         for name in OUTPUTS:
             _native.copy_from_device(outputs[name], state["buffers"][name].pointer)
