@@ -87,9 +87,8 @@ class _Placement:
         return [("CUDAExecutionProvider", {"device_id": self.device_id, "use_tf32": 0,
                                            "cudnn_conv_algo_search": "HEURISTIC"}), "CPUExecutionProvider"]
 
-    @property
     def run_options(self) -> ort.RunOptions | None:
-        """What each session run is given. On the CPU: hand the arena's unused memory back after the run
+        """What a call's session runs are given. On the CPU: hand the arena's unused memory back after the run
         (onnxruntime keeps an arena's peak otherwise, so one large image would hold its memory for the
         Segmenter's life)."""
         if self.device_type != "cpu":
@@ -292,6 +291,7 @@ class OnnxRuntimeBackend:
         values: dict[str, ort.OrtValue] = {
             name: place.put(array) for name, array in graph_inputs(image, boxes, labels, scores).items()
         }
+        run_options = place.run_options()
         for step in self._steps:
             start = time.perf_counter()
             if isinstance(step, _CrfNode):
@@ -303,7 +303,7 @@ class OnnxRuntimeBackend:
                     binding.bind_ortvalue_input(name, values[name])
                 for name in step.outputs:
                     binding.bind_output(name, place.device_type, place.device_id)
-                step.session.run_with_iobinding(binding, place.run_options)
+                step.session.run_with_iobinding(binding, run_options)
                 outputs = binding.get_outputs()
             values.update(zip(step.outputs, outputs))
             if timings is not None:

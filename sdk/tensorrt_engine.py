@@ -255,7 +255,7 @@ def plugin_library_path() -> Path:
     )
 
 
-_registering = threading.Lock()
+_lock = threading.Lock()  # the process's TensorRT state: its logger and the plugin's registration
 _logger: Any = None
 
 
@@ -264,7 +264,7 @@ def tensorrt_logger(trt: ModuleType) -> Any:
     logger while any of them exists and ignores, with a warning, the loggers of those created after the
     first, so a logger per object, freed with its object, could leave TensorRT logging through a freed one."""
     global _logger
-    with _registering:
+    with _lock:
         if _logger is None:
             _logger = trt.Logger(trt.Logger.WARNING)
         return _logger
@@ -276,7 +276,7 @@ def register_plugin(registry: tensorrt.IPluginRegistry, library: Path, tensorrt_
     documented contract), and every build and backend of a process shares the registry. Raises
     EngineError, before loading, for a library built for another major version than `tensorrt_version`
     (`check_plugin_major_version`), and when the creator is still unknown afterwards."""
-    with _registering:
+    with _lock:
         if registry.get_creator(OP_TYPE, PLUGIN_VERSION, PLUGIN_NAMESPACE) is not None:
             return
         check_plugin_major_version(library, tensorrt_version)
