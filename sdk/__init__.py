@@ -12,7 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from ._native import free_scratch
 from .crf import dense_crf, dense_crf_cuda
-from .errors import DetectionsDroppedWarning, DynsegError, InvalidArgumentError, NativeError
+from .errors import BackendError, DetectionsDroppedWarning, DynsegError, InvalidArgumentError, NativeError
 from .results import Instance, SegmentationResult
 from .segmenter import Segmenter
 
@@ -31,6 +31,7 @@ __all__ = [
     "DynsegError",
     "InvalidArgumentError",
     "NativeError",
+    "BackendError",
     "DetectionsDroppedWarning",
     "__version__",
 ]

@@ -30,6 +30,12 @@ class NativeError(DynsegError, RuntimeError):
     """The native kernel library is missing, mismatched or failed for a reason other than bad input."""
 
 
+class BackendError(DynsegError, RuntimeError):
+    """The runtime under a backend (onnxruntime, PyTorch, TensorRT) could not load the model or run it on
+    inputs that passed dynseg's checks: out of memory, a provider that failed, or a model edited outside
+    dynseg. The message names the runtime and what it was doing, and quotes its error on one line."""
+
+
 class DetectionsDroppedWarning(UserWarning):
     """Some detections were left out (inverted or outside boxes); the result records which."""
 

@@ -18,20 +18,39 @@ memory, so an image crosses to the host only as the two outputs.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+import onnxruntime.capi.onnxruntime_pybind11_state as ort_state
 from onnx import helper, numpy_helper, shape_inference
 
 from . import _native
 from .crf_node import CrfAttributes, CrfInputs, run_node, run_node_cuda
-from .errors import InvalidArgumentError
+from .errors import BackendError, DynsegError, InvalidArgumentError, one_line
 from .graph import DOMAIN, OUTPUTS, crf_nodes, graph_inputs, read_export
 from .inputs import cuda_index
+
+
+# What onnxruntime raises: the RuntimeError of its Python layer, and its C++ layer's exceptions (Fail, EPFail,
+# RuntimeException, ...), which derive from Exception alone.
+_ORT_ERRORS: tuple[type[Exception], ...] = (RuntimeError, *(
+    kind for kind in vars(ort_state).values() if isinstance(kind, type) and issubclass(kind, Exception)))
+
+
+@contextmanager
+def _onnxruntime(doing: str) -> Iterator[None]:
+    """onnxruntime's exceptions inside, as a BackendError that says what it was `doing`."""
+    try:
+        yield
+    except DynsegError:  # dynseg's own, from the CRF nodes or the device: already clear
+        raise
+    except _ORT_ERRORS as error:
+        raise BackendError(f"onnxruntime could not {doing}: {one_line(error, limit=600)}") from error
 
 
 @dataclass
@@ -87,14 +106,15 @@ class _Placement:
         return [("CUDAExecutionProvider", {"device_id": self.device_id, "use_tf32": 0,
                                            "cudnn_conv_algo_search": "HEURISTIC"}), "CPUExecutionProvider"]
 
-    def run_options(self) -> ort.RunOptions | None:
-        """What a call's session runs are given. On the CPU: hand the arena's unused memory back after the run
-        (onnxruntime keeps an arena's peak otherwise, so one large image would hold its memory for the
-        Segmenter's life)."""
-        if self.device_type != "cpu":
-            return None
+    def run_options(self) -> ort.RunOptions:
+        """What a call's session runs are given: onnxruntime logs nothing of its own (a failed run reaches the
+        caller as a BackendError quoting it), and on the CPU the arena hands its unused memory back after
+        the run (onnxruntime keeps an arena's peak otherwise, so one large image would hold its memory for
+        the Segmenter's life)."""
         options = ort.RunOptions()
-        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        options.log_severity_level = 4  # fatal only
+        if self.device_type == "cpu":
+            options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         return options
 
     def put(self, array: np.ndarray) -> ort.OrtValue:
@@ -273,7 +293,8 @@ class OnnxRuntimeBackend:
         self.class_names: tuple[str, ...] = export.class_names
         self.max_detections = export.max_detections
         self.weights_fingerprint: str | None = export.weights_fingerprint
-        self._steps = _partition(export.model, self._placement, threads)
+        with _onnxruntime(f"load {self.path}"):
+            self._steps = _partition(export.model, self._placement, threads)
 
     def _weights_finite(self) -> bool:
         """Whether the model's float weights are all finite, read from its file again: asked only when a
@@ -292,19 +313,21 @@ class OnnxRuntimeBackend:
             name: place.put(array) for name, array in graph_inputs(image, boxes, labels, scores).items()
         }
         run_options = place.run_options()
+        doing = f"run {self.path} on a {image.shape[0]}x{image.shape[1]} image with {len(boxes)} detections"
         for step in self._steps:
             start = time.perf_counter()
             if isinstance(step, _CrfNode):
                 inputs = [step.constants[n] if n in step.constants else values[n] for n in step.inputs]
                 outputs = _run_crf(step, inputs, place, self._threads, self._weights_finite)
             else:
-                binding = step.session.io_binding()
-                for name in step.inputs:
-                    binding.bind_ortvalue_input(name, values[name])
-                for name in step.outputs:
-                    binding.bind_output(name, place.device_type, place.device_id)
-                step.session.run_with_iobinding(binding, run_options)
-                outputs = binding.get_outputs()
+                with _onnxruntime(doing):
+                    binding = step.session.io_binding()
+                    for name in step.inputs:
+                        binding.bind_ortvalue_input(name, values[name])
+                    for name in step.outputs:
+                        binding.bind_output(name, place.device_type, place.device_id)
+                    step.session.run_with_iobinding(binding, run_options)
+                    outputs = binding.get_outputs()
             values.update(zip(step.outputs, outputs))
             if timings is not None:
                 kind = "crf" if isinstance(step, _CrfNode) else "network"

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from dynseg.plugins import search_paths
 
-from .errors import DynsegError, InvalidArgumentError
+from .errors import BackendError, InvalidArgumentError
 from .graph import DEFAULT_ENGINE_DETECTIONS as DEFAULT_DETECTIONS
 from .graph import DEFAULT_ENGINE_SIZES as DEFAULT_SIZES
 from .graph import DOMAIN, OP_TYPE, OP_VERSION
@@ -59,7 +59,7 @@ _INSTALL_TENSORRT = (
 )
 
 
-class EngineError(DynsegError, RuntimeError):
+class EngineError(BackendError):
     """TensorRT is missing, or an engine could not be built or does not match where it runs."""
 
 

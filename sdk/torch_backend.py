@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import INSTALL_TRAINER, InvalidArgumentError
+from .errors import INSTALL_TRAINER, BackendError, DynsegError, InvalidArgumentError, one_line
 from .graph import INPUTS, OUTPUTS, graph_inputs
 from .inputs import cuda_index
 
@@ -80,4 +80,9 @@ class TorchBackend:
             raise InvalidArgumentError(f"the model refused what its network computed from this image and its "
                                        f"detections: {error}"
                                        + ("" if finite else " (the model's weights hold NaN or infinity)")) from error
+        except DynsegError:
+            raise
+        except RuntimeError as error:  # torch's: out of memory, most likely (torch.OutOfMemoryError is one)
+            raise BackendError(f"PyTorch could not run the network on a {image.shape[0]}x{image.shape[1]} image "
+                               f"with {len(boxes)} detections on {self._device}: {one_line(error)}") from error
         return {name: getattr(output, name).cpu().numpy() for name in OUTPUTS}

@@ -18,7 +18,8 @@ torch = pytest.importorskip("torch")
 from dynseg.export import ops  # noqa: E402
 from dynseg.export.onnx import export_onnx  # noqa: E402
 from dynseg.sdk import _native  # noqa: E402
-from dynseg.sdk import DetectionsDroppedWarning, InvalidArgumentError, crf_node, onnx_backend, samples  # noqa: E402
+from dynseg.sdk import (BackendError, DetectionsDroppedWarning, DynsegError, InvalidArgumentError,  # noqa: E402
+                        crf_node, onnx_backend, samples)
 from dynseg.sdk.commands import parity  # noqa: E402
 from dynseg.sdk.segmenter import Segmenter  # noqa: E402
 from dynseg.trainer.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
@@ -207,6 +208,51 @@ def test_a_checkpoint_with_nan_weights_is_named_as_the_cause_on_torch(exported, 
             pytest.raises(InvalidArgumentError, match=r"the model refused what its network computed .*non-finite.*"
                                                       r"the model's weights hold NaN or infinity"):
         broken.segment(image, boxes, labels, scores)
+
+
+def test_a_model_onnxruntime_cannot_run_on_an_image_raises_a_backend_error_naming_the_image(exported, tmp_path, capfd):
+    # an edit outside dynseg: the first convolution's output reshaped to what a 64x64 image gives it
+    model = onnx.load(str(exported[1]))
+    conv = next(node for node in model.graph.node if node.op_type == "Conv")
+    channels = next(t for t in model.graph.initializer if t.name == conv.input[1]).dims[0]
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([1, channels, 32, 32]), "fixed_shape"))
+    reshape = onnx.helper.make_node("Reshape", [conv.output[0] + "_free", "fixed_shape"], [conv.output[0]])
+    conv.output[0] += "_free"
+    model.graph.node.insert(list(model.graph.node).index(conv) + 1, reshape)
+    onnx.save(model, str(tmp_path / "reshaped.onnx"))
+    no_detections = np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    with Segmenter(tmp_path / "reshaped.onnx") as edited:
+        edited.segment(samples.load("coffee")[:64, :64], *no_detections)  # it loads and runs where it fits
+        capfd.readouterr()
+        with pytest.raises(BackendError, match=r"^onnxruntime could not run \S*reshaped.onnx on a 80x64 image with 0 "
+                                               r"detections: .*Reshape.*requested shape") as raised:
+            edited.segment(samples.load("coffee")[:80, :64], *no_detections)
+    assert isinstance(raised.value, DynsegError) and isinstance(raised.value, RuntimeError)
+    assert "\n" not in str(raised.value)
+    assert capfd.readouterr().err == ""  # said once, in the exception, not also in onnxruntime's log
+
+
+def test_a_model_onnxruntime_cannot_load_raises_a_backend_error_naming_the_file(exported, tmp_path):
+    # well-formed for onnx's checker, which infers no types; onnxruntime refuses Add of float and int64
+    model = onnx.load(str(exported[1]))
+    conv = next(node for node in model.graph.node if node.op_type == "Conv")
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(1, np.int64), "an_integer"))
+    add = onnx.helper.make_node("Add", [conv.output[0] + "_free", "an_integer"], [conv.output[0]])
+    conv.output[0] += "_free"
+    model.graph.node.insert(list(model.graph.node).index(conv) + 1, add)
+    onnx.save(model, str(tmp_path / "mistyped.onnx"))
+    with pytest.raises(BackendError, match=r"^onnxruntime could not load \S*mistyped.onnx: .*Add"):
+        Segmenter(tmp_path / "mistyped.onnx")
+
+
+def test_a_network_pytorch_cannot_run_raises_a_backend_error_naming_the_image(exported):
+    network = load_checkpoint(exported[0])
+    conv = next(m for m in network.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.weight = torch.nn.Parameter(conv.weight[:, :2])  # two input channels for a three-channel image
+    image, boxes, labels, scores = _case("coffee", (64, 80), 2, seed=1)
+    with pytest.raises(BackendError, match=r"^PyTorch could not run the network on a 64x80 image with 2 detections on "
+                                           r"cpu: .*channels"):
+        Segmenter.of_network(network).segment(image, boxes, labels, scores)
 
 
 def test_a_thread_count_beyond_the_cores_is_capped_for_onnxruntime(exported):
