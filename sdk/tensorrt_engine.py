@@ -270,20 +270,27 @@ def tensorrt_logger(trt: ModuleType) -> Any:
         return _logger
 
 
+# The (registry, library) pairs this process has loaded; each registry held, so that `is` tells them apart.
+_registered: list[tuple[Any, Path]] = []
+
+
 def register_plugin(registry: tensorrt.IPluginRegistry, library: Path, tensorrt_version: str) -> None:
-    """Makes dynseg's plugin creator known to TensorRT's plugin `registry`, loading `library` only when
-    it is not yet: load_library fails for a library whose plugins are already registered (TensorRT's
-    documented contract), and every build and backend of a process shares the registry. Raises
-    EngineError, before loading, for a library built for another major version than `tensorrt_version`
-    (`check_plugin_major_version`), and when the creator is still unknown afterwards."""
+    """Makes dynseg's plugin creator known to TensorRT's plugin `registry`, loading `library` there once a
+    process: load_library fails for a library whose plugins are already registered (TensorRT's documented
+    contract), and every build and backend of a process shares the registry. The registry is not asked
+    first: TensorRT logs an error for every creator it is asked for and lacks. Raises EngineError, before
+    loading, for a library built for another major version than `tensorrt_version`
+    (`check_plugin_major_version`), and when the creator is unknown after loading (a library loaded
+    before, by the application, is found then)."""
     with _lock:
-        if registry.get_creator(OP_TYPE, PLUGIN_VERSION, PLUGIN_NAMESPACE) is not None:
+        if any(known is registry and path == library for known, path in _registered):
             return
         check_plugin_major_version(library, tensorrt_version)
         registry.load_library(str(library))
         if registry.get_creator(OP_TYPE, PLUGIN_VERSION, PLUGIN_NAMESPACE) is None:
             raise EngineError(f"TensorRT could not load the plugin library {library}, or it registered no "
                               f"{PLUGIN_NAMESPACE}::{OP_TYPE} version {PLUGIN_VERSION} (see TensorRT's log above)")
+        _registered.append((registry, library))
 
 
 def check_plugin_major_version(library: Path, tensorrt_version: str) -> None:
