@@ -224,6 +224,9 @@ def _partition(model: onnx.ModelProto, placement: _Placement, threads: int | Non
         outputs = [n for n in dict.fromkeys(name for node in part for name in node.output) if n in needed]
         if not outputs:
             continue
+        # Inputs and outputs are declared without shapes. Declaring the full model's inferred ones lets
+        # onnxruntime fuse a few more nodes (366 to 333 in a resnet18 export's first part) but timed within 1%
+        # on the CPU, and moved the instance logits by up to 5e-6.
         part_graph = helper.make_graph(
             part, f"dynseg_part_{index}",
             [helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT), None) for n in inputs],
