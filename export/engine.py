@@ -19,6 +19,7 @@ from onnx import helper
 from dynseg.sdk import tensorrt_engine
 from dynseg.sdk.crf_node import CrfAttributes
 from dynseg.sdk.errors import InvalidArgumentError
+from dynseg.sdk.files import write_text_whole, write_whole
 from dynseg.sdk.graph import DOMAIN, OP_TYPE, read_export
 from dynseg.sdk.checks import is_int
 from dynseg.sdk.tensorrt_engine import (
@@ -124,7 +125,7 @@ def write_sidecar(plan: str | Path, *, tensorrt_version: str, compute_capability
         "training_data": json.loads(model_metadata["training_data"]) if "training_data" in model_metadata else None,
     }
     path = sidecar_path(plan)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    write_text_whole(path, json.dumps(data, indent=2) + "\n")
     return path
 
 
@@ -167,7 +168,7 @@ def build_engine(onnx_path: str | Path, out_path: str | Path, *, fp16: bool = Fa
     onnx.save(trt_model, str(onnx_copy))
     plan = _build_plan(tensorrt, onnx_copy, crf_node_count(trt_model), library, profile, fp16,
                        None if workspace is None else int(workspace))
-    out_path.write_bytes(plan)
+    write_whole(out_path, lambda partial: partial.write_bytes(plan))
     write_sidecar(out_path, tensorrt_version=tensorrt.__version__, compute_capability=capability,
                   plugin_library=library, profile=profile, model_metadata=metadata, fp16=fp16)
     return out_path

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from dynseg.sdk import __version__
 from dynseg.sdk.errors import InvalidArgumentError, LatticeRangeError
+from dynseg.sdk.files import write_whole
 from dynseg.sdk.graph import DEFAULT_MAX_DETECTIONS, DOMAIN, INPUTS, MAX_DETECTIONS, OP_VERSION, OUTPUTS
 from dynseg.sdk.checks import int_in
 from dynseg.trainer.checkpoint import check_training_data, weights_fingerprint
@@ -64,17 +65,14 @@ def export_onnx(network: DynamicallyInstantiatedNetwork, path: str | Path, *,
     max_detections = int_in("max_detections", max_detections, 1, MAX_DETECTIONS)  # D + 1 CRF labels
     if training_data is not None:
         check_training_data(training_data)
-    path = _writable_file(path)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
+
+    def write(partial: Path) -> None:  # the trace writes its file there too
         model = _traced(network, partial)
         _add_metadata(model, network, max_detections, training_data)
         onnx.checker.check_model(model)
         onnx.save(model, str(partial))
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
+
+    return write_whole(_writable_file(path), write)
 
 
 def _check_network(network: object) -> None:

@@ -28,7 +28,8 @@ from .commands import defaults, parity
 from .commands import quickstart as quickstart_job
 from .commands.bench import DEFAULT_DETECTIONS as DEFAULT_BENCH_DETECTIONS
 from .checks import INT32_MAX
-from .errors import INSTALL_TRAINER, DynsegError, InvalidArgumentError
+from .errors import INSTALL_TRAINER, DynsegError, InvalidArgumentError, one_line
+from .files import write_text_whole
 from .graph import DEFAULT_ENGINE_DETECTIONS, DEFAULT_ENGINE_SIZES, DEFAULT_MAX_DETECTIONS, MAX_DETECTIONS
 
 if TYPE_CHECKING:
@@ -40,8 +41,8 @@ __all__ = ["app"]
 
 
 class _Commands(TyperGroup):
-    """The commands, with a file or folder the system refused (an --out that cannot be created, a
-    full disk) reported in one line instead of a traceback."""
+    """The commands, with what the system refused reported in one line instead of a traceback: a file or
+    folder (an --out that cannot be created, a full disk, a symbolic link loop), or memory."""
 
     def invoke(self, ctx):  # click's Context: typer 0.29 vendors click, older typers take click's own
         try:
@@ -51,6 +52,20 @@ class _Commands(TyperGroup):
                 raise
             where = f": {error.filename}" if error.filename else ""
             raise _fail(f"{error.strerror or error}{where}") from error
+        except (MemoryError, RuntimeError) as error:
+            if str(error).startswith("Symlink loop from"):  # pathlib's resolve() before Python 3.13
+                raise _fail(str(error)) from error
+            if not _out_of_memory(error):
+                raise
+            raise _fail(f"out of memory ({one_line(error)}): this machine could not give the command the memory "
+                        "it needed") from error
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is a refused allocation: Python's and numpy's MemoryError, or torch's (its
+    OutOfMemoryError, a RuntimeError, or the RuntimeError of its CPU allocator)."""
+    return (isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in str(error))
 
 
 app = typer.Typer(
@@ -140,6 +155,14 @@ def _make_folder(folder: Path, option: str, given: Path) -> None:
         blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
         why = f"{blocking} is a file, not a folder" if blocking is not None else error.strerror or str(error)
         raise _fail(f"{option} {given}: {why}") from error
+
+
+def _warn_if_unfinished(model: Path) -> None:
+    """Warns when `model` is the checkpoint of a training stage that has not finished (interrupted, or
+    still running): a trainer state without the train_config.json a stage writes at its end."""
+    if model.is_dir() and (model / "trainer_state.pt").is_file() and not (model / "train_config.json").is_file():
+        typer.echo(f"Warning: {model} is the checkpoint of an unfinished training stage (its last finished epoch): "
+                   "`dynseg train --resume` with the run's options finishes it", err=True)
 
 
 def _torch_or_fail(what: str) -> None:
@@ -314,6 +337,10 @@ def train(
             training_data=_training_data(dataset, seed, image_size, data), resume=resume)
     except (DynsegError, OSError) as error:  # an annotation or image the dataset could not read
         raise _fail(str(error)) from error
+    except KeyboardInterrupt:
+        typer.echo(f"\ninterrupted: {out} holds each started stage's checkpoint of its last finished epoch; give the "
+                   "same command with --resume to continue", err=True)
+        raise typer.Exit(130) from None
     typer.echo(f"wrote {out}/model.safetensors, {out}/model.json and {out}/epochs.jsonl; next: dynseg eval {out}")
 
 
@@ -378,6 +405,7 @@ def evaluate_command(
                    "not held-out ones", err=True)
     named = f"--dataset {dataset}" if not defaulted else source or f"the default dataset, {dataset}"
     segmenter = _segmenter(model, "auto", device)  # a folder that is no checkpoint fails here, before the note
+    _warn_if_unfinished(model)
     if defaulted and trained_on is None:  # an export, or a checkpoint from before the record
         typer.echo(f"Note: {model} records no training data: scoring synthetic scenes of seed {seed} at "
                    f"{image_size[0]}x{image_size[1]}; --dataset, --seed and --image-size choose its held-out data",
@@ -557,6 +585,7 @@ def export(
         trained_on = read_training_data(checkpoint)  # recorded in the export, for `dynseg eval` of it
     except (FileNotFoundError, DynsegError) as error:
         raise _fail(str(error)) from error
+    _warn_if_unfinished(checkpoint)
     _make_folder(out.parent, "--out", out)
     onnx_path = out if format == "onnx" else out.with_suffix(".onnx")
     try:
@@ -681,15 +710,16 @@ def bench(
                        device=device,
                        on_row=lambda r: typer.echo(f"[bench] {r.backend} {r.height}x{r.width} D={r.detections}: "
                                                    f"p50 {r.p50_ms:.1f} ms"))
+        typer.echo(job.table(rows))
+        if json_out is not None:
+            write_text_whole(json_out, json.dumps(job.as_json(rows), indent=2))
     except BaseException as error:
         if created and json_out is not None:  # no empty file left behind to pass for results
             json_out.unlink(missing_ok=True)
         if isinstance(error, DynsegError):
             raise _fail(str(error)) from error
         raise
-    typer.echo(job.table(rows))
     if json_out is not None:
-        json_out.write_text(json.dumps(job.as_json(rows), indent=2))
         typer.echo(f"wrote {json_out}")
 
 

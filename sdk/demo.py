@@ -15,6 +15,7 @@ import numpy as np
 from . import _native, samples
 from .crf import check_iterations, check_threads, dense_crf
 from .errors import InvalidArgumentError
+from .files import write_whole
 from .inputs import load_image
 
 __all__ = ["run", "OUTPUT_NAME"]
@@ -127,7 +128,8 @@ def run(
     output = out / OUTPUT_NAME
     from PIL import Image
 
-    Image.fromarray(_picture(photo, before, after)).save(output)
+    picture = _picture(photo, before, after)
+    write_whole(output, lambda partial: Image.fromarray(picture).save(partial, format="PNG"))
     return {
         "output": output,
         "image": name,

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import InvalidArgumentError
+from .files import check_regular_file
 
 if TYPE_CHECKING:  # onnx loads when a model is read, not with every command that names the graph
     import onnx
@@ -94,8 +95,7 @@ def _load(path: Path) -> onnx.ModelProto:
     if path.is_dir():
         raise InvalidArgumentError(f"model {path} is a directory, not an .onnx file (a training checkpoint runs with "
                                    "backend='torch'; `dynseg export` makes the .onnx)")
-    if not path.is_file():
-        raise InvalidArgumentError(f"model file {path} does not exist")
+    check_regular_file(path, "model file")
     if path.stat().st_size == 0:  # onnx parses no bytes as an empty model
         raise InvalidArgumentError(f"model file {path} is empty: export it again with `dynseg export`")
     try:

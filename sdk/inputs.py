@@ -26,6 +26,7 @@ from numpy.typing import ArrayLike
 
 from .checks import FLOAT32_MAX, array_of, int_in
 from .errors import DetectionsDroppedWarning, InvalidArgumentError
+from .files import check_regular_file
 
 __all__ = ["Detections", "DroppedDetection", "ImageLike", "check_detections", "cuda_index", "load_image",
            "pixel_boxes"]
@@ -106,10 +107,7 @@ _WIDE_MODES = ("I", "F")
 
 
 def _read_image_file(path: Path) -> np.ndarray:
-    if not path.exists():
-        raise InvalidArgumentError(f"image file {str(path)!r} does not exist")
-    if not path.is_file():
-        raise InvalidArgumentError(f"image file {str(path)!r} is not a file")
+    check_regular_file(path, "image file")
     try:
         from PIL import Image
     except ImportError as error:  # Pillow is a dependency of dynseg; a trimmed environment may lack it

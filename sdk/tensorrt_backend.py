@@ -26,6 +26,7 @@ import numpy as np
 
 from . import _native
 from .errors import InvalidArgumentError
+from .files import check_regular_file
 from .graph import OUTPUTS, graph_inputs
 from .inputs import cuda_index
 from .tensorrt_engine import EngineError
@@ -43,8 +44,7 @@ class TensorRTBackend:
         from . import tensorrt_engine as engines
 
         self.path = Path(path)
-        if not self.path.is_file():
-            raise InvalidArgumentError(f"engine file {self.path} does not exist")
+        check_regular_file(self.path, "engine file")
         if self.path.suffix == ".onnx":
             raise InvalidArgumentError(f"{self.path} is an ONNX model, not a TensorRT engine: build one with "
                                        "`dynseg export --format engine`, or run it with backend 'onnxruntime'")

@@ -96,6 +96,7 @@ import numpy as np
 
 from dynseg.sdk.errors import InvalidArgumentError
 from dynseg.sdk.checks import int_in, one_of
+from dynseg.sdk.files import write_text_whole
 
 from .matching import matched_pairs
 
@@ -204,8 +205,8 @@ def write_metrics(folder: str | Path, metrics: dict) -> tuple[Path, Path]:
     """Write `evaluate`'s metrics into folder as metrics.json (NaN as null) and metrics.md (the table)."""
     folder = Path(folder)
     as_json, as_table = folder / "metrics.json", folder / "metrics.md"
-    as_json.write_text(json.dumps(json_ready(metrics), indent=2, allow_nan=False))
-    as_table.write_text(metrics_table(metrics) + "\n")
+    write_text_whole(as_json, json.dumps(json_ready(metrics), indent=2, allow_nan=False))
+    write_text_whole(as_table, metrics_table(metrics) + "\n")
     return as_json, as_table
 
 

@@ -44,6 +44,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dynseg.sdk.errors import InvalidArgumentError, one_line
 from dynseg.sdk.checks import is_int
+from dynseg.sdk.files import write_text_whole
 from dynseg.sdk.results import SegmentationResult
 from dynseg.sdk.segmenter import Segmenter
 
@@ -339,7 +340,7 @@ def train(
             settings = asdict(config) | {"images_per_step": images_per_step}
             if stage2:  # batch_size is stage 1's: stage 2 takes one image per process and step
                 del settings["batch_size"]
-            (out_dir / "train_config.json").write_text(json.dumps(settings, indent=2))
+            write_text_whole(out_dir / "train_config.json", json.dumps(settings, indent=2))
     return log
 
 

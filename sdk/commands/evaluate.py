@@ -32,6 +32,8 @@ def training_data_of(model: Path) -> dict | None:
     else:
         import onnx
 
+        if not model.is_file():  # a pipe would block the read: the Segmenter that opens it next names it
+            return None
         try:
             proto = onnx.load(str(model), load_external_data=False)
         except Exception:  # no model at all: the Segmenter that opens it next names the file

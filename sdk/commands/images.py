@@ -22,6 +22,7 @@ import numpy as np
 
 from ..coco_detections import detections_by_image, read_coco_results
 from ..errors import InvalidArgumentError
+from ..files import check_regular_file
 
 
 class ImageDetections(NamedTuple):
@@ -50,8 +51,7 @@ def read_detections(results: str | Path, images: Sequence[str | Path]) -> list[I
     the images (a file for other images).
     """
     results = Path(results)
-    if not results.is_file():
-        raise InvalidArgumentError(f"detections file {results} does not exist")
+    check_regular_file(results, "detections file")
     paths = [Path(p) for p in images]
     named: dict[int | str, Path] = {}
     for path in paths:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import DetectionsDroppedWarning, InvalidArgumentError
+from ..files import write_text_whole, write_whole
 from ..inputs import load_image
 from .images import ImageDetections, check_detection_counts, check_detection_labels, read_detections
 from .progress import ItemProgress
@@ -109,8 +110,9 @@ def run(segmenter: Segmenter, images: Sequence[str | Path], detections: str | Pa
                     result = segmenter.segment(image, dets.boxes, dets.labels, dets.scores)
             except InvalidArgumentError as error:
                 raise InvalidArgumentError(f"{path} (detections from {detections}): {error}") from None
-            Image.fromarray(result.overlay()).save(out / f"{path.stem}_overlay.png")
-            Image.fromarray(result.instance_map.astype(np.uint16)).save(out / f"{path.stem}_instances.png")
+            for picture, name in ((result.overlay(), "overlay"), (result.instance_map.astype(np.uint16), "instances")):
+                write_whole(out / f"{path.stem}_{name}.png",
+                            lambda partial: Image.fromarray(picture).save(partial, format="PNG"))
             entries += result.to_coco(dets.image_id)
             dropped += len(result.dropped)
             if display is not None:
@@ -118,5 +120,5 @@ def run(segmenter: Segmenter, images: Sequence[str | Path], detections: str | Pa
     finally:
         if display is not None:
             display.close()
-    (out / RESULTS_FILE).write_text(json.dumps(entries))
+    write_text_whole(out / RESULTS_FILE, json.dumps(entries))
     return InferSummary(images=len(paths), instances=len(entries), dropped=dropped, results=out / RESULTS_FILE)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DetectionsDroppedWarning
+from ..files import write_text_whole, write_whole
 from . import defaults, parity
 from .images import ImageDetections
 
@@ -115,7 +116,7 @@ def run(out: str | Path, *, steps: int = DEFAULT_STEPS, seed: int = 0, printer: 
     printer("4/5 validating the export against the checkpoint (onnxruntime vs PyTorch)")
     segmenter = Segmenter(model_path, backend="onnxruntime")
     report = parity.validate(segmenter, Segmenter(checkpoint, backend="torch"), cases)
-    (out / "parity.md").write_text(report.table() + "\n")
+    write_text_whole(out / "parity.md", report.table() + "\n")
 
     printer("5/5 segmenting the held-out scenes and the coffee photo with the exported model")
     from PIL import Image
@@ -131,7 +132,7 @@ def run(out: str | Path, *, steps: int = DEFAULT_STEPS, seed: int = 0, printer: 
         picture = np.concatenate([image, result.overlay()], axis=1)
         if picture.shape[0] < 200:
             picture = picture.repeat(3, axis=0).repeat(3, axis=1)
-        Image.fromarray(picture).save(overlays / f"{name}.png")
+        write_whole(overlays / f"{name}.png", lambda partial: Image.fromarray(picture).save(partial, format="PNG"))
         files.append(overlays / f"{name}.png")
     return QuickstartSummary(out=out, checkpoint=checkpoint, model=model_path, metrics=metrics, parity=report,
                              files=files)

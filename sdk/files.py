@@ -1,0 +1,48 @@
+"""Files a user hands dynseg and files dynseg writes for them: a file to read must be a regular one (named
+when it is not), and a file written (a model, results, metrics, pictures, timings) appears whole or not
+at all, a failure naming it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import InvalidArgumentError
+
+
+def write_whole(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
+    """Runs `write` on a hidden file beside `path`, then moves that file over `path`: a reader never sees a
+    cut-off file (a full disk, an interrupted run), and a failure leaves what `path` held before. `write`
+    must not tell the format by the name it is given (for Pillow: pass `format=`). Raises OSError naming
+    `path`, its errno kept; the hidden file never stays. Returns `path`."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    except OSError as error:
+        if error.errno is None:
+            raise OSError(f"could not write {path}: {error}") from error
+        raise OSError(error.errno, error.strerror, str(path)) from error
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def write_text_whole(path: str | os.PathLike[str], text: str) -> Path:
+    """`write_whole` of a text file."""
+    return write_whole(path, lambda partial: partial.write_text(text))
+
+
+def check_regular_file(path: Path, what: str) -> None:
+    """InvalidArgumentError naming `what` (e.g. "detections file") and `path` unless `path` is a regular
+    file: one that does not exist, a folder, or a pipe or device (a stream, which may never end, so it is
+    not read: give a file)."""
+    if path.is_file():
+        return
+    if not path.exists():
+        raise InvalidArgumentError(f"{what} {path} does not exist")
+    if path.is_dir():
+        raise InvalidArgumentError(f"{what} {path} is a folder, not a file")
+    raise InvalidArgumentError(f"{what} {path} is a pipe or device, not a regular file")
