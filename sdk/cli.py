@@ -50,6 +50,8 @@ class _Commands(TyperGroup):
         except OSError as error:
             if error.errno == errno.EPIPE:  # output piped into `head`: click ends that quietly
                 raise
+            if error.filename and _dangling(Path(error.filename)):
+                raise _fail(f"{error.filename} {_DANGLING}") from error
             where = f": {error.filename}" if error.filename else ""
             raise _fail(f"{error.strerror or error}{where}") from error
         except (MemoryError, RuntimeError) as error:
@@ -59,6 +61,13 @@ class _Commands(TyperGroup):
                 raise
             raise _fail(f"out of memory ({one_line(error)}): this machine could not give the command the memory "
                         "it needed") from error
+
+
+_DANGLING = "is a symbolic link that leads nowhere (a loop, or to something missing)"
+
+
+def _dangling(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()
 
 
 def _out_of_memory(error: BaseException) -> bool:
@@ -153,7 +162,9 @@ def _make_folder(folder: Path, option: str, given: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
-        why = f"{blocking} is a file, not a folder" if blocking is not None else error.strerror or str(error)
+        dangling = next((p for p in (folder, *folder.parents) if _dangling(p)), None)
+        why = (f"{blocking} is a file, not a folder" if blocking is not None else
+               f"{dangling} {_DANGLING}" if dangling is not None else error.strerror or str(error))
         raise _fail(f"{option} {given}: {why}") from error
 
 

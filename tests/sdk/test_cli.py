@@ -142,3 +142,33 @@ def test_an_engine_size_without_pixels_is_refused_naming_its_option(tmp_path, op
     assert result.exit_code == 2, result.output
     message = plain(result.output)
     assert option in message and f"'{size}' is not HEIGHTxWIDTH (e.g. 512x512, each at least 1)" in message, message
+
+
+@pytest.mark.parametrize("refusal", [MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:117] . "
+                                                                  "DefaultCPUAllocator: can't allocate memory")],
+                         ids=["python", "torch's cpu allocator"])
+def test_running_out_of_memory_is_one_line_and_another_runtime_error_is_not_hidden(tmp_path, monkeypatch,
+                                                                                   refusal) -> None:
+    from dynseg.sdk import demo
+
+    def refuse(*args, **kwargs):  # what an allocation refused deep inside a command raises
+        raise refusal
+
+    monkeypatch.setattr(demo, "run", refuse)
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "out of memory (" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("a defect")
+
+    monkeypatch.setattr(demo, "run", fail)
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path)])
+    assert isinstance(result.exception, RuntimeError) and str(result.exception) == "a defect"
+
+
+def test_a_symbolic_link_loop_as_the_output_folder_is_one_line(tmp_path) -> None:
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "loop")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"{tmp_path / 'loop'} is a symbolic link that leads nowhere" in plain(result.output), result.output

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import shutil
 import re
 import warnings
@@ -666,3 +667,80 @@ def test_an_argmax_agreement_of_99_5_percent_fails_validate():
     assert checks["argmax agreement"].value == 0.995
     assert not checks["argmax agreement"]  # below 99.9 %
     assert checks["min mask IoU"]  # 990 / 1000 = 0.99: at its limit, so the agreement alone fails the image
+
+
+# ---- what the system refuses: a full disk, a pipe, a symbolic link loop, an interruption ---------------------
+
+
+def _full_disk_under(path):
+    """The next whole write of `path` in this process meets a full disk (/dev/full answers ENOSPC)."""
+    path.with_name(f".{path.name}.{os.getpid()}.partial").symlink_to("/dev/full")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) to stand for a full disk")
+def test_infer_on_a_full_disk_names_the_file_and_leaves_no_results_file(exported, photos, tmp_path):
+    files, detections = photos
+    out = tmp_path / "out"
+    out.mkdir()
+    _full_disk_under(out / "results.json")
+    result = runner.invoke(app, ["infer", str(exported[1]), *map(str, files), "--detections", str(detections),
+                                 "--out", str(out)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"No space left on device: {out / 'results.json'}" in plain(result.output), result.output
+    assert not (out / "results.json").exists() and not any(p.name.endswith(".partial") for p in out.iterdir())
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) to stand for a full disk")
+def test_bench_on_a_full_disk_names_its_json_and_leaves_no_empty_one(exported, tmp_path):
+    json_out = tmp_path / "rows.json"
+    _full_disk_under(json_out)
+    result = runner.invoke(app, ["bench", str(exported[1]), "--sizes", "40x40", "--detections", "0", "--repeats", "1",
+                                 "--json", str(json_out)])
+    assert result.exit_code == 1 and f"No space left on device: {json_out}" in plain(result.output), result.output
+    assert not json_out.exists()
+
+
+def test_a_symbolic_link_loop_as_infers_output_is_one_line(exported, photos, tmp_path):
+    files, detections = photos
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    result = runner.invoke(app, ["infer", str(exported[1]), str(files[0]), "--detections", str(detections),
+                                 "--out", str(tmp_path / "loop")])
+    assert result.exit_code == 1 and "Traceback" not in result.output and "loop" in result.output, result.output
+
+
+def test_eval_of_a_pipe_says_so_instead_of_waiting_on_it(tmp_path):
+    import subprocess
+    import sys
+
+    os.mkfifo(tmp_path / "model.onnx")  # nothing ever writes to it: a read would block for good
+    run = subprocess.run([sys.executable, "-c", "from dynseg.sdk.cli import app; app()", "eval",
+                          str(tmp_path / "model.onnx"), "--images", "1"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "model.onnx is a pipe or device, not a regular file" in plain(run.stderr + run.stdout)
+
+
+def test_an_interrupted_training_run_says_how_to_resume(tmp_path, monkeypatch):
+    from dynseg.trainer import train
+
+    def interrupted(*args, **kwargs):  # Ctrl-C in the middle of a stage
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "fit", interrupted)
+    result = runner.invoke(app, ["train", "--out", str(tmp_path / "run"), "--images", "2", "--image-size", "48", "48"])
+    assert result.exit_code == 130
+    assert f"interrupted: {tmp_path / 'run'} holds each started stage's checkpoint of its last finished epoch; give " \
+           "the same command with --resume" in plain(result.output), result.output
+
+
+def test_export_and_eval_warn_of_an_unfinished_stages_checkpoint(exported, tmp_path):
+    from dynseg.trainer.checkpoint import load_checkpoint
+
+    network = load_checkpoint(exported[0])
+    checkpoint = save_checkpoint(tmp_path / "run", network, torch.optim.SGD(network.parameters(), lr=0.1), step=3)
+    warning = f"Warning: {checkpoint} is the checkpoint of an unfinished training stage"
+    result = runner.invoke(app, ["export", str(checkpoint), "--out", str(tmp_path / "model.onnx")])
+    assert result.exit_code == 0 and warning in plain(result.output), result.output
+    result = runner.invoke(app, ["eval", str(checkpoint), "--images", "1"])  # then refused: its classes are not
+    assert warning in plain(result.output), result.output                     # the synthetic scenes'
+    (checkpoint / "train_config.json").write_text("{}")  # what a stage writes at its end
+    result = runner.invoke(app, ["export", str(checkpoint), "--out", str(tmp_path / "model.onnx")])
+    assert result.exit_code == 0 and "unfinished" not in result.output, result.output

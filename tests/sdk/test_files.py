@@ -1,0 +1,59 @@
+"""Writing a file whole or not at all, and refusing what is not a regular file: a full disk is /dev/full,
+which answers every write with ENOSPC, put where the file's hidden partial copy is written."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from dynseg.sdk import InvalidArgumentError
+from dynseg.sdk.files import check_regular_file, write_text_whole, write_whole
+
+
+def full_disk_under(path: Path) -> Path:
+    """Makes the next write_whole of `path` in this process hit a full disk; returns the hidden partial."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.symlink_to("/dev/full")
+    return partial
+
+
+def test_a_file_appears_whole_and_leaves_no_partial_copy(tmp_path):
+    target = write_text_whole(tmp_path / "results.json", "[1, 2]")
+    assert target == tmp_path / "results.json" and target.read_text() == "[1, 2]"
+    write_text_whole(target, "[3]")  # replaces it
+    assert target.read_text() == "[3]" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux) to stand for a full disk")
+def test_a_full_disk_leaves_what_was_there_and_is_named_with_its_errno(tmp_path):
+    target = tmp_path / "metrics.json"
+    target.write_text("the last run's")
+    partial = full_disk_under(target)
+    with pytest.raises(OSError) as raised:
+        write_text_whole(target, "x" * 100_000)
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(target)
+    assert target.read_text() == "the last run's" and not partial.is_symlink()
+
+
+def test_a_failure_without_an_errno_still_names_the_file(tmp_path):
+    def refuse(partial: Path) -> None:
+        partial.write_text("half")
+        raise OSError("the encoder gave up")
+
+    with pytest.raises(OSError, match=r"could not write \S*picture.png: the encoder gave up"):
+        write_whole(tmp_path / "picture.png", refuse)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_what_is_not_a_regular_file_is_named_as_what_it_is(tmp_path):
+    check_regular_file(write_text_whole(tmp_path / "dets.json", "[]"), "detections file")
+    with pytest.raises(InvalidArgumentError, match=r"^detections file \S*missing.json does not exist$"):
+        check_regular_file(tmp_path / "missing.json", "detections file")
+    with pytest.raises(InvalidArgumentError, match=r"^model file \S+ is a folder, not a file$"):
+        check_regular_file(tmp_path, "model file")
+    os.mkfifo(tmp_path / "pipe.json")
+    with pytest.raises(InvalidArgumentError, match=r"^detections file \S*pipe.json is a pipe or device, not a regular"):
+        check_regular_file(tmp_path / "pipe.json", "detections file")
