@@ -15,7 +15,7 @@ import numpy as np
 from . import _native, samples
 from .crf import check_iterations, check_threads, dense_crf
 from .errors import InvalidArgumentError
-from .files import write_whole
+from .files import write_png_whole
 from .inputs import load_image
 
 __all__ = ["run", "OUTPUT_NAME"]
@@ -126,10 +126,7 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     before, after = unary.argmax(axis=0), q.argmax(axis=0)  # (H, W) each
     output = out / OUTPUT_NAME
-    from PIL import Image
-
-    picture = _picture(photo, before, after)
-    write_whole(output, lambda partial: Image.fromarray(picture).save(partial, format="PNG"))
+    write_png_whole(output, _picture(photo, before, after))
     return {
         "output": output,
         "image": name,

@@ -8,13 +8,15 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from .errors import InvalidArgumentError
 
 
 def write_whole(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
     """Runs `write` on a hidden file beside `path`, then moves that file over `path`: a reader never sees a
     cut-off file (a full disk, an interrupted run), and a failure leaves what `path` held before. `write`
-    must not tell the format by the name it is given (for Pillow: pass `format=`). Raises OSError naming
+    must not tell the format by the name it is given (Pillow does: `write_png_whole`). Raises OSError naming
     `path`, its errno kept; the hidden file never stays. Returns `path`."""
     path = Path(path)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
@@ -33,6 +35,13 @@ def write_whole(path: str | os.PathLike[str], write: Callable[[Path], object]) -
 def write_text_whole(path: str | os.PathLike[str], text: str) -> Path:
     """`write_whole` of a text file."""
     return write_whole(path, lambda partial: partial.write_text(text))
+
+
+def write_png_whole(path: str | os.PathLike[str], picture: np.ndarray) -> Path:
+    """`write_whole` of `picture` as a PNG: (H, W, 3) uint8 RGB, or (H, W) uint8 or uint16 grey."""
+    from PIL import Image  # Pillow loads where a picture is written, not with every module that reads a file
+
+    return write_whole(path, lambda partial: Image.fromarray(picture).save(partial, format="PNG"))
 
 
 def check_regular_file(path: Path, what: str) -> None:

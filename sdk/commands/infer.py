@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import DetectionsDroppedWarning, InvalidArgumentError
-from ..files import write_text_whole, write_whole
+from ..files import write_png_whole, write_text_whole
 from ..inputs import load_image
 from .images import ImageDetections, check_detection_counts, check_detection_labels, read_detections
 from .progress import ItemProgress
@@ -97,8 +97,6 @@ def run(segmenter: Segmenter, images: Sequence[str | Path], detections: str | Pa
     _refuse_overwriting_inputs(paths, Path(detections), out)
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULTS_FILE).unlink(missing_ok=True)  # an earlier run's would pass for this one's if it failed
-    from PIL import Image
-
     display = progress(len(paths)) if progress is not None else None
     entries, dropped = [], 0
     try:
@@ -110,9 +108,8 @@ def run(segmenter: Segmenter, images: Sequence[str | Path], detections: str | Pa
                     result = segmenter.segment(image, dets.boxes, dets.labels, dets.scores)
             except InvalidArgumentError as error:
                 raise InvalidArgumentError(f"{path} (detections from {detections}): {error}") from None
-            for picture, name in ((result.overlay(), "overlay"), (result.instance_map.astype(np.uint16), "instances")):
-                write_whole(out / f"{path.stem}_{name}.png",
-                            lambda partial: Image.fromarray(picture).save(partial, format="PNG"))
+            write_png_whole(out / f"{path.stem}_overlay.png", result.overlay())
+            write_png_whole(out / f"{path.stem}_instances.png", result.instance_map.astype(np.uint16))
             entries += result.to_coco(dets.image_id)
             dropped += len(result.dropped)
             if display is not None:

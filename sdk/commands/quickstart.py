@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DetectionsDroppedWarning
-from ..files import write_text_whole, write_whole
+from ..files import write_png_whole, write_text_whole
 from . import defaults, parity
 from .images import ImageDetections
 
@@ -119,8 +119,6 @@ def run(out: str | Path, *, steps: int = DEFAULT_STEPS, seed: int = 0, printer: 
     write_text_whole(out / "parity.md", report.table() + "\n")
 
     printer("5/5 segmenting the held-out scenes and the coffee photo with the exported model")
-    from PIL import Image
-
     overlays = out / "overlays"
     overlays.mkdir(exist_ok=True)
     files = [checkpoint, model_path, *metric_files, out / "parity.md"]
@@ -132,7 +130,7 @@ def run(out: str | Path, *, steps: int = DEFAULT_STEPS, seed: int = 0, printer: 
         picture = np.concatenate([image, result.overlay()], axis=1)
         if picture.shape[0] < 200:
             picture = picture.repeat(3, axis=0).repeat(3, axis=1)
-        write_whole(overlays / f"{name}.png", lambda partial: Image.fromarray(picture).save(partial, format="PNG"))
+        write_png_whole(overlays / f"{name}.png", picture)
         files.append(overlays / f"{name}.png")
     return QuickstartSummary(out=out, checkpoint=checkpoint, model=model_path, metrics=metrics, parity=report,
                              files=files)
