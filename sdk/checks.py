@@ -60,6 +60,8 @@ def array_of(name: str, value: object) -> np.ndarray:
     refuse_masked(name, value)
     try:
         return np.asarray(value)
+    except MemoryError:  # the machine's, not the value's
+        raise
     except Exception as error:  # ragged lists, foreign __array__ implementations
         raise InvalidArgumentError(f"{name} could not be read as an array: {error}") from error
 

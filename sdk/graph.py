@@ -100,6 +100,8 @@ def _load(path: Path) -> onnx.ModelProto:
         raise InvalidArgumentError(f"model file {path} is empty: export it again with `dynseg export`")
     try:
         return onnx.load(str(path))
+    except MemoryError:  # the machine's, not the file's
+        raise
     except Exception as error:  # protobuf's DecodeError and friends: the file is not (all of) a model
         raise InvalidArgumentError(f"model file {path} is not a readable ONNX model ({error})") from None
 

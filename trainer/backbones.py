@@ -133,7 +133,7 @@ def load_torchvision_weights(backbone: TorchvisionBackbone, path: PathLike) -> N
     path = os.fspath(path)
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
+    except (FileNotFoundError, MemoryError):  # a path missing, or the machine's memory: not the file's content
         raise
     except Exception as error:  # pickle and zip errors have many types; the caller needs the file name
         # torch's own text runs to pages, and its advice (weights_only=False) is unsafe for a stranger's file

@@ -95,6 +95,8 @@ def load_weights(model: torch.nn.Module, path: Path, model_name: str) -> None:
     InvalidArgumentError, in one line, for a file that cannot be read or tensors that do not fit."""
     try:
         weights = load_file(path)
+    except MemoryError:  # the machine's, not the file's
+        raise
     except Exception as error:  # safetensors' own SafetensorError, or an OSError
         raise InvalidArgumentError(f"{path} is not readable: {one_line(error)}") from None
     expected = model.state_dict()

@@ -381,6 +381,8 @@ def _resume(out_dir: Path, model: DynamicallyInstantiatedNetwork, optimiser: tor
     try:
         state = torch.load(where, weights_only=True)
         step, optimiser_state = state["step"], state["optimiser"]
+    except MemoryError:  # the machine's, not the file's
+        raise
     except Exception as error:  # torch.load's own errors, EOFError, KeyError, TypeError, ...
         raise InvalidArgumentError(f"cannot resume from {where}: {type(error).__name__}: {one_line(error)}"
                                    f"{afresh}") from None

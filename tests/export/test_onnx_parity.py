@@ -133,6 +133,15 @@ def test_a_damaged_graph_is_refused_at_load_naming_the_file(exported, tmp_path):
         Segmenter(tmp_path / "short.onnx")
 
 
+def test_running_out_of_memory_while_reading_a_model_is_not_blamed_on_the_file(exported, monkeypatch):
+    def refuse(*args, **kwargs):  # what protobuf raises when the machine cannot hold the model
+        raise MemoryError
+
+    monkeypatch.setattr(onnx, "load", refuse)
+    with pytest.raises(MemoryError):
+        Segmenter(exported[1])
+
+
 def test_a_network_without_crfs_exports_a_model_that_runs_as_pytorch_does(tmp_path):
     # an ablation of the paper's (no CRF anywhere): its graph has no node, and so no opset, of the domain
     import torch

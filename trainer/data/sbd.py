@@ -117,6 +117,8 @@ def _fields(path: Path, struct: str, fields: tuple[str, ...]) -> list[np.ndarray
 
     try:
         contents = scipy.io.loadmat(path, variable_names=[struct])
+    except MemoryError:  # the machine's, not the file's
+        raise
     except Exception as error:  # a truncated or corrupt file fails anywhere in scipy (IndexError, struct.error, ...)
         raise InvalidArgumentError(f"{path}: not a readable MATLAB file ({error})") from error
     if struct not in contents:
