@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import re
 
 import numpy as np
@@ -494,6 +495,12 @@ def test_quickstart_scores_held_out_scenes_drawn_with_the_next_seed(tmp_path, mo
 def test_a_missing_detections_file_is_named(tmp_path):
     _fails_naming(run("train", "--out", tmp_path, *SYNTHETIC, "--detections", tmp_path / "dets.json"),
                   "--detections", "does not exist")
+
+
+def test_a_pipe_as_the_detections_file_is_named_as_one_not_read(tmp_path):
+    os.mkfifo(tmp_path / "dets.json")  # nothing writes to it: a read would block for good
+    _fails_naming(run("train", "--out", tmp_path / "run", *SYNTHETIC, "--detections", tmp_path / "dets.json"),
+                  "--detections", "is a pipe or device, not a regular file")
 
 
 @pytest.mark.parametrize("content, words", [

@@ -31,6 +31,7 @@ import numpy as np
 
 from dynseg.sdk.checks import one_of
 from dynseg.sdk.errors import InvalidArgumentError
+from dynseg.sdk.files import check_regular_file
 from dynseg.sdk.inputs import pixel_boxes
 
 from .cityscapes import CityscapesInstances
@@ -131,14 +132,15 @@ def with_detections(dataset: Dataset, path: str | os.PathLike) -> WithDetections
 
     Raises:
         FileNotFoundError: no file at path.
-        InvalidArgumentError (a ValueError) naming the file: not a COCO results file (the entry at
+        InvalidArgumentError (a ValueError) naming the file: a folder, pipe or device; not a COCO results file (the entry at
             fault named), a category that is no class of the dataset, no detection of any image of
             the dataset (a file for another split or dataset), boxes in normalised coordinates, or
             none whose box lies inside its image.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{path}: detections file not found")
+    check_regular_file(path, "detections file")  # a folder, or a pipe that may never end
     ids = image_ids(dataset)
     found = load_coco_detections(path, ids)
     num_classes = len(dataset.class_names) - 1
