@@ -132,10 +132,10 @@ def with_detections(dataset: Dataset, path: str | os.PathLike) -> WithDetections
 
     Raises:
         FileNotFoundError: no file at path.
-        InvalidArgumentError (a ValueError) naming the file: a folder, pipe or device; not a COCO results file (the entry at
-            fault named), a category that is no class of the dataset, no detection of any image of
-            the dataset (a file for another split or dataset), boxes in normalised coordinates, or
-            none whose box lies inside its image.
+        InvalidArgumentError (a ValueError) naming the file: a folder, pipe or device; not a COCO
+            results file (the entry at fault named), a category that is no class of the dataset, no
+            detection of any image of the dataset (a file for another split or dataset), boxes in
+            normalised coordinates, or none whose box lies inside its image.
     """
     path = Path(path)
     if not path.exists():
