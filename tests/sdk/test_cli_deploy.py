@@ -715,7 +715,8 @@ def test_eval_of_a_pipe_says_so_instead_of_waiting_on_it(tmp_path):
     os.mkfifo(tmp_path / "model.onnx")  # nothing ever writes to it: a read would block for good
     run = subprocess.run([sys.executable, "-c", "from dynseg.sdk.cli import app; app()", "eval",
                           str(tmp_path / "model.onnx"), "--images", "1"], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 1 and "model.onnx is a pipe or device, not a regular file" in plain(run.stderr + run.stdout)
+    assert run.returncode == 1
+    assert "model.onnx is a pipe or device, not a regular file" in plain(run.stderr + run.stdout), run.stderr
 
 
 def test_an_interrupted_training_run_says_how_to_resume(tmp_path, monkeypatch):
