@@ -28,7 +28,7 @@ from .commands import defaults, parity
 from .commands import quickstart as quickstart_job
 from .commands.bench import DEFAULT_DETECTIONS as DEFAULT_BENCH_DETECTIONS
 from .checks import INT32_MAX
-from .errors import INSTALL_TRAINER, DynsegError, InvalidArgumentError, one_line
+from .errors import DynsegError, InvalidArgumentError, needs_trainer, one_line
 from .files import write_text_whole
 from .graph import DEFAULT_ENGINE_DETECTIONS, DEFAULT_ENGINE_SIZES, DEFAULT_MAX_DETECTIONS, MAX_DETECTIONS
 
@@ -180,7 +180,7 @@ def _torch_or_fail(what: str) -> None:
     try:
         import torch  # noqa: F401
     except ImportError as error:
-        raise _fail(f"{what} needs torch and dynseg's trainer: {INSTALL_TRAINER}") from error
+        raise _fail(needs_trainer(what, error)) from error
 
 
 _DATASET_HELP = "synthetic (built in, the default), voc, sbd, coco or cityscapes."

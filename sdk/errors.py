@@ -1,7 +1,7 @@
 """The exceptions and warnings dynseg raises: one base class for the errors, so callers can catch
 everything dynseg-specific, and one category per warning, so callers can filter it; the install
-command the errors that need the trainer give; and `one_line`, how a foreign exception is quoted in
-dynseg's one-line messages."""
+command the errors that need the trainer give (`needs_trainer`); and `one_line`, how a foreign exception
+is quoted in dynseg's one-line messages."""
 
 from __future__ import annotations
 
@@ -38,6 +38,17 @@ class BackendError(DynsegError, RuntimeError):
 
 class DetectionsDroppedWarning(UserWarning):
     """Some detections were left out (inverted or outside boxes); the result records which."""
+
+
+def needs_trainer(what: str, error: ImportError) -> str:
+    """Why `what` (e.g. "dynseg train") cannot run, `error` having stopped the import of torch or dynseg's
+    trainer: how to install them, or, where torch is installed but would not load (a broken install, too
+    little memory to map its libraries), torch's own reason."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return f"{what} needs PyTorch: {INSTALL_TRAINER}"
+    return f"{what} needs PyTorch, which is installed but could not be imported: {one_line(error)}"
 
 
 def one_line(error: BaseException, limit: int = 300) -> str:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import INSTALL_TRAINER, BackendError, DynsegError, InvalidArgumentError, one_line
+from .errors import BackendError, DynsegError, InvalidArgumentError, needs_trainer, one_line
 from .graph import INPUTS, OUTPUTS, graph_inputs
 from .inputs import cuda_index
 
@@ -29,9 +29,7 @@ class TorchBackend:
 
             from dynseg.trainer.checkpoint import load_checkpoint
         except ImportError as error:
-            raise InvalidArgumentError(
-                f"backend='torch' needs PyTorch and dynseg's trainer: {INSTALL_TRAINER} ({error})"
-            ) from None
+            raise InvalidArgumentError(needs_trainer("backend='torch'", error)) from None
         index = cuda_index(device)
         if index is not None and index >= torch.cuda.device_count():
             raise InvalidArgumentError(f"device {device!r}: this torch {torch.__version__} sees "

@@ -6,9 +6,9 @@ simulated detections), `loss` and `matching` (the matched ground truth), `train`
 `checkpoint`.
 """
 
-from dynseg.sdk.errors import INSTALL_TRAINER
+from dynseg.sdk.errors import needs_trainer
 
 try:  # every module here needs it: said once, with how to install it, not as a bare ModuleNotFoundError
     import torch  # noqa: F401
 except ImportError as error:
-    raise ImportError(f"dynseg.trainer needs PyTorch: {INSTALL_TRAINER}") from error
+    raise ImportError(needs_trainer("dynseg.trainer", error)) from error

@@ -745,3 +745,19 @@ def test_export_and_eval_warn_of_an_unfinished_stages_checkpoint(exported, tmp_p
     (checkpoint / "train_config.json").write_text("{}")  # what a stage writes at its end
     result = runner.invoke(app, ["export", str(checkpoint), "--out", str(tmp_path / "model.onnx")])
     assert result.exit_code == 0 and "unfinished" not in result.output, result.output
+
+
+def test_a_torch_that_is_installed_but_will_not_load_is_not_reported_missing(tmp_path):
+    import subprocess
+    import sys
+
+    broken = tmp_path / "site" / "torch"  # an installed torch whose libraries cannot be mapped
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text('raise ImportError("libtorch_cpu.so: failed to map segment from shared '
+                                        'object")\n')
+    run = subprocess.run([sys.executable, "-c", "from dynseg.sdk.cli import app; app()", "train", "--out",
+                          str(tmp_path / "run")], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert run.returncode == 1 and "pip install" not in run.stderr, run.stderr
+    assert "dynseg train needs PyTorch, which is installed but could not be imported: libtorch_cpu.so: failed to " \
+           "map segment" in plain(run.stderr), run.stderr
