@@ -219,16 +219,23 @@ def test_a_checkpoint_with_nan_weights_is_named_as_the_cause_on_torch(exported, 
         broken.segment(image, boxes, labels, scores)
 
 
-def test_a_model_onnxruntime_cannot_run_on_an_image_raises_a_backend_error_naming_the_image(exported, tmp_path, capfd):
-    # an edit outside dynseg: the first convolution's output reshaped to what a 64x64 image gives it
+def _edited_after_the_first_convolution(exported, path, op_type: str, operand) -> None:
+    """Saves at `path` the export with `op_type`(the first convolution's output, `operand`) in place of that
+    output: an edit made outside dynseg. `operand` is a function of the convolution's output channels."""
     model = onnx.load(str(exported[1]))
     conv = next(node for node in model.graph.node if node.op_type == "Conv")
     channels = next(t for t in model.graph.initializer if t.name == conv.input[1]).dims[0]
-    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([1, channels, 32, 32]), "fixed_shape"))
-    reshape = onnx.helper.make_node("Reshape", [conv.output[0] + "_free", "fixed_shape"], [conv.output[0]])
-    conv.output[0] += "_free"
-    model.graph.node.insert(list(model.graph.node).index(conv) + 1, reshape)
-    onnx.save(model, str(tmp_path / "reshaped.onnx"))
+    model.graph.initializer.append(onnx.numpy_helper.from_array(operand(channels), "operand"))
+    edit = onnx.helper.make_node(op_type, [conv.output[0] + "_before", "operand"], [conv.output[0]])
+    conv.output[0] += "_before"
+    model.graph.node.insert(list(model.graph.node).index(conv) + 1, edit)
+    onnx.save(model, str(path))
+
+
+def test_a_model_onnxruntime_cannot_run_on_an_image_raises_a_backend_error_naming_the_image(exported, tmp_path, capfd):
+    # the first convolution's output reshaped to what a 64x64 image gives it
+    _edited_after_the_first_convolution(exported, tmp_path / "reshaped.onnx", "Reshape",
+                                        lambda channels: np.array([1, channels, 32, 32]))
     no_detections = np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, np.float32)
     with Segmenter(tmp_path / "reshaped.onnx") as edited:
         edited.segment(samples.load("coffee")[:64, :64], *no_detections)  # it loads and runs where it fits
@@ -243,13 +250,7 @@ def test_a_model_onnxruntime_cannot_run_on_an_image_raises_a_backend_error_namin
 
 def test_a_model_onnxruntime_cannot_load_raises_a_backend_error_naming_the_file(exported, tmp_path):
     # well-formed for onnx's checker, which infers no types; onnxruntime refuses Add of float and int64
-    model = onnx.load(str(exported[1]))
-    conv = next(node for node in model.graph.node if node.op_type == "Conv")
-    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(1, np.int64), "an_integer"))
-    add = onnx.helper.make_node("Add", [conv.output[0] + "_free", "an_integer"], [conv.output[0]])
-    conv.output[0] += "_free"
-    model.graph.node.insert(list(model.graph.node).index(conv) + 1, add)
-    onnx.save(model, str(tmp_path / "mistyped.onnx"))
+    _edited_after_the_first_convolution(exported, tmp_path / "mistyped.onnx", "Add", lambda _: np.array(1, np.int64))
     with pytest.raises(BackendError, match=r"^onnxruntime could not load \S*mistyped.onnx: .*Add"):
         Segmenter(tmp_path / "mistyped.onnx")
 
