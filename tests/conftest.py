@@ -1,5 +1,6 @@
-"""Shared fixtures: smooth synthetic images and unaries, the shipped photos, pydensecrf as an oracle, and
-small C libraries built for a test (stand-ins for a native library, or a refusal preloaded).
+"""Shared fixtures: smooth synthetic images and unaries, the shipped photos, pydensecrf as an oracle,
+small C libraries built for a test (stand-ins for a native library, or a refusal preloaded), and a full
+disk.
 
 Parity tests use smooth inputs on purpose: on high-contrast noise two correct dense-CRF implementations
 drift apart to ~1e-4 after a few iterations (docs/algorithm.md §3), so noise would force loose tolerances.
@@ -184,3 +185,19 @@ def c_library(tmp_path) -> Callable[[str, str], Path]:
         return library
 
     return build
+
+
+@pytest.fixture
+def full_disk() -> Callable[[Path], Path]:
+    """full_disk(path) -> the link it made: the next `dynseg.sdk.files.write_whole` of `path` in this process
+    meets a full disk, /dev/full (which answers every write with ENOSPC) linked where the hidden partial
+    copy goes. Skips where there is no /dev/full."""
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full (Linux) to stand for a full disk")
+
+    def under(path: Path) -> Path:
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        partial.symlink_to("/dev/full")
+        return partial
+
+    return under

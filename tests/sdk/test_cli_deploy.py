@@ -672,17 +672,11 @@ def test_an_argmax_agreement_of_99_5_percent_fails_validate():
 # ---- what the system refuses: a full disk, a pipe, a symbolic link loop, an interruption ---------------------
 
 
-def _full_disk_under(path):
-    """The next whole write of `path` in this process meets a full disk (/dev/full answers ENOSPC)."""
-    path.with_name(f".{path.name}.{os.getpid()}.partial").symlink_to("/dev/full")
-
-
-@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) to stand for a full disk")
-def test_infer_on_a_full_disk_names_the_file_and_leaves_no_results_file(exported, photos, tmp_path):
+def test_infer_on_a_full_disk_names_the_file_and_leaves_no_results_file(exported, photos, tmp_path, full_disk):
     files, detections = photos
     out = tmp_path / "out"
     out.mkdir()
-    _full_disk_under(out / "results.json")
+    full_disk(out / "results.json")
     result = runner.invoke(app, ["infer", str(exported[1]), *map(str, files), "--detections", str(detections),
                                  "--out", str(out)])
     assert result.exit_code == 1 and "Traceback" not in result.output
@@ -690,10 +684,9 @@ def test_infer_on_a_full_disk_names_the_file_and_leaves_no_results_file(exported
     assert not (out / "results.json").exists() and not any(p.name.endswith(".partial") for p in out.iterdir())
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) to stand for a full disk")
-def test_bench_on_a_full_disk_names_its_json_and_leaves_no_empty_one(exported, tmp_path):
+def test_bench_on_a_full_disk_names_its_json_and_leaves_no_empty_one(exported, tmp_path, full_disk):
     json_out = tmp_path / "rows.json"
-    _full_disk_under(json_out)
+    full_disk(json_out)
     result = runner.invoke(app, ["bench", str(exported[1]), "--sizes", "40x40", "--detections", "0", "--repeats", "1",
                                  "--json", str(json_out)])
     assert result.exit_code == 1 and f"No space left on device: {json_out}" in plain(result.output), result.output

@@ -1,5 +1,5 @@
-"""Writing a file whole or not at all, and refusing what is not a regular file: a full disk is /dev/full,
-which answers every write with ENOSPC, put where the file's hidden partial copy is written."""
+"""Writing a file whole or not at all, and refusing what is not a regular file; a full disk is the
+`full_disk` fixture's /dev/full."""
 
 from __future__ import annotations
 
@@ -13,13 +13,6 @@ from dynseg.sdk import InvalidArgumentError
 from dynseg.sdk.files import check_regular_file, write_text_whole, write_whole
 
 
-def full_disk_under(path: Path) -> Path:
-    """Makes the next write_whole of `path` in this process hit a full disk; returns the hidden partial."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.symlink_to("/dev/full")
-    return partial
-
-
 def test_a_file_appears_whole_and_leaves_no_partial_copy(tmp_path):
     target = write_text_whole(tmp_path / "results.json", "[1, 2]")
     assert target == tmp_path / "results.json" and target.read_text() == "[1, 2]"
@@ -27,11 +20,10 @@ def test_a_file_appears_whole_and_leaves_no_partial_copy(tmp_path):
     assert target.read_text() == "[3]" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
 
 
-@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux) to stand for a full disk")
-def test_a_full_disk_leaves_what_was_there_and_is_named_with_its_errno(tmp_path):
+def test_a_full_disk_leaves_what_was_there_and_is_named_with_its_errno(tmp_path, full_disk):
     target = tmp_path / "metrics.json"
     target.write_text("the last run's")
-    partial = full_disk_under(target)
+    partial = full_disk(target)
     with pytest.raises(OSError) as raised:
         write_text_whole(target, "x" * 100_000)
     assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(target)
