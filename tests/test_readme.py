@@ -30,7 +30,8 @@ def test_readme_has_runnable_examples() -> None:
 
 @pytest.mark.parametrize("document, index", [(d, i) for d in (README, SDK_GUIDE) for i in range(len(runnable_blocks(d)))],
                          ids=lambda value: value.name if isinstance(value, Path) else str(value))
-def test_documented_example_runs(document: Path, index: int) -> None:
+def test_documented_example_runs(document: Path, index: int, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # what an example writes in "the current folder" goes with the test
     code = runnable_blocks(document)[index]
     if re.search(r"^\s*(import|from) torch", code, re.MULTILINE):
         pytest.importorskip("torch")
