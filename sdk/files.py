@@ -1,11 +1,12 @@
 """Files a user hands dynseg and files dynseg writes for them: a file to read must be a regular one (named
 when it is not), and a file written (a model, results, metrics, pictures, timings) appears whole or not
-at all, a failure naming it."""
+at all, a failure naming it (`writing`, also for files written otherwise, as a checkpoint's are)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,15 +22,24 @@ def write_whole(path: str | os.PathLike[str], write: Callable[[Path], object]) -
     path = Path(path)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
-        write(partial)
-        os.replace(partial, path)
+        with writing(path):
+            write(partial)
+            os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """An OSError inside raised again naming `path`, the file being written, its errno kept (the error
+    may name only a hidden partial copy, or nothing)."""
+    try:
+        yield
     except OSError as error:
         if error.errno is None:
             raise OSError(f"could not write {path}: {error}") from error
         raise OSError(error.errno, error.strerror, str(path)) from error
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
 
 
 def write_text_whole(path: str | os.PathLike[str], text: str) -> Path:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from dynseg.sdk.commands.defaults import MAX_IMAGE_SIDE, MAX_SEED, MIN_IMAGE_SIDE
 from dynseg.sdk.errors import InvalidArgumentError, one_line
+from dynseg.sdk.files import writing
 from dynseg.sdk.checks import is_int
 
 from .model import DynamicallyInstantiatedNetwork, ModelConfig, build_model
@@ -63,9 +64,8 @@ def save_checkpoint(directory: str | Path, model: DynamicallyInstantiatedNetwork
 def _named(path: Path, write: Callable[[], object]) -> None:
     """Runs `write`, whose failure becomes an OSError naming `path`, the file it was writing."""
     try:
-        write()
-    except OSError as error:  # the system's refusal, its errno kept
-        raise type(error)(error.errno, error.strerror, str(path)) from error
+        with writing(path):  # the system's refusal, its errno kept
+            write()
     except (SafetensorError, RuntimeError) as error:  # the same refusals, as safetensors and torch.save word them
         raise OSError(f"could not write {path}: {one_line(error)}") from error
 
