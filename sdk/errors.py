@@ -5,6 +5,8 @@ is quoted in dynseg's one-line messages."""
 
 from __future__ import annotations
 
+import importlib.util
+
 
 # What an error that needs the trainer tells the user to run (from a checkout: dynseg is not on PyPI).
 # PyTorch's CPU index beside PyPI: PyPI's Linux torch is a multi-GB CUDA build.
@@ -44,8 +46,6 @@ def needs_trainer(what: str, error: ImportError) -> str:
     """Why `what` (e.g. "dynseg train") cannot run, `error` having stopped the import of torch or dynseg's
     trainer: how to install them, or, where torch is installed but would not load (a broken install, too
     little memory to map its libraries), torch's own reason."""
-    import importlib.util
-
     if importlib.util.find_spec("torch") is None:
         return f"{what} needs PyTorch: {INSTALL_TRAINER}"
     return f"{what} needs PyTorch, which is installed but could not be imported: {one_line(error)}"
