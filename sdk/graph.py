@@ -7,6 +7,8 @@ checks it is one."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -70,7 +72,8 @@ def read_export(path: Path) -> Export:
     missing, empty or unreadable file, a model that is not a dynseg export of this op version and these
     inputs and outputs, and malformed metadata."""
     model = _load(path)
-    metadata = _check_dynseg(model, path)
+    with protobuf_memory(path):
+        metadata = _check_dynseg(model, path)
     try:
         names = json.loads(metadata["class_names"])
         if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
@@ -89,6 +92,19 @@ def read_export(path: Path) -> Export:
     return Export(model, tuple(names), max_detections, metadata.get("weights_sha256"), metadata)
 
 
+@contextmanager
+def protobuf_memory(path: Path) -> Iterator[None]:
+    """protobuf failing to serialise the model read from `path`, as the MemoryError it is: onnx's checker,
+    its shape inference and onnxruntime's sessions each take a serialised copy, and protobuf's encoder
+    fails only for want of memory, nesting too deep, or a required field missing (ONNX has neither)."""
+    from google.protobuf.message import EncodeError
+
+    try:
+        yield
+    except EncodeError as error:
+        raise MemoryError(f"handing on model file {path}: protobuf could not serialise it ({error})") from None
+
+
 def _load(path: Path) -> onnx.ModelProto:
     import onnx
 
@@ -103,6 +119,8 @@ def _load(path: Path) -> onnx.ModelProto:
     except MemoryError:  # the machine's, not the file's
         raise
     except Exception as error:  # protobuf's DecodeError and friends: the file is not (all of) a model
+        if "alloc failed" in str(error):  # protobuf's arena was refused memory: the machine's fault, not the file's
+            raise MemoryError(f"reading model file {path}: {error}") from None
         raise InvalidArgumentError(f"model file {path} is not a readable ONNX model ({error})") from None
 
 

@@ -32,7 +32,7 @@ from onnx import helper, numpy_helper, shape_inference
 from . import _native
 from .crf_node import CrfAttributes, CrfInputs, run_node, run_node_cuda
 from .errors import BackendError, DynsegError, InvalidArgumentError, one_line
-from .graph import DOMAIN, OUTPUTS, crf_nodes, graph_inputs, read_export
+from .graph import DOMAIN, OUTPUTS, crf_nodes, graph_inputs, protobuf_memory, read_export
 from .inputs import cuda_index
 
 
@@ -235,8 +235,10 @@ def _partition(model: onnx.ModelProto, placement: _Placement, threads: int | Non
         )
         opsets = [o for o in model.opset_import if o.domain in ("", "ai.onnx")]
         part_model = helper.make_model(part_graph, opset_imports=opsets, ir_version=model.ir_version)
+        # No fallback: onnxruntime would print a banner to stdout and retry on the CPU alone, hiding why the
+        # GPU failed (older onnxruntime ignores the option and still does, though the check below refuses it).
         session = ort.InferenceSession(part_model.SerializeToString(), sess_options=options,
-                                       providers=placement.providers)
+                                       providers=placement.providers, enable_fallback=0)
         if placement.device_type == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
             raise InvalidArgumentError("device 'cuda': onnxruntime could not start its CUDA execution provider "
                                        "(see its log for why: CUDA or cuDNN libraries missing or mismatched)")
@@ -296,7 +298,7 @@ class OnnxRuntimeBackend:
         self.class_names: tuple[str, ...] = export.class_names
         self.max_detections = export.max_detections
         self.weights_fingerprint: str | None = export.weights_fingerprint
-        with _onnxruntime(f"load {self.path}"):
+        with _onnxruntime(f"load {self.path}"), protobuf_memory(self.path):
             self._steps = _partition(export.model, self._placement, threads)
 
     def _weights_finite(self) -> bool:

@@ -255,6 +255,36 @@ def test_a_model_onnxruntime_cannot_load_raises_a_backend_error_naming_the_file(
         Segmenter(tmp_path / "mistyped.onnx")
 
 
+_LOAD_UNDER_A_MEMORY_LIMIT = """
+import resource, sys
+import google.protobuf.message, onnx.checker, onnxruntime  # noqa: F401 (imported before the limit)
+from dynseg.sdk import DynsegError, Segmenter
+size = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize"))
+resource.setrlimit(resource.RLIMIT_AS, (size + int(sys.argv[2]) * 2**20, resource.RLIM_INFINITY))
+try:
+    Segmenter(sys.argv[1]).close()
+    print("loaded")
+except (MemoryError, DynsegError) as error:
+    print(type(error).__name__, error)
+"""
+
+
+def test_a_model_loaded_with_too_little_memory_raises_memory_errors_that_do_not_blame_the_file(exported):
+    # Each allocation the load makes is refused at some limit: protobuf's arena while parsing (which it
+    # reports as a decoding error), its encoder handing the model to onnx's checker and to onnxruntime,
+    # numpy, onnxruntime itself. None of them is the file's fault; another exception escapes as a failure.
+    import subprocess
+    import sys
+
+    said = {}
+    for megabytes in range(60, 461, 40):
+        child = subprocess.run([sys.executable, "-c", _LOAD_UNDER_A_MEMORY_LIMIT, str(exported[1]), str(megabytes)],
+                               capture_output=True, text=True, timeout=120)
+        said[megabytes] = child.stdout.strip() or child.stderr.strip().splitlines()[-1]
+    assert all(line == "loaded" or line.startswith(("MemoryError", "BackendError")) for line in said.values()), said
+    assert any(line.startswith("MemoryError") for line in said.values()), said
+
+
 def test_a_network_pytorch_cannot_run_raises_a_backend_error_naming_the_image(exported):
     network = load_checkpoint(exported[0])
     conv = next(m for m in network.modules() if isinstance(m, torch.nn.Conv2d))
