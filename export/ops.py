@@ -115,9 +115,11 @@ class SemanticCRFNode(nn.Module):
 
     def attributes(self) -> CrfAttributes:
         config = self.crf.config
-        return CrfAttributes(config.iterations, config.theta_spatial, config.theta_bilateral_xy,
-                             config.theta_bilateral_rgb, "after", int(config.detection_potential),
-                             config.score_ceiling, config.epsilon)
+        return CrfAttributes(iterations=config.iterations, theta_spatial=config.theta_spatial,
+                             theta_bilateral_xy=config.theta_bilateral_xy,
+                             theta_bilateral_rgb=config.theta_bilateral_rgb, normalization="after",
+                             detection_potential=int(config.detection_potential),
+                             score_ceiling=config.score_ceiling, epsilon=config.epsilon)
 
     def forward(self, unary: Tensor, image: Tensor, boxes: Tensor, labels: Tensor,
                 scores: Tensor) -> tuple[Tensor, Tensor]:
@@ -147,8 +149,10 @@ class InstanceCRFNode(nn.Module):
 
     def attributes(self) -> CrfAttributes:
         config = self.crf.config
-        return CrfAttributes(config.iterations, config.theta_spatial, config.theta_bilateral_xy,
-                             config.theta_bilateral_rgb, "after", 0, 1.0, 0.0)
+        return CrfAttributes(iterations=config.iterations, theta_spatial=config.theta_spatial,
+                             theta_bilateral_xy=config.theta_bilateral_xy,
+                             theta_bilateral_rgb=config.theta_bilateral_rgb, normalization="after",
+                             detection_potential=0)  # score_ceiling and epsilon: unread without it
 
     def forward(self, unary: Tensor, image: Tensor) -> Tensor:
         if not self.crf.config.crf:

@@ -5,7 +5,11 @@ dtype, shape and contiguity before a pointer crosses over, per-thread workspaces
 library's status codes into exceptions (all through `_check`), and letting Ctrl-C stop a long CPU
 call (`_cpu_call`). Arrays are numpy arrays for the CPU calls and `DeviceArray`s (addresses of GPU
 memory) for the CUDA calls: `DeviceArray.of` checks a GPU array's dtype, shape and contiguity as
-`_pointer` checks a numpy array's.
+`_pointer` checks a numpy array's. Also owns the library's CUDA helpers for callers without a CUDA
+binding of their own (the onnxruntime and TensorRT backends, `dense_crf_cuda`): the current device
+(`set_cuda_device`, `current_cuda_device`), copies (`copy_to_device`, `copy_from_device`,
+`copy_on_device`), device memory and streams freed with their objects (`CudaBuffer`, `CudaStream`), and
+each thread's stream and device scratch per device (`cuda_stream`, `cuda_workspace`).
 """
 
 from __future__ import annotations

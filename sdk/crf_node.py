@@ -188,10 +188,10 @@ def run_node(inputs: Sequence[np.ndarray], attributes: CrfAttributes,
              threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Runs one dynseg::MeanFieldCRF node on the CPU with `threads` threads (0: every core). inputs: the
     node's ten, as `CrfInputs` lists them. Returns the logits (1, L, H, W) and the detection scores (D,)."""
-    node = CrfInputs.of(inputs)
-    _check_shapes(node)
+    node_inputs = CrfInputs.of(inputs)
+    _check_shapes(node_inputs)
     arrays = CrfInputs(*[np.ascontiguousarray(a, dtype=CrfInputs.dtype(name))
-                         for name, a in zip(CrfInputs._fields, node)])
+                         for name, a in zip(CrfInputs._fields, node_inputs)])
     unary, scores = cast(np.ndarray, arrays.unary), cast(np.ndarray, arrays.scores)  # numpy's, as just made
     if unary.shape[1] == 1:  # one label: nothing to infer (docs/ops.md)
         return unary.copy(), scores.copy()
@@ -207,17 +207,17 @@ def run_node_cuda(inputs: Sequence[_native.DeviceArray], attributes: CrfAttribut
     inputs as `run_node`'s (float32, labels int64, C-contiguous; the caller checked the dtypes),
     the outputs written into `logits` (1, L, H, W) and `detection_scores` (D,). Runs on this thread's
     stream and returns once the stream has finished (the lattices' check needs that)."""
-    node = CrfInputs.of(inputs)
-    _check_shapes(node)
-    unary, scores = cast(_native.DeviceArray, node.unary), cast(_native.DeviceArray, node.scores)
+    node_inputs = CrfInputs.of(inputs)
+    _check_shapes(node_inputs)
+    unary, scores = cast(_native.DeviceArray, node_inputs.unary), cast(_native.DeviceArray, node_inputs.scores)
     _native.set_cuda_device(device)
     if unary.shape[1] == 1:  # one label: nothing to infer (docs/ops.md)
         _native.copy_on_device(logits.pointer, unary.pointer, 4 * unary.size)
         _native.copy_on_device(detection_scores.pointer, scores.pointer, 4 * scores.size)
         return
-    if not _adds_detection_potential(node, attributes):  # the scores pass through
+    if not _adds_detection_potential(node_inputs, attributes):  # the scores pass through
         _native.copy_on_device(detection_scores.pointer, scores.pointer, 4 * scores.size)
-    problem = _problem(node, attributes, detection_scores)
+    problem = _problem(node_inputs, attributes, detection_scores)
     nbytes = problem.workspace_size_cuda(_native.Pass.FORWARD)
     workspace = _native.cuda_workspace(nbytes, device)
     problem.forward_cuda(_planes(unary), _planes(logits), workspace.pointer, nbytes,

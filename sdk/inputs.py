@@ -144,13 +144,13 @@ class DroppedDetection(NamedTuple):
 
 @dataclass(frozen=True)
 class Detections:
-    """The detections a model runs on, checked and clipped. N = len(kept) <= D, the caller's count.
+    """The detections a model runs on, checked and clipped. D' = len(kept) <= D, the caller's count.
 
-    boxes: float32 (N, 4) xyxy in input-image pixels, inclusive, integer-valued, with
+    boxes: float32 (D', 4) xyxy in input-image pixels, inclusive, integer-valued, with
         0 <= x1 <= x2 <= W-1 and 0 <= y1 <= y2 <= H-1.
-    labels: int64 (N,) class ids in 1..K.
-    scores: float32 (N,) finite, non-negative detector scores.
-    kept: int64 (N,) ascending index of each kept detection in the caller's input.
+    labels: int64 (D',) class ids in 1..K.
+    scores: float32 (D',) finite, non-negative detector scores.
+    kept: int64 (D',) ascending index of each kept detection in the caller's input.
     dropped: the detections left out, ascending by index, each with its reason. Boxes that reach past
         the border are clipped without a warning: detectors routinely emit them.
     """
@@ -244,7 +244,7 @@ def check_detections(
     outside &= ~inverted
     dropped = [DroppedDetection(int(i), INVERTED if inverted[i] else OUTSIDE)
                for i in np.flatnonzero(inverted | outside)]
-    kept = np.flatnonzero(~(inverted | outside)).astype(np.int64)  # (N,)
+    kept = np.flatnonzero(~(inverted | outside)).astype(np.int64)  # (D',)
 
     if dropped:
         listed = "; ".join(f"{d.detection}: {d.reason}" for d in dropped)

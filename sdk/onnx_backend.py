@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,8 @@ from .inputs import cuda_index
 # RuntimeException, ...), which derive from Exception alone.
 _ORT_ERRORS: tuple[type[Exception], ...] = (RuntimeError, *(
     kind for kind in vars(ort_state).values() if isinstance(kind, type) and issubclass(kind, Exception)))
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64}
 
 
 @contextmanager
@@ -70,7 +72,7 @@ class _CrfNode:
     inputs: list[str]
     outputs: list[str]
     attributes: CrfAttributes
-    constants: dict[str, ort.OrtValue] = field(default_factory=dict)  # its inputs that are initializers
+    constants: dict[str, ort.OrtValue]  # its inputs that are initializers
 
 
 @dataclass(frozen=True)
@@ -135,11 +137,11 @@ class _Placement:
     def host(self, value: ort.OrtValue) -> np.ndarray:
         """An OrtValue of this device as a host array (on the CPU, without a copy)."""
         if self.device_type == "cpu":
-            return np.asarray(_Kept(value)) if value.data_ptr() else value.numpy()  # empty: no address
+            return np.asarray(_OrtValueMemory(value)) if value.data_ptr() else value.numpy()  # empty: no address
         return np.array(value.numpy())  # a copy: numpy() of a device value may not own what it returns
 
 
-class _Kept:
+class _OrtValueMemory:
     """A CPU OrtValue's memory as numpy sees it, without a copy, on every onnxruntime: the interface is
     built from the OrtValue's own address (before onnxruntime 1.19, numpy() returned a *copy*, whose
     address dangles as soon as that copy is collected), and an array over this object keeps the
@@ -246,9 +248,6 @@ def _partition(model: onnx.ModelProto, placement: _Placement, threads: int | Non
     return steps
 
 
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64}
-
-
 def _native_view(value: ort.OrtValue, name: str, dtype: type) -> _native.DeviceArray:
     """A CUDA OrtValue as the native library's view of it, after checking its device and dtype."""
     if value.device_name().lower() != "cuda":
@@ -264,7 +263,7 @@ def _view(value: ort.OrtValue) -> _native.DeviceArray:
 
 
 def _run_crf(step: _CrfNode, inputs: list[ort.OrtValue], placement: _Placement, threads: int | None,
-             weights_finite: Callable[[], bool] = lambda: True) -> list[ort.OrtValue]:
+             weights_finite: Callable[[], bool]) -> list[ort.OrtValue]:
     """One CRF node on the OrtValues of its inputs, on the backend's device (on the CPU with `threads`
     threads, None: every core); `weights_finite()` says whether the model's weights are, asked only for
     the message of a refusal."""
@@ -280,8 +279,8 @@ def _run_crf(step: _CrfNode, inputs: list[ort.OrtValue], placement: _Placement, 
         return [placement.put(logits), placement.put(scores)]
     views = [_native_view(value, name, CrfInputs.dtype(input_name))
              for input_name, name, value in zip(CrfInputs._fields, step.inputs, inputs)]
-    arrays = CrfInputs.of(views)
-    logits, scores = placement.empty(arrays.unary.shape), placement.empty(arrays.scores.shape)
+    node_inputs = CrfInputs.of(views)
+    logits, scores = placement.empty(node_inputs.unary.shape), placement.empty(node_inputs.scores.shape)
     run_node_cuda(views, step.attributes, _native_view(logits, step.outputs[0], np.float32),
                   _native_view(scores, step.outputs[1], np.float32), placement.device_id)
     return [logits, scores]
@@ -337,7 +336,4 @@ class OnnxRuntimeBackend:
             if timings is not None:
                 kind = "crf" if isinstance(step, _CrfNode) else "network"
                 timings[kind] = timings.get(kind, 0.0) + time.perf_counter() - start
-        host = {name: place.host(values[name]) for name in OUTPUTS}
-        host["instance_logits"], host["semantic_probabilities"] = (host["instance_logits"][0],
-                                                                   host["semantic_probabilities"][0])
-        return host
+        return {name: place.host(values[name])[0] for name in OUTPUTS}  # each output's batch axis is 1

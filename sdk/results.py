@@ -194,29 +194,29 @@ def build_result(
     detections: Detections,
     class_names: Sequence[str],
 ) -> SegmentationResult:
-    """The result of one image from a backend's outputs. N kept detections, K classes.
+    """The result of one image from a backend's outputs. D' kept detections, K classes, N instances.
 
     image: (H, W, 3) uint8 RGB, as load_image returns it (the result keeps a copy).
-    instance_logits: float (N+1, H, W), label 0 = background, label k = detections' k-th kept detection.
+    instance_logits: float (D'+1, H, W), label 0 = background, label k = detections' k-th kept detection.
     semantic_probabilities: float (K+1, H, W), Q_sem after the semantic CRF; 0 = background.
-    detections: what check_detections returned for this image (its kept boxes are the N).
+    detections: what check_detections returned for this image (its kept boxes are the D').
     class_names: the K class names, class id c named class_names[c-1].
     """
     height, width = _check_result_inputs(image, instance_logits, semantic_probabilities, detections, class_names)
     count = len(detections)
 
-    winner = _argmax_planes(instance_logits)  # (H, W) in 0..N
-    pixels = np.bincount(winner.ravel(), minlength=count + 1)  # (N+1,)
+    winner = _argmax_planes(instance_logits)  # (H, W) in 0..D'
+    pixels = np.bincount(winner.ravel(), minlength=count + 1)  # (D'+1,)
     present = np.flatnonzero(pixels[1:]) + 1  # label = kept index + 1, ascending = detection order
     renumber = np.zeros(count + 1, np.int32)
     renumber[present] = np.arange(1, len(present) + 1, dtype=np.int32)
     instance_map = renumber[winner]  # (H, W) int32
 
     # Score: the mean over each instance's pixels of Q_sem of its class, summed in float64 in one pass.
-    class_of_label = np.concatenate([[0], detections.labels]).astype(np.intp)  # (N+1,), background -> 0
+    class_of_label = np.concatenate([[0], detections.labels]).astype(np.intp)  # (D'+1,), background -> 0
     q_own = np.take_along_axis(semantic_probabilities, class_of_label[winner][None], axis=0)[0]  # (H, W)
     sums = np.bincount(winner.ravel(), weights=q_own.ravel().astype(np.float64), minlength=count + 1)
-    boxes = _instance_boxes(instance_map, len(present))  # (N', 4)
+    boxes = _instance_boxes(instance_map, len(present))  # (N, 4)
 
     instances = []
     for number, label in enumerate(present, start=1):

@@ -130,7 +130,8 @@ class Segmenter:
         """Segments one image.
 
         image: (H, W, 3) uint8 RGB, (H, W) grayscale, (H, W, 4) RGBA, or a path to an image file.
-        boxes: (D, 4) xyxy pixels; labels: (D,) class ids in 1..K; scores: (D,); D >= 0 (up to
+        boxes: (D, 4) xyxy pixels, inclusive (x2, y2 are the box's last column and row); labels: (D,)
+        class ids in 1..K; scores: (D,) non-negative detector confidences, not logits; D >= 0 (up to
         max_detections). Boxes reaching outside the image are clipped; inverted and outside
         ones are dropped with a warning and recorded in the result's `dropped`.
         timings: if given, gains the seconds the call spent in post-processing ("post") and, on

@@ -61,8 +61,8 @@ struct DetectionBelief {
 
 // p_d = min(s_d / s_max, 1 - epsilon): the Y update's prior, and the belief (1 - p_d, p_d) before the
 // first iteration.
-DYNSEG_HOST_DEVICE inline float detection_prior(float score, float score_ceiling, float prior_cap) {
-    return fminf(score / score_ceiling, prior_cap);
+DYNSEG_HOST_DEVICE inline float detection_prior(float score, float score_ceiling, float cap) {
+    return fminf(score / score_ceiling, cap);
 }
 
 DYNSEG_HOST_DEVICE inline DetectionBelief prior_belief(float prior) { return {1.0f - prior, prior}; }
@@ -98,7 +98,7 @@ public:
     // Lays out its per-detection scratch (counting mode when ws has no memory).
     DetectionPotential(const dynseg_crf_problem& problem, Workspace& ws);
 
-    bool active() const { return d_ != nullptr; }
+    bool active() const { return detections_ != nullptr; }
     // Before the first iteration: each belief <- its prior, recalibrated <- s_d (what T = 0 leaves).
     void start() const;
     // One iteration's term from q = Q^{t-1}, pixel-major (N, stride) as the logits are: logits += the
@@ -106,8 +106,8 @@ public:
     void add(const float* q, float* logits, int64_t stride, int threads) const;
 
 private:
-    const dynseg_detections* d_ = nullptr;
-    int64_t labels_ = 0, height_ = 0, width_ = 0;
+    const dynseg_detections* detections_ = nullptr;
+    int64_t num_labels_ = 0, height_ = 0, width_ = 0;
     BoxSpan* spans_ = nullptr;
     DetectionTerm* terms_ = nullptr;
     DetectionBelief* beliefs_ = nullptr;

@@ -85,7 +85,7 @@ inline void add_scalar_messages(const Lattice* lattices, const float* const* nor
 }  // namespace
 
 MeanField::MeanField(const dynseg_crf_problem& problem, int pass, Workspace& ws)
-    : p_(problem), detections_(problem, ws) {
+    : problem_(problem), detections_(problem, ws) {
     labels_ = problem.num_labels;
     stride_ = padded_channels(labels_);
     pixels_ = problem.height * problem.width;
@@ -106,10 +106,10 @@ MeanField::MeanField(const dynseg_crf_problem& problem, int pass, Workspace& ws)
     logits_ = ws.take<float>(size);
     if (pass == DYNSEG_PASS_BACKWARD) {
         history_ = ws.take<float>(size * problem.iterations);
-        grad_ = ws.take<float>(size);
+        grad_logits_ = ws.take<float>(size);
         grad_q_ = ws.take<float>(size);
-        grad_u_ = ws.take<float>(size);
-        h_ = ws.take<float>(size);
+        grad_unary_ = ws.take<float>(size);
+        grad_message_ = ws.take<float>(size);
         reduce_chunk_ = std::max<int64_t>(kGrain, (pixels_ + kMaxReduceChunks - 1) / kMaxReduceChunks);
         const int64_t chunks = (pixels_ + reduce_chunk_ - 1) / reduce_chunk_;
         // the parameter sums P: L x L where a matrix weight or a full compatibility reads them, else only
@@ -121,12 +121,12 @@ MeanField::MeanField(const dynseg_crf_problem& problem, int pass, Workspace& ws)
 }
 
 bool MeanField::prepare(char* error, int error_len) {
-    for (int k = 0; k < p_.num_kernels; ++k) {
+    for (int k = 0; k < problem_.num_kernels; ++k) {
         if (!lattices_[k].build(specs_[k], scratch_, threads_, error, error_len)) return false;
         // n = K(1), then the normalisation factors computed in double and stored as float (densecrf)
         float* norm = norm_[k];
         lattices_[k].filter_ones(norm);
-        const bool symmetric = p_.normalization == DYNSEG_NORMALIZE_SYMMETRIC;
+        const bool symmetric = problem_.normalization == DYNSEG_NORMALIZE_SYMMETRIC;
         parallel_for(pixels_, kGrain, threads_, [&](int64_t begin, int64_t end) {
             for (int64_t i = begin; i < end; ++i) {
                 const double n = static_cast<double>(norm[i]) + 1e-20;
@@ -138,7 +138,7 @@ bool MeanField::prepare(char* error, int error_len) {
 }
 
 // (channels, N) planar -> (N, stride) pixel-major with zero padding, and back.
-void MeanField::load(const float* planar, float* pixel_major, int64_t channels) const {
+void MeanField::to_pixel_major(const float* planar, float* pixel_major, int64_t channels) const {
     const int64_t S = padded_channels(channels);
     parallel_for(pixels_, kGrain, threads_, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; b += kCopyBlock) {
@@ -151,7 +151,7 @@ void MeanField::load(const float* planar, float* pixel_major, int64_t channels) 
     });
 }
 // With softmax, each block's rows go through the softmax (into q_, still in cache) on the way out.
-void MeanField::store(const float* pixel_major, float* planar, int64_t channels, bool apply_softmax) const {
+void MeanField::to_planar(const float* pixel_major, float* planar, int64_t channels, bool apply_softmax) const {
     const int64_t S = padded_channels(channels);
     parallel_for(pixels_, kGrain, threads_, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; b += kCopyBlock) {
@@ -174,9 +174,9 @@ void MeanField::store(const float* pixel_major, float* planar, int64_t channels,
 // "symmetric": D^1/2 K D^1/2 (the stored factor is already n^-1/2).
 template <int V>
 void MeanField::scalar_messages(int64_t c0, const float* q) {
-    const int K = p_.num_kernels;
+    const int K = problem_.num_kernels;
     const int64_t S = stride_;
-    const bool symmetric = p_.normalization == DYNSEG_NORMALIZE_SYMMETRIC;
+    const bool symmetric = problem_.normalization == DYNSEG_NORMALIZE_SYMMETRIC;
     if (lattices_[0].gathers()) {
         for (int k = 0; k < K; ++k) lattices_[k].gather<V>(q, S, c0, symmetric ? norm_[k] : nullptr);
     } else {
@@ -191,12 +191,12 @@ void MeanField::scalar_messages(int64_t c0, const float* q) {
         }
     }
     for (int k = 0; k < K; ++k) lattices_[k].blur<V>(false);
-    const bool potts = p_.compat_kind == DYNSEG_COMPAT_POTTS;
+    const bool potts = problem_.compat_kind == DYNSEG_COMPAT_POTTS;
     parallel_for(pixels_, kGrain, threads_, [&](int64_t begin, int64_t end) {
         for (int64_t p = begin; p < end; ++p) {
             vec8 a[V];
             for (int j = 0; j < V; ++j) a[j] = potts ? load8(unary_ + p * S + c0 + 8 * j) : splat8(0.0f);
-            add_scalar_messages<V>(lattices_, norm_, p_.kernels, K, p, a);
+            add_scalar_messages<V>(lattices_, norm_, problem_.kernels, K, p, a);
             for (int j = 0; j < V; ++j) store8(logits_ + p * S + c0 + 8 * j, a[j]);
         }
     });
@@ -205,9 +205,9 @@ void MeanField::scalar_messages(int64_t c0, const float* q) {
 // acc (+)= W_k Knorm_k(Q) for one kernel, the general path (a matrix weight mixes labels, so the
 // whole filtered row is needed before the message of any label).
 void MeanField::kernel_message(int k, const float* q, bool first) {
-    const dynseg_kernel& kernel = p_.kernels[k];
-    const bool potts = p_.compat_kind == DYNSEG_COMPAT_POTTS;
-    const float* pre = p_.normalization == DYNSEG_NORMALIZE_SYMMETRIC ? norm_[k] : nullptr;
+    const dynseg_kernel& kernel = problem_.kernels[k];
+    const bool potts = problem_.compat_kind == DYNSEG_COMPAT_POTTS;
+    const float* pre = problem_.normalization == DYNSEG_NORMALIZE_SYMMETRIC ? norm_[k] : nullptr;
     FilterOutput out;
     out.scale = norm_[k];
     if (!is_matrix(kernel)) {
@@ -251,16 +251,16 @@ std::vector<float> MeanField::padded_columns(const float* M) const {
 
 // Potts: logits_ already holds U + m. Otherwise logits_ holds m: logits = U - mu m, written into logits_.
 void MeanField::finish_logits() const {
-    if (p_.compat_kind == DYNSEG_COMPAT_POTTS) return;
+    if (problem_.compat_kind == DYNSEG_COMPAT_POTTS) return;
     const int64_t L = labels_, S = stride_;
-    const float* mu = p_.compat;
+    const float* mu = problem_.compat;
     const std::vector<float> columns =
-        p_.compat_kind == DYNSEG_COMPAT_FULL ? padded_columns(mu) : std::vector<float>();
+        problem_.compat_kind == DYNSEG_COMPAT_FULL ? padded_columns(mu) : std::vector<float>();
     const float* mu_c = columns.data();
     parallel_for(pixels_, kGrain, threads_, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
             float* row = logits_ + i * S;
-            if (p_.compat_kind == DYNSEG_COMPAT_DIAGONAL) {
+            if (problem_.compat_kind == DYNSEG_COMPAT_DIAGONAL) {
                 for (int64_t a = 0; a < L; ++a) row[a] = unary_[i * S + a] - mu[a] * row[a];
                 continue;
             }
@@ -305,18 +305,19 @@ void MeanField::softmax_range(const float* logits, float* q, int64_t first, int6
 // Leaves L^T in logits_; history (may be null) receives Q^0 .. Q^{T-1}. unary_ must hold U.
 void MeanField::run_iterations(float* history) {
     const int64_t size = pixels_ * stride_;
-    const int K = p_.num_kernels;
-    const bool potts = p_.compat_kind == DYNSEG_COMPAT_POTTS;
+    const int K = problem_.num_kernels;
+    const bool potts = problem_.compat_kind == DYNSEG_COMPAT_POTTS;
     bool scalar = true;
-    for (int k = 0; k < K; ++k) scalar = scalar && !is_matrix(p_.kernels[k]);
-    if (p_.iterations == 0 || K == 0) std::copy(unary_, unary_ + size, logits_);
+    for (int k = 0; k < K; ++k) scalar = scalar && !is_matrix(problem_.kernels[k]);
+    if (problem_.iterations == 0 || K == 0) std::copy(unary_, unary_ + size, logits_);
     detections_.start();
-    for (int t = 0; t < p_.iterations; ++t) {
+    for (int t = 0; t < problem_.iterations; ++t) {
         stop_if_cancelled();
         const float* logits = t == 0 ? unary_ : logits_;
         float* q = history ? history + t * size : q_;
         softmax(logits, q);
         if (K == 0) {
+            // no pairwise message: L^t = U, and the detection term below is added onto U afresh
             if (detections_.active()) std::copy(unary_, unary_ + size, logits_);
         } else if (scalar) {
             scalar_messages_all_tiles(q);
@@ -333,10 +334,10 @@ void MeanField::run_iterations(float* history) {
 // The common case gets a path of its own: one thread, at most one label tile, scalar weights,
 // Potts compatibility, at least one kernel and one iteration.
 bool MeanField::can_stream() const {
-    if (threads_ != 1 || stride_ > kLabelTile || p_.compat_kind != DYNSEG_COMPAT_POTTS) return false;
-    if (p_.num_kernels == 0 || p_.iterations == 0 || detections_.active()) return false;
-    for (int k = 0; k < p_.num_kernels; ++k)
-        if (is_matrix(p_.kernels[k])) return false;
+    if (threads_ != 1 || stride_ > kLabelTile || problem_.compat_kind != DYNSEG_COMPAT_POTTS) return false;
+    if (problem_.num_kernels == 0 || problem_.iterations == 0 || detections_.active()) return false;
+    for (int k = 0; k < problem_.num_kernels; ++k)
+        if (is_matrix(problem_.kernels[k])) return false;
     return true;
 }
 
@@ -345,22 +346,22 @@ bool MeanField::can_stream() const {
 // every lattice's spare buffer, so U is the only array streamed from memory. The messages are summed
 // as in scalar_messages (both through add_scalar_messages), so the bits are the same. U comes planar;
 // the result goes to logits_ (planar_out null) or planar into planar_out, as logits or probabilities
-// (p_.output).
+// (problem_.output).
 template <int V>
 void MeanField::stream_iterations(const float* unary, float* history, float* planar_out) {
-    const int K = p_.num_kernels;
+    const int K = problem_.num_kernels;
     const int64_t S = stride_, size = pixels_ * stride_;
-    const bool symmetric = p_.normalization == DYNSEG_NORMALIZE_SYMMETRIC;
+    const bool symmetric = problem_.normalization == DYNSEG_NORMALIZE_SYMMETRIC;
     const ivec8 in_use = lanes_in_use();
     // logits of pixel p: U + sum_k w_k (norm_k ⊙ slice_k), from the lattices' blurred values
     auto logits = [&](int64_t p, vec8* a) {
         for (int j = 0; j < V; ++j) a[j] = load8(unary_ + p * S + 8 * j);
-        add_scalar_messages<V>(lattices_, norm_, p_.kernels, K, p, a);
+        add_scalar_messages<V>(lattices_, norm_, problem_.kernels, K, p, a);
     };
     // Pixels go in blocks: the block's softmaxes are independent, so their long dependency chains
     // (max, exp, sum, divide) overlap instead of waiting on each other's scatter.
     alignas(32) float rows[kBlock][8 * V], q[kBlock][8 * V];
-    for (int it = 0; it < p_.iterations; ++it) {
+    for (int it = 0; it < problem_.iterations; ++it) {
         stop_if_cancelled();
         for (int k = 0; k < K; ++k) lattices_[k].clear<V>(true);
         for (int64_t p0 = 0; p0 < pixels_; p0 += kBlock) {
@@ -406,7 +407,7 @@ void MeanField::stream_iterations(const float* unary, float* history, float* pla
         }
         return;
     }
-    const bool probabilities = p_.output == DYNSEG_OUTPUT_PROBABILITIES;
+    const bool probabilities = problem_.output == DYNSEG_OUTPUT_PROBABILITIES;
     for (int64_t p0 = 0; p0 < pixels_; p0 += kBlock) {
         const int64_t count = std::min(kBlock, pixels_ - p0);
         for (int64_t b = 0; b < count; ++b) {
@@ -449,19 +450,19 @@ void MeanField::forward(const float* unary, float* out) {
         stream_iterations(unary, nullptr, out);
         return;
     }
-    load(unary, unary_, labels_);
+    to_pixel_major(unary, unary_, labels_);
     run_iterations(nullptr);
-    store(logits_, out, labels_, p_.output == DYNSEG_OUTPUT_PROBABILITIES);
+    to_planar(logits_, out, labels_, problem_.output == DYNSEG_OUTPUT_PROBABILITIES);
 }
 
 bool MeanField::filter(int kernel, int64_t channels, const float* values, float* out, bool transpose,
                        char* error, int error_len) {
     if (!lattices_[kernel].build(specs_[kernel], scratch_, threads_, error, error_len)) return false;
-    load(values, q_, channels);
+    to_pixel_major(values, q_, channels);
     FilterOutput output;
     output.out = filtered_;
     lattices_[kernel].filter(q_, padded_channels(channels), nullptr, transpose, output);
-    store(filtered_, out, channels);
+    to_planar(filtered_, out, channels);
     return true;
 }
 

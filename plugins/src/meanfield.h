@@ -54,10 +54,10 @@ private:
     void softmax_range(const float* logits, float* q, int64_t first, int64_t last, int threads) const;
     void add_parameter_gradients(const dynseg_kernel& kernel, const std::vector<double>& P,
                                  std::vector<double>& dweight, std::vector<double>& dmu) const;
-    void load(const float* planar, float* pixel_major, int64_t channels) const;
-    void store(const float* pixel_major, float* planar, int64_t channels, bool apply_softmax = false) const;
+    void to_pixel_major(const float* planar, float* pixel_major, int64_t channels) const;
+    void to_planar(const float* pixel_major, float* planar, int64_t channels, bool apply_softmax = false) const;
 
-    const dynseg_crf_problem& p_;
+    const dynseg_crf_problem& problem_;
     int64_t labels_ = 0, pixels_ = 0;
     int64_t stride_ = 0;  // row length of the pixel-major arrays: labels padded to whole vectors
     int threads_ = 1;
@@ -74,10 +74,10 @@ private:
     float* logits_ = nullptr;  // the messages summed into the logits: U + m (Potts) or m, then L = U - mu m
     // backward only
     float* history_ = nullptr;  // (T, N, stride): Q^0 .. Q^{T-1}
-    float* grad_ = nullptr;
-    float* grad_q_ = nullptr;
-    float* grad_u_ = nullptr;
-    float* h_ = nullptr;
+    float* grad_logits_ = nullptr;   // G = dLoss/dL^t of the iteration being walked back
+    float* grad_q_ = nullptr;        // dLoss/dQ^{t-1}
+    float* grad_unary_ = nullptr;    // dLoss/dU, summed over the iterations
+    float* grad_message_ = nullptr;  // H = -mu^T Knorm^T G, dLoss/dm
     double* partial_ = nullptr;  // (chunks, L, L) per-chunk sums, added in chunk order
     int64_t reduce_chunk_ = 0;
 };

@@ -17,38 +17,38 @@ void MeanField::backward(const float* unary, const float* grad_logits, float* gr
     if (can_stream()) {
         stream_iterations(unary, history_, nullptr);
     } else {
-        load(unary, unary_, L);
+        to_pixel_major(unary, unary_, L);
         run_iterations(history_);
     }
-    load(grad_logits, grad_, L);
-    std::fill(grad_u_, grad_u_ + size, 0.0f);
+    to_pixel_major(grad_logits, grad_logits_, L);
+    std::fill(grad_unary_, grad_unary_ + size, 0.0f);
 
-    const int kind = p_.compat_kind;
-    const float* mu = p_.compat;
+    const int kind = problem_.compat_kind;
+    const float* mu = problem_.compat;
     const int64_t chunks = (N + reduce_chunk_ - 1) / reduce_chunk_;
     std::vector<double> dweight[DYNSEG_MAX_KERNELS];
-    for (int k = 0; k < p_.num_kernels; ++k) dweight[k].assign(is_matrix(p_.kernels[k]) ? L * L : 1, 0.0);
+    for (int k = 0; k < problem_.num_kernels; ++k) dweight[k].assign(is_matrix(problem_.kernels[k]) ? L * L : 1, 0.0);
     std::vector<double> dmu(kind == DYNSEG_COMPAT_FULL ? L * L : kind == DYNSEG_COMPAT_DIAGONAL ? L : 0, 0.0);
     std::vector<double> P;  // L x L, or its diagonal alone where nothing reads the rest (as partial_)
 
-    for (int t = p_.iterations - 1; t >= 0; --t) {
+    for (int t = problem_.iterations - 1; t >= 0; --t) {
         stop_if_cancelled();
         const float* Q = history_ + t * size;
-        for (int64_t i = 0; i < size; ++i) grad_u_[i] += grad_[i];
+        for (int64_t i = 0; i < size; ++i) grad_unary_[i] += grad_logits_[i];
         std::fill(grad_q_, grad_q_ + size, 0.0f);
-        for (int k = 0; k < p_.num_kernels; ++k) {
-            const dynseg_kernel& kernel = p_.kernels[k];
+        for (int k = 0; k < problem_.num_kernels; ++k) {
+            const dynseg_kernel& kernel = problem_.kernels[k];
             // R = Knorm^T G (into filtered_): "after" K^T D, "symmetric" D^1/2 K^T D^1/2
             FilterOutput out;
             out.out = filtered_;
-            out.scale = p_.normalization == DYNSEG_NORMALIZE_SYMMETRIC ? norm_[k] : nullptr;
-            lattices_[k].filter(grad_, S, norm_[k], true, out);
+            out.scale = problem_.normalization == DYNSEG_NORMALIZE_SYMMETRIC ? norm_[k] : nullptr;
+            lattices_[k].filter(grad_logits_, S, norm_[k], true, out);
             const float* R = filtered_;
             // H = -mu^T R, the gradient w.r.t. the message; dQ += W_k^T H
             parallel_for(N, kGrain, threads_, [&](int64_t begin, int64_t end) {
                 for (int64_t i = begin; i < end; ++i) {
                     const float* r = R + i * S;
-                    float* h = h_ + i * S;
+                    float* h = grad_message_ + i * S;
                     if (kind == DYNSEG_COMPAT_POTTS)
                         std::copy(r, r + L, h);
                     else if (kind == DYNSEG_COMPAT_DIAGONAL)
@@ -104,13 +104,13 @@ void MeanField::backward(const float* unary, const float* grad_logits, float* gr
                 const float* gq = grad_q_ + i * S;
                 float dot = 0.0f;
                 for (int64_t l = 0; l < L; ++l) dot += gq[l] * q[l];
-                for (int64_t l = 0; l < L; ++l) grad_[i * S + l] = q[l] * (gq[l] - dot);
+                for (int64_t l = 0; l < L; ++l) grad_logits_[i * S + l] = q[l] * (gq[l] - dot);
             }
         });
     }
-    for (int64_t i = 0; i < size; ++i) grad_u_[i] += grad_[i];
-    store(grad_u_, grad_unary, L);
-    for (int k = 0; k < p_.num_kernels; ++k)
+    for (int64_t i = 0; i < size; ++i) grad_unary_[i] += grad_logits_[i];
+    to_planar(grad_unary_, grad_unary, L);
+    for (int k = 0; k < problem_.num_kernels; ++k)
         if (grad_weights && grad_weights[k])
             for (size_t j = 0; j < dweight[k].size(); ++j) grad_weights[k][j] = static_cast<float>(dweight[k][j]);
     if (grad_compat)
@@ -123,8 +123,8 @@ void MeanField::backward(const float* unary, const float* grad_logits, float* gr
 void MeanField::add_parameter_gradients(const dynseg_kernel& kernel, const std::vector<double>& P,
                                         std::vector<double>& dweight, std::vector<double>& dmu) const {
     const int64_t L = labels_;
-    const int kind = p_.compat_kind;
-    const float* mu = p_.compat;
+    const int kind = problem_.compat_kind;
+    const float* mu = problem_.compat;
     const bool full = static_cast<int64_t>(P.size()) == L * L;
     auto entry = [&](int64_t a, int64_t b) -> double { return full ? P[a * L + b] : a == b ? P[a] : 0.0; };
     auto mu_at = [&](int64_t a, int64_t b) -> double {

@@ -379,7 +379,7 @@ def test_the_outputs_come_without_a_copy_and_outlive_the_calls_that_follow(expor
         owner = array
         while isinstance(owner, np.ndarray):
             owner = owner.base
-        assert isinstance(owner, onnx_backend._Kept), name  # a view of onnxruntime's own memory
+        assert isinstance(owner, onnx_backend._OrtValueMemory), name  # a view of onnxruntime's own memory
         # at the OrtValue's own address: before onnxruntime 1.19 numpy() was a copy, freed with it
         assert array.__array_interface__["data"][0] == owner.value.data_ptr(), name
         assert np.array_equal(array, kept[name]), name

@@ -76,37 +76,39 @@ __global__ void fail_scores(float* recalibrated, int64_t count, const Status* st
 
 DetectionPotential::DetectionPotential(const dynseg_crf_problem& problem, Workspace& ws) {
     if (!problem.detections || problem.detections->count == 0) return;
-    d_ = problem.detections;
-    labels_ = problem.num_labels;
+    detections_ = problem.detections;
+    num_labels_ = problem.num_labels;
     height_ = problem.height;
     width_ = problem.width;
-    prior_cap_ = prior_cap(d_->epsilon);
-    spans_ = ws.take<BoxSpan>(d_->count);
-    terms_ = ws.take<DetectionTerm>(d_->count);
-    beliefs_ = ws.take<DetectionBelief>(d_->count);
+    prior_cap_ = prior_cap(detections_->epsilon);
+    spans_ = ws.take<BoxSpan>(detections_->count);
+    terms_ = ws.take<DetectionTerm>(detections_->count);
+    beliefs_ = ws.take<DetectionBelief>(detections_->count);
 }
 
 void DetectionPotential::start(const Launch& launch) const {
-    if (!d_) return;
-    prior_beliefs<<<launch.blocks(d_->count), kThreads, 0, launch.stream>>>(d_->scores, d_->count, d_->score_ceiling,
-                                                                            prior_cap_, beliefs_);
-    if (d_->recalibrated)
-        cudaMemcpyAsync(d_->recalibrated, d_->scores, d_->count * sizeof(float), cudaMemcpyDeviceToDevice,
-                        launch.stream);
+    if (!detections_) return;
+    prior_beliefs<<<launch.blocks(detections_->count), kThreads, 0, launch.stream>>>(
+        detections_->scores, detections_->count, detections_->score_ceiling, prior_cap_, beliefs_);
+    if (detections_->recalibrated)
+        cudaMemcpyAsync(detections_->recalibrated, detections_->scores, detections_->count * sizeof(float),
+                        cudaMemcpyDeviceToDevice, launch.stream);
 }
 
 void DetectionPotential::finish(const Status* status, const Launch& launch) const {
-    if (!d_ || !d_->recalibrated) return;
-    fail_scores<<<launch.blocks(d_->count), kThreads, 0, launch.stream>>>(d_->recalibrated, d_->count, status);
+    if (!detections_ || !detections_->recalibrated) return;
+    fail_scores<<<launch.blocks(detections_->count), kThreads, 0, launch.stream>>>(detections_->recalibrated,
+                                                                                   detections_->count, status);
 }
 
 void DetectionPotential::add(const float* q, float* logits, int64_t stride, const Launch& launch) const {
-    if (!d_) return;
-    box_terms<<<static_cast<unsigned>(d_->count), kThreads, 0, launch.stream>>>(
-        q, stride, labels_, height_, width_, d_->boxes, d_->labels, d_->scores, d_->detection_x, d_->detection_y,
-        d_->score_ceiling, prior_cap_, spans_, terms_, beliefs_, d_->recalibrated);
-    add_terms<<<launch.blocks(height_ * width_ * labels_), kThreads, 0, launch.stream>>>(
-        logits, stride, labels_, height_, width_, spans_, d_->labels, terms_, d_->count);
+    if (!detections_) return;
+    box_terms<<<static_cast<unsigned>(detections_->count), kThreads, 0, launch.stream>>>(
+        q, stride, num_labels_, height_, width_, detections_->boxes, detections_->labels, detections_->scores,
+        detections_->detection_x, detections_->detection_y, detections_->score_ceiling, prior_cap_, spans_, terms_,
+        beliefs_, detections_->recalibrated);
+    add_terms<<<launch.blocks(height_ * width_ * num_labels_), kThreads, 0, launch.stream>>>(
+        logits, stride, num_labels_, height_, width_, spans_, detections_->labels, terms_, detections_->count);
 }
 
 }  // namespace cuda

@@ -22,7 +22,7 @@ class DetectionPotential {
 public:
     DetectionPotential(const dynseg_crf_problem& problem, Workspace& ws);
 
-    bool active() const { return d_ != nullptr; }
+    bool active() const { return detections_ != nullptr; }
     // Before the first iteration: each belief <- its prior, recalibrated <- s_d (what T = 0 leaves).
     void start(const Launch& launch) const;
     // One iteration's term from q = Q^{t-1}, pixel-major (N, stride) as the logits are: logits += the
@@ -32,8 +32,8 @@ public:
     void finish(const Status* status, const Launch& launch) const;
 
 private:
-    const dynseg_detections* d_ = nullptr;
-    int64_t labels_ = 0, height_ = 0, width_ = 0;
+    const dynseg_detections* detections_ = nullptr;
+    int64_t num_labels_ = 0, height_ = 0, width_ = 0;
     float prior_cap_ = 1.0f;
     BoxSpan* spans_ = nullptr;  // device arrays, (D,) each
     DetectionTerm* terms_ = nullptr;

@@ -323,7 +323,7 @@ __global__ void to_float(const double* in, float* out, int64_t count, const Stat
 }  // namespace
 
 MeanField::MeanField(const dynseg_crf_problem& problem, int pass, Workspace& ws)
-    : p_(problem), status_(ws.take<Status>(1)),  // first, where dynseg_crf_check_cuda looks for it
+    : problem_(problem), status_(ws.take<Status>(1)),  // first, where dynseg_crf_check_cuda looks for it
       detections_(problem, ws) {
     labels_ = problem.num_labels;
     stride_ = padded_channels(labels_);
@@ -346,10 +346,10 @@ MeanField::MeanField(const dynseg_crf_problem& problem, int pass, Workspace& ws)
     if (pass == DYNSEG_PASS_BACKWARD) {
         const int64_t L = labels_;
         history_ = ws.take<float>(size * problem.iterations);
-        grad_ = ws.take<float>(size);
+        grad_logits_ = ws.take<float>(size);
         grad_q_ = ws.take<float>(size);
-        grad_u_ = ws.take<float>(size);
-        h_ = ws.take<float>(size);
+        grad_unary_ = ws.take<float>(size);
+        grad_message_ = ws.take<float>(size);
         // P takes L x L doubles only where a matrix weight or a full mu reads all of it; else its diagonal
         bool full = problem.compat_kind == DYNSEG_COMPAT_FULL;
         for (int k = 0; k < problem.num_kernels; ++k) full = full || is_matrix(problem.kernels[k]);
@@ -366,9 +366,10 @@ MeanField::MeanField(const dynseg_crf_problem& problem, int pass, Workspace& ws)
 
 void MeanField::prepare(const Launch& launch) {
     cudaMemsetAsync(status_, 0, sizeof(Status), launch.stream);
-    for (int k = 0; k < p_.num_kernels; ++k) lattices_[k].build(specs_[k], scratch_, k, status_, launch);
-    if (p_.num_kernels > 0)
-        normalisers(lattices_, p_.num_kernels, norm_, p_.normalization == DYNSEG_NORMALIZE_SYMMETRIC, launch);
+    for (int k = 0; k < problem_.num_kernels; ++k) lattices_[k].build(specs_[k], scratch_, k, status_, launch);
+    if (problem_.num_kernels > 0)
+        normalisers(lattices_, problem_.num_kernels, norm_, problem_.normalization == DYNSEG_NORMALIZE_SYMMETRIC,
+                    launch);
 }
 
 void MeanField::softmax(const float* logits, float* q, const Launch& launch) const {
@@ -384,14 +385,14 @@ void MeanField::softmax(const float* logits, float* q, const Launch& launch) con
 // Scalar weights add each message straight into acc, so all the kernels filter together; a matrix
 // weight needs its kernel's message alone first (in filtered_), so then they filter one at a time.
 void MeanField::messages(const float* q, const Launch& launch) {
-    const int K = p_.num_kernels;
-    const bool potts = p_.compat_kind == DYNSEG_COMPAT_POTTS;
-    const float* pre = p_.normalization == DYNSEG_NORMALIZE_SYMMETRIC ? norm_ : nullptr;
+    const int K = problem_.num_kernels;
+    const bool potts = problem_.compat_kind == DYNSEG_COMPAT_POTTS;
+    const float* pre = problem_.normalization == DYNSEG_NORMALIZE_SYMMETRIC ? norm_ : nullptr;
     FilterOutput out[DYNSEG_MAX_KERNELS];
     bool any_matrix = false;
     for (int k = 0; k < K; ++k) {
         out[k].scale = norm(k);
-        if (is_matrix(p_.kernels[k])) {
+        if (is_matrix(problem_.kernels[k])) {
             any_matrix = true;
             out[k].out = filtered_;
         } else {
@@ -399,7 +400,7 @@ void MeanField::messages(const float* q, const Launch& launch) {
             out[k].mode = potts && k == 0 ? FilterOutput::kFromBase : FilterOutput::kAccumulate;
             out[k].out = acc_;
             out[k].base = unary_;
-            out[k].weight = p_.kernels[k].weight;
+            out[k].weight = problem_.kernels[k].weight;
         }
     }
     if (!any_matrix) {
@@ -408,19 +409,21 @@ void MeanField::messages(const float* q, const Launch& launch) {
     }
     for (int k = 0; k < K; ++k) {
         filter(&lattices_[k], 1, q, stride_, pre ? norm(k) : nullptr, false, &out[k], launch);
-        if (is_matrix(p_.kernels[k]))
+        if (is_matrix(problem_.kernels[k]))
             matrix_message<<<launch.blocks(pixels_ * labels_), kThreads, 0, launch.stream>>>(
-                filtered_, p_.kernels[k].weight, unary_, acc_, labels_, pixels_, stride_, potts && k == 0);
+                filtered_, problem_.kernels[k].weight, unary_, acc_, labels_, pixels_, stride_, potts && k == 0);
     }
 }
 
 // Potts: acc already holds U + m. Otherwise acc holds m: logits = U - mu m.
 void MeanField::finish_logits(const Launch& launch) {
     const int blocks = launch.blocks(pixels_ * labels_);
-    if (p_.compat_kind == DYNSEG_COMPAT_DIAGONAL) {
-        diagonal_logits<<<blocks, kThreads, 0, launch.stream>>>(acc_, unary_, p_.compat, labels_, pixels_, stride_);
-    } else if (p_.compat_kind == DYNSEG_COMPAT_FULL) {
-        full_logits<<<blocks, kThreads, 0, launch.stream>>>(acc_, unary_, p_.compat, filtered_, labels_, pixels_, stride_);
+    if (problem_.compat_kind == DYNSEG_COMPAT_DIAGONAL) {
+        diagonal_logits<<<blocks, kThreads, 0, launch.stream>>>(acc_, unary_, problem_.compat, labels_, pixels_,
+                                                                stride_);
+    } else if (problem_.compat_kind == DYNSEG_COMPAT_FULL) {
+        full_logits<<<blocks, kThreads, 0, launch.stream>>>(acc_, unary_, problem_.compat, filtered_, labels_, pixels_,
+                                                            stride_);
         std::swap(acc_, filtered_);
     }
 }
@@ -438,7 +441,7 @@ void MeanField::start(const float* unary, float* q, const Launch& launch) {
 
 // out (L, N) = the call's result, softmax(acc_) or acc_ itself (NaN if a lattice failed).
 void MeanField::finish(float* out, const Launch& launch) {
-    const bool probabilities = p_.output == DYNSEG_OUTPUT_PROBABILITIES;
+    const bool probabilities = problem_.output == DYNSEG_OUTPUT_PROBABILITIES;
     if (probabilities && stride_ <= kTileRow) {
         softmax_short_rows<<<launch.blocks(pixels_), kThreads, 0, launch.stream>>>(acc_, false, nullptr, out, true,
                                                                                    status_, labels_, pixels_, stride_);
@@ -452,18 +455,19 @@ void MeanField::finish(float* out, const Launch& launch) {
 // Q^0 going where iteration 0 reads it (history, else q_).
 void MeanField::run_iterations(float* history, const Launch& launch) {
     const int64_t size = pixels_ * stride_;
-    const int K = p_.num_kernels;
-    if (p_.iterations == 0 || K == 0)
+    const int K = problem_.num_kernels;
+    if (problem_.iterations == 0 || K == 0)
         cudaMemcpyAsync(acc_, unary_, size * sizeof(float), cudaMemcpyDeviceToDevice, launch.stream);
     detections_.start(launch);
-    for (int t = 0; t < p_.iterations; ++t) {
+    for (int t = 0; t < problem_.iterations; ++t) {
         float* q = history ? history + t * size : q_;
         if (t > 0) softmax(acc_, q, launch);
         if (K == 0) {
             if (detections_.active())
                 cudaMemcpyAsync(acc_, unary_, size * sizeof(float), cudaMemcpyDeviceToDevice, launch.stream);
         } else {
-            if (p_.compat_kind != DYNSEG_COMPAT_POTTS) cudaMemsetAsync(acc_, 0, size * sizeof(float), launch.stream);
+            if (problem_.compat_kind != DYNSEG_COMPAT_POTTS)
+                cudaMemsetAsync(acc_, 0, size * sizeof(float), launch.stream);
             messages(q, launch);
             finish_logits(launch);
         }
@@ -484,50 +488,51 @@ void MeanField::backward(const float* unary, const float* grad_logits, float* gr
     const int64_t L = labels_, S = stride_, N = pixels_, size = N * S;
     cudaStream_t stream = launch.stream;
     prepare(launch);
-    start(unary, p_.iterations > 0 ? history_ : q_, launch);
+    start(unary, problem_.iterations > 0 ? history_ : q_, launch);
     run_iterations(history_, launch);
-    to_pixel_major(grad_logits, grad_, L, N, S, launch);
-    cudaMemsetAsync(grad_u_, 0, size * sizeof(float), stream);
-    const int kind = p_.compat_kind;
-    for (int k = 0; k < p_.num_kernels; ++k)
-        cudaMemsetAsync(dweight_[k], 0, (is_matrix(p_.kernels[k]) ? L * L : 1) * sizeof(double), stream);
+    to_pixel_major(grad_logits, grad_logits_, L, N, S, launch);
+    cudaMemsetAsync(grad_unary_, 0, size * sizeof(float), stream);
+    const int kind = problem_.compat_kind;
+    for (int k = 0; k < problem_.num_kernels; ++k)
+        cudaMemsetAsync(dweight_[k], 0, (is_matrix(problem_.kernels[k]) ? L * L : 1) * sizeof(double), stream);
     cudaMemsetAsync(dmu_, 0, (kind == DYNSEG_COMPAT_FULL ? L * L : L) * sizeof(double), stream);
     const int64_t chunks = (N + reduce_chunk_ - 1) / reduce_chunk_;
 
-    for (int t = p_.iterations - 1; t >= 0; --t) {
+    for (int t = problem_.iterations - 1; t >= 0; --t) {
         const float* Q = history_ + t * size;
-        add_into<<<launch.blocks(size), kThreads, 0, stream>>>(grad_u_, grad_, size);
+        add_into<<<launch.blocks(size), kThreads, 0, stream>>>(grad_unary_, grad_logits_, size);
         cudaMemsetAsync(grad_q_, 0, size * sizeof(float), stream);
-        for (int k = 0; k < p_.num_kernels; ++k) {
-            const dynseg_kernel& kernel = p_.kernels[k];
+        for (int k = 0; k < problem_.num_kernels; ++k) {
+            const dynseg_kernel& kernel = problem_.kernels[k];
             // R = Knorm^T G (into filtered_): "after" K^T D, "symmetric" D^1/2 K^T D^1/2
             FilterOutput out;
             out.out = filtered_;
-            out.scale = p_.normalization == DYNSEG_NORMALIZE_SYMMETRIC ? norm(k) : nullptr;
-            filter(&lattices_[k], 1, grad_, S, norm(k), true, &out, launch);
-            message_gradient<<<launch.blocks(size), kThreads, 0, stream>>>(filtered_, p_.compat, kind, h_, L, N, S);
-            add_weighted_gradient<<<launch.blocks(N * L), kThreads, 0, stream>>>(h_, kernel.weight, is_matrix(kernel),
-                                                                                 grad_q_, L, N, S);
+            out.scale = problem_.normalization == DYNSEG_NORMALIZE_SYMMETRIC ? norm(k) : nullptr;
+            filter(&lattices_[k], 1, grad_logits_, S, norm(k), true, &out, launch);
+            message_gradient<<<launch.blocks(size), kThreads, 0, stream>>>(filtered_, problem_.compat, kind,
+                                                                           grad_message_, L, N, S);
+            add_weighted_gradient<<<launch.blocks(N * L), kThreads, 0, stream>>>(grad_message_, kernel.weight,
+                                                                                 is_matrix(kernel), grad_q_, L, N, S);
             // P = sum_i R_i Q_i^T: in full when a matrix needs it, else only its diagonal
             const bool full = is_matrix(kernel) || kind == DYNSEG_COMPAT_FULL;
             gradient_chunk_sums<<<static_cast<int>(chunks), kThreads, 0, stream>>>(filtered_, Q, L, N, S,
                                                                                   reduce_chunk_, full, partial_);
             sum_chunks<<<launch.blocks(full ? L * L : L), kThreads, 0, stream>>>(partial_, chunks, L, full, P_);
             if (!is_matrix(kernel))
-                scalar_weight_gradient<<<1, kThreads, 0, stream>>>(P_, full, p_.compat, kind, L, dweight_[k]);
+                scalar_weight_gradient<<<1, kThreads, 0, stream>>>(P_, full, problem_.compat, kind, L, dweight_[k]);
             if (full)
-                matrix_gradients<<<launch.blocks(L * L), kThreads, 0, stream>>>(P_, p_.compat, kind, kernel.weight,
-                                                                                is_matrix(kernel), L, dweight_[k], dmu_);
+                matrix_gradients<<<launch.blocks(L * L), kThreads, 0, stream>>>(
+                    P_, problem_.compat, kind, kernel.weight, is_matrix(kernel), L, dweight_[k], dmu_);
             else if (kind == DYNSEG_COMPAT_DIAGONAL)
                 diagonal_compat_gradient<<<launch.blocks(L), kThreads, 0, stream>>>(P_, kernel.weight, L, dmu_);
         }
-        softmax_backward<<<launch.blocks(N), kThreads, 0, stream>>>(Q, grad_q_, grad_, L, N, S);
+        softmax_backward<<<launch.blocks(N), kThreads, 0, stream>>>(Q, grad_q_, grad_logits_, L, N, S);
     }
-    add_into<<<launch.blocks(size), kThreads, 0, stream>>>(grad_u_, grad_, size);
-    to_planar(grad_u_, grad_unary, L, N, S, status_, launch);
-    for (int k = 0; k < p_.num_kernels; ++k)
+    add_into<<<launch.blocks(size), kThreads, 0, stream>>>(grad_unary_, grad_logits_, size);
+    to_planar(grad_unary_, grad_unary, L, N, S, status_, launch);
+    for (int k = 0; k < problem_.num_kernels; ++k)
         if (grad_weights && grad_weights[k]) {
-            const int64_t count = is_matrix(p_.kernels[k]) ? L * L : 1;
+            const int64_t count = is_matrix(problem_.kernels[k]) ? L * L : 1;
             to_float<<<launch.blocks(count), kThreads, 0, stream>>>(dweight_[k], grad_weights[k], count, status_);
         }
     if (grad_compat && kind != DYNSEG_COMPAT_POTTS) {

@@ -35,7 +35,7 @@ private:
     void softmax(const float* logits, float* q, const Launch& launch) const;
     float* norm(int k) const { return norm_ + k * pixels_; }
 
-    const dynseg_crf_problem& p_;
+    const dynseg_crf_problem& problem_;
     int64_t labels_ = 0, pixels_ = 0, stride_ = 0;
     Status* status_ = nullptr;
     FeatureSpec specs_[DYNSEG_MAX_KERNELS];
@@ -49,10 +49,10 @@ private:
     float* acc_ = nullptr;
     // backward only
     float* history_ = nullptr;  // (T, N, stride): Q^0 .. Q^{T-1}
-    float* grad_ = nullptr;
+    float* grad_logits_ = nullptr;
     float* grad_q_ = nullptr;
-    float* grad_u_ = nullptr;
-    float* h_ = nullptr;
+    float* grad_unary_ = nullptr;
+    float* grad_message_ = nullptr;
     double* partial_ = nullptr;  // (chunks, P's width) per-chunk sums, added in chunk order
     double* P_ = nullptr;        // (L, L), or its diagonal (L,) where no matrix weight or full mu reads the rest
     double* dweight_[DYNSEG_MAX_KERNELS] = {};
