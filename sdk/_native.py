@@ -521,7 +521,8 @@ class Problem:
             detections=ctypes.pointer(self._detections_struct) if detections is not None else None,
         )
 
-    def workspace(self, pass_: Pass) -> np.ndarray:
+    def host_workspace(self, pass_: Pass) -> np.ndarray:
+        """This thread's host scratch buffer, grown to what `pass_` of this problem needs on the CPU."""
         size = ctypes.c_size_t()
         _check(library().dynseg_crf_workspace_size(ctypes.byref(self.struct), pass_, ctypes.byref(size)))
         return _workspace(size.value)
@@ -546,7 +547,7 @@ class Problem:
         """Q (or the logits, as the problem's output says) for planar (L, H, W) float32 `unary`."""
         self._check_planes("unary", unary)
         out = np.empty_like(unary)
-        ws = self.workspace(Pass.FORWARD)
+        ws = self.host_workspace(Pass.FORWARD)
         _cpu_call(self._work(), library().dynseg_crf_forward, ctypes.byref(self.struct), _pointer(unary), _pointer(out),
                   ws.ctypes.data, ws.nbytes)
         return out
@@ -562,7 +563,7 @@ class Problem:
         grad_weights = [np.empty_like(w) if want else None for w, want in zip(self._weights, want_weights)]
         grad_compat = np.empty_like(self._compat) if want_compat and self._compat is not None else None
         pointers = (_f32p * max(len(grad_weights), 1))(*[_pointer(g) for g in grad_weights])
-        ws = self.workspace(Pass.BACKWARD)
+        ws = self.host_workspace(Pass.BACKWARD)
         _cpu_call(2 * self._work(), library().dynseg_crf_backward, ctypes.byref(self.struct), _pointer(unary),
                   _pointer(grad_logits), _pointer(grad_unary), pointers, _pointer(grad_compat), ws.ctypes.data,
                   ws.nbytes)
@@ -575,7 +576,7 @@ class Problem:
             raise InvalidArgumentError(f"values must be (C, H, W) planes, got {tuple(values.shape)}")
         self._check_planes("values", values, values.shape[0])
         out = np.empty_like(values)
-        ws = self.workspace(Pass.FORWARD)
+        ws = self.host_workspace(Pass.FORWARD)
         _cpu_call(int(np.prod(values.shape)), library().dynseg_lattice_filter, ctypes.byref(self.struct), kernel,
                   values.shape[0], _pointer(values), _pointer(out), int(transpose), ws.ctypes.data, ws.nbytes)
         return out
@@ -583,6 +584,7 @@ class Problem:
     # ---- CUDA: every array a DeviceArray on the current device; stream a cudaStream_t address ----
 
     def workspace_size_cuda(self, pass_: Pass) -> int:
+        """The bytes of device workspace `pass_` of this problem needs on the GPU (the caller provides it)."""
         size = ctypes.c_size_t()
         _check(library().dynseg_crf_workspace_size_cuda(ctypes.byref(self.struct), pass_, ctypes.byref(size)))
         return size.value

@@ -429,7 +429,7 @@ def test_a_set_cancel_flag_stops_a_call_with_status_7_and_a_cleared_one_lets_it_
     lib = _native.library()
 
     def run() -> int:
-        workspace = problem.workspace(_native.Pass.FORWARD if call == "forward" else _native.Pass.BACKWARD)
+        workspace = problem.host_workspace(_native.Pass.FORWARD if call == "forward" else _native.Pass.BACKWARD)
         if call == "forward":
             return lib.dynseg_crf_forward(ctypes.byref(problem.struct), _native._pointer(unary),
                                           _native._pointer(out), workspace.ctypes.data, workspace.nbytes)
@@ -599,7 +599,7 @@ def test_backward_refuses_non_finite_grad_logits_and_a_null_pointer_naming_them(
     grad_logits[-1, -1, -1] = np.nan
     with pytest.raises(InvalidArgumentError, match="grad_logits holds a non-finite value"):
         problem.backward(unary, grad_logits, [True], False)
-    workspace = problem.workspace(_native.Pass.BACKWARD)
+    workspace = problem.host_workspace(_native.Pass.BACKWARD)
     status = _native.library().dynseg_crf_backward(
         ctypes.byref(problem.struct), unary.ctypes.data_as(_native._f32p), None,
         grad_unary.ctypes.data_as(_native._f32p), None, None, workspace.ctypes.data, workspace.nbytes)
