@@ -31,7 +31,7 @@ from onnx import helper, numpy_helper, shape_inference
 
 from . import _native
 from .crf_node import CrfAttributes, CrfInputs, run_node, run_node_cuda
-from .errors import BackendError, DynsegError, InvalidArgumentError, one_line
+from .errors import BackendError, DynsegError, InvalidArgumentError, LatticeRangeError, one_line
 from .graph import DOMAIN, OUTPUTS, crf_nodes, graph_inputs, protobuf_memory, read_export
 from .inputs import cuda_index
 
@@ -271,6 +271,9 @@ def _run_crf(step: _CrfNode, inputs: list[ort.OrtValue], placement: _Placement, 
         values = [value.numpy() for value in inputs]
         try:
             logits, scores = run_node(values, step.attributes, threads or 0)
+        except LatticeRangeError as error:  # the image's size or colours, not what the network computed
+            raise LatticeRangeError(f"the model's CRF node for {step.outputs[0]} cannot take this image: {error}") \
+                from error
         except InvalidArgumentError as error:  # its inputs are the network's: say so, or "unary" means nothing
             cause = "" if np.isfinite(values[0]).all() else " (the network's output holds NaN or infinity" + (
                 ")" if weights_finite() else ": the model's weights hold NaN or infinity)")

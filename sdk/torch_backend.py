@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import BackendError, DynsegError, InvalidArgumentError, needs_trainer, one_line
+from .errors import BackendError, DynsegError, InvalidArgumentError, LatticeRangeError, needs_trainer, one_line
 from .graph import INPUTS, OUTPUTS, graph_inputs
 from .inputs import cuda_index
 
@@ -73,6 +73,8 @@ class TorchBackend:
         try:
             with self._torch.no_grad():
                 output = self._model(*(self._torch.as_tensor(inputs[name], device=self._device) for name in INPUTS))
+        except LatticeRangeError as error:  # the image's size or colours, not what the network computed
+            raise LatticeRangeError(f"the model cannot take this image: {error}") from error
         except InvalidArgumentError as error:  # the inputs were checked: what the CRFs refuse, the network made
             finite = all(bool(self._torch.isfinite(p).all()) for p in self._model.parameters())
             raise InvalidArgumentError(f"the model refused what its network computed from this image and its "

@@ -219,6 +219,25 @@ def test_a_checkpoint_with_nan_weights_is_named_as_the_cause_on_torch(exported, 
         broken.segment(image, boxes, labels, scores)
 
 
+def test_thetas_too_small_for_an_image_raise_a_lattice_range_error_through_either_backend(tmp_path):
+    # the export's trace image fits the lattice; a wide image does not (x / theta_spatial = 3e6 cells)
+    from dynseg.sdk.errors import LatticeRangeError
+    from dynseg.trainer.model.instance import InstanceConfig
+    from dynseg.trainer.model.network import ModelConfig, build_model
+    from dynseg.trainer.model.semantic_crf import SemanticCRFConfig
+
+    torch.manual_seed(0)
+    network = build_model(ModelConfig(backbone="resnet18", class_names=("cat", "cup"),
+                                      semantic_crf=SemanticCRFConfig(theta_spatial=0.001),
+                                      instance=InstanceConfig(templates_per_group=2, template_size=16)))
+    path = export_onnx(network, tmp_path / "model.onnx")
+    no_detections = np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    for segmenter in (Segmenter(path), Segmenter.of_network(network)):
+        with segmenter, pytest.raises(LatticeRangeError, match=r"^the model('s CRF node for \S+)? cannot take this "
+                                                                    r"image: .*theta_xy = 0.001 is too small"):
+            segmenter.segment(np.zeros((1, 3000, 3), np.uint8), *no_detections)
+
+
 def _edited_after_the_first_convolution(exported, path, op_type: str, operand) -> None:
     """Saves at `path` the export with `op_type`(the first convolution's output, `operand`) in place of that
     output: an edit made outside dynseg. `operand` is a function of the convolution's output channels."""
