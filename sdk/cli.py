@@ -129,6 +129,7 @@ def demo(
     """Clean up a blocky colour labelling of a photo with the dense CRF; save and time it."""
     from . import demo as demo_job
 
+    _make_folder(out, "--out", out)
     try:
         result = demo_job.run(out, image=image, iterations=iterations, threads=threads)
     except DynsegError as error:
@@ -161,11 +162,15 @@ def _make_folder(folder: Path, option: str, given: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
-        dangling = next((p for p in (folder, *folder.parents) if _dangling(p)), None)
-        why = (f"{blocking} is a file, not a folder" if blocking is not None else
-               f"{dangling} {_DANGLING}" if dangling is not None else error.strerror or str(error))
-        raise _fail(f"{option} {given}: {why}") from error
+        raise _fail(f"{option} {given}: {_folder_problem(folder) or error.strerror or str(error)}") from error
+
+
+def _folder_problem(folder: Path) -> str | None:
+    """Why `folder` cannot be a folder (a file or a dangling link where it or a parent would be), or None."""
+    blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    dangling = next((p for p in (folder, *folder.parents) if _dangling(p)), None)
+    return (f"{blocking} is a file, not a folder" if blocking is not None else
+            f"{dangling} {_DANGLING}" if dangling is not None else None)
 
 
 def _warn_if_unfinished(model: Path) -> None:
@@ -625,7 +630,7 @@ def infer(
                                     help="COCO results JSON; image_id = the image file's stem (or its number)."),
     out: Path = typer.Option(..., "--out", file_okay=False, help="Folder for the PNGs and results.json."),
     backend: str = typer.Option("auto", "--backend", help="auto, onnxruntime, torch or tensorrt."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     keep_top: Optional[int] = typer.Option(None, "--keep-top", min=0,
                                            help="Keep each image's N most confident detections (default: all; an "
                                                 "image over the model's limit is an error)."),
@@ -635,6 +640,8 @@ def infer(
     from .commands import infer as job
     from .commands.progress import item_progress
 
+    if (problem := _folder_problem(out)) is not None:  # named before the model loads; created by the job
+        raise _fail(f"--out {out}: {problem}")
     segmenter = _segmenter(model, backend, device)
     try:
         summary = job.run(segmenter, images, detections, out, keep_top=keep_top,
@@ -746,6 +753,7 @@ def quickstart(
     """Train a small model on synthetic scenes, evaluate, export ONNX, validate parity and segment sample
     images, all into --out; then print what it made and what to run next."""
     _torch_or_fail("dynseg quickstart")
+    _make_folder(out, "--out", out)
     try:
         summary = quickstart_job.run(out, steps=steps, seed=seed, printer=typer.echo, live=sys.stdout.isatty())
     except DynsegError as error:

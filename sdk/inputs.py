@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Union
+from typing import TYPE_CHECKING, NamedTuple, Union
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -31,7 +32,10 @@ from .files import check_regular_file
 __all__ = ["Detections", "DroppedDetection", "ImageLike", "check_detections", "cuda_index", "load_image",
            "pixel_boxes"]
 
-ImageLike = Union[np.ndarray, str, "os.PathLike[str]"]
+if TYPE_CHECKING:
+    import PIL.Image
+
+ImageLike = Union[np.ndarray, str, "os.PathLike[str]", "PIL.Image.Image"]
 
 # Why a detection was dropped (the reason strings of DroppedDetection).
 INVERTED = "inverted box (x2 < x1 or y2 < y1)"
@@ -66,7 +70,10 @@ def load_image(image: ImageLike) -> np.ndarray:
         WebP, ... Palette, grayscale and RGBA files are converted to RGB as above. 16-bit colour files
         come in as Pillow reads them, the top 8 bits of each channel; 16-bit grayscale and float files,
         which Pillow would clip rather than scale, are refused (convert them to 8 bits first). EXIF
-        orientation is not applied: pixels come in stored order, as most detectors read them.
+        orientation is not applied: pixels come in stored order, as Pillow and torchvision read them
+        (OpenCV's imread rotates by it).
+      - a PIL.Image.Image, converted as a file's image is (palette, CMYK, grayscale and RGBA to RGB;
+        16-bit grayscale and float refused), not read as its raw array (a palette image's indices).
     Anything else (wrong dtype, rank or channel count, an empty image, a missing or unreadable file)
     raises InvalidArgumentError naming `image` and the problem.
     """
@@ -74,6 +81,16 @@ def load_image(image: ImageLike) -> np.ndarray:
         return _read_image_file(Path(image))
     if isinstance(image, (bytes, bytearray)):
         raise InvalidArgumentError("image must be an array or a str/os.PathLike path, got bytes")
+    pil = sys.modules.get("PIL.Image")  # a PIL image can only exist once Pillow is imported
+    if pil is not None and isinstance(image, pil.Image):
+        # np.asarray of a PIL image is its raw storage: palette indices, CMYK bytes; convert as for files
+        try:
+            array = _pillow_rgb(image, "image (a PIL image)")
+        except InvalidArgumentError:
+            raise
+        except (OSError, ValueError) as error:  # a lazily loaded image whose file is truncated, say
+            raise InvalidArgumentError(f"image (a PIL image) could not be converted to RGB: {error}") from error
+        return _image_array(array)
     return _image_array(array_of("image", image))
 
 
@@ -106,6 +123,16 @@ def _image_array(array: np.ndarray) -> np.ndarray:
 _WIDE_MODES = ("I", "F")
 
 
+def _pillow_rgb(image: PIL.Image.Image, name: str) -> np.ndarray:
+    """A Pillow image as (H, W, 3) uint8 RGB; `name` says what it is in messages."""
+    if image.mode.split(";")[0] in _WIDE_MODES:
+        raise InvalidArgumentError(f"{name} has {image.mode!r} pixels (16-bit or float); "
+                                   "convert it to 8-bit RGB first")
+    if image.mode == "P":  # via RGBA so palette transparency converts without Pillow's warning
+        image = image.convert("RGBA")
+    return np.array(image.convert("RGB"))
+
+
 def _read_image_file(path: Path) -> np.ndarray:
     check_regular_file(path, "image file")
     try:
@@ -117,14 +144,8 @@ def _read_image_file(path: Path) -> np.ndarray:
         ) from error
     try:
         with Image.open(path) as opened:
-            if opened.mode.split(";")[0] in _WIDE_MODES:
-                raise InvalidArgumentError(
-                    f"image file {str(path)!r} has {opened.mode!r} pixels (16-bit or float); "
-                    "convert it to 8-bit RGB first"
-                )
-            if opened.mode == "P":  # via RGBA so palette transparency converts without Pillow's warning
-                opened = opened.convert("RGBA")
-            array = np.array(opened.convert("RGB"))  # decodes the whole file: truncation shows here
+            # decodes the whole file: truncation shows here
+            array = _pillow_rgb(opened, f"image file {str(path)!r}")
     except InvalidArgumentError:
         raise
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:

@@ -19,11 +19,26 @@ if TYPE_CHECKING:  # the trainer needs torch, which this module imports only whe
 TORCH_MAX_DETECTIONS = 10_000  # the network itself has no limit; this keeps a call's memory sane
 
 
+def _check_checkpoint_folder(folder: Path) -> None:
+    """Refuses a path that is no checkpoint folder before torch is imported: a wrong path (a quickstart's
+    --out in place of its model.onnx, say) must not read as "install PyTorch" where torch is absent."""
+    if not folder.exists():
+        raise InvalidArgumentError(f"checkpoint {folder} does not exist")
+    if not folder.is_dir():
+        raise InvalidArgumentError(f"checkpoint {folder} is not a directory (model.json + model.safetensors)")
+    if not (folder / "model.json").is_file():
+        exports = sorted(folder.glob("*.onnx"))
+        hint = f" (for the exported model give {exports[0]})" if exports else ""
+        raise InvalidArgumentError(f"{folder} is not a dynseg checkpoint: model.json is missing{hint}")
+
+
 class TorchBackend:
     """A checkpoint directory (model.json + model.safetensors) on the CPU or a CUDA device, or a network in
     memory (`of_network`)."""
 
     def __init__(self, path: str | Path, *, device: str = "cpu"):
+        self.path: Path | None = Path(path)
+        _check_checkpoint_folder(self.path)
         try:
             import torch
 
@@ -34,9 +49,6 @@ class TorchBackend:
         if index is not None and index >= torch.cuda.device_count():
             raise InvalidArgumentError(f"device {device!r}: this torch {torch.__version__} sees "
                                        f"{torch.cuda.device_count()} CUDA device(s)")
-        self.path: Path | None = Path(path)
-        if not self.path.is_dir():
-            raise InvalidArgumentError(f"checkpoint {self.path} is not a directory (model.json + model.safetensors)")
         try:
             network = load_checkpoint(self.path).to(device)
         except FileNotFoundError as error:

@@ -97,8 +97,33 @@ def test_an_out_folder_the_system_refuses_is_reported_in_one_line(tmp_path) -> N
     result = runner.invoke(app, ["demo", "--out", str(in_the_way / "out"), "--iterations", "1"])
     assert result.exit_code == 1
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    assert result.output.strip().startswith("Error: Not a directory"), result.output
-    assert str(in_the_way / "out") in result.output
+    assert result.output.strip().startswith(f"Error: --out {in_the_way / 'out'}: "), result.output
+    assert f"{in_the_way} is a file, not a folder" in result.output
+
+
+def test_an_infer_out_folder_under_a_file_is_named_before_the_model_loads(tmp_path) -> None:
+    in_the_way = tmp_path / "a_file"
+    in_the_way.write_text("")
+    image, detections = tmp_path / "x.png", tmp_path / "d.json"
+    image.write_bytes(b"")
+    detections.write_text("[]")
+    result = runner.invoke(app, ["infer", str(tmp_path / "no_model.onnx"), str(image), "--detections", str(detections),
+                                 "--out", str(in_the_way / "out")])
+    assert result.exit_code == 1
+    assert f"--out {in_the_way / 'out'}: {in_the_way} is a file, not a folder" in result.output, result.output
+
+
+def test_a_folder_that_holds_an_export_but_no_checkpoint_names_the_export_not_torch(tmp_path) -> None:
+    # a quickstart's --out given in place of its model.onnx: checked before torch would be imported
+    (tmp_path / "qs").mkdir()
+    (tmp_path / "qs" / "model.onnx").write_bytes(b"")
+    (tmp_path / "d.json").write_text("[]")
+    (tmp_path / "x.png").write_bytes(b"")
+    result = runner.invoke(app, ["infer", str(tmp_path / "qs"), str(tmp_path / "x.png"), "--detections",
+                                 str(tmp_path / "d.json"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert plain(result.output).strip() == (f"Error: {tmp_path / 'qs'} is not a dynseg checkpoint: model.json is "
+                                            f"missing (for the exported model give {tmp_path / 'qs' / 'model.onnx'})")
 
 
 @pytest.mark.parametrize("sizes", ["7x8", "8x7", "4097x8", "8x4097", "64x64,8x4097", "8x0"])

@@ -170,6 +170,21 @@ def test_a_16_bit_rgb_png_comes_in_as_the_top_byte_of_each_channel(tmp_path: Pat
     np.testing.assert_array_equal(load_image(path), (pixels >> 8).astype(np.uint8))
 
 
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "CMYK", "1"])
+def test_a_pil_image_converts_as_its_file_would(tmp_path: Path, mode: str) -> None:
+    # np.asarray of a PIL image is its storage: a palette image's indices, CMYK's four bytes
+    picture = Image.fromarray(samples.load("chelsea")[:40, :60]).convert(mode)
+    path = tmp_path / ("picture.tif" if mode == "CMYK" else "picture.png")
+    picture.save(path)
+    with Image.open(path) as opened:
+        np.testing.assert_array_equal(load_image(opened), load_image(path))
+
+
+def test_a_16_bit_pil_image_is_refused_rather_than_clipped() -> None:
+    with pytest.raises(InvalidArgumentError, match="PIL image.*8-bit"):
+        load_image(Image.fromarray(np.full((4, 4), 40000, np.uint16)))
+
+
 # --------------------------------------------------------------------------------------- detections
 
 
