@@ -52,6 +52,8 @@ private:
     std::vector<float> padded_columns(const float* M) const;
     void softmax(const float* logits, float* q) const;
     void softmax_range(const float* logits, float* q, int64_t first, int64_t last, int threads) const;
+    void kernel_backward(int k, const float* Q, std::vector<double>& P, std::vector<double>& dweight,
+                         std::vector<double>& dmu);
     void add_parameter_gradients(const dynseg_kernel& kernel, const std::vector<double>& P,
                                  std::vector<double>& dweight, std::vector<double>& dmu) const;
     void to_pixel_major(const float* planar, float* pixel_major, int64_t channels) const;

@@ -24,8 +24,6 @@ void MeanField::backward(const float* unary, const float* grad_logits, float* gr
     std::fill(grad_unary_, grad_unary_ + size, 0.0f);
 
     const int kind = problem_.compat_kind;
-    const float* mu = problem_.compat;
-    const int64_t chunks = (N + reduce_chunk_ - 1) / reduce_chunk_;
     std::vector<double> dweight[DYNSEG_MAX_KERNELS];
     for (int k = 0; k < problem_.num_kernels; ++k) dweight[k].assign(is_matrix(problem_.kernels[k]) ? L * L : 1, 0.0);
     std::vector<double> dmu(kind == DYNSEG_COMPAT_FULL ? L * L : kind == DYNSEG_COMPAT_DIAGONAL ? L : 0, 0.0);
@@ -36,67 +34,7 @@ void MeanField::backward(const float* unary, const float* grad_logits, float* gr
         const float* Q = history_ + t * size;
         for (int64_t i = 0; i < size; ++i) grad_unary_[i] += grad_logits_[i];
         std::fill(grad_q_, grad_q_ + size, 0.0f);
-        for (int k = 0; k < problem_.num_kernels; ++k) {
-            const dynseg_kernel& kernel = problem_.kernels[k];
-            // R = Knorm^T G (into filtered_): "after" K^T D, "symmetric" D^1/2 K^T D^1/2
-            FilterOutput out;
-            out.out = filtered_;
-            out.scale = problem_.normalization == DYNSEG_NORMALIZE_SYMMETRIC ? norm_[k] : nullptr;
-            lattices_[k].filter(grad_logits_, S, norm_[k], true, out);
-            const float* R = filtered_;
-            // H = -mu^T R, the gradient w.r.t. the message; dQ += W_k^T H
-            parallel_for(N, kGrain, threads_, [&](int64_t begin, int64_t end) {
-                for (int64_t i = begin; i < end; ++i) {
-                    const float* r = R + i * S;
-                    float* h = grad_message_ + i * S;
-                    if (kind == DYNSEG_COMPAT_POTTS)
-                        std::copy(r, r + L, h);
-                    else if (kind == DYNSEG_COMPAT_DIAGONAL)
-                        for (int64_t a = 0; a < L; ++a) h[a] = -mu[a] * r[a];
-                    else
-                        for (int64_t a = 0; a < L; ++a) {
-                            float s = 0.0f;
-                            for (int64_t b = 0; b < L; ++b) s += mu[b * L + a] * r[b];
-                            h[a] = -s;
-                        }
-                    float* gq = grad_q_ + i * S;
-                    if (!is_matrix(kernel)) {
-                        const float w = kernel.weight[0];
-                        for (int64_t a = 0; a < L; ++a) gq[a] += w * h[a];
-                    } else {
-                        for (int64_t b = 0; b < L; ++b) {
-                            float s = 0.0f;
-                            for (int64_t a = 0; a < L; ++a) s += kernel.weight[a * L + b] * h[a];
-                            gq[b] += s;
-                        }
-                    }
-                }
-            });
-            // P = sum_i R_i Q_i^T: in full when a matrix needs it, else only its diagonal
-            const bool full = is_matrix(kernel) || kind == DYNSEG_COMPAT_FULL;
-            const int64_t width = full ? L * L : L;
-            parallel_for(chunks, 1, threads_, [&](int64_t begin, int64_t end) {
-                for (int64_t c = begin; c < end; ++c) {
-                    double* part = partial_ + c * width;
-                    std::fill(part, part + width, 0.0);
-                    const int64_t i1 = std::min(N, (c + 1) * reduce_chunk_);
-                    for (int64_t i = c * reduce_chunk_; i < i1; ++i) {
-                        const float* r = R + i * S;
-                        const float* q = Q + i * S;
-                        if (full) {
-                            for (int64_t a = 0; a < L; ++a)
-                                for (int64_t b = 0; b < L; ++b) part[a * L + b] += double(r[a]) * q[b];
-                        } else {
-                            for (int64_t a = 0; a < L; ++a) part[a] += double(r[a]) * q[a];
-                        }
-                    }
-                }
-            });
-            P.assign(width, 0.0);
-            for (int64_t c = 0; c < chunks; ++c)
-                for (int64_t j = 0; j < width; ++j) P[j] += partial_[c * width + j];
-            add_parameter_gradients(kernel, P, dweight[k], dmu);
-        }
+        for (int k = 0; k < problem_.num_kernels; ++k) kernel_backward(k, Q, P, dweight[k], dmu);
         // softmax backward: G = Q . (dQ - <dQ, Q>)
         parallel_for(N, kGrain, threads_, [&](int64_t begin, int64_t end) {
             for (int64_t i = begin; i < end; ++i) {
@@ -115,6 +53,76 @@ void MeanField::backward(const float* unary, const float* grad_logits, float* gr
             for (size_t j = 0; j < dweight[k].size(); ++j) grad_weights[k][j] = static_cast<float>(dweight[k][j]);
     if (grad_compat)
         for (size_t j = 0; j < dmu.size(); ++j) grad_compat[j] = static_cast<float>(dmu[j]);
+}
+
+// Kernel k's part of walking back iteration t, whose softmax gave Q = Q^t: dQ += W_k^T H into grad_q_, and
+// the gradients of its weight and of mu added into dweight and dmu. P is the caller's, so that its memory
+// is reused from kernel to kernel.
+void MeanField::kernel_backward(int k, const float* Q, std::vector<double>& P, std::vector<double>& dweight,
+                                std::vector<double>& dmu) {
+    const int64_t L = labels_, S = stride_, N = pixels_;
+    const int kind = problem_.compat_kind;
+    const float* mu = problem_.compat;
+    const int64_t chunks = (N + reduce_chunk_ - 1) / reduce_chunk_;
+    const dynseg_kernel& kernel = problem_.kernels[k];
+    // R = Knorm^T G (into filtered_): "after" K^T D, "symmetric" D^1/2 K^T D^1/2
+    FilterOutput out;
+    out.out = filtered_;
+    out.scale = problem_.normalization == DYNSEG_NORMALIZE_SYMMETRIC ? norm_[k] : nullptr;
+    lattices_[k].filter(grad_logits_, S, norm_[k], true, out);
+    const float* R = filtered_;
+    // H = -mu^T R, the gradient w.r.t. the message; dQ += W_k^T H
+    parallel_for(N, kGrain, threads_, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+            const float* r = R + i * S;
+            float* h = grad_message_ + i * S;
+            if (kind == DYNSEG_COMPAT_POTTS)
+                std::copy(r, r + L, h);
+            else if (kind == DYNSEG_COMPAT_DIAGONAL)
+                for (int64_t a = 0; a < L; ++a) h[a] = -mu[a] * r[a];
+            else
+                for (int64_t a = 0; a < L; ++a) {
+                    float s = 0.0f;
+                    for (int64_t b = 0; b < L; ++b) s += mu[b * L + a] * r[b];
+                    h[a] = -s;
+                }
+            float* gq = grad_q_ + i * S;
+            if (!is_matrix(kernel)) {
+                const float w = kernel.weight[0];
+                for (int64_t a = 0; a < L; ++a) gq[a] += w * h[a];
+            } else {
+                for (int64_t b = 0; b < L; ++b) {
+                    float s = 0.0f;
+                    for (int64_t a = 0; a < L; ++a) s += kernel.weight[a * L + b] * h[a];
+                    gq[b] += s;
+                }
+            }
+        }
+    });
+    // P = sum_i R_i Q_i^T: in full when a matrix needs it, else only its diagonal
+    const bool full = is_matrix(kernel) || kind == DYNSEG_COMPAT_FULL;
+    const int64_t width = full ? L * L : L;
+    parallel_for(chunks, 1, threads_, [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) {
+            double* part = partial_ + c * width;
+            std::fill(part, part + width, 0.0);
+            const int64_t i1 = std::min(N, (c + 1) * reduce_chunk_);
+            for (int64_t i = c * reduce_chunk_; i < i1; ++i) {
+                const float* r = R + i * S;
+                const float* q = Q + i * S;
+                if (full) {
+                    for (int64_t a = 0; a < L; ++a)
+                        for (int64_t b = 0; b < L; ++b) part[a * L + b] += double(r[a]) * q[b];
+                } else {
+                    for (int64_t a = 0; a < L; ++a) part[a] += double(r[a]) * q[a];
+                }
+            }
+        }
+    });
+    P.assign(width, 0.0);
+    for (int64_t c = 0; c < chunks; ++c)
+        for (int64_t j = 0; j < width; ++j) P[j] += partial_[c * width + j];
+    add_parameter_gradients(kernel, P, dweight, dmu);
 }
 
 // With P = sum_i (Knorm^T G)_i Q_i^T:  dW_k = -mu^T P (its trace for a scalar weight) and
