@@ -34,6 +34,7 @@ from .errors import InvalidArgumentError, LatticeRangeError, NativeError
 
 ABI_VERSION = 3
 NORMALIZATION = {"after": 0, "symmetric": 1}
+MAX_LABELS = 65536  # DYNSEG_MAX_LABELS: the most labels a problem takes
 
 
 # The C enums of dynseg_crf.h, value for value.

@@ -55,7 +55,7 @@ def read_coco_results(path: str | os.PathLike) -> list[Entry]:
     """Every entry of a COCO results file, validated and converted as `load_coco_detections` says, in
     file order; raises as it does."""
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:  # a byte-order mark, as Windows tools write, is no error
             entries = json.load(handle)
     except (ValueError, RecursionError) as error:  # bad JSON or UTF-8, over-long integers, deep nesting
         raise InvalidArgumentError(f"{path}: not valid JSON in UTF-8 ({error})") from error

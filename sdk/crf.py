@@ -86,6 +86,9 @@ def _check_unary(unary: object) -> np.ndarray:
         raise InvalidArgumentError(f"unary must have shape (L, H, W), got shape {unary.shape}")
     if 0 in unary.shape:
         raise InvalidArgumentError(f"unary must have L, H, W >= 1, got shape {unary.shape}")
+    if unary.shape[0] > _native.MAX_LABELS:
+        raise InvalidArgumentError(f"unary must have at most {_native.MAX_LABELS} labels (L, its first axis), "
+                                   f"got shape {unary.shape}")
     # finiteness is checked by the native library, which scans the values anyway
     return np.ascontiguousarray(unary)
 
@@ -232,6 +235,9 @@ def dense_crf_cuda(
     unary_array = _native.DeviceArray.of(unary, "unary")
     if unary_array.ndim != 3 or 0 in unary_array.shape:
         raise InvalidArgumentError(f"unary must have shape (L, H, W) with L, H, W >= 1, got {unary_array.shape}")
+    if unary_array.shape[0] > _native.MAX_LABELS:
+        raise InvalidArgumentError(f"unary must have at most {_native.MAX_LABELS} labels (L, its first axis), "
+                                   f"got shape {unary_array.shape}")
     num_labels, height, width = unary_array.shape
     iterations = check_iterations(iterations)
     normalization = check_normalization(normalization)

@@ -82,8 +82,9 @@ def read_export(path: Path) -> Export:
         if not 1 <= max_detections <= MAX_DETECTIONS:
             raise ValueError(f"max_detections must be in 1..{MAX_DETECTIONS}, got {max_detections}")
     except (KeyError, TypeError, ValueError) as error:
-        raise InvalidArgumentError(f"model file {path} has malformed dynseg metadata ({error!r}): export it "
-                                   "again with `dynseg export`") from None
+        why = f"no {error.args[0]!r} entry" if isinstance(error, KeyError) else str(error)
+        raise InvalidArgumentError(f"model file {path} has malformed dynseg metadata ({why}): export it again "
+                                   "with `dynseg export`") from None
     planes = model.graph.output[1].type.tensor_type.shape.dim  # semantic_probabilities: (1, K+1, H, W)
     if len(planes) > 1 and planes[1].HasField("dim_value") and planes[1].dim_value != len(names) + 1:
         raise InvalidArgumentError(f"model file {path}'s metadata names {len(names)} classes, but its graph gives "

@@ -438,6 +438,14 @@ def test_files_that_are_not_dynseg_models_are_named(tmp_path, exported):
         onnx.save(model, str(tmp_path / "bad_metadata.onnx"))
         with pytest.raises(InvalidArgumentError, match=f"bad_metadata.onnx has malformed dynseg metadata.*{problem}"):
             Segmenter(tmp_path / "bad_metadata.onnx")
+    model = onnx.load(str(exported[1]))
+    kept = [entry for entry in model.metadata_props if entry.key != "max_detections"]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    onnx.save(model, str(tmp_path / "bad_metadata.onnx"))
+    with pytest.raises(InvalidArgumentError, match=r"bad_metadata.onnx has malformed dynseg metadata \(no "
+                                                   r"'max_detections' entry\): export it again"):
+        Segmenter(tmp_path / "bad_metadata.onnx")
     model = onnx.load(str(exported[1]))  # one class name too many for the graph: refused on loading, not per call
     names = next(entry for entry in model.metadata_props if entry.key == "class_names")
     classes = json.loads(names.value)

@@ -266,6 +266,8 @@ BAD_INPUTS = {
     "unary rank 2": (_with_unary(lambda u: u[0]), "unary"),
     "unary rank 4": (_with_unary(lambda u: u[None]), "unary"),
     "unary L=0": (_with_unary(lambda u: u[:0]), "unary"),
+    "unary L past the kernels' 65536": (lambda u, i, kw: (np.zeros((65537, 1, 1), np.float32), i[:1, :1], kw),
+                                        r"unary must have at most 65536 labels \(L, its first axis\)"),
     "unary H=0": (lambda u, i, kw: (u[:, :0], i[:0], kw), "unary"),
     "unary W=0": (lambda u, i, kw: (u[:, :, :0], i[:, :0], kw), "unary"),
     "unary NaN": (_with_unary(_nan_at_one_pixel), "unary"),

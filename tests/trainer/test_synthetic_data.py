@@ -514,6 +514,13 @@ def test_malformed_coco_results_are_rejected_naming_the_file_and_entry(tmp_path,
     assert "bad.json" in str(error.value) and "entry 2" in str(error.value)
 
 
+def test_coco_results_may_start_with_a_byte_order_mark(tmp_path):
+    path = tmp_path / "windows.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([GOOD_ENTRY]).encode())
+    detections = load_coco_detections(path, [1])[1]
+    assert detections["labels"].tolist() == [2] and detections["scores"].tolist() == pytest.approx([0.9])
+
+
 def test_coco_results_that_are_not_a_json_list_are_rejected(tmp_path):
     path = tmp_path / "broken.json"
     path.write_text("[{")
