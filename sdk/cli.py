@@ -427,6 +427,10 @@ def evaluate_command(
                    f"{image_size[0]}x{image_size[1]}; --dataset, --seed and --image-size choose its held-out data",
                    err=True)
     class_names = segmenter.class_names
+    if dataset == "synthetic":  # SyntheticScenes' own range check would name its num_classes argument instead
+        from dynseg.trainer.data.synthetic import MAX_CLASSES
+        if len(class_names) > MAX_CLASSES:
+            raise _fail(f"the model has {len(class_names)} classes, {named} has at most {MAX_CLASSES}")
     data = _open_data("eval", dataset, data_root, split, detections, size=images, image_size=image_size,
                       num_classes=len(class_names), seed=seed)
     if len(data.class_names) - 1 != len(class_names):

@@ -30,10 +30,13 @@ TRAINING_DATA = "training_data.json"
 
 
 def save_checkpoint(directory: str | Path, model: DynamicallyInstantiatedNetwork,
-                    optimiser: torch.optim.Optimizer | None = None, step: int = 0, *, stage: str | None = None) -> Path:
+                    optimiser: torch.optim.Optimizer | None = None, step: int = 0, *, stage: str | None = None,
+                    settings: Mapping[str, Any] | None = None) -> Path:
     """Writes model.safetensors, model.json and, given an optimiser, trainer_state.pt into `directory`:
-    the optimiser's state, the step, the training stage that saved it (`stage`) and the weights'
-    fingerprint, by which resuming refuses a state that is not the weights' own.
+    the optimiser's state, the step, the training stage that saved it (`stage`), the weights'
+    fingerprint, by which resuming refuses a state that is not the weights' own, and the stage's
+    `settings` (its TrainConfig but steps, its image count and process count), by which resuming
+    refuses a run given other options.
 
     Each file is written beside its place, and only when all are complete are they moved there, one
     after the other, trainer_state.pt last: an interrupted save leaves the previous checkpoint, or, if
@@ -47,7 +50,7 @@ def save_checkpoint(directory: str | Path, model: DynamicallyInstantiatedNetwork
               ("model.json", lambda path: path.write_text(model.config.to_json()))]
     if optimiser is not None:
         state = {"optimiser": optimiser.state_dict(), "step": step, "stage": stage,
-                 "weights_sha256": weights_fingerprint(model)}
+                 "weights_sha256": weights_fingerprint(model), "settings": dict(settings or {})}
         writes.append(("trainer_state.pt", lambda path: torch.save(state, path)))
     partials = {name: directory / f".{name}.{os.getpid()}.partial" for name, _ in writes}
     try:

@@ -51,8 +51,8 @@ from dynseg.sdk.segmenter import Segmenter
 from . import distributed, fields
 from .data import VOID
 from .boxes import mask_boxes
-from .checkpoint import (TRAINING_DATA, check_training_data, load_weights, save_checkpoint, weights_fingerprint,
-                         write_training_data)
+from .checkpoint import (TRAINING_DATA, check_training_data, load_weights, read_training_data, save_checkpoint,
+                         weights_fingerprint, write_training_data)
 from .data.common import Samples
 from .data.detections import DetectorOutput, simulate_detections
 from .data.sources import inside_image
@@ -235,8 +235,10 @@ def train(
                                 weight_decay=config.weight_decay)
     start = 0
     resumed = resume and (out_dir / "trainer_state.pt").is_file()
+    # what a resumed stage must share with the run it continues (steps may grow: extending a stage)
+    resumable = {k: v for k, v in asdict(config).items() if k != "steps"} | {"images": len(dataset), "world": world}
     if resumed:
-        start = _resume(out_dir, model, optimiser, config)
+        start = _resume(out_dir, model, optimiser, config, resumable)
     device = next(model.parameters()).device
     _training_modes(model, config)
     objective: nn.Module = _Objective(model, config)
@@ -328,7 +330,7 @@ def train(
                     for logged in (log_file, epoch_file):
                         logged.flush()
                         os.fsync(logged.fileno())
-                    save_checkpoint(out_dir, model, optimiser, step + 1, stage=_stage_name(config))
+                    save_checkpoint(out_dir, model, optimiser, step + 1, stage=_stage_name(config), settings=resumable)
     progress.close()
     if stage2 and start < config.steps and distributed.all_reduce([instances_drawn])[0] == 0 and main:
         printer(f"Warning: stage 2 drew no image with a ground-truth instance in its {config.steps - start} steps: "
@@ -336,7 +338,8 @@ def train(
     with distributed.fail_together(f"the end of stage {config.stage!r}"):  # every process returns after rank 0 wrote
         if main:
             if start == config.steps:  # no step ran, so no epoch's end saved it
-                save_checkpoint(out_dir, model, optimiser, config.steps, stage=_stage_name(config))
+                save_checkpoint(out_dir, model, optimiser, config.steps, stage=_stage_name(config),
+                                settings=resumable)
             settings = asdict(config) | {"images_per_step": images_per_step}
             if stage2:  # batch_size is stage 1's: stage 2 takes one image per process and step
                 del settings["batch_size"]
@@ -372,7 +375,7 @@ def _stage_name(config: TrainConfig) -> str:
 
 
 def _resume(out_dir: Path, model: DynamicallyInstantiatedNetwork, optimiser: torch.optim.Optimizer,
-            config: TrainConfig) -> int:
+            config: TrainConfig, settings: Mapping[str, Any]) -> int:
     """Loads out_dir's weights and optimiser state into `model` and `optimiser` and returns the step
     they were saved at; InvalidArgumentError, in one line, for files that are not a resumable state:
     another stage's or mode's, or one whose weights are not model.safetensors' (a save cut short)."""
@@ -393,6 +396,13 @@ def _resume(out_dir: Path, model: DynamicallyInstantiatedNetwork, optimiser: tor
     if saved_by != stage:
         by = "records no stage (an older dynseg wrote it)" if saved_by is None else f"was saved by stage {saved_by!r}"
         raise InvalidArgumentError(f"cannot resume from {where}: it {by}, not this stage's {stage!r}{afresh}")
+    saved = state.get("settings")
+    if isinstance(saved, Mapping) and saved:  # states saved before the settings were recorded: unchecked
+        changed = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in settings.items()
+                   if json.loads(json.dumps(saved.get(key))) != json.loads(json.dumps(value))]
+        if changed:
+            raise InvalidArgumentError(f"cannot resume from {where}: it was saved with other settings "
+                                       f"({'; '.join(changed)}): give the run's options again{afresh}")
     try:
         load_weights(model, out_dir / "model.safetensors", "this stage's network")
     except InvalidArgumentError as error:
@@ -575,16 +585,30 @@ def fit(
                 for name in _RUN_FILES:
                     (folder / name).unlink(missing_ok=True)
             epochs.write_text("")  # a new run: the stages append to it, an earlier run's epochs go
+        if resume and training_data is not None:  # a resumed run trains on what it trained on
+            for folder in (out_dir / "semantic", out_dir):
+                recorded = read_training_data(folder)
+                wanted = json.loads(json.dumps(dict(training_data)))
+                if recorded is not None and recorded != {k: v for k, v in wanted.items() if v is not None}:
+                    raise InvalidArgumentError(f"cannot resume: {folder / TRAINING_DATA} records {recorded}, this run "
+                                               f"{wanted}: give the run's dataset options again, or start afresh")
         # recorded before each stage, whose first epoch's end already leaves a checkpoint `dynseg eval` takes
         _record_training_data(out_dir / "semantic", training_data)
     logs = {"semantic": train(model, dataset, semantic, out_dir=out_dir / "semantic", printer=printer, live=live,
                               epoch_log=epochs, resume=resume)}
     if model.config.instance.shape_term:
         initialise_templates(model, dataset, seed=instance.seed)
+    # stage 1 made steps in this resumed run (it was extended): stage 2's checkpoint holds the semantic part
+    # it started from, and resuming it would bring that back; stage 2 starts afresh from the new stage 1
+    restart = resume and bool(logs["semantic"]) and (out_dir / "trainer_state.pt").is_file()
     with distributed.fail_together(f"the start of stage 'instance' in {out_dir}"):
+        if restart and distributed.rank() == 0:
+            printer(f"Note: stage 1 made steps, so stage 2 starts afresh (its checkpoint in {out_dir} was trained from "
+                    "stage 1's earlier weights)")
+            _drop_entries(epochs, lambda entry: entry.get("stage") == "instance")
         _record_training_data(out_dir, training_data)
     logs["instance"] = train(model, dataset, instance, out_dir=out_dir, printer=printer, live=live,
-                             held_out=held_out, eval_seed=eval_seed, epoch_log=epochs, resume=resume)
+                             held_out=held_out, eval_seed=eval_seed, epoch_log=epochs, resume=resume and not restart)
     return logs
 
 

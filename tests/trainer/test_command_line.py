@@ -109,6 +109,23 @@ def test_eval_holds_out_the_scenes_after_the_training_seed_at_the_training_size(
                   "file is a file, not a folder")
 
 
+def test_eval_of_a_model_with_more_classes_than_synthetic_scenes_have_names_both_counts(tmp_path):
+    import torch
+
+    from dynseg.trainer.checkpoint import save_checkpoint
+    from dynseg.trainer.data.synthetic import MAX_CLASSES
+    from dynseg.trainer.model.instance import InstanceConfig
+    from dynseg.trainer.model.network import ModelConfig, build_model
+
+    torch.manual_seed(0)  # a VOC model, say: more classes than the synthetic scenes draw
+    names = tuple(f"class{index}" for index in range(MAX_CLASSES + 1))
+    network = build_model(ModelConfig(backbone="resnet18", class_names=names,
+                                      instance=InstanceConfig(templates_per_group=2, template_size=8)))
+    checkpoint = save_checkpoint(tmp_path / "checkpoint", network)
+    _fails_naming(run("eval", checkpoint, "--dataset", "synthetic", *SYNTHETIC),
+                  f"the model has {MAX_CLASSES + 1} classes, --dataset synthetic has at most {MAX_CLASSES}")
+
+
 def test_eval_scores_an_exported_model_as_it_scores_its_checkpoint(tmp_path):
     import torch
 

@@ -242,6 +242,49 @@ def test_training_leaves_torchs_random_state_as_it_was(tmp_path):
     assert torch.equal(torch.rand(3), expected)
 
 
+def test_resuming_with_other_settings_is_refused_naming_each(tmp_path):
+    # the run's record would describe training that never happened, or its rest would train otherwise
+    data, model = tiny_setup()
+    train(model, data, TrainConfig(stage="semantic", steps=1, batch_size=2), out_dir=tmp_path, printer=quiet)
+    with pytest.raises(InvalidArgumentError, match=r"trainer_state.pt: it was saved with other settings \(learning_rate "
+                                                   r"0.01 -> 0.5; seed 0 -> 5\): give the run's options again"):
+        train(model, data, TrainConfig(stage="semantic", steps=2, batch_size=2, learning_rate=0.5, seed=5),
+              out_dir=tmp_path, resume=True, printer=quiet)
+    with pytest.raises(InvalidArgumentError, match=r"other settings \(images 16 -> 6\)"):
+        train(model, torch.utils.data.Subset(data, range(6)), TrainConfig(stage="semantic", steps=2, batch_size=2),
+              out_dir=tmp_path, resume=True, printer=quiet)
+
+
+def test_resuming_a_run_on_other_training_data_is_refused(tmp_path):
+    data, model = tiny_setup()
+    stages = dict(semantic=TrainConfig(stage="semantic", steps=1, batch_size=2),
+                  instance=TrainConfig(stage="instance", steps=1))
+    fit(model, data, out_dir=tmp_path, printer=quiet, training_data={"dataset": "synthetic", "seed": 0, "image_size": SIZE}, **stages)
+    with pytest.raises(InvalidArgumentError, match=r"cannot resume: \S*training_data.json records .*'seed': 0.*this "
+                                                   r"run .*'seed': 5.*give the run's dataset options again"):
+        fit(model, data, out_dir=tmp_path, printer=quiet, training_data={"dataset": "synthetic", "seed": 5, "image_size": SIZE},
+            resume=True, **stages)
+
+
+def test_extending_a_finished_stage_1_trains_stage_2_again_from_it(tmp_path):
+    # stage 2's checkpoint holds the stage-1 weights it started from: resuming it would undo the extension
+    data, model = tiny_setup()
+    stages = dict(semantic=TrainConfig(stage="semantic", steps=2, batch_size=2),
+                  instance=TrainConfig(stage="instance", steps=2))
+    fit(model, data, out_dir=tmp_path, printer=quiet, **stages)
+    before = load_checkpoint(tmp_path).state_dict()
+    said = []
+    logs = fit(model, data, out_dir=tmp_path, printer=said.append, resume=True,
+               **(stages | {"semantic": TrainConfig(stage="semantic", steps=3, batch_size=2)}))
+    assert [entry["step"] for entry in logs["semantic"]] == [3] and [e["step"] for e in logs["instance"]] == [1, 2]
+    assert any(line.startswith("Note: stage 1 made steps, so stage 2 starts afresh") for line in said), said
+    after = load_checkpoint(tmp_path).state_dict()
+    changed = [name for name in before if not torch.equal(before[name], after[name])]
+    assert changed, "the final model is the one before stage 1 was extended"
+    epochs = [json.loads(line) for line in (tmp_path / "epochs.jsonl").read_text().splitlines()]
+    assert [(e["stage"], e["step"]) for e in epochs] == [("semantic", 2), ("semantic", 3), ("instance", 2)]
+
+
 def test_resuming_another_stages_or_modes_state_is_refused_by_name(tmp_path):
     data, model = tiny_setup()
     train(model, data, TrainConfig(stage="semantic", steps=1, batch_size=2), out_dir=tmp_path, printer=quiet)
