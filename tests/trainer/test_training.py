@@ -246,8 +246,9 @@ def test_resuming_with_other_settings_is_refused_naming_each(tmp_path):
     # the run's record would describe training that never happened, or its rest would train otherwise
     data, model = tiny_setup()
     train(model, data, TrainConfig(stage="semantic", steps=1, batch_size=2), out_dir=tmp_path, printer=quiet)
-    with pytest.raises(InvalidArgumentError, match=r"trainer_state.pt: it was saved with other settings \(learning_rate "
-                                                   r"0.01 -> 0.5; seed 0 -> 5\): give the run's options again"):
+    with pytest.raises(InvalidArgumentError, match=r"trainer_state.pt: it was saved with other settings "
+                                                   r"\(learning_rate 0.01 -> 0.5; seed 0 -> 5\): give the run's "
+                                                   r"options again"):
         train(model, data, TrainConfig(stage="semantic", steps=2, batch_size=2, learning_rate=0.5, seed=5),
               out_dir=tmp_path, resume=True, printer=quiet)
     with pytest.raises(InvalidArgumentError, match=r"other settings \(images 16 -> 6\)"):
@@ -259,11 +260,11 @@ def test_resuming_a_run_on_other_training_data_is_refused(tmp_path):
     data, model = tiny_setup()
     stages = dict(semantic=TrainConfig(stage="semantic", steps=1, batch_size=2),
                   instance=TrainConfig(stage="instance", steps=1))
-    fit(model, data, out_dir=tmp_path, printer=quiet, training_data={"dataset": "synthetic", "seed": 0, "image_size": SIZE}, **stages)
+    trained_on = {"dataset": "synthetic", "seed": 0, "image_size": SIZE}
+    fit(model, data, out_dir=tmp_path, printer=quiet, training_data=trained_on, **stages)
     with pytest.raises(InvalidArgumentError, match=r"cannot resume: \S*training_data.json records .*'seed': 0.*this "
                                                    r"run .*'seed': 5.*give the run's dataset options again"):
-        fit(model, data, out_dir=tmp_path, printer=quiet, training_data={"dataset": "synthetic", "seed": 5, "image_size": SIZE},
-            resume=True, **stages)
+        fit(model, data, out_dir=tmp_path, printer=quiet, training_data=trained_on | {"seed": 5}, resume=True, **stages)
 
 
 def test_extending_a_finished_stage_1_trains_stage_2_again_from_it(tmp_path):
