@@ -323,8 +323,10 @@ def train(
                                                num_classes=model.config.num_classes)
                         record["held_out"] = scores
                         _training_modes(model, config)
+                        # in %, as `dynseg eval` prints them (the epoch log keeps the fractions)
                         progress.note(f"[{config.stage}] epoch {epoch}: held-out AP^r_vol "
-                                      f"{scores['ap_r_vol']:.3f}, Matching IoU {scores['matching_iou']:.3f}")
+                                      f"{100 * scores['ap_r_vol']:.1f}%, Matching IoU "
+                                      f"{100 * scores['matching_iou']:.1f}%")
                     epoch_file.write(json.dumps(json_ready(record), allow_nan=False) + "\n")
                     # the logs reach the disk before the checkpoint that resuming would continue after them
                     for logged in (log_file, epoch_file):

@@ -55,7 +55,8 @@ def test_training_on_the_synthetic_default_prints_progress_and_logs_every_epoch(
     assert "training on 4 synthetic images, simulated detections" in result.output
     # not a terminal: plain lines with the loss, the throughput and the time left
     assert re.search(r"\[semantic\] step 3/3  loss \d+\.\d{4}  \d+\.\d images/s  eta \d+s", result.output)
-    assert re.search(r"\[instance\] epoch 1: held-out AP\^r_vol \d\.\d{3}", result.output)
+    held_out = re.search(r"\[instance\] epoch 1: held-out AP\^r_vol (\d+\.\d)%, Matching IoU (\d+\.\d)%", result.output)
+    assert held_out, result.output  # in %, as dynseg eval prints them
     log = epochs(out)
     # stage 1: 4 images per step, so an epoch of 4 images is one step; stage 2: one image per step
     assert [(e["stage"], e["epoch"], e["step"]) for e in log] == [
@@ -65,6 +66,8 @@ def test_training_on_the_synthetic_default_prints_progress_and_logs_every_epoch(
         assert math.isfinite(entry["images_per_s"]) and entry["images_per_s"] >= 0
     assert "held_out" not in log[0]
     assert set(log[-1]["held_out"]) == {"ap_r", "ap_r_vol", "matching_iou", "pq", "coco_mask_ap"}
+    assert float(held_out[1]) == pytest.approx(100 * log[-1]["held_out"]["ap_r_vol"], abs=0.051)
+    assert float(held_out[2]) == pytest.approx(100 * log[-1]["held_out"]["matching_iou"], abs=0.051)
     stage1, stage2 = (json.loads((folder / "train_config.json").read_text()) for folder in (out / "semantic", out))
     assert (stage1["batch_size"], stage1["images_per_step"]) == (4, 4)
     assert "batch_size" not in stage2 and stage2["images_per_step"] == 1  # stage 1's field would mislead
