@@ -302,14 +302,14 @@ def _check_result_inputs(
     count = len(detections)
     shapes = {name: np.shape(getattr(detections, name)) for name in ("boxes", "labels", "scores", "kept")}
     if shapes != {"boxes": (count, 4), "labels": (count,), "scores": (count,), "kept": (count,)}:
-        raise InvalidArgumentError(f"detections must hold boxes (N, 4) and labels, scores and kept (N,) for one N, "
+        raise InvalidArgumentError(f"detections must hold boxes (D', 4) and labels, scores and kept (D',) for one D', "
                                    f"got {shapes}")
     if isinstance(class_names, str) or not isinstance(class_names, Sequence) \
             or not all(isinstance(name, str) for name in class_names):
         raise InvalidArgumentError(f"class_names must be a sequence of names (str), got {class_names!r:.80}")
     if not isinstance(instance_logits, np.ndarray) or instance_logits.shape != (count + 1, height, width):
         raise InvalidArgumentError(
-            f"instance_logits must have shape (N+1, H, W) = {(count + 1, height, width)}, "
+            f"instance_logits must have shape (D'+1, H, W) = {(count + 1, height, width)}, "
             f"got {_describe(instance_logits)}")
     classes = len(class_names)
     if not isinstance(semantic_probabilities, np.ndarray) \
