@@ -6,8 +6,8 @@ and CRFs together, plus the same post-processing) is measured in the same run fo
 
 Inputs: the shipped coffee photo resized to each size (bilinear), with `images.generated_detections`
 boxes; the same sweep gives the same inputs. Each case runs once untimed (warm-up), then `repeats`
-times. Latency is the wall time of one call (checks, backend, post-processing); throughput is
-1 / mean latency (one call at a time).
+times, the backends' calls taking turns. Latency is the wall time of one call (checks, backend,
+post-processing); throughput is 1 / mean latency (one call at a time).
 """
 
 from __future__ import annotations
@@ -56,23 +56,32 @@ def bench_image(height: int, width: int) -> np.ndarray:
         return np.array(photo.convert("RGB").resize((width, height), Image.Resampling.BILINEAR))
 
 
-def _time_case(segmenter: Segmenter, name: str, image: np.ndarray, dets: ImageDetections, repeats: int) -> BenchRow:
-    totals, networks, crfs, posts = [], [], [], []
+def _time_case(segmenters: Sequence[tuple[str, Segmenter]], image: np.ndarray, dets: ImageDetections,
+               repeats: int) -> list[BenchRow]:
+    """One row per backend. Their calls take turns, so that a slow spell of a shared machine falls on
+    every backend alike and the ratio between them holds."""
+    calls: dict[str, dict[str, list]] = {name: {"total": [], "network": [], "crf": [], "post": []}
+                                         for name, _ in segmenters}
     for repeat in range(repeats + 1):  # the first is a warm-up
-        timings: dict[str, float] = {}
-        start = time.perf_counter()
-        segmenter.segment(image, dets.boxes, dets.labels, dets.scores, timings=timings)
-        if repeat:
-            totals.append(time.perf_counter() - start)
-            posts.append(timings["post"])
-            networks.append(timings.get("network"))
-            crfs.append(timings.get("crf"))
+        for name, segmenter in segmenters:
+            timings: dict[str, float] = {}
+            start = time.perf_counter()
+            segmenter.segment(image, dets.boxes, dets.labels, dets.scores, timings=timings)
+            if repeat:
+                calls[name]["total"].append(time.perf_counter() - start)
+                for part in ("network", "crf", "post"):
+                    calls[name][part].append(timings.get(part))
     ms = lambda values, q=50: float(np.percentile(values, q) * 1e3)  # noqa: E731
-    split = None not in networks + crfs  # onnxruntime times its sessions and CRF nodes apart
-    return BenchRow(backend=name, height=image.shape[0], width=image.shape[1], detections=len(dets.scores),
-                    repeats=repeats, p50_ms=ms(totals), p90_ms=ms(totals, 90), p99_ms=ms(totals, 99),
-                    network_ms=ms(networks) if split else None, crf_ms=ms(crfs) if split else None,
-                    post_ms=ms(posts), images_per_s=1.0 / float(np.mean(totals)))
+    rows = []
+    for name, taken in calls.items():
+        totals = taken["total"]
+        split = None not in taken["network"] + taken["crf"]  # onnxruntime times its sessions and CRF nodes apart
+        rows.append(BenchRow(backend=name, height=image.shape[0], width=image.shape[1], detections=len(dets.scores),
+                             repeats=repeats, p50_ms=ms(totals), p90_ms=ms(totals, 90), p99_ms=ms(totals, 99),
+                             network_ms=ms(taken["network"]) if split else None,
+                             crf_ms=ms(taken["crf"]) if split else None, post_ms=ms(taken["post"]),
+                             images_per_s=1.0 / float(np.mean(totals))))
+    return rows
 
 
 def run(model_path: str | Path, *, sizes: Sequence[tuple[int, int]], detections: Sequence[int] | None, repeats: int,
@@ -101,8 +110,7 @@ def run(model_path: str | Path, *, sizes: Sequence[tuple[int, int]], detections:
         image = bench_image(height, width)
         for count in detections:
             dets = generated_detections(height, width, count, num_classes=len(exported.class_names), seed=0)
-            for name, segmenter in segmenters:
-                row = _time_case(segmenter, name, image, dets, repeats)
+            for row in _time_case(segmenters, image, dets, repeats):
                 rows.append(row)
                 if on_row is not None:
                     on_row(row)
@@ -110,14 +118,19 @@ def run(model_path: str | Path, *, sizes: Sequence[tuple[int, int]], detections:
 
 
 def table(rows: Sequence[BenchRow]) -> str:
-    """The rows as a markdown table, milliseconds."""
-    lines = ["| backend | H x W | D | p50 ms | p90 ms | p99 ms | network ms | CRFs ms | post ms | images/s |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    """The rows as a markdown table, milliseconds; "× torch" is a row's p50 over the PyTorch row's of the
+    same case, measured in the same run ("-" without one): below 1, faster than PyTorch."""
+    lines = ["| backend | H x W | D | p50 ms | p90 ms | p99 ms | network ms | CRFs ms | post ms | images/s "
+             "| × torch |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     part = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    torch_p50 = {(r.height, r.width, r.detections): r.p50_ms for r in rows if r.backend.startswith("torch")}
     for r in rows:
+        reference = torch_p50.get((r.height, r.width, r.detections))
+        ratio = "-" if reference is None else f"{r.p50_ms / reference:.2f}"
         lines.append(f"| {r.backend} | {r.height} x {r.width} | {r.detections} | {r.p50_ms:.1f} | {r.p90_ms:.1f} | "
                      f"{r.p99_ms:.1f} | {part(r.network_ms)} | {part(r.crf_ms)} | {r.post_ms:.1f} | "
-                     f"{r.images_per_s:.2f} |")
+                     f"{r.images_per_s:.2f} | {ratio} |")
     return "\n".join(lines)
 
 

@@ -331,6 +331,7 @@ def test_bench_prints_a_table_and_writes_json(exported, tmp_path):
                                  "--repeats", "2", "--json", str(tmp_path / "bench.json")])
     assert result.exit_code == 0, result.output
     assert "| onnxruntime | 48 x 64 | 3 |" in result.output
+    assert all(line.endswith("| - |") for line in result.output.splitlines() if line.startswith("| onnxruntime |"))
     rows = json.loads((tmp_path / "bench.json").read_text())
     assert [(r["height"], r["width"], r["detections"]) for r in rows] == [(48, 64, 0), (48, 64, 3), (40, 40, 0),
                                                                           (40, 40, 3)]
@@ -355,7 +356,13 @@ def test_bench_times_the_checkpoint_beside_the_export(exported):
     result = runner.invoke(app, ["bench", str(model), "--sizes", "40x48", "--detections", "2", "--repeats", "1",
                                  "--checkpoint", str(checkpoint)])
     assert result.exit_code == 0, result.output
-    assert "| onnxruntime | 40 x 48 | 2 |" in result.output and "| torch | 40 x 48 | 2 |" in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith(("| onnxruntime |", "| torch |"))]
+    rows = {cells[0]: cells for cells in (line.strip("| ").split(" | ") for line in lines)}
+    assert set(rows) == {"onnxruntime", "torch"}, result.output
+    # "× torch": each row's p50 over PyTorch's, both measured in this run
+    assert rows["torch"][-1] == "1.00"
+    assert float(rows["onnxruntime"][-1]) == pytest.approx(float(rows["onnxruntime"][3]) / float(rows["torch"][3]),
+                                                           abs=0.01)
 
 
 def test_segment_reports_each_stages_time_where_the_backend_tells_them_apart(exported):
