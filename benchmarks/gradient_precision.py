@@ -88,6 +88,8 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=6000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.cases < 1:
+        parser.error(f"--cases must be at least 1, got {args.cases}")
     torch.set_num_threads(1)
     rng = np.random.default_rng(args.seed)
     errors: dict[int, list[tuple[float, float]]] = {t: [] for t in range(1, MAX_ITERATIONS + 1)}

@@ -82,6 +82,13 @@ def main() -> None:
     parser.add_argument("--instance-steps", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    for name in ("images", "val_images", "semantic_steps", "instance_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if min(args.image_size) < 32:  # SyntheticScenes' MIN_IMAGE_SIDE
+        parser.error(f"--image-size must be two sides of at least 32, got {args.image_size}")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} exists and is not a folder")
 
     began = time.perf_counter()
     torch.manual_seed(args.seed)
