@@ -129,17 +129,24 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def training_data_record(*, dataset: str, seed: int, image_size: tuple[int, int] | None = None,
+                         split: str | None = None) -> dict[str, Any]:
+    """The record write_training_data writes for these keywords, as read_training_data reads it back."""
+    record: dict[str, Any] = {"dataset": dataset, "seed": seed}
+    if image_size is not None:
+        record["image_size"] = list(image_size)
+    if split is not None:
+        record["split"] = split
+    return record
+
+
 def write_training_data(checkpoint: str | Path, *, dataset: str, seed: int, image_size: tuple[int, int] | None = None,
                         split: str | None = None) -> None:
     """Records in the checkpoint folder `checkpoint` what its network was trained on: the dataset's name,
     the seed of its data and simulated detections, the synthetic scenes' (height, width), and an on-disk
     dataset's split. `train.fit` writes it beside each stage's checkpoint (its `training_data`). Raises
     InvalidArgumentError for a record read_training_data would refuse."""
-    record: dict[str, Any] = {"dataset": dataset, "seed": seed}
-    if image_size is not None:
-        record["image_size"] = list(image_size)
-    if split is not None:
-        record["split"] = split
+    record = training_data_record(dataset=dataset, seed=seed, image_size=image_size, split=split)
     check_training_data(record)
     (Path(checkpoint) / TRAINING_DATA).write_text(json.dumps(record))
 

@@ -52,7 +52,7 @@ from . import distributed, fields
 from .data import VOID
 from .boxes import mask_boxes
 from .checkpoint import (TRAINING_DATA, check_training_data, load_weights, read_training_data, save_checkpoint,
-                         weights_fingerprint, write_training_data)
+                         training_data_record, weights_fingerprint, write_training_data)
 from .data.common import Samples
 from .data.detections import DetectorOutput, simulate_detections
 from .data.sources import inside_image
@@ -380,7 +380,8 @@ def _resume(out_dir: Path, model: DynamicallyInstantiatedNetwork, optimiser: tor
             config: TrainConfig, settings: Mapping[str, Any]) -> int:
     """Loads out_dir's weights and optimiser state into `model` and `optimiser` and returns the step
     they were saved at; InvalidArgumentError, in one line, for files that are not a resumable state:
-    another stage's or mode's, or one whose weights are not model.safetensors' (a save cut short)."""
+    another stage's or mode's, one saved with other `settings` (train's, each named), or one whose
+    weights are not model.safetensors' (a save cut short)."""
     where = out_dir / "trainer_state.pt"
     afresh = "; start the stage afresh without resuming"
     try:
@@ -401,7 +402,7 @@ def _resume(out_dir: Path, model: DynamicallyInstantiatedNetwork, optimiser: tor
     saved = state.get("settings")
     if isinstance(saved, Mapping) and saved:  # states saved before the settings were recorded: unchecked
         changed = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in settings.items()
-                   if json.loads(json.dumps(saved.get(key))) != json.loads(json.dumps(value))]
+                   if saved.get(key) != value]
         if changed:
             raise InvalidArgumentError(f"cannot resume from {where}: it was saved with other settings "
                                        f"({'; '.join(changed)}): give the run's options again{afresh}")
@@ -588,10 +589,10 @@ def fit(
                     (folder / name).unlink(missing_ok=True)
             epochs.write_text("")  # a new run: the stages append to it, an earlier run's epochs go
         if resume and training_data is not None:  # a resumed run trains on what it trained on
+            wanted = training_data_record(**training_data)
             for folder in (out_dir / "semantic", out_dir):
                 recorded = read_training_data(folder)
-                wanted = json.loads(json.dumps(dict(training_data)))
-                if recorded is not None and recorded != {k: v for k, v in wanted.items() if v is not None}:
+                if recorded is not None and recorded != wanted:
                     raise InvalidArgumentError(f"cannot resume: {folder / TRAINING_DATA} records {recorded}, this run "
                                                f"{wanted}: give the run's dataset options again, or start afresh")
         # recorded before each stage, whose first epoch's end already leaves a checkpoint `dynseg eval` takes
