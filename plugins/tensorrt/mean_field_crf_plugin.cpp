@@ -339,8 +339,10 @@ std::string read_shapes(Dims const* const dims[kNumInputs], CrfShapes* shapes, b
         return "image must be (1, C, H, W) with H, W >= 1 and 1 <= C <= " +
                std::to_string(DYNSEG_MAX_COLOR_CHANNELS) + ", got " + dims_string(image);
     if (bounds) {
-        s.height = std::max(s.height, image.d[2]);
-        s.width = std::max(s.width, image.d[3]);
+        // at run time the unary and the image have the same H, W (checked below without bounds), so that
+        // H, W is at most the tighter of the two bounds: sizing for the looser one only reserves more
+        s.height = std::min(s.height, image.d[2]);
+        s.width = std::min(s.width, image.d[3]);
     } else if (image.d[2] != s.height || image.d[3] != s.width) {
         return "image must have the unary's H, W = " + std::to_string(s.height) + ", " + std::to_string(s.width) +
                ", got " + dims_string(image);

@@ -74,7 +74,8 @@ struct CrfShapes {
 
 // An empty string when the ten shapes form a valid problem, else what is wrong. With `bounds` the dims
 // are a profile's upper bounds, which TensorRT works out for each tensor on its own: the unary's H, W
-// (computed in the graph) may then be looser than the image's, and the problem takes the larger.
+// (computed in the graph) may then be looser than the image's, and the problem takes the tighter (at run
+// time both tensors have the same H, W, which neither bound exceeds).
 std::string read_shapes(nvinfer1::Dims const* const dims[kNumInputs], CrfShapes* shapes, bool bounds = false);
 
 // The kernel library's workspace for these shapes (dynseg_crf_workspace_size_cuda: its worst case, with its

@@ -359,17 +359,20 @@ def test_a_plan_built_with_another_kernel_library_is_refused_at_deserialisation(
     assert tensorrt.create({**NODE, "kernel_library": tensorrt.kernel_library}, runtime=True)
 
 
-def test_a_profile_whose_unary_and_image_bounds_differ_builds_for_the_larger(tensorrt):
+@pytest.mark.parametrize("looser", [0, 1])
+def test_a_profile_whose_unary_and_image_bounds_differ_builds_for_the_tighter(tensorrt, looser):
     # TensorRT bounds each tensor on its own: the unary, computed in the graph, may get a looser bound
+    # than the image (or the other way round); at run time both have the same H, W, within either bound
     inputs = node_inputs()
     plugin = tensorrt.create(NODE)
     types = [str(a.dtype) for a in inputs]
-    larger = profile(inputs, 8)
     mixed = profile(inputs, 8)
-    mixed[0] = profile(inputs)[0]  # the unary's bound stays at 19x27, the image's is 27x35
+    mixed[1 - looser] = profile(inputs)[1 - looser]  # one of unary and image bounded at 19x27, the other 27x35
     built = tensorrt.build(plugin, profile(inputs), profile(inputs), mixed, types)
     assert built["result"] == 0, tensorrt.log()
-    assert built["workspace"] == tensorrt.build(plugin, profile(inputs), profile(inputs), larger, types)["workspace"]
+    tight = profile(inputs, 8)
+    tight[:2] = profile(inputs)[:2]  # both at 19x27, D as in `mixed`
+    assert built["workspace"] == tensorrt.build(plugin, profile(inputs), profile(inputs), tight, types)["workspace"]
     runtime = tensorrt.lib.harness_through_plan(plugin, b"crf")
     inputs[1] = inputs[1][:, :, :18]  # at run time the image must match the unary exactly
     assert tensorrt.enqueue(runtime, inputs, built["workspace"])[0] == -1
