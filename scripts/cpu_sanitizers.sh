@@ -3,7 +3,7 @@
 # the package's own build (AddressSanitizer with UndefinedBehaviorSanitizer, then ThreadSanitizer),
 # loads each through DYNSEG_LIBRARY with its runtime preloaded, and runs the native tests under the
 # first and a threaded call under the second. Any report stops the step; the exit status is 1 if a step
-# failed. About 5 minutes on 2 cores.
+# failed. About 7 minutes on 2 cores.
 #
 #   bash scripts/cpu_sanitizers.sh [BUILD_DIR]      (default: the checkout's build/sanitizers)
 #
