@@ -64,9 +64,10 @@ def refinement_baseline(model, dataset, *, seed: int) -> tuple[list[dict], list[
             x1, y1, x2, y2 = boxes[d].long().tolist()
             inside = q_sem[labels[d], y1 : y2 + 1, x1 : x2 + 1] > 0.5
             instance_map[y1 : y2 + 1, x1 : x2 + 1][inside] = d + 1
-        kept = [d for d in range(len(scores)) if bool((instance_map == d + 1).any())]
-        masks = [(instance_map == d + 1).numpy() for d in kept]
-        predictions.append({"masks": np.stack(masks) if masks else np.zeros((0, *image.shape[1:]), bool),
+        masks = {d: (instance_map == d + 1).numpy() for d in range(len(scores))}
+        kept = [d for d, mask in masks.items() if mask.any()]
+        empty = np.zeros((0, *image.shape[1:]), bool)
+        predictions.append({"masks": np.stack([masks[d] for d in kept]) if kept else empty,
                             "labels": labels[kept].numpy(), "scores": scores[kept].numpy()})
         ground_truths.append(truth)
     return predictions, ground_truths
