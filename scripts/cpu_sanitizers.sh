@@ -2,13 +2,14 @@
 # The CPU kernel library under gcc's sanitizers, for a change to plugins/src: builds it twice beside
 # the package's own build (AddressSanitizer with UndefinedBehaviorSanitizer, then ThreadSanitizer),
 # loads each through DYNSEG_LIBRARY with its runtime preloaded, and runs the native tests under the
-# first and a threaded call under the second. Any report stops the step; the exit status is 1 if a step
-# failed. About 7 minutes on 2 cores.
+# first and a threaded call under the second. The first also runs a C++ program that calls every entry
+# point (tests/plugins/abi_driver.cpp) with leak detection on, which Python can't have. Any report stops
+# the step; the exit status is 1 if a step failed. About 7 minutes on 2 cores.
 #
 #   bash scripts/cpu_sanitizers.sh [BUILD_DIR]      (default: the checkout's build/sanitizers)
 #
 # Uses $PYTHON, else the python3 on the PATH, with dynseg installed (editable or not: only the kernel
-# library is swapped) and pytest. Python itself is not instrumented, so leak checking is off.
+# library is swapped) and pytest. Python itself is not instrumented, so leak checking is off under it.
 set -u
 BUILD=$(realpath -m "${1:-$(dirname "${BASH_SOURCE[0]}")/../build/sanitizers}")
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -34,6 +35,18 @@ if build "$BUILD/address" "-fsanitize=address,undefined -fno-sanitize-recover=un
     || failed+=("address/undefined")
 else
   failed+=("address/undefined build")
+fi
+
+echo "=== AddressSanitizer with leak detection: every C entry point from a C++ program"
+# tests/plugins/abi_driver.cpp, which has no Python around it to keep memory alive until exit
+if [ -f "$BUILD/address/plugins/libdynseg_crf.so" ] &&
+   g++ -std=c++17 -g -fsanitize=address,undefined -fno-omit-frame-pointer -I plugins/include \
+       tests/plugins/abi_driver.cpp -o "$BUILD/address/abi_driver" -L"$BUILD/address/plugins" -ldynseg_crf \
+       -Wl,-rpath,"$BUILD/address/plugins" -pthread; then
+  ASAN_OPTIONS=detect_leaks=1:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+    "$BUILD/address/abi_driver" || failed+=("address/leaks")
+else
+  failed+=("address/leaks build")
 fi
 
 echo "=== ThreadSanitizer: calls on two threads, equal to one thread's"

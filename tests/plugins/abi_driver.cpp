@@ -1,0 +1,210 @@
+// abi_driver.cpp: every CPU entry point of the C ABI (dynseg_crf.h) called from C++ alone, on the
+// paths that succeed and the paths that fail, on the main thread and on short-lived threads.
+//
+// Python can't look for leaks in the library it loads (CPython keeps memory alive until exit, so
+// LeakSanitizer is off under it); this program can. scripts/cpu_sanitizers.sh builds it against the
+// AddressSanitizer build of the library and runs it with leak detection on;
+// tests/plugins/test_abi_driver.py builds and runs it against the installed library, so it stays
+// correct. It prints one line per check and exits 1 if any status or result was not the expected one.
+//
+//   g++ -std=c++17 -I plugins/include tests/plugins/abi_driver.cpp -L<dir> -ldynseg_crf -pthread
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "dynseg_crf.h"
+
+namespace {
+
+std::atomic<int> checks{0}, failures{0};
+
+void expect(bool ok, const char* what) {
+    ++checks;
+    if (ok) return;
+    ++failures;
+    std::printf("FAIL %s\n", what);
+}
+
+// A status and, for a failure, a message that contains `names` (the field at fault).
+void expect_status(dynseg_status got, dynseg_status wanted, const char* what, const char* names = "") {
+    const char* message = dynseg_last_error();
+    const bool ok = got == wanted && (got == DYNSEG_OK || (*message && std::strstr(message, names)));
+    expect(ok, what);
+    if (!ok) std::printf("     status %d (wanted %d), message \"%s\" (wanted it to name \"%s\")\n", got, wanted,
+                         message, names);
+}
+
+// A problem of L labels over an H x W image with a spatial and a bilateral kernel, its arrays owned.
+struct Problem {
+    int64_t labels, height, width;
+    std::vector<float> image, unary, compat, matrix_weight;
+    float spatial_weight = 3.0f;
+    dynseg_kernel kernels[2]{};
+    dynseg_crf_problem c{};
+
+    Problem(int64_t labels_, int64_t height_, int64_t width_, uint32_t seed)
+        : labels(labels_), height(height_), width(width_), image(3 * height_ * width_),
+          unary(labels_ * height_ * width_), compat(labels_ * labels_), matrix_weight(labels_ * labels_) {
+        std::mt19937 random(seed);
+        std::uniform_real_distribution<float> colour(0.0f, 255.0f), logit(-2.0f, 2.0f), entry(0.0f, 1.0f);
+        for (float& v : image) v = colour(random);
+        for (float& v : unary) v = logit(random);
+        for (float& v : compat) v = entry(random);
+        for (float& v : matrix_weight) v = entry(random);
+        kernels[0] = {3.0f, 0.0f, DYNSEG_WEIGHT_SCALAR, &spatial_weight};
+        kernels[1] = {20.0f, 13.0f, DYNSEG_WEIGHT_MATRIX, matrix_weight.data()};
+        c.num_labels = labels;
+        c.height = height;
+        c.width = width;
+        c.image_channels = 3;
+        c.image = image.data();
+        c.num_kernels = 2;
+        c.kernels = kernels;
+        c.compat_kind = DYNSEG_COMPAT_FULL;
+        c.compat = compat.data();
+        c.normalization = DYNSEG_NORMALIZE_SYMMETRIC;
+        c.iterations = 3;
+        c.output = DYNSEG_OUTPUT_LOGITS;
+        c.threads = 2;
+    }
+    int64_t size() const { return labels * height * width; }
+};
+
+std::vector<char> workspace_for(const dynseg_crf_problem& problem, int32_t pass) {
+    size_t bytes = 0;
+    expect_status(dynseg_crf_workspace_size(&problem, pass, &bytes), DYNSEG_OK, "workspace size");
+    return std::vector<char>(bytes);
+}
+
+bool all_finite(const std::vector<float>& values) {
+    for (float v : values)
+        if (!std::isfinite(v)) return false;
+    return true;
+}
+
+void forward_backward_and_filter(uint32_t seed) {
+    Problem p(5, 17, 23, seed);
+    std::vector<float> out(p.size());
+    std::vector<char> ws = workspace_for(p.c, DYNSEG_PASS_FORWARD);
+    expect_status(dynseg_crf_forward(&p.c, p.unary.data(), out.data(), ws.data(), ws.size()), DYNSEG_OK, "forward");
+    expect(all_finite(out), "forward: finite logits");
+
+    p.c.output = DYNSEG_OUTPUT_PROBABILITIES;
+    p.c.normalization = DYNSEG_NORMALIZE_AFTER;
+    expect_status(dynseg_crf_forward(&p.c, p.unary.data(), out.data(), ws.data(), ws.size()), DYNSEG_OK,
+                  "forward: probabilities");
+    double worst = 0.0;
+    for (int64_t pixel = 0; pixel < p.height * p.width; ++pixel) {
+        double total = 0.0;
+        for (int64_t l = 0; l < p.labels; ++l) total += out[l * p.height * p.width + pixel];
+        worst = std::fmax(worst, std::fabs(total - 1.0));
+    }
+    expect(worst < 1e-5, "forward: probabilities sum to 1 at every pixel");
+
+    p.c.output = DYNSEG_OUTPUT_LOGITS;
+    std::vector<char> backward_ws = workspace_for(p.c, DYNSEG_PASS_BACKWARD);
+    std::vector<float> grad_logits(p.size(), 0.25f), grad_unary(p.size()), grad_spatial(1),
+        grad_matrix(p.labels * p.labels), grad_compat(p.labels * p.labels);
+    float* grad_weights[2] = {grad_spatial.data(), grad_matrix.data()};
+    expect_status(dynseg_crf_backward(&p.c, p.unary.data(), grad_logits.data(), grad_unary.data(), grad_weights,
+                                      grad_compat.data(), backward_ws.data(), backward_ws.size()),
+                  DYNSEG_OK, "backward");
+    expect(all_finite(grad_unary) && all_finite(grad_matrix) && all_finite(grad_compat), "backward: finite gradients");
+
+    std::vector<float> filtered(2 * p.height * p.width);
+    for (int32_t transpose = 0; transpose < 2; ++transpose)
+        expect_status(dynseg_lattice_filter(&p.c, 1, 2, p.unary.data(), filtered.data(), transpose, ws.data(),
+                                            ws.size()),
+                      DYNSEG_OK, transpose ? "lattice filter, transposed" : "lattice filter");
+}
+
+void detection_potential() {
+    Problem p(3, 12, 16, 7);
+    p.c.compat_kind = DYNSEG_COMPAT_POTTS;
+    p.c.compat = nullptr;
+    const float boxes[] = {1, 1, 8, 6, 4, 3, 14, 11}, scores[] = {0.9f, 0.4f}, x = 2.0f, y = 1.0f;
+    const int64_t labels[] = {1, 2};
+    float recalibrated[2] = {-1.0f, -1.0f};
+    dynseg_detections d{2, boxes, labels, scores, &x, &y, 1.0f, 1e-4f, recalibrated};
+    p.c.detections = &d;
+    std::vector<float> out(p.size());
+    std::vector<char> ws = workspace_for(p.c, DYNSEG_PASS_FORWARD);
+    expect_status(dynseg_crf_forward(&p.c, p.unary.data(), out.data(), ws.data(), ws.size()), DYNSEG_OK,
+                  "forward with detections");
+    expect(recalibrated[0] > 0.0f && recalibrated[0] < 1.0f && recalibrated[1] > 0.0f && recalibrated[1] < 1.0f,
+           "forward with detections: recalibrated scores are probabilities");
+    std::vector<float> grad(p.size());
+    std::vector<char> backward_ws(ws.size());
+    expect_status(dynseg_crf_backward(&p.c, p.unary.data(), out.data(), grad.data(), nullptr, nullptr,
+                                      backward_ws.data(), backward_ws.size()),
+                  DYNSEG_ERROR_NOT_SUPPORTED, "backward with detections is refused", "detections");
+}
+
+// Each refusal must come back as a status with a message, and nothing it set up may stay allocated.
+void refusals() {
+    Problem p(4, 9, 11, 3);
+    std::vector<float> out(p.size());
+    std::vector<char> ws = workspace_for(p.c, DYNSEG_PASS_FORWARD);
+    size_t bytes = 0;
+    expect_status(dynseg_crf_workspace_size(nullptr, DYNSEG_PASS_FORWARD, &bytes), DYNSEG_ERROR_INVALID_ARGUMENT,
+                  "refused: no problem", "problem");
+    expect_status(dynseg_crf_workspace_size(&p.c, 7, &bytes), DYNSEG_ERROR_INVALID_ARGUMENT, "refused: unknown pass",
+                  "pass");
+
+    Problem bad(4, 9, 11, 3);  // p's twin, spoiled one field at a time
+    bad.c.num_labels = 0;
+    expect_status(dynseg_crf_forward(&bad.c, p.unary.data(), out.data(), ws.data(), ws.size()),
+                  DYNSEG_ERROR_INVALID_ARGUMENT, "refused: no labels", "num_labels");
+    bad.c.num_labels = p.labels;
+    bad.kernels[0].theta_xy = 0.0f;
+    expect_status(dynseg_crf_forward(&bad.c, p.unary.data(), out.data(), ws.data(), ws.size()),
+                  DYNSEG_ERROR_INVALID_ARGUMENT, "refused: theta_xy 0", "kernels[0].theta_xy");
+    bad.kernels[0].theta_xy = 3.0f;
+    bad.image[5] = NAN;
+    expect_status(dynseg_crf_forward(&bad.c, p.unary.data(), out.data(), ws.data(), ws.size()),
+                  DYNSEG_ERROR_INVALID_ARGUMENT, "refused: a NaN in the image", "image");
+    bad.image[5] = 0.0f;
+    bad.kernels[1].theta_color = 1e-30f;  // scaled colours far beyond what float keys resolve
+    expect_status(dynseg_crf_forward(&bad.c, p.unary.data(), out.data(), ws.data(), ws.size()),
+                  DYNSEG_ERROR_KEY_RANGE, "refused: a lattice that cannot be built", "theta_color = 1e-30");
+    expect_status(dynseg_crf_forward(&p.c, p.unary.data(), out.data(), ws.data(), ws.size() / 2),
+                  DYNSEG_ERROR_WORKSPACE_TOO_SMALL, "refused: half the workspace", "workspace");
+    expect_status(dynseg_lattice_filter(&p.c, 2, 1, p.unary.data(), out.data(), 0, ws.data(), ws.size()),
+                  DYNSEG_ERROR_INVALID_ARGUMENT, "refused: filter with a kernel the problem lacks", "kernel");
+
+    const int32_t cancelled = 1;
+    dynseg_set_cancel_flag(&cancelled);
+    expect_status(dynseg_crf_forward(&p.c, p.unary.data(), out.data(), ws.data(), ws.size()), DYNSEG_ERROR_CANCELLED,
+                  "refused: a cancelled call", "cancel");
+    dynseg_set_cancel_flag(nullptr);
+
+    const dynseg_status cuda = dynseg_crf_workspace_size_cuda(&p.c, DYNSEG_PASS_FORWARD, &bytes);
+    expect(dynseg_cuda_compiled() ? cuda == DYNSEG_OK || cuda == DYNSEG_ERROR_CUDA : cuda == DYNSEG_ERROR_NOT_SUPPORTED,
+           "CUDA workspace query: sized, no device, or not built");
+}
+
+}  // namespace
+
+int main() {
+    std::printf("dynseg %s, ABI %d, %d threads\n", dynseg_version(), dynseg_abi_version(), dynseg_max_threads());
+    expect(dynseg_abi_version() == DYNSEG_ABI_VERSION, "the library's ABI is this header's");
+    expect(std::strlen(dynseg_cpu_missing()) == 0, "the CPU has every extension the kernels use");
+    forward_backward_and_filter(1);
+    detection_potential();
+    refusals();
+    // Threads that call, fail and end: each leaves a last-error message and a cancel flag behind.
+    std::vector<std::thread> threads;
+    for (uint32_t seed = 10; seed < 14; ++seed)
+        threads.emplace_back([seed] {
+            forward_backward_and_filter(seed);
+            refusals();
+        });
+    for (std::thread& t : threads) t.join();
+    std::printf("%d checks, %d failed\n", checks.load(), failures.load());
+    return failures ? 1 : 0;
+}
