@@ -1,8 +1,11 @@
 """The public numpy dense CRF: a fast drop-in for pydensecrf on the native kernel library.
 
-Owns the user-facing checks of `dense_crf` (every bad input is a ValueError naming the argument)
-and the translation of its densecrf-style parameters into a native `Problem`. The maths and the
-lattice are described in docs/crf.md; the readable PyTorch definition is dynseg.trainer.crf.
+Owns the user-facing checks of `dense_crf` and `dense_crf_cuda` (every bad input is a ValueError
+naming the argument) and the translation of their densecrf-style parameters into a native `Problem`.
+The checks other front ends share live here too, so one rule serves them all: `gaussian_kernels`,
+`check_iterations`, `check_normalization`, `check_threads` and `check_overflow` (the torch front ends
+of dynseg.trainer.crf, `Segmenter`, `dynseg demo`). The maths and the lattice are described in
+docs/crf.md; the readable PyTorch definition is dynseg.trainer.crf.
 """
 
 from __future__ import annotations
@@ -60,17 +63,20 @@ def check_overflow(finite: bool, what: str) -> None:
 
 
 def check_iterations(iterations: object) -> int:
+    """The mean-field iteration count T as an int in 0..INT32_MAX (the C struct's int32 field)."""
     return int_in("iterations", iterations, 0, INT32_MAX)
 
 
 def check_normalization(normalization: object) -> Normalization:
+    """The normalisation, 'after' or 'symmetric' (docs/crf.md), as a plain str."""
     if isinstance(normalization, str) and normalization in _native.NORMALIZATION:
         return "after" if normalization == "after" else "symmetric"  # a plain str, whatever str subclass came
     raise InvalidArgumentError(f"normalization must be 'after' or 'symmetric', got {normalization!r}")
 
 
 def check_threads(threads: object) -> int:
-    """threads=None means every core (0 for the native library)."""
+    """The CPU kernels' thread count: an int in 1..INT32_MAX, or None for every core (returned as 0, the
+    native library's "every core")."""
     if threads is None:
         return 0
     return int_in("threads", threads, 1, INT32_MAX, rule=f"None or an int in 1..{INT32_MAX}")

@@ -86,7 +86,7 @@ def load_image(image: ImageLike) -> np.ndarray:
         # np.asarray of a PIL image is its raw storage: palette indices, CMYK bytes; convert as for files
         try:
             array = _pillow_rgb(image, "image (a PIL image)")
-        except InvalidArgumentError:
+        except InvalidArgumentError:  # a ValueError too: our own message must not be rewrapped below
             raise
         except (OSError, ValueError) as error:  # a lazily loaded image whose file is truncated, say
             raise InvalidArgumentError(f"image (a PIL image) could not be converted to RGB: {error}") from error
@@ -146,7 +146,7 @@ def _read_image_file(path: Path) -> np.ndarray:
         with Image.open(path) as opened:
             # decodes the whole file: truncation shows here
             array = _pillow_rgb(opened, f"image file {str(path)!r}")
-    except InvalidArgumentError:
+    except InvalidArgumentError:  # a ValueError too: our own message must not be rewrapped below
         raise
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
         raise InvalidArgumentError(f"image file {str(path)!r} could not be read as an image: {error}") from error

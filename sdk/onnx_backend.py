@@ -266,11 +266,12 @@ def _run_crf(step: _CrfNode, inputs: list[ort.OrtValue], placement: _Placement, 
              weights_finite: Callable[[], bool]) -> list[ort.OrtValue]:
     """One CRF node on the OrtValues of its inputs, on the backend's device (on the CPU with `threads`
     threads, None: every core); `weights_finite()` says whether the model's weights are, asked only for
-    the message of a refusal."""
+    the message of a refusal. Returns the node's two outputs: the logits (1, L, H, W) and the detection
+    scores (D,)."""
     if placement.device_type == "cpu":
         values = [value.numpy() for value in inputs]
         try:
-            logits, scores = run_node(values, step.attributes, threads or 0)
+            logits, detection_scores = run_node(values, step.attributes, threads or 0)
         except LatticeRangeError as error:  # the image's size or colours, not what the network computed
             raise LatticeRangeError(f"the model's CRF node for {step.outputs[0]} cannot take this image: {error}") \
                 from error
@@ -279,14 +280,14 @@ def _run_crf(step: _CrfNode, inputs: list[ort.OrtValue], placement: _Placement, 
                 ")" if weights_finite() else ": the model's weights hold NaN or infinity)")
             raise InvalidArgumentError(f"the model's CRF node for {step.outputs[0]} refused what the network computed "
                                        f"from this image and its detections: {error}{cause}") from error
-        return [placement.put(logits), placement.put(scores)]
+        return [placement.put(logits), placement.put(detection_scores)]
     views = [_native_view(value, name, CrfInputs.dtype(input_name))
              for input_name, name, value in zip(CrfInputs._fields, step.inputs, inputs)]
     node_inputs = CrfInputs.of(views)
-    logits, scores = placement.empty(node_inputs.unary.shape), placement.empty(node_inputs.scores.shape)
+    logits, detection_scores = placement.empty(node_inputs.unary.shape), placement.empty(node_inputs.scores.shape)
     run_node_cuda(views, step.attributes, _native_view(logits, step.outputs[0], np.float32),
-                  _native_view(scores, step.outputs[1], np.float32), placement.device_id)
-    return [logits, scores]
+                  _native_view(detection_scores, step.outputs[1], np.float32), placement.device_id)
+    return [logits, detection_scores]
 
 
 class OnnxRuntimeBackend:

@@ -177,6 +177,7 @@ void MeanField::scalar_messages(int64_t c0, const float* q) {
     const int K = problem_.num_kernels;
     const int64_t S = stride_;
     const bool symmetric = problem_.normalization == DYNSEG_NORMALIZE_SYMMETRIC;
+    // every lattice was built with threads_ (prepare), so lattice 0 answers for all of them
     if (lattices_[0].gathers()) {
         for (int k = 0; k < K; ++k) lattices_[k].gather<V>(q, S, c0, symmetric ? norm_[k] : nullptr);
     } else {
@@ -202,8 +203,9 @@ void MeanField::scalar_messages(int64_t c0, const float* q) {
     });
 }
 
-// acc (+)= W_k Knorm_k(Q) for one kernel, the general path (a matrix weight mixes labels, so the
-// whole filtered row is needed before the message of any label).
+// logits_ (+)= W_k Knorm_k(Q) for one kernel, the general path (a matrix weight mixes labels, so the
+// whole filtered row, in filtered_, is needed before the message of any label). The first kernel of a
+// Potts problem starts the sum from U (`first`); the others add to what is there.
 void MeanField::kernel_message(int k, const float* q, bool first) {
     const dynseg_kernel& kernel = problem_.kernels[k];
     const bool potts = problem_.compat_kind == DYNSEG_COMPAT_POTTS;
