@@ -32,7 +32,7 @@ from dynseg.plugins import library_path
 from .checks import INT32_MAX
 from .errors import InvalidArgumentError, LatticeRangeError, NativeError
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 NORMALIZATION = {"after": 0, "symmetric": 1}
 MAX_LABELS = 65536  # DYNSEG_MAX_LABELS: the most labels a problem takes
 
@@ -184,14 +184,15 @@ def library() -> ctypes.CDLL:
             lib, path = _load()
             if not hasattr(lib, "dynseg_abi_version"):
                 raise NativeError(f"{path} is not dynseg's native library: it has no dynseg_abi_version")
-            _refuse_a_foreign_cpu(lib, path)
             lib.dynseg_abi_version.restype = ctypes.c_int32
-            # before any other symbol: another ABI's library may lack them
+            # before any other symbol: another ABI's library may lack them (returning a constant, it
+            # runs on any CPU)
             if lib.dynseg_abi_version() != ABI_VERSION:
                 raise NativeError(
                     f"{path} speaks C ABI {lib.dynseg_abi_version()}, this dynseg needs {ABI_VERSION}: "
                     "rebuild it with `pip install --force-reinstall --no-deps .` from the dynseg source tree"
                 )
+            _refuse_a_foreign_cpu(lib, path)
             _declare_signatures(lib)
             _lib = lib
     return _lib
@@ -202,9 +203,8 @@ def _declare_signatures(lib: ctypes.CDLL) -> None:
     lib.dynseg_version.restype = ctypes.c_char_p
     lib.dynseg_last_error.restype = ctypes.c_char_p
     lib.dynseg_max_threads.restype = ctypes.c_int32
-    if hasattr(lib, "dynseg_set_cancel_flag"):  # absent from libraries built before it (gpu_compare.sh's)
-        lib.dynseg_set_cancel_flag.argtypes = [ctypes.POINTER(ctypes.c_int32)]
-        lib.dynseg_set_cancel_flag.restype = None
+    lib.dynseg_set_cancel_flag.argtypes = [ctypes.POINTER(ctypes.c_int32)]
+    lib.dynseg_set_cancel_flag.restype = None
     problem = ctypes.POINTER(_Problem)
     lib.dynseg_crf_workspace_size.argtypes = [problem, ctypes.c_int32, ctypes.POINTER(ctypes.c_size_t)]
     lib.dynseg_crf_forward.argtypes = [problem, _f32p, _f32p, ctypes.c_void_p, ctypes.c_size_t]
@@ -227,8 +227,7 @@ def _declare_signatures(lib: ctypes.CDLL) -> None:
     lib.dynseg_crf_check_cuda.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     lib.dynseg_crf_forward_cuda_from_host.argtypes = [problem, _f32p, _f32p, ctypes.c_int32]
     lib.dynseg_cuda_set_device.argtypes = [ctypes.c_int32]
-    if hasattr(lib, "dynseg_cuda_get_device"):  # absent from libraries built before it (gpu_compare.sh's)
-        lib.dynseg_cuda_get_device.argtypes = [ctypes.POINTER(ctypes.c_int32)]
+    lib.dynseg_cuda_get_device.argtypes = [ctypes.POINTER(ctypes.c_int32)]
     lib.dynseg_cuda_malloc.argtypes = [ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p)]
     lib.dynseg_cuda_free.argtypes = [ctypes.c_void_p]
     lib.dynseg_cuda_memcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
@@ -253,8 +252,6 @@ def _load() -> tuple[ctypes.CDLL, Path]:
 def _refuse_a_foreign_cpu(lib: ctypes.CDLL, path: Path) -> None:
     """NativeError when the library's kernels use instructions this CPU lacks: asked before any other
     call, as the first kernel would otherwise end the process with an illegal instruction."""
-    if not hasattr(lib, "dynseg_cpu_missing"):  # a library built before the check (gpu_compare.sh's)
-        return
     lib.dynseg_cpu_missing.restype = ctypes.c_char_p
     missing = lib.dynseg_cpu_missing().decode()
     if missing:
@@ -333,8 +330,7 @@ def _cpu_call(work: int, function: Callable[..., int], *arguments: object) -> No
     arrays and this thread's workspace. An exception a program's own signal handler raises in the wait
     sets the flag as well, and goes on once the helper has returned. Other calls run directly."""
     lib = library()
-    if (work < _INTERRUPTIBLE_FROM or threading.current_thread() is not threading.main_thread()
-            or not hasattr(lib, "dynseg_set_cancel_flag")):
+    if work < _INTERRUPTIBLE_FROM or threading.current_thread() is not threading.main_thread():
         _check(function(*arguments))
         return
     flag = ctypes.c_int32(0)

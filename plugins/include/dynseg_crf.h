@@ -41,16 +41,16 @@ extern "C" {
 #define DYNSEG_API __attribute__((visibility("default")))
 #endif
 
-#define DYNSEG_ABI_VERSION 3
+#define DYNSEG_ABI_VERSION 4
 
 typedef enum dynseg_status {
     DYNSEG_OK = 0,
     DYNSEG_ERROR_INVALID_ARGUMENT = 1, /* a field is out of range; see dynseg_last_error() */
-    DYNSEG_ERROR_WORKSPACE_TOO_SMALL = 2,
+    DYNSEG_ERROR_WORKSPACE_TOO_SMALL = 2, /* fewer bytes than the workspace-size query asks for */
     DYNSEG_ERROR_KEY_RANGE = 3, /* the lattice cannot be built: scaled features beyond float resolution
                                    (2^22) or coordinates needing more than 63 key bits; the message says
                                    which */
-    DYNSEG_ERROR_INTERNAL = 4,
+    DYNSEG_ERROR_INTERNAL = 4, /* out of host memory, or a bug in dynseg; the message says which */
     DYNSEG_ERROR_NOT_SUPPORTED = 5, /* CUDA entry point of a library built without CUDA, or a backward
                                        call given detections (the trainer differentiates them in torch) */
     DYNSEG_ERROR_CUDA = 6,          /* a CUDA runtime call failed; the message names it */
@@ -72,6 +72,17 @@ typedef enum dynseg_compat_kind {
     DYNSEG_COMPAT_DIAGONAL = 1, /* mu = diag(compat), L values */
     DYNSEG_COMPAT_FULL = 2      /* mu = compat, (L, L) row-major */
 } dynseg_compat_kind;
+
+#define DYNSEG_MAX_KERNELS 8
+#define DYNSEG_MAX_LABELS 65536      /* keeps the backward pass's L x L sums far from overflow */
+#define DYNSEG_MAX_COLOR_CHANNELS 13 /* feature dimension d = 2 + C <= 15; whether an image's keys fit
+                                        64 bits depends on its range and theta: beyond 5 full-range
+                                        channels they rarely do (docs/crf.md, section 4) */
+
+typedef enum dynseg_output {
+    DYNSEG_OUTPUT_LOGITS = 0,       /* L^T, what the network and the backward pass use */
+    DYNSEG_OUTPUT_PROBABILITIES = 1 /* Q^T = softmax(L^T), what pydensecrf's inference returns */
+} dynseg_output;
 
 /* One Gaussian kernel. theta_color == 0 makes a spatial kernel (features x, y only). */
 typedef struct dynseg_kernel {
@@ -119,17 +130,6 @@ typedef struct dynseg_crf_problem {
     const dynseg_detections* detections; /* NULL (or count 0, its other fields then unread): no detection
                                             potential */
 } dynseg_crf_problem;
-
-#define DYNSEG_MAX_KERNELS 8
-#define DYNSEG_MAX_LABELS 65536      /* keeps the backward pass's L x L sums far from overflow */
-#define DYNSEG_MAX_COLOR_CHANNELS 13 /* feature dimension d = 2 + C <= 15; whether an image's keys fit
-                                        64 bits depends on its range and theta: beyond 5 full-range
-                                        channels they rarely do (docs/crf.md, section 4) */
-
-typedef enum dynseg_output {
-    DYNSEG_OUTPUT_LOGITS = 0,       /* L^T, what the network and the backward pass use */
-    DYNSEG_OUTPUT_PROBABILITIES = 1 /* Q^T = softmax(L^T), what pydensecrf's inference returns */
-} dynseg_output;
 
 typedef enum dynseg_pass {
     DYNSEG_PASS_FORWARD = 0,
