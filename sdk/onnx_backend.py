@@ -269,7 +269,7 @@ def _run_crf(step: _CrfNode, inputs: list[ort.OrtValue], placement: _Placement, 
     the message of a refusal. Returns the node's two outputs: the logits (1, L, H, W) and the detection
     scores (D,)."""
     if placement.device_type == "cpu":
-        values = [value.numpy() for value in inputs]
+        values = [placement.host(value) for value in inputs]
         try:
             logits, detection_scores = run_node(values, step.attributes, threads or 0)
         except LatticeRangeError as error:  # the image's size or colours, not what the network computed
