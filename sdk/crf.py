@@ -41,15 +41,16 @@ def gaussian_kernels(
     kernels = []
     if spatial is not None:
         if not isinstance(spatial, (tuple, list)) or len(spatial) != 2:
-            raise InvalidArgumentError(f"spatial must be (theta, weight) or None, got {spatial!r}")
-        kernels.append((_number("spatial theta", spatial[0], positive=True), 0.0,
-                        _number("spatial weight", spatial[1], positive=False)))
+            raise InvalidArgumentError(f"spatial must be (theta_gamma, weight) or None, got {spatial!r}")
+        kernels.append((_number("spatial[0] (theta_gamma)", spatial[0], positive=True), 0.0,
+                        _number("spatial[1] (weight)", spatial[1], positive=False)))
     if bilateral is not None:
         if not isinstance(bilateral, (tuple, list)) or len(bilateral) != 3:
-            raise InvalidArgumentError(f"bilateral must be (theta_xy, theta_rgb, weight) or None, got {bilateral!r}")
-        kernels.append((_number("bilateral theta_xy", bilateral[0], positive=True),
-                        _number("bilateral theta_rgb", bilateral[1], positive=True),
-                        _number("bilateral weight", bilateral[2], positive=False)))
+            raise InvalidArgumentError(
+                f"bilateral must be (theta_alpha, theta_beta, weight) or None, got {bilateral!r}")
+        kernels.append((_number("bilateral[0] (theta_alpha)", bilateral[0], positive=True),
+                        _number("bilateral[1] (theta_beta)", bilateral[1], positive=True),
+                        _number("bilateral[2] (weight)", bilateral[2], positive=False)))
     return kernels
 
 
