@@ -34,10 +34,11 @@ def _number(name: str, value: object, *, positive: bool) -> float:
 
 
 def gaussian_kernels(
-    spatial: tuple[float, float] | None, bilateral: tuple[float, float, float] | None
+    spatial: tuple[float, float] | None, bilateral: tuple[float, float, float] | None, *, has_image: bool
 ) -> list[tuple[float, float, float]]:
     """Checks densecrf-style kernel parameters and returns (theta_xy, theta_color, weight) per kernel,
-    spatial first (theta_color = 0), then bilateral. Shared by the numpy and torch front ends."""
+    spatial first (theta_color = 0), then bilateral, which needs an image (`has_image`). Shared by the
+    numpy and torch front ends."""
     kernels = []
     if spatial is not None:
         if not isinstance(spatial, (tuple, list)) or len(spatial) != 2:
@@ -51,6 +52,8 @@ def gaussian_kernels(
         kernels.append((_number("bilateral[0] (theta_alpha)", bilateral[0], positive=True),
                         _number("bilateral[1] (theta_beta)", bilateral[1], positive=True),
                         _number("bilateral[2] (weight)", bilateral[2], positive=False)))
+        if not has_image:
+            raise InvalidArgumentError("image must be given when bilateral is not None")
     return kernels
 
 
@@ -83,28 +86,31 @@ def check_threads(threads: object) -> int:
     return int_in("threads", threads, 1, INT32_MAX, rule=f"None or an int in 1..{INT32_MAX}")
 
 
+def _check_unary_shape(shape: tuple[int, ...]) -> None:
+    """(L, H, W) with every axis >= 1 and L within the library's label count: host and device unaries."""
+    if len(shape) != 3:
+        raise InvalidArgumentError(f"unary must have shape (L, H, W), got shape {shape}")
+    if 0 in shape:
+        raise InvalidArgumentError(f"unary must have L, H, W >= 1, got shape {shape}")
+    if shape[0] > _native.MAX_LABELS:
+        raise InvalidArgumentError(f"unary must have at most {_native.MAX_LABELS} labels (L, its first axis), "
+                                   f"got shape {shape}")
+
+
 def _check_unary(unary: object) -> np.ndarray:
     if not isinstance(unary, np.ndarray):
         raise InvalidArgumentError(f"unary must be a numpy array, got {type(unary).__name__}")
     refuse_masked("unary", unary)
     if unary.dtype != np.float32:
         raise InvalidArgumentError(f"unary must be float32 logits, got dtype {unary.dtype}")
-    if unary.ndim != 3:
-        raise InvalidArgumentError(f"unary must have shape (L, H, W), got shape {unary.shape}")
-    if 0 in unary.shape:
-        raise InvalidArgumentError(f"unary must have L, H, W >= 1, got shape {unary.shape}")
-    if unary.shape[0] > _native.MAX_LABELS:
-        raise InvalidArgumentError(f"unary must have at most {_native.MAX_LABELS} labels (L, its first axis), "
-                                   f"got shape {unary.shape}")
+    _check_unary_shape(unary.shape)
     # finiteness is checked by the native library, which scans the values anyway
     return np.ascontiguousarray(unary)
 
 
-def _check_image(image: object, height: int, width: int, needed: bool) -> np.ndarray | None:
+def _check_image(image: object, height: int, width: int) -> np.ndarray | None:
     """(H, W, 3) uint8 RGB -> (3, H, W) float32, the native library's planar layout."""
     if image is None:
-        if needed:
-            raise InvalidArgumentError("image must be given when bilateral is not None")
         return None
     if not isinstance(image, np.ndarray):
         raise InvalidArgumentError(f"image must be a numpy array, got {type(image).__name__}")
@@ -183,8 +189,8 @@ def dense_crf(
     iterations = check_iterations(iterations)
     normalization = check_normalization(normalization)
     n_threads = check_threads(threads)
-    kernels = gaussian_kernels(spatial, bilateral)
-    planar_image = _check_image(image, height, width, needed=bilateral is not None)
+    kernels = gaussian_kernels(spatial, bilateral, has_image=image is not None)
+    planar_image = _check_image(image, height, width)
     index = cuda_index(device)
     problem = _densecrf_problem(num_labels, height, width, planar_image, kernels, normalization, iterations,
                                 n_threads if index is None else 0)
@@ -240,17 +246,11 @@ def dense_crf_cuda(
         `out`, or a new `CudaArray`, holding Q (L, H, W).
     """
     unary_array = _native.DeviceArray.of(unary, "unary")
-    if unary_array.ndim != 3 or 0 in unary_array.shape:
-        raise InvalidArgumentError(f"unary must have shape (L, H, W) with L, H, W >= 1, got {unary_array.shape}")
-    if unary_array.shape[0] > _native.MAX_LABELS:
-        raise InvalidArgumentError(f"unary must have at most {_native.MAX_LABELS} labels (L, its first axis), "
-                                   f"got shape {unary_array.shape}")
+    _check_unary_shape(unary_array.shape)
     num_labels, height, width = unary_array.shape
     iterations = check_iterations(iterations)
     normalization = check_normalization(normalization)
-    kernels = gaussian_kernels(spatial, bilateral)
-    if image is None and bilateral is not None:
-        raise InvalidArgumentError("image must be given when bilateral is not None")
+    kernels = gaussian_kernels(spatial, bilateral, has_image=image is not None)
     image_array = None
     if image is not None:
         image_array = _native.DeviceArray.of(image, "image")

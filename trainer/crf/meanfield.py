@@ -199,10 +199,9 @@ def dense_crf_reference(
         if image.dtype != torch.uint8:
             raise InvalidArgumentError(f"image must be uint8, got {image.dtype}")
 
-    if bilateral is not None and image is None:
-        raise InvalidArgumentError("image must be given when bilateral is not None")
     kernels: list[tuple[PermutohedralLattice, float]] = []
-    for theta_xy, theta_color, weight in gaussian_kernels(spatial, bilateral):  # spatial first
+    # spatial first, as the native library orders them
+    for theta_xy, theta_color, weight in gaussian_kernels(spatial, bilateral, has_image=image is not None):
         colour = image if theta_color else None
         features = gaussian_features(colour, height, width, theta_xy, theta_color or None).to(unary.device)
         kernels.append((PermutohedralLattice(features), weight))

@@ -318,9 +318,7 @@ def dense_crf_native(
     (H, W, 3) uint8 RGB (or None without a bilateral kernel); returns Q, (L, H, W)."""
     if not isinstance(unary, Tensor) or unary.dim() != 3:
         raise InvalidArgumentError(f"unary must be an (L, H, W) tensor, got {getattr(unary, 'shape', type(unary))}")
-    kernels = gaussian_kernels(spatial, bilateral)
-    if image is None and bilateral is not None:
-        raise InvalidArgumentError("image must be given when bilateral is not None")
+    kernels = gaussian_kernels(spatial, bilateral, has_image=image is not None)
     planar = None
     if image is not None:  # checked even when unused, as dense_crf checks it: a wrong image is a caller's bug
         if not isinstance(image, Tensor) or image.dtype != torch.uint8 or image.dim() != 3 or image.shape[2] != 3:
