@@ -3,8 +3,10 @@
 # the package's own build (AddressSanitizer with UndefinedBehaviorSanitizer, then ThreadSanitizer),
 # loads each through DYNSEG_LIBRARY with its runtime preloaded, and runs the native tests under the
 # first and a threaded call under the second. The first also runs a C++ program that calls every entry
-# point (tests/plugins/abi_driver.cpp) with leak detection on, which Python can't have. Any report stops
-# the step; the exit status is 1 if a step failed. About 7 minutes on 2 cores.
+# point (tests/plugins/abi_driver.cpp) with leak detection on, which Python can't have, against the
+# library and against its CUDA kernels emulated on the CPU (tests/cuda_emulation), whose parity cases it
+# also runs. Any report stops the step; the exit status is 1 if a step failed. About 11 minutes on 2
+# cores.
 #
 #   bash scripts/cpu_sanitizers.sh [BUILD_DIR]      (default: the checkout's build/sanitizers)
 #
@@ -47,6 +49,24 @@ if [ -f "$BUILD/address/plugins/libdynseg_crf.so" ] &&
     "$BUILD/address/abi_driver" || failed+=("address/leaks")
 else
   failed+=("address/leaks build")
+fi
+
+echo "=== AddressSanitizer + UndefinedBehaviorSanitizer: the CUDA kernels emulated on the CPU"
+# parity.py's cases through every kernel; then the C++ program through the CUDA entry points with leak
+# detection on (their host side allocates device memory, which the emulation takes from the heap)
+emulated="$BUILD/address/libdynseg_crf_emulated.so"
+if "$PY" tests/cuda_emulation/emulator.py --sanitize "$emulated" >/dev/null &&
+   g++ -std=c++17 -g -fsanitize=address,undefined -fno-omit-frame-pointer -I plugins/include \
+       tests/plugins/abi_driver.cpp -o "$BUILD/address/abi_driver_emulated" "$emulated" -pthread; then
+  LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" \
+  ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+  DYNSEG_LIBRARY="$emulated" "$PY" tests/cuda_emulation/parity.py >"$BUILD/address/parity.log" ||
+    { tail -20 "$BUILD/address/parity.log"; failed+=("address/undefined, CUDA emulated"); }
+  tail -1 "$BUILD/address/parity.log"
+  ASAN_OPTIONS=detect_leaks=1:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+    "$BUILD/address/abi_driver_emulated" || failed+=("address/leaks, CUDA emulated")
+else
+  failed+=("CUDA emulated build")
 fi
 
 echo "=== ThreadSanitizer: calls on two threads, equal to one thread's"

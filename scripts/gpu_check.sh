@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One command for a session with a GPU (issue 5): builds dynseg with its CUDA kernels, runs the GPU
 # tests and the TensorRT plugin's enqueue on the GPU (a stand-in for TensorRT, where TensorRT's
-# headers were carried along), compute-sanitizer (memcheck, racecheck, synccheck) on a small forward
-# and backward, the GPU benchmark and, where Nsight Compute is installed, an analysis of the main
-# kernels, and writes a report. Under 5 minutes on an H100/H200 machine (the analysis is capped at 150 s).
+# headers were carried along), compute-sanitizer (memcheck with its leak check, racecheck, synccheck)
+# on a small forward and backward, the GPU benchmark and, where Nsight Compute is installed, an
+# analysis of the main kernels, and writes a report. Under 5 minutes on an H100/H200 machine (the analysis is capped at 150 s).
 #
 #   bash scripts/gpu_check.sh [REPORT_DIR]      (default: $OUT when set, else ./gpu_report)
 #
@@ -81,7 +81,8 @@ else
 fi
 
 step "compute-sanitizer memcheck"
-timeout 120 compute-sanitizer --tool memcheck --error-exitcode 1 $PY scripts/cuda_smoke.py >"$REPORT/memcheck.log" 2>&1
+timeout 120 compute-sanitizer --tool memcheck --leak-check full --error-exitcode 1 $PY scripts/cuda_smoke.py \
+  >"$REPORT/memcheck.log" 2>&1
 code=$?; check memcheck $code; echo "memcheck exit code $code"; tail -5 "$REPORT/memcheck.log"
 # what the CPU emulation of the kernels cannot see: shared-memory races between a block's threads, and
 # barriers or warp intrinsics that not every thread they name reaches

@@ -2,11 +2,12 @@
 how and what that checks). The .cu files are compiled as C++ against the shim, after one rewrite:
 each `kernel<<<grid, block[, shared[, stream]]>>>(args);` launch becomes an `emu::launch` call.
 
-    python tests/cuda_emulation/emulator.py [SOURCE_TREE] OUT.so
+    python tests/cuda_emulation/emulator.py [--sanitize] [SOURCE_TREE] OUT.so
 
 SOURCE_TREE (default: this checkout) holds plugins/, e.g. `git archive BRANCH plugins` unpacked, so a
 kernel change can be checked on a machine without a GPU before a GPU session measures it. Load the
-result with DYNSEG_LIBRARY=OUT.so.
+result with DYNSEG_LIBRARY=OUT.so. --sanitize builds it with AddressSanitizer and
+UndefinedBehaviorSanitizer (scripts/cpu_sanitizers.sh).
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ def emulated_source(cuda_source: str) -> str:
                         "float4* shared = reinterpret_cast<float4*>(emu::dynamic_shared.data());")
 
 
-def build(tree: Path, out: Path, extra_sources: Sequence[Path] = (), include_dirs: Sequence[Path] = ()) -> Path:
+def build(tree: Path, out: Path, extra_sources: Sequence[Path] = (), include_dirs: Sequence[Path] = (),
+          flags: Sequence[str] = ()) -> Path:
     """Compiles tree/plugins (CPU kernels as they are, CUDA kernels emulated) into the library `out`,
-    with `extra_sources` (C++ against the same shim, e.g. the TensorRT plugin) and their `include_dirs`."""
+    with `extra_sources` (C++ against the same shim, e.g. the TensorRT plugin) and their `include_dirs`,
+    and the compiler's `flags` besides the emulator's own."""
     compiler = shutil.which("g++")
     if compiler is None:
         raise FileNotFoundError("the CUDA emulator needs g++ (C++20, for <barrier>)")
@@ -51,7 +54,7 @@ def build(tree: Path, out: Path, extra_sources: Sequence[Path] = (), include_dir
             (src / "cuda" / name).write_text(emulated_source(path.read_text()))
         command = [
             compiler, "-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-w",
-            "-DDYNSEG_WITH_CUDA=1", '-DDYNSEG_VERSION="emulated"',
+            "-DDYNSEG_WITH_CUDA=1", '-DDYNSEG_VERSION="emulated"', *flags,
             f"-I{SHIM}", f"-I{tree / 'plugins' / 'include'}", f"-I{src}", *(f"-I{d}" for d in include_dirs),
             *map(str, sorted(src.glob("*.cpp"))), *map(str, sorted((src / "cuda").glob("*.cpp"))),
             *map(str, extra_sources), "-o", str(out),
@@ -62,8 +65,13 @@ def build(tree: Path, out: Path, extra_sources: Sequence[Path] = (), include_dir
     return out
 
 
+SANITIZERS = ("-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g")
+
 if __name__ == "__main__":
-    if len(sys.argv) not in (2, 3):
+    arguments = sys.argv[1:]
+    sanitize = "--sanitize" in arguments
+    arguments = [a for a in arguments if a != "--sanitize"]
+    if len(arguments) not in (1, 2):
         sys.exit(__doc__)
-    tree = Path(sys.argv[1]) if len(sys.argv) == 3 else ROOT
-    print(build(tree, Path(sys.argv[-1]).resolve()))
+    tree = Path(arguments[0]) if len(arguments) == 2 else ROOT
+    print(build(tree, Path(arguments[-1]).resolve(), flags=SANITIZERS if sanitize else ()))

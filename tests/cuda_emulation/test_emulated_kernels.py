@@ -35,6 +35,17 @@ def test_emulated_cuda_kernels_match_the_cpu_kernels(emulated_library):
     assert result.returncode == 0 and "all match" in result.stdout, result.stdout + result.stderr[-3000:]
 
 
+def test_the_cuda_entry_points_succeed_refuse_and_free_as_documented_when_called_from_cpp(emulated_library, tmp_path):
+    driver = tmp_path / "abi_driver"
+    subprocess.run(["g++", "-std=c++17", "-O1", f"-I{ROOT / 'plugins' / 'include'}",
+                    str(ROOT / "tests" / "plugins" / "abi_driver.cpp"), "-o", str(driver), str(emulated_library),
+                    "-pthread"], check=True)
+    run = subprocess.run([str(driver)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[-2] == "the CUDA entry points were called too" and lines[-1].endswith("checks, 0 failed"), run.stdout
+
+
 def test_every_kernel_launch_form_is_rewritten():
     source = (
         "a<<<blocks, kThreads>>>(x, y);\n"

@@ -1,11 +1,13 @@
-// abi_driver.cpp: every CPU entry point of the C ABI (dynseg_crf.h) called from C++ alone, on the
-// paths that succeed and the paths that fail, on the main thread and on short-lived threads.
+// abi_driver.cpp: the C ABI (dynseg_crf.h) called from C++ alone, on the paths that succeed and the
+// paths that fail: every CPU entry point, on the main thread and on short-lived threads, and where a
+// CUDA device is there (or the CPU emulation of one, tests/cuda_emulation) the CUDA entry points.
 //
 // Python can't look for leaks in the library it loads (CPython keeps memory alive until exit, so
 // LeakSanitizer is off under it); this program can. scripts/cpu_sanitizers.sh builds it against the
-// AddressSanitizer build of the library and runs it with leak detection on;
-// tests/plugins/test_abi_driver.py builds and runs it against the installed library, so it stays
-// correct. It prints one line per check and exits 1 if any status or result was not the expected one.
+// AddressSanitizer builds of the library and of its CUDA emulation and runs it with leak detection
+// on; tests/plugins/test_abi_driver.py and tests/cuda_emulation/test_emulated_kernels.py build and
+// run it against the installed and the emulated library, so it stays correct. It prints what failed
+// and a count, and exits 1 if any status or result was not the expected one.
 //
 //   g++ -std=c++17 -I plugins/include tests/plugins/abi_driver.cpp -L<dir> -ldynseg_crf -pthread
 #include <atomic>
@@ -188,6 +190,84 @@ void refusals() {
            "CUDA workspace query: sized, no device, or not built");
 }
 
+// Device memory through the C ABI's own allocator, so this program needs no CUDA headers.
+class DeviceBuffer {
+public:
+    explicit DeviceBuffer(size_t bytes) {
+        expect_status(dynseg_cuda_malloc(bytes, &pointer_), DYNSEG_OK, "CUDA malloc");
+    }
+    DeviceBuffer(const DeviceBuffer&) = delete;
+    DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+    ~DeviceBuffer() { dynseg_cuda_free(pointer_); }
+    template <typename T>
+    T* holding(const std::vector<T>& values) {
+        expect_status(dynseg_cuda_memcpy(pointer_, values.data(), values.size() * sizeof(T)), DYNSEG_OK,
+                      "CUDA copy to the device");
+        return static_cast<T*>(pointer_);
+    }
+    void* get() const { return pointer_; }
+
+private:
+    void* pointer_ = nullptr;
+};
+
+float largest_difference(const std::vector<float>& a, const std::vector<float>& b) {
+    float largest = 0.0f;
+    for (size_t i = 0; i < a.size(); ++i) largest = std::fmax(largest, std::fabs(a[i] - b[i]));
+    return largest;
+}
+
+// The CUDA entry points, on a GPU or on the CPU emulation of one (tests/cuda_emulation): their host
+// side allocates device memory (the host-array call) and must free it on the paths that fail too.
+void cuda_paths() {
+    Problem p(5, 17, 23, 21);
+    std::vector<float> cpu(p.size()), gpu(p.size());
+    std::vector<char> ws = workspace_for(p.c, DYNSEG_PASS_FORWARD);
+    expect_status(dynseg_crf_forward(&p.c, p.unary.data(), cpu.data(), ws.data(), ws.size()), DYNSEG_OK, "forward");
+    expect_status(dynseg_crf_forward_cuda_from_host(&p.c, p.unary.data(), gpu.data(), 0), DYNSEG_OK,
+                  "CUDA forward from host arrays");
+    expect(largest_difference(cpu, gpu) < 1e-4f, "CUDA forward from host arrays: the CPU's logits");
+    expect_status(dynseg_crf_forward_cuda_from_host(&p.c, p.unary.data(), gpu.data(), 99),
+                  DYNSEG_ERROR_INVALID_ARGUMENT, "refused: CUDA device 99", "device");
+    Problem spoiled(5, 17, 23, 21);
+    spoiled.kernels[1].theta_color = 1e-30f;
+    expect_status(dynseg_crf_forward_cuda_from_host(&spoiled.c, p.unary.data(), gpu.data(), 0),
+                  DYNSEG_ERROR_KEY_RANGE, "refused: CUDA forward from host arrays of a lattice that cannot be built",
+                  "lattice");
+
+    // the same problem with every array in device memory, on a stream of its own
+    DeviceBuffer image(p.image.size() * 4), spatial(4), bilateral(p.matrix_weight.size() * 4),
+        compat(p.compat.size() * 4), unary(p.unary.size() * 4), out(gpu.size() * 4);
+    dynseg_kernel kernels[2] = {p.kernels[0], p.kernels[1]};
+    kernels[0].weight = spatial.holding(std::vector<float>{p.spatial_weight});
+    kernels[1].weight = bilateral.holding(p.matrix_weight);
+    dynseg_crf_problem on_device = p.c;
+    on_device.image = image.holding(p.image);
+    on_device.kernels = kernels;
+    on_device.compat = compat.holding(p.compat);
+    size_t bytes = 0;
+    expect_status(dynseg_crf_workspace_size_cuda(&on_device, DYNSEG_PASS_FORWARD, &bytes), DYNSEG_OK,
+                  "CUDA workspace size");
+    DeviceBuffer workspace(bytes);
+    void* stream = nullptr;
+    expect_status(dynseg_cuda_stream_create(&stream), DYNSEG_OK, "CUDA stream");
+    const float* d_unary = unary.holding(p.unary);
+    float* d_out = static_cast<float*>(out.get());
+    expect_status(dynseg_crf_forward_cuda(&on_device, d_unary, d_out, workspace.get(), bytes, stream), DYNSEG_OK,
+                  "CUDA forward");
+    expect_status(dynseg_crf_check_cuda(workspace.get(), stream), DYNSEG_OK, "CUDA forward: lattices built");
+    expect_status(dynseg_cuda_memcpy(gpu.data(), d_out, gpu.size() * 4), DYNSEG_OK, "CUDA copy to the host");
+    expect(largest_difference(cpu, gpu) < 1e-4f, "CUDA forward: the CPU's logits");
+    expect_status(dynseg_crf_forward_cuda(&on_device, d_unary, d_out, workspace.get(), bytes / 2, stream),
+                  DYNSEG_ERROR_WORKSPACE_TOO_SMALL, "refused: CUDA forward in half the workspace", "workspace");
+    kernels[1].theta_color = 1e-30f;  // found only on the device: the call enqueues, the check reports
+    expect_status(dynseg_crf_forward_cuda(&on_device, d_unary, d_out, workspace.get(), bytes, stream), DYNSEG_OK,
+                  "CUDA forward of a lattice that cannot be built: enqueued");
+    expect_status(dynseg_crf_check_cuda(workspace.get(), stream), DYNSEG_ERROR_KEY_RANGE,
+                  "refused: CUDA forward of a lattice that cannot be built, by the check", "lattice");
+    expect_status(dynseg_cuda_stream_destroy(stream), DYNSEG_OK, "CUDA stream destroyed");
+}
+
 }  // namespace
 
 int main() {
@@ -205,6 +285,10 @@ int main() {
             refusals();
         });
     for (std::thread& t : threads) t.join();
+    if (dynseg_cuda_device_count() > 0) {
+        cuda_paths();
+        std::printf("the CUDA entry points were called too\n");
+    }
     std::printf("%d checks, %d failed\n", checks.load(), failures.load());
     return failures ? 1 : 0;
 }

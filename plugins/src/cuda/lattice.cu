@@ -18,6 +18,8 @@ namespace {
 // Entries summed by one thread in the first splat pass. Measured on an H200 (docs/benchmarks.md):
 // 16 and 32 were slower per iteration, and 128 too.
 constexpr int32_t kChunk = 64;
+// Beyond any coordinate of a lattice that can be built (|features| < 2^22), far from int32's limits.
+constexpr float kCoordinateClamp = 1073741824.0f;  // 2^30
 
 struct EmbedConstants {
     float scale[kMaxFeatureDim];
@@ -107,7 +109,11 @@ __global__ void embed(EmbedConstants c, const float* image, int32_t* rem0_out, i
             weight[0] += 1.0f + last;
 
             for (int i = 0; i <= d; ++i) {
-                const int32_t r0 = static_cast<int32_t>(rem0[i]), rk = static_cast<int32_t>(rank[i]);
+                // A lattice whose features are too large fails on `largest` (plan_packing), but its
+                // entries are computed all the same: clamped (a no-op for a lattice that can be built),
+                // its coordinates convert and subtract within int32 and its ranks index within 0..d.
+                const int32_t r0 = static_cast<int32_t>(fminf(fmaxf(rem0[i], -kCoordinateClamp), kCoordinateClamp));
+                const int32_t rk = static_cast<int32_t>(fminf(fmaxf(rank[i], 0.0f), static_cast<float>(d)));
                 if (kStaged) {
                     const int k = threadIdx.x * (d + 1) + i;
                     staged_int[k] = r0;
