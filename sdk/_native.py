@@ -250,8 +250,9 @@ def _load() -> tuple[ctypes.CDLL, Path]:
 
 
 def _refuse_a_foreign_cpu(lib: ctypes.CDLL, path: Path) -> None:
-    """NativeError when the library's kernels use instructions this CPU lacks: asked before any other
-    call, as the first kernel would otherwise end the process with an illegal instruction."""
+    """NativeError when the library's kernels use instructions this CPU lacks: asked right after the ABI
+    version, before any kernel runs, as the first one would otherwise end the process with an illegal
+    instruction."""
     lib.dynseg_cpu_missing.restype = ctypes.c_char_p
     missing = lib.dynseg_cpu_missing().decode()
     if missing:

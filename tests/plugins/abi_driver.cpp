@@ -74,6 +74,8 @@ struct Problem {
         c.output = DYNSEG_OUTPUT_LOGITS;
         c.threads = 2;
     }
+    Problem(const Problem&) = delete;  // c points into this object's own arrays
+    Problem& operator=(const Problem&) = delete;
     int64_t size() const { return labels * height * width; }
 };
 
