@@ -3,7 +3,8 @@
 # tests and the TensorRT plugin's enqueue on the GPU (a stand-in for TensorRT, where TensorRT's
 # headers were carried along), compute-sanitizer (memcheck with its leak check, racecheck, synccheck)
 # on a small forward and backward, the GPU benchmark and, where Nsight Compute is installed, an
-# analysis of the main kernels, and writes a report. Under 5 minutes on an H100/H200 machine (the analysis is capped at 150 s).
+# analysis of the main kernels, and writes a report. Under 5 minutes on an H100/H200 machine (the
+# analysis is capped at 150 s).
 #
 #   bash scripts/gpu_check.sh [REPORT_DIR]      (default: $OUT when set, else ./gpu_report)
 #

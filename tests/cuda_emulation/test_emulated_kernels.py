@@ -35,7 +35,7 @@ def test_emulated_cuda_kernels_match_the_cpu_kernels(emulated_library):
     assert result.returncode == 0 and "all match" in result.stdout, result.stdout + result.stderr[-3000:]
 
 
-def test_the_cuda_entry_points_succeed_refuse_and_free_as_documented_when_called_from_cpp(emulated_library, tmp_path):
+def test_the_cuda_entry_points_succeed_and_refuse_as_documented_when_called_from_cpp(emulated_library, tmp_path):
     driver = tmp_path / "abi_driver"
     subprocess.run(["g++", "-std=c++17", "-O1", f"-I{ROOT / 'plugins' / 'include'}",
                     str(ROOT / "tests" / "plugins" / "abi_driver.cpp"), "-o", str(driver), str(emulated_library),
