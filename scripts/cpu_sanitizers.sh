@@ -17,6 +17,8 @@ BUILD=$(realpath -m "${1:-$(dirname "${BASH_SOURCE[0]}")/../build/sanitizers}")
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}
 failed=()
+ASAN_RUNTIME="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"  # for Python to preload
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 
 build() {  # folder, sanitizer flags
   cmake -S . -B "$1" -DDYNSEG_CUDA=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo \
@@ -24,11 +26,15 @@ build() {  # folder, sanitizer flags
     cmake --build "$1" -j --target dynseg_crf >/dev/null
 }
 
+driver() {  # library, program: tests/plugins/abi_driver.cpp under ASan+UBSan, linked to the library
+  g++ -std=c++17 -g -fsanitize=address,undefined -fno-omit-frame-pointer -I plugins/include \
+      tests/plugins/abi_driver.cpp -o "$2" "$1" -Wl,-rpath,"$(dirname "$1")" -pthread
+}
+
 echo "=== AddressSanitizer + UndefinedBehaviorSanitizer: the native tests"
 if build "$BUILD/address" "-fsanitize=address,undefined -fno-sanitize-recover=undefined"; then
   # the deselected test starts a child whose environment no longer puts ASan's runtime first
-  LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" \
-  ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+  LD_PRELOAD="$ASAN_RUNTIME" ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 \
   DYNSEG_LIBRARY="$BUILD/address/plugins/libdynseg_crf.so" \
     "$PY" -m pytest -q -p no:cacheprovider tests/plugins/test_native_library.py \
       tests/plugins/test_detection_potential.py tests/sdk/test_dense_crf.py tests/trainer/test_native_op.py \
@@ -42,11 +48,8 @@ fi
 echo "=== AddressSanitizer with leak detection: every C entry point from a C++ program"
 # tests/plugins/abi_driver.cpp, which has no Python around it to keep memory alive until exit
 if [ -f "$BUILD/address/plugins/libdynseg_crf.so" ] &&
-   g++ -std=c++17 -g -fsanitize=address,undefined -fno-omit-frame-pointer -I plugins/include \
-       tests/plugins/abi_driver.cpp -o "$BUILD/address/abi_driver" -L"$BUILD/address/plugins" -ldynseg_crf \
-       -Wl,-rpath,"$BUILD/address/plugins" -pthread; then
-  ASAN_OPTIONS=detect_leaks=1:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-    "$BUILD/address/abi_driver" || failed+=("address/leaks")
+   driver "$BUILD/address/plugins/libdynseg_crf.so" "$BUILD/address/abi_driver"; then
+  ASAN_OPTIONS=detect_leaks=1:halt_on_error=1 "$BUILD/address/abi_driver" || failed+=("address/leaks")
 else
   failed+=("address/leaks build")
 fi
@@ -56,15 +59,13 @@ echo "=== AddressSanitizer + UndefinedBehaviorSanitizer: the CUDA kernels emulat
 # detection on (their host side allocates device memory, which the emulation takes from the heap)
 emulated="$BUILD/address/libdynseg_crf_emulated.so"
 if "$PY" tests/cuda_emulation/emulator.py --sanitize "$emulated" >/dev/null &&
-   g++ -std=c++17 -g -fsanitize=address,undefined -fno-omit-frame-pointer -I plugins/include \
-       tests/plugins/abi_driver.cpp -o "$BUILD/address/abi_driver_emulated" "$emulated" -pthread; then
-  LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" \
-  ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+   driver "$emulated" "$BUILD/address/abi_driver_emulated"; then
+  LD_PRELOAD="$ASAN_RUNTIME" ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 \
   DYNSEG_LIBRARY="$emulated" "$PY" tests/cuda_emulation/parity.py >"$BUILD/address/parity.log" ||
     { tail -20 "$BUILD/address/parity.log"; failed+=("address/undefined, CUDA emulated"); }
   tail -1 "$BUILD/address/parity.log"
-  ASAN_OPTIONS=detect_leaks=1:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-    "$BUILD/address/abi_driver_emulated" || failed+=("address/leaks, CUDA emulated")
+  ASAN_OPTIONS=detect_leaks=1:halt_on_error=1 "$BUILD/address/abi_driver_emulated" ||
+    failed+=("address/leaks, CUDA emulated")
 else
   failed+=("CUDA emulated build")
 fi
