@@ -29,12 +29,13 @@ import numpy as np
 
 from dynseg.plugins import library_path
 
-from .checks import INT32_MAX
+from .checks import INT32_MAX, is_int
 from .errors import InvalidArgumentError, LatticeRangeError, NativeError
 
 ABI_VERSION = 4
 NORMALIZATION = {"after": 0, "symmetric": 1}
 MAX_LABELS = 65536  # DYNSEG_MAX_LABELS: the most labels a problem takes
+ADDRESS_MAX = 2**64 - 1  # ctypes would wrap a larger address silently
 
 
 # The C enums of dynseg_crf.h, value for value.
@@ -73,6 +74,21 @@ class Pass(IntEnum):
 _f32p = ctypes.POINTER(ctypes.c_float)
 
 
+def _c_contiguous(shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int) -> bool:
+    """Whether `strides` lay `shape` out row-major without gaps, as numpy judges it: the stride of an axis
+    of size 1 is never used, so a producer may give any (the CUDA array interface lets it)."""
+    if len(strides) != len(shape):
+        return False
+    if 0 in shape:
+        return True
+    expected = itemsize
+    for size, stride in reversed(list(zip(shape, strides))):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 @dataclass(frozen=True)
 class DeviceArray:
     """A C-contiguous array of `dtype` in GPU memory, known by its address. Made by `of` from anything
@@ -99,13 +115,19 @@ class DeviceArray:
                 f"array), got {type(array).__name__}"
             )
         try:
-            found = tuple(int(n) for n in interface["shape"])
+            found = tuple(interface["shape"])
             found_dtype = np.dtype(interface["typestr"])
             pointer, read_only = interface["data"]
-            pointer = int(pointer)
         except (KeyError, TypeError, ValueError) as error:
             raise InvalidArgumentError(f"{name} has a malformed __cuda_array_interface__ ({error!r}): it needs shape, "
                                        "typestr and data (pointer, read-only flag)") from None
+        if not all(is_int(n) and n >= 0 for n in found):
+            raise InvalidArgumentError(f"{name}'s __cuda_array_interface__ has shape {found}: sizes must be ints >= 0")
+        found = tuple(int(n) for n in found)
+        if not is_int(pointer) or not 0 <= pointer <= ADDRESS_MAX:
+            raise InvalidArgumentError(f"{name}'s __cuda_array_interface__ has data pointer {pointer!r}: an address "
+                                       "must be an int in 0..2**64-1")
+        pointer = int(pointer)
         if found_dtype != np.dtype(dtype):
             raise InvalidArgumentError(f"{name} must be {np.dtype(dtype)}, got {found_dtype}")
         if interface.get("mask") is not None:
@@ -113,9 +135,7 @@ class DeviceArray:
         if written and read_only:
             raise InvalidArgumentError(f"{name} is read-only, and the result is written into it")
         strides = interface.get("strides")
-        itemsize = np.dtype(dtype).itemsize
-        if strides is not None and tuple(strides) != tuple(itemsize * int(np.prod(found[i + 1:], dtype=np.int64))
-                                                           for i in range(len(found))):
+        if strides is not None and not _c_contiguous(found, tuple(strides), np.dtype(dtype).itemsize):
             raise InvalidArgumentError(f"{name} must be C-contiguous, got strides {tuple(strides)} for shape {found}")
         if shape is not None and found != shape:
             raise InvalidArgumentError(f"{name} must have shape {shape}, got {found}")

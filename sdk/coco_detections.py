@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Hashable, Iterable
+from pathlib import Path
 from typing import TypedDict
 
 import numpy as np
 
 from .errors import InvalidArgumentError
 from .checks import finite_float32, is_int
+from .files import check_regular_file
 
 __all__ = ["DetectorOutput", "detections_by_image", "load_coco_detections", "read_coco_results"]
 
@@ -38,7 +40,9 @@ def load_coco_detections(path: str | os.PathLike, image_ids: Iterable[Hashable])
         each sorted by descending score (file order among equal scores).
 
     Raises:
-        InvalidArgumentError (a ValueError) naming the file and the entry index: not a JSON list,
+        InvalidArgumentError (a ValueError): a path that is no readable file; image_ids a string (an
+        iterable of its characters) or holding an id that cannot be looked up; and, naming the file and
+        the entry index: not a JSON list,
         an entry that is not an object or lacks a key, an image_id that is not an int or str, a
         category_id that is not an int in 1..2**63-1, a bbox that is not 4 numbers finite in float32, a
         negative width or height or a far corner beyond float32, a score that is not a number >= 0 finite in
@@ -54,6 +58,7 @@ Entry = tuple[Hashable, int, list[float], float]
 def read_coco_results(path: str | os.PathLike) -> list[Entry]:
     """Every entry of a COCO results file, validated and converted as `load_coco_detections` says, in
     file order; raises as it does."""
+    check_regular_file(Path(path), "detections file")
     try:
         with open(path, encoding="utf-8-sig") as handle:  # a byte-order mark, as Windows tools write, is no error
             entries = json.load(handle)
@@ -68,9 +73,16 @@ def read_coco_results(path: str | os.PathLike) -> list[Entry]:
 def detections_by_image(entries: Iterable[Entry], image_ids: Iterable[Hashable]) -> dict[Hashable, DetectorOutput]:
     """The entries of each of `image_ids` (empty arrays for ids without any), each sorted by descending
     score (file order among equal scores); entries of other images are ignored."""
-    wanted: dict[Hashable, tuple[list[list[float]], list[int], list[float]]] = {
-        image_id: ([], [], []) for image_id in image_ids
-    }
+    if isinstance(image_ids, (str, bytes)):
+        raise InvalidArgumentError(f"image_ids must be a collection of ids, not the string {image_ids!r} "
+                                   f"(one image: [{image_ids!r}])")
+    if not isinstance(image_ids, Iterable):
+        raise InvalidArgumentError(f"image_ids must be a collection of ids, got {type(image_ids).__name__}")
+    ids = list(image_ids)
+    for image_id in ids:
+        if not isinstance(image_id, Hashable):
+            raise InvalidArgumentError(f"image_ids holds {image_id!r}, which cannot be an id (not hashable)")
+    wanted: dict[Hashable, tuple[list[list[float]], list[int], list[float]]] = {image_id: ([], [], []) for image_id in ids}
     for image_id, label, box, score in entries:
         if image_id in wanted:
             boxes, labels, scores = wanted[image_id]

@@ -10,13 +10,14 @@ docs/crf.md; the readable PyTorch definition is dynseg.trainer.crf.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Literal
 
 import numpy as np
 
 from . import _native
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, LatticeRangeError
 from .checks import INT32_MAX, finite_float32, int_in, positive_in_float32, refuse_masked
 from .inputs import cuda_index
 
@@ -90,7 +91,7 @@ def _check_unary_shape(shape: tuple[int, ...]) -> None:
     """(L, H, W) with every axis >= 1 and L within the library's label count: host and device unaries."""
     if len(shape) != 3:
         raise InvalidArgumentError(f"unary must have shape (L, H, W), got shape {shape}")
-    if 0 in shape:
+    if min(shape) < 1:
         raise InvalidArgumentError(f"unary must have L, H, W >= 1, got shape {shape}")
     if shape[0] > _native.MAX_LABELS:
         raise InvalidArgumentError(f"unary must have at most {_native.MAX_LABELS} labels (L, its first axis), "
@@ -145,6 +146,17 @@ def _densecrf_problem(
     )
 
 
+@contextmanager
+def _thetas_named_as_given() -> Iterator[None]:
+    """The library's message names a kernel's theta_xy and theta_color; the caller gave them as
+    `spatial` and `bilateral` entries: say which are which."""
+    try:
+        yield
+    except LatticeRangeError as error:
+        raise LatticeRangeError(f"{error} (spatial[0] is the spatial kernel's theta_xy; bilateral[0] and "
+                                "bilateral[1] are the bilateral kernel's theta_xy and theta_color)") from None
+
+
 def dense_crf(
     unary: np.ndarray,
     image: np.ndarray | None,
@@ -195,10 +207,11 @@ def dense_crf(
     problem = _densecrf_problem(num_labels, height, width, planar_image, kernels, normalization, iterations,
                                 n_threads if index is None else 0)
     # the library refuses a result that finite inputs overflowed on the way, rather than return its NaN
-    if index is None:
-        return problem.forward(unary)
-    _native.check_cuda_device(index)
-    return problem.forward_from_host(unary, index)
+    with _thetas_named_as_given():
+        if index is None:
+            return problem.forward(unary)
+        _native.check_cuda_device(index)
+        return problem.forward_from_host(unary, index)
 
 
 class CudaArray:
@@ -256,8 +269,7 @@ def dense_crf_cuda(
         image_array = _native.DeviceArray.of(image, "image")
         if image_array.ndim != 3 or image_array.shape[1:] != (height, width):
             raise InvalidArgumentError(f"image must have shape (C, {height}, {width}), got {image_array.shape}")
-    if isinstance(stream, bool) or not isinstance(stream, int) or stream < 0:
-        raise InvalidArgumentError(f"stream must be a cudaStream_t address (int >= 0), got {stream!r}")
+    stream = int_in("stream", stream, 0, _native.ADDRESS_MAX, rule="a cudaStream_t address (an int >= 0)")
     _native.check_cuda_device(0)  # a usable GPU at all, before asking which one is current
     device = _native.current_cuda_device()
     result = CudaArray(unary_array.shape) if out is None else out
@@ -271,5 +283,6 @@ def dense_crf_cuda(
                                 weights=on_device)
     nbytes = problem.workspace_size_cuda(_native.Pass.FORWARD)
     workspace = _native.cuda_workspace(nbytes, device)
-    problem.forward_cuda(unary_array, out_array, workspace.pointer, nbytes, stream)
+    with _thetas_named_as_given():
+        problem.forward_cuda(unary_array, out_array, workspace.pointer, nbytes, stream)
     return result

@@ -184,16 +184,27 @@ def _check_shapes(inputs: CrfInputs) -> None:
                                    f"{shapes['detection_x']}, {shapes['detection_y']}")
 
 
+def _nothing_to_infer(unary_shape: tuple[int, ...], attributes: CrfAttributes) -> bool:
+    """One label or no iteration: the node's outputs are its unary and scores (docs/ops.md), as in the
+    PyTorch reference and the TensorRT plugin, whatever the other inputs hold."""
+    return unary_shape[1] == 1 or attributes.iterations == 0
+
+
 def run_node(inputs: Sequence[np.ndarray], attributes: CrfAttributes,
              threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Runs one dynseg::MeanFieldCRF node on the CPU with `threads` threads (0: every core). inputs: the
-    node's ten, as `CrfInputs` lists them. Returns the logits (1, L, H, W) and the detection scores (D,)."""
+    node's ten, as `CrfInputs` lists them (float32, labels int64). Returns the logits (1, L, H, W) and the
+    detection scores (D,)."""
     node_inputs = CrfInputs.of(inputs)
     _check_shapes(node_inputs)
-    arrays = CrfInputs(*[np.ascontiguousarray(a, dtype=CrfInputs.dtype(name))
-                         for name, a in zip(CrfInputs._fields, node_inputs)])
+    for name, array in zip(CrfInputs._fields, node_inputs):
+        # a cast would truncate a float label or wrap a uint64 one without a word
+        if np.asarray(array).dtype != CrfInputs.dtype(name):
+            raise InvalidArgumentError(f"MeanFieldCRF's {name} must be {np.dtype(CrfInputs.dtype(name))}, got "
+                                       f"{np.asarray(array).dtype}")
+    arrays = CrfInputs(*[np.ascontiguousarray(a) for a in node_inputs])
     unary, scores = cast(np.ndarray, arrays.unary), cast(np.ndarray, arrays.scores)  # numpy's, as just made
-    if unary.shape[1] == 1:  # one label: nothing to infer (docs/ops.md)
+    if _nothing_to_infer(unary.shape, attributes):
         return unary.copy(), scores.copy()
     detection_scores = scores.copy()
     # the library refuses logits that finite inputs overflowed on the way, naming the detection scores
@@ -211,7 +222,7 @@ def run_node_cuda(inputs: Sequence[_native.DeviceArray], attributes: CrfAttribut
     _check_shapes(node_inputs)
     unary, scores = cast(_native.DeviceArray, node_inputs.unary), cast(_native.DeviceArray, node_inputs.scores)
     _native.set_cuda_device(device)
-    if unary.shape[1] == 1:  # one label: nothing to infer (docs/ops.md)
+    if _nothing_to_infer(unary.shape, attributes):
         _native.copy_on_device(logits.pointer, unary.pointer, 4 * unary.size)
         _native.copy_on_device(detection_scores.pointer, scores.pointer, 4 * scores.size)
         return

@@ -5,6 +5,7 @@ at all, a failure naming it (`writing`, also for files written otherwise, as a c
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,11 +58,16 @@ def write_png_whole(path: str | os.PathLike[str], picture: np.ndarray) -> Path:
 def check_regular_file(path: Path, what: str) -> None:
     """InvalidArgumentError naming `what` (e.g. "detections file") and `path` unless `path` is a regular
     file: one that does not exist, a folder, or a pipe or device (a stream, which may never end, so it is
-    not read: give a file)."""
-    if path.is_file():
+    not read: give a file), or one that cannot be looked at (a name too long, a folder on the way that
+    may not be searched)."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise InvalidArgumentError(f"{what} {path} does not exist") from None
+    except OSError as error:
+        raise InvalidArgumentError(f"{what} {path} cannot be opened: {error.strerror or error}") from None
+    if stat.S_ISREG(mode):
         return
-    if not path.exists():
-        raise InvalidArgumentError(f"{what} {path} does not exist")
-    if path.is_dir():
+    if stat.S_ISDIR(mode):
         raise InvalidArgumentError(f"{what} {path} is a folder, not a file")
     raise InvalidArgumentError(f"{what} {path} is a pipe or device, not a regular file")

@@ -319,6 +319,8 @@ def _check_result_inputs(
             f"got {_describe(semantic_probabilities)}"
         )
     for name, value in (("instance_logits", instance_logits), ("semantic_probabilities", semantic_probabilities)):
+        if value.dtype.kind != "f":
+            raise InvalidArgumentError(f"{name} must be a floating-point array, got {_describe(value)}")
         if not np.isfinite(value).all():  # e.g. a model with NaN weights: its argmax would mean nothing
             raise InvalidArgumentError(f"the model's {name} hold NaN or infinite values: its weights, or this "
                                        "image's detection scores, overflow float32")

@@ -84,6 +84,12 @@ class Segmenter:
         if threads is not None:  # None: onnxruntime's default, not check_threads' "every core" (0)
             threads = check_threads(threads)
         path = Path(location)
+        try:
+            path.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            pass  # each backend says what it expected there
+        except OSError as error:  # a name too long, a folder on the way that may not be searched
+            raise InvalidArgumentError(f"path {location!r} cannot be opened: {error.strerror or error}") from None
         self.backend_name = _backend_for(path, backend)
         if threads is not None and self.backend_name != "onnxruntime":
             raise InvalidArgumentError(f"threads applies to the onnxruntime backend, not to {self.backend_name!r} "
@@ -129,7 +135,7 @@ class Segmenter:
                 timings: dict[str, float] | None = None) -> SegmentationResult:
         """Segments one image.
 
-        image: (H, W, 3) uint8 RGB, (H, W) grayscale, (H, W, 4) RGBA, or a path to an image file.
+        image: (H, W, 3) uint8 RGB, (H, W) grayscale, (H, W, 4) RGBA, a PIL.Image, or a path to an image file.
         boxes: (D, 4) xyxy pixels, inclusive (x2, y2 are the box's last column and row); labels: (D,)
         class ids in 1..K; scores: (D,) non-negative detector confidences, not logits; D >= 0 (up to
         max_detections). Boxes reaching outside the image are clipped; inverted and outside

@@ -60,6 +60,11 @@ class TorchBackend:
         """The backend of a DynamicallyInstantiatedNetwork in memory, on the device of its parameters (set to
         eval mode): what training's held-out evaluation runs, so that it scores as `dynseg eval` of the
         checkpoint it saves."""
+        from dynseg.trainer.model import DynamicallyInstantiatedNetwork
+
+        if not isinstance(network, DynamicallyInstantiatedNetwork):
+            raise InvalidArgumentError(f"network must be a dynseg.trainer DynamicallyInstantiatedNetwork, got "
+                                       f"{type(network).__name__}")
         backend = cls.__new__(cls)
         backend.path = None
         backend._serve(network, str(next(network.parameters()).device))
@@ -80,6 +85,10 @@ class TorchBackend:
     def run(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray, *,
             timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:
         """`segmenter.NetworkBackend.run`; the graph runs as one, so `timings` gains nothing."""
+        if self._model.training:  # of_network's network, put back to training by its owner
+            raise InvalidArgumentError("the network is in training mode (network.train() was called after "
+                                       "Segmenter.of_network): call network.eval() before segmenting, as batch "
+                                       "normalisation would otherwise use this image's statistics")
         inputs = graph_inputs(image, boxes, labels, scores)
         inputs["image"] = inputs["image"][0].astype(np.float32)  # the network takes one (3, H, W) float image
         try:
@@ -89,9 +98,10 @@ class TorchBackend:
             raise LatticeRangeError(f"the model cannot take this image: {error}") from error
         except InvalidArgumentError as error:  # the inputs were checked: what the CRFs refuse, the network made
             finite = all(bool(self._torch.isfinite(p).all()) for p in self._model.parameters())
+            cause = ("the model's weights hold NaN or infinity" if not finite else
+                     f"the largest detection score is {scores.max():g}" if len(scores) else "")
             raise InvalidArgumentError(f"the model refused what its network computed from this image and its "
-                                       f"detections: {error}"
-                                       + ("" if finite else " (the model's weights hold NaN or infinity)")) from error
+                                       f"detections: {error}" + (f" ({cause})" if cause else "")) from error
         except DynsegError:
             raise
         except RuntimeError as error:  # torch's: out of memory, most likely (torch.OutOfMemoryError is one)

@@ -47,9 +47,9 @@ typedef enum dynseg_status {
     DYNSEG_OK = 0,
     DYNSEG_ERROR_INVALID_ARGUMENT = 1, /* a field is out of range; see dynseg_last_error() */
     DYNSEG_ERROR_WORKSPACE_TOO_SMALL = 2, /* fewer bytes than the workspace-size query asks for */
-    DYNSEG_ERROR_KEY_RANGE = 3, /* the lattice cannot be built: scaled features beyond float resolution
-                                   (2^22) or coordinates needing more than 63 key bits; the message says
-                                   which */
+    DYNSEG_ERROR_KEY_RANGE = 3, /* the lattice cannot be built: a scaled feature times 2d reaches 2^22,
+                                   where float keys have no fraction bits left, or the coordinates need
+                                   more than 63 key bits; the message says which */
     DYNSEG_ERROR_INTERNAL = 4, /* out of host memory, or a bug in dynseg; the message says which */
     DYNSEG_ERROR_NOT_SUPPORTED = 5, /* CUDA entry point of a library built without CUDA, or a backward
                                        call given detections (the trainer differentiates them in torch) */
@@ -75,6 +75,9 @@ typedef enum dynseg_compat_kind {
 
 #define DYNSEG_MAX_KERNELS 8
 #define DYNSEG_MAX_LABELS 65536      /* keeps the backward pass's L x L sums far from overflow */
+#define DYNSEG_MAX_PIXELS 134217727     /* H x W <= (2^31 - 1) / 16: a lattice's (d+1)·H·W entries index
+                                           with 32 bits */
+#define DYNSEG_MAX_DETECTIONS 536870911 /* D <= (2^31 - 1) / 4: the (D, 4) boxes index with 32 bits */
 #define DYNSEG_MAX_COLOR_CHANNELS 13 /* feature dimension d = 2 + C <= 15; whether an image's keys fit
                                         64 bits depends on its range and theta: beyond 5 full-range
                                         channels they rarely do (docs/crf.md, section 4) */
@@ -102,7 +105,7 @@ typedef struct dynseg_kernel {
  *   B_d = softmax over {0, 1} of  a_0 = (1 - p_d) - y_d A_d,  a_1 = p_d - y_d (n_d - A_d).
  * Forward only: the backward calls reject it (the trainer differentiates this term in torch). */
 typedef struct dynseg_detections {
-    int64_t count;              /* D >= 0 */
+    int64_t count;              /* 0 <= D <= DYNSEG_MAX_DETECTIONS */
     const float* boxes;         /* (D, 4) x1, y1, x2, y2: columns x1..x2 and rows y1..y2 inclusive, at least
                                    one pixel of them inside the image (the part outside is ignored) */
     const int64_t* labels;      /* (D,) l_d in 0..L-1 */
@@ -111,12 +114,14 @@ typedef struct dynseg_detections {
     const float* detection_y;   /* one value: w_y */
     float score_ceiling;        /* s_max > 0 */
     float epsilon;              /* 0 <= epsilon < 1 */
-    float* recalibrated;        /* (D,) output, or NULL: Q(Y_d = 1) of the last iteration (s_d when T = 0) */
+    float* recalibrated;        /* (D,) output, or NULL: Q(Y_d = 1) of the last iteration (s_d when T = 0);
+                                   must not overlap scores, which every iteration reads */
 } dynseg_detections;
 
 typedef struct dynseg_crf_problem {
     int64_t num_labels;            /* L: 1 <= L <= DYNSEG_MAX_LABELS */
-    int64_t height, width;         /* H, W >= 1 */
+    int64_t height, width;         /* H, W >= 1, H x W <= DYNSEG_MAX_PIXELS, and
+                                      L x H x W x (T + 8) x 8 < 2^63 (the workspace size stays exact) */
     int64_t image_channels;        /* C >= 0 colour channels of `image` */
     const float* image;            /* (C, H, W); may be NULL when no kernel has theta_color > 0 */
     int32_t num_kernels;           /* 0..DYNSEG_MAX_KERNELS */
@@ -206,6 +211,8 @@ DYNSEG_API dynseg_status dynseg_lattice_filter(const dynseg_crf_problem* problem
  * thetas) is reported by dynseg_crf_check_cuda, its outputs (logits and scores) filled with NaN
  * meanwhile. With a matrix weight or a full compatibility the CUDA calls take at most 46340 labels
  * (their L x L arrays index with 32 bits); Potts and diagonal problems take every L the CPU calls do.
+ * They also index pixels with 32 bits: H x W x (L rounded up to a multiple of 4) and
+ * (H x W x (C + 3) + 1) x 32 must stay below 2^31 (about 11 M pixels for an RGB image).
  * Results are bitwise identical run to run (no floating-point atomics) and agree with the CPU
  * calls to float rounding. Without CUDA in the build every call returns DYNSEG_ERROR_NOT_SUPPORTED.
  */

@@ -10,6 +10,7 @@
 #include <limits>
 
 #include "detections.h"
+#include "parameters.h"
 #include "simd.h"
 
 namespace {
@@ -18,8 +19,6 @@ namespace {
 // including the one for std::bad_alloc.
 thread_local char last_error[512] = "";
 thread_local const int32_t* cancel_flag = nullptr;
-
-constexpr int64_t kMaxEntries = std::numeric_limits<int32_t>::max();
 
 }  // namespace
 
@@ -49,9 +48,9 @@ namespace {
 
 dynseg_status validate_detections(const dynseg_crf_problem& p, bool read_arrays) {
     const dynseg_detections& d = *p.detections;
-    if (d.count < 0 || d.count > kMaxEntries / 4)
-        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "detections->count must be in 0..%lld, got %lld",
-                    (long long)(kMaxEntries / 4), (long long)d.count);
+    if (d.count < 0 || d.count > DYNSEG_MAX_DETECTIONS)
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "detections->count must be in 0..%d, got %lld", DYNSEG_MAX_DETECTIONS,
+                    (long long)d.count);
     if (d.count == 0) return DYNSEG_OK;  // no potential: its other fields are not read
     if (!(std::isfinite(d.score_ceiling) && d.score_ceiling > 0.0f))
         return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "detections->score_ceiling must be finite and > 0, got %g",
@@ -103,9 +102,9 @@ dynseg_status validate(const dynseg_crf_problem* p, bool read_arrays) {
                     p->num_kernels);
     if (p->num_kernels > 0 && !p->kernels) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "kernels is NULL");
     // each side first, so that the product cannot overflow
-    if (p->height > kMaxEntries || p->width > kMaxEntries || p->height * p->width > kMaxEntries / 16)
-        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "image of %lldx%lld pixels is too large (at most %lld pixels)",
-                    (long long)p->height, (long long)p->width, (long long)(kMaxEntries / 16));
+    if (p->height > DYNSEG_MAX_PIXELS || p->width > DYNSEG_MAX_PIXELS || p->height * p->width > DYNSEG_MAX_PIXELS)
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "image of %lldx%lld pixels is too large (at most %d pixels)",
+                    (long long)p->height, (long long)p->width, DYNSEG_MAX_PIXELS);
     const int64_t pixels = p->height * p->width;
     if (p->num_labels > std::numeric_limits<int64_t>::max() / 8 / pixels / (int64_t(p->iterations) + 8))
         return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "num_labels x pixels x iterations overflows: %lld x %lld x %d",
@@ -128,7 +127,7 @@ dynseg_status validate(const dynseg_crf_problem* p, bool read_arrays) {
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "kernels[%d].weight_kind must be 0 (scalar) or 1 (matrix), got %d",
                         k, kernel.weight_kind);
         if (!kernel.weight) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "kernels[%d].weight is NULL", k);
-        if (read_arrays && !all_finite(kernel.weight, kernel.weight_kind == DYNSEG_WEIGHT_MATRIX ? L * L : 1))
+        if (read_arrays && !all_finite(kernel.weight, weight_count(kernel, L)))
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "kernels[%d].weight holds a non-finite value", k);
     }
     if (p->compat_kind < DYNSEG_COMPAT_POTTS || p->compat_kind > DYNSEG_COMPAT_FULL)
@@ -136,7 +135,7 @@ dynseg_status validate(const dynseg_crf_problem* p, bool read_arrays) {
                     p->compat_kind);
     if (p->compat_kind != DYNSEG_COMPAT_POTTS) {
         if (!p->compat) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "compat is NULL for a non-Potts compatibility");
-        if (read_arrays && !all_finite(p->compat, p->compat_kind == DYNSEG_COMPAT_FULL ? L * L : L))
+        if (read_arrays && !all_finite(p->compat, compat_count(p->compat_kind, L)))
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "compat holds a non-finite value");
     }
     if (p->normalization != DYNSEG_NORMALIZE_AFTER && p->normalization != DYNSEG_NORMALIZE_SYMMETRIC)
@@ -192,9 +191,9 @@ dynseg_status check_backward_outputs(const dynseg_crf_problem& p, const float* g
     bool finite = all_finite(grad_unary, L * p.height * p.width);
     for (int k = 0; grad_weights && k < p.num_kernels; ++k)
         if (grad_weights[k])
-            finite = finite && all_finite(grad_weights[k], p.kernels[k].weight_kind == DYNSEG_WEIGHT_MATRIX ? L * L : 1);
+            finite = finite && all_finite(grad_weights[k], weight_count(p.kernels[k], L));
     if (grad_compat && p.compat_kind != DYNSEG_COMPAT_POTTS)
-        finite = finite && all_finite(grad_compat, p.compat_kind == DYNSEG_COMPAT_FULL ? L * L : L);
+        finite = finite && all_finite(grad_compat, compat_count(p.compat_kind, L));
     if (finite) return DYNSEG_OK;
     return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "the gradients overflowed float32 during the backward pass: the inputs "
                 "are finite but too large together; scale down grad_logits, the unary or the kernel weights");

@@ -41,7 +41,8 @@ void dynseg_set_cancel_flag(const int32_t* flag) { dynseg::set_cancel_flag(flag)
 
 dynseg_status dynseg_crf_workspace_size(const dynseg_crf_problem* problem, int32_t pass, size_t* bytes) {
     return guarded([&] {
-        if (dynseg_status s = dynseg::validate(problem, /*read_arrays=*/true)) return s;
+        // the size follows from the fields alone: the arrays may be placeholders until the compute call
+        if (dynseg_status s = dynseg::validate(problem, /*read_arrays=*/false)) return s;
         if (dynseg_status s = dynseg::check_size_query(pass, bytes)) return s;
         dynseg::Workspace counter;
         dynseg::MeanField plan(*problem, pass, counter);

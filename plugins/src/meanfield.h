@@ -12,14 +12,13 @@
 #include "detections.h"
 #include "dynseg_crf.h"
 #include "lattice.h"
+#include "parameters.h"
 #include "simd.h"
 #include "workspace.h"
 
 namespace dynseg {
 
 constexpr int64_t kGrain = 1024;  // pixels per parallel_for task
-
-inline bool is_matrix(const dynseg_kernel& k) { return k.weight_kind == DYNSEG_WEIGHT_MATRIX; }
 
 class MeanField {
 public:

@@ -25,8 +25,8 @@ void MeanField::backward(const float* unary, const float* grad_logits, float* gr
 
     const int kind = problem_.compat_kind;
     std::vector<double> dweight[DYNSEG_MAX_KERNELS];
-    for (int k = 0; k < problem_.num_kernels; ++k) dweight[k].assign(is_matrix(problem_.kernels[k]) ? L * L : 1, 0.0);
-    std::vector<double> dmu(kind == DYNSEG_COMPAT_FULL ? L * L : kind == DYNSEG_COMPAT_DIAGONAL ? L : 0, 0.0);
+    for (int k = 0; k < problem_.num_kernels; ++k) dweight[k].assign(weight_count(problem_.kernels[k], L), 0.0);
+    std::vector<double> dmu(compat_count(kind, L), 0.0);
     std::vector<double> P;  // L x L, or its diagonal alone where nothing reads the rest (as partial_)
 
     for (int t = problem_.iterations - 1; t >= 0; --t) {

@@ -65,7 +65,10 @@ inline vec8 fmadd(vec8 a, vec8 b, vec8 c) {
 inline vec8 exp_nonpositive(vec8 x) {
     x = x < splat8(-87.0f) ? splat8(-87.0f) : x;  // keeps 2^n a normal float
     const vec8 shifter = splat8(12582912.0f);      // 1.5 · 2^23: adding it rounds to an integer
-    const vec8 n = (x * splat8(1.44269504088896341f) + shifter) - shifter;
+    // A NaN x (the logits of an overflowed problem, which the call then reports) takes n from -87: converting
+    // NaN to int is undefined; r keeps the NaN, so the result is NaN all the same.
+    const vec8 finite_x = x >= splat8(-87.0f) ? x : splat8(-87.0f);
+    const vec8 n = (finite_x * splat8(1.44269504088896341f) + shifter) - shifter;
     const vec8 r = fmadd(n, splat8(-0.693147180559945f), x);
     vec8 p = splat8(1.0f / 720.0f);
     p = fmadd(p, r, splat8(1.0f / 120.0f));

@@ -20,8 +20,11 @@ public:
     T* take(int64_t count) {
         constexpr size_t kAlign = 64;  // a cache line, and enough for any SIMD load
         used_ = (used_ + kAlign - 1) / kAlign * kAlign;
-        T* p = base_ ? reinterpret_cast<T*>(base_ + used_) : nullptr;
-        used_ += static_cast<size_t>(count) * sizeof(T);
+        const size_t bytes = static_cast<size_t>(count) * sizeof(T);
+        // Past the capacity no pointer is formed (even unused, it would be undefined): the call then fails
+        // at fits(), before anything is read or written.
+        T* p = base_ && used_ + bytes <= capacity_ ? reinterpret_cast<T*>(base_ + used_) : nullptr;
+        used_ += bytes;
         return p;
     }
 

@@ -677,9 +677,18 @@ IPluginV3* MeanFieldCrfPluginCreator::createPlugin(char const* name, PluginField
         for (int32_t i = 0; i < fc->nbFields; ++i) {
             PluginField const& f = fc->fields[i];
             std::string const field = f.name != nullptr ? f.name : "";
-            if (field == "workspace_bytes" && f.type == PluginFieldType::kINT64 && f.data != nullptr && f.length == 1)
+            if (field == "workspace_bytes") {
+                if (f.type != PluginFieldType::kINT64 || f.data == nullptr || f.length != 1) {
+                    log_error(layer, "the field workspace_bytes must be one INT64");
+                    return nullptr;
+                }
                 bound = *static_cast<int64_t const*>(f.data);
-            else if (field == "kernel_library")
+                // 0 is an engine built before the field: no bound to check against; a negative one is damage
+                if (bound < 0) {
+                    log_error(layer, "the field workspace_bytes must be >= 0, got " + std::to_string(bound));
+                    return nullptr;
+                }
+            } else if (field == "kernel_library")
                 read_string(f, &library);
         }
         for (std::string const& field : ignored) {

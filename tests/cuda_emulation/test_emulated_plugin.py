@@ -348,6 +348,14 @@ def test_a_plan_whose_workspace_the_kernels_outgrew_fails_the_enqueue_with_the_r
     tensorrt.lib.harness_destroy(plugin)
 
 
+@pytest.mark.parametrize("bound", [np.array([-1], np.int64), np.array([4096], np.int32), np.array([1, 2], np.int64)],
+                         ids=["negative", "int32", "two values"])
+def test_a_plan_with_a_damaged_workspace_bound_is_refused_naming_the_field(tensorrt, bound):
+    # a negative bound used to pass as "no bound", and a mistyped one was ignored
+    assert not tensorrt.create({**NODE, "workspace_bytes": bound}, runtime=True)
+    assert "the field workspace_bytes must be" in tensorrt.log()
+
+
 def test_a_plan_built_with_another_kernel_library_is_refused_at_deserialisation(tensorrt):
     plan = {**NODE, "kernel_library": "0.0.1 abi 1"}
     assert tensorrt.create(plan)  # the build phase takes the field as the parser never gives it

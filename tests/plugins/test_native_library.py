@@ -559,6 +559,23 @@ def test_the_library_rejects_a_non_finite_weight_or_unary():
     assert "unary" in _native.library().dynseg_last_error().decode()
 
 
+def test_the_workspace_size_query_reads_no_array_so_placeholders_get_a_size():
+    # a caller may size its workspace before the arrays hold data (the TensorRT plugin does); the compute
+    # call is where their values are checked
+    problem = HandMadeProblem()
+    expected = ctypes.c_size_t()
+    assert _native.library().dynseg_crf_workspace_size(ctypes.byref(problem.struct), _native.Pass.FORWARD,
+                                                       ctypes.byref(expected)) == _native.Status.OK
+    problem.weights[0][0] = np.nan
+    problem.compat[0] = np.inf
+    problem.image[...] = np.nan
+    size = ctypes.c_size_t()
+    assert _native.library().dynseg_crf_workspace_size(ctypes.byref(problem.struct), _native.Pass.FORWARD,
+                                                       ctypes.byref(size)) == _native.Status.OK
+    assert size.value == expected.value
+    assert problem.forward() == _native.Status.INVALID_ARGUMENT
+
+
 @pytest.mark.parametrize("where", ["image", "compat"])
 def test_the_library_refuses_a_non_finite_image_or_compat_value_naming_it(where, smooth_image):
     # nothing above the C ABI checks these: a NaN feature would reach the lattice's hash keys
@@ -765,10 +782,23 @@ class _GpuArrayInterface:
     (_GpuArrayInterface((3, 2)), r"image must have shape \(2, 3\), got \(3, 2\)"),
     (_GpuArrayInterface((2, 3), typestr="zz"), "image has a malformed __cuda_array_interface__"),
     (_GpuArrayInterface((2, 3), mask=_GpuArrayInterface((2, 3))), "image must not be a masked array"),
+    (_GpuArrayInterface((2, -3)), r"image's __cuda_array_interface__ has shape \(2, -3\): sizes must be ints >= 0"),
+    (_GpuArrayInterface((2, 3.5)), r"has shape \(2, 3\.5\): sizes must be ints >= 0"),
+    (_GpuArrayInterface((2, 3), data=(-5, False)), "has data pointer -5: an address must be an int in 0..2\\*\\*64-1"),
+    (_GpuArrayInterface((2, 3), data=(2**64, False)), "has data pointer 18446744073709551616"),
 ])
 def test_a_gpu_array_is_checked_before_its_address_is_taken(array, message):
     with pytest.raises(InvalidArgumentError, match=message):
         _native.DeviceArray.of(array, "image", shape=(2, 3))
+
+
+def test_a_gpu_array_is_c_contiguous_whatever_strides_its_size_1_axes_report():
+    # the CUDA array interface lets a producer give any stride for an axis of one element, as numpy does
+    view = _native.DeviceArray.of(_GpuArrayInterface((1, 2, 3), strides=(4, 12, 4)), "unary")
+    assert view.shape == (1, 2, 3)
+    assert _native.DeviceArray.of(_GpuArrayInterface((0, 3), strides=(4, 4)), "unary").shape == (0, 3)
+    with pytest.raises(InvalidArgumentError, match="must be C-contiguous"):
+        _native.DeviceArray.of(_GpuArrayInterface((2, 1, 3), strides=(4, 12, 4)), "unary")
 
 
 def test_an_interface_without_its_address_and_a_read_only_output_are_named():

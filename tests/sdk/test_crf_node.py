@@ -46,10 +46,30 @@ def test_inputs_of_the_wrong_shape_are_named(index, value, message):
         run_node(inputs, ATTRIBUTES)
 
 
+@pytest.mark.parametrize("index, value, message", [
+    (6, np.array([1.5, 1.0]), "labels must be int64, got float64"),
+    (6, np.array([2**64 - 1, 1], np.uint64), "labels must be int64, got uint64"),
+    (0, np.zeros((1, 3, 12, 16)), "unary must be float32, got float64"),
+])
+def test_inputs_of_the_wrong_dtype_are_named_not_cast(index, value, message):
+    inputs = node_inputs()
+    inputs[index] = value
+    with pytest.raises(InvalidArgumentError, match=message):
+        run_node(inputs, ATTRIBUTES)
+
+
 def test_one_label_is_the_identity():
     inputs = node_inputs(labels=1)
     inputs[3], inputs[4] = np.float32(5.0), np.zeros(0, np.float32)
     logits, scores = run_node(inputs, ATTRIBUTES)
+    assert np.array_equal(logits, inputs[0]) and np.array_equal(scores, inputs[7])
+
+
+def test_no_iteration_is_the_identity_whatever_the_detections_hold():
+    # as the PyTorch reference and the TensorRT plugin: a box outside the image is not even looked at
+    inputs = node_inputs()
+    inputs[5] = np.tile(np.array([[100, 100, 120, 120]], np.float32), (2, 1))
+    logits, scores = run_node(inputs, CrfAttributes.parse({**NODE, "iterations": 0}))
     assert np.array_equal(logits, inputs[0]) and np.array_equal(scores, inputs[7])
 
 

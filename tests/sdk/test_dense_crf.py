@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from dynseg.sdk import InvalidArgumentError, _native, dense_crf
+from dynseg.sdk import InvalidArgumentError, _native, dense_crf, dense_crf_cuda
 from dynseg.trainer.crf import dense_crf_reference
 
 PARITY_ATOL = 1e-5  # max |ΔQ|; measured worst cases are quoted next to each test
@@ -413,6 +413,7 @@ def test_features_too_wide_for_the_lattice_keys_raise_a_value_error_and_never_cr
     assert child.returncode == 0, f"crashed with exit status {child.returncode}: {child.stderr[-2000:]}"
     assert child.stdout.startswith("LatticeRangeError:"), child.stdout
     assert "lattice" in child.stdout and "theta" in child.stdout, child.stdout
+    assert "spatial[0] is the spatial kernel's theta_xy" in child.stdout, child.stdout  # the caller's names
 
 
 _ENDLESS_CALL = textwrap.dedent("""
@@ -558,3 +559,18 @@ def test_negative_kernel_weights_are_pydensecrfs_negative_compat(normalization, 
     expected = pydensecrf_q(unary, image, 3, spatial, bilateral, normalization)
     assert np.abs(q - _softmax(unary)).max() > 1e-2  # the kernels did act
     assert np.abs(q - expected).max() <= 1e-5
+
+
+class _GpuUnary:
+    """Only the `__cuda_array_interface__` of a (2, 4, 4) float32 GPU array: no memory behind it, so no
+    call may get as far as the device."""
+
+    __cuda_array_interface__ = {"shape": (2, 4, 4), "typestr": "<f4", "data": (4096, False), "strides": None,
+                                "version": 3}
+
+
+@pytest.mark.parametrize("stream", [-1, 2**64, True, 1.0, "0"])
+def test_a_stream_that_is_no_address_is_named_before_any_gpu_is_asked_for(stream):
+    # ctypes would have wrapped 2**64 to 0, the legacy default stream, without a word
+    with pytest.raises(InvalidArgumentError, match="stream must be a cudaStream_t address"):
+        dense_crf_cuda(_GpuUnary(), None, bilateral=None, stream=stream)

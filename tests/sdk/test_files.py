@@ -46,6 +46,8 @@ def test_what_is_not_a_regular_file_is_named_as_what_it_is(tmp_path):
         check_regular_file(tmp_path / "missing.json", "detections file")
     with pytest.raises(InvalidArgumentError, match=r"^model file \S+ is a folder, not a file$"):
         check_regular_file(tmp_path, "model file")
+    with pytest.raises(InvalidArgumentError, match=r"^image file \S+ cannot be opened: File name too long$"):
+        check_regular_file(tmp_path / ("a" * 5000), "image file")
     os.mkfifo(tmp_path / "pipe.json")
     with pytest.raises(InvalidArgumentError, match=r"^detections file \S*pipe.json is a pipe or device, not a regular"):
         check_regular_file(tmp_path / "pipe.json", "detections file")

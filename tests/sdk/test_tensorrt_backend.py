@@ -30,6 +30,13 @@ def test_a_missing_engine_is_named_before_the_device(tmp_path, device):
         Segmenter(tmp_path / "missing.engine", device=device)
 
 
+@pytest.mark.parametrize("backend", ["auto", "onnxruntime", "torch", "tensorrt"])
+def test_a_path_the_system_cannot_look_at_is_named_whatever_the_backend(tmp_path, backend):
+    # is_dir() and exists() raise on a name too long rather than answer False
+    with pytest.raises(InvalidArgumentError, match="cannot be opened: File name too long"):
+        Segmenter(tmp_path / ("a" * 5000 + ".onnx"), backend)
+
+
 def test_an_onnx_model_given_to_the_tensorrt_backend_is_named_as_such(tmp_path):
     (tmp_path / "model.onnx").write_bytes(b"onnx")
     with pytest.raises(InvalidArgumentError, match="is an ONNX model, not a TensorRT engine"):

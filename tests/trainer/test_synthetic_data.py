@@ -521,6 +521,22 @@ def test_coco_results_may_start_with_a_byte_order_mark(tmp_path):
     assert detections["labels"].tolist() == [2] and detections["scores"].tolist() == pytest.approx([0.9])
 
 
+def test_a_results_path_that_is_no_file_and_image_ids_that_are_a_string_are_named(tmp_path):
+    with pytest.raises(ValueError, match=r"detections file \S*missing.json does not exist"):
+        load_coco_detections(tmp_path / "missing.json", [1])
+    with pytest.raises(ValueError, match="is a folder, not a file"):
+        load_coco_detections(tmp_path, [1])
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps([GOOD_ENTRY]))
+    # a string is an iterable of its characters: it used to find no detection, silently
+    with pytest.raises(ValueError, match=r"image_ids must be a collection of ids, not the string '1'"):
+        load_coco_detections(path, "1")
+    with pytest.raises(ValueError, match="image_ids must be a collection of ids, got NoneType"):
+        load_coco_detections(path, None)
+    with pytest.raises(ValueError, match=r"image_ids holds \[1\], which cannot be an id"):
+        load_coco_detections(path, [[1]])
+
+
 def test_coco_results_that_are_not_a_json_list_are_rejected(tmp_path):
     path = tmp_path / "broken.json"
     path.write_text("[{")

@@ -31,7 +31,6 @@ import numpy as np
 
 from dynseg.sdk.checks import one_of
 from dynseg.sdk.errors import InvalidArgumentError
-from dynseg.sdk.files import check_regular_file
 from dynseg.sdk.inputs import pixel_boxes
 
 from .cityscapes import CityscapesInstances
@@ -140,7 +139,6 @@ def with_detections(dataset: Dataset, path: str | os.PathLike) -> WithDetections
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: detections file not found")
-    check_regular_file(path, "detections file")  # a folder, or a pipe that may never end
     ids = image_ids(dataset)
     found = load_coco_detections(path, ids)
     num_classes = len(dataset.class_names) - 1

@@ -49,7 +49,7 @@ dynseg_status check_arguments(const dynseg_crf_problem* problem) {
     // makes them L x L, the parameters and their gradients must stay below 2^31.
     bool square = problem->compat_kind == DYNSEG_COMPAT_FULL;
     for (int32_t k = 0; k < problem->num_kernels; ++k)
-        square = square || problem->kernels[k].weight_kind == DYNSEG_WEIGHT_MATRIX;
+        square = square || dynseg::is_matrix(problem->kernels[k]);
     if (square && problem->num_labels * problem->num_labels > INT32_MAX)
         return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "num_labels must be at most 46340 for the CUDA kernels with a "
                     "matrix weight or a full compatibility (L x L must stay below 2^31), got %lld",
@@ -192,6 +192,9 @@ dynseg_status dynseg_crf_forward_cuda_from_host(const dynseg_crf_problem* proble
     return guarded_cuda([&] {
         if (dynseg_status s = dynseg::validate(problem, /*read_arrays=*/true)) return s;
         if (!unary || !out) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "unary and out must not be NULL");
+        // host memory here, so checked as the CPU call checks it
+        if (!dynseg::all_finite(unary, problem->num_labels * problem->height * problem->width))
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "unary holds a non-finite value");
         int devices = 0;
         if (cudaGetDeviceCount(&devices) != cudaSuccess || device < 0 || device >= devices) {
             cudaGetLastError();
@@ -216,14 +219,14 @@ dynseg_status dynseg_crf_forward_cuda_from_host(const dynseg_crf_problem* proble
         for (int k = 0; k < problem->num_kernels; ++k) {
             kernels[k] = problem->kernels[k];
             float* weight = nullptr;
-            const int64_t count = kernels[k].weight_kind == DYNSEG_WEIGHT_MATRIX ? L * L : 1;
+            const int64_t count = dynseg::weight_count(kernels[k], L);
             if (dynseg_status s = arrays.copy(kernels[k].weight, count, &weight)) return s;
             kernels[k].weight = weight;
         }
         on_device.kernels = kernels;
         float* compat = nullptr;
         if (problem->compat_kind != DYNSEG_COMPAT_POTTS) {
-            const int64_t count = problem->compat_kind == DYNSEG_COMPAT_FULL ? L * L : L;
+            const int64_t count = dynseg::compat_count(problem->compat_kind, L);
             if (dynseg_status s = arrays.copy(problem->compat, count, &compat)) return s;
         }
         on_device.compat = compat;

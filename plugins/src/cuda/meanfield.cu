@@ -15,8 +15,6 @@ namespace {
 
 constexpr int64_t kMaxPartials = int64_t(8) << 20;  // doubles of per-chunk partial sums (64 MiB)
 
-bool is_matrix(const dynseg_kernel& k) { return k.weight_kind == DYNSEG_WEIGHT_MATRIX; }
-
 // dst[c][r] = src[r][c] for the rows r < rows and columns c < columns of src, through 32×32 tiles
 // in shared memory so that both sides are read and written along their rows. Each dst row's entries
 // r in [rows, dst_stride) are zero padding; everything is NaN when status says a lattice failed. It turns
@@ -359,8 +357,8 @@ MeanField::MeanField(const dynseg_crf_problem& problem, int pass, Workspace& ws)
         reduce_chunk_ = (pixels_ + most_chunks - 1) / most_chunks;
         partial_ = ws.take<double>(most_chunks * width);
         P_ = ws.take<double>(width);
-        for (int k = 0; k < problem.num_kernels; ++k) dweight_[k] = ws.take<double>(is_matrix(problem.kernels[k]) ? L * L : 1);
-        dmu_ = ws.take<double>(problem.compat_kind == DYNSEG_COMPAT_FULL ? L * L : L);
+        for (int k = 0; k < problem.num_kernels; ++k) dweight_[k] = ws.take<double>(weight_count(problem.kernels[k], L));
+        dmu_ = ws.take<double>(compat_count(problem.compat_kind, L));
     }
 }
 
@@ -494,8 +492,8 @@ void MeanField::backward(const float* unary, const float* grad_logits, float* gr
     cudaMemsetAsync(grad_unary_, 0, size * sizeof(float), stream);
     const int kind = problem_.compat_kind;
     for (int k = 0; k < problem_.num_kernels; ++k)
-        cudaMemsetAsync(dweight_[k], 0, (is_matrix(problem_.kernels[k]) ? L * L : 1) * sizeof(double), stream);
-    cudaMemsetAsync(dmu_, 0, (kind == DYNSEG_COMPAT_FULL ? L * L : L) * sizeof(double), stream);
+        cudaMemsetAsync(dweight_[k], 0, weight_count(problem_.kernels[k], L) * sizeof(double), stream);
+    cudaMemsetAsync(dmu_, 0, compat_count(kind, L) * sizeof(double), stream);
     const int64_t chunks = (N + reduce_chunk_ - 1) / reduce_chunk_;
 
     for (int t = problem_.iterations - 1; t >= 0; --t) {
@@ -532,11 +530,11 @@ void MeanField::backward(const float* unary, const float* grad_logits, float* gr
     to_planar(grad_unary_, grad_unary, L, N, S, status_, launch);
     for (int k = 0; k < problem_.num_kernels; ++k)
         if (grad_weights && grad_weights[k]) {
-            const int64_t count = is_matrix(problem_.kernels[k]) ? L * L : 1;
+            const int64_t count = weight_count(problem_.kernels[k], L);
             to_float<<<launch.blocks(count), kThreads, 0, stream>>>(dweight_[k], grad_weights[k], count, status_);
         }
     if (grad_compat && kind != DYNSEG_COMPAT_POTTS) {
-        const int64_t count = kind == DYNSEG_COMPAT_FULL ? L * L : L;
+        const int64_t count = compat_count(kind, L);
         to_float<<<launch.blocks(count), kThreads, 0, stream>>>(dmu_, grad_compat, count, status_);
     }
 }

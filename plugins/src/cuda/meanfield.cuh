@@ -8,6 +8,7 @@
 
 #include <cstdint>
 
+#include "../parameters.h"
 #include "../workspace.h"
 #include "detections.cuh"
 #include "dynseg_crf.h"
