@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, cast, get_args
@@ -158,11 +159,28 @@ def _fail(message: str) -> typer.Exit:
 
 def _make_folder(folder: Path, option: str, given: Path) -> None:
     """Creates `folder` (with its parents) for the output `option` names (`given`), or fails naming the
-    option, before any long work."""
+    option, before any long work: also where the folder exists but cannot be written (a read-only disk)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise _fail(f"{option} {given}: {_folder_problem(folder) or error.strerror or str(error)}") from error
+    _check_writable(folder, option, given)
+
+
+def _check_writable(folder: Path, option: str, given: Path) -> None:
+    """Fails naming `option` (`given`) where `folder`, or the nearest of its parents that exists (where it
+    would be made), cannot be written: a read-only disk, a folder of another user's."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise _fail(f"{option} {given}: {existing} cannot be written to")
+
+
+def _check_out_folder(folder: Path, option: str) -> None:
+    """Fails naming `option` unless `folder` could be made and written, without making it: a command that
+    fails on a later argument leaves nothing behind."""
+    if (problem := _folder_problem(folder)) is not None:
+        raise _fail(f"{option} {folder}: {problem}")
+    _check_writable(folder, option, folder)
 
 
 def _folder_problem(folder: Path) -> str | None:
@@ -317,6 +335,7 @@ def train(
     if backbone not in backbones:
         raise typer.BadParameter(f"{backbone!r} is not one of {', '.join(backbones)}", param_hint="--backbone")
     _refuse_synthetic_options(context, dataset)
+    _check_out_folder(out / "semantic", "--out")  # stage 1's checkpoint, before the data and network are made
     if semantic_steps == instance_steps == 0:
         typer.echo("Warning: --semantic-steps 0 and --instance-steps 0: the checkpoint will hold the untrained "
                    "network", err=True)
@@ -644,8 +663,7 @@ def infer(
     from .commands import infer as job
     from .commands.progress import item_progress
 
-    if (problem := _folder_problem(out)) is not None:  # named before the model loads; created by the job
-        raise _fail(f"--out {out}: {problem}")
+    _check_out_folder(out, "--out")  # before the model loads; made by the job
     segmenter = _segmenter(model, backend, device)
     try:
         summary = job.run(segmenter, images, detections, out, keep_top=keep_top,
@@ -722,6 +740,11 @@ def bench(
     created = False
     if json_out is not None:  # before the timings, so an unwritable --json fails at once
         _make_folder(json_out.parent, "--json", json_out)
+        if json_out.exists() and not json_out.is_file():
+            raise _fail(f"--json {json_out} is a pipe or device, not a file")
+        inputs = [model, *(sorted(checkpoint.iterdir()) if checkpoint is not None else [])]
+        if any(json_out.resolve() == path.resolve() for path in inputs):
+            raise _fail(f"--json {json_out} is one of the files being timed: give another path")
         try:
             created = not json_out.exists()
             json_out.touch()

@@ -16,7 +16,8 @@ from .errors import InvalidArgumentError
 from .checks import finite_float32, is_int
 from .files import check_regular_file
 
-__all__ = ["DetectorOutput", "detections_by_image", "load_coco_detections", "read_coco_results"]
+__all__ = ["DetectorOutput", "detections_by_image", "load_coco_detections", "read_coco_results",
+           "refuse_normalised_boxes"]
 
 
 class DetectorOutput(TypedDict):
@@ -100,6 +101,16 @@ def detections_by_image(entries: Iterable[Entry], image_ids: Iterable[Hashable])
             scores=score_array[order],
         )
     return result
+
+
+def refuse_normalised_boxes(path: str | os.PathLike, boxes: np.ndarray) -> None:
+    """InvalidArgumentError naming the results file `path` when all its (D, 4) boxes lie within [0, 1]
+    with fractions: a detector's normalised output. Each box would become its image's top-left pixel,
+    inside the image, so no later check would see it."""
+    if len(boxes) and boxes.min() >= 0 and boxes.max() <= 1 and np.any(boxes % 1):
+        raise InvalidArgumentError(f"{path}: every bbox lies within [0, 1], in fractions of a pixel: normalised "
+                                   "coordinates? A bbox is [x, y, width, height] in pixels from the image's "
+                                   "top-left corner")
 
 
 def _parse_entry(entry: object, where: str) -> Entry:

@@ -4,10 +4,11 @@ at all, a failure naming it (`writing`, also for files written otherwise, as a c
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -19,15 +20,19 @@ def write_whole(path: str | os.PathLike[str], write: Callable[[Path], object]) -
     """Runs `write` on a hidden file beside `path`, then moves that file over `path`: a reader never sees a
     cut-off file (a full disk, an interrupted run), and a failure leaves what `path` held before. `write`
     must not tell the format by the name it is given (Pillow does: `write_png_whole`). Raises OSError naming
-    `path`, its errno kept; the hidden file never stays. Returns `path`."""
+    `path`, its errno kept, also where a folder, pipe or device is at `path` (it would be replaced); the
+    hidden file never stays. Returns `path`."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise OSError(errno.EEXIST, "a folder, pipe or device is there, not a file to replace", str(path))
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         with writing(path):
             write(partial)
             os.replace(partial, path)
     finally:
-        partial.unlink(missing_ok=True)
+        with suppress(OSError):  # a read-only folder refuses even this: its error, named above, is the one
+            partial.unlink(missing_ok=True)
     return path
 
 

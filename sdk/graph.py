@@ -122,7 +122,9 @@ def _load(path: Path) -> onnx.ModelProto:
     except Exception as error:  # protobuf's DecodeError and friends: the file is not (all of) a model
         if "alloc failed" in str(error):  # protobuf's arena was refused memory: the machine's fault, not the file's
             raise MemoryError(f"reading model file {path}: {error}") from None
-        raise InvalidArgumentError(f"model file {path} is not a readable ONNX model ({error})") from None
+        engine = " (named as a TensorRT engine: this takes the exported .onnx)" if path.suffix in (".engine", ".plan") \
+            else ""
+        raise InvalidArgumentError(f"model file {path} is not a readable ONNX model ({error}){engine}") from None
 
 
 def _check_dynseg(model: onnx.ModelProto, path: Path) -> dict[str, str]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Literal, Union
 
 import torch
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 
 from dynseg.sdk.errors import InvalidArgumentError
 from dynseg.sdk.checks import int_in, one_of
+from dynseg.sdk.files import check_regular_file
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "BasicBlock", "Bottleneck", "ResNet", "VGG16", "PyramidPoolingHead",
@@ -127,10 +129,13 @@ def load_torchvision_weights(backbone: TorchvisionBackbone, path: PathLike) -> N
 
     Raises:
         FileNotFoundError: no such file.
-        InvalidArgumentError (a ValueError): the file is not a state_dict of this architecture; the
-            message names the file and the offending keys.
+        InvalidArgumentError (a ValueError): a folder, pipe or device (which would be read forever), or
+            a file that is not a state_dict of this architecture; the message names the file and the
+            offending keys.
     """
     path = os.fspath(path)
+    if os.path.exists(path):  # a missing one raises FileNotFoundError below, as documented
+        check_regular_file(Path(path), "pretrained weights file")
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except (FileNotFoundError, MemoryError):  # a path missing, or the machine's memory: not the file's content

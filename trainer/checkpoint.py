@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from dynseg.sdk.commands.defaults import MAX_IMAGE_SIDE, MAX_SEED, MIN_IMAGE_SIDE
 from dynseg.sdk.errors import InvalidArgumentError, one_line
-from dynseg.sdk.files import writing
+from dynseg.sdk.files import check_regular_file, writing
 from dynseg.sdk.checks import is_int
 
 from .model import DynamicallyInstantiatedNetwork, ModelConfig, build_model
@@ -170,6 +170,7 @@ def read_training_data(directory: str | Path) -> dict | None:
     path = Path(directory) / TRAINING_DATA
     if not path.exists():
         return None
+    check_regular_file(path, "training record")  # a pipe would be read forever
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         problem = _training_data_problem(data)

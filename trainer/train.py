@@ -284,11 +284,14 @@ def train(
             try:
                 loss = objective(batch)  # mean over this process's part of the batch
             except InvalidArgumentError as error:  # after a step, most often what a diverging update made
-                if step == start:
-                    raise
-                raise InvalidArgumentError(f"step {step + 1}: {error} (if the loss was climbing, see log.jsonl, the "
-                                           f"training diverged: lower the learning rate, "
-                                           f"{lr:g} at this step)") from error
+                if step > start:
+                    raise InvalidArgumentError(f"step {step + 1}: {error} (if the loss was climbing, see log.jsonl, "
+                                               f"the training diverged: lower the learning rate, {lr:g} at this "
+                                               "step)") from error
+                if stage2:  # the network as stage 1 left it
+                    raise InvalidArgumentError(f"stage 2's first step: {error} (if stage 1's loss was climbing, see "
+                                               "semantic/log.jsonl, stage 1 diverged: lower the learning rate)") from error
+                raise
             optimiser.zero_grad(set_to_none=True)
             # DDP averages gradients over the W processes, so W x share makes them the global mean's.
             (loss * (share * world)).backward()

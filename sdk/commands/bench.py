@@ -97,7 +97,7 @@ def run(model_path: str | Path, *, sizes: Sequence[tuple[int, int]], detections:
     if detections is None:
         detections = sorted({min(count, exported.max_detections) for count in DEFAULT_DETECTIONS})
     if max(detections, default=0) > exported.max_detections:  # before any case is timed
-        raise InvalidArgumentError(f"detection count {max(detections)} is above this model's limit of "
+        raise InvalidArgumentError(f"detection count {max(detections)} (--detections) is above this model's limit of "
                                    f"{exported.max_detections} per image: time fewer, or export the model with a "
                                    "larger --max-detections")
     segmenters = [("onnxruntime" + where, exported)]

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..coco_detections import detections_by_image, read_coco_results
+from ..coco_detections import detections_by_image, read_coco_results, refuse_normalised_boxes
 from ..errors import InvalidArgumentError
 from ..files import check_regular_file
 
@@ -77,6 +77,7 @@ def read_detections(results: str | Path, images: Sequence[str | Path]) -> list[I
             labels=np.concatenate([p["labels"] for p in parts])[order],
             scores=scores[order],
         ))
+    refuse_normalised_boxes(results, np.concatenate([d.boxes for d in out]))
     if entries and not any(len(d.scores) for d in out):
         shown = ", ".join(repr(image_ids(p)[-1]) for p in paths[:3])
         raise InvalidArgumentError(f"detections file {results}: none of its {len(entries)} detections names one of the "

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DetectionsDroppedWarning
+from ..errors import DetectionsDroppedWarning, InvalidArgumentError
 from ..files import write_png_whole, write_text_whole
 from . import defaults, parity
 from .images import ImageDetections
@@ -75,7 +75,11 @@ def run(out: str | Path, *, steps: int = DEFAULT_STEPS, seed: int = 0, printer: 
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint = out / "checkpoint"
+    checkpoint, overlays = out / "checkpoint", out / "overlays"
+    for folder in (checkpoint, overlays):  # now: a file in the way fails the run here, not after its training
+        if folder.exists() and not folder.is_dir():
+            raise InvalidArgumentError(f"{folder} is a file, not a folder: quickstart writes into it")
+        folder.mkdir(exist_ok=True)
     semantic_steps, instance_steps = split_steps(steps)
 
     printer(f"1/5 training the resnet18 network on {defaults.TRAIN_IMAGES} synthetic scenes: {semantic_steps} "
@@ -119,8 +123,6 @@ def run(out: str | Path, *, steps: int = DEFAULT_STEPS, seed: int = 0, printer: 
     write_text_whole(out / "parity.md", report.table() + "\n")
 
     printer("5/5 segmenting the held-out scenes and the coffee photo with the exported model")
-    overlays = out / "overlays"
-    overlays.mkdir(exist_ok=True)
     files = [checkpoint, model_path, *metric_files, out / "parity.md"]
     for name, image, dets in cases:
         with warnings.catch_warnings():

@@ -314,6 +314,25 @@ def test_a_network_pytorch_cannot_run_raises_a_backend_error_naming_the_image(ex
         Segmenter.of_network(network).segment(image, boxes, labels, scores)
 
 
+def test_a_network_back_in_training_mode_or_no_network_at_all_is_named(exported):
+    network = load_checkpoint(exported[0])
+    segmenter = Segmenter.of_network(network)
+    network.train()  # batch normalisation would use the image's own statistics, or fail on 1x1 maps
+    image, boxes, labels, scores = _case("coffee", (64, 80), 2, seed=1)
+    with pytest.raises(InvalidArgumentError, match=r"training mode \(network.train\(\) was called after "
+                                                   r"Segmenter.of_network\): call network.eval\(\)"):
+        segmenter.segment(image, boxes, labels, scores)
+    with pytest.raises(InvalidArgumentError, match="network must be a dynseg.trainer DynamicallyInstantiatedNetwork, "
+                                                   "got Linear"):
+        Segmenter.of_network(torch.nn.Linear(2, 2))
+
+
+def test_scores_that_overflow_the_torch_network_are_named_as_the_cause(exported):
+    image, boxes, labels, _ = _case("coffee", (64, 80), 2, seed=1)
+    with pytest.raises(InvalidArgumentError, match=r"\(the largest detection score is 3e\+38\)$"):
+        Segmenter(exported[0], backend="torch").segment(image, boxes, labels, np.full(2, 3e38, np.float32))
+
+
 def test_a_thread_count_beyond_the_cores_is_capped_for_onnxruntime(exported):
     # onnxruntime starts every thread it is asked for (10**5 of them took minutes and gigabytes)
     with Segmenter(exported[1], threads=_native.max_threads() + 3) as many:

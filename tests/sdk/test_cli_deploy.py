@@ -554,7 +554,7 @@ def test_bench_refuses_a_detection_count_above_the_models_limit_before_timing(ex
     result = runner.invoke(app, ["bench", str(exported[1]), "--sizes", "40x48", "--detections", "0,21",
                                  "--repeats", "1"])
     assert result.exit_code == 1
-    assert "detection count 21 is above this model's limit of 20" in plain(result.output)
+    assert "detection count 21 (--detections) is above this model's limit of 20" in plain(result.output)
     assert "| onnxruntime |" not in result.output and "D=0" not in result.output
 
 
@@ -761,3 +761,41 @@ def test_a_torch_that_is_installed_but_will_not_load_is_not_reported_missing(tmp
     assert run.returncode == 1 and "pip install" not in run.stderr, run.stderr
     assert "dynseg train needs PyTorch, which is installed but could not be imported: libtorch_cpu.so: failed to " \
            "map segment" in plain(run.stderr), run.stderr
+
+
+def test_bench_refuses_a_json_path_that_is_the_model_or_a_pipe_before_timing(exported, tmp_path):
+    model = tmp_path / "model.onnx"
+    shutil.copy(exported[1], model)
+    before = model.read_bytes()
+    timing = ["--sizes", "40x48", "--detections", "0", "--repeats", "1"]
+    result = runner.invoke(app, ["bench", str(model), *timing, "--json", str(model)])
+    assert result.exit_code == 1 and "is one of the files being timed" in plain(result.output), result.output
+    assert model.read_bytes() == before
+    os.mkfifo(tmp_path / "rows.json")
+    result = runner.invoke(app, ["bench", str(model), *timing, "--json", str(tmp_path / "rows.json")])
+    assert result.exit_code == 1 and "is a pipe or device, not a file" in plain(result.output), result.output
+    assert "| onnxruntime |" not in result.output
+
+
+def test_infer_refuses_normalised_boxes_as_training_does(exported, photos, tmp_path):
+    # each would have become an inverted box, dropped: an empty result and exit status 0
+    detections = tmp_path / "normalised.json"
+    detections.write_text(json.dumps([{"image_id": "chelsea", "category_id": 1, "bbox": [0.1, 0.1, 0.5, 0.5],
+                                       "score": 0.5}]))
+    result = runner.invoke(app, ["infer", str(exported[1]), str(photos[0][0]), "--detections", str(detections),
+                                 "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "normalised coordinates?" in plain(result.output), result.output
+
+
+def test_quickstart_names_a_file_where_it_writes_a_folder_before_training(tmp_path):
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "overlays").write_text("")
+    result = runner.invoke(app, ["quickstart", "--out", str(tmp_path / "q"), "--steps", "2"])
+    assert result.exit_code == 1 and "overlays is a file, not a folder" in plain(result.output), result.output
+    assert "1/5" not in result.output
+
+
+def test_an_engine_given_where_an_onnx_model_goes_is_named_as_one(tmp_path):
+    (tmp_path / "model.engine").write_bytes(b"\x00\x01not protobuf" * 8)
+    result = runner.invoke(app, ["bench", str(tmp_path / "model.engine"), "--sizes", "40x48"])
+    assert result.exit_code == 1 and "this takes the exported .onnx" in plain(result.output), result.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -49,5 +50,8 @@ def test_what_is_not_a_regular_file_is_named_as_what_it_is(tmp_path):
     with pytest.raises(InvalidArgumentError, match=r"^image file \S+ cannot be opened: File name too long$"):
         check_regular_file(tmp_path / ("a" * 5000), "image file")
     os.mkfifo(tmp_path / "pipe.json")
+    with pytest.raises(OSError, match="a folder, pipe or device is there, not a file to replace"):
+        write_text_whole(tmp_path / "pipe.json", "{}")  # os.replace would have put a file in its place
+    assert stat.S_ISFIFO((tmp_path / "pipe.json").stat().st_mode)
     with pytest.raises(InvalidArgumentError, match=r"^detections file \S*pipe.json is a pipe or device, not a regular"):
         check_regular_file(tmp_path / "pipe.json", "detections file")

@@ -550,3 +550,27 @@ def test_stage_two_learns_at_a_twentieth_of_the_learning_rate_given(tmp_path):
     assert defaults.INSTANCE_LR_DIVISOR == 20
     assert semantic["learning_rate"] == pytest.approx(0.04)
     assert instance["learning_rate"] == pytest.approx(0.04 / 20)
+
+
+def test_an_out_folder_a_file_blocks_is_named_before_the_data_is_made(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "semantic").write_text("not stage 1's checkpoint")
+    _fails_naming(run("train", "--out", tmp_path / "run", *SYNTHETIC, *TINY), "--out", "semantic is a file, not a folder")
+    assert "training on" not in run("train", "--out", tmp_path / "run", *SYNTHETIC, *TINY).output
+
+
+def test_a_pipe_as_the_pretrained_weights_or_the_training_record_is_named_not_read(tmp_path):
+    from dynseg.trainer.checkpoint import TRAINING_DATA
+
+    os.mkfifo(tmp_path / "weights.pth")  # nothing writes to it: a read would block for good
+    _fails_naming(run("train", "--out", tmp_path / "run", *SYNTHETIC, *TINY, "--pretrained", tmp_path / "weights.pth"),
+                  "weights.pth is a pipe or device, not a regular file")
+    os.mkfifo(tmp_path / TRAINING_DATA)
+    _fails_naming(run("eval", tmp_path), f"{TRAINING_DATA} is a pipe or device, not a regular file")
+
+
+def test_a_stage_1_that_diverged_in_its_last_step_is_named_at_stage_2s_first(tmp_path):
+    # stage 1's one update leaves finite weights whose outputs overflow: the CRF's refusal alone said nothing
+    result = run("train", "--out", tmp_path / "run", "--images", "2", "--image-size", "48", "64",
+                 "--semantic-steps", "1", "--instance-steps", "1", "--lr", "1e30")
+    _fails_naming(result, "stage 2's first step", "stage 1 diverged: lower the learning rate")

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from dynseg.sdk.checks import one_of
+from dynseg.sdk.coco_detections import refuse_normalised_boxes
 from dynseg.sdk.errors import InvalidArgumentError
 from dynseg.sdk.inputs import pixel_boxes
 
@@ -157,13 +158,8 @@ def with_detections(dataset: Dataset, path: str | os.PathLike) -> WithDetections
         shown = ", ".join(repr(i) for i in ids[:3])
         raise InvalidArgumentError(f"{path}: no detection belongs to an image of the dataset (its image ids "
                                    f"are such as {shown}; see dynseg.trainer.data.sources for the id of each dataset)")
-    # Boxes in [0, 1] with fractions are a detector's normalised output: each would become its image's
-    # top-left pixel, inside the image, so the check below would not see them.
-    boxes = np.concatenate([d["boxes"] for d in found.values()]) if found else np.zeros((0, 4), np.float32)
-    if len(boxes) and boxes.min() >= 0 and boxes.max() <= 1 and np.any(boxes % 1):
-        raise InvalidArgumentError(f"{path}: every bbox lies within [0, 1], in fractions of a pixel: normalised "
-                                   "coordinates? A bbox is [x, y, width, height] in pixels from the image's "
-                                   "top-left corner")
+    refuse_normalised_boxes(path, np.concatenate([d["boxes"] for d in found.values()]) if found
+                            else np.zeros((0, 4), np.float32))
     # Boxes outside their image are dropped when a sample is read; if every box is, training would learn
     # nothing from the file. The first image with a box inside settles it, so this reads few headers.
     if ids and not any(_count(inside_image(found[image_id], *dataset.image_shape(index)))
