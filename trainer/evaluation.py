@@ -97,6 +97,7 @@ import numpy as np
 from dynseg.sdk.errors import InvalidArgumentError
 from dynseg.sdk.checks import int_in, one_of
 from dynseg.sdk.files import write_text_whole
+from dynseg.sdk._native import MAX_LABELS
 
 from .matching import matched_pairs
 
@@ -105,6 +106,7 @@ __all__ = ["AP_R_THRESHOLDS", "PROTOCOLS", "evaluate", "evaluate_each", "json_re
 
 AP_R_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 PROTOCOLS = ("original", "voc")
+MAX_CLASSES = MAX_LABELS - 1  # a network's semantic CRF takes K + 1 labels
 
 PQ_MATCH_IOU = 0.5  # strict: IoU > 0.5
 PQ_MAX_VOID_FRACTION = 0.5  # unmatched predictions with more void than this are ignored
@@ -174,8 +176,10 @@ def evaluate_each(
     each image's masks are reduced to its overlap counts as it arrives, so memory holds one image's
     masks, not a split's (a Cityscapes val split's would be tens of GiB). Same arguments, same result."""
     protocol = one_of("protocol", protocol, PROTOCOLS)
-    num_classes = int_in("num_classes", num_classes, 1)
-    images = [_image(i, prediction, truth, num_classes) for i, (prediction, truth) in enumerate(pairs)]
+    num_classes = int_in("num_classes", num_classes, 1, MAX_CLASSES)
+    if not isinstance(pairs, Iterable):
+        raise InvalidArgumentError(f"pairs must be an iterable of (prediction, ground truth), got {type(pairs).__name__}")
+    images = [_image(i, *_pair(i, pair), num_classes) for i, pair in enumerate(pairs)]
     ap_r = _ap_r(images, num_classes, protocol)
     return {
         "ap_r": {f"{tau:.1f}": ap_r[tau] for tau in AP_R_THRESHOLDS},
@@ -502,6 +506,14 @@ def _coco_class_precision(scores: np.ndarray, hits: np.ndarray, skip: np.ndarray
 
 
 # ---------------------------------------------------------------------------- validation
+
+
+def _pair(i: int, pair: object) -> tuple[object, object]:
+    """evaluate_each's pairs[i] as its (prediction, ground truth)."""
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+        raise InvalidArgumentError(f"pairs[{i}] must be a (prediction, ground truth) pair, got {type(pair).__name__}"
+                                   + (f" of {len(pair)}" if isinstance(pair, (tuple, list)) else ""))
+    return pair[0], pair[1]
 
 
 def _image(i: int, prediction, truth, num_classes: int) -> _Image:

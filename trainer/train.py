@@ -53,7 +53,7 @@ from .data import VOID
 from .boxes import mask_boxes
 from .checkpoint import (TRAINING_DATA, check_training_data, load_weights, read_training_data, save_checkpoint,
                          training_data_record, weights_fingerprint, write_training_data)
-from .data.common import Samples
+from .data.common import Samples, check_sample
 from .data.detections import DetectorOutput, simulate_detections
 from .data.sources import inside_image
 from .evaluation import evaluate_each, json_ready
@@ -475,29 +475,41 @@ class _Objective(nn.Module):
         return semantic_loss(logits, batch["targets"])
 
 
-def _draw(dataset: Samples, config: TrainConfig, step: int, position: int) -> tuple[dict, np.random.Generator]:
-    """The augmented sample at `position` of step `step`'s global batch, and its generator (stage 2
-    goes on to draw the detections from it)."""
+def _draw(dataset: Samples, config: TrainConfig, step: int, position: int,
+          num_classes: int) -> tuple[dict, np.random.Generator]:
+    """The augmented sample at `position` of step `step`'s global batch, checked, and its generator
+    (stage 2 goes on to draw the detections from it)."""
     rng = np.random.default_rng([config.seed, step, position])
-    return augment(dataset[int(rng.integers(len(dataset)))], config, rng), rng
+    index = int(rng.integers(len(dataset)))
+    sample = dataset[index]
+    check_sample(sample, f"dataset[{index}]", num_classes)
+    return augment(sample, config, rng), rng
 
 
 def _semantic_batch(dataset: Samples, config: TrainConfig, step: int, positions: range,
                     num_classes: int) -> tuple[dict, float]:
-    """This process's images (B, 3, H, W) and class maps (B, H, W), cropped to the smallest image of
-    the global batch, their detections for the semantic CRF's detection potential (as stage 2 draws
-    them; boxes (ΣD, 4), labels, scores, and counts (B,) D per image), and this process's share of
-    the global batch's non-void pixels."""
-    drawn = [_with_detections(*_draw(dataset, config, step, position), num_classes) for position in positions]
+    """This process's images (B, 3, H, W) and class maps (B, H, W), each cropped at a random place to
+    the smallest image of the global batch, their detections for the semantic CRF's detection potential
+    (as stage 2 draws them; boxes (ΣD, 4), labels, scores, and counts (B,) D per image), and this
+    process's share of the global batch's non-void pixels."""
+    drawn = []
+    for position in positions:
+        sample, rng = _draw(dataset, config, step, position, num_classes)
+        drawn.append((_with_detections(sample, rng, num_classes), rng))
     height, width = (int(v) for v in distributed.all_reduce(
-        [min(s["image"].shape[1] for s in drawn), min(s["image"].shape[2] for s in drawn)], op="min"))
-    detections = []
-    for sample in drawn:  # the boxes the crop to the batch's size keeps, clipped and floored as forward does
-        kept = inside_image(sample["detections"], height, width)
+        [min(s["image"].shape[1] for s, _ in drawn), min(s["image"].shape[2] for s, _ in drawn)], op="min"))
+    image_crops, target_crops, detections = [], [], []
+    for sample, rng in drawn:
+        # anywhere in the image: always the top-left corner would never train on the bottom rows
+        y0 = int(rng.integers(sample["image"].shape[1] - height + 1))
+        x0 = int(rng.integers(sample["image"].shape[2] - width + 1))
+        image_crops.append(sample["image"][:, y0:y0 + height, x0:x0 + width])
+        target_crops.append(sample["semantic"][y0:y0 + height, x0:x0 + width])
+        # the boxes the crop keeps, clipped and floored as forward does
+        kept = _move_boxes(sample["detections"], [1.0, 1.0], (y0, x0), (height, width), mirrored=False)
         tensors = (torch.from_numpy(np.asarray(kept[key])) for key in ("boxes", "labels", "scores"))
         detections.append(require_valid_detections(*tensors, height=height, width=width, num_classes=num_classes))
-    images = torch.stack([s["image"][:, :height, :width] for s in drawn])
-    targets = torch.stack([s["semantic"][:height, :width] for s in drawn])
+    images, targets = torch.stack(image_crops), torch.stack(target_crops)
     pixels = int((targets != VOID).sum())
     total = distributed.all_reduce([pixels])[0]
     boxes, labels, scores = (torch.cat(parts) for parts in zip(*detections))
@@ -524,7 +536,7 @@ def _with_detections(sample: dict, rng: np.random.Generator, num_classes: int) -
 def _instance_batch(dataset: Samples, config: TrainConfig, step: int, position: int, num_classes: int) -> dict:
     """One augmented image, its ground truth and its detections: the sample's own (from a results
     file, see `data.sources`) when it has them, else simulated from the ground truth."""
-    sample = _with_detections(*_draw(dataset, config, step, position), num_classes)
+    sample = _with_detections(*_draw(dataset, config, step, position, num_classes), num_classes)
     detections = sample["detections"]
     return {
         "image": sample["image"],  # (3, H, W)
@@ -579,6 +591,11 @@ def fit(
     each stage's folder before the stage starts, so that any checkpoint it leaves tells `dynseg eval`
     which scenes it was trained on."""
     out_dir = Path(out_dir)
+    for name, config in (("semantic", semantic), ("instance", instance)):
+        # TrainConfig's stage defaults to "semantic": instance=TrainConfig(steps=N) would train stage 1 twice
+        if not isinstance(config, TrainConfig) or config.stage != name:
+            raise InvalidArgumentError(f"{name} must be a TrainConfig(stage={name!r}, ...), got "
+                                       f"{type(config).__name__} of stage {getattr(config, 'stage', None)!r}")
     if len(dataset) == 0:  # before the last run's files go: a run that cannot start leaves them
         raise InvalidArgumentError("dataset holds no image: nothing to train on")
     if training_data is not None:  # before anything is written
@@ -644,6 +661,7 @@ def evaluation_inputs(dataset: Samples, *, seed: int,
     sees the same detections."""
     for index in range(len(dataset)):
         sample = dataset[index]
+        check_sample(sample, f"dataset[{index}]", num_classes)
         image = torch.from_numpy(sample["image"]).permute(2, 0, 1).float()
         detections = _detections_of(sample, (image.shape[1], image.shape[2]), np.random.default_rng([seed, index]),
                                     num_classes)

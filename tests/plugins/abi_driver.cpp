@@ -231,6 +231,11 @@ void cuda_paths() {
     expect(largest_difference(cpu, gpu) < 1e-4f, "CUDA forward from host arrays: the CPU's logits");
     expect_status(dynseg_crf_forward_cuda_from_host(&p.c, p.unary.data(), gpu.data(), 99),
                   DYNSEG_ERROR_INVALID_ARGUMENT, "refused: CUDA device 99", "device");
+    std::vector<float> nan_unary = p.unary;
+    nan_unary[7] = std::nanf("");
+    expect_status(dynseg_crf_forward_cuda_from_host(&p.c, nan_unary.data(), gpu.data(), 0),
+                  DYNSEG_ERROR_INVALID_ARGUMENT, "refused: CUDA forward from a host unary holding NaN",
+                  "unary holds a non-finite value");
     Problem spoiled(5, 17, 23, 21);
     spoiled.kernels[1].theta_color = 1e-30f;
     expect_status(dynseg_crf_forward_cuda_from_host(&spoiled.c, p.unary.data(), gpu.data(), 0),

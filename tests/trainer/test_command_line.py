@@ -105,7 +105,7 @@ def test_eval_holds_out_the_scenes_after_the_training_seed_at_the_training_size(
     _fails_naming(run("eval", out, "--images", "2"), f"{record} is malformed")
     record.unlink()
     record.mkdir()  # not a record at all: named too, not taken for its absence
-    _fails_naming(run("eval", out, "--images", "2"), f"{record} is malformed", "IsADirectoryError")
+    _fails_naming(run("eval", out, "--images", "2"), f"training record {record} is a folder, not a file")
     record.rmdir()
     (tmp_path / "file").touch()
     _fails_naming(run("eval", out / "semantic", "--images", "2", "--out", tmp_path / "file" / "metrics"), "--out",

@@ -471,6 +471,19 @@ def test_unknown_protocol_and_bad_num_classes_raise_value_error():
         evaluate(*valid(), num_classes=2, protocol="coco")
     with pytest.raises(ValueError, match="num_classes"):
         evaluate(*valid(), num_classes=0)
+    # its arrays are sized by it: 10**11 asked numpy for 745 GiB
+    with pytest.raises(ValueError, match=r"num_classes must be an int in 1\.\.65535"):
+        evaluate(*valid(), num_classes=10**11)
+
+
+def test_pairs_that_are_not_pairs_are_named_by_index():
+    prediction, truth_ = (entries[0] for entries in valid())
+    for pairs, message in [([(prediction, truth_, 1)], r"pairs\[0\] must be a \(prediction, ground truth\) pair, got "
+                                                        "tuple of 3"),
+                           ([(prediction, truth_), prediction], r"pairs\[1\] must be .* got dict"),
+                           (None, "pairs must be an iterable")]:
+        with pytest.raises(ValueError, match=message):
+            evaluate_each(pairs, num_classes=2)
 
 
 def test_empty_predictions_and_ground_truths_are_accepted():

@@ -373,6 +373,10 @@ def test_void_pixels_count_in_neither_segment_of_the_matching_as_in_the_matching
     (lambda: ModelConfig(class_names=()), "ModelConfig.class_names"),
     (lambda: ModelConfig(backbone="resnet34"), "ModelConfig.backbone must be 'resnet18' or"),
     (lambda: ModelConfig(std=(0.2, 0.0, 0.2)), "ModelConfig.std must be 3 finite positive numbers"),
+    (lambda: ModelConfig(instance=None), "ModelConfig.instance must be an InstanceConfig, got NoneType"),
+    (lambda: ModelConfig(semantic_crf={"iterations": 2}), "ModelConfig.semantic_crf must be a SemanticCRFConfig or "
+                                                          "None, got dict"),
+    (lambda: build_model({"backbone": "resnet18"}), "config must be a ModelConfig, got dict"),
 ])
 def test_a_config_field_out_of_range_is_named_when_the_config_is_made(make, message):
     with pytest.raises(InvalidArgumentError, match=message):

@@ -20,7 +20,7 @@ from dynseg.trainer.model import InstanceConfig, ModelConfig, build_model
 from dynseg.trainer.evaluation import evaluate
 from dynseg.trainer.checkpoint import load_checkpoint, save_checkpoint, weights_fingerprint
 from dynseg.trainer.train import (
-    TrainConfig, _semantic_batch, augment, evaluation_inputs, fit, learning_rate, predict, train,
+    TrainConfig, _draw, _semantic_batch, augment, evaluation_inputs, fit, learning_rate, predict, train,
 )
 
 SIZE = (48, 64)
@@ -391,6 +391,10 @@ def test_a_new_run_clears_the_last_runs_checkpoints_so_a_failed_one_leaves_none_
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "semantic" / "model.safetensors").is_file()
     with pytest.raises(InvalidArgumentError, match="dataset holds no image"):  # refused before anything goes
         fit(model, [], out_dir=tmp_path, printer=quiet, **stages)
+    # TrainConfig's stage defaults to "semantic": this used to train stage 1 twice and the instance part never
+    with pytest.raises(InvalidArgumentError, match=r"instance must be a TrainConfig\(stage='instance', ...\), got "
+                                                   r"TrainConfig of stage 'semantic'"):
+        fit(model, data, out_dir=tmp_path, printer=quiet, semantic=stages["semantic"], instance=TrainConfig(steps=1))
     assert (tmp_path / "model.safetensors").is_file()
     diverging = TrainConfig(stage="semantic", steps=6, batch_size=2, learning_rate=1e30, schedule="step",
                             step_every=100)
@@ -455,6 +459,41 @@ def test_the_images_of_one_step_are_drawn_apart():
             assert not torch.equal(images[i], images[j]), (i, j)
     again, _ = _semantic_batch(data, config, 0, range(4), num_classes=data.num_classes)
     assert torch.equal(again["images"], batch["images"])  # and the same for the same (seed, step)
+
+
+def test_a_stage_1_batch_crops_each_image_anywhere_not_always_at_its_top_left():
+    # the batch takes its smallest image's size: a fixed top-left crop never trained on the bottom rows
+    data = SyntheticScenes(size=16, image_size=(48, 64), seed=0)
+    config = TrainConfig(stage="semantic", steps=6, batch_size=4)
+    offsets = set()
+    for step in range(6):
+        batch, _ = _semantic_batch(data, config, step, range(4), num_classes=data.num_classes)
+        height, width = batch["images"].shape[-2:]
+        assert (batch["boxes"] >= 0).all() and (batch["boxes"][:, 2:] < torch.tensor([width, height])).all()
+        for position, crop in enumerate(batch["images"]):
+            full = _draw(data, config, step, position, data.num_classes)[0]["image"]
+            found = [(y, x) for y in range(full.shape[1] - height + 1) for x in range(full.shape[2] - width + 1)
+                     if torch.equal(full[:, y:y + height, x:x + width], crop)]
+            assert found, (step, position)
+            offsets.add(found[0])
+    assert any(y > 0 for y, _ in offsets) and any(x > 0 for _, x in offsets), offsets
+
+
+@pytest.mark.parametrize("field, spoil, message", [
+    ("image", lambda s: s["image"] / 255.0, r"\['image'\] must be uint8 \(H, W, 3\) RGB, got float64"),
+    ("image", lambda s: s["image"][..., 0], r"\['image'\] must be uint8 \(H, W, 3\) RGB, got uint8 of shape \(48, 64\)"),
+    ("semantic", lambda s: np.where(s["semantic"] == 0, 7, s["semantic"]), r"\['semantic'\] must hold classes 0..4 "
+                                                                             r"or 255 \(void\), got 7"),
+    ("labels", lambda s: s["labels"][:0], r"\['labels'\] must be integers of shape \(\d+,\), one per mask"),
+])
+def test_a_sample_of_the_wrong_kind_is_named_before_training_or_evaluation_reads_it(field, spoil, message):
+    data = SyntheticScenes(size=2, image_size=(48, 64), seed=0)
+    spoilt = [{**data[i], field: spoil(data[i])} for i in range(2)]
+    with pytest.raises(InvalidArgumentError, match=r"^dataset\[\d\]" + message):
+        _semantic_batch(spoilt, TrainConfig(stage="semantic", steps=1, batch_size=2), 0, range(2),
+                        num_classes=data.num_classes)
+    with pytest.raises(InvalidArgumentError, match=r"^dataset\[0\]" + message):
+        next(evaluation_inputs(spoilt, seed=0, num_classes=data.num_classes))
 
 
 def test_held_out_images_draw_their_simulated_detections_apart():

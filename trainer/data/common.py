@@ -51,6 +51,39 @@ class Dataset(Samples, Protocol):
         ...
 
 
+def check_sample(sample: object, where: str, num_classes: int) -> None:
+    """InvalidArgumentError naming `where` (e.g. "dataset[3]") and the field unless `sample` holds what
+    training and evaluation read of a `SceneSample`: image uint8 (H, W, 3) RGB, semantic (H, W) integers
+    in 0..num_classes or VOID, masks bool (M, H, W), labels (M,) integers in 1..num_classes. A dataset of
+    one's own can get them subtly wrong: a float image in 0..1 would train on pictures 255 times too dark."""
+    if not isinstance(sample, Mapping):
+        raise InvalidArgumentError(f"{where} must be a mapping of image, semantic, masks and labels, got "
+                                   f"{type(sample).__name__}")
+    missing = [key for key in ("image", "semantic", "masks", "labels") if key not in sample]
+    if missing:
+        raise InvalidArgumentError(f"{where} lacks {', '.join(missing)}")
+    image, semantic, masks, labels = (np.asarray(sample[key]) for key in ("image", "semantic", "masks", "labels"))
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise InvalidArgumentError(f"{where}['image'] must be uint8 (H, W, 3) RGB, got {image.dtype} of shape "
+                                   f"{image.shape}")
+    size = image.shape[:2]
+    if semantic.dtype.kind not in "iu" or semantic.shape != size:
+        raise InvalidArgumentError(f"{where}['semantic'] must be integers of shape {size}, got {semantic.dtype} of "
+                                   f"shape {semantic.shape}")
+    wrong = ((semantic < 0) | (semantic > num_classes)) & (semantic != VOID)
+    if wrong.any():
+        raise InvalidArgumentError(f"{where}['semantic'] must hold classes 0..{num_classes} or {VOID} (void), got "
+                                   f"{int(semantic[wrong][0])}")
+    if masks.dtype != bool or masks.ndim != 3 or masks.shape[1:] != size:
+        raise InvalidArgumentError(f"{where}['masks'] must be bool of shape (M, {size[0]}, {size[1]}), got "
+                                   f"{masks.dtype} of shape {masks.shape}")
+    if labels.dtype.kind not in "iu" or labels.shape != (len(masks),):
+        raise InvalidArgumentError(f"{where}['labels'] must be integers of shape ({len(masks)},), one per mask, got "
+                                   f"{labels.dtype} of shape {labels.shape}")
+    if len(labels) and (labels.min() < 1 or labels.max() > num_classes):
+        raise InvalidArgumentError(f"{where}['labels'] must be classes 1..{num_classes}, got {labels.tolist()}")
+
+
 def check_split_name(split: object) -> None:
     """Raise InvalidArgumentError unless split is a non-empty name without path separators."""
     if not isinstance(split, str) or not split or split in (".", "..") or "/" in split or os.sep in split:

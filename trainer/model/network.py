@@ -50,6 +50,12 @@ class ModelConfig:
                                        f"{names!r}")
         fields.number_tuple(self, "mean", 3)
         fields.number_tuple(self, "std", 3, positive=True)
+        if not isinstance(self.semantic_crf, (SemanticCRFConfig, type(None))):
+            raise InvalidArgumentError(f"ModelConfig.semantic_crf must be a SemanticCRFConfig or None, got "
+                                       f"{type(self.semantic_crf).__name__}")
+        if not isinstance(self.instance, InstanceConfig):
+            raise InvalidArgumentError(f"ModelConfig.instance must be an InstanceConfig, got "
+                                       f"{type(self.instance).__name__}")
 
     @property
     def num_classes(self) -> int:
@@ -191,6 +197,8 @@ def channel_softmax(logits: Tensor) -> Tensor:
 
 def build_model(config: ModelConfig, *, pretrained: str | Path | None = None) -> DynamicallyInstantiatedNetwork:
     """A network for `config`, with the backbone's ImageNet weights from `pretrained` if given."""
+    if not isinstance(config, ModelConfig):
+        raise InvalidArgumentError(f"config must be a ModelConfig, got {type(config).__name__}")
     return DynamicallyInstantiatedNetwork(
         config=config,
         semantic=semantic_network(config.backbone, num_classes=config.num_classes + 1, pretrained=pretrained),
