@@ -78,6 +78,11 @@ def export_onnx(network: DynamicallyInstantiatedNetwork, path: str | Path, *,
 def _check_network(network: object) -> None:
     if not isinstance(network, DynamicallyInstantiatedNetwork):
         raise InvalidArgumentError(f"network must be a DynamicallyInstantiatedNetwork, got {type(network).__name__}")
+    # the trace's example inputs are CPU tensors; torch's own error would name neither the network nor the fix
+    devices = sorted({str(tensor.device) for tensor in network.state_dict().values()} - {"cpu"})
+    if devices:
+        raise InvalidArgumentError(f"network must be on the CPU to be exported, its weights are on "
+                                   f"{', '.join(devices)}: export network.cpu() (or a copy.deepcopy of it)")
     # the graph's inputs, its CRF nodes and the SDK all compute in float32
     kinds = {str(tensor.dtype).removeprefix("torch.") for tensor in network.state_dict().values()
              if tensor.is_floating_point() and tensor.dtype != torch.float32}
@@ -100,7 +105,8 @@ def _writable_file(path: object) -> Path:
     if path.is_dir():
         raise InvalidArgumentError(f"path {path} is a folder, not a file to write the model to")
     if not path.parent.is_dir():
-        raise InvalidArgumentError(f"path {path}: its folder {path.parent} does not exist")
+        problem = "is a file, not a folder" if path.parent.exists() else "does not exist"
+        raise InvalidArgumentError(f"path {path}: its folder {path.parent} {problem}")
     if not os.access(path.parent, os.W_OK):
         raise InvalidArgumentError(f"path {path}: its folder {path.parent} is not writable")
     return path

@@ -625,6 +625,11 @@ def export(
     except (FileNotFoundError, DynsegError) as error:
         raise _fail(str(error)) from error
     _warn_if_unfinished(checkpoint)
+    if format == "engine":  # the sizes again with the model's label count, still before the export
+        try:
+            make_profile(detections, sizes, max_detections=max_detections, labels=len(model.config.class_names) + 1)
+        except InvalidArgumentError as error:
+            raise typer.BadParameter(str(error), param_hint="--max-size")
     _make_folder(out.parent, "--out", out)
     onnx_path = out if format == "onnx" else out.with_suffix(".onnx")
     try:

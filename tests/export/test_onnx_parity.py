@@ -511,10 +511,15 @@ def test_export_refuses_arguments_it_cannot_honour(exported, tmp_path, arguments
     ("network", None, "path must name a file, got None"),
     ("network", ".", "is a folder, not a file to write the model to"),
     ("network", "missing/model.onnx", "its folder .*missing does not exist"),
+    ("network", "a_file/model.onnx", "its folder .*a_file is a file, not a folder"),
+    # where a GPU network's weights are, as far as the check sees: not on the CPU the trace runs on
+    ("meta", "model.onnx", r"network must be on the CPU to be exported, its weights are on meta: export network.cpu\(\)"),
 ])
 def test_export_names_a_bad_network_or_path_before_tracing(exported, tmp_path, network, path, message):
+    (tmp_path / "a_file").write_text("")
     if network is not None:
-        network = load_checkpoint(exported[0]) if network == "network" else load_checkpoint(exported[0]).half()
+        network = {"network": load_checkpoint(exported[0]), "half": load_checkpoint(exported[0]).half(),
+                   "meta": load_checkpoint(exported[0]).to("meta")}[network]
     with pytest.raises(InvalidArgumentError, match=message):
         export_onnx(network, None if path is None else tmp_path / path)
 
