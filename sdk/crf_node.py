@@ -197,12 +197,12 @@ def run_node(inputs: Sequence[np.ndarray], attributes: CrfAttributes,
     detection scores (D,)."""
     node_inputs = CrfInputs.of(inputs)
     _check_shapes(node_inputs)
-    for name, array in zip(CrfInputs._fields, node_inputs):
-        # a cast would truncate a float label or wrap a uint64 one without a word
-        if np.asarray(array).dtype != CrfInputs.dtype(name):
-            raise InvalidArgumentError(f"MeanFieldCRF's {name} must be {np.dtype(CrfInputs.dtype(name))}, got "
-                                       f"{np.asarray(array).dtype}")
     arrays = CrfInputs(*[np.ascontiguousarray(a) for a in node_inputs])
+    for name, array in zip(CrfInputs._fields, arrays):
+        # a cast would truncate a float label or wrap a uint64 one without a word
+        if array.dtype != CrfInputs.dtype(name):
+            raise InvalidArgumentError(f"MeanFieldCRF's {name} must be {np.dtype(CrfInputs.dtype(name))}, got "
+                                       f"{array.dtype}")
     unary, scores = cast(np.ndarray, arrays.unary), cast(np.ndarray, arrays.scores)  # numpy's, as just made
     if _nothing_to_infer(unary.shape, attributes):
         return unary.copy(), scores.copy()

@@ -106,7 +106,7 @@ __all__ = ["AP_R_THRESHOLDS", "PROTOCOLS", "evaluate", "evaluate_each", "json_re
 
 AP_R_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 PROTOCOLS = ("original", "voc")
-MAX_CLASSES = MAX_LABELS - 1  # a network's semantic CRF takes K + 1 labels
+_MAX_CLASSES = MAX_LABELS - 1  # a network's semantic CRF takes K + 1 labels; the arrays here are sized by K
 
 PQ_MATCH_IOU = 0.5  # strict: IoU > 0.5
 PQ_MAX_VOID_FRACTION = 0.5  # unmatched predictions with more void than this are ignored
@@ -176,7 +176,7 @@ def evaluate_each(
     each image's masks are reduced to its overlap counts as it arrives, so memory holds one image's
     masks, not a split's (a Cityscapes val split's would be tens of GiB). Same arguments, same result."""
     protocol = one_of("protocol", protocol, PROTOCOLS)
-    num_classes = int_in("num_classes", num_classes, 1, MAX_CLASSES)
+    num_classes = int_in("num_classes", num_classes, 1, _MAX_CLASSES)
     if not isinstance(pairs, Iterable):
         raise InvalidArgumentError(f"pairs must be an iterable of (prediction, ground truth), got {type(pairs).__name__}")
     images = [_image(i, *_pair(i, pair), num_classes) for i, pair in enumerate(pairs)]

@@ -555,8 +555,9 @@ def test_stage_two_learns_at_a_twentieth_of_the_learning_rate_given(tmp_path):
 def test_an_out_folder_a_file_blocks_is_named_before_the_data_is_made(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "semantic").write_text("not stage 1's checkpoint")
-    _fails_naming(run("train", "--out", tmp_path / "run", *SYNTHETIC, *TINY), "--out", "semantic is a file, not a folder")
-    assert "training on" not in run("train", "--out", tmp_path / "run", *SYNTHETIC, *TINY).output
+    result = run("train", "--out", tmp_path / "run", *SYNTHETIC, *TINY)
+    _fails_naming(result, "--out", "semantic is a file, not a folder")
+    assert "training on" not in result.output
 
 
 def test_a_pipe_as_the_pretrained_weights_or_the_training_record_is_named_not_read(tmp_path):
