@@ -21,9 +21,9 @@ from onnx import numpy_helper
 from torch import Tensor, nn
 from torch.onnx import symbolic_helper
 
-from dynseg.sdk.crf_node import CrfAttributes, CrfInputs
+from dynseg.sdk.crf_node import CrfAttributes, CrfInputs, nothing_to_infer
 from dynseg.sdk.graph import DOMAIN, OP_TYPE, crf_nodes
-from dynseg.trainer.crf import mean_field_native
+from dynseg.trainer.crf import crf_kernels, mean_field_native
 from dynseg.trainer.model.instance import InstanceCRF
 from dynseg.trainer.model.network import DynamicallyInstantiatedNetwork
 from dynseg.trainer.model.semantic_crf import SemanticCRF, SemanticCRFConfig, semantic_mean_field
@@ -54,7 +54,7 @@ def crf_node(
 ) -> tuple[Tensor, Tensor]:
     """One CRF, as the exported node computes it (docs/ops.md): unary (1, L, H, W), image (1, C, H, W);
     compatibility (L, L) or empty for Potts; returns logits (1, L, H, W) and detection scores (D,)."""
-    if unary.shape[1] == 1 or iterations == 0:  # one label, or no iteration: nothing to infer (docs/ops.md)
+    if nothing_to_infer(unary.shape[1], iterations):
         return unary.clone(), scores.clone()
     compat = compatibility if compatibility.numel() else None
     if detection_potential:
@@ -69,7 +69,9 @@ def crf_node(
             detection_y=detection_y, config=config, normalization=normalization,
         )
         return logits.unsqueeze(0), recalibrated.clone()
-    kernels = [(theta_spatial, 0.0, spatial_weight), (theta_bilateral_xy, theta_bilateral_rgb, bilateral_weight)]
+    kernels = crf_kernels(theta_spatial=theta_spatial, theta_bilateral_xy=theta_bilateral_xy,
+                          theta_bilateral_rgb=theta_bilateral_rgb, spatial_weight=spatial_weight,
+                          bilateral_weight=bilateral_weight)
     logits = mean_field_native(unary[0], image[0], kernels, compat=compat, normalization=normalization,
                                iterations=iterations)
     return logits.unsqueeze(0), scores.clone()

@@ -84,7 +84,7 @@ def main() -> int:
         problem = _native.Problem(
             many, height, width, planar, kernels,
             compat=rng.uniform(-1.5, -0.5, many).astype(np.float32), normalization="after", iterations=2,
-            output=output, threads=0, detections=detections)
+            output=output, threads=0, detection_potential=detections)
         out = problem.forward_from_host(long_unary, 0)
         result = np.concatenate([result.ravel(), out.ravel(), detections.recalibrated])
     finite = bool(np.isfinite(q).all()), bool(np.isfinite(result).all())

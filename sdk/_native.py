@@ -10,6 +10,8 @@ binding of their own (the onnxruntime and TensorRT backends, `dense_crf_cuda`): 
 (`set_cuda_device`, `current_cuda_device`), copies (`copy_to_device`, `copy_from_device`,
 `copy_on_device`), device memory and streams freed with their objects (`CudaBuffer`, `CudaStream`), and
 each thread's stream and device scratch per device (`cuda_stream`, `cuda_workspace`).
+Private to dynseg rather than to dynseg.sdk: the trainer's torch op (dynseg.trainer.crf.native) and
+its evaluation bind the library through it too.
 """
 
 from __future__ import annotations
@@ -490,7 +492,7 @@ class Problem:
         iterations: int,
         output: Output,
         threads: int,
-        detections: DetectionPotential | None = None,
+        detection_potential: DetectionPotential | None = None,
     ):
         for name, value in (("iterations", iterations), ("threads", threads)):
             if not 0 <= value <= INT32_MAX:  # ctypes would wrap a larger value silently
@@ -511,8 +513,8 @@ class Problem:
         self.shape = (num_labels, height, width)
         # The C structs below point into these arrays and structs: they live as long as the problem.
         self._image, self._compat, self._weights = image, compat, [k.weight for k in kernels]
-        self._detections = detections
-        self._detections_struct = detections.struct() if detections is not None else None
+        self._potential = detection_potential
+        self._potential_struct = detection_potential.struct() if detection_potential is not None else None
         c_kernels = (_Kernel * max(len(kernels), 1))()
         for slot, k in zip(c_kernels, kernels):
             slot.theta_xy = k.theta_xy
@@ -536,7 +538,8 @@ class Problem:
             iterations=iterations,
             output=output,
             threads=threads,
-            detections=ctypes.pointer(self._detections_struct) if detections is not None else None,
+            # the C field's name: the detection potential's inputs (the instance CRF's detections are its labels)
+            detections=None if self._potential_struct is None else ctypes.pointer(self._potential_struct),
         )
 
     def host_workspace(self, pass_: Pass) -> np.ndarray:

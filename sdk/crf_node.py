@@ -71,7 +71,9 @@ def _planes(array: Array) -> Array:
 class CrfAttributes:
     """A MeanFieldCRF node's attributes, checked by the rules docs/ops.md gives them, the TensorRT
     plugin's rules: the ONNX type of each, the four required ones, the defaults of the others, and
-    their ranges (score_ceiling and epsilon only matter, and are only checked, with the potential)."""
+    their ranges (score_ceiling and epsilon only matter, and are only checked, with the potential).
+    The thetas are the paper's θγ (theta_spatial), θα (theta_bilateral_xy) and θβ (theta_bilateral_rgb):
+    the C ABI's theta_xy of the spatial and the bilateral kernel, and theta_color of the bilateral one."""
 
     iterations: int
     theta_spatial: float
@@ -155,7 +157,7 @@ def _problem(inputs: CrfInputs, attributes: CrfAttributes, detection_scores: Arr
     return _native.Problem(
         num_labels, height, width, _planes(inputs.image), kernels, compat=compat if compat.size else None,
         normalization=attributes.normalization, iterations=attributes.iterations,
-        output=_native.Output.LOGITS, threads=threads, detections=potential,
+        output=_native.Output.LOGITS, threads=threads, detection_potential=potential,
     )
 
 
@@ -184,10 +186,10 @@ def _check_shapes(inputs: CrfInputs) -> None:
                                    f"{shapes['detection_x']}, {shapes['detection_y']}")
 
 
-def _nothing_to_infer(unary_shape: tuple[int, ...], attributes: CrfAttributes) -> bool:
-    """One label or no iteration: the node's outputs are its unary and scores (docs/ops.md), as in the
-    PyTorch reference and the TensorRT plugin, whatever the other inputs hold."""
-    return unary_shape[1] == 1 or attributes.iterations == 0
+def nothing_to_infer(num_labels: int, iterations: int) -> bool:
+    """One label or no iteration: the node's outputs are its unary and scores (docs/ops.md), whatever
+    the other inputs hold; the torch op (dynseg.export.ops) and the TensorRT plugin keep the same rule."""
+    return num_labels == 1 or iterations == 0
 
 
 def run_node(inputs: Sequence[np.ndarray], attributes: CrfAttributes,
@@ -204,7 +206,7 @@ def run_node(inputs: Sequence[np.ndarray], attributes: CrfAttributes,
             raise InvalidArgumentError(f"MeanFieldCRF's {name} must be {np.dtype(CrfInputs.dtype(name))}, got "
                                        f"{array.dtype}")
     unary, scores = cast(np.ndarray, arrays.unary), cast(np.ndarray, arrays.scores)  # numpy's, as just made
-    if _nothing_to_infer(unary.shape, attributes):
+    if nothing_to_infer(unary.shape[1], attributes.iterations):
         return unary.copy(), scores.copy()
     detection_scores = scores.copy()
     # the library refuses logits that finite inputs overflowed on the way, naming the detection scores
@@ -222,7 +224,7 @@ def run_node_cuda(inputs: Sequence[_native.DeviceArray], attributes: CrfAttribut
     _check_shapes(node_inputs)
     unary, scores = cast(_native.DeviceArray, node_inputs.unary), cast(_native.DeviceArray, node_inputs.scores)
     _native.set_cuda_device(device)
-    if _nothing_to_infer(unary.shape, attributes):
+    if nothing_to_infer(unary.shape[1], attributes.iterations):
         _native.copy_on_device(logits.pointer, unary.pointer, 4 * unary.size)
         _native.copy_on_device(detection_scores.pointer, scores.pointer, 4 * scores.size)
         return

@@ -12,7 +12,8 @@ Tensors stay where the device puts them: every value of a call is an onnxruntime
 backend's device, handed from session to session through I/O binding. On "cpu" the CRF nodes read
 and write them as numpy arrays; on "cuda:N" the sessions run on onnxruntime's CUDA execution provider
 (the onnxruntime-gpu package) and the CRF nodes run the library's CUDA kernels on the same device
-memory, so an image crosses to the host only as the two outputs.
+memory, so an image crosses to the host only as the two outputs. The image goes in as raw 0..255
+RGB (`graph.graph_inputs`): the graph itself normalises it.
 """
 
 from __future__ import annotations

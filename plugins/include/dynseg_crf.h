@@ -87,7 +87,10 @@ typedef enum dynseg_output {
     DYNSEG_OUTPUT_PROBABILITIES = 1 /* Q^T = softmax(L^T), what pydensecrf's inference returns */
 } dynseg_output;
 
-/* One Gaussian kernel. theta_color == 0 makes a spatial kernel (features x, y only). */
+/* One Gaussian kernel. theta_color == 0 makes a spatial kernel (features x, y only). In the paper's
+ * terms: a spatial kernel's theta_xy is θγ (`theta_spatial` in the models and the ONNX node,
+ * `spatial[0]` in dense_crf); a bilateral kernel's theta_xy is θα (`theta_bilateral_xy`,
+ * `bilateral[0]`) and its theta_color θβ (`theta_bilateral_rgb`, `bilateral[1]`). */
 typedef struct dynseg_kernel {
     float theta_xy;            /* > 0, pixels */
     float theta_color;         /* 0 (spatial) or > 0, in the image's units */

@@ -1,5 +1,6 @@
-// boundary.cpp: what every C entry point shares (boundary.h): the per-thread error message and the
-// validation of every field of a problem, once, before any work.
+// boundary.cpp: what every C entry point shares (boundary.h): the per-thread error message and cancel
+// flag, the validation of every field of a problem before any work, the overflow checks of the outputs
+// after it, and the guard.
 #include "boundary.h"
 
 #include <algorithm>

@@ -1,6 +1,7 @@
 // boundary.h (defined in boundary.cpp): what every C entry point shares, CPU (c_api.cpp) and CUDA
-// (cuda/c_api.cu): the per-thread error message, validation of a problem's fields, and the guard that
-// keeps exceptions from crossing into the caller.
+// (cuda/c_api.cu): the per-thread error message and cancel flag, validation of a problem's fields
+// before any work and of the outputs after it, and the guard that keeps exceptions from crossing into
+// the caller.
 #pragma once
 
 #include <cstdint>

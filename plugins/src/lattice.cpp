@@ -160,7 +160,8 @@ void store_weights(const vec8* weights, int d, int64_t p0, int64_t end, float al
     }
 }
 
-// Packs d coordinates into one integer: coordinate i takes bits[i] bits above its minimum.
+// Packs d coordinates into one integer: coordinate i is stored as c[i] - low[i], from bit shift[i] up to
+// the next coordinate's shift (the last up to bit 62).
 struct KeyPacking {
     int d = 0;
     int32_t low[kMaxFeatureDim];

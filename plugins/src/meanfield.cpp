@@ -84,6 +84,12 @@ inline void add_scalar_messages(const Lattice* lattices, const float* const* nor
 
 }  // namespace
 
+// The workspace, in take() order (docs/crf.md section 5 sizes it):
+//  1. the detection potential's box spans, terms and beliefs, D each (a member initialiser: first);
+//  2. per kernel k: its lattice (Lattice::plan) and its normalisation norm_[k], N;
+//  3. the builds' scratch, shared by the kernels (LatticeScratch::plan);
+//  4. unary_, q_, filtered_, logits_, N x stride each;
+//  5. backward only: history_ (T x N x stride), grad_logits_, grad_q_, grad_unary_, grad_message_, partial_.
 MeanField::MeanField(const dynseg_crf_problem& problem, int pass, Workspace& ws)
     : problem_(problem), detections_(problem, ws) {
     labels_ = problem.num_labels;

@@ -216,7 +216,8 @@ void fill_problem(CrfAttributes const& a, CrfShapes const& s, void const* const*
     q.detections = &p->detections;
 }
 
-// L = 1 or T = 0: the output is the unary and the scores pass through (docs/ops.md).
+// L = 1 or T = 0: nothing to infer, the output is the unary and the scores pass through (docs/ops.md; the
+// SDK's twin is nothing_to_infer in sdk/crf_node.py).
 bool identity(CrfAttributes const& a, CrfShapes const& s) { return s.labels == 1 || a.iterations == 0; }
 
 // The kernel library this process loaded (libdynseg_crf.so, found through $ORIGIN at load time): what a plan

@@ -167,7 +167,7 @@ def main() -> int:
         image = np.ascontiguousarray(colour_ramps(height, width).transpose(2, 0, 1), dtype=np.float32)
         problem = n.Problem(labels, height, width, image, [n.Kernel(3.0, 0.0, weights), n.Kernel(20.0, 13.0, weights)],
                             compat=(-np.eye(labels)).astype(np.float32), normalization="after", iterations=3,
-                            output=n.Output.LOGITS, threads=0, detections=detections)
+                            output=n.Output.LOGITS, threads=0, detection_potential=detections)
         logits = problem.forward_from_host(unary, 0) if on_gpu else problem.forward(unary)
         results.append((logits, recalibrated))
     check("detection potential: logits", results[0][0], results[1][0], 1e-5)
@@ -199,7 +199,8 @@ def main() -> int:
                                      recalibrated=recalibrated)
     planar = np.ascontiguousarray(stripes.transpose(2, 0, 1), dtype=np.float32)
     failing = n.Problem(2, 16, 16, planar, [n.Kernel(1.0, 1e-30, np.ones(1, np.float32))], compat=None,
-                        normalization="after", iterations=2, output=n.Output.LOGITS, threads=0, detections=potential)
+                        normalization="after", iterations=2, output=n.Output.LOGITS, threads=0,
+                        detection_potential=potential)
     logits = np.zeros_like(unary)
     buffer, nbytes = workspace(failing, n.Pass.FORWARD)
     try:
@@ -220,7 +221,8 @@ def main() -> int:
                                      detection_x=np.array([1.0], np.float32), detection_y=np.array([1.0], np.float32),
                                      score_ceiling=1.0, epsilon=1e-4, recalibrated=recalibrated)
     problem = n.Problem(2, 16, 16, None, [n.Kernel(3.0, 0.0, np.ones(1, np.float32))], compat=None,
-                        normalization="after", iterations=1, output=n.Output.LOGITS, threads=0, detections=potential)
+                        normalization="after", iterations=1, output=n.Output.LOGITS, threads=0,
+                        detection_potential=potential)
     unary = rng.normal(0, 2, (2, 16, 16)).astype(np.float32)
     logits = np.zeros_like(unary)
     buffer, nbytes = workspace(problem, n.Pass.FORWARD)
@@ -330,7 +332,7 @@ def main() -> int:
                                           detection_y=np.array([0.8], np.float32), score_ceiling=1.0, epsilon=1e-4,
                                           recalibrated=recalibrated)
         problem = n.Problem(3, 16, 20, None, [n.Kernel(3.0, 0.0, scalar(3.0))], compat=None, normalization="after",
-                            iterations=1, output=n.Output.LOGITS, threads=0, detections=detections)
+                            iterations=1, output=n.Output.LOGITS, threads=0, detection_potential=detections)
         unary = np.random.default_rng(3).normal(0, 3, (3, 16, 20)).astype(np.float32)
         results.append((problem.forward_from_host(unary, 0) if on_gpu else problem.forward(unary), recalibrated))
     check("a box larger than a block: logits", results[0][0], results[1][0], 1e-5)

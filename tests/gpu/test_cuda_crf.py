@@ -201,7 +201,7 @@ def _workspace_size(labels: int, height: int, width: int, channels: int, detecti
     problem = _native.Problem(
         labels, height, width, np.zeros((channels, height, width), np.float32),
         [_native.Kernel(3.0, 0.0, ones), _native.Kernel(80.0, 13.0, ones)], compat=None, normalization="after",
-        iterations=5, output=_native.Output.LOGITS, threads=0, detections=potential)
+        iterations=5, output=_native.Output.LOGITS, threads=0, detection_potential=potential)
     return problem.workspace_size_cuda(_native.Pass.FORWARD)
 
 
@@ -274,7 +274,7 @@ def test_cuda_detection_potential_matches_cpu(labels, height, width, count, smoo
         problem = _native.Problem(
             labels, height, width, image, [_native.Kernel(3.0, 0.0, weights), _native.Kernel(20.0, 13.0, weights)],
             compat=(-np.eye(labels)).astype(np.float32), normalization="after", iterations=5,
-            output=_native.Output.LOGITS, threads=0, detections=detections)
+            output=_native.Output.LOGITS, threads=0, detection_potential=detections)
         logits = problem.forward(unary) if device is None else problem.forward_from_host(unary, device)
         return logits, recalibrated
 

@@ -36,7 +36,7 @@ def native_problem(unary, image, spatial, bilateral, compat, detections, iterati
         labels, height, width, image,
         [_native.Kernel(THETAS[0], 0.0, spatial), _native.Kernel(THETAS[1], THETAS[2], bilateral)],
         compat=compat, normalization="after", iterations=iterations, output=_native.Output.LOGITS, threads=threads,
-        detections=detections,
+        detection_potential=detections,
     )
 
 
@@ -152,7 +152,8 @@ def test_without_kernels_the_detection_potential_is_the_whole_message(smooth_ima
             detection_y=np.array([weights[1]], np.float32), score_ceiling=1.0, epsilon=1e-4,
             recalibrated=recalibrated)
         logits = _native.Problem(4, 18, 21, None, [], compat=None, normalization="after", iterations=3,
-                                 output=_native.Output.LOGITS, threads=threads, detections=detections).forward(unary)
+                                 output=_native.Output.LOGITS, threads=threads,
+                                 detection_potential=detections).forward(unary)
         assert np.abs(logits - expected_logits).max() <= 1e-5 * np.abs(expected_logits).max()
         np.testing.assert_allclose(recalibrated, expected_scores, rtol=0, atol=1e-5)
 
@@ -195,7 +196,7 @@ def test_the_pixel_update_reads_the_belief_the_previous_iteration_left(iteration
         boxes=boxes, labels=classes, scores=scores, detection_x=np.array([weights[0]], np.float32),
         detection_y=np.array([weights[1]], np.float32), score_ceiling=1.0, epsilon=1e-4, recalibrated=recalibrated)
     logits = _native.Problem(5, 22, 19, None, [], compat=None, normalization="after", iterations=iterations,
-                             output=_native.Output.LOGITS, threads=0, detections=detections).forward(unary)
+                             output=_native.Output.LOGITS, threads=0, detection_potential=detections).forward(unary)
     expected_logits, expected_scores = released_schedule(unary, boxes, classes, scores, weights, iterations)
     assert np.abs(logits - expected_logits).max() <= 1e-5 * np.abs(expected_logits).max()
     np.testing.assert_allclose(recalibrated, expected_scores, rtol=0, atol=1e-5)
@@ -248,7 +249,7 @@ def test_a_box_beyond_the_last_pixel_of_a_side_longer_than_float32_counts_is_out
         detection_x=np.ones(1, np.float32), detection_y=np.ones(1, np.float32), score_ceiling=1.0, epsilon=0.1,
         recalibrated=np.zeros(1, np.float32))
     problem = _native.Problem(1, height, width, None, [], compat=None, normalization="after", iterations=1,
-                              output=_native.Output.LOGITS, threads=1, detections=potential)
+                              output=_native.Output.LOGITS, threads=1, detection_potential=potential)
     with pytest.raises(InvalidArgumentError, match=r"boxes\[0\] = .* holds no pixel of the"):
         problem.forward(np.zeros((1, height, width), np.float32))
 

@@ -676,7 +676,7 @@ def test_finite_inputs_that_overflow_float32_are_refused_not_returned_as_nan(cha
     problem = _native.Problem(labels, height, width, image, [_native.Kernel(3.0, 0.0, weight),
                                                              _native.Kernel(8.0, 13.0, weight)],
                               compat=compat, normalization="after", iterations=3, output=_native.Output.LOGITS,
-                              threads=0, detections=detections)
+                              threads=0, detection_potential=detections)
     unary = np.random.default_rng(0).normal(size=(labels, height, width)).astype(np.float32)
     with pytest.raises(InvalidArgumentError, match=f"the logits overflowed float32 during mean field: .*{named}"):
         problem.forward(unary)

@@ -8,9 +8,9 @@ tested against. `native` wraps those kernels as the torch op `dynseg::mean_field
 
 from .lattice import PermutohedralLattice, gaussian_features
 from .meanfield import dense_crf_reference, mean_field_reference
-from .native import dense_crf_native, mean_field_native
+from .native import crf_kernels, dense_crf_native, mean_field_native
 
 __all__ = [
     "PermutohedralLattice", "gaussian_features", "mean_field_reference", "dense_crf_reference", "mean_field_native",
-    "dense_crf_native",
+    "dense_crf_native", "crf_kernels",
 ]

@@ -2,9 +2,11 @@
 
 `torch.ops.dynseg.mean_field` wraps the kernel library's forward and backward
 (plugins/include/dynseg_crf.h) through `dynseg.sdk._native`, on the CPU for CPU tensors and on the
-GPU (the CUDA entry points, on torch's current stream, no copies) for CUDA tensors; `mean_field_native` and
-`dense_crf_native` are its torch-level front ends, with the parameters of the PyTorch reference in
-`meanfield.py` (the readable definition the kernels are tested against).
+GPU (the CUDA entry points, on torch's current stream, no copies) for CUDA tensors. Its torch-level
+front ends: `dense_crf_native` takes `dense_crf_reference`'s parameters (plus `threads`);
+`mean_field_native` takes the thetas and the image and builds its lattices itself, where
+`meanfield.mean_field_reference` (the readable definition the kernels are tested against) takes
+lattices already built.
 """
 
 from __future__ import annotations
@@ -21,11 +23,17 @@ from dynseg.sdk.crf import check_iterations, check_normalization, check_overflow
 from dynseg.sdk.errors import InvalidArgumentError
 from dynseg.sdk.checks import finite_float32, positive_in_float32
 
-__all__ = ["GaussianKernel", "mean_field_native", "dense_crf_native"]
+__all__ = ["GaussianKernel", "crf_kernels", "mean_field_native", "dense_crf_native"]
 
 # (theta_xy, theta_color, weight): theta_color = 0 for a spatial kernel; weight a float, a 0-d tensor
 # (label-agnostic) or an (L, L) tensor.
 GaussianKernel = tuple[float, float, Union[float, Tensor]]
+
+
+def crf_kernels(*, theta_spatial: float, theta_bilateral_xy: float, theta_bilateral_rgb: float,
+                spatial_weight: float | Tensor, bilateral_weight: float | Tensor) -> list[GaussianKernel]:
+    """The two kernels of each of the network's CRFs, spatial then bilateral (the paper's θγ, θα, θβ)."""
+    return [(theta_spatial, 0.0, spatial_weight), (theta_bilateral_xy, theta_bilateral_rgb, bilateral_weight)]
 
 
 def _numpy(tensor: Tensor) -> np.ndarray:
@@ -229,7 +237,8 @@ def mean_field_native(
     iterations: int = 5,
     threads: int | None = None,
 ) -> Tensor:
-    """Mean-field inference on the native kernels; the torch-level twin of `meanfield.mean_field_reference`.
+    """Mean-field inference on the native kernels: `meanfield.mean_field_reference`'s computation, from
+    thetas and the image rather than from lattices already built.
 
     Args:
         unary: (L, H, W) float32 logits, a CPU or a CUDA tensor (the other tensors are moved to its device).

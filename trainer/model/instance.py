@@ -28,7 +28,7 @@ from dynseg.sdk.errors import InvalidArgumentError
 
 from .. import fields
 from ..boxes import box_masks
-from ..crf import mean_field_native
+from ..crf import crf_kernels, mean_field_native
 
 
 @dataclass(frozen=True)
@@ -93,11 +93,9 @@ class InstanceUnaries(nn.Module):
             raise InvalidArgumentError("masks must hold at least one training instance mask")
         crops, groups = [], []
         for mask, box in zip(masks, boxes):
-            x1, y1, x2, y2 = (int(v) for v in box)
-            crop = torch.from_numpy(np.ascontiguousarray(mask[y1 : y2 + 1, x1 : x2 + 1], dtype=np.float32))
-            crops.append(F.interpolate(crop[None, None], size=(config.template_size,) * 2, mode="bilinear",
-                                       align_corners=True)[0, 0])
+            plane = torch.tensor(np.asarray(mask, dtype=np.float32))[None]
             box_tensor = torch.tensor(np.asarray(box, dtype=np.float32)[None])
+            crops.append(_crops(plane, box_tensor, config.template_size)[0])  # what _best_templates compares
             groups.append(int(aspect_groups(box_tensor, config.template_groups)))
         crops_t = torch.stack(crops).flatten(1)  # (n, S*S)
         groups_t = torch.tensor(groups)
@@ -132,20 +130,12 @@ class InstanceUnaries(nn.Module):
         """(D, H, W): each detection's best template t*, pasted over its box (0 elsewhere).
 
         All detections at once, with no loop over D (so the exported graph keeps D dynamic): the crop
-        of Q(c_k) resized to the template is grid_sample at the S×S points F.interpolate(...,
-        align_corners=True) would read, and the best template goes back onto the box by `_paste`."""
+        of Q(c_k) resized to the template (`_crops`), and the best template back onto the box (`_paste`)."""
         config = self.config
         size = config.template_size
         height, width = q_class.shape[1:]
         count = boxes.shape[0]
-        x1, y1, x2, y2 = (boxes[:, i].view(-1, 1, 1) for i in range(4))
-        # the crop: template pixel (u, v) reads image point (x1 + u (w-1)/(S-1), y1 + v (h-1)/(S-1))
-        steps = torch.arange(size, dtype=q_class.dtype, device=q_class.device) / max(size - 1, 1)
-        xs = x1 + steps.view(1, 1, size) * (x2 - x1)  # (D, 1, S)
-        ys = y1 + steps.view(1, size, 1) * (y2 - y1)  # (D, S, 1)
-        grid = torch.stack([_normalised(xs.expand(count, size, size), width),
-                            _normalised(ys.expand(count, size, size), height)], dim=-1)  # (D, S, S, 2)
-        crops = F.grid_sample(q_class.unsqueeze(1), grid, mode="bilinear", align_corners=True)  # (D, 1, S, S)
+        crops = _crops(q_class, boxes, size)  # (D, S, S)
         candidates = self.templates[aspect_groups(boxes, config.template_groups)]  # (D, T, S, S)
         # explicit sizes rather than flatten(): a reshape to (0, T, -1) is ambiguous for D = 0
         flat = candidates.reshape(count, config.templates_per_group, size * size)
@@ -153,6 +143,21 @@ class InstanceUnaries(nn.Module):
         score = torch.bmm(flat, crops.reshape(count, size * size, 1)).squeeze(2) / norms  # <T, Q_crop> / ||T||
         best = torch.gather(candidates, 1, score.argmax(dim=1).view(-1, 1, 1, 1).expand(-1, 1, size, size))
         return _paste(best[:, 0], boxes, height, width)
+
+
+def _crops(planes: Tensor, boxes: Tensor, size: int) -> Tensor:
+    """(D, S, S): plane k (of (D, H, W)) cropped to box k and resized bilinearly (corners aligned) to
+    S × S, the one crop of the shape term: what templates are learned from and compared with. Template
+    pixel (u, v) reads image point (x1 + u (w-1)/(S-1), y1 + v (h-1)/(S-1)), through grid_sample: no
+    loop over D, so the exported graph keeps D dynamic."""
+    count, height, width = planes.shape
+    x1, y1, x2, y2 = (boxes[:, i].view(-1, 1, 1) for i in range(4))
+    steps = torch.arange(size, dtype=planes.dtype, device=planes.device) / max(size - 1, 1)
+    xs = x1 + steps.view(1, 1, size) * (x2 - x1)  # (D, 1, S)
+    ys = y1 + steps.view(1, size, 1) * (y2 - y1)  # (D, S, 1)
+    grid = torch.stack([_normalised(xs.expand(count, size, size), width),
+                        _normalised(ys.expand(count, size, size), height)], dim=-1)  # (D, S, S, 2)
+    return F.grid_sample(planes.unsqueeze(1), grid, mode="bilinear", align_corners=True)[:, 0]
 
 
 def _paste(templates: Tensor, boxes: Tensor, height: int, width: int) -> Tensor:
@@ -213,8 +218,7 @@ class InstanceCRF(nn.Module):
         config = self.config
         if not config.crf or unary.shape[0] == 1:
             return unary
-        kernels = [
-            (config.theta_spatial, 0.0, self.spatial_weight),
-            (config.theta_bilateral_xy, config.theta_bilateral_rgb, self.bilateral_weight),
-        ]
+        kernels = crf_kernels(theta_spatial=config.theta_spatial, theta_bilateral_xy=config.theta_bilateral_xy,
+                              theta_bilateral_rgb=config.theta_bilateral_rgb, spatial_weight=self.spatial_weight,
+                              bilateral_weight=self.bilateral_weight)
         return mean_field_native(unary, image, kernels, iterations=config.iterations)

@@ -28,7 +28,7 @@ from dynseg.sdk.checks import INT32_MAX
 
 from .. import fields
 from ..boxes import box_masks
-from ..crf import mean_field_native
+from ..crf import crf_kernels, mean_field_native
 
 
 @dataclass(frozen=True)
@@ -100,10 +100,9 @@ def semantic_mean_field(
     name, the module's parameters): what the module computes and what the exported dynseg::MeanFieldCRF
     node with the detection potential means (docs/ops.md), whose `normalization` attribute is the last
     argument."""
-    kernels = [
-        (config.theta_spatial, 0.0, spatial_weight),
-        (config.theta_bilateral_xy, config.theta_bilateral_rgb, bilateral_weight),
-    ]
+    kernels = crf_kernels(theta_spatial=config.theta_spatial, theta_bilateral_xy=config.theta_bilateral_xy,
+                          theta_bilateral_rgb=config.theta_bilateral_rgb, spatial_weight=spatial_weight,
+                          bilateral_weight=bilateral_weight)
     if not (config.detection_potential and boxes.shape[0] > 0):  # the plain mean field: one call, as deployed
         logits = mean_field_native(unary, image, kernels, compat=compatibility, normalization=normalization,
                                    iterations=config.iterations)
