@@ -3,7 +3,7 @@
 Owns the user-facing checks of `dense_crf` and `dense_crf_cuda` (every bad input is a ValueError
 naming the argument) and the translation of their densecrf-style parameters into a native `Problem`.
 The checks other front ends share live here too, so one rule serves them all: `gaussian_kernels`,
-`check_iterations`, `check_normalization`, `check_threads` and `check_overflow` (the torch front ends
+`check_iterations`, `check_normalization` and `check_threads` (the torch front ends
 of dynseg.trainer.crf, `Segmenter`, `dynseg demo`). The maths and the lattice are described in
 docs/crf.md; the readable PyTorch definition is dynseg.trainer.crf.
 """
@@ -56,15 +56,6 @@ def gaussian_kernels(
         if not has_image:
             raise InvalidArgumentError("image must be given when bilateral is not None")
     return kernels
-
-
-def check_overflow(finite: bool, what: str) -> None:
-    """Refuses a result that finite inputs overflowed float32 on the way to (what: "logits" or
-    "gradients"), rather than returning its NaN or infinity."""
-    if not finite:
-        inputs = "unary and the kernel weights" if what == "logits" else "grad_logits, unary and the kernel weights"
-        raise InvalidArgumentError(f"{inputs} are too large: the {what} overflowed float32 during mean field; scale "
-                                   "them down")
 
 
 def check_iterations(iterations: object) -> int:

@@ -209,7 +209,8 @@ DYNSEG_API dynseg_status dynseg_lattice_filter(const dynseg_crf_problem* problem
  * between host and device, so a TensorRT plugin can call them from enqueue. They validate every
  * host-side field as the CPU calls do, but cannot read device memory: non-finite values propagate
  * as NaN instead of being rejected (a detection's label out of range or negative score makes its
- * score and its box's logits NaN, a box without a pixel in the image its score), and a lattice that
+ * score and its box's logits NaN, a box without a pixel in the image its score), which
+ * dynseg_crf_check_cuda then reports, and a lattice that
  * cannot be built (features beyond what float keys resolve, or keys wider than 63 bits: absurdly small
  * thetas) is reported by dynseg_crf_check_cuda, its outputs (logits and scores) filled with NaN
  * meanwhile. With a matrix weight or a full compatibility the CUDA calls take at most 46340 labels
@@ -243,9 +244,11 @@ DYNSEG_API dynseg_status dynseg_crf_backward_cuda(const dynseg_crf_problem* prob
                                                   float* const* grad_weights, float* grad_compat,
                                                   void* workspace, size_t workspace_bytes, void* stream);
 
-/* Waits for `stream`, then reports whether the last CUDA call that used `workspace` could build its
- * lattices: DYNSEG_OK, or DYNSEG_ERROR_KEY_RANGE with a message. Call it outside latency-critical
- * paths (it synchronises); the Python front ends call it after every call. */
+/* Waits for `stream`, then reports how the last CUDA call that used `workspace` went: DYNSEG_OK;
+ * DYNSEG_ERROR_KEY_RANGE with a message if it could not build a lattice; DYNSEG_ERROR_INVALID_ARGUMENT
+ * if a result it wrote (logits, probabilities, recalibrated scores or gradients) holds NaN or infinity,
+ * from device inputs it could not check or an overflow. Call it outside latency-critical paths (it
+ * synchronises); the Python front ends call it after every call. */
 DYNSEG_API dynseg_status dynseg_crf_check_cuda(const void* workspace, void* stream);
 
 /* Convenience for callers with host arrays (the numpy API): copies the problem's arrays and `unary` to

@@ -226,19 +226,49 @@ def main() -> int:
     unary = rng.normal(0, 2, (2, 16, 16)).astype(np.float32)
     logits = np.zeros_like(unary)
     buffer, nbytes = workspace(problem, n.Pass.FORWARD)
-    problem.forward_cuda(on_device(unary), on_device(logits), buffer.ctypes.data, nbytes, 0)
     inside = np.zeros((16, 16), bool)
     inside[0:4, 6:10] = inside[10:14, 0:4] = True
-    refused = []
+    refused, reported = [], []
     try:
         problem.forward(unary)
     except DynsegError as error:
         refused.append(str(error))
+    try:  # the CUDA call cannot refuse them first, but reports the NaN it wrote after the fact
+        problem.forward_cuda(on_device(unary), on_device(logits), buffer.ctypes.data, nbytes, 0)
+    except DynsegError as error:
+        reported.append(str(error))
     ok = (np.isnan(recalibrated).tolist() == [False, True, True] and bool(np.isnan(logits[:, inside]).all())
-          and bool(np.isfinite(logits[:, ~inside]).all()) and len(refused) == 1 and "scores[1]" in refused[0])
+          and bool(np.isfinite(logits[:, ~inside]).all()) and len(refused) == 1 and "scores[1]" in refused[0]
+          and len(reported) == 1 and "NaN or infinity" in reported[0] and "negative detection score" in reported[0])
     print(f"{'ok' if ok else 'MISMATCH'}  negative score and label out of range: NaN scores "
-          f"{np.isnan(recalibrated).tolist()}, NaN in their boxes {np.isnan(logits[:, inside]).all()}; CPU: {refused}")
+          f"{np.isnan(recalibrated).tolist()}, NaN in their boxes {np.isnan(logits[:, inside]).all()}; CPU: {refused}; "
+          f"CUDA: {reported}")
     failures += not ok
+    # a NaN in the device unary, and finite inputs that overflow float32 (forward, then backward): the
+    # CPU calls refuse them, the CUDA calls report the results they wrote as NaN or infinity
+    unary = rng.normal(0, 2, (2, 16, 16)).astype(np.float32)
+    with_nan = unary.copy()
+    with_nan[1, 5, 7] = np.nan
+    cases = [("a NaN in the unary, forward", with_nan, scalar(3.0), None),
+             ("an overflow, forward", unary * 1e37, scalar(3e38), None),
+             ("an overflow, backward", unary, scalar(3.0), np.full_like(unary, 3e38))]
+    for name, values, weight, grad_logits in cases:
+        # two kernels of that weight: their messages add up past float32's largest value
+        problem = n.Problem(2, 16, 16, None, [n.Kernel(3.0, 0.0, weight), n.Kernel(5.0, 0.0, weight)], compat=None,
+                            normalization="after", iterations=2, output=n.Output.LOGITS, threads=0)
+        errors = []
+        for run in ((lambda: problem.forward(values)) if grad_logits is None else
+                    (lambda: problem.backward(values, grad_logits, [True, True], False)),
+                    (lambda: forward_cuda(problem, values)) if grad_logits is None else
+                    (lambda: backward_cuda(problem, values, grad_logits, [weight, weight], None))):
+            try:
+                run()
+                errors.append("no error")
+            except DynsegError as error:
+                errors.append(str(error))
+        ok = "no error" not in errors[0] and "NaN or infinity" in errors[1]
+        print(f"{'ok' if ok else 'MISMATCH'}  {name}: {' | '.join(errors)}")
+        failures += not ok
 
     # The zero-copy entry (sdk.crf.dense_crf_cuda) on CudaArrays, three calls with different weights:
     # each as dense_crf computes it, on one workspace and one weights buffer that the thread keeps.

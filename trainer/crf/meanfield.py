@@ -18,7 +18,7 @@ from typing import Union
 import torch
 from torch import Tensor
 
-from dynseg.sdk.crf import Normalization, check_iterations, check_normalization, check_overflow, gaussian_kernels
+from dynseg.sdk.crf import Normalization, check_iterations, check_normalization, gaussian_kernels
 from dynseg.sdk.errors import InvalidArgumentError
 
 from .lattice import PermutohedralLattice, gaussian_features
@@ -207,5 +207,7 @@ def dense_crf_reference(
         kernels.append((PermutohedralLattice(features), weight))
 
     logits = mean_field_reference(unary, kernels, normalization=normalization, iterations=iterations)
-    check_overflow(bool(torch.isfinite(logits).all()), "logits")
+    if not bool(torch.isfinite(logits).all()):  # refused as the native kernels refuse it, not returned as NaN
+        raise InvalidArgumentError("the logits overflowed float32 during mean field: the inputs are finite but too "
+                                   "large together; scale down the unary or the kernel weights")
     return torch.softmax(logits, dim=0)

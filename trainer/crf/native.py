@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from dynseg.sdk import _native
-from dynseg.sdk.crf import check_iterations, check_normalization, check_overflow, check_threads, gaussian_kernels
+from dynseg.sdk.crf import check_iterations, check_normalization, check_threads, gaussian_kernels
 from dynseg.sdk.errors import InvalidArgumentError
 from dynseg.sdk.checks import finite_float32, positive_in_float32
 
@@ -114,7 +114,6 @@ def _mean_field(
     else:
         problem = _problem(unary, image, theta_xy, theta_color, weights, compat, normalization, iterations, threads)
         logits = torch.from_numpy(problem.forward(_numpy(unary)))
-    check_overflow(bool(torch.isfinite(logits).all()), "logits")
     return logits.to(unary.dtype)
 
 
@@ -153,7 +152,6 @@ def _mean_field_backward(
         grad_unary = torch.from_numpy(arrays[0])
         grad_weights, grad_compat = [as_tensor(g) for g in arrays[1]], as_tensor(arrays[2])
     grads = [grad_unary, grad_compat, *grad_weights]
-    check_overflow(all(bool(torch.isfinite(g).all()) for g in grads if g is not None), "gradients")
     return [unary.new_empty(0) if g is None or like is None else g.reshape(like.shape).to(like.device, like.dtype)
             for g, like in zip(grads, (unary, compat, *weights))]
 

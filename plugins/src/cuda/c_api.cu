@@ -183,6 +183,13 @@ dynseg_status dynseg_crf_check_cuda(const void* workspace, void* stream) {
                         "lattice keys of kernels[%d] need %d bits but only 63 fit a 64-bit key: the features span too "
                         "wide a range; larger thetas or fewer colour channels narrow it",
                         host.kernel, host.bits);
+        if (host.nonfinite)
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT,
+                        "the results hold NaN or infinity: an input in device memory was not valid (a non-finite "
+                        "value, a negative detection score, a label out of range or a box outside the image; the CUDA "
+                        "calls cannot check device memory before they run), or finite inputs too large together overflowed float32 "
+                        "during mean field (scale down the unary, grad_logits, the kernel weights, the "
+                        "compatibility or the detection scores)");
         return DYNSEG_OK;
     });
 }

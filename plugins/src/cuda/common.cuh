@@ -84,13 +84,21 @@ struct CudaError : std::runtime_error {
 // The first words of every CUDA call's workspace: 0, or why a lattice could not be built, for
 // dynseg_crf_check_cuda to report after the fact (a compute call cannot wait for the device).
 struct Status {
-    int32_t code;    // 0, or kFeaturesTooLarge / kKeysTooWide
-    int32_t kernel;  // the kernel whose lattice failed
-    int32_t bits;    // key bits it needed
-    float largest;   // its largest scaled feature
+    int32_t code;       // 0, or kFeaturesTooLarge / kKeysTooWide
+    int32_t kernel;     // the kernel whose lattice failed
+    int32_t bits;       // key bits it needed
+    float largest;      // its largest scaled feature
+    int32_t nonfinite;  // 1 if a result the call wrote holds NaN or infinity (while code is 0)
 };
 constexpr int32_t kFeaturesTooLarge = 1;
 constexpr int32_t kKeysTooWide = 2;
+
+// Called by the kernels that write a call's results, on each value they write: device inputs the
+// call could not check, or an overflow, reach the results as NaN or infinity, and
+// dynseg_crf_check_cuda reports them. (A failed lattice's NaN results are reported as that failure.)
+__device__ inline void note_if_nonfinite(Status* status, float value) {
+    if ((__float_as_int(value) & 0x7f800000) == 0x7f800000) atomicMax(&status->nonfinite, 1);  // all-ones exponent
+}
 
 }  // namespace cuda
 }  // namespace dynseg

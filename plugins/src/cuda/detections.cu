@@ -6,8 +6,8 @@ namespace cuda {
 namespace {
 
 // One block per detection. A label outside 0..L-1, a negative score or a box without a pixel cannot be
-// reported from the device: its terms become NaN, its score, and the logits inside its box if it has
-// any (the CUDA calls' rule for bad device data).
+// refused before the call: its terms become NaN, its score, and the logits inside its box if it has
+// any (the CUDA calls' rule for bad device data), which finish_scores notes for dynseg_crf_check_cuda.
 __global__ void box_terms(const float* q, int64_t stride, int64_t labels, int64_t height, int64_t width,
                           const float* boxes, const int64_t* class_ids, const float* scores, const float* w_x,
                           const float* w_y, float score_ceiling, float prior_cap, BoxSpan* spans,
@@ -66,10 +66,16 @@ __global__ void add_terms(float* logits, int64_t stride, int64_t labels, int64_t
     }
 }
 
-// Q(Y_d = 1) of a call whose lattice could not be built: NaN, as its logits are.
-__global__ void fail_scores(float* recalibrated, int64_t count, const Status* status) {
-    if (status->code == 0) return;
-    DYNSEG_FOR_EACH(i, count) recalibrated[i] = __int_as_float(0x7fc00000);
+// Q(Y_d = 1) at the end of a call: NaN where a lattice could not be built, as the logits are; else
+// checked as the logits are.
+__global__ void finish_scores(float* recalibrated, int64_t count, Status* status) {
+    const bool failed = status->code != 0;
+    DYNSEG_FOR_EACH(i, count) {
+        if (failed)
+            recalibrated[i] = __int_as_float(0x7fc00000);
+        else
+            note_if_nonfinite(status, recalibrated[i]);
+    }
 }
 
 }  // namespace
@@ -95,10 +101,10 @@ void DetectionPotential::start(const Launch& launch) const {
                         cudaMemcpyDeviceToDevice, launch.stream);
 }
 
-void DetectionPotential::finish(const Status* status, const Launch& launch) const {
+void DetectionPotential::finish(Status* status, const Launch& launch) const {
     if (!detections_ || !detections_->recalibrated) return;
-    fail_scores<<<launch.blocks(detections_->count), kThreads, 0, launch.stream>>>(detections_->recalibrated,
-                                                                                   detections_->count, status);
+    finish_scores<<<launch.blocks(detections_->count), kThreads, 0, launch.stream>>>(detections_->recalibrated,
+                                                                                     detections_->count, status);
 }
 
 void DetectionPotential::add(const float* q, float* logits, int64_t stride, const Launch& launch) const {

@@ -28,8 +28,9 @@ public:
     // One iteration's term from q = Q^{t-1}, pixel-major (N, stride) as the logits are: logits += the
     // pixel terms of the beliefs; then each belief <- its Y update from q, written to recalibrated.
     void add(const float* q, float* logits, int64_t stride, const Launch& launch) const;
-    // Q(Y_d = 1) <- NaN when status says a lattice failed (the logits are NaN then too).
-    void finish(const Status* status, const Launch& launch) const;
+    // Q(Y_d = 1) <- NaN when status says a lattice failed (the logits are NaN then too); else notes in
+    // status a score that is not finite.
+    void finish(Status* status, const Launch& launch) const;
 
 private:
     const dynseg_detections* detections_ = nullptr;

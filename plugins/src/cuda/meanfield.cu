@@ -22,7 +22,7 @@ constexpr int64_t kMaxPartials = int64_t(8) << 20;  // doubles of per-chunk part
 constexpr int kTile = 32;
 
 __global__ void transpose(const float* src, int64_t rows, int64_t columns, int64_t src_stride, float* dst,
-                          int64_t dst_stride, const Status* status) {
+                          int64_t dst_stride, Status* status) {
     __shared__ float tile[kTile][kTile + 1];
     const bool failed = status && status->code != 0;
     const int64_t row_tiles = (dst_stride + kTile - 1) / kTile, tiles = row_tiles * ((columns + kTile - 1) / kTile);
@@ -36,7 +36,10 @@ __global__ void transpose(const float* src, int64_t rows, int64_t columns, int64
         __syncthreads();
         for (int j = y; j < kTile; j += kThreads / kTile) {
             const int64_t c = c0 + j, r = r0 + x;
-            if (c < columns && r < dst_stride) dst[c * dst_stride + r] = failed ? __int_as_float(0x7fc00000) : tile[x][j];
+            if (c >= columns || r >= dst_stride) continue;
+            const float value = failed ? __int_as_float(0x7fc00000) : tile[x][j];
+            dst[c * dst_stride + r] = value;
+            if (status && !failed) note_if_nonfinite(status, value);
         }
         __syncthreads();
     }
@@ -51,7 +54,7 @@ void to_pixel_major(const float* planar, float* rows, int64_t labels, int64_t pi
 }
 
 // (N, stride) -> (L, N); NaN everywhere when a lattice could not be built
-void to_planar(const float* rows, float* planar, int64_t labels, int64_t pixels, int64_t stride, const Status* status,
+void to_planar(const float* rows, float* planar, int64_t labels, int64_t pixels, int64_t stride, Status* status,
                const Launch& launch) {
     const int64_t tiles = ((pixels + kTile - 1) / kTile) * ((labels + kTile - 1) / kTile);
     transpose<<<launch.blocks(tiles * kThreads), kThreads, 0, launch.stream>>>(rows, pixels, labels, stride, planar,
@@ -89,7 +92,7 @@ __device__ inline void tile_to_rows(const float* tile, float* rows, int quads, i
 }
 
 __global__ void softmax_short_rows(const float* in, bool planar_in, float* copy, float* out, bool planar_out,
-                                   const Status* status, int64_t labels, int64_t pixels, int64_t stride) {
+                                   Status* status, int64_t labels, int64_t pixels, int64_t stride) {
     __shared__ float tile[kThreads * (kTileRow + 1)];
     const int64_t pitch = stride + 1;
     const bool failed = planar_out && status && status->code != 0;
@@ -119,8 +122,11 @@ __global__ void softmax_short_rows(const float* in, bool planar_in, float* copy,
             for (int64_t l = 0; l < labels; ++l) x[l] *= inverse;
             for (int64_t l = labels; l < stride; ++l) x[l] = 0.0f;
             if (planar_out)
-                for (int64_t l = 0; l < labels; ++l)
-                    out[l * pixels + first + threadIdx.x] = failed ? __int_as_float(0x7fc00000) : x[l];
+                for (int64_t l = 0; l < labels; ++l) {
+                    const float value = failed ? __int_as_float(0x7fc00000) : x[l];
+                    out[l * pixels + first + threadIdx.x] = value;
+                    if (status && !failed) note_if_nonfinite(status, value);
+                }
         }
         __syncthreads();
         if (!planar_out) {
@@ -313,9 +319,12 @@ __global__ void softmax_backward(const float* Q, const float* gq, float* grad, i
     }
 }
 
-__global__ void to_float(const double* in, float* out, int64_t count, const Status* status) {
+__global__ void to_float(const double* in, float* out, int64_t count, Status* status) {
     const bool failed = status->code != 0;
-    DYNSEG_FOR_EACH(i, count) out[i] = failed ? __int_as_float(0x7fc00000) : static_cast<float>(in[i]);
+    DYNSEG_FOR_EACH(i, count) {
+        out[i] = failed ? __int_as_float(0x7fc00000) : static_cast<float>(in[i]);
+        if (!failed) note_if_nonfinite(status, out[i]);
+    }
 }
 
 }  // namespace
