@@ -122,12 +122,13 @@ def test_infer_writes_overlays_instance_maps_and_coco_results(exported, photos, 
     }
     segmenter = Segmenter(exported[1])
     for path in files:
-        with Image.open(out / f"{path.stem}_overlay.png") as overlay:
-            assert overlay.mode == "RGB" and overlay.size == (96, 72)
-        with Image.open(out / f"{path.stem}_instances.png") as ids:
-            instance_map = np.array(ids)
         image_id, boxes, labels, scores = expected_detections[path.stem]
         expected = segmenter.segment(load_image(path), boxes, labels, scores)
+        with Image.open(out / f"{path.stem}_overlay.png") as overlay:
+            assert overlay.mode == "RGB" and overlay.size == (96, 72)
+            np.testing.assert_array_equal(np.array(overlay), expected.overlay())
+        with Image.open(out / f"{path.stem}_instances.png") as ids:
+            instance_map = np.array(ids)
         # ids 1..N are the image's entries in results.json, in order; 0 is background
         np.testing.assert_array_equal(instance_map, expected.instance_map)
         assert [e for e in entries if e["image_id"] == image_id] == json.loads(json.dumps(expected.to_coco(image_id)))

@@ -416,8 +416,11 @@ def test_features_too_wide_for_the_lattice_keys_raise_a_value_error_and_never_cr
     assert "spatial[0] is the spatial kernel's theta_xy" in child.stdout, child.stdout  # the caller's names
 
 
+# Each child restores Python's Ctrl-C handler first: a test run started as a background job of a
+# non-interactive shell ignores SIGINT, and its children inherit that.
 _ENDLESS_CALL = textwrap.dedent("""
-    import sys
+    import signal, sys
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import numpy as np
     from dynseg.sdk import dense_crf
     unary = np.zeros((2, 64, 64), np.float32)
@@ -451,6 +454,7 @@ def test_ctrl_c_stops_a_long_call_at_its_next_iteration():
 
 _INTERRUPTED_WAIT = textwrap.dedent("""
     import os, signal, time
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from dynseg.sdk import _native
     returned = []
 

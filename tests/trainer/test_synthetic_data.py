@@ -201,9 +201,9 @@ def test_invalid_construction_and_indices_are_rejected():
     for kwargs in ({"num_classes": 0}, {"num_classes": 7}, {"image_size": (16, 160)}, {"max_instances": 0}, {"seed": -1}):
         with pytest.raises(ValueError, match=f"^{next(iter(kwargs))} must be"):
             SyntheticScenes(**kwargs)
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match="index 2 out of range for 2 images"):
         SyntheticScenes(size=2)[2]
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="index must be an int, got float"):
         SyntheticScenes(size=2)[0.5]
 
 

@@ -102,10 +102,16 @@ def test_a_checkpoint_rebuilds_the_same_network(tmp_path):
 def test_the_weights_fingerprint_changes_with_any_single_weight():
     _, model = tiny_setup()
     before = weights_fingerprint(model)
-    with torch.no_grad():
-        model.instance_crf.bilateral_weight.view(-1)[0] += 1e-6
-    changed = weights_fingerprint(model)
-    assert changed != before
+    # a 0-d weight, and single entries deep inside large tensors (first, middle and last ones)
+    parameters = dict(model.named_parameters())
+    largest = max(parameters, key=lambda name: parameters[name].numel())
+    for name, position in (("instance_crf.bilateral_weight", 0), ("instance_unaries.templates", -1),
+                           (largest, parameters[largest].numel() // 2), (largest, -1)):
+        with torch.no_grad():
+            parameters[name].view(-1)[position] += 1e-6
+        changed = weights_fingerprint(model)
+        assert changed != before, (name, position)
+        before = changed
     buffer = next(name for name, _ in model.named_buffers() if name.endswith("num_batches_tracked"))
     model.get_buffer(buffer).add_(1)  # a 0-d int64 buffer counts too
     assert weights_fingerprint(model) != changed
