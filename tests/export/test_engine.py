@@ -206,19 +206,24 @@ def test_a_profile_takes_images_up_to_the_cuda_kernels_pixel_limit_and_not_one_p
 
 
 @pytest.mark.parametrize("detections, sizes, message", [
-    ((1, 10), engine.DEFAULT_SIZES, "three ints"),
-    ((1.0, 10, 100), engine.DEFAULT_SIZES, "three ints"),
-    ((-1, 10, 100), engine.DEFAULT_SIZES, ">= 0"),
-    ((10, 1, 100), engine.DEFAULT_SIZES, "min <= opt <= max"),
-    ((1, 10, 100), ((32, 32), (480, 640)), r"three \(H, W\) pairs"),
-    ((1, 10, 100), ((0, 32), (480, 640), (1024, 1024)), "at least 1x1"),
+    ((1, 10), engine.DEFAULT_SIZES, r"detections must be three ints \(min, opt, max\), got \(1, 10\)"),
+    ((1.0, 10, 100), engine.DEFAULT_SIZES, r"detections must be three ints \(min, opt, max\), got \(1.0, 10, 100\)"),
+    ((-1, 10, 100), engine.DEFAULT_SIZES, "the minimum detection count must be >= 0, got -1"),
+    ((10, 1, 100), engine.DEFAULT_SIZES, r"detections must satisfy min <= opt <= max, got \(10, 1, 100\)"),
+    ((1, 10, 100), ((32, 32), (480, 640)), r"sizes must be three \(H, W\) pairs of ints \(min, opt, max\), got "
+                                           r"\(\(32, 32\), \(480, 640\)\)"),
+    ((1, 10, 100), ((0, 32), (480, 640), (1024, 1024)), "the minimum image size must be at least 1x1, got 0x32"),
     ((1, 10, 100), ((32, 0), (480, 640), (1024, 1024)), "the minimum image size must be at least 1x1, got 32x0"),
     ((1, 10, 100), ((32, 32), (480, 0), (1024, 1024)), "the optimum image size must be at least 1x1, got 480x0"),
     ((1, 10, 100), ((32, 32), (480, 640), (1024, 0)), "the maximum image size must be at least 1x1, got 1024x0"),
-    ((1, 10, 100), ((32, 32), (480, 640), (400, 1024)), "height must satisfy"),
-    ((1, 10, 100), ((32, 700), (480, 640), (1024, 1024)), "width must satisfy"),
-    ((1, 10, 100), ((32, 32), (480, 640), (4096, 4096)), "too large for the CUDA kernels"),
-    ((1, 10, 1000), ((32, 32), (480, 640), (3000, 3000)), "pixels x labels"),
+    ((1, 10, 100), ((32, 32), (480, 640), (400, 1024)),
+     r"the image height must satisfy min <= opt <= max, got \(32, 480, 400\)"),
+    ((1, 10, 100), ((32, 700), (480, 640), (1024, 1024)),
+     r"the image width must satisfy min <= opt <= max, got \(700, 640, 1024\)"),
+    ((1, 10, 100), ((32, 32), (480, 640), (4096, 4096)),
+     r"the maximum image size 4096x4096 \(16777216 pixels\) is too large for the CUDA kernels"),
+    ((1, 10, 1000), ((32, 32), (480, 640), (3000, 3000)),
+     r"3000x3000 pixels with up to 1001 labels is too large for the CUDA kernels \(pixels x labels"),
 ])
 def test_a_bad_profile_is_refused_with_the_offending_value(detections, sizes, message):
     with pytest.raises(InvalidArgumentError, match=message):
@@ -491,7 +496,8 @@ def _plugin_library_or_none():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or _plugin_library_or_none() is None,
-                    reason="needs TensorRT's Python package and the built plugin library (TensorRT_ROOT at build time)")
+                    reason="needs TensorRT's Python package and the built plugin library (TensorRT_ROOT at build "
+                           "time); CI machines have neither")
 def test_the_plugin_creator_is_registered_and_takes_every_attribute():
     # TensorRT's Python IPluginV3OneRuntime.get_fields_to_serialize is a documentation stub (pyPlugin.cpp
     # binds pluginDoc::getFieldsToSerialize, which returns nullptr) and never reaches the C++ plugin: the

@@ -13,7 +13,8 @@ torch = pytest.importorskip("torch")
 
 pytestmark = pytest.mark.skipif(
     not (_native.cuda_compiled() and _native.cuda_device_count() and torch.cuda.is_available()),
-    reason="needs the CUDA kernels, a GPU and a CUDA build of torch",
+    reason="needs the CUDA kernels, a GPU and a CUDA build of torch; CI machines have none: scripts/gpu_check.sh "
+           "runs these on a lent GPU",
 )
 
 

@@ -598,10 +598,13 @@ def test_bench_leaves_the_warm_up_call_untimed_and_gives_the_throughput_of_the_m
     # bench's clock moves only when a call ends, by that call's stand-in duration: a slow warm-up, and a
     # slow last timed call that pulls the mean well away from the median
     clock, durations, real = [0.0], iter([0.5, 0.010, 0.020, 0.300]), Segmenter.segment
+    # and each call's parts, in seconds: (network, CRFs, post-processing), the warm-up's first
+    parts = iter([(9.0, 9.0, 9.0), (0.004, 0.005, 0.001), (0.006, 0.011, 0.003), (0.200, 0.090, 0.002)])
 
-    def segment(self, *args, **kwargs):
-        result = real(self, *args, **kwargs)
+    def segment(self, *args, timings=None, **kwargs):
+        result = real(self, *args, timings=timings, **kwargs)
         clock[0] += next(durations)
+        timings["network"], timings["crf"], timings["post"] = next(parts)
         return result
 
     monkeypatch.setattr(Segmenter, "segment", segment)
@@ -611,6 +614,8 @@ def test_bench_leaves_the_warm_up_call_untimed_and_gives_the_throughput_of_the_m
     timed = np.array([0.010, 0.020, 0.300])
     assert row.p50_ms == pytest.approx(20.0) and row.p99_ms == pytest.approx(np.percentile(timed, 99) * 1e3)
     assert row.images_per_s == pytest.approx(1.0 / timed.mean())  # one call at a time: 1 / the mean call
+    # each part is the median of its own timed values, in milliseconds
+    assert (row.network_ms, row.crf_ms, row.post_ms) == pytest.approx((6.0, 11.0, 2.0))
 
 
 def test_an_instance_of_one_pixel_counts_in_the_mask_iou():

@@ -70,7 +70,8 @@ def test_an_engine_where_tensorrt_is_missing_says_how_to_install_it_before_looki
 
 
 needs_tensorrt = pytest.mark.skipif(not (HAVE_TENSORRT and HAVE_GPU),
-                                    reason="needs TensorRT's Python package and a GPU with dynseg's CUDA kernels")
+                                    reason="needs TensorRT's Python package and a GPU with dynseg's CUDA kernels; "
+                                           "CI machines have neither")
 
 
 @pytest.fixture(scope="module")
