@@ -269,26 +269,33 @@ def _run_crf(step: _CrfNode, inputs: list[ort.OrtValue], placement: _Placement, 
     threads, None: every core); `weights_finite()` says whether the model's weights are, asked only for
     the message of a refusal. Returns the node's two outputs: the logits (1, L, H, W) and the detection
     scores (D,)."""
-    if placement.device_type == "cpu":
-        values = [placement.host(value) for value in inputs]
-        try:
+    values = [placement.host(value) for value in inputs] if placement.device_type == "cpu" else None
+    try:
+        if values is not None:
             logits, detection_scores = run_node(values, step.attributes, threads or 0)
-        except LatticeRangeError as error:  # the image's size or colours, not what the network computed
-            raise LatticeRangeError(f"the model's CRF node for {step.outputs[0]} cannot take this image: {error}") \
-                from error
-        except InvalidArgumentError as error:  # its inputs are the network's: say so, or "unary" means nothing
-            cause = "" if np.isfinite(values[0]).all() else " (the network's output holds NaN or infinity" + (
-                ")" if weights_finite() else ": the model's weights hold NaN or infinity)")
-            raise InvalidArgumentError(f"the model's CRF node for {step.outputs[0]} refused what the network computed "
-                                       f"from this image and its detections: {error}{cause}") from error
-        return [placement.put(logits), placement.put(detection_scores)]
-    views = [_native_view(value, name, CrfInputs.dtype(input_name))
-             for input_name, name, value in zip(CrfInputs._fields, step.inputs, inputs)]
-    node_inputs = CrfInputs.of(views)
-    logits, detection_scores = placement.empty(node_inputs.unary.shape), placement.empty(node_inputs.scores.shape)
-    run_node_cuda(views, step.attributes, _native_view(logits, step.outputs[0], np.float32),
-                  _native_view(detection_scores, step.outputs[1], np.float32), placement.device_id)
-    return [logits, detection_scores]
+            return [placement.put(logits), placement.put(detection_scores)]
+        views = _cuda_views(step, inputs)
+        outputs = [placement.empty(views.unary.shape), placement.empty(views.scores.shape)]
+        run_node_cuda(views, step.attributes, *[_native_view(value, name, np.float32)
+                                                for value, name in zip(outputs, step.outputs)], placement.device_id)
+        return outputs
+    except LatticeRangeError as error:  # the image's size or colours, not what the network computed
+        raise LatticeRangeError(f"the model's CRF node for {step.outputs[0]} cannot take this image: {error}") \
+            from error
+    except InvalidArgumentError as error:  # its inputs are the network's: say so, or "unary" means nothing
+        # (on the GPU the library's message names the possible causes itself: its inputs stay there)
+        cause = "" if values is None or np.isfinite(values[0]).all() else (
+            " (the network's output holds NaN or infinity" + (
+                ")" if weights_finite() else ": the model's weights hold NaN or infinity)"))
+        raise InvalidArgumentError(f"the model's CRF node for {step.outputs[0]} refused what the network computed "
+                                   f"from this image and its detections: {error}{cause}") from error
+
+
+def _cuda_views(step: _CrfNode, inputs: list[ort.OrtValue]) -> CrfInputs:
+    """A CRF node's inputs on the GPU as the native library's views of their memory, each checked to
+    be a CUDA OrtValue of the op's dtype (a 0-d one, such as an Identity's output, as it is)."""
+    return CrfInputs(*[_native_view(value, name, CrfInputs.dtype(input_name))
+                       for input_name, name, value in zip(CrfInputs._fields, step.inputs, inputs)])
 
 
 class OnnxRuntimeBackend:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
 import dynseg.sdk
-from dynseg.sdk import _native, samples
+from dynseg.sdk import _native, dense_crf, samples
 from dynseg.sdk.cli import app
 
 runner = CliRunner()
@@ -49,10 +50,20 @@ def test_demo_writes_a_side_by_side_png_and_reports_a_timing(tmp_path) -> None:
     out = tmp_path / "out"
     result = runner.invoke(app, ["demo", "--out", str(out), "--iterations", "2", "--threads", "1"])
     assert result.exit_code == 0, result.output
-    height, width = samples.load("coffee").shape[:2]
+    photo = samples.load("coffee")
+    height, width = photo.shape[:2]
     with Image.open(out / "before_after.png") as picture:
         assert picture.format == "PNG"
         assert picture.size == (3 * width, height)
+        panels = np.split(np.array(picture), 3, axis=1)
+    # the photo, the poor labelling's argmax, and the CRF's: each panel what it says
+    from dynseg.sdk import demo
+
+    unary = demo._poor_unary(photo)
+    np.testing.assert_array_equal(panels[0], photo)
+    np.testing.assert_array_equal(panels[1], demo._PALETTE[unary.argmax(0)])
+    np.testing.assert_array_equal(panels[2], demo._PALETTE[dense_crf(unary, photo, iterations=2).argmax(0)])
+    assert (panels[1] != panels[2]).any()  # the CRF changed something
     assert re.search(r"best of \d+ = \d+\.\d ms on 1 thread", result.output), result.output
     assert f"{width}x{height}" in result.output
 

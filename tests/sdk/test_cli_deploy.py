@@ -128,6 +128,7 @@ def test_infer_writes_overlays_instance_maps_and_coco_results(exported, photos, 
             assert overlay.mode == "RGB" and overlay.size == (96, 72)
             np.testing.assert_array_equal(np.array(overlay), expected.overlay())
         with Image.open(out / f"{path.stem}_instances.png") as ids:
+            assert ids.mode == "I;16"  # 16-bit: ids past 255 (tests/sdk/test_files.py: they come back whole)
             instance_map = np.array(ids)
         # ids 1..N are the image's entries in results.json, in order; 0 is background
         np.testing.assert_array_equal(instance_map, expected.instance_map)
@@ -513,11 +514,25 @@ def test_the_cuda_branch_takes_the_arrays_onnxruntime_hands_the_crf_nodes(export
     boxes = np.array([[5, 5, 40, 30], [10, 20, 70, 60]], np.float32)
     Segmenter(exported[1]).segment(image, boxes, [1, 3], [0.9, 0.6])
     assert len(seen) == 2
-    for step, inputs in seen:  # the views _native_view makes, less its check that they are on a GPU
-        views = crf_node.CrfInputs(*[onnx_backend._view(value) for value in inputs])
+
+    class OnTheGpu:  # an OrtValue that says it is in CUDA memory: what the CUDA branch is handed
+        def __init__(self, value):
+            self.value = value
+
+        def device_name(self):
+            return "Cuda"
+
+        def __getattr__(self, name):
+            return getattr(self.value, name)
+
+    for step, inputs in seen:  # the CUDA branch's views and problem, up to the call that needs a GPU
+        views = onnx_backend._cuda_views(step, [OnTheGpu(value) for value in inputs])
+        assert [view.pointer for view in views] == [value.data_ptr() for value in inputs]
         crf_node._check_shapes(views)
         problem = crf_node._problem(views, step.attributes, _native.DeviceArray(1, views.scores.shape))
         assert problem.shape == views.unary.shape[1:]
+        with pytest.raises(InvalidArgumentError, match="is on cpu, not on the GPU"):  # the real ones are not
+            onnx_backend._cuda_views(step, inputs)
 
 
 def test_validate_generates_no_more_detections_than_the_model_takes_and_names_an_image_given_more(

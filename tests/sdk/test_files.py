@@ -1,5 +1,5 @@
-"""Writing a file whole or not at all, and refusing what is not a regular file; a full disk is the
-`full_disk` fixture's /dev/full."""
+"""Writing a file whole or not at all (a PNG too), and refusing what is not a regular file; a full disk is
+the `full_disk` fixture's /dev/full."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import os
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from dynseg.sdk import InvalidArgumentError
-from dynseg.sdk.files import check_regular_file, write_text_whole, write_whole
+from dynseg.sdk.files import check_regular_file, write_png_whole, write_text_whole, write_whole
 
 
 def test_a_file_appears_whole_and_leaves_no_partial_copy(tmp_path):
@@ -55,3 +57,13 @@ def test_what_is_not_a_regular_file_is_named_as_what_it_is(tmp_path):
     assert stat.S_ISFIFO((tmp_path / "pipe.json").stat().st_mode)
     with pytest.raises(InvalidArgumentError, match=r"^detections file \S*pipe.json is a pipe or device, not a regular"):
         check_regular_file(tmp_path / "pipe.json", "detections file")
+
+
+@pytest.mark.parametrize("dtype, largest", [(np.uint8, 255), (np.uint16, 65535)])
+def test_a_grey_png_keeps_every_value_of_its_depth(tmp_path, dtype, largest):
+    # infer's instance maps are uint16: ids past 255 must come back as written, not wrapped
+    picture = np.arange(7 * 11, dtype=np.int64).reshape(7, 11) * (largest // 76)
+    picture[-1, -1] = largest
+    path = write_png_whole(tmp_path / "grey.png", picture.astype(dtype))
+    with Image.open(path) as image:
+        np.testing.assert_array_equal(np.array(image), picture)

@@ -384,6 +384,42 @@ def test_fuzzed_images_raise_only_invalid_argument_and_never_come_back_invalid(i
     assert loaded.shape[0] > 0 and loaded.shape[1] > 0 and loaded.flags.c_contiguous
 
 
+@st.composite
+def _valid_detections(draw) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray]:
+    """An image size and up to LIMIT detections that are valid by construction: integer boxes inside the
+    image with x1 <= x2 and y1 <= y2, labels in 1..K, scores in [0, 1]."""
+    height, width = draw(st.integers(1, 50)), draw(st.integers(1, 50))
+    count = draw(st.integers(0, LIMIT))
+    xs = np.sort(draw(hnp.arrays(np.int64, (count, 2), elements=st.integers(0, width - 1))), axis=1)
+    ys = np.sort(draw(hnp.arrays(np.int64, (count, 2), elements=st.integers(0, height - 1))), axis=1)
+    boxes = np.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], axis=1).astype(np.float32).reshape(-1, 4)
+    labels = draw(hnp.arrays(np.int64, count, elements=st.integers(1, K)))
+    scores = draw(hnp.arrays(np.float32, count, elements=st.floats(0, 1, width=32)))
+    return height, width, boxes, labels, scores
+
+
+@_FUZZ
+@given(_valid_detections())
+def test_valid_detections_are_all_kept_unchanged(case: tuple[int, int, np.ndarray, np.ndarray, np.ndarray]) -> None:
+    # the fuzz tests above return early on a refusal: this one holds the checks to accepting what is valid
+    height, width, boxes, labels, scores = case
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to drop, nothing to warn about
+        detections = check_detections(boxes, labels, scores, height=height, width=width, num_classes=K,
+                                      max_detections=LIMIT)
+    assert detections.kept.tolist() == list(range(len(boxes))) and not detections.dropped
+    np.testing.assert_array_equal(detections.boxes, boxes)
+    np.testing.assert_array_equal(detections.labels, labels)
+    np.testing.assert_array_equal(detections.scores, scores)
+
+
+@_FUZZ
+@given(hnp.arrays(np.uint8, hnp.array_shapes(min_dims=3, max_dims=3, min_side=1, max_side=6).map(
+    lambda shape: (shape[0], shape[1], 3))))
+def test_valid_rgb_images_load_unchanged(image: np.ndarray) -> None:
+    np.testing.assert_array_equal(load_image(image), image)
+
+
 H_EDGE, W_EDGE, K_EDGE = 40, 60, 3
 
 
