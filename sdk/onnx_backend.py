@@ -275,10 +275,11 @@ def _run_crf(step: _CrfNode, inputs: list[ort.OrtValue], placement: _Placement, 
             logits, detection_scores = run_node(values, step.attributes, threads or 0)
             return [placement.put(logits), placement.put(detection_scores)]
         views = _cuda_views(step, inputs)
-        outputs = [placement.empty(views.unary.shape), placement.empty(views.scores.shape)]
-        run_node_cuda(views, step.attributes, *[_native_view(value, name, np.float32)
-                                                for value, name in zip(outputs, step.outputs)], placement.device_id)
-        return outputs
+        node_inputs = CrfInputs.of(views)
+        logits, detection_scores = placement.empty(node_inputs.unary.shape), placement.empty(node_inputs.scores.shape)
+        run_node_cuda(views, step.attributes, _native_view(logits, step.outputs[0], np.float32),
+                      _native_view(detection_scores, step.outputs[1], np.float32), placement.device_id)
+        return [logits, detection_scores]
     except LatticeRangeError as error:  # the image's size or colours, not what the network computed
         raise LatticeRangeError(f"the model's CRF node for {step.outputs[0]} cannot take this image: {error}") \
             from error
@@ -291,11 +292,11 @@ def _run_crf(step: _CrfNode, inputs: list[ort.OrtValue], placement: _Placement, 
                                    f"from this image and its detections: {error}{cause}") from error
 
 
-def _cuda_views(step: _CrfNode, inputs: list[ort.OrtValue]) -> CrfInputs:
+def _cuda_views(step: _CrfNode, inputs: list[ort.OrtValue]) -> list[_native.DeviceArray]:
     """A CRF node's inputs on the GPU as the native library's views of their memory, each checked to
     be a CUDA OrtValue of the op's dtype (a 0-d one, such as an Identity's output, as it is)."""
-    return CrfInputs(*[_native_view(value, name, CrfInputs.dtype(input_name))
-                       for input_name, name, value in zip(CrfInputs._fields, step.inputs, inputs)])
+    return [_native_view(value, name, CrfInputs.dtype(input_name))
+            for input_name, name, value in zip(CrfInputs._fields, step.inputs, inputs)]
 
 
 class OnnxRuntimeBackend:

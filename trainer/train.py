@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import numpy as np
 import torch
@@ -59,7 +59,7 @@ from .data.sources import inside_image
 from .evaluation import evaluate_each, json_ready
 from .loss import instance_loss, semantic_loss
 from .model import DynamicallyInstantiatedNetwork, require_valid_detections
-from .progress import stage_progress
+from .progress import PlainProgress, stage_progress
 
 
 TrainMode = Literal["piecewise", "end-to-end"]
@@ -226,13 +226,7 @@ def train(
             f"stage 1 would train BatchNorm on {len(positions)} image per process (batch_size {config.batch_size} "
             f"over {world} process(es)): give batch_size at least {2 * world}, or freeze BatchNorm "
             "(TrainConfig.frozen_batch_norm)")
-    frozen = stage2 and config.mode == "piecewise"
-    semantic_part = [model.semantic] + ([model.semantic_crf] if model.semantic_crf is not None else [])
-    for parameter in (p for module in semantic_part for p in module.parameters()):
-        parameter.requires_grad_(not frozen)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimiser = torch.optim.SGD(trainable, lr=config.learning_rate, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
+    trainable, optimiser = _optimiser(model, config)
     start = 0
     resumed = resume and (out_dir / "trainer_state.pt").is_file()
     # what a resumed stage must share with the run it continues (steps may grow: extending a stage)
@@ -259,16 +253,7 @@ def train(
         log_file = epoch_file = None  # the main process's
         with distributed.fail_together(f"the start of stage {config.stage!r} in {out_dir}"):
             if main:
-                out_dir.mkdir(parents=True, exist_ok=True)
-                if resumed:  # steps an interrupted run made after its last checkpoint are made again
-                    _drop_entries(out_dir / "log.jsonl", lambda entry: entry.get("step", 0) > start)
-                    _drop_entries(out_dir / epoch_log,
-                                  lambda entry: entry.get("stage") == config.stage and entry.get("step", 0) > start)
-                else:  # an earlier run's state, until this run's first epoch replaced it, would resume it
-                    (out_dir / "trainer_state.pt").unlink(missing_ok=True)
-                # a fresh run starts its step log afresh: appending would interleave two runs' steps
-                log_file = files.enter_context(open(out_dir / "log.jsonl", "a" if resumed else "w"))
-                epoch_file = files.enter_context(open(out_dir / epoch_log, "a"))
+                log_file, epoch_file = _open_logs(files, out_dir, epoch_log, config.stage, start, resumed)
         for step in range(start, config.steps):
             lr = learning_rate(config, step)
             for group in optimiser.param_groups:
@@ -281,29 +266,9 @@ def train(
             else:
                 batch, share = _semantic_batch(dataset, config, step, positions, model.config.num_classes)
             batch = {key: value.to(device) for key, value in batch.items()}
-            try:
-                loss = objective(batch)  # mean over this process's part of the batch
-            except InvalidArgumentError as error:  # after a step, most often what a diverging update made
-                if step > start:
-                    raise InvalidArgumentError(f"step {step + 1}: {error} (if the loss was climbing, see log.jsonl, "
-                                               f"the training diverged: lower the learning rate, {lr:g} at this "
-                                               "step)") from error
-                if stage2:  # the network as stage 1 left it
-                    raise InvalidArgumentError(f"stage 2's first step: {error} (if stage 1's loss was climbing, see "
-                                               "semantic/log.jsonl, stage 1 diverged: lower the learning rate)") from error
-                raise
-            optimiser.zero_grad(set_to_none=True)
-            # DDP averages gradients over the W processes, so W x share makes them the global mean's.
-            (loss * (share * world)).backward()
-            norm = torch.nn.utils.clip_grad_norm_(trainable, config.clip_norm)
-            global_loss = distributed.all_reduce([loss.item() * share])[0]
-            # both the same on every process: DDP has averaged the gradients
-            if not (math.isfinite(float(norm)) and math.isfinite(global_loss)):
-                raise InvalidArgumentError(f"training diverged at step {step + 1}: its loss ({global_loss:.3g}) or "
-                                           f"gradients (norm {float(norm):.3g}) are not finite; lower the learning "
-                                           f"rate ({lr:g})")
-            optimiser.step()
-            entry = {"step": step + 1, "loss": global_loss, "grad_norm": float(norm),
+            global_loss, norm = _step(objective, optimiser, trainable, batch, share, config, step,
+                                      first=step == start, lr=lr)
+            entry = {"step": step + 1, "loss": global_loss, "grad_norm": norm,
                      "lr": lr, "seconds": time.perf_counter() - began}
             log.append(entry)
             epoch_losses.append(global_loss)
@@ -321,15 +286,7 @@ def train(
                         "images_per_s": progress.rates(step + 1)[0], "seconds": time.perf_counter() - began,
                     }
                     if held_out is not None:
-                        scores = evaluate_each(predict_each(Segmenter.of_network(model).segment, held_out,
-                                                            seed=eval_seed, num_classes=model.config.num_classes),
-                                               num_classes=model.config.num_classes)
-                        record["held_out"] = scores
-                        _training_modes(model, config)
-                        # in %, as `dynseg eval` prints them (the epoch log keeps the fractions)
-                        progress.note(f"[{config.stage}] epoch {epoch}: held-out AP^r_vol "
-                                      f"{100 * scores['ap_r_vol']:.1f}%, Matching IoU "
-                                      f"{100 * scores['matching_iou']:.1f}%")
+                        record["held_out"] = _held_out_scores(model, config, held_out, eval_seed, epoch, progress)
                     epoch_file.write(json.dumps(json_ready(record), allow_nan=False) + "\n")
                     # the logs reach the disk before the checkpoint that resuming would continue after them
                     for logged in (log_file, epoch_file):
@@ -350,6 +307,75 @@ def train(
                 del settings["batch_size"]
             write_text_whole(out_dir / "train_config.json", json.dumps(settings, indent=2))
     return log
+
+
+def _optimiser(model: DynamicallyInstantiatedNetwork, config: TrainConfig) -> tuple[list[nn.Parameter],
+                                                                                  torch.optim.Optimizer]:
+    """The stage's trainable parameters (stage 2 piecewise freezes the semantic part, its CRF included)
+    and SGD over them."""
+    frozen = config.stage == "instance" and config.mode == "piecewise"
+    semantic_part = [model.semantic] + ([model.semantic_crf] if model.semantic_crf is not None else [])
+    for parameter in (p for module in semantic_part for p in module.parameters()):
+        parameter.requires_grad_(not frozen)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return trainable, torch.optim.SGD(trainable, lr=config.learning_rate, momentum=config.momentum,
+                                      weight_decay=config.weight_decay)
+
+
+def _open_logs(files: ExitStack, out_dir: Path, epoch_log: str | Path, stage: str, start: int,
+               resumed: bool) -> tuple[IO[str], IO[str]]:
+    """The main process's step log and epoch log, open for this run (closed with `files`)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if resumed:  # steps an interrupted run made after its last checkpoint are made again
+        _drop_entries(out_dir / "log.jsonl", lambda entry: entry.get("step", 0) > start)
+        _drop_entries(out_dir / epoch_log, lambda entry: entry.get("stage") == stage and entry.get("step", 0) > start)
+    else:  # an earlier run's state, until this run's first epoch replaced it, would resume it
+        (out_dir / "trainer_state.pt").unlink(missing_ok=True)
+    # a fresh run starts its step log afresh: appending would interleave two runs' steps
+    return (files.enter_context(open(out_dir / "log.jsonl", "a" if resumed else "w")),
+            files.enter_context(open(out_dir / epoch_log, "a")))
+
+
+def _step(objective: nn.Module, optimiser: torch.optim.Optimizer, trainable: list[nn.Parameter],
+          batch: dict[str, Tensor], share: float, config: TrainConfig, step: int, *, first: bool,
+          lr: float) -> tuple[float, float]:
+    """One optimisation step on this process's part of the batch, `share` of the global batch's loss.
+    Returns the global batch's loss and the gradient norm before clipping; refuses a step that diverged."""
+    try:
+        loss = objective(batch)  # mean over this process's part of the batch
+    except InvalidArgumentError as error:  # after a step, most often what a diverging update made
+        if not first:
+            raise InvalidArgumentError(f"step {step + 1}: {error} (if the loss was climbing, see log.jsonl, "
+                                       f"the training diverged: lower the learning rate, {lr:g} at this step)") \
+                from error
+        if config.stage == "instance":  # the network as stage 1 left it
+            raise InvalidArgumentError(f"stage 2's first step: {error} (if stage 1's loss was climbing, see "
+                                       "semantic/log.jsonl, stage 1 diverged: lower the learning rate)") from error
+        raise
+    optimiser.zero_grad(set_to_none=True)
+    # DDP averages gradients over the W processes, so W x share makes them the global mean's.
+    (loss * (share * distributed.world_size())).backward()
+    norm = float(torch.nn.utils.clip_grad_norm_(trainable, config.clip_norm))
+    global_loss = distributed.all_reduce([loss.item() * share])[0]
+    # both the same on every process: DDP has averaged the gradients
+    if not (math.isfinite(norm) and math.isfinite(global_loss)):
+        raise InvalidArgumentError(f"training diverged at step {step + 1}: its loss ({global_loss:.3g}) or "
+                                   f"gradients (norm {norm:.3g}) are not finite; lower the learning rate ({lr:g})")
+    optimiser.step()
+    return global_loss, norm
+
+
+def _held_out_scores(model: DynamicallyInstantiatedNetwork, config: TrainConfig, held_out: Samples, seed: int,
+                     epoch: int, progress: PlainProgress) -> dict:
+    """The held-out set's metrics at the end of an epoch (fractions, as the epoch log keeps them), noted
+    on the progress display in %, as `dynseg eval` prints them; the model goes back to training."""
+    num_classes = model.config.num_classes
+    scores = evaluate_each(predict_each(Segmenter.of_network(model).segment, held_out, seed=seed,
+                                        num_classes=num_classes), num_classes=num_classes)
+    _training_modes(model, config)
+    progress.note(f"[{config.stage}] epoch {epoch}: held-out AP^r_vol {100 * scores['ap_r_vol']:.1f}%, "
+                  f"Matching IoU {100 * scores['matching_iou']:.1f}%")
+    return scores
 
 
 def _drop_entries(path: Path, dropped: Callable[[dict], bool]) -> None:

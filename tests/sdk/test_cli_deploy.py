@@ -526,7 +526,7 @@ def test_the_cuda_branch_takes_the_arrays_onnxruntime_hands_the_crf_nodes(export
             return getattr(self.value, name)
 
     for step, inputs in seen:  # the CUDA branch's views and problem, up to the call that needs a GPU
-        views = onnx_backend._cuda_views(step, [OnTheGpu(value) for value in inputs])
+        views = crf_node.CrfInputs(*onnx_backend._cuda_views(step, [OnTheGpu(value) for value in inputs]))
         assert [view.pointer for view in views] == [value.data_ptr() for value in inputs]
         crf_node._check_shapes(views)
         problem = crf_node._problem(views, step.attributes, _native.DeviceArray(1, views.scores.shape))
