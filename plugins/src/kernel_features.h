@@ -1,6 +1,7 @@
 // kernel_features.h: what the CPU and the CUDA lattices share about a kernel's features: which features a
 // kernel of a problem has (FeatureSpec), and the factor each gets on its way into the permutohedral
-// lattice, which both embeddings must round alike to put every pixel on the same vertices.
+// lattice, which both embeddings must round alike to put every pixel on the same vertices; and the
+// label tile both filter at a time.
 #pragma once
 
 #include <cmath>
@@ -11,6 +12,7 @@
 namespace dynseg {
 
 constexpr int kMaxFeatureDim = 2 + DYNSEG_MAX_COLOR_CHANNELS;
+constexpr int kLabelTile = 32;  // value channels filtered per pass: bounds the lattice value buffers
 
 // What defines a kernel's features for pixel (x, y): (x/theta_xy, y/theta_xy, c_1/theta_color, ...).
 struct FeatureSpec {

@@ -16,10 +16,8 @@
 
 namespace dynseg {
 
-constexpr int kLabelTile = 32;  // value channels filtered per pass: bounds the lattice value buffers
-
 // Rows of pixel-major arrays are padded to whole vectors of 8 floats; the padding stays zero.
-inline int64_t padded_channels(int64_t channels) { return (channels + 7) / 8 * 8; }
+inline int64_t padded_to_vec8(int64_t channels) { return (channels + 7) / 8 * 8; }
 
 struct HashSlot {
     uint64_t key;

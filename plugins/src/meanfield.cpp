@@ -93,7 +93,7 @@ inline void add_scalar_messages(const Lattice* lattices, const float* const* nor
 MeanField::MeanField(const dynseg_crf_problem& problem, int pass, Workspace& ws)
     : problem_(problem), detections_(problem, ws) {
     labels_ = problem.num_labels;
-    stride_ = padded_channels(labels_);
+    stride_ = padded_to_vec8(labels_);
     pixels_ = problem.height * problem.width;
     threads_ = problem.threads > 0 ? problem.threads : hardware_threads();
     int max_dim = 2;
@@ -145,7 +145,7 @@ bool MeanField::prepare(char* error, int error_len) {
 
 // (channels, N) planar -> (N, stride) pixel-major with zero padding, and back.
 void MeanField::to_pixel_major(const float* planar, float* pixel_major, int64_t channels) const {
-    const int64_t S = padded_channels(channels);
+    const int64_t S = padded_to_vec8(channels);
     parallel_for(pixels_, kGrain, threads_, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; b += kCopyBlock) {
             const int64_t e = std::min(end, b + kCopyBlock);
@@ -158,7 +158,7 @@ void MeanField::to_pixel_major(const float* planar, float* pixel_major, int64_t 
 }
 // With softmax, each block's rows go through the softmax (into q_, still in cache) on the way out.
 void MeanField::to_planar(const float* pixel_major, float* planar, int64_t channels, bool apply_softmax) const {
-    const int64_t S = padded_channels(channels);
+    const int64_t S = padded_to_vec8(channels);
     parallel_for(pixels_, kGrain, threads_, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; b += kCopyBlock) {
             const int64_t e = std::min(end, b + kCopyBlock);
@@ -469,7 +469,7 @@ bool MeanField::filter(int kernel, int64_t channels, const float* values, float*
     to_pixel_major(values, q_, channels);
     FilterOutput output;
     output.out = filtered_;
-    lattices_[kernel].filter(q_, padded_channels(channels), nullptr, transpose, output);
+    lattices_[kernel].filter(q_, padded_to_vec8(channels), nullptr, transpose, output);
     to_planar(filtered_, out, channels);
     return true;
 }

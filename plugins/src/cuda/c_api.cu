@@ -56,8 +56,8 @@ dynseg_status check_arguments(const dynseg_crf_problem* problem) {
                     (long long)problem->num_labels);
     const int64_t pixels = problem->height * problem->width;
     const int64_t entries = pixels * (2 + problem->image_channels + 1);
-    const int64_t row = dynseg::cuda::padded_channels(problem->num_labels);
-    if ((entries + 1) * dynseg::cuda::kLabelTile > INT32_MAX || pixels * row > INT32_MAX)
+    const int64_t row = dynseg::cuda::padded_to_float4(problem->num_labels);
+    if ((entries + 1) * dynseg::kLabelTile > INT32_MAX || pixels * row > INT32_MAX)
         return fail(DYNSEG_ERROR_INVALID_ARGUMENT,
                     "a %lldx%lld image with %lld labels and %lld colour channels is too large for the CUDA kernels "
                     "(pixels x labels and pixels x (channels + 3) x 32 must stay below 2^31)",

@@ -16,11 +16,9 @@ namespace dynseg {
 namespace cuda {
 
 constexpr int kThreads = 256;
-constexpr int kLabelTile = 32;  // value channels filtered per pass: bounds the lattice value buffers
-
 // Per-pixel rows of the pixel-major arrays are padded to whole float4s (the CPU kernel's, in
-// dynseg::padded_channels, to its 8-float vectors); the padding stays zero.
-inline int64_t padded_channels(int64_t channels) { return (channels + 3) / 4 * 4; }
+// dynseg::padded_to_vec8, to its 8-float vectors); the padding stays zero.
+inline int64_t padded_to_float4(int64_t channels) { return (channels + 3) / 4 * 4; }
 
 // Launch geometry of one call: grid-stride loops over at most `blocks_cap` blocks, which also lets
 // kernels whose item count lives on the device (a lattice's vertex count) launch without reading it.

@@ -333,7 +333,7 @@ MeanField::MeanField(const dynseg_crf_problem& problem, int pass, Workspace& ws)
     : problem_(problem), status_(ws.take<Status>(1)),  // first, where dynseg_crf_check_cuda looks for it
       detections_(problem, ws) {
     labels_ = problem.num_labels;
-    stride_ = padded_channels(labels_);
+    stride_ = padded_to_float4(labels_);
     pixels_ = problem.height * problem.width;
     int max_dim = 2;
     const int64_t value_width = std::min<int64_t>(kLabelTile, stride_);  // one label tile per filter pass
