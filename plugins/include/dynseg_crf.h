@@ -209,11 +209,10 @@ DYNSEG_API dynseg_status dynseg_lattice_filter(const dynseg_crf_problem* problem
  * between host and device, so a TensorRT plugin can call them from enqueue. They validate every
  * host-side field as the CPU calls do, but cannot read device memory: non-finite values propagate
  * as NaN instead of being rejected (a detection's label out of range or negative score makes its
- * score and its box's logits NaN, a box without a pixel in the image its score), which
- * dynseg_crf_check_cuda then reports, and a lattice that
+ * score and its box's logits NaN, a box without a pixel in the image its score), and a lattice that
  * cannot be built (features beyond what float keys resolve, or keys wider than 63 bits: absurdly small
- * thetas) is reported by dynseg_crf_check_cuda, its outputs (logits and scores) filled with NaN
- * meanwhile. With a matrix weight or a full compatibility the CUDA calls take at most 46340 labels
+ * thetas) fills its outputs (logits and scores) with NaN. dynseg_crf_check_cuda reports either after
+ * the fact. With a matrix weight or a full compatibility the CUDA calls take at most 46340 labels
  * (their L x L arrays index with 32 bits); Potts and diagonal problems take every L the CPU calls do.
  * They also index pixels with 32 bits: H x W x (L rounded up to a multiple of 4) and
  * (H x W x (C + 3) + 1) x 32 must stay below 2^31 (about 11 M pixels for an RGB image).

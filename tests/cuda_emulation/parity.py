@@ -267,6 +267,13 @@ def main() -> int:
             except DynsegError as error:
                 errors.append(str(error))
         ok = "no error" not in errors[0] and "NaN or infinity" in errors[1]
+        if grad_logits is None and "overflow" in name:  # the host-array call names it as the CPU call does
+            try:
+                problem.forward_from_host(values, 0)
+                errors.append("no error")
+            except DynsegError as error:
+                errors.append(str(error))
+            ok = ok and errors[2] == errors[0]
         print(f"{'ok' if ok else 'MISMATCH'}  {name}: {' | '.join(errors)}")
         failures += not ok
 

@@ -186,10 +186,10 @@ dynseg_status dynseg_crf_check_cuda(const void* workspace, void* stream) {
         if (host.nonfinite)
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT,
                         "the results hold NaN or infinity: an input in device memory was not valid (a non-finite "
-                        "value, a negative detection score, a label out of range or a box outside the image; the CUDA "
-                        "calls cannot check device memory before they run), or finite inputs too large together overflowed float32 "
-                        "during mean field (scale down the unary, grad_logits, the kernel weights, the "
-                        "compatibility or the detection scores)");
+                        "value, a negative detection score, a label out of range or a box outside the image; the "
+                        "CUDA calls cannot check device memory before they run), or finite inputs too large "
+                        "together overflowed float32 during mean field (scale down the unary, grad_logits, the "
+                        "kernel weights, the compatibility or the detection scores)");
         return DYNSEG_OK;
     });
 }
@@ -274,7 +274,9 @@ dynseg_status dynseg_crf_forward_cuda_from_host(const dynseg_crf_problem* proble
         if (cudaError_t e = cudaMalloc(&workspace, bytes)) return cuda_failed(e, "cudaMalloc of the workspace");
         arrays.pointers.push_back(workspace);
         if (dynseg_status s = dynseg_crf_forward_cuda(&on_device, d_unary, d_out, workspace, bytes, nullptr)) return s;
-        if (dynseg_status s = dynseg_crf_check_cuda(workspace, nullptr)) return s;
+        // results that hold NaN or infinity are named below, from the host copy, as the CPU call names them
+        const dynseg_status checked = dynseg_crf_check_cuda(workspace, nullptr);
+        if (checked != DYNSEG_OK && checked != DYNSEG_ERROR_INVALID_ARGUMENT) return checked;
         if (cudaError_t e = cudaMemcpy(out, d_out, L * N * sizeof(float), cudaMemcpyDeviceToHost))
             return cuda_failed(e, "cudaMemcpy to the host");
         if (recalibrated_host && detections.count > 0)

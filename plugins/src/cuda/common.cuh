@@ -79,8 +79,9 @@ struct CudaError : std::runtime_error {
     CudaError(cudaError_t failed, const char* operation) : std::runtime_error(operation), code(failed) {}
 };
 
-// The first words of every CUDA call's workspace: 0, or why a lattice could not be built, for
-// dynseg_crf_check_cuda to report after the fact (a compute call cannot wait for the device).
+// The first words of every CUDA call's workspace: zeros, or why a lattice could not be built and
+// whether a result came out NaN or infinite, for dynseg_crf_check_cuda to report after the fact (a
+// compute call cannot wait for the device).
 struct Status {
     int32_t code;       // 0, or kFeaturesTooLarge / kKeysTooWide
     int32_t kernel;     // the kernel whose lattice failed
