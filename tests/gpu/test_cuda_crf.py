@@ -21,8 +21,9 @@ def _gpu_missing() -> str | None:
     return None
 
 
-ON_A_GPU = "CI machines have none: scripts/gpu_check.sh runs these on a lent GPU"
-needs_gpu = pytest.mark.skipif(_gpu_missing() is not None, reason=f"{_gpu_missing()}; {ON_A_GPU}")
+needs_gpu = pytest.mark.skipif(
+    _gpu_missing() is not None,
+    reason=f"{_gpu_missing()}; CI machines have none: scripts/gpu_check.sh runs these on a lent GPU")
 
 
 # ---- what every machine checks -------------------------------------------------------------------
