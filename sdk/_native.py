@@ -34,7 +34,7 @@ from dynseg.plugins import library_path
 from .checks import INT32_MAX, is_int
 from .errors import InvalidArgumentError, LatticeRangeError, NativeError
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 NORMALIZATION = {"after": 0, "symmetric": 1}
 MAX_LABELS = 65536  # DYNSEG_MAX_LABELS: the most labels a problem takes
 ADDRESS_MAX = 2**64 - 1  # ctypes would wrap a larger address silently
@@ -172,6 +172,9 @@ class _Detections(ctypes.Structure):
         ("score_ceiling", ctypes.c_float),
         ("epsilon", ctypes.c_float),
         ("recalibrated", _f32p),
+        ("grad_recalibrated", _f32p),
+        ("grad_detection_x", _f32p),
+        ("grad_detection_y", _f32p),
     ]
 
 
@@ -436,8 +439,10 @@ class Kernel:
 class DetectionPotential:
     """The detection potential (dynseg_detections): boxes (D, 4) float32, labels (D,) int64, scores (D,)
     float32, detection_x and detection_y float32 of one value each ((1,) or 0-d), and `recalibrated` (D,)
-    float32 that the call fills with Q(Y_d = 1). numpy arrays for the CPU calls, DeviceArrays for the
-    CUDA ones."""
+    float32 that the call fills with Q(Y_d = 1). For a backward call: `grad_recalibrated` (D,), dLoss/d
+    recalibrated (None: zero), and `grad_detection_x`, `grad_detection_y` of one value each that it fills
+    with the gradients of w_x and w_y (None: not wanted). numpy arrays for the CPU calls, DeviceArrays
+    for the CUDA ones."""
 
     boxes: np.ndarray | DeviceArray
     labels: np.ndarray | DeviceArray
@@ -447,18 +452,22 @@ class DetectionPotential:
     score_ceiling: float
     epsilon: float
     recalibrated: np.ndarray | DeviceArray
+    grad_recalibrated: np.ndarray | DeviceArray | None = None
+    grad_detection_x: np.ndarray | DeviceArray | None = None
+    grad_detection_y: np.ndarray | DeviceArray | None = None
 
     def __post_init__(self) -> None:
         if len(self.boxes.shape) != 2 or self.boxes.shape[1] != 4:
             raise InvalidArgumentError(f"detection potential: boxes must be (D, 4), got {tuple(self.boxes.shape)}")
         count = self.boxes.shape[0]
-        expected = {"labels": (count,), "scores": (count,), "recalibrated": (count,)}
+        expected = {"labels": (count,), "scores": (count,), "recalibrated": (count,), "grad_recalibrated": (count,)}
         for name, shape in expected.items():
-            if tuple(getattr(self, name).shape) != shape:
-                raise InvalidArgumentError(f"detection potential: {name} must be {shape}, got "
-                                           f"{tuple(getattr(self, name).shape)}")
-        for name in ("detection_x", "detection_y"):  # () or (1,): onnxruntime hands over either
-            if int(np.prod(getattr(self, name).shape)) != 1:
+            array = getattr(self, name)
+            if array is not None and tuple(array.shape) != shape:
+                raise InvalidArgumentError(f"detection potential: {name} must be {shape}, got {tuple(array.shape)}")
+        for name in ("detection_x", "detection_y", "grad_detection_x", "grad_detection_y"):
+            # () or (1,): onnxruntime hands over either
+            if getattr(self, name) is not None and int(np.prod(getattr(self, name).shape)) != 1:
                 raise InvalidArgumentError(f"detection potential: {name} must hold one value, got shape "
                                            f"{tuple(getattr(self, name).shape)}")
 
@@ -473,6 +482,9 @@ class DetectionPotential:
             score_ceiling=self.score_ceiling,
             epsilon=self.epsilon,
             recalibrated=_pointer(self.recalibrated),
+            grad_recalibrated=_pointer(self.grad_recalibrated),
+            grad_detection_x=_pointer(self.grad_detection_x),
+            grad_detection_y=_pointer(self.grad_detection_y),
         )
 
 

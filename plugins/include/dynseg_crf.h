@@ -41,7 +41,7 @@ extern "C" {
 #define DYNSEG_API __attribute__((visibility("default")))
 #endif
 
-#define DYNSEG_ABI_VERSION 4
+#define DYNSEG_ABI_VERSION 5
 
 typedef enum dynseg_status {
     DYNSEG_OK = 0,
@@ -51,8 +51,7 @@ typedef enum dynseg_status {
                                    where float keys have no fraction bits left, or the coordinates need
                                    more than 63 key bits; the message says which */
     DYNSEG_ERROR_INTERNAL = 4, /* out of host memory, or a bug in dynseg; the message says which */
-    DYNSEG_ERROR_NOT_SUPPORTED = 5, /* CUDA entry point of a library built without CUDA, or a backward
-                                       call given detections (the trainer differentiates them in torch) */
+    DYNSEG_ERROR_NOT_SUPPORTED = 5, /* CUDA entry point of a library built without CUDA */
     DYNSEG_ERROR_CUDA = 6,          /* a CUDA runtime call failed; the message names it */
     DYNSEG_ERROR_CANCELLED = 7      /* the calling thread's cancel flag was set (dynseg_set_cancel_flag) */
 } dynseg_status;
@@ -106,7 +105,8 @@ typedef struct dynseg_kernel {
  *   with x_d = w_x s_d, added detection by detection in index order; then the belief iteration t+1 reads:
  *   A_d = sum over F_d of Q(l_d),  y_d = w_y s_d / n_d,
  *   B_d = softmax over {0, 1} of  a_0 = (1 - p_d) - y_d A_d,  a_1 = p_d - y_d (n_d - A_d).
- * Forward only: the backward calls reject it (the trainer differentiates this term in torch). */
+ * The backward calls differentiate it too: the gradient reaches the unary through every iteration's
+ * term, and w_x and w_y; the scores (the detector's) are constants. */
 typedef struct dynseg_detections {
     int64_t count;              /* 0 <= D <= DYNSEG_MAX_DETECTIONS */
     const float* boxes;         /* (D, 4) x1, y1, x2, y2: columns x1..x2 and rows y1..y2 inclusive, at least
@@ -118,7 +118,12 @@ typedef struct dynseg_detections {
     float score_ceiling;        /* s_max > 0 */
     float epsilon;              /* 0 <= epsilon < 1 */
     float* recalibrated;        /* (D,) output, or NULL: Q(Y_d = 1) of the last iteration (s_d when T = 0);
-                                   must not overlap scores, which every iteration reads */
+                                   must not overlap scores, which every iteration reads. The backward
+                                   calls, which recompute the forward pass, write it too */
+    /* Read by the backward calls only: */
+    const float* grad_recalibrated; /* (D,) dLoss/d recalibrated, or NULL: zero */
+    float* grad_detection_x;    /* one value: dLoss/dw_x, or NULL: not wanted */
+    float* grad_detection_y;    /* one value: dLoss/dw_y, or NULL: not wanted */
 } dynseg_detections;
 
 typedef struct dynseg_crf_problem {
@@ -177,7 +182,8 @@ DYNSEG_API dynseg_status dynseg_crf_forward(const dynseg_crf_problem* problem, c
                                             float* out, void* workspace, size_t workspace_bytes);
 
 /* Gradients of a loss through dynseg_crf_forward with output = logits, given
- * grad_logits = dLoss/dL^T, (L, H, W).
+ * grad_logits = dLoss/dL^T, (L, H, W), and with detections their grad_recalibrated (their
+ * grad_detection_x and grad_detection_y receive the gradients of w_x and w_y).
  * Recomputes the forward pass. grad_unary: (L, H, W). grad_weights[k]: NULL (not wanted) or as many
  * values as kernels[k].weight. grad_compat: NULL or as many values as compat (ignored for Potts).
  * Gradients that overflow float32 are reported as dynseg_crf_forward's outputs are.

@@ -53,6 +53,10 @@ dynseg_status validate_detections(const dynseg_crf_problem& p, bool read_arrays)
         return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "detections->count must be in 0..%d, got %lld", DYNSEG_MAX_DETECTIONS,
                     (long long)d.count);
     if (d.count == 0) return DYNSEG_OK;  // no potential: its other fields are not read
+    // the backward pass keeps every iteration's beliefs: (T + 1) x D of them, 16 bytes with their box sums
+    if (d.count > std::numeric_limits<int64_t>::max() / 16 / (int64_t(p.iterations) + 1))
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "detections->count x (iterations + 1) overflows: %lld x %lld",
+                    (long long)d.count, (long long)p.iterations + 1);
     if (!(std::isfinite(d.score_ceiling) && d.score_ceiling > 0.0f))
         return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "detections->score_ceiling must be finite and > 0, got %g",
                     d.score_ceiling);
@@ -166,10 +170,6 @@ dynseg_status check_workspace(const Workspace& ws, size_t bytes, const char* siz
 dynseg_status backward_supported(const dynseg_crf_problem& p) {
     if (p.output != DYNSEG_OUTPUT_LOGITS)
         return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "backward needs output = DYNSEG_OUTPUT_LOGITS, got %d", p.output);
-    if (p.detections && p.detections->count > 0)
-        return fail(DYNSEG_ERROR_NOT_SUPPORTED,
-                    "backward does not differentiate the detection potential (the trainer does, in torch): pass "
-                    "detections = NULL");
     return DYNSEG_OK;
 }
 
@@ -195,9 +195,13 @@ dynseg_status check_backward_outputs(const dynseg_crf_problem& p, const float* g
             finite = finite && all_finite(grad_weights[k], weight_count(p.kernels[k], L));
     if (grad_compat && p.compat_kind != DYNSEG_COMPAT_POTTS)
         finite = finite && all_finite(grad_compat, compat_count(p.compat_kind, L));
+    const dynseg_detections* d = p.detections && p.detections->count > 0 ? p.detections : nullptr;
+    for (const float* grad : {d ? d->grad_detection_x : nullptr, d ? d->grad_detection_y : nullptr})
+        finite = finite && (!grad || all_finite(grad, 1));
     if (finite) return DYNSEG_OK;
     return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "the gradients overflowed float32 during the backward pass: the inputs "
-                "are finite but too large together; scale down grad_logits, the unary or the kernel weights");
+                "are finite but too large together; scale down grad_logits, the unary or the kernel weights%s",
+                d ? " (or grad_recalibrated, the detection scores)" : "");
 }
 
 const char* last_error_message() { return last_error; }

@@ -51,7 +51,7 @@ dynseg_status check_size_query(int32_t pass, const size_t* bytes);
 // query that gives the size needed.
 dynseg_status check_workspace(const Workspace& ws, size_t bytes, const char* size_call);
 
-// What the backward calls add to validate(): logits output, no detection potential.
+// What the backward calls add to validate(): logits output.
 dynseg_status backward_supported(const dynseg_crf_problem& problem);
 
 // Runs body, turning any escaping exception into a status: nothing crosses the C boundary.

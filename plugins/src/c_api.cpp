@@ -82,6 +82,9 @@ dynseg_status dynseg_crf_backward(const dynseg_crf_problem* problem, const float
         if (!dynseg::all_finite(unary, size)) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "unary holds a non-finite value");
         if (!dynseg::all_finite(grad_logits, size))
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "grad_logits holds a non-finite value");
+        const dynseg_detections* d = problem->detections;
+        if (d && d->count > 0 && d->grad_recalibrated && !dynseg::all_finite(d->grad_recalibrated, d->count))
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "detections->grad_recalibrated holds a non-finite value");
         if (dynseg_status s = with_mean_field(*problem, DYNSEG_PASS_BACKWARD, workspace, workspace_bytes,
                                               [&](dynseg::MeanField& crf, char* error, int error_len) {
                                                   if (!crf.prepare(error, error_len)) return false;

@@ -1,4 +1,4 @@
-// detections.cpp: the detection potential's term on the CPU (see detections.h).
+// detections.cpp: the detection potential's term on the CPU, and its gradient (see detections.h).
 #include "detections.h"
 
 #include <algorithm>
@@ -7,31 +7,42 @@
 
 namespace dynseg {
 
-DetectionPotential::DetectionPotential(const dynseg_crf_problem& problem, Workspace& ws) {
+DetectionPotential::DetectionPotential(const dynseg_crf_problem& problem, int pass, Workspace& ws) {
     if (!problem.detections || problem.detections->count == 0) return;
     detections_ = problem.detections;
     num_labels_ = problem.num_labels;
     height_ = problem.height;
     width_ = problem.width;
-    spans_ = ws.take<BoxSpan>(detections_->count);
-    terms_ = ws.take<DetectionTerm>(detections_->count);
-    beliefs_ = ws.take<DetectionBelief>(detections_->count);
+    history_ = pass == DYNSEG_PASS_BACKWARD;
+    const int64_t D = detections_->count, T = problem.iterations;
+    spans_ = ws.take<BoxSpan>(D);
+    terms_ = ws.take<DetectionTerm>(D);
+    beliefs_ = ws.take<DetectionBelief>(history_ ? (T + 1) * D : D);
+    if (!history_) return;
+    agree_ = ws.take<float>(T * D);
+    grad_beliefs_ = ws.take<BeliefGradient>(D);
+    grad_agree_ = ws.take<float>(D);
+    grad_w_x_ = ws.take<double>(D);
+    grad_w_y_ = ws.take<double>(D);
 }
 
 void DetectionPotential::start() const {
     if (!detections_) return;
     const float cap = prior_cap(detections_->epsilon);
+    DetectionBelief* first = belief(0);
     for (int64_t d = 0; d < detections_->count; ++d)
-        beliefs_[d] = prior_belief(detection_prior(detections_->scores[d], detections_->score_ceiling, cap));
+        first[d] = prior_belief(detection_prior(detections_->scores[d], detections_->score_ceiling, cap));
     if (detections_->recalibrated)
         std::copy(detections_->scores, detections_->scores + detections_->count, detections_->recalibrated);
 }
 
-void DetectionPotential::add(const float* q, float* logits, int64_t stride, int threads) const {
+void DetectionPotential::add(int t, const float* q, float* logits, int64_t stride, int threads) const {
     if (!detections_) return;
     const int64_t D = detections_->count, L = num_labels_, W = width_;
     const float w_x = *detections_->detection_x, w_y = *detections_->detection_y;
     const float cap = prior_cap(detections_->epsilon);
+    const DetectionBelief* read = belief(t);
+    DetectionBelief* written = belief(t + 1);  // the same array without history: each d reads, then writes
     // A_d in double, row by row: a fixed order whatever the thread count
     parallel_for(D, 1, threads, [&](int64_t begin, int64_t end) {
         for (int64_t d = begin; d < end; ++d) {
@@ -42,10 +53,11 @@ void DetectionPotential::add(const float* q, float* logits, int64_t stride, int 
                 for (int64_t x = s.first_x; x <= s.last_x; ++x) agree += q[(y * W + x) * stride + label];
             const float score = detections_->scores[d];
             spans_[d] = s;
-            terms_[d] = pixel_terms(beliefs_[d], score, w_x);
-            beliefs_[d] = updated_belief(static_cast<float>(agree), static_cast<float>(s.count()), score, w_y,
-                                         detection_prior(score, detections_->score_ceiling, cap));
-            if (detections_->recalibrated) detections_->recalibrated[d] = beliefs_[d].q1;
+            terms_[d] = pixel_terms(read[d], score, w_x);
+            written[d] = updated_belief(static_cast<float>(agree), static_cast<float>(s.count()), score, w_y,
+                                        detection_prior(score, detections_->score_ceiling, cap));
+            if (agree_) agree_[t * D + d] = static_cast<float>(agree);
+            if (detections_->recalibrated) detections_->recalibrated[d] = written[d].q1;
         }
     });
     // Rows are independent; within a pixel the detections add in index order.
@@ -64,6 +76,64 @@ void DetectionPotential::add(const float* q, float* logits, int64_t stride, int 
             }
         }
     });
+}
+
+void DetectionPotential::start_backward() const {
+    if (!detections_) return;
+    const float* grad = detections_->grad_recalibrated;
+    for (int64_t d = 0; d < detections_->count; ++d) {
+        grad_beliefs_[d] = {0.0, grad ? double(grad[d]) : 0.0};
+        grad_w_x_[d] = grad_w_y_[d] = 0.0;
+    }
+}
+
+void DetectionPotential::backward(int t, const float* grad_logits, float* grad_q, int64_t stride,
+                                  int threads) const {
+    if (!detections_) return;
+    const int64_t D = detections_->count, L = num_labels_, W = width_;
+    const float w_x = *detections_->detection_x, w_y = *detections_->detection_y;
+    const DetectionBelief* read = belief(t);
+    const DetectionBelief* written = belief(t + 1);
+    parallel_for(D, 1, threads, [&](int64_t begin, int64_t end) {
+        for (int64_t d = begin; d < end; ++d) {
+            const BoxSpan& s = spans_[d];  // as every iteration of the forward pass left them
+            const int64_t label = detections_->labels[d];
+            const float score = detections_->scores[d];
+            // the Y update wrote belief t + 1, whose gradient is complete: iteration t + 1 (walked back
+            // already) and grad_recalibrated are all that read it
+            grad_agree_[d] = static_cast<float>(updated_belief_backward(
+                written[d], grad_beliefs_[d], agree_[t * D + d], static_cast<float>(s.count()), score, w_y,
+                &grad_w_y_[d]));
+            double all = 0.0, own = 0.0;
+            for (int64_t y = s.first_y; y <= s.last_y; ++y)
+                for (int64_t x = s.first_x; x <= s.last_x; ++x) {
+                    const float* row = grad_logits + (y * W + x) * stride;
+                    for (int64_t l = 0; l < L; ++l) all += row[l];
+                    own += row[label];
+                }
+            grad_beliefs_[d] = pixel_terms_backward(read[d], score, w_x, all, own, &grad_w_x_[d]);
+        }
+    });
+    parallel_for(height_, 1, threads, [&](int64_t begin, int64_t end) {
+        for (int64_t y = begin; y < end; ++y)
+            for (int64_t d = 0; d < D; ++d) {
+                const BoxSpan& s = spans_[d];
+                if (y < s.first_y || y > s.last_y) continue;
+                const int64_t label = detections_->labels[d];
+                for (int64_t x = s.first_x; x <= s.last_x; ++x) grad_q[(y * W + x) * stride + label] += grad_agree_[d];
+            }
+    });
+}
+
+void DetectionPotential::finish_backward() const {
+    if (!detections_) return;
+    double w_x = 0.0, w_y = 0.0;
+    for (int64_t d = 0; d < detections_->count; ++d) {
+        w_x += grad_w_x_[d];
+        w_y += grad_w_y_[d];
+    }
+    if (detections_->grad_detection_x) *detections_->grad_detection_x = static_cast<float>(w_x);
+    if (detections_->grad_detection_y) *detections_->grad_detection_y = static_cast<float>(w_y);
 }
 
 }  // namespace dynseg

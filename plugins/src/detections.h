@@ -93,24 +93,73 @@ DYNSEG_HOST_DEVICE inline DetectionTerm pixel_terms(DetectionBelief belief, floa
 // 1 - epsilon rounded once to float, as the reference computes the prior's cap.
 inline float prior_cap(float epsilon) { return static_cast<float>(1.0 - static_cast<double>(epsilon)); }
 
+// The backward pass (both backends), in double: dLoss/dB_d of one belief.
+struct BeliefGradient {
+    double q0, q1;
+};
+
+// The pixel update's gradient, from the sums over F_d of the gradient G of the logits it added to:
+// `all` of every label's, `own` of label l_d's. Returns the gradient of the belief the update read;
+// adds the update's part of dLoss/dw_x to *grad_w_x.
+DYNSEG_HOST_DEVICE inline BeliefGradient pixel_terms_backward(DetectionBelief belief, float score, float w_x,
+                                                              double all, double own, double* grad_w_x) {
+    const double x = double(w_x) * score;
+    // everyone = -x Q(Y_d = 1) reaches every label, own = x (Q(Y_d = 1) - Q(Y_d = 0)) label l_d only
+    *grad_w_x += score * ((double(belief.q1) - belief.q0) * own - belief.q1 * all);
+    return {-x * own, x * (own - all)};
+}
+
+// The Y update's gradient, from the gradient of the belief it wrote (`belief`, made from the box sum
+// `agree` = A_d over n_d = `pixels`). Returns dLoss/dA_d, which every pixel of F_d adds to its
+// dLoss/dQ(l_d); adds the update's part of dLoss/dw_y to *grad_w_y.
+DYNSEG_HOST_DEVICE inline double updated_belief_backward(DetectionBelief belief, BeliefGradient grad, float agree,
+                                                         float pixels, float score, float w_y, double* grad_w_y) {
+    const double dot = grad.q0 * belief.q0 + grad.q1 * belief.q1;
+    const double grad_a0 = belief.q0 * (grad.q0 - dot), grad_a1 = belief.q1 * (grad.q1 - dot);  // the softmax's
+    // a0 = (1 - p_d) - y_d A_d, a1 = p_d - y_d (n_d - A_d), y_d = w_y s_d / n_d
+    const double y = double(w_y) * score / pixels;
+    *grad_w_y -= (double(agree) * grad_a0 + (double(pixels) - agree) * grad_a1) * score / pixels;
+    return y * (grad_a1 - grad_a0);
+}
+
 class DetectionPotential {
 public:
-    // Lays out its per-detection scratch (counting mode when ws has no memory).
-    DetectionPotential(const dynseg_crf_problem& problem, Workspace& ws);
+    // Lays out its per-detection scratch for `pass` (counting mode when ws has no memory).
+    DetectionPotential(const dynseg_crf_problem& problem, int pass, Workspace& ws);
 
     bool active() const { return detections_ != nullptr; }
     // Before the first iteration: each belief <- its prior, recalibrated <- s_d (what T = 0 leaves).
     void start() const;
-    // One iteration's term from q = Q^{t-1}, pixel-major (N, stride) as the logits are: logits += the
-    // pixel terms of the beliefs; then each belief <- its Y update from q, written to recalibrated.
-    void add(const float* q, float* logits, int64_t stride, int threads) const;
+    // Iteration t's term (t = 0 first) from q = its starting Q, pixel-major (N, stride) as the logits are:
+    // logits += the pixel terms of the beliefs; then each belief <- its Y update from q, written to
+    // recalibrated.
+    void add(int t, const float* q, float* logits, int64_t stride, int threads) const;
+
+    // The backward pass, after a forward pass that kept its beliefs (pass = backward):
+    // the gradient of the last beliefs from grad_recalibrated, and none yet for w_x and w_y.
+    void start_backward() const;
+    // Walks back iteration t: from grad_logits = dLoss/d its logits, adds the Y update's gradient to
+    // grad_q = dLoss/d its starting Q (on l_d, over F_d) and the gradients of w_x and w_y, and moves the
+    // belief gradient one iteration back.
+    void backward(int t, const float* grad_logits, float* grad_q, int64_t stride, int threads) const;
+    // Writes grad_detection_x and grad_detection_y (those wanted).
+    void finish_backward() const;
 
 private:
+    DetectionBelief* belief(int t) const { return beliefs_ + (history_ ? t * detections_->count : 0); }
+
     const dynseg_detections* detections_ = nullptr;
     int64_t num_labels_ = 0, height_ = 0, width_ = 0;
+    bool history_ = false;  // backward: every iteration's beliefs and box sums are kept
     BoxSpan* spans_ = nullptr;
     DetectionTerm* terms_ = nullptr;
-    DetectionBelief* beliefs_ = nullptr;
+    DetectionBelief* beliefs_ = nullptr;  // forward: D, updated in place; backward: (T + 1, D), B^0 .. B^T
+    // backward only, D each but agree_ (T, D)
+    float* agree_ = nullptr;           // A_d of each iteration
+    BeliefGradient* grad_beliefs_ = nullptr;  // dLoss/dB_d of the belief the iteration being walked back wrote
+    float* grad_agree_ = nullptr;      // dLoss/dA_d of that iteration
+    double* grad_w_x_ = nullptr;       // per detection, summed over the iterations; then over d in index order
+    double* grad_w_y_ = nullptr;
 };
 
 }  // namespace dynseg

@@ -85,13 +85,14 @@ inline void add_scalar_messages(const Lattice* lattices, const float* const* nor
 }  // namespace
 
 // The workspace, in take() order (docs/crf.md section 5 sizes it):
-//  1. the detection potential's box spans, terms and beliefs, D each (a member initialiser: first);
+//  1. the detection potential's box spans, terms and beliefs (and, backward, its history and gradients;
+//     a member initialiser: first);
 //  2. per kernel k: its lattice (Lattice::plan) and its normalisation norm_[k], N;
 //  3. the builds' scratch, shared by the kernels (LatticeScratch::plan);
 //  4. unary_, q_, filtered_, logits_, N x stride each;
 //  5. backward only: history_ (T x N x stride), grad_logits_, grad_q_, grad_unary_, grad_message_, partial_.
 MeanField::MeanField(const dynseg_crf_problem& problem, int pass, Workspace& ws)
-    : problem_(problem), detections_(problem, ws) {
+    : problem_(problem), detections_(problem, pass, ws) {
     labels_ = problem.num_labels;
     stride_ = padded_to_vec8(labels_);
     pixels_ = problem.height * problem.width;
@@ -335,7 +336,7 @@ void MeanField::run_iterations(float* history) {
             for (int k = 0; k < K; ++k) kernel_message(k, q, k == 0);
             finish_logits();
         }
-        detections_.add(q, logits_, stride_, threads_);
+        detections_.add(t, q, logits_, stride_, threads_);
     }
 }
 

@@ -74,7 +74,7 @@ private:
     float* filtered_ = nullptr;
     float* logits_ = nullptr;  // the messages summed into the logits: U + m (Potts) or m, then L = U - mu m
     // backward only
-    float* history_ = nullptr;  // (T, N, stride): Q^0 .. Q^{T-1}
+    float* history_ = nullptr;  // (T, N, stride): Q^0 .. Q^{T-1} (with detections, their beliefs: detections_)
     float* grad_logits_ = nullptr;   // G = dLoss/dL^t of the iteration being walked back
     float* grad_q_ = nullptr;        // dLoss/dQ^{t-1}
     float* grad_unary_ = nullptr;    // dLoss/dU, summed over the iterations

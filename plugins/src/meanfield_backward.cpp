@@ -1,7 +1,7 @@
 // meanfield_backward.cpp: the gradient of the mean field (docs/crf.md derives it). Backward walks the
 // iterations in reverse with the transposed filters (blur axes d..0); the parameter gradients come from
 // P_k = sum_i (Knorm_k^T G)_i Q_i^T, reduced over fixed pixel chunks in double so the result does not
-// depend on the thread count.
+// depend on the thread count. The detection potential walks back with them (DetectionPotential::backward).
 #include <algorithm>
 #include <vector>
 
@@ -28,6 +28,7 @@ void MeanField::backward(const float* unary, const float* grad_logits, float* gr
     for (int k = 0; k < problem_.num_kernels; ++k) dweight[k].assign(weight_count(problem_.kernels[k], L), 0.0);
     std::vector<double> dmu(compat_count(kind, L), 0.0);
     std::vector<double> P;  // L x L, or its diagonal alone where nothing reads the rest (as partial_)
+    detections_.start_backward();
 
     for (int t = problem_.iterations - 1; t >= 0; --t) {
         stop_if_cancelled();
@@ -35,6 +36,7 @@ void MeanField::backward(const float* unary, const float* grad_logits, float* gr
         for (int64_t i = 0; i < size; ++i) grad_unary_[i] += grad_logits_[i];
         std::fill(grad_q_, grad_q_ + size, 0.0f);
         for (int k = 0; k < problem_.num_kernels; ++k) kernel_backward(k, Q, P, dweight[k], dmu);
+        detections_.backward(t, grad_logits_, grad_q_, S, threads_);
         // softmax backward: G = Q . (dQ - <dQ, Q>)
         parallel_for(N, kGrain, threads_, [&](int64_t begin, int64_t end) {
             for (int64_t i = begin; i < end; ++i) {
@@ -53,6 +55,7 @@ void MeanField::backward(const float* unary, const float* grad_logits, float* gr
             for (size_t j = 0; j < dweight[k].size(); ++j) grad_weights[k][j] = static_cast<float>(dweight[k][j]);
     if (grad_compat)
         for (size_t j = 0; j < dmu.size(); ++j) grad_compat[j] = static_cast<float>(dmu[j]);
+    detections_.finish_backward();
 }
 
 // Kernel k's part of walking back iteration t, whose softmax gave Q = Q^t: dQ += W_k^T H into grad_q_, and

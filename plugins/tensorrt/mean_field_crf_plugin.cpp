@@ -204,6 +204,7 @@ void fill_problem(CrfAttributes const& a, CrfShapes const& s, void const* const*
     q.threads = 0;
     if (!a.detection_potential || s.detections == 0) return;
     dynseg_detections& d = p->detections;
+    d = dynseg_detections{};  // the backward's fields stay NULL: a plugin only infers
     d.count = s.detections;
     d.boxes = in(kBoxes);
     d.labels = static_cast<int64_t const*>(inputs[kLabels]);

@@ -76,6 +76,45 @@ def scalar(value: float) -> np.ndarray:
     return np.array([value], np.float32)
 
 
+def detection_backward() -> None:
+    """The gradient through the detection potential: matrix weights, a full compatibility, five boxes
+    (one of 320 pixels, more than a block's threads, overlapping the others), three iterations."""
+    labels, height, width = 5, 16, 20
+    local = np.random.default_rng(7)
+    unary = local.normal(0, 3, (labels, height, width)).astype(np.float32)
+    grad = local.normal(0, 1, unary.shape).astype(np.float32)
+    image = np.ascontiguousarray(colour_ramps(height, width).transpose(2, 0, 1), dtype=np.float32)
+    weights = [(np.eye(labels) * s + local.uniform(0, 0.3, (labels, labels))).astype(np.float32) for s in (3.0, 5.0)]
+    compat = (-np.eye(labels) + local.uniform(-0.1, 0.1, (labels, labels))).astype(np.float32)
+    boxes = np.array([[0, 0, 19, 15], [2, 3, 9, 8], [5, 5, 5, 5], [10, 0, 19, 4], [1, 9, 14, 15]], np.float32)
+    results = []
+    for on_gpu in (False, True):
+        recalibrated = np.full(5, np.nan, np.float32)
+        grad_x, grad_y = np.full(1, np.nan, np.float32), np.full(1, np.nan, np.float32)
+        detections = n.DetectionPotential(
+            boxes=boxes, labels=np.array([1, 2, 4, 1, 3], np.int64), scores=np.array([0.6, 0.9, 0.3, 0.0, 0.75],
+                                                                                       np.float32),
+            detection_x=scalar(1.3), detection_y=scalar(0.8), score_ceiling=1.0, epsilon=1e-4, recalibrated=recalibrated,
+            grad_recalibrated=np.array([0.5, -1.0, 2.0, 0.3, -0.7], np.float32), grad_detection_x=grad_x,
+            grad_detection_y=grad_y)
+        problem = n.Problem(labels, height, width, image, [n.Kernel(3.0, 0.0, weights[0]), n.Kernel(20.0, 13.0, weights[1])],
+                            compat=compat, normalization="symmetric", iterations=3, output=n.Output.LOGITS, threads=0,
+                            detection_potential=detections)
+        if on_gpu:
+            gradients = backward_cuda(problem, unary, grad, weights, compat)
+        else:
+            gradients = problem.backward(unary, grad, [True, True], True)
+        results.append((*gradients, grad_x, grad_y, recalibrated))
+    (cpu_unary, cpu_weights, cpu_compat, cpu_x, cpu_y, cpu_scores), (gpu_unary, gpu_weights, gpu_compat, gpu_x, gpu_y,
+                                                                      gpu_scores) = results
+    check("detection potential backward: unary", cpu_unary, gpu_unary, 1e-4)
+    check("  weights", np.stack(cpu_weights), np.stack(gpu_weights), 1e-4)
+    check("  compatibility", cpu_compat, gpu_compat, 1e-4)
+    check("  w_x", cpu_x, gpu_x, 1e-4)
+    check("  w_y", cpu_y, gpu_y, 1e-4)
+    check("  recalibrated scores", cpu_scores, gpu_scores, 1e-5)
+
+
 def main() -> int:
     global failures
     if not n.cuda_compiled():
@@ -375,6 +414,7 @@ def main() -> int:
         results.append((problem.forward_from_host(unary, 0) if on_gpu else problem.forward(unary), recalibrated))
     check("a box larger than a block: logits", results[0][0], results[1][0], 1e-5)
     check("  recalibrated scores", results[0][1], results[1][1], 1e-5)
+    detection_backward()
     print("all match" if failures == 0 else f"{failures} mismatches")
     return 1 if failures else 0
 

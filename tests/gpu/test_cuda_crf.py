@@ -151,6 +151,33 @@ def test_torch_op_forward_and_gradients_match_cpu(labels, normalization):
 
 @needs_gpu
 @needs_torch
+def test_the_semantic_crf_with_detections_matches_cpu_values_and_gradients():
+    # one call each way on the GPU, the detection potential's gradient (w_x, w_y) included
+    from dynseg.trainer.crf.native import Detections, mean_field_native_with_detections
+
+    results = {}
+    for device in ("cpu", "cuda"):
+        unary, image, w_spatial, w_bilateral, compat = _problem_tensors(21, 45, 61, seed=4, device=device)
+        w_x, w_y = (torch.tensor(v, device=device, requires_grad=True) for v in (1.3, 0.8))
+        boxes = torch.tensor([[0, 0, 60, 44], [3, 5, 30, 20], [40, 10, 60, 40], [7, 7, 7, 7]], dtype=torch.float32,
+                             device=device)
+        detections = Detections(boxes, torch.tensor([3, 7, 12, 20], device=device),
+                                torch.tensor([0.9, 0.5, 0.7, 0.2], device=device), w_x, w_y, score_ceiling=1.0,
+                                epsilon=1e-4)
+        logits, scores = mean_field_native_with_detections(
+            unary, image, [(3.0, 0.0, w_spatial), (20.0, 30.0, w_bilateral)], detections, compat=compat, iterations=5)
+        upstream = torch.tensor(np.random.default_rng(5).normal(size=logits.shape).astype(np.float32), device=device)
+        ((logits * upstream).sum() + (scores * torch.linspace(-1, 1, 4, device=device)).sum()).backward()
+        results[device] = [t.detach().cpu().numpy() for t in (logits, scores, unary.grad, w_spatial.grad,
+                                                               w_bilateral.grad, compat.grad, w_x.grad, w_y.grad)]
+    names = ("logits", "scores", "unary", "w_spatial", "w_bilateral", "compat", "w_x", "w_y")
+    for name, cpu, gpu in zip(names, results["cpu"], results["cuda"]):
+        scale = max(1.0, float(np.abs(cpu).max()))
+        assert np.abs(gpu - cpu).max() <= 1e-4 * scale, (name, np.abs(gpu - cpu).max(), scale)
+
+
+@needs_gpu
+@needs_torch
 @pytest.mark.parametrize("normalization", ["after", "symmetric"])
 @pytest.mark.parametrize("labels", [2, 21, 40, 46341])
 def test_torch_op_gradients_match_cpu_with_potts_and_scalar_weights(labels, normalization):

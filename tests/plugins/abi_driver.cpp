@@ -142,11 +142,19 @@ void detection_potential() {
                   "forward with detections");
     expect(recalibrated[0] > 0.0f && recalibrated[0] < 1.0f && recalibrated[1] > 0.0f && recalibrated[1] < 1.0f,
            "forward with detections: recalibrated scores are probabilities");
+    // the backward pass differentiates the potential too: w_x and w_y get gradients
+    const float grad_recalibrated[] = {1.0f, -0.5f};
+    float grad_x = NAN, grad_y = NAN;
+    d.grad_recalibrated = grad_recalibrated;
+    d.grad_detection_x = &grad_x;
+    d.grad_detection_y = &grad_y;
     std::vector<float> grad(p.size());
-    std::vector<char> backward_ws(ws.size());
+    std::vector<char> backward_ws = workspace_for(p.c, DYNSEG_PASS_BACKWARD);
     expect_status(dynseg_crf_backward(&p.c, p.unary.data(), out.data(), grad.data(), nullptr, nullptr,
                                       backward_ws.data(), backward_ws.size()),
-                  DYNSEG_ERROR_NOT_SUPPORTED, "backward with detections is refused", "detections");
+                  DYNSEG_OK, "backward with detections");
+    expect(std::isfinite(grad_x) && std::isfinite(grad_y) && grad_x != 0.0f && grad_y != 0.0f,
+           "backward with detections: gradients of w_x and w_y");
 }
 
 // Each refusal must come back as a status with a message, and nothing it set up may stay allocated.

@@ -1,7 +1,7 @@
 """The kernel library's detection potential (dynseg_detections in plugins/include/dynseg_crf.h): one
-native call of T iterations against the trainer's definition (`semantic_mean_field`: one native
-mean-field step per iteration plus the detection term in torch), and the library's validation of
-the detections."""
+native call of T iterations, forward and backward, against the readable definition
+(`semantic_mean_field_reference`: one native mean-field step per iteration plus the detection term in
+torch, differentiated by autograd), and the library's validation of the detections."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dynseg.sdk import InvalidArgumentError, NativeError, _native
-from dynseg.trainer.model.semantic_crf import SemanticCRFConfig, semantic_mean_field
+from dynseg.trainer.model.semantic_crf import SemanticCRFConfig, semantic_mean_field, semantic_mean_field_reference
 
 THETAS = (3.0, 20.0, 13.0)  # spatial xy, bilateral xy, bilateral colour
 
@@ -70,7 +70,7 @@ def run_reference(image, unary, spatial, bilateral, compat, boxes, classes, scor
                                theta_bilateral_rgb=THETAS[2], score_ceiling=score_ceiling, epsilon=epsilon)
     t = torch.from_numpy
     with torch.no_grad():
-        logits, recalibrated = semantic_mean_field(
+        logits, recalibrated = semantic_mean_field_reference(
             t(unary), t(image), t(boxes), t(classes), t(scores), spatial_weight=t(spatial),
             bilateral_weight=t(bilateral), compatibility=t(compat), detection_x=torch.tensor(weights[0]),
             detection_y=torch.tensor(weights[1]), config=config,
@@ -307,22 +307,109 @@ def test_non_finite_weights_are_named(weights, smooth_image, field_unary):
         run_native(*arrays, 2)
 
 
-def test_backward_refuses_the_detection_potential(smooth_image, field_unary):
+def semantic_gradients(function, arrays, iterations, grad_logits, grad_scores, normalization="after"):
+    """The semantic CRF's outputs and the gradients of <grad_logits, logits> + <grad_scores, scores> with
+    respect to the unary, both weight matrices, the compatibility, w_x and w_y."""
+    image, unary, spatial, bilateral, compat, boxes, classes, scores, weights = arrays
+    config = SemanticCRFConfig(iterations=iterations, theta_spatial=THETAS[0], theta_bilateral_xy=THETAS[1],
+                               theta_bilateral_rgb=THETAS[2])
+    t = torch.from_numpy
+    leaves = [t(unary.copy()), t(spatial.copy()), t(bilateral.copy()), t(compat.copy()), torch.tensor(weights[0]),
+              torch.tensor(weights[1])]
+    for leaf in leaves:
+        leaf.requires_grad_()
+    logits, recalibrated = function(
+        leaves[0], t(image), t(boxes), t(classes), t(scores), spatial_weight=leaves[1], bilateral_weight=leaves[2],
+        compatibility=leaves[3], detection_x=leaves[4], detection_y=leaves[5], config=config,
+        normalization=normalization)
+    ((logits * t(grad_logits)).sum() + (recalibrated * t(grad_scores)).sum()).backward()
+    untouched = lambda leaf: np.zeros(leaf.shape, np.float32)  # what autograd leaves without a path (T = 0)
+    return [logits.detach().numpy(), recalibrated.detach().numpy()] + [
+        untouched(leaf) if leaf.grad is None else leaf.grad.numpy() for leaf in leaves]
+
+
+@pytest.mark.parametrize(
+    "labels, height, width, count, iterations, normalization",
+    [(2, 17, 23, 1, 1, "after"), (5, 40, 31, 3, 5, "after"), (9, 33, 47, 12, 3, "symmetric"),
+     (4, 1, 30, 2, 2, "after"), (3, 20, 20, 4, 0, "after")],
+)
+def test_the_library_differentiates_the_detection_potential_as_autograd_does_the_loop(
+    labels, height, width, count, iterations, normalization, smooth_image, field_unary
+):
+    arrays = case(labels * 5 + count, labels, height, width, count, smooth_image, field_unary)
+    rng = np.random.default_rng(count)
+    grad_logits = rng.normal(0, 1, arrays[1].shape).astype(np.float32)
+    grad_scores = rng.normal(0, 1, count).astype(np.float32)
+    native = semantic_gradients(semantic_mean_field, arrays, iterations, grad_logits, grad_scores, normalization)
+    reference = semantic_gradients(semantic_mean_field_reference, arrays, iterations, grad_logits, grad_scores,
+                                   normalization)
+    names = ["logits", "recalibrated", "unary", "spatial weight", "bilateral weight", "compatibility", "w_x", "w_y"]
+    for name, got, expected in zip(names, native, reference):
+        scale = max(1.0, float(np.abs(expected).max()))
+        assert np.abs(got - expected).max() <= 2e-5 * scale, name
+    if iterations:  # the gradients are not trivially zero, and the scores' gradient reaches w_y
+        assert min(float(np.abs(reference[6])), float(np.abs(reference[7]))) > 1e-4
+    else:
+        assert np.array_equal(native[2], grad_logits) and native[6] == 0 and native[7] == 0
+
+
+def test_the_backward_is_the_same_bits_for_any_thread_count(smooth_image, field_unary):
+    image, unary, spatial, bilateral, compat, boxes, classes, scores, weights = case(
+        11, 6, 45, 38, 9, smooth_image, field_unary)
+    grad = np.random.default_rng(0).normal(0, 1, unary.shape).astype(np.float32)
+    results = []
+    for threads in (1, 0):
+        grad_x, grad_y = np.full(1, np.nan, np.float32), np.full(1, np.nan, np.float32)
+        detections = _native.DetectionPotential(
+            boxes=boxes, labels=classes, scores=scores, detection_x=np.array([weights[0]], np.float32),
+            detection_y=np.array([weights[1]], np.float32), score_ceiling=1.0, epsilon=1e-4,
+            recalibrated=np.empty(len(scores), np.float32), grad_recalibrated=np.linspace(-1, 1, len(scores),
+                                                                                       dtype=np.float32),
+            grad_detection_x=grad_x, grad_detection_y=grad_y)
+        problem = native_problem(unary, image, spatial, bilateral, compat, detections, 4, threads)
+        grad_unary, grad_weights, grad_compat = problem.backward(unary, grad, [True, True], True)
+        results.append([grad_unary, *grad_weights, grad_compat, grad_x, grad_y])
+    for one, many in zip(*results):
+        assert np.array_equal(one, many)
+
+
+def test_the_backward_names_a_non_finite_score_gradient(smooth_image, field_unary):
     image, unary, spatial, bilateral, compat, boxes, classes, scores, weights = case(
         2, 3, 16, 16, 2, smooth_image, field_unary)
     detections = _native.DetectionPotential(
         boxes=boxes, labels=classes, scores=scores, detection_x=np.array([weights[0]], np.float32),
         detection_y=np.array([weights[1]], np.float32), score_ceiling=1.0, epsilon=1e-4,
-        recalibrated=np.empty(2, np.float32),
-    )
+        recalibrated=np.empty(2, np.float32), grad_recalibrated=np.array([0.5, np.nan], np.float32))
     problem = native_problem(unary, image, spatial, bilateral, compat, detections, 2)
-    with pytest.raises(NativeError, match="does not differentiate the detection potential"):
+    with pytest.raises(InvalidArgumentError, match="grad_recalibrated holds a non-finite value"):
         problem.backward(unary, np.ones_like(unary), [True, True], True)
+
+
+def test_a_backward_whose_kept_beliefs_would_overflow_the_workspace_size_is_refused():
+    # (iterations + 1) x D beliefs of 16 bytes: 2^29 - 1 detections over 2^31 - 1 iterations pass 2^63
+    boxes, labels, scores, weight = (np.zeros((1, 4), np.float32), np.zeros(1, np.int64), np.ones(1, np.float32),
+                                     np.ones(1, np.float32))
+    detections = _native._Detections(
+        count=2**29 - 1, boxes=boxes.ctypes.data_as(_native._f32p),
+        labels=labels.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)), scores=scores.ctypes.data_as(_native._f32p),
+        detection_x=weight.ctypes.data_as(_native._f32p), detection_y=weight.ctypes.data_as(_native._f32p),
+        score_ceiling=1.0, epsilon=0.1)
+    problem = _native._Problem(num_labels=2, height=4, width=5, image_channels=0, image=None, num_kernels=0,
+                               kernels=None, compat_kind=_native.CompatKind.POTTS, compat=None, normalization=0,
+                               iterations=2**31 - 1, output=_native.Output.LOGITS, threads=1,
+                               detections=ctypes.pointer(detections))
+    size = ctypes.c_size_t()
+    status = _native.library().dynseg_crf_workspace_size(ctypes.byref(problem), _native.Pass.BACKWARD,
+                                                         ctypes.byref(size))
+    assert status == _native.Status.INVALID_ARGUMENT
+    assert _native.library().dynseg_last_error().decode() == (
+        "detections->count x (iterations + 1) overflows: 536870911 x 2147483648")
 
 
 @pytest.mark.parametrize("field, bad", [
     ("boxes", np.zeros((2, 3), np.float32)), ("labels", np.zeros(3, np.int64)), ("scores", np.zeros(1, np.float32)),
     ("recalibrated", np.zeros(3, np.float32)), ("detection_x", np.zeros(2, np.float32)),
+    ("grad_recalibrated", np.zeros(1, np.float32)), ("grad_detection_y", np.zeros(2, np.float32)),
 ])
 def test_the_detection_arrays_must_agree_with_the_box_count_before_a_pointer_crosses(field, bad):
     arrays = dict(boxes=np.zeros((2, 4), np.float32), labels=np.ones(2, np.int64), scores=np.ones(2, np.float32),

@@ -169,17 +169,23 @@ def test_the_registered_ops_check_what_their_front_end_would(scene):
     planar = image.permute(2, 0, 1).float().contiguous()
     thetas, one_weight = ([3.0, 80.0], [0.0, 13.0]), [torch.tensor(3.0)]
     forward, backward = torch.ops.dynseg.mean_field, torch.ops.dynseg.mean_field_backward
+    none = ([], 1.0, 0.0)  # no detections, and the potential's constants
     with pytest.raises(InvalidArgumentError, match="theta_xy, theta_color and weights must have one entry per "
                                                    "kernel, got 2, 2 and 1"):
-        forward(unary, planar, *thetas, one_weight, None, "after", 2, 0)
+        forward(unary, planar, *thetas, one_weight, None, "after", 2, 0, *none)
     with pytest.raises(InvalidArgumentError, match=r"want_weights must have one entry per kernel \(2\), got 1"):
-        backward(torch.ones_like(unary), unary, planar, *thetas, one_weight * 2, None, "after", 2, 0, [True], False)
+        backward(torch.ones_like(unary), unary.new_empty(0), unary, planar, *thetas, one_weight * 2, None, "after", 2,
+                 0, *none, [True], False, False)
     with pytest.raises(InvalidArgumentError, match="normalization must be 'after' or 'symmetric', got 'before'"):
-        forward(unary, planar, *thetas, one_weight * 2, None, "before", 2, 0)
+        forward(unary, planar, *thetas, one_weight * 2, None, "before", 2, 0, *none)
     with pytest.raises(InvalidArgumentError, match=r"unary must be \(L, H, W\), got \(14, 11\)"):
-        forward(unary[0], planar, *thetas, one_weight * 2, None, "after", 2, 0)
+        forward(unary[0], planar, *thetas, one_weight * 2, None, "after", 2, 0, *none)
     with pytest.raises(InvalidArgumentError, match=r"kernels\[0\] weight must be a scalar or \(4, 4\), got \(16,\)"):
-        forward(unary, planar, *thetas, [torch.ones(L * L), torch.tensor(1.0)], None, "after", 2, 0)
+        forward(unary, planar, *thetas, [torch.ones(L * L), torch.tensor(1.0)], None, "after", 2, 0, *none)
+    with pytest.raises(InvalidArgumentError, match=r"detections must be \[\] or \[boxes, labels, scores, "
+                                                   r"detection_x, detection_y\], got 2 tensors"):
+        forward(unary, planar, *thetas, one_weight * 2, None, "after", 2, 0, [torch.zeros(1, 4), torch.ones(1)],
+                1.0, 0.0)
 
 
 def test_the_backward_runs_at_the_largest_label_count():
@@ -272,12 +278,16 @@ def test_the_forward_and_backward_ops_pass_torchs_op_checks(scene, compat, kerne
     theta_xy, theta_color, weights = theta_xy[:kernels], theta_color[:kernels], weights[:kernels]
     unary = unary.clone().requires_grad_()
     weights = [w.clone().requires_grad_(index == 0) for index, w in enumerate(weights)]  # one without a gradient
-    forward = (unary, planar, theta_xy, theta_color, weights, compat, "after", 2, 1)
-    torch.library.opcheck(torch.ops.dynseg.mean_field.default, forward)
-    for want_weights, want_compat in (([True, False][:kernels], compat is not None), ([False] * kernels, False)):
-        backward = (torch.randn(unary.shape), unary.detach(), planar, theta_xy, theta_color,
-                    [w.detach() for w in weights], compat, "symmetric", 2, 1, want_weights, want_compat)
-        torch.library.opcheck(torch.ops.dynseg.mean_field_backward.default, backward)
+    detections = [torch.tensor([[1.0, 2.0, 8.0, 9.0], [0.0, 0.0, 10.0, 13.0]]), torch.tensor([1, 3]),
+                  torch.tensor([0.8, 0.4]), torch.tensor(1.2, requires_grad=True), torch.tensor(0.7)]
+    for potential in ([], detections):
+        forward = (unary, planar, theta_xy, theta_color, weights, compat, "after", 2, 1, potential, 1.0, 1e-4)
+        torch.library.opcheck(torch.ops.dynseg.mean_field.default, forward)
+        for want_weights, want_compat in (([True, False][:kernels], compat is not None), ([False] * kernels, False)):
+            backward = (torch.randn(unary.shape), torch.randn(len(potential) and 2), unary.detach(), planar, theta_xy,
+                        theta_color, [w.detach() for w in weights], compat, "symmetric", 2, 1,
+                        [t.detach() for t in potential], 1.0, 1e-4, want_weights, want_compat, bool(potential))
+            torch.library.opcheck(torch.ops.dynseg.mean_field_backward.default, backward)
 
 
 def test_the_library_computes_only_the_weight_gradients_autograd_needs(scene, monkeypatch):

@@ -3,14 +3,15 @@
 `lattice` owns the permutohedral lattice and the kernels' pixel features; `meanfield` owns the
 mean-field update and the torch-level `dense_crf_reference`: the readable definition the native kernels are
 tested against. `native` wraps those kernels as the torch op `dynseg::mean_field` with autograd,
-(`mean_field_native`, which training runs on, and `dense_crf_native`, dense_crf_reference's signature).
+(`mean_field_native` and `mean_field_native_with_detections`, which training runs on, and
+`dense_crf_native`, dense_crf_reference's signature).
 """
 
 from .lattice import PermutohedralLattice, gaussian_features
 from .meanfield import dense_crf_reference, mean_field_reference
-from .native import crf_kernels, dense_crf_native, mean_field_native
+from .native import Detections, crf_kernels, dense_crf_native, mean_field_native, mean_field_native_with_detections
 
 __all__ = [
     "PermutohedralLattice", "gaussian_features", "mean_field_reference", "dense_crf_reference", "mean_field_native",
-    "dense_crf_native", "crf_kernels",
+    "mean_field_native_with_detections", "Detections", "dense_crf_native", "crf_kernels",
 ]

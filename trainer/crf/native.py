@@ -6,12 +6,15 @@ GPU (the CUDA entry points, on torch's current stream, no copies) for CUDA tenso
 front ends: `dense_crf_native` takes `dense_crf_reference`'s parameters (plus `threads`);
 `mean_field_native` takes the thetas and the image and builds its lattices itself, where
 `meanfield.mean_field_reference` (the readable definition the kernels are tested against) takes
-lattices already built.
+lattices already built; `mean_field_native_with_detections` adds the semantic CRF's detection potential,
+forward and backward in the library (its readable definition: `semantic_mean_field_reference` in
+trainer/model/semantic_crf.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import numpy as np
@@ -23,7 +26,8 @@ from dynseg.sdk.crf import check_iterations, check_normalization, check_threads,
 from dynseg.sdk.errors import InvalidArgumentError
 from dynseg.sdk.checks import finite_float32, positive_in_float32
 
-__all__ = ["GaussianKernel", "crf_kernels", "mean_field_native", "dense_crf_native"]
+__all__ = ["GaussianKernel", "Detections", "crf_kernels", "mean_field_native", "mean_field_native_with_detections",
+           "dense_crf_native"]
 
 # (theta_xy, theta_color, weight): theta_color = 0 for a spatial kernel; weight a float, a 0-d tensor
 # (label-agnostic) or an (L, L) tensor.
@@ -36,60 +40,108 @@ def crf_kernels(*, theta_spatial: float, theta_bilateral_xy: float, theta_bilate
     return [(theta_spatial, 0.0, spatial_weight), (theta_bilateral_xy, theta_bilateral_rgb, bilateral_weight)]
 
 
-def _numpy(tensor: Tensor) -> np.ndarray:
-    return np.ascontiguousarray(tensor.detach().to("cpu", torch.float32).numpy())
-
-
-def _device_array(tensor: Tensor) -> _native.DeviceArray:
-    return _native.DeviceArray.of(tensor, "a CRF tensor")
-
-
-def _problem(
-    unary: Tensor, image: Tensor | None, theta_xy: list[float], theta_color: list[float], weights: list[Tensor],
-    compat: Tensor | None, normalization: str, iterations: int, threads: int,
-    array: Callable[[Tensor], np.ndarray | _native.DeviceArray] = _numpy,
-) -> _native.Problem:
-    """The op's native problem, logits out; `array` hands the library each tensor (`_numpy` for a CPU
-    call, `_device_array` for a CUDA call, whose tensors must then be float32, contiguous and on the device)."""
-    # The registered op is public (torch.ops.dynseg.mean_field): its arguments are checked here too.
-    if unary.dim() != 3:
-        raise InvalidArgumentError(f"unary must be (L, H, W), got {tuple(unary.shape)}")
-    if not len(theta_xy) == len(theta_color) == len(weights):
-        raise InvalidArgumentError(f"theta_xy, theta_color and weights must have one entry per kernel, got "
-                                   f"{len(theta_xy)}, {len(theta_color)} and {len(weights)}")
-    num_labels, height, width = unary.shape
-    kernels = [
-        _native.Kernel(t, c, array(w.reshape(1) if w.numel() == 1 else w))
-        for t, c, w in zip(theta_xy, theta_color, weights)
-    ]
-    return _native.Problem(
-        num_labels, height, width, None if image is None else array(image), kernels,
-        compat=None if compat is None else array(compat), normalization=normalization, iterations=iterations,
-        output=_native.Output.LOGITS, threads=threads,
-    )
-
-
-class _CudaCall:
-    """One CUDA call's problem over device tensors (kept alive here), its workspace and stream."""
+class _Call:
+    """One native call over tensors on the unary's device, as the library reads them (float32 or int64,
+    contiguous; kept alive here): numpy views of them for the CPU functions, DeviceArrays for the CUDA
+    ones. `detections` is [] or [boxes, labels, scores, detection_x, detection_y]; for a backward call
+    with them, `grad_recalibrated` and whether the gradients of w_x and w_y are wanted."""
 
     def __init__(self, unary: Tensor, image: Tensor | None, theta_xy: list[float], theta_color: list[float],
-                 weights: Sequence[Tensor], compat: Tensor | None, normalization: str, iterations: int,
-                 pass_: _native.Pass) -> None:
-        device = unary.device
+                 weights: Sequence[Tensor], compat: Tensor | None, normalization: str, iterations: int, threads: int,
+                 detections: Sequence[Tensor], score_ceiling: float, epsilon: float, *,
+                 grad_recalibrated: Tensor | None = None, want_detection: bool = False) -> None:
+        self.device = unary.device
+        self.tensors: list[Tensor] = []  # the problem points into them
+        held = self.held
+        self.unary = held(unary)
+        # The registered op is public (torch.ops.dynseg.mean_field): its arguments are checked here too.
+        if self.unary.dim() != 3:
+            raise InvalidArgumentError(f"unary must be (L, H, W), got {tuple(self.unary.shape)}")
+        if not len(theta_xy) == len(theta_color) == len(weights):
+            raise InvalidArgumentError(f"theta_xy, theta_color and weights must have one entry per kernel, got "
+                                       f"{len(theta_xy)}, {len(theta_color)} and {len(weights)}")
+        self.weights = [held(w.reshape(1) if w.numel() == 1 else w) for w in weights]
+        self.compat = held(compat)
+        self.recalibrated: Tensor | None = None
+        self.grad_detection: list[Tensor] = []
+        potential = None
+        if detections:
+            if len(detections) != 5:
+                raise InvalidArgumentError(f"detections must be [] or [boxes, labels, scores, detection_x, "
+                                           f"detection_y], got {len(detections)} tensors")
+            boxes, labels, scores, w_x, w_y = detections
+            self.recalibrated = held(torch.empty(boxes.shape[0]))
+            self.grad_detection = [held(torch.empty(1)) for _ in range(2)] if want_detection else []
+            grad_x, grad_y = self.grad_detection or (None, None)
+            potential = _native.DetectionPotential(
+                boxes=self.array(held(boxes)), labels=self.array(held(labels, torch.int64)),
+                scores=self.array(held(scores)), detection_x=self.array(held(w_x.reshape(1))),
+                detection_y=self.array(held(w_y.reshape(1))), score_ceiling=score_ceiling, epsilon=epsilon,
+                recalibrated=self.array(self.recalibrated), grad_recalibrated=self.array(held(grad_recalibrated)),
+                grad_detection_x=self.array(grad_x), grad_detection_y=self.array(grad_y),
+            )
+        num_labels, height, width = self.unary.shape
+        kernels = [_native.Kernel(t, c, self.array(w)) for t, c, w in zip(theta_xy, theta_color, self.weights)]
+        self.problem = _native.Problem(
+            num_labels, height, width, self.array(held(image)), kernels, compat=self.array(self.compat),
+            normalization=normalization, iterations=iterations, output=_native.Output.LOGITS, threads=threads,
+            detection_potential=potential,
+        )
 
-        def on_device(tensor: Tensor) -> Tensor:
-            return tensor.detach().to(device, torch.float32).contiguous()
+    def held(self, tensor: Tensor | None, dtype: torch.dtype = torch.float32) -> Tensor | None:
+        """`tensor` as the library reads it, on the call's device, kept alive as long as the call."""
+        if tensor is not None:
+            tensor = tensor.detach().to(self.device, dtype).contiguous()
+            self.tensors.append(tensor)
+        return tensor
 
-        self.unary = on_device(unary)
-        device_image = None if image is None else on_device(image)
-        device_compat = None if compat is None else on_device(compat)
-        device_weights = [on_device(w) for w in weights]
-        self.tensors = [self.unary, device_image, device_compat, *device_weights]  # the problem points into them
-        self.problem = _problem(self.unary, device_image, theta_xy, theta_color, device_weights, device_compat,
-                                normalization, iterations, 0, array=_device_array)
-        self.nbytes = self.problem.workspace_size_cuda(pass_)
-        self.workspace = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
-        self.stream = torch.cuda.current_stream(device).cuda_stream
+    def array(self, tensor: Tensor | None) -> np.ndarray | _native.DeviceArray | None:
+        """What the library is handed for a held tensor."""
+        if tensor is None:
+            return None
+        if self.device.type == "cuda":
+            dtype = np.int64 if tensor.dtype == torch.int64 else np.float32
+            return _native.DeviceArray.of(tensor, "a CRF tensor", dtype=dtype)
+        return tensor.numpy()
+
+    def workspace(self, pass_: _native.Pass) -> tuple[int, int, int]:
+        """A CUDA call's workspace (address, bytes) and stream, torch's current one."""
+        nbytes = self.problem.workspace_size_cuda(pass_)
+        workspace = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        self.tensors.append(workspace)
+        return workspace.data_ptr(), nbytes, torch.cuda.current_stream(self.device).cuda_stream
+
+    def forward(self) -> tuple[Tensor, Tensor]:
+        """(logits, recalibrated scores (D,), empty without detections)."""
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):
+                logits = torch.empty_like(self.unary)
+                self.problem.forward_cuda(self.array(self.unary), self.array(logits), *self.workspace(
+                    _native.Pass.FORWARD))
+        else:
+            logits = torch.from_numpy(self.problem.forward(self.array(self.unary)))
+        return logits, self.unary.new_empty(0) if self.recalibrated is None else self.recalibrated
+
+    def backward(self, grad_logits: Tensor, want_weights: list[bool],
+                 want_compat: bool) -> tuple[Tensor, list[Tensor | None], Tensor | None]:
+        """(grad_unary, grad_weights, grad_compat), None where not wanted, for dLoss/dlogits `grad_logits`
+        (and the grad_recalibrated given); `grad_detection` receives the gradients of w_x and w_y when
+        they were asked for."""
+        grad = self.array(self.held(grad_logits))
+        if self.device.type != "cuda":
+            grad_unary, grad_weights, grad_compat = self.problem.backward(self.array(self.unary), grad, want_weights,
+                                                                          want_compat)
+            as_tensor = lambda array: None if array is None else torch.from_numpy(array)
+            return as_tensor(grad_unary), [as_tensor(g) for g in grad_weights], as_tensor(grad_compat)
+        with torch.cuda.device(self.device):
+            empty = lambda wanted, like: torch.empty(like.shape, device=self.device) if wanted else None
+            grad_unary = torch.empty_like(self.unary)
+            grad_weights = [empty(wanted, w) for w, wanted in zip(self.weights, want_weights)]
+            grad_compat = empty(want_compat and self.compat is not None, self.compat)
+            self.problem.backward_cuda(self.array(self.unary), grad, self.array(grad_unary),
+                                       [self.array(g) for g in grad_weights], self.array(grad_compat),
+                                       *self.workspace(_native.Pass.BACKWARD))
+        return grad_unary, grad_weights, grad_compat
 
 
 @torch.library.custom_op("dynseg::mean_field", mutates_args=(), device_types=("cpu", "cuda"))
@@ -103,23 +155,20 @@ def _mean_field(
     normalization: str,
     iterations: int,
     threads: int,
-) -> Tensor:
-    if unary.is_cuda:
-        with torch.cuda.device(unary.device):
-            call = _CudaCall(unary, image, theta_xy, theta_color, weights, compat, normalization, iterations,
-                             _native.Pass.FORWARD)
-            logits = torch.empty_like(call.unary)
-            call.problem.forward_cuda(_device_array(call.unary), _device_array(logits), call.workspace.data_ptr(),
-                                      call.nbytes, call.stream)
-    else:
-        problem = _problem(unary, image, theta_xy, theta_color, weights, compat, normalization, iterations, threads)
-        logits = torch.from_numpy(problem.forward(_numpy(unary)))
-    return logits.to(unary.dtype)
+    detections: list[Tensor],
+    score_ceiling: float,
+    epsilon: float,
+) -> tuple[Tensor, Tensor]:
+    """(logits, recalibrated scores); detections: [] or [boxes, labels, scores, detection_x, detection_y]."""
+    logits, recalibrated = _Call(unary, image, theta_xy, theta_color, weights, compat, normalization, iterations,
+                                 threads, detections, score_ceiling, epsilon).forward()
+    return logits.to(unary.dtype), recalibrated.to(unary.dtype)
 
 
 @_mean_field.register_fake
-def _(unary, image, theta_xy, theta_color, weights, compat, normalization, iterations, threads):
-    return torch.empty_like(unary)
+def _(unary, image, theta_xy, theta_color, weights, compat, normalization, iterations, threads, detections,
+      score_ceiling, epsilon):
+    return torch.empty_like(unary), unary.new_empty(detections[0].shape[0] if detections else 0)
 
 
 # The backward is an op of its own, so that torch.compile traces it as one opaque call (with the fake
@@ -127,6 +176,7 @@ def _(unary, image, theta_xy, theta_color, weights, compat, normalization, itera
 @torch.library.custom_op("dynseg::mean_field_backward", mutates_args=(), device_types=("cpu", "cuda"))
 def _mean_field_backward(
     grad_logits: Tensor,
+    grad_recalibrated: Tensor,
     unary: Tensor,
     image: Optional[Tensor],
     theta_xy: list[float],
@@ -136,82 +186,69 @@ def _mean_field_backward(
     normalization: str,
     iterations: int,
     threads: int,
+    detections: list[Tensor],
+    score_ceiling: float,
+    epsilon: float,
     want_weights: list[bool],
     want_compat: bool,
+    want_detection: bool,
 ) -> list[Tensor]:
-    """[grad_unary, grad_compat, *grad_weights]; a gradient not wanted is an empty tensor (an op returns
-    no None)."""
-    if unary.is_cuda:
-        grad_unary, grad_weights, grad_compat = _backward_cuda(
-            grad_logits, unary, image, theta_xy, theta_color, weights, compat, normalization, iterations,
-            want_weights, want_compat)
-    else:
-        problem = _problem(unary, image, theta_xy, theta_color, weights, compat, normalization, iterations, threads)
-        arrays = problem.backward(_numpy(unary), _numpy(grad_logits), want_weights, want_compat)
-        as_tensor = lambda array: None if array is None else torch.from_numpy(array)
-        grad_unary = torch.from_numpy(arrays[0])
-        grad_weights, grad_compat = [as_tensor(g) for g in arrays[1]], as_tensor(arrays[2])
-    grads = [grad_unary, grad_compat, *grad_weights]
+    """[grad_unary, grad_compat, grad_detection_x, grad_detection_y, *grad_weights]; a gradient not wanted
+    is an empty tensor (an op returns no None)."""
+    call = _Call(unary, image, theta_xy, theta_color, weights, compat, normalization, iterations, threads, detections,
+                 score_ceiling, epsilon, grad_recalibrated=grad_recalibrated if detections else None,
+                 want_detection=want_detection and bool(detections))
+    if len(want_weights) != len(weights):
+        raise InvalidArgumentError(f"want_weights must have one entry per kernel ({len(weights)}), got "
+                                   f"{len(want_weights)}")
+    grad_unary, grad_weights, grad_compat = call.backward(grad_logits, want_weights, want_compat)
+    grad_x, grad_y = call.grad_detection or (None, None)
+    w_x, w_y = detections[3:5] if detections else (None, None)
+    grads = [grad_unary, grad_compat, grad_x, grad_y, *grad_weights]
     return [unary.new_empty(0) if g is None or like is None else g.reshape(like.shape).to(like.device, like.dtype)
-            for g, like in zip(grads, (unary, compat, *weights))]
+            for g, like in zip(grads, (unary, compat, w_x, w_y, *weights))]
 
 
 @_mean_field_backward.register_fake
-def _(grad_logits, unary, image, theta_xy, theta_color, weights, compat, normalization, iterations, threads,
-      want_weights, want_compat):
-    gradient = lambda like, wanted: torch.empty_like(like) if wanted else unary.new_empty(0)
-    return [torch.empty_like(unary), gradient(compat, want_compat and compat is not None),
-            *[gradient(w, wanted) for w, wanted in zip(weights, want_weights)]]
-
-
-def _backward_cuda(
-    grad_logits: Tensor, unary: Tensor, image: Tensor | None, theta_xy: list[float], theta_color: list[float],
-    weights: list[Tensor], compat: Tensor | None, normalization: str, iterations: int, want_weights: list[bool],
-    want_compat: bool,
-) -> tuple[Tensor, list[Tensor | None], Tensor | None]:
-    with torch.cuda.device(unary.device):
-        call = _CudaCall(unary, image, theta_xy, theta_color, weights, compat, normalization, iterations,
-                         _native.Pass.BACKWARD)
-        grad = grad_logits.detach().to(unary.device, torch.float32).contiguous()
-        grad_unary = torch.empty_like(call.unary)
-        grad_weights = [torch.empty(w.shape, dtype=torch.float32, device=unary.device) if wanted else None
-                        for w, wanted in zip(weights, want_weights)]
-        grad_compat = (torch.empty(compat.shape, dtype=torch.float32, device=unary.device)
-                       if compat is not None and want_compat else None)
-        call.problem.backward_cuda(
-            _device_array(call.unary), _device_array(grad), _device_array(grad_unary),
-            [None if g is None else _device_array(g.reshape(-1) if g.numel() == 1 else g) for g in grad_weights],
-            None if grad_compat is None else _device_array(grad_compat),
-            call.workspace.data_ptr(), call.nbytes, call.stream,
-        )
-    return grad_unary, grad_weights, grad_compat
+def _(grad_logits, grad_recalibrated, unary, image, theta_xy, theta_color, weights, compat, normalization,
+      iterations, threads, detections, score_ceiling, epsilon, want_weights, want_compat, want_detection):
+    gradient = lambda like, wanted: torch.empty_like(like) if wanted and like is not None else unary.new_empty(0)
+    w_x, w_y = detections[3:5] if detections else (None, None)
+    return [torch.empty_like(unary), gradient(compat, want_compat), gradient(w_x, want_detection),
+            gradient(w_y, want_detection), *[gradient(w, wanted) for w, wanted in zip(weights, want_weights)]]
 
 
 def _setup_context(ctx, inputs, output):
     ctx.inputs = inputs
-    unary, image, _, _, weights, compat, *_ = inputs
-    ctx.save_for_backward(unary, image, compat, *weights)
+    unary, image, _, _, weights, compat, _, _, _, detections, _, _ = inputs
+    ctx.num_weights = len(weights)
+    ctx.save_for_backward(unary, image, compat, *weights, *detections)
 
 
-def _backward(ctx, grad_logits):
+def _backward(ctx, grad_logits, grad_recalibrated):
     if torch.is_grad_enabled():  # on in a backward only under create_graph=True
         raise NotImplementedError("dynseg::mean_field has no double backward: its gradient is computed by the "
                                   "native library, outside autograd (use mean_field_reference for it)")
-    unary, image, compat, *weights = ctx.saved_tensors
-    _, _, theta_xy, theta_color, _, _, normalization, iterations, threads = ctx.inputs
-    # a list input's entry of needs_input_grad is a list: one flag per weight
+    unary, image, compat, *rest = ctx.saved_tensors
+    weights, detections = rest[:ctx.num_weights], rest[ctx.num_weights:]
+    _, _, theta_xy, theta_color, _, _, normalization, iterations, threads, _, score_ceiling, epsilon = ctx.inputs
+    # a list input's entry of needs_input_grad is a list: one flag per tensor
     want_weights = [bool(wanted) for wanted in ctx.needs_input_grad[4]]
     want_compat = compat is not None and bool(ctx.needs_input_grad[5])
-    grad_unary, grad_compat, *grad_weights = _mean_field_backward(
-        grad_logits, unary, image, theta_xy, theta_color, weights, compat, normalization, iterations, threads,
-        want_weights, want_compat)
+    want_detection = any(bool(wanted) for wanted in ctx.needs_input_grad[9][3:5])
+    grad_unary, grad_compat, grad_x, grad_y, *grad_weights = _mean_field_backward(
+        grad_logits, grad_recalibrated, unary, image, theta_xy, theta_color, weights, compat, normalization,
+        iterations, threads, detections, score_ceiling, epsilon, want_weights, want_compat, want_detection)
     thetas: list | None = [] if not theta_xy else None  # torch reads an empty list as one of tensors: []
+    grad_detections = [None, None, None, grad_x, grad_y] if want_detection else [None] * len(detections)
     return (
         grad_unary,
         None, thetas, thetas,
         [g if wanted else None for g, wanted in zip(grad_weights, want_weights)],
         grad_compat if want_compat else None,
         None, None, None,
+        grad_detections if detections else [],
+        None, None,
     )
 
 
@@ -223,6 +260,23 @@ def _check_device(name: str, tensor: object) -> None:
     fake kernel, whose result is uninitialised memory)."""
     if isinstance(tensor, Tensor) and tensor.device.type not in ("cpu", "cuda"):
         raise InvalidArgumentError(f"{name} must be a CPU or CUDA tensor, got one on {tensor.device}")
+
+
+@dataclass(frozen=True)
+class Detections:
+    """The detection potential's inputs (docs/algorithm.md §4; dynseg_detections in dynseg_crf.h):
+    boxes (D, 4) xyxy, integer-valued, inclusive, each with a pixel in the image; labels (D,) integers
+    in 0..L-1; scores (D,) >= 0, the detector's (constants); detection_x and detection_y, the 0-d w_x and
+    w_y (differentiable); score_ceiling s_max > 0; epsilon in [0, 1). The library checks the values
+    (those on the CPU; on a GPU a bad one turns its outputs NaN, which is reported)."""
+
+    boxes: Tensor
+    labels: Tensor
+    scores: Tensor
+    detection_x: Tensor
+    detection_y: Tensor
+    score_ceiling: float
+    epsilon: float
 
 
 def mean_field_native(
@@ -256,6 +310,39 @@ def mean_field_native(
         (not the image: its gradient is None). Traceable by torch.compile, forward and backward, as
         opaque ops.
     """
+    logits, _ = _mean_field_call(unary, image, kernels, compat, normalization, iterations, threads, None)
+    return logits
+
+
+def mean_field_native_with_detections(
+    unary: Tensor,
+    image: Tensor | None,
+    kernels: Sequence[GaussianKernel],
+    detections: Detections,
+    *,
+    compat: Tensor | None = None,
+    normalization: str = "after",
+    iterations: int = 5,
+    threads: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """`mean_field_native` with the detection potential added to every iteration's logits, in one call
+    that builds each lattice once, forward and backward.
+
+    Returns:
+        (L, H, W) logits of the last iteration and (D,) recalibrated scores Q(Y_d = 1) (the scores when
+        T = 0). Differentiable as `mean_field_native`'s, and w.r.t. detections.detection_x and
+        detection_y, through both outputs.
+    """
+    if not isinstance(detections, Detections):
+        raise InvalidArgumentError(f"detections must be a Detections, got {type(detections).__name__}")
+    return _mean_field_call(unary, image, kernels, compat, normalization, iterations, threads, detections)
+
+
+def _mean_field_call(
+    unary: Tensor, image: Tensor | None, kernels: Sequence[GaussianKernel], compat: Tensor | None,
+    normalization: str, iterations: int, threads: int | None, detections: Detections | None,
+) -> tuple[Tensor, Tensor]:
+    """The front ends' checks, then the op."""
     if not isinstance(unary, Tensor) or unary.dim() != 3:
         raise InvalidArgumentError(f"unary must be an (L, H, W) tensor, got {getattr(unary, 'shape', type(unary))}")
     _check_device("unary", unary)
@@ -303,12 +390,26 @@ def mean_field_native(
     if compat is not None and (not isinstance(compat, Tensor) or tuple(compat.shape) not in compat_shapes):
         raise InvalidArgumentError(f"compat must be None or a ({num_labels},) or ({num_labels}, {num_labels}) tensor, "
                                    f"got {getattr(compat, 'shape', compat)!r}")
-    logits = _mean_field(
+    flat: list[Tensor] = []
+    if detections is not None:
+        flat = [detections.boxes, detections.labels, detections.scores, detections.detection_x, detections.detection_y]
+        for name, tensor in zip(("boxes", "labels", "scores", "detection_x", "detection_y"), flat):
+            if not isinstance(tensor, Tensor):
+                raise InvalidArgumentError(f"detections.{name} must be a tensor, got {type(tensor).__name__}")
+            _check_device(f"detections.{name}", tensor)
+        if detections.labels.dtype.is_floating_point or detections.labels.dtype.is_complex:
+            raise InvalidArgumentError(f"detections.labels must be integers, got {detections.labels.dtype}")
+        for name in ("score_ceiling", "epsilon"):
+            if finite_float32(getattr(detections, name)) is None:
+                raise InvalidArgumentError(f"detections.{name} must be a finite float32 number, got "
+                                           f"{getattr(detections, name)!r}")
+    score_ceiling, epsilon = (1.0, 0.0) if detections is None else (detections.score_ceiling, detections.epsilon)
+    return _mean_field(
         unary, image,
         theta_xys, theta_colors, weights, compat,
         check_normalization(normalization), check_iterations(iterations), check_threads(threads),
+        flat, float(score_ceiling), float(epsilon),
     )
-    return logits
 
 
 def dense_crf_native(

@@ -7,14 +7,14 @@ recalibrated detection scores Q(Y_d = 1).
 
 Each iteration is  L^t = U + pairwise(Q^{t-1}) + detection(B^{t-1}),  Q^t = softmax(L^t), where B^t is
 the belief Q(Y_d) in each detection: B^0 its prior, B^t the Y update from Q^{t-1} (the order of the
-authors' released code: the pixel update reads the belief the previous iteration left). The
-pairwise message comes from the native kernels (`mean_field_native`, one iteration at a time: one
-mean-field step from logits L gives L - mu·m(softmax(L)), so the message is that minus L); the
-detection term is torch, so autograd reaches w_x, w_y and the unary through it. This loop defines
-the exported dynseg::MeanFieldCRF node (docs/ops.md). Without detections (or with the potential off)
-the loop is the plain mean field, and it runs as one native call of T iterations. Deployment runs the
-whole loop, detection term included, as one call of the kernel library (`dynseg_detections`), building
-each lattice once; tests/plugins/test_detection_potential.py holds the two together.
+authors' released code: the pixel update reads the belief the previous iteration left). This
+loop is what the exported dynseg::MeanFieldCRF node means (docs/ops.md).
+
+Training and deployment run the whole loop, detection term included, as one call of the kernel library
+(`mean_field_native_with_detections`; `dynseg_detections` in its C ABI), which builds each lattice once
+and differentiates the loop itself, w_x and w_y included. `semantic_mean_field_reference` writes the
+loop out readably, the detection term in torch and the pairwise message one native iteration at a
+time; tests/plugins/test_detection_potential.py holds the two together, values and gradients.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dynseg.sdk.checks import INT32_MAX
 
 from .. import fields
 from ..boxes import box_masks
-from ..crf import crf_kernels, mean_field_native
+from ..crf import Detections, crf_kernels, mean_field_native, mean_field_native_with_detections
 
 
 @dataclass(frozen=True)
@@ -103,10 +103,31 @@ def semantic_mean_field(
     kernels = crf_kernels(theta_spatial=config.theta_spatial, theta_bilateral_xy=config.theta_bilateral_xy,
                           theta_bilateral_rgb=config.theta_bilateral_rgb, spatial_weight=spatial_weight,
                           bilateral_weight=bilateral_weight)
-    if not (config.detection_potential and boxes.shape[0] > 0):  # the plain mean field: one call, as deployed
+    if not (config.detection_potential and boxes.shape[0] > 0):  # the plain mean field
         logits = mean_field_native(unary, image, kernels, compat=compatibility, normalization=normalization,
                                    iterations=config.iterations)
         return logits, scores
+    detections = Detections(boxes, labels, scores, detection_x, detection_y, score_ceiling=config.score_ceiling,
+                            epsilon=config.epsilon)
+    return mean_field_native_with_detections(unary, image, kernels, detections, compat=compatibility,
+                                             normalization=normalization, iterations=config.iterations)
+
+
+def semantic_mean_field_reference(
+    unary: Tensor, image: Tensor, boxes: Tensor, labels: Tensor, scores: Tensor, *, spatial_weight: Tensor,
+    bilateral_weight: Tensor, compatibility: Tensor | None, detection_x: Tensor, detection_y: Tensor,
+    config: SemanticCRFConfig, normalization: str = "after",
+) -> tuple[Tensor, Tensor]:
+    """`semantic_mean_field` written out (the module docstring's loop), differentiable by autograd: the
+    definition the kernel library's detection potential is tested against."""
+    kernels = crf_kernels(theta_spatial=config.theta_spatial, theta_bilateral_xy=config.theta_bilateral_xy,
+                          theta_bilateral_rgb=config.theta_bilateral_rgb, spatial_weight=spatial_weight,
+                          bilateral_weight=bilateral_weight)
+    if not (config.detection_potential and boxes.shape[0] > 0):  # no loop to write out
+        return semantic_mean_field(unary, image, boxes, labels, scores, spatial_weight=spatial_weight,
+                                   bilateral_weight=bilateral_weight, compatibility=compatibility,
+                                   detection_x=detection_x, detection_y=detection_y, config=config,
+                                   normalization=normalization)
     inside = box_masks(boxes, unary.shape[1], unary.shape[2]).to(unary.dtype)  # (D, H, W)
     pixels = inside.flatten(1).sum(1)  # n_d
     prior = torch.clamp(scores / config.score_ceiling, max=1.0 - config.epsilon)  # p_d

@@ -258,6 +258,8 @@ dynseg_status dynseg_crf_forward_cuda_from_host(const dynseg_crf_problem* proble
             detections.detection_y = y;
             recalibrated_host = d.recalibrated;  // an output: a device buffer, copied back after the call
             detections.recalibrated = nullptr;
+            detections.grad_recalibrated = nullptr;  // the backward's fields: host pointers, never read here
+            detections.grad_detection_x = detections.grad_detection_y = nullptr;
             if (recalibrated_host)
                 if (dynseg_status s = arrays.allocate(D, &detections.recalibrated)) return s;
             on_device.detections = &detections;

@@ -331,7 +331,7 @@ __global__ void to_float(const double* in, float* out, int64_t count, Status* st
 
 MeanField::MeanField(const dynseg_crf_problem& problem, int pass, Workspace& ws)
     : problem_(problem), status_(ws.take<Status>(1)),  // first, where dynseg_crf_check_cuda looks for it
-      detections_(problem, ws) {
+      detections_(problem, pass, ws) {
     labels_ = problem.num_labels;
     stride_ = padded_to_float4(labels_);
     pixels_ = problem.height * problem.width;
@@ -478,7 +478,7 @@ void MeanField::run_iterations(float* history, const Launch& launch) {
             messages(q, launch);
             finish_logits(launch);
         }
-        detections_.add(q, acc_, stride_, launch);
+        detections_.add(t, q, acc_, stride_, launch);
     }
 }
 
@@ -503,6 +503,7 @@ void MeanField::backward(const float* unary, const float* grad_logits, float* gr
     for (int k = 0; k < problem_.num_kernels; ++k)
         cudaMemsetAsync(dweight_[k], 0, weight_count(problem_.kernels[k], L) * sizeof(double), stream);
     cudaMemsetAsync(dmu_, 0, compat_count(kind, L) * sizeof(double), stream);
+    detections_.start_backward(launch);
     const int64_t chunks = (N + reduce_chunk_ - 1) / reduce_chunk_;
 
     for (int t = problem_.iterations - 1; t >= 0; --t) {
@@ -533,6 +534,7 @@ void MeanField::backward(const float* unary, const float* grad_logits, float* gr
             else if (kind == DYNSEG_COMPAT_DIAGONAL)
                 diagonal_compat_gradient<<<launch.blocks(L), kThreads, 0, stream>>>(P_, kernel.weight, L, dmu_);
         }
+        detections_.backward(t, grad_logits_, grad_q_, S, launch);
         softmax_backward<<<launch.blocks(N), kThreads, 0, stream>>>(Q, grad_q_, grad_logits_, L, N, S);
     }
     add_into<<<launch.blocks(size), kThreads, 0, stream>>>(grad_unary_, grad_logits_, size);
@@ -546,6 +548,8 @@ void MeanField::backward(const float* unary, const float* grad_logits, float* gr
         const int64_t count = compat_count(kind, L);
         to_float<<<launch.blocks(count), kThreads, 0, stream>>>(dmu_, grad_compat, count, status_);
     }
+    detections_.finish_backward(status_, launch);
+    detections_.finish(status_, launch);
 }
 
 }  // namespace cuda
