@@ -1,8 +1,8 @@
 """Small forward and backward calls through the CUDA entry points that reach every path of the kernels,
 for compute-sanitizer to watch: spatial and bilateral lattices; matrix and scalar weights; full,
 diagonal and Potts compatibilities; both normalisations; rows of at most 32 labels and longer ones
-(two label tiles, the long-row softmax); the detection potential, with and without kernels; logits
-and probabilities out. Needs numpy and the native library only, so the sanitizer has little else
+(two label tiles, the long-row softmax); the detection potential, with and without kernels, forward
+and backward; logits and probabilities out. Needs numpy and the native library only, so the sanitizer has little else
 to trace. Exits non-zero if a result is not finite. Every device buffer it makes is freed when main
 returns, so memcheck's leak check reports only what the library itself left allocated.
 
@@ -19,9 +19,11 @@ from dynseg.sdk import _native, dense_crf
 
 
 def device_copy(array: np.ndarray) -> tuple[_native.CudaBuffer, _native.DeviceArray]:
+    """A float32 or int64 array's copy in device memory."""
+    array = np.ascontiguousarray(array)
     buffer = _native.CudaBuffer(array.nbytes)
-    _native.copy_to_device(buffer.pointer, np.ascontiguousarray(array, dtype=np.float32))
-    return buffer, _native.DeviceArray(buffer.pointer, array.shape)
+    _native.copy_to_device(buffer.pointer, array)
+    return buffer, _native.DeviceArray(buffer.pointer, array.shape, array.dtype)
 
 
 def main() -> int:
@@ -87,6 +89,26 @@ def main() -> int:
             output=output, threads=0, detection_potential=detections)
         out = problem.forward_from_host(long_unary, 0)
         result = np.concatenate([result.ravel(), out.ravel(), detections.recalibrated])
+    # the detection potential's backward, on device arrays
+    gradients = [on_device(np.zeros(shape, np.float32)) for shape in ((3,), (1,), (1,), unary.shape)]
+    detections = _native.DetectionPotential(
+        boxes=on_device(boxes), labels=on_device(np.array([1, 4, 2], np.int64)),
+        scores=on_device(np.array([0.9, 0.4, 0.2], np.float32)), detection_x=on_device(np.array([1.3], np.float32)),
+        detection_y=on_device(np.array([0.8], np.float32)), score_ceiling=1.0, epsilon=1e-4, recalibrated=gradients[0],
+        grad_recalibrated=on_device(np.array([1.0, -0.5, 0.25], np.float32)), grad_detection_x=gradients[1],
+        grad_detection_y=gradients[2])
+    problem = _native.Problem(
+        labels, height, width, on_device(planar),
+        [_native.Kernel(3.0, 0.0, on_device(weights[0])), _native.Kernel(20.0, 30.0, on_device(weights[1]))],
+        compat=on_device(compat), normalization="after", iterations=3, output=_native.Output.LOGITS, threads=0,
+        detection_potential=detections)
+    nbytes = problem.workspace_size_cuda(_native.Pass.BACKWARD)
+    workspace = _native.CudaBuffer(nbytes)
+    problem.backward_cuda(d_unary, d_grad, gradients[3], [None, None], None, workspace.pointer, nbytes, 0)
+    for gradient in gradients:
+        host = np.empty(gradient.shape, np.float32)
+        _native.copy_from_device(host, gradient.pointer)
+        result = np.concatenate([result.ravel(), host.ravel()])
     finite = bool(np.isfinite(q).all()), bool(np.isfinite(result).all())
     print(f"cuda smoke: dense_crf finite {finite[0]}, the other calls' results finite {finite[1]}")
     _native.free_scratch()
