@@ -777,7 +777,7 @@ def bench(
 def quickstart(
     out: Path = typer.Option(..., "--out", file_okay=False, help="Folder for everything it makes."),
     steps: int = typer.Option(quickstart_job.DEFAULT_STEPS, "--steps", min=2,
-                              help="Training steps in all (6:1 semantic:instance); the default took 7 to 25 min "
+                              help="Training steps in all (6:1 semantic:instance); the default took 7 to 19 min "
                                    "on 2-core VMs (docs/deploy.md)."),
     seed: int = typer.Option(0, "--seed", min=0, max=defaults.MAX_SEED,
                              help="Seed of the data, detections and initialisation."),

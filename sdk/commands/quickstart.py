@@ -9,7 +9,7 @@
 5. segments held-out synthetic scenes and the shipped coffee photo with hand-drawn boxes with the
    exported model (overlays/).
 
-Needs torch (imported when it runs). The default, 1400 steps, took 7 to 25 min on the 2-core VMs
+Needs torch (imported when it runs). The default, 1400 steps, took 7 to 19 min on the 2-core VMs
 it was measured on (docs/deploy.md has the runs).
 """
 
