@@ -14,16 +14,7 @@ DetectionPotential::DetectionPotential(const dynseg_crf_problem& problem, int pa
     height_ = problem.height;
     width_ = problem.width;
     history_ = pass == DYNSEG_PASS_BACKWARD;
-    const int64_t D = detections_->count, T = problem.iterations;
-    spans_ = ws.take<BoxSpan>(D);
-    terms_ = ws.take<DetectionTerm>(D);
-    beliefs_ = ws.take<DetectionBelief>(history_ ? (T + 1) * D : D);
-    if (!history_) return;
-    agree_ = ws.take<float>(T * D);
-    grad_beliefs_ = ws.take<BeliefGradient>(D);
-    grad_agree_ = ws.take<float>(D);
-    grad_w_x_ = ws.take<double>(D);
-    grad_w_y_ = ws.take<double>(D);
+    s_.plan(ws, detections_->count, problem.iterations, history_);
 }
 
 void DetectionPotential::start() const {
@@ -52,11 +43,11 @@ void DetectionPotential::add(int t, const float* q, float* logits, int64_t strid
             for (int64_t y = s.first_y; y <= s.last_y; ++y)
                 for (int64_t x = s.first_x; x <= s.last_x; ++x) agree += q[(y * W + x) * stride + label];
             const float score = detections_->scores[d];
-            spans_[d] = s;
-            terms_[d] = pixel_terms(read[d], score, w_x);
+            s_.spans[d] = s;
+            s_.terms[d] = pixel_terms(read[d], score, w_x);
             written[d] = updated_belief(static_cast<float>(agree), static_cast<float>(s.count()), score, w_y,
                                         detection_prior(score, detections_->score_ceiling, cap));
-            if (agree_) agree_[t * D + d] = static_cast<float>(agree);
+            if (s_.agree) s_.agree[t * D + d] = static_cast<float>(agree);
             if (detections_->recalibrated) detections_->recalibrated[d] = written[d].q1;
         }
     });
@@ -64,9 +55,9 @@ void DetectionPotential::add(int t, const float* q, float* logits, int64_t strid
     parallel_for(height_, 1, threads, [&](int64_t begin, int64_t end) {
         for (int64_t y = begin; y < end; ++y) {
             for (int64_t d = 0; d < D; ++d) {
-                const BoxSpan& s = spans_[d];
+                const BoxSpan& s = s_.spans[d];
                 if (y < s.first_y || y > s.last_y) continue;
-                const float everyone = terms_[d].everyone, own = terms_[d].own;
+                const float everyone = s_.terms[d].everyone, own = s_.terms[d].own;
                 const int64_t label = detections_->labels[d];
                 for (int64_t x = s.first_x; x <= s.last_x; ++x) {
                     float* row = logits + (y * W + x) * stride;
@@ -82,8 +73,8 @@ void DetectionPotential::start_backward() const {
     if (!detections_) return;
     const float* grad = detections_->grad_recalibrated;
     for (int64_t d = 0; d < detections_->count; ++d) {
-        grad_beliefs_[d] = {0.0, grad ? double(grad[d]) : 0.0};
-        grad_w_x_[d] = grad_w_y_[d] = 0.0;
+        s_.grad_beliefs[d] = {0.0, grad ? double(grad[d]) : 0.0};
+        s_.grad_w_x[d] = s_.grad_w_y[d] = 0.0;
     }
 }
 
@@ -96,14 +87,14 @@ void DetectionPotential::backward(int t, const float* grad_logits, float* grad_q
     const DetectionBelief* written = belief(t + 1);
     parallel_for(D, 1, threads, [&](int64_t begin, int64_t end) {
         for (int64_t d = begin; d < end; ++d) {
-            const BoxSpan& s = spans_[d];  // as every iteration of the forward pass left them
+            const BoxSpan& s = s_.spans[d];  // as every iteration of the forward pass left them
             const int64_t label = detections_->labels[d];
             const float score = detections_->scores[d];
             // the Y update wrote belief t + 1, whose gradient is complete: iteration t + 1 (walked back
             // already) and grad_recalibrated are all that read it
-            grad_agree_[d] = static_cast<float>(updated_belief_backward(
-                written[d], grad_beliefs_[d], agree_[t * D + d], static_cast<float>(s.count()), score, w_y,
-                &grad_w_y_[d]));
+            s_.grad_agree[d] = static_cast<float>(updated_belief_backward(
+                written[d], s_.grad_beliefs[d], s_.agree[t * D + d], static_cast<float>(s.count()), score, w_y,
+                &s_.grad_w_y[d]));
             double all = 0.0, own = 0.0;
             for (int64_t y = s.first_y; y <= s.last_y; ++y)
                 for (int64_t x = s.first_x; x <= s.last_x; ++x) {
@@ -111,16 +102,17 @@ void DetectionPotential::backward(int t, const float* grad_logits, float* grad_q
                     for (int64_t l = 0; l < L; ++l) all += row[l];
                     own += row[label];
                 }
-            grad_beliefs_[d] = pixel_terms_backward(read[d], score, w_x, all, own, &grad_w_x_[d]);
+            s_.grad_beliefs[d] = pixel_terms_backward(read[d], score, w_x, all, own, &s_.grad_w_x[d]);
         }
     });
     parallel_for(height_, 1, threads, [&](int64_t begin, int64_t end) {
         for (int64_t y = begin; y < end; ++y)
             for (int64_t d = 0; d < D; ++d) {
-                const BoxSpan& s = spans_[d];
+                const BoxSpan& s = s_.spans[d];
                 if (y < s.first_y || y > s.last_y) continue;
                 const int64_t label = detections_->labels[d];
-                for (int64_t x = s.first_x; x <= s.last_x; ++x) grad_q[(y * W + x) * stride + label] += grad_agree_[d];
+                const float grad_agree = s_.grad_agree[d];
+                for (int64_t x = s.first_x; x <= s.last_x; ++x) grad_q[(y * W + x) * stride + label] += grad_agree;
             }
     });
 }
@@ -129,8 +121,8 @@ void DetectionPotential::finish_backward() const {
     if (!detections_) return;
     double w_x = 0.0, w_y = 0.0;
     for (int64_t d = 0; d < detections_->count; ++d) {
-        w_x += grad_w_x_[d];
-        w_y += grad_w_y_[d];
+        w_x += s_.grad_w_x[d];
+        w_y += s_.grad_w_y[d];
     }
     if (detections_->grad_detection_x) *detections_->grad_detection_x = static_cast<float>(w_x);
     if (detections_->grad_detection_y) *detections_->grad_detection_y = static_cast<float>(w_y);

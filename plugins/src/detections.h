@@ -122,6 +122,32 @@ DYNSEG_HOST_DEVICE inline double updated_belief_backward(DetectionBelief belief,
     return y * (grad_a1 - grad_a0);
 }
 
+// Both backends' per-detection arrays in their workspace, laid out by one plan: D each but beliefs
+// ((T + 1, D) with history, B^0 .. B^T; else D, updated in place) and agree ((T, D)). The backward
+// pass's (history) are kept only for pass = backward.
+struct DetectionScratch {
+    BoxSpan* spans = nullptr;
+    DetectionTerm* terms = nullptr;
+    DetectionBelief* beliefs = nullptr;
+    float* agree = nullptr;                   // A_d of each iteration
+    BeliefGradient* grad_beliefs = nullptr;   // dLoss/dB_d of the belief the iteration being walked back wrote
+    float* grad_agree = nullptr;              // dLoss/dA_d of that iteration
+    double* grad_w_x = nullptr;               // per detection, summed over the iterations; then over d in order
+    double* grad_w_y = nullptr;
+
+    void plan(Workspace& ws, int64_t detections, int64_t iterations, bool history) {
+        spans = ws.take<BoxSpan>(detections);
+        terms = ws.take<DetectionTerm>(detections);
+        beliefs = ws.take<DetectionBelief>(history ? (iterations + 1) * detections : detections);
+        if (!history) return;
+        agree = ws.take<float>(iterations * detections);
+        grad_beliefs = ws.take<BeliefGradient>(detections);
+        grad_agree = ws.take<float>(detections);
+        grad_w_x = ws.take<double>(detections);
+        grad_w_y = ws.take<double>(detections);
+    }
+};
+
 class DetectionPotential {
 public:
     // Lays out its per-detection scratch for `pass` (counting mode when ws has no memory).
@@ -146,20 +172,12 @@ public:
     void finish_backward() const;
 
 private:
-    DetectionBelief* belief(int t) const { return beliefs_ + (history_ ? t * detections_->count : 0); }
+    DetectionBelief* belief(int t) const { return s_.beliefs + (history_ ? t * detections_->count : 0); }
 
     const dynseg_detections* detections_ = nullptr;
     int64_t num_labels_ = 0, height_ = 0, width_ = 0;
     bool history_ = false;  // backward: every iteration's beliefs and box sums are kept
-    BoxSpan* spans_ = nullptr;
-    DetectionTerm* terms_ = nullptr;
-    DetectionBelief* beliefs_ = nullptr;  // forward: D, updated in place; backward: (T + 1, D), B^0 .. B^T
-    // backward only, D each but agree_ (T, D)
-    float* agree_ = nullptr;           // A_d of each iteration
-    BeliefGradient* grad_beliefs_ = nullptr;  // dLoss/dB_d of the belief the iteration being walked back wrote
-    float* grad_agree_ = nullptr;      // dLoss/dA_d of that iteration
-    double* grad_w_x_ = nullptr;       // per detection, summed over the iterations; then over d in index order
-    double* grad_w_y_ = nullptr;
+    DetectionScratch s_;
 };
 
 }  // namespace dynseg

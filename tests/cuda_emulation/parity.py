@@ -87,19 +87,19 @@ def detection_backward() -> None:
     weights = [(np.eye(labels) * s + local.uniform(0, 0.3, (labels, labels))).astype(np.float32) for s in (3.0, 5.0)]
     compat = (-np.eye(labels) + local.uniform(-0.1, 0.1, (labels, labels))).astype(np.float32)
     boxes = np.array([[0, 0, 19, 15], [2, 3, 9, 8], [5, 5, 5, 5], [10, 0, 19, 4], [1, 9, 14, 15]], np.float32)
+    classes, scores = np.array([1, 2, 4, 1, 3], np.int64), np.array([0.6, 0.9, 0.3, 0.0, 0.75], np.float32)
+    grad_scores = np.array([0.5, -1.0, 2.0, 0.3, -0.7], np.float32)
     results = []
     for on_gpu in (False, True):
         recalibrated = np.full(5, np.nan, np.float32)
         grad_x, grad_y = np.full(1, np.nan, np.float32), np.full(1, np.nan, np.float32)
         detections = n.DetectionPotential(
-            boxes=boxes, labels=np.array([1, 2, 4, 1, 3], np.int64), scores=np.array([0.6, 0.9, 0.3, 0.0, 0.75],
-                                                                                       np.float32),
-            detection_x=scalar(1.3), detection_y=scalar(0.8), score_ceiling=1.0, epsilon=1e-4, recalibrated=recalibrated,
-            grad_recalibrated=np.array([0.5, -1.0, 2.0, 0.3, -0.7], np.float32), grad_detection_x=grad_x,
-            grad_detection_y=grad_y)
-        problem = n.Problem(labels, height, width, image, [n.Kernel(3.0, 0.0, weights[0]), n.Kernel(20.0, 13.0, weights[1])],
-                            compat=compat, normalization="symmetric", iterations=3, output=n.Output.LOGITS, threads=0,
-                            detection_potential=detections)
+            boxes=boxes, labels=classes, scores=scores, detection_x=scalar(1.3), detection_y=scalar(0.8),
+            score_ceiling=1.0, epsilon=1e-4, recalibrated=recalibrated, grad_recalibrated=grad_scores,
+            grad_detection_x=grad_x, grad_detection_y=grad_y)
+        kernels = [n.Kernel(3.0, 0.0, weights[0]), n.Kernel(20.0, 13.0, weights[1])]
+        problem = n.Problem(labels, height, width, image, kernels, compat=compat, normalization="symmetric",
+                            iterations=3, output=n.Output.LOGITS, threads=0, detection_potential=detections)
         if on_gpu:
             gradients = backward_cuda(problem, unary, grad, weights, compat)
         else:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Union, overload
 
 import numpy as np
 import torch
@@ -38,6 +38,11 @@ def crf_kernels(*, theta_spatial: float, theta_bilateral_xy: float, theta_bilate
                 spatial_weight: float | Tensor, bilateral_weight: float | Tensor) -> list[GaussianKernel]:
     """The two kernels of each of the network's CRFs, spatial then bilateral (the paper's θγ, θα, θβ)."""
     return [(theta_spatial, 0.0, spatial_weight), (theta_bilateral_xy, theta_bilateral_rgb, bilateral_weight)]
+
+
+def _on_device(tensor: Tensor) -> _native.DeviceArray:
+    """A CUDA tensor (float32 or int64, contiguous) as the library's CUDA calls take it."""
+    return _native.DeviceArray.of(tensor, "a CRF tensor", dtype=np.int64 if tensor.dtype == torch.int64 else np.float32)
 
 
 class _Call:
@@ -88,6 +93,13 @@ class _Call:
             detection_potential=potential,
         )
 
+    @overload
+    def held(self, tensor: Tensor, dtype: torch.dtype = ...) -> Tensor: ...
+    @overload
+    def held(self, tensor: None, dtype: torch.dtype = ...) -> None: ...
+    @overload
+    def held(self, tensor: Tensor | None, dtype: torch.dtype = ...) -> Tensor | None: ...
+
     def held(self, tensor: Tensor | None, dtype: torch.dtype = torch.float32) -> Tensor | None:
         """`tensor` as the library reads it, on the call's device, kept alive as long as the call."""
         if tensor is not None:
@@ -95,14 +107,16 @@ class _Call:
             self.tensors.append(tensor)
         return tensor
 
+    @overload
+    def array(self, tensor: Tensor) -> np.ndarray | _native.DeviceArray: ...
+    @overload
+    def array(self, tensor: Tensor | None) -> np.ndarray | _native.DeviceArray | None: ...
+
     def array(self, tensor: Tensor | None) -> np.ndarray | _native.DeviceArray | None:
-        """What the library is handed for a held tensor."""
+        """What the library is handed for a held tensor: a numpy view of it, or a DeviceArray on a GPU."""
         if tensor is None:
             return None
-        if self.device.type == "cuda":
-            dtype = np.int64 if tensor.dtype == torch.int64 else np.float32
-            return _native.DeviceArray.of(tensor, "a CRF tensor", dtype=dtype)
-        return tensor.numpy()
+        return _on_device(tensor) if self.device.type == "cuda" else tensor.numpy()
 
     def workspace(self, pass_: _native.Pass) -> tuple[int, int, int]:
         """A CUDA call's workspace (address, bytes) and stream, torch's current one."""
@@ -116,10 +130,10 @@ class _Call:
         if self.device.type == "cuda":
             with torch.cuda.device(self.device):
                 logits = torch.empty_like(self.unary)
-                self.problem.forward_cuda(self.array(self.unary), self.array(logits), *self.workspace(
+                self.problem.forward_cuda(_on_device(self.unary), _on_device(logits), *self.workspace(
                     _native.Pass.FORWARD))
         else:
-            logits = torch.from_numpy(self.problem.forward(self.array(self.unary)))
+            logits = torch.from_numpy(self.problem.forward(self.unary.numpy()))
         return logits, self.unary.new_empty(0) if self.recalibrated is None else self.recalibrated
 
     def backward(self, grad_logits: Tensor, want_weights: list[bool],
@@ -127,19 +141,19 @@ class _Call:
         """(grad_unary, grad_weights, grad_compat), None where not wanted, for dLoss/dlogits `grad_logits`
         (and the grad_recalibrated given); `grad_detection` receives the gradients of w_x and w_y when
         they were asked for."""
-        grad = self.array(self.held(grad_logits))
+        grad = self.held(grad_logits)
         if self.device.type != "cuda":
-            grad_unary, grad_weights, grad_compat = self.problem.backward(self.array(self.unary), grad, want_weights,
-                                                                          want_compat)
+            arrays = self.problem.backward(self.unary.numpy(), grad.numpy(), want_weights, want_compat)
             as_tensor = lambda array: None if array is None else torch.from_numpy(array)
-            return as_tensor(grad_unary), [as_tensor(g) for g in grad_weights], as_tensor(grad_compat)
+            return torch.from_numpy(arrays[0]), [as_tensor(g) for g in arrays[1]], as_tensor(arrays[2])
         with torch.cuda.device(self.device):
             empty = lambda wanted, like: torch.empty(like.shape, device=self.device) if wanted else None
             grad_unary = torch.empty_like(self.unary)
             grad_weights = [empty(wanted, w) for w, wanted in zip(self.weights, want_weights)]
             grad_compat = empty(want_compat and self.compat is not None, self.compat)
-            self.problem.backward_cuda(self.array(self.unary), grad, self.array(grad_unary),
-                                       [self.array(g) for g in grad_weights], self.array(grad_compat),
+            device = lambda tensor: None if tensor is None else _on_device(tensor)
+            self.problem.backward_cuda(_on_device(self.unary), _on_device(grad), _on_device(grad_unary),
+                                       [device(g) for g in grad_weights], device(grad_compat),
                                        *self.workspace(_native.Pass.BACKWARD))
         return grad_unary, grad_weights, grad_compat
 

@@ -181,16 +181,7 @@ DetectionPotential::DetectionPotential(const dynseg_crf_problem& problem, int pa
     width_ = problem.width;
     prior_cap_ = prior_cap(detections_->epsilon);
     history_ = pass == DYNSEG_PASS_BACKWARD;
-    const int64_t D = detections_->count, T = problem.iterations;
-    spans_ = ws.take<BoxSpan>(D);
-    terms_ = ws.take<DetectionTerm>(D);
-    beliefs_ = ws.take<DetectionBelief>(history_ ? (T + 1) * D : D);
-    if (!history_) return;
-    agree_ = ws.take<float>(T * D);
-    grad_beliefs_ = ws.take<BeliefGradient>(D);
-    grad_agree_ = ws.take<float>(D);
-    grad_w_x_ = ws.take<double>(D);
-    grad_w_y_ = ws.take<double>(D);
+    s_.plan(ws, detections_->count, problem.iterations, history_);
 }
 
 void DetectionPotential::start(const Launch& launch) const {
@@ -212,16 +203,17 @@ void DetectionPotential::add(int t, const float* q, float* logits, int64_t strid
     if (!detections_) return;
     box_terms<<<static_cast<unsigned>(detections_->count), kThreads, 0, launch.stream>>>(
         q, stride, num_labels_, height_, width_, detections_->boxes, detections_->labels, detections_->scores,
-        detections_->detection_x, detections_->detection_y, detections_->score_ceiling, prior_cap_, spans_, terms_,
-        belief(t), belief(t + 1), agree_ ? agree_ + t * detections_->count : nullptr, detections_->recalibrated);
+        detections_->detection_x, detections_->detection_y, detections_->score_ceiling, prior_cap_, s_.spans,
+        s_.terms, belief(t), belief(t + 1), s_.agree ? s_.agree + t * detections_->count : nullptr,
+        detections_->recalibrated);
     add_terms<<<launch.blocks(height_ * width_ * num_labels_), kThreads, 0, launch.stream>>>(
-        logits, stride, num_labels_, height_, width_, spans_, detections_->labels, terms_, detections_->count);
+        logits, stride, num_labels_, height_, width_, s_.spans, detections_->labels, s_.terms, detections_->count);
 }
 
 void DetectionPotential::start_backward(const Launch& launch) const {
     if (!detections_) return;
     start_gradients<<<launch.blocks(detections_->count), kThreads, 0, launch.stream>>>(
-        detections_->grad_recalibrated, detections_->count, grad_beliefs_, grad_w_x_, grad_w_y_);
+        detections_->grad_recalibrated, detections_->count, s_.grad_beliefs, s_.grad_w_x, s_.grad_w_y);
 }
 
 void DetectionPotential::backward(int t, const float* grad_logits, float* grad_q, int64_t stride,
@@ -229,16 +221,16 @@ void DetectionPotential::backward(int t, const float* grad_logits, float* grad_q
     if (!detections_) return;
     const int64_t D = detections_->count;
     box_gradients<<<static_cast<unsigned>(D), kThreads, 0, launch.stream>>>(
-        grad_logits, stride, num_labels_, spans_, detections_->labels, detections_->scores, detections_->detection_x,
-        detections_->detection_y, belief(t), belief(t + 1), agree_ + t * D, grad_beliefs_, grad_agree_, grad_w_x_,
-        grad_w_y_, width_);
+        grad_logits, stride, num_labels_, s_.spans, detections_->labels, detections_->scores,
+        detections_->detection_x, detections_->detection_y, belief(t), belief(t + 1), s_.agree + t * D,
+        s_.grad_beliefs, s_.grad_agree, s_.grad_w_x, s_.grad_w_y, width_);
     add_box_gradients<<<launch.blocks(height_ * width_), kThreads, 0, launch.stream>>>(
-        grad_q, stride, num_labels_, height_, width_, spans_, detections_->labels, grad_agree_, D);
+        grad_q, stride, num_labels_, height_, width_, s_.spans, detections_->labels, s_.grad_agree, D);
 }
 
 void DetectionPotential::finish_backward(Status* status, const Launch& launch) const {
     if (!detections_ || !(detections_->grad_detection_x || detections_->grad_detection_y)) return;
-    finish_gradients<<<1, kThreads, 0, launch.stream>>>(grad_w_x_, grad_w_y_, detections_->count,
+    finish_gradients<<<1, kThreads, 0, launch.stream>>>(s_.grad_w_x, s_.grad_w_y, detections_->count,
                                                  detections_->grad_detection_x, detections_->grad_detection_y, status);
 }
 

@@ -42,21 +42,13 @@ public:
     void finish_backward(Status* status, const Launch& launch) const;
 
 private:
-    DetectionBelief* belief(int t) const { return beliefs_ + (history_ ? t * detections_->count : 0); }
+    DetectionBelief* belief(int t) const { return s_.beliefs + (history_ ? t * detections_->count : 0); }
 
     const dynseg_detections* detections_ = nullptr;
     int64_t num_labels_ = 0, height_ = 0, width_ = 0;
     float prior_cap_ = 1.0f;
     bool history_ = false;  // backward: every iteration's beliefs and box sums are kept
-    // device arrays, (D,) each but beliefs_ ((T + 1, D) with history) and agree_ ((T, D))
-    BoxSpan* spans_ = nullptr;
-    DetectionTerm* terms_ = nullptr;
-    DetectionBelief* beliefs_ = nullptr;
-    float* agree_ = nullptr;
-    BeliefGradient* grad_beliefs_ = nullptr;
-    float* grad_agree_ = nullptr;
-    double* grad_w_x_ = nullptr;
-    double* grad_w_y_ = nullptr;
+    DetectionScratch s_;    // device arrays
 };
 
 }  // namespace cuda
