@@ -53,7 +53,7 @@ dynseg_status validate_detections(const dynseg_crf_problem& p, bool read_arrays)
         return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "detections->count must be in 0..%d, got %lld", DYNSEG_MAX_DETECTIONS,
                     (long long)d.count);
     if (d.count == 0) return DYNSEG_OK;  // no potential: its other fields are not read
-    // the backward pass keeps every iteration's beliefs: (T + 1) x D of them, 16 bytes with their box sums
+    // the backward pass keeps every iteration's beliefs and box sums: (T + 1) x D of them, under 16 bytes each
     if (d.count > std::numeric_limits<int64_t>::max() / 16 / (int64_t(p.iterations) + 1))
         return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "detections->count x (iterations + 1) overflows: %lld x %lld",
                     (long long)d.count, (long long)p.iterations + 1);

@@ -448,3 +448,20 @@ def test_the_library_reads_a_0d_detection_weight_as_the_value_it_holds(smooth_im
                                                      weights, 3)
     assert np.abs(results[0][0] - expected_logits).max() <= 1e-5 * np.abs(expected_logits).max()
     np.testing.assert_allclose(results[0][1], expected_scores, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("count", [0, 2])
+def test_the_torch_op_gives_w_x_and_w_y_the_gradients_autograd_asks_for(count):
+    # no detection: w_x's gradient is 0, not whatever memory held; a weight without requires_grad gets none
+    from dynseg.trainer.crf import Detections, mean_field_native_with_detections
+
+    unary = torch.linspace(-2, 2, 3 * 10 * 12).reshape(3, 10, 12).requires_grad_()
+    w_x, w_y = torch.tensor(1.2, requires_grad=True), torch.tensor(0.9)
+    boxes = torch.tensor([[0.0, 0.0, 5.0, 5.0], [3.0, 2.0, 11.0, 9.0]])[:count]
+    detections = Detections(boxes, torch.tensor([1, 2])[:count], torch.tensor([0.8, 0.5])[:count], w_x, w_y,
+                            score_ceiling=1.0, epsilon=1e-4)
+    logits, scores = mean_field_native_with_detections(unary, None, [(3.0, 0.0, 2.0)], detections, iterations=3)
+    assert scores.shape == (count,)
+    (logits.square().sum() + scores.sum()).backward()
+    assert w_y.grad is None
+    assert (float(w_x.grad) == 0.0) == (count == 0)

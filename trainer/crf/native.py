@@ -76,7 +76,8 @@ class _Call:
                                            f"detection_y], got {len(detections)} tensors")
             boxes, labels, scores, w_x, w_y = detections
             self.recalibrated = held(torch.empty(boxes.shape[0]))
-            self.grad_detection = [held(torch.empty(1)) for _ in range(2)] if want_detection else []
+            # zeros: with no detection (D = 0) the library leaves them, and their gradient is 0
+            self.grad_detection = [held(torch.zeros(1)) for _ in range(2)] if want_detection else []
             grad_x, grad_y = self.grad_detection or (None, None)
             potential = _native.DetectionPotential(
                 boxes=self.array(held(boxes)), labels=self.array(held(labels, torch.int64)),
@@ -249,12 +250,13 @@ def _backward(ctx, grad_logits, grad_recalibrated):
     # a list input's entry of needs_input_grad is a list: one flag per tensor
     want_weights = [bool(wanted) for wanted in ctx.needs_input_grad[4]]
     want_compat = compat is not None and bool(ctx.needs_input_grad[5])
-    want_detection = any(bool(wanted) for wanted in ctx.needs_input_grad[9][3:5])
+    want_w = [bool(wanted) for wanted in ctx.needs_input_grad[9][3:5]]  # w_x, w_y
+    want_detection = any(want_w)
     grad_unary, grad_compat, grad_x, grad_y, *grad_weights = _mean_field_backward(
         grad_logits, grad_recalibrated, unary, image, theta_xy, theta_color, weights, compat, normalization,
         iterations, threads, detections, score_ceiling, epsilon, want_weights, want_compat, want_detection)
     thetas: list | None = [] if not theta_xy else None  # torch reads an empty list as one of tensors: []
-    grad_detections = [None, None, None, grad_x, grad_y] if want_detection else [None] * len(detections)
+    grad_detections = [None, None, None, *(g if wanted else None for g, wanted in zip((grad_x, grad_y), want_w))]
     return (
         grad_unary,
         None, thetas, thetas,
