@@ -465,3 +465,22 @@ def test_the_torch_op_gives_w_x_and_w_y_the_gradients_autograd_asks_for(count):
     (logits.square().sum() + scores.sum()).backward()
     assert w_y.grad is None
     assert (float(w_x.grad) == 0.0) == (count == 0)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("labels", torch.tensor([1.0]), "detections.labels must be integers, got torch.float32"),
+    ("labels", torch.tensor([True]), "detections.labels must hold real numbers, got torch.bool"),
+    ("scores", torch.tensor([0.5 + 1j]), "detections.scores must hold real numbers, got torch.complex64"),
+    ("boxes", [[0.0, 0.0, 3.0, 3.0]], "detections.boxes must be a tensor, got list"),
+    ("epsilon", float("nan"), "detections.epsilon must be a finite float32 number, got nan"),
+])
+def test_the_torch_front_end_names_a_bad_detection_field(field, value, message):
+    from dataclasses import replace
+
+    from dynseg.trainer.crf import Detections, mean_field_native_with_detections
+
+    detections = Detections(torch.tensor([[0.0, 0.0, 3.0, 3.0]]), torch.tensor([1]), torch.tensor([0.5]),
+                            torch.tensor(1.0), torch.tensor(1.0), score_ceiling=1.0, epsilon=1e-4)
+    with pytest.raises(InvalidArgumentError, match=message):
+        mean_field_native_with_detections(torch.zeros(2, 6, 6), None, [(3.0, 0.0, 1.0)],
+                                          replace(detections, **{field: value}))

@@ -413,7 +413,9 @@ def _mean_field_call(
             if not isinstance(tensor, Tensor):
                 raise InvalidArgumentError(f"detections.{name} must be a tensor, got {type(tensor).__name__}")
             _check_device(f"detections.{name}", tensor)
-        if detections.labels.dtype.is_floating_point or detections.labels.dtype.is_complex:
+            if tensor.dtype.is_complex or tensor.dtype == torch.bool:
+                raise InvalidArgumentError(f"detections.{name} must hold real numbers, got {tensor.dtype}")
+        if detections.labels.dtype.is_floating_point:
             raise InvalidArgumentError(f"detections.labels must be integers, got {detections.labels.dtype}")
         for name in ("score_ceiling", "epsilon"):
             if finite_float32(getattr(detections, name)) is None:
