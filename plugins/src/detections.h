@@ -123,8 +123,8 @@ DYNSEG_HOST_DEVICE inline double updated_belief_backward(DetectionBelief belief,
 }
 
 // Both backends' per-detection arrays in their workspace, laid out by one plan: D each but beliefs
-// ((T + 1, D) with history, B^0 .. B^T; else D, updated in place) and agree ((T, D)). The backward
-// pass's (history) are kept only for pass = backward.
+// ((T + 1, D) with history, B^0 .. B^T; else D, updated in place) and agree ((T, D)). History, and every
+// array from agree on, only for the backward pass.
 struct DetectionScratch {
     BoxSpan* spans = nullptr;
     DetectionTerm* terms = nullptr;

@@ -120,14 +120,14 @@ def semantic_mean_field_reference(
 ) -> tuple[Tensor, Tensor]:
     """`semantic_mean_field` written out (the module docstring's loop), differentiable by autograd: the
     definition the kernel library's detection potential is tested against."""
-    kernels = crf_kernels(theta_spatial=config.theta_spatial, theta_bilateral_xy=config.theta_bilateral_xy,
-                          theta_bilateral_rgb=config.theta_bilateral_rgb, spatial_weight=spatial_weight,
-                          bilateral_weight=bilateral_weight)
     if not (config.detection_potential and boxes.shape[0] > 0):  # no loop to write out
         return semantic_mean_field(unary, image, boxes, labels, scores, spatial_weight=spatial_weight,
                                    bilateral_weight=bilateral_weight, compatibility=compatibility,
                                    detection_x=detection_x, detection_y=detection_y, config=config,
                                    normalization=normalization)
+    kernels = crf_kernels(theta_spatial=config.theta_spatial, theta_bilateral_xy=config.theta_bilateral_xy,
+                          theta_bilateral_rgb=config.theta_bilateral_rgb, spatial_weight=spatial_weight,
+                          bilateral_weight=bilateral_weight)
     inside = box_masks(boxes, unary.shape[1], unary.shape[2]).to(unary.dtype)  # (D, H, W)
     pixels = inside.flatten(1).sum(1)  # n_d
     prior = torch.clamp(scores / config.score_ceiling, max=1.0 - config.epsilon)  # p_d
