@@ -70,7 +70,7 @@ DYNSEG_BASELINE Missing detect() {
     const bool ymm = (state & 0x6) == 0x6;          // SSE and AVX state
     const bool zmm = ymm && (state & 0xE0) == 0xE0;  // and AVX-512's opmask and upper registers
     Missing missing;
-    (void)leaf7_1, (void)extended, (void)zmm;  // unread where the kernels use no extension of theirs
+    (void)leaf7, (void)leaf7_1, (void)extended, (void)zmm;  // unread where the kernels use no extension of theirs
 #ifdef __SSE4_1__
     missing.require(DYNSEG_BIT(leaf1.ecx, 19), "sse4.1");
 #endif

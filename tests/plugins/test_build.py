@@ -62,6 +62,7 @@ def test_a_cpu_only_build_works_exports_only_the_c_abi_and_its_cuda_entry_points
     assert "building the CPU kernels only" in configure.stdout
     build = subprocess.run(["cmake", "--build", str(tmp_path), "-j", "2"], capture_output=True, text=True)
     assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
+    assert "warning" not in build.stdout + build.stderr, build.stdout + build.stderr
     built = next(tmp_path.rglob("libdynseg_crf.so"))
     assert {name for name in exported_names(built) if not name.startswith("dynseg_")} == set()
     library = ctypes.CDLL(str(built))

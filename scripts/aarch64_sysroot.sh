@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# aarch64_sysroot.sh DIR: what tests/plugins/test_aarch64.py needs to build dynseg's kernel library for
+# 64-bit ARM (Jetson, DRIVE, Grace) and run it here, on an x86-64 Debian or Ubuntu machine:
+#   - the cross compiler (g++-aarch64-linux-gnu) and user-mode emulation (qemu-user), from apt;
+#   - DIR/root: an ARM CPython 3.11 with its C libraries, from the distribution's arm64 packages,
+#     unpacked without installing them (no maintainer scripts run, nothing of the host changes);
+#   - DIR/site: numpy's manylinux aarch64 wheel, unpacked: the version $PYTHON (default python) has, or
+#     the newest where it has none (the kernels, not numpy, compute what the test compares).
+# Needs root for apt (it adds the arm64 architecture to dpkg so that apt can fetch those packages).
+# The test reads DIR from DYNSEG_AARCH64_SYSROOT, else .aarch64 in the checkout (git-ignored).
+set -euo pipefail
+
+dir="${1:?usage: aarch64_sysroot.sh DIR}"
+python="${PYTHON:-python}"
+
+export DEBIAN_FRONTEND=noninteractive
+if ! command -v aarch64-linux-gnu-g++ >/dev/null || ! command -v qemu-aarch64 >/dev/null; then
+  apt-get install -y -q g++-aarch64-linux-gnu qemu-user >/dev/null
+fi
+if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+  dpkg --add-architecture arm64
+  apt-get update -q >/dev/null
+fi
+
+# python3.11's own packages and every library it or its extension modules (ctypes, ssl, sqlite, ...) link
+packages=(libc6 libgcc-s1 libstdc++6 python3.11-minimal libpython3.11-minimal libpython3.11-stdlib libffi8
+          libexpat1 zlib1g libbz2-1.0 liblzma5 libssl3 libsqlite3-0 libncursesw6 libtinfo6 libreadline8 libuuid1
+          libcrypt1 libnsl2 libtirpc3 libgssapi-krb5-2 libkrb5-3 libk5crypto3 libkrb5support0 libcom-err2
+          libkeyutils1)
+debs="$(mktemp -d)"
+trap 'rm -rf "$debs"' EXIT
+(cd "$debs" && apt-get download -q "${packages[@]/%/:arm64}" >/dev/null 2>&1)
+rm -rf "$dir/root" "$dir/site"
+mkdir -p "$dir/root" "$dir/site"
+for deb in "$debs"/*.deb; do
+  dpkg-deb -x "$deb" "$dir/root"
+done
+
+numpy="$("$python" -c 'import numpy; print("numpy==" + numpy.__version__)' 2>/dev/null || echo "numpy>=1.24")"
+"$python" -m pip download -q --no-deps --only-binary=:all: --implementation cp --python-version 3.11 \
+  --platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64 "$numpy" -d "$debs"
+"$python" -m zipfile -e "$debs"/numpy-*.whl "$dir/site"
+
+qemu-aarch64 -L "$dir/root" "$dir/root/usr/bin/python3.11" -c \
+  "import sys; sys.path.insert(0, '$dir/site'); import numpy, platform; print('aarch64 python', platform.python_version(), 'numpy', numpy.__version__, platform.machine())"

@@ -1,0 +1,99 @@
+"""The kernel library on 64-bit ARM (Jetson, DRIVE, Grace), from this x86-64 machine: cross-built with
+aarch64-linux-gnu-g++, then run under qemu-aarch64, where it must pass the C ABI driver and compute the
+same bits as the library installed here (same_bits_cases.py, through the numpy API of an ARM Python).
+
+Needs the cross compiler, qemu-user and an ARM Python with numpy: `bash scripts/aarch64_sysroot.sh
+.aarch64` installs and unpacks them (CI runs it), DYNSEG_AARCH64_SYSROOT names another folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+SYSROOT = Path(os.environ.get("DYNSEG_AARCH64_SYSROOT", ROOT / ".aarch64"))
+COMPILER = "aarch64-linux-gnu-g++"
+PYTHON = SYSROOT / "root" / "usr" / "bin" / "python3.11"
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which(COMPILER) is None or shutil.which("qemu-aarch64") is None,
+                       reason=f"needs {COMPILER} and qemu-aarch64 (bash scripts/aarch64_sysroot.sh .aarch64 "
+                              "installs them; CI runs it)"),
+    pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not on the PATH"),
+]
+
+
+def under_qemu(*command: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["qemu-aarch64", "-L", str(SYSROOT / "root"), *map(str, command)], capture_output=True,
+                          text=True, timeout=600, env=env)
+
+
+@pytest.fixture(scope="module")
+def arm_library(tmp_path_factory) -> Path:
+    """libdynseg_crf.so for aarch64, as a Jetson's `pip install .` would build it, for any ARMv8-A CPU."""
+    build = tmp_path_factory.mktemp("aarch64-build")
+    configure = subprocess.run(
+        ["cmake", "-S", str(ROOT), "-B", str(build), "-DCMAKE_SYSTEM_NAME=Linux", "-DCMAKE_SYSTEM_PROCESSOR=aarch64",
+         f"-DCMAKE_CXX_COMPILER={COMPILER}", "-DDYNSEG_CUDA=OFF", "-DDYNSEG_NATIVE_ARCH=OFF"],
+        capture_output=True, text=True)
+    assert configure.returncode == 0, configure.stdout[-2000:] + configure.stderr[-2000:]
+    compile_ = subprocess.run(["cmake", "--build", str(build), "-j", "2"], capture_output=True, text=True)
+    assert compile_.returncode == 0, compile_.stdout[-3000:] + compile_.stderr[-3000:]
+    assert "warning" not in compile_.stdout + compile_.stderr, compile_.stdout + compile_.stderr
+    library = next(build.rglob("libdynseg_crf.so"))
+    header = library.read_bytes()[:20]
+    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # e_machine: EM_AARCH64
+    return library
+
+
+def test_the_arm_library_exports_its_c_abi_and_nothing_else(arm_library):
+    nm = shutil.which("aarch64-linux-gnu-nm")
+    if nm is None:
+        pytest.skip("aarch64-linux-gnu-nm (binutils-aarch64-linux-gnu, beside the cross compiler) is missing")
+    listing = subprocess.run([nm, "-D", "--defined-only", str(arm_library)], capture_output=True, text=True,
+                             check=True)
+    names = {line.split()[-1] for line in listing.stdout.splitlines() if line.strip()}
+    assert "dynseg_crf_forward" in names
+    assert {name for name in names if not name.startswith("dynseg_")} == set()
+
+
+def test_every_cpu_entry_point_succeeds_or_refuses_as_documented_on_arm(arm_library, tmp_path):
+    driver = tmp_path / "abi_driver"
+    subprocess.run([COMPILER, "-std=c++17", "-O1", "-Wall", "-Wextra", f"-I{ROOT / 'plugins' / 'include'}",
+                    str(HERE / "abi_driver.cpp"), "-o", str(driver), str(arm_library),
+                    f"-Wl,-rpath,{arm_library.parent}", "-pthread"], check=True)
+    run = under_qemu(driver)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.splitlines()[-1].endswith("checks, 0 failed"), run.stdout
+
+
+@pytest.mark.skipif(not PYTHON.is_file(), reason=f"no ARM Python at {PYTHON} (bash scripts/aarch64_sysroot.sh "
+                                                  f"{SYSROOT} unpacks one; CI runs it)")
+def test_arm_computes_the_same_bits_as_this_machine(arm_library, tmp_path):
+    # The ARM Python imports dynseg.sdk from this checkout; DYNSEG_LIBRARY points it at the ARM library.
+    package = tmp_path / "package" / "dynseg"
+    package.mkdir(parents=True)
+    for name in ("sdk", "plugins"):
+        (package / name).symlink_to(ROOT / name, target_is_directory=True)
+    env = {"PATH": os.environ.get("PATH", ""), "DYNSEG_LIBRARY": str(arm_library),
+           "PYTHONPATH": f"{SYSROOT / 'site'}:{package.parent}"}
+    script = HERE / "same_bits_cases.py"
+    arm = under_qemu(PYTHON, script, tmp_path / "arm.npz", env=env)
+    assert arm.returncode == 0, arm.stdout + arm.stderr
+    here = subprocess.run([sys.executable, str(script), str(tmp_path / "here.npz")], capture_output=True, text=True,
+                          timeout=600)
+    assert here.returncode == 0, here.stdout + here.stderr
+
+    with np.load(tmp_path / "arm.npz") as arm_results, np.load(tmp_path / "here.npz") as results:
+        assert sorted(arm_results.files) == sorted(results.files) and len(results.files) >= 20
+        for name in results.files:
+            assert np.isfinite(results[name]).all(), name
+            assert results[name].tobytes() == arm_results[name].tobytes(), (
+                f"{name}: max |difference| {np.abs(results[name] - arm_results[name]).max()}")
