@@ -62,7 +62,7 @@ except ValueError as error:
 EOF
 
 step "GPU tests"
-timeout 240 $PY -m pytest -q -rs -p no:cacheprovider tests/gpu tests/trainer/test_native_op.py 2>&1 | tee "$REPORT/tests.log" | tail -25
+timeout 300 $PY -m pytest -q -rs -p no:cacheprovider tests/gpu tests/trainer/test_native_op.py 2>&1 | tee "$REPORT/tests.log" | tail -25
 check "GPU tests" "${PIPESTATUS[0]}"
 
 step "the TensorRT plugin on the GPU, without TensorRT"

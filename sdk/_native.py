@@ -319,10 +319,14 @@ def check_cuda_device(device: int) -> None:
         )
     count = cuda_device_count()
     if not 0 <= device < count:
-        raise InvalidArgumentError(
-            f"device='cuda:{device}' but the native library sees {count} CUDA device(s)"
-            + (" (no GPU or no NVIDIA driver on this machine)" if count == 0 else "")
-        )
+        why = ""
+        if count == 0:
+            reason = (library().dynseg_last_error() or b"").decode("utf-8", "replace")
+            # the library says what the CUDA runtime reported, where it failed to count (a message about
+            # anything else is a stale one of an earlier call)
+            detail = f"; {reason}" if reason.startswith("cudaGetDeviceCount failed") else ""
+            why = f" (no GPU or no NVIDIA driver on this machine{detail})"
+        raise InvalidArgumentError(f"device='cuda:{device}' but the native library sees {count} CUDA device(s){why}")
 
 
 def _check(status: int) -> None:

@@ -51,7 +51,8 @@ typedef enum dynseg_status {
                                    where float keys have no fraction bits left, or the coordinates need
                                    more than 63 key bits; the message says which */
     DYNSEG_ERROR_INTERNAL = 4, /* out of host memory, or a bug in dynseg; the message says which */
-    DYNSEG_ERROR_NOT_SUPPORTED = 5, /* CUDA entry point of a library built without CUDA */
+    DYNSEG_ERROR_NOT_SUPPORTED = 5, /* CUDA entry point of a library built without CUDA, or for a GPU
+                                       it has no kernels for (its architecture was not compiled) */
     DYNSEG_ERROR_CUDA = 6,          /* a CUDA runtime call failed; the message names it */
     DYNSEG_ERROR_CANCELLED = 7      /* the calling thread's cancel flag was set (dynseg_set_cancel_flag) */
 } dynseg_status;
@@ -228,7 +229,9 @@ DYNSEG_API dynseg_status dynseg_lattice_filter(const dynseg_crf_problem* problem
 
 /* 1 if the library was built with its CUDA kernels, else 0. */
 DYNSEG_API int32_t dynseg_cuda_compiled(void);
-/* Number of usable CUDA devices (0 without CUDA in the build, without a driver or without a GPU). */
+/* Number of usable CUDA devices (0 without CUDA in the build, without a driver or without a GPU; where
+ * the CUDA runtime failed to count them, a driver older than the runtime say, dynseg_last_error() then
+ * names its error). */
 DYNSEG_API int32_t dynseg_cuda_device_count(void);
 
 /* Bytes of device workspace the CUDA calls of `pass` need for `problem` (the worst case: every lattice

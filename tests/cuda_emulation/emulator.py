@@ -54,7 +54,8 @@ def build(tree: Path, out: Path, extra_sources: Sequence[Path] = (), include_dir
             (src / "cuda" / name).write_text(emulated_source(path.read_text()))
         command = [
             compiler, "-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-w",
-            "-DDYNSEG_WITH_CUDA=1", '-DDYNSEG_VERSION="emulated"', *flags,
+            "-DDYNSEG_WITH_CUDA=1", '-DDYNSEG_VERSION="emulated"',
+            '-DDYNSEG_CUDA_ARCHITECTURES_BUILT="no GPU (the CPU emulation)"', *flags,
             f"-I{SHIM}", f"-I{tree / 'plugins' / 'include'}", f"-I{src}", *(f"-I{d}" for d in include_dirs),
             *map(str, sorted(src.glob("*.cpp"))), *map(str, sorted((src / "cuda").glob("*.cpp"))),
             *map(str, extra_sources), "-o", str(out),

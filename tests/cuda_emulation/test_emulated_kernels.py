@@ -57,3 +57,29 @@ def test_every_kernel_launch_form_is_rewritten():
     assert "emu::launch([&] { embed<5>(c, f(p, q),\n    r); }, launch.blocks(n), kThreads, 0, stream);" in rewritten
     with pytest.raises(ValueError, match="cannot rewrite"):
         emulator.emulated_source("kernel<<<1, 1>>>(x)")  # no semicolon: not a launch statement it knows
+
+
+def _dense_crf_cuda_under(emulated_library: Path, gpu: str) -> subprocess.CompletedProcess:
+    """dense_crf(device="cuda") on the emulated library, in a process whose emulated GPU fails as `gpu` says."""
+    call = ("import numpy as np\nfrom dynseg.sdk import dense_crf\n"
+            "dense_crf(np.zeros((2, 8, 8), np.float32), None, bilateral=None, device='cuda')\n")
+    return subprocess.run([sys.executable, "-c", call], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, DYNSEG_LIBRARY=str(emulated_library), DYNSEG_EMULATED_GPU=gpu))
+
+
+def test_a_gpu_the_build_has_no_kernels_for_is_named_with_the_architectures_built(emulated_library):
+    run = _dense_crf_cuda_under(emulated_library, "without-kernels")
+    assert run.returncode != 0
+    assert ("NativeError: dynseg native library failed (NOT_SUPPORTED): CUDA device 0 (compute capability 9.0) "
+            "cannot run this library's CUDA kernels, which were built for no GPU (the CPU emulation) "
+            "(cudaErrorNoKernelImageForDevice): reinstall dynseg with its architecture, e.g. pip install . -C "
+            "cmake.define.DYNSEG_CUDA_ARCHITECTURES=90-real") in run.stderr, run.stderr
+
+
+def test_a_runtime_that_cannot_count_the_gpus_says_what_it_reported(emulated_library):
+    run = _dense_crf_cuda_under(emulated_library, "without-driver")
+    assert run.returncode != 0
+    assert ("InvalidArgumentError: device='cuda:0' but the native library sees 0 CUDA device(s) (no GPU or no NVIDIA "
+            "driver on this machine; cudaGetDeviceCount failed: cudaErrorInsufficientDriver (emulated error); the "
+            "library carries the CUDA 13.0 runtime, which needs an NVIDIA driver at least as new)") in run.stderr, \
+        run.stderr

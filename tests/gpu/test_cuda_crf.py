@@ -5,11 +5,20 @@ the tests of what a machine without a GPU must say run everywhere.
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from dynseg.sdk import _native, dense_crf, dense_crf_cuda
 from dynseg.sdk.errors import InvalidArgumentError
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _gpu_missing() -> str | None:
@@ -114,6 +123,34 @@ try:  # the torch op's tests need torch; the numpy API's above and below do not
 except ImportError:
     torch = None
 needs_torch = pytest.mark.skipif(torch is None, reason="needs torch (the torch op and zero-copy tests)")
+
+
+@needs_gpu
+@needs_torch
+@pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("nvcc") is None, reason="needs cmake and nvcc")
+def test_a_library_built_for_another_gpu_names_both_architectures(tmp_path):
+    # SASS runs only on its own major architecture: sm_80 code cannot run on a Hopper, nor sm_90 on an Ampere
+    major, minor = torch.cuda.get_device_capability(0)
+    other = "80-real" if major >= 9 else "90-real"
+    build = subprocess.run(
+        ["cmake", "-S", str(ROOT), "-B", str(tmp_path / "build"), "-DDYNSEG_NATIVE_ARCH=OFF",
+         f"-DDYNSEG_CUDA_ARCHITECTURES={other}"], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    build = subprocess.run(["cmake", "--build", str(tmp_path / "build"), "-j", str(os.cpu_count() or 2)],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    library = next((tmp_path / "build").rglob("libdynseg_crf.so"))
+    call = ("import numpy as np\nfrom dynseg.sdk import dense_crf\n"
+            "dense_crf(np.zeros((2, 8, 8), np.float32), None, bilateral=None, device='cuda')\n")
+    run = subprocess.run([sys.executable, "-c", call], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, DYNSEG_LIBRARY=str(library)))
+    assert run.returncode != 0
+    # the runtime names the missing image one of two ways, by version
+    expected = (rf"CUDA device 0 \(compute capability {major}\.{minor}\) cannot run this library's CUDA kernels, "
+                rf"which were built for {other} \(cudaError(NoKernelImageForDevice|InvalidDeviceFunction)\): "
+                rf"reinstall dynseg with its architecture, e\.g\. pip install \. -C "
+                rf"cmake\.define\.DYNSEG_CUDA_ARCHITECTURES={major}{minor}-real")
+    assert re.search(expected, run.stderr), run.stderr
 
 
 def _problem_tensors(labels: int, height: int, width: int, seed: int, device: str):

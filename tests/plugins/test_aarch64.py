@@ -1,6 +1,7 @@
 """The kernel library on 64-bit ARM (Jetson, DRIVE, Grace), from this x86-64 machine: cross-built with
 aarch64-linux-gnu-g++, then run under qemu-aarch64, where it must pass the C ABI driver and compute the
 same bits as the library installed here (same_bits_cases.py, through the numpy API of an ARM Python).
+The TensorRT plugin is cross-compiled too, against each folder of TensorRT headers found (conftest.py).
 
 Needs the cross compiler, qemu-user and an ARM Python with numpy: `bash scripts/aarch64_sysroot.sh
 .aarch64` installs and unpacks them (CI runs it), DYNSEG_AARCH64_SYSROOT names another folder."""
@@ -72,6 +73,28 @@ def test_every_cpu_entry_point_succeeds_or_refuses_as_documented_on_arm(arm_libr
     run = under_qemu(driver)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.splitlines()[-1].endswith("checks, 0 failed"), run.stdout
+
+
+def _cuda_include() -> Path | None:
+    """The CUDA toolkit's headers, where nvcc says its toolkit lies (it may be a wrapper script)."""
+    if shutil.which("nvcc") is None:
+        return None
+    verbose = subprocess.run(["nvcc", "-v", "-x", "cu", "-E", os.devnull, "-o", os.devnull], capture_output=True,
+                             text=True).stderr
+    top = next((line.split("=", 1)[1] for line in verbose.splitlines() if line.startswith("#$ TOP=")), None)
+    return Path(top).resolve() / "include" if top else None
+
+
+@pytest.mark.skipif(_cuda_include() is None, reason="the plugin includes cuda_runtime_api.h: needs the CUDA toolkit")
+def test_the_tensorrt_plugin_compiles_for_arm_without_warnings(tensorrt_headers, tmp_path):
+    # Jetson's JetPack 6 carries TensorRT 10.3: the plugin is C++ and reaches the kernels through the C ABI
+    tensorrt = ROOT / "plugins" / "tensorrt"
+    build = subprocess.run(
+        [COMPILER, "-std=c++17", "-O2", "-fPIC", "-Wall", "-Wextra", "-Werror", f"-I{ROOT / 'plugins' / 'include'}",
+         f"-I{tensorrt}", "-isystem", str(tensorrt_headers), "-isystem", str(_cuda_include()), "-c",
+         str(tensorrt / "mean_field_crf_plugin.cpp"), "-o", str(tmp_path / "plugin.o")],
+        capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-4000:]
 
 
 @pytest.mark.skipif(not PYTHON.is_file(), reason=f"no ARM Python at {PYTHON} (bash scripts/aarch64_sysroot.sh "

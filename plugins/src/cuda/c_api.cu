@@ -1,6 +1,7 @@
 // c_api.cu: the CUDA entry points of dynseg_crf.h. Validation and error messages are the CPU
 // boundary's (boundary.h); this file adds what only the GPU needs: the launch geometry of the current
 // device, CUDA error reporting, the after-the-fact lattice check, and the host-array convenience call.
+#include <atomic>
 #include <cstdio>
 #include <cstring>
 #include <vector>
@@ -31,10 +32,42 @@ dynseg_status guarded_cuda(const Body& body) {
     });
 }
 
+#ifndef DYNSEG_CUDA_ARCHITECTURES_BUILT
+#error "plugins/CMakeLists.txt defines DYNSEG_CUDA_ARCHITECTURES_BUILT, the architectures compiled, for messages"
+#endif
+
+// Whether `device` (the current one) can run this build's kernels. A GPU the build has neither SASS
+// nor usable PTX for would otherwise fail at the first launch with a bare "no kernel image". Asked
+// once per device: the answer cannot change while the process lives.
+dynseg_status check_kernels_run_on(int device) {
+    constexpr int kRemembered = 64;
+    static std::atomic<bool> runs[kRemembered] = {};
+    const bool remembered = device >= 0 && device < kRemembered;
+    if (remembered && runs[device].load(std::memory_order_relaxed)) return DYNSEG_OK;
+    const cudaError_t e = dynseg::cuda::kernel_image_status();
+    if (e == cudaSuccess) {
+        if (remembered) runs[device].store(true, std::memory_order_relaxed);
+        return DYNSEG_OK;
+    }
+    cudaGetLastError();  // not sticky: clear it for the caller's next CUDA call
+    if (e != cudaErrorNoKernelImageForDevice && e != cudaErrorInvalidDeviceFunction &&
+        e != cudaErrorUnsupportedPtxVersion)
+        return cuda_failed(e, "cudaFuncGetAttributes");
+    int major = 0, minor = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+    return fail(DYNSEG_ERROR_NOT_SUPPORTED,
+                "CUDA device %d (compute capability %d.%d) cannot run this library's CUDA kernels, which were "
+                "built for %s (%s): reinstall dynseg with its architecture, e.g. pip install . -C "
+                "cmake.define.DYNSEG_CUDA_ARCHITECTURES=%d%d-real",
+                device, major, minor, DYNSEG_CUDA_ARCHITECTURES_BUILT, cudaGetErrorName(e), major, minor);
+}
+
 // Grid-stride launches get enough blocks to fill every SM of the current device.
 dynseg_status current_launch(void* stream, dynseg::cuda::Launch* launch) {
     int device = 0, sms = 0;
     if (cudaError_t e = cudaGetDevice(&device)) return cuda_failed(e, "cudaGetDevice");
+    if (dynseg_status s = check_kernels_run_on(device)) return s;
     if (cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device))
         return cuda_failed(e, "cudaDeviceGetAttribute");
     launch->stream = static_cast<cudaStream_t>(stream);
@@ -115,8 +148,12 @@ int32_t dynseg_cuda_compiled(void) { return 1; }
 
 int32_t dynseg_cuda_device_count(void) {
     int count = 0;
-    if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    if (cudaError_t e = cudaGetDeviceCount(&count)) {
         cudaGetLastError();
+        // why there are none, for dynseg_last_error: no driver and a driver too old look alike to the runtime
+        fail(DYNSEG_ERROR_CUDA, "cudaGetDeviceCount failed: %s (%s); the library carries the CUDA %d.%d runtime, "
+             "which needs an NVIDIA driver at least as new", cudaGetErrorName(e), cudaGetErrorString(e),
+             CUDART_VERSION / 1000, CUDART_VERSION % 1000 / 10);
         return 0;
     }
     return count;

@@ -329,6 +329,11 @@ __global__ void to_float(const double* in, float* out, int64_t count, Status* st
 
 }  // namespace
 
+cudaError_t kernel_image_status() {
+    cudaFuncAttributes attributes;
+    return cudaFuncGetAttributes(&attributes, add_into);
+}
+
 MeanField::MeanField(const dynseg_crf_problem& problem, int pass, Workspace& ws)
     : problem_(problem), status_(ws.take<Status>(1)),  // first, where dynseg_crf_check_cuda looks for it
       detections_(problem, pass, ws) {

@@ -17,6 +17,10 @@
 namespace dynseg {
 namespace cuda {
 
+// cudaSuccess where the current device can run this build's kernels (SASS for its architecture, or PTX
+// it can compile), else the error that says why not (cudaErrorNoKernelImageForDevice, say).
+cudaError_t kernel_image_status();
+
 class MeanField {
 public:
     MeanField(const dynseg_crf_problem& problem, int pass, Workspace& ws);

@@ -88,21 +88,46 @@ template <class A, class B> inline auto max(A a, B b) { return a > b ? a : b; }
 // ---- the runtime ----
 typedef struct CUstream_st* cudaStream_t;
 typedef struct CUevent_st* cudaEvent_t;  // named by TensorRT's headers
-enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2 };
+enum cudaError_t {
+    cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2, cudaErrorInsufficientDriver = 35,
+    cudaErrorInvalidDeviceFunction = 98, cudaErrorNoKernelImageForDevice = 209, cudaErrorUnsupportedPtxVersion = 222
+};
+#define CUDART_VERSION 13000
 enum cudaMemcpyKind { cudaMemcpyHostToHost, cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice, cudaMemcpyDefault };
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+enum cudaDeviceAttr {
+    cudaDevAttrMultiProcessorCount = 16, cudaDevAttrComputeCapabilityMajor = 75, cudaDevAttrComputeCapabilityMinor = 76
+};
+struct cudaFuncAttributes { int binaryVersion, ptxVersion; };
+// DYNSEG_EMULATED_GPU picks a failure for the tests of the messages: "without-kernels", a GPU the
+// build has no kernels for; "without-driver", a runtime that cannot count the GPUs.
+inline bool emulated_gpu_is(const char* what) {
+    const char* value = std::getenv("DYNSEG_EMULATED_GPU");
+    return value && std::strcmp(value, what) == 0;
+}
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 constexpr unsigned cudaStreamNonBlocking = 1;
 inline const char* cudaGetErrorString(cudaError_t) { return "emulated error"; }
-inline const char* cudaGetErrorName(cudaError_t) { return "cudaErrorEmulated"; }
+inline const char* cudaGetErrorName(cudaError_t e) {
+    return e == cudaErrorNoKernelImageForDevice ? "cudaErrorNoKernelImageForDevice"
+           : e == cudaErrorInsufficientDriver   ? "cudaErrorInsufficientDriver"
+                                                : "cudaErrorEmulated";
+}
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
 inline cudaError_t cudaSetDevice(int) { return cudaSuccess; }
-inline cudaError_t cudaGetDeviceCount(int* n) { *n = 1; return cudaSuccess; }
+inline cudaError_t cudaGetDeviceCount(int* n) {
+    *n = emulated_gpu_is("without-driver") ? 0 : 1;
+    return *n ? cudaSuccess : cudaErrorInsufficientDriver;
+}
 // One SM: grids stay small (blocks are threads here), and every grid-stride loop takes several turns.
-inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr, int) {
-    *v = 1;
+// Compute capability 9.0.
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attribute, int) {
+    *v = attribute == cudaDevAttrComputeCapabilityMajor ? 9 : attribute == cudaDevAttrComputeCapabilityMinor ? 0 : 1;
     return cudaSuccess;
+}
+template <class F> inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, F) {
+    *attributes = {};
+    return emulated_gpu_is("without-kernels") ? cudaErrorNoKernelImageForDevice : cudaSuccess;
 }
 inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t = nullptr) { std::memset(p, v, n); return cudaSuccess; }
 inline cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind, cudaStream_t = nullptr) {
