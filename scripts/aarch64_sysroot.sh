@@ -14,8 +14,10 @@ dir="${1:?usage: aarch64_sysroot.sh DIR}"
 python="${PYTHON:-python}"
 
 export DEBIAN_FRONTEND=noninteractive
+tools=(g++-aarch64-linux-gnu qemu-user)
 if ! command -v aarch64-linux-gnu-g++ >/dev/null || ! command -v qemu-aarch64 >/dev/null; then
-  apt-get install -y -q g++-aarch64-linux-gnu qemu-user >/dev/null
+  # a machine whose package lists are missing or stale gets them first
+  apt-get install -y -q "${tools[@]}" >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q "${tools[@]}" >/dev/null; }
 fi
 if ! dpkg --print-foreign-architectures | grep -qx arm64; then
   dpkg --add-architecture arm64
