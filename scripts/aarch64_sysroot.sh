@@ -5,7 +5,10 @@
 #   - DIR/root: an ARM CPython 3.11 with its C libraries, from the distribution's arm64 packages,
 #     unpacked without installing them (no maintainer scripts run, nothing of the host changes);
 #   - DIR/site: numpy's manylinux aarch64 wheel, unpacked: the version $PYTHON (default python) has, or
-#     the newest where it has none (the kernels, not numpy, compute what the test compares).
+#     the newest where it has none (the kernels, not numpy, compute what the test compares); and what
+#     the Segmenter needs beside it: onnxruntime, onnx and their dependencies, Pillow. onnxruntime is
+#     1.20.1 (dynseg takes 1.18 and newer): 1.32's aarch64 wheel crashes at import under Debian 12's
+#     qemu 7.2 (SIGSEGV, not pursued), 1.20.1 runs there.
 # Needs root for apt (it adds the arm64 architecture to dpkg so that apt can fetch those packages).
 # The test reads DIR from DYNSEG_AARCH64_SYSROOT, else .aarch64 in the checkout (git-ignored).
 set -euo pipefail
@@ -39,9 +42,13 @@ for deb in "$debs"/*.deb; do
 done
 
 numpy="$("$python" -c 'import numpy; print("numpy==" + numpy.__version__)' 2>/dev/null || echo "numpy>=1.24")"
-"$python" -m pip download -q --no-deps --only-binary=:all: --implementation cp --python-version 3.11 \
-  --platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64 "$numpy" -d "$debs"
-"$python" -m zipfile -e "$debs"/numpy-*.whl "$dir/site"
+for wheel in "$numpy" onnxruntime==1.20.1 onnx ml_dtypes protobuf typing_extensions flatbuffers packaging pillow; do
+  "$python" -m pip download -q --no-deps --only-binary=:all: --implementation cp --python-version 3.11 \
+    --platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64 --platform any "$wheel" -d "$debs"
+done
+for wheel in "$debs"/*.whl; do
+  "$python" -m zipfile -e "$wheel" "$dir/site"
+done
 
 qemu-aarch64 -L "$dir/root" "$dir/root/usr/bin/python3.11" -c \
   "import sys; sys.path.insert(0, '$dir/site'); import numpy, platform; print('aarch64 python', platform.python_version(), 'numpy', numpy.__version__, platform.machine())"

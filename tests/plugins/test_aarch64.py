@@ -9,6 +9,7 @@ Needs the cross compiler, qemu-user and an ARM Python with numpy: `bash scripts/
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -97,26 +98,64 @@ def test_the_tensorrt_plugin_compiles_for_arm_without_warnings(tensorrt_headers,
     assert build.returncode == 0, build.stderr[-4000:]
 
 
-@pytest.mark.skipif(not PYTHON.is_file(), reason=f"no ARM Python at {PYTHON} (bash scripts/aarch64_sysroot.sh "
-                                                  f"{SYSROOT} unpacks one; CI runs it)")
-def test_arm_computes_the_same_bits_as_this_machine(arm_library, tmp_path):
+needs_arm_python = pytest.mark.skipif(
+    not PYTHON.is_file(), reason=f"no ARM Python at {PYTHON} (bash scripts/aarch64_sysroot.sh {SYSROOT} unpacks one; "
+                                 "CI runs it)")
+
+
+def run_both(script: Path, arguments: list[Path], suffix: str, arm_library: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """`script` run with `arguments` and an output file (tmp_path/arm`suffix`) by the ARM Python under qemu
+    with the ARM library, then (tmp_path/here`suffix`) by this machine's Python with the installed
+    library; the two output files."""
     # The ARM Python imports dynseg.sdk from this checkout; DYNSEG_LIBRARY points it at the ARM library.
     package = tmp_path / "package" / "dynseg"
-    package.mkdir(parents=True)
+    package.mkdir(parents=True, exist_ok=True)
     for name in ("sdk", "plugins"):
-        (package / name).symlink_to(ROOT / name, target_is_directory=True)
+        if not (package / name).exists():
+            (package / name).symlink_to(ROOT / name, target_is_directory=True)
     env = {"PATH": os.environ.get("PATH", ""), "DYNSEG_LIBRARY": str(arm_library),
            "PYTHONPATH": f"{SYSROOT / 'site'}:{package.parent}"}
-    script = HERE / "same_bits_cases.py"
-    arm = under_qemu(PYTHON, script, tmp_path / "arm.npz", env=env)
+    outputs = tmp_path / f"arm{suffix}", tmp_path / f"here{suffix}"
+    arm = under_qemu(PYTHON, script, *arguments, outputs[0], env=env)
     assert arm.returncode == 0, arm.stdout + arm.stderr
-    here = subprocess.run([sys.executable, str(script), str(tmp_path / "here.npz")], capture_output=True, text=True,
-                          timeout=600)
+    here = subprocess.run([sys.executable, str(script), *map(str, arguments), str(outputs[1])],
+                          capture_output=True, text=True, timeout=600)
     assert here.returncode == 0, here.stdout + here.stderr
+    return outputs
 
-    with np.load(tmp_path / "arm.npz") as arm_results, np.load(tmp_path / "here.npz") as results:
+
+@needs_arm_python
+def test_arm_computes_the_same_bits_as_this_machine(arm_library, tmp_path):
+    arm, here = run_both(HERE / "same_bits_cases.py", [], ".npz", arm_library, tmp_path)
+
+    with np.load(arm) as arm_results, np.load(here) as results:
         assert sorted(arm_results.files) == sorted(results.files) and len(results.files) >= 20
         for name in results.files:
             assert np.isfinite(results[name]).all(), name
             assert results[name].tobytes() == arm_results[name].tobytes(), (
                 f"{name}: max |difference| {np.abs(results[name] - arm_results[name]).max()}")
+
+
+@needs_arm_python
+@pytest.mark.skipif(not (SYSROOT / "site" / "onnxruntime").is_dir(),
+                    reason=f"no onnxruntime for the ARM Python in {SYSROOT / 'site'} (scripts/aarch64_sysroot.sh)")
+def test_an_exported_model_segments_on_arm_as_on_this_machine(arm_library, learned_looking_network, tmp_path):
+    # The whole deployment path on ARM: onnxruntime's aarch64 build for the network, the ARM kernel
+    # library for the CRF nodes, the SDK around them. onnxruntime's kernels differ by instruction set,
+    # so the two are held to `dynseg validate`'s checks rather than to the bit.
+    pytest.importorskip("torch", reason="exporting the model needs torch")
+    from dynseg.export.onnx import export_onnx
+    from dynseg.sdk import samples
+    from dynseg.sdk.commands.parity import ParityReport, compare
+
+    model = export_onnx(learned_looking_network(seed=3), tmp_path / "model.onnx")
+    np.save(tmp_path / "coffee.npy", samples.load("coffee"))
+    arm, here = run_both(HERE / "segment_case.py", [model, tmp_path / "coffee.npy"], ".pickle", arm_library, tmp_path)
+    arm_runs, runs = (pickle.loads(path.read_bytes()) for path in (arm, here))
+    assert list(arm_runs) == list(runs) and len(runs) == 2
+    report = ParityReport([compare(name, arm_runs[name][1], runs[name][1], arm_runs[name][0], runs[name][0])
+                           for name in runs])
+    assert report and report.exercised_instances(), report.table()
+    for name in runs:
+        assert [(i.detection, i.class_id) for i in arm_runs[name][0].instances] == \
+               [(i.detection, i.class_id) for i in runs[name][0].instances], name
