@@ -3,7 +3,8 @@
 # 64-bit ARM (Jetson, DRIVE, Grace) and run it here, on an x86-64 Debian or Ubuntu machine:
 #   - the cross compiler (g++-aarch64-linux-gnu) and user-mode emulation (qemu-user), from apt;
 #   - DIR/root: an ARM CPython 3.11 with its C libraries, from the distribution's arm64 packages,
-#     unpacked without installing them (no maintainer scripts run, nothing of the host changes);
+#     unpacked without installing them (no maintainer scripts run; of the host, only dpkg's list of
+#     architectures changes, below);
 #   - DIR/site: numpy's manylinux aarch64 wheel, unpacked: the version $PYTHON (default python) has, or
 #     the newest where it has none (the kernels, not numpy, compute what the test compares); and what
 #     the Segmenter needs beside it: onnxruntime, onnx and their dependencies, Pillow. onnxruntime is
@@ -34,7 +35,7 @@ packages=(libc6 libgcc-s1 libstdc++6 python3.11-minimal libpython3.11-minimal li
           libkeyutils1)
 debs="$(mktemp -d)"
 trap 'rm -rf "$debs"' EXIT
-(cd "$debs" && apt-get download -q "${packages[@]/%/:arm64}" >/dev/null 2>&1)
+(cd "$debs" && apt-get download -q "${packages[@]/%/:arm64}" >/dev/null)
 rm -rf "$dir/root" "$dir/site"
 mkdir -p "$dir/root" "$dir/site"
 for deb in "$debs"/*.deb; do

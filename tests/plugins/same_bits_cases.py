@@ -4,8 +4,8 @@
 
 tests/plugins/test_aarch64.py runs it on this machine and, under qemu-aarch64, against the library
 cross-built for 64-bit ARM (Jetson, Grace), and requires the same bits: the kernels round the same
-way on every instruction set (no fused multiply-adds, fixed reduction orders, their own exp). It
-needs numpy and dynseg.sdk alone, because the ARM Python it runs under has nothing else.
+way on every instruction set (no fused multiply-adds, fixed reduction orders, the softmax's exp their
+own; the detection potential's expf is glibc's). It needs numpy and dynseg.sdk alone.
 """
 
 from __future__ import annotations
