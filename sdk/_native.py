@@ -34,7 +34,7 @@ from dynseg.plugins import library_path
 from .checks import INT32_MAX, is_int
 from .errors import InvalidArgumentError, LatticeRangeError, NativeError
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 NORMALIZATION = {"after": 0, "symmetric": 1}
 MAX_LABELS = 65536  # DYNSEG_MAX_LABELS: the most labels a problem takes
 ADDRESS_MAX = 2**64 - 1  # ctypes would wrap a larger address silently
@@ -240,6 +240,7 @@ def _declare_signatures(lib: ctypes.CDLL) -> None:
         problem, ctypes.c_int32, ctypes.c_int64, _f32p, _f32p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_size_t
     ]
     lib.dynseg_cuda_compiled.restype = ctypes.c_int32
+    lib.dynseg_cuda_build.restype = ctypes.c_char_p
     lib.dynseg_cuda_device_count.restype = ctypes.c_int32
     lib.dynseg_crf_workspace_size_cuda.argtypes = lib.dynseg_crf_workspace_size.argtypes
     lib.dynseg_crf_forward_cuda.argtypes = [
@@ -302,6 +303,11 @@ def max_threads() -> int:
 def cuda_compiled() -> bool:
     """Whether the native library was built with its CUDA kernels."""
     return bool(library().dynseg_cuda_compiled())
+
+
+def cuda_build() -> str:
+    """What the CUDA kernels were built for: the CUDA runtime and the GPU architectures ("" without CUDA)."""
+    return library().dynseg_cuda_build().decode()
 
 
 def cuda_device_count() -> int:

@@ -93,7 +93,8 @@ def _version_line() -> str:
     from . import _native
 
     try:
-        kernels = "CPU and CUDA kernels" if _native.cuda_compiled() else "CPU kernels only, built without CUDA"
+        kernels = (f"CPU and CUDA kernels: {_native.cuda_build()}" if _native.cuda_compiled()
+                   else "CPU kernels only, built without CUDA")
         native = f"{_native.native_version()}, {kernels}"
     except DynsegError as error:  # the package still reports its own version without the library
         native = f"unavailable ({error})"

@@ -41,7 +41,7 @@ extern "C" {
 #define DYNSEG_API __attribute__((visibility("default")))
 #endif
 
-#define DYNSEG_ABI_VERSION 5
+#define DYNSEG_ABI_VERSION 6
 
 typedef enum dynseg_status {
     DYNSEG_OK = 0,
@@ -229,6 +229,10 @@ DYNSEG_API dynseg_status dynseg_lattice_filter(const dynseg_crf_problem* problem
 
 /* 1 if the library was built with its CUDA kernels, else 0. */
 DYNSEG_API int32_t dynseg_cuda_compiled(void);
+/* What the CUDA kernels were built for, e.g. "CUDA 13.0 runtime, architectures 80-real, 90-real,
+ * 90-virtual" (CMake's names: -real is machine code for that GPU, -virtual PTX the driver compiles for
+ * newer ones); "" without CUDA in the build. Static storage. */
+DYNSEG_API const char* dynseg_cuda_build(void);
 /* Number of usable CUDA devices (0 without CUDA in the build, without a driver or without a GPU; where
  * the CUDA runtime failed to count them, a driver older than the runtime say, dynseg_last_error() then
  * names its error). */

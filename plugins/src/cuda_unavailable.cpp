@@ -18,6 +18,7 @@ dynseg_status not_built() {
 extern "C" {
 
 int32_t dynseg_cuda_compiled(void) { return 0; }
+const char* dynseg_cuda_build(void) { return ""; }
 int32_t dynseg_cuda_device_count(void) { return 0; }
 
 dynseg_status dynseg_crf_workspace_size_cuda(const dynseg_crf_problem*, int32_t, size_t*) { return not_built(); }

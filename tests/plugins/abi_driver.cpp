@@ -198,6 +198,8 @@ void refusals() {
     const dynseg_status cuda = dynseg_crf_workspace_size_cuda(&p.c, DYNSEG_PASS_FORWARD, &bytes);
     expect(dynseg_cuda_compiled() ? cuda == DYNSEG_OK || cuda == DYNSEG_ERROR_CUDA : cuda == DYNSEG_ERROR_NOT_SUPPORTED,
            "CUDA workspace query: sized, no device, or not built");
+    expect(dynseg_cuda_compiled() ? std::strncmp(dynseg_cuda_build(), "CUDA ", 5) == 0 : *dynseg_cuda_build() == 0,
+           "the CUDA build names its runtime, or is empty without CUDA");
 }
 
 // Device memory through the C ABI's own allocator, so this program needs no CUDA headers.

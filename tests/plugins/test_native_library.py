@@ -89,8 +89,8 @@ def test_native_version_is_the_package_version():
     assert _native.native_version() == dynseg.sdk.__version__
 
 
-def test_the_library_speaks_abi_version_5_and_reports_at_least_one_thread():
-    assert _native.library().dynseg_abi_version() == _native.ABI_VERSION == 5
+def test_the_library_speaks_abi_version_6_and_reports_at_least_one_thread():
+    assert _native.library().dynseg_abi_version() == _native.ABI_VERSION == 6
     assert _native.max_threads() >= 1
 
 
@@ -755,7 +755,7 @@ def _stand_in_library(tmp_path, c_library, kind: str):
     ("missing", "dynseg's native library libdynseg_crf.so was not found"),
     ("not a shared library", "does not load: .*text.so"),
     ("foreign", "is not dynseg's native library: it has no dynseg_abi_version"),
-    ("older ABI", "speaks C ABI 2, this dynseg needs 5: rebuild it"),
+    ("older ABI", "speaks C ABI 2, this dynseg needs 6: rebuild it"),
 ])
 def test_a_library_that_is_missing_or_not_this_dynsegs_raises_a_native_error(monkeypatch, tmp_path, c_library, kind,
                                                                             message):

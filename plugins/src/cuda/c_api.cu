@@ -146,6 +146,16 @@ extern "C" {
 
 int32_t dynseg_cuda_compiled(void) { return 1; }
 
+const char* dynseg_cuda_build(void) {
+    static const char* const text = [] {
+        static char buffer[sizeof(DYNSEG_CUDA_ARCHITECTURES_BUILT) + 64];
+        std::snprintf(buffer, sizeof(buffer), "CUDA %d.%d runtime, architectures %s", CUDART_VERSION / 1000,
+                      CUDART_VERSION % 1000 / 10, DYNSEG_CUDA_ARCHITECTURES_BUILT);
+        return buffer;
+    }();
+    return text;
+}
+
 int32_t dynseg_cuda_device_count(void) {
     int count = 0;
     if (cudaError_t e = cudaGetDeviceCount(&count)) {
