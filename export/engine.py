@@ -20,10 +20,10 @@ from dynseg.sdk import tensorrt_engine
 from dynseg.sdk.crf_node import CrfAttributes
 from dynseg.sdk.errors import InvalidArgumentError
 from dynseg.sdk.files import write_text_whole, write_whole
-from dynseg.sdk.graph import DOMAIN, OP_TYPE, read_export
+from dynseg.sdk.graph import DOMAIN, OP_TYPE, crf_nodes, read_export
 from dynseg.sdk.checks import is_int
 from dynseg.sdk.tensorrt_engine import (
-    DEFAULT_DETECTIONS, DEFAULT_SIZES, PLUGIN_NAMESPACE, PLUGIN_VERSION, SIDECAR_FORMAT, EngineError,
+    DEFAULT_ENGINE_DETECTIONS, DEFAULT_ENGINE_SIZES, PLUGIN_NAMESPACE, PLUGIN_VERSION, SIDECAR_FORMAT, EngineError,
     EngineMismatchError, Profile, check_sidecar, compute_capability, import_tensorrt, make_profile,
     plugin_library_path, read_sidecar, register_plugin, running_environment, sha256, sidecar_path, tensorrt_logger,
 )
@@ -32,19 +32,6 @@ __all__ = ["tensorrt_model", "write_sidecar", "build_engine", *tensorrt_engine._
 
 
 # ---- (a) the TensorRT-specific ONNX copy --------------------------------------------------------------
-
-def _crf_nodes(graph: onnx.GraphProto):
-    """Every dynseg::MeanFieldCRF node of graph and of its subgraphs."""
-    for node in graph.node:
-        if node.domain == DOMAIN and node.op_type == OP_TYPE:
-            yield node
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                yield from _crf_nodes(attribute.g)
-            elif attribute.type == onnx.AttributeProto.GRAPHS:
-                for subgraph in attribute.graphs:
-                    yield from _crf_nodes(subgraph)
-
 
 def tensorrt_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of a dynseg model for TensorRT's ONNX parser: each dynseg::MeanFieldCRF node carries
@@ -61,7 +48,7 @@ def tensorrt_model(model: onnx.ModelProto) -> onnx.ModelProto:
         )
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    nodes = list(_crf_nodes(copy.graph))
+    nodes = crf_nodes(copy.graph, subgraphs=True)
     if not nodes and op_version is None:
         raise InvalidArgumentError("the model holds no dynseg::MeanFieldCRF node and no dynseg metadata: is it an "
                                    "ONNX file that `dynseg export` wrote?")
@@ -82,7 +69,7 @@ def tensorrt_model(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def crf_node_count(model: onnx.ModelProto) -> int:
     """How many dynseg::MeanFieldCRF nodes (so plugin layers) the model holds."""
-    return sum(1 for _ in _crf_nodes(model.graph))
+    return len(crf_nodes(model.graph, subgraphs=True))
 
 
 # ---- (b) the sidecar -----------------------------------------------------------------------------------
@@ -133,7 +120,7 @@ def write_sidecar(plan: str | Path, *, tensorrt_version: str, compute_capability
 
 def build_engine(onnx_path: str | Path, out_path: str | Path, *, fp16: bool = False,
                  detections: Sequence[int] | None = None,
-                 sizes: Sequence[Sequence[int]] = DEFAULT_SIZES,
+                 sizes: Sequence[Sequence[int]] = DEFAULT_ENGINE_SIZES,
                  workspace: int | None = None,
                  plugin_library: str | Path | None = None) -> Path:
     """Builds a TensorRT engine from an ONNX file `dynseg export` wrote; returns out_path.
@@ -175,9 +162,9 @@ def build_engine(onnx_path: str | Path, out_path: str | Path, *, fp16: bool = Fa
 
 
 def default_detections(max_detections: int) -> tuple[int, int, int]:
-    """build_engine's profile of D for an export that takes at most `max_detections`: DEFAULT_DETECTIONS'
+    """build_engine's profile of D for an export that takes at most `max_detections`: DEFAULT_ENGINE_DETECTIONS'
     minimum and optimum, each at most that, and that as the maximum."""
-    low, opt, _ = DEFAULT_DETECTIONS
+    low, opt, _ = DEFAULT_ENGINE_DETECTIONS
     return min(low, max_detections), min(opt, max_detections), max_detections
 
 

@@ -27,7 +27,7 @@ from typer.core import TyperGroup
 from . import __version__
 from .commands import defaults, parity
 from .commands import quickstart as quickstart_job
-from .commands.bench import DEFAULT_DETECTIONS as DEFAULT_BENCH_DETECTIONS
+from .commands.bench import BENCH_DETECTIONS
 from .checks import INT32_MAX
 from .errors import DynsegError, InvalidArgumentError, needs_trainer, one_line
 from .files import write_text_whole
@@ -727,7 +727,7 @@ def bench(
     sizes: str = typer.Option("256x256,512x512", "--sizes", help="Image sizes HxW, comma-separated."),
     detections: Optional[str] = typer.Option(
         None, "--detections", help="Detection counts D, comma-separated (default: "
-                                   f"{','.join(map(str, DEFAULT_BENCH_DETECTIONS))}, each at most the model's limit)."),
+                                   f"{','.join(map(str, BENCH_DETECTIONS))}, each at most the model's limit)."),
     repeats: int = typer.Option(10, "--repeats", min=1, help="Timed calls per case (after one warm-up call)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", exists=True, file_okay=False,
                                               help="Also time this checkpoint on PyTorch, same device and inputs."),

@@ -23,7 +23,7 @@ from . import _native
 from .checks import INT32_MAX
 from .errors import InvalidArgumentError
 
-__all__ = ["CrfAttributes", "CrfInputs", "run_node", "run_node_cuda"]
+__all__ = ["CrfAttributes", "CrfInputs", "nothing_to_infer", "run_node", "run_node_cuda"]
 
 Array = np.ndarray | _native.DeviceArray
 

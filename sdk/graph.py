@@ -65,9 +65,18 @@ class Export:
     metadata: dict[str, str]
 
 
-def crf_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    """The graph's dynseg::MeanFieldCRF nodes, in graph order."""
-    return [node for node in graph.node if node.domain == DOMAIN and node.op_type == OP_TYPE]
+def crf_nodes(graph: onnx.GraphProto, subgraphs: bool = False) -> list[onnx.NodeProto]:
+    """The graph's dynseg::MeanFieldCRF nodes, in graph order; with `subgraphs`, also those of its
+    nodes' subgraphs (an If's branches, a Loop's body), each after the node that holds it."""
+    found = []
+    for node in graph.node:
+        if node.domain == DOMAIN and node.op_type == OP_TYPE:
+            found.append(node)
+        if subgraphs:
+            for attribute in node.attribute:
+                for subgraph in [*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs]:
+                    found += crf_nodes(subgraph, subgraphs=True)
+    return found
 
 
 def read_export(path: Path) -> Export:

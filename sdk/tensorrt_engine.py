@@ -21,8 +21,7 @@ from typing import TYPE_CHECKING, Any
 from dynseg.plugins import search_paths
 
 from .errors import BackendError, InvalidArgumentError
-from .graph import DEFAULT_ENGINE_DETECTIONS as DEFAULT_DETECTIONS
-from .graph import DEFAULT_ENGINE_SIZES as DEFAULT_SIZES
+from .graph import DEFAULT_ENGINE_DETECTIONS, DEFAULT_ENGINE_SIZES
 from .graph import DOMAIN, OP_TYPE, OP_VERSION
 from .checks import INT32_MAX, is_int
 
@@ -106,8 +105,8 @@ class Profile:
         return self.detections[0] <= detections <= self.detections[2] and h0 <= height <= h1 and w0 <= width <= w1
 
 
-def make_profile(detections: Sequence[int] = DEFAULT_DETECTIONS,
-                 sizes: Sequence[Sequence[int]] = DEFAULT_SIZES, *,
+def make_profile(detections: Sequence[int] = DEFAULT_ENGINE_DETECTIONS,
+                 sizes: Sequence[Sequence[int]] = DEFAULT_ENGINE_SIZES, *,
                  max_detections: int | None = None, labels: int | None = None) -> Profile:
     """Validates a profile: detections (min, opt, max) with 0 <= min <= opt <= max (and max <= the
     model's max_detections when given); sizes ((H, W) min, opt, max) with 1 <= min <= opt <= max in each

@@ -1,8 +1,10 @@
 """Boxes as the whole trainer takes them: (·, 4) float32 xyxy in pixels, integer-valued and inclusive
 (x2 is the last column a box covers), inside the image. Owns the conversions between boxes and masks
-and their overlap; the network's box term, the detection potential, the datasets and the matched
-ground truth of the loss go through these (the shape term's paste, `model.instance._paste`, applies the
-same inclusive rule per axis; the global term takes no box). (The detection simulator, whose
+and their overlap; the network's box term, the torch reference of the detection potential, the
+datasets and the matched ground truth of the loss go through these (the shape term's paste,
+`model.instance._paste`, applies the same inclusive rule per axis; the global term takes no box; the
+kernels' detection potential applies it as `box_span` in plugins/src/detections.h, and the SDK floors
+and clips its callers' boxes to it with `dynseg.sdk.inputs.pixel_boxes`). (The detection simulator, whose
 jittered boxes are not integer-valued, scores its candidates with a float64 twin of `box_iou`:
 `data.detections._iou`.)"""
 

@@ -1,4 +1,4 @@
-"""The one bipartite matching of the paper, used twice: the loss's matched ground truth (Sec. 3.5) and
+"""The one bipartite matching of the paper, used twice: the loss's matched ground truth (Sec. 3.4) and
 the Matching IoU metric (evaluation), so that "matched" means the same in training and in scoring."""
 
 from __future__ import annotations

@@ -11,14 +11,14 @@
  *   Q^0 = softmax(U)                                        U: unary logits, (L, H, W)
  *   for t = 1..T:
  *       m   = sum_k W_k . Knorm_k(Q^{t-1})                  W_k: scalar or (L, L) kernel weight
- *       L^t = U - mu . m  [+ Det(Q^{t-1})]                  mu: compatibility, (L, L)
+ *       L^t = U - mu . m  [+ Det(B^{t-1})]                  mu: compatibility, (L, L)
  *       Q^t = softmax(L^t)
  *   output L^T (logits)
  *
  * Knorm_k is kernel k's Gaussian filter (permutohedral lattice over the features
  * (x/theta_xy, y/theta_xy[, c_1/theta_color, ..., c_C/theta_color]), x = column) normalised "after"
  * (K(Q) / K(1)) or "symmetric" (K(1)^-1/2 K(K(1)^-1/2 Q)). The label count L is a run-time value.
- * Det is the optional detection potential over the D detections (dynseg_detections below).
+ * Det is the optional detection potential over the D detections, B their beliefs (dynseg_detections below).
  *
  * Layouts: every per-pixel array is planar and row-major, (channels, H, W), float32, contiguous.
  * Determinism: results are bitwise identical run to run and for any thread count.

@@ -24,7 +24,7 @@ from ..segmenter import Segmenter
 from .images import ImageDetections, generated_detections
 from .parity import check_same_model
 
-DEFAULT_DETECTIONS = (0, 1, 10, 50)  # D of `dynseg bench` without --detections
+BENCH_DETECTIONS = (0, 1, 10, 50)  # D of `dynseg bench` without --detections
 
 
 @dataclass(frozen=True)
@@ -89,13 +89,13 @@ def run(model_path: str | Path, *, sizes: Sequence[tuple[int, int]], detections:
         on_row: Callable[[BenchRow], object] | None = None) -> list[BenchRow]:
     """Times every (size, D) case on the exported model and, given `checkpoint` (the one the model was
     exported from), on PyTorch too, both on `device` (a call's time includes copying its outputs to the
-    host). detections None: DEFAULT_DETECTIONS, the model's limit in place of those above it. Raises
+    host). detections None: BENCH_DETECTIONS, the model's limit in place of those above it. Raises
     InvalidArgumentError before timing anything for a D above the model's limit or a checkpoint the
     model did not come from."""
     where = "" if device == "cpu" else f" ({device})"
     exported = Segmenter(model_path, backend="onnxruntime", device=device)
     if detections is None:
-        detections = sorted({min(count, exported.max_detections) for count in DEFAULT_DETECTIONS})
+        detections = sorted({min(count, exported.max_detections) for count in BENCH_DETECTIONS})
     if max(detections, default=0) > exported.max_detections:  # before any case is timed
         raise InvalidArgumentError(f"detection count {max(detections)} (--detections) is above this model's limit of "
                                    f"{exported.max_detections} per image: time fewer, or export the model with a "

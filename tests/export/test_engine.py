@@ -184,7 +184,7 @@ def test_a_profile_gives_every_input_its_min_opt_and_max_shapes():
 
 
 def test_the_default_profile_is_valid():
-    assert make_profile() == make_profile(engine.DEFAULT_DETECTIONS, engine.DEFAULT_SIZES)
+    assert make_profile() == make_profile(engine.DEFAULT_ENGINE_DETECTIONS, engine.DEFAULT_ENGINE_SIZES)
 
 
 def test_the_default_profile_admits_sizes_and_detection_counts_only_within_its_range():
@@ -206,10 +206,10 @@ def test_a_profile_takes_images_up_to_the_cuda_kernels_pixel_limit_and_not_one_p
 
 
 @pytest.mark.parametrize("detections, sizes, message", [
-    ((1, 10), engine.DEFAULT_SIZES, r"detections must be three ints \(min, opt, max\), got \(1, 10\)"),
-    ((1.0, 10, 100), engine.DEFAULT_SIZES, r"detections must be three ints \(min, opt, max\), got \(1.0, 10, 100\)"),
-    ((-1, 10, 100), engine.DEFAULT_SIZES, "the minimum detection count must be >= 0, got -1"),
-    ((10, 1, 100), engine.DEFAULT_SIZES, r"detections must satisfy min <= opt <= max, got \(10, 1, 100\)"),
+    ((1, 10), engine.DEFAULT_ENGINE_SIZES, r"detections must be three ints \(min, opt, max\), got \(1, 10\)"),
+    ((1.0, 10, 100), engine.DEFAULT_ENGINE_SIZES, r"detections must be three ints \(min, opt, max\), got \(1.0, 10, 100\)"),
+    ((-1, 10, 100), engine.DEFAULT_ENGINE_SIZES, "the minimum detection count must be >= 0, got -1"),
+    ((10, 1, 100), engine.DEFAULT_ENGINE_SIZES, r"detections must satisfy min <= opt <= max, got \(10, 1, 100\)"),
     ((1, 10, 100), ((32, 32), (480, 640)), r"sizes must be three \(H, W\) pairs of ints \(min, opt, max\), got "
                                            r"\(\(32, 32\), \(480, 640\)\)"),
     ((1, 10, 100), ((0, 32), (480, 640), (1024, 1024)), "the minimum image size must be at least 1x1, got 0x32"),
@@ -240,7 +240,7 @@ def test_the_profiles_label_limit_is_the_cuda_kernels():
 
 def test_a_profile_beyond_the_models_max_detections_is_refused():
     with pytest.raises(InvalidArgumentError, match="max_detections = 50"):
-        make_profile((1, 10, 100), engine.DEFAULT_SIZES, max_detections=50)
+        make_profile((1, 10, 100), engine.DEFAULT_ENGINE_SIZES, max_detections=50)
 
 
 # ---- the sidecar ---------------------------------------------------------------------------------------------

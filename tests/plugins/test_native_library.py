@@ -123,7 +123,7 @@ def test_native_filter_equals_the_reference_lattice_filter(kernel, transpose, sm
     x = np.random.default_rng(2).standard_normal((5, 24, 32)).astype(np.float32)
     native = one_kernel_problem(image, kernel, labels=5).filter(0, x, transpose)
     values = torch.from_numpy(x.reshape(5, -1).T.copy())  # (N, C)
-    expected = reference_lattice(image, kernel).filter(values, reverse=transpose).numpy().T
+    expected = reference_lattice(image, kernel).filter(values, transpose=transpose).numpy().T
     assert relative_error(native, expected) <= 1e-5  # measured 0 (bit-identical)
 
 

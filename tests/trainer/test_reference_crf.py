@@ -83,7 +83,7 @@ def test_reverse_filter_is_the_exact_transpose_of_the_forward_filter(dim):
     x = torch.randn(300, 3, generator=generator, dtype=torch.float64)
     y = torch.randn(300, 3, generator=generator, dtype=torch.float64)
     forward = (lattice.filter(x) * y).sum()
-    transposed = (x * lattice.filter(y, reverse=True)).sum()
+    transposed = (x * lattice.filter(y, transpose=True)).sum()
     assert abs(float(forward - transposed)) <= 1e-10 * abs(float(forward))
 
 
@@ -92,7 +92,7 @@ def test_reverse_filter_differs_noticeably_from_the_forward_filter(dim):
     lattice = random_lattice(300, dim, seed=dim)
     x = torch.randn(300, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     forward = lattice.filter(x)
-    reverse = lattice.filter(x, reverse=True)
+    reverse = lattice.filter(x, transpose=True)
     relative = float((forward - reverse).norm() / forward.norm())
     assert relative > 1e-3
 

@@ -259,13 +259,13 @@ class PermutohedralLattice:
             out = out + weights[:, r : r + 1] * lattice_values.index_select(0, self._vertex_ids[:, r])
         return out
 
-    def filter(self, values: Tensor, reverse: bool = False) -> Tensor:
+    def filter(self, values: Tensor, transpose: bool = False) -> Tensor:
         """Gaussian-filter values: slice(blur(splat(values), reverse)), (N, C) → (N, C).
 
-        `reverse=True` gives the exact transpose of the forward filter (the operator a backward pass
+        `transpose=True` (the blur's axes in reverse order) gives the exact transpose of the forward filter (the operator a backward pass
         needs); the two differ by several percent, so one must not stand in for the other.
         """
-        return self.slice(self.blur(self.splat(values), reverse=reverse))
+        return self.slice(self.blur(self.splat(values), reverse=transpose))
 
 
 def gaussian_features(

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynseg.sdk.checks import INT32_MAX
+from dynseg.sdk.crf_node import nothing_to_infer
 from dynseg.sdk.errors import InvalidArgumentError
 
 from .. import fields
@@ -117,11 +118,14 @@ class InstanceUnaries(nn.Module):
         inside = box_masks(boxes, height, width).to(q_sem.dtype)
         total = torch.zeros_like(q_class)
         if config.box_term:
-            total = total + w_box * scores.view(-1, 1, 1) * q_class * inside
+            box_term = w_box * scores.view(-1, 1, 1) * q_class * inside
+            total = total + box_term
         if config.global_term:
-            total = total + w_global * q_class
+            global_term = w_global * q_class
+            total = total + global_term
         if config.shape_term:
-            total = total + w_shape * q_class * self._best_templates(q_class, boxes)
+            shape_term = w_shape * q_class * self._best_templates(q_class, boxes)
+            total = total + shape_term
         background = w_global * q_sem[0] if config.global_term else torch.zeros_like(q_sem[0])
         total = torch.cat([background.unsqueeze(0), total], dim=0)  # (D+1, H, W)
         return torch.log(torch.clamp(total, min=config.epsilon))
@@ -216,7 +220,7 @@ class InstanceCRF(nn.Module):
         """unary (D+1, H, W) logits, image (3, H, W) RGB 0..255 -> (D+1, H, W) logits; with no
         detections (D = 0) there is nothing to infer and the unary is the result."""
         config = self.config
-        if not config.crf or unary.shape[0] == 1:
+        if not config.crf or nothing_to_infer(unary.shape[0], config.iterations):
             return unary
         kernels = crf_kernels(theta_spatial=config.theta_spatial, theta_bilateral_xy=config.theta_bilateral_xy,
                               theta_bilateral_rgb=config.theta_bilateral_rgb, spatial_weight=self.spatial_weight,
