@@ -259,7 +259,7 @@ std::vector<float> MeanField::padded_columns(const float* M) const {
 }
 
 // Potts: logits_ already holds U + m. Otherwise logits_ holds m: logits = U - mu m, written into logits_.
-void MeanField::finish_logits() const {
+void MeanField::apply_compatibility() const {
     if (problem_.compat_kind == DYNSEG_COMPAT_POTTS) return;
     const int64_t L = labels_, S = stride_;
     const float* mu = problem_.compat;
@@ -330,11 +330,11 @@ void MeanField::run_iterations(float* history) {
             if (detections_.active()) std::copy(unary_, unary_ + size, logits_);
         } else if (scalar) {
             scalar_messages_all_tiles(q);
-            finish_logits();
+            apply_compatibility();
         } else {
             if (!potts) std::fill(logits_, logits_ + size, 0.0f);
             for (int k = 0; k < K; ++k) kernel_message(k, q, k == 0);
-            finish_logits();
+            apply_compatibility();
         }
         detections_.add(t, q, logits_, stride_, threads_);
     }

@@ -47,7 +47,7 @@ private:
     void scalar_messages(int64_t c0, const float* q);
     void kernel_message(int k, const float* q, bool first);
     ivec8 lanes_in_use() const;
-    void finish_logits() const;
+    void apply_compatibility() const;
     std::vector<float> padded_columns(const float* M) const;
     void softmax(const float* logits, float* q) const;
     void softmax_range(const float* logits, float* q, int64_t first, int64_t last, int threads) const;

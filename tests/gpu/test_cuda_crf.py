@@ -190,7 +190,7 @@ def test_torch_op_forward_and_gradients_match_cpu(labels, normalization):
 @needs_torch
 def test_the_semantic_crf_with_detections_matches_cpu_values_and_gradients():
     # one call each way on the GPU, the detection potential's gradient (w_x, w_y) included
-    from dynseg.trainer.crf.native import Detections, mean_field_native_with_detections
+    from dynseg.trainer.crf.native import DetectionPotential, mean_field_native_with_detections
 
     results = {}
     for device in ("cpu", "cuda"):
@@ -198,7 +198,7 @@ def test_the_semantic_crf_with_detections_matches_cpu_values_and_gradients():
         w_x, w_y = (torch.tensor(v, device=device, requires_grad=True) for v in (1.3, 0.8))
         boxes = torch.tensor([[0, 0, 60, 44], [3, 5, 30, 20], [40, 10, 60, 40], [7, 7, 7, 7]], dtype=torch.float32,
                              device=device)
-        detections = Detections(boxes, torch.tensor([3, 7, 12, 20], device=device),
+        detections = DetectionPotential(boxes, torch.tensor([3, 7, 12, 20], device=device),
                                 torch.tensor([0.9, 0.5, 0.7, 0.2], device=device), w_x, w_y, score_ceiling=1.0,
                                 epsilon=1e-4)
         logits, scores = mean_field_native_with_detections(

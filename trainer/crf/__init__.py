@@ -9,9 +9,10 @@ tested against. `native` wraps those kernels as the torch op `dynseg::mean_field
 
 from .lattice import PermutohedralLattice, gaussian_features
 from .meanfield import dense_crf_reference, mean_field_reference
-from .native import Detections, crf_kernels, dense_crf_native, mean_field_native, mean_field_native_with_detections
+from .native import (DetectionPotential, crf_kernels, dense_crf_native, mean_field_native,
+                     mean_field_native_with_detections)
 
 __all__ = [
     "PermutohedralLattice", "gaussian_features", "mean_field_reference", "dense_crf_reference", "mean_field_native",
-    "mean_field_native_with_detections", "Detections", "dense_crf_native", "crf_kernels",
+    "mean_field_native_with_detections", "DetectionPotential", "dense_crf_native", "crf_kernels",
 ]

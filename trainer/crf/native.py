@@ -26,8 +26,8 @@ from dynseg.sdk.crf import check_iterations, check_normalization, check_threads,
 from dynseg.sdk.errors import InvalidArgumentError
 from dynseg.sdk.checks import finite_float32, positive_in_float32
 
-__all__ = ["GaussianKernel", "Detections", "crf_kernels", "mean_field_native", "mean_field_native_with_detections",
-           "dense_crf_native"]
+__all__ = ["GaussianKernel", "DetectionPotential", "crf_kernels", "mean_field_native",
+           "mean_field_native_with_detections", "dense_crf_native"]
 
 # (theta_xy, theta_color, weight): theta_color = 0 for a spatial kernel; weight a float, a 0-d tensor
 # (label-agnostic) or an (L, L) tensor.
@@ -279,7 +279,7 @@ def _check_device(name: str, tensor: object) -> None:
 
 
 @dataclass(frozen=True)
-class Detections:
+class DetectionPotential:
     """The detection potential's inputs (docs/algorithm.md §4; dynseg_detections in dynseg_crf.h):
     boxes (D, 4) xyxy, integer-valued, inclusive, each with a pixel in the image; labels (D,) integers
     in 0..L-1; scores (D,) >= 0, the detector's (constants); detection_x and detection_y, the 0-d w_x and
@@ -334,7 +334,7 @@ def mean_field_native_with_detections(
     unary: Tensor,
     image: Tensor | None,
     kernels: Sequence[GaussianKernel],
-    detections: Detections,
+    detections: DetectionPotential,
     *,
     compat: Tensor | None = None,
     normalization: str = "after",
@@ -349,14 +349,14 @@ def mean_field_native_with_detections(
         T = 0). Differentiable as `mean_field_native`'s, and w.r.t. detections.detection_x and
         detection_y, through both outputs.
     """
-    if not isinstance(detections, Detections):
-        raise InvalidArgumentError(f"detections must be a Detections, got {type(detections).__name__}")
+    if not isinstance(detections, DetectionPotential):
+        raise InvalidArgumentError(f"detections must be a DetectionPotential, got {type(detections).__name__}")
     return _mean_field_call(unary, image, kernels, compat, normalization, iterations, threads, detections)
 
 
 def _mean_field_call(
     unary: Tensor, image: Tensor | None, kernels: Sequence[GaussianKernel], compat: Tensor | None,
-    normalization: str, iterations: int, threads: int | None, detections: Detections | None,
+    normalization: str, iterations: int, threads: int | None, detections: DetectionPotential | None,
 ) -> tuple[Tensor, Tensor]:
     """The front ends' checks, then the op."""
     if not isinstance(unary, Tensor) or unary.dim() != 3:

@@ -28,7 +28,7 @@ from dynseg.sdk.checks import INT32_MAX
 
 from .. import fields
 from ..boxes import box_masks
-from ..crf import Detections, crf_kernels, mean_field_native, mean_field_native_with_detections
+from ..crf import DetectionPotential, crf_kernels, mean_field_native, mean_field_native_with_detections
 
 
 @dataclass(frozen=True)
@@ -107,9 +107,9 @@ def semantic_mean_field(
         logits = mean_field_native(unary, image, kernels, compat=compatibility, normalization=normalization,
                                    iterations=config.iterations)
         return logits, scores
-    detections = Detections(boxes, labels, scores, detection_x, detection_y, score_ceiling=config.score_ceiling,
-                            epsilon=config.epsilon)
-    return mean_field_native_with_detections(unary, image, kernels, detections, compat=compatibility,
+    potential = DetectionPotential(boxes, labels, scores, detection_x, detection_y,
+                                   score_ceiling=config.score_ceiling, epsilon=config.epsilon)
+    return mean_field_native_with_detections(unary, image, kernels, potential, compat=compatibility,
                                              normalization=normalization, iterations=config.iterations)
 
 

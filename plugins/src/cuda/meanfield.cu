@@ -428,7 +428,7 @@ void MeanField::messages(const float* q, const Launch& launch) {
 }
 
 // Potts: acc already holds U + m. Otherwise acc holds m: logits = U - mu m.
-void MeanField::finish_logits(const Launch& launch) {
+void MeanField::apply_compatibility(const Launch& launch) {
     const int blocks = launch.blocks(pixels_ * labels_);
     if (problem_.compat_kind == DYNSEG_COMPAT_DIAGONAL) {
         diagonal_logits<<<blocks, kThreads, 0, launch.stream>>>(acc_, unary_, problem_.compat, labels_, pixels_,
@@ -481,7 +481,7 @@ void MeanField::run_iterations(float* history, const Launch& launch) {
             if (problem_.compat_kind != DYNSEG_COMPAT_POTTS)
                 cudaMemsetAsync(acc_, 0, size * sizeof(float), launch.stream);
             messages(q, launch);
-            finish_logits(launch);
+            apply_compatibility(launch);
         }
         detections_.add(t, q, acc_, stride_, launch);
     }

@@ -36,7 +36,7 @@ private:
     void finish(float* out, const Launch& launch);
     void run_iterations(float* history, const Launch& launch);
     void messages(const float* q, const Launch& launch);
-    void finish_logits(const Launch& launch);
+    void apply_compatibility(const Launch& launch);
     void softmax(const float* logits, float* q, const Launch& launch) const;
     float* norm(int k) const { return norm_ + k * pixels_; }
 
