@@ -68,7 +68,10 @@ _DANGLING = "is a symbolic link that leads nowhere (a loop, or to something miss
 
 
 def _dangling(path: Path) -> bool:
-    return path.is_symlink() and not path.exists()
+    try:
+        return path.is_symlink() and not path.exists()
+    except OSError:  # a name too long, say: the caller reports the error it has
+        return False
 
 
 def _out_of_memory(error: BaseException) -> bool:
@@ -186,7 +189,10 @@ def _check_out_folder(folder: Path, option: str) -> None:
 
 def _folder_problem(folder: Path) -> str | None:
     """Why `folder` cannot be a folder (a file or a dangling link where it or a parent would be), or None."""
-    blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    try:
+        blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    except OSError as error:  # a name too long, a folder on the way that may not be searched
+        return error.strerror or str(error)
     dangling = next((p for p in (folder, *folder.parents) if _dangling(p)), None)
     return (f"{blocking} is a file, not a folder" if blocking is not None else
             f"{dangling} {_DANGLING}" if dangling is not None else None)

@@ -15,6 +15,7 @@ import numpy as np
 from .errors import InvalidArgumentError
 from .checks import finite_float32, is_int
 from .files import check_regular_file
+from .inputs import look_normalised
 
 __all__ = ["DetectorOutput", "detections_by_image", "load_coco_detections", "read_coco_results",
            "refuse_normalised_boxes"]
@@ -59,7 +60,7 @@ Entry = tuple[Hashable, int, list[float], float]
 def read_coco_results(path: str | os.PathLike) -> list[Entry]:
     """Every entry of a COCO results file, validated and converted as `load_coco_detections` says, in
     file order; raises as it does."""
-    check_regular_file(Path(path), "detections file")
+    path = check_regular_file(path, "detections file")
     try:
         with open(path, encoding="utf-8-sig") as handle:  # a byte-order mark, as Windows tools write, is no error
             entries = json.load(handle)
@@ -104,10 +105,9 @@ def detections_by_image(entries: Iterable[Entry], image_ids: Iterable[Hashable])
 
 
 def refuse_normalised_boxes(path: str | os.PathLike, boxes: np.ndarray) -> None:
-    """InvalidArgumentError naming the results file `path` when all its (D, 4) boxes lie within [0, 1]
-    with fractions: a detector's normalised output. Each box would become its image's top-left pixel,
-    inside the image, so no later check would see it."""
-    if len(boxes) and boxes.min() >= 0 and boxes.max() <= 1 and np.any(boxes % 1):
+    """InvalidArgumentError naming the results file `path` when its (D, 4) boxes, all its images' together,
+    look normalised (`inputs.look_normalised`)."""
+    if look_normalised(boxes):
         raise InvalidArgumentError(f"{path}: every bbox lies within [0, 1], in fractions of a pixel: normalised "
                                    "coordinates? A bbox is [x, y, width, height] in pixels from the image's "
                                    "top-left corner")

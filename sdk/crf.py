@@ -211,7 +211,9 @@ class CudaArray:
     while they use it: the memory is freed with this object."""
 
     def __init__(self, shape: tuple[int, ...]):
-        self.shape = tuple(int(n) for n in shape)
+        if not isinstance(shape, (tuple, list)):
+            raise InvalidArgumentError(f"shape must be a tuple of ints, got {type(shape).__name__}")
+        self.shape = tuple(int_in(f"shape[{axis}]", n, 0) for axis, n in enumerate(shape))
         self._buffer = _native.CudaBuffer(4 * int(np.prod(self.shape, dtype=np.int64)))
 
     @property

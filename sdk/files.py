@@ -60,11 +60,26 @@ def write_png_whole(path: str | os.PathLike[str], picture: np.ndarray) -> Path:
     return write_whole(path, lambda partial: Image.fromarray(picture).save(partial, format="PNG"))
 
 
-def check_regular_file(path: Path, what: str) -> None:
-    """InvalidArgumentError naming `what` (e.g. "detections file") and `path` unless `path` is a regular
-    file: one that does not exist, a folder, or a pipe or device (a stream, which may never end, so it is
-    not read: give a file), or one that cannot be looked at (a name too long, a folder on the way that
-    may not be searched)."""
+def named_path(path: object, what: str) -> Path:
+    """`path` as a Path, or InvalidArgumentError naming `what` where it names nothing: not a str or
+    os.PathLike of one, empty (which Path would read as the current folder), or holding a NUL byte
+    (which no file name can, and which the system calls would refuse with a bare ValueError)."""
+    location = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+    if not isinstance(location, str):
+        raise InvalidArgumentError(f"{what} must be a str or os.PathLike of one, got {type(path).__name__}")
+    if not location:
+        raise InvalidArgumentError(f"{what} must not be an empty path")
+    if "\x00" in location:
+        raise InvalidArgumentError(f"{what} {location!r} holds a NUL byte, which no file name can")
+    return Path(location)
+
+
+def check_regular_file(path: object, what: str) -> Path:
+    """`path` as a Path; InvalidArgumentError naming `what` (e.g. "detections file") and `path` unless
+    `path` is a regular file: one that does not exist, a folder, or a pipe or device (a stream, which may
+    never end, so it is not read: give a file), or one that cannot be looked at (a name too long, a
+    folder on the way that may not be searched), or no path at all (`named_path`)."""
+    path = named_path(path, what)
     try:
         mode = path.stat().st_mode
     except (FileNotFoundError, NotADirectoryError):
@@ -72,7 +87,7 @@ def check_regular_file(path: Path, what: str) -> None:
     except OSError as error:
         raise InvalidArgumentError(f"{what} {path} cannot be opened: {error.strerror or error}") from None
     if stat.S_ISREG(mode):
-        return
+        return path
     if stat.S_ISDIR(mode):
         raise InvalidArgumentError(f"{what} {path} is a folder, not a file")
     raise InvalidArgumentError(f"{what} {path} is a pipe or device, not a regular file")

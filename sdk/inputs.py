@@ -27,7 +27,7 @@ from numpy.typing import ArrayLike
 
 from .checks import FLOAT32_MAX, array_of, int_in
 from .errors import DetectionsDroppedWarning, InvalidArgumentError
-from .files import check_regular_file
+from .files import check_regular_file, named_path
 
 __all__ = ["Detections", "DroppedDetection", "ImageLike", "check_detections", "cuda_index", "load_image",
            "pixel_boxes"]
@@ -78,7 +78,7 @@ def load_image(image: ImageLike) -> np.ndarray:
     raises InvalidArgumentError naming `image` and the problem.
     """
     if isinstance(image, (str, os.PathLike)):
-        return _read_image_file(Path(image))
+        return _read_image_file(named_path(image, "image file"))
     if isinstance(image, (bytes, bytearray)):
         raise InvalidArgumentError("image must be an array or a str/os.PathLike path, got bytes")
     pil = sys.modules.get("PIL.Image")  # a PIL image can only exist once Pillow is imported
@@ -256,6 +256,9 @@ def check_detections(
     if not np.isfinite(boxes64).all():
         bad = np.flatnonzero(~np.isfinite(boxes64).all(axis=1)).tolist()
         raise InvalidArgumentError(f"boxes must be finite: rows {bad} hold NaN or infinity")
+    if look_normalised(boxes64):
+        raise InvalidArgumentError("boxes: every box lies within [0, 1], in fractions of a pixel: normalised "
+                                   "coordinates? Boxes are (x1, y1, x2, y2) in pixels from the image's top-left corner")
     scores64 = _check_scores(scores_in)
     labels64 = _check_labels(labels_in, num_classes)
 
@@ -281,6 +284,13 @@ def check_detections(
         kept=kept,
         dropped=dropped,
     )
+
+
+def look_normalised(boxes: np.ndarray) -> bool:
+    """Whether every one of the (D, 4) boxes lies within [0, 1], with fractions: a detector's normalised
+    output, not pixels. Each such box would become its image's top-left pixel, inside the image, so no
+    later check would see it."""
+    return bool(len(boxes)) and boxes.min() >= 0 and boxes.max() <= 1 and bool(np.any(boxes % 1))
 
 
 def pixel_boxes(boxes: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:

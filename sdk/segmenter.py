@@ -23,6 +23,7 @@ from numpy.typing import ArrayLike
 from .checks import one_of
 from .errors import InvalidArgumentError
 from .crf import check_threads
+from .files import named_path
 from .inputs import ImageLike, check_detections, cuda_index, load_image
 from .results import SegmentationResult, build_result
 
@@ -77,20 +78,17 @@ class Segmenter:
 
     def __init__(self, path: str | os.PathLike[str], backend: Backend = "auto", device: str = "cpu", *,
                  threads: int | None = None):
-        location = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
-        if not isinstance(location, str):
-            raise InvalidArgumentError(f"path must be a str or os.PathLike of one, got {type(path).__name__}")
+        model = named_path(path, "path")
         cuda_index(device)  # a bad device string fails before any backend loads
         if threads is not None:  # None: onnxruntime's default, not check_threads' "every core" (0)
             threads = check_threads(threads)
-        path = Path(location)
         try:
-            path.stat()
+            model.stat()
         except (FileNotFoundError, NotADirectoryError):
             pass  # each backend says what it expected there
         except OSError as error:  # a name too long, a folder on the way that may not be searched
-            raise InvalidArgumentError(f"path {location!r} cannot be opened: {error.strerror or error}") from None
-        self.backend_name = _backend_for(path, backend)
+            raise InvalidArgumentError(f"path {str(model)!r} cannot be opened: {error.strerror or error}") from None
+        self.backend_name = _backend_for(model, backend)
         if threads is not None and self.backend_name != "onnxruntime":
             raise InvalidArgumentError(f"threads applies to the onnxruntime backend, not to {self.backend_name!r} "
                                        "(torch: torch.set_num_threads; tensorrt computes on the GPU)")
@@ -98,16 +96,16 @@ class Segmenter:
         if self.backend_name == "onnxruntime":
             from .onnx_backend import OnnxRuntimeBackend
 
-            self._backend = OnnxRuntimeBackend(path, device=device, threads=threads)
+            self._backend = OnnxRuntimeBackend(model, device=device, threads=threads)
         elif self.backend_name == "torch":
             from .torch_backend import TorchBackend
 
-            self._backend = TorchBackend(path, device=device)
+            self._backend = TorchBackend(model, device=device)
         else:
             from .tensorrt_backend import TensorRTBackend
 
-            self._backend = TensorRTBackend(path, device=device)
-        self._attach(self._backend, path)
+            self._backend = TensorRTBackend(model, device=device)
+        self._attach(self._backend, model)
 
     @classmethod
     def of_network(cls, network: DynamicallyInstantiatedNetwork, *, path: str | Path | None = None) -> Segmenter:

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checks import one_of
+
 NAMES = ("coffee", "chelsea", "astronaut")
 
 
 def path(name: str) -> Path:
     """The PNG file of sample `name` (one of NAMES)."""
-    if name not in NAMES:
-        raise ValueError(f"name must be one of {NAMES}, got {name!r}")
+    one_of("name", name, NAMES)
     return Path(__file__).parent / f"{name}.png"
 
 

@@ -370,6 +370,11 @@ def test_a_segmenter_opens_any_path_like_and_refuses_anything_else_naming_path(e
     for bad in (7, _PathLike(os.fsencode(exported[1]))):
         with pytest.raises(InvalidArgumentError, match="path must be a str or os.PathLike of one, got "):
             Segmenter(bad)
+    # Path("") is the current folder, and a NUL byte makes the system calls raise a bare ValueError
+    with pytest.raises(InvalidArgumentError, match="^path must not be an empty path$"):
+        Segmenter("")
+    with pytest.raises(InvalidArgumentError, match="^path 'mo\\\\x00del.onnx' holds a NUL byte, which no file name can$"):
+        Segmenter("mo\x00del.onnx")
 
 
 def test_a_closed_segmenter_says_so_and_closing_twice_is_harmless(exported):

@@ -104,6 +104,15 @@ def test_demo_reports_an_unreadable_image_in_one_line(tmp_path) -> None:
     assert "could not be read as an image" in result.output
 
 
+@pytest.mark.parametrize("below", ["", "/out"])
+def test_an_out_folder_whose_name_is_too_long_is_named_in_one_line(tmp_path, below) -> None:
+    # ENAMETOOLONG met while looking for links that lead nowhere once raised from the error handler itself
+    folder = f"{tmp_path / ('x' * 300)}{below}"
+    result = runner.invoke(app, ["demo", "--out", folder, "--iterations", "1"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert plain(result.output) == f"Error: --out {folder}: File name too long"
+
+
 def test_an_out_folder_the_system_refuses_is_reported_in_one_line(tmp_path) -> None:
     in_the_way = tmp_path / "a_file"
     in_the_way.write_text("")

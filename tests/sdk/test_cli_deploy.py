@@ -798,6 +798,17 @@ def test_bench_refuses_a_json_path_that_is_the_model_or_a_pipe_before_timing(exp
     assert "| onnxruntime |" not in result.output
 
 
+def test_infer_names_an_output_file_whose_name_grows_too_long_in_one_line(exported, photos, tmp_path):
+    # a 250-character stem is a valid name; its "_overlay.png" is not
+    photo = tmp_path / f"{'y' * 250}.png"
+    photo.write_bytes(photos[0][0].read_bytes())
+    (tmp_path / "none.json").write_text("[]")
+    result = runner.invoke(app, ["infer", str(exported[1]), str(photo), "--detections", str(tmp_path / "none.json"),
+                                 "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "File name too long: " in plain(result.output) and "_overlay.png" in plain(result.output), result.output
+
+
 def test_infer_refuses_normalised_boxes_as_training_does(exported, photos, tmp_path):
     # each would have become an inverted box, dropped: an empty result and exit status 0
     detections = tmp_path / "normalised.json"

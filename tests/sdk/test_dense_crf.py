@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dynseg.sdk import InvalidArgumentError, _native, dense_crf, dense_crf_cuda
+from dynseg.sdk.crf import CudaArray
 from dynseg.trainer.crf import dense_crf_reference
 
 PARITY_ATOL = 1e-5  # max |ΔQ|; measured worst cases are quoted next to each test
@@ -578,3 +579,14 @@ def test_a_stream_that_is_no_address_is_named_before_any_gpu_is_asked_for(stream
     # ctypes would have wrapped 2**64 to 0, the legacy default stream, without a word
     with pytest.raises(InvalidArgumentError, match="stream must be a cudaStream_t address"):
         dense_crf_cuda(_GpuUnary(), None, bilateral=None, stream=stream)
+
+
+@pytest.mark.parametrize("shape, message", [
+    ((-2, 3), r"^shape\[0\] must be a non-negative int, got -2$"),  # else a 1-byte buffer posing as its shape
+    ((2.5, 3), r"^shape\[0\] must be a non-negative int, got 2.5$"),  # else silently (2, 3)
+    ((2, "3"), r"^shape\[1\] must be a non-negative int, got '3'$"),
+    (6, r"^shape must be a tuple of ints, got int$"),
+])
+def test_a_cuda_array_of_a_bad_shape_is_refused_before_any_allocation(shape, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        CudaArray(shape)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from PIL import Image
 
 from dynseg.sdk import InvalidArgumentError
+from dynseg.sdk.coco_detections import load_coco_detections
 from dynseg.sdk.files import check_regular_file, write_png_whole, write_text_whole, write_whole
 
 
@@ -57,6 +59,19 @@ def test_what_is_not_a_regular_file_is_named_as_what_it_is(tmp_path):
     assert stat.S_ISFIFO((tmp_path / "pipe.json").stat().st_mode)
     with pytest.raises(InvalidArgumentError, match=r"^detections file \S*pipe.json is a pipe or device, not a regular"):
         check_regular_file(tmp_path / "pipe.json", "detections file")
+
+
+@pytest.mark.parametrize("path, problem", [
+    ("", "must not be an empty path"),  # Path("") would be the current folder
+    ("d\x00.json", "'d\\x00.json' holds a NUL byte, which no file name can"),  # else a bare ValueError
+    (5, "must be a str or os.PathLike of one, got int"),
+    (b"d.json", "must be a str or os.PathLike of one, got bytes"),
+])
+def test_what_names_no_file_is_refused_naming_the_argument(path, problem):
+    with pytest.raises(InvalidArgumentError, match=f"^detections file {re.escape(problem)}$"):
+        check_regular_file(path, "detections file")
+    with pytest.raises(InvalidArgumentError, match=f"^detections file {re.escape(problem)}$"):
+        load_coco_detections(path, ["an image"])
 
 
 @pytest.mark.parametrize("dtype, largest", [(np.uint8, 255), (np.uint16, 65535)])

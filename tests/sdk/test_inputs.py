@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import struct
 import warnings
 import zlib
@@ -208,6 +209,22 @@ def test_boxes_partly_outside_are_clipped_without_a_warning() -> None:
         warnings.simplefilter("error")
         detections = check([[-5.5, -0.5, 100.0, 10.0], [3, 4, 5, 6]])
     np.testing.assert_array_equal(detections.boxes, [[0, 0, W - 1, 10], [3, 4, 5, 6]])
+
+
+def test_boxes_that_look_normalised_are_refused_as_a_results_file_of_them_is() -> None:
+    # each would become the image's top-left pixel, inside the image: segmented, with no warning
+    with pytest.raises(InvalidArgumentError, match=r"^boxes: every box lies within \[0, 1\], in fractions of a "
+                                                   r"pixel: normalised coordinates\?"):
+        check([[0.1, 0.1, 0.5, 0.5], [0.2, 0.3, 0.9, 0.8]])
+    assert len(check([[0, 0, 1, 1], [0, 0, 0, 0]])) == 2  # whole pixels: the top-left corner's
+    assert len(check([[0.1, 0.1, 0.5, 0.5], [0.2, 0.3, 1.5, 0.8]])) == 2  # one reaches past a pixel
+
+
+def test_an_image_path_that_names_no_file_is_refused_naming_it() -> None:
+    for path, problem in (("", "image file must not be an empty path"),
+                          ("a\x00.png", "image file 'a\\x00.png' holds a NUL byte, which no file name can")):
+        with pytest.raises(InvalidArgumentError, match=f"^{re.escape(problem)}$"):
+            load_image(path)
 
 
 def test_inverted_and_outside_boxes_are_dropped_with_a_warning_and_a_record() -> None:
@@ -439,3 +456,8 @@ def test_a_box_inverted_within_one_pixel_is_dropped_as_inverted() -> None:
     assert detections.kept.tolist() == [2]
     assert detections.dropped == [(0, INVERTED), (1, INVERTED)]
     np.testing.assert_array_equal(detections.boxes, [[5, 5, 5, 15]])
+
+
+def test_an_unknown_sample_is_refused_naming_the_samples() -> None:
+    with pytest.raises(InvalidArgumentError, match="^name must be one of coffee, chelsea, astronaut, got 'nope'$"):
+        samples.load("nope")
