@@ -90,7 +90,10 @@ def read_export(path: Path) -> Export:
         names = json.loads(metadata["class_names"])
         if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
             raise ValueError(f"class_names must be a non-empty list of names, got {names!r:.80}")
-        max_detections = int(metadata["max_detections"])
+        text = metadata["max_detections"]
+        if not (text.isascii() and text.isdigit()):  # int() would also read "1_000" and other scripts' digits
+            raise ValueError(f"max_detections must be written in the digits 0-9, got {text!r:.40}")
+        max_detections = int(text)
         if not 1 <= max_detections <= MAX_DETECTIONS:
             raise ValueError(f"max_detections must be in 1..{MAX_DETECTIONS}, got {max_detections}")
     except (KeyError, TypeError, ValueError) as error:

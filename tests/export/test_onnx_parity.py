@@ -458,6 +458,8 @@ def test_files_that_are_not_dynseg_models_are_named(tmp_path, exported):
         Segmenter(plain)
     for key, value, problem in (("max_detections", "True", "True"), ("max_detections", "0", r"in 1\.\.65535, got 0"),
                                 ("max_detections", "65536", "got 65536"),
+                                ("max_detections", "1_000", "in the digits 0-9, got '1_000'"),
+                                ("max_detections", "\u0661\u0660", "in the digits 0-9"),  # Arabic-Indic 10
                                 ("class_names", "[]", "non-empty list"), ("class_names", '"cupspoon"', "list")):
         model = onnx.load(str(exported[1]))
         for entry in model.metadata_props:

@@ -453,12 +453,12 @@ def test_the_library_reads_a_0d_detection_weight_as_the_value_it_holds(smooth_im
 @pytest.mark.parametrize("count", [0, 2])
 def test_the_torch_op_gives_w_x_and_w_y_the_gradients_autograd_asks_for(count):
     # no detection: w_x's gradient is 0, not whatever memory held; a weight without requires_grad gets none
-    from dynseg.trainer.crf import Detections, mean_field_native_with_detections
+    from dynseg.trainer.crf import DetectionPotential, mean_field_native_with_detections
 
     unary = torch.linspace(-2, 2, 3 * 10 * 12).reshape(3, 10, 12).requires_grad_()
     w_x, w_y = torch.tensor(1.2, requires_grad=True), torch.tensor(0.9)
     boxes = torch.tensor([[0.0, 0.0, 5.0, 5.0], [3.0, 2.0, 11.0, 9.0]])[:count]
-    detections = Detections(boxes, torch.tensor([1, 2])[:count], torch.tensor([0.8, 0.5])[:count], w_x, w_y,
+    detections = DetectionPotential(boxes, torch.tensor([1, 2])[:count], torch.tensor([0.8, 0.5])[:count], w_x, w_y,
                             score_ceiling=1.0, epsilon=1e-4)
     logits, scores = mean_field_native_with_detections(unary, None, [(3.0, 0.0, 2.0)], detections, iterations=3)
     assert scores.shape == (count,)
@@ -477,9 +477,9 @@ def test_the_torch_op_gives_w_x_and_w_y_the_gradients_autograd_asks_for(count):
 def test_the_torch_front_end_names_a_bad_detection_field(field, value, message):
     from dataclasses import replace
 
-    from dynseg.trainer.crf import Detections, mean_field_native_with_detections
+    from dynseg.trainer.crf import DetectionPotential, mean_field_native_with_detections
 
-    detections = Detections(torch.tensor([[0.0, 0.0, 3.0, 3.0]]), torch.tensor([1]), torch.tensor([0.5]),
+    detections = DetectionPotential(torch.tensor([[0.0, 0.0, 3.0, 3.0]]), torch.tensor([1]), torch.tensor([0.5]),
                             torch.tensor(1.0), torch.tensor(1.0), score_ceiling=1.0, epsilon=1e-4)
     with pytest.raises(InvalidArgumentError, match=message):
         mean_field_native_with_detections(torch.zeros(2, 6, 6), None, [(3.0, 0.0, 1.0)],

@@ -129,6 +129,12 @@ def test_a_broken_or_foreign_checkpoint_is_named_in_one_line(tmp_path):
     cases = {
         "not JSON": ("model.json", "{not json", "model.json is not a dynseg model config"),
         "JSON without the config": ("model.json", "{}", "model.json is not a dynseg model config"),
+        "a config without its backbone": ("model.json", re.sub(r'"backbone": "[a-z0-9]*",', "",
+                                                               (good / "model.json").read_text()),
+                                          "model.json is not a dynseg model config.*lacks backbone"),
+        "a config with a key unknown": ("model.json", (good / "model.json").read_text().replace(
+            '"backbone"', '"extra": 1, "backbone"'),
+            r"model.json is not a dynseg model config.*unknown keys \['extra'\]"),
         "JSON that is no object": ("model.json", "null", "model.json is not a dynseg model config"),
         "a size torch cannot allocate": ("model.json", _with_instance(good, template_size=10**7),
                                          "model.json describes a network that cannot be built"),

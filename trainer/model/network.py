@@ -12,6 +12,7 @@ as for every backend.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -69,6 +70,13 @@ class ModelConfig:
         raw = json.loads(text)
         if not isinstance(raw, dict):
             raise InvalidArgumentError(f"a model config is a JSON object, got {type(raw).__name__}")
+        # to_json writes every field: one missing or unknown is a damaged or foreign file, as nested ones are
+        keys = {f.name for f in dataclasses.fields(cls)}
+        if raw.keys() != keys:
+            missing, unknown = sorted(keys - raw.keys()), sorted(raw.keys() - keys)
+            problems = ([f"lacks {', '.join(missing)}"] if missing else []) + (
+                [f"has unknown keys {unknown}"] if unknown else [])
+            raise InvalidArgumentError(f"a model config {'; '.join(problems)}")
         for key in ("class_names", "mean", "std"):  # tuple("disc") would be four class names
             if not isinstance(raw.get(key), list):
                 raise InvalidArgumentError(f"a model config's {key} must be a JSON list, got {raw.get(key)!r:.80}")
