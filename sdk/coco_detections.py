@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Hashable, Iterable
-from pathlib import Path
 from typing import TypedDict
 
 import numpy as np

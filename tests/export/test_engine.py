@@ -207,7 +207,8 @@ def test_a_profile_takes_images_up_to_the_cuda_kernels_pixel_limit_and_not_one_p
 
 @pytest.mark.parametrize("detections, sizes, message", [
     ((1, 10), engine.DEFAULT_ENGINE_SIZES, r"detections must be three ints \(min, opt, max\), got \(1, 10\)"),
-    ((1.0, 10, 100), engine.DEFAULT_ENGINE_SIZES, r"detections must be three ints \(min, opt, max\), got \(1.0, 10, 100\)"),
+    ((1.0, 10, 100), engine.DEFAULT_ENGINE_SIZES,
+     r"detections must be three ints \(min, opt, max\), got \(1.0, 10, 100\)"),
     ((-1, 10, 100), engine.DEFAULT_ENGINE_SIZES, "the minimum detection count must be >= 0, got -1"),
     ((10, 1, 100), engine.DEFAULT_ENGINE_SIZES, r"detections must satisfy min <= opt <= max, got \(10, 1, 100\)"),
     ((1, 10, 100), ((32, 32), (480, 640)), r"sizes must be three \(H, W\) pairs of ints \(min, opt, max\), got "

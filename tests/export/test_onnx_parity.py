@@ -373,7 +373,8 @@ def test_a_segmenter_opens_any_path_like_and_refuses_anything_else_naming_path(e
     # Path("") is the current folder, and a NUL byte makes the system calls raise a bare ValueError
     with pytest.raises(InvalidArgumentError, match="^path must not be an empty path$"):
         Segmenter("")
-    with pytest.raises(InvalidArgumentError, match="^path 'mo\\\\x00del.onnx' holds a NUL byte, which no file name can$"):
+    with pytest.raises(InvalidArgumentError,
+                       match="^path 'mo\\\\x00del.onnx' holds a NUL byte, which no file name can$"):
         Segmenter("mo\x00del.onnx")
 
 

@@ -260,10 +260,10 @@ class PermutohedralLattice:
         return out
 
     def filter(self, values: Tensor, transpose: bool = False) -> Tensor:
-        """Gaussian-filter values: slice(blur(splat(values), reverse)), (N, C) → (N, C).
+        """Gaussian-filter values: slice(blur(splat(values), reverse=transpose)), (N, C) → (N, C).
 
-        `transpose=True` (the blur's axes in reverse order) gives the exact transpose of the forward filter (the operator a backward pass
-        needs); the two differ by several percent, so one must not stand in for the other.
+        `transpose=True` (the blur's axes in reverse order) gives the exact transpose of the forward filter (the
+        operator a backward pass needs); the two differ by several percent, so one must not stand in for the other.
         """
         return self.slice(self.blur(self.splat(values), reverse=transpose))
 
