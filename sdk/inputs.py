@@ -30,7 +30,7 @@ from .errors import DetectionsDroppedWarning, InvalidArgumentError
 from .files import check_regular_file, named_path
 
 __all__ = ["Detections", "DroppedDetection", "ImageLike", "check_detections", "cuda_index", "load_image",
-           "pixel_boxes"]
+           "look_normalised", "pixel_boxes"]
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -216,8 +216,9 @@ def check_detections(
     scores: (D,) finite, non-negative detector scores (within float32's range): confidences, which the
         model divides by its score ceiling (1 by default) and caps below 1, not logits.
     D may be 0. D above max_detections (the model's limit, counted before any box is dropped; None: no
-    limit, as for training data), a wrong shape or length, NaN or infinity, negative scores and labels
-    out of range raise InvalidArgumentError naming the argument.
+    limit, as for training data), a wrong shape or length, NaN or infinity, negative scores, labels
+    out of range and boxes that look normalised (`look_normalised`) raise InvalidArgumentError naming
+    the argument.
 
     Each box is floored to integers and clipped to [0, W-1] x [0, H-1], as the network does. These are
     dropped, with one DetectionsDroppedWarning per call (at `stacklevel`) and a record in `dropped`:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import sysconfig
 from pathlib import Path
+from zipfile import ZipFile
 
 import numpy as np
 import pytest
@@ -63,7 +64,6 @@ def run_in(venv: Path, *arguments: str | Path, cwd: Path) -> str:
 def test_the_wheel_serves_any_cpython_and_carries_the_library_and_its_header(wheel):
     # the native library is reached through ctypes, so no wheel per Python version is needed
     assert wheel.name.startswith("dynseg-") and "-py3-none-linux_" in wheel.name, wheel.name
-    from zipfile import ZipFile
     names = set(ZipFile(wheel).namelist())
     assert {"dynseg/plugins/libdynseg_crf.so", "dynseg/plugins/include/dynseg_crf.h",
             "dynseg/sdk/samples/coffee.png", "dynseg/plugins/tensorrt/mean_field_crf_plugin.cpp"} <= names
