@@ -14,7 +14,7 @@ import numpy as np
 from .errors import InvalidArgumentError
 from .checks import finite_float32, is_int
 from .files import check_regular_file
-from .inputs import look_normalised
+from .inputs import looks_normalised
 
 __all__ = ["DetectorOutput", "detections_by_image", "load_coco_detections", "read_coco_results",
            "refuse_normalised_boxes"]
@@ -105,8 +105,8 @@ def detections_by_image(entries: Iterable[Entry], image_ids: Iterable[Hashable])
 
 def refuse_normalised_boxes(path: str | os.PathLike, boxes: np.ndarray) -> None:
     """InvalidArgumentError naming the results file `path` when its (D, 4) boxes, all its images' together,
-    look normalised (`inputs.look_normalised`)."""
-    if look_normalised(boxes):
+    look normalised (`inputs.looks_normalised`)."""
+    if looks_normalised(boxes):
         raise InvalidArgumentError(f"{path}: every bbox lies within [0, 1], in fractions of a pixel: normalised "
                                    "coordinates? A bbox is [x, y, width, height] in pixels from the image's "
                                    "top-left corner")

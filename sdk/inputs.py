@@ -30,7 +30,7 @@ from .errors import DetectionsDroppedWarning, InvalidArgumentError
 from .files import check_regular_file, named_path
 
 __all__ = ["Detections", "DroppedDetection", "ImageLike", "check_detections", "cuda_index", "load_image",
-           "look_normalised", "pixel_boxes"]
+           "looks_normalised", "pixel_boxes"]
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -217,7 +217,7 @@ def check_detections(
         model divides by its score ceiling (1 by default) and caps below 1, not logits.
     D may be 0. D above max_detections (the model's limit, counted before any box is dropped; None: no
     limit, as for training data), a wrong shape or length, NaN or infinity, negative scores, labels
-    out of range and boxes that look normalised (`look_normalised`) raise InvalidArgumentError naming
+    out of range and boxes that look normalised (`looks_normalised`) raise InvalidArgumentError naming
     the argument.
 
     Each box is floored to integers and clipped to [0, W-1] x [0, H-1], as the network does. These are
@@ -257,7 +257,7 @@ def check_detections(
     if not np.isfinite(boxes64).all():
         bad = np.flatnonzero(~np.isfinite(boxes64).all(axis=1)).tolist()
         raise InvalidArgumentError(f"boxes must be finite: rows {bad} hold NaN or infinity")
-    if look_normalised(boxes64):
+    if looks_normalised(boxes64):
         raise InvalidArgumentError("boxes: every box lies within [0, 1], in fractions of a pixel: normalised "
                                    "coordinates? Boxes are (x1, y1, x2, y2) in pixels from the image's top-left corner")
     scores64 = _check_scores(scores_in)
@@ -287,7 +287,7 @@ def check_detections(
     )
 
 
-def look_normalised(boxes: np.ndarray) -> bool:
+def looks_normalised(boxes: np.ndarray) -> bool:
     """Whether every one of the (D, 4) boxes lies within [0, 1], with fractions: a detector's normalised
     output, not pixels. Each such box would become its image's top-left pixel, inside the image, so no
     later check would see it."""

@@ -33,7 +33,7 @@ def wheel(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
                     "--disable-pip-version-check", "-q", str(ROOT), "-w", str(out),
                     "-C", "cmake.define.DYNSEG_CUDA=OFF", "-C", "cmake.define.DYNSEG_NATIVE_ARCH=OFF",
-                    "-C", f"build-dir={out / 'build'}"], check=True)  # not the source tree's build/: the dev install's
+                    "-C", f"build-dir={out / 'build'}"], check=True)  # the source tree's build/ is the dev install's
     (built,) = out.glob("*.whl")
     return built
 

@@ -211,7 +211,7 @@ def test_boxes_partly_outside_are_clipped_without_a_warning() -> None:
     np.testing.assert_array_equal(detections.boxes, [[0, 0, W - 1, 10], [3, 4, 5, 6]])
 
 
-def test_boxes_that_look_normalised_are_refused_as_a_results_file_of_them_is() -> None:
+def test_boxes_that_looks_normalised_are_refused_as_a_results_file_of_them_is() -> None:
     # each would become the image's top-left pixel, inside the image: segmented, with no warning
     with pytest.raises(InvalidArgumentError, match=r"^boxes: every box lies within \[0, 1\], in fractions of a "
                                                    r"pixel: normalised coordinates\?"):

@@ -32,6 +32,9 @@ dynseg_status guarded_cuda(const Body& body) {
     });
 }
 
+// The CUDA runtime linked in (static), as messages name it: 13000 is "13.0".
+constexpr int kRuntimeMajor = CUDART_VERSION / 1000, kRuntimeMinor = CUDART_VERSION % 1000 / 10;
+
 #ifndef DYNSEG_CUDA_ARCHITECTURES_BUILT
 #error "plugins/CMakeLists.txt defines DYNSEG_CUDA_ARCHITECTURES_BUILT, the architectures compiled, for messages"
 #endif
@@ -149,8 +152,8 @@ int32_t dynseg_cuda_compiled(void) { return 1; }
 const char* dynseg_cuda_build(void) {
     static const char* const text = [] {
         static char buffer[sizeof(DYNSEG_CUDA_ARCHITECTURES_BUILT) + 64];
-        std::snprintf(buffer, sizeof(buffer), "CUDA %d.%d runtime, architectures %s", CUDART_VERSION / 1000,
-                      CUDART_VERSION % 1000 / 10, DYNSEG_CUDA_ARCHITECTURES_BUILT);
+        std::snprintf(buffer, sizeof(buffer), "CUDA %d.%d runtime, architectures %s", kRuntimeMajor, kRuntimeMinor,
+                      DYNSEG_CUDA_ARCHITECTURES_BUILT);
         return buffer;
     }();
     return text;
@@ -163,7 +166,7 @@ int32_t dynseg_cuda_device_count(void) {
         // why there are none, for dynseg_last_error: no driver and a driver too old look alike to the runtime
         fail(DYNSEG_ERROR_CUDA, "cudaGetDeviceCount failed: %s (%s); the library carries the CUDA %d.%d runtime, "
              "which needs an NVIDIA driver at least as new", cudaGetErrorName(e), cudaGetErrorString(e),
-             CUDART_VERSION / 1000, CUDART_VERSION % 1000 / 10);
+             kRuntimeMajor, kRuntimeMinor);
         return 0;
     }
     return count;
