@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional, cast, get_args
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from . import __version__
 from .commands import defaults, parity
@@ -62,6 +62,20 @@ class _Commands(TyperGroup):
                 raise
             raise _fail(f"out of memory ({one_line(error)}): this machine could not give the command the memory "
                         "it needed") from error
+
+
+class _Command(TyperCommand):
+    """A command that refuses an empty value for any of its arguments: pathlib reads "" as the current
+    folder, so an unset `$OUT` would have `dynseg train` replace the run in the folder it was started in."""
+
+    def parse_args(self, ctx, args):  # click's Context and the command's words, as TyperGroup.invoke
+        given, _, _ = self.make_parser(ctx).parse_args(args=list(args))  # the words, before "" becomes "."
+        for param in self.get_params(ctx) if not set(args) & set(ctx.help_option_names) else ():
+            value = given.get(param.name)
+            if value == "" or (isinstance(value, (list, tuple)) and "" in value):
+                raise typer.BadParameter('is empty (an unset shell variable?): give a value ("." for the current '
+                                         "folder)", ctx=ctx, param=param)
+        return super().parse_args(ctx, args)
 
 
 _DANGLING = "is a symbolic link that leads nowhere (a loop, or to something missing)"
@@ -120,7 +134,7 @@ def main(
     """Dynamically Instantiated Network instance segmentation: the CRF demo, training, evaluation and deployment."""
 
 
-@app.command()
+@app.command(cls=_Command)
 def demo(
     out: Path = typer.Option(..., "--out", file_okay=False, help="Folder to write before_after.png into."),
     image: Optional[Path] = typer.Option(
@@ -293,7 +307,7 @@ def _describe(data, dataset: str, detections: Optional[Path]) -> str:
     return what + (f", detections from {detections}" if detections else ", simulated detections")
 
 
-@app.command()
+@app.command(cls=_Command)
 def train(
     context: typer.Context,
     out: Path = typer.Option(..., "--out", file_okay=False, help="Folder for checkpoints and logs."),
@@ -386,7 +400,7 @@ def train(
     typer.echo(f"wrote {out}/model.safetensors, {out}/model.json and {out}/epochs.jsonl; next: dynseg eval {out}")
 
 
-@app.command("eval")
+@app.command("eval", cls=_Command)
 def evaluate_command(
     context: typer.Context,
     model: Path = typer.Argument(..., exists=True, metavar="MODEL",
@@ -554,7 +568,7 @@ def _parse_counts(text: str) -> list[int]:
     return [int(p) for p in parts]
 
 
-@app.command()
+@app.command(cls=_Command)
 def export(
     context: typer.Context,
     checkpoint: Path = typer.Argument(..., exists=True, file_okay=False, help="Folder written by dynseg train."),
@@ -657,7 +671,7 @@ def export(
     typer.echo(f"wrote {engine} and its sidecar {engine}.json")
 
 
-@app.command()
+@app.command(cls=_Command)
 def infer(
     model: Path = typer.Argument(..., help="An exported .onnx model (or a checkpoint folder with --backend torch)."),
     images: list[Path] = typer.Argument(..., exists=True, dir_okay=False, help="Image files to segment."),
@@ -692,7 +706,7 @@ _NO_INSTANCES = ("note: the checkpoint found no instance in any image (column N)
                  "compared background only")
 
 
-@app.command(help=(
+@app.command(cls=_Command, help=(
     "Parity of the exported model (onnxruntime) with its checkpoint (PyTorch): the CRF nodes' attributes and "
     "weights equal the checkpoint's; on the images, max |Δ| of the instance probabilities "
     f"(<= {parity.PROBABILITY_ATOL:g}) and of the semantic ones (<= {parity.SEMANTIC_ATOL:g}), argmax agreement "
@@ -727,7 +741,7 @@ def validate(
         typer.echo(_NO_INSTANCES + ": pass --images (and --detections) from the model's own domain")
 
 
-@app.command()
+@app.command(cls=_Command)
 def bench(
     model: Path = typer.Argument(..., help="The exported .onnx model."),
     sizes: str = typer.Option("256x256,512x512", "--sizes", help="Image sizes HxW, comma-separated."),
@@ -780,7 +794,7 @@ def bench(
         typer.echo(f"wrote {json_out}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def quickstart(
     out: Path = typer.Option(..., "--out", file_okay=False, help="Folder for everything it makes."),
     steps: int = typer.Option(quickstart_job.DEFAULT_STEPS, "--steps", min=2,

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -130,22 +130,38 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an int of at least `low`, or the option's error naming the bound."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """`python -m dynseg.trainer.distributed` (under torchrun or alone): `dynseg train` on the synthetic
     scenes, data-parallel. --batch-size is stage 1's global batch."""
     parser = argparse.ArgumentParser(prog="python -m dynseg.trainer.distributed", description=main.__doc__)
     parser.add_argument("--out", required=True, help="folder for checkpoints and logs (shared between machines)")
     parser.add_argument("--backbone", default="resnet18")
-    parser.add_argument("--images", type=int, default=defaults.TRAIN_IMAGES, help="synthetic training images")
+    parser.add_argument("--images", type=_at_least(1), default=defaults.TRAIN_IMAGES, help="synthetic training images")
     parser.add_argument("--image-size", type=int, nargs=2, default=defaults.IMAGE_SIZE, metavar=("H", "W"))
-    parser.add_argument("--semantic-steps", type=int, default=defaults.SEMANTIC_STEPS)
-    parser.add_argument("--instance-steps", type=int, default=defaults.INSTANCE_STEPS)
-    parser.add_argument("--batch-size", type=int, default=4, help="stage 1 global batch, a multiple of the processes")
+    parser.add_argument("--semantic-steps", type=_at_least(0), default=defaults.SEMANTIC_STEPS)
+    parser.add_argument("--instance-steps", type=_at_least(0), default=defaults.INSTANCE_STEPS)
+    parser.add_argument("--batch-size", type=_at_least(1), default=4,
+                        help="stage 1 global batch, a multiple of the processes")
     parser.add_argument("--mode", choices=("piecewise", "end-to-end"), default="piecewise")
     parser.add_argument("--lr", type=float, default=defaults.LEARNING_RATE,
                         help=f"stage 1 learning rate (stage 2 uses a {defaults.INSTANCE_LR_DIVISOR}th)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if not args.out:  # Path("") is the current folder, whose earlier run the trainer would replace
+        parser.error("--out is empty (an unset shell variable?): give a folder (\".\" for the current one)")
     if not 0 <= args.seed <= defaults.MAX_SEED:
         parser.error(f"--seed must be in 0..{defaults.MAX_SEED}, got {args.seed}")
     if not all(defaults.MIN_IMAGE_SIDE <= side <= defaults.MAX_IMAGE_SIDE for side in args.image_size):
@@ -175,6 +191,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"wrote {args.out}/model.safetensors and {args.out}/model.json; next: dynseg eval {args.out}")
     except DynsegError as error:  # a bad argument: one line, as the dynseg commands print it
         raise SystemExit(f"Error: {error}") from None
+    except OSError as error:  # a folder or file the system refuses (--out under a file, a full disk)
+        where = f": {error.filename}" if error.filename else ""
+        raise SystemExit(f"Error: {error.strerror or error}{where}") from None
     finally:
         shutdown()
 

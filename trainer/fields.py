@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+import numpy as np
+
 from dynseg.sdk.errors import InvalidArgumentError
 from dynseg.sdk.checks import is_int
 
@@ -42,14 +44,20 @@ def ints(config: object, *names: str, least: int, most: int | None = None) -> No
 
 
 def numbers(config: object, *names: str, low: float = -math.inf, high: float = math.inf,
-            low_open: bool = False, high_open: bool = False) -> None:
-    """Finite numbers in [low, high], either end open as said."""
+            low_open: bool = False, high_open: bool = False, float32: bool = False) -> None:
+    """Finite numbers in [low, high], either end open as said; with `float32`, still so once rounded to
+    the float32 that the network computes with and the exported CRF node stores (1e-300 > 0 is 0 there)."""
+    def inside(value: object) -> bool:
+        return _is_number(value) and math.isfinite(value) and (value > low if low_open else value >= low) and (
+            value < high if high_open else value <= high)
+
     for name in names:
         value = getattr(config, name)
-        inside = _is_number(value) and math.isfinite(value) and (value > low if low_open else value >= low) and (
-            value < high if high_open else value <= high)
-        if not inside:
+        if not inside(value):
             raise _fail(config, name, _number_rule(low, high, low_open, high_open))
+        with np.errstate(over="ignore"):
+            if float32 and not inside(float(np.float32(value))):
+                raise _fail(config, name, _number_rule(low, high, low_open, high_open) + " once rounded to float32")
 
 
 def _number_rule(low: float, high: float, low_open: bool, high_open: bool) -> str:

@@ -44,7 +44,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dynseg.sdk.errors import InvalidArgumentError, one_line
 from dynseg.sdk.checks import is_int
-from dynseg.sdk.files import write_text_whole
+from dynseg.sdk.files import named_path, write_text_whole
 from dynseg.sdk.results import SegmentationResult
 from dynseg.sdk.segmenter import Segmenter
 
@@ -213,7 +213,7 @@ def train(
     step's global batch. Rank 0 alone prints and writes to out_dir (shared between machines when
     resuming), and every process returns once the checkpoint is written.
     """
-    out_dir = Path(out_dir)
+    out_dir = named_path(out_dir, "out_dir")
     if len(dataset) == 0:
         raise InvalidArgumentError("dataset holds no image: nothing to train on")
     rank, world = distributed.rank(), distributed.world_size()
@@ -379,10 +379,24 @@ def _held_out_scores(model: DynamicallyInstantiatedNetwork, config: TrainConfig,
 
 
 def _drop_entries(path: Path, dropped: Callable[[dict], bool]) -> None:
-    """Rewrites the JSON-lines log at `path` without the entries `dropped` picks (no file: nothing)."""
+    """Rewrites the JSON-lines log at `path` without the entries `dropped` picks (no file: nothing), and
+    without a last line that a write cut short (a full disk, a power cut) left without its newline.
+    InvalidArgumentError names a line that is not a JSON object: the file is not a log of this trainer's."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and not dropped(json.loads(line))]
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()[:None if text.endswith("\n") else -1]
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            entry = json.loads(line) if line else {}
+        except json.JSONDecodeError:
+            entry = None
+        if not isinstance(entry, dict):
+            raise InvalidArgumentError(f"cannot resume: line {number} of {path} is not a JSON object ({line[:60]!r}); "
+                                       "move the file away to start its log afresh")
+        if line and not dropped(entry):
+            kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))
 
 
@@ -616,7 +630,7 @@ def fit(
     `training_data` (write_training_data's keywords: dataset, seed, image_size, split) is recorded in
     each stage's folder before the stage starts, so that any checkpoint it leaves tells `dynseg eval`
     which scenes it was trained on."""
-    out_dir = Path(out_dir)
+    out_dir = named_path(out_dir, "out_dir")
     for name, config in (("semantic", semantic), ("instance", instance)):
         # TrainConfig's stage defaults to "semantic": instance=TrainConfig(steps=N) would train stage 1 twice
         if not isinstance(config, TrainConfig) or config.stage != name:

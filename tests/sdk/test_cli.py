@@ -104,6 +104,32 @@ def test_demo_reports_an_unreadable_image_in_one_line(tmp_path) -> None:
     assert "could not be read as an image" in result.output
 
 
+@pytest.mark.parametrize("words, named", [
+    (["demo", "--out", ""], "'--out'"),
+    (["train", "--out", ""], "'--out'"),
+    (["train", "--out", "run", "--dataset", "voc", "--split", ""], "'--split'"),
+    (["eval", "", "--images", "1"], "'MODEL'"),
+    (["export", "", "--out", "model.onnx"], "'checkpoint'"),
+    (["infer", "model.onnx", "x.png", "", "--detections", "d.json", "--out", "out"], "'images'"),
+    (["validate", "", "--checkpoint", "."], "'model'"),
+    (["bench", "model.onnx", "--json="], "'--json'"),
+    (["quickstart", "--out", ""], "'--out'"),
+])
+def test_an_empty_value_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch, words, named) -> None:
+    # pathlib reads "" as "."; an unset $OUT would have `dynseg train` replace the run in the current folder
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, words)
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for {named}: is empty (an unset shell variable?)" in plain(result.output)
+    assert not any(tmp_path.iterdir())
+
+
+def test_every_command_refuses_empty_values() -> None:
+    from dynseg.sdk.cli import _Command
+
+    assert all(command.cls is _Command for command in app.registered_commands)
+
+
 @pytest.mark.parametrize("below", ["", "/out"])
 def test_an_out_folder_whose_name_is_too_long_is_named_in_one_line(tmp_path, below) -> None:
     # ENAMETOOLONG met while looking for links that lead nowhere once raised from the error handler itself

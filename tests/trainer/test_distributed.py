@@ -173,7 +173,8 @@ def test_where_rank_zero_cannot_start_the_run_the_launcher_stops_every_process_w
             "--batch-size", "2"]
     first, second = _launch_two_without_torchrun([sys.executable, "-m", "dynseg.trainer.distributed",
                                                   "--out", str(tmp_path), *tiny])
-    assert "IsADirectoryError" in first and "log.jsonl" in first
+    assert f"Error: Is a directory: {tmp_path / 'semantic' / 'log.jsonl'}" in first, first  # one line, no traceback
+    assert "Traceback" not in first
     assert f"Error: another process failed at the start of the run in {tmp_path}" in second, second
 
 
@@ -206,6 +207,22 @@ def test_the_launcher_records_the_training_data_and_prints_a_bad_argument_in_one
     assert read_training_data(tmp_path / "run") == {"dataset": "synthetic", "seed": 3, "image_size": [32, 32]}
     with pytest.raises(SystemExit, match=r"^Error: TrainConfig.learning_rate must be"):
         distributed.main(["--out", str(tmp_path / "bad"), "--lr", "nan", *tiny])
+
+
+def test_the_launcher_refuses_an_empty_out_and_names_a_folder_the_system_refuses(monkeypatch, tmp_path, capsys):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--images", "2", "--image-size", "32", "32", "--semantic-steps", "1", "--instance-steps", "1"]
+    with pytest.raises(SystemExit):  # an unset $OUT: the current folder's earlier run would be replaced
+        distributed.main(["--out", "", *tiny])
+    assert "--out is empty" in capsys.readouterr().err and not any(tmp_path.iterdir())
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit, match=f"^Error: Not a directory: {tmp_path / 'a_file' / 'run'}$"):
+        distributed.main(["--out", str(tmp_path / "a_file" / "run"), *tiny])
+    with pytest.raises(SystemExit):
+        distributed.main(["--out", "run", "--batch-size", "0", *tiny])
+    assert "argument --batch-size: must be at least 1, got 0" in capsys.readouterr().err
 
 
 if __name__ == "__main__":

@@ -369,6 +369,15 @@ def test_void_pixels_count_in_neither_segment_of_the_matching_as_in_the_matching
     (lambda: SemanticCRFConfig(epsilon=1.0), r"SemanticCRFConfig.epsilon must be a finite number in \[0, 1\)"),
     (lambda: SemanticCRFConfig(weight_bilateral=float("nan")),
      "SemanticCRFConfig.weight_bilateral must be a finite number, got nan"),
+    # the network computes in float32 and the CRF node stores float32 attributes: 1e-300 is 0 there
+    (lambda: InstanceConfig(theta_bilateral_rgb=1e-300),
+     "InstanceConfig.theta_bilateral_rgb must be a finite number > 0 once rounded to float32, got 1e-300"),
+    (lambda: SemanticCRFConfig(score_ceiling=1e39), "SemanticCRFConfig.score_ceiling must be a finite number > 0 "
+                                                    "once rounded to float32, got 1e[+]39"),
+    (lambda: SemanticCRFConfig(epsilon=1 - 1e-9), r"SemanticCRFConfig.epsilon must be a finite number in \[0, 1\) "
+                                                  "once rounded to float32"),
+    (lambda: ModelConfig(class_names=("car", "bus", "car")), "ModelConfig.class_names must name each class once, "
+                                                             "got car more than once"),
     (lambda: ModelConfig(class_names="person"), "ModelConfig.class_names must be a non-empty tuple"),
     (lambda: ModelConfig(class_names=()), "ModelConfig.class_names"),
     (lambda: ModelConfig(backbone="resnet34"), "ModelConfig.backbone must be 'resnet18' or"),

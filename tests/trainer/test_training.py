@@ -218,6 +218,33 @@ def test_a_stage_resumed_from_its_last_epochs_checkpoint_computes_what_an_uninte
     assert epochs == [3, 6]
 
 
+def test_a_resumed_log_loses_a_line_cut_short_and_refuses_one_that_is_not_an_entry(tmp_path):
+    # a full disk or a power cut can leave the last line without its newline; nothing else writes a list
+    config = TrainConfig(stage="semantic", steps=4, batch_size=2, schedule="step", step_every=100)
+    data, model = tiny_setup()
+    data = torch.utils.data.Subset(data, range(4))  # 2 steps an epoch: a checkpoint after step 2
+    with pytest.raises(_Interrupted):
+        train(model, data, config, out_dir=tmp_path, printer=_interrupt_at(3), log_every=1)
+    log = tmp_path / "log.jsonl"
+    log.write_text(log.read_text() + '{"step": 4, "lo')
+    assert [entry["step"] for entry in train(model, data, config, out_dir=tmp_path, resume=True,
+                                             printer=quiet)] == [3, 4]
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4]
+    log.write_text(log.read_text() + "[1]\n")
+    with pytest.raises(InvalidArgumentError, match=rf"cannot resume: line 5 of {re.escape(str(log))} is not a JSON "
+                                                   r"object \('\[1\]'\); move the file away"):
+        train(model, data, config, out_dir=tmp_path, resume=True, printer=quiet)
+
+
+def test_an_empty_out_dir_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data, model = tiny_setup()
+    with pytest.raises(InvalidArgumentError, match="out_dir must not be an empty path"):
+        fit(model, data, out_dir="", printer=quiet, semantic=TrainConfig(stage="semantic", steps=1, batch_size=2),
+            instance=TrainConfig(stage="instance", steps=1))
+    assert not any(tmp_path.iterdir())
+
+
 def test_an_interrupted_run_leaves_its_last_epochs_checkpoint_with_what_it_was_trained_on(tmp_path):
     data, model = tiny_setup()
     data = torch.utils.data.Subset(data, range(4))  # stage 2: 4 steps an epoch

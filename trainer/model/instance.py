@@ -60,9 +60,10 @@ class InstanceConfig:
         fields.flags(self, "box_term", "global_term", "shape_term", "crf")
         fields.ints(self, "template_groups", "templates_per_group", "template_size", least=1)
         fields.ints(self, "iterations", least=0, most=INT32_MAX)  # the CRF node's and the kernels' range
-        fields.numbers(self, "epsilon", low=0, high=1, low_open=True, high_open=True)
-        fields.numbers(self, "theta_spatial", "theta_bilateral_xy", "theta_bilateral_rgb", low=0, low_open=True)
-        fields.numbers(self, "weight_spatial", "weight_bilateral")
+        fields.numbers(self, "epsilon", low=0, high=1, low_open=True, high_open=True, float32=True)
+        fields.numbers(self, "theta_spatial", "theta_bilateral_xy", "theta_bilateral_rgb", low=0, low_open=True,
+                       float32=True)
+        fields.numbers(self, "weight_spatial", "weight_bilateral", float32=True)
 
 
 def aspect_groups(boxes: Tensor, groups: int) -> Tensor:

@@ -49,6 +49,9 @@ class ModelConfig:
         if not (isinstance(names, tuple) and names and all(isinstance(n, str) and n for n in names)):
             raise InvalidArgumentError(f"ModelConfig.class_names must be a non-empty tuple of class names (str), got "
                                        f"{names!r}")
+        if twice := sorted({n for n in names if names.count(n) > 1}):  # a result's class name must tell its label
+            raise InvalidArgumentError(f"ModelConfig.class_names must name each class once, got {', '.join(twice)} "
+                                       "more than once")
         fields.number_tuple(self, "mean", 3)
         fields.number_tuple(self, "std", 3, positive=True)
         if not isinstance(self.semantic_crf, (SemanticCRFConfig, type(None))):

@@ -50,9 +50,9 @@ class SemanticCRFConfig:
     def __post_init__(self) -> None:
         fields.ints(self, "iterations", least=0, most=INT32_MAX)  # the CRF node's and the kernels' range
         fields.numbers(self, "theta_spatial", "theta_bilateral_xy", "theta_bilateral_rgb", "score_ceiling", low=0,
-                       low_open=True)
-        fields.numbers(self, "weight_spatial", "weight_bilateral", "detection_x", "detection_y")
-        fields.numbers(self, "epsilon", low=0, high=1, high_open=True)
+                       low_open=True, float32=True)
+        fields.numbers(self, "weight_spatial", "weight_bilateral", "detection_x", "detection_y", float32=True)
+        fields.numbers(self, "epsilon", low=0, high=1, high_open=True, float32=True)
         fields.flags(self, "detection_potential")
 
 
