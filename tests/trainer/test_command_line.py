@@ -529,6 +529,11 @@ def test_a_pipe_as_the_detections_file_is_named_as_one_not_read(tmp_path):
     ('[{"image_id": 0, "category_id": 1, "bbox": [1, 2, 3], "score": 0.5}]', ["entry 0", "bbox"]),
     ('[{"image_id": 0, "category_id": 9, "bbox": [1, 2, 3, 4], "score": 0.5}]', ["category_id 9", "1..4"]),
     ('[{"image_id": "2007_000032", "category_id": 1, "bbox": [1, 2, 3, 4], "score": 0.5}]', ["no detection"]),
+    # a string id is no int id: both are shown as Python writes them
+    ('[{"image_id": "0", "category_id": 1, "bbox": [1, 2, 3, 4], "score": 0.5}]',
+     ["no detection belongs to an image of the dataset (the dataset's image ids are such as 0, 1, 2; the file's are "
+      "such as '0'"]),
+    ("[]", ["the file holds no entry"]),
     ("[" * 100_000 + "]" * 100_000, ["not valid JSON"]),  # Python's parser recurses: RecursionError
     ('[{"image_id": ' + "9" * 5000 + "}]", ["not valid JSON"]),  # over the 4300-digit int limit: ValueError
 ])
@@ -568,6 +573,13 @@ def test_a_pipe_as_the_pretrained_weights_or_the_training_record_is_named_not_re
                   "weights.pth is a pipe or device, not a regular file")
     os.mkfifo(tmp_path / TRAINING_DATA)
     _fails_naming(run("eval", tmp_path), f"{TRAINING_DATA} is a pipe or device, not a regular file")
+
+
+@pytest.mark.parametrize("content, why", [(b"", "it is empty"), (b"not a zip", "UnpicklingError: ")])
+def test_pretrained_weights_that_are_no_state_dict_say_why(tmp_path, content, why):
+    (tmp_path / "weights.pth").write_bytes(content)
+    _fails_naming(run("train", "--out", tmp_path / "run", *SYNTHETIC, *TINY, "--pretrained", tmp_path / "weights.pth"),
+                  "weights.pth: cannot be read as a torch state_dict", f"(resnet18-f37072fd.pth): {why}")
 
 
 def test_a_stage_1_that_diverged_in_its_last_step_is_named_at_stage_2s_first(tmp_path):

@@ -30,14 +30,14 @@ from pathlib import Path
 import numpy as np
 
 from dynseg.sdk.checks import one_of
-from dynseg.sdk.coco_detections import refuse_normalised_boxes
+from dynseg.sdk.coco_detections import detections_by_image, read_coco_results, refuse_normalised_boxes
 from dynseg.sdk.errors import InvalidArgumentError
 from dynseg.sdk.inputs import pixel_boxes
 
 from .cityscapes import CityscapesInstances
 from .coco import CocoInstances
 from .common import Dataset, Samples
-from .detections import DetectorOutput, load_coco_detections
+from .detections import DetectorOutput
 from .sbd import SbdInstances
 from .synthetic import SyntheticScenes
 from .voc import VocInstances
@@ -141,7 +141,8 @@ def with_detections(dataset: Dataset, path: str | os.PathLike) -> WithDetections
     if not path.exists():
         raise FileNotFoundError(f"{path}: detections file not found")
     ids = image_ids(dataset)
-    found = load_coco_detections(path, ids)
+    entries = read_coco_results(path)
+    found = detections_by_image(entries, ids)
     num_classes = len(dataset.class_names) - 1
     mapping = getattr(dataset, "label_of_category", None)  # COCO: category id -> label
     for image_id, detections in found.items():
@@ -155,9 +156,12 @@ def with_detections(dataset: Dataset, path: str | os.PathLike) -> WithDetections
             raise InvalidArgumentError(f"{path}: image {image_id!r} has category_id {int(detections['labels'].max())}; "
                                        f"the dataset's classes are 1..{num_classes}")
     if ids and not any(map(_count, found.values())):
-        shown = ", ".join(repr(i) for i in ids[:3])
-        raise InvalidArgumentError(f"{path}: no detection belongs to an image of the dataset (its image ids "
-                                   f"are such as {shown}; see dynseg.trainer.data.sources for the id of each dataset)")
+        # repr: an id "0" in the file is no id 0 of the dataset's
+        theirs = ", ".join(repr(i) for i in list(dict.fromkeys(image_id for image_id, *_ in entries))[:3])
+        theirs = f"the file's are such as {theirs}" if theirs else "the file holds no entry"
+        raise InvalidArgumentError(f"{path}: no detection belongs to an image of the dataset (the dataset's image "
+                                   f"ids are such as {', '.join(repr(i) for i in ids[:3])}; {theirs}; see "
+                                   "dynseg.trainer.data.sources for the id of each dataset)")
     refuse_normalised_boxes(path, np.concatenate([d["boxes"] for d in found.values()]) if found
                             else np.zeros((0, 4), np.float32))
     # Boxes outside their image are dropped when a sample is read; if every box is, training would learn
