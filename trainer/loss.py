@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dynseg.sdk.errors import InvalidArgumentError
+
 from .boxes import box_iou, mask_boxes
 from .data import VOID
 from .matching import matched_pairs
@@ -44,6 +46,7 @@ def matched_ground_truth(
     bool and disjoint, as datasets' instance masks are (a pixel of two would take either's label),
     gt_labels (M,) in 1..K; void: (H, W) bool or None.
     """
+    _check_instance_targets(instance_logits, boxes, labels, gt_masks, gt_labels, void)
     device = instance_logits.device
     # the matching runs on the CPU (scipy's assignment); only the target goes back to the device
     instance_logits, boxes, labels, gt_masks, gt_labels = (
@@ -78,6 +81,32 @@ def matched_ground_truth(
     if void is not None:
         target[void] = IGNORE
     return target.to(device)
+
+
+def _check_instance_targets(instance_logits: Tensor, boxes: Tensor, labels: Tensor, gt_masks: Tensor,
+                            gt_labels: Tensor, void: Tensor | None) -> None:
+    """InvalidArgumentError naming the argument that is no tensor, or whose shape or dtype does not fit
+    the instance logits' D and H, W (torch's own errors would name none)."""
+    given = dict(instance_logits=instance_logits, boxes=boxes, labels=labels, gt_masks=gt_masks, gt_labels=gt_labels)
+    if void is not None:
+        given["void"] = void
+    for name, value in given.items():
+        if not isinstance(value, Tensor):
+            raise InvalidArgumentError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if instance_logits.dim() != 3:
+        raise InvalidArgumentError(f"instance_logits must be (D+1, H, W), got shape {tuple(instance_logits.shape)}")
+    detections, height, width = instance_logits.shape[0] - 1, *instance_logits.shape[1:]
+    masks = gt_masks.shape[0] if gt_masks.dim() == 3 else -1
+    wanted = dict(boxes=((detections, 4), None), labels=((detections,), None),
+                  gt_masks=((masks, height, width), torch.bool), gt_labels=((masks,), None))
+    if void is not None:
+        wanted["void"] = ((height, width), torch.bool)
+    written = dict(boxes="(D, 4)", labels="(D,)", gt_masks="(M, H, W) bool", gt_labels="(M,)", void="(H, W) bool")
+    for name, (shape, dtype) in wanted.items():
+        value = given[name]
+        if tuple(value.shape) != shape or (dtype is not None and value.dtype != dtype):
+            raise InvalidArgumentError(f"{name} must be {written[name]} with the instance logits' D = {detections}, "
+                                       f"H, W = {height}, {width}, got {value.dtype} of shape {tuple(value.shape)}")
 
 
 def instance_loss(

@@ -392,6 +392,29 @@ def test_a_config_field_out_of_range_is_named_when_the_config_is_made(make, mess
         make()
 
 
+def _instance_targets(**changed):
+    targets = dict(instance_logits=torch.zeros(3, 8, 8), boxes=torch.zeros(2, 4), labels=torch.ones(2, dtype=torch.long),
+                   gt_masks=torch.zeros(1, 8, 8, dtype=torch.bool), gt_labels=torch.ones(1, dtype=torch.long), void=None)
+    return {**targets, **changed}
+
+
+@pytest.mark.parametrize("changed, message", [
+    (dict(instance_logits=np.zeros((3, 8, 8))), "instance_logits must be a torch.Tensor, got ndarray"),
+    (dict(instance_logits=torch.zeros(8, 8)), r"instance_logits must be \(D\+1, H, W\), got shape \(8, 8\)"),
+    (dict(boxes=torch.zeros(3, 4)), r"boxes must be \(D, 4\) with the instance logits' D = 2, H, W = 8, 8, got "
+                                    r"torch.float32 of shape \(3, 4\)"),
+    (dict(labels=torch.ones(1, dtype=torch.long)), r"labels must be \(D,\)"),
+    (dict(gt_masks=torch.zeros(1, 8, 8)), r"gt_masks must be \(M, H, W\) bool .* got torch.float32"),
+    (dict(gt_masks=torch.zeros(1, 4, 8, dtype=torch.bool)), r"gt_masks must be .* of shape \(1, 4, 8\)"),
+    (dict(gt_labels=torch.ones(2, dtype=torch.long)), r"gt_labels must be \(M,\)"),
+    (dict(void=torch.zeros(8, 8, dtype=torch.uint8)), r"void must be \(H, W\) bool"),
+])
+def test_the_instance_loss_names_a_target_that_does_not_fit_the_logits(changed, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        instance_loss(**_instance_targets(**changed))
+    assert instance_loss(**_instance_targets()).item() > 0  # the unchanged targets are accepted
+
+
 def test_box_iou_counts_inclusive_pixels():
     from dynseg.trainer.boxes import box_iou
 
