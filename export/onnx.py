@@ -102,6 +102,8 @@ def _writable_file(path: object) -> Path:
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise InvalidArgumentError(f"path must name a file, got {path!r}")
     path = Path(path)
+    if path.suffix in (".engine", ".plan"):  # Segmenter would load the file as a TensorRT engine
+        raise InvalidArgumentError(f"path {path} names a TensorRT engine: an ONNX export is a .onnx file")
     if path.is_dir():
         raise InvalidArgumentError(f"path {path} is a folder, not a file to write the model to")
     if not path.parent.is_dir():

@@ -74,7 +74,7 @@ class _Command(TyperCommand):
             value = given.get(param.name)
             if value == "" or (isinstance(value, (list, tuple)) and "" in value):
                 raise typer.BadParameter('is empty (an unset shell variable?): give a value ("." for the current '
-                                         "folder)", ctx=ctx, param=param)
+                                         "folder)", ctx=ctx, param_hint=" / ".join(f"'{o}'" for o in param.opts))
         return super().parse_args(ctx, args)
 
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from dynseg.sdk.commands.defaults import MAX_IMAGE_SIDE, MAX_SEED, MIN_IMAGE_SIDE
 from dynseg.sdk.errors import InvalidArgumentError, one_line
-from dynseg.sdk.files import check_regular_file, writing
+from dynseg.sdk.files import check_regular_file, named_path, writing
 from dynseg.sdk.checks import is_int
 
 from .model import DynamicallyInstantiatedNetwork, ModelConfig, build_model
@@ -43,7 +43,9 @@ def save_checkpoint(directory: str | Path, model: DynamicallyInstantiatedNetwork
     cut in the instant between two moves, one whose trainer state resuming refuses (its weights
     fingerprint is not model.safetensors'). Raises OSError naming the file that could not be written (a
     full disk, a folder in its place)."""
-    directory = Path(directory)
+    if not isinstance(model, DynamicallyInstantiatedNetwork):  # before the folder is made
+        raise InvalidArgumentError(f"model must be a DynamicallyInstantiatedNetwork, got {type(model).__name__}")
+    directory = named_path(directory, "directory")
     directory.mkdir(parents=True, exist_ok=True)
     writes = [("model.safetensors", lambda path: save_file(
                   {k: v.detach().contiguous() for k, v in model.state_dict().items()}, path)),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import TypeGuard
 
 import numpy as np
 
@@ -19,7 +20,7 @@ def _fail(config: object, name: str, rule: str) -> InvalidArgumentError:
     return InvalidArgumentError(f"{type(config).__name__}.{name} must be {rule}, got {getattr(config, name)!r}")
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[float]:
     # Python numbers only: configs are written to JSON as they are
     return is_int(value, numpy=False) or isinstance(value, float)
 

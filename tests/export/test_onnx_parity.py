@@ -522,6 +522,7 @@ def test_export_refuses_arguments_it_cannot_honour(exported, tmp_path, arguments
     ("half", "model.onnx", r"network must hold float32 weights, got float16 ones: export network.float\(\)"),
     ("network", None, "path must name a file, got None"),
     ("network", ".", "is a folder, not a file to write the model to"),
+    ("network", "model.plan", "model.plan names a TensorRT engine: an ONNX export is a .onnx file"),
     ("network", "missing/model.onnx", "its folder .*missing does not exist"),
     ("network", "a_file/model.onnx", "its folder .*a_file is a file, not a folder"),
     # where a GPU network's weights are, as far as the check sees: not on the CPU the trace runs on

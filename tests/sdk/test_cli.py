@@ -108,7 +108,7 @@ def test_demo_reports_an_unreadable_image_in_one_line(tmp_path) -> None:
     (["demo", "--out", ""], "'--out'"),
     (["train", "--out", ""], "'--out'"),
     (["train", "--out", "run", "--dataset", "voc", "--split", ""], "'--split'"),
-    (["eval", "", "--images", "1"], "'MODEL'"),
+    (["eval", "", "--images", "1"], "'model'"),
     (["export", "", "--out", "model.onnx"], "'checkpoint'"),
     (["infer", "model.onnx", "x.png", "", "--detections", "d.json", "--out", "out"], "'images'"),
     (["validate", "", "--checkpoint", "."], "'model'"),

@@ -86,6 +86,14 @@ def test_a_checkpoint_file_that_cannot_be_written_is_named_in_an_os_error(tmp_pa
     assert (tmp_path / blocked).is_dir()
 
 
+def test_saving_names_a_model_that_is_no_network_before_making_the_folder(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="model must be a DynamicallyInstantiatedNetwork, got Linear"):
+        save_checkpoint(tmp_path / "run", nn.Linear(2, 2))
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(InvalidArgumentError, match="directory must not be an empty path"):
+        save_checkpoint("", tiny_setup()[1])
+
+
 def test_a_checkpoint_rebuilds_the_same_network(tmp_path):
     data, model = tiny_setup()
     with torch.no_grad():
