@@ -68,9 +68,11 @@ class _Command(TyperCommand):
     """A command that refuses an empty value for any of its arguments: pathlib reads "" as the current
     folder, so an unset `$OUT` would have `dynseg train` replace the run in the folder it was started in."""
 
-    def parse_args(self, ctx, args):  # click's Context and the command's words, as TyperGroup.invoke
+    def parse_args(self, ctx, args):  # click's Context (see _Commands.invoke) and the command's words
+        if set(args) & set(ctx.help_option_names):
+            return super().parse_args(ctx, args)
         given, _, _ = self.make_parser(ctx).parse_args(args=list(args))  # the words, before "" becomes "."
-        for param in self.get_params(ctx) if not set(args) & set(ctx.help_option_names) else ():
+        for param in self.get_params(ctx):
             value = given.get(param.name)
             if value == "" or (isinstance(value, (list, tuple)) and "" in value):
                 raise typer.BadParameter('is empty (an unset shell variable?): give a value ("." for the current '

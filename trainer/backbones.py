@@ -143,8 +143,10 @@ def load_torchvision_weights(backbone: TorchvisionBackbone, path: PathLike) -> N
     except Exception as error:  # pickle and zip errors have many types; the caller needs the file name
         # torch's own text runs to pages, and its advice (weights_only=False) is unsafe for a stranger's file
         first = (str(error).strip().splitlines() or [""])[0].split(". ")[0][:160]
-        why = f"{type(error).__name__}: {first}" if first else "it is empty" if os.path.getsize(path) == 0 else (
-            type(error).__name__)
+        if first:
+            why = f"{type(error).__name__}: {first}"
+        else:  # an empty file's EOFError has no text
+            why = "it is empty" if os.path.getsize(path) == 0 else type(error).__name__
         raise InvalidArgumentError(f"{path}: cannot be read as a torch state_dict, such as torchvision's ImageNet "
                                    f"weights (resnet18-f37072fd.pth): {why}") from error
     backbone.load_torchvision_state_dict(state_dict, source=path)

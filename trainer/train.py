@@ -385,17 +385,21 @@ def _drop_entries(path: Path, dropped: Callable[[dict], bool]) -> None:
     if not path.is_file():
         return
     text = path.read_text(errors="replace")
-    lines = text.splitlines()[:None if text.endswith("\n") else -1]
+    lines = text.splitlines()
+    if not text.endswith("\n"):
+        lines = lines[:-1]
     kept = []
     for number, line in enumerate(lines, start=1):
+        if not line:
+            continue
         try:
-            entry = json.loads(line) if line else {}
+            entry = json.loads(line)
         except json.JSONDecodeError:
             entry = None
         if not isinstance(entry, dict):
             raise InvalidArgumentError(f"cannot resume: line {number} of {path} is not a JSON object ({line[:60]!r}); "
                                        "move the file away to start its log afresh")
-        if line and not dropped(entry):
+        if not dropped(entry):
             kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))
 

@@ -157,8 +157,8 @@ def with_detections(dataset: Dataset, path: str | os.PathLike) -> WithDetections
                                        f"the dataset's classes are 1..{num_classes}")
     if ids and not any(map(_count, found.values())):
         # repr: an id "0" in the file is no id 0 of the dataset's
-        theirs = ", ".join(repr(i) for i in list(dict.fromkeys(image_id for image_id, *_ in entries))[:3])
-        theirs = f"the file's are such as {theirs}" if theirs else "the file holds no entry"
+        file_ids = list(dict.fromkeys(image_id for image_id, *_ in entries))[:3]
+        theirs = f"the file's are such as {', '.join(map(repr, file_ids))}" if file_ids else "the file holds no entry"
         raise InvalidArgumentError(f"{path}: no detection belongs to an image of the dataset (the dataset's image "
                                    f"ids are such as {', '.join(repr(i) for i in ids[:3])}; {theirs}; see "
                                    "dynseg.trainer.data.sources for the id of each dataset)")
