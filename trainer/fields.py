@@ -56,8 +56,10 @@ def numbers(config: object, *names: str, low: float = -math.inf, high: float = m
         value = getattr(config, name)
         if not inside(value):
             raise _fail(config, name, _number_rule(low, high, low_open, high_open))
-        with np.errstate(over="ignore"):
-            if float32 and not inside(float(np.float32(value))):
+        if float32:
+            with np.errstate(over="ignore"):  # 1e39 becomes inf, which `inside` refuses
+                rounded = float(np.float32(value))
+            if not inside(rounded):
                 raise _fail(config, name, _number_rule(low, high, low_open, high_open) + " once rounded to float32")
 
 
