@@ -137,7 +137,9 @@ class Segmenter:
         boxes: (D, 4) xyxy pixels, inclusive (x2, y2 are the box's last column and row); labels: (D,)
         class ids in 1..K; scores: (D,) non-negative detector confidences, not logits; D >= 0 (up to
         max_detections). Boxes reaching outside the image are clipped; inverted and outside
-        ones are dropped with a warning and recorded in the result's `dropped`.
+        ones are dropped with a warning and recorded in the result's `dropped`. The detections' order
+        numbers the instances and moves no pixel between them: a pixel that detections tie on goes to the
+        highest score (docs/algorithm.md §6).
         timings: if given, gains the seconds the call spent in post-processing ("post") and, on
         onnxruntime, in the network's sessions ("network") and the CRF nodes ("crf").
         """

@@ -31,13 +31,14 @@ def random_outputs(count: int, height: int, width: int, seed: int) -> tuple[np.n
     return logits, semantic / semantic.sum(axis=0)
 
 
-def detections(labels: list[int], kept: list[int] | None = None) -> Detections:
-    """Detections with the given labels (boxes do not matter to post-processing)."""
+def detections(labels: list[int], kept: list[int] | None = None, scores: list[float] | None = None) -> Detections:
+    """Detections with the given labels and scores (0.5 each unless given; boxes do not matter to
+    post-processing)."""
     count = len(labels)
     return Detections(
         boxes=np.zeros((count, 4), np.float32),
         labels=np.asarray(labels, np.int64),
-        scores=np.full(count, 0.5, np.float32),
+        scores=np.full(count, 0.5, np.float32) if scores is None else np.asarray(scores, np.float32),
         kept=np.arange(count, dtype=np.int64) if kept is None else np.asarray(kept, np.int64),
     )
 
@@ -55,25 +56,30 @@ def painted(height: int, width: int, regions: list[tuple[int, int, int, int]]) -
 # ----------------------------------------------------------------- against a pixel-by-pixel reference
 
 
-def reference_argmax(values: np.ndarray) -> np.ndarray:
-    """One pixel at a time: the first label whose value is within 1e-5 (relative, at least 1e-5) of the
-    pixel's largest."""
+def reference_argmax(values: np.ndarray, preference: list[int] | None = None) -> np.ndarray:
+    """One pixel at a time: of the labels whose values are within 1e-5 (relative, at least 1e-5) of the
+    pixel's largest, the first in `preference` (default: the lowest)."""
     _, height, width = values.shape
+    preference = list(range(len(values))) if preference is None else preference
     winner = np.zeros((height, width), np.int64)
     for y in range(height):
         for x in range(width):
             column = [float(v) for v in values[:, y, x]]
             largest = max(column)
             floor = np.float32(largest) - np.float32(1e-5) * np.float32(max(abs(largest), 1.0))
-            winner[y, x] = next(label for label, v in enumerate(column) if v >= floor)
+            winner[y, x] = next(label for label in preference if column[label] >= floor)
     return winner
 
 
-def reference_instances(logits: np.ndarray, semantic: np.ndarray, labels: np.ndarray):
+def reference_instances(logits: np.ndarray, semantic: np.ndarray, labels: np.ndarray,
+                        scores: np.ndarray | None = None):
     """The instance map, and each instance's label index and score, one pixel at a time: the winner is
-    reference_argmax's; instances that win pixels are numbered 1..N in detection order; a score is the
-    mean of Q_sem of the instance's class over its pixels."""
-    winner = reference_argmax(logits)
+    reference_argmax's, preferring the background, then detections by descending score (all 0.5 unless
+    given), then the earliest; instances that win pixels are numbered 1..N in detection order; a score is
+    the mean of Q_sem of the instance's class over its pixels."""
+    scores = np.full(len(labels), 0.5) if scores is None else scores
+    by_confidence = sorted(range(len(labels)), key=lambda k: (-scores[k], k))
+    winner = reference_argmax(logits, [0] + [k + 1 for k in by_confidence])
     present = sorted(set(winner.ravel().tolist()) - {0})
     instance_map = np.zeros_like(winner)
     scores = []
@@ -90,9 +96,11 @@ def test_build_result_computes_the_pixel_by_pixel_definition(count, height, widt
     logits[1:] += np.random.default_rng(seed).normal(0, 2, (count, 1, 1)).astype(np.float32)  # some win nothing
     labels = np.random.default_rng(seed + 100).integers(1, K + 1, count)
     kept = np.sort(np.random.default_rng(seed).choice(3 * count, count, replace=False))  # some input dropped
-    result = build_result(gray_image(height, width), logits, semantic, detections(labels.tolist(), kept.tolist()),
-                          CLASS_NAMES)
-    instance_map, indices, scores = reference_instances(logits, semantic, labels)
+    confidences = np.random.default_rng(seed).choice([0.2, 0.5, 0.9], count).astype(np.float32)  # some equal
+    logits[1:, ::2] = np.round(logits[1:, ::2])  # on every other row, many exact ties
+    result = build_result(gray_image(height, width), logits, semantic,
+                          detections(labels.tolist(), kept.tolist(), confidences.tolist()), CLASS_NAMES)
+    instance_map, indices, scores = reference_instances(logits, semantic, labels, confidences)
 
     np.testing.assert_array_equal(result.instance_map, instance_map)
     assert result.instance_map.dtype == np.int32
@@ -109,6 +117,26 @@ def test_argmax_ties_go_to_the_lowest_label_as_in_torch() -> None:
     labels = np.array([1, 2, 3, 1, 2])
     result = build_result(gray_image(10, 12), logits, semantic, detections(labels.tolist()), CLASS_NAMES)
     np.testing.assert_array_equal(result.instance_map, reference_instances(logits, semantic, labels)[0])
+
+
+def test_the_callers_order_of_the_detections_changes_no_mask_only_the_instances_numbers() -> None:
+    # detections of one class tie exactly where only the global term speaks for them: their scores decide
+    rng = np.random.default_rng(11)
+    count = 6
+    logits, semantic = random_outputs(count, 16, 20, 12)
+    logits[1:] = np.round(logits[1:] * 0.5)  # many exact ties
+    labels = rng.integers(1, K + 1, count)
+    confidences = (rng.permutation(count) + 1) / (count + 1)
+    first = build_result(gray_image(16, 20), logits, semantic, detections(labels.tolist(), scores=confidences),
+                         CLASS_NAMES)
+    assert not np.array_equal(first.instance_map, reference_instances(logits, semantic, labels)[0]), "no tie decided"
+    masks = {instance.detection: instance.mask for instance in first.instances}
+    for seed in range(4):
+        order = np.random.default_rng(seed).permutation(count)  # the caller's detection i is order[i] above
+        again = build_result(gray_image(16, 20), logits[np.concatenate([[0], order + 1])], semantic,
+                             detections(labels[order].tolist(), scores=confidences[order]), CLASS_NAMES)
+        assert {int(order[i.detection]): i.mask.tolist() for i in again.instances} == \
+            {detection: mask.tolist() for detection, mask in masks.items()}
 
 
 @pytest.mark.parametrize("scale", [1.0, 30.0, 1e-3])
