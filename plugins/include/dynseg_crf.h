@@ -46,7 +46,8 @@ extern "C" {
 typedef enum dynseg_status {
     DYNSEG_OK = 0,
     DYNSEG_ERROR_INVALID_ARGUMENT = 1, /* a field is out of range; see dynseg_last_error() */
-    DYNSEG_ERROR_WORKSPACE_TOO_SMALL = 2, /* fewer bytes than the workspace-size query asks for */
+    DYNSEG_ERROR_WORKSPACE_TOO_SMALL = 2, /* fewer bytes than the call needs (the workspace-size query's
+                                             answer, less the alignment room it did not use) */
     DYNSEG_ERROR_KEY_RANGE = 3, /* the lattice cannot be built: a scaled feature times 2d reaches 2^22,
                                    where float keys have no fraction bits left, or the coordinates need
                                    more than 63 key bits; the message says which */
@@ -119,8 +120,9 @@ typedef struct dynseg_detections {
     float score_ceiling;        /* s_max > 0 */
     float epsilon;              /* 0 <= epsilon < 1 */
     float* recalibrated;        /* (D,) output, or NULL: Q(Y_d = 1) of the last iteration (s_d when T = 0);
-                                   must not overlap scores, which every iteration reads. The backward
-                                   calls, which recompute the forward pass, write it too */
+                                   must not overlap scores, which every iteration reads (refused:
+                                   INVALID_ARGUMENT). The backward calls, which recompute the forward
+                                   pass, write it too */
     /* Read by the backward calls only: */
     const float* grad_recalibrated; /* (D,) dLoss/d recalibrated, or NULL: zero */
     float* grad_detection_x;    /* one value: dLoss/dw_x, or NULL: not wanted */
@@ -170,9 +172,10 @@ DYNSEG_API int32_t dynseg_max_threads(void);
 DYNSEG_API void dynseg_set_cancel_flag(const int32_t* flag);
 
 /* Bytes of workspace `pass` needs for `problem` in the worst case (every lattice at its largest,
- * (d+1)·H·W vertices). The memory is touched only as far as the actual lattices reach, so on the
- * CPU a lazily committed allocation costs what is used. Any alignment will do: the size includes room
- * for the library to align the pointer itself. */
+ * (d+1)·H·W vertices); a size_t, which for the largest problems exceeds INT64_MAX. The memory is
+ * touched only as far as the actual lattices reach, so on the CPU a lazily committed allocation costs
+ * what is used. Any alignment will do: the size includes room for the library to align the pointer
+ * itself. */
 DYNSEG_API dynseg_status dynseg_crf_workspace_size(const dynseg_crf_problem* problem, int32_t pass,
                                                    size_t* bytes);
 
@@ -265,19 +268,21 @@ DYNSEG_API dynseg_status dynseg_crf_check_cuda(const void* workspace, void* stre
 
 /* Convenience for callers with host arrays (the numpy API): copies the problem's arrays and `unary` to
  * device `device`, runs dynseg_crf_forward_cuda, copies the result into `out` (host) and frees
- * everything. Synchronous; allocates. Reports outputs that overflowed float32 as dynseg_crf_forward does. */
+ * everything. Synchronous; allocates. Reports outputs that overflowed float32 as dynseg_crf_forward does.
+ * A device that is not one of dynseg_cuda_device_count's is INVALID_ARGUMENT; where the runtime cannot
+ * count devices (no driver), DYNSEG_ERROR_CUDA with its reason. */
 DYNSEG_API dynseg_status dynseg_crf_forward_cuda_from_host(const dynseg_crf_problem* problem,
                                                            const float* unary, float* out, int32_t device);
 
 /* Makes `device` the calling thread's current CUDA device (cudaSetDevice), for callers without a CUDA
- * binding of their own (the SDK's onnxruntime CUDA path on cuda:N). */
+ * binding of their own (the SDK's onnxruntime CUDA path on cuda:N). Errors as the host-array call's. */
 DYNSEG_API dynseg_status dynseg_cuda_set_device(int32_t device);
 /* The calling thread's current CUDA device (cudaGetDevice), for callers that keep per-device state
  * (the SDK's zero-copy entry reuses a workspace per device). */
 DYNSEG_API dynseg_status dynseg_cuda_get_device(int32_t* device);
 
 /* Device memory for callers without an allocator of their own (the SDK's CudaArray, the onnxruntime
- * CUDA path's workspace, the TensorRT backend's buffers). */
+ * CUDA path's workspace, the TensorRT backend's buffers). Freeing NULL does nothing, as free(NULL). */
 DYNSEG_API dynseg_status dynseg_cuda_malloc(size_t bytes, void** pointer);
 DYNSEG_API dynseg_status dynseg_cuda_free(void* pointer);
 /* Copies bytes between any two of host and device memory; returns once the copy has landed, so work

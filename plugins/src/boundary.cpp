@@ -45,7 +45,21 @@ dynseg_status fail(dynseg_status status, const char* format, ...) {
     return status;
 }
 
+dynseg_status check_not_null(std::initializer_list<Named> pointers) {
+    for (const Named& argument : pointers)
+        if (!argument.pointer) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "%s is NULL", argument.name);
+    return DYNSEG_OK;
+}
+
 namespace {
+
+// Whether the arrays of `count` floats at a and b share memory; compares addresses only, so device
+// pointers may be asked about too.
+bool overlap(const float* a, const float* b, int64_t count) {
+    const auto begin_a = reinterpret_cast<std::uintptr_t>(a), begin_b = reinterpret_cast<std::uintptr_t>(b);
+    const auto bytes = static_cast<std::uintptr_t>(count) * sizeof(float);
+    return begin_a < begin_b + bytes && begin_b < begin_a + bytes;
+}
 
 dynseg_status validate_detections(const dynseg_crf_problem& p, bool read_arrays) {
     const dynseg_detections& d = *p.detections;
@@ -62,9 +76,10 @@ dynseg_status validate_detections(const dynseg_crf_problem& p, bool read_arrays)
                     d.score_ceiling);
     if (!(d.epsilon >= 0.0f && d.epsilon < 1.0f))
         return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "detections->epsilon must be in [0, 1), got %g", d.epsilon);
-    if (!d.boxes || !d.labels || !d.scores || !d.detection_x || !d.detection_y)
-        return fail(DYNSEG_ERROR_INVALID_ARGUMENT,
-                    "detections->boxes, labels, scores, detection_x and detection_y must not be NULL");
+    if (dynseg_status s = check_not_null({{"detections->boxes", d.boxes}, {"detections->labels", d.labels},
+                                          {"detections->scores", d.scores}, {"detections->detection_x", d.detection_x},
+                                          {"detections->detection_y", d.detection_y}}))
+        return s;
     if (!read_arrays) return DYNSEG_OK;
     if (!all_finite(d.detection_x, 1) || !all_finite(d.detection_y, 1))
         return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "detections->detection_x and detection_y must be finite, got %g, %g",
@@ -125,9 +140,9 @@ dynseg_status validate(const dynseg_crf_problem* p, bool read_arrays) {
                         "kernels[%d].theta_color must be finite and > 0 (or 0 for a spatial kernel), got %g", k,
                         kernel.theta_color);
         if (kernel.theta_color > 0.0f && (p->image_channels < 1 || !p->image))
-            return fail(DYNSEG_ERROR_INVALID_ARGUMENT,
-                        "kernels[%d] is bilateral (theta_color = %g) but the problem has no image", k,
-                        kernel.theta_color);
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "kernels[%d] is bilateral (theta_color = %g) but the problem "
+                        "has no image: %s", k, kernel.theta_color,
+                        p->image ? "image_channels is 0" : "image is NULL");
         if (kernel.weight_kind != DYNSEG_WEIGHT_SCALAR && kernel.weight_kind != DYNSEG_WEIGHT_MATRIX)
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "kernels[%d].weight_kind must be 0 (scalar) or 1 (matrix), got %d",
                         k, kernel.weight_kind);
@@ -152,6 +167,16 @@ dynseg_status validate(const dynseg_crf_problem* p, bool read_arrays) {
     if (read_arrays && p->image && p->image_channels > 0 && !all_finite(p->image, p->image_channels * pixels))
         return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "image holds a non-finite value");
     return p->detections ? validate_detections(*p, read_arrays) : DYNSEG_OK;
+}
+
+dynseg_status check_outputs_apart(const dynseg_crf_problem& p) {
+    const dynseg_detections* d = p.detections;
+    // every iteration reads the scores and writes the recalibrated ones: shared memory would feed one
+    // iteration's output into the next one's prior
+    if (d && d->count > 0 && d->recalibrated && overlap(d->recalibrated, d->scores, d->count))
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "detections->recalibrated overlaps detections->scores: give "
+                    "the recalibrated scores a buffer of their own");
+    return DYNSEG_OK;
 }
 
 dynseg_status check_size_query(int32_t pass, const size_t* bytes) {

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <exception>
+#include <initializer_list>
 #include <new>
 
 #include "dynseg_crf.h"
@@ -33,9 +34,23 @@ void stop_if_cancelled();
 // Whether every one of count host floats is finite.
 bool all_finite(const float* values, int64_t count);
 
+// A pointer argument and its name in the C API.
+struct Named {
+    const char* name;
+    const void* pointer;
+};
+
+// Names the first of the pointers that is NULL ("out is NULL"); DYNSEG_OK when none is.
+dynseg_status check_not_null(std::initializer_list<Named> pointers);
+
 // Checks every field of a problem. read_arrays: also scan the image, weights and compatibility for
 // non-finite values (only possible when they are host memory).
 dynseg_status validate(const dynseg_crf_problem* problem, bool read_arrays);
+
+// What a compute call adds to validate(), and a size query may not ask (its arrays may all be one
+// placeholder): the recalibrated detection scores, which every iteration writes, share no memory with
+// the scores. Compares addresses only, so device pointers are checked too.
+dynseg_status check_outputs_apart(const dynseg_crf_problem& problem);
 
 // After a call on validated, finite inputs: whether its host outputs are finite too. Finite inputs
 // can still be too large together for float32, and the library reports that rather than hand back

@@ -55,8 +55,9 @@ dynseg_status dynseg_crf_forward(const dynseg_crf_problem* problem, const float*
                                  void* workspace, size_t workspace_bytes) {
     return guarded([&] {
         if (dynseg_status s = dynseg::validate(problem, /*read_arrays=*/true)) return s;
-        if (!unary || !out || !workspace)
-            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "unary, out and workspace must not be NULL");
+        if (dynseg_status s = dynseg::check_not_null({{"unary", unary}, {"out", out}, {"workspace", workspace}}))
+            return s;
+        if (dynseg_status s = dynseg::check_outputs_apart(*problem)) return s;
         if (!dynseg::all_finite(unary, problem->num_labels * problem->height * problem->width))
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "unary holds a non-finite value");
         if (dynseg_status s = with_mean_field(*problem, DYNSEG_PASS_FORWARD, workspace, workspace_bytes,
@@ -76,8 +77,10 @@ dynseg_status dynseg_crf_backward(const dynseg_crf_problem* problem, const float
     return guarded([&] {
         if (dynseg_status s = dynseg::validate(problem, /*read_arrays=*/true)) return s;
         if (dynseg_status s = dynseg::backward_supported(*problem)) return s;
-        if (!unary || !grad_logits || !grad_unary || !workspace)
-            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "unary, grad_logits, grad_unary and workspace must not be NULL");
+        if (dynseg_status s = dynseg::check_not_null({{"unary", unary}, {"grad_logits", grad_logits},
+                                                      {"grad_unary", grad_unary}, {"workspace", workspace}}))
+            return s;
+        if (dynseg_status s = dynseg::check_outputs_apart(*problem)) return s;
         const int64_t size = problem->num_labels * problem->height * problem->width;
         if (!dynseg::all_finite(unary, size)) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "unary holds a non-finite value");
         if (!dynseg::all_finite(grad_logits, size))
@@ -110,8 +113,8 @@ dynseg_status dynseg_lattice_filter(const dynseg_crf_problem* problem, int32_t k
         if (channels < 1 || channels > problem->num_labels)
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "channels must be in 1..num_labels (%lld), got %lld",
                         (long long)problem->num_labels, (long long)channels);
-        if (!values || !out || !workspace)
-            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "values, out and workspace must not be NULL");
+        if (dynseg_status s = dynseg::check_not_null({{"values", values}, {"out", out}, {"workspace", workspace}}))
+            return s;
         const int64_t size = channels * problem->height * problem->width;
         if (!dynseg::all_finite(values, size))
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "values holds a non-finite value");

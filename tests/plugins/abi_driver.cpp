@@ -155,6 +155,26 @@ void detection_potential() {
                   DYNSEG_OK, "backward with detections");
     expect(std::isfinite(grad_x) && std::isfinite(grad_y) && grad_x != 0.0f && grad_y != 0.0f,
            "backward with detections: gradients of w_x and w_y");
+
+    // every iteration reads the scores: recalibrated scores written over them would change the result
+    float shared[4] = {0.9f, 0.4f, 0.0f, 0.0f};  // two scores, then room for two recalibrated ones
+    d.scores = shared;
+    for (float* recalibrated_in : {shared, shared + 1}) {
+        d.recalibrated = recalibrated_in;
+        expect_status(dynseg_crf_forward(&p.c, p.unary.data(), out.data(), ws.data(), ws.size()),
+                      DYNSEG_ERROR_INVALID_ARGUMENT, "refused: recalibrated scores over the scores",
+                      "detections->recalibrated overlaps detections->scores");
+        size_t bytes = 0;  // a size query reads no array: the TensorRT plugin passes one placeholder for all
+        expect_status(dynseg_crf_workspace_size(&p.c, DYNSEG_PASS_FORWARD, &bytes), DYNSEG_OK,
+                      "a size query with the recalibrated scores over the scores");
+    }
+    expect(shared[0] == 0.9f && shared[1] == 0.4f, "refused: the scores are left as they were");
+    d.recalibrated = shared + 2;  // right after the scores: no overlap
+    expect_status(dynseg_crf_forward(&p.c, p.unary.data(), out.data(), ws.data(), ws.size()), DYNSEG_OK,
+                  "forward with recalibrated scores just past the scores");
+    d.labels = nullptr;
+    expect_status(dynseg_crf_forward(&p.c, p.unary.data(), out.data(), ws.data(), ws.size()),
+                  DYNSEG_ERROR_INVALID_ARGUMENT, "refused: no detection labels", "detections->labels is NULL");
 }
 
 // Each refusal must come back as a status with a message, and nothing it set up may stay allocated.
@@ -188,6 +208,17 @@ void refusals() {
                   DYNSEG_ERROR_WORKSPACE_TOO_SMALL, "refused: half the workspace", "workspace");
     expect_status(dynseg_lattice_filter(&p.c, 2, 1, p.unary.data(), out.data(), 0, ws.data(), ws.size()),
                   DYNSEG_ERROR_INVALID_ARGUMENT, "refused: filter with a kernel the problem lacks", "kernel");
+    // a NULL pointer is named alone, whichever it is
+    expect_status(dynseg_crf_forward(&p.c, p.unary.data(), nullptr, ws.data(), ws.size()),
+                  DYNSEG_ERROR_INVALID_ARGUMENT, "refused: no out", "out is NULL");
+    expect_status(dynseg_crf_backward(&p.c, p.unary.data(), out.data(), out.data(), nullptr, nullptr, nullptr,
+                                      ws.size()),
+                  DYNSEG_ERROR_INVALID_ARGUMENT, "refused: a backward without workspace", "workspace is NULL");
+    bad.kernels[1].theta_color = 13.0f;
+    bad.c.image_channels = 0;
+    expect_status(dynseg_crf_forward(&bad.c, p.unary.data(), out.data(), ws.data(), ws.size()),
+                  DYNSEG_ERROR_INVALID_ARGUMENT, "refused: an image of no channels", "image_channels is 0");
+    bad.c.image_channels = 3;
 
     const int32_t cancelled = 1;
     dynseg_set_cancel_flag(&cancelled);
@@ -198,6 +229,10 @@ void refusals() {
     const dynseg_status cuda = dynseg_crf_workspace_size_cuda(&p.c, DYNSEG_PASS_FORWARD, &bytes);
     expect(dynseg_cuda_compiled() ? cuda == DYNSEG_OK || cuda == DYNSEG_ERROR_CUDA : cuda == DYNSEG_ERROR_NOT_SUPPORTED,
            "CUDA workspace query: sized, no device, or not built");
+    if (cuda == DYNSEG_ERROR_CUDA)  // the reason there is no device, not how sizing failed without one
+        expect_status(cuda, DYNSEG_ERROR_CUDA, "CUDA workspace query without a device", "cudaGetDeviceCount failed");
+    if (dynseg_cuda_compiled())
+        expect_status(dynseg_cuda_free(nullptr), DYNSEG_OK, "CUDA free of NULL: nothing to do, device or not");
     expect(dynseg_cuda_compiled() ? std::strncmp(dynseg_cuda_build(), "CUDA ", 5) == 0 : *dynseg_cuda_build() == 0,
            "the CUDA build names its runtime, or is empty without CUDA");
 }

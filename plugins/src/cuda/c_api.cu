@@ -35,6 +35,30 @@ dynseg_status guarded_cuda(const Body& body) {
 // The CUDA runtime linked in (static), as messages name it: 13000 is "13.0".
 constexpr int kRuntimeMajor = CUDART_VERSION / 1000, kRuntimeMinor = CUDART_VERSION % 1000 / 10;
 
+// The number of CUDA devices; where the runtime cannot count them, DYNSEG_ERROR_CUDA saying why (no
+// driver and a driver too old look alike to the runtime).
+dynseg_status count_devices(int* count) {
+    *count = 0;
+    if (cudaError_t e = cudaGetDeviceCount(count)) {
+        cudaGetLastError();
+        *count = 0;
+        return fail(DYNSEG_ERROR_CUDA, "cudaGetDeviceCount failed: %s (%s); the library carries the CUDA %d.%d "
+                    "runtime, which needs an NVIDIA driver at least as new", cudaGetErrorName(e),
+                    cudaGetErrorString(e), kRuntimeMajor, kRuntimeMinor);
+    }
+    return DYNSEG_OK;
+}
+
+// Whether `device` names one of the CUDA devices: count_devices' error when there are none to name.
+dynseg_status check_device(int32_t device) {
+    int count = 0;
+    if (dynseg_status s = count_devices(&count)) return s;
+    if (device < 0 || device >= count)
+        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "device must name one of the %d CUDA devices, got %d", count,
+                    device);
+    return DYNSEG_OK;
+}
+
 #ifndef DYNSEG_CUDA_ARCHITECTURES_BUILT
 #error "plugins/CMakeLists.txt defines DYNSEG_CUDA_ARCHITECTURES_BUILT, the architectures compiled, for messages"
 #endif
@@ -161,21 +185,16 @@ const char* dynseg_cuda_build(void) {
 
 int32_t dynseg_cuda_device_count(void) {
     int count = 0;
-    if (cudaError_t e = cudaGetDeviceCount(&count)) {
-        cudaGetLastError();
-        // why there are none, for dynseg_last_error: no driver and a driver too old look alike to the runtime
-        fail(DYNSEG_ERROR_CUDA, "cudaGetDeviceCount failed: %s (%s); the library carries the CUDA %d.%d runtime, "
-             "which needs an NVIDIA driver at least as new", cudaGetErrorName(e), cudaGetErrorString(e),
-             kRuntimeMajor, kRuntimeMinor);
-        return 0;
-    }
-    return count;
+    return count_devices(&count) == DYNSEG_OK ? count : 0;
 }
 
 dynseg_status dynseg_crf_workspace_size_cuda(const dynseg_crf_problem* problem, int32_t pass, size_t* bytes) {
     return guarded_cuda([&] {
         if (dynseg_status s = check_arguments(problem)) return s;
         if (dynseg_status s = dynseg::check_size_query(pass, bytes)) return s;
+        // the size is the current device's: without a device, say why rather than how CUB failed to size its sort
+        int devices = 0;
+        if (dynseg_status s = count_devices(&devices)) return s;
         Workspace counter;
         dynseg::cuda::MeanField plan(*problem, pass, counter);
         *bytes = counter.used();
@@ -187,8 +206,9 @@ dynseg_status dynseg_crf_forward_cuda(const dynseg_crf_problem* problem, const f
                                       void* workspace, size_t workspace_bytes, void* stream) {
     return guarded_cuda([&] {
         if (dynseg_status s = check_arguments(problem)) return s;
-        if (!unary || !out || !workspace)
-            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "unary, out and workspace must not be NULL");
+        if (dynseg_status s = dynseg::check_not_null({{"unary", unary}, {"out", out}, {"workspace", workspace}}))
+            return s;
+        if (dynseg_status s = dynseg::check_outputs_apart(*problem)) return s;
         return with_mean_field(*problem, DYNSEG_PASS_FORWARD, workspace, workspace_bytes, stream,
                                [&](dynseg::cuda::MeanField& crf, const dynseg::cuda::Launch& launch) {
                                    crf.forward(unary, out, launch);
@@ -202,8 +222,10 @@ dynseg_status dynseg_crf_backward_cuda(const dynseg_crf_problem* problem, const 
     return guarded_cuda([&] {
         if (dynseg_status s = check_arguments(problem)) return s;
         if (dynseg_status s = dynseg::backward_supported(*problem)) return s;
-        if (!unary || !grad_logits || !grad_unary || !workspace)
-            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "unary, grad_logits, grad_unary and workspace must not be NULL");
+        if (dynseg_status s = dynseg::check_not_null({{"unary", unary}, {"grad_logits", grad_logits},
+                                                      {"grad_unary", grad_unary}, {"workspace", workspace}}))
+            return s;
+        if (dynseg_status s = dynseg::check_outputs_apart(*problem)) return s;
         return with_mean_field(*problem, DYNSEG_PASS_BACKWARD, workspace, workspace_bytes, stream,
                                [&](dynseg::cuda::MeanField& crf, const dynseg::cuda::Launch& launch) {
                                    crf.backward(unary, grad_logits, grad_unary, grad_weights, grad_compat, launch);
@@ -248,16 +270,12 @@ dynseg_status dynseg_crf_forward_cuda_from_host(const dynseg_crf_problem* proble
                                                 int32_t device) {
     return guarded_cuda([&] {
         if (dynseg_status s = dynseg::validate(problem, /*read_arrays=*/true)) return s;
-        if (!unary || !out) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "unary and out must not be NULL");
+        if (dynseg_status s = dynseg::check_not_null({{"unary", unary}, {"out", out}})) return s;
+        if (dynseg_status s = dynseg::check_outputs_apart(*problem)) return s;
         // host memory here, so checked as the CPU call checks it
         if (!dynseg::all_finite(unary, problem->num_labels * problem->height * problem->width))
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "unary holds a non-finite value");
-        int devices = 0;
-        if (cudaGetDeviceCount(&devices) != cudaSuccess || device < 0 || device >= devices) {
-            cudaGetLastError();
-            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "device must name one of the %d CUDA devices, got %d", devices,
-                        device);
-        }
+        if (dynseg_status s = check_device(device)) return s;
         int previous = 0;
         cudaGetDevice(&previous);
         if (cudaError_t e = cudaSetDevice(device)) return cuda_failed(e, "cudaSetDevice");
@@ -341,12 +359,7 @@ dynseg_status dynseg_crf_forward_cuda_from_host(const dynseg_crf_problem* proble
 
 dynseg_status dynseg_cuda_set_device(int32_t device) {
     return guarded_cuda([&] {
-        int count = 0;
-        if (cudaGetDeviceCount(&count) != cudaSuccess || device < 0 || device >= count) {
-            cudaGetLastError();
-            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "device must name one of the %d CUDA devices, got %d", count,
-                        device);
-        }
+        if (dynseg_status s = check_device(device)) return s;
         if (cudaError_t e = cudaSetDevice(device)) return cuda_failed(e, "cudaSetDevice");
         return DYNSEG_OK;
     });
@@ -373,6 +386,7 @@ dynseg_status dynseg_cuda_malloc(size_t bytes, void** pointer) {
 
 dynseg_status dynseg_cuda_free(void* pointer) {
     return guarded_cuda([&] {
+        if (!pointer) return DYNSEG_OK;  // as free(NULL), even where no CUDA runtime can start
         if (cudaError_t e = cudaFree(pointer)) return cuda_failed(e, "cudaFree");
         return DYNSEG_OK;
     });
@@ -380,7 +394,7 @@ dynseg_status dynseg_cuda_free(void* pointer) {
 
 dynseg_status dynseg_cuda_memcpy(void* destination, const void* source, size_t bytes) {
     return guarded_cuda([&] {
-        if (!destination || !source) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "destination and source must not be NULL");
+        if (dynseg_status s = dynseg::check_not_null({{"destination", destination}, {"source", source}})) return s;
         if (cudaError_t e = cudaMemcpy(destination, source, bytes, cudaMemcpyDefault)) return cuda_failed(e, "cudaMemcpy");
         // cudaMemcpy may return before a copy from pageable memory, or within the device, has landed;
         // a caller's work on a non-blocking stream would not wait for it. Wait here, as documented.
