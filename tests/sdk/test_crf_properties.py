@@ -6,11 +6,11 @@ adding the same logit to every label of a pixel changes nothing; the thread coun
 
 The properties that compare two float32 computations draw kernel weights of at most 1 each. A mean-field
 update moves Q by at most (|w_spatial| + |w_bilateral|) / 2 times a change in Q (the softmax's slope is at
-most 1/2 and a normalised kernel averages Q over neighbours; about so for the symmetric normalisation), so with those weights rounding differences cannot grow from one
-iteration to the next. With larger weights and kernels narrow enough that a pixel's message is mostly its own
-Q, they do: weights of 5 and 5 at theta 0.5 and 1 turn last-bit differences into 6e-5 after six iterations,
-which says nothing about either implementation. The parity tests in test_dense_crf.py cover the default
-weights on realistic kernels.
+most 1/2 and a normalised kernel averages Q over neighbours; about so for the symmetric normalisation), so
+with those weights rounding differences cannot grow from one iteration to the next. With larger weights
+and kernels narrow enough that a pixel's message is mostly its own Q, they do: weights of 5 and 5 at
+theta 0.5 and 1 turn last-bit differences into 6e-5 after six iterations, which says nothing about either
+implementation. The parity tests in test_dense_crf.py cover the default weights on realistic kernels.
 
 Examples are drawn from a fixed seed (derandomize) so CI sees the same problems each run; set
 DYNSEG_PROPERTY_EXAMPLES to draw more (this file was run with 2000 before it was committed).
