@@ -52,7 +52,7 @@ def refinement_baseline(model, dataset, *, seed: int) -> tuple[list[dict], list[
             detections["boxes"], detections["labels"], detections["scores"], height=image.shape[1],
             width=image.shape[2], num_classes=model.config.num_classes,
         )
-        logits = model.semantic_logits(image[None])[0]
+        logits = model.semantic_unary(image[None])[0]
         if model.semantic_crf is not None:
             logits, _ = model.semantic_crf(logits, image, boxes, labels, scores)
         q_sem = torch.softmax(logits, 0)

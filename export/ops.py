@@ -6,8 +6,8 @@ writes it as `dynseg::MeanFieldCRF` (domain "dynseg", version 1), the two module
 the network's CRF modules, with their calls, while it is traced (`SemanticCRFNode`, `InstanceCRFNode`:
 each node's attributes and constant inputs), and the check that an exported graph's CRF nodes are a
 network's (`crf_node_differences`).
-The op's computation is the trainer's (`semantic_mean_field` with the detection potential,
-`mean_field_native` without), so a traced graph carries exactly the values the network computes.
+The op's computation is the trainer's (`semantic_mean_field`, with the detection potential or
+without), so a traced graph carries exactly the values the network computes.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from torch.onnx import symbolic_helper
 
 from dynseg.sdk.crf_node import CrfAttributes, CrfInputs, nothing_to_infer
 from dynseg.sdk.graph import DOMAIN, OP_TYPE, crf_nodes
-from dynseg.trainer.crf import crf_kernels, mean_field_native
 from dynseg.trainer.model.instance import InstanceCRF
 from dynseg.trainer.model.network import DynamicallyInstantiatedNetwork
 from dynseg.trainer.model.semantic_crf import SemanticCRF, SemanticCRFConfig, semantic_mean_field
@@ -56,25 +55,18 @@ def crf_node(
     compatibility (L, L) or empty for Potts; returns logits (1, L, H, W) and detection scores (D,)."""
     if nothing_to_infer(unary.shape[1], iterations):
         return unary.clone(), scores.clone()
-    compat = compatibility if compatibility.numel() else None
-    if detection_potential:
-        config = SemanticCRFConfig(
-            iterations=iterations, theta_spatial=theta_spatial, theta_bilateral_xy=theta_bilateral_xy,
-            theta_bilateral_rgb=theta_bilateral_rgb, detection_potential=True, score_ceiling=score_ceiling,
-            epsilon=epsilon,
-        )
-        logits, recalibrated = semantic_mean_field(
-            unary[0], image[0], boxes, labels, scores, spatial_weight=spatial_weight,
-            bilateral_weight=bilateral_weight, compatibility=compat, detection_x=detection_x,
-            detection_y=detection_y, config=config, normalization=normalization,
-        )
-        return logits.unsqueeze(0), recalibrated.clone()
-    kernels = crf_kernels(theta_spatial=theta_spatial, theta_bilateral_xy=theta_bilateral_xy,
-                          theta_bilateral_rgb=theta_bilateral_rgb, spatial_weight=spatial_weight,
-                          bilateral_weight=bilateral_weight)
-    logits = mean_field_native(unary[0], image[0], kernels, compat=compat, normalization=normalization,
-                               iterations=iterations)
-    return logits.unsqueeze(0), scores.clone()
+    config = SemanticCRFConfig(
+        iterations=iterations, theta_spatial=theta_spatial, theta_bilateral_xy=theta_bilateral_xy,
+        theta_bilateral_rgb=theta_bilateral_rgb, detection_potential=bool(detection_potential),
+        # without the potential the node's score_ceiling and epsilon are neither read nor checked (docs/ops.md)
+        score_ceiling=score_ceiling if detection_potential else 1.0, epsilon=epsilon if detection_potential else 0.0,
+    )
+    logits, recalibrated = semantic_mean_field(
+        unary[0], image[0], boxes, labels, scores, spatial_weight=spatial_weight, bilateral_weight=bilateral_weight,
+        compatibility=compatibility if compatibility.numel() else None, detection_x=detection_x,
+        detection_y=detection_y, config=config, normalization=normalization,
+    )
+    return logits.unsqueeze(0), recalibrated.clone()  # a clone: an op's outputs may not alias its inputs
 
 
 @crf_node.register_fake

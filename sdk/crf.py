@@ -2,9 +2,11 @@
 
 Owns the user-facing checks of `dense_crf` and `dense_crf_cuda` (every bad input is a ValueError
 naming the argument) and the translation of their densecrf-style parameters into a native `Problem`.
-The checks other front ends share live here too, so one rule serves them all: `gaussian_kernels`,
-`check_iterations`, `check_normalization` and `check_threads` (the torch front ends
-of dynseg.trainer.crf, `Segmenter`, `dynseg demo`). The maths and the lattice are described in
+The checks the user-facing front ends share live here too, so one rule serves them all:
+`gaussian_kernels`, `check_iterations`, `check_normalization` and `check_threads` (the torch front ends
+of dynseg.trainer.crf, `Segmenter`, `dynseg demo`). An exported node's attributes are checked against the
+same ranges by `crf_node.CrfAttributes`, with messages that name the node, and `_native.Problem` guards
+the ctypes boundary itself. The maths and the lattice are described in
 docs/crf.md; the readable PyTorch definition is dynseg.trainer.crf.
 """
 

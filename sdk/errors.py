@@ -1,7 +1,8 @@
 """The exceptions and warnings dynseg raises: one base class for the errors, so callers can catch
 everything dynseg-specific, and one category per warning, so callers can filter it; the install
 command the errors that need the trainer give (`needs_trainer`); and `one_line`, how a foreign exception
-is quoted in dynseg's one-line messages."""
+is quoted in dynseg's one-line messages. The TensorRT engine's two errors, `EngineError` and
+`EngineMismatchError` (both BackendErrors), live with the engine reader in `tensorrt_engine`."""
 
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ def graph_inputs(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
     """The graph's inputs, C-contiguous, from one checked frame: image (H, W, 3) uint8 RGB to
     (1, 3, H, W); boxes (D, 4) float32; labels (D,) int64; scores (D,) float32. No normalisation here:
     the graph casts the image to float and takes the model's mean and std itself
-    (`DynamicallyInstantiatedNetwork.semantic_logits`, traced into the export), so every backend feeds
+    (`DynamicallyInstantiatedNetwork.semantic_unary`, traced into the export), so every backend feeds
     raw 0..255 RGB."""
     return {
         "image": np.ascontiguousarray(image.transpose(2, 0, 1)[None]),

@@ -255,12 +255,7 @@ def _native_view(value: ort.OrtValue, name: str, dtype: type) -> _native.DeviceA
         raise InvalidArgumentError(f"the CRF input {name!r} is on {value.device_name()}, not on the GPU")
     if _ORT_TYPES.get(value.data_type()) is not dtype:
         raise InvalidArgumentError(f"the CRF input {name!r} is {value.data_type()}, the op needs {np.dtype(dtype)}")
-    return _view(value)
-
-
-def _view(value: ort.OrtValue) -> _native.DeviceArray:
-    """An OrtValue's memory as a DeviceArray: its address, shape and dtype (OrtValues are dense)."""
-    return _native.DeviceArray(int(value.data_ptr()), tuple(value.shape()), np.dtype(_ORT_TYPES[value.data_type()]))
+    return _native.DeviceArray(int(value.data_ptr()), tuple(value.shape()), np.dtype(dtype))  # OrtValues are dense
 
 
 def _run_crf(step: _CrfNode, inputs: list[ort.OrtValue], placement: _Placement, threads: int | None,

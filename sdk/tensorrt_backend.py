@@ -11,7 +11,9 @@ library (dynseg.sdk._native), so the SDK needs no CUDA binding of its own.
 An image without detections on an engine whose profile starts at D >= 1 (the default) runs with
 `silent_detections`: detections of score 0, which add exactly nothing to the semantic CRF's detection
 potential (its terms are proportional to the score), so the semantic probabilities are those of D = 0;
-the backend then keeps only the background label of the instance logits, as D = 0 has.
+the backend then keeps only the background plane of the instance logits, the shape D = 0 gives. Its
+values are not D = 0's (that CRF ran over the silent labels too), and nothing reads them: with one
+label, every pixel is background.
 
 Written to TensorRT 10's Python API; it has not run here: no TensorRT can be installed on the
 machines this was developed on (docs/tensorrt.md says what was verified).

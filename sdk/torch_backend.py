@@ -1,6 +1,6 @@
-"""The torch backend: a training checkpoint run by the trainer's network, so that one
-`Segmenter.segment` call compares PyTorch with the exported model. The only backend that needs torch,
-imported when it is chosen."""
+"""The torch backend: a training checkpoint run by the trainer's network. It is the PyTorch reference
+that `dynseg validate` compares an export against, and what training's held-out evaluation segments
+with (`Segmenter.of_network`). The only backend that needs torch, imported when it is chosen."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ class TorchBackend:
                                        "Segmenter.of_network): call network.eval() before segmenting, as batch "
                                        "normalisation would otherwise use this image's statistics")
         inputs = graph_inputs(image, boxes, labels, scores)
-        inputs["image"] = inputs["image"][0].astype(np.float32)  # the network takes one (3, H, W) float image
+        inputs["image"] = inputs["image"][0]  # one (3, H, W) uint8 image: the network casts it, on its device
         try:
             with self._torch.no_grad():
                 output = self._model(*(self._torch.as_tensor(inputs[name], device=self._device) for name in INPUTS))

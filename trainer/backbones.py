@@ -12,9 +12,9 @@ Output size: for an (H, W) input every network returns logits of (ceil(H/8), cei
 layer here maps n → ceil(n/2) (padded convolutions, ceil-mode pooling), and three of them compose to
 ceil(n/8). Nothing is cropped, and no input size is special.
 
-The networks do not normalise: they take RGB images in 0..1 already standardised with `IMAGENET_MEAN`
-and `IMAGENET_STD` (the statistics torchvision's ImageNet weights were trained with); preprocessing is
-another module's job.
+The networks do not normalise: they take standardised RGB, (x / 255 - mean) / std with the model's mean
+and std (by default `IMAGENET_MEAN` and `IMAGENET_STD`, the statistics torchvision's ImageNet weights were
+trained with), which `DynamicallyInstantiatedNetwork.semantic_unary` computes inside the exported graph.
 """
 
 from __future__ import annotations

@@ -496,7 +496,7 @@ def _training_modes(model: DynamicallyInstantiatedNetwork, config: TrainConfig) 
 
 class _Objective(nn.Module):
     """The step's loss as a module. DistributedDataParallel all-reduces the gradients of what its
-    module's forward computes, and stage 1 calls `semantic_logits` and the semantic CRF, not the
+    module's forward computes, and stage 1 calls `semantic_unary` and the semantic CRF, not the
     network's forward: wrapping this module rather than the network covers both stages with one code
     path."""
 
@@ -509,7 +509,7 @@ class _Objective(nn.Module):
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         if self.stage2:
             return _instance_loss(self.model, batch, self.semantic_weight)
-        logits = self.model.semantic_logits(batch["images"])  # (B, K+1, H, W)
+        logits = self.model.semantic_unary(batch["images"])  # (B, K+1, H, W)
         crf = self.model.semantic_crf
         if crf is not None:  # one image at a time: each has its own detections
             per_image = zip(logits, batch["images"], *(batch[k].split(batch["counts"].tolist())

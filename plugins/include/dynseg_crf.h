@@ -3,8 +3,10 @@
  *
  * One header for every caller: Python (ctypes over numpy buffers, dynseg/sdk/_native.py), the torch
  * custom op (dynseg/trainer/crf/native.py) and the TensorRT plugin. Everything crosses the boundary as
- * plain C types; every function returns a dynseg_status and never aborts the process. On failure,
- * dynseg_last_error() returns a message (per thread) that names the offending field and value.
+ * plain C types; every compute, size and CUDA call returns a dynseg_status, the queries (version, ABI,
+ * CPU features, last error, threads, CUDA build and devices) return their value, and none aborts the
+ * process. On failure, dynseg_last_error() returns a message (per thread) that names the offending field
+ * and value.
  *
  * The model (docs/crf.md has the maths):
  *

@@ -198,7 +198,7 @@ def test_the_network_takes_any_number_of_detections(detections):
     assert out.instance_logits.shape == (detections + 1, H, W) and torch.isfinite(out.instance_logits).all()
     assert out.semantic_probabilities.shape == (3, H, W)
     torch.testing.assert_close(out.semantic_probabilities.sum(0), torch.ones(H, W))
-    assert out.detection_scores.shape == (detections,)
+    assert out.recalibrated_scores.shape == (detections,)
 
 
 def test_the_instance_unaries_take_the_semantic_crfs_recalibrated_scores():
@@ -208,10 +208,10 @@ def test_the_instance_unaries_take_the_semantic_crfs_recalibrated_scores():
     with torch.no_grad():
         out = model(image, boxes, labels, scores)
         expected = model.instance_crf(model.instance_unaries(out.semantic_probabilities, boxes, labels,
-                                                             out.detection_scores), image)
+                                                             out.recalibrated_scores), image)
         with_input_scores = model.instance_crf(model.instance_unaries(out.semantic_probabilities, boxes, labels,
                                                                       scores), image)
-    assert not torch.allclose(out.detection_scores, scores)  # else the check below could not tell them apart
+    assert not torch.allclose(out.recalibrated_scores, scores)  # else the check below could not tell them apart
     torch.testing.assert_close(out.instance_logits, expected)
     assert not torch.allclose(with_input_scores, expected)
 
@@ -224,7 +224,7 @@ def test_the_backbone_sees_the_image_normalised_by_the_configured_mean_and_std_o
     image = (mean * 255.0).view(3, 1, 1).expand(3, H, W).clone()  # the mean colour: normalised to 0
     image[:, 0, 0] = (mean + std) * 255.0  # one standard deviation above it: 1
     with torch.no_grad():
-        model.semantic_logits(image[None])
+        model.semantic_unary(image[None])
     normalised = seen[0][0]
     torch.testing.assert_close(normalised[:, 1:, 1:], torch.zeros(3, H - 1, W - 1), atol=1e-5, rtol=0)
     torch.testing.assert_close(normalised[:, 0, 0], torch.ones(3), atol=1e-5, rtol=0)
@@ -528,7 +528,7 @@ class _Ramp(torch.nn.Module):
         return ramp + torch.arange(3, dtype=torch.float32).view(1, 3, 1, 1)
 
 
-def test_the_semantic_logits_are_upsampled_with_corners_aligned():
+def test_the_semantic_unary_is_upsampled_with_corners_aligned():
     # with corners aligned the coarse ramp 0..6 spans the image's W columns exactly, its ends on the first
     # and last column (align_corners=False would leave flat borders)
     config = ModelConfig(backbone="resnet18", class_names=("red", "green"),
@@ -537,7 +537,7 @@ def test_the_semantic_logits_are_upsampled_with_corners_aligned():
     model = build_model(config).eval()
     model.semantic = _Ramp()
     with torch.no_grad():
-        logits = model.semantic_logits(torch.zeros(1, 3, H, W))[0]  # (3, H, W)
+        logits = model.semantic_unary(torch.zeros(1, 3, H, W))[0]  # (3, H, W)
     expected = torch.arange(W, dtype=torch.float32) * 6 / (W - 1)
     for k in range(3):
         torch.testing.assert_close(logits[k], (expected + k).expand(H, W), atol=1e-5, rtol=0)

@@ -145,8 +145,8 @@ class InstanceUnaries(nn.Module):
         # explicit sizes rather than flatten(): a reshape to (0, T, -1) is ambiguous for D = 0
         flat = candidates.reshape(count, config.templates_per_group, size * size)
         norms = flat.norm(dim=2).clamp(min=1e-12)  # (D, T)
-        score = torch.bmm(flat, crops.reshape(count, size * size, 1)).squeeze(2) / norms  # <T, Q_crop> / ||T||
-        best = torch.gather(candidates, 1, score.argmax(dim=1).view(-1, 1, 1, 1).expand(-1, 1, size, size))
+        similarity = torch.bmm(flat, crops.reshape(count, size * size, 1)).squeeze(2) / norms  # <T, Q_crop> / ||T||
+        best = torch.gather(candidates, 1, similarity.argmax(dim=1).view(-1, 1, 1, 1).expand(-1, 1, size, size))
         return _paste(best[:, 0], boxes, height, width)
 
 

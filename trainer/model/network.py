@@ -101,7 +101,7 @@ class NetworkOutput:
 
     semantic_logits: Tensor  # (K+1, H, W), after the semantic CRF
     semantic_probabilities: Tensor  # (K+1, H, W)
-    detection_scores: Tensor  # (D,) recalibrated by the detection potential (else the input scores)
+    recalibrated_scores: Tensor  # (D,) Q(Y_d = 1) of the detection potential (else the input scores)
     instance_logits: Tensor  # (D+1, H, W), label 0 = background
 
 
@@ -153,14 +153,14 @@ class DynamicallyInstantiatedNetwork(nn.Module):
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1) * 255.0, persistent=False)
 
-    def semantic_logits(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) float RGB in 0..255 -> (B, K+1, H, W) logits, upsampled (align corners)
-        before any softmax, as the released model did: the semantic CRF's unary."""
+    def semantic_unary(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) float RGB in 0..255 -> (B, K+1, H, W) the semantic CRF's unary: the segmentation
+        network's logits, upsampled (align corners) before any softmax, as the released model did."""
         coarse = self.semantic((images - self.mean) / self.std)
         return F.interpolate(coarse, size=images.shape[-2:], mode="bilinear", align_corners=True)
 
     def forward(self, image: Tensor, boxes: Tensor, labels: Tensor, scores: Tensor) -> NetworkOutput:
-        """image: (3, H, W) float32 RGB in 0..255; boxes: (D, 4) float32 xyxy pixels (inclusive);
+        """image: (3, H, W) float32 or uint8 RGB in 0..255; boxes: (D, 4) float32 xyxy pixels (inclusive);
         labels: (D,) int64 in 1..K; scores: (D,) float32. Any D >= 0."""
         if image.dim() != 3 or image.shape[0] != 3:
             raise InvalidArgumentError(f"image must have shape (3, H, W), got {tuple(image.shape)}")
@@ -184,16 +184,16 @@ def compose(
     semantic_crf(unary, image, boxes, labels, scores) -> (logits, recalibrated scores), or None;
     instance_crf(unary, image) -> logits."""
     image = image.to(torch.float32)
-    logits = network.semantic_logits(image.unsqueeze(0))[0]  # (K+1, H, W)
-    detection_scores = scores
+    logits = network.semantic_unary(image.unsqueeze(0))[0]  # (K+1, H, W)
+    recalibrated_scores = scores
     if semantic_crf is not None:
-        logits, detection_scores = semantic_crf(logits, image, boxes, labels, scores)
+        logits, recalibrated_scores = semantic_crf(logits, image, boxes, labels, scores)
     q_sem = channel_softmax(logits)
-    unary = network.instance_unaries(q_sem, boxes, labels, detection_scores)  # (D+1, H, W)
+    unary = network.instance_unaries(q_sem, boxes, labels, recalibrated_scores)  # (D+1, H, W)
     return NetworkOutput(
         semantic_logits=logits,
         semantic_probabilities=q_sem,
-        detection_scores=detection_scores,
+        recalibrated_scores=recalibrated_scores,
         instance_logits=instance_crf(unary, image),
     )
 
