@@ -183,10 +183,6 @@ def test_a_profile_gives_every_input_its_min_opt_and_max_shapes():
     assert not profile.admits(101, 100, 100) and not profile.admits(5, 31, 100)
 
 
-def test_the_default_profile_is_valid():
-    assert make_profile() == make_profile(engine.DEFAULT_ENGINE_DETECTIONS, engine.DEFAULT_ENGINE_SIZES)
-
-
 def test_the_default_profile_admits_sizes_and_detection_counts_only_within_its_range():
     profile = make_profile()
     assert profile.sizes == ((32, 32), (480, 640), (1024, 1024)) and profile.detections == (1, 10, 100)

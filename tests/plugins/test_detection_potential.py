@@ -423,9 +423,10 @@ def test_the_detection_arrays_must_agree_with_the_box_count_before_a_pointer_cro
 def test_a_detection_weight_of_shape_0d_is_one_value_as_onnxruntime_hands_it_over():
     # the exported graph's detection_y reaches the CRF node as an Identity's 0-d output
     arrays = dict(boxes=np.zeros((2, 4), np.float32), labels=np.ones(2, np.int64), scores=np.ones(2, np.float32),
-                  detection_x=np.ones((), np.float32), detection_y=_native.DeviceArray(1, ()),
+                  detection_x=np.ones((), np.float32), detection_y=_native.DeviceArray(64, ()),
                   recalibrated=np.zeros(2, np.float32))
-    _native.DetectionPotential(**arrays, score_ceiling=1.0, epsilon=1e-4)
+    struct = _native.DetectionPotential(**arrays, score_ceiling=1.0, epsilon=1e-4).struct()
+    assert ctypes.cast(struct.detection_y, ctypes.c_void_p).value == 64  # the one value at the device address
 
 
 def test_the_library_reads_a_0d_detection_weight_as_the_value_it_holds(smooth_image, field_unary):

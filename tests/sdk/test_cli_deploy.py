@@ -697,6 +697,30 @@ def test_an_argmax_agreement_of_99_5_percent_fails_validate():
     assert checks["min mask IoU"]  # 990 / 1000 = 0.99: at its limit, so the agreement alone fails the image
 
 
+@pytest.mark.parametrize(("apart", "passes"), [(5e-5, True), (2e-4, False)])
+def test_instance_probabilities_more_than_1e_4_apart_fail_validate_with_every_label_agreeing(apart, passes):
+    height, width, names = 6, 7, ("cat", "cup", "person")
+    image = np.full((height, width, 3), 128, np.uint8)
+    detections = check_detections([[0, 0, width - 1, height - 1]], [1], [0.9], height=height, width=width,
+                                  num_classes=len(names))
+    semantic = np.full((len(names) + 1, height, width), 0.25, np.float32)
+    q = 1 / (1 + np.exp(-1.0))  # the detection's probability at logits (0, 1)
+
+    def outputs(logit: float):
+        logits = np.zeros((2, height, width), np.float32)
+        logits[1] = logit
+        return {"instance_logits": logits, "semantic_probabilities": semantic}
+
+    # the detection's logit moved so that its probability moves by `apart` (dq = q (1 - q) dlogit)
+    candidate, reference = outputs(1.0 + apart / (q * (1 - q))), outputs(1.0)
+    results = [build_result(image, raw["instance_logits"], semantic, detections, names)
+               for raw in (candidate, reference)]
+    checks = {check.name: check for check in compare("moved", candidate, reference, *results).checks}
+    assert checks["instance prob max abs diff"].value == pytest.approx(apart, rel=1e-2)
+    assert bool(checks["instance prob max abs diff"]) == passes
+    assert checks["argmax agreement"].value == 1.0 and checks["min mask IoU"].value == 1.0
+
+
 # ---- what the system refuses: a full disk, a pipe, a symbolic link loop, an interruption ---------------------
 
 

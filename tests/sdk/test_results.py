@@ -277,6 +277,10 @@ def test_overlay_changes_the_image_exactly_where_instances_are() -> None:
             np.testing.assert_array_equal(changed, result.instance_map > 0)
         else:  # only the outlines are drawn
             assert changed.any() and not changed[result.instance_map == 0].any()
+        # (2, 2): inside instance 1, every 4-neighbour too; (1, 1): its corner, on its outline
+        colour = instance_colours(3)[1].astype(np.float64)
+        np.testing.assert_array_equal(picture[2, 2], np.rint((1 - alpha) * 128 + alpha * colour))
+        np.testing.assert_array_equal(picture[1, 1], np.rint(0.55 * colour))
     np.testing.assert_array_equal(image, gray_image(12, 20))  # the image itself is untouched
 
 

@@ -223,10 +223,12 @@ def test_original_ap_exceeds_one_when_duplicates_hit_one_instance_as_the_release
 def test_an_iou_of_exactly_tau_fails_original_and_passes_voc():
     half = box(SIZE, 0, 0, 4, 2)  # 8 of A's 16 pixels: IoU exactly 0.5
     predictions, ground_truths = [prediction([half], [1], [1.0])], [truth([A], [1])]
-    original = evaluate(predictions, ground_truths, num_classes=1, protocol="original")["ap_r"]
-    voc = evaluate(predictions, ground_truths, num_classes=1, protocol="voc")["ap_r"]
-    assert (original["0.4"], original["0.5"]) == (1.0, 0.0)
-    assert (voc["0.5"], voc["0.6"]) == (1.0, 0.0)
+    original = evaluate(predictions, ground_truths, num_classes=1, protocol="original")
+    voc = evaluate(predictions, ground_truths, num_classes=1, protocol="voc")
+    assert (original["ap_r"]["0.4"], original["ap_r"]["0.5"]) == (1.0, 0.0)
+    assert (voc["ap_r"]["0.5"], voc["ap_r"]["0.6"]) == (1.0, 0.0)
+    # AP^r_vol: the mean over the nine thresholds, of which four (original) and five (voc) pass
+    assert original["ap_r_vol"] == pytest.approx(4 / 9) and voc["ap_r_vol"] == pytest.approx(5 / 9)
 
 
 def test_void_removal_raises_iou_in_original_only():

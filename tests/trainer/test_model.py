@@ -86,10 +86,19 @@ def test_the_shape_term_picks_the_template_that_matches_the_object():
 
 def test_templates_initialise_from_training_masks_by_aspect_ratio():
     unaries = InstanceUnaries(config=InstanceConfig(template_groups=2, templates_per_group=1, template_size=8))
-    tall = np.zeros((20, 20), bool)
-    tall[0:20, 5:10] = True
-    unaries.initialise_templates([tall], [np.array([5, 0, 9, 19])])
-    assert torch.allclose(unaries.templates[1, 0], torch.ones(8, 8))  # the tall group: the box is all object
+    tall, wide = np.zeros((20, 20), bool), np.zeros((20, 20), bool)
+    tall[0:10, 5:10] = True  # the top half of a 5 x 20 box
+    wide[5:10, 0:10] = True  # the left half of a 20 x 5 box
+    boxes = [np.array([5, 0, 9, 19]), np.array([0, 5, 19, 9])]
+    unaries.initialise_templates([tall, wide], boxes)
+    groups = [int(aspect_groups(torch.tensor(box[None], dtype=torch.float32), 2)) for box in boxes]
+    assert groups == [1, 0]  # the tall group, then the wide one
+    tall_template, wide_template = unaries.templates[1, 0], unaries.templates[0, 0]
+    # each group's template is its own shape (one mask each: the k-means centre is that crop), not a mix
+    top_half, left_half = torch.zeros(8, 8), torch.zeros(8, 8)
+    top_half[:4], left_half[:, :4] = 1.0, 1.0
+    torch.testing.assert_close(tall_template.detach(), top_half, atol=1e-6, rtol=0)
+    torch.testing.assert_close(wide_template.detach(), left_half, atol=1e-6, rtol=0)
 
 
 def test_a_template_is_cropped_to_its_inclusive_box_last_row_and_column_included():
@@ -311,6 +320,22 @@ def test_the_loss_does_not_depend_on_the_order_of_ground_truth_instances():
     assert torch.equal(forward, backward)
     target = matched_ground_truth(logits, boxes, labels, gt, torch.tensor([1, 1]))
     assert (target[0:4, 0:5] == 1).all() and (target[5:, 5:] == 2).all() and target[9, 0] == 0
+
+
+def test_the_instance_loss_is_the_mean_cross_entropy_against_the_matched_ground_truth_over_pixels_not_ignored():
+    logits, boxes, gt = two_instance_case()
+    labels, void = torch.tensor([1, 1]), torch.zeros(10, 10, dtype=torch.bool)
+    void[9, 0] = True
+    target = torch.zeros(10, 10, dtype=torch.long)  # the matching worked out by hand: detection 1 explains
+    target[0:4, 0:5], target[5:, 5:] = 1, 2  # gt 1 (the top-left rows), detection 2 gt 0
+    log_q = torch.log_softmax(logits.double(), dim=0)
+    expected = -log_q.gather(0, target[None])[0][~void].mean()  # the void pixel counts nowhere
+    loss = instance_loss(logits, boxes, labels, gt, torch.tensor([1, 1]), void)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    moved = gt.clone()
+    moved[1] = False
+    moved[1, 0:5, 0:5] = True  # one more row of the ground truth under detection 1's segment
+    assert instance_loss(logits, boxes, labels, moved, torch.tensor([1, 1]), void).item() < loss.item()
 
 
 def test_instances_of_another_class_or_unexplained_are_ignored():
