@@ -67,8 +67,9 @@ def matched_ground_truth(
         same_class = labels[:, None] == gt_labels[None, :]
         pairs = matched_pairs(((inter / union.clamp(min=1)) * same_class).numpy())
         left_d = sorted(set(range(detections)) - {d for d, _ in pairs})
-        # an empty ground-truth mask (all void, or cropped away) has no box to match by
-        left_m = [m for m in sorted(set(range(gt_masks.shape[0])) - {m for _, m in pairs}) if gt_masks[m].any()]
+        # a ground-truth instance with no pixel outside void (wholly void, or cropped away) has nothing to
+        # explain: it must not take a detection by its box from an instance that can be seen
+        left_m = [m for m in sorted(set(range(gt_masks.shape[0])) - {m for _, m in pairs}) if truth[m].any()]
         if left_d and left_m:
             gt_boxes = torch.from_numpy(mask_boxes(gt_masks[left_m].numpy()))
             by_box = box_iou(boxes[left_d], gt_boxes) * same_class[left_d][:, left_m]

@@ -348,6 +348,19 @@ def test_instances_of_another_class_or_unexplained_are_ignored():
     assert matched_ground_truth(logits, boxes, torch.tensor([1, 1]), gt, torch.tensor([1, 1]), void)[9, 0] == IGNORE
 
 
+def test_a_ground_truth_instance_wholly_in_void_takes_no_detection_from_one_that_can_be_seen():
+    # an untrained network predicts background everywhere, so the boxes decide; the void instance's box
+    # (columns 1..3) overlaps the detection's (0..3) more than the visible one's (column 0) does
+    logits = torch.zeros(2, 6, 8)
+    logits[0] = 1.0
+    gt = torch.zeros(2, 6, 8, dtype=torch.bool)
+    gt[0, :, 0] = True  # visible
+    gt[1, :, 1:4] = True  # wholly void
+    target = matched_ground_truth(logits, torch.tensor([[0.0, 0.0, 3.0, 5.0]]), torch.tensor([1]), gt,
+                                  torch.tensor([1, 1]), gt[1].clone())
+    assert (target[gt[0]] == 1).all() and (target[gt[1]] == IGNORE).all()
+
+
 def test_segment_overlap_decides_the_matching_and_boxes_only_match_what_it_leaves():
     # one detection whose segment covers both instances, IoU 0.5 with the first and 0.4999 with the
     # second, and whose box sits on the second: the paper matches by segment IoU, so the first wins
