@@ -168,7 +168,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"--image-size: each side must be in {defaults.MIN_IMAGE_SIDE}..{defaults.MAX_IMAGE_SIDE}, got "
                      f"{' '.join(map(str, args.image_size))}")
 
-    from ..sdk.errors import DynsegError
     from .data import SyntheticScenes
     from .model import ModelConfig, build_model
     from .train import TrainConfig, fit

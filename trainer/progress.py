@@ -21,7 +21,7 @@ from dynseg.sdk.commands.progress import LiveBar, ProgressClock
 if TYPE_CHECKING:
     from rich.console import Console
 
-__all__ = ["PlainProgress", "LiveProgress", "stage_progress"]
+__all__ = ["PlainProgress", "LiveProgress", "Progress", "stage_progress"]
 
 
 class PlainProgress(ProgressClock):
@@ -58,16 +58,17 @@ class PlainProgress(ProgressClock):
         pass
 
 
-class LiveProgress(PlainProgress):
-    """A rich progress bar with the latest loss, images/s and ETA, redrawn in place.
+class LiveProgress(ProgressClock):
+    """A rich progress bar with the latest loss, images/s and ETA, redrawn in place; PlainProgress's
+    interface (update, note, close) and arguments, less the printer and the line interval.
 
     Args:
         console: a rich Console to draw on (default: rich's console on stdout).
     """
 
     def __init__(self, stage: str, total: int, start: int, *, images_per_step: int,
-                 printer: Callable[[str], object] = print, every: int = 10, console: Console | None = None) -> None:
-        super().__init__(stage, total, start, images_per_step=images_per_step, printer=printer, every=every)
+                 console: Console | None = None) -> None:
+        super().__init__(total, start, items_per_step=images_per_step)
         self._bar = LiveBar(stage, total, "loss {task.fields[loss]}", completed=start, console=console, loss="-")
 
     def update(self, step: int, loss: float) -> None:
@@ -80,8 +81,13 @@ class LiveProgress(PlainProgress):
         self._bar.close()
 
 
+Progress = PlainProgress | LiveProgress
+
+
 def stage_progress(stage: str, total: int, start: int, *, images_per_step: int, live: bool,
-                   printer: Callable[[str], object] = print, every: int = 10) -> PlainProgress:
-    """`LiveProgress` when live (a terminal), else `PlainProgress`."""
-    kind = LiveProgress if live else PlainProgress
-    return kind(stage, total, start, images_per_step=images_per_step, printer=printer, every=every)
+                   printer: Callable[[str], object] = print, every: int = 10) -> Progress:
+    """`LiveProgress` when live (a terminal), else `PlainProgress` printing through `printer` every
+    `every` steps."""
+    if live:
+        return LiveProgress(stage, total, start, images_per_step=images_per_step)
+    return PlainProgress(stage, total, start, images_per_step=images_per_step, printer=printer, every=every)

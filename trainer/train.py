@@ -59,7 +59,7 @@ from .data.sources import inside_image
 from .evaluation import evaluate_each, json_ready
 from .loss import instance_loss, semantic_loss
 from .model import DynamicallyInstantiatedNetwork, require_valid_detections
-from .progress import PlainProgress, stage_progress
+from .progress import Progress, stage_progress
 
 
 TrainMode = Literal["piecewise", "end-to-end"]
@@ -68,7 +68,8 @@ TrainMode = Literal["piecewise", "end-to-end"]
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training stage's settings (Sec. 3.5's defaults). `steps` also sets the poly schedule's end:
+    """One training stage's settings; the defaults are sized for short runs on a CPU (docs/training.md sets
+    them beside the paper's Sec. 3.5). `steps` also sets the poly schedule's end:
     resuming a stage with more steps than it was saved with raises the learning rate from there."""
 
     stage: Literal["semantic", "instance"] = "semantic"
@@ -217,7 +218,7 @@ def train(
     if len(dataset) == 0:
         raise InvalidArgumentError("dataset holds no image: nothing to train on")
     rank, world = distributed.rank(), distributed.world_size()
-    main = rank == 0
+    main = distributed.is_main()
     stage2 = config.stage == "instance"
     positions = range(rank, rank + 1) if stage2 else distributed.shard(config.batch_size, rank, world)
     if not (stage2 or config.frozen_batch_norm) and len(positions) < 2 and _has_batch_norm(model.semantic):
@@ -366,7 +367,7 @@ def _step(objective: nn.Module, optimiser: torch.optim.Optimizer, trainable: lis
 
 
 def _held_out_scores(model: DynamicallyInstantiatedNetwork, config: TrainConfig, held_out: Samples, seed: int,
-                     epoch: int, progress: PlainProgress) -> dict:
+                     epoch: int, progress: Progress) -> dict:
     """The held-out set's metrics at the end of an epoch (fractions, as the epoch log keeps them), noted
     on the progress display in %, as `dynseg eval` prints them; the model goes back to training."""
     num_classes = model.config.num_classes
@@ -647,7 +648,7 @@ def fit(
     epochs = (out_dir / "epochs.jsonl").resolve()  # not relative to stage 1's out_dir/semantic
     out_dir.mkdir(parents=True, exist_ok=True)
     with distributed.fail_together(f"the start of the run in {out_dir}"):
-        if distributed.rank() == 0 and not resume:
+        if distributed.is_main() and not resume:
             for folder in (out_dir, out_dir / "semantic"):
                 for name in _RUN_FILES:
                     (folder / name).unlink(missing_ok=True)
@@ -669,7 +670,7 @@ def fit(
     # it started from, and resuming it would bring that back; stage 2 starts afresh from the new stage 1
     restart = resume and bool(logs["semantic"]) and (out_dir / "trainer_state.pt").is_file()
     with distributed.fail_together(f"the start of stage 'instance' in {out_dir}"):
-        if restart and distributed.rank() == 0:
+        if restart and distributed.is_main():
             printer(f"Note: stage 1 made steps, so stage 2 starts afresh (its checkpoint in {out_dir} was trained from "
                     "stage 1's earlier weights)")
             _drop_entries(epochs, lambda entry: entry.get("stage") == "instance")
@@ -680,7 +681,7 @@ def fit(
 
 
 def _record_training_data(checkpoint: Path, training_data: Mapping[str, Any] | None) -> None:
-    if training_data is not None and distributed.rank() == 0:  # rank 0 writes, as it writes the checkpoint
+    if training_data is not None and distributed.is_main():  # rank 0 writes, as it writes the checkpoint
         checkpoint.mkdir(parents=True, exist_ok=True)
         write_training_data(checkpoint, **training_data)
 

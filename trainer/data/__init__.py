@@ -1,9 +1,14 @@
-"""Datasets and detections for training: the built-in synthetic scenes and a detector simulator.
+"""Datasets and detections for training and evaluation.
 
-`SyntheticScenes` draws procedural scenes (numpy drawing, boxes through the torch box helpers) with the
-cases the instance CRF exists for: same-class occlusion, clutter, truncation. `simulate_detections`
-turns ground-truth boxes into the imperfect detections the CRF's labels come from;
-`load_coco_detections` reads a real detector's COCO results file instead.
+Datasets: `SyntheticScenes` draws procedural scenes (numpy drawing) with the cases the instance CRF
+exists for: same-class occlusion, clutter, truncation; the on-disk loaders read Pascal VOC 2012, SBD,
+COCO and Cityscapes instance annotations (`VocInstances`, `SbdInstances`, `CocoInstances`,
+`CityscapesInstances`) into samples of the same fields. `sources.open_dataset` opens one by name.
+
+Detections: `simulate_detections` turns ground-truth boxes into the imperfect detections the CRF's
+labels come from; `sources.with_detections` attaches a real detector's COCO results file to a dataset
+instead (`load_coco_detections`, re-exported from dynseg.sdk.coco_detections, reads one for one image
+list).
 """
 
 from .detections import DetectionKind, load_coco_detections, simulate_detections

@@ -8,7 +8,8 @@ detections with the failure modes a real detector has, each with its own rate:
 - jitter: every box's centre moves by N(0, jitter) of the box's width/height, and its width/height
   scale by exp(N(0, jitter)) (normals clipped at 2.5 sigma). The released training data layer moved
   boxes uniformly within ±5 % (docs/algorithm.md §7); jitter = 0.05 has that spread as its standard
-  deviation, with tails to 12.5 %, which is rougher, as real detectors are.
+  deviation, with tails to 12.5 %, which is rougher, as real detectors are; the default, 0.1, doubles
+  that (tails to 25 %).
 - poor_localisation: the probability that a detected object's box covers only part of it: shrunk to
   35-65 % of its width or height (anchored on a random side) or shifted by 35-60 % of its size, so the
   box cuts the object (IoU with the object's box below about 0.5).
