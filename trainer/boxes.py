@@ -6,7 +6,8 @@ datasets and the matched ground truth of the loss go through these (the shape te
 kernels' detection potential applies it as `box_span` in plugins/src/detections.h, and the SDK floors
 and clips its callers' boxes to it with `dynseg.sdk.inputs.pixel_boxes`). (The detection simulator, whose
 jittered boxes are not integer-valued, scores its candidates with a float64 twin of `box_iou`:
-`data.detections._iou`.)"""
+`data.detections._iou`; training floors and clips them with `data.sources.inside_image` before the
+network sees them.)"""
 
 from __future__ import annotations
 

@@ -582,7 +582,8 @@ def _instance_batch(dataset: Samples, config: TrainConfig, step: int, position: 
     """One augmented image, its ground truth and its detections: the sample's own (from a results
     file, see `data.sources`) when it has them, else simulated from the ground truth."""
     sample = _with_detections(*_draw(dataset, config, step, position, num_classes), num_classes)
-    detections = sample["detections"]
+    # the pixels each box covers, as stage 1's crops and deployment take them (simulated boxes are not whole)
+    detections = inside_image(sample["detections"], *sample["image"].shape[1:])
     return {
         "image": sample["image"],  # (3, H, W)
         "semantic": sample["semantic"],  # (H, W)
@@ -597,7 +598,7 @@ def _instance_batch(dataset: Samples, config: TrainConfig, step: int, position: 
 def _instance_loss(model: DynamicallyInstantiatedNetwork, batch: dict[str, Tensor], semantic_weight: float) -> Tensor:
     out = model(batch["image"], batch["boxes"], batch["labels"], batch["scores"])
     void = batch["semantic"] == VOID
-    loss = instance_loss(out.instance_logits, batch["boxes"].floor(), batch["labels"], batch["masks"],
+    loss = instance_loss(out.instance_logits, batch["boxes"], batch["labels"], batch["masks"],
                          batch["gt_labels"], void)
     if semantic_weight > 0:
         loss = loss + semantic_weight * semantic_loss(out.semantic_logits[None], batch["semantic"][None])

@@ -229,6 +229,18 @@ def test_training_and_evaluation_take_a_results_files_detections_rather_than_sim
         assert batch["labels"].tolist() == labels and batch["scores"].numpy().tolist() == pytest.approx(scores)
 
 
+def test_stage_two_hands_the_network_and_the_loss_the_pixels_each_simulated_box_covers():
+    scenes = SyntheticScenes(size=2, image_size=(48, 64), seed=0)
+    boxes = []
+    for step in range(4):
+        batch = _instance_batch(scenes, TrainConfig(stage="instance"), step, 0, scenes.num_classes)
+        height, width = batch["image"].shape[1:]
+        boxes.append(batch["boxes"].numpy())
+        assert ((boxes[-1] >= 0) & (boxes[-1] <= [width - 1, height - 1] * 2)).all()
+    boxes = np.concatenate(boxes)
+    assert len(boxes) and np.array_equal(boxes, np.floor(boxes))  # whole pixels, as inside_image gives them
+
+
 def test_coco_detections_keep_coco_category_ids_and_map_them_to_labels(tmp_path):
     root = write_coco(tmp_path / "coco")[0]
     detections = _results_file(tmp_path / "dets.json", [
