@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from dynseg.sdk import InvalidArgumentError, NativeError, _native
+from dynseg.sdk import InvalidArgumentError, _native
 from dynseg.trainer.model.semantic_crf import SemanticCRFConfig, semantic_mean_field, semantic_mean_field_reference
 
 THETAS = (3.0, 20.0, 13.0)  # spatial xy, bilateral xy, bilateral colour
