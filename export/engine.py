@@ -17,10 +17,10 @@ import onnx
 from onnx import helper
 
 from dynseg.sdk import tensorrt_engine
-from dynseg.sdk.crf_node import CrfAttributes
+from dynseg.sdk.crf_node import CrfAttributes, score_ceiling_of
 from dynseg.sdk.errors import InvalidArgumentError
-from dynseg.sdk.files import write_text_whole, write_whole
-from dynseg.sdk.graph import DOMAIN, OP_TYPE, crf_nodes, read_export
+from dynseg.sdk.files import named_path, write_text_whole, write_whole
+from dynseg.sdk.graph import DOMAIN, ENGINE_SUFFIXES, OP_TYPE, crf_nodes, read_export
 from dynseg.sdk.checks import is_int
 from dynseg.sdk.tensorrt_engine import (
     DEFAULT_ENGINE_DETECTIONS, DEFAULT_ENGINE_SIZES, PLUGIN_NAMESPACE, PLUGIN_VERSION, SIDECAR_FORMAT, EngineError,
@@ -78,22 +78,37 @@ def _model_metadata(model: onnx.ModelProto) -> dict[str, str]:
     return {entry.key: entry.value for entry in model.metadata_props}
 
 
-def write_sidecar(plan: str | Path, *, tensorrt_version: str, compute_capability: str, plugin_library: str | Path,
-                  profile: Profile, model_metadata: Mapping[str, str], fp16: bool) -> Path:
-    """Writes the sidecar JSON of `plan` (an existing plan file) and returns its path. Records the
-    TensorRT version and GPU compute capability ("major.minor") it was built with, the plugin library's
-    file name and sha256, the plan's sha256, the profile, the precision, and from the ONNX metadata the
-    dynseg version, op version, class names, preprocessing, max_detections and the weights' sha256."""
-    plan = Path(plan)
+def _export_record(model_metadata: Mapping[str, str]) -> dict:
+    """What the sidecar records of the export, from its ONNX metadata; InvalidArgumentError where that
+    lacks an entry `dynseg export` writes."""
     try:
-        class_names = json.loads(model_metadata["class_names"])
-        preprocessing = json.loads(model_metadata["preprocessing"])
-        versions = model_metadata["dynseg_version"], model_metadata["dynseg_op_version"]
+        return {
+            "dynseg_version": model_metadata["dynseg_version"],
+            "dynseg_op_version": model_metadata["dynseg_op_version"],
+            "class_names": json.loads(model_metadata["class_names"]),
+            "preprocessing": json.loads(model_metadata["preprocessing"]),
+            # what the network was trained on, for `dynseg eval` (None for an export without the record)
+            "training_data": json.loads(model_metadata["training_data"]) if "training_data" in model_metadata
+            else None,
+            "weights_sha256": model_metadata.get("weights_sha256"),
+        }
     except (KeyError, json.JSONDecodeError) as error:
         raise InvalidArgumentError(
-            f"the model's metadata lacks valid class_names / preprocessing / versions ({error}): is it an ONNX "
-            "file that `dynseg export` wrote?"
+            f"the model's metadata lacks valid class_names / preprocessing / versions / training_data ({error}): "
+            "is it an ONNX file that `dynseg export` wrote?"
         ) from None
+
+
+def write_sidecar(plan: str | Path, *, tensorrt_version: str, compute_capability: str, plugin_library: str | Path,
+                  profile: Profile, model_metadata: Mapping[str, str], fp16: bool, score_ceiling: float = 1.0) -> Path:
+    """Writes the sidecar JSON of `plan` (an existing plan file) and returns its path. Records the
+    TensorRT version and GPU compute capability ("major.minor") it was built with, the plugin library's
+    file name and sha256, the plan's sha256, the profile, the precision, the model's score ceiling
+    (`crf_node.score_ceiling_of(...)` of its CRF nodes: the largest detector score it takes), and from the ONNX
+    metadata the dynseg version, op version, class names, preprocessing, max_detections, the weights'
+    sha256 and what the network was trained on."""
+    plan = Path(plan)
+    record = _export_record(model_metadata)
     data = {
         "format": SIDECAR_FORMAT,
         "tensorrt_version": str(tensorrt_version),
@@ -102,14 +117,9 @@ def write_sidecar(plan: str | Path, *, tensorrt_version: str, compute_capability
         "plan_sha256": sha256(plan),
         "profile": profile.to_json(),
         "precision": "fp16" if fp16 else "fp32",
-        "dynseg_version": versions[0],
-        "dynseg_op_version": versions[1],
-        "class_names": class_names,
-        "preprocessing": preprocessing,
         "max_detections": profile.detections[2],  # what the engine takes, at most the export's limit
-        "weights_sha256": model_metadata.get("weights_sha256"),
-        # what the network was trained on, for `dynseg eval` (None for an export without the record)
-        "training_data": json.loads(model_metadata["training_data"]) if "training_data" in model_metadata else None,
+        "score_ceiling": float(score_ceiling),
+        **record,
     }
     path = sidecar_path(plan)
     write_text_whole(path, json.dumps(data, indent=2) + "\n")
@@ -135,9 +145,10 @@ def build_engine(onnx_path: str | Path, out_path: str | Path, *, fp16: bool = Fa
 
     Raises InvalidArgumentError for a bad profile, workspace or fp16, or a file that is not a dynseg export
     (read_export), EngineError when TensorRT, the plugin library or a GPU is missing or the build fails."""
-    onnx_path, out_path = Path(onnx_path), Path(out_path)
+    onnx_path, out_path = named_path(onnx_path, "onnx_path"), named_path(out_path, "out_path")
     export = read_export(onnx_path)
     model, metadata = export.model, export.metadata
+    _export_record(metadata)  # the sidecar's entries, checked before the build, which takes minutes
     if detections is None:
         detections = default_detections(export.max_detections)
     profile = make_profile(detections, sizes, max_detections=export.max_detections,
@@ -155,9 +166,13 @@ def build_engine(onnx_path: str | Path, out_path: str | Path, *, fp16: bool = Fa
     onnx.save(trt_model, str(onnx_copy))
     plan = _build_plan(tensorrt, onnx_copy, crf_node_count(trt_model), library, profile, fp16,
                        None if workspace is None else int(workspace))
+    # an old sidecar would describe the new plan until the new one is written: a failure in between must
+    # leave a plan without a sidecar, which loading names, rather than one with another plan's
+    sidecar_path(out_path).unlink(missing_ok=True)
     write_whole(out_path, lambda partial: partial.write_bytes(plan))
     write_sidecar(out_path, tensorrt_version=tensorrt.__version__, compute_capability=capability,
-                  plugin_library=library, profile=profile, model_metadata=metadata, fp16=fp16)
+                  plugin_library=library, profile=profile, model_metadata=metadata, fp16=fp16,
+                  score_ceiling=score_ceiling_of(CrfAttributes.of_node(node) for node in crf_nodes(model.graph)))
     return out_path
 
 
@@ -171,7 +186,7 @@ def default_detections(max_detections: int) -> tuple[int, int, int]:
 def _check_outputs(onnx_path: Path, out_path: Path) -> Path:
     """The TensorRT copy's path beside `out_path`, after checking that the plan and the copy can be written
     and overwrite neither the export they are built from: before the build, which takes minutes."""
-    if out_path.suffix not in (".engine", ".plan"):
+    if out_path.suffix not in ENGINE_SUFFIXES:
         raise InvalidArgumentError(f"out_path must be a .engine or .plan file, got {out_path}")
     onnx_copy = out_path.with_suffix(".trt.onnx")
     if onnx_path.resolve() in (out_path.resolve(), onnx_copy.resolve()):

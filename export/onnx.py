@@ -20,10 +20,11 @@ from torch import Tensor, nn
 
 from dynseg.sdk import __version__
 from dynseg.sdk.errors import InvalidArgumentError, LatticeRangeError
-from dynseg.sdk.files import write_whole
-from dynseg.sdk.graph import DEFAULT_MAX_DETECTIONS, DOMAIN, INPUTS, MAX_DETECTIONS, OP_VERSION, OUTPUTS
+from dynseg.sdk.files import named_path, write_whole
+from dynseg.sdk.graph import (DEFAULT_MAX_DETECTIONS, DOMAIN, ENGINE_SUFFIXES, INPUTS, MAX_DETECTIONS, OP_VERSION,
+                              OUTPUTS)
 from dynseg.sdk.checks import int_in
-from dynseg.trainer.checkpoint import check_training_data, weights_fingerprint
+from dynseg.trainer.checkpoint import check_training_data, first_non_finite_weight, weights_fingerprint
 from dynseg.trainer.model.network import DynamicallyInstantiatedNetwork, compose
 
 from . import ops
@@ -90,8 +91,7 @@ def _check_network(network: object) -> None:
         raise InvalidArgumentError(f"network must hold float32 weights, got {', '.join(sorted(kinds))} ones: export "
                                    "network.float()")
     # the trace runs the network: weights a diverged training left non-finite would fail inside it, unnamed
-    non_finite = next((name for name, tensor in network.state_dict().items()
-                       if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())), None)
+    non_finite = first_non_finite_weight(network)
     if non_finite is not None:
         raise InvalidArgumentError(f"the network's weights hold NaN or infinity (first in {non_finite}): there is "
                                    "nothing to export; did its training diverge?")
@@ -99,10 +99,8 @@ def _check_network(network: object) -> None:
 
 def _writable_file(path: object) -> Path:
     """`path` as a Path to a file that can be written, checked before the minutes of a trace."""
-    if not isinstance(path, (str, os.PathLike)) or not str(path):
-        raise InvalidArgumentError(f"path must name a file, got {path!r}")
-    path = Path(path)
-    if path.suffix in (".engine", ".plan"):  # Segmenter would load the file as a TensorRT engine
+    path = named_path(path, "path")
+    if path.suffix in ENGINE_SUFFIXES:  # Segmenter would load the file as a TensorRT engine
         raise InvalidArgumentError(f"path {path} names a TensorRT engine: an ONNX export is a .onnx file")
     if path.is_dir():
         raise InvalidArgumentError(f"path {path} is a folder, not a file to write the model to")

@@ -517,8 +517,8 @@ class Problem:
         detection_potential: DetectionPotential | None = None,
     ):
         for name, value in (("iterations", iterations), ("threads", threads)):
-            if not 0 <= value <= INT32_MAX:  # ctypes would wrap a larger value silently
-                raise InvalidArgumentError(f"{name} must be in 0..{INT32_MAX}, got {value}")
+            if not is_int(value) or not 0 <= value <= INT32_MAX:  # ctypes would wrap a larger value silently
+                raise InvalidArgumentError(f"{name} must be an int in 0..{INT32_MAX}, got {value!r}")
         # The library reads as many values as these sizes say: every caller's arrays are checked here.
         if image is not None and (len(image.shape) != 3 or tuple(image.shape[1:]) != (height, width)):
             raise InvalidArgumentError(f"image must be (C, {height}, {width}) planes to match the unary, got "

@@ -31,7 +31,8 @@ from .commands.bench import BENCH_DETECTIONS
 from .checks import INT32_MAX
 from .errors import DynsegError, InvalidArgumentError, needs_trainer, one_line
 from .files import write_text_whole
-from .graph import DEFAULT_ENGINE_DETECTIONS, DEFAULT_ENGINE_SIZES, DEFAULT_MAX_DETECTIONS, MAX_DETECTIONS
+from .graph import (DEFAULT_ENGINE_DETECTIONS, DEFAULT_ENGINE_SIZES, DEFAULT_MAX_DETECTIONS, ENGINE_SUFFIXES,
+                    MAX_DETECTIONS)
 
 if TYPE_CHECKING:
     from dynseg.trainer.train import TrainMode
@@ -617,7 +618,7 @@ def export(
     smallest = given_min or _at_most(DEFAULT_ENGINE_SIZES[0], optimum)
     sizes = (smallest, optimum, largest)
     if format == "engine":  # before the export, so a bad profile costs no export
-        if out.suffix not in (".engine", ".plan"):
+        if out.suffix not in ENGINE_SUFFIXES:
             raise typer.BadParameter(f"an engine is a .engine or .plan file (the .onnx goes beside it), got {out}",
                                      param_hint="--out")
         from dynseg.export.engine import (EngineError, build_engine, default_detections, import_tensorrt,

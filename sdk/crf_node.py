@@ -12,7 +12,7 @@ iteration's logits (dynseg_detections in dynseg_crf.h).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import NamedTuple, cast, overload
 
@@ -23,7 +23,7 @@ from . import _native
 from .checks import INT32_MAX
 from .errors import InvalidArgumentError
 
-__all__ = ["CrfAttributes", "CrfInputs", "nothing_to_infer", "run_node", "run_node_cuda"]
+__all__ = ["CrfAttributes", "CrfInputs", "nothing_to_infer", "run_node", "run_node_cuda", "score_ceiling_of"]
 
 Array = np.ndarray | _native.DeviceArray
 
@@ -129,6 +129,12 @@ class CrfAttributes:
         if a.detection_potential and not (math.isfinite(a.epsilon) and 0 <= a.epsilon < 1):
             raise fail(f"attribute epsilon must be in [0, 1), got {a.epsilon}")
         return a
+
+
+def score_ceiling_of(nodes: Iterable[CrfAttributes]) -> float:
+    """The score ceiling s_max of a model with these CRF nodes: its detection potential's (the semantic
+    CRF node's), else 1: the detector scores it takes are confidences in 0..s_max either way."""
+    return next((a.score_ceiling for a in nodes if a.detection_potential), 1.0)
 
 
 def _adds_detection_potential(inputs: CrfInputs, attributes: CrfAttributes) -> bool:

@@ -34,6 +34,7 @@ CRF_INPUTS, CRF_OUTPUTS = 10, 2  # the op's arity (docs/ops.md; sdk.crf_node.Crf
 DEFAULT_MAX_DETECTIONS = 100
 DEFAULT_ENGINE_DETECTIONS = (1, 10, DEFAULT_MAX_DETECTIONS)
 DEFAULT_ENGINE_SIZES = ((32, 32), (480, 640), (1024, 1024))
+ENGINE_SUFFIXES = (".engine", ".plan")  # what names a TensorRT engine, not an ONNX export
 # The most any export takes: the instance CRF's D + 1 labels within the kernel library's 65536
 # (DYNSEG_MAX_LABELS).
 MAX_DETECTIONS = 65535
@@ -82,7 +83,7 @@ def crf_nodes(graph: onnx.GraphProto, subgraphs: bool = False) -> list[onnx.Node
 def read_export(path: Path) -> Export:
     """The model `dynseg export` wrote to `path`. Raises InvalidArgumentError, naming the file, for a
     missing, empty or unreadable file, a model that is not a dynseg export of this op version and these
-    inputs and outputs, and malformed metadata."""
+    inputs and outputs, malformed metadata, and weights holding NaN or infinity."""
     model = _load(path)
     with protobuf_memory(path):
         metadata = _check_dynseg(model, path)
@@ -105,7 +106,20 @@ def read_export(path: Path) -> Export:
         raise InvalidArgumentError(f"model file {path}'s metadata names {len(names)} classes, but its graph gives "
                                    f"{planes[1].dim_value - 1} (semantic_probabilities has {planes[1].dim_value} "
                                    "planes, background included): export it again with `dynseg export`")
+    non_finite = _first_non_finite_weight(model)
+    if non_finite is not None:  # every image would fail in the CRF nodes, on what the network computed
+        raise InvalidArgumentError(f"model file {path}: its weights hold NaN or infinity (first in {non_finite}): "
+                                   "it cannot segment anything; export the model again")
     return Export(model, tuple(names), max_detections, metadata.get("weights_sha256"), metadata)
+
+
+def _first_non_finite_weight(model: onnx.ModelProto) -> str | None:
+    """The name of the graph's first floating-point initializer holding NaN or infinity, if any."""
+    from onnx import TensorProto, numpy_helper
+
+    floats = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+    return next((tensor.name for tensor in model.graph.initializer if tensor.data_type in floats
+                 and not np.isfinite(numpy_helper.to_array(tensor).astype(np.float32)).all()), None)
 
 
 @contextmanager
@@ -137,7 +151,7 @@ def _load(path: Path) -> onnx.ModelProto:
     except Exception as error:  # protobuf's DecodeError and friends: the file is not (all of) a model
         if "alloc failed" in str(error):  # protobuf's arena was refused memory: the machine's fault, not the file's
             raise MemoryError(f"reading model file {path}: {error}") from None
-        engine = " (named as a TensorRT engine: this takes the exported .onnx)" if path.suffix in (".engine", ".plan") \
+        engine = " (named as a TensorRT engine: this takes the exported .onnx)" if path.suffix in ENGINE_SUFFIXES \
             else ""
         raise InvalidArgumentError(f"model file {path} is not a readable ONNX model ({error}){engine}") from None
 

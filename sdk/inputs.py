@@ -205,6 +205,7 @@ def check_detections(
     width: int,
     num_classes: int,
     max_detections: int | None = None,
+    score_ceiling: float | None = None,
     stacklevel: int = 2,
 ) -> Detections:
     """The caller's detections, checked, clipped to the (height, width) image and stripped of boxes the
@@ -213,12 +214,15 @@ def check_detections(
     boxes: (D, 4) xyxy in input-image pixels, inclusive (any real array-like: lists, int or float
         arrays); an empty list means D = 0.
     labels: (D,) class ids in 1..num_classes (integer arrays, or floats with integral values).
-    scores: (D,) finite, non-negative detector scores (within float32's range): confidences, which the
-        model divides by its score ceiling (1 by default) and caps below 1, not logits.
+    scores: (D,) finite, non-negative detector scores (within float32's range): confidences, not logits,
+        at most score_ceiling (the model's s_max, 1 by default; None: no limit, as for training data).
+        The detection potential's prior is s_d / s_max, but its pixel term and the instance box term
+        take s_d itself, so a score above the ceiling (a detector's percentage, say) would silently
+        change the segmentation.
     D may be 0. D above max_detections (the model's limit, counted before any box is dropped; None: no
-    limit, as for training data), a wrong shape or length, NaN or infinity, negative scores, labels
-    out of range and boxes that look normalised (`looks_normalised`) raise InvalidArgumentError naming
-    the argument.
+    limit, as for training data), a wrong shape or length, NaN or infinity, negative scores or ones
+    above score_ceiling, labels out of range and boxes that look normalised (`looks_normalised`) raise
+    InvalidArgumentError naming the argument.
 
     Each box is floored to integers and clipped to [0, W-1] x [0, H-1], as the network does. These are
     dropped, with one DetectionsDroppedWarning per call (at `stacklevel`) and a record in `dropped`:
@@ -260,7 +264,7 @@ def check_detections(
     if looks_normalised(boxes64):
         raise InvalidArgumentError("boxes: every box lies within [0, 1], in fractions of a pixel: normalised "
                                    "coordinates? Boxes are (x1, y1, x2, y2) in pixels from the image's top-left corner")
-    scores64 = _check_scores(scores_in)
+    scores64 = _check_scores(scores_in, score_ceiling)
     labels64 = _check_labels(labels_in, num_classes)
 
     x1, y1, x2, y2 = boxes64.T  # (D,) each
@@ -306,8 +310,9 @@ def pixel_boxes(boxes: np.ndarray, height: int, width: int) -> tuple[np.ndarray,
     return np.minimum(np.maximum(floored, 0.0), limits), outside
 
 
-def _check_scores(scores: np.ndarray) -> np.ndarray:
-    """scores as float64 after checking they are non-negative and float32 holds them finitely."""
+def _check_scores(scores: np.ndarray, ceiling: float | None) -> np.ndarray:
+    """scores as float64 after checking they are non-negative, float32 holds them finitely, and as float32
+    (what the model reads) they are at most `ceiling` (None: any)."""
     scores64 = scores.astype(np.float64)
     representable = np.isfinite(scores64) & (np.abs(scores64) <= FLOAT32_MAX)
     if not representable.all():
@@ -318,6 +323,15 @@ def _check_scores(scores: np.ndarray) -> np.ndarray:
         bad = np.flatnonzero(scores64 < 0).tolist()
         raise InvalidArgumentError(f"scores must be >= 0 (detector confidences, not logits): entries {bad} are "
                                    f"{scores64[bad].tolist()}")
+    if ceiling is not None:
+        above = scores64.astype(np.float32) > np.float32(ceiling)
+        if above.any():
+            bad = np.flatnonzero(above)
+            listed = f"{bad[:8].tolist()}" + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+            raise InvalidArgumentError(
+                f"scores must be at most {ceiling:g}, the model's score ceiling (detector confidences: a "
+                f"percentage needs dividing by 100, a logit a sigmoid): entries {listed} are above it, the "
+                f"largest {scores64.max():g}")
     return scores64
 
 

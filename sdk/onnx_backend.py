@@ -19,7 +19,7 @@ RGB (`graph.graph_inputs`): the graph itself normalises it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +31,7 @@ import onnxruntime.capi.onnxruntime_pybind11_state as ort_state
 from onnx import helper, numpy_helper, shape_inference
 
 from . import _native
-from .crf_node import CrfAttributes, CrfInputs, run_node, run_node_cuda
+from .crf_node import CrfAttributes, CrfInputs, run_node, run_node_cuda, score_ceiling_of
 from .errors import BackendError, DynsegError, InvalidArgumentError, LatticeRangeError, one_line
 from .graph import DOMAIN, OUTPUTS, crf_nodes, graph_inputs, protobuf_memory, read_export
 from .inputs import cuda_index
@@ -258,11 +258,10 @@ def _native_view(value: ort.OrtValue, name: str, dtype: type) -> _native.DeviceA
     return _native.DeviceArray(int(value.data_ptr()), tuple(value.shape()), np.dtype(dtype))  # OrtValues are dense
 
 
-def _run_crf(step: _CrfNode, inputs: list[ort.OrtValue], placement: _Placement, threads: int | None,
-             weights_finite: Callable[[], bool]) -> list[ort.OrtValue]:
+def _run_crf(step: _CrfNode, inputs: list[ort.OrtValue], placement: _Placement,
+             threads: int | None) -> list[ort.OrtValue]:
     """One CRF node on the OrtValues of its inputs, on the backend's device (on the CPU with `threads`
-    threads, None: every core); `weights_finite()` says whether the model's weights are, asked only for
-    the message of a refusal. Returns the node's two outputs: the logits (1, L, H, W) and the detection
+    threads, None: every core). Returns the node's two outputs: the logits (1, L, H, W) and the detection
     scores (D,)."""
     values = [placement.host(value) for value in inputs] if placement.device_type == "cpu" else None
     try:
@@ -279,10 +278,10 @@ def _run_crf(step: _CrfNode, inputs: list[ort.OrtValue], placement: _Placement, 
         raise LatticeRangeError(f"the model's CRF node for {step.outputs[0]} cannot take this image: {error}") \
             from error
     except InvalidArgumentError as error:  # its inputs are the network's: say so, or "unary" means nothing
-        # (on the GPU the library's message names the possible causes itself: its inputs stay there)
-        cause = "" if values is None or np.isfinite(values[0]).all() else (
-            " (the network's output holds NaN or infinity" + (
-                ")" if weights_finite() else ": the model's weights hold NaN or infinity)"))
+        # (on the GPU the library's message names the possible causes itself: its inputs stay there; the
+        # weights were found finite at load, by read_export)
+        finite = values is None or np.isfinite(values[0]).all()
+        cause = "" if finite else " (the network's output holds NaN or infinity)"
         raise InvalidArgumentError(f"the model's CRF node for {step.outputs[0]} refused what the network computed "
                                    f"from this image and its detections: {error}{cause}") from error
 
@@ -307,13 +306,7 @@ class OnnxRuntimeBackend:
         self.weights_fingerprint: str | None = export.weights_fingerprint
         with _onnxruntime(f"load {self.path}"), protobuf_memory(self.path):
             self._steps = _partition(export.model, self._placement, threads)
-
-    def _weights_finite(self) -> bool:
-        """Whether the model's float weights are all finite, read from its file again: asked only when a
-        CRF node refuses what the network computed, so loading does not pay for it."""
-        model = read_export(self.path).model
-        return all(np.isfinite(numpy_helper.to_array(t)).all() for t in model.graph.initializer
-                   if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE))
+        self.score_ceiling = score_ceiling_of(step.attributes for step in self._steps if isinstance(step, _CrfNode))
 
     def run(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray, *,
             timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:
@@ -330,7 +323,7 @@ class OnnxRuntimeBackend:
             start = time.perf_counter()
             if isinstance(step, _CrfNode):
                 inputs = [step.constants[n] if n in step.constants else values[n] for n in step.inputs]
-                outputs = _run_crf(step, inputs, place, self._threads, self._weights_finite)
+                outputs = _run_crf(step, inputs, place, self._threads)
             else:
                 with _onnxruntime(doing):
                     binding = step.session.io_binding()

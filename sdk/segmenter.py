@@ -24,6 +24,7 @@ from .checks import one_of
 from .errors import InvalidArgumentError
 from .crf import check_threads
 from .files import named_path
+from .graph import ENGINE_SUFFIXES
 from .inputs import ImageLike, check_detections, cuda_index, load_image
 from .results import SegmentationResult, build_result
 
@@ -35,11 +36,12 @@ BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
 class NetworkBackend(Protocol):
-    """What a Segmenter needs of a backend: the model's classes and detection limit, the fingerprint of
-    its weights, and one run of the exported graph (docs/ops.md) on checked inputs."""
+    """What a Segmenter needs of a backend: the model's classes, detection limit and score ceiling, the
+    fingerprint of its weights, and one run of the exported graph (docs/ops.md) on checked inputs."""
 
     class_names: tuple[str, ...]
     max_detections: int
+    score_ceiling: float
     weights_fingerprint: str | None
 
     def run(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray, *,
@@ -55,7 +57,7 @@ def _backend_for(path: Path, backend: str) -> str:
         return backend
     if path.is_dir():
         return "torch"
-    if path.suffix in (".engine", ".plan"):
+    if path.suffix in ENGINE_SUFFIXES:
         return "tensorrt"
     return "onnxruntime"
 
@@ -118,13 +120,15 @@ class Segmenter:
         segmenter = cls.__new__(cls)
         segmenter.backend_name = "torch"
         segmenter._backend = TorchBackend.of_network(network)
-        segmenter._attach(segmenter._backend, None if path is None else Path(path))
+        segmenter._attach(segmenter._backend, None if path is None else named_path(path, "path"))
         return segmenter
 
     def _attach(self, backend: NetworkBackend, path: Path | None) -> None:
         self.path = path
         self.class_names: tuple[str, ...] = backend.class_names
         self.max_detections: int = backend.max_detections
+        # s_max: the largest detector score the model takes (its detection potential's; 1 by default)
+        self.score_ceiling: float = backend.score_ceiling
         # sha256 of the weights this model runs (dynseg.trainer.checkpoint.weights_fingerprint); None for
         # an export older than the fingerprint
         self.weights_fingerprint: str | None = backend.weights_fingerprint
@@ -135,11 +139,11 @@ class Segmenter:
 
         image: (H, W, 3) uint8 RGB, (H, W) grayscale, (H, W, 4) RGBA, a PIL.Image, or a path to an image file.
         boxes: (D, 4) xyxy pixels, inclusive (x2, y2 are the box's last column and row); labels: (D,)
-        class ids in 1..K; scores: (D,) non-negative detector confidences, not logits; D >= 0 (up to
-        max_detections). Boxes reaching outside the image are clipped; inverted and outside
-        ones are dropped with a warning and recorded in the result's `dropped`. The detections' order
-        numbers the instances and moves no pixel between them: a pixel that detections tie on goes to the
-        highest score (docs/algorithm.md §6).
+        class ids in 1..K; scores: (D,) detector confidences in 0..score_ceiling (1 unless the model was
+        trained otherwise), not logits or percentages; D >= 0 (up to max_detections). Boxes reaching
+        outside the image are clipped; inverted and outside ones are dropped with a warning and recorded
+        in the result's `dropped`. The detections' order numbers the instances and moves no pixel
+        between them: a pixel that detections tie on goes to the highest score (docs/algorithm.md §6).
         timings: if given, gains the seconds the call spent in post-processing ("post") and, on
         onnxruntime, in the network's sessions ("network") and the CRF nodes ("crf").
         """
@@ -167,6 +171,7 @@ class Segmenter:
         height, width = rgb.shape[:2]
         detections = check_detections(boxes, labels, scores, height=height, width=width,
                                       num_classes=len(self.class_names), max_detections=self.max_detections,
+                                      score_ceiling=self.score_ceiling,
                                       stacklevel=4)  # the warning points at the caller of segment
         outputs = backend.run(rgb, detections.boxes, detections.labels, detections.scores, timings=timings)
         start = time.perf_counter()

@@ -70,6 +70,7 @@ class TensorRTBackend:
         self.weights_fingerprint: str | None = sidecar.get("weights_sha256")
         self._profile = engines.Profile.from_json(sidecar["profile"])
         self.max_detections = int(self._profile.detections[2])
+        self.score_ceiling = float(sidecar.get("score_ceiling", 1.0))  # 1: a sidecar older than the entry
         self._local = threading.local()
 
     def _state(self):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import math
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -200,6 +201,9 @@ def read_sidecar(plan_or_sidecar: str | Path) -> dict:
     if not (isinstance(names, list) and names and all(isinstance(n, str) and n for n in names)):
         raise EngineError(f"{path}: class_names must be a non-empty list of names, got {names!r:.80}; rebuild the "
                           "engine")
+    ceiling = data.get("score_ceiling", 1.0)  # absent from sidecars older than it: the default's 1
+    if not (type(ceiling) in (int, float) and math.isfinite(ceiling) and ceiling > 0):
+        raise EngineError(f"{path}: score_ceiling must be a finite number > 0, got {ceiling!r:.40}; rebuild the engine")
     try:
         Profile.from_json(data["profile"])  # validates
     except (KeyError, TypeError, ValueError) as error:  # InvalidArgumentError is a ValueError

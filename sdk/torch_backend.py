@@ -42,7 +42,7 @@ class TorchBackend:
         try:
             import torch
 
-            from dynseg.trainer.checkpoint import load_checkpoint
+            from dynseg.trainer.checkpoint import first_non_finite_weight, load_checkpoint
         except ImportError as error:
             raise InvalidArgumentError(needs_trainer("backend='torch'", error)) from None
         index = cuda_index(device)
@@ -53,6 +53,10 @@ class TorchBackend:
             network = load_checkpoint(self.path).to(device)
         except FileNotFoundError as error:
             raise InvalidArgumentError(str(error)) from None
+        non_finite = first_non_finite_weight(network)
+        if non_finite is not None:  # every image would fail in the CRFs, on what the network computed
+            raise InvalidArgumentError(f"checkpoint {self.path}: its weights hold NaN or infinity (first in "
+                                       f"{non_finite}): it cannot segment anything; did its training diverge?")
         self._serve(network, device)
 
     @classmethod
@@ -81,6 +85,8 @@ class TorchBackend:
         self.class_names: tuple[str, ...] = tuple(network.config.class_names)
         self.max_detections = TORCH_MAX_DETECTIONS
         self.weights_fingerprint: str | None = weights_fingerprint(network)
+        semantic = network.config.semantic_crf
+        self.score_ceiling = semantic.score_ceiling if semantic is not None and semantic.detection_potential else 1.0
 
     def run(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray, *,
             timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:
@@ -97,11 +103,11 @@ class TorchBackend:
         except LatticeRangeError as error:  # the image's size or colours, not what the network computed
             raise LatticeRangeError(f"the model cannot take this image: {error}") from error
         except InvalidArgumentError as error:  # the inputs were checked: what the CRFs refuse, the network made
+            # (a checkpoint's weights were found finite at load: an of_network network may have diverged since)
             finite = all(bool(self._torch.isfinite(p).all()) for p in self._model.parameters())
-            cause = ("the model's weights hold NaN or infinity" if not finite else
-                     f"the largest detection score is {scores.max():g}" if len(scores) else "")
+            cause = "" if finite else " (the model's weights hold NaN or infinity)"
             raise InvalidArgumentError(f"the model refused what its network computed from this image and its "
-                                       f"detections: {error}" + (f" ({cause})" if cause else "")) from error
+                                       f"detections: {error}{cause}") from error
         except DynsegError:
             raise
         except RuntimeError as error:  # torch's: out of memory, most likely (torch.OutOfMemoryError is one)

@@ -2,7 +2,9 @@
 weights), plus trainer_state.pt for resuming and training_data.json, what it was trained on (so that
 `dynseg eval` holds out other scenes); and the fingerprint of a network's weights that an export
 records, so that `dynseg validate` can tell the checkpoint a model came from. Imports only the model,
-so that loading a checkpoint for inference pulls in no dataset, loss or evaluation code."""
+so that loading a checkpoint for inference pulls in no dataset, loss or evaluation code. A diverged
+training's checkpoint loads (to be looked at); `first_non_finite_weight` names what diverged, for the
+exporter and the Segmenter, which refuse it."""
 
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from dynseg.sdk.checks import is_int
 
 from .model import DynamicallyInstantiatedNetwork, ModelConfig, build_model
 
-__all__ = ["load_checkpoint", "read_training_data", "save_checkpoint", "weights_fingerprint", "write_training_data"]
+__all__ = ["first_non_finite_weight", "load_checkpoint", "read_training_data", "save_checkpoint",
+           "weights_fingerprint", "write_training_data"]
 
 TRAINING_DATA = "training_data.json"
 
@@ -129,6 +132,13 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
         digest.update(f"{name}|{values.dtype}|{tuple(values.shape)}|".encode())
         digest.update(values.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def first_non_finite_weight(model: torch.nn.Module) -> str | None:
+    """The name of the model's first floating-point state entry holding NaN or infinity (a diverged
+    training's), if any."""
+    return next((name for name, tensor in model.state_dict().items()
+                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())), None)
 
 
 def training_data_record(*, dataset: str, seed: int, image_size: tuple[int, int] | None = None,

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InvalidArgumentError
+from ..graph import ENGINE_SUFFIXES
 from .infer import keep_most_confident
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ def training_data_of(model: Path) -> dict | None:
     records nothing. InvalidArgumentError naming the file for a record that is malformed."""
     from dynseg.trainer.checkpoint import check_training_data
 
-    if model.suffix in (".engine", ".plan"):
+    if model.suffix in ENGINE_SUFFIXES:
         from ..tensorrt_engine import read_sidecar
 
         record = read_sidecar(model).get("training_data")

@@ -10,6 +10,7 @@ import json
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -268,10 +269,20 @@ def test_the_sidecar_sits_beside_the_plan_and_round_trips(built):
     assert data["training_data"] is None  # the model of `_model()` was exported without the record
     assert data["preprocessing"]["scale"] == 255.0
     assert data["dynseg_version"] == "0.1.0" and data["dynseg_op_version"] == "1"
-    assert data["max_detections"] == 100 and data["precision"] == "fp32"
+    assert data["max_detections"] == 100 and data["precision"] == "fp32" and data["score_ceiling"] == 1.0
     assert Profile.from_json(data["profile"]) == make_profile()
     tensorrt_engine.check_sidecar(data, tensorrt_version="10.16.0.72", compute_capability="9.0",
                          plugin_sha256=engine.sha256(library), plan=plan)
+
+
+@pytest.mark.parametrize("ceiling", [0, -1.0, "1", None, float("nan"), True])
+def test_a_sidecars_score_ceiling_must_be_a_positive_number(built, ceiling):
+    plan, _, sidecar = built
+    sidecar.write_text(json.dumps(json.loads(sidecar.read_text()) | {"score_ceiling": ceiling}))
+    with pytest.raises(EngineError, match="score_ceiling must be a finite number > 0"):
+        tensorrt_engine.read_sidecar(plan)
+    sidecar.write_text(json.dumps({k: v for k, v in json.loads(sidecar.read_text()).items() if k != "score_ceiling"}))
+    assert "score_ceiling" not in tensorrt_engine.read_sidecar(plan)  # an older sidecar's: the backend reads 1
 
 
 def tmp_sidecar(plan: Path) -> Path:
@@ -539,6 +550,11 @@ def test_the_plugin_creator_is_registered_and_takes_every_attribute():
      "would overwrite the export .*model.trt.onnx it is built from"),
     (lambda tmp: {"out_path": tmp / "nowhere" / "model.engine"}, "its folder .*nowhere does not exist"),
     (lambda tmp: {"out_path": _folder(tmp / "folder.engine")}, "folder.engine is a folder"),
+    (lambda tmp: {"onnx_path": None}, "onnx_path must be a str or os.PathLike of one, got NoneType"),
+    (lambda tmp: {"out_path": tmp / "model\x00.engine"}, "out_path .* holds a NUL byte"),
+    # what the sidecar records, checked before the build rather than after its minutes
+    (lambda tmp: {"onnx_path": _without_metadata(tmp / "bare.onnx", "preprocessing")},
+     "the model's metadata lacks valid .*preprocessing.*'preprocessing'"),
 ])
 def test_build_engine_names_a_bad_argument_or_file_before_it_needs_tensorrt(tmp_path, change, message):
     source = tmp_path / "model.onnx"
@@ -547,6 +563,29 @@ def test_build_engine_names_a_bad_argument_or_file_before_it_needs_tensorrt(tmp_
     with pytest.raises(InvalidArgumentError, match=message):
         engine.build_engine(**arguments)
     assert source.read_bytes() == _model().SerializeToString() or not source.exists()
+
+
+def test_a_rebuild_that_fails_after_its_plan_leaves_no_sidecar_of_the_old_plan(tmp_path, monkeypatch):
+    # TensorRT's part stands in (none here): what is under test is which files a rebuild leaves
+    source, library = tmp_path / "model.onnx", tmp_path / tensorrt_engine.PLUGIN_LIBRARY
+    onnx.save(_model(), str(source))
+    library.write_bytes(b"plugin bytes")
+    monkeypatch.setattr(engine, "import_tensorrt", lambda: types.SimpleNamespace(__version__="10.16.0.72"))
+    monkeypatch.setattr(engine, "compute_capability", lambda: "9.0")
+    monkeypatch.setattr(engine, "_build_plan", lambda *arguments: b"first plan")
+    plan = engine.build_engine(source, tmp_path / "model.engine", plugin_library=library)
+    assert tensorrt_engine.read_sidecar(plan)["plan_sha256"] == engine.sha256(plan)
+
+    def full_disk(*arguments, **keywords):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(engine, "_build_plan", lambda *arguments: b"second plan")
+    monkeypatch.setattr(engine, "write_sidecar", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        engine.build_engine(source, plan, plugin_library=library)
+    assert plan.read_bytes() == b"second plan" and not tmp_sidecar(plan).exists()
+    with pytest.raises(EngineError, match="model.engine.json is missing"):
+        tensorrt_engine.read_sidecar(plan)
 
 
 def test_the_default_profile_takes_at_most_the_exports_max_detections(tmp_path):
@@ -558,6 +597,15 @@ def test_the_default_profile_takes_at_most_the_exports_max_detections(tmp_path):
         onnx.save(model, str(tmp_path / "model.onnx"))
         with pytest.raises(EngineError, match="TensorRT's Python package is not installed"):
             engine.build_engine(tmp_path / "model.onnx", tmp_path / "model.engine")
+
+
+def _without_metadata(path: Path, key: str) -> Path:
+    model = _model()
+    kept = [entry for entry in model.metadata_props if entry.key != key]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    onnx.save(model, str(path))
+    return path
 
 
 def _copy(source: Path, target: Path) -> Path:

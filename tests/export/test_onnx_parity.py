@@ -221,7 +221,7 @@ def test_threads_bounds_every_session_and_the_crf_nodes_and_changes_no_result(ex
         np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=1e-5)
 
 
-def test_a_model_with_nan_weights_is_named_as_the_cause_not_the_crf_nodes_unary(exported, tmp_path):
+def test_a_model_with_nan_weights_is_refused_at_load_naming_the_weight(exported, tmp_path):
     model = onnx.load(str(exported[1]))
     first_conv = next(node for node in model.graph.node if node.op_type == "Conv")
     weight = next(t for t in model.graph.initializer if t.name == first_conv.input[1])
@@ -229,23 +229,30 @@ def test_a_model_with_nan_weights_is_named_as_the_cause_not_the_crf_nodes_unary(
     values.flat[0] = np.nan
     weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
     onnx.save(model, str(tmp_path / "nan.onnx"))
-    image, boxes, labels, scores = _case("coffee", (64, 80), 2, seed=1)
-    with Segmenter(tmp_path / "nan.onnx") as broken, \
-            pytest.raises(InvalidArgumentError, match=r"the model's CRF node for \S+ refused what the network "
-                                                      r"computed .*non-finite.*the model's weights hold NaN"):
-        broken.segment(image, boxes, labels, scores)
+    with pytest.raises(InvalidArgumentError, match=rf"nan.onnx: its weights hold NaN or infinity \(first in "
+                                                   rf"{weight.name}\)"):
+        Segmenter(tmp_path / "nan.onnx")
 
 
-def test_a_checkpoint_with_nan_weights_is_named_as_the_cause_on_torch(exported, tmp_path):
+def test_a_checkpoint_with_nan_weights_is_refused_at_load_on_torch(exported, tmp_path):
     network = load_checkpoint(exported[0])
+    name, parameter = next((n, p) for n, p in network.named_parameters() if p.dim() == 4)
+    with torch.no_grad():
+        parameter.view(-1)[0] = float("nan")
+    save_checkpoint(tmp_path / "nan", network)
+    with pytest.raises(InvalidArgumentError, match=rf"nan: its weights hold NaN or infinity \(first in {name}\)"):
+        Segmenter(tmp_path / "nan", backend="torch")
+
+
+def test_a_network_whose_weights_diverge_after_of_network_is_named_as_the_cause(exported):
+    network = load_checkpoint(exported[0])
+    segmenter = Segmenter.of_network(network)
     with torch.no_grad():
         next(p for p in network.parameters() if p.dim() == 4).view(-1)[0] = float("nan")
-    save_checkpoint(tmp_path / "nan", network)
     image, boxes, labels, scores = _case("coffee", (64, 80), 2, seed=1)
-    with Segmenter(tmp_path / "nan", backend="torch") as broken, \
-            pytest.raises(InvalidArgumentError, match=r"the model refused what its network computed .*non-finite.*"
-                                                      r"the model's weights hold NaN or infinity"):
-        broken.segment(image, boxes, labels, scores)
+    with pytest.raises(InvalidArgumentError, match=r"the model refused what its network computed .*non-finite.*"
+                                                   r"the model's weights hold NaN or infinity"):
+        segmenter.segment(image, boxes, labels, scores)
 
 
 def test_thetas_too_small_for_an_image_raise_a_lattice_range_error_through_either_backend(tmp_path):
@@ -356,10 +363,35 @@ def test_a_network_back_in_training_mode_or_no_network_at_all_is_named(exported)
         Segmenter.of_network(torch.nn.Linear(2, 2))
 
 
-def test_scores_that_overflow_the_torch_network_are_named_as_the_cause(exported):
+def test_scores_above_the_models_score_ceiling_are_refused_on_either_backend(segmenters):
+    # the pixel term takes the raw score (x_d = w_x s_d): a detector's percentages would silently
+    # swamp the network, and 3e38 overflowed it
     image, boxes, labels, _ = _case("coffee", (64, 80), 2, seed=1)
-    with pytest.raises(InvalidArgumentError, match=r"\(the largest detection score is 3e\+38\)$"):
-        Segmenter(exported[0], backend="torch").segment(image, boxes, labels, np.full(2, 3e38, np.float32))
+    for segmenter in segmenters:
+        assert segmenter.score_ceiling == 1.0
+        segmenter.segment(image, boxes, labels, np.array([1.0, 0.5], np.float32))  # the ceiling is a score
+        for scores, above in (([87.0, 0.5], r"\[0\]"), ([0.5, 3e38], r"\[1\]")):
+            with pytest.raises(InvalidArgumentError, match=rf"scores must be at most 1, the model's score ceiling "
+                                                           rf"\(.*percentage.*\): entries {above} are above it"):
+                segmenter.segment(image, boxes, labels, np.array(scores, np.float32))
+
+
+def test_a_model_trained_with_another_score_ceiling_takes_scores_up_to_it(tmp_path):
+    from dynseg.trainer.model.instance import InstanceConfig
+    from dynseg.trainer.model.network import ModelConfig, build_model
+    from dynseg.trainer.model.semantic_crf import SemanticCRFConfig
+
+    torch.manual_seed(0)
+    network = build_model(ModelConfig(backbone="resnet18", class_names=("cat", "cup"),
+                                      semantic_crf=SemanticCRFConfig(score_ceiling=0.9),
+                                      instance=InstanceConfig(templates_per_group=1, template_size=8)))
+    image, boxes, labels, _ = _case("coffee", (64, 80), 2, seed=1)
+    labels = np.minimum(labels, 2)
+    for segmenter in (Segmenter(export_onnx(network, tmp_path / "model.onnx")), Segmenter.of_network(network)):
+        assert segmenter.score_ceiling == np.float32(0.9)
+        segmenter.segment(image, boxes, labels, [0.9, 0.2])  # float64 0.9 is above float32's: compared as read
+        with pytest.raises(InvalidArgumentError, match="scores must be at most 0.9, the model's score ceiling"):
+            segmenter.segment(image, boxes, labels, [0.95, 0.2])
 
 
 def test_a_thread_count_beyond_the_cores_is_capped_for_onnxruntime(exported):
@@ -545,7 +577,8 @@ def test_export_refuses_arguments_it_cannot_honour(exported, tmp_path, arguments
 @pytest.mark.parametrize("network, path, message", [
     (None, "model.onnx", "network must be a DynamicallyInstantiatedNetwork, got NoneType"),
     ("half", "model.onnx", r"network must hold float32 weights, got float16 ones: export network.float\(\)"),
-    ("network", None, "path must name a file, got None"),
+    ("network", None, "path must be a str or os.PathLike of one, got NoneType"),
+    ("network", "model\x00.onnx", "holds a NUL byte, which no file name can"),
     ("network", ".", "is a folder, not a file to write the model to"),
     ("network", "model.plan", "model.plan names a TensorRT engine: an ONNX export is a .onnx file"),
     ("network", "missing/model.onnx", "its folder .*missing does not exist"),

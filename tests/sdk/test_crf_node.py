@@ -160,3 +160,11 @@ def test_scores_so_large_that_the_logits_overflow_are_named():
     named = r"the logits overflowed float32 .* or the detection scores \(largest \|score\| 3e\+38\)"
     with pytest.raises(InvalidArgumentError, match=named):
         run_node(inputs, ATTRIBUTES)
+
+
+@pytest.mark.parametrize("threads, message", [(1.5, "threads must be an int in 0..2147483647, got 1.5"),
+                                              (True, "threads must be an int in 0..2147483647, got True"),
+                                              (-1, "threads must be an int in 0..2147483647, got -1")])
+def test_a_thread_count_that_is_no_count_is_named(threads, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        run_node(node_inputs(), ATTRIBUTES, threads)

@@ -307,6 +307,22 @@ def test_bad_detections_raise_naming_the_argument(boxes, labels, scores, argumen
     assert words in str(raised.value)
 
 
+def test_scores_above_the_ceiling_are_refused_as_the_model_reads_them() -> None:
+    boxes = np.tile([0, 0, 5, 5], (12, 1))
+    scores = np.full(12, 87.0)
+    with pytest.raises(InvalidArgumentError, match=r"scores must be at most 1, the model's score ceiling .*: "
+                                                   r"entries \[0, 1, 2, 3, 4, 5, 6, 7\] and 4 more are above it, "
+                                                   r"the largest 87"):
+        check(boxes, scores=scores, score_ceiling=1.0, max_detections=None)
+    assert len(check(boxes, scores=scores, max_detections=None)) == 12  # no ceiling: training data
+    assert len(check(boxes[:8], scores=np.ones(8), score_ceiling=1.0)) == 8
+    # a float32 ceiling of 0.9 lies below the float64 0.9: the model reads the score as float32
+    assert len(check(boxes[:8], scores=np.full(8, 0.9), score_ceiling=float(np.float32(0.9)))) == 8
+    with pytest.raises(InvalidArgumentError, match="entries \\[3\\] are above it"):
+        check(boxes[:8], scores=np.where(np.arange(8) == 3, np.nextafter(np.float32(0.9), 1), 0.5),
+              score_ceiling=float(np.float32(0.9)))
+
+
 def test_more_detections_than_the_model_takes_raise_its_limit() -> None:
     boxes = np.tile([0, 0, 5, 5], (LIMIT + 1, 1))
     with pytest.raises(InvalidArgumentError, match=f"limit of {LIMIT}"):
