@@ -76,8 +76,9 @@ class _Command(TyperCommand):
         for param in self.get_params(ctx):
             value = given.get(param.name)
             if value == "" or (isinstance(value, (list, tuple)) and "" in value):
-                raise typer.BadParameter('is empty (an unset shell variable?): give a value ("." for the current '
-                                         "folder)", ctx=ctx, param_hint=" / ".join(f"'{o}'" for o in param.opts))
+                raise typer.BadParameter('is empty (an unset shell variable?): give a value (of a path, "." for '
+                                         "the current folder)", ctx=ctx,
+                                         param_hint=" / ".join(f"'{o}'" for o in param.opts))
         return super().parse_args(ctx, args)
 
 
@@ -306,7 +307,7 @@ def _training_data(dataset: str, seed: int, image_size: tuple[int, int], data) -
 
 def _describe(data, dataset: str, detections: Optional[Path]) -> str:
     split = _split_of(data)
-    what = f"{len(data)} {dataset} images" + (f" (split {split})" if split else "")
+    what = _counted(len(data), f"{dataset} image") + (f" (split {split})" if split else "")
     return what + (f", detections from {detections}" if detections else ", simulated detections")
 
 
@@ -529,20 +530,27 @@ def _segmenter(model: Path, backend: str, device: str):
         raise _fail(str(error)) from error
 
 
-def _digits(text: str) -> bool:
-    """Whether int() reads text as a plain count (str.isdigit alone admits '²')."""
-    return text.isascii() and text.isdigit()
+_HUGE = 10**18  # above every count and size dynseg takes
+
+
+def _count(text: str) -> int | None:
+    """The count `text` writes in the digits 0-9 (str.isdigit alone admits '²'), else None. One of more
+    than 18 digits reads as _HUGE: int() refuses more than 4300 digits with a bare ValueError."""
+    if not (text.isascii() and text.isdigit()):
+        return None
+    return int(text) if len(text.lstrip("0")) <= 18 else _HUGE
 
 
 def _size(text: str, option: str, minimum: int = 1, maximum: Optional[int] = None) -> tuple[int, int]:
     """'480x640' -> (480, 640): an image size as height x width, each in minimum..maximum."""
-    height, _, width = text.strip().lower().partition("x")
-    if not (_digits(height) and _digits(width) and int(height) >= minimum and int(width) >= minimum):
-        raise typer.BadParameter(f"{text!r} is not HEIGHTxWIDTH (e.g. 512x512, each at least {minimum})",
+    height_text, _, width_text = text.strip().lower().partition("x")
+    height, width = _count(height_text), _count(width_text)
+    if height is None or width is None or min(height, width) < minimum:
+        raise typer.BadParameter(f"{text!r:.80} is not HEIGHTxWIDTH (e.g. 512x512, each at least {minimum})",
                                  param_hint=option)
-    if maximum is not None and max(int(height), int(width)) > maximum:
-        raise typer.BadParameter(f"{text!r}: each side must be in {minimum}..{maximum}", param_hint=option)
-    return int(height), int(width)
+    if maximum is not None and max(height, width) > maximum:
+        raise typer.BadParameter(f"{text!r:.80}: each side must be in {minimum}..{maximum}", param_hint=option)
+    return height, width
 
 
 def _at_most(size: tuple[int, int], bound: tuple[int, int]) -> tuple[int, int]:
@@ -564,11 +572,15 @@ def _parse_sizes(text: str) -> list[tuple[int, int]]:
 
 
 def _parse_counts(text: str) -> list[int]:
-    parts = [p.strip() for p in text.split(",")]
-    if not all(_digits(p) for p in parts):
-        raise typer.BadParameter(f"{text!r} is not a comma-separated list of counts >= 0 (e.g. 0,1,10,50)",
+    counts = [_count(p.strip()) for p in text.split(",")]
+    if any(count is None for count in counts):
+        raise typer.BadParameter(f"{text!r:.80} is not a comma-separated list of counts >= 0 (e.g. 0,1,10,50)",
                                  param_hint="--detections")
-    return [int(p) for p in parts]
+    repeated = sorted({count for count in counts if counts.count(count) > 1})
+    if repeated:
+        raise typer.BadParameter(f"{text!r:.80} gives {', '.join(map(str, repeated))} more than once: each count "
+                                 "is one case", param_hint="--detections")
+    return cast(list[int], counts)
 
 
 @app.command(cls=_Command)
@@ -593,7 +605,8 @@ def export(
         None, "--opt-size",
         help=f"engine: the image size TensorRT tunes for (default: {_size_text(DEFAULT_ENGINE_SIZES[1])}, within "
              "the min and max sizes)."),
-    max_size: str = typer.Option(_size_text(DEFAULT_ENGINE_SIZES[2]), "--max-size", help="engine: the largest image."),
+    max_size: str = typer.Option(_size_text(DEFAULT_ENGINE_SIZES[2]), "--max-size",
+                                 help="engine: the largest image, HEIGHTxWIDTH."),
     fp16: bool = typer.Option(False, "--fp16", help="engine: reduced precision outside the CRF (TensorRT 10)."),
     workspace: Optional[int] = typer.Option(None, "--workspace", min=1, help="engine: builder workspace limit, bytes."),
 ) -> None:
@@ -676,12 +689,13 @@ def export(
 
 @app.command(cls=_Command)
 def infer(
-    model: Path = typer.Argument(..., help="An exported .onnx model (or a checkpoint folder with --backend torch)."),
+    model: Path = typer.Argument(..., help="An exported .onnx model, a checkpoint folder, or a TensorRT .engine."),
     images: list[Path] = typer.Argument(..., exists=True, dir_okay=False, help="Image files to segment."),
     detections: Path = typer.Option(..., "--detections", exists=True, dir_okay=False,
                                     help="COCO results JSON; image_id = the image file's stem (or its number)."),
     out: Path = typer.Option(..., "--out", file_okay=False, help="Folder for the PNGs and results.json."),
-    backend: str = typer.Option("auto", "--backend", help="auto, onnxruntime, torch or tensorrt."),
+    backend: str = typer.Option("auto", "--backend", help="auto (by MODEL: a folder torch, .engine or .plan "
+                                                         "tensorrt, else onnxruntime), onnxruntime, torch or tensorrt."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     keep_top: Optional[int] = typer.Option(None, "--keep-top", min=0,
                                            help="Keep each image's N most confident detections (default: all; an "
@@ -694,6 +708,9 @@ def infer(
 
     _check_out_folder(out, "--out")  # before the model loads; made by the job
     segmenter = _segmenter(model, backend, device)
+    if keep_top is not None and keep_top > segmenter.max_detections:  # the remedy for too many is this option
+        raise typer.BadParameter(f"{keep_top} is above this model's limit of {segmenter.max_detections} detections "
+                                 "per image", param_hint="'--keep-top'")
     try:
         summary = job.run(segmenter, images, detections, out, keep_top=keep_top,
                           progress=lambda total: item_progress("infer", total, live=sys.stdout.isatty(),
@@ -747,7 +764,8 @@ def validate(
 @app.command(cls=_Command)
 def bench(
     model: Path = typer.Argument(..., help="The exported .onnx model."),
-    sizes: str = typer.Option("256x256,512x512", "--sizes", help="Image sizes HxW, comma-separated."),
+    sizes: str = typer.Option("256x256,512x512", "--sizes", help="Image sizes HxW, comma-separated, each side "
+                                                                 f"8..{defaults.MAX_IMAGE_SIDE}."),
     detections: Optional[str] = typer.Option(
         None, "--detections", help="Detection counts D, comma-separated (default: "
                                    f"{','.join(map(str, BENCH_DETECTIONS))}, each at most the model's limit)."),
@@ -768,6 +786,8 @@ def bench(
         _torch_or_fail("dynseg bench --checkpoint")
     created = False
     if json_out is not None:  # before the timings, so an unwritable --json fails at once
+        if _dangling(json_out):  # touch() below would create the link's target
+            raise _fail(f"--json {json_out} {_DANGLING}")
         _make_folder(json_out.parent, "--json", json_out)
         if json_out.exists() and not json_out.is_file():
             raise _fail(f"--json {json_out} is a pipe or device, not a file")

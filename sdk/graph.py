@@ -139,8 +139,8 @@ def _load(path: Path) -> onnx.ModelProto:
     import onnx
 
     if path.is_dir():
-        raise InvalidArgumentError(f"model {path} is a directory, not an .onnx file (a training checkpoint runs with "
-                                   "backend='torch'; `dynseg export` makes the .onnx)")
+        raise InvalidArgumentError(f"model {path} is a directory, not an .onnx file (a training checkpoint runs as it "
+                                   "is on the torch backend, and `dynseg export` makes the .onnx of it)")
     check_regular_file(path, "model file")
     if path.stat().st_size == 0:  # onnx parses no bytes as an empty model
         raise InvalidArgumentError(f"model file {path} is empty: export it again with `dynseg export`")

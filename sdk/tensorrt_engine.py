@@ -55,7 +55,7 @@ _INSTALL_TENSORRT = (
     "TensorRT's Python package is not installed: install it from NVIDIA's index "
     "(`pip install tensorrt --extra-index-url https://pypi.nvidia.com`, matching your CUDA driver; see "
     "docs/tensorrt.md), build the plugin with TensorRT_ROOT set (`TensorRT_ROOT=/path/to/TensorRT pip install ."
-    "`), or use the onnxruntime backend, which needs neither"
+    "`), or run the exported .onnx on the onnxruntime backend (`dynseg export --format onnx`), which needs neither"
 )
 
 

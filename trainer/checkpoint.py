@@ -89,7 +89,7 @@ def load_checkpoint(directory: str | Path) -> DynamicallyInstantiatedNetwork:
         config = ModelConfig.from_json((directory / "model.json").read_text())
         model = build_model(config)
     except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError is a ValueError
-        raise InvalidArgumentError(f"{directory}/model.json is not a dynseg model config: {error!r}") from None
+        raise InvalidArgumentError(f"{directory}/model.json is not a dynseg model config: {one_line(error)}") from None
     except (RuntimeError, MemoryError) as error:  # sizes torch cannot allocate, e.g. a corrupted template_size
         raise InvalidArgumentError(
             f"{directory}/model.json describes a network that cannot be built: {one_line(error)}") from None

@@ -98,6 +98,11 @@ def generated_detections(height: int, width: int, count: int, *, num_classes: in
                            scores=rng.uniform(0.05, 1.0, count).astype(np.float32))
 
 
+def _images(count: int) -> str:
+    """"1 image has", "3 images have"."""
+    return "1 image has" if count == 1 else f"{count} images have"
+
+
 def check_detection_counts(counts: Sequence[tuple[str, int]], limit: int, where: str, remedy: str) -> None:
     """Raises InvalidArgumentError naming the images (the first five) whose detection count, of the
     (image name, count) pairs, exceeds the model's `limit`; `where` says where the detections came from
@@ -105,7 +110,7 @@ def check_detection_counts(counts: Sequence[tuple[str, int]], limit: int, where:
     over = [f"{name} ({count})" for name, count in counts if count > limit]
     if over:
         raise InvalidArgumentError(
-            f"{len(over)} image(s) have more detections{where} than this model's limit of {limit}: "
+            f"{_images(len(over))} more detections{where} than this model's limit of {limit}: "
             f"{', '.join(over[:5])}{' (the first five)' if len(over) > 5 else ''}; {remedy} or re-export with a "
             "larger --max-detections")
 
@@ -118,7 +123,7 @@ def check_detection_labels(labels: Sequence[tuple[str, np.ndarray]], num_classes
            for name, ids in labels if len(ids) and (ids.min() < 1 or ids.max() > num_classes)]
     if bad:
         raise InvalidArgumentError(
-            f"{len(bad)} image(s) have detections{where} of classes this model does not have "
+            f"{_images(len(bad))} detections{where} of classes this model does not have "
             f"(it has 1..{num_classes}): "
             f"{', '.join(bad[:5])}{' (the first five)' if len(bad) > 5 else ''}")
 

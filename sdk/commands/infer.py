@@ -7,7 +7,8 @@ What it writes into `out`:
   own colour and outlined (8-bit RGB).
 - `{stem}_instances.png`: the instance map, a 16-bit grayscale PNG of the image's size; pixel value 0
   is background and i > 0 is the image's i-th instance, the i-th entry of that image in
-  `results.json` (instances are numbered in detection order). Read it with
+  `results.json` (instances are numbered by descending detection score: `read_detections` sorts
+  each image's detections so). Read it with
   `np.array(PIL.Image.open(path))`.
 - `results.json`: COCO results, one entry per instance of every image (image_id as the detections
   file named the image, category_id, segmentation as compressed RLE, score, bbox of the mask).

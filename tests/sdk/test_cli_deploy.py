@@ -188,7 +188,7 @@ def test_infer_refuses_images_over_the_models_limit_before_segmenting_any_unless
     result = runner.invoke(app, ["infer", str(exported[1]), str(files[1]), str(files[0]), "--detections", str(many),
                                  "--out", str(out)])
     assert result.exit_code == 1
-    assert "1 image(s) have more detections" in plain(result.output) and "chelsea.png (25)" in plain(result.output)
+    assert "1 image has more detections" in plain(result.output) and "chelsea.png (25)" in plain(result.output)
     assert not out.exists() or not list(out.iterdir())  # 000042.png, the first image, was not segmented either
     result = runner.invoke(app, ["infer", str(exported[1]), str(files[1]), str(files[0]), "--detections", str(many),
                                  "--out", str(out), "--keep-top", "20"])
@@ -217,7 +217,7 @@ def test_infer_names_the_image_whose_labels_the_model_does_not_know_before_segme
     result = runner.invoke(app, ["infer", str(exported[1]), str(files[0]), str(files[1]), "--detections", str(bad),
                                  "--out", str(tmp_path / "out")])
     assert result.exit_code == 1
-    assert (f"1 image(s) have detections in {bad} of classes this model does not have (it has 1..3): "
+    assert (f"1 image has detections in {bad} of classes this model does not have (it has 1..3): "
             f"{files[1].name} ([9])") in plain(result.output)
     assert not list((tmp_path / "out").glob("*.png"))  # the good first image was not segmented either
 
@@ -419,6 +419,11 @@ def test_quickstart_with_a_few_steps_makes_everything_it_promises(tmp_path):
     (["bench", "{model}", "--sizes", "²x²"], "--sizes"),  # isdigit() says yes, int() says no
     (["bench", "{model}", "--sizes", "40000x40000"], "--sizes"),  # made in memory: 6 GB per image
     (["bench", "{model}", "--detections", "²"], "--detections"),
+    (["bench", "{model}", "--sizes", "9" * 5000 + "x64"], "--sizes"),  # int() refuses over 4300 digits
+    (["bench", "{model}", "--detections", "9" * 5000], "--detections"),
+    (["bench", "{model}", "--detections", "0,3,3"], "--detections"),  # one case twice
+    (["infer", "{model}", "{photo}", "--detections", "{tmp}/d.json", "--out", "{tmp}", "--keep-top", "101"],
+     "--keep-top"),  # above the model's limit, whose remedy it is
     (["bench", "{model}", "--json", "{tmp}/d.json/rows.json"], "--json"),  # under a file: before any timing
     (["export", "{checkpoint}", "--out", "{tmp}/d.json/m.onnx"], "d.json is a file, not a folder"),
     (["bench", "{model}", "--repeats", "0"], "--repeats"),
@@ -550,7 +555,7 @@ def test_validate_generates_no_more_detections_than_the_model_takes_and_names_an
     result = runner.invoke(app, ["validate", str(small), "--checkpoint", str(checkpoint), "--images", str(files[0]),
                                  "--detections", str(four)])
     assert result.exit_code == 1
-    assert "1 image(s) have more detections than this model's limit of 3: chelsea.png (4)" in plain(result.output)
+    assert "1 image has more detections than this model's limit of 3: chelsea.png (4)" in plain(result.output)
 
 
 def test_infer_refuses_two_images_that_one_image_id_names(exported, photos, tmp_path):
@@ -855,3 +860,11 @@ def test_an_engine_given_where_an_onnx_model_goes_is_named_as_one(tmp_path):
     (tmp_path / "model.engine").write_bytes(b"\x00\x01not protobuf" * 8)
     result = runner.invoke(app, ["bench", str(tmp_path / "model.engine"), "--sizes", "40x48"])
     assert result.exit_code == 1 and "this takes the exported .onnx" in plain(result.output), result.output
+
+
+def test_a_dangling_link_as_bench_json_is_refused_and_its_target_never_made(exported, tmp_path):
+    (tmp_path / "rows.json").symlink_to(tmp_path / "nowhere.json")
+    result = runner.invoke(app, ["bench", str(exported[1]), "--sizes", "40x48", "--detections", "0", "--repeats",
+                                 "1", "--json", str(tmp_path / "rows.json")])
+    assert result.exit_code == 1 and "is a symbolic link that leads nowhere" in plain(result.output), result.output
+    assert not (tmp_path / "nowhere.json").exists() and (tmp_path / "rows.json").is_symlink()

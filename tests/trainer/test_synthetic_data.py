@@ -586,7 +586,7 @@ def test_detection_labels_outside_1_to_k_are_named_below_1_as_above_k():
     check_detection_labels([("a.jpg", np.array([1, 3])), ("b.jpg", np.zeros(0, np.int64))], 3, " in dets.json")
     for bad in ([0, 2], [-1, 1], [4, 1]):
         wrong = sorted(v for v in bad if not 1 <= v <= 3)
-        message = ("1 image(s) have detections in dets.json of classes this model does not have (it has 1..3): "
+        message = ("1 image has detections in dets.json of classes this model does not have (it has 1..3): "
                    f"c.jpg ({wrong})")
         with pytest.raises(InvalidArgumentError, match=f"^{re.escape(message)}$"):
             check_detection_labels([("a.jpg", np.array([1])), ("c.jpg", np.array(bad))], 3, " in dets.json")
