@@ -572,15 +572,16 @@ def _parse_sizes(text: str) -> list[tuple[int, int]]:
 
 
 def _parse_counts(text: str) -> list[int]:
-    counts = [_count(p.strip()) for p in text.split(",")]
-    if any(count is None for count in counts):
+    found = [_count(p.strip()) for p in text.split(",")]
+    counts = [count for count in found if count is not None]
+    if len(counts) != len(found):
         raise typer.BadParameter(f"{text!r:.80} is not a comma-separated list of counts >= 0 (e.g. 0,1,10,50)",
                                  param_hint="--detections")
     repeated = sorted({count for count in counts if counts.count(count) > 1})
     if repeated:
         raise typer.BadParameter(f"{text!r:.80} gives {', '.join(map(str, repeated))} more than once: each count "
                                  "is one case", param_hint="--detections")
-    return cast(list[int], counts)
+    return counts
 
 
 @app.command(cls=_Command)
