@@ -20,7 +20,7 @@ from dynseg.sdk import tensorrt_engine
 from dynseg.sdk.crf_node import CrfAttributes, score_ceiling_of
 from dynseg.sdk.errors import InvalidArgumentError
 from dynseg.sdk.files import named_path, write_text_whole, write_whole
-from dynseg.sdk.graph import DOMAIN, ENGINE_SUFFIXES, OP_TYPE, crf_nodes, read_export
+from dynseg.sdk.graph import DOMAIN, ENGINE_SUFFIXES, OP_TYPE, crf_nodes, metadata_of, read_export
 from dynseg.sdk.checks import is_int
 from dynseg.sdk.tensorrt_engine import (
     DEFAULT_ENGINE_DETECTIONS, DEFAULT_ENGINE_SIZES, PLUGIN_NAMESPACE, PLUGIN_VERSION, SIDECAR_FORMAT, EngineError,
@@ -40,7 +40,7 @@ def tensorrt_model(model: onnx.ModelProto) -> onnx.ModelProto:
     as it is (a network exported without CRFs has none). Raises InvalidArgumentError for a model with
     neither CRF nodes nor dynseg metadata, of another op version, or with a CRF node whose attributes
     the SDK would refuse (docs/ops.md)."""
-    op_version = _model_metadata(model).get("dynseg_op_version")
+    op_version = metadata_of(model).get("dynseg_op_version")
     if op_version is not None and op_version != PLUGIN_VERSION:
         raise InvalidArgumentError(
             f"the model's dynseg::MeanFieldCRF is version {op_version}; this plugin implements version "
@@ -73,10 +73,6 @@ def crf_node_count(model: onnx.ModelProto) -> int:
 
 
 # ---- (b) the sidecar -----------------------------------------------------------------------------------
-
-def _model_metadata(model: onnx.ModelProto) -> dict[str, str]:
-    return {entry.key: entry.value for entry in model.metadata_props}
-
 
 def _export_record(model_metadata: Mapping[str, str]) -> dict:
     """What the sidecar records of the export, from its ONNX metadata; InvalidArgumentError where that

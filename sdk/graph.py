@@ -66,12 +66,22 @@ class Export:
     metadata: dict[str, str]
 
 
+def metadata_of(model: onnx.ModelProto) -> dict[str, str]:
+    """The model's metadata entries (export_onnx's record of the network: docs/ops.md) by key."""
+    return {entry.key: entry.value for entry in model.metadata_props}
+
+
+def is_crf_node(node: onnx.NodeProto) -> bool:
+    """Whether `node` is a dynseg::MeanFieldCRF."""
+    return node.domain == DOMAIN and node.op_type == OP_TYPE
+
+
 def crf_nodes(graph: onnx.GraphProto, subgraphs: bool = False) -> list[onnx.NodeProto]:
     """The graph's dynseg::MeanFieldCRF nodes, in graph order; with `subgraphs`, also those of its
     nodes' subgraphs (an If's branches, a Loop's body), each after the node that holds it."""
     found = []
     for node in graph.node:
-        if node.domain == DOMAIN and node.op_type == OP_TYPE:
+        if is_crf_node(node):
             found.append(node)
         if subgraphs:
             for attribute in node.attribute:
@@ -159,7 +169,7 @@ def _load(path: Path) -> onnx.ModelProto:
 def _check_dynseg(model: onnx.ModelProto, path: Path) -> dict[str, str]:
     import onnx
 
-    metadata = {entry.key: entry.value for entry in model.metadata_props}
+    metadata = metadata_of(model)
     if "dynseg_op_version" not in metadata:
         raise InvalidArgumentError(f"model file {path} is not a dynseg export (no dynseg metadata): export one with "
                                    "`dynseg export`")

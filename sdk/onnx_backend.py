@@ -4,7 +4,12 @@ the native kernel library for each dynseg::MeanFieldCRF node.
 onnxruntime cannot run our custom op without a compiled custom-op library (its C headers are not
 available to the build), so the graph is partitioned once, at load time, at the custom nodes: the
 standard nodes between two CRF nodes become one onnxruntime session each, and a call runs the
-sessions and the CRF nodes in the graph's topological order, passing tensors by name. Sessions are
+sessions and the CRF nodes in the graph's topological order, passing tensors by name. An export of
+the whole network (docs/ops.md) runs as five steps: a session for the backbone and the semantic head
+(the semantic unary); the semantic CRF's node ("/semantic_crf/MeanFieldCRF": mean field with the
+detection potential, which also recalibrates the detections' scores); a session for the instance
+unaries (the box, global and shape terms); the instance CRF's node ("/instance_crf/MeanFieldCRF",
+one label per detection plus background); and a session that forms the outputs. Sessions are
 built once; dynamic H, W and D never rebuild them. Safe to call from several threads at once
 (onnxruntime's sessions are, and each call makes its own I/O bindings and keeps its tensors to itself).
 
@@ -33,7 +38,7 @@ from onnx import helper, numpy_helper, shape_inference
 from . import _native
 from .crf_node import CrfAttributes, CrfInputs, run_node, run_node_cuda, score_ceiling_of
 from .errors import BackendError, DynsegError, InvalidArgumentError, LatticeRangeError, one_line
-from .graph import DOMAIN, OUTPUTS, crf_nodes, graph_inputs, protobuf_memory, read_export
+from .graph import OUTPUTS, crf_nodes, graph_inputs, is_crf_node, protobuf_memory, read_export
 from .inputs import cuda_index
 
 
@@ -67,9 +72,11 @@ class _Session:
 
 @dataclass
 class _CrfNode:
-    """A dynseg::MeanFieldCRF node, run by the native kernels: its tensors' names, its attributes, and its
-    constant inputs (the CRF's weights), on the session's device."""
+    """A dynseg::MeanFieldCRF node, run by the native kernels: its name in the graph (which says whose CRF
+    it is), its tensors' names, its attributes, and its constant inputs (the CRF's weights), on the
+    session's device."""
 
+    name: str
     inputs: list[str]
     outputs: list[str]
     attributes: CrfAttributes
@@ -174,7 +181,7 @@ def _cut_at_crf_nodes(graph: onnx.GraphProto) -> list[_Part]:
     parts: list[_Part] = []
     standard_nodes: list[onnx.NodeProto] = []
     for node in graph.node:
-        if node.domain == DOMAIN:
+        if is_crf_node(node):  # read_export refused every other op of the domain
             parts += [standard_nodes, node]
             standard_nodes = []
         else:
@@ -219,7 +226,8 @@ def _partition(model: onnx.ModelProto, placement: _Placement, threads: int | Non
         if isinstance(part, onnx.NodeProto):
             constants = {n: placement.put(numpy_helper.to_array(initializers[n])) for n in part.input
                          if n in initializers}
-            steps.append(_CrfNode(list(part.input), list(part.output), CrfAttributes.of_node(part), constants))
+            steps.append(_CrfNode(part.name, list(part.input), list(part.output), CrfAttributes.of_node(part),
+                                  constants))
             continue
         produced = {name for node in part for name in node.output}
         consumed = [name for node in part for name in node.input if name]
@@ -258,11 +266,11 @@ def _native_view(value: ort.OrtValue, name: str, dtype: type) -> _native.DeviceA
     return _native.DeviceArray(int(value.data_ptr()), tuple(value.shape()), np.dtype(dtype))  # OrtValues are dense
 
 
-def _run_crf(step: _CrfNode, inputs: list[ort.OrtValue], placement: _Placement,
-             threads: int | None) -> list[ort.OrtValue]:
-    """One CRF node on the OrtValues of its inputs, on the backend's device (on the CPU with `threads`
-    threads, None: every core). Returns the node's two outputs: the logits (1, L, H, W) and the detection
-    scores (D,)."""
+def _mean_field(step: _CrfNode, inputs: list[ort.OrtValue], placement: _Placement,
+               threads: int | None) -> list[ort.OrtValue]:
+    """One CRF node's mean field on the OrtValues of its inputs, on the backend's device (on the CPU with
+    `threads` threads, None: every core). Returns the node's two outputs: the logits (1, L, H, W) and the
+    detection scores (D,), recalibrated where the node adds the detection potential."""
     values = [placement.host(value) for value in inputs] if placement.device_type == "cpu" else None
     try:
         if values is not None:
@@ -275,15 +283,14 @@ def _run_crf(step: _CrfNode, inputs: list[ort.OrtValue], placement: _Placement,
                       _native_view(detection_scores, step.outputs[1], np.float32), placement.device_id)
         return [logits, detection_scores]
     except LatticeRangeError as error:  # the image's size or colours, not what the network computed
-        raise LatticeRangeError(f"the model's CRF node for {step.outputs[0]} cannot take this image: {error}") \
-            from error
+        raise LatticeRangeError(f"the model's CRF node {step.name} cannot take this image: {error}") from error
     except InvalidArgumentError as error:  # its inputs are the network's: say so, or "unary" means nothing
         # (on the GPU the library's message names the possible causes itself: its inputs stay there; the
         # weights were found finite at load, by read_export)
         finite = values is None or np.isfinite(values[0]).all()
         cause = "" if finite else " (the network's output holds NaN or infinity)"
-        raise InvalidArgumentError(f"the model's CRF node for {step.outputs[0]} refused what the network computed "
-                                   f"from this image and its detections: {error}{cause}") from error
+        raise InvalidArgumentError(f"the model's CRF node {step.name} refused what the network computed from this "
+                                   f"image and its detections: {error}{cause}") from error
 
 
 def _cuda_views(step: _CrfNode, inputs: list[ort.OrtValue]) -> list[_native.DeviceArray]:
@@ -323,7 +330,7 @@ class OnnxRuntimeBackend:
             start = time.perf_counter()
             if isinstance(step, _CrfNode):
                 inputs = [step.constants[n] if n in step.constants else values[n] for n in step.inputs]
-                outputs = _run_crf(step, inputs, place, self._threads)
+                outputs = _mean_field(step, inputs, place, self._threads)
             else:
                 with _onnxruntime(doing):
                     binding = step.session.io_binding()

@@ -37,8 +37,8 @@ class TorchBackend:
     memory (`of_network`)."""
 
     def __init__(self, path: str | Path, *, device: str = "cpu"):
-        self.path: Path | None = Path(path)
-        _check_checkpoint_folder(self.path)
+        path = Path(path)
+        _check_checkpoint_folder(path)
         try:
             import torch
 
@@ -50,12 +50,12 @@ class TorchBackend:
             raise InvalidArgumentError(f"device {device!r}: this torch {torch.__version__} sees "
                                        f"{torch.cuda.device_count()} CUDA device(s)")
         try:
-            network = load_checkpoint(self.path).to(device)
+            network = load_checkpoint(path).to(device)
         except FileNotFoundError as error:
             raise InvalidArgumentError(str(error)) from None
         non_finite = first_non_finite_weight(network)
         if non_finite is not None:  # every image would fail in the CRFs, on what the network computed
-            raise InvalidArgumentError(f"checkpoint {self.path}: its weights hold NaN or infinity (first in "
+            raise InvalidArgumentError(f"checkpoint {path}: its weights hold NaN or infinity (first in "
                                        f"{non_finite}): it cannot segment anything; did its training diverge?")
         self._serve(network, device)
 
@@ -70,7 +70,6 @@ class TorchBackend:
             raise InvalidArgumentError(f"network must be a dynseg.trainer DynamicallyInstantiatedNetwork, got "
                                        f"{type(network).__name__}")
         backend = cls.__new__(cls)
-        backend.path = None
         backend._serve(network, str(next(network.parameters()).device))
         return backend
 

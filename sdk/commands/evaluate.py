@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InvalidArgumentError
-from ..graph import ENGINE_SUFFIXES
+from ..graph import ENGINE_SUFFIXES, metadata_of
 from .infer import keep_most_confident
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ def training_data_of(model: Path) -> dict | None:
             proto = onnx.load(str(model), load_external_data=False)
         except Exception:  # no model at all: the Segmenter that opens it next names the file
             return None
-        metadata = {entry.key: entry.value for entry in proto.metadata_props}
+        metadata = metadata_of(proto)
         try:
             record = json.loads(metadata["training_data"]) if "training_data" in metadata else None
         except ValueError as error:

@@ -269,7 +269,7 @@ def test_thetas_too_small_for_an_image_raise_a_lattice_range_error_through_eithe
     path = export_onnx(network, tmp_path / "model.onnx")
     no_detections = np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, np.float32)
     for segmenter in (Segmenter(path), Segmenter.of_network(network)):
-        with segmenter, pytest.raises(LatticeRangeError, match=r"^the model('s CRF node for \S+)? cannot take this "
+        with segmenter, pytest.raises(LatticeRangeError, match=r"^the model('s CRF node \S+)? cannot take this "
                                                                     r"image: .*theta_xy = 0.001 is too small"):
             segmenter.segment(np.zeros((1, 3000, 3), np.uint8), *no_detections)
 

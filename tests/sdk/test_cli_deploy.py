@@ -512,9 +512,9 @@ def test_the_cuda_branch_takes_the_arrays_onnxruntime_hands_the_crf_nodes(export
     from dynseg.sdk import _native, crf_node, onnx_backend
 
     seen = []
-    run_crf = onnx_backend._run_crf
-    monkeypatch.setattr(onnx_backend, "_run_crf", lambda step, inputs, *rest: seen.append((step, inputs))
-                        or run_crf(step, inputs, *rest))
+    mean_field = onnx_backend._mean_field
+    monkeypatch.setattr(onnx_backend, "_mean_field", lambda step, inputs, *rest: seen.append((step, inputs))
+                        or mean_field(step, inputs, *rest))
     image = np.ascontiguousarray(samples.load("coffee")[:64, :96])
     boxes = np.array([[5, 5, 40, 30], [10, 20, 70, 60]], np.float32)
     Segmenter(exported[1]).segment(image, boxes, [1, 3], [0.9, 0.6])
