@@ -18,6 +18,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, cast, get_args
 
@@ -275,11 +276,17 @@ def _given(context: typer.Context, *names: str) -> list[str]:
             if (source := context.get_parameter_source(name)) is not None and source.name == "COMMANDLINE"]
 
 
+def _choice(value: str, choices: Sequence[str], option: str) -> None:
+    """Refuses `value` of `option` unless it is one of `choices` (checked here rather than by typer's
+    Choice, so that a choice that needs torch is checked only once torch is known to be there)."""
+    if value not in choices:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}", param_hint=option)
+
+
 def _check_dataset(dataset: str) -> None:
     from dynseg.trainer.data.sources import DATASETS
 
-    if dataset not in DATASETS:
-        raise typer.BadParameter(f"{dataset!r} is not one of {', '.join(DATASETS)}", param_hint="--dataset")
+    _choice(dataset, DATASETS, "--dataset")
 
 
 def _refuse_synthetic_options(context: typer.Context, dataset: str, source: str | None = None) -> None:
@@ -350,15 +357,12 @@ def train(
     images/s, held-out metrics).
     """
     _torch_or_fail("dynseg train")
-    if mode not in ("piecewise", "end-to-end"):
-        raise typer.BadParameter(f"{mode!r} is not one of piecewise, end-to-end", param_hint="--mode")
+    _choice(mode, ("piecewise", "end-to-end"), "--mode")
     if not (math.isfinite(learning_rate) and learning_rate >= 0):  # click's range lets NaN through, misnamed
         raise typer.BadParameter(f"must be a finite number >= 0, got {learning_rate}", param_hint="--lr")
     from dynseg.trainer.backbones import BackboneName
 
-    backbones = get_args(BackboneName)  # checked before the data opens, named as the option
-    if backbone not in backbones:
-        raise typer.BadParameter(f"{backbone!r} is not one of {', '.join(backbones)}", param_hint="--backbone")
+    _choice(backbone, get_args(BackboneName), "--backbone")  # before the data opens
     _refuse_synthetic_options(context, dataset)
     _check_out_folder(out / "semantic", "--out")  # stage 1's checkpoint, before the data and network are made
     if semantic_steps == instance_steps == 0:
@@ -440,8 +444,7 @@ def evaluate_command(
 
     from .commands import evaluate as evaluation
 
-    if protocol not in PROTOCOLS:
-        raise typer.BadParameter(f"{protocol!r} is not one of {', '.join(PROTOCOLS)}", param_hint="--protocol")
+    _choice(protocol, PROTOCOLS, "--protocol")
     recorded = TRAINING_DATA if model.is_dir() else "its metadata"
     try:
         trained_on = read_training_data(model) if model.is_dir() else evaluation.training_data_of(model)
@@ -522,8 +525,7 @@ def _segmenter(model: Path, backend: str, device: str):
     from .segmenter import BACKENDS, Segmenter
 
     _check_device(device)
-    if backend not in BACKENDS:
-        raise typer.BadParameter(f"{backend!r} is not one of {', '.join(BACKENDS)}", param_hint="--backend")
+    _choice(backend, BACKENDS, "--backend")
     try:
         return Segmenter(model, backend=cast("Backend", backend), device=device)
     except DynsegError as error:
@@ -588,7 +590,7 @@ def _parse_counts(text: str) -> list[int]:
 def export(
     context: typer.Context,
     checkpoint: Path = typer.Argument(..., exists=True, file_okay=False, help="Folder written by dynseg train."),
-    format: str = typer.Option("onnx", "--format", help="onnx, or engine (TensorRT: needs TensorRT and a GPU)."),
+    kind: str = typer.Option("onnx", "--format", help="onnx, or engine (TensorRT: needs TensorRT and a GPU)."),
     out: Path = typer.Option(..., "--out", dir_okay=False, help="The file to write, e.g. model.onnx or model.engine."),
     max_detections: int = typer.Option(
         DEFAULT_MAX_DETECTIONS, "--max-detections", min=1, max=MAX_DETECTIONS,
@@ -613,15 +615,14 @@ def export(
 ) -> None:
     """Export a checkpoint for deployment: ONNX with the dynseg::MeanFieldCRF op (docs/ops.md), or a
     TensorRT engine built from it with the dynseg plugin (docs/tensorrt.md)."""
-    if format not in ("onnx", "engine"):
-        raise typer.BadParameter(f"{format!r} is not one of onnx, engine", param_hint="--format")
+    _choice(kind, ("onnx", "engine"), "--format")
     engine_only = ("min_detections", "opt_detections", "min_size", "opt_size", "max_size", "fp16", "workspace")
     given = _given(context, *engine_only)
-    if format == "onnx" and given:  # an ONNX file has no profile: the options would be dropped silently
+    if kind == "onnx" and given:  # an ONNX file has no profile: the options would be dropped silently
         raise typer.BadParameter(f"options of a TensorRT engine ({', '.join(given)}) given for --format onnx: give "
                                  "--format engine, or leave them out",
                                  param_hint="--format")
-    if format == "onnx" and out.suffix != ".onnx":  # Segmenter tells a model's kind by its suffix
+    if kind == "onnx" and out.suffix != ".onnx":  # Segmenter tells a model's kind by its suffix
         raise typer.BadParameter(f"an ONNX export is a .onnx file (an engine, --format engine, a .engine), got {out}",
                                  param_hint="--out")
     largest = _size(max_size, "--max-size")
@@ -631,7 +632,7 @@ def export(
         _at_least(_at_most(DEFAULT_ENGINE_SIZES[1], largest), given_min or (1, 1))
     smallest = given_min or _at_most(DEFAULT_ENGINE_SIZES[0], optimum)
     sizes = (smallest, optimum, largest)
-    if format == "engine":  # before the export, so a bad profile costs no export
+    if kind == "engine":  # before the export, so a bad profile costs no export
         if out.suffix not in ENGINE_SUFFIXES:
             raise typer.BadParameter(f"an engine is a .engine or .plan file (the .onnx goes beside it), got {out}",
                                      param_hint="--out")
@@ -663,13 +664,13 @@ def export(
     except (FileNotFoundError, DynsegError) as error:
         raise _fail(str(error)) from error
     _warn_if_unfinished(checkpoint)
-    if format == "engine":  # the sizes again with the model's label count, still before the export
+    if kind == "engine":  # the sizes again with the model's label count, still before the export
         try:
             make_profile(detections, sizes, max_detections=max_detections, labels=len(model.config.class_names) + 1)
         except InvalidArgumentError as error:
             raise typer.BadParameter(str(error), param_hint="--max-size")
     _make_folder(out.parent, "--out", out)
-    onnx_path = out if format == "onnx" else out.with_suffix(".onnx")
+    onnx_path = out if kind == "onnx" else out.with_suffix(".onnx")
     try:
         path = export_onnx(model, onnx_path, max_detections=max_detections, training_data=trained_on)
     except DynsegError as error:
@@ -678,7 +679,7 @@ def export(
         raise _fail(f"cannot write {onnx_path}: {error.strerror or error}") from error
     typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {len(model.config.class_names)} classes, "
                f"up to {max_detections} detections)")
-    if format == "onnx":
+    if kind == "onnx":
         typer.echo(f"next: dynseg validate {path} --checkpoint {checkpoint}")
         return
     try:
