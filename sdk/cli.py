@@ -568,6 +568,16 @@ def _size_text(size: tuple[int, int]) -> str:
     return f"{size[0]}x{size[1]}"
 
 
+def _engine_sizes(min_size: str | None, opt_size: str | None, max_size: str) -> tuple[tuple[int, int], ...]:
+    """An engine profile's (min, opt, max) image sizes from export's options: unless given, the opt size
+    lies between the others as a profile needs, and the min size below it."""
+    largest = _size(max_size, "--max-size")
+    given_min = _size(min_size, "--min-size") if min_size is not None else None
+    optimum = _size(opt_size, "--opt-size") if opt_size is not None else \
+        _at_least(_at_most(DEFAULT_ENGINE_SIZES[1], largest), given_min or (1, 1))
+    return given_min or _at_most(DEFAULT_ENGINE_SIZES[0], optimum), optimum, largest
+
+
 def _parse_sizes(text: str) -> list[tuple[int, int]]:
     # bench makes each image in memory, as synthetic training scenes are: the same bound
     return [_size(part, "--sizes", minimum=8, maximum=defaults.MAX_IMAGE_SIDE) for part in text.split(",")]
@@ -625,13 +635,7 @@ def export(
     if kind == "onnx" and out.suffix != ".onnx":  # Segmenter tells a model's kind by its suffix
         raise typer.BadParameter(f"an ONNX export is a .onnx file (an engine, --format engine, a .engine), got {out}",
                                  param_hint="--out")
-    largest = _size(max_size, "--max-size")
-    given_min = _size(min_size, "--min-size") if min_size is not None else None
-    # unless given, the opt size and D lie between the others as a profile needs, and the min size below
-    optimum = _size(opt_size, "--opt-size") if opt_size is not None else \
-        _at_least(_at_most(DEFAULT_ENGINE_SIZES[1], largest), given_min or (1, 1))
-    smallest = given_min or _at_most(DEFAULT_ENGINE_SIZES[0], optimum)
-    sizes = (smallest, optimum, largest)
+    sizes = _engine_sizes(min_size, opt_size, max_size)
     if kind == "engine":  # before the export, so a bad profile costs no export
         if out.suffix not in ENGINE_SUFFIXES:
             raise typer.BadParameter(f"an engine is a .engine or .plan file (the .onnx goes beside it), got {out}",
@@ -639,6 +643,7 @@ def export(
         from dynseg.export.engine import (EngineError, build_engine, default_detections, import_tensorrt,
                                           make_profile, plugin_library_path)
 
+        # unless given, the opt D lies between the others as a profile needs
         opt = opt_detections if opt_detections is not None else \
             max(min_detections, default_detections(max_detections)[1])
         detections = (min_detections, opt, max_detections)
