@@ -125,9 +125,9 @@ def test_voc_refuses_a_16_bit_image_instead_of_clipping_it(tmp_path):
 def test_voc_reads_a_split_list_saved_with_a_byte_order_mark(tmp_path):
     root = write_voc(tmp_path)
     split = root / "ImageSets" / "Segmentation" / "val.txt"
-    plain = VocInstances(tmp_path, "val").ids
+    plain = VocInstances(tmp_path, "val").image_ids
     split.write_bytes(b"\xef\xbb\xbf" + split.read_bytes())  # what some Windows editors save
-    assert VocInstances(tmp_path, "val").ids == plain
+    assert VocInstances(tmp_path, "val").image_ids == plain
 
 
 def test_voc_refuses_a_split_list_that_names_an_image_twice(tmp_path):

@@ -70,22 +70,22 @@ class SbdInstances:
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: SBD dataset folder not found")
         self.split = split
-        self.ids: tuple[str, ...] = read_id_list(self.root / f"{split}.txt", self.root)
+        self.image_ids: tuple[str, ...] = read_id_list(self.root / f"{split}.txt", self.root)
         """Image ids (file stems) in the split list's order."""
         for folder, suffix in (("img", ".jpg"), ("cls", ".mat"), ("inst", ".mat")):
-            require_files(self.root / folder, (image_id + suffix for image_id in self.ids))
+            require_files(self.root / folder, (image_id + suffix for image_id in self.image_ids))
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.image_ids)
 
     def _image_path(self, index: int) -> Path:
-        return self.root / "img" / f"{self.ids[check_index(index, len(self.ids))]}.jpg"
+        return self.root / "img" / f"{self.image_ids[check_index(index, len(self.image_ids))]}.jpg"
 
     def image_shape(self, index: int) -> tuple[int, int]:
         return read_image_shape(self._image_path(index))
 
     def __getitem__(self, index: int) -> LabelledSample:
-        image_id = self.ids[check_index(index, len(self.ids))]
+        image_id = self.image_ids[check_index(index, len(self.image_ids))]
         image = read_rgb(self._image_path(index))
         shape = image.shape[:2]
         cls_path, inst_path = self.root / "cls" / f"{image_id}.mat", self.root / "inst" / f"{image_id}.mat"

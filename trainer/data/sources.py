@@ -91,10 +91,8 @@ def open_dataset(
 
 def image_ids(dataset: Samples) -> tuple[Hashable, ...]:
     """The id of every image of `dataset` as results files name them (see the module docstring)."""
-    if isinstance(dataset, (CocoInstances, CityscapesInstances)):
+    if isinstance(dataset, (CocoInstances, CityscapesInstances, VocInstances, SbdInstances)):
         return dataset.image_ids
-    if isinstance(dataset, (VocInstances, SbdInstances)):
-        return dataset.ids
     return tuple(range(len(dataset)))
 
 

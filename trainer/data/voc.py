@@ -66,22 +66,22 @@ class VocInstances:
         self.root = _voc2012_folder(Path(root))
         self.split = split
         lists = self.root / "ImageSets" / "Segmentation"
-        self.ids: tuple[str, ...] = read_id_list(lists / f"{split}.txt", lists)
+        self.image_ids: tuple[str, ...] = read_id_list(lists / f"{split}.txt", lists)
         """Image ids (file stems) in the split list's order."""
         for folder, suffix in (("JPEGImages", ".jpg"), ("SegmentationClass", ".png"), ("SegmentationObject", ".png")):
-            require_files(self.root / folder, (image_id + suffix for image_id in self.ids))
+            require_files(self.root / folder, (image_id + suffix for image_id in self.image_ids))
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.image_ids)
 
     def _image_path(self, index: int) -> Path:
-        return self.root / "JPEGImages" / f"{self.ids[check_index(index, len(self.ids))]}.jpg"
+        return self.root / "JPEGImages" / f"{self.image_ids[check_index(index, len(self.image_ids))]}.jpg"
 
     def image_shape(self, index: int) -> tuple[int, int]:
         return read_image_shape(self._image_path(index))
 
     def __getitem__(self, index: int) -> LabelledSample:
-        image_id = self.ids[check_index(index, len(self.ids))]
+        image_id = self.image_ids[check_index(index, len(self.image_ids))]
         image = read_rgb(self._image_path(index))
         class_path = self.root / "SegmentationClass" / f"{image_id}.png"
         object_path = self.root / "SegmentationObject" / f"{image_id}.png"
