@@ -17,6 +17,7 @@ its evaluation bind the library through it too.
 from __future__ import annotations
 
 import ctypes
+import math
 import mmap
 import platform
 import signal
@@ -109,7 +110,7 @@ class DeviceArray:
         InvalidArgumentError naming `name` otherwise."""
         try:
             interface = getattr(array, "__cuda_array_interface__", None)
-        except RuntimeError as error:  # torch refuses a tensor that requires grad
+        except (RuntimeError, TypeError) as error:  # torch refuses a tensor that requires grad
             raise InvalidArgumentError(f"{name}: {error}") from None
         if not isinstance(interface, dict):
             raise InvalidArgumentError(
@@ -120,9 +121,11 @@ class DeviceArray:
             found = tuple(interface["shape"])
             found_dtype = np.dtype(interface["typestr"])
             pointer, read_only = interface["data"]
+            strides = None if interface.get("strides") is None else tuple(interface["strides"])
         except (KeyError, TypeError, ValueError) as error:
             raise InvalidArgumentError(f"{name} has a malformed __cuda_array_interface__ ({error!r}): it needs shape, "
-                                       "typestr and data (pointer, read-only flag)") from None
+                                       "typestr and data (pointer, read-only flag), and strides None or a tuple") \
+                from None
         if not all(is_int(n) and n >= 0 for n in found):
             raise InvalidArgumentError(f"{name}'s __cuda_array_interface__ has shape {found}: sizes must be ints >= 0")
         found = tuple(int(n) for n in found)
@@ -136,16 +139,15 @@ class DeviceArray:
             raise InvalidArgumentError(f"{name} must not be a masked array")
         if written and read_only:
             raise InvalidArgumentError(f"{name} is read-only, and the result is written into it")
-        strides = interface.get("strides")
-        if strides is not None and not _c_contiguous(found, tuple(strides), np.dtype(dtype).itemsize):
-            raise InvalidArgumentError(f"{name} must be C-contiguous, got strides {tuple(strides)} for shape {found}")
+        if strides is not None and not _c_contiguous(found, strides, np.dtype(dtype).itemsize):
+            raise InvalidArgumentError(f"{name} must be C-contiguous, got strides {strides} for shape {found}")
         if shape is not None and found != shape:
             raise InvalidArgumentError(f"{name} must have shape {shape}, got {found}")
         return cls(pointer, found, np.dtype(dtype))
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)  # exact: numpy's int64 product wraps for huge shapes
 
     @property
     def ndim(self) -> int:
@@ -315,13 +317,15 @@ def cuda_device_count() -> int:
     return int(library().dynseg_cuda_device_count())
 
 
-def check_cuda_device(device: int) -> None:
-    """Raises a clear error unless CUDA device `device` is usable by the native library."""
+def check_cuda_device(device: int, caller: str | None = None) -> None:
+    """Raises a clear error unless CUDA device `device` is usable by the native library: one naming the
+    `device` argument, or `caller` (a function that takes no such argument, as dense_crf_cuda)."""
     if not cuda_compiled():
+        wants = caller or "device='cuda'"
         raise InvalidArgumentError(
-            "device='cuda' needs the CUDA kernels, but this dynseg native library was built without CUDA "
-            "(no nvcc at install time, one older than CUDA 11.8, or DYNSEG_CUDA=OFF): install the CUDA toolkit "
-            "11.8 or newer and reinstall dynseg"
+            f"{wants} needs the CUDA kernels, but this dynseg native "
+            "library was built without CUDA (no nvcc at install time, one older than CUDA 11.8, or DYNSEG_CUDA=OFF): "
+            "install the CUDA toolkit 11.8 or newer and reinstall dynseg"
         )
     count = cuda_device_count()
     if not 0 <= device < count:
@@ -332,7 +336,8 @@ def check_cuda_device(device: int) -> None:
             # anything else is a stale one of an earlier call)
             detail = f"; {reason}" if reason.startswith("cudaGetDeviceCount failed") else ""
             why = f" (no GPU or no NVIDIA driver on this machine{detail})"
-        raise InvalidArgumentError(f"device='cuda:{device}' but the native library sees {count} CUDA device(s){why}")
+        asked = f"{caller} needs a GPU," if caller else f"device='cuda:{device}'"
+        raise InvalidArgumentError(f"{asked} but the native library sees {count} CUDA device(s){why}")
 
 
 def _check(status: int) -> None:
@@ -430,8 +435,9 @@ def _pointer(array: np.ndarray | DeviceArray | None, dtype: type = np.float32):
         if array.dtype != dtype:
             raise NativeError(f"internal: a {array.dtype} device array where the library reads {np.dtype(dtype)}")
         return ctypes.cast(ctypes.c_void_p(array.pointer), c_type)
-    if array.dtype != dtype or not array.flags.c_contiguous:
-        raise NativeError(f"internal: arrays handed to the native library must be contiguous {np.dtype(dtype)}")
+    if array.dtype != dtype or not array.flags.c_contiguous or not array.flags.aligned:
+        raise NativeError(f"internal: arrays handed to the native library must be contiguous, aligned "
+                          f"{np.dtype(dtype)}")
     return array.ctypes.data_as(c_type)
 
 
@@ -704,6 +710,8 @@ class CudaBuffer:
     """Device memory from the native library, freed with the object (for callers without an allocator)."""
 
     def __init__(self, nbytes: int):
+        if not 0 <= nbytes <= ADDRESS_MAX:  # ctypes would wrap it into a size the library allocates
+            raise NativeError(f"internal: a device buffer of {nbytes} bytes")
         pointer = ctypes.c_void_p()
         _check(library().dynseg_cuda_malloc(max(int(nbytes), 1), ctypes.byref(pointer)))
         self.pointer = int(pointer.value or 0)

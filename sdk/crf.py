@@ -12,6 +12,7 @@ docs/crf.md; the readable PyTorch definition is dynseg.trainer.crf.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Literal
@@ -98,8 +99,9 @@ def _check_unary(unary: object) -> np.ndarray:
     if unary.dtype != np.float32:
         raise InvalidArgumentError(f"unary must be float32 logits, got dtype {unary.dtype}")
     _check_unary_shape(unary.shape)
-    # finiteness is checked by the native library, which scans the values anyway
-    return np.ascontiguousarray(unary)
+    # finiteness is checked by the native library, which scans the values anyway; a float32 view of a
+    # byte buffer may sit off a 4-byte boundary, which the kernels' float loads assume: copied then
+    return np.require(unary, requirements=["C", "A"])
 
 
 def _check_image(image: object, height: int, width: int) -> np.ndarray | None:
@@ -216,7 +218,11 @@ class CudaArray:
         if not isinstance(shape, (tuple, list)):
             raise InvalidArgumentError(f"shape must be a tuple of ints, got {type(shape).__name__}")
         self.shape = tuple(int_in(f"shape[{axis}]", n, 0) for axis, n in enumerate(shape))
-        self._buffer = _native.CudaBuffer(4 * int(np.prod(self.shape, dtype=np.int64)))
+        nbytes = 4 * math.prod(self.shape)  # exact: numpy's int64 product wraps for huge shapes
+        if nbytes > _native.ADDRESS_MAX:
+            raise InvalidArgumentError(f"shape {self.shape} holds {nbytes} bytes of float32, more than an address "
+                                       "space")
+        self._buffer = _native.CudaBuffer(nbytes)
 
     @property
     def __cuda_array_interface__(self) -> dict:
@@ -239,7 +245,9 @@ def dense_crf_cuda(
     `__cuda_array_interface__`: torch CUDA tensors, CuPy arrays, `CudaArray`).
 
     Runs on the current CUDA device, which must hold the arrays, and on `stream` (a cudaStream_t
-    address; 0 = the legacy default stream; torch: torch.cuda.current_stream().cuda_stream). Returns
+    address; 0 = the legacy default stream; torch: torch.cuda.current_stream().cuda_stream), which must
+    be the stream that wrote them or one ordered after it: dynseg does not wait on the stream an
+    array's `__cuda_array_interface__` names (version 3's "stream"). Returns
     after the stream has finished the call (it checks the lattices were built). The calling thread
     keeps its device workspace for its next calls on that device (`free_scratch` frees it).
 
@@ -265,7 +273,7 @@ def dense_crf_cuda(
         if image_array.ndim != 3 or image_array.shape[1:] != (height, width):
             raise InvalidArgumentError(f"image must have shape (C, {height}, {width}), got {image_array.shape}")
     stream = int_in("stream", stream, 0, _native.ADDRESS_MAX, rule="a cudaStream_t address (an int >= 0)")
-    _native.check_cuda_device(0)  # a usable GPU at all, before asking which one is current
+    _native.check_cuda_device(0, caller="dense_crf_cuda")  # a usable GPU at all, before asking which is current
     device = _native.current_cuda_device()
     result = CudaArray(unary_array.shape) if out is None else out
     out_array = _native.DeviceArray.of(result, "out", shape=unary_array.shape, written=True)

@@ -205,7 +205,7 @@ def run_node(inputs: Sequence[np.ndarray], attributes: CrfAttributes,
     detection scores (D,)."""
     node_inputs = CrfInputs.of(inputs)
     _check_shapes(node_inputs)
-    arrays = CrfInputs(*[np.ascontiguousarray(a) for a in node_inputs])
+    arrays = CrfInputs(*[np.require(a, requirements=["C", "A"]) for a in node_inputs])  # the kernels' layout
     for name, array in zip(CrfInputs._fields, arrays):
         # a cast would truncate a float label or wrap a uint64 one without a word
         if array.dtype != CrfInputs.dtype(name):
@@ -229,6 +229,10 @@ def run_node_cuda(inputs: Sequence[_native.DeviceArray], attributes: CrfAttribut
     node_inputs = CrfInputs.of(inputs)
     _check_shapes(node_inputs)
     unary, scores = cast(_native.DeviceArray, node_inputs.unary), cast(_native.DeviceArray, node_inputs.scores)
+    for name, output, like in (("logits", logits, unary), ("detection_scores", detection_scores, scores)):
+        if output.shape != like.shape or output.dtype != np.float32:  # the copies below write that many bytes
+            raise InvalidArgumentError(f"{name} must be float32 of shape {like.shape}, got {output.dtype} "
+                                       f"{output.shape}")
     _native.set_cuda_device(device)
     if nothing_to_infer(unary.shape[1], attributes.iterations):
         _native.copy_on_device(logits.pointer, unary.pointer, 4 * unary.size)

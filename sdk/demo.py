@@ -15,7 +15,7 @@ import numpy as np
 from . import _native, samples
 from .crf import check_iterations, check_threads, dense_crf
 from .errors import InvalidArgumentError
-from .files import write_png_whole
+from .files import named_path, write_png_whole
 from .inputs import load_image
 
 __all__ = ["run", "OUTPUT_NAME"]
@@ -40,7 +40,7 @@ def _load_image(image: str | Path | None) -> tuple[np.ndarray, str]:
     """(H, W, 3) uint8 RGB and a display name; None means the shipped coffee photo."""
     if image is None:
         return samples.load("coffee"), "coffee (shipped sample)"
-    return load_image(Path(image)), str(image)  # the SDK's refusals: 16-bit and float files, unreadable ones
+    return load_image(image), str(image)  # the SDK's refusals: no path, 16-bit and float files, unreadable ones
 
 
 def _downsample(photo: np.ndarray, factor: int) -> np.ndarray:
@@ -112,7 +112,7 @@ def run(
     iterations = check_iterations(iterations)
     n_threads = check_threads(threads)
     photo, name = _load_image(image)
-    out = Path(out_dir)
+    out = named_path(out_dir, "out_dir")
     if out.exists() and not out.is_dir():
         raise InvalidArgumentError(f"out_dir {str(out)!r} exists and is not a folder")
 

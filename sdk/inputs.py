@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, NamedTuple, Union
 import numpy as np
 from numpy.typing import ArrayLike
 
-from .checks import FLOAT32_MAX, array_of, int_in
+from .checks import FLOAT32_MAX, array_of, finite_float32, int_in, positive_in_float32
 from .errors import DetectionsDroppedWarning, InvalidArgumentError
 from .files import check_regular_file, named_path
 
@@ -237,6 +237,12 @@ def check_detections(
     num_classes = int_in("num_classes", num_classes, 1)
     if max_detections is not None:
         max_detections = int_in("max_detections", max_detections, 1)
+    if score_ceiling is not None:
+        ceiling = finite_float32(score_ceiling)
+        if ceiling is None or not positive_in_float32(ceiling):
+            raise InvalidArgumentError(f"score_ceiling must be a number > 0 that float32 holds, or None, got "
+                                       f"{score_ceiling!r}")
+        score_ceiling = ceiling
 
     boxes_in = _numeric_array("boxes", boxes)
     if boxes_in.shape == (0,):  # [] or np.array([]): no detections

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from dynseg.sdk import InvalidArgumentError, _native, dense_crf, dense_crf_cuda
+from dynseg.sdk import InvalidArgumentError, NativeError, _native, dense_crf, dense_crf_cuda
 from dynseg.sdk.crf import CudaArray
 from dynseg.trainer.crf import dense_crf_reference
 
@@ -574,6 +574,47 @@ class _GpuUnary:
                                 "version": 3}
 
 
+@pytest.mark.skipif(_native.cuda_device_count() > 0, reason="this machine has a GPU")
+def test_dense_crf_cuda_without_a_gpu_names_itself_not_a_device_argument_it_lacks():
+    with pytest.raises(InvalidArgumentError, match=r"^dense_crf_cuda needs (a GPU, but the native library sees 0 "
+                                                   r"CUDA device|the CUDA kernels, but this dynseg native library)"):
+        dense_crf_cuda(_GpuUnary(), None, bilateral=None)
+
+
+class _Interface:
+    def __init__(self, interface):
+        self._interface = interface
+
+    @property
+    def __cuda_array_interface__(self):
+        if isinstance(self._interface, Exception):
+            raise self._interface
+        return self._interface
+
+
+@pytest.mark.parametrize("interface, message", [
+    ({**_GpuUnary.__cuda_array_interface__, "strides": 5}, "malformed __cuda_array_interface__"),
+    ({**_GpuUnary.__cuda_array_interface__, "strides": (4, 4)}, "must be C-contiguous, got strides"),
+    (TypeError("no interface for you"), "unary: no interface for you"),
+    ({**_GpuUnary.__cuda_array_interface__, "data": (4096,)}, "malformed __cuda_array_interface__"),
+])
+def test_a_malformed_cuda_array_interface_is_named(interface, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        _native.DeviceArray.of(_Interface(interface), "unary")
+
+
+def test_a_unary_off_a_4_byte_boundary_reaches_the_kernels_aligned(smooth_image, smooth_unary):
+    # a float32 view of a byte buffer at an odd offset: the kernels' float loads assume alignment
+    unary, image = smooth_unary(3, 9, 11), smooth_image(9, 11)
+    buffer = np.zeros(unary.nbytes + 1, np.uint8)
+    misaligned = buffer[1:].view(np.float32).reshape(unary.shape)
+    misaligned[...] = unary
+    assert not misaligned.flags.aligned
+    np.testing.assert_array_equal(dense_crf(misaligned, image), dense_crf(unary, image))
+    with pytest.raises(NativeError, match="contiguous, aligned float32"):
+        _native._pointer(misaligned)
+
+
 @pytest.mark.parametrize("stream", [-1, 2**64, True, 1.0, "0"])
 def test_a_stream_that_is_no_address_is_named_before_any_gpu_is_asked_for(stream):
     # ctypes would have wrapped 2**64 to 0, the legacy default stream, without a word
@@ -586,6 +627,9 @@ def test_a_stream_that_is_no_address_is_named_before_any_gpu_is_asked_for(stream
     ((2.5, 3), r"^shape\[0\] must be a non-negative int, got 2.5$"),  # else silently (2, 3)
     ((2, "3"), r"^shape\[1\] must be a non-negative int, got '3'$"),
     (6, r"^shape must be a tuple of ints, got int$"),
+    # numpy's int64 product wraps these to 0 and to a negative: a 1-byte buffer posing as the shape
+    ((2**31, 2**31, 4), r"holds 73786976294838206464 bytes of float32, more than an address space"),
+    ((2**62, 3), r"more than an address space"),
 ])
 def test_a_cuda_array_of_a_bad_shape_is_refused_before_any_allocation(shape, message):
     with pytest.raises(InvalidArgumentError, match=message):

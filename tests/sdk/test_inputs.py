@@ -331,6 +331,12 @@ def test_more_detections_than_the_model_takes_raise_its_limit() -> None:
     assert len(check(boxes, max_detections=None)) == len(boxes)  # no limit: training data
 
 
+@pytest.mark.parametrize("ceiling", [float("nan"), "1", -1.0, 0.0, True, 1e39])
+def test_a_score_ceiling_that_is_no_positive_float32_is_named(ceiling) -> None:
+    with pytest.raises(InvalidArgumentError, match="score_ceiling must be a number > 0"):
+        check([[0, 0, 5, 5]], score_ceiling=ceiling)
+
+
 @pytest.mark.parametrize("option", ["height", "width", "num_classes", "max_detections"])
 @pytest.mark.parametrize("value", [0, -1, 2.0, True])
 def test_bad_sizes_and_limits_are_named(option: str, value: object) -> None:
