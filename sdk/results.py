@@ -23,7 +23,7 @@ from .errors import InvalidArgumentError
 from .checks import finite_float32, int_in, is_int
 from .inputs import Detections, DroppedDetection
 
-__all__ = ["Instance", "SegmentationResult", "build_result", "instance_colours"]
+__all__ = ["Instance", "SegmentationResult", "build_result", "instance_colours", "instance_winners"]
 
 _GOLDEN = 0.618033988749895  # hue step: consecutive instances land far apart on the colour wheel
 _OUTLINE_SHADE = 0.55  # outlines are the instance's colour darkened, drawn opaque
@@ -97,8 +97,9 @@ class SegmentationResult:
     instance_map: int32 (H, W); 0 = background, i = instances[i-1]. Labels whose logits are within
         TIE_TOLERANCE x max(1, |largest|) of a pixel's largest tie there, and the pixel goes to the
         background if it ties, else to the tying detection of the highest score (the earliest of equal
-        scores). Detections of one class tie exactly wherever only the global term speaks for them
-        (outside their boxes), so the caller's order of the detections changes no mask, only the numbers.
+        scores; `instance_winners`). Detections of one class can tie exactly (in the unary, wherever only
+        the global term speaks for them, outside their boxes), so without this rule the caller's order of
+        the detections would move pixels; with it, the order changes no mask, only the numbers.
     semantic_map: int32 (H, W); argmax of the semantic probabilities (ties, with the same tolerance, to the
         lowest class), 0 = background, 1..K classes.
     instances: the N instances in detection order (ids 1..N).
@@ -209,10 +210,7 @@ def build_result(
     height, width = _check_result_inputs(image, instance_logits, semantic_probabilities, detections, class_names)
     count = len(detections)
 
-    # a tie goes to the background, then to the more confident detection: the order of equally likely
-    # detections is the caller's accident, their scores are not
-    by_confidence = 1 + np.argsort(-detections.scores, kind="stable")
-    winner = _argmax_planes(instance_logits, preference=np.concatenate([[0], by_confidence]))  # (H, W) in 0..D'
+    winner = instance_winners(instance_logits, detections.scores)  # (H, W) in 0..D'
     pixels = np.bincount(winner.ravel(), minlength=count + 1)  # (D'+1,)
     present = np.flatnonzero(pixels[1:]) + 1  # label = kept index + 1, ascending = detection order
     renumber = np.zeros(count + 1, np.int32)
@@ -258,6 +256,16 @@ def build_result(
 # bits by their place in the tensor, so two identical detections' logits drift apart, and an exact argmax
 # split them into an instance and slivers on onnxruntime but not on torch.
 TIE_TOLERANCE = 1e-5
+
+
+def instance_winners(instance_logits: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Each pixel's label (H, W) in 0..D of finite (D+1, H, W) instance logits, for detections of (D,)
+    `scores`: the argmax, where a tie (within TIE_TOLERANCE) goes to the background, else to the higher
+    score, else to the earlier detection (docs/algorithm.md §6). The instance map, and the predicted
+    segments the training loss matches the ground truth to."""
+    # the order of equally likely detections is the caller's accident, their scores are not
+    by_confidence = 1 + np.argsort(-np.asarray(scores), kind="stable")
+    return _argmax_planes(instance_logits, preference=np.concatenate([[0], by_confidence]))
 
 
 def _argmax_planes(planes: np.ndarray, dtype: type = np.intp, preference: np.ndarray | None = None) -> np.ndarray:

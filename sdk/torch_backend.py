@@ -84,8 +84,7 @@ class TorchBackend:
         self.class_names: tuple[str, ...] = tuple(network.config.class_names)
         self.max_detections = TORCH_MAX_DETECTIONS
         self.weights_fingerprint: str | None = weights_fingerprint(network)
-        semantic = network.config.semantic_crf
-        self.score_ceiling = semantic.score_ceiling if semantic is not None and semantic.detection_potential else 1.0
+        self.score_ceiling = network.config.score_ceiling
 
     def run(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray, *,
             timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:

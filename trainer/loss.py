@@ -3,8 +3,9 @@ semantic cross-entropy of stage 1 (also usable as an auxiliary term).
 
 The instance CRF's labels are detections, in the detector's order, so the ground-truth instance ids
 mean nothing to it. The ground truth is therefore relabelled to best match the prediction: a maximum-
-weight bipartite matching between predicted segments (the argmax of the instance logits, one per
-detection) and ground-truth instances, weight = IoU when the classes agree and 0 otherwise (scipy's
+weight bipartite matching between predicted segments (one per detection, the instance map deployment
+outputs: `dynseg.sdk.results.instance_winners`, the argmax with its ties broken by the scores) and
+ground-truth instances, weight = IoU when the classes agree and 0 otherwise (scipy's
 linear_sum_assignment), void pixels counted in neither segment (as the Matching IoU metric counts
 them). Each matched ground-truth instance's pixels then take its detection's label;
 background stays 0. Pixels of ground-truth instances matched to nothing have no correct label among
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dynseg.sdk.errors import InvalidArgumentError
+from dynseg.sdk.results import instance_winners
 
 from .boxes import box_iou, mask_boxes
 from .data import VOID
@@ -36,28 +38,29 @@ def matched_ground_truth(
     instance_logits: Tensor,
     boxes: Tensor,
     labels: Tensor,
+    scores: Tensor,
     gt_masks: Tensor,
     gt_labels: Tensor,
     void: Tensor | None = None,
 ) -> Tensor:
     """The target map for the instance logits, (H, W) int64 in 0..D or IGNORE.
 
-    instance_logits: (D+1, H, W); boxes (D, 4) and labels (D,) of the detections; gt_masks (M, H, W)
+    instance_logits: (D+1, H, W); boxes (D, 4), labels (D,) and scores (D,) of the detections; gt_masks (M, H, W)
     bool and disjoint, as datasets' instance masks are (a pixel of two would take either's label),
     gt_labels (M,) in 1..K; void: (H, W) bool or None.
     """
-    _check_instance_targets(instance_logits, boxes, labels, gt_masks, gt_labels, void)
+    _check_instance_targets(instance_logits, boxes, labels, scores, gt_masks, gt_labels, void)
     device = instance_logits.device
     # the matching runs on the CPU (scipy's assignment); only the target goes back to the device
-    instance_logits, boxes, labels, gt_masks, gt_labels = (
-        t.detach().cpu() for t in (instance_logits, boxes, labels, gt_masks, gt_labels))
+    instance_logits, boxes, labels, scores, gt_masks, gt_labels = (
+        t.detach().cpu() for t in (instance_logits, boxes, labels, scores, gt_masks, gt_labels))
     void = None if void is None else void.cpu()
     detections = instance_logits.shape[0] - 1
     height, width = instance_logits.shape[1:]
     target = torch.zeros(height, width, dtype=torch.int64)
     matched = torch.zeros(gt_masks.shape[0], dtype=torch.bool)
     if detections and gt_masks.shape[0]:
-        winner = instance_logits.detach().argmax(dim=0)
+        winner = torch.from_numpy(instance_winners(instance_logits.float().numpy(), scores.numpy()))
         predicted = winner.unsqueeze(0) == torch.arange(1, detections + 1).view(-1, 1, 1)  # (D, H, W)
         truth = gt_masks
         if void is not None:  # void pixels belong to no segment, as in the Matching IoU metric
@@ -84,11 +87,12 @@ def matched_ground_truth(
     return target.to(device)
 
 
-def _check_instance_targets(instance_logits: Tensor, boxes: Tensor, labels: Tensor, gt_masks: Tensor,
+def _check_instance_targets(instance_logits: Tensor, boxes: Tensor, labels: Tensor, scores: Tensor, gt_masks: Tensor,
                             gt_labels: Tensor, void: Tensor | None) -> None:
     """InvalidArgumentError naming the argument that is no tensor, or whose shape or dtype does not fit
     the instance logits' D and H, W (torch's own errors would name none)."""
-    given = dict(instance_logits=instance_logits, boxes=boxes, labels=labels, gt_masks=gt_masks, gt_labels=gt_labels)
+    given = dict(instance_logits=instance_logits, boxes=boxes, labels=labels, scores=scores, gt_masks=gt_masks,
+                 gt_labels=gt_labels)
     if void is not None:
         given["void"] = void
     for name, value in given.items():
@@ -98,11 +102,12 @@ def _check_instance_targets(instance_logits: Tensor, boxes: Tensor, labels: Tens
         raise InvalidArgumentError(f"instance_logits must be (D+1, H, W), got shape {tuple(instance_logits.shape)}")
     detections, height, width = instance_logits.shape[0] - 1, *instance_logits.shape[1:]
     masks = gt_masks.shape[0] if gt_masks.dim() == 3 else -1
-    wanted = dict(boxes=((detections, 4), None), labels=((detections,), None),
+    wanted = dict(boxes=((detections, 4), None), labels=((detections,), None), scores=((detections,), None),
                   gt_masks=((masks, height, width), torch.bool), gt_labels=((masks,), None))
     if void is not None:
         wanted["void"] = ((height, width), torch.bool)
-    written = dict(boxes="(D, 4)", labels="(D,)", gt_masks="(M, H, W) bool", gt_labels="(M,)", void="(H, W) bool")
+    written = dict(boxes="(D, 4)", labels="(D,)", scores="(D,)", gt_masks="(M, H, W) bool", gt_labels="(M,)",
+                   void="(H, W) bool")
     for name, (shape, dtype) in wanted.items():
         value = given[name]
         if tuple(value.shape) != shape or (dtype is not None and value.dtype != dtype):
@@ -114,13 +119,14 @@ def instance_loss(
     instance_logits: Tensor,
     boxes: Tensor,
     labels: Tensor,
+    scores: Tensor,
     gt_masks: Tensor,
     gt_labels: Tensor,
     void: Tensor | None = None,
 ) -> Tensor:
     """Pixelwise cross-entropy of the instance logits (D+1, H, W) against the matched ground truth,
     averaged over the pixels that are not ignored (0 when all are)."""
-    target = matched_ground_truth(instance_logits, boxes, labels, gt_masks, gt_labels, void)
+    target = matched_ground_truth(instance_logits, boxes, labels, scores, gt_masks, gt_labels, void)
     if (target == IGNORE).all():
         return instance_logits.sum() * 0.0
     return F.cross_entropy(instance_logits.unsqueeze(0), target.unsqueeze(0), ignore_index=IGNORE)

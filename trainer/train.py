@@ -265,7 +265,8 @@ def train(
                 instances_drawn += len(batch["gt_labels"])
                 share = 1 / world
             else:
-                batch, share = _semantic_batch(dataset, config, step, positions, model.config.num_classes)
+                batch, share = _semantic_batch(dataset, config, step, positions, model.config.num_classes,
+                                               model.config.score_ceiling)
             batch = {key: value.to(device) for key, value in batch.items()}
             global_loss, norm = _step(objective, optimiser, trainable, batch, share, config, step,
                                       first=step == start, lr=lr)
@@ -531,12 +532,13 @@ def _draw(dataset: Samples, config: TrainConfig, step: int, position: int,
     return augment(sample, config, rng), rng
 
 
-def _semantic_batch(dataset: Samples, config: TrainConfig, step: int, positions: range,
-                    num_classes: int) -> tuple[dict, float]:
+def _semantic_batch(dataset: Samples, config: TrainConfig, step: int, positions: range, num_classes: int,
+                    score_ceiling: float | None = None) -> tuple[dict, float]:
     """This process's images (B, 3, H, W) and class maps (B, H, W), each cropped at a random place to
     the smallest image of the global batch, their detections for the semantic CRF's detection potential
     (as stage 2 draws them; boxes (ΣD, 4), labels, scores, and counts (B,) D per image), and this
-    process's share of the global batch's non-void pixels."""
+    process's share of the global batch's non-void pixels. score_ceiling: the network's
+    (`ModelConfig.score_ceiling`), which the detections' scores may not pass; None: not checked."""
     drawn = []
     for position in positions:
         sample, rng = _draw(dataset, config, step, position, num_classes)
@@ -553,7 +555,8 @@ def _semantic_batch(dataset: Samples, config: TrainConfig, step: int, positions:
         # the boxes the crop keeps, clipped and floored as forward does
         kept = _move_boxes(sample["detections"], [1.0, 1.0], (y0, x0), (height, width), mirrored=False)
         tensors = (torch.from_numpy(np.asarray(kept[key])) for key in ("boxes", "labels", "scores"))
-        detections.append(require_valid_detections(*tensors, height=height, width=width, num_classes=num_classes))
+        detections.append(require_valid_detections(*tensors, height=height, width=width, num_classes=num_classes,
+                                                   score_ceiling=score_ceiling))
     images, targets = torch.stack(image_crops), torch.stack(target_crops)
     pixels = int((targets != VOID).sum())
     total = distributed.all_reduce([pixels])[0]
@@ -598,7 +601,7 @@ def _instance_batch(dataset: Samples, config: TrainConfig, step: int, position: 
 def _instance_loss(model: DynamicallyInstantiatedNetwork, batch: dict[str, Tensor], semantic_weight: float) -> Tensor:
     out = model(batch["image"], batch["boxes"], batch["labels"], batch["scores"])
     void = batch["semantic"] == VOID
-    loss = instance_loss(out.instance_logits, batch["boxes"], batch["labels"], batch["masks"],
+    loss = instance_loss(out.instance_logits, batch["boxes"], batch["labels"], batch["scores"], batch["masks"],
                          batch["gt_labels"], void)
     if semantic_weight > 0:
         loss = loss + semantic_weight * semantic_loss(out.semantic_logits[None], batch["semantic"][None])

@@ -63,7 +63,7 @@ def test_a_training_step_on_cuda_reaches_the_backbone(model):
     gt_masks = torch.zeros(2, *image.shape[1:], dtype=torch.bool, device="cuda")
     gt_masks[0, 40:150, 30:170] = True
     gt_masks[1, 20:140, 120:280] = True
-    loss = instance_loss(output.instance_logits, boxes, labels, gt_masks, torch.tensor([1, 2], device="cuda"))
+    loss = instance_loss(output.instance_logits, boxes, labels, scores, gt_masks, torch.tensor([1, 2], device="cuda"))
     loss.backward()
     grads = [p.grad for p in network.semantic.parameters() if p.grad is not None]
     assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads)

@@ -278,6 +278,19 @@ def test_bad_detections_raise_clear_errors(boxes, labels, scores, message):
                                  num_classes=2)
 
 
+def test_the_network_refuses_scores_above_its_score_ceiling_as_deployment_does():
+    for semantic_crf, ceiling in ((SemanticCRFConfig(score_ceiling=2.0), 2.0), (None, 1.0),
+                                  (SemanticCRFConfig(detection_potential=False, score_ceiling=2.0), 1.0)):
+        config = ModelConfig(class_names=("a", "b"), semantic_crf=semantic_crf)
+        assert config.score_ceiling == ceiling
+        boxes, labels = torch.tensor([[1.0, 1.0, 5.0, 5.0]]), torch.tensor([1])
+        require_valid_detections(boxes, labels, torch.tensor([ceiling]), height=H, width=W, num_classes=2,
+                                 score_ceiling=config.score_ceiling)
+        with pytest.raises(InvalidArgumentError, match=f"scores must be at most {ceiling:g}, the model's score ceiling"):
+            require_valid_detections(boxes, labels, torch.tensor([ceiling * 1.5]), height=H, width=W, num_classes=2,
+                                     score_ceiling=config.score_ceiling)
+
+
 def test_boxes_reaching_outside_the_image_are_floored_and_clipped_to_it():
     boxes, labels, scores = require_valid_detections(torch.tensor([[-5.0, 2.5, 60.0, 9.7]]),
                                                      torch.tensor([1], dtype=torch.int32),
@@ -300,6 +313,11 @@ def test_a_box_whose_first_column_floors_into_the_image_is_not_outside_it():
 # ------------------------------------------------------------------------ the matched-ground-truth loss
 
 
+def _scores(boxes: torch.Tensor) -> torch.Tensor:
+    """Scores that rank the detections in their order, as training's detections come."""
+    return torch.linspace(0.9, 0.5, len(boxes))
+
+
 def two_instance_case():
     logits = torch.full((3, 10, 10), -5.0)
     logits[0] = 0.0
@@ -315,10 +333,10 @@ def two_instance_case():
 def test_the_loss_does_not_depend_on_the_order_of_ground_truth_instances():
     logits, boxes, gt = two_instance_case()
     labels = torch.tensor([1, 1])
-    forward = instance_loss(logits, boxes, labels, gt, torch.tensor([1, 1]))
-    backward = instance_loss(logits, boxes, labels, gt.flip(0), torch.tensor([1, 1]))
+    forward = instance_loss(logits, boxes, labels, _scores(boxes), gt, torch.tensor([1, 1]))
+    backward = instance_loss(logits, boxes, labels, _scores(boxes), gt.flip(0), torch.tensor([1, 1]))
     assert torch.equal(forward, backward)
-    target = matched_ground_truth(logits, boxes, labels, gt, torch.tensor([1, 1]))
+    target = matched_ground_truth(logits, boxes, labels, _scores(boxes), gt, torch.tensor([1, 1]))
     assert (target[0:4, 0:5] == 1).all() and (target[5:, 5:] == 2).all() and target[9, 0] == 0
 
 
@@ -330,22 +348,23 @@ def test_the_instance_loss_is_the_mean_cross_entropy_against_the_matched_ground_
     target[0:4, 0:5], target[5:, 5:] = 1, 2  # gt 1 (the top-left rows), detection 2 gt 0
     log_q = torch.log_softmax(logits.double(), dim=0)
     expected = -log_q.gather(0, target[None])[0][~void].mean()  # the void pixel counts nowhere
-    loss = instance_loss(logits, boxes, labels, gt, torch.tensor([1, 1]), void)
+    loss = instance_loss(logits, boxes, labels, _scores(boxes), gt, torch.tensor([1, 1]), void)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     moved = gt.clone()
     moved[1] = False
     moved[1, 0:5, 0:5] = True  # one more row of the ground truth under detection 1's segment
-    assert instance_loss(logits, boxes, labels, moved, torch.tensor([1, 1]), void).item() < loss.item()
+    assert instance_loss(logits, boxes, labels, _scores(boxes), moved, torch.tensor([1, 1]), void).item() < loss.item()
 
 
 def test_instances_of_another_class_or_unexplained_are_ignored():
     logits, boxes, gt = two_instance_case()
-    target = matched_ground_truth(logits, boxes, torch.tensor([1, 1]), gt, torch.tensor([1, 2]))
+    target = matched_ground_truth(logits, boxes, torch.tensor([1, 1]), _scores(boxes), gt, torch.tensor([1, 2]))
     assert (target[5:, 5:] == 2).all()
     assert (target[0:4, 0:5] == IGNORE).all()  # class 2 has no detection of its class
     void = torch.zeros(10, 10, dtype=torch.bool)
     void[9, 0] = True
-    assert matched_ground_truth(logits, boxes, torch.tensor([1, 1]), gt, torch.tensor([1, 1]), void)[9, 0] == IGNORE
+    target = matched_ground_truth(logits, boxes, torch.tensor([1, 1]), _scores(boxes), gt, torch.tensor([1, 1]), void)
+    assert target[9, 0] == IGNORE
 
 
 def test_a_ground_truth_instance_wholly_in_void_takes_no_detection_from_one_that_can_be_seen():
@@ -356,8 +375,8 @@ def test_a_ground_truth_instance_wholly_in_void_takes_no_detection_from_one_that
     gt = torch.zeros(2, 6, 8, dtype=torch.bool)
     gt[0, :, 0] = True  # visible
     gt[1, :, 1:4] = True  # wholly void
-    target = matched_ground_truth(logits, torch.tensor([[0.0, 0.0, 3.0, 5.0]]), torch.tensor([1]), gt,
-                                  torch.tensor([1, 1]), gt[1].clone())
+    target = matched_ground_truth(logits, torch.tensor([[0.0, 0.0, 3.0, 5.0]]), torch.tensor([1]),
+                                  torch.tensor([0.9]), gt, torch.tensor([1, 1]), gt[1].clone())
     assert (target[gt[0]] == 1).all() and (target[gt[1]] == IGNORE).all()
 
 
@@ -370,13 +389,13 @@ def test_segment_overlap_decides_the_matching_and_boxes_only_match_what_it_leave
     gt = torch.zeros(2, 1, width, dtype=torch.bool)
     gt[0, 0, :5000] = True
     gt[1, 0, 5000:9999] = True
-    target = matched_ground_truth(logits, torch.tensor([[5000.0, 0.0, 9998.0, 0.0]]), torch.tensor([1]), gt,
-                                  torch.tensor([1, 1]))
+    target = matched_ground_truth(logits, torch.tensor([[5000.0, 0.0, 9998.0, 0.0]]), torch.tensor([1]),
+                                  torch.tensor([0.9]), gt, torch.tensor([1, 1]))
     assert target[0, 0] == 1 and target[0, 9000] == IGNORE
     # an untrained network's empty segments: the boxes match detections to instances
     logits, boxes, gt = two_instance_case()
     logits[1:] = -10.0  # every pixel is background
-    target = matched_ground_truth(logits, boxes, torch.tensor([1, 1]), gt, torch.tensor([1, 1]))
+    target = matched_ground_truth(logits, boxes, torch.tensor([1, 1]), _scores(boxes), gt, torch.tensor([1, 1]))
     assert (target[0:4, 0:5] == 1).all() and (target[5:, 5:] == 2).all()
 
 
@@ -391,7 +410,7 @@ def test_void_pixels_count_in_neither_segment_of_the_matching_as_in_the_matching
     segment[0, 6:] = 2
     logits = 5.0 * F.one_hot(segment, 3).permute(2, 0, 1).float()
     boxes = torch.tensor([[0.0, 0.0, 9.0, 1.0], [6.0, 0.0, 9.0, 0.0]])
-    target = matched_ground_truth(logits, boxes, torch.tensor([1, 1]), gt, torch.tensor([1]), void)
+    target = matched_ground_truth(logits, boxes, torch.tensor([1, 1]), _scores(boxes), gt, torch.tensor([1]), void)
     assert target[0].tolist() == [1] * 10 and (target[1] == IGNORE).all()
 
 
@@ -431,7 +450,8 @@ def test_a_config_field_out_of_range_is_named_when_the_config_is_made(make, mess
 
 
 def _instance_targets(**changed):
-    targets = dict(instance_logits=torch.zeros(3, 8, 8), boxes=torch.zeros(2, 4), labels=torch.ones(2, dtype=torch.long),
+    targets = dict(instance_logits=torch.zeros(3, 8, 8), boxes=torch.zeros(2, 4),
+                   labels=torch.ones(2, dtype=torch.long), scores=torch.full((2,), 0.5),
                    gt_masks=torch.zeros(1, 8, 8, dtype=torch.bool), gt_labels=torch.ones(1, dtype=torch.long), void=None)
     return {**targets, **changed}
 
@@ -442,6 +462,7 @@ def _instance_targets(**changed):
     (dict(boxes=torch.zeros(3, 4)), r"boxes must be \(D, 4\) with the instance logits' D = 2, H, W = 8, 8, got "
                                     r"torch.float32 of shape \(3, 4\)"),
     (dict(labels=torch.ones(1, dtype=torch.long)), r"labels must be \(D,\)"),
+    (dict(scores=torch.ones(3)), r"scores must be \(D,\)"),
     (dict(gt_masks=torch.zeros(1, 8, 8)), r"gt_masks must be \(M, H, W\) bool .* got torch.float32"),
     (dict(gt_masks=torch.zeros(1, 4, 8, dtype=torch.bool)), r"gt_masks must be .* of shape \(1, 4, 8\)"),
     (dict(gt_labels=torch.ones(2, dtype=torch.long)), r"gt_labels must be \(M,\)"),
@@ -461,13 +482,32 @@ def test_box_iou_counts_inclusive_pixels():
     assert abs(box_iou(t([[0, 0, 1, 1]]), t([[1, 1, 2, 2]])).item() - 1 / 7) < 1e-7  # 1 shared of 4+4-1
 
 
+def test_the_loss_matches_the_ground_truth_to_the_segments_deployment_outputs_ties_included():
+    from dynseg.sdk.results import instance_winners
+
+    # two class-1 detections tie exactly over the object (columns 3..6), as outside their boxes, where
+    # only the global term speaks; a third lies within the tolerance of the background over columns 7..9
+    logits = torch.full((4, 1, 10), -1.0)
+    logits[1:3, 0, 3:7] = 0.0
+    logits[0, 0, 7:] = 0.0
+    logits[3, 0, 7:] = 9e-6
+    gt = torch.zeros(1, 1, 10, dtype=torch.bool)
+    gt[0, 0, 3:7] = True
+    boxes = torch.tensor([[3.0, 0.0, 6.0, 0.0], [3.0, 0.0, 6.0, 0.0], [7.0, 0.0, 9.0, 0.0]])
+    for scores, owner in ((torch.tensor([0.3, 0.9, 0.5]), 2), (torch.tensor([0.9, 0.3, 0.5]), 1)):
+        target = matched_ground_truth(logits, boxes, torch.tensor([1, 1, 1]), scores, gt, torch.tensor([1]))
+        deployed = instance_winners(logits.numpy(), scores.numpy())
+        assert (target[0, 3:7] == owner).all() and (deployed[0, 3:7] == owner).all()  # the higher score
+        assert (deployed[0, 7:] == 0).all()  # background: detection 3 wins no segment to match
+
+
 def test_a_one_pixel_wide_detection_is_matched_by_its_box():
     logits = torch.zeros(2, 10, 10)
     logits[0] = 1.0  # untrained: background wins everywhere, the segment pass matches nothing
     gt = torch.zeros(1, 10, 10, dtype=torch.bool)
     gt[0, 2:8, 3] = True  # a one-pixel-wide instance in column 3
-    target = matched_ground_truth(logits, torch.tensor([[3.0, 2.0, 3.0, 7.0]]), torch.tensor([1]), gt,
-                                  torch.tensor([1]))
+    target = matched_ground_truth(logits, torch.tensor([[3.0, 2.0, 3.0, 7.0]]), torch.tensor([1]),
+                                  torch.tensor([0.9]), gt, torch.tensor([1]))
     assert (target[2:8, 3] == 1).all() and not (target == IGNORE).any()
 
 
@@ -479,8 +519,8 @@ def test_matching_is_by_iou_not_by_overlap():
     gt = torch.zeros(2, 1, 200, dtype=torch.bool)
     gt[0, 0, 0:100] = True
     gt[1, 0, 100:110] = True
-    target = matched_ground_truth(logits, torch.tensor([[85.0, 0.0, 109.0, 0.0]]), torch.tensor([1]), gt,
-                                  torch.tensor([1, 1]))
+    target = matched_ground_truth(logits, torch.tensor([[85.0, 0.0, 109.0, 0.0]]), torch.tensor([1]),
+                                  torch.tensor([0.9]), gt, torch.tensor([1, 1]))
     assert (target[0, 100:110] == 1).all() and (target[0, 0:100] == IGNORE).all()
 
 
@@ -488,7 +528,7 @@ def test_an_empty_ground_truth_mask_is_left_unmatched_not_an_error():
     logits, boxes, gt = two_instance_case()
     logits[1:] = -10.0  # every pixel is background: only the box pass matches
     gt = torch.cat([gt, torch.zeros(1, 10, 10, dtype=torch.bool)])  # e.g. an instance wholly in void
-    target = matched_ground_truth(logits, boxes, torch.tensor([1, 1]), gt, torch.tensor([1, 1, 1]))
+    target = matched_ground_truth(logits, boxes, torch.tensor([1, 1]), _scores(boxes), gt, torch.tensor([1, 1, 1]))
     assert (target[0:4, 0:5] == 1).all() and (target[5:, 5:] == 2).all()
 
 
@@ -527,7 +567,7 @@ def test_the_matching_maximises_the_total_iou_of_the_pairs():
     gt[0, 0, 2:4] = True
     gt[1, 0, 5:14] = True
     boxes = torch.tensor([[1.0, 0.0, 9.0, 0.0], [12.0, 0.0, 19.0, 0.0]])
-    target = matched_ground_truth(logits, boxes, torch.tensor([1, 1]), gt, torch.tensor([1, 1]))
+    target = matched_ground_truth(logits, boxes, torch.tensor([1, 1]), _scores(boxes), gt, torch.tensor([1, 1]))
     assert (target[0, 5:14] == 1).all()
     assert (target[0, 2:4] == IGNORE).all()
 
@@ -546,7 +586,7 @@ def test_void_pixels_of_a_ground_truth_mask_count_in_neither_segment_of_the_matc
     segment[0, 6:] = 2
     logits = 5.0 * F.one_hot(segment, 3).permute(2, 0, 1).float()
     boxes = torch.tensor([[0.0, 0.0, 5.0, 2.0], [6.0, 0.0, 9.0, 0.0]])
-    target = matched_ground_truth(logits, boxes, torch.tensor([1, 1]), gt, torch.tensor([1]), void)
+    target = matched_ground_truth(logits, boxes, torch.tensor([1, 1]), _scores(boxes), gt, torch.tensor([1]), void)
     assert (target[0] == 2).all() and (target[1] == IGNORE).all()
 
 

@@ -34,7 +34,8 @@ from ..crf import crf_kernels, mean_field_native
 
 @dataclass(frozen=True)
 class InstanceConfig:
-    """Which unary terms, the templates' layout, and the instance CRF (the released defaults).
+    """Which unary terms, the templates' layout, and the instance CRF: the released code's CRF and
+    terms; fewer and smaller templates than the paper's (about 250 per group), sized for CPU training.
 
     Only the global term gives the background label evidence: without it (box term alone, say) the
     background unary is the ε clamp and every pixel inside a box goes to the box. The paper's box-only
@@ -67,7 +68,8 @@ class InstanceConfig:
 
 
 def aspect_groups(boxes: Tensor, groups: int) -> Tensor:
-    """(D,) int64 group of each box by log aspect ratio (height / width), in equal bins over [1/4, 4]."""
+    """(D,) int64 group of each box by aspect ratio (height / width): equal bins of its logarithm over
+    [1/4, 4], a ratio beyond either end in the end group."""
     heights = boxes[:, 3] - boxes[:, 1] + 1
     widths = boxes[:, 2] - boxes[:, 0] + 1
     ratio = torch.log(heights / widths).clamp(-math.log(4.0), math.log(4.0))

@@ -65,6 +65,13 @@ class ModelConfig:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def score_ceiling(self) -> float:
+        """The largest detector score the network takes: its detection potential's s_max, else 1 (the
+        box term and the pixel term read the score itself, so one above would change what they say)."""
+        crf = self.semantic_crf
+        return crf.score_ceiling if crf is not None and crf.detection_potential else 1.0
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
@@ -106,11 +113,12 @@ class NetworkOutput:
 
 
 def require_valid_detections(
-    boxes: Tensor, labels: Tensor, scores: Tensor, *, height: int, width: int, num_classes: int
+    boxes: Tensor, labels: Tensor, scores: Tensor, *, height: int, width: int, num_classes: int,
+    score_ceiling: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The SDK's check of the detections (`dynseg.sdk.inputs.check_detections`: boxes (D, 4) xyxy pixels,
-    inclusive, floored to integers and clipped to the image; labels integers in 1..K; finite scores >= 0)
-    on tensors, strict: a box the SDK would drop with a warning (inverted, or wholly outside the image)
+    inclusive, floored to integers and clipped to the image; labels integers in 1..K; finite scores >= 0,
+    at most score_ceiling, the network's `ModelConfig.score_ceiling`, where given) on tensors, strict: a box the SDK would drop with a warning (inverted, or wholly outside the image)
     raises here, as training and evaluation data should hold none. Returns boxes (D, 4) float32, labels
     (D,) int64 and scores (D,) float32 on the boxes' device; bad detections raise InvalidArgumentError,
     a ValueError, naming the argument."""
@@ -118,7 +126,7 @@ def require_valid_detections(
         warnings.simplefilter("ignore", DetectionsDroppedWarning)  # raised below instead
         checked = inputs.check_detections(
             *(tensor.detach().cpu().numpy() for tensor in (boxes, labels, scores)), height=height, width=width,
-            num_classes=num_classes,
+            num_classes=num_classes, score_ceiling=score_ceiling,
         )
     if checked.dropped:
         listed = "; ".join(f"{dropped.detection}: {dropped.reason}" for dropped in checked.dropped)
@@ -168,7 +176,8 @@ class DynamicallyInstantiatedNetwork(nn.Module):
             raise InvalidArgumentError(f"image must be float32 (or uint8) RGB in 0..255, got {image.dtype}")
         height, width = image.shape[1:]
         boxes, labels, scores = require_valid_detections(boxes, labels, scores, height=height, width=width,
-                                                         num_classes=self.config.num_classes)
+                                                         num_classes=self.config.num_classes,
+                                                         score_ceiling=self.config.score_ceiling)
         return compose(self, image, boxes, labels, scores, semantic_crf=self.semantic_crf,
                        instance_crf=self.instance_crf)
 

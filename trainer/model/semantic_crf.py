@@ -119,7 +119,9 @@ def semantic_mean_field_reference(
     config: SemanticCRFConfig, normalization: str = "after",
 ) -> tuple[Tensor, Tensor]:
     """`semantic_mean_field` written out (the module docstring's loop), differentiable by autograd: the
-    definition the kernel library's detection potential is tested against."""
+    definition the kernel library's detection potential is tested against. It defines the detection
+    terms; the pairwise message comes from the native kernels (one iteration's logits less its input),
+    which the tests hold to the lattice reference, `mean_field_reference`, on their own."""
     if not (config.detection_potential and boxes.shape[0] > 0):  # no loop to write out
         return semantic_mean_field(unary, image, boxes, labels, scores, spatial_weight=spatial_weight,
                                    bilateral_weight=bilateral_weight, compatibility=compatibility,
