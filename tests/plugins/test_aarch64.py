@@ -30,6 +30,10 @@ pytestmark = [
                        reason=f"needs {COMPILER} and qemu-aarch64 (bash scripts/aarch64_sysroot.sh .aarch64 "
                               "installs them; CI runs it)"),
     pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not on the PATH"),
+    # qemu runs a dynamically linked ARM program only with the sysroot's loader and C library
+    pytest.mark.skipif(not (SYSROOT / "root" / "lib" / "ld-linux-aarch64.so.1").exists(),
+                       reason=f"no ARM sysroot in {SYSROOT} (bash scripts/aarch64_sysroot.sh {SYSROOT} unpacks one; "
+                              "CI runs it)"),
 ]
 
 
