@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from dynseg.sdk.commands.defaults import MAX_IMAGE_SIDE, MAX_SEED, MIN_IMAGE_SIDE
 from dynseg.sdk.errors import InvalidArgumentError, one_line
@@ -50,8 +50,10 @@ def save_checkpoint(directory: str | Path, model: DynamicallyInstantiatedNetwork
         raise InvalidArgumentError(f"model must be a DynamicallyInstantiatedNetwork, got {type(model).__name__}")
     directory = named_path(directory, "directory")
     directory.mkdir(parents=True, exist_ok=True)
-    writes = [("model.safetensors", lambda path: save_file(
-                  {k: v.detach().contiguous() for k, v in model.state_dict().items()}, path)),
+    # safetensors' save_file creates its file readable by its owner alone; bytes written as any file is
+    # written take the umask's permissions, so that a service running as another user can read the weights
+    writes = [("model.safetensors", lambda path: path.write_bytes(save(
+                  {k: v.detach().contiguous() for k, v in model.state_dict().items()}))),
               ("model.json", lambda path: path.write_text(model.config.to_json()))]
     if optimiser is not None:
         state = {"optimiser": optimiser.state_dict(), "step": step, "stage": stage,

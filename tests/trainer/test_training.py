@@ -4,7 +4,9 @@ round-trip, and `dynseg train` then `dynseg eval` run from the command line."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 
 import numpy as np
 import pytest
@@ -105,6 +107,19 @@ def test_a_checkpoint_rebuilds_the_same_network(tmp_path):
     for a, b in zip(first, second):
         assert np.array_equal(a["masks"], b["masks"]) and np.allclose(a["scores"], b["scores"])
     assert weights_fingerprint(again) == weights_fingerprint(model)
+
+
+def test_every_checkpoint_file_takes_the_umasks_permissions(tmp_path):
+    # safetensors' save_file made model.safetensors 0600: a service running as another user could read
+    # model.json but not the weights
+    _, model = tiny_setup()
+    previous = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1))
+    finally:
+        os.umask(previous)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in tmp_path.iterdir()}
+    assert modes == {name: 0o644 for name in ("model.safetensors", "model.json", "trainer_state.pt")}, modes
 
 
 def test_the_weights_fingerprint_changes_with_any_single_weight():
