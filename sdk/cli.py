@@ -502,9 +502,9 @@ def evaluate_command(
         typer.echo("Warning: these images hold no ground-truth instance: every metric is undefined (NaN, null in "
                    "metrics.json)", err=True)
     seeded = f" (seed {seed})" if dataset == "synthetic" else ""
-    typer.echo(f"{model}: {_describe(data, dataset, detections)}{seeded}, protocol {protocol}, "
-               f"values in %\n{metrics_table(metrics)}")
-    as_json, as_table = write_metrics(target, metrics)
+    scored = f"{model}: {_describe(data, dataset, detections)}{seeded}, protocol {protocol}, values in %"
+    typer.echo(f"{scored}\n{metrics_table(metrics)}")
+    as_json, as_table = write_metrics(target, metrics, scored)
     typer.echo(f"wrote {as_json} and {as_table}")
 
 
@@ -842,18 +842,22 @@ def quickstart(
     except DynsegError as error:
         raise _fail(str(error)) from error
     metrics = summary.metrics
-    typer.echo(f"\nheld-out synthetic scenes: AP^r at 0.5 {100 * metrics['ap_r']['0.5']:.1f} %, "
+    typer.echo(f"\n{quickstart_job.HELD_OUT_IMAGES} held-out synthetic scenes: AP^r at 0.5 "
+               f"{100 * metrics['ap_r']['0.5']:.1f} %, "
                f"AP^r_vol {100 * metrics['ap_r_vol']:.1f} %, PQ {100 * metrics['pq']:.1f} %")
     typer.echo("parity onnxruntime vs PyTorch: " + ("ok" if summary.parity else "FAILED") + " ("
                + "; ".join(str(c) for c in summary.parity.worst()) + ")")
     if not summary.parity.exercised_instances():  # a very short run (--steps) that learned no instance yet
         typer.echo(_NO_INSTANCES + ": train longer (--steps)")
     typer.echo("made:\n" + "\n".join(f"  {path}" for path in summary.files))
-    model, ckpt = summary.model, summary.checkpoint
+    model, ckpt, detections = summary.model, summary.checkpoint, out / "detections.json"
+    images = " ".join(str(path) for path in summary.images)
     typer.echo("next:\n"
-               f"  dynseg validate {model} --checkpoint {ckpt}\n"
-               f"  dynseg bench {model} --sizes 512x512 --detections 10\n"
-               f"  dynseg infer {model} IMAGES... --detections dets.json --out {out}/infer\n"
+               f"  dynseg infer {model} {images} --detections {detections} --out {out / 'infer'}\n"
+               f"  dynseg validate {model} --checkpoint {ckpt} --detections {detections}"
+               + "".join(f" --images {path}" for path in summary.images) + "\n"
+               f"  dynseg eval {model} --images {quickstart_job.HELD_OUT_IMAGES}\n"
+               f"  dynseg bench {model} --sizes 512x512 --detections 10 --checkpoint {ckpt}\n"
                f"  python -c \"from dynseg.sdk import Segmenter; print(Segmenter('{model}'))\"")
     if not summary.parity:
         raise typer.Exit(1)

@@ -1,5 +1,6 @@
 """Reading a detector's COCO results file: the detections `dynseg infer` segments with, and a
-trainer's dataset of real detections (`dynseg.trainer.data.sources`). numpy only, so the SDK reads
+trainer's dataset of real detections (`dynseg.trainer.data.sources`); and writing one
+(`results_entries`, as the quickstart does for the images it leaves). numpy only, so the SDK reads
 them without torch."""
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from .files import check_regular_file
 from .inputs import looks_normalised
 
 __all__ = ["DetectorOutput", "detections_by_image", "load_coco_detections", "read_coco_results",
-           "refuse_normalised_boxes"]
+           "refuse_normalised_boxes", "results_entries"]
 
 
 class DetectorOutput(TypedDict):
@@ -54,6 +55,15 @@ def load_coco_detections(path: str | os.PathLike, image_ids: Iterable[Hashable])
 
 Entry = tuple[Hashable, int, list[float], float]
 """One detection of a results file: (image_id, category_id, inclusive xyxy box, score)."""
+
+
+def results_entries(image_id: Hashable, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> list[dict]:
+    """One image's detections, (D, 4) xyxy inclusive pixel boxes, labels and scores, as the entries of a
+    COCO results file, which `read_coco_results` reads back to the same boxes: bbox [x, y, w, h] with
+    w = x2 - x1 + 1 (the inclusive last column)."""
+    return [{"image_id": image_id, "category_id": int(label),
+             "bbox": [float(x1), float(y1), float(x2 - x1 + 1), float(y2 - y1 + 1)], "score": float(score)}
+            for (x1, y1, x2, y2), label, score in zip(np.asarray(boxes, np.float64), labels, scores)]
 
 
 def read_coco_results(path: str | os.PathLike) -> list[Entry]:

@@ -207,12 +207,13 @@ def metrics_table(metrics: dict) -> str:
     return "| metric | value |\n| --- | ---: |\n" + "\n".join(f"| {name} | {100 * v:.1f} |" for name, v in rows)
 
 
-def write_metrics(folder: str | Path, metrics: dict) -> tuple[Path, Path]:
-    """Write `evaluate`'s metrics into folder as metrics.json (NaN as null) and metrics.md (the table)."""
+def write_metrics(folder: str | Path, metrics: dict, description: str | None = None) -> tuple[Path, Path]:
+    """Write `evaluate`'s metrics into folder as metrics.json (NaN as null) and metrics.md (the table,
+    after `description`, a line saying what was scored, when given)."""
     folder = Path(folder)
     as_json, as_table = folder / "metrics.json", folder / "metrics.md"
     write_text_whole(as_json, json.dumps(json_ready(metrics), indent=2, allow_nan=False))
-    write_text_whole(as_table, metrics_table(metrics) + "\n")
+    write_text_whole(as_table, (f"{description}\n\n" if description else "") + metrics_table(metrics) + "\n")
     return as_json, as_table
 
 

@@ -7,7 +7,8 @@
 3. exports ONNX (model.onnx);
 4. validates the export against the checkpoint (parity.md; `parity` module);
 5. segments held-out synthetic scenes and the shipped coffee photo with hand-drawn boxes with the
-   exported model (overlays/).
+   exported model (overlays/), and leaves those images (images/) and their detections as a COCO
+   results file (detections.json), on which `dynseg infer` and `dynseg validate` run as they are.
 
 Needs torch (imported when it runs). The default, 1400 steps, took 7 to 19 min on the 2-core VMs
 it was measured on (docs/deploy.md has the runs).
@@ -15,6 +16,7 @@ it was measured on (docs/deploy.md has the runs).
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..coco_detections import results_entries
 from ..errors import DetectionsDroppedWarning, InvalidArgumentError
 from ..files import write_png_whole, write_text_whole
 from . import defaults, parity
@@ -51,6 +54,11 @@ class QuickstartSummary:
     parity: parity.ParityReport
     files: list[Path] = field(default_factory=list)
 
+    @property
+    def images(self) -> list[Path]:
+        """The images it segmented, as files (images/), whose detections are detections.json's."""
+        return [path for path in self.files if path.parent == self.out / "images"]
+
 
 def split_steps(steps: int) -> tuple[int, int]:
     """(stage 1 steps, stage 2 steps) of `steps` >= 2 in all, 6:1, each at least 1."""
@@ -75,8 +83,8 @@ def run(out: str | Path, *, steps: int = DEFAULT_STEPS, seed: int = 0, printer: 
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint, overlays = out / "checkpoint", out / "overlays"
-    for folder in (checkpoint, overlays):  # now: a file in the way fails the run here, not after its training
+    checkpoint, overlays, images = out / "checkpoint", out / "overlays", out / "images"
+    for folder in (checkpoint, overlays, images):  # now: a file in the way fails the run here, not after its training
         if folder.exists() and not folder.is_dir():
             raise InvalidArgumentError(f"{folder} is a file, not a folder: quickstart writes into it")
         folder.mkdir(exist_ok=True)
@@ -100,7 +108,8 @@ def run(out: str | Path, *, steps: int = DEFAULT_STEPS, seed: int = 0, printer: 
     held_out = SyntheticScenes(size=HELD_OUT_IMAGES, image_size=defaults.IMAGE_SIZE, num_classes=NUM_CLASSES,
                                seed=seed + 1)
     metrics = evaluate(*predict(model, held_out, seed=seed + 1), num_classes=NUM_CLASSES)
-    metric_files = write_metrics(out, metrics)
+    metric_files = write_metrics(out, metrics, f"{checkpoint}: {HELD_OUT_IMAGES} held-out synthetic scenes (seed "
+                                                  f"{seed + 1}), simulated detections, protocol original, values in %")
 
     printer("3/5 exporting ONNX")
     model_path = export_onnx(model, out / "model.onnx", training_data=read_training_data(checkpoint))
@@ -124,7 +133,11 @@ def run(out: str | Path, *, steps: int = DEFAULT_STEPS, seed: int = 0, printer: 
 
     printer("5/5 segmenting the held-out scenes and the coffee photo with the exported model")
     files = [checkpoint, model_path, *metric_files, out / "parity.md"]
+    entries = []
     for name, image, dets in cases:
+        write_png_whole(images / f"{name}.png", image)  # for the commands it suggests next
+        files.append(images / f"{name}.png")
+        entries += results_entries(name, dets.boxes, dets.labels, dets.scores)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DetectionsDroppedWarning)
             result = segmenter.segment(image, dets.boxes, dets.labels, dets.scores)
@@ -134,5 +147,6 @@ def run(out: str | Path, *, steps: int = DEFAULT_STEPS, seed: int = 0, printer: 
             picture = picture.repeat(3, axis=0).repeat(3, axis=1)
         write_png_whole(overlays / f"{name}.png", picture)
         files.append(overlays / f"{name}.png")
+    files.append(write_text_whole(out / "detections.json", json.dumps(entries, indent=1) + "\n"))
     return QuickstartSummary(out=out, checkpoint=checkpoint, model=model_path, metrics=metrics, parity=report,
                              files=files)

@@ -396,7 +396,19 @@ def test_quickstart_with_a_few_steps_makes_everything_it_promises(tmp_path):
     rows = (out / "parity.md").read_text().splitlines()[2:-1]  # the images' rows: | image | H x W | D | N | ...
     no_instance = all(row.split("|")[4].strip() == "0" for row in rows)
     assert no_instance == ("compared background only: train longer" in " ".join(result.output.split()))
-    assert f"dynseg validate {out / 'model.onnx'} --checkpoint {out / 'checkpoint'}" in result.output
+    assert (out / "metrics.md").read_text().startswith(f"{out / 'checkpoint'}: 20 held-out synthetic scenes (seed 1)")
+    # the commands it suggests run as printed, on the images and detections it leaves
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["coffee.png", "scene_0.png", "scene_1.png",
+                                                                  "scene_2.png"]
+    suggested = [line.split()[1:] for line in result.output.splitlines() if line.startswith("  dynseg ")]
+    assert [words[0] for words in suggested] == ["infer", "validate", "eval", "bench"]
+    for words in suggested[:3]:
+        ran = runner.invoke(app, words)
+        assert ran.exit_code == 0, (words, ran.output)
+    assert len(json.loads((out / "infer" / "results.json").read_text())) >= 0
+    evaluated = json.loads((out / "model_eval" / "metrics.json").read_text())  # the export, on the same scenes
+    quickstart_metrics = json.loads((out / "metrics.json").read_text())
+    assert evaluated["ap_r_vol"] == pytest.approx(quickstart_metrics["ap_r_vol"], abs=1e-9, nan_ok=True)
     from dynseg.trainer.checkpoint import read_training_data
 
     for folder in (out / "checkpoint", out / "checkpoint" / "semantic"):  # so dynseg eval holds out other scenes

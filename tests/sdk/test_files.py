@@ -82,3 +82,19 @@ def test_a_grey_png_keeps_every_value_of_its_depth(tmp_path, dtype, largest):
     path = write_png_whole(tmp_path / "grey.png", picture.astype(dtype))
     with Image.open(path) as image:
         np.testing.assert_array_equal(np.array(image), picture)
+
+
+def test_written_results_entries_read_back_to_the_same_inclusive_boxes(tmp_path):
+    import json
+
+    from dynseg.sdk.coco_detections import results_entries
+
+    boxes = np.array([[3, 4, 3, 9], [0, 0, 119, 95], [10.5, 2, 20, 7.25]], np.float32)  # a one-pixel column too
+    labels, scores = np.array([2, 1, 3]), np.array([0.5, 0.9, 0.25], np.float32)
+    path = tmp_path / "detections.json"
+    path.write_text(json.dumps(results_entries("scene", boxes, labels, scores)))
+    found = load_coco_detections(path, ["scene"])["scene"]
+    order = np.argsort(-scores, kind="stable")  # read back by descending score
+    np.testing.assert_array_equal(found["boxes"], boxes[order])
+    np.testing.assert_array_equal(found["labels"], labels[order])
+    np.testing.assert_array_equal(found["scores"], scores[order])
