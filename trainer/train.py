@@ -285,7 +285,7 @@ def train(
                     record: dict[str, object] = {
                         "stage": config.stage, "epoch": epoch, "step": step + 1,
                         "images": (step + 1) * images_per_step, "loss": epoch_loss, "lr": entry["lr"],
-                        "images_per_s": progress.rates(step + 1)[0], "seconds": time.perf_counter() - began,
+                        "images_per_s": progress.throughput(step + 1), "seconds": time.perf_counter() - began,
                     }
                     if held_out is not None:
                         record["held_out"] = _held_out_scores(model, config, held_out, eval_seed, epoch, progress)

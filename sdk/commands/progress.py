@@ -9,11 +9,18 @@ images; the trainer's per-step displays (dynseg.trainer.progress) are built on t
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from rich.console import Console
+
+
+# The pace the display shows and the time left follows: that of about the last minute. Since the start
+# would hide a machine that slows down (another job starting), and the time left would run out long
+# before the run does; a few steps would swing with each step's own noise.
+PACE_SECONDS = 60.0
 
 
 class ProgressClock:
@@ -23,15 +30,26 @@ class ProgressClock:
     def __init__(self, total: int, start: int = 0, *, items_per_step: int = 1):
         self.total, self.start, self.items_per_step = total, start, items_per_step
         self.began = time.perf_counter()
+        self._readings = deque([(start, self.began)])  # (step, time) from about PACE_SECONDS ago to now
+
+    def throughput(self, step: int) -> float:
+        """Images per second since the start, after `step` (1-based)."""
+        return (step - self.start) * self.items_per_step / max(time.perf_counter() - self.began, 1e-9)
 
     def rates(self, step: int) -> tuple[float, float]:
-        """(images per second, seconds left) after `step` (1-based)."""
-        done = step - self.start
-        elapsed = max(time.perf_counter() - self.began, 1e-9)
+        """(images per second, seconds left at that pace) after `step` (1-based), over about the last
+        PACE_SECONDS."""
+        now = time.perf_counter()
+        readings = self._readings
+        readings.append((step, now))
+        while len(readings) > 2 and now - readings[1][1] >= PACE_SECONDS:  # the oldest still spans the window
+            readings.popleft()
+        first_step, first_time = readings[0]
+        done, elapsed = step - first_step, max(now - first_time, 1e-9)
         return done * self.items_per_step / elapsed, elapsed / max(done, 1) * (self.total - step)
 
     def rate_text(self, step: int) -> str:
-        """"4.2 images/s  eta 2s" after `step`."""
+        """"4.2 images/s  eta 2s" after `step`: the pace of about the last minute."""
         speed, eta = self.rates(step)
         return f"{speed:.1f} images/s  eta {eta:.0f}s"
 

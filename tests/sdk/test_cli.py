@@ -245,3 +245,23 @@ def test_a_symbolic_link_loop_as_the_output_folder_is_one_line(tmp_path) -> None
     result = runner.invoke(app, ["demo", "--out", str(tmp_path / "loop")])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"{tmp_path / 'loop'} is a symbolic link that leads nowhere" in plain(result.output), result.output
+
+
+def test_the_time_left_follows_the_pace_of_about_the_last_minute(monkeypatch) -> None:
+    # a machine that slows down (another job starts) must show in the time left, not hide in the mean
+    import types
+
+    from dynseg.sdk.commands import progress
+
+    now = [0.0]
+    monkeypatch.setattr(progress, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    clock = progress.ProgressClock(1000)
+    for step in range(1, 101):  # 1 s a step for 100 s
+        now[0] += 1.0
+        speed, left = clock.rates(step)
+    assert speed == pytest.approx(1.0) and left == pytest.approx(900.0)
+    for step in range(101, 111):  # then 10 s a step
+        now[0] += 10.0
+        speed, left = clock.rates(step)
+    assert speed == pytest.approx(0.1) and left == pytest.approx(890 * 10.0)
+    assert clock.throughput(110) == pytest.approx(110 / 200)  # since the start, for the logs
