@@ -217,6 +217,16 @@ def _folder_problem(folder: Path) -> str | None:
             f"{dangling} {_DANGLING}" if dangling is not None else None)
 
 
+def _warn_if_busy() -> None:
+    """Warns when other work keeps this machine's cores busy: timings taken then are not the model's own."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > cores:
+        typer.echo(f"Warning: the load average is {load:.1f} on {_counted(cores, 'core')} this process may use: "
+                   "other work shares the CPU, so these times are not the model's alone (its ratio to PyTorch, "
+                   "timed alike, holds better)", err=True)
+
+
 def _warn_if_unfinished(model: Path) -> None:
     """Warns when `model` is the checkpoint of a training stage that has not finished (interrupted, or
     still running): a trainer state without the train_config.json a stage writes at its end."""
@@ -789,6 +799,7 @@ def bench(
     parsed_sizes = _parse_sizes(sizes)
     counts = _parse_counts(detections) if detections is not None else None
     _check_device(device)
+    _warn_if_busy()
     if checkpoint is not None:
         _torch_or_fail("dynseg bench --checkpoint")
     created = False

@@ -880,3 +880,15 @@ def test_a_dangling_link_as_bench_json_is_refused_and_its_target_never_made(expo
                                  "1", "--json", str(tmp_path / "rows.json")])
     assert result.exit_code == 1 and "is a symbolic link that leads nowhere" in plain(result.output), result.output
     assert not (tmp_path / "nowhere.json").exists() and (tmp_path / "rows.json").is_symlink()
+
+
+def test_bench_warns_when_other_work_keeps_the_cores_busy(exported, monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (64.0, 32.0, 16.0))
+    result = runner.invoke(app, ["bench", str(exported[1]), "--sizes", "40x48", "--detections", "0", "--repeats", "1"])
+    assert result.exit_code == 0, result.output
+    assert "Warning: the load average is 64.0 on" in plain(result.output)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    result = runner.invoke(app, ["bench", str(exported[1]), "--sizes", "40x48", "--detections", "0", "--repeats", "1"])
+    assert result.exit_code == 0 and "load average" not in result.output
