@@ -837,7 +837,8 @@ def bench(
 
 @app.command(cls=_Command)
 def quickstart(
-    out: Path = typer.Option(..., "--out", file_okay=False, help="Folder for everything it makes."),
+    out: Path = typer.Option(..., "--out", file_okay=False,
+                             help="Folder for everything it makes (an earlier run's files there are replaced)."),
     steps: int = typer.Option(quickstart_job.DEFAULT_STEPS, "--steps", min=2,
                               help="Training steps in all (6:1 semantic:instance); the default took 7 to 19 min "
                                    "on 2-core VMs (docs/deploy.md)."),
