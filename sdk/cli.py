@@ -711,8 +711,9 @@ def infer(
     detections: Path = typer.Option(..., "--detections", exists=True, dir_okay=False,
                                     help="COCO results JSON; image_id = the image file's stem (or its number)."),
     out: Path = typer.Option(..., "--out", file_okay=False, help="Folder for the PNGs and results.json."),
-    backend: str = typer.Option("auto", "--backend", help="auto (by MODEL: a folder torch, .engine or .plan "
-                                                         "tensorrt, else onnxruntime), onnxruntime, torch or tensorrt."),
+    backend: str = typer.Option("auto", "--backend",
+                                help="auto (by MODEL: a folder torch, .engine or .plan tensorrt, else onnxruntime), "
+                                     "onnxruntime, torch or tensorrt."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     keep_top: Optional[int] = typer.Option(None, "--keep-top", min=0,
                                            help="Keep each image's N most confident detections (default: all; an "

@@ -286,7 +286,8 @@ def test_the_network_refuses_scores_above_its_score_ceiling_as_deployment_does()
         boxes, labels = torch.tensor([[1.0, 1.0, 5.0, 5.0]]), torch.tensor([1])
         require_valid_detections(boxes, labels, torch.tensor([ceiling]), height=H, width=W, num_classes=2,
                                  score_ceiling=config.score_ceiling)
-        with pytest.raises(InvalidArgumentError, match=f"scores must be at most {ceiling:g}, the model's score ceiling"):
+        with pytest.raises(InvalidArgumentError, match=f"scores must be at most {ceiling:g}, the model's score "
+                                                       "ceiling"):
             require_valid_detections(boxes, labels, torch.tensor([ceiling * 1.5]), height=H, width=W, num_classes=2,
                                      score_ceiling=config.score_ceiling)
 

@@ -118,10 +118,11 @@ def require_valid_detections(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The SDK's check of the detections (`dynseg.sdk.inputs.check_detections`: boxes (D, 4) xyxy pixels,
     inclusive, floored to integers and clipped to the image; labels integers in 1..K; finite scores >= 0,
-    at most score_ceiling, the network's `ModelConfig.score_ceiling`, where given) on tensors, strict: a box the SDK would drop with a warning (inverted, or wholly outside the image)
-    raises here, as training and evaluation data should hold none. Returns boxes (D, 4) float32, labels
-    (D,) int64 and scores (D,) float32 on the boxes' device; bad detections raise InvalidArgumentError,
-    a ValueError, naming the argument."""
+    at most score_ceiling, the network's `ModelConfig.score_ceiling`, where given) on tensors, strict: a
+    box the SDK would drop with a warning (inverted, or wholly outside the image) raises here, as
+    training and evaluation data should hold none. Returns boxes (D, 4) float32, labels (D,) int64 and
+    scores (D,) float32 on the boxes' device; bad detections raise InvalidArgumentError, a ValueError,
+    naming the argument."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DetectionsDroppedWarning)  # raised below instead
         checked = inputs.check_detections(
