@@ -38,6 +38,7 @@ from .graph import (DEFAULT_ENGINE_DETECTIONS, DEFAULT_ENGINE_SIZES, DEFAULT_MAX
 if TYPE_CHECKING:
     from dynseg.trainer.train import TrainMode
 
+    from .commands.progress import ItemProgress
     from .segmenter import Backend
 
 __all__ = ["app"]
@@ -167,6 +168,13 @@ def demo(
         f"dense_crf: best of {result['runs']} = {result['best_ms']:.1f} ms "
         f"on {result['threads']} thread(s), lattice builds included"
     )
+
+
+def _item_progress(label: str, total: int) -> ItemProgress:
+    """A command's per-image display: a live bar on a terminal, else a plain line per image."""
+    from .commands.progress import item_progress
+
+    return item_progress(label, total, live=sys.stdout.isatty(), printer=typer.echo)
 
 
 def _counted(count: int, noun: str) -> str:
@@ -501,7 +509,8 @@ def evaluate_command(
     target = out or (model if model.is_dir() else model.parent / f"{model.stem}_eval")
     _make_folder(target, "--out" if out else "the default output folder", target)
     try:
-        metrics, trimmed = evaluation.run(segmenter, data, seed=seed, protocol=protocol)
+        metrics, trimmed = evaluation.run(segmenter, data, seed=seed, protocol=protocol,
+                                          progress=lambda total: _item_progress("eval", total))
     except (DynsegError, OSError) as error:
         raise _fail(str(error)) from error
     if trimmed:
@@ -722,7 +731,6 @@ def infer(
     """Segment images given their detections: per image {stem}_overlay.png and {stem}_instances.png
     (16-bit, pixel = instance id, 0 = background), and results.json (COCO results) for all."""
     from .commands import infer as job
-    from .commands.progress import item_progress
 
     _check_out_folder(out, "--out")  # before the model loads; made by the job
     segmenter = _segmenter(model, backend, device)
@@ -731,8 +739,7 @@ def infer(
                                  "per image", param_hint="'--keep-top'")
     try:
         summary = job.run(segmenter, images, detections, out, keep_top=keep_top,
-                          progress=lambda total: item_progress("infer", total, live=sys.stdout.isatty(),
-                                                               printer=typer.echo))
+                          progress=lambda total: _item_progress("infer", total))
     except DynsegError as error:
         raise _fail(str(error)) from error
     typer.echo(f"wrote {_counted(summary.images, 'overlay')} and {_counted(summary.images, 'instance map')} to "
@@ -766,7 +773,9 @@ def validate(
         raise typer.BadParameter("--detections needs --images, the files it names", param_hint="--detections")
     _check_device(device)
     try:
-        report = parity.validate_export(model, checkpoint, images or (), detections, device)
+        report = parity.validate_export(
+            model, checkpoint, images or (), detections, device,
+            progress=lambda total: _item_progress("validate", total))
     except DynsegError as error:
         raise _fail(str(error)) from error
     typer.echo(f"{model} (onnxruntime, {device}) vs {checkpoint} (PyTorch, cpu): the CRF nodes' attributes and "

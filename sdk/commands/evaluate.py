@@ -6,6 +6,7 @@ metrics (`dynseg.trainer.evaluation.evaluate_each`), one image's masks in memory
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,7 @@ import numpy as np
 from ..errors import InvalidArgumentError
 from ..graph import ENGINE_SUFFIXES, metadata_of
 from .infer import keep_most_confident
+from .progress import ItemProgress
 
 if TYPE_CHECKING:
     from ..results import SegmentationResult
@@ -53,24 +55,35 @@ def training_data_of(model: Path) -> dict | None:
     return record
 
 
-def run(segmenter: Segmenter, data: Any, *, seed: int, protocol: str) -> tuple[dict, int]:
+def run(segmenter: Segmenter, data: Any, *, seed: int, protocol: str,
+        progress: Callable[[int], ItemProgress] | None = None) -> tuple[dict, int]:
     """The metrics of `segmenter` on the dataset `data` (its own detections, or simulated ones seeded by
     `seed`), and how many images had more detections than the model takes (an export's
     `--max-detections`): each of those is scored with its most confident ones, as `dynseg infer
-    --keep-top` keeps them, rather than refused."""
+    --keep-top` keeps them, rather than refused. `progress(total)` makes the display, updated after
+    each image."""
     from dynseg.trainer.evaluation import evaluate_each
     from dynseg.trainer.train import predict_each
 
-    limit, trimmed = segmenter.max_detections, 0
+    limit, trimmed, done = segmenter.max_detections, 0, 0
+    display = progress(len(data)) if progress is not None else None
 
     def segment(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> SegmentationResult:
-        nonlocal trimmed
+        nonlocal trimmed, done
         if len(scores) > limit:
             trimmed += 1
             boxes, labels, scores = keep_most_confident(boxes, labels, scores, limit)
-        return segmenter.segment(image, boxes, labels, scores)
+        result = segmenter.segment(image, boxes, labels, scores)
+        done += 1
+        if display is not None:
+            display.update(done, f"image {done - 1}")  # its index in the dataset
+        return result
 
     classes = len(segmenter.class_names)
-    metrics = evaluate_each(predict_each(segment, data, seed=seed, num_classes=classes), num_classes=classes,
-                            protocol=protocol)
+    try:
+        metrics = evaluate_each(predict_each(segment, data, seed=seed, num_classes=classes), num_classes=classes,
+                                protocol=protocol)
+    finally:
+        if display is not None:
+            display.close()
     return metrics, trimmed

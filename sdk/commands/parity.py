@@ -20,7 +20,7 @@ check passes and shows the value each check measured beside its limit.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from ..results import SegmentationResult
 from ..segmenter import Segmenter
 from .images import (ImageDetections, check_detection_counts, check_detection_labels, generated_detections,
                      read_detections, sample_cases)
+from .progress import ItemProgress
 
 PROBABILITY_ATOL = 1e-4
 SEMANTIC_ATOL = 1e-3
@@ -164,41 +165,50 @@ def check_same_model(exported: Segmenter, reference: Segmenter) -> None:
                                    "with the checkpoint it was exported from")
 
 
-def validate(exported: Segmenter, reference: Segmenter,
-             cases: Iterable[tuple[str, np.ndarray, ImageDetections]]) -> ParityReport:
+def validate(exported: Segmenter, reference: Segmenter, cases: Iterable[tuple[str, np.ndarray, ImageDetections]],
+             progress: Callable[[int], ItemProgress] | None = None) -> ParityReport:
     """Runs the exported model (an onnxruntime Segmenter) and the checkpoint (a torch Segmenter on the
     CPU, the reference) on each (name, (H, W, 3) uint8 image, detections with boxes, labels, scores)
     case and returns the report. Raises InvalidArgumentError when the export is not the checkpoint's
     (`check_same_model`), a case has more detections than the export takes or classes it does not
     have (before any case runs), or a case's image or detections are refused (the message then starts
     with the case's name). Boxes the SDK drops (inverted, or wholly outside the image) are left out
-    without a warning: D counts the detections the model ran on."""
+    without a warning: D counts the detections the model ran on. `progress(total)` makes the display,
+    updated after each case."""
     check_same_model(exported, reference)
     cases = list(cases)
     check_detection_counts([(name, len(dets.scores)) for name, _, dets in cases], exported.max_detections, "",
                            "give each image fewer")
     check_detection_labels([(name, dets.labels) for name, _, dets in cases], len(exported.class_names), "")
     report = ParityReport()
-    for name, image, dets in cases:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DetectionsDroppedWarning)  # the table's D counts what ran
-                (candidate, candidate_outputs), (expected, reference_outputs) = (
-                    s.segment_with_outputs(image, dets.boxes, dets.labels, dets.scores) for s in (exported, reference))
-        except InvalidArgumentError as error:
-            raise InvalidArgumentError(f"{name}: {error}") from None
-        report.images.append(compare(name, candidate_outputs, reference_outputs, candidate, expected))
+    display = progress(len(cases)) if progress is not None else None
+    try:
+        for done, (name, image, dets) in enumerate(cases, start=1):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DetectionsDroppedWarning)  # the table's D counts what ran
+                    (candidate, candidate_outputs), (expected, reference_outputs) = (
+                        s.segment_with_outputs(image, dets.boxes, dets.labels, dets.scores)
+                        for s in (exported, reference))
+            except InvalidArgumentError as error:
+                raise InvalidArgumentError(f"{name}: {error}") from None
+            report.images.append(compare(name, candidate_outputs, reference_outputs, candidate, expected))
+            if display is not None:
+                display.update(done, name)
+    finally:
+        if display is not None:
+            display.close()
     return report
 
 
 def validate_export(model: Path, checkpoint: Path, images: Sequence[Path] = (), detections: Path | None = None,
-                    device: str = "cpu") -> ParityReport:
+                    device: str = "cpu", progress: Callable[[int], ItemProgress] | None = None) -> ParityReport:
     """`dynseg validate` (needs torch): the exported .onnx `model` on onnxruntime on `device` against the
     `checkpoint` folder it was exported from, on PyTorch on the CPU. Cases: `images` with `detections` (a
     COCO results file) or with generated boxes (at most 5, of the model's classes), else the sample
     photos. Raises InvalidArgumentError when the export is not the checkpoint's, in its classes, its
     weights or its CRF nodes' attributes and weights (checked apart: the images compare the CRFs only
-    where they change the output), or as `validate` says."""
+    where they change the output), or as `validate` says. progress: as `validate`'s."""
     from dynseg.export.ops import crf_node_differences
     from dynseg.trainer.checkpoint import load_checkpoint
 
@@ -227,4 +237,4 @@ def validate_export(model: Path, checkpoint: Path, images: Sequence[Path] = (), 
         else:
             found = read_detections(detections, images)
         cases = [(Path(path).name, picture, dets) for path, picture, dets in zip(images, pictures, found)]
-    return validate(exported, reference, cases)
+    return validate(exported, reference, cases, progress)

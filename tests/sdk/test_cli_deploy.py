@@ -254,6 +254,7 @@ def test_validate_leaves_a_dropped_box_out_of_d_without_a_warning(exported, phot
                                      "--images", str(files[0]), "--detections", str(outside)])
     assert result.exit_code == 0, result.output
     assert "| chelsea.png | 72 x 96 | 1 |" in result.output and "Warning" not in result.output
+    assert "[validate] 1/1 chelsea.png" in result.output  # a line per image, as infer prints
 
 
 def test_validate_passes_the_export_against_its_own_checkpoint(exported, photos):

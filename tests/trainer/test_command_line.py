@@ -74,6 +74,7 @@ def test_training_on_the_synthetic_default_prints_progress_and_logs_every_epoch(
     result = run("eval", out, "--images", "2", "--image-size", "48", "64")
     assert result.exit_code == 0, result.output
     assert "2 synthetic images, simulated detections (seed 1)" in result.output
+    assert "[eval] 1/2 image 0" in result.output and "[eval] 2/2 image 1" in result.output  # a line per image
     assert f"wrote {out}/metrics.json and {out}/metrics.md" in result.output
 
 
