@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import InvalidArgumentError
 from ..graph import ENGINE_SUFFIXES, metadata_of
 from .infer import keep_most_confident
-from .progress import ItemProgress
+from .progress import ItemProgress, shown
 
 if TYPE_CHECKING:
     from ..results import SegmentationResult
@@ -66,24 +66,20 @@ def run(segmenter: Segmenter, data: Any, *, seed: int, protocol: str,
     from dynseg.trainer.train import predict_each
 
     limit, trimmed, done = segmenter.max_detections, 0, 0
-    display = progress(len(data)) if progress is not None else None
-
-    def segment(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> SegmentationResult:
-        nonlocal trimmed, done
-        if len(scores) > limit:
-            trimmed += 1
-            boxes, labels, scores = keep_most_confident(boxes, labels, scores, limit)
-        result = segmenter.segment(image, boxes, labels, scores)
-        done += 1
-        if display is not None:
-            display.update(done, f"image {done - 1}")  # its index in the dataset
-        return result
-
     classes = len(segmenter.class_names)
-    try:
+    with shown(progress, len(data)) as update:
+
+        def segment(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
+                    scores: np.ndarray) -> SegmentationResult:
+            nonlocal trimmed, done
+            if len(scores) > limit:
+                trimmed += 1
+                boxes, labels, scores = keep_most_confident(boxes, labels, scores, limit)
+            result = segmenter.segment(image, boxes, labels, scores)
+            done += 1
+            update(done, f"image {done - 1}")  # its index in the dataset
+            return result
+
         metrics = evaluate_each(predict_each(segment, data, seed=seed, num_classes=classes), num_classes=classes,
                                 protocol=protocol)
-    finally:
-        if display is not None:
-            display.close()
     return metrics, trimmed

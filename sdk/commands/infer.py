@@ -29,7 +29,7 @@ from ..errors import DetectionsDroppedWarning, InvalidArgumentError
 from ..files import write_png_whole, write_text_whole
 from ..inputs import load_image
 from .images import ImageDetections, check_detection_counts, check_detection_labels, read_detections
-from .progress import ItemProgress
+from .progress import ItemProgress, shown
 
 if TYPE_CHECKING:
     from ..segmenter import Segmenter
@@ -98,9 +98,8 @@ def run(segmenter: Segmenter, images: Sequence[str | Path], detections: str | Pa
     _refuse_overwriting_inputs(paths, Path(detections), out)
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULTS_FILE).unlink(missing_ok=True)  # an earlier run's would pass for this one's if it failed
-    display = progress(len(paths)) if progress is not None else None
     entries, dropped = [], 0
-    try:
+    with shown(progress, len(paths)) as update:
         for done, (path, dets) in enumerate(zip(paths, found), start=1):
             image = load_image(path)
             try:
@@ -113,10 +112,6 @@ def run(segmenter: Segmenter, images: Sequence[str | Path], detections: str | Pa
             write_png_whole(out / f"{path.stem}_instances.png", result.instance_map.astype(np.uint16))
             entries += result.to_coco(dets.image_id)
             dropped += len(result.dropped)
-            if display is not None:
-                display.update(done, path.name)
-    finally:
-        if display is not None:
-            display.close()
+            update(done, path.name)
     write_text_whole(out / RESULTS_FILE, json.dumps(entries))
     return InferSummary(images=len(paths), instances=len(entries), dropped=dropped, results=out / RESULTS_FILE)

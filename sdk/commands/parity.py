@@ -32,7 +32,7 @@ from ..results import SegmentationResult
 from ..segmenter import Segmenter
 from .images import (ImageDetections, check_detection_counts, check_detection_labels, generated_detections,
                      read_detections, sample_cases)
-from .progress import ItemProgress
+from .progress import ItemProgress, shown
 
 PROBABILITY_ATOL = 1e-4
 SEMANTIC_ATOL = 1e-3
@@ -181,8 +181,7 @@ def validate(exported: Segmenter, reference: Segmenter, cases: Iterable[tuple[st
                            "give each image fewer")
     check_detection_labels([(name, dets.labels) for name, _, dets in cases], len(exported.class_names), "")
     report = ParityReport()
-    display = progress(len(cases)) if progress is not None else None
-    try:
+    with shown(progress, len(cases)) as update:
         for done, (name, image, dets) in enumerate(cases, start=1):
             try:
                 with warnings.catch_warnings():
@@ -193,11 +192,7 @@ def validate(exported: Segmenter, reference: Segmenter, cases: Iterable[tuple[st
             except InvalidArgumentError as error:
                 raise InvalidArgumentError(f"{name}: {error}") from None
             report.images.append(compare(name, candidate_outputs, reference_outputs, candidate, expected))
-            if display is not None:
-                display.update(done, name)
-    finally:
-        if display is not None:
-            display.close()
+            update(done, name)
     return report
 
 

@@ -3,14 +3,16 @@ deployment commands.
 
 `ProgressClock` turns steps done into throughput and time left; `LiveBar` is the rich progress bar drawn
 in place on a terminal. `ItemProgress` (a plain line per item) and `LiveItemProgress` (the bar) count
-images; the trainer's per-step displays (dynseg.trainer.progress) are built on the same two.
+images, shown for the length of a block by `shown`; the trainer's per-step displays
+(dynseg.trainer.progress) are built on the same two.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -114,3 +116,15 @@ class LiveItemProgress(ItemProgress):
 def item_progress(label: str, total: int, *, live: bool, printer: Callable[[str], object] = print) -> ItemProgress:
     """`LiveItemProgress` when live (a terminal), else `ItemProgress`."""
     return (LiveItemProgress if live else ItemProgress)(label, total, printer=printer)
+
+
+@contextmanager
+def shown(progress: Callable[[int], ItemProgress] | None, total: int) -> Iterator[Callable[[int, str], None]]:
+    """The `update(done, name)` of the display `progress(total)` makes, closed on leaving (also on an
+    error); one that shows nothing where `progress` is None. What infer, eval and validate count with."""
+    display = progress(total) if progress is not None else None
+    try:
+        yield display.update if display is not None else (lambda done, name: None)
+    finally:
+        if display is not None:
+            display.close()
