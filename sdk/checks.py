@@ -1,25 +1,29 @@
 """The argument checks every checking module shares, numbers, names and arrays: `is_int` / `int_in` for
 counts and ids (`INT32_MAX`, the largest count the native library's int fields hold), `finite_float32` /
 `positive_in_float32` / `FLOAT32_MAX` for what it reads as float32, `one_of` for a name from a fixed
-set, `array_of` / `refuse_masked` for arrays. Each failure is an InvalidArgumentError that names the
+set, `array_of` / `refuse_masked` for arrays, and the CRF parameters every front end shares:
+`check_iterations`, `check_normalization`, `check_threads` (the numpy and torch dense CRFs, the
+exported node's attributes, `Segmenter`, `dynseg demo`). Each failure is an InvalidArgumentError that names the
 argument. numpy only: the SDK imports it without torch.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterable, TypeGuard
+from typing import Iterable, Literal, TypeGuard, get_args
 
 import numpy as np
 
 from .errors import InvalidArgumentError
 
-__all__ = ["FLOAT32_MAX", "INT32_MAX", "array_of", "finite_float32", "int_in", "is_int", "one_of",
-           "positive_in_float32", "refuse_masked"]
+__all__ = ["FLOAT32_MAX", "INT32_MAX", "Normalization", "array_of", "check_iterations", "check_normalization",
+           "check_threads", "finite_float32", "int_in", "is_int", "one_of", "positive_in_float32", "refuse_masked"]
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 # The largest count (iterations, threads) the C structs' int fields hold, and the CUDA kernels' index range
 INT32_MAX = 2**31 - 1
+# The mean field's normalisations (docs/crf.md): "after" is CRF-as-RNN's and the paper's, "symmetric" pydensecrf's
+Normalization = Literal["after", "symmetric"]
 
 
 def is_int(value: object, *, numpy: bool = True) -> TypeGuard[int | np.integer]:
@@ -89,3 +93,24 @@ def finite_float32(value: object) -> float | None:
     except OverflowError:
         return None
     return number if math.isfinite(number) and abs(number) <= FLOAT32_MAX else None
+
+
+def check_iterations(iterations: object, name: str = "iterations") -> int:
+    """The mean-field iteration count T as an int in 0..INT32_MAX (the C struct's int32 field)."""
+    return int_in(name, iterations, 0, INT32_MAX)
+
+
+def check_normalization(normalization: object, name: str = "normalization") -> Normalization:
+    """The normalisation, 'after' or 'symmetric', as a plain str (whatever str subclass came)."""
+    for known in get_args(Normalization):
+        if isinstance(normalization, str) and normalization == known:
+            return known
+    raise InvalidArgumentError(f"{name} must be 'after' or 'symmetric', got {normalization!r}")
+
+
+def check_threads(threads: object) -> int:
+    """The CPU kernels' thread count: an int in 1..INT32_MAX, or None for every core (returned as 0, the
+    native library's "every core")."""
+    if threads is None:
+        return 0
+    return int_in("threads", threads, 1, INT32_MAX, rule=f"None or an int in 1..{INT32_MAX}")

@@ -2,12 +2,10 @@
 
 Owns the user-facing checks of `dense_crf` and `dense_crf_cuda` (every bad input is a ValueError
 naming the argument) and the translation of their densecrf-style parameters into a native `Problem`.
-The checks the user-facing front ends share live here too, so one rule serves them all:
-`gaussian_kernels`, `check_iterations`, `check_normalization` and `check_threads` (the torch front ends
-of dynseg.trainer.crf, `Segmenter`, `dynseg demo`). An exported node's attributes are checked against the
-same ranges by `crf_node.CrfAttributes`, with messages that name the node, and `_native.Problem` guards
-the ctypes boundary itself. The maths and the lattice are described in
-docs/crf.md; the readable PyTorch definition is dynseg.trainer.crf.
+The checks of densecrf's parameters and arrays live here, so the torch front ends of dynseg.trainer.crf
+share them: `gaussian_kernels` and `check_image_shape`; the iteration, normalisation and thread
+counts are `checks`' own. `_native.Problem` guards the ctypes boundary itself. The maths and the
+lattice are described in docs/crf.md; the readable PyTorch definition is dynseg.trainer.crf.
 """
 
 from __future__ import annotations
@@ -15,16 +13,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Literal
 
 import numpy as np
 
 from . import _native
 from .errors import InvalidArgumentError, LatticeRangeError
-from .checks import INT32_MAX, finite_float32, int_in, positive_in_float32, refuse_masked
+from .checks import (Normalization, check_iterations, check_normalization, check_threads, finite_float32, int_in,
+                     positive_in_float32, refuse_masked)
 from .inputs import cuda_index
-
-Normalization = Literal["after", "symmetric"]
 
 __all__ = ["CudaArray", "dense_crf", "dense_crf_cuda", "gaussian_kernels"]
 
@@ -61,26 +57,6 @@ def gaussian_kernels(
     return kernels
 
 
-def check_iterations(iterations: object) -> int:
-    """The mean-field iteration count T as an int in 0..INT32_MAX (the C struct's int32 field)."""
-    return int_in("iterations", iterations, 0, INT32_MAX)
-
-
-def check_normalization(normalization: object) -> Normalization:
-    """The normalisation, 'after' or 'symmetric' (docs/crf.md), as a plain str."""
-    if isinstance(normalization, str) and normalization in _native.NORMALIZATION:
-        return "after" if normalization == "after" else "symmetric"  # a plain str, whatever str subclass came
-    raise InvalidArgumentError(f"normalization must be 'after' or 'symmetric', got {normalization!r}")
-
-
-def check_threads(threads: object) -> int:
-    """The CPU kernels' thread count: an int in 1..INT32_MAX, or None for every core (returned as 0, the
-    native library's "every core")."""
-    if threads is None:
-        return 0
-    return int_in("threads", threads, 1, INT32_MAX, rule=f"None or an int in 1..{INT32_MAX}")
-
-
 def _check_unary_shape(shape: tuple[int, ...]) -> None:
     """(L, H, W) with every axis >= 1 and L within the library's label count: host and device unaries."""
     if len(shape) != 3:
@@ -90,6 +66,13 @@ def _check_unary_shape(shape: tuple[int, ...]) -> None:
     if shape[0] > _native.MAX_LABELS:
         raise InvalidArgumentError(f"unary must have at most {_native.MAX_LABELS} labels (L, its first axis), "
                                    f"got shape {shape}")
+
+
+def check_image_shape(shape: tuple[int, ...], height: int, width: int) -> None:
+    """An RGB image's (H, W, 3) matching the unary's (L, H, W): host, device and torch images."""
+    if tuple(shape) != (height, width, 3):
+        raise InvalidArgumentError(f"image must have shape (H, W, 3) = ({height}, {width}, 3) to match unary, "
+                                   f"got {tuple(shape)}")
 
 
 def _check_unary(unary: object) -> np.ndarray:
@@ -113,10 +96,7 @@ def _check_image(image: object, height: int, width: int) -> np.ndarray | None:
     refuse_masked("image", image)
     if image.dtype != np.uint8:
         raise InvalidArgumentError(f"image must be uint8 RGB, got dtype {image.dtype}")
-    if image.shape != (height, width, 3):
-        raise InvalidArgumentError(
-            f"image must have shape (H, W, 3) = ({height}, {width}, 3) to match unary, got {image.shape}"
-        )
+    check_image_shape(image.shape, height, width)
     return np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from . import _native, samples
-from .crf import check_iterations, check_threads, dense_crf
+from .checks import check_iterations, check_threads
+from .crf import dense_crf
 from .errors import InvalidArgumentError
 from .files import named_path, write_png_whole
 from .inputs import load_image

@@ -20,9 +20,8 @@ from typing import TYPE_CHECKING, Literal, Protocol, get_args
 import numpy as np
 from numpy.typing import ArrayLike
 
-from .checks import one_of
 from .errors import InvalidArgumentError
-from .crf import check_threads
+from .checks import check_threads, one_of
 from .files import named_path
 from .graph import ENGINE_SUFFIXES
 from .inputs import ImageLike, check_detections, cuda_index, load_image

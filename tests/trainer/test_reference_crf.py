@@ -341,6 +341,9 @@ def test_dense_crf_takes_numpy_numbers_as_kernel_parameters(smooth_image, smooth
         (lambda u, i, kw: (u.clone().fill_(float("nan")), i, kw), "unary"),
         (lambda u, i, kw: (u.clone().fill_(float("inf")), i, kw), "unary"),
         (lambda u, i, kw: (u.to(torch.int64), i, kw), "unary"),
+        (lambda u, i, kw: (u.numpy(), i, kw), "unary must be a torch.Tensor"),  # a ValueError as dense_crf's
+        (lambda u, i, kw: (u, i.tolist(), kw), "image must be a torch.Tensor or None"),
+        (lambda u, i, kw: (u, i[1:], kw), "image must have shape (H, W, 3) = (4, 5, 3) to match unary, got (3, 5, 3)"),
         (lambda u, i, kw: (u, i[:, :, :2], kw), "image"),
         (lambda u, i, kw: (u, i[:3], kw), "image"),
         (lambda u, i, kw: (u, i.float(), kw), "image"),

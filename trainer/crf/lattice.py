@@ -47,7 +47,7 @@ class PermutohedralLattice:
 
     def __init__(self, features: Tensor) -> None:
         if not isinstance(features, Tensor):
-            raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
+            raise InvalidArgumentError(f"features must be a torch.Tensor, got {type(features).__name__}")
         if features.dim() != 2 or features.shape[0] == 0 or features.shape[1] == 0:
             raise InvalidArgumentError(f"features must have shape (N, d) with N, d >= 1, got {tuple(features.shape)}")
         if features.dtype not in (torch.float32, torch.float64):
@@ -215,7 +215,7 @@ class PermutohedralLattice:
 
     def _check_values(self, values: Tensor, rows: int, name: str) -> None:
         if not isinstance(values, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(values).__name__}")
+            raise InvalidArgumentError(f"{name} must be a torch.Tensor, got {type(values).__name__}")
         if values.dim() != 2 or values.shape[0] != rows:
             raise InvalidArgumentError(f"{name} must have shape ({rows}, C), got {tuple(values.shape)}")
         if not values.is_floating_point():

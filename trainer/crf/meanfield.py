@@ -18,7 +18,8 @@ from typing import Union
 import torch
 from torch import Tensor
 
-from dynseg.sdk.crf import Normalization, check_iterations, check_normalization, gaussian_kernels
+from dynseg.sdk.checks import Normalization, check_iterations, check_normalization
+from dynseg.sdk.crf import check_image_shape, gaussian_kernels
 from dynseg.sdk.errors import InvalidArgumentError
 
 from .lattice import PermutohedralLattice, gaussian_features
@@ -47,7 +48,7 @@ def _norm_factor(lattice: PermutohedralLattice, normalization: str, dtype: torch
 
 def _check_unary(unary: object) -> None:
     if not isinstance(unary, Tensor):
-        raise TypeError(f"unary must be a torch.Tensor, got {type(unary).__name__}")
+        raise InvalidArgumentError(f"unary must be a torch.Tensor, got {type(unary).__name__}")
     if unary.dim() != 3:
         raise InvalidArgumentError(f"unary must have shape (L, H, W), got {tuple(unary.shape)}")
     if min(unary.shape) == 0:
@@ -98,7 +99,7 @@ def mean_field_reference(
             raise InvalidArgumentError(f"kernels[{index}] must be a (lattice, weight) pair, got {item!r}")
         lattice, weight = item
         if not isinstance(lattice, PermutohedralLattice):
-            raise TypeError(f"kernels[{index}][0] must be a PermutohedralLattice, got {type(lattice).__name__}")
+            raise InvalidArgumentError(f"kernels[{index}][0] must be a PermutohedralLattice, got {type(lattice).__name__}")
         if lattice.num_points != n_points:
             raise InvalidArgumentError(
                 f"kernels[{index}] lattice has {lattice.num_points} points but unary has H*W = {n_points}"
@@ -118,7 +119,7 @@ def mean_field_reference(
 
     if compat is not None:
         if not isinstance(compat, Tensor):
-            raise TypeError(f"compat must be None or a torch.Tensor, got {type(compat).__name__}")
+            raise InvalidArgumentError(f"compat must be None or a torch.Tensor, got {type(compat).__name__}")
         if tuple(compat.shape) not in ((n_labels,), (n_labels, n_labels)):
             raise InvalidArgumentError(
                 f"compat must be None, ({n_labels},) or ({n_labels}, {n_labels}), got {tuple(compat.shape)}"
@@ -193,9 +194,8 @@ def dense_crf_reference(
 
     if image is not None:
         if not isinstance(image, Tensor):
-            raise TypeError(f"image must be a torch.Tensor or None, got {type(image).__name__}")
-        if image.dim() != 3 or tuple(image.shape) != (height, width, 3):
-            raise InvalidArgumentError(f"image must have shape ({height}, {width}, 3), got {tuple(image.shape)}")
+            raise InvalidArgumentError(f"image must be a torch.Tensor or None, got {type(image).__name__}")
+        check_image_shape(tuple(image.shape), height, width)
         if image.dtype != torch.uint8:
             raise InvalidArgumentError(f"image must be uint8, got {image.dtype}")
 

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from dynseg.sdk import _native
-from dynseg.sdk.crf import check_iterations, check_normalization, check_threads, gaussian_kernels
+from dynseg.sdk.checks import check_iterations, check_normalization, check_threads
+from dynseg.sdk.crf import check_image_shape, gaussian_kernels
 from dynseg.sdk.errors import InvalidArgumentError
 from dynseg.sdk.checks import finite_float32, positive_in_float32
 
@@ -447,12 +448,10 @@ def dense_crf_native(
     kernels = gaussian_kernels(spatial, bilateral, has_image=image is not None)
     planar = None
     if image is not None:  # checked even when unused, as dense_crf checks it: a wrong image is a caller's bug
-        if not isinstance(image, Tensor) or image.dtype != torch.uint8 or image.dim() != 3 or image.shape[2] != 3:
-            got = f"{image.dtype} {tuple(image.shape)}" if isinstance(image, Tensor) else type(image).__name__
-            raise InvalidArgumentError(f"image must be an (H, W, 3) uint8 tensor, got {got}")
-        if tuple(image.shape[:2]) != tuple(unary.shape[1:]):
-            raise InvalidArgumentError(f"image size {tuple(image.shape[:2])} does not match unary's "
-                                       f"{tuple(unary.shape[1:])}")
+        if not isinstance(image, Tensor) or image.dtype != torch.uint8:
+            got = image.dtype if isinstance(image, Tensor) else type(image).__name__
+            raise InvalidArgumentError(f"image must be a uint8 RGB tensor, got {got}")
+        check_image_shape(tuple(image.shape), *unary.shape[1:])
         if bilateral is not None:
             planar = image.permute(2, 0, 1).to(torch.float32).contiguous()
     logits = mean_field_native(unary, planar, kernels, normalization=normalization, iterations=iterations,
