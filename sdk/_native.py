@@ -621,6 +621,8 @@ class Problem:
     def filter(self, kernel: int, values: np.ndarray, transpose: bool) -> np.ndarray:
         """Kernel `kernel`'s lattice filter (its transpose when asked) of (C, H, W) `values`: a test hook
         for the adjoint (tests/plugins)."""
+        if not is_int(kernel) or not 0 <= kernel <= INT32_MAX:  # ctypes would wrap 2**32 to kernel 0
+            raise InvalidArgumentError(f"kernel must be an int in 0..{INT32_MAX}, got {kernel!r}")
         if len(values.shape) != 3:
             raise InvalidArgumentError(f"values must be (C, H, W) planes, got {tuple(values.shape)}")
         self._check_planes("values", values, values.shape[0])

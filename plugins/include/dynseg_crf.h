@@ -112,19 +112,21 @@ typedef struct dynseg_kernel {
  * The backward calls differentiate it too: the gradient reaches the unary through every iteration's
  * term, and w_x and w_y; the scores (the detector's) are constants. */
 typedef struct dynseg_detections {
-    int64_t count;              /* 0 <= D <= DYNSEG_MAX_DETECTIONS */
+    int64_t count;              /* 0 <= D <= DYNSEG_MAX_DETECTIONS, and D x (T + 1) x 16 < 2^63 (the
+                                   backward pass keeps every iteration's beliefs and box sums) */
     const float* boxes;         /* (D, 4) x1, y1, x2, y2: columns x1..x2 and rows y1..y2 inclusive, at least
                                    one pixel of them inside the image (the part outside is ignored) */
     const int64_t* labels;      /* (D,) l_d in 0..L-1 */
-    const float* scores;        /* (D,) s_d */
+    const float* scores;        /* (D,) s_d, finite and >= 0 */
     const float* detection_x;   /* one value: w_x */
     const float* detection_y;   /* one value: w_y */
     float score_ceiling;        /* s_max > 0 */
     float epsilon;              /* 0 <= epsilon < 1 */
     float* recalibrated;        /* (D,) output, or NULL: Q(Y_d = 1) of the last iteration (s_d when T = 0);
-                                   must not overlap scores, which every iteration reads (refused:
-                                   INVALID_ARGUMENT). The backward calls, which recompute the forward
-                                   pass, write it too */
+                                   must not overlap scores, boxes, labels, detection_x, detection_y
+                                   or grad_recalibrated, which every iteration reads after writing it
+                                   (refused: INVALID_ARGUMENT). The backward calls, which recompute
+                                   the forward pass, write it too */
     /* Read by the backward calls only: */
     const float* grad_recalibrated; /* (D,) dLoss/d recalibrated, or NULL: zero */
     float* grad_detection_x;    /* one value: dLoss/dw_x, or NULL: not wanted */

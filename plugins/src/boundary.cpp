@@ -53,12 +53,12 @@ dynseg_status check_not_null(std::initializer_list<Named> pointers) {
 
 namespace {
 
-// Whether the arrays of `count` floats at a and b share memory; compares addresses only, so device
-// pointers may be asked about too.
-bool overlap(const float* a, const float* b, int64_t count) {
+// Whether the arrays of a_bytes at a and b_bytes at b share memory; compares addresses only, so device
+// pointers may be asked about too, and a NULL array (an absent optional one) shares none.
+bool overlap(const void* a, size_t a_bytes, const void* b, size_t b_bytes) {
+    if (!a || !b) return false;
     const auto begin_a = reinterpret_cast<std::uintptr_t>(a), begin_b = reinterpret_cast<std::uintptr_t>(b);
-    const auto bytes = static_cast<std::uintptr_t>(count) * sizeof(float);
-    return begin_a < begin_b + bytes && begin_b < begin_a + bytes;
+    return begin_a < begin_b + b_bytes && begin_b < begin_a + a_bytes;
 }
 
 dynseg_status validate_detections(const dynseg_crf_problem& p, bool read_arrays) {
@@ -169,13 +169,30 @@ dynseg_status validate(const dynseg_crf_problem* p, bool read_arrays) {
     return p->detections ? validate_detections(*p, read_arrays) : DYNSEG_OK;
 }
 
-dynseg_status check_outputs_apart(const dynseg_crf_problem& p) {
+dynseg_status check_outputs_apart(const dynseg_crf_problem& p, int32_t pass) {
     const dynseg_detections* d = p.detections;
-    // every iteration reads the scores and writes the recalibrated ones: shared memory would feed one
-    // iteration's output into the next one's prior
-    if (d && d->count > 0 && d->recalibrated && overlap(d->recalibrated, d->scores, d->count))
-        return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "detections->recalibrated overlaps detections->scores: give "
-                    "the recalibrated scores a buffer of their own");
+    if (!d || d->count <= 0 || !d->recalibrated) return DYNSEG_OK;
+    // every iteration writes the recalibrated scores and then reads the detections again: written over,
+    // the scores would feed one iteration's output into the next one's prior, the boxes and weights would
+    // change the model mid-call, and the labels, which index the logits, would send writes anywhere; the
+    // backward pass rewrites them before it reads grad_recalibrated
+    const size_t floats = static_cast<size_t>(d->count) * sizeof(float);
+    const struct {
+        const char* name;
+        const void* pointer;
+        size_t bytes;
+    } read_after_writing[] = {
+        {"scores", d->scores, floats},
+        {"boxes", d->boxes, 4 * floats},
+        {"labels", d->labels, static_cast<size_t>(d->count) * sizeof(int64_t)},
+        {"detection_x", d->detection_x, sizeof(float)},
+        {"detection_y", d->detection_y, sizeof(float)},
+        {"grad_recalibrated", pass == DYNSEG_PASS_BACKWARD ? d->grad_recalibrated : nullptr, floats},
+    };
+    for (const auto& input : read_after_writing)
+        if (overlap(d->recalibrated, floats, input.pointer, input.bytes))
+            return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "detections->recalibrated overlaps detections->%s: give the "
+                        "recalibrated scores a buffer of their own", input.name);
     return DYNSEG_OK;
 }
 

@@ -49,8 +49,9 @@ dynseg_status validate(const dynseg_crf_problem* problem, bool read_arrays);
 
 // What a compute call adds to validate(), and a size query may not ask (its arrays may all be one
 // placeholder): the recalibrated detection scores, which every iteration writes, share no memory with
-// the scores. Compares addresses only, so device pointers are checked too.
-dynseg_status check_outputs_apart(const dynseg_crf_problem& problem);
+// the detection arrays it reads after (and, for pass DYNSEG_PASS_BACKWARD, grad_recalibrated). Compares
+// addresses only, so device pointers are checked too.
+dynseg_status check_outputs_apart(const dynseg_crf_problem& problem, int32_t pass);
 
 // After a call on validated, finite inputs: whether its host outputs are finite too. Finite inputs
 // can still be too large together for float32, and the library reports that rather than hand back

@@ -57,7 +57,7 @@ dynseg_status dynseg_crf_forward(const dynseg_crf_problem* problem, const float*
         if (dynseg_status s = dynseg::validate(problem, /*read_arrays=*/true)) return s;
         if (dynseg_status s = dynseg::check_not_null({{"unary", unary}, {"out", out}, {"workspace", workspace}}))
             return s;
-        if (dynseg_status s = dynseg::check_outputs_apart(*problem)) return s;
+        if (dynseg_status s = dynseg::check_outputs_apart(*problem, DYNSEG_PASS_FORWARD)) return s;
         if (!dynseg::all_finite(unary, problem->num_labels * problem->height * problem->width))
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "unary holds a non-finite value");
         if (dynseg_status s = with_mean_field(*problem, DYNSEG_PASS_FORWARD, workspace, workspace_bytes,
@@ -80,7 +80,7 @@ dynseg_status dynseg_crf_backward(const dynseg_crf_problem* problem, const float
         if (dynseg_status s = dynseg::check_not_null({{"unary", unary}, {"grad_logits", grad_logits},
                                                       {"grad_unary", grad_unary}, {"workspace", workspace}}))
             return s;
-        if (dynseg_status s = dynseg::check_outputs_apart(*problem)) return s;
+        if (dynseg_status s = dynseg::check_outputs_apart(*problem, DYNSEG_PASS_BACKWARD)) return s;
         const int64_t size = problem->num_labels * problem->height * problem->width;
         if (!dynseg::all_finite(unary, size)) return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "unary holds a non-finite value");
         if (!dynseg::all_finite(grad_logits, size))

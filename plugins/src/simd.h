@@ -61,8 +61,11 @@ inline vec8 fmadd(vec8 a, vec8 b, vec8 c) {
 // exp for x <= 0 (softmax after subtracting the max), within about one ulp where it matters.
 // x = n·ln2 + r with r in [-ln2/2, ln2/2], a degree-6 Taylor polynomial for e^r (truncation 1e-7),
 // then 2^n through the exponent bits. The one-constant reduction loses accuracy only for
-// e^x < 2^-24, which a probability never notices.
+// e^x < 2^-24, which a probability never notices. Below -87, where 2^n would leave the normal floats,
+// the result is 0: float32's exp is denormal or 0 there, and a floor of e^-87 = 1.6e-38 would hand a
+// caller taking log(Q) -87 for a label far below the others.
 inline vec8 exp_nonpositive(vec8 x) {
+    const vec8 given = x;
     x = x < splat8(-87.0f) ? splat8(-87.0f) : x;  // keeps 2^n a normal float
     const vec8 shifter = splat8(12582912.0f);      // 1.5 · 2^23: adding it rounds to an integer
     // A NaN x (the logits of an overflowed problem, which the call then reports) takes n from -87: converting
@@ -80,7 +83,7 @@ inline vec8 exp_nonpositive(vec8 x) {
     const ivec8 bits = (__builtin_convertvector(n, ivec8) + 127) << 23;
     vec8 scale;
     std::memcpy(&scale, &bits, sizeof(scale));
-    return p * scale;
+    return given < splat8(-87.0f) ? splat8(0.0f) : p * scale;  // NaN compares false: it stays NaN
 }
 
 // Horizontal sum and max by halving, in a fixed order: the same bits on every ISA.

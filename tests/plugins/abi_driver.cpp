@@ -10,12 +10,14 @@
 // and a count, and exits 1 if any status or result was not the expected one.
 //
 //   g++ -std=c++17 -I plugins/include tests/plugins/abi_driver.cpp -L<dir> -ldynseg_crf -pthread
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <random>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -172,6 +174,43 @@ void detection_potential() {
     d.recalibrated = shared + 2;  // right after the scores: no overlap
     expect_status(dynseg_crf_forward(&p.c, p.unary.data(), out.data(), ws.data(), ws.size()), DYNSEG_OK,
                   "forward with recalibrated scores just past the scores");
+
+    // nor may they be written over anything else an iteration reads after writing them: over the labels,
+    // which index the logits, the next iteration would write out of bounds
+    int64_t labels_in[2] = {1, 2};
+    float boxes_in[8], x_in[2] = {x, 0.0f}, y_in[2] = {y, 0.0f};
+    std::copy(boxes, boxes + 8, boxes_in);
+    d.scores = scores;
+    d.labels = labels_in;
+    d.boxes = boxes_in;
+    d.detection_x = x_in;
+    d.detection_y = y_in;
+    const struct {
+        float* recalibrated;
+        const char* input;
+    } aliases[] = {{reinterpret_cast<float*>(labels_in), "detections->labels"},
+                   {reinterpret_cast<float*>(labels_in) + 2, "detections->labels"},
+                   {boxes_in + 6, "detections->boxes"},
+                   {x_in, "detections->detection_x"},
+                   {y_in, "detections->detection_y"}};
+    for (const auto& alias : aliases) {
+        d.recalibrated = alias.recalibrated;
+        expect_status(dynseg_crf_forward(&p.c, p.unary.data(), out.data(), ws.data(), ws.size()),
+                      DYNSEG_ERROR_INVALID_ARGUMENT, "refused: recalibrated scores over an input read after them",
+                      (std::string("detections->recalibrated overlaps ") + alias.input).c_str());
+    }
+    expect(labels_in[0] == 1 && labels_in[1] == 2 && x_in[0] == x, "refused: the inputs are left as they were");
+    // grad_recalibrated is read by the backward pass only, after it has recomputed the recalibrated scores
+    float shared_grad[2] = {1.0f, -0.5f};
+    d.recalibrated = shared_grad;
+    d.grad_recalibrated = shared_grad;
+    expect_status(dynseg_crf_backward(&p.c, p.unary.data(), out.data(), grad.data(), nullptr, nullptr,
+                                      backward_ws.data(), backward_ws.size()),
+                  DYNSEG_ERROR_INVALID_ARGUMENT, "refused: backward with recalibrated over grad_recalibrated",
+                  "detections->recalibrated overlaps detections->grad_recalibrated");
+    expect_status(dynseg_crf_forward(&p.c, p.unary.data(), out.data(), ws.data(), ws.size()), DYNSEG_OK,
+                  "forward, which does not read grad_recalibrated, with recalibrated over it");
+    d.recalibrated = recalibrated;
     d.labels = nullptr;
     expect_status(dynseg_crf_forward(&p.c, p.unary.data(), out.data(), ws.data(), ws.size()),
                   DYNSEG_ERROR_INVALID_ARGUMENT, "refused: no detection labels", "detections->labels is NULL");

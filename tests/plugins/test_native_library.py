@@ -135,6 +135,8 @@ def test_filter_accepts_fewer_channels_than_labels_and_rejects_more(smooth_image
         problem.filter(0, np.ones((4, 8, 9), np.float32), False)
     with pytest.raises(InvalidArgumentError, match="kernel"):
         problem.filter(1, ones, False)
+    with pytest.raises(InvalidArgumentError, match=r"kernel must be an int in 0\.\.2147483647, got 4294967296"):
+        problem.filter(2**32, ones, False)  # as a C int32, kernel 0
 
 
 def test_every_problem_method_refuses_planes_of_another_shape_before_the_library_reads_them(smooth_image):

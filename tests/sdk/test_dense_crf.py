@@ -94,6 +94,17 @@ def test_zero_iterations_return_the_softmax_of_the_unary(smooth_image, smooth_un
     assert np.abs(q - softmax(unary)).max() <= 1e-6  # measured 1.2e-7
 
 
+def test_a_label_far_below_the_others_gets_probability_zero_not_a_floor():
+    # 20 pixels (the vector loop and its tail), the gaps spanning the exp's reduction and its cut at -87
+    gaps = np.linspace(0.0, 120.0, 20, dtype=np.float32)
+    unary = np.stack([np.zeros_like(gaps), -gaps]).reshape(2, 1, 20)
+    q = dense_crf(unary, None, iterations=0, spatial=None, bilateral=None)
+    exact = 1.0 / (1.0 + np.exp(gaps.astype(np.float64)))  # Q of the lower label
+    normal = exact > np.finfo(np.float32).tiny
+    np.testing.assert_allclose(q[1, 0, normal], exact[normal], rtol=2e-6)
+    assert (q[1, 0, gaps > 87] == 0).all()  # before: e^-87 = 1.6e-38, so log Q read -87 at any gap
+
+
 def test_large_but_packable_lattice_keys_work(smooth_image, smooth_unary, pydensecrf_q):
     # spatial theta 0.5 on 300x300: features up to 600, far more lattice vertices than the default
     unary = smooth_unary(2, 300, 300)

@@ -208,7 +208,7 @@ dynseg_status dynseg_crf_forward_cuda(const dynseg_crf_problem* problem, const f
         if (dynseg_status s = check_arguments(problem)) return s;
         if (dynseg_status s = dynseg::check_not_null({{"unary", unary}, {"out", out}, {"workspace", workspace}}))
             return s;
-        if (dynseg_status s = dynseg::check_outputs_apart(*problem)) return s;
+        if (dynseg_status s = dynseg::check_outputs_apart(*problem, DYNSEG_PASS_FORWARD)) return s;
         return with_mean_field(*problem, DYNSEG_PASS_FORWARD, workspace, workspace_bytes, stream,
                                [&](dynseg::cuda::MeanField& crf, const dynseg::cuda::Launch& launch) {
                                    crf.forward(unary, out, launch);
@@ -225,7 +225,7 @@ dynseg_status dynseg_crf_backward_cuda(const dynseg_crf_problem* problem, const 
         if (dynseg_status s = dynseg::check_not_null({{"unary", unary}, {"grad_logits", grad_logits},
                                                       {"grad_unary", grad_unary}, {"workspace", workspace}}))
             return s;
-        if (dynseg_status s = dynseg::check_outputs_apart(*problem)) return s;
+        if (dynseg_status s = dynseg::check_outputs_apart(*problem, DYNSEG_PASS_BACKWARD)) return s;
         return with_mean_field(*problem, DYNSEG_PASS_BACKWARD, workspace, workspace_bytes, stream,
                                [&](dynseg::cuda::MeanField& crf, const dynseg::cuda::Launch& launch) {
                                    crf.backward(unary, grad_logits, grad_unary, grad_weights, grad_compat, launch);
@@ -271,7 +271,7 @@ dynseg_status dynseg_crf_forward_cuda_from_host(const dynseg_crf_problem* proble
     return guarded_cuda([&] {
         if (dynseg_status s = dynseg::validate(problem, /*read_arrays=*/true)) return s;
         if (dynseg_status s = dynseg::check_not_null({{"unary", unary}, {"out", out}})) return s;
-        if (dynseg_status s = dynseg::check_outputs_apart(*problem)) return s;
+        if (dynseg_status s = dynseg::check_outputs_apart(*problem, DYNSEG_PASS_FORWARD)) return s;
         // host memory here, so checked as the CPU call checks it
         if (!dynseg::all_finite(unary, problem->num_labels * problem->height * problem->width))
             return fail(DYNSEG_ERROR_INVALID_ARGUMENT, "unary holds a non-finite value");
