@@ -7,8 +7,10 @@ deployment commands' (dynseg.sdk.commands.progress); this module adds what is th
 averaged between lines, and notes such as an epoch's metrics.
 
 Throughput and ETA count only the steps this run made (a resumed run starts its clock at the step it
-resumed from): images/s = images processed / seconds since the stage began, ETA = seconds per step so
-far x steps left. Both include data loading and, where it runs, held-out evaluation.
+resumed from) at the pace of about the last minute (`ProgressClock.rates`): images/s = images processed
+/ seconds over it, ETA = seconds per step over it x steps left; the epoch log's images_per_s is the pace
+since the stage began (`ProgressClock.throughput`). All include data loading and, where it runs,
+held-out evaluation.
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ holds held-out metrics when a held-out set is given) and the progress display (`
 sees one image per step, as the paper did: every image has its own number of detections. A sample's
 detections are its own when it carries them (`data.sources.with_detections`), else simulated.
 
-Every image of a step is drawn (dataset index, augmentation, simulated detections) from its own
-generator, seeded by (seed, step, position in the step's global batch), and each step's dropout masks
+The run walks the dataset in epochs, each a fresh shuffle seeded by (seed, epoch), so an epoch sees every
+image once. Every image of a step is augmented (and its detections simulated) from its own generator,
+seeded by (seed, step, position in the step's global batch), and each step's dropout masks
 from torch's generator seeded by (seed, process, step): a run resumed from a checkpoint computes what
 an uninterrupted one would, and processes can split a batch without sharing a random stream.
 
@@ -26,6 +27,7 @@ averaged gradient is the gradient of the global batch's loss; rank 0 alone write
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -126,8 +128,8 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 def augment(sample: Mapping[str, Any], config: TrainConfig, rng: np.random.Generator) -> dict:
     """Random scale (bilinear for the image; for labels, each pixel's nearest source pixel), crop and
     mirror of a sample dict with image (H, W, 3) uint8, semantic (H, W), masks (M, H, W), labels (M,),
-    boxes (M, 4), and optionally detections (a `DetectorOutput` dict: its boxes follow the image; those
-    the crop leaves wholly outside are dropped, the others clipped to it)."""
+    boxes (M, 4), and optionally detections (a `DetectorOutput` dict: its boxes follow the masks; those
+    left without a pixel, by the scale or the crop, are dropped, the others clipped to the crop)."""
     image = torch.from_numpy(sample["image"]).permute(2, 0, 1).float()[None]  # (1, 3, H, W)
     semantic = torch.from_numpy(np.asarray(sample["semantic"], dtype=np.int64))  # (H, W)
     masks = torch.from_numpy(np.asarray(sample["masks"], dtype=bool))  # (M, H, W)
@@ -140,6 +142,7 @@ def augment(sample: Mapping[str, Any], config: TrainConfig, rng: np.random.Gener
     rows, columns = (torch.from_numpy(np.minimum(np.rint(np.arange(new) / factor), old - 1).astype(np.int64))
                      for new, old, factor in zip(size, semantic.shape, factors))
     semantic, masks = semantic[rows[:, None], columns], masks[:, rows[:, None], columns]
+    sources = (rows.numpy(), columns.numpy())
     offset, crop_size = (0, 0), size
     if config.crop is not None:
         ch, cw = min(config.crop[0], size[0]), min(config.crop[1], size[1])
@@ -160,20 +163,30 @@ def augment(sample: Mapping[str, Any], config: TrainConfig, rng: np.random.Gener
         "boxes": torch.from_numpy(mask_boxes(masks.numpy())),  # (M, 4) float32 xyxy inclusive
     }
     if "detections" in sample:
-        out["detections"] = _move_boxes(sample["detections"], factors, offset, crop_size, mirrored)
+        out["detections"] = _move_boxes(sample["detections"], sources, offset, crop_size, mirrored)
     return out
 
 
-def _move_boxes(detections: DetectorOutput, factors: list[float], offset: tuple[int, int], size: tuple[int, int],
-                mirrored: bool) -> DetectorOutput:
-    """Detections (boxes (D, 4) xyxy inclusive) through augment's scale (y, x factors), crop (y0, x0
-    offset, (h, w) size) and mirror; the boxes come out as the pixels they cover (`inside_image`), so
-    the mirror maps pixel columns onto pixel columns."""
+def _move_boxes(detections: DetectorOutput, sources: tuple[np.ndarray, np.ndarray] | None, offset: tuple[int, int],
+                size: tuple[int, int], mirrored: bool) -> DetectorOutput:
+    """Detections (boxes (D, 4) xyxy inclusive) through augment's scale (sources: each scaled row's and
+    column's source pixel, ascending; None: no scaling), crop (y0, x0 offset, (h, w) size) and mirror.
+    A box comes out as the scaled pixels whose source pixel it covers, as the masks are scaled, so a
+    detector's box that was its object's box stays so; those that cover none are dropped, and the rest
+    are the pixels they cover in the crop (`inside_image`), so the mirror maps pixel columns onto pixel
+    columns."""
     height, width = size
-    boxes = detections["boxes"].astype(np.float32).reshape(-1, 4)
-    scale, shift = np.array([factors[1], factors[0]] * 2, np.float32), np.array([offset[1], offset[0]] * 2, np.float32)
-    boxes = boxes * scale - shift
-    scaled = DetectorOutput(boxes=boxes, labels=detections["labels"], scores=detections["scores"])
+    boxes = np.floor(np.asarray(detections["boxes"], np.float64).reshape(-1, 4))  # the pixels deployment reads
+    labels, scores = np.asarray(detections["labels"]), np.asarray(detections["scores"])
+    if sources is not None:
+        rows, columns = sources
+        first = [np.searchsorted(columns, boxes[:, 0], "left"), np.searchsorted(rows, boxes[:, 1], "left")]
+        last = [np.searchsorted(columns, boxes[:, 2], "right") - 1, np.searchsorted(rows, boxes[:, 3], "right") - 1]
+        boxes = np.stack([*first, *last], axis=1).astype(np.float64)
+        covers = (boxes[:, 0] <= boxes[:, 2]) & (boxes[:, 1] <= boxes[:, 3])
+        boxes, labels, scores = boxes[covers], labels[covers], scores[covers]
+    boxes = boxes - np.array([offset[1], offset[0]] * 2)
+    scaled = DetectorOutput(boxes=boxes.astype(np.float32), labels=labels, scores=scores)
     moved = inside_image(scaled, height, width)
     if mirrored:
         boxes = moved["boxes"]
@@ -242,7 +255,7 @@ def train(
         # skips the instance CRF. Those unused everywhere keep grad None, as in one process.
         objective = DistributedDataParallel(objective, device_ids=[device] if device.type == "cuda" else None,
                                             find_unused_parameters=True)
-    images_per_step = world if stage2 else config.batch_size
+    images_per_step = _images_per_step(config)
     steps_per_epoch = max(1, -(-len(dataset) // images_per_step))
     log, epoch_losses, began = [], [], time.perf_counter()
     instances_drawn = 0  # stage 2's ground-truth instances: none in any step means it learns nothing
@@ -484,14 +497,17 @@ def _has_batch_norm(module: nn.Module) -> bool:
 
 
 def _training_modes(model: DynamicallyInstantiatedNetwork, config: TrainConfig) -> None:
-    """Train mode, except the parts whose batch-norm statistics the stage keeps."""
+    """Train mode, except the parts whose batch-norm statistics the stage keeps, and stage 2's frozen
+    semantic part."""
     model.train()
-    if config.stage == "instance":
-        # One image per step: batch-norm statistics cannot be estimated from it (the pyramid pooling's
-        # 1x1 branch even refuses), so stage 2 keeps the semantic part's statistics from stage 1.
-        model.semantic.eval()
-    if config.frozen_batch_norm:
-        for module in model.modules():
+    if config.stage == "instance" and config.mode == "piecewise":
+        model.semantic.eval()  # frozen whole: stage 2 learns on the features deployment will give it
+    # One image per step: batch-norm statistics cannot be estimated from it (the pyramid pooling's 1x1
+    # branch even refuses), so stage 2 keeps the semantic part's statistics from stage 1; end to end, the
+    # semantic part's dropout still trains with it.
+    keeps_statistics = model if config.frozen_batch_norm else model.semantic if config.stage == "instance" else None
+    if keeps_statistics is not None:
+        for module in keeps_statistics.modules():
             if isinstance(module, _BATCH_NORMS):
                 module.eval()
 
@@ -521,15 +537,32 @@ class _Objective(nn.Module):
         return semantic_loss(logits, batch["targets"])
 
 
+def _images_per_step(config: TrainConfig) -> int:
+    """The images one step takes over all processes: stage 2 takes one per process."""
+    return distributed.world_size() if config.stage == "instance" else config.batch_size
+
+
 def _draw(dataset: Samples, config: TrainConfig, step: int, position: int,
           num_classes: int) -> tuple[dict, np.random.Generator]:
     """The augmented sample at `position` of step `step`'s global batch, checked, and its generator
     (stage 2 goes on to draw the detections from it)."""
     rng = np.random.default_rng([config.seed, step, position])
-    index = int(rng.integers(len(dataset)))
+    index = _dataset_index(config.seed, step * _images_per_step(config) + position, len(dataset))
     sample = dataset[index]
     check_sample(sample, f"dataset[{index}]", num_classes)
     return augment(sample, config, rng), rng
+
+
+def _dataset_index(seed: int, draw: int, size: int) -> int:
+    """The dataset image the run's `draw`-th image (counted over steps and positions) reads: each run of
+    `size` draws is one epoch, a shuffle of the whole dataset (indices drawn independently would leave
+    about 37 % of the images out of each epoch and repeat others within a batch)."""
+    return int(_shuffle(seed, draw // size, size)[draw % size])
+
+
+@functools.lru_cache(maxsize=2)  # a step's images share one epoch, or two at its boundary
+def _shuffle(seed: int, epoch: int, size: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch, size]).permutation(size)
 
 
 def _semantic_batch(dataset: Samples, config: TrainConfig, step: int, positions: range, num_classes: int,
@@ -553,7 +586,7 @@ def _semantic_batch(dataset: Samples, config: TrainConfig, step: int, positions:
         image_crops.append(sample["image"][:, y0:y0 + height, x0:x0 + width])
         target_crops.append(sample["semantic"][y0:y0 + height, x0:x0 + width])
         # the boxes the crop keeps, clipped and floored as forward does
-        kept = _move_boxes(sample["detections"], [1.0, 1.0], (y0, x0), (height, width), mirrored=False)
+        kept = _move_boxes(sample["detections"], None, (y0, x0), (height, width), mirrored=False)
         tensors = (torch.from_numpy(np.asarray(kept[key])) for key in ("boxes", "labels", "scores"))
         detections.append(require_valid_detections(*tensors, height=height, width=width, num_classes=num_classes,
                                                    score_ceiling=score_ceiling))

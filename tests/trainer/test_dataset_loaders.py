@@ -537,6 +537,19 @@ def test_coco_categories_must_name_one_class_each(tmp_path, change, message):
         CocoInstances(root, "val2017")
 
 
+def test_coco_refuses_as_many_categories_as_would_make_a_class_void(tmp_path):
+    # the 255th class would share the value that marks void pixels: its objects ignored in training and
+    # unmatchable in evaluation, without a word
+    root, coco = write_coco(tmp_path)
+    coco["categories"] += [{"id": 1000 + i, "name": f"extra {i}"} for i in range(255 - len(coco["categories"]))]
+    _rewrite_coco(root, coco)
+    with pytest.raises(ValueError, match="255 classes, but dynseg's datasets hold at most 254"):
+        CocoInstances(root, "val2017")
+    coco["categories"].pop()
+    _rewrite_coco(root, coco)
+    assert CocoInstances(root, "val2017").num_classes == 254
+
+
 # ----------------------------------------------------------------------------------------- Cityscapes
 
 

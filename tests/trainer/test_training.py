@@ -22,7 +22,7 @@ from dynseg.trainer.model import InstanceConfig, ModelConfig, build_model
 from dynseg.trainer.evaluation import evaluate
 from dynseg.trainer.checkpoint import load_checkpoint, save_checkpoint, weights_fingerprint
 from dynseg.trainer.train import (
-    TrainConfig, _draw, _semantic_batch, augment, evaluation_inputs, fit, learning_rate, predict, train,
+    TrainConfig, _draw, _semantic_batch, _training_modes, augment, evaluation_inputs, fit, learning_rate, predict, train,
 )
 
 SIZE = (48, 64)
@@ -75,6 +75,17 @@ def test_piecewise_stage_two_leaves_the_semantic_part_alone_and_end_to_end_does_
     after = semantic_part()
     assert not torch.equal(before["semantic.backbone.conv1.weight"], after["semantic.backbone.conv1.weight"])
     assert not torch.equal(before["semantic_crf.compatibility"], after["semantic_crf.compatibility"])
+
+
+@pytest.mark.parametrize("mode", ["piecewise", "end-to-end"])
+def test_stage_two_keeps_the_semantic_batch_norm_statistics_and_trains_its_dropout_only_end_to_end(mode):
+    _, model = tiny_setup()
+    _training_modes(model, TrainConfig(stage="instance", mode=mode, steps=1))
+    modules = dict(model.semantic.named_modules())
+    norms = [m for m in modules.values() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and not any(m.training for m in norms)
+    assert modules["head.dropout"].training == (mode == "end-to-end")  # before: off in both modes
+    assert model.instance_unaries.training and model.instance_crf.training
 
 
 @pytest.mark.parametrize("blocked", ["model.safetensors", "model.json", "trainer_state.pt"])
@@ -511,6 +522,24 @@ def test_augmentation_keeps_image_class_map_masks_and_boxes_aligned():
     assert 0 < mirrored < 12  # both sides were drawn
 
 
+@pytest.mark.parametrize("scale", [0.6, 1.0, 1.7, 2.0, 2.9])
+def test_a_detection_box_follows_its_objects_pixels_through_scale_crop_and_mirror(scale):
+    # a detector's box that is exactly its object's box stays so: enlarging used to cut its far edge
+    rng = np.random.default_rng(int(scale * 10))
+    for trial in range(20):
+        x1, y1 = rng.integers(0, 20), rng.integers(0, 14)
+        x2, y2 = x1 + rng.integers(0, 12), y1 + rng.integers(0, 10)
+        mask = np.zeros((24, 32), bool)
+        mask[y1:y2 + 1, x1:x2 + 1] = True
+        box = np.array([[x1, y1, x2, y2]], np.float32)
+        sample = {"image": np.zeros((24, 32, 3), np.uint8), "semantic": mask.astype(np.int64), "masks": mask[None],
+                  "labels": np.array([1]), "boxes": box,
+                  "detections": {"boxes": box + 0.25, "labels": np.array([1]), "scores": np.array([0.9], np.float32)}}
+        config = TrainConfig(scale_range=(scale, scale), crop=(20, 24), mirror=True)
+        out = augment(sample, config, np.random.default_rng(trial))
+        assert out["detections"]["boxes"].tolist() == out["boxes"].tolist(), (trial, box, out["boxes"])
+
+
 def test_the_images_of_one_step_are_drawn_apart():
     data = SyntheticScenes(size=16, image_size=(48, 64), seed=0)
     config = TrainConfig(stage="semantic", steps=1, batch_size=4)
@@ -521,6 +550,32 @@ def test_the_images_of_one_step_are_drawn_apart():
             assert not torch.equal(images[i], images[j]), (i, j)
     again, _ = _semantic_batch(data, config, 0, range(4), num_classes=data.num_classes)
     assert torch.equal(again["images"], batch["images"])  # and the same for the same (seed, step)
+
+
+class _Recording(list):
+    """Samples that note which index each read asks for."""
+
+    def __init__(self, samples):
+        super().__init__(samples)
+        self.read = []
+
+    def __getitem__(self, index):
+        self.read.append(index)
+        return super().__getitem__(index)
+
+
+@pytest.mark.parametrize("stage, batch_size", [("semantic", 4), ("semantic", 3), ("instance", 1)])
+def test_each_epoch_reads_every_image_once_in_a_new_order(stage, batch_size):
+    # drawn independently, an epoch of 10 left about 3.5 of them out and read others twice
+    data = SyntheticScenes(size=10, image_size=(48, 64), seed=0)
+    recording = _Recording(data[i] for i in range(10))
+    config = TrainConfig(stage=stage, steps=1, batch_size=batch_size)
+    images_per_step = batch_size if stage == "semantic" else 1
+    for draw in range(20):
+        _draw(recording, config, draw // images_per_step, draw % images_per_step, data.num_classes)
+    first, second = recording.read[:10], recording.read[10:]
+    assert sorted(first) == sorted(second) == list(range(10))
+    assert first != second and first != list(range(10))
 
 
 def test_a_stage_1_batch_crops_each_image_anywhere_not_always_at_its_top_left():

@@ -38,7 +38,7 @@ import numpy as np
 from dynseg.sdk.errors import InvalidArgumentError
 from dynseg.sdk.checks import is_int
 
-from .common import LabelledSample, assemble_sample, check_index, check_split_name, read_rgb, require_files
+from .common import LabelledSample, assemble_sample, check_class_count, check_index, check_split_name, read_rgb, require_files
 
 __all__ = ["CocoInstances"]
 
@@ -121,6 +121,7 @@ class CocoInstances:
         self.label_of_category: dict[int, int] = {c: label for label, c in enumerate(self.category_ids, start=1)}
         self.class_names: tuple[str, ...] = ("background", *names)
         self.num_classes = len(self.category_ids)
+        check_class_count(self.num_classes, str(self.annotation_file))
         self._check_images()
         # The file's list, not `_coco.anns`: that keeps one annotation per id, `imgToAnns` (what is drawn) keeps all.
         for index, annotation in enumerate(self._coco.dataset.get("annotations", [])):

@@ -56,6 +56,7 @@ def check_sample(sample: object, where: str, num_classes: int) -> None:
     training and evaluation read of a `SceneSample`: image uint8 (H, W, 3) RGB, semantic (H, W) integers
     in 0..num_classes or VOID, masks bool (M, H, W), labels (M,) integers in 1..num_classes. A dataset of
     one's own can get them subtly wrong: a float image in 0..1 would train on pictures 255 times too dark."""
+    check_class_count(num_classes, where)
     if not isinstance(sample, Mapping):
         raise InvalidArgumentError(f"{where} must be a mapping of image, semantic, masks and labels, got "
                                    f"{type(sample).__name__}")
@@ -82,6 +83,15 @@ def check_sample(sample: object, where: str, num_classes: int) -> None:
                                    f"{labels.dtype} of shape {labels.shape}")
     if len(labels) and (labels.min() < 1 or labels.max() > num_classes):
         raise InvalidArgumentError(f"{where}['labels'] must be classes 1..{num_classes}, got {labels.tolist()}")
+
+
+def check_class_count(num_classes: int, source: str) -> None:
+    """InvalidArgumentError naming `source` when its classes 1..num_classes reach VOID: a semantic map marks
+    void pixels with VOID, so class VOID's pixels would be read as void, ignored by the loss and unmatchable
+    in evaluation, without a word."""
+    if num_classes >= VOID:
+        raise InvalidArgumentError(f"{source}: {num_classes} classes, but dynseg's datasets hold at most {VOID - 1}: "
+                                   f"a semantic map marks void pixels with {VOID}, so class {VOID} would be void")
 
 
 def check_split_name(split: object) -> None:
