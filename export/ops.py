@@ -12,7 +12,7 @@ without), so a traced graph carries exactly the values the network computes.
 
 from __future__ import annotations
 
-from dataclasses import astuple, replace
+from dataclasses import astuple
 
 import numpy as np
 import onnx
@@ -180,7 +180,7 @@ def crf_node_differences(model: onnx.ModelProto, network: DynamicallyInstantiate
     differences = []
     for node, module in zip(found, expected):
         name = f"{'semantic' if isinstance(module, SemanticCRFNode) else 'instance'} CRF node {node.name!r}"
-        got, want = (_as_float32(a) for a in (CrfAttributes.of_node(node), module.attributes()))
+        got, want = CrfAttributes.of_node(node), module.attributes()  # floats as float32 holds them, both
         differences += [f"{name}: attribute {field} is {_shown(getattr(got, field))}, the checkpoint's "
                         f"{_shown(getattr(want, field))}" for field in got.__dataclass_fields__
                         if getattr(got, field) != getattr(want, field)]
@@ -197,17 +197,6 @@ def crf_node_differences(model: onnx.ModelProto, network: DynamicallyInstantiate
 
 def _shown(value: object) -> str:
     return f"{value:.7g}" if isinstance(value, float) else repr(value)  # a float32's digits
-
-
-def _as_float32(attributes: CrfAttributes) -> CrfAttributes:
-    """The attributes with their floats as float32 holds them: ONNX's FLOAT attributes are float32."""
-    def rounded(value: float) -> float:
-        return float(np.float32(value))
-
-    a = attributes
-    return replace(a, theta_spatial=rounded(a.theta_spatial), theta_bilateral_xy=rounded(a.theta_bilateral_xy),
-                   theta_bilateral_rgb=rounded(a.theta_bilateral_rgb), score_ceiling=rounded(a.score_ceiling),
-                   epsilon=rounded(a.epsilon))
 
 
 def _constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:

@@ -11,7 +11,6 @@ iteration's logits (dynseg_detections in dynseg_crf.h).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import NamedTuple, cast, overload
@@ -20,7 +19,7 @@ import numpy as np
 from onnx import NodeProto, helper
 
 from . import _native
-from .checks import INT32_MAX
+from .checks import check_iterations, check_normalization, finite_float32, positive_in_float32
 from .errors import InvalidArgumentError
 
 __all__ = ["CrfAttributes", "CrfInputs", "nothing_to_infer", "run_node", "run_node_cuda", "score_ceiling_of"]
@@ -67,13 +66,19 @@ def _planes(array: Array) -> Array:
     return array[0]
 
 
+_ANY_NODE = "MeanFieldCRF"  # how CrfAttributes' own checks name the node; `parse` names the one at hand
+
+
 @dataclass(frozen=True)
 class CrfAttributes:
     """A MeanFieldCRF node's attributes, checked by the rules docs/ops.md gives them, the TensorRT
     plugin's rules: the ONNX type of each, the four required ones, the defaults of the others, and
     their ranges (score_ceiling and epsilon only matter, and are only checked, with the potential).
     The thetas are the paper's θγ (theta_spatial), θα (theta_bilateral_xy) and θβ (theta_bilateral_rgb):
-    the C ABI's theta_xy of the spatial and the bilateral kernel, and theta_color of the bilateral one."""
+    the C ABI's theta_xy of the spatial and the bilateral kernel, and theta_color of the bilateral one.
+    Made directly (export.ops, from a network's config) or by `parse`, they are held to the same ranges,
+    their floats as float32 holds them: ONNX's FLOAT attributes and the kernels' parameters are float32, so
+    1e-46 is 0 to both, and two sets compare equal when the nodes they make would."""
 
     iterations: int
     theta_spatial: float
@@ -83,6 +88,29 @@ class CrfAttributes:
     detection_potential: int = 0
     score_ceiling: float = 1.0
     epsilon: float = 0.0
+
+    def __post_init__(self) -> None:
+        def fail(problem: str) -> InvalidArgumentError:
+            return InvalidArgumentError(f"{_ANY_NODE}: attribute {problem}")
+
+        check_iterations(self.iterations, f"{_ANY_NODE}: attribute iterations")
+        check_normalization(self.normalization, f"{_ANY_NODE}: attribute normalization")
+        for name in ("theta_spatial", "theta_bilateral_xy", "theta_bilateral_rgb"):
+            number = finite_float32(getattr(self, name))
+            if number is None or not positive_in_float32(number):
+                raise fail(f"{name} must be finite and > 0 as a float32, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, float(np.float32(number)))
+        if self.detection_potential not in (0, 1) or isinstance(self.detection_potential, bool):
+            raise fail(f"detection_potential must be 0 or 1, got {self.detection_potential!r}")
+        if not self.detection_potential:
+            return  # score_ceiling and epsilon are neither read nor checked without the potential
+        ceiling, epsilon = finite_float32(self.score_ceiling), finite_float32(self.epsilon)
+        if ceiling is None or not positive_in_float32(ceiling):
+            raise fail(f"score_ceiling must be finite and > 0 as a float32, got {self.score_ceiling!r}")
+        if epsilon is None or not 0 <= np.float32(epsilon) < 1:
+            raise fail(f"epsilon must be in [0, 1) as a float32, got {self.epsilon!r}")
+        object.__setattr__(self, "score_ceiling", float(np.float32(ceiling)))
+        object.__setattr__(self, "epsilon", float(np.float32(epsilon)))
 
     @classmethod
     def of_node(cls, node: NodeProto) -> CrfAttributes:
@@ -114,21 +142,10 @@ class CrfAttributes:
                    if name not in attributes]
         if missing:
             raise fail(f"attributes {', '.join(missing)} are missing (iterations and the three thetas are required)")
-        a = cls(**attributes)  # type: ignore[arg-type]
-        if not 0 <= a.iterations <= INT32_MAX:
-            raise fail(f"attribute iterations must be in 0..{INT32_MAX}, got {a.iterations}")
-        for name in ("theta_spatial", "theta_bilateral_xy", "theta_bilateral_rgb"):
-            if not (math.isfinite(getattr(a, name)) and getattr(a, name) > 0):
-                raise fail(f"attribute {name} must be finite and > 0, got {getattr(a, name)}")
-        if a.normalization not in _native.NORMALIZATION:
-            raise fail(f"attribute normalization must be 'after' or 'symmetric', got {a.normalization!r}")
-        if a.detection_potential not in (0, 1):
-            raise fail(f"attribute detection_potential must be 0 or 1, got {a.detection_potential}")
-        if a.detection_potential and not (math.isfinite(a.score_ceiling) and a.score_ceiling > 0):
-            raise fail(f"attribute score_ceiling must be finite and > 0, got {a.score_ceiling}")
-        if a.detection_potential and not (math.isfinite(a.epsilon) and 0 <= a.epsilon < 1):
-            raise fail(f"attribute epsilon must be in [0, 1), got {a.epsilon}")
-        return a
+        try:
+            return cls(**attributes)  # type: ignore[arg-type]
+        except InvalidArgumentError as error:  # the ranges' message, for the node at hand
+            raise fail(str(error).removeprefix(f"{_ANY_NODE}: ")) from None
 
 
 def score_ceiling_of(nodes: Iterable[CrfAttributes]) -> float:

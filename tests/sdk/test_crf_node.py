@@ -86,8 +86,8 @@ def test_detections_recalibrate_the_scores_and_move_the_logits():
     ({"theta_spatial": None, "theta_bilateral_rgb": None}, "theta_spatial, theta_bilateral_rgb are missing"),
     ({"iteratons": 7}, "unknown attribute 'iteratons'"),
     ({"iterations": 2.9}, "iterations must be of type int, got 2.9"),
-    ({"iterations": -8}, r"iterations must be in 0\.\.2147483647, got -8"),
-    ({"iterations": 2**40}, r"iterations must be in 0\.\.2147483647"),
+    ({"iterations": -8}, r"iterations must be an int in 0\.\.2147483647, got -8"),
+    ({"iterations": 2**40}, r"iterations must be an int in 0\.\.2147483647"),
     ({"theta_spatial": "3"}, "theta_spatial must be of type float"),
     ({"theta_bilateral_xy": 0.0}, "theta_bilateral_xy must be finite and > 0"),
     ({"normalization": "bogus"}, "normalization must be 'after' or 'symmetric', got 'bogus'"),
@@ -101,6 +101,22 @@ def test_a_bad_attribute_is_named_with_its_node(change, message):
     node = {name: value for name, value in {**NODE, **change}.items() if value is not None}
     with pytest.raises(InvalidArgumentError, match=f"node 'crf': .*{message}"):
         CrfAttributes.parse(node, node="node 'crf'")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"theta_spatial": 1e-46}, "theta_spatial must be finite and > 0 as a float32, got 1e-46"),  # 0 in float32
+    ({"theta_bilateral_rgb": 1e39}, "theta_bilateral_rgb must be finite and > 0 as a float32"),  # inf in float32
+    ({"detection_potential": 1, "epsilon": 0.99999999}, r"epsilon must be in \[0, 1\) as a float32"),  # 1.0
+    ({"detection_potential": 1, "score_ceiling": 1e-46}, "score_ceiling must be finite and > 0 as a float32"),
+])
+def test_attributes_are_checked_as_the_float32_the_node_and_the_kernels_hold(change, message):
+    # before, parse passed these (in float64) and the kernel library refused them naming its own fields
+    with pytest.raises(InvalidArgumentError, match=f"node 'crf': attribute {message}"):
+        CrfAttributes.parse({**NODE, **change}, node="node 'crf'")
+    with pytest.raises(InvalidArgumentError, match=f"^MeanFieldCRF: attribute {message}"):  # as export.ops makes them
+        CrfAttributes(**{**NODE, **change})
+    rounded = CrfAttributes(**{**NODE, "theta_spatial": 0.1})
+    assert rounded.theta_spatial == float(np.float32(0.1)) and rounded == CrfAttributes.parse({**NODE, "theta_spatial": 0.1})
 
 
 def test_optional_attributes_take_the_documented_defaults():
