@@ -137,7 +137,7 @@ def test_a_model_without_crf_nodes_or_of_another_op_version_is_refused():
 
 @pytest.mark.parametrize("attribute, message", [
     (helper.make_attribute("normalisation", "symmetric"), "unknown attribute 'normalisation'"),
-    (helper.make_attribute("iterations", 2**32 + 5), "iterations must be in 0..2147483647"),
+    (helper.make_attribute("iterations", 2**32 + 5), "iterations must be an int in 0..2147483647"),
 ])
 def test_an_attribute_tensorrts_parser_would_drop_or_narrow_is_refused_as_the_sdk_refuses_it(attribute, message):
     """The parser passes the plugin only the fields its creator lists, ints narrowed to int32: a typo
