@@ -137,9 +137,10 @@ def build_engine(onnx_path: str | Path, out_path: str | Path, *, fp16: bool = Fa
     image sizes as (H, W); workspace: the builder's workspace pool limit in bytes (None: TensorRT's default,
     the device's memory; the CRF plugin's workspace is sized for the profile's largest shapes and can reach
     gigabytes); plugin_library: the plugin's .so (None: plugin_library_path()). fp16 sets TensorRT 10's FP16
-    builder flag (the CRF plugin stays fp32); TensorRT 11 removed that flag and is refused with fp16.
+    builder flag (the CRF plugin stays fp32); TensorRT 11 removed that flag, so fp16=True is out of range there.
 
-    Raises InvalidArgumentError for a bad profile, workspace or fp16, or a file that is not a dynseg export
+    Raises InvalidArgumentError for a bad profile, workspace or fp16 (fp16=True on a TensorRT without the
+    flag included, raised right after TensorRT's import), or a file that is not a dynseg export
     (read_export), EngineError when TensorRT, the plugin library or a GPU is missing or the build fails."""
     onnx_path, out_path = named_path(onnx_path, "onnx_path"), named_path(out_path, "out_path")
     export = read_export(onnx_path)
@@ -156,6 +157,12 @@ def build_engine(onnx_path: str | Path, out_path: str | Path, *, fp16: bool = Fa
         raise InvalidArgumentError(f"fp16 must be True or False, got {fp16!r}")
     trt_model = tensorrt_model(model)
     tensorrt = import_tensorrt()
+    if fp16 and not hasattr(tensorrt.BuilderFlag, "FP16"):  # before the GPU query, the copy and the parse
+        raise InvalidArgumentError(
+            f"fp16=True needs TensorRT 10's FP16 builder flag, which TensorRT {tensorrt.__version__} does not have "
+            "(TensorRT 11 removed it: reduced precision must be written into the ONNX types, which this exporter "
+            "does not do yet); build with fp16=False"
+        )
     library = Path(plugin_library) if plugin_library is not None else plugin_library_path()
     capability = compute_capability()  # a missing driver or GPU named before the build, which takes minutes
     onnx.checker.check_model(trt_model)
@@ -168,7 +175,8 @@ def build_engine(onnx_path: str | Path, out_path: str | Path, *, fp16: bool = Fa
     write_whole(out_path, lambda partial: partial.write_bytes(plan))
     write_sidecar(out_path, tensorrt_version=tensorrt.__version__, compute_capability=capability,
                   plugin_library=library, profile=profile, model_metadata=metadata, fp16=fp16,
-                  score_ceiling=score_ceiling_of(CrfAttributes.of_node(node) for node in crf_nodes(model.graph)))
+                  score_ceiling=score_ceiling_of(CrfAttributes.of_node(node)
+                                                 for node in crf_nodes(model.graph, subgraphs=True)))
     return out_path
 
 
@@ -203,7 +211,7 @@ def _build_plan(trt, onnx_copy: Path, expected_plugins: int, library: Path, prof
         builder = trt.Builder(logger)
     except TypeError as error:  # pybind11's words for a builder TensorRT could not create (CUDA failed to start)
         raise EngineError(f"TensorRT could not create a builder ({error}); see its log above") from None
-    register_plugin(builder.get_plugin_registry(), library, trt.__version__)
+    register_plugin(builder.get_plugin_registry(), library, trt.__version__, process_wide=False)
     network = builder.create_network(0)  # explicit batch (the only mode in 10.x; strongly typed in 11.x)
     parser = trt.OnnxParser(network, logger)
     if hasattr(trt, "OnnxParserFlag") and hasattr(trt.OnnxParserFlag, "ENABLE_PLUGIN_OVERRIDE"):
@@ -220,12 +228,7 @@ def _build_plan(trt, onnx_copy: Path, expected_plugins: int, library: Path, prof
     config.clear_flag(trt.BuilderFlag.TF32)
     if workspace is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
-    if fp16:
-        if not hasattr(trt.BuilderFlag, "FP16"):
-            raise EngineError(
-                f"TensorRT {trt.__version__} has no FP16 builder flag (TensorRT 11 removed it: reduced precision "
-                "must be written into the ONNX types, which this exporter does not do yet); build with fp16=False"
-            )
+    if fp16:  # build_engine refused it where the flag is missing
         config.set_flag(trt.BuilderFlag.FP16)
     optimisation = builder.create_optimization_profile()
     for name, (low, opt, high) in profile.shapes().items():

@@ -62,7 +62,7 @@ class TensorRTBackend:
         engines.check_sidecar(sidecar, **engines.running_environment(library, device=index), plan=self.path)
         self._trt = trt
         self._logger = engines.tensorrt_logger(trt)
-        engines.register_plugin(trt.get_plugin_registry(), library, trt.__version__)
+        engines.register_plugin(trt.get_plugin_registry(), library, trt.__version__, process_wide=True)
         self._engine = trt.Runtime(self._logger).deserialize_cuda_engine(self.path.read_bytes())
         if self._engine is None:
             raise EngineError(f"TensorRT could not deserialise {self.path}; rebuild the engine")

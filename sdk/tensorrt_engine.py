@@ -273,27 +273,37 @@ def tensorrt_logger(trt: ModuleType) -> Any:
         return _logger
 
 
-# The (registry, library) pairs this process has loaded; each registry held, so that `is` tells them apart.
-_registered: list[tuple[Any, Path]] = []
+# The libraries this process loaded into TensorRT's global registry (trt.get_plugin_registry()). Paths, not
+# registries: a registry's Python object keeps alive what it came from (a builder's, its builder).
+_loaded_globally: set[Path] = set()
 
 
-def register_plugin(registry: tensorrt.IPluginRegistry, library: Path, tensorrt_version: str) -> None:
-    """Makes dynseg's plugin creator known to TensorRT's plugin `registry`, loading `library` there once a
-    process: load_library fails for a library whose plugins are already registered (TensorRT's documented
-    contract), and every build and backend of a process shares the registry. The registry is not asked
-    first: TensorRT logs an error for every creator it is asked for and lacks. Raises EngineError, before
-    loading, for a library built for another major version than `tensorrt_version`
-    (`check_plugin_major_version`), and when the creator is unknown after loading (a library loaded
-    before, by the application, is found then)."""
+def register_plugin(registry: tensorrt.IPluginRegistry, library: Path, tensorrt_version: str, *,
+                    process_wide: bool) -> None:
+    """Makes dynseg's plugin creator known to TensorRT's plugin `registry` by loading `library` into it.
+
+    process_wide=True: `registry` is TensorRT's global one (trt.get_plugin_registry(): the tensorrt
+    backend's), which lives as long as the process; the library is loaded there once a process, since
+    load_library fails, logging an error, for a library whose creators are already registered.
+    process_wide=False: a registry that lives with its object (builder.get_plugin_registry(): build_engine's),
+    loaded each time and not remembered, since holding its Python object would keep the builder alive.
+    The creator is looked up after loading, so a refused load of a library already there (loaded by the
+    application, say) counts as success; the registry is not asked first, as TensorRT logs an error for
+    every creator it is asked for and lacks. Raises EngineError, before loading, for a library built for
+    another major version than `tensorrt_version` (`check_plugin_major_version`), and when the creator is
+    unknown after loading."""
     with _lock:
-        if any(known is registry and path == library for known, path in _registered):
+        if process_wide and library in _loaded_globally:
             return
         check_plugin_major_version(library, tensorrt_version)
         registry.load_library(str(library))
         if registry.get_creator(OP_TYPE, PLUGIN_VERSION, PLUGIN_NAMESPACE) is None:
+            # the library says why through the logger TensorRT handed it, or on stderr before it had one
             raise EngineError(f"TensorRT could not load the plugin library {library}, or it registered no "
-                              f"{PLUGIN_NAMESPACE}::{OP_TYPE} version {PLUGIN_VERSION} (see TensorRT's log above)")
-        _registered.append((registry, library))
+                              f"{PLUGIN_NAMESPACE}::{OP_TYPE} version {PLUGIN_VERSION} (see TensorRT's log and "
+                              "stderr above)")
+        if process_wide:
+            _loaded_globally.add(library)
 
 
 def check_plugin_major_version(library: Path, tensorrt_version: str) -> None:

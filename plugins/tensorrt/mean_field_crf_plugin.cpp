@@ -269,41 +269,87 @@ std::string copy_through(void* to, void const* from, size_t bytes, cudaStream_t 
     return e == cudaSuccess ? std::string() : std::string("cudaMemcpyAsync: ") + cudaGetErrorString(e);
 }
 
-// --- fields ---------------------------------------------------------------------------------------------
+// --- fields: each reader returns an empty string, else why the field cannot be read ---------------------
 
-bool read_int(PluginField const& f, int32_t* out) {
-    if (f.data == nullptr || f.length < 1) return false;
+std::string unreadable(PluginField const& f) {
+    return "has type " + std::to_string(static_cast<int32_t>(f.type)) + " and length " + std::to_string(f.length) +
+           ", which it cannot be read from";
+}
+
+std::string read_int(PluginField const& f, int32_t* out) {
+    if (f.data == nullptr || f.length < 1) return unreadable(f);
     if (f.type == PluginFieldType::kINT32) {
         *out = *static_cast<int32_t const*>(f.data);
-        return true;
+        return {};
     }
     if (f.type == PluginFieldType::kINT64) {
         int64_t const v = *static_cast<int64_t const*>(f.data);
-        if (v < std::numeric_limits<int32_t>::min() || v > std::numeric_limits<int32_t>::max()) return false;
+        // the type is fine: the value is what cannot be narrowed
+        if (v < std::numeric_limits<int32_t>::min() || v > std::numeric_limits<int32_t>::max())
+            return "holds " + std::to_string(v) + ", which does not fit int32";
         *out = static_cast<int32_t>(v);
-        return true;
+        return {};
     }
-    return false;
+    return unreadable(f);
 }
 
-bool read_float(PluginField const& f, float* out) {
-    if (f.data == nullptr || f.length < 1) return false;
+std::string read_float(PluginField const& f, float* out) {
+    if (f.data == nullptr || f.length < 1) return unreadable(f);
     if (f.type == PluginFieldType::kFLOAT32) {
         *out = *static_cast<float const*>(f.data);
-        return true;
+        return {};
     }
     if (f.type == PluginFieldType::kFLOAT64) {
         *out = static_cast<float>(*static_cast<double const*>(f.data));
-        return true;
+        return {};
     }
-    return false;
+    return unreadable(f);
 }
 
-bool read_string(PluginField const& f, std::string* out) {
-    if (f.type != PluginFieldType::kCHAR || f.data == nullptr || f.length < 0) return false;
+std::string read_string(PluginField const& f, std::string* out) {
+    if (f.type != PluginFieldType::kCHAR || f.data == nullptr || f.length < 0) return unreadable(f);
     char const* text = static_cast<char const*>(f.data);
     size_t const n = static_cast<size_t>(f.length);
     *out = std::string(text, std::find(text, text + n, '\0'));  // with or without the terminator
+    return {};
+}
+
+// The fields only a plan carries: getFieldsToSerialize writes them, the creator does not list them (so
+// TensorRT's ONNX parser never passes them), and only the runtime phase reads them back (read_plan).
+bool plan_only(std::string const& field) { return field == "kernel_library" || field == "workspace_bytes"; }
+
+// The plan-only fields of `fc` (a plan's, in the runtime phase); false, logged, where one is damaged or the
+// plan was built with another kernel library.
+bool read_plan(std::string const& layer, PluginFieldCollection const& fc, PlanRecord* plan) {
+    for (int32_t i = 0; i < fc.nbFields; ++i) {
+        PluginField const& f = fc.fields[i];
+        std::string const field = f.name != nullptr ? f.name : "";
+        if (field == "workspace_bytes") {
+            if (f.type != PluginFieldType::kINT64 || f.data == nullptr || f.length != 1) {
+                log_error(layer, "the field workspace_bytes must be one INT64");
+                return false;
+            }
+            int64_t const bound = *static_cast<int64_t const*>(f.data);
+            if (bound < 0) {  // damage, not "no bound"
+                log_error(layer, "the field workspace_bytes must be >= 0, got " + std::to_string(bound));
+                return false;
+            }
+            plan->workspace_bytes = bound;
+            plan->workspace_recorded = true;
+        } else if (field == "kernel_library" && !read_string(f, &plan->kernel_library).empty()) {
+            log_error(layer, "the field kernel_library must be a CHAR string, got type " +
+                                 std::to_string(static_cast<int32_t>(f.type)) + " and length " +
+                                 std::to_string(f.length));
+            return false;
+        }
+    }
+    // empty: a plan of an older plugin, which did not record it
+    if (!plan->kernel_library.empty() && plan->kernel_library != kernel_library_identity()) {
+        log_error(layer, "the engine was built with the kernel library " + plan->kernel_library +
+                             " but this process loaded " + kernel_library_identity() +
+                             ": rebuild the engine with the installed dynseg");
+        return false;
+    }
     return true;
 }
 
@@ -399,15 +445,15 @@ std::string workspace_size(CrfAttributes const& a, CrfShapes const& s, size_t* b
 
 // ---- the plugin ---------------------------------------------------------------------------------------
 
-MeanFieldCrfPlugin::MeanFieldCrfPlugin(std::string layer_name, CrfAttributes attributes, int64_t workspace_bound,
-                                       std::string kernel_library)
-    : mLayerName(std::move(layer_name)), mAttributes(std::move(attributes)), mWorkspaceBound(workspace_bound),
-      mKernelLibrary(std::move(kernel_library)) {}
+MeanFieldCrfPlugin::MeanFieldCrfPlugin(std::string layer_name, CrfAttributes attributes, PlanRecord plan)
+    : mLayerName(std::move(layer_name)), mAttributes(std::move(attributes)), mWorkspaceBound(plan.workspace_bytes),
+      mKernelLibrary(std::move(plan.kernel_library)),
+      mWarnUnbounded(plan.workspace_recorded && plan.workspace_bytes == 0) {}
 
 MeanFieldCrfPlugin::MeanFieldCrfPlugin(MeanFieldCrfPlugin const& other)
     : IPluginV3(), IPluginV3OneCore(), IPluginV3OneBuild(), IPluginV3OneRuntime(),
       mLayerName(other.mLayerName), mAttributes(other.mAttributes), mWorkspaceBound(other.mWorkspaceBound),
-      mKernelLibrary(other.mKernelLibrary) {}
+      mKernelLibrary(other.mKernelLibrary), mWarnUnbounded(other.mWarnUnbounded) {}
 
 IPluginCapability* MeanFieldCrfPlugin::getCapabilityInterface(PluginCapabilityType type) noexcept {
     switch (type) {
@@ -471,7 +517,9 @@ int32_t MeanFieldCrfPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbI
         if (!check_io(mLayerName, "getOutputShapes", nbInputs, nbOutputs, inputs != nullptr && outputs != nullptr))
             return -1;
         if (inputs[kUnary].nbDims != 4 || inputs[kScores].nbDims != 1) {
-            log_error(mLayerName, "unary must have 4 dimensions and scores 1");
+            log_error(mLayerName, "unary must have 4 dimensions and scores 1, got " +
+                                      std::to_string(inputs[kUnary].nbDims) + " and " +
+                                      std::to_string(inputs[kScores].nbDims));
             return -1;
         }
         outputs[kLogits] = inputs[kUnary];             // (1, L, H, W)
@@ -543,6 +591,14 @@ std::string MeanFieldCrfPlugin::prepare(PluginTensorDesc const* desc) {
         return "the kernels need " + std::to_string(need) + " bytes of workspace for these shapes but the engine "
                "reserved " + std::to_string(mWorkspaceBound) + ": was libdynseg_crf.so changed since the build? "
                "Rebuild the engine";
+    // A plan recording 0 bytes where these shapes need some: the workspace TensorRT reserved is unknown (were the
+    // configured plugin's fields serialised? docs/tensorrt.md, not verified), so nothing bounds the kernels' need.
+    if (mWarnUnbounded && need > 0) {
+        mWarnUnbounded = false;  // once per execution context
+        log(ILogger::Severity::kWARNING, mLayerName,
+            "the plan records a workspace of 0 bytes, yet these shapes need " + std::to_string(need) +
+                ": the kernels' need goes unchecked against the workspace TensorRT reserved");
+    }
     for (int32_t i = 0; i < kNumInputs; ++i) mKnownDims[i] = desc[i].dims;
     mShapes = s;
     mWorkspaceNeed = need;
@@ -601,7 +657,7 @@ PluginFieldCollection const* MeanFieldCrfPlugin::getFieldsToSerialize() noexcept
             PluginField("score_ceiling", &a.score_ceiling, PluginFieldType::kFLOAT32, 1),
             PluginField("epsilon", &a.epsilon, PluginFieldType::kFLOAT32, 1),
         };
-        // plan-only fields (not in getFieldNames, so TensorRT's ONNX parser never passes them)
+        // the plan-only fields (plan_only, read back by read_plan)
         if (mKernelLibrary.empty()) mKernelLibrary = kernel_library_identity();
         mFields.emplace_back("kernel_library", mKernelLibrary.c_str(), PluginFieldType::kCHAR,
                              static_cast<int32_t>(mKernelLibrary.size() + 1));
@@ -621,19 +677,21 @@ std::string parse_fields(PluginFieldCollection const* fc, CrfAttributes* attribu
     for (int32_t i = 0; i < fc->nbFields; ++i) {
         PluginField const& f = fc->fields[i];
         std::string const name = f.name != nullptr ? f.name : "";
-        bool ok = true;
-        if (name == "iterations") ok = seen_iterations = read_int(f, &a.iterations);
-        else if (name == "theta_spatial") ok = seen_spatial = read_float(f, &a.theta_spatial);
-        else if (name == "theta_bilateral_xy") ok = seen_xy = read_float(f, &a.theta_bilateral_xy);
-        else if (name == "theta_bilateral_rgb") ok = seen_rgb = read_float(f, &a.theta_bilateral_rgb);
-        else if (name == "normalization") ok = read_string(f, &a.normalization);
-        else if (name == "detection_potential") ok = read_int(f, &a.detection_potential);
-        else if (name == "score_ceiling") ok = read_float(f, &a.score_ceiling);
-        else if (name == "epsilon") ok = read_float(f, &a.epsilon);
+        std::string problem;
+        if (name == "iterations") problem = read_int(f, &a.iterations);
+        else if (name == "theta_spatial") problem = read_float(f, &a.theta_spatial);
+        else if (name == "theta_bilateral_xy") problem = read_float(f, &a.theta_bilateral_xy);
+        else if (name == "theta_bilateral_rgb") problem = read_float(f, &a.theta_bilateral_rgb);
+        else if (name == "normalization") problem = read_string(f, &a.normalization);
+        else if (name == "detection_potential") problem = read_int(f, &a.detection_potential);
+        else if (name == "score_ceiling") problem = read_float(f, &a.score_ceiling);
+        else if (name == "epsilon") problem = read_float(f, &a.epsilon);
         else if (ignored != nullptr) ignored->push_back(name);
-        if (!ok)
-            return "field \"" + name + "\" has type " + std::to_string(static_cast<int32_t>(f.type)) + " and length " +
-                   std::to_string(f.length) + ", which it cannot be read from";
+        if (!problem.empty()) return "field \"" + name + "\" " + problem;
+        seen_iterations |= name == "iterations";
+        seen_spatial |= name == "theta_spatial";
+        seen_xy |= name == "theta_bilateral_xy";
+        seen_rgb |= name == "theta_bilateral_rgb";
     }
     if (!(seen_iterations && seen_spatial && seen_xy && seen_rgb))
         return "the fields iterations, theta_spatial, theta_bilateral_xy and theta_bilateral_rgb are required";
@@ -674,36 +732,18 @@ IPluginV3* MeanFieldCrfPluginCreator::createPlugin(char const* name, PluginField
             log_error(layer, error);
             return nullptr;
         }
-        int64_t bound = 0;
-        std::string library;
-        for (int32_t i = 0; i < fc->nbFields; ++i) {
-            PluginField const& f = fc->fields[i];
-            std::string const field = f.name != nullptr ? f.name : "";
-            if (field == "workspace_bytes") {
-                if (f.type != PluginFieldType::kINT64 || f.data == nullptr || f.length != 1) {
-                    log_error(layer, "the field workspace_bytes must be one INT64");
-                    return nullptr;
-                }
-                bound = *static_cast<int64_t const*>(f.data);
-                // 0 is an engine built before the field: no bound to check against; a negative one is damage
-                if (bound < 0) {
-                    log_error(layer, "the field workspace_bytes must be >= 0, got " + std::to_string(bound));
-                    return nullptr;
-                }
-            } else if (field == "kernel_library")
-                read_string(f, &library);
-        }
+        // Only a plan's plan-only fields are read: at build time the plugin records its own workspace and
+        // kernel library, never what a caller passed.
+        bool const runtime = phase == TensorRTPhase::kRUNTIME;
+        PlanRecord plan;
+        if (runtime && !read_plan(layer, *fc, &plan)) return nullptr;
         for (std::string const& field : ignored) {
-            if (field != "plugin_version" && field != "plugin_namespace" && field != "workspace_bytes" &&
-                field != "kernel_library")
-                log(ILogger::Severity::kWARNING, layer, "ignoring the unknown field \"" + field + "\"");
+            if (field == "plugin_version" || field == "plugin_namespace" || (runtime && plan_only(field))) continue;
+            log(ILogger::Severity::kWARNING, layer,
+                plan_only(field) ? "ignoring the field \"" + field + "\", which only a plan carries"
+                                 : "ignoring the unknown field \"" + field + "\"");
         }
-        if (phase == TensorRTPhase::kRUNTIME && !library.empty() && library != kernel_library_identity()) {
-            log_error(layer, "the engine was built with the kernel library " + library + " but this process loaded " +
-                                 kernel_library_identity() + ": rebuild the engine with the installed dynseg");
-            return nullptr;
-        }
-        return new MeanFieldCrfPlugin(layer, std::move(attributes), bound, std::move(library));
+        return new MeanFieldCrfPlugin(layer, std::move(attributes), std::move(plan));
     });
 }
 
@@ -720,26 +760,30 @@ __attribute__((visibility("default"))) IPluginCreatorInterface* const* getCreato
         std::fprintf(stderr, "%s\n", mismatch.c_str());  // TensorRT's logger has the other layout too
         return nullptr;
     }
-    // the kernel library's host code is compiled for its building machine's CPU (-march=native)
-    if (char const* missing = dynseg_cpu_missing(); missing[0] != '\0') {
-        std::fprintf(stderr,
-                     "dynseg::MeanFieldCRF: libdynseg_crf.so was compiled for a CPU with %s, which this CPU lacks: "
-                     "rebuild dynseg on this machine, or for any x86-64 CPU with -DDYNSEG_NATIVE_ARCH=OFF\n",
-                     missing);
-        return nullptr;
-    }
-    try {  // the creator's first construction allocates; nothing may throw into TensorRT's loader
+    // nothing may throw into TensorRT's loader (the creator's first construction allocates)
+    return dynseg::tensorrt::guarded<IPluginCreatorInterface* const*>("", "getCreators", nullptr,
+                                                                      [&]() -> IPluginCreatorInterface* const* {
+        // the kernel library's host code is compiled for its building machine's CPU (-march=native); said
+        // through TensorRT's logger where setLoggerFinder came first, else on stderr
+        if (char const* missing = dynseg_cpu_missing(); missing[0] != '\0') {
+            dynseg::tensorrt::log_error("", std::string("libdynseg_crf.so was compiled for a CPU with ") + missing +
+                                                ", which this CPU lacks: rebuild dynseg on this machine, or for "
+                                                "any x86-64 CPU with -DDYNSEG_NATIVE_ARCH=OFF");
+            return nullptr;
+        }
         static dynseg::tensorrt::MeanFieldCrfPluginCreator creator;
         static IPluginCreatorInterface* const creators[] = {&creator};
         nbCreators = 1;
         return creators;
-    } catch (...) {
-        return nullptr;
-    }
+    });
 }
 
 __attribute__((visibility("default"))) void setLoggerFinder(ILoggerFinder* finder) {
-    if (dynseg::tensorrt::version_mismatch().empty()) dynseg::tensorrt::gLoggerFinder.set(finder);
+    // the finder's layout is the headers' only in their major version
+    dynseg::tensorrt::guarded<int32_t>("", "setLoggerFinder", 0, [&] {
+        if (dynseg::tensorrt::version_mismatch().empty()) dynseg::tensorrt::gLoggerFinder.set(finder);
+        return 0;
+    });
 }
 
 // The TensorRT major version whose headers this library was compiled against: a library built for one

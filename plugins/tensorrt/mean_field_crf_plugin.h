@@ -83,13 +83,20 @@ std::string read_shapes(nvinfer1::Dims const* const dims[kNumInputs], CrfShapes*
 // (getWorkspaceSize) covers every shape the profile admits. An empty string, else the library's message.
 std::string workspace_size(CrfAttributes const& attributes, CrfShapes const& shapes, size_t* bytes);
 
+// What a plan records beside the node's attributes ("workspace_bytes", "kernel_library"): written by
+// getFieldsToSerialize, read back by createPlugin in the runtime phase only.
+struct PlanRecord {
+    int64_t workspace_bytes = 0;     // the workspace TensorRT reserved for the layer; 0 where unknown
+    bool workspace_recorded = false;  // whether the plan carried workspace_bytes (a plan of an older plugin does not)
+    std::string kernel_library;       // dynseg_version and ABI of the kernel library; empty where unknown
+};
+
 class MeanFieldCrfPlugin final : public nvinfer1::IPluginV3,
                                  public nvinfer1::IPluginV3OneCore,
                                  public nvinfer1::IPluginV3OneBuild,
                                  public nvinfer1::IPluginV3OneRuntime {
 public:
-    MeanFieldCrfPlugin(std::string layer_name, CrfAttributes attributes, int64_t workspace_bound = 0,
-                       std::string kernel_library = {});
+    MeanFieldCrfPlugin(std::string layer_name, CrfAttributes attributes, PlanRecord plan = {});
     MeanFieldCrfPlugin(MeanFieldCrfPlugin const& other);
     MeanFieldCrfPlugin& operator=(MeanFieldCrfPlugin const&) = delete;
     ~MeanFieldCrfPlugin() override = default;
@@ -142,6 +149,9 @@ private:
     mutable int64_t mWorkspaceBound = 0;
     // The kernel library the plan was built with ("kernel_library": dynseg_version and ABI); empty where unknown.
     std::string mKernelLibrary;
+    // The plan recorded a workspace of 0 bytes: prepare warns the first time shapes need some, since 0 is then
+    // not what TensorRT reserved (docs/tensorrt.md: which plugin copy TensorRT serialises is not verified).
+    bool mWarnUnbounded = false;
     // What onShapeChange worked out for the current shapes, so that enqueue does no host-side sizing.
     bool mShapesKnown = false;
     nvinfer1::Dims mKnownDims[kNumInputs]{};

@@ -5,12 +5,14 @@ check where TensorRT's headers are at hand."""
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import shutil
 import subprocess
 import sys
 import types
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -409,29 +411,59 @@ class DocumentedRegistry:
         return None
 
 
-def test_the_plugin_is_registered_once_for_every_build_and_backend_of_a_process(stand_in_plugin):
-    registry = DocumentedRegistry({("MeanFieldCRF", "1", "dynseg")})
-    for _ in range(3):  # a build, then two backends: a second load_library would have failed
-        tensorrt_engine.register_plugin(registry, stand_in_plugin, "10.16.0.72")
+CREATOR = ("MeanFieldCRF", "1", "dynseg")
+
+
+@pytest.fixture
+def fresh_process(monkeypatch):
+    """register_plugin's memory of TensorRT's global registry as a new process has it."""
+    monkeypatch.setattr(tensorrt_engine, "_loaded_globally", set())
+
+
+def test_the_plugin_is_loaded_into_tensorrts_global_registry_once_a_process(stand_in_plugin, fresh_process):
+    registry = DocumentedRegistry({CREATOR})
+    for _ in range(3):  # three backends: a second load_library would have failed
+        tensorrt_engine.register_plugin(registry, stand_in_plugin, "10.16.0.72", process_wide=True)
     assert registry.loads == 1 and registry.errors == []  # TensorRT logged no error on the way
-    with pytest.raises(EngineError, match="built against TensorRT 10's headers"):  # checked before loading
-        tensorrt_engine.register_plugin(DocumentedRegistry({("MeanFieldCRF", "1", "dynseg")}), stand_in_plugin,
-                                        "11.1.0")
 
 
-def test_a_plugin_library_the_application_loaded_first_is_found_after_the_refused_load(stand_in_plugin):
-    registry = DocumentedRegistry({("MeanFieldCRF", "1", "dynseg")})
+def test_a_builders_registry_gets_the_library_each_build_and_is_not_held(stand_in_plugin, fresh_process):
+    """builder.get_plugin_registry()'s Python object keeps its builder alive: remembering it leaked every
+    builder of the process, and a builder's registry is new with each builder anyway."""
+    for _ in range(2):  # two builds
+        registry = DocumentedRegistry({CREATOR})
+        tensorrt_engine.register_plugin(registry, stand_in_plugin, "10.16.0.72", process_wide=False)
+        assert registry.loads == 1 and registry.errors == []
+        held = weakref.ref(registry)
+        del registry
+        gc.collect()
+        assert held() is None
+
+
+def test_a_plugin_library_built_for_another_major_version_is_refused_before_loading(stand_in_plugin, fresh_process):
+    for process_wide in (True, False):
+        registry = DocumentedRegistry({CREATOR})
+        with pytest.raises(EngineError, match="built against TensorRT 10's headers"):
+            tensorrt_engine.register_plugin(registry, stand_in_plugin, "11.1.0", process_wide=process_wide)
+        assert registry.loads == 0
+
+
+@pytest.mark.parametrize("process_wide", [True, False])
+def test_a_plugin_library_the_application_loaded_first_is_found_after_the_refused_load(stand_in_plugin, fresh_process,
+                                                                                       process_wide):
+    registry = DocumentedRegistry({CREATOR})
     registry.load_library(str(stand_in_plugin))
-    tensorrt_engine.register_plugin(registry, stand_in_plugin, "10.16.0.72")  # raises nothing
-    loads = registry.loads
-    tensorrt_engine.register_plugin(registry, stand_in_plugin, "10.16.0.72")
-    assert registry.loads == loads  # known from then on
+    tensorrt_engine.register_plugin(registry, stand_in_plugin, "10.16.0.72", process_wide=process_wide)  # no error
+    assert registry.loads == 2 and len(registry.errors) == 1  # TensorRT's, for the refused load
+    tensorrt_engine.register_plugin(registry, stand_in_plugin, "10.16.0.72", process_wide=process_wide)
+    assert registry.loads == (2 if process_wide else 3)  # the global registry's known from then on
 
 
-def test_a_library_without_dynsegs_creator_is_named(stand_in_plugin):
+def test_a_library_without_dynsegs_creator_is_named(stand_in_plugin, fresh_process):
     registry = DocumentedRegistry({("SomethingElse", "1", "")})
-    with pytest.raises(EngineError, match="registered no dynseg::MeanFieldCRF version 1"):
-        tensorrt_engine.register_plugin(registry, stand_in_plugin, "10.16.0.72")
+    with pytest.raises(EngineError, match=r"registered no dynseg::MeanFieldCRF version 1 \(see TensorRT's log and "
+                                          r"stderr above\)"):
+        tensorrt_engine.register_plugin(registry, stand_in_plugin, "10.16.0.72", process_wide=True)
 
 
 # ---- build_engine without TensorRT ---------------------------------------------------------------------------
@@ -517,7 +549,7 @@ def test_the_plugin_creator_is_registered_and_takes_every_attribute():
     import tensorrt as trt
 
     registry = trt.get_plugin_registry()
-    tensorrt_engine.register_plugin(registry, _plugin_library_or_none(), trt.__version__)
+    tensorrt_engine.register_plugin(registry, _plugin_library_or_none(), trt.__version__, process_wide=True)
     creator = registry.get_creator("MeanFieldCRF", "1", "dynseg")
     assert creator is not None
     attributes = [
@@ -586,6 +618,63 @@ def test_a_rebuild_that_fails_after_its_plan_leaves_no_sidecar_of_the_old_plan(t
     assert plan.read_bytes() == b"second plan" and not tmp_sidecar(plan).exists()
     with pytest.raises(EngineError, match="model.engine.json is missing"):
         tensorrt_engine.read_sidecar(plan)
+
+
+def _stand_in_build(monkeypatch, tensorrt_version: str = "10.16.0.72", fp16_flag: bool = True) -> None:
+    """build_engine's TensorRT part stood in (none here): a TensorRT of that version, with or without the FP16
+    builder flag, a GPU of compute capability 9.0 and a plan of stand-in bytes."""
+    flags = types.SimpleNamespace(TF32=0, **({"FP16": 1} if fp16_flag else {}))
+    trt = types.SimpleNamespace(__version__=tensorrt_version, BuilderFlag=flags)
+    monkeypatch.setattr(engine, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(engine, "compute_capability", lambda: "9.0")
+    monkeypatch.setattr(engine, "_build_plan", lambda *arguments: b"plan")
+
+
+def test_fp16_on_a_tensorrt_without_the_flag_is_refused_before_the_gpu_query_and_the_parse(tmp_path, monkeypatch):
+    source, library = tmp_path / "model.onnx", tmp_path / tensorrt_engine.PLUGIN_LIBRARY
+    onnx.save(_model(), str(source))
+    library.write_bytes(b"plugin bytes")
+    _stand_in_build(monkeypatch, "11.1.0", fp16_flag=False)
+
+    def unreachable(*arguments):
+        raise AssertionError("build_engine went past the fp16 check")
+
+    monkeypatch.setattr(engine, "compute_capability", unreachable)
+    with pytest.raises(InvalidArgumentError, match=r"fp16=True needs TensorRT 10's FP16 builder flag, which TensorRT "
+                                                   r"11\.1\.0 does not have .*build with fp16=False"):
+        engine.build_engine(source, tmp_path / "model.engine", fp16=True, plugin_library=library)
+    assert not (tmp_path / "model.trt.onnx").exists()
+    _stand_in_build(monkeypatch, "10.16.0.72")  # where the flag exists, fp16 goes on to the build
+    plan = engine.build_engine(source, tmp_path / "model.engine", fp16=True, plugin_library=library)
+    assert tensorrt_engine.read_sidecar(plan)["precision"] == "fp16"
+
+
+def test_the_sidecars_score_ceiling_counts_crf_nodes_inside_subgraphs(tmp_path, monkeypatch):
+    # as tensorrt_model and the plugin-layer count do: a CRF in an If's branch is a plugin layer all the same
+    model = _model()
+    graph = model.graph
+    semantic = graph.node[2]  # the semantic CRF: into the If's then-branch, with a ceiling of 0.5
+    semantic.output[:] = ["branch_logits", "branch_scores"]
+    next(a for a in semantic.attribute if a.name == "score_ceiling").f = 0.5
+    instance = graph.node[4]  # the top-level instance CRF: without the detection potential
+    next(a for a in instance.attribute if a.name == "detection_potential").i = 0
+    f = TensorProto.FLOAT
+    branch = helper.make_graph([semantic], "then", [], [helper.make_tensor_value_info("branch_logits", f, None)])
+    other = helper.make_graph([helper.make_node("Identity", ["semantic"], ["other_logits"])], "else", [],
+                              [helper.make_tensor_value_info("other_logits", f, None)])
+    choose = helper.make_node("If", ["always"], ["semantic_logits"], then_branch=branch, else_branch=other)
+    nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in graph.node]  # copies, kept past the del
+    nodes[2] = choose
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.append(numpy_helper.from_array(np.array(True), "always"))
+    onnx.checker.check_model(model)
+    source, library = tmp_path / "model.onnx", tmp_path / tensorrt_engine.PLUGIN_LIBRARY
+    onnx.save(model, str(source))
+    library.write_bytes(b"plugin bytes")
+    _stand_in_build(monkeypatch)
+    plan = engine.build_engine(source, tmp_path / "model.engine", plugin_library=library)
+    assert tensorrt_engine.read_sidecar(plan)["score_ceiling"] == 0.5
 
 
 def test_the_default_profile_takes_at_most_the_exports_max_detections(tmp_path):
