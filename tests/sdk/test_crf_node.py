@@ -116,7 +116,8 @@ def test_attributes_are_checked_as_the_float32_the_node_and_the_kernels_hold(cha
     with pytest.raises(InvalidArgumentError, match=f"^MeanFieldCRF: attribute {message}"):  # as export.ops makes them
         CrfAttributes(**{**NODE, **change})
     rounded = CrfAttributes(**{**NODE, "theta_spatial": 0.1})
-    assert rounded.theta_spatial == float(np.float32(0.1)) and rounded == CrfAttributes.parse({**NODE, "theta_spatial": 0.1})
+    assert rounded.theta_spatial == float(np.float32(0.1))
+    assert rounded == CrfAttributes.parse({**NODE, "theta_spatial": 0.1})
 
 
 def test_optional_attributes_take_the_documented_defaults():

@@ -22,7 +22,8 @@ from dynseg.trainer.model import InstanceConfig, ModelConfig, build_model
 from dynseg.trainer.evaluation import evaluate
 from dynseg.trainer.checkpoint import load_checkpoint, save_checkpoint, weights_fingerprint
 from dynseg.trainer.train import (
-    TrainConfig, _draw, _semantic_batch, _training_modes, augment, evaluation_inputs, fit, learning_rate, predict, train,
+    TrainConfig, _draw, _semantic_batch, _training_modes, augment, evaluation_inputs, fit, learning_rate, predict,
+    train,
 )
 
 SIZE = (48, 64)

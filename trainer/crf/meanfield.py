@@ -99,7 +99,8 @@ def mean_field_reference(
             raise InvalidArgumentError(f"kernels[{index}] must be a (lattice, weight) pair, got {item!r}")
         lattice, weight = item
         if not isinstance(lattice, PermutohedralLattice):
-            raise InvalidArgumentError(f"kernels[{index}][0] must be a PermutohedralLattice, got {type(lattice).__name__}")
+            raise InvalidArgumentError(
+                f"kernels[{index}][0] must be a PermutohedralLattice, got {type(lattice).__name__}")
         if lattice.num_points != n_points:
             raise InvalidArgumentError(
                 f"kernels[{index}] lattice has {lattice.num_points} points but unary has H*W = {n_points}"

@@ -38,7 +38,8 @@ import numpy as np
 from dynseg.sdk.errors import InvalidArgumentError
 from dynseg.sdk.checks import is_int
 
-from .common import LabelledSample, assemble_sample, check_class_count, check_index, check_split_name, read_rgb, require_files
+from .common import (LabelledSample, assemble_sample, check_class_count, check_index, check_split_name, read_rgb,
+                     require_files)
 
 __all__ = ["CocoInstances"]
 
