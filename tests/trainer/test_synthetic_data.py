@@ -424,13 +424,14 @@ def test_rescaling_maps_the_last_row_and_column_onto_the_last_row_and_column():
               "boxes": np.array([[0, 0, width - 1, height - 1]], np.float32),
               "detections": {"boxes": boxes.astype(np.float32), "labels": np.ones(3, np.int64),
                              "scores": np.array([0.9, 0.8, 0.7], np.float32)}}
-    for scale, centre in ((2.0, [12, 8]), (3.0, [19, 13])):  # pixel x goes to x (w' - 1) / (w - 1), floored
+    # a one-pixel box becomes the scaled pixels whose nearest source pixel (i (w - 1) / (w' - 1), rounded) it is,
+    # as the class map's pixels do: the last ones end at the last row and column
+    for scale, corner, centre in ((2.0, [24, 16], [12, 8, 13, 9]), (3.0, [37, 25], [18, 12, 20, 14])):
         out = augment(sample, TrainConfig(scale_range=(scale, scale), mirror=False), np.random.default_rng(0))
         h, w = out["image"].shape[1:]
         assert (h, w) == (height * scale, width * scale)
         assert out["image"][:, :, -1].min() > 254.9 and out["image"][:, -1, :].min() > 254.9
-        assert out["detections"]["boxes"].tolist() == [[w - 1, h - 1, w - 1, h - 1], [*centre, *centre],
-                                                       [0, 0, w - 1, h - 1]], scale
+        assert out["detections"]["boxes"].tolist() == [[*corner, w - 1, h - 1], centre, [0, 0, w - 1, h - 1]], scale
         assert out["semantic"][-1].eq(1).all() and out["semantic"][:, -1].eq(1).all()
         assert out["boxes"].tolist() == [[0, 0, w - 1, h - 1]]
 
