@@ -502,14 +502,19 @@ def _training_modes(model: DynamicallyInstantiatedNetwork, config: TrainConfig) 
     model.train()
     if config.stage == "instance" and config.mode == "piecewise":
         model.semantic.eval()  # frozen whole: stage 2 learns on the features deployment will give it
-    # One image per step: batch-norm statistics cannot be estimated from it (the pyramid pooling's 1x1
-    # branch even refuses), so stage 2 keeps the semantic part's statistics from stage 1; end to end, the
-    # semantic part's dropout still trains with it.
-    keeps_statistics = model if config.frozen_batch_norm else model.semantic if config.stage == "instance" else None
-    if keeps_statistics is not None:
-        for module in keeps_statistics.modules():
-            if isinstance(module, _BATCH_NORMS):
-                module.eval()
+    if config.frozen_batch_norm:
+        _keep_batch_norm_statistics(model)
+    elif config.stage == "instance":
+        # One image per step: batch-norm statistics cannot be estimated from it (the pyramid pooling's 1x1
+        # branch even refuses), so stage 2 keeps the semantic part's from stage 1; end to end, the semantic
+        # part's dropout still trains with it.
+        _keep_batch_norm_statistics(model.semantic)
+
+
+def _keep_batch_norm_statistics(module: nn.Module) -> None:
+    for part in module.modules():
+        if isinstance(part, _BATCH_NORMS):
+            part.eval()
 
 
 class _Objective(nn.Module):
