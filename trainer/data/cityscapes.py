@@ -39,8 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from .common import (
-    LabelledSample, assemble_sample, check_index, check_split_name, read_annotation_png, read_image_shape, read_rgb,
-    require_files,
+    LabelledSample, ListedImages, assemble_sample, check_split_name, read_annotation_png, read_rgb, require_files,
 )
 from .synthetic import VOID
 
@@ -55,7 +54,7 @@ _IMAGE_SUFFIX = "_leftImg8bit.png"
 _TARGET_SUFFIX = "_gtFine_instanceIds.png"
 
 
-class CityscapesInstances:
+class CityscapesInstances(ListedImages):
     """Cityscapes images with their fine instance annotations, as `LabelledSample`s (see `voc.py`).
 
     A map-style dataset (`len`, integer indexing) of numpy arrays; all images are 1024x2048, still
@@ -93,10 +92,12 @@ class CityscapesInstances:
         found = sorted(images.glob(f"*/*{_IMAGE_SUFFIX}"), key=lambda p: (p.parent.name, p.name))
         if not found:
             raise FileNotFoundError(f"{images}: no {{city}}/*{_IMAGE_SUFFIX} images")
-        self._cities = tuple(p.parent.name for p in found)
+        self.image_paths = tuple(found)
         self.image_ids: tuple[str, ...] = tuple(p.name[: -len(_IMAGE_SUFFIX)] for p in found)
-        for city in sorted(set(self._cities)):
-            names = (f"{i}{_TARGET_SUFFIX}" for c, i in zip(self._cities, self.image_ids) if c == city)
+        self._targets = tuple(self.root / "gtFine" / split / p.parent.name / f"{i}{_TARGET_SUFFIX}"
+                              for p, i in zip(found, self.image_ids))
+        for city in sorted({p.parent.name for p in found}):
+            names = (t.name for t in self._targets if t.parent.name == city)
             require_files(self.root / "gtFine" / split / city, names)
 
         # Class id (0..33) -> label 0..8 or VOID, for pixels with / without an instance number.
@@ -106,22 +107,9 @@ class CityscapesInstances:
         self._without_instance = self._with_instance.copy()
         self._without_instance[list(_THING_IDS)] = VOID
 
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
-    def _image_path(self, index: int) -> Path:
-        position = check_index(index, len(self.image_ids))
-        name = f"{self.image_ids[position]}{_IMAGE_SUFFIX}"
-        return self.root / "leftImg8bit" / self.split / self._cities[position] / name
-
-    def image_shape(self, index: int) -> tuple[int, int]:
-        return read_image_shape(self._image_path(index))
-
     def __getitem__(self, index: int) -> LabelledSample:
-        position = check_index(index, len(self.image_ids))
-        city, image_id = self._cities[position], self.image_ids[position]
-        image = read_rgb(self._image_path(index))
-        path = self.root / "gtFine" / self.split / city / f"{image_id}{_TARGET_SUFFIX}"
+        position = self._position(index)
+        image_id, image, path = self.image_ids[position], read_rgb(self.image_paths[position]), self._targets[position]
         values = _read_integer_png(path, image.shape[:2])  # (H, W) int64
 
         has_instance = values >= 1000
@@ -138,9 +126,6 @@ class CityscapesInstances:
         owner[thing] = owner_of_thing.reshape(-1) + 1
         labels = self._with_instance[keys // 1000]
         return assemble_sample(image, np.where(void, 0, semantic), owner, labels, void, image_id, path)
-
-    def __repr__(self) -> str:
-        return f"CityscapesInstances(root={str(self.root)!r}, split={self.split!r}, images={len(self)})"
 
 
 def _read_integer_png(path: Path, shape: tuple[int, int]) -> np.ndarray:

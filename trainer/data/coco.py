@@ -38,7 +38,7 @@ import numpy as np
 from dynseg.sdk.errors import InvalidArgumentError
 from dynseg.sdk.checks import is_int
 
-from .common import (LabelledSample, assemble_sample, check_class_count, check_index, check_split_name, read_rgb,
+from .common import (LabelledSample, ListedImages, assemble_sample, check_class_count, check_split_name, read_rgb,
                      require_files)
 
 __all__ = ["CocoInstances"]
@@ -53,7 +53,7 @@ class CocoSample(LabelledSample, total=False):
     crowd_labels: np.ndarray  # int64 (C,) in 1..K
 
 
-class CocoInstances:
+class CocoInstances(ListedImages):
     """COCO images with their instance annotations, as `LabelledSample`s (see `voc.py`).
 
     A map-style dataset (`len`, integer indexing) of numpy arrays; the images differ in size, so
@@ -145,7 +145,9 @@ class CocoInstances:
         self.image_ids: tuple[int, ...] = tuple(sorted(self._coco.imgs))
         if not self.image_ids:  # as the other loaders refuse an empty split list: nothing to train or score on
             raise InvalidArgumentError(f"{self.annotation_file}: 'images' is empty")
-        require_files(self.image_folder, (self._coco.imgs[i]["file_name"] for i in self.image_ids))
+        names = [self._coco.imgs[i]["file_name"] for i in self.image_ids]
+        require_files(self.image_folder, names)
+        self.image_paths = tuple(self.image_folder / name for name in names)
 
     def _check_images(self) -> None:
         """Every image record has an int id (listed once), int height and width >= 1 and a str file_name."""
@@ -163,18 +165,14 @@ class CocoInstances:
             if not isinstance(record.get("file_name"), str):
                 raise InvalidArgumentError(f"{where}: 'file_name' must be a string, got {record.get('file_name')!r}")
 
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
     def image_shape(self, index: int) -> tuple[int, int]:
         """(H, W) as the annotation file records it (`__getitem__` checks the image against it)."""
-        record = self._coco.imgs[self.image_ids[check_index(index, len(self.image_ids))]]
+        record = self._coco.imgs[self.image_ids[self._position(index)]]
         return int(record["height"]), int(record["width"])
 
     def __getitem__(self, index: int) -> CocoSample:
-        image_id = self.image_ids[check_index(index, len(self.image_ids))]
-        record = self._coco.imgs[image_id]
-        path = self.image_folder / record["file_name"]
+        position = self._position(index)
+        image_id, path = self.image_ids[position], self.image_paths[position]
         image = read_rgb(path)
         shape = self.image_shape(index)
         if image.shape[:2] != shape:
@@ -205,9 +203,6 @@ class CocoInstances:
         return CocoSample(**assemble_sample(image, semantic, owner, labels, void, image_id, self.annotation_file),
                           crowd_masks=np.stack([m for m, _ in crowds]) if crowds else np.zeros((0, *shape), bool),
                           crowd_labels=np.array([label for _, label in crowds], np.int64))
-
-    def __repr__(self) -> str:
-        return f"CocoInstances(root={str(self.root)!r}, split={self.split!r}, images={len(self)})"
 
 
 def _segmentation_problem(segmentation: object, height: int, width: int) -> str | None:

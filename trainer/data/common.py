@@ -51,6 +51,29 @@ class Dataset(Samples, Protocol):
         ...
 
 
+class ListedImages:
+    """What every on-disk loader shares: its root and split, the split's image ids in order, each image's
+    file (`image_paths[i]`), and the count, shape and repr that follow from them."""
+
+    root: Path
+    split: str
+    image_ids: tuple[str | int, ...]
+    image_paths: tuple[Path, ...]
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def image_shape(self, index: int) -> tuple[int, int]:
+        """(H, W) of image `index`, from its file's header."""
+        return read_image_shape(self.image_paths[self._position(index)])
+
+    def _position(self, index: int) -> int:
+        return check_index(index, len(self.image_ids))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, images={len(self)})"
+
+
 def check_sample(sample: object, where: str, num_classes: int) -> None:
     """InvalidArgumentError naming `where` (e.g. "dataset[3]") and the field unless `sample` holds what
     training and evaluation read of a `SceneSample`: image uint8 (H, W, 3) RGB, semantic (H, W) integers

@@ -25,11 +25,10 @@ from dynseg.sdk.errors import InvalidArgumentError
 
 from .common import (
     LabelledSample,
+    ListedImages,
     assemble_sample,
-    check_index,
     check_split_name,
     read_id_list,
-    read_image_shape,
     read_rgb,
     require_files,
 )
@@ -39,7 +38,7 @@ from .voc import VOC_CLASSES
 __all__ = ["SbdInstances"]
 
 
-class SbdInstances:
+class SbdInstances(ListedImages):
     """SBD images with their instance annotations (the `inst/` and `cls/` .mat files).
 
     A map-style dataset (`len`, integer indexing) returning `LabelledSample`s of numpy arrays (see
@@ -74,19 +73,11 @@ class SbdInstances:
         """Image ids (file stems) in the split list's order."""
         for folder, suffix in (("img", ".jpg"), ("cls", ".mat"), ("inst", ".mat")):
             require_files(self.root / folder, (image_id + suffix for image_id in self.image_ids))
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
-    def _image_path(self, index: int) -> Path:
-        return self.root / "img" / f"{self.image_ids[check_index(index, len(self.image_ids))]}.jpg"
-
-    def image_shape(self, index: int) -> tuple[int, int]:
-        return read_image_shape(self._image_path(index))
+        self.image_paths = tuple(self.root / "img" / f"{image_id}.jpg" for image_id in self.image_ids)
 
     def __getitem__(self, index: int) -> LabelledSample:
-        image_id = self.image_ids[check_index(index, len(self.image_ids))]
-        image = read_rgb(self._image_path(index))
+        position = self._position(index)
+        image_id, image = self.image_ids[position], read_rgb(self.image_paths[position])
         shape = image.shape[:2]
         cls_path, inst_path = self.root / "cls" / f"{image_id}.mat", self.root / "inst" / f"{image_id}.mat"
 
@@ -106,9 +97,6 @@ class SbdInstances:
             raise InvalidArgumentError(f"{inst_path}: GTinst.Categories has classes outside 1..{self.num_classes}")
         no_void = np.zeros(shape, bool)
         return assemble_sample(image, classes, owner, categories, no_void, image_id, inst_path)
-
-    def __repr__(self) -> str:
-        return f"SbdInstances(root={str(self.root)!r}, split={self.split!r}, images={len(self)})"
 
 
 def _fields(path: Path, struct: str, fields: tuple[str, ...]) -> list[np.ndarray]:

@@ -27,8 +27,8 @@ import numpy as np
 from dynseg.sdk.errors import InvalidArgumentError
 
 from .common import (
-    LabelledSample, assemble_sample, check_index, check_split_name, read_id_list, read_image_shape, read_indexed_png,
-    read_rgb, require_files,
+    LabelledSample, ListedImages, assemble_sample, check_split_name, read_id_list, read_indexed_png, read_rgb,
+    require_files,
 )
 from .synthetic import VOID
 
@@ -41,7 +41,7 @@ VOC_CLASSES = (
 """The 20 Pascal VOC classes in label order 1..20 (the order of the devkit and of SBD)."""
 
 
-class VocInstances:
+class VocInstances(ListedImages):
     """Pascal VOC 2012 segmentation images with their instance (object) annotations.
 
     A map-style dataset (`len`, integer indexing) returning `LabelledSample`s of numpy arrays; the
@@ -70,19 +70,11 @@ class VocInstances:
         """Image ids (file stems) in the split list's order."""
         for folder, suffix in (("JPEGImages", ".jpg"), ("SegmentationClass", ".png"), ("SegmentationObject", ".png")):
             require_files(self.root / folder, (image_id + suffix for image_id in self.image_ids))
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
-    def _image_path(self, index: int) -> Path:
-        return self.root / "JPEGImages" / f"{self.image_ids[check_index(index, len(self.image_ids))]}.jpg"
-
-    def image_shape(self, index: int) -> tuple[int, int]:
-        return read_image_shape(self._image_path(index))
+        self.image_paths = tuple(self.root / "JPEGImages" / f"{image_id}.jpg" for image_id in self.image_ids)
 
     def __getitem__(self, index: int) -> LabelledSample:
-        image_id = self.image_ids[check_index(index, len(self.image_ids))]
-        image = read_rgb(self._image_path(index))
+        position = self._position(index)
+        image_id, image = self.image_ids[position], read_rgb(self.image_paths[position])
         class_path = self.root / "SegmentationClass" / f"{image_id}.png"
         object_path = self.root / "SegmentationObject" / f"{image_id}.png"
         classes = read_indexed_png(class_path, image.shape[:2])
@@ -103,9 +95,6 @@ class VocInstances:
             labels.append(int(np.argmax(votes)) + 1)  # ties go to the lower class index
             owner[pixels] = len(labels)
         return assemble_sample(image, classes.astype(np.int64), owner, labels, void, image_id, object_path)
-
-    def __repr__(self) -> str:
-        return f"VocInstances(root={str(self.root)!r}, split={self.split!r}, images={len(self)})"
 
 
 def _voc2012_folder(root: Path) -> Path:
