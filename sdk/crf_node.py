@@ -22,7 +22,7 @@ from . import _native
 from .checks import check_iterations, check_normalization, finite_float32, positive_in_float32
 from .errors import InvalidArgumentError
 
-__all__ = ["CrfAttributes", "CrfInputs", "nothing_to_infer", "run_node", "run_node_cuda", "score_ceiling_of"]
+__all__ = ["CRF_OUTPUTS", "CrfAttributes", "CrfInputs", "nothing_to_infer", "run_node", "run_node_cuda", "score_ceiling_of"]
 
 Array = np.ndarray | _native.DeviceArray
 
@@ -53,6 +53,9 @@ class CrfInputs(NamedTuple):
     @staticmethod
     def dtype(name: str) -> type:
         return np.int64 if name == "labels" else np.float32
+
+
+CRF_OUTPUTS = ("logits", "detection_scores")  # a MeanFieldCRF node's outputs, in order (docs/ops.md)
 
 
 @overload

@@ -27,7 +27,6 @@ OUTPUTS = ("instance_logits", "semantic_probabilities")
 DOMAIN = "dynseg"  # the custom op's ONNX domain, and the TensorRT plugin's namespace
 OP_TYPE = "MeanFieldCRF"
 OP_VERSION = 1
-CRF_INPUTS, CRF_OUTPUTS = 10, 2  # the op's arity (docs/ops.md; sdk.crf_node.CrfInputs names the inputs)
 
 # What an export takes unless told otherwise: the most detections per image (`dynseg export
 # --max-detections`), and a TensorRT engine's optimisation profile, (min, opt, max) of D and of (H, W).
@@ -169,6 +168,8 @@ def _load(path: Path) -> onnx.ModelProto:
 def _check_dynseg(model: onnx.ModelProto, path: Path) -> dict[str, str]:
     import onnx
 
+    from .crf_node import CRF_OUTPUTS, CrfInputs
+
     metadata = metadata_of(model)
     if "dynseg_op_version" not in metadata:
         raise InvalidArgumentError(f"model file {path} is not a dynseg export (no dynseg metadata): export one with "
@@ -185,10 +186,10 @@ def _check_dynseg(model: onnx.ModelProto, path: Path) -> dict[str, str]:
         raise InvalidArgumentError(f"model file {path} has dynseg ops this dynseg does not know: {unknown}")
     # onnx.checker knows no schema of the domain: the node's arity is checked here
     for node in crf_nodes(model.graph):
-        if len(node.input) != CRF_INPUTS or len(node.output) != CRF_OUTPUTS:
+        if len(node.input) != len(CrfInputs._fields) or len(node.output) != len(CRF_OUTPUTS):
             raise InvalidArgumentError(f"model file {path}: MeanFieldCRF node {node.name!r} has {len(node.input)} "
-                                       f"inputs and {len(node.output)} outputs, the op {CRF_INPUTS} and "
-                                       f"{CRF_OUTPUTS} (docs/ops.md): export it again with `dynseg export`")
+                                       f"inputs and {len(node.output)} outputs, the op {len(CrfInputs._fields)} and "
+                                       f"{len(CRF_OUTPUTS)} (docs/ops.md): export it again with `dynseg export`")
     inputs, outputs = [i.name for i in model.graph.input], [o.name for o in model.graph.output]
     if inputs != list(INPUTS) or outputs != list(OUTPUTS):
         raise InvalidArgumentError(f"model file {path} does not have this dynseg's inputs {list(INPUTS)} and outputs "
