@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -25,7 +26,7 @@ def write_whole(path: str | os.PathLike[str], write: Callable[[Path], object]) -
     path = Path(path)
     if path.exists() and not path.is_file():
         raise OSError(errno.EEXIST, "a folder, pipe or device is there, not a file to replace", str(path))
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial = partial_path(path)
     try:
         with writing(path):
             write(partial)
@@ -34,6 +35,13 @@ def write_whole(path: str | os.PathLike[str], write: Callable[[Path], object]) -
         with suppress(OSError):  # a read-only folder refuses even this: its error, named above, is the one
             partial.unlink(missing_ok=True)
     return path
+
+
+def partial_path(path: Path) -> Path:
+    """Where `write_whole` writes `path` first: a hidden file beside it, named for this process and thread
+    (two writers of one path never share it), its name within NAME_MAX wherever `path`'s is: the name's
+    first 40 characters (160 bytes at most) say whose it is."""
+    return path.with_name(f".{path.name[:40]}.{os.getpid()}.{threading.get_ident()}.partial")
 
 
 @contextmanager

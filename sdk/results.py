@@ -263,9 +263,13 @@ def instance_winners(instance_logits: np.ndarray, scores: np.ndarray) -> np.ndar
     `scores`: the argmax, where a tie (within TIE_TOLERANCE) goes to the background, else to the higher
     score, else to the earlier detection (docs/algorithm.md §6). The instance map, and the predicted
     segments the training loss matches the ground truth to."""
+    planes, scores = np.asarray(instance_logits), np.asarray(scores)
+    if planes.ndim != 3 or scores.shape != (planes.shape[0] - 1,):  # else a label would silently never win
+        raise InvalidArgumentError(f"instance_logits must be (D+1, H, W) and scores (D,), got {planes.shape} and "
+                                   f"{scores.shape}")
     # the order of equally likely detections is the caller's accident, their scores are not
-    by_confidence = 1 + np.argsort(-np.asarray(scores), kind="stable")
-    return _argmax_planes(instance_logits, preference=np.concatenate([[0], by_confidence]))
+    by_confidence = 1 + np.argsort(-scores, kind="stable")
+    return _argmax_planes(planes, preference=np.concatenate([[0], by_confidence]))
 
 
 def _argmax_planes(planes: np.ndarray, dtype: type = np.intp, preference: np.ndarray | None = None) -> np.ndarray:

@@ -71,7 +71,8 @@ class Segmenter:
             the native library's CUDA kernels, and keeps every tensor on the GPU; tensorrt: "cuda").
         threads: the CPU threads a call may use, onnxruntime backend only: each of its sessions' thread
             pool and the CRF nodes' kernels, at most one per core this process may run on (a larger
-            count is capped). None: every core. The torch backend follows torch's
+            count is capped). None: onnxruntime's default for its sessions (a thread per physical core)
+            and every core for the CRF kernels. The torch backend follows torch's
             process-wide setting (torch.set_num_threads); tensorrt computes on the GPU.
 
     A Segmenter is also a context manager: leaving the block closes it (`close`).
@@ -142,9 +143,11 @@ class Segmenter:
         trained otherwise), not logits or percentages; D >= 0 (up to max_detections). Boxes reaching
         outside the image are clipped; inverted and outside ones are dropped with a warning and recorded
         in the result's `dropped`. The detections' order numbers the instances and moves no pixel
-        between them: a pixel that detections tie on goes to the highest score (docs/algorithm.md §6).
+        between them: a pixel that detections tie on goes to the background if it ties too, else to the
+        highest score, else to the earlier detection (docs/algorithm.md §6).
         timings: if given, gains the seconds the call spent in post-processing ("post") and, on
-        onnxruntime, in the network's sessions ("network") and the CRF nodes ("crf").
+        onnxruntime, in the network's sessions ("network") and the CRF nodes ("crf"). Calls one after
+        another may add to one dict; concurrent calls need one each (an addition is not atomic).
         """
         if timings is not None and not isinstance(timings, dict):
             raise InvalidArgumentError(f"timings must be a dict (or None), got {type(timings).__name__}")

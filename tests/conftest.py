@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from dynseg.sdk import samples
+from dynseg.sdk.files import partial_path
 
 
 def _smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -196,7 +197,7 @@ def full_disk() -> Callable[[Path], Path]:
         pytest.skip("needs /dev/full (Linux) to stand for a full disk")
 
     def under(path: Path) -> Path:
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        partial = partial_path(path)
         partial.symlink_to("/dev/full")
         return partial
 

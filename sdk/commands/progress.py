@@ -57,8 +57,9 @@ class ProgressClock:
 
 
 class LiveBar:
-    """A rich progress bar redrawn in place: the label in bold, the bar, done/total, then `text` (a rich
-    format over the task's fields, such as "loss {task.fields[loss]}") and the throughput and time left.
+    """A rich progress bar redrawn in place: the label in bold, the bar, done/total, then `text` (a format
+    over the task's fields, such as "loss {task.fields[loss]}", shown without rich markup: a file named
+    "cat [copy].png" keeps its brackets) and the throughput and time left.
     `fields` are the fields' values before the first update; console: a rich Console to draw on (default:
     rich's console on stdout)."""
 
@@ -67,7 +68,8 @@ class LiveBar:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         self._bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
-                             TextColumn(text + "  {task.fields[rate]}"), console=console)
+                             TextColumn(text + "  {task.fields[rate]}", markup=False),
+                             console=console)
         values: dict[str, Any] = {"rate": "- images/s  eta -", **fields}  # rich's task fields
         self._task = self._bar.add_task(label, total=total, completed=completed, **values)
         self._bar.start()

@@ -265,3 +265,18 @@ def test_the_time_left_follows_the_pace_of_about_the_last_minute(monkeypatch) ->
         speed, left = clock.rates(step)
     assert speed == pytest.approx(0.1) and left == pytest.approx(890 * 10.0)
     assert clock.throughput(110) == pytest.approx(110 / 200)  # since the start, for the logs
+
+
+def test_the_live_bar_shows_a_file_name_with_brackets_as_it_is() -> None:
+    import io
+
+    from rich.console import Console
+
+    from dynseg.sdk.commands.progress import LiveItemProgress
+
+    for name in ("cat [copy].png", "[red]b.png"):  # rich markup would take "[copy]" for a style and drop it
+        out = io.StringIO()
+        bar = LiveItemProgress("infer", 1, console=Console(file=out, force_terminal=True, width=120))
+        bar.update(1, name)
+        bar.close()  # draws the last state
+        assert name in out.getvalue()

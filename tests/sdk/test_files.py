@@ -25,6 +25,12 @@ def test_a_file_appears_whole_and_leaves_no_partial_copy(tmp_path):
     assert target.read_text() == "[3]" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
 
 
+def test_a_file_whose_name_is_near_the_longest_a_name_can_be_is_written(tmp_path):
+    # the hidden copy's name must fit too: a name's first 40 characters, not all 250 of them
+    target = write_text_whole(tmp_path / ("p" * 245 + ".json"), "{}")
+    assert target.read_text() == "{}" and [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
 def test_a_full_disk_leaves_what_was_there_and_is_named_with_its_errno(tmp_path, full_disk):
     target = tmp_path / "metrics.json"
     target.write_text("the last run's")

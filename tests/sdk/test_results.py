@@ -12,7 +12,7 @@ import pytest
 from dynseg.sdk import Instance, SegmentationResult
 from dynseg.sdk.errors import InvalidArgumentError
 from dynseg.sdk.inputs import INVERTED, Detections, DroppedDetection, check_detections
-from dynseg.sdk.results import build_result, instance_colours
+from dynseg.sdk.results import build_result, instance_colours, instance_winners
 
 CLASS_NAMES = ("person", "cat", "cup")
 K = len(CLASS_NAMES)
@@ -117,6 +117,14 @@ def test_argmax_ties_go_to_the_lowest_label_as_in_torch() -> None:
     labels = np.array([1, 2, 3, 1, 2])
     result = build_result(gray_image(10, 12), logits, semantic, detections(labels.tolist()), CLASS_NAMES)
     np.testing.assert_array_equal(result.instance_map, reference_instances(logits, semantic, labels)[0])
+
+
+@pytest.mark.parametrize("shape, scores", [((3, 2, 2), [0.9]), ((3, 2, 2), [0.9, 0.8, 0.7]),
+                                           ((3, 2, 2), [[0.9, 0.8]]), ((2, 2), [0.9])])
+def test_instance_winners_refuses_scores_that_do_not_match_the_detections(shape, scores) -> None:
+    # one score short would leave the last detection's label never winning, its pixels background
+    with pytest.raises(InvalidArgumentError, match=r"instance_logits must be \(D\+1, H, W\) and scores \(D,\)"):
+        instance_winners(np.zeros(shape, np.float32), np.array(scores))
 
 
 def test_the_callers_order_of_the_detections_changes_no_mask_only_the_instances_numbers() -> None:
