@@ -76,7 +76,8 @@ _ANY_NODE = "MeanFieldCRF"  # how CrfAttributes' own checks name the node; `pars
 class CrfAttributes:
     """A MeanFieldCRF node's attributes, checked by the rules docs/ops.md gives them, the TensorRT
     plugin's rules: the ONNX type of each, the four required ones, the defaults of the others, and
-    their ranges (score_ceiling and epsilon only matter, and are only checked, with the potential).
+    their ranges (score_ceiling and epsilon only matter, and are only checked, with the potential; without
+    it they hold the defaults).
     The thetas are the paper's θγ (theta_spatial), θα (theta_bilateral_xy) and θβ (theta_bilateral_rgb):
     the C ABI's theta_xy of the spatial and the bilateral kernel, and theta_color of the bilateral one.
     Made directly (export.ops, from a network's config) or by `parse`, they are held to the same ranges,
@@ -105,8 +106,10 @@ class CrfAttributes:
             object.__setattr__(self, name, float(np.float32(number)))
         if self.detection_potential not in (0, 1) or isinstance(self.detection_potential, bool):
             raise fail(f"detection_potential must be 0 or 1, got {self.detection_potential!r}")
-        if not self.detection_potential:
-            return  # score_ceiling and epsilon are neither read nor checked without the potential
+        if not self.detection_potential:  # score_ceiling and epsilon are neither read nor checked: they take the
+            object.__setattr__(self, "score_ceiling", 1.0)  # defaults, so that sets making one computation are equal
+            object.__setattr__(self, "epsilon", 0.0)
+            return
         ceiling, epsilon = finite_float32(self.score_ceiling), finite_float32(self.epsilon)
         if ceiling is None or not positive_in_float32(ceiling):
             raise fail(f"score_ceiling must be finite and > 0 as a float32, got {self.score_ceiling!r}")

@@ -193,6 +193,22 @@ def test_a_network_without_crfs_exports_a_model_that_runs_as_pytorch_does(tmp_pa
     assert report, [str(check) for check in report.checks]
 
 
+def test_a_semantic_crf_without_the_detection_potential_exports_the_network_s_crf_nodes(tmp_path):
+    # its score_ceiling and epsilon are unread, and float32 cannot hold 1e-4: the nodes must still be the network's
+    import torch
+
+    from dynseg.trainer.model.instance import InstanceConfig
+    from dynseg.trainer.model.network import ModelConfig, build_model
+    from dynseg.trainer.model.semantic_crf import SemanticCRFConfig
+
+    torch.manual_seed(0)
+    network = build_model(ModelConfig(backbone="resnet18", class_names=("cat", "cup"),
+                                      semantic_crf=SemanticCRFConfig(detection_potential=False, score_ceiling=0.3),
+                                      instance=InstanceConfig(templates_per_group=2, template_size=16)))
+    path = export_onnx(network, tmp_path / "model.onnx")
+    assert ops.crf_node_differences(onnx.load(str(path)), network) == []
+
+
 def test_a_model_with_other_outputs_is_refused_with_what_to_do(exported, tmp_path):
     model = onnx.load(str(exported[1]))
     model.graph.output.append(onnx.helper.make_tensor_value_info("instance_map", onnx.TensorProto.INT64, None))

@@ -129,6 +129,14 @@ def test_optional_attributes_take_the_documented_defaults():
     assert not CrfAttributes.parse({**required, "detection_potential": 0, "epsilon": 5.0}).detection_potential
 
 
+def test_without_the_potential_its_unread_parameters_make_no_difference():
+    # a network's config holds epsilon 1e-4, its node the float32 nearest: `dynseg validate` found them different
+    made = CrfAttributes(**{**NODE, "detection_potential": 0, "score_ceiling": 0.3, "epsilon": 1e-4})
+    read = CrfAttributes.parse({**NODE, "detection_potential": 0, "score_ceiling": float(np.float32(0.3)),
+                                "epsilon": float(np.float32(1e-4))})
+    assert made == read == CrfAttributes(**{**NODE, "detection_potential": 0})
+
+
 @pytest.mark.parametrize("name", ["iterations", "detection_potential"])
 def test_a_bool_is_not_an_int_attribute(name):
     node = {"iterations": 3, "theta_spatial": 3.0, "theta_bilateral_xy": 20.0, "theta_bilateral_rgb": 13.0}
