@@ -755,7 +755,7 @@ _NO_INSTANCES = ("note: the checkpoint found no instance in any image (column N)
     "Parity of the exported model (onnxruntime) with its checkpoint (PyTorch): the CRF nodes' attributes and "
     "weights equal the checkpoint's; on the images, max |Δ| of the instance probabilities "
     f"(<= {parity.PROBABILITY_ATOL:g}) and of the semantic ones (<= {parity.SEMANTIC_ATOL:g}), argmax agreement "
-    f"on decided pixels (>= {parity.MIN_AGREEMENT:.1%}), per-instance mask IoU (>= {parity.MIN_IOU:g}). Exit "
+    f"on settled pixels (>= {parity.MIN_AGREEMENT:.1%}), per-instance mask IoU (>= {parity.MIN_IOU:g}). Exit "
     "status 1 when any check fails."))
 def validate(
     model: Path = typer.Argument(..., help="The exported .onnx model."),

@@ -715,6 +715,27 @@ def test_an_argmax_agreement_of_99_5_percent_fails_validate():
     assert checks["min mask IoU"]  # 990 / 1000 = 0.99: at its limit, so the agreement alone fails the image
 
 
+def test_a_tie_broken_the_other_way_fails_validate_though_the_probabilities_agree():
+    # two detections of one class tie exactly outside their boxes, a tie the scores settle on every runtime;
+    # a logit error of 2e-5 relative (20x the runtimes' noise) hands those pixels to the other detection
+    height, width, names = 20, 30, ("cat", "cup", "person")
+    image = np.full((height, width, 3), 128, np.uint8)
+    whole = [0, 0, width - 1, height - 1]
+    detections = check_detections([whole, whole], [1, 1], [0.9, 0.8], height=height, width=width,
+                                  num_classes=len(names))
+    semantic = np.full((len(names) + 1, height, width), 0.25, np.float32)
+    tied = np.stack([np.full((height, width), value, np.float32) for value in (-5.0, 3.0, 3.0)])
+    moved = tied.copy()
+    moved[2] *= np.float32(1 + 2e-5)
+    candidate, reference = ({"instance_logits": logits, "semantic_probabilities": semantic} for logits in (moved, tied))
+    results = [build_result(image, raw["instance_logits"], semantic, detections, names)
+               for raw in (candidate, reference)]
+    checks = {check.name: check for check in compare("tie", candidate, reference, *results).checks}
+    assert checks["instance prob max abs diff"]  # 1.5e-5 apart
+    assert checks["argmax agreement"].value == 0.0 and not checks["argmax agreement"]
+    assert checks["min mask IoU"].value == 0.0
+
+
 @pytest.mark.parametrize(("apart", "passes"), [(5e-5, True), (2e-4, False)])
 def test_instance_probabilities_more_than_1e_4_apart_fail_validate_with_every_label_agreeing(apart, passes):
     height, width, names = 6, 7, ("cat", "cup", "person")
