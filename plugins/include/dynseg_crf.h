@@ -263,7 +263,8 @@ DYNSEG_API dynseg_status dynseg_crf_backward_cuda(const dynseg_crf_problem* prob
                                                   float* const* grad_weights, float* grad_compat,
                                                   void* workspace, size_t workspace_bytes, void* stream);
 
-/* Waits for `stream`, then reports how the last CUDA call that used `workspace` went: DYNSEG_OK;
+/* Waits for `stream`, then reports how the last CUDA call that used `workspace` went (a call that returned
+ * an error used none: check after one that returned DYNSEG_OK, else it reads what was there): DYNSEG_OK;
  * DYNSEG_ERROR_KEY_RANGE with a message if it could not build a lattice; DYNSEG_ERROR_INVALID_ARGUMENT
  * if a result it wrote (logits, probabilities, recalibrated scores or gradients) holds NaN or infinity,
  * from device inputs it could not check or an overflow. Call it outside latency-critical paths (it

@@ -316,6 +316,21 @@ def main() -> int:
             ok = ok and errors[2] == errors[0]
         print(f"{'ok' if ok else 'MISMATCH'}  {name}: {' | '.join(errors)}")
         failures += not ok
+    # a NaN in the device image: reported as an input that made the results NaN, not as lattice keys too
+    # wide for 63 bits (its coordinates once clamped to -2^30 widened every key)
+    for channels in (1, 3):
+        image = np.ascontiguousarray(colour_ramps(8, 9).transpose(2, 0, 1)[:channels], dtype=np.float32)
+        image[0, 3, 4] = np.nan
+        problem = n.Problem(2, 8, 9, image, [n.Kernel(20.0, 13.0, scalar(3.0))], compat=None, normalization="after",
+                            iterations=1, output=n.Output.LOGITS, threads=0)
+        try:
+            forward_cuda(problem, rng.normal(0, 1, (2, 8, 9)).astype(np.float32))
+            reported = "no error"
+        except DynsegError as error:
+            reported = str(error)
+        ok = "NaN or infinity" in reported and "non-finite value" in reported
+        print(f"{'ok' if ok else 'MISMATCH'}  a NaN in the device image, {channels} channel(s): {reported[:90]}")
+        failures += not ok
 
     # The zero-copy entry (sdk.crf.dense_crf_cuda) on CudaArrays, three calls with different weights:
     # each as dense_crf computes it, on one workspace and one weights buffer that the thread keeps.

@@ -2,6 +2,7 @@
 // boundary's (boundary.h); this file adds what only the GPU needs: the launch geometry of the current
 // device, CUDA error reporting, the after-the-fact lattice check, and the host-array convenience call.
 #include <atomic>
+#include <cfloat>
 #include <cstdio>
 #include <cstring>
 #include <vector>
@@ -102,8 +103,7 @@ dynseg_status current_launch(void* stream, dynseg::cuda::Launch* launch) {
     return DYNSEG_OK;
 }
 
-dynseg_status check_arguments(const dynseg_crf_problem* problem) {
-    if (dynseg_status s = dynseg::validate(problem, /*read_arrays=*/false)) return s;
+dynseg_status check_cuda_limits(const dynseg_crf_problem* problem) {
     // The kernels index with 32 bits (CUB's item counts are 32-bit too): every lattice's entries times
     // a label tile, every pixels x labels array and, where a matrix weight or a full compatibility
     // makes them L x L, the parameters and their gradients must stay below 2^31.
@@ -124,6 +124,12 @@ dynseg_status check_arguments(const dynseg_crf_problem* problem) {
                     (long long)problem->height, (long long)problem->width, (long long)problem->num_labels,
                     (long long)problem->image_channels);
     return DYNSEG_OK;
+}
+
+// The problem's checks that need no array read (device memory cannot be), then the CUDA kernels' limits.
+dynseg_status check_arguments(const dynseg_crf_problem* problem) {
+    if (dynseg_status s = dynseg::validate(problem, /*read_arrays=*/false)) return s;
+    return check_cuda_limits(problem);
 }
 
 // Lays the problem out in the caller's workspace and enqueues body on it.
@@ -248,8 +254,9 @@ dynseg_status dynseg_crf_check_cuda(const void* workspace, void* stream) {
         if (host.code == dynseg::cuda::kFeaturesTooLarge)
             return fail(DYNSEG_ERROR_KEY_RANGE,
                         "lattice coordinates out of range for kernels[%d]: scaled features reach %g, beyond what "
-                        "float lattice keys resolve; its theta_xy or theta_color is too small for the image",
-                        host.kernel, host.largest);
+                        "float lattice keys resolve; its theta_xy or theta_color is too small for the image%s",
+                        host.kernel, host.largest,
+                        host.largest <= FLT_MAX ? "" : " (or the image in device memory holds infinity)");
         if (host.code == dynseg::cuda::kKeysTooWide)
             return fail(DYNSEG_ERROR_KEY_RANGE,
                         "lattice keys of kernels[%d] need %d bits but only 63 fit a 64-bit key: the features span too "
@@ -270,6 +277,7 @@ dynseg_status dynseg_crf_forward_cuda_from_host(const dynseg_crf_problem* proble
                                                 int32_t device) {
     return guarded_cuda([&] {
         if (dynseg_status s = dynseg::validate(problem, /*read_arrays=*/true)) return s;
+        if (dynseg_status s = check_cuda_limits(problem)) return s;  // before gigabytes are copied over
         if (dynseg_status s = dynseg::check_not_null({{"unary", unary}, {"out", out}})) return s;
         if (dynseg_status s = dynseg::check_outputs_apart(*problem, DYNSEG_PASS_FORWARD)) return s;
         // host memory here, so checked as the CPU call checks it

@@ -107,12 +107,20 @@ __global__ void embed(EmbedConstants c, const float* image, int32_t* rem0_out, i
                     last = plus - minus;
             }
             weight[0] += 1.0f + last;
+            // A NaN image value (device memory is not checked) leaves no NaN in the weights: its ranks
+            // compare false everywhere. NaN weights make the results NaN, which dynseg_crf_check_cuda
+            // reports as an input that was not valid, as the header says.
+            if (sm != sm)
+                for (int i = 0; i <= d; ++i) weight[i] = __int_as_float(0x7fc00000);
 
             for (int i = 0; i <= d; ++i) {
                 // A lattice whose features are too large fails on `largest` (plan_packing), but its
                 // entries are computed all the same: clamped (a no-op for a lattice that can be built),
                 // its coordinates convert and subtract within int32 and its ranks index within 0..d.
-                const int32_t r0 = static_cast<int32_t>(fminf(fmaxf(rem0[i], -kCoordinateClamp), kCoordinateClamp));
+                // A NaN feature's pixel sits at 0 rather than at the clamp, which would widen the keys
+                // past 63 bits (a key-range error blaming the thetas); its NaN weights (below) report it.
+                const float at = rem0[i] == rem0[i] ? rem0[i] : 0.0f;
+                const int32_t r0 = static_cast<int32_t>(fminf(fmaxf(at, -kCoordinateClamp), kCoordinateClamp));
                 const int32_t rk = static_cast<int32_t>(fminf(fmaxf(rank[i], 0.0f), static_cast<float>(d)));
                 if (kStaged) {
                     const int k = threadIdx.x * (d + 1) + i;
