@@ -230,12 +230,15 @@ __global__ void add_weighted_gradient(const float* h, const float* W, bool matri
     }
 }
 
-// Block c: its chunk's sum of R_i Q_i^T, all of it (full) or its diagonal, in double and pixel order.
+// Blocks (c, *): chunk c's sum of R_i Q_i^T, all of it (full) or its diagonal, in double and pixel
+// order. Each entry is one thread's sum, so splitting the entries over the grid's y blocks changes
+// no bit; it keeps a large L, whose L x L entries leave room for one chunk only, off one block.
 __global__ void gradient_chunk_sums(const float* R, const float* Q, int64_t labels, int64_t pixels,
                                     int64_t stride, int64_t chunk, bool full, double* partial) {
     const int64_t width = full ? labels * labels : labels;
     const int64_t c = blockIdx.x, first = c * chunk, last = min(pixels, first + chunk);
-    for (int64_t j = threadIdx.x; j < width; j += blockDim.x) {
+    const int64_t step = int64_t(gridDim.y) * blockDim.x;
+    for (int64_t j = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; j < width; j += step) {
         const int64_t a = full ? j / labels : j, b = full ? j % labels : j;
         double s = 0.0;
         for (int64_t i = first; i < last; ++i) s += double(R[i * stride + a]) * Q[i * stride + b];
@@ -528,9 +531,11 @@ void MeanField::backward(const float* unary, const float* grad_logits, float* gr
                                                                                  is_matrix(kernel), grad_q_, L, N, S);
             // P = sum_i R_i Q_i^T: in full when a matrix needs it, else only its diagonal
             const bool full = is_matrix(kernel) || kind == DYNSEG_COMPAT_FULL;
-            gradient_chunk_sums<<<static_cast<int>(chunks), kThreads, 0, stream>>>(filtered_, Q, L, N, S,
-                                                                                  reduce_chunk_, full, partial_);
-            sum_chunks<<<launch.blocks(full ? L * L : L), kThreads, 0, stream>>>(partial_, chunks, L, full, P_);
+            const int64_t entries = full ? L * L : L;
+            const auto slices = static_cast<unsigned>(std::min<int64_t>((entries + kThreads - 1) / kThreads, 65535));
+            gradient_chunk_sums<<<dim3(static_cast<unsigned>(chunks), slices), kThreads, 0, stream>>>(
+                filtered_, Q, L, N, S, reduce_chunk_, full, partial_);
+            sum_chunks<<<launch.blocks(entries), kThreads, 0, stream>>>(partial_, chunks, L, full, P_);
             if (!is_matrix(kernel))
                 scalar_weight_gradient<<<1, kThreads, 0, stream>>>(P_, full, problem_.compat, kind, L, dweight_[k]);
             if (full)
