@@ -166,7 +166,7 @@ def build_engine(onnx_path: str | Path, out_path: str | Path, *, fp16: bool = Fa
     library = Path(plugin_library) if plugin_library is not None else plugin_library_path()
     capability = compute_capability()  # a missing driver or GPU named before the build, which takes minutes
     onnx.checker.check_model(trt_model)
-    onnx.save(trt_model, str(onnx_copy))
+    write_whole(onnx_copy, lambda partial: onnx.save(trt_model, str(partial)))  # an interruption leaves no cut copy
     plan = _build_plan(tensorrt, onnx_copy, crf_node_count(trt_model), library, profile, fp16,
                        None if workspace is None else int(workspace))
     # an old sidecar would describe the new plan until the new one is written: a failure in between must
