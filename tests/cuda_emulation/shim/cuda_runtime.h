@@ -186,6 +186,8 @@ private:
 template <class F>
 void launch(F&& body, dim3 grid, dim3 blk, size_t shared = 0, cudaStream_t = nullptr) {
     if (blk.x > Workers::kCount) std::abort();
+    static std::mutex one_at_a_time;  // gridDim, blockDim and the shared memory are every launch's
+    const std::lock_guard<std::mutex> hold(one_at_a_time);
     gridDim = grid;
     blockDim = blk;
     dynamic_shared.assign(shared + 16, 0x5a);  // extern __shared__ memory: not zero either
