@@ -12,17 +12,16 @@ import threading
 import numpy as np
 import onnx
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-from dynseg.export import ops  # noqa: E402
-from dynseg.export.onnx import export_onnx  # noqa: E402
-from dynseg.sdk import _native  # noqa: E402
-from dynseg.sdk import (BackendError, DetectionsDroppedWarning, DynsegError, InvalidArgumentError,  # noqa: E402
+from dynseg.export import ops
+from dynseg.export.onnx import export_onnx
+from dynseg.sdk import _native
+from dynseg.sdk import (BackendError, DetectionsDroppedWarning, DynsegError, InvalidArgumentError,
                         crf_node, onnx_backend, results, samples)
-from dynseg.sdk.commands import parity  # noqa: E402
-from dynseg.sdk.segmenter import Segmenter  # noqa: E402
-from dynseg.trainer.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from dynseg.sdk.commands import parity
+from dynseg.sdk.segmenter import Segmenter
+from dynseg.trainer.checkpoint import load_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from dynseg.export.onnx import export_onnx
 from dynseg.sdk import InvalidArgumentError, _native, samples
-
-pytest.importorskip("torch")  # the export needs it
-
-from dynseg.export.onnx import export_onnx  # noqa: E402
-from dynseg.sdk.commands import parity  # noqa: E402
-from dynseg.sdk.segmenter import Segmenter  # noqa: E402
+from dynseg.sdk.commands import parity
+from dynseg.sdk.segmenter import Segmenter
 
 
 def _missing() -> str | None:

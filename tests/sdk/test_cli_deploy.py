@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 import onnx
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -22,12 +23,9 @@ from dynseg.sdk.cli import app
 from dynseg.sdk.commands.parity import compare
 from dynseg.sdk.inputs import check_detections, load_image
 from dynseg.sdk.results import build_result
-
-torch = pytest.importorskip("torch")
-
-from dynseg.trainer.model.instance import InstanceConfig  # noqa: E402
-from dynseg.trainer.model.network import ModelConfig, build_model  # noqa: E402
-from dynseg.trainer.checkpoint import save_checkpoint  # noqa: E402
+from dynseg.trainer.model.instance import InstanceConfig
+from dynseg.trainer.model.network import ModelConfig, build_model
+from dynseg.trainer.checkpoint import save_checkpoint
 
 runner = CliRunner()
 
@@ -713,6 +711,43 @@ def test_an_argmax_agreement_of_99_5_percent_fails_validate():
     assert checks["argmax agreement"].value == 0.995
     assert not checks["argmax agreement"]  # below 99.9 %
     assert checks["min mask IoU"]  # 990 / 1000 = 0.99: at its limit, so the agreement alone fails the image
+
+
+@pytest.mark.parametrize(("reference_logit", "candidate_logit", "counted"), [
+    (1e-4, -1e-4, False),  # a near tie: the two labels 5e-5 apart in probability, the winner float noise
+    (3e-4, -1e-5, True),  # 1.5e-4 apart: settled, though the probabilities move by less than 1e-4
+])
+def test_validate_counts_a_flipped_winner_only_where_the_probabilities_settle_it(reference_logit, candidate_logit,
+                                                                               counted):
+    height, width, names = 3, 4, ("cat", "cup", "person")
+    image = np.full((height, width, 3), 128, np.uint8)
+    detections = check_detections([[0, 0, width - 1, height - 1]], [1], [0.9], height=height, width=width,
+                                  num_classes=len(names))
+    semantic = np.full((len(names) + 1, height, width), 0.25, np.float32)
+
+    def outputs(logit: float):  # background at 0, the detection at `logit`, on every pixel
+        logits = np.zeros((2, height, width), np.float32)
+        logits[1] = logit
+        return {"instance_logits": logits, "semantic_probabilities": semantic}
+
+    candidate, reference = outputs(candidate_logit), outputs(reference_logit)
+    results = [build_result(image, raw["instance_logits"], semantic, detections, names)
+               for raw in (candidate, reference)]
+    assert results[1].instances and not results[0].instances  # the winner flipped on every pixel
+    checks = {check.name: check for check in compare("near", candidate, reference, *results).checks}
+    assert checks["instance prob max abs diff"]
+    assert checks["argmax agreement"].value == (0.0 if counted else 1.0)
+
+
+def test_tied_pixels_are_those_where_two_labels_are_within_the_tie_tolerance_of_the_largest():
+    from dynseg.sdk.results import TIE_TOLERANCE, tied_pixels
+
+    planes = np.zeros((3, 1, 4), np.float32)
+    planes[:, 0, 0] = (2.0, 2.0, -1.0)  # an exact tie
+    planes[:, 0, 1] = (100.0, 100.0 - 0.5 * TIE_TOLERANCE * 100, 0.0)  # within the tolerance, relative to 100
+    planes[:, 0, 2] = (100.0, 100.0 - 3 * TIE_TOLERANCE * 100, 0.0)  # beyond it
+    planes[:, 0, 3] = (0.0, 5.0, 0.0)  # one label on top, the others tied below it
+    assert tied_pixels(planes).tolist() == [[True, True, False, False]]
 
 
 def test_a_tie_broken_the_other_way_fails_validate_though_the_probabilities_agree():

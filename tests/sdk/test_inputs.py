@@ -216,6 +216,8 @@ def test_boxes_that_looks_normalised_are_refused_as_a_results_file_of_them_is() 
     with pytest.raises(InvalidArgumentError, match=r"^boxes: every box lies within \[0, 1\], in fractions of a "
                                                    r"pixel: normalised coordinates\?"):
         check([[0.1, 0.1, 0.5, 0.5], [0.2, 0.3, 0.9, 0.8]])
+    with pytest.raises(InvalidArgumentError, match=r"^boxes: every box lies within \[0, 1\]"):
+        check([[0.0, 0.1, 0.5, 1.0]])  # a normalised box at the image's border: some coordinates whole
     assert len(check([[0, 0, 1, 1], [0, 0, 0, 0]])) == 2  # whole pixels: the top-left corner's
     assert len(check([[0.1, 0.1, 0.5, 0.5], [0.2, 0.3, 1.5, 0.8]])) == 2  # one reaches past a pixel
 

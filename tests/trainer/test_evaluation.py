@@ -204,7 +204,7 @@ def test_perfect_predictions_score_one_on_every_metric(protocol):
 
 
 def test_a_duplicate_is_correct_in_original_and_a_false_positive_in_voc():
-    # three instances of class 1, two predictions both on A: original 1/3 (1/1 + 2/2), voc 1/3 (1/1).
+    # three instances of class 1, two predictions both on A: original 2/3 ((1 + 1) / 3), voc 1/3 (1/1).
     predictions = [prediction([A, A], [1, 1], [0.9, 0.8])]
     ground_truths = [truth([A, B, C], [1, 1, 1])]
     original = evaluate(predictions, ground_truths, num_classes=1, protocol="original")

@@ -35,11 +35,16 @@ def native_kernels(weights):
     return [(3.0, 0.0, weights[0]), (9.0, 13.0, weights[1])]
 
 
+def asymmetric(diagonal: float, seed: int) -> torch.Tensor:
+    """diagonal x I plus small uniform entries: (L, L), not its own transpose, so a transposed read shows."""
+    return torch.eye(L) * diagonal + 0.2 * torch.rand(L, L, generator=torch.Generator().manual_seed(seed))
+
+
 PARAMETERS = {
     "scalar weights, Potts": (lambda: (torch.tensor(3.0), torch.tensor(4.0)), lambda: None),
-    "matrix weights, Potts": (lambda: (torch.eye(L) * 3 + 0.1, torch.eye(L) * 4 - 0.05), lambda: None),
-    "scalar and matrix weights, diagonal compat": (lambda: (torch.tensor(3.0), torch.eye(L) * 4 + 0.1), lambda: -torch.ones(L) * 0.7),
-    "matrix weights, full compat": (lambda: (torch.eye(L) * 3, torch.eye(L) * 4 + 0.1), lambda: -torch.eye(L) + 0.05),
+    "matrix weights, Potts": (lambda: (asymmetric(3.0, 1), asymmetric(4.0, 2)), lambda: None),
+    "scalar and matrix weights, diagonal compat": (lambda: (torch.tensor(3.0), asymmetric(4.0, 3)), lambda: -torch.ones(L) * 0.7),
+    "matrix weights, full compat": (lambda: (asymmetric(3.0, 4), asymmetric(4.0, 5)), lambda: asymmetric(-1.0, 6)),
 }
 
 
