@@ -101,16 +101,16 @@ def _image_array(array: np.ndarray) -> np.ndarray:
             + ("; convert floats with (image * 255).round().astype(np.uint8) when they are in 0..1, "
                "image.round().astype(np.uint8) when in 0..255" if array.dtype.kind == "f" else "")
         )
-    if array.ndim == 2:
-        array = array[:, :, None]
-    elif array.ndim != 3:
+    if array.ndim not in (2, 3):
         raise InvalidArgumentError(f"image must have shape (H, W), (H, W, 3) or (H, W, 4), got {array.shape}")
-    if array.shape[2] not in (1, 3, 4):
+    if array.ndim == 3 and array.shape[2] not in (1, 3, 4):
         raise InvalidArgumentError(
             f"image must have 3 (RGB) or 4 (RGBA) channels, or be (H, W) grayscale; got shape {array.shape}"
         )
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise InvalidArgumentError(f"image is empty: shape {array.shape}")
+    if array.ndim == 2:
+        array = array[:, :, None]
     if array.shape[2] == 1:
         return np.ascontiguousarray(np.repeat(array, 3, axis=2))
     if array.shape[2] == 4:

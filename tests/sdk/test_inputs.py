@@ -105,7 +105,7 @@ def test_a_jpeg_path_is_read(tmp_path: Path) -> None:
         (np.zeros((4, 4, 2), np.uint8), "channels"),
         (np.zeros((4, 4, 5), np.uint8), "channels"),
         (np.zeros((0, 4, 3), np.uint8), "empty"),
-        (np.zeros((4, 0), np.uint8), "empty"),
+        (np.zeros((4, 0), np.uint8), "empty: shape (4, 0)"),  # the caller's shape, not a channel axis added
         ([[1, 2], [3, 4]], "uint8"),
         (b"image.png", "bytes"),
         (None, "got None"),
