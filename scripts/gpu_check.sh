@@ -4,7 +4,11 @@
 # headers were carried along), compute-sanitizer (memcheck with its leak check, racecheck, synccheck)
 # on a small forward and backward, the GPU benchmark and, where Nsight Compute is installed, an
 # analysis of the main kernels, and writes a report. Under 5 minutes on an H100/H200 machine (the
-# analysis is capped at 150 s).
+# analysis is capped at 150 s). The steps run in the order of what they prove for issue 5 (tests, then
+# the benchmark, then the sanitizers and the plugin), each capped so that all of them end within
+# DYNSEG_GPU_CHECK_S seconds of the start (default 360): a short lease keeps the most important ones.
+# The report is at most 8 files (what the device tool brings back): gpu.txt, build.log, tests.log,
+# bench.log, bench_cuda.md, sanitizers.log, plugin.log and, with the analysis, ncu.txt.
 #
 #   bash scripts/gpu_check.sh [REPORT_DIR]      (default: $OUT when set, else ./gpu_report)
 #
@@ -21,7 +25,10 @@ mkdir -p "$REPORT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 started=$(date +%s)
+deadline=$(( started + ${DYNSEG_GPU_CHECK_S:-360} ))
 step() { echo; echo "=== $1 ($(( $(date +%s) - started )) s)"; }
+# a step's timeout: its own cap, or what is left before the deadline when that is less (at least 5 s)
+cap() { local left=$(( deadline - $(date +%s) )); if (( left < $1 )); then echo $(( left > 5 ? left : 5 )); else echo "$1"; fi; }
 failed=()
 check() { [ "$2" = 0 ] || failed+=("$1 (exit code $2)"); }  # step name, its exit code
 
@@ -38,20 +45,23 @@ if [ -n "$missing" ]; then
 fi
 
 step "machine"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$REPORT/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv 2>&1 | tee "$REPORT/gpu.txt"
 nvcc --version | tail -1
+# the build compiles for this card alone (CI compiles every architecture): 30 s less of the lease
+arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
+arch_option=${arch:+-C cmake.define.DYNSEG_CUDA_ARCHITECTURES=${arch}-real}
 
 if ls .whl/pydensecrf2-*.tar.gz >/dev/null 2>&1; then
-  ($PY -m pip install -q --no-deps --no-build-isolation .whl/pydensecrf2-*.tar.gz >"$REPORT/pydensecrf_build.log" 2>&1 \
-    && echo "pydensecrf built" || echo "pydensecrf build failed (see pydensecrf_build.log)") &
+  (timeout 240 $PY -m pip install -q --no-deps --no-build-isolation .whl/pydensecrf2-*.tar.gz \
+     >/tmp/pydensecrf_build.log 2>&1 && echo "pydensecrf built" || echo "pydensecrf build failed (see build.log)") &
   dcrf=$!
 fi
 
 step "build"
-if ! $PY -m pip install -q --no-deps --no-build-isolation -e . >"$REPORT/build.log" 2>&1; then
+if ! $PY -m pip install -v --no-deps --no-build-isolation $arch_option -e . >"$REPORT/build.log" 2>&1; then
   tail -30 "$REPORT/build.log"; echo "BUILD FAILED"; exit 1
 fi
-grep -i "warning" "$REPORT/build.log" | head -20
+grep -i "warning" "$REPORT/build.log" | grep -v -i "pip\|setuptools" | head -20
 $PY -c "from dynseg.sdk import _native as n; print('native', n.native_version(), 'cuda compiled', n.cuda_compiled(), 'devices', n.cuda_device_count())"
 $PY - <<'EOF' || exit 1
 from dynseg.sdk import _native
@@ -62,8 +72,29 @@ except ValueError as error:
 EOF
 
 step "GPU tests"
-timeout 300 $PY -m pytest -q -rs -p no:cacheprovider tests/gpu tests/trainer/test_native_op.py 2>&1 | tee "$REPORT/tests.log" | tail -25
+# -v names every case (L, size) that passed; -rfEs lists failures and errors as well as the skips' reasons
+timeout "$(cap 300)" $PY -m pytest -v -rfEs -p no:cacheprovider tests/gpu 2>&1 | tee "$REPORT/tests.log" | tail -25
 check "GPU tests" "${PIPESTATUS[0]}"
+
+if [ -n "${dcrf:-}" ]; then
+  wait $dcrf
+  { echo; echo "=== pydensecrf"; cat /tmp/pydensecrf_build.log; } >>"$REPORT/build.log" 2>/dev/null
+fi
+step "benchmark"
+timeout "$(cap 200)" $PY benchmarks/bench_cuda.py --profile --out "$REPORT/bench_cuda.md" 2>&1 | tee "$REPORT/bench.log" | tail -12
+check benchmark "${PIPESTATUS[0]}"
+
+step "compute-sanitizer"
+# memcheck with its leak check; then what the CPU emulation of the kernels cannot see: shared-memory
+# races between a block's threads, and barriers or warp intrinsics that not every thread they name reaches
+for tool in memcheck racecheck synccheck; do
+  options=(--tool "$tool" --error-exitcode 1)
+  [ "$tool" = memcheck ] && options+=(--leak-check full)
+  { echo "=== $tool"; timeout "$(cap 120)" compute-sanitizer "${options[@]}" $PY scripts/cuda_smoke.py; } \
+    >>"$REPORT/sanitizers.log" 2>&1
+  code=$?; check "$tool" $code; echo "$tool exit code $code"
+done
+grep -E "^=== |ERROR SUMMARY|LEAK SUMMARY|RACECHECK SUMMARY" "$REPORT/sanitizers.log"
 
 step "the TensorRT plugin on the GPU, without TensorRT"
 # TensorRT's public headers cannot come from this machine's network: copy them on the CPU machine into
@@ -74,28 +105,13 @@ if [ -z "${DYNSEG_TENSORRT_HEADERS:-}" ] && ls -d .ref/trt-headers/*/ >/dev/null
   export DYNSEG_TENSORRT_HEADERS
 fi
 if [ -n "${DYNSEG_TENSORRT_HEADERS:-}" ]; then
-  timeout 120 $PY -m pytest -q -rs -p no:cacheprovider tests/cuda_emulation/test_emulated_plugin.py -k gpu 2>&1 \
-    | tee "$REPORT/plugin.log" | tail -8
+  timeout "$(cap 120)" $PY -m pytest -q -rfEs -p no:cacheprovider tests/cuda_emulation/test_emulated_plugin.py -k gpu \
+    2>&1 | tee "$REPORT/plugin.log" | tail -8
   check "plugin tests" "${PIPESTATUS[0]}"
 else
   echo "skipped: no TensorRT headers (.ref/trt-headers/<version>/ or DYNSEG_TENSORRT_HEADERS)"
 fi
 
-step "compute-sanitizer memcheck"
-timeout 120 compute-sanitizer --tool memcheck --leak-check full --error-exitcode 1 $PY scripts/cuda_smoke.py \
-  >"$REPORT/memcheck.log" 2>&1
-code=$?; check memcheck $code; echo "memcheck exit code $code"; tail -5 "$REPORT/memcheck.log"
-# what the CPU emulation of the kernels cannot see: shared-memory races between a block's threads, and
-# barriers or warp intrinsics that not every thread they name reaches
-for tool in racecheck synccheck; do
-  timeout 60 compute-sanitizer --tool $tool --error-exitcode 1 $PY scripts/cuda_smoke.py >"$REPORT/$tool.log" 2>&1
-  code=$?; check $tool $code; echo "$tool exit code $code"; tail -3 "$REPORT/$tool.log"
-done
-
-[ -n "${dcrf:-}" ] && wait $dcrf
-step "benchmark"
-timeout 200 $PY benchmarks/bench_cuda.py --profile --out "$REPORT/bench_cuda.md" 2>&1 | tee "$REPORT/bench.log" | tail -12
-check benchmark "${PIPESTATUS[0]}"
 step "kernel analysis (Nsight Compute, when the machine has it)"
 # What bounds each kernel of one semantic 512×512 call (memory or compute throughput, cache hit rates,
 # occupancy, stall reasons): the first launches of the filtering kernels and the key insertion. Caches
