@@ -28,7 +28,10 @@ started=$(date +%s)
 deadline=$(( started + ${DYNSEG_GPU_CHECK_S:-360} ))
 step() { echo; echo "=== $1 ($(( $(date +%s) - started )) s)"; }
 # a step's timeout: its own cap, or what is left before the deadline when that is less (at least 5 s)
-cap() { local left=$(( deadline - $(date +%s) )); if (( left < $1 )); then echo $(( left > 5 ? left : 5 )); else echo "$1"; fi; }
+cap() {
+  local left=$(( deadline - $(date +%s) ))
+  if (( left < $1 )); then echo $(( left > 5 ? left : 5 )); else echo "$1"; fi
+}
 failed=()
 check() { [ "$2" = 0 ] || failed+=("$1 (exit code $2)"); }  # step name, its exit code
 
@@ -81,7 +84,8 @@ if [ -n "${dcrf:-}" ]; then
   { echo; echo "=== pydensecrf"; cat /tmp/pydensecrf_build.log; } >>"$REPORT/build.log" 2>/dev/null
 fi
 step "benchmark"
-timeout "$(cap 200)" $PY benchmarks/bench_cuda.py --profile --out "$REPORT/bench_cuda.md" 2>&1 | tee "$REPORT/bench.log" | tail -12
+timeout "$(cap 200)" $PY benchmarks/bench_cuda.py --profile --out "$REPORT/bench_cuda.md" 2>&1 \
+  | tee "$REPORT/bench.log" | tail -12
 check benchmark "${PIPESTATUS[0]}"
 
 step "compute-sanitizer"

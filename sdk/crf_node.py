@@ -22,7 +22,8 @@ from . import _native
 from .checks import check_iterations, check_normalization, finite_float32, positive_in_float32
 from .errors import InvalidArgumentError
 
-__all__ = ["CRF_OUTPUTS", "CrfAttributes", "CrfInputs", "nothing_to_infer", "run_node", "run_node_cuda", "score_ceiling_of"]
+__all__ = ["CRF_OUTPUTS", "CrfAttributes", "CrfInputs", "nothing_to_infer", "run_node", "run_node_cuda",
+           "score_ceiling_of"]
 
 Array = np.ndarray | _native.DeviceArray
 
@@ -106,8 +107,10 @@ class CrfAttributes:
             object.__setattr__(self, name, float(np.float32(number)))
         if self.detection_potential not in (0, 1) or isinstance(self.detection_potential, bool):
             raise fail(f"detection_potential must be 0 or 1, got {self.detection_potential!r}")
-        if not self.detection_potential:  # score_ceiling and epsilon are neither read nor checked: they take the
-            object.__setattr__(self, "score_ceiling", 1.0)  # defaults, so that sets making one computation are equal
+        if not self.detection_potential:
+            # score_ceiling and epsilon are neither read nor checked: they take the defaults, so that two sets
+            # making one computation are equal
+            object.__setattr__(self, "score_ceiling", 1.0)
             object.__setattr__(self, "epsilon", 0.0)
             return
         ceiling, epsilon = finite_float32(self.score_ceiling), finite_float32(self.epsilon)

@@ -43,7 +43,8 @@ def asymmetric(diagonal: float, seed: int) -> torch.Tensor:
 PARAMETERS = {
     "scalar weights, Potts": (lambda: (torch.tensor(3.0), torch.tensor(4.0)), lambda: None),
     "matrix weights, Potts": (lambda: (asymmetric(3.0, 1), asymmetric(4.0, 2)), lambda: None),
-    "scalar and matrix weights, diagonal compat": (lambda: (torch.tensor(3.0), asymmetric(4.0, 3)), lambda: -torch.ones(L) * 0.7),
+    "scalar and matrix weights, diagonal compat": (lambda: (torch.tensor(3.0), asymmetric(4.0, 3)),
+                                                   lambda: -torch.ones(L) * 0.7),
     "matrix weights, full compat": (lambda: (asymmetric(3.0, 4), asymmetric(4.0, 5)), lambda: asymmetric(-1.0, 6)),
 }
 
