@@ -52,12 +52,28 @@ _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 def init_from_environment() -> tuple[int, int]:
     """Joins the process group that torchrun's variables describe and returns (rank, world size):
     backend "nccl" with this process on GPU LOCAL_RANK when CUDA is available, else "gloo". Returns
-    (0, 1) and does nothing when the variables are not set; returns the group's values when one is
-    already initialised."""
+    (0, 1) and does nothing when none of the variables is set; returns the group's values when one is
+    already initialised. InvalidArgumentError names what is wrong when only some are set (a process that
+    trained alone would race the others for one out_dir), when they are not whole numbers with
+    0 <= RANK < WORLD_SIZE, or when MASTER_ADDR or MASTER_PORT, which the group meets at, is missing."""
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    if not all(name in os.environ for name in _TORCHRUN_VARIABLES):
+    given = [name for name in _TORCHRUN_VARIABLES if name in os.environ]
+    if not given:
         return 0, 1
+    missing = [name for name in (*_TORCHRUN_VARIABLES, "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise InvalidArgumentError(f"the environment sets {', '.join(given)} but not {', '.join(missing)}: launch "
+                                   "with torchrun, which sets them all, or unset them to train in one process")
+    values = {}
+    for name in _TORCHRUN_VARIABLES:
+        text = os.environ[name]
+        if not (text.isascii() and text.isdigit()):
+            raise InvalidArgumentError(f"environment variable {name} must be a whole number >= 0, got {text!r}")
+        values[name] = int(text)
+    if not values["RANK"] < values["WORLD_SIZE"]:  # else the group waits forever for a rank that never comes
+        raise InvalidArgumentError(f"environment variable RANK must be below WORLD_SIZE, got RANK {values['RANK']} "
+                                   f"of WORLD_SIZE {values['WORLD_SIZE']}")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group(backend="nccl")
@@ -159,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=defaults.LEARNING_RATE,
                         help=f"stage 1 learning rate (stage 2 uses a {defaults.INSTANCE_LR_DIVISOR}th)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted run in --out from its checkpoints, given the same arguments")
     args = parser.parse_args(argv)
     if not args.out:  # Path("") is the current folder, whose earlier run the trainer would replace
         parser.error("--out is empty (an unset shell variable?): give a folder (\".\" for the current one)")
@@ -172,8 +190,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     from .model import ModelConfig, build_model
     from .train import TrainConfig, fit
 
-    init_from_environment()
     try:
+        init_from_environment()
         torch.manual_seed(args.seed)  # the same initial weights everywhere (DDP also broadcasts rank 0's)
         data = SyntheticScenes(size=args.images, image_size=tuple(args.image_size), seed=args.seed)
         model = build_model(ModelConfig(backbone=args.backbone, class_names=tuple(data.class_names[1:])))
@@ -185,7 +203,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             instance=TrainConfig(stage="instance", mode=args.mode, steps=args.instance_steps,
                                  learning_rate=args.lr / defaults.INSTANCE_LR_DIVISOR, seed=args.seed),
             printer=print,  # train prints on rank 0 only
-            training_data={"dataset": "synthetic", "seed": args.seed, "image_size": tuple(args.image_size)})
+            training_data={"dataset": "synthetic", "seed": args.seed, "image_size": tuple(args.image_size)},
+            resume=args.resume)
         if is_main():
             print(f"wrote {args.out}/model.safetensors and {args.out}/model.json; next: dynseg eval {args.out}")
     except DynsegError as error:  # a bad argument: one line, as the dynseg commands print it

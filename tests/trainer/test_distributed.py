@@ -197,6 +197,28 @@ def test_without_torchrun_variables_there_is_one_process_and_reductions_are_iden
         distributed.all_reduce([1.0], op="max")
 
 
+MEETING = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+
+
+@pytest.mark.parametrize("environment, message", [
+    ({"WORLD_SIZE": "2"}, "sets WORLD_SIZE but not RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT"),  # was: trained alone
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "but not MASTER_ADDR, MASTER_PORT"),
+    ({"RANK": "0", "WORLD_SIZE": "abc", "LOCAL_RANK": "0", **MEETING}, "WORLD_SIZE must be a whole number >= 0, got "
+                                                                      "'abc'"),
+    ({"RANK": "1", "WORLD_SIZE": "1", "LOCAL_RANK": "0", **MEETING}, "RANK must be below WORLD_SIZE, got RANK 1 of "
+                                                                    "WORLD_SIZE 1"),  # was: waited forever
+])
+def test_torchrun_variables_set_in_part_or_wrong_are_named_not_trained_alone_or_waited_on(monkeypatch, environment,
+                                                                                          message):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", *MEETING):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message):
+        distributed.init_from_environment()
+    assert not torch.distributed.is_initialized()
+
+
 def test_the_launcher_records_the_training_data_and_prints_a_bad_argument_in_one_line(monkeypatch, tmp_path):
     from dynseg.trainer.checkpoint import read_training_data
 
@@ -205,6 +227,10 @@ def test_the_launcher_records_the_training_data_and_prints_a_bad_argument_in_one
     tiny = ["--images", "2", "--image-size", "32", "32", "--semantic-steps", "1", "--instance-steps", "1"]
     distributed.main(["--out", str(tmp_path / "run"), "--seed", "3", *tiny])
     assert read_training_data(tmp_path / "run") == {"dataset": "synthetic", "seed": 3, "image_size": [32, 32]}
+    # --resume continues the run (a stage extended by one step) instead of starting it afresh
+    distributed.main(["--out", str(tmp_path / "run"), "--seed", "3", "--resume", *tiny[:-1], "2"])
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
     with pytest.raises(SystemExit, match=r"^Error: TrainConfig.learning_rate must be"):
         distributed.main(["--out", str(tmp_path / "bad"), "--lr", "nan", *tiny])
 
