@@ -233,13 +233,7 @@ def train(
     rank, world = distributed.rank(), distributed.world_size()
     main = distributed.is_main()
     stage2 = config.stage == "instance"
-    positions = range(rank, rank + 1) if stage2 else distributed.shard(config.batch_size, rank, world)
-    if not (stage2 or config.frozen_batch_norm) and len(positions) < 2 and _has_batch_norm(model.semantic):
-        # Batch statistics of one image: the pyramid pooling's 1x1 branch has a single value per channel
-        raise InvalidArgumentError(
-            f"stage 1 would train BatchNorm on {len(positions)} image per process (batch_size {config.batch_size} "
-            f"over {world} process(es)): give batch_size at least {2 * world}, or freeze BatchNorm "
-            "(TrainConfig.frozen_batch_norm)")
+    positions = _positions(model, config, rank, world)
     trainable, optimiser = _optimiser(model, config)
     start = 0
     resumed = resume and (out_dir / "trainer_state.pt").is_file()
@@ -262,12 +256,14 @@ def train(
     progress = stage_progress(config.stage, config.steps, start, images_per_step=images_per_step,
                               live=live and main, printer=printer if main else _silent, every=log_every)
     with ExitStack() as files:
+        files.callback(progress.close)  # also on Ctrl-C or an error: a live bar hides the terminal's cursor
         # each step seeds dropout's generators, the CPU's and the model's device's: the caller's come back
         files.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
         log_file = epoch_file = None  # the main process's
         with distributed.fail_together(f"the start of stage {config.stage!r} in {out_dir}"):
             if main:
-                log_file, epoch_file = _open_logs(files, out_dir, epoch_log, config.stage, start, resumed)
+                log_file, epoch_file = _open_logs(files, out_dir, epoch_log, config.stage, start, resumed,
+                                                  finished=start == config.steps)
         for step in range(start, config.steps):
             lr = learning_rate(config, step)
             for group in optimiser.param_groups:
@@ -308,7 +304,6 @@ def train(
                         logged.flush()
                         os.fsync(logged.fileno())
                     save_checkpoint(out_dir, model, optimiser, step + 1, stage=_stage_name(config), settings=resumable)
-    progress.close()
     if stage2 and start < config.steps and distributed.all_reduce([instances_drawn])[0] == 0 and main:
         printer(f"Warning: stage 2 drew no image with a ground-truth instance in its {config.steps - start} steps: "
                 "the instance subnetwork learnt nothing (does the dataset hold any object?)")
@@ -322,6 +317,21 @@ def train(
                 del settings["batch_size"]
             write_text_whole(out_dir / "train_config.json", json.dumps(settings, indent=2))
     return log
+
+
+def _positions(model: DynamicallyInstantiatedNetwork, config: TrainConfig, rank: int, world: int) -> range:
+    """The positions in each step's global batch that process `rank` of `world` takes (stage 2: one
+    image each), or InvalidArgumentError where the stage cannot train so."""
+    if config.stage == "instance":
+        return range(rank, rank + 1)
+    positions = distributed.shard(config.batch_size, rank, world)
+    if not config.frozen_batch_norm and len(positions) < 2 and _has_batch_norm(model.semantic):
+        # Batch statistics of one image: the pyramid pooling's 1x1 branch has a single value per channel
+        raise InvalidArgumentError(
+            f"stage 1 would train BatchNorm on {len(positions)} image per process (batch_size {config.batch_size} "
+            f"over {world} process(es)): give batch_size at least {2 * world}, or freeze BatchNorm "
+            "(TrainConfig.frozen_batch_norm)")
+    return positions
 
 
 def _optimiser(model: DynamicallyInstantiatedNetwork, config: TrainConfig) -> tuple[list[nn.Parameter],
@@ -338,14 +348,20 @@ def _optimiser(model: DynamicallyInstantiatedNetwork, config: TrainConfig) -> tu
 
 
 def _open_logs(files: ExitStack, out_dir: Path, epoch_log: str | Path, stage: str, start: int,
-               resumed: bool) -> tuple[IO[str], IO[str]]:
-    """The main process's step log and epoch log, open for this run (closed with `files`)."""
+               resumed: bool, *, finished: bool) -> tuple[IO[str], IO[str]]:
+    """The main process's step log and epoch log, open for this run (closed with `files`). A stage that
+    starts afresh removes an earlier run's checkpoint and metrics, which until its first epoch's end would
+    pass for its own (and its state would resume it); an unfinished stage removes train_config.json,
+    which marks a finished one (`dynseg eval` warns of a checkpoint without it)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if resumed:  # steps an interrupted run made after its last checkpoint are made again
         _drop_entries(out_dir / "log.jsonl", lambda entry: entry.get("step", 0) > start)
         _drop_entries(out_dir / epoch_log, lambda entry: entry.get("stage") == stage and entry.get("step", 0) > start)
-    else:  # an earlier run's state, until this run's first epoch replaced it, would resume it
-        (out_dir / "trainer_state.pt").unlink(missing_ok=True)
+    else:
+        for name in _CHECKPOINT_FILES:
+            (out_dir / name).unlink(missing_ok=True)
+    if not finished:
+        (out_dir / "train_config.json").unlink(missing_ok=True)
     # a fresh run starts its step log afresh: appending would interleave two runs' steps
     return (files.enter_context(open(out_dir / "log.jsonl", "a" if resumed else "w")),
             files.enter_context(open(out_dir / epoch_log, "a")))
@@ -647,8 +663,10 @@ def _instance_loss(model: DynamicallyInstantiatedNetwork, batch: dict[str, Tenso
 
 
 # What a run leaves in its folders (checkpoint, resume state, configs, eval's metrics): fit clears them.
-_RUN_FILES = ("model.safetensors", "model.json", "trainer_state.pt", "train_config.json", TRAINING_DATA, "log.jsonl",
-              "metrics.json", "metrics.md")
+# A stage's checkpoint and what describes it; with its training data and step log, a run's files
+_CHECKPOINT_FILES = ("model.safetensors", "model.json", "trainer_state.pt", "train_config.json", "metrics.json",
+                     "metrics.md")
+_RUN_FILES = (*_CHECKPOINT_FILES, TRAINING_DATA, "log.jsonl")
 
 
 def fit(
@@ -685,6 +703,8 @@ def fit(
                                        f"{type(config).__name__} of stage {getattr(config, 'stage', None)!r}")
     if len(dataset) == 0:  # before the last run's files go: a run that cannot start leaves them
         raise InvalidArgumentError("dataset holds no image: nothing to train on")
+    for config in (semantic, instance):
+        _positions(model, config, distributed.rank(), distributed.world_size())
     if training_data is not None:  # before anything is written
         check_training_data(training_data)
     epochs = (out_dir / "epochs.jsonl").resolve()  # not relative to stage 1's out_dir/semantic

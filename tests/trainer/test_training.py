@@ -7,6 +7,7 @@ import json
 import os
 import re
 import stat
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -295,6 +296,66 @@ def test_an_interrupted_run_leaves_its_last_epochs_checkpoint_with_what_it_was_t
     assert logs["semantic"] == [] and [entry["step"] for entry in logs["instance"]] == [5, 6, 7, 8]
     epochs = [json.loads(line) for line in (tmp_path / "epochs.jsonl").read_text().splitlines()]
     assert [(e["stage"], e["step"]) for e in epochs] == [("semantic", 2), ("instance", 4), ("instance", 8)]
+
+
+def test_an_extended_stage_interrupted_is_not_marked_finished(tmp_path):
+    # train_config.json marks a finished stage; the extended stage's interrupted checkpoint is not one
+    config = TrainConfig(stage="semantic", steps=2, batch_size=2, schedule="step", step_every=100)
+    data, model = tiny_setup()
+    data = torch.utils.data.Subset(data, range(4))  # 2 steps an epoch
+    train(model, data, config, out_dir=tmp_path, printer=quiet)
+    assert (tmp_path / "train_config.json").is_file()
+    with pytest.raises(_Interrupted):
+        train(model, data, replace(config, steps=6), out_dir=tmp_path, resume=True, printer=_interrupt_at(5),
+              log_every=1)
+    assert torch.load(tmp_path / "trainer_state.pt", weights_only=True)["step"] == 4
+    assert not (tmp_path / "train_config.json").exists()
+
+
+def test_a_stage_started_afresh_leaves_no_earlier_checkpoint_to_pass_for_its_own(tmp_path):
+    # until the fresh stage's first epoch ends, an earlier run's model would be evaluated as this run's
+    data, model = tiny_setup()
+    data = torch.utils.data.Subset(data, range(4))
+    config = TrainConfig(stage="semantic", steps=4, batch_size=2)
+    train(model, data, config, out_dir=tmp_path, printer=quiet)
+    (tmp_path / "metrics.json").write_text("{}")  # what `dynseg eval` wrote of it
+    with pytest.raises(_Interrupted):
+        train(model, data, config, out_dir=tmp_path, printer=_interrupt_at(1), log_every=1)
+    left = {p.name for p in tmp_path.iterdir()}
+    assert not left & {"model.safetensors", "model.json", "trainer_state.pt", "train_config.json", "metrics.json"}
+
+
+def test_the_progress_display_is_closed_when_training_stops_on_an_error(tmp_path, monkeypatch):
+    # a live bar left open keeps the terminal's cursor hidden after Ctrl-C
+    import dynseg.trainer.train as training
+
+    closed = []
+    opened = training.stage_progress
+
+    def spied(*args, **kwargs):
+        progress = opened(*args, **kwargs)
+        close = progress.close
+        progress.close = lambda: (closed.append(True), close())
+        return progress
+
+    monkeypatch.setattr(training, "stage_progress", spied)
+    data, model = tiny_setup()
+    with pytest.raises(_Interrupted):
+        train(model, data, TrainConfig(stage="semantic", steps=3, batch_size=2), out_dir=tmp_path,
+              printer=_interrupt_at(2), log_every=1)
+    assert closed == [True]
+
+
+def test_a_run_that_cannot_start_leaves_the_last_runs_files(tmp_path):
+    data, model = tiny_setup()
+    stages = dict(semantic=TrainConfig(stage="semantic", steps=1, batch_size=2),
+                  instance=TrainConfig(stage="instance", steps=1))
+    fit(model, data, out_dir=tmp_path, printer=quiet, **stages)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(InvalidArgumentError, match="stage 1 would train BatchNorm on 1 image per process"):
+        fit(model, data, out_dir=tmp_path, printer=quiet, **{**stages, "semantic": replace(stages["semantic"],
+                                                                                           batch_size=1)})
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
 def test_dynseg_train_resume_continues_the_run_in_its_folder(tmp_path):
