@@ -357,11 +357,12 @@ def _open_logs(files: ExitStack, out_dir: Path, epoch_log: str | Path, stage: st
     if resumed:  # steps an interrupted run made after its last checkpoint are made again
         _drop_entries(out_dir / "log.jsonl", lambda entry: entry.get("step", 0) > start)
         _drop_entries(out_dir / epoch_log, lambda entry: entry.get("stage") == stage and entry.get("step", 0) > start)
-    else:
-        for name in _CHECKPOINT_FILES:
-            (out_dir / name).unlink(missing_ok=True)
+    stale = [] if resumed else list(_CHECKPOINT_FILES)
     if not finished:
-        (out_dir / "train_config.json").unlink(missing_ok=True)
+        stale.append("train_config.json")
+    for path in (out_dir / name for name in stale):
+        if not path.is_dir():  # a folder in a file's place fails where the file is written, named there
+            path.unlink(missing_ok=True)
     # a fresh run starts its step log afresh: appending would interleave two runs' steps
     return (files.enter_context(open(out_dir / "log.jsonl", "a" if resumed else "w")),
             files.enter_context(open(out_dir / epoch_log, "a")))

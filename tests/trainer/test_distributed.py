@@ -169,8 +169,8 @@ def test_where_rank_zero_cannot_write_an_epochs_checkpoint_every_process_stops(t
 
 def test_where_rank_zero_cannot_start_the_run_the_launcher_stops_every_process_with_one_line(tmp_path):
     (tmp_path / "semantic" / "log.jsonl").mkdir(parents=True)  # an earlier run's log cannot be cleared
-    tiny = ["--images", "2", "--image-size", "32", "32", "--semantic-steps", "1", "--instance-steps", "1",
-            "--batch-size", "2"]
+    tiny = ["--images", "4", "--image-size", "32", "32", "--semantic-steps", "1", "--instance-steps", "1",
+            "--batch-size", "4"]  # 2 images per process: BatchNorm trains, so the run would start
     first, second = _launch_two_without_torchrun([sys.executable, "-m", "dynseg.trainer.distributed",
                                                   "--out", str(tmp_path), *tiny])
     assert f"Error: Is a directory: {tmp_path / 'semantic' / 'log.jsonl'}" in first, first  # one line, no traceback
