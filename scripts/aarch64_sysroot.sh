@@ -8,7 +8,7 @@
 #   - DIR/site: numpy's manylinux aarch64 wheel, unpacked: the version $PYTHON (default python) has, or
 #     the newest where it has none (the kernels, not numpy, compute what the test compares); and what
 #     the Segmenter needs beside it: onnxruntime, onnx and their dependencies, Pillow. onnxruntime is
-#     1.20.1 (dynseg takes 1.18 and newer): 1.32's aarch64 wheel crashes at import under Debian 12's
+#     1.20.1 (dynseg takes 1.19 and newer): 1.32's aarch64 wheel crashes at import under Debian 12's
 #     qemu 7.2 (SIGSEGV, not pursued), 1.20.1 runs there.
 # Needs root for apt (it adds the arm64 architecture to dpkg so that apt can fetch those packages).
 # The test reads DIR from DYNSEG_AARCH64_SYSROOT, else .aarch64 in the checkout (git-ignored).
@@ -34,7 +34,9 @@ packages=(libc6 libgcc-s1 libstdc++6 python3.11-minimal libpython3.11-minimal li
           libcrypt1 libnsl2 libtirpc3 libgssapi-krb5-2 libkrb5-3 libk5crypto3 libkrb5support0 libcom-err2
           libkeyutils1)
 debs="$(mktemp -d)"
-trap 'rm -rf "$debs"' EXIT
+built=0
+# a sysroot left half built (a wheel that failed to download) would make the tests fail, not skip
+trap 'rm -rf "$debs"; [ "$built" = 1 ] || rm -rf "$dir/root" "$dir/site"' EXIT
 (cd "$debs" && apt-get download -q "${packages[@]/%/:arm64}" >/dev/null)
 rm -rf "$dir/root" "$dir/site"
 mkdir -p "$dir/root" "$dir/site"
@@ -53,3 +55,4 @@ done
 
 qemu-aarch64 -L "$dir/root" "$dir/root/usr/bin/python3.11" -c \
   "import sys; sys.path.insert(0, '$dir/site'); import numpy, platform; print('aarch64 python', platform.python_version(), 'numpy', numpy.__version__, platform.machine())"
+built=1
