@@ -15,11 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-import torch
-from torch import Tensor, nn
 
 from dynseg.sdk import __version__
-from dynseg.sdk.errors import InvalidArgumentError, LatticeRangeError
+from dynseg.sdk.errors import InvalidArgumentError, LatticeRangeError, needs_trainer
+
+try:  # said with how to install it, as dynseg.trainer says it, not as a bare ModuleNotFoundError
+    import torch
+    from torch import Tensor, nn
+except ImportError as error:
+    raise ImportError(needs_trainer("dynseg.export.onnx", error)) from error
 from dynseg.sdk.files import named_path, write_whole
 from dynseg.sdk.graph import (DEFAULT_MAX_DETECTIONS, DOMAIN, ENGINE_SUFFIXES, INPUTS, MAX_DETECTIONS, OP_VERSION,
                               OUTPUTS)

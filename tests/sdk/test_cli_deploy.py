@@ -93,14 +93,16 @@ def test_infer_and_bench_run_where_torch_is_not_installed(exported, photos, tmp_
     assert (tmp_path / "out" / "results.json").is_file()
 
 
-def test_the_trainer_without_torch_says_how_to_install_it():
+@pytest.mark.parametrize("module", ["dynseg.trainer.train", "dynseg.export.onnx"])
+def test_the_trainer_and_the_exporter_without_torch_say_how_to_install_it(module):
     import subprocess
     import sys
 
-    blocked = "import sys; sys.modules['torch'] = None; import dynseg.trainer.train"
+    blocked = f"import sys; sys.modules['torch'] = None; import {module}"
     run = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=60)
     assert run.returncode == 1
-    assert "ImportError: dynseg.trainer needs PyTorch: pip install torch==2.13.0" in run.stderr
+    package = ".".join(module.split(".")[:2]) if "trainer" in module else module
+    assert f"ImportError: {package} needs PyTorch: pip install torch==2.13.0" in run.stderr
 
 
 def test_infer_writes_overlays_instance_maps_and_coco_results(exported, photos, tmp_path):
