@@ -38,8 +38,8 @@ def save_checkpoint(directory: str | Path, model: DynamicallyInstantiatedNetwork
     """Writes model.safetensors, model.json and, given an optimiser, trainer_state.pt into `directory`:
     the optimiser's state, the step, the training stage that saved it (`stage`), the weights'
     fingerprint, by which resuming refuses a state that is not the weights' own, and the stage's
-    `settings` (its TrainConfig but steps, its image count and process count), by which resuming
-    refuses a run given other options.
+    `settings` (its TrainConfig but steps, its image count, process count and detections' fingerprint),
+    by which resuming refuses a run given other options.
 
     Each file is written beside its place, and only when all are complete are they moved there, one
     after the other, trainer_state.pt last: an interrupted save leaves the previous checkpoint, or, if

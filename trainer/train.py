@@ -57,7 +57,7 @@ from .checkpoint import (TRAINING_DATA, check_training_data, load_weights, read_
                          training_data_record, weights_fingerprint, write_training_data)
 from .data.common import Samples, check_sample
 from .data.detections import DetectorOutput, simulate_detections
-from .data.sources import inside_image
+from .data.sources import detections_fingerprint, inside_image
 from .evaluation import evaluate_each, json_ready
 from .loss import instance_loss, semantic_loss
 from .model import DynamicallyInstantiatedNetwork, require_valid_detections
@@ -238,7 +238,8 @@ def train(
     start = 0
     resumed = resume and (out_dir / "trainer_state.pt").is_file()
     # what a resumed stage must share with the run it continues (steps may grow: extending a stage)
-    resumable = {k: v for k, v in asdict(config).items() if k != "steps"} | {"images": len(dataset), "world": world}
+    resumable = {k: v for k, v in asdict(config).items() if k != "steps"} | {
+        "images": len(dataset), "world": world, "detections": detections_fingerprint(dataset)}
     if resumed:
         start = _resume(out_dir, model, optimiser, config, resumable)
     device = next(model.parameters()).device

@@ -206,6 +206,9 @@ def test_train_and_eval_read_detections_from_a_coco_results_file(tmp_path):
     result = run("eval", out, "--images", "4", "--image-size", "48", "64", "--seed", "0", "--detections", detections)
     assert result.exit_code == 0, result.output
     assert f"detections from {detections}" in result.output
+    # resumed on simulated detections, the rest of the run would train on other boxes: refused, naming them
+    result = run("train", "--out", out, *SYNTHETIC, *TINY, "--resume")
+    assert result.exit_code == 1 and "other settings (detections '" in " ".join(result.output.split()), result.output
 
 
 def test_training_and_evaluation_take_a_results_files_detections_rather_than_simulating_them(tmp_path):

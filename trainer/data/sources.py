@@ -23,6 +23,7 @@ wholly outside it are dropped (detections of the image size the file's detector 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Hashable
 from pathlib import Path
@@ -123,6 +124,22 @@ class WithDetections:
 
     def __repr__(self) -> str:
         return f"WithDetections({self.dataset!r}, detections={sum(map(_count, self._detections))})"
+
+    def fingerprint(self) -> str:
+        """sha256 of the detections, image by image: what a resumed run must train on again."""
+        digest = hashlib.sha256()
+        for detections in self._detections:
+            for key in ("boxes", "labels", "scores"):
+                digest.update(np.ascontiguousarray(detections[key]).tobytes())
+        return digest.hexdigest()
+
+
+def detections_fingerprint(samples: Samples) -> str | None:
+    """`WithDetections.fingerprint` of `samples` (also through torch Subsets of one, whose indices a run
+    keeps); None for samples that carry no detections (training simulates them from the ground truth)."""
+    while not isinstance(samples, WithDetections) and hasattr(samples, "dataset") and hasattr(samples, "indices"):
+        samples = samples.dataset
+    return samples.fingerprint() if isinstance(samples, WithDetections) else None
 
 
 def with_detections(dataset: Dataset, path: str | os.PathLike) -> WithDetections:
