@@ -463,7 +463,8 @@ def _resume(out_dir: Path, model: DynamicallyInstantiatedNetwork, optimiser: tor
     another stage's or mode's, one saved with other `settings` (train's, each named), or one whose
     weights are not model.safetensors' (a save cut short)."""
     where = out_dir / "trainer_state.pt"
-    afresh = "; start the stage afresh without resuming"
+    # the way to start this stage alone afresh: a run without resume would delete a finished stage 1 too
+    afresh = f"; to train this stage afresh, delete {where} and resume"
     try:
         state = torch.load(where, weights_only=True)
         step, optimiser_state = state["step"], state["optimiser"]
