@@ -420,8 +420,10 @@ def train(
     except (DynsegError, OSError) as error:  # an annotation or image the dataset could not read
         raise _fail(str(error)) from error
     except KeyboardInterrupt:
-        typer.echo(f"\ninterrupted: {out} holds each started stage's checkpoint of its last finished epoch; give the "
-                   "same command with --resume to continue", err=True)
+        saved = [folder for folder in (out / "semantic", out) if (folder / "trainer_state.pt").is_file()]
+        held = (f"{' and '.join(map(str, saved))} hold{'s' if len(saved) == 1 else ''} the checkpoint of each started "
+                "stage's last finished epoch" if saved else "no stage finished an epoch, so nothing was saved")
+        typer.echo(f"\ninterrupted: {held}; give the same command with --resume to continue", err=True)
         raise typer.Exit(130) from None
     typer.echo(f"wrote {out}/model.safetensors, {out}/model.json and {out}/epochs.jsonl; next: dynseg eval {out}")
 

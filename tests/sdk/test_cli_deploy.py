@@ -843,13 +843,24 @@ def test_eval_of_a_pipe_says_so_instead_of_waiting_on_it(tmp_path):
 def test_an_interrupted_training_run_says_how_to_resume(tmp_path, monkeypatch):
     from dynseg.trainer import train
 
-    def interrupted(*args, **kwargs):  # Ctrl-C in the middle of a stage
+    run, saved = tmp_path / "run", []
+
+    def interrupted(*args, **kwargs):  # Ctrl-C in the middle of a stage, after `saved` epochs' checkpoints
+        for folder in saved:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "trainer_state.pt").write_bytes(b"")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train, "fit", interrupted)
-    result = runner.invoke(app, ["train", "--out", str(tmp_path / "run"), "--images", "2", "--image-size", "48", "48"])
+    command = ["train", "--out", str(run), "--images", "2", "--image-size", "48", "48"]
+    result = runner.invoke(app, command)
     assert result.exit_code == 130
-    assert f"interrupted: {tmp_path / 'run'} holds each started stage's checkpoint of its last finished epoch; give " \
+    assert "interrupted: no stage finished an epoch, so nothing was saved; give the same command with --resume" \
+        in plain(result.output), result.output
+    saved.append(run / "semantic")
+    result = runner.invoke(app, command)
+    assert result.exit_code == 130
+    assert f"interrupted: {run / 'semantic'} holds the checkpoint of each started stage's last finished epoch; give " \
            "the same command with --resume" in plain(result.output), result.output
 
 
