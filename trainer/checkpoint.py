@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save
 
 from dynseg.sdk.commands.defaults import MAX_IMAGE_SIDE, MAX_SEED, MIN_IMAGE_SIDE
 from dynseg.sdk.errors import InvalidArgumentError, one_line
-from dynseg.sdk.files import check_regular_file, named_path, writing
+from dynseg.sdk.files import check_regular_file, named_path, partial_path, writing
 from dynseg.sdk.checks import is_int
 
 from .model import DynamicallyInstantiatedNetwork, ModelConfig, build_model
@@ -59,16 +59,27 @@ def save_checkpoint(directory: str | Path, model: DynamicallyInstantiatedNetwork
         state = {"optimiser": optimiser.state_dict(), "step": step, "stage": stage,
                  "weights_sha256": weights_fingerprint(model), "settings": dict(settings or {})}
         writes.append(("trainer_state.pt", lambda path: torch.save(state, path)))
-    partials = {name: directory / f".{name}.{os.getpid()}.partial" for name, _ in writes}
+    partials = {name: partial_path(directory / name) for name, _ in writes}
     try:
         for name, write in writes:
             _named(directory / name, lambda: write(partials[name]))
+            _named(directory / name, lambda: _sync(partials[name]))  # on the disk before a move makes it the file
         for name, partial in partials.items():
             _named(directory / name, lambda: os.replace(partial, directory / name))
+        _named(directory, lambda: _sync(directory))  # and the moves with it, as the logs before them
     finally:
         for partial in partials.values():
             partial.unlink(missing_ok=True)
     return directory
+
+
+def _sync(path: Path) -> None:
+    """fsync of a file or a folder (its entries): what a power cut then cannot undo."""
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def _named(path: Path, write: Callable[[], object]) -> None:
