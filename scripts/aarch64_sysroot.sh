@@ -37,6 +37,7 @@ debs="$(mktemp -d)"
 built=0
 # a sysroot left half built (a wheel that failed to download) would make the tests fail, not skip
 trap 'rm -rf "$debs"; [ "$built" = 1 ] || rm -rf "$dir/root" "$dir/site"' EXIT
+trap 'exit 1' TERM INT  # a time limit's signal still runs the cleanup above
 (cd "$debs" && apt-get download -q "${packages[@]/%/:arm64}" >/dev/null)
 rm -rf "$dir/root" "$dir/site"
 mkdir -p "$dir/root" "$dir/site"
