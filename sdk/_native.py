@@ -369,7 +369,9 @@ def _cpu_call(work: int, function: Callable[..., int], *arguments: object) -> No
     it) only sets the call's cancel flag, the library stops before its next mean-field iteration, and
     KeyboardInterrupt is raised once the helper has returned: until then it writes into the caller's
     arrays and this thread's workspace. An exception a program's own signal handler raises in the wait
-    sets the flag as well, and goes on once the helper has returned. Other calls run directly."""
+    sets the flag as well, and goes on once the helper has returned (one raised inside Thread.start
+    leaves the helper to finish on its own; its workspace stays its until then). Other calls run
+    directly."""
     lib = library()
     if work < _INTERRUPTIBLE_FROM or threading.current_thread() is not threading.main_thread():
         _check(function(*arguments))
@@ -377,6 +379,9 @@ def _cpu_call(work: int, function: Callable[..., int], *arguments: object) -> No
     flag = ctypes.c_int32(0)
     failure: list[BaseException] = []
     returned = threading.Event()
+    # until the helper returns, this thread's workspace is its: a call a signal handler makes meanwhile,
+    # or one after an exception escaped Thread.start below, takes a buffer of its own (`_workspace`)
+    _local.__dict__.setdefault("calls_in_flight", []).append(returned)
     ctrl_c: list[bool] = []
 
     def call() -> None:
@@ -775,7 +780,12 @@ def cuda_stream(device: int) -> CudaStream:
 
 
 def _workspace(nbytes: int) -> np.ndarray:
-    """This thread's host scratch buffer, reused across calls of similar sizes."""
+    """This thread's host scratch buffer, reused across calls of similar sizes; a buffer of the call's own
+    while a call on a helper thread (`_cpu_call`) still computes in it."""
+    in_flight = _local.__dict__.get("calls_in_flight", [])
+    in_flight[:] = [returned for returned in in_flight if not returned.is_set()]
+    if in_flight:
+        return _reserve(nbytes)
     buffer: np.ndarray | None = getattr(_local, "buffer", None)
     if buffer is None or not _fits(buffer.nbytes, nbytes):
         _local.buffer = None  # free the old one first

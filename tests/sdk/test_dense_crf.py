@@ -645,3 +645,35 @@ def test_a_stream_that_is_no_address_is_named_before_any_gpu_is_asked_for(stream
 def test_a_cuda_array_of_a_bad_shape_is_refused_before_any_allocation(shape, message):
     with pytest.raises(InvalidArgumentError, match=message):
         CudaArray(shape)
+
+
+def test_a_call_a_signal_handler_makes_during_a_long_call_gets_a_workspace_of_its_own():
+    # the handler runs on the main thread while the long call computes on a helper thread in this
+    # thread's workspace: sharing it, both results came back wrong, with no error
+    import signal
+
+    from dynseg.sdk import _native
+
+    rng = np.random.default_rng(0)
+    first, second = (rng.normal(size=(8, 300, 300)).astype(np.float32) for _ in range(2))
+    image = rng.integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    expected = [dense_crf(unary, image, iterations=10) for unary in (first, second)]
+    inner: list[np.ndarray] = []
+    began: list[bool] = []
+
+    def handler(signum, frame):  # a periodic refresh, say, that segments too (once: it fires again meanwhile)
+        computing = any(not done.is_set() for done in _native._local.__dict__.get("calls_in_flight", []))
+        if computing and not began:
+            began.append(True)
+            inner.append(dense_crf(second, image, iterations=10))
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, 0.01, 0.01)
+    try:
+        outer = dense_crf(first, image, iterations=10)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert inner, "the handler never ran while the call computed"
+    np.testing.assert_array_equal(outer, expected[0])
+    np.testing.assert_array_equal(inner[0], expected[1])

@@ -192,6 +192,11 @@ def test_the_registered_ops_check_what_their_front_end_would(scene):
                                                    r"detection_x, detection_y\], got 2 tensors"):
         forward(unary, planar, *thetas, one_weight * 2, None, "after", 2, 0, [torch.zeros(1, 4), torch.ones(1)],
                 1.0, 0.0)
+    box = torch.tensor([[1.0, 1.0, 5.0, 5.0]])
+    for labels in (torch.tensor([1.7]), torch.tensor([True])):  # 1.7 was read as label 1, silently
+        with pytest.raises(InvalidArgumentError, match=f"detections' labels must be integers, got {labels.dtype}"):
+            forward(unary, planar, *thetas, one_weight * 2, None, "after", 2, 0,
+                    [box, labels, torch.tensor([0.9]), torch.tensor(1.0), torch.tensor(1.0)], 1.0, 0.0)
 
 
 def test_the_backward_runs_at_the_largest_label_count():

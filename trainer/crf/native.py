@@ -76,6 +76,8 @@ class _Call:
                 raise InvalidArgumentError(f"detections must be [] or [boxes, labels, scores, detection_x, "
                                            f"detection_y], got {len(detections)} tensors")
             boxes, labels, scores, w_x, w_y = detections
+            if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+                raise InvalidArgumentError(f"detections' labels must be integers, got {labels.dtype}")  # not truncated
             self.recalibrated = held(torch.empty(boxes.shape[0]))
             # zeros: with no detection (D = 0) the library leaves them, and their gradient is 0
             self.grad_detection = [held(torch.zeros(1)) for _ in range(2)] if want_detection else []
