@@ -75,7 +75,7 @@ def init_from_environment() -> tuple[int, int]:
         raise InvalidArgumentError(f"environment variable RANK must be below WORLD_SIZE, got RANK {values['RANK']} "
                                    f"of WORLD_SIZE {values['WORLD_SIZE']}")
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(values["LOCAL_RANK"])
         dist.init_process_group(backend="nccl")
     else:
         dist.init_process_group(backend="gloo")

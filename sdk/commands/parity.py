@@ -153,10 +153,8 @@ def compare(name: str, candidate: dict, reference: dict, candidate_result: Segme
 def _winning_detections(result: SegmentationResult) -> np.ndarray:
     """int64 (H, W): each pixel's instance as the index of its detection, -1 on background: what two results
     can compare when an instance one of them lost left the other's numbers shifted."""
-    winners = np.full(result.instance_map.shape, -1, np.int64)
-    for instance in result.instances:
-        winners[instance.mask] = instance.detection
-    return winners
+    detection_of_id = np.array([-1, *(instance.detection for instance in result.instances)], np.int64)
+    return detection_of_id[result.instance_map]  # instance_map holds 0 (background) or instances[i - 1]'s i
 
 
 def check_same_model(exported: Segmenter, reference: Segmenter) -> None:
